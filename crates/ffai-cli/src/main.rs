@@ -1,0 +1,521 @@
+//! The `ffai` command-line tool: generate, inspect, tokenize, models, bench.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use ffai::generate::GenerationParameters;
+use ffai::inspect::Tap;
+use ffai::{Error, LoadOptions, Model, Result};
+
+#[derive(Parser)]
+#[command(
+    name = "ffai",
+    version,
+    about = "Run large language models on your machine (GGUF and Hugging Face checkpoints)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate a completion of a raw prompt (no chat template), streaming it.
+    Generate(GenerateArgs),
+    /// Show the architecture, the prompt's tokens and the next-token logits.
+    Inspect(InspectArgs),
+    /// Print the token ids of a text.
+    Tokenize(TokenizeArgs),
+    /// List the supported model families and their architecture names.
+    Models,
+    /// Measure prefill and decode speed.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// A .gguf file, a Hugging Face checkpoint directory, or a repo id (owner/name).
+    /// Defaults to the packaged SmolLM2-135M-Instruct Q4_1 (scripts/fetch-models.sh).
+    #[arg(short, long)]
+    model: Option<String>,
+    /// CPU threads (default: all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+impl ModelArgs {
+    fn load(&self) -> Result<(Model, f64)> {
+        let spec = match &self.model {
+            Some(m) => m.clone(),
+            None => {
+                let p = ffai::resolve::default_model();
+                if !p.exists() {
+                    return Err(Error::new(format!(
+                        "the default model {} is missing: run scripts/fetch-models.sh, or pass -m MODEL",
+                        p.display()
+                    )));
+                }
+                p.display().to_string()
+            }
+        };
+        let t = Instant::now();
+        let m = Model::load(
+            &spec,
+            &LoadOptions {
+                threads: self.threads,
+            },
+        )?;
+        Ok((m, t.elapsed().as_secs_f64()))
+    }
+}
+
+#[derive(Args)]
+struct SamplingArgs {
+    /// Maximum tokens to generate.
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Sampling temperature; 0 = greedy. Default: the model family's.
+    #[arg(long)]
+    temperature: Option<f32>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long)]
+    min_p: Option<f32>,
+    #[arg(long)]
+    repetition_penalty: Option<f32>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop when this text appears (repeatable); it is not printed.
+    #[arg(long = "stop")]
+    stop: Vec<String>,
+    /// Tokens per prefill forward pass.
+    #[arg(long)]
+    prefill_step: Option<usize>,
+}
+
+impl SamplingArgs {
+    fn apply(&self, mut p: GenerationParameters) -> GenerationParameters {
+        if let Some(v) = self.max_tokens {
+            p.max_tokens = v;
+        }
+        if let Some(v) = self.temperature {
+            p.temperature = v;
+        }
+        if let Some(v) = self.top_k {
+            p.top_k = v;
+        }
+        if let Some(v) = self.top_p {
+            p.top_p = v;
+        }
+        if let Some(v) = self.min_p {
+            p.min_p = v;
+        }
+        if let Some(v) = self.repetition_penalty {
+            p.repetition_penalty = v;
+        }
+        if self.seed.is_some() {
+            p.seed = self.seed;
+        }
+        if let Some(v) = self.prefill_step {
+            p.prefill_step_size = v;
+        }
+        p.stop_strings.extend(self.stop.iter().cloned());
+        p
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt text.
+    #[arg(short, long)]
+    prompt: String,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(short, long, conflicts_with = "prompt_ids")]
+    prompt: Option<String>,
+    /// Comma-separated token ids instead of a prompt.
+    #[arg(long, value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    #[arg(long, default_value_t = 10)]
+    top_k: usize,
+    #[arg(long)]
+    json: bool,
+    /// Print statistics of the hidden state at every layer boundary.
+    #[arg(long)]
+    layer_trace: bool,
+    /// Only trace these layers (implies --layer-trace).
+    #[arg(long, value_delimiter = ',')]
+    trace_layers: Option<Vec<usize>>,
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prepend the BOS token.
+    #[arg(long)]
+    bos: bool,
+    #[arg(long)]
+    json: bool,
+    text: String,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    gen_tokens: usize,
+    #[arg(long, default_value_t = 3)]
+    repetitions: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    // Anything that escapes as a panic is still reported as one line.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        eprintln!("error: internal error: {msg}");
+    }));
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Generate(a) => cmd_generate(a),
+        Cmd::Inspect(a) => cmd_inspect(a),
+        Cmd::Tokenize(a) => cmd_tokenize(a),
+        Cmd::Models => cmd_models(),
+        Cmd::Bench(a) => cmd_bench(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", e.message().replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let (model, load_s) = a.model.load()?;
+    let params = a.sampling.apply(model.default_parameters());
+    let ids = model.encode(&a.prompt)?;
+    if a.json {
+        let out = model.generate(&ids, &params, |_| true)?;
+        let j = json!({
+            "prompt_ids": out.prompt_ids,
+            "generated_ids": out.generated_ids,
+            "text": out.text,
+            "prefill_tokens_per_s": out.prefill_tokens_per_s(),
+            "decode_tokens_per_s": out.decode_tokens_per_s(),
+            "stop_reason": format!("{:?}", out.stop_reason),
+            "load_seconds": load_s,
+        });
+        println!("{j}");
+        return Ok(());
+    }
+    let mut stdout = std::io::stdout().lock();
+    let _ = write!(stdout, "{}", a.prompt);
+    let _ = stdout.flush();
+    let out = model.generate(&ids, &params, |piece| {
+        let _ = write!(stdout, "{piece}");
+        let _ = stdout.flush();
+        true
+    })?;
+    let _ = writeln!(stdout);
+    eprintln!(
+        "prompt: {} tokens, {:.1} tok/s | generated: {} tokens, {:.1} tok/s | loaded in {:.2}s | {}",
+        out.prompt_ids.len(),
+        out.prefill_tokens_per_s(),
+        out.generated_ids.len(),
+        out.decode_tokens_per_s(),
+        load_s,
+        model.lm.device_name()
+    );
+    Ok(())
+}
+
+fn cmd_tokenize(a: TokenizeArgs) -> Result<()> {
+    let (model, _) = a.model.load()?;
+    let ids = model.tokenizer.encode(&a.text, a.bos)?;
+    if a.json {
+        println!("{}", json!({ "ids": ids }));
+    } else {
+        println!(
+            "{}",
+            ids.iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+    Ok(())
+}
+
+fn cmd_models() -> Result<()> {
+    for f in ffai::models::FAMILIES {
+        println!("{}", f.name);
+        println!(
+            "  Hugging Face architectures: {}",
+            f.hf_architectures.join(", ")
+        );
+        println!("  model_type: {}", f.model_types.join(", "));
+        println!(
+            "  GGUF general.architecture: {}",
+            f.gguf_architectures.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn cmd_inspect(a: InspectArgs) -> Result<()> {
+    let (model, load_s) = a.model.load()?;
+    let tok = &model.tokenizer;
+    let cfg = model.lm.config();
+    let ids = match (&a.prompt_ids, &a.prompt) {
+        (Some(ids), _) => ids.clone(),
+        (None, Some(p)) => model.encode(p)?,
+        (None, None) => model.encode("The capital of France is")?,
+    };
+    if ids.is_empty() {
+        return Err(Error::new("the prompt has no tokens"));
+    }
+    let mut state = model.lm.new_state(ids.len(), 512)?;
+    if a.layer_trace || a.trace_layers.is_some() {
+        state.tap = Tap::layers(a.trace_layers.clone());
+    }
+    let mut logits = Vec::new();
+    model.lm.forward(&ids, &mut state, false, &mut logits)?;
+    let nan = logits.iter().filter(|x| !x.is_finite()).count();
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    let k = a.top_k.min(logits.len());
+    order.select_nth_unstable_by(k.saturating_sub(1), |&x, &y| {
+        logits[y].total_cmp(&logits[x]).then(x.cmp(&y))
+    });
+    order.truncate(k);
+    order.sort_by(|&x, &y| logits[y].total_cmp(&logits[x]).then(x.cmp(&y)));
+    let kv_per_token = cfg.kv_cache_bytes(1);
+    let arch = json!({
+        "family": model.lm.family(),
+        "variant": model.lm.variant(),
+        "architecture": cfg.architecture,
+        "model_type": cfg.model_type,
+        "name": cfg.name,
+        "source": model.location.path().display().to_string(),
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_layers": cfg.num_layers,
+        "num_heads": cfg.num_heads,
+        "num_kv_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": cfg.rope_scaling.as_ref().map(|r| format!("{r:?}")),
+        "rope_pairing": if cfg.rope_neox { "neox" } else { "adjacent" },
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_bias": cfg.attention_bias,
+        "sliding_window": cfg.sliding_window,
+        "weight_bytes": model.weight_bytes,
+        "weight_types": model.weight_types.iter().map(|(t, n)| json!({"type": t, "tensors": n})).collect::<Vec<_>>(),
+        "kv_cache_bytes_per_token": kv_per_token,
+        "kv_cache_bytes_full_context": cfg.kv_cache_bytes(cfg.max_position_embeddings),
+        "device": model.lm.device_name(),
+        "load_seconds": load_s,
+    });
+    let top: Vec<_> = order
+        .iter()
+        .map(|&i| json!({"id": i, "logit": logits[i], "text": String::from_utf8_lossy(&tok.token_bytes(i as u32))}))
+        .collect();
+    if a.json {
+        let mut j = json!({ "architecture": arch, "prompt_ids": ids, "top_k": top });
+        if state.tap.enabled {
+            j["layer_trace"] = json!(state.tap.lines);
+        }
+        println!("{j}");
+        return Ok(());
+    }
+    println!("architecture");
+    if let Some(obj) = arch.as_object() {
+        for (k, v) in obj {
+            println!("  {k}: {v}");
+        }
+    }
+    let defaults = model.default_parameters();
+    println!(
+        "default generation parameters: temperature {} top_k {} top_p {} min_p {} repetition_penalty {} max_tokens {} prefill_step {}",
+        defaults.temperature, defaults.top_k, defaults.top_p, defaults.min_p, defaults.repetition_penalty, defaults.max_tokens, defaults.prefill_step_size
+    );
+    println!("special tokens");
+    for (role, id, text) in tok.special_tokens() {
+        println!("  {role}: {id} {text:?}");
+    }
+    println!("  end of generation: {:?}", tok.eog_ids());
+    println!("prompt: {} tokens", ids.len());
+    for &id in &ids {
+        println!(
+            "  {id:>7} {:?}",
+            String::from_utf8_lossy(&tok.token_bytes(id))
+        );
+    }
+    println!(
+        "kv cache: {} bytes per token, {} bytes for the prompt",
+        kv_per_token,
+        kv_per_token * ids.len()
+    );
+    if state.tap.enabled {
+        println!("layer trace");
+        for l in &state.tap.lines {
+            println!("  {l}");
+        }
+    }
+    if nan > 0 {
+        println!("WARNING: {nan} logits are NaN or infinite");
+    }
+    println!("top {k} next tokens");
+    for t in &top {
+        println!(
+            "  {:>7} {:>10.4} {:?}",
+            t["id"],
+            t["logit"].as_f64().unwrap_or(f64::NAN),
+            t["text"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+/// Peak resident set size of this process, from /proc (Linux); 0 elsewhere.
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn cmd_bench(a: BenchArgs) -> Result<()> {
+    let (model, load_s) = a.model.load()?;
+    let cfg = model.lm.config();
+    if a.prompt_tokens == 0 || a.repetitions == 0 {
+        return Err(Error::new(
+            "--prompt-tokens and --repetitions must be at least 1",
+        ));
+    }
+    let max_seq = a.prompt_tokens + a.gen_tokens;
+    if max_seq > cfg.max_position_embeddings {
+        return Err(Error::new(format!(
+            "{max_seq} tokens exceed the model's context of {}",
+            cfg.max_position_embeddings
+        )));
+    }
+    // Deterministic pseudo-random prompt tokens, like llama-bench's random prompt.
+    let mut rng = ffai::generate::Rng::new(1234);
+    let prompt: Vec<u32> = (0..a.prompt_tokens)
+        .map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32)
+        .collect();
+    let (mut pp, mut tg) = (Vec::new(), Vec::new());
+    let mut logits = Vec::new();
+    for _ in 0..a.repetitions {
+        let mut state = model.lm.new_state(max_seq, 512)?;
+        let t = Instant::now();
+        model.lm.forward(&prompt, &mut state, false, &mut logits)?;
+        pp.push(a.prompt_tokens as f64 / t.elapsed().as_secs_f64());
+        if a.gen_tokens > 0 {
+            let mut next = ffai_kernels::ops::argmax(&logits).0 as u32;
+            let t = Instant::now();
+            for _ in 0..a.gen_tokens {
+                model.lm.forward(&[next], &mut state, false, &mut logits)?;
+                next = ffai_kernels::ops::argmax(&logits).0 as u32;
+            }
+            tg.push(a.gen_tokens as f64 / t.elapsed().as_secs_f64());
+        }
+    }
+    let range = |v: &[f64]| {
+        (
+            v.iter().copied().fold(f64::INFINITY, f64::min),
+            v.iter().copied().fold(0.0, f64::max),
+        )
+    };
+    let (pp_min, pp_max) = range(&pp);
+    let (tg_min, tg_max) = range(&tg);
+    let (pp_med, tg_med) = (median(&mut pp.clone()), median(&mut tg.clone()));
+    let rss = peak_rss_bytes();
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "model": model.location.path().display().to_string(),
+                "device": model.lm.device_name(),
+                "prompt_tokens": a.prompt_tokens,
+                "gen_tokens": a.gen_tokens,
+                "repetitions": a.repetitions,
+                "prefill_tokens_per_s": pp_med,
+                "prefill_tokens_per_s_min": pp_min,
+                "prefill_tokens_per_s_max": pp_max,
+                "decode_tokens_per_s": tg_med,
+                "decode_tokens_per_s_min": tg_min,
+                "decode_tokens_per_s_max": tg_max,
+                "peak_rss_bytes": rss,
+                "load_seconds": load_s,
+            })
+        );
+    } else {
+        println!(
+            "model: {} ({})",
+            model.location.path().display(),
+            model.lm.device_name()
+        );
+        println!("load: {load_s:.3} s");
+        println!(
+            "prefill pp{}: {pp_med:.1} tok/s (min {pp_min:.1}, max {pp_max:.1})",
+            a.prompt_tokens
+        );
+        println!(
+            "decode tg{}: {tg_med:.1} tok/s (min {tg_min:.1}, max {tg_max:.1})",
+            a.gen_tokens
+        );
+        println!("peak RSS: {:.1} MiB", rss as f64 / (1024.0 * 1024.0));
+    }
+    Ok(())
+}

@@ -1,0 +1,302 @@
+//! The CPU backend: buffers are `Vec<f32>`, weights stay in their stored format (usually
+//! a memory map) and are dequantized on the fly inside the dot products. Every op is one
+//! parallel region of the persistent pool.
+
+use std::cell::RefCell;
+use std::ops::Range;
+
+use crate::backend::{AttnShape, Backend, HostBytes, RopeParams};
+use crate::ops;
+use crate::pool::{split_range, ThreadPool};
+use crate::quant::{self, WeightType};
+
+pub struct CpuMatrix {
+    ty: WeightType,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+    data: HostBytes,
+}
+
+impl CpuMatrix {
+    fn row(&self, r: usize) -> &[u8] {
+        &self.data.as_slice()[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+}
+
+pub struct CpuBackend {
+    pool: ThreadPool,
+}
+
+/// A raw pointer that may be shared with pool threads writing disjoint ranges.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: used only to hand out non-overlapping sub-slices to different threads within
+// one parallel region; the owning `&mut` borrow outlives the region.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// # Safety
+    /// The range must lie inside the original slice and no two threads may get
+    /// overlapping ranges during the same region.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
+        // SAFETY: guaranteed by the caller (see above).
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
+    }
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with a thread-local scratch buffer of at least `len` floats; it only
+/// allocates when a larger size is first needed, never per token in steady state.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < len {
+            s.resize(len, 0.0);
+        }
+        f(&mut s[..len])
+    })
+}
+
+impl CpuBackend {
+    pub fn new(n_threads: usize) -> CpuBackend {
+        CpuBackend {
+            pool: ThreadPool::new(n_threads),
+        }
+    }
+
+    /// Threads available on this machine.
+    pub fn default_threads() -> usize {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    }
+
+    pub fn n_threads(&self) -> usize {
+        self.pool.n_threads()
+    }
+}
+
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+    type Mat = CpuMatrix;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", self.pool.n_threads())
+    }
+
+    fn matrix(&self, ty: WeightType, rows: usize, cols: usize, data: HostBytes) -> CpuMatrix {
+        let row_bytes = ty
+            .row_bytes(cols)
+            .expect("matrix row length validated by the loader");
+        assert_eq!(
+            data.len(),
+            row_bytes * rows,
+            "matrix byte size validated by the loader"
+        );
+        CpuMatrix {
+            ty,
+            rows,
+            cols,
+            row_bytes,
+            data,
+        }
+    }
+
+    fn mat_shape(&self, m: &CpuMatrix) -> (usize, usize) {
+        (m.rows, m.cols)
+    }
+
+    fn mat_type(&self, m: &CpuMatrix) -> WeightType {
+        m.ty
+    }
+
+    fn alloc(&self, len: usize) -> Vec<f32> {
+        vec![0.0; len]
+    }
+
+    fn upload(&self, data: &[f32]) -> Vec<f32> {
+        data.to_vec()
+    }
+
+    fn download(&self, buf: &Vec<f32>, range: Range<usize>, out: &mut [f32]) {
+        out.copy_from_slice(&buf[range]);
+    }
+
+    fn buf_len(&self, buf: &Vec<f32>) -> usize {
+        buf.len()
+    }
+
+    fn copy(&self, src: &Vec<f32>, src_off: usize, dst: &mut Vec<f32>, dst_off: usize, len: usize) {
+        dst[dst_off..dst_off + len].copy_from_slice(&src[src_off..src_off + len]);
+    }
+
+    fn embed(&self, table: &CpuMatrix, ids: &[u32], out: &mut Vec<f32>) {
+        let d = table.cols;
+        for (t, &id) in ids.iter().enumerate() {
+            let id = id as usize;
+            assert!(
+                id < table.rows,
+                "token id {id} outside the embedding table ({} rows)",
+                table.rows
+            );
+            quant::dequantize_row(table.ty, table.row(id), &mut out[t * d..(t + 1) * d]);
+        }
+    }
+
+    fn matmul(&self, w: &CpuMatrix, x: &Vec<f32>, n: usize, out: &mut Vec<f32>) {
+        let (rows, cols) = (w.rows, w.cols);
+        assert!(
+            x.len() >= n * cols && out.len() >= n * rows,
+            "matmul buffers too small"
+        );
+        let out_ptr = SharedMut(out.as_mut_ptr());
+        let x = &x[..n * cols];
+        self.pool.run(|i, nt| {
+            let r = split_range(rows, i, nt, 16);
+            if n == 1 {
+                // SAFETY: each thread writes only its own row range of the single output row.
+                let o = unsafe { out_ptr.slice(r.start, r.len()) };
+                for (k, row) in r.clone().enumerate() {
+                    o[k] = quant::dot_row(w.ty, w.row(row), x);
+                }
+            } else {
+                // Dequantize each weight row once and reuse it for every token.
+                with_scratch(cols, |wrow| {
+                    for row in r.clone() {
+                        quant::dequantize_row(w.ty, w.row(row), wrow);
+                        for t in 0..n {
+                            let v = ops::dot_f32(wrow, &x[t * cols..(t + 1) * cols]);
+                            // SAFETY: element (t, row) belongs to this thread's row range.
+                            unsafe { out_ptr.slice(t * rows + row, 1)[0] = v };
+                        }
+                    }
+                });
+            }
+        });
+    }
+
+    fn add_bias(&self, x: &mut Vec<f32>, bias: &Vec<f32>, n: usize) {
+        let d = bias.len();
+        for t in 0..n {
+            ops::add_inplace(&mut x[t * d..(t + 1) * d], bias);
+        }
+    }
+
+    fn rms_norm(&self, x: &Vec<f32>, w: &Vec<f32>, eps: f32, n: usize, out: &mut Vec<f32>) {
+        let d = w.len();
+        for t in 0..n {
+            ops::rms_norm(&x[t * d..(t + 1) * d], w, eps, &mut out[t * d..(t + 1) * d]);
+        }
+    }
+
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        n: usize,
+        n_heads: usize,
+        head_dim: usize,
+        pos0: usize,
+        rope: &RopeParams<'_, Self>,
+    ) {
+        let w = n_heads * head_dim;
+        for t in 0..n {
+            ops::rope(
+                &mut x[t * w..(t + 1) * w],
+                n_heads,
+                head_dim,
+                pos0 + t,
+                rope.inv_freq,
+                rope.neox,
+            );
+        }
+    }
+
+    fn silu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>, len: usize) {
+        ops::silu_mul(&mut gate[..len], &up[..len]);
+    }
+
+    fn gelu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>, len: usize) {
+        ops::gelu_mul(&mut gate[..len], &up[..len]);
+    }
+
+    fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>, len: usize) {
+        ops::add_inplace(&mut x[..len], &y[..len]);
+    }
+
+    fn kv_write(&self, cache: &mut Vec<f32>, src: &Vec<f32>, n: usize, pos0: usize, s: &AttnShape) {
+        assert!(
+            pos0 + n <= s.max_seq,
+            "KV cache overflow: positions {pos0}..{} exceed capacity {}",
+            pos0 + n,
+            s.max_seq
+        );
+        let hd = s.head_dim;
+        let width = s.n_kv_heads * hd;
+        for t in 0..n {
+            for h in 0..s.n_kv_heads {
+                let dst = (h * s.max_seq + pos0 + t) * hd;
+                cache[dst..dst + hd]
+                    .copy_from_slice(&src[t * width + h * hd..t * width + (h + 1) * hd]);
+            }
+        }
+    }
+
+    fn attention(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        n: usize,
+        pos0: usize,
+        s: &AttnShape,
+        out: &mut Vec<f32>,
+    ) {
+        let hd = s.head_dim;
+        let q_width = s.n_heads * hd;
+        let group = s.n_heads / s.n_kv_heads;
+        let n_ctx_max = pos0 + n;
+        let out_ptr = SharedMut(out.as_mut_ptr());
+        // One work item per (token, head); threads take contiguous ranges of them.
+        let items = n * s.n_heads;
+        self.pool.run(|i, nt| {
+            let r = split_range(items, i, nt, 1);
+            with_scratch(n_ctx_max, |scores| {
+                for item in r.clone() {
+                    let (t, h) = (item / s.n_heads, item % s.n_heads);
+                    let kvh = h / group;
+                    let base = kvh * s.max_seq * hd;
+                    let n_ctx = pos0 + t + 1;
+                    let first = if s.window > 0 {
+                        n_ctx.saturating_sub(s.window)
+                    } else {
+                        0
+                    };
+                    let qh = &q[t * q_width + h * hd..t * q_width + (h + 1) * hd];
+                    // SAFETY: each (token, head) output slice is written by exactly one thread.
+                    let o = unsafe { out_ptr.slice(t * q_width + h * hd, hd) };
+                    ops::attend_head(
+                        qh,
+                        &k[base..base + s.max_seq * hd],
+                        &v[base..base + s.max_seq * hd],
+                        hd,
+                        first,
+                        n_ctx,
+                        s.scale,
+                        scores,
+                        o,
+                    );
+                }
+            });
+        });
+    }
+
+    fn argmax(&self, buf: &Vec<f32>, range: Range<usize>) -> u32 {
+        ops::argmax(&buf[range]).0 as u32
+    }
+}

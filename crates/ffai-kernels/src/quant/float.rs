@@ -1,0 +1,134 @@
+//! Plain float rows: F32 (4 bytes), F16 and BF16 (2 bytes), little-endian,
+//! one element per "block", so any row length is valid.
+//!
+//! Rows are processed in stack chunks of `CHUNK` elements (so the F16
+//! conversion can use `half`'s vectorised slice routine) plus a scalar tail.
+
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+
+use super::{dequant_blocks, dot_blocks};
+
+/// Elements converted per stack chunk.
+const CHUNK: usize = 64;
+
+#[inline(always)]
+fn le_u16(b: &[u8]) -> u16 {
+    u16::from_le_bytes([b[0], b[1]])
+}
+
+#[inline(always)]
+fn one_f32(b: &[u8]) -> f32 {
+    f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+#[inline(always)]
+fn one_f16(b: &[u8]) -> f32 {
+    f16::from_bits(le_u16(b)).to_f32()
+}
+
+#[inline(always)]
+fn one_bf16(b: &[u8]) -> f32 {
+    bf16::from_bits(le_u16(b)).to_f32()
+}
+
+#[inline(always)]
+fn chunk_f32(b: &[u8; 4 * CHUNK], out: &mut [f32; CHUNK]) {
+    for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
+        *o = one_f32(c);
+    }
+}
+
+#[inline(always)]
+fn chunk_f16(b: &[u8; 2 * CHUNK], out: &mut [f32; CHUNK]) {
+    let mut h = [f16::ZERO; CHUNK];
+    for (hv, c) in h.iter_mut().zip(b.chunks_exact(2)) {
+        *hv = f16::from_bits(le_u16(c));
+    }
+    h.convert_to_f32_slice(out);
+}
+
+#[inline(always)]
+fn chunk_bf16(b: &[u8; 2 * CHUNK], out: &mut [f32; CHUNK]) {
+    for (o, c) in out.iter_mut().zip(b.chunks_exact(2)) {
+        *o = one_bf16(c);
+    }
+}
+
+/// Whole chunks through `chunk`, the remaining `< CHUNK` elements through `one`.
+#[inline(always)]
+fn dequant_float<const B: usize>(
+    src: &[u8],
+    dst: &mut [f32],
+    chunk: impl Fn(&[u8; B], &mut [f32; CHUNK]),
+    one: impl Fn(&[u8]) -> f32,
+) {
+    let elem = B / CHUNK;
+    let full = dst.len() / CHUNK * CHUNK;
+    let (src_head, src_tail) = src.split_at(full * elem);
+    let (dst_head, dst_tail) = dst.split_at_mut(full);
+    dequant_blocks(src_head, dst_head, chunk);
+    for (o, c) in dst_tail.iter_mut().zip(src_tail.chunks_exact(elem)) {
+        *o = one(c);
+    }
+}
+
+#[inline(always)]
+fn dot_float<const B: usize>(
+    row: &[u8],
+    x: &[f32],
+    chunk: impl Fn(&[u8; B], &mut [f32; CHUNK]),
+    one: impl Fn(&[u8]) -> f32,
+) -> f32 {
+    let elem = B / CHUNK;
+    let full = x.len() / CHUNK * CHUNK;
+    let (row_head, row_tail) = row.split_at(full * elem);
+    let (x_head, x_tail) = x.split_at(full);
+    let mut sum = dot_blocks(row_head, x_head, chunk);
+    for (&xv, c) in x_tail.iter().zip(row_tail.chunks_exact(elem)) {
+        sum += one(c) * xv;
+    }
+    sum
+}
+
+pub(super) fn dequant_f32(src: &[u8], dst: &mut [f32]) {
+    dequant_float(src, dst, chunk_f32, one_f32);
+}
+
+pub(super) fn dequant_f16(src: &[u8], dst: &mut [f32]) {
+    dequant_float(src, dst, chunk_f16, one_f16);
+}
+
+pub(super) fn dequant_bf16(src: &[u8], dst: &mut [f32]) {
+    dequant_float(src, dst, chunk_bf16, one_bf16);
+}
+
+pub(super) fn dot_f32(row: &[u8], x: &[f32]) -> f32 {
+    dot_float(row, x, chunk_f32, one_f32)
+}
+
+pub(super) fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
+    dot_float(row, x, chunk_f16, one_f16)
+}
+
+pub(super) fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
+    dot_float(row, x, chunk_bf16, one_bf16)
+}
+
+pub(super) fn quant_f32(src: &[f32], dst: &mut [u8]) {
+    for (o, v) in dst.chunks_exact_mut(4).zip(src) {
+        o.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+pub(super) fn quant_f16(src: &[f32], dst: &mut [u8]) {
+    for (o, &v) in dst.chunks_exact_mut(2).zip(src) {
+        o.copy_from_slice(&f16::from_f32(v).to_bits().to_le_bytes());
+    }
+}
+
+pub(super) fn quant_bf16(src: &[f32], dst: &mut [u8]) {
+    for (o, &v) in dst.chunks_exact_mut(2).zip(src) {
+        o.copy_from_slice(&bf16::from_f32(v).to_bits().to_le_bytes());
+    }
+}

@@ -1,0 +1,380 @@
+//! GGUF / ggml weight formats.
+//!
+//! A stored tensor row is a whole number of *blocks* laid end to end. Float
+//! types use one-element blocks; the legacy quants use 32-element blocks and
+//! the K-quants 256-element super-blocks. Everything is little-endian, and
+//! every scale or minimum stored as `f16` is an IEEE binary16 value.
+//!
+//! | type | elems | bytes | layout (byte offsets) |
+//! |------|------:|------:|-----------------------|
+//! | F32  | 1   | 4   | `f32` |
+//! | F16  | 1   | 2   | `f16` |
+//! | BF16 | 1   | 2   | upper half of an `f32` |
+//! | Q4_0 | 32  | 18  | `d:f16 @0`, 16 nibble bytes `@2` |
+//! | Q4_1 | 32  | 20  | `d:f16 @0`, `m:f16 @2`, 16 nibble bytes `@4` |
+//! | Q5_0 | 32  | 22  | `d:f16 @0`, `qh:u32 @2`, 16 nibble bytes `@6` |
+//! | Q5_1 | 32  | 24  | `d:f16 @0`, `m:f16 @2`, `qh:u32 @4`, 16 nibble bytes `@8` |
+//! | Q8_0 | 32  | 34  | `d:f16 @0`, 32 × `i8 @2` |
+//! | Q4_K | 256 | 144 | `d:f16 @0`, `dmin:f16 @2`, 12 packed scale bytes `@4`, 128 nibble bytes `@16` |
+//! | Q5_K | 256 | 176 | `d:f16 @0`, `dmin:f16 @2`, 12 scale bytes `@4`, 32 high-bit bytes `@16`, 128 nibble bytes `@48` |
+//! | Q6_K | 256 | 210 | 128 low-nibble bytes `@0`, 64 high-pair bytes `@128`, 16 × `i8` scales `@192`, `d:f16 @208` |
+//!
+//! Which nibble or bit belongs to which element is documented next to each
+//! decoder (`legacy.rs` for the 32-element formats, `kquant.rs` for the
+//! K-quants, `float.rs` for the plain floats).
+//!
+//! Decoding rounds exactly like ggml's reference `dequantize_row_*` and
+//! gguf-py (two separately rounded `f32` operations, never fused), so results
+//! are bit-identical to theirs.
+
+use std::fmt;
+
+mod float;
+mod kquant;
+mod legacy;
+
+/// Elements per legacy quant block.
+const QK: usize = 32;
+/// Elements per K-quant super-block.
+const QK_K: usize = 256;
+
+/// Independent partial sums kept by [`dot_row`]; a multiple of every SIMD
+/// width the compiler may pick, and enough to hide the add latency.
+const LANES: usize = 16;
+
+/// A ggml weight storage type.
+#[allow(clippy::upper_case_acronyms)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WeightType {
+    F32,
+    F16,
+    BF16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+impl WeightType {
+    /// Every supported type, floats first.
+    pub const ALL: [WeightType; 11] = [
+        WeightType::F32,
+        WeightType::F16,
+        WeightType::BF16,
+        WeightType::Q4_0,
+        WeightType::Q4_1,
+        WeightType::Q5_0,
+        WeightType::Q5_1,
+        WeightType::Q8_0,
+        WeightType::Q4K,
+        WeightType::Q5K,
+        WeightType::Q6K,
+    ];
+
+    /// Maps a ggml / GGUF type id to a supported type (`None` for anything else).
+    pub const fn from_ggml(id: u32) -> Option<WeightType> {
+        Some(match id {
+            0 => WeightType::F32,
+            1 => WeightType::F16,
+            2 => WeightType::Q4_0,
+            3 => WeightType::Q4_1,
+            6 => WeightType::Q5_0,
+            7 => WeightType::Q5_1,
+            8 => WeightType::Q8_0,
+            12 => WeightType::Q4K,
+            13 => WeightType::Q5K,
+            14 => WeightType::Q6K,
+            30 => WeightType::BF16,
+            _ => return None,
+        })
+    }
+
+    /// The ggml / GGUF type id.
+    pub const fn ggml_id(self) -> u32 {
+        match self {
+            WeightType::F32 => 0,
+            WeightType::F16 => 1,
+            WeightType::Q4_0 => 2,
+            WeightType::Q4_1 => 3,
+            WeightType::Q5_0 => 6,
+            WeightType::Q5_1 => 7,
+            WeightType::Q8_0 => 8,
+            WeightType::Q4K => 12,
+            WeightType::Q5K => 13,
+            WeightType::Q6K => 14,
+            WeightType::BF16 => 30,
+        }
+    }
+
+    /// ggml's name for the type ("F32", "Q4_0", "Q4_K", ...).
+    pub const fn name(self) -> &'static str {
+        match self {
+            WeightType::F32 => "F32",
+            WeightType::F16 => "F16",
+            WeightType::BF16 => "BF16",
+            WeightType::Q4_0 => "Q4_0",
+            WeightType::Q4_1 => "Q4_1",
+            WeightType::Q5_0 => "Q5_0",
+            WeightType::Q5_1 => "Q5_1",
+            WeightType::Q8_0 => "Q8_0",
+            WeightType::Q4K => "Q4_K",
+            WeightType::Q5K => "Q5_K",
+            WeightType::Q6K => "Q6_K",
+        }
+    }
+
+    /// Elements per block.
+    pub const fn block_len(self) -> usize {
+        match self {
+            WeightType::F32 | WeightType::F16 | WeightType::BF16 => 1,
+            WeightType::Q4_0
+            | WeightType::Q4_1
+            | WeightType::Q5_0
+            | WeightType::Q5_1
+            | WeightType::Q8_0 => QK,
+            WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => QK_K,
+        }
+    }
+
+    /// Bytes per block.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            WeightType::F32 => 4,
+            WeightType::F16 | WeightType::BF16 => 2,
+            WeightType::Q4_0 => legacy::Q4_0_BYTES,
+            WeightType::Q4_1 => legacy::Q4_1_BYTES,
+            WeightType::Q5_0 => legacy::Q5_0_BYTES,
+            WeightType::Q5_1 => legacy::Q5_1_BYTES,
+            WeightType::Q8_0 => legacy::Q8_0_BYTES,
+            WeightType::Q4K => kquant::Q4K_BYTES,
+            WeightType::Q5K => kquant::Q5K_BYTES,
+            WeightType::Q6K => kquant::Q6K_BYTES,
+        }
+    }
+
+    /// Bytes taken by a row of `n` elements; `None` when `n` is not a whole
+    /// number of blocks or the size overflows `usize`.
+    pub const fn row_bytes(self, n: usize) -> Option<usize> {
+        let len = self.block_len();
+        if n % len != 0 {
+            return None;
+        }
+        (n / len).checked_mul(self.block_bytes())
+    }
+
+    /// True for the block-quantized types (everything but F32, F16 and BF16).
+    pub const fn is_quantized(self) -> bool {
+        !matches!(self, WeightType::F32 | WeightType::F16 | WeightType::BF16)
+    }
+}
+
+impl fmt::Display for WeightType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Dequantizes one stored row into `dst` (`dst.len()` elements).
+///
+/// Caller contract: `src.len() == ty.row_bytes(dst.len())`. The loader checks
+/// tensor sizes before any kernel runs, so a mismatch is a bug and panics.
+pub fn dequantize_row(ty: WeightType, src: &[u8], dst: &mut [f32]) {
+    check_row(ty, src.len(), dst.len());
+    match ty {
+        WeightType::F32 => float::dequant_f32(src, dst),
+        WeightType::F16 => float::dequant_f16(src, dst),
+        WeightType::BF16 => float::dequant_bf16(src, dst),
+        WeightType::Q4_0 => dequant_blocks(src, dst, legacy::dequant_q4_0),
+        WeightType::Q4_1 => dequant_blocks(src, dst, legacy::dequant_q4_1),
+        WeightType::Q5_0 => dequant_blocks(src, dst, legacy::dequant_q5_0),
+        WeightType::Q5_1 => dequant_blocks(src, dst, legacy::dequant_q5_1),
+        WeightType::Q8_0 => dequant_blocks(src, dst, legacy::dequant_q8_0),
+        WeightType::Q4K => dequant_blocks(src, dst, kquant::dequant_q4k),
+        WeightType::Q5K => dequant_blocks(src, dst, kquant::dequant_q5k),
+        WeightType::Q6K => dequant_blocks(src, dst, kquant::dequant_q6k),
+    }
+}
+
+/// Dot product of one stored row (`x.len()` elements) with `x`, decoding a
+/// block at a time on the stack instead of materialising the row.
+///
+/// The sum is accumulated in `f32` over 16 independent partial sums,
+/// so it differs from a sequential sum by ordinary rounding only.
+///
+/// Caller contract: `row.len() == ty.row_bytes(x.len())` (panics otherwise).
+pub fn dot_row(ty: WeightType, row: &[u8], x: &[f32]) -> f32 {
+    check_row(ty, row.len(), x.len());
+    match ty {
+        WeightType::F32 => float::dot_f32(row, x),
+        WeightType::F16 => float::dot_f16(row, x),
+        WeightType::BF16 => float::dot_bf16(row, x),
+        WeightType::Q4_0 => dot_blocks(row, x, legacy::dequant_q4_0),
+        WeightType::Q4_1 => dot_blocks(row, x, legacy::dequant_q4_1),
+        WeightType::Q5_0 => dot_blocks(row, x, legacy::dequant_q5_0),
+        WeightType::Q5_1 => dot_blocks(row, x, legacy::dequant_q5_1),
+        WeightType::Q8_0 => dot_blocks(row, x, legacy::dequant_q8_0),
+        WeightType::Q4K => dot_blocks(row, x, kquant::dequant_q4k),
+        WeightType::Q5K => dot_blocks(row, x, kquant::dequant_q5k),
+        WeightType::Q6K => dot_blocks(row, x, kquant::dequant_q6k),
+    }
+}
+
+/// Quantizes one row of `src.len()` values into `dst`.
+///
+/// * F32 / F16 / BF16: plain round-to-nearest-even conversion (infinities and
+///   NaNs are stored as such).
+/// * Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: the same arithmetic as ggml's reference
+///   `quantize_row_*_ref`, so the bytes match ggml's and gguf-py's.
+/// * Q4_K, Q5_K, Q6_K: a simple, non-iterative scale choice (per-sub-block
+///   min/max or abs-max, with the 6/8-bit sub-scales rounded *up* so every
+///   input lies inside the representable range). Each element then rounds to
+///   the nearest level, so the error is at most half a sub-block step. It is
+///   not ggml's iterative search and gives different (valid) bytes.
+///
+/// Errors: `src.len()` not a whole number of blocks, `dst.len()` not
+/// `ty.row_bytes(src.len())`, a non-finite input for a quantized type, or a
+/// scale that does not fit in `f16`. On error `dst` may be partly written.
+pub fn quantize_row(ty: WeightType, src: &[f32], dst: &mut [u8]) -> Result<(), String> {
+    let need = ty.row_bytes(src.len()).ok_or_else(|| {
+        format!(
+            "{ty}: a row of {} elements is not a whole number of {}-element blocks",
+            src.len(),
+            ty.block_len()
+        )
+    })?;
+    if dst.len() != need {
+        return Err(format!(
+            "{ty}: destination holds {} bytes, a row of {} elements needs {need}",
+            dst.len(),
+            src.len()
+        ));
+    }
+    if ty.is_quantized() {
+        if let Some(i) = src.iter().position(|v| !v.is_finite()) {
+            return Err(format!(
+                "{ty}: input element {i} is not finite ({})",
+                src[i]
+            ));
+        }
+    }
+    match ty {
+        WeightType::F32 => {
+            float::quant_f32(src, dst);
+            Ok(())
+        }
+        WeightType::F16 => {
+            float::quant_f16(src, dst);
+            Ok(())
+        }
+        WeightType::BF16 => {
+            float::quant_bf16(src, dst);
+            Ok(())
+        }
+        WeightType::Q4_0 => quant_blocks(src, dst, legacy::quant_q4_0),
+        WeightType::Q4_1 => quant_blocks(src, dst, legacy::quant_q4_1),
+        WeightType::Q5_0 => quant_blocks(src, dst, legacy::quant_q5_0),
+        WeightType::Q5_1 => quant_blocks(src, dst, legacy::quant_q5_1),
+        WeightType::Q8_0 => quant_blocks(src, dst, legacy::quant_q8_0),
+        WeightType::Q4K => quant_blocks(src, dst, kquant::quant_q4k),
+        WeightType::Q5K => quant_blocks(src, dst, kquant::quant_q5k),
+        WeightType::Q6K => quant_blocks(src, dst, kquant::quant_q6k),
+    }
+    .map_err(|e| format!("{ty}: {e}"))
+}
+
+#[inline]
+fn check_row(ty: WeightType, bytes: usize, elems: usize) {
+    assert!(
+        ty.row_bytes(elems) == Some(bytes),
+        "{ty} row of {elems} elements must be {:?} bytes, got {bytes}",
+        ty.row_bytes(elems)
+    );
+}
+
+/// Reads the little-endian `f16` at `b[at..at + 2]` as `f32`.
+#[inline(always)]
+fn read_f16(b: &[u8], at: usize) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+}
+
+/// Rounds `v` to `f16` (nearest-even) and returns its little-endian bytes,
+/// or an error when it does not fit.
+fn f16_bytes(v: f32, what: &str) -> Result<[u8; 2], String> {
+    let h = half::f16::from_f32(v);
+    if h.is_finite() {
+        Ok(h.to_bits().to_le_bytes())
+    } else {
+        Err(format!("{what} {v} does not fit in f16"))
+    }
+}
+
+/// Runs a fixed-size block decoder over a whole row.
+#[inline(always)]
+fn dequant_blocks<const B: usize, const N: usize>(
+    src: &[u8],
+    dst: &mut [f32],
+    decode: impl Fn(&[u8; B], &mut [f32; N]),
+) {
+    for (b, o) in src.chunks_exact(B).zip(dst.chunks_exact_mut(N)) {
+        decode(b.try_into().unwrap(), o.try_into().unwrap());
+    }
+}
+
+/// Runs a fixed-size block quantizer over a whole row.
+#[inline(always)]
+fn quant_blocks<const B: usize, const N: usize>(
+    src: &[f32],
+    dst: &mut [u8],
+    encode: impl Fn(&[f32; N], &mut [u8; B]) -> Result<(), String>,
+) -> Result<(), String> {
+    for (i, (x, o)) in src.chunks_exact(N).zip(dst.chunks_exact_mut(B)).enumerate() {
+        encode(x.try_into().unwrap(), o.try_into().unwrap())
+            .map_err(|e| format!("block {i}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Dot product over whole blocks: decode each block into a stack buffer and
+/// multiply-accumulate it against `x` in [`LANES`] partial sums.
+#[inline(always)]
+fn dot_blocks<const B: usize, const N: usize>(
+    row: &[u8],
+    x: &[f32],
+    decode: impl Fn(&[u8; B], &mut [f32; N]),
+) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut w = [0.0f32; N];
+    for (b, xs) in row.chunks_exact(B).zip(x.chunks_exact(N)) {
+        decode(b.try_into().unwrap(), &mut w);
+        fma_lanes(&w, xs.try_into().unwrap(), &mut acc);
+    }
+    sum_lanes(acc)
+}
+
+/// `acc[k] += Σ_j w[j·LANES + k] · x[j·LANES + k]`; `N` must be a multiple of
+/// [`LANES`]. Written as plain multiply and add so it vectorises everywhere.
+#[inline(always)]
+fn fma_lanes<const N: usize>(w: &[f32; N], x: &[f32; N], acc: &mut [f32; LANES]) {
+    for (wc, xc) in w.chunks_exact(LANES).zip(x.chunks_exact(LANES)) {
+        for ((a, &wv), &xv) in acc.iter_mut().zip(wc).zip(xc) {
+            *a += wv * xv;
+        }
+    }
+}
+
+/// Pairwise horizontal sum of the partial sums.
+#[inline(always)]
+fn sum_lanes(mut acc: [f32; LANES]) -> f32 {
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for k in 0..width {
+            acc[k] += acc[k + width];
+        }
+    }
+    acc[0]
+}

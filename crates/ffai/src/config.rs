@@ -1,0 +1,359 @@
+//! The model configuration every family reads, filled either from a Hugging Face
+//! config.json or from GGUF metadata, so model code never cares where it came from.
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+use crate::{bail, ensure};
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Positions divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3.1's frequency-dependent scaling.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    /// GGUF `general.architecture`, or config.json `architectures[0]`.
+    pub architecture: String,
+    /// config.json `model_type` (for GGUF: the GGUF architecture name).
+    pub model_type: String,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<RopeScaling>,
+    pub rms_norm_eps: f64,
+    pub tie_word_embeddings: bool,
+    pub attention_bias: bool,
+    /// RoPE pairs element i with i + d/2 (Hugging Face layout) rather than adjacent
+    /// elements (llama.cpp's permuted Llama layout).
+    pub rope_neox: bool,
+    pub sliding_window: Option<usize>,
+    /// The checkpoint's own name (GGUF general.name, config.json _name_or_path), used
+    /// to pick a family variant.
+    pub name: String,
+    /// Where the values came from, for error messages.
+    pub source: String,
+}
+
+impl ModelConfig {
+    fn validate(self) -> Result<Self> {
+        let c = &self;
+        for (name, v) in [
+            ("hidden_size", c.hidden_size),
+            ("intermediate_size", c.intermediate_size),
+            ("num_hidden_layers", c.num_layers),
+            ("num_attention_heads", c.num_heads),
+            ("num_key_value_heads", c.num_kv_heads),
+            ("head_dim", c.head_dim),
+            ("vocab_size", c.vocab_size),
+            ("max_position_embeddings", c.max_position_embeddings),
+        ] {
+            ensure!(v > 0, "{}: {name} must be positive", c.source);
+            ensure!(
+                v <= 1 << 24,
+                "{}: {name} = {v} is implausibly large",
+                c.source
+            );
+        }
+        ensure!(
+            c.num_layers <= 1024,
+            "{}: {} layers is implausible",
+            c.source,
+            c.num_layers
+        );
+        ensure!(
+            c.num_heads % c.num_kv_heads == 0,
+            "{}: num_attention_heads {} is not a multiple of num_key_value_heads {}",
+            c.source,
+            c.num_heads,
+            c.num_kv_heads
+        );
+        ensure!(
+            c.head_dim % 2 == 0,
+            "{}: head_dim {} must be even for RoPE",
+            c.source,
+            c.head_dim
+        );
+        ensure!(
+            c.rope_theta > 0.0 && c.rope_theta.is_finite(),
+            "{}: rope_theta must be positive",
+            c.source
+        );
+        ensure!(
+            c.rms_norm_eps >= 0.0 && c.rms_norm_eps.is_finite(),
+            "{}: rms_norm_eps must be non-negative",
+            c.source
+        );
+        Ok(self)
+    }
+
+    /// Reads a Hugging Face config.json already parsed to JSON.
+    pub fn from_hf_json(v: &Value, source: &str) -> Result<ModelConfig> {
+        let obj = v
+            .as_object()
+            .ok_or_else(|| Error::new(format!("{source}: config.json is not a JSON object")))?;
+        // Multimodal configs nest the language model; read through text_config when present.
+        let text = obj
+            .get("text_config")
+            .and_then(|t| t.as_object())
+            .unwrap_or(obj);
+        let get = |k: &str| text.get(k).or_else(|| obj.get(k));
+        let req_usize = |k: &str| -> Result<usize> {
+            let val = get(k).ok_or_else(|| {
+                Error::new(format!(
+                    "{source}: config.json is missing required field \"{k}\""
+                ))
+            })?;
+            val.as_u64()
+                .and_then(|x| usize::try_from(x).ok())
+                .ok_or_else(|| {
+                    Error::new(format!(
+                        "{source}: config.json field \"{k}\" is not a non-negative integer"
+                    ))
+                })
+        };
+        let opt_usize = |k: &str| -> Result<Option<usize>> {
+            match get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(x) => x
+                    .as_u64()
+                    .and_then(|x| usize::try_from(x).ok())
+                    .map(Some)
+                    .ok_or_else(|| {
+                        Error::new(format!(
+                            "{source}: config.json field \"{k}\" is not a non-negative integer"
+                        ))
+                    }),
+            }
+        };
+        let opt_f64 = |k: &str| get(k).and_then(|x| x.as_f64());
+        let opt_bool = |k: &str| get(k).and_then(|x| x.as_bool());
+
+        let architecture = obj
+            .get("architectures")
+            .and_then(|a| a.as_array())
+            .and_then(|a| a.first())
+            .and_then(|a| a.as_str())
+            .unwrap_or("")
+            .to_string();
+        let model_type = get("model_type")
+            .and_then(|m| m.as_str())
+            .unwrap_or("")
+            .to_string();
+        ensure!(
+            !architecture.is_empty() || !model_type.is_empty(),
+            "{source}: config.json has neither \"architectures\" nor \"model_type\""
+        );
+        let hidden_size = req_usize("hidden_size")?;
+        let num_heads = req_usize("num_attention_heads")?;
+        ensure!(
+            num_heads > 0,
+            "{source}: num_attention_heads must be positive"
+        );
+        let num_kv_heads = opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
+        let head_dim = opt_usize("head_dim")?.unwrap_or(hidden_size / num_heads);
+
+        let rope_scaling = match get("rope_scaling") {
+            None | Some(Value::Null) => None,
+            Some(rs) => {
+                let kind = rs
+                    .get("rope_type")
+                    .or_else(|| rs.get("type"))
+                    .and_then(|t| t.as_str())
+                    .unwrap_or("");
+                let f = |k: &str| rs.get(k).and_then(|x| x.as_f64());
+                let factor = f("factor");
+                match kind {
+                    "linear" => Some(RopeScaling::Linear {
+                        factor: factor.ok_or_else(|| Error::new(format!("{source}: rope_scaling linear needs \"factor\"")))?,
+                    }),
+                    "llama3" => {
+                        let need = |k: &str| f(k).ok_or_else(|| Error::new(format!("{source}: rope_scaling llama3 needs \"{k}\"")));
+                        Some(RopeScaling::Llama3 {
+                            factor: need("factor")?,
+                            low_freq_factor: need("low_freq_factor")?,
+                            high_freq_factor: need("high_freq_factor")?,
+                            original_max_position_embeddings: need("original_max_position_embeddings")?,
+                        })
+                    }
+                    "default" | "" => None,
+                    other => bail!("{source}: rope_scaling type \"{other}\" is not supported yet (supported: linear, llama3)"),
+                }
+            }
+        };
+        let use_sliding = opt_bool("use_sliding_window").unwrap_or(true);
+        let sliding_window = if use_sliding {
+            opt_usize("sliding_window")?
+        } else {
+            None
+        };
+
+        ModelConfig {
+            architecture,
+            model_type,
+            hidden_size,
+            intermediate_size: req_usize("intermediate_size")?,
+            num_layers: req_usize("num_hidden_layers")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size: req_usize("vocab_size")?,
+            max_position_embeddings: opt_usize("max_position_embeddings")?.unwrap_or(4096),
+            rope_theta: opt_f64("rope_theta").unwrap_or(10000.0),
+            rope_scaling,
+            rms_norm_eps: opt_f64("rms_norm_eps").unwrap_or(1e-6),
+            tie_word_embeddings: opt_bool("tie_word_embeddings").unwrap_or(false),
+            attention_bias: opt_bool("attention_bias").unwrap_or(false),
+            rope_neox: true,
+            sliding_window,
+            name: obj
+                .get("_name_or_path")
+                .and_then(|n| n.as_str())
+                .unwrap_or("")
+                .to_string(),
+            source: source.to_string(),
+        }
+        .validate()
+    }
+
+    /// Reads `{arch}.*` GGUF metadata. Tensor-derived facts (tied head, biases) are
+    /// filled in by the caller, which sees the tensor list.
+    pub fn from_gguf(f: &GgufFile, source: &str) -> Result<ModelConfig> {
+        let arch = f
+            .architecture()
+            .ok_or_else(|| Error::new(format!("{source}: GGUF has no general.architecture")))?
+            .to_string();
+        let key = |k: &str| format!("{arch}.{k}");
+        let req = |k: &str| -> Result<usize> {
+            let full = key(k);
+            f.get_u64(&full)
+                .and_then(|v| usize::try_from(v).ok())
+                .ok_or_else(|| {
+                    Error::new(format!(
+                        "{source}: GGUF metadata is missing integer \"{full}\""
+                    ))
+                })
+        };
+        let opt = |k: &str| f.get_u64(&key(k)).and_then(|v| usize::try_from(v).ok());
+        let hidden_size = req("embedding_length")?;
+        let num_heads = req("attention.head_count")?;
+        ensure!(
+            num_heads > 0,
+            "{source}: {arch}.attention.head_count must be positive"
+        );
+        let num_kv_heads = opt("attention.head_count_kv").unwrap_or(num_heads);
+        let head_dim = opt("attention.key_length").unwrap_or(hidden_size / num_heads);
+        let vocab_size = match opt("vocab_size") {
+            Some(v) => v,
+            None => f
+                .get("tokenizer.ggml.tokens")
+                .and_then(|t| t.as_array())
+                .map(|a| a.len())
+                .ok_or_else(|| {
+                    Error::new(format!(
+                        "{source}: GGUF has neither {arch}.vocab_size nor tokenizer.ggml.tokens"
+                    ))
+                })?,
+        };
+        let rope_scaling = match f.get_str(&key("rope.scaling.type")) {
+            None | Some("none") => None,
+            Some("linear") => {
+                let factor = f.get_f64(&key("rope.scaling.factor")).unwrap_or(1.0);
+                (factor != 1.0).then_some(RopeScaling::Linear { factor })
+            }
+            Some(other) => bail!("{source}: rope scaling \"{other}\" is not supported yet (supported: linear, llama3 via rope_freqs)"),
+        };
+        // Llama and its relatives were converted with q/k permuted for adjacent-pair RoPE;
+        // architectures converted without that permutation rotate NeoX-style halves.
+        let rope_neox = !matches!(arch.as_str(), "llama" | "mistral" | "granite");
+        ModelConfig {
+            model_type: arch.clone(),
+            architecture: arch.clone(),
+            hidden_size,
+            intermediate_size: req("feed_forward_length")?,
+            num_layers: req("block_count")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size,
+            max_position_embeddings: opt("context_length").unwrap_or(4096),
+            rope_theta: f.get_f64(&key("rope.freq_base")).unwrap_or(10000.0),
+            rope_scaling,
+            rms_norm_eps: f
+                .get_f64(&key("attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-5),
+            tie_word_embeddings: false,
+            attention_bias: false,
+            rope_neox,
+            sliding_window: opt("attention.sliding_window"),
+            name: f
+                .get_str("general.name")
+                .or(f.get_str("general.basename"))
+                .unwrap_or("")
+                .to_string(),
+            source: source.to_string(),
+        }
+        .validate()
+    }
+
+    /// Per-pair RoPE inverse frequencies with the configured scaling folded in.
+    /// `freq_factors` (GGUF `rope_freqs.weight`) divides each frequency when present.
+    pub fn rope_inv_freq(&self, freq_factors: Option<&[f32]>) -> Vec<f32> {
+        let half = self.head_dim / 2;
+        (0..half)
+            .map(|i| {
+                let mut f = 1.0 / self.rope_theta.powf(2.0 * i as f64 / self.head_dim as f64);
+                match self.rope_scaling {
+                    Some(RopeScaling::Linear { factor }) => f /= factor,
+                    Some(RopeScaling::Llama3 {
+                        factor,
+                        low_freq_factor,
+                        high_freq_factor,
+                        original_max_position_embeddings,
+                    }) => {
+                        let low_wavelen = original_max_position_embeddings / low_freq_factor;
+                        let high_wavelen = original_max_position_embeddings / high_freq_factor;
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen > low_wavelen {
+                            f /= factor;
+                        } else if wavelen >= high_wavelen {
+                            let smooth = (original_max_position_embeddings / wavelen
+                                - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            f = (1.0 - smooth) * f / factor + smooth * f;
+                        }
+                    }
+                    None => {}
+                }
+                if let Some(ff) = freq_factors {
+                    f /= ff.get(i).copied().unwrap_or(1.0) as f64;
+                }
+                f as f32
+            })
+            .collect()
+    }
+
+    /// Bytes the KV cache needs for `max_seq` positions (f32 K and V, every layer).
+    pub fn kv_cache_bytes(&self, max_seq: usize) -> usize {
+        2 * self.num_layers
+            * self.num_kv_heads
+            * self.head_dim
+            * max_seq
+            * std::mem::size_of::<f32>()
+    }
+}

@@ -1,0 +1,553 @@
+//! Generation: parameters, seeded sampling, and the prefill-then-decode loop with
+//! streaming text, end-of-generation ids and stop strings.
+
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::models::LanguageModel;
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationParameters {
+    pub max_tokens: usize,
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// 0 = off.
+    pub top_k: usize,
+    /// 1.0 = off.
+    pub top_p: f32,
+    /// 0.0 = off. Keeps tokens whose probability is at least min_p times the top one's.
+    pub min_p: f32,
+    /// 1.0 = off.
+    pub repetition_penalty: f32,
+    /// None = seeded from the clock.
+    pub seed: Option<u64>,
+    /// Stop at the tokenizer's end-of-generation ids.
+    pub stop_on_eos: bool,
+    pub stop_token_ids: Vec<u32>,
+    pub stop_strings: Vec<String>,
+    /// Prompt tokens per forward pass during prefill.
+    pub prefill_step_size: usize,
+}
+
+impl Default for GenerationParameters {
+    fn default() -> Self {
+        GenerationParameters {
+            max_tokens: 256,
+            temperature: 0.6,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            seed: None,
+            stop_on_eos: true,
+            stop_token_ids: Vec::new(),
+            stop_strings: Vec::new(),
+            prefill_step_size: 512,
+        }
+    }
+}
+
+impl GenerationParameters {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::new(m.to_string()));
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return bad("temperature must be a finite number >= 0");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p must be in (0, 1]");
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min_p must be in [0, 1]");
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return bad("repetition_penalty must be a finite number > 0");
+        }
+        if self.prefill_step_size == 0 {
+            return bad("prefill_step_size must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// xoshiro256** seeded through splitmix64: small, fast, and reproducible across
+/// platforms, which is all sampling needs (not cryptographic).
+#[derive(Clone, Debug)]
+pub struct Rng {
+    s: [u64; 4],
+}
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        let mut x = seed;
+        let mut next = || {
+            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        Rng {
+            s: [next(), next(), next(), next()],
+        }
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let r = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = self.s[1] << 17;
+        self.s[2] ^= self.s[0];
+        self.s[3] ^= self.s[1];
+        self.s[1] ^= self.s[2];
+        self.s[0] ^= self.s[3];
+        self.s[2] ^= t;
+        self.s[3] = self.s[3].rotate_left(45);
+        r
+    }
+
+    /// Uniform in [0, 1).
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+/// Picks the next token from logits. Order: repetition penalty → greedy if T = 0 →
+/// temperature → top-k → top-p (inclusive) → min-p → draw. Buffers are reused.
+pub struct Sampler {
+    params: GenerationParameters,
+    rng: Rng,
+    cand: Vec<(u32, f32)>,
+    seen: Vec<bool>,
+}
+
+impl Sampler {
+    pub fn new(params: &GenerationParameters) -> Sampler {
+        let seed = params.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+        });
+        Sampler {
+            params: params.clone(),
+            rng: Rng::new(seed),
+            cand: Vec::new(),
+            seen: Vec::new(),
+        }
+    }
+
+    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            self.seen.clear();
+            self.seen.resize(logits.len(), false);
+            for &t in history {
+                let t = t as usize;
+                if t < logits.len() && !self.seen[t] {
+                    self.seen[t] = true;
+                    let l = &mut logits[t];
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
+                }
+            }
+        }
+        if p.temperature == 0.0 {
+            return ffai_kernels::ops::argmax(logits).0 as u32;
+        }
+        let inv_t = 1.0 / p.temperature;
+        self.cand.clear();
+        self.cand.extend(
+            logits
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| !l.is_nan())
+                .map(|(i, &l)| (i as u32, l * inv_t)),
+        );
+        if self.cand.is_empty() {
+            return ffai_kernels::ops::argmax(logits).0 as u32;
+        }
+        // Highest logit first; ties by lowest id so the order is deterministic.
+        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if p.top_k > 0 && p.top_k < self.cand.len() {
+            self.cand.select_nth_unstable_by(p.top_k - 1, by_logit);
+            self.cand.truncate(p.top_k);
+        }
+        self.cand.sort_unstable_by(by_logit);
+        let max = self.cand[0].1;
+        // Convert to unnormalised probabilities.
+        let mut total = 0.0f64;
+        for c in &mut self.cand {
+            c.1 = (c.1 - max).exp();
+            total += c.1 as f64;
+        }
+        if p.top_p < 1.0 {
+            let mut acc = 0.0f64;
+            let mut keep = self.cand.len();
+            for (i, c) in self.cand.iter().enumerate() {
+                acc += c.1 as f64 / total;
+                if acc >= p.top_p as f64 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            self.cand.truncate(keep);
+        }
+        if p.min_p > 0.0 {
+            // The top candidate has probability weight 1 after the max subtraction.
+            let floor = p.min_p;
+            let keep = self.cand.iter().take_while(|c| c.1 >= floor).count().max(1);
+            self.cand.truncate(keep);
+        }
+        let total: f64 = self.cand.iter().map(|c| c.1 as f64).sum();
+        let mut r = self.rng.next_f64() * total;
+        for c in &self.cand {
+            r -= c.1 as f64;
+            if r < 0.0 {
+                return c.0;
+            }
+        }
+        self.cand.last().map(|c| c.0).unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    MaxTokens,
+    EndOfGeneration,
+    StopToken,
+    StopString,
+    ContextFull,
+    Cancelled,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerationOutput {
+    pub prompt_ids: Vec<u32>,
+    pub generated_ids: Vec<u32>,
+    pub text: String,
+    pub stop_reason: StopReason,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+    /// Forward passes made during decode (tokens fed back).
+    pub decode_steps: usize,
+}
+
+impl GenerationOutput {
+    pub fn prefill_tokens_per_s(&self) -> f64 {
+        rate(self.prompt_ids.len(), self.prefill_seconds)
+    }
+
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        rate(self.decode_steps, self.decode_seconds)
+    }
+}
+
+fn rate(n: usize, secs: f64) -> f64 {
+    if secs > 0.0 {
+        n as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+/// Holds back text that might be the start of a stop string, and finds complete ones.
+struct StopScanner<'a> {
+    stops: &'a [String],
+    text: String,
+    emitted: usize,
+}
+
+impl<'a> StopScanner<'a> {
+    /// Appends `delta`; returns (text safe to emit now, whether a stop string ended it).
+    fn push(&mut self, delta: &str) -> (String, bool) {
+        let search_from = self
+            .emitted
+            .saturating_sub(self.stops.iter().map(|s| s.len()).max().unwrap_or(0));
+        self.text.push_str(delta);
+        let search_from = floor_boundary(&self.text, search_from);
+        let hit = self
+            .stops
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| {
+                self.text[search_from..]
+                    .find(s.as_str())
+                    .map(|i| search_from + i)
+            })
+            .min();
+        if let Some(at) = hit {
+            let out = self.text[self.emitted.min(at)..at].to_string();
+            self.text.truncate(at);
+            self.emitted = at;
+            return (out, true);
+        }
+        // Hold back the longest suffix that is a proper prefix of some stop string.
+        let mut limit = self.text.len();
+        for (j, _) in self
+            .text
+            .char_indices()
+            .skip_while(|(j, _)| *j < self.emitted)
+        {
+            let tail = &self.text[j..];
+            if self
+                .stops
+                .iter()
+                .any(|s| s.len() > tail.len() && s.starts_with(tail))
+            {
+                limit = j;
+                break;
+            }
+        }
+        let out = self.text[self.emitted..limit].to_string();
+        self.emitted = limit;
+        (out, false)
+    }
+
+    fn flush(&mut self) -> String {
+        let out = self.text[self.emitted..].to_string();
+        self.emitted = self.text.len();
+        out
+    }
+}
+
+fn floor_boundary(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// Prefills `prompt_ids` and decodes up to `params.max_tokens` tokens, calling
+/// `on_text` with each piece of finished text; returning false from it cancels.
+pub fn generate(
+    model: &dyn LanguageModel,
+    tokenizer: &Tokenizer,
+    prompt_ids: &[u32],
+    params: &GenerationParameters,
+    mut on_text: impl FnMut(&str) -> bool,
+) -> Result<GenerationOutput> {
+    params.validate()?;
+    if prompt_ids.is_empty() {
+        return Err(Error::new(
+            "the prompt is empty (no tokens to condition on)",
+        ));
+    }
+    let ctx = model.config().max_position_embeddings;
+    if prompt_ids.len() > ctx {
+        return Err(Error::new(format!(
+            "the prompt has {} tokens, more than the model's context of {ctx} tokens",
+            prompt_ids.len()
+        )));
+    }
+    let max_seq = (prompt_ids.len() + params.max_tokens).min(ctx);
+    let mut state = model.new_state(max_seq, params.prefill_step_size)?;
+    let mut logits = Vec::new();
+
+    let t0 = Instant::now();
+    model.forward(prompt_ids, &mut state, false, &mut logits)?;
+    let prefill_seconds = t0.elapsed().as_secs_f64();
+
+    let mut sampler = Sampler::new(params);
+    let mut history: Vec<u32> = prompt_ids.to_vec();
+    let mut generated = Vec::with_capacity(params.max_tokens);
+    let mut decoder = StreamDecoder::new(tokenizer);
+    let mut stops = StopScanner {
+        stops: &params.stop_strings,
+        text: String::new(),
+        emitted: 0,
+    };
+    let eog = tokenizer.eog_ids();
+    let mut stop_reason = StopReason::MaxTokens;
+    let mut decode_steps = 0;
+    let t1 = Instant::now();
+    while generated.len() < params.max_tokens {
+        let next = sampler.sample(&mut logits, &history);
+        if params.stop_on_eos && eog.contains(&next) {
+            stop_reason = StopReason::EndOfGeneration;
+            break;
+        }
+        if params.stop_token_ids.contains(&next) {
+            stop_reason = StopReason::StopToken;
+            break;
+        }
+        generated.push(next);
+        history.push(next);
+        let (piece, hit) = stops.push(&decoder.push(next));
+        if !piece.is_empty() && !on_text(&piece) {
+            stop_reason = StopReason::Cancelled;
+            break;
+        }
+        if hit {
+            stop_reason = StopReason::StopString;
+            break;
+        }
+        if generated.len() >= params.max_tokens {
+            break;
+        }
+        if state.pos >= state.max_seq {
+            stop_reason = StopReason::ContextFull;
+            break;
+        }
+        model.forward(&[next], &mut state, false, &mut logits)?;
+        decode_steps += 1;
+    }
+    let decode_seconds = t1.elapsed().as_secs_f64();
+    if stop_reason != StopReason::StopString && stop_reason != StopReason::Cancelled {
+        let (tail, _) = stops.push(&decoder.finish());
+        let rest = tail + &stops.flush();
+        if !rest.is_empty() {
+            on_text(&rest);
+        }
+    }
+    Ok(GenerationOutput {
+        prompt_ids: prompt_ids.to_vec(),
+        generated_ids: generated,
+        text: stops.text,
+        stop_reason,
+        prefill_seconds,
+        decode_seconds,
+        decode_steps,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(stops: &[&str], deltas: &[&str]) -> (String, bool) {
+        let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+        let mut s = StopScanner {
+            stops: &stops,
+            text: String::new(),
+            emitted: 0,
+        };
+        let mut out = String::new();
+        for d in deltas {
+            let (piece, hit) = s.push(d);
+            out += &piece;
+            if hit {
+                return (out, true);
+            }
+        }
+        out += &s.flush();
+        (out, false)
+    }
+
+    #[test]
+    fn stop_string_across_tokens_is_not_leaked() {
+        assert_eq!(
+            scan(&["END"], &["hello E", "N", "D more"]),
+            ("hello ".to_string(), true)
+        );
+        assert_eq!(scan(&["\n\n"], &["a\n", "\nb"]), ("a".to_string(), true));
+    }
+
+    #[test]
+    fn partial_stop_prefix_is_released_when_it_diverges() {
+        assert_eq!(
+            scan(&["END"], &["hello E", "N", "d"]),
+            ("hello ENd".to_string(), false)
+        );
+    }
+
+    #[test]
+    fn multibyte_text_near_stop_strings() {
+        // "café" + "é" + "!x": the stop string starts at the second "é".
+        assert_eq!(
+            scan(&["é!"], &["café", "é", "!x"]),
+            ("café".to_string(), true)
+        );
+    }
+
+    fn greedy_params() -> GenerationParameters {
+        GenerationParameters {
+            temperature: 0.0,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn greedy_takes_argmax_lowest_id_on_ties() {
+        let mut s = Sampler::new(&greedy_params());
+        assert_eq!(s.sample(&mut [1.0, 3.0, 3.0, -1.0], &[]), 1);
+    }
+
+    #[test]
+    fn repetition_penalty_demotes_seen_tokens() {
+        let p = GenerationParameters {
+            repetition_penalty: 2.0,
+            ..greedy_params()
+        };
+        let mut s = Sampler::new(&p);
+        // Token 0 (logit 3) is halved below token 1 (2.5); a negative logit is doubled.
+        let mut l = [3.0, 2.5, -1.0];
+        assert_eq!(s.sample(&mut l, &[0, 2, 0]), 1);
+        assert_eq!(l, [1.5, 2.5, -2.0]);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_and_seeds_reproduce() {
+        let p = GenerationParameters {
+            temperature: 1.0,
+            top_k: 1,
+            seed: Some(3),
+            ..Default::default()
+        };
+        let mut s = Sampler::new(&p);
+        for _ in 0..20 {
+            assert_eq!(s.sample(&mut [0.0, 0.1, 5.0, 4.9], &[]), 2);
+        }
+        let p = GenerationParameters {
+            temperature: 1.0,
+            seed: Some(42),
+            ..Default::default()
+        };
+        let draw = |p: &GenerationParameters| {
+            let mut s = Sampler::new(p);
+            (0..50)
+                .map(|_| s.sample(&mut [0.0, 0.5, 1.0, 0.2, 0.9], &[]))
+                .collect::<Vec<_>>()
+        };
+        let a = draw(&p);
+        assert_eq!(a, draw(&p));
+        assert!(
+            a.iter().collect::<std::collections::HashSet<_>>().len() > 1,
+            "T=1 should explore"
+        );
+        assert_ne!(
+            a,
+            draw(&GenerationParameters {
+                seed: Some(43),
+                ..p.clone()
+            })
+        );
+    }
+
+    #[test]
+    fn top_p_and_min_p_cut_the_tail() {
+        // probabilities ~ [0.64, 0.24, 0.09, 0.03]: top_p 0.6 keeps only the first.
+        let logits = [4.0f32, 3.0, 2.0, 0.9];
+        let p = GenerationParameters {
+            temperature: 1.0,
+            top_p: 0.6,
+            seed: Some(1),
+            ..Default::default()
+        };
+        let mut s = Sampler::new(&p);
+        assert!((0..100).all(|_| s.sample(&mut logits.clone(), &[]) == 0));
+        // min_p 0.3: tokens below 0.3 * p(top) (0.37 relative to e^-1) go: only 0 and 1 remain.
+        let p = GenerationParameters {
+            temperature: 1.0,
+            min_p: 0.3,
+            seed: Some(1),
+            ..Default::default()
+        };
+        let mut s = Sampler::new(&p);
+        let seen: std::collections::HashSet<u32> = (0..300)
+            .map(|_| s.sample(&mut logits.clone(), &[]))
+            .collect();
+        assert_eq!(seen, [0u32, 1].into_iter().collect());
+    }
+}

@@ -1,0 +1,126 @@
+//! ffai: an LLM inference engine. This crate loads checkpoints (GGUF, Hugging Face
+//! safetensors), dispatches them to a model family, tokenizes, and generates. The
+//! compute lives in `ffai-kernels` behind the `Backend` trait.
+
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod gguf;
+pub mod inspect;
+pub mod models;
+pub mod resolve;
+pub mod tokenizer;
+pub mod weights;
+
+use std::path::Path;
+
+pub use error::{Error, Result};
+pub use generate::{generate, GenerationOutput, GenerationParameters, StopReason};
+pub use models::{Device, InferenceState, LanguageModel};
+pub use tokenizer::Tokenizer;
+
+use config::ModelConfig;
+use resolve::ModelLocation;
+use weights::Weights;
+
+#[derive(Clone)]
+pub struct LoadOptions {
+    /// CPU threads (0 = all cores).
+    pub threads: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { threads: 0 }
+    }
+}
+
+/// A loaded model: the network, its tokenizer, and where it came from.
+pub struct Model {
+    pub lm: Box<dyn LanguageModel>,
+    pub tokenizer: Tokenizer,
+    pub location: ModelLocation,
+    /// Stored bytes of all weights.
+    pub weight_bytes: usize,
+    /// Weight types present, with tensor counts, e.g. [("Q4_1", 210), ("F32", 61)].
+    pub weight_types: Vec<(String, usize)>,
+}
+
+impl Model {
+    /// Loads from a path or repo id (see `resolve`).
+    pub fn load(spec: &str, opts: &LoadOptions) -> Result<Model> {
+        let location = resolve::resolve(spec)?;
+        Self::load_location(location, opts)
+    }
+
+    pub fn load_location(location: ModelLocation, opts: &LoadOptions) -> Result<Model> {
+        let threads = if opts.threads == 0 {
+            ffai_kernels::cpu::CpuBackend::default_threads()
+        } else {
+            opts.threads
+        };
+        let device = Device::cpu(threads);
+        let src = location.path().display().to_string();
+        let (cfg, weights, tokenizer, from_gguf) = match &location {
+            ModelLocation::Gguf(path) => {
+                let f = gguf::GgufFile::open(path)?;
+                let mut cfg = ModelConfig::from_gguf(&f, &src)?;
+                let weights = Weights::from_gguf(&f, &src);
+                cfg.tie_word_embeddings = !weights.has("output.weight");
+                cfg.attention_bias = weights.has("blk.0.attn_q.bias");
+                let tok = Tokenizer::from_gguf(&f).map_err(|e| e.context(&src))?;
+                (cfg, weights, tok, true)
+            }
+            ModelLocation::HfDir(dir) => load_hf_dir(dir)?,
+        };
+        let family = models::family_for(&cfg, from_gguf).map_err(|e| e.context(&src))?;
+        let lm = (family.load)(&cfg, &weights, &device)
+            .map_err(|e| e.context(format!("loading {} as {}", src, family.name)))?;
+        let mut types = std::collections::BTreeMap::<String, usize>::new();
+        for name in weights.names() {
+            if let Ok(w) = weights.get(name) {
+                *types.entry(w.ty.name().to_string()).or_default() += 1;
+            }
+        }
+        Ok(Model {
+            lm,
+            tokenizer,
+            location,
+            weight_bytes: weights.total_bytes(),
+            weight_types: types.into_iter().collect(),
+        })
+    }
+
+    /// Tokenizes with the model's own BOS default.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.tokenizer
+            .encode(text, self.tokenizer.add_bos_default())
+    }
+
+    /// Generation parameters this model's family ships with.
+    pub fn default_parameters(&self) -> GenerationParameters {
+        self.lm.default_parameters()
+    }
+
+    pub fn generate(
+        &self,
+        prompt_ids: &[u32],
+        params: &GenerationParameters,
+        on_text: impl FnMut(&str) -> bool,
+    ) -> Result<GenerationOutput> {
+        generate::generate(&*self.lm, &self.tokenizer, prompt_ids, params, on_text)
+    }
+}
+
+fn load_hf_dir(dir: &Path) -> Result<(ModelConfig, Weights, Tokenizer, bool)> {
+    let src = dir.display().to_string();
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path)
+        .map_err(|e| Error::new(format!("{}: {e}", cfg_path.display())))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::new(format!("{}: invalid JSON: {e}", cfg_path.display())))?;
+    let cfg = ModelConfig::from_hf_json(&json, &src)?;
+    let weights = Weights::from_safetensors_dir(dir)?;
+    let tok = Tokenizer::from_hf_dir(dir)?;
+    Ok((cfg, weights, tok, false))
+}

@@ -1,0 +1,148 @@
+//! The model registry and the trait every family implements.
+//!
+//! Dispatch: GGUF `general.architecture`, else config.json `architectures[0]`, then
+//! `model_type` → family; the family then picks its variant from the config. One file
+//! per family; a new family adds its file here and one entry to `FAMILIES`.
+
+use std::any::Any;
+use std::sync::Arc;
+
+use ffai_kernels::cpu::CpuBackend;
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::generate::GenerationParameters;
+use crate::inspect::Tap;
+use crate::weights::Weights;
+
+pub mod llama;
+
+/// Where a model's tensors live and its ops run.
+#[derive(Clone)]
+pub enum Device {
+    Cpu(Arc<CpuBackend>),
+}
+
+impl Device {
+    pub fn cpu(threads: usize) -> Device {
+        Device::Cpu(Arc::new(CpuBackend::new(threads)))
+    }
+
+    pub fn name(&self) -> String {
+        use ffai_kernels::backend::Backend;
+        match self {
+            Device::Cpu(b) => b.name(),
+        }
+    }
+}
+
+/// Per-sequence state: the KV cache, position, preallocated activations and the tap.
+/// The model-specific part is boxed so the trait stays object-safe.
+pub struct InferenceState {
+    /// Tokens already in the cache (the position of the next token).
+    pub pos: usize,
+    /// Cache capacity in tokens.
+    pub max_seq: usize,
+    /// Largest number of tokens one forward pass processes at once (prefill step).
+    pub chunk: usize,
+    pub tap: Tap,
+    pub(crate) inner: Box<dyn Any + Send>,
+}
+
+pub trait LanguageModel: Send + Sync {
+    fn config(&self) -> &ModelConfig;
+    fn family(&self) -> &'static str;
+    fn variant(&self) -> &'static str;
+    /// The generation parameters this family/variant ships with.
+    fn default_parameters(&self) -> GenerationParameters;
+    fn device_name(&self) -> String;
+    /// A fresh state with room for `max_seq` tokens, processing at most `chunk` tokens
+    /// per forward pass.
+    fn new_state(&self, max_seq: usize, chunk: usize) -> Result<InferenceState>;
+    /// Runs `tokens` at positions `state.pos..`, appending them to the cache, and writes
+    /// the logits of the last token (or of every token, `[n, vocab]`, when `all_logits`)
+    /// into `logits`. Longer inputs are processed in chunks of `state.chunk`.
+    fn forward(
+        &self,
+        tokens: &[u32],
+        state: &mut InferenceState,
+        all_logits: bool,
+        logits: &mut Vec<f32>,
+    ) -> Result<()>;
+}
+
+/// A registered family: the names it answers to and how to build it.
+pub struct Family {
+    pub name: &'static str,
+    /// config.json `architectures[0]` values.
+    pub hf_architectures: &'static [&'static str],
+    /// config.json `model_type` values.
+    pub model_types: &'static [&'static str],
+    /// GGUF `general.architecture` values.
+    pub gguf_architectures: &'static [&'static str],
+    pub load: fn(&ModelConfig, &Weights, &Device) -> Result<Box<dyn LanguageModel>>,
+}
+
+pub static FAMILIES: &[Family] = &[llama::FAMILY];
+
+/// Finds the family for a config: architecture first, then model_type.
+pub fn family_for(cfg: &ModelConfig, from_gguf: bool) -> Result<&'static Family> {
+    let by_arch = FAMILIES.iter().find(|f| {
+        if from_gguf {
+            f.gguf_architectures.contains(&cfg.architecture.as_str())
+        } else {
+            f.hf_architectures.contains(&cfg.architecture.as_str())
+        }
+    });
+    if let Some(f) = by_arch {
+        return Ok(f);
+    }
+    if let Some(f) = FAMILIES
+        .iter()
+        .find(|f| f.model_types.contains(&cfg.model_type.as_str()))
+    {
+        return Ok(f);
+    }
+    let supported: Vec<String> = FAMILIES
+        .iter()
+        .map(|f| {
+            format!(
+                "{} ({})",
+                f.name,
+                f.hf_architectures
+                    .iter()
+                    .chain(f.gguf_architectures)
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+        .collect();
+    let what = if cfg.architecture.is_empty() {
+        &cfg.model_type
+    } else {
+        &cfg.architecture
+    };
+    Err(Error::new(format!(
+        "unsupported architecture \"{what}\"; supported: {}",
+        supported.join("; ")
+    )))
+}
+
+/// Checks that token ids fit the vocabulary and the cache has room.
+pub(crate) fn check_tokens(tokens: &[u32], state: &InferenceState, vocab: usize) -> Result<()> {
+    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::new(format!(
+            "token id {bad} is outside the vocabulary ({vocab} tokens)"
+        )));
+    }
+    if state.pos + tokens.len() > state.max_seq {
+        return Err(Error::new(format!(
+            "context full: {} tokens already cached + {} new exceed the context of {} tokens",
+            state.pos,
+            tokens.len(),
+            state.max_seq
+        )));
+    }
+    Ok(())
+}
