@@ -1,0 +1,289 @@
+//! Every op of the CPU backend against a naive f32/f64 oracle written independently here.
+//! Tolerances: pure-f32 ops 1e-5 relative (summation order differs); matmul over
+//! quantized weights is compared with the dequantized f32 oracle at 1e-4 relative to the
+//! sum of |w·x| terms (only accumulation order differs, the weights are exact).
+
+use ffai_kernels::backend::{AttnShape, Backend, HostBytes, RopeParams};
+use ffai_kernels::cpu::CpuBackend;
+use ffai_kernels::ops;
+use ffai_kernels::quant::{self, WeightType};
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+    fn f(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.f()).collect()
+    }
+}
+
+fn close(a: f32, b: f32, tol: f32) -> bool {
+    (a - b).abs() <= tol * (1.0 + b.abs())
+}
+
+fn assert_all_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(close(*g, *w, tol), "{what}[{i}]: got {g}, want {w}");
+    }
+}
+
+fn backends() -> Vec<CpuBackend> {
+    vec![CpuBackend::new(1), CpuBackend::new(3)]
+}
+
+#[test]
+fn rms_norm_matches_oracle() {
+    let mut r = Rng(1);
+    let (n, d) = (3, 37);
+    let x = r.vec(n * d);
+    let w = r.vec(d);
+    let eps = 1e-5;
+    let mut want = vec![0f32; n * d];
+    for t in 0..n {
+        let row = &x[t * d..(t + 1) * d];
+        let ms: f64 = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / d as f64;
+        for i in 0..d {
+            want[t * d + i] = (row[i] as f64 / (ms + eps as f64).sqrt() * w[i] as f64) as f32;
+        }
+    }
+    for b in backends() {
+        let mut out = b.alloc(n * d);
+        b.rms_norm(&x, &w, eps, n, &mut out);
+        assert_all_close(&out, &want, 1e-5, "rms_norm");
+    }
+}
+
+/// Rotation by the textbook complex-number definition, for both pairings.
+fn rope_oracle(x: &[f32], n_heads: usize, hd: usize, pos: usize, inv_freq: &[f32], neox: bool) -> Vec<f32> {
+    let mut out = x.to_vec();
+    for h in 0..n_heads {
+        for (i, &f) in inv_freq.iter().enumerate() {
+            let (a, b) = if neox { (i, i + hd / 2) } else { (2 * i, 2 * i + 1) };
+            let theta = pos as f64 * f as f64;
+            let (re, im) = (x[h * hd + a] as f64, x[h * hd + b] as f64);
+            out[h * hd + a] = (re * theta.cos() - im * theta.sin()) as f32;
+            out[h * hd + b] = (re * theta.sin() + im * theta.cos()) as f32;
+        }
+    }
+    out
+}
+
+#[test]
+fn rope_both_pairings_match_oracle() {
+    let mut r = Rng(2);
+    let (n, heads, hd) = (4, 3, 16);
+    let inv: Vec<f32> = (0..hd / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32)).collect();
+    // A scaled table (as llama3/linear scaling produce) goes through the same path.
+    let scaled: Vec<f32> = inv.iter().map(|f| f / 8.0).collect();
+    for table in [&inv, &scaled] {
+        for neox in [false, true] {
+            let x = r.vec(n * heads * hd);
+            let pos0 = 17;
+            let mut want = Vec::new();
+            for t in 0..n {
+                want.extend(rope_oracle(&x[t * heads * hd..(t + 1) * heads * hd], heads, hd, pos0 + t, table, neox));
+            }
+            for b in backends() {
+                let mut got = x.clone();
+                let inv_buf = b.upload(table);
+                b.rope(&mut got, n, heads, hd, pos0, &RopeParams { inv_freq: &inv_buf, neox });
+                assert_all_close(&got, &want, 2e-5, "rope");
+            }
+        }
+    }
+}
+
+#[test]
+fn activations_match_oracle() {
+    let mut r = Rng(3);
+    let g: Vec<f32> = r.vec(100).iter().map(|v| v * 8.0).collect();
+    let u = r.vec(100);
+    let silu: Vec<f32> = g.iter().zip(&u).map(|(&g, &u)| ((g as f64 / (1.0 + (-g as f64).exp())) * u as f64) as f32).collect();
+    let gelu: Vec<f32> = g
+        .iter()
+        .zip(&u)
+        .map(|(&g, &u)| {
+            let g = g as f64;
+            (0.5 * g * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (g + 0.044715 * g.powi(3))).tanh()) * u as f64) as f32
+        })
+        .collect();
+    for b in backends() {
+        let mut x = g.clone();
+        b.silu_mul(&mut x, &u, 100);
+        assert_all_close(&x, &silu, 1e-5, "silu_mul");
+        let mut x = g.clone();
+        b.gelu_mul(&mut x, &u, 100);
+        assert_all_close(&x, &gelu, 1e-5, "gelu_mul");
+        let mut x = g.clone();
+        b.add(&mut x, &u, 100);
+        let sum: Vec<f32> = g.iter().zip(&u).map(|(a, b)| a + b).collect();
+        assert_all_close(&x, &sum, 0.0, "add");
+        let mut x = g.clone();
+        let bias = r.vec(25);
+        b.add_bias(&mut x, &bias, 4);
+        let want: Vec<f32> = g.iter().enumerate().map(|(i, v)| v + bias[i % 25]).collect();
+        assert_all_close(&x, &want, 0.0, "add_bias");
+    }
+}
+
+#[test]
+fn softmax_and_argmax() {
+    let mut x = vec![1.0f32, 2.0, 3.0, 1000.0, -1000.0];
+    ops::softmax(&mut x);
+    let e: Vec<f64> = [1.0f64, 2.0, 3.0, 1000.0, -1000.0].iter().map(|v| (v - 1000.0).exp()).collect();
+    let s: f64 = e.iter().sum();
+    for (g, w) in x.iter().zip(&e) {
+        assert!((*g as f64 - w / s).abs() < 1e-7);
+    }
+    assert_eq!(ops::argmax(&[0.5, 2.0, f32::NAN, 2.0, 1.0]), (1, 2.0), "ties go to the lowest id, NaN never wins");
+    let b = CpuBackend::new(1);
+    assert_eq!(b.argmax(&vec![3.0, 1.0, 9.0, 9.5], 0..3), 2);
+}
+
+/// Naive attention: for each query token and head, softmax over visible positions.
+#[allow(clippy::too_many_arguments)]
+fn attention_oracle(q: &[f32], k: &[f32], v: &[f32], n: usize, pos0: usize, heads: usize, kv_heads: usize, hd: usize, window: usize) -> Vec<f32> {
+    // k, v here are [total_positions, kv_heads * hd] (token-major), independent of the cache layout.
+    let mut out = vec![0f32; n * heads * hd];
+    let scale = 1.0 / (hd as f64).sqrt();
+    for t in 0..n {
+        let p = pos0 + t;
+        for h in 0..heads {
+            let kvh = h / (heads / kv_heads);
+            let lo = if window > 0 { (p + 1).saturating_sub(window) } else { 0 };
+            let scores: Vec<f64> = (lo..=p)
+                .map(|j| (0..hd).map(|d| q[(t * heads + h) * hd + d] as f64 * k[(j * kv_heads + kvh) * hd + d] as f64).sum::<f64>() * scale)
+                .collect();
+            let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            for d in 0..hd {
+                let acc: f64 = (lo..=p).zip(&e).map(|(j, w)| w / z * v[(j * kv_heads + kvh) * hd + d] as f64).sum();
+                out[(t * heads + h) * hd + d] = acc as f32;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn attention_prefill_and_decode_with_gqa_match_oracle() {
+    let mut r = Rng(4);
+    let (heads, kv_heads, hd, max_seq) = (6, 2, 8, 40);
+    for window in [0, 5] {
+        let total = 23;
+        let k_all = r.vec(total * kv_heads * hd);
+        let v_all = r.vec(total * kv_heads * hd);
+        let q_all = r.vec(total * heads * hd);
+        let want = attention_oracle(&q_all, &k_all, &v_all, total, 0, heads, kv_heads, hd, window);
+        for b in backends() {
+            let shape = AttnShape { n_heads: heads, n_kv_heads: kv_heads, head_dim: hd, max_seq, window, scale: 1.0 / (hd as f32).sqrt() };
+            let mut kc = b.alloc(kv_heads * max_seq * hd);
+            let mut vc = b.alloc(kv_heads * max_seq * hd);
+            // Prefill a causal chunk of 20 tokens, then decode 3 tokens one by one.
+            let (qw, kw) = (heads * hd, kv_heads * hd);
+            let mut got = vec![0f32; total * qw];
+            let mut steps = vec![(0usize, 20usize)];
+            steps.extend((20..total).map(|p| (p, 1)));
+            for (p0, n) in steps {
+                b.kv_write(&mut kc, &k_all[p0 * kw..(p0 + n) * kw].to_vec(), n, p0, &shape);
+                b.kv_write(&mut vc, &v_all[p0 * kw..(p0 + n) * kw].to_vec(), n, p0, &shape);
+                let mut out = b.alloc(n * qw);
+                b.attention(&q_all[p0 * qw..(p0 + n) * qw].to_vec(), &kc, &vc, n, p0, &shape, &mut out);
+                got[p0 * qw..(p0 + n) * qw].copy_from_slice(&out);
+            }
+            assert_all_close(&got, &want, 1e-5, &format!("attention window {window}"));
+            // The cache layout is [kv_head, position, head_dim].
+            assert_eq!(kc[(max_seq + 3) * hd..(max_seq + 3) * hd + hd], k_all[(3 * kv_heads + 1) * hd..(3 * kv_heads + 2) * hd]);
+        }
+    }
+}
+
+/// Random weights of a type: quantize random floats where a quantizer exists, else raw
+/// random blocks with sane f16 scales (every bit pattern of the rest is valid).
+fn random_rows(ty: WeightType, rows: usize, cols: usize, r: &mut Rng) -> Vec<u8> {
+    let rb = ty.row_bytes(cols).unwrap();
+    let mut out = vec![0u8; rows * rb];
+    for row in 0..rows {
+        let src = r.vec(cols);
+        if quant::quantize_row(ty, &src, &mut out[row * rb..(row + 1) * rb]).is_err() {
+            for b in &mut out[row * rb..(row + 1) * rb] {
+                *b = r.next() as u8;
+            }
+            // K-quant superblocks start with f16 d (and dmin except Q6_K ends with d): set sane scales.
+            let bb = ty.block_bytes();
+            for blk in 0..cols / ty.block_len() {
+                let o = row * rb + blk * bb;
+                let scale = half::f16::from_f32(0.001 + (r.f().abs() * 0.01)).to_bits().to_le_bytes();
+                match ty {
+                    WeightType::Q6K => out[o + bb - 2..o + bb].copy_from_slice(&scale),
+                    _ => {
+                        out[o..o + 2].copy_from_slice(&scale);
+                        out[o + 2..o + 4].copy_from_slice(&scale);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn matmul_and_embed_every_weight_type_match_dequantized_oracle() {
+    let mut r = Rng(5);
+    for ty in WeightType::ALL {
+        let (rows, cols) = (45, if ty.block_len() == 256 { 512 } else { 96 });
+        let bytes = random_rows(ty, rows, cols, &mut r);
+        let rb = ty.row_bytes(cols).unwrap();
+        let mut deq = vec![0f32; rows * cols];
+        for row in 0..rows {
+            quant::dequantize_row(ty, &bytes[row * rb..(row + 1) * rb], &mut deq[row * cols..(row + 1) * cols]);
+        }
+        for n in [1, 5] {
+            let x = r.vec(n * cols);
+            let mut want = vec![0f32; n * rows];
+            let mut mag = vec![0f32; n * rows];
+            for t in 0..n {
+                for row in 0..rows {
+                    let (mut s, mut m) = (0f64, 0f64);
+                    for c in 0..cols {
+                        let p = deq[row * cols + c] as f64 * x[t * cols + c] as f64;
+                        s += p;
+                        m += p.abs();
+                    }
+                    want[t * rows + row] = s as f32;
+                    mag[t * rows + row] = m as f32;
+                }
+            }
+            for b in backends() {
+                let m = b.matrix(ty, rows, cols, HostBytes::from_vec(bytes.clone()));
+                let mut out = b.alloc(n * rows);
+                b.matmul(&m, &x, n, &mut out);
+                for i in 0..n * rows {
+                    assert!(
+                        (out[i] - want[i]).abs() <= 1e-4 * mag[i] + 1e-6,
+                        "{} matmul n={n} [{i}]: got {}, want {}",
+                        ty.name(),
+                        out[i],
+                        want[i]
+                    );
+                }
+                let ids = [3u32, 0, 44, 3];
+                let mut emb = b.alloc(ids.len() * cols);
+                b.embed(&m, &ids, &mut emb);
+                for (t, &id) in ids.iter().enumerate() {
+                    assert_eq!(&emb[t * cols..(t + 1) * cols], &deq[id as usize * cols..(id as usize + 1) * cols], "{} embed", ty.name());
+                }
+            }
+        }
+    }
+}
