@@ -63,12 +63,7 @@ impl ModelArgs {
             }
         };
         let t = Instant::now();
-        let m = Model::load(
-            &spec,
-            &LoadOptions {
-                threads: self.threads,
-            },
-        )?;
+        let m = Model::load(&spec, &LoadOptions { threads: self.threads })?;
         Ok((m, t.elapsed().as_secs_f64()))
     }
 }
@@ -264,13 +259,7 @@ fn cmd_tokenize(a: TokenizeArgs) -> Result<()> {
     if a.json {
         println!("{}", json!({ "ids": ids }));
     } else {
-        println!(
-            "{}",
-            ids.iter()
-                .map(|i| i.to_string())
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
+        println!("{}", ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" "));
     }
     Ok(())
 }
@@ -278,15 +267,9 @@ fn cmd_tokenize(a: TokenizeArgs) -> Result<()> {
 fn cmd_models() -> Result<()> {
     for f in ffai::models::FAMILIES {
         println!("{}", f.name);
-        println!(
-            "  Hugging Face architectures: {}",
-            f.hf_architectures.join(", ")
-        );
+        println!("  Hugging Face architectures: {}", f.hf_architectures.join(", "));
         println!("  model_type: {}", f.model_types.join(", "));
-        println!(
-            "  GGUF general.architecture: {}",
-            f.gguf_architectures.join(", ")
-        );
+        println!("  GGUF general.architecture: {}", f.gguf_architectures.join(", "));
     }
     Ok(())
 }
@@ -377,10 +360,7 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
     println!("  end of generation: {:?}", tok.eog_ids());
     println!("prompt: {} tokens", ids.len());
     for &id in &ids {
-        println!(
-            "  {id:>7} {:?}",
-            String::from_utf8_lossy(&tok.token_bytes(id))
-        );
+        println!("  {id:>7} {:?}", String::from_utf8_lossy(&tok.token_bytes(id)));
     }
     println!(
         "kv cache: {} bytes per token, {} bytes for the prompt",
@@ -438,9 +418,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     let (model, load_s) = a.model.load()?;
     let cfg = model.lm.config();
     if a.prompt_tokens == 0 || a.repetitions == 0 {
-        return Err(Error::new(
-            "--prompt-tokens and --repetitions must be at least 1",
-        ));
+        return Err(Error::new("--prompt-tokens and --repetitions must be at least 1"));
     }
     let max_seq = a.prompt_tokens + a.gen_tokens;
     if max_seq > cfg.max_position_embeddings {

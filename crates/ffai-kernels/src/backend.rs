@@ -21,16 +21,9 @@ pub struct HostBytes {
 
 impl HostBytes {
     /// Panics if the range lies outside the owner; callers validate offsets first.
-    pub fn new<T: AsRef<[u8]> + Send + Sync + 'static>(
-        owner: Arc<T>,
-        start: usize,
-        len: usize,
-    ) -> HostBytes {
+    pub fn new<T: AsRef<[u8]> + Send + Sync + 'static>(owner: Arc<T>, start: usize, len: usize) -> HostBytes {
         let total = (*owner).as_ref().len();
-        assert!(
-            start <= total && len <= total - start,
-            "HostBytes range out of bounds"
-        );
+        assert!(start <= total && len <= total - start, "HostBytes range out of bounds");
         HostBytes { owner, start, len }
     }
 
@@ -93,14 +86,7 @@ pub trait Backend: Send + Sync + 'static {
     fn download(&self, buf: &Self::Buf, range: Range<usize>, out: &mut [f32]);
     fn buf_len(&self, buf: &Self::Buf) -> usize;
     /// `dst[dst_off..dst_off+len] = src[src_off..src_off+len]`.
-    fn copy(
-        &self,
-        src: &Self::Buf,
-        src_off: usize,
-        dst: &mut Self::Buf,
-        dst_off: usize,
-        len: usize,
-    );
+    fn copy(&self, src: &Self::Buf, src_off: usize, dst: &mut Self::Buf, dst_off: usize, len: usize);
 
     // --- ops; `n` is the number of token rows ---
     /// `out[t] = table[ids[t]]` dequantized.
@@ -127,14 +113,7 @@ pub trait Backend: Send + Sync + 'static {
     /// `x += y` over the first `len` elements.
     fn add(&self, x: &mut Self::Buf, y: &Self::Buf, len: usize);
     /// Writes `n` tokens of K (or V), `[n, kv_heads * head_dim]`, into the cache at `pos0`.
-    fn kv_write(
-        &self,
-        cache: &mut Self::Buf,
-        src: &Self::Buf,
-        n: usize,
-        pos0: usize,
-        shape: &AttnShape,
-    );
+    fn kv_write(&self, cache: &mut Self::Buf, src: &Self::Buf, n: usize, pos0: usize, shape: &AttnShape);
     /// Causal attention of `n` queries at positions `pos0..pos0+n` over the cache
     /// (which already holds them); `out` is `[n, n_heads * head_dim]`.
     #[allow(clippy::too_many_arguments)]

@@ -72,9 +72,7 @@ impl CpuBackend {
 
     /// Threads available on this machine.
     pub fn default_threads() -> usize {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     }
 
     pub fn n_threads(&self) -> usize {
@@ -91,14 +89,8 @@ impl Backend for CpuBackend {
     }
 
     fn matrix(&self, ty: WeightType, rows: usize, cols: usize, data: HostBytes) -> CpuMatrix {
-        let row_bytes = ty
-            .row_bytes(cols)
-            .expect("matrix row length validated by the loader");
-        assert_eq!(
-            data.len(),
-            row_bytes * rows,
-            "matrix byte size validated by the loader"
-        );
+        let row_bytes = ty.row_bytes(cols).expect("matrix row length validated by the loader");
+        assert_eq!(data.len(), row_bytes * rows, "matrix byte size validated by the loader");
         CpuMatrix {
             ty,
             rows,
@@ -151,10 +143,7 @@ impl Backend for CpuBackend {
 
     fn matmul(&self, w: &CpuMatrix, x: &Vec<f32>, n: usize, out: &mut Vec<f32>) {
         let (rows, cols) = (w.rows, w.cols);
-        assert!(
-            x.len() >= n * cols && out.len() >= n * rows,
-            "matmul buffers too small"
-        );
+        assert!(x.len() >= n * cols && out.len() >= n * rows, "matmul buffers too small");
         let out_ptr = SharedMut(out.as_mut_ptr());
         let x = &x[..n * cols];
         self.pool.run(|i, nt| {
@@ -241,8 +230,7 @@ impl Backend for CpuBackend {
         for t in 0..n {
             for h in 0..s.n_kv_heads {
                 let dst = (h * s.max_seq + pos0 + t) * hd;
-                cache[dst..dst + hd]
-                    .copy_from_slice(&src[t * width + h * hd..t * width + (h + 1) * hd]);
+                cache[dst..dst + hd].copy_from_slice(&src[t * width + h * hd..t * width + (h + 1) * hd]);
             }
         }
     }

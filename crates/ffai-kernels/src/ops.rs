@@ -37,24 +37,13 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 /// so partial rotary works); scaling schemes are folded into it by the caller.
 /// `neox` pairs element i with i + rot/2 (Hugging Face's rotate_half); otherwise pairs are
 /// adjacent (2i, 2i+1), the layout llama.cpp's Llama conversion produces.
-pub fn rope(
-    x: &mut [f32],
-    n_heads: usize,
-    head_dim: usize,
-    pos: usize,
-    inv_freq: &[f32],
-    neox: bool,
-) {
+pub fn rope(x: &mut [f32], n_heads: usize, head_dim: usize, pos: usize, inv_freq: &[f32], neox: bool) {
     let half = inv_freq.len();
     for h in 0..n_heads {
         let head = &mut x[h * head_dim..(h + 1) * head_dim];
         for (i, &f) in inv_freq.iter().enumerate() {
             let (sin, cos) = (pos as f32 * f).sin_cos();
-            let (a, b) = if neox {
-                (i, i + half)
-            } else {
-                (2 * i, 2 * i + 1)
-            };
+            let (a, b) = if neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
             let (x0, x1) = (head[a], head[b]);
             head[a] = x0 * cos - x1 * sin;
             head[b] = x0 * sin + x1 * cos;

@@ -128,9 +128,7 @@ fn worker_loop(s: &Shared, index: usize) {
                 std::hint::spin_loop();
             } else {
                 let guard = s.job.lock().unwrap_or_else(|e| e.into_inner());
-                if s.generation.load(Ordering::Acquire) == seen
-                    && !s.shutdown.load(Ordering::Acquire)
-                {
+                if s.generation.load(Ordering::Acquire) == seen && !s.shutdown.load(Ordering::Acquire) {
                     drop(s.wake.wait(guard).unwrap_or_else(|e| e.into_inner()));
                 }
                 spins = 0;
@@ -195,15 +193,12 @@ mod tests {
                     let mut covered = vec![0u8; len];
                     for i in 0..n {
                         let r = split_range(len, i, n, align);
-                        assert!(r.start % align == 0 || r.start == len);
+                        assert!(r.start.is_multiple_of(align) || r.start == len);
                         for c in &mut covered[r] {
                             *c += 1;
                         }
                     }
-                    assert!(
-                        covered.iter().all(|&c| c == 1),
-                        "len {len} n {n} align {align}"
-                    );
+                    assert!(covered.iter().all(|&c| c == 1), "len {len} n {n} align {align}");
                 }
             }
         }

@@ -81,7 +81,9 @@ fn rope_oracle(x: &[f32], n_heads: usize, hd: usize, pos: usize, inv_freq: &[f32
 fn rope_both_pairings_match_oracle() {
     let mut r = Rng(2);
     let (n, heads, hd) = (4, 3, 16);
-    let inv: Vec<f32> = (0..hd / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32)).collect();
+    let inv: Vec<f32> = (0..hd / 2)
+        .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32))
+        .collect();
     // A scaled table (as llama3/linear scaling produce) goes through the same path.
     let scaled: Vec<f32> = inv.iter().map(|f| f / 8.0).collect();
     for table in [&inv, &scaled] {
@@ -90,12 +92,29 @@ fn rope_both_pairings_match_oracle() {
             let pos0 = 17;
             let mut want = Vec::new();
             for t in 0..n {
-                want.extend(rope_oracle(&x[t * heads * hd..(t + 1) * heads * hd], heads, hd, pos0 + t, table, neox));
+                want.extend(rope_oracle(
+                    &x[t * heads * hd..(t + 1) * heads * hd],
+                    heads,
+                    hd,
+                    pos0 + t,
+                    table,
+                    neox,
+                ));
             }
             for b in backends() {
                 let mut got = x.clone();
                 let inv_buf = b.upload(table);
-                b.rope(&mut got, n, heads, hd, pos0, &RopeParams { inv_freq: &inv_buf, neox });
+                b.rope(
+                    &mut got,
+                    n,
+                    heads,
+                    hd,
+                    pos0,
+                    &RopeParams {
+                        inv_freq: &inv_buf,
+                        neox,
+                    },
+                );
                 assert_all_close(&got, &want, 2e-5, "rope");
             }
         }
@@ -107,13 +126,18 @@ fn activations_match_oracle() {
     let mut r = Rng(3);
     let g: Vec<f32> = r.vec(100).iter().map(|v| v * 8.0).collect();
     let u = r.vec(100);
-    let silu: Vec<f32> = g.iter().zip(&u).map(|(&g, &u)| ((g as f64 / (1.0 + (-g as f64).exp())) * u as f64) as f32).collect();
+    let silu: Vec<f32> = g
+        .iter()
+        .zip(&u)
+        .map(|(&g, &u)| ((g as f64 / (1.0 + (-g as f64).exp())) * u as f64) as f32)
+        .collect();
     let gelu: Vec<f32> = g
         .iter()
         .zip(&u)
         .map(|(&g, &u)| {
             let g = g as f64;
-            (0.5 * g * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (g + 0.044715 * g.powi(3))).tanh()) * u as f64) as f32
+            (0.5 * g * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (g + 0.044715 * g.powi(3))).tanh()) * u as f64)
+                as f32
         })
         .collect();
     for b in backends() {
@@ -139,19 +163,36 @@ fn activations_match_oracle() {
 fn softmax_and_argmax() {
     let mut x = vec![1.0f32, 2.0, 3.0, 1000.0, -1000.0];
     ops::softmax(&mut x);
-    let e: Vec<f64> = [1.0f64, 2.0, 3.0, 1000.0, -1000.0].iter().map(|v| (v - 1000.0).exp()).collect();
+    let e: Vec<f64> = [1.0f64, 2.0, 3.0, 1000.0, -1000.0]
+        .iter()
+        .map(|v| (v - 1000.0).exp())
+        .collect();
     let s: f64 = e.iter().sum();
     for (g, w) in x.iter().zip(&e) {
         assert!((*g as f64 - w / s).abs() < 1e-7);
     }
-    assert_eq!(ops::argmax(&[0.5, 2.0, f32::NAN, 2.0, 1.0]), (1, 2.0), "ties go to the lowest id, NaN never wins");
+    assert_eq!(
+        ops::argmax(&[0.5, 2.0, f32::NAN, 2.0, 1.0]),
+        (1, 2.0),
+        "ties go to the lowest id, NaN never wins"
+    );
     let b = CpuBackend::new(1);
     assert_eq!(b.argmax(&vec![3.0, 1.0, 9.0, 9.5], 0..3), 2);
 }
 
 /// Naive attention: for each query token and head, softmax over visible positions.
 #[allow(clippy::too_many_arguments)]
-fn attention_oracle(q: &[f32], k: &[f32], v: &[f32], n: usize, pos0: usize, heads: usize, kv_heads: usize, hd: usize, window: usize) -> Vec<f32> {
+fn attention_oracle(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    n: usize,
+    pos0: usize,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    window: usize,
+) -> Vec<f32> {
     // k, v here are [total_positions, kv_heads * hd] (token-major), independent of the cache layout.
     let mut out = vec![0f32; n * heads * hd];
     let scale = 1.0 / (hd as f64).sqrt();
@@ -161,13 +202,21 @@ fn attention_oracle(q: &[f32], k: &[f32], v: &[f32], n: usize, pos0: usize, head
             let kvh = h / (heads / kv_heads);
             let lo = if window > 0 { (p + 1).saturating_sub(window) } else { 0 };
             let scores: Vec<f64> = (lo..=p)
-                .map(|j| (0..hd).map(|d| q[(t * heads + h) * hd + d] as f64 * k[(j * kv_heads + kvh) * hd + d] as f64).sum::<f64>() * scale)
+                .map(|j| {
+                    (0..hd)
+                        .map(|d| q[(t * heads + h) * hd + d] as f64 * k[(j * kv_heads + kvh) * hd + d] as f64)
+                        .sum::<f64>()
+                        * scale
+                })
                 .collect();
             let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
             let z: f64 = e.iter().sum();
             for d in 0..hd {
-                let acc: f64 = (lo..=p).zip(&e).map(|(j, w)| w / z * v[(j * kv_heads + kvh) * hd + d] as f64).sum();
+                let acc: f64 = (lo..=p)
+                    .zip(&e)
+                    .map(|(j, w)| w / z * v[(j * kv_heads + kvh) * hd + d] as f64)
+                    .sum();
                 out[(t * heads + h) * hd + d] = acc as f32;
             }
         }
@@ -186,7 +235,14 @@ fn attention_prefill_and_decode_with_gqa_match_oracle() {
         let q_all = r.vec(total * heads * hd);
         let want = attention_oracle(&q_all, &k_all, &v_all, total, 0, heads, kv_heads, hd, window);
         for b in backends() {
-            let shape = AttnShape { n_heads: heads, n_kv_heads: kv_heads, head_dim: hd, max_seq, window, scale: 1.0 / (hd as f32).sqrt() };
+            let shape = AttnShape {
+                n_heads: heads,
+                n_kv_heads: kv_heads,
+                head_dim: hd,
+                max_seq,
+                window,
+                scale: 1.0 / (hd as f32).sqrt(),
+            };
             let mut kc = b.alloc(kv_heads * max_seq * hd);
             let mut vc = b.alloc(kv_heads * max_seq * hd);
             // Prefill a causal chunk of 20 tokens, then decode 3 tokens one by one.
@@ -198,12 +254,23 @@ fn attention_prefill_and_decode_with_gqa_match_oracle() {
                 b.kv_write(&mut kc, &k_all[p0 * kw..(p0 + n) * kw].to_vec(), n, p0, &shape);
                 b.kv_write(&mut vc, &v_all[p0 * kw..(p0 + n) * kw].to_vec(), n, p0, &shape);
                 let mut out = b.alloc(n * qw);
-                b.attention(&q_all[p0 * qw..(p0 + n) * qw].to_vec(), &kc, &vc, n, p0, &shape, &mut out);
+                b.attention(
+                    &q_all[p0 * qw..(p0 + n) * qw].to_vec(),
+                    &kc,
+                    &vc,
+                    n,
+                    p0,
+                    &shape,
+                    &mut out,
+                );
                 got[p0 * qw..(p0 + n) * qw].copy_from_slice(&out);
             }
             assert_all_close(&got, &want, 1e-5, &format!("attention window {window}"));
             // The cache layout is [kv_head, position, head_dim].
-            assert_eq!(kc[(max_seq + 3) * hd..(max_seq + 3) * hd + hd], k_all[(3 * kv_heads + 1) * hd..(3 * kv_heads + 2) * hd]);
+            assert_eq!(
+                kc[(max_seq + 3) * hd..(max_seq + 3) * hd + hd],
+                k_all[(3 * kv_heads + 1) * hd..(3 * kv_heads + 2) * hd]
+            );
         }
     }
 }
@@ -223,7 +290,9 @@ fn random_rows(ty: WeightType, rows: usize, cols: usize, r: &mut Rng) -> Vec<u8>
             let bb = ty.block_bytes();
             for blk in 0..cols / ty.block_len() {
                 let o = row * rb + blk * bb;
-                let scale = half::f16::from_f32(0.001 + (r.f().abs() * 0.01)).to_bits().to_le_bytes();
+                let scale = half::f16::from_f32(0.001 + (r.f().abs() * 0.01))
+                    .to_bits()
+                    .to_le_bytes();
                 match ty {
                     WeightType::Q6K => out[o + bb - 2..o + bb].copy_from_slice(&scale),
                     _ => {
@@ -246,7 +315,11 @@ fn matmul_and_embed_every_weight_type_match_dequantized_oracle() {
         let rb = ty.row_bytes(cols).unwrap();
         let mut deq = vec![0f32; rows * cols];
         for row in 0..rows {
-            quant::dequantize_row(ty, &bytes[row * rb..(row + 1) * rb], &mut deq[row * cols..(row + 1) * cols]);
+            quant::dequantize_row(
+                ty,
+                &bytes[row * rb..(row + 1) * rb],
+                &mut deq[row * cols..(row + 1) * cols],
+            );
         }
         for n in [1, 5] {
             let x = r.vec(n * cols);
@@ -281,7 +354,12 @@ fn matmul_and_embed_every_weight_type_match_dequantized_oracle() {
                 let mut emb = b.alloc(ids.len() * cols);
                 b.embed(&m, &ids, &mut emb);
                 for (t, &id) in ids.iter().enumerate() {
-                    assert_eq!(&emb[t * cols..(t + 1) * cols], &deq[id as usize * cols..(id as usize + 1) * cols], "{} embed", ty.name());
+                    assert_eq!(
+                        &emb[t * cols..(t + 1) * cols],
+                        &deq[id as usize * cols..(id as usize + 1) * cols],
+                        "{} embed",
+                        ty.name()
+                    );
                 }
             }
         }

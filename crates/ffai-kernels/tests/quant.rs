@@ -228,7 +228,9 @@ fn random_row(rng: &mut Rng, ty: WeightType, n: usize) -> Vec<u8> {
 
 /// Random finite values of a float type, stored.
 fn random_float_row(rng: &mut Rng, ty: WeightType, n: usize) -> Vec<u8> {
-    let vals: Vec<f32> = (0..n).map(|_| rng.normal() * 10f32.powf(rng.uniform(-3.0, 3.0))).collect();
+    let vals: Vec<f32> = (0..n)
+        .map(|_| rng.normal() * 10f32.powf(rng.uniform(-3.0, 3.0)))
+        .collect();
     let mut row = vec![0u8; ty.row_bytes(n).unwrap()];
     quantize_row(ty, &vals, &mut row).unwrap();
     row
@@ -262,7 +264,12 @@ fn dequantize_matches_naive_oracle() {
                 let mut got = vec![f32::NAN; n];
                 dequantize_row(ty, &row, &mut got);
                 for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
-                    assert!(same(g, w), "{ty} n={n} rep={rep} elem {i}: got {g:e} ({:#x}), oracle {w:e} ({:#x})", g.to_bits(), w.to_bits());
+                    assert!(
+                        same(g, w),
+                        "{ty} n={n} rep={rep} elem {i}: got {g:e} ({:#x}), oracle {w:e} ({:#x})",
+                        g.to_bits(),
+                        w.to_bits()
+                    );
                 }
             }
         }
@@ -298,7 +305,7 @@ fn oracle_decodes_hand_built_blocks() {
     b[4 + 1] = 0b10 << 6; // high bits of scale 5
     b[4 + 5] = 0b01 << 6; // high bits of min 5
     b[4 + 9] = 0x43; // low nibble: scale 5 low = 3, high nibble: min 5 low = 4
-    // element 160 (sub-block 5 = odd, group 2, l = 0): high nibble of byte 16 + 64.
+                     // element 160 (sub-block 5 = odd, group 2, l = 0): high nibble of byte 16 + 64.
     b[16 + 64] = 0x70;
     let v = oracle_row(WeightType::Q4K, &b, 256);
     assert_eq!(v[160], 35.0 * 7.0 - 20.0);
@@ -348,7 +355,12 @@ fn read_fixture() -> Vec<Record> {
             .collect();
         pos += 4 * n;
         assert!(dir <= 1);
-        out.push(Record { ty, quantize: dir == 1, stored, values });
+        out.push(Record {
+            ty,
+            quantize: dir == 1,
+            stored,
+            values,
+        });
     }
     assert_eq!(pos, data.len(), "trailing bytes in fixture");
     out
@@ -370,8 +382,17 @@ fn dequantize_matches_gguf_py_fixture() {
             let exact = same(got[i], want);
             let close = (got[i] - want).abs() <= 1e-6 * want.abs();
             assert!(exact || close, "{} elem {i}: ours {:e}, gguf-py {want:e}", r.ty, got[i]);
-            assert!(exact, "{} elem {i}: ours {:e} not bit-exact with gguf-py {want:e}", r.ty, got[i]);
-            assert!(same(oracle[i], want), "{} elem {i}: oracle {:e}, gguf-py {want:e}", r.ty, oracle[i]);
+            assert!(
+                exact,
+                "{} elem {i}: ours {:e} not bit-exact with gguf-py {want:e}",
+                r.ty, got[i]
+            );
+            assert!(
+                same(oracle[i], want),
+                "{} elem {i}: oracle {:e}, gguf-py {want:e}",
+                r.ty,
+                oracle[i]
+            );
         }
         seen.push(r.ty);
     }
@@ -391,7 +412,13 @@ fn quantize_matches_gguf_py_fixture() {
         quantize_row(r.ty, &r.values, &mut got).unwrap();
         let bb = r.ty.block_bytes();
         for (b, (g, w)) in got.chunks(bb).zip(r.stored.chunks(bb)).enumerate() {
-            assert_eq!(g, w, "{} block {b}: input {:?}", r.ty, &r.values[b * r.ty.block_len()..(b + 1) * r.ty.block_len()]);
+            assert_eq!(
+                g,
+                w,
+                "{} block {b}: input {:?}",
+                r.ty,
+                &r.values[b * r.ty.block_len()..(b + 1) * r.ty.block_len()]
+            );
         }
         seen.push(r.ty);
     }
@@ -418,14 +445,21 @@ fn dot_row_matches_oracle_dot() {
     for ty in WeightType::ALL {
         for n in lengths(ty) {
             for rep in 0..3 {
-                let row = if ty.is_quantized() { random_row(&mut rng, ty, n) } else { random_float_row(&mut rng, ty, n) };
+                let row = if ty.is_quantized() {
+                    random_row(&mut rng, ty, n)
+                } else {
+                    random_float_row(&mut rng, ty, n)
+                };
                 let x: Vec<f32> = (0..n).map(|_| rng.uniform(-1.0, 1.0)).collect();
                 let w = oracle_row(ty, &row, n);
                 let exact: f64 = w.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum();
                 let mag: f64 = w.iter().zip(&x).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
                 let got = dot_row(ty, &row, &x) as f64;
                 let tol = 1e-5 * mag + 1e-6;
-                assert!((got - exact).abs() <= tol, "{ty} n={n} rep={rep}: dot {got} vs {exact} (tol {tol})");
+                assert!(
+                    (got - exact).abs() <= tol,
+                    "{ty} n={n} rep={rep}: dot {got} vs {exact} (tol {tol})"
+                );
             }
         }
     }
@@ -438,7 +472,11 @@ fn dot_row_one_hot_picks_single_weight() {
     let mut rng = Rng(3);
     for ty in WeightType::ALL {
         let n = 2 * ty.block_len().max(64) + if ty.is_quantized() { 0 } else { 3 };
-        let row = if ty.is_quantized() { random_row(&mut rng, ty, n) } else { random_float_row(&mut rng, ty, n) };
+        let row = if ty.is_quantized() {
+            random_row(&mut rng, ty, n)
+        } else {
+            random_float_row(&mut rng, ty, n)
+        };
         let mut w = vec![0.0; n];
         dequantize_row(ty, &row, &mut w);
         for _ in 0..20 {
@@ -472,7 +510,9 @@ fn quant_inputs(rng: &mut Rng, n: usize, style: usize) -> Vec<f32> {
             v
         }
         // sparse spikes on zeros
-        2 => (0..n).map(|_| if rng.below(10) == 0 { rng.normal() * amp } else { 0.0 }).collect(),
+        2 => (0..n)
+            .map(|_| if rng.below(10) == 0 { rng.normal() * amp } else { 0.0 })
+            .collect(),
         // tiny values (scales in f16's subnormal range)
         _ => (0..n).map(|_| rng.normal() * 1e-7).collect(),
     }
@@ -511,9 +551,16 @@ fn check_legacy_block(ty: WeightType, x: &[f32], block: &[u8], y: &[f32], ctx: &
             assert_eq!(d16.to_bits(), f16::from_f32(d).to_f32().to_bits(), "{ctx}: scale");
             for (i, (&xv, &yv)) in x.iter().zip(y).enumerate() {
                 let t = if d != 0.0 { xv / d } else { 0.0 };
-                let clip = if ty == WeightType::Q8_0 { 0.0 } else { (t - (top + 0.5)).max(0.0) };
+                let clip = if ty == WeightType::Q8_0 {
+                    0.0
+                } else {
+                    (t - (top + 0.5)).max(0.0)
+                };
                 let allowed = d.abs() * (0.5 + clip) + levels_below * (d - d16).abs() + slack;
-                assert!((xv - yv).abs() <= allowed, "{ctx} elem {i}: {xv} -> {yv}, allowed {allowed}");
+                assert!(
+                    (xv - yv).abs() <= allowed,
+                    "{ctx} elem {i}: {xv} -> {yv}, allowed {allowed}"
+                );
             }
         }
         _ => {
@@ -526,7 +573,10 @@ fn check_legacy_block(ty: WeightType, x: &[f32], block: &[u8], y: &[f32], ctx: &
             assert_eq!(m16, f16::from_f32(lo).to_f32(), "{ctx}: min");
             for (i, (&xv, &yv)) in x.iter().zip(y).enumerate() {
                 let allowed = 0.5 * d + levels * (d - d16).abs() + (lo - m16).abs() + slack;
-                assert!((xv - yv).abs() <= allowed, "{ctx} elem {i}: {xv} -> {yv}, allowed {allowed}");
+                assert!(
+                    (xv - yv).abs() <= allowed,
+                    "{ctx} elem {i}: {xv} -> {yv}, allowed {allowed}"
+                );
             }
         }
     }
@@ -549,7 +599,10 @@ fn check_kquant_block(ty: WeightType, x: &[f32], block: &[u8], y: &[f32], ctx: &
         assert!(step >= 0.0, "{ctx} elem {i}: negative step {step}");
         let allowed = 0.5 * step + 4.0 * f32::EPSILON * (xv.abs() + shift + levels * step) + 1e-30;
         let err = (xv - yv).abs();
-        assert!(err <= allowed, "{ctx} elem {i}: {xv} -> {yv}, step {step}, allowed {allowed}");
+        assert!(
+            err <= allowed,
+            "{ctx} elem {i}: {xv} -> {yv}, step {step}, allowed {allowed}"
+        );
         worst = worst.max(err);
     }
     worst
@@ -570,7 +623,11 @@ fn quantize_round_trip_within_step() {
                     let (bl, bb) = (ty.block_len(), ty.block_bytes());
                     for b in 0..blocks {
                         let ctx = format!("{ty} n={n} style={style} rep={rep} block {b}");
-                        let (xs, ys, blk) = (&x[b * bl..(b + 1) * bl], &y[b * bl..(b + 1) * bl], &q[b * bb..(b + 1) * bb]);
+                        let (xs, ys, blk) = (
+                            &x[b * bl..(b + 1) * bl],
+                            &y[b * bl..(b + 1) * bl],
+                            &q[b * bb..(b + 1) * bb],
+                        );
                         if matches!(ty, WeightType::Q4K | WeightType::Q5K | WeightType::Q6K) {
                             check_kquant_block(ty, xs, blk, ys, &ctx);
                         } else {
@@ -588,7 +645,11 @@ fn quantize_round_trip_within_step() {
 #[test]
 fn kquant_round_trip_is_tight_on_uniform_data() {
     let mut rng = Rng(5);
-    for (ty, levels) in [(WeightType::Q4K, 15.0), (WeightType::Q5K, 31.0), (WeightType::Q6K, 63.0)] {
+    for (ty, levels) in [
+        (WeightType::Q4K, 15.0),
+        (WeightType::Q5K, 31.0),
+        (WeightType::Q6K, 63.0),
+    ] {
         for rep in 0..20 {
             let a = 10f32.powf(rng.uniform(-3.0, 3.0));
             let x: Vec<f32> = (0..4 * 256).map(|_| rng.uniform(-a, a)).collect();
@@ -645,10 +706,22 @@ fn quantize_edge_cases() {
             x[n / 2 + 1] = bad;
             assert!(quantize_row(ty, &x, &mut dst).is_err(), "{ty}: {bad} must be rejected");
         }
-        assert!(quantize_row(ty, &vec![1e30; n], &mut dst).is_err(), "{ty}: f16 scale overflow must be rejected");
-        assert!(quantize_row(ty, &vec![-1e30; n], &mut dst).is_err(), "{ty}: f16 scale overflow must be rejected");
-        assert!(quantize_row(ty, &vec![0.0; n + 1], &mut dst).is_err(), "{ty}: partial block");
-        assert!(quantize_row(ty, &vec![0.0; n], &mut dst[1..]).is_err(), "{ty}: short dst");
+        assert!(
+            quantize_row(ty, &vec![1e30; n], &mut dst).is_err(),
+            "{ty}: f16 scale overflow must be rejected"
+        );
+        assert!(
+            quantize_row(ty, &vec![-1e30; n], &mut dst).is_err(),
+            "{ty}: f16 scale overflow must be rejected"
+        );
+        assert!(
+            quantize_row(ty, &vec![0.0; n + 1], &mut dst).is_err(),
+            "{ty}: partial block"
+        );
+        assert!(
+            quantize_row(ty, &vec![0.0; n], &mut dst[1..]).is_err(),
+            "{ty}: short dst"
+        );
         let mut long = vec![0u8; dst.len() + 1];
         assert!(quantize_row(ty, &vec![0.0; n], &mut long).is_err(), "{ty}: long dst");
     }
@@ -660,9 +733,28 @@ fn quantize_edge_cases() {
 fn float_quantize_is_bit_exact_with_half() {
     let mut rng = Rng(7);
     let mut x: Vec<f32> = vec![
-        0.0, -0.0, 1.0, -1.0, 65504.0, 65519.99, 65520.0, 1e30, -1e30, f32::INFINITY, f32::NEG_INFINITY,
-        f32::NAN, 6e-8, 3e-8, 1e-40, -1e-40, f32::MAX, f32::MIN_POSITIVE, 1.0 + 2f32.powi(-11), 1.0 + 3.0 * 2f32.powi(-11),
-        1.0 + 2f32.powi(-8), 1.0 + 3.0 * 2f32.powi(-8),
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        65504.0,
+        65519.99,
+        65520.0,
+        1e30,
+        -1e30,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        6e-8,
+        3e-8,
+        1e-40,
+        -1e-40,
+        f32::MAX,
+        f32::MIN_POSITIVE,
+        1.0 + 2f32.powi(-11),
+        1.0 + 3.0 * 2f32.powi(-11),
+        1.0 + 2f32.powi(-8),
+        1.0 + 3.0 * 2f32.powi(-8),
     ];
     while x.len() < 1000 {
         x.push(f32::from_bits(rng.next_u64() as u32));
@@ -730,7 +822,11 @@ fn type_table_and_row_bytes() {
         let huge = usize::MAX / bl * bl;
         if bb > bl {
             let fits = usize::MAX / bb * bl;
-            assert_eq!(ty.row_bytes(fits), Some(usize::MAX / bb * bb), "{name}: largest fitting row");
+            assert_eq!(
+                ty.row_bytes(fits),
+                Some(usize::MAX / bb * bb),
+                "{name}: largest fitting row"
+            );
             assert_eq!(ty.row_bytes(fits + bl), None, "{name}: first overflowing row");
             assert_eq!(ty.row_bytes(huge), None, "{name}: overflow must be None");
         } else {

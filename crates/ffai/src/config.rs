@@ -64,11 +64,7 @@ impl ModelConfig {
             ("max_position_embeddings", c.max_position_embeddings),
         ] {
             ensure!(v > 0, "{}: {name} must be positive", c.source);
-            ensure!(
-                v <= 1 << 24,
-                "{}: {name} = {v} is implausibly large",
-                c.source
-            );
+            ensure!(v <= 1 << 24, "{}: {name} = {v} is implausibly large", c.source);
         }
         ensure!(
             c.num_layers <= 1024,
@@ -108,24 +104,16 @@ impl ModelConfig {
             .as_object()
             .ok_or_else(|| Error::new(format!("{source}: config.json is not a JSON object")))?;
         // Multimodal configs nest the language model; read through text_config when present.
-        let text = obj
-            .get("text_config")
-            .and_then(|t| t.as_object())
-            .unwrap_or(obj);
+        let text = obj.get("text_config").and_then(|t| t.as_object()).unwrap_or(obj);
         let get = |k: &str| text.get(k).or_else(|| obj.get(k));
         let req_usize = |k: &str| -> Result<usize> {
-            let val = get(k).ok_or_else(|| {
+            let val =
+                get(k).ok_or_else(|| Error::new(format!("{source}: config.json is missing required field \"{k}\"")))?;
+            val.as_u64().and_then(|x| usize::try_from(x).ok()).ok_or_else(|| {
                 Error::new(format!(
-                    "{source}: config.json is missing required field \"{k}\""
+                    "{source}: config.json field \"{k}\" is not a non-negative integer"
                 ))
-            })?;
-            val.as_u64()
-                .and_then(|x| usize::try_from(x).ok())
-                .ok_or_else(|| {
-                    Error::new(format!(
-                        "{source}: config.json field \"{k}\" is not a non-negative integer"
-                    ))
-                })
+            })
         };
         let opt_usize = |k: &str| -> Result<Option<usize>> {
             match get(k) {
@@ -151,20 +139,14 @@ impl ModelConfig {
             .and_then(|a| a.as_str())
             .unwrap_or("")
             .to_string();
-        let model_type = get("model_type")
-            .and_then(|m| m.as_str())
-            .unwrap_or("")
-            .to_string();
+        let model_type = get("model_type").and_then(|m| m.as_str()).unwrap_or("").to_string();
         ensure!(
             !architecture.is_empty() || !model_type.is_empty(),
             "{source}: config.json has neither \"architectures\" nor \"model_type\""
         );
         let hidden_size = req_usize("hidden_size")?;
         let num_heads = req_usize("num_attention_heads")?;
-        ensure!(
-            num_heads > 0,
-            "{source}: num_attention_heads must be positive"
-        );
+        ensure!(num_heads > 0, "{source}: num_attention_heads must be positive");
         let num_kv_heads = opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
         let head_dim = opt_usize("head_dim")?.unwrap_or(hidden_size / num_heads);
 
@@ -180,10 +162,13 @@ impl ModelConfig {
                 let factor = f("factor");
                 match kind {
                     "linear" => Some(RopeScaling::Linear {
-                        factor: factor.ok_or_else(|| Error::new(format!("{source}: rope_scaling linear needs \"factor\"")))?,
+                        factor: factor
+                            .ok_or_else(|| Error::new(format!("{source}: rope_scaling linear needs \"factor\"")))?,
                     }),
                     "llama3" => {
-                        let need = |k: &str| f(k).ok_or_else(|| Error::new(format!("{source}: rope_scaling llama3 needs \"{k}\"")));
+                        let need = |k: &str| {
+                            f(k).ok_or_else(|| Error::new(format!("{source}: rope_scaling llama3 needs \"{k}\"")))
+                        };
                         Some(RopeScaling::Llama3 {
                             factor: need("factor")?,
                             low_freq_factor: need("low_freq_factor")?,
@@ -192,7 +177,9 @@ impl ModelConfig {
                         })
                     }
                     "default" | "" => None,
-                    other => bail!("{source}: rope_scaling type \"{other}\" is not supported yet (supported: linear, llama3)"),
+                    other => bail!(
+                        "{source}: rope_scaling type \"{other}\" is not supported yet (supported: linear, llama3)"
+                    ),
                 }
             }
         };
@@ -243,19 +230,12 @@ impl ModelConfig {
             let full = key(k);
             f.get_u64(&full)
                 .and_then(|v| usize::try_from(v).ok())
-                .ok_or_else(|| {
-                    Error::new(format!(
-                        "{source}: GGUF metadata is missing integer \"{full}\""
-                    ))
-                })
+                .ok_or_else(|| Error::new(format!("{source}: GGUF metadata is missing integer \"{full}\"")))
         };
         let opt = |k: &str| f.get_u64(&key(k)).and_then(|v| usize::try_from(v).ok());
         let hidden_size = req("embedding_length")?;
         let num_heads = req("attention.head_count")?;
-        ensure!(
-            num_heads > 0,
-            "{source}: {arch}.attention.head_count must be positive"
-        );
+        ensure!(num_heads > 0, "{source}: {arch}.attention.head_count must be positive");
         let num_kv_heads = opt("attention.head_count_kv").unwrap_or(num_heads);
         let head_dim = opt("attention.key_length").unwrap_or(hidden_size / num_heads);
         let vocab_size = match opt("vocab_size") {
@@ -276,7 +256,9 @@ impl ModelConfig {
                 let factor = f.get_f64(&key("rope.scaling.factor")).unwrap_or(1.0);
                 (factor != 1.0).then_some(RopeScaling::Linear { factor })
             }
-            Some(other) => bail!("{source}: rope scaling \"{other}\" is not supported yet (supported: linear, llama3 via rope_freqs)"),
+            Some(other) => bail!(
+                "{source}: rope scaling \"{other}\" is not supported yet (supported: linear, llama3 via rope_freqs)"
+            ),
         };
         // Llama and its relatives were converted with q/k permuted for adjacent-pair RoPE;
         // architectures converted without that permutation rotate NeoX-style halves.
@@ -294,9 +276,7 @@ impl ModelConfig {
             max_position_embeddings: opt("context_length").unwrap_or(4096),
             rope_theta: f.get_f64(&key("rope.freq_base")).unwrap_or(10000.0),
             rope_scaling,
-            rms_norm_eps: f
-                .get_f64(&key("attention.layer_norm_rms_epsilon"))
-                .unwrap_or(1e-5),
+            rms_norm_eps: f.get_f64(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
             tie_word_embeddings: false,
             attention_bias: false,
             rope_neox,
@@ -332,8 +312,7 @@ impl ModelConfig {
                         if wavelen > low_wavelen {
                             f /= factor;
                         } else if wavelen >= high_wavelen {
-                            let smooth = (original_max_position_embeddings / wavelen
-                                - low_freq_factor)
+                            let smooth = (original_max_position_embeddings / wavelen - low_freq_factor)
                                 / (high_freq_factor - low_freq_factor);
                             f = (1.0 - smooth) * f / factor + smooth * f;
                         }
@@ -350,10 +329,6 @@ impl ModelConfig {
 
     /// Bytes the KV cache needs for `max_seq` positions (f32 K and V, every layer).
     pub fn kv_cache_bytes(&self, max_seq: usize) -> usize {
-        2 * self.num_layers
-            * self.num_kv_heads
-            * self.head_dim
-            * max_seq
-            * std::mem::size_of::<f32>()
+        2 * self.num_layers * self.num_kv_heads * self.head_dim * max_seq * std::mem::size_of::<f32>()
     }
 }

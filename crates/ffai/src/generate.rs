@@ -271,11 +271,7 @@ impl<'a> StopScanner<'a> {
             .stops
             .iter()
             .filter(|s| !s.is_empty())
-            .filter_map(|s| {
-                self.text[search_from..]
-                    .find(s.as_str())
-                    .map(|i| search_from + i)
-            })
+            .filter_map(|s| self.text[search_from..].find(s.as_str()).map(|i| search_from + i))
             .min();
         if let Some(at) = hit {
             let out = self.text[self.emitted.min(at)..at].to_string();
@@ -285,17 +281,9 @@ impl<'a> StopScanner<'a> {
         }
         // Hold back the longest suffix that is a proper prefix of some stop string.
         let mut limit = self.text.len();
-        for (j, _) in self
-            .text
-            .char_indices()
-            .skip_while(|(j, _)| *j < self.emitted)
-        {
+        for (j, _) in self.text.char_indices().skip_while(|(j, _)| *j < self.emitted) {
             let tail = &self.text[j..];
-            if self
-                .stops
-                .iter()
-                .any(|s| s.len() > tail.len() && s.starts_with(tail))
-            {
+            if self.stops.iter().any(|s| s.len() > tail.len() && s.starts_with(tail)) {
                 limit = j;
                 break;
             }
@@ -330,9 +318,7 @@ pub fn generate(
 ) -> Result<GenerationOutput> {
     params.validate()?;
     if prompt_ids.is_empty() {
-        return Err(Error::new(
-            "the prompt is empty (no tokens to condition on)",
-        ));
+        return Err(Error::new("the prompt is empty (no tokens to condition on)"));
     }
     let ctx = model.config().max_position_embeddings;
     if prompt_ids.len() > ctx {
@@ -446,19 +432,13 @@ mod tests {
 
     #[test]
     fn partial_stop_prefix_is_released_when_it_diverges() {
-        assert_eq!(
-            scan(&["END"], &["hello E", "N", "d"]),
-            ("hello ENd".to_string(), false)
-        );
+        assert_eq!(scan(&["END"], &["hello E", "N", "d"]), ("hello ENd".to_string(), false));
     }
 
     #[test]
     fn multibyte_text_near_stop_strings() {
         // "café" + "é" + "!x": the stop string starts at the second "é".
-        assert_eq!(
-            scan(&["é!"], &["café", "é", "!x"]),
-            ("café".to_string(), true)
-        );
+        assert_eq!(scan(&["é!"], &["café", "é", "!x"]), ("café".to_string(), true));
     }
 
     fn greedy_params() -> GenerationParameters {
@@ -545,9 +525,7 @@ mod tests {
             ..Default::default()
         };
         let mut s = Sampler::new(&p);
-        let seen: std::collections::HashSet<u32> = (0..300)
-            .map(|_| s.sample(&mut logits.clone(), &[]))
-            .collect();
+        let seen: std::collections::HashSet<u32> = (0..300).map(|_| s.sample(&mut logits.clone(), &[])).collect();
         assert_eq!(seen, [0u32, 1].into_iter().collect());
     }
 }

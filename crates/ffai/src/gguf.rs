@@ -139,13 +139,11 @@ pub struct GgufFile {
 impl GgufFile {
     pub fn open(path: &Path) -> Result<GgufFile> {
         let ctx = || format!("reading GGUF {}", path.display());
-        let file =
-            std::fs::File::open(path).map_err(|e| Error::new(e.to_string()).context(ctx()))?;
+        let file = std::fs::File::open(path).map_err(|e| Error::new(e.to_string()).context(ctx()))?;
         // SAFETY: the map is read-only and private to this process; every access goes
         // through bounds-checked slices. Truncating the file while it is mapped is outside
         // what we can defend against (the same contract as any mmap-based loader).
-        let map = unsafe { memmap2::Mmap::map(&file) }
-            .map_err(|e| Error::new(e.to_string()).context(ctx()))?;
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::new(e.to_string()).context(ctx()))?;
         Self::parse(Arc::new(map)).map_err(|e| e.context(ctx()))
     }
 
@@ -176,9 +174,7 @@ impl GgufFile {
         for _ in 0..n_meta {
             let key = r.string()?;
             let ty = r.u32()?;
-            let value = r
-                .value(ty, 0)
-                .map_err(|e| e.context(format!("metadata {key:?}")))?;
+            let value = r.value(ty, 0).map_err(|e| e.context(format!("metadata {key:?}")))?;
             metadata.insert(key, value);
         }
 
@@ -212,8 +208,7 @@ impl GgufFile {
             let offset = r.u64()?;
             raw.push((name, dims, ty_id, offset));
         }
-        let data_start =
-            align_up(r.pos as u64, alignment).ok_or_else(|| Error::new("data offset overflows"))?;
+        let data_start = align_up(r.pos as u64, alignment).ok_or_else(|| Error::new("data offset overflows"))?;
         ensure!(
             data_start <= bytes.len() as u64,
             "file ends before its tensor data section"
@@ -222,22 +217,20 @@ impl GgufFile {
 
         let mut tensors = Vec::with_capacity(raw.len());
         for (name, dims, ty_id, offset) in raw {
-            let ty = WeightType::from_ggml(ty_id).ok_or_else(|| {
-                Error::new(format!("tensor {name:?}: unsupported ggml type id {ty_id}"))
-            })?;
+            let ty = WeightType::from_ggml(ty_id)
+                .ok_or_else(|| Error::new(format!("tensor {name:?}: unsupported ggml type id {ty_id}")))?;
             let mut n_elems: u64 = 1;
             for &d in &dims {
                 ensure!(d > 0, "tensor {name:?}: zero-sized dimension");
-                n_elems = n_elems.checked_mul(d).ok_or_else(|| {
-                    Error::new(format!("tensor {name:?}: dimensions {dims:?} overflow"))
-                })?;
+                n_elems = n_elems
+                    .checked_mul(d)
+                    .ok_or_else(|| Error::new(format!("tensor {name:?}: dimensions {dims:?} overflow")))?;
             }
             ensure!(
                 n_elems <= data_len.saturating_mul(8),
                 "tensor {name:?}: dimensions {dims:?} exceed the file"
             );
-            let row = usize::try_from(dims[0])
-                .map_err(|_| Error::new(format!("tensor {name:?}: row too long")))?;
+            let row = usize::try_from(dims[0]).map_err(|_| Error::new(format!("tensor {name:?}: row too long")))?;
             let row_bytes = ty.row_bytes(row).ok_or_else(|| {
                 Error::new(format!(
                     "tensor {name:?}: row length {row} is not a multiple of the {} block size {}",
@@ -255,7 +248,10 @@ impl GgufFile {
             let end = offset
                 .checked_add(n_bytes)
                 .ok_or_else(|| Error::new(format!("tensor {name:?}: offset overflows")))?;
-            ensure!(end <= data_len, "tensor {name:?}: data [{offset}, {end}) lies past the end of the file ({data_len} data bytes)");
+            ensure!(
+                end <= data_len,
+                "tensor {name:?}: data [{offset}, {end}) lies past the end of the file ({data_len} data bytes)"
+            );
             let shape = dims.iter().rev().map(|&d| d as usize).collect();
             tensors.push(TensorInfo {
                 name,
@@ -361,8 +357,7 @@ impl<'a> Reader<'a> {
             self.pos
         );
         let bytes = self.take(len as usize)?;
-        String::from_utf8(bytes.to_vec())
-            .map_err(|_| Error::new(format!("string at offset {} is not UTF-8", self.pos)))
+        String::from_utf8(bytes.to_vec()).map_err(|_| Error::new(format!("string at offset {} is not UTF-8", self.pos)))
     }
 
     fn value(&mut self, ty: u32, depth: u32) -> Result<MetaValue> {

@@ -47,14 +47,7 @@ impl Tap {
 
     /// Records statistics of `buf[..len]` at a boundary. `layer` None = a model-level tap.
     #[inline]
-    pub fn boundary<B: Backend>(
-        &mut self,
-        b: &B,
-        buf: &B::Buf,
-        len: usize,
-        label: &str,
-        layer: Option<usize>,
-    ) {
+    pub fn boundary<B: Backend>(&mut self, b: &B, buf: &B::Buf, len: usize, label: &str, layer: Option<usize>) {
         if !self.enabled {
             return;
         }
@@ -62,14 +55,7 @@ impl Tap {
     }
 
     #[cold]
-    fn record<B: Backend>(
-        &mut self,
-        b: &B,
-        buf: &B::Buf,
-        len: usize,
-        label: &str,
-        layer: Option<usize>,
-    ) {
+    fn record<B: Backend>(&mut self, b: &B, buf: &B::Buf, len: usize, label: &str, layer: Option<usize>) {
         if let (Some(l), Some(sel)) = (layer, &self.layers) {
             if !sel.contains(&l) {
                 return;

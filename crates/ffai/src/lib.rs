@@ -93,8 +93,7 @@ impl Model {
 
     /// Tokenizes with the model's own BOS default.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        self.tokenizer
-            .encode(text, self.tokenizer.add_bos_default())
+        self.tokenizer.encode(text, self.tokenizer.add_bos_default())
     }
 
     /// Generation parameters this model's family ships with.
@@ -115,10 +114,9 @@ impl Model {
 fn load_hf_dir(dir: &Path) -> Result<(ModelConfig, Weights, Tokenizer, bool)> {
     let src = dir.display().to_string();
     let cfg_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path)
-        .map_err(|e| Error::new(format!("{}: {e}", cfg_path.display())))?;
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::new(format!("{}: invalid JSON: {e}", cfg_path.display())))?;
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::new(format!("{}: {e}", cfg_path.display())))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::new(format!("{}: invalid JSON: {e}", cfg_path.display())))?;
     let cfg = ModelConfig::from_hf_json(&json, &src)?;
     let weights = Weights::from_safetensors_dir(dir)?;
     let tok = Tokenizer::from_hf_dir(dir)?;

@@ -76,8 +76,7 @@ pub fn resolve(spec: &str) -> Result<ModelLocation> {
         if let Some(dir) = find_in_hf_cache(&cache, spec) {
             return Ok(ModelLocation::HfDir(dir));
         }
-        let offline = std::env::var("HF_HUB_OFFLINE")
-            .is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+        let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
         if offline {
             return Err(Error::new(format!(
                 "model \"{spec}\" is not in the Hugging Face cache ({}) and HF_HUB_OFFLINE is set",
@@ -91,7 +90,9 @@ pub fn resolve(spec: &str) -> Result<ModelLocation> {
             ))
         });
     }
-    Err(Error::new(format!("model \"{spec}\" not found: no such file or directory, and not a Hugging Face repo id (owner/name)")))
+    Err(Error::new(format!(
+        "model \"{spec}\" not found: no such file or directory, and not a Hugging Face repo id (owner/name)"
+    )))
 }
 
 fn looks_like_repo_id(s: &str) -> bool {
@@ -101,8 +102,7 @@ fn looks_like_repo_id(s: &str) -> bool {
             !p.is_empty()
                 && *p != "."
                 && *p != ".."
-                && p.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         })
 }
 
@@ -136,26 +136,17 @@ fn download(repo: &str, cache: &Path) -> Result<PathBuf> {
         .parent()
         .ok_or_else(|| Error::new("bad cache path"))?
         .to_path_buf();
-    for f in [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "generation_config.json",
-    ] {
+    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
         let _ = get(f); // optional files
     }
     match get("model.safetensors.index.json") {
         Ok(index) => {
             let text = std::fs::read_to_string(&index)?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| Error::new(e.to_string()))?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::new(e.to_string()))?;
             let mut shards: Vec<String> = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
-                .map(|m| {
-                    m.values()
-                        .filter_map(|s| s.as_str().map(String::from))
-                        .collect()
-                })
+                .map(|m| m.values().filter_map(|s| s.as_str().map(String::from)).collect())
                 .unwrap_or_default();
             shards.sort();
             shards.dedup();

@@ -67,18 +67,11 @@ impl Weights {
         );
         let mut out = vec![0f32; n];
         let row = *w.shape.last().unwrap_or(&1);
-        let rb = w.ty.row_bytes(row).ok_or_else(|| {
-            Error::new(format!(
-                "{}: tensor \"{name}\" has a bad row length",
-                self.source
-            ))
-        })?;
+        let rb =
+            w.ty.row_bytes(row)
+                .ok_or_else(|| Error::new(format!("{}: tensor \"{name}\" has a bad row length", self.source)))?;
         for (i, chunk) in out.chunks_mut(row).enumerate() {
-            ffai_kernels::quant::dequantize_row(
-                w.ty,
-                &w.bytes.as_slice()[i * rb..(i + 1) * rb],
-                chunk,
-            );
+            ffai_kernels::quant::dequantize_row(w.ty, &w.bytes.as_slice()[i * rb..(i + 1) * rb], chunk);
         }
         Ok(out)
     }
@@ -120,20 +113,14 @@ impl Weights {
     pub fn from_safetensors_dir(dir: &Path) -> Result<Weights> {
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
-            let text = std::fs::read_to_string(&index)
-                .map_err(|e| Error::new(format!("{}: {e}", index.display())))?;
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::new(format!("{}: {e}", index.display())))?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| Error::new(format!("{}: invalid JSON: {e}", index.display())))?;
             let wm = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
-                .ok_or_else(|| {
-                    Error::new(format!("{}: no \"weight_map\" object", index.display()))
-                })?;
-            let mut shards: Vec<String> = wm
-                .values()
-                .filter_map(|s| s.as_str().map(String::from))
-                .collect();
+                .ok_or_else(|| Error::new(format!("{}: no \"weight_map\" object", index.display())))?;
+            let mut shards: Vec<String> = wm.values().filter_map(|s| s.as_str().map(String::from)).collect();
             shards.sort();
             shards.dedup();
             for s in &shards {
@@ -176,8 +163,7 @@ impl Weights {
         let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ctx(e.to_string()))?);
         // The crate checks the header size limit, that offsets are in bounds and
         // contiguous, and that each tensor's byte length matches shape x dtype.
-        let st = safetensors::SafeTensors::deserialize(&map)
-            .map_err(|e| ctx(format!("invalid safetensors: {e}")))?;
+        let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| ctx(format!("invalid safetensors: {e}")))?;
         let base = map.as_ptr() as usize;
         for (name, view) in st.tensors() {
             let ty = match view.dtype() {

@@ -14,11 +14,17 @@ fn small_gguf() -> Vec<u8> {
     w.metadata = vec![
         ("general.architecture".into(), MetaValue::String("llama".into())),
         ("general.alignment".into(), MetaValue::U32(32)),
-        ("tokenizer.ggml.tokens".into(), MetaValue::Array(vec![MetaValue::String("a".into()), MetaValue::String("b".into())])),
+        (
+            "tokenizer.ggml.tokens".into(),
+            MetaValue::Array(vec![MetaValue::String("a".into()), MetaValue::String("b".into())]),
+        ),
         ("some.f64".into(), MetaValue::F64(1.5)),
         ("some.i8".into(), MetaValue::I8(-3)),
         ("some.bool".into(), MetaValue::Bool(true)),
-        ("some.nested".into(), MetaValue::Array(vec![MetaValue::Array(vec![MetaValue::U16(1)])])),
+        (
+            "some.nested".into(),
+            MetaValue::Array(vec![MetaValue::Array(vec![MetaValue::U16(1)])]),
+        ),
     ];
     w.tensors = vec![
         ("a.weight".into(), WeightType::F32, vec![2, 4], vec![0u8; 32]),
@@ -48,7 +54,10 @@ fn every_truncation_of_a_gguf_is_an_error() {
     let bytes = small_gguf();
     for len in 0..bytes.len() - 1 {
         // Cutting inside the tensor data is caught by the bounds check on the last tensor.
-        assert!(GgufFile::from_bytes(&bytes[..len]).is_err(), "truncated to {len} bytes parsed");
+        assert!(
+            GgufFile::from_bytes(&bytes[..len]).is_err(),
+            "truncated to {len} bytes parsed"
+        );
     }
 }
 
@@ -172,7 +181,10 @@ fn lying_safetensors_headers_are_errors() {
         write_file(&dir, "model.safetensors", &bytes);
         match Weights::from_safetensors_dir(&dir) {
             Ok(_) => panic!("{what}: loaded"),
-            Err(e) => assert!(e.to_string().contains("model.safetensors"), "{what}: error does not name the file: {e}"),
+            Err(e) => assert!(
+                e.to_string().contains("model.safetensors"),
+                "{what}: error does not name the file: {e}"
+            ),
         }
     }
 }
@@ -184,7 +196,13 @@ fn config_missing_fields_name_the_field() {
         "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100
     });
     assert!(ModelConfig::from_hf_json(&full, "cfg").is_ok());
-    for field in ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"] {
+    for field in [
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "vocab_size",
+    ] {
         let mut v = full.clone();
         v.as_object_mut().unwrap().remove(field);
         let e = ModelConfig::from_hf_json(&v, "cfg").unwrap_err().to_string();
@@ -195,10 +213,16 @@ fn config_missing_fields_name_the_field() {
     assert!(ModelConfig::from_hf_json(&v, "cfg").is_err());
     let mut v = full.clone();
     v["hidden_size"] = serde_json::json!("big");
-    assert!(ModelConfig::from_hf_json(&v, "cfg").unwrap_err().to_string().contains("hidden_size"));
+    assert!(ModelConfig::from_hf_json(&v, "cfg")
+        .unwrap_err()
+        .to_string()
+        .contains("hidden_size"));
     let mut v = full.clone();
     v["num_key_value_heads"] = serde_json::json!(3);
-    assert!(ModelConfig::from_hf_json(&v, "cfg").unwrap_err().to_string().contains("multiple"));
+    assert!(ModelConfig::from_hf_json(&v, "cfg")
+        .unwrap_err()
+        .to_string()
+        .contains("multiple"));
     assert!(ModelConfig::from_hf_json(&serde_json::json!([1, 2]), "cfg").is_err());
 }
 
@@ -215,7 +239,9 @@ fn unsupported_architecture_names_the_supported_ones() {
 
 #[test]
 fn missing_model_paths_say_where_they_looked() {
-    let e = ffai::resolve::resolve("/nonexistent/model.gguf").unwrap_err().to_string();
+    let e = ffai::resolve::resolve("/nonexistent/model.gguf")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("not found"), "{e}");
     std::env::set_var("HF_HUB_OFFLINE", "1");
     std::env::set_var("HF_HOME", temp_dir("hfhome"));

@@ -22,7 +22,11 @@ impl Rng {
 
 /// A fresh empty directory under the system temp dir.
 pub fn temp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ffai-test-{tag}-{}-{}", std::process::id(), Rng(tag.len() as u64 ^ std::process::id() as u64).next()));
+    let d = std::env::temp_dir().join(format!(
+        "ffai-test-{tag}-{}-{}",
+        std::process::id(),
+        Rng(tag.len() as u64 ^ std::process::id() as u64).next()
+    ));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
@@ -34,7 +38,11 @@ pub fn real_model(file: &str) -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/ffai/models"));
     let p = dir.join(file);
-    assert!(p.exists(), "{} is missing: run scripts/fetch-models.sh first", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-models.sh first",
+        p.display()
+    );
     p
 }
 

@@ -23,21 +23,37 @@ const VOCAB: usize = 40;
 const LAYERS: usize = 2;
 
 fn hf_tensors(r: &mut Rng) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let mut t = vec![("model.embed_tokens.weight".to_string(), vec![VOCAB, H], r.vec(VOCAB * H, 1.0))];
+    let mut t = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![VOCAB, H],
+        r.vec(VOCAB * H, 1.0),
+    )];
     for l in 0..LAYERS {
         let p = |s: &str| format!("model.layers.{l}.{s}");
         let norm = |r: &mut Rng| (0..H).map(|_| 1.0 + 0.2 * r.f()).collect::<Vec<f32>>();
         t.push((p("input_layernorm.weight"), vec![H], norm(r)));
-        t.push((p("self_attn.q_proj.weight"), vec![HEADS * HD, H], r.vec(HEADS * HD * H, 0.3)));
+        t.push((
+            p("self_attn.q_proj.weight"),
+            vec![HEADS * HD, H],
+            r.vec(HEADS * HD * H, 0.3),
+        ));
         t.push((p("self_attn.k_proj.weight"), vec![KV * HD, H], r.vec(KV * HD * H, 0.3)));
         t.push((p("self_attn.v_proj.weight"), vec![KV * HD, H], r.vec(KV * HD * H, 0.3)));
-        t.push((p("self_attn.o_proj.weight"), vec![H, HEADS * HD], r.vec(H * HEADS * HD, 0.3)));
+        t.push((
+            p("self_attn.o_proj.weight"),
+            vec![H, HEADS * HD],
+            r.vec(H * HEADS * HD, 0.3),
+        ));
         t.push((p("post_attention_layernorm.weight"), vec![H], norm(r)));
         t.push((p("mlp.gate_proj.weight"), vec![FFN, H], r.vec(FFN * H, 0.3)));
         t.push((p("mlp.up_proj.weight"), vec![FFN, H], r.vec(FFN * H, 0.3)));
         t.push((p("mlp.down_proj.weight"), vec![H, FFN], r.vec(H * FFN, 0.3)));
     }
-    t.push(("model.norm.weight".to_string(), vec![H], (0..H).map(|_| 1.0 + 0.2 * r.f()).collect()));
+    t.push((
+        "model.norm.weight".to_string(),
+        vec![H],
+        (0..H).map(|_| 1.0 + 0.2 * r.f()).collect(),
+    ));
     t.push(("lm_head.weight".to_string(), vec![VOCAB, H], r.vec(VOCAB * H, 0.5)));
     t
 }
@@ -76,7 +92,12 @@ fn write_hf_dir(tensors: &[(String, Vec<usize>, Vec<f32>)], dtype: safetensors::
         .collect();
     let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
         .iter()
-        .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(dtype, s.clone(), b).unwrap()))
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(dtype, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     let data = safetensors::serialize(views, &None).unwrap();
     std::fs::write(dir.join("model.safetensors"), data).unwrap();
@@ -220,24 +241,41 @@ fn sharded_checkpoints_load_through_the_index() {
     let mut weight_map = HashMap::new();
     for (shard, part) in tensors.chunks(tensors.len() / 2 + 1).enumerate() {
         let file = format!("model-0000{}-of-00002.safetensors", shard + 1);
-        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
-            part.iter().map(|(n, s, v)| (n.clone(), s.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect())).collect();
+        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = part
+            .iter()
+            .map(|(n, s, v)| (n.clone(), s.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+            .collect();
         let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
             .iter()
-            .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap()))
+            .map(|(n, s, b)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap(),
+                )
+            })
             .collect();
         std::fs::write(dir.join(&file), safetensors::serialize(views, &None).unwrap()).unwrap();
         for (n, _, _) in part {
             weight_map.insert(n.clone(), file.clone());
         }
     }
-    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::json!({"weight_map": weight_map}).to_string()).unwrap();
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::json!({"weight_map": weight_map}).to_string(),
+    )
+    .unwrap();
     let got = all_logits(&*load_hf(&dir), 512);
     assert_eq!(reference, got);
     // A missing shard is a clear error.
     std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
-    let err = Weights::from_safetensors_dir(&dir).err().expect("missing shard must fail").to_string();
-    assert!(err.contains("model-00002-of-00002.safetensors") && err.contains("missing"), "{err}");
+    let err = Weights::from_safetensors_dir(&dir)
+        .err()
+        .expect("missing shard must fail")
+        .to_string();
+    assert!(
+        err.contains("model-00002-of-00002.safetensors") && err.contains("missing"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -248,7 +286,10 @@ fn context_overflow_and_bad_token_ids_are_errors() {
     let mut out = Vec::new();
     let err = m.forward(&TOKENS, &mut st, false, &mut out).unwrap_err().to_string();
     assert!(err.contains("context"), "{err}");
-    let err = m.forward(&[VOCAB as u32], &mut st, false, &mut out).unwrap_err().to_string();
+    let err = m
+        .forward(&[VOCAB as u32], &mut st, false, &mut out)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("outside the vocabulary"), "{err}");
     assert_eq!(st.pos, 0, "failed calls leave the state untouched");
 }

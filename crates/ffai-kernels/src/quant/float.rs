@@ -7,7 +7,7 @@
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
-use super::{dequant_blocks, dot_blocks};
+use super::{dequant_blocks, dot_blocks, Decode};
 
 /// Elements converted per stack chunk.
 const CHUNK: usize = 64;
@@ -29,38 +29,58 @@ fn one_f16(b: &[u8]) -> f32 {
 
 #[inline(always)]
 fn one_bf16(b: &[u8]) -> f32 {
-    bf16::from_bits(le_u16(b)).to_f32()
+    f32::from_bits(u32::from(le_u16(b)) << 16)
 }
 
-#[inline(always)]
-fn chunk_f32(b: &[u8; 4 * CHUNK], out: &mut [f32; CHUNK]) {
-    for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
-        *o = one_f32(c);
+/// `CHUNK` little-endian `f32`s.
+struct ChunkF32;
+
+impl Decode<{ 4 * CHUNK }, CHUNK> for ChunkF32 {
+    #[inline(always)]
+    fn decode(b: &[u8; 4 * CHUNK], out: &mut [f32; CHUNK]) {
+        for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
+            *o = one_f32(c);
+        }
     }
 }
 
-#[inline(always)]
-fn chunk_f16(b: &[u8; 2 * CHUNK], out: &mut [f32; CHUNK]) {
-    let mut h = [f16::ZERO; CHUNK];
-    for (hv, c) in h.iter_mut().zip(b.chunks_exact(2)) {
-        *hv = f16::from_bits(le_u16(c));
+/// `CHUNK` little-endian `f16`s, widened with `half`'s vectorised slice routine.
+struct ChunkF16;
+
+impl Decode<{ 2 * CHUNK }, CHUNK> for ChunkF16 {
+    #[inline(always)]
+    fn decode(b: &[u8; 2 * CHUNK], out: &mut [f32; CHUNK]) {
+        let mut h = [f16::ZERO; CHUNK];
+        for (hv, c) in h.iter_mut().zip(b.chunks_exact(2)) {
+            *hv = f16::from_bits(le_u16(c));
+        }
+        h.convert_to_f32_slice(out);
     }
-    h.convert_to_f32_slice(out);
 }
 
-#[inline(always)]
-fn chunk_bf16(b: &[u8; 2 * CHUNK], out: &mut [f32; CHUNK]) {
-    for (o, c) in out.iter_mut().zip(b.chunks_exact(2)) {
-        *o = one_bf16(c);
+/// `CHUNK` little-endian `bf16`s. bf16 is by definition the upper half of an
+/// IEEE binary32, so widening is a 16-bit shift: identical to
+/// `half::bf16::to_f32` except that signalling-NaN payloads are kept as is
+/// (like ggml and gguf-py) instead of being quietened — and, unlike `half`'s
+/// NaN branch, it vectorises on every target (about 5x faster on baseline
+/// x86-64).
+struct ChunkBf16;
+
+impl Decode<{ 2 * CHUNK }, CHUNK> for ChunkBf16 {
+    #[inline(always)]
+    fn decode(b: &[u8; 2 * CHUNK], out: &mut [f32; CHUNK]) {
+        for (o, c) in out.iter_mut().zip(b.chunks_exact(2)) {
+            *o = one_bf16(c);
+        }
     }
 }
 
 /// Whole chunks through `chunk`, the remaining `< CHUNK` elements through `one`.
 #[inline(always)]
-fn dequant_float<const B: usize>(
+fn dequant_float<D: Decode<B, CHUNK>, const B: usize>(
     src: &[u8],
     dst: &mut [f32],
-    chunk: impl Fn(&[u8; B], &mut [f32; CHUNK]),
+    chunk: D,
     one: impl Fn(&[u8]) -> f32,
 ) {
     let elem = B / CHUNK;
@@ -74,12 +94,7 @@ fn dequant_float<const B: usize>(
 }
 
 #[inline(always)]
-fn dot_float<const B: usize>(
-    row: &[u8],
-    x: &[f32],
-    chunk: impl Fn(&[u8; B], &mut [f32; CHUNK]),
-    one: impl Fn(&[u8]) -> f32,
-) -> f32 {
+fn dot_float<D: Decode<B, CHUNK>, const B: usize>(row: &[u8], x: &[f32], chunk: D, one: impl Fn(&[u8]) -> f32) -> f32 {
     let elem = B / CHUNK;
     let full = x.len() / CHUNK * CHUNK;
     let (row_head, row_tail) = row.split_at(full * elem);
@@ -92,27 +107,27 @@ fn dot_float<const B: usize>(
 }
 
 pub(super) fn dequant_f32(src: &[u8], dst: &mut [f32]) {
-    dequant_float(src, dst, chunk_f32, one_f32);
+    dequant_float(src, dst, ChunkF32, one_f32);
 }
 
 pub(super) fn dequant_f16(src: &[u8], dst: &mut [f32]) {
-    dequant_float(src, dst, chunk_f16, one_f16);
+    dequant_float(src, dst, ChunkF16, one_f16);
 }
 
 pub(super) fn dequant_bf16(src: &[u8], dst: &mut [f32]) {
-    dequant_float(src, dst, chunk_bf16, one_bf16);
+    dequant_float(src, dst, ChunkBf16, one_bf16);
 }
 
 pub(super) fn dot_f32(row: &[u8], x: &[f32]) -> f32 {
-    dot_float(row, x, chunk_f32, one_f32)
+    dot_float(row, x, ChunkF32, one_f32)
 }
 
 pub(super) fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
-    dot_float(row, x, chunk_f16, one_f16)
+    dot_float(row, x, ChunkF16, one_f16)
 }
 
 pub(super) fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
-    dot_float(row, x, chunk_bf16, one_bf16)
+    dot_float(row, x, ChunkBf16, one_bf16)
 }
 
 pub(super) fn quant_f32(src: &[f32], dst: &mut [u8]) {

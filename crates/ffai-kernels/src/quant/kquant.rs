@@ -23,7 +23,7 @@
 
 use half::f16;
 
-use super::{read_f16, QK_K};
+use super::{read_f16, Decode, QK_K};
 
 const SCALE_BYTES: usize = 12;
 
@@ -59,86 +59,87 @@ fn pack_scales(sc: &[u8; 8], mn: &[u8; 8]) -> [u8; SCALE_BYTES] {
 
 // ---------------------------------------------------------------- decoders
 
-#[inline(always)]
-pub(super) fn dequant_q4k(b: &[u8; Q4K_BYTES], out: &mut [f32; QK_K]) {
-    let d = read_f16(b, 0);
-    let dmin = read_f16(b, 2);
-    let (sc, mn) = unpack_scales(&b[4..16]);
-    let qs = &b[16..];
-    for (g, (q32, o64)) in qs
-        .chunks_exact(32)
-        .zip(out.chunks_exact_mut(64))
-        .enumerate()
-    {
-        let d_lo = d * sc[2 * g] as f32;
-        let m_lo = dmin * mn[2 * g] as f32;
-        let d_hi = d * sc[2 * g + 1] as f32;
-        let m_hi = dmin * mn[2 * g + 1] as f32;
-        let (lo, hi) = o64.split_at_mut(32);
-        for ((&q, l), h) in q32.iter().zip(lo).zip(hi) {
-            *l = d_lo * (q & 0x0F) as f32 - m_lo;
-            *h = d_hi * (q >> 4) as f32 - m_hi;
+pub(super) struct BlockQ4K;
+
+impl Decode<Q4K_BYTES, QK_K> for BlockQ4K {
+    #[inline(always)]
+    fn decode(b: &[u8; Q4K_BYTES], out: &mut [f32; QK_K]) {
+        let d = read_f16(b, 0);
+        let dmin = read_f16(b, 2);
+        let (sc, mn) = unpack_scales(&b[4..16]);
+        let qs = &b[16..];
+        for (g, (q32, o64)) in qs.chunks_exact(32).zip(out.chunks_exact_mut(64)).enumerate() {
+            let d_lo = d * sc[2 * g] as f32;
+            let m_lo = dmin * mn[2 * g] as f32;
+            let d_hi = d * sc[2 * g + 1] as f32;
+            let m_hi = dmin * mn[2 * g + 1] as f32;
+            let (lo, hi) = o64.split_at_mut(32);
+            for ((&q, l), h) in q32.iter().zip(lo).zip(hi) {
+                *l = d_lo * (q & 0x0F) as f32 - m_lo;
+                *h = d_hi * (q >> 4) as f32 - m_hi;
+            }
         }
     }
 }
 
-#[inline(always)]
-pub(super) fn dequant_q5k(b: &[u8; Q5K_BYTES], out: &mut [f32; QK_K]) {
-    let d = read_f16(b, 0);
-    let dmin = read_f16(b, 2);
-    let (sc, mn) = unpack_scales(&b[4..16]);
-    let qh = &b[16..48];
-    let qs = &b[48..];
-    for (g, (q32, o64)) in qs
-        .chunks_exact(32)
-        .zip(out.chunks_exact_mut(64))
-        .enumerate()
-    {
-        let d_lo = d * sc[2 * g] as f32;
-        let m_lo = dmin * mn[2 * g] as f32;
-        let d_hi = d * sc[2 * g + 1] as f32;
-        let m_hi = dmin * mn[2 * g + 1] as f32;
-        let (lo, hi) = o64.split_at_mut(32);
-        for (((&q, &h), l), o) in q32.iter().zip(qh).zip(lo).zip(hi) {
-            let q_lo = (q & 0x0F) | (((h >> (2 * g)) & 1) << 4);
-            let q_hi = (q >> 4) | (((h >> (2 * g + 1)) & 1) << 4);
-            *l = d_lo * q_lo as f32 - m_lo;
-            *o = d_hi * q_hi as f32 - m_hi;
+pub(super) struct BlockQ5K;
+
+impl Decode<Q5K_BYTES, QK_K> for BlockQ5K {
+    #[inline(always)]
+    fn decode(b: &[u8; Q5K_BYTES], out: &mut [f32; QK_K]) {
+        let d = read_f16(b, 0);
+        let dmin = read_f16(b, 2);
+        let (sc, mn) = unpack_scales(&b[4..16]);
+        let qh = &b[16..48];
+        let qs = &b[48..];
+        for (g, (q32, o64)) in qs.chunks_exact(32).zip(out.chunks_exact_mut(64)).enumerate() {
+            let d_lo = d * sc[2 * g] as f32;
+            let m_lo = dmin * mn[2 * g] as f32;
+            let d_hi = d * sc[2 * g + 1] as f32;
+            let m_hi = dmin * mn[2 * g + 1] as f32;
+            let (lo, hi) = o64.split_at_mut(32);
+            for (((&q, &h), l), o) in q32.iter().zip(qh).zip(lo).zip(hi) {
+                let q_lo = (q & 0x0F) | (((h >> (2 * g)) & 1) << 4);
+                let q_hi = (q >> 4) | (((h >> (2 * g + 1)) & 1) << 4);
+                *l = d_lo * q_lo as f32 - m_lo;
+                *o = d_hi * q_hi as f32 - m_hi;
+            }
         }
     }
 }
 
-#[inline(always)]
-#[allow(clippy::needless_range_loop)]
-pub(super) fn dequant_q6k(b: &[u8; Q6K_BYTES], out: &mut [f32; QK_K]) {
-    let d = read_f16(b, 208);
-    let (ql, rest) = b.split_at(128);
-    let (qh, rest) = rest.split_at(64);
-    let scales = &rest[..16];
-    let halves = ql
-        .chunks_exact(64)
-        .zip(qh.chunks_exact(32))
-        .zip(scales.chunks_exact(8));
-    for (((ql, qh), sc), o) in halves.zip(out.chunks_exact_mut(128)) {
-        let ql: &[u8; 64] = ql.try_into().unwrap();
-        let qh: &[u8; 32] = qh.try_into().unwrap();
-        let o: &mut [f32; 128] = o.try_into().unwrap();
-        // Two groups of 16 columns; each column feeds four sub-blocks.
-        for g in 0..2 {
-            let s0 = d * sc[g] as i8 as f32;
-            let s1 = d * sc[g + 2] as i8 as f32;
-            let s2 = d * sc[g + 4] as i8 as f32;
-            let s3 = d * sc[g + 6] as i8 as f32;
-            for l in 16 * g..16 * g + 16 {
-                let (a, c, h) = (ql[l], ql[l + 32], qh[l]);
-                let q0 = (a & 0x0F) | ((h & 0x03) << 4);
-                let q1 = (c & 0x0F) | (((h >> 2) & 0x03) << 4);
-                let q2 = (a >> 4) | (((h >> 4) & 0x03) << 4);
-                let q3 = (c >> 4) | (((h >> 6) & 0x03) << 4);
-                o[l] = s0 * (q0 as i32 - 32) as f32;
-                o[l + 32] = s1 * (q1 as i32 - 32) as f32;
-                o[l + 64] = s2 * (q2 as i32 - 32) as f32;
-                o[l + 96] = s3 * (q3 as i32 - 32) as f32;
+pub(super) struct BlockQ6K;
+
+impl Decode<Q6K_BYTES, QK_K> for BlockQ6K {
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    fn decode(b: &[u8; Q6K_BYTES], out: &mut [f32; QK_K]) {
+        let d = read_f16(b, 208);
+        let (ql, rest) = b.split_at(128);
+        let (qh, rest) = rest.split_at(64);
+        let scales = &rest[..16];
+        let halves = ql.chunks_exact(64).zip(qh.chunks_exact(32)).zip(scales.chunks_exact(8));
+        for (((ql, qh), sc), o) in halves.zip(out.chunks_exact_mut(128)) {
+            let ql: &[u8; 64] = ql.try_into().unwrap();
+            let qh: &[u8; 32] = qh.try_into().unwrap();
+            let o: &mut [f32; 128] = o.try_into().unwrap();
+            // Two groups of 16 columns; each column feeds four sub-blocks.
+            for g in 0..2 {
+                let s0 = d * sc[g] as i8 as f32;
+                let s1 = d * sc[g + 2] as i8 as f32;
+                let s2 = d * sc[g + 4] as i8 as f32;
+                let s3 = d * sc[g + 6] as i8 as f32;
+                for l in 16 * g..16 * g + 16 {
+                    let (a, c, h) = (ql[l], ql[l + 32], qh[l]);
+                    let q0 = (a & 0x0F) | ((h & 0x03) << 4);
+                    let q1 = (c & 0x0F) | (((h >> 2) & 0x03) << 4);
+                    let q2 = (a >> 4) | (((h >> 4) & 0x03) << 4);
+                    let q3 = (c >> 4) | (((h >> 6) & 0x03) << 4);
+                    o[l] = s0 * (q0 as i32 - 32) as f32;
+                    o[l + 32] = s1 * (q1 as i32 - 32) as f32;
+                    o[l + 64] = s2 * (q2 as i32 - 32) as f32;
+                    o[l + 96] = s3 * (q3 as i32 - 32) as f32;
+                }
             }
         }
     }
@@ -178,11 +179,7 @@ fn units_covering(need: f32, unit: f32, max: f32) -> f32 {
 
 /// Scales for Q4_K (`levels` = 15) and Q5_K (`levels` = 31): returns
 /// `(d, dmin, sc, mn)` and the per-element levels in `q`.
-fn quant_asymmetric(
-    x: &[f32; QK_K],
-    levels: u8,
-    q: &mut [u8; QK_K],
-) -> Result<(f16, f16, [u8; 8], [u8; 8]), String> {
+fn quant_asymmetric(x: &[f32; QK_K], levels: u8, q: &mut [u8; QK_K]) -> Result<(f16, f16, [u8; 8], [u8; 8]), String> {
     // Sub-block range, with the low end clamped to <= 0 (mins are stored as
     // non-negative amounts to subtract).
     let mut below = [0.0f32; 8];
@@ -198,10 +195,7 @@ fn quant_asymmetric(
         *t = hi;
     }
 
-    let dmin = f16_at_least(
-        below.iter().fold(0.0f32, |a, &v| a.max(v)) / 63.0,
-        "min scale",
-    )?;
+    let dmin = f16_at_least(below.iter().fold(0.0f32, |a, &v| a.max(v)) / 63.0, "min scale")?;
     let mut mn = [0u8; 8];
     let mut shift = [0.0f32; 8];
     for ((m, s), &b) in mn.iter_mut().zip(&mut shift).zip(&below) {
@@ -219,12 +213,7 @@ fn quant_asymmetric(
         *c = units_covering(n, d.to_f32(), 63.0) as u8;
     }
 
-    for (((qs, xs), &c), &s) in q
-        .chunks_exact_mut(32)
-        .zip(x.chunks_exact(32))
-        .zip(&sc)
-        .zip(&shift)
-    {
+    for (((qs, xs), &c), &s) in q.chunks_exact_mut(32).zip(x.chunks_exact(32)).zip(&sc).zip(&shift) {
         let step = d.to_f32() * c as f32;
         for (qv, &v) in qs.iter_mut().zip(xs) {
             *qv = if step > 0.0 {

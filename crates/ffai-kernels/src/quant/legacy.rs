@@ -12,7 +12,7 @@
 //! The quantizers follow ggml's reference `quantize_row_*_ref` step for step
 //! (same `f32` operations in the same order), so they produce the same bytes.
 
-use super::{f16_bytes, read_f16, QK};
+use super::{f16_bytes, read_f16, Decode, QK};
 
 pub(super) const Q4_0_BYTES: usize = 2 + QK / 2;
 pub(super) const Q4_1_BYTES: usize = 4 + QK / 2;
@@ -22,71 +22,114 @@ pub(super) const Q8_0_BYTES: usize = 2 + QK;
 
 const HALF: usize = QK / 2;
 
-/// `16` if bit `i` of `qh` is set, else `0` (the fifth bit of element `i`).
+/// `SPREAD[v]` has byte `k` equal to 16 when bit `k` of `v` is set, else 0:
+/// one lookup turns a `qh` byte into the bit-4 contributions of 8 elements.
+/// (Testing the bits one by one needs per-lane variable shifts, which SSE2
+/// lacks; the compiler then falls back to slow shuffling.)
+const SPREAD: [u64; 256] = {
+    let mut table = [0u64; 256];
+    let mut v = 0;
+    while v < 256 {
+        let mut k = 0;
+        while k < 8 {
+            if (v >> k) & 1 == 1 {
+                table[v] |= 0x10 << (8 * k);
+            }
+            k += 1;
+        }
+        v += 1;
+    }
+    table
+};
+
+/// Bit 4 of each of the 32 elements (0 or 16), from the 4 `qh` bytes
+/// (element `i` is bit `i % 8` of byte `i / 8`, i.e. bit `i` of the LE u32).
 #[inline(always)]
-fn high_bit(qh: u32, i: usize) -> u8 {
-    (((qh >> i) & 1) << 4) as u8
+fn high_bits(qh: &[u8]) -> [u8; QK] {
+    let mut hb = [0u8; QK];
+    for (o, &v) in hb.chunks_exact_mut(8).zip(&qh[..4]) {
+        o.copy_from_slice(&SPREAD[v as usize].to_le_bytes());
+    }
+    hb
 }
 
 // ---------------------------------------------------------------- decoders
 
-#[inline(always)]
-pub(super) fn dequant_q4_0(b: &[u8; Q4_0_BYTES], out: &mut [f32; QK]) {
-    let d = read_f16(b, 0);
-    let qs = &b[2..];
-    let (lo, hi) = out.split_at_mut(HALF);
-    for ((&q, l), h) in qs.iter().zip(lo).zip(hi) {
-        *l = ((q & 0x0F) as i32 - 8) as f32 * d;
-        *h = ((q >> 4) as i32 - 8) as f32 * d;
+pub(super) struct BlockQ4_0;
+
+impl Decode<Q4_0_BYTES, QK> for BlockQ4_0 {
+    #[inline(always)]
+    fn decode(b: &[u8; Q4_0_BYTES], out: &mut [f32; QK]) {
+        let d = read_f16(b, 0);
+        let qs = &b[2..];
+        let (lo, hi) = out.split_at_mut(HALF);
+        for ((&q, l), h) in qs.iter().zip(lo).zip(hi) {
+            *l = ((q & 0x0F) as i32 - 8) as f32 * d;
+            *h = ((q >> 4) as i32 - 8) as f32 * d;
+        }
     }
 }
 
-#[inline(always)]
-pub(super) fn dequant_q4_1(b: &[u8; Q4_1_BYTES], out: &mut [f32; QK]) {
-    let d = read_f16(b, 0);
-    let m = read_f16(b, 2);
-    let qs = &b[4..];
-    let (lo, hi) = out.split_at_mut(HALF);
-    for ((&q, l), h) in qs.iter().zip(lo).zip(hi) {
-        *l = (q & 0x0F) as f32 * d + m;
-        *h = (q >> 4) as f32 * d + m;
+pub(super) struct BlockQ4_1;
+
+impl Decode<Q4_1_BYTES, QK> for BlockQ4_1 {
+    #[inline(always)]
+    fn decode(b: &[u8; Q4_1_BYTES], out: &mut [f32; QK]) {
+        let d = read_f16(b, 0);
+        let m = read_f16(b, 2);
+        let qs = &b[4..];
+        let (lo, hi) = out.split_at_mut(HALF);
+        for ((&q, l), h) in qs.iter().zip(lo).zip(hi) {
+            *l = (q & 0x0F) as f32 * d + m;
+            *h = (q >> 4) as f32 * d + m;
+        }
     }
 }
 
-#[inline(always)]
-pub(super) fn dequant_q5_0(b: &[u8; Q5_0_BYTES], out: &mut [f32; QK]) {
-    let d = read_f16(b, 0);
-    let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-    let qs = &b[6..];
-    let (lo, hi) = out.split_at_mut(HALF);
-    for (j, ((&q, l), h)) in qs.iter().zip(lo).zip(hi).enumerate() {
-        let q0 = (q & 0x0F) | high_bit(qh, j);
-        let q1 = (q >> 4) | high_bit(qh, j + HALF);
-        *l = (q0 as i32 - 16) as f32 * d;
-        *h = (q1 as i32 - 16) as f32 * d;
+pub(super) struct BlockQ5_0;
+
+impl Decode<Q5_0_BYTES, QK> for BlockQ5_0 {
+    #[inline(always)]
+    fn decode(b: &[u8; Q5_0_BYTES], out: &mut [f32; QK]) {
+        let d = read_f16(b, 0);
+        let hb = high_bits(&b[2..6]);
+        let (hb_lo, hb_hi) = hb.split_at(HALF);
+        let qs = &b[6..];
+        let (lo, hi) = out.split_at_mut(HALF);
+        for ((((&q, &bl), &bh), l), h) in qs.iter().zip(hb_lo).zip(hb_hi).zip(lo).zip(hi) {
+            *l = (((q & 0x0F) | bl) as i32 - 16) as f32 * d;
+            *h = (((q >> 4) | bh) as i32 - 16) as f32 * d;
+        }
     }
 }
 
-#[inline(always)]
-pub(super) fn dequant_q5_1(b: &[u8; Q5_1_BYTES], out: &mut [f32; QK]) {
-    let d = read_f16(b, 0);
-    let m = read_f16(b, 2);
-    let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
-    let qs = &b[8..];
-    let (lo, hi) = out.split_at_mut(HALF);
-    for (j, ((&q, l), h)) in qs.iter().zip(lo).zip(hi).enumerate() {
-        let q0 = (q & 0x0F) | high_bit(qh, j);
-        let q1 = (q >> 4) | high_bit(qh, j + HALF);
-        *l = q0 as f32 * d + m;
-        *h = q1 as f32 * d + m;
+pub(super) struct BlockQ5_1;
+
+impl Decode<Q5_1_BYTES, QK> for BlockQ5_1 {
+    #[inline(always)]
+    fn decode(b: &[u8; Q5_1_BYTES], out: &mut [f32; QK]) {
+        let d = read_f16(b, 0);
+        let m = read_f16(b, 2);
+        let hb = high_bits(&b[4..8]);
+        let (hb_lo, hb_hi) = hb.split_at(HALF);
+        let qs = &b[8..];
+        let (lo, hi) = out.split_at_mut(HALF);
+        for ((((&q, &bl), &bh), l), h) in qs.iter().zip(hb_lo).zip(hb_hi).zip(lo).zip(hi) {
+            *l = ((q & 0x0F) | bl) as f32 * d + m;
+            *h = ((q >> 4) | bh) as f32 * d + m;
+        }
     }
 }
 
-#[inline(always)]
-pub(super) fn dequant_q8_0(b: &[u8; Q8_0_BYTES], out: &mut [f32; QK]) {
-    let d = read_f16(b, 0);
-    for (o, &q) in out.iter_mut().zip(&b[2..]) {
-        *o = q as i8 as f32 * d;
+pub(super) struct BlockQ8_0;
+
+impl Decode<Q8_0_BYTES, QK> for BlockQ8_0 {
+    #[inline(always)]
+    fn decode(b: &[u8; Q8_0_BYTES], out: &mut [f32; QK]) {
+        let d = read_f16(b, 0);
+        for (o, &q) in out.iter_mut().zip(&b[2..]) {
+            *o = q as i8 as f32 * d;
+        }
     }
 }
 

@@ -131,11 +131,7 @@ impl WeightType {
     pub const fn block_len(self) -> usize {
         match self {
             WeightType::F32 | WeightType::F16 | WeightType::BF16 => 1,
-            WeightType::Q4_0
-            | WeightType::Q4_1
-            | WeightType::Q5_0
-            | WeightType::Q5_1
-            | WeightType::Q8_0 => QK,
+            WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q5_0 | WeightType::Q5_1 | WeightType::Q8_0 => QK,
             WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => QK_K,
         }
     }
@@ -160,7 +156,7 @@ impl WeightType {
     /// number of blocks or the size overflows `usize`.
     pub const fn row_bytes(self, n: usize) -> Option<usize> {
         let len = self.block_len();
-        if n % len != 0 {
+        if !n.is_multiple_of(len) {
             return None;
         }
         (n / len).checked_mul(self.block_bytes())
@@ -188,14 +184,14 @@ pub fn dequantize_row(ty: WeightType, src: &[u8], dst: &mut [f32]) {
         WeightType::F32 => float::dequant_f32(src, dst),
         WeightType::F16 => float::dequant_f16(src, dst),
         WeightType::BF16 => float::dequant_bf16(src, dst),
-        WeightType::Q4_0 => dequant_blocks(src, dst, legacy::dequant_q4_0),
-        WeightType::Q4_1 => dequant_blocks(src, dst, legacy::dequant_q4_1),
-        WeightType::Q5_0 => dequant_blocks(src, dst, legacy::dequant_q5_0),
-        WeightType::Q5_1 => dequant_blocks(src, dst, legacy::dequant_q5_1),
-        WeightType::Q8_0 => dequant_blocks(src, dst, legacy::dequant_q8_0),
-        WeightType::Q4K => dequant_blocks(src, dst, kquant::dequant_q4k),
-        WeightType::Q5K => dequant_blocks(src, dst, kquant::dequant_q5k),
-        WeightType::Q6K => dequant_blocks(src, dst, kquant::dequant_q6k),
+        WeightType::Q4_0 => dequant_blocks(src, dst, legacy::BlockQ4_0),
+        WeightType::Q4_1 => dequant_blocks(src, dst, legacy::BlockQ4_1),
+        WeightType::Q5_0 => dequant_blocks(src, dst, legacy::BlockQ5_0),
+        WeightType::Q5_1 => dequant_blocks(src, dst, legacy::BlockQ5_1),
+        WeightType::Q8_0 => dequant_blocks(src, dst, legacy::BlockQ8_0),
+        WeightType::Q4K => dequant_blocks(src, dst, kquant::BlockQ4K),
+        WeightType::Q5K => dequant_blocks(src, dst, kquant::BlockQ5K),
+        WeightType::Q6K => dequant_blocks(src, dst, kquant::BlockQ6K),
     }
 }
 
@@ -212,14 +208,14 @@ pub fn dot_row(ty: WeightType, row: &[u8], x: &[f32]) -> f32 {
         WeightType::F32 => float::dot_f32(row, x),
         WeightType::F16 => float::dot_f16(row, x),
         WeightType::BF16 => float::dot_bf16(row, x),
-        WeightType::Q4_0 => dot_blocks(row, x, legacy::dequant_q4_0),
-        WeightType::Q4_1 => dot_blocks(row, x, legacy::dequant_q4_1),
-        WeightType::Q5_0 => dot_blocks(row, x, legacy::dequant_q5_0),
-        WeightType::Q5_1 => dot_blocks(row, x, legacy::dequant_q5_1),
-        WeightType::Q8_0 => dot_blocks(row, x, legacy::dequant_q8_0),
-        WeightType::Q4K => dot_blocks(row, x, kquant::dequant_q4k),
-        WeightType::Q5K => dot_blocks(row, x, kquant::dequant_q5k),
-        WeightType::Q6K => dot_blocks(row, x, kquant::dequant_q6k),
+        WeightType::Q4_0 => dot_blocks(row, x, legacy::BlockQ4_0),
+        WeightType::Q4_1 => dot_blocks(row, x, legacy::BlockQ4_1),
+        WeightType::Q5_0 => dot_blocks(row, x, legacy::BlockQ5_0),
+        WeightType::Q5_1 => dot_blocks(row, x, legacy::BlockQ5_1),
+        WeightType::Q8_0 => dot_blocks(row, x, legacy::BlockQ8_0),
+        WeightType::Q4K => dot_blocks(row, x, kquant::BlockQ4K),
+        WeightType::Q5K => dot_blocks(row, x, kquant::BlockQ5K),
+        WeightType::Q6K => dot_blocks(row, x, kquant::BlockQ6K),
     }
 }
 
@@ -255,10 +251,7 @@ pub fn quantize_row(ty: WeightType, src: &[f32], dst: &mut [u8]) -> Result<(), S
     }
     if ty.is_quantized() {
         if let Some(i) = src.iter().position(|v| !v.is_finite()) {
-            return Err(format!(
-                "{ty}: input element {i} is not finite ({})",
-                src[i]
-            ));
+            return Err(format!("{ty}: input element {i} is not finite ({})", src[i]));
         }
     }
     match ty {
@@ -312,15 +305,26 @@ fn f16_bytes(v: f32, what: &str) -> Result<[u8; 2], String> {
     }
 }
 
-/// Runs a fixed-size block decoder over a whole row.
-#[inline(always)]
-fn dequant_blocks<const B: usize, const N: usize>(
-    src: &[u8],
-    dst: &mut [f32],
-    decode: impl Fn(&[u8; B], &mut [f32; N]),
-) {
+/// A block format's decoder: `B` stored bytes become `N` values.
+///
+/// Implemented by unit marker types with an `#[inline(always)]` `decode`, so
+/// the row loops below get the decoder inlined (a function item passed as
+/// `impl Fn` was left as an out-of-line call per block).
+trait Decode<const B: usize, const N: usize> {
+    fn decode(b: &[u8; B], out: &mut [f32; N]);
+}
+
+/// Decodes a whole row of `D` blocks. Kept out of line (here and in
+/// [`dot_blocks`]) so each format's loop is optimised on its own rather than
+/// inside one large dispatch function.
+#[inline(never)]
+fn dequant_blocks<D: Decode<B, N>, const B: usize, const N: usize>(src: &[u8], dst: &mut [f32], _format: D) {
     for (b, o) in src.chunks_exact(B).zip(dst.chunks_exact_mut(N)) {
-        decode(b.try_into().unwrap(), o.try_into().unwrap());
+        D::decode(b.try_into().unwrap(), o.try_into().unwrap());
+        // An optimisation barrier: it keeps LLVM from vectorising this loop
+        // *across* blocks, which it did for Q4_0/Q4_1 with AVX-512 (per-byte
+        // gathers and scatters, ~8x slower). Each block's code is still SIMD.
+        std::hint::black_box(());
     }
 }
 
@@ -332,31 +336,27 @@ fn quant_blocks<const B: usize, const N: usize>(
     encode: impl Fn(&[f32; N], &mut [u8; B]) -> Result<(), String>,
 ) -> Result<(), String> {
     for (i, (x, o)) in src.chunks_exact(N).zip(dst.chunks_exact_mut(B)).enumerate() {
-        encode(x.try_into().unwrap(), o.try_into().unwrap())
-            .map_err(|e| format!("block {i}: {e}"))?;
+        encode(x.try_into().unwrap(), o.try_into().unwrap()).map_err(|e| format!("block {i}: {e}"))?;
     }
     Ok(())
 }
 
 /// Dot product over whole blocks: decode each block into a stack buffer and
-/// multiply-accumulate it against `x` in [`LANES`] partial sums.
-#[inline(always)]
-fn dot_blocks<const B: usize, const N: usize>(
-    row: &[u8],
-    x: &[f32],
-    decode: impl Fn(&[u8; B], &mut [f32; N]),
-) -> f32 {
+/// multiply-accumulate it against `x` in `LANES` partial sums.
+#[inline(never)]
+fn dot_blocks<D: Decode<B, N>, const B: usize, const N: usize>(row: &[u8], x: &[f32], _format: D) -> f32 {
     let mut acc = [0.0f32; LANES];
     let mut w = [0.0f32; N];
     for (b, xs) in row.chunks_exact(B).zip(x.chunks_exact(N)) {
-        decode(b.try_into().unwrap(), &mut w);
+        D::decode(b.try_into().unwrap(), &mut w);
         fma_lanes(&w, xs.try_into().unwrap(), &mut acc);
     }
     sum_lanes(acc)
 }
 
 /// `acc[k] += Σ_j w[j·LANES + k] · x[j·LANES + k]`; `N` must be a multiple of
-/// [`LANES`]. Written as plain multiply and add so it vectorises everywhere.
+/// `LANES`. Plain multiply and add (no `mul_add`, which is a libm call
+/// without FMA hardware), so it vectorises on every target.
 #[inline(always)]
 fn fma_lanes<const N: usize>(w: &[f32; N], x: &[f32; N], acc: &mut [f32; LANES]) {
     for (wc, xc) in w.chunks_exact(LANES).zip(x.chunks_exact(LANES)) {
@@ -366,15 +366,10 @@ fn fma_lanes<const N: usize>(w: &[f32; N], x: &[f32; N], acc: &mut [f32; LANES])
     }
 }
 
-/// Pairwise horizontal sum of the partial sums.
+/// Horizontal sum of the partial sums. Deliberately sequential: a pairwise
+/// tree here led LLVM's SLP vectoriser to split the accumulators into 2-wide
+/// vectors for the whole loop, halving `dot_row`'s speed.
 #[inline(always)]
-fn sum_lanes(mut acc: [f32; LANES]) -> f32 {
-    let mut width = LANES;
-    while width > 1 {
-        width /= 2;
-        for k in 0..width {
-            acc[k] += acc[k + width];
-        }
-    }
-    acc[0]
+fn sum_lanes(acc: [f32; LANES]) -> f32 {
+    acc.iter().sum()
 }

@@ -156,16 +156,12 @@ struct Scratch<B: Backend> {
 impl<B: Backend> Llama<B> {
     pub fn load(cfg: &ModelConfig, w: &Weights, b: Arc<B>) -> Result<Self> {
         let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
-        let (qd, kvd) = (
-            cfg.num_heads * cfg.head_dim,
-            cfg.num_kv_heads * cfg.head_dim,
-        );
+        let (qd, kvd) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
         let mat = |name: &str, rows: usize, cols: usize| -> Result<B::Mat> {
             let e = w.matrix(name, rows, cols)?;
             Ok(b.matrix(e.ty, rows, cols, e.bytes.clone()))
         };
-        let vec =
-            |name: &str, len: usize| -> Result<B::Buf> { Ok(b.upload(&w.f32_vec(name, len)?)) };
+        let vec = |name: &str, len: usize| -> Result<B::Buf> { Ok(b.upload(&w.f32_vec(name, len)?)) };
         let has_bias = w.has("blk.0.attn_q.bias");
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
@@ -228,14 +224,7 @@ impl<B: Backend> Llama<B> {
 
     /// One chunk through every layer; returns nothing, leaves the final-normed hidden
     /// states in `s.xn`.
-    fn forward_chunk(
-        &self,
-        ids: &[u32],
-        pos0: usize,
-        s: &mut Scratch<B>,
-        shape: &AttnShape,
-        tap: &mut Tap,
-    ) {
+    fn forward_chunk(&self, ids: &[u32], pos0: usize, s: &mut Scratch<B>, shape: &AttnShape, tap: &mut Tap) {
         let (b, c, n) = (&*self.b, &self.cfg, ids.len());
         let h = c.hidden_size;
         let rope = RopeParams {
@@ -259,15 +248,7 @@ impl<B: Backend> Llama<B> {
             b.rope(&mut s.k, n, c.num_kv_heads, c.head_dim, pos0, &rope);
             b.kv_write(&mut s.k_cache[i], &s.k, n, pos0, shape);
             b.kv_write(&mut s.v_cache[i], &s.v, n, pos0, shape);
-            b.attention(
-                &s.q,
-                &s.k_cache[i],
-                &s.v_cache[i],
-                n,
-                pos0,
-                shape,
-                &mut s.att,
-            );
+            b.attention(&s.q, &s.k_cache[i], &s.v_cache[i], n, pos0, shape, &mut s.att);
             b.matmul(&l.wo, &s.att, n, &mut s.tmp);
             b.add(&mut s.x, &s.tmp, n * h);
 
@@ -354,14 +335,7 @@ impl<B: Backend> LanguageModel for Llama<B> {
             .downcast_mut::<Scratch<B>>()
             .ok_or_else(|| Error::new("inference state belongs to a different model"))?;
         logits.clear();
-        logits.resize(
-            if all_logits {
-                tokens.len() * vocab
-            } else {
-                vocab
-            },
-            0.0,
-        );
+        logits.resize(if all_logits { tokens.len() * vocab } else { vocab }, 0.0);
         let mut pos = state.pos;
         for (ci, ids) in tokens.chunks(state.chunk).enumerate() {
             let n = ids.len();
@@ -379,11 +353,7 @@ impl<B: Backend> LanguageModel for Llama<B> {
             for r in rows {
                 b.copy(&s.xn, r * h, &mut s.last, 0, h);
                 b.matmul(head, &s.last, 1, &mut s.logits);
-                let dst = if all_logits {
-                    (ci * state.chunk + r) * vocab
-                } else {
-                    0
-                };
+                let dst = if all_logits { (ci * state.chunk + r) * vocab } else { 0 };
                 b.download(&s.logits, 0..vocab, &mut logits[dst..dst + vocab]);
             }
         }
