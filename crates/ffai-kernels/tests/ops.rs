@@ -10,7 +10,7 @@ use ffai_kernels::quant::{self, WeightType};
 
 struct Rng(u64);
 impl Rng {
-    fn next(&mut self) -> u64 {
+    fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
@@ -18,7 +18,7 @@ impl Rng {
         z ^ (z >> 31)
     }
     fn f(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
     }
     fn vec(&mut self, n: usize) -> Vec<f32> {
         (0..n).map(|_| self.f()).collect()
@@ -284,7 +284,7 @@ fn random_rows(ty: WeightType, rows: usize, cols: usize, r: &mut Rng) -> Vec<u8>
         let src = r.vec(cols);
         if quant::quantize_row(ty, &src, &mut out[row * rb..(row + 1) * rb]).is_err() {
             for b in &mut out[row * rb..(row + 1) * rb] {
-                *b = r.next() as u8;
+                *b = r.next_u64() as u8;
             }
             // K-quant superblocks start with f16 d (and dmin except Q6_K ends with d): set sane scales.
             let bb = ty.block_bytes();

@@ -73,14 +73,14 @@ impl ModelConfig {
             c.num_layers
         );
         ensure!(
-            c.num_heads % c.num_kv_heads == 0,
+            c.num_heads.is_multiple_of(c.num_kv_heads),
             "{}: num_attention_heads {} is not a multiple of num_key_value_heads {}",
             c.source,
             c.num_heads,
             c.num_kv_heads
         );
         ensure!(
-            c.head_dim % 2 == 0,
+            c.head_dim.is_multiple_of(2),
             "{}: head_dim {} must be even for RoPE",
             c.source,
             c.head_dim

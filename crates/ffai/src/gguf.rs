@@ -197,7 +197,7 @@ impl GgufFile {
             let name = r.string()?;
             let n_dims = r.u32()?;
             ensure!(
-                n_dims >= 1 && n_dims <= MAX_DIMS,
+                (1..=MAX_DIMS).contains(&n_dims),
                 "tensor {name:?}: {n_dims} dimensions (1..={MAX_DIMS} allowed)"
             );
             let mut dims = Vec::with_capacity(n_dims as usize);

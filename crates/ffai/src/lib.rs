@@ -23,16 +23,10 @@ use config::ModelConfig;
 use resolve::ModelLocation;
 use weights::Weights;
 
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct LoadOptions {
     /// CPU threads (0 = all cores).
     pub threads: usize,
-}
-
-impl Default for LoadOptions {
-    fn default() -> Self {
-        LoadOptions { threads: 0 }
-    }
 }
 
 /// A loaded model: the network, its tokenizer, and where it came from.

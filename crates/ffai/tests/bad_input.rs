@@ -10,8 +10,7 @@ use ffai::weights::Weights;
 use ffai_kernels::quant::WeightType;
 
 fn small_gguf() -> Vec<u8> {
-    let mut w = GgufWriter::default();
-    w.metadata = vec![
+    let metadata = vec![
         ("general.architecture".into(), MetaValue::String("llama".into())),
         ("general.alignment".into(), MetaValue::U32(32)),
         (
@@ -26,11 +25,11 @@ fn small_gguf() -> Vec<u8> {
             MetaValue::Array(vec![MetaValue::Array(vec![MetaValue::U16(1)])]),
         ),
     ];
-    w.tensors = vec![
+    let tensors = vec![
         ("a.weight".into(), WeightType::F32, vec![2, 4], vec![0u8; 32]),
         ("b.weight".into(), WeightType::Q8_0, vec![1, 32], vec![0u8; 34]),
     ];
-    w.to_bytes()
+    GgufWriter { metadata, tensors }.to_bytes()
 }
 
 /// Byte offset just after the 24-byte header where the first metadata key starts.
@@ -122,8 +121,8 @@ fn hostile_tensor_infos_are_rejected() {
 fn random_bytes_never_panic() {
     let mut r = Rng(99);
     for i in 0..2000 {
-        let len = (r.next() % 300) as usize;
-        let mut b: Vec<u8> = (0..len).map(|_| r.next() as u8).collect();
+        let len = (r.next_u64() % 300) as usize;
+        let mut b: Vec<u8> = (0..len).map(|_| r.next_u64() as u8).collect();
         if i % 2 == 0 && len >= 8 {
             // Give half of them a valid header so the parser goes deeper.
             b[..4].copy_from_slice(b"GGUF");

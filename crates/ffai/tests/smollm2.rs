@@ -14,7 +14,11 @@ fn model() -> &'static Model {
 }
 
 fn greedy(max_tokens: usize) -> GenerationParameters {
-    GenerationParameters { temperature: 0.0, max_tokens, ..Default::default() }
+    GenerationParameters {
+        temperature: 0.0,
+        max_tokens,
+        ..Default::default()
+    }
 }
 
 /// The coherence bar every family's real checkpoint must clear.
@@ -62,22 +66,37 @@ fn first_tokens_match_llama_cpp() {
 fn greedy_is_deterministic_and_seeds_reproduce() {
     let m = model();
     let ids = m.encode("The best way to learn a language is").unwrap();
-    let runs: Vec<Vec<u32>> = (0..3).map(|_| m.generate(&ids, &greedy(48), |_| true).unwrap().generated_ids).collect();
+    let runs: Vec<Vec<u32>> = (0..3)
+        .map(|_| m.generate(&ids, &greedy(48), |_| true).unwrap().generated_ids)
+        .collect();
     assert_eq!(runs[0], runs[1]);
     assert_eq!(runs[1], runs[2]);
     let sampled = |seed| {
-        let p = GenerationParameters { temperature: 0.9, top_k: 40, top_p: 0.95, seed: Some(seed), max_tokens: 32, ..Default::default() };
+        let p = GenerationParameters {
+            temperature: 0.9,
+            top_k: 40,
+            top_p: 0.95,
+            seed: Some(seed),
+            max_tokens: 32,
+            ..Default::default()
+        };
         m.generate(&ids, &p, |_| true).unwrap().generated_ids
     };
     let a = sampled(7);
     assert_eq!(a, sampled(7));
-    assert_ne!(a, sampled(8), "different seeds should diverge within 32 tokens at T=0.9");
+    assert_ne!(
+        a,
+        sampled(8),
+        "different seeds should diverge within 32 tokens at T=0.9"
+    );
 }
 
 #[test]
 fn chunked_prefill_matches_token_by_token_logits() {
     let m = model();
-    let ids = m.encode("In 1969, Neil Armstrong became the first person to walk on the Moon. He said").unwrap();
+    let ids = m
+        .encode("In 1969, Neil Armstrong became the first person to walk on the Moon. He said")
+        .unwrap();
     let mut full = Vec::new();
     let mut st = m.lm.new_state(64, 512).unwrap();
     m.lm.forward(&ids, &mut st, true, &mut full).unwrap();
@@ -94,7 +113,11 @@ fn chunked_prefill_matches_token_by_token_logits() {
     let mut step = Vec::new();
     for (i, &t) in ids.iter().enumerate() {
         m.lm.forward(&[t], &mut st, false, &mut step).unwrap();
-        let d = full[i * vocab..(i + 1) * vocab].iter().zip(&step).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        let d = full[i * vocab..(i + 1) * vocab]
+            .iter()
+            .zip(&step)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
         assert!(d < 1e-4, "position {i}: max abs diff {d}");
     }
 }
@@ -105,7 +128,10 @@ fn stop_strings_and_streaming_agree() {
     let ids = m.encode("The capital of France is").unwrap();
     let full = m.generate(&ids, &greedy(12), |_| true).unwrap();
     // Stop at the first "." the model writes: it must not be printed.
-    let p = GenerationParameters { stop_strings: vec![".".into()], ..greedy(12) };
+    let p = GenerationParameters {
+        stop_strings: vec![".".into()],
+        ..greedy(12)
+    };
     let mut streamed = String::new();
     let out = m
         .generate(&ids, &p, |s| {

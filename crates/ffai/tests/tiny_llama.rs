@@ -121,9 +121,8 @@ fn permute_rows(w: &[f32], n_heads: usize, cols: usize) -> Vec<f32> {
 }
 
 fn gguf_bytes(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
-    let mut w = GgufWriter::default();
     let u = |v: usize| MetaValue::U32(v as u32);
-    w.metadata = vec![
+    let metadata = vec![
         ("general.architecture".into(), MetaValue::String("llama".into())),
         ("llama.embedding_length".into(), u(H)),
         ("llama.feed_forward_length".into(), u(FFN)),
@@ -135,6 +134,7 @@ fn gguf_bytes(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
         ("llama.attention.layer_norm_rms_epsilon".into(), MetaValue::F32(1e-5)),
         ("llama.vocab_size".into(), u(VOCAB)),
     ];
+    let mut out = Vec::new();
     for (name, shape, data) in tensors {
         let gname = ffai::weights::hf_to_gguf_name(name);
         let data = if name.ends_with("q_proj.weight") {
@@ -145,9 +145,9 @@ fn gguf_bytes(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
             data.clone()
         };
         let bytes = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-        w.tensors.push((gname, WeightType::F32, shape.clone(), bytes));
+        out.push((gname, WeightType::F32, shape.clone(), bytes));
     }
-    w.to_bytes()
+    GgufWriter { metadata, tensors: out }.to_bytes()
 }
 
 fn load_hf(dir: &std::path::Path) -> Box<dyn LanguageModel> {
