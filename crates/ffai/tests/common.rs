@@ -20,13 +20,12 @@ impl Rng {
     }
 }
 
-/// A fresh empty directory under the system temp dir.
+/// A fresh empty directory under the system temp dir, unique per call (tests run in
+/// parallel threads of one process).
 pub fn temp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "ffai-test-{tag}-{}-{}",
-        std::process::id(),
-        Rng(tag.len() as u64 ^ std::process::id() as u64).next_u64()
-    ));
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("ffai-test-{tag}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
