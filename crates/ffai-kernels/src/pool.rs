@@ -5,6 +5,7 @@
 //! counter before sleeping on a condvar, so back-to-back regions inside one decode step
 //! cost a cache-line handoff rather than a futex wake.
 
+use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -16,18 +17,30 @@ struct Job {
     call: unsafe fn(*const (), usize, usize),
 }
 
-// SAFETY: the pointer is only dereferenced while `run` keeps the closure alive and the
-// closure is `Sync`, so sharing it across the worker threads is sound.
-unsafe impl Send for Job {}
-
 struct Shared {
+    /// Bumped once per region; workers run the job when they see a new value.
     generation: AtomicU64,
+    /// Workers still running the current region.
     remaining: AtomicUsize,
+    /// Workers that are (about to be) asleep on `wake`; `run` only pays for a futex wake
+    /// when this is non-zero.
+    sleepers: AtomicUsize,
     shutdown: AtomicBool,
-    job: Mutex<Option<Job>>,
+    /// Written only by `run` while no worker is running a job (remaining == 0), read by
+    /// workers only after they observe the generation that published it.
+    job: UnsafeCell<Option<Job>>,
+    lock: Mutex<()>,
     wake: Condvar,
     n_threads: usize,
 }
+
+// SAFETY: the job pointer refers to a `Sync` closure that `run` keeps alive while any
+// worker may call it, so moving the `Shared` (and its pointer) across threads is sound.
+unsafe impl Send for Shared {}
+// SAFETY: `job` is the only non-Sync field; its accesses are ordered by `generation`
+// (Release in `run`, Acquire in workers) and `remaining` (workers finish reading before
+// decrementing it; `run` writes only after it reached zero), so no access races.
+unsafe impl Sync for Shared {}
 
 pub struct ThreadPool {
     shared: Arc<Shared>,
@@ -36,7 +49,9 @@ pub struct ThreadPool {
     run_lock: Mutex<()>,
 }
 
-/// How long a worker spins waiting for the next region before it sleeps.
+/// How long a worker spins waiting for the next region before it sleeps (~0.1-0.5 ms):
+/// long enough to bridge the gaps between ops of one decode step, short enough not to
+/// burn a core between requests.
 const SPIN_ITERS: u32 = 20_000;
 
 impl ThreadPool {
@@ -46,8 +61,10 @@ impl ThreadPool {
         let shared = Arc::new(Shared {
             generation: AtomicU64::new(0),
             remaining: AtomicUsize::new(0),
+            sleepers: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
-            job: Mutex::new(None),
+            job: UnsafeCell::new(None),
+            lock: Mutex::new(()),
             wake: Condvar::new(),
             n_threads,
         });
@@ -73,7 +90,8 @@ impl ThreadPool {
 
     /// Runs `f(i, n)` for i in 0..n on the pool's n threads and waits for all of them.
     pub fn run<F: Fn(usize, usize) + Sync>(&self, f: F) {
-        let n = self.shared.n_threads;
+        let s = &*self.shared;
+        let n = s.n_threads;
         if n == 1 {
             f(0, 1);
             return;
@@ -84,21 +102,24 @@ impl ThreadPool {
             let f = unsafe { &*(p as *const F) };
             f(i, n)
         }
-        let job = Job {
-            data: &f as *const F as *const (),
-            call: trampoline::<F>,
+        // SAFETY: every worker finished the previous region (remaining was 0 when the
+        // last `run` returned) and none reads `job` until the generation below changes.
+        unsafe {
+            *s.job.get() = Some(Job {
+                data: &f as *const F as *const (),
+                call: trampoline::<F>,
+            })
         };
-        {
-            let mut slot = self.shared.job.lock().unwrap_or_else(|e| e.into_inner());
-            *slot = Some(job);
-            self.shared.remaining.store(n - 1, Ordering::Release);
-            self.shared.generation.fetch_add(1, Ordering::AcqRel);
+        s.remaining.store(n - 1, Ordering::SeqCst);
+        s.generation.fetch_add(1, Ordering::SeqCst);
+        if s.sleepers.load(Ordering::SeqCst) > 0 {
+            let _l = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+            s.wake.notify_all();
         }
-        self.shared.wake.notify_all();
         f(0, n);
-        // Wait for the workers; they finish within the same region, so spin then yield.
+        // The workers finish within the same region: spin, then yield.
         let mut spins = 0u32;
-        while self.shared.remaining.load(Ordering::Acquire) != 0 {
+        while s.remaining.load(Ordering::Acquire) != 0 {
             spins += 1;
             if spins < SPIN_ITERS {
                 std::hint::spin_loop();
@@ -114,29 +135,36 @@ fn worker_loop(s: &Shared, index: usize) {
     let mut seen = 0u64;
     loop {
         let mut spins = 0u32;
-        let job = loop {
+        loop {
             if s.shutdown.load(Ordering::Acquire) {
                 return;
             }
             let g = s.generation.load(Ordering::Acquire);
             if g != seen {
                 seen = g;
-                break *s.job.lock().unwrap_or_else(|e| e.into_inner());
+                break;
             }
             spins += 1;
             if spins < SPIN_ITERS {
                 std::hint::spin_loop();
             } else {
-                let guard = s.job.lock().unwrap_or_else(|e| e.into_inner());
-                if s.generation.load(Ordering::Acquire) == seen && !s.shutdown.load(Ordering::Acquire) {
+                // Announce the sleep before the final check so `run` either sees us
+                // sleeping (and wakes us) or we see its new generation.
+                s.sleepers.fetch_add(1, Ordering::SeqCst);
+                let guard = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+                if s.generation.load(Ordering::SeqCst) == seen && !s.shutdown.load(Ordering::SeqCst) {
                     drop(s.wake.wait(guard).unwrap_or_else(|e| e.into_inner()));
+                } else {
+                    drop(guard);
                 }
+                s.sleepers.fetch_sub(1, Ordering::SeqCst);
                 spins = 0;
             }
-        };
-        if let Some(job) = job {
-            // SAFETY: `run` published this job for the current generation and does not
-            // return (dropping the closure) until `remaining` reaches zero below.
+        }
+        // SAFETY: the generation we just observed was published after `job` was written
+        // (Release/Acquire), and `run` does not touch it again until `remaining` is 0.
+        if let Some(job) = unsafe { *s.job.get() } {
+            // SAFETY: `run` keeps the closure alive until every worker decremented `remaining`.
             unsafe { (job.call)(job.data, index, s.n_threads) };
         }
         s.remaining.fetch_sub(1, Ordering::AcqRel);
@@ -145,11 +173,11 @@ fn worker_loop(s: &Shared, index: usize) {
 
 impl Drop for ThreadPool {
     fn drop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
         {
-            let _slot = self.shared.job.lock().unwrap_or_else(|e| e.into_inner());
-            self.shared.shutdown.store(true, Ordering::Release);
+            let _l = self.shared.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.shared.wake.notify_all();
         }
-        self.shared.wake.notify_all();
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
@@ -182,6 +210,22 @@ mod tests {
                 hits[i].fetch_add(1, Ordering::Relaxed);
             });
             assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+        }
+    }
+
+    #[test]
+    fn workers_wake_after_sleeping() {
+        let pool = ThreadPool::new(2);
+        for _ in 0..3 {
+            // Long enough for the worker to stop spinning and go to sleep.
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            let hit = AtomicUsize::new(0);
+            pool.run(|i, _| {
+                if i == 1 {
+                    hit.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            assert_eq!(hit.load(Ordering::Relaxed), 1);
         }
     }
 
