@@ -241,6 +241,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         true
     })?;
     let _ = writeln!(stdout);
+    let _ = stdout.flush();
     eprintln!(
         "prompt: {} tokens, {:.1} tok/s | generated: {} tokens, {:.1} tok/s | loaded in {:.2}s | {}",
         out.prompt_ids.len(),

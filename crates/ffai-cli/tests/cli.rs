@@ -249,7 +249,7 @@ fn bad_model_files_fail_cleanly() {
     .unwrap();
     assert_clean_failure(
         &ffai(&["generate", "-m", hf.to_str().unwrap(), "-p", "hi"]),
-        "intermediate_size",
+        "missing required field",
     );
     std::fs::write(
         hf.join("config.json"),
@@ -267,7 +267,12 @@ fn bad_model_files_fail_cleanly() {
         &ffai(&["generate", "-m", hf.to_str().unwrap(), "-p", "hi"]),
         "unsupported architecture",
     );
-    // A safetensors header that claims to be enormous.
+    // A safetensors header that claims to be enormous (with a valid Llama config).
+    std::fs::write(
+        hf.join("config.json"),
+        r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4,"vocab_size":100}"#,
+    )
+    .unwrap();
     std::fs::write(hf.join("model.safetensors"), u64::MAX.to_le_bytes()).unwrap();
     assert_clean_failure(
         &ffai(&["generate", "-m", hf.to_str().unwrap(), "-p", "hi"]),

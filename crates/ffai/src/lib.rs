@@ -55,19 +55,27 @@ impl Model {
         };
         let device = Device::cpu(threads);
         let src = location.path().display().to_string();
-        let (cfg, weights, tokenizer, from_gguf) = match &location {
+        // Config first, then the family check, so an unsupported model fails before any
+        // weights or tokenizer files are touched.
+        let (cfg, weights, tokenizer, family) = match &location {
             ModelLocation::Gguf(path) => {
                 let f = gguf::GgufFile::open(path)?;
                 let mut cfg = ModelConfig::from_gguf(&f, &src)?;
+                let family = models::family_for(&cfg, true).map_err(|e| e.context(&src))?;
                 let weights = Weights::from_gguf(&f, &src);
                 cfg.tie_word_embeddings = !weights.has("output.weight");
                 cfg.attention_bias = weights.has("blk.0.attn_q.bias");
                 let tok = Tokenizer::from_gguf(&f).map_err(|e| e.context(&src))?;
-                (cfg, weights, tok, true)
+                (cfg, weights, tok, family)
             }
-            ModelLocation::HfDir(dir) => load_hf_dir(dir)?,
+            ModelLocation::HfDir(dir) => {
+                let cfg = read_hf_config(dir)?;
+                let family = models::family_for(&cfg, false).map_err(|e| e.context(&src))?;
+                let weights = Weights::from_safetensors_dir(dir)?;
+                let tok = Tokenizer::from_hf_dir(dir)?;
+                (cfg, weights, tok, family)
+            }
         };
-        let family = models::family_for(&cfg, from_gguf).map_err(|e| e.context(&src))?;
         let lm = (family.load)(&cfg, &weights, &device)
             .map_err(|e| e.context(format!("loading {} as {}", src, family.name)))?;
         let mut types = std::collections::BTreeMap::<String, usize>::new();
@@ -105,14 +113,10 @@ impl Model {
     }
 }
 
-fn load_hf_dir(dir: &Path) -> Result<(ModelConfig, Weights, Tokenizer, bool)> {
-    let src = dir.display().to_string();
+fn read_hf_config(dir: &Path) -> Result<ModelConfig> {
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::new(format!("{}: {e}", cfg_path.display())))?;
     let json: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::new(format!("{}: invalid JSON: {e}", cfg_path.display())))?;
-    let cfg = ModelConfig::from_hf_json(&json, &src)?;
-    let weights = Weights::from_safetensors_dir(dir)?;
-    let tok = Tokenizer::from_hf_dir(dir)?;
-    Ok((cfg, weights, tok, false))
+    ModelConfig::from_hf_json(&json, &dir.display().to_string())
 }

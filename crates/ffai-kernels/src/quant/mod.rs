@@ -32,6 +32,11 @@ use std::fmt;
 mod float;
 mod kquant;
 mod legacy;
+pub mod q8;
+
+pub use q8::{
+    dot_row_q8, dot_row_q8_multi, force_portable, has_q8_path, q8_backend_name, ActFormat, ActsWriter, QuantizedActs,
+};
 
 /// Elements per legacy quant block.
 const QK: usize = 32;

@@ -1,0 +1,592 @@
+//! Integer dot products of quantized weight rows with 8-bit quantized activations.
+//!
+//! Instead of decoding every weight to `f32` (what [`dot_row`](super::dot_row)
+//! does), the activation vector is quantized once per token to signed bytes with one
+//! `f32` scale per block, and each weight block is multiplied with it in integer
+//! arithmetic; only one scale multiply per block (per sub-block for the K-quants)
+//! is done in floating point. This is the scheme ggml uses; the code here is our own.
+//!
+//! # Activation formats ([`ActFormat`])
+//!
+//! | weight types | activation blocks |
+//! |--------------|-------------------|
+//! | Q4_0, Q5_0, Q8_0 | [`ActFormat::Q8_0`]: 32 × `i8` + `d: f32` |
+//! | Q4_1, Q5_1 | [`ActFormat::Q8_1`]: as Q8_0 plus `s = d · Σq` (`f32`), for the weights' min term |
+//! | Q4_K, Q5_K, Q6_K | [`ActFormat::Q8K`]: 256 × `i8` + `d: f32` + 16 × `i16` sums of 16 consecutive `q` |
+//! | F32, F16, BF16 | [`ActFormat::F32`]: a plain `f32` copy; [`dot_row_q8`] then just calls [`dot_row`](super::dot_row) |
+//!
+//! Every block of `x` is quantized symmetrically: `amax = max |x|`, `d = amax / 127`,
+//! `q = round_ties_even(x · 127 / amax)` (so `q ∈ [-127, 127]`; never -128, which
+//! the AVX2 kernels rely on). An all-zero block gets `d = 0`, `q = 0`. A block with a
+//! NaN or infinite element gets `d = NaN`, `q = 0`, so any dot with it is NaN (as the
+//! `f32` path would give). Blocks so tiny that `127 / amax` overflows are handled
+//! exactly (an extra power-of-two prescale), so subnormal activations work.
+//! Relative to the unquantized activation, each element is off by at most
+//! `d / 2 = amax / 254` — about 0.4 % of the block's largest magnitude.
+//!
+//! # Implementations
+//!
+//! Two implementations exist: `"avx2"` (x86-64 with AVX2, FMA and F16C, detected at
+//! run time) and `"portable"` (plain Rust, used elsewhere or when
+//! [`force_portable`]`(true)`). Both quantize activations to **identical bytes** and
+//! compute **identical integer dot products** per block (sub-block for the
+//! K-quants); they differ only in how the per-block `f32` terms are summed (the
+//! AVX2 path converts 8 integer lanes to `f32` and sums them with FMA in two
+//! interleaved accumulators; the portable path sums the exact integer of each block
+//! sequentially). The difference is ordinary `f32` rounding: below
+//! `1e-6 · Σ_blocks |term|` for rows of a few thousand elements (the tests use
+//! `1e-5 · Σ|w·x|`-style bounds).
+//!
+//! Within one implementation, [`dot_row_q8_multi`] is bit-identical to calling
+//! [`dot_row_q8`] token by token: every token's arithmetic is the same sequence of
+//! operations whatever tile of tokens it is processed in.
+//!
+//! # Threads
+//!
+//! [`QuantizedActs`] is `Send + Sync`; any number of threads may call the dot
+//! functions on one shared `&QuantizedActs`. To quantize token rows in parallel,
+//! call [`QuantizedActs::prepare`] once, then [`QuantizedActs::writer`] and hand the
+//! (`Sync`) [`ActsWriter`] to the threads: each calls
+//! [`ActsWriter::quantize_rows`] for its own token range. Overlapping ranges are
+//! caught at run time (every token row can be claimed once per writer; a second
+//! claim panics), so the API is safe.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::{dot_row, WeightType, QK, QK_K};
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+mod portable;
+
+/// Sums of `q` kept per Q8_K super-block (one per 16 elements).
+const KSUMS: usize = QK_K / 16;
+
+/// The activation block format a weight type's integer dot wants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ActFormat {
+    /// Plain `f32` copy (float weight types: no integer path).
+    F32,
+    /// 32 × `i8`, `d: f32`.
+    Q8_0,
+    /// 32 × `i8`, `d: f32`, `s = d · Σq: f32`.
+    Q8_1,
+    /// 256 × `i8`, `d: f32`, 16 × `i16` partial sums of 16 elements.
+    Q8K,
+}
+
+impl ActFormat {
+    /// The format [`dot_row_q8`] needs for weights of type `ty`.
+    pub const fn for_weight(ty: WeightType) -> ActFormat {
+        match ty {
+            WeightType::F32 | WeightType::F16 | WeightType::BF16 => ActFormat::F32,
+            WeightType::Q4_0 | WeightType::Q5_0 | WeightType::Q8_0 => ActFormat::Q8_0,
+            WeightType::Q4_1 | WeightType::Q5_1 => ActFormat::Q8_1,
+            WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => ActFormat::Q8K,
+        }
+    }
+
+    /// Elements per block (1 for `F32`).
+    pub const fn block_len(self) -> usize {
+        match self {
+            ActFormat::F32 => 1,
+            ActFormat::Q8_0 | ActFormat::Q8_1 => QK,
+            ActFormat::Q8K => QK_K,
+        }
+    }
+}
+
+/// True when `ty` has an integer-dot path (every quantized type).
+pub fn has_q8_path(ty: WeightType) -> bool {
+    ty.is_quantized()
+}
+
+// ----------------------------------------------------------------- dispatch
+
+static FORCE_PORTABLE: AtomicBool = AtomicBool::new(false);
+
+/// Makes every following call use the portable implementation (`true`) or the
+/// fastest one the CPU supports (`false`, the default). Global; meant for tests.
+pub fn force_portable(on: bool) {
+    FORCE_PORTABLE.store(on, Ordering::SeqCst);
+}
+
+/// True when the AVX2 kernels may run now (detected and not forced off).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn use_avx2() -> bool {
+    !FORCE_PORTABLE.load(Ordering::Relaxed) && avx2::detected()
+}
+
+/// The implementation calls run on now: `"avx2"` or `"portable"`.
+pub fn q8_backend_name() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        return "avx2";
+    }
+    "portable"
+}
+
+// ------------------------------------------------------------ activations
+
+/// Read-only view of the quantized activations, shared by both implementations.
+/// Token `t`, block `b`: `qs[t·cols + b·block ..][..block]`, `d[t·nblk + b]`,
+/// `s[t·nblk + b]` (Q8_1), `bsums[(t·nblk + b)·16 ..][..16]` (Q8_K).
+#[derive(Clone, Copy)]
+struct View<'a> {
+    qs: &'a [i8],
+    d: &'a [f32],
+    s: &'a [f32],
+    bsums: &'a [i16],
+    cols: usize,
+    nblk: usize,
+}
+
+/// Token activations quantized for one weight type's integer dot.
+///
+/// Owns its buffers and reuses them: after the first call at a given (or larger)
+/// `n · cols`, [`quantize`](Self::quantize) / [`prepare`](Self::prepare) never allocate.
+#[derive(Debug)]
+pub struct QuantizedActs {
+    fmt: ActFormat,
+    n: usize,
+    cols: usize,
+    /// Quants, `n · cols` of them starting at `qs_off` (which 32-byte aligns them).
+    qs: Vec<i8>,
+    qs_off: usize,
+    d: Vec<f32>,
+    s: Vec<f32>,
+    bsums: Vec<i16>,
+    /// `F32` format: the activations themselves.
+    xf: Vec<f32>,
+    /// One flag per token row, for [`ActsWriter`]'s disjointness check.
+    claimed: Vec<AtomicBool>,
+}
+
+impl Default for QuantizedActs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Grows `v` to at least `len` elements; never shrinks it (so its buffer never moves
+/// once it is big enough).
+fn grow<T: Clone + Default>(v: &mut Vec<T>, len: usize) {
+    if v.len() < len {
+        v.resize(len, T::default());
+    }
+}
+
+impl QuantizedActs {
+    /// An empty set (no tokens); allocates nothing.
+    pub fn new() -> Self {
+        QuantizedActs {
+            fmt: ActFormat::F32,
+            n: 0,
+            cols: 0,
+            qs: Vec::new(),
+            qs_off: 0,
+            d: Vec::new(),
+            s: Vec::new(),
+            bsums: Vec::new(),
+            xf: Vec::new(),
+            claimed: Vec::new(),
+        }
+    }
+
+    /// Sizes the buffers for `n` tokens of `cols` elements in `ty`'s activation format,
+    /// without quantizing anything (the rows are left as they were; fill them with
+    /// [`quantize_rows`](Self::quantize_rows) or a [`writer`](Self::writer)).
+    ///
+    /// Panics when `cols` is not a whole number of `ty`'s blocks.
+    pub fn prepare(&mut self, ty: WeightType, n: usize, cols: usize) {
+        assert!(
+            ty.row_bytes(cols).is_some(),
+            "{ty}: {cols} columns are not a whole number of {}-element blocks",
+            ty.block_len()
+        );
+        let fmt = ActFormat::for_weight(ty);
+        let len = n.checked_mul(cols).expect("activation size overflows usize");
+        let nblk = cols / fmt.block_len();
+        self.fmt = fmt;
+        self.n = n;
+        self.cols = cols;
+        match fmt {
+            ActFormat::F32 => grow(&mut self.xf, len),
+            _ => {
+                grow(&mut self.qs, len + 31);
+                // Start the quants on a 32-byte boundary (rows are whole blocks, so
+                // every block is aligned too). Only speed depends on this.
+                self.qs_off = (self.qs.as_ptr() as usize).wrapping_neg() % 32;
+                grow(&mut self.d, n * nblk);
+                if fmt == ActFormat::Q8_1 {
+                    grow(&mut self.s, n * nblk);
+                }
+                if fmt == ActFormat::Q8K {
+                    grow(&mut self.bsums, n * nblk * KSUMS);
+                }
+            }
+        }
+        if self.claimed.len() < n {
+            self.claimed.resize_with(n, || AtomicBool::new(false));
+        }
+    }
+
+    /// Quantizes `n` token rows of `x` (`[n, cols]` row-major, at least `n · cols`
+    /// values) for weight type `ty`, reusing the buffers.
+    pub fn quantize(&mut self, ty: WeightType, x: &[f32], n: usize, cols: usize) {
+        self.prepare(ty, n, cols);
+        self.quantize_rows(x, 0..n);
+    }
+
+    /// Quantizes token rows `rows` of `x` (the whole `[n, cols]` matrix given to
+    /// [`prepare`](Self::prepare); only those rows are read). Call `prepare` first.
+    pub fn quantize_rows(&mut self, x: &[f32], rows: Range<usize>) {
+        self.writer().quantize_rows(x, rows);
+    }
+
+    /// A handle that lets several threads quantize *disjoint* token rows at once
+    /// (see the module docs). Call [`prepare`](Self::prepare) first. While the
+    /// writer lives, `self` is mutably borrowed, so nobody can read half-written rows.
+    pub fn writer(&mut self) -> ActsWriter<'_> {
+        for c in &mut self.claimed[..self.n] {
+            *c.get_mut() = false;
+        }
+        let (n, cols, fmt) = (self.n, self.cols, self.fmt);
+        let nblk = cols / fmt.block_len();
+        ActsWriter {
+            fmt,
+            n,
+            cols,
+            nblk,
+            qs: self.qs[self.qs_off..].as_mut_ptr(),
+            d: self.d.as_mut_ptr(),
+            s: self.s.as_mut_ptr(),
+            bsums: self.bsums.as_mut_ptr(),
+            xf: self.xf.as_mut_ptr(),
+            claimed: &self.claimed[..n],
+            _borrow: std::marker::PhantomData,
+        }
+    }
+
+    /// The activation format held.
+    pub fn format(&self) -> ActFormat {
+        self.fmt
+    }
+
+    /// Number of token rows.
+    pub fn tokens(&self) -> usize {
+        self.n
+    }
+
+    /// Elements per token row.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Blocks per token row (`cols` for the `F32` format).
+    fn nblk(&self) -> usize {
+        self.cols / self.fmt.block_len()
+    }
+
+    /// Token `t`'s quants (`cols` values; empty for the `F32` format).
+    pub fn token_quants(&self, t: usize) -> &[i8] {
+        assert!(t < self.n, "token {t} of {}", self.n);
+        if self.fmt == ActFormat::F32 {
+            return &[];
+        }
+        &self.qs[self.qs_off + t * self.cols..][..self.cols]
+    }
+
+    /// Token `t`'s block scales `d` (one per block; empty for the `F32` format).
+    pub fn token_scales(&self, t: usize) -> &[f32] {
+        assert!(t < self.n, "token {t} of {}", self.n);
+        if self.fmt == ActFormat::F32 {
+            return &[];
+        }
+        &self.d[t * self.nblk()..][..self.nblk()]
+    }
+
+    /// Token `t`'s `s = d · Σq` per block (Q8_1 only; empty otherwise).
+    pub fn token_block_sums(&self, t: usize) -> &[f32] {
+        assert!(t < self.n, "token {t} of {}", self.n);
+        if self.fmt != ActFormat::Q8_1 {
+            return &[];
+        }
+        &self.s[t * self.nblk()..][..self.nblk()]
+    }
+
+    /// Token `t`'s sums of 16 consecutive quants (Q8_K only, 16 per super-block;
+    /// empty otherwise).
+    pub fn token_sums16(&self, t: usize) -> &[i16] {
+        assert!(t < self.n, "token {t} of {}", self.n);
+        if self.fmt != ActFormat::Q8K {
+            return &[];
+        }
+        &self.bsums[t * self.nblk() * KSUMS..][..self.nblk() * KSUMS]
+    }
+
+    /// Token `t`'s activations as stored for the `F32` format (empty otherwise).
+    pub fn token_f32(&self, t: usize) -> &[f32] {
+        assert!(t < self.n, "token {t} of {}", self.n);
+        if self.fmt != ActFormat::F32 {
+            return &[];
+        }
+        &self.xf[t * self.cols..][..self.cols]
+    }
+
+    /// Buffer addresses and capacities, for tests that check nothing reallocates.
+    #[doc(hidden)]
+    pub fn buffer_fingerprint(&self) -> [(usize, usize); 5] {
+        [
+            (self.qs.as_ptr() as usize, self.qs.capacity()),
+            (self.d.as_ptr() as usize, self.d.capacity()),
+            (self.s.as_ptr() as usize, self.s.capacity()),
+            (self.bsums.as_ptr() as usize, self.bsums.capacity()),
+            (self.xf.as_ptr() as usize, self.xf.capacity()),
+        ]
+    }
+
+    fn view(&self) -> View<'_> {
+        let nblk = self.nblk();
+        View {
+            qs: &self.qs[self.qs_off..][..self.n * self.cols],
+            d: &self.d[..self.n * nblk],
+            s: if self.fmt == ActFormat::Q8_1 {
+                &self.s[..self.n * nblk]
+            } else {
+                &[]
+            },
+            bsums: if self.fmt == ActFormat::Q8K {
+                &self.bsums[..self.n * nblk * KSUMS]
+            } else {
+                &[]
+            },
+            cols: self.cols,
+            nblk,
+        }
+    }
+}
+
+/// Lets threads quantize disjoint token rows of one [`QuantizedActs`] in parallel.
+/// Obtained from [`QuantizedActs::writer`]; `Sync`, so share it by reference.
+pub struct ActsWriter<'a> {
+    fmt: ActFormat,
+    n: usize,
+    cols: usize,
+    nblk: usize,
+    qs: *mut i8,
+    d: *mut f32,
+    s: *mut f32,
+    bsums: *mut i16,
+    xf: *mut f32,
+    claimed: &'a [AtomicBool],
+    _borrow: std::marker::PhantomData<&'a mut QuantizedActs>,
+}
+
+// SAFETY: the raw pointers point into buffers exclusively borrowed (`&'a mut`) for the
+// writer's lifetime; `quantize_rows` writes only token rows it has claimed through the
+// atomic flags, each of which can be claimed once, so no two threads ever touch the
+// same elements and nobody reads them until the borrow ends.
+unsafe impl Send for ActsWriter<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for ActsWriter<'_> {}
+
+impl ActsWriter<'_> {
+    /// Quantizes token rows `rows` of `x` (the whole `[n, cols]` matrix; only those
+    /// rows are read). Panics if a row in `rows` was already quantized through this
+    /// writer (by any thread), if `rows` runs past `n`, or if `x` is too short.
+    pub fn quantize_rows(&self, x: &[f32], rows: Range<usize>) {
+        assert!(
+            rows.start <= rows.end && rows.end <= self.n,
+            "token rows {rows:?} outside 0..{}",
+            self.n
+        );
+        assert!(
+            x.len() >= rows.end * self.cols,
+            "activations hold {} values, token rows up to {} need {}",
+            x.len(),
+            rows.end,
+            rows.end * self.cols
+        );
+        for t in rows {
+            assert!(
+                !self.claimed[t].swap(true, Ordering::AcqRel),
+                "token row {t} quantized twice through one writer"
+            );
+            let xr = &x[t * self.cols..(t + 1) * self.cols];
+            let (cols, nblk) = (self.cols, self.nblk);
+            // SAFETY: row `t < n` was claimed just now and never before by this writer,
+            // so no other thread writes (or reads) these ranges; the buffers were sized
+            // by `prepare` for `n` rows of this format (the offsets below are the same
+            // as `View`'s), and stay borrowed for the writer's lifetime.
+            unsafe {
+                match self.fmt {
+                    ActFormat::F32 => {
+                        std::slice::from_raw_parts_mut(self.xf.add(t * cols), cols).copy_from_slice(xr);
+                    }
+                    ActFormat::Q8_0 | ActFormat::Q8_1 => {
+                        let q = std::slice::from_raw_parts_mut(self.qs.add(t * cols), cols);
+                        let d = std::slice::from_raw_parts_mut(self.d.add(t * nblk), nblk);
+                        let s = if self.fmt == ActFormat::Q8_1 {
+                            Some(std::slice::from_raw_parts_mut(self.s.add(t * nblk), nblk))
+                        } else {
+                            None
+                        };
+                        quantize_q8_row(xr, q, d, s);
+                    }
+                    ActFormat::Q8K => {
+                        let q = std::slice::from_raw_parts_mut(self.qs.add(t * cols), cols);
+                        let d = std::slice::from_raw_parts_mut(self.d.add(t * nblk), nblk);
+                        let bs = std::slice::from_raw_parts_mut(self.bsums.add(t * nblk * KSUMS), nblk * KSUMS);
+                        quantize_q8k_row(xr, q, d, bs);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The quantization step of a block whose largest magnitude is `amax`:
+/// `q = round_ties_even((x · m1) · m2)`, `x ≈ q · d`.
+///
+/// Both implementations use exactly these scalars and this operation order, so
+/// they produce identical bytes. `m2` is 1 except for blocks so small that
+/// `127 / amax` overflows; those are first scaled up by 2^100 (exact).
+#[derive(Clone, Copy)]
+struct Step {
+    d: f32,
+    m1: f32,
+    m2: f32,
+}
+
+impl Step {
+    /// `amax` must be `max |x|` with NaN above infinity above every finite value
+    /// (the order of the IEEE bit patterns without sign), so it is NaN or infinite
+    /// exactly when some element is.
+    #[inline]
+    fn new(amax: f32) -> Option<Step> {
+        if !amax.is_finite() {
+            return None;
+        }
+        if amax == 0.0 {
+            return Some(Step {
+                d: 0.0,
+                m1: 0.0,
+                m2: 0.0,
+            });
+        }
+        let d = amax / 127.0;
+        let id = 127.0 / amax;
+        if id.is_finite() {
+            Some(Step { d, m1: id, m2: 1.0 })
+        } else {
+            const UP: f32 = (1u128 << 100) as f32;
+            Some(Step {
+                d,
+                m1: UP,
+                m2: 127.0 / (amax * UP),
+            })
+        }
+    }
+}
+
+/// Q4_K / Q5_K's 12 packed scale bytes as `(scales, mins)`: byte `j` of each
+/// little-endian `u64` is sub-block `j`'s 6-bit value (layout in `kquant.rs`).
+#[inline(always)]
+fn k_scales(s: &[u8; 12]) -> (u64, u64) {
+    let w = |i: usize| u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]);
+    let (w0, w1, w2) = (w(0), w(1), w(2));
+    let sc_lo = w0 & 0x3F3F_3F3F;
+    let mn_lo = w1 & 0x3F3F_3F3F;
+    let sc_hi = (w2 & 0x0F0F_0F0F) | (((w0 >> 6) & 0x0303_0303) << 4);
+    let mn_hi = ((w2 >> 4) & 0x0F0F_0F0F) | (((w1 >> 6) & 0x0303_0303) << 4);
+    (
+        u64::from(sc_lo) | (u64::from(sc_hi) << 32),
+        u64::from(mn_lo) | (u64::from(mn_hi) << 32),
+    )
+}
+
+/// Quantizes one token row into Q8_0 blocks (and their `s = d·Σq` when `s` is given).
+fn quantize_q8_row(x: &[f32], q: &mut [i8], d: &mut [f32], s: Option<&mut [f32]>) {
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        // SAFETY: the AVX2/FMA/F16C features were detected at run time.
+        unsafe { avx2::quantize_q8_row(x, q, d, s) };
+        return;
+    }
+    portable::quantize_q8_row(x, q, d, s);
+}
+
+/// Quantizes one token row into Q8_K super-blocks.
+fn quantize_q8k_row(x: &[f32], q: &mut [i8], d: &mut [f32], bsums: &mut [i16]) {
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        // SAFETY: the AVX2/FMA/F16C features were detected at run time.
+        unsafe { avx2::quantize_q8k_row(x, q, d, bsums) };
+        return;
+    }
+    portable::quantize_q8k_row(x, q, d, bsums);
+}
+
+// --------------------------------------------------------------------- dots
+
+/// Checks that `row` of type `ty` can be dotted with `acts`' tokens `tokens`.
+#[inline]
+fn check(ty: WeightType, row: &[u8], acts: &QuantizedActs, tokens: &Range<usize>) {
+    assert!(
+        ActFormat::for_weight(ty) == acts.fmt,
+        "{ty} weights need {:?} activations, these are {:?}",
+        ActFormat::for_weight(ty),
+        acts.fmt
+    );
+    assert!(
+        ty.row_bytes(acts.cols) == Some(row.len()),
+        "{ty} row of {} elements must be {:?} bytes, got {}",
+        acts.cols,
+        ty.row_bytes(acts.cols),
+        row.len()
+    );
+    assert!(
+        tokens.start <= tokens.end && tokens.end <= acts.n,
+        "tokens {tokens:?} outside 0..{}",
+        acts.n
+    );
+}
+
+/// Dot of one stored weight row of type `ty` with token `t` of `acts`, which must have
+/// been quantized for `ty`'s [`ActFormat`] with `cols` = the row's element count.
+///
+/// For F32/F16/BF16 this is [`dot_row`](super::dot_row) on the stored `f32` copy.
+/// Panics on a format, length or token mismatch.
+#[inline]
+pub fn dot_row_q8(ty: WeightType, row: &[u8], acts: &QuantizedActs, t: usize) -> f32 {
+    let mut out = [0.0f32];
+    dot_row_q8_multi(ty, row, acts, t..t + 1, &mut out);
+    out[0]
+}
+
+/// `out[j] = dot_row_q8(ty, row, acts, tokens.start + j)` for every token of
+/// `tokens` (`out.len() == tokens.len()`), decoding each weight block once for a
+/// tile of tokens. Bit-identical to the token-by-token calls.
+pub fn dot_row_q8_multi(ty: WeightType, row: &[u8], acts: &QuantizedActs, tokens: Range<usize>, out: &mut [f32]) {
+    check(ty, row, acts, &tokens);
+    assert_eq!(out.len(), tokens.len(), "output length must equal the token count");
+    if !ty.is_quantized() {
+        for (o, t) in out.iter_mut().zip(tokens) {
+            *o = dot_row(ty, row, acts.token_f32(t));
+        }
+        return;
+    }
+    let view = acts.view();
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        // SAFETY: the features were detected at run time; `check` verified the row
+        // length against `acts.cols`, the format, and that `tokens` lie inside the
+        // buffers `view` covers, which is what the kernels index.
+        unsafe { avx2::dot_multi(ty, row, view, tokens.start, out) };
+        return;
+    }
+    portable::dot_multi(ty, row, view, tokens.start, out);
+}

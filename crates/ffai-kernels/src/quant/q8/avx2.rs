@@ -1,0 +1,553 @@
+//! The x86-64 implementation: AVX2 integer dots (`vpmaddubsw` / `vpmaddwd`), FMA for
+//! the per-block `f32` scaling, F16C for the weights' `f16` scales.
+//!
+//! Every function is `#[target_feature(enable = "avx2,fma,f16c")]` and may only be
+//! called after [`detected`] returned true (the callers in `q8.rs` do so).
+//!
+//! `vpmaddubsw` multiplies *unsigned* bytes by *signed* bytes and adds adjacent pairs
+//! into `i16` with saturation. Activation quants are in `[-127, 127]`, so:
+//! * unsigned weight levels (Q4_1 ≤ 15, Q5_1 ≤ 31, K-quant levels ≤ 63) go in as is:
+//!   a pair is at most `2 · 63 · 127 = 16002`;
+//! * signed levels (Q4_0, Q5_0, Q8_0) use `|w| · (sign(w) · x)`: at most
+//!   `2 · 128 · 127 = 32512`.
+//!
+//! No saturation can happen, so each block's integer dot is exact and equal to the
+//! portable one.
+//!
+//! Tokens are processed in tiles of up to [`TILE`]; each token keeps its own
+//! accumulators and sees the same operations in the same order whatever the tile
+//! size, which makes multi-token results bit-identical to single-token ones.
+
+use std::arch::x86_64::*;
+
+use super::{k_scales, Step, View, KSUMS};
+use crate::quant::{WeightType, QK, QK_K};
+
+/// Tokens per pass over a weight row.
+const TILE: usize = 4;
+
+/// True when this CPU has what the kernels use.
+#[inline]
+pub(super) fn detected() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+}
+
+// ------------------------------------------------------------------ helpers
+
+/// The `f16` at `p` (little-endian), widened exactly.
+///
+/// # Safety
+/// `p..p + 2` must be readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    // SAFETY: the caller guarantees two readable bytes; the read is unaligned-safe.
+    let bits = unsafe { p.cast::<u16>().read_unaligned() };
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+}
+
+/// 32 bytes at `p`.
+///
+/// # Safety
+/// `p..p + 32` must be readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load32<T>(p: *const T) -> __m256i {
+    // SAFETY: guaranteed by the caller; `loadu` has no alignment requirement.
+    unsafe { _mm256_loadu_si256(p.cast()) }
+}
+
+/// Sum of the 8 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum_ps(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// Sum of the 8 `i32` lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum_epi32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+    _mm_cvtsi128_si32(s)
+}
+
+/// Largest of the 8 lanes (all non-negative).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hmax_epi32(v: __m256i) -> i32 {
+    let m = _mm_max_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let m = _mm_max_epi32(m, _mm_shuffle_epi32::<0b01_00_11_10>(m));
+    let m = _mm_max_epi32(m, _mm_shuffle_epi32::<0b10_11_00_01>(m));
+    _mm_cvtsi128_si32(m)
+}
+
+// ------------------------------------------------------------- quantization
+
+/// `max |x|` over `len` floats at `x` (a multiple of 32), ordered by bit pattern like
+/// the portable `amax` (NaN > inf > finite), so the result is bit-identical.
+///
+/// # Safety
+/// `x..x + len` must be readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn amax(x: *const f32, len: usize) -> f32 {
+    let mask = _mm256_set1_epi32(0x7FFF_FFFF);
+    let mut m = [_mm256_setzero_si256(); 4];
+    for c in (0..len).step_by(32) {
+        for (k, mk) in m.iter_mut().enumerate() {
+            // SAFETY: `c + 8k + 8 <= len` floats are readable (caller).
+            let v = unsafe { _mm256_loadu_si256(x.add(c + 8 * k).cast()) };
+            *mk = _mm256_max_epi32(*mk, _mm256_and_si256(v, mask));
+        }
+    }
+    let m = _mm256_max_epi32(_mm256_max_epi32(m[0], m[1]), _mm256_max_epi32(m[2], m[3]));
+    f32::from_bits(hmax_epi32(m) as u32)
+}
+
+/// Quantizes 32 floats at `x` with `st` into 32 bytes at `q`; returns the four
+/// `i32` vectors of quants (elements 0–7, 8–15, 16–23, 24–31) for the sums.
+///
+/// # Safety
+/// `x..x + 32` readable, `q..q + 32` writable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quant32(x: *const f32, st: Step, q: *mut i8) -> [__m256i; 4] {
+    let (m1, m2) = (_mm256_set1_ps(st.m1), _mm256_set1_ps(st.m2));
+    let mut i = [_mm256_setzero_si256(); 4];
+    for (k, ik) in i.iter_mut().enumerate() {
+        // SAFETY: `x + 8k .. x + 8k + 8` lies inside the 32 readable floats.
+        let v = unsafe { _mm256_loadu_ps(x.add(8 * k)) };
+        // (x · m1) · m2, rounded to nearest-even: the portable arithmetic exactly.
+        let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+            _mm256_mul_ps(v, m1),
+            m2,
+        ));
+        *ik = _mm256_cvtps_epi32(r);
+    }
+    // Narrow to bytes (values are within ±127, no saturation); the packs interleave
+    // 128-bit lanes, the permute restores element order.
+    let p = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+    let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    // SAFETY: 32 writable bytes at `q` (caller).
+    unsafe { _mm256_storeu_si256(q.cast(), p) };
+    i
+}
+
+/// See `portable::quantize_q8_row`; identical bytes and scales.
+///
+/// # Safety
+/// The CPU features must have been detected.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn quantize_q8_row(x: &[f32], q: &mut [i8], d: &mut [f32], mut s: Option<&mut [f32]>) {
+    let nb = x.len() / QK;
+    assert!(q.len() >= nb * QK && d.len() >= nb && s.as_ref().is_none_or(|s| s.len() >= nb));
+    for b in 0..nb {
+        // SAFETY: block `b` of `x` and `q` is in bounds (asserted above).
+        let (xp, qp) = unsafe { (x.as_ptr().add(b * QK), q.as_mut_ptr().add(b * QK)) };
+        // SAFETY: 32 readable floats at `xp`.
+        let st = Step::new(unsafe { amax(xp, QK) });
+        let (db, sum) = match st {
+            None => {
+                q[b * QK..(b + 1) * QK].fill(0);
+                (f32::NAN, 0)
+            }
+            Some(st) => {
+                // SAFETY: 32 floats readable at `xp`, 32 bytes writable at `qp`.
+                let i = unsafe { quant32(xp, st, qp) };
+                let sum = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+                (st.d, hsum_epi32(sum))
+            }
+        };
+        d[b] = db;
+        if let Some(s) = s.as_deref_mut() {
+            s[b] = db * sum as f32;
+        }
+    }
+}
+
+/// See `portable::quantize_q8k_row`; identical bytes, scales and sums.
+///
+/// # Safety
+/// The CPU features must have been detected.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn quantize_q8k_row(x: &[f32], q: &mut [i8], d: &mut [f32], bsums: &mut [i16]) {
+    let nb = x.len() / QK_K;
+    assert!(q.len() >= nb * QK_K && d.len() >= nb && bsums.len() >= nb * KSUMS);
+    for b in 0..nb {
+        // SAFETY: super-block `b` of `x` is in bounds (asserted above).
+        let xp = unsafe { x.as_ptr().add(b * QK_K) };
+        // SAFETY: 256 readable floats at `xp`.
+        let Some(st) = Step::new(unsafe { amax(xp, QK_K) }) else {
+            q[b * QK_K..(b + 1) * QK_K].fill(0);
+            bsums[b * KSUMS..(b + 1) * KSUMS].fill(0);
+            d[b] = f32::NAN;
+            continue;
+        };
+        d[b] = st.d;
+        for c in 0..QK_K / 32 {
+            // SAFETY: chunk `c` of super-block `b`: 32 floats readable, 32 bytes writable.
+            let i = unsafe { quant32(xp.add(32 * c), st, q.as_mut_ptr().add(b * QK_K + 32 * c)) };
+            // Two sums of 16: lanes of (i0 + i1) and of (i2 + i3), folded by two hadds.
+            let h = _mm256_hadd_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+            let h = _mm256_hadd_epi32(h, h);
+            let h = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+            bsums[b * KSUMS + 2 * c] = _mm_cvtsi128_si32(h) as i16;
+            bsums[b * KSUMS + 2 * c + 1] = _mm_extract_epi32::<1>(h) as i16;
+        }
+    }
+}
+
+// --------------------------------------------------------------------- dots
+
+const Q4_0: u8 = 0;
+const Q4_1: u8 = 1;
+const Q5_0: u8 = 2;
+const Q5_1: u8 = 3;
+const Q8_0: u8 = 4;
+
+const fn legacy_bytes(k: u8) -> usize {
+    match k {
+        Q4_0 => 18,
+        Q4_1 => 20,
+        Q5_0 => 22,
+        Q5_1 => 24,
+        _ => 34,
+    }
+}
+
+const fn has_min(k: u8) -> bool {
+    k == Q4_1 || k == Q5_1
+}
+
+/// Runs `$kern::<$params.., T>` over `$out` in tiles of `TILE` tokens, then the
+/// remaining 1..TILE-1 tokens with a smaller `T`.
+macro_rules! tiles {
+    ($kern:ident [$($p:tt),*], $row:expr, $v:expr, $t0:expr, $out:expr) => {{
+        let mut t = $t0;
+        let mut chunks = $out.chunks_exact_mut(TILE);
+        for o in &mut chunks {
+            $kern::<$($p,)* TILE>($row, $v, t, o);
+            t += TILE;
+        }
+        let rest = chunks.into_remainder();
+        match rest.len() {
+            0 => {}
+            1 => $kern::<$($p,)* 1>($row, $v, t, rest),
+            2 => $kern::<$($p,)* 2>($row, $v, t, rest),
+            3 => $kern::<$($p,)* 3>($row, $v, t, rest),
+            _ => unreachable!(),
+        }
+    }};
+}
+
+/// `out[j] = row · token (t0 + j)` for every `j`.
+///
+/// # Safety
+/// The CPU features must have been detected; `row` must hold `v.nblk` blocks of `ty`,
+/// `v` must be quantized in `ty`'s activation format and hold tokens
+/// `t0..t0 + out.len()` (what `q8::check` verifies).
+pub(super) unsafe fn dot_multi(ty: WeightType, row: &[u8], v: View<'_>, t0: usize, out: &mut [f32]) {
+    let v = &v;
+    // SAFETY (every arm): the caller's contract is exactly each kernel's.
+    unsafe {
+        match ty {
+            WeightType::Q4_0 => tiles!(dot_legacy[Q4_0], row, v, t0, out),
+            WeightType::Q4_1 => tiles!(dot_legacy[Q4_1], row, v, t0, out),
+            WeightType::Q5_0 => tiles!(dot_legacy[Q5_0], row, v, t0, out),
+            WeightType::Q5_1 => tiles!(dot_legacy[Q5_1], row, v, t0, out),
+            WeightType::Q8_0 => tiles!(dot_legacy[Q8_0], row, v, t0, out),
+            WeightType::Q4K => tiles!(dot_q45k[false], row, v, t0, out),
+            WeightType::Q5K => tiles!(dot_q45k[true], row, v, t0, out),
+            WeightType::Q6K => tiles!(dot_q6k[], row, v, t0, out),
+            WeightType::F32 | WeightType::F16 | WeightType::BF16 => unreachable!("float types have no q8 path"),
+        }
+    }
+}
+
+/// 16 nibble bytes at `p` as 32 bytes `0..=15`: the low nibbles (elements 0–15),
+/// then the high nibbles (elements 16–31).
+///
+/// # Safety
+/// `p..p + 16` must be readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nibbles(p: *const u8) -> __m256i {
+    // SAFETY: 16 readable bytes (caller); no alignment requirement.
+    let x = unsafe { _mm_loadu_si128(p.cast()) };
+    _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(x), x), _mm256_set1_epi8(0x0F))
+}
+
+/// Byte `i` = 0xFF when bit `i` of `qh` is set, else 0.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn bit_bytes(qh: u32) -> __m256i {
+    // Byte i gets a copy of qh's byte i / 8, then keeps only bit i % 8.
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(qh as i32),
+        _mm256_setr_epi64x(0, 0x0101_0101_0101_0101, 0x0202_0202_0202_0202, 0x0303_0303_0303_0303),
+    );
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit)
+}
+
+/// A legacy block at `p`: its 32 levels, `d` and `m` (see `portable::decode_legacy`).
+/// Levels are signed for the symmetric kinds, unsigned (`0..=31`) for Q4_1 / Q5_1.
+///
+/// # Safety
+/// One whole block of kind `K` must be readable at `p`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load_legacy<const K: u8>(p: *const u8) -> (__m256i, f32, f32) {
+    // SAFETY (all reads): the offsets are inside the block (layouts in `legacy.rs`).
+    unsafe {
+        let d = f16_at(p);
+        let qh = |at: usize| p.add(at).cast::<u32>().read_unaligned();
+        match K {
+            Q4_0 => (_mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8)), d, 0.0),
+            Q4_1 => (nibbles(p.add(4)), d, f16_at(p.add(2))),
+            // q - 16 = low nibble when bit 4 is set, low nibble | 0xF0 (as i8) when not.
+            Q5_0 => {
+                let hi = bit_bytes(qh(2));
+                let w = _mm256_or_si256(
+                    nibbles(p.add(6)),
+                    _mm256_andnot_si256(hi, _mm256_set1_epi8(0xF0u8 as i8)),
+                );
+                (w, d, 0.0)
+            }
+            Q5_1 => {
+                let hi = bit_bytes(qh(4));
+                let w = _mm256_or_si256(nibbles(p.add(8)), _mm256_and_si256(hi, _mm256_set1_epi8(0x10)));
+                (w, d, f16_at(p.add(2)))
+            }
+            _ => (load32(p.add(2)), d, 0.0),
+        }
+    }
+}
+
+/// One legacy block `b` against tokens `t0..t0 + T`, into `acc` / `summ`.
+///
+/// # Safety
+/// As for [`dot_legacy`]; `b < v.nblk`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn legacy_block<const K: u8, const T: usize>(
+    row: &[u8],
+    v: &View<'_>,
+    t0: usize,
+    b: usize,
+    acc: &mut [__m256; T],
+    summ: &mut [f32; T],
+) {
+    // SAFETY: block `b` lies inside `row` (caller).
+    let (w, dw, m) = unsafe { load_legacy::<K>(row.as_ptr().add(b * legacy_bytes(K))) };
+    let ones = _mm256_set1_epi16(1);
+    let dwv = _mm256_set1_ps(dw);
+    let aw = _mm256_abs_epi8(w);
+    for (j, (a, sm)) in acc.iter_mut().zip(summ.iter_mut()).enumerate() {
+        let t = t0 + j;
+        let i = t * v.nblk + b;
+        // SAFETY: token `t` and block `b` are inside the activation buffers (caller).
+        let (x, dx) = unsafe { (load32(v.qs.as_ptr().add(t * v.cols + b * QK)), *v.d.get_unchecked(i)) };
+        let prod = if has_min(K) {
+            _mm256_maddubs_epi16(w, x)
+        } else {
+            _mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w))
+        };
+        let isum = _mm256_madd_epi16(prod, ones);
+        let scale = _mm256_mul_ps(dwv, _mm256_set1_ps(dx));
+        *a = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum), *a);
+        if has_min(K) {
+            // SAFETY: as above (Q8_1 activations carry `s`).
+            *sm += m * unsafe { *v.s.get_unchecked(i) };
+        }
+    }
+}
+
+/// `T` tokens against one legacy row: two accumulators per token (even / odd blocks)
+/// to hide the FMA latency.
+///
+/// # Safety
+/// `row` holds `v.nblk` blocks of kind `K`; tokens `t0..t0 + T` exist in `v`, which is
+/// in the kind's activation format; `out.len() >= T`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_legacy<const K: u8, const T: usize>(row: &[u8], v: &View<'_>, t0: usize, out: &mut [f32]) {
+    let mut acc0 = [_mm256_setzero_ps(); T];
+    let mut acc1 = [_mm256_setzero_ps(); T];
+    let mut summ = [0.0f32; T];
+    let nb = v.nblk;
+    let mut b = 0;
+    // SAFETY (the three calls): `b`, `b + 1 < nb`; the rest is the caller's contract.
+    unsafe {
+        while b + 1 < nb {
+            legacy_block::<K, T>(row, v, t0, b, &mut acc0, &mut summ);
+            legacy_block::<K, T>(row, v, t0, b + 1, &mut acc1, &mut summ);
+            b += 2;
+        }
+        if b < nb {
+            legacy_block::<K, T>(row, v, t0, b, &mut acc0, &mut summ);
+        }
+    }
+    for (j, o) in out[..T].iter_mut().enumerate() {
+        *o = hsum_ps(_mm256_add_ps(acc0[j], acc1[j])) + summ[j];
+    }
+}
+
+/// `T` tokens against one Q4_K (`Q5 = false`) or Q5_K row.
+///
+/// Per 64-element group: the 32 nibble bytes give sub-block `2g` (low nibbles) and
+/// `2g + 1` (high nibbles); each sub-block's byte dot is scaled by its 6-bit scale in
+/// `i16 × i16 → i32` (`vpmaddwd`) and summed exactly per super-block. The mins term,
+/// `Σ mn[s] · (sum of sub-block s's activation quants)`, comes from the precomputed
+/// sums of 16.
+///
+/// # Safety
+/// As for [`dot_legacy`], for Q4_K / Q5_K rows and Q8_K activations.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q45k<const Q5: bool, const T: usize>(row: &[u8], v: &View<'_>, t0: usize, out: &mut [f32]) {
+    let bytes = if Q5 { 176 } else { 144 };
+    let m4 = _mm256_set1_epi8(0x0F);
+    let one = _mm256_set1_epi8(1);
+    let mut acc = [_mm256_setzero_ps(); T];
+    for sb in 0..v.nblk {
+        // SAFETY: super-block `sb` lies inside `row` (caller).
+        let p = unsafe { row.as_ptr().add(sb * bytes) };
+        // SAFETY: `d`, `dmin` and the 12 scale bytes are inside the super-block.
+        let (d, dmin, (sc, mn)) = unsafe { (f16_at(p), f16_at(p.add(2)), k_scales(&*p.add(4).cast::<[u8; 12]>())) };
+        let scv = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
+        let mnb = _mm_cvtsi64_si128(mn as i64);
+        // mn0, mn0, mn1, mn1, ...: pairs with the 16 sums of 16.
+        let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mnb, mnb));
+        // SAFETY: Q5_K's 32 high-bit bytes are at 16..48.
+        let mut qh = if Q5 {
+            unsafe { load32(p.add(16)) }
+        } else {
+            _mm256_setzero_si256()
+        };
+        let qs = if Q5 { 48 } else { 16 };
+        let mut sumi = [_mm256_setzero_si256(); T];
+        for g in 0..4 {
+            // SAFETY: nibble group `g` is inside the super-block.
+            let raw = unsafe { load32(p.add(qs + 32 * g)) };
+            let mut lo = _mm256_and_si256(raw, m4);
+            let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), m4);
+            if Q5 {
+                // Bit s of each qh byte is bit 4 of sub-block s; consume two bits per group
+                // (16-bit shifts are safe: only bit 0 of each byte is kept).
+                lo = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(_mm256_and_si256(qh, one)));
+                qh = _mm256_srli_epi16::<1>(qh);
+                hi = _mm256_or_si256(hi, _mm256_slli_epi16::<4>(_mm256_and_si256(qh, one)));
+                qh = _mm256_srli_epi16::<1>(qh);
+            }
+            // Broadcast i16 scale 2g (bytes 4g, 4g+1) and 2g + 1 to every lane.
+            let s_lo = _mm256_shuffle_epi8(scv, _mm256_set1_epi16((((4 * g + 1) << 8) | (4 * g)) as i16));
+            let s_hi = _mm256_shuffle_epi8(scv, _mm256_set1_epi16((((4 * g + 3) << 8) | (4 * g + 2)) as i16));
+            for (j, si) in sumi.iter_mut().enumerate() {
+                // SAFETY: token `t0 + j`, elements 64g..64g+64 of super-block `sb`.
+                let (x0, x1) = unsafe {
+                    let xp = v.qs.as_ptr().add((t0 + j) * v.cols + sb * QK_K + 64 * g);
+                    (load32(xp), load32(xp.add(32)))
+                };
+                let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), s_lo);
+                let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), s_hi);
+                *si = _mm256_add_epi32(*si, _mm256_add_epi32(p0, p1));
+            }
+        }
+        for (j, (a, si)) in acc.iter_mut().zip(sumi).enumerate() {
+            let i = (t0 + j) * v.nblk + sb;
+            // SAFETY: token `t0 + j`, super-block `sb` exist in the Q8_K buffers.
+            let (dx, bs) = unsafe { (*v.d.get_unchecked(i), load32(v.bsums.as_ptr().add(i * KSUMS))) };
+            let msum = _mm256_madd_epi16(bs, mins);
+            *a = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(si), *a);
+            *a = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * dx), _mm256_cvtepi32_ps(msum), *a);
+        }
+    }
+    for (o, a) in out[..T].iter_mut().zip(acc) {
+        *o = hsum_ps(a);
+    }
+}
+
+/// `T` tokens against one Q6_K row.
+///
+/// The 6-bit levels `q ∈ 0..=63` go into `vpmaddubsw` unsigned; the `-32` offset is
+/// removed exactly afterwards as `32 · Σ_s scale[s] · (sum of sub-block s's quants)`.
+///
+/// # Safety
+/// As for [`dot_legacy`], for Q6_K rows and Q8_K activations.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q6k<const T: usize>(row: &[u8], v: &View<'_>, t0: usize, out: &mut [f32]) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let mut acc = [_mm256_setzero_ps(); T];
+    for sb in 0..v.nblk {
+        // SAFETY: super-block `sb` lies inside `row` (caller).
+        let p = unsafe { row.as_ptr().add(sb * 210) };
+        // SAFETY: `d` at 208 and the 16 scale bytes at 192 are inside the super-block.
+        let (d, sc8) = unsafe { (f16_at(p.add(208)), _mm_loadu_si128(p.add(192).cast())) };
+        let sc16 = _mm256_cvtepi8_epi16(sc8);
+        let mut sumi = [_mm256_setzero_si256(); T];
+        for n in 0..2 {
+            let sch = if n == 0 {
+                _mm256_broadcastsi128_si256(_mm256_castsi256_si128(sc16))
+            } else {
+                _mm256_broadcastsi128_si256(_mm256_extracti128_si256::<1>(sc16))
+            };
+            // SAFETY: half `n`'s 64 low bytes at 64n and 32 high bytes at 128 + 32n.
+            let (l0, l1, h) = unsafe {
+                (
+                    load32(p.add(64 * n)),
+                    load32(p.add(64 * n + 32)),
+                    load32(p.add(128 + 32 * n)),
+                )
+            };
+            // Element 32k + l of the half: low 4 bits from l0 (k = 0, 2) or l1 (k = 1, 3),
+            // low or high nibble; top 2 bits from bits 2k, 2k+1 of h, moved to bits 4, 5.
+            let q = [
+                _mm256_or_si256(
+                    _mm256_and_si256(l0, m4),
+                    _mm256_slli_epi16::<4>(_mm256_and_si256(h, _mm256_set1_epi8(0x03))),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(l1, m4),
+                    _mm256_slli_epi16::<2>(_mm256_and_si256(h, _mm256_set1_epi8(0x0C))),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(l0), m4),
+                    _mm256_and_si256(h, _mm256_set1_epi8(0x30)),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4),
+                    _mm256_srli_epi16::<2>(_mm256_and_si256(h, _mm256_set1_epi8(0xC0u8 as i8))),
+                ),
+            ];
+            for (k, &qk) in q.iter().enumerate() {
+                // Sub-block 2k of the half in the low 128 bits, 2k + 1 in the high ones.
+                let pick = _mm256_set_m128i(
+                    _mm_set1_epi16((((4 * k + 3) << 8) | (4 * k + 2)) as i16),
+                    _mm_set1_epi16((((4 * k + 1) << 8) | (4 * k)) as i16),
+                );
+                let s = _mm256_shuffle_epi8(sch, pick);
+                for (j, si) in sumi.iter_mut().enumerate() {
+                    // SAFETY: token `t0 + j`, elements 128n + 32k .. +32 of super-block `sb`.
+                    let x = unsafe { load32(v.qs.as_ptr().add((t0 + j) * v.cols + sb * QK_K + 128 * n + 32 * k)) };
+                    *si = _mm256_add_epi32(*si, _mm256_madd_epi16(_mm256_maddubs_epi16(qk, x), s));
+                }
+            }
+        }
+        for (j, (a, si)) in acc.iter_mut().zip(sumi).enumerate() {
+            let i = (t0 + j) * v.nblk + sb;
+            // SAFETY: token `t0 + j`, super-block `sb` exist in the Q8_K buffers.
+            let (dx, bs) = unsafe { (*v.d.get_unchecked(i), load32(v.bsums.as_ptr().add(i * KSUMS))) };
+            let offset = _mm256_slli_epi32::<5>(_mm256_madd_epi16(sc16, bs));
+            let si = _mm256_sub_epi32(si, offset);
+            *a = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(si), *a);
+        }
+    }
+    for (o, a) in out[..T].iter_mut().zip(acc) {
+        *o = hsum_ps(a);
+    }
+}

@@ -1,0 +1,684 @@
+//! Tests of the integer-dot path (`quant::q8`): quantized activations and
+//! `dot_row_q8` / `dot_row_q8_multi` for every quantized weight type, on both the
+//! AVX2 and the portable implementation.
+//!
+//! Tolerances (all relative to a magnitude `mag`, the sum of the absolute values of
+//! every product term the dot adds up, min terms counted separately):
+//! * vs the f64 dot of the dequantized weights with the *dequantized* activations
+//!   (`q · d`, decoded naively here): `1e-5 · mag`. The integer part is exact; only
+//!   the per-block `f32` scale products and the `f32` accumulation round (a few ulps
+//!   per block), so anything structural (a wrong nibble, scale or sum) fails it.
+//! * vs the *unquantized* activations: additionally `Σ_i |w_i| · amax_b(i) / 254`,
+//!   the worst case of the activation rounding (each `x_i` is off by at most half a
+//!   step `d_b / 2 = amax_b / 254`, about 0.4 % of its block's largest magnitude).
+//! * AVX2 vs portable: identical activation bytes; dots within `1e-5 · mag` (they
+//!   sum the same exact integers in a different `f32` order).
+//! * multi-token vs single-token: bit-identical.
+
+use std::sync::{Mutex, MutexGuard};
+
+use ffai_kernels::quant::{
+    dequantize_row, dot_row, dot_row_q8, dot_row_q8_multi, force_portable, has_q8_path, q8_backend_name,
+    quantize_row, ActFormat, QuantizedActs, WeightType,
+};
+use half::f16;
+
+const QUANTIZED: [WeightType; 8] = [
+    WeightType::Q4_0,
+    WeightType::Q4_1,
+    WeightType::Q5_0,
+    WeightType::Q5_1,
+    WeightType::Q8_0,
+    WeightType::Q4K,
+    WeightType::Q5K,
+    WeightType::Q6K,
+];
+
+// ------------------------------------------------------------------ harness
+
+/// The implementation switch is global: every test here holds this lock.
+static LOCK: Mutex<()> = Mutex::new(());
+
+fn lock() -> MutexGuard<'static, ()> {
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// True when the AVX2 kernels can run on this machine.
+fn avx2_here() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Runs `f` with the default (fastest) implementation, then the portable one,
+/// checking which one is active.
+fn both_paths(mut f: impl FnMut(&'static str)) {
+    let _g = lock();
+    for portable in [false, true] {
+        force_portable(portable);
+        let name = q8_backend_name();
+        let want = if portable || !avx2_here() { "portable" } else { "avx2" };
+        assert_eq!(name, want, "force_portable({portable})");
+        f(name);
+    }
+    force_portable(false);
+}
+
+// --------------------------------------------------------------------- data
+
+/// SplitMix64.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn byte(&mut self) -> u8 {
+        (self.next_u64() >> 56) as u8
+    }
+    fn unit(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        lo + (hi - lo) * self.unit()
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    fn normal(&mut self) -> f32 {
+        (0..12).map(|_| self.unit()).sum::<f32>() - 6.0
+    }
+}
+
+/// Offsets of the f16 fields of one block.
+fn f16_fields(ty: WeightType) -> &'static [usize] {
+    match ty {
+        WeightType::Q4_0 | WeightType::Q5_0 | WeightType::Q8_0 => &[0],
+        WeightType::Q4_1 | WeightType::Q5_1 | WeightType::Q4K | WeightType::Q5K => &[0, 2],
+        WeightType::Q6K => &[208],
+        _ => &[],
+    }
+}
+
+/// A random weight row of `cols` elements: either `quantize_row` of random data, or
+/// (for every type, and the only way to get arbitrary K-quant scale bytes) random
+/// bytes with sane f16 fields, as tests/quant.rs does.
+fn random_row(rng: &mut Rng, ty: WeightType, cols: usize) -> Vec<u8> {
+    let mut row = vec![0u8; ty.row_bytes(cols).unwrap()];
+    if rng.below(2) == 0 {
+        let amp = 10f32.powf(rng.uniform(-2.0, 1.0));
+        let vals: Vec<f32> = (0..cols).map(|_| rng.normal() * amp).collect();
+        quantize_row(ty, &vals, &mut row).unwrap();
+    } else {
+        row.iter_mut().for_each(|b| *b = rng.byte());
+        for block in row.chunks_exact_mut(ty.block_bytes()) {
+            for &at in f16_fields(ty) {
+                let v = match rng.below(16) {
+                    0 => f16::ZERO,
+                    1 => f16::from_bits(1 + rng.below(0x3FF) as u16),
+                    _ => f16::from_f32(rng.uniform(-0.05, 0.05)),
+                };
+                block[at..at + 2].copy_from_slice(&v.to_bits().to_le_bytes());
+            }
+        }
+    }
+    row
+}
+
+/// Random activations: row-wide normal, per-32 varying amplitudes, or sparse.
+fn random_acts(rng: &mut Rng, len: usize) -> Vec<f32> {
+    match rng.below(3) {
+        0 => {
+            let amp = 10f32.powf(rng.uniform(-3.0, 2.0));
+            (0..len).map(|_| rng.normal() * amp).collect()
+        }
+        1 => {
+            let mut v = Vec::with_capacity(len);
+            while v.len() < len {
+                let a = 10f32.powf(rng.uniform(-4.0, 2.0));
+                v.extend((0..32).map(|_| a * rng.uniform(-1.0, 1.0)));
+            }
+            v.truncate(len);
+            v
+        }
+        _ => (0..len)
+            .map(|_| if rng.below(8) == 0 { rng.normal() } else { 0.0 })
+            .collect(),
+    }
+}
+
+// ------------------------------------------------------------ naive oracles
+
+/// Token `t` of `acts` decoded naively: `q · d` per block, after checking the
+/// per-block side data (`s = d·Σq`, sums of 16) against the quants.
+fn dequant_acts(acts: &QuantizedActs, t: usize) -> Vec<f64> {
+    let q = acts.token_quants(t);
+    let d = acts.token_scales(t);
+    let bl = acts.format().block_len();
+    assert_eq!(q.len(), acts.cols());
+    assert_eq!(d.len(), acts.cols() / bl);
+    for (b, qb) in q.chunks(bl).enumerate() {
+        assert!(qb.iter().all(|&v| v != -128), "quant -128 in block {b}");
+    }
+    match acts.format() {
+        ActFormat::Q8_1 => {
+            for (b, (&s, &db)) in acts.token_block_sums(t).iter().zip(d).enumerate() {
+                let sum: i32 = q[b * 32..(b + 1) * 32].iter().map(|&v| v as i32).sum();
+                assert!(
+                    s.to_bits() == (db * sum as f32).to_bits() || (s.is_nan() && db.is_nan()),
+                    "s of block {b}: {s} vs d {db} · {sum}"
+                );
+            }
+        }
+        ActFormat::Q8K => {
+            let sums = acts.token_sums16(t);
+            assert_eq!(sums.len(), q.len() / 16);
+            for (k, &s) in sums.iter().enumerate() {
+                let want: i32 = q[16 * k..16 * (k + 1)].iter().map(|&v| v as i32).sum();
+                assert_eq!(s as i32, want, "sum of 16 number {k}");
+            }
+        }
+        _ => {}
+    }
+    q.iter().enumerate().map(|(i, &v)| v as f64 * d[i / bl] as f64).collect()
+}
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+}
+
+/// Q4_K/Q5_K 6-bit min of sub-block `s` (bits straight from the layout).
+fn kq_min(block: &[u8], s: usize) -> u32 {
+    let sc = &block[4..16];
+    if s < 4 {
+        (sc[s + 4] & 63) as u32
+    } else {
+        ((sc[s + 4] >> 4) | ((sc[s] >> 6) << 4)) as u32
+    }
+}
+
+/// The magnitude of the dot's terms: `Σ_i (|w_i + m_i| + |m_i|) · |x_i|` where `m_i`
+/// is the weight's min term (what is subtracted after scaling; 0 for symmetric types).
+fn magnitude(ty: WeightType, row: &[u8], w: &[f32], x: &[f64]) -> f64 {
+    let (bl, bb) = (ty.block_len(), ty.block_bytes());
+    let min_of = |i: usize| -> f64 {
+        let b = &row[(i / bl) * bb..][..bb];
+        match ty {
+            WeightType::Q4_1 | WeightType::Q5_1 => -(f16_at(b, 2) as f64),
+            WeightType::Q4K | WeightType::Q5K => f16_at(b, 2) as f64 * kq_min(b, (i % bl) / 32) as f64,
+            _ => 0.0,
+        }
+    };
+    (0..w.len())
+        .map(|i| {
+            let m = min_of(i);
+            ((w[i] as f64 + m).abs() + m.abs()) * x[i].abs()
+        })
+        .sum()
+}
+
+fn dot_f64(w: &[f32], x: &[f64]) -> f64 {
+    w.iter().zip(x).map(|(&a, &b)| a as f64 * b).sum()
+}
+
+/// Per-element bound on the activation rounding: `amax` of the element's block / 254.
+fn act_rounding_bound(w: &[f32], x: &[f32], bl: usize) -> f64 {
+    let mut tol = 0.0;
+    for (wb, xb) in w.chunks(bl).zip(x.chunks(bl)) {
+        let amax = xb.iter().fold(0.0f64, |a, &v| a.max((v as f64).abs()));
+        tol += wb.iter().map(|&v| (v as f64).abs()).sum::<f64>() * amax / 254.0;
+    }
+    tol
+}
+
+/// Checks one (row, token) pair against both oracles; returns the dot.
+fn check_dot(ty: WeightType, row: &[u8], acts: &QuantizedActs, x: &[f32], t: usize, what: &str) -> f32 {
+    let cols = acts.cols();
+    let mut w = vec![0.0f32; cols];
+    dequantize_row(ty, row, &mut w);
+    let xq = dequant_acts(acts, t);
+    let got = dot_row_q8(ty, row, acts, t);
+    let mag = magnitude(ty, row, &w, &xq);
+    let want = dot_f64(&w, &xq);
+    let tol = 1e-5 * mag + 1e-30;
+    assert!(
+        (got as f64 - want).abs() <= tol,
+        "{what}: {ty} cols={cols} t={t}: q8 dot {got:e} vs dequantized-activation dot {want:e} (tol {tol:e})"
+    );
+    // Against the unquantized activations.
+    let xs = &x[t * cols..(t + 1) * cols];
+    let xf: Vec<f64> = xs.iter().map(|&v| v as f64).collect();
+    let exact = dot_f64(&w, &xf);
+    let tol2 = act_rounding_bound(&w, xs, acts.format().block_len()) * (1.0 + 1e-6) + 1e-5 * mag + 1e-30;
+    assert!(
+        (got as f64 - exact).abs() <= tol2,
+        "{what}: {ty} cols={cols} t={t}: q8 dot {got:e} vs f32-activation dot {exact:e} (tol {tol2:e})"
+    );
+    got
+}
+
+fn blocks_for(ty: WeightType) -> &'static [usize] {
+    if ty.block_len() == 32 {
+        &[1, 2, 3, 5, 7, 18, 48]
+    } else {
+        &[1, 2, 3, 5, 8]
+    }
+}
+
+// -------------------------------------------------------------------- tests
+
+#[test]
+fn backend_is_avx2_on_this_machine_unless_forced() {
+    let _g = lock();
+    force_portable(false);
+    let name = q8_backend_name();
+    println!("q8 backend: {name}");
+    if avx2_here() {
+        assert_eq!(name, "avx2");
+    } else {
+        assert_eq!(name, "portable");
+    }
+    force_portable(true);
+    assert_eq!(q8_backend_name(), "portable");
+    force_portable(false);
+    // This test runs on an AVX2 machine: make sure the fast path is really exercised.
+    #[cfg(target_arch = "x86_64")]
+    assert!(avx2_here(), "expected an AVX2 + FMA + F16C CPU");
+}
+
+#[test]
+fn has_q8_path_for_quantized_types_only() {
+    for ty in WeightType::ALL {
+        assert_eq!(has_q8_path(ty), ty.is_quantized(), "{ty}");
+        assert_eq!(ActFormat::for_weight(ty) == ActFormat::F32, !ty.is_quantized(), "{ty}");
+    }
+}
+
+/// dot_row_q8 vs the f64 dot with the dequantized activations (tight) and with the
+/// original activations (activation-rounding bound), every type, both paths.
+#[test]
+fn dot_matches_oracles() {
+    both_paths(|path| {
+        let mut rng = Rng(11);
+        for ty in QUANTIZED {
+            for &nb in blocks_for(ty) {
+                let cols = nb * ty.block_len();
+                for rep in 0..6 {
+                    let n = 1 + rng.below(3);
+                    let row = random_row(&mut rng, ty, cols);
+                    let x = random_acts(&mut rng, n * cols);
+                    let mut acts = QuantizedActs::new();
+                    acts.quantize(ty, &x, n, cols);
+                    assert_eq!(acts.format(), ActFormat::for_weight(ty));
+                    for t in 0..n {
+                        check_dot(ty, &row, &acts, &x, t, &format!("{path} rep {rep}"));
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// The oracle check is sharp enough to notice a one-level error in one weight.
+#[test]
+fn oracle_tolerance_catches_a_single_level_error() {
+    let _g = lock();
+    let mut rng = Rng(12);
+    let cols = 256;
+    let vals: Vec<f32> = (0..cols).map(|_| rng.normal()).collect();
+    let x: Vec<f32> = (0..cols).map(|_| rng.normal()).collect();
+    for ty in QUANTIZED {
+        let mut row = vec![0u8; ty.row_bytes(cols).unwrap()];
+        quantize_row(ty, &vals, &mut row).unwrap();
+        let mut acts = QuantizedActs::new();
+        acts.quantize(ty, &x, 1, cols);
+        let mut w = vec![0.0f32; cols];
+        dequantize_row(ty, &row, &mut w);
+        let xq = dequant_acts(&acts, 0);
+        let mag = magnitude(ty, &row, &w, &xq);
+        // The smallest change a wrong level would make: one step of the weight's
+        // scale times an activation of typical size.
+        let mut w2 = w.clone();
+        let k = (0..cols).max_by(|&a, &b| xq[a].abs().total_cmp(&xq[b].abs())).unwrap();
+        let step = (w.iter().map(|v| v.abs()).fold(0.0, f32::max) / 64.0) as f64;
+        w2[k] += step as f32;
+        let shift = (dot_f64(&w2, &xq) - dot_f64(&w, &xq)).abs();
+        assert!(
+            shift > 1e-5 * mag * 10.0,
+            "{ty}: a one-level error ({shift:e}) would hide inside the tolerance {:e}",
+            1e-5 * mag
+        );
+    }
+}
+
+/// Both implementations quantize to identical bytes and agree on the dots.
+#[test]
+fn avx2_and_portable_agree() {
+    let _g = lock();
+    let mut rng = Rng(13);
+    for ty in QUANTIZED {
+        for &nb in blocks_for(ty) {
+            let cols = nb * ty.block_len();
+            for _ in 0..4 {
+                let n = 3;
+                let x = random_acts(&mut rng, n * cols);
+                let rows: Vec<Vec<u8>> = (0..4).map(|_| random_row(&mut rng, ty, cols)).collect();
+                let mut res = Vec::new();
+                for portable in [false, true] {
+                    force_portable(portable);
+                    let mut acts = QuantizedActs::new();
+                    acts.quantize(ty, &x, n, cols);
+                    let dots: Vec<f32> = rows
+                        .iter()
+                        .flat_map(|r| (0..n).map(|t| dot_row_q8(ty, r, &acts, t)).collect::<Vec<_>>())
+                        .collect();
+                    res.push((acts, dots));
+                }
+                force_portable(false);
+                let ((a, da), (b, db)) = (&res[0], &res[1]);
+                for t in 0..n {
+                    assert_eq!(a.token_quants(t), b.token_quants(t), "{ty} quants differ");
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(a.token_scales(t)), bits(b.token_scales(t)), "{ty} scales differ");
+                    assert_eq!(
+                        bits(a.token_block_sums(t)),
+                        bits(b.token_block_sums(t)),
+                        "{ty} block sums differ"
+                    );
+                    assert_eq!(a.token_sums16(t), b.token_sums16(t), "{ty} sums of 16 differ");
+                }
+                for (r, row) in rows.iter().enumerate() {
+                    let mut w = vec![0.0f32; cols];
+                    dequantize_row(ty, row, &mut w);
+                    for t in 0..n {
+                        let mag = magnitude(ty, row, &w, &dequant_acts(a, t));
+                        let (x1, x2) = (da[r * n + t] as f64, db[r * n + t] as f64);
+                        assert!(
+                            (x1 - x2).abs() <= 1e-5 * mag + 1e-30,
+                            "{ty} cols={cols} row {r} t {t}: avx2 {x1:e} vs portable {x2:e} (mag {mag:e})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// dot_row_q8_multi is bit-identical to dot_row_q8 token by token, for token
+/// ranges of every length 1..=9 at several offsets, odd block counts, both paths.
+#[test]
+fn multi_equals_single_bit_exactly() {
+    both_paths(|path| {
+        let mut rng = Rng(14);
+        for ty in WeightType::ALL {
+            let nbs: &[usize] = if ty.block_len() == 1 {
+                &[32, 33, 96]
+            } else if ty.block_len() == 32 {
+                &[1, 3, 5, 9, 18]
+            } else {
+                &[1, 3, 5]
+            };
+            for &nb in nbs {
+                let cols = nb * ty.block_len();
+                let n = 13;
+                let row = if ty.is_quantized() {
+                    random_row(&mut rng, ty, cols)
+                } else {
+                    let v: Vec<f32> = (0..cols).map(|_| rng.normal()).collect();
+                    let mut r = vec![0u8; ty.row_bytes(cols).unwrap()];
+                    quantize_row(ty, &v, &mut r).unwrap();
+                    r
+                };
+                let x = random_acts(&mut rng, n * cols);
+                let mut acts = QuantizedActs::new();
+                acts.quantize(ty, &x, n, cols);
+                let single: Vec<f32> = (0..n).map(|t| dot_row_q8(ty, &row, &acts, t)).collect();
+                for len in 1..=9 {
+                    for start in [0, 1, 2, 3, n - len] {
+                        let mut out = vec![f32::NAN; len];
+                        dot_row_q8_multi(ty, &row, &acts, start..start + len, &mut out);
+                        for (j, &o) in out.iter().enumerate() {
+                            assert_eq!(
+                                o.to_bits(),
+                                single[start + j].to_bits(),
+                                "{path} {ty} cols={cols} tokens {start}..{}: token {} multi {o:e} single {:e}",
+                                start + len,
+                                start + j,
+                                single[start + j]
+                            );
+                        }
+                    }
+                }
+                let mut all = vec![0.0; n];
+                dot_row_q8_multi(ty, &row, &acts, 0..n, &mut all);
+                assert_eq!(all, single);
+                let mut none: [f32; 0] = [];
+                dot_row_q8_multi(ty, &row, &acts, 5..5, &mut none);
+            }
+        }
+    });
+}
+
+/// Float weight types go through dot_row on the stored f32 copy, bit-exactly.
+#[test]
+fn float_types_use_dot_row() {
+    both_paths(|_| {
+        let mut rng = Rng(15);
+        for ty in [WeightType::F32, WeightType::F16, WeightType::BF16] {
+            let cols = 77;
+            let v: Vec<f32> = (0..cols).map(|_| rng.normal()).collect();
+            let mut row = vec![0u8; ty.row_bytes(cols).unwrap()];
+            quantize_row(ty, &v, &mut row).unwrap();
+            let x = random_acts(&mut rng, 2 * cols);
+            let mut acts = QuantizedActs::new();
+            acts.quantize(ty, &x, 2, cols);
+            assert_eq!(acts.format(), ActFormat::F32);
+            for t in 0..2 {
+                assert_eq!(
+                    dot_row_q8(ty, &row, &acts, t).to_bits(),
+                    dot_row(ty, &row, &x[t * cols..(t + 1) * cols]).to_bits()
+                );
+            }
+        }
+    });
+}
+
+/// quantize_rows over disjoint ranges (in any order), and a writer shared by
+/// threads, give exactly what quantize gives.
+#[test]
+fn quantize_rows_and_writer_match_quantize() {
+    both_paths(|path| {
+        let mut rng = Rng(16);
+        for ty in [WeightType::Q4_0, WeightType::Q4_1, WeightType::Q6K, WeightType::F16] {
+            let cols = 2 * ty.block_len().max(32);
+            let n = 11;
+            let x = random_acts(&mut rng, n * cols);
+            let mut whole = QuantizedActs::new();
+            whole.quantize(ty, &x, n, cols);
+
+            let mut parts = QuantizedActs::new();
+            parts.prepare(ty, n, cols);
+            for r in [7..11, 0..3, 3..3, 3..7] {
+                parts.quantize_rows(&x, r);
+            }
+
+            let mut threaded = QuantizedActs::new();
+            threaded.prepare(ty, n, cols);
+            {
+                let w = threaded.writer();
+                std::thread::scope(|s| {
+                    for r in [0..4, 4..5, 5..11] {
+                        let (w, x) = (&w, &x);
+                        s.spawn(move || w.quantize_rows(x, r));
+                    }
+                });
+            }
+            for other in [&parts, &threaded] {
+                for t in 0..n {
+                    assert_eq!(whole.token_quants(t), other.token_quants(t), "{path} {ty} t {t}");
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(whole.token_scales(t)), bits(other.token_scales(t)));
+                    assert_eq!(bits(whole.token_block_sums(t)), bits(other.token_block_sums(t)));
+                    assert_eq!(whole.token_sums16(t), other.token_sums16(t));
+                    assert_eq!(bits(whole.token_f32(t)), bits(other.token_f32(t)));
+                }
+            }
+        }
+    });
+}
+
+#[test]
+#[should_panic(expected = "quantized twice")]
+fn writer_rejects_overlapping_rows() {
+    let x = vec![1.0f32; 4 * 32];
+    let mut acts = QuantizedActs::new();
+    acts.prepare(WeightType::Q8_0, 4, 32);
+    let w = acts.writer();
+    w.quantize_rows(&x, 0..2);
+    w.quantize_rows(&x, 1..3);
+}
+
+#[test]
+#[should_panic(expected = "activations")]
+fn dot_rejects_mismatched_format() {
+    let mut acts = QuantizedActs::new();
+    acts.quantize(WeightType::Q4_0, &[0.5; 256], 1, 256);
+    let row = vec![0u8; WeightType::Q4K.row_bytes(256).unwrap()];
+    dot_row_q8(WeightType::Q4K, &row, &acts, 0);
+}
+
+/// No allocation after the first use at a given size: same buffers (address and
+/// capacity) for repeated and smaller uses, across formats already seen.
+#[test]
+fn buffers_are_reused() {
+    let _g = lock();
+    let mut rng = Rng(17);
+    let (n, cols) = (6, 1024);
+    let x = random_acts(&mut rng, n * cols);
+    let mut acts = QuantizedActs::new();
+    // First use of every format at the largest size.
+    for ty in [WeightType::Q4_0, WeightType::Q4_1, WeightType::Q4K, WeightType::F32] {
+        acts.quantize(ty, &x, n, cols);
+    }
+    let fp = acts.buffer_fingerprint();
+    for rep in 0..3 {
+        for ty in QUANTIZED.iter().chain(&[WeightType::F16]) {
+            acts.quantize(*ty, &x, n, cols);
+            assert_eq!(acts.buffer_fingerprint(), fp, "{ty} rep {rep} reallocated");
+            acts.quantize(*ty, &x, 2, 512);
+            assert_eq!(acts.buffer_fingerprint(), fp, "{ty} smaller rep {rep} reallocated");
+            acts.prepare(*ty, n, cols);
+            acts.quantize_rows(&x, 1..4);
+            assert_eq!(acts.buffer_fingerprint(), fp, "{ty} prepare rep {rep} reallocated");
+        }
+    }
+    // The quants start on a 32-byte boundary.
+    acts.quantize(WeightType::Q8_0, &x, n, cols);
+    assert_eq!(acts.token_quants(0).as_ptr() as usize % 32, 0);
+}
+
+/// All-zero activations: scale 0, dot exactly 0 (never NaN), both paths.
+#[test]
+fn zero_activations_give_zero() {
+    both_paths(|path| {
+        let mut rng = Rng(18);
+        for ty in QUANTIZED {
+            let cols = 3 * ty.block_len();
+            let row = random_row(&mut rng, ty, cols);
+            // Token 0 all zero; token 1 has one zero block between non-zero ones.
+            let mut x = vec![0.0f32; 2 * cols];
+            for (i, v) in x[cols..].iter_mut().enumerate() {
+                if i / ty.block_len() != 1 {
+                    *v = rng.normal();
+                }
+            }
+            x[cols + ty.block_len() + 3] = -0.0;
+            let mut acts = QuantizedActs::new();
+            acts.quantize(ty, &x, 2, cols);
+            assert!(acts.token_scales(0).iter().all(|&d| d == 0.0));
+            assert!(acts.token_quants(0).iter().all(|&q| q == 0));
+            assert_eq!(acts.token_scales(1)[1], 0.0);
+            let z = dot_row_q8(ty, &row, &acts, 0);
+            assert_eq!(z, 0.0, "{path} {ty}: zero activations gave {z}");
+            check_dot(ty, &row, &acts, &x, 1, path);
+        }
+    });
+}
+
+/// Huge and tiny (down to subnormal) activation magnitudes keep the stated accuracy;
+/// non-finite activations give NaN on both paths.
+#[test]
+fn extreme_magnitudes() {
+    both_paths(|path| {
+        let mut rng = Rng(19);
+        for ty in QUANTIZED {
+            let cols = 4 * ty.block_len();
+            let row = random_row(&mut rng, ty, cols);
+            for scale in [1e30f32, 1e20, 1e-20, 1e-35, 1e-38, 1e-41, 1e-44] {
+                let x: Vec<f32> = (0..cols).map(|_| rng.normal() * scale).collect();
+                let mut acts = QuantizedActs::new();
+                acts.quantize(ty, &x, 1, cols);
+                let got = check_dot(ty, &row, &acts, &x, 0, &format!("{path} scale {scale:e}"));
+                assert!(got.is_finite());
+                if scale > 1e-41 {
+                    // The quants still use the full range.
+                    let qmax = acts.token_quants(0).iter().map(|&q| (q as i32).abs()).max().unwrap();
+                    assert_eq!(qmax, 127, "{path} {ty} scale {scale:e}");
+                }
+            }
+            // Mixed magnitudes in one row: 1e30 in one block, 1e-30 in another.
+            let x: Vec<f32> = (0..cols)
+                .map(|i| rng.normal() * if (i / ty.block_len()) % 2 == 0 { 1e25 } else { 1e-25 })
+                .collect();
+            let mut acts = QuantizedActs::new();
+            acts.quantize(ty, &x, 1, cols);
+            check_dot(ty, &row, &acts, &x, 0, &format!("{path} mixed"));
+            // Non-finite activations poison the dot (like the f32 path).
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let mut x: Vec<f32> = (0..cols).map(|_| rng.normal()).collect();
+                x[rng.below(cols)] = bad;
+                acts.quantize(ty, &x, 1, cols);
+                let got = dot_row_q8(ty, &row, &acts, 0);
+                assert!(got.is_nan(), "{path} {ty}: {bad} activation gave {got}");
+            }
+        }
+    });
+}
+
+/// Weight rows at the extremes of their levels (every nibble 0 or 15, Q8_0 at ±127
+/// and -128) with activations at ±127: the largest integer partial sums, where an
+/// `i16` saturation in the SIMD code would show.
+#[test]
+fn saturating_extremes_are_exact() {
+    both_paths(|path| {
+        for ty in QUANTIZED {
+            let cols = 2 * ty.block_len();
+            for fill in [0x00u8, 0xFF, 0x80, 0x7F] {
+                let mut row = vec![fill; ty.row_bytes(cols).unwrap()];
+                for block in row.chunks_exact_mut(ty.block_bytes()) {
+                    for &at in f16_fields(ty) {
+                        block[at..at + 2].copy_from_slice(&f16::from_f32(0.01).to_bits().to_le_bytes());
+                    }
+                    if matches!(ty, WeightType::Q4K | WeightType::Q5K) {
+                        block[4..16].fill(0xFF); // every scale and min 63
+                    }
+                }
+                for sign in [1.0f32, -1.0] {
+                    let x: Vec<f32> = (0..cols).map(|i| sign * if i % 3 == 0 { -1.0 } else { 1.0 }).collect();
+                    let mut acts = QuantizedActs::new();
+                    acts.quantize(ty, &x, 1, cols);
+                    check_dot(ty, &row, &acts, &x, 0, &format!("{path} fill {fill:#x}"));
+                }
+            }
+        }
+    });
+}
