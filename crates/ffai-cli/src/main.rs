@@ -45,6 +45,9 @@ struct ModelArgs {
     /// CPU threads (default: all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Time every op and print where a decode step spends its time (bench).
+    #[arg(long)]
+    profile: bool,
 }
 
 impl ModelArgs {
@@ -63,7 +66,13 @@ impl ModelArgs {
             }
         };
         let t = Instant::now();
-        let m = Model::load(&spec, &LoadOptions { threads: self.threads })?;
+        let m = Model::load(
+            &spec,
+            &LoadOptions {
+                threads: self.threads,
+                profile: self.profile,
+            },
+        )?;
         Ok((m, t.elapsed().as_secs_f64()))
     }
 }
@@ -441,6 +450,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         model.lm.forward(&prompt, &mut state, false, &mut logits)?;
         pp.push(a.prompt_tokens as f64 / t.elapsed().as_secs_f64());
         if a.gen_tokens > 0 {
+            let _ = model.device.take_profile(); // only the decode phase is profiled
             let mut next = ffai_kernels::ops::argmax(&logits).0 as u32;
             let t = Instant::now();
             for _ in 0..a.gen_tokens {
@@ -460,6 +470,26 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     let (tg_min, tg_max) = range(&tg);
     let (pp_med, tg_med) = (median(&mut pp.clone()), median(&mut tg.clone()));
     let rss = peak_rss_bytes();
+    let profile = model.device.take_profile();
+    if !profile.is_empty() {
+        let total: f64 = profile.iter().map(|p| p.1).sum();
+        let steps = a.gen_tokens.max(1) as f64;
+        eprintln!(
+            "per-op profile of the last decode phase ({} steps; ops take {:.3} ms of each step):",
+            a.gen_tokens,
+            total * 1e3 / steps
+        );
+        eprintln!("{:<34} {:>10} {:>8} {:>9}", "op", "µs/step", "share", "calls/step");
+        for (name, secs, calls) in &profile {
+            eprintln!(
+                "{:<34} {:>10.1} {:>7.1}% {:>9.1}",
+                name,
+                secs * 1e6 / steps,
+                100.0 * secs / total,
+                *calls as f64 / steps
+            );
+        }
+    }
     if a.json {
         println!(
             "{}",

@@ -26,6 +26,29 @@ impl CpuMatrix {
 
 pub struct CpuBackend {
     pool: ThreadPool,
+    /// Per-op wall time, only when profiling was asked for (one branch per op otherwise).
+    profile: Option<std::sync::Mutex<Vec<(String, f64, u64)>>>,
+}
+
+/// Records the time of one op on drop.
+struct ProfGuard<'a> {
+    sink: &'a std::sync::Mutex<Vec<(String, f64, u64)>>,
+    key: String,
+    start: std::time::Instant,
+}
+
+impl Drop for ProfGuard<'_> {
+    fn drop(&mut self) {
+        let dt = self.start.elapsed().as_secs_f64();
+        let mut v = self.sink.lock().unwrap_or_else(|e| e.into_inner());
+        match v.iter_mut().find(|e| e.0 == self.key) {
+            Some(e) => {
+                e.1 += dt;
+                e.2 += 1;
+            }
+            None => v.push((std::mem::take(&mut self.key), dt, 1)),
+        }
+    }
 }
 
 /// A raw pointer that may be shared with pool threads writing disjoint ranges.
@@ -67,7 +90,33 @@ impl CpuBackend {
     pub fn new(n_threads: usize) -> CpuBackend {
         CpuBackend {
             pool: ThreadPool::new(n_threads),
+            profile: None,
         }
+    }
+
+    /// A backend that times every op (for `ffai bench --profile`).
+    pub fn with_profiling(n_threads: usize) -> CpuBackend {
+        CpuBackend {
+            pool: ThreadPool::new(n_threads),
+            profile: Some(Default::default()),
+        }
+    }
+
+    #[inline]
+    fn prof(&self, key: impl FnOnce() -> String) -> Option<ProfGuard<'_>> {
+        self.profile.as_ref().map(|sink| ProfGuard {
+            sink,
+            key: key(),
+            start: std::time::Instant::now(),
+        })
+    }
+
+    /// Accumulated (op, seconds, calls), most expensive first; clears the counters.
+    pub fn take_profile(&self) -> Vec<(String, f64, u64)> {
+        let Some(p) = &self.profile else { return Vec::new() };
+        let mut v = std::mem::take(&mut *p.lock().unwrap_or_else(|e| e.into_inner()));
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v
     }
 
     /// Threads available on this machine.
@@ -129,6 +178,7 @@ impl Backend for CpuBackend {
     }
 
     fn embed(&self, table: &CpuMatrix, ids: &[u32], out: &mut Vec<f32>) {
+        let _p = self.prof(|| "embed".into());
         let d = table.cols;
         for (t, &id) in ids.iter().enumerate() {
             let id = id as usize;
@@ -142,6 +192,7 @@ impl Backend for CpuBackend {
     }
 
     fn matmul(&self, w: &CpuMatrix, x: &Vec<f32>, n: usize, out: &mut Vec<f32>) {
+        let _p = self.prof(|| format!("matmul {}x{} {}", w.rows, w.cols, w.ty.name()));
         let (rows, cols) = (w.rows, w.cols);
         assert!(x.len() >= n * cols && out.len() >= n * rows, "matmul buffers too small");
         let out_ptr = SharedMut(out.as_mut_ptr());
@@ -171,6 +222,7 @@ impl Backend for CpuBackend {
     }
 
     fn add_bias(&self, x: &mut Vec<f32>, bias: &Vec<f32>, n: usize) {
+        let _p = self.prof(|| "add_bias".into());
         let d = bias.len();
         for t in 0..n {
             ops::add_inplace(&mut x[t * d..(t + 1) * d], bias);
@@ -178,6 +230,7 @@ impl Backend for CpuBackend {
     }
 
     fn rms_norm(&self, x: &Vec<f32>, w: &Vec<f32>, eps: f32, n: usize, out: &mut Vec<f32>) {
+        let _p = self.prof(|| "rms_norm".into());
         let d = w.len();
         for t in 0..n {
             ops::rms_norm(&x[t * d..(t + 1) * d], w, eps, &mut out[t * d..(t + 1) * d]);
@@ -193,6 +246,7 @@ impl Backend for CpuBackend {
         pos0: usize,
         rope: &RopeParams<'_, Self>,
     ) {
+        let _p = self.prof(|| "rope".into());
         let w = n_heads * head_dim;
         for t in 0..n {
             ops::rope(
@@ -207,18 +261,22 @@ impl Backend for CpuBackend {
     }
 
     fn silu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>, len: usize) {
+        let _p = self.prof(|| "silu_mul".into());
         ops::silu_mul(&mut gate[..len], &up[..len]);
     }
 
     fn gelu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>, len: usize) {
+        let _p = self.prof(|| "gelu_mul".into());
         ops::gelu_mul(&mut gate[..len], &up[..len]);
     }
 
     fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>, len: usize) {
+        let _p = self.prof(|| "add".into());
         ops::add_inplace(&mut x[..len], &y[..len]);
     }
 
     fn kv_write(&self, cache: &mut Vec<f32>, src: &Vec<f32>, n: usize, pos0: usize, s: &AttnShape) {
+        let _p = self.prof(|| "kv_write".into());
         assert!(
             pos0 + n <= s.max_seq,
             "KV cache overflow: positions {pos0}..{} exceed capacity {}",
@@ -245,6 +303,7 @@ impl Backend for CpuBackend {
         s: &AttnShape,
         out: &mut Vec<f32>,
     ) {
+        let _p = self.prof(|| "attention".into());
         let hd = s.head_dim;
         let q_width = s.n_heads * hd;
         let group = s.n_heads / s.n_kv_heads;

@@ -27,6 +27,8 @@ use weights::Weights;
 pub struct LoadOptions {
     /// CPU threads (0 = all cores).
     pub threads: usize,
+    /// Time every op (see `Device::take_profile`); off costs one branch per op.
+    pub profile: bool,
 }
 
 /// A loaded model: the network, its tokenizer, and where it came from.
@@ -34,6 +36,7 @@ pub struct Model {
     pub lm: Box<dyn LanguageModel>,
     pub tokenizer: Tokenizer,
     pub location: ModelLocation,
+    pub device: Device,
     /// Stored bytes of all weights.
     pub weight_bytes: usize,
     /// Weight types present, with tensor counts, e.g. [("Q4_1", 210), ("F32", 61)].
@@ -53,7 +56,11 @@ impl Model {
         } else {
             opts.threads
         };
-        let device = Device::cpu(threads);
+        let device = if opts.profile {
+            Device::cpu_profiled(threads)
+        } else {
+            Device::cpu(threads)
+        };
         let src = location.path().display().to_string();
         // Config first, then the family check, so an unsupported model fails before any
         // weights or tokenizer files are touched.
@@ -86,6 +93,7 @@ impl Model {
         }
         Ok(Model {
             lm,
+            device,
             tokenizer,
             location,
             weight_bytes: weights.total_bytes(),

@@ -28,6 +28,17 @@ impl Device {
         Device::Cpu(Arc::new(CpuBackend::new(threads)))
     }
 
+    pub fn cpu_profiled(threads: usize) -> Device {
+        Device::Cpu(Arc::new(CpuBackend::with_profiling(threads)))
+    }
+
+    /// Per-op (name, seconds, calls) since the last call, when loaded with profiling.
+    pub fn take_profile(&self) -> Vec<(String, f64, u64)> {
+        match self {
+            Device::Cpu(b) => b.take_profile(),
+        }
+    }
+
     pub fn name(&self) -> String {
         use ffai_kernels::backend::Backend;
         match self {
