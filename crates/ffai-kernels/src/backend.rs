@@ -93,6 +93,9 @@ pub trait Backend: Send + Sync + 'static {
     fn embed(&self, table: &Self::Mat, ids: &[u32], out: &mut Self::Buf);
     /// `out[n, rows] = x[n, cols] · Wᵀ`.
     fn matmul(&self, w: &Self::Mat, x: &Self::Buf, n: usize, out: &mut Self::Buf);
+    /// Several products over the same input in one dispatch (q/k/v, gate/up):
+    /// `outs[i] = x · ws[i]ᵀ`; the input is prepared (e.g. quantized) once.
+    fn matmuls(&self, ws: &[&Self::Mat], x: &Self::Buf, n: usize, outs: &mut [&mut Self::Buf]);
     /// `x[t] += bias` for each of the n rows.
     fn add_bias(&self, x: &mut Self::Buf, bias: &Self::Buf, n: usize);
     fn rms_norm(&self, x: &Self::Buf, w: &Self::Buf, eps: f32, n: usize, out: &mut Self::Buf);

@@ -8,7 +8,7 @@ use std::ops::Range;
 use crate::backend::{AttnShape, Backend, HostBytes, RopeParams};
 use crate::ops;
 use crate::pool::{split_range, ThreadPool};
-use crate::quant::{self, WeightType};
+use crate::quant::{self, ActFormat, QuantizedActs, WeightType};
 
 pub struct CpuMatrix {
     ty: WeightType,
@@ -24,8 +24,65 @@ impl CpuMatrix {
     }
 }
 
+/// Most matrices one `matmuls` call takes (q/k/v is three).
+const MAX_GROUP: usize = 4;
+
+/// Which reusable activation buffer a weight type's integer dot uses (None: f32 path).
+fn act_slot(ty: WeightType) -> Option<usize> {
+    match ActFormat::for_weight(ty) {
+        ActFormat::F32 => None,
+        ActFormat::Q8_0 => Some(0),
+        ActFormat::Q8_1 => Some(1),
+        ActFormat::Q8K => Some(2),
+    }
+}
+
+/// Rows `rows` of `out = x · wᵀ` for `n` tokens, on the calling thread.
+fn matmul_rows(w: &CpuMatrix, x: &[f32], n: usize, acts: &[QuantizedActs; 3], rows: Range<usize>, out: SharedMut) {
+    let (n_rows, cols) = (w.rows, w.cols);
+    match act_slot(w.ty) {
+        Some(slot) if n == 1 => {
+            // SAFETY: each thread writes only its own rows of the single output row.
+            let o = unsafe { out.slice(rows.start, rows.len()) };
+            for (k, row) in rows.enumerate() {
+                o[k] = quant::dot_row_q8(w.ty, w.row(row), &acts[slot], 0);
+            }
+        }
+        Some(slot) => with_scratch(n, |tmp| {
+            // Each weight row is read once and dotted with every token's activations.
+            for row in rows {
+                quant::dot_row_q8_multi(w.ty, w.row(row), &acts[slot], 0..n, tmp);
+                for (t, &v) in tmp.iter().enumerate() {
+                    // SAFETY: element (t, row) belongs to this thread's row range.
+                    unsafe { out.slice(t * n_rows + row, 1)[0] = v };
+                }
+            }
+        }),
+        None if n == 1 => {
+            // SAFETY: as above, disjoint rows per thread.
+            let o = unsafe { out.slice(rows.start, rows.len()) };
+            for (k, row) in rows.enumerate() {
+                o[k] = quant::dot_row(w.ty, w.row(row), x);
+            }
+        }
+        None => with_scratch(cols, |wrow| {
+            // Float weights: widen each row once and reuse it for every token.
+            for row in rows {
+                quant::dequantize_row(w.ty, w.row(row), wrow);
+                for t in 0..n {
+                    let v = ops::dot_f32(wrow, &x[t * cols..(t + 1) * cols]);
+                    // SAFETY: element (t, row) belongs to this thread's row range.
+                    unsafe { out.slice(t * n_rows + row, 1)[0] = v };
+                }
+            }
+        }),
+    }
+}
+
 pub struct CpuBackend {
     pool: ThreadPool,
+    /// Quantized activations, one buffer per activation format, reused by every matmul.
+    acts: std::sync::Mutex<[QuantizedActs; 3]>,
     /// Per-op wall time, only when profiling was asked for (one branch per op otherwise).
     profile: Option<std::sync::Mutex<Vec<(String, f64, u64)>>>,
 }
@@ -90,6 +147,7 @@ impl CpuBackend {
     pub fn new(n_threads: usize) -> CpuBackend {
         CpuBackend {
             pool: ThreadPool::new(n_threads),
+            acts: Default::default(),
             profile: None,
         }
     }
@@ -98,6 +156,7 @@ impl CpuBackend {
     pub fn with_profiling(n_threads: usize) -> CpuBackend {
         CpuBackend {
             pool: ThreadPool::new(n_threads),
+            acts: Default::default(),
             profile: Some(Default::default()),
         }
     }
@@ -192,31 +251,50 @@ impl Backend for CpuBackend {
     }
 
     fn matmul(&self, w: &CpuMatrix, x: &Vec<f32>, n: usize, out: &mut Vec<f32>) {
-        let _p = self.prof(|| format!("matmul {}x{} {}", w.rows, w.cols, w.ty.name()));
-        let (rows, cols) = (w.rows, w.cols);
-        assert!(x.len() >= n * cols && out.len() >= n * rows, "matmul buffers too small");
-        let out_ptr = SharedMut(out.as_mut_ptr());
-        let x = &x[..n * cols];
-        self.pool.run(|i, nt| {
-            let r = split_range(rows, i, nt, 16);
-            if n == 1 {
-                // SAFETY: each thread writes only its own row range of the single output row.
-                let o = unsafe { out_ptr.slice(r.start, r.len()) };
-                for (k, row) in r.clone().enumerate() {
-                    o[k] = quant::dot_row(w.ty, w.row(row), x);
+        self.matmuls(&[w], x, n, &mut [out]);
+    }
+
+    fn matmuls(&self, ws: &[&CpuMatrix], x: &Vec<f32>, n: usize, outs: &mut [&mut Vec<f32>]) {
+        let _p = self.prof(|| {
+            let names: Vec<String> = ws.iter().map(|w| format!("{}x{}", w.rows, w.cols)).collect();
+            format!("matmul {} {}", names.join("+"), ws[0].ty.name())
+        });
+        assert!(
+            ws.len() == outs.len() && !ws.is_empty() && ws.len() <= MAX_GROUP,
+            "1..={MAX_GROUP} matrices per group"
+        );
+        let cols = ws[0].cols;
+        assert!(x.len() >= n * cols, "matmul input too small");
+        let mut out_ptrs = [SharedMut(std::ptr::null_mut()); MAX_GROUP];
+        for (k, (w, o)) in ws.iter().zip(outs.iter_mut()).enumerate() {
+            assert!(w.cols == cols && o.len() >= n * w.rows, "matmul group shapes disagree");
+            out_ptrs[k] = SharedMut(o.as_mut_ptr());
+        }
+        // Quantize the activations once per format the group needs (usually one).
+        let mut acts = self.acts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut done = [false; 3];
+        for w in ws {
+            if let Some(slot) = act_slot(w.ty) {
+                if !done[slot] {
+                    acts[slot].quantize(w.ty, &x[..n * cols], n, cols);
+                    done[slot] = true;
                 }
-            } else {
-                // Dequantize each weight row once and reuse it for every token.
-                with_scratch(cols, |wrow| {
-                    for row in r.clone() {
-                        quant::dequantize_row(w.ty, w.row(row), wrow);
-                        for t in 0..n {
-                            let v = ops::dot_f32(wrow, &x[t * cols..(t + 1) * cols]);
-                            // SAFETY: element (t, row) belongs to this thread's row range.
-                            unsafe { out_ptr.slice(t * rows + row, 1)[0] = v };
-                        }
-                    }
-                });
+            }
+        }
+        let acts = &*acts;
+        let x = &x[..n * cols];
+        let total: usize = ws.iter().map(|w| w.rows).sum();
+        self.pool.run(|i, nt| {
+            let r = split_range(total, i, nt, 16);
+            // Walk the matrices whose global row span overlaps this thread's range.
+            let mut base = 0;
+            for (k, w) in ws.iter().enumerate() {
+                let lo = r.start.max(base);
+                let hi = r.end.min(base + w.rows);
+                if lo < hi {
+                    matmul_rows(w, x, n, acts, lo - base..hi - base, out_ptrs[k]);
+                }
+                base += w.rows;
             }
         });
     }

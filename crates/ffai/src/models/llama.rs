@@ -236,9 +236,7 @@ impl<B: Backend> Llama<B> {
         tap.boundary(b, &s.x, n * h, "embed", None);
         for (i, l) in self.layers.iter().enumerate() {
             b.rms_norm(&s.x, &l.attn_norm, eps, n, &mut s.xn);
-            b.matmul(&l.wq, &s.xn, n, &mut s.q);
-            b.matmul(&l.wk, &s.xn, n, &mut s.k);
-            b.matmul(&l.wv, &s.xn, n, &mut s.v);
+            b.matmuls(&[&l.wq, &l.wk, &l.wv], &s.xn, n, &mut [&mut s.q, &mut s.k, &mut s.v]);
             if let Some([bq, bk, bv]) = &l.bias {
                 b.add_bias(&mut s.q, bq, n);
                 b.add_bias(&mut s.k, bk, n);
@@ -253,8 +251,7 @@ impl<B: Backend> Llama<B> {
             b.add(&mut s.x, &s.tmp, n * h);
 
             b.rms_norm(&s.x, &l.ffn_norm, eps, n, &mut s.xn);
-            b.matmul(&l.w_gate, &s.xn, n, &mut s.gate);
-            b.matmul(&l.w_up, &s.xn, n, &mut s.up);
+            b.matmuls(&[&l.w_gate, &l.w_up], &s.xn, n, &mut [&mut s.gate, &mut s.up]);
             b.silu_mul(&mut s.gate, &s.up, n * c.intermediate_size);
             b.matmul(&l.w_down, &s.gate, n, &mut s.tmp);
             b.add(&mut s.x, &s.tmp, n * h);
