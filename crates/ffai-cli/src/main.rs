@@ -480,6 +480,20 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             total * 1e3 / steps
         );
         eprintln!("{:<34} {:>10} {:>8} {:>9}", "op", "µs/step", "share", "calls/step");
+        // Parallel ops (matmuls, attention) each pay one pool region.
+        let regions: u64 = profile
+            .iter()
+            .filter(|p| p.0.starts_with("matmul") || p.0 == "attention")
+            .map(|p| p.2)
+            .sum();
+        let per_region = model.device.region_overhead_seconds();
+        let step = total / steps;
+        eprintln!(
+            "pool: {:.2} µs per parallel region x {:.0} regions per step = {:.1}% of a decode step",
+            per_region * 1e6,
+            regions as f64 / steps,
+            100.0 * per_region * regions as f64 / steps / step
+        );
         for (name, secs, calls) in &profile {
             eprintln!(
                 "{:<34} {:>10.1} {:>7.1}% {:>9.1}",

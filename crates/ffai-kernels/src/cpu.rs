@@ -170,6 +170,18 @@ impl CpuBackend {
         })
     }
 
+    /// Mean wall time of one empty parallel region (wake every worker, wait for all):
+    /// the fixed cost each parallel op pays.
+    pub fn region_overhead_seconds(&self, regions: usize) -> f64 {
+        let t = std::time::Instant::now();
+        for _ in 0..regions {
+            self.pool.run(|i, _| {
+                std::hint::black_box(i);
+            });
+        }
+        t.elapsed().as_secs_f64() / regions.max(1) as f64
+    }
+
     /// Accumulated (op, seconds, calls), most expensive first; clears the counters.
     pub fn take_profile(&self) -> Vec<(String, f64, u64)> {
         let Some(p) = &self.profile else { return Vec::new() };

@@ -39,6 +39,13 @@ impl Device {
         }
     }
 
+    /// Fixed cost of one parallel region on this device, in seconds.
+    pub fn region_overhead_seconds(&self) -> f64 {
+        match self {
+            Device::Cpu(b) => b.region_overhead_seconds(20_000),
+        }
+    }
+
     pub fn name(&self) -> String {
         use ffai_kernels::backend::Backend;
         match self {
