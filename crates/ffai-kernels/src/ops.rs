@@ -3,7 +3,7 @@
 
 /// f32 dot product with eight independent accumulators so the compiler vectorises it.
 /// (Plain multiply-add, not `mul_add`: without the FMA target feature that is a libm call.)
-#[inline]
+#[inline(always)]
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     let mut acc = [0f32; 8];
@@ -90,6 +90,7 @@ pub fn mul_inplace(x: &mut [f32], y: &[f32]) {
 }
 
 /// Numerically stable softmax in place.
+#[inline(always)]
 pub fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0;
@@ -121,6 +122,54 @@ pub fn argmax(x: &[f32]) -> (usize, f32) {
 /// (sliding window); the caller passes `n_ctx` = last visible position + 1.
 #[allow(clippy::too_many_arguments)]
 pub fn attend_head(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    head_dim: usize,
+    first: usize,
+    n_ctx: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2_available() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        unsafe { attend_head_avx2(q, k, v, head_dim, first, n_ctx, scale, scores, out) };
+        return;
+    }
+    attend_head_body(q, k, v, head_dim, first, n_ctx, scale, scores, out)
+}
+
+/// True when the CPU has AVX2 and FMA (cached by the standard library) and the
+/// portable paths are not forced (tests compare both).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub fn avx2_available() -> bool {
+    crate::quant::q8_backend_name() == "avx2" && is_x86_feature_detected!("fma")
+}
+
+/// The same code compiled with AVX2 enabled, so the compiler vectorises it 8 wide.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_head_avx2(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    head_dim: usize,
+    first: usize,
+    n_ctx: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    attend_head_body(q, k, v, head_dim, first, n_ctx, scale, scores, out)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attend_head_body(
     q: &[f32],
     k: &[f32],
     v: &[f32],
