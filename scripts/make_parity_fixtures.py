@@ -1,0 +1,542 @@
+#!/usr/bin/env python3
+"""Generate Hugging Face transformers parity fixtures for ffai.
+
+For every model family below this builds a tiny random-weight model with
+transformers, with the family's quirks switched on, and writes into
+<out>/<family>/:
+
+  config.json            exactly as transformers' save_pretrained writes it
+  model.safetensors      weights as transformers' save_pretrained writes them
+                         (float32; BF16 for llama_bf16; tied weights once)
+  reference.safetensors  "input_ids" I64 [T] and "logits" F32 [T, vocab]:
+                         transformers' fp32 logits of one full-sequence forward
+                         pass, attn_implementation="eager", on CPU
+  meta.json              family, model_type, architecture, versions, seq_len,
+                         notes (which quirks are on, what a reimplementation
+                         must match) plus rope buffers and quirk sensitivities
+
+Usage (needs torch + transformers >= 5, runs on CPU):
+
+  python3 scripts/make_parity_fixtures.py --out tests/fixtures/parity [--only llama,phi3]
+
+Everything is seeded per family (torch.manual_seed) and runs single-threaded
+with deterministic algorithms, so reruns are byte-identical on one machine.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import transformers
+from transformers import AutoModelForCausalLM
+
+SEQ_LEN = 64
+
+# Common tiny sizes.
+BASE = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+WINDOW = 16
+
+# Phi-3 longrope factors (head_dim 16 -> 8 factors each); short and long are
+# different everywhere except the first entry so using the wrong set shows.
+PHI3_SHORT = [1.0, 1.125, 1.25, 1.375, 1.5, 1.625, 1.75, 1.875]
+PHI3_LONG = [1.0, 1.5, 2.0, 2.25, 2.5, 3.0, 3.5, 4.0]
+
+
+def fam_configs():
+    """family -> (config class name, config kwargs, notes, per-family init overrides)."""
+    F = {}
+
+    F["llama"] = (
+        "LlamaConfig",
+        dict(
+            BASE,
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=10000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=32,
+            ),
+            attention_bias=False,
+            mlp_bias=False,
+        ),
+        [
+            "rope_parameters.rope_type=llama3 (factor 8, low_freq_factor 1, high_freq_factor 4, "
+            "original_max_position_embeddings 32, rope_theta 1e4); with head_dim 16 the 8 frequencies cover all three "
+            "llama3 regimes: wavelen=2*pi/inv_freq < 32/4=8 kept (i=0), > 32/1=32 divided by factor (i>=2), in between "
+            "smoothed with s=(32/wavelen - 1)/(4 - 1): inv=(1-s)*inv/8 + s*inv (i=1)",
+            "GQA 4 heads / 2 kv heads, head_dim 16, untied lm_head, attention_bias False, mlp_bias False, silu gated MLP",
+        ],
+        {},
+    )
+
+    F["qwen2"] = (
+        "Qwen2Config",
+        dict(BASE, use_sliding_window=False),
+        [
+            "q_proj/k_proj/v_proj have biases (always on in Qwen2), o_proj has none",
+            "use_sliding_window False (config.sliding_window is written as null, all layer_types full_attention)",
+            "GQA 4/2, head_dim 16, untied lm_head, rope_theta 1e4 default rope",
+        ],
+        {},
+    )
+
+    F["qwen3"] = (
+        "Qwen3Config",
+        dict(BASE, head_dim=32, attention_bias=False, use_sliding_window=False),
+        [
+            "head_dim 32 with hidden 64 and 4 heads (q_proj out 128 != hidden), GQA 2 kv heads",
+            "q_norm/k_norm: plain RMSNorm (weight * x_normed, weight init around 1) over head_dim, applied per head "
+            "after the projection reshape and before RoPE",
+            "no biases (attention_bias False), untied lm_head, no sliding window",
+        ],
+        {},
+    )
+
+    F["mistral"] = (
+        "MistralConfig",
+        dict(BASE, sliding_window=WINDOW),
+        [
+            "sliding_window 16 on every layer: query i attends keys j with i-16 < j <= i "
+            "(transformers sliding_window_overlay: kv_idx > q_idx - sliding_window, and causal), i.e. 16 keys incl. itself",
+            "GQA 4/2, head_dim 16, untied lm_head",
+        ],
+        {},
+    )
+
+    F["phi3"] = (
+        "Phi3Config",
+        dict(
+            BASE,
+            original_max_position_embeddings=32,
+            rope_parameters=dict(
+                rope_type="longrope",
+                rope_theta=10000.0,
+                short_factor=PHI3_SHORT,
+                long_factor=PHI3_LONG,
+                original_max_position_embeddings=32,
+            ),
+        ),
+        [
+            "fused self_attn.qkv_proj (rows: q [n_heads*hd], then k [n_kv*hd], then v [n_kv*hd]) and fused "
+            "mlp.gate_up_proj (rows: gate [0:I], then up [I:2I]; out = down(up * silu(gate)))",
+            "GQA 4/2, head_dim 16, untied lm_head, no biases",
+            "rope_type longrope with short_factor=%s, long_factor=%s, original_max_position_embeddings 32 (also the "
+            "top-level Phi3Config field, which transformers gives priority), max_position_embeddings 256, no 'factor' key"
+            % (PHI3_SHORT, PHI3_LONG),
+        ],
+        {},
+    )
+
+    F["gemma2"] = (
+        "Gemma2Config",
+        dict(
+            BASE,
+            num_hidden_layers=4,
+            head_dim=32,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+            sliding_window=WINDOW,
+            hidden_activation="gelu_pytorch_tanh",
+            tie_word_embeddings=True,
+        ),
+        [
+            "head_dim 32 (q_proj out 128 != hidden 64), GQA 4/2; attention scale = query_pre_attn_scalar**-0.5 = 24**-0.5 "
+            "(not head_dim**-0.5)",
+            "attn_logit_softcapping 50: scores = tanh((q.k * scale)/50)*50 before mask+softmax; final_logit_softcapping 30: "
+            "logits = tanh(logits/30)*30",
+            "layer_types default ((i+1)%2 -> sliding): layers 0,2 sliding_attention (window 16: i-16 < j <= i), layers 1,3 "
+            "full_attention",
+            "embeddings multiplied by sqrt(hidden)=8.0 (cast to weight dtype); all RMSNorms are Gemma-style "
+            "x_normed * (1 + w) computed in fp32; 4 norms per layer: input_layernorm, post_attention_layernorm "
+            "(on attn output before residual add), pre_feedforward_layernorm, post_feedforward_layernorm (on mlp output "
+            "before residual add); gated MLP with gelu_pytorch_tanh",
+            "TIED lm_head (tie_word_embeddings True, as in every real Gemma 2; model.safetensors has no lm_head.weight, "
+            "logits = final_norm(h) @ embed_tokens.weight^T, WITHOUT the sqrt(hidden) embedding scale): untied would "
+            "push the 4-layer head_dim-32 fixture to the 1 MB limit, and this covers the tied path",
+            "init: q_proj/k_proj std 0.3 and embed_tokens (= lm_head) std 0.6 (instead of 0.15) so both soft-caps bite "
+            "(see sensitivity)",
+        ],
+        {"q_proj": 0.3, "k_proj": 0.3, "embed_tokens": 0.6},
+    )
+
+    F["gemma3"] = (
+        "Gemma3TextConfig",
+        dict(
+            BASE,
+            num_hidden_layers=4,
+            head_dim=32,
+            query_pre_attn_scalar=24,
+            sliding_window=WINDOW,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+            sliding_window_pattern=2,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+            },
+            hidden_activation="gelu_pytorch_tanh",
+            tie_word_embeddings=True,
+        ),
+        [
+            "Gemma3ForCausalLM, model_type gemma3_text; head_dim 32 (q_proj out 128 != hidden 64), GQA 4/2",
+            "layer_types given explicitly = [sliding, full, sliding, full] (global every 2nd layer; 4 layers to stay "
+            "under 1 MB) together with sliding_window_pattern=2 (a legacy kwarg: transformers only uses it to build "
+            "layer_types when layer_types is absent, (i+1) % pattern != 0 -> sliding, and writes it back as the private "
+            "key _sliding_window_pattern). A reimplementation should take config.layer_types as authoritative; "
+            "without our kwarg transformers would have written _sliding_window_pattern 6, which disagrees with "
+            "layer_types",
+            "rope per layer type (config.rope_parameters is a dict keyed by layer type): sliding_attention layers use "
+            "default rope theta 1e4; full_attention layers use rope_type linear, factor 8, theta 1e6 -> "
+            "inv_freq = 1/(1e6**(2i/32)) / 8; attention_scaling 1.0 for both",
+            "sliding layers: window 16 (i-16 < j <= i); full layers causal",
+            "q_norm/k_norm: Gemma-style RMSNorm x_normed*(1+w) over head_dim, per head, before RoPE",
+            "attention scale = query_pre_attn_scalar**-0.5 = 24**-0.5; attn_logit_softcapping and "
+            "final_logit_softcapping are None (as in real Gemma 3)",
+            "embeddings multiplied by sqrt(hidden)=8.0; all RMSNorms are (1 + w) in fp32; 4 norms per layer as in Gemma 2; "
+            "gated MLP with gelu_pytorch_tanh",
+            "TIED lm_head (tie_word_embeddings True, as in every real Gemma 3; no lm_head.weight in model.safetensors; "
+            "logits use embed_tokens.weight without the sqrt(hidden) scale): untied would push the fixture to the 1 MB limit",
+        ],
+        {},
+    )
+
+    F["olmo2"] = (
+        "Olmo2Config",
+        dict(BASE),
+        [
+            "post-norm blocks: h = h + post_attention_layernorm(attn(h)); h = h + post_feedforward_layernorm(mlp(h)); no "
+            "pre-norms (there is no input_layernorm); final model.norm before lm_head",
+            "q_norm over the full q projection (n_heads*head_dim = 64) and k_norm over the full k projection "
+            "(n_kv*head_dim = 32), plain RMSNorm, applied before reshape into heads and before RoPE",
+            "GQA 4/2 (real OLMo 2 is MHA, GQA is allowed by the config), head_dim 16, untied lm_head, rms_norm_eps 1e-5",
+        ],
+        {},
+    )
+
+    F["granite"] = (
+        "GraniteConfig",
+        dict(
+            BASE,
+            embedding_multiplier=12.0,
+            residual_multiplier=0.22,
+            attention_multiplier=0.0625,
+            logits_scaling=8.0,
+        ),
+        [
+            "embedding_multiplier 12: h0 = embed(ids) * 12",
+            "residual_multiplier 0.22: h = h + 0.22 * attn(...), h = h + 0.22 * mlp(...)",
+            "attention_multiplier 0.0625 used as the attention scale instead of head_dim**-0.5 (=0.25)",
+            "logits_scaling 8: logits = lm_head(norm(h)) / 8",
+            "init: lm_head std 1.2 (= 0.15 * logits_scaling) so the logits still span a few units after the / 8",
+            "GQA 4/2, head_dim 16, untied lm_head",
+        ],
+        {"lm_head": 1.2},
+    )
+
+    F["starcoder2"] = (
+        "Starcoder2Config",
+        dict(
+            BASE,
+            use_bias=True,
+            sliding_window=WINDOW,
+            hidden_act="gelu_pytorch_tanh",
+            norm_epsilon=1e-5,
+        ),
+        [
+            "LayerNorm (with bias, eps 1e-5) for input_layernorm, post_attention_layernorm and model.norm",
+            "MLP not gated: c_proj(gelu_pytorch_tanh(c_fc(x))) with biases on c_fc and c_proj (hidden_act kept at the "
+            "family default gelu_pytorch_tanh, the tanh approximation)",
+            "q/k/v/o projections with biases (use_bias True)",
+            "sliding_window 16 on every layer (i-16 < j <= i)",
+            "GQA 4/2, head_dim 16, untied lm_head (family default is tied)",
+        ],
+        {},
+    )
+    return F
+
+
+FAMILY_ORDER = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3", "olmo2", "granite", "starcoder2",
+                "llama_bf16"]
+FAMILY_SEED = {f: 1000 + i for i, f in enumerate(FAMILY_ORDER)}
+
+
+def reinit_(model, model_type, overrides):
+    """Re-initialise every parameter so the logits span a healthy range."""
+    gemma_norm = model_type.startswith("gemma")
+    seen = set()
+    with torch.no_grad():
+        for mname, mod in model.named_modules():
+            cls = type(mod).__name__
+            local = list(mod.named_parameters(recurse=False))
+            if not local:
+                continue
+            is_norm = "Norm" in cls
+            is_lin = isinstance(mod, (torch.nn.Linear, torch.nn.Embedding))
+            if not (is_norm or is_lin):
+                raise RuntimeError(f"unexpected parameterised module {mname} ({cls})")
+            leaf = mname.split(".")[-1]
+            for pname, p in local:
+                full = f"{mname}.{pname}" if mname else pname
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                if pname == "bias":
+                    p.normal_(0.0, 0.1)
+                elif is_lin:
+                    p.normal_(0.0, overrides.get(leaf, 0.15))
+                elif gemma_norm:
+                    # Gemma RMSNorm: out = x_normed * (1 + w), w around 0
+                    p.normal_(0.0, 0.1)
+                else:
+                    # plain RMSNorm / LayerNorm: out = w * x_normed, w around 1
+                    p.normal_(0.0, 0.1).add_(1.0)
+    for n, p in model.named_parameters():
+        if id(p) not in seen:
+            raise RuntimeError(f"parameter {n} not re-initialised")
+
+
+def rope_info(model):
+    """Rope buffers/attributes as used by the last forward (after dynamic_rope_update)."""
+    info = {}
+    for mname, mod in model.named_modules():
+        if not type(mod).__name__.endswith("RotaryEmbedding"):
+            continue
+        d = {"class": type(mod).__name__, "rope_type": mod.rope_type}
+        for bname, b in mod.named_buffers(recurse=False):
+            d[bname] = [float(x) for x in b.float().tolist()]
+        for k, v in vars(mod).items():
+            if "attention_scaling" in k and isinstance(v, (int, float)):
+                d[k] = float(v)
+        info[mname] = d
+    return info
+
+
+def forward_logits(model, ids):
+    with torch.no_grad():
+        out = model(input_ids=ids[None, :], use_cache=False)
+    return out.logits[0].float().contiguous()
+
+
+def sensitivity(family, model, ids, ref):
+    """max|logits - logits_with_quirk_off| for a few quirks, to show they matter. Restores the model."""
+    res = {}
+    cfg = model.config
+
+    def diff(tag):
+        res[tag] = float((forward_logits(model, ids) - ref).abs().max())
+
+    if getattr(cfg, "sliding_window", None) is not None:
+        sw = cfg.sliding_window
+        cfg.sliding_window = 10**6
+        diff("sliding_window_off")
+        cfg.sliding_window = sw
+    if family == "gemma2":
+        mods = [m for m in model.modules() if hasattr(m, "attn_logit_softcapping")]
+        for m in mods:
+            m.attn_logit_softcapping = None
+        diff("attn_logit_softcapping_off")
+        for m in mods:
+            m.attn_logit_softcapping = cfg.attn_logit_softcapping
+        fc = cfg.final_logit_softcapping
+        cfg.final_logit_softcapping = None
+        diff("final_logit_softcapping_off")
+        cfg.final_logit_softcapping = fc
+    if family in ("llama", "llama_bf16"):
+        rot = model.model.rotary_emb
+        saved = rot.inv_freq.clone()
+        d = rot.inv_freq.numel() * 2
+        rot.inv_freq.copy_(1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)))
+        diff("llama3_rope_scaling_off")
+        rot.inv_freq.copy_(saved)
+    if family == "phi3":
+        rot = model.model.rotary_emb
+        omp = cfg.rope_parameters["original_max_position_embeddings"]
+        cfg.rope_parameters["original_max_position_embeddings"] = 10**6
+        diff("short_factor_instead_of_long_factor")
+        cfg.rope_parameters["original_max_position_embeddings"] = omp
+        s = rot.attention_scaling
+        rot.attention_scaling = 1.0
+        diff("longrope_attention_scaling_off")
+        rot.attention_scaling = s
+    if family == "gemma3":
+        rot = model.model.rotary_emb
+        saved = rot.full_attention_inv_freq.clone()
+        rot.full_attention_inv_freq.mul_(8.0)
+        diff("global_linear_rope_factor_off")
+        rot.full_attention_inv_freq.copy_(saved)
+    # sanity: restored model reproduces the reference exactly
+    again = forward_logits(model, ids)
+    if not torch.equal(again, ref):
+        raise RuntimeError(f"{family}: model not restored after sensitivity checks")
+    return res
+
+
+def build(family, cfg_cls_name, cfg_kwargs, overrides):
+    seed = FAMILY_SEED[family]
+    torch.manual_seed(seed)
+    cfg_cls = getattr(transformers, cfg_cls_name)
+    config = cfg_cls(**cfg_kwargs)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    model.eval()
+    assert model.config._attn_implementation == "eager", model.config._attn_implementation
+    reinit_(model, config.model_type, overrides)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (SEQ_LEN,), generator=g, dtype=torch.int64)
+    return model, ids
+
+
+def write_fixture(out_dir, family, model, ids, notes, extra_meta):
+    fdir = os.path.join(out_dir, family)
+    if os.path.exists(fdir):
+        shutil.rmtree(fdir)
+    os.makedirs(fdir)
+    ref = forward_logits(model, ids)
+    if not torch.isfinite(ref).all():
+        raise RuntimeError(f"{family}: non-finite logits")
+    rope = rope_info(model)
+    sens = sensitivity(family, model, ids, ref)
+    return fdir, ref, rope, sens
+
+
+def finish(fdir, family, model, ids, ref, notes, rope, sens, extra_meta):
+    save_file({"input_ids": ids.contiguous(), "logits": ref}, os.path.join(fdir, "reference.safetensors"))
+    gen = os.path.join(fdir, "generation_config.json")
+    if os.path.exists(gen):
+        os.remove(gen)
+    cfg = model.config
+    meta = {
+        "family": family,
+        "model_type": cfg.model_type,
+        "architecture": type(model).__name__,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "seq_len": SEQ_LEN,
+        "notes": notes,
+        "seed": FAMILY_SEED[family],
+        "input_ids": "torch.randint(0, vocab_size, (seq_len,), generator=torch.Generator().manual_seed(seed))",
+        "attn_implementation": "eager",
+        "device": "cpu, fp32, torch.set_num_threads(1)",
+        "max_abs_logit": float(ref.abs().max()),
+        "logit_std": float(ref.std()),
+        "rope_after_forward": rope,
+        "sensitivity_max_abs_logit_diff": sens,
+    }
+    meta.update(extra_meta)
+    with safe_open(os.path.join(fdir, "model.safetensors"), "pt") as sf:
+        meta["weights"] = {k: [str(sf.get_slice(k).get_dtype()), list(sf.get_slice(k).get_shape())]
+                           for k in sorted(sf.keys())}
+    with open(os.path.join(fdir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+    total = sum(os.path.getsize(os.path.join(fdir, n)) for n in os.listdir(fdir))
+    print(f"{fdir}: {total} bytes, files={sorted(os.listdir(fdir))}, max|logit|={meta['max_abs_logit']:.4f}, "
+          f"std={meta['logit_std']:.4f}, sens={ {k: round(v, 5) for k, v in sens.items()} }", flush=True)
+    if total >= 1_000_000:
+        raise RuntimeError(f"{family}: fixture is {total} bytes (>= 1 MB)")
+    return meta
+
+
+def phi3_notes(model):
+    rot = model.model.rotary_emb
+    rp = model.config.rope_parameters
+    omp = rp["original_max_position_embeddings"]
+    mpe = model.config.max_position_embeddings
+    factor = mpe / omp
+    att = math.sqrt(1 + math.log(factor) / math.log(omp))
+    return [
+        "transformers longrope for this 64-token forward: Phi3RotaryEmbedding.forward is wrapped by dynamic_rope_update "
+        "-> longrope_frequency_update: seq_len = max(position_ids)+1 = 64 > original_max_position_embeddings = %d, so "
+        "inv_freq = 1 / (long_factor[i] * rope_theta**(2i/head_dim)) for EVERY position 0..63 (the choice is per forward "
+        "call from its largest position; with seq_len <= %d it would be 1 / (short_factor[i] * theta**(2i/hd)) for every "
+        "position). During cached generation transformers re-decides per call, so keys cached while max position < %d "
+        "keep short-factor rotation." % (omp, omp, omp),
+        "attention_scaling (multiplies BOTH cos and sin, so q.k is scaled by its square) is computed once at init, does "
+        "not depend on seq_len, and is applied to short and long alike: no 'factor'/'attention_factor' in rope_parameters "
+        "-> factor = max_position_embeddings / original_max_position_embeddings = %d/%d = %g -> attention_scaling = "
+        "sqrt(1 + ln(factor)/ln(original_max_position_embeddings)) = sqrt(1 + ln %g / ln %d) = %.10f (module value %.10f)"
+        % (mpe, omp, factor, factor, omp, att, rot.attention_scaling),
+        "softmax scale stays head_dim**-0.5 = 0.25; rotate_half (non-interleaved) rope on the full head_dim "
+        "(partial_rotary_factor 1.0)",
+    ]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--only", default="")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    only = set(x for x in args.only.split(",") if x)
+    os.makedirs(args.out, exist_ok=True)
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}", flush=True)
+    F = fam_configs()
+    failures = []
+    for family in FAMILY_ORDER:
+        if only and family not in only:
+            continue
+        try:
+            if family == "llama_bf16":
+                cls_name, kw, notes, ov = F["llama"]
+                model, ids = build(family, cls_name, kw, ov)
+                # round every parameter to bf16 (buffers such as inv_freq stay fp32), run the forward in fp32
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.copy_(p.to(torch.bfloat16).to(torch.float32))
+                fdir, ref, rope, sens = write_fixture(args.out, family, model, ids, notes, {})
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.data = p.data.to(torch.bfloat16)
+                model.save_pretrained(fdir)
+                notes = list(notes) + [
+                    "same config and seed scheme as llama (seed %d), every weight rounded to bfloat16 "
+                    "(round-to-nearest-even via torch .to(bfloat16)) and stored as BF16 in model.safetensors; reference "
+                    "logits come from the forward in fp32 with those rounded weights upcast exactly to fp32 "
+                    "(rope inv_freq computed in fp32)" % FAMILY_SEED[family],
+                    "re-init before rounding: Linear/Embedding weights N(0, 0.15), norm weights 1 + N(0, 0.1)",
+                ]
+                finish(fdir, family, model, ids, ref, notes, rope, sens, {"weights_dtype": "bfloat16"})
+                continue
+            cls_name, kw, notes, ov = F[family]
+            model, ids = build(family, cls_name, kw, ov)
+            fdir, ref, rope, sens = write_fixture(args.out, family, model, ids, notes, {})
+            model.save_pretrained(fdir)
+            notes = list(notes)
+            if family == "phi3":
+                notes += phi3_notes(model)
+            notes.append("re-init: Linear/Embedding weights N(0, 0.15) unless stated, biases N(0, 0.1), norm weights "
+                         + ("N(0, 0.1) (Gemma (1 + w) form)" if family.startswith("gemma") else "1 + N(0, 0.1)"))
+            finish(fdir, family, model, ids, ref, notes, rope, sens, {"weights_dtype": "float32"})
+        except Exception as e:  # keep going, report at the end
+            import traceback
+            traceback.print_exc()
+            failures.append((family, repr(e)))
+    if failures:
+        print("FAILURES:", failures, flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
