@@ -72,6 +72,8 @@ pub struct AttnShape {
 pub trait Backend: Send + Sync + 'static {
     type Buf: Send + Sync;
     type Mat: Send + Sync;
+    /// One layer's K or V cache (half precision on CPU: half the memory traffic of f32).
+    type Kv: Send + Sync;
 
     fn name(&self) -> String;
 
@@ -82,6 +84,8 @@ pub trait Backend: Send + Sync + 'static {
     /// A zeroed buffer of `len` f32.
     fn alloc(&self, len: usize) -> Self::Buf;
     fn upload(&self, data: &[f32]) -> Self::Buf;
+    /// A zeroed KV cache of `len` elements.
+    fn alloc_kv(&self, len: usize) -> Self::Kv;
     /// Copies `buf[range]` to the host.
     fn download(&self, buf: &Self::Buf, range: Range<usize>, out: &mut [f32]);
     fn buf_len(&self, buf: &Self::Buf) -> usize;
@@ -116,15 +120,15 @@ pub trait Backend: Send + Sync + 'static {
     /// `x += y` over the first `len` elements.
     fn add(&self, x: &mut Self::Buf, y: &Self::Buf, len: usize);
     /// Writes `n` tokens of K (or V), `[n, kv_heads * head_dim]`, into the cache at `pos0`.
-    fn kv_write(&self, cache: &mut Self::Buf, src: &Self::Buf, n: usize, pos0: usize, shape: &AttnShape);
+    fn kv_write(&self, cache: &mut Self::Kv, src: &Self::Buf, n: usize, pos0: usize, shape: &AttnShape);
     /// Causal attention of `n` queries at positions `pos0..pos0+n` over the cache
     /// (which already holds them); `out` is `[n, n_heads * head_dim]`.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         q: &Self::Buf,
-        k: &Self::Buf,
-        v: &Self::Buf,
+        k: &Self::Kv,
+        v: &Self::Kv,
         n: usize,
         pos0: usize,
         shape: &AttnShape,

@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use crate::backend::{AttnShape, Backend, HostBytes, RopeParams};
 use crate::ops;
-use crate::pool::{split_range, ThreadPool};
+use crate::pool::ThreadPool;
 use crate::quant::{self, ActFormat, QuantizedActs, WeightType};
 
 pub struct CpuMatrix {
@@ -203,6 +203,7 @@ impl CpuBackend {
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type Mat = CpuMatrix;
+    type Kv = Vec<half::f16>;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", self.pool.n_threads())
@@ -234,6 +235,10 @@ impl Backend for CpuBackend {
 
     fn upload(&self, data: &[f32]) -> Vec<f32> {
         data.to_vec()
+    }
+
+    fn alloc_kv(&self, len: usize) -> Vec<half::f16> {
+        vec![half::f16::ZERO; len]
     }
 
     fn download(&self, buf: &Vec<f32>, range: Range<usize>, out: &mut [f32]) {
@@ -296,8 +301,7 @@ impl Backend for CpuBackend {
         let acts = &*acts;
         let x = &x[..n * cols];
         let total: usize = ws.iter().map(|w| w.rows).sum();
-        self.pool.run(|i, nt| {
-            let r = split_range(total, i, nt, 16);
+        self.pool.for_ranges(total, 16, |r| {
             // Walk the matrices whose global row span overlaps this thread's range.
             let mut base = 0;
             for (k, w) in ws.iter().enumerate() {
@@ -365,7 +369,7 @@ impl Backend for CpuBackend {
         ops::add_inplace(&mut x[..len], &y[..len]);
     }
 
-    fn kv_write(&self, cache: &mut Vec<f32>, src: &Vec<f32>, n: usize, pos0: usize, s: &AttnShape) {
+    fn kv_write(&self, cache: &mut Vec<half::f16>, src: &Vec<f32>, n: usize, pos0: usize, s: &AttnShape) {
         let _p = self.prof(|| "kv_write".into());
         assert!(
             pos0 + n <= s.max_seq,
@@ -378,7 +382,10 @@ impl Backend for CpuBackend {
         for t in 0..n {
             for h in 0..s.n_kv_heads {
                 let dst = (h * s.max_seq + pos0 + t) * hd;
-                cache[dst..dst + hd].copy_from_slice(&src[t * width + h * hd..t * width + (h + 1) * hd]);
+                half::slice::HalfFloatSliceExt::convert_from_f32_slice(
+                    &mut cache[dst..dst + hd],
+                    &src[t * width + h * hd..t * width + (h + 1) * hd],
+                );
             }
         }
     }
@@ -386,8 +393,8 @@ impl Backend for CpuBackend {
     fn attention(
         &self,
         q: &Vec<f32>,
-        k: &Vec<f32>,
-        v: &Vec<f32>,
+        k: &Vec<half::f16>,
+        v: &Vec<half::f16>,
         n: usize,
         pos0: usize,
         s: &AttnShape,
@@ -401,8 +408,7 @@ impl Backend for CpuBackend {
         let out_ptr = SharedMut(out.as_mut_ptr());
         // One work item per (token, head); threads take contiguous ranges of them.
         let items = n * s.n_heads;
-        self.pool.run(|i, nt| {
-            let r = split_range(items, i, nt, 1);
+        self.pool.for_ranges(items, 1, |r| {
             with_scratch(n_ctx_max, |scores| {
                 for item in r.clone() {
                     let (t, h) = (item / s.n_heads, item % s.n_heads);

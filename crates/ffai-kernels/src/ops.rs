@@ -1,6 +1,8 @@
 //! Plain single-threaded kernels over slices. Each is the unit the CPU backend
 //! parallelises, and each has an oracle test in `tests/ops.rs`.
 
+use half::f16;
+
 /// f32 dot product with eight independent accumulators so the compiler vectorises it.
 /// (Plain multiply-add, not `mul_add`: without the FMA target feature that is a libm call.)
 #[inline(always)]
@@ -89,16 +91,56 @@ pub fn mul_inplace(x: &mut [f32], y: &[f32]) {
     }
 }
 
+/// e^x for x <= 0 (softmax arguments), branch-free so loops over it vectorise:
+/// x = n ln2 + r with |r| <= ln2/2, e^r by a degree-6 polynomial, 2^n by building the
+/// exponent bits. Relative error below 3e-7; inputs below -87 flush to about 0.
+#[inline(always)]
+pub fn exp_nonpos(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Adding 1.5 * 2^23 rounds to an integer held in the low mantissa bits: both the
+    // float n and its integer value come out of plain adds and bit ops (no libm round,
+    // no saturating cast), so the loop vectorises on every target.
+    const MAGIC: f32 = 12_582_912.0;
+    let x = x.max(-87.0);
+    let t = x * LOG2E + MAGIC;
+    let n = t - MAGIC;
+    let ni = t.to_bits().wrapping_sub(MAGIC.to_bits()) as i32;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0 / 720.0;
+    let p = p * r + 1.0 / 120.0;
+    let p = p * r + 1.0 / 24.0;
+    let p = p * r + 1.0 / 6.0;
+    let p = p * r + 0.5;
+    let p = p * r + 1.0;
+    let p = p * r + 1.0;
+    // n is in [-126, 0] here, so the biased exponent stays normal.
+    p * f32::from_bits((ni.wrapping_add(127) as u32) << 23)
+}
+
+/// Sum with eight independent accumulators (vectorises; order differs from sequential).
+#[inline(always)]
+pub fn sum_f32(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let c = x.chunks_exact(8);
+    let rest: f32 = c.remainder().iter().sum();
+    for v in c {
+        for k in 0..8 {
+            acc[k] += v[k];
+        }
+    }
+    (acc[0] + acc[4]) + (acc[1] + acc[5]) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + rest
+}
+
 /// Numerically stable softmax in place.
 #[inline(always)]
 pub fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
     for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
+        *v = exp_nonpos(*v - max);
     }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / sum_f32(x);
     for v in x.iter_mut() {
         *v *= inv;
     }
@@ -117,14 +159,14 @@ pub fn argmax(x: &[f32]) -> (usize, f32) {
 
 /// Attention of one query head over `n_ctx` cached positions of its KV head.
 ///
-/// `k` and `v` are the head's cache rows, contiguous: position p at `p * head_dim`.
-/// `scores` is scratch of at least `n_ctx`. Positions before `first` are masked out
-/// (sliding window); the caller passes `n_ctx` = last visible position + 1.
+/// `k` and `v` are the head's cache rows in half precision, contiguous: position p at
+/// `p * head_dim`. `scores` is scratch of at least `n_ctx`. Positions before `first` are
+/// masked out (sliding window); the caller passes `n_ctx` = last visible position + 1.
 #[allow(clippy::too_many_arguments)]
 pub fn attend_head(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[f16],
+    v: &[f16],
     head_dim: usize,
     first: usize,
     n_ctx: usize,
@@ -132,48 +174,32 @@ pub fn attend_head(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
+    assert!(q.len() >= head_dim && out.len() >= head_dim && scores.len() >= n_ctx);
+    assert!(k.len() >= n_ctx * head_dim && v.len() >= n_ctx * head_dim && first <= n_ctx);
     #[cfg(target_arch = "x86_64")]
-    if avx2_available() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+    if head_dim.is_multiple_of(8) && avx2_available() && is_x86_feature_detected!("f16c") {
+        // SAFETY: AVX2, FMA and F16C are present (checked just above) and the slice
+        // lengths the kernel relies on were asserted.
         unsafe { attend_head_avx2(q, k, v, head_dim, first, n_ctx, scale, scores, out) };
         return;
     }
-    attend_head_body(q, k, v, head_dim, first, n_ctx, scale, scores, out)
+    attend_head_portable(q, k, v, head_dim, first, n_ctx, scale, scores, out)
 }
 
-/// True when the CPU has AVX2 and FMA (cached by the standard library) and the
-/// portable paths are not forced (tests compare both).
+/// True when the CPU has AVX2 and FMA and the portable paths are not forced (tests
+/// compare both).
 #[cfg(target_arch = "x86_64")]
 #[inline]
 pub fn avx2_available() -> bool {
     crate::quant::q8_backend_name() == "avx2" && is_x86_feature_detected!("fma")
 }
 
-/// The same code compiled with AVX2 enabled, so the compiler vectorises it 8 wide.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn attend_head_avx2(
+fn attend_head_portable(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    head_dim: usize,
-    first: usize,
-    n_ctx: usize,
-    scale: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
-    attend_head_body(q, k, v, head_dim, first, n_ctx, scale, scores, out)
-}
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn attend_head_body(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    head_dim: usize,
+    k: &[f16],
+    v: &[f16],
+    hd: usize,
     first: usize,
     n_ctx: usize,
     scale: f32,
@@ -182,16 +208,93 @@ fn attend_head_body(
 ) {
     let scores = &mut scores[first..n_ctx];
     for (j, s) in scores.iter_mut().enumerate() {
-        let p = first + j;
-        *s = dot_f32(q, &k[p * head_dim..(p + 1) * head_dim]) * scale;
+        let row = &k[(first + j) * hd..(first + j + 1) * hd];
+        *s = q.iter().zip(row).map(|(a, b)| a * b.to_f32()).sum::<f32>() * scale;
     }
     softmax(scores);
-    out.fill(0.0);
+    out[..hd].fill(0.0);
     for (j, &w) in scores.iter().enumerate() {
-        let p = first + j;
-        let vrow = &v[p * head_dim..(p + 1) * head_dim];
-        for (o, &vv) in out.iter_mut().zip(vrow) {
-            *o += w * vv;
+        let row = &v[(first + j) * hd..(first + j + 1) * hd];
+        for (o, x) in out.iter_mut().zip(row) {
+            *o += w * x.to_f32();
+        }
+    }
+}
+
+/// The AVX2 kernel: f16 keys/values widened with F16C, FMA dot products two positions
+/// at a time, the vectorised softmax, and a broadcast-FMA weighted sum of values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_head_avx2(
+    q: &[f32],
+    k: &[f16],
+    v: &[f16],
+    hd: usize,
+    first: usize,
+    n_ctx: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    #[inline(always)]
+    unsafe fn hsum(x: __m256) -> f32 {
+        // SAFETY: plain register arithmetic (AVX is enabled by the caller).
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+        }
+    }
+    // SAFETY (whole body): every pointer offset stays below `n_ctx * hd` for k/v and
+    // below `hd` for q/out, as asserted by `attend_head`; loads and stores are unaligned.
+    unsafe {
+        let qp = q.as_ptr();
+        let kp = k.as_ptr() as *const u16;
+        let vp = v.as_ptr() as *const u16;
+        let widen = |p: *const u16| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+        let mut p = first;
+        while p + 2 <= n_ctx {
+            let (k0, k1) = (kp.add(p * hd), kp.add((p + 1) * hd));
+            let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut c = 0;
+            while c < hd {
+                let qv = _mm256_loadu_ps(qp.add(c));
+                a0 = _mm256_fmadd_ps(qv, widen(k0.add(c)), a0);
+                a1 = _mm256_fmadd_ps(qv, widen(k1.add(c)), a1);
+                c += 8;
+            }
+            scores[p] = hsum(a0) * scale;
+            scores[p + 1] = hsum(a1) * scale;
+            p += 2;
+        }
+        if p < n_ctx {
+            let k0 = kp.add(p * hd);
+            let mut a0 = _mm256_setzero_ps();
+            let mut c = 0;
+            while c < hd {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c)), widen(k0.add(c)), a0);
+                c += 8;
+            }
+            scores[p] = hsum(a0) * scale;
+        }
+        softmax(&mut scores[first..n_ctx]);
+        let op = out.as_mut_ptr();
+        let mut c = 0;
+        while c < hd {
+            _mm256_storeu_ps(op.add(c), _mm256_setzero_ps());
+            c += 8;
+        }
+        for (p, &sp) in scores.iter().enumerate().take(n_ctx).skip(first) {
+            let w = _mm256_set1_ps(sp);
+            let v0 = vp.add(p * hd);
+            let mut c = 0;
+            while c < hd {
+                let o = _mm256_loadu_ps(op.add(c));
+                _mm256_storeu_ps(op.add(c), _mm256_fmadd_ps(w, widen(v0.add(c)), o));
+                c += 8;
+            }
         }
     }
 }

@@ -149,8 +149,8 @@ struct Scratch<B: Backend> {
     up: B::Buf,
     last: B::Buf,
     logits: B::Buf,
-    k_cache: Vec<B::Buf>,
-    v_cache: Vec<B::Buf>,
+    k_cache: Vec<B::Kv>,
+    v_cache: Vec<B::Kv>,
 }
 
 impl<B: Backend> Llama<B> {
@@ -300,8 +300,8 @@ impl<B: Backend> LanguageModel for Llama<B> {
             up: b.alloc(chunk * c.intermediate_size),
             last: b.alloc(c.hidden_size),
             logits: b.alloc(c.vocab_size),
-            k_cache: (0..c.num_layers).map(|_| b.alloc(kv)).collect(),
-            v_cache: (0..c.num_layers).map(|_| b.alloc(kv)).collect(),
+            k_cache: (0..c.num_layers).map(|_| b.alloc_kv(kv)).collect(),
+            v_cache: (0..c.num_layers).map(|_| b.alloc_kv(kv)).collect(),
         };
         Ok(InferenceState {
             pos: 0,
