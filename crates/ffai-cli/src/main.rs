@@ -48,6 +48,9 @@ struct ModelArgs {
     /// Time every op and print where a decode step spends its time (bench).
     #[arg(long)]
     profile: bool,
+    /// KV-cache precision: f16 (default) or f32.
+    #[arg(long, default_value = "f16")]
+    kv_cache: String,
 }
 
 impl ModelArgs {
@@ -66,11 +69,17 @@ impl ModelArgs {
             }
         };
         let t = Instant::now();
+        let kv_f32 = match self.kv_cache.as_str() {
+            "f16" => false,
+            "f32" => true,
+            other => return Err(Error::new(format!("--kv-cache must be f16 or f32, not {other:?}"))),
+        };
         let m = Model::load(
             &spec,
             &LoadOptions {
                 threads: self.threads,
                 profile: self.profile,
+                kv_f32,
             },
         )?;
         Ok((m, t.elapsed().as_secs_f64()))

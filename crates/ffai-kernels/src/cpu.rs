@@ -79,7 +79,26 @@ fn matmul_rows(w: &CpuMatrix, x: &[f32], n: usize, acts: &[QuantizedActs; 3], ro
     }
 }
 
+/// One layer's K or V cache: half precision by default, f32 on request (exact parity
+/// tests, or users who want it).
+pub enum KvCache {
+    F16(Vec<half::f16>),
+    F32(Vec<f32>),
+}
+
+impl KvCache {
+    /// The stored values widened to f32 (inspection and tests).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        match self {
+            KvCache::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            KvCache::F32(v) => v.clone(),
+        }
+    }
+}
+
 pub struct CpuBackend {
+    /// Store the KV cache in f32 instead of f16.
+    kv_f32: bool,
     pool: ThreadPool,
     /// Quantized activations, one buffer per activation format, reused by every matmul.
     acts: std::sync::Mutex<[QuantizedActs; 3]>,
@@ -145,20 +164,22 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 
 impl CpuBackend {
     pub fn new(n_threads: usize) -> CpuBackend {
+        Self::with_options(n_threads, false, false)
+    }
+
+    /// `profile`: time every op; `kv_f32`: keep the KV cache in f32 rather than f16.
+    pub fn with_options(n_threads: usize, profile: bool, kv_f32: bool) -> CpuBackend {
         CpuBackend {
+            kv_f32,
             pool: ThreadPool::new(n_threads),
             acts: Default::default(),
-            profile: None,
+            profile: profile.then(Default::default),
         }
     }
 
     /// A backend that times every op (for `ffai bench --profile`).
     pub fn with_profiling(n_threads: usize) -> CpuBackend {
-        CpuBackend {
-            pool: ThreadPool::new(n_threads),
-            acts: Default::default(),
-            profile: Some(Default::default()),
-        }
+        Self::with_options(n_threads, true, false)
     }
 
     #[inline]
@@ -203,7 +224,7 @@ impl CpuBackend {
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type Mat = CpuMatrix;
-    type Kv = Vec<half::f16>;
+    type Kv = KvCache;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", self.pool.n_threads())
@@ -237,8 +258,12 @@ impl Backend for CpuBackend {
         data.to_vec()
     }
 
-    fn alloc_kv(&self, len: usize) -> Vec<half::f16> {
-        vec![half::f16::ZERO; len]
+    fn alloc_kv(&self, len: usize) -> KvCache {
+        if self.kv_f32 {
+            KvCache::F32(vec![0.0; len])
+        } else {
+            KvCache::F16(vec![half::f16::ZERO; len])
+        }
     }
 
     fn download(&self, buf: &Vec<f32>, range: Range<usize>, out: &mut [f32]) {
@@ -369,7 +394,7 @@ impl Backend for CpuBackend {
         ops::add_inplace(&mut x[..len], &y[..len]);
     }
 
-    fn kv_write(&self, cache: &mut Vec<half::f16>, src: &Vec<f32>, n: usize, pos0: usize, s: &AttnShape) {
+    fn kv_write(&self, cache: &mut KvCache, src: &Vec<f32>, n: usize, pos0: usize, s: &AttnShape) {
         let _p = self.prof(|| "kv_write".into());
         assert!(
             pos0 + n <= s.max_seq,
@@ -382,10 +407,13 @@ impl Backend for CpuBackend {
         for t in 0..n {
             for h in 0..s.n_kv_heads {
                 let dst = (h * s.max_seq + pos0 + t) * hd;
-                half::slice::HalfFloatSliceExt::convert_from_f32_slice(
-                    &mut cache[dst..dst + hd],
-                    &src[t * width + h * hd..t * width + (h + 1) * hd],
-                );
+                let row = &src[t * width + h * hd..t * width + (h + 1) * hd];
+                match cache {
+                    KvCache::F16(c) => {
+                        half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut c[dst..dst + hd], row)
+                    }
+                    KvCache::F32(c) => c[dst..dst + hd].copy_from_slice(row),
+                }
             }
         }
     }
@@ -393,8 +421,8 @@ impl Backend for CpuBackend {
     fn attention(
         &self,
         q: &Vec<f32>,
-        k: &Vec<half::f16>,
-        v: &Vec<half::f16>,
+        k: &KvCache,
+        v: &KvCache,
         n: usize,
         pos0: usize,
         s: &AttnShape,
@@ -423,17 +451,16 @@ impl Backend for CpuBackend {
                     let qh = &q[t * q_width + h * hd..t * q_width + (h + 1) * hd];
                     // SAFETY: each (token, head) output slice is written by exactly one thread.
                     let o = unsafe { out_ptr.slice(t * q_width + h * hd, hd) };
-                    ops::attend_head(
-                        qh,
-                        &k[base..base + s.max_seq * hd],
-                        &v[base..base + s.max_seq * hd],
-                        hd,
-                        first,
-                        n_ctx,
-                        s.scale,
-                        scores,
-                        o,
-                    );
+                    let span = base..base + s.max_seq * hd;
+                    match (k, v) {
+                        (KvCache::F16(k), KvCache::F16(v)) => {
+                            ops::attend_head(qh, &k[span.clone()], &v[span], hd, first, n_ctx, s.scale, scores, o)
+                        }
+                        (KvCache::F32(k), KvCache::F32(v)) => {
+                            ops::attend_head(qh, &k[span.clone()], &v[span], hd, first, n_ctx, s.scale, scores, o)
+                        }
+                        _ => panic!("K and V caches of different precision"),
+                    }
                 }
             });
         });

@@ -163,10 +163,10 @@ pub fn argmax(x: &[f32]) -> (usize, f32) {
 /// `p * head_dim`. `scores` is scratch of at least `n_ctx`. Positions before `first` are
 /// masked out (sliding window); the caller passes `n_ctx` = last visible position + 1.
 #[allow(clippy::too_many_arguments)]
-pub fn attend_head(
+pub fn attend_head<T: KvElem>(
     q: &[f32],
-    k: &[f16],
-    v: &[f16],
+    k: &[T],
+    v: &[T],
     head_dim: usize,
     first: usize,
     n_ctx: usize,
@@ -177,13 +177,56 @@ pub fn attend_head(
     assert!(q.len() >= head_dim && out.len() >= head_dim && scores.len() >= n_ctx);
     assert!(k.len() >= n_ctx * head_dim && v.len() >= n_ctx * head_dim && first <= n_ctx);
     #[cfg(target_arch = "x86_64")]
-    if head_dim.is_multiple_of(8) && avx2_available() && is_x86_feature_detected!("f16c") {
+    if head_dim.is_multiple_of(8) && avx2_available() && (!T::NEEDS_F16C || is_x86_feature_detected!("f16c")) {
         // SAFETY: AVX2, FMA and F16C are present (checked just above) and the slice
         // lengths the kernel relies on were asserted.
         unsafe { attend_head_avx2(q, k, v, head_dim, first, n_ctx, scale, scores, out) };
         return;
     }
     attend_head_portable(q, k, v, head_dim, first, n_ctx, scale, scores, out)
+}
+
+/// A KV-cache element type: half precision (the default, half the memory traffic) or f32.
+pub trait KvElem: Copy + Send + Sync + 'static {
+    /// The AVX2 path needs F16C to widen this type.
+    const NEEDS_F16C: bool;
+    fn to_f32(self) -> f32;
+    /// Loads 8 consecutive elements widened to f32.
+    ///
+    /// # Safety
+    /// `p` must point to 8 readable elements, and the CPU must have AVX2 (and F16C when
+    /// `NEEDS_F16C`).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl KvElem for f16 {
+    const NEEDS_F16C: bool = true;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 8 readable halves and F16C.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+}
+
+impl KvElem for f32 {
+    const NEEDS_F16C: bool = false;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller guarantees 8 readable floats and AVX.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
 }
 
 /// True when the CPU has AVX2 and FMA and the portable paths are not forced (tests
@@ -195,10 +238,10 @@ pub fn avx2_available() -> bool {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn attend_head_portable(
+fn attend_head_portable<T: KvElem>(
     q: &[f32],
-    k: &[f16],
-    v: &[f16],
+    k: &[T],
+    v: &[T],
     hd: usize,
     first: usize,
     n_ctx: usize,
@@ -226,10 +269,10 @@ fn attend_head_portable(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn attend_head_avx2(
+unsafe fn attend_head_avx2<T: KvElem>(
     q: &[f32],
-    k: &[f16],
-    v: &[f16],
+    k: &[T],
+    v: &[T],
     hd: usize,
     first: usize,
     n_ctx: usize,
@@ -251,9 +294,9 @@ unsafe fn attend_head_avx2(
     // below `hd` for q/out, as asserted by `attend_head`; loads and stores are unaligned.
     unsafe {
         let qp = q.as_ptr();
-        let kp = k.as_ptr() as *const u16;
-        let vp = v.as_ptr() as *const u16;
-        let widen = |p: *const u16| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+        let kp = k.as_ptr();
+        let vp = v.as_ptr();
+        let widen = |p: *const T| T::load8(p);
         let mut p = first;
         while p + 2 <= n_ctx {
             let (k0, k1) = (kp.add(p * hd), kp.add((p + 1) * hd));

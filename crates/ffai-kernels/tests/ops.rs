@@ -36,8 +36,13 @@ fn assert_all_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
     }
 }
 
+/// One and three threads, f16 and f32 KV caches.
 fn backends() -> Vec<CpuBackend> {
-    vec![CpuBackend::new(1), CpuBackend::new(3)]
+    vec![
+        CpuBackend::new(1),
+        CpuBackend::new(3),
+        CpuBackend::with_options(2, false, true),
+    ]
 }
 
 #[test]
@@ -278,10 +283,7 @@ fn attention_prefill_and_decode_with_gqa_match_oracle() {
                 &format!("attention window {window} portable {portable}"),
             );
             // The cache layout is [kv_head, position, head_dim].
-            let cached: Vec<f32> = kc[(max_seq + 3) * hd..(max_seq + 4) * hd]
-                .iter()
-                .map(|x| x.to_f32())
-                .collect();
+            let cached: Vec<f32> = kc.to_f32_vec()[(max_seq + 3) * hd..(max_seq + 4) * hd].to_vec();
             assert_eq!(cached, k_all[(3 * kv_heads + 1) * hd..(3 * kv_heads + 2) * hd]);
         }
     }

@@ -150,7 +150,15 @@ impl ModelConfig {
         let num_kv_heads = opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
         let head_dim = opt_usize("head_dim")?.unwrap_or(hidden_size / num_heads);
 
-        let rope_scaling = match get("rope_scaling") {
+        // transformers v5 writes `rope_parameters` (with rope_theta inside); older
+        // checkpoints write `rope_theta` and `rope_scaling` at the top level.
+        let rope_params =
+            get("rope_parameters").filter(|v| v.get("rope_type").is_some() || v.get("rope_theta").is_some());
+        let rope_theta = rope_params
+            .and_then(|r| r.get("rope_theta"))
+            .and_then(|x| x.as_f64())
+            .or_else(|| opt_f64("rope_theta"));
+        let rope_scaling = match rope_params.or_else(|| get("rope_scaling")) {
             None | Some(Value::Null) => None,
             Some(rs) => {
                 let kind = rs
@@ -201,7 +209,7 @@ impl ModelConfig {
             head_dim,
             vocab_size: req_usize("vocab_size")?,
             max_position_embeddings: opt_usize("max_position_embeddings")?.unwrap_or(4096),
-            rope_theta: opt_f64("rope_theta").unwrap_or(10000.0),
+            rope_theta: rope_theta.unwrap_or(10000.0),
             rope_scaling,
             rms_norm_eps: opt_f64("rms_norm_eps").unwrap_or(1e-6),
             tie_word_embeddings: opt_bool("tie_word_embeddings").unwrap_or(false),

@@ -29,6 +29,8 @@ pub struct LoadOptions {
     pub threads: usize,
     /// Time every op (see `Device::take_profile`); off costs one branch per op.
     pub profile: bool,
+    /// Keep the KV cache in f32 (default f16: half the memory and bandwidth).
+    pub kv_f32: bool,
 }
 
 /// A loaded model: the network, its tokenizer, and where it came from.
@@ -56,11 +58,7 @@ impl Model {
         } else {
             opts.threads
         };
-        let device = if opts.profile {
-            Device::cpu_profiled(threads)
-        } else {
-            Device::cpu(threads)
-        };
+        let device = Device::cpu_with(threads, opts.profile, opts.kv_f32);
         let src = location.path().display().to_string();
         // Config first, then the family check, so an unsupported model fails before any
         // weights or tokenizer files are touched.

@@ -28,8 +28,9 @@ impl Device {
         Device::Cpu(Arc::new(CpuBackend::new(threads)))
     }
 
-    pub fn cpu_profiled(threads: usize) -> Device {
-        Device::Cpu(Arc::new(CpuBackend::with_profiling(threads)))
+    /// `profile`: time every op; `kv_f32`: keep the KV cache in f32 instead of f16.
+    pub fn cpu_with(threads: usize, profile: bool, kv_f32: bool) -> Device {
+        Device::Cpu(Arc::new(CpuBackend::with_options(threads, profile, kv_f32)))
     }
 
     /// Per-op (name, seconds, calls) since the last call, when loaded with profiling.
