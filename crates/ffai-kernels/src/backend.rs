@@ -36,6 +36,19 @@ impl HostBytes {
         }
     }
 
+    /// A sub-range of these bytes (panics when out of range; callers check sizes).
+    pub fn slice(&self, start: usize, len: usize) -> HostBytes {
+        assert!(
+            start <= self.len && len <= self.len - start,
+            "HostBytes slice out of bounds"
+        );
+        HostBytes {
+            owner: self.owner.clone(),
+            start: self.start + start,
+            len,
+        }
+    }
+
     pub fn as_slice(&self) -> &[u8] {
         &(*self.owner).as_ref()[self.start..self.start + self.len]
     }
@@ -62,11 +75,15 @@ pub struct AttnShape {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
-    /// Capacity of the cache in positions.
-    pub max_seq: usize,
+    /// Rows in this layer's cache. Position p lives in row `p % cap`: a global layer has
+    /// one row per position of the context; a sliding-window layer only
+    /// `window + chunk` rows (a ring buffer), so its memory follows the window.
+    pub cap: usize,
     /// 0 = full causal attention; otherwise each query sees the last `window` positions.
     pub window: usize,
     pub scale: f32,
+    /// 0 = off; else attention scores are soft-capped: `c * tanh(s / c)`.
+    pub softcap: f32,
 }
 
 pub trait Backend: Send + Sync + 'static {
@@ -102,7 +119,18 @@ pub trait Backend: Send + Sync + 'static {
     fn matmuls(&self, ws: &[&Self::Mat], x: &Self::Buf, n: usize, outs: &mut [&mut Self::Buf]);
     /// `x[t] += bias` for each of the n rows.
     fn add_bias(&self, x: &mut Self::Buf, bias: &Self::Buf, n: usize);
+    /// RMSNorm of `n` rows of width `w.len()` (rows can be whole tokens or single heads).
     fn rms_norm(&self, x: &Self::Buf, w: &Self::Buf, eps: f32, n: usize, out: &mut Self::Buf);
+    /// LayerNorm with bias of `n` rows of width `w.len()`.
+    fn layer_norm(&self, x: &Self::Buf, w: &Self::Buf, b: &Self::Buf, eps: f32, n: usize, out: &mut Self::Buf);
+    /// `x = gelu_tanh(x)` over the first `len` elements.
+    fn gelu(&self, x: &mut Self::Buf, len: usize);
+    /// `x *= s` over the first `len` elements.
+    fn scale(&self, x: &mut Self::Buf, s: f32, len: usize);
+    /// `x += alpha * y` over the first `len` elements.
+    fn add_scaled(&self, x: &mut Self::Buf, y: &Self::Buf, alpha: f32, len: usize);
+    /// `x = cap * tanh(x / cap)` over the first `len` elements.
+    fn softcap(&self, x: &mut Self::Buf, cap: f32, len: usize);
     /// RoPE on `[n, n_heads * head_dim]`, token t at position `pos0 + t`.
     fn rope(
         &self,

@@ -356,6 +356,41 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn layer_norm(&self, x: &Vec<f32>, w: &Vec<f32>, b: &Vec<f32>, eps: f32, n: usize, out: &mut Vec<f32>) {
+        let _p = self.prof(|| "layer_norm".into());
+        let d = w.len();
+        for t in 0..n {
+            ops::layer_norm(&x[t * d..(t + 1) * d], w, b, eps, &mut out[t * d..(t + 1) * d]);
+        }
+    }
+
+    fn gelu(&self, x: &mut Vec<f32>, len: usize) {
+        let _p = self.prof(|| "gelu".into());
+        for v in &mut x[..len] {
+            *v = ops::gelu_tanh(*v);
+        }
+    }
+
+    fn scale(&self, x: &mut Vec<f32>, s: f32, len: usize) {
+        for v in &mut x[..len] {
+            *v *= s;
+        }
+    }
+
+    fn add_scaled(&self, x: &mut Vec<f32>, y: &Vec<f32>, alpha: f32, len: usize) {
+        let _p = self.prof(|| "add".into());
+        for (a, &b) in x[..len].iter_mut().zip(&y[..len]) {
+            *a += alpha * b;
+        }
+    }
+
+    fn softcap(&self, x: &mut Vec<f32>, cap: f32, len: usize) {
+        let inv = 1.0 / cap;
+        for v in &mut x[..len] {
+            *v = cap * (*v * inv).tanh();
+        }
+    }
+
     fn rope(
         &self,
         x: &mut Vec<f32>,
@@ -397,16 +432,16 @@ impl Backend for CpuBackend {
     fn kv_write(&self, cache: &mut KvCache, src: &Vec<f32>, n: usize, pos0: usize, s: &AttnShape) {
         let _p = self.prof(|| "kv_write".into());
         assert!(
-            pos0 + n <= s.max_seq,
-            "KV cache overflow: positions {pos0}..{} exceed capacity {}",
+            n <= s.cap && (s.window > 0 || pos0 + n <= s.cap),
+            "KV cache overflow: positions {pos0}..{} do not fit {} rows",
             pos0 + n,
-            s.max_seq
+            s.cap
         );
         let hd = s.head_dim;
         let width = s.n_kv_heads * hd;
         for t in 0..n {
             for h in 0..s.n_kv_heads {
-                let dst = (h * s.max_seq + pos0 + t) * hd;
+                let dst = (h * s.cap + (pos0 + t) % s.cap) * hd;
                 let row = &src[t * width + h * hd..t * width + (h + 1) * hd];
                 match cache {
                     KvCache::F16(c) => {
@@ -432,32 +467,49 @@ impl Backend for CpuBackend {
         let hd = s.head_dim;
         let q_width = s.n_heads * hd;
         let group = s.n_heads / s.n_kv_heads;
-        let n_ctx_max = pos0 + n;
+        let max_visible = if s.window > 0 { s.window.min(pos0 + n) } else { pos0 + n };
+        assert!(s.window > 0 || pos0 + n <= s.cap, "attention past the cache capacity");
+        assert!(
+            s.window == 0 || pos0 + n <= s.cap || s.window + n - 1 <= s.cap,
+            "ring buffer smaller than window + chunk"
+        );
         let out_ptr = SharedMut(out.as_mut_ptr());
-        // One work item per (token, head); threads take contiguous ranges of them.
+        // One work item per (token, head); threads claim ranges of them.
         let items = n * s.n_heads;
         self.pool.for_ranges(items, 1, |r| {
-            with_scratch(n_ctx_max, |scores| {
+            with_scratch(max_visible, |scores| {
                 for item in r.clone() {
                     let (t, h) = (item / s.n_heads, item % s.n_heads);
                     let kvh = h / group;
-                    let base = kvh * s.max_seq * hd;
                     let n_ctx = pos0 + t + 1;
                     let first = if s.window > 0 {
                         n_ctx.saturating_sub(s.window)
                     } else {
                         0
                     };
+                    // Positions first..n_ctx live in rows p % cap: one range, or two when
+                    // the ring wrapped.
+                    let (a, b) = (first % s.cap, first % s.cap + (n_ctx - first));
+                    let rows = if b <= s.cap {
+                        [a..b, 0..0]
+                    } else {
+                        [a..s.cap, 0..b - s.cap]
+                    };
+                    let head = ops::HeadAttn {
+                        rows,
+                        scale: s.scale,
+                        softcap: s.softcap,
+                    };
                     let qh = &q[t * q_width + h * hd..t * q_width + (h + 1) * hd];
                     // SAFETY: each (token, head) output slice is written by exactly one thread.
                     let o = unsafe { out_ptr.slice(t * q_width + h * hd, hd) };
-                    let span = base..base + s.max_seq * hd;
+                    let span = kvh * s.cap * hd..(kvh + 1) * s.cap * hd;
                     match (k, v) {
                         (KvCache::F16(k), KvCache::F16(v)) => {
-                            ops::attend_head(qh, &k[span.clone()], &v[span], hd, first, n_ctx, s.scale, scores, o)
+                            ops::attend_head(qh, &k[span.clone()], &v[span], hd, &head, scores, o)
                         }
                         (KvCache::F32(k), KvCache::F32(v)) => {
-                            ops::attend_head(qh, &k[span.clone()], &v[span], hd, first, n_ctx, s.scale, scores, o)
+                            ops::attend_head(qh, &k[span.clone()], &v[span], hd, &head, scores, o)
                         }
                         _ => panic!("K and V caches of different precision"),
                     }

@@ -186,32 +186,36 @@ fn softmax_and_argmax() {
 }
 
 /// Naive attention: for each query token and head, softmax over visible positions.
+/// k, v are `[total_positions, kv_heads * hd]` (token-major), independent of any cache layout.
 #[allow(clippy::too_many_arguments)]
 fn attention_oracle(
     q: &[f32],
     k: &[f32],
     v: &[f32],
     n: usize,
-    pos0: usize,
     heads: usize,
     kv_heads: usize,
     hd: usize,
     window: usize,
+    softcap: f64,
 ) -> Vec<f32> {
-    // k, v here are [total_positions, kv_heads * hd] (token-major), independent of the cache layout.
     let mut out = vec![0f32; n * heads * hd];
     let scale = 1.0 / (hd as f64).sqrt();
-    for t in 0..n {
-        let p = pos0 + t;
+    for p in 0..n {
         for h in 0..heads {
             let kvh = h / (heads / kv_heads);
             let lo = if window > 0 { (p + 1).saturating_sub(window) } else { 0 };
             let scores: Vec<f64> = (lo..=p)
                 .map(|j| {
-                    (0..hd)
-                        .map(|d| q[(t * heads + h) * hd + d] as f64 * k[(j * kv_heads + kvh) * hd + d] as f64)
+                    let s = (0..hd)
+                        .map(|d| q[(p * heads + h) * hd + d] as f64 * k[(j * kv_heads + kvh) * hd + d] as f64)
                         .sum::<f64>()
-                        * scale
+                        * scale;
+                    if softcap > 0.0 {
+                        softcap * (s / softcap).tanh()
+                    } else {
+                        s
+                    }
                 })
                 .collect();
             let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -222,7 +226,7 @@ fn attention_oracle(
                     .zip(&e)
                     .map(|(j, w)| w / z * v[(j * kv_heads + kvh) * hd + d] as f64)
                     .sum();
-                out[(t * heads + h) * hd + d] = acc as f32;
+                out[(p * heads + h) * hd + d] = acc as f32;
             }
         }
     }
@@ -230,61 +234,120 @@ fn attention_oracle(
 }
 
 #[test]
-fn attention_prefill_and_decode_with_gqa_match_oracle() {
+fn attention_prefill_decode_gqa_windows_rings_and_softcap_match_oracle() {
     let mut r = Rng(4);
-    let (heads, kv_heads, hd, max_seq) = (6, 2, 16, 40);
+    let (heads, kv_heads, hd, total) = (6, 2, 16, 31);
+    // (window, cap, softcap): full causal; a window over a full-length cache; a window
+    // in a ring buffer of window + chunk - 1 rows (so it wraps several times); soft-capping.
+    let cases = [
+        (0, 40, 0.0),
+        (5, 40, 0.0),
+        (5, 5 + 6 - 1, 0.0),
+        (0, 40, 0.5),
+        (7, 12, 0.5),
+    ];
     // Both the AVX2 build of the kernel and the portable one (the flag is global; the
     // other tests in this binary are valid on either path).
-    for (portable, window) in [(false, 0), (false, 5), (true, 0), (true, 5)] {
+    for portable in [false, true] {
         quant::force_portable(portable);
-        let total = 23;
-        // The cache stores K and V in half precision: the oracle sees the same rounded
-        // values, so the comparison stays tight.
-        let to_half = |v: Vec<f32>| -> Vec<f32> { v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect() };
-        let k_all = to_half(r.vec(total * kv_heads * hd));
-        let v_all = to_half(r.vec(total * kv_heads * hd));
-        let q_all = r.vec(total * heads * hd);
-        let want = attention_oracle(&q_all, &k_all, &v_all, total, 0, heads, kv_heads, hd, window);
-        for b in backends() {
-            let shape = AttnShape {
-                n_heads: heads,
-                n_kv_heads: kv_heads,
-                head_dim: hd,
-                max_seq,
+        for &(window, cap, softcap) in &cases {
+            // The cache may store K and V in half precision: the oracle sees the same
+            // rounded values, so the comparison stays tight.
+            let to_half = |v: Vec<f32>| -> Vec<f32> { v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect() };
+            let k_all = to_half(r.vec(total * kv_heads * hd));
+            let v_all = to_half(r.vec(total * kv_heads * hd));
+            let q_all = r.vec(total * heads * hd);
+            let want = attention_oracle(
+                &q_all,
+                &k_all,
+                &v_all,
+                total,
+                heads,
+                kv_heads,
+                hd,
                 window,
-                scale: 1.0 / (hd as f32).sqrt(),
-            };
-            let mut kc = b.alloc_kv(kv_heads * max_seq * hd);
-            let mut vc = b.alloc_kv(kv_heads * max_seq * hd);
-            // Prefill a causal chunk of 20 tokens, then decode 3 tokens one by one.
-            let (qw, kw) = (heads * hd, kv_heads * hd);
-            let mut got = vec![0f32; total * qw];
-            let mut steps = vec![(0usize, 20usize)];
-            steps.extend((20..total).map(|p| (p, 1)));
-            for (p0, n) in steps {
-                b.kv_write(&mut kc, &k_all[p0 * kw..(p0 + n) * kw].to_vec(), n, p0, &shape);
-                b.kv_write(&mut vc, &v_all[p0 * kw..(p0 + n) * kw].to_vec(), n, p0, &shape);
-                let mut out = b.alloc(n * qw);
-                b.attention(
-                    &q_all[p0 * qw..(p0 + n) * qw].to_vec(),
-                    &kc,
-                    &vc,
-                    n,
-                    p0,
-                    &shape,
-                    &mut out,
-                );
-                got[p0 * qw..(p0 + n) * qw].copy_from_slice(&out);
-            }
-            assert_all_close(
-                &got,
-                &want,
-                1e-5,
-                &format!("attention window {window} portable {portable}"),
+                softcap as f64,
             );
-            // The cache layout is [kv_head, position, head_dim].
-            let cached: Vec<f32> = kc.to_f32_vec()[(max_seq + 3) * hd..(max_seq + 4) * hd].to_vec();
-            assert_eq!(cached, k_all[(3 * kv_heads + 1) * hd..(3 * kv_heads + 2) * hd]);
+            for b in backends() {
+                let shape = AttnShape {
+                    n_heads: heads,
+                    n_kv_heads: kv_heads,
+                    head_dim: hd,
+                    cap,
+                    window,
+                    scale: 1.0 / (hd as f32).sqrt(),
+                    softcap,
+                };
+                let mut kc = b.alloc_kv(kv_heads * cap * hd);
+                let mut vc = b.alloc_kv(kv_heads * cap * hd);
+                // Causal prefill chunks of 6 tokens, then decode one token at a time.
+                let (qw, kw) = (heads * hd, kv_heads * hd);
+                let mut got = vec![0f32; total * qw];
+                let mut steps: Vec<(usize, usize)> = (0..4).map(|c| (c * 6, 6)).collect();
+                steps.extend((24..total).map(|p| (p, 1)));
+                for (p0, n) in steps {
+                    b.kv_write(&mut kc, &k_all[p0 * kw..(p0 + n) * kw].to_vec(), n, p0, &shape);
+                    b.kv_write(&mut vc, &v_all[p0 * kw..(p0 + n) * kw].to_vec(), n, p0, &shape);
+                    let mut out = b.alloc(n * qw);
+                    b.attention(
+                        &q_all[p0 * qw..(p0 + n) * qw].to_vec(),
+                        &kc,
+                        &vc,
+                        n,
+                        p0,
+                        &shape,
+                        &mut out,
+                    );
+                    got[p0 * qw..(p0 + n) * qw].copy_from_slice(&out);
+                }
+                let what = format!("attention window {window} cap {cap} softcap {softcap} portable {portable}");
+                assert_all_close(&got, &want, 1e-5, &what);
+                if cap >= total {
+                    // The cache layout is [kv_head, row, head_dim], row = position.
+                    let cached = kc.to_f32_vec()[(cap + 3) * hd..(cap + 4) * hd].to_vec();
+                    assert_eq!(cached, k_all[(3 * kv_heads + 1) * hd..(3 * kv_heads + 2) * hd]);
+                }
+            }
+        }
+    }
+    quant::force_portable(false);
+}
+
+#[test]
+fn layer_norm_and_elementwise_ops_match_oracle() {
+    let mut r = Rng(12);
+    let (n, d) = (3, 20);
+    let x = r.vec(n * d);
+    let (w, bias) = (r.vec(d), r.vec(d));
+    let mut want = vec![0f32; n * d];
+    for t in 0..n {
+        let row: Vec<f64> = x[t * d..(t + 1) * d].iter().map(|&v| v as f64).collect();
+        let mean = row.iter().sum::<f64>() / d as f64;
+        let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / d as f64;
+        for i in 0..d {
+            want[t * d + i] = ((row[i] - mean) / (var + 1e-5).sqrt() * w[i] as f64 + bias[i] as f64) as f32;
+        }
+    }
+    for b in backends() {
+        let mut out = b.alloc(n * d);
+        b.layer_norm(&x, &w, &bias, 1e-5, n, &mut out);
+        assert_all_close(&out, &want, 1e-5, "layer_norm");
+        let mut g = x.iter().map(|v| v * 4.0).collect::<Vec<f32>>();
+        b.gelu(&mut g, n * d);
+        for (i, &v) in g.iter().enumerate() {
+            let z = x[i] as f64 * 4.0;
+            let e = 0.5 * z * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (z + 0.044715 * z.powi(3))).tanh());
+            assert!(close(v, e as f32, 1e-5), "gelu({z}) = {v}, want {e}");
+        }
+        let mut y = x.clone();
+        b.scale(&mut y, 3.0, n * d);
+        b.add_scaled(&mut y, &x, -2.0, n * d);
+        assert_all_close(&y, &x, 1e-6, "scale then add_scaled");
+        let mut c = x.iter().map(|v| v * 100.0).collect::<Vec<f32>>();
+        b.softcap(&mut c, 30.0, n * d);
+        for (i, &v) in c.iter().enumerate() {
+            let e = 30.0 * ((x[i] as f64 * 100.0) / 30.0).tanh();
+            assert!(close(v, e as f32, 1e-5) && v.abs() <= 30.0, "softcap");
         }
     }
 }

@@ -48,9 +48,49 @@ pub struct ModelConfig {
     pub name: String,
     /// Where the values came from, for error messages.
     pub source: String,
+    /// The original fields, for the quirks a family reads itself (`extra_*`).
+    pub raw: RawConfig,
+}
+
+/// The configuration as stored: config.json, or the GGUF `{arch}.*` metadata.
+#[derive(Debug, Clone)]
+pub enum RawConfig {
+    Hf(Value),
+    Gguf(std::collections::BTreeMap<String, crate::gguf::MetaValue>),
 }
 
 impl ModelConfig {
+    pub fn is_gguf(&self) -> bool {
+        matches!(self.raw, RawConfig::Gguf(_))
+    }
+
+    /// A family-specific field: `hf_key` of config.json (or its text_config), or
+    /// `{arch}.{gguf_key}` of GGUF metadata.
+    pub fn extra(&self, hf_key: &str, gguf_key: &str) -> Option<Value> {
+        match &self.raw {
+            RawConfig::Hf(v) => v
+                .get("text_config")
+                .and_then(|t| t.get(hf_key))
+                .or_else(|| v.get(hf_key))
+                .filter(|x| !x.is_null())
+                .cloned(),
+            RawConfig::Gguf(m) => m.get(&format!("{}.{gguf_key}", self.architecture)).map(meta_to_json),
+        }
+    }
+
+    pub fn extra_f64(&self, hf_key: &str, gguf_key: &str) -> Option<f64> {
+        self.extra(hf_key, gguf_key).and_then(|v| v.as_f64())
+    }
+
+    pub fn extra_usize(&self, hf_key: &str, gguf_key: &str) -> Option<usize> {
+        self.extra(hf_key, gguf_key)
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+    }
+
+    pub fn extra_bool(&self, hf_key: &str, gguf_key: &str) -> Option<bool> {
+        self.extra(hf_key, gguf_key).and_then(|v| v.as_bool())
+    }
     fn validate(self) -> Result<Self> {
         let c = &self;
         for (name, v) in [
@@ -222,6 +262,7 @@ impl ModelConfig {
                 .unwrap_or("")
                 .to_string(),
             source: source.to_string(),
+            raw: RawConfig::Hf(v.clone()),
         }
         .validate()
     }
@@ -295,6 +336,13 @@ impl ModelConfig {
                 .unwrap_or("")
                 .to_string(),
             source: source.to_string(),
+            raw: RawConfig::Gguf(
+                f.metadata
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(&format!("{arch}.")))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            ),
         }
         .validate()
     }
@@ -338,5 +386,17 @@ impl ModelConfig {
     /// Bytes the KV cache needs for `max_seq` positions (f16 K and V, every layer).
     pub fn kv_cache_bytes(&self, max_seq: usize) -> usize {
         2 * self.num_layers * self.num_kv_heads * self.head_dim * max_seq * 2
+    }
+}
+
+fn meta_to_json(v: &crate::gguf::MetaValue) -> Value {
+    use crate::gguf::MetaValue as M;
+    match v {
+        M::String(s) => Value::from(s.clone()),
+        M::Bool(b) => Value::from(*b),
+        M::F32(x) => Value::from(*x as f64),
+        M::F64(x) => Value::from(*x),
+        M::Array(a) => Value::Array(a.iter().map(meta_to_json).collect()),
+        other => other.as_i64().map(Value::from).unwrap_or(Value::Null),
     }
 }

@@ -15,6 +15,7 @@ use crate::generate::GenerationParameters;
 use crate::inspect::Tap;
 use crate::weights::Weights;
 
+pub mod decoder;
 pub mod llama;
 
 /// Where a model's tensors live and its ops run.
@@ -75,6 +76,9 @@ pub trait LanguageModel: Send + Sync {
     /// The generation parameters this family/variant ships with.
     fn default_parameters(&self) -> GenerationParameters;
     fn device_name(&self) -> String;
+    /// KV-cache memory by layer kind for a context of `max_seq` tokens and prefill chunk
+    /// `chunk`: (kind, layers, bytes).
+    fn kv_bytes_by_kind(&self, max_seq: usize, chunk: usize) -> Vec<(String, usize, usize)>;
     /// A fresh state with room for `max_seq` tokens, processing at most `chunk` tokens
     /// per forward pass.
     fn new_state(&self, max_seq: usize, chunk: usize) -> Result<InferenceState>;

@@ -1,0 +1,622 @@
+//! The decoder stack every dense text family shares: embedding → N blocks of
+//! (norm → attention → residual, norm → MLP → residual) → final norm → LM head.
+//!
+//! A family describes its shape as a `DecoderSpec` (norm kind, where the norms sit,
+//! q/k norms, MLP kind, multipliers, soft-caps, per-layer attention window and RoPE
+//! table) and this file does the rest, so an optimisation or a fix lands once for every
+//! family. Tensor names are GGUF's (`blk.N.attn_q.weight`, see `weights`).
+
+use std::sync::Arc;
+
+use ffai_kernels::backend::{AttnShape, Backend, HostBytes, RopeParams};
+
+use super::{check_tokens, InferenceState, LanguageModel};
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::generate::GenerationParameters;
+use crate::inspect::Tap;
+use crate::weights::{WeightEntry, Weights};
+use crate::{bail, ensure};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormKind {
+    /// RMSNorm `x / rms(x) * w`.
+    Rms,
+    /// Gemma's RMSNorm `x / rms(x) * (1 + w)`: the 1 is folded into the weight at load
+    /// (GGUF conversions already stored `1 + w`, so they use `Rms`).
+    RmsPlusOne,
+    /// LayerNorm with bias.
+    Layer,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QkNorm {
+    None,
+    /// One norm per head over `head_dim` (Qwen3, Gemma 3).
+    PerHead,
+    /// One norm over the whole q (or k) projection of a token (OLMo 2).
+    Full,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mlp {
+    /// `down(silu(gate(x)) * up(x))`.
+    SwiGlu,
+    /// `down(gelu_tanh(gate(x)) * up(x))`.
+    GeGlu,
+    /// `down(gelu_tanh(up(x) + b) ) + b` (StarCoder 2).
+    Gelu,
+}
+
+/// Where the norms of a block sit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormPlacement {
+    /// Norm before attention and before the MLP (Llama).
+    Pre,
+    /// Norm before and after each (Gemma 2/3): `attn_norm`, `post_attention_norm`,
+    /// `ffn_norm`, `post_ffw_norm`.
+    Sandwich,
+    /// Norm only after each, on the branch output (OLMo 2).
+    Post,
+}
+
+/// One layer's attention: its window (0 = global) and which RoPE table it uses.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerAttn {
+    pub window: usize,
+    pub rope: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct DecoderSpec {
+    pub norm: NormKind,
+    pub placement: NormPlacement,
+    pub eps: f32,
+    pub qk_norm: QkNorm,
+    pub mlp: Mlp,
+    /// Multiplies the embeddings (Gemma: sqrt(hidden); Granite: embedding_multiplier).
+    pub embed_scale: f32,
+    /// Multiplies each branch before the residual add (Granite).
+    pub residual_scale: f32,
+    /// Attention score scale (usually 1/sqrt(head_dim)).
+    pub attn_scale: f32,
+    pub attn_softcap: f32,
+    pub final_softcap: f32,
+    /// Multiplies the logits (Granite: 1 / logits_scaling).
+    pub logits_scale: f32,
+    pub layers: Vec<LayerAttn>,
+    /// RoPE inverse-frequency tables, indexed by `LayerAttn::rope`.
+    pub ropes: Vec<Vec<f32>>,
+    pub rope_neox: bool,
+}
+
+impl DecoderSpec {
+    /// The plain Llama shape for a config: pre-RMSNorm, SwiGLU, one RoPE table, the
+    /// config's sliding window (if any) on every layer.
+    pub fn llama(cfg: &ModelConfig, freq_factors: Option<&[f32]>) -> DecoderSpec {
+        DecoderSpec {
+            norm: NormKind::Rms,
+            placement: NormPlacement::Pre,
+            eps: cfg.rms_norm_eps as f32,
+            qk_norm: QkNorm::None,
+            mlp: Mlp::SwiGlu,
+            embed_scale: 1.0,
+            residual_scale: 1.0,
+            attn_scale: 1.0 / (cfg.head_dim as f32).sqrt(),
+            attn_softcap: 0.0,
+            final_softcap: 0.0,
+            logits_scale: 1.0,
+            layers: vec![
+                LayerAttn {
+                    window: cfg.sliding_window.unwrap_or(0),
+                    rope: 0
+                };
+                cfg.num_layers
+            ],
+            ropes: vec![cfg.rope_inv_freq(freq_factors)],
+            rope_neox: cfg.rope_neox,
+        }
+    }
+}
+
+/// A family's identity as the decoder reports it.
+pub struct Identity {
+    pub family: &'static str,
+    pub variant: &'static str,
+    pub defaults: GenerationParameters,
+}
+
+struct Norm<B: Backend> {
+    w: B::Buf,
+    b: Option<B::Buf>,
+}
+
+struct Layer<B: Backend> {
+    attn_norm: Option<Norm<B>>,
+    post_attn_norm: Option<Norm<B>>,
+    ffn_norm: Option<Norm<B>>,
+    post_ffn_norm: Option<Norm<B>>,
+    wq: B::Mat,
+    wk: B::Mat,
+    wv: B::Mat,
+    wo: B::Mat,
+    /// q, k, v biases.
+    qkv_bias: Option<[B::Buf; 3]>,
+    o_bias: Option<B::Buf>,
+    q_norm: Option<B::Buf>,
+    k_norm: Option<B::Buf>,
+    w_gate: Option<B::Mat>,
+    w_up: B::Mat,
+    w_down: B::Mat,
+    up_bias: Option<B::Buf>,
+    down_bias: Option<B::Buf>,
+}
+
+pub struct Decoder<B: Backend> {
+    b: Arc<B>,
+    cfg: ModelConfig,
+    spec: DecoderSpec,
+    id: Identity,
+    embed: B::Mat,
+    layers: Vec<Layer<B>>,
+    final_norm: Norm<B>,
+    /// None when the head is tied to the embedding table.
+    lm_head: Option<B::Mat>,
+    ropes: Vec<B::Buf>,
+}
+
+/// Activations for one chunk and the KV cache, allocated once per state.
+struct Scratch<B: Backend> {
+    x: B::Buf,
+    xn: B::Buf,
+    tmp: B::Buf,
+    q: B::Buf,
+    k: B::Buf,
+    v: B::Buf,
+    qn: B::Buf,
+    kn: B::Buf,
+    att: B::Buf,
+    gate: B::Buf,
+    up: B::Buf,
+    last: B::Buf,
+    logits: B::Buf,
+    k_cache: Vec<B::Kv>,
+    v_cache: Vec<B::Kv>,
+    /// Rows in each layer's cache (a ring buffer for sliding-window layers).
+    caps: Vec<usize>,
+}
+
+/// Splits `rows` rows off the start of a contiguous matrix (fused projections).
+fn rows_of(e: &WeightEntry, first_row: usize, rows: usize, cols: usize) -> Result<HostBytes> {
+    let rb = e.ty.row_bytes(cols).ok_or_else(|| Error::new("bad row length"))?;
+    let (start, len) = (first_row * rb, rows * rb);
+    ensure!(start + len <= e.bytes.len(), "fused tensor too small");
+    Ok(e.bytes.slice(start, len))
+}
+
+impl<B: Backend> Decoder<B> {
+    pub fn load(cfg: &ModelConfig, w: &Weights, b: Arc<B>, spec: DecoderSpec, id: Identity) -> Result<Self> {
+        let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
+        let (qd, kvd) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+        ensure!(
+            spec.layers.len() == cfg.num_layers,
+            "decoder spec has the wrong number of layers"
+        );
+        ensure!(
+            spec.layers.iter().all(|l| l.rope < spec.ropes.len()),
+            "decoder spec names a missing RoPE table"
+        );
+        for r in &spec.ropes {
+            ensure!(
+                !r.is_empty() && 2 * r.len() <= cfg.head_dim,
+                "RoPE table does not fit head_dim"
+            );
+        }
+        let mat = |name: &str, rows: usize, cols: usize| -> Result<B::Mat> {
+            let e = w.matrix(name, rows, cols)?;
+            Ok(b.matrix(e.ty, rows, cols, e.bytes.clone()))
+        };
+        let vec = |name: &str, len: usize| -> Result<B::Buf> { Ok(b.upload(&w.f32_vec(name, len)?)) };
+        let opt_vec = |name: &str, len: usize| -> Result<Option<B::Buf>> {
+            if w.has(name) {
+                vec(name, len).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let norm = |name: &str, len: usize| -> Result<Norm<B>> {
+            let mut wv = w.f32_vec(&format!("{name}.weight"), len)?;
+            if spec.norm == NormKind::RmsPlusOne {
+                wv.iter_mut().for_each(|x| *x += 1.0);
+            }
+            let bias = match spec.norm {
+                NormKind::Layer => Some(vec(&format!("{name}.bias"), len)?),
+                _ => None,
+            };
+            Ok(Norm {
+                w: b.upload(&wv),
+                b: bias,
+            })
+        };
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = |s: &str| format!("blk.{i}.{s}");
+            // Fused q/k/v (Phi-3) or separate projections.
+            let (wq, wk, wv) = if w.has(&p("attn_qkv.weight")) {
+                let e = w.matrix(&p("attn_qkv.weight"), qd + 2 * kvd, h)?;
+                (
+                    b.matrix(e.ty, qd, h, rows_of(e, 0, qd, h)?),
+                    b.matrix(e.ty, kvd, h, rows_of(e, qd, kvd, h)?),
+                    b.matrix(e.ty, kvd, h, rows_of(e, qd + kvd, kvd, h)?),
+                )
+            } else {
+                (
+                    mat(&p("attn_q.weight"), qd, h)?,
+                    mat(&p("attn_k.weight"), kvd, h)?,
+                    mat(&p("attn_v.weight"), kvd, h)?,
+                )
+            };
+            let qkv_bias = if w.has(&p("attn_q.bias")) {
+                Some([
+                    vec(&p("attn_q.bias"), qd)?,
+                    vec(&p("attn_k.bias"), kvd)?,
+                    vec(&p("attn_v.bias"), kvd)?,
+                ])
+            } else {
+                None
+            };
+            // Gated MLPs: separate gate/up, or one fused [2f, h] matrix (Phi-3's gate_up).
+            let (w_gate, w_up) = match spec.mlp {
+                Mlp::Gelu => (None, mat(&p("ffn_up.weight"), f, h)?),
+                _ if w.has(&p("ffn_gate.weight")) => {
+                    (Some(mat(&p("ffn_gate.weight"), f, h)?), mat(&p("ffn_up.weight"), f, h)?)
+                }
+                _ => {
+                    let e = w.matrix(&p("ffn_up.weight"), 2 * f, h)?;
+                    (
+                        Some(b.matrix(e.ty, f, h, rows_of(e, 0, f, h)?)),
+                        b.matrix(e.ty, f, h, rows_of(e, f, f, h)?),
+                    )
+                }
+            };
+            let (pre, post) = match spec.placement {
+                NormPlacement::Pre => (true, false),
+                NormPlacement::Sandwich => (true, true),
+                NormPlacement::Post => (false, true),
+            };
+            let (qn_len, kn_len) = match spec.qk_norm {
+                QkNorm::PerHead => (cfg.head_dim, cfg.head_dim),
+                _ => (qd, kvd),
+            };
+            let qk = |name: &str, len: usize| -> Result<Option<B::Buf>> {
+                if spec.qk_norm == QkNorm::None {
+                    return Ok(None);
+                }
+                let mut v = w.f32_vec(&p(name), len)?;
+                if spec.norm == NormKind::RmsPlusOne {
+                    v.iter_mut().for_each(|x| *x += 1.0);
+                }
+                Ok(Some(b.upload(&v)))
+            };
+            layers.push(Layer {
+                attn_norm: if pre { Some(norm(&p("attn_norm"), h)?) } else { None },
+                post_attn_norm: if post {
+                    Some(norm(&p("post_attention_norm"), h)?)
+                } else {
+                    None
+                },
+                ffn_norm: if pre { Some(norm(&p("ffn_norm"), h)?) } else { None },
+                post_ffn_norm: if post {
+                    Some(norm(&p("post_ffw_norm"), h)?)
+                } else {
+                    None
+                },
+                wq,
+                wk,
+                wv,
+                wo: mat(&p("attn_output.weight"), h, qd)?,
+                qkv_bias,
+                o_bias: opt_vec(&p("attn_output.bias"), h)?,
+                q_norm: qk("attn_q_norm.weight", qn_len)?,
+                k_norm: qk("attn_k_norm.weight", kn_len)?,
+                w_gate,
+                w_up,
+                w_down: mat(&p("ffn_down.weight"), h, f)?,
+                up_bias: opt_vec(&p("ffn_up.bias"), f)?,
+                down_bias: opt_vec(&p("ffn_down.bias"), h)?,
+            });
+        }
+        let lm_head = if w.has("output.weight") && !cfg.tie_word_embeddings {
+            Some(mat("output.weight", cfg.vocab_size, h)?)
+        } else {
+            None
+        };
+        Ok(Decoder {
+            embed: mat("token_embd.weight", cfg.vocab_size, h)?,
+            final_norm: norm("output_norm", h)?,
+            ropes: spec.ropes.iter().map(|r| b.upload(r)).collect(),
+            layers,
+            lm_head,
+            cfg: cfg.clone(),
+            spec,
+            id,
+            b,
+        })
+    }
+
+    fn shape(&self, layer: usize, cap: usize) -> AttnShape {
+        let c = &self.cfg;
+        AttnShape {
+            n_heads: c.num_heads,
+            n_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            cap,
+            window: self.spec.layers[layer].window,
+            scale: self.spec.attn_scale,
+            softcap: self.spec.attn_softcap,
+        }
+    }
+
+    fn norm(&self, n: &Norm<B>, x: &B::Buf, rows: usize, out: &mut B::Buf) {
+        match &n.b {
+            Some(bias) => self.b.layer_norm(x, &n.w, bias, self.spec.eps, rows, out),
+            None => self.b.rms_norm(x, &n.w, self.spec.eps, rows, out),
+        }
+    }
+
+    /// One chunk through every layer; leaves the final-normed hidden states in `s.xn`.
+    fn forward_chunk(&self, ids: &[u32], pos0: usize, s: &mut Scratch<B>, tap: &mut Tap) {
+        let (b, c, sp, n) = (&*self.b, &self.cfg, &self.spec, ids.len());
+        let (h, f) = (c.hidden_size, c.intermediate_size);
+        b.embed(&self.embed, ids, &mut s.x);
+        if sp.embed_scale != 1.0 {
+            b.scale(&mut s.x, sp.embed_scale, n * h);
+        }
+        tap.boundary(b, &s.x, n * h, "embed", None);
+        for (i, l) in self.layers.iter().enumerate() {
+            // --- attention ---
+            let input = match &l.attn_norm {
+                Some(nm) => {
+                    self.norm(nm, &s.x, n, &mut s.xn);
+                    &s.xn
+                }
+                None => &s.x,
+            };
+            b.matmuls(&[&l.wq, &l.wk, &l.wv], input, n, &mut [&mut s.q, &mut s.k, &mut s.v]);
+            if let Some([bq, bk, bv]) = &l.qkv_bias {
+                b.add_bias(&mut s.q, bq, n);
+                b.add_bias(&mut s.k, bk, n);
+                b.add_bias(&mut s.v, bv, n);
+            }
+            if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
+                let (qrows, krows) = match sp.qk_norm {
+                    QkNorm::PerHead => (n * c.num_heads, n * c.num_kv_heads),
+                    _ => (n, n),
+                };
+                b.rms_norm(&s.q, qn, sp.eps, qrows, &mut s.qn);
+                b.rms_norm(&s.k, kn, sp.eps, krows, &mut s.kn);
+                std::mem::swap(&mut s.q, &mut s.qn);
+                std::mem::swap(&mut s.k, &mut s.kn);
+            }
+            let rope = RopeParams {
+                inv_freq: &self.ropes[sp.layers[i].rope],
+                neox: sp.rope_neox,
+            };
+            b.rope(&mut s.q, n, c.num_heads, c.head_dim, pos0, &rope);
+            b.rope(&mut s.k, n, c.num_kv_heads, c.head_dim, pos0, &rope);
+            let shape = self.shape(i, s.caps[i]);
+            b.kv_write(&mut s.k_cache[i], &s.k, n, pos0, &shape);
+            b.kv_write(&mut s.v_cache[i], &s.v, n, pos0, &shape);
+            b.attention(&s.q, &s.k_cache[i], &s.v_cache[i], n, pos0, &shape, &mut s.att);
+            b.matmul(&l.wo, &s.att, n, &mut s.tmp);
+            if let Some(ob) = &l.o_bias {
+                b.add_bias(&mut s.tmp, ob, n);
+            }
+            self.residual(l.post_attn_norm.as_ref(), s, n);
+
+            // --- MLP ---
+            let input = match &l.ffn_norm {
+                Some(nm) => {
+                    self.norm(nm, &s.x, n, &mut s.xn);
+                    &s.xn
+                }
+                None => &s.x,
+            };
+            match (&l.w_gate, sp.mlp) {
+                (Some(g), Mlp::SwiGlu) => {
+                    b.matmuls(&[g, &l.w_up], input, n, &mut [&mut s.gate, &mut s.up]);
+                    b.silu_mul(&mut s.gate, &s.up, n * f);
+                }
+                (Some(g), Mlp::GeGlu) => {
+                    b.matmuls(&[g, &l.w_up], input, n, &mut [&mut s.gate, &mut s.up]);
+                    b.gelu_mul(&mut s.gate, &s.up, n * f);
+                }
+                _ => {
+                    b.matmul(&l.w_up, input, n, &mut s.gate);
+                    if let Some(ub) = &l.up_bias {
+                        b.add_bias(&mut s.gate, ub, n);
+                    }
+                    b.gelu(&mut s.gate, n * f);
+                }
+            }
+            b.matmul(&l.w_down, &s.gate, n, &mut s.tmp);
+            if let Some(db) = &l.down_bias {
+                b.add_bias(&mut s.tmp, db, n);
+            }
+            self.residual(l.post_ffn_norm.as_ref(), s, n);
+            tap.boundary(b, &s.x, n * h, "layer_out", Some(i));
+        }
+        self.norm(&self.final_norm, &s.x, n, &mut s.xn);
+        tap.boundary(b, &s.xn, n * h, "final_norm", None);
+    }
+
+    /// `x += residual_scale * post_norm(tmp)` (the norm only where the family has one).
+    fn residual(&self, post: Option<&Norm<B>>, s: &mut Scratch<B>, n: usize) {
+        let (b, h) = (&*self.b, self.cfg.hidden_size);
+        let branch = match post {
+            Some(nm) => {
+                self.norm(nm, &s.tmp, n, &mut s.xn);
+                &s.xn
+            }
+            None => &s.tmp,
+        };
+        if self.spec.residual_scale == 1.0 {
+            b.add(&mut s.x, branch, n * h);
+        } else {
+            b.add_scaled(&mut s.x, branch, self.spec.residual_scale, n * h);
+        }
+    }
+
+    /// Bytes of KV cache per layer kind for a context of `max_seq` and prefill chunk
+    /// `chunk`: (global layers, their bytes; windowed layers, their bytes).
+    pub fn kv_bytes(&self, max_seq: usize, chunk: usize) -> Vec<(String, usize, usize)> {
+        let per_row = 2 * self.cfg.num_kv_heads * self.cfg.head_dim * 2;
+        let mut out: Vec<(String, usize, usize)> = Vec::new();
+        for l in &self.spec.layers {
+            let (kind, cap) = if l.window == 0 {
+                ("global".to_string(), max_seq)
+            } else {
+                (format!("window {}", l.window), cache_rows(l.window, max_seq, chunk))
+            };
+            match out.iter_mut().find(|e| e.0 == kind) {
+                Some(e) => {
+                    e.1 += 1;
+                    e.2 += cap * per_row;
+                }
+                None => out.push((kind, 1, cap * per_row)),
+            }
+        }
+        out
+    }
+}
+
+/// Rows a layer's cache needs: the whole context for global layers; for windowed
+/// layers the window plus one prefill chunk (so a chunk never overwrites rows its own
+/// first tokens still see), never more than the context.
+fn cache_rows(window: usize, max_seq: usize, chunk: usize) -> usize {
+    if window == 0 {
+        max_seq
+    } else {
+        (window + chunk).min(max_seq)
+    }
+}
+
+impl<B: Backend> LanguageModel for Decoder<B> {
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn family(&self) -> &'static str {
+        self.id.family
+    }
+
+    fn variant(&self) -> &'static str {
+        self.id.variant
+    }
+
+    fn default_parameters(&self) -> GenerationParameters {
+        self.id.defaults.clone()
+    }
+
+    fn device_name(&self) -> String {
+        self.b.name()
+    }
+
+    fn kv_bytes_by_kind(&self, max_seq: usize, chunk: usize) -> Vec<(String, usize, usize)> {
+        self.kv_bytes(max_seq, chunk)
+    }
+
+    fn new_state(&self, max_seq: usize, chunk: usize) -> Result<InferenceState> {
+        let c = &self.cfg;
+        if max_seq == 0 {
+            bail!("a state needs room for at least one token");
+        }
+        let chunk = chunk.clamp(1, max_seq);
+        let b = &*self.b;
+        let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let caps: Vec<usize> = self
+            .spec
+            .layers
+            .iter()
+            .map(|l| cache_rows(l.window, max_seq, chunk))
+            .collect();
+        let scratch = Scratch::<B> {
+            x: b.alloc(chunk * c.hidden_size),
+            xn: b.alloc(chunk * c.hidden_size),
+            tmp: b.alloc(chunk * c.hidden_size),
+            q: b.alloc(chunk * qd),
+            k: b.alloc(chunk * kvd),
+            v: b.alloc(chunk * kvd),
+            qn: b.alloc(chunk * qd),
+            kn: b.alloc(chunk * kvd),
+            att: b.alloc(chunk * qd),
+            gate: b.alloc(chunk * c.intermediate_size),
+            up: b.alloc(chunk * c.intermediate_size),
+            last: b.alloc(c.hidden_size),
+            logits: b.alloc(c.vocab_size),
+            k_cache: caps.iter().map(|&cap| b.alloc_kv(kvd * cap)).collect(),
+            v_cache: caps.iter().map(|&cap| b.alloc_kv(kvd * cap)).collect(),
+            caps,
+        };
+        Ok(InferenceState {
+            pos: 0,
+            max_seq,
+            chunk,
+            tap: Tap::from_env(),
+            inner: Box::new(scratch),
+        })
+    }
+
+    fn forward(
+        &self,
+        tokens: &[u32],
+        state: &mut InferenceState,
+        all_logits: bool,
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::new("forward called with no tokens"));
+        }
+        check_tokens(tokens, state, self.cfg.vocab_size)?;
+        let (vocab, h) = (self.cfg.vocab_size, self.cfg.hidden_size);
+        let b = &*self.b;
+        let sp = &self.spec;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let s = state
+            .inner
+            .downcast_mut::<Scratch<B>>()
+            .ok_or_else(|| Error::new("inference state belongs to a different model"))?;
+        logits.clear();
+        logits.resize(if all_logits { tokens.len() * vocab } else { vocab }, 0.0);
+        let mut pos = state.pos;
+        for (ci, ids) in tokens.chunks(state.chunk).enumerate() {
+            let n = ids.len();
+            self.forward_chunk(ids, pos, s, &mut state.tap);
+            pos += n;
+            let is_last = (ci + 1) * state.chunk >= tokens.len();
+            // The LM head runs only where logits are wanted: every row, or the final row.
+            let rows = if all_logits {
+                0..n
+            } else if is_last {
+                n - 1..n
+            } else {
+                0..0
+            };
+            for r in rows {
+                b.copy(&s.xn, r * h, &mut s.last, 0, h);
+                b.matmul(head, &s.last, 1, &mut s.logits);
+                if sp.logits_scale != 1.0 {
+                    b.scale(&mut s.logits, sp.logits_scale, vocab);
+                }
+                if sp.final_softcap > 0.0 {
+                    b.softcap(&mut s.logits, sp.final_softcap, vocab);
+                }
+                let dst = if all_logits { (ci * state.chunk + r) * vocab } else { 0 };
+                b.download(&s.logits, 0..vocab, &mut logits[dst..dst + vocab]);
+            }
+        }
+        state.tap.boundary(b, &s.logits, vocab, "logits", None);
+        state.pos = pos;
+        Ok(())
+    }
+}
