@@ -11,6 +11,15 @@ use crate::{bail, ensure};
 pub enum RopeScaling {
     /// Positions divided by `factor`.
     Linear { factor: f64 },
+    /// Phi-3's LongRoPE ("longrope", formerly "su"): per-frequency divisors, short ones
+    /// for contexts up to `original_max_position_embeddings`, long ones beyond, plus an
+    /// attention factor on cos/sin.
+    LongRope {
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        original_max_position_embeddings: f64,
+        attention_factor: Option<f64>,
+    },
     /// Llama 3.1's frequency-dependent scaling.
     Llama3 {
         factor: f64,
@@ -224,9 +233,28 @@ impl ModelConfig {
                             original_max_position_embeddings: need("original_max_position_embeddings")?,
                         })
                     }
+                    "longrope" | "su" => {
+                        let list = |k: &str| -> Result<Vec<f64>> {
+                            rs.get(k)
+                                .and_then(|v| v.as_array())
+                                .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+                                .ok_or_else(|| Error::new(format!("{source}: rope scaling longrope needs \"{k}\"")))
+                        };
+                        // The top-level field takes priority, as in transformers.
+                        let orig = get("original_max_position_embeddings")
+                            .and_then(|x| x.as_f64())
+                            .or_else(|| f("original_max_position_embeddings"))
+                            .ok_or_else(|| Error::new(format!("{source}: longrope needs original_max_position_embeddings")))?;
+                        Some(RopeScaling::LongRope {
+                            short_factor: list("short_factor")?,
+                            long_factor: list("long_factor")?,
+                            original_max_position_embeddings: orig,
+                            attention_factor: f("attention_factor"),
+                        })
+                    }
                     "default" | "" => None,
                     other => bail!(
-                        "{source}: rope_scaling type \"{other}\" is not supported yet (supported: linear, llama3)"
+                        "{source}: rope_scaling type \"{other}\" is not supported yet (supported: linear, llama3, longrope)"
                     ),
                 }
             }
@@ -356,6 +384,8 @@ impl ModelConfig {
                 let mut f = 1.0 / self.rope_theta.powf(2.0 * i as f64 / self.head_dim as f64);
                 match self.rope_scaling {
                     Some(RopeScaling::Linear { factor }) => f /= factor,
+                    // Families with LongRoPE build their own tables (see phi3.rs).
+                    Some(RopeScaling::LongRope { .. }) => {}
                     Some(RopeScaling::Llama3 {
                         factor,
                         low_freq_factor,

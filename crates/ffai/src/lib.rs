@@ -76,7 +76,7 @@ impl Model {
             ModelLocation::HfDir(dir) => {
                 let cfg = read_hf_config(dir)?;
                 let family = models::family_for(&cfg, false).map_err(|e| e.context(&src))?;
-                let weights = Weights::from_safetensors_dir(dir)?;
+                let weights = Weights::from_safetensors_dir_for(dir, &cfg.model_type)?;
                 let tok = Tokenizer::from_hf_dir(dir)?;
                 (cfg, weights, tok, family)
             }

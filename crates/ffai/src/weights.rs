@@ -24,6 +24,8 @@ pub struct WeightEntry {
 #[derive(Default)]
 pub struct Weights {
     map: HashMap<String, WeightEntry>,
+    /// config.json model_type, for the few names whose meaning depends on the family.
+    model_type: String,
     /// Path or description of the checkpoint, for errors.
     pub source: String,
 }
@@ -105,12 +107,18 @@ impl Weights {
             .collect();
         Weights {
             map,
+            model_type: String::new(),
             source: source.to_string(),
         }
     }
 
     /// Loads `model.safetensors`, or every shard named by `model.safetensors.index.json`.
     pub fn from_safetensors_dir(dir: &Path) -> Result<Weights> {
+        Self::from_safetensors_dir_for(dir, "")
+    }
+
+    /// As `from_safetensors_dir`, mapping names the way `model_type`'s checkpoints use them.
+    pub fn from_safetensors_dir_for(dir: &Path, model_type: &str) -> Result<Weights> {
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| Error::new(format!("{}: {e}", index.display())))?;
@@ -147,6 +155,7 @@ impl Weights {
         };
         let mut weights = Weights {
             map: HashMap::new(),
+            model_type: model_type.to_string(),
             source: dir.display().to_string(),
         };
         for path in files {
@@ -178,7 +187,7 @@ impl Weights {
             let data = view.data();
             let start = data.as_ptr() as usize - base;
             let shape = view.shape().to_vec();
-            let canonical = hf_to_gguf_name(&name);
+            let canonical = hf_to_gguf_name_for(&name, &self.model_type);
             self.map.insert(
                 canonical,
                 WeightEntry {
@@ -194,9 +203,18 @@ impl Weights {
 
 /// Maps Hugging Face tensor names to GGUF's naming scheme; unknown names pass through.
 pub fn hf_to_gguf_name(name: &str) -> String {
+    hf_to_gguf_name_for(name, "")
+}
+
+/// As `hf_to_gguf_name`, for a given config.json `model_type`: Gemma 2/3 and OLMo 2 use
+/// `post_attention_layernorm` for a norm *after* attention, where Llama uses it before
+/// the MLP.
+pub fn hf_to_gguf_name_for(name: &str, model_type: &str) -> String {
+    let sandwich = matches!(model_type, "gemma2" | "gemma3" | "gemma3_text" | "olmo2");
     let top = [
         ("model.embed_tokens.weight", "token_embd.weight"),
         ("model.norm.weight", "output_norm.weight"),
+        ("model.norm.bias", "output_norm.bias"),
         ("lm_head.weight", "output.weight"),
     ];
     for (hf, gg) in top {
@@ -207,9 +225,16 @@ pub fn hf_to_gguf_name(name: &str) -> String {
     if let Some(rest) = name.strip_prefix("model.layers.") {
         if let Some((idx, tail)) = rest.split_once('.') {
             if idx.parse::<usize>().is_ok() {
+                let post_attn = if sandwich { "post_attention_norm." } else { "ffn_norm." };
                 let parts = [
                     ("input_layernorm.", "attn_norm."),
-                    ("post_attention_layernorm.", "ffn_norm."),
+                    ("post_attention_layernorm.", post_attn),
+                    ("pre_feedforward_layernorm.", "ffn_norm."),
+                    ("post_feedforward_layernorm.", "post_ffw_norm."),
+                    ("self_attn.qkv_proj.", "attn_qkv."),
+                    ("mlp.gate_up_proj.", "ffn_up."),
+                    ("mlp.c_fc.", "ffn_up."),
+                    ("mlp.c_proj.", "ffn_down."),
                     ("self_attn.q_proj.", "attn_q."),
                     ("self_attn.k_proj.", "attn_k."),
                     ("self_attn.v_proj.", "attn_v."),

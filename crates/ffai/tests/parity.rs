@@ -50,7 +50,7 @@ fn load_with(dir: &Path, kv_f32: bool) -> Box<dyn LanguageModel> {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let cfg = ModelConfig::from_hf_json(&json, &dir.display().to_string()).unwrap();
-    let weights = Weights::from_safetensors_dir(dir).unwrap();
+    let weights = Weights::from_safetensors_dir_for(dir, &cfg.model_type).unwrap();
     let family = family_for(&cfg, false).unwrap();
     // f32 KV cache: the comparison is against fp32 transformers at 1e-3.
     (family.load)(&cfg, &weights, &Device::cpu_with(2, false, kv_f32)).unwrap()
@@ -85,7 +85,11 @@ fn check(name: &str, tol: f32) -> (f32, f32) {
     let mut st = m.new_state(n, 5).unwrap();
     let mut chunked = Vec::new();
     m.forward(&r.ids, &mut st, true, &mut chunked).unwrap();
-    let d = chunked.iter().zip(&r.logits).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    let d = chunked
+        .iter()
+        .zip(&r.logits)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
     prefill = prefill.max(d);
     // Decode one token per call (a state with chunk 1: the smallest rings).
     let mut st = m.new_state(n, 1).unwrap();
@@ -127,6 +131,41 @@ fn qwen2_qkv_bias() {
 #[test]
 fn mistral_sliding_window() {
     check("mistral", 1e-3);
+}
+
+#[test]
+fn qwen3_per_head_qk_norm() {
+    check("qwen3", 1e-3);
+}
+
+#[test]
+fn phi3_fused_projections_longrope() {
+    check("phi3", 1e-3);
+}
+
+#[test]
+fn gemma2_softcaps_alternating_windows() {
+    check("gemma2", 1e-3);
+}
+
+#[test]
+fn gemma3_qk_norm_local_global_rope() {
+    check("gemma3", 1e-3);
+}
+
+#[test]
+fn olmo2_post_norm_full_qk_norm() {
+    check("olmo2", 1e-3);
+}
+
+#[test]
+fn granite_multipliers() {
+    check("granite", 1e-3);
+}
+
+#[test]
+fn starcoder2_layernorm_gelu_biases_window() {
+    check("starcoder2", 1e-3);
 }
 
 #[test]

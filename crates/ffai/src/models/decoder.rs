@@ -87,6 +87,9 @@ pub struct DecoderSpec {
     pub layers: Vec<LayerAttn>,
     /// RoPE inverse-frequency tables, indexed by `LayerAttn::rope`.
     pub ropes: Vec<Vec<f32>>,
+    /// LongRoPE: tables used instead of `ropes` when a state's context exceeds the
+    /// given length (Phi-3's long factors).
+    pub long_ropes: Option<(usize, Vec<Vec<f32>>)>,
     pub rope_neox: bool,
 }
 
@@ -114,6 +117,7 @@ impl DecoderSpec {
                 cfg.num_layers
             ],
             ropes: vec![cfg.rope_inv_freq(freq_factors)],
+            long_ropes: None,
             rope_neox: cfg.rope_neox,
         }
     }
@@ -163,6 +167,7 @@ pub struct Decoder<B: Backend> {
     /// None when the head is tied to the embedding table.
     lm_head: Option<B::Mat>,
     ropes: Vec<B::Buf>,
+    long_ropes: Option<(usize, Vec<B::Buf>)>,
 }
 
 /// Activations for one chunk and the KV cache, allocated once per state.
@@ -184,6 +189,8 @@ struct Scratch<B: Backend> {
     v_cache: Vec<B::Kv>,
     /// Rows in each layer's cache (a ring buffer for sliding-window layers).
     caps: Vec<usize>,
+    /// Use the long RoPE tables (the state's context exceeds the LongRoPE threshold).
+    long_rope: bool,
 }
 
 /// Splits `rows` rows off the start of a contiguous matrix (fused projections).
@@ -206,7 +213,12 @@ impl<B: Backend> Decoder<B> {
             spec.layers.iter().all(|l| l.rope < spec.ropes.len()),
             "decoder spec names a missing RoPE table"
         );
-        for r in &spec.ropes {
+        let n_tables = spec.ropes.len();
+        ensure!(
+            spec.long_ropes.as_ref().is_none_or(|(_, t)| t.len() == n_tables),
+            "long RoPE tables must match the short ones"
+        );
+        for r in spec.ropes.iter().chain(spec.long_ropes.iter().flat_map(|(_, t)| t)) {
             ensure!(
                 !r.is_empty() && 2 * r.len() <= cfg.head_dim,
                 "RoPE table does not fit head_dim"
@@ -335,6 +347,10 @@ impl<B: Backend> Decoder<B> {
             embed: mat("token_embd.weight", cfg.vocab_size, h)?,
             final_norm: norm("output_norm", h)?,
             ropes: spec.ropes.iter().map(|r| b.upload(r)).collect(),
+            long_ropes: spec
+                .long_ropes
+                .as_ref()
+                .map(|(n, t)| (*n, t.iter().map(|r| b.upload(r)).collect())),
             layers,
             lm_head,
             cfg: cfg.clone(),
@@ -398,8 +414,12 @@ impl<B: Backend> Decoder<B> {
                 std::mem::swap(&mut s.q, &mut s.qn);
                 std::mem::swap(&mut s.k, &mut s.kn);
             }
+            let tables = match &self.long_ropes {
+                Some((_, long)) if s.long_rope => long,
+                _ => &self.ropes,
+            };
             let rope = RopeParams {
-                inv_freq: &self.ropes[sp.layers[i].rope],
+                inv_freq: &tables[sp.layers[i].rope],
                 neox: sp.rope_neox,
             };
             b.rope(&mut s.q, n, c.num_heads, c.head_dim, pos0, &rope);
@@ -557,6 +577,10 @@ impl<B: Backend> LanguageModel for Decoder<B> {
             k_cache: caps.iter().map(|&cap| b.alloc_kv(kvd * cap)).collect(),
             v_cache: caps.iter().map(|&cap| b.alloc_kv(kvd * cap)).collect(),
             caps,
+            long_rope: self
+                .long_ropes
+                .as_ref()
+                .is_some_and(|(threshold, _)| max_seq > *threshold),
         };
         Ok(InferenceState {
             pos: 0,

@@ -16,7 +16,13 @@ use crate::inspect::Tap;
 use crate::weights::Weights;
 
 pub mod decoder;
+pub mod gemma;
+pub mod granite;
 pub mod llama;
+pub mod olmo2;
+pub mod phi3;
+pub mod qwen3;
+pub mod starcoder2;
 
 /// Where a model's tensors live and its ops run.
 #[derive(Clone)]
@@ -106,7 +112,15 @@ pub struct Family {
     pub load: fn(&ModelConfig, &Weights, &Device) -> Result<Box<dyn LanguageModel>>,
 }
 
-pub static FAMILIES: &[Family] = &[llama::FAMILY];
+pub static FAMILIES: &[Family] = &[
+    llama::FAMILY,
+    qwen3::FAMILY,
+    phi3::FAMILY,
+    gemma::FAMILY,
+    olmo2::FAMILY,
+    granite::FAMILY,
+    starcoder2::FAMILY,
+];
 
 /// Finds the family for a config: architecture first, then model_type.
 pub fn family_for(cfg: &ModelConfig, from_gguf: bool) -> Result<&'static Family> {

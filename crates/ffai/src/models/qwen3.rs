@@ -1,0 +1,56 @@
+//! Qwen3 (dense): the Llama block with a per-head RMSNorm on q and k before RoPE
+//! (q_norm / k_norm), no q/k/v bias, and a head_dim that need not be hidden/heads.
+
+use ffai_kernels::cpu::CpuBackend;
+
+use super::decoder::{Decoder, DecoderSpec, Identity, QkNorm};
+use super::{Device, Family, LanguageModel};
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::generate::GenerationParameters;
+use crate::weights::Weights;
+
+pub const FAMILY: Family = Family {
+    name: "qwen3",
+    hf_architectures: &["Qwen3ForCausalLM"],
+    model_types: &["qwen3"],
+    gguf_architectures: &["qwen3"],
+    load,
+};
+
+/// The dense Qwen3 checkpoints (0.6B … 32B).
+pub struct Qwen3Dense;
+
+impl Qwen3Dense {
+    pub const NAME: &'static str = "qwen3";
+
+    /// Qwen's generation_config for thinking mode: T 0.6, top-p 0.95, top-k 20.
+    pub fn default_parameters() -> GenerationParameters {
+        GenerationParameters {
+            temperature: 0.6,
+            top_p: 0.95,
+            top_k: 20,
+            ..Default::default()
+        }
+    }
+}
+
+fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn LanguageModel>> {
+    let mut cfg = cfg.clone();
+    // Sliding-window fields exist in the config but are off unless use_sliding_window.
+    if cfg.extra_bool("use_sliding_window", "use_sliding_window") != Some(true) {
+        cfg.sliding_window = None;
+    }
+    let spec = DecoderSpec {
+        qk_norm: QkNorm::PerHead,
+        ..DecoderSpec::llama(&cfg, None)
+    };
+    let id = Identity {
+        family: FAMILY.name,
+        variant: Qwen3Dense::NAME,
+        defaults: Qwen3Dense::default_parameters(),
+    };
+    match dev {
+        Device::Cpu(b) => Ok(Box::new(Decoder::<CpuBackend>::load(&cfg, w, b.clone(), spec, id)?)),
+    }
+}
