@@ -56,7 +56,7 @@ impl GemmaVariant for Gemma2 {
         "gemma2"
     }
     fn is_global(&self, _: &ModelConfig, i: usize) -> bool {
-        i % 2 == 1
+        !i.is_multiple_of(2)
     }
     fn qk_norm(&self) -> QkNorm {
         QkNorm::None
@@ -79,7 +79,7 @@ impl GemmaVariant for Gemma3 {
             .or_else(|| cfg.extra_usize("_sliding_window_pattern", "attention.sliding_window_pattern"))
             .unwrap_or(6)
             .max(1);
-        (i + 1) % pattern == 0
+        (i + 1).is_multiple_of(pattern)
     }
     fn qk_norm(&self) -> QkNorm {
         QkNorm::PerHead
