@@ -286,6 +286,7 @@ fn cmd_tokenize(a: TokenizeArgs) -> Result<()> {
 fn cmd_models() -> Result<()> {
     for f in ffai::models::FAMILIES {
         println!("{}", f.name);
+        println!("  variants: {}", f.variants.join(", "));
         println!("  Hugging Face architectures: {}", f.hf_architectures.join(", "));
         println!("  model_type: {}", f.model_types.join(", "));
         println!("  GGUF general.architecture: {}", f.gguf_architectures.join(", "));
@@ -319,7 +320,16 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
     });
     order.truncate(k);
     order.sort_by(|&x, &y| logits[y].total_cmp(&logits[x]).then(x.cmp(&y)));
-    let kv_per_token = cfg.kv_cache_bytes(1);
+    // KV memory by layer kind: sliding-window layers keep a ring of window + chunk rows.
+    let kv_kinds = |ctx: usize| -> Vec<serde_json::Value> {
+        model
+            .lm
+            .kv_bytes_by_kind(ctx, 512)
+            .into_iter()
+            .map(|(kind, layers, bytes)| json!({"kind": kind, "layers": layers, "bytes": bytes}))
+            .collect()
+    };
+    let kv_total = |ctx: usize| -> usize { model.lm.kv_bytes_by_kind(ctx, 512).iter().map(|k| k.2).sum() };
     let arch = json!({
         "family": model.lm.family(),
         "variant": model.lm.variant(),
@@ -344,8 +354,8 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
         "sliding_window": cfg.sliding_window,
         "weight_bytes": model.weight_bytes,
         "weight_types": model.weight_types.iter().map(|(t, n)| json!({"type": t, "tensors": n})).collect::<Vec<_>>(),
-        "kv_cache_bytes_per_token": kv_per_token,
-        "kv_cache_bytes_full_context": cfg.kv_cache_bytes(cfg.max_position_embeddings),
+        "kv_cache_full_context": kv_kinds(cfg.max_position_embeddings),
+        "kv_cache_bytes_full_context": kv_total(cfg.max_position_embeddings),
         "device": model.lm.device_name(),
         "load_seconds": load_s,
     });
@@ -381,11 +391,15 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
     for &id in &ids {
         println!("  {id:>7} {:?}", String::from_utf8_lossy(&tok.token_bytes(id)));
     }
-    println!(
-        "kv cache: {} bytes per token, {} bytes for the prompt",
-        kv_per_token,
-        kv_per_token * ids.len()
-    );
+    println!("kv cache (f16), by layer kind:");
+    for (label, ctx) in [
+        ("this prompt", ids.len()),
+        ("full context", cfg.max_position_embeddings),
+    ] {
+        for (kind, layers, bytes) in model.lm.kv_bytes_by_kind(ctx, 512) {
+            println!("  {label} ({ctx} tokens): {kind}: {layers} layers, {bytes} bytes");
+        }
+    }
     if state.tap.enabled {
         println!("layer trace");
         for l in &state.tap.lines {

@@ -20,6 +20,7 @@ use crate::weights::Weights;
 
 pub const FAMILY: Family = Family {
     name: "gemma",
+    variants: &["gemma2", "gemma3 (text)"],
     hf_architectures: &["Gemma2ForCausalLM", "Gemma3ForCausalLM"],
     model_types: &["gemma2", "gemma3", "gemma3_text"],
     gguf_architectures: &["gemma2", "gemma3"],

@@ -13,6 +13,7 @@ use crate::weights::Weights;
 
 pub const FAMILY: Family = Family {
     name: "granite",
+    variants: &["granite3"],
     hf_architectures: &["GraniteForCausalLM"],
     model_types: &["granite"],
     gguf_architectures: &["granite"],

@@ -14,6 +14,12 @@ use crate::weights::Weights;
 
 pub const FAMILY: Family = Family {
     name: "llama",
+    variants: &[
+        "llama (Llama 2/3/3.x)",
+        "smollm (SmolLM/SmolLM2)",
+        "mistral (dense, sliding window)",
+        "qwen2 (Qwen2/2.5, q/k/v bias)",
+    ],
     hf_architectures: &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"],
     model_types: &["llama", "mistral", "qwen2", "smollm", "smollm2"],
     gguf_architectures: &["llama", "mistral", "qwen2"],

@@ -103,6 +103,8 @@ pub trait LanguageModel: Send + Sync {
 /// A registered family: the names it answers to and how to build it.
 pub struct Family {
     pub name: &'static str,
+    /// The shapes inside the family (each a type implementing the family's variant trait).
+    pub variants: &'static [&'static str],
     /// config.json `architectures[0]` values.
     pub hf_architectures: &'static [&'static str],
     /// config.json `model_type` values.

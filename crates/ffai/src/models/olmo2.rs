@@ -13,6 +13,7 @@ use crate::weights::Weights;
 
 pub const FAMILY: Family = Family {
     name: "olmo2",
+    variants: &["olmo2"],
     hf_architectures: &["Olmo2ForCausalLM"],
     model_types: &["olmo2"],
     gguf_architectures: &["olmo2"],

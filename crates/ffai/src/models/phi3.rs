@@ -16,6 +16,7 @@ use crate::weights::Weights;
 
 pub const FAMILY: Family = Family {
     name: "phi3",
+    variants: &["phi3 (Phi-3, Phi-3.5)"],
     hf_architectures: &["Phi3ForCausalLM"],
     model_types: &["phi3"],
     gguf_architectures: &["phi3"],

@@ -12,6 +12,7 @@ use crate::weights::Weights;
 
 pub const FAMILY: Family = Family {
     name: "qwen3",
+    variants: &["qwen3 (dense)"],
     hf_architectures: &["Qwen3ForCausalLM"],
     model_types: &["qwen3"],
     gguf_architectures: &["qwen3"],

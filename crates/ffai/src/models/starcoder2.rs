@@ -12,6 +12,7 @@ use crate::weights::Weights;
 
 pub const FAMILY: Family = Family {
     name: "starcoder2",
+    variants: &["starcoder2"],
     hf_architectures: &["Starcoder2ForCausalLM"],
     model_types: &["starcoder2"],
     gguf_architectures: &["starcoder2"],
