@@ -35,7 +35,8 @@ mod legacy;
 pub mod q8;
 
 pub use q8::{
-    dot_row_q8, dot_row_q8_multi, force_portable, has_q8_path, q8_backend_name, ActFormat, ActsWriter, QuantizedActs,
+    dot_row_q8, dot_row_q8_multi, dot_rows_q8, force_portable, has_q8_path, q8_backend_name, ActFormat, ActsWriter,
+    QuantizedActs,
 };
 
 /// Elements per legacy quant block.

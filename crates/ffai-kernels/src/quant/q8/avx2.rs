@@ -6,10 +6,10 @@
 //!
 //! `vpmaddubsw` multiplies *unsigned* bytes by *signed* bytes and adds adjacent pairs
 //! into `i16` with saturation. Activation quants are in `[-127, 127]`, so:
-//! * unsigned weight levels (Q4_1 ≤ 15, Q5_1 ≤ 31, K-quant levels ≤ 63) go in as is:
-//!   a pair is at most `2 · 63 · 127 = 16002`;
-//! * signed levels (Q4_0, Q5_0, Q8_0) use `|w| · (sign(w) · x)`: at most
-//!   `2 · 128 · 127 = 32512`.
+//! * unsigned weight levels (the 4/5-bit legacy levels before their zero point, ≤ 31;
+//!   K-quant levels ≤ 63) go in as is: a pair is at most `2 · 63 · 127 = 16002`; the
+//!   Q4_0 / Q5_0 zero points (8, 16) are then removed exactly as `z · Σx`;
+//! * Q8_0's signed levels use `|w| · (sign(w) · x)`: at most `2 · 128 · 127 = 32512`.
 //!
 //! No saturation can happen, so each block's integer dot is exact and equal to the
 //! portable one.
@@ -23,8 +23,21 @@ use std::arch::x86_64::*;
 use super::{k_scales, Step, View, KSUMS};
 use crate::quant::{WeightType, QK, QK_K};
 
+/// Makes the calling kernel realign its stack frame to 32 bytes. Most kernels spill
+/// some `ymm` registers; without a realigned frame LLVM puts those
+/// spills in slots that are only 16-byte aligned, and a 32-byte spill that straddles
+/// a cache line defeats store-to-load forwarding. How often that happened depended
+/// on the caller's stack depth: the same kernel ran up to 2x slower from some call
+/// sites. An escaping 32-byte-aligned local forces the realignment (a few
+/// instructions per call).
+#[inline(always)]
+fn align_frame() {
+    let mut pin = std::mem::MaybeUninit::<__m256i>::uninit();
+    std::hint::black_box(pin.as_mut_ptr());
+}
+
 /// Tokens per pass over a weight row.
-const TILE: usize = 4;
+const TILE: usize = 8;
 
 /// True when this CPU has what the kernels use.
 #[inline]
@@ -144,9 +157,15 @@ unsafe fn quant32(x: *const f32, st: Step, q: *mut i8) -> [__m256i; 4] {
 /// # Safety
 /// The CPU features must have been detected.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn quantize_q8_row(x: &[f32], q: &mut [i8], d: &mut [f32], mut s: Option<&mut [f32]>) {
+pub(super) unsafe fn quantize_q8_row(
+    x: &[f32],
+    q: &mut [i8],
+    d: &mut [f32],
+    qsum: &mut [i32],
+    mut s: Option<&mut [f32]>,
+) {
     let nb = x.len() / QK;
-    assert!(q.len() >= nb * QK && d.len() >= nb && s.as_ref().is_none_or(|s| s.len() >= nb));
+    assert!(q.len() >= nb * QK && d.len() >= nb && qsum.len() >= nb && s.as_ref().is_none_or(|s| s.len() >= nb));
     for b in 0..nb {
         // SAFETY: block `b` of `x` and `q` is in bounds (asserted above).
         let (xp, qp) = unsafe { (x.as_ptr().add(b * QK), q.as_mut_ptr().add(b * QK)) };
@@ -165,6 +184,7 @@ pub(super) unsafe fn quantize_q8_row(x: &[f32], q: &mut [i8], d: &mut [f32], mut
             }
         };
         d[b] = db;
+        qsum[b] = sum;
         if let Some(s) = s.as_deref_mut() {
             s[b] = db * sum as f32;
         }
@@ -241,6 +261,10 @@ macro_rules! tiles {
             1 => $kern::<$($p,)* 1>($row, $v, t, rest),
             2 => $kern::<$($p,)* 2>($row, $v, t, rest),
             3 => $kern::<$($p,)* 3>($row, $v, t, rest),
+            4 => $kern::<$($p,)* 4>($row, $v, t, rest),
+            5 => $kern::<$($p,)* 5>($row, $v, t, rest),
+            6 => $kern::<$($p,)* 6>($row, $v, t, rest),
+            7 => $kern::<$($p,)* 7>($row, $v, t, rest),
             _ => unreachable!(),
         }
     }};
@@ -270,6 +294,36 @@ pub(super) unsafe fn dot_multi(ty: WeightType, row: &[u8], v: View<'_>, t0: usiz
     }
 }
 
+/// `out[i] = row i · token t` for `out.len()` rows of `rb` bytes stored back to back.
+///
+/// # Safety
+/// As for [`dot_multi`], for every row (`rows.len() == out.len() · rb`) and the one
+/// token `t`.
+pub(super) unsafe fn dot_rows(ty: WeightType, rows: &[u8], rb: usize, v: View<'_>, t: usize, out: &mut [f32]) {
+    let v = &v;
+    macro_rules! each_row {
+        ($kern:ident [$($p:tt),*]) => {
+            for (o, row) in out.iter_mut().zip(rows.chunks_exact(rb)) {
+                $kern::<$($p,)* 1>(row, v, t, std::slice::from_mut(o));
+            }
+        };
+    }
+    // SAFETY (every arm): the caller's contract is exactly each kernel's, row by row.
+    unsafe {
+        match ty {
+            WeightType::Q4_0 => each_row!(dot_legacy[Q4_0]),
+            WeightType::Q4_1 => each_row!(dot_legacy[Q4_1]),
+            WeightType::Q5_0 => each_row!(dot_legacy[Q5_0]),
+            WeightType::Q5_1 => each_row!(dot_legacy[Q5_1]),
+            WeightType::Q8_0 => each_row!(dot_legacy[Q8_0]),
+            WeightType::Q4K => each_row!(dot_q45k[false]),
+            WeightType::Q5K => each_row!(dot_q45k[true]),
+            WeightType::Q6K => each_row!(dot_q6k[]),
+            WeightType::F32 | WeightType::F16 | WeightType::BF16 => unreachable!("float types have no q8 path"),
+        }
+    }
+}
+
 /// 16 nibble bytes at `p` as 32 bytes `0..=15`: the low nibbles (elements 0–15),
 /// then the high nibbles (elements 16–31).
 ///
@@ -279,122 +333,263 @@ pub(super) unsafe fn dot_multi(ty: WeightType, row: &[u8], v: View<'_>, t0: usiz
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn nibbles(p: *const u8) -> __m256i {
     // SAFETY: 16 readable bytes (caller); no alignment requirement.
-    let x = unsafe { _mm_loadu_si128(p.cast()) };
-    _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(x), x), _mm256_set1_epi8(0x0F))
+    let x = _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(p.cast()) });
+    // Shift the upper copy right by 4 (32-bit lanes; the mask drops what crosses bytes).
+    let x = _mm256_srlv_epi32(x, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
+    _mm256_and_si256(x, _mm256_set1_epi8(0x0F))
 }
 
-/// Byte `i` = 0xFF when bit `i` of `qh` is set, else 0.
+/// Byte `i` = 0xFF when bit `i` of the little-endian `u32` at `p` is set, else 0.
+///
+/// # Safety
+/// `p..p + 4` must be readable.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn bit_bytes(qh: u32) -> __m256i {
+unsafe fn bit_bytes(p: *const u8) -> __m256i {
+    // SAFETY: 4 readable bytes (caller).
+    let qh = unsafe { p.cast::<i32>().read_unaligned() };
     // Byte i gets a copy of qh's byte i / 8, then keeps only bit i % 8.
     let spread = _mm256_shuffle_epi8(
-        _mm256_set1_epi32(qh as i32),
+        _mm256_set1_epi32(qh),
         _mm256_setr_epi64x(0, 0x0101_0101_0101_0101, 0x0202_0202_0202_0202, 0x0303_0303_0303_0303),
     );
     let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
     _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit)
 }
 
-/// A legacy block at `p`: its 32 levels, `d` and `m` (see `portable::decode_legacy`).
-/// Levels are signed for the symmetric kinds, unsigned (`0..=31`) for Q4_1 / Q5_1.
+/// A legacy block's 32 stored levels, *before* any zero point: unsigned `0..=15` /
+/// `0..=31` for the 4- and 5-bit kinds, signed for Q8_0. Scales are read separately.
 ///
 /// # Safety
 /// One whole block of kind `K` must be readable at `p`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load_legacy<const K: u8>(p: *const u8) -> (__m256i, f32, f32) {
+unsafe fn levels<const K: u8>(p: *const u8) -> __m256i {
     // SAFETY (all reads): the offsets are inside the block (layouts in `legacy.rs`).
     unsafe {
-        let d = f16_at(p);
-        let qh = |at: usize| p.add(at).cast::<u32>().read_unaligned();
         match K {
-            Q4_0 => (_mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8)), d, 0.0),
-            Q4_1 => (nibbles(p.add(4)), d, f16_at(p.add(2))),
-            // q - 16 = low nibble when bit 4 is set, low nibble | 0xF0 (as i8) when not.
-            Q5_0 => {
-                let hi = bit_bytes(qh(2));
-                let w = _mm256_or_si256(
-                    nibbles(p.add(6)),
-                    _mm256_andnot_si256(hi, _mm256_set1_epi8(0xF0u8 as i8)),
-                );
-                (w, d, 0.0)
-            }
-            Q5_1 => {
-                let hi = bit_bytes(qh(4));
-                let w = _mm256_or_si256(nibbles(p.add(8)), _mm256_and_si256(hi, _mm256_set1_epi8(0x10)));
-                (w, d, f16_at(p.add(2)))
-            }
-            _ => (load32(p.add(2)), d, 0.0),
+            Q4_0 => nibbles(p.add(2)),
+            Q4_1 => nibbles(p.add(4)),
+            Q5_0 => _mm256_or_si256(
+                nibbles(p.add(6)),
+                _mm256_and_si256(bit_bytes(p.add(2)), _mm256_set1_epi8(0x10)),
+            ),
+            Q5_1 => _mm256_or_si256(
+                nibbles(p.add(8)),
+                _mm256_and_si256(bit_bytes(p.add(4)), _mm256_set1_epi8(0x10)),
+            ),
+            _ => load32(p.add(2)),
         }
     }
 }
 
-/// One legacy block `b` against tokens `t0..t0 + T`, into `acc` / `summ`.
+/// The `f16` at `p + k · stride` for each of `N ≤ 8` blocks, widened to `f32`
+/// (lanes past `N` are 0). The gather runs on the scalar units, which the
+/// vector-bound loop leaves idle.
 ///
 /// # Safety
-/// As for [`dot_legacy`]; `b < v.nblk`.
+/// The `N` blocks must be readable.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn legacy_block<const K: u8, const T: usize>(
+unsafe fn gather_f16<const N: usize>(p: *const u8, stride: usize) -> __m256 {
+    let mut h = [0u64; 2];
+    for k in 0..N {
+        // SAFETY: block `k < N` is readable (caller).
+        let v = unsafe { p.add(k * stride).cast::<u16>().read_unaligned() };
+        h[k / 4] |= u64::from(v) << (16 * (k % 4));
+    }
+    _mm256_cvtph_ps(_mm_set_epi64x(h[1] as i64, h[0] as i64))
+}
+
+/// The adjacent `f16` pair `(d, m)` at `p + k · stride` for each of `N ≤ 8` blocks,
+/// widened to two `f32` vectors (lanes past `N` are 0): one `u32` load per block.
+///
+/// # Safety
+/// The `N` blocks must be readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gather_f16_pairs<const N: usize>(p: *const u8, stride: usize) -> (__m256, __m256) {
+    let mut h = [0u64; 4];
+    for k in 0..N {
+        // SAFETY: block `k < N` is readable (caller).
+        let v = unsafe { p.add(k * stride).cast::<u32>().read_unaligned() };
+        h[k / 2] |= u64::from(v) << (32 * (k % 2));
+    }
+    // [d0 m0 d1 m1 d2 m2 d3 m3] -> [d0 d1 d2 d3 m0 m1 m2 m3], likewise for blocks 4..8.
+    let split = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+    let lo = _mm_shuffle_epi8(_mm_set_epi64x(h[1] as i64, h[0] as i64), split);
+    let hi = _mm_shuffle_epi8(_mm_set_epi64x(h[3] as i64, h[2] as i64), split);
+    (
+        _mm256_cvtph_ps(_mm_unpacklo_epi64(lo, hi)),
+        _mm256_cvtph_ps(_mm_unpackhi_epi64(lo, hi)),
+    )
+}
+
+/// `N ≤ 8` consecutive `f32` of an activation side array from index `i` (lanes past
+/// `N` are 0, and nothing past `N` is read).
+///
+/// # Safety
+/// `a[i..i + N]` must be in bounds.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load_f32s<const N: usize>(a: &[f32], i: usize) -> __m256 {
+    if N == 8 {
+        // SAFETY: `i + 8 <= a.len()` (caller).
+        unsafe { _mm256_loadu_ps(a.as_ptr().add(i)) }
+    } else {
+        // SAFETY: the masked-out lanes are not accessed (no fault), the others are
+        // `a[i..i + N]`, in bounds (caller).
+        unsafe { _mm256_maskload_ps(a.as_ptr().add(i), first_lanes::<N>()) }
+    }
+}
+
+/// As [`load_f32s`], for `i32`.
+///
+/// # Safety
+/// `a[i..i + N]` must be in bounds.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load_i32s<const N: usize>(a: &[i32], i: usize) -> __m256i {
+    if N == 8 {
+        // SAFETY: `i + 8 <= a.len()` (caller).
+        unsafe { load32(a.as_ptr().add(i)) }
+    } else {
+        // SAFETY: as for `load_f32s`.
+        unsafe { _mm256_maskload_epi32(a.as_ptr().add(i), first_lanes::<N>()) }
+    }
+}
+
+/// All-ones in the first `N` 32-bit lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn first_lanes<const N: usize>() -> __m256i {
+    _mm256_cmpgt_epi32(_mm256_set1_epi32(N as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+}
+
+/// Lane `k` of the result = the sum of the 8 lanes of `s[k]` (exact `i32`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn sum_lanes8(s: &[__m256i; 8]) -> __m256i {
+    // Per 128-bit half: [s0 01, s0 23, s1 01, s1 23], then [s0 0123, s1 .., s2 .., s3 ..].
+    let a = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
+    let b = _mm256_hadd_epi32(_mm256_hadd_epi32(s[4], s[5]), _mm256_hadd_epi32(s[6], s[7]));
+    // Low halves hold lanes 0–3 of each input, high halves lanes 4–7.
+    _mm256_add_epi32(
+        _mm256_permute2x128_si256::<0x20>(a, b),
+        _mm256_permute2x128_si256::<0x31>(a, b),
+    )
+}
+
+/// Blocks `c..c + N` (`N ≤ 8`) against tokens `t0..t0 + T`, one FMA per token.
+///
+/// Each block's byte dot is widened to 8 `i32` lanes (`vpmaddubsw` + `vpmaddwd`);
+/// [`sum_lanes8`] folds the chunk's blocks into one vector whose lane `k` is block
+/// `k`'s exact integer dot (zero points removed exactly, as `8 · Σq` / `16 · Σq`);
+/// it is converted and multiplied by the chunk's `d_w · d_x` lanes into `acc`.
+///
+/// # Safety
+/// As for [`dot_legacy`]; `c + N <= v.nblk`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn legacy_chunk<const K: u8, const T: usize, const N: usize>(
     row: &[u8],
     v: &View<'_>,
     t0: usize,
-    b: usize,
+    c: usize,
     acc: &mut [__m256; T],
-    summ: &mut [f32; T],
 ) {
-    // SAFETY: block `b` lies inside `row` (caller).
-    let (w, dw, m) = unsafe { load_legacy::<K>(row.as_ptr().add(b * legacy_bytes(K))) };
-    let ones = _mm256_set1_epi16(1);
-    let dwv = _mm256_set1_ps(dw);
-    let aw = _mm256_abs_epi8(w);
-    for (j, (a, sm)) in acc.iter_mut().zip(summ.iter_mut()).enumerate() {
-        let t = t0 + j;
-        let i = t * v.nblk + b;
-        // SAFETY: token `t` and block `b` are inside the activation buffers (caller).
-        let (x, dx) = unsafe { (load32(v.qs.as_ptr().add(t * v.cols + b * QK)), *v.d.get_unchecked(i)) };
-        let prod = if has_min(K) {
-            _mm256_maddubs_epi16(w, x)
+    let bytes = legacy_bytes(K);
+    // SAFETY: blocks `c..c + N` lie inside `row` (caller).
+    let p = unsafe { row.as_ptr().add(c * bytes) };
+    // SAFETY: as above; `d` is at offset 0 of every block, `m` at 2.
+    let (dw, mw) = unsafe {
+        if has_min(K) {
+            gather_f16_pairs::<N>(p, bytes)
         } else {
-            _mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w))
-        };
-        let isum = _mm256_madd_epi16(prod, ones);
-        let scale = _mm256_mul_ps(dwv, _mm256_set1_ps(dx));
+            (gather_f16::<N>(p, bytes), _mm256_setzero_ps())
+        }
+    };
+    // Decode the chunk once for all tokens. Q8_0 is signed: |w| and the signs.
+    let mut wq = [_mm256_setzero_si256(); 8];
+    let mut ws = [_mm256_setzero_si256(); 8];
+    for k in 0..N {
+        // SAFETY: block `k < N` of the chunk is readable.
+        let w = unsafe { levels::<K>(p.add(k * bytes)) };
+        if K == Q8_0 {
+            wq[k] = _mm256_abs_epi8(w);
+            ws[k] = w;
+        } else {
+            wq[k] = w;
+        }
+    }
+    let ones = _mm256_set1_epi16(1);
+    for (j, a) in acc.iter_mut().enumerate() {
+        let t = t0 + j;
+        let mut s = [_mm256_setzero_si256(); 8];
+        for k in 0..N {
+            // SAFETY: token `t`, block `c + k` are inside the activation quants (caller).
+            let x = unsafe { load32(v.qs.as_ptr().add(t * v.cols + (c + k) * QK)) };
+            let prod = if K == Q8_0 {
+                _mm256_maddubs_epi16(wq[k], _mm256_sign_epi8(x, ws[k]))
+            } else {
+                _mm256_maddubs_epi16(wq[k], x)
+            };
+            s[k] = _mm256_madd_epi16(prod, ones);
+        }
+        let mut isum = sum_lanes8(&s);
+        let i = t * v.nblk + c;
+        if K == Q4_0 || K == Q5_0 {
+            // Σ (q - z) x = Σ q x - z Σ x with z = 8 or 16.
+            // SAFETY: token `t`'s blocks `c..c + N` exist (caller).
+            let qsum = unsafe { load_i32s::<N>(v.qsum, i) };
+            let z = if K == Q4_0 {
+                _mm256_slli_epi32::<3>(qsum)
+            } else {
+                _mm256_slli_epi32::<4>(qsum)
+            };
+            isum = _mm256_sub_epi32(isum, z);
+        }
+        // SAFETY: as above.
+        let scale = _mm256_mul_ps(dw, unsafe { load_f32s::<N>(v.d, i) });
         *a = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum), *a);
         if has_min(K) {
+            // The min terms m_b · s_b of the chunk's blocks.
             // SAFETY: as above (Q8_1 activations carry `s`).
-            *sm += m * unsafe { *v.s.get_unchecked(i) };
+            *a = _mm256_fmadd_ps(mw, unsafe { load_f32s::<N>(v.s, i) }, *a);
         }
     }
 }
 
-/// `T` tokens against one legacy row: two accumulators per token (even / odd blocks)
-/// to hide the FMA latency.
+/// `T` tokens against one legacy row, in chunks of 8 blocks.
 ///
 /// # Safety
 /// `row` holds `v.nblk` blocks of kind `K`; tokens `t0..t0 + T` exist in `v`, which is
 /// in the kind's activation format; `out.len() >= T`.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_legacy<const K: u8, const T: usize>(row: &[u8], v: &View<'_>, t0: usize, out: &mut [f32]) {
-    let mut acc0 = [_mm256_setzero_ps(); T];
-    let mut acc1 = [_mm256_setzero_ps(); T];
-    let mut summ = [0.0f32; T];
+    align_frame();
+    let mut acc = [_mm256_setzero_ps(); T];
     let nb = v.nblk;
-    let mut b = 0;
-    // SAFETY (the three calls): `b`, `b + 1 < nb`; the rest is the caller's contract.
+    let mut c = 0;
+    // SAFETY (all calls): blocks `c..c + N` exist; the rest is the caller's contract.
     unsafe {
-        while b + 1 < nb {
-            legacy_block::<K, T>(row, v, t0, b, &mut acc0, &mut summ);
-            legacy_block::<K, T>(row, v, t0, b + 1, &mut acc1, &mut summ);
-            b += 2;
+        while c + 8 <= nb {
+            legacy_chunk::<K, T, 8>(row, v, t0, c, &mut acc);
+            c += 8;
         }
-        if b < nb {
-            legacy_block::<K, T>(row, v, t0, b, &mut acc0, &mut summ);
+        match nb - c {
+            0 => {}
+            1 => legacy_chunk::<K, T, 1>(row, v, t0, c, &mut acc),
+            2 => legacy_chunk::<K, T, 2>(row, v, t0, c, &mut acc),
+            3 => legacy_chunk::<K, T, 3>(row, v, t0, c, &mut acc),
+            4 => legacy_chunk::<K, T, 4>(row, v, t0, c, &mut acc),
+            5 => legacy_chunk::<K, T, 5>(row, v, t0, c, &mut acc),
+            6 => legacy_chunk::<K, T, 6>(row, v, t0, c, &mut acc),
+            _ => legacy_chunk::<K, T, 7>(row, v, t0, c, &mut acc),
         }
     }
-    for (j, o) in out[..T].iter_mut().enumerate() {
-        *o = hsum_ps(_mm256_add_ps(acc0[j], acc1[j])) + summ[j];
+    for (o, a) in out[..T].iter_mut().zip(acc) {
+        *o = hsum_ps(a);
     }
 }
 
@@ -410,6 +605,7 @@ unsafe fn dot_legacy<const K: u8, const T: usize>(row: &[u8], v: &View<'_>, t0: 
 /// As for [`dot_legacy`], for Q4_K / Q5_K rows and Q8_K activations.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q45k<const Q5: bool, const T: usize>(row: &[u8], v: &View<'_>, t0: usize, out: &mut [f32]) {
+    align_frame();
     let bytes = if Q5 { 176 } else { 144 };
     let m4 = _mm256_set1_epi8(0x0F);
     let one = _mm256_set1_epi8(1);
@@ -481,6 +677,7 @@ unsafe fn dot_q45k<const Q5: bool, const T: usize>(row: &[u8], v: &View<'_>, t0:
 /// As for [`dot_legacy`], for Q6_K rows and Q8_K activations.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q6k<const T: usize>(row: &[u8], v: &View<'_>, t0: usize, out: &mut [f32]) {
+    align_frame();
     let m4 = _mm256_set1_epi8(0x0F);
     let mut acc = [_mm256_setzero_ps(); T];
     for sb in 0..v.nblk {

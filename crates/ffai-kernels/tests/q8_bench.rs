@@ -1,0 +1,211 @@
+//! Single-thread matvec / small-batch matmul throughput: the integer-dot path
+//! (`quantize` + `dot_row_q8[_multi]`) against the f32 path the CPU backend uses
+//! (`dot_row` per row for one token; `dequantize_row` + `ops::dot_f32` per token for
+//! several). Not a test: run with
+//! `cargo test -p ffai-kernels --release --test q8_bench -- --ignored --nocapture`
+//! (optionally `Q8_BENCH_MS=400` for longer timings, `Q8_BENCH_ONLY=Q4_0,Q6_K` to
+//! pick types, `Q8_BENCH_BIG=1` to add a 178 MB LM head). Numbers are noisy when the
+//! machine is busy; the load average is printed first.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use ffai_kernels::ops;
+use ffai_kernels::quant::{
+    dequantize_row, dot_row, dot_row_q8, dot_row_q8_multi, dot_rows_q8, force_portable, q8_backend_name, quantize_row,
+    QuantizedActs, WeightType,
+};
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0
+    }
+}
+
+/// A `rows × cols` matrix of distinct quantized rows (so the memory traffic is real).
+fn matrix(ty: WeightType, rows: usize, cols: usize, rng: &mut Rng) -> Vec<u8> {
+    let rb = ty.row_bytes(cols).unwrap();
+    let mut w = vec![0u8; rows * rb];
+    let mut src = vec![0.0f32; cols];
+    for r in w.chunks_exact_mut(rb) {
+        src.iter_mut().for_each(|v| *v = rng.next() * 0.1);
+        quantize_row(ty, &src, r).unwrap();
+    }
+    w
+}
+
+/// Best time of several runs of `f`, each at least `budget / 8` long; returns
+/// seconds per call.
+fn time(budget: Duration, mut f: impl FnMut()) -> f64 {
+    f();
+    let t = Instant::now();
+    f();
+    let once = t.elapsed().as_secs_f64().max(1e-7);
+    let per_run = ((budget.as_secs_f64() / 8.0 / once).ceil() as usize).max(1);
+    let mut best = f64::MAX;
+    for _ in 0..8 {
+        let t = Instant::now();
+        for _ in 0..per_run {
+            f();
+        }
+        best = best.min(t.elapsed().as_secs_f64() / per_run as f64);
+    }
+    best
+}
+
+fn budget() -> Duration {
+    let ms = std::env::var("Q8_BENCH_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    Duration::from_millis(ms)
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// One matrix: matvec (1 token) and n-token matmul, f32 path vs q8 path.
+fn bench_matrix(ty: WeightType, rows: usize, cols: usize, tokens: &[usize]) {
+    if let Ok(only) = std::env::var("Q8_BENCH_ONLY") {
+        if !only.split(',').any(|o| o == ty.name()) {
+            return;
+        }
+    }
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (rows * 31 + cols) as u64);
+    let w = matrix(ty, rows, cols, &mut rng);
+    let rb = ty.row_bytes(cols).unwrap();
+    let nmax = tokens.iter().copied().max().unwrap_or(1).max(1);
+    let x: Vec<f32> = (0..nmax * cols).map(|_| rng.next()).collect();
+    let bytes = w.len() as f64;
+    let elems = (rows * cols) as f64;
+    let mut out = vec![0.0f32; nmax * rows];
+    let mut acts = QuantizedActs::new();
+    let b = budget();
+
+    // ---- one token
+    let f32_t = time(b, || {
+        for r in 0..rows {
+            out[r] = dot_row(ty, black_box(&w[r * rb..(r + 1) * rb]), black_box(&x[..cols]));
+        }
+        black_box(&out);
+    });
+    let quant_t = time(b / 4, || {
+        acts.quantize(ty, black_box(&x[..cols]), 1, cols);
+        black_box(&acts);
+    });
+    let q8_t = time(b, || {
+        acts.quantize(ty, black_box(&x[..cols]), 1, cols);
+        for r in 0..rows {
+            out[r] = dot_row_q8(ty, black_box(&w[r * rb..(r + 1) * rb]), &acts, 0);
+        }
+        black_box(&out);
+    });
+    let rows_t = time(b, || {
+        acts.quantize(ty, black_box(&x[..cols]), 1, cols);
+        dot_rows_q8(ty, black_box(&w), &acts, 0, &mut out[..rows]);
+        black_box(&out);
+    });
+    println!(
+        "{:>5} {rows:>5}x{cols:<5} {:>6.1} MB | n=1  f32 {:6.2} GB/s {:6.2} Gel/s | q8 {:6.2} GB/s {:6.2} Gel/s | x{:4.2} | dot_rows_q8 {:6.2} GB/s {:6.2} Gel/s x{:4.2} (quantize acts {:5.2} us)",
+        ty.name(),
+        bytes / 1e6,
+        bytes / f32_t / 1e9,
+        elems / f32_t / 1e9,
+        bytes / q8_t / 1e9,
+        elems / q8_t / 1e9,
+        f32_t / q8_t,
+        bytes / rows_t / 1e9,
+        elems / rows_t / 1e9,
+        f32_t / rows_t,
+        quant_t * 1e6,
+    );
+
+    // ---- several tokens (prefill): per-token element rate.
+    for &n in tokens.iter().filter(|&&n| n > 1) {
+        let xs = &x[..n * cols];
+        let mut wrow = vec![0.0f32; cols];
+        let f32_t = time(b, || {
+            for r in 0..rows {
+                dequantize_row(ty, black_box(&w[r * rb..(r + 1) * rb]), &mut wrow);
+                for t in 0..n {
+                    out[t * rows + r] = ops::dot_f32(&wrow, &xs[t * cols..(t + 1) * cols]);
+                }
+            }
+            black_box(&out);
+        });
+        let mut tmp = vec![0.0f32; n];
+        let q8_t = time(b, || {
+            acts.quantize(ty, black_box(xs), n, cols);
+            for r in 0..rows {
+                dot_row_q8_multi(ty, black_box(&w[r * rb..(r + 1) * rb]), &acts, 0..n, &mut tmp);
+                for (t, &v) in tmp.iter().enumerate() {
+                    out[t * rows + r] = v;
+                }
+            }
+            black_box(&out);
+        });
+        let te = elems * n as f64;
+        println!(
+            "{:>5} {rows:>5}x{cols:<5}          | n={n:<2} f32 {:6.2} Gel/s (tok·el)      | q8 {:6.2} Gel/s (tok·el)      | x{:4.2}  ({:5.2} us/token·matrix)",
+            ty.name(),
+            te / f32_t / 1e9,
+            te / q8_t / 1e9,
+            f32_t / q8_t,
+            q8_t / n as f64 * 1e6,
+        );
+    }
+}
+
+/// (type, rows, cols) of the matrices of the models in use, plus the other types.
+const SHAPES: &[(WeightType, usize, usize)] = &[
+    // SmolLM2-135M Q4_1: attention q/o, k/v, ffn gate/up, ffn down; Q8_0 LM head.
+    (WeightType::Q4_1, 576, 576),
+    (WeightType::Q4_1, 192, 576),
+    (WeightType::Q4_1, 1536, 576),
+    (WeightType::Q4_1, 576, 1536),
+    (WeightType::Q8_0, 49152, 576),
+    // gemma-3-270m Q4_K_M: Q5_0 (640 columns), Q4_K / Q6_K (1024 / 2048 columns).
+    (WeightType::Q5_0, 2048, 640),
+    (WeightType::Q5_0, 1024, 640),
+    (WeightType::Q4K, 640, 1024),
+    (WeightType::Q4K, 640, 2048),
+    (WeightType::Q6K, 640, 2048),
+    // The remaining types.
+    (WeightType::Q4_0, 576, 1536),
+    (WeightType::Q4_0, 1536, 576),
+    (WeightType::Q5_1, 576, 1536),
+    (WeightType::Q5_1, 1536, 576),
+    (WeightType::Q8_0, 576, 1536),
+    (WeightType::Q8_0, 1536, 576),
+    (WeightType::Q5K, 640, 2048),
+    (WeightType::Q6K, 2048, 768),
+];
+
+#[test]
+#[ignore]
+fn bench_q8_matvec() {
+    println!("load average: {}", load_average());
+    for portable in [false, true] {
+        force_portable(portable);
+        println!("\n=== q8 backend: {} ===", q8_backend_name());
+        let toks: &[usize] = if portable { &[1, 8] } else { &[1, 4, 8, 16] };
+        for &(ty, rows, cols) in SHAPES {
+            bench_matrix(ty, rows, cols, toks);
+        }
+        if !portable && std::env::var("Q8_BENCH_BIG").is_ok() {
+            // gemma-3-270m's LM head: 178 MB of Q8_0, far beyond the caches.
+            bench_matrix(WeightType::Q8_0, 262144, 640, &[1]);
+        }
+    }
+    force_portable(false);
+    println!("\nload average: {}", load_average());
+}
