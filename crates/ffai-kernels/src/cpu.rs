@@ -44,9 +44,8 @@ fn matmul_rows(w: &CpuMatrix, x: &[f32], n: usize, acts: &[QuantizedActs; 3], ro
         Some(slot) if n == 1 => {
             // SAFETY: each thread writes only its own rows of the single output row.
             let o = unsafe { out.slice(rows.start, rows.len()) };
-            for (k, row) in rows.enumerate() {
-                o[k] = quant::dot_row_q8(w.ty, w.row(row), &acts[slot], 0);
-            }
+            let bytes = &w.data.as_slice()[rows.start * w.row_bytes..rows.end * w.row_bytes];
+            quant::dot_rows_q8(w.ty, bytes, &acts[slot], 0, o);
         }
         Some(slot) => with_scratch(n, |tmp| {
             // Each weight row is read once and dotted with every token's activations.
