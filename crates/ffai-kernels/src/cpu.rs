@@ -98,6 +98,8 @@ impl KvCache {
 pub struct CpuBackend {
     /// Store the KV cache in f32 instead of f16.
     kv_f32: bool,
+    /// Partial attention results (split decode attention), reused across calls.
+    attn_partial: std::sync::Mutex<Vec<f32>>,
     pool: ThreadPool,
     /// Quantized activations, one buffer per activation format, reused by every matmul.
     acts: std::sync::Mutex<[QuantizedActs; 3]>,
@@ -170,6 +172,7 @@ impl CpuBackend {
     pub fn with_options(n_threads: usize, profile: bool, kv_f32: bool) -> CpuBackend {
         CpuBackend {
             kv_f32,
+            attn_partial: Default::default(),
             pool: ThreadPool::new(n_threads),
             acts: Default::default(),
             profile: profile.then(Default::default),
@@ -472,23 +475,43 @@ impl Backend for CpuBackend {
             s.window == 0 || pos0 + n <= s.cap || s.window + n - 1 <= s.cap,
             "ring buffer smaller than window + chunk"
         );
+        let kvh_n = s.n_kv_heads;
+        assert!(group <= 64, "at most 64 query heads per KV head");
+        // Work items are (token, KV head, part): each handles the whole GQA group of
+        // its KV head, so K/V rows are read once per group. When there are too few
+        // (decode: one token), the visible positions are split into parts whose partial
+        // softmax results are merged afterwards (flash-decoding), so every thread works.
+        let nt = self.pool.n_threads();
+        let base_items = n * kvh_n;
+        let parts = if base_items >= 4 * nt {
+            1
+        } else {
+            (4 * nt).div_ceil(base_items).min(max_visible.div_ceil(64)).max(1)
+        };
+        let items = base_items * parts;
+        let mut partial = self.attn_partial.lock().unwrap_or_else(|e| e.into_inner());
+        if parts > 1 && partial.len() < items * group * (hd + 2) {
+            partial.resize(items * group * (hd + 2), 0.0);
+        }
+        let part_ptr = SharedMut(partial.as_mut_ptr());
         let out_ptr = SharedMut(out.as_mut_ptr());
-        // One work item per (token, head); threads claim ranges of them.
-        let items = n * s.n_heads;
         self.pool.for_ranges(items, 1, |r| {
-            with_scratch(max_visible, |scores| {
+            with_scratch(group * max_visible, |scores| {
+                let mut local_stats = [0f32; 128];
                 for item in r.clone() {
-                    let (t, h) = (item / s.n_heads, item % s.n_heads);
-                    let kvh = h / group;
+                    let (tk, part) = (item / parts, item % parts);
+                    let (t, kvh) = (tk / kvh_n, tk % kvh_n);
                     let n_ctx = pos0 + t + 1;
                     let first = if s.window > 0 {
                         n_ctx.saturating_sub(s.window)
                     } else {
                         0
                     };
-                    // Positions first..n_ctx live in rows p % cap: one range, or two when
+                    let pr = crate::pool::split_range(n_ctx - first, part, parts, 1);
+                    let (p_lo, p_hi) = (first + pr.start, first + pr.end);
+                    // Positions p_lo..p_hi live in rows p % cap: one range, or two when
                     // the ring wrapped.
-                    let (a, b) = (first % s.cap, first % s.cap + (n_ctx - first));
+                    let (a, b) = (p_lo % s.cap, p_lo % s.cap + (p_hi - p_lo));
                     let rows = if b <= s.cap {
                         [a..b, 0..0]
                     } else {
@@ -499,22 +522,64 @@ impl Backend for CpuBackend {
                         scale: s.scale,
                         softcap: s.softcap,
                     };
-                    let qh = &q[t * q_width + h * hd..t * q_width + (h + 1) * hd];
-                    // SAFETY: each (token, head) output slice is written by exactly one thread.
-                    let o = unsafe { out_ptr.slice(t * q_width + h * hd, hd) };
+                    let q_off = t * q_width + kvh * group * hd;
+                    let qs = &q[q_off..q_off + group * hd];
                     let span = kvh * s.cap * hd..(kvh + 1) * s.cap * hd;
+                    // SAFETY: each item owns its output slice: the group's heads of one
+                    // token (parts == 1), or its own slot of the partial buffer.
+                    let (o, stats) = unsafe {
+                        if parts == 1 {
+                            (out_ptr.slice(q_off, group * hd), &mut local_stats[..2 * group])
+                        } else {
+                            let base = item * group * (hd + 2);
+                            (
+                                part_ptr.slice(base, group * hd),
+                                part_ptr.slice(base + group * hd, 2 * group),
+                            )
+                        }
+                    };
+                    if p_hi == p_lo {
+                        o.fill(0.0);
+                        for g in 0..group {
+                            stats[2 * g] = f32::NEG_INFINITY;
+                            stats[2 * g + 1] = 0.0;
+                        }
+                        continue;
+                    }
                     match (k, v) {
                         (KvCache::F16(k), KvCache::F16(v)) => {
-                            ops::attend_head(qh, &k[span.clone()], &v[span], hd, &head, scores, o)
+                            ops::attend_group(qs, group, &k[span.clone()], &v[span], hd, &head, scores, o, stats)
                         }
                         (KvCache::F32(k), KvCache::F32(v)) => {
-                            ops::attend_head(qh, &k[span.clone()], &v[span], hd, &head, scores, o)
+                            ops::attend_group(qs, group, &k[span.clone()], &v[span], hd, &head, scores, o, stats)
                         }
                         _ => panic!("K and V caches of different precision"),
+                    }
+                    if parts == 1 {
+                        for g in 0..group {
+                            let inv = 1.0 / stats[2 * g + 1];
+                            o[g * hd..(g + 1) * hd].iter_mut().for_each(|x| *x *= inv);
+                        }
                     }
                 }
             });
         });
+        if parts > 1 {
+            let stride = group * (hd + 2);
+            for tk in 0..base_items {
+                let (t, kvh) = (tk / kvh_n, tk % kvh_n);
+                for g in 0..group {
+                    let slots = (0..parts).map(|p| {
+                        let base = (tk * parts + p) * stride;
+                        let o = &partial[base + g * hd..base + (g + 1) * hd];
+                        let st = base + group * hd + 2 * g;
+                        (o, partial[st], partial[st + 1])
+                    });
+                    let off = t * q_width + (kvh * group + g) * hd;
+                    ops::merge_partials(slots, &mut out[off..off + hd]);
+                }
+            }
+        }
     }
 
     fn argmax(&self, buf: &Vec<f32>, range: Range<usize>) -> u32 {

@@ -271,7 +271,7 @@ impl KvElem for f32 {
 #[cfg(target_arch = "x86_64")]
 #[inline]
 pub fn avx2_available() -> bool {
-    crate::quant::q8_backend_name() == "avx2" && is_x86_feature_detected!("fma")
+    crate::quant::q8::avx2_allowed()
 }
 
 fn attend_head_portable<T: KvElem>(
@@ -379,6 +379,175 @@ unsafe fn attend_head_avx2<T: KvElem>(
                     c += 8;
                 }
             }
+        }
+    }
+}
+
+/// Partial attention of a whole GQA group (the `group` query heads that share one KV
+/// head) over some cache rows: K and V rows are loaded once for all heads of the group.
+///
+/// For each head g (query `qs[g*hd..]`): scores `s_r = scale * q·k_r` (soft-capped when
+/// asked), `m_g = max s`, weights `e_r = exp(s_r - m_g)`, `l_g = sum e`, and the
+/// *unnormalised* `out_g = sum e_r v_r`; `stats[2g] = m_g`, `stats[2g+1] = l_g`. Parts
+/// over disjoint row sets merge exactly with `merge_partials`. `scores` is scratch of at
+/// least `group * rows`.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_group<T: KvElem>(
+    qs: &[f32],
+    group: usize,
+    k: &[T],
+    v: &[T],
+    hd: usize,
+    a: &HeadAttn,
+    scores: &mut [f32],
+    out: &mut [f32],
+    stats: &mut [f32],
+) {
+    let n = a.len();
+    let end = a.rows.iter().map(|r| r.end).max().unwrap_or(0);
+    assert!(group >= 1 && qs.len() >= group * hd && out.len() >= group * hd && stats.len() >= 2 * group);
+    assert!(scores.len() >= group * n && k.len() >= end * hd && v.len() >= end * hd);
+    #[cfg(target_arch = "x86_64")]
+    if hd.is_multiple_of(8) && group <= 8 && avx2_available() && (!T::NEEDS_F16C || is_x86_feature_detected!("f16c")) {
+        // SAFETY: AVX2/FMA (and F16C when needed) are present; the slice lengths the
+        // kernel indexes were asserted above.
+        unsafe { group_scores_avx2(qs, group, k, hd, a, scores) };
+    } else {
+        group_scores_portable(qs, group, k, hd, a, scores);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    group_scores_portable(qs, group, k, hd, a, scores);
+    for g in 0..group {
+        let s = &mut scores[g * n..(g + 1) * n];
+        if a.softcap > 0.0 {
+            let inv = 1.0 / a.softcap;
+            for x in s.iter_mut() {
+                *x = a.softcap * (*x * inv).tanh();
+            }
+        }
+        let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for x in s.iter_mut() {
+            *x = exp_nonpos(*x - m);
+        }
+        stats[2 * g] = m;
+        stats[2 * g + 1] = sum_f32(s);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if hd.is_multiple_of(8) && group <= 8 && avx2_available() && (!T::NEEDS_F16C || is_x86_feature_detected!("f16c")) {
+        // SAFETY: as above.
+        unsafe { group_values_avx2(group, v, hd, a, scores, out) };
+        return;
+    }
+    group_values_portable(group, v, hd, a, scores, out);
+}
+
+fn group_scores_portable<T: KvElem>(qs: &[f32], group: usize, k: &[T], hd: usize, a: &HeadAttn, scores: &mut [f32]) {
+    let n = a.len();
+    for (j, r) in a.rows.iter().flat_map(|r| r.clone()).enumerate() {
+        let row = &k[r * hd..(r + 1) * hd];
+        for g in 0..group {
+            let q = &qs[g * hd..(g + 1) * hd];
+            scores[g * n + j] = q.iter().zip(row).map(|(x, y)| x * y.to_f32()).sum::<f32>() * a.scale;
+        }
+    }
+}
+
+fn group_values_portable<T: KvElem>(group: usize, v: &[T], hd: usize, a: &HeadAttn, w: &[f32], out: &mut [f32]) {
+    let n = a.len();
+    out[..group * hd].fill(0.0);
+    for (j, r) in a.rows.iter().flat_map(|r| r.clone()).enumerate() {
+        let row = &v[r * hd..(r + 1) * hd];
+        for g in 0..group {
+            let wg = w[g * n + j];
+            for (o, x) in out[g * hd..(g + 1) * hd].iter_mut().zip(row) {
+                *o += wg * x.to_f32();
+            }
+        }
+    }
+}
+
+/// Scores for every head of the group: each K row chunk is loaded once and used by all
+/// heads (independent FMA chains, one per head).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn group_scores_avx2<T: KvElem>(qs: &[f32], group: usize, k: &[T], hd: usize, a: &HeadAttn, scores: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = a.len();
+    // SAFETY (whole body): row indices are below the largest range end and chunk offsets
+    // below hd, which `attend_group` checked against the slice lengths; group <= 8.
+    unsafe {
+        let (qp, kp) = (qs.as_ptr(), k.as_ptr());
+        let mut j = 0;
+        for seg in &a.rows {
+            for r in seg.clone() {
+                let kr = kp.add(r * hd);
+                let mut acc = [_mm256_setzero_ps(); 8];
+                let mut c = 0;
+                while c < hd {
+                    let kv = T::load8(kr.add(c));
+                    for (g, ag) in acc.iter_mut().enumerate().take(group) {
+                        *ag = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(g * hd + c)), kv, *ag);
+                    }
+                    c += 8;
+                }
+                for (g, ag) in acc.iter().enumerate().take(group) {
+                    let s = _mm_add_ps(_mm256_castps256_ps128(*ag), _mm256_extractf128_ps(*ag, 1));
+                    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                    let s = _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+                    scores[g * n + j] = s * a.scale;
+                }
+                j += 1;
+            }
+        }
+    }
+}
+
+/// Weighted sum of V rows for every head of the group: each V chunk is loaded once.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn group_values_avx2<T: KvElem>(group: usize, v: &[T], hd: usize, a: &HeadAttn, w: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = a.len();
+    // SAFETY (whole body): as in `group_scores_avx2`; `out` holds group * hd floats.
+    unsafe {
+        let (vp, op) = (v.as_ptr(), out.as_mut_ptr());
+        for i in (0..group * hd).step_by(8) {
+            _mm256_storeu_ps(op.add(i), _mm256_setzero_ps());
+        }
+        let mut j = 0;
+        for seg in &a.rows {
+            for r in seg.clone() {
+                let vr = vp.add(r * hd);
+                let mut wg = [_mm256_setzero_ps(); 8];
+                for (g, x) in wg.iter_mut().enumerate().take(group) {
+                    *x = _mm256_set1_ps(w[g * n + j]);
+                }
+                let mut c = 0;
+                while c < hd {
+                    let vv = T::load8(vr.add(c));
+                    for (g, x) in wg.iter().enumerate().take(group) {
+                        let o = op.add(g * hd + c);
+                        _mm256_storeu_ps(o, _mm256_fmadd_ps(*x, vv, _mm256_loadu_ps(o)));
+                    }
+                    c += 8;
+                }
+                j += 1;
+            }
+        }
+    }
+}
+
+/// Combines partial results of one head over disjoint row sets (flash-decoding):
+/// `parts` yields (unnormalised out, m, l); writes the normalised attention output.
+pub fn merge_partials<'a>(parts: impl Iterator<Item = (&'a [f32], f32, f32)> + Clone, out: &mut [f32]) {
+    let m = parts.clone().map(|p| p.1).fold(f32::NEG_INFINITY, f32::max);
+    let l: f32 = parts.clone().map(|p| p.2 * (p.1 - m).exp()).sum();
+    let inv = 1.0 / l;
+    out.fill(0.0);
+    for (o_part, mp, _) in parts {
+        let f = (mp - m).exp() * inv;
+        for (o, &x) in out.iter_mut().zip(o_part) {
+            *o += f * x;
         }
     }
 }

@@ -236,15 +236,18 @@ fn attention_oracle(
 #[test]
 fn attention_prefill_decode_gqa_windows_rings_and_softcap_match_oracle() {
     let mut r = Rng(4);
-    let (heads, kv_heads, hd, total) = (6, 2, 16, 31);
+    // 150 positions: decode steps late in the sequence split their positions into parts
+    // whose partial softmax results are merged.
+    let (heads, kv_heads, hd, total) = (6, 2, 16, 150);
     // (window, cap, softcap): full causal; a window over a full-length cache; a window
     // in a ring buffer of window + chunk - 1 rows (so it wraps several times); soft-capping.
     let cases = [
-        (0, 40, 0.0),
-        (5, 40, 0.0),
+        (0, 160, 0.0),
+        (5, 160, 0.0),
         (5, 5 + 6 - 1, 0.0),
-        (0, 40, 0.5),
+        (0, 160, 0.5),
         (7, 12, 0.5),
+        (100, 106, 0.0),
     ];
     // Both the AVX2 build of the kernel and the portable one (the flag is global; the
     // other tests in this binary are valid on either path).
@@ -283,8 +286,8 @@ fn attention_prefill_decode_gqa_windows_rings_and_softcap_match_oracle() {
                 // Causal prefill chunks of 6 tokens, then decode one token at a time.
                 let (qw, kw) = (heads * hd, kv_heads * hd);
                 let mut got = vec![0f32; total * qw];
-                let mut steps: Vec<(usize, usize)> = (0..4).map(|c| (c * 6, 6)).collect();
-                steps.extend((24..total).map(|p| (p, 1)));
+                let mut steps: Vec<(usize, usize)> = (0..20).map(|c| (c * 6, 6)).collect();
+                steps.extend((120..total).map(|p| (p, 1)));
                 for (p0, n) in steps {
                     b.kv_write(&mut kc, &k_all[p0 * kw..(p0 + n) * kw].to_vec(), n, p0, &shape);
                     b.kv_write(&mut vc, &v_all[p0 * kw..(p0 + n) * kw].to_vec(), n, p0, &shape);

@@ -1,6 +1,6 @@
 //! Tests of the integer-dot path (`quant::q8`): quantized activations and
-//! `dot_row_q8` / `dot_row_q8_multi` for every quantized weight type, on both the
-//! AVX2 and the portable implementation.
+//! `dot_row_q8` / `dot_row_q8_multi` / `dot_rows_q8` for every quantized weight type,
+//! on every implementation this CPU has (portable, AVX2, AVX-VNNI, AVX-512 VNNI).
 //!
 //! Tolerances (all relative to a magnitude `mag`, the sum of the absolute values of
 //! every product term the dot adds up, min terms counted separately):
@@ -11,12 +11,14 @@
 //! * vs the *unquantized* activations: additionally `Σ_i |w_i| · amax_b(i) / 254`,
 //!   the worst case of the activation rounding (each `x_i` is off by at most half a
 //!   step `d_b / 2 = amax_b / 254`, about 0.4 % of its block's largest magnitude).
-//! * AVX2 vs portable: identical activation bytes; dots within `1e-5 · mag` (they
-//!   sum the same exact integers in a different `f32` order).
+//! * AVX2 / VNNI vs portable: identical activation bytes; dots within `1e-5 · mag`
+//!   (they sum the same exact integers in a different `f32` order).
+//! * VNNI vs AVX2: bit-identical (same integers in the same lanes, same `f32` code).
 //! * multi-token vs single-token: bit-identical.
 
 use std::sync::{Mutex, MutexGuard};
 
+use ffai_kernels::quant::q8::{avx2_allowed, force_q8_level, Q8Level};
 use ffai_kernels::quant::{
     dequantize_row, dot_row, dot_row_q8, dot_row_q8_multi, dot_rows_q8, force_portable, has_q8_path, q8_backend_name,
     quantize_row, ActFormat, QuantizedActs, WeightType,
@@ -55,15 +57,51 @@ fn avx2_here() -> bool {
     }
 }
 
-/// Runs `f` with the default (fastest) implementation, then the portable one,
-/// checking which one is active.
-fn both_paths(mut f: impl FnMut(&'static str)) {
+/// The backend name each forcing level must give on this CPU.
+fn expected_name(level: Q8Level) -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx512 = is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni");
+        let avxvnni = is_x86_feature_detected!("avxvnni");
+        if level >= Q8Level::Avx512Vnni && avx2_here() && avx512 {
+            return "avx512vnni";
+        }
+        if level >= Q8Level::AvxVnni && avx2_here() && avxvnni {
+            return "avxvnni";
+        }
+        if level >= Q8Level::Avx2 && avx2_here() {
+            return "avx2";
+        }
+    }
+    let _ = level;
+    "portable"
+}
+
+/// Every distinct implementation this CPU runs, as (forcing level, name), lowest first.
+fn paths_here() -> Vec<(Q8Level, &'static str)> {
+    let mut v: Vec<(Q8Level, &'static str)> = Vec::new();
+    for level in [Q8Level::Portable, Q8Level::Avx2, Q8Level::AvxVnni, Q8Level::Avx512Vnni] {
+        let name = expected_name(level);
+        if v.last().is_none_or(|&(_, n)| n != name) {
+            v.push((level, name));
+        }
+    }
+    v
+}
+
+/// Runs `f` with the default (fastest) implementation, then every other one this CPU
+/// has, checking which one is active.
+fn every_path(mut f: impl FnMut(&'static str)) {
     let _g = lock();
-    for portable in [false, true] {
-        force_portable(portable);
+    let mut levels = vec![(Q8Level::Best, expected_name(Q8Level::Best))];
+    levels.extend(paths_here().into_iter().rev().skip(1));
+    for (level, want) in levels {
+        force_q8_level(level);
         let name = q8_backend_name();
-        let want = if portable || !avx2_here() { "portable" } else { "avx2" };
-        assert_eq!(name, want, "force_portable({portable})");
+        assert_eq!(name, want, "force_q8_level({level:?})");
         f(name);
     }
     force_portable(false);
@@ -305,22 +343,38 @@ fn blocks_for(ty: WeightType) -> &'static [usize] {
 // -------------------------------------------------------------------- tests
 
 #[test]
-fn backend_is_avx2_on_this_machine_unless_forced() {
+fn backend_is_vnni_on_this_machine_unless_forced() {
     let _g = lock();
     force_portable(false);
     let name = q8_backend_name();
-    println!("q8 backend: {name}");
-    if avx2_here() {
-        assert_eq!(name, "avx2");
-    } else {
-        assert_eq!(name, "portable");
-    }
+    println!("q8 backend: {name}; paths here: {:?}", paths_here());
+    assert_eq!(name, expected_name(Q8Level::Best));
+    assert_eq!(avx2_allowed(), avx2_here());
     force_portable(true);
     assert_eq!(q8_backend_name(), "portable");
+    assert!(!avx2_allowed());
+    force_q8_level(Q8Level::Avx2);
+    assert_eq!(q8_backend_name(), if avx2_here() { "avx2" } else { "portable" });
+    assert_eq!(avx2_allowed(), avx2_here());
+    for level in [Q8Level::AvxVnni, Q8Level::Avx512Vnni, Q8Level::Best] {
+        force_q8_level(level);
+        assert_eq!(q8_backend_name(), expected_name(level), "{level:?}");
+        assert_eq!(avx2_allowed(), avx2_here());
+    }
+    force_q8_level(Q8Level::Portable);
+    assert_eq!(q8_backend_name(), "portable");
     force_portable(false);
-    // This test runs on an AVX2 machine: make sure the fast path is really exercised.
+    assert_eq!(q8_backend_name(), name);
+    // This test runs on an AVX-512 VNNI machine (AMD Zen 5): make sure the fastest
+    // path is really exercised.
     #[cfg(target_arch = "x86_64")]
-    assert!(avx2_here(), "expected an AVX2 + FMA + F16C CPU");
+    {
+        assert!(avx2_here(), "expected an AVX2 + FMA + F16C CPU");
+        assert!(
+            name == "avx512vnni" || name == "avxvnni",
+            "expected a VNNI CPU, got {name}"
+        );
+    }
 }
 
 #[test]
@@ -335,7 +389,7 @@ fn has_q8_path_for_quantized_types_only() {
 /// original activations (activation-rounding bound), every type, both paths.
 #[test]
 fn dot_matches_oracles() {
-    both_paths(|path| {
+    every_path(|path| {
         let mut rng = Rng(11);
         for ty in QUANTIZED {
             for &nb in blocks_for(ty) {
@@ -388,53 +442,97 @@ fn oracle_tolerance_catches_a_single_level_error() {
     }
 }
 
-/// Both implementations quantize to identical bytes and agree on the dots.
+/// Every implementation quantizes to identical bytes; each agrees with the portable
+/// dots within the tolerance, and the VNNI ones are bit-identical to AVX2 (single,
+/// multi-token and multi-row forms).
 #[test]
-fn avx2_and_portable_agree() {
+fn all_paths_agree() {
     let _g = lock();
+    let paths = paths_here();
+    println!("paths: {paths:?}");
     let mut rng = Rng(13);
     for ty in QUANTIZED {
         for &nb in blocks_for(ty) {
             let cols = nb * ty.block_len();
             for _ in 0..4 {
-                let n = 3;
+                let n = 11;
                 let x = random_acts(&mut rng, n * cols);
-                let rows: Vec<Vec<u8>> = (0..4).map(|_| random_row(&mut rng, ty, cols)).collect();
+                let nrows = 4;
+                let rows: Vec<Vec<u8>> = (0..nrows).map(|_| random_row(&mut rng, ty, cols)).collect();
+                let flat: Vec<u8> = rows.concat();
+                // Per path: activations, single dots, multi dots, dot_rows (all [row][token]).
                 let mut res = Vec::new();
-                for portable in [false, true] {
-                    force_portable(portable);
+                for &(level, name) in &paths {
+                    force_q8_level(level);
+                    assert_eq!(q8_backend_name(), name);
                     let mut acts = QuantizedActs::new();
                     acts.quantize(ty, &x, n, cols);
-                    let dots: Vec<f32> = rows
+                    let single: Vec<f32> = rows
                         .iter()
                         .flat_map(|r| (0..n).map(|t| dot_row_q8(ty, r, &acts, t)).collect::<Vec<_>>())
                         .collect();
-                    res.push((acts, dots));
+                    let mut multi = vec![0.0f32; nrows * n];
+                    for (r, row) in rows.iter().enumerate() {
+                        dot_row_q8_multi(ty, row, &acts, 0..n, &mut multi[r * n..(r + 1) * n]);
+                    }
+                    let mut by_rows = vec![0.0f32; nrows * n];
+                    for t in 0..n {
+                        let mut o = vec![0.0f32; nrows];
+                        dot_rows_q8(ty, &flat, &acts, t, &mut o);
+                        for r in 0..nrows {
+                            by_rows[r * n + t] = o[r];
+                        }
+                    }
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&single), bits(&multi), "{name} {ty}: multi vs single");
+                    assert_eq!(bits(&single), bits(&by_rows), "{name} {ty}: rows vs single");
+                    res.push((name, acts, single));
                 }
                 force_portable(false);
-                let ((a, da), (b, db)) = (&res[0], &res[1]);
-                for t in 0..n {
-                    assert_eq!(a.token_quants(t), b.token_quants(t), "{ty} quants differ");
-                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(a.token_scales(t)), bits(b.token_scales(t)), "{ty} scales differ");
-                    assert_eq!(
-                        bits(a.token_block_sums(t)),
-                        bits(b.token_block_sums(t)),
-                        "{ty} block sums differ"
-                    );
-                    assert_eq!(a.token_sums16(t), b.token_sums16(t), "{ty} sums of 16 differ");
-                    assert_eq!(a.token_block_qsums(t), b.token_block_qsums(t), "{ty} Σq differ");
-                }
-                for (r, row) in rows.iter().enumerate() {
-                    let mut w = vec![0.0f32; cols];
-                    dequantize_row(ty, row, &mut w);
+                let (pname, a, dp) = &res[0];
+                assert_eq!(*pname, "portable");
+                for (name, b, db) in &res[1..] {
                     for t in 0..n {
-                        let mag = magnitude(ty, row, &w, &dequant_acts(a, t));
-                        let (x1, x2) = (da[r * n + t] as f64, db[r * n + t] as f64);
-                        assert!(
-                            (x1 - x2).abs() <= 1e-5 * mag + 1e-30,
-                            "{ty} cols={cols} row {r} t {t}: avx2 {x1:e} vs portable {x2:e} (mag {mag:e})"
+                        assert_eq!(a.token_quants(t), b.token_quants(t), "{name} {ty} quants differ");
+                        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(
+                            bits(a.token_scales(t)),
+                            bits(b.token_scales(t)),
+                            "{name} {ty} scales differ"
                         );
+                        assert_eq!(
+                            bits(a.token_block_sums(t)),
+                            bits(b.token_block_sums(t)),
+                            "{name} {ty} block sums differ"
+                        );
+                        assert_eq!(a.token_sums16(t), b.token_sums16(t), "{name} {ty} sums of 16 differ");
+                        assert_eq!(a.token_block_qsums(t), b.token_block_qsums(t), "{name} {ty} Σq differ");
+                    }
+                    for (r, row) in rows.iter().enumerate() {
+                        let mut w = vec![0.0f32; cols];
+                        dequantize_row(ty, row, &mut w);
+                        for t in 0..n {
+                            let mag = magnitude(ty, row, &w, &dequant_acts(a, t));
+                            let (x1, x2) = (db[r * n + t] as f64, dp[r * n + t] as f64);
+                            assert!(
+                                (x1 - x2).abs() <= 1e-5 * mag + 1e-30,
+                                "{ty} cols={cols} row {r} t {t}: {name} {x1:e} vs portable {x2:e} (mag {mag:e})"
+                            );
+                        }
+                    }
+                }
+                // The VNNI paths against AVX2: bit-identical.
+                if let Some((_, _, d2)) = res.iter().find(|(n, _, _)| *n == "avx2") {
+                    for (name, _, dv) in res.iter().filter(|(n, _, _)| n.contains("vnni")) {
+                        for (k, (p, q)) in d2.iter().zip(dv).enumerate() {
+                            assert_eq!(
+                                p.to_bits(),
+                                q.to_bits(),
+                                "{ty} cols={cols} row {} t {}: avx2 {p:e} vs {name} {q:e}",
+                                k / n,
+                                k % n
+                            );
+                        }
                     }
                 }
             }
@@ -447,7 +545,7 @@ fn avx2_and_portable_agree() {
 /// offsets, odd block counts, both paths.
 #[test]
 fn multi_equals_single_bit_exactly() {
-    both_paths(|path| {
+    every_path(|path| {
         let mut rng = Rng(14);
         for ty in WeightType::ALL {
             let nbs: &[usize] = if ty.block_len() == 1 {
@@ -501,7 +599,7 @@ fn multi_equals_single_bit_exactly() {
 /// dot_rows_q8 over a block of rows is bit-identical to dot_row_q8 row by row.
 #[test]
 fn rows_equal_single_rows_bit_exactly() {
-    both_paths(|path| {
+    every_path(|path| {
         let mut rng = Rng(20);
         for ty in WeightType::ALL {
             let cols = if ty.is_quantized() { 3 * ty.block_len() } else { 45 };
@@ -540,7 +638,7 @@ fn rows_equal_single_rows_bit_exactly() {
 /// Float weight types go through dot_row on the stored f32 copy, bit-exactly.
 #[test]
 fn float_types_use_dot_row() {
-    both_paths(|_| {
+    every_path(|_| {
         let mut rng = Rng(15);
         for ty in [WeightType::F32, WeightType::F16, WeightType::BF16] {
             let cols = 77;
@@ -565,7 +663,7 @@ fn float_types_use_dot_row() {
 /// threads, give exactly what quantize gives.
 #[test]
 fn quantize_rows_and_writer_match_quantize() {
-    both_paths(|path| {
+    every_path(|path| {
         let mut rng = Rng(16);
         for ty in [WeightType::Q4_0, WeightType::Q4_1, WeightType::Q6K, WeightType::F16] {
             let cols = 2 * ty.block_len().max(32);
@@ -659,7 +757,7 @@ fn buffers_are_reused() {
 /// All-zero activations: scale 0, dot exactly 0 (never NaN), both paths.
 #[test]
 fn zero_activations_give_zero() {
-    both_paths(|path| {
+    every_path(|path| {
         let mut rng = Rng(18);
         for ty in QUANTIZED {
             let cols = 3 * ty.block_len();
@@ -688,7 +786,7 @@ fn zero_activations_give_zero() {
 /// non-finite activations give NaN on both paths.
 #[test]
 fn extreme_magnitudes() {
-    both_paths(|path| {
+    every_path(|path| {
         let mut rng = Rng(19);
         for ty in QUANTIZED {
             let cols = 4 * ty.block_len();
@@ -731,7 +829,7 @@ fn extreme_magnitudes() {
 /// `i16` saturation in the SIMD code would show.
 #[test]
 fn saturating_extremes_are_exact() {
-    both_paths(|path| {
+    every_path(|path| {
         for ty in QUANTIZED {
             let cols = 2 * ty.block_len();
             for fill in [0x00u8, 0xFF, 0x80, 0x7F] {
@@ -764,7 +862,7 @@ fn quantization_rounds_half_to_even() {
         127.0f32, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5, 3.49, -3.51, 0.0, -0.0, 64.0,
     ];
     let want = [127i8, 0, 2, 2, 0, -2, -2, 126, -126, 3, -4, 0, 0, 64];
-    both_paths(|path| {
+    every_path(|path| {
         for ty in [WeightType::Q8_0, WeightType::Q4_1, WeightType::Q4K] {
             let cols = ty.block_len();
             let mut x = vec![0.0f32; cols];

@@ -4,13 +4,15 @@
 //! several). Not a test: run with
 //! `cargo test -p ffai-kernels --release --test q8_bench -- --ignored --nocapture`
 //! (optionally `Q8_BENCH_MS=400` for longer timings, `Q8_BENCH_ONLY=Q4_0,Q6_K` to
-//! pick types, `Q8_BENCH_BIG=1` to add a 178 MB LM head). Numbers are noisy when the
+//! pick types, `Q8_BENCH_BIG=1` to add a 178 MB LM head, `Q8_BENCH_PATHS=avx512vnni,avx2`
+//! to pick implementations; default: every one this CPU has, fastest first). Numbers are noisy when the
 //! machine is busy; the load average is printed first.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use ffai_kernels::ops;
+use ffai_kernels::quant::q8::{force_q8_level, Q8Level};
 use ffai_kernels::quant::{
     dequantize_row, dot_row, dot_row_q8, dot_row_q8_multi, dot_rows_q8, force_portable, q8_backend_name, quantize_row,
     QuantizedActs, WeightType,
@@ -194,14 +196,28 @@ const SHAPES: &[(WeightType, usize, usize)] = &[
 #[ignore]
 fn bench_q8_matvec() {
     println!("load average: {}", load_average());
-    for portable in [false, true] {
-        force_portable(portable);
+    // Every distinct implementation here, fastest first.
+    let mut paths: Vec<(Q8Level, &'static str)> = Vec::new();
+    for level in [Q8Level::Best, Q8Level::AvxVnni, Q8Level::Avx2, Q8Level::Portable] {
+        force_q8_level(level);
+        let name = q8_backend_name();
+        if !paths.iter().any(|&(_, n)| n == name) {
+            paths.push((level, name));
+        }
+    }
+    let only = std::env::var("Q8_BENCH_PATHS").ok();
+    for (level, name) in paths {
+        if only.as_ref().is_some_and(|o| !o.split(',').any(|p| p == name)) {
+            continue;
+        }
+        force_q8_level(level);
+        let portable = name == "portable";
         println!("\n=== q8 backend: {} ===", q8_backend_name());
         let toks: &[usize] = if portable { &[1, 8] } else { &[1, 4, 8, 16] };
         for &(ty, rows, cols) in SHAPES {
             bench_matrix(ty, rows, cols, toks);
         }
-        if !portable && std::env::var("Q8_BENCH_BIG").is_ok() {
+        if level == Q8Level::Best && std::env::var("Q8_BENCH_BIG").is_ok() {
             // gemma-3-270m's LM head: 178 MB of Q8_0, far beyond the caches.
             bench_matrix(WeightType::Q8_0, 262144, 640, &[1]);
         }

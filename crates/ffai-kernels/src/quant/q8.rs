@@ -35,11 +35,19 @@
 //!
 //! # Implementations
 //!
-//! Two implementations exist: `"avx2"` (x86-64 with AVX2, FMA and F16C, detected at
-//! run time) and `"portable"` (plain Rust, used elsewhere or when
-//! [`force_portable`]`(true)`). Both quantize activations to **identical bytes** and
-//! compute **identical integer dot products** per block (sub-block for the
-//! K-quants); they differ only in how the per-block `f32` terms are combined. The
+//! Four implementations exist, chosen at run time (the fastest the CPU has, capped by
+//! [`force_q8_level`]; [`q8_backend_name`] says which runs):
+//! * `"avx512vnni"`: x86-64 with AVX-512 F/BW/VL/VNNI (plus AVX2, FMA, F16C): the
+//!   AVX2 kernels with `vpdpbusd` / `vpdpwssd` (EVEX, 256-bit vectors);
+//! * `"avxvnni"`: the same kernels in the VEX AVX-VNNI encoding;
+//! * `"avx2"`: x86-64 with AVX2, FMA and F16C (`vpmaddubsw` / `vpmaddwd`);
+//! * `"portable"`: plain Rust, used elsewhere or when [`force_portable`]`(true)`.
+//!
+//! All quantize activations to **identical bytes** (the x86 levels share the AVX2
+//! quantizer) and compute **identical integer dot products** per block (sub-block
+//! for the K-quants). The VNNI kernels produce the AVX2 kernels' per-lane integer
+//! sums and share their `f32` code, so their results are bit-identical to AVX2. The
+//! x86 paths and the portable one differ only in how the per-block `f32` terms are combined. The
 //! portable path adds `(d_w · d_x) · isum` block by block, sequentially. The AVX2 path
 //! keeps 8 lanes per token: for the 32-element formats lane `k` accumulates blocks
 //! `k, k + 8, …` (one FMA per 8 blocks), for the K-quants each lane holds a partial
@@ -69,6 +77,8 @@ use super::{dot_row, WeightType, QK, QK_K};
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 mod portable;
+#[cfg(target_arch = "x86_64")]
+mod vnni;
 
 /// Sums of `q` kept per Q8_K super-block (one per 16 elements).
 const KSUMS: usize = QK_K / 16;
@@ -116,19 +126,65 @@ pub fn has_q8_path(ty: WeightType) -> bool {
 
 /// Which implementation runs: `UNKNOWN` until the first call detects the CPU.
 static ACTIVE: AtomicU8 = AtomicU8::new(UNKNOWN);
-/// Set by [`force_portable`].
-static FORCE_PORTABLE: AtomicBool = AtomicBool::new(false);
+/// The highest implementation allowed, set by [`force_q8_level`] (a `Q8Level` as `u8`).
+static CAP: AtomicU8 = AtomicU8::new(Q8Level::Best as u8);
 const UNKNOWN: u8 = 0;
 const PORTABLE: u8 = 1;
 #[cfg(target_arch = "x86_64")]
 const AVX2: u8 = 2;
+#[cfg(target_arch = "x86_64")]
+const AVXVNNI: u8 = 3;
+#[cfg(target_arch = "x86_64")]
+const AVX512VNNI: u8 = 4;
+
+/// The most capable implementation [`force_q8_level`] allows. Each level falls back to
+/// the next lower one the CPU supports: `Avx512Vnni` → `AvxVnni` → `Avx2` → `Portable`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(u8)]
+pub enum Q8Level {
+    /// Plain Rust ([`q8_backend_name`] `"portable"`).
+    Portable = 1,
+    /// AVX2 + FMA + F16C (`"avx2"`).
+    Avx2 = 2,
+    /// AVX-VNNI on 256-bit vectors (`"avxvnni"`).
+    AvxVnni = 3,
+    /// AVX-512 VNNI + VL on 256-bit vectors (`"avx512vnni"`).
+    Avx512Vnni = 4,
+    /// Whatever is fastest on this CPU (the default).
+    Best = 255,
+}
+
+/// Makes every following call use at most implementation `level` (the best the CPU
+/// supports at or below it). Global; meant for tests and benchmarks (calls already
+/// running on other threads finish on the implementation they chose).
+pub fn force_q8_level(level: Q8Level) {
+    CAP.store(level as u8, Ordering::SeqCst);
+    ACTIVE.store(UNKNOWN, Ordering::SeqCst);
+}
 
 /// Makes every following call use the portable implementation (`true`) or the
-/// fastest one the CPU supports (`false`, the default). Global; meant for tests
-/// (calls already running on other threads finish on the implementation they chose).
+/// fastest one the CPU supports (`false`, the default): `force_q8_level(Portable)` /
+/// `force_q8_level(Best)`.
 pub fn force_portable(on: bool) {
-    FORCE_PORTABLE.store(on, Ordering::SeqCst);
-    ACTIVE.store(if on { PORTABLE } else { UNKNOWN }, Ordering::SeqCst);
+    force_q8_level(if on { Q8Level::Portable } else { Q8Level::Best });
+}
+
+/// The best implementation this CPU supports, at most `cap`.
+fn detect(cap: u8) -> u8 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if cap >= AVX512VNNI && vnni::avx512::detected() {
+            return AVX512VNNI;
+        }
+        if cap >= AVXVNNI && vnni::avx::detected() {
+            return AVXVNNI;
+        }
+        if cap >= AVX2 && avx2::detected() {
+            return AVX2;
+        }
+    }
+    let _ = cap;
+    PORTABLE
 }
 
 /// The implementation to use now (one relaxed load once known).
@@ -136,15 +192,8 @@ pub fn force_portable(on: bool) {
 fn active() -> u8 {
     match ACTIVE.load(Ordering::Relaxed) {
         UNKNOWN => {
-            #[cfg(target_arch = "x86_64")]
-            let a = if !FORCE_PORTABLE.load(Ordering::SeqCst) && avx2::detected() {
-                AVX2
-            } else {
-                PORTABLE
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            let a = PORTABLE;
-            // Only fill in an unknown state: a concurrent `force_portable` wins.
+            let a = detect(CAP.load(Ordering::SeqCst));
+            // Only fill in an unknown state: a concurrent `force_q8_level` wins.
             let _ = ACTIVE.compare_exchange(UNKNOWN, a, Ordering::SeqCst, Ordering::Relaxed);
             a
         }
@@ -152,21 +201,32 @@ fn active() -> u8 {
     }
 }
 
-/// True when the AVX2 kernels may run now (detected and not forced off).
-#[cfg(target_arch = "x86_64")]
-#[inline]
-fn use_avx2() -> bool {
-    active() == AVX2
+/// True when AVX2 kernels may run now: the CPU has AVX2, FMA and F16C and the
+/// level is not forced to [`Q8Level::Portable`]. (True on every VNNI level too, which
+/// implies AVX2.) For other modules' AVX2 kernels that follow the same switch.
+pub fn avx2_allowed() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        active() >= AVX2
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
-/// The implementation calls run on now: `"avx2"` or `"portable"`.
+/// The implementation calls run on now: `"avx512vnni"`, `"avxvnni"`, `"avx2"` or
+/// `"portable"`.
 pub fn q8_backend_name() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    if use_avx2() {
-        return "avx2";
+    match active() {
+        #[cfg(target_arch = "x86_64")]
+        AVX512VNNI => "avx512vnni",
+        #[cfg(target_arch = "x86_64")]
+        AVXVNNI => "avxvnni",
+        #[cfg(target_arch = "x86_64")]
+        AVX2 => "avx2",
+        _ => "portable",
     }
-    let _ = active();
-    "portable"
 }
 
 // ------------------------------------------------------------ activations
@@ -579,8 +639,9 @@ fn k_scales(s: &[u8; 12]) -> (u64, u64) {
 /// is given).
 fn quantize_q8_row(x: &[f32], q: &mut [i8], d: &mut [f32], qsum: &mut [i32], s: Option<&mut [f32]>) {
     #[cfg(target_arch = "x86_64")]
-    if use_avx2() {
-        // SAFETY: the AVX2/FMA/F16C features were detected at run time.
+    if active() >= AVX2 {
+        // SAFETY: the AVX2/FMA/F16C features were detected at run time (every level
+        // from AVX2 up requires them).
         unsafe { avx2::quantize_q8_row(x, q, d, qsum, s) };
         return;
     }
@@ -590,8 +651,9 @@ fn quantize_q8_row(x: &[f32], q: &mut [i8], d: &mut [f32], qsum: &mut [i32], s: 
 /// Quantizes one token row into Q8_K super-blocks.
 fn quantize_q8k_row(x: &[f32], q: &mut [i8], d: &mut [f32], bsums: &mut [i16]) {
     #[cfg(target_arch = "x86_64")]
-    if use_avx2() {
-        // SAFETY: the AVX2/FMA/F16C features were detected at run time.
+    if active() >= AVX2 {
+        // SAFETY: the AVX2/FMA/F16C features were detected at run time (every level
+        // from AVX2 up requires them).
         unsafe { avx2::quantize_q8k_row(x, q, d, bsums) };
         return;
     }
@@ -634,14 +696,9 @@ pub fn dot_row_q8(ty: WeightType, row: &[u8], acts: &QuantizedActs, t: usize) ->
         return dot_row(ty, row, acts.token_f32(t));
     }
     let mut out = [0.0f32];
-    #[cfg(target_arch = "x86_64")]
-    if use_avx2() {
-        // SAFETY: as in `dot_row_q8_multi` (one token, `t`, checked above). The same
-        // one-token kernel runs there, so the results are identical.
-        unsafe { avx2::dot_rows(ty, row, row.len(), acts.view(), t, &mut out) };
-        return out[0];
-    }
-    portable::dot_multi(ty, row, acts.view(), t, &mut out);
+    // The one-token kernel `dot_rows` runs is the one `dot_multi` runs for a single
+    // token, so the results are identical.
+    dot_rows_dispatch(ty, row, row.len(), acts.view(), t, &mut out);
     out[0]
 }
 
@@ -658,15 +715,19 @@ pub fn dot_row_q8_multi(ty: WeightType, row: &[u8], acts: &QuantizedActs, tokens
         return;
     }
     let view = acts.view();
-    #[cfg(target_arch = "x86_64")]
-    if use_avx2() {
-        // SAFETY: the features were detected at run time; `check` verified the row
-        // length against `acts.cols`, the format, and that `tokens` lie inside the
-        // buffers `view` covers, which is what the kernels index.
-        unsafe { avx2::dot_multi(ty, row, view, tokens.start, out) };
-        return;
+    let t0 = tokens.start;
+    match active() {
+        // SAFETY (the x86 arms): the level's features were detected at run time;
+        // `check` verified the row length against `acts.cols`, the format, and that
+        // `tokens` lie inside the buffers `view` covers, which is what the kernels index.
+        #[cfg(target_arch = "x86_64")]
+        AVX512VNNI => unsafe { vnni::avx512::dot_multi(ty, row, view, t0, out) },
+        #[cfg(target_arch = "x86_64")]
+        AVXVNNI => unsafe { vnni::avx::dot_multi(ty, row, view, t0, out) },
+        #[cfg(target_arch = "x86_64")]
+        AVX2 => unsafe { avx2::dot_multi(ty, row, view, t0, out) },
+        _ => portable::dot_multi(ty, row, view, t0, out),
     }
-    portable::dot_multi(ty, row, view, tokens.start, out);
 }
 
 /// `out[i] = dot_row_q8(ty, row i, acts, t)` for `out.len()` consecutive stored rows
@@ -693,15 +754,29 @@ pub fn dot_rows_q8(ty: WeightType, rows: &[u8], acts: &QuantizedActs, t: usize, 
         }
         return;
     }
-    let view = acts.view();
-    #[cfg(target_arch = "x86_64")]
-    if use_avx2() {
-        // SAFETY: the features were detected at run time; every row has the length
-        // `check` verified for the first, the format matches and token `t` exists.
-        unsafe { avx2::dot_rows(ty, rows, rb, view, t, out) };
-        return;
-    }
-    for (o, row) in out.iter_mut().zip(rows.chunks_exact(rb)) {
-        portable::dot_multi(ty, row, view, t, std::slice::from_mut(o));
+    dot_rows_dispatch(ty, rows, rb, acts.view(), t, out);
+}
+
+/// `out[i] = row i · token t` on the active implementation, for `out.len()` rows of
+/// `rb` bytes. The callers have run `check` (format, row length, token `t`) for the
+/// first row; every row has the same length.
+#[inline]
+fn dot_rows_dispatch(ty: WeightType, rows: &[u8], rb: usize, view: View<'_>, t: usize, out: &mut [f32]) {
+    debug_assert_eq!(rows.len(), rb * out.len());
+    match active() {
+        // SAFETY (the x86 arms): the level's features were detected at run time; every
+        // row has the length `check` verified for the first, the format matches and
+        // token `t` exists.
+        #[cfg(target_arch = "x86_64")]
+        AVX512VNNI => unsafe { vnni::avx512::dot_rows(ty, rows, rb, view, t, out) },
+        #[cfg(target_arch = "x86_64")]
+        AVXVNNI => unsafe { vnni::avx::dot_rows(ty, rows, rb, view, t, out) },
+        #[cfg(target_arch = "x86_64")]
+        AVX2 => unsafe { avx2::dot_rows(ty, rows, rb, view, t, out) },
+        _ => {
+            for (o, row) in out.iter_mut().zip(rows.chunks_exact(rb)) {
+                portable::dot_multi(ty, row, view, t, std::slice::from_mut(o));
+            }
+        }
     }
 }

@@ -1,0 +1,645 @@
+//! The VNNI implementation: the AVX2 kernels with `vpdpbusd` (u8 × i8 products of 4
+//! adjacent bytes added into `i32`) for the byte dots and `vpdpwssd` for the
+//! K-quants' sub-block scales, on 256-bit vectors.
+//!
+//! Two builds of the same source (the [`kernels`] macro) exist:
+//! * [`avx512`]: the EVEX forms (`avx512vnni` + `avx512vl`), which may also use
+//!   the 32 vector registers of AVX-512;
+//! * [`avx`]: the VEX forms of AVX-VNNI (`avxvnni`), for CPUs without AVX-512.
+//!
+//! Both also need AVX2, FMA and F16C; activations are quantized by the AVX2 code.
+//!
+//! Every per-lane `i32` sum equals the AVX2 kernel's (the same products grouped into
+//! the same lanes), and the `f32` code after it is the AVX2 kernel's, so the results
+//! are **bit-identical** to the AVX2 path. No intermediate can saturate: `vpdpbusd`
+//! adds four `u8 · i8` products into `i32` without saturation, and every value fed
+//! to `vpdpwssd` as `i16` is a 4-product sum of at most `4 · 63 · 127 = 32004`.
+
+/// Runs `$kern::<$params.., T>` over `$out` in tiles of `TILE` tokens, then the
+/// remaining 1..TILE-1 tokens with a smaller `T`.
+macro_rules! tiles {
+    ($kern:ident [$($p:tt),*], $row:expr, $v:expr, $t0:expr, $out:expr) => {{
+        let mut t = $t0;
+        let mut chunks = $out.chunks_exact_mut(TILE);
+        for o in &mut chunks {
+            $kern::<$($p,)* TILE>($row, $v, t, o);
+            t += TILE;
+        }
+        let rest = chunks.into_remainder();
+        match rest.len() {
+            0 => {}
+            1 => $kern::<$($p,)* 1>($row, $v, t, rest),
+            2 => $kern::<$($p,)* 2>($row, $v, t, rest),
+            3 => $kern::<$($p,)* 3>($row, $v, t, rest),
+            4 => $kern::<$($p,)* 4>($row, $v, t, rest),
+            5 => $kern::<$($p,)* 5>($row, $v, t, rest),
+            6 => $kern::<$($p,)* 6>($row, $v, t, rest),
+            7 => $kern::<$($p,)* 7>($row, $v, t, rest),
+            _ => unreachable!(),
+        }
+    }};
+}
+
+/// One-token kernel `$kern::<$params.., 1>` over every row of `$rows` (`$rb` bytes each).
+macro_rules! each_row {
+    ($out:expr, $rows:expr, $rb:expr, $v:expr, $t:expr, $kern:ident [$($p:tt),*]) => {
+        for (o, row) in $out.iter_mut().zip($rows.chunks_exact($rb)) {
+            $kern::<$($p,)* 1>(row, $v, $t, std::slice::from_mut(o));
+        }
+    };
+}
+
+/// The kernels, compiled for the target features `$feat` with the byte-dot
+/// intrinsic `$dpbusd` and the word-dot intrinsic `$dpwssd`.
+macro_rules! kernels {
+    ($feat:literal, $dpbusd:ident, $dpwssd:ident) => {
+        use std::arch::x86_64::*;
+
+        use crate::quant::q8::{k_scales, View, KSUMS};
+        use crate::quant::{WeightType, QK, QK_K};
+
+        /// Tokens per pass over a weight row.
+        const TILE: usize = 8;
+
+
+        /// Makes the calling kernel realign its stack frame to 32 bytes. Most kernels spill
+        /// some `ymm` registers; without a realigned frame LLVM puts those
+        /// spills in slots that are only 16-byte aligned, and a 32-byte spill that straddles
+        /// a cache line defeats store-to-load forwarding. How often that happened depended
+        /// on the caller's stack depth: the same kernel ran up to 2x slower from some call
+        /// sites. An escaping 32-byte-aligned local forces the realignment (a few
+        /// instructions per call).
+        #[inline(always)]
+        fn align_frame() {
+            let mut pin = std::mem::MaybeUninit::<__m256i>::uninit();
+            std::hint::black_box(pin.as_mut_ptr());
+        }
+
+
+        /// The `f16` at `p` (little-endian), widened exactly.
+        ///
+        /// # Safety
+        /// `p..p + 2` must be readable.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn f16_at(p: *const u8) -> f32 {
+            // SAFETY: the caller guarantees two readable bytes; the read is unaligned-safe.
+            let bits = unsafe { p.cast::<u16>().read_unaligned() };
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+        }
+
+        /// 32 bytes at `p`.
+        ///
+        /// # Safety
+        /// `p..p + 32` must be readable.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn load32<T>(p: *const T) -> __m256i {
+            // SAFETY: guaranteed by the caller; `loadu` has no alignment requirement.
+            unsafe { _mm256_loadu_si256(p.cast()) }
+        }
+
+        /// Sum of the 8 lanes.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        fn hsum_ps(v: __m256) -> f32 {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            _mm_cvtss_f32(s)
+        }
+
+
+        const Q4_0: u8 = 0;
+        const Q4_1: u8 = 1;
+        const Q5_0: u8 = 2;
+        const Q5_1: u8 = 3;
+        const Q8_0: u8 = 4;
+
+        const fn legacy_bytes(k: u8) -> usize {
+            match k {
+                Q4_0 => 18,
+                Q4_1 => 20,
+                Q5_0 => 22,
+                Q5_1 => 24,
+                _ => 34,
+            }
+        }
+
+        const fn has_min(k: u8) -> bool {
+            k == Q4_1 || k == Q5_1
+        }
+
+
+        /// `out[j] = row · token (t0 + j)` for every `j`.
+        ///
+        /// # Safety
+        /// The CPU features must have been detected; `row` must hold `v.nblk` blocks of `ty`,
+        /// `v` must be quantized in `ty`'s activation format and hold tokens
+        /// `t0..t0 + out.len()` (what `q8::check` verifies).
+        pub(in crate::quant::q8) unsafe fn dot_multi(ty: WeightType, row: &[u8], v: View<'_>, t0: usize, out: &mut [f32]) {
+            let v = &v;
+            // SAFETY (every arm): the caller's contract is exactly each kernel's.
+            unsafe {
+                match ty {
+                    WeightType::Q4_0 => tiles!(dot_legacy[Q4_0], row, v, t0, out),
+                    WeightType::Q4_1 => tiles!(dot_legacy[Q4_1], row, v, t0, out),
+                    WeightType::Q5_0 => tiles!(dot_legacy[Q5_0], row, v, t0, out),
+                    WeightType::Q5_1 => tiles!(dot_legacy[Q5_1], row, v, t0, out),
+                    WeightType::Q8_0 => tiles!(dot_legacy[Q8_0], row, v, t0, out),
+                    WeightType::Q4K => tiles!(dot_q45k[false], row, v, t0, out),
+                    WeightType::Q5K => tiles!(dot_q45k[true], row, v, t0, out),
+                    WeightType::Q6K => tiles!(dot_q6k[], row, v, t0, out),
+                    WeightType::F32 | WeightType::F16 | WeightType::BF16 => unreachable!("float types have no q8 path"),
+                }
+            }
+        }
+
+        /// `out[i] = row i · token t` for `out.len()` rows of `rb` bytes stored back to back.
+        ///
+        /// # Safety
+        /// As for [`dot_multi`], for every row (`rows.len() == out.len() · rb`) and the one
+        /// token `t`.
+        pub(in crate::quant::q8) unsafe fn dot_rows(ty: WeightType, rows: &[u8], rb: usize, v: View<'_>, t: usize, out: &mut [f32]) {
+            let v = &v;
+            // SAFETY (every arm): the caller's contract is exactly each kernel's, row by row.
+            unsafe {
+                match ty {
+                    WeightType::Q4_0 => each_row!(out, rows, rb, v, t, dot_legacy[Q4_0]),
+                    WeightType::Q4_1 => each_row!(out, rows, rb, v, t, dot_legacy[Q4_1]),
+                    WeightType::Q5_0 => each_row!(out, rows, rb, v, t, dot_legacy[Q5_0]),
+                    WeightType::Q5_1 => each_row!(out, rows, rb, v, t, dot_legacy[Q5_1]),
+                    WeightType::Q8_0 => each_row!(out, rows, rb, v, t, dot_legacy[Q8_0]),
+                    WeightType::Q4K => each_row!(out, rows, rb, v, t, dot_q45k[false]),
+                    WeightType::Q5K => each_row!(out, rows, rb, v, t, dot_q45k[true]),
+                    WeightType::Q6K => each_row!(out, rows, rb, v, t, dot_q6k[]),
+                    WeightType::F32 | WeightType::F16 | WeightType::BF16 => unreachable!("float types have no q8 path"),
+                }
+            }
+        }
+
+
+        /// 16 nibble bytes at `p` as 32 bytes `0..=15`: the low nibbles (elements 0–15),
+        /// then the high nibbles (elements 16–31).
+        ///
+        /// # Safety
+        /// `p..p + 16` must be readable.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn nibbles(p: *const u8) -> __m256i {
+            // SAFETY: 16 readable bytes (caller); no alignment requirement.
+            let x = _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(p.cast()) });
+            // Shift the upper copy right by 4 (32-bit lanes; the mask drops what crosses bytes).
+            let x = _mm256_srlv_epi32(x, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
+            _mm256_and_si256(x, _mm256_set1_epi8(0x0F))
+        }
+
+        /// Byte `i` = 0xFF when bit `i` of the little-endian `u32` at `p` is set, else 0.
+        ///
+        /// # Safety
+        /// `p..p + 4` must be readable.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn bit_bytes(p: *const u8) -> __m256i {
+            // SAFETY: 4 readable bytes (caller).
+            let qh = unsafe { p.cast::<i32>().read_unaligned() };
+            // Byte i gets a copy of qh's byte i / 8, then keeps only bit i % 8.
+            let spread = _mm256_shuffle_epi8(
+                _mm256_set1_epi32(qh),
+                _mm256_setr_epi64x(0, 0x0101_0101_0101_0101, 0x0202_0202_0202_0202, 0x0303_0303_0303_0303),
+            );
+            let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+            _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit)
+        }
+
+        /// A legacy block's 32 stored levels, *before* any zero point: unsigned `0..=15` /
+        /// `0..=31` for the 4- and 5-bit kinds, signed for Q8_0. Scales are read separately.
+        ///
+        /// # Safety
+        /// One whole block of kind `K` must be readable at `p`.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn levels<const K: u8>(p: *const u8) -> __m256i {
+            // SAFETY (all reads): the offsets are inside the block (layouts in `legacy.rs`).
+            unsafe {
+                match K {
+                    Q4_0 => nibbles(p.add(2)),
+                    Q4_1 => nibbles(p.add(4)),
+                    Q5_0 => _mm256_or_si256(
+                        nibbles(p.add(6)),
+                        _mm256_and_si256(bit_bytes(p.add(2)), _mm256_set1_epi8(0x10)),
+                    ),
+                    Q5_1 => _mm256_or_si256(
+                        nibbles(p.add(8)),
+                        _mm256_and_si256(bit_bytes(p.add(4)), _mm256_set1_epi8(0x10)),
+                    ),
+                    _ => load32(p.add(2)),
+                }
+            }
+        }
+
+        /// The `f16` at `p + k · stride` for each of `N ≤ 8` blocks, widened to `f32`
+        /// (lanes past `N` are 0). The gather runs on the scalar units, which the
+        /// vector-bound loop leaves idle.
+        ///
+        /// # Safety
+        /// The `N` blocks must be readable.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn gather_f16<const N: usize>(p: *const u8, stride: usize) -> __m256 {
+            let mut h = [0u64; 2];
+            for k in 0..N {
+                // SAFETY: block `k < N` is readable (caller).
+                let v = unsafe { p.add(k * stride).cast::<u16>().read_unaligned() };
+                h[k / 4] |= u64::from(v) << (16 * (k % 4));
+            }
+            _mm256_cvtph_ps(_mm_set_epi64x(h[1] as i64, h[0] as i64))
+        }
+
+        /// The adjacent `f16` pair `(d, m)` at `p + k · stride` for each of `N ≤ 8` blocks,
+        /// widened to two `f32` vectors (lanes past `N` are 0): one `u32` load per block.
+        ///
+        /// # Safety
+        /// The `N` blocks must be readable.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn gather_f16_pairs<const N: usize>(p: *const u8, stride: usize) -> (__m256, __m256) {
+            let mut h = [0u64; 4];
+            for k in 0..N {
+                // SAFETY: block `k < N` is readable (caller).
+                let v = unsafe { p.add(k * stride).cast::<u32>().read_unaligned() };
+                h[k / 2] |= u64::from(v) << (32 * (k % 2));
+            }
+            // [d0 m0 d1 m1 d2 m2 d3 m3] -> [d0 d1 d2 d3 m0 m1 m2 m3], likewise for blocks 4..8.
+            let split = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+            let lo = _mm_shuffle_epi8(_mm_set_epi64x(h[1] as i64, h[0] as i64), split);
+            let hi = _mm_shuffle_epi8(_mm_set_epi64x(h[3] as i64, h[2] as i64), split);
+            (
+                _mm256_cvtph_ps(_mm_unpacklo_epi64(lo, hi)),
+                _mm256_cvtph_ps(_mm_unpackhi_epi64(lo, hi)),
+            )
+        }
+
+        /// `N ≤ 8` consecutive `f32` of an activation side array from index `i` (lanes past
+        /// `N` are 0, and nothing past `N` is read).
+        ///
+        /// # Safety
+        /// `a[i..i + N]` must be in bounds.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn load_f32s<const N: usize>(a: &[f32], i: usize) -> __m256 {
+            if N == 8 {
+                // SAFETY: `i + 8 <= a.len()` (caller).
+                unsafe { _mm256_loadu_ps(a.as_ptr().add(i)) }
+            } else {
+                // SAFETY: the masked-out lanes are not accessed (no fault), the others are
+                // `a[i..i + N]`, in bounds (caller).
+                unsafe { _mm256_maskload_ps(a.as_ptr().add(i), first_lanes::<N>()) }
+            }
+        }
+
+        /// As [`load_f32s`], for `i32`.
+        ///
+        /// # Safety
+        /// `a[i..i + N]` must be in bounds.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn load_i32s<const N: usize>(a: &[i32], i: usize) -> __m256i {
+            if N == 8 {
+                // SAFETY: `i + 8 <= a.len()` (caller).
+                unsafe { load32(a.as_ptr().add(i)) }
+            } else {
+                // SAFETY: as for `load_f32s`.
+                unsafe { _mm256_maskload_epi32(a.as_ptr().add(i), first_lanes::<N>()) }
+            }
+        }
+
+        /// All-ones in the first `N` 32-bit lanes.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        fn first_lanes<const N: usize>() -> __m256i {
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(N as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+        }
+
+        /// Lane `k` of the result = the sum of the 8 lanes of `s[k]` (exact `i32`).
+        #[inline]
+        #[target_feature(enable = $feat)]
+        fn sum_lanes8(s: &[__m256i; 8]) -> __m256i {
+            // Per 128-bit half: [s0 01, s0 23, s1 01, s1 23], then [s0 0123, s1 .., s2 .., s3 ..].
+            let a = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
+            let b = _mm256_hadd_epi32(_mm256_hadd_epi32(s[4], s[5]), _mm256_hadd_epi32(s[6], s[7]));
+            // Low halves hold lanes 0–3 of each input, high halves lanes 4–7.
+            _mm256_add_epi32(
+                _mm256_permute2x128_si256::<0x20>(a, b),
+                _mm256_permute2x128_si256::<0x31>(a, b),
+            )
+        }
+
+        /// Blocks `c..c + N` (`N ≤ 8`) against tokens `t0..t0 + T`, one FMA per token.
+        ///
+        /// Each block's byte dot is one `vpdpbusd` into 8 `i32` lanes (the AVX2 kernel
+        /// needs `vpmaddubsw` + `vpmaddwd`); [`sum_lanes8`] folds the chunk's blocks into
+        /// one vector whose lane `k` is block `k`'s exact integer dot. Zero points come out
+        /// exactly as `z · Σq`; Q8_0's signed levels go in offset by 128 (`w ^ 0x80`, so
+        /// unsigned) and the offset comes out as `128 · Σq`. The integers, and everything
+        /// after them, are the AVX2 kernel's, so the results are bit-identical to it.
+        ///
+        /// # Safety
+        /// As for [`dot_legacy`]; `c + N <= v.nblk`.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn legacy_chunk<const K: u8, const T: usize, const N: usize>(
+            row: &[u8],
+            v: &View<'_>,
+            t0: usize,
+            c: usize,
+            acc: &mut [__m256; T],
+        ) {
+            let bytes = legacy_bytes(K);
+            // SAFETY: blocks `c..c + N` lie inside `row` (caller).
+            let p = unsafe { row.as_ptr().add(c * bytes) };
+            // SAFETY: as above; `d` is at offset 0 of every block, `m` at 2.
+            let (dw, mw) = unsafe {
+                if has_min(K) {
+                    gather_f16_pairs::<N>(p, bytes)
+                } else {
+                    (gather_f16::<N>(p, bytes), _mm256_setzero_ps())
+                }
+            };
+            // Decode the chunk once for all tokens.
+            let mut wq = [_mm256_setzero_si256(); 8];
+            for (k, wk) in wq.iter_mut().enumerate().take(N) {
+                // SAFETY: block `k < N` of the chunk is readable.
+                let w = unsafe { levels::<K>(p.add(k * bytes)) };
+                *wk = if K == Q8_0 {
+                    _mm256_xor_si256(w, _mm256_set1_epi8(0x80u8 as i8))
+                } else {
+                    w
+                };
+            }
+            for (j, a) in acc.iter_mut().enumerate() {
+                let t = t0 + j;
+                let mut s = [_mm256_setzero_si256(); 8];
+                for k in 0..N {
+                    // SAFETY: token `t`, block `c + k` are inside the activation quants (caller).
+                    let x = unsafe { load32(v.qs.as_ptr().add(t * v.cols + (c + k) * QK)) };
+                    s[k] = $dpbusd(_mm256_setzero_si256(), wq[k], x);
+                }
+                let mut isum = sum_lanes8(&s);
+                let i = t * v.nblk + c;
+                if K == Q4_0 || K == Q5_0 || K == Q8_0 {
+                    // Σ (q - z) x = Σ q x - z Σ x with z = 8, 16 or 128.
+                    // SAFETY: token `t`'s blocks `c..c + N` exist (caller).
+                    let qsum = unsafe { load_i32s::<N>(v.qsum, i) };
+                    let z = match K {
+                        Q4_0 => _mm256_slli_epi32::<3>(qsum),
+                        Q5_0 => _mm256_slli_epi32::<4>(qsum),
+                        _ => _mm256_slli_epi32::<7>(qsum),
+                    };
+                    isum = _mm256_sub_epi32(isum, z);
+                }
+                // SAFETY: as above.
+                let scale = _mm256_mul_ps(dw, unsafe { load_f32s::<N>(v.d, i) });
+                *a = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum), *a);
+                if has_min(K) {
+                    // SAFETY: as above (Q8_1 activations carry `s`).
+                    *a = _mm256_fmadd_ps(mw, unsafe { load_f32s::<N>(v.s, i) }, *a);
+                }
+            }
+        }
+
+        /// `T` tokens against one legacy row, in chunks of 8 blocks.
+        ///
+        /// # Safety
+        /// `row` holds `v.nblk` blocks of kind `K`; tokens `t0..t0 + T` exist in `v`, which is
+        /// in the kind's activation format; `out.len() >= T`.
+        #[target_feature(enable = $feat)]
+        unsafe fn dot_legacy<const K: u8, const T: usize>(row: &[u8], v: &View<'_>, t0: usize, out: &mut [f32]) {
+            align_frame();
+            let mut acc = [_mm256_setzero_ps(); T];
+            let nb = v.nblk;
+            let mut c = 0;
+            // SAFETY (all calls): blocks `c..c + N` exist; the rest is the caller's contract.
+            unsafe {
+                while c + 8 <= nb {
+                    legacy_chunk::<K, T, 8>(row, v, t0, c, &mut acc);
+                    c += 8;
+                }
+                match nb - c {
+                    0 => {}
+                    1 => legacy_chunk::<K, T, 1>(row, v, t0, c, &mut acc),
+                    2 => legacy_chunk::<K, T, 2>(row, v, t0, c, &mut acc),
+                    3 => legacy_chunk::<K, T, 3>(row, v, t0, c, &mut acc),
+                    4 => legacy_chunk::<K, T, 4>(row, v, t0, c, &mut acc),
+                    5 => legacy_chunk::<K, T, 5>(row, v, t0, c, &mut acc),
+                    6 => legacy_chunk::<K, T, 6>(row, v, t0, c, &mut acc),
+                    _ => legacy_chunk::<K, T, 7>(row, v, t0, c, &mut acc),
+                }
+            }
+            for (o, a) in out[..T].iter_mut().zip(acc) {
+                *o = hsum_ps(a);
+            }
+        }
+
+        /// `si + Σ_lanes (da · sa + db · sb)` lane by lane, where `da`, `db` are `vpdpbusd`
+        /// results whose lanes fit `i16` (at most `4 · 63 · 127 = 32004` in magnitude) and
+        /// `sab` holds the scale pair `(sa, sb)` as the low and high `i16` of every lane:
+        /// `db` is moved into the high half of `da`'s lanes and one `vpdpwssd` applies both
+        /// scales. Exactly the AVX2 kernel's `madd(maddubs(..), scale)` sums, lane by lane.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        fn scale2(si: __m256i, da: __m256i, db: __m256i, sab: __m256i) -> __m256i {
+            let packed = _mm256_blend_epi16::<0b1010_1010>(da, _mm256_slli_epi32::<16>(db));
+            $dpwssd(si, packed, sab)
+        }
+
+        /// `T` tokens against one Q4_K (`Q5 = false`) or Q5_K row; see the AVX2 kernel.
+        /// Per 64-element group, the two sub-blocks' byte dots are one `vpdpbusd` each,
+        /// scaled and accumulated by one [`scale2`]; the `i32` lanes equal the AVX2
+        /// kernel's, so the results are bit-identical to it.
+        ///
+        /// # Safety
+        /// As for [`dot_legacy`], for Q4_K / Q5_K rows and Q8_K activations.
+        #[target_feature(enable = $feat)]
+        unsafe fn dot_q45k<const Q5: bool, const T: usize>(row: &[u8], v: &View<'_>, t0: usize, out: &mut [f32]) {
+            align_frame();
+            let bytes = if Q5 { 176 } else { 144 };
+            let m4 = _mm256_set1_epi8(0x0F);
+            let one = _mm256_set1_epi8(1);
+            let mut acc = [_mm256_setzero_ps(); T];
+            for sb in 0..v.nblk {
+                // SAFETY: super-block `sb` lies inside `row` (caller).
+                let p = unsafe { row.as_ptr().add(sb * bytes) };
+                // SAFETY: `d`, `dmin` and the 12 scale bytes are inside the super-block.
+                let (d, dmin, (sc, mn)) = unsafe { (f16_at(p), f16_at(p.add(2)), k_scales(&*p.add(4).cast::<[u8; 12]>())) };
+                // Scales as i16: sc0, sc1, ..., sc7, broadcast to both 128-bit halves.
+                let scv = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
+                let mnb = _mm_cvtsi64_si128(mn as i64);
+                let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mnb, mnb));
+                // SAFETY: Q5_K's 32 high-bit bytes are at 16..48.
+                let mut qh = if Q5 {
+                    unsafe { load32(p.add(16)) }
+                } else {
+                    _mm256_setzero_si256()
+                };
+                let qs = if Q5 { 48 } else { 16 };
+                let mut sumi = [_mm256_setzero_si256(); T];
+                for g in 0..4 {
+                    // SAFETY: nibble group `g` is inside the super-block.
+                    let raw = unsafe { load32(p.add(qs + 32 * g)) };
+                    let mut lo = _mm256_and_si256(raw, m4);
+                    let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), m4);
+                    if Q5 {
+                        lo = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(_mm256_and_si256(qh, one)));
+                        qh = _mm256_srli_epi16::<1>(qh);
+                        hi = _mm256_or_si256(hi, _mm256_slli_epi16::<4>(_mm256_and_si256(qh, one)));
+                        qh = _mm256_srli_epi16::<1>(qh);
+                    }
+                    // Every 32-bit lane: i16 scale 2g (bytes 4g, 4g+1), then scale 2g + 1.
+                    let sab = _mm256_shuffle_epi8(scv, _mm256_set1_epi32(0x0302_0100 + 0x0404_0404 * g as i32));
+                    for (j, si) in sumi.iter_mut().enumerate() {
+                        // SAFETY: token `t0 + j`, elements 64g..64g+64 of super-block `sb`.
+                        let (x0, x1) = unsafe {
+                            let xp = v.qs.as_ptr().add((t0 + j) * v.cols + sb * QK_K + 64 * g);
+                            (load32(xp), load32(xp.add(32)))
+                        };
+                        let z = _mm256_setzero_si256();
+                        *si = scale2(*si, $dpbusd(z, lo, x0), $dpbusd(z, hi, x1), sab);
+                    }
+                }
+                for (j, (a, si)) in acc.iter_mut().zip(sumi).enumerate() {
+                    let i = (t0 + j) * v.nblk + sb;
+                    // SAFETY: token `t0 + j`, super-block `sb` exist in the Q8_K buffers.
+                    let (dx, bs) = unsafe { (*v.d.get_unchecked(i), load32(v.bsums.as_ptr().add(i * KSUMS))) };
+                    let msum = _mm256_madd_epi16(bs, mins);
+                    *a = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(si), *a);
+                    *a = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * dx), _mm256_cvtepi32_ps(msum), *a);
+                }
+            }
+            for (o, a) in out[..T].iter_mut().zip(acc) {
+                *o = hsum_ps(a);
+            }
+        }
+
+        /// `T` tokens against one Q6_K row; see the AVX2 kernel. Each 32-byte vector holds
+        /// two 16-element sub-blocks (one per 128-bit half); vectors `k` and `k + 1` of a
+        /// half are scaled together by one [`scale2`]. Same `i32` lanes as the AVX2 kernel,
+        /// so bit-identical results.
+        ///
+        /// # Safety
+        /// As for [`dot_legacy`], for Q6_K rows and Q8_K activations.
+        #[target_feature(enable = $feat)]
+        unsafe fn dot_q6k<const T: usize>(row: &[u8], v: &View<'_>, t0: usize, out: &mut [f32]) {
+            align_frame();
+            let m4 = _mm256_set1_epi8(0x0F);
+            let mut acc = [_mm256_setzero_ps(); T];
+            for sb in 0..v.nblk {
+                // SAFETY: super-block `sb` lies inside `row` (caller).
+                let p = unsafe { row.as_ptr().add(sb * 210) };
+                // SAFETY: `d` at 208 and the 16 scale bytes at 192 are inside the super-block.
+                let (d, sc8) = unsafe { (f16_at(p.add(208)), _mm_loadu_si128(p.add(192).cast())) };
+                let sc16 = _mm256_cvtepi8_epi16(sc8);
+                let mut sumi = [_mm256_setzero_si256(); T];
+                for n in 0..2 {
+                    let sch = if n == 0 {
+                        _mm256_broadcastsi128_si256(_mm256_castsi256_si128(sc16))
+                    } else {
+                        _mm256_broadcastsi128_si256(_mm256_extracti128_si256::<1>(sc16))
+                    };
+                    // SAFETY: half `n`'s 64 low bytes at 64n and 32 high bytes at 128 + 32n.
+                    let (l0, l1, h) = unsafe {
+                        (
+                            load32(p.add(64 * n)),
+                            load32(p.add(64 * n + 32)),
+                            load32(p.add(128 + 32 * n)),
+                        )
+                    };
+                    let q = [
+                        _mm256_or_si256(
+                            _mm256_and_si256(l0, m4),
+                            _mm256_slli_epi16::<4>(_mm256_and_si256(h, _mm256_set1_epi8(0x03))),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(l1, m4),
+                            _mm256_slli_epi16::<2>(_mm256_and_si256(h, _mm256_set1_epi8(0x0C))),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(l0), m4),
+                            _mm256_and_si256(h, _mm256_set1_epi8(0x30)),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4),
+                            _mm256_srli_epi16::<2>(_mm256_and_si256(h, _mm256_set1_epi8(0xC0u8 as i8))),
+                        ),
+                    ];
+                    for kp in 0..2 {
+                        // Vectors k = 2kp (low i16 of each lane) and 2kp + 1 (high i16). Vector
+                        // k holds sub-block 2k of the half in its low 128 bits, 2k + 1 in the
+                        // high ones: i16 scales 2k (bytes 4k, 4k+1) and 2k + 1 (bytes 4k+2, +3).
+                        let (ka, kb) = (4 * kp, 4 * kp + 2);
+                        let lo_sel = (((2 * kb + 1) << 24) | ((2 * kb) << 16) | ((2 * ka + 1) << 8) | (2 * ka)) as i32;
+                        let hi_sel = lo_sel + 0x0202_0202;
+                        let pick = _mm256_set_m128i(_mm_set1_epi32(hi_sel), _mm_set1_epi32(lo_sel));
+                        let sab = _mm256_shuffle_epi8(sch, pick);
+                        let (qa, qb) = (q[2 * kp], q[2 * kp + 1]);
+                        for (j, si) in sumi.iter_mut().enumerate() {
+                            // SAFETY: token `t0 + j`, elements 128n + 64kp .. +64 of super-block `sb`.
+                            let (xa, xb) = unsafe {
+                                let xp = v.qs.as_ptr().add((t0 + j) * v.cols + sb * QK_K + 128 * n + 64 * kp);
+                                (load32(xp), load32(xp.add(32)))
+                            };
+                            let z = _mm256_setzero_si256();
+                            *si = scale2(*si, $dpbusd(z, qa, xa), $dpbusd(z, qb, xb), sab);
+                        }
+                    }
+                }
+                for (j, (a, si)) in acc.iter_mut().zip(sumi).enumerate() {
+                    let i = (t0 + j) * v.nblk + sb;
+                    // SAFETY: token `t0 + j`, super-block `sb` exist in the Q8_K buffers.
+                    let (dx, bs) = unsafe { (*v.d.get_unchecked(i), load32(v.bsums.as_ptr().add(i * KSUMS))) };
+                    let offset = _mm256_slli_epi32::<5>(_mm256_madd_epi16(sc16, bs));
+                    let si = _mm256_sub_epi32(si, offset);
+                    *a = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(si), *a);
+                }
+            }
+            for (o, a) in out[..T].iter_mut().zip(acc) {
+                *o = hsum_ps(a);
+            }
+        }
+
+    };
+}
+
+/// AVX-512 VNNI (EVEX encoding, 256-bit vectors).
+pub(super) mod avx512 {
+    /// True when this CPU has what these kernels use.
+    #[inline]
+    pub(in crate::quant::q8) fn detected() -> bool {
+        super::super::avx2::detected()
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+    }
+
+    kernels!(
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+        _mm256_dpbusd_epi32,
+        _mm256_dpwssd_epi32
+    );
+}
+
+/// AVX-VNNI (VEX encoding, 256-bit vectors).
+pub(super) mod avx {
+    /// True when this CPU has what these kernels use.
+    #[inline]
+    pub(in crate::quant::q8) fn detected() -> bool {
+        super::super::avx2::detected() && is_x86_feature_detected!("avxvnni")
+    }
+
+    kernels!(
+        "avx2,fma,f16c,avxvnni",
+        _mm256_dpbusd_avx_epi32,
+        _mm256_dpwssd_avx_epi32
+    );
+}
