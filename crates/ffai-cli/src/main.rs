@@ -466,6 +466,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         .map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32)
         .collect();
     let (mut pp, mut tg) = (Vec::new(), Vec::new());
+    let mut prefill_profile = Vec::new();
     let mut logits = Vec::new();
     for _ in 0..a.repetitions {
         let mut state = model.lm.new_state(max_seq, 512)?;
@@ -473,7 +474,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         model.lm.forward(&prompt, &mut state, false, &mut logits)?;
         pp.push(a.prompt_tokens as f64 / t.elapsed().as_secs_f64());
         if a.gen_tokens > 0 {
-            let _ = model.device.take_profile(); // only the decode phase is profiled
+            prefill_profile = model.device.take_profile();
             let mut next = ffai_kernels::ops::argmax(&logits).0 as u32;
             let t = Instant::now();
             for _ in 0..a.gen_tokens {
@@ -494,6 +495,23 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     let (pp_med, tg_med) = (median(&mut pp.clone()), median(&mut tg.clone()));
     let rss = peak_rss_bytes();
     let profile = model.device.take_profile();
+    if !prefill_profile.is_empty() {
+        let total: f64 = prefill_profile.iter().map(|p| p.1).sum();
+        eprintln!(
+            "per-op profile of the last prefill ({} tokens; ops take {:.1} ms):",
+            a.prompt_tokens,
+            total * 1e3
+        );
+        for (name, secs, calls) in prefill_profile.iter().take(12) {
+            eprintln!(
+                "{:<44} {:>10.2} ms {:>7.1}% {:>6} calls",
+                name,
+                secs * 1e3,
+                100.0 * secs / total,
+                calls
+            );
+        }
+    }
     if !profile.is_empty() {
         let total: f64 = profile.iter().map(|p| p.1).sum();
         let steps = a.gen_tokens.max(1) as f64;

@@ -24,6 +24,10 @@ impl CpuMatrix {
     }
 }
 
+/// Prefill blocking: weight rows per block and tokens per tile (see `matmul_rows`).
+const ROW_BLOCK: usize = 16;
+const TOKEN_TILE: usize = 32;
+
 /// Most matrices one `matmuls` call takes (q/k/v is three).
 const MAX_GROUP: usize = 4;
 
@@ -47,13 +51,22 @@ fn matmul_rows(w: &CpuMatrix, x: &[f32], n: usize, acts: &[QuantizedActs; 3], ro
             let bytes = &w.data.as_slice()[rows.start * w.row_bytes..rows.end * w.row_bytes];
             quant::dot_rows_q8(w.ty, bytes, &acts[slot], 0, o);
         }
-        Some(slot) => with_scratch(n, |tmp| {
-            // Each weight row is read once and dotted with every token's activations.
-            for row in rows {
-                quant::dot_row_q8_multi(w.ty, w.row(row), &acts[slot], 0..n, tmp);
-                for (t, &v) in tmp.iter().enumerate() {
-                    // SAFETY: element (t, row) belongs to this thread's row range.
-                    unsafe { out.slice(t * n_rows + row, 1)[0] = v };
+        Some(slot) => with_scratch(TOKEN_TILE, |tmp| {
+            // Blocked: a block of weight rows against a tile of tokens at a time, so the
+            // rows and the tile's activations both stay in L1 while every pair is dotted
+            // (streaming all tokens per row would re-read them from L2 for every row).
+            for rb in (rows.start..rows.end).step_by(ROW_BLOCK) {
+                let re = (rb + ROW_BLOCK).min(rows.end);
+                for t0 in (0..n).step_by(TOKEN_TILE) {
+                    let t1 = (t0 + TOKEN_TILE).min(n);
+                    for row in rb..re {
+                        let tmp = &mut tmp[..t1 - t0];
+                        quant::dot_row_q8_multi(w.ty, w.row(row), &acts[slot], t0..t1, tmp);
+                        for (j, &v) in tmp.iter().enumerate() {
+                            // SAFETY: element (t, row) belongs to this thread's row range.
+                            unsafe { out.slice((t0 + j) * n_rows + row, 1)[0] = v };
+                        }
+                    }
                 }
             }
         }),

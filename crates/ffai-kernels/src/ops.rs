@@ -64,16 +64,28 @@ pub fn rope(x: &mut [f32], n_heads: usize, head_dim: usize, pos: usize, inv_freq
     }
 }
 
-#[inline]
+/// SiLU `x * sigmoid(x)`, with the exponential from `exp_nonpos` on -|x| so it never
+/// overflows and the loop vectorises.
+#[inline(always)]
 pub fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+    let e = exp_nonpos(-x.abs());
+    let sig = if x >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
+    x * sig
 }
 
 /// GELU, tanh approximation (what Gemma and GPT-2 style MLPs use).
-#[inline]
+#[inline(always)]
 pub fn gelu_tanh(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
+    0.5 * x * (1.0 + tanh_fast(SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)))
+}
+
+/// tanh through `exp_nonpos` (branch-free, vectorisable; libm's tanhf is a scalar call):
+/// tanh|x| = (1 - e) / (1 + e) with e = exp(-2|x|), sign restored. Absolute error < 3e-7.
+#[inline(always)]
+pub fn tanh_fast(x: f32) -> f32 {
+    let e = exp_nonpos(-2.0 * x.abs());
+    ((1.0 - e) / (1.0 + e)).copysign(x)
 }
 
 /// `gate = silu(gate) * up`, the SwiGLU gate, in place.
