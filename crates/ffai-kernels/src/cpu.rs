@@ -24,6 +24,10 @@ impl CpuMatrix {
     }
 }
 
+/// Elementwise ops smaller than this run inline (a pool region costs about as much as
+/// touching this many floats).
+const PARALLEL_MIN: usize = 32 * 1024;
+
 /// Prefill blocking: weight rows per block and tokens per tile (see `matmul_rows`).
 const ROW_BLOCK: usize = 16;
 const TOKEN_TILE: usize = 32;
@@ -216,6 +220,25 @@ impl CpuBackend {
             });
         }
         t.elapsed().as_secs_f64() / regions.max(1) as f64
+    }
+
+    /// Runs `f(t)` for each of `n` rows of `width` elements: on the pool when there is
+    /// enough work to pay for a region (prefill), inline otherwise (decode).
+    fn for_rows(&self, n: usize, width: usize, f: impl Fn(usize) + Sync) {
+        if n * width < PARALLEL_MIN {
+            (0..n).for_each(f);
+        } else {
+            self.pool.for_ranges(n, 1, |r| r.for_each(&f));
+        }
+    }
+
+    /// Runs `f(range)` over `0..len` in spans, on the pool when `len` is large.
+    fn for_spans(&self, len: usize, f: impl Fn(Range<usize>) + Sync) {
+        if len < PARALLEL_MIN {
+            f(0..len);
+        } else {
+            self.pool.for_ranges(len, 1024, f);
+        }
     }
 
     /// Accumulated (op, seconds, calls), most expensive first; clears the counters.
@@ -417,26 +440,31 @@ impl Backend for CpuBackend {
     ) {
         let _p = self.prof(|| "rope".into());
         let w = n_heads * head_dim;
-        for t in 0..n {
-            ops::rope(
-                &mut x[t * w..(t + 1) * w],
-                n_heads,
-                head_dim,
-                pos0 + t,
-                rope.inv_freq,
-                rope.neox,
-            );
-        }
+        let (xp, inv) = (SharedMut(x.as_mut_ptr()), &rope.inv_freq[..]);
+        // Prefill chunks: tokens split over the pool; one token runs inline.
+        self.for_rows(n, w, |t| {
+            // SAFETY: each token row is handed to exactly one thread.
+            let row = unsafe { xp.slice(t * w, w) };
+            ops::rope(row, n_heads, head_dim, pos0 + t, inv, rope.neox);
+        });
     }
 
     fn silu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>, len: usize) {
         let _p = self.prof(|| "silu_mul".into());
-        ops::silu_mul(&mut gate[..len], &up[..len]);
+        let gp = SharedMut(gate.as_mut_ptr());
+        self.for_spans(len, |r| {
+            // SAFETY: spans are disjoint and inside `gate[..len]`.
+            ops::silu_mul(unsafe { gp.slice(r.start, r.len()) }, &up[r]);
+        });
     }
 
     fn gelu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>, len: usize) {
         let _p = self.prof(|| "gelu_mul".into());
-        ops::gelu_mul(&mut gate[..len], &up[..len]);
+        let gp = SharedMut(gate.as_mut_ptr());
+        self.for_spans(len, |r| {
+            // SAFETY: spans are disjoint and inside `gate[..len]`.
+            ops::gelu_mul(unsafe { gp.slice(r.start, r.len()) }, &up[r]);
+        });
     }
 
     fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>, len: usize) {
