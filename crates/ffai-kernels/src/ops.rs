@@ -108,12 +108,6 @@ pub fn add_inplace(x: &mut [f32], y: &[f32]) {
     }
 }
 
-pub fn mul_inplace(x: &mut [f32], y: &[f32]) {
-    for (a, &b) in x.iter_mut().zip(y) {
-        *a *= b;
-    }
-}
-
 /// e^x for x <= 0 (softmax arguments), branch-free so loops over it vectorise:
 /// x = n ln2 + r with |r| <= ln2/2, e^r by a degree-6 polynomial, 2^n by building the
 /// exponent bits. Relative error below 3e-7; inputs below -87 flush to about 0.

@@ -412,11 +412,6 @@ impl ModelConfig {
             })
             .collect()
     }
-
-    /// Bytes the KV cache needs for `max_seq` positions (f16 K and V, every layer).
-    pub fn kv_cache_bytes(&self, max_seq: usize) -> usize {
-        2 * self.num_layers * self.num_kv_heads * self.head_dim * max_seq * 2
-    }
 }
 
 fn meta_to_json(v: &crate::gguf::MetaValue) -> Value {
