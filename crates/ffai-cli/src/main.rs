@@ -34,6 +34,20 @@ enum Cmd {
     Models,
     /// Measure prefill and decode speed.
     Bench(BenchArgs),
+    /// Print a conversation rendered with the model's chat template.
+    RenderChat(RenderChatArgs),
+}
+
+#[derive(Args)]
+struct RenderChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A JSON file holding a list of {"role": .., "content": ..} messages.
+    #[arg(long)]
+    messages: std::path::PathBuf,
+    /// Open an assistant turn at the end.
+    #[arg(long)]
+    add_generation_prompt: bool,
 }
 
 #[derive(Args)]
@@ -155,6 +169,9 @@ struct GenerateArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// Send the prompt as one user message through the model's chat template.
+    #[arg(long)]
+    chat: bool,
 }
 
 #[derive(Args)]
@@ -222,6 +239,7 @@ fn main() -> ExitCode {
         Cmd::Tokenize(a) => cmd_tokenize(a),
         Cmd::Models => cmd_models(),
         Cmd::Bench(a) => cmd_bench(a),
+        Cmd::RenderChat(a) => cmd_render_chat(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -235,7 +253,12 @@ fn main() -> ExitCode {
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let (model, load_s) = a.model.load()?;
     let params = a.sampling.apply(model.default_parameters());
-    let ids = model.encode(&a.prompt)?;
+    let prompt = if a.chat {
+        model.render_chat(&[ffai::chat::Message::user(a.prompt.clone())], true)?
+    } else {
+        a.prompt.clone()
+    };
+    let ids = model.encode(&prompt)?;
     if a.json {
         let out = model.generate(&ids, &params, |_| true)?;
         let j = json!({
@@ -251,7 +274,9 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         return Ok(());
     }
     let mut stdout = std::io::stdout().lock();
-    let _ = write!(stdout, "{}", a.prompt);
+    if !a.chat {
+        let _ = write!(stdout, "{}", a.prompt);
+    }
     let _ = stdout.flush();
     let out = model.generate(&ids, &params, |piece| {
         let _ = write!(stdout, "{piece}");
@@ -269,6 +294,16 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         load_s,
         model.lm.device_name()
     );
+    Ok(())
+}
+
+fn cmd_render_chat(a: RenderChatArgs) -> Result<()> {
+    let (model, _) = a.model.load()?;
+    let text =
+        std::fs::read_to_string(&a.messages).map_err(|e| Error::new(format!("{}: {e}", a.messages.display())))?;
+    let messages: Vec<ffai::chat::Message> = serde_json::from_str(&text)
+        .map_err(|e| Error::new(format!("{}: not a list of chat messages: {e}", a.messages.display())))?;
+    print!("{}", model.render_chat(&messages, a.add_generation_prompt)?);
     Ok(())
 }
 
@@ -358,6 +393,7 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
         "kv_cache_bytes_full_context": kv_total(cfg.max_position_embeddings),
         "device": model.lm.device_name(),
         "load_seconds": load_s,
+        "chat_template": model.chat_template()?.map(|t| t.origin().to_string()),
     });
     let top: Vec<_> = order
         .iter()

@@ -55,20 +55,24 @@ fn matmul_rows(w: &CpuMatrix, x: &[f32], n: usize, acts: &[QuantizedActs; 3], ro
             let bytes = &w.data.as_slice()[rows.start * w.row_bytes..rows.end * w.row_bytes];
             quant::dot_rows_q8(w.ty, bytes, &acts[slot], 0, o);
         }
-        Some(slot) => with_scratch(TOKEN_TILE, |tmp| {
+        Some(slot) => with_scratch(ROW_BLOCK * TOKEN_TILE, |tmp| {
             // Blocked: a block of weight rows against a tile of tokens at a time, so the
             // rows and the tile's activations both stay in L1 while every pair is dotted
             // (streaming all tokens per row would re-read them from L2 for every row).
             for rb in (rows.start..rows.end).step_by(ROW_BLOCK) {
                 let re = (rb + ROW_BLOCK).min(rows.end);
+                let bytes = &w.data.as_slice()[rb * w.row_bytes..re * w.row_bytes];
                 for t0 in (0..n).step_by(TOKEN_TILE) {
                     let t1 = (t0 + TOKEN_TILE).min(n);
-                    for row in rb..re {
-                        let tmp = &mut tmp[..t1 - t0];
-                        quant::dot_row_q8_multi(w.ty, w.row(row), &acts[slot], t0..t1, tmp);
-                        for (j, &v) in tmp.iter().enumerate() {
-                            // SAFETY: element (t, row) belongs to this thread's row range.
-                            unsafe { out.slice((t0 + j) * n_rows + row, 1)[0] = v };
+                    let (nr, nt) = (re - rb, t1 - t0);
+                    let tmp = &mut tmp[..nr * nt];
+                    quant::q8::dot_rows_q8_multi(w.ty, bytes, &acts[slot], t0..t1, tmp);
+                    // Scatter token by token: each token's `nr` outputs are contiguous.
+                    for j in 0..nt {
+                        // SAFETY: rows rb..re of token t0+j belong to this thread's range.
+                        let dst = unsafe { out.slice((t0 + j) * n_rows + rb, nr) };
+                        for (r, d) in dst.iter_mut().enumerate() {
+                            *d = tmp[r * nt + j];
                         }
                     }
                 }

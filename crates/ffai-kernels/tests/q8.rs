@@ -18,7 +18,7 @@
 
 use std::sync::{Mutex, MutexGuard};
 
-use ffai_kernels::quant::q8::{avx2_allowed, force_q8_level, Q8Level};
+use ffai_kernels::quant::q8::{avx2_allowed, dot_rows_q8_multi, force_q8_level, Q8Level};
 use ffai_kernels::quant::{
     dequantize_row, dot_row, dot_row_q8, dot_row_q8_multi, dot_rows_q8, force_portable, has_q8_path, q8_backend_name,
     quantize_row, ActFormat, QuantizedActs, WeightType,
@@ -630,6 +630,90 @@ fn rows_equal_single_rows_bit_exactly() {
                 dot_rows_q8(ty, &w[3 * rb..5 * rb], &acts, t, &mut sub);
                 assert_eq!(sub, out[3..5]);
                 dot_rows_q8(ty, &[], &acts, t, &mut []);
+            }
+        }
+    });
+}
+
+/// dot_rows_q8_multi over R rows × n tokens is bit-identical to dot_row_q8_multi row
+/// by row (and so to dot_row_q8), for row counts around the 4-row blocks, token counts
+/// around the 8-token tiles, odd block counts (every 8-block chunk remainder) and
+/// token offsets, on every path.
+#[test]
+fn rows_multi_equals_row_multi_bit_exactly() {
+    every_path(|path| {
+        let mut rng = Rng(31);
+        for ty in WeightType::ALL {
+            let nbs: &[usize] = if ty.block_len() == 1 {
+                &[32, 33]
+            } else if ty.block_len() == 32 {
+                &[1, 3, 8, 9, 20, 23]
+            } else {
+                &[1, 3]
+            };
+            for &nb in nbs {
+                let cols = nb * ty.block_len();
+                let rb = ty.row_bytes(cols).unwrap();
+                let nrows = 19;
+                let mut w = Vec::new();
+                for i in 0..nrows {
+                    if ty.is_quantized() && i == 1 {
+                        // Every level at its largest (all bits set), sane f16 fields:
+                        // the largest integer sums the kernels can meet.
+                        let mut row = vec![0xFFu8; rb];
+                        for block in row.chunks_exact_mut(ty.block_bytes()) {
+                            for &at in f16_fields(ty) {
+                                block[at..at + 2].copy_from_slice(&f16::from_f32(0.01).to_bits().to_le_bytes());
+                            }
+                        }
+                        w.extend(row);
+                    } else if ty.is_quantized() {
+                        w.extend(random_row(&mut rng, ty, cols));
+                    } else {
+                        let v: Vec<f32> = (0..cols).map(|_| rng.normal()).collect();
+                        let mut r = vec![0u8; rb];
+                        quantize_row(ty, &v, &mut r).unwrap();
+                        w.extend(r);
+                    }
+                }
+                let n = 21;
+                let mut x = random_acts(&mut rng, n * cols);
+                // Tokens 0 and 1: every quant +127 / alternating ±127 blocks.
+                x[..cols].fill(1.0);
+                for (i, v) in x[cols..2 * cols].iter_mut().enumerate() {
+                    *v = if (i / 32) % 2 == 0 { -1.0 } else { 1.0 };
+                }
+                let mut acts = QuantizedActs::new();
+                acts.quantize(ty, &x, n, cols);
+                for nr in [1, 2, 3, 5, 9, 15, 16, 17, 19] {
+                    for (start, len) in [(0, 1), (0, 8), (1, 7), (2, 9), (0, 16), (3, 17), (0, 21), (20, 1)] {
+                        let r0 = if nr == 1 { 1 } else { nrows - nr };
+                        let rows = &w[r0 * rb..(r0 + nr) * rb];
+                        let mut out = vec![f32::NAN; nr * len];
+                        dot_rows_q8_multi(ty, rows, &acts, start..start + len, &mut out);
+                        for r in 0..nr {
+                            let mut one = vec![f32::NAN; len];
+                            dot_row_q8_multi(ty, &rows[r * rb..(r + 1) * rb], &acts, start..start + len, &mut one);
+                            for j in 0..len {
+                                assert_eq!(
+                                    out[r * len + j].to_bits(),
+                                    one[j].to_bits(),
+                                    "{path} {ty} cols={cols} rows={nr} tokens {start}..{}: row {r} token {} rows_multi {:e} row_multi {:e}",
+                                    start + len,
+                                    start + j,
+                                    out[r * len + j],
+                                    one[j]
+                                );
+                            }
+                            if len == 1 || r == 0 {
+                                let single = dot_row_q8(ty, &rows[r * rb..(r + 1) * rb], &acts, start);
+                                assert_eq!(out[r * len].to_bits(), single.to_bits(), "{path} {ty} vs dot_row_q8");
+                            }
+                        }
+                    }
+                }
+                dot_rows_q8_multi(ty, &w[..2 * rb], &acts, 4..4, &mut []);
+                dot_rows_q8_multi(ty, &[], &acts, 0..3, &mut []);
             }
         }
     });

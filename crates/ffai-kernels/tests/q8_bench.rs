@@ -12,7 +12,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use ffai_kernels::ops;
-use ffai_kernels::quant::q8::{force_q8_level, Q8Level};
+use ffai_kernels::quant::q8::{dot_rows_q8_multi, force_q8_level, Q8Level};
 use ffai_kernels::quant::{
     dequantize_row, dot_row, dot_row_q8, dot_row_q8_multi, dot_rows_q8, force_portable, q8_backend_name, quantize_row,
     QuantizedActs, WeightType,
@@ -165,6 +165,98 @@ fn bench_matrix(ty: WeightType, rows: usize, cols: usize, tokens: &[usize]) {
             q8_t / n as f64 * 1e6,
         );
     }
+}
+
+/// Prefill GEMM tile as the CPU backend runs it (blocks of 16 rows, all `n` tokens
+/// of the tile): `dot_row_q8_multi` per row vs `dot_rows_q8_multi` per 16-row block.
+/// Activations are quantized once outside the timing; rates are multiply-adds/s.
+fn bench_rows_multi(ty: WeightType, rows: usize, cols: usize, n: usize) {
+    if let Ok(only) = std::env::var("Q8_BENCH_ONLY") {
+        if !only.split(',').any(|o| o == ty.name()) {
+            return;
+        }
+    }
+    const BLOCK: usize = 16;
+    let mut rng = Rng(0x51ED_270B_1C3A_9E01 ^ (rows * 31 + cols) as u64);
+    let w = matrix(ty, rows, cols, &mut rng);
+    let rb = ty.row_bytes(cols).unwrap();
+    let x: Vec<f32> = (0..n * cols).map(|_| rng.next()).collect();
+    let mut acts = QuantizedActs::new();
+    acts.quantize(ty, &x, n, cols);
+    let mut out_a = vec![0.0f32; rows * n];
+    let mut out_b = vec![0.0f32; rows * n];
+    let b = budget();
+    let per_row = time(b, || {
+        for (r, o) in out_a.chunks_exact_mut(n).enumerate() {
+            dot_row_q8_multi(ty, black_box(&w[r * rb..(r + 1) * rb]), &acts, 0..n, o);
+        }
+        black_box(&out_a);
+    });
+    let blocked = time(b, || {
+        for (r0, o) in out_b.chunks_mut(BLOCK * n).enumerate() {
+            let nr = o.len() / n;
+            dot_rows_q8_multi(
+                ty,
+                black_box(&w[r0 * BLOCK * rb..(r0 * BLOCK + nr) * rb]),
+                &acts,
+                0..n,
+                o,
+            );
+        }
+        black_box(&out_b);
+    });
+    assert!(
+        out_a.iter().zip(&out_b).all(|(a, b)| a.to_bits() == b.to_bits()),
+        "results differ"
+    );
+    let macs = (rows * cols * n) as f64;
+    println!(
+        "{:>5} {rows:>5}x{cols:<5} n={n:<3} | dot_row_q8_multi per row {:6.1} GMAC/s | dot_rows_q8_multi x16 {:6.1} GMAC/s | x{:4.2}",
+        ty.name(),
+        macs / per_row / 1e9,
+        macs / blocked / 1e9,
+        per_row / blocked,
+    );
+}
+
+/// Prefill shapes for [`bench_rows_multi`].
+const GEMM_SHAPES: &[(WeightType, usize, usize)] = &[
+    (WeightType::Q5_0, 2048, 640),
+    (WeightType::Q4K, 640, 2048),
+    (WeightType::Q6K, 640, 2048),
+    (WeightType::Q4_1, 1536, 576),
+    (WeightType::Q4_0, 1536, 576),
+    (WeightType::Q8_0, 1536, 576),
+];
+
+#[test]
+#[ignore]
+fn bench_q8_rows_multi() {
+    println!("load average: {}", load_average());
+    let mut paths: Vec<(Q8Level, &'static str)> = Vec::new();
+    for level in [Q8Level::Best, Q8Level::AvxVnni, Q8Level::Avx2, Q8Level::Portable] {
+        force_q8_level(level);
+        let name = q8_backend_name();
+        if !paths.iter().any(|&(_, n)| n == name) {
+            paths.push((level, name));
+        }
+    }
+    let only = std::env::var("Q8_BENCH_PATHS").ok();
+    for (level, name) in paths {
+        if only.as_ref().is_some_and(|o| !o.split(',').any(|p| p == name)) {
+            continue;
+        }
+        force_q8_level(level);
+        println!(
+            "\n=== q8 backend: {} (prefill GEMM, single thread) ===",
+            q8_backend_name()
+        );
+        for &(ty, rows, cols) in GEMM_SHAPES {
+            bench_rows_multi(ty, rows, cols, 32);
+        }
+    }
+    force_portable(false);
+    println!("\nload average: {}", load_average());
 }
 
 /// (type, rows, cols) of the matrices of the models in use, plus the other types.

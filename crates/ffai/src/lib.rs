@@ -2,6 +2,7 @@
 //! safetensors), dispatches them to a model family, tokenizes, and generates. The
 //! compute lives in `ffai-kernels` behind the `Backend` trait.
 
+pub mod chat;
 pub mod config;
 pub mod error;
 pub mod generate;
@@ -125,4 +126,37 @@ fn read_hf_config(dir: &Path) -> Result<ModelConfig> {
     let json: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::new(format!("{}: invalid JSON: {e}", cfg_path.display())))?;
     ModelConfig::from_hf_json(&json, &dir.display().to_string())
+}
+
+impl Model {
+    /// The chat template: the checkpoint's own (chat_template.jinja, tokenizer_config.json,
+    /// or GGUF `tokenizer.chat_template`), else the family's known turn format.
+    pub fn chat_template(&self) -> Result<Option<chat::ChatTemplate>> {
+        let own = match &self.location {
+            ModelLocation::HfDir(dir) => chat::ChatTemplate::from_hf_dir(dir)?,
+            ModelLocation::Gguf(_) => match self.tokenizer.chat_template() {
+                Some(t) => Some(chat::ChatTemplate::new(t, chat::TemplateSource::Gguf)?),
+                None => None,
+            },
+        };
+        Ok(own.or_else(|| chat::ChatTemplate::fallback(self.lm.family())))
+    }
+
+    /// Renders a conversation with the model's chat template.
+    pub fn render_chat(&self, messages: &[chat::Message], add_generation_prompt: bool) -> Result<String> {
+        let template = self.chat_template()?.ok_or_else(|| {
+            Error::new(format!(
+                "the model has no chat template and ffai knows no turn format for the {} family",
+                self.lm.family()
+            ))
+        })?;
+        let text = |id: Option<u32>| id.and_then(|i| self.tokenizer.token_text(i)).unwrap_or("").to_string();
+        let opts = chat::RenderOptions {
+            add_generation_prompt,
+            bos_token: text(self.tokenizer.bos_id()),
+            eos_token: text(self.tokenizer.eos_id()),
+            ..Default::default()
+        };
+        template.render(messages, &opts)
+    }
 }

@@ -32,6 +32,9 @@
 //!   ~20 % on 576-element rows).
 //! * [`dot_row_q8_multi`]: one row, several tokens (prefill). Each weight block is
 //!   decoded once per tile of up to 8 tokens.
+//! * [`dot_rows_q8_multi`]: a block of consecutive rows, several tokens (prefill GEMM
+//!   tile). Blocked over rows and tokens for the legacy types; same results as
+//!   per-row [`dot_row_q8_multi`] calls.
 //!
 //! # Implementations
 //!
@@ -55,7 +58,7 @@
 //! is ordinary `f32` rounding, a few ulps of `Σ_blocks |term|` (the tests allow
 //! `1e-5 · Σ|w·x|`, with min terms counted separately).
 //!
-//! Within one implementation, [`dot_row_q8_multi`] and [`dot_rows_q8`] are
+//! Within one implementation, [`dot_row_q8_multi`], [`dot_rows_q8`] and [`dot_rows_q8_multi`] are
 //! bit-identical to calling [`dot_row_q8`] token by token / row by row: every token's
 //! arithmetic is the same sequence of operations whatever tile it is processed in.
 //!
@@ -776,6 +779,64 @@ fn dot_rows_dispatch(ty: WeightType, rows: &[u8], rb: usize, view: View<'_>, t: 
         _ => {
             for (o, row) in out.iter_mut().zip(rows.chunks_exact(rb)) {
                 portable::dot_multi(ty, row, view, t, std::slice::from_mut(o));
+            }
+        }
+    }
+}
+
+/// `out[r · n + j] = dot_row_q8(ty, row r, acts, tokens.start + j)` for the
+/// `R = rows.len() / row_bytes` consecutive stored rows in `rows` and the
+/// `n = tokens.len()` tokens (`out.len() == R · n`, row-major): a prefill GEMM tile.
+///
+/// On the x86 levels the legacy types (Q4_0, Q4_1, Q5_0, Q5_1; Q8_0 on the VNNI
+/// levels) run a blocked kernel: up to 16 rows × 16 tokens per pass, each chunk of 8
+/// weight blocks decoded and transposed once per 16 tokens, each token's chunk of
+/// activations transposed once per 16 rows, so the per-block integer dots need no
+/// horizontal sums. The other types (and the portable level) run
+/// [`dot_row_q8_multi`] row by row. Pass 16 rows (or more) at a time for full speed. Bit-identical to
+/// [`dot_row_q8_multi`] / [`dot_row_q8`] per (row, token) within each implementation.
+pub fn dot_rows_q8_multi(ty: WeightType, rows: &[u8], acts: &QuantizedActs, tokens: Range<usize>, out: &mut [f32]) {
+    let rb = ty.row_bytes(acts.cols).unwrap_or(0);
+    assert!(
+        rb > 0 && rows.len().is_multiple_of(rb),
+        "{ty}: rows of {} elements need a multiple of {rb} bytes, got {}",
+        acts.cols,
+        rows.len()
+    );
+    let nrows = rows.len() / rb;
+    assert_eq!(
+        out.len(),
+        nrows * tokens.len(),
+        "output length must equal rows × tokens"
+    );
+    if nrows == 0 {
+        return;
+    }
+    check(ty, &rows[..rb], acts, &tokens);
+    if tokens.is_empty() {
+        return;
+    }
+    if !ty.is_quantized() {
+        for (row, o) in rows.chunks_exact(rb).zip(out.chunks_exact_mut(tokens.len())) {
+            dot_row_q8_multi(ty, row, acts, tokens.clone(), o);
+        }
+        return;
+    }
+    let view = acts.view();
+    let t0 = tokens.start;
+    match active() {
+        // SAFETY (the x86 arms): the level's features were detected at run time; every
+        // row has the length `check` verified for the first, the format matches, the
+        // tokens lie inside the buffers `view` covers, and `out` is rows × tokens long.
+        #[cfg(target_arch = "x86_64")]
+        AVX512VNNI => unsafe { vnni::avx512::dot_rows_multi(ty, rows, rb, view, t0, out) },
+        #[cfg(target_arch = "x86_64")]
+        AVXVNNI => unsafe { vnni::avx::dot_rows_multi(ty, rows, rb, view, t0, out) },
+        #[cfg(target_arch = "x86_64")]
+        AVX2 => unsafe { avx2::dot_rows_multi(ty, rows, rb, view, t0, out) },
+        _ => {
+            for (row, o) in rows.chunks_exact(rb).zip(out.chunks_exact_mut(tokens.len())) {
+                portable::dot_multi(ty, row, view, t0, o);
             }
         }
     }

@@ -748,3 +748,268 @@ unsafe fn dot_q6k<const T: usize>(row: &[u8], v: &View<'_>, t0: usize, out: &mut
         *o = hsum_ps(a);
     }
 }
+
+// ------------------------------------------------ several rows × several tokens
+
+/// Rows per block of [`dot_rows_multi`].
+const RB: usize = 16;
+/// Tokens per block of [`dot_rows_multi`].
+const TB: usize = 16;
+
+/// `out[r · ntok + j] = row r · token (t0 + j)` for every row of `rows` (`rb` bytes
+/// each) and `ntok = out.len() / (rows.len() / rb)` tokens. Q4_0, Q4_1, Q5_0 and
+/// Q5_1 run [`dot_legacy_rt`] on blocks of up to [`RB`] rows × [`TB`] tokens; Q8_0
+/// and the K-quants run [`dot_multi`] row by row. Bit-identical to [`dot_multi`] per row.
+///
+/// # Safety
+/// As for [`dot_multi`], for every row (`rows.len()` a multiple of `rb`, `out.len()` =
+/// rows × `ntok`) and tokens `t0..t0 + ntok`.
+pub(super) unsafe fn dot_rows_multi(ty: WeightType, rows: &[u8], rb: usize, v: View<'_>, t0: usize, out: &mut [f32]) {
+    let nrows = rows.len() / rb;
+    let ntok = out.len() / nrows;
+    macro_rules! blocked {
+        ($k:expr) => {{
+            let mut r = 0;
+            while r < nrows {
+                let nr = RB.min(nrows - r);
+                let mut j = 0;
+                while j < ntok {
+                    let nt = TB.min(ntok - j);
+                    // SAFETY: rows `r..r + nr` and tokens `t0 + j ..+ nt` are inside what
+                    // the caller vouched for; the outputs written are
+                    // `out[(r + i) · ntok + j ..][..nt]`, `i < nr`, in bounds.
+                    unsafe {
+                        dot_legacy_rt::<{ $k }>(
+                            &rows[r * rb..(r + nr) * rb],
+                            rb,
+                            nr,
+                            &v,
+                            t0 + j,
+                            nt,
+                            &mut out[r * ntok + j..],
+                            ntok,
+                        )
+                    };
+                    j += nt;
+                }
+                r += nr;
+            }
+        }};
+    }
+    match ty {
+        WeightType::Q4_0 => blocked!(Q4_0),
+        WeightType::Q4_1 => blocked!(Q4_1),
+        WeightType::Q5_0 => blocked!(Q5_0),
+        WeightType::Q5_1 => blocked!(Q5_1),
+        // Q8_0 (which needs |w| and the signs here) and the K-quants: row by row. The
+        // blocked Q8_0 kernel measured no faster than `dot_multi` on AVX2.
+        _ => {
+            for (row, o) in rows.chunks_exact(rb).zip(out.chunks_exact_mut(ntok)) {
+                // SAFETY: the caller's contract, for this one row.
+                unsafe { dot_multi(ty, row, v, t0, o) };
+            }
+        }
+    }
+}
+
+/// Transposes 8 vectors of 8 `i32`: lane `k` of `out[m]` is lane `m` of `a[k]`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn transpose8(a: &[__m256i; 8]) -> [__m256i; 8] {
+    let t0 = _mm256_unpacklo_epi32(a[0], a[1]);
+    let t1 = _mm256_unpackhi_epi32(a[0], a[1]);
+    let t2 = _mm256_unpacklo_epi32(a[2], a[3]);
+    let t3 = _mm256_unpackhi_epi32(a[2], a[3]);
+    let t4 = _mm256_unpacklo_epi32(a[4], a[5]);
+    let t5 = _mm256_unpackhi_epi32(a[4], a[5]);
+    let t6 = _mm256_unpacklo_epi32(a[6], a[7]);
+    let t7 = _mm256_unpackhi_epi32(a[6], a[7]);
+    // Per 128-bit half h: u_i = lane 4h + i of a[0..4] (u0..u3), of a[4..8] (u4..u7).
+    let u0 = _mm256_unpacklo_epi64(t0, t2);
+    let u1 = _mm256_unpackhi_epi64(t0, t2);
+    let u2 = _mm256_unpacklo_epi64(t1, t3);
+    let u3 = _mm256_unpackhi_epi64(t1, t3);
+    let u4 = _mm256_unpacklo_epi64(t4, t6);
+    let u5 = _mm256_unpackhi_epi64(t4, t6);
+    let u6 = _mm256_unpacklo_epi64(t5, t7);
+    let u7 = _mm256_unpackhi_epi64(t5, t7);
+    [
+        _mm256_permute2x128_si256::<0x20>(u0, u4),
+        _mm256_permute2x128_si256::<0x20>(u1, u5),
+        _mm256_permute2x128_si256::<0x20>(u2, u6),
+        _mm256_permute2x128_si256::<0x20>(u3, u7),
+        _mm256_permute2x128_si256::<0x31>(u0, u4),
+        _mm256_permute2x128_si256::<0x31>(u1, u5),
+        _mm256_permute2x128_si256::<0x31>(u2, u6),
+        _mm256_permute2x128_si256::<0x31>(u3, u7),
+    ]
+}
+
+/// `nr ≤ RB` rows × `nt ≤ TB` tokens of kind `K`: `out[i · stride + j]` = row `i` ·
+/// token `t0 + j`.
+///
+/// # Safety
+/// `rows` holds `nr` rows of `rb` bytes (`v.nblk` blocks of kind `K` each); tokens
+/// `t0..t0 + nt` exist in `v`, in the kind's activation format;
+/// `out.len() >= (nr - 1) · stride + nt`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_legacy_rt<const K: u8>(
+    rows: &[u8],
+    rb: usize,
+    nr: usize,
+    v: &View<'_>,
+    t0: usize,
+    nt: usize,
+    out: &mut [f32],
+    stride: usize,
+) {
+    align_frame();
+    let mut acc = [[_mm256_setzero_ps(); TB]; RB];
+    let nb = v.nblk;
+    let mut c = 0;
+    // SAFETY (all calls): blocks `c..c + N` exist; the rest is the caller's contract.
+    unsafe {
+        while c + 8 <= nb {
+            legacy_chunk_rt::<K, 8>(rows, rb, nr, v, t0, nt, c, &mut acc);
+            c += 8;
+        }
+        match nb - c {
+            0 => {}
+            1 => legacy_chunk_rt::<K, 1>(rows, rb, nr, v, t0, nt, c, &mut acc),
+            2 => legacy_chunk_rt::<K, 2>(rows, rb, nr, v, t0, nt, c, &mut acc),
+            3 => legacy_chunk_rt::<K, 3>(rows, rb, nr, v, t0, nt, c, &mut acc),
+            4 => legacy_chunk_rt::<K, 4>(rows, rb, nr, v, t0, nt, c, &mut acc),
+            5 => legacy_chunk_rt::<K, 5>(rows, rb, nr, v, t0, nt, c, &mut acc),
+            6 => legacy_chunk_rt::<K, 6>(rows, rb, nr, v, t0, nt, c, &mut acc),
+            _ => legacy_chunk_rt::<K, 7>(rows, rb, nr, v, t0, nt, c, &mut acc),
+        }
+    }
+    for (i, a) in acc.iter().enumerate().take(nr) {
+        for (j, &aj) in a.iter().enumerate().take(nt) {
+            out[i * stride + j] = hsum_ps(aj);
+        }
+    }
+}
+
+/// Blocks `c..c + N` of `nr` rows against `nt` tokens. Each token's 8 blocks are
+/// transposed once (shared by the rows), each row's decoded blocks once (shared by
+/// the tokens), so the byte dots of the 8 transposed vectors leave block `k`'s exact
+/// integer dot in lane `k` with no horizontal sums: the same `i32` lanes as
+/// [`legacy_chunk`]'s [`sum_lanes8`], and the same `f32` operations after them, so
+/// every (row, token) result is bit-identical to [`dot_legacy`].
+///
+/// For the 4- and 5-bit kinds four `vpmaddubsw` results are added in `i16` before
+/// the widening `vpmaddwd`: 8 products of levels ≤ 31 and quants ≤ 127 in magnitude
+/// are at most `8 · 31 · 127 = 31496`, so nothing saturates or wraps.
+///
+/// # Safety
+/// As for [`dot_legacy_rt`]; `c + N <= v.nblk`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn legacy_chunk_rt<const K: u8, const N: usize>(
+    rows: &[u8],
+    rb: usize,
+    nr: usize,
+    v: &View<'_>,
+    t0: usize,
+    nt: usize,
+    c: usize,
+    acc: &mut [[__m256; TB]; RB],
+) {
+    let bytes = legacy_bytes(K);
+    // Per token: transposed quants, zero-point term, scales (and Q8_1 sums).
+    let mut xt = [[_mm256_setzero_si256(); 8]; TB];
+    let mut zt = [_mm256_setzero_si256(); TB];
+    let mut dx = [_mm256_setzero_ps(); TB];
+    let mut sx = [_mm256_setzero_ps(); TB];
+    for j in 0..nt {
+        let t = t0 + j;
+        let mut x = [_mm256_setzero_si256(); 8];
+        for (k, xk) in x.iter_mut().enumerate().take(N) {
+            // SAFETY: token `t`, block `c + k` are inside the activation quants (caller).
+            *xk = unsafe { load32(v.qs.as_ptr().add(t * v.cols + (c + k) * QK)) };
+        }
+        xt[j] = transpose8(&x);
+        let i = t * v.nblk + c;
+        if K == Q4_0 || K == Q5_0 {
+            // SAFETY: token `t`'s blocks `c..c + N` exist (caller).
+            let qsum = unsafe { load_i32s::<N>(v.qsum, i) };
+            // The token's sums start at `-z · Σq`.
+            zt[j] = _mm256_sub_epi32(
+                _mm256_setzero_si256(),
+                if K == Q4_0 {
+                    _mm256_slli_epi32::<3>(qsum)
+                } else {
+                    _mm256_slli_epi32::<4>(qsum)
+                },
+            );
+        }
+        // SAFETY: as above.
+        dx[j] = unsafe { load_f32s::<N>(v.d, i) };
+        if has_min(K) {
+            // SAFETY: as above (Q8_1 activations carry `s`).
+            sx[j] = unsafe { load_f32s::<N>(v.s, i) };
+        }
+    }
+    let ones = _mm256_set1_epi16(1);
+    for (r, ar) in acc.iter_mut().enumerate().take(nr) {
+        // SAFETY: blocks `c..c + N` of row `r < nr` lie inside `rows` (caller).
+        let p = unsafe { rows.as_ptr().add(r * rb + c * bytes) };
+        // SAFETY: as above; `d` is at offset 0 of every block, `m` at 2.
+        let (dw, mw) = unsafe {
+            if has_min(K) {
+                gather_f16_pairs::<N>(p, bytes)
+            } else {
+                (gather_f16::<N>(p, bytes), _mm256_setzero_ps())
+            }
+        };
+        let mut wq = [_mm256_setzero_si256(); 8];
+        for (k, wk) in wq.iter_mut().enumerate().take(N) {
+            // SAFETY: block `k < N` of the chunk is readable.
+            *wk = unsafe { levels::<K>(p.add(k * bytes)) };
+        }
+        // Q8_0 is signed: |w| and the signs, transposed alike.
+        let ws = transpose8(&wq);
+        let wt = if K == Q8_0 {
+            let mut wa = wq;
+            for w in wa.iter_mut() {
+                *w = _mm256_abs_epi8(*w);
+            }
+            transpose8(&wa)
+        } else {
+            ws
+        };
+        for (j, a) in ar.iter_mut().enumerate().take(nt) {
+            let x = &xt[j];
+            // Starts at `-z · Σq` (zero for the kinds without a zero point): exact `i32`
+            // sums, in any order.
+            let mut isum = zt[j];
+            if K == Q8_0 {
+                for m in 0..8 {
+                    let prod = _mm256_maddubs_epi16(wt[m], _mm256_sign_epi8(x[m], ws[m]));
+                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(prod, ones));
+                }
+            } else {
+                for h in 0..2 {
+                    let m = 4 * h;
+                    let p01 = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(wt[m], x[m]),
+                        _mm256_maddubs_epi16(wt[m + 1], x[m + 1]),
+                    );
+                    let p23 = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(wt[m + 2], x[m + 2]),
+                        _mm256_maddubs_epi16(wt[m + 3], x[m + 3]),
+                    );
+                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_add_epi16(p01, p23), ones));
+                }
+            }
+            let scale = _mm256_mul_ps(dw, dx[j]);
+            *a = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum), *a);
+            if has_min(K) {
+                *a = _mm256_fmadd_ps(mw, sx[j], *a);
+            }
+        }
+    }
+}

@@ -1,0 +1,637 @@
+//! Chat templates: renders a conversation into the prompt text a model was trained on,
+//! the way Hugging Face transformers' `apply_chat_template(..., tokenize=False)` does.
+//!
+//! Templates are Jinja, run with minijinja set up like transformers' environment:
+//! `trim_blocks` and `lstrip_blocks` on, a single trailing newline dropped, loop controls
+//! (`break`/`continue`), Python string/dict/list methods (`strip`, `split`, `startswith`,
+//! `items`, ...) through minijinja-contrib's pycompat, and transformers' globals:
+//! `raise_exception(msg)` (an `Err` carrying the message), `strftime_now(fmt)` (UTC), and
+//! the `tojson` filter as `json.dumps(x, ensure_ascii=False, indent=None, separators=None,
+//! sort_keys=False)`. The context holds `messages`, `add_generation_prompt`, `bos_token`,
+//! `eos_token`, `tools` (none unless given), `documents` (none), and `enable_thinking`
+//! only when set, as transformers passes it only when the caller does.
+//!
+//! Known difference: object keys inside `tools` reach the template in the order of the
+//! `serde_json::Value` given; without serde_json's `preserve_order` feature that order is
+//! sorted, whereas Python keeps insertion order, so a template dumping tool schemas
+//! (`tool | tojson`) matches transformers only for schemas whose keys are already sorted.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use minijinja::value::{Kwargs, Value, ValueKind};
+use minijinja::{Environment, ErrorKind};
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+const TEMPLATE_NAME: &str = "chat_template";
+
+/// One turn of a conversation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: Content,
+}
+
+impl Message {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Message {
+        Message {
+            role: role.into(),
+            content: Content::Text(content.into()),
+        }
+    }
+    pub fn system(content: impl Into<String>) -> Message {
+        Message::new("system", content)
+    }
+    pub fn user(content: impl Into<String>) -> Message {
+        Message::new("user", content)
+    }
+    pub fn assistant(content: impl Into<String>) -> Message {
+        Message::new("assistant", content)
+    }
+}
+
+/// A message's content: plain text, or a list of parts such as
+/// `{"type": "text", "text": ".."}` (passed to the template as given).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<serde_json::Value>),
+}
+
+/// Where a chat template came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplateSource {
+    /// A `chat_template.jinja` file.
+    ChatTemplateJinja(PathBuf),
+    /// The `chat_template` entry of a `tokenizer_config.json`.
+    TokenizerConfig(PathBuf),
+    /// GGUF metadata `tokenizer.chat_template`.
+    Gguf,
+    /// ffai's built-in turn format for a family whose checkpoint has no template.
+    FamilyFallback(&'static str),
+}
+
+impl fmt::Display for TemplateSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TemplateSource::ChatTemplateJinja(p) => write!(f, "{}", p.display()),
+            TemplateSource::TokenizerConfig(p) => write!(f, "{} (chat_template)", p.display()),
+            TemplateSource::Gguf => f.write_str("GGUF tokenizer.chat_template"),
+            TemplateSource::FamilyFallback(name) => write!(f, "built-in {name} chat template"),
+        }
+    }
+}
+
+/// What a render needs besides the messages.
+#[derive(Debug, Clone, Default)]
+pub struct RenderOptions {
+    /// Open an assistant turn at the end (for generation).
+    pub add_generation_prompt: bool,
+    pub bos_token: String,
+    pub eos_token: String,
+    /// Tool schemas (a JSON list), or none.
+    pub tools: Option<serde_json::Value>,
+    /// Passed to the template only when set (Qwen3's thinking switch).
+    pub enable_thinking: Option<bool>,
+}
+
+/// A compiled chat template.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    origin: TemplateSource,
+}
+
+impl fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChatTemplate").field("origin", &self.origin).finish()
+    }
+}
+
+impl ChatTemplate {
+    /// Compiles a template; a syntax error names where the template came from.
+    pub fn new(source: &str, origin: TemplateSource) -> Result<ChatTemplate> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_keep_trailing_newline(false);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_filter("tojson", tojson_filter);
+        env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
+        env.add_template_owned(TEMPLATE_NAME, source.to_owned())
+            .map_err(|e| template_error(&origin, &e))?;
+        Ok(ChatTemplate { env, origin })
+    }
+
+    /// The template of a Hugging Face directory: `chat_template.jinja`, else the
+    /// `chat_template` of `tokenizer_config.json` (a string, or a list of
+    /// `{name, template}` from which "default" is taken), else none.
+    pub fn from_hf_dir(dir: &Path) -> Result<Option<ChatTemplate>> {
+        let jinja = dir.join("chat_template.jinja");
+        if jinja.is_file() {
+            let text = std::fs::read_to_string(&jinja).map_err(|e| Error::new(format!("{}: {e}", jinja.display())))?;
+            return ChatTemplate::new(&text, TemplateSource::ChatTemplateJinja(jinja)).map(Some);
+        }
+        let cfg_path = dir.join("tokenizer_config.json");
+        if !cfg_path.is_file() {
+            return Ok(None);
+        }
+        let text =
+            std::fs::read_to_string(&cfg_path).map_err(|e| Error::new(format!("{}: {e}", cfg_path.display())))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::new(format!("{}: invalid JSON: {e}", cfg_path.display())))?;
+        let source = match json.get("chat_template") {
+            None | Some(serde_json::Value::Null) => return Ok(None),
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(serde_json::Value::Array(list)) => pick_named_template(list, &cfg_path)?,
+            Some(other) => {
+                return Err(Error::new(format!(
+                    "{}: chat_template is neither a string nor a list of named templates: {other}",
+                    cfg_path.display()
+                )))
+            }
+        };
+        ChatTemplate::new(&source, TemplateSource::TokenizerConfig(cfg_path)).map(Some)
+    }
+
+    /// A family's known turn format, for checkpoints without a template: "gemma"
+    /// (also "gemma2", "gemma3") and "chatml".
+    pub fn fallback(family: &str) -> Option<ChatTemplate> {
+        let (name, source) = match family.to_ascii_lowercase().as_str() {
+            "gemma" | "gemma2" | "gemma3" => ("gemma", GEMMA_FALLBACK),
+            "chatml" => ("chatml", CHATML_FALLBACK),
+            _ => return None,
+        };
+        // The built-in sources are fixed and known to compile.
+        ChatTemplate::new(source, TemplateSource::FamilyFallback(name)).ok()
+    }
+
+    pub fn origin(&self) -> &TemplateSource {
+        &self.origin
+    }
+
+    /// Renders a conversation; `raise_exception` in the template, or any runtime error,
+    /// comes back as an `Err` naming the template's origin.
+    pub fn render(&self, messages: &[Message], opts: &RenderOptions) -> Result<String> {
+        let tmpl = self
+            .env
+            .get_template(TEMPLATE_NAME)
+            .map_err(|e| template_error(&self.origin, &e))?;
+        let mut ctx: Vec<(&str, Value)> = vec![
+            ("messages", Value::from_serialize(messages)),
+            ("add_generation_prompt", Value::from(opts.add_generation_prompt)),
+            ("bos_token", Value::from(opts.bos_token.as_str())),
+            ("eos_token", Value::from(opts.eos_token.as_str())),
+            (
+                "tools",
+                opts.tools.as_ref().map_or(Value::from(()), Value::from_serialize),
+            ),
+            ("documents", Value::from(())),
+        ];
+        if let Some(t) = opts.enable_thinking {
+            ctx.push(("enable_thinking", Value::from(t)));
+        }
+        let ctx: Value = ctx.into_iter().collect();
+        tmpl.render(ctx).map_err(|e| template_error(&self.origin, &e))
+    }
+}
+
+fn pick_named_template(list: &[serde_json::Value], cfg_path: &Path) -> Result<String> {
+    let mut names = Vec::new();
+    for entry in list {
+        let name = entry.get("name").and_then(|n| n.as_str());
+        let template = entry.get("template").and_then(|t| t.as_str());
+        match (name, template) {
+            (Some("default"), Some(t)) => return Ok(t.to_owned()),
+            (Some(n), Some(_)) => names.push(n.to_owned()),
+            _ => {
+                return Err(Error::new(format!(
+                    "{}: chat_template list entries need a \"name\" and a \"template\" string",
+                    cfg_path.display()
+                )))
+            }
+        }
+    }
+    Err(Error::new(format!(
+        "{}: chat_template has no template named \"default\" (found: {})",
+        cfg_path.display(),
+        names.join(", ")
+    )))
+}
+
+fn template_error(origin: &TemplateSource, e: &minijinja::Error) -> Error {
+    let mut msg = format!("chat template from {origin}: {e}");
+    // Nested causes (e.g. an error raised inside a macro or filter) carry the useful detail.
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    Error::new(msg)
+}
+
+const GEMMA_FALLBACK: &str = "{{ bos_token }}\
+{%- if messages and messages[0]['role'] == 'system' -%}\
+{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}\
+{%- set loop_messages = messages[1:] -%}\
+{%- else -%}\
+{%- set first_user_prefix = '' -%}\
+{%- set loop_messages = messages -%}\
+{%- endif -%}\
+{%- for message in loop_messages -%}\
+{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}\
+{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}\
+{%- if message['content'] is string -%}{{ message['content'] | trim }}\
+{%- else -%}{%- for item in message['content'] -%}{%- if item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}{%- endfor -%}\
+{%- endif -%}\
+{{ '<end_of_turn>\\n' }}\
+{%- endfor -%}\
+{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}";
+
+const CHATML_FALLBACK: &str = "{%- for message in messages -%}\
+{{ '<|im_start|>' + message['role'] + '\\n' }}\
+{%- if message['content'] is string -%}{{ message['content'] }}\
+{%- else -%}{%- for item in message['content'] -%}{%- if item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}{%- endfor -%}\
+{%- endif -%}\
+{{ '<|im_end|>\\n' }}\
+{%- endfor -%}\
+{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}";
+
+// ---- transformers' helpers ----
+
+fn raise_exception(msg: String) -> std::result::Result<Value, minijinja::Error> {
+    Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+}
+
+fn strftime_now(fmt: String) -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    strftime_utc(&fmt, secs)
+}
+
+const MONTHS: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
+const WEEKDAYS: [&str; 7] = [
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
+];
+
+/// C/Python `strftime` for a UTC Unix time (the C-locale subset templates use: `%d %b %Y`,
+/// `%B`, `%m`, `%H:%M:%S`, `%a`/`%A`, `%y`, `%j`, `%I %p`, `%e`, glibc's `%-d`, `%%`).
+pub fn strftime_utc(fmt: &str, unix_secs: i64) -> String {
+    let days = unix_secs.div_euclid(86_400);
+    let secs_of_day = unix_secs.rem_euclid(86_400);
+    let (year, month, day) = civil_from_days(days);
+    let (hour, minute, second) = (secs_of_day / 3600, secs_of_day / 60 % 60, secs_of_day % 60);
+    let weekday = (days + 3).rem_euclid(7) as usize; // 1970-01-01 was a Thursday (index 3 from Monday)
+    let yday = days - days_from_civil(year, 1, 1) + 1;
+    let mut out = String::new();
+    let mut chars = fmt.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        let mut spec = chars.next();
+        let no_pad = spec == Some('-');
+        if no_pad {
+            spec = chars.next();
+        }
+        let num = |v: i64, width: usize| {
+            if no_pad {
+                v.to_string()
+            } else {
+                format!("{v:0width$}")
+            }
+        };
+        match spec {
+            Some('d') => out.push_str(&num(day as i64, 2)),
+            Some('e') => out.push_str(&if no_pad { day.to_string() } else { format!("{day:>2}") }),
+            Some('m') => out.push_str(&num(month as i64, 2)),
+            Some('Y') => out.push_str(&year.to_string()),
+            Some('y') => out.push_str(&num(year.rem_euclid(100), 2)),
+            Some('b') | Some('h') => out.push_str(&MONTHS[month as usize - 1][..3]),
+            Some('B') => out.push_str(MONTHS[month as usize - 1]),
+            Some('a') => out.push_str(&WEEKDAYS[weekday][..3]),
+            Some('A') => out.push_str(WEEKDAYS[weekday]),
+            Some('H') => out.push_str(&num(hour, 2)),
+            Some('I') => out.push_str(&num((hour + 11) % 12 + 1, 2)),
+            Some('p') => out.push_str(if hour < 12 { "AM" } else { "PM" }),
+            Some('M') => out.push_str(&num(minute, 2)),
+            Some('S') => out.push_str(&num(second, 2)),
+            Some('j') => out.push_str(&num(yday, 3)),
+            Some('F') => out.push_str(&format!("{year}-{month:02}-{day:02}")),
+            Some('T') => out.push_str(&format!("{hour:02}:{minute:02}:{second:02}")),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                if no_pad {
+                    out.push('-');
+                }
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// `tojson` as transformers overrides it: Python's `json.dumps(x, ensure_ascii=False,
+/// indent=None, separators=None, sort_keys=False)`; `ensure_ascii` and `indent` may also be
+/// passed by position.
+fn tojson_filter(
+    value: Value,
+    ensure_ascii: Option<Value>,
+    indent: Option<Value>,
+    kwargs: Kwargs,
+) -> std::result::Result<Value, minijinja::Error> {
+    let pick = |pos: Option<Value>, name: &str| -> std::result::Result<Option<Value>, minijinja::Error> {
+        match kwargs.get::<Option<Value>>(name)? {
+            Some(v) => Ok(Some(v)),
+            None => Ok(pos),
+        }
+    };
+    let ensure_ascii = pick(ensure_ascii, "ensure_ascii")?.is_some_and(|v| v.is_true());
+    let indent = match pick(indent, "indent")? {
+        None => None,
+        Some(v) if v.is_none() || v.is_undefined() => None,
+        Some(v) => match v.as_str() {
+            Some(s) => Some(s.to_owned()),
+            None => {
+                let n = i64::try_from(v.clone()).map_err(|_| {
+                    minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: bad indent {v}"))
+                })?;
+                Some(" ".repeat(n.max(0) as usize))
+            }
+        },
+    };
+    let (item_sep, key_sep) = match pick(None, "separators")? {
+        Some(v) if !v.is_none() && !v.is_undefined() => {
+            let parts: Vec<String> = v.try_iter()?.map(|p| p.to_string()).collect();
+            if parts.len() != 2 {
+                return Err(minijinja::Error::new(
+                    ErrorKind::InvalidOperation,
+                    "tojson: separators must be a pair of strings",
+                ));
+            }
+            (parts[0].clone(), parts[1].clone())
+        }
+        _ => (if indent.is_some() { "," } else { ", " }.to_owned(), ": ".to_owned()),
+    };
+    let sort_keys = pick(None, "sort_keys")?.is_some_and(|v| v.is_true());
+    kwargs.assert_all_used()?;
+    let dumper = JsonDumper {
+        ensure_ascii,
+        indent,
+        item_sep,
+        key_sep,
+        sort_keys,
+    };
+    let mut out = String::new();
+    dumper.dump(&value, 0, &mut out)?;
+    Ok(Value::from(out))
+}
+
+struct JsonDumper {
+    ensure_ascii: bool,
+    indent: Option<String>,
+    item_sep: String,
+    key_sep: String,
+    sort_keys: bool,
+}
+
+impl JsonDumper {
+    fn newline(&self, level: usize, out: &mut String) {
+        if let Some(ind) = &self.indent {
+            out.push('\n');
+            for _ in 0..level {
+                out.push_str(ind);
+            }
+        }
+    }
+
+    fn dump(&self, v: &Value, level: usize, out: &mut String) -> std::result::Result<(), minijinja::Error> {
+        match v.kind() {
+            ValueKind::Undefined | ValueKind::None => out.push_str("null"),
+            ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
+            ValueKind::Number => {
+                if v.is_integer() {
+                    out.push_str(&v.to_string());
+                } else {
+                    let f = f64::try_from(v.clone())?;
+                    out.push_str(&python_float_repr(f));
+                }
+            }
+            ValueKind::String => self.string(v.as_str().unwrap_or_default(), out),
+            ValueKind::Map => {
+                let mut keys: Vec<Value> = v.try_iter()?.collect();
+                if keys.is_empty() {
+                    out.push_str("{}");
+                    return Ok(());
+                }
+                if self.sort_keys {
+                    keys.sort();
+                }
+                out.push('{');
+                for (i, key) in keys.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(&self.item_sep);
+                    }
+                    self.newline(level + 1, out);
+                    match key.kind() {
+                        ValueKind::String => self.string(key.as_str().unwrap_or_default(), out),
+                        // json.dumps turns scalar keys into strings.
+                        ValueKind::None => out.push_str("\"null\""),
+                        ValueKind::Bool => out.push_str(if key.is_true() { "\"true\"" } else { "\"false\"" }),
+                        _ => {
+                            let mut k = String::new();
+                            self.dump(key, level + 1, &mut k)?;
+                            self.string(&k, out);
+                        }
+                    }
+                    out.push_str(&self.key_sep);
+                    self.dump(&v.get_item(key)?, level + 1, out)?;
+                }
+                self.newline(level, out);
+                out.push('}');
+            }
+            ValueKind::Seq | ValueKind::Iterable => {
+                let items: Vec<Value> = v.try_iter()?.collect();
+                if items.is_empty() {
+                    out.push_str("[]");
+                    return Ok(());
+                }
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(&self.item_sep);
+                    }
+                    self.newline(level + 1, out);
+                    self.dump(item, level + 1, out)?;
+                }
+                self.newline(level, out);
+                out.push(']');
+            }
+            _ => {
+                return Err(minijinja::Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("tojson: object of kind {} is not JSON serializable", v.kind()),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    fn string(&self, s: &str, out: &mut String) {
+        out.push('"');
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                '\u{8}' => out.push_str("\\b"),
+                '\u{c}' => out.push_str("\\f"),
+                c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+                c if self.ensure_ascii && (c as u32) > 0x7e => {
+                    let mut buf = [0u16; 2];
+                    for unit in c.encode_utf16(&mut buf) {
+                        out.push_str(&format!("\\u{unit:04x}"));
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+}
+
+/// Python's `repr(float)` as `json.dumps` writes it: shortest round-trip digits, positional
+/// for exponents -4..16, otherwise `d.ddde+XX`; NaN and infinities as Python spells them.
+fn python_float_repr(f: f64) -> String {
+    if f.is_nan() {
+        return "NaN".into();
+    }
+    if f.is_infinite() {
+        return if f > 0.0 { "Infinity".into() } else { "-Infinity".into() };
+    }
+    let sci = format!("{f:e}"); // e.g. "-1.5e-7", shortest round-trip digits
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let (neg, mantissa) = match mantissa.strip_prefix('-') {
+        Some(m) => (true, m),
+        None => (false, mantissa),
+    };
+    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+    let mut out = String::new();
+    if neg {
+        out.push('-');
+    }
+    if (-4..16).contains(&exp) {
+        if exp < 0 {
+            out.push_str("0.");
+            out.push_str(&"0".repeat((-exp - 1) as usize));
+            out.push_str(&digits);
+        } else {
+            let int_len = exp as usize + 1;
+            if digits.len() <= int_len {
+                out.push_str(&digits);
+                out.push_str(&"0".repeat(int_len - digits.len()));
+                out.push_str(".0");
+            } else {
+                out.push_str(&digits[..int_len]);
+                out.push('.');
+                out.push_str(&digits[int_len..]);
+            }
+        }
+    } else {
+        out.push_str(&digits[..1]);
+        if digits.len() > 1 {
+            out.push('.');
+            out.push_str(&digits[1..]);
+        }
+        out.push_str(&format!("e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs()));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strftime_matches_python() {
+        // datetime.fromtimestamp(1700000000, timezone.utc): Tuesday 14 Nov 2023 22:13:20
+        let t = 1_700_000_000;
+        assert_eq!(strftime_utc("%d %b %Y", t), "14 Nov 2023");
+        assert_eq!(
+            strftime_utc("%A %B %-d, %y %H:%M:%S %I%p %j %%", t),
+            "Tuesday November 14, 23 22:13:20 10PM 318 %"
+        );
+        assert_eq!(strftime_utc("%a %e %m", 0), "Thu  1 01");
+        assert_eq!(strftime_utc("%Y-%m-%d", 951_782_400), "2000-02-29");
+    }
+
+    #[test]
+    fn float_repr_matches_python() {
+        for (f, s) in [
+            (1.0, "1.0"),
+            (0.1, "0.1"),
+            (-2.5, "-2.5"),
+            (1e16, "1e+16"),
+            (1.5e-7, "1.5e-07"),
+            (0.0001, "0.0001"),
+            (123456789.125, "123456789.125"),
+            (1e15, "1000000000000000.0"),
+        ] {
+            assert_eq!(python_float_repr(f), s, "{f}");
+        }
+    }
+}
