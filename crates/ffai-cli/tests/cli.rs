@@ -302,3 +302,59 @@ fn bad_flags_fail_cleanly() {
     let out = ffai(&["inspect", "-m", &smollm2(), "--prompt-ids", "999999"]);
     assert_clean_failure(&out, "outside the vocabulary");
 }
+
+#[test]
+fn render_chat_and_generate_chat_use_the_gguf_template() {
+    let dir = temp_dir("chat");
+    let msgs = dir.join("m.json");
+    std::fs::write(
+        &msgs,
+        r#"[{"role":"system","content":"Be brief."},{"role":"user","content":"Hi"}]"#,
+    )
+    .unwrap();
+    let out = ffai(&[
+        "render-chat",
+        "-m",
+        &smollm2(),
+        "--messages",
+        msgs.to_str().unwrap(),
+        "--add-generation-prompt",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    // --chat: the prompt ids are the rendered template's (default system prompt included).
+    let j = stdout_json(&ffai(&[
+        "generate",
+        "-m",
+        &smollm2(),
+        "-p",
+        "Hi",
+        "--chat",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "4",
+        "--json",
+    ]));
+    let ids: Vec<u64> = j["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(ids.first(), Some(&1), "starts with <|im_start|>");
+    assert_eq!(
+        &ids[ids.len() - 3..],
+        &[520, 9531, 198],
+        "ends with <|im_start|>assistant\\n"
+    );
+    // A messages file that is not a list of messages is a clean error.
+    std::fs::write(&msgs, "{}").unwrap();
+    assert_clean_failure(
+        &ffai(&["render-chat", "-m", &smollm2(), "--messages", msgs.to_str().unwrap()]),
+        "chat messages",
+    );
+}
