@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use ffai_kernels::backend::{AttnShape, Backend, HostBytes, RopeParams};
 
-use super::{check_tokens, InferenceState, LanguageModel};
+use ffai_kernels::cpu::CpuBackend;
+
+use super::{check_tokens, Device, InferenceState, LanguageModel};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::generate::GenerationParameters;
@@ -120,6 +122,19 @@ impl DecoderSpec {
             long_ropes: None,
             rope_neox: cfg.rope_neox,
         }
+    }
+}
+
+/// Builds the decoder on the given device (the one place a family meets the backends).
+pub fn build(
+    cfg: &ModelConfig,
+    w: &Weights,
+    dev: &Device,
+    spec: DecoderSpec,
+    id: Identity,
+) -> Result<Box<dyn LanguageModel>> {
+    match dev {
+        Device::Cpu(b) => Ok(Box::new(Decoder::<CpuBackend>::load(cfg, w, b.clone(), spec, id)?)),
     }
 }
 

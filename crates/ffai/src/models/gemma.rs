@@ -8,10 +8,9 @@
 //!   `layer_types` says) is global with RoPE base 1e6 and optional linear scaling, the
 //!   others local with base 1e4; no attention soft-cap.
 
-use ffai_kernels::cpu::CpuBackend;
 use serde_json::Value;
 
-use super::decoder::{Decoder, DecoderSpec, Identity, LayerAttn, Mlp, NormKind, NormPlacement, QkNorm};
+use super::decoder::{self, DecoderSpec, Identity, LayerAttn, Mlp, NormKind, NormPlacement, QkNorm};
 use super::{Device, Family, LanguageModel};
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::Result;
@@ -187,7 +186,5 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
         variant: v.name(),
         defaults: v.default_parameters(),
     };
-    match dev {
-        Device::Cpu(b) => Ok(Box::new(Decoder::<CpuBackend>::load(cfg, w, b.clone(), spec, id)?)),
-    }
+    decoder::build(cfg, w, dev, spec, id)
 }

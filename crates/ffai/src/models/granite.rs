@@ -2,9 +2,7 @@
 //! each branch × residual_multiplier before the residual add, attention scores ×
 //! attention_multiplier (instead of 1/sqrt(head_dim)), logits ÷ logits_scaling.
 
-use ffai_kernels::cpu::CpuBackend;
-
-use super::decoder::{Decoder, DecoderSpec, Identity};
+use super::decoder::{self, DecoderSpec, Identity};
 use super::{Device, Family, LanguageModel};
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -56,7 +54,5 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
         variant: Granite3::NAME,
         defaults: Granite3::default_parameters(),
     };
-    match dev {
-        Device::Cpu(b) => Ok(Box::new(Decoder::<CpuBackend>::load(cfg, w, b.clone(), spec, id)?)),
-    }
+    decoder::build(cfg, w, dev, spec, id)
 }

@@ -3,9 +3,7 @@
 //! Mistral (sliding window) and Qwen2 (q/k/v bias): the variants differ in defaults;
 //! the forward pass is the shared decoder driven by the config.
 
-use ffai_kernels::cpu::CpuBackend;
-
-use super::decoder::{Decoder, DecoderSpec, Identity};
+use super::decoder::{self, DecoderSpec, Identity};
 use super::{Device, Family, LanguageModel};
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -126,7 +124,5 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
         variant: variant.name(),
         defaults: variant.default_parameters(),
     };
-    match dev {
-        Device::Cpu(b) => Ok(Box::new(Decoder::<CpuBackend>::load(&cfg, w, b.clone(), spec, id)?)),
-    }
+    decoder::build(&cfg, w, dev, spec, id)
 }

@@ -2,9 +2,7 @@
 //! x + norm(mlp(x))), and RMSNorm on q and k over the whole projection before the
 //! heads are split.
 
-use ffai_kernels::cpu::CpuBackend;
-
-use super::decoder::{Decoder, DecoderSpec, Identity, NormPlacement, QkNorm};
+use super::decoder::{self, DecoderSpec, Identity, NormPlacement, QkNorm};
 use super::{Device, Family, LanguageModel};
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -43,7 +41,5 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
         variant: Olmo2::NAME,
         defaults: Olmo2::default_parameters(),
     };
-    match dev {
-        Device::Cpu(b) => Ok(Box::new(Decoder::<CpuBackend>::load(cfg, w, b.clone(), spec, id)?)),
-    }
+    decoder::build(cfg, w, dev, spec, id)
 }

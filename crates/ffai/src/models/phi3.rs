@@ -4,9 +4,7 @@
 //! (chosen per sequence by its context length), with an attention factor on cos/sin
 //! that we fold into the attention scale (it multiplies q·k by its square).
 
-use ffai_kernels::cpu::CpuBackend;
-
-use super::decoder::{Decoder, DecoderSpec, Identity};
+use super::decoder::{self, DecoderSpec, Identity};
 use super::{Device, Family, LanguageModel};
 use crate::config::{ModelConfig, RopeScaling};
 use crate::ensure;
@@ -78,7 +76,5 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
         variant: Phi3::NAME,
         defaults: Phi3::default_parameters(),
     };
-    match dev {
-        Device::Cpu(b) => Ok(Box::new(Decoder::<CpuBackend>::load(cfg, w, b.clone(), spec, id)?)),
-    }
+    decoder::build(cfg, w, dev, spec, id)
 }

@@ -1,9 +1,7 @@
 //! Qwen3 (dense): the Llama block with a per-head RMSNorm on q and k before RoPE
 //! (q_norm / k_norm), no q/k/v bias, and a head_dim that need not be hidden/heads.
 
-use ffai_kernels::cpu::CpuBackend;
-
-use super::decoder::{Decoder, DecoderSpec, Identity, QkNorm};
+use super::decoder::{self, DecoderSpec, Identity, QkNorm};
 use super::{Device, Family, LanguageModel};
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -51,7 +49,5 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
         variant: Qwen3Dense::NAME,
         defaults: Qwen3Dense::default_parameters(),
     };
-    match dev {
-        Device::Cpu(b) => Ok(Box::new(Decoder::<CpuBackend>::load(&cfg, w, b.clone(), spec, id)?)),
-    }
+    decoder::build(&cfg, w, dev, spec, id)
 }

@@ -1,9 +1,7 @@
 //! StarCoder 2: LayerNorm with bias, biased q/k/v/o projections, a plain (ungated)
 //! GELU MLP with biases (c_fc → gelu_tanh → c_proj), and a sliding window.
 
-use ffai_kernels::cpu::CpuBackend;
-
-use super::decoder::{Decoder, DecoderSpec, Identity, Mlp, NormKind};
+use super::decoder::{self, DecoderSpec, Identity, Mlp, NormKind};
 use super::{Device, Family, LanguageModel};
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -50,7 +48,5 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
         variant: StarCoder2::NAME,
         defaults: StarCoder2::default_parameters(),
     };
-    match dev {
-        Device::Cpu(b) => Ok(Box::new(Decoder::<CpuBackend>::load(cfg, w, b.clone(), spec, id)?)),
-    }
+    decoder::build(cfg, w, dev, spec, id)
 }
