@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::models::LanguageModel;
+use crate::models::{InferenceState, LanguageModel};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -209,6 +209,50 @@ impl Sampler {
             }
         }
         self.cand.last().map(|c| c.0).unwrap_or(0)
+    }
+}
+
+/// A conversation's KV cache kept across turns: each new prompt (the whole conversation
+/// so far) prefills only what follows the longest prefix already cached.
+pub struct Session {
+    pub state: InferenceState,
+    /// The tokens whose K/V the cache holds, in order.
+    pub tokens: Vec<u32>,
+}
+
+impl Session {
+    pub fn new(model: &dyn LanguageModel, max_seq: usize, chunk: usize) -> Result<Session> {
+        Ok(Session {
+            state: model.new_state(max_seq, chunk)?,
+            tokens: Vec::new(),
+        })
+    }
+
+    /// Brings the cache to `prompt` and writes the last token's logits. Returns how many
+    /// tokens were computed (the rest were reused). When a sliding-window layer's ring no
+    /// longer holds what the shared prefix needs, the prompt is recomputed from scratch.
+    pub fn prefill(&mut self, model: &dyn LanguageModel, prompt: &[u32], logits: &mut Vec<f32>) -> Result<usize> {
+        if prompt.is_empty() {
+            return Err(Error::new("the prompt is empty (no tokens to condition on)"));
+        }
+        let mut keep = self.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        // At least the last token runs, so there are logits to return.
+        keep = keep.min(prompt.len() - 1);
+        if !model.can_rewind(&self.state, keep) {
+            keep = 0;
+        }
+        self.state.pos = keep;
+        self.tokens.truncate(keep);
+        model.forward(&prompt[keep..], &mut self.state, false, logits)?;
+        self.tokens.extend_from_slice(&prompt[keep..]);
+        Ok(prompt.len() - keep)
+    }
+
+    /// Feeds one generated token.
+    pub fn push(&mut self, model: &dyn LanguageModel, token: u32, logits: &mut Vec<f32>) -> Result<()> {
+        model.forward(&[token], &mut self.state, false, logits)?;
+        self.tokens.push(token);
+        Ok(())
     }
 }
 

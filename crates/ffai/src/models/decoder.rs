@@ -606,6 +606,18 @@ impl<B: Backend> LanguageModel for Decoder<B> {
         })
     }
 
+    fn can_rewind(&self, state: &InferenceState, len: usize) -> bool {
+        let Some(s) = state.inner.downcast_ref::<Scratch<B>>() else {
+            return false;
+        };
+        len <= state.pos
+            && self.spec.layers.iter().zip(&s.caps).all(|(l, &cap)| {
+                // The ring holds positions pos - cap .. pos; continuing at `len` needs
+                // len - window .. len.
+                l.window == 0 || cap >= state.pos || state.pos - len + l.window <= cap
+            })
+    }
+
     fn forward(
         &self,
         tokens: &[u32],

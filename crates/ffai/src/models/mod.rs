@@ -98,6 +98,10 @@ pub trait LanguageModel: Send + Sync {
         all_logits: bool,
         logits: &mut Vec<f32>,
     ) -> Result<()>;
+    /// Whether the cache can be cut back to its first `len` positions and continued from
+    /// there: always for global layers; a sliding-window layer's ring must still hold the
+    /// `window` positions before `len`.
+    fn can_rewind(&self, state: &InferenceState, len: usize) -> bool;
 }
 
 /// A registered family: the names it answers to and how to build it.

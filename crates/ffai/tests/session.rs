@@ -1,0 +1,92 @@
+//! Multi-turn prompt reuse: a `Session` prefills only what follows the cached prefix,
+//! and the logits equal a fresh full prefill.
+
+mod common;
+
+use std::path::Path;
+
+use ffai::config::ModelConfig;
+use ffai::generate::Session;
+use ffai::models::{family_for, Device, LanguageModel};
+use ffai::weights::Weights;
+use ffai::{LoadOptions, Model};
+
+fn fresh(m: &dyn LanguageModel, prompt: &[u32]) -> Vec<f32> {
+    let mut st = m.new_state(128, 4).unwrap();
+    let mut l = Vec::new();
+    m.forward(prompt, &mut st, false, &mut l).unwrap();
+    l
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// The Mistral parity fixture: sliding window 16; with a prefill chunk of 4 its ring
+/// buffers hold 20 rows.
+fn mistral() -> Box<dyn LanguageModel> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/parity/mistral");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let cfg = ModelConfig::from_hf_json(&json, "mistral").unwrap();
+    let w = Weights::from_safetensors_dir_for(&dir, &cfg.model_type).unwrap();
+    (family_for(&cfg, false).unwrap().load)(&cfg, &w, &Device::cpu_with(2, false, true)).unwrap()
+}
+
+#[test]
+fn second_turn_prefills_only_new_tokens_across_a_sliding_window() {
+    let m = mistral();
+    let ids: Vec<u32> = (0..60).map(|i| (i * 37 + 11) % 256).collect();
+    let mut s = Session::new(&*m, 128, 4).unwrap();
+    let mut logits = Vec::new();
+    // Turn 1: a prompt, then five "generated" tokens fed one by one.
+    assert_eq!(s.prefill(&*m, &ids[..30], &mut logits).unwrap(), 30);
+    for &t in &ids[30..35] {
+        s.push(&*m, t, &mut logits).unwrap();
+    }
+    // Turn 2: the conversation so far plus a new message: only those 15 tokens run.
+    assert_eq!(s.prefill(&*m, &ids[..50], &mut logits).unwrap(), 15);
+    let d = max_diff(&logits, &fresh(&*m, &ids[..50]));
+    assert!(d < 1e-4, "reused prefix differs from a fresh prefill by {d}");
+    // The same prompt again: only its last token is recomputed.
+    assert_eq!(s.prefill(&*m, &ids[..50], &mut logits).unwrap(), 1);
+    assert!(max_diff(&logits, &fresh(&*m, &ids[..50])) < 1e-4);
+    // An edit far back: the window's ring no longer holds what the short shared prefix
+    // needs, so everything is recomputed (and still correct).
+    let mut edited = ids[..10].to_vec();
+    edited.extend_from_slice(&ids[40..55]);
+    assert_eq!(s.prefill(&*m, &edited, &mut logits).unwrap(), edited.len());
+    assert!(max_diff(&logits, &fresh(&*m, &edited)) < 1e-4);
+    // A recent edit inside the ring's reach reuses the prefix.
+    let mut near = edited[..22].to_vec();
+    near.extend_from_slice(&[7, 8, 9]);
+    assert_eq!(s.prefill(&*m, &near, &mut logits).unwrap(), 3);
+    assert!(max_diff(&logits, &fresh(&*m, &near)) < 1e-4);
+}
+
+#[test]
+fn real_model_turn_two_reuses_turn_one() {
+    let m = Model::load(
+        common::real_model(common::SMOLLM2).to_str().unwrap(),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let turn1 = m
+        .encode("<|im_start|>user\nName a color.<|im_end|>\n<|im_start|>assistant\nBlue.<|im_end|>\n")
+        .unwrap();
+    let mut turn2 = turn1.clone();
+    turn2.extend(
+        m.encode("<|im_start|>user\nAnother one?<|im_end|>\n<|im_start|>assistant\n")
+            .unwrap(),
+    );
+    let mut s = Session::new(&*m.lm, 256, 512).unwrap();
+    let mut logits = Vec::new();
+    s.prefill(&*m.lm, &turn1, &mut logits).unwrap();
+    let computed = s.prefill(&*m.lm, &turn2, &mut logits).unwrap();
+    assert_eq!(computed, turn2.len() - turn1.len());
+    let mut st = m.lm.new_state(256, 512).unwrap();
+    let mut want = Vec::new();
+    m.lm.forward(&turn2, &mut st, false, &mut want).unwrap();
+    let d = max_diff(&logits, &want);
+    assert!(d < 1e-4, "{d}");
+}
