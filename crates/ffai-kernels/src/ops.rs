@@ -174,7 +174,7 @@ pub fn argmax(x: &[f32]) -> (usize, f32) {
     best
 }
 
-/// How one query head attends: the cache rows it sees and how scores are shaped.
+/// What one attention work item sees: the cache rows and how scores are shaped.
 #[derive(Clone, Debug)]
 pub struct HeadAttn {
     /// Cache rows to attend over, oldest first: one range, or two when a ring buffer
@@ -189,44 +189,6 @@ impl HeadAttn {
     fn len(&self) -> usize {
         self.rows[0].len() + self.rows[1].len()
     }
-}
-
-/// Attention of one query head over some rows of its KV head's cache (half precision or
-/// f32, see `KvElem`): `out = softmax(scale * q·K) · V`. `scores` is scratch of at least
-/// the number of rows.
-pub fn attend_head<T: KvElem>(
-    q: &[f32],
-    k: &[T],
-    v: &[T],
-    head_dim: usize,
-    a: &HeadAttn,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
-    let end = a.rows.iter().map(|r| r.end).max().unwrap_or(0);
-    assert!(q.len() >= head_dim && out.len() >= head_dim && scores.len() >= a.len());
-    assert!(k.len() >= end * head_dim && v.len() >= end * head_dim);
-    assert!(a.rows.iter().all(|r| r.start <= r.end));
-    #[cfg(target_arch = "x86_64")]
-    if head_dim.is_multiple_of(8) && avx2_available() && (!T::NEEDS_F16C || is_x86_feature_detected!("f16c")) {
-        // SAFETY: AVX2, FMA (and F16C where needed) are present (checked just above) and
-        // the slice lengths the kernel relies on were asserted.
-        unsafe { attend_head_avx2(q, k, v, head_dim, a, scores, out) };
-        return;
-    }
-    attend_head_portable(q, k, v, head_dim, a, scores, out)
-}
-
-/// Applies the optional soft-cap, then softmax, to the scores.
-#[inline(always)]
-fn cap_and_softmax(scores: &mut [f32], softcap: f32) {
-    if softcap > 0.0 {
-        let inv = 1.0 / softcap;
-        for s in scores.iter_mut() {
-            *s = softcap * (*s * inv).tanh();
-        }
-    }
-    softmax(scores);
 }
 
 /// A KV-cache element type: half precision (the default, half the memory traffic) or f32.
@@ -278,115 +240,6 @@ impl KvElem for f32 {
 #[inline]
 pub fn avx2_available() -> bool {
     crate::quant::q8::avx2_allowed()
-}
-
-fn attend_head_portable<T: KvElem>(
-    q: &[f32],
-    k: &[T],
-    v: &[T],
-    hd: usize,
-    a: &HeadAttn,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
-    let n = a.len();
-    let rows = || a.rows.iter().flat_map(|r| r.clone());
-    for (s, r) in scores[..n].iter_mut().zip(rows()) {
-        let row = &k[r * hd..(r + 1) * hd];
-        *s = q.iter().zip(row).map(|(x, y)| x * y.to_f32()).sum::<f32>() * a.scale;
-    }
-    cap_and_softmax(&mut scores[..n], a.softcap);
-    out[..hd].fill(0.0);
-    for (&w, r) in scores[..n].iter().zip(rows()) {
-        let row = &v[r * hd..(r + 1) * hd];
-        for (o, x) in out.iter_mut().zip(row) {
-            *o += w * x.to_f32();
-        }
-    }
-}
-
-/// The AVX2 kernel: keys/values widened to f32 (F16C for halves), FMA dot products two
-/// positions at a time, the vectorised softmax, and a broadcast-FMA weighted sum of values.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn attend_head_avx2<T: KvElem>(
-    q: &[f32],
-    k: &[T],
-    v: &[T],
-    hd: usize,
-    a: &HeadAttn,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
-    use std::arch::x86_64::*;
-    #[inline(always)]
-    unsafe fn hsum(x: __m256) -> f32 {
-        // SAFETY: plain register arithmetic (AVX is enabled by the caller).
-        unsafe {
-            let s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
-        }
-    }
-    // SAFETY (whole body): every row index is below the largest range end, and
-    // `attend_head` asserted k/v hold that many rows of `hd` and q/out hold `hd`; loads
-    // and stores are unaligned.
-    unsafe {
-        let qp = q.as_ptr();
-        let (kp, vp) = (k.as_ptr(), v.as_ptr());
-        let n = a.len();
-        let mut j = 0;
-        for seg in &a.rows {
-            let mut r = seg.start;
-            while r + 2 <= seg.end {
-                let (k0, k1) = (kp.add(r * hd), kp.add((r + 1) * hd));
-                let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                let mut c = 0;
-                while c < hd {
-                    let qv = _mm256_loadu_ps(qp.add(c));
-                    a0 = _mm256_fmadd_ps(qv, T::load8(k0.add(c)), a0);
-                    a1 = _mm256_fmadd_ps(qv, T::load8(k1.add(c)), a1);
-                    c += 8;
-                }
-                scores[j] = hsum(a0) * a.scale;
-                scores[j + 1] = hsum(a1) * a.scale;
-                j += 2;
-                r += 2;
-            }
-            if r < seg.end {
-                let k0 = kp.add(r * hd);
-                let mut a0 = _mm256_setzero_ps();
-                let mut c = 0;
-                while c < hd {
-                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c)), T::load8(k0.add(c)), a0);
-                    c += 8;
-                }
-                scores[j] = hsum(a0) * a.scale;
-                j += 1;
-            }
-        }
-        cap_and_softmax(&mut scores[..n], a.softcap);
-        let op = out.as_mut_ptr();
-        let mut c = 0;
-        while c < hd {
-            _mm256_storeu_ps(op.add(c), _mm256_setzero_ps());
-            c += 8;
-        }
-        let mut j = 0;
-        for seg in &a.rows {
-            for r in seg.clone() {
-                let w = _mm256_set1_ps(scores[j]);
-                j += 1;
-                let v0 = vp.add(r * hd);
-                let mut c = 0;
-                while c < hd {
-                    let o = _mm256_loadu_ps(op.add(c));
-                    _mm256_storeu_ps(op.add(c), _mm256_fmadd_ps(w, T::load8(v0.add(c)), o));
-                    c += 8;
-                }
-            }
-        }
-    }
 }
 
 /// Partial attention of a whole GQA group (the `group` query heads that share one KV
