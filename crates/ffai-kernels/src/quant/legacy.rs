@@ -26,7 +26,7 @@ const HALF: usize = QK / 2;
 /// one lookup turns a `qh` byte into the bit-4 contributions of 8 elements.
 /// (Testing the bits one by one needs per-lane variable shifts, which SSE2
 /// lacks; the compiler then falls back to slow shuffling.)
-const SPREAD: [u64; 256] = {
+pub(crate) const SPREAD: [u64; 256] = {
     let mut table = [0u64; 256];
     let mut v = 0;
     while v < 256 {

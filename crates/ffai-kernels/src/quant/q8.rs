@@ -78,6 +78,24 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use super::{dot_row, WeightType, QK, QK_K};
 
 #[cfg(target_arch = "x86_64")]
+/// Legacy block kinds, the const-generic parameter of every level's legacy kernels.
+const Q4_0: u8 = 0;
+const Q4_1: u8 = 1;
+const Q5_0: u8 = 2;
+const Q5_1: u8 = 3;
+const Q8_0: u8 = 4;
+
+/// Bytes per block of legacy kind `k`.
+const fn legacy_bytes(k: u8) -> usize {
+    match k {
+        Q4_0 => 18,
+        Q4_1 => 20,
+        Q5_0 => 22,
+        Q5_1 => 24,
+        _ => 34,
+    }
+}
+
 mod avx2;
 mod portable;
 #[cfg(target_arch = "x86_64")]

@@ -225,21 +225,7 @@ pub(super) unsafe fn quantize_q8k_row(x: &[f32], q: &mut [i8], d: &mut [f32], bs
 
 // --------------------------------------------------------------------- dots
 
-const Q4_0: u8 = 0;
-const Q4_1: u8 = 1;
-const Q5_0: u8 = 2;
-const Q5_1: u8 = 3;
-const Q8_0: u8 = 4;
-
-const fn legacy_bytes(k: u8) -> usize {
-    match k {
-        Q4_0 => 18,
-        Q4_1 => 20,
-        Q5_0 => 22,
-        Q5_1 => 24,
-        _ => 34,
-    }
-}
+use super::{legacy_bytes, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 
 const fn has_min(k: u8) -> bool {
     k == Q4_1 || k == Q5_1

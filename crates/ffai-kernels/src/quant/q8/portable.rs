@@ -90,40 +90,9 @@ pub(super) fn dot_multi(ty: WeightType, row: &[u8], v: View<'_>, t0: usize, out:
     }
 }
 
-const Q4_0: u8 = 0;
-const Q4_1: u8 = 1;
-const Q5_0: u8 = 2;
-const Q5_1: u8 = 3;
-const Q8_0: u8 = 4;
+use super::{legacy_bytes, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 
-/// Bytes per block of legacy kind `K`.
-const fn legacy_bytes(k: u8) -> usize {
-    match k {
-        Q4_0 => 18,
-        Q4_1 => 20,
-        Q5_0 => 22,
-        Q5_1 => 24,
-        _ => 34,
-    }
-}
-
-/// `BIT4[v]` has byte `k` = 16 when bit `k` of `v` is set, else 0: the bit-4
-/// contributions of 8 elements from one `qh` byte, without per-element shifts.
-const BIT4: [u64; 256] = {
-    let mut table = [0u64; 256];
-    let mut v = 0;
-    while v < 256 {
-        let mut k = 0;
-        while k < 8 {
-            if (v >> k) & 1 == 1 {
-                table[v] |= 0x10 << (8 * k);
-            }
-            k += 1;
-        }
-        v += 1;
-    }
-    table
-};
+use crate::quant::legacy::SPREAD as BIT4;
 
 /// Decodes a legacy block into its stored integer levels `w` and `(d, m)`: the
 /// block is `(w - z) · d + m` with the zero point `z` = 8 (Q4_0), 16 (Q5_0), else 0,
