@@ -59,21 +59,24 @@ fn greedy_story_is_coherent_and_matches_llama_cpp() {
 }
 
 #[test]
-fn village_story_opens_as_llama_cpp_and_sampling_is_coherent() {
+fn village_story_greedy_and_sampled_are_coherent() {
     let m = model();
     let story = m.encode("Once upon a time, in a quiet village").unwrap();
     // Greedy: the same opening as llama.cpp (llama-completion --temp 0, this machine) up
     // to the name, where " John" (llama.cpp) and " Mr" are a near-tie decided by
-    // summation order.
-    // Run to 200 tokens, greedy decoding of this 270M model falls into loops (llama.cpp's
-    // own run scores 0.204 distinct/total; which loop depends on near-ties 0.1-0.2
-    // logits apart), so the coherence bar is checked on the family's sampling defaults.
-    let greedy_out = m.generate(&story, &greedy(8), |_| true).unwrap();
+    // summation order. Greedy decoding of this 270M model drifts into repetition late in
+    // 200 tokens (llama.cpp's own run scores 0.204 distinct/total), so which loop it picks
+    // depends on near-ties 0.1-0.2 logits apart; the bar is the foundation issue's.
+    let greedy_out = m.generate(&story, &greedy(200), |_| true).unwrap();
+    println!("Gemma 3 village greedy: {:?}", greedy_out.text);
     assert!(
         greedy_out.text.starts_with(", there lived a man named"),
         "{:?}",
         greedy_out.text
     );
+    assert_eq!(greedy_out.generated_ids.len(), 200);
+    assert_coherent(&greedy_out.generated_ids);
+    // The family's sampling defaults must be coherent too, and seeded runs repeatable.
     let p = GenerationParameters {
         max_tokens: 200,
         seed: Some(1),
