@@ -833,6 +833,9 @@ pub(super) mod avx512 {
         _mm256_dpbusd_epi32,
         _mm256_dpwssd_epi32
     );
+
+    /// The prefill kernels on 512-bit vectors (two tokens per vector).
+    pub(in crate::quant::q8) mod wide;
 }
 
 /// AVX-VNNI (VEX encoding, 256-bit vectors).

@@ -1,0 +1,496 @@
+//! Prefill kernels on 512-bit vectors: two tokens per `zmm`, one in each 256-bit half.
+//!
+//! Each half does exactly what the 256-bit kernel of the parent module does for its
+//! token — the same `i32` lanes from the same byte products, the same `f32` operations
+//! in the same order, the same final lane sum — so every result is bit-identical to
+//! the parent's (and hence to the AVX2 path). What changes is the instruction count:
+//! one `vpdpbusd`, conversion and FMA now serve two tokens, and a weight vector is
+//! decoded once and broadcast to both halves.
+
+use std::arch::x86_64::*;
+
+use super::{
+    dot_multi, f16_at, gather_f16, gather_f16_pairs, has_min, hsum_ps, k_scales, legacy_bytes, levels,
+    load32, load_f32s, load_i32s, transpose8, View, KSUMS, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, QK, QK_K,
+};
+use crate::quant::WeightType;
+
+/// Rows per block of the legacy kernel.
+const RB: usize = 16;
+/// Token pairs per block (16 tokens).
+const PB: usize = 8;
+
+/// Both halves set to `v`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn dup_ps(v: __m256) -> __m512 {
+    let z = _mm512_castps256_ps512(v);
+    _mm512_shuffle_f32x4::<0b01_00_01_00>(z, z)
+}
+
+/// Both halves set to `v`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn dup_si(v: __m256i) -> __m512i {
+    let z = _mm512_castsi256_si512(v);
+    _mm512_shuffle_i32x4::<0b01_00_01_00>(z, z)
+}
+
+/// `a` in the low half, `b` in the high half.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn pair_si(a: __m256i, b: __m256i) -> __m512i {
+    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b)
+}
+
+/// `a` in the low half, `b` in the high half.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn pair_ps(a: __m256, b: __m256) -> __m512 {
+    _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+        _mm512_castpd256_pd512(_mm256_castps_pd(a)),
+        _mm256_castps_pd(b),
+    ))
+}
+
+/// The two halves' lane sums, each exactly as [`hsum_ps`] sums one 256-bit vector.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn hsum_halves(v: __m512) -> (f32, f32) {
+    let lo = _mm512_castps512_ps256(v);
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+    (hsum_ps(lo), hsum_ps(hi))
+}
+
+/// Realigns the frame to 64 bytes (see `align_frame`; here the spills are `zmm`).
+#[inline(always)]
+fn align_frame64() {
+    let mut pin = std::mem::MaybeUninit::<__m512i>::uninit();
+    std::hint::black_box(pin.as_mut_ptr());
+}
+
+/// As the parent's `dot_rows_multi`: `out[r · ntok + j] = row r · token (t0 + j)`.
+/// Legacy kinds run blocks of up to [`RB`] rows × 16 tokens, the K-quants one row at a
+/// time against 16 tokens; bit-identical to the parent's kernels.
+///
+/// # Safety
+/// As for the parent's `dot_rows_multi`.
+pub(in crate::quant::q8) unsafe fn dot_rows_multi(
+    ty: WeightType,
+    rows: &[u8],
+    rb: usize,
+    v: View<'_>,
+    t0: usize,
+    out: &mut [f32],
+) {
+    let nrows = rows.len() / rb;
+    let ntok = out.len() / nrows;
+    let v = &v;
+    macro_rules! blocked {
+        ($k:expr) => {{
+            let mut r = 0;
+            while r < nrows {
+                let nr = RB.min(nrows - r);
+                let mut j = 0;
+                while j < ntok {
+                    let nt = (2 * PB).min(ntok - j);
+                    // SAFETY: rows `r..r + nr` and tokens `t0 + j ..+ nt` are inside what
+                    // the caller vouched for; outputs `out[(r + i) · ntok + j ..][..nt]`.
+                    unsafe { dot_legacy_rt::<{ $k }>(&rows[r * rb..(r + nr) * rb], rb, nr, v, t0 + j, nt, &mut out[r * ntok + j..], ntok) };
+                    j += nt;
+                }
+                r += nr;
+            }
+        }};
+    }
+    macro_rules! per_row {
+        ($kern:ident [$($p:tt),*]) => {{
+            for (row, o) in rows.chunks_exact(rb).zip(out.chunks_exact_mut(ntok)) {
+                let mut j = 0;
+                while j < ntok {
+                    let nt = (2 * PB).min(ntok - j);
+                    let o = &mut o[j..j + nt];
+                    // SAFETY: this row and tokens `t0 + j ..+ nt`: the caller's contract.
+                    unsafe {
+                        match nt.div_ceil(2) {
+                            1 => $kern::<$($p,)* 1>(row, v, t0 + j, o),
+                            2 => $kern::<$($p,)* 2>(row, v, t0 + j, o),
+                            3 => $kern::<$($p,)* 3>(row, v, t0 + j, o),
+                            4 => $kern::<$($p,)* 4>(row, v, t0 + j, o),
+                            5 => $kern::<$($p,)* 5>(row, v, t0 + j, o),
+                            6 => $kern::<$($p,)* 6>(row, v, t0 + j, o),
+                            7 => $kern::<$($p,)* 7>(row, v, t0 + j, o),
+                            _ => $kern::<$($p,)* 8>(row, v, t0 + j, o),
+                        }
+                    }
+                    j += nt;
+                }
+            }
+        }};
+    }
+    match ty {
+        WeightType::Q4_0 => blocked!(Q4_0),
+        WeightType::Q4_1 => blocked!(Q4_1),
+        WeightType::Q5_0 => blocked!(Q5_0),
+        WeightType::Q5_1 => blocked!(Q5_1),
+        WeightType::Q8_0 => blocked!(Q8_0),
+        WeightType::Q4K => per_row!(dot_q45k[false]),
+        WeightType::Q5K => per_row!(dot_q45k[true]),
+        WeightType::Q6K => per_row!(dot_q6k[]),
+        _ => {
+            for (row, o) in rows.chunks_exact(rb).zip(out.chunks_exact_mut(ntok)) {
+                // SAFETY: the caller's contract, for this one row.
+                unsafe { dot_multi(ty, row, *v, t0, o) };
+            }
+        }
+    }
+}
+
+/// Token `t`'s activation quants for elements `at..at + 32`, or token `t - 1`'s when `t`
+/// is past the last token `last` (a stand-in whose results are discarded).
+///
+/// # Safety
+/// Tokens up to `last` and elements `at..at + 32` exist in `v`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn x_pair(v: &View<'_>, t: usize, last: usize, at: usize) -> __m512i {
+    // SAFETY: both tokens are <= `last` and the elements exist (caller).
+    unsafe {
+        let a = load32(v.qs.as_ptr().add(t * v.cols + at));
+        let b = load32(v.qs.as_ptr().add((t + 1).min(last) * v.cols + at));
+        pair_si(a, b)
+    }
+}
+
+/// `nr ≤ RB` rows × `nt ≤ 16` tokens of legacy kind `K`: `out[i · stride + j]` =
+/// row `i` · token `t0 + j`, bit-identical to the parent's `dot_legacy_rt`.
+///
+/// # Safety
+/// As for the parent's `dot_legacy_rt`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn dot_legacy_rt<const K: u8>(
+    rows: &[u8],
+    rb: usize,
+    nr: usize,
+    v: &View<'_>,
+    t0: usize,
+    nt: usize,
+    out: &mut [f32],
+    stride: usize,
+) {
+    align_frame64();
+    let mut acc = [[_mm512_setzero_ps(); PB]; RB];
+    let nb = v.nblk;
+    let mut c = 0;
+    // SAFETY (all calls): blocks `c..c + N` exist; the rest is the caller's contract.
+    unsafe {
+        while c + 8 <= nb {
+            legacy_chunk_rt::<K, 8>(rows, rb, nr, v, t0, nt, c, &mut acc);
+            c += 8;
+        }
+        match nb - c {
+            0 => {}
+            1 => legacy_chunk_rt::<K, 1>(rows, rb, nr, v, t0, nt, c, &mut acc),
+            2 => legacy_chunk_rt::<K, 2>(rows, rb, nr, v, t0, nt, c, &mut acc),
+            3 => legacy_chunk_rt::<K, 3>(rows, rb, nr, v, t0, nt, c, &mut acc),
+            4 => legacy_chunk_rt::<K, 4>(rows, rb, nr, v, t0, nt, c, &mut acc),
+            5 => legacy_chunk_rt::<K, 5>(rows, rb, nr, v, t0, nt, c, &mut acc),
+            6 => legacy_chunk_rt::<K, 6>(rows, rb, nr, v, t0, nt, c, &mut acc),
+            _ => legacy_chunk_rt::<K, 7>(rows, rb, nr, v, t0, nt, c, &mut acc),
+        }
+    }
+    for (i, a) in acc.iter().enumerate().take(nr) {
+        for (p, &ap) in a.iter().enumerate().take(nt.div_ceil(2)) {
+            let (lo, hi) = hsum_halves(ap);
+            out[i * stride + 2 * p] = lo;
+            if 2 * p + 1 < nt {
+                out[i * stride + 2 * p + 1] = hi;
+            }
+        }
+    }
+}
+
+/// Blocks `c..c + N` of `nr` rows against `nt` tokens, two per `zmm`: the parent's
+/// `legacy_chunk_rt` with each token's transposed quants, zero-point term and scales in
+/// one half and each row's decoded, transposed blocks broadcast to both halves.
+///
+/// # Safety
+/// As for [`dot_legacy_rt`]; `c + N <= v.nblk`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn legacy_chunk_rt<const K: u8, const N: usize>(
+    rows: &[u8],
+    rb: usize,
+    nr: usize,
+    v: &View<'_>,
+    t0: usize,
+    nt: usize,
+    c: usize,
+    acc: &mut [[__m512; PB]; RB],
+) {
+    let bytes = legacy_bytes(K);
+    let np = nt.div_ceil(2);
+    let mut xt = [[_mm512_setzero_si512(); 8]; PB];
+    let mut zt = [_mm512_setzero_si512(); PB];
+    let mut dx = [_mm512_setzero_ps(); PB];
+    let mut sx = [_mm512_setzero_ps(); PB];
+    for p in 0..np {
+        let mut half_x = [[_mm256_setzero_si256(); 8]; 2];
+        let mut half_z = [_mm256_setzero_si256(); 2];
+        let mut half_d = [_mm256_setzero_ps(); 2];
+        let mut half_s = [_mm256_setzero_ps(); 2];
+        for h in 0..2 {
+            // A missing second token of an odd tail repeats the first (results dropped).
+            let t = t0 + (2 * p + h).min(nt - 1);
+            let mut x = [_mm256_setzero_si256(); 8];
+            for (k, xk) in x.iter_mut().enumerate().take(N) {
+                // SAFETY: token `t`, block `c + k` are inside the activation quants (caller).
+                *xk = unsafe { load32(v.qs.as_ptr().add(t * v.cols + (c + k) * QK)) };
+            }
+            half_x[h] = transpose8(&x);
+            let i = t * v.nblk + c;
+            if K == Q4_0 || K == Q5_0 || K == Q8_0 {
+                // SAFETY: token `t`'s blocks `c..c + N` exist (caller).
+                let qsum = unsafe { load_i32s::<N>(v.qsum, i) };
+                half_z[h] = _mm256_sub_epi32(
+                    _mm256_setzero_si256(),
+                    match K {
+                        Q4_0 => _mm256_slli_epi32::<3>(qsum),
+                        Q5_0 => _mm256_slli_epi32::<4>(qsum),
+                        _ => _mm256_slli_epi32::<7>(qsum),
+                    },
+                );
+            }
+            // SAFETY: as above.
+            half_d[h] = unsafe { load_f32s::<N>(v.d, i) };
+            if has_min(K) {
+                // SAFETY: as above (Q8_1 activations carry `s`).
+                half_s[h] = unsafe { load_f32s::<N>(v.s, i) };
+            }
+        }
+        for m in 0..8 {
+            xt[p][m] = pair_si(half_x[0][m], half_x[1][m]);
+        }
+        zt[p] = pair_si(half_z[0], half_z[1]);
+        dx[p] = pair_ps(half_d[0], half_d[1]);
+        sx[p] = pair_ps(half_s[0], half_s[1]);
+    }
+    for (r, ar) in acc.iter_mut().enumerate().take(nr) {
+        // SAFETY: blocks `c..c + N` of row `r < nr` lie inside `rows` (caller).
+        let pw = unsafe { rows.as_ptr().add(r * rb + c * bytes) };
+        // SAFETY: as above; `d` is at offset 0 of every block, `m` at 2.
+        let (dw, mw) = unsafe {
+            if has_min(K) {
+                gather_f16_pairs::<N>(pw, bytes)
+            } else {
+                (gather_f16::<N>(pw, bytes), _mm256_setzero_ps())
+            }
+        };
+        let (dw, mw) = (dup_ps(dw), dup_ps(mw));
+        let mut wq = [_mm256_setzero_si256(); 8];
+        for (k, wk) in wq.iter_mut().enumerate().take(N) {
+            // SAFETY: block `k < N` of the chunk is readable.
+            let w = unsafe { levels::<K>(pw.add(k * bytes)) };
+            *wk = if K == Q8_0 {
+                _mm256_xor_si256(w, _mm256_set1_epi8(0x80u8 as i8))
+            } else {
+                w
+            };
+        }
+        let w8 = transpose8(&wq);
+        let mut wt = [_mm512_setzero_si512(); 8];
+        for (d, &w) in wt.iter_mut().zip(&w8) {
+            *d = dup_si(w);
+        }
+        for (p, a) in ar.iter_mut().enumerate().take(np) {
+            let mut s = [zt[p], _mm512_setzero_si512()];
+            for m in 0..8 {
+                s[m % 2] = _mm512_dpbusd_epi32(s[m % 2], wt[m], xt[p][m]);
+            }
+            let isum = _mm512_add_epi32(s[0], s[1]);
+            let scale = _mm512_mul_ps(dw, dx[p]);
+            *a = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(isum), *a);
+            if has_min(K) {
+                *a = _mm512_fmadd_ps(mw, sx[p], *a);
+            }
+        }
+    }
+}
+
+/// The parent's `scale2` on both halves: each `i32` lane += `sa · da + sb · db`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn scale2(si: __m512i, da: __m512i, db: __m512i, sab: __m512i) -> __m512i {
+    let packed = _mm512_mask_blend_epi16(0xAAAA_AAAA, da, _mm512_slli_epi32::<16>(db));
+    _mm512_dpwssd_epi32(si, packed, sab)
+}
+
+/// `2P` tokens (the last pair may hold one) against one Q4_K (`Q5 = false`) or Q5_K
+/// row: the parent's `dot_q45k`, two tokens per vector.
+///
+/// # Safety
+/// As for the parent's `dot_q45k` with `out.len()` tokens, `2P - 1 <= out.len() <= 2P`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn dot_q45k<const Q5: bool, const P: usize>(row: &[u8], v: &View<'_>, t0: usize, out: &mut [f32]) {
+    align_frame64();
+    let last = t0 + out.len() - 1;
+    let bytes = if Q5 { 176 } else { 144 };
+    let m4 = _mm256_set1_epi8(0x0F);
+    let one = _mm256_set1_epi8(1);
+    let mut acc = [_mm512_setzero_ps(); P];
+    for sb in 0..v.nblk {
+        // SAFETY: super-block `sb` lies inside `row` (caller).
+        let p = unsafe { row.as_ptr().add(sb * bytes) };
+        // SAFETY: `d`, `dmin` and the 12 scale bytes are inside the super-block.
+        let (d, dmin, (sc, mn)) = unsafe { (f16_at(p), f16_at(p.add(2)), k_scales(&*p.add(4).cast::<[u8; 12]>())) };
+        let scv = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
+        let mnb = _mm_cvtsi64_si128(mn as i64);
+        let mins = dup_si(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mnb, mnb)));
+        // SAFETY: Q5_K's 32 high-bit bytes are at 16..48.
+        let mut qh = if Q5 {
+            unsafe { load32(p.add(16)) }
+        } else {
+            _mm256_setzero_si256()
+        };
+        let qs = if Q5 { 48 } else { 16 };
+        let mut sumi = [_mm512_setzero_si512(); P];
+        for g in 0..4 {
+            // SAFETY: nibble group `g` is inside the super-block.
+            let raw = unsafe { load32(p.add(qs + 32 * g)) };
+            let mut lo = _mm256_and_si256(raw, m4);
+            let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), m4);
+            if Q5 {
+                lo = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(_mm256_and_si256(qh, one)));
+                qh = _mm256_srli_epi16::<1>(qh);
+                hi = _mm256_or_si256(hi, _mm256_slli_epi16::<4>(_mm256_and_si256(qh, one)));
+                qh = _mm256_srli_epi16::<1>(qh);
+            }
+            let sab = dup_si(_mm256_shuffle_epi8(scv, _mm256_set1_epi32(0x0302_0100 + 0x0404_0404 * g as i32)));
+            let (lo, hi) = (dup_si(lo), dup_si(hi));
+            for (j, si) in sumi.iter_mut().enumerate() {
+                let at = sb * QK_K + 64 * g;
+                // SAFETY: tokens `t0 + 2j`, `t0 + 2j + 1` (or the stand-in) and elements
+                // `at..at + 64` exist (caller).
+                let (x0, x1) = unsafe { (x_pair(v, t0 + 2 * j, last, at), x_pair(v, t0 + 2 * j, last, at + 32)) };
+                let z = _mm512_setzero_si512();
+                *si = scale2(*si, _mm512_dpbusd_epi32(z, lo, x0), _mm512_dpbusd_epi32(z, hi, x1), sab);
+            }
+        }
+        for (j, (a, si)) in acc.iter_mut().zip(sumi).enumerate() {
+            let ta = t0 + 2 * j;
+            let (ia, ib) = (ta * v.nblk + sb, (ta + 1).min(last) * v.nblk + sb);
+            // SAFETY: both tokens' super-block `sb` exist in the Q8_K buffers.
+            let (dxa, dxb, bs) = unsafe {
+                (
+                    *v.d.get_unchecked(ia),
+                    *v.d.get_unchecked(ib),
+                    pair_si(load32(v.bsums.as_ptr().add(ia * KSUMS)), load32(v.bsums.as_ptr().add(ib * KSUMS))),
+                )
+            };
+            let msum = _mm512_madd_epi16(bs, mins);
+            let dd = pair_ps(_mm256_set1_ps(d * dxa), _mm256_set1_ps(d * dxb));
+            let dm = pair_ps(_mm256_set1_ps(dmin * dxa), _mm256_set1_ps(dmin * dxb));
+            *a = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(si), *a);
+            *a = _mm512_fnmadd_ps(dm, _mm512_cvtepi32_ps(msum), *a);
+        }
+    }
+    store_pairs(&acc, out);
+}
+
+/// Lane sums of each pair's halves into `out` (the odd tail's stand-in dropped).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn store_pairs(acc: &[__m512], out: &mut [f32]) {
+    for (j, &a) in acc.iter().enumerate() {
+        let (lo, hi) = hsum_halves(a);
+        out[2 * j] = lo;
+        if 2 * j + 1 < out.len() {
+            out[2 * j + 1] = hi;
+        }
+    }
+}
+
+/// `2P` tokens (the last pair may hold one) against one Q6_K row: the parent's
+/// `dot_q6k`, two tokens per vector.
+///
+/// # Safety
+/// As for the parent's `dot_q6k` with `out.len()` tokens, `2P - 1 <= out.len() <= 2P`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn dot_q6k<const P: usize>(row: &[u8], v: &View<'_>, t0: usize, out: &mut [f32]) {
+    align_frame64();
+    let last = t0 + out.len() - 1;
+    let m4 = _mm256_set1_epi8(0x0F);
+    let mut acc = [_mm512_setzero_ps(); P];
+    for sb in 0..v.nblk {
+        // SAFETY: super-block `sb` lies inside `row` (caller).
+        let p = unsafe { row.as_ptr().add(sb * 210) };
+        // SAFETY: `d` at 208 and the 16 scale bytes at 192 are inside the super-block.
+        let (d, sc8) = unsafe { (f16_at(p.add(208)), _mm_loadu_si128(p.add(192).cast())) };
+        let sc16 = _mm256_cvtepi8_epi16(sc8);
+        let mut sumi = [_mm512_setzero_si512(); P];
+        for n in 0..2 {
+            let sch = if n == 0 {
+                _mm256_broadcastsi128_si256(_mm256_castsi256_si128(sc16))
+            } else {
+                _mm256_broadcastsi128_si256(_mm256_extracti128_si256::<1>(sc16))
+            };
+            // SAFETY: half `n`'s 64 low bytes at 64n and 32 high bytes at 128 + 32n.
+            let (l0, l1, h) = unsafe { (load32(p.add(64 * n)), load32(p.add(64 * n + 32)), load32(p.add(128 + 32 * n))) };
+            let q = [
+                _mm256_or_si256(
+                    _mm256_and_si256(l0, m4),
+                    _mm256_slli_epi16::<4>(_mm256_and_si256(h, _mm256_set1_epi8(0x03))),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(l1, m4),
+                    _mm256_slli_epi16::<2>(_mm256_and_si256(h, _mm256_set1_epi8(0x0C))),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(l0), m4),
+                    _mm256_and_si256(h, _mm256_set1_epi8(0x30)),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4),
+                    _mm256_srli_epi16::<2>(_mm256_and_si256(h, _mm256_set1_epi8(0xC0u8 as i8))),
+                ),
+            ];
+            let q = [dup_si(q[0]), dup_si(q[1]), dup_si(q[2]), dup_si(q[3])];
+            for kp in 0..2 {
+                // As in the parent: vector k = 2kp and 2kp + 1 take i16 scales picked per half.
+                let (ka, kb) = (4 * kp, 4 * kp + 2);
+                let lo_sel = (((2 * kb + 1) << 24) | ((2 * kb) << 16) | ((2 * ka + 1) << 8) | (2 * ka)) as i32;
+                let hi_sel = lo_sel + 0x0202_0202;
+                let pick = _mm256_set_m128i(_mm_set1_epi32(hi_sel), _mm_set1_epi32(lo_sel));
+                let sab = dup_si(_mm256_shuffle_epi8(sch, pick));
+                let (qa, qb) = (q[2 * kp], q[2 * kp + 1]);
+                for (j, si) in sumi.iter_mut().enumerate() {
+                    let at = sb * QK_K + 128 * n + 64 * kp;
+                    // SAFETY: tokens of pair `j` (or the stand-in), elements `at..at + 64`.
+                    let (xa, xb) = unsafe { (x_pair(v, t0 + 2 * j, last, at), x_pair(v, t0 + 2 * j, last, at + 32)) };
+                    let z = _mm512_setzero_si512();
+                    *si = scale2(*si, _mm512_dpbusd_epi32(z, qa, xa), _mm512_dpbusd_epi32(z, qb, xb), sab);
+                }
+            }
+        }
+        let sc = dup_si(sc16);
+        for (j, (a, si)) in acc.iter_mut().zip(sumi).enumerate() {
+            let ta = t0 + 2 * j;
+            let (ia, ib) = (ta * v.nblk + sb, (ta + 1).min(last) * v.nblk + sb);
+            // SAFETY: both tokens' super-block `sb` exist in the Q8_K buffers.
+            let (dxa, dxb, bs) = unsafe {
+                (
+                    *v.d.get_unchecked(ia),
+                    *v.d.get_unchecked(ib),
+                    pair_si(load32(v.bsums.as_ptr().add(ia * KSUMS)), load32(v.bsums.as_ptr().add(ib * KSUMS))),
+                )
+            };
+            let offset = _mm512_slli_epi32::<5>(_mm512_madd_epi16(sc, bs));
+            let si = _mm512_sub_epi32(si, offset);
+            let dd = pair_ps(_mm256_set1_ps(d * dxa), _mm256_set1_ps(d * dxb));
+            *a = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(si), *a);
+        }
+    }
+    store_pairs(&acc, out);
+}
