@@ -52,10 +52,21 @@ pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
 /// adjacent (2i, 2i+1), the layout llama.cpp's Llama conversion produces.
 pub fn rope(x: &mut [f32], n_heads: usize, head_dim: usize, pos: usize, inv_freq: &[f32], neox: bool) {
     let half = inv_freq.len();
+    // One sin/cos per frequency, shared by every head (libm's sincos dominates otherwise).
+    let mut table = [(0f32, 0f32); 256];
+    let mut heap = Vec::new();
+    let sc: &mut [(f32, f32)] = if half <= table.len() {
+        &mut table[..half]
+    } else {
+        heap.resize(half, (0.0, 0.0));
+        &mut heap
+    };
+    for (t, &f) in sc.iter_mut().zip(inv_freq) {
+        *t = (pos as f32 * f).sin_cos();
+    }
     for h in 0..n_heads {
         let head = &mut x[h * head_dim..(h + 1) * head_dim];
-        for (i, &f) in inv_freq.iter().enumerate() {
-            let (sin, cos) = (pos as f32 * f).sin_cos();
+        for (i, &(sin, cos)) in sc.iter().enumerate() {
             let (a, b) = if neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
             let (x0, x1) = (head[a], head[b]);
             head[a] = x0 * cos - x1 * sin;
@@ -88,19 +99,54 @@ pub fn tanh_fast(x: f32) -> f32 {
     ((1.0 - e) / (1.0 + e)).copysign(x)
 }
 
-/// `gate = silu(gate) * up`, the SwiGLU gate, in place.
-pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = silu(*g) * u;
-    }
+/// Defines `$name(gate, up)`: `gate = $f(gate) * up` in place, with the loop also
+/// compiled for AVX-512 and AVX2 and the widest one this CPU has picked at run time (the
+/// baseline build only vectorises 4 lanes wide). The arithmetic is the same in every
+/// build (no fused operations are introduced), so the results are bit-identical.
+macro_rules! gated {
+    ($(#[$doc:meta])* $name:ident, $f:ident) => {
+        $(#[$doc])*
+        pub fn $name(gate: &mut [f32], up: &[f32]) {
+            #[inline(always)]
+            fn body(gate: &mut [f32], up: &[f32]) {
+                for (g, &u) in gate.iter_mut().zip(up) {
+                    *g = $f(*g) * u;
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                fn wide(gate: &mut [f32], up: &[f32]) {
+                    body(gate, up)
+                }
+                #[target_feature(enable = "avx2")]
+                fn avx2(gate: &mut [f32], up: &[f32]) {
+                    body(gate, up)
+                }
+                if avx2_available() {
+                    if is_x86_feature_detected!("avx512f") {
+                        // SAFETY: the CPU has AVX-512F.
+                        return unsafe { wide(gate, up) };
+                    }
+                    // SAFETY: the CPU has AVX2.
+                    return unsafe { avx2(gate, up) };
+                }
+            }
+            body(gate, up)
+        }
+    };
 }
 
-/// `gate = gelu_tanh(gate) * up` (GeGLU), in place.
-pub fn gelu_mul(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = gelu_tanh(*g) * u;
-    }
-}
+gated!(
+    /// `gate = silu(gate) * up`, the SwiGLU gate, in place.
+    silu_mul,
+    silu
+);
+gated!(
+    /// `gate = gelu_tanh(gate) * up` (GeGLU), in place.
+    gelu_mul,
+    gelu_tanh
+);
 
 pub fn add_inplace(x: &mut [f32], y: &[f32]) {
     for (a, &b) in x.iter_mut().zip(y) {
@@ -361,36 +407,79 @@ unsafe fn group_scores_avx2<T: KvElem>(qs: &[f32], group: usize, k: &[T], hd: us
     }
 }
 
-/// Weighted sum of V rows for every head of the group: each V chunk is loaded once.
+/// Weighted sum of V rows for every head of the group. The output is built in register
+/// tiles (`D` 8-wide chunks of dims × the group's heads) over all rows, so each V chunk
+/// is loaded once per tile and the accumulators never go through memory. Every output
+/// element is the same chain of FMAs in row order as a plain loop, so the tiling does
+/// not change results.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn group_values_avx2<T: KvElem>(group: usize, v: &[T], hd: usize, a: &HeadAttn, w: &[f32], out: &mut [f32]) {
+    // SAFETY (every arm): the caller's contract; hd is a multiple of 8 · D where D > 1.
+    unsafe {
+        match (group, hd % 32 == 0, hd % 16 == 0) {
+            (1, true, _) => values_tile::<T, 1, 4>(v, hd, a, w, out),
+            (2, true, _) => values_tile::<T, 2, 4>(v, hd, a, w, out),
+            (3, true, _) => values_tile::<T, 3, 4>(v, hd, a, w, out),
+            (4, _, true) => values_tile::<T, 4, 2>(v, hd, a, w, out),
+            (5, _, true) => values_tile::<T, 5, 2>(v, hd, a, w, out),
+            (6, _, true) => values_tile::<T, 6, 2>(v, hd, a, w, out),
+            (1, ..) => values_tile::<T, 1, 1>(v, hd, a, w, out),
+            (2, ..) => values_tile::<T, 2, 1>(v, hd, a, w, out),
+            (3, ..) => values_tile::<T, 3, 1>(v, hd, a, w, out),
+            (4, ..) => values_tile::<T, 4, 1>(v, hd, a, w, out),
+            (5, ..) => values_tile::<T, 5, 1>(v, hd, a, w, out),
+            (6, ..) => values_tile::<T, 6, 1>(v, hd, a, w, out),
+            (7, ..) => values_tile::<T, 7, 1>(v, hd, a, w, out),
+            _ => values_tile::<T, 8, 1>(v, hd, a, w, out),
+        }
+    }
+}
+
+/// [`group_values_avx2`] for `G` heads and tiles of `D` chunks.
+///
+/// # Safety
+/// AVX2/FMA (F16C for f16) present; `hd` a multiple of `8 · D`; every row of `a.rows`
+/// below `v.len() / hd`; `w` holds `G · a.len()` weights and `out` `G · hd` floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn values_tile<T: KvElem, const G: usize, const D: usize>(
+    v: &[T],
+    hd: usize,
+    a: &HeadAttn,
+    w: &[f32],
+    out: &mut [f32],
+) {
     use std::arch::x86_64::*;
     let n = a.len();
-    // SAFETY (whole body): as in `group_scores_avx2`; `out` holds group * hd floats.
+    // SAFETY (whole body): row indices are below the largest range end and dim offsets
+    // below hd, which `attend_group` checked against the slice lengths; `w` and `out`
+    // hold G · n and G · hd floats.
     unsafe {
-        let (vp, op) = (v.as_ptr(), out.as_mut_ptr());
-        for i in (0..group * hd).step_by(8) {
-            _mm256_storeu_ps(op.add(i), _mm256_setzero_ps());
-        }
-        let mut j = 0;
-        for seg in &a.rows {
-            for r in seg.clone() {
-                let vr = vp.add(r * hd);
-                let mut wg = [_mm256_setzero_ps(); 8];
-                for (g, x) in wg.iter_mut().enumerate().take(group) {
-                    *x = _mm256_set1_ps(w[g * n + j]);
-                }
-                let mut c = 0;
-                while c < hd {
-                    let vv = T::load8(vr.add(c));
-                    for (g, x) in wg.iter().enumerate().take(group) {
-                        let o = op.add(g * hd + c);
-                        _mm256_storeu_ps(o, _mm256_fmadd_ps(*x, vv, _mm256_loadu_ps(o)));
+        let (vp, wp, op) = (v.as_ptr(), w.as_ptr(), out.as_mut_ptr());
+        for c0 in (0..hd).step_by(8 * D) {
+            let mut acc = [[_mm256_setzero_ps(); D]; G];
+            let mut j = 0;
+            for seg in &a.rows {
+                for r in seg.clone() {
+                    let vr = vp.add(r * hd + c0);
+                    let mut vv = [_mm256_setzero_ps(); D];
+                    for (d, x) in vv.iter_mut().enumerate() {
+                        *x = T::load8(vr.add(8 * d));
                     }
-                    c += 8;
+                    for (g, ag) in acc.iter_mut().enumerate() {
+                        let wg = _mm256_broadcast_ss(&*wp.add(g * n + j));
+                        for (x, &y) in ag.iter_mut().zip(&vv) {
+                            *x = _mm256_fmadd_ps(wg, y, *x);
+                        }
+                    }
+                    j += 1;
                 }
-                j += 1;
+            }
+            for (g, ag) in acc.iter().enumerate() {
+                for (d, &x) in ag.iter().enumerate() {
+                    _mm256_storeu_ps(op.add(g * hd + c0 + 8 * d), x);
+                }
             }
         }
     }

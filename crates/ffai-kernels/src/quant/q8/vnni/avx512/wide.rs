@@ -8,6 +8,7 @@
 //! decoded once and broadcast to both halves.
 
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 
 use super::{
     dot_multi, f16_at, gather_f16, gather_f16_pairs, has_min, hsum_ps, k_scales, legacy_bytes, levels,
@@ -17,8 +18,10 @@ use crate::quant::WeightType;
 
 /// Rows per block of the legacy kernel.
 const RB: usize = 16;
-/// Token pairs per block (16 tokens).
-const PB: usize = 8;
+/// Token pairs per block of the legacy kernel (32 tokens).
+const PB: usize = 16;
+/// Token pairs per call of the K-quant kernels (16 tokens).
+const PK: usize = 8;
 
 /// Both halves set to `v`.
 #[inline]
@@ -108,7 +111,7 @@ pub(in crate::quant::q8) unsafe fn dot_rows_multi(
             for (row, o) in rows.chunks_exact(rb).zip(out.chunks_exact_mut(ntok)) {
                 let mut j = 0;
                 while j < ntok {
-                    let nt = (2 * PB).min(ntok - j);
+                    let nt = (2 * PK).min(ntok - j);
                     let o = &mut o[j..j + nt];
                     // SAFETY: this row and tokens `t0 + j ..+ nt`: the caller's contract.
                     unsafe {
@@ -180,7 +183,15 @@ unsafe fn dot_legacy_rt<const K: u8>(
     stride: usize,
 ) {
     align_frame64();
-    let mut acc = [[_mm512_setzero_ps(); PB]; RB];
+    let np = nt.div_ceil(2);
+    // Only the `nr × np` accumulators in use are initialised (and ever read): zeroing
+    // the whole 16 KiB array per call cost as much as a tenth of the call.
+    let mut acc = [[MaybeUninit::<__m512>::uninit(); PB]; RB];
+    for a in acc.iter_mut().take(nr) {
+        for x in a.iter_mut().take(np) {
+            x.write(_mm512_setzero_ps());
+        }
+    }
     let nb = v.nblk;
     let mut c = 0;
     // SAFETY (all calls): blocks `c..c + N` exist; the rest is the caller's contract.
@@ -201,8 +212,9 @@ unsafe fn dot_legacy_rt<const K: u8>(
         }
     }
     for (i, a) in acc.iter().enumerate().take(nr) {
-        for (p, &ap) in a.iter().enumerate().take(nt.div_ceil(2)) {
-            let (lo, hi) = hsum_halves(ap);
+        for (p, ap) in a.iter().enumerate().take(np) {
+            // SAFETY: initialised above (row `i < nr`, pair `p < np`).
+            let (lo, hi) = hsum_halves(unsafe { ap.assume_init() });
             out[i * stride + 2 * p] = lo;
             if 2 * p + 1 < nt {
                 out[i * stride + 2 * p + 1] = hi;
@@ -228,14 +240,15 @@ unsafe fn legacy_chunk_rt<const K: u8, const N: usize>(
     t0: usize,
     nt: usize,
     c: usize,
-    acc: &mut [[__m512; PB]; RB],
+    acc: &mut [[MaybeUninit<__m512>; PB]; RB],
 ) {
     let bytes = legacy_bytes(K);
     let np = nt.div_ceil(2);
-    let mut xt = [[_mm512_setzero_si512(); 8]; PB];
-    let mut zt = [_mm512_setzero_si512(); PB];
-    let mut dx = [_mm512_setzero_ps(); PB];
-    let mut sx = [_mm512_setzero_ps(); PB];
+    // Written for every pair `p < np` below before any read; nothing past `np` is read.
+    let mut xt = [[MaybeUninit::<__m512i>::uninit(); 8]; PB];
+    let mut zt = [MaybeUninit::<__m512i>::uninit(); PB];
+    let mut dx = [MaybeUninit::<__m512>::uninit(); PB];
+    let mut sx = [MaybeUninit::<__m512>::uninit(); PB];
     for p in 0..np {
         let mut half_x = [[_mm256_setzero_si256(); 8]; 2];
         let mut half_z = [_mm256_setzero_si256(); 2];
@@ -271,11 +284,11 @@ unsafe fn legacy_chunk_rt<const K: u8, const N: usize>(
             }
         }
         for m in 0..8 {
-            xt[p][m] = pair_si(half_x[0][m], half_x[1][m]);
+            xt[p][m].write(pair_si(half_x[0][m], half_x[1][m]));
         }
-        zt[p] = pair_si(half_z[0], half_z[1]);
-        dx[p] = pair_ps(half_d[0], half_d[1]);
-        sx[p] = pair_ps(half_s[0], half_s[1]);
+        zt[p].write(pair_si(half_z[0], half_z[1]));
+        dx[p].write(pair_ps(half_d[0], half_d[1]));
+        sx[p].write(pair_ps(half_s[0], half_s[1]));
     }
     for (r, ar) in acc.iter_mut().enumerate().take(nr) {
         // SAFETY: blocks `c..c + N` of row `r < nr` lie inside `rows` (caller).
@@ -305,15 +318,20 @@ unsafe fn legacy_chunk_rt<const K: u8, const N: usize>(
             *d = dup_si(w);
         }
         for (p, a) in ar.iter_mut().enumerate().take(np) {
-            let mut s = [zt[p], _mm512_setzero_si512()];
-            for m in 0..8 {
-                s[m % 2] = _mm512_dpbusd_epi32(s[m % 2], wt[m], xt[p][m]);
-            }
-            let isum = _mm512_add_epi32(s[0], s[1]);
-            let scale = _mm512_mul_ps(dw, dx[p]);
-            *a = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(isum), *a);
-            if has_min(K) {
-                *a = _mm512_fmadd_ps(mw, sx[p], *a);
+            // SAFETY: pair `p < np` was written above, and accumulator (`r < nr`, `p`)
+            // initialised by the caller.
+            unsafe {
+                let mut s = [zt[p].assume_init(), _mm512_setzero_si512()];
+                for m in 0..8 {
+                    s[m % 2] = _mm512_dpbusd_epi32(s[m % 2], wt[m], xt[p][m].assume_init());
+                }
+                let isum = _mm512_add_epi32(s[0], s[1]);
+                let scale = _mm512_mul_ps(dw, dx[p].assume_init());
+                let mut acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(isum), a.assume_init());
+                if has_min(K) {
+                    acc = _mm512_fmadd_ps(mw, sx[p].assume_init(), acc);
+                }
+                a.write(acc);
             }
         }
     }
