@@ -322,21 +322,7 @@ pub fn attend_group<T: KvElem>(
     }
     #[cfg(not(target_arch = "x86_64"))]
     group_scores_portable(qs, group, k, hd, a, scores);
-    for g in 0..group {
-        let s = &mut scores[g * n..(g + 1) * n];
-        if a.softcap > 0.0 {
-            let inv = 1.0 / a.softcap;
-            for x in s.iter_mut() {
-                *x = a.softcap * (*x * inv).tanh();
-            }
-        }
-        let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        for x in s.iter_mut() {
-            *x = exp_nonpos(*x - m);
-        }
-        stats[2 * g] = m;
-        stats[2 * g + 1] = sum_f32(s);
-    }
+    group_softmax(&mut scores[..group * n], n, a.softcap, stats);
     #[cfg(target_arch = "x86_64")]
     if hd.is_multiple_of(8) && group <= 8 && avx2_available() && (!T::NEEDS_F16C || is_x86_feature_detected!("f16c")) {
         // SAFETY: as above.
@@ -415,9 +401,31 @@ unsafe fn group_scores_avx2<T: KvElem>(qs: &[f32], group: usize, k: &[T], hd: us
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn group_values_avx2<T: KvElem>(group: usize, v: &[T], hd: usize, a: &HeadAttn, w: &[f32], out: &mut [f32]) {
+    if hd.is_multiple_of(16) && wide_available() {
+        // SAFETY: AVX-512F is present; the rest is the caller's contract.
+        unsafe {
+            match (group, hd.is_multiple_of(64), hd.is_multiple_of(32)) {
+                (1, true, _) => values_tile512::<T, 1, 4>(v, hd, a, w, out),
+                (2, true, _) => values_tile512::<T, 2, 4>(v, hd, a, w, out),
+                (3, true, _) => values_tile512::<T, 3, 4>(v, hd, a, w, out),
+                (4, _, true) => values_tile512::<T, 4, 2>(v, hd, a, w, out),
+                (5, _, true) => values_tile512::<T, 5, 2>(v, hd, a, w, out),
+                (6, _, true) => values_tile512::<T, 6, 2>(v, hd, a, w, out),
+                (1, ..) => values_tile512::<T, 1, 1>(v, hd, a, w, out),
+                (2, ..) => values_tile512::<T, 2, 1>(v, hd, a, w, out),
+                (3, ..) => values_tile512::<T, 3, 1>(v, hd, a, w, out),
+                (4, ..) => values_tile512::<T, 4, 1>(v, hd, a, w, out),
+                (5, ..) => values_tile512::<T, 5, 1>(v, hd, a, w, out),
+                (6, ..) => values_tile512::<T, 6, 1>(v, hd, a, w, out),
+                (7, ..) => values_tile512::<T, 7, 1>(v, hd, a, w, out),
+                _ => values_tile512::<T, 8, 1>(v, hd, a, w, out),
+            }
+        }
+        return;
+    }
     // SAFETY (every arm): the caller's contract; hd is a multiple of 8 · D where D > 1.
     unsafe {
-        match (group, hd % 32 == 0, hd % 16 == 0) {
+        match (group, hd.is_multiple_of(32), hd.is_multiple_of(16)) {
             (1, true, _) => values_tile::<T, 1, 4>(v, hd, a, w, out),
             (2, true, _) => values_tile::<T, 2, 4>(v, hd, a, w, out),
             (3, true, _) => values_tile::<T, 3, 4>(v, hd, a, w, out),
@@ -483,6 +491,115 @@ unsafe fn values_tile<T: KvElem, const G: usize, const D: usize>(
             }
         }
     }
+}
+
+/// True when the 512-bit attention kernels may run (AVX-512F with F16C and FMA, and the
+/// vector paths not forced off).
+#[cfg(target_arch = "x86_64")]
+fn wide_available() -> bool {
+    avx2_available() && is_x86_feature_detected!("avx512f")
+}
+
+/// [`values_tile`] on 512-bit vectors: chunks of 16 dims. Each output element is still
+/// one FMA chain over the rows in order, so the results equal the 256-bit kernel's.
+///
+/// # Safety
+/// As for [`values_tile`], with AVX-512F present and `hd` a multiple of `16 · D`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+unsafe fn values_tile512<T: KvElem, const G: usize, const D: usize>(
+    v: &[T],
+    hd: usize,
+    a: &HeadAttn,
+    w: &[f32],
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let n = a.len();
+    // SAFETY (whole body): as in `values_tile`. The element type is f16 exactly when
+    // `T::NEEDS_F16C` (the two `KvElem` types), so the casts read what is stored.
+    unsafe {
+        let (vp, wp, op) = (v.as_ptr(), w.as_ptr(), out.as_mut_ptr());
+        let load16 = |p: *const T| -> __m512 {
+            if T::NEEDS_F16C {
+                _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+            } else {
+                _mm512_loadu_ps(p.cast())
+            }
+        };
+        for c0 in (0..hd).step_by(16 * D) {
+            let mut acc = [[_mm512_setzero_ps(); D]; G];
+            let mut j = 0;
+            for seg in &a.rows {
+                for r in seg.clone() {
+                    let vr = vp.add(r * hd + c0);
+                    let mut vv = [_mm512_setzero_ps(); D];
+                    for (d, x) in vv.iter_mut().enumerate() {
+                        *x = load16(vr.add(16 * d));
+                    }
+                    for (g, ag) in acc.iter_mut().enumerate() {
+                        let wg = _mm512_set1_ps(*wp.add(g * n + j));
+                        for (x, &y) in ag.iter_mut().zip(&vv) {
+                            *x = _mm512_fmadd_ps(wg, y, *x);
+                        }
+                    }
+                    j += 1;
+                }
+            }
+            for (g, ag) in acc.iter().enumerate() {
+                for (d, &x) in ag.iter().enumerate() {
+                    _mm512_storeu_ps(op.add(g * hd + c0 + 16 * d), x);
+                }
+            }
+        }
+    }
+}
+
+/// Unnormalised softmax of each `n`-score row of `scores` (after the optional soft-cap):
+/// the scores become `exp(s - max)`, and `stats` gets `(max, sum)` per row. Built for
+/// AVX-512 and AVX2 as well (the baseline build vectorises 4 wide); the arithmetic is
+/// the same in every build.
+fn group_softmax(scores: &mut [f32], n: usize, softcap: f32, stats: &mut [f32]) {
+    #[inline(always)]
+    fn body(scores: &mut [f32], n: usize, softcap: f32, stats: &mut [f32]) {
+        for (g, s) in scores.chunks_exact_mut(n).enumerate() {
+            if softcap > 0.0 {
+                let inv = 1.0 / softcap;
+                for x in s.iter_mut() {
+                    *x = softcap * (*x * inv).tanh();
+                }
+            }
+            let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for x in s.iter_mut() {
+                *x = exp_nonpos(*x - m);
+            }
+            stats[2 * g] = m;
+            stats[2 * g + 1] = sum_f32(s);
+        }
+    }
+    if n == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        fn wide(scores: &mut [f32], n: usize, softcap: f32, stats: &mut [f32]) {
+            body(scores, n, softcap, stats)
+        }
+        #[target_feature(enable = "avx2")]
+        fn avx2(scores: &mut [f32], n: usize, softcap: f32, stats: &mut [f32]) {
+            body(scores, n, softcap, stats)
+        }
+        if avx2_available() {
+            if is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F.
+                return unsafe { wide(scores, n, softcap, stats) };
+            }
+            // SAFETY: the CPU has AVX2.
+            return unsafe { avx2(scores, n, softcap, stats) };
+        }
+    }
+    body(scores, n, softcap, stats)
 }
 
 /// Combines partial results of one head over disjoint row sets (flash-decoding):

@@ -11,8 +11,8 @@ use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
 use super::{
-    dot_multi, f16_at, gather_f16, gather_f16_pairs, has_min, hsum_ps, k_scales, legacy_bytes, levels,
-    load32, load_f32s, load_i32s, transpose8, View, KSUMS, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, QK, QK_K,
+    dot_multi, f16_at, gather_f16, gather_f16_pairs, has_min, hsum_ps, k_scales, legacy_bytes, levels, load32,
+    load_f32s, load_i32s, transpose8, View, KSUMS, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, QK, QK_K,
 };
 use crate::quant::WeightType;
 
@@ -99,7 +99,18 @@ pub(in crate::quant::q8) unsafe fn dot_rows_multi(
                     let nt = (2 * PB).min(ntok - j);
                     // SAFETY: rows `r..r + nr` and tokens `t0 + j ..+ nt` are inside what
                     // the caller vouched for; outputs `out[(r + i) · ntok + j ..][..nt]`.
-                    unsafe { dot_legacy_rt::<{ $k }>(&rows[r * rb..(r + nr) * rb], rb, nr, v, t0 + j, nt, &mut out[r * ntok + j..], ntok) };
+                    unsafe {
+                        dot_legacy_rt::<{ $k }>(
+                            &rows[r * rb..(r + nr) * rb],
+                            rb,
+                            nr,
+                            v,
+                            t0 + j,
+                            nt,
+                            &mut out[r * ntok + j..],
+                            ntok,
+                        )
+                    };
                     j += nt;
                 }
                 r += nr;
@@ -385,7 +396,10 @@ unsafe fn dot_q45k<const Q5: bool, const P: usize>(row: &[u8], v: &View<'_>, t0:
                 hi = _mm256_or_si256(hi, _mm256_slli_epi16::<4>(_mm256_and_si256(qh, one)));
                 qh = _mm256_srli_epi16::<1>(qh);
             }
-            let sab = dup_si(_mm256_shuffle_epi8(scv, _mm256_set1_epi32(0x0302_0100 + 0x0404_0404 * g as i32)));
+            let sab = dup_si(_mm256_shuffle_epi8(
+                scv,
+                _mm256_set1_epi32(0x0302_0100 + 0x0404_0404 * g as i32),
+            ));
             let (lo, hi) = (dup_si(lo), dup_si(hi));
             for (j, si) in sumi.iter_mut().enumerate() {
                 let at = sb * QK_K + 64 * g;
@@ -404,7 +418,10 @@ unsafe fn dot_q45k<const Q5: bool, const P: usize>(row: &[u8], v: &View<'_>, t0:
                 (
                     *v.d.get_unchecked(ia),
                     *v.d.get_unchecked(ib),
-                    pair_si(load32(v.bsums.as_ptr().add(ia * KSUMS)), load32(v.bsums.as_ptr().add(ib * KSUMS))),
+                    pair_si(
+                        load32(v.bsums.as_ptr().add(ia * KSUMS)),
+                        load32(v.bsums.as_ptr().add(ib * KSUMS)),
+                    ),
                 )
             };
             let msum = _mm512_madd_epi16(bs, mins);
@@ -455,7 +472,13 @@ unsafe fn dot_q6k<const P: usize>(row: &[u8], v: &View<'_>, t0: usize, out: &mut
                 _mm256_broadcastsi128_si256(_mm256_extracti128_si256::<1>(sc16))
             };
             // SAFETY: half `n`'s 64 low bytes at 64n and 32 high bytes at 128 + 32n.
-            let (l0, l1, h) = unsafe { (load32(p.add(64 * n)), load32(p.add(64 * n + 32)), load32(p.add(128 + 32 * n))) };
+            let (l0, l1, h) = unsafe {
+                (
+                    load32(p.add(64 * n)),
+                    load32(p.add(64 * n + 32)),
+                    load32(p.add(128 + 32 * n)),
+                )
+            };
             let q = [
                 _mm256_or_si256(
                     _mm256_and_si256(l0, m4),
@@ -501,7 +524,10 @@ unsafe fn dot_q6k<const P: usize>(row: &[u8], v: &View<'_>, t0: usize, out: &mut
                 (
                     *v.d.get_unchecked(ia),
                     *v.d.get_unchecked(ib),
-                    pair_si(load32(v.bsums.as_ptr().add(ia * KSUMS)), load32(v.bsums.as_ptr().add(ib * KSUMS))),
+                    pair_si(
+                        load32(v.bsums.as_ptr().add(ia * KSUMS)),
+                        load32(v.bsums.as_ptr().add(ib * KSUMS)),
+                    ),
                 )
             };
             let offset = _mm512_slli_epi32::<5>(_mm512_madd_epi16(sc, bs));
