@@ -124,7 +124,7 @@ macro_rules! gated {
                     body(gate, up)
                 }
                 if avx2_available() {
-                    if is_x86_feature_detected!("avx512f") {
+                    if wide_available() {
                         // SAFETY: the CPU has AVX-512F.
                         return unsafe { wide(gate, up) };
                     }
@@ -316,7 +316,22 @@ pub fn attend_group<T: KvElem>(
     if hd.is_multiple_of(8) && group <= 8 && avx2_available() && (!T::NEEDS_F16C || is_x86_feature_detected!("f16c")) {
         // SAFETY: AVX2/FMA (and F16C when needed) are present; the slice lengths the
         // kernel indexes were asserted above.
-        unsafe { group_scores_avx2(qs, group, k, hd, a, scores) };
+        unsafe {
+            if wide_available() {
+                match group {
+                    1 => group_scores512::<T, 1>(qs, k, hd, a, scores),
+                    2 => group_scores512::<T, 2>(qs, k, hd, a, scores),
+                    3 => group_scores512::<T, 3>(qs, k, hd, a, scores),
+                    4 => group_scores512::<T, 4>(qs, k, hd, a, scores),
+                    5 => group_scores512::<T, 5>(qs, k, hd, a, scores),
+                    6 => group_scores512::<T, 6>(qs, k, hd, a, scores),
+                    7 => group_scores512::<T, 7>(qs, k, hd, a, scores),
+                    _ => group_scores512::<T, 8>(qs, k, hd, a, scores),
+                }
+            } else {
+                group_scores_avx2(qs, group, k, hd, a, scores)
+            }
+        };
     } else {
         group_scores_portable(qs, group, k, hd, a, scores);
     }
@@ -391,6 +406,97 @@ unsafe fn group_scores_avx2<T: KvElem>(qs: &[f32], group: usize, k: &[T], hd: us
             }
         }
     }
+}
+
+/// [`group_scores_avx2`] on 512-bit vectors: two K rows per vector (one per 256-bit
+/// half) against each head's query chunk duplicated in both halves. Every half does the
+/// 256-bit kernel's lane arithmetic and the same final lane sum, so the scores are
+/// bit-identical to it; each FMA now serves two rows.
+///
+/// # Safety
+/// As for [`group_scores_avx2`], with AVX-512F present and `G` the group size.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+unsafe fn group_scores512<T: KvElem, const G: usize>(qs: &[f32], k: &[T], hd: usize, a: &HeadAttn, scores: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = a.len();
+    let row_at = |j: usize| {
+        if j < a.rows[0].len() {
+            a.rows[0].start + j
+        } else {
+            a.rows[1].start + (j - a.rows[0].len())
+        }
+    };
+    let hsum = |v: __m256| {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    };
+    // SAFETY (whole body): row indices are below the largest range end and chunk offsets
+    // below hd, which `attend_group` checked against the slice lengths; qs holds G · hd.
+    // The element type is f16 exactly when `T::NEEDS_F16C`, so the casts read what is
+    // stored.
+    unsafe {
+        let (qp, kp) = (qs.as_ptr(), k.as_ptr());
+        // Two rows' 8-element chunks at `c`, row `r0` in the low half.
+        let load_pair = |r0: usize, r1: usize, c: usize| -> __m512 {
+            if T::NEEDS_F16C {
+                let lo = _mm_loadu_si128(kp.add(r0 * hd + c).cast());
+                let hi = _mm_loadu_si128(kp.add(r1 * hd + c).cast());
+                _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi))
+            } else {
+                let lo = _mm256_loadu_ps(kp.add(r0 * hd + c).cast());
+                let hi = _mm256_loadu_ps(kp.add(r1 * hd + c).cast());
+                pair_f32x8(lo, hi)
+            }
+        };
+        let mut j = 0;
+        while j + 1 < n {
+            let (r0, r1) = (row_at(j), row_at(j + 1));
+            let mut acc = [_mm512_setzero_ps(); G];
+            for c in (0..hd).step_by(8) {
+                let kv = load_pair(r0, r1, c);
+                for (g, ag) in acc.iter_mut().enumerate() {
+                    let q = _mm256_loadu_ps(qp.add(g * hd + c));
+                    let qq = pair_f32x8(q, q);
+                    *ag = _mm512_fmadd_ps(qq, kv, *ag);
+                }
+            }
+            for (g, ag) in acc.iter().enumerate() {
+                let lo = _mm512_castps512_ps256(*ag);
+                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(*ag)));
+                scores[g * n + j] = hsum(lo) * a.scale;
+                scores[g * n + j + 1] = hsum(hi) * a.scale;
+            }
+            j += 2;
+        }
+        if j < n {
+            // The odd last row: the 256-bit arithmetic on its own.
+            let kr = kp.add(row_at(j) * hd);
+            let mut acc = [_mm256_setzero_ps(); G];
+            for c in (0..hd).step_by(8) {
+                let kv = T::load8(kr.add(c));
+                for (g, ag) in acc.iter_mut().enumerate() {
+                    *ag = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(g * hd + c)), kv, *ag);
+                }
+            }
+            for (g, ag) in acc.iter().enumerate() {
+                scores[g * n + j] = hsum(*ag) * a.scale;
+            }
+        }
+    }
+}
+
+/// `lo` in the low 256 bits, `hi` in the high ones (AVX-512F only; `vinsertf32x8` needs DQ).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,avx512f")]
+fn pair_f32x8(lo: std::arch::x86_64::__m256, hi: std::arch::x86_64::__m256) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+        _mm512_castpd256_pd512(_mm256_castps_pd(lo)),
+        _mm256_castps_pd(hi),
+    ))
 }
 
 /// Weighted sum of V rows for every head of the group. The output is built in register
@@ -493,11 +599,11 @@ unsafe fn values_tile<T: KvElem, const G: usize, const D: usize>(
     }
 }
 
-/// True when the 512-bit attention kernels may run (AVX-512F with F16C and FMA, and the
-/// vector paths not forced off).
+/// True when the 512-bit kernels here may run: the q8 level in force is AVX-512 VNNI
+/// (which implies AVX-512F, AVX2, FMA and F16C).
 #[cfg(target_arch = "x86_64")]
 fn wide_available() -> bool {
-    avx2_available() && is_x86_feature_detected!("avx512f")
+    crate::quant::q8::avx512_allowed()
 }
 
 /// [`values_tile`] on 512-bit vectors: chunks of 16 dims. Each output element is still
@@ -591,7 +697,7 @@ fn group_softmax(scores: &mut [f32], n: usize, softcap: f32, stats: &mut [f32]) 
             body(scores, n, softcap, stats)
         }
         if avx2_available() {
-            if is_x86_feature_detected!("avx512f") {
+            if wide_available() {
                 // SAFETY: the CPU has AVX-512F.
                 return unsafe { wide(scores, n, softcap, stats) };
             }

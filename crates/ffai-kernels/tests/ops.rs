@@ -477,3 +477,64 @@ fn exp_nonpos_matches_libm() {
     assert!(worst < 3e-7, "worst relative error {worst}");
     assert_eq!(ops::exp_nonpos(0.0), 1.0);
 }
+
+/// The 512-bit attention kernels (scores two rows per vector, V sums 16 dims wide) do the
+/// 256-bit kernels' arithmetic lane for lane: forcing the AVX2 level must give the same
+/// bits, for every group size, odd row counts and a wrapped ring buffer.
+#[test]
+fn attention_avx512_equals_avx2_bit_exactly() {
+    use ffai_kernels::quant::q8::{avx512_allowed, force_q8_level, Q8Level};
+    force_q8_level(Q8Level::Best);
+    if !avx512_allowed() {
+        eprintln!("no AVX-512 VNNI here: nothing to compare");
+        return;
+    }
+    let mut seed = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    };
+    for hd in [64usize, 80, 256] {
+        for group in 1..=8usize {
+            let cap = 50;
+            let k: Vec<f32> = (0..cap * hd).map(|_| next()).collect();
+            let v: Vec<f32> = (0..cap * hd).map(|_| next()).collect();
+            let qs: Vec<f32> = (0..group * hd).map(|_| next()).collect();
+            let (k16, v16): (Vec<half::f16>, Vec<half::f16>) = (
+                k.iter().map(|&x| half::f16::from_f32(x)).collect(),
+                v.iter().map(|&x| half::f16::from_f32(x)).collect(),
+            );
+            for rows in [[5..37, 0..12], [0..1, 0..0], [3..5, 0..0], [49..50, 0..6]] {
+                for softcap in [0.0f32, 30.0] {
+                    let a = ops::HeadAttn {
+                        rows: rows.clone(),
+                        scale: 1.0 / (hd as f32).sqrt(),
+                        softcap,
+                    };
+                    let run = |level: Q8Level, half: bool| {
+                        force_q8_level(level);
+                        let mut scores = vec![0f32; group * 64];
+                        let mut out = vec![0f32; group * hd];
+                        let mut stats = vec![0f32; 2 * group];
+                        if half {
+                            ops::attend_group(&qs, group, &k16, &v16, hd, &a, &mut scores, &mut out, &mut stats);
+                        } else {
+                            ops::attend_group(&qs, group, &k, &v, hd, &a, &mut scores, &mut out, &mut stats);
+                        }
+                        force_q8_level(Q8Level::Best);
+                        out.iter().chain(&stats).map(|x| x.to_bits()).collect::<Vec<_>>()
+                    };
+                    for half in [true, false] {
+                        assert_eq!(
+                            run(Q8Level::Best, half),
+                            run(Q8Level::Avx2, half),
+                            "hd {hd} group {group} rows {rows:?} softcap {softcap} f16 {half}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

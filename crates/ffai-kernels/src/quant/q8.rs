@@ -236,6 +236,20 @@ pub fn avx2_allowed() -> bool {
     }
 }
 
+/// True when 512-bit kernels may run now: the level in force is AVX-512 VNNI (detected,
+/// not forced lower). Other modules' AVX-512 kernels follow this switch, so forcing
+/// [`Q8Level::Avx2`] runs their 256-bit versions for comparison.
+pub fn avx512_allowed() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        active() == AVX512VNNI
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// The implementation calls run on now: `"avx512vnni"`, `"avxvnni"`, `"avx2"` or
 /// `"portable"`.
 pub fn q8_backend_name() -> &'static str {
