@@ -59,24 +59,30 @@ fn matmul_rows(w: &CpuMatrix, x: &[f32], n: usize, acts: &[QuantizedActs; 3], ro
             // Blocked: a block of weight rows against a tile of tokens at a time, so the
             // rows and the tile's activations both stay in L1 while every pair is dotted
             // (streaming all tokens per row would re-read them from L2 for every row).
-            for rb in (rows.start..rows.end).step_by(ROW_BLOCK) {
-                let re = (rb + ROW_BLOCK).min(rows.end);
-                let bytes = &w.data.as_slice()[rb * w.row_bytes..re * w.row_bytes];
+            // Tokens outermost: each tile's activations are laid out once for all of
+            // this thread's rows (the rows come back from L2, which is cheap).
+            TILE.with(|tile| {
+                let mut tile = tile.borrow_mut();
                 for t0 in (0..n).step_by(TOKEN_TILE) {
                     let t1 = (t0 + TOKEN_TILE).min(n);
-                    let (nr, nt) = (re - rb, t1 - t0);
-                    let tmp = &mut tmp[..nr * nt];
-                    quant::q8::dot_rows_q8_multi(w.ty, bytes, &acts[slot], t0..t1, tmp);
-                    // Scatter token by token: each token's `nr` outputs are contiguous.
-                    for j in 0..nt {
-                        // SAFETY: rows rb..re of token t0+j belong to this thread's range.
-                        let dst = unsafe { out.slice((t0 + j) * n_rows + rb, nr) };
-                        for (r, d) in dst.iter_mut().enumerate() {
-                            *d = tmp[r * nt + j];
+                    tile.prepare(w.ty, &acts[slot], t0..t1);
+                    for rb in (rows.start..rows.end).step_by(ROW_BLOCK) {
+                        let re = (rb + ROW_BLOCK).min(rows.end);
+                        let bytes = &w.data.as_slice()[rb * w.row_bytes..re * w.row_bytes];
+                        let (nr, nt) = (re - rb, t1 - t0);
+                        let tmp = &mut tmp[..nr * nt];
+                        quant::q8::dot_rows_q8_tile(w.ty, bytes, &acts[slot], &tile, tmp);
+                        // Scatter token by token: each token's `nr` outputs are contiguous.
+                        for j in 0..nt {
+                            // SAFETY: rows rb..re of token t0+j belong to this thread's range.
+                            let dst = unsafe { out.slice((t0 + j) * n_rows + rb, nr) };
+                            for (r, d) in dst.iter_mut().enumerate() {
+                                *d = tmp[r * nt + j];
+                            }
                         }
                     }
                 }
-            }
+            })
         }),
         None if n == 1 => {
             // SAFETY: as above, disjoint rows per thread.
@@ -170,6 +176,8 @@ impl SharedMut {
 
 thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Each thread's prepared token tile for the blocked prefill kernels.
+    static TILE: RefCell<quant::q8::TokenTile> = RefCell::new(quant::q8::TokenTile::new());
 }
 
 /// Runs `f` with a thread-local scratch buffer of at least `len` floats; it only

@@ -18,7 +18,7 @@
 
 use std::sync::{Mutex, MutexGuard};
 
-use ffai_kernels::quant::q8::{avx2_allowed, dot_rows_q8_multi, force_q8_level, Q8Level};
+use ffai_kernels::quant::q8::{avx2_allowed, dot_rows_q8_multi, dot_rows_q8_tile, force_q8_level, Q8Level, TokenTile};
 use ffai_kernels::quant::{
     dequantize_row, dot_row, dot_row_q8, dot_row_q8_multi, dot_rows_q8, force_portable, has_q8_path, q8_backend_name,
     quantize_row, ActFormat, QuantizedActs, WeightType,
@@ -691,6 +691,17 @@ fn rows_multi_equals_row_multi_bit_exactly() {
                         let rows = &w[r0 * rb..(r0 + nr) * rb];
                         let mut out = vec![f32::NAN; nr * len];
                         dot_rows_q8_multi(ty, rows, &acts, start..start + len, &mut out);
+                        // The prepared-tile entry point computes exactly the same.
+                        let mut tile = TokenTile::new();
+                        tile.prepare(ty, &acts, start..start + len);
+                        let mut via_tile = vec![f32::NAN; nr * len];
+                        dot_rows_q8_tile(ty, rows, &acts, &tile, &mut via_tile);
+                        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(
+                            bits(&via_tile),
+                            bits(&out),
+                            "{path} {ty} tile rows={nr} tokens {start}+{len}"
+                        );
                         for r in 0..nr {
                             let mut one = vec![f32::NAN; len];
                             dot_row_q8_multi(ty, &rows[r * rb..(r + 1) * rb], &acts, start..start + len, &mut one);

@@ -12,7 +12,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use ffai_kernels::ops;
-use ffai_kernels::quant::q8::{dot_rows_q8_multi, force_q8_level, Q8Level};
+use ffai_kernels::quant::q8::{dot_rows_q8_multi, dot_rows_q8_tile, force_q8_level, Q8Level, TokenTile};
 use ffai_kernels::quant::{
     dequantize_row, dot_row, dot_row_q8, dot_row_q8_multi, dot_rows_q8, force_portable, q8_backend_name, quantize_row,
     QuantizedActs, WeightType,
@@ -205,17 +205,39 @@ fn bench_rows_multi(ty: WeightType, rows: usize, cols: usize, n: usize) {
         }
         black_box(&out_b);
     });
+    // The prefill loop's shape: the token tile prepared once, then every block of rows.
+    let mut out_c = vec![0.0f32; rows * n];
+    let mut tile = TokenTile::new();
+    let tiled = time(b, || {
+        tile.prepare(ty, &acts, 0..n);
+        for (r0, o) in out_c.chunks_mut(BLOCK * n).enumerate() {
+            let nr = o.len() / n;
+            dot_rows_q8_tile(
+                ty,
+                black_box(&w[r0 * BLOCK * rb..(r0 * BLOCK + nr) * rb]),
+                &acts,
+                &tile,
+                o,
+            );
+        }
+        black_box(&out_c);
+    });
     assert!(
         out_a.iter().zip(&out_b).all(|(a, b)| a.to_bits() == b.to_bits()),
         "results differ"
     );
+    assert!(
+        out_a.iter().zip(&out_c).all(|(a, b)| a.to_bits() == b.to_bits()),
+        "tile results differ"
+    );
     let macs = (rows * cols * n) as f64;
     println!(
-        "{:>5} {rows:>5}x{cols:<5} n={n:<3} | dot_row_q8_multi per row {:6.1} GMAC/s | dot_rows_q8_multi x16 {:6.1} GMAC/s | x{:4.2}",
+        "{:>5} {rows:>5}x{cols:<5} n={n:<3} | per row {:6.1} GMAC/s | rows x16 {:6.1} GMAC/s | prepared tile {:6.1} GMAC/s | x{:4.2}",
         ty.name(),
         macs / per_row / 1e9,
         macs / blocked / 1e9,
-        per_row / blocked,
+        macs / tiled / 1e9,
+        per_row / tiled,
     );
 }
 

@@ -697,6 +697,108 @@ fn quantize_q8k_row(x: &[f32], q: &mut [i8], d: &mut [f32], bsums: &mut [i16]) {
 
 // --------------------------------------------------------------------- dots
 
+/// A tile of tokens of a [`QuantizedActs`] laid out once for [`dot_rows_q8_tile`]: on
+/// the AVX-512 level, the legacy kinds' activations transposed and paired the way the
+/// blocked kernel wants them, so that a thread dotting many blocks of rows against the
+/// same tokens prepares them once instead of once per block. Elsewhere it only records
+/// the token range (and `dot_rows_q8_tile` is [`dot_rows_q8_multi`]).
+///
+/// Reusable: [`prepare`](Self::prepare) only allocates when a larger tile is first
+/// needed. A tile describes the activations as they were when it was prepared; prepare
+/// it again after quantizing new ones.
+#[derive(Debug, Default)]
+pub struct TokenTile {
+    ty: Option<WeightType>,
+    tokens: Range<usize>,
+    n: usize,
+    cols: usize,
+    /// Prepared records (empty when the kind or level has none); `off` 64-aligns them.
+    buf: Vec<u8>,
+    off: usize,
+    prepared: bool,
+}
+
+impl TokenTile {
+    pub fn new() -> TokenTile {
+        TokenTile::default()
+    }
+
+    /// Lays out tokens `tokens` of `acts` (quantized for `ty`) for [`dot_rows_q8_tile`].
+    /// Panics on a format mismatch or tokens outside `acts`.
+    pub fn prepare(&mut self, ty: WeightType, acts: &QuantizedActs, tokens: Range<usize>) {
+        assert!(
+            ActFormat::for_weight(ty) == acts.fmt,
+            "{ty} weights need {:?} activations, these are {:?}",
+            ActFormat::for_weight(ty),
+            acts.fmt
+        );
+        assert!(
+            tokens.start <= tokens.end && tokens.end <= acts.n,
+            "tokens {tokens:?} outside 0..{}",
+            acts.n
+        );
+        self.ty = Some(ty);
+        self.n = acts.n;
+        self.cols = acts.cols;
+        self.tokens = tokens.clone();
+        self.prepared = false;
+        #[cfg(target_arch = "x86_64")]
+        if active() == AVX512VNNI && vnni::avx512::wide::tile_kind(ty) && !tokens.is_empty() {
+            let view = acts.view();
+            let len = vnni::avx512::wide::tile_bytes(tokens.len(), view.nblk);
+            grow(&mut self.buf, len + 63);
+            self.off = (self.buf.as_ptr() as usize).wrapping_neg() % 64;
+            // SAFETY: the level's features were detected; `ty` is a tile kind, the
+            // format matches and the tokens lie inside `acts` (asserted above); the
+            // buffer holds `len` bytes from `off`.
+            unsafe {
+                vnni::avx512::wide::prepare_tile(ty, view, tokens.start, tokens.len(), &mut self.buf[self.off..][..len])
+            };
+            self.prepared = true;
+        }
+    }
+
+    /// The tokens this tile covers.
+    pub fn tokens(&self) -> Range<usize> {
+        self.tokens.clone()
+    }
+}
+
+/// `out[r · n + j] = dot_row_q8(ty, row r, acts, tile.tokens().start + j)` for every row
+/// of `rows` and the `n` tokens of `tile` (prepared from `acts` for `ty`), exactly as
+/// [`dot_rows_q8_multi`] computes them (bit-identical). Panics on a mismatch.
+pub fn dot_rows_q8_tile(ty: WeightType, rows: &[u8], acts: &QuantizedActs, tile: &TokenTile, out: &mut [f32]) {
+    assert!(
+        tile.ty == Some(ty) && tile.n == acts.n && tile.cols == acts.cols,
+        "token tile prepared for other activations"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if tile.prepared && active() == AVX512VNNI {
+        let rb = ty.row_bytes(acts.cols).unwrap_or(0);
+        assert!(
+            rb > 0 && rows.len().is_multiple_of(rb),
+            "{ty}: rows of {} elements need a multiple of {rb} bytes, got {}",
+            acts.cols,
+            rows.len()
+        );
+        let ntok = tile.tokens.len();
+        assert_eq!(
+            out.len(),
+            rows.len() / rb * ntok,
+            "output length must equal rows × tokens"
+        );
+        let nblk = acts.view().nblk;
+        let len = vnni::avx512::wide::tile_bytes(ntok, nblk);
+        // SAFETY: the features were detected (the level is active); the tile was
+        // prepared for this kind, these activations' shape and `ntok` tokens (checked
+        // above), so its `len` bytes hold every record the kernel reads; rows are whole
+        // and `out` is rows × tokens.
+        unsafe { vnni::avx512::wide::dot_rows_tile(ty, rows, rb, nblk, &tile.buf[tile.off..][..len], ntok, out) };
+        return;
+    }
+    dot_rows_q8_multi(ty, rows, acts, tile.tokens.clone(), out);
+}
+
 /// Checks that `row` of type `ty` can be dotted with `acts`' tokens `tokens`.
 #[inline]
 fn check(ty: WeightType, row: &[u8], acts: &QuantizedActs, tokens: &Range<usize>) {

@@ -538,3 +538,272 @@ unsafe fn dot_q6k<const P: usize>(row: &[u8], v: &View<'_>, t0: usize, out: &mut
     }
     store_pairs(&acc, out);
 }
+
+// ------------------------------------------------ prepared token tiles (legacy kinds)
+
+/// Bytes of one (token pair, 8-block chunk) record of a prepared tile: the 8 transposed
+/// quant vectors, then the zero-point term, the scales `d` and (Q8_1) the sums `s`, each
+/// one `zmm` with the pair's first token in the low half.
+pub(in crate::quant::q8) const TILE_REC: usize = 11 * 64;
+
+/// Records for `ntok` tokens of `nblk` blocks: pairs × chunks × [`TILE_REC`].
+pub(in crate::quant::q8) fn tile_bytes(ntok: usize, nblk: usize) -> usize {
+    ntok.div_ceil(2) * nblk.div_ceil(8) * TILE_REC
+}
+
+/// True for the kinds [`prepare_tile`] / [`dot_rows_tile`] handle.
+pub(in crate::quant::q8) fn tile_kind(ty: WeightType) -> bool {
+    matches!(
+        ty,
+        WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q5_0 | WeightType::Q5_1 | WeightType::Q8_0
+    )
+}
+
+/// Writes the records of tokens `t0..t0 + ntok` for weight kind `ty` into `buf`: what
+/// `legacy_chunk_rt` computes per call for its tokens, computed once so that every block
+/// of rows dotted against these tokens can reuse it. Lanes of blocks past the row's end
+/// are zero, as there.
+///
+/// # Safety
+/// The CPU features must have been detected; `ty` is a [`tile_kind`]; `v` holds tokens
+/// `t0..t0 + ntok` in `ty`'s activation format; `buf.len() >= tile_bytes(ntok, v.nblk)`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(in crate::quant::q8) unsafe fn prepare_tile(ty: WeightType, v: View<'_>, t0: usize, ntok: usize, buf: &mut [u8]) {
+    let nchunks = v.nblk.div_ceil(8);
+    assert!(buf.len() >= tile_bytes(ntok, v.nblk));
+    let shift = match ty {
+        WeightType::Q4_0 => Some(3),
+        WeightType::Q5_0 => Some(4),
+        WeightType::Q8_0 => Some(7),
+        _ => None,
+    };
+    let with_s = matches!(ty, WeightType::Q4_1 | WeightType::Q5_1);
+    let out = buf.as_mut_ptr();
+    for p in 0..ntok.div_ceil(2) {
+        for c in 0..nchunks {
+            let n = 8.min(v.nblk - 8 * c);
+            let lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            let mut half_x = [[_mm256_setzero_si256(); 8]; 2];
+            let mut half_z = [_mm256_setzero_si256(); 2];
+            let mut half_d = [_mm256_setzero_ps(); 2];
+            let mut half_s = [_mm256_setzero_ps(); 2];
+            for h in 0..2 {
+                // A missing second token of an odd tail repeats the first (results dropped).
+                let t = t0 + (2 * p + h).min(ntok - 1);
+                let mut x = [_mm256_setzero_si256(); 8];
+                for (k, xk) in x.iter_mut().enumerate().take(n) {
+                    // SAFETY: token `t`, block `8c + k < nblk` exist (caller).
+                    *xk = unsafe { load32(v.qs.as_ptr().add(t * v.cols + (8 * c + k) * QK)) };
+                }
+                half_x[h] = transpose8(&x);
+                let i = t * v.nblk + 8 * c;
+                // SAFETY: masked lanes are not read; the others are blocks `8c..8c + n` of
+                // token `t` (caller).
+                unsafe {
+                    if let Some(sh) = shift {
+                        let qsum = _mm256_maskload_epi32(v.qsum.as_ptr().add(i), lanes);
+                        half_z[h] =
+                            _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_sllv_epi32(qsum, _mm256_set1_epi32(sh)));
+                    }
+                    half_d[h] = _mm256_maskload_ps(v.d.as_ptr().add(i), lanes);
+                    if with_s {
+                        half_s[h] = _mm256_maskload_ps(v.s.as_ptr().add(i), lanes);
+                    }
+                }
+            }
+            // SAFETY: record (p, c) lies inside `buf` (length asserted above).
+            unsafe {
+                let rec = out.add((p * nchunks + c) * TILE_REC);
+                for m in 0..8 {
+                    _mm512_storeu_si512(rec.add(64 * m).cast(), pair_si(half_x[0][m], half_x[1][m]));
+                }
+                _mm512_storeu_si512(rec.add(512).cast(), pair_si(half_z[0], half_z[1]));
+                _mm512_storeu_ps(rec.add(576).cast(), pair_ps(half_d[0], half_d[1]));
+                _mm512_storeu_ps(rec.add(640).cast(), pair_ps(half_s[0], half_s[1]));
+            }
+        }
+    }
+}
+
+/// `out[r · ntok + j] = row r · token j` of a tile prepared by [`prepare_tile`] (for
+/// the same kind, `ntok` tokens of `nblk` blocks), in blocks of up to [`RB`] rows ×
+/// 32 tokens: the arithmetic of [`dot_rows_multi`], so bit-identical to it.
+///
+/// # Safety
+/// The CPU features must have been detected; `ty` is a [`tile_kind`]; `rows` holds
+/// whole rows of `rb` bytes (`nblk` blocks each); `tile` was prepared as said, and
+/// `out.len() == rows × ntok`.
+pub(in crate::quant::q8) unsafe fn dot_rows_tile(
+    ty: WeightType,
+    rows: &[u8],
+    rb: usize,
+    nblk: usize,
+    tile: &[u8],
+    ntok: usize,
+    out: &mut [f32],
+) {
+    let nrows = rows.len() / rb;
+    let pstride = nblk.div_ceil(8) * TILE_REC;
+    macro_rules! blocked {
+        ($k:expr) => {{
+            let mut r = 0;
+            while r < nrows {
+                let nr = RB.min(nrows - r);
+                let mut j = 0;
+                while j < ntok {
+                    let nt = (2 * PB).min(ntok - j);
+                    // SAFETY: rows `r..r + nr`, the records of pairs `j / 2..` (j is even)
+                    // and outputs `out[(r + i) · ntok + j ..][..nt]` are in bounds.
+                    unsafe {
+                        dot_legacy_tile::<{ $k }>(
+                            &rows[r * rb..(r + nr) * rb],
+                            rb,
+                            nr,
+                            nblk,
+                            &tile[(j / 2) * pstride..],
+                            pstride,
+                            nt,
+                            &mut out[r * ntok + j..],
+                            ntok,
+                        )
+                    };
+                    j += nt;
+                }
+                r += nr;
+            }
+        }};
+    }
+    match ty {
+        WeightType::Q4_0 => blocked!(Q4_0),
+        WeightType::Q4_1 => blocked!(Q4_1),
+        WeightType::Q5_0 => blocked!(Q5_0),
+        WeightType::Q5_1 => blocked!(Q5_1),
+        WeightType::Q8_0 => blocked!(Q8_0),
+        _ => unreachable!("not a tile kind"),
+    }
+}
+
+/// [`dot_legacy_rt`] reading prepared records instead of transposing the tokens.
+///
+/// # Safety
+/// As for [`dot_rows_tile`], for `nr ≤ RB` rows, `nt ≤ 32` tokens whose records start
+/// at `tile` (pairs `pstride` bytes apart), outputs `out[i · stride + j]`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn dot_legacy_tile<const K: u8>(
+    rows: &[u8],
+    rb: usize,
+    nr: usize,
+    nblk: usize,
+    tile: &[u8],
+    pstride: usize,
+    nt: usize,
+    out: &mut [f32],
+    stride: usize,
+) {
+    align_frame64();
+    let np = nt.div_ceil(2);
+    let mut acc = [[MaybeUninit::<__m512>::uninit(); PB]; RB];
+    for a in acc.iter_mut().take(nr) {
+        for x in a.iter_mut().take(np) {
+            x.write(_mm512_setzero_ps());
+        }
+    }
+    let mut c = 0;
+    // SAFETY (all calls): chunk `c / 8`'s blocks `c..c + N` exist; the rest is the
+    // caller's contract.
+    unsafe {
+        let rec = |c: usize| tile.as_ptr().add((c / 8) * TILE_REC);
+        while c + 8 <= nblk {
+            legacy_chunk_tile::<K, 8>(rows, rb, nr, rec(c), pstride, np, c, &mut acc);
+            c += 8;
+        }
+        match nblk - c {
+            0 => {}
+            1 => legacy_chunk_tile::<K, 1>(rows, rb, nr, rec(c), pstride, np, c, &mut acc),
+            2 => legacy_chunk_tile::<K, 2>(rows, rb, nr, rec(c), pstride, np, c, &mut acc),
+            3 => legacy_chunk_tile::<K, 3>(rows, rb, nr, rec(c), pstride, np, c, &mut acc),
+            4 => legacy_chunk_tile::<K, 4>(rows, rb, nr, rec(c), pstride, np, c, &mut acc),
+            5 => legacy_chunk_tile::<K, 5>(rows, rb, nr, rec(c), pstride, np, c, &mut acc),
+            6 => legacy_chunk_tile::<K, 6>(rows, rb, nr, rec(c), pstride, np, c, &mut acc),
+            _ => legacy_chunk_tile::<K, 7>(rows, rb, nr, rec(c), pstride, np, c, &mut acc),
+        }
+    }
+    for (i, a) in acc.iter().enumerate().take(nr) {
+        for (p, ap) in a.iter().enumerate().take(np) {
+            // SAFETY: initialised above (row `i < nr`, pair `p < np`).
+            let (lo, hi) = hsum_halves(unsafe { ap.assume_init() });
+            out[i * stride + 2 * p] = lo;
+            if 2 * p + 1 < nt {
+                out[i * stride + 2 * p + 1] = hi;
+            }
+        }
+    }
+}
+
+/// [`legacy_chunk_rt`] with the token side read from prepared records at `rec` (pair
+/// `p` at `rec + p · pstride`).
+///
+/// # Safety
+/// As for [`dot_legacy_tile`]; blocks `c..c + N` exist.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn legacy_chunk_tile<const K: u8, const N: usize>(
+    rows: &[u8],
+    rb: usize,
+    nr: usize,
+    rec: *const u8,
+    pstride: usize,
+    np: usize,
+    c: usize,
+    acc: &mut [[MaybeUninit<__m512>; PB]; RB],
+) {
+    let bytes = legacy_bytes(K);
+    for (r, ar) in acc.iter_mut().enumerate().take(nr) {
+        // SAFETY: blocks `c..c + N` of row `r < nr` lie inside `rows` (caller).
+        let pw = unsafe { rows.as_ptr().add(r * rb + c * bytes) };
+        // SAFETY: as above; `d` is at offset 0 of every block, `m` at 2.
+        let (dw, mw) = unsafe {
+            if has_min(K) {
+                gather_f16_pairs::<N>(pw, bytes)
+            } else {
+                (gather_f16::<N>(pw, bytes), _mm256_setzero_ps())
+            }
+        };
+        let (dw, mw) = (dup_ps(dw), dup_ps(mw));
+        let mut wq = [_mm256_setzero_si256(); 8];
+        for (k, wk) in wq.iter_mut().enumerate().take(N) {
+            // SAFETY: block `k < N` of the chunk is readable.
+            let w = unsafe { levels::<K>(pw.add(k * bytes)) };
+            *wk = if K == Q8_0 {
+                _mm256_xor_si256(w, _mm256_set1_epi8(0x80u8 as i8))
+            } else {
+                w
+            };
+        }
+        let w8 = transpose8(&wq);
+        let mut wt = [_mm512_setzero_si512(); 8];
+        for (d, &w) in wt.iter_mut().zip(&w8) {
+            *d = dup_si(w);
+        }
+        for (p, a) in ar.iter_mut().enumerate().take(np) {
+            // SAFETY: pair `p < np`'s record is inside the tile (caller); accumulator
+            // (`r < nr`, `p`) was initialised by the caller.
+            unsafe {
+                let x = rec.add(p * pstride);
+                let mut s = [_mm512_loadu_si512(x.add(512).cast()), _mm512_setzero_si512()];
+                for m in 0..8 {
+                    s[m % 2] = _mm512_dpbusd_epi32(s[m % 2], wt[m], _mm512_loadu_si512(x.add(64 * m).cast()));
+                }
+                let isum = _mm512_add_epi32(s[0], s[1]);
+                let scale = _mm512_mul_ps(dw, _mm512_loadu_ps(x.add(576).cast()));
+                let mut acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(isum), a.assume_init());
+                if has_min(K) {
+                    acc = _mm512_fmadd_ps(mw, _mm512_loadu_ps(x.add(640).cast()), acc);
+                }
+                a.write(acc);
+            }
+        }
+    }
+}
