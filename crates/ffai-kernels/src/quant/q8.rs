@@ -745,7 +745,7 @@ impl TokenTile {
         #[cfg(target_arch = "x86_64")]
         if active() == AVX512VNNI && vnni::avx512::wide::tile_kind(ty) && !tokens.is_empty() {
             let view = acts.view();
-            let len = vnni::avx512::wide::tile_bytes(tokens.len(), view.nblk);
+            let len = vnni::avx512::wide::tile_bytes(ty, tokens.len(), view.nblk);
             grow(&mut self.buf, len + 63);
             self.off = (self.buf.as_ptr() as usize).wrapping_neg() % 64;
             // SAFETY: the level's features were detected; `ty` is a tile kind, the
@@ -788,7 +788,7 @@ pub fn dot_rows_q8_tile(ty: WeightType, rows: &[u8], acts: &QuantizedActs, tile:
             "output length must equal rows × tokens"
         );
         let nblk = acts.view().nblk;
-        let len = vnni::avx512::wide::tile_bytes(ntok, nblk);
+        let len = vnni::avx512::wide::tile_bytes(ty, ntok, nblk);
         // SAFETY: the features were detected (the level is active); the tile was
         // prepared for this kind, these activations' shape and `ntok` tokens (checked
         // above), so its `len` bytes hold every record the kernel reads; rows are whole

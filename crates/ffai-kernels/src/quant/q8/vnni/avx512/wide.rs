@@ -546,17 +546,66 @@ unsafe fn dot_q6k<const P: usize>(row: &[u8], v: &View<'_>, t0: usize, out: &mut
 /// one `zmm` with the pair's first token in the low half.
 pub(in crate::quant::q8) const TILE_REC: usize = 11 * 64;
 
-/// Records for `ntok` tokens of `nblk` blocks: pairs × chunks × [`TILE_REC`].
-pub(in crate::quant::q8) fn tile_bytes(ntok: usize, nblk: usize) -> usize {
-    ntok.div_ceil(2) * nblk.div_ceil(8) * TILE_REC
+/// Bytes of one (token pair, super-block) record for the K-quants: the pair's quants
+/// interleaved per 32 elements (token A's 32 bytes, then token B's), then the two
+/// tokens' scales `d` (one 64-byte slot), then their 16 block sums each.
+pub(in crate::quant::q8) const KTILE_REC: usize = 8 * 64 + 64 + 64;
+
+/// Bytes of a prepared tile of `ntok` tokens of `nblk` blocks for `ty`.
+pub(in crate::quant::q8) fn tile_bytes(ty: WeightType, ntok: usize, nblk: usize) -> usize {
+    if is_kquant(ty) {
+        ntok.div_ceil(2) * nblk * KTILE_REC
+    } else {
+        ntok.div_ceil(2) * nblk.div_ceil(8) * TILE_REC
+    }
+}
+
+fn is_kquant(ty: WeightType) -> bool {
+    matches!(ty, WeightType::Q4K | WeightType::Q5K | WeightType::Q6K)
 }
 
 /// True for the kinds [`prepare_tile`] / [`dot_rows_tile`] handle.
 pub(in crate::quant::q8) fn tile_kind(ty: WeightType) -> bool {
-    matches!(
-        ty,
-        WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q5_0 | WeightType::Q5_1 | WeightType::Q8_0
-    )
+    is_kquant(ty)
+        || matches!(
+            ty,
+            WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q5_0 | WeightType::Q5_1 | WeightType::Q8_0
+        )
+}
+
+/// [`prepare_tile`] for the K-quants (Q8_K activations).
+///
+/// # Safety
+/// As for [`prepare_tile`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn prepare_ktile(v: View<'_>, t0: usize, ntok: usize, buf: &mut [u8]) {
+    let out = buf.as_mut_ptr();
+    for p in 0..ntok.div_ceil(2) {
+        // A missing second token of an odd tail repeats the first (results dropped).
+        let (ta, tb) = (t0 + 2 * p, t0 + (2 * p + 1).min(ntok - 1));
+        for sb in 0..v.nblk {
+            // SAFETY: both tokens and super-block `sb` exist in `v`; record (p, sb) lies
+            // inside `buf` (caller).
+            unsafe {
+                let rec = out.add((p * v.nblk + sb) * KTILE_REC);
+                for k in 0..8 {
+                    let at = sb * QK_K + 32 * k;
+                    let a = load32(v.qs.as_ptr().add(ta * v.cols + at));
+                    let b = load32(v.qs.as_ptr().add(tb * v.cols + at));
+                    _mm512_storeu_si512(rec.add(64 * k).cast(), pair_si(a, b));
+                }
+                let (ia, ib) = (ta * v.nblk + sb, tb * v.nblk + sb);
+                let d = rec.add(512).cast::<f32>();
+                d.write_unaligned(*v.d.get_unchecked(ia));
+                d.add(1).write_unaligned(*v.d.get_unchecked(ib));
+                let bs = pair_si(
+                    load32(v.bsums.as_ptr().add(ia * KSUMS)),
+                    load32(v.bsums.as_ptr().add(ib * KSUMS)),
+                );
+                _mm512_storeu_si512(rec.add(576).cast(), bs);
+            }
+        }
+    }
 }
 
 /// Writes the records of tokens `t0..t0 + ntok` for weight kind `ty` into `buf`: what
@@ -569,8 +618,12 @@ pub(in crate::quant::q8) fn tile_kind(ty: WeightType) -> bool {
 /// `t0..t0 + ntok` in `ty`'s activation format; `buf.len() >= tile_bytes(ntok, v.nblk)`.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(in crate::quant::q8) unsafe fn prepare_tile(ty: WeightType, v: View<'_>, t0: usize, ntok: usize, buf: &mut [u8]) {
+    assert!(buf.len() >= tile_bytes(ty, ntok, v.nblk));
+    if is_kquant(ty) {
+        // SAFETY: the caller's contract; the length was checked above.
+        return unsafe { prepare_ktile(v, t0, ntok, buf) };
+    }
     let nchunks = v.nblk.div_ceil(8);
-    assert!(buf.len() >= tile_bytes(ntok, v.nblk));
     let shift = match ty {
         WeightType::Q4_0 => Some(3),
         WeightType::Q5_0 => Some(4),
@@ -673,14 +726,233 @@ pub(in crate::quant::q8) unsafe fn dot_rows_tile(
             }
         }};
     }
+    macro_rules! per_row {
+        ($kern:ident [$($p:tt),*]) => {{
+            let kstride = nblk * KTILE_REC;
+            for (row, o) in rows.chunks_exact(rb).zip(out.chunks_exact_mut(ntok)) {
+                let mut j = 0;
+                while j < ntok {
+                    let nt = (2 * PK).min(ntok - j);
+                    let o = &mut o[j..j + nt];
+                    let recs = &tile[(j / 2) * kstride..];
+                    // SAFETY: this row, the records of pairs `j / 2..` (j is even) and
+                    // `nt` outputs: in bounds by the caller's contract.
+                    unsafe {
+                        match nt.div_ceil(2) {
+                            1 => $kern::<$($p,)* 1>(row, nblk, recs, kstride, o),
+                            2 => $kern::<$($p,)* 2>(row, nblk, recs, kstride, o),
+                            3 => $kern::<$($p,)* 3>(row, nblk, recs, kstride, o),
+                            4 => $kern::<$($p,)* 4>(row, nblk, recs, kstride, o),
+                            5 => $kern::<$($p,)* 5>(row, nblk, recs, kstride, o),
+                            6 => $kern::<$($p,)* 6>(row, nblk, recs, kstride, o),
+                            7 => $kern::<$($p,)* 7>(row, nblk, recs, kstride, o),
+                            _ => $kern::<$($p,)* 8>(row, nblk, recs, kstride, o),
+                        }
+                    }
+                    j += nt;
+                }
+            }
+        }};
+    }
     match ty {
         WeightType::Q4_0 => blocked!(Q4_0),
         WeightType::Q4_1 => blocked!(Q4_1),
         WeightType::Q5_0 => blocked!(Q5_0),
         WeightType::Q5_1 => blocked!(Q5_1),
         WeightType::Q8_0 => blocked!(Q8_0),
+        WeightType::Q4K => per_row!(dot_q45k_tile[false]),
+        WeightType::Q5K => per_row!(dot_q45k_tile[true]),
+        WeightType::Q6K => per_row!(dot_q6k_tile[]),
         _ => unreachable!("not a tile kind"),
     }
+}
+
+/// The pair-`j` record of super-block `sb`: quants, the two `d`, the paired block sums.
+///
+/// # Safety
+/// The record must lie inside the tile.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn krec(recs: &[u8], kstride: usize, j: usize, sb: usize) -> *const u8 {
+    // SAFETY: the caller's contract.
+    unsafe { recs.as_ptr().add(j * kstride + sb * KTILE_REC) }
+}
+
+/// [`dot_q45k`] reading the tokens from a prepared tile (`recs`: pair 0's records,
+/// pairs `kstride` bytes apart). Bit-identical to it.
+///
+/// # Safety
+/// As for [`dot_q45k`], with the tile prepared for these tokens.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn dot_q45k_tile<const Q5: bool, const P: usize>(
+    row: &[u8],
+    nblk: usize,
+    recs: &[u8],
+    kstride: usize,
+    out: &mut [f32],
+) {
+    align_frame64();
+    let bytes = if Q5 { 176 } else { 144 };
+    let m4 = _mm256_set1_epi8(0x0F);
+    let one = _mm256_set1_epi8(1);
+    let mut acc = [_mm512_setzero_ps(); P];
+    for sb in 0..nblk {
+        // SAFETY: super-block `sb` lies inside `row` (caller).
+        let p = unsafe { row.as_ptr().add(sb * bytes) };
+        // SAFETY: `d`, `dmin` and the 12 scale bytes are inside the super-block.
+        let (d, dmin, (sc, mn)) = unsafe { (f16_at(p), f16_at(p.add(2)), k_scales(&*p.add(4).cast::<[u8; 12]>())) };
+        let scv = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
+        let mnb = _mm_cvtsi64_si128(mn as i64);
+        let mins = dup_si(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mnb, mnb)));
+        // SAFETY: Q5_K's 32 high-bit bytes are at 16..48.
+        let mut qh = if Q5 {
+            unsafe { load32(p.add(16)) }
+        } else {
+            _mm256_setzero_si256()
+        };
+        let qs = if Q5 { 48 } else { 16 };
+        let mut sumi = [_mm512_setzero_si512(); P];
+        for g in 0..4 {
+            // SAFETY: nibble group `g` is inside the super-block.
+            let raw = unsafe { load32(p.add(qs + 32 * g)) };
+            let mut lo = _mm256_and_si256(raw, m4);
+            let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), m4);
+            if Q5 {
+                lo = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(_mm256_and_si256(qh, one)));
+                qh = _mm256_srli_epi16::<1>(qh);
+                hi = _mm256_or_si256(hi, _mm256_slli_epi16::<4>(_mm256_and_si256(qh, one)));
+                qh = _mm256_srli_epi16::<1>(qh);
+            }
+            let sab = dup_si(_mm256_shuffle_epi8(
+                scv,
+                _mm256_set1_epi32(0x0302_0100 + 0x0404_0404 * g as i32),
+            ));
+            let (lo, hi) = (dup_si(lo), dup_si(hi));
+            for (j, si) in sumi.iter_mut().enumerate() {
+                // SAFETY: pair `j`'s record of super-block `sb` is inside the tile.
+                let (x0, x1) = unsafe {
+                    let r = krec(recs, kstride, j, sb);
+                    (
+                        _mm512_loadu_si512(r.add(128 * g).cast()),
+                        _mm512_loadu_si512(r.add(128 * g + 64).cast()),
+                    )
+                };
+                let z = _mm512_setzero_si512();
+                *si = scale2(*si, _mm512_dpbusd_epi32(z, lo, x0), _mm512_dpbusd_epi32(z, hi, x1), sab);
+            }
+        }
+        for (j, (a, si)) in acc.iter_mut().zip(sumi).enumerate() {
+            // SAFETY: as above.
+            let (dxa, dxb, bs) = unsafe {
+                let r = krec(recs, kstride, j, sb);
+                let d = r.add(512).cast::<f32>();
+                (
+                    d.read_unaligned(),
+                    d.add(1).read_unaligned(),
+                    _mm512_loadu_si512(r.add(576).cast()),
+                )
+            };
+            let msum = _mm512_madd_epi16(bs, mins);
+            let dd = pair_ps(_mm256_set1_ps(d * dxa), _mm256_set1_ps(d * dxb));
+            let dm = pair_ps(_mm256_set1_ps(dmin * dxa), _mm256_set1_ps(dmin * dxb));
+            *a = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(si), *a);
+            *a = _mm512_fnmadd_ps(dm, _mm512_cvtepi32_ps(msum), *a);
+        }
+    }
+    store_pairs(&acc, out);
+}
+
+/// [`dot_q6k`] reading the tokens from a prepared tile. Bit-identical to it.
+///
+/// # Safety
+/// As for [`dot_q6k`], with the tile prepared for these tokens.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn dot_q6k_tile<const P: usize>(row: &[u8], nblk: usize, recs: &[u8], kstride: usize, out: &mut [f32]) {
+    align_frame64();
+    let m4 = _mm256_set1_epi8(0x0F);
+    let mut acc = [_mm512_setzero_ps(); P];
+    for sb in 0..nblk {
+        // SAFETY: super-block `sb` lies inside `row` (caller).
+        let p = unsafe { row.as_ptr().add(sb * 210) };
+        // SAFETY: `d` at 208 and the 16 scale bytes at 192 are inside the super-block.
+        let (d, sc8) = unsafe { (f16_at(p.add(208)), _mm_loadu_si128(p.add(192).cast())) };
+        let sc16 = _mm256_cvtepi8_epi16(sc8);
+        let mut sumi = [_mm512_setzero_si512(); P];
+        for n in 0..2 {
+            let sch = if n == 0 {
+                _mm256_broadcastsi128_si256(_mm256_castsi256_si128(sc16))
+            } else {
+                _mm256_broadcastsi128_si256(_mm256_extracti128_si256::<1>(sc16))
+            };
+            // SAFETY: half `n`'s 64 low bytes at 64n and 32 high bytes at 128 + 32n.
+            let (l0, l1, h) = unsafe {
+                (
+                    load32(p.add(64 * n)),
+                    load32(p.add(64 * n + 32)),
+                    load32(p.add(128 + 32 * n)),
+                )
+            };
+            let q = [
+                _mm256_or_si256(
+                    _mm256_and_si256(l0, m4),
+                    _mm256_slli_epi16::<4>(_mm256_and_si256(h, _mm256_set1_epi8(0x03))),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(l1, m4),
+                    _mm256_slli_epi16::<2>(_mm256_and_si256(h, _mm256_set1_epi8(0x0C))),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(l0), m4),
+                    _mm256_and_si256(h, _mm256_set1_epi8(0x30)),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4),
+                    _mm256_srli_epi16::<2>(_mm256_and_si256(h, _mm256_set1_epi8(0xC0u8 as i8))),
+                ),
+            ];
+            let q = [dup_si(q[0]), dup_si(q[1]), dup_si(q[2]), dup_si(q[3])];
+            for kp in 0..2 {
+                let (ka, kb) = (4 * kp, 4 * kp + 2);
+                let lo_sel = (((2 * kb + 1) << 24) | ((2 * kb) << 16) | ((2 * ka + 1) << 8) | (2 * ka)) as i32;
+                let hi_sel = lo_sel + 0x0202_0202;
+                let pick = _mm256_set_m128i(_mm_set1_epi32(hi_sel), _mm_set1_epi32(lo_sel));
+                let sab = dup_si(_mm256_shuffle_epi8(sch, pick));
+                let (qa, qb) = (q[2 * kp], q[2 * kp + 1]);
+                // Elements 128n + 64kp .. +64: 32-element chunks 4n + 2kp and the next.
+                let k0 = 4 * n + 2 * kp;
+                for (j, si) in sumi.iter_mut().enumerate() {
+                    // SAFETY: pair `j`'s record of super-block `sb` is inside the tile.
+                    let (xa, xb) = unsafe {
+                        let r = krec(recs, kstride, j, sb);
+                        (
+                            _mm512_loadu_si512(r.add(64 * k0).cast()),
+                            _mm512_loadu_si512(r.add(64 * k0 + 64).cast()),
+                        )
+                    };
+                    let z = _mm512_setzero_si512();
+                    *si = scale2(*si, _mm512_dpbusd_epi32(z, qa, xa), _mm512_dpbusd_epi32(z, qb, xb), sab);
+                }
+            }
+        }
+        let sc = dup_si(sc16);
+        for (j, (a, si)) in acc.iter_mut().zip(sumi).enumerate() {
+            // SAFETY: as above.
+            let (dxa, dxb, bs) = unsafe {
+                let r = krec(recs, kstride, j, sb);
+                let d = r.add(512).cast::<f32>();
+                (
+                    d.read_unaligned(),
+                    d.add(1).read_unaligned(),
+                    _mm512_loadu_si512(r.add(576).cast()),
+                )
+            };
+            let offset = _mm512_slli_epi32::<5>(_mm512_madd_epi16(sc, bs));
+            let si = _mm512_sub_epi32(si, offset);
+            let dd = pair_ps(_mm256_set1_ps(d * dxa), _mm256_set1_ps(d * dxb));
+            *a = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(si), *a);
+        }
+    }
+    store_pairs(&acc, out);
 }
 
 /// [`dot_legacy_rt`] reading prepared records instead of transposing the tokens.
