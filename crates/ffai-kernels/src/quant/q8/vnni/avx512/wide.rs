@@ -667,8 +667,8 @@ pub(in crate::quant::q8) unsafe fn prepare_tile(ty: WeightType, v: View<'_>, t0:
             // SAFETY: record (p, c) lies inside `buf` (length asserted above).
             unsafe {
                 let rec = out.add((p * nchunks + c) * TILE_REC);
-                for m in 0..8 {
-                    _mm512_storeu_si512(rec.add(64 * m).cast(), pair_si(half_x[0][m], half_x[1][m]));
+                for (m, (&a, &b)) in half_x[0].iter().zip(&half_x[1]).enumerate() {
+                    _mm512_storeu_si512(rec.add(64 * m).cast(), pair_si(a, b));
                 }
                 _mm512_storeu_si512(rec.add(512).cast(), pair_si(half_z[0], half_z[1]));
                 _mm512_storeu_ps(rec.add(576).cast(), pair_ps(half_d[0], half_d[1]));
