@@ -401,9 +401,13 @@ impl Backend for CpuBackend {
     fn rms_norm(&self, x: &Vec<f32>, w: &Vec<f32>, eps: f32, n: usize, out: &mut Vec<f32>) {
         let _p = self.prof(|| "rms_norm".into());
         let d = w.len();
-        for t in 0..n {
-            ops::rms_norm(&x[t * d..(t + 1) * d], w, eps, &mut out[t * d..(t + 1) * d]);
-        }
+        let op = SharedMut(out.as_mut_ptr());
+        assert!(out.len() >= n * d);
+        self.for_rows(n, d, |t| {
+            // SAFETY: each row is handed to exactly one thread, inside `out[..n * d]`.
+            let o = unsafe { op.slice(t * d, d) };
+            ops::rms_norm(&x[t * d..(t + 1) * d], w, eps, o);
+        });
     }
 
     fn layer_norm(&self, x: &Vec<f32>, w: &Vec<f32>, b: &Vec<f32>, eps: f32, n: usize, out: &mut Vec<f32>) {
