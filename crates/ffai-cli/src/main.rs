@@ -36,6 +36,22 @@ enum Cmd {
     Bench(BenchArgs),
     /// Print a conversation rendered with the model's chat template.
     RenderChat(RenderChatArgs),
+    /// Re-encode a GGUF file's weight matrices as another GGUF type (Q8_0, Q6_K, Q4_K, ...).
+    Quantize(QuantizeArgs),
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    /// The source .gguf file.
+    src: std::path::PathBuf,
+    /// The .gguf file to write.
+    dst: std::path::PathBuf,
+    /// Target weight type (ggml's names: Q8_0, Q6_K, Q5_K, Q5_0, Q4_K, Q4_0, F16, ...).
+    #[arg(long = "type")]
+    ty: String,
+    /// Overwrite an existing destination.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -240,6 +256,7 @@ fn main() -> ExitCode {
         Cmd::Models => cmd_models(),
         Cmd::Bench(a) => cmd_bench(a),
         Cmd::RenderChat(a) => cmd_render_chat(a),
+        Cmd::Quantize(a) => cmd_quantize(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -293,6 +310,33 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         out.decode_tokens_per_s(),
         load_s,
         model.lm.device_name()
+    );
+    Ok(())
+}
+
+fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
+    let ty = ffai::requant::parse_type(&a.ty)?;
+    let t = std::time::Instant::now();
+    let s = ffai::requant::requantize_gguf(&a.src, &a.dst, ty, a.force)?;
+    println!(
+        "wrote {} ({:.1} MiB) in {:.1} s: {} matrices as {ty}, {} copied{}",
+        a.dst.display(),
+        s.bytes_written as f64 / (1 << 20) as f64,
+        t.elapsed().as_secs_f64(),
+        s.converted,
+        s.copied,
+        if s.fallbacks.is_empty() {
+            String::new()
+        } else {
+            let mut kinds: Vec<String> = s.fallbacks.iter().map(|(_, t)| t.name().to_string()).collect();
+            kinds.sort();
+            kinds.dedup();
+            format!(
+                ", {} whose rows do not fit {ty}'s blocks as {}",
+                s.fallbacks.len(),
+                kinds.join("/")
+            )
+        }
     );
     Ok(())
 }

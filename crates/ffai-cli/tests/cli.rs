@@ -358,3 +358,33 @@ fn render_chat_and_generate_chat_use_the_gguf_template() {
         "chat messages",
     );
 }
+
+#[test]
+fn quantize_writes_a_loadable_gguf_and_refuses_bad_requests() {
+    let dir = temp_dir("quantize");
+    let dst = dir.join("smollm2-q8_0.gguf");
+    let dst_s = dst.to_str().unwrap();
+    let src = smollm2();
+    let out = ffai(&["quantize", &src, dst_s, "--type", "Q8_0"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("as Q8_0"));
+    let out = ffai(&[
+        "generate",
+        "-m",
+        dst_s,
+        "-p",
+        "The capital of France is",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "2",
+        "--json",
+    ]);
+    assert!(stdout_json(&out)["text"].as_str().unwrap().starts_with(" Paris"));
+    assert_clean_failure(&ffai(&["quantize", &src, dst_s, "--type", "Q8_0"]), "--force");
+    assert_clean_failure(
+        &ffai(&["quantize", &src, dst_s, "--type", "Q9_9", "--force"]),
+        "unknown weight type",
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -447,6 +447,46 @@ impl GgufWriter {
     }
 }
 
+/// The bytes of a GGUF v3 header (metadata and tensor infos, padded to the data
+/// section) for tensors of the given names, types, row-major shapes and byte sizes, laid
+/// out back to back in that order at the default alignment, plus each tensor's offset
+/// inside the data section. For writers that stream the data after it.
+pub fn header_bytes(
+    metadata: &[(String, MetaValue)],
+    tensors: &[(String, WeightType, Vec<usize>, usize)],
+) -> (Vec<u8>, Vec<u64>) {
+    let mut out = Vec::new();
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&3u32.to_le_bytes());
+    out.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    out.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
+    for (k, v) in metadata {
+        write_str(&mut out, k);
+        write_value(&mut out, v, true);
+    }
+    let mut offset = 0u64;
+    let mut offsets = Vec::with_capacity(tensors.len());
+    for (name, ty, shape, n_bytes) in tensors {
+        write_str(&mut out, name);
+        out.extend_from_slice(&(shape.len() as u32).to_le_bytes());
+        for &d in shape.iter().rev() {
+            out.extend_from_slice(&(d as u64).to_le_bytes());
+        }
+        out.extend_from_slice(&ty.ggml_id().to_le_bytes());
+        out.extend_from_slice(&offset.to_le_bytes());
+        offsets.push(offset);
+        offset = align_up(offset + *n_bytes as u64, DEFAULT_ALIGNMENT).expect("tensor sizes fit in u64");
+    }
+    let start = align_up(out.len() as u64, DEFAULT_ALIGNMENT).expect("header fits in u64") as usize;
+    out.resize(start, 0);
+    (out, offsets)
+}
+
+/// Bytes of padding after a tensor of `n_bytes` bytes (see [`header_bytes`]).
+pub fn padding_after(n_bytes: usize) -> usize {
+    (DEFAULT_ALIGNMENT as usize - n_bytes % DEFAULT_ALIGNMENT as usize) % DEFAULT_ALIGNMENT as usize
+}
+
 fn write_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&(s.len() as u64).to_le_bytes());
     out.extend_from_slice(s.as_bytes());
