@@ -13,8 +13,8 @@
 //! | Q4_0, Q5_0, Q8_0 | [`ActFormat::Q8_0`]: 32 × `i8` + `d: f32` (+ `Σq: i32`, for the zero points) |
 //! | Q4_1, Q5_1 | [`ActFormat::Q8_1`]: as Q8_0 plus `s = d · Σq` (`f32`), for the weights' min term |
 //! | Q4_K, Q5_K, Q6_K | [`ActFormat::Q8K`]: 256 × `i8` + `d: f32` + 16 × `i16` sums of 16 consecutive `q` |
-//! | Q2_K, Q3_K, Q8_K, IQ4_XS | [`ActFormat::Q8K`] (portable kernels only, `q8/lowbit.rs`) |
-//! | IQ4_NL, MXFP4 | [`ActFormat::Q8_0`] (portable kernels only, `q8/lowbit.rs`) |
+//! | Q2_K, Q3_K, Q8_K, IQ4_XS | [`ActFormat::Q8K`] (kernels in `q8/lowbit.rs`, `q8/avx2/lowbit.rs`) |
+//! | IQ4_NL, MXFP4 | [`ActFormat::Q8_0`] (kernels in `q8/lowbit.rs`, `q8/avx2/lowbit.rs`) |
 //! | F32, F16, BF16 | [`ActFormat::F32`]: a plain `f32` copy; [`dot_row_q8`] then just calls [`dot_row`](super::dot_row) |
 //!
 //! Every block of `x` is quantized symmetrically: `amax = max |x|`, `d = amax / 127`,
@@ -214,14 +214,19 @@ fn detect(cap: u8) -> u8 {
 }
 
 /// The implementation that dots weights of type `ty`: the active one, except for the
-/// types that only have portable kernels (`lowbit.rs`).
+/// low-bit types (Q2_K, Q3_K, Q8_K, IQ4_NL, IQ4_XS, MXFP4), which have portable
+/// kernels (`lowbit.rs`) and AVX2 ones (`avx2/lowbit.rs`) that the VNNI levels share.
 #[inline]
 fn level_for(ty: WeightType) -> u8 {
-    if lowbit::handles(ty) {
-        PORTABLE
-    } else {
-        active()
+    let a = active();
+    if !lowbit::handles(ty) {
+        return a;
     }
+    #[cfg(target_arch = "x86_64")]
+    if a >= AVX2 && avx2::lowbit::handles(ty) {
+        return AVX2;
+    }
+    PORTABLE
 }
 
 /// The implementation to use now (one relaxed load once known).

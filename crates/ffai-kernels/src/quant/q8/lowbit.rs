@@ -1,6 +1,6 @@
 //! Portable integer dots for Q2_K, Q3_K, Q8_K, IQ4_XS (with Q8_K activations) and
-//! IQ4_NL, MXFP4 (with Q8_0 activations). Every level runs these (the x86 levels
-//! have no kernels of their own for these types yet), so all levels agree bit for bit.
+//! IQ4_NL, MXFP4 (with Q8_0 activations): the portable level, and the reference the
+//! AVX2 kernels (`avx2/lowbit.rs`, also run at the VNNI levels) must match per block.
 //!
 //! Each weight block is decoded once per tile of tokens into its integer levels
 //! (layouts in `kquant_low.rs`, `iq4.rs`, `mxfp4.rs`); per (sub-)block the exact
