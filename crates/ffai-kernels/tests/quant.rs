@@ -295,7 +295,13 @@ fn random_row(rng: &mut Rng, ty: WeightType, n: usize) -> Vec<u8> {
             // Q8_K's scale is an f32.
             WeightType::Q8K => block[0..4].copy_from_slice(&random_field(rng).to_f32().to_le_bytes()),
             // MXFP4: scales 2^-28 ..= 2^8, sometimes the subnormal ones.
-            WeightType::MXFP4 => block[0] = if rng.below(16) == 0 { rng.below(2) as u8 } else { 100 + rng.below(36) as u8 },
+            WeightType::MXFP4 => {
+                block[0] = if rng.below(16) == 0 {
+                    rng.below(2) as u8
+                } else {
+                    100 + rng.below(36) as u8
+                }
+            }
             _ => {}
         }
     }
@@ -477,7 +483,11 @@ fn dequantize_matches_gguf_py_fixture() {
         }
         seen.push(r.ty);
     }
-    for ty in QUANTIZED.iter().chain(&LOWBIT).chain(&[WeightType::F16, WeightType::BF16]) {
+    for ty in QUANTIZED
+        .iter()
+        .chain(&LOWBIT)
+        .chain(&[WeightType::F16, WeightType::BF16])
+    {
         if *ty == WeightType::Q8K {
             continue; // not in gguf-py
         }
@@ -1037,7 +1047,10 @@ fn check_lowbit_block(ty: WeightType, x: &[f32], block: &[u8], y: &[f32], ctx: &
                 let step = f16_at(block, 80) * bits(block, s * 8, 4) as f32;
                 let shift = f16_at(block, 82) * bits(block, s * 8 + 4, 4) as f32;
                 let allowed = 0.5 * step + slop(xv.abs() + shift + 3.0 * step);
-                assert!((xv - yv).abs() <= allowed, "{ctx} elem {i}: {xv} -> {yv}, allowed {allowed}");
+                assert!(
+                    (xv - yv).abs() <= allowed,
+                    "{ctx} elem {i}: {xv} -> {yv}, allowed {allowed}"
+                );
             }
         }
         WeightType::Q3K => {
@@ -1048,7 +1061,10 @@ fn check_lowbit_block(ty: WeightType, x: &[f32], block: &[u8], y: &[f32], ctx: &
                 let t = if step != 0.0 { xv / step } else { 0.0 };
                 assert!(t.abs() <= 4.0 * (1.0 + 1e-6), "{ctx} elem {i}: {xv} is {t} steps out");
                 let allowed = step.abs() * (0.5 + (t - 3.5).max(0.0)) + slop(xv.abs() + 4.0 * step.abs());
-                assert!((xv - yv).abs() <= allowed, "{ctx} elem {i}: {xv} -> {yv}, allowed {allowed}");
+                assert!(
+                    (xv - yv).abs() <= allowed,
+                    "{ctx} elem {i}: {xv} -> {yv}, allowed {allowed}"
+                );
             }
         }
         WeightType::Q8K => {
@@ -1056,11 +1072,18 @@ fn check_lowbit_block(ty: WeightType, x: &[f32], block: &[u8], y: &[f32], ctx: &
             assert_eq!(d, amax / 127.0, "{ctx}: scale");
             for (k, q16) in block[4..260].chunks(16).enumerate() {
                 let want: i32 = q16.iter().map(|&b| b as i8 as i32).sum();
-                assert_eq!(bits(block, (260 + 2 * k) * 8, 16) as u16 as i16 as i32, want, "{ctx}: sum {k}");
+                assert_eq!(
+                    bits(block, (260 + 2 * k) * 8, 16) as u16 as i16 as i32,
+                    want,
+                    "{ctx}: sum {k}"
+                );
             }
             for (i, (&xv, &yv)) in x.iter().zip(y).enumerate() {
                 let allowed = 0.5 * d + slop(xv.abs());
-                assert!((xv - yv).abs() <= allowed, "{ctx} elem {i}: {xv} -> {yv}, allowed {allowed}");
+                assert!(
+                    (xv - yv).abs() <= allowed,
+                    "{ctx} elem {i}: {xv} -> {yv}, allowed {allowed}"
+                );
             }
         }
         WeightType::IQ4NL | WeightType::IQ4XS => {
@@ -1079,7 +1102,10 @@ fn check_lowbit_block(ty: WeightType, x: &[f32], block: &[u8], y: &[f32], ctx: &
                 } else {
                     f16_at(block, 0)
                 };
-                assert!(dl.abs() <= need + spare * (1.0 + 1e-6), "{ctx} group {g}: scale {dl} > {need} + {spare}");
+                assert!(
+                    dl.abs() <= need + spare * (1.0 + 1e-6),
+                    "{ctx} group {g}: scale {dl} > {need} + {spare}"
+                );
                 if gmax != 0.0 {
                     assert!(dl * gmax < 0.0, "{ctx} group {g}: the largest element must map to -127");
                 }
@@ -1144,7 +1170,10 @@ fn lowbit_kquant_round_trip_is_tight_on_uniform_data() {
     for rep in 0..20 {
         let a = 10f32.powf(rng.uniform(-3.0, 3.0));
         let x: Vec<f32> = (0..4 * 256).map(|_| rng.uniform(-a, a)).collect();
-        for (ty, limit) in [(WeightType::Q2K, 0.6 * 2.0 * a / 3.0), (WeightType::Q3K, 1.05 * a / 4.0)] {
+        for (ty, limit) in [
+            (WeightType::Q2K, 0.6 * 2.0 * a / 3.0),
+            (WeightType::Q3K, 1.05 * a / 4.0),
+        ] {
             let (_, y) = round_trip(ty, &x);
             let worst = x.iter().zip(&y).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(worst <= limit, "{ty} rep={rep} a={a}: worst error {worst} > {limit}");
@@ -1200,7 +1229,13 @@ fn lowbit_quantize_edge_cases() {
                 assert!(r.is_err(), "{ty}: f16 scale overflow must be rejected");
             }
         }
-        assert!(quantize_row(ty, &vec![0.0; n + 1], &mut dst).is_err(), "{ty}: partial block");
-        assert!(quantize_row(ty, &vec![0.0; n], &mut dst[1..]).is_err(), "{ty}: short dst");
+        assert!(
+            quantize_row(ty, &vec![0.0; n + 1], &mut dst).is_err(),
+            "{ty}: partial block"
+        );
+        assert!(
+            quantize_row(ty, &vec![0.0; n], &mut dst[1..]).is_err(),
+            "{ty}: short dst"
+        );
     }
 }

@@ -275,7 +275,11 @@ fn lowbit_tensor_sizes_are_checked() {
         };
         let f = GgufFile::from_bytes(&file(6 * bytes, 2 * block)).unwrap_or_else(|e| panic!("{ty}: {e}"));
         let t = f.tensor("q.weight").unwrap();
-        assert_eq!((t.ty, t.n_bytes, t.shape.clone()), (ty, 6 * bytes, vec![3, 2 * block]), "{ty}");
+        assert_eq!(
+            (t.ty, t.n_bytes, t.shape.clone()),
+            (ty, 6 * bytes, vec![3, 2 * block]),
+            "{ty}"
+        );
 
         // One block short (the data ends with the file).
         let err = err_of(&file(5 * bytes, 2 * block));

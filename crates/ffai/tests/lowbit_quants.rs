@@ -124,7 +124,8 @@ fn logits(m: &dyn LanguageModel) -> (Vec<f32>, Vec<f32>) {
     let mut all = Vec::new();
     m.forward(&TOKENS[..TOKENS.len() - 1], &mut st, true, &mut all).unwrap();
     let mut last = Vec::new();
-    m.forward(&TOKENS[TOKENS.len() - 1..], &mut st, false, &mut last).unwrap();
+    m.forward(&TOKENS[TOKENS.len() - 1..], &mut st, false, &mut last)
+        .unwrap();
     (all, last)
 }
 
@@ -190,7 +191,10 @@ fn every_lowbit_type_loads_and_gives_close_logits() {
         let full = rel_rms_diff(&ref_all, &q_all).max(rel_rms_diff(&ref_last, &q_last));
         println!("{ty}: weight rel RMS err {werr:.4}, logits vs f32 {full:.4}, vs decoded-f32 {act:.5}");
         assert!(act < 0.04, "{ty}: stored vs decoded-f32 weights differ by {act}");
-        assert!(full < 4.5 * werr + 0.04, "{ty}: logits off by {full} for weight error {werr}");
+        assert!(
+            full < 4.5 * werr + 0.04,
+            "{ty}: logits off by {full} for weight error {werr}"
+        );
         assert!(q_all.iter().chain(&q_last).all(|x| x.is_finite()), "{ty}");
     }
 }
