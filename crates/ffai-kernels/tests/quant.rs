@@ -985,7 +985,7 @@ fn oracle_decodes_hand_built_lowbit_blocks() {
     b[32 + 32 + 23] = 1;
     b[23] = 1 << 4;
     let v = oracle_row(WeightType::Q3K, &b, 256);
-    assert_eq!((v[150], v[151]), (2.0 * 6.0 * -1.0, 2.0 * 6.0 * 1.0));
+    assert_eq!((v[150], v[151]), (-12.0, 12.0)); // d · 6 · (∓1)
 
     // IQ4_XS, d = 0.5; sub-block 3 scale u = 0b01_1111 = 31 (-> -1): low nibble is
     // the high nibble of scales_l[1], top bits are bits 6,7 of scales_h.

@@ -11,15 +11,14 @@
 //!
 //! The `f32` side keeps 8 lanes per token: each lane holds a partial integer sum of
 //! the (super-)block, scaled by one FMA, and the lanes are added at the end, as the
-//! other AVX2 kernels do. Tokens are processed 8 at a time, then one at a time; each
+//! other AVX2 kernels do. Tokens are processed 8 at a time, then 4, then one at a time; each
 //! token's operations do not depend on the tile, so multi-token results are
 //! bit-identical to single-token ones.
 
 use std::arch::x86_64::*;
 
-use super::{align_frame, f16_at, hsum_ps, load32, nibbles, TILE};
+use super::{align_frame, hsum_ps, load32, nibbles, TILE};
 use crate::quant::iq4::KVALUES as IQ4;
-use crate::quant::kquant_low::q3k_scales;
 use crate::quant::mxfp4::{half_scale, KVALUES as E2M1};
 use crate::quant::q8::{View, KSUMS};
 use crate::quant::{WeightType, QK, QK_K};
@@ -47,7 +46,14 @@ pub(in crate::quant::q8) unsafe fn dot_multi(ty: WeightType, row: &[u8], v: &Vie
                 $kern::<$($p,)* TILE>(row, v, t, o);
                 t += TILE;
             }
-            for o in chunks.into_remainder() {
+            let mut rest = chunks.into_remainder();
+            if rest.len() >= 4 {
+                let (four, tail) = rest.split_at_mut(4);
+                $kern::<$($p,)* 4>(row, v, t, four);
+                t += 4;
+                rest = tail;
+            }
+            for o in rest {
                 $kern::<$($p,)* 1>(row, v, t, std::slice::from_mut(o));
                 t += 1;
             }
@@ -67,12 +73,61 @@ pub(in crate::quant::q8) unsafe fn dot_multi(ty: WeightType, row: &[u8], v: &Vie
     }
 }
 
+/// The `f16` at `p` as `f32`, converted in scalar code. The F16C form (`super::f16_at`)
+/// made these kernels up to 3x slower at one token (IQ4_NL, Q3_K: measured), a
+/// scheduling effect we did not pin down; the scalar conversion is off the
+/// critical path.
+///
+/// # Safety
+/// `p..p + 2` must be readable.
+#[inline]
+unsafe fn f16_scalar(p: *const u8) -> f32 {
+    // SAFETY: two readable bytes (caller).
+    half::f16::from_bits(unsafe { p.cast::<u16>().read_unaligned() }).to_f32()
+}
+
 /// `Σ w·x` of 32 signed weights and 32 activation quants, as 8 `i16`-pair sums
 /// widened to `i32` and multiplied by `scale` (an `i16` per lane): exact.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn signed_dot(w: __m256i, x: __m256i, scale: __m256i) -> __m256i {
     _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w)), scale)
+}
+
+/// Sub-blocks `2d` and `2d + 1` of sixteen `i16` scales (sub-block `i` in lane `i`):
+/// the first broadcast over the low 128 bits, the second over the high 128 bits,
+/// matching 32 elements whose first 16 belong to sub-block `2d`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn pair_scale(scales: __m256i, d: usize) -> __m256i {
+    // Dword `d` holds both (low word: 2d, high word: 2d + 1).
+    let both = _mm256_permutevar8x32_epi32(scales, _mm256_set1_epi32(d as i32));
+    let pick = _mm256_setr_epi8(
+        0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3,
+    );
+    _mm256_shuffle_epi8(both, pick)
+}
+
+/// Q3_K's sixteen scales (`u - 32`, sub-block `i` in `i16` lane `i`) from the 12
+/// packed bytes that end at `p + 14`, unpacked in SIMD (layout in `kquant_low.rs`).
+///
+/// # Safety
+/// `p..p + 16` must be readable (the scales are bytes 2..14 of it).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q3k_scales_simd(p: *const u8) -> __m256i {
+    // SAFETY: 16 readable bytes (caller); the scale bytes move to 0..12.
+    let x = _mm_srli_si128::<2>(unsafe { _mm_loadu_si128(p.cast()) });
+    let m4 = _mm_set1_epi8(0x0F);
+    // Low 4 bits: low nibbles of bytes 0..8, then their high nibbles.
+    let low = _mm_unpacklo_epi64(_mm_and_si128(x, m4), _mm_and_si128(_mm_srli_epi16::<4>(x), m4));
+    // Top 2 bits: byte 8 + i % 4 shifted right by 2 (i / 4): replicate bytes 8..12 into
+    // every dword, shift dword k by 2k (bits crossing from the next byte land above
+    // bit 1 and are masked off).
+    let h = _mm_shuffle_epi8(x, _mm_setr_epi8(8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11));
+    let h = _mm_and_si128(_mm_srlv_epi32(h, _mm_setr_epi32(0, 2, 4, 6)), _mm_set1_epi8(3));
+    let u = _mm_or_si128(low, _mm_slli_epi16::<4>(h));
+    _mm256_sub_epi16(_mm256_cvtepu8_epi16(u), _mm256_set1_epi16(32))
 }
 
 /// The 32 activation quants of token `t` from element `at` on.
@@ -99,11 +154,9 @@ unsafe fn dot_q2k<const T: usize>(row: &[u8], v: &View<'_>, t0: usize, out: &mut
         // SAFETY: super-block `sb` (84 bytes) lies inside `row` (caller).
         let p = unsafe { row.as_ptr().add(sb * 84) };
         // SAFETY: the 16 scale bytes at 0, `d` at 80, `dmin` at 82.
-        let (sc, d, dmin) = unsafe { (_mm_loadu_si128(p.cast()), f16_at(p.add(80)), f16_at(p.add(82))) };
+        let (sc, d, dmin) = unsafe { (_mm_loadu_si128(p.cast()), f16_scalar(p.add(80)), f16_scalar(p.add(82))) };
         let mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(sc), _mm_set1_epi8(0x0F)));
-        let mut scb = [0u8; 16];
-        // SAFETY: 16 writable bytes.
-        unsafe { _mm_storeu_si128(scb.as_mut_ptr().cast(), _mm_and_si128(sc, _mm_set1_epi8(0x0F))) };
+        let scales = _mm256_cvtepu8_epi16(_mm_and_si128(sc, _mm_set1_epi8(0x0F)));
         let mut sumi = [_mm256_setzero_si256(); T];
         for n in 0..2 {
             // SAFETY: half `n`'s 32 level bytes at 16 + 32n.
@@ -112,8 +165,7 @@ unsafe fn dot_q2k<const T: usize>(row: &[u8], v: &View<'_>, t0: usize, out: &mut
                 // Elements 128n + 32j + l: bits 2j, 2j+1 of byte l; l < 16 is sub-block
                 // 8n + 2j (low 128 bits), l ≥ 16 the next one (high 128 bits).
                 let q = _mm256_and_si256(_mm256_srl_epi16(raw, _mm_cvtsi32_si128(2 * j as i32)), m3);
-                let s = 8 * n + 2 * j;
-                let scale = _mm256_set_m128i(_mm_set1_epi16(scb[s + 1] as i16), _mm_set1_epi16(scb[s] as i16));
+                let scale = pair_scale(scales, 4 * n + j);
                 for (k, si) in sumi.iter_mut().enumerate() {
                     // SAFETY: token `t0 + k`, elements of super-block `sb` (caller).
                     let x = unsafe { acts32(v, t0 + k, sb * QK_K + 128 * n + 32 * j) };
@@ -147,14 +199,8 @@ unsafe fn dot_q3k<const T: usize>(row: &[u8], v: &View<'_>, t0: usize, out: &mut
     for sb in 0..v.nblk {
         // SAFETY: super-block `sb` (110 bytes) lies inside `row` (caller).
         let p = unsafe { row.as_ptr().add(sb * 110) };
-        // SAFETY: the 12 scale bytes at 96 and `d` at 108.
-        let (u, d) = unsafe { (q3k_scales(&*p.add(96).cast::<[u8; 12]>()), f16_at(p.add(108))) };
-        let mut sc = [0i16; 16];
-        for (s, &us) in sc.iter_mut().zip(&u) {
-            *s = us as i16 - 32;
-        }
-        // SAFETY: 16 readable `i16`.
-        let scales = unsafe { _mm256_loadu_si256(sc.as_ptr().cast()) };
+        // SAFETY: bytes 94..110 (the 12 scale bytes at 96 and `d` at 108) are inside.
+        let (scales, d) = unsafe { (q3k_scales_simd(p.add(94)), f16_scalar(p.add(108))) };
         // SAFETY: the 32 high-bit bytes at 0.
         let hm = unsafe { load32(p) };
         let mut sumi = [_mm256_setzero_si256(); T];
@@ -167,8 +213,7 @@ unsafe fn dot_q3k<const T: usize>(row: &[u8], v: &View<'_>, t0: usize, out: &mut
                 let low = _mm256_and_si256(_mm256_srl_epi16(raw, _mm_cvtsi32_si128(2 * j as i32)), m3);
                 let high = _mm256_and_si256(_mm256_srl_epi16(hm, _mm_cvtsi32_si128((4 * n + j) as i32)), one);
                 let q = _mm256_or_si256(low, _mm256_slli_epi16::<2>(high));
-                let s = 8 * n + 2 * j;
-                let scale = _mm256_set_m128i(_mm_set1_epi16(sc[s + 1]), _mm_set1_epi16(sc[s]));
+                let scale = pair_scale(scales, 4 * n + j);
                 for (k, si) in sumi.iter_mut().enumerate() {
                     // SAFETY: token `t0 + k`, elements of super-block `sb` (caller).
                     let x = unsafe { acts32(v, t0 + k, sb * QK_K + 128 * n + 32 * j) };
@@ -249,7 +294,7 @@ unsafe fn dot_iq4xs<const T: usize>(row: &[u8], v: &View<'_>, t0: usize, out: &m
         // SAFETY: `d` at 0, `scales_h` at 2, `scales_l` at 4..8.
         let (d, sh, sl) = unsafe {
             (
-                f16_at(p),
+                f16_scalar(p),
                 p.add(2).cast::<u16>().read_unaligned(),
                 p.add(4).cast::<u32>().read_unaligned(),
             )
@@ -294,7 +339,7 @@ unsafe fn dot_32<const FP4: bool, const T: usize>(row: &[u8], v: &View<'_>, t0: 
         let p = unsafe { row.as_ptr().add(b * bytes) };
         // SAFETY: the scale byte / f16 at 0 and the 16 index bytes at `at`.
         let (dw, w) = unsafe {
-            let dw = if FP4 { half_scale(*p) } else { f16_at(p) };
+            let dw = if FP4 { half_scale(*p) } else { f16_scalar(p) };
             (dw, _mm256_shuffle_epi8(tab, nibbles(p.add(at))))
         };
         for (k, a) in acc.iter_mut().enumerate() {
