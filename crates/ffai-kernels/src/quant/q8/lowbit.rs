@@ -38,11 +38,17 @@ pub(super) fn dot_multi(ty: WeightType, row: &[u8], v: View<'_>, t0: usize, out:
     }
 }
 
-/// The 2-bit field of element `i` in a Q2_K / Q3_K `qs` area (`i = 128n + 32j + l`
-/// sits in bits `2j, 2j+1` of byte `32n + l`).
+/// The 2-bit fields of a Q2_K / Q3_K `qs` area (64 bytes) into `q`: element
+/// `128n + 32j + l` sits in bits `2j, 2j+1` of byte `32n + l`.
 #[inline(always)]
-fn two_bits(qs: &[u8], i: usize) -> u8 {
-    (qs[32 * (i / 128) + i % 32] >> (2 * ((i % 128) / 32))) & 3
+fn two_bits(qs: &[u8], q: &mut [i8; QK_K]) {
+    for (q32, o128) in qs.chunks_exact(32).zip(q.chunks_exact_mut(128)) {
+        for (j, o32) in o128.chunks_exact_mut(32).enumerate() {
+            for (o, &b) in o32.iter_mut().zip(q32) {
+                *o = ((b >> (2 * j)) & 3) as i8;
+            }
+        }
+    }
 }
 
 /// Up to `TILE` tokens against one Q2_K row: `Σ_s (d·sc_s)·Σ q·a - (dmin·mn_s)·Σ a`,
@@ -52,10 +58,7 @@ fn dot_q2k(row: &[u8], v: View<'_>, t0: usize, out: &mut [f32]) {
     let mut q = [0i8; QK_K];
     for (sb, blk) in row.chunks_exact(84).enumerate() {
         let (d, dmin) = (read_f16(blk, 80), read_f16(blk, 82));
-        let qs = &blk[16..80];
-        for (i, w) in q.iter_mut().enumerate() {
-            *w = two_bits(qs, i) as i8;
-        }
+        two_bits(&blk[16..80], &mut q);
         for (j, a) in acc.iter_mut().enumerate().take(out.len()) {
             let t = t0 + j;
             let x = quants::<QK_K>(&v, t, sb * QK_K);
@@ -79,11 +82,14 @@ fn dot_q3k(row: &[u8], v: View<'_>, t0: usize, out: &mut [f32]) {
     let mut q = [0i8; QK_K];
     for (sb, blk) in row.chunks_exact(110).enumerate() {
         let d = read_f16(blk, 108);
-        let (hmask, qs) = (&blk[..32], &blk[32..96]);
+        let hmask = &blk[..32];
         let u = q3k_scales(blk[96..108].try_into().unwrap());
-        for (i, w) in q.iter_mut().enumerate() {
-            let bit = (hmask[i % 32] >> (i / 32)) & 1;
-            *w = two_bits(qs, i) as i8 - if bit == 1 { 0 } else { 4 };
+        two_bits(&blk[32..96], &mut q);
+        // A clear bit `i / 32` of `hmask[i % 32]` subtracts 4.
+        for (k, q32) in q.chunks_exact_mut(32).enumerate() {
+            for (w, &h) in q32.iter_mut().zip(hmask) {
+                *w -= (((h >> k) & 1) ^ 1) as i8 * 4;
+            }
         }
         for (j, a) in acc.iter_mut().enumerate().take(out.len()) {
             let t = t0 + j;
