@@ -25,7 +25,7 @@ use ffai_kernels::quant::{
 };
 use half::f16;
 
-const QUANTIZED: [WeightType; 8] = [
+const QUANTIZED: [WeightType; 14] = [
     WeightType::Q4_0,
     WeightType::Q4_1,
     WeightType::Q5_0,
@@ -34,6 +34,12 @@ const QUANTIZED: [WeightType; 8] = [
     WeightType::Q4K,
     WeightType::Q5K,
     WeightType::Q6K,
+    WeightType::Q2K,
+    WeightType::Q3K,
+    WeightType::Q8K,
+    WeightType::IQ4NL,
+    WeightType::IQ4XS,
+    WeightType::MXFP4,
 ];
 
 // ------------------------------------------------------------------ harness
@@ -143,7 +149,20 @@ fn f16_fields(ty: WeightType) -> &'static [usize] {
         WeightType::Q4_0 | WeightType::Q5_0 | WeightType::Q8_0 => &[0],
         WeightType::Q4_1 | WeightType::Q5_1 | WeightType::Q4K | WeightType::Q5K => &[0, 2],
         WeightType::Q6K => &[208],
+        WeightType::Q2K => &[80, 82],
+        WeightType::Q3K => &[108],
+        WeightType::IQ4NL | WeightType::IQ4XS => &[0],
         _ => &[],
+    }
+}
+
+/// Sets the scale fields that are not f16 to sane values: Q8_K's `f32` scale to
+/// `d`, MXFP4's exponent to `e`.
+fn set_other_scales(ty: WeightType, block: &mut [u8], d: f32, e: u8) {
+    match ty {
+        WeightType::Q8K => block[0..4].copy_from_slice(&d.to_le_bytes()),
+        WeightType::MXFP4 => block[0] = e,
+        _ => {}
     }
 }
 
@@ -167,6 +186,8 @@ fn random_row(rng: &mut Rng, ty: WeightType, cols: usize) -> Vec<u8> {
                 };
                 block[at..at + 2].copy_from_slice(&v.to_bits().to_le_bytes());
             }
+            let e = 110 + rng.below(20) as u8;
+            set_other_scales(ty, block, rng.uniform(-0.05, 0.05), e);
         }
     }
     row
@@ -263,6 +284,7 @@ fn magnitude(ty: WeightType, row: &[u8], w: &[f32], x: &[f64]) -> f64 {
         match ty {
             WeightType::Q4_1 | WeightType::Q5_1 => -(f16_at(b, 2) as f64),
             WeightType::Q4K | WeightType::Q5K => f16_at(b, 2) as f64 * kq_min(b, (i % bl) / 32) as f64,
+            WeightType::Q2K => f16_at(b, 82) as f64 * (b[(i % bl) / 16] >> 4) as f64,
             _ => 0.0,
         }
     };
@@ -936,6 +958,7 @@ fn saturating_extremes_are_exact() {
                     if matches!(ty, WeightType::Q4K | WeightType::Q5K) {
                         block[4..16].fill(0xFF); // every scale and min 63
                     }
+                    set_other_scales(ty, block, 0.01, 120);
                 }
                 for sign in [1.0f32, -1.0] {
                     let x: Vec<f32> = (0..cols).map(|i| sign * if i % 3 == 0 { -1.0 } else { 1.0 }).collect();

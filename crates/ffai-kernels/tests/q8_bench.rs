@@ -304,6 +304,13 @@ const SHAPES: &[(WeightType, usize, usize)] = &[
     (WeightType::Q8_0, 1536, 576),
     (WeightType::Q5K, 640, 2048),
     (WeightType::Q6K, 2048, 768),
+    // The low-bit types.
+    (WeightType::Q2K, 640, 2048),
+    (WeightType::Q3K, 640, 2048),
+    (WeightType::Q8K, 640, 2048),
+    (WeightType::IQ4XS, 640, 2048),
+    (WeightType::IQ4NL, 640, 2048),
+    (WeightType::MXFP4, 640, 2048),
 ];
 
 #[test]

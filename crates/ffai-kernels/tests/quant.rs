@@ -1,7 +1,8 @@
 //! Tests of `ffai_kernels::quant` against
 //! * a deliberately naive oracle written here from the ggml block layouts
 //!   (one element at a time, reading single bits out of the block),
-//! * gguf-py (fixture made by `fixtures/make_quant_fixture.py`),
+//! * gguf-py (fixtures made by `fixtures/make_quant_fixture.py`; gguf-py has
+//!   no Q8_K, which is checked against the oracle only),
 //! * round-trip error bounds for the quantizers.
 
 use ffai_kernels::quant::{dequantize_row, dot_row, quantize_row, WeightType};
@@ -16,6 +17,16 @@ const QUANTIZED: [WeightType; 8] = [
     WeightType::Q4K,
     WeightType::Q5K,
     WeightType::Q6K,
+];
+
+/// The types added after the first set: their quantizers are tested on their own.
+const LOWBIT: [WeightType; 6] = [
+    WeightType::Q2K,
+    WeightType::Q3K,
+    WeightType::Q8K,
+    WeightType::IQ4NL,
+    WeightType::IQ4XS,
+    WeightType::MXFP4,
 ];
 
 // ------------------------------------------------------------------ PRNG
@@ -142,6 +153,39 @@ fn q6k_level(block: &[u8], i: usize) -> u32 {
     low | (high << 4)
 }
 
+/// The IQ4 codebook (IQ4_NL, IQ4_XS), a fact of the format.
+const IQ4_LEVELS: [i32; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
+
+/// Q2_K / Q3_K: the 2 low bits of element `i = 128n + 32j + l` in the 64-byte
+/// area at `at`: bits 2j, 2j+1 of byte 32n + l.
+fn two_bit_level(block: &[u8], at: usize, i: usize) -> u32 {
+    bits(block, (at + 32 * (i / 128) + i % 32) * 8 + 2 * ((i % 128) / 32), 2)
+}
+
+/// Q3_K 6-bit scale of sub-block `s` (offset 32 not removed); 12 bytes at 96.
+fn q3k_scale(block: &[u8], s: usize) -> u32 {
+    let low = if s < 8 {
+        bits(block, (96 + s) * 8, 4)
+    } else {
+        bits(block, (96 + s - 8) * 8 + 4, 4)
+    };
+    low | (bits(block, (96 + 8 + s % 4) * 8 + 2 * (s / 4), 2) << 4)
+}
+
+/// IQ4_XS 6-bit scale of sub-block `s` (offset 32 not removed).
+fn iq4xs_scale(block: &[u8], s: usize) -> u32 {
+    bits(block, (4 + s / 2) * 8 + 4 * (s % 2), 4) | (bits(block, 16 + 2 * s, 2) << 4)
+}
+
+/// MXFP4 element from its E8M0 exponent and E2M1 code, in f64: sign bit 3,
+/// magnitude index bits 0..3 into 0, 0.5, 1, 1.5, 2, 3, 4, 6; scale 2^(e-127).
+/// Code 8 ("-0") decodes to +0, as in ggml.
+fn mxfp4_value(e: u32, code: u32) -> f32 {
+    const MAG: [f64; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+    let m = MAG[(code & 7) as usize] * 2f64.powi(e as i32 - 127);
+    (if code & 8 != 0 && m != 0.0 { -m } else { m }) as f32
+}
+
 /// Element `i` of one block, in the same f32 operation order as ggml.
 fn oracle_element(ty: WeightType, block: &[u8], i: usize) -> f32 {
     match ty {
@@ -182,6 +226,28 @@ fn oracle_element(ty: WeightType, block: &[u8], i: usize) -> f32 {
             let q = q6k_level(block, i) as i32 - 32;
             (f16_at(block, 208) * q6k_scale(block, i / 16) as f32) * q as f32
         }
+        WeightType::Q2K => {
+            let (sc, mn) = (bits(block, (i / 16) * 8, 4), bits(block, (i / 16) * 8 + 4, 4));
+            let q = two_bit_level(block, 16, i);
+            (f16_at(block, 80) * sc as f32) * q as f32 - f16_at(block, 82) * mn as f32
+        }
+        WeightType::Q3K => {
+            // A clear high bit (bit i / 32 of hmask[i % 32]) means "minus 4".
+            let high = bit(block, (i % 32) * 8 + i / 32) as i32;
+            let q = two_bit_level(block, 32, i) as i32 - 4 * (1 - high);
+            (f16_at(block, 108) * (q3k_scale(block, i / 16) as i32 - 32) as f32) * q as f32
+        }
+        WeightType::Q8K => {
+            let q = bits(block, (4 + i) * 8, 8) as u8 as i8;
+            f32::from_bits(bits(block, 0, 32)) * q as f32
+        }
+        WeightType::IQ4NL => f16_at(block, 0) * IQ4_LEVELS[legacy_nibble(block, 2, i) as usize] as f32,
+        WeightType::IQ4XS => {
+            let s = i / 32;
+            let k = bits(block, (8 + 16 * s + i % 16) * 8 + 4 * ((i % 32) / 16), 4);
+            (f16_at(block, 0) * (iq4xs_scale(block, s) as i32 - 32) as f32) * IQ4_LEVELS[k as usize] as f32
+        }
+        WeightType::MXFP4 => mxfp4_value(bits(block, 0, 8), legacy_nibble(block, 1, i)),
     }
 }
 
@@ -201,7 +267,10 @@ fn f16_fields(ty: WeightType) -> &'static [usize] {
         WeightType::Q4_0 | WeightType::Q5_0 | WeightType::Q8_0 => &[0],
         WeightType::Q4_1 | WeightType::Q5_1 | WeightType::Q4K | WeightType::Q5K => &[0, 2],
         WeightType::Q6K => &[208],
-        WeightType::F32 | WeightType::F16 | WeightType::BF16 => &[],
+        WeightType::Q2K => &[80, 82],
+        WeightType::Q3K => &[108],
+        WeightType::IQ4NL | WeightType::IQ4XS => &[0],
+        WeightType::F32 | WeightType::F16 | WeightType::BF16 | WeightType::Q8K | WeightType::MXFP4 => &[],
     }
 }
 
@@ -221,6 +290,19 @@ fn random_row(rng: &mut Rng, ty: WeightType, n: usize) -> Vec<u8> {
     for block in row.chunks_exact_mut(ty.block_bytes()) {
         for &at in f16_fields(ty) {
             block[at..at + 2].copy_from_slice(&random_field(rng).to_bits().to_le_bytes());
+        }
+        match ty {
+            // Q8_K's scale is an f32.
+            WeightType::Q8K => block[0..4].copy_from_slice(&random_field(rng).to_f32().to_le_bytes()),
+            // MXFP4: scales 2^-28 ..= 2^8, sometimes the subnormal ones.
+            WeightType::MXFP4 => {
+                block[0] = if rng.below(16) == 0 {
+                    rng.below(2) as u8
+                } else {
+                    100 + rng.below(36) as u8
+                }
+            }
+            _ => {}
         }
     }
     row
@@ -331,7 +413,12 @@ struct Record {
 }
 
 fn read_fixture() -> Vec<Record> {
-    let data: &[u8] = include_bytes!("fixtures/quant_fixture.bin");
+    let mut recs = parse_fixture(include_bytes!("fixtures/quant_fixture.bin"));
+    recs.extend(parse_fixture(include_bytes!("fixtures/quant_fixture_lowbit.bin")));
+    recs
+}
+
+fn parse_fixture(data: &[u8]) -> Vec<Record> {
     assert_eq!(&data[..8], b"FFAIQFX1", "bad fixture magic");
     let mut pos = 8;
     let u32_at = |pos: &mut usize| {
@@ -396,7 +483,14 @@ fn dequantize_matches_gguf_py_fixture() {
         }
         seen.push(r.ty);
     }
-    for ty in QUANTIZED.iter().chain(&[WeightType::F16, WeightType::BF16]) {
+    for ty in QUANTIZED
+        .iter()
+        .chain(&LOWBIT)
+        .chain(&[WeightType::F16, WeightType::BF16])
+    {
+        if *ty == WeightType::Q8K {
+            continue; // not in gguf-py
+        }
         assert!(seen.contains(ty), "fixture lacks a dequantize record for {ty}");
     }
 }
@@ -428,6 +522,7 @@ fn quantize_matches_gguf_py_fixture() {
         WeightType::Q5_0,
         WeightType::Q5_1,
         WeightType::Q8_0,
+        WeightType::MXFP4,
         WeightType::F16,
         WeightType::BF16,
     ] {
@@ -797,6 +892,12 @@ fn type_table_and_row_bytes() {
         (WeightType::Q4K, 12, "Q4_K", 256, 144, true),
         (WeightType::Q5K, 13, "Q5_K", 256, 176, true),
         (WeightType::Q6K, 14, "Q6_K", 256, 210, true),
+        (WeightType::Q2K, 10, "Q2_K", 256, 84, true),
+        (WeightType::Q3K, 11, "Q3_K", 256, 110, true),
+        (WeightType::Q8K, 15, "Q8_K", 256, 292, true),
+        (WeightType::IQ4NL, 20, "IQ4_NL", 32, 18, true),
+        (WeightType::IQ4XS, 23, "IQ4_XS", 256, 136, true),
+        (WeightType::MXFP4, 39, "MXFP4", 32, 17, true),
     ];
     assert_eq!(table.len(), WeightType::ALL.len());
     for (i, &(ty, id, name, bl, bb, quantized)) in table.iter().enumerate() {
@@ -839,7 +940,7 @@ fn type_table_and_row_bytes() {
             None => assert!(!table.iter().any(|t| t.1 == id), "id {id} should be known"),
         }
     }
-    for unknown in [4, 5, 9, 10, 11, 15, 16, 20, 29, 31, 39, u32::MAX] {
+    for unknown in [4, 5, 9, 16, 17, 18, 19, 21, 22, 29, 31, 40, u32::MAX] {
         assert_eq!(WeightType::from_ggml(unknown), None, "id {unknown}");
     }
 }
@@ -855,4 +956,286 @@ fn dequantize_row_panics_on_length_mismatch() {
 #[should_panic]
 fn dot_row_panics_on_length_mismatch() {
     dot_row(WeightType::Q8_0, &[0u8; 34], &[0.0; 31]);
+}
+
+// ------------------------------------------------------ low-bit types
+
+/// The oracle itself on hand-built blocks of the later types.
+#[test]
+fn oracle_decodes_hand_built_lowbit_blocks() {
+    // Q2_K, d = 1, dmin = 0.5; sub-block 11 (n = 1, j = 1, upper 16): scale 5, min 3.
+    // Element 128 + 32 + 20 = 180 has its 2 bits at bits 2,3 of qs[32 + 20].
+    let mut b = vec![0u8; 84];
+    b[80..82].copy_from_slice(&f16::from_f32(1.0).to_bits().to_le_bytes());
+    b[82..84].copy_from_slice(&f16::from_f32(0.5).to_bits().to_le_bytes());
+    b[11] = 0x35;
+    b[16 + 32 + 20] = 0b10 << 2;
+    let v = oracle_row(WeightType::Q2K, &b, 256);
+    assert_eq!((v[180], v[181]), (5.0 * 2.0 - 1.5, -1.5));
+
+    // Q3_K, d = 2; sub-block 9 scale u = 0b10_0110 = 38 (-> 6): low nibble is the high
+    // nibble of scales[1], top bits are bits 4,5 of scales[8 + 1]. Element 150
+    // (n = 1, j = 0, l = 22): low bits 3 at bits 0,1 of qs[32 + 22]; high bit
+    // (bit 4 of hmask[22]) clear -> 3 - 4 = -1. Element 151: high bit set, low 1 -> 1.
+    let mut b = vec![0u8; 110];
+    b[108..110].copy_from_slice(&f16::from_f32(2.0).to_bits().to_le_bytes());
+    b[96 + 1] = 0x60;
+    b[96 + 9] = 0b10 << 4;
+    b[32 + 32 + 22] = 3;
+    b[32 + 32 + 23] = 1;
+    b[23] = 1 << 4;
+    let v = oracle_row(WeightType::Q3K, &b, 256);
+    assert_eq!((v[150], v[151]), (-12.0, 12.0)); // d · 6 · (∓1)
+
+    // IQ4_XS, d = 0.5; sub-block 3 scale u = 0b01_1111 = 31 (-> -1): low nibble is
+    // the high nibble of scales_l[1], top bits are bits 6,7 of scales_h.
+    // Element 96 + 16 + 2 = 114: high nibble of qs[48 + 2] = 15 -> 113.
+    let mut b = vec![0u8; 136];
+    b[0..2].copy_from_slice(&f16::from_f32(0.5).to_bits().to_le_bytes());
+    b[2] = 0b01 << 6;
+    b[4 + 1] = 0xF0;
+    b[8 + 48 + 2] = 0xF0;
+    let v = oracle_row(WeightType::IQ4XS, &b, 256);
+    assert_eq!((v[114], v[98]), (-0.5 * 113.0, -0.5 * -127.0));
+
+    // MXFP4, e = 128 (scale 2): code 0xD = -(index 5 = 3) -> -6; code 8 -> +0.
+    let mut b = vec![0u8; 17];
+    b[0] = 128;
+    b[1 + 4] = 0x8D;
+    let v = oracle_row(WeightType::MXFP4, &b, 32);
+    assert_eq!((v[4], v[20].to_bits(), v[0]), (-6.0, 0, 0.0));
+}
+
+/// For a codebook type: element `i` of `block` decodes to one of its candidate
+/// values, and that one is (one of) the nearest to `x[i]`. Returns the
+/// sub-scale each element was decoded with.
+fn assert_nearest(ty: WeightType, x: &[f32], block: &[u8], y: &[f32], ctx: &str) -> Vec<f32> {
+    let mut scales = Vec::new();
+    for (i, (&xv, &yv)) in x.iter().zip(y).enumerate() {
+        let cands: Vec<f32> = match ty {
+            WeightType::IQ4NL => IQ4_LEVELS.iter().map(|&k| f16_at(block, 0) * k as f32).collect(),
+            WeightType::IQ4XS => {
+                let dl = f16_at(block, 0) * (iq4xs_scale(block, i / 32) as i32 - 32) as f32;
+                IQ4_LEVELS.iter().map(|&k| dl * k as f32).collect()
+            }
+            _ => (0..16).map(|c| mxfp4_value(bits(block, 0, 8), c)).collect(),
+        };
+        scales.push(match ty {
+            WeightType::IQ4NL => f16_at(block, 0),
+            WeightType::IQ4XS => f16_at(block, 0) * (iq4xs_scale(block, i / 32) as i32 - 32) as f32,
+            _ => mxfp4_value(bits(block, 0, 8), 1),
+        });
+        assert!(cands.contains(&yv), "{ctx} elem {i}: {yv} is no codebook value");
+        let best = cands.iter().fold(f32::INFINITY, |m, &c| m.min((xv - c).abs()));
+        assert!(
+            (xv - yv).abs() <= best,
+            "{ctx} elem {i}: {xv} -> {yv}, but a codebook value is {best} away"
+        );
+    }
+    scales
+}
+
+/// Round-trip bounds of the later types' quantizers on one block.
+fn check_lowbit_block(ty: WeightType, x: &[f32], block: &[u8], y: &[f32], ctx: &str) {
+    let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    let slop = |v: f32| 4.0 * f32::EPSILON * v + 1e-30;
+    match ty {
+        WeightType::Q2K => {
+            // Asymmetric levels 0..=3: within half a stored step (the stored range covers the sub-block).
+            for (i, (&xv, &yv)) in x.iter().zip(y).enumerate() {
+                let s = i / 16;
+                let step = f16_at(block, 80) * bits(block, s * 8, 4) as f32;
+                let shift = f16_at(block, 82) * bits(block, s * 8 + 4, 4) as f32;
+                let allowed = 0.5 * step + slop(xv.abs() + shift + 3.0 * step);
+                assert!(
+                    (xv - yv).abs() <= allowed,
+                    "{ctx} elem {i}: {xv} -> {yv}, allowed {allowed}"
+                );
+            }
+        }
+        WeightType::Q3K => {
+            // Signed levels -4..=3 with the largest element at -4: half a step,
+            // except values past level 3.5 on the other side, clipped to 3.
+            for (i, (&xv, &yv)) in x.iter().zip(y).enumerate() {
+                let step = f16_at(block, 108) * (q3k_scale(block, i / 16) as i32 - 32) as f32;
+                let t = if step != 0.0 { xv / step } else { 0.0 };
+                assert!(t.abs() <= 4.0 * (1.0 + 1e-6), "{ctx} elem {i}: {xv} is {t} steps out");
+                let allowed = step.abs() * (0.5 + (t - 3.5).max(0.0)) + slop(xv.abs() + 4.0 * step.abs());
+                assert!(
+                    (xv - yv).abs() <= allowed,
+                    "{ctx} elem {i}: {xv} -> {yv}, allowed {allowed}"
+                );
+            }
+        }
+        WeightType::Q8K => {
+            let d = f32::from_bits(bits(block, 0, 32));
+            assert_eq!(d, amax / 127.0, "{ctx}: scale");
+            for (k, q16) in block[4..260].chunks(16).enumerate() {
+                let want: i32 = q16.iter().map(|&b| b as i8 as i32).sum();
+                assert_eq!(
+                    bits(block, (260 + 2 * k) * 8, 16) as u16 as i16 as i32,
+                    want,
+                    "{ctx}: sum {k}"
+                );
+            }
+            for (i, (&xv, &yv)) in x.iter().zip(y).enumerate() {
+                let allowed = 0.5 * d + slop(xv.abs());
+                assert!(
+                    (xv - yv).abs() <= allowed,
+                    "{ctx} elem {i}: {xv} -> {yv}, allowed {allowed}"
+                );
+            }
+        }
+        WeightType::IQ4NL | WeightType::IQ4XS => {
+            let scales = assert_nearest(ty, x, block, y, ctx);
+            let group = 32;
+            for (g, (xs, ss)) in x.chunks(group).zip(scales.chunks(group)).enumerate() {
+                let gmax = xs.iter().fold(0.0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
+                let dl = ss[0];
+                // The scale covers the group (its largest element fits at -127) and is
+                // not much larger than needed: f16 rounding (IQ4_NL) or one super-scale
+                // unit (IQ4_XS).
+                let need = gmax.abs() / 127.0;
+                assert!(dl.abs() >= need * (1.0 - 1e-6), "{ctx} group {g}: scale {dl} < {need}");
+                let spare = if ty == WeightType::IQ4NL {
+                    need * 2f32.powi(-10) + 2f32.powi(-24)
+                } else {
+                    f16_at(block, 0)
+                };
+                assert!(
+                    dl.abs() <= need + spare * (1.0 + 1e-6),
+                    "{ctx} group {g}: scale {dl} > {need} + {spare}"
+                );
+                if gmax != 0.0 {
+                    assert!(dl * gmax < 0.0, "{ctx} group {g}: the largest element must map to -127");
+                }
+                // Hence (the codebook's gaps are at most 24, and the far end 113 is 14
+                // short of 127): every element within 14 sub-scale units.
+                for (i, (&xv, &yv)) in xs.iter().zip(&y[g * group..]).enumerate() {
+                    let allowed = 14.0 * dl.abs() + slop(xv.abs());
+                    assert!((xv - yv).abs() <= allowed, "{ctx} elem {}: {xv} -> {yv}", g * group + i);
+                }
+            }
+        }
+        _ => {
+            assert_nearest(ty, x, block, y, ctx);
+            // Shared exponent: the largest element is in [4, 8) units of 2^(e-127).
+            let e = bits(block, 0, 8) as i32;
+            if amax > 0.0 {
+                let unit = 2f64.powi(e - 127);
+                let r = amax as f64 / unit;
+                assert!((4.0..8.0).contains(&r), "{ctx}: e = {e}, amax = {amax} is {r} units");
+            } else {
+                assert_eq!(e, 0, "{ctx}: zero block");
+            }
+        }
+    }
+}
+
+fn check_lowbit_row(ty: WeightType, x: &[f32], ctx: &str) -> Vec<f32> {
+    let (q, y) = round_trip(ty, x);
+    let (bl, bb) = (ty.block_len(), ty.block_bytes());
+    for (b, blk) in q.chunks(bb).enumerate() {
+        let r = b * bl..(b + 1) * bl;
+        check_lowbit_block(ty, &x[r.clone()], blk, &y[r], &format!("{ctx} block {b}"));
+    }
+    y
+}
+
+/// quantize_row → dequantize_row of the later types meets each one's bound
+/// (half a step; nearest codebook value with a covering scale; MXFP4's
+/// reference exponent) on every data style.
+#[test]
+fn lowbit_quantize_round_trip_within_bounds() {
+    let mut rng = Rng(40);
+    for ty in LOWBIT {
+        for blocks in [1, 3, 8] {
+            let n = blocks * ty.block_len();
+            for style in 0..4 {
+                for rep in 0..3 {
+                    let x = quant_inputs(&mut rng, n, style);
+                    check_lowbit_row(ty, &x, &format!("{ty} n={n} style={style} rep={rep}"));
+                }
+            }
+        }
+    }
+}
+
+/// Scale choices are not wasteful: on uniform data in [-a, a] the worst Q2_K
+/// error stays below 0.6 of an ideal step 2a/3, Q3_K's below 1.05 of its
+/// signed step a/4 (one step for the clipped top level, plus scale rounding).
+#[test]
+fn lowbit_kquant_round_trip_is_tight_on_uniform_data() {
+    let mut rng = Rng(41);
+    for rep in 0..20 {
+        let a = 10f32.powf(rng.uniform(-3.0, 3.0));
+        let x: Vec<f32> = (0..4 * 256).map(|_| rng.uniform(-a, a)).collect();
+        for (ty, limit) in [
+            (WeightType::Q2K, 0.6 * 2.0 * a / 3.0),
+            (WeightType::Q3K, 1.05 * a / 4.0),
+        ] {
+            let (_, y) = round_trip(ty, &x);
+            let worst = x.iter().zip(&y).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(worst <= limit, "{ty} rep={rep} a={a}: worst error {worst} > {limit}");
+        }
+    }
+}
+
+/// The IQ4 codebook is worth having: on normal data IQ4_NL's RMS error is
+/// below Q4_0's (same 4.5 bits per weight, uniform levels).
+#[test]
+fn iq4nl_beats_q4_0_on_normal_data() {
+    let mut rng = Rng(42);
+    let x: Vec<f32> = (0..32 * 512).map(|_| rng.normal()).collect();
+    let rms = |ty| {
+        let (_, y) = round_trip(ty, &x);
+        (x.iter().zip(&y).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / x.len() as f64).sqrt()
+    };
+    let (nl, q40) = (rms(WeightType::IQ4NL), rms(WeightType::Q4_0));
+    println!("RMS error on N(0,1): IQ4_NL {nl:.5}, Q4_0 {q40:.5}");
+    assert!(nl < q40, "IQ4_NL {nl} vs Q4_0 {q40}");
+}
+
+/// Zeros, constants, mixed magnitudes, non-finite input, scale overflow and bad
+/// lengths for the later types.
+#[test]
+fn lowbit_quantize_edge_cases() {
+    for ty in LOWBIT {
+        let n = 2 * ty.block_len().max(64);
+        let (_, y) = round_trip(ty, &vec![0.0; n]);
+        assert!(y.iter().all(|&v| v == 0.0), "{ty}: zeros must stay zero");
+        for c in [1.0f32, -2.5, 1e-3, 300.0, 0.75] {
+            check_lowbit_row(ty, &vec![c; n], &format!("{ty} constant {c}"));
+        }
+        let mut rng = Rng(43);
+        let x: Vec<f32> = (0..n)
+            .map(|i| rng.uniform(-1.0, 1.0) * if (i / 16) % 3 == 0 { 1e3 } else { 1e-4 })
+            .collect();
+        check_lowbit_row(ty, &x, &format!("{ty} mixed magnitudes"));
+
+        let mut dst = vec![0u8; ty.row_bytes(n).unwrap()];
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut x = vec![0.5f32; n];
+            x[n / 2 + 1] = bad;
+            assert!(quantize_row(ty, &x, &mut dst).is_err(), "{ty}: {bad} must be rejected");
+        }
+        for big in [1e30f32, -1e30] {
+            let r = quantize_row(ty, &vec![big; n], &mut dst);
+            if matches!(ty, WeightType::Q8K | WeightType::MXFP4) {
+                // f32 / E8M0 scales hold these.
+                assert!(r.is_ok(), "{ty}: {big}");
+                check_lowbit_row(ty, &vec![big; n], &format!("{ty} {big}"));
+            } else {
+                assert!(r.is_err(), "{ty}: f16 scale overflow must be rejected");
+            }
+        }
+        assert!(
+            quantize_row(ty, &vec![0.0; n + 1], &mut dst).is_err(),
+            "{ty}: partial block"
+        );
+        assert!(
+            quantize_row(ty, &vec![0.0; n], &mut dst[1..]).is_err(),
+            "{ty}: short dst"
+        );
+    }
 }

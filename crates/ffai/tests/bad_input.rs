@@ -247,3 +247,48 @@ fn missing_model_paths_say_where_they_looked() {
     let e = ffai::resolve::resolve("someone/some-model").unwrap_err().to_string();
     assert!(e.contains("Hugging Face cache") && e.contains("hfhome"), "{e}");
 }
+
+/// The later weight types (Q2_K, Q3_K, Q8_K, IQ4_NL, IQ4_XS, MXFP4) load from their
+/// ggml ids with the right sizes; a tensor with too few bytes for its type, or a row
+/// that is not a whole number of its blocks, is a clear error naming the tensor.
+#[test]
+fn lowbit_tensor_sizes_are_checked() {
+    for (ty, id, block, bytes) in [
+        (WeightType::Q2K, 10, 256, 84),
+        (WeightType::Q3K, 11, 256, 110),
+        (WeightType::Q8K, 15, 256, 292),
+        (WeightType::IQ4NL, 20, 32, 18),
+        (WeightType::IQ4XS, 23, 256, 136),
+        (WeightType::MXFP4, 39, 32, 17),
+    ] {
+        assert_eq!(WeightType::from_ggml(id), Some(ty));
+        let file = |len: usize, row: usize| {
+            let tensors = vec![
+                ("a.weight".into(), WeightType::F32, vec![2, 4], vec![0u8; 32]),
+                ("q.weight".into(), ty, vec![3, row], vec![0u8; len]),
+            ];
+            GgufWriter {
+                metadata: vec![],
+                tensors,
+            }
+            .to_bytes()
+        };
+        let f = GgufFile::from_bytes(&file(6 * bytes, 2 * block)).unwrap_or_else(|e| panic!("{ty}: {e}"));
+        let t = f.tensor("q.weight").unwrap();
+        assert_eq!(
+            (t.ty, t.n_bytes, t.shape.clone()),
+            (ty, 6 * bytes, vec![3, 2 * block]),
+            "{ty}"
+        );
+
+        // One block short (the data ends with the file).
+        let err = err_of(&file(5 * bytes, 2 * block));
+        assert!(err.contains("q.weight") && err.contains("past the end"), "{ty}: {err}");
+        // A row of one element more than two blocks.
+        let err = err_of(&file(9 * bytes, 2 * block + 1));
+        assert!(
+            err.contains("q.weight") && err.contains("block size") && err.contains(ty.name()),
+            "{ty}: {err}"
+        );
+    }
+}

@@ -153,7 +153,7 @@ impl Decode<Q6K_BYTES, QK_K> for BlockQ6K {
 // covers the sub-block and each element is off by at most half a step.
 
 /// The smallest finite `f16` that is `>= v` (`v` finite and `>= 0`).
-fn f16_at_least(v: f32, what: &str) -> Result<f16, String> {
+pub(super) fn f16_at_least(v: f32, what: &str) -> Result<f16, String> {
     let h = f16::from_f32(v);
     let h = if h.to_f32() < v {
         f16::from_bits(h.to_bits() + 1)
@@ -169,7 +169,7 @@ fn f16_at_least(v: f32, what: &str) -> Result<f16, String> {
 
 /// `ceil(need / unit)` limited to `max` (`0` when `unit` is zero).
 #[inline]
-fn units_covering(need: f32, unit: f32, max: f32) -> f32 {
+pub(super) fn units_covering(need: f32, unit: f32, max: f32) -> f32 {
     if unit > 0.0 {
         (need / unit).ceil().clamp(0.0, max)
     } else {

@@ -18,10 +18,17 @@
 //! | Q4_K | 256 | 144 | `d:f16 @0`, `dmin:f16 @2`, 12 packed scale bytes `@4`, 128 nibble bytes `@16` |
 //! | Q5_K | 256 | 176 | `d:f16 @0`, `dmin:f16 @2`, 12 scale bytes `@4`, 32 high-bit bytes `@16`, 128 nibble bytes `@48` |
 //! | Q6_K | 256 | 210 | 128 low-nibble bytes `@0`, 64 high-pair bytes `@128`, 16 × `i8` scales `@192`, `d:f16 @208` |
+//! | Q2_K | 256 | 84  | 16 scale/min bytes `@0`, 64 two-bit bytes `@16`, `d:f16 @80`, `dmin:f16 @82` |
+//! | Q3_K | 256 | 110 | 32 high-bit bytes `@0`, 64 two-bit bytes `@32`, 12 packed scale bytes `@96`, `d:f16 @108` |
+//! | Q8_K | 256 | 292 | `d:f32 @0`, 256 × `i8 @4`, 16 × `i16` sums of 16 `@260` |
+//! | IQ4_NL | 32 | 18 | `d:f16 @0`, 16 nibble bytes `@2` (codebook indices) |
+//! | IQ4_XS | 256 | 136 | `d:f16 @0`, `scales_h:u16 @2`, 4 scale nibble bytes `@4`, 128 nibble bytes `@8` |
+//! | MXFP4 | 32 | 17 | `e:u8 @0` (E8M0 exponent), 16 nibble bytes `@1` (E2M1 codes) |
 //!
 //! Which nibble or bit belongs to which element is documented next to each
 //! decoder (`legacy.rs` for the 32-element formats, `kquant.rs` for the
-//! K-quants, `float.rs` for the plain floats).
+//! K-quants, `kquant_low.rs` for Q2_K / Q3_K / Q8_K, `iq4.rs` for the IQ4
+//! codebook formats, `mxfp4.rs` for MXFP4, `float.rs` for the plain floats).
 //!
 //! Decoding rounds exactly like ggml's reference `dequantize_row_*` and
 //! gguf-py (two separately rounded `f32` operations, never fused), so results
@@ -30,8 +37,11 @@
 use std::fmt;
 
 mod float;
+mod iq4;
 mod kquant;
+mod kquant_low;
 mod legacy;
+mod mxfp4;
 pub mod q8;
 
 pub use q8::{
@@ -63,11 +73,17 @@ pub enum WeightType {
     Q4K,
     Q5K,
     Q6K,
+    Q2K,
+    Q3K,
+    Q8K,
+    IQ4NL,
+    IQ4XS,
+    MXFP4,
 }
 
 impl WeightType {
     /// Every supported type, floats first.
-    pub const ALL: [WeightType; 11] = [
+    pub const ALL: [WeightType; 17] = [
         WeightType::F32,
         WeightType::F16,
         WeightType::BF16,
@@ -79,6 +95,12 @@ impl WeightType {
         WeightType::Q4K,
         WeightType::Q5K,
         WeightType::Q6K,
+        WeightType::Q2K,
+        WeightType::Q3K,
+        WeightType::Q8K,
+        WeightType::IQ4NL,
+        WeightType::IQ4XS,
+        WeightType::MXFP4,
     ];
 
     /// Maps a ggml / GGUF type id to a supported type (`None` for anything else).
@@ -94,6 +116,12 @@ impl WeightType {
             12 => WeightType::Q4K,
             13 => WeightType::Q5K,
             14 => WeightType::Q6K,
+            10 => WeightType::Q2K,
+            11 => WeightType::Q3K,
+            15 => WeightType::Q8K,
+            20 => WeightType::IQ4NL,
+            23 => WeightType::IQ4XS,
+            39 => WeightType::MXFP4,
             30 => WeightType::BF16,
             _ => return None,
         })
@@ -112,6 +140,12 @@ impl WeightType {
             WeightType::Q4K => 12,
             WeightType::Q5K => 13,
             WeightType::Q6K => 14,
+            WeightType::Q2K => 10,
+            WeightType::Q3K => 11,
+            WeightType::Q8K => 15,
+            WeightType::IQ4NL => 20,
+            WeightType::IQ4XS => 23,
+            WeightType::MXFP4 => 39,
             WeightType::BF16 => 30,
         }
     }
@@ -130,6 +164,12 @@ impl WeightType {
             WeightType::Q4K => "Q4_K",
             WeightType::Q5K => "Q5_K",
             WeightType::Q6K => "Q6_K",
+            WeightType::Q2K => "Q2_K",
+            WeightType::Q3K => "Q3_K",
+            WeightType::Q8K => "Q8_K",
+            WeightType::IQ4NL => "IQ4_NL",
+            WeightType::IQ4XS => "IQ4_XS",
+            WeightType::MXFP4 => "MXFP4",
         }
     }
 
@@ -138,7 +178,9 @@ impl WeightType {
         match self {
             WeightType::F32 | WeightType::F16 | WeightType::BF16 => 1,
             WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q5_0 | WeightType::Q5_1 | WeightType::Q8_0 => QK,
+            WeightType::IQ4NL | WeightType::MXFP4 => QK,
             WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => QK_K,
+            WeightType::Q2K | WeightType::Q3K | WeightType::Q8K | WeightType::IQ4XS => QK_K,
         }
     }
 
@@ -155,6 +197,12 @@ impl WeightType {
             WeightType::Q4K => kquant::Q4K_BYTES,
             WeightType::Q5K => kquant::Q5K_BYTES,
             WeightType::Q6K => kquant::Q6K_BYTES,
+            WeightType::Q2K => kquant_low::Q2K_BYTES,
+            WeightType::Q3K => kquant_low::Q3K_BYTES,
+            WeightType::Q8K => kquant_low::Q8K_BYTES,
+            WeightType::IQ4NL => iq4::IQ4NL_BYTES,
+            WeightType::IQ4XS => iq4::IQ4XS_BYTES,
+            WeightType::MXFP4 => mxfp4::MXFP4_BYTES,
         }
     }
 
@@ -198,6 +246,12 @@ pub fn dequantize_row(ty: WeightType, src: &[u8], dst: &mut [f32]) {
         WeightType::Q4K => dequant_blocks(src, dst, kquant::BlockQ4K),
         WeightType::Q5K => dequant_blocks(src, dst, kquant::BlockQ5K),
         WeightType::Q6K => dequant_blocks(src, dst, kquant::BlockQ6K),
+        WeightType::Q2K => dequant_blocks(src, dst, kquant_low::BlockQ2K),
+        WeightType::Q3K => dequant_blocks(src, dst, kquant_low::BlockQ3K),
+        WeightType::Q8K => dequant_blocks(src, dst, kquant_low::BlockQ8K),
+        WeightType::IQ4NL => dequant_blocks(src, dst, iq4::BlockIQ4NL),
+        WeightType::IQ4XS => dequant_blocks(src, dst, iq4::BlockIQ4XS),
+        WeightType::MXFP4 => dequant_blocks(src, dst, mxfp4::BlockMXFP4),
     }
 }
 
@@ -222,6 +276,12 @@ pub fn dot_row(ty: WeightType, row: &[u8], x: &[f32]) -> f32 {
         WeightType::Q4K => dot_blocks(row, x, kquant::BlockQ4K),
         WeightType::Q5K => dot_blocks(row, x, kquant::BlockQ5K),
         WeightType::Q6K => dot_blocks(row, x, kquant::BlockQ6K),
+        WeightType::Q2K => dot_blocks(row, x, kquant_low::BlockQ2K),
+        WeightType::Q3K => dot_blocks(row, x, kquant_low::BlockQ3K),
+        WeightType::Q8K => dot_blocks(row, x, kquant_low::BlockQ8K),
+        WeightType::IQ4NL => dot_blocks(row, x, iq4::BlockIQ4NL),
+        WeightType::IQ4XS => dot_blocks(row, x, iq4::BlockIQ4XS),
+        WeightType::MXFP4 => dot_blocks(row, x, mxfp4::BlockMXFP4),
     }
 }
 
@@ -236,6 +296,12 @@ pub fn dot_row(ty: WeightType, row: &[u8], x: &[f32]) -> f32 {
 ///   input lies inside the representable range). Each element then rounds to
 ///   the nearest level, so the error is at most half a sub-block step. It is
 ///   not ggml's iterative search and gives different (valid) bytes.
+/// * Q2_K, Q3_K: the same idea (sub-block scales rounded up to cover the
+///   sub-block, then nearest level); see `kquant_low.rs`. Q8_K: `amax / 127`.
+/// * IQ4_NL, IQ4_XS: the block's largest-magnitude element fixes the scale
+///   (it maps onto the codebook's end value -127), then every element takes
+///   the nearest codebook value. MXFP4: gguf-py's reference quantizer (shared
+///   exponent `floor(log2 amax) - 2`, nearest E2M1 value), same bytes.
 ///
 /// Errors: `src.len()` not a whole number of blocks, `dst.len()` not
 /// `ty.row_bytes(src.len())`, a non-finite input for a quantized type, or a
@@ -281,6 +347,12 @@ pub fn quantize_row(ty: WeightType, src: &[f32], dst: &mut [u8]) -> Result<(), S
         WeightType::Q4K => quant_blocks(src, dst, kquant::quant_q4k),
         WeightType::Q5K => quant_blocks(src, dst, kquant::quant_q5k),
         WeightType::Q6K => quant_blocks(src, dst, kquant::quant_q6k),
+        WeightType::Q2K => quant_blocks(src, dst, kquant_low::quant_q2k),
+        WeightType::Q3K => quant_blocks(src, dst, kquant_low::quant_q3k),
+        WeightType::Q8K => quant_blocks(src, dst, kquant_low::quant_q8k),
+        WeightType::IQ4NL => quant_blocks(src, dst, iq4::quant_iq4nl),
+        WeightType::IQ4XS => quant_blocks(src, dst, iq4::quant_iq4xs),
+        WeightType::MXFP4 => quant_blocks(src, dst, mxfp4::quant_mxfp4),
     }
     .map_err(|e| format!("{ty}: {e}"))
 }

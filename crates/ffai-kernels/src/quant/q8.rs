@@ -13,6 +13,8 @@
 //! | Q4_0, Q5_0, Q8_0 | [`ActFormat::Q8_0`]: 32 × `i8` + `d: f32` (+ `Σq: i32`, for the zero points) |
 //! | Q4_1, Q5_1 | [`ActFormat::Q8_1`]: as Q8_0 plus `s = d · Σq` (`f32`), for the weights' min term |
 //! | Q4_K, Q5_K, Q6_K | [`ActFormat::Q8K`]: 256 × `i8` + `d: f32` + 16 × `i16` sums of 16 consecutive `q` |
+//! | Q2_K, Q3_K, Q8_K, IQ4_XS | [`ActFormat::Q8K`] (kernels in `q8/lowbit.rs`, `q8/avx2/lowbit.rs`) |
+//! | IQ4_NL, MXFP4 | [`ActFormat::Q8_0`] (kernels in `q8/lowbit.rs`, `q8/avx2/lowbit.rs`) |
 //! | F32, F16, BF16 | [`ActFormat::F32`]: a plain `f32` copy; [`dot_row_q8`] then just calls [`dot_row`](super::dot_row) |
 //!
 //! Every block of `x` is quantized symmetrically: `amax = max |x|`, `d = amax / 127`,
@@ -97,6 +99,7 @@ const fn legacy_bytes(k: u8) -> usize {
 }
 
 mod avx2;
+mod lowbit;
 mod portable;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
@@ -125,6 +128,8 @@ impl ActFormat {
             WeightType::Q4_0 | WeightType::Q5_0 | WeightType::Q8_0 => ActFormat::Q8_0,
             WeightType::Q4_1 | WeightType::Q5_1 => ActFormat::Q8_1,
             WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => ActFormat::Q8K,
+            WeightType::Q2K | WeightType::Q3K | WeightType::Q8K | WeightType::IQ4XS => ActFormat::Q8K,
+            WeightType::IQ4NL | WeightType::MXFP4 => ActFormat::Q8_0,
         }
     }
 
@@ -205,6 +210,22 @@ fn detect(cap: u8) -> u8 {
         }
     }
     let _ = cap;
+    PORTABLE
+}
+
+/// The implementation that dots weights of type `ty`: the active one, except for the
+/// low-bit types (Q2_K, Q3_K, Q8_K, IQ4_NL, IQ4_XS, MXFP4), which have portable
+/// kernels (`lowbit.rs`) and AVX2 ones (`avx2/lowbit.rs`) that the VNNI levels share.
+#[inline]
+fn level_for(ty: WeightType) -> u8 {
+    let a = active();
+    if !lowbit::handles(ty) {
+        return a;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if a >= AVX2 && avx2::lowbit::handles(ty) {
+        return AVX2;
+    }
     PORTABLE
 }
 
@@ -853,7 +874,7 @@ pub fn dot_row_q8_multi(ty: WeightType, row: &[u8], acts: &QuantizedActs, tokens
     }
     let view = acts.view();
     let t0 = tokens.start;
-    match active() {
+    match level_for(ty) {
         // SAFETY (the x86 arms): the level's features were detected at run time;
         // `check` verified the row length against `acts.cols`, the format, and that
         // `tokens` lie inside the buffers `view` covers, which is what the kernels index.
@@ -900,7 +921,7 @@ pub fn dot_rows_q8(ty: WeightType, rows: &[u8], acts: &QuantizedActs, t: usize, 
 #[inline]
 fn dot_rows_dispatch(ty: WeightType, rows: &[u8], rb: usize, view: View<'_>, t: usize, out: &mut [f32]) {
     debug_assert_eq!(rows.len(), rb * out.len());
-    match active() {
+    match level_for(ty) {
         // SAFETY (the x86 arms): the level's features were detected at run time; every
         // row has the length `check` verified for the first, the format matches and
         // token `t` exists.
@@ -958,7 +979,7 @@ pub fn dot_rows_q8_multi(ty: WeightType, rows: &[u8], acts: &QuantizedActs, toke
     }
     let view = acts.view();
     let t0 = tokens.start;
-    match active() {
+    match level_for(ty) {
         // SAFETY (the x86 arms): the level's features were detected at run time; every
         // row has the length `check` verified for the first, the format matches, the
         // tokens lie inside the buffers `view` covers, and `out` is rows × tokens long.

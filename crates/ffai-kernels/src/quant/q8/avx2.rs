@@ -23,6 +23,9 @@ use std::arch::x86_64::*;
 use super::{k_scales, Step, View, KSUMS};
 use crate::quant::{WeightType, QK, QK_K};
 
+/// Kernels for the low-bit types (Q2_K, Q3_K, Q8_K, IQ4_NL, IQ4_XS, MXFP4).
+pub(super) mod lowbit;
+
 /// Makes the calling kernel realign its stack frame to 32 bytes. Most kernels spill
 /// some `ymm` registers; without a realigned frame LLVM puts those
 /// spills in slots that are only 16-byte aligned, and a 32-byte spill that straddles
@@ -276,6 +279,7 @@ pub(super) unsafe fn dot_multi(ty: WeightType, row: &[u8], v: View<'_>, t0: usiz
             WeightType::Q5K => tiles!(dot_q45k[true], row, v, t0, out),
             WeightType::Q6K => tiles!(dot_q6k[], row, v, t0, out),
             WeightType::F32 | WeightType::F16 | WeightType::BF16 => unreachable!("float types have no q8 path"),
+            _ => lowbit::dot_multi(ty, row, v, t0, out),
         }
     }
 }
@@ -306,6 +310,11 @@ pub(super) unsafe fn dot_rows(ty: WeightType, rows: &[u8], rb: usize, v: View<'_
             WeightType::Q5K => each_row!(dot_q45k[true]),
             WeightType::Q6K => each_row!(dot_q6k[]),
             WeightType::F32 | WeightType::F16 | WeightType::BF16 => unreachable!("float types have no q8 path"),
+            _ => {
+                for (o, row) in out.iter_mut().zip(rows.chunks_exact(rb)) {
+                    lowbit::dot_multi(ty, row, v, t, std::slice::from_mut(o));
+                }
+            }
         }
     }
 }

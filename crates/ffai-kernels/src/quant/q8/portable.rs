@@ -9,7 +9,7 @@ use super::{k_scales, Step, View, KSUMS};
 use crate::quant::{read_f16, WeightType, QK, QK_K};
 
 /// Tokens processed together per pass over a weight row.
-const TILE: usize = 8;
+pub(super) const TILE: usize = 8;
 
 // -------------------------------------------------------------- quantization
 
@@ -85,6 +85,12 @@ pub(super) fn dot_multi(ty: WeightType, row: &[u8], v: View<'_>, t0: usize, out:
             WeightType::Q4K => dot_q45k::<false>(row, v, t, o),
             WeightType::Q5K => dot_q45k::<true>(row, v, t, o),
             WeightType::Q6K => dot_q6k(row, v, t, o),
+            WeightType::Q2K
+            | WeightType::Q3K
+            | WeightType::Q8K
+            | WeightType::IQ4NL
+            | WeightType::IQ4XS
+            | WeightType::MXFP4 => super::lowbit::dot_multi(ty, row, v, t, o),
             WeightType::F32 | WeightType::F16 | WeightType::BF16 => unreachable!("float types have no q8 path"),
         }
     }
@@ -147,7 +153,7 @@ fn decode_legacy<const K: u8>(b: &[u8], w: &mut [i8; QK]) -> (f32, f32) {
 /// (|w·a| ≤ 2^14). Kept out of line: on its own it vectorises (`pmaddwd` on SSE2),
 /// inlined into the kernels LLVM left it scalar (about 3x slower).
 #[inline(never)]
-fn idot<const N: usize>(w: &[i8; N], a: &[i8; N]) -> i32 {
+pub(super) fn idot<const N: usize>(w: &[i8; N], a: &[i8; N]) -> i32 {
     let mut acc = [0i32; 16];
     for (wc, ac) in w.chunks_exact(16).zip(a.chunks_exact(16)) {
         for ((s, &x), &y) in acc.iter_mut().zip(wc).zip(ac) {
@@ -159,7 +165,7 @@ fn idot<const N: usize>(w: &[i8; N], a: &[i8; N]) -> i32 {
 
 /// The `N` activation quants of token `t` from element `at` on.
 #[inline(always)]
-fn quants<'a, const N: usize>(v: &View<'a>, t: usize, at: usize) -> &'a [i8; N] {
+pub(super) fn quants<'a, const N: usize>(v: &View<'a>, t: usize, at: usize) -> &'a [i8; N] {
     v.qs[t * v.cols + at..][..N].try_into().unwrap()
 }
 
