@@ -39,7 +39,8 @@ pub struct RequantSummary {
 fn fallback(target: WeightType, cols: usize) -> WeightType {
     let by_bits: &[WeightType] = match target.name() {
         "Q2_K" | "Q3_K" => &[WeightType::Q4_0],
-        "Q4_K" | "IQ4_XS" => &[WeightType::Q5_0],
+        "Q4_K" => &[WeightType::Q5_0],
+        "IQ4_XS" => &[WeightType::IQ4NL, WeightType::Q5_0],
         "Q5_K" => &[WeightType::Q5_1],
         "Q6_K" => &[WeightType::Q8_0],
         _ => &[],
