@@ -9,6 +9,7 @@ pub mod generate;
 pub mod gguf;
 pub mod inspect;
 pub mod models;
+pub mod quality;
 pub mod resolve;
 pub mod tokenizer;
 pub mod weights;
