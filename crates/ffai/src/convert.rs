@@ -453,6 +453,12 @@ pub fn gguf_to_hf_name(name: &str, model_type: &str) -> Option<String> {
     (hf_to_gguf_name_for(&hf, model_type) == name).then_some(hf)
 }
 
+/// GGUF stores these floats as f32: write the shortest decimal that reads back as that
+/// f32 (1e-6, not 9.999999974752427e-7).
+fn short_f32(x: f64) -> f64 {
+    format!("{}", x as f32).parse().unwrap_or(x)
+}
+
 /// config.json fields for a GGUF architecture ffai can write back: (architectures,
 /// model_type, activation key and value).
 fn hf_family(arch: &str) -> Option<(&'static str, &'static str, &'static str, &'static str)> {
@@ -480,6 +486,10 @@ fn read_gguf_source(path: &Path) -> Result<Source> {
     let mut c = serde_json::Map::new();
     c.insert("architectures".into(), json!([hf_arch]));
     c.insert("model_type".into(), json!(model_type));
+    // The checkpoint's name picks a family variant (and its sampling defaults).
+    if !cfg.name.is_empty() {
+        c.insert("_name_or_path".into(), json!(cfg.name));
+    }
     for (k, v) in [
         ("hidden_size", cfg.hidden_size),
         ("intermediate_size", cfg.intermediate_size),
@@ -493,8 +503,8 @@ fn read_gguf_source(path: &Path) -> Result<Source> {
         c.insert(k.into(), json!(v));
     }
     c.insert(act_key.into(), json!(act));
-    c.insert("rope_theta".into(), json!(cfg.rope_theta));
-    c.insert("rms_norm_eps".into(), json!(cfg.rms_norm_eps));
+    c.insert("rope_theta".into(), json!(short_f32(cfg.rope_theta)));
+    c.insert("rms_norm_eps".into(), json!(short_f32(cfg.rms_norm_eps)));
     c.insert("tie_word_embeddings".into(), json!(tied));
     if let Some(b) = tok.bos_id() {
         c.insert("bos_token_id".into(), json!(b));
