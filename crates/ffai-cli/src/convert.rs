@@ -43,7 +43,9 @@ pub fn cmd_convert(a: ConvertArgs) -> Result<()> {
                 let (t, f) = Target::parse(s)?;
                 if let (Some(f), Some(main)) = (f, float) {
                     if f != main {
-                        return Err(Error::new("the embedding and LM head cannot use another float type than --bits"));
+                        return Err(Error::new(
+                            "the embedding and LM head cannot use another float type than --bits",
+                        ));
                     }
                 }
                 Ok(Some(t))
@@ -65,7 +67,12 @@ pub fn cmd_convert(a: ConvertArgs) -> Result<()> {
             let stem = a
                 .src
                 .file_stem()
-                .ok_or_else(|| Error::new(format!("{}: cannot name an output after it; pass --output", a.src.display())))?
+                .ok_or_else(|| {
+                    Error::new(format!(
+                        "{}: cannot name an output after it; pass --output",
+                        a.src.display()
+                    ))
+                })?
                 .to_string_lossy()
                 .to_string();
             let suffix = match target {

@@ -248,9 +248,12 @@ impl SrcTensor {
     fn new(name: String, shape: Vec<usize>, ty: WeightType, bytes: HostBytes, src: &str) -> Result<SrcTensor> {
         let cols = *shape.last().unwrap_or(&1);
         let rows: usize = shape.iter().rev().skip(1).product();
-        let row_bytes = ty
-            .row_bytes(cols)
-            .ok_or_else(|| Error::new(format!("{src}: tensor \"{name}\": rows of {cols} do not fit {}", ty.name())))?;
+        let row_bytes = ty.row_bytes(cols).ok_or_else(|| {
+            Error::new(format!(
+                "{src}: tensor \"{name}\": rows of {cols} do not fit {}",
+                ty.name()
+            ))
+        })?;
         ensure!(
             rows.checked_mul(row_bytes) == Some(bytes.len()),
             "{src}: tensor \"{name}\" holds {} bytes, its shape {shape:?} of {} needs {}",
@@ -466,7 +469,12 @@ fn hf_family(arch: &str) -> Option<(&'static str, &'static str, &'static str, &'
         "llama" => ("LlamaForCausalLM", "llama", "hidden_act", "silu"),
         "qwen2" => ("Qwen2ForCausalLM", "qwen2", "hidden_act", "silu"),
         "qwen3" => ("Qwen3ForCausalLM", "qwen3", "hidden_act", "silu"),
-        "gemma3" => ("Gemma3ForCausalLM", "gemma3_text", "hidden_activation", "gelu_pytorch_tanh"),
+        "gemma3" => (
+            "Gemma3ForCausalLM",
+            "gemma3_text",
+            "hidden_activation",
+            "gelu_pytorch_tanh",
+        ),
         _ => return None,
     })
 }
@@ -536,7 +544,10 @@ fn read_gguf_source(path: &Path) -> Result<Source> {
         }
         "gemma3" => {
             let window = cfg.sliding_window.unwrap_or(cfg.max_position_embeddings);
-            let pattern = cfg.extra_usize("", "attention.sliding_window_pattern").unwrap_or(6).max(1);
+            let pattern = cfg
+                .extra_usize("", "attention.sliding_window_pattern")
+                .unwrap_or(6)
+                .max(1);
             let layer_types: Vec<&str> = (0..cfg.num_layers)
                 .map(|i| {
                     if (i + 1).is_multiple_of(pattern) {
@@ -654,11 +665,7 @@ pub fn convert(
             "{} already exists; pass --force to replace it",
             out.display()
         );
-        ensure!(
-            out.is_dir(),
-            "{} exists and is not a directory",
-            out.display()
-        );
+        ensure!(out.is_dir(), "{} exists and is not a directory", out.display());
     }
     let source = if src.is_dir() {
         read_hf_source(src)?
@@ -824,7 +831,8 @@ fn write_all(
             let job = &jobs[j];
             let t = &source.tensors[job.src];
             progress(done, jobs.len(), &t.name);
-            write_tensor(t, job, opts.group_size, ft, &mut w).map_err(|e| e.context(format!("tensor \"{}\"", t.name)))?;
+            write_tensor(t, job, opts.group_size, ft, &mut w)
+                .map_err(|e| e.context(format!("tensor \"{}\"", t.name)))?;
             done += 1;
         }
         w.flush().map_err(ctx)?;
@@ -918,7 +926,11 @@ fn write_tensor(t: &SrcTensor, job: &Job, group: usize, ft: FloatType, w: &mut i
                 t.read_row(r, &mut row);
                 check(&row, r)?;
                 if let Some(c) = row.iter().position(|&x| !ft.round(x).is_finite()) {
-                    bail!("value {} at row {r}, column {c} is out of {}'s range", row[c], ft.torch_name());
+                    bail!(
+                        "value {} at row {r}, column {c} is out of {}'s range",
+                        row[c],
+                        ft.torch_name()
+                    );
                 }
                 buf.clear();
                 ft.encode(&row, &mut buf);
@@ -936,7 +948,11 @@ fn write_tensor(t: &SrcTensor, job: &Job, group: usize, ft: FloatType, w: &mut i
                 words.clear();
                 quantize_row_affine(&row, bits, group, ft, &mut codes, &mut scales, &mut biases);
                 let fresh = scales.len() - groups..;
-                if scales[fresh.clone()].iter().chain(&biases[fresh]).any(|x| !x.is_finite()) {
+                if scales[fresh.clone()]
+                    .iter()
+                    .chain(&biases[fresh])
+                    .any(|x| !x.is_finite())
+                {
                     bail!("row {r} has values out of {}'s range", ft.torch_name());
                 }
                 pack_codes(&codes, bits, &mut words);
@@ -981,10 +997,26 @@ mod tests {
     fn gguf_names_map_back() {
         for (g, mt, hf) in [
             ("token_embd.weight", "llama", "model.embed_tokens.weight"),
-            ("blk.3.ffn_norm.weight", "llama", "model.layers.3.post_attention_layernorm.weight"),
-            ("blk.3.ffn_norm.weight", "gemma3_text", "model.layers.3.pre_feedforward_layernorm.weight"),
-            ("blk.0.post_attention_norm.weight", "gemma3_text", "model.layers.0.post_attention_layernorm.weight"),
-            ("blk.11.attn_k_norm.weight", "gemma3_text", "model.layers.11.self_attn.k_norm.weight"),
+            (
+                "blk.3.ffn_norm.weight",
+                "llama",
+                "model.layers.3.post_attention_layernorm.weight",
+            ),
+            (
+                "blk.3.ffn_norm.weight",
+                "gemma3_text",
+                "model.layers.3.pre_feedforward_layernorm.weight",
+            ),
+            (
+                "blk.0.post_attention_norm.weight",
+                "gemma3_text",
+                "model.layers.0.post_attention_layernorm.weight",
+            ),
+            (
+                "blk.11.attn_k_norm.weight",
+                "gemma3_text",
+                "model.layers.11.self_attn.k_norm.weight",
+            ),
             ("blk.2.attn_q.bias", "qwen2", "model.layers.2.self_attn.q_proj.bias"),
         ] {
             assert_eq!(gguf_to_hf_name(g, mt).as_deref(), Some(hf), "{g}");

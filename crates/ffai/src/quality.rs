@@ -213,7 +213,10 @@ pub fn perplexity(lm: &dyn LanguageModel, tokens: &[u32], spec: &WindowSpec) -> 
                 let row = run.row(r);
                 check_logits_finite(row, pos, w)?;
                 let target = win[pos + 1] as usize;
-                ensure!(target < row.len(), "token id {target} is outside the model's vocabulary");
+                ensure!(
+                    target < row.len(),
+                    "token id {target} is outside the model's vocabulary"
+                );
                 nll.push(log_sum_exp(row) - row[target] as f64);
             }
             if !run.advance(&win)? {
@@ -272,7 +275,11 @@ fn kl_row(model: &[f32], reference: &[f32], target: usize) -> (f64, f64, f64) {
         kl += lr.exp() * (lr - lm);
     }
     // Rounding can leave a tiny negative sum for (near-)identical rows.
-    (kl.max(0.0), model[target] as f64 - lz_m, reference[target] as f64 - lz_r)
+    (
+        kl.max(0.0),
+        model[target] as f64 - lz_m,
+        reference[target] as f64 - lz_r,
+    )
 }
 
 /// Value at quantile `q` (0..1) of sorted values: the smallest value with at least a
@@ -299,7 +306,11 @@ pub fn divergence(
         "the models' vocabularies differ in size ({va} vs {vb} tokens)"
     );
     let cap = n_windows * spec.scored_per_window();
-    let (mut klds, mut nll, mut ref_nll) = (Vec::with_capacity(cap), Vec::with_capacity(cap), Vec::with_capacity(cap));
+    let (mut klds, mut nll, mut ref_nll) = (
+        Vec::with_capacity(cap),
+        Vec::with_capacity(cap),
+        Vec::with_capacity(cap),
+    );
     let mut agree = 0usize;
     for w in 0..n_windows {
         let win = spec.window(tokens, w);

@@ -73,25 +73,31 @@ fn affine_quantization_reproduces_values_within_half_a_scale() {
                     // Stored exactly in the float type.
                     assert_eq!(ft.round(s), s);
                     assert_eq!(ft.round(b), b);
-                    for j in g * group..(g + 1) * group {
+                    for (j, &x) in w.iter().enumerate().skip(g * group).take(group) {
                         let q = unpack(&words, bits, j);
                         assert!(q < (1 << bits));
                         let v = s * q as f32 + b;
-                        let err = (v - w[j]).abs();
+                        let err = (v - x).abs();
                         assert!(
                             err <= s / 2.0 * (1.0 + 1e-5) + 1e-7,
-                            "{ft:?} {bits} bits group {group}: w[{j}] = {} decodes to {v} (scale {s})",
-                            w[j]
+                            "{ft:?} {bits} bits group {group}: w[{j}] = {x} decodes to {v} (scale {s})"
                         );
                     }
                 }
                 // The scale is tight: the group's range over the levels, widened only by
                 // rounding the bias down (one unit in the last place of the minimum) and the
                 // scale up (to nearest, then at most one step).
-                let eps = if ft == FloatType::BF16 { 1.0 / 128.0 } else { 1.0 / 1024.0 };
+                let eps = if ft == FloatType::BF16 {
+                    1.0 / 128.0
+                } else {
+                    1.0 / 1024.0
+                };
                 let levels = ((1u32 << bits) - 1) as f32;
                 let g1 = &w[group..2 * group];
-                let (lo, hi) = (g1.iter().cloned().fold(f32::MAX, f32::min), g1.iter().cloned().fold(f32::MIN, f32::max));
+                let (lo, hi) = (
+                    g1.iter().cloned().fold(f32::MAX, f32::min),
+                    g1.iter().cloned().fold(f32::MIN, f32::max),
+                );
                 let bound = (hi - lo + eps * lo.abs()) / levels * (1.0 + 2.0 * eps);
                 assert!(scales[1] <= bound, "{} vs {}", scales[1], bound);
             }
@@ -137,7 +143,11 @@ fn check_bf16_conversion(gguf: &'static str, expect_start: &str) {
     let out = load(dir);
     assert_eq!(out.lm.family(), src.lm.family());
     assert_eq!(out.lm.variant(), src.lm.variant());
-    assert!(out.weight_types.iter().all(|(t, _)| t == "BF16"), "{:?}", out.weight_types);
+    assert!(
+        out.weight_types.iter().all(|(t, _)| t == "BF16"),
+        "{:?}",
+        out.weight_types
+    );
     // The exported tokenizer: same ids, same specials.
     quality::check_same_vocab(&src, &out).unwrap();
     let prompt = "The capital of France is";
@@ -330,7 +340,7 @@ fn an_existing_output_is_kept_without_force_and_replaced_with_it() {
     assert_eq!(cfg["torch_dtype"], "float16");
     assert!(cfg.get("quantization").is_none());
     let names: Vec<PathBuf> = std::fs::read_dir(&parent).unwrap().map(|e| e.unwrap().path()).collect();
-    assert_eq!(names, [out.clone()], "no temporary directory left");
+    assert_eq!(names, std::slice::from_ref(&out), "no temporary directory left");
     let m = load(&out);
     assert!(m.weight_types.iter().all(|(t, _)| t == "F16"), "{:?}", m.weight_types);
 }

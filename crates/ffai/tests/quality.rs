@@ -45,7 +45,12 @@ fn smollm2_perplexity_on_the_gpl_is_finite_and_sane() {
     assert!((p.mean_nll.exp() - p.perplexity).abs() < 1e-9);
     // More context helps: the same model on windows of 32 is worse.
     let short = quality::perplexity(&*m.lm, &tokens, &spec(m, 32, 16)).unwrap();
-    assert!(short.perplexity > p.perplexity, "{} vs {}", short.perplexity, p.perplexity);
+    assert!(
+        short.perplexity > p.perplexity,
+        "{} vs {}",
+        short.perplexity,
+        p.perplexity
+    );
 }
 
 #[test]
@@ -71,7 +76,11 @@ fn perplexity_equals_a_direct_computation() {
     }
     let direct = (nll / 7.0).exp();
     assert_eq!(p.tokens_scored, 7);
-    assert!((p.perplexity - direct).abs() < 1e-3 * direct, "{} vs {direct}", p.perplexity);
+    assert!(
+        (p.perplexity - direct).abs() < 1e-3 * direct,
+        "{} vs {direct}",
+        p.perplexity
+    );
 }
 
 #[test]

@@ -133,12 +133,21 @@ fn hf_files(file: &GgufFile) -> Result<Vec<(String, String)>> {
     ])
 }
 
-fn spm_tokenizer(file: &GgufFile, tokens: &[String], kinds: &[TokenKind], space_prefix: bool) -> Result<tokenizers::Tokenizer> {
+fn spm_tokenizer(
+    file: &GgufFile,
+    tokens: &[String],
+    kinds: &[TokenKind],
+    space_prefix: bool,
+) -> Result<tokenizers::Tokenizer> {
     let n = tokens.len();
     let scores: Vec<f32> = match array(file, "tokenizer.ggml.scores")? {
         None => vec![0.0; n],
         Some(s) => {
-            ensure!(s.len() >= n, "tokenizer.ggml.scores has {} entries for {n} tokens", s.len());
+            ensure!(
+                s.len() >= n,
+                "tokenizer.ggml.scores has {} entries for {n} tokens",
+                s.len()
+            );
             s[..n]
                 .iter()
                 .map(|v| v.as_f64().map(|f| f as f32))
