@@ -209,7 +209,8 @@ fn tensors(dir: &Path) -> HashMap<String, (safetensors::Dtype, Vec<usize>, Vec<u
     let mut files = vec![];
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
-        if p.extension().is_some_and(|x| x == "safetensors") {
+        let model_file = p.file_name().unwrap().to_string_lossy().starts_with("model");
+        if model_file && p.extension().is_some_and(|x| x == "safetensors") {
             files.push(p);
         }
     }
@@ -366,4 +367,76 @@ fn bad_sources_and_options_are_clear_errors_and_leave_nothing() {
     assert_eq!(Target::parse("bf16").unwrap(), (Target::Float, Some(FloatType::BF16)));
     let names: Vec<PathBuf> = std::fs::read_dir(&parent).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(names, [junk]);
+}
+
+/// The tiny parity checkpoints of every family (f32 Hugging Face directories) converted
+/// to f16: every tensor keeps its name and shape and holds the f16 rounding of the
+/// source, and the output loads and still reproduces transformers' logits closely.
+#[test]
+fn every_parity_family_converts_to_f16_tensor_for_tensor() {
+    use ffai::config::ModelConfig;
+    use ffai::models::{family_for, Device};
+    use ffai::weights::Weights;
+
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/parity");
+    let mut names: Vec<PathBuf> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).collect();
+    names.sort();
+    assert!(names.len() >= 10, "{names:?}");
+    for src in names {
+        let fam = src.file_name().unwrap().to_string_lossy().to_string();
+        let out = temp_dir("convert-parity").join(&fam);
+        let opts = ConvertOptions {
+            target: Target::Float,
+            float_type: Some(FloatType::F16),
+            ..Default::default()
+        };
+        convert::convert(&src, &out, &opts, &mut no_progress()).unwrap();
+        let a = tensors(&src);
+        let b = tensors(&out);
+        assert_eq!(a.len(), b.len(), "{fam}");
+        for (name, (dt, shape, data)) in &a {
+            let (odt, oshape, odata) = &b[name];
+            assert_eq!((*odt, oshape), (safetensors::Dtype::F16, shape), "{fam} {name}");
+            let want: Vec<u8> = match dt {
+                safetensors::Dtype::F32 => data
+                    .chunks_exact(4)
+                    .flat_map(|c| half::f16::from_f32(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes())
+                    .collect(),
+                safetensors::Dtype::BF16 => bf16s(data)
+                    .into_iter()
+                    .flat_map(|x| half::f16::from_f32(x).to_le_bytes())
+                    .collect(),
+                other => panic!("{fam} {name}: {other:?}"),
+            };
+            assert_eq!(odata, &want, "{fam} {name}");
+        }
+        // Load and run the reference sequence.
+        let json = read_json(&out.join("config.json"));
+        assert_eq!(json["torch_dtype"], "float16");
+        let cfg = ModelConfig::from_hf_json(&json, &fam).unwrap();
+        let weights = Weights::from_safetensors_dir_for(&out, &cfg.model_type).unwrap();
+        let m = (family_for(&cfg, false).unwrap().load)(&cfg, &weights, &Device::cpu_with(2, false, true)).unwrap();
+        let bytes = std::fs::read(src.join("reference.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let ids: Vec<u32> = st
+            .tensor("input_ids")
+            .unwrap()
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+            .collect();
+        let want: Vec<f32> = st
+            .tensor("logits")
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let mut state = m.new_state(ids.len(), 64).unwrap();
+        let mut got = Vec::new();
+        m.forward(&ids, &mut state, true, &mut got).unwrap();
+        let diff = got.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        println!("{fam}: f16 conversion, max abs logit diff vs transformers fp32 {diff:.2e}");
+        assert!(diff < 0.05, "{fam}: {diff}");
+    }
 }
