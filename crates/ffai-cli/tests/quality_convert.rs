@@ -123,6 +123,7 @@ fn quality_failures_are_one_line() {
         &ffai(&["perplexity", "-m", &m, "--file", short.to_str().unwrap()]),
         "fewer than one window",
     );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -161,4 +162,5 @@ fn convert_to_4_bit_and_its_failures() {
     );
     // The failed --force run left the earlier output alone.
     assert!(out.join("model.safetensors").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -122,10 +122,13 @@ fn bf16_dir(gguf: &'static str) -> &'static Path {
     static DIRS: OnceLock<std::sync::Mutex<HashMap<&'static str, &'static Path>>> = OnceLock::new();
     let mut map = DIRS.get_or_init(Default::default).lock().unwrap();
     map.entry(gguf).or_insert_with(|| {
-        let out = temp_dir("convert-bf16").join("out");
+        // One copy per build directory, replaced by each run, so repeated runs do not
+        // pile up hundreds of megabytes in the system temp dir.
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("convert-bf16-{gguf}"));
         let opts = ConvertOptions {
             target: Target::Float,
             float_type: Some(FloatType::BF16),
+            force: true,
             ..Default::default()
         };
         convert::convert(&real_model(gguf), &out, &opts, &mut no_progress()).unwrap();
@@ -315,6 +318,7 @@ fn hf_bf16_to_4_bit_with_a_6_bit_embedding_is_checked_value_by_value() {
     }
     // 30 layers x 7 projections + the embedding (tied: no lm_head).
     assert_eq!(quantized, 30 * 7 + 1);
+    std::fs::remove_dir_all(out.parent().unwrap()).unwrap();
 }
 
 #[test]
@@ -344,6 +348,8 @@ fn an_existing_output_is_kept_without_force_and_replaced_with_it() {
     assert_eq!(names, std::slice::from_ref(&out), "no temporary directory left");
     let m = load(&out);
     assert!(m.weight_types.iter().all(|(t, _)| t == "F16"), "{:?}", m.weight_types);
+    drop(m);
+    std::fs::remove_dir_all(&parent).unwrap();
 }
 
 #[test]
@@ -367,6 +373,7 @@ fn bad_sources_and_options_are_clear_errors_and_leave_nothing() {
     assert_eq!(Target::parse("bf16").unwrap(), (Target::Float, Some(FloatType::BF16)));
     let names: Vec<PathBuf> = std::fs::read_dir(&parent).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(names, [junk]);
+    std::fs::remove_dir_all(&parent).unwrap();
 }
 
 /// The tiny parity checkpoints of every family (f32 Hugging Face directories) converted
@@ -438,5 +445,6 @@ fn every_parity_family_converts_to_f16_tensor_for_tensor() {
         let diff = got.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
         println!("{fam}: f16 conversion, max abs logit diff vs transformers fp32 {diff:.2e}");
         assert!(diff < 0.05, "{fam}: {diff}");
+        std::fs::remove_dir_all(out.parent().unwrap()).unwrap();
     }
 }
