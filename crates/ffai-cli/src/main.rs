@@ -11,6 +11,9 @@ use ffai::generate::GenerationParameters;
 use ffai::inspect::Tap;
 use ffai::{Error, LoadOptions, Model, Result};
 
+mod convert;
+mod quality;
+
 #[derive(Parser)]
 #[command(
     name = "ffai",
@@ -36,6 +39,12 @@ enum Cmd {
     Bench(BenchArgs),
     /// Print a conversation rendered with the model's chat template.
     RenderChat(RenderChatArgs),
+    /// Perplexity of a model on a text file.
+    Perplexity(quality::PerplexityArgs),
+    /// KL divergence of a model's next-token distributions from a reference model's.
+    Kld(quality::KldArgs),
+    /// Convert a checkpoint to a Hugging Face directory (MLX affine quantization or f16/bf16).
+    Convert(convert::ConvertArgs),
     /// Re-encode a GGUF file's weight matrices as another GGUF type (Q8_0, Q6_K, Q4_K, ...).
     Quantize(QuantizeArgs),
 }
@@ -256,6 +265,9 @@ fn main() -> ExitCode {
         Cmd::Models => cmd_models(),
         Cmd::Bench(a) => cmd_bench(a),
         Cmd::RenderChat(a) => cmd_render_chat(a),
+        Cmd::Perplexity(a) => quality::cmd_perplexity(a),
+        Cmd::Kld(a) => quality::cmd_kld(a),
+        Cmd::Convert(a) => convert::cmd_convert(a),
         Cmd::Quantize(a) => cmd_quantize(a),
     };
     match r {

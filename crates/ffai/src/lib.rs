@@ -4,11 +4,13 @@
 
 pub mod chat;
 pub mod config;
+pub mod convert;
 pub mod error;
 pub mod generate;
 pub mod gguf;
 pub mod inspect;
 pub mod models;
+pub mod quality;
 pub mod requant;
 pub mod resolve;
 pub mod tokenizer;

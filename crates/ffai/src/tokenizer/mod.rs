@@ -16,6 +16,7 @@
 //! computed once at load time, so `decode`, `token_bytes` and [`StreamDecoder`] agree.
 
 mod bpe;
+pub mod export;
 mod hf;
 mod roles;
 mod special;

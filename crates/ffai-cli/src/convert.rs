@@ -1,0 +1,113 @@
+//! `ffai convert`: a GGUF file or Hugging Face directory to a Hugging Face directory with
+//! MLX affine-quantized or f16/bf16 weights.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use ffai::convert::{self, ConvertOptions, FloatType, Target};
+use ffai::{Error, Result};
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// A Hugging Face checkpoint directory or a .gguf file.
+    src: PathBuf,
+    /// Weight format: 2, 3, 4, 5, 6 or 8 (MLX affine quantization), or f16 / bf16.
+    #[arg(long)]
+    bits: String,
+    /// Values per quantization group: 32, 64 or 128.
+    #[arg(long, default_value_t = 64)]
+    group_size: usize,
+    /// Format of the token embedding (default: --bits).
+    #[arg(long)]
+    embedding_bits: Option<String>,
+    /// Format of the LM head (default: --bits).
+    #[arg(long)]
+    lm_head_bits: Option<String>,
+    /// Output directory (default: SRC's name with the format appended, next to it).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// Replace an existing output directory.
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn cmd_convert(a: ConvertArgs) -> Result<()> {
+    let (target, float) = Target::parse(&a.bits)?;
+    let side = |s: &Option<String>| -> Result<Option<Target>> {
+        match s {
+            None => Ok(None),
+            Some(s) => {
+                let (t, f) = Target::parse(s)?;
+                if let (Some(f), Some(main)) = (f, float) {
+                    if f != main {
+                        return Err(Error::new(
+                            "the embedding and LM head cannot use another float type than --bits",
+                        ));
+                    }
+                }
+                Ok(Some(t))
+            }
+        }
+    };
+    let opts = ConvertOptions {
+        target,
+        float_type: float,
+        group_size: a.group_size,
+        embedding: side(&a.embedding_bits)?,
+        lm_head: side(&a.lm_head_bits)?,
+        force: a.force,
+        ..Default::default()
+    };
+    let output = match &a.output {
+        Some(o) => o.clone(),
+        None => {
+            let stem = a
+                .src
+                .file_stem()
+                .ok_or_else(|| {
+                    Error::new(format!(
+                        "{}: cannot name an output after it; pass --output",
+                        a.src.display()
+                    ))
+                })?
+                .to_string_lossy()
+                .to_string();
+            let suffix = match target {
+                Target::Affine(b) => format!("{b}bit"),
+                Target::Float => a.bits.clone(),
+            };
+            a.src.with_file_name(format!("{stem}-{suffix}"))
+        }
+    };
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} tensors {elapsed} {msg}")
+            .map_err(|e| Error::new(format!("progress bar: {e}")))?,
+    );
+    let t = Instant::now();
+    let r = convert::convert(&a.src, &output, &opts, &mut |done, total, name| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        bar.set_message(name.to_string());
+    });
+    bar.finish_and_clear();
+    let s = r?;
+    let ft = match s.float_type {
+        FloatType::F16 => "f16",
+        FloatType::BF16 => "bf16",
+        FloatType::F32 => "f32",
+    };
+    println!(
+        "wrote {}: {} tensors ({} quantized, floats {ft}), {} shard(s), {:.1} MB in {:.1} s",
+        s.output.display(),
+        s.tensors,
+        s.quantized,
+        s.shards,
+        s.bytes as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
