@@ -706,15 +706,16 @@ mod tests {
 
     #[test]
     fn think_tags_split_across_tokens() {
-        let want = pieces(&[
-            (T, "<think>"),
-            (R, "\nhmm, 2+2"),
-            (T, "</think>"),
-            (A, "\n\nIt is 4."),
-        ]);
+        let want = pieces(&[(T, "<think>"), (R, "\nhmm, 2+2"), (T, "</think>"), (A, "\n\nIt is 4.")]);
         // Whole tags, tags cut at every place, and one character at a time.
-        assert_eq!(split(false, &["<think>", "\nhmm, 2+2", "</think>", "\n\nIt is 4."]), want);
-        assert_eq!(split(false, &["<th", "ink>\nhmm", ", 2+2<", "/", "think", ">\n\nIt is 4."]), want);
+        assert_eq!(
+            split(false, &["<think>", "\nhmm, 2+2", "</think>", "\n\nIt is 4."]),
+            want
+        );
+        assert_eq!(
+            split(false, &["<th", "ink>\nhmm", ", 2+2<", "/", "think", ">\n\nIt is 4."]),
+            want
+        );
         let text = "<think>\nhmm, 2+2</think>\n\nIt is 4.";
         let chars: Vec<String> = text.chars().map(String::from).collect();
         let refs: Vec<&str> = chars.iter().map(|c| c.as_str()).collect();
@@ -751,10 +752,7 @@ mod tests {
             pieces(&[(R, "step 1, step 2"), (T, "</think>"), (A, "Done.")])
         );
         // Multibyte text next to a partial tag.
-        assert_eq!(
-            split(true, &["é</", "thinké"]),
-            pieces(&[(R, "é</thinké")])
-        );
+        assert_eq!(split(true, &["é</", "thinké"]), pieces(&[(R, "é</thinké")]));
     }
 
     #[test]
