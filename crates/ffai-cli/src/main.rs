@@ -1,6 +1,8 @@
-//! The `ffai` command-line tool: generate, inspect, tokenize, models, bench.
+//! The `ffai` command-line tool: generate, chat, inspect, tokenize, models, bench.
 
-use std::io::Write;
+mod chat;
+
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -29,6 +31,8 @@ struct Cli {
 enum Cmd {
     /// Generate a completion of a raw prompt (no chat template), streaming it.
     Generate(GenerateArgs),
+    /// Talk with a model: an interactive multi-turn conversation through its chat template.
+    Chat(chat::ChatArgs),
     /// Show the architecture, the prompt's tokens and the next-token logits.
     Inspect(InspectArgs),
     /// Print the token ids of a text.
@@ -260,6 +264,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Generate(a) => cmd_generate(a),
+        Cmd::Chat(a) => chat::cmd_chat(a),
         Cmd::Inspect(a) => cmd_inspect(a),
         Cmd::Tokenize(a) => cmd_tokenize(a),
         Cmd::Models => cmd_models(),
@@ -294,6 +299,10 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             "prompt_ids": out.prompt_ids,
             "generated_ids": out.generated_ids,
             "text": out.text,
+            "reasoning": out.reasoning,
+            "answer": out.answer,
+            "reasoning_tokens": out.reasoning_tokens,
+            "answer_tokens": out.answer_tokens,
             "prefill_tokens_per_s": out.prefill_tokens_per_s(),
             "decode_tokens_per_s": out.decode_tokens_per_s(),
             "stop_reason": format!("{:?}", out.stop_reason),
@@ -307,8 +316,14 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         let _ = write!(stdout, "{}", a.prompt);
     }
     let _ = stdout.flush();
-    let out = model.generate(&ids, &params, |piece| {
-        let _ = write!(stdout, "{piece}");
+    // Reasoning (a think block) is shown dimmed on a terminal.
+    let dim = std::io::stdout().is_terminal();
+    let out = ffai::generate::generate_split(&*model.lm, &model.tokenizer, &ids, &params, |kind, piece| {
+        let _ = if dim && kind != ffai::generate::TextKind::Answer {
+            write!(stdout, "\x1b[2m{piece}\x1b[0m")
+        } else {
+            write!(stdout, "{piece}")
+        };
         let _ = stdout.flush();
         true
     })?;

@@ -270,8 +270,19 @@ pub enum StopReason {
 pub struct GenerationOutput {
     pub prompt_ids: Vec<u32>,
     pub generated_ids: Vec<u32>,
+    /// Everything generated, think tags included.
     pub text: String,
+    /// The text inside `<think>` … `</think>` (newlines at its ends trimmed).
+    pub reasoning: String,
+    /// The text outside the think block.
+    pub answer: String,
+    /// Generated tokens that lie (at least partly) in the think block, tags included;
+    /// `reasoning_tokens + answer_tokens == generated_ids.len()`.
+    pub reasoning_tokens: usize,
+    pub answer_tokens: usize,
     pub stop_reason: StopReason,
+    /// Prompt tokens computed in prefill; the rest came from a session's cache.
+    pub prefill_computed: usize,
     pub prefill_seconds: f64,
     pub decode_seconds: f64,
     /// Forward passes made during decode (tokens fed back).
@@ -280,7 +291,7 @@ pub struct GenerationOutput {
 
 impl GenerationOutput {
     pub fn prefill_tokens_per_s(&self) -> f64 {
-        rate(self.prompt_ids.len(), self.prefill_seconds)
+        rate(self.prefill_computed, self.prefill_seconds)
     }
 
     pub fn decode_tokens_per_s(&self) -> f64 {
@@ -351,6 +362,121 @@ fn floor_boundary(s: &str, mut i: usize) -> usize {
     i
 }
 
+/// Which part of a reply a piece of streamed text belongs to. Concatenating every
+/// piece, tags included, gives back the generated text exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextKind {
+    /// The reply proper.
+    Answer,
+    /// Text inside a `<think>` … `</think>` block.
+    Reasoning,
+    /// The `<think>` or `</think>` tag itself.
+    ThinkTag,
+}
+
+pub const THINK_OPEN: &str = "<think>";
+pub const THINK_CLOSE: &str = "</think>";
+
+/// Splits streamed text into reasoning and answer at `<think>` / `</think>`, holding
+/// back a possible partial tag until the next piece settles it.
+#[derive(Debug, Clone)]
+pub struct ThinkSplitter {
+    inside: bool,
+    pending: String,
+}
+
+impl ThinkSplitter {
+    /// `starts_inside`: the prompt already opened a think block (a template whose
+    /// generation prompt ends in `<think>`), so the model's first words are reasoning.
+    pub fn new(starts_inside: bool) -> ThinkSplitter {
+        ThinkSplitter {
+            inside: starts_inside,
+            pending: String::new(),
+        }
+    }
+
+    /// Whether the text seen so far ends inside a think block.
+    pub fn inside(&self) -> bool {
+        self.inside
+    }
+
+    /// Feeds `text`; calls `out` with each piece that is now settled.
+    pub fn push(&mut self, text: &str, out: &mut impl FnMut(TextKind, &str)) {
+        self.pending.push_str(text);
+        let buf = std::mem::take(&mut self.pending);
+        let mut rest = buf.as_str();
+        loop {
+            let (tag, kind) = if self.inside {
+                (THINK_CLOSE, TextKind::Reasoning)
+            } else {
+                (THINK_OPEN, TextKind::Answer)
+            };
+            if let Some(i) = rest.find(tag) {
+                if i > 0 {
+                    out(kind, &rest[..i]);
+                }
+                out(TextKind::ThinkTag, tag);
+                self.inside = !self.inside;
+                rest = &rest[i + tag.len()..];
+                continue;
+            }
+            // Keep back the longest tail that could still grow into the tag. Tags are
+            // ASCII, so such a tail starts on a character boundary.
+            let hold = (1..tag.len().min(rest.len() + 1))
+                .rev()
+                .find(|&n| rest.is_char_boundary(rest.len() - n) && tag.starts_with(&rest[rest.len() - n..]))
+                .unwrap_or(0);
+            let settled = &rest[..rest.len() - hold];
+            if !settled.is_empty() {
+                out(kind, settled);
+            }
+            self.pending = rest[rest.len() - hold..].to_string();
+            return;
+        }
+    }
+
+    /// Releases a held-back partial tag (the text ended, so it was no tag).
+    pub fn finish(&mut self, out: &mut impl FnMut(TextKind, &str)) {
+        if !self.pending.is_empty() {
+            let kind = if self.inside {
+                TextKind::Reasoning
+            } else {
+                TextKind::Answer
+            };
+            out(kind, &std::mem::take(&mut self.pending));
+        }
+    }
+}
+
+/// Whether a prompt leaves the model inside a think block: its text ends (bar
+/// whitespace) with an opening `<think>`, as some templates' generation prompts do.
+pub fn prompt_opens_think(tokenizer: &Tokenizer, prompt_ids: &[u32]) -> bool {
+    let tail = &prompt_ids[prompt_ids.len().saturating_sub(8)..];
+    tokenizer.decode(tail).trim_end().ends_with(THINK_OPEN)
+}
+
+/// Sorts pieces into the output's reasoning and answer text, with the answer's
+/// leading newlines after a think block dropped (as chat templates do).
+#[derive(Default)]
+struct SplitText {
+    reasoning: String,
+    answer: String,
+    after_think: bool,
+}
+
+impl SplitText {
+    fn add(&mut self, kind: TextKind, text: &str) {
+        match kind {
+            TextKind::Reasoning => self.reasoning.push_str(text),
+            TextKind::ThinkTag => self.after_think = true,
+            TextKind::Answer if self.after_think && self.answer.is_empty() => {
+                self.answer.push_str(text.trim_start_matches('\n'))
+            }
+            TextKind::Answer => self.answer.push_str(text),
+        }
+    }
+}
+
 /// Prefills `prompt_ids` and decodes up to `params.max_tokens` tokens, calling
 /// `on_text` with each piece of finished text; returning false from it cancels.
 pub fn generate(
@@ -359,6 +485,17 @@ pub fn generate(
     prompt_ids: &[u32],
     params: &GenerationParameters,
     mut on_text: impl FnMut(&str) -> bool,
+) -> Result<GenerationOutput> {
+    generate_split(model, tokenizer, prompt_ids, params, |_, t| on_text(t))
+}
+
+/// `generate`, with each piece marked as answer, reasoning or think tag.
+pub fn generate_split(
+    model: &dyn LanguageModel,
+    tokenizer: &Tokenizer,
+    prompt_ids: &[u32],
+    params: &GenerationParameters,
+    on_piece: impl FnMut(TextKind, &str) -> bool,
 ) -> Result<GenerationOutput> {
     params.validate()?;
     if prompt_ids.is_empty() {
@@ -372,74 +509,129 @@ pub fn generate(
         )));
     }
     let max_seq = (prompt_ids.len() + params.max_tokens).min(ctx);
-    let mut state = model.new_state(max_seq, params.prefill_step_size)?;
-    let mut logits = Vec::new();
+    let mut session = Session::new(model, max_seq, params.prefill_step_size)?;
+    session.generate(model, tokenizer, prompt_ids, params, on_piece)
+}
 
-    let t0 = Instant::now();
-    model.forward(prompt_ids, &mut state, false, &mut logits)?;
-    let prefill_seconds = t0.elapsed().as_secs_f64();
+impl Session {
+    /// Generates a reply to `prompt_ids` (the whole conversation so far), prefilling only
+    /// what follows the cached prefix; the generated tokens fed back stay cached for the
+    /// next turn. `on_piece` gets each piece of finished text; returning false cancels.
+    pub fn generate(
+        &mut self,
+        model: &dyn LanguageModel,
+        tokenizer: &Tokenizer,
+        prompt_ids: &[u32],
+        params: &GenerationParameters,
+        mut on_piece: impl FnMut(TextKind, &str) -> bool,
+    ) -> Result<GenerationOutput> {
+        params.validate()?;
+        if prompt_ids.len() > self.state.max_seq {
+            return Err(Error::new(format!(
+                "the prompt has {} tokens, more than the {} this session holds",
+                prompt_ids.len(),
+                self.state.max_seq
+            )));
+        }
+        let mut logits = Vec::new();
+        let t0 = Instant::now();
+        let prefill_computed = self.prefill(model, prompt_ids, &mut logits)?;
+        let prefill_seconds = t0.elapsed().as_secs_f64();
 
-    let mut sampler = Sampler::new(params);
-    let mut history: Vec<u32> = prompt_ids.to_vec();
-    let mut generated = Vec::with_capacity(params.max_tokens);
-    let mut decoder = StreamDecoder::new(tokenizer);
-    let mut stops = StopScanner {
-        stops: &params.stop_strings,
-        text: String::new(),
-        emitted: 0,
-    };
-    let eog = tokenizer.eog_ids();
-    let mut stop_reason = StopReason::MaxTokens;
-    let mut decode_steps = 0;
-    let t1 = Instant::now();
-    while generated.len() < params.max_tokens {
-        let next = sampler.sample(&mut logits, &history);
-        if params.stop_on_eos && eog.contains(&next) {
-            stop_reason = StopReason::EndOfGeneration;
-            break;
+        let mut sampler = Sampler::new(params);
+        let mut history: Vec<u32> = prompt_ids.to_vec();
+        let mut generated = Vec::with_capacity(params.max_tokens);
+        let mut decoder = StreamDecoder::new(tokenizer);
+        let mut stops = StopScanner {
+            stops: &params.stop_strings,
+            text: String::new(),
+            emitted: 0,
+        };
+        let mut splitter = ThinkSplitter::new(prompt_opens_think(tokenizer, prompt_ids));
+        let mut split = SplitText::default();
+        let mut cancelled = false;
+        // Sends settled pieces on; false once the caller cancels.
+        let mut emit = |piece: &str, splitter: &mut ThinkSplitter, split: &mut SplitText, finish: bool| {
+            let mut send = |kind: TextKind, text: &str| {
+                split.add(kind, text);
+                if !cancelled && !on_piece(kind, text) {
+                    cancelled = true;
+                }
+            };
+            splitter.push(piece, &mut send);
+            if finish {
+                splitter.finish(&mut send);
+            }
+            !cancelled
+        };
+        let eog = tokenizer.eog_ids();
+        let mut stop_reason = StopReason::MaxTokens;
+        let (mut reasoning_tokens, mut answer_tokens) = (0, 0);
+        let mut decode_steps = 0;
+        let t1 = Instant::now();
+        while generated.len() < params.max_tokens {
+            let next = sampler.sample(&mut logits, &history);
+            if params.stop_on_eos && eog.contains(&next) {
+                stop_reason = StopReason::EndOfGeneration;
+                break;
+            }
+            if params.stop_token_ids.contains(&next) {
+                stop_reason = StopReason::StopToken;
+                break;
+            }
+            generated.push(next);
+            history.push(next);
+            let (piece, hit) = stops.push(&decoder.push(next));
+            // A token is reasoning when any part of it lies in a think block (its tags
+            // included): inside before it, or inside after it, or it closed one.
+            let before = splitter.inside();
+            let ok = emit(&piece, &mut splitter, &mut split, false);
+            if before || splitter.inside() || piece.contains(THINK_CLOSE) {
+                reasoning_tokens += 1;
+            } else {
+                answer_tokens += 1;
+            }
+            if !ok {
+                stop_reason = StopReason::Cancelled;
+                break;
+            }
+            if hit {
+                stop_reason = StopReason::StopString;
+                break;
+            }
+            if generated.len() >= params.max_tokens {
+                break;
+            }
+            if self.state.pos >= self.state.max_seq {
+                stop_reason = StopReason::ContextFull;
+                break;
+            }
+            self.push(model, next, &mut logits)?;
+            decode_steps += 1;
         }
-        if params.stop_token_ids.contains(&next) {
-            stop_reason = StopReason::StopToken;
-            break;
-        }
-        generated.push(next);
-        history.push(next);
-        let (piece, hit) = stops.push(&decoder.push(next));
-        if !piece.is_empty() && !on_text(&piece) {
-            stop_reason = StopReason::Cancelled;
-            break;
-        }
-        if hit {
-            stop_reason = StopReason::StopString;
-            break;
-        }
-        if generated.len() >= params.max_tokens {
-            break;
-        }
-        if state.pos >= state.max_seq {
-            stop_reason = StopReason::ContextFull;
-            break;
-        }
-        model.forward(&[next], &mut state, false, &mut logits)?;
-        decode_steps += 1;
+        let decode_seconds = t1.elapsed().as_secs_f64();
+        let tail = if stop_reason != StopReason::StopString && stop_reason != StopReason::Cancelled {
+            let (tail, _) = stops.push(&decoder.finish());
+            tail + &stops.flush()
+        } else {
+            String::new()
+        };
+        emit(&tail, &mut splitter, &mut split, true);
+        Ok(GenerationOutput {
+            prompt_ids: prompt_ids.to_vec(),
+            generated_ids: generated,
+            text: stops.text,
+            reasoning: split.reasoning.trim_matches('\n').to_string(),
+            answer: split.answer,
+            reasoning_tokens,
+            answer_tokens,
+            stop_reason,
+            prefill_computed,
+            prefill_seconds,
+            decode_seconds,
+            decode_steps,
+        })
     }
-    let decode_seconds = t1.elapsed().as_secs_f64();
-    if stop_reason != StopReason::StopString && stop_reason != StopReason::Cancelled {
-        let (tail, _) = stops.push(&decoder.finish());
-        let rest = tail + &stops.flush();
-        if !rest.is_empty() {
-            on_text(&rest);
-        }
-    }
-    Ok(GenerationOutput {
-        prompt_ids: prompt_ids.to_vec(),
-        generated_ids: generated,
-        text: stops.text,
-        stop_reason,
-        prefill_seconds,
-        decode_seconds,
-        decode_steps,
-    })
 }
 
 #[cfg(test)]
@@ -483,6 +675,94 @@ mod tests {
     fn multibyte_text_near_stop_strings() {
         // "café" + "é" + "!x": the stop string starts at the second "é".
         assert_eq!(scan(&["é!"], &["café", "é", "!x"]), ("café".to_string(), true));
+    }
+
+    /// Runs the splitter over `deltas`; returns the pieces with neighbours of one kind
+    /// merged, and checks that the pieces put together give the input back.
+    fn split(starts_inside: bool, deltas: &[&str]) -> Vec<(TextKind, String)> {
+        let mut s = ThinkSplitter::new(starts_inside);
+        let mut got: Vec<(TextKind, String)> = Vec::new();
+        let mut add = |k: TextKind, t: &str| {
+            assert!(!t.is_empty(), "empty piece");
+            match got.last_mut() {
+                Some((lk, lt)) if *lk == k && k != TextKind::ThinkTag => lt.push_str(t),
+                _ => got.push((k, t.to_string())),
+            }
+        };
+        for d in deltas {
+            s.push(d, &mut add);
+        }
+        s.finish(&mut add);
+        let joined: String = got.iter().map(|p| p.1.as_str()).collect();
+        assert_eq!(joined, deltas.concat());
+        got
+    }
+
+    fn pieces(p: &[(TextKind, &str)]) -> Vec<(TextKind, String)> {
+        p.iter().map(|(k, t)| (*k, t.to_string())).collect()
+    }
+
+    use TextKind::{Answer as A, Reasoning as R, ThinkTag as T};
+
+    #[test]
+    fn think_tags_split_across_tokens() {
+        let want = pieces(&[(T, "<think>"), (R, "\nhmm, 2+2"), (T, "</think>"), (A, "\n\nIt is 4.")]);
+        // Whole tags, tags cut at every place, and one character at a time.
+        assert_eq!(
+            split(false, &["<think>", "\nhmm, 2+2", "</think>", "\n\nIt is 4."]),
+            want
+        );
+        assert_eq!(
+            split(false, &["<th", "ink>\nhmm", ", 2+2<", "/", "think", ">\n\nIt is 4."]),
+            want
+        );
+        let text = "<think>\nhmm, 2+2</think>\n\nIt is 4.";
+        let chars: Vec<String> = text.chars().map(String::from).collect();
+        let refs: Vec<&str> = chars.iter().map(|c| c.as_str()).collect();
+        assert_eq!(split(false, &refs), want);
+    }
+
+    #[test]
+    fn no_think_block_is_all_answer() {
+        assert_eq!(
+            split(false, &["a < b and ", "<thin", "g> is not a tag </think>"]),
+            pieces(&[(A, "a < b and <thing> is not a tag </think>")])
+        );
+        // A held-back "<" is released as soon as the text rules the tag out.
+        let mut s = ThinkSplitter::new(false);
+        let mut out = Vec::new();
+        s.push("x <", &mut |k, t: &str| out.push((k, t.to_string())));
+        assert_eq!(out, pieces(&[(A, "x ")]));
+        s.push("b", &mut |k, t: &str| out.push((k, t.to_string())));
+        assert_eq!(out, pieces(&[(A, "x "), (A, "<b")]));
+    }
+
+    #[test]
+    fn unterminated_think_stays_reasoning() {
+        assert_eq!(
+            split(false, &["<think>", "still going", " </thi"]),
+            pieces(&[(T, "<think>"), (R, "still going </thi")])
+        );
+    }
+
+    #[test]
+    fn prompt_that_opened_think_starts_in_reasoning() {
+        assert_eq!(
+            split(true, &["step 1, ", "step 2</", "think>Done."]),
+            pieces(&[(R, "step 1, step 2"), (T, "</think>"), (A, "Done.")])
+        );
+        // Multibyte text next to a partial tag.
+        assert_eq!(split(true, &["é</", "thinké"]), pieces(&[(R, "é</thinké")]));
+    }
+
+    #[test]
+    fn split_text_trims_like_a_template() {
+        let mut st = SplitText::default();
+        for (k, t) in split(false, &["<think>\nwhy\n</think>\n\n", "Because.\n"]) {
+            st.add(k, &t);
+        }
+        assert_eq!(st.reasoning.trim_matches('\n'), "why");
+        assert_eq!(st.answer, "Because.\n");
     }
 
     fn greedy_params() -> GenerationParameters {

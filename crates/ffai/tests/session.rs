@@ -90,3 +90,95 @@ fn real_model_turn_two_reuses_turn_one() {
     let d = max_diff(&logits, &want);
     assert!(d < 1e-4, "{d}");
 }
+
+#[test]
+fn session_generate_matches_a_fresh_generate_and_reuses_the_prefix() {
+    let m = Model::load(
+        common::real_model(common::SMOLLM2).to_str().unwrap(),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let p = ffai::GenerationParameters {
+        temperature: 0.0,
+        max_tokens: 12,
+        ..Default::default()
+    };
+    let mut conv = vec![ffai::chat::Message::user("Name a color.")];
+    let turn1 = m.encode(&m.render_chat(&conv, true).unwrap()).unwrap();
+    let mut s = Session::new(&*m.lm, 512, 512).unwrap();
+    let mut streamed = String::new();
+    let out1 = s
+        .generate(&*m.lm, &m.tokenizer, &turn1, &p, |_, t| {
+            streamed.push_str(t);
+            true
+        })
+        .unwrap();
+    assert_eq!(out1.prefill_computed, turn1.len());
+    assert_eq!(streamed, out1.text);
+    assert!(!out1.text.is_empty());
+    // No think block: everything is answer.
+    assert_eq!(
+        (out1.reasoning.as_str(), out1.answer.as_str()),
+        ("", out1.text.as_str())
+    );
+    assert_eq!(
+        (out1.reasoning_tokens, out1.answer_tokens),
+        (0, out1.generated_ids.len())
+    );
+    conv.push(ffai::chat::Message::assistant(out1.text.clone()));
+    conv.push(ffai::chat::Message::user("Another one?"));
+    let turn2 = m.encode(&m.render_chat(&conv, true).unwrap()).unwrap();
+    let out2 = s.generate(&*m.lm, &m.tokenizer, &turn2, &p, |_, _| true).unwrap();
+    // Turn 1's prompt at least comes from the cache.
+    assert!(
+        out2.prefill_computed <= turn2.len() - turn1.len(),
+        "{}",
+        out2.prefill_computed
+    );
+    let fresh = m.generate(&turn2, &p, |_| true).unwrap();
+    assert_eq!(out2.generated_ids, fresh.generated_ids);
+    assert_eq!(out2.text, fresh.text);
+}
+
+#[test]
+fn a_prompt_that_opens_think_makes_the_reply_reasoning() {
+    let m = Model::load(
+        common::real_model(common::SMOLLM2).to_str().unwrap(),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let p = ffai::GenerationParameters {
+        temperature: 0.0,
+        max_tokens: 10,
+        ..Default::default()
+    };
+    let plain = m
+        .encode("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
+        .unwrap();
+    assert!(!ffai::generate::prompt_opens_think(&m.tokenizer, &plain));
+    let thinking = m
+        .encode("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n")
+        .unwrap();
+    assert!(ffai::generate::prompt_opens_think(&m.tokenizer, &thinking));
+    let mut kinds = Vec::new();
+    let out = ffai::generate::generate_split(&*m.lm, &m.tokenizer, &thinking, &p, |k, t| {
+        kinds.push((k, t.to_string()));
+        true
+    })
+    .unwrap();
+    assert!(!out.text.is_empty());
+    assert_eq!(out.reasoning_tokens + out.answer_tokens, out.generated_ids.len());
+    // Put back together, the pieces are the text; what precedes a closing tag is reasoning.
+    assert_eq!(kinds.iter().map(|k| k.1.as_str()).collect::<String>(), out.text);
+    match out.text.find("</think>") {
+        None => {
+            assert!(
+                kinds.iter().all(|k| k.0 == ffai::generate::TextKind::Reasoning),
+                "{kinds:?}"
+            );
+            assert_eq!(out.reasoning, out.text.trim_matches('\n'));
+            assert_eq!((out.answer.as_str(), out.answer_tokens), ("", 0));
+        }
+        Some(i) => assert_eq!(out.reasoning, out.text[..i].trim_matches('\n')),
+    }
+}
