@@ -29,6 +29,7 @@
 
 use std::fmt;
 
+pub mod affine;
 mod float;
 mod kquant;
 mod legacy;
@@ -63,6 +64,9 @@ pub enum WeightType {
     Q4K,
     Q5K,
     Q6K,
+    /// MLX-style affine group quantization, repacked at load (layout in `affine.rs`).
+    /// Not a ggml type and not in [`WeightType::ALL`]; build it with [`WeightType::affine`].
+    Affine { bits: u8, group: u16 },
 }
 
 impl WeightType {
@@ -80,6 +84,15 @@ impl WeightType {
         WeightType::Q5K,
         WeightType::Q6K,
     ];
+
+    /// The affine type of `bits` (2, 3, 4, 5, 6, 8) and `group` (32, 64, 128), if supported.
+    pub const fn affine(bits: u8, group: u16) -> Option<WeightType> {
+        if affine::valid(bits, group) {
+            Some(WeightType::Affine { bits, group })
+        } else {
+            None
+        }
+    }
 
     /// Maps a ggml / GGUF type id to a supported type (`None` for anything else).
     pub const fn from_ggml(id: u32) -> Option<WeightType> {
@@ -113,7 +126,14 @@ impl WeightType {
             WeightType::Q5K => 13,
             WeightType::Q6K => 14,
             WeightType::BF16 => 30,
+            // No ggml id: GGUF writers must refuse these (`is_ggml`).
+            WeightType::Affine { .. } => u32::MAX,
         }
+    }
+
+    /// True for the types GGUF can store (everything but `Affine`).
+    pub const fn is_ggml(self) -> bool {
+        !matches!(self, WeightType::Affine { .. })
     }
 
     /// ggml's name for the type ("F32", "Q4_0", "Q4_K", ...).
@@ -130,6 +150,7 @@ impl WeightType {
             WeightType::Q4K => "Q4_K",
             WeightType::Q5K => "Q5_K",
             WeightType::Q6K => "Q6_K",
+            WeightType::Affine { bits, group } => affine::name(bits, group),
         }
     }
 
@@ -139,6 +160,7 @@ impl WeightType {
             WeightType::F32 | WeightType::F16 | WeightType::BF16 => 1,
             WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q5_0 | WeightType::Q5_1 | WeightType::Q8_0 => QK,
             WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => QK_K,
+            WeightType::Affine { group, .. } => group as usize,
         }
     }
 
@@ -155,6 +177,7 @@ impl WeightType {
             WeightType::Q4K => kquant::Q4K_BYTES,
             WeightType::Q5K => kquant::Q5K_BYTES,
             WeightType::Q6K => kquant::Q6K_BYTES,
+            WeightType::Affine { bits, group } => affine::block_bytes(bits, group),
         }
     }
 
@@ -198,6 +221,7 @@ pub fn dequantize_row(ty: WeightType, src: &[u8], dst: &mut [f32]) {
         WeightType::Q4K => dequant_blocks(src, dst, kquant::BlockQ4K),
         WeightType::Q5K => dequant_blocks(src, dst, kquant::BlockQ5K),
         WeightType::Q6K => dequant_blocks(src, dst, kquant::BlockQ6K),
+        WeightType::Affine { bits, group } => affine::dequant_row(bits, group, src, dst),
     }
 }
 
@@ -222,6 +246,7 @@ pub fn dot_row(ty: WeightType, row: &[u8], x: &[f32]) -> f32 {
         WeightType::Q4K => dot_blocks(row, x, kquant::BlockQ4K),
         WeightType::Q5K => dot_blocks(row, x, kquant::BlockQ5K),
         WeightType::Q6K => dot_blocks(row, x, kquant::BlockQ6K),
+        WeightType::Affine { bits, group } => affine::dot_row(bits, group, row, x),
     }
 }
 
@@ -281,6 +306,7 @@ pub fn quantize_row(ty: WeightType, src: &[f32], dst: &mut [u8]) -> Result<(), S
         WeightType::Q4K => quant_blocks(src, dst, kquant::quant_q4k),
         WeightType::Q5K => quant_blocks(src, dst, kquant::quant_q5k),
         WeightType::Q6K => quant_blocks(src, dst, kquant::quant_q6k),
+        WeightType::Affine { bits, group } => affine::quantize_row(bits, group, src, dst),
     }
     .map_err(|e| format!("{ty}: {e}"))
 }

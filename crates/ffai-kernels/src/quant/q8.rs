@@ -96,6 +96,7 @@ const fn legacy_bytes(k: u8) -> usize {
     }
 }
 
+mod affine;
 mod avx2;
 mod portable;
 #[cfg(target_arch = "x86_64")]
@@ -123,7 +124,8 @@ impl ActFormat {
         match ty {
             WeightType::F32 | WeightType::F16 | WeightType::BF16 => ActFormat::F32,
             WeightType::Q4_0 | WeightType::Q5_0 | WeightType::Q8_0 => ActFormat::Q8_0,
-            WeightType::Q4_1 | WeightType::Q5_1 => ActFormat::Q8_1,
+            // Affine: the per-32 `s = d · Σq` serve the bias term (groups are whole 32s).
+            WeightType::Q4_1 | WeightType::Q5_1 | WeightType::Affine { .. } => ActFormat::Q8_1,
             WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => ActFormat::Q8K,
         }
     }
@@ -737,6 +739,10 @@ pub fn dot_row_q8_multi(ty: WeightType, row: &[u8], acts: &QuantizedActs, tokens
     }
     let view = acts.view();
     let t0 = tokens.start;
+    if let WeightType::Affine { bits, group } = ty {
+        affine::dot_rows_multi(bits, group, row, row.len(), view, t0, out, active());
+        return;
+    }
     match active() {
         // SAFETY (the x86 arms): the level's features were detected at run time;
         // `check` verified the row length against `acts.cols`, the format, and that
@@ -784,6 +790,10 @@ pub fn dot_rows_q8(ty: WeightType, rows: &[u8], acts: &QuantizedActs, t: usize, 
 #[inline]
 fn dot_rows_dispatch(ty: WeightType, rows: &[u8], rb: usize, view: View<'_>, t: usize, out: &mut [f32]) {
     debug_assert_eq!(rows.len(), rb * out.len());
+    if let WeightType::Affine { bits, group } = ty {
+        affine::dot_rows(bits, group, rows, rb, view, t, out, active());
+        return;
+    }
     match active() {
         // SAFETY (the x86 arms): the level's features were detected at run time; every
         // row has the length `check` verified for the first, the format matches and
@@ -842,6 +852,10 @@ pub fn dot_rows_q8_multi(ty: WeightType, rows: &[u8], acts: &QuantizedActs, toke
     }
     let view = acts.view();
     let t0 = tokens.start;
+    if let WeightType::Affine { bits, group } = ty {
+        affine::dot_rows_multi(bits, group, rows, rb, view, t0, out, active());
+        return;
+    }
     match active() {
         // SAFETY (the x86 arms): the level's features were detected at run time; every
         // row has the length `check` verified for the first, the format matches, the

@@ -276,6 +276,7 @@ pub(super) unsafe fn dot_multi(ty: WeightType, row: &[u8], v: View<'_>, t0: usiz
             WeightType::Q5K => tiles!(dot_q45k[true], row, v, t0, out),
             WeightType::Q6K => tiles!(dot_q6k[], row, v, t0, out),
             WeightType::F32 | WeightType::F16 | WeightType::BF16 => unreachable!("float types have no q8 path"),
+            WeightType::Affine { .. } => unreachable!("affine rows run quant::q8::affine"),
         }
     }
 }
@@ -306,6 +307,7 @@ pub(super) unsafe fn dot_rows(ty: WeightType, rows: &[u8], rb: usize, v: View<'_
             WeightType::Q5K => each_row!(dot_q45k[true]),
             WeightType::Q6K => each_row!(dot_q6k[]),
             WeightType::F32 | WeightType::F16 | WeightType::BF16 => unreachable!("float types have no q8 path"),
+            WeightType::Affine { .. } => unreachable!("affine rows run quant::q8::affine"),
         }
     }
 }

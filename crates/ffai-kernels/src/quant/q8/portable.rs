@@ -86,6 +86,7 @@ pub(super) fn dot_multi(ty: WeightType, row: &[u8], v: View<'_>, t0: usize, out:
             WeightType::Q5K => dot_q45k::<true>(row, v, t, o),
             WeightType::Q6K => dot_q6k(row, v, t, o),
             WeightType::F32 | WeightType::F16 | WeightType::BF16 => unreachable!("float types have no q8 path"),
+            WeightType::Affine { .. } => unreachable!("affine rows run quant::q8::affine"),
         }
     }
 }

@@ -1,0 +1,347 @@
+//! Affine group quantization (the MLX scheme): every group of `group` consecutive
+//! elements of a row has its own `scale` and `bias`, and element `i` is
+//! `scale · q_i + bias` with an unsigned `bits`-bit level `q_i`.
+//!
+//! MLX stores a quantized matrix as three tensors: `weight` (`u32` words holding a
+//! little-endian bit stream of the levels, `bits` per element, row by row), and
+//! `scales` / `biases` (`f16`, `bf16` or `f32`, one per group). [`repack_mlx`] turns
+//! that triple into the row-major block layout below, losslessly (every `f16` and
+//! `bf16` value is exact in `f32`), so the rest of the engine sees one matrix.
+//!
+//! # Block layout (`group` elements, `8 + group · bits / 8` bytes)
+//!
+//! | bytes | content |
+//! |-------|---------|
+//! | 0..4 | `scale: f32` |
+//! | 4..8 | `bias: f32` |
+//! | 8.. | `group / 32` chunks of `4 · bits` bytes, one per 32 elements |
+//!
+//! Within a chunk of 32 elements (levels `q_0..q_31`), the levels are split into
+//! planes so that every bit width decodes with a few shifts and masks:
+//! * 8 bits: 32 bytes, byte `i` = `q_i - 128` as `i8` (a signed byte keeps the
+//!   integer dot free of `u8 · i8` pair overflow; the offset is added back exactly);
+//! * 4, 5, 6 bits: a nibble plane of 16 bytes, byte `j` = `q_j & 15` (low nibble) and
+//!   `q_{j+16} & 15` (high nibble); then for 5 bits a 1-bit plane (`u32`, bit `i` =
+//!   bit 4 of `q_i`), for 6 bits a 2-bit plane (8 bytes, bits `2k..2k+2` of byte `j`
+//!   = bits 4..6 of `q_{j+8k}`);
+//! * 2, 3 bits: a 2-bit plane of 8 bytes (bits `2k..2k+2` of byte `j` = `q_{j+8k} & 3`);
+//!   then for 3 bits a 1-bit plane (`u32`, bit `i` = bit 2 of `q_i`).
+//!
+//! Dequantization is `scale · q + bias`, two separately rounded `f32` operations.
+
+use super::{fma_lanes, sum_lanes, LANES};
+
+/// Supported level widths.
+pub const BITS: [u8; 6] = [2, 3, 4, 5, 6, 8];
+/// Supported group sizes.
+pub const GROUPS: [u16; 3] = [32, 64, 128];
+
+/// Bytes of the `scale` and `bias` heading each block.
+pub(crate) const HEADER: usize = 8;
+
+/// True for a supported `(bits, group)` pair.
+pub const fn valid(bits: u8, group: u16) -> bool {
+    matches!(bits, 2 | 3 | 4 | 5 | 6 | 8) && matches!(group, 32 | 64 | 128)
+}
+
+/// Bytes of one block of `group` elements.
+pub const fn block_bytes(bits: u8, group: u16) -> usize {
+    HEADER + group as usize / 32 * chunk_bytes(bits)
+}
+
+/// Bytes of one 32-element chunk.
+pub(crate) const fn chunk_bytes(bits: u8) -> usize {
+    4 * bits as usize
+}
+
+/// The type's name, e.g. `"AFFINE4_G64"`.
+pub const fn name(bits: u8, group: u16) -> &'static str {
+    macro_rules! names {
+        ($(($b:literal, $g:literal)),*) => {
+            match (bits, group) {
+                $(($b, $g) => concat!("AFFINE", $b, "_G", $g),)*
+                _ => "AFFINE?",
+            }
+        };
+    }
+    names!(
+        (2, 32), (2, 64), (2, 128), (3, 32), (3, 64), (3, 128),
+        (4, 32), (4, 64), (4, 128), (5, 32), (5, 64), (5, 128),
+        (6, 32), (6, 64), (6, 128), (8, 32), (8, 64), (8, 128)
+    )
+}
+
+/// Panics unless `(bits, group)` is supported (a `WeightType::Affine` built by hand
+/// with other values is a caller bug).
+#[inline]
+pub(crate) fn assert_valid(bits: u8, group: u16) {
+    assert!(valid(bits, group), "unsupported affine format: {bits} bits, group {group}");
+}
+
+/// Reads the little-endian `f32` at `b[at..at + 4]`.
+#[inline(always)]
+pub(crate) fn read_f32(b: &[u8], at: usize) -> f32 {
+    f32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// Decodes one chunk (`4 · bits` bytes) into its 32 levels `q_i` (0..2^bits).
+#[inline(always)]
+pub(crate) fn decode_chunk(bits: u8, c: &[u8], q: &mut [u8; 32]) {
+    match bits {
+        8 => {
+            for (o, &b) in q.iter_mut().zip(&c[..32]) {
+                *o = b ^ 0x80;
+            }
+        }
+        4..=6 => {
+            for j in 0..16 {
+                q[j] = c[j] & 0x0F;
+                q[j + 16] = c[j] >> 4;
+            }
+            match bits {
+                5 => or_bit_plane(&c[16..20], 4, q),
+                6 => or_pair_plane(&c[16..24], 4, q),
+                _ => {}
+            }
+        }
+        _ => {
+            q.fill(0);
+            or_pair_plane(&c[..8], 0, q);
+            if bits == 3 {
+                or_bit_plane(&c[8..12], 2, q);
+            }
+        }
+    }
+}
+
+/// `q_{j+8k} |= ((p[j] >> 2k) & 3) << shift`.
+#[inline(always)]
+fn or_pair_plane(p: &[u8], shift: u32, q: &mut [u8; 32]) {
+    for k in 0..4 {
+        for j in 0..8 {
+            q[j + 8 * k] |= ((p[j] >> (2 * k)) & 3) << shift;
+        }
+    }
+}
+
+/// `q_i |= (bit i of the little-endian u32 p) << shift`.
+#[inline(always)]
+fn or_bit_plane(p: &[u8], shift: u32, q: &mut [u8; 32]) {
+    let w = u32::from_le_bytes([p[0], p[1], p[2], p[3]]);
+    for (i, v) in q.iter_mut().enumerate() {
+        *v |= (((w >> i) & 1) as u8) << shift;
+    }
+}
+
+/// Encodes 32 levels (each `< 2^bits`) into one chunk (`4 · bits` bytes).
+pub(crate) fn encode_chunk(bits: u8, q: &[u8; 32], c: &mut [u8]) {
+    let c = &mut c[..chunk_bytes(bits)];
+    c.fill(0);
+    match bits {
+        8 => {
+            for (o, &v) in c.iter_mut().zip(q) {
+                *o = v ^ 0x80;
+            }
+        }
+        4..=6 => {
+            for j in 0..16 {
+                c[j] = (q[j] & 0x0F) | ((q[j + 16] & 0x0F) << 4);
+            }
+            match bits {
+                5 => put_bit_plane(q, 4, &mut c[16..20]),
+                6 => put_pair_plane(q, 4, &mut c[16..24]),
+                _ => {}
+            }
+        }
+        _ => {
+            put_pair_plane(q, 0, &mut c[..8]);
+            if bits == 3 {
+                put_bit_plane(q, 2, &mut c[8..12]);
+            }
+        }
+    }
+}
+
+fn put_pair_plane(q: &[u8; 32], shift: u32, p: &mut [u8]) {
+    for k in 0..4 {
+        for j in 0..8 {
+            p[j] |= ((q[j + 8 * k] >> shift) & 3) << (2 * k);
+        }
+    }
+}
+
+fn put_bit_plane(q: &[u8; 32], shift: u32, p: &mut [u8]) {
+    let mut w = 0u32;
+    for (i, &v) in q.iter().enumerate() {
+        w |= u32::from((v >> shift) & 1) << i;
+    }
+    p[..4].copy_from_slice(&w.to_le_bytes());
+}
+
+/// Dequantizes a row of whole blocks.
+pub(crate) fn dequant_row(bits: u8, group: u16, src: &[u8], dst: &mut [f32]) {
+    assert_valid(bits, group);
+    let (bb, cb) = (block_bytes(bits, group), chunk_bytes(bits));
+    let mut q = [0u8; 32];
+    for (blk, out) in src.chunks_exact(bb).zip(dst.chunks_exact_mut(group as usize)) {
+        let (scale, bias) = (read_f32(blk, 0), read_f32(blk, 4));
+        for (c, o) in blk[HEADER..].chunks_exact(cb).zip(out.chunks_exact_mut(32)) {
+            decode_chunk(bits, c, &mut q);
+            for (v, &l) in o.iter_mut().zip(&q) {
+                *v = scale * f32::from(l) + bias;
+            }
+        }
+    }
+}
+
+/// Dot product of a row with `x`: each chunk decoded to `f32` on the stack, then
+/// multiplied into `LANES` partial sums (as `dot_row` does for the GGUF types).
+pub(crate) fn dot_row(bits: u8, group: u16, row: &[u8], x: &[f32]) -> f32 {
+    assert_valid(bits, group);
+    let (bb, cb) = (block_bytes(bits, group), chunk_bytes(bits));
+    let mut acc = [0.0f32; LANES];
+    let mut q = [0u8; 32];
+    let mut w = [0.0f32; 32];
+    for (blk, xs) in row.chunks_exact(bb).zip(x.chunks_exact(group as usize)) {
+        let (scale, bias) = (read_f32(blk, 0), read_f32(blk, 4));
+        for (c, x32) in blk[HEADER..].chunks_exact(cb).zip(xs.chunks_exact(32)) {
+            decode_chunk(bits, c, &mut q);
+            for (v, &l) in w.iter_mut().zip(&q) {
+                *v = scale * f32::from(l) + bias;
+            }
+            fma_lanes(&w, x32.try_into().unwrap(), &mut acc);
+        }
+    }
+    sum_lanes(acc)
+}
+
+/// Quantizes a row: per group `bias = min`, `scale = (max - min) / (2^bits - 1)`,
+/// `q = round((x - bias) / scale)` clamped to the level range. A constant group gets
+/// `scale = 0`, `q = 0`, so it decodes exactly.
+pub(crate) fn quantize_row(bits: u8, group: u16, src: &[f32], dst: &mut [u8]) -> Result<(), String> {
+    if !valid(bits, group) {
+        return Err(format!("unsupported affine format: {bits} bits, group {group}"));
+    }
+    let (bb, cb) = (block_bytes(bits, group), chunk_bytes(bits));
+    let top = ((1u32 << bits) - 1) as f32;
+    let mut q = [0u8; 32];
+    for (xs, blk) in src.chunks_exact(group as usize).zip(dst.chunks_exact_mut(bb)) {
+        let min = xs.iter().copied().fold(f32::INFINITY, f32::min);
+        let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let scale = (max - min) / top;
+        if !scale.is_finite() {
+            return Err(format!("group range {min}..{max} overflows f32"));
+        }
+        blk[0..4].copy_from_slice(&scale.to_le_bytes());
+        blk[4..8].copy_from_slice(&min.to_le_bytes());
+        for (x32, c) in xs.chunks_exact(32).zip(blk[HEADER..].chunks_exact_mut(cb)) {
+            for (l, &v) in q.iter_mut().zip(x32) {
+                *l = if scale > 0.0 {
+                    ((v - min) / scale).round().clamp(0.0, top) as u8
+                } else {
+                    0
+                };
+            }
+            encode_chunk(bits, &q, c);
+        }
+    }
+    Ok(())
+}
+
+/// The element type of MLX `scales` / `biases` tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScaleType {
+    F16,
+    BF16,
+    F32,
+}
+
+impl ScaleType {
+    /// Bytes per value.
+    pub const fn size(self) -> usize {
+        match self {
+            ScaleType::F16 | ScaleType::BF16 => 2,
+            ScaleType::F32 => 4,
+        }
+    }
+
+    /// Value `i` of the little-endian array `b`, exactly as `f32`.
+    #[inline]
+    fn get(self, b: &[u8], i: usize) -> f32 {
+        match self {
+            ScaleType::F16 => half::f16::from_bits(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])).to_f32(),
+            ScaleType::BF16 => f32::from_bits(u32::from(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])) << 16),
+            ScaleType::F32 => read_f32(b, 4 * i),
+        }
+    }
+}
+
+/// Repacks an MLX quantized matrix (`rows × cols` logical elements) into this
+/// module's block layout, `rows · row_bytes(cols)` bytes.
+///
+/// `weight` holds `rows · cols · bits / 8` bytes (the `u32` words, little-endian),
+/// `scales` and `biases` `rows · cols / group` values of `st`. Errors (as text, for
+/// the loader to put the tensor name on) on an unsupported format, `cols` not a
+/// multiple of `group`, or any length that disagrees.
+pub fn repack_mlx(
+    bits: u8,
+    group: u16,
+    rows: usize,
+    cols: usize,
+    weight: &[u8],
+    scales: &[u8],
+    biases: &[u8],
+    st: ScaleType,
+) -> Result<Vec<u8>, String> {
+    if !valid(bits, group) {
+        return Err(format!("unsupported affine format: {bits} bits, group size {group}"));
+    }
+    let g = group as usize;
+    if cols == 0 || !cols.is_multiple_of(g) {
+        return Err(format!("{cols} columns are not a whole number of {g}-element groups"));
+    }
+    let ngroups = rows
+        .checked_mul(cols / g)
+        .ok_or_else(|| format!("{rows} x {cols} overflows"))?;
+    let row_in = cols * bits as usize / 8;
+    let need_w = rows.checked_mul(row_in).ok_or_else(|| format!("{rows} x {cols} overflows"))?;
+    if weight.len() != need_w {
+        return Err(format!(
+            "packed weight holds {} bytes, {rows} rows of {cols} {bits}-bit values need {need_w}",
+            weight.len()
+        ));
+    }
+    for (what, t) in [("scales", scales), ("biases", biases)] {
+        if t.len() != ngroups * st.size() {
+            return Err(format!(
+                "{what} hold {} bytes, {ngroups} groups of {st:?} need {}",
+                t.len(),
+                ngroups * st.size()
+            ));
+        }
+    }
+    let bb = block_bytes(bits, group);
+    let out_len = (ngroups).checked_mul(bb).ok_or_else(|| format!("{rows} x {cols} overflows"))?;
+    let mut out = vec![0u8; out_len];
+    let mask = (1u32 << bits) - 1;
+    let mut q = [0u8; 32];
+    for (r, (src, dst)) in weight.chunks_exact(row_in).zip(out.chunks_exact_mut(cols / g * bb)).enumerate() {
+        for (gi, blk) in dst.chunks_exact_mut(bb).enumerate() {
+            let k = r * (cols / g) + gi;
+            blk[0..4].copy_from_slice(&st.get(scales, k).to_le_bytes());
+            blk[4..8].copy_from_slice(&st.get(biases, k).to_le_bytes());
+            for (ci, c) in blk[HEADER..].chunks_exact_mut(chunk_bytes(bits)).enumerate() {
+                for (i, l) in q.iter_mut().enumerate() {
+                    // Element e's bits start at bit e·bits of the row's little-endian
+                    // stream and span at most two bytes (bits ≤ 8).
+                    let bit = (gi * g + ci * 32 + i) * bits as usize;
+                    let lo = u32::from(src[bit / 8]);
+                    let hi = u32::from(*src.get(bit / 8 + 1).unwrap_or(&0));
+                    *l = (((lo | (hi << 8)) >> (bit % 8)) & mask) as u8;
+                }
+                encode_chunk(bits, &q, c);
+            }
+        }
+    }
+    Ok(out)
+}
