@@ -98,7 +98,11 @@ fn mlx_level(words: &[u32], bits: usize, j: usize) -> u32 {
     let (w, s) = (j * bits / 32, j * bits % 32);
     let mask = (1u64 << bits) - 1;
     let lo = u64::from(words[w]);
-    let hi = if s + bits > 32 { u64::from(words[w + 1]) << 32 } else { 0 };
+    let hi = if s + bits > 32 {
+        u64::from(words[w + 1]) << 32
+    } else {
+        0
+    };
     (((lo | hi) >> s) & mask) as u32
 }
 
@@ -112,7 +116,11 @@ fn make_mlx(rng: &mut Rng, bits: u8, group: u16, rows: usize, cols: usize, st: S
         for gi in 0..cols / g {
             // Mostly ordinary magnitudes; every 7th group a scale below f16's normal
             // range (exact in bf16 and f32, so the repack must not go through f16).
-            let mag = if (r + gi) % 7 == 3 && st != ScaleType::F16 { 1e-7 } else { 0.02 };
+            let mag = if (r + gi) % 7 == 3 && st != ScaleType::F16 {
+                1e-7
+            } else {
+                0.02
+            };
             let s = store(st, rng.uniform(0.1, 1.0) * mag, &mut scales);
             let b = store(st, rng.uniform(-1.0, 1.0) * mag * 8.0, &mut biases);
             for i in 0..g {
@@ -136,7 +144,17 @@ fn words_bytes(w: &[u32]) -> Vec<u8> {
 }
 
 fn repack(m: &Mlx, bits: u8, group: u16, rows: usize, cols: usize) -> Vec<u8> {
-    repack_mlx(bits, group, rows, cols, &words_bytes(&m.words), &m.scales, &m.biases, m.st).unwrap()
+    repack_mlx(
+        bits,
+        group,
+        rows,
+        cols,
+        &words_bytes(&m.words),
+        &m.scales,
+        &m.biases,
+        m.st,
+    )
+    .unwrap()
 }
 
 fn all_formats() -> impl Iterator<Item = (u8, u16)> {
@@ -324,7 +342,10 @@ fn avx2_agrees_with_portable() {
         for r in 0..rows {
             let mag = magnitude(&m, bits, group, r, cols, &xq);
             let (pv, av) = (p[r * n], a[r * n]);
-            assert!((f64::from(pv) - f64::from(av)).abs() <= 2e-5 * mag, "{ty}: {pv} vs {av}");
+            assert!(
+                (f64::from(pv) - f64::from(av)).abs() <= 2e-5 * mag,
+                "{ty}: {pv} vs {av}"
+            );
         }
     }
 }
@@ -365,7 +386,17 @@ fn repack_rejects_bad_lengths() {
     let wb = words_bytes(&m.words);
     let st = ScaleType::F16;
     let err = |r: Result<Vec<u8>, String>| r.unwrap_err();
-    assert!(err(repack_mlx(bits, group, rows, cols, &wb[..wb.len() - 4], &m.scales, &m.biases, st)).contains("packed weight"));
+    assert!(err(repack_mlx(
+        bits,
+        group,
+        rows,
+        cols,
+        &wb[..wb.len() - 4],
+        &m.scales,
+        &m.biases,
+        st
+    ))
+    .contains("packed weight"));
     assert!(err(repack_mlx(bits, group, rows, cols, &wb, &m.scales[..2], &m.biases, st)).contains("scales"));
     assert!(err(repack_mlx(bits, group, rows, cols, &wb, &m.scales, &m.biases[2..], st)).contains("biases"));
     assert!(err(repack_mlx(bits, group, rows, 96, &wb, &m.scales, &m.biases, st)).contains("groups"));

@@ -54,28 +54,40 @@ pub(crate) const fn chunk_bytes(bits: u8) -> usize {
     4 * bits as usize
 }
 
+/// Names by width (`BITS` order) and group (`GROUPS` order).
+const NAMES: [[&str; 3]; 6] = [
+    ["AFFINE2_G32", "AFFINE2_G64", "AFFINE2_G128"],
+    ["AFFINE3_G32", "AFFINE3_G64", "AFFINE3_G128"],
+    ["AFFINE4_G32", "AFFINE4_G64", "AFFINE4_G128"],
+    ["AFFINE5_G32", "AFFINE5_G64", "AFFINE5_G128"],
+    ["AFFINE6_G32", "AFFINE6_G64", "AFFINE6_G128"],
+    ["AFFINE8_G32", "AFFINE8_G64", "AFFINE8_G128"],
+];
+
 /// The type's name, e.g. `"AFFINE4_G64"`.
 pub const fn name(bits: u8, group: u16) -> &'static str {
-    macro_rules! names {
-        ($(($b:literal, $g:literal)),*) => {
-            match (bits, group) {
-                $(($b, $g) => concat!("AFFINE", $b, "_G", $g),)*
-                _ => "AFFINE?",
-            }
-        };
-    }
-    names!(
-        (2, 32), (2, 64), (2, 128), (3, 32), (3, 64), (3, 128),
-        (4, 32), (4, 64), (4, 128), (5, 32), (5, 64), (5, 128),
-        (6, 32), (6, 64), (6, 128), (8, 32), (8, 64), (8, 128)
-    )
+    let b = match bits {
+        2..=6 => bits as usize - 2,
+        8 => 5,
+        _ => return "AFFINE?",
+    };
+    let g = match group {
+        32 => 0,
+        64 => 1,
+        128 => 2,
+        _ => return "AFFINE?",
+    };
+    NAMES[b][g]
 }
 
 /// Panics unless `(bits, group)` is supported (a `WeightType::Affine` built by hand
 /// with other values is a caller bug).
 #[inline]
 pub(crate) fn assert_valid(bits: u8, group: u16) {
-    assert!(valid(bits, group), "unsupported affine format: {bits} bits, group {group}");
+    assert!(
+        valid(bits, group),
+        "unsupported affine format: {bits} bits, group {group}"
+    );
 }
 
 /// Reads the little-endian `f32` at `b[at..at + 4]`.
@@ -304,7 +316,9 @@ pub fn repack_mlx(
         .checked_mul(cols / g)
         .ok_or_else(|| format!("{rows} x {cols} overflows"))?;
     let row_in = cols * bits as usize / 8;
-    let need_w = rows.checked_mul(row_in).ok_or_else(|| format!("{rows} x {cols} overflows"))?;
+    let need_w = rows
+        .checked_mul(row_in)
+        .ok_or_else(|| format!("{rows} x {cols} overflows"))?;
     if weight.len() != need_w {
         return Err(format!(
             "packed weight holds {} bytes, {rows} rows of {cols} {bits}-bit values need {need_w}",
@@ -321,11 +335,17 @@ pub fn repack_mlx(
         }
     }
     let bb = block_bytes(bits, group);
-    let out_len = (ngroups).checked_mul(bb).ok_or_else(|| format!("{rows} x {cols} overflows"))?;
+    let out_len = (ngroups)
+        .checked_mul(bb)
+        .ok_or_else(|| format!("{rows} x {cols} overflows"))?;
     let mut out = vec![0u8; out_len];
     let mask = (1u32 << bits) - 1;
     let mut q = [0u8; 32];
-    for (r, (src, dst)) in weight.chunks_exact(row_in).zip(out.chunks_exact_mut(cols / g * bb)).enumerate() {
+    for (r, (src, dst)) in weight
+        .chunks_exact(row_in)
+        .zip(out.chunks_exact_mut(cols / g * bb))
+        .enumerate()
+    {
         for (gi, blk) in dst.chunks_exact_mut(bb).enumerate() {
             let k = r * (cols / g) + gi;
             blk[0..4].copy_from_slice(&st.get(scales, k).to_le_bytes());

@@ -66,7 +66,10 @@ pub enum WeightType {
     Q6K,
     /// MLX-style affine group quantization, repacked at load (layout in `affine.rs`).
     /// Not a ggml type and not in [`WeightType::ALL`]; build it with [`WeightType::affine`].
-    Affine { bits: u8, group: u16 },
+    Affine {
+        bits: u8,
+        group: u16,
+    },
 }
 
 impl WeightType {

@@ -20,7 +20,16 @@ const TILE: usize = 8;
 
 /// `out[i] = row i · token t` for `out.len()` rows of `rb` bytes.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn dot_rows(bits: u8, group: u16, rows: &[u8], rb: usize, v: View<'_>, t: usize, out: &mut [f32], level: u8) {
+pub(super) fn dot_rows(
+    bits: u8,
+    group: u16,
+    rows: &[u8],
+    rb: usize,
+    v: View<'_>,
+    t: usize,
+    out: &mut [f32],
+    level: u8,
+) {
     assert_valid(bits, group);
     for (o, row) in out.iter_mut().zip(rows.chunks_exact(rb)) {
         dot_tokens(bits, group, row, &v, t, std::slice::from_mut(o), level);
@@ -264,13 +273,7 @@ mod avx2 {
     /// # Safety
     /// As for [`dot`], with `out.len() == T`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn kernel<const BITS: u8, const T: usize>(
-        group: u16,
-        row: &[u8],
-        v: &View<'_>,
-        t0: usize,
-        out: &mut [f32],
-    ) {
+    unsafe fn kernel<const BITS: u8, const T: usize>(group: u16, row: &[u8], v: &View<'_>, t0: usize, out: &mut [f32]) {
         let (bb, cb, nsub) = (block_bytes(BITS, group), chunk_bytes(BITS), group as usize / 32);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); T];
@@ -278,7 +281,11 @@ mod avx2 {
         for (b, blk) in row.chunks_exact(bb).enumerate() {
             let scale = read_f32(blk, 0);
             // 8 bits: the stored bytes are w - 128; the 128 · Σq term joins the bias.
-            let bias = if BITS == 8 { read_f32(blk, 4) + 128.0 * scale } else { read_f32(blk, 4) };
+            let bias = if BITS == 8 {
+                read_f32(blk, 4) + 128.0 * scale
+            } else {
+                read_f32(blk, 4)
+            };
             for c in 0..nsub {
                 let sub = b * nsub + c;
                 // SAFETY: chunk `c` of this block lies inside `blk` (a whole block).
