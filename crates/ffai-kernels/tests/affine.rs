@@ -24,11 +24,17 @@ fn lock() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Runs `f` on the portable path and on AVX2 and the best level when the CPU has them.
+/// Runs `f` on every implementation this CPU has (portable, AVX2, AVX-VNNI, AVX-512 VNNI).
 fn every_path(mut f: impl FnMut(&'static str)) {
     let _g = lock();
     let mut seen = Vec::new();
-    for level in [Q8Level::Portable, Q8Level::Avx2, Q8Level::Best] {
+    for level in [
+        Q8Level::Portable,
+        Q8Level::Avx2,
+        Q8Level::AvxVnni,
+        Q8Level::Avx512Vnni,
+        Q8Level::Best,
+    ] {
         force_q8_level(level);
         let name = q8_backend_name();
         if !seen.contains(&name) {

@@ -74,10 +74,16 @@ fn dot_tokens(bits: u8, group: u16, row: &[u8], v: &View<'_>, t0: usize, out: &m
     assert!((t0 + out.len()) * v.cols <= v.qs.len() && (t0 + out.len()) * v.nblk <= v.d.len());
     #[cfg(target_arch = "x86_64")]
     if level >= super::AVX2 {
-        // SAFETY: every level from AVX2 up was detected on this CPU (AVX2, FMA, F16C);
-        // the row is `nblk` whole blocks covering `v.cols` activations and the tokens
-        // lie inside the activation buffers (asserted above).
-        unsafe { avx2::dot(bits, group, row, v, t0, out) };
+        // SAFETY: `level` is the implementation detected on this CPU (each implies the
+        // features its kernels enable); the row is `nblk` whole blocks covering `v.cols`
+        // activations and the tokens lie inside the activation buffers (asserted above).
+        unsafe {
+            match level {
+                super::AVX512VNNI => x86::avx512vnni::dot(bits, group, row, v, t0, out),
+                super::AVXVNNI => x86::avxvnni::dot(bits, group, row, v, t0, out),
+                _ => x86::avx2::dot(bits, group, row, v, t0, out),
+            }
+        }
         return;
     }
     let _ = level;
@@ -137,183 +143,324 @@ fn portable(bits: u8, group: u16, row: &[u8], v: &View<'_>, t0: usize, out: &mut
     }
 }
 
+/// The x86 kernels, one build per instruction set: `$bytedot(w, x)` is the exact
+/// `u8 × i8` dot of 32 bytes into 8 `i32` lanes (`vpmaddubsw` + `vpmaddwd` on AVX2,
+/// one `vpdpbusd` on the VNNI levels); `$vnni` says whether it is free of `i16`
+/// saturation, which lets 8-bit levels go in unsigned.
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
+macro_rules! affine_kernels {
+    ($feat:literal, $vnni:literal, $bytedot:path) => {
+        use std::arch::x86_64::*;
 
-    use super::{View, TILE};
-    use crate::quant::affine::{block_bytes, chunk_bytes, read_f32, HEADER};
+        use super::super::{View, TILE};
+        use crate::quant::affine::{block_bytes, chunk_bytes, HEADER};
 
-    /// Dispatches on the width so each kernel is compiled for one `BITS`.
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C must be available; `row` must be whole blocks covering
-    /// `v.cols` activations, and tokens `t0..t0 + out.len()` must exist in `v`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot(bits: u8, group: u16, row: &[u8], v: &View<'_>, t0: usize, out: &mut [f32]) {
-        // SAFETY: the caller's contract is each kernel's.
-        unsafe {
-            match bits {
-                2 => tiles::<2>(group, row, v, t0, out),
-                3 => tiles::<3>(group, row, v, t0, out),
-                4 => tiles::<4>(group, row, v, t0, out),
-                5 => tiles::<5>(group, row, v, t0, out),
-                6 => tiles::<6>(group, row, v, t0, out),
-                _ => tiles::<8>(group, row, v, t0, out),
-            }
-        }
-    }
-
-    /// Runs the kernel over `out` in tiles of `TILE` tokens, then the rest.
-    ///
-    /// # Safety
-    /// As for [`dot`].
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tiles<const BITS: u8>(group: u16, row: &[u8], v: &View<'_>, t0: usize, out: &mut [f32]) {
-        let mut t = t0;
-        let mut chunks = out.chunks_exact_mut(TILE);
-        // SAFETY (every call): the caller's contract, for a sub-range of its tokens.
-        unsafe {
-            for o in &mut chunks {
-                kernel::<BITS, TILE>(group, row, v, t, o);
-                t += TILE;
-            }
-            let rest = chunks.into_remainder();
-            match rest.len() {
-                0 => {}
-                1 => kernel::<BITS, 1>(group, row, v, t, rest),
-                2 => kernel::<BITS, 2>(group, row, v, t, rest),
-                3 => kernel::<BITS, 3>(group, row, v, t, rest),
-                4 => kernel::<BITS, 4>(group, row, v, t, rest),
-                5 => kernel::<BITS, 5>(group, row, v, t, rest),
-                6 => kernel::<BITS, 6>(group, row, v, t, rest),
-                _ => kernel::<BITS, 7>(group, row, v, t, rest),
-            }
-        }
-    }
-
-    /// 16 nibble bytes at `p` as 32 bytes: the low nibbles, then the high nibbles.
-    ///
-    /// # Safety
-    /// `p..p + 16` readable.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn nibbles(p: *const u8) -> __m256i {
-        // SAFETY: 16 readable bytes (caller); unaligned load.
-        let x = _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(p.cast()) });
-        let x = _mm256_srlv_epi32(x, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
-        _mm256_and_si256(x, _mm256_set1_epi8(0x0F))
-    }
-
-    /// The 2-bit plane at `p` (8 bytes): byte `j + 8k` = bits `2k..2k+2` of byte `j`.
-    ///
-    /// # Safety
-    /// `p..p + 8` readable.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn pairs(p: *const u8) -> __m256i {
-        // SAFETY: 8 readable bytes (caller); unaligned read.
-        let x = unsafe { p.cast::<i64>().read_unaligned() };
-        let x = _mm256_srlv_epi64(_mm256_set1_epi64x(x), _mm256_setr_epi64x(0, 2, 4, 6));
-        _mm256_and_si256(x, _mm256_set1_epi8(3))
-    }
-
-    /// The 1-bit plane at `p` (a little-endian `u32`): byte `i` = `val` when bit `i`
-    /// is set, else 0.
-    ///
-    /// # Safety
-    /// `p..p + 4` readable.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn bits(p: *const u8, val: i8) -> __m256i {
-        // SAFETY: 4 readable bytes (caller); unaligned read.
-        let x = _mm256_set1_epi32(unsafe { p.cast::<i32>().read_unaligned() });
-        // Byte i takes byte i / 8 of the word (each 128-bit half holds a full copy).
-        let ctrl = _mm256_setr_epi8(
-            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
-        );
-        let m = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-        let x = _mm256_and_si256(_mm256_shuffle_epi8(x, ctrl), m);
-        _mm256_and_si256(_mm256_cmpeq_epi8(x, m), _mm256_set1_epi8(val))
-    }
-
-    /// The 32 levels of the chunk at `p`: unsigned for `BITS < 8`, the stored signed
-    /// `w - 128` bytes for 8.
-    ///
-    /// # Safety
-    /// `p..p + 4 · BITS` readable.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn levels<const BITS: u8>(p: *const u8) -> __m256i {
-        // SAFETY: each read stays inside the chunk's `4 · BITS` bytes.
-        unsafe {
-            match BITS {
-                2 => pairs(p),
-                3 => _mm256_or_si256(pairs(p), bits(p.add(8), 4)),
-                4 => nibbles(p),
-                5 => _mm256_or_si256(nibbles(p), bits(p.add(16), 16)),
-                6 => _mm256_or_si256(nibbles(p), _mm256_slli_epi16::<4>(pairs(p.add(16)))),
-                _ => _mm256_loadu_si256(p.cast()),
-            }
-        }
-    }
-
-    /// Sum of the 8 lanes.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn hsum_ps(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
-
-    /// `T` tokens `t0..t0 + T` against one row of `BITS`-bit levels.
-    ///
-    /// # Safety
-    /// As for [`dot`], with `out.len() == T`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn kernel<const BITS: u8, const T: usize>(group: u16, row: &[u8], v: &View<'_>, t0: usize, out: &mut [f32]) {
-        let (bb, cb, nsub) = (block_bytes(BITS, group), chunk_bytes(BITS), group as usize / 32);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); T];
-        let mut summ = [0.0f32; T];
-        for (b, blk) in row.chunks_exact(bb).enumerate() {
-            let scale = read_f32(blk, 0);
-            // 8 bits: the stored bytes are w - 128; the 128 · Σq term joins the bias.
-            let bias = if BITS == 8 {
-                read_f32(blk, 4) + 128.0 * scale
-            } else {
-                read_f32(blk, 4)
-            };
-            for c in 0..nsub {
-                let sub = b * nsub + c;
-                // SAFETY: chunk `c` of this block lies inside `blk` (a whole block).
-                let w = unsafe { levels::<BITS>(blk.as_ptr().add(HEADER + c * cb)) };
-                // Unsigned levels go straight into `maddubs` (pairs ≤ 2 · 63 · 127); the
-                // signed 8-bit ones as |w| · sign(w)·a (pairs ≤ 2 · 128 · 127).
-                let wu = if BITS == 8 { _mm256_abs_epi8(w) } else { w };
-                for j in 0..T {
-                    let t = t0 + j;
-                    let k = t * v.nblk + sub;
-                    // SAFETY: token `t` exists and block `sub < v.nblk`, so its 32
-                    // quants and its `d` / `s` entries are inside the buffers.
-                    let (a, d, s) = unsafe {
-                        (
-                            _mm256_loadu_si256(v.qs.as_ptr().add(t * v.cols + sub * 32).cast()),
-                            *v.d.get_unchecked(k),
-                            *v.s.get_unchecked(k),
-                        )
-                    };
-                    let a = if BITS == 8 { _mm256_sign_epi8(a, w) } else { a };
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, a), ones);
-                    acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(scale * d), acc[j]);
-                    summ[j] += bias * s;
+        /// Dispatches on the width so each kernel is compiled for one `BITS`.
+        ///
+        /// # Safety
+        /// The features `$feat` must be available; `row` must be whole blocks covering
+        /// `v.cols` activations, and tokens `t0..t0 + out.len()` must exist in `v`.
+        #[target_feature(enable = $feat)]
+        pub(in crate::quant::q8) unsafe fn dot(
+            bits: u8,
+            group: u16,
+            row: &[u8],
+            v: &View<'_>,
+            t0: usize,
+            out: &mut [f32],
+        ) {
+            // SAFETY: the caller's contract is each kernel's.
+            unsafe {
+                match bits {
+                    2 => tiles::<2>(group, row, v, t0, out),
+                    3 => tiles::<3>(group, row, v, t0, out),
+                    4 => tiles::<4>(group, row, v, t0, out),
+                    5 => tiles::<5>(group, row, v, t0, out),
+                    6 => tiles::<6>(group, row, v, t0, out),
+                    _ => tiles::<8>(group, row, v, t0, out),
                 }
             }
         }
-        for ((o, a), sm) in out.iter_mut().zip(acc).zip(summ) {
-            *o = hsum_ps(a) + sm;
+
+        /// Runs the kernel over `out` in tiles of `TILE` tokens, then the rest.
+        ///
+        /// # Safety
+        /// As for [`dot`].
+        #[target_feature(enable = $feat)]
+        unsafe fn tiles<const BITS: u8>(group: u16, row: &[u8], v: &View<'_>, t0: usize, out: &mut [f32]) {
+            let mut t = t0;
+            let mut chunks = out.chunks_exact_mut(TILE);
+            // SAFETY (every call): the caller's contract, for a sub-range of its tokens.
+            unsafe {
+                for o in &mut chunks {
+                    kernel::<BITS, TILE>(group, row, v, t, o);
+                    t += TILE;
+                }
+                let rest = chunks.into_remainder();
+                match rest.len() {
+                    0 => {}
+                    1 => kernel::<BITS, 1>(group, row, v, t, rest),
+                    2 => kernel::<BITS, 2>(group, row, v, t, rest),
+                    3 => kernel::<BITS, 3>(group, row, v, t, rest),
+                    4 => kernel::<BITS, 4>(group, row, v, t, rest),
+                    5 => kernel::<BITS, 5>(group, row, v, t, rest),
+                    6 => kernel::<BITS, 6>(group, row, v, t, rest),
+                    _ => kernel::<BITS, 7>(group, row, v, t, rest),
+                }
+            }
         }
+
+        /// 16 nibble bytes at `p` as 32 bytes: the low nibbles, then the high nibbles.
+        ///
+        /// # Safety
+        /// `p..p + 16` readable.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn nibbles(p: *const u8) -> __m256i {
+            // SAFETY: 16 readable bytes (caller); unaligned load.
+            let x = _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(p.cast()) });
+            let x = _mm256_srlv_epi32(x, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
+            _mm256_and_si256(x, _mm256_set1_epi8(0x0F))
+        }
+
+        /// The 2-bit plane at `p` (8 bytes): byte `j + 8k` = bits `2k..2k+2` of byte `j`.
+        ///
+        /// # Safety
+        /// `p..p + 8` readable.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn pairs(p: *const u8) -> __m256i {
+            // SAFETY: 8 readable bytes (caller); unaligned read.
+            let x = unsafe { p.cast::<i64>().read_unaligned() };
+            let x = _mm256_srlv_epi64(_mm256_set1_epi64x(x), _mm256_setr_epi64x(0, 2, 4, 6));
+            _mm256_and_si256(x, _mm256_set1_epi8(3))
+        }
+
+        /// The 1-bit plane at `p` (a little-endian `u32`): byte `i` = `val` when bit `i`
+        /// is set, else 0.
+        ///
+        /// # Safety
+        /// `p..p + 4` readable.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn bits(p: *const u8, val: i8) -> __m256i {
+            // SAFETY: 4 readable bytes (caller); unaligned read.
+            let x = _mm256_set1_epi32(unsafe { p.cast::<i32>().read_unaligned() });
+            // Byte i takes byte i / 8 of the word (each 128-bit half holds a full copy).
+            let ctrl = _mm256_setr_epi8(
+                0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+            );
+            let m = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+            let x = _mm256_and_si256(_mm256_shuffle_epi8(x, ctrl), m);
+            _mm256_and_si256(_mm256_cmpeq_epi8(x, m), _mm256_set1_epi8(val))
+        }
+
+        /// The 32 levels of the chunk at `p`: unsigned for `BITS < 8`, the stored signed
+        /// `w - 128` bytes for 8.
+        ///
+        /// # Safety
+        /// `p..p + 4 · BITS` readable.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn levels<const BITS: u8>(p: *const u8) -> __m256i {
+            // SAFETY: each read stays inside the chunk's `4 · BITS` bytes.
+            unsafe {
+                match BITS {
+                    2 => pairs(p),
+                    3 => _mm256_or_si256(pairs(p), bits(p.add(8), 4)),
+                    4 => nibbles(p),
+                    5 => _mm256_or_si256(nibbles(p), bits(p.add(16), 16)),
+                    6 => _mm256_or_si256(nibbles(p), _mm256_slli_epi16::<4>(pairs(p.add(16)))),
+                    _ => _mm256_loadu_si256(p.cast()),
+                }
+            }
+        }
+
+        /// Lane `k` = the sum of the 8 lanes of `s[k]`.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        fn sum_lanes8(s: &[__m256i; 8]) -> __m256i {
+            let ab = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
+            let cd = _mm256_hadd_epi32(_mm256_hadd_epi32(s[4], s[5]), _mm256_hadd_epi32(s[6], s[7]));
+            _mm256_add_epi32(
+                _mm256_permute2x128_si256::<0x20>(ab, cd),
+                _mm256_permute2x128_si256::<0x31>(ab, cd),
+            )
+        }
+
+        /// `N` (≤ 8) consecutive `f32` from `p` into the low lanes, zeros above.
+        ///
+        /// # Safety
+        /// `p..p + N` readable.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn load_n<const N: usize>(p: *const f32) -> __m256 {
+            if N == 8 {
+                // SAFETY: 8 readable floats (caller).
+                return unsafe { _mm256_loadu_ps(p) };
+            }
+            let mut tmp = [0.0f32; 8];
+            // SAFETY: N readable floats (caller); `tmp` holds 8.
+            unsafe { std::ptr::copy_nonoverlapping(p, tmp.as_mut_ptr(), N) };
+            // SAFETY: `tmp` is 8 floats.
+            unsafe { _mm256_loadu_ps(tmp.as_ptr()) }
+        }
+
+        /// Sum of the 8 lanes.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        fn hsum_ps(v: __m256) -> f32 {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            _mm_cvtss_f32(s)
+        }
+
+        /// Chunks `c..c + N` (32 elements each) of one row against `T` tokens: each
+        /// chunk decoded once; per token, the `N` byte dots reduced to one vector of
+        /// per-chunk sums, then one multiply-add by `scale · d` and one by `bias · s`.
+        ///
+        /// # Safety
+        /// As for [`dot`]; `c + N <= v.nblk`.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn chunk<const BITS: u8, const T: usize, const N: usize>(
+            group: u16,
+            row: &[u8],
+            v: &View<'_>,
+            t0: usize,
+            c: usize,
+            acc: &mut [__m256; T],
+        ) {
+            let (bb, cb) = (block_bytes(BITS, group), chunk_bytes(BITS));
+            // Chunks per block is 1, 2 or 4: shifts and masks, not divisions.
+            let shift = (group / 32).trailing_zeros();
+            let mask = group as usize / 32 - 1;
+            let mut wq = [_mm256_setzero_si256(); 8];
+            let mut ws = [_mm256_setzero_si256(); 8];
+            let mut sc = [0.0f32; 8];
+            let mut bi = [0.0f32; 8];
+            for k in 0..N {
+                let (b, ci) = ((c + k) >> shift, (c + k) & mask);
+                // SAFETY: chunk `c + k < v.nblk` is chunk `ci` of block `b`, inside `row`.
+                let (scale, bias, w) = unsafe {
+                    let blk = row.as_ptr().add(b * bb);
+                    (
+                        blk.cast::<f32>().read_unaligned(),
+                        blk.add(4).cast::<f32>().read_unaligned(),
+                        levels::<BITS>(blk.add(HEADER + ci * cb)),
+                    )
+                };
+                sc[k] = scale;
+                bi[k] = bias;
+                if BITS == 8 && $vnni {
+                    // Unsigned levels: the stored `w - 128` with the top bit flipped.
+                    wq[k] = _mm256_xor_si256(w, _mm256_set1_epi8(-128));
+                } else if BITS == 8 {
+                    // |w - 128| · sign(w - 128)·x (pairs ≤ 2 · 128 · 127: no saturation);
+                    // the 128 · Σx left out joins the bias term.
+                    wq[k] = _mm256_abs_epi8(w);
+                    ws[k] = w;
+                    bi[k] = bias + 128.0 * scale;
+                } else {
+                    wq[k] = w;
+                }
+            }
+            // Built from registers (a store then a wide load would stall store forwarding).
+            let scv = _mm256_setr_ps(sc[0], sc[1], sc[2], sc[3], sc[4], sc[5], sc[6], sc[7]);
+            let biv = _mm256_setr_ps(bi[0], bi[1], bi[2], bi[3], bi[4], bi[5], bi[6], bi[7]);
+            for (j, a) in acc.iter_mut().enumerate() {
+                let t = t0 + j;
+                let mut s = [_mm256_setzero_si256(); 8];
+                for k in 0..N {
+                    // SAFETY: token `t` and chunk `c + k` are inside the activation quants.
+                    let x = unsafe { _mm256_loadu_si256(v.qs.as_ptr().add(t * v.cols + (c + k) * 32).cast()) };
+                    let x = if BITS == 8 && !$vnni {
+                        _mm256_sign_epi8(x, ws[k])
+                    } else {
+                        x
+                    };
+                    s[k] = $bytedot(wq[k], x);
+                }
+                let isum = sum_lanes8(&s);
+                let i = t * v.nblk + c;
+                // SAFETY: entries `i..i + N` of `d` and `s` belong to token `t`.
+                let (dv, sv) = unsafe { (load_n::<N>(v.d.as_ptr().add(i)), load_n::<N>(v.s.as_ptr().add(i))) };
+                *a = _mm256_fmadd_ps(_mm256_mul_ps(scv, dv), _mm256_cvtepi32_ps(isum), *a);
+                *a = _mm256_fmadd_ps(biv, sv, *a);
+            }
+        }
+
+        /// `T` tokens `t0..t0 + T` against one row of `BITS`-bit levels, 8 chunks at a time.
+        ///
+        /// # Safety
+        /// As for [`dot`], with `out.len() == T`.
+        #[target_feature(enable = $feat)]
+        unsafe fn kernel<const BITS: u8, const T: usize>(
+            group: u16,
+            row: &[u8],
+            v: &View<'_>,
+            t0: usize,
+            out: &mut [f32],
+        ) {
+            let mut acc = [_mm256_setzero_ps(); T];
+            let n = v.nblk;
+            let mut c = 0;
+            // SAFETY (every call): chunks `c..c + N` exist; the rest is the caller's.
+            unsafe {
+                while c + 8 <= n {
+                    chunk::<BITS, T, 8>(group, row, v, t0, c, &mut acc);
+                    c += 8;
+                }
+                match n - c {
+                    0 => {}
+                    1 => chunk::<BITS, T, 1>(group, row, v, t0, c, &mut acc),
+                    2 => chunk::<BITS, T, 2>(group, row, v, t0, c, &mut acc),
+                    3 => chunk::<BITS, T, 3>(group, row, v, t0, c, &mut acc),
+                    4 => chunk::<BITS, T, 4>(group, row, v, t0, c, &mut acc),
+                    5 => chunk::<BITS, T, 5>(group, row, v, t0, c, &mut acc),
+                    6 => chunk::<BITS, T, 6>(group, row, v, t0, c, &mut acc),
+                    _ => chunk::<BITS, T, 7>(group, row, v, t0, c, &mut acc),
+                }
+            }
+            for (o, a) in out.iter_mut().zip(acc) {
+                *o = hsum_ps(a);
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    /// AVX2: `vpmaddubsw` + `vpmaddwd`.
+    pub(super) mod avx2 {
+        /// Exact `u8 × i8` dot of 32 bytes into 8 `i32` lanes, for levels ≤ 63 or the
+        /// 8-bit `|w|` with signed activations (no `i16` pair can saturate).
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn bytedot(w: __m256i, x: __m256i) -> __m256i {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
+        }
+        affine_kernels!("avx2,fma,f16c", false, bytedot);
+    }
+
+    /// AVX-VNNI (VEX): one `vpdpbusd` per 32 bytes.
+    pub(super) mod avxvnni {
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+        fn bytedot(w: __m256i, x: __m256i) -> __m256i {
+            _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w, x)
+        }
+        affine_kernels!("avx2,fma,f16c,avxvnni", true, bytedot);
+    }
+
+    /// AVX-512 VNNI (EVEX, 256-bit vectors).
+    pub(super) mod avx512vnni {
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+        fn bytedot(w: __m256i, x: __m256i) -> __m256i {
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x)
+        }
+        affine_kernels!("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", true, bytedot);
     }
 }
