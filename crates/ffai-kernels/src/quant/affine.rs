@@ -5,16 +5,24 @@
 //! MLX stores a quantized matrix as three tensors: `weight` (`u32` words holding a
 //! little-endian bit stream of the levels, `bits` per element, row by row), and
 //! `scales` / `biases` (`f16`, `bf16` or `f32`, one per group). [`repack_mlx`] turns
-//! that triple into the row-major block layout below, losslessly (every `f16` and
-//! `bf16` value is exact in `f32`), so the rest of the engine sees one matrix.
+//! that triple into the row layout below, losslessly (every `f16` and `bf16` value
+//! is exact in `f32`), so the rest of the engine sees one matrix.
 //!
-//! # Block layout (`group` elements, `8 + group · bits / 8` bytes)
+//! # Row layout
+//!
+//! A row of `n` elements has `nb = n / group` groups and takes `nb` "blocks" of
+//! `8 + group · bits / 8` bytes, as `WeightType::row_bytes` says, but laid out by
+//! kind rather than block by block, so the kernels load the scales of 8 consecutive
+//! 32-element chunks with one vector load:
 //!
 //! | bytes | content |
 //! |-------|---------|
-//! | 0..4 | `scale: f32` |
-//! | 4..8 | `bias: f32` |
-//! | 8.. | `group / 32` chunks of `4 · bits` bytes, one per 32 elements |
+//! | `0..4·nb` | `scale: f32` of each group |
+//! | `4·nb..8·nb` | `bias: f32` of each group |
+//! | `8·nb..` | `n / 32` chunks of `4 · bits` bytes, one per 32 elements |
+//!
+//! Unlike the GGUF types, only whole rows can be decoded (every caller passes whole
+//! rows: matrices are split by rows only).
 //!
 //! Within a chunk of 32 elements (levels `q_0..q_31`), the levels are split into
 //! planes so that every bit width decodes with a few shifts and masks:
@@ -36,17 +44,14 @@ pub const BITS: [u8; 6] = [2, 3, 4, 5, 6, 8];
 /// Supported group sizes.
 pub const GROUPS: [u16; 3] = [32, 64, 128];
 
-/// Bytes of the `scale` and `bias` heading each block.
-pub(crate) const HEADER: usize = 8;
-
 /// True for a supported `(bits, group)` pair.
 pub const fn valid(bits: u8, group: u16) -> bool {
     matches!(bits, 2 | 3 | 4 | 5 | 6 | 8) && matches!(group, 32 | 64 | 128)
 }
 
-/// Bytes of one block of `group` elements.
+/// Bytes one group of `group` elements takes in a row (scale, bias, levels).
 pub const fn block_bytes(bits: u8, group: u16) -> usize {
-    HEADER + group as usize / 32 * chunk_bytes(bits)
+    8 + group as usize / 32 * chunk_bytes(bits)
 }
 
 /// Bytes of one 32-element chunk.
@@ -190,63 +195,79 @@ fn put_bit_plane(q: &[u8; 32], shift: u32, p: &mut [u8]) {
     p[..4].copy_from_slice(&w.to_le_bytes());
 }
 
-/// Dequantizes a row of whole blocks.
+/// The parts of a row of `n` elements: (scales, biases, chunks).
+#[inline(always)]
+pub(crate) fn split_row(bits: u8, group: u16, row: &[u8], n: usize) -> (&[u8], &[u8], &[u8]) {
+    let nb = n / group as usize;
+    debug_assert_eq!(row.len(), nb * block_bytes(bits, group));
+    let (sc, rest) = row.split_at(4 * nb);
+    let (bi, qs) = rest.split_at(4 * nb);
+    (sc, bi, qs)
+}
+
+/// Dequantizes a whole row.
 pub(crate) fn dequant_row(bits: u8, group: u16, src: &[u8], dst: &mut [f32]) {
     assert_valid(bits, group);
-    let (bb, cb) = (block_bytes(bits, group), chunk_bytes(bits));
+    let (sc, bi, qs) = split_row(bits, group, src, dst.len());
+    let per = group as usize / 32;
     let mut q = [0u8; 32];
-    for (blk, out) in src.chunks_exact(bb).zip(dst.chunks_exact_mut(group as usize)) {
-        let (scale, bias) = (read_f32(blk, 0), read_f32(blk, 4));
-        for (c, o) in blk[HEADER..].chunks_exact(cb).zip(out.chunks_exact_mut(32)) {
-            decode_chunk(bits, c, &mut q);
-            for (v, &l) in o.iter_mut().zip(&q) {
-                *v = scale * f32::from(l) + bias;
-            }
+    for (k, (c, o)) in qs
+        .chunks_exact(chunk_bytes(bits))
+        .zip(dst.chunks_exact_mut(32))
+        .enumerate()
+    {
+        let (scale, bias) = (read_f32(sc, 4 * (k / per)), read_f32(bi, 4 * (k / per)));
+        decode_chunk(bits, c, &mut q);
+        for (v, &l) in o.iter_mut().zip(&q) {
+            *v = scale * f32::from(l) + bias;
         }
     }
 }
 
-/// Dot product of a row with `x`: each chunk decoded to `f32` on the stack, then
-/// multiplied into `LANES` partial sums (as `dot_row` does for the GGUF types).
+/// Dot product of a whole row with `x`: each chunk decoded to `f32` on the stack,
+/// then multiplied into `LANES` partial sums (as `dot_row` does for the GGUF types).
 pub(crate) fn dot_row(bits: u8, group: u16, row: &[u8], x: &[f32]) -> f32 {
     assert_valid(bits, group);
-    let (bb, cb) = (block_bytes(bits, group), chunk_bytes(bits));
+    let (sc, bi, qs) = split_row(bits, group, row, x.len());
+    let per = group as usize / 32;
     let mut acc = [0.0f32; LANES];
     let mut q = [0u8; 32];
     let mut w = [0.0f32; 32];
-    for (blk, xs) in row.chunks_exact(bb).zip(x.chunks_exact(group as usize)) {
-        let (scale, bias) = (read_f32(blk, 0), read_f32(blk, 4));
-        for (c, x32) in blk[HEADER..].chunks_exact(cb).zip(xs.chunks_exact(32)) {
-            decode_chunk(bits, c, &mut q);
-            for (v, &l) in w.iter_mut().zip(&q) {
-                *v = scale * f32::from(l) + bias;
-            }
-            fma_lanes(&w, x32.try_into().unwrap(), &mut acc);
+    for (k, (c, x32)) in qs.chunks_exact(chunk_bytes(bits)).zip(x.chunks_exact(32)).enumerate() {
+        let (scale, bias) = (read_f32(sc, 4 * (k / per)), read_f32(bi, 4 * (k / per)));
+        decode_chunk(bits, c, &mut q);
+        for (v, &l) in w.iter_mut().zip(&q) {
+            *v = scale * f32::from(l) + bias;
         }
+        fma_lanes(&w, x32.try_into().unwrap(), &mut acc);
     }
     sum_lanes(acc)
 }
 
-/// Quantizes a row: per group `bias = min`, `scale = (max - min) / (2^bits - 1)`,
+/// Quantizes a whole row: per group `bias = min`, `scale = (max - min) / (2^bits - 1)`,
 /// `q = round((x - bias) / scale)` clamped to the level range. A constant group gets
 /// `scale = 0`, `q = 0`, so it decodes exactly.
 pub(crate) fn quantize_row(bits: u8, group: u16, src: &[f32], dst: &mut [u8]) -> Result<(), String> {
     if !valid(bits, group) {
         return Err(format!("unsupported affine format: {bits} bits, group {group}"));
     }
-    let (bb, cb) = (block_bytes(bits, group), chunk_bytes(bits));
+    let g = group as usize;
+    let nb = src.len() / g;
     let top = ((1u32 << bits) - 1) as f32;
+    let (head, qs) = dst.split_at_mut(8 * nb);
+    let (sc, bi) = head.split_at_mut(4 * nb);
     let mut q = [0u8; 32];
-    for (xs, blk) in src.chunks_exact(group as usize).zip(dst.chunks_exact_mut(bb)) {
+    for (gi, xs) in src.chunks_exact(g).enumerate() {
         let min = xs.iter().copied().fold(f32::INFINITY, f32::min);
         let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let scale = (max - min) / top;
         if !scale.is_finite() {
-            return Err(format!("group range {min}..{max} overflows f32"));
+            return Err(format!("group {gi}: range {min}..{max} overflows f32"));
         }
-        blk[0..4].copy_from_slice(&scale.to_le_bytes());
-        blk[4..8].copy_from_slice(&min.to_le_bytes());
-        for (x32, c) in xs.chunks_exact(32).zip(blk[HEADER..].chunks_exact_mut(cb)) {
+        sc[4 * gi..4 * gi + 4].copy_from_slice(&scale.to_le_bytes());
+        bi[4 * gi..4 * gi + 4].copy_from_slice(&min.to_le_bytes());
+        let chunks = qs[gi * g / 32 * chunk_bytes(bits)..].chunks_exact_mut(chunk_bytes(bits));
+        for (x32, c) in xs.chunks_exact(32).zip(chunks) {
             for (l, &v) in q.iter_mut().zip(x32) {
                 *l = if scale > 0.0 {
                     ((v - min) / scale).round().clamp(0.0, top) as u8
@@ -334,33 +355,32 @@ pub fn repack_mlx(
             ));
         }
     }
-    let bb = block_bytes(bits, group);
-    let out_len = (ngroups)
-        .checked_mul(bb)
+    let rb = cols / g * block_bytes(bits, group);
+    let out_len = rows
+        .checked_mul(rb)
         .ok_or_else(|| format!("{rows} x {cols} overflows"))?;
     let mut out = vec![0u8; out_len];
     let mask = (1u32 << bits) - 1;
+    let nb = cols / g;
     let mut q = [0u8; 32];
-    for (r, (src, dst)) in weight
-        .chunks_exact(row_in)
-        .zip(out.chunks_exact_mut(cols / g * bb))
-        .enumerate()
-    {
-        for (gi, blk) in dst.chunks_exact_mut(bb).enumerate() {
-            let k = r * (cols / g) + gi;
-            blk[0..4].copy_from_slice(&st.get(scales, k).to_le_bytes());
-            blk[4..8].copy_from_slice(&st.get(biases, k).to_le_bytes());
-            for (ci, c) in blk[HEADER..].chunks_exact_mut(chunk_bytes(bits)).enumerate() {
-                for (i, l) in q.iter_mut().enumerate() {
-                    // Element e's bits start at bit e·bits of the row's little-endian
-                    // stream and span at most two bytes (bits ≤ 8).
-                    let bit = (gi * g + ci * 32 + i) * bits as usize;
-                    let lo = u32::from(src[bit / 8]);
-                    let hi = u32::from(*src.get(bit / 8 + 1).unwrap_or(&0));
-                    *l = (((lo | (hi << 8)) >> (bit % 8)) & mask) as u8;
-                }
-                encode_chunk(bits, &q, c);
+    for (r, (src, dst)) in weight.chunks_exact(row_in).zip(out.chunks_exact_mut(rb)).enumerate() {
+        let (head, qs) = dst.split_at_mut(8 * nb);
+        let (sc, bi) = head.split_at_mut(4 * nb);
+        for gi in 0..nb {
+            let k = r * nb + gi;
+            sc[4 * gi..4 * gi + 4].copy_from_slice(&st.get(scales, k).to_le_bytes());
+            bi[4 * gi..4 * gi + 4].copy_from_slice(&st.get(biases, k).to_le_bytes());
+        }
+        for (ci, c) in qs.chunks_exact_mut(chunk_bytes(bits)).enumerate() {
+            for (i, l) in q.iter_mut().enumerate() {
+                // Element e's bits start at bit e·bits of the row's little-endian
+                // stream and span at most two bytes (bits ≤ 8).
+                let bit = (ci * 32 + i) * bits as usize;
+                let lo = u32::from(src[bit / 8]);
+                let hi = u32::from(*src.get(bit / 8 + 1).unwrap_or(&0));
+                *l = (((lo | (hi << 8)) >> (bit % 8)) & mask) as u8;
             }
+            encode_chunk(bits, &q, c);
         }
     }
     Ok(out)

@@ -13,7 +13,7 @@
 //! whatever its tile, so multi-token results equal single-token ones bit for bit.
 
 use super::View;
-use crate::quant::affine::{assert_valid, block_bytes, chunk_bytes, decode_chunk, read_f32, HEADER};
+use crate::quant::affine::{assert_valid, block_bytes, chunk_bytes, decode_chunk, read_f32, split_row};
 
 /// Tokens per pass over a weight row.
 const TILE: usize = 8;
@@ -106,36 +106,34 @@ fn idot32(w: &[i8; 32], a: &[i8; 32]) -> i32 {
 
 /// Up to `TILE` tokens against one row, in plain Rust.
 fn portable(bits: u8, group: u16, row: &[u8], v: &View<'_>, t0: usize, out: &mut [f32]) {
-    let (bb, cb, nsub) = (block_bytes(bits, group), chunk_bytes(bits), group as usize / 32);
+    let (sc, bi, qs) = split_row(bits, group, row, v.cols);
+    let per = group as usize / 32;
     let mut acc = [0.0f32; TILE];
     let mut summ = [0.0f32; TILE];
     let mut q = [0u8; 32];
     let mut w = [0i8; 32];
-    for (b, blk) in row.chunks_exact(bb).enumerate() {
-        let (scale, bias) = (read_f32(blk, 0), read_f32(blk, 4));
-        for (c, chunk) in blk[HEADER..].chunks_exact(cb).enumerate() {
-            let sub = b * nsub + c;
+    for (sub, chunk) in qs.chunks_exact(chunk_bytes(bits)).enumerate() {
+        let (scale, bias) = (read_f32(sc, 4 * (sub / per)), read_f32(bi, 4 * (sub / per)));
+        if bits == 8 {
+            for (o, &s) in w.iter_mut().zip(chunk) {
+                *o = s as i8;
+            }
+        } else {
+            decode_chunk(bits, chunk, &mut q);
+            for (o, &l) in w.iter_mut().zip(&q) {
+                *o = l as i8;
+            }
+        }
+        for (j, (a, sm)) in acc.iter_mut().zip(&mut summ).take(out.len()).enumerate() {
+            let t = t0 + j;
+            let k = t * v.nblk + sub;
+            let x: &[i8; 32] = v.qs[t * v.cols + sub * 32..][..32].try_into().unwrap();
+            let mut isum = idot32(&w, x);
             if bits == 8 {
-                for (o, &s) in w.iter_mut().zip(chunk) {
-                    *o = s as i8;
-                }
-            } else {
-                decode_chunk(bits, chunk, &mut q);
-                for (o, &l) in w.iter_mut().zip(&q) {
-                    *o = l as i8;
-                }
+                isum += 128 * v.qsum[k];
             }
-            for (j, (a, sm)) in acc.iter_mut().zip(&mut summ).take(out.len()).enumerate() {
-                let t = t0 + j;
-                let k = t * v.nblk + sub;
-                let x: &[i8; 32] = v.qs[t * v.cols + sub * 32..][..32].try_into().unwrap();
-                let mut isum = idot32(&w, x);
-                if bits == 8 {
-                    isum += 128 * v.qsum[k];
-                }
-                *a += (scale * v.d[k]) * isum as f32;
-                *sm += bias * v.s[k];
-            }
+            *a += (scale * v.d[k]) * isum as f32;
+            *sm += bias * v.s[k];
         }
     }
     for ((o, a), sm) in out.iter_mut().zip(acc).zip(summ) {
@@ -153,7 +151,7 @@ macro_rules! affine_kernels {
         use std::arch::x86_64::*;
 
         use super::super::{View, TILE};
-        use crate::quant::affine::{block_bytes, chunk_bytes, HEADER};
+        use crate::quant::affine::chunk_bytes;
 
         /// Dispatches on the width so each kernel is compiled for one `BITS`.
         ///
@@ -316,43 +314,62 @@ macro_rules! affine_kernels {
             _mm_cvtss_f32(s)
         }
 
+        /// The per-chunk values of chunks `c..c + N` from a per-group `f32` array at
+        /// `p` (`shift` = log2 of chunks per group): lane `k` = group `(c + k) >> shift`;
+        /// lanes past `N` are 0.
+        ///
+        /// # Safety
+        /// Groups `c >> shift ..= (c + N - 1) >> shift` of `p` must be readable.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn per_chunk<const N: usize>(p: *const f32, c: usize, shift: u32) -> __m256 {
+            // SAFETY (every read): only the groups of chunks `c..c + N` (caller).
+            unsafe {
+                if N == 8 {
+                    // `c` is a multiple of 8 here, so the 8 chunks start a group.
+                    let g = p.add(c >> shift);
+                    return match shift {
+                        0 => _mm256_loadu_ps(g),
+                        1 => _mm256_permutevar8x32_ps(
+                            _mm256_castps128_ps256(_mm_loadu_ps(g)),
+                            _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3),
+                        ),
+                        _ => _mm256_permutevar8x32_ps(
+                            _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(g.cast()))),
+                            _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
+                        ),
+                    };
+                }
+                let mut tmp = [0.0f32; 8];
+                for (k, o) in tmp.iter_mut().enumerate().take(N) {
+                    *o = p.add((c + k) >> shift).read_unaligned();
+                }
+                _mm256_loadu_ps(tmp.as_ptr())
+            }
+        }
+
         /// Chunks `c..c + N` (32 elements each) of one row against `T` tokens: each
         /// chunk decoded once; per token, the `N` byte dots reduced to one vector of
         /// per-chunk sums, then one multiply-add by `scale · d` and one by `bias · s`.
         ///
         /// # Safety
-        /// As for [`dot`]; `c + N <= v.nblk`.
+        /// As for [`dot`]; `c + N <= v.nblk`; `sc`, `bi`, `qs` are the row's parts.
         #[inline]
         #[target_feature(enable = $feat)]
         unsafe fn chunk<const BITS: u8, const T: usize, const N: usize>(
-            group: u16,
-            row: &[u8],
+            (sc, bi, qs): (*const f32, *const f32, *const u8),
+            shift: u32,
             v: &View<'_>,
             t0: usize,
             c: usize,
             acc: &mut [__m256; T],
         ) {
-            let (bb, cb) = (block_bytes(BITS, group), chunk_bytes(BITS));
-            // Chunks per block is 1, 2 or 4: shifts and masks, not divisions.
-            let shift = (group / 32).trailing_zeros();
-            let mask = group as usize / 32 - 1;
+            let cb = chunk_bytes(BITS);
             let mut wq = [_mm256_setzero_si256(); 8];
             let mut ws = [_mm256_setzero_si256(); 8];
-            let mut sc = [0.0f32; 8];
-            let mut bi = [0.0f32; 8];
             for k in 0..N {
-                let (b, ci) = ((c + k) >> shift, (c + k) & mask);
-                // SAFETY: chunk `c + k < v.nblk` is chunk `ci` of block `b`, inside `row`.
-                let (scale, bias, w) = unsafe {
-                    let blk = row.as_ptr().add(b * bb);
-                    (
-                        blk.cast::<f32>().read_unaligned(),
-                        blk.add(4).cast::<f32>().read_unaligned(),
-                        levels::<BITS>(blk.add(HEADER + ci * cb)),
-                    )
-                };
-                sc[k] = scale;
-                bi[k] = bias;
+                // SAFETY: chunk `c + k < v.nblk` lies inside the row's levels.
+                let w = unsafe { levels::<BITS>(qs.add((c + k) * cb)) };
                 if BITS == 8 && $vnni {
                     // Unsigned levels: the stored `w - 128` with the top bit flipped.
                     wq[k] = _mm256_xor_si256(w, _mm256_set1_epi8(-128));
@@ -361,14 +378,15 @@ macro_rules! affine_kernels {
                     // the 128 · Σx left out joins the bias term.
                     wq[k] = _mm256_abs_epi8(w);
                     ws[k] = w;
-                    bi[k] = bias + 128.0 * scale;
                 } else {
                     wq[k] = w;
                 }
             }
-            // Built from registers (a store then a wide load would stall store forwarding).
-            let scv = _mm256_setr_ps(sc[0], sc[1], sc[2], sc[3], sc[4], sc[5], sc[6], sc[7]);
-            let biv = _mm256_setr_ps(bi[0], bi[1], bi[2], bi[3], bi[4], bi[5], bi[6], bi[7]);
+            // SAFETY: the groups of chunks `c..c + N` exist in the row.
+            let (scv, mut biv) = unsafe { (per_chunk::<N>(sc, c, shift), per_chunk::<N>(bi, c, shift)) };
+            if BITS == 8 && !$vnni {
+                biv = _mm256_fmadd_ps(_mm256_set1_ps(128.0), scv, biv);
+            }
             for (j, a) in acc.iter_mut().enumerate() {
                 let t = t0 + j;
                 let mut s = [_mm256_setzero_si256(); 8];
@@ -405,22 +423,29 @@ macro_rules! affine_kernels {
         ) {
             let mut acc = [_mm256_setzero_ps(); T];
             let n = v.nblk;
+            // Chunks per group is 1, 2 or 4: shifts, not divisions.
+            let shift = (group / 32).trailing_zeros();
+            let nb = n >> shift;
+            // The row's scales, biases and levels (layout in `quant/affine.rs`).
+            let p = row.as_ptr();
+            // SAFETY: the row holds `nb` scales, `nb` biases, then the levels (caller).
+            let parts = unsafe { (p.cast::<f32>(), p.add(4 * nb).cast::<f32>(), p.add(8 * nb)) };
             let mut c = 0;
             // SAFETY (every call): chunks `c..c + N` exist; the rest is the caller's.
             unsafe {
                 while c + 8 <= n {
-                    chunk::<BITS, T, 8>(group, row, v, t0, c, &mut acc);
+                    chunk::<BITS, T, 8>(parts, shift, v, t0, c, &mut acc);
                     c += 8;
                 }
                 match n - c {
                     0 => {}
-                    1 => chunk::<BITS, T, 1>(group, row, v, t0, c, &mut acc),
-                    2 => chunk::<BITS, T, 2>(group, row, v, t0, c, &mut acc),
-                    3 => chunk::<BITS, T, 3>(group, row, v, t0, c, &mut acc),
-                    4 => chunk::<BITS, T, 4>(group, row, v, t0, c, &mut acc),
-                    5 => chunk::<BITS, T, 5>(group, row, v, t0, c, &mut acc),
-                    6 => chunk::<BITS, T, 6>(group, row, v, t0, c, &mut acc),
-                    _ => chunk::<BITS, T, 7>(group, row, v, t0, c, &mut acc),
+                    1 => chunk::<BITS, T, 1>(parts, shift, v, t0, c, &mut acc),
+                    2 => chunk::<BITS, T, 2>(parts, shift, v, t0, c, &mut acc),
+                    3 => chunk::<BITS, T, 3>(parts, shift, v, t0, c, &mut acc),
+                    4 => chunk::<BITS, T, 4>(parts, shift, v, t0, c, &mut acc),
+                    5 => chunk::<BITS, T, 5>(parts, shift, v, t0, c, &mut acc),
+                    6 => chunk::<BITS, T, 6>(parts, shift, v, t0, c, &mut acc),
+                    _ => chunk::<BITS, T, 7>(parts, shift, v, t0, c, &mut acc),
                 }
             }
             for (o, a) in out.iter_mut().zip(acc) {
