@@ -18,7 +18,8 @@ use crate::quant::affine::{assert_valid, block_bytes, chunk_bytes, decode_chunk,
 /// Tokens per pass over a weight row.
 const TILE: usize = 8;
 
-/// `out[i] = row i · token t` for `out.len()` rows of `rb` bytes.
+/// `out[i] = row i · token t` for `out.len()` rows of `rb` bytes (decode: the checks
+/// and the dispatch are paid once per call, not per row).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn dot_rows(
     bits: u8,
@@ -30,9 +31,23 @@ pub(super) fn dot_rows(
     out: &mut [f32],
     level: u8,
 ) {
-    assert_valid(bits, group);
+    check_rows(bits, group, rows, rb, &v, t, 1);
+    #[cfg(target_arch = "x86_64")]
+    if level >= super::AVX2 {
+        // SAFETY: `level` is the implementation detected on this CPU (each implies the
+        // features its kernels enable); `check_rows` verified the row sizes and the token.
+        unsafe {
+            match level {
+                super::AVX512VNNI => x86::avx512vnni::rows(bits, group, rows, rb, &v, t, out),
+                super::AVXVNNI => x86::avxvnni::rows(bits, group, rows, rb, &v, t, out),
+                _ => x86::avx2::rows(bits, group, rows, rb, &v, t, out),
+            }
+        }
+        return;
+    }
+    let _ = level;
     for (o, row) in out.iter_mut().zip(rows.chunks_exact(rb)) {
-        dot_tokens(bits, group, row, &v, t, std::slice::from_mut(o), level);
+        portable(bits, group, row, &v, t, std::slice::from_mut(o));
     }
 }
 
@@ -49,47 +64,54 @@ pub(super) fn dot_rows_multi(
     out: &mut [f32],
     level: u8,
 ) {
-    assert_valid(bits, group);
-    let nrows = rows.len() / rb;
+    let nrows = rows.len() / rb.max(1);
     if nrows == 0 {
         return;
     }
     let ntok = out.len() / nrows;
+    check_rows(bits, group, rows, rb, &v, t0, ntok);
     for (row, o) in rows.chunks_exact(rb).zip(out.chunks_exact_mut(ntok)) {
-        dot_tokens(bits, group, row, &v, t0, o, level);
-    }
-}
-
-/// One row against tokens `t0..t0 + out.len()`, on the implementation `level`.
-/// The callers (through `q8::check`) verified the format, the row length and that the
-/// tokens exist; the asserts below re-check what the unsafe kernels index.
-fn dot_tokens(bits: u8, group: u16, row: &[u8], v: &View<'_>, t0: usize, out: &mut [f32], level: u8) {
-    let nblk = row.len() / block_bytes(bits, group);
-    assert!(
-        row.len() == nblk * block_bytes(bits, group) && nblk * group as usize == v.cols,
-        "affine row of {} bytes does not match {} activation columns",
-        row.len(),
-        v.cols
-    );
-    assert!((t0 + out.len()) * v.cols <= v.qs.len() && (t0 + out.len()) * v.nblk <= v.d.len());
-    #[cfg(target_arch = "x86_64")]
-    if level >= super::AVX2 {
-        // SAFETY: `level` is the implementation detected on this CPU (each implies the
-        // features its kernels enable); the row is `nblk` whole blocks covering `v.cols`
-        // activations and the tokens lie inside the activation buffers (asserted above).
-        unsafe {
-            match level {
-                super::AVX512VNNI => x86::avx512vnni::dot(bits, group, row, v, t0, out),
-                super::AVXVNNI => x86::avxvnni::dot(bits, group, row, v, t0, out),
-                _ => x86::avx2::dot(bits, group, row, v, t0, out),
+        #[cfg(target_arch = "x86_64")]
+        if level >= super::AVX2 {
+            // SAFETY: as in `dot_rows`, for tokens `t0..t0 + ntok`.
+            unsafe {
+                match level {
+                    super::AVX512VNNI => x86::avx512vnni::dot(bits, group, row, &v, t0, o),
+                    super::AVXVNNI => x86::avxvnni::dot(bits, group, row, &v, t0, o),
+                    _ => x86::avx2::dot(bits, group, row, &v, t0, o),
+                }
             }
+            continue;
         }
-        return;
+        for (i, o) in o.chunks_mut(TILE).enumerate() {
+            portable(bits, group, row, &v, t0 + i * TILE, o);
+        }
     }
     let _ = level;
-    for (i, o) in out.chunks_mut(TILE).enumerate() {
-        portable(bits, group, row, v, t0 + i * TILE, o);
-    }
+}
+
+/// Checks what the kernels index without bounds checks: a supported format, rows of
+/// `rb` bytes covering the activations' columns in whole groups, and tokens
+/// `t0..t0 + ntok` inside the activation buffers. (The public entry points verified
+/// all of it already through `q8::check`; this keeps the unsafe code self-contained.)
+fn check_rows(bits: u8, group: u16, rows: &[u8], rb: usize, v: &View<'_>, t0: usize, ntok: usize) {
+    assert_valid(bits, group);
+    let g = group as usize;
+    assert!(
+        v.cols.is_multiple_of(g) && rb == v.cols / g * block_bytes(bits, group) && rows.len().is_multiple_of(rb),
+        "affine rows of {rb} bytes do not match {} activation columns",
+        v.cols
+    );
+    let (tok_end, blk_end) = ((t0 + ntok) * v.cols, (t0 + ntok) * v.nblk);
+    assert!(
+        v.nblk * 32 == v.cols
+            && tok_end <= v.qs.len()
+            && blk_end <= v.d.len()
+            && blk_end <= v.s.len()
+            && blk_end <= v.qsum.len(),
+        "tokens {t0}..{} outside the activations",
+        t0 + ntok
+    );
 }
 
 /// Exact `Σ w·a` of 32 bytes (kept out of line so it vectorises on its own).
@@ -177,6 +199,46 @@ macro_rules! affine_kernels {
                     6 => tiles::<6>(group, row, v, t0, out),
                     _ => tiles::<8>(group, row, v, t0, out),
                 }
+            }
+        }
+
+        /// `out[i] = row i · token t` for the rows of `rows` (`rb` bytes each).
+        ///
+        /// # Safety
+        /// As for [`dot`], for every row and the one token `t`.
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
+        pub(in crate::quant::q8) unsafe fn rows(
+            bits: u8,
+            group: u16,
+            rows: &[u8],
+            rb: usize,
+            v: &View<'_>,
+            t: usize,
+            out: &mut [f32],
+        ) {
+            // SAFETY: the caller's contract is each kernel's, row by row.
+            unsafe {
+                match bits {
+                    2 => rows_of::<2>(group, rows, rb, v, t, out),
+                    3 => rows_of::<3>(group, rows, rb, v, t, out),
+                    4 => rows_of::<4>(group, rows, rb, v, t, out),
+                    5 => rows_of::<5>(group, rows, rb, v, t, out),
+                    6 => rows_of::<6>(group, rows, rb, v, t, out),
+                    _ => rows_of::<8>(group, rows, rb, v, t, out),
+                }
+            }
+        }
+
+        /// [`rows`] for one width.
+        ///
+        /// # Safety
+        /// As for [`rows`].
+        #[target_feature(enable = $feat)]
+        unsafe fn rows_of<const BITS: u8>(group: u16, rows: &[u8], rb: usize, v: &View<'_>, t: usize, out: &mut [f32]) {
+            for (o, row) in out.iter_mut().zip(rows.chunks_exact(rb)) {
+                // SAFETY: the caller's contract, for this row.
+                unsafe { kernel::<BITS, 1>(group, row, v, t, std::slice::from_mut(o)) };
             }
         }
 
