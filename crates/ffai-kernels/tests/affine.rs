@@ -10,7 +10,7 @@
 
 use std::sync::{Mutex, MutexGuard};
 
-use ffai_kernels::quant::affine::{repack_mlx, ScaleType, BITS, GROUPS};
+use ffai_kernels::quant::affine::{repack_mlx, MlxTriple, ScaleType, BITS, GROUPS};
 use ffai_kernels::quant::q8::{dot_rows_q8_multi, force_q8_level, Q8Level};
 use ffai_kernels::quant::{
     dequantize_row, dot_row, dot_row_q8, dot_row_q8_multi, dot_rows_q8, q8_backend_name, quantize_row, ActFormat,
@@ -150,17 +150,14 @@ fn words_bytes(w: &[u32]) -> Vec<u8> {
 }
 
 fn repack(m: &Mlx, bits: u8, group: u16, rows: usize, cols: usize) -> Vec<u8> {
-    repack_mlx(
-        bits,
-        group,
-        rows,
-        cols,
-        &words_bytes(&m.words),
-        &m.scales,
-        &m.biases,
-        m.st,
-    )
-    .unwrap()
+    let weight = words_bytes(&m.words);
+    let t = MlxTriple {
+        weight: &weight,
+        scales: &m.scales,
+        biases: &m.biases,
+        scale_type: m.st,
+    };
+    repack_mlx(bits, group, rows, cols, &t).unwrap()
 }
 
 fn all_formats() -> impl Iterator<Item = (u8, u16)> {
@@ -391,23 +388,40 @@ fn repack_rejects_bad_lengths() {
     let (bits, group, rows, cols) = (4u8, 64u16, 2, 128);
     let m = make_mlx(&mut rng, bits, group, rows, cols, ScaleType::F16);
     let wb = words_bytes(&m.words);
-    let st = ScaleType::F16;
+    let trip = |weight, scales, biases| MlxTriple {
+        weight,
+        scales,
+        biases,
+        scale_type: ScaleType::F16,
+    };
     let err = |r: Result<Vec<u8>, String>| r.unwrap_err();
+    let short = &wb[..wb.len() - 4];
+    assert!(err(repack_mlx(bits, group, rows, cols, &trip(short, &m.scales, &m.biases))).contains("packed weight"));
     assert!(err(repack_mlx(
         bits,
         group,
         rows,
         cols,
-        &wb[..wb.len() - 4],
-        &m.scales,
-        &m.biases,
-        st
+        &trip(&wb, &m.scales[..2], &m.biases)
     ))
-    .contains("packed weight"));
-    assert!(err(repack_mlx(bits, group, rows, cols, &wb, &m.scales[..2], &m.biases, st)).contains("scales"));
-    assert!(err(repack_mlx(bits, group, rows, cols, &wb, &m.scales, &m.biases[2..], st)).contains("biases"));
-    assert!(err(repack_mlx(bits, group, rows, 96, &wb, &m.scales, &m.biases, st)).contains("groups"));
-    assert!(err(repack_mlx(7, group, rows, cols, &wb, &m.scales, &m.biases, st)).contains("unsupported"));
-    assert!(err(repack_mlx(bits, 48, rows, cols, &wb, &m.scales, &m.biases, st)).contains("unsupported"));
-    assert!(err(repack_mlx(bits, group, usize::MAX, cols, &wb, &m.scales, &m.biases, st)).contains("overflow"));
+    .contains("scales"));
+    assert!(err(repack_mlx(
+        bits,
+        group,
+        rows,
+        cols,
+        &trip(&wb, &m.scales, &m.biases[2..])
+    ))
+    .contains("biases"));
+    assert!(err(repack_mlx(bits, group, rows, 96, &trip(&wb, &m.scales, &m.biases))).contains("groups"));
+    assert!(err(repack_mlx(7, group, rows, cols, &trip(&wb, &m.scales, &m.biases))).contains("unsupported"));
+    assert!(err(repack_mlx(bits, 48, rows, cols, &trip(&wb, &m.scales, &m.biases))).contains("unsupported"));
+    assert!(err(repack_mlx(
+        bits,
+        group,
+        usize::MAX,
+        cols,
+        &trip(&wb, &m.scales, &m.biases)
+    ))
+    .contains("overflow"));
 }

@@ -182,6 +182,8 @@ fn oracle_element(ty: WeightType, block: &[u8], i: usize) -> f32 {
             let q = q6k_level(block, i) as i32 - 32;
             (f16_at(block, 208) * q6k_scale(block, i / 16) as f32) * q as f32
         }
+        // Not in `WeightType::ALL`; tests/affine.rs has its own oracle.
+        WeightType::Affine { .. } => unreachable!("affine rows are tested in tests/affine.rs"),
     }
 }
 
@@ -202,6 +204,7 @@ fn f16_fields(ty: WeightType) -> &'static [usize] {
         WeightType::Q4_1 | WeightType::Q5_1 | WeightType::Q4K | WeightType::Q5K => &[0, 2],
         WeightType::Q6K => &[208],
         WeightType::F32 | WeightType::F16 | WeightType::BF16 => &[],
+        WeightType::Affine { .. } => unreachable!("affine rows are tested in tests/affine.rs"),
     }
 }
 

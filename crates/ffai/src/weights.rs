@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ffai_kernels::backend::HostBytes;
-use ffai_kernels::quant::affine::{repack_mlx, ScaleType};
+use ffai_kernels::quant::affine::{repack_mlx, MlxTriple, ScaleType};
 use ffai_kernels::quant::WeightType;
 
 use crate::config::{AffineParams, AffineQuantConfig, ModuleQuant};
@@ -391,17 +391,14 @@ fn affine_entry(
         (None, None) => bail!("{file}: {} do not hold 2, 3, 4, 5, 6 or 8-bit values", describe()),
     };
     let ty = WeightType::affine(bits, group).expect("checked above");
-    let packed = repack_mlx(
-        bits,
-        group,
-        rows,
-        cols,
-        w.bytes.as_slice(),
-        sc.bytes.as_slice(),
-        bi.bytes.as_slice(),
-        sst,
-    )
-    .map_err(|e| Error::new(format!("{file}: tensor \"{wname}\": {e}")))?;
+    let triple = MlxTriple {
+        weight: w.bytes.as_slice(),
+        scales: sc.bytes.as_slice(),
+        biases: bi.bytes.as_slice(),
+        scale_type: sst,
+    };
+    let packed = repack_mlx(bits, group, rows, cols, &triple)
+        .map_err(|e| Error::new(format!("{file}: tensor \"{wname}\": {e}")))?;
     Ok(WeightEntry {
         ty,
         shape: vec![rows, cols],

@@ -309,23 +309,26 @@ impl ScaleType {
     }
 }
 
+/// An MLX quantized matrix as stored: the three tensors' bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct MlxTriple<'a> {
+    /// The packed `u32` words, little-endian.
+    pub weight: &'a [u8],
+    pub scales: &'a [u8],
+    pub biases: &'a [u8],
+    /// The element type of `scales` and `biases`.
+    pub scale_type: ScaleType,
+}
+
 /// Repacks an MLX quantized matrix (`rows × cols` logical elements) into this
-/// module's block layout, `rows · row_bytes(cols)` bytes.
+/// module's row layout, `rows · row_bytes(cols)` bytes.
 ///
-/// `weight` holds `rows · cols · bits / 8` bytes (the `u32` words, little-endian),
-/// `scales` and `biases` `rows · cols / group` values of `st`. Errors (as text, for
-/// the loader to put the tensor name on) on an unsupported format, `cols` not a
-/// multiple of `group`, or any length that disagrees.
-pub fn repack_mlx(
-    bits: u8,
-    group: u16,
-    rows: usize,
-    cols: usize,
-    weight: &[u8],
-    scales: &[u8],
-    biases: &[u8],
-    st: ScaleType,
-) -> Result<Vec<u8>, String> {
+/// `m.weight` holds `rows · cols · bits / 8` bytes, `m.scales` and `m.biases`
+/// `rows · cols / group` values. Errors (as text, for the loader to put the tensor
+/// name on) on an unsupported format, `cols` not a multiple of `group`, or any length
+/// that disagrees.
+pub fn repack_mlx(bits: u8, group: u16, rows: usize, cols: usize, m: &MlxTriple<'_>) -> Result<Vec<u8>, String> {
+    let (weight, scales, biases, st) = (m.weight, m.scales, m.biases, m.scale_type);
     if !valid(bits, group) {
         return Err(format!("unsupported affine format: {bits} bits, group size {group}"));
     }
