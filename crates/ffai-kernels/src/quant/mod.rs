@@ -19,6 +19,10 @@
 //! | Q5_K | 256 | 176 | `d:f16 @0`, `dmin:f16 @2`, 12 scale bytes `@4`, 32 high-bit bytes `@16`, 128 nibble bytes `@48` |
 //! | Q6_K | 256 | 210 | 128 low-nibble bytes `@0`, 64 high-pair bytes `@128`, 16 × `i8` scales `@192`, `d:f16 @208` |
 //!
+//! `Affine { bits, group }` (MLX affine group quantization, repacked at load) is not a
+//! ggml type: its rows are laid out by kind (all scales, all biases, then the levels),
+//! not block by block, and only whole rows are decoded; see `affine.rs`.
+//!
 //! Which nibble or bit belongs to which element is documented next to each
 //! decoder (`legacy.rs` for the 32-element formats, `kquant.rs` for the
 //! K-quants, `float.rs` for the plain floats).
@@ -264,6 +268,8 @@ pub fn dot_row(ty: WeightType, row: &[u8], x: &[f32]) -> f32 {
 ///   input lies inside the representable range). Each element then rounds to
 ///   the nearest level, so the error is at most half a sub-block step. It is
 ///   not ggml's iterative search and gives different (valid) bytes.
+/// * Affine: per group `bias = min`, `scale = (max - min) / (2^bits - 1)` (stored as
+///   `f32`), each element rounded to the nearest level (at most half a step off).
 ///
 /// Errors: `src.len()` not a whole number of blocks, `dst.len()` not
 /// `ty.row_bytes(src.len())`, a non-finite input for a quantized type, or a

@@ -11,7 +11,7 @@
 //! | weight types | activation blocks |
 //! |--------------|-------------------|
 //! | Q4_0, Q5_0, Q8_0 | [`ActFormat::Q8_0`]: 32 × `i8` + `d: f32` (+ `Σq: i32`, for the zero points) |
-//! | Q4_1, Q5_1 | [`ActFormat::Q8_1`]: as Q8_0 plus `s = d · Σq` (`f32`), for the weights' min term |
+//! | Q4_1, Q5_1, Affine (MLX) | [`ActFormat::Q8_1`]: as Q8_0 plus `s = d · Σq` (`f32`), for the weights' min / bias term |
 //! | Q4_K, Q5_K, Q6_K | [`ActFormat::Q8K`]: 256 × `i8` + `d: f32` + 16 × `i16` sums of 16 consecutive `q` |
 //! | F32, F16, BF16 | [`ActFormat::F32`]: a plain `f32` copy; [`dot_row_q8`] then just calls [`dot_row`](super::dot_row) |
 //!
@@ -45,6 +45,10 @@
 //! * `"avxvnni"`: the same kernels in the VEX AVX-VNNI encoding;
 //! * `"avx2"`: x86-64 with AVX2, FMA and F16C (`vpmaddubsw` / `vpmaddwd`);
 //! * `"portable"`: plain Rust, used elsewhere or when [`force_portable`]`(true)`.
+//!
+//! The affine (MLX) types run their own kernels (`affine.rs`) on the same levels; their
+//! VNNI builds take 8-bit levels unsigned, so for 8 bits they round differently from AVX2
+//! (the same exact integers, other `f32` terms), unlike the GGUF types.
 //!
 //! All quantize activations to **identical bytes** (the x86 levels share the AVX2
 //! quantizer) and compute **identical integer dot products** per block (sub-block
