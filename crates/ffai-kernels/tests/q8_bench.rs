@@ -249,7 +249,15 @@ const GEMM_SHAPES: &[(WeightType, usize, usize)] = &[
     (WeightType::Q4_1, 1536, 576),
     (WeightType::Q4_0, 1536, 576),
     (WeightType::Q8_0, 1536, 576),
+    (aff(4, 32), 1536, 576),
+    (aff(4, 64), 1536, 576),
+    (aff(8, 64), 1536, 576),
 ];
+
+/// The MLX affine type of `bits` and `group` (for the tables).
+const fn aff(bits: u8, group: u16) -> WeightType {
+    WeightType::Affine { bits, group }
+}
 
 #[test]
 #[ignore]
@@ -311,6 +319,17 @@ const SHAPES: &[(WeightType, usize, usize)] = &[
     (WeightType::IQ4XS, 640, 2048),
     (WeightType::IQ4NL, 640, 2048),
     (WeightType::MXFP4, 640, 2048),
+    // MLX affine (compare 4 bits with Q4_0 / Q4_1, 8 bits with Q8_0).
+    (aff(4, 32), 1536, 576),
+    (aff(4, 64), 1536, 576),
+    (aff(4, 64), 576, 1536),
+    (aff(4, 128), 576, 1536),
+    (aff(8, 32), 1536, 576),
+    (aff(8, 64), 1536, 576),
+    (aff(2, 64), 1536, 576),
+    (aff(3, 64), 1536, 576),
+    (aff(5, 64), 1536, 576),
+    (aff(6, 64), 1536, 576),
 ];
 
 #[test]

@@ -248,6 +248,8 @@ fn oracle_element(ty: WeightType, block: &[u8], i: usize) -> f32 {
             (f16_at(block, 0) * (iq4xs_scale(block, s) as i32 - 32) as f32) * IQ4_LEVELS[k as usize] as f32
         }
         WeightType::MXFP4 => mxfp4_value(bits(block, 0, 8), legacy_nibble(block, 1, i)),
+        // Not in `WeightType::ALL`; tests/affine.rs has its own oracle.
+        WeightType::Affine { .. } => unreachable!("affine rows are tested in tests/affine.rs"),
     }
 }
 
@@ -271,6 +273,7 @@ fn f16_fields(ty: WeightType) -> &'static [usize] {
         WeightType::Q3K => &[108],
         WeightType::IQ4NL | WeightType::IQ4XS => &[0],
         WeightType::F32 | WeightType::F16 | WeightType::BF16 | WeightType::Q8K | WeightType::MXFP4 => &[],
+        WeightType::Affine { .. } => unreachable!("affine rows are tested in tests/affine.rs"),
     }
 }
 

@@ -425,3 +425,115 @@ fn meta_to_json(v: &crate::gguf::MetaValue) -> Value {
         other => other.as_i64().map(Value::from).unwrap_or(Value::Null),
     }
 }
+
+/// One module's affine quantization parameters (MLX `quantization` entries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AffineParams {
+    /// Bits per level; `None` where the config gives only a group size (derived from
+    /// the stored shapes then).
+    pub bits: Option<u8>,
+    pub group: u16,
+}
+
+/// MLX's `quantization` section of config.json (or `quantization_config`, which
+/// mlx-lm writes with the same content): default bits and group size, plus per-module
+/// overrides keyed by module path (`model.layers.0.mlp.down_proj`), each either
+/// parameters or `false` (left unquantized).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AffineQuantConfig {
+    pub default: Option<AffineParams>,
+    pub per_module: std::collections::HashMap<String, Option<AffineParams>>,
+}
+
+impl AffineQuantConfig {
+    /// Reads the section from a config.json value; `None` when there is none (a
+    /// `quantization_config` naming another `quant_method` is not ours either).
+    pub fn from_hf_json(v: &Value, source: &str) -> Result<Option<AffineQuantConfig>> {
+        let section = match (v.get("quantization"), v.get("quantization_config")) {
+            (Some(q), _) => q,
+            (None, Some(q)) if q.get("quant_method").is_none() => q,
+            _ => return Ok(None),
+        };
+        let obj = section
+            .as_object()
+            .ok_or_else(|| Error::new(format!("{source}: \"quantization\" is not an object")))?;
+        if let Some(mode) = obj.get("mode") {
+            ensure!(
+                mode.as_str() == Some("affine"),
+                "{source}: quantization mode {mode} is not supported (only \"affine\")"
+            );
+        }
+        let params = |what: &str,
+                      o: &serde_json::Map<String, Value>,
+                      dflt: Option<AffineParams>|
+         -> Result<Option<AffineParams>> {
+            let bits = match o.get("bits") {
+                None => dflt.and_then(|d| d.bits),
+                Some(b) => {
+                    let b = b.as_u64().filter(|b| [2, 3, 4, 5, 6, 8].contains(b)).ok_or_else(|| {
+                        Error::new(format!(
+                            "{source}: quantization {what}: bits {b} is not one of 2, 3, 4, 5, 6, 8"
+                        ))
+                    })?;
+                    Some(b as u8)
+                }
+            };
+            let group = match o.get("group_size") {
+                None => dflt.map(|d| d.group),
+                Some(g) => {
+                    let g = g.as_u64().filter(|g| [32, 64, 128].contains(g)).ok_or_else(|| {
+                        Error::new(format!(
+                            "{source}: quantization {what}: group_size {g} is not one of 32, 64, 128"
+                        ))
+                    })?;
+                    Some(g as u16)
+                }
+            };
+            Ok(match (bits, group) {
+                (_, Some(group)) => Some(AffineParams { bits, group }),
+                (Some(_), None) => bail!("{source}: quantization {what}: bits without a group_size"),
+                (None, None) => None,
+            })
+        };
+        let default = params("defaults", obj, None)?;
+        let mut per_module = std::collections::HashMap::new();
+        for (k, val) in obj {
+            match val {
+                Value::Bool(false) => {
+                    per_module.insert(k.clone(), None);
+                }
+                Value::Object(o) => {
+                    let p = params(&format!("of \"{k}\""), o, default)?
+                        .ok_or_else(|| Error::new(format!("{source}: quantization of \"{k}\" has no group_size")))?;
+                    per_module.insert(k.clone(), Some(p));
+                }
+                // Scalars are the defaults and settings (bits, group_size, mode, ...).
+                _ => {}
+            }
+        }
+        Ok(Some(AffineQuantConfig { default, per_module }))
+    }
+
+    /// What the config says about module `path` (a tensor name without `.weight`).
+    pub fn for_module(&self, path: &str) -> ModuleQuant {
+        match self.per_module.get(path) {
+            Some(Some(p)) => ModuleQuant::Explicit(*p),
+            Some(None) => ModuleQuant::Unquantized,
+            None => self.default.map_or(ModuleQuant::Unknown, ModuleQuant::Default),
+        }
+    }
+}
+
+/// A module's entry in [`AffineQuantConfig`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModuleQuant {
+    /// Its own entry: the stored shapes must agree with it.
+    Explicit(AffineParams),
+    /// The section's defaults (a tensor stored with other bits at the same group size
+    /// is taken as a mixed-precision layer).
+    Default(AffineParams),
+    /// Marked `false`: left unquantized.
+    Unquantized,
+    /// No parameters anywhere.
+    Unknown,
+}

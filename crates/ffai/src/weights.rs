@@ -7,8 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ffai_kernels::backend::HostBytes;
+use ffai_kernels::quant::affine::{repack_mlx, MlxTriple, ScaleType};
 use ffai_kernels::quant::WeightType;
 
+use crate::config::{AffineParams, AffineQuantConfig, ModuleQuant};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::{bail, ensure};
@@ -158,47 +160,250 @@ impl Weights {
             model_type: model_type.to_string(),
             source: dir.display().to_string(),
         };
+        let quant = read_quant_config(dir)?;
+        let mut raw = HashMap::new();
         for path in files {
-            weights.add_safetensors_file(&path)?;
+            read_safetensors_file(&path, &mut raw)?;
         }
+        weights.add_raw(raw, quant.as_ref())?;
         Ok(weights)
     }
 
-    fn add_safetensors_file(&mut self, path: &Path) -> Result<()> {
-        let ctx = |e: String| Error::new(format!("{}: {e}", path.display()));
-        let file = std::fs::File::open(path).map_err(|e| ctx(e.to_string()))?;
-        // SAFETY: read-only private map; all access goes through bounds-checked slices
-        // the safetensors crate validated against the file length.
-        let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ctx(e.to_string()))?);
-        // The crate checks the header size limit, that offsets are in bounds and
-        // contiguous, and that each tensor's byte length matches shape x dtype.
-        let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| ctx(format!("invalid safetensors: {e}")))?;
-        let base = map.as_ptr() as usize;
-        for (name, view) in st.tensors() {
-            let ty = match view.dtype() {
+    /// Files the raw safetensors tensors under GGUF names. MLX affine triples
+    /// (`X.weight` packed `u32`, `X.scales`, `X.biases`) become one matrix of type
+    /// `Affine`, repacked (see `ffai_kernels::quant::affine`).
+    fn add_raw(&mut self, mut raw: HashMap<String, RawTensor>, quant: Option<&AffineQuantConfig>) -> Result<()> {
+        let mut scales: Vec<String> = raw.keys().filter(|n| n.ends_with(".scales")).cloned().collect();
+        scales.sort();
+        for sname in scales {
+            let base = sname.strip_suffix(".scales").unwrap_or(&sname).to_string();
+            let (wname, bname) = (format!("{base}.weight"), format!("{base}.biases"));
+            let sc = raw.remove(&sname).expect("listed above");
+            let Some(w) = raw.remove(&wname) else {
+                bail!("{}: tensor \"{sname}\" has no matching \"{wname}\"", sc.file.display());
+            };
+            let Some(bi) = raw.remove(&bname) else {
+                bail!(
+                    "{}: quantized tensor \"{wname}\" has scales but no \"{bname}\"",
+                    w.file.display()
+                );
+            };
+            let entry = affine_entry(&base, &w, &sc, &bi, quant)?;
+            self.map.insert(hf_to_gguf_name_for(&wname, &self.model_type), entry);
+        }
+        for (name, t) in raw {
+            if let Some(base) = name.strip_suffix(".biases") {
+                bail!(
+                    "{}: tensor \"{name}\" has no matching \"{base}.scales\"",
+                    t.file.display()
+                );
+            }
+            let ty = match t.dtype {
                 safetensors::Dtype::F32 => WeightType::F32,
                 safetensors::Dtype::F16 => WeightType::F16,
                 safetensors::Dtype::BF16 => WeightType::BF16,
+                safetensors::Dtype::U32 if name.ends_with(".weight") => {
+                    let base = name.strip_suffix(".weight").unwrap_or(&name);
+                    bail!(
+                        "{}: tensor \"{name}\" is packed uint32 (MLX quantized) but \"{base}.scales\" is missing",
+                        t.file.display()
+                    )
+                }
                 other => bail!(
                     "{}: tensor \"{name}\" has dtype {other:?}, which ffai does not load yet",
-                    path.display()
+                    t.file.display()
                 ),
             };
-            let data = view.data();
-            let start = data.as_ptr() as usize - base;
-            let shape = view.shape().to_vec();
-            let canonical = hf_to_gguf_name_for(&name, &self.model_type);
             self.map.insert(
-                canonical,
+                hf_to_gguf_name_for(&name, &self.model_type),
                 WeightEntry {
                     ty,
-                    shape,
-                    bytes: HostBytes::new(map.clone(), start, data.len()),
+                    shape: t.shape,
+                    bytes: t.bytes,
                 },
             );
         }
         Ok(())
     }
+}
+
+/// A safetensors tensor as stored, before names are mapped and MLX triples joined.
+struct RawTensor {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    bytes: HostBytes,
+    file: PathBuf,
+}
+
+/// Maps one safetensors file and adds its tensors to `raw` under their stored names.
+fn read_safetensors_file(path: &Path, raw: &mut HashMap<String, RawTensor>) -> Result<()> {
+    let ctx = |e: String| Error::new(format!("{}: {e}", path.display()));
+    let file = std::fs::File::open(path).map_err(|e| ctx(e.to_string()))?;
+    // SAFETY: read-only private map; all access goes through bounds-checked slices
+    // the safetensors crate validated against the file length.
+    let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ctx(e.to_string()))?);
+    // The crate checks the header size limit, that offsets are in bounds and
+    // contiguous, and that each tensor's byte length matches shape x dtype.
+    let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| match truncated_tensor(&map) {
+        Some(msg) => ctx(msg),
+        None => ctx(format!("invalid safetensors: {e}")),
+    })?;
+    let base = map.as_ptr() as usize;
+    for (name, view) in st.tensors() {
+        let data = view.data();
+        let start = data.as_ptr() as usize - base;
+        raw.insert(
+            name.clone(),
+            RawTensor {
+                dtype: view.dtype(),
+                shape: view.shape().to_vec(),
+                bytes: HostBytes::new(map.clone(), start, data.len()),
+                file: path.to_path_buf(),
+            },
+        );
+    }
+    Ok(())
+}
+
+/// For a file whose header parses but whose data is cut short: which tensor runs past
+/// the end (the first by offset), as a message. `None` for any other problem.
+fn truncated_tensor(file: &[u8]) -> Option<String> {
+    let n = usize::try_from(u64::from_le_bytes(file.get(..8)?.try_into().ok()?)).ok()?;
+    let header = file.get(8..8usize.checked_add(n)?)?;
+    let v: serde_json::Value = serde_json::from_slice(header).ok()?;
+    let have = file.len() - 8 - n;
+    let mut worst: Option<(u64, &str)> = None;
+    for (name, t) in v.as_object()? {
+        let Some(end) = t.get("data_offsets").and_then(|o| o.get(1)).and_then(|e| e.as_u64()) else {
+            continue;
+        };
+        if end > have as u64 && worst.is_none_or(|(w, _)| end < w) {
+            worst = Some((end, name));
+        }
+    }
+    let (end, name) = worst?;
+    Some(format!(
+        "truncated: tensor \"{name}\" ends at data byte {end} but the file holds {have} data bytes"
+    ))
+}
+
+/// The MLX `quantization` section of `dir/config.json`, if any.
+fn read_quant_config(dir: &Path) -> Result<Option<AffineQuantConfig>> {
+    let path = dir.join("config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(None);
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::new(format!("{}: invalid JSON: {e}", path.display())))?;
+    AffineQuantConfig::from_hf_json(&v, &path.display().to_string())
+}
+
+/// Joins an MLX triple into one `Affine` matrix: checks dtypes and shapes, takes
+/// the group size from the config and the bits from the shapes (packed columns · 32 =
+/// columns · bits), checks them against the config, and repacks.
+fn affine_entry(
+    base: &str,
+    w: &RawTensor,
+    sc: &RawTensor,
+    bi: &RawTensor,
+    quant: Option<&AffineQuantConfig>,
+) -> Result<WeightEntry> {
+    let file = w.file.display();
+    let wname = format!("{base}.weight");
+    ensure!(
+        w.dtype == safetensors::Dtype::U32,
+        "{file}: tensor \"{wname}\" has scales but dtype {:?} (MLX quantized weights are packed uint32)",
+        w.dtype
+    );
+    let st = |t: &RawTensor, what: &str| -> Result<ScaleType> {
+        Ok(match t.dtype {
+            safetensors::Dtype::F16 => ScaleType::F16,
+            safetensors::Dtype::BF16 => ScaleType::BF16,
+            safetensors::Dtype::F32 => ScaleType::F32,
+            other => bail!(
+                "{}: tensor \"{base}.{what}\" has dtype {other:?}, expected F16, BF16 or F32",
+                t.file.display()
+            ),
+        })
+    };
+    let (sst, bst) = (st(sc, "scales")?, st(bi, "biases")?);
+    ensure!(
+        sst == bst,
+        "{file}: tensor \"{base}.scales\" is {sst:?} but \"{base}.biases\" is {bst:?}"
+    );
+    let [rows, wcols] = w.shape[..] else {
+        bail!(
+            "{file}: quantized tensor \"{wname}\" has shape {:?}, expected 2 dimensions",
+            w.shape
+        );
+    };
+    for (t, what) in [(sc, "scales"), (bi, "biases")] {
+        ensure!(
+            t.shape.len() == 2 && t.shape[0] == rows && t.shape[1] > 0,
+            "{}: tensor \"{base}.{what}\" has shape {:?}, which does not fit \"{wname}\" of shape {:?}",
+            t.file.display(),
+            t.shape,
+            w.shape
+        );
+    }
+    ensure!(
+        sc.shape == bi.shape,
+        "{file}: tensor \"{base}.scales\" has shape {:?} but \"{base}.biases\" has {:?}",
+        sc.shape,
+        bi.shape
+    );
+    let ngroups = sc.shape[1];
+    let params = match quant.map(|q| q.for_module(base)) {
+        Some(ModuleQuant::Explicit(p)) => (p, true),
+        Some(ModuleQuant::Default(p)) => (p, false),
+        Some(ModuleQuant::Unquantized) => {
+            bail!("{file}: config.json marks \"{base}\" unquantized, but \"{wname}\" has scales and biases")
+        }
+        Some(ModuleQuant::Unknown) | None => {
+            bail!("{file}: tensor \"{wname}\" is MLX-quantized but config.json has no quantization group_size")
+        }
+    };
+    let (AffineParams { bits: want, group }, explicit) = params;
+    let cols = ngroups
+        .checked_mul(group as usize)
+        .ok_or_else(|| Error::new(format!("{file}: tensor \"{base}.scales\" is too large")))?;
+    // Packed words hold cols · bits / 32 each row: the bits follow from the shapes.
+    let packed_bits = wcols.checked_mul(32).filter(|b| b % cols == 0).map(|b| b / cols);
+    let bits = packed_bits
+        .and_then(|b| u8::try_from(b).ok())
+        .filter(|b| WeightType::affine(*b, group).is_some());
+    let describe = || {
+        format!(
+            "\"{wname}\" of shape {:?} and \"{base}.scales\" of shape {:?} at group size {group}",
+            w.shape, sc.shape
+        )
+    };
+    let bits = match (bits, want) {
+        (Some(b), Some(c)) if b != c && explicit => bail!(
+            "{file}: config.json gives \"{base}\" {c} bits, but {} hold {b}-bit values",
+            describe()
+        ),
+        (Some(b), _) => b,
+        (None, Some(c)) => bail!(
+            "{file}: {} do not hold {c}-bit values (the quantization config's bits) nor any supported width",
+            describe()
+        ),
+        (None, None) => bail!("{file}: {} do not hold 2, 3, 4, 5, 6 or 8-bit values", describe()),
+    };
+    let ty = WeightType::affine(bits, group).expect("checked above");
+    let triple = MlxTriple {
+        weight: w.bytes.as_slice(),
+        scales: sc.bytes.as_slice(),
+        biases: bi.bytes.as_slice(),
+        scale_type: sst,
+    };
+    let packed = repack_mlx(bits, group, rows, cols, &triple)
+        .map_err(|e| Error::new(format!("{file}: tensor \"{wname}\": {e}")))?;
+    Ok(WeightEntry {
+        ty,
+        shape: vec![rows, cols],
+        bytes: HostBytes::from_vec(packed),
+    })
 }
 
 /// Maps Hugging Face tensor names to GGUF's naming scheme; unknown names pass through.

@@ -25,6 +25,10 @@
 //! | IQ4_XS | 256 | 136 | `d:f16 @0`, `scales_h:u16 @2`, 4 scale nibble bytes `@4`, 128 nibble bytes `@8` |
 //! | MXFP4 | 32 | 17 | `e:u8 @0` (E8M0 exponent), 16 nibble bytes `@1` (E2M1 codes) |
 //!
+//! `Affine { bits, group }` (MLX affine group quantization, repacked at load) is not a
+//! ggml type: its rows are laid out by kind (all scales, all biases, then the levels),
+//! not block by block, and only whole rows are decoded; see `affine.rs`.
+//!
 //! Which nibble or bit belongs to which element is documented next to each
 //! decoder (`legacy.rs` for the 32-element formats, `kquant.rs` for the
 //! K-quants, `kquant_low.rs` for Q2_K / Q3_K / Q8_K, `iq4.rs` for the IQ4
@@ -36,6 +40,7 @@
 
 use std::fmt;
 
+pub mod affine;
 mod float;
 mod iq4;
 mod kquant;
@@ -79,6 +84,12 @@ pub enum WeightType {
     IQ4NL,
     IQ4XS,
     MXFP4,
+    /// MLX-style affine group quantization, repacked at load (layout in `affine.rs`).
+    /// Not a ggml type and not in [`WeightType::ALL`]; build it with [`WeightType::affine`].
+    Affine {
+        bits: u8,
+        group: u16,
+    },
 }
 
 impl WeightType {
@@ -102,6 +113,15 @@ impl WeightType {
         WeightType::IQ4XS,
         WeightType::MXFP4,
     ];
+
+    /// The affine type of `bits` (2, 3, 4, 5, 6, 8) and `group` (32, 64, 128), if supported.
+    pub const fn affine(bits: u8, group: u16) -> Option<WeightType> {
+        if affine::valid(bits, group) {
+            Some(WeightType::Affine { bits, group })
+        } else {
+            None
+        }
+    }
 
     /// Maps a ggml / GGUF type id to a supported type (`None` for anything else).
     pub const fn from_ggml(id: u32) -> Option<WeightType> {
@@ -147,7 +167,14 @@ impl WeightType {
             WeightType::IQ4XS => 23,
             WeightType::MXFP4 => 39,
             WeightType::BF16 => 30,
+            // No ggml id: GGUF writers must refuse these (`is_ggml`).
+            WeightType::Affine { .. } => u32::MAX,
         }
+    }
+
+    /// True for the types GGUF can store (everything but `Affine`).
+    pub const fn is_ggml(self) -> bool {
+        !matches!(self, WeightType::Affine { .. })
     }
 
     /// ggml's name for the type ("F32", "Q4_0", "Q4_K", ...).
@@ -170,6 +197,7 @@ impl WeightType {
             WeightType::IQ4NL => "IQ4_NL",
             WeightType::IQ4XS => "IQ4_XS",
             WeightType::MXFP4 => "MXFP4",
+            WeightType::Affine { bits, group } => affine::name(bits, group),
         }
     }
 
@@ -181,6 +209,7 @@ impl WeightType {
             WeightType::IQ4NL | WeightType::MXFP4 => QK,
             WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => QK_K,
             WeightType::Q2K | WeightType::Q3K | WeightType::Q8K | WeightType::IQ4XS => QK_K,
+            WeightType::Affine { group, .. } => group as usize,
         }
     }
 
@@ -203,6 +232,7 @@ impl WeightType {
             WeightType::IQ4NL => iq4::IQ4NL_BYTES,
             WeightType::IQ4XS => iq4::IQ4XS_BYTES,
             WeightType::MXFP4 => mxfp4::MXFP4_BYTES,
+            WeightType::Affine { bits, group } => affine::block_bytes(bits, group),
         }
     }
 
@@ -252,6 +282,7 @@ pub fn dequantize_row(ty: WeightType, src: &[u8], dst: &mut [f32]) {
         WeightType::IQ4NL => dequant_blocks(src, dst, iq4::BlockIQ4NL),
         WeightType::IQ4XS => dequant_blocks(src, dst, iq4::BlockIQ4XS),
         WeightType::MXFP4 => dequant_blocks(src, dst, mxfp4::BlockMXFP4),
+        WeightType::Affine { bits, group } => affine::dequant_row(bits, group, src, dst),
     }
 }
 
@@ -282,6 +313,7 @@ pub fn dot_row(ty: WeightType, row: &[u8], x: &[f32]) -> f32 {
         WeightType::IQ4NL => dot_blocks(row, x, iq4::BlockIQ4NL),
         WeightType::IQ4XS => dot_blocks(row, x, iq4::BlockIQ4XS),
         WeightType::MXFP4 => dot_blocks(row, x, mxfp4::BlockMXFP4),
+        WeightType::Affine { bits, group } => affine::dot_row(bits, group, row, x),
     }
 }
 
@@ -302,6 +334,8 @@ pub fn dot_row(ty: WeightType, row: &[u8], x: &[f32]) -> f32 {
 ///   (it maps onto the codebook's end value -127), then every element takes
 ///   the nearest codebook value. MXFP4: gguf-py's reference quantizer (shared
 ///   exponent `floor(log2 amax) - 2`, nearest E2M1 value), same bytes.
+/// * Affine: per group `bias = min`, `scale = (max - min) / (2^bits - 1)` (stored as
+///   `f32`), each element rounded to the nearest level (at most half a step off).
 ///
 /// Errors: `src.len()` not a whole number of blocks, `dst.len()` not
 /// `ty.row_bytes(src.len())`, a non-finite input for a quantized type, or a
@@ -353,6 +387,7 @@ pub fn quantize_row(ty: WeightType, src: &[f32], dst: &mut [u8]) -> Result<(), S
         WeightType::IQ4NL => quant_blocks(src, dst, iq4::quant_iq4nl),
         WeightType::IQ4XS => quant_blocks(src, dst, iq4::quant_iq4xs),
         WeightType::MXFP4 => quant_blocks(src, dst, mxfp4::quant_mxfp4),
+        WeightType::Affine { bits, group } => affine::quantize_row(bits, group, src, dst),
     }
     .map_err(|e| format!("{ty}: {e}"))
 }

@@ -11,7 +11,7 @@
 //! | weight types | activation blocks |
 //! |--------------|-------------------|
 //! | Q4_0, Q5_0, Q8_0 | [`ActFormat::Q8_0`]: 32 × `i8` + `d: f32` (+ `Σq: i32`, for the zero points) |
-//! | Q4_1, Q5_1 | [`ActFormat::Q8_1`]: as Q8_0 plus `s = d · Σq` (`f32`), for the weights' min term |
+//! | Q4_1, Q5_1, Affine (MLX) | [`ActFormat::Q8_1`]: as Q8_0 plus `s = d · Σq` (`f32`), for the weights' min / bias term |
 //! | Q4_K, Q5_K, Q6_K | [`ActFormat::Q8K`]: 256 × `i8` + `d: f32` + 16 × `i16` sums of 16 consecutive `q` |
 //! | Q2_K, Q3_K, Q8_K, IQ4_XS | [`ActFormat::Q8K`] (kernels in `q8/lowbit.rs`, `q8/avx2/lowbit.rs`) |
 //! | IQ4_NL, MXFP4 | [`ActFormat::Q8_0`] (kernels in `q8/lowbit.rs`, `q8/avx2/lowbit.rs`) |
@@ -47,6 +47,10 @@
 //! * `"avxvnni"`: the same kernels in the VEX AVX-VNNI encoding;
 //! * `"avx2"`: x86-64 with AVX2, FMA and F16C (`vpmaddubsw` / `vpmaddwd`);
 //! * `"portable"`: plain Rust, used elsewhere or when [`force_portable`]`(true)`.
+//!
+//! The affine (MLX) types run their own kernels (`affine.rs`) on the same levels; their
+//! VNNI builds take 8-bit levels unsigned, so for 8 bits they round differently from AVX2
+//! (the same exact integers, other `f32` terms), unlike the GGUF types.
 //!
 //! All quantize activations to **identical bytes** (the x86 levels share the AVX2
 //! quantizer) and compute **identical integer dot products** per block (sub-block
@@ -98,6 +102,7 @@ const fn legacy_bytes(k: u8) -> usize {
     }
 }
 
+mod affine;
 mod avx2;
 mod lowbit;
 mod portable;
@@ -126,7 +131,8 @@ impl ActFormat {
         match ty {
             WeightType::F32 | WeightType::F16 | WeightType::BF16 => ActFormat::F32,
             WeightType::Q4_0 | WeightType::Q5_0 | WeightType::Q8_0 => ActFormat::Q8_0,
-            WeightType::Q4_1 | WeightType::Q5_1 => ActFormat::Q8_1,
+            // Affine: the per-32 `s = d · Σq` serve the bias term (groups are whole 32s).
+            WeightType::Q4_1 | WeightType::Q5_1 | WeightType::Affine { .. } => ActFormat::Q8_1,
             WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => ActFormat::Q8K,
             WeightType::Q2K | WeightType::Q3K | WeightType::Q8K | WeightType::IQ4XS => ActFormat::Q8K,
             WeightType::IQ4NL | WeightType::MXFP4 => ActFormat::Q8_0,
@@ -874,6 +880,10 @@ pub fn dot_row_q8_multi(ty: WeightType, row: &[u8], acts: &QuantizedActs, tokens
     }
     let view = acts.view();
     let t0 = tokens.start;
+    if let WeightType::Affine { bits, group } = ty {
+        affine::dot_rows_multi(bits, group, row, row.len(), view, t0, out, active());
+        return;
+    }
     match level_for(ty) {
         // SAFETY (the x86 arms): the level's features were detected at run time;
         // `check` verified the row length against `acts.cols`, the format, and that
@@ -921,6 +931,10 @@ pub fn dot_rows_q8(ty: WeightType, rows: &[u8], acts: &QuantizedActs, t: usize, 
 #[inline]
 fn dot_rows_dispatch(ty: WeightType, rows: &[u8], rb: usize, view: View<'_>, t: usize, out: &mut [f32]) {
     debug_assert_eq!(rows.len(), rb * out.len());
+    if let WeightType::Affine { bits, group } = ty {
+        affine::dot_rows(bits, group, rows, rb, view, t, out, active());
+        return;
+    }
     match level_for(ty) {
         // SAFETY (the x86 arms): the level's features were detected at run time; every
         // row has the length `check` verified for the first, the format matches and
@@ -979,6 +993,10 @@ pub fn dot_rows_q8_multi(ty: WeightType, rows: &[u8], acts: &QuantizedActs, toke
     }
     let view = acts.view();
     let t0 = tokens.start;
+    if let WeightType::Affine { bits, group } = ty {
+        affine::dot_rows_multi(bits, group, rows, rb, view, t0, out, active());
+        return;
+    }
     match level_for(ty) {
         // SAFETY (the x86 arms): the level's features were detected at run time; every
         // row has the length `check` verified for the first, the format matches, the

@@ -279,6 +279,7 @@ pub(super) unsafe fn dot_multi(ty: WeightType, row: &[u8], v: View<'_>, t0: usiz
             WeightType::Q5K => tiles!(dot_q45k[true], row, v, t0, out),
             WeightType::Q6K => tiles!(dot_q6k[], row, v, t0, out),
             WeightType::F32 | WeightType::F16 | WeightType::BF16 => unreachable!("float types have no q8 path"),
+            WeightType::Affine { .. } => unreachable!("affine rows run quant::q8::affine"),
             _ => lowbit::dot_multi(ty, row, v, t0, out),
         }
     }
@@ -310,6 +311,7 @@ pub(super) unsafe fn dot_rows(ty: WeightType, rows: &[u8], rb: usize, v: View<'_
             WeightType::Q5K => each_row!(dot_q45k[true]),
             WeightType::Q6K => each_row!(dot_q6k[]),
             WeightType::F32 | WeightType::F16 | WeightType::BF16 => unreachable!("float types have no q8 path"),
+            WeightType::Affine { .. } => unreachable!("affine rows run quant::q8::affine"),
             _ => {
                 for (o, row) in out.iter_mut().zip(rows.chunks_exact(rb)) {
                     lowbit::dot_multi(ty, row, v, t, std::slice::from_mut(o));

@@ -92,6 +92,7 @@ pub(super) fn dot_multi(ty: WeightType, row: &[u8], v: View<'_>, t0: usize, out:
             | WeightType::IQ4XS
             | WeightType::MXFP4 => super::lowbit::dot_multi(ty, row, v, t, o),
             WeightType::F32 | WeightType::F16 | WeightType::BF16 => unreachable!("float types have no q8 path"),
+            WeightType::Affine { .. } => unreachable!("affine rows run quant::q8::affine"),
         }
     }
 }

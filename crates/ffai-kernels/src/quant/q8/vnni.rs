@@ -137,6 +137,7 @@ macro_rules! kernels {
                     WeightType::Q5K => tiles!(dot_q45k[true], row, v, t0, out),
                     WeightType::Q6K => tiles!(dot_q6k[], row, v, t0, out),
                     WeightType::F32 | WeightType::F16 | WeightType::BF16 => unreachable!("float types have no q8 path"),
+                    WeightType::Affine { .. } => unreachable!("affine rows run quant::q8::affine"),
                     // The low-bit types run the AVX2 kernels at every x86 level (`q8::level_for`).
                     _ => unreachable!("{ty}: no VNNI kernel"),
                 }
@@ -162,6 +163,7 @@ macro_rules! kernels {
                     WeightType::Q5K => each_row!(out, rows, rb, v, t, dot_q45k[true]),
                     WeightType::Q6K => each_row!(out, rows, rb, v, t, dot_q6k[]),
                     WeightType::F32 | WeightType::F16 | WeightType::BF16 => unreachable!("float types have no q8 path"),
+                    WeightType::Affine { .. } => unreachable!("affine rows run quant::q8::affine"),
                     // The low-bit types run the AVX2 kernels at every x86 level (`q8::level_for`).
                     _ => unreachable!("{ty}: no VNNI kernel"),
                 }
