@@ -94,6 +94,10 @@ struct ModelArgs {
     /// KV-cache precision: f16 (default) or f32.
     #[arg(long, default_value = "f16")]
     kv_cache: String,
+    /// Activations fed to quantized matmuls: q8 (default: 8-bit, integer dots) or f32
+    /// (dequantized weights, slower; no activation rounding).
+    #[arg(long, default_value = "q8")]
+    activations: String,
 }
 
 impl ModelArgs {
@@ -117,12 +121,18 @@ impl ModelArgs {
             "f32" => true,
             other => return Err(Error::new(format!("--kv-cache must be f16 or f32, not {other:?}"))),
         };
+        let f32_activations = match self.activations.as_str() {
+            "q8" => false,
+            "f32" => true,
+            other => return Err(Error::new(format!("--activations must be q8 or f32, not {other:?}"))),
+        };
         let m = Model::load(
             &spec,
             &LoadOptions {
                 threads: self.threads,
                 profile: self.profile,
                 kv_f32,
+                f32_activations,
             },
         )?;
         Ok((m, t.elapsed().as_secs_f64()))

@@ -35,8 +35,12 @@ const TOKEN_TILE: usize = 32;
 /// Most matrices one `matmuls` call takes (q/k/v is three).
 const MAX_GROUP: usize = 4;
 
-/// Which reusable activation buffer a weight type's integer dot uses (None: f32 path).
-fn act_slot(ty: WeightType) -> Option<usize> {
+/// Which reusable activation buffer a weight type's integer dot uses (None: f32 path,
+/// which every type takes when the backend keeps activations in f32).
+fn act_slot(ty: WeightType, f32_acts: bool) -> Option<usize> {
+    if f32_acts {
+        return None;
+    }
     match ActFormat::for_weight(ty) {
         ActFormat::F32 => None,
         ActFormat::Q8_0 => Some(0),
@@ -46,9 +50,17 @@ fn act_slot(ty: WeightType) -> Option<usize> {
 }
 
 /// Rows `rows` of `out = x · wᵀ` for `n` tokens, on the calling thread.
-fn matmul_rows(w: &CpuMatrix, x: &[f32], n: usize, acts: &[QuantizedActs; 3], rows: Range<usize>, out: SharedMut) {
+fn matmul_rows(
+    w: &CpuMatrix,
+    x: &[f32],
+    n: usize,
+    acts: &[QuantizedActs; 3],
+    f32_acts: bool,
+    rows: Range<usize>,
+    out: SharedMut,
+) {
     let (n_rows, cols) = (w.rows, w.cols);
-    match act_slot(w.ty) {
+    match act_slot(w.ty, f32_acts) {
         Some(slot) if n == 1 => {
             // SAFETY: each thread writes only its own rows of the single output row.
             let o = unsafe { out.slice(rows.start, rows.len()) };
@@ -125,6 +137,9 @@ impl KvCache {
 pub struct CpuBackend {
     /// Store the KV cache in f32 instead of f16.
     kv_f32: bool,
+    /// Dot quantized weights with the f32 activations (dequantizing the weights) instead
+    /// of 8-bit activations: slower, and free of the activations' rounding.
+    f32_acts: bool,
     /// Partial attention results (split decode attention), reused across calls.
     attn_partial: std::sync::Mutex<Vec<f32>>,
     pool: ThreadPool,
@@ -201,11 +216,19 @@ impl CpuBackend {
     pub fn with_options(n_threads: usize, profile: bool, kv_f32: bool) -> CpuBackend {
         CpuBackend {
             kv_f32,
+            f32_acts: false,
             attn_partial: Default::default(),
             pool: ThreadPool::new(n_threads),
             acts: Default::default(),
             profile: profile.then(Default::default),
         }
+    }
+
+    /// Keep activations in f32 for every matmul (see the field); for measuring what a
+    /// weight format alone costs, or for the last bit of accuracy.
+    pub fn with_f32_activations(mut self, on: bool) -> CpuBackend {
+        self.f32_acts = on;
+        self
     }
 
     /// A backend that times every op (for `ffai bench --profile`).
@@ -366,7 +389,7 @@ impl Backend for CpuBackend {
         let mut acts = self.acts.lock().unwrap_or_else(|e| e.into_inner());
         let mut done = [false; 3];
         for w in ws {
-            if let Some(slot) = act_slot(w.ty) {
+            if let Some(slot) = act_slot(w.ty, self.f32_acts) {
                 if !done[slot] {
                     acts[slot].quantize(w.ty, &x[..n * cols], n, cols);
                     done[slot] = true;
@@ -374,6 +397,7 @@ impl Backend for CpuBackend {
             }
         }
         let acts = &*acts;
+        let f32_acts = self.f32_acts;
         let x = &x[..n * cols];
         let total: usize = ws.iter().map(|w| w.rows).sum();
         self.pool.for_ranges(total, 16, |r| {
@@ -383,7 +407,7 @@ impl Backend for CpuBackend {
                 let lo = r.start.max(base);
                 let hi = r.end.min(base + w.rows);
                 if lo < hi {
-                    matmul_rows(w, x, n, acts, lo - base..hi - base, out_ptrs[k]);
+                    matmul_rows(w, x, n, acts, f32_acts, lo - base..hi - base, out_ptrs[k]);
                 }
                 base += w.rows;
             }

@@ -35,6 +35,9 @@ pub struct LoadOptions {
     pub profile: bool,
     /// Keep the KV cache in f32 (default f16: half the memory and bandwidth).
     pub kv_f32: bool,
+    /// Dot quantized weights with f32 activations instead of 8-bit ones (slower; what a
+    /// weight format alone costs, without the activations' rounding).
+    pub f32_activations: bool,
 }
 
 /// A loaded model: the network, its tokenizer, and where it came from.
@@ -62,7 +65,7 @@ impl Model {
         } else {
             opts.threads
         };
-        let device = Device::cpu_with(threads, opts.profile, opts.kv_f32);
+        let device = Device::cpu_configured(threads, opts.profile, opts.kv_f32, opts.f32_activations);
         let src = location.path().display().to_string();
         // Config first, then the family check, so an unsupported model fails before any
         // weights or tokenizer files are touched.

@@ -40,6 +40,14 @@ impl Device {
         Device::Cpu(Arc::new(CpuBackend::with_options(threads, profile, kv_f32)))
     }
 
+    /// As [`cpu_with`](Self::cpu_with); `f32_activations`: every matmul dots the
+    /// (dequantized) weights with f32 activations instead of 8-bit ones.
+    pub fn cpu_configured(threads: usize, profile: bool, kv_f32: bool, f32_activations: bool) -> Device {
+        Device::Cpu(Arc::new(
+            CpuBackend::with_options(threads, profile, kv_f32).with_f32_activations(f32_activations),
+        ))
+    }
+
     /// Per-op (name, seconds, calls) since the last call, when loaded with profiling.
     pub fn take_profile(&self) -> Vec<(String, f64, u64)> {
         match self {
