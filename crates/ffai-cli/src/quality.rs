@@ -130,6 +130,8 @@ pub fn cmd_kld(a: KldArgs) -> Result<()> {
                 "p99_kld": d.p99_kld,
                 "max_kld": d.max_kld,
                 "top1_agreement": d.top1_agreement,
+                "decisive_positions": d.decisive_positions,
+                "top1_agreement_decisive": d.top1_agreement_decisive,
                 "perplexity": d.perplexity,
                 "ref_perplexity": d.ref_perplexity,
                 "seconds": secs,
@@ -148,7 +150,13 @@ pub fn cmd_kld(a: KldArgs) -> Result<()> {
             "KL divergence from the reference: mean {:.6} ± {:.6}, median {:.6}, p99 {:.6}, max {:.6} nats",
             d.mean_kld, d.kld_stderr, d.median_kld, d.p99_kld, d.max_kld
         );
-        println!("same top-1 token: {:.2}%", 100.0 * d.top1_agreement);
+        println!(
+            "same top-1 token: {:.2}% ({:.2}% where the reference leads by >= {} probability: {} positions)",
+            100.0 * d.top1_agreement,
+            100.0 * d.top1_agreement_decisive,
+            ffai::quality::DECISIVE_MARGIN,
+            d.decisive_positions
+        );
         println!(
             "perplexity: {:.4} (reference {:.4}) in {secs:.1} s",
             d.perplexity, d.ref_perplexity

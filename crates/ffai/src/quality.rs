@@ -259,6 +259,11 @@ pub struct Divergence {
     pub max_kld: f64,
     /// Share of positions (0..1) where both models' most likely token is the same.
     pub top1_agreement: f64,
+    /// Positions where the reference's top token leads its runner-up by at least
+    /// [`DECISIVE_MARGIN`] in probability, and the top-1 agreement over those alone. A
+    /// near-tie flips under any rounding; a decisive prediction should not.
+    pub decisive_positions: usize,
+    pub top1_agreement_decisive: f64,
     /// Perplexity of the model and of the reference over the same scored tokens.
     pub perplexity: f64,
     pub ref_perplexity: f64,
@@ -290,6 +295,25 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[k - 1]
 }
 
+/// Probability lead of the reference's top token over its runner-up that makes a
+/// position count as decisive (see [`Divergence::top1_agreement_decisive`]).
+pub const DECISIVE_MARGIN: f64 = 0.1;
+
+/// The probability lead of the top entry of `logits` over the second.
+fn top_margin(logits: &[f32]) -> f64 {
+    let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for &v in logits {
+        if v > a {
+            b = a;
+            a = v;
+        } else if v > b {
+            b = v;
+        }
+    }
+    let lz = log_sum_exp(logits);
+    (a as f64 - lz).exp() - (b as f64 - lz).exp()
+}
+
 /// Compares `lm` with `reference` over `tokens`: both run the same windows in lockstep.
 /// The caller checks the two share a vocabulary (see `check_same_vocab`).
 pub fn divergence(
@@ -311,7 +335,7 @@ pub fn divergence(
         Vec::with_capacity(cap),
         Vec::with_capacity(cap),
     );
-    let mut agree = 0usize;
+    let (mut agree, mut decisive, mut agree_decisive) = (0usize, 0usize, 0usize);
     for w in 0..n_windows {
         let win = spec.window(tokens, w);
         let mut a = WindowRun::start(lm, &win, spec)?;
@@ -328,7 +352,12 @@ pub fn divergence(
                 klds.push(kl);
                 nll.push(-lp);
                 ref_nll.push(-lp_ref);
-                agree += usize::from(argmax(ra) == argmax(rb));
+                let same = argmax(ra) == argmax(rb);
+                agree += usize::from(same);
+                if top_margin(rb) >= DECISIVE_MARGIN {
+                    decisive += 1;
+                    agree_decisive += usize::from(same);
+                }
             }
             let more = a.advance(&win)?;
             let more_ref = b.advance(&win)?;
@@ -352,6 +381,12 @@ pub fn divergence(
         p99_kld: quantile(&sorted, 0.99),
         max_kld: sorted[n - 1],
         top1_agreement: agree as f64 / n as f64,
+        decisive_positions: decisive,
+        top1_agreement_decisive: if decisive == 0 {
+            1.0
+        } else {
+            agree_decisive as f64 / decisive as f64
+        },
         perplexity: mean_and_stderr(&nll).0.exp(),
         ref_perplexity: mean_and_stderr(&ref_nll).0.exp(),
     })
