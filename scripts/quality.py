@@ -4,7 +4,7 @@ KL divergence of the next-token distributions against the model's bf16 conversio
 reference), for the original GGUF, MLX affine 8/6/4/3-bit conversions and GGUF
 re-encodings of the original in each type `ffai quantize` writes.
 
-usage: scripts/quality.py [--models smollm2,gemma3] [--file TEXT] [--context 512]
+usage: scripts/quality.py [--models smollm2,gemma3] [--file TEXT] [--context 512] [--max-windows 4]
 Needs target/release/ffai (cargo build --release). Prints a markdown table per model
 (paste into BENCHMARKS.md) and writes the raw numbers to target/quality.json.
 Conversions go to target/quality/ (reused when present).
@@ -41,6 +41,7 @@ def main():
     ap.add_argument("--models", default="smollm2,gemma3")
     ap.add_argument("--file", default="/usr/share/common-licenses/GPL-3")
     ap.add_argument("--context", default="512")
+    ap.add_argument("--max-windows", default="4", help="windows of --context tokens scored (0: all)")
     a = ap.parse_args()
     os.makedirs(WORK, exist_ok=True)
     results = {}
@@ -50,33 +51,41 @@ def main():
         ref = os.path.join(WORK, f"{key}-bf16")
         if not os.path.exists(ref):
             ffai("convert", src, "--bits", "bf16", "--output", ref)
-        variants = [(f"original GGUF ({title.split()[-1]})", src)]
+        variants = [(f"original GGUF ({title.split()[-1]})", src, "q8")]
         for bits in MLX_BITS:
+            # From the bf16 conversion, as mlx-community checkpoints are made.
             out = os.path.join(WORK, f"{key}-mlx{bits}")
             if not os.path.exists(out):
-                ffai("convert", src, "--bits", bits, "--group-size", "64", "--output", out)
-            variants.append((f"MLX {bits}-bit (group 64)", out))
+                ffai("convert", ref, "--bits", bits, "--group-size", "64", "--output", out)
+            variants.append((f"MLX {bits}-bit (group 64)", out, "q8"))
+            if bits == "8":
+                variants.append(("MLX 8-bit (group 64), f32 activations", out, "f32"))
         for ty in GGUF_TYPES:
             out = os.path.join(WORK, f"{key}-{ty}.gguf")
             if not os.path.exists(out):
                 ffai("quantize", src, out, "--type", ty)
-            variants.append((f"GGUF {ty} (re-encoded original)", out))
+            variants.append((f"GGUF {ty} (re-encoded original)", out, "q8"))
         rows = []
-        ref_ppl = json.loads(ffai("perplexity", "-m", ref, "--file", a.file, "--context", a.context, "--json"))
+        win = ["--max-windows", a.max_windows] if a.max_windows != "0" else []
+        ref_ppl = json.loads(ffai("perplexity", "-m", ref, "--file", a.file, "--context", a.context, *win, "--json"))
         rows.append({"variant": "bf16 conversion (reference)", "size_mib": size_mib(ref),
-                     "perplexity": ref_ppl["perplexity"], "mean_kld": 0.0, "p99_kld": 0.0, "top1": 1.0})
-        for name, path in variants:
-            d = json.loads(ffai("kld", "-m", path, "--ref", ref, "--file", a.file, "--context", a.context, "--json"))
+                     "perplexity": ref_ppl["perplexity"], "mean_kld": 0.0, "p99_kld": 0.0, "top1": 1.0,
+                     "top1_decisive": 1.0})
+        for name, path, acts in variants:
+            d = json.loads(ffai("kld", "-m", path, "--ref", ref, "--file", a.file, "--context", a.context, *win,
+                                "--activations", acts, "--json"))
             rows.append({"variant": name, "size_mib": size_mib(path), "perplexity": d["perplexity"],
-                         "mean_kld": d["mean_kld"], "p99_kld": d["p99_kld"], "top1": d["top1_agreement"]})
+                         "mean_kld": d["mean_kld"], "p99_kld": d["p99_kld"], "top1": d["top1_agreement"],
+                         "top1_decisive": d["top1_agreement_decisive"]})
+            print(f"  {name}: KLD {d['mean_kld']:.5f}", file=sys.stderr, flush=True)
         results[key] = {"title": title, "file": a.file, "context": a.context, "rows": rows,
                         "tokens_scored": d["tokens_scored"]}
         print(f"\n### {title}: {os.path.basename(a.file)}, context {a.context}, {d['tokens_scored']} positions\n")
-        print("| weights | size (MiB) | perplexity | mean KLD | p99 KLD | top-1 agreement |")
-        print("|---|---|---|---|---|---|")
+        print("| weights | size (MiB) | perplexity | mean KLD | p99 KLD | top-1 agreement | top-1, decisive positions |")
+        print("|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['variant']} | {r['size_mib']:.0f} | {r['perplexity']:.3f} | {r['mean_kld']:.5f} | "
-                  f"{r['p99_kld']:.4f} | {100 * r['top1']:.2f}% |")
+                  f"{r['p99_kld']:.4f} | {100 * r['top1']:.2f}% | {100 * r['top1_decisive']:.2f}% |")
     with open(os.path.join(ROOT, "target/quality.json"), "w") as f:
         json.dump(results, f, indent=1)
 
