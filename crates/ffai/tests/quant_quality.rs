@@ -27,16 +27,21 @@ fn real_model(file: &str) -> PathBuf {
 
 /// The bf16 conversion of the GGUF: the reference, and the source of the quantized
 /// variants (as mlx-community checkpoints are made from the bf16 release).
+/// Written once per test process (the tests run in parallel and share it).
 fn bf16_dir(gguf: &Path) -> PathBuf {
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("quant-quality-bf16");
-    let opts = ConvertOptions {
-        target: Target::Float,
-        float_type: Some(FloatType::BF16),
-        force: true,
-        ..Default::default()
-    };
-    convert::convert(gguf, &out, &opts, &mut |_, _, _| {}).unwrap();
-    out
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("quant-quality-bf16");
+        let opts = ConvertOptions {
+            target: Target::Float,
+            float_type: Some(FloatType::BF16),
+            force: true,
+            ..Default::default()
+        };
+        convert::convert(gguf, &out, &opts, &mut |_, _, _| {}).unwrap();
+        out
+    })
+    .clone()
 }
 
 fn load(dir: &Path, f32_activations: bool) -> Model {
