@@ -1002,7 +1002,7 @@ pub fn dot_rows_q8_multi(ty: WeightType, rows: &[u8], acts: &QuantizedActs, toke
         // row has the length `check` verified for the first, the format matches, the
         // tokens lie inside the buffers `view` covers, and `out` is rows × tokens long.
         #[cfg(target_arch = "x86_64")]
-        AVX512VNNI => unsafe { vnni::avx512::wide::dot_rows_multi(ty, rows, rb, view, t0, out) },
+        AVX512VNNI => unsafe { vnni::avx512::dot_rows_multi(ty, rows, rb, view, t0, out) },
         #[cfg(target_arch = "x86_64")]
         AVXVNNI => unsafe { vnni::avx::dot_rows_multi(ty, rows, rb, view, t0, out) },
         #[cfg(target_arch = "x86_64")]

@@ -602,10 +602,8 @@ macro_rules! kernels {
         // ------------------------------------------ several rows × several tokens
 
         /// Rows per block of [`dot_rows_multi`].
-        #[allow(dead_code)] // the AVX-512 build runs `wide` instead (likewise below)
         const RB: usize = 16;
         /// Tokens per block of [`dot_rows_multi`].
-        #[allow(dead_code)]
         const TB: usize = 16;
 
         /// `out[r · ntok + j] = row r · token (t0 + j)` for every row of `rows` (`rb` bytes
@@ -616,7 +614,6 @@ macro_rules! kernels {
         /// # Safety
         /// As for [`dot_multi`], for every row (`rows.len()` a multiple of `rb`, `out.len()`
         /// = rows × `ntok`) and tokens `t0..t0 + ntok`.
-        #[allow(dead_code)]
         pub(in crate::quant::q8) unsafe fn dot_rows_multi(ty: WeightType, rows: &[u8], rb: usize, v: View<'_>, t0: usize, out: &mut [f32]) {
             let nrows = rows.len() / rb;
             let ntok = out.len() / nrows;
@@ -695,7 +692,7 @@ macro_rules! kernels {
         /// `rows` holds `nr` rows of `rb` bytes (`v.nblk` blocks of kind `K` each); tokens
         /// `t0..t0 + nt` exist in `v`, in the kind's activation format;
         /// `out.len() >= (nr - 1) · stride + nt`.
-        #[allow(clippy::too_many_arguments, dead_code)]
+        #[allow(clippy::too_many_arguments)]
         #[target_feature(enable = $feat)]
         unsafe fn dot_legacy_rt<const K: u8>(rows: &[u8], rb: usize, nr: usize, v: &View<'_>, t0: usize, nt: usize, out: &mut [f32], stride: usize) {
             align_frame();
@@ -735,7 +732,7 @@ macro_rules! kernels {
         ///
         /// # Safety
         /// As for [`dot_legacy_rt`]; `c + N <= v.nblk`.
-        #[allow(clippy::too_many_arguments, dead_code)]
+        #[allow(clippy::too_many_arguments)]
         #[inline]
         #[target_feature(enable = $feat)]
         unsafe fn legacy_chunk_rt<const K: u8, const N: usize>(
