@@ -1,65 +1,11 @@
 //! `ffai perplexity`, `ffai kld` and `ffai convert` end to end on the real SmolLM2
 //! checkpoint, and their failures: a non-zero exit with one readable line on stderr.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
+
+use common::*;
 
 const TEXT: &str = "/usr/share/common-licenses/GPL-3";
-
-fn model(file: &str) -> String {
-    let dir = std::env::var_os("FFAI_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/ffai/models"));
-    let p = dir.join(file);
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/fetch-models.sh first",
-        p.display()
-    );
-    p.display().to_string()
-}
-
-fn smollm2() -> String {
-    model("SmolLM2-135M-Instruct.Q4_1.gguf")
-}
-
-fn ffai(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ffai"))
-        .args(args)
-        .output()
-        .expect("running ffai")
-}
-
-fn stdout_json(out: &Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "ffai failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
-}
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ffai-cli-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn assert_clean_failure(out: &Output, needle: &str) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "exit status {:?}, stderr: {err}",
-        out.status
-    );
-    assert_eq!(err.trim_end().lines().count(), 1, "expected one line, got: {err}");
-    assert!(err.starts_with("error: "), "{err}");
-    assert!(!err.contains("panicked") && !err.contains("internal error"), "{err}");
-    assert!(err.contains(needle), "expected {needle:?} in: {err}");
-}
 
 #[test]
 fn perplexity_json() {

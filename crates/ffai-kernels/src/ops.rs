@@ -52,25 +52,30 @@ pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
 /// adjacent (2i, 2i+1), the layout llama.cpp's Llama conversion produces.
 pub fn rope(x: &mut [f32], n_heads: usize, head_dim: usize, pos: usize, inv_freq: &[f32], neox: bool) {
     let half = inv_freq.len();
-    // One sin/cos per frequency, shared by every head (libm's sincos dominates otherwise).
-    let mut table = [(0f32, 0f32); 256];
-    let mut heap = Vec::new();
-    let sc: &mut [(f32, f32)] = if half <= table.len() {
-        &mut table[..half]
-    } else {
-        heap.resize(half, (0.0, 0.0));
-        &mut heap
+    let rotate = |head: &mut [f32], i: usize, (sin, cos): (f32, f32)| {
+        let (a, b) = if neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
+        let (x0, x1) = (head[a], head[b]);
+        head[a] = x0 * cos - x1 * sin;
+        head[b] = x0 * sin + x1 * cos;
     };
-    for (t, &f) in sc.iter_mut().zip(inv_freq) {
-        *t = (pos as f32 * f).sin_cos();
-    }
-    for h in 0..n_heads {
-        let head = &mut x[h * head_dim..(h + 1) * head_dim];
-        for (i, &(sin, cos)) in sc.iter().enumerate() {
-            let (a, b) = if neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
-            let (x0, x1) = (head[a], head[b]);
-            head[a] = x0 * cos - x1 * sin;
-            head[b] = x0 * sin + x1 * cos;
+    // One sin/cos per frequency, shared by every head (libm's sincos dominates otherwise);
+    // rotations wider than the stack table (none known) recompute them per head instead
+    // of allocating.
+    let mut table = [(0f32, 0f32); 256];
+    if half <= table.len() {
+        for (t, &f) in table.iter_mut().zip(inv_freq) {
+            *t = (pos as f32 * f).sin_cos();
+        }
+        for head in x.chunks_exact_mut(head_dim).take(n_heads) {
+            for (i, &sc) in table[..half].iter().enumerate() {
+                rotate(head, i, sc);
+            }
+        }
+    } else {
+        for head in x.chunks_exact_mut(head_dim).take(n_heads) {
+            for (i, &f) in inv_freq.iter().enumerate() {
+                rotate(head, i, (pos as f32 * f).sin_cos());
+            }
         }
     }
 }
@@ -99,53 +104,56 @@ pub fn tanh_fast(x: f32) -> f32 {
     ((1.0 - e) / (1.0 + e)).copysign(x)
 }
 
-/// Defines `$name(gate, up)`: `gate = $f(gate) * up` in place, with the loop also
-/// compiled for AVX-512 and AVX2 and the widest one this CPU has picked at run time (the
-/// baseline build only vectorises 4 lanes wide). The arithmetic is the same in every
-/// build (no fused operations are introduced), so the results are bit-identical.
-macro_rules! gated {
-    ($(#[$doc:meta])* $name:ident, $f:ident) => {
+/// Defines `fn $name(args) body` built three times — baseline, AVX2 and AVX-512 — with
+/// the widest this CPU has (and the q8 level allows) picked at run time: the baseline
+/// build only vectorises 4 lanes wide. The arithmetic is the same in every build (no
+/// fused operations are introduced), so the results are bit-identical.
+macro_rules! widest {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
         $(#[$doc])*
-        pub fn $name(gate: &mut [f32], up: &[f32]) {
+        $vis fn $name($($arg: $ty),*) {
             #[inline(always)]
-            fn body(gate: &mut [f32], up: &[f32]) {
-                for (g, &u) in gate.iter_mut().zip(up) {
-                    *g = $f(*g) * u;
-                }
-            }
+            fn body($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f")]
-                fn wide(gate: &mut [f32], up: &[f32]) {
-                    body(gate, up)
+                fn wide($($arg: $ty),*) {
+                    body($($arg),*)
                 }
                 #[target_feature(enable = "avx2")]
-                fn avx2(gate: &mut [f32], up: &[f32]) {
-                    body(gate, up)
+                fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
                 }
                 if avx2_available() {
                     if wide_available() {
-                        // SAFETY: the CPU has AVX-512F.
-                        return unsafe { wide(gate, up) };
+                        // SAFETY: the level in force implies AVX-512F.
+                        return unsafe { wide($($arg),*) };
                     }
                     // SAFETY: the CPU has AVX2.
-                    return unsafe { avx2(gate, up) };
+                    return unsafe { avx2($($arg),*) };
                 }
             }
-            body(gate, up)
+            body($($arg),*)
         }
     };
 }
 
-gated!(
+widest!(
     /// `gate = silu(gate) * up`, the SwiGLU gate, in place.
-    silu_mul,
-    silu
+    pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+        for (g, &u) in gate.iter_mut().zip(up) {
+            *g = silu(*g) * u;
+        }
+    }
 );
-gated!(
+
+widest!(
     /// `gate = gelu_tanh(gate) * up` (GeGLU), in place.
-    gelu_mul,
-    gelu_tanh
+    pub fn gelu_mul(gate: &mut [f32], up: &[f32]) {
+        for (g, &u) in gate.iter_mut().zip(up) {
+            *g = gelu_tanh(*g) * u;
+        }
+    }
 );
 
 pub fn add_inplace(x: &mut [f32], y: &[f32]) {
@@ -507,45 +515,39 @@ fn pair_f32x8(lo: std::arch::x86_64::__m256, hi: std::arch::x86_64::__m256) -> s
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn group_values_avx2<T: KvElem>(group: usize, v: &[T], hd: usize, a: &HeadAttn, w: &[f32], out: &mut [f32]) {
-    if hd.is_multiple_of(16) && wide_available() {
-        // SAFETY: AVX-512F is present; the rest is the caller's contract.
-        unsafe {
-            match (group, hd.is_multiple_of(64), hd.is_multiple_of(32)) {
-                (1, true, _) => values_tile512::<T, 1, 4>(v, hd, a, w, out),
-                (2, true, _) => values_tile512::<T, 2, 4>(v, hd, a, w, out),
-                (3, true, _) => values_tile512::<T, 3, 4>(v, hd, a, w, out),
-                (4, _, true) => values_tile512::<T, 4, 2>(v, hd, a, w, out),
-                (5, _, true) => values_tile512::<T, 5, 2>(v, hd, a, w, out),
-                (6, _, true) => values_tile512::<T, 6, 2>(v, hd, a, w, out),
-                (1, ..) => values_tile512::<T, 1, 1>(v, hd, a, w, out),
-                (2, ..) => values_tile512::<T, 2, 1>(v, hd, a, w, out),
-                (3, ..) => values_tile512::<T, 3, 1>(v, hd, a, w, out),
-                (4, ..) => values_tile512::<T, 4, 1>(v, hd, a, w, out),
-                (5, ..) => values_tile512::<T, 5, 1>(v, hd, a, w, out),
-                (6, ..) => values_tile512::<T, 6, 1>(v, hd, a, w, out),
-                (7, ..) => values_tile512::<T, 7, 1>(v, hd, a, w, out),
-                _ => values_tile512::<T, 8, 1>(v, hd, a, w, out),
+    // Tiles of D chunks: 4 for groups up to 3, 2 up to 6, else 1 (the accumulators must
+    // fit the registers), when hd splits into whole tiles.
+    macro_rules! by_group {
+        ($tile:ident, $lanes:expr) => {
+            match (
+                group,
+                hd.is_multiple_of(4 * $lanes),
+                hd.is_multiple_of(2 * $lanes),
+            ) {
+                (1, true, _) => $tile::<T, 1, 4>(v, hd, a, w, out),
+                (2, true, _) => $tile::<T, 2, 4>(v, hd, a, w, out),
+                (3, true, _) => $tile::<T, 3, 4>(v, hd, a, w, out),
+                (4, _, true) => $tile::<T, 4, 2>(v, hd, a, w, out),
+                (5, _, true) => $tile::<T, 5, 2>(v, hd, a, w, out),
+                (6, _, true) => $tile::<T, 6, 2>(v, hd, a, w, out),
+                (1, ..) => $tile::<T, 1, 1>(v, hd, a, w, out),
+                (2, ..) => $tile::<T, 2, 1>(v, hd, a, w, out),
+                (3, ..) => $tile::<T, 3, 1>(v, hd, a, w, out),
+                (4, ..) => $tile::<T, 4, 1>(v, hd, a, w, out),
+                (5, ..) => $tile::<T, 5, 1>(v, hd, a, w, out),
+                (6, ..) => $tile::<T, 6, 1>(v, hd, a, w, out),
+                (7, ..) => $tile::<T, 7, 1>(v, hd, a, w, out),
+                _ => $tile::<T, 8, 1>(v, hd, a, w, out),
             }
-        }
-        return;
+        };
     }
-    // SAFETY (every arm): the caller's contract; hd is a multiple of 8 · D where D > 1.
+    // SAFETY (both): the caller's contract; hd is a multiple of the tile width picked, and
+    // AVX-512F is present for the 512-bit tiles.
     unsafe {
-        match (group, hd.is_multiple_of(32), hd.is_multiple_of(16)) {
-            (1, true, _) => values_tile::<T, 1, 4>(v, hd, a, w, out),
-            (2, true, _) => values_tile::<T, 2, 4>(v, hd, a, w, out),
-            (3, true, _) => values_tile::<T, 3, 4>(v, hd, a, w, out),
-            (4, _, true) => values_tile::<T, 4, 2>(v, hd, a, w, out),
-            (5, _, true) => values_tile::<T, 5, 2>(v, hd, a, w, out),
-            (6, _, true) => values_tile::<T, 6, 2>(v, hd, a, w, out),
-            (1, ..) => values_tile::<T, 1, 1>(v, hd, a, w, out),
-            (2, ..) => values_tile::<T, 2, 1>(v, hd, a, w, out),
-            (3, ..) => values_tile::<T, 3, 1>(v, hd, a, w, out),
-            (4, ..) => values_tile::<T, 4, 1>(v, hd, a, w, out),
-            (5, ..) => values_tile::<T, 5, 1>(v, hd, a, w, out),
-            (6, ..) => values_tile::<T, 6, 1>(v, hd, a, w, out),
-            (7, ..) => values_tile::<T, 7, 1>(v, hd, a, w, out),
-            _ => values_tile::<T, 8, 1>(v, hd, a, w, out),
+        if hd.is_multiple_of(16) && wide_available() {
+            by_group!(values_tile512, 16)
+        } else {
+            by_group!(values_tile, 8)
         }
     }
 }
@@ -661,13 +663,13 @@ unsafe fn values_tile512<T: KvElem, const G: usize, const D: usize>(
     }
 }
 
-/// Unnormalised softmax of each `n`-score row of `scores` (after the optional soft-cap):
-/// the scores become `exp(s - max)`, and `stats` gets `(max, sum)` per row. Built for
-/// AVX-512 and AVX2 as well (the baseline build vectorises 4 wide); the arithmetic is
-/// the same in every build.
-fn group_softmax(scores: &mut [f32], n: usize, softcap: f32, stats: &mut [f32]) {
-    #[inline(always)]
-    fn body(scores: &mut [f32], n: usize, softcap: f32, stats: &mut [f32]) {
+widest!(
+    /// Unnormalised softmax of each `n`-score row of `scores` (after the optional
+    /// soft-cap): the scores become `exp(s - max)`, and `stats` gets `(max, sum)` per row.
+    fn group_softmax(scores: &mut [f32], n: usize, softcap: f32, stats: &mut [f32]) {
+        if n == 0 {
+            return;
+        }
         for (g, s) in scores.chunks_exact_mut(n).enumerate() {
             if softcap > 0.0 {
                 let inv = 1.0 / softcap;
@@ -683,30 +685,7 @@ fn group_softmax(scores: &mut [f32], n: usize, softcap: f32, stats: &mut [f32]) 
             stats[2 * g + 1] = sum_f32(s);
         }
     }
-    if n == 0 {
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f")]
-        fn wide(scores: &mut [f32], n: usize, softcap: f32, stats: &mut [f32]) {
-            body(scores, n, softcap, stats)
-        }
-        #[target_feature(enable = "avx2")]
-        fn avx2(scores: &mut [f32], n: usize, softcap: f32, stats: &mut [f32]) {
-            body(scores, n, softcap, stats)
-        }
-        if avx2_available() {
-            if wide_available() {
-                // SAFETY: the CPU has AVX-512F.
-                return unsafe { wide(scores, n, softcap, stats) };
-            }
-            // SAFETY: the CPU has AVX2.
-            return unsafe { avx2(scores, n, softcap, stats) };
-        }
-    }
-    body(scores, n, softcap, stats)
-}
+);
 
 /// Combines partial results of one head over disjoint row sets (flash-decoding):
 /// `parts` yields (unnormalised out, m, l); writes the normalised attention output.

@@ -415,30 +415,13 @@ pub struct GgufWriter {
 
 impl GgufWriter {
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&3u32.to_le_bytes());
-        out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
-        out.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
-        for (k, v) in &self.metadata {
-            write_str(&mut out, k);
-            write_value(&mut out, v, true);
-        }
-        let mut offset = 0u64;
-        let mut offsets = Vec::new();
-        for (name, ty, shape, data) in &self.tensors {
-            write_str(&mut out, name);
-            out.extend_from_slice(&(shape.len() as u32).to_le_bytes());
-            for &d in shape.iter().rev() {
-                out.extend_from_slice(&(d as u64).to_le_bytes());
-            }
-            out.extend_from_slice(&ty.ggml_id().to_le_bytes());
-            out.extend_from_slice(&offset.to_le_bytes());
-            offsets.push(offset);
-            offset = align_up(offset + data.len() as u64, DEFAULT_ALIGNMENT).unwrap();
-        }
-        let start = align_up(out.len() as u64, DEFAULT_ALIGNMENT).unwrap() as usize;
-        out.resize(start, 0);
+        let infos: Vec<(String, WeightType, Vec<usize>, usize)> = self
+            .tensors
+            .iter()
+            .map(|(name, ty, shape, data)| (name.clone(), *ty, shape.clone(), data.len()))
+            .collect();
+        let (mut out, offsets) = header_bytes(&self.metadata, &infos);
+        let start = out.len();
         for ((_, _, _, data), off) in self.tensors.iter().zip(offsets) {
             out.resize(start + off as usize, 0);
             out.extend_from_slice(data);

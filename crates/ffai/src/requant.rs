@@ -37,12 +37,12 @@ pub struct RequantSummary {
 
 /// The type to use for rows of `cols` elements when `target`'s blocks do not divide them.
 fn fallback(target: WeightType, cols: usize) -> WeightType {
-    let by_bits: &[WeightType] = match target.name() {
-        "Q2_K" | "Q3_K" => &[WeightType::Q4_0],
-        "Q4_K" => &[WeightType::Q5_0],
-        "IQ4_XS" => &[WeightType::IQ4NL, WeightType::Q5_0],
-        "Q5_K" => &[WeightType::Q5_1],
-        "Q6_K" => &[WeightType::Q8_0],
+    let by_bits: &[WeightType] = match target {
+        WeightType::Q2K | WeightType::Q3K => &[WeightType::Q4_0],
+        WeightType::Q4K => &[WeightType::Q5_0],
+        WeightType::IQ4XS => &[WeightType::IQ4NL, WeightType::Q5_0],
+        WeightType::Q5K => &[WeightType::Q5_1],
+        WeightType::Q6K => &[WeightType::Q8_0],
         _ => &[],
     };
     by_bits

@@ -445,6 +445,76 @@ macro_rules! kernels {
             $dpwssd(si, packed, sab)
         }
 
+        /// Levels of 64-element group `g` of the Q4_K (`Q5 = false`) or Q5_K super-block at
+        /// `p`: sub-block 2g's 32 in `lo`, 2g + 1's in `hi`. For Q5_K, `qh` starts as the
+        /// 32 high-bit bytes and is shifted past the two bits used (call with g = 0, 1, 2, 3).
+        ///
+        /// # Safety
+        /// The super-block at `p` must be readable.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn q45k_levels<const Q5: bool>(p: *const u8, g: usize, qh: &mut __m256i) -> (__m256i, __m256i) {
+            let (m4, one) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(1));
+            // SAFETY: nibble group `g` is inside the super-block (caller).
+            let raw = unsafe { load32(p.add(if Q5 { 48 } else { 16 } + 32 * g)) };
+            let mut lo = _mm256_and_si256(raw, m4);
+            let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), m4);
+            if Q5 {
+                lo = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(_mm256_and_si256(*qh, one)));
+                *qh = _mm256_srli_epi16::<1>(*qh);
+                hi = _mm256_or_si256(hi, _mm256_slli_epi16::<4>(_mm256_and_si256(*qh, one)));
+                *qh = _mm256_srli_epi16::<1>(*qh);
+            }
+            (lo, hi)
+        }
+
+        /// The [`scale2`] operand for group `g` of a Q4_K/Q5_K super-block whose 8 scales
+        /// are the i16 lanes of `scv` (both halves): every 32-bit lane holds scale 2g, then
+        /// scale 2g + 1.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        fn q45k_pair_scales(scv: __m256i, g: usize) -> __m256i {
+            _mm256_shuffle_epi8(scv, _mm256_set1_epi32(0x0302_0100 + 0x0404_0404 * g as i32))
+        }
+
+        /// The four 32-byte vectors of 6-bit levels (`0..=63`) of half `n` of the Q6_K
+        /// super-block at `p`; vector `k` holds sub-block 2k of the half in its low 128 bits
+        /// and 2k + 1 in its high ones.
+        ///
+        /// # Safety
+        /// The super-block at `p` must be readable.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn q6k_levels(p: *const u8, n: usize) -> [__m256i; 4] {
+            let m4 = _mm256_set1_epi8(0x0F);
+            // SAFETY: half `n`'s 64 low bytes at 64n and 32 high bytes at 128 + 32n.
+            let (l0, l1, h) = unsafe { (load32(p.add(64 * n)), load32(p.add(64 * n + 32)), load32(p.add(128 + 32 * n))) };
+            [
+                _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16::<4>(_mm256_and_si256(h, _mm256_set1_epi8(0x03)))),
+                _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16::<2>(_mm256_and_si256(h, _mm256_set1_epi8(0x0C)))),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(l0), m4),
+                    _mm256_and_si256(h, _mm256_set1_epi8(0x30)),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4),
+                    _mm256_srli_epi16::<2>(_mm256_and_si256(h, _mm256_set1_epi8(0xC0u8 as i8))),
+                ),
+            ]
+        }
+
+        /// The [`scale2`] operand for vectors 2kp (low i16 of each lane) and 2kp + 1 (high
+        /// i16) of a Q6_K half whose 8 scales are the i16 lanes of `sch` (both halves):
+        /// vector k holds sub-blocks 2k and 2k + 1, one per 128-bit half.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        fn q6k_pair_scales(sch: __m256i, kp: usize) -> __m256i {
+            let (ka, kb) = (4 * kp, 4 * kp + 2);
+            let lo_sel = (((2 * kb + 1) << 24) | ((2 * kb) << 16) | ((2 * ka + 1) << 8) | (2 * ka)) as i32;
+            let hi_sel = lo_sel + 0x0202_0202;
+            _mm256_shuffle_epi8(sch, _mm256_set_m128i(_mm_set1_epi32(hi_sel), _mm_set1_epi32(lo_sel)))
+        }
+
         /// `T` tokens against one Q4_K (`Q5 = false`) or Q5_K row; see the AVX2 kernel.
         /// Per 64-element group, the two sub-blocks' byte dots are one `vpdpbusd` each,
         /// scaled and accumulated by one [`scale2`]; the `i32` lanes equal the AVX2
@@ -456,8 +526,6 @@ macro_rules! kernels {
         unsafe fn dot_q45k<const Q5: bool, const T: usize>(row: &[u8], v: &View<'_>, t0: usize, out: &mut [f32]) {
             align_frame();
             let bytes = if Q5 { 176 } else { 144 };
-            let m4 = _mm256_set1_epi8(0x0F);
-            let one = _mm256_set1_epi8(1);
             let mut acc = [_mm256_setzero_ps(); T];
             for sb in 0..v.nblk {
                 // SAFETY: super-block `sb` lies inside `row` (caller).
@@ -474,21 +542,11 @@ macro_rules! kernels {
                 } else {
                     _mm256_setzero_si256()
                 };
-                let qs = if Q5 { 48 } else { 16 };
                 let mut sumi = [_mm256_setzero_si256(); T];
                 for g in 0..4 {
-                    // SAFETY: nibble group `g` is inside the super-block.
-                    let raw = unsafe { load32(p.add(qs + 32 * g)) };
-                    let mut lo = _mm256_and_si256(raw, m4);
-                    let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), m4);
-                    if Q5 {
-                        lo = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(_mm256_and_si256(qh, one)));
-                        qh = _mm256_srli_epi16::<1>(qh);
-                        hi = _mm256_or_si256(hi, _mm256_slli_epi16::<4>(_mm256_and_si256(qh, one)));
-                        qh = _mm256_srli_epi16::<1>(qh);
-                    }
-                    // Every 32-bit lane: i16 scale 2g (bytes 4g, 4g+1), then scale 2g + 1.
-                    let sab = _mm256_shuffle_epi8(scv, _mm256_set1_epi32(0x0302_0100 + 0x0404_0404 * g as i32));
+                    // SAFETY: group `g` is inside the super-block at `p`.
+                    let (lo, hi) = unsafe { q45k_levels::<Q5>(p, g, &mut qh) };
+                    let sab = q45k_pair_scales(scv, g);
                     for (j, si) in sumi.iter_mut().enumerate() {
                         // SAFETY: token `t0 + j`, elements 64g..64g+64 of super-block `sb`.
                         let (x0, x1) = unsafe {
@@ -523,7 +581,6 @@ macro_rules! kernels {
         #[target_feature(enable = $feat)]
         unsafe fn dot_q6k<const T: usize>(row: &[u8], v: &View<'_>, t0: usize, out: &mut [f32]) {
             align_frame();
-            let m4 = _mm256_set1_epi8(0x0F);
             let mut acc = [_mm256_setzero_ps(); T];
             for sb in 0..v.nblk {
                 // SAFETY: super-block `sb` lies inside `row` (caller).
@@ -538,41 +595,13 @@ macro_rules! kernels {
                     } else {
                         _mm256_broadcastsi128_si256(_mm256_extracti128_si256::<1>(sc16))
                     };
-                    // SAFETY: half `n`'s 64 low bytes at 64n and 32 high bytes at 128 + 32n.
-                    let (l0, l1, h) = unsafe {
-                        (
-                            load32(p.add(64 * n)),
-                            load32(p.add(64 * n + 32)),
-                            load32(p.add(128 + 32 * n)),
-                        )
-                    };
-                    let q = [
-                        _mm256_or_si256(
-                            _mm256_and_si256(l0, m4),
-                            _mm256_slli_epi16::<4>(_mm256_and_si256(h, _mm256_set1_epi8(0x03))),
-                        ),
-                        _mm256_or_si256(
-                            _mm256_and_si256(l1, m4),
-                            _mm256_slli_epi16::<2>(_mm256_and_si256(h, _mm256_set1_epi8(0x0C))),
-                        ),
-                        _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16::<4>(l0), m4),
-                            _mm256_and_si256(h, _mm256_set1_epi8(0x30)),
-                        ),
-                        _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4),
-                            _mm256_srli_epi16::<2>(_mm256_and_si256(h, _mm256_set1_epi8(0xC0u8 as i8))),
-                        ),
-                    ];
+                    // SAFETY: the super-block at `p` is readable (caller).
+                    let q = unsafe { q6k_levels(p, n) };
                     for kp in 0..2 {
                         // Vectors k = 2kp (low i16 of each lane) and 2kp + 1 (high i16). Vector
                         // k holds sub-block 2k of the half in its low 128 bits, 2k + 1 in the
                         // high ones: i16 scales 2k (bytes 4k, 4k+1) and 2k + 1 (bytes 4k+2, +3).
-                        let (ka, kb) = (4 * kp, 4 * kp + 2);
-                        let lo_sel = (((2 * kb + 1) << 24) | ((2 * kb) << 16) | ((2 * ka + 1) << 8) | (2 * ka)) as i32;
-                        let hi_sel = lo_sel + 0x0202_0202;
-                        let pick = _mm256_set_m128i(_mm_set1_epi32(hi_sel), _mm_set1_epi32(lo_sel));
-                        let sab = _mm256_shuffle_epi8(sch, pick);
+                        let sab = q6k_pair_scales(sch, kp);
                         let (qa, qb) = (q[2 * kp], q[2 * kp + 1]);
                         for (j, si) in sumi.iter_mut().enumerate() {
                             // SAFETY: token `t0 + j`, elements 128n + 64kp .. +64 of super-block `sb`.

@@ -12,8 +12,8 @@ use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
 use super::{
-    f16_at, gather_f16, gather_f16_pairs, has_min, hsum_ps, k_scales, legacy_bytes, levels, load32, transpose8, View,
-    KSUMS, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, QK, QK_K,
+    f16_at, gather_f16, gather_f16_pairs, has_min, hsum_ps, k_scales, legacy_bytes, levels, load32, q45k_levels,
+    q45k_pair_scales, q6k_levels, q6k_pair_scales, transpose8, View, KSUMS, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, QK, QK_K,
 };
 use crate::quant::WeightType;
 
@@ -348,8 +348,6 @@ unsafe fn dot_q45k_tile<const Q5: bool, const P: usize>(
 ) {
     align_frame64();
     let bytes = if Q5 { 176 } else { 144 };
-    let m4 = _mm256_set1_epi8(0x0F);
-    let one = _mm256_set1_epi8(1);
     let mut acc = [_mm512_setzero_ps(); P];
     for sb in 0..nblk {
         // SAFETY: super-block `sb` lies inside `row` (caller).
@@ -365,23 +363,11 @@ unsafe fn dot_q45k_tile<const Q5: bool, const P: usize>(
         } else {
             _mm256_setzero_si256()
         };
-        let qs = if Q5 { 48 } else { 16 };
         let mut sumi = [_mm512_setzero_si512(); P];
         for g in 0..4 {
-            // SAFETY: nibble group `g` is inside the super-block.
-            let raw = unsafe { load32(p.add(qs + 32 * g)) };
-            let mut lo = _mm256_and_si256(raw, m4);
-            let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), m4);
-            if Q5 {
-                lo = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(_mm256_and_si256(qh, one)));
-                qh = _mm256_srli_epi16::<1>(qh);
-                hi = _mm256_or_si256(hi, _mm256_slli_epi16::<4>(_mm256_and_si256(qh, one)));
-                qh = _mm256_srli_epi16::<1>(qh);
-            }
-            let sab = dup_si(_mm256_shuffle_epi8(
-                scv,
-                _mm256_set1_epi32(0x0302_0100 + 0x0404_0404 * g as i32),
-            ));
+            // SAFETY: group `g` is inside the super-block at `p`.
+            let (lo, hi) = unsafe { q45k_levels::<Q5>(p, g, &mut qh) };
+            let sab = dup_si(q45k_pair_scales(scv, g));
             let (lo, hi) = (dup_si(lo), dup_si(hi));
             for (j, si) in sumi.iter_mut().enumerate() {
                 // SAFETY: pair `j`'s record of super-block `sb` is inside the tile.
@@ -424,7 +410,6 @@ unsafe fn dot_q45k_tile<const Q5: bool, const P: usize>(
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn dot_q6k_tile<const P: usize>(row: &[u8], nblk: usize, recs: &[u8], kstride: usize, out: &mut [f32]) {
     align_frame64();
-    let m4 = _mm256_set1_epi8(0x0F);
     let mut acc = [_mm512_setzero_ps(); P];
     for sb in 0..nblk {
         // SAFETY: super-block `sb` lies inside `row` (caller).
@@ -439,39 +424,11 @@ unsafe fn dot_q6k_tile<const P: usize>(row: &[u8], nblk: usize, recs: &[u8], kst
             } else {
                 _mm256_broadcastsi128_si256(_mm256_extracti128_si256::<1>(sc16))
             };
-            // SAFETY: half `n`'s 64 low bytes at 64n and 32 high bytes at 128 + 32n.
-            let (l0, l1, h) = unsafe {
-                (
-                    load32(p.add(64 * n)),
-                    load32(p.add(64 * n + 32)),
-                    load32(p.add(128 + 32 * n)),
-                )
-            };
-            let q = [
-                _mm256_or_si256(
-                    _mm256_and_si256(l0, m4),
-                    _mm256_slli_epi16::<4>(_mm256_and_si256(h, _mm256_set1_epi8(0x03))),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(l1, m4),
-                    _mm256_slli_epi16::<2>(_mm256_and_si256(h, _mm256_set1_epi8(0x0C))),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(l0), m4),
-                    _mm256_and_si256(h, _mm256_set1_epi8(0x30)),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4),
-                    _mm256_srli_epi16::<2>(_mm256_and_si256(h, _mm256_set1_epi8(0xC0u8 as i8))),
-                ),
-            ];
+            // SAFETY: the super-block at `p` is readable (caller).
+            let q = unsafe { q6k_levels(p, n) };
             let q = [dup_si(q[0]), dup_si(q[1]), dup_si(q[2]), dup_si(q[3])];
             for kp in 0..2 {
-                let (ka, kb) = (4 * kp, 4 * kp + 2);
-                let lo_sel = (((2 * kb + 1) << 24) | ((2 * kb) << 16) | ((2 * ka + 1) << 8) | (2 * ka)) as i32;
-                let hi_sel = lo_sel + 0x0202_0202;
-                let pick = _mm256_set_m128i(_mm_set1_epi32(hi_sel), _mm_set1_epi32(lo_sel));
-                let sab = dup_si(_mm256_shuffle_epi8(sch, pick));
+                let sab = dup_si(q6k_pair_scales(sch, kp));
                 let (qa, qb) = (q[2 * kp], q[2 * kp + 1]);
                 // Elements 128n + 64kp .. +64: 32-element chunks 4n + 2kp and the next.
                 let k0 = 4 * n + 2 * kp;
