@@ -1,14 +1,16 @@
 //! `ffai convert`: a GGUF file or Hugging Face directory to a Hugging Face directory with
 //! MLX affine-quantized or f16/bf16 weights.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use ffai::convert::{self, ConvertOptions, FloatType, Target};
-use ffai::{Error, Result};
+use ffai::convert::{self, ConvertOptions, FloatType, Quantizer, Target};
+use ffai::importance::Importance;
+use ffai::{Error, LoadOptions, Model, Result};
 
 #[derive(Args)]
 pub struct ConvertArgs {
@@ -26,6 +28,21 @@ pub struct ConvertArgs {
     /// Format of the LM head (default: --bits).
     #[arg(long)]
     lm_head_bits: Option<String>,
+    /// How each group's scale and bias are chosen: `search` (weighted least squares over
+    /// candidate grids; lower error, may clip outliers) or `minmax` (MLX's: the group's
+    /// range, no value clipped).
+    #[arg(long, default_value = "search", value_parser = ["search", "minmax"])]
+    quantizer: String,
+    /// Calibration text: run the source model over it first and weight each element's
+    /// quantization error by its input column's mean square (the search quantizer only).
+    #[arg(long)]
+    calibration: Option<PathBuf>,
+    /// Tokens of the calibration text to use (from its start).
+    #[arg(long, default_value_t = 16384)]
+    calibration_tokens: usize,
+    /// CPU threads for the calibration run (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
     /// Output directory (default: SRC's name with the format appended, next to it).
     #[arg(short, long)]
     output: Option<PathBuf>,
@@ -59,6 +76,22 @@ pub fn cmd_convert(a: ConvertArgs) -> Result<()> {
         embedding: side(&a.embedding_bits)?,
         lm_head: side(&a.lm_head_bits)?,
         force: a.force,
+        quantizer: if a.quantizer == "minmax" {
+            Quantizer::MinMax
+        } else {
+            Quantizer::Search
+        },
+        importance: match &a.calibration {
+            Some(text) if a.quantizer != "minmax" => {
+                Some(Arc::new(calibrate(&a.src, text, a.calibration_tokens, a.threads)?))
+            }
+            Some(_) => {
+                return Err(Error::new(
+                    "--calibration needs the search quantizer, not --quantizer minmax",
+                ))
+            }
+            None => None,
+        },
         ..Default::default()
     };
     let output = match &a.output {
@@ -111,3 +144,33 @@ pub fn cmd_convert(a: ConvertArgs) -> Result<()> {
     );
     Ok(())
 }
+
+/// Runs the source model over the start of `text` and returns its input statistics.
+fn calibrate(src: &Path, text: &Path, max_tokens: usize, threads: usize) -> Result<Importance> {
+    let t = Instant::now();
+    let body = std::fs::read_to_string(text).map_err(|e| Error::new(format!("reading {}: {e}", text.display())))?;
+    let opts = LoadOptions {
+        threads,
+        f32_activations: true,
+        ..Default::default()
+    };
+    let model = Model::load(&src.display().to_string(), &opts)?;
+    let mut tokens = model.encode(&body)?;
+    tokens.truncate(max_tokens);
+    let imp = Importance::collect(
+        &model,
+        &tokens,
+        CALIBRATION_CONTEXT.min(model.lm.config().max_position_embeddings),
+    )?;
+    eprintln!(
+        "calibration: {} tokens of {} ({} linear inputs) in {:.1} s",
+        imp.tokens,
+        text.display(),
+        imp.sites.len(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(imp)
+}
+
+/// Tokens per calibration window.
+const CALIBRATION_CONTEXT: usize = 512;

@@ -126,39 +126,179 @@ pub const GROUP_SIZES: [usize; 3] = [32, 64, 128];
 
 /// Quantizes one row of `w` (length a multiple of `group`): appends one code per value
 /// to `codes` and one (scale, bias) per group, both exactly representable in `ft`.
+///
+/// [`Quantizer::MinMax`] is MLX's scheme: every value within half a scale. [`Quantizer::Search`]
+/// starts from it and keeps whatever lowers the group's weighted squared error (see
+/// [`search_group`]).
+#[allow(clippy::too_many_arguments)]
 pub fn quantize_row_affine(
     w: &[f32],
     bits: u32,
     group: usize,
     ft: FloatType,
+    (quantizer, importance): (Quantizer, Option<&[f32]>),
     codes: &mut Vec<u32>,
     scales: &mut Vec<f32>,
     biases: &mut Vec<f32>,
 ) {
     debug_assert!(w.len().is_multiple_of(group));
     let levels = (1u32 << bits) - 1;
-    for g in w.chunks(group) {
-        let (lo, hi) = g
-            .iter()
-            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
-        // The bias at or below the minimum, the scale large enough that the top level
-        // reaches the maximum: every value lies inside [bias, bias + levels * scale].
-        let bias = ft.round_down(lo);
-        let mut scale = ft.round((hi - bias) / levels as f32);
-        while bias + scale * (levels as f32) < hi {
-            scale = ft.step(scale, true);
-        }
-        for &x in g {
-            let q = if scale > 0.0 {
-                ((x - bias) / scale).round().clamp(0.0, levels as f32) as u32
-            } else {
-                0
-            };
-            codes.push(q);
-        }
+    debug_assert!(importance.is_none_or(|i| i.len() == w.len()));
+    let mut q = vec![0u32; group];
+    let mut weights = vec![0f32; group];
+    for (gi, g) in w.chunks(group).enumerate() {
+        let (scale, bias) = minmax_group(g, levels, ft);
+        let (scale, bias) = match quantizer {
+            Quantizer::MinMax => (scale, bias),
+            Quantizer::Search => {
+                let imp = importance.map(|i| &i[gi * group..(gi + 1) * group]);
+                error_weights(g, imp, &mut weights);
+                search_group(g, &weights, levels, ft, (scale, bias), &mut q)
+            }
+        };
+        codes.extend(g.iter().map(|&x| code(x, scale, bias, levels)));
         scales.push(scale);
         biases.push(bias);
     }
+}
+
+/// How `convert` picks each group's scale and bias.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Quantizer {
+    /// MLX's: the group's minimum and range (no value is clipped).
+    MinMax,
+    /// A weighted least-squares search (may clip outliers when that lowers the error).
+    #[default]
+    Search,
+}
+
+/// The nearest level of `x` on the grid `bias + scale · q`, `q` in `0..=levels`.
+#[inline]
+fn code(x: f32, scale: f32, bias: f32, levels: u32) -> u32 {
+    if scale > 0.0 {
+        ((x - bias) / scale).round().clamp(0.0, levels as f32) as u32
+    } else {
+        0
+    }
+}
+
+/// MLX's choice, made exact in `ft`: the bias at or below the minimum, the scale large
+/// enough that the top level reaches the maximum, so every value lies inside
+/// `[bias, bias + levels · scale]` and decodes within half a scale.
+fn minmax_group(g: &[f32], levels: u32, ft: FloatType) -> (f32, f32) {
+    let (lo, hi) = g
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+    let bias = ft.round_down(lo);
+    let mut scale = ft.round((hi - bias) / levels as f32);
+    while bias + scale * (levels as f32) < hi {
+        scale = ft.step(scale, true);
+    }
+    (scale, bias)
+}
+
+/// How much each value's squared error counts. With calibration statistics, its input
+/// column's mean square (`E[(e·x)²] = e²·E[x²]`); without, `rms + |x|`: larger weights
+/// are kept more exactly (llama.cpp's heuristic without an importance matrix).
+fn error_weights(g: &[f32], importance: Option<&[f32]>, out: &mut [f32]) {
+    match importance {
+        Some(imp) => {
+            // A floor, so columns never seen active still count a little.
+            let floor = 1e-3 * imp.iter().sum::<f32>() / imp.len() as f32 + f32::MIN_POSITIVE;
+            for (o, &m) in out.iter_mut().zip(imp) {
+                *o = m.max(0.0) + floor;
+            }
+        }
+        None => {
+            let rms = (g.iter().map(|&x| x * x).sum::<f32>() / g.len() as f32).sqrt();
+            for (o, &x) in out.iter_mut().zip(g) {
+                *o = rms + x.abs();
+            }
+        }
+    }
+}
+
+/// Weighted squared error of the group on the grid (`scale`, `bias`).
+fn grid_error(g: &[f32], weights: &[f32], scale: f32, bias: f32, levels: u32) -> f64 {
+    g.iter()
+        .zip(weights)
+        .map(|(&x, &w)| {
+            let e = (scale * code(x, scale, bias, levels) as f32 + bias - x) as f64;
+            w as f64 * e * e
+        })
+        .sum()
+}
+
+/// A group's scale and bias by search: for a range of candidate grids (the min/max grid
+/// stretched and shrunk), assign each value its nearest level, fit scale and bias to
+/// those levels by weighted least squares, then alternate assignment and refit while the
+/// error falls (errors weighted by `weights`, see [`error_weights`]). The result is
+/// rounded to `ft` and kept only if its error (with the rounded values) beats `minmax`'s.
+fn search_group(
+    g: &[f32],
+    weights: &[f32],
+    levels: u32,
+    ft: FloatType,
+    minmax: (f32, f32),
+    q: &mut [u32],
+) -> (f32, f32) {
+    let (lo, hi) = g
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+    if hi <= lo {
+        return minmax;
+    }
+    let fit = |q: &[u32]| -> Option<(f32, f32)> {
+        // Normal equations of min Σ w (s·q + b - x)².
+        let (mut sw, mut sq, mut sqq, mut sx, mut sqx) = (0f64, 0f64, 0f64, 0f64, 0f64);
+        for ((&x, &w), &c) in g.iter().zip(weights).zip(q) {
+            let (x, w, c) = (x as f64, w as f64, c as f64);
+            sw += w;
+            sq += w * c;
+            sqq += w * c * c;
+            sx += w * x;
+            sqx += w * c * x;
+        }
+        let det = sw * sqq - sq * sq;
+        if det <= 0.0 {
+            return None;
+        }
+        let s = (sw * sqx - sq * sx) / det;
+        let b = (sqq * sx - sq * sqx) / det;
+        (s > 0.0).then_some((s as f32, b as f32))
+    };
+    let assign = |s: f32, b: f32, q: &mut [u32]| {
+        for (c, &x) in q.iter_mut().zip(g) {
+            *c = code(x, s, b, levels);
+        }
+    };
+    let err = |s: f32, b: f32| grid_error(g, weights, s, b, levels);
+    let mut best = (minmax.0, minmax.1, err(minmax.0, minmax.1));
+    let range = hi - lo;
+    for step in 0..=20 {
+        // Grids whose levels span from 1 below to 1 above the range.
+        let span = levels as f32 - 1.0 + 0.1 * step as f32;
+        let mut cand = (range / span, lo);
+        assign(cand.0, cand.1, q);
+        let mut cand_err = f64::INFINITY;
+        for _ in 0..4 {
+            let Some((s, b)) = fit(q) else { break };
+            let (s, b) = (ft.round(s), ft.round(b));
+            if s <= 0.0 || !s.is_finite() || !b.is_finite() {
+                break;
+            }
+            let e = err(s, b);
+            if e >= cand_err {
+                break;
+            }
+            (cand, cand_err) = ((s, b), e);
+            assign(s, b, q);
+        }
+        if cand_err < best.2 {
+            best = (cand.0, cand.1, cand_err);
+        }
+    }
+    (best.0, best.1)
 }
 
 /// Packs `bits`-bit codes into u32 words as one little-endian bit stream (first code in
@@ -215,6 +355,11 @@ pub struct ConvertOptions {
     /// Largest shard in bytes.
     pub max_shard_bytes: u64,
     pub force: bool,
+    /// How each group's scale and bias are chosen.
+    pub quantizer: Quantizer,
+    /// Input statistics from calibration text: the search quantizer weights each
+    /// element's error by its column's mean square input.
+    pub importance: Option<std::sync::Arc<crate::importance::Importance>>,
 }
 
 impl Default for ConvertOptions {
@@ -227,6 +372,8 @@ impl Default for ConvertOptions {
             lm_head: None,
             max_shard_bytes: 2_000_000_000,
             force: false,
+            quantizer: Quantizer::default(),
+            importance: None,
         }
     }
 }
@@ -827,11 +974,13 @@ fn write_all(
         }
         w.write_all(&(h.len() as u64).to_le_bytes()).map_err(ctx)?;
         w.write_all(&h).map_err(ctx)?;
+        let tied = !source.tensors.iter().any(|t| t.name == "lm_head.weight");
         for &j in members {
             let job = &jobs[j];
             let t = &source.tensors[job.src];
             progress(done, jobs.len(), &t.name);
-            write_tensor(t, job, opts.group_size, ft, &mut w)
+            let importance = opts.importance.as_ref().and_then(|i| i.for_tensor(&t.name, tied));
+            write_tensor(t, job, opts.group_size, (opts.quantizer, importance), ft, &mut w)
                 .map_err(|e| e.context(format!("tensor \"{}\"", t.name)))?;
             done += 1;
         }
@@ -909,7 +1058,14 @@ fn write_text(dir: &Path, name: &str, text: &str) -> Result<()> {
 }
 
 /// Writes one source tensor's output tensors, in the order `plan` listed them.
-fn write_tensor(t: &SrcTensor, job: &Job, group: usize, ft: FloatType, w: &mut impl Write) -> Result<()> {
+fn write_tensor(
+    t: &SrcTensor,
+    job: &Job,
+    group: usize,
+    (quantizer, importance): (Quantizer, Option<&[f32]>),
+    ft: FloatType,
+    w: &mut impl Write,
+) -> Result<()> {
     let io = |e: std::io::Error| Error::new(format!("write failed: {e}"));
     let (rows, cols) = (t.rows(), t.cols());
     let mut row = vec![0f32; cols];
@@ -941,12 +1097,28 @@ fn write_tensor(t: &SrcTensor, job: &Job, group: usize, ft: FloatType, w: &mut i
             let groups = cols / group;
             let (mut scales, mut biases) = (Vec::with_capacity(rows * groups), Vec::with_capacity(rows * groups));
             let (mut codes, mut words) = (Vec::with_capacity(cols), Vec::with_capacity(cols));
+            if let Some(imp) = importance {
+                ensure!(
+                    imp.len() == cols,
+                    "calibration statistics have {} columns, the matrix {cols}",
+                    imp.len()
+                );
+            }
             for r in 0..rows {
                 t.read_row(r, &mut row);
                 check(&row, r)?;
                 codes.clear();
                 words.clear();
-                quantize_row_affine(&row, bits, group, ft, &mut codes, &mut scales, &mut biases);
+                quantize_row_affine(
+                    &row,
+                    bits,
+                    group,
+                    ft,
+                    (quantizer, importance),
+                    &mut codes,
+                    &mut scales,
+                    &mut biases,
+                );
                 let fresh = scales.len() - groups..;
                 if scales[fresh.clone()]
                     .iter()

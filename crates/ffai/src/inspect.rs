@@ -12,6 +12,16 @@ pub struct Tap {
     /// Also print each line to stderr as it is recorded.
     pub echo: bool,
     pub lines: Vec<String>,
+    /// When set, every linear layer's input is read back and its per-column mean square
+    /// accumulated (calibration for `convert`; see [`crate::importance`]).
+    pub importance: Option<InputSquares>,
+}
+
+/// Per linear-layer input site (`"L3.attn_in"`, `"head_in"`, ...): the sum over tokens of
+/// each input column's square, and the token count.
+#[derive(Clone, Debug, Default)]
+pub struct InputSquares {
+    pub sites: std::collections::BTreeMap<String, (Vec<f64>, usize)>,
 }
 
 impl Tap {
@@ -30,6 +40,7 @@ impl Tap {
                     layers,
                     echo: true,
                     lines: Vec::new(),
+                    importance: None,
                 }
             }
             _ => Tap::default(),
@@ -42,7 +53,51 @@ impl Tap {
             layers,
             echo: false,
             lines: Vec::new(),
+            importance: None,
         }
+    }
+
+    /// Records the input of a linear layer (`rows` tokens of `cols` values) at `site`
+    /// when importance collection is on; otherwise one branch.
+    #[inline]
+    pub fn linear_input<B: Backend>(
+        &mut self,
+        b: &B,
+        buf: &B::Buf,
+        rows: usize,
+        cols: usize,
+        site: &str,
+        layer: Option<usize>,
+    ) {
+        if self.importance.is_some() {
+            self.accumulate(b, buf, rows, cols, site, layer);
+        }
+    }
+
+    #[cold]
+    fn accumulate<B: Backend>(
+        &mut self,
+        b: &B,
+        buf: &B::Buf,
+        rows: usize,
+        cols: usize,
+        site: &str,
+        layer: Option<usize>,
+    ) {
+        let Some(imp) = &mut self.importance else { return };
+        let mut host = vec![0f32; rows * cols];
+        b.download(buf, 0..rows * cols, &mut host);
+        let key = match layer {
+            Some(l) => format!("L{l}.{site}"),
+            None => site.to_string(),
+        };
+        let (sums, n) = imp.sites.entry(key).or_insert_with(|| (vec![0.0; cols], 0));
+        for row in host.chunks_exact(cols) {
+            for (s, &x) in sums.iter_mut().zip(row) {
+                *s += x as f64 * x as f64;
+            }
+        }
+        *n += rows;
     }
 
     /// Records statistics of `buf[..len]` at a boundary. `layer` None = a model-level tap.

@@ -8,6 +8,7 @@ pub mod convert;
 pub mod error;
 pub mod generate;
 pub mod gguf;
+pub mod importance;
 pub mod inspect;
 pub mod models;
 pub mod quality;

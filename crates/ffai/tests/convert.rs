@@ -65,7 +65,16 @@ fn affine_quantization_reproduces_values_within_half_a_scale() {
                     *x = x.abs() + 0.3;
                 }
                 let (mut codes, mut scales, mut biases, mut words) = (vec![], vec![], vec![], vec![]);
-                quantize_row_affine(&w, bits, group, ft, &mut codes, &mut scales, &mut biases);
+                quantize_row_affine(
+                    &w,
+                    bits,
+                    group,
+                    ft,
+                    (convert::Quantizer::MinMax, None),
+                    &mut codes,
+                    &mut scales,
+                    &mut biases,
+                );
                 pack_codes(&codes, bits, &mut words);
                 assert_eq!(words.len(), cols * bits as usize / 32);
                 assert_eq!(scales.len(), cols / group);

@@ -413,6 +413,7 @@ impl<B: Backend> Decoder<B> {
                 }
                 None => &s.x,
             };
+            tap.linear_input(b, input, n, h, "attn_in", Some(i));
             b.matmuls(&[&l.wq, &l.wk, &l.wv], input, n, &mut [&mut s.q, &mut s.k, &mut s.v]);
             if let Some([bq, bk, bv]) = &l.qkv_bias {
                 b.add_bias(&mut s.q, bq, n);
@@ -443,6 +444,7 @@ impl<B: Backend> Decoder<B> {
             b.kv_write(&mut s.k_cache[i], &s.k, n, pos0, &shape);
             b.kv_write(&mut s.v_cache[i], &s.v, n, pos0, &shape);
             b.attention(&s.q, &s.k_cache[i], &s.v_cache[i], n, pos0, &shape, &mut s.att);
+            tap.linear_input(b, &s.att, n, c.num_heads * c.head_dim, "attn_out", Some(i));
             b.matmul(&l.wo, &s.att, n, &mut s.tmp);
             if let Some(ob) = &l.o_bias {
                 b.add_bias(&mut s.tmp, ob, n);
@@ -457,6 +459,7 @@ impl<B: Backend> Decoder<B> {
                 }
                 None => &s.x,
             };
+            tap.linear_input(b, input, n, h, "ffn_in", Some(i));
             match (&l.w_gate, sp.mlp) {
                 (Some(g), Mlp::SwiGlu) => {
                     b.matmuls(&[g, &l.w_up], input, n, &mut [&mut s.gate, &mut s.up]);
@@ -474,6 +477,7 @@ impl<B: Backend> Decoder<B> {
                     b.gelu(&mut s.gate, n * f);
                 }
             }
+            tap.linear_input(b, &s.gate, n, f, "ffn_down_in", Some(i));
             b.matmul(&l.w_down, &s.gate, n, &mut s.tmp);
             if let Some(db) = &l.down_bias {
                 b.add_bias(&mut s.tmp, db, n);
@@ -483,6 +487,7 @@ impl<B: Backend> Decoder<B> {
         }
         self.norm(&self.final_norm, &s.x, n, &mut s.xn);
         tap.boundary(b, &s.xn, n * h, "final_norm", None);
+        tap.linear_input(b, &s.xn, n, h, "head_in", None);
     }
 
     /// `x += residual_scale * post_norm(tmp)` (the norm only where the family has one).
