@@ -194,7 +194,8 @@ pub(in crate::quant::q8) unsafe fn prepare_tile(ty: WeightType, v: View<'_>, t0:
         WeightType::Q8_0 => Some(7),
         _ => None,
     };
-    let with_s = matches!(ty, WeightType::Q4_1 | WeightType::Q5_1 | WeightType::Affine { .. });
+    let affine = matches!(ty, WeightType::Affine { .. });
+    let with_s = matches!(ty, WeightType::Q4_1 | WeightType::Q5_1) || affine;
     let out = buf.as_mut_ptr();
     for p in 0..ntok.div_ceil(2) {
         for c in 0..nchunks {
@@ -212,7 +213,11 @@ pub(in crate::quant::q8) unsafe fn prepare_tile(ty: WeightType, v: View<'_>, t0:
                     // SAFETY: token `t`, block `8c + k < nblk` exist (caller).
                     *xk = unsafe { load32(v.qs.as_ptr().add(t * v.cols + (8 * c + k) * QK)) };
                 }
-                half_x[h] = transpose8(&x);
+                half_x[h] = if affine && folds(n) {
+                    transpose_folded(&x)
+                } else {
+                    transpose8(&x)
+                };
                 let i = t * v.nblk + 8 * c;
                 // SAFETY: masked lanes are not read; the others are blocks `8c..8c + n` of
                 // token `t` (caller).
@@ -644,6 +649,24 @@ unsafe fn legacy_chunk_tile<const K: u8, const N: usize>(
     }
 }
 
+/// True when the affine kernels lay out a step of `n` chunks folded ([`transpose_folded`]):
+/// a row's last step of at most 4 chunks, which then takes 4 `vpdpbusd` per token pair
+/// instead of 8 (rows of 576 or 640 elements end in 2 or 4 chunks).
+#[inline(always)]
+fn folds(n: usize) -> bool {
+    n <= 4
+}
+
+/// [`transpose8`] of at most 4 chunks (`a[4..]` zero) folded into 4 vectors: lane `k` of
+/// `out[m]` is dword `m` of chunk `k`, lane `k + 4` its dword `m + 4`, so `vpdpbusd`
+/// over `out[..4]` leaves chunk `k`'s dot split between lanes `k` and `k + 4`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn transpose_folded(a: &[__m256i; 8]) -> [__m256i; 8] {
+    let swap = |v: __m256i| _mm256_permute2x128_si256::<0x01>(v, v);
+    transpose8(&[a[0], a[1], a[2], a[3], swap(a[0]), swap(a[1]), swap(a[2]), swap(a[3])])
+}
+
 /// The affine row kernel (`q8/affine.rs`, 256-bit, VNNI) on blocks of `nr ≤ RB` rows ×
 /// `nt ≤ 32` tokens of a prepared tile: each row's 8-chunk step decoded and transposed
 /// once for all the tokens, so block `k`'s exact integer dot lands in lane `k` with no
@@ -748,21 +771,28 @@ unsafe fn affine_chunk_tile<const BITS: u8, const N: usize>(
                 w
             };
         }
-        let w8 = transpose8(&wq);
+        let fold = folds(N);
+        let w8 = if fold { transpose_folded(&wq) } else { transpose8(&wq) };
         let mut wt = [_mm512_setzero_si512(); 8];
         for (d, &w) in wt.iter_mut().zip(&w8) {
             *d = dup_si(w);
         }
+        let steps = if fold { 4 } else { 8 };
         for (p, a) in ar.iter_mut().enumerate().take(np) {
             // SAFETY: pair `p < np`'s record is inside the tile (caller); accumulator
             // (`r < nr`, `p`) was initialised by the caller.
             unsafe {
                 let x = rec.add(p * pstride);
                 let mut s = [_mm512_setzero_si512(); 2];
-                for m in 0..8 {
+                for m in 0..steps {
                     s[m % 2] = _mm512_dpbusd_epi32(s[m % 2], wt[m], _mm512_loadu_si512(x.add(64 * m).cast()));
                 }
-                let isum = _mm512_add_epi32(s[0], s[1]);
+                let mut isum = _mm512_add_epi32(s[0], s[1]);
+                if fold {
+                    // Lane k + 4 holds the second half of chunk k's dot: add it to lane k
+                    // and clear lanes 4..8 of each token, as the row kernel has them.
+                    isum = _mm512_maskz_add_epi32(0x0F0F, isum, _mm512_shuffle_i32x4::<0b10_11_00_01>(isum, isum));
+                }
                 let scale = _mm512_mul_ps(scv, _mm512_loadu_ps(x.add(576).cast()));
                 let acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(isum), a.assume_init());
                 a.write(_mm512_fmadd_ps(biv, _mm512_loadu_ps(x.add(640).cast()), acc));
