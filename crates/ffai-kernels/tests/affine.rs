@@ -397,7 +397,8 @@ fn tile_path_equals_row_path_bit_exactly() {
                                 let single = dot_row_q8(ty, row, &acts, t);
                                 assert_eq!(g.to_bits(), single.to_bits(), "{path} {ty} tile vs dot_row_q8");
                                 let wr = &m.deq[(r0 + r) * cols..(r0 + r + 1) * cols];
-                                let (want, mag) = (f64_dot(wr, &xq[t]), magnitude(&m, bits, group, r0 + r, cols, &xq[t]));
+                                let (want, mag) =
+                                    (f64_dot(wr, &xq[t]), magnitude(&m, bits, group, r0 + r, cols, &xq[t]));
                                 assert!(
                                     (f64::from(g) - want).abs() <= 1e-5 * mag,
                                     "{path} {ty} row {} token {t}: {g} vs {want} (mag {mag})",
