@@ -175,7 +175,8 @@ unsafe fn prepare_ktile(v: View<'_>, t0: usize, ntok: usize, buf: &mut [u8]) {
 /// Writes the records of tokens `t0..t0 + ntok` for weight kind `ty` into `buf`: what
 /// `legacy_chunk_rt` computes per call for its tokens, computed once so that every block
 /// of rows dotted against these tokens can reuse it. Lanes of blocks past the row's end
-/// are zero, as there.
+/// are zero, as there. The affine types take Q4_1's records, except that a last chunk of
+/// at most 4 blocks is laid out folded ([`transpose_folded`], its first 4 vectors used).
 ///
 /// # Safety
 /// The CPU features must have been detected; `ty` is a [`tile_kind`]; `v` holds tokens
@@ -249,7 +250,8 @@ pub(in crate::quant::q8) unsafe fn prepare_tile(ty: WeightType, v: View<'_>, t0:
 
 /// `out[r · ntok + j] = row r · token j` of a tile prepared by [`prepare_tile`] (for
 /// the same kind, `ntok` tokens of `nblk` blocks), in blocks of up to [`RB`] rows ×
-/// 32 tokens: the arithmetic of [`dot_rows_multi`], so bit-identical to it.
+/// 32 tokens: the arithmetic of [`dot_rows_multi`] (for the affine types, of their row
+/// kernel in `q8/affine.rs`), so bit-identical to it.
 ///
 /// # Safety
 /// The CPU features must have been detected; `ty` is a [`tile_kind`]; `rows` holds
