@@ -461,48 +461,6 @@ fn matmul_and_embed_every_weight_type_match_dequantized_oracle() {
     }
 }
 
-/// The CPU backend's prefill (token tiles, blocks of rows, several threads) gives every
-/// token exactly what decoding it alone gives, for every MLX affine format: row and
-/// token counts off the 16-row blocks and 32-token tiles, rows ending in partial steps of
-/// 8 chunks.
-#[test]
-fn affine_prefill_matmul_equals_decode_bit_exactly() {
-    let mut r = Rng(9);
-    for bits in quant::affine::BITS {
-        for group in quant::affine::GROUPS {
-            let ty = WeightType::affine(bits, group).unwrap();
-            let col_counts: &[usize] = if group == 128 { &[640] } else { &[576, 640] };
-            for &cols in col_counts {
-                let (rows, n) = (45, 41);
-                let rb = ty.row_bytes(cols).unwrap();
-                let mut bytes = vec![0u8; rows * rb];
-                for row in bytes.chunks_exact_mut(rb) {
-                    quant::quantize_row(ty, &r.vec(cols), row).unwrap();
-                }
-                let x = r.vec(n * cols);
-                for b in backends() {
-                    let m = b.matrix(ty, rows, cols, HostBytes::from_vec(bytes.clone()));
-                    let mut all = b.alloc(n * rows);
-                    b.matmul(&m, &x, n, &mut all);
-                    let mut one = b.alloc(rows);
-                    for t in 0..n {
-                        b.matmul(&m, &x[t * cols..(t + 1) * cols].to_vec(), 1, &mut one);
-                        for row in 0..rows {
-                            assert_eq!(
-                                all[t * rows + row].to_bits(),
-                                one[row].to_bits(),
-                                "{ty} cols={cols} token {t} row {row}: prefill {} vs decode {}",
-                                all[t * rows + row],
-                                one[row]
-                            );
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
 #[test]
 fn exp_nonpos_matches_libm() {
     let mut worst = 0f64;
