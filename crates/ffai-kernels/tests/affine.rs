@@ -10,8 +10,10 @@
 
 use std::sync::{Mutex, MutexGuard};
 
+use ffai_kernels::backend::{Backend, HostBytes};
+use ffai_kernels::cpu::CpuBackend;
 use ffai_kernels::quant::affine::{repack_mlx, MlxTriple, ScaleType, BITS, GROUPS};
-use ffai_kernels::quant::q8::{dot_rows_q8_multi, force_q8_level, Q8Level};
+use ffai_kernels::quant::q8::{dot_rows_q8_multi, dot_rows_q8_tile, force_q8_level, Q8Level, TokenTile};
 use ffai_kernels::quant::{
     dequantize_row, dot_row, dot_row_q8, dot_row_q8_multi, dot_rows_q8, q8_backend_name, quantize_row, ActFormat,
     QuantizedActs, WeightType,
@@ -314,6 +316,137 @@ fn q8_dots_match_oracle_on_every_path() {
                     for r in 0..rows {
                         let one = dot_row_q8(ty, &w[r * rb..(r + 1) * rb], &acts, t);
                         assert_eq!(out[r].to_bits(), one.to_bits(), "{path} {ty} dot_rows_q8");
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Sets every level of row `r` to its largest value (all bits of its words set) and
+/// recomputes the oracle's values of that row from its stored scales and biases.
+fn saturate_row(m: &mut Mlx, bits: u8, group: u16, r: usize, cols: usize) {
+    let wpr = cols * bits as usize / 32;
+    m.words[r * wpr..(r + 1) * wpr].fill(u32::MAX);
+    let g = group as usize;
+    let top = ((1u32 << bits) - 1) as f32;
+    let get = |b: &[u8], k: usize| -> f32 {
+        match m.st {
+            ScaleType::F16 => f16::from_le_bytes([b[2 * k], b[2 * k + 1]]).to_f32(),
+            ScaleType::BF16 => bf16::from_le_bytes([b[2 * k], b[2 * k + 1]]).to_f32(),
+            ScaleType::F32 => f32::from_le_bytes(b[4 * k..4 * k + 4].try_into().unwrap()),
+        }
+    };
+    for c in 0..cols {
+        let k = r * (cols / g) + c / g;
+        m.deq[r * cols + c] = get(&m.scales, k) * top + get(&m.biases, k);
+    }
+}
+
+/// The prepared-tile prefill entry point (`TokenTile` + `dot_rows_q8_tile`, the CPU
+/// backend's prefill loop) is bit-identical to `dot_row_q8_multi` row by row and to
+/// `dot_row_q8` per (row, token), for every bits × group on every path: row counts
+/// around the 16-row blocks, token counts around the 2-token pairs and 32-token blocks,
+/// token offsets, and every chunk count remainder of the 8-chunk steps the groups allow.
+/// Also checks the results against the `f64` oracle.
+#[test]
+fn tile_path_equals_row_path_bit_exactly() {
+    every_path(|path| {
+        let mut rng = Rng(5);
+        for (bits, group) in all_formats() {
+            let ty = WeightType::affine(bits, group).unwrap();
+            let chunk_counts: &[usize] = match group {
+                32 => &[1, 3, 9, 20, 23],
+                64 => &[2, 6, 18, 22],
+                _ => &[4, 12, 32],
+            };
+            for &nc in chunk_counts {
+                let (rows, cols, n) = (35, 32 * nc, 45);
+                let mut m = make_mlx(&mut rng, bits, group, rows, cols, ScaleType::BF16);
+                // Row 1 at the largest levels: the largest integer sums the kernels meet.
+                saturate_row(&mut m, bits, group, 1, cols);
+                let w = repack(&m, bits, group, rows, cols);
+                let rb = ty.row_bytes(cols).unwrap();
+                let mut x: Vec<f32> = (0..n * cols).map(|_| rng.uniform(-2.0, 2.0)).collect();
+                // Tokens 0 and 1: every quant +127 / alternating ±127 blocks.
+                x[..cols].fill(1.0);
+                for (i, v) in x[cols..2 * cols].iter_mut().enumerate() {
+                    *v = if (i / 32) % 2 == 0 { -1.0 } else { 1.0 };
+                }
+                let mut acts = QuantizedActs::new();
+                acts.quantize(ty, &x, n, cols);
+                let xq: Vec<Vec<f32>> = (0..n).map(|t| dequantized_acts(&acts, t)).collect();
+                let mut tile = TokenTile::new();
+                for nr in [1, 5, 16, 19, 35] {
+                    let r0 = if nr == 1 { 1 } else { rows - nr };
+                    let block = &w[r0 * rb..(r0 + nr) * rb];
+                    for (start, len) in [(0, 1), (2, 3), (0, 17), (1, 33), (0, 40), (5, 40), (44, 1)] {
+                        tile.prepare(ty, &acts, start..start + len);
+                        let mut got = vec![f32::NAN; nr * len];
+                        dot_rows_q8_tile(ty, block, &acts, &tile, &mut got);
+                        for r in 0..nr {
+                            let row = &block[r * rb..(r + 1) * rb];
+                            let mut one = vec![f32::NAN; len];
+                            dot_row_q8_multi(ty, row, &acts, start..start + len, &mut one);
+                            for j in 0..len {
+                                let (t, g) = (start + j, got[r * len + j]);
+                                assert_eq!(
+                                    g.to_bits(),
+                                    one[j].to_bits(),
+                                    "{path} {ty} cols={cols} rows={nr} tokens {start}+{len}: row {r} token {t}: tile {g:e} vs row multi {:e}",
+                                    one[j]
+                                );
+                                let single = dot_row_q8(ty, row, &acts, t);
+                                assert_eq!(g.to_bits(), single.to_bits(), "{path} {ty} tile vs dot_row_q8");
+                                let wr = &m.deq[(r0 + r) * cols..(r0 + r + 1) * cols];
+                                let (want, mag) =
+                                    (f64_dot(wr, &xq[t]), magnitude(&m, bits, group, r0 + r, cols, &xq[t]));
+                                assert!(
+                                    (f64::from(g) - want).abs() <= 1e-5 * mag,
+                                    "{path} {ty} row {} token {t}: {g} vs {want} (mag {mag})",
+                                    r0 + r
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// The CPU backend's prefill (token tiles, blocks of rows, several threads) gives every
+/// token exactly what decoding it alone gives, for every format on every path: row and
+/// token counts off the 16-row blocks and 32-token tiles, rows ending in partial steps of
+/// 8 chunks. (Here, under the level lock: other tests switch the global level.)
+#[test]
+fn backend_prefill_equals_decode_bit_exactly() {
+    every_path(|path| {
+        let mut rng = Rng(6);
+        for (bits, group) in all_formats() {
+            let ty = WeightType::affine(bits, group).unwrap();
+            let col_counts: &[usize] = if group == 128 { &[640] } else { &[576, 640] };
+            for &cols in col_counts {
+                let (rows, n) = (45, 41);
+                let m = make_mlx(&mut rng, bits, group, rows, cols, ScaleType::F16);
+                let w = repack(&m, bits, group, rows, cols);
+                let x: Vec<f32> = (0..n * cols).map(|_| rng.uniform(-2.0, 2.0)).collect();
+                for b in [CpuBackend::new(1), CpuBackend::new(3)] {
+                    let mat = b.matrix(ty, rows, cols, HostBytes::from_vec(w.clone()));
+                    let mut all = b.alloc(n * rows);
+                    b.matmul(&mat, &x, n, &mut all);
+                    let mut one = b.alloc(rows);
+                    for t in 0..n {
+                        b.matmul(&mat, &x[t * cols..(t + 1) * cols].to_vec(), 1, &mut one);
+                        for row in 0..rows {
+                            assert_eq!(
+                                all[t * rows + row].to_bits(),
+                                one[row].to_bits(),
+                                "{path} {ty} cols={cols} token {t} row {row}: prefill {} vs decode {}",
+                                all[t * rows + row],
+                                one[row]
+                            );
+                        }
                     }
                 }
             }

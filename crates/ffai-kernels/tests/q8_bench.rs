@@ -251,7 +251,13 @@ const GEMM_SHAPES: &[(WeightType, usize, usize)] = &[
     (WeightType::Q8_0, 1536, 576),
     (aff(4, 32), 1536, 576),
     (aff(4, 64), 1536, 576),
+    (aff(4, 128), 576, 1536),
+    (aff(8, 32), 1536, 576),
     (aff(8, 64), 1536, 576),
+    (aff(2, 64), 1536, 576),
+    (aff(3, 64), 1536, 576),
+    (aff(5, 64), 1536, 576),
+    (aff(6, 64), 1536, 576),
 ];
 
 /// The MLX affine type of `bits` and `group` (for the tables).

@@ -50,7 +50,9 @@
 //!
 //! The affine (MLX) types run their own kernels (`affine.rs`) on the same levels; their
 //! VNNI builds take 8-bit levels unsigned, so for 8 bits they round differently from AVX2
-//! (the same exact integers, other `f32` terms), unlike the GGUF types.
+//! (the same exact integers, other `f32` terms), unlike the GGUF types. On the AVX-512
+//! level their prefill goes through [`TokenTile`] like the legacy types (blocks of 16 rows
+//! × 32 tokens, `vnni/avx512/wide.rs`), bit-identical to their row kernels.
 //!
 //! All quantize activations to **identical bytes** (the x86 levels share the AVX2
 //! quantizer) and compute **identical integer dot products** per block (sub-block
@@ -725,8 +727,8 @@ fn quantize_q8k_row(x: &[f32], q: &mut [i8], d: &mut [f32], bsums: &mut [i16]) {
 // --------------------------------------------------------------------- dots
 
 /// A tile of tokens of a [`QuantizedActs`] laid out once for [`dot_rows_q8_tile`]: on
-/// the AVX-512 level, the legacy kinds' activations transposed and paired the way the
-/// blocked kernel wants them, so that a thread dotting many blocks of rows against the
+/// the AVX-512 level, the activations of the legacy kinds, the MLX affine types and the
+/// K-quants transposed or paired the way the blocked kernels want them, so that a thread dotting many blocks of rows against the
 /// same tokens prepares them once instead of once per block. Elsewhere it only records
 /// the token range (and `dot_rows_q8_tile` is [`dot_rows_q8_multi`]).
 ///

@@ -322,7 +322,7 @@ macro_rules! affine_kernels {
         /// `p..p + 4 · BITS` readable.
         #[inline]
         #[target_feature(enable = $feat)]
-        unsafe fn levels<const BITS: u8>(p: *const u8) -> __m256i {
+        pub(in crate::quant::q8) unsafe fn levels<const BITS: u8>(p: *const u8) -> __m256i {
             // SAFETY: each read stays inside the chunk's `4 · BITS` bytes.
             unsafe {
                 match BITS {
@@ -384,7 +384,7 @@ macro_rules! affine_kernels {
         /// Groups `c >> shift ..= (c + N - 1) >> shift` of `p` must be readable.
         #[inline]
         #[target_feature(enable = $feat)]
-        unsafe fn per_chunk<const N: usize>(p: *const f32, c: usize, shift: u32) -> __m256 {
+        pub(in crate::quant::q8) unsafe fn per_chunk<const N: usize>(p: *const f32, c: usize, shift: u32) -> __m256 {
             // SAFETY (every read): only the groups of chunks `c..c + N` (caller).
             unsafe {
                 if N == 8 {
@@ -518,7 +518,7 @@ macro_rules! affine_kernels {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     /// AVX2: `vpmaddubsw` + `vpmaddwd`.
     pub(super) mod avx2 {
         /// Exact `u8 × i8` dot of 32 bytes into 8 `i32` lanes, for levels ≤ 63 or the
@@ -541,8 +541,9 @@ mod x86 {
         affine_kernels!("avx2,fma,f16c,avxvnni", true, bytedot);
     }
 
-    /// AVX-512 VNNI (EVEX, 256-bit vectors).
-    pub(super) mod avx512vnni {
+    /// AVX-512 VNNI (EVEX, 256-bit vectors); its `levels` and `per_chunk` also serve the
+    /// 512-bit prefill kernel over prepared token tiles (`vnni/avx512/wide.rs`).
+    pub(in crate::quant::q8) mod avx512vnni {
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
         fn bytedot(w: __m256i, x: __m256i) -> __m256i {

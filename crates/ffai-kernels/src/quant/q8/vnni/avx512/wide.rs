@@ -15,6 +15,8 @@ use super::{
     f16_at, gather_f16, gather_f16_pairs, has_min, hsum_ps, k_scales, legacy_bytes, levels, load32, q45k_levels,
     q45k_pair_scales, q6k_levels, q6k_pair_scales, transpose8, View, KSUMS, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, QK, QK_K,
 };
+use crate::quant::affine::{assert_valid, chunk_bytes};
+use crate::quant::q8::affine::x86::avx512vnni::{levels as affine_levels, per_chunk};
 use crate::quant::WeightType;
 
 /// Rows per block of the legacy kernel.
@@ -119,12 +121,19 @@ fn is_kquant(ty: WeightType) -> bool {
     matches!(ty, WeightType::Q4K | WeightType::Q5K | WeightType::Q6K)
 }
 
-/// True for the kinds [`prepare_tile`] / [`dot_rows_tile`] handle.
+/// True for the kinds [`prepare_tile`] / [`dot_rows_tile`] handle. The affine (MLX)
+/// types share the Q4_1 records: their 32-element chunks dot with Q8_1 blocks as Q4_1's
+/// blocks do (unsigned levels, a scale and a bias term per block).
 pub(in crate::quant::q8) fn tile_kind(ty: WeightType) -> bool {
     is_kquant(ty)
         || matches!(
             ty,
-            WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q5_0 | WeightType::Q5_1 | WeightType::Q8_0
+            WeightType::Q4_0
+                | WeightType::Q4_1
+                | WeightType::Q5_0
+                | WeightType::Q5_1
+                | WeightType::Q8_0
+                | WeightType::Affine { .. }
         )
 }
 
@@ -166,7 +175,8 @@ unsafe fn prepare_ktile(v: View<'_>, t0: usize, ntok: usize, buf: &mut [u8]) {
 /// Writes the records of tokens `t0..t0 + ntok` for weight kind `ty` into `buf`: what
 /// `legacy_chunk_rt` computes per call for its tokens, computed once so that every block
 /// of rows dotted against these tokens can reuse it. Lanes of blocks past the row's end
-/// are zero, as there.
+/// are zero, as there. The affine types take Q4_1's records, except that a last chunk of
+/// at most 4 blocks is laid out folded ([`transpose_folded`], its first 4 vectors used).
 ///
 /// # Safety
 /// The CPU features must have been detected; `ty` is a [`tile_kind`]; `v` holds tokens
@@ -185,7 +195,8 @@ pub(in crate::quant::q8) unsafe fn prepare_tile(ty: WeightType, v: View<'_>, t0:
         WeightType::Q8_0 => Some(7),
         _ => None,
     };
-    let with_s = matches!(ty, WeightType::Q4_1 | WeightType::Q5_1);
+    let affine = matches!(ty, WeightType::Affine { .. });
+    let with_s = matches!(ty, WeightType::Q4_1 | WeightType::Q5_1) || affine;
     let out = buf.as_mut_ptr();
     for p in 0..ntok.div_ceil(2) {
         for c in 0..nchunks {
@@ -203,7 +214,11 @@ pub(in crate::quant::q8) unsafe fn prepare_tile(ty: WeightType, v: View<'_>, t0:
                     // SAFETY: token `t`, block `8c + k < nblk` exist (caller).
                     *xk = unsafe { load32(v.qs.as_ptr().add(t * v.cols + (8 * c + k) * QK)) };
                 }
-                half_x[h] = transpose8(&x);
+                half_x[h] = if affine && folds(n) {
+                    transpose_folded(&x)
+                } else {
+                    transpose8(&x)
+                };
                 let i = t * v.nblk + 8 * c;
                 // SAFETY: masked lanes are not read; the others are blocks `8c..8c + n` of
                 // token `t` (caller).
@@ -235,7 +250,8 @@ pub(in crate::quant::q8) unsafe fn prepare_tile(ty: WeightType, v: View<'_>, t0:
 
 /// `out[r · ntok + j] = row r · token j` of a tile prepared by [`prepare_tile`] (for
 /// the same kind, `ntok` tokens of `nblk` blocks), in blocks of up to [`RB`] rows ×
-/// 32 tokens: the arithmetic of [`dot_rows_multi`], so bit-identical to it.
+/// 32 tokens: the arithmetic of [`dot_rows_multi`] (for the affine types, of their row
+/// kernel in `q8/affine.rs`), so bit-identical to it.
 ///
 /// # Safety
 /// The CPU features must have been detected; `ty` is a [`tile_kind`]; `rows` holds
@@ -268,6 +284,36 @@ pub(in crate::quant::q8) unsafe fn dot_rows_tile(
                             rb,
                             nr,
                             nblk,
+                            &tile[(j / 2) * pstride..],
+                            pstride,
+                            nt,
+                            &mut out[r * ntok + j..],
+                            ntok,
+                        )
+                    };
+                    j += nt;
+                }
+                r += nr;
+            }
+        }};
+    }
+    macro_rules! affine_blocked {
+        ($bits:expr, $shift:expr) => {{
+            let mut r = 0;
+            while r < nrows {
+                let nr = RB.min(nrows - r);
+                let mut j = 0;
+                while j < ntok {
+                    let nt = (2 * PB).min(ntok - j);
+                    // SAFETY: as in `blocked!`; the rows are whole affine rows of `nblk`
+                    // chunks in groups of `32 << shift` elements.
+                    unsafe {
+                        dot_affine_tile::<{ $bits }>(
+                            &rows[r * rb..(r + nr) * rb],
+                            rb,
+                            nr,
+                            nblk,
+                            $shift,
                             &tile[(j / 2) * pstride..],
                             pstride,
                             nt,
@@ -318,6 +364,19 @@ pub(in crate::quant::q8) unsafe fn dot_rows_tile(
         WeightType::Q4K => per_row!(dot_q45k_tile[false]),
         WeightType::Q5K => per_row!(dot_q45k_tile[true]),
         WeightType::Q6K => per_row!(dot_q6k_tile[]),
+        WeightType::Affine { bits, group } => {
+            assert_valid(bits, group);
+            // Chunks per group is 1, 2 or 4: shifts, not divisions (as the row kernel).
+            let shift = (group / 32).trailing_zeros();
+            match bits {
+                2 => affine_blocked!(2, shift),
+                3 => affine_blocked!(3, shift),
+                4 => affine_blocked!(4, shift),
+                5 => affine_blocked!(5, shift),
+                6 => affine_blocked!(6, shift),
+                _ => affine_blocked!(8, shift),
+            }
+        }
         _ => unreachable!("not a tile kind"),
     }
 }
@@ -587,6 +646,158 @@ unsafe fn legacy_chunk_tile<const K: u8, const N: usize>(
                     acc = _mm512_fmadd_ps(mw, _mm512_loadu_ps(x.add(640).cast()), acc);
                 }
                 a.write(acc);
+            }
+        }
+    }
+}
+
+/// True when the affine kernels lay out a step of `n` chunks folded ([`transpose_folded`]):
+/// a row's last step of at most 4 chunks, which then takes 4 `vpdpbusd` per token pair
+/// instead of 8 (rows of 576 or 640 elements end in 2 or 4 chunks).
+#[inline(always)]
+fn folds(n: usize) -> bool {
+    n <= 4
+}
+
+/// [`transpose8`] of at most 4 chunks (`a[4..]` zero) folded into 4 vectors: lane `k` of
+/// `out[m]` is dword `m` of chunk `k`, lane `k + 4` its dword `m + 4`, so `vpdpbusd`
+/// over `out[..4]` leaves chunk `k`'s dot split between lanes `k` and `k + 4`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn transpose_folded(a: &[__m256i; 8]) -> [__m256i; 8] {
+    let swap = |v: __m256i| _mm256_permute2x128_si256::<0x01>(v, v);
+    transpose8(&[a[0], a[1], a[2], a[3], swap(a[0]), swap(a[1]), swap(a[2]), swap(a[3])])
+}
+
+/// The affine row kernel (`q8/affine.rs`, 256-bit, VNNI) on blocks of `nr ≤ RB` rows ×
+/// `nt ≤ 32` tokens of a prepared tile: each row's 8-chunk step decoded and transposed
+/// once for all the tokens, so block `k`'s exact integer dot lands in lane `k` with no
+/// horizontal sums — the same `i32` lanes as the row kernel's `sum_lanes8`, then the same
+/// `f32` operations (`scale · d`, one FMA with the integer sum, one with `bias · s`) in
+/// the same order, and the same final lane sum: bit-identical per (row, token).
+///
+/// # Safety
+/// As for [`dot_rows_tile`], for `nr` affine rows of `BITS`-bit levels, `nblk` chunks
+/// each, groups of `32 << shift` elements; `nt` tokens whose records start at `tile`
+/// (pairs `pstride` bytes apart); outputs `out[i · stride + j]`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn dot_affine_tile<const BITS: u8>(
+    rows: &[u8],
+    rb: usize,
+    nr: usize,
+    nblk: usize,
+    shift: u32,
+    tile: &[u8],
+    pstride: usize,
+    nt: usize,
+    out: &mut [f32],
+    stride: usize,
+) {
+    align_frame64();
+    let np = nt.div_ceil(2);
+    let mut acc = [[MaybeUninit::<__m512>::uninit(); PB]; RB];
+    for a in acc.iter_mut().take(nr) {
+        for x in a.iter_mut().take(np) {
+            x.write(_mm512_setzero_ps());
+        }
+    }
+    let mut c = 0;
+    // SAFETY (all calls): chunk `c / 8`'s chunks `c..c + N` exist; the rest is the
+    // caller's contract.
+    unsafe {
+        let rec = |c: usize| tile.as_ptr().add((c / 8) * TILE_REC);
+        let geo = (rows, rb, nr, nblk >> shift, shift);
+        while c + 8 <= nblk {
+            affine_chunk_tile::<BITS, 8>(geo, rec(c), pstride, np, c, &mut acc);
+            c += 8;
+        }
+        match nblk - c {
+            0 => {}
+            1 => affine_chunk_tile::<BITS, 1>(geo, rec(c), pstride, np, c, &mut acc),
+            2 => affine_chunk_tile::<BITS, 2>(geo, rec(c), pstride, np, c, &mut acc),
+            3 => affine_chunk_tile::<BITS, 3>(geo, rec(c), pstride, np, c, &mut acc),
+            4 => affine_chunk_tile::<BITS, 4>(geo, rec(c), pstride, np, c, &mut acc),
+            5 => affine_chunk_tile::<BITS, 5>(geo, rec(c), pstride, np, c, &mut acc),
+            6 => affine_chunk_tile::<BITS, 6>(geo, rec(c), pstride, np, c, &mut acc),
+            _ => affine_chunk_tile::<BITS, 7>(geo, rec(c), pstride, np, c, &mut acc),
+        }
+    }
+    for (i, a) in acc.iter().enumerate().take(nr) {
+        for (p, ap) in a.iter().enumerate().take(np) {
+            // SAFETY: initialised above (row `i < nr`, pair `p < np`).
+            let (lo, hi) = hsum_halves(unsafe { ap.assume_init() });
+            out[i * stride + 2 * p] = lo;
+            if 2 * p + 1 < nt {
+                out[i * stride + 2 * p + 1] = hi;
+            }
+        }
+    }
+}
+
+/// Chunks `c..c + N` of the rows against the prepared pairs at `rec` (pair `p` at
+/// `rec + p · pstride`); `geo` = (rows, row bytes, row count, groups per row, log2 of
+/// chunks per group).
+///
+/// # Safety
+/// As for [`dot_affine_tile`]; chunks `c..c + N` exist.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn affine_chunk_tile<const BITS: u8, const N: usize>(
+    (rows, rb, nr, ngroups, shift): (&[u8], usize, usize, usize, u32),
+    rec: *const u8,
+    pstride: usize,
+    np: usize,
+    c: usize,
+    acc: &mut [[MaybeUninit<__m512>; PB]; RB],
+) {
+    let cb = chunk_bytes(BITS);
+    for (r, ar) in acc.iter_mut().enumerate().take(nr) {
+        // SAFETY: row `r < nr` lies inside `rows`: `ngroups` scales, `ngroups` biases,
+        // then the levels (layout in `quant/affine.rs`; caller).
+        let (sc, bi, qs) = unsafe {
+            let p = rows.as_ptr().add(r * rb);
+            (p.cast::<f32>(), p.add(4 * ngroups).cast::<f32>(), p.add(8 * ngroups))
+        };
+        // SAFETY: the groups of chunks `c..c + N` exist in the row.
+        let (scv, biv) = unsafe { (per_chunk::<N>(sc, c, shift), per_chunk::<N>(bi, c, shift)) };
+        let (scv, biv) = (dup_ps(scv), dup_ps(biv));
+        let mut wq = [_mm256_setzero_si256(); 8];
+        for (k, wk) in wq.iter_mut().enumerate().take(N) {
+            // SAFETY: chunk `c + k < nblk` lies inside the row's levels.
+            let w = unsafe { affine_levels::<BITS>(qs.add((c + k) * cb)) };
+            // 8 bits: the stored `w - 128` with the top bit flipped is the unsigned level.
+            *wk = if BITS == 8 {
+                _mm256_xor_si256(w, _mm256_set1_epi8(-128))
+            } else {
+                w
+            };
+        }
+        let fold = folds(N);
+        let w8 = if fold { transpose_folded(&wq) } else { transpose8(&wq) };
+        let mut wt = [_mm512_setzero_si512(); 8];
+        for (d, &w) in wt.iter_mut().zip(&w8) {
+            *d = dup_si(w);
+        }
+        let steps = if fold { 4 } else { 8 };
+        for (p, a) in ar.iter_mut().enumerate().take(np) {
+            // SAFETY: pair `p < np`'s record is inside the tile (caller); accumulator
+            // (`r < nr`, `p`) was initialised by the caller.
+            unsafe {
+                let x = rec.add(p * pstride);
+                let mut s = [_mm512_setzero_si512(); 2];
+                for m in 0..steps {
+                    s[m % 2] = _mm512_dpbusd_epi32(s[m % 2], wt[m], _mm512_loadu_si512(x.add(64 * m).cast()));
+                }
+                let mut isum = _mm512_add_epi32(s[0], s[1]);
+                if fold {
+                    // Lane k + 4 holds the second half of chunk k's dot: add it to lane k
+                    // and clear lanes 4..8 of each token, as the row kernel has them.
+                    isum = _mm512_maskz_add_epi32(0x0F0F, isum, _mm512_shuffle_i32x4::<0b10_11_00_01>(isum, isum));
+                }
+                let scale = _mm512_mul_ps(scv, _mm512_loadu_ps(x.add(576).cast()));
+                let acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(isum), a.assume_init());
+                a.write(_mm512_fmadd_ps(biv, _mm512_loadu_ps(x.add(640).cast()), acc));
             }
         }
     }
