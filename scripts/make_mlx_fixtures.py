@@ -65,6 +65,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 import mlx_lm
 from mlx_lm.convert import mixed_quant_predicate_builder
+from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_model, quantize_model, save_config, save_model
 
@@ -267,25 +268,69 @@ def ffai_top(ffai, model_dir, ids, k, activations):
     return [(t["id"], t["logit"]) for t in top]
 
 
+# ffai's own output, read by MLX-LM: name -> parity fixture, --bits, --group-size.
+FFAI_CONVERTED = {
+    "llama_q4_g32": ("llama", "4", 32),
+    "gemma3_q6_g64": ("gemma3", "6", 64),
+    "phi3_q8_g64": ("phi3", "8", 64),
+}
+
+
+def mlx_on_ffai_output(ffai, src, bits, group, out):
+    """Converts parity fixture `src` with `ffai convert`, loads the output with MLX-LM
+    and returns (input ids, MLX's float32 logits, transformers' logits of the original)."""
+    ffai_convert(ffai, PARITY / src, bits, out, group)
+    ids, hf = read_reference(src)
+    model, _ = load_model(out)
+    return ids, forward_f32(model, ids), hf
+
+
+def make_ffai_convert_fixtures(out):
+    """tests/fixtures/mlx/ffai_convert/<name>/: MLX-LM's logits on what `ffai convert`
+    writes for a parity fixture (the test converts again and compares)."""
+    ffai = ROOT / "target" / "release" / "ffai"
+    assert ffai.exists(), f"{ffai} missing: cargo build --release first"
+    for name, (src, bits, group) in FFAI_CONVERTED.items():
+        dst = out / "ffai_convert" / name
+        dst.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            ids, logits, hf = mlx_on_ffai_output(ffai, src, bits, group, Path(tmp) / "out")
+        mx.save_safetensors(str(dst / "reference.safetensors"), {"input_ids": ids.astype(mx.int64), "logits": logits})
+        meta = {
+            "name": name,
+            "source_fixture": f"tests/fixtures/parity/{src}",
+            "ffai_convert": f"ffai convert tests/fixtures/parity/{src} --bits {bits} --group-size {group}",
+            "mlx_version": mx.__version__,
+            "mlx_lm_version": mlx_lm.__version__,
+            "bits": int(bits),
+            "group_size": group,
+            "mlx_vs_transformers_max_abs_diff": max_abs(logits, hf),
+            "mlx_vs_transformers_argmax_agree": argmax_agree(logits, hf),
+            "notes": "logits: MLX-LM forward pass (float32 parameters) on ffai convert's output, loaded by "
+            "mlx_lm.utils.load_model",
+        }
+        (dst / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        print(f"ffai_convert/{name}: MLX vs transformers {meta['mlx_vs_transformers_max_abs_diff']:.3f}")
+
+
 def check_ffai_output(work):
     ffai = ROOT / "target" / "release" / "ffai"
     assert ffai.exists(), f"{ffai} missing: cargo build --release first"
     work.mkdir(parents=True, exist_ok=True)
-    results = []
+    results = {}
 
-    # 1. A parity fixture (float32 transformers checkpoint) at 8-bit and 4-bit: MLX's
-    #    logits on ffai's output against transformers' logits on the original.
-    for bits, group in (("8", 64), ("4", 32), ("bf16", 0)):
-        out = work / f"parity-llama-{bits}"
-        ffai_convert(ffai, PARITY / "llama", bits, out, group)
-        ids, hf = read_reference("llama")
-        model, _ = load_model(out)
-        logits = forward_f32(model, ids)
-        d, agree = max_abs(logits, hf), argmax_agree(logits, hf)
-        print(f"parity llama {bits}: MLX on ffai's output vs transformers: max abs {d:.4f}, argmax {agree}/{ids.size}")
-        results.append((f"parity llama {bits}", d, agree))
+    # 1. Parity fixtures (float32 transformers checkpoints): MLX's logits on ffai's
+    #    output against transformers' on the original. bf16 must be close (only the
+    #    weights' rounding); a wrong config reading shows as a diff of several units.
+    for src in ("llama", "gemma3", "phi3", "qwen3"):
+        for bits, group in (("bf16", 0), ("8", 64), ("4", 32)):
+            ids, logits, hf = mlx_on_ffai_output(ffai, src, bits, group, work / f"parity-{src}-{bits}")
+            d, agree = max_abs(logits, hf), argmax_agree(logits, hf)
+            print(f"parity {src} {bits}: MLX on ffai's output vs transformers: max abs {d:.3e}, argmax {agree}/{ids.size}")
+            results[f"parity {src} {bits}: MLX vs transformers max abs, argmax agree"] = (d, agree)
 
-    # 2. SmolLM2 from GGUF at 4-bit, 8-bit and bf16.
+    # 2. SmolLM2 from GGUF at 4-bit, 8-bit and bf16: MLX's last-position logits against
+    #    ffai inspect's top 20 (f32 activations: same math; q8: ffai's default).
     gguf = Path.home() / ".cache" / "ffai" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     prompt = "The capital of France is Paris. The capital of Germany is"
     for bits in ("4", "8", "bf16"):
@@ -294,17 +339,19 @@ def check_ffai_output(work):
         model, tok = mlx_lm.load(str(out))
         ids = tok.encode(prompt)
         logits = forward_f32(model, mx.array(ids))[-1]
+        mlx_top = int(mx.argmax(logits).item())
         for act in ("f32", "q8"):
             top = ffai_top(ffai, out, ids, 20, act)
-            d = max(abs(l - logits[i].item()) for i, l in top)
-            mlx_top = int(mx.argmax(logits).item())
+            d = max(abs(v - logits[i].item()) for i, v in top)
             print(
                 f"smollm2 {bits} ({act} activations): {len(ids)} prompt tokens; ffai top-1 {top[0][0]}, MLX top-1 "
-                f"{mlx_top}; max abs diff over ffai's top 20 logits {d:.4f} (MLX top logit {logits[mlx_top].item():.3f})"
+                f"{mlx_top}; max abs diff over ffai's top 20 logits {d:.3e} (MLX top logit {logits[mlx_top].item():.3f})"
             )
-            results.append((f"smollm2 {bits} {act}", d, top[0][0] == mlx_top))
+            results[f"smollm2 {bits} {act} activations: max abs over top 20, top-1 equal"] = (d, top[0][0] == mlx_top)
 
-    # 3. Greedy generation, SmolLM2 8-bit.
+    # 3. Greedy generation, SmolLM2 8-bit, 20 tokens: the mlx_lm.generate CLI (which
+    #    computes in the checkpoint's bfloat16), MLX-LM's generate_step with float32
+    #    parameters, and ffai generate (default q8 activations and f32).
     out = work / "smollm2-8"
     mlx_text = run(
         [
@@ -312,10 +359,30 @@ def check_ffai_output(work):
             "--max-tokens", "20", "--temp", "0", "--ignore-chat-template", "--verbose", "False",
         ]
     )
-    ffai_text = run([ffai, "generate", "-m", out, "-p", prompt, "-n", "20", "--temperature", "0", "--threads", "2"])
-    print("mlx_lm.generate:", repr(mlx_text))
-    print("ffai generate:  ", repr(ffai_text))
-    results.append(("greedy 20 tokens equal", None, mlx_text.strip() == ffai_text.strip()))
+    model, tok = mlx_lm.load(str(out))
+    ids = tok.encode(prompt)
+    bf16_ids = [int(t) for (t, _), _ in zip(generate_step(mx.array(ids), model), range(20))]
+    f32_model, _ = mlx_lm.load(str(out))
+    forward_f32(f32_model, mx.array(ids))  # casts the parameters to float32
+    f32_ids = [int(t) for (t, _), _ in zip(generate_step(mx.array(ids), f32_model), range(20))]
+    print("mlx_lm.generate (bfloat16):", repr(mlx_text))
+    print("MLX generate_step bfloat16:", bf16_ids)
+    print("MLX generate_step float32: ", f32_ids)
+    for act in ("q8", "f32"):
+        j = json.loads(
+            run(
+                [
+                    ffai, "generate", "-m", out, "-p", prompt, "--max-tokens", "20", "--temperature", "0",
+                    "--threads", "2", "--activations", act, "--json",
+                ]
+            )
+        )
+        assert j["prompt_ids"] == ids, f"prompt tokenized differently: ffai {j['prompt_ids']}, MLX {ids}"
+        got = j["generated_ids"]
+        print(f"ffai generate ({act} activations):", got, repr(j["text"]))
+        for name, ref in (("MLX float32", f32_ids), ("MLX bfloat16", bf16_ids)):
+            same = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
+            results[f"greedy: ffai ({act}) and {name} agree on the first N of 20 tokens"] = same
     print(json.dumps(results, indent=1))
 
 
@@ -330,10 +397,13 @@ def main():
     if a.check_ffai_output:
         check_ffai_output(a.work)
         return
-    names = a.only.split(",") if a.only else list(FIXTURES)
+    names = a.only.split(",") if a.only else list(FIXTURES) + ["ffai_convert"]
     a.out.mkdir(parents=True, exist_ok=True)
     for n in names:
-        make_fixture(n, FIXTURES[n], a.out)
+        if n == "ffai_convert":
+            make_ffai_convert_fixtures(a.out)
+        else:
+            make_fixture(n, FIXTURES[n], a.out)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@
 //!   0.6–3.0 % and 0.6–5.5 %), and the argmax may flip only at near-ties: where MLX's
 //!   top two logits are within 4 rms differences.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use ffai::config::ModelConfig;
@@ -129,8 +131,12 @@ fn top_gap(x: &[f32]) -> f32 {
 /// MLX's logits, argmax equal at every position. Returns the max abs difference.
 fn check_f32(name: &str) -> f32 {
     let dir = fixture_dir(name);
-    let r = reference(&dir);
-    let (_, m) = load(&dir, true, true);
+    compare_f32(name, &dir, &reference(&dir))
+}
+
+/// [`check_f32`] for the checkpoint in `dir` against the MLX logits `r`.
+fn compare_f32(name: &str, dir: &Path, r: &Reference) -> f32 {
+    let (_, m) = load(dir, true, true);
     assert_eq!(m.config().vocab_size, r.vocab, "{name}: vocab");
     let n = r.ids.len();
     let mut st = m.new_state(n, 512).unwrap();
@@ -269,4 +275,51 @@ fn dequantization_equals_mx_dequantize_bit_for_bit() {
         }
     }
     assert_eq!(bits_seen.into_iter().collect::<Vec<_>>(), [3, 6], "{name}: bit widths");
+}
+
+/// The reverse direction: what `ffai convert` writes for a parity fixture, read by MLX-LM
+/// (tests/fixtures/mlx/ffai_convert: MLX-LM's float32 logits on the output of the
+/// command in its meta.json). Converted again here, ffai's logits must match MLX's at the
+/// f32 bound above: both read the same weights and the same model from the config.
+/// MLX-LM reads only the flat rope keys (`rope_theta`, `rope_scaling`,
+/// `rope_local_base_freq`) while ffai prefers transformers 5's `rope_parameters`, so
+/// the output is loaded a second time with `rope_parameters` removed: the flat keys alone
+/// must describe the same model. (If the quantizer in convert.rs changes on purpose,
+/// rerun scripts/make_mlx_fixtures.py --only ffai_convert.)
+#[test]
+fn ffai_converted_checkpoints_match_mlx_logits() {
+    use ffai::convert::{convert, ConvertOptions, Target};
+    let parity = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/parity");
+    for (name, src, bits, group) in [
+        ("llama_q4_g32", "llama", 4, 32),
+        ("gemma3_q6_g64", "gemma3", 6, 64),
+        ("phi3_q8_g64", "phi3", 8, 64),
+    ] {
+        let meta: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture_dir("ffai_convert").join(name).join("meta.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            meta["ffai_convert"],
+            format!("ffai convert tests/fixtures/parity/{src} --bits {bits} --group-size {group}")
+        );
+        let out = common::temp_dir(&format!("mlx-ffai-{name}")).join("out");
+        let opts = ConvertOptions {
+            target: Target::Affine(bits),
+            group_size: group,
+            ..Default::default()
+        };
+        convert(&parity.join(src), &out, &opts, &mut |_, _, _| {}).unwrap();
+        let r = reference(&fixture_dir("ffai_convert").join(name));
+        compare_f32(name, &out, &r);
+
+        let path = out.join("config.json");
+        let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert!(cfg.get("rope_parameters").is_some(), "{name}: the source's rope_parameters are kept");
+        assert!(cfg["rope_theta"].is_number(), "{name}: flat rope_theta written");
+        cfg.as_object_mut().unwrap().remove("rope_parameters");
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        compare_f32(&format!("{name} (flat rope keys only)"), &out, &r);
+        let _ = std::fs::remove_dir_all(out.parent().unwrap());
+    }
 }
