@@ -24,6 +24,11 @@ it with MLX-LM's own code and writes into <out>/<name>/:
                                shows MLX-LM reads the translated config as the same
                                model transformers built
 
+Also (name "ffai_convert", needs target/release/ffai): <out>/ffai_convert/<name>/
+reference.safetensors + meta.json, MLX-LM's float32 logits on what `ffai convert`
+writes for a parity fixture (the command is in meta.json); crates/ffai/tests/
+mlx_real.rs converts again and compares. Rerun it when convert.rs's quantizer changes.
+
 The steps are those of `mlx_lm.convert` (load_model, cast to --dtype, quantize_model
 with q_bits / q_group_size / quant_predicate, save_model, save_config) without the
 tokenizer: the parity fixtures have none, and neither MLX-LM's model loading nor ffai
@@ -32,12 +37,18 @@ MLX-LM model classes used here do not read (they would silently run plain RoPE),
 config is first rewritten in the older flat form (rope_theta, rope_scaling,
 rope_local_base_freq) that mlx-community checkpoints carry.
 
-Check mode (--check-ffai-output). Converts with target/release/ffai (a parity fixture,
-and ~/.cache/ffai/models/SmolLM2-135M-Instruct.Q4_1.gguf at 4-bit g64, 8-bit g64 and
-bf16), loads every output with mlx_lm, and compares MLX's logits with ffai's (parity
-fixture: the transformers reference; SmolLM2: `ffai inspect --json` top-k of the last
-position) and, for SmolLM2 8-bit, greedy generation of `mlx_lm.generate` and
-`ffai generate`. Prints a summary; nothing is written into the repository.
+Check mode (--check-ffai-output). Converts with target/release/ffai (the parity
+fixtures MLX-LM models correctly, at bf16, 8-bit g64 and 4-bit g32;
+~/.cache/ffai/models/SmolLM2-135M-Instruct.Q4_1.gguf at 4-bit g64, 8-bit g64 and bf16;
+gemma-3-270m-q4_k_m.gguf at 8-bit g64), loads every output with mlx_lm, and compares
+MLX's float32 logits with the transformers reference of the parity fixture, and with
+`ffai inspect --json`'s top 20 of the last position for the real models; then greedy
+generation of 20 tokens from SmolLM2 8-bit: the `mlx_lm.generate` CLI (bfloat16 math),
+MLX-LM's generate_step with float32 parameters, and `ffai generate --json`. Prints a
+summary; nothing is written into the repository. Known, not ffai's: MLX-LM's Gemma 3
+rounds the embedding scale sqrt(hidden_size) to bfloat16 (25.25 for 640), which moves
+Gemma 3 270M's logits by ~5e-3; the CLI's bfloat16 activations change SmolLM2's greedy
+text after two tokens, while float32 MLX and ffai agree on all 20.
 
 Usage (MLX and MLX-LM on CPU are enough; tested with mlx 0.32.4, mlx-lm 0.32.2):
 
@@ -51,7 +62,6 @@ same files.
 import argparse
 import copy
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -60,8 +70,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
-from mlx.utils import tree_flatten, tree_map_with_path
+from mlx.utils import tree_map_with_path
 
 import mlx_lm
 from mlx_lm.convert import mixed_quant_predicate_builder
@@ -322,20 +331,23 @@ def check_ffai_output(work):
     # 1. Parity fixtures (float32 transformers checkpoints): MLX's logits on ffai's
     #    output against transformers' on the original. bf16 must be close (only the
     #    weights' rounding); a wrong config reading shows as a diff of several units.
-    for src in ("llama", "gemma3", "phi3", "qwen3"):
+    for src in ("llama", "qwen2", "qwen3", "phi3", "gemma3", "olmo2", "granite"):
         for bits, group in (("bf16", 0), ("8", 64), ("4", 32)):
             ids, logits, hf = mlx_on_ffai_output(ffai, src, bits, group, work / f"parity-{src}-{bits}")
             d, agree = max_abs(logits, hf), argmax_agree(logits, hf)
             print(f"parity {src} {bits}: MLX on ffai's output vs transformers: max abs {d:.3e}, argmax {agree}/{ids.size}")
             results[f"parity {src} {bits}: MLX vs transformers max abs, argmax agree"] = (d, agree)
 
-    # 2. SmolLM2 from GGUF at 4-bit, 8-bit and bf16: MLX's last-position logits against
+    # 2. SmolLM2 from GGUF at 4-bit, 8-bit and bf16 (and Gemma 3 270M at 8-bit): MLX's
+    #    last-position logits against
     #    ffai inspect's top 20 (f32 activations: same math; q8: ffai's default).
-    gguf = Path.home() / ".cache" / "ffai" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    models = Path.home() / ".cache" / "ffai" / "models"
     prompt = "The capital of France is Paris. The capital of Germany is"
-    for bits in ("4", "8", "bf16"):
-        out = work / f"smollm2-{bits}"
-        ffai_convert(ffai, gguf, bits, out, 64)
+    runs = [("smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", b) for b in ("4", "8", "bf16")]
+    runs.append(("gemma3-270m", "gemma-3-270m-q4_k_m.gguf", "8"))
+    for tag, file, bits in runs:
+        out = work / f"{tag}-{bits}"
+        ffai_convert(ffai, models / file, bits, out, 64)
         model, tok = mlx_lm.load(str(out))
         ids = tok.encode(prompt)
         logits = forward_f32(model, mx.array(ids))[-1]
@@ -344,10 +356,10 @@ def check_ffai_output(work):
             top = ffai_top(ffai, out, ids, 20, act)
             d = max(abs(v - logits[i].item()) for i, v in top)
             print(
-                f"smollm2 {bits} ({act} activations): {len(ids)} prompt tokens; ffai top-1 {top[0][0]}, MLX top-1 "
+                f"{tag} {bits} ({act} activations): {len(ids)} prompt tokens; ffai top-1 {top[0][0]}, MLX top-1 "
                 f"{mlx_top}; max abs diff over ffai's top 20 logits {d:.3e} (MLX top logit {logits[mlx_top].item():.3f})"
             )
-            results[f"smollm2 {bits} {act} activations: max abs over top 20, top-1 equal"] = (d, top[0][0] == mlx_top)
+            results[f"{tag} {bits} {act} activations: max abs over top 20, top-1 equal"] = (d, top[0][0] == mlx_top)
 
     # 3. Greedy generation, SmolLM2 8-bit, 20 tokens: the mlx_lm.generate CLI (which
     #    computes in the checkpoint's bfloat16), MLX-LM's generate_step with float32

@@ -20,6 +20,8 @@
 //!   difference ≤ 5 % of the rms logit, max ≤ 10 % of the largest |logit| (measured:
 //!   0.6–3.0 % and 0.6–5.5 %), and the argmax may flip only at near-ties: where MLX's
 //!   top two logits are within 4 rms differences.
+//! * The reverse direction: `ffai convert`'s output for three parity fixtures, whose
+//!   MLX-LM logits are committed (tests/fixtures/mlx/ffai_convert), at the f32 bound.
 
 mod common;
 
@@ -42,7 +44,9 @@ const FIXTURES: [&str; 8] = [
 ];
 
 fn fixture_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/mlx").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/mlx")
+        .join(name)
 }
 
 fn f32s(v: safetensors::tensor::TensorView) -> Vec<f32> {
@@ -157,7 +161,11 @@ fn compare_f32(name: &str, dir: &Path, r: &Reference) -> f32 {
         m.forward(&[id], &mut st, false, &mut step).unwrap();
         let want = &r.logits[t * r.vocab..(t + 1) * r.vocab];
         worst = worst.max(max_abs_diff(&step, want));
-        assert_eq!(argmax(&step), argmax(want), "{name}: decode argmax differs at position {t}");
+        assert_eq!(
+            argmax(&step),
+            argmax(want),
+            "{name}: decode argmax differs at position {t}"
+        );
     }
     let scale = r.logits.iter().fold(0.0f32, |a, v| a.max(v.abs()));
     println!("{name} (f32 activations): max abs diff {worst:.2e} (max |logit| {scale:.2})");
@@ -202,7 +210,10 @@ fn check_default(name: &str) {
          rms diff {rms_d:.3e} (rms {rms_b:.3e}), argmax differs at {flips}/{n} near-ties"
     );
     assert!(rms_d <= 0.05 * rms_b, "{name}: rms logit diff {rms_d} vs rms {rms_b}");
-    assert!(diff <= 0.1 * scale, "{name}: max abs diff {diff} vs max |logit| {scale}");
+    assert!(
+        diff <= 0.1 * scale,
+        "{name}: max abs diff {diff} vs max |logit| {scale}"
+    );
     // Tiny random models have many near-ties (256 logits of rms ~1.2); as in
     // mlx_quant.rs, at least 80 % of the positions must agree.
     assert!(flips * 5 <= n, "{name}: argmax differs at {flips}/{n} positions");
@@ -315,7 +326,10 @@ fn ffai_converted_checkpoints_match_mlx_logits() {
 
         let path = out.join("config.json");
         let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        assert!(cfg.get("rope_parameters").is_some(), "{name}: the source's rope_parameters are kept");
+        assert!(
+            cfg.get("rope_parameters").is_some(),
+            "{name}: the source's rope_parameters are kept"
+        );
         assert!(cfg["rope_theta"].is_number(), "{name}: flat rope_theta written");
         cfg.as_object_mut().unwrap().remove("rope_parameters");
         std::fs::write(&path, cfg.to_string()).unwrap();
