@@ -997,6 +997,7 @@ fn write_all(
     config.remove("quantization");
     config.remove("quantization_config");
     config.insert("torch_dtype".into(), json!(ft.torch_name()));
+    add_flat_rope_keys(&mut config);
     let quantized = jobs.iter().filter(|j| matches!(j.target, Target::Affine(_))).count();
     if let Target::Affine(bits) = opts.target {
         let mut q = serde_json::Map::new();
@@ -1046,6 +1047,50 @@ fn write_all(
         bytes: total,
         float_type: ft,
     })
+}
+
+/// transformers >= 5 nests the RoPE settings under `rope_parameters` (keyed by layer type
+/// for Gemma 3). MLX-LM's model classes (llama, gemma3_text, phi3, ... in 0.32) and
+/// transformers < 5 read only the flat `rope_theta` / `rope_scaling` (and Gemma 3's
+/// `rope_local_base_freq`); without them MLX-LM silently runs plain RoPE with its default
+/// base. So the flat keys are added next to `rope_parameters` (which stays, and which
+/// ffai and transformers 5 prefer); flat keys the source already has are kept.
+fn add_flat_rope_keys(config: &mut serde_json::Map<String, Value>) {
+    let Some(Value::Object(rp)) = config.get("rope_parameters").cloned() else {
+        return;
+    };
+    let (main, local_theta) = match rp.get("full_attention") {
+        Some(Value::Object(full)) => (
+            full.clone(),
+            rp.get("sliding_attention").and_then(|s| s.get("rope_theta")).cloned(),
+        ),
+        _ => (rp, None),
+    };
+    let mut set = |key: &str, v: Value| {
+        if config.get(key).is_none_or(Value::is_null) {
+            config.insert(key.into(), v);
+        }
+    };
+    if let Some(theta) = main.get("rope_theta") {
+        set("rope_theta", theta.clone());
+    }
+    if let Some(theta) = local_theta {
+        set("rope_local_base_freq", theta);
+    }
+    if let Some(p) = main.get("partial_rotary_factor") {
+        set("partial_rotary_factor", p.clone());
+    }
+    let kind = main.get("rope_type").and_then(Value::as_str).unwrap_or("default");
+    if kind != "default" {
+        let mut scaling: serde_json::Map<String, Value> = main
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "rope_theta" | "partial_rotary_factor"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        // Older configs, and MLX-LM's Phi-3, name the kind "type".
+        scaling.insert("type".into(), json!(kind));
+        set("rope_scaling", Value::Object(scaling));
+    }
 }
 
 fn pretty(v: &Value) -> String {
