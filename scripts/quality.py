@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """What a quantization costs, for each test model: perplexity on an English text and the
 KL divergence of the next-token distributions against the model's bf16 conversion (the
-reference), for the original GGUF, MLX affine 8/6/4/3-bit conversions and GGUF
+reference), for the original GGUF, MLX affine 8/6/4/3-bit conversions (MLX's min/max
+quantizer; ffai's search quantizer; the search calibrated on other text) and GGUF
 re-encodings of the original in each type `ffai quantize` writes.
 
 usage: scripts/quality.py [--models smollm2,gemma3] [--file TEXT] [--context 512] [--max-windows 4]
@@ -20,6 +21,10 @@ MODELS = {
 FFAI = os.path.join(ROOT, "target/release/ffai")
 WORK = os.path.join(ROOT, "target/quality")
 MLX_BITS = ["8", "6", "4", "3"]
+SEARCH_BITS = ["8", "4", "3"]
+CALIBRATED_BITS = ["8", "4", "3"]
+# Calibration text: not the scored GPL-3.
+CALIBRATION = ["/usr/share/common-licenses/Apache-2.0", "/usr/share/common-licenses/MPL-2.0"]
 GGUF_TYPES = ["Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K", "Q2_K"]
 
 
@@ -52,14 +57,29 @@ def main():
         if not os.path.exists(ref):
             ffai("convert", src, "--bits", "bf16", "--output", ref)
         variants = [(f"original GGUF ({title.split()[-1]})", src, "q8")]
+        calib = os.path.join(WORK, "calibration.txt")
+        with open(calib, "w") as f:
+            f.write("".join(open(c).read() for c in CALIBRATION))
         for bits in MLX_BITS:
             # From the bf16 conversion, as mlx-community checkpoints are made.
             out = os.path.join(WORK, f"{key}-mlx{bits}")
             if not os.path.exists(out):
-                ffai("convert", ref, "--bits", bits, "--group-size", "64", "--output", out)
-            variants.append((f"MLX {bits}-bit (group 64)", out, "q8"))
+                ffai("convert", ref, "--bits", bits, "--group-size", "64", "--quantizer", "minmax", "--output", out)
+            variants.append((f"MLX {bits}-bit (group 64), MLX's min/max quantizer", out, "q8"))
             if bits == "8":
-                variants.append(("MLX 8-bit (group 64), f32 activations", out, "f32"))
+                variants.append(("MLX 8-bit (group 64), min/max, f32 activations", out, "f32"))
+        for bits in SEARCH_BITS:
+            out = os.path.join(WORK, f"{key}-search{bits}")
+            if not os.path.exists(out):
+                ffai("convert", ref, "--bits", bits, "--group-size", "64", "--output", out)
+            variants.append((f"MLX {bits}-bit (group 64), ffai search quantizer", out, "q8"))
+        for bits in CALIBRATED_BITS:
+            out = os.path.join(WORK, f"{key}-calibrated{bits}")
+            if not os.path.exists(out):
+                ffai("convert", ref, "--bits", bits, "--group-size", "64", "--calibration", calib, "--output", out)
+            variants.append((f"MLX {bits}-bit (group 64), search + calibration", out, "q8"))
+            if bits == "8":
+                variants.append(("MLX 8-bit (group 64), search + calibration, f32 activations", out, "f32"))
         for ty in GGUF_TYPES:
             out = os.path.join(WORK, f"{key}-{ty}.gguf")
             if not os.path.exists(out):

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use common::{real_model, temp_dir, Rng, GEMMA3, SMOLLM2};
-use ffai::convert::{self, pack_codes, quantize_row_affine, ConvertOptions, FloatType, Target};
+use ffai::convert::{self, pack_codes, quantize_row_affine, ConvertOptions, FloatType, Quantizer, Target};
 use ffai::quality::{self, WindowSpec};
 use ffai::{GenerationParameters, LoadOptions, Model};
 use serde_json::Value;
@@ -70,7 +70,7 @@ fn affine_quantization_reproduces_values_within_half_a_scale() {
                     bits,
                     group,
                     ft,
-                    (convert::Quantizer::MinMax, None),
+                    (Quantizer::MinMax, None),
                     &mut codes,
                     &mut scales,
                     &mut biases,
@@ -110,6 +110,81 @@ fn affine_quantization_reproduces_values_within_half_a_scale() {
                 let bound = (hi - lo + eps * lo.abs()) / levels * (1.0 + 2.0 * eps);
                 assert!(scales[1] <= bound, "{} vs {}", scales[1], bound);
             }
+        }
+    }
+}
+
+/// Squared error of a quantized row, each element's weighted by `w`.
+fn weighted_error(x: &[f32], w: &[f32], group: usize, codes: &[u32], scales: &[f32], biases: &[f32]) -> f64 {
+    x.iter()
+        .zip(w)
+        .zip(codes)
+        .enumerate()
+        .map(|(j, ((&x, &w), &q))| {
+            let e = (scales[j / group] * q as f32 + biases[j / group] - x) as f64;
+            w as f64 * e * e
+        })
+        .sum()
+}
+
+#[test]
+fn search_quantizer_lowers_the_error_minmax_leaves() {
+    let mut rng = Rng(11);
+    for bits in [2u32, 3, 4, 6, 8] {
+        for group in [32usize, 64] {
+            let cols = 1024;
+            let mut x = rng.vec(cols, 0.05);
+            // Heavy tails: a few large weights per row, as trained matrices have.
+            for j in (0..cols).step_by(97) {
+                x[j] *= 12.0;
+            }
+            // Input columns of very different strength (a few outlier channels).
+            let imp: Vec<f32> = (0..cols)
+                .map(|j| if j % 61 == 0 { 50.0 } else { 0.2 + (j % 7) as f32 * 0.1 })
+                .collect();
+            let run = |quantizer, importance: Option<&[f32]>| {
+                let (mut codes, mut scales, mut biases) = (vec![], vec![], vec![]);
+                quantize_row_affine(
+                    &x,
+                    bits,
+                    group,
+                    FloatType::BF16,
+                    (quantizer, importance),
+                    &mut codes,
+                    &mut scales,
+                    &mut biases,
+                );
+                for (&s, &b) in scales.iter().zip(&biases) {
+                    assert_eq!(FloatType::BF16.round(s), s);
+                    assert_eq!(FloatType::BF16.round(b), b);
+                    assert!(s >= 0.0 && s.is_finite() && b.is_finite());
+                }
+                assert!(codes.iter().all(|&q| q < 1 << bits));
+                (codes, scales, biases)
+            };
+            let ones = vec![1.0f32; cols];
+            let (qm, sm, bm) = run(Quantizer::MinMax, None);
+            let (qs, ss, bs) = run(Quantizer::Search, None);
+            let (qi, si, bi) = run(Quantizer::Search, Some(&imp));
+            let mse = |q: &[u32], s: &[f32], b: &[f32]| weighted_error(&x, &ones, group, q, s, b);
+            let by_imp = |q: &[u32], s: &[f32], b: &[f32]| weighted_error(&x, &imp, group, q, s, b);
+            let (m_mse, s_mse) = (mse(&qm, &sm, &bm), mse(&qs, &ss, &bs));
+            let (m_imp, i_imp) = (by_imp(&qm, &sm, &bm), by_imp(&qi, &si, &bi));
+            println!("{bits} bits g{group}: MSE minmax {m_mse:.3e} search {s_mse:.3e}; importance-weighted minmax {m_imp:.3e} calibrated {i_imp:.3e}");
+            // Searching helps most where levels are few; at 8 bits the min/max grid is
+            // already close to the best.
+            let gain = if bits <= 4 { 0.85 } else { 1.0 };
+            assert!(
+                s_mse <= m_mse * gain,
+                "{bits} bits g{group}: search MSE {s_mse} vs minmax {m_mse}"
+            );
+            assert!(
+                i_imp <= m_imp * gain,
+                "{bits} bits g{group}: calibrated {i_imp} vs minmax {m_imp}"
+            );
+            // The calibrated search spends precision on the strong columns: on the error
+            // that matters it beats the uncalibrated search.
+            assert!(i_imp <= by_imp(&qs, &ss, &bs), "{bits} bits g{group}");
         }
     }
 }
@@ -253,6 +328,8 @@ fn hf_bf16_to_4_bit_with_a_6_bit_embedding_is_checked_value_by_value() {
         embedding: Some(Target::Affine(6)),
         // Small shards, so the index is written and read.
         max_shard_bytes: 40_000_000,
+        // MLX's quantizer: no value clipped, so every value is checked against half a scale.
+        quantizer: Quantizer::MinMax,
         ..Default::default()
     };
     let mut calls = 0;

@@ -142,3 +142,90 @@ fn smollm2_8_bit_activations_cost_little() {
         dq.mean_kld
     );
 }
+
+/// Calibration (`convert --calibration`): weighting each element's error by its input
+/// column's mean square, measured by running the bf16 model over other text (Apache-2.0
+/// and MPL-2.0, not the GPL-3 it is scored on), cuts the divergence of 4- and 3-bit
+/// conversions at least in half, and makes 3 bits usable on this 135M model (MLX's own
+/// 3-bit conversion of it, and ours without calibration, write word salad).
+#[test]
+fn smollm2_calibration_halves_low_bit_divergence() {
+    use ffai::convert::Quantizer;
+    use ffai::importance::Importance;
+    use std::sync::Arc;
+
+    let bf16 = bf16_dir(&real_model("SmolLM2-135M-Instruct.Q4_1.gguf"));
+    let src = bf16.as_path();
+    let reference = load(src, true);
+    let mut calib = String::new();
+    for f in [
+        "/usr/share/common-licenses/Apache-2.0",
+        "/usr/share/common-licenses/MPL-2.0",
+    ] {
+        calib += &std::fs::read_to_string(f).expect("Debian's common-licenses");
+    }
+    let mut calib_tokens = reference.encode(&calib).unwrap();
+    calib_tokens.truncate(4096);
+    let importance = Arc::new(Importance::collect(&reference, &calib_tokens, 512).unwrap());
+    assert_eq!(importance.tokens, 4096);
+    // 30 layers x 4 input sites + the head.
+    assert_eq!(importance.sites.len(), 30 * 4 + 1, "{:?}", importance.sites.keys());
+
+    let text = std::fs::read_to_string(TEXT).expect("GPL-3 text (Debian's common-licenses)");
+    let tokens = reference.encode(&text).unwrap();
+    let spec = WindowSpec {
+        max_windows: Some(2),
+        ..WindowSpec::for_model(&reference, 512)
+    };
+    let convert_with = |bits: u32, imp: Option<Arc<Importance>>, tag: &str| {
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("quant-quality-{tag}"));
+        let opts = ConvertOptions {
+            target: Target::Affine(bits),
+            float_type: Some(FloatType::BF16),
+            group_size: 64,
+            force: true,
+            quantizer: Quantizer::Search,
+            importance: imp,
+            ..Default::default()
+        };
+        convert::convert(src, &out, &opts, &mut |_, _, _| {}).unwrap();
+        load(&out, true)
+    };
+    for bits in [4, 3] {
+        let plain = convert_with(bits, None, &format!("search{bits}"));
+        let calibrated = convert_with(bits, Some(importance.clone()), &format!("calibrated{bits}"));
+        let dp = divergence(&*plain.lm, &*reference.lm, &tokens, &spec).unwrap();
+        let dc = divergence(&*calibrated.lm, &*reference.lm, &tokens, &spec).unwrap();
+        println!(
+            "{bits}-bit: uncalibrated KLD {:.4} top-1 {:.2}%; calibrated KLD {:.4} top-1 {:.2}%",
+            dp.mean_kld,
+            100.0 * dp.top1_agreement,
+            dc.mean_kld,
+            100.0 * dc.top1_agreement
+        );
+        assert!(
+            dc.mean_kld <= 0.5 * dp.mean_kld,
+            "{bits}-bit: calibrated {} vs {}",
+            dc.mean_kld,
+            dp.mean_kld
+        );
+        assert!(dc.top1_agreement > dp.top1_agreement, "{bits}-bit");
+        if bits == 3 {
+            let params = ffai::GenerationParameters {
+                temperature: 0.0,
+                max_tokens: 48,
+                ..calibrated.default_parameters()
+            };
+            let prompt = calibrated.encode("Once upon a time, in a quiet village").unwrap();
+            let out = calibrated.generate(&prompt, &params, |_| true).unwrap();
+            println!("3-bit calibrated: {:?}", out.text);
+            let ids = &out.generated_ids;
+            let distinct = ids.iter().collect::<std::collections::HashSet<_>>().len();
+            assert!(
+                distinct * 2 >= ids.len(),
+                "3-bit calibrated text repeats itself: {:?}",
+                out.text
+            );
+        }
+    }
+}
