@@ -108,5 +108,70 @@ fn convert_to_4_bit_and_its_failures() {
     );
     // The failed --force run left the earlier output alone.
     assert!(out.join("model.safetensors").exists());
+
+    // Calibrated: the run over the text is reported, the output loads and generates.
+    let text = dir.join("calibration.txt");
+    std::fs::write(&text, "The quick brown fox jumps over the lazy dog. ".repeat(40)).unwrap();
+    let t = text.to_str().unwrap();
+    let cal = dir.join("q3");
+    let r = ffai(&[
+        "convert",
+        &m,
+        "--bits",
+        "3",
+        "--calibration",
+        t,
+        "--calibration-tokens",
+        "300",
+        "--output",
+        cal.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("calibration: 300 tokens") && err.contains("121 linear inputs"),
+        "{err}"
+    );
+    let r = ffai(&[
+        "generate",
+        "-m",
+        cal.to_str().unwrap(),
+        "-p",
+        "Hello",
+        "--max-tokens",
+        "4",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_clean_failure(
+        &ffai(&[
+            "convert",
+            &m,
+            "--bits",
+            "3",
+            "--calibration",
+            "/nonexistent/text",
+            "--output",
+            o,
+            "--force",
+        ]),
+        "/nonexistent/text",
+    );
+    assert_clean_failure(
+        &ffai(&[
+            "convert",
+            &m,
+            "--bits",
+            "3",
+            "--calibration",
+            t,
+            "--quantizer",
+            "minmax",
+            "--output",
+            o,
+            "--force",
+        ]),
+        "minmax",
+    );
+    assert!(out.join("model.safetensors").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
