@@ -96,10 +96,10 @@ fn smollm2_kld_orders_by_bits_and_8_bit_is_nearly_lossless() {
     assert!(k8 < k4 && k4 < k3, "KLD must fall with more bits: {kld:?}");
     assert!(k8 < 0.01, "8-bit mean KLD {k8}");
     // Where the reference is decisive (top token >= 0.1 ahead: 706 of these 1020
-    // positions), 8-bit keeps every prediction. Over all positions it agrees on 96.7%
-    // here (97.2% over the whole text): the rest are near-ties of this tiny model that
-    // any 8-bit rounding flips (a GGUF Q8_0 re-encoding measures the same), short of the
-    // 98% the quantization issue asks for. 4-bit measures 59% / 70%.
+    // positions), 8-bit keeps every prediction. Over all positions it agrees on 97.75%
+    // here without calibration (MLX's min/max quantizer 96.7%); the rest are near-ties of
+    // this tiny model. Calibrated, it reaches the 98% the quantization issue asks for
+    // (asserted in `smollm2_calibration_halves_low_bit_divergence`).
     assert!(
         kld[0].3 >= 0.995,
         "8-bit top-1 agreement on decisive positions {}",
@@ -195,6 +195,26 @@ fn smollm2_calibration_halves_low_bit_divergence() {
         convert::convert(src, &out, &opts, &mut |_, _, _| {}).unwrap();
         load(&out, true)
     };
+    // 8 bits: calibrated, the near-ties of this model mostly stop flipping (MLX's min/max
+    // quantizer measures 96.7% here, llama.cpp's Q8_0 of the same model 96.7% against its
+    // bf16 in llama-perplexity on these windows).
+    let calibrated8 = convert_with(8, Some(importance.clone()), "calibrated8");
+    let spec4 = WindowSpec {
+        max_windows: Some(4),
+        ..spec
+    };
+    let d8 = divergence(&*calibrated8.lm, &*reference.lm, &tokens, &spec4).unwrap();
+    println!(
+        "8-bit calibrated: KLD {:.5} top-1 {:.2}% over {} positions",
+        d8.mean_kld,
+        100.0 * d8.top1_agreement,
+        d8.tokens_scored
+    );
+    assert!(d8.tokens_scored >= 1000);
+    assert!(d8.mean_kld < 0.01, "{}", d8.mean_kld);
+    assert!(d8.top1_agreement >= 0.98, "8-bit top-1 agreement {}", d8.top1_agreement);
+    drop(calibrated8);
+
     for bits in [4, 3] {
         let plain = convert_with(bits, None, &format!("search{bits}"));
         let calibrated = convert_with(bits, Some(importance.clone()), &format!("calibrated{bits}"));
