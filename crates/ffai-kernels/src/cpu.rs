@@ -98,6 +98,14 @@ fn matmul_rows(
                 }
             })
         }),
+        None if n == 1 && !w.ty.is_quantized() => {
+            // SAFETY: as above, disjoint rows per thread.
+            let o = unsafe { out.slice(rows.start, rows.len()) };
+            // One token: the GEMM kernel's 4-row tiles widen the weights with SIMD
+            // (`dot_row`'s f16 path converts through a stack buffer); same bits.
+            let bytes = &w.data.as_slice()[rows.start * w.row_bytes..rows.end * w.row_bytes];
+            quant::dot_rows_multi(w.ty, bytes, x, cols, o);
+        }
         None if n == 1 => {
             // SAFETY: as above, disjoint rows per thread.
             let o = unsafe { out.slice(rows.start, rows.len()) };
