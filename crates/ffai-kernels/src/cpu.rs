@@ -98,11 +98,12 @@ fn matmul_rows(
                 }
             })
         }),
-        None if n == 1 && !w.ty.is_quantized() => {
+        None if n == 1 && matches!(w.ty, WeightType::F16 | WeightType::BF16) => {
             // SAFETY: as above, disjoint rows per thread.
             let o = unsafe { out.slice(rows.start, rows.len()) };
-            // One token: the GEMM kernel's 4-row tiles widen the weights with SIMD
-            // (`dot_row`'s f16 path converts through a stack buffer); same bits.
+            // One token: the GEMM kernel widens the 16-bit weights with SIMD (`dot_row`
+            // converts f16 through a stack buffer), same bits. (F32 needs no widening,
+            // and `dot_row` streamed it from DRAM faster.)
             let bytes = &w.data.as_slice()[rows.start * w.row_bytes..rows.end * w.row_bytes];
             quant::dot_rows_multi(w.ty, bytes, x, cols, o);
         }

@@ -271,9 +271,13 @@ mod x86 {
         for t0 in (0..n).step_by(T512) {
             let nt = (n - t0).min(T512);
             let xp = x[t0 * cols..].as_ptr();
+            // One token (decode, memory-bound): rows one at a time, so the weights are
+            // read as one sequential stream (four interleaved row streams measured
+            // ~30 % slower from DRAM).
+            let tile_rows = if n == 1 { 1 } else { R512 };
             let mut r0 = 0;
             while r0 < nrows {
-                let nr = if nrows - r0 >= R512 { R512 } else { 1 };
+                let nr = if nrows - r0 >= tile_rows { tile_rows } else { 1 };
                 let w = rows[r0 * rb..].as_ptr();
                 let o = &mut out[r0 * n + t0..];
                 // SAFETY: rows r0..r0+nr and tokens t0..t0+nt exist (bounds above), so
