@@ -162,7 +162,11 @@ fn special_values_match_dot_row() {
                 for t in 0..n {
                     let want = dot_row(ty, &w[r * rb..(r + 1) * rb], &x[t * cols..(t + 1) * cols]);
                     let got = out[r * n + t];
-                    assert_eq!(got.to_bits(), want.to_bits(), "{level} {ty} row {r} token {t}: {got} vs {want}");
+                    assert_eq!(
+                        got.to_bits(),
+                        want.to_bits(),
+                        "{level} {ty} row {r} token {t}: {got} vs {want}"
+                    );
                 }
             }
             assert!(out[n].is_nan() && out[4 * n + 1].is_nan() && out[6 * n + 2].is_infinite());

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use ffai_kernels::ops;
 use ffai_kernels::quant::q8::{dot_rows_q8_multi, dot_rows_q8_tile, force_q8_level, Q8Level, TokenTile};
 use ffai_kernels::quant::{
-    dequantize_row, dot_row, dot_row_q8, dot_row_q8_multi, dot_rows_multi, dot_rows_q8, force_portable, q8_backend_name,
-    quantize_row, QuantizedActs, WeightType,
+    dequantize_row, dot_row, dot_row_q8, dot_row_q8_multi, dot_rows_multi, dot_rows_q8, force_portable,
+    q8_backend_name, quantize_row, QuantizedActs, WeightType,
 };
 
 struct Rng(u64);

@@ -123,7 +123,9 @@ mod x86 {
             match K {
                 F32 => _mm256_loadu_ps(p.cast()),
                 F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
-                _ => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())))),
+                _ => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(
+                    p.cast(),
+                )))),
             }
         }
     }
@@ -135,6 +137,8 @@ mod x86 {
     /// AVX-512 F, AVX2, FMA and F16C available; `R` rows of `rb = cols · bytes(K)`
     /// bytes at `w`, `T` token rows of `cols` floats at `x`, and `out[(R-1)·n + T-1]`
     /// inside the slice.
+    // Indexing the 2-D register tile by (row, token) reads clearer than iterators.
+    #[allow(clippy::needless_range_loop)]
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     unsafe fn tile512<const K: u8, const R: usize, const T: usize>(
@@ -183,6 +187,8 @@ mod x86 {
     ///
     /// # Safety
     /// As [`tile512`], with AVX2, FMA and F16C.
+    // Indexing the 2-D register tile by (row, token) reads clearer than iterators.
+    #[allow(clippy::needless_range_loop)]
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn tile256<const K: u8, const R: usize, const T: usize>(

@@ -328,7 +328,10 @@ pub fn dot_row(ty: WeightType, row: &[u8], x: &[f32]) -> f32 {
 /// Panics on a length mismatch.
 pub fn dot_rows_multi(ty: WeightType, rows: &[u8], x: &[f32], cols: usize, out: &mut [f32]) {
     let rb = ty.row_bytes(cols).filter(|&b| b > 0).unwrap_or_else(|| {
-        panic!("{ty}: {cols} columns are not a whole, non-zero number of {}-element blocks", ty.block_len())
+        panic!(
+            "{ty}: {cols} columns are not a whole, non-zero number of {}-element blocks",
+            ty.block_len()
+        )
     });
     assert!(
         rows.len().is_multiple_of(rb) && x.len().is_multiple_of(cols),
