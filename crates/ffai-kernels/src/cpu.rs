@@ -31,7 +31,7 @@ const PARALLEL_MIN: usize = 32 * 1024;
 /// Prefill blocking: weight rows per block and tokens per tile (see `matmul_rows`).
 const ROW_BLOCK: usize = 16;
 const TOKEN_TILE: usize = 32;
-/// Token tile of the float-weight GEMM (a multiple of its 6-token register tile).
+/// Token tile of the float-weight GEMM (a multiple of its 4- and 3-token register tiles).
 const FLOAT_TOKEN_TILE: usize = 48;
 
 /// Most matrices one `matmuls` call takes (q/k/v is three).
