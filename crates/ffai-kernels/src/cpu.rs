@@ -31,6 +31,8 @@ const PARALLEL_MIN: usize = 32 * 1024;
 /// Prefill blocking: weight rows per block and tokens per tile (see `matmul_rows`).
 const ROW_BLOCK: usize = 16;
 const TOKEN_TILE: usize = 32;
+/// Token tile of the float-weight GEMM (a multiple of its 4- and 3-token register tiles).
+const FLOAT_TOKEN_TILE: usize = 48;
 
 /// Most matrices one `matmuls` call takes (q/k/v is three).
 const MAX_GROUP: usize = 4;
@@ -96,6 +98,15 @@ fn matmul_rows(
                 }
             })
         }),
+        None if n == 1 && matches!(w.ty, WeightType::F16 | WeightType::BF16) => {
+            // SAFETY: as above, disjoint rows per thread.
+            let o = unsafe { out.slice(rows.start, rows.len()) };
+            // One token: the GEMM kernel widens the 16-bit weights with SIMD (`dot_row`
+            // converts f16 through a stack buffer), same bits. (F32 needs no widening,
+            // and `dot_row` streamed it from DRAM faster.)
+            let bytes = &w.data.as_slice()[rows.start * w.row_bytes..rows.end * w.row_bytes];
+            quant::dot_rows_multi(w.ty, bytes, x, cols, o);
+        }
         None if n == 1 => {
             // SAFETY: as above, disjoint rows per thread.
             let o = unsafe { out.slice(rows.start, rows.len()) };
@@ -103,8 +114,33 @@ fn matmul_rows(
                 o[k] = quant::dot_row(w.ty, w.row(row), x);
             }
         }
+        None if !w.ty.is_quantized() => with_scratch(ROW_BLOCK * FLOAT_TOKEN_TILE, |tmp| {
+            // Float weights: blocks of rows against tiles of tokens as for the integer
+            // path (tokens outermost, so a tile's activations stay in L2 while the rows
+            // pass), each block through the register-blocked GEMM kernel, which gives
+            // exactly what `dot_row` (the decode path above) gives.
+            for t0 in (0..n).step_by(FLOAT_TOKEN_TILE) {
+                let t1 = (t0 + FLOAT_TOKEN_TILE).min(n);
+                let xs = &x[t0 * cols..t1 * cols];
+                for rb in (rows.start..rows.end).step_by(ROW_BLOCK) {
+                    let re = (rb + ROW_BLOCK).min(rows.end);
+                    let bytes = &w.data.as_slice()[rb * w.row_bytes..re * w.row_bytes];
+                    let (nr, nt) = (re - rb, t1 - t0);
+                    let tmp = &mut tmp[..nr * nt];
+                    quant::dot_rows_multi(w.ty, bytes, xs, cols, tmp);
+                    for j in 0..nt {
+                        // SAFETY: rows rb..re of token t0+j belong to this thread's range.
+                        let dst = unsafe { out.slice((t0 + j) * n_rows + rb, nr) };
+                        for (r, d) in dst.iter_mut().enumerate() {
+                            *d = tmp[r * nt + j];
+                        }
+                    }
+                }
+            }
+        }),
         None => with_scratch(cols, |wrow| {
-            // Float weights: widen each row once and reuse it for every token.
+            // Quantized weights with f32 activations: widen each row once and reuse it
+            // for every token.
             for row in rows {
                 quant::dequantize_row(w.ty, w.row(row), wrow);
                 for t in 0..n {

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use ffai_kernels::ops;
 use ffai_kernels::quant::q8::{dot_rows_q8_multi, dot_rows_q8_tile, force_q8_level, Q8Level, TokenTile};
 use ffai_kernels::quant::{
-    dequantize_row, dot_row, dot_row_q8, dot_row_q8_multi, dot_rows_q8, force_portable, q8_backend_name, quantize_row,
-    QuantizedActs, WeightType,
+    dequantize_row, dot_row, dot_row_q8, dot_row_q8_multi, dot_rows_multi, dot_rows_q8, force_portable,
+    q8_backend_name, quantize_row, QuantizedActs, WeightType,
 };
 
 struct Rng(u64);
@@ -366,6 +366,115 @@ fn bench_q8_matvec() {
         if level == Q8Level::Best && std::env::var("Q8_BENCH_BIG").is_ok() {
             // gemma-3-270m's LM head: 178 MB of Q8_0, far beyond the caches.
             bench_matrix(WeightType::Q8_0, 262144, 640, &[1]);
+        }
+    }
+    force_portable(false);
+    println!("\nload average: {}", load_average());
+}
+
+/// Float-weight prefill GEMM, single thread, in GFLOP/s (2 per multiply-add): what the CPU
+/// backend ran before (`dequantize_row` once per row, then `ops::dot_f32` per token), the
+/// per-(row, token) `dot_row` (the decode arithmetic), and `dot_rows_multi` in the
+/// backend's shape (blocks of 16 rows against all `n` tokens), checked bit-identical
+/// to `dot_row`. `Q8_BENCH_PATHS=avx2` etc. picks the levels.
+fn bench_float_gemm(ty: WeightType, rows: usize, cols: usize, n: usize) {
+    const BLOCK: usize = 16;
+    let mut rng = Rng(0x0F1E_2D3C_4B5A_6978 ^ (rows * 31 + cols) as u64);
+    let w = matrix(ty, rows, cols, &mut rng);
+    let rb = ty.row_bytes(cols).unwrap();
+    let x: Vec<f32> = (0..n * cols).map(|_| rng.next()).collect();
+    let b = budget();
+    let mut out_old = vec![0.0f32; rows * n];
+    let mut wrow = vec![0.0f32; cols];
+    let old = time(b, || {
+        for (r, o) in out_old.chunks_exact_mut(n).enumerate() {
+            dequantize_row(ty, black_box(&w[r * rb..(r + 1) * rb]), &mut wrow);
+            for (t, ov) in o.iter_mut().enumerate() {
+                *ov = ops::dot_f32(&wrow, &x[t * cols..(t + 1) * cols]);
+            }
+        }
+        black_box(&out_old);
+    });
+    let mut out_row = vec![0.0f32; rows * n];
+    let per_dot = time(b, || {
+        for (r, o) in out_row.chunks_exact_mut(n).enumerate() {
+            for (t, ov) in o.iter_mut().enumerate() {
+                *ov = dot_row(ty, black_box(&w[r * rb..(r + 1) * rb]), &x[t * cols..(t + 1) * cols]);
+            }
+        }
+        black_box(&out_row);
+    });
+    let mut out_new = vec![0.0f32; rows * n];
+    let gemm = time(b, || {
+        for (r0, o) in out_new.chunks_mut(BLOCK * n).enumerate() {
+            let nr = o.len() / n;
+            dot_rows_multi(ty, black_box(&w[r0 * BLOCK * rb..(r0 * BLOCK + nr) * rb]), &x, cols, o);
+        }
+        black_box(&out_new);
+    });
+    assert!(
+        out_row.iter().zip(&out_new).all(|(a, b)| a.to_bits() == b.to_bits()),
+        "dot_rows_multi differs from dot_row"
+    );
+    // One token (decode): `dot_row` row by row vs `dot_rows_multi` over all rows.
+    let mut one_a = vec![0.0f32; rows];
+    let mv_row = time(b, || {
+        for (r, o) in one_a.iter_mut().enumerate() {
+            *o = dot_row(ty, black_box(&w[r * rb..(r + 1) * rb]), &x[..cols]);
+        }
+        black_box(&one_a);
+    });
+    let mut one_b = vec![0.0f32; rows];
+    let mv_multi = time(b, || {
+        dot_rows_multi(ty, black_box(&w), &x[..cols], cols, &mut one_b);
+        black_box(&one_b);
+    });
+    assert!(
+        one_a.iter().zip(&one_b).all(|(a, b)| a.to_bits() == b.to_bits()),
+        "dot_rows_multi (one token) differs from dot_row"
+    );
+    let flops = 2.0 * (rows * cols) as f64;
+    println!(
+        "{:>5} {rows:>5}x{cols:<5} n=1   | dot_row {:6.1} GFLOP/s | dot_rows_multi {:6.1} GFLOP/s | x{:4.2}",
+        ty.name(),
+        flops / mv_row / 1e9,
+        flops / mv_multi / 1e9,
+        mv_row / mv_multi,
+    );
+    let flops = 2.0 * (rows * cols * n) as f64;
+    println!(
+        "{:>5} {rows:>5}x{cols:<5} n={n:<3} | before (dequant + dot_f32) {:6.1} GFLOP/s | dot_row {:6.1} GFLOP/s | dot_rows_multi {:6.1} GFLOP/s | x{:4.2} vs before",
+        ty.name(),
+        flops / old / 1e9,
+        flops / per_dot / 1e9,
+        flops / gemm / 1e9,
+        old / gemm,
+    );
+}
+
+#[test]
+#[ignore]
+fn bench_float_prefill_gemm() {
+    println!("load average: {}", load_average());
+    let only = std::env::var("Q8_BENCH_PATHS").ok();
+    let mut seen = Vec::new();
+    for level in [Q8Level::Best, Q8Level::Avx2, Q8Level::Portable] {
+        force_q8_level(level);
+        let name = q8_backend_name();
+        if seen.contains(&name) || only.as_ref().is_some_and(|o| !o.split(',').any(|p| p == name)) {
+            continue;
+        }
+        seen.push(name);
+        println!("\n=== level: {name} (float prefill GEMM, single thread) ===");
+        for ty in [WeightType::BF16, WeightType::F16, WeightType::F32] {
+            // SmolLM2-135M: ffn gate/up, ffn down, attention q/o.
+            for (rows, cols) in [(1536, 576), (576, 1536), (576, 576)] {
+                bench_float_gemm(ty, rows, cols, 48);
+            }
+            if std::env::var("Q8_BENCH_BIG").is_ok() {
+                // The tied LM head (57 MB of bf16): far beyond the caches.
+                bench_float_gemm(ty, 49152, 576, 48);
+            }
         }
     }
     force_portable(false);

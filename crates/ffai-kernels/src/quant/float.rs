@@ -9,8 +9,9 @@ use half::{bf16, f16};
 
 use super::{dequant_blocks, dot_blocks, Decode};
 
-/// Elements converted per stack chunk.
-const CHUNK: usize = 64;
+/// Elements converted per stack chunk (also what `dot_row` puts through its lanes:
+/// whole chunks; `float_gemm` relies on it).
+pub(super) const CHUNK: usize = 64;
 
 #[inline(always)]
 fn le_u16(b: &[u8]) -> u16 {
@@ -128,6 +129,21 @@ pub(super) fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
 
 pub(super) fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
     dot_float(row, x, ChunkBf16, one_bf16)
+}
+
+/// `sum` plus the products of the elements past the last whole chunk, added one by
+/// one exactly as [`dot_float`] adds them (`float_gemm` finishes its outputs with it).
+pub(super) fn dot_tail(ty: super::WeightType, mut sum: f32, row_tail: &[u8], x_tail: &[f32]) -> f32 {
+    let one = match ty {
+        super::WeightType::F32 => one_f32,
+        super::WeightType::F16 => one_f16,
+        _ => one_bf16,
+    };
+    let elem = if ty == super::WeightType::F32 { 4 } else { 2 };
+    for (&xv, c) in x_tail.iter().zip(row_tail.chunks_exact(elem)) {
+        sum += one(c) * xv;
+    }
+    sum
 }
 
 pub(super) fn quant_f32(src: &[f32], dst: &mut [u8]) {

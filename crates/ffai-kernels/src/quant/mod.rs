@@ -42,6 +42,7 @@ use std::fmt;
 
 pub mod affine;
 mod float;
+mod float_gemm;
 mod iq4;
 mod kquant;
 mod kquant_low;
@@ -314,6 +315,43 @@ pub fn dot_row(ty: WeightType, row: &[u8], x: &[f32]) -> f32 {
         WeightType::IQ4XS => dot_blocks(row, x, iq4::BlockIQ4XS),
         WeightType::MXFP4 => dot_blocks(row, x, mxfp4::BlockMXFP4),
         WeightType::Affine { bits, group } => affine::dot_row(bits, group, row, x),
+    }
+}
+
+/// `out[r · n + j] = dot_row(ty, row r, x[j · cols ..][.. cols])` for the consecutive
+/// stored rows in `rows` (a whole number of `cols`-element rows) and the
+/// `n = x.len() / cols` tokens of `x` (`out.len()` = rows × `n`, row-major): a prefill
+/// GEMM tile with `f32` activations. Bit-identical to the per-(row, token) `dot_row`
+/// calls on every level. The float types (F32, F16, BF16) run register-blocked AVX-512
+/// / AVX2 kernels (`float_gemm.rs`: each widened weight vector serves several tokens);
+/// the quantized types (whose fast path is the integer one in [`q8`]) call `dot_row`.
+/// Panics on a length mismatch.
+pub fn dot_rows_multi(ty: WeightType, rows: &[u8], x: &[f32], cols: usize, out: &mut [f32]) {
+    let rb = ty.row_bytes(cols).filter(|&b| b > 0).unwrap_or_else(|| {
+        panic!(
+            "{ty}: {cols} columns are not a whole, non-zero number of {}-element blocks",
+            ty.block_len()
+        )
+    });
+    assert!(
+        rows.len().is_multiple_of(rb) && x.len().is_multiple_of(cols),
+        "{ty}: {} bytes of rows / {} activations are not whole rows of {cols} elements",
+        rows.len(),
+        x.len()
+    );
+    let n = x.len() / cols;
+    assert_eq!(out.len(), rows.len() / rb * n, "output length must equal rows × tokens");
+    if n == 0 {
+        return;
+    }
+    if !ty.is_quantized() {
+        float_gemm::dot_rows_multi(ty, rows, rb, x, cols, out);
+        return;
+    }
+    for (row, o) in rows.chunks_exact(rb).zip(out.chunks_exact_mut(n)) {
+        for (ov, xt) in o.iter_mut().zip(x.chunks_exact(cols)) {
+            *ov = dot_row(ty, row, xt);
+        }
     }
 }
 
