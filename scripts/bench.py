@@ -4,6 +4,9 @@ peak RSS for each test model at each thread count. The two engines alternate, on
 repetition at a time, for ROUNDS rounds; the table reports medians and the ratio.
 
 usage: scripts/bench.py [--rounds 3] [--threads 1,2] [--models smollm2,gemma3]
+       scripts/bench.py --models smollm2-bf16,smollm2-mlx4,smollm2-mlx8   (other formats:
+       ffai runs the HF directory `ffai convert` writes from the GGUF, llama.cpp the GGUF
+       `ffai quantize` writes in the nearest GGUF type; made once under target/bench-formats)
 Prints a markdown table (paste into BENCHMARKS.md) and writes raw numbers as JSON
 to target/bench.json.
 """
@@ -14,6 +17,16 @@ MODELS_DIR = os.environ.get("FFAI_MODELS_DIR", os.path.expanduser("~/.cache/ffai
 MODELS = {
     "smollm2": ("SmolLM2-135M-Instruct Q4_1", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gemma3": ("Gemma-3-270M Q4_K_M", "gemma-3-270m-q4_k_m.gguf"),
+}
+# key -> (label, base model, `ffai convert --bits`, llama.cpp's GGUF type)
+FORMATS = {
+    f"{m}-{tag}": (f"{MODELS[m][0].split()[0]} {label}", m, bits, ty)
+    for m in MODELS
+    for tag, label, bits, ty in [
+        ("bf16", "bf16 (ffai: HF dir; llama.cpp: BF16 GGUF)", "bf16", "BF16"),
+        ("mlx4", "4-bit (ffai: MLX 4-bit g64; llama.cpp: Q4_0)", "4", "Q4_0"),
+        ("mlx8", "8-bit (ffai: MLX 8-bit g64; llama.cpp: Q8_0)", "8", "Q8_0"),
+    ]
 }
 LLAMA_WORK = os.environ.get("LLAMACPP_WORK", "/tmp/llamacpp")
 LLAMA_BENCH = os.path.join(LLAMA_WORK, "build/bin/llama-bench")
@@ -70,8 +83,19 @@ def main():
     subprocess.check_call(["cargo", "build", "--release", "-q", "--bin", "ffai"], cwd=ROOT)
     results = []
     for key in a.models.split(","):
-        label, file = MODELS[key]
-        path = os.path.join(MODELS_DIR, file)
+        if key in FORMATS:
+            label, base, bits, ty = FORMATS[key]
+            src = os.path.join(MODELS_DIR, MODELS[base][1])
+            work = os.path.join(ROOT, "target/bench-formats")
+            os.makedirs(work, exist_ok=True)
+            ffai_path, path = os.path.join(work, key), os.path.join(work, f"{key}.gguf")
+            if not os.path.exists(ffai_path):
+                run([FFAI, "convert", src, "--bits", bits, "--group-size", "64", "--output", ffai_path])
+            if not os.path.exists(path):
+                run([FFAI, "quantize", src, path, "--type", ty])
+        else:
+            label, file = MODELS[key]
+            path = ffai_path = os.path.join(MODELS_DIR, file)
         for t in [int(x) for x in a.threads.split(",")]:
             r = {"model": label, "threads": t, "llama": [], "ffai": [], "ffai_error": None}
             for _ in range(a.rounds):
@@ -79,7 +103,7 @@ def main():
                 rss = rss_of([LLAMA_BENCH, "-m", path, "-t", str(t), "-p", "512", "-n", "0", "-r", "1"])
                 r["llama"].append({"pp": pp, "tg": tg, "rss": rss})
                 try:
-                    pp, tg, rss, load = ffai_once(path, t)
+                    pp, tg, rss, load = ffai_once(ffai_path, t)
                     r["ffai"].append({"pp": pp, "tg": tg, "rss": rss, "load": load})
                 except RuntimeError as e:
                     r["ffai_error"] = str(e).splitlines()[-1][-160:]

@@ -1115,17 +1115,11 @@ fn write_tensor(
     let (rows, cols) = (t.rows(), t.cols());
     let mut row = vec![0f32; cols];
     let mut buf = Vec::with_capacity(cols * 4);
-    let check = |row: &[f32], r: usize| -> Result<()> {
-        match row.iter().position(|x| !x.is_finite()) {
-            Some(c) => bail!("non-finite value at row {r}, column {c}"),
-            None => Ok(()),
-        }
-    };
     match job.target {
         Target::Float => {
             for r in 0..rows {
                 t.read_row(r, &mut row);
-                check(&row, r)?;
+                check_finite(&row, r)?;
                 if let Some(c) = row.iter().position(|&x| !ft.round(x).is_finite()) {
                     bail!(
                         "value {} at row {r}, column {c} is out of {}'s range",
@@ -1141,7 +1135,6 @@ fn write_tensor(
         Target::Affine(bits) => {
             let groups = cols / group;
             let (mut scales, mut biases) = (Vec::with_capacity(rows * groups), Vec::with_capacity(rows * groups));
-            let (mut codes, mut words) = (Vec::with_capacity(cols), Vec::with_capacity(cols));
             if let Some(imp) = importance {
                 ensure!(
                     imp.len() == cols,
@@ -1149,35 +1142,31 @@ fn write_tensor(
                     imp.len()
                 );
             }
-            for r in 0..rows {
-                t.read_row(r, &mut row);
-                check(&row, r)?;
-                codes.clear();
-                words.clear();
-                quantize_row_affine(
-                    &row,
-                    bits,
-                    group,
-                    ft,
-                    (quantizer, importance),
-                    &mut codes,
-                    &mut scales,
-                    &mut biases,
-                );
-                let fresh = scales.len() - groups..;
-                if scales[fresh.clone()]
-                    .iter()
-                    .chain(&biases[fresh])
-                    .any(|x| !x.is_finite())
-                {
-                    bail!("row {r} has values out of {}'s range", ft.torch_name());
+            // Rows are independent: quantize batches of them on every core (the search
+            // quantizer costs tens of operations per value), written in order.
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let per_thread = 256;
+            for start in (0..rows).step_by(per_thread * threads) {
+                let end = (start + per_thread * threads).min(rows);
+                let parts: Vec<Result<AffineRows>> = std::thread::scope(|s| {
+                    let handles: Vec<_> = (start..end)
+                        .step_by(per_thread)
+                        .map(|r0| {
+                            let r1 = (r0 + per_thread).min(end);
+                            s.spawn(move || quantize_rows(t, r0..r1, bits, group, (quantizer, importance), ft))
+                        })
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                        .collect()
+                });
+                for part in parts {
+                    let part = part?;
+                    w.write_all(&part.bytes).map_err(io)?;
+                    scales.extend_from_slice(&part.scales);
+                    biases.extend_from_slice(&part.biases);
                 }
-                pack_codes(&codes, bits, &mut words);
-                buf.clear();
-                for x in &words {
-                    buf.extend_from_slice(&x.to_le_bytes());
-                }
-                w.write_all(&buf).map_err(io)?;
             }
             for v in [&scales, &biases] {
                 buf.clear();
@@ -1187,6 +1176,60 @@ fn write_tensor(
         }
     }
     Ok(())
+}
+
+fn check_finite(row: &[f32], r: usize) -> Result<()> {
+    match row.iter().position(|x| !x.is_finite()) {
+        Some(c) => bail!("non-finite value at row {r}, column {c}"),
+        None => Ok(()),
+    }
+}
+
+/// Rows of a quantized matrix: packed codes (little-endian words), scales, biases.
+struct AffineRows {
+    bytes: Vec<u8>,
+    scales: Vec<f32>,
+    biases: Vec<f32>,
+}
+
+/// Quantizes rows `rows` of `t`.
+fn quantize_rows(
+    t: &SrcTensor,
+    rows: std::ops::Range<usize>,
+    bits: u32,
+    group: usize,
+    how: (Quantizer, Option<&[f32]>),
+    ft: FloatType,
+) -> Result<AffineRows> {
+    let cols = t.cols();
+    let n = rows.len();
+    let mut out = AffineRows {
+        bytes: Vec::with_capacity(n * cols * bits as usize / 8),
+        scales: Vec::with_capacity(n * cols / group),
+        biases: Vec::with_capacity(n * cols / group),
+    };
+    let mut row = vec![0f32; cols];
+    let (mut codes, mut words) = (Vec::with_capacity(cols), Vec::with_capacity(cols));
+    for r in rows {
+        t.read_row(r, &mut row);
+        check_finite(&row, r)?;
+        codes.clear();
+        words.clear();
+        let fresh = out.scales.len()..;
+        quantize_row_affine(&row, bits, group, ft, how, &mut codes, &mut out.scales, &mut out.biases);
+        if out.scales[fresh.clone()]
+            .iter()
+            .chain(&out.biases[fresh])
+            .any(|x| !x.is_finite())
+        {
+            bail!("row {r} has values out of {}'s range", ft.torch_name());
+        }
+        pack_codes(&codes, bits, &mut words);
+        for x in &words {
+            out.bytes.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
