@@ -261,18 +261,22 @@ struct BenchArgs {
 }
 
 fn main() -> ExitCode {
-    // Anything that escapes as a panic is still reported as one line.
+    // A panic is a bug, but it still ends as one line and exit 1: the command runs under
+    // catch_unwind and its payload is printed below. The hook itself stays quiet on the
+    // threads whose panics come back to main (this one, and pool workers, whose panics
+    // the pool re-raises on the caller); any other thread's panic is reported where it
+    // happens, since nothing may join that thread.
     std::panic::set_hook(Box::new(|info| {
-        let msg = info
-            .payload()
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| info.payload().downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into());
-        eprintln!("error: internal error: {msg}");
+        let name = std::thread::current().name().unwrap_or("").to_string();
+        if name != "main" && !name.starts_with("ffai-worker") {
+            eprintln!(
+                "error: internal error in thread {name:?}: {}",
+                panic_message(info.payload())
+            );
+        }
     }));
     let cli = Cli::parse();
-    let r = match cli.cmd {
+    let r = std::panic::catch_unwind(move || match cli.cmd {
         Cmd::Generate(a) => cmd_generate(a),
         Cmd::Chat(a) => chat::cmd_chat(a),
         Cmd::Inspect(a) => cmd_inspect(a),
@@ -284,7 +288,8 @@ fn main() -> ExitCode {
         Cmd::Kld(a) => quality::cmd_kld(a),
         Cmd::Convert(a) => convert::cmd_convert(a),
         Cmd::Quantize(a) => cmd_quantize(a),
-    };
+    })
+    .unwrap_or_else(|payload| Err(Error::new(format!("internal error: {}", panic_message(&*payload)))));
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -292,6 +297,15 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The text of a panic payload (`panic!` with a literal or a formatted message).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
@@ -421,6 +435,13 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
     };
     if ids.is_empty() {
         return Err(Error::new("the prompt has no tokens"));
+    }
+    if ids.len() > cfg.max_position_embeddings {
+        return Err(Error::new(format!(
+            "the prompt has {} tokens, more than the model's context of {}",
+            ids.len(),
+            cfg.max_position_embeddings
+        )));
     }
     let mut state = model.lm.new_state(ids.len(), 512)?;
     if a.layer_trace || a.trace_layers.is_some() {
@@ -564,17 +585,26 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
+/// More repetitions than this say nothing more about the median.
+const MAX_BENCH_REPETITIONS: usize = 1000;
+
 fn cmd_bench(a: BenchArgs) -> Result<()> {
     let (model, load_s) = a.model.load()?;
     let cfg = model.lm.config();
     if a.prompt_tokens == 0 || a.repetitions == 0 {
         return Err(Error::new("--prompt-tokens and --repetitions must be at least 1"));
     }
-    let max_seq = a.prompt_tokens + a.gen_tokens;
+    let max_seq = a.prompt_tokens.saturating_add(a.gen_tokens);
     if max_seq > cfg.max_position_embeddings {
         return Err(Error::new(format!(
-            "{max_seq} tokens exceed the model's context of {}",
-            cfg.max_position_embeddings
+            "--prompt-tokens {} + --gen-tokens {} exceed the model's context of {}",
+            a.prompt_tokens, a.gen_tokens, cfg.max_position_embeddings
+        )));
+    }
+    if a.repetitions > MAX_BENCH_REPETITIONS {
+        return Err(Error::new(format!(
+            "--repetitions {} exceeds the limit of {MAX_BENCH_REPETITIONS}",
+            a.repetitions
         )));
     }
     // Deterministic pseudo-random prompt tokens, like llama-bench's random prompt.

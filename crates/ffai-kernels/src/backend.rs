@@ -86,6 +86,10 @@ pub struct AttnShape {
     pub softcap: f32,
 }
 
+/// Most query heads per KV head an attention kernel handles: it keeps a group's softmax
+/// statistics (2 floats a head) in a fixed array of 128.
+pub const MAX_GQA_GROUP: usize = 64;
+
 pub trait Backend: Send + Sync + 'static {
     type Buf: Send + Sync;
     type Mat: Send + Sync;
@@ -95,6 +99,11 @@ pub trait Backend: Send + Sync + 'static {
     fn name(&self) -> String;
 
     // --- memory ---
+    /// Bytes this backend can give to activations and KV caches (CPU: the machine's
+    /// physical memory). Callers refuse a state larger than this before allocating it.
+    fn memory_bytes(&self) -> u64;
+    /// Bytes per element of a KV cache (2 for f16, 4 for f32).
+    fn kv_elem_bytes(&self) -> usize;
     fn matrix(&self, ty: WeightType, rows: usize, cols: usize, data: HostBytes) -> Self::Mat;
     fn mat_shape(&self, m: &Self::Mat) -> (usize, usize);
     fn mat_type(&self, m: &Self::Mat) -> WeightType;

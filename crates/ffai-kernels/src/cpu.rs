@@ -330,6 +330,22 @@ impl CpuBackend {
     }
 }
 
+/// The machine's physical memory (Linux: MemTotal of /proc/meminfo). Where it cannot be
+/// read, 1 TiB: large enough for any real state, small enough that a size computed from a
+/// hostile config is still refused before the allocator aborts on it.
+pub fn physical_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb.saturating_mul(1024))
+        .unwrap_or(1 << 40)
+}
+
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type Mat = CpuMatrix;
@@ -365,6 +381,18 @@ impl Backend for CpuBackend {
 
     fn upload(&self, data: &[f32]) -> Vec<f32> {
         data.to_vec()
+    }
+
+    fn memory_bytes(&self) -> u64 {
+        physical_memory_bytes()
+    }
+
+    fn kv_elem_bytes(&self) -> usize {
+        if self.kv_f32 {
+            4
+        } else {
+            2
+        }
     }
 
     fn alloc_kv(&self, len: usize) -> KvCache {
@@ -593,7 +621,11 @@ impl Backend for CpuBackend {
             "ring buffer smaller than window + chunk"
         );
         let kvh_n = s.n_kv_heads;
-        assert!(group <= 64, "at most 64 query heads per KV head");
+        assert!(
+            group <= crate::backend::MAX_GQA_GROUP,
+            "at most {} query heads per KV head",
+            crate::backend::MAX_GQA_GROUP
+        );
         // Work items are (token, KV head, part): each handles the whole GQA group of
         // its KV head, so K/V rows are read once per group. When there are too few
         // (decode: one token), the visible positions are split into parts whose partial

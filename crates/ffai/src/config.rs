@@ -7,6 +7,17 @@ use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::{bail, ensure};
 
+/// Largest size, count or dimension accepted from a config (hidden size, vocabulary,
+/// context length, window, ...): 16.7M is past every released model (vocabularies reach
+/// ~262k, contexts ~10M), and a product of two such numbers stays far from overflowing
+/// 64 bits. What the numbers imply in memory is checked where it is allocated.
+pub const MAX_DIM: usize = 1 << 24;
+/// Most transformer blocks a config may declare.
+pub const MAX_LAYERS: usize = 1024;
+/// Most query heads per KV head: the attention kernels keep a group's softmax statistics
+/// in a fixed array of that size.
+pub const MAX_GQA_GROUP: usize = ffai_kernels::backend::MAX_GQA_GROUP;
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
     /// Positions divided by `factor`.
@@ -87,20 +98,61 @@ impl ModelConfig {
         }
     }
 
-    pub fn extra_f64(&self, hf_key: &str, gguf_key: &str) -> Option<f64> {
-        self.extra(hf_key, gguf_key).and_then(|v| v.as_f64())
+    /// A family-specific number: absent (or null) is `None`; present, it must be a
+    /// finite number, since a value of the wrong type or NaN would otherwise be
+    /// silently replaced by the family's default.
+    pub fn extra_f64(&self, hf_key: &str, gguf_key: &str) -> Result<Option<f64>> {
+        match self.extra(hf_key, gguf_key) {
+            None => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(x) if x.is_finite() => Ok(Some(x)),
+                _ => bail!(
+                    "{}: {} = {v} is not a finite number",
+                    self.source,
+                    self.key_name(hf_key, gguf_key)
+                ),
+            },
+        }
     }
 
-    pub fn extra_usize(&self, hf_key: &str, gguf_key: &str) -> Option<usize> {
-        self.extra(hf_key, gguf_key)
-            .and_then(|v| v.as_u64())
-            .map(|v| v as usize)
+    /// A family-specific count: a non-negative integer of at most [`MAX_DIM`].
+    pub fn extra_usize(&self, hf_key: &str, gguf_key: &str) -> Result<Option<usize>> {
+        match self.extra(hf_key, gguf_key) {
+            None => Ok(None),
+            Some(v) => match v.as_u64().and_then(|x| usize::try_from(x).ok()) {
+                Some(x) if x <= MAX_DIM => Ok(Some(x)),
+                _ => bail!(
+                    "{}: {} = {v} is not an integer in 0..={MAX_DIM}",
+                    self.source,
+                    self.key_name(hf_key, gguf_key)
+                ),
+            },
+        }
     }
 
-    pub fn extra_bool(&self, hf_key: &str, gguf_key: &str) -> Option<bool> {
-        self.extra(hf_key, gguf_key).and_then(|v| v.as_bool())
+    pub fn extra_bool(&self, hf_key: &str, gguf_key: &str) -> Result<Option<bool>> {
+        match self.extra(hf_key, gguf_key) {
+            None => Ok(None),
+            Some(v) => match v.as_bool() {
+                Some(b) => Ok(Some(b)),
+                None => bail!(
+                    "{}: {} = {v} is not true or false",
+                    self.source,
+                    self.key_name(hf_key, gguf_key)
+                ),
+            },
+        }
     }
-    fn validate(self) -> Result<Self> {
+
+    /// The field's name as the source spells it, for error messages.
+    fn key_name(&self, hf_key: &str, gguf_key: &str) -> String {
+        match self.raw {
+            RawConfig::Hf(_) => hf_key.to_string(),
+            RawConfig::Gguf(_) => format!("{}.{gguf_key}", self.architecture),
+        }
+    }
+
+    fn validate(mut self) -> Result<Self> {
         let c = &self;
         for (name, v) in [
             ("hidden_size", c.hidden_size),
@@ -113,11 +165,15 @@ impl ModelConfig {
             ("max_position_embeddings", c.max_position_embeddings),
         ] {
             ensure!(v > 0, "{}: {name} must be positive", c.source);
-            ensure!(v <= 1 << 24, "{}: {name} = {v} is implausibly large", c.source);
+            ensure!(
+                v <= MAX_DIM,
+                "{}: {name} = {v} exceeds the limit of {MAX_DIM}",
+                c.source
+            );
         }
         ensure!(
-            c.num_layers <= 1024,
-            "{}: {} layers is implausible",
+            c.num_layers <= MAX_LAYERS,
+            "{}: num_hidden_layers = {} exceeds the limit of {MAX_LAYERS}",
             c.source,
             c.num_layers
         );
@@ -129,6 +185,12 @@ impl ModelConfig {
             c.num_kv_heads
         );
         ensure!(
+            c.num_heads / c.num_kv_heads <= MAX_GQA_GROUP,
+            "{}: {} query heads per KV head exceed the limit of {MAX_GQA_GROUP}",
+            c.source,
+            c.num_heads / c.num_kv_heads
+        );
+        ensure!(
             c.head_dim.is_multiple_of(2),
             "{}: head_dim {} must be even for RoPE",
             c.source,
@@ -136,14 +198,68 @@ impl ModelConfig {
         );
         ensure!(
             c.rope_theta > 0.0 && c.rope_theta.is_finite(),
-            "{}: rope_theta must be positive",
+            "{}: rope_theta must be a positive finite number",
             c.source
         );
         ensure!(
             c.rms_norm_eps >= 0.0 && c.rms_norm_eps.is_finite(),
-            "{}: rms_norm_eps must be non-negative",
+            "{}: rms_norm_eps must be a non-negative finite number",
             c.source
         );
+        if let Some(w) = c.sliding_window {
+            ensure!(
+                w <= MAX_DIM,
+                "{}: sliding_window = {w} exceeds the limit of {MAX_DIM}",
+                c.source
+            );
+        }
+        let positive = |name: &str, x: f64| -> Result<()> {
+            ensure!(
+                x > 0.0 && x.is_finite(),
+                "{}: rope scaling {name} = {x} must be a positive finite number",
+                c.source
+            );
+            Ok(())
+        };
+        match &c.rope_scaling {
+            None => {}
+            Some(RopeScaling::Linear { factor }) => positive("factor", *factor)?,
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                positive("factor", *factor)?;
+                positive("low_freq_factor", *low_freq_factor)?;
+                positive("high_freq_factor", *high_freq_factor)?;
+                positive("original_max_position_embeddings", *original_max_position_embeddings)?;
+                // The smoothing divides by their difference.
+                ensure!(
+                    high_freq_factor > low_freq_factor,
+                    "{}: rope scaling high_freq_factor must exceed low_freq_factor",
+                    c.source
+                );
+            }
+            Some(RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                attention_factor,
+            }) => {
+                for x in short_factor.iter().chain(long_factor) {
+                    positive("short_factor/long_factor entry", *x)?;
+                }
+                positive("original_max_position_embeddings", *original_max_position_embeddings)?;
+                if let Some(a) = attention_factor {
+                    positive("attention_factor", *a)?;
+                }
+            }
+        }
+        // A window of zero, or one as long as the context, attends to everything.
+        if matches!(c.sliding_window, Some(w) if w == 0 || w >= c.max_position_embeddings) {
+            self.sliding_window = None;
+        }
         Ok(self)
     }
 
@@ -178,8 +294,36 @@ impl ModelConfig {
                     }),
             }
         };
-        let opt_f64 = |k: &str| get(k).and_then(|x| x.as_f64());
-        let opt_bool = |k: &str| get(k).and_then(|x| x.as_bool());
+        // Present but of the wrong type is an error, not the default.
+        let opt_f64 = |k: &str| -> Result<Option<f64>> {
+            match get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(x) => match x.as_f64() {
+                    Some(f) if f.is_finite() => Ok(Some(f)),
+                    _ => bail!("{source}: config.json field \"{k}\" = {x} is not a finite number"),
+                },
+            }
+        };
+        let opt_bool = |k: &str| -> Result<Option<bool>> {
+            match get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(x) => x.as_bool().map(Some).ok_or_else(|| {
+                    Error::new(format!(
+                        "{source}: config.json field \"{k}\" = {x} is not true or false"
+                    ))
+                }),
+            }
+        };
+        // A number inside a rope section: absent is None, anything but a finite number an error.
+        let num_in = |section: &Value, k: &str| -> Result<Option<f64>> {
+            match section.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(x) => match x.as_f64() {
+                    Some(f) if f.is_finite() => Ok(Some(f)),
+                    _ => bail!("{source}: rope scaling field \"{k}\" = {x} is not a finite number"),
+                },
+            }
+        };
 
         let architecture = obj
             .get("architectures")
@@ -203,10 +347,14 @@ impl ModelConfig {
         // checkpoints write `rope_theta` and `rope_scaling` at the top level.
         let rope_params =
             get("rope_parameters").filter(|v| v.get("rope_type").is_some() || v.get("rope_theta").is_some());
-        let rope_theta = rope_params
-            .and_then(|r| r.get("rope_theta"))
-            .and_then(|x| x.as_f64())
-            .or_else(|| opt_f64("rope_theta"));
+        let rope_theta = match rope_params {
+            Some(r) => num_in(r, "rope_theta")?,
+            None => None,
+        };
+        let rope_theta = match rope_theta {
+            Some(t) => Some(t),
+            None => opt_f64("rope_theta")?,
+        };
         let rope_scaling = match rope_params.or_else(|| get("rope_scaling")) {
             None | Some(Value::Null) => None,
             Some(rs) => {
@@ -215,8 +363,8 @@ impl ModelConfig {
                     .or_else(|| rs.get("type"))
                     .and_then(|t| t.as_str())
                     .unwrap_or("");
-                let f = |k: &str| rs.get(k).and_then(|x| x.as_f64());
-                let factor = f("factor");
+                let f = |k: &str| num_in(rs, k);
+                let factor = f("factor")?;
                 match kind {
                     "linear" => Some(RopeScaling::Linear {
                         factor: factor
@@ -224,7 +372,7 @@ impl ModelConfig {
                     }),
                     "llama3" => {
                         let need = |k: &str| {
-                            f(k).ok_or_else(|| Error::new(format!("{source}: rope_scaling llama3 needs \"{k}\"")))
+                            f(k)?.ok_or_else(|| Error::new(format!("{source}: rope_scaling llama3 needs \"{k}\"")))
                         };
                         Some(RopeScaling::Llama3 {
                             factor: need("factor")?,
@@ -235,21 +383,27 @@ impl ModelConfig {
                     }
                     "longrope" | "su" => {
                         let list = |k: &str| -> Result<Vec<f64>> {
-                            rs.get(k)
+                            let a = rs
+                                .get(k)
                                 .and_then(|v| v.as_array())
-                                .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
-                                .ok_or_else(|| Error::new(format!("{source}: rope scaling longrope needs \"{k}\"")))
+                                .ok_or_else(|| Error::new(format!("{source}: rope scaling longrope needs \"{k}\"")))?;
+                            a.iter()
+                                .map(|x| {
+                                    x.as_f64().ok_or_else(|| {
+                                        Error::new(format!("{source}: rope scaling {k} holds {x}, not a number"))
+                                    })
+                                })
+                                .collect()
                         };
                         // The top-level field takes priority, as in transformers.
-                        let orig = get("original_max_position_embeddings")
-                            .and_then(|x| x.as_f64())
-                            .or_else(|| f("original_max_position_embeddings"))
+                        let orig = opt_f64("original_max_position_embeddings")?
+                            .or(f("original_max_position_embeddings")?)
                             .ok_or_else(|| Error::new(format!("{source}: longrope needs original_max_position_embeddings")))?;
                         Some(RopeScaling::LongRope {
                             short_factor: list("short_factor")?,
                             long_factor: list("long_factor")?,
                             original_max_position_embeddings: orig,
-                            attention_factor: f("attention_factor"),
+                            attention_factor: f("attention_factor")?,
                         })
                     }
                     "default" | "" => None,
@@ -259,7 +413,7 @@ impl ModelConfig {
                 }
             }
         };
-        let use_sliding = opt_bool("use_sliding_window").unwrap_or(true);
+        let use_sliding = opt_bool("use_sliding_window")?.unwrap_or(true);
         let sliding_window = if use_sliding {
             opt_usize("sliding_window")?
         } else {
@@ -279,9 +433,9 @@ impl ModelConfig {
             max_position_embeddings: opt_usize("max_position_embeddings")?.unwrap_or(4096),
             rope_theta: rope_theta.unwrap_or(10000.0),
             rope_scaling,
-            rms_norm_eps: opt_f64("rms_norm_eps").unwrap_or(1e-6),
-            tie_word_embeddings: opt_bool("tie_word_embeddings").unwrap_or(false),
-            attention_bias: opt_bool("attention_bias").unwrap_or(false),
+            rms_norm_eps: opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
+            tie_word_embeddings: opt_bool("tie_word_embeddings")?.unwrap_or(false),
+            attention_bias: opt_bool("attention_bias")?.unwrap_or(false),
             rope_neox: true,
             sliding_window,
             name: obj
@@ -309,13 +463,34 @@ impl ModelConfig {
                 .and_then(|v| usize::try_from(v).ok())
                 .ok_or_else(|| Error::new(format!("{source}: GGUF metadata is missing integer \"{full}\"")))
         };
-        let opt = |k: &str| f.get_u64(&key(k)).and_then(|v| usize::try_from(v).ok());
+        // Present but not a non-negative integer (or not a number) is an error, not the default.
+        let opt = |k: &str| -> Result<Option<usize>> {
+            let full = key(k);
+            match f.get(&full) {
+                None => Ok(None),
+                Some(v) => v
+                    .as_u64()
+                    .and_then(|v| usize::try_from(v).ok())
+                    .map(Some)
+                    .ok_or_else(|| Error::new(format!("{source}: GGUF {full} is not a non-negative integer"))),
+            }
+        };
+        let opt_f64 = |k: &str| -> Result<Option<f64>> {
+            let full = key(k);
+            match f.get(&full) {
+                None => Ok(None),
+                Some(v) => match v.as_f64() {
+                    Some(x) if x.is_finite() => Ok(Some(x)),
+                    _ => bail!("{source}: GGUF {full} is not a finite number"),
+                },
+            }
+        };
         let hidden_size = req("embedding_length")?;
         let num_heads = req("attention.head_count")?;
         ensure!(num_heads > 0, "{source}: {arch}.attention.head_count must be positive");
-        let num_kv_heads = opt("attention.head_count_kv").unwrap_or(num_heads);
-        let head_dim = opt("attention.key_length").unwrap_or(hidden_size / num_heads);
-        let vocab_size = match opt("vocab_size") {
+        let num_kv_heads = opt("attention.head_count_kv")?.unwrap_or(num_heads);
+        let head_dim = opt("attention.key_length")?.unwrap_or(hidden_size / num_heads);
+        let vocab_size = match opt("vocab_size")? {
             Some(v) => v,
             None => f
                 .get("tokenizer.ggml.tokens")
@@ -330,7 +505,7 @@ impl ModelConfig {
         let rope_scaling = match f.get_str(&key("rope.scaling.type")) {
             None | Some("none") => None,
             Some("linear") => {
-                let factor = f.get_f64(&key("rope.scaling.factor")).unwrap_or(1.0);
+                let factor = opt_f64("rope.scaling.factor")?.unwrap_or(1.0);
                 (factor != 1.0).then_some(RopeScaling::Linear { factor })
             }
             Some(other) => bail!(
@@ -350,14 +525,14 @@ impl ModelConfig {
             num_kv_heads,
             head_dim,
             vocab_size,
-            max_position_embeddings: opt("context_length").unwrap_or(4096),
-            rope_theta: f.get_f64(&key("rope.freq_base")).unwrap_or(10000.0),
+            max_position_embeddings: opt("context_length")?.unwrap_or(4096),
+            rope_theta: opt_f64("rope.freq_base")?.unwrap_or(10000.0),
             rope_scaling,
-            rms_norm_eps: f.get_f64(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+            rms_norm_eps: opt_f64("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
             tie_word_embeddings: false,
             attention_bias: false,
             rope_neox,
-            sliding_window: opt("attention.sliding_window"),
+            sliding_window: opt("attention.sliding_window")?,
             name: f
                 .get_str("general.name")
                 .or(f.get_str("general.basename"))

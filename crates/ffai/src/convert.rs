@@ -487,22 +487,7 @@ fn read_hf_source(dir: &Path) -> Result<Source> {
     let index = dir.join("model.safetensors.index.json");
     let files: Vec<PathBuf> = if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::new(format!("{}: {e}", index.display())))?;
-        let v: Value =
-            serde_json::from_str(&text).map_err(|e| Error::new(format!("{}: invalid JSON: {e}", index.display())))?;
-        let wm = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| Error::new(format!("{}: no \"weight_map\" object", index.display())))?;
-        let mut shards: Vec<String> = wm.values().filter_map(|s| s.as_str().map(String::from)).collect();
-        shards.sort();
-        shards.dedup();
-        for s in &shards {
-            ensure!(
-                !s.is_empty() && !s.contains('/') && !s.contains('\\') && s != "..",
-                "{}: shard name {s:?} is not a plain file name",
-                index.display()
-            );
-        }
+        let shards = crate::weights::shard_names(&text).map_err(|e| e.context(index.display()))?;
         shards.into_iter().map(|s| dir.join(s)).collect()
     } else {
         vec![dir.join("model.safetensors")]
@@ -692,7 +677,7 @@ fn read_gguf_source(path: &Path) -> Result<Source> {
         "gemma3" => {
             let window = cfg.sliding_window.unwrap_or(cfg.max_position_embeddings);
             let pattern = cfg
-                .extra_usize("", "attention.sliding_window_pattern")
+                .extra_usize("", "attention.sliding_window_pattern")?
                 .unwrap_or(6)
                 .max(1);
             let layer_types: Vec<&str> = (0..cfg.num_layers)
@@ -707,7 +692,7 @@ fn read_gguf_source(path: &Path) -> Result<Source> {
             c.insert("sliding_window".into(), json!(window));
             c.insert("sliding_window_pattern".into(), json!(pattern));
             c.insert("layer_types".into(), json!(layer_types));
-            let local = cfg.extra_f64("", "rope.local_freq_base").unwrap_or(10_000.0);
+            let local = cfg.extra_f64("", "rope.local_freq_base")?.unwrap_or(10_000.0);
             c.insert("rope_local_base_freq".into(), json!(local));
             // llama.cpp scales queries by 1/sqrt(head_dim) except for the 27B model's
             // hidden/heads (see models/gemma.rs).
@@ -718,7 +703,7 @@ fn read_gguf_source(path: &Path) -> Result<Source> {
             };
             c.insert("query_pre_attn_scalar".into(), json!(scalar));
             for k in ["attn_logit_softcapping", "final_logit_softcapping"] {
-                c.insert(k.into(), json!(cfg.extra_f64("", k)));
+                c.insert(k.into(), json!(cfg.extra_f64("", k)?));
             }
             c.insert("attention_bias".into(), json!(attention_bias));
         }

@@ -508,7 +508,8 @@ pub fn generate_split(
             prompt_ids.len()
         )));
     }
-    let max_seq = (prompt_ids.len() + params.max_tokens).min(ctx);
+    // max_tokens may be anything the caller typed; the state is sized by the context.
+    let max_seq = prompt_ids.len().saturating_add(params.max_tokens).min(ctx);
     let mut session = Session::new(model, max_seq, params.prefill_step_size)?;
     session.generate(model, tokenizer, prompt_ids, params, on_piece)
 }
@@ -540,7 +541,7 @@ impl Session {
 
         let mut sampler = Sampler::new(params);
         let mut history: Vec<u32> = prompt_ids.to_vec();
-        let mut generated = Vec::with_capacity(params.max_tokens);
+        let mut generated = Vec::with_capacity(params.max_tokens.min(self.state.max_seq));
         let mut decoder = StreamDecoder::new(tokenizer);
         let mut stops = StopScanner {
             stops: &params.stop_strings,

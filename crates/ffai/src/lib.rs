@@ -28,6 +28,9 @@ use config::ModelConfig;
 use resolve::ModelLocation;
 use weights::Weights;
 
+/// Most CPU threads a model may be given: each is a real OS thread, spawned at load.
+pub const MAX_THREADS: usize = 1024;
+
 #[derive(Clone, Default)]
 pub struct LoadOptions {
     /// CPU threads (0 = all cores).
@@ -66,6 +69,10 @@ impl Model {
         } else {
             opts.threads
         };
+        ensure!(
+            threads <= MAX_THREADS,
+            "{threads} threads exceed the limit of {MAX_THREADS}"
+        );
         let device = Device::cpu_configured(threads, opts.profile, opts.kv_f32, opts.f32_activations);
         let src = location.path().display().to_string();
         // Config first, then the family check, so an unsupported model fails before any

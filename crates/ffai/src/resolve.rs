@@ -112,9 +112,13 @@ pub fn find_in_hf_cache(cache: &Path, repo: &str) -> Option<PathBuf> {
     let root = cache.join(format!("models--{}", repo.replace('/', "--")));
     let snaps = root.join("snapshots");
     if let Ok(rev) = std::fs::read_to_string(root.join("refs/main")) {
-        let d = snaps.join(rev.trim());
-        if d.join("config.json").is_file() {
-            return Some(d);
+        // A revision is a commit hash; anything else (a path, `..`) is not followed.
+        let rev = rev.trim();
+        if !rev.is_empty() && rev.len() <= 64 && rev.chars().all(|c| c.is_ascii_alphanumeric()) {
+            let d = snaps.join(rev);
+            if d.join("config.json").is_file() {
+                return Some(d);
+            }
         }
     }
     std::fs::read_dir(&snaps)
@@ -142,14 +146,9 @@ fn download(repo: &str, cache: &Path) -> Result<PathBuf> {
     match get("model.safetensors.index.json") {
         Ok(index) => {
             let text = std::fs::read_to_string(&index)?;
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::new(e.to_string()))?;
-            let mut shards: Vec<String> = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .map(|m| m.values().filter_map(|s| s.as_str().map(String::from)).collect())
-                .unwrap_or_default();
-            shards.sort();
-            shards.dedup();
+            // Checked before any request: the names come from the remote repository.
+            let shards = crate::weights::shard_names(&text)
+                .map_err(|e| e.context(format!("{repo}: model.safetensors.index.json")))?;
             for s in shards {
                 get(&s)?;
             }

@@ -124,21 +124,8 @@ impl Weights {
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| Error::new(format!("{}: {e}", index.display())))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| Error::new(format!("{}: invalid JSON: {e}", index.display())))?;
-            let wm = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| Error::new(format!("{}: no \"weight_map\" object", index.display())))?;
-            let mut shards: Vec<String> = wm.values().filter_map(|s| s.as_str().map(String::from)).collect();
-            shards.sort();
-            shards.dedup();
+            let shards = shard_names(&text).map_err(|e| e.context(index.display()))?;
             for s in &shards {
-                ensure!(
-                    !s.contains('/') && !s.contains('\\') && s != ".." && !s.is_empty(),
-                    "{}: shard name {s:?} is not a plain file name",
-                    index.display()
-                );
                 ensure!(
                     dir.join(s).exists(),
                     "{}: shard {s} named in the index is missing",
@@ -459,4 +446,48 @@ pub fn hf_to_gguf_name_for(name: &str, model_type: &str) -> String {
         }
     }
     name.to_string()
+}
+
+/// Most shards an index may name (the largest released checkpoints have a few hundred).
+pub const MAX_SHARDS: usize = 4096;
+/// Longest shard file name accepted (the usual file-system limit).
+pub const MAX_SHARD_NAME: usize = 255;
+
+/// The distinct shard files named by a `model.safetensors.index.json`, sorted. Each must
+/// be a plain `*.safetensors` file name: an index may come from a remote repository,
+/// and a name with a separator, `..` or an absolute path would leave the checkpoint's
+/// directory (or the download cache) when joined to it.
+pub fn shard_names(index_json: &str) -> Result<Vec<String>> {
+    let v: serde_json::Value =
+        serde_json::from_str(index_json).map_err(|e| Error::new(format!("invalid JSON: {e}")))?;
+    let wm = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::new("no \"weight_map\" object"))?;
+    let mut shards = Vec::new();
+    for (tensor, file) in wm {
+        let s = file
+            .as_str()
+            .ok_or_else(|| Error::new(format!("weight_map entry {tensor:?} is {file}, not a file name")))?;
+        ensure!(
+            !s.is_empty()
+                && s.len() <= MAX_SHARD_NAME
+                && s != "."
+                && s != ".."
+                && !s.contains(['/', '\\', ':', '\0'])
+                && s.ends_with(".safetensors"),
+            "shard name {:?} is not a plain *.safetensors file name of at most {MAX_SHARD_NAME} bytes",
+            s.chars().take(80).collect::<String>()
+        );
+        shards.push(s.to_string());
+    }
+    shards.sort();
+    shards.dedup();
+    ensure!(!shards.is_empty(), "weight_map names no shard");
+    ensure!(
+        shards.len() <= MAX_SHARDS,
+        "{} shards exceed the limit of {MAX_SHARDS}",
+        shards.len()
+    );
+    Ok(shards)
 }

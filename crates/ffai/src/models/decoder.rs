@@ -537,7 +537,7 @@ fn cache_rows(window: usize, max_seq: usize, chunk: usize) -> usize {
     if window == 0 {
         max_seq
     } else {
-        (window + chunk).min(max_seq)
+        window.saturating_add(chunk).min(max_seq)
     }
 }
 
@@ -580,6 +580,35 @@ impl<B: Backend> LanguageModel for Decoder<B> {
             .iter()
             .map(|l| cache_rows(l.window, max_seq, chunk))
             .collect();
+        // What this state will take, in checked arithmetic, refused before anything is
+        // allocated when it exceeds the backend's memory (a context or chunk from a
+        // config or the command line can imply terabytes).
+        let bytes = (|| -> Option<u64> {
+            let per_token = [3 * c.hidden_size, 3 * qd, 3 * kvd, 2 * c.intermediate_size]
+                .iter()
+                .try_fold(0u64, |a, &x| a.checked_add(x as u64))?;
+            let acts = per_token
+                .checked_mul(chunk as u64)?
+                .checked_add((c.hidden_size + c.vocab_size) as u64)?
+                .checked_mul(4)?;
+            let kv = caps.iter().try_fold(0u64, |a, &cap| {
+                a.checked_add(
+                    (cap as u64)
+                        .checked_mul(kvd as u64)?
+                        .checked_mul(2 * b.kv_elem_bytes() as u64)?,
+                )
+            })?;
+            acts.checked_add(kv)
+        })();
+        let limit = b.memory_bytes();
+        match bytes {
+            Some(n) if n <= limit => {}
+            _ => bail!(
+                "an inference state of {max_seq} tokens (chunks of {chunk}) needs {}, more than the {:.1} GiB of memory here; use a shorter context",
+                bytes.map_or("more than 2^64 bytes".to_string(), |n| format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64)),
+                limit as f64 / (1u64 << 30) as f64
+            ),
+        }
         let scratch = Scratch::<B> {
             x: b.alloc(chunk * c.hidden_size),
             xn: b.alloc(chunk * c.hidden_size),
@@ -642,8 +671,22 @@ impl<B: Backend> LanguageModel for Decoder<B> {
             .inner
             .downcast_mut::<Scratch<B>>()
             .ok_or_else(|| Error::new("inference state belongs to a different model"))?;
+        // Every row's logits can be far larger than the state (a long window times a
+        // 262k vocabulary): refuse what the memory cannot hold before resizing.
+        let n_logits = if all_logits {
+            tokens.len().checked_mul(vocab)
+        } else {
+            Some(vocab)
+        };
+        let n_logits = match n_logits {
+            Some(n) if (n as u64).saturating_mul(4) <= b.memory_bytes() => n,
+            _ => bail!(
+                "logits of all {} tokens over a vocabulary of {vocab} exceed the memory here; use fewer tokens per call",
+                tokens.len()
+            ),
+        };
         logits.clear();
-        logits.resize(if all_logits { tokens.len() * vocab } else { vocab }, 0.0);
+        logits.resize(n_logits, 0.0);
         let mut pos = state.pos;
         for (ci, ids) in tokens.chunks(state.chunk).enumerate() {
             let n = ids.len();

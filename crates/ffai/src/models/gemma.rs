@@ -16,6 +16,7 @@ use crate::config::{ModelConfig, RopeScaling};
 use crate::error::Result;
 use crate::generate::GenerationParameters;
 use crate::weights::Weights;
+use crate::{bail, ensure};
 
 pub const FAMILY: Family = Family {
     name: "gemma",
@@ -39,10 +40,10 @@ pub trait GemmaVariant: Sync {
         }
     }
     /// Whether layer i (of n) is global when the config has no `layer_types`.
-    fn is_global(&self, cfg: &ModelConfig, i: usize) -> bool;
+    fn is_global(&self, cfg: &ModelConfig, i: usize) -> Result<bool>;
     fn qk_norm(&self) -> QkNorm;
     /// (global table, local table) RoPE parameters: (theta, scaling).
-    fn ropes(&self, cfg: &ModelConfig) -> [(f64, Option<RopeScaling>); 2];
+    fn ropes(&self, cfg: &ModelConfig) -> Result<[(f64, Option<RopeScaling>); 2]>;
     /// Layer count of the 27B model, whose attention scale llama.cpp's GGUF conversion
     /// leaves implicit (hidden/heads instead of head_dim).
     fn gguf_27b_layers(&self) -> usize;
@@ -55,14 +56,14 @@ impl GemmaVariant for Gemma2 {
     fn name(&self) -> &'static str {
         "gemma2"
     }
-    fn is_global(&self, _: &ModelConfig, i: usize) -> bool {
-        !i.is_multiple_of(2)
+    fn is_global(&self, _: &ModelConfig, i: usize) -> Result<bool> {
+        Ok(!i.is_multiple_of(2))
     }
     fn qk_norm(&self) -> QkNorm {
         QkNorm::None
     }
-    fn ropes(&self, cfg: &ModelConfig) -> [(f64, Option<RopeScaling>); 2] {
-        [(cfg.rope_theta, None), (cfg.rope_theta, None)]
+    fn ropes(&self, cfg: &ModelConfig) -> Result<[(f64, Option<RopeScaling>); 2]> {
+        Ok([(cfg.rope_theta, None), (cfg.rope_theta, None)])
     }
     fn gguf_27b_layers(&self) -> usize {
         46
@@ -73,46 +74,69 @@ impl GemmaVariant for Gemma3 {
     fn name(&self) -> &'static str {
         "gemma3"
     }
-    fn is_global(&self, cfg: &ModelConfig, i: usize) -> bool {
-        let pattern = cfg
-            .extra_usize("sliding_window_pattern", "attention.sliding_window_pattern")
-            .or_else(|| cfg.extra_usize("_sliding_window_pattern", "attention.sliding_window_pattern"))
-            .unwrap_or(6)
-            .max(1);
-        (i + 1).is_multiple_of(pattern)
+    fn is_global(&self, cfg: &ModelConfig, i: usize) -> Result<bool> {
+        let pattern = match cfg.extra_usize("sliding_window_pattern", "attention.sliding_window_pattern")? {
+            Some(p) => p,
+            None => cfg
+                .extra_usize("_sliding_window_pattern", "attention.sliding_window_pattern")?
+                .unwrap_or(6),
+        };
+        Ok((i + 1).is_multiple_of(pattern.max(1)))
     }
     fn qk_norm(&self) -> QkNorm {
         QkNorm::PerHead
     }
-    fn ropes(&self, cfg: &ModelConfig) -> [(f64, Option<RopeScaling>); 2] {
+    fn ropes(&self, cfg: &ModelConfig) -> Result<[(f64, Option<RopeScaling>); 2]> {
         // transformers v5: rope_parameters per layer type; older configs: rope_theta,
         // rope_scaling (global) and rope_local_base_freq; GGUF: freq_base (global) and
         // llama.cpp's fixed 10000 for local layers.
         let per_type = cfg.extra("rope_parameters", "");
         let part = |k: &str| per_type.as_ref().and_then(|p| p.get(k)).cloned();
-        let theta_of = |v: &Option<Value>| v.as_ref().and_then(|p| p.get("rope_theta")).and_then(|t| t.as_f64());
-        let linear = |v: &Option<Value>| {
-            let v = v.as_ref()?;
-            (v.get("rope_type").and_then(|t| t.as_str()) == Some("linear"))
-                .then(|| v.get("factor").and_then(|f| f.as_f64()))
-                .flatten()
-                .map(|factor| RopeScaling::Linear { factor })
+        // A present number must be a positive finite one (NaN or 0 would fill the tables
+        // with NaN or infinities).
+        let num = |v: &Option<Value>, k: &str| -> Result<Option<f64>> {
+            match v.as_ref().and_then(|p| p.get(k)) {
+                None | Some(Value::Null) => Ok(None),
+                Some(x) => match x.as_f64() {
+                    Some(f) if f > 0.0 && f.is_finite() => Ok(Some(f)),
+                    _ => bail!(
+                        "{}: rope_parameters {k} = {x} is not a positive finite number",
+                        cfg.source
+                    ),
+                },
+            }
+        };
+        let theta_of = |v: &Option<Value>| num(v, "rope_theta");
+        let linear = |v: &Option<Value>| -> Result<Option<RopeScaling>> {
+            let is_linear = v.as_ref().and_then(|p| p.get("rope_type")).and_then(|t| t.as_str()) == Some("linear");
+            Ok(match num(v, "factor")? {
+                Some(factor) if is_linear => Some(RopeScaling::Linear { factor }),
+                _ => None,
+            })
         };
         let (full, sliding) = (part("full_attention"), part("sliding_attention"));
-        let global_theta = theta_of(&full).unwrap_or(if cfg.is_gguf() || cfg.rope_theta != 10000.0 {
+        let global_theta = theta_of(&full)?.unwrap_or(if cfg.is_gguf() || cfg.rope_theta != 10000.0 {
             cfg.rope_theta
         } else {
             1_000_000.0
         });
         let global_scaling = if full.is_some() {
-            linear(&full)
+            linear(&full)?
         } else {
             cfg.rope_scaling.clone()
         };
-        let local_theta = theta_of(&sliding)
-            .or_else(|| cfg.extra_f64("rope_local_base_freq", "rope.local_freq_base"))
-            .unwrap_or(10_000.0);
-        [(global_theta, global_scaling), (local_theta, None)]
+        let local_theta = match theta_of(&sliding)? {
+            Some(t) => t,
+            None => cfg
+                .extra_f64("rope_local_base_freq", "rope.local_freq_base")?
+                .unwrap_or(10_000.0),
+        };
+        ensure!(
+            local_theta > 0.0,
+            "{}: rope_local_base_freq must be positive",
+            cfg.source
+        );
+        Ok([(global_theta, global_scaling), (local_theta, None)])
     }
     fn gguf_27b_layers(&self) -> usize {
         62
@@ -138,16 +162,16 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
         .map(|i| {
             let global = match &layer_types {
                 Some(t) if t.len() == cfg.num_layers => t[i] != "sliding_attention",
-                _ => v.is_global(cfg, i),
+                _ => v.is_global(cfg, i)?,
             };
-            if global {
+            Ok(if global {
                 LayerAttn { window: 0, rope: 0 }
             } else {
                 LayerAttn { window, rope: 1 }
-            }
+            })
         })
-        .collect();
-    let tables = v.ropes(cfg).map(|(theta, scaling)| {
+        .collect::<Result<_>>()?;
+    let tables = v.ropes(cfg)?.map(|(theta, scaling)| {
         let c = ModelConfig {
             rope_theta: theta,
             rope_scaling: scaling,
@@ -155,8 +179,11 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
         };
         c.rope_inv_freq(None)
     });
-    let scalar = match cfg.extra_f64("query_pre_attn_scalar", "") {
-        Some(s) => s,
+    let scalar = match cfg.extra_f64("query_pre_attn_scalar", "")? {
+        Some(s) => {
+            ensure!(s > 0.0, "{}: query_pre_attn_scalar must be positive", cfg.source);
+            s
+        }
         None if cfg.is_gguf() && cfg.num_layers == v.gguf_27b_layers() => (cfg.hidden_size / cfg.num_heads) as f64,
         None => cfg.head_dim as f64,
     };
@@ -172,10 +199,10 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
         embed_scale: (cfg.hidden_size as f32).sqrt(),
         attn_scale: (1.0 / scalar.sqrt()) as f32,
         attn_softcap: cfg
-            .extra_f64("attn_logit_softcapping", "attn_logit_softcapping")
+            .extra_f64("attn_logit_softcapping", "attn_logit_softcapping")?
             .unwrap_or(0.0) as f32,
         final_softcap: cfg
-            .extra_f64("final_logit_softcapping", "final_logit_softcapping")
+            .extra_f64("final_logit_softcapping", "final_logit_softcapping")?
             .unwrap_or(0.0) as f32,
         layers,
         ropes: tables.to_vec(),

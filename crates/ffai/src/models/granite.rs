@@ -5,6 +5,7 @@
 use super::decoder::{self, DecoderSpec, Identity};
 use super::{Device, Family, LanguageModel};
 use crate::config::ModelConfig;
+use crate::ensure;
 use crate::error::Result;
 use crate::generate::GenerationParameters;
 use crate::weights::Weights;
@@ -36,12 +37,14 @@ impl Granite3 {
 fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn LanguageModel>> {
     let base = DecoderSpec::llama(cfg, None);
     // config.json names, then llama.cpp's GGUF keys.
-    let embed = cfg.extra_f64("embedding_multiplier", "embedding_scale").unwrap_or(1.0);
-    let residual = cfg.extra_f64("residual_multiplier", "residual_scale").unwrap_or(1.0);
+    let embed = cfg.extra_f64("embedding_multiplier", "embedding_scale")?.unwrap_or(1.0);
+    let residual = cfg.extra_f64("residual_multiplier", "residual_scale")?.unwrap_or(1.0);
     let attn = cfg
-        .extra_f64("attention_multiplier", "attention.scale")
+        .extra_f64("attention_multiplier", "attention.scale")?
         .unwrap_or(base.attn_scale as f64);
-    let logits = cfg.extra_f64("logits_scaling", "logit_scale").unwrap_or(1.0);
+    let logits = cfg.extra_f64("logits_scaling", "logit_scale")?.unwrap_or(1.0);
+    // The logits are divided by it.
+    ensure!(logits != 0.0, "{}: logits_scaling must not be 0", cfg.source);
     let spec = DecoderSpec {
         embed_scale: embed as f32,
         residual_scale: residual as f32,

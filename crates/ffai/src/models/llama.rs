@@ -109,7 +109,7 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
     let variant = variant_for(cfg);
     // Qwen2 configs carry sliding-window fields that are off unless use_sliding_window.
     let mut cfg = cfg.clone();
-    if variant.name() == "qwen2" && cfg.extra_bool("use_sliding_window", "use_sliding_window") != Some(true) {
+    if variant.name() == "qwen2" && cfg.extra_bool("use_sliding_window", "use_sliding_window")? != Some(true) {
         cfg.sliding_window = None;
     }
     // GGUF llama3 conversions store the rope scaling as per-frequency divisors.

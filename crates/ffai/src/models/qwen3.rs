@@ -37,7 +37,7 @@ impl Qwen3Dense {
 fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn LanguageModel>> {
     let mut cfg = cfg.clone();
     // Sliding-window fields exist in the config but are off unless use_sliding_window.
-    if cfg.extra_bool("use_sliding_window", "use_sliding_window") != Some(true) {
+    if cfg.extra_bool("use_sliding_window", "use_sliding_window")? != Some(true) {
         cfg.sliding_window = None;
     }
     let spec = DecoderSpec {

@@ -35,7 +35,7 @@ impl StarCoder2 {
 
 fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn LanguageModel>> {
     let eps = cfg
-        .extra_f64("norm_epsilon", "attention.layer_norm_epsilon")
+        .extra_f64("norm_epsilon", "attention.layer_norm_epsilon")?
         .unwrap_or(1e-5);
     let spec = DecoderSpec {
         norm: NormKind::Layer,
