@@ -275,8 +275,28 @@ fn main() -> ExitCode {
             );
         }
     }));
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind as K;
+            if matches!(
+                e.kind(),
+                K::DisplayHelp | K::DisplayVersion | K::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            // A bad flag or value is bad input like any other: one line, exit 1 (clap's
+            // own rendering adds usage lines and exits 2).
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("error: {first} (see --help)");
+            return ExitCode::FAILURE;
+        }
+    };
     let r = std::panic::catch_unwind(move || match cli.cmd {
+        // A deliberate panic, so tests can check how one is reported.
+        _ if std::env::var_os("FFAI_DEBUG_PANIC").is_some() => panic!("FFAI_DEBUG_PANIC is set"),
         Cmd::Generate(a) => cmd_generate(a),
         Cmd::Chat(a) => chat::cmd_chat(a),
         Cmd::Inspect(a) => cmd_inspect(a),

@@ -292,3 +292,62 @@ fn lowbit_tensor_sizes_are_checked() {
         );
     }
 }
+
+/// Shard names in a `model.safetensors.index.json` (possibly downloaded from a remote
+/// repository) must be plain `*.safetensors` file names before anything is fetched or
+/// joined to a directory.
+#[test]
+fn index_shard_names_must_be_plain_file_names() {
+    let index = |name: serde_json::Value| serde_json::json!({"weight_map": {"a.weight": name}}).to_string();
+    let ok = ffai::weights::shard_names(&index("model-00001-of-00002.safetensors".into())).unwrap();
+    assert_eq!(ok, vec!["model-00001-of-00002.safetensors"]);
+    for bad in [
+        "../evil.safetensors",
+        "/etc/passwd.safetensors",
+        "sub/dir.safetensors",
+        "..\\evil.safetensors",
+        "C:evil.safetensors",
+        "..",
+        ".",
+        "",
+        "model.bin",
+        "nul\0.safetensors",
+    ] {
+        let err = ffai::weights::shard_names(&index(bad.into())).unwrap_err();
+        assert!(err.message().contains("plain"), "{bad:?}: {}", err.message());
+    }
+    let long = format!("{}.safetensors", "a".repeat(300));
+    assert!(ffai::weights::shard_names(&index(long.into())).is_err());
+    for bad in [
+        serde_json::json!(7),
+        serde_json::json!(null),
+        serde_json::json!(["x.safetensors"]),
+    ] {
+        let err = ffai::weights::shard_names(&index(bad.clone())).unwrap_err();
+        assert!(err.message().contains("not a file name"), "{bad}: {}", err.message());
+    }
+    assert!(ffai::weights::shard_names(r#"{"weight_map": {}}"#).is_err());
+    assert!(ffai::weights::shard_names(r#"{"weight_map": 3}"#).is_err());
+    let many: serde_json::Map<String, serde_json::Value> = (0..ffai::weights::MAX_SHARDS + 1)
+        .map(|i| (format!("t{i}"), format!("s{i}.safetensors").into()))
+        .collect();
+    let err = ffai::weights::shard_names(&serde_json::json!({ "weight_map": many }).to_string()).unwrap_err();
+    assert!(err.message().contains("limit"), "{}", err.message());
+
+    // Through the loader: a directory whose index points outside it is refused, even
+    // when the file it names exists.
+    let dir = temp_dir("index-escape");
+    let outside = dir.join("outside.safetensors");
+    std::fs::write(&outside, b"not read").unwrap();
+    let inner = dir.join("ckpt");
+    std::fs::create_dir_all(&inner).unwrap();
+    std::fs::write(
+        inner.join("model.safetensors.index.json"),
+        index("../outside.safetensors".into()),
+    )
+    .unwrap();
+    let err = Weights::from_safetensors_dir(&inner)
+        .err()
+        .expect("an escaping shard loaded");
+    assert!(err.message().contains("not a plain"), "{}", err.message());
+}
