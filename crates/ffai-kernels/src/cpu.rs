@@ -1,6 +1,13 @@
 //! The CPU backend: buffers are `Vec<f32>`, weights stay in their stored format (usually
 //! a memory map) and are dequantized on the fly inside the dot products. Every op is one
 //! parallel region of the persistent pool.
+//!
+//! A panic inside an op (a failed shape assertion, an out-of-range slice) unwinds out of
+//! the op on the calling thread, wherever it happened: the pool re-raises it only after
+//! every thread has left the region, so no `SharedMut` write lands after the op's `&mut`
+//! borrow ends. What an op leaves behind stays usable: the shared buffers sit behind
+//! mutexes whose poisoning is ignored because each op rewrites them before reading, and
+//! the thread-local scratch `RefCell`s are released by the unwind.
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -210,7 +217,8 @@ impl Drop for ProfGuard<'_> {
 #[derive(Clone, Copy)]
 struct SharedMut(*mut f32);
 // SAFETY: used only to hand out non-overlapping sub-slices to different threads within
-// one parallel region; the owning `&mut` borrow outlives the region.
+// one parallel region; the owning `&mut` borrow outlives the region (also when a chunk
+// panics: `run_chunks` returns or unwinds only after every thread has left the region).
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 

@@ -7,12 +7,35 @@
 //! its closure, and the caller *closes* the region once all chunks are claimed: a worker
 //! that was descheduled (another process on the core) simply finds the region closed,
 //! and the caller, having done the work itself, never waits for it.
+//!
+//! # Panics in a job
+//! The closure lives in `run_chunks`' frame and workers call it through a raw pointer,
+//! so a panic must never let that frame go away while a worker is still inside the
+//! closure, and must never leave anyone waiting for a worker that will not report back.
+//! Whichever thread panics (caller or worker) catches it at the edge of its chunk loop,
+//! ends the region by pushing the chunk counter to the end (other threads finish the
+//! chunk they hold and claim no more), and parks the payload in a slot (the first one
+//! wins; later ones are dropped). A worker then counts itself finished as usual and goes
+//! back to waiting for the next region, so the pool stays whole. The caller closes the
+//! region and waits for every joined worker exactly as on the normal path, and only then
+//! re-raises the first payload with `resume_unwind`.
+//!
+//! Cost on the normal path: `catch_unwind` costs nothing until something unwinds (it
+//! adds a landing pad, not instructions on the way through), and a worker reports a panic by
+//! setting a high bit of the `finished` counter the caller already waits on, so there
+//! is no extra atomic, lock or flag to check per region. The payload slot's mutex is
+//! only touched after a panic.
 
+use std::any::Any;
 use std::cell::UnsafeCell;
 use std::ops::Range;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
+
+/// What a panic carries (`std::panic::catch_unwind`'s error type).
+type PanicPayload = Box<dyn Any + Send + 'static>;
 
 /// A type-erased pointer to the job closure plus the function that calls it.
 #[derive(Clone, Copy)]
@@ -24,6 +47,10 @@ struct Job {
 
 /// High bit of `joined`: the region is closed to latecomers.
 const CLOSED: usize = 1 << (usize::BITS - 1);
+/// High bit of `finished`: a worker's chunk panicked in this region and its payload may
+/// be in `Shared::panic`. The count below it never gets near this bit (it is at most
+/// the number of workers).
+const PANICKED: usize = 1 << (usize::BITS - 1);
 
 struct Shared {
     /// Bumped once per region; workers try to join when they see a new value.
@@ -32,7 +59,8 @@ struct Shared {
     next: AtomicUsize,
     /// Workers that joined the current region, plus CLOSED once the caller closed it.
     joined: AtomicUsize,
-    /// Workers that joined and have finished.
+    /// Workers that joined and have finished (they have left the closure), plus
+    /// PANICKED if one of them caught a panic.
     finished: AtomicUsize,
     /// Workers that are (about to be) asleep on `wake`; `run` only pays for a futex wake
     /// when this is non-zero.
@@ -41,13 +69,16 @@ struct Shared {
     /// Written only by `run` between regions (no worker is inside one), read by workers
     /// only after they joined the region that published it.
     job: UnsafeCell<Option<Job>>,
+    /// The first panic of the current region, until the caller takes it to re-raise.
+    panic: Mutex<Option<PanicPayload>>,
     lock: Mutex<()>,
     wake: Condvar,
     n_threads: usize,
 }
 
 // SAFETY: the job pointer refers to a `Sync` closure that `run_chunks` keeps alive while
-// any joined worker may call it, so moving `Shared` (and its pointer) across threads is sound.
+// any joined worker may call it (it waits for all of them before returning, and before
+// re-raising a panic), so moving `Shared` (and its pointer) across threads is sound.
 unsafe impl Send for Shared {}
 // SAFETY: `job` is the only non-Sync field. It is written while the region is closed
 // and no joined worker is running (finished == joined), then the region is opened with a
@@ -58,7 +89,9 @@ unsafe impl Sync for Shared {}
 pub struct ThreadPool {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
-    /// Serialises `run_chunks` calls from different threads.
+    /// Serialises `run_chunks` calls from different threads. A panicking job does not
+    /// poison it: the guard is released before the panic is re-raised, and the region
+    /// state it protects is consistent again by then anyway.
     run_lock: Mutex<()>,
 }
 
@@ -79,24 +112,27 @@ impl ThreadPool {
             sleepers: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
             job: UnsafeCell::new(None),
+            panic: Mutex::new(None),
             lock: Mutex::new(()),
             wake: Condvar::new(),
             n_threads,
         });
-        let workers = (1..n_threads)
-            .map(|i| {
-                let s = shared.clone();
-                std::thread::Builder::new()
-                    .name(format!("ffai-worker-{i}"))
-                    .spawn(move || worker_loop(&s))
-                    .expect("spawning a worker thread")
-            })
-            .collect();
-        ThreadPool {
+        // Built first so that if a spawn fails, the panic below drops the pool and its
+        // `Drop` stops the workers already started instead of leaving them spinning.
+        let mut pool = ThreadPool {
             shared,
-            workers,
+            workers: Vec::with_capacity(n_threads - 1),
             run_lock: Mutex::new(()),
+        };
+        for i in 1..n_threads {
+            let s = pool.shared.clone();
+            let w = std::thread::Builder::new()
+                .name(format!("ffai-worker-{i}"))
+                .spawn(move || worker_loop(&s))
+                .expect("spawning a worker thread");
+            pool.workers.push(w);
         }
+        pool
     }
 
     pub fn n_threads(&self) -> usize {
@@ -105,20 +141,38 @@ impl ThreadPool {
 
     /// Runs `f(c)` for every chunk c in 0..n_chunks, spread over the pool's threads, and
     /// returns when all are done.
+    ///
+    /// If `f` panics, on this thread or on a worker, no thread claims another chunk once
+    /// the panic is caught (chunks already claimed still run, and the panic hook, which
+    /// runs first, may take a while), so which chunks ran is unspecified. `run_chunks`
+    /// returns only once no thread is inside `f` any
+    /// more, whether it returns normally or unwinds, so `f` may borrow from the caller's
+    /// frame and hand out `&mut` pieces of it. It then re-raises the first panic on the
+    /// calling thread with its original payload (`resume_unwind`: the panic hook already
+    /// ran where the panic happened, so the message is printed once); payloads of later
+    /// panics in the same region are dropped. The pool stays usable afterwards. Like
+    /// threads of `std::thread::scope`, other threads may keep running their current chunk
+    /// against state the panicking chunk left half-updated; `f` being `Sync` means that
+    /// state is behind its own synchronisation.
     pub fn run_chunks<F: Fn(usize) + Sync>(&self, n_chunks: usize, f: F) {
         let s = &*self.shared;
         if s.n_threads == 1 || n_chunks <= 1 {
+            // No worker ever sees this closure: a panic just unwinds from here.
             (0..n_chunks).for_each(f);
             return;
         }
-        let _guard = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
+        // Poisoning carries no information here: no panic unwinds while this guard is
+        // held (see below), and a region always ends with every worker out of it.
+        let guard = self.run_lock.lock().unwrap_or_else(PoisonError::into_inner);
         unsafe fn trampoline<F: Fn(usize)>(p: *const (), c: usize) {
-            // SAFETY: `p` was made from `&F` in `run_chunks`, which outlives every call.
+            // SAFETY: `p` was made from `&F` in `run_chunks`, which does not return or
+            // unwind (dropping `f`) while any joined worker can still get here.
             let f = unsafe { &*(p as *const F) };
             f(c)
         }
         // SAFETY: the previous region is closed and every worker that joined it has
-        // finished (we waited), so nobody reads `job` until the region opens below.
+        // finished (we waited, also when it panicked), so nobody reads `job` until the
+        // region opens below.
         unsafe {
             *s.job.get() = Some(Job {
                 data: &f as *const F as *const (),
@@ -131,33 +185,57 @@ impl ThreadPool {
         s.joined.store(0, Ordering::SeqCst); // open
         s.generation.fetch_add(1, Ordering::SeqCst);
         if s.sleepers.load(Ordering::SeqCst) > 0 {
-            let _l = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+            let _l = s.lock.lock().unwrap_or_else(PoisonError::into_inner);
             s.wake.notify_all();
         }
-        loop {
+        // Caught so that we still close the region and wait for the workers below
+        // before anything leaves this frame. AssertUnwindSafe: the panic is re-raised
+        // on this same thread below, so whoever catches it sees exactly what they would
+        // have seen had `f` been called directly.
+        let mine = catch_unwind(AssertUnwindSafe(|| loop {
             let c = s.next.fetch_add(1, Ordering::Relaxed);
             if c >= n_chunks {
                 break;
             }
             f(c);
-        }
-        // All chunks are claimed: close the region and wait only for workers that
-        // joined it (they may still be running a chunk).
+        }));
+        let caller_panicked = match mine {
+            Ok(()) => false,
+            Err(payload) => {
+                s.stop_and_record(n_chunks, payload);
+                true
+            }
+        };
+        // All chunks are claimed (or the region was ended): close the region and wait
+        // only for workers that joined it (they may still be running a chunk). A joined
+        // worker always counts itself finished, even after a panic, so this ends.
         let joined = s.joined.fetch_or(CLOSED, Ordering::SeqCst) & !CLOSED;
         let mut spins = 0u32;
-        while s.finished.load(Ordering::Acquire) != joined {
+        let finished = loop {
+            let fin = s.finished.load(Ordering::Acquire);
+            if fin & !PANICKED == joined {
+                break fin;
+            }
             spins += 1;
             if spins < SPIN_ITERS {
                 std::hint::spin_loop();
             } else {
                 std::thread::yield_now();
             }
-        }
+        };
         // `f` may now be dropped: no worker holds the pointer any more.
+        if caller_panicked || finished & PANICKED != 0 {
+            // Whoever panicked stored a payload before we could observe it (our own
+            // above; a worker's before its Release increment that our Acquire load saw).
+            let payload = s.panic.lock().unwrap_or_else(PoisonError::into_inner).take();
+            drop(guard);
+            resume_unwind(payload.expect("a panicking region records its payload"));
+        }
     }
 
     /// Runs `f(range)` over `0..len` cut into pieces that are multiples of `align`
-    /// (except the last), a few per thread so a slow thread is compensated.
+    /// (except the last), a few per thread so a slow thread is compensated. A panic in
+    /// `f` is handled as in [`run_chunks`](Self::run_chunks).
     pub fn for_ranges<F: Fn(Range<usize>) + Sync>(&self, len: usize, align: usize, f: F) {
         let align = align.max(1);
         let units = len.div_ceil(align);
@@ -168,7 +246,8 @@ impl ThreadPool {
         });
     }
 
-    /// Compatibility form: `f(i, n)` for i in 0..n with n = the thread count.
+    /// Compatibility form: `f(i, n)` for i in 0..n with n = the thread count. A panic in
+    /// `f` is handled as in [`run_chunks`](Self::run_chunks).
     pub fn run<F: Fn(usize, usize) + Sync>(&self, f: F) {
         let n = self.shared.n_threads;
         self.run_chunks(n, |c| f(c, n));
@@ -195,9 +274,9 @@ fn worker_loop(s: &Shared) {
                 // Announce the sleep before the final check so `run_chunks` either sees
                 // us sleeping (and wakes us) or we see its new generation.
                 s.sleepers.fetch_add(1, Ordering::SeqCst);
-                let guard = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+                let guard = s.lock.lock().unwrap_or_else(PoisonError::into_inner);
                 if s.generation.load(Ordering::SeqCst) == seen && !s.shutdown.load(Ordering::SeqCst) {
-                    drop(s.wake.wait(guard).unwrap_or_else(|e| e.into_inner()));
+                    drop(s.wake.wait(guard).unwrap_or_else(PoisonError::into_inner));
                 } else {
                     drop(guard);
                 }
@@ -212,24 +291,60 @@ fn worker_loop(s: &Shared) {
         // SAFETY: we joined an open region, so `job` holds its job and stays valid until
         // we bump `finished` (the caller waits for every joined worker).
         if let Some(job) = unsafe { *s.job.get() } {
-            loop {
+            // Caught here so the worker survives for the next region and, above all,
+            // still reaches the `finished` increment the caller is waiting for.
+            // AssertUnwindSafe: the payload goes to the caller, who re-raises it.
+            let run = catch_unwind(AssertUnwindSafe(|| loop {
                 let c = s.next.fetch_add(1, Ordering::Relaxed);
                 if c >= job.n_chunks {
                     break;
                 }
                 // SAFETY: the closure is alive until `finished` counts us (see above).
                 unsafe { (job.call)(job.data, c) };
+            }));
+            if let Err(payload) = run {
+                s.stop_and_record(job.n_chunks, payload);
+                // Before the increment below, in the same variable, so the caller's
+                // load that sees our count sees the flag too.
+                s.finished.fetch_or(PANICKED, Ordering::Relaxed);
             }
         }
+        // Last touch of the region: after this the caller may free the closure.
         s.finished.fetch_add(1, Ordering::Release);
+    }
+}
+
+impl Shared {
+    /// After a chunk panicked: end the region (every later claim sees the counter at the
+    /// end) and keep the payload if it is the region's first.
+    fn stop_and_record(&self, n_chunks: usize, payload: PanicPayload) {
+        // A plain store is enough: only this region's claims read `next` (the caller
+        // resets it only after every joined thread has finished), and any value
+        // >= n_chunks ends them.
+        self.next.store(n_chunks, Ordering::Relaxed);
+        let mut slot = self.panic.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.is_none() {
+            *slot = Some(payload);
+            return;
+        }
+        drop(slot);
+        // A payload's own `Drop` may panic; that must not escape and kill a worker
+        // before it reports finished (the caller would wait forever), so it is caught,
+        // and what that second panic carries is leaked rather than risk a third.
+        if let Err(again) = catch_unwind(AssertUnwindSafe(move || drop(payload))) {
+            std::mem::forget(again);
+        }
     }
 }
 
 impl Drop for ThreadPool {
     fn drop(&mut self) {
+        // No region is in flight (`&mut self`), and every region, panicking or not,
+        // ended with its joined workers out of the closure; a job's panic never kills a
+        // worker. So each worker is spinning or asleep and exits once it sees this.
         self.shared.shutdown.store(true, Ordering::SeqCst);
         {
-            let _l = self.shared.lock.lock().unwrap_or_else(|e| e.into_inner());
+            let _l = self.shared.lock.lock().unwrap_or_else(PoisonError::into_inner);
             self.shared.wake.notify_all();
         }
         for w in self.workers.drain(..) {
