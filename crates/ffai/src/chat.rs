@@ -542,6 +542,7 @@ fn tojson_filter(
     let mut out = String::new();
     dumper.dump(&value, 0, &mut out)?;
     dumper.check(&out)?;
+    limits::json_made(out.len())?;
     Ok(Value::from(out))
 }
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use ffai::chat::limits::{
     MAX_FORMAT_WIDTH, MAX_INDENT, MAX_ITEMS, MAX_RECURSION, MAX_RENDER_STEPS, MAX_TEMPLATE_BYTES, MAX_VALUE_DEPTH,
-    OUTPUT_BASE_BYTES, OUTPUT_BYTES_PER_INPUT_BYTE,
+    OUTPUT_BASE_BYTES, OUTPUT_BYTES_PER_INPUT_BYTE, WORK_PER_OUTPUT_BYTE,
 };
 use ffai::chat::{ChatTemplate, Message, RenderOptions, TemplateSource};
 use serde::Deserialize;
@@ -295,12 +295,7 @@ fn values_that_double_per_step_are_refused() {
     let shared = "{% set ns = namespace(x=[1]) %}{% for i in range(64) %}{% set ns.x = [ns.x, ns.x] %}{% endfor %}";
     assert_err(&format!("{shared}{{{{ ns.x }}}}"), &[&output_limit()]);
     let cap = cap_for(&user_hi());
-    for (f, what) in [
-        ("string", "string"),
-        ("pprint", "pprint"),
-        ("upper", "upper"),
-        ("join", "join"),
-    ] {
+    for (f, what) in [("string", "string"), ("pprint", "pprint")] {
         assert_err(
             &format!("{shared}{{{{ ns.x|{f} }}}}"),
             &[what, &format!("the limit of {cap} bytes")],
@@ -355,6 +350,42 @@ fn output_is_capped_captured_output_included() {
         x20,
         &big,
         &[&format!("output exceeds the limit of {} bytes", cap_for(&big))],
+    );
+}
+
+#[test]
+fn repeated_allowed_work_runs_out_of_budget() {
+    let work = format!(
+        "filters and methods made or walked more than the limit of {} bytes and items",
+        WORK_PER_OUTPUT_BYTE * cap_for(&user_hi())
+    );
+    // Each call is allowed (20 kB), fifty thousand of them are not (1 GB).
+    assert_err(
+        "{{ (['a'] * 50000)|map('replace', '', 'b' * 10000)|list|length }}",
+        &[&work],
+    );
+    assert_err(
+        "{% set s = 'x' * 500000 %}{% for i in range(100000) %}{% set t = s|upper %}{% endfor %}",
+        &[&work],
+    );
+    // Each test walks the whole list: 10**10 comparisons.
+    assert_err(
+        "{% set big = range(100000)|list %}{{ big|select('in', big)|list|length }}",
+        &[&work],
+    );
+    // Reading a big string once per step: fuel alone would allow 10**12 bytes.
+    assert_err(
+        "{% set s = 'x' * 1000000 %}{% for i in range(100000) %}{{ s.count('y') }}{% endfor %}",
+        &[&work],
+    );
+    assert_err(
+        "{% set s = 'x' * 1000000 %}{% for i in range(100000) %}{{ s|length }}{% endfor %}",
+        &[&work],
+    );
+    assert_err("{{ ('x' * 200000)|list|length }}", &[&more_items_limit()]);
+    assert_eq!(
+        render("{{ 'abc'|list|join(',') }}|{{ 'abc'|reverse }}|{{ 'abc'|length }}").unwrap(),
+        "a,b,c|cba|3"
     );
 }
 
