@@ -21,13 +21,14 @@
 //!   the list items they walk add up against a budget ([`WORK_PER_OUTPUT_BYTE`] per byte
 //!   of the output cap), so `map` or a loop cannot repeat a big but allowed call forever.
 //!
-//! Not bounded (they are operators of the template language, evaluated inside minijinja
-//! with no hook to check them): string concatenation (`+`, `~`) can double a string per
-//! step; `*` repeats a string up to minijinja's own 100 MB cap and a list lazily without
-//! any cap; `[x, x]` builds values whose printed size doubles per step; comparing (`==`,
-//! `<`, `in`) such values, or namespaces that contain themselves, can take exponential
-//! time or recurse without end. The filters here refuse such values, but the operators
-//! cannot be refused without changing minijinja.
+//! Not bounded: the operators of the template language, which minijinja evaluates with
+//! no hook to check them. String concatenation (`+`, `~`) can double a string per step
+//! (memory); `*` repeats a string up to minijinja's own 100 MB cap, and a list lazily and
+//! without any cap; `[x, x]` builds values whose printed size doubles per step; `==`,
+//! `<` and `in` walk such values in exponential time, and `==` or `~` on a namespace
+//! that contains itself (`{% set ns.me = ns %}`) recurse until even the render thread's
+//! stack overflows, which aborts the process. The filters here refuse all such values;
+//! refusing the operators needs a change to minijinja.
 
 use std::borrow::Cow;
 use std::cell::Cell;
