@@ -11,6 +11,10 @@
 //! `eos_token`, `tools` (none unless given), `documents` (none), and `enable_thinking`
 //! only when set, as transformers passes it only when the caller does.
 //!
+//! Templates and messages are untrusted: rendering runs under the limits of [`limits`]
+//! (steps, recursion, output size, and per-call checks on every builtin that could
+//! allocate without bound), and any failure, a caught panic included, is a one-line `Err`.
+//!
 //! Known difference: object keys inside `tools` reach the template in the order of the
 //! `serde_json::Value` given; without serde_json's `preserve_order` feature that order is
 //! sorted, whereas Python keeps insertion order, so a template dumping tool schemas
@@ -24,6 +28,8 @@ use minijinja::{Environment, ErrorKind};
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
+
+pub mod limits;
 
 const TEMPLATE_NAME: &str = "chat_template";
 
@@ -113,16 +119,29 @@ impl fmt::Debug for ChatTemplate {
 impl ChatTemplate {
     /// Compiles a template; a syntax error names where the template came from.
     pub fn new(source: &str, origin: TemplateSource) -> Result<ChatTemplate> {
+        if source.len() > limits::MAX_TEMPLATE_BYTES {
+            return Err(Error::new(format!(
+                "chat template from {origin}: {} bytes exceed the limit of {} bytes",
+                source.len(),
+                limits::MAX_TEMPLATE_BYTES
+            )));
+        }
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        limits::install(&mut env);
         env.add_filter("tojson", tojson_filter);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
-        env.add_template_owned(TEMPLATE_NAME, source.to_owned())
-            .map_err(|e| template_error(&origin, &e))?;
+        // The parser limits its own recursion; a panic in it is still an error, not a crash.
+        let added = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            env.add_template_owned(TEMPLATE_NAME, source.to_owned())
+        }));
+        match added {
+            Ok(r) => r.map_err(|e| template_error(&origin, &e))?,
+            Err(_) => return Err(Error::new(format!("chat template from {origin}: the parser panicked"))),
+        }
         Ok(ChatTemplate { env, origin })
     }
 
@@ -174,28 +193,91 @@ impl ChatTemplate {
     }
 
     /// Renders a conversation; `raise_exception` in the template, or any runtime error,
-    /// comes back as an `Err` naming the template's origin.
+    /// comes back as an `Err` naming the template's origin. The render runs on a thread of
+    /// its own under the limits of [`limits`]; the output may be at most
+    /// [`limits::OUTPUT_BASE_BYTES`] plus [`limits::OUTPUT_BYTES_PER_INPUT_BYTE`] per byte of
+    /// input (the messages and tools as JSON, and the special tokens).
     pub fn render(&self, messages: &[Message], opts: &RenderOptions) -> Result<String> {
-        let tmpl = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(|e| template_error(&self.origin, &e))?;
-        let mut ctx: Vec<(&str, Value)> = vec![
-            ("messages", Value::from_serialize(messages)),
-            ("add_generation_prompt", Value::from(opts.add_generation_prompt)),
-            ("bos_token", Value::from(opts.bos_token.as_str())),
-            ("eos_token", Value::from(opts.eos_token.as_str())),
-            (
-                "tools",
-                opts.tools.as_ref().map_or(Value::from(()), Value::from_serialize),
-            ),
-            ("documents", Value::from(())),
-        ];
-        if let Some(t) = opts.enable_thinking {
-            ctx.push(("enable_thinking", Value::from(t)));
+        let cap = limits::output_cap(input_bytes(messages, opts));
+        let outcome = limits::run(cap, || {
+            let tmpl = self.env.get_template(TEMPLATE_NAME)?;
+            let mut out = limits::CappedWriter::new(cap);
+            // The returned state (all variables) is dropped here, on the render thread, whose
+            // stack is deep enough for any value the template built.
+            drop(tmpl.render_captured_to(render_context(messages, opts), &mut out)?);
+            // Every write was a `str`, so the bytes are UTF-8.
+            String::from_utf8(out.buf)
+                .map_err(|_| minijinja::Error::new(ErrorKind::InvalidOperation, "output is not UTF-8"))
+        });
+        match outcome {
+            limits::Outcome::Done(text) => Ok(text),
+            limits::Outcome::Failed {
+                output_exceeded: true,
+                error,
+            } => Err(Error::new(format!(
+                "chat template from {}: output exceeds the limit of {cap} bytes{}",
+                self.origin,
+                line_of(&error)
+            ))),
+            limits::Outcome::Failed { error, .. } => Err(template_error(&self.origin, &error)),
+            limits::Outcome::Panicked(msg) => Err(Error::new(format!(
+                "chat template from {}: rendering panicked: {msg}",
+                self.origin
+            ))),
+            limits::Outcome::NoThread(msg) => Err(Error::new(format!(
+                "chat template from {}: cannot start the render thread: {msg}",
+                self.origin
+            ))),
         }
-        let ctx: Value = ctx.into_iter().collect();
-        tmpl.render(ctx).map_err(|e| template_error(&self.origin, &e))
+    }
+}
+
+/// Bytes of input a render gets: the messages and tools as JSON, and the special tokens.
+fn input_bytes(messages: &[Message], opts: &RenderOptions) -> usize {
+    /// Counts bytes written, keeping none.
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(opts.bos_token.len() + opts.eos_token.len());
+    // Serializing plain data into a counter cannot fail.
+    let _ = serde_json::to_writer(&mut n, messages);
+    if let Some(tools) = &opts.tools {
+        let _ = serde_json::to_writer(&mut n, tools);
+    }
+    n.0
+}
+
+/// The variables a template sees.
+fn render_context(messages: &[Message], opts: &RenderOptions) -> Value {
+    let mut ctx: Vec<(&str, Value)> = vec![
+        ("messages", Value::from_serialize(messages)),
+        ("add_generation_prompt", Value::from(opts.add_generation_prompt)),
+        ("bos_token", Value::from(opts.bos_token.as_str())),
+        ("eos_token", Value::from(opts.eos_token.as_str())),
+        (
+            "tools",
+            opts.tools.as_ref().map_or(Value::from(()), Value::from_serialize),
+        ),
+        ("documents", Value::from(())),
+    ];
+    if let Some(t) = opts.enable_thinking {
+        ctx.push(("enable_thinking", Value::from(t)));
+    }
+    ctx.into_iter().collect()
+}
+
+/// " (in chat_template:LINE)" for an error that knows its line, else "".
+fn line_of(e: &minijinja::Error) -> String {
+    match (e.name(), e.line()) {
+        (Some(name), Some(line)) => format!(" (in {name}:{line})"),
+        _ => String::new(),
     }
 }
 
@@ -223,6 +305,9 @@ fn pick_named_template(list: &[serde_json::Value], cfg_path: &Path) -> Result<St
 }
 
 fn template_error(origin: &TemplateSource, e: &minijinja::Error) -> Error {
+    if let Some(what) = limits::describe_limit(e) {
+        return Error::new(format!("chat template from {origin}: {what}{}", line_of(e)));
+    }
     let mut msg = format!("chat template from {origin}: {e}");
     // Nested causes (e.g. an error raised inside a macro or filter) carry the useful detail.
     let mut source = std::error::Error::source(e);
@@ -262,16 +347,21 @@ const CHATML_FALLBACK: &str = "{%- for message in messages -%}\
 
 // ---- transformers' helpers ----
 
-fn raise_exception(msg: String) -> std::result::Result<Value, minijinja::Error> {
+fn raise_exception(msg: Value) -> std::result::Result<Value, minijinja::Error> {
+    // The message is printed whatever it is, so its size is checked like any output.
+    let msg = limits::bounded_text(&msg, "raise_exception message")?;
     Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
 }
 
-fn strftime_now(fmt: String) -> String {
+fn strftime_now(fmt: Value) -> std::result::Result<String, minijinja::Error> {
+    let fmt = limits::bounded_text(&fmt, "strftime_now format")?;
+    // A two-byte `%X` becomes at most nine bytes ("September").
+    limits::check_len("strftime_now", fmt.len().saturating_mul(5))?;
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
-    strftime_utc(&fmt, secs)
+    Ok(strftime_utc(&fmt, secs))
 }
 
 const MONTHS: [&str; 12] = [
@@ -402,25 +492,40 @@ fn tojson_filter(
         None => None,
         Some(v) if v.is_none() || v.is_undefined() => None,
         Some(v) => match v.as_str() {
-            Some(s) => Some(s.to_owned()),
+            Some(s) => {
+                // The indent is repeated per level on every line: checked before use.
+                limits::check_indent(s.chars().count() as i128)?;
+                Some(s.to_owned())
+            }
             None => {
-                let n = i64::try_from(v.clone()).map_err(|_| {
-                    minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: bad indent {v}"))
+                let n = i128::try_from(v.clone()).map_err(|_| {
+                    minijinja::Error::new(
+                        ErrorKind::InvalidOperation,
+                        "tojson: indent must be an integer or a string",
+                    )
                 })?;
+                limits::check_indent(n)?;
                 Some(" ".repeat(n.max(0) as usize))
             }
         },
     };
     let (item_sep, key_sep) = match pick(None, "separators")? {
         Some(v) if !v.is_none() && !v.is_undefined() => {
-            let parts: Vec<String> = v.try_iter()?.map(|p| p.to_string()).collect();
-            if parts.len() != 2 {
-                return Err(minijinja::Error::new(
+            let pair_error = || {
+                minijinja::Error::new(
                     ErrorKind::InvalidOperation,
                     "tojson: separators must be a pair of strings",
-                ));
+                )
+            };
+            // At most three items are taken, so a huge list costs nothing.
+            let parts: Vec<Value> = v.try_iter()?.take(3).collect();
+            match parts.as_slice() {
+                [a, b] => (
+                    a.as_str().ok_or_else(pair_error)?.to_owned(),
+                    b.as_str().ok_or_else(pair_error)?.to_owned(),
+                ),
+                _ => return Err(pair_error()),
             }
-            (parts[0].clone(), parts[1].clone())
         }
         _ => (if indent.is_some() { "," } else { ", " }.to_owned(), ": ".to_owned()),
     };
@@ -432,18 +537,25 @@ fn tojson_filter(
         item_sep,
         key_sep,
         sort_keys,
+        budget: limits::json_budget(),
     };
     let mut out = String::new();
     dumper.dump(&value, 0, &mut out)?;
+    dumper.check(&out)?;
+    limits::json_made(out.len())?;
     Ok(Value::from(out))
 }
 
+/// Writes JSON as Python's `json.dumps` does, refusing to write more than `budget` bytes
+/// or to descend more than [`limits::MAX_VALUE_DEPTH`] levels (the value may be shared
+/// or lazy, and so far bigger than the memory it takes).
 struct JsonDumper {
     ensure_ascii: bool,
     indent: Option<String>,
     item_sep: String,
     key_sep: String,
     sort_keys: bool,
+    budget: usize,
 }
 
 impl JsonDumper {
@@ -456,7 +568,20 @@ impl JsonDumper {
         }
     }
 
+    /// Fails once `out` holds more than the budget (checked before each value, so `out`
+    /// overshoots by at most one scalar or separator).
+    fn check(&self, out: &str) -> std::result::Result<(), minijinja::Error> {
+        if out.len() > self.budget {
+            return Err(limits::json_too_big());
+        }
+        Ok(())
+    }
+
     fn dump(&self, v: &Value, level: usize, out: &mut String) -> std::result::Result<(), minijinja::Error> {
+        self.check(out)?;
+        if level > limits::MAX_VALUE_DEPTH {
+            return Err(limits::json_too_deep());
+        }
         match v.kind() {
             ValueKind::Undefined | ValueKind::None => out.push_str("null"),
             ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
@@ -468,7 +593,13 @@ impl JsonDumper {
                     out.push_str(&python_float_repr(f));
                 }
             }
-            ValueKind::String => self.string(v.as_str().unwrap_or_default(), out),
+            ValueKind::String => {
+                let s = v.as_str().unwrap_or_default();
+                if s.len() > self.budget - out.len() {
+                    return Err(limits::json_too_big());
+                }
+                self.string(s, out)
+            }
             ValueKind::Map => {
                 let mut keys: Vec<Value> = v.try_iter()?.collect();
                 if keys.is_empty() {
@@ -497,23 +628,27 @@ impl JsonDumper {
                     }
                     out.push_str(&self.key_sep);
                     self.dump(&v.get_item(key)?, level + 1, out)?;
+                    self.check(out)?;
                 }
                 self.newline(level, out);
                 out.push('}');
             }
             ValueKind::Seq | ValueKind::Iterable => {
-                let items: Vec<Value> = v.try_iter()?.collect();
-                if items.is_empty() {
+                // Walked lazily: each item writes at least one byte, so the budget ends
+                // even an endless list.
+                let mut items = v.try_iter()?.peekable();
+                if items.peek().is_none() {
                     out.push_str("[]");
                     return Ok(());
                 }
                 out.push('[');
-                for (i, item) in items.iter().enumerate() {
+                for (i, item) in items.enumerate() {
                     if i > 0 {
                         out.push_str(&self.item_sep);
                     }
                     self.newline(level + 1, out);
-                    self.dump(item, level + 1, out)?;
+                    self.dump(&item, level + 1, out)?;
+                    self.check(out)?;
                 }
                 self.newline(level, out);
                 out.push(']');

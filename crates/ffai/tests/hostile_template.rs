@@ -1,0 +1,555 @@
+//! Hostile chat templates and messages: every allocation bomb, endless loop, deep
+//! recursion and oversized output ends in a one-line `Err` naming the limit it hit, never
+//! an abort, a hang or a stack overflow; the real templates of tests/fixtures/chat render
+//! as before.
+
+use std::path::{Path, PathBuf};
+
+use ffai::chat::limits::{
+    MAX_FORMAT_WIDTH, MAX_INDENT, MAX_ITEMS, MAX_RECURSION, MAX_RENDER_STEPS, MAX_TEMPLATE_BYTES, MAX_VALUE_DEPTH,
+    OUTPUT_BASE_BYTES, OUTPUT_BYTES_PER_INPUT_BYTE, WORK_PER_OUTPUT_BYTE,
+};
+use ffai::chat::{ChatTemplate, Message, RenderOptions, TemplateSource};
+use serde::Deserialize;
+
+const ORIGIN: &str = "chat template from GGUF tokenizer.chat_template: ";
+
+fn user_hi() -> Vec<Message> {
+    vec![Message::user("hi")]
+}
+
+fn render_with(src: &str, messages: &[Message]) -> ffai::Result<String> {
+    ChatTemplate::new(src, TemplateSource::Gguf)?.render(messages, &RenderOptions::default())
+}
+
+fn render(src: &str) -> ffai::Result<String> {
+    render_with(src, &user_hi())
+}
+
+/// The output cap for `messages` and default options, by the documented formula.
+fn cap_for(messages: &[Message]) -> usize {
+    OUTPUT_BASE_BYTES + OUTPUT_BYTES_PER_INPUT_BYTE * serde_json::to_string(messages).unwrap().len()
+}
+
+/// The render of `src` fails with a one-line error naming the template and containing
+/// every one of `wants`.
+#[track_caller]
+fn assert_err_with(src: &str, messages: &[Message], wants: &[&str]) {
+    let msg = match render_with(src, messages) {
+        Ok(out) => panic!("{src}: rendered {} bytes instead of failing", out.len()),
+        Err(e) => e.to_string(),
+    };
+    assert!(!msg.contains('\n'), "{src}: error is not one line: {msg:?}");
+    assert!(
+        msg.starts_with(ORIGIN),
+        "{src}: error does not name the template: {msg:?}"
+    );
+    for w in wants {
+        assert!(msg.contains(w), "{src}: error {msg:?} lacks {w:?}");
+    }
+}
+
+#[track_caller]
+fn assert_err(src: &str, wants: &[&str]) {
+    assert_err_with(src, &user_hi(), wants)
+}
+
+fn output_limit() -> String {
+    format!("output exceeds the limit of {} bytes", cap_for(&user_hi()))
+}
+
+fn items_limit() -> String {
+    format!("exceed the limit of {MAX_ITEMS}")
+}
+
+fn more_items_limit() -> String {
+    format!("more items than the limit of {MAX_ITEMS}")
+}
+
+fn steps_limit() -> String {
+    format!("rendering exceeded the limit of {MAX_RENDER_STEPS} steps")
+}
+
+fn recursion_limit() -> String {
+    format!("nesting exceeded the recursion limit of {MAX_RECURSION}")
+}
+
+#[test]
+fn tojson_indent_and_size_are_bounded() {
+    let indent = format!("tojson indent 100000000000 exceeds the limit of {MAX_INDENT}");
+    assert_err("{{ 0|tojson(indent=100000000000) }}", &[&indent]);
+    assert_err("{{ 0|tojson(false, 100000000000) }}", &[&indent]);
+    assert_err(
+        "{{ [1]|tojson(indent=' ' * 1000) }}",
+        &[&format!("tojson indent 1000 exceeds the limit of {MAX_INDENT}")],
+    );
+    // The limit itself is fine.
+    assert_eq!(
+        render(&format!("{{{{ [1]|tojson(indent={MAX_INDENT}) }}}}")).unwrap(),
+        format!("[\n{}1\n]", " ".repeat(MAX_INDENT))
+    );
+    assert_err(
+        "{{ [1]|tojson(separators=[1, 2]) }}",
+        &["separators must be a pair of strings"],
+    );
+    // 100k lines of 64 spaces: over the output cap while dumping, not after.
+    let too_big = format!("tojson output exceeds the limit of {} bytes", cap_for(&user_hi()));
+    assert_err("{{ (range(100000)|list)|tojson(indent=64) }}", &[&too_big]);
+    // An endless lazy list ends at the budget too.
+    assert_err("{{ ([1] * 1000000000000000)|tojson }}", &[&too_big]);
+    // A value nested deeper than the limit.
+    let deep = format!(
+        "{{% set ns = namespace(x=[]) %}}{{% for i in range({}) %}}{{% set ns.x = [ns.x] %}}{{% endfor %}}{{{{ ns.x|tojson }}}}",
+        MAX_VALUE_DEPTH + 10
+    );
+    assert_err(
+        &deep,
+        &[&format!(
+            "tojson: value nested deeper than the limit of {MAX_VALUE_DEPTH} levels"
+        )],
+    );
+}
+
+#[test]
+fn string_and_list_repetition_are_bounded() {
+    // minijinja caps a repeated string itself (at 100 MB)...
+    assert_err("{{ 'ab' * 100000000000 }}", &["repeated string is too large"]);
+    // ...and anything printed counts against the output cap.
+    assert_err("{{ 'a' * 20000000 }}", &[&output_limit()]);
+    // A filter refuses to copy a string bigger than the whole output may be.
+    assert_err(
+        "{{ ('a' * 20000000)|upper }}",
+        &[&format!(
+            "upper would exceed the limit of {} bytes",
+            cap_for(&user_hi())
+        )],
+    );
+
+    // `list * n` is lazy; every filter that walks a list takes at most MAX_ITEMS items.
+    for filter in [
+        "list",
+        "sort",
+        "unique",
+        "reverse",
+        "last",
+        "map('string')",
+        "select",
+        "reject",
+        "selectattr('x')",
+        "rejectattr('x')",
+        "groupby('x')",
+        "sum",
+        "min",
+        "max",
+        "join",
+        "batch(2)",
+        "slice(2)",
+    ] {
+        let src = format!("{{{{ ([1] * 1000000000000000)|{filter} }}}}");
+        assert_err(&src, &[&items_limit()]);
+    }
+    // minijinja computes `len * n` without checking for overflow: [1, 2] * 2**63 claims
+    // to be empty while yielding 2**64 items. The filters collect it themselves.
+    assert_err("{{ ([1, 2] * 9223372036854775808)|list }}", &[&more_items_limit()]);
+    // One string shared by 100k items is 10 GB once each item is copied.
+    assert_err(
+        "{{ (['x' * 100000] * 100000)|map('upper')|list }}",
+        &[&format!(
+            "map: the list's contents exceed the limit of {} bytes",
+            cap_for(&user_hi())
+        )],
+    );
+    // Walking it in a loop runs out of steps.
+    assert_err("{% for x in [1] * 1000000000000000 %}{% endfor %}", &[&steps_limit()]);
+    assert_err("{{ 1 is in ([1] * 1000000000000000) }}", &[&items_limit()]);
+    assert_err("{{ 'a'.startswith(['b'] * 1000000000000000) }}", &[&items_limit()]);
+}
+
+#[test]
+fn range_is_capped_and_loops_run_out_of_steps() {
+    // minijinja's own cap on range: 100k elements.
+    assert_err("{{ range(1000000000000)|list }}", &["range has too many elements"]);
+    assert_err(
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        &[&steps_limit()],
+    );
+}
+
+#[test]
+fn padding_filters_are_bounded_or_absent() {
+    let width = format!("indent width 100000000000 exceeds the limit of {MAX_INDENT}");
+    assert_err("{{ 'a\nb'|indent(100000000000) }}", &[&width]);
+    assert_err("{{ 'a\nb'|indent(width=100000000000) }}", &[&width]);
+    assert_err(
+        "{{ ('a\n' * 100000)|indent(64, true) }}",
+        &["indent result would be", "over the limit of"],
+    );
+    assert_eq!(render("{{ 'a\nb'|indent(2) }}").unwrap(), "a\n  b");
+
+    // Jinja2 filters minijinja does not have: unknown, so nothing to bound.
+    for f in [
+        "center(100000000000)",
+        "ljust(100000000000)",
+        "rjust(100000000000)",
+        "zfill(100000000000)",
+        "truncate(100000000000)",
+        "wordwrap(100000000000)",
+        "random",
+        "filesizeformat",
+        "urlencode",
+        "xmlattr",
+        "wordcount",
+        "striptags",
+    ] {
+        assert_err(&format!("{{{{ 'a'|{f} }}}}"), &["unknown filter"]);
+    }
+    // Python string methods minijinja-contrib does not have.
+    for m in ["center", "ljust", "rjust", "zfill", "expandtabs"] {
+        assert_err(&format!("{{{{ 'a'.{m}(100000000000) }}}}"), &["unknown method"]);
+    }
+    // Globals that do not exist, and minijinja's `debug` (which prints the whole state).
+    for g in ["lipsum(100000000000)", "cycler(1)", "joiner()", "debug()"] {
+        assert_err(&format!("{{{{ {g} }}}}"), &["unknown function"]);
+    }
+}
+
+#[test]
+fn format_widths_are_bounded() {
+    let width = |n: &str| format!("format width or precision {n} exceeds the limit of {MAX_FORMAT_WIDTH}");
+    assert_err("{{ '%1000000000000s'|format(1) }}", &[&width("1000000000000")]);
+    assert_err("{{ '%.1000000000f'|format(1.5) }}", &[&width("1000000000")]);
+    assert_err("{{ '%(a)1000000000s'|format({'a': 1}) }}", &[&width("1000000000")]);
+    assert_err("{{ '{:>1000000000}'.format(1) }}", &[&width("1000000000")]);
+    assert_err("{{ '{:.1000000000f}'.format(1.5) }}", &[&width("1000000000")]);
+    assert_err(
+        "{{ '{0:x>99999999999999999999}'.format(1) }}",
+        &[&width("99999999999999999999")],
+    );
+    // A spec printing a big argument many times.
+    assert_err(
+        "{{ ('{0}' * 2000).format('x' * 1000) }}",
+        &["format result would be", "over the limit of"],
+    );
+    // Jinja's `%` operator on strings is not supported by minijinja at all.
+    assert_err("{{ '%1000000000s' % 1 }}", &["operator"]);
+    // Ordinary formatting still works.
+    assert_eq!(
+        render(
+            "{{ '%5d|%-4s|%.2f'|format(42, 'ab', 3.14159) }}/{{ '{:>5}|{:.2f}|{name}'.format(42, 3.14159, name='n') }}"
+        )
+        .unwrap(),
+        "   42|ab  |3.14/   42|3.14|n"
+    );
+}
+
+#[test]
+fn join_replace_split_and_count_are_bounded() {
+    let cap = format!("the limit of {} bytes", cap_for(&user_hi()));
+    assert_err(
+        "{{ (range(100000)|list)|join('x' * 100) }}",
+        &["join result would", &cap],
+    );
+    assert_err(
+        "{{ ('x' * 100).join(range(100000)|list) }}",
+        &["join result would", &cap],
+    );
+    assert_err(
+        "{{ ('a' * 1000)|replace('', 'b' * 10000) }}",
+        &["replace result would be", "over the limit of"],
+    );
+    assert_err(
+        "{{ ('a' * 1000).replace('a', 'b' * 10000) }}",
+        &["replace result would be", "over the limit of"],
+    );
+    assert_err("{{ ('a' * 200000)|split('')|length }}", &[&more_items_limit()]);
+    assert_err("{{ ('a' * 200000).split('a')|length }}", &[&more_items_limit()]);
+    assert_err("{{ ('\n' * 200000).splitlines()|length }}", &[&more_items_limit()]);
+    // Ordinary use is unchanged; `count('')` used to loop forever.
+    assert_eq!(
+        render("{{ ['a', 'b']|join(', ') }}|{{ '-'.join(['a', 'b']) }}|{{ 'a-b'|replace('-', '+') }}|{{ 'a-b-c'.replace('-', '+', 1) }}|{{ 'a b  c'.split()|join(',') }}|{{ 'abc'.count('') }}|{{ 'aaaa'.count('aa') }}")
+            .unwrap(),
+        "a, b|a-b|a+b|a+b-c|a,b,c|4|2"
+    );
+}
+
+#[test]
+fn batch_and_slice_counts_are_bounded() {
+    let count = |f: &str| format!("{f} count 1000000000000 exceeds the limit of {MAX_ITEMS}");
+    assert_err("{{ [1]|batch(1000000000000) }}", &[&count("batch")]);
+    assert_err("{{ [1]|batch(1000000000000, 'x') }}", &[&count("batch")]);
+    assert_err("{{ [1, 2, 3]|slice(1000000000000) }}", &[&count("slice")]);
+    assert_eq!(
+        render("{{ [1, 2, 3]|batch(2, 0)|list }}|{{ [1, 2, 3]|slice(2)|list }}").unwrap(),
+        "[[1, 2], [3, 0]]|[[1, 2], [3]]"
+    );
+}
+
+#[test]
+fn values_that_double_per_step_are_refused() {
+    // `chain` with itself doubles a list per step.
+    assert_err(
+        "{% set ns = namespace(x=[1]) %}{% for i in range(40) %}{% set ns.x = ns.x|chain(ns.x) %}{% endfor %}",
+        &[&format!("chain: {}", more_items_limit())],
+    );
+    // `[x, x]` shares its parts: 64 steps print 2**64 times bigger.
+    let shared = "{% set ns = namespace(x=[1]) %}{% for i in range(64) %}{% set ns.x = [ns.x, ns.x] %}{% endfor %}";
+    assert_err(&format!("{shared}{{{{ ns.x }}}}"), &[&output_limit()]);
+    let cap = cap_for(&user_hi());
+    for (f, what) in [("string", "string"), ("pprint", "pprint")] {
+        assert_err(
+            &format!("{shared}{{{{ ns.x|{f} }}}}"),
+            &[what, &format!("the limit of {cap} bytes")],
+        );
+    }
+    assert_err(&format!("{shared}{{{{ ns.x|tojson }}}}"), &["tojson output exceeds"]);
+    assert_err(
+        &format!("{shared}{{{{ '%s'|format(ns.x) }}}}"),
+        &["format argument would exceed"],
+    );
+    assert_err(
+        &format!("{shared}{{{{ raise_exception(ns.x) }}}}"),
+        &["raise_exception message would exceed"],
+    );
+    // zip of a list with itself, likewise.
+    let zipped = "{% set ns = namespace(x=[1]) %}{% for i in range(64) %}{% set ns.x = ns.x|zip(ns.x) %}{% endfor %}";
+    assert_err(&format!("{zipped}{{{{ ns.x }}}}"), &[&output_limit()]);
+}
+
+#[test]
+fn output_is_capped_captured_output_included() {
+    assert_err(
+        "{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}",
+        &[&output_limit()],
+    );
+    // Template text (not an expression) is caught by the writer.
+    let raw = format!("{{% for i in range(100000) %}}{}{{% endfor %}}", "x".repeat(100));
+    assert_err(&raw, &[&output_limit()]);
+    // Output captured and never printed still counts.
+    assert_err(
+        "{% set s %}{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}{% endset %}ok",
+        &[&output_limit()],
+    );
+    // A macro doubling its captured output per level.
+    assert_err(
+        "{% macro f(n) %}{% if n > 0 %}{% set s = f(n - 1) %}{{ s }}{{ s }}{% else %}x{% endif %}{% endmacro %}{% set r = f(60) %}{{ r|length }}",
+        &[&output_limit()],
+    );
+
+    // The cap grows with the input: a 3 MB message renders, even printed several times...
+    let big = [Message::user("é".repeat(1_500_000))];
+    let out = ChatTemplate::fallback("chatml")
+        .unwrap()
+        .render(&big, &RenderOptions::default())
+        .unwrap();
+    assert_eq!(out.len(), 3_000_000 + "<|im_start|>user\n<|im_end|>\n".len());
+    let x2 = "{% for i in range(2) %}{{ messages[0].content|tojson(ensure_ascii=true) }}{% endfor %}";
+    assert_eq!(render_with(x2, &big).unwrap().len(), 2 * (6 * 1_500_000 + 2));
+    // ...but not without bound.
+    let x20 = "{% for i in range(20) %}{{ messages[0].content }}{% endfor %}";
+    assert_err_with(
+        x20,
+        &big,
+        &[&format!("output exceeds the limit of {} bytes", cap_for(&big))],
+    );
+}
+
+#[test]
+fn repeated_allowed_work_runs_out_of_budget() {
+    let work = format!(
+        "filters and methods made or walked more than the limit of {} bytes and items",
+        WORK_PER_OUTPUT_BYTE * cap_for(&user_hi())
+    );
+    // Each call is allowed (20 kB), fifty thousand of them are not (1 GB).
+    assert_err(
+        "{{ (['a'] * 50000)|map('replace', '', 'b' * 10000)|list|length }}",
+        &[&work],
+    );
+    assert_err(
+        "{% set s = 'x' * 500000 %}{% for i in range(100000) %}{% set t = s|upper %}{% endfor %}",
+        &[&work],
+    );
+    // Each test walks the whole list: 10**10 comparisons.
+    assert_err(
+        "{% set big = range(100000)|list %}{{ big|select('in', big)|list|length }}",
+        &[&work],
+    );
+    // Reading a big string once per step: fuel alone would allow 10**12 bytes.
+    assert_err(
+        "{% set s = 'x' * 1000000 %}{% for i in range(100000) %}{{ s.count('y') }}{% endfor %}",
+        &[&work],
+    );
+    assert_err(
+        "{% set s = 'x' * 1000000 %}{% for i in range(100000) %}{{ s|length }}{% endfor %}",
+        &[&work],
+    );
+    assert_err("{{ ('x' * 200000)|list|length }}", &[&more_items_limit()]);
+    assert_eq!(
+        render("{{ 'abc'|list|join(',') }}|{{ 'abc'|reverse }}|{{ 'abc'|length }}").unwrap(),
+        "a,b,c|cba|3"
+    );
+}
+
+#[test]
+fn recursion_is_bounded() {
+    let limit = recursion_limit();
+    assert_err("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", &[&limit]);
+    assert_err("{% macro f(s) %}{{ f(s ~ 'x') }}{% endmacro %}{{ f('') }}", &[&limit]);
+    assert_err("{% for x in [1] recursive %}{{ loop([1]) }}{% endfor %}", &[&limit]);
+    assert_err("{% for x in [1] recursive %}{{ loop([x, x]) }}{% endfor %}", &[&limit]);
+    assert_err("{% include 'chat_template' %}", &[&limit]);
+    assert_err("{% import 'chat_template' as m %}", &[&limit]);
+    assert_err("{% from 'chat_template' import f %}", &[&limit]);
+    assert_err("{% extends 'chat_template' %}", &["cycle in template inheritance"]);
+    // Recursion a real template might do (printing a nested schema) is fine.
+    let nested = "{% macro show(v) %}{% if v is mapping %}({% for k, x in v|items %}{{ k }}={{ show(x) }}{% endfor %}){% else %}{{ v }}{% endif %}{% endmacro %}\
+        {% set ns = namespace(v=1) %}{% for i in range(30) %}{% set ns.v = {'k': ns.v} %}{% endfor %}{{ show(ns.v) }}";
+    assert_eq!(
+        render(nested).unwrap(),
+        format!("{}1{}", "(k=".repeat(30), ")".repeat(30))
+    );
+}
+
+#[test]
+fn deep_values_neither_print_nor_overflow_the_stack() {
+    let build = |depth: usize| {
+        // 50 levels per step of the loop, 50 being well inside the parser's nesting limit.
+        format!(
+            "{{% set ns = namespace(x=[]) %}}{{% for i in range({}) %}}{{% set ns.x = {}ns.x{} %}}{{% endfor %}}",
+            depth / 50,
+            "[".repeat(50),
+            "]".repeat(50)
+        )
+    };
+    let deep = format!("value nested deeper than the limit of {MAX_VALUE_DEPTH} levels");
+    let shallow = build(MAX_VALUE_DEPTH * 2);
+    assert_err(&format!("{shallow}{{{{ ns.x }}}}"), &[&format!("output: {deep}")]);
+    assert_err(
+        &format!("{shallow}{{{{ ns.x|string }}}}"),
+        &[&format!("string: {deep}")],
+    );
+    assert_err(&format!("{shallow}{{{{ [ns.x]|sort }}}}"), &[&format!("sort: {deep}")]);
+    // 100k levels: comparing (minijinja recurses per level, which this crate cannot
+    // intercept) and dropping such a value would overflow an ordinary 8 MiB stack; the
+    // render's own thread has room.
+    let src = format!(
+        "{}{{{{ ns.x == [ns.x] }}}}|{{{{ (ns.x ~ '')|length }}}}",
+        build(100_000)
+    );
+    assert_eq!(render(&src).unwrap().to_lowercase(), "false|200002");
+}
+
+#[test]
+fn panics_become_one_line_errors() {
+    // minijinja 2.24 divides by the argument count of loop.cycle().
+    assert_err(
+        "{% for x in [1] %}{{ loop.cycle() }}{% endfor %}",
+        &["rendering panicked"],
+    );
+}
+
+#[test]
+fn template_size_is_capped() {
+    let src = "x".repeat(MAX_TEMPLATE_BYTES + 1);
+    let err = ChatTemplate::new(&src, TemplateSource::Gguf).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        format!(
+            "{ORIGIN}{} bytes exceed the limit of {MAX_TEMPLATE_BYTES} bytes",
+            MAX_TEMPLATE_BYTES + 1
+        )
+    );
+    // Nesting too deep for the parser is a syntax error, not a stack overflow.
+    let nested = format!("{{{{ {}1{} }}}}", "(".repeat(10_000), ")".repeat(10_000));
+    let err = ChatTemplate::new(&nested, TemplateSource::Gguf)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("syntax error"), "{err}");
+}
+
+#[test]
+fn message_content_is_data() {
+    // Template syntax in a message is printed, not run.
+    let text = "{{ 'a' * 100000000000 }}{% for i in range(100000) %}{% endfor %}";
+    assert_eq!(
+        render_with("{{ messages[0].content }}", &[Message::user(text)]).unwrap(),
+        text
+    );
+    // Deeply nested JSON parts (as deep as serde_json parses) dump fine.
+    let mut part = serde_json::json!("x");
+    for _ in 0..120 {
+        part = serde_json::json!([part]);
+    }
+    let msgs = [Message {
+        role: "user".into(),
+        content: ffai::chat::Content::Parts(vec![serde_json::json!({"type": "text", "text": part})]),
+    }];
+    let out = render_with("{{ messages|tojson }}", &msgs).unwrap();
+    // the list of messages, the list of parts, then the 120 levels
+    assert_eq!(out.matches('[').count(), 122);
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/chat")
+}
+
+#[derive(Deserialize)]
+struct Case {
+    template: String,
+    case: String,
+    messages: Vec<Message>,
+    add_generation_prompt: bool,
+    bos_token: String,
+    eos_token: String,
+    tools: Option<serde_json::Value>,
+    enable_thinking: Option<bool>,
+    today_format: Option<String>,
+    expected: Option<String>,
+}
+
+#[test]
+fn real_templates_render_as_before_and_at_length() {
+    let text = std::fs::read_to_string(fixtures().join("cases.json")).unwrap();
+    let cases: Vec<Case> = serde_json::from_str(&text).unwrap();
+    let mut templates = std::collections::BTreeMap::new();
+    let mut checked = 0;
+    for c in &cases {
+        let tmpl = templates.entry(c.template.clone()).or_insert_with(|| {
+            let path = fixtures().join(format!("{}.jinja", c.template));
+            let src = std::fs::read_to_string(&path).unwrap();
+            ChatTemplate::new(&src, TemplateSource::ChatTemplateJinja(path)).unwrap()
+        });
+        // Cases with today's date are compared in chat_template.rs.
+        let (Some(want), None) = (&c.expected, &c.today_format) else {
+            continue;
+        };
+        let opts = RenderOptions {
+            add_generation_prompt: c.add_generation_prompt,
+            bos_token: c.bos_token.clone(),
+            eos_token: c.eos_token.clone(),
+            tools: c.tools.clone(),
+            enable_thinking: c.enable_thinking,
+        };
+        let got = tmpl.render(&c.messages, &opts).unwrap();
+        assert_eq!(&got, want, "{}/{}", c.template, c.case);
+        checked += 1;
+    }
+    assert!(checked >= 40, "only {checked} cases compared");
+
+    // A long conversation (4000 turns of a few KiB) stays inside every limit.
+    let turns: Vec<Message> = (0..4000)
+        .map(|i| {
+            let text = format!("turn {i} {}", "lorem ipsum ".repeat(200));
+            if i % 2 == 0 {
+                Message::user(text)
+            } else {
+                Message::assistant(text)
+            }
+        })
+        .collect();
+    for (name, tmpl) in &templates {
+        let out = tmpl
+            .render(&turns, &RenderOptions::default())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(out.contains("turn 3999 lorem"), "{name}");
+    }
+}
