@@ -17,7 +17,10 @@
 
 mod bpe;
 pub mod export;
+mod guard;
 mod hf;
+pub mod limits;
+mod regex_check;
 mod roles;
 mod special;
 mod spm;
