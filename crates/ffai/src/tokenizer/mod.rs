@@ -19,6 +19,7 @@ mod bpe;
 pub mod export;
 mod guard;
 mod hf;
+mod hf_check;
 pub mod limits;
 mod regex_check;
 mod roles;
