@@ -26,21 +26,25 @@ use tokenizers::normalizers::{Prepend, Replace, Sequence as NormSequence};
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::AddedToken;
 
-use super::{array, bpe, string_array, TokenKind, Tokenizer};
+use super::guard::contain;
+use super::limits::{MAX_ADDED_TOKENS, MAX_VOCAB_SIZE};
+use super::{array, bpe, gguf_merges, string_array, TokenKind, Tokenizer};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::{bail, ensure};
 
 /// (file name, contents) of the Hugging Face tokenizer files for a GGUF vocabulary.
 pub fn hf_tokenizer_files(file: &GgufFile) -> Result<Vec<(String, String)>> {
-    hf_files(file).map_err(|e| e.context("exporting the GGUF tokenizer"))
+    // The `tokenizers` crate builds and serializes the result; a panic in it is an error.
+    contain("exporting the GGUF tokenizer", || hf_files(file))?.map_err(|e| e.context("exporting the GGUF tokenizer"))
 }
 
 fn hf_files(file: &GgufFile) -> Result<Vec<(String, String)>> {
-    // ffai's reading of the vocabulary decides the special ids and BOS/space defaults.
+    // ffai's reading of the vocabulary decides the special ids and BOS/space defaults,
+    // and checks the vocabulary's sizes.
     let loaded = Tokenizer::from_gguf(file)?;
-    let tokens =
-        string_array(file, "tokenizer.ggml.tokens")?.ok_or_else(|| Error::new("GGUF has no tokenizer.ggml.tokens"))?;
+    let tokens = string_array(file, "tokenizer.ggml.tokens", MAX_VOCAB_SIZE)?
+        .ok_or_else(|| Error::new("GGUF has no tokenizer.ggml.tokens"))?;
     let n = tokens.len();
     let kinds = loaded.kinds.clone();
     ensure!(kinds.len() == n, "token kinds do not match the vocabulary");
@@ -49,8 +53,7 @@ fn hf_files(file: &GgufFile) -> Result<Vec<(String, String)>> {
     let mut tok = match model {
         "gpt2" => {
             let pre = bpe::PreTokenizer::from_name(file.get_str("tokenizer.ggml.pre").unwrap_or("default"))?;
-            let merges = string_array(file, "tokenizer.ggml.merges")?
-                .ok_or_else(|| Error::new("BPE vocabulary without tokenizer.ggml.merges"))?;
+            let merges = gguf_merges(file)?;
             let mut t = bpe::build_gguf_bpe(pre, &tokens, &merges)?;
             t.with_decoder(Some(ByteLevel::default()));
             t
@@ -60,6 +63,14 @@ fn hf_files(file: &GgufFile) -> Result<Vec<(String, String)>> {
     };
 
     // Literal tokens, in id order; ids already in the model's vocabulary keep theirs.
+    // ffai (and the `tokenizers` crate, in quadratic time) must be able to load them back.
+    let n_literal = (0..n)
+        .filter(|&i| kinds[i].is_literal() && !tokens[i].is_empty())
+        .count();
+    ensure!(
+        n_literal <= MAX_ADDED_TOKENS,
+        "the vocabulary has {n_literal} control/user-defined tokens, more than the {MAX_ADDED_TOKENS} added tokens a tokenizer.json may hold"
+    );
     let added: Vec<AddedToken> = (0..n)
         .filter(|&i| kinds[i].is_literal() && !tokens[i].is_empty())
         .map(|i| {
