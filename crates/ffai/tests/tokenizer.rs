@@ -698,16 +698,36 @@ fn long_text(words: usize) -> String {
     out
 }
 
+/// Encoding must stay linear in the text: finding special tokens, the SentencePiece
+/// merge queue and the BPE words all do a bounded amount of work per byte. Instead of a
+/// stopwatch (which depends on the machine and its load), the encoder counts its steps:
+/// four times the text must cost at most about four times the steps, where a quadratic
+/// encoder would take sixteen.
 #[test]
-fn long_prompts_encode_quickly() {
-    let text = long_text(4000);
+fn long_prompts_encode_in_linear_work() {
+    // long_text(n) is a prefix of long_text(m) for n < m.
+    let short = long_text(2000);
+    let long = long_text(8000);
+    assert!(long.starts_with(&short));
     for tok in [smollm2(), gemma3()] {
-        let start = std::time::Instant::now();
-        let ids = tok.encode(&text, true).unwrap();
-        let took = start.elapsed();
-        assert!(ids.len() >= 8000, "only {} tokens", ids.len());
-        assert!(took.as_secs_f64() < 1.0, "{} tokens took {took:?}", ids.len());
-        assert_eq!(tok.decode(without_bos(tok, &ids)), text);
+        let (short_ids, short_work) = tok.encode_with_work(&short, true).unwrap();
+        let (ids, work) = tok.encode_with_work(&long, true).unwrap();
+        assert!(ids.len() >= 16000, "only {} tokens", ids.len());
+        assert_eq!(ids, tok.encode(&long, true).unwrap());
+        assert_eq!(tok.decode(without_bos(tok, &ids)), long);
+        let ratio = work as f64 / short_work as f64;
+        let len_ratio = long.len() as f64 / short.len() as f64;
+        assert!(
+            ratio < 1.15 * len_ratio,
+            "{} steps for {} bytes, {} for {} bytes: {ratio:.2}x the work for {len_ratio:.2}x the text",
+            short_work,
+            short.len(),
+            work,
+            long.len()
+        );
+        // And a small constant per byte (2 to 5 for these texts).
+        assert!(work < 16 * long.len() as u64, "{work} steps for {} bytes", long.len());
+        assert!(short_ids.len() * 3 < ids.len());
     }
 }
 

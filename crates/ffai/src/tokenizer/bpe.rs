@@ -16,6 +16,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::SplitDelimiterBehavior;
 
+use super::guard::{contain, one_line};
 use crate::error::{Error, Result};
 
 /// GPT-2's word regex.
@@ -84,8 +85,13 @@ impl PreTokenizer {
     }
 }
 
-/// Builds the `tokenizers` BPE encoder for a GGUF vocabulary.
+/// Builds the `tokenizers` BPE encoder for a GGUF vocabulary (whose sizes the caller has
+/// checked). The crate runs contained: a panic in it is an `Err`.
 pub(crate) fn build_gguf_bpe(pre: PreTokenizer, tokens: &[String], merges: &[String]) -> Result<tokenizers::Tokenizer> {
+    contain("building the BPE tokenizer", || build(pre, tokens, merges))?
+}
+
+fn build(pre: PreTokenizer, tokens: &[String], merges: &[String]) -> Result<tokenizers::Tokenizer> {
     let mut vocab: HashMap<String, u32> = HashMap::with_capacity(tokens.len());
     for (i, t) in tokens.iter().enumerate() {
         if !t.is_empty() {
@@ -112,7 +118,7 @@ pub(crate) fn build_gguf_bpe(pre: PreTokenizer, tokens: &[String], merges: &[Str
         .vocab_and_merges(vocab.into_iter().collect::<Vocab>(), pairs)
         .ignore_merges(pre.ignore_merges())
         .build()
-        .map_err(|e| Error::new(format!("building BPE model: {e}")))?;
+        .map_err(|e| Error::new(format!("building BPE model: {}", one_line(&e.to_string()))))?;
 
     let mut steps: Vec<PreTokenizerWrapper> = Vec::new();
     for re in pre.regexes() {

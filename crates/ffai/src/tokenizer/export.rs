@@ -26,21 +26,25 @@ use tokenizers::normalizers::{Prepend, Replace, Sequence as NormSequence};
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::AddedToken;
 
-use super::{array, bpe, string_array, TokenKind, Tokenizer};
+use super::guard::contain;
+use super::limits::{MAX_ADDED_TOKENS, MAX_EXPORT_MERGE_BYTES, MAX_MERGES, MAX_VOCAB_SIZE};
+use super::{array, bpe, gguf_merges, string_array, TokenKind, Tokenizer};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::{bail, ensure};
 
 /// (file name, contents) of the Hugging Face tokenizer files for a GGUF vocabulary.
 pub fn hf_tokenizer_files(file: &GgufFile) -> Result<Vec<(String, String)>> {
-    hf_files(file).map_err(|e| e.context("exporting the GGUF tokenizer"))
+    // The `tokenizers` crate builds and serializes the result; a panic in it is an error.
+    contain("exporting the GGUF tokenizer", || hf_files(file))?.map_err(|e| e.context("exporting the GGUF tokenizer"))
 }
 
 fn hf_files(file: &GgufFile) -> Result<Vec<(String, String)>> {
-    // ffai's reading of the vocabulary decides the special ids and BOS/space defaults.
+    // ffai's reading of the vocabulary decides the special ids and BOS/space defaults,
+    // and checks the vocabulary's sizes.
     let loaded = Tokenizer::from_gguf(file)?;
-    let tokens =
-        string_array(file, "tokenizer.ggml.tokens")?.ok_or_else(|| Error::new("GGUF has no tokenizer.ggml.tokens"))?;
+    let tokens = string_array(file, "tokenizer.ggml.tokens", MAX_VOCAB_SIZE)?
+        .ok_or_else(|| Error::new("GGUF has no tokenizer.ggml.tokens"))?;
     let n = tokens.len();
     let kinds = loaded.kinds.clone();
     ensure!(kinds.len() == n, "token kinds do not match the vocabulary");
@@ -49,8 +53,7 @@ fn hf_files(file: &GgufFile) -> Result<Vec<(String, String)>> {
     let mut tok = match model {
         "gpt2" => {
             let pre = bpe::PreTokenizer::from_name(file.get_str("tokenizer.ggml.pre").unwrap_or("default"))?;
-            let merges = string_array(file, "tokenizer.ggml.merges")?
-                .ok_or_else(|| Error::new("BPE vocabulary without tokenizer.ggml.merges"))?;
+            let merges = gguf_merges(file)?;
             let mut t = bpe::build_gguf_bpe(pre, &tokens, &merges)?;
             t.with_decoder(Some(ByteLevel::default()));
             t
@@ -60,6 +63,14 @@ fn hf_files(file: &GgufFile) -> Result<Vec<(String, String)>> {
     };
 
     // Literal tokens, in id order; ids already in the model's vocabulary keep theirs.
+    // ffai (and the `tokenizers` crate, in quadratic time) must be able to load them back.
+    let n_literal = (0..n)
+        .filter(|&i| kinds[i].is_literal() && !tokens[i].is_empty())
+        .count();
+    ensure!(
+        n_literal <= MAX_ADDED_TOKENS,
+        "the vocabulary has {n_literal} control/user-defined tokens, more than the {MAX_ADDED_TOKENS} added tokens a tokenizer.json may hold"
+    );
     let added: Vec<AddedToken> = (0..n)
         .filter(|&i| kinds[i].is_literal() && !tokens[i].is_empty())
         .map(|i| {
@@ -162,22 +173,7 @@ fn spm_tokenizer(
             vocab.entry(t.clone()).or_insert(i as u32);
         }
     }
-    // Every way to build an entry from two entries, ranked by the entry's score (then id,
-    // then the split point, so the order is deterministic).
-    let mut ranked: Vec<(f32, u32, usize, String, String)> = Vec::new();
-    for (text, &id) in &vocab {
-        if matches!(kinds[id as usize], TokenKind::Byte) {
-            continue;
-        }
-        for (pos, _) in text.char_indices().skip(1) {
-            let (a, b) = text.split_at(pos);
-            if vocab.contains_key(a) && vocab.contains_key(b) {
-                ranked.push((scores[id as usize], id, pos, a.to_owned(), b.to_owned()));
-            }
-        }
-    }
-    ranked.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
-    let merges: Vec<(String, String)> = ranked.into_iter().map(|(_, _, _, a, b)| (a, b)).collect();
+    let (merges, _work) = spm_merges(tokens, kinds, &scores, &vocab)?;
     let mut builder = BPE::builder()
         .vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), merges)
         .byte_fallback(true)
@@ -210,4 +206,223 @@ fn spm_tokenizer(
     }
     tok.with_decoder(Some(DecoderSequence::new(steps)));
     Ok(tok)
+}
+
+/// For each text, the lengths of the other texts that are proper prefixes of it, as
+/// `(start, count)` into one shared list; plus the number of steps taken.
+///
+/// In sorted order every prefix of a text comes before it, and everything in between
+/// shares that prefix. So one pass with a stack of nested prefixes finds them all: pop
+/// what is not a prefix of the current text, and the stack is exactly its prefixes. Each
+/// text is pushed and popped once, and each test reads at most the tested text, so the
+/// pass is linear in the total length after an O(n log n) sort.
+fn prefix_lengths(texts: &[&[u8]]) -> (Vec<(u32, u32)>, Vec<u32>, u64) {
+    let mut order: Vec<u32> = (0..texts.len() as u32).collect();
+    order.sort_unstable_by(|&a, &b| texts[a as usize].cmp(texts[b as usize]));
+    let mut spans = vec![(0u32, 0u32); texts.len()];
+    let mut lens: Vec<u32> = Vec::new();
+    let mut stack: Vec<u32> = Vec::new();
+    let mut work = 0u64;
+    for &i in &order {
+        let t = texts[i as usize];
+        while let Some(&top) = stack.last() {
+            let p = texts[top as usize];
+            work += 1 + p.len() as u64;
+            if t.starts_with(p) {
+                break;
+            }
+            stack.pop();
+        }
+        // Fits: the caller keeps the list below 2^32 entries (see `spm_merges`).
+        spans[i as usize] = (lens.len() as u32, stack.len() as u32);
+        work += stack.len() as u64;
+        lens.extend(stack.iter().map(|&s| texts[s as usize].len() as u32));
+        stack.push(i);
+    }
+    (spans, lens, work)
+}
+
+/// The ranked merge list that makes a BPE model encode as SentencePiece does: every split
+/// of an entry into two entries, highest-scoring entry first (then by id and split point,
+/// so the order is deterministic). Returns the merges and the number of steps taken.
+///
+/// A split at `pos` exists where a prefix of length `pos` and a suffix of length
+/// `len - pos` are both entries, so finding all prefixes and all suffixes (prefixes of
+/// the reversed texts) that are entries finds every split: linear in the vocabulary's
+/// text after two sorts. (Hashing both halves of every split point instead costs the
+/// square of each entry's length.) The output itself can still grow with the square of
+/// the vocabulary (nested entries "a", "aa", "aaa", ... split every way), so it is capped.
+pub(crate) fn spm_merges(
+    tokens: &[String],
+    kinds: &[TokenKind],
+    scores: &[f32],
+    vocab: &HashMap<String, u32>,
+) -> Result<(Vec<(String, String)>, u64)> {
+    // Each distinct text once, under its first id.
+    let ids: Vec<u32> = (0..tokens.len() as u32)
+        .filter(|&id| {
+            let t = &tokens[id as usize];
+            !t.is_empty() && vocab.get(t) == Some(&id)
+        })
+        .collect();
+    let texts: Vec<&[u8]> = ids.iter().map(|&id| tokens[id as usize].as_bytes()).collect();
+    // A text of L bytes has fewer than L proper prefixes: the lists stay below the
+    // vocabulary's total length, which `assemble` keeps under 4 GiB.
+    let reversed: Vec<Vec<u8>> = texts.iter().map(|t| t.iter().rev().copied().collect()).collect();
+    let reversed: Vec<&[u8]> = reversed.iter().map(Vec::as_slice).collect();
+    let (pre_spans, pre_lens, w1) = prefix_lengths(&texts);
+    let (suf_spans, suf_lens, w2) = prefix_lengths(&reversed);
+    let mut work = w1 + w2;
+
+    let mut ranked: Vec<(f32, u32, u32)> = Vec::new();
+    let mut merge_bytes = 0usize;
+    let mut is_prefix: Vec<bool> = Vec::new();
+    for (k, &id) in ids.iter().enumerate() {
+        // Byte tokens are never the result of a merge.
+        if kinds[id as usize] == TokenKind::Byte {
+            continue;
+        }
+        let len = texts[k].len();
+        let (ps, pn) = pre_spans[k];
+        let (ss, sn) = suf_spans[k];
+        let prefixes = &pre_lens[ps as usize..(ps + pn) as usize];
+        let suffixes = &suf_lens[ss as usize..(ss + sn) as usize];
+        work += 1 + prefixes.len() as u64 + suffixes.len() as u64;
+        is_prefix.clear();
+        is_prefix.resize(len + 1, false);
+        for &p in prefixes {
+            is_prefix[p as usize] = true;
+        }
+        for &s in suffixes {
+            let pos = len - s as usize;
+            if is_prefix[pos] {
+                merge_bytes += len;
+                ensure!(
+                    ranked.len() < MAX_MERGES && merge_bytes <= MAX_EXPORT_MERGE_BYTES,
+                    "the SentencePiece vocabulary splits into more than {MAX_MERGES} merges or {MAX_EXPORT_MERGE_BYTES} bytes of merge text"
+                );
+                // Token texts are UTF-8, so a prefix that is a token ends on a character
+                // boundary; `pos` is below MAX_TOKEN_BYTES.
+                ranked.push((scores[id as usize], id, pos as u32));
+            }
+        }
+    }
+    ranked.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
+    let merges = ranked
+        .into_iter()
+        .map(|(_, id, pos)| {
+            let (a, b) = tokens[id as usize].split_at(pos as usize);
+            (a.to_owned(), b.to_owned())
+        })
+        .collect();
+    Ok((merges, work))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The old, obviously correct enumeration: hash both halves of every split.
+    fn brute_force(tokens: &[String], kinds: &[TokenKind], scores: &[f32]) -> Vec<(String, String)> {
+        let mut vocab: HashMap<&str, u32> = HashMap::new();
+        for (i, t) in tokens.iter().enumerate() {
+            if !t.is_empty() {
+                vocab.entry(t).or_insert(i as u32);
+            }
+        }
+        let mut ranked = Vec::new();
+        for (&text, &id) in &vocab {
+            if kinds[id as usize] == TokenKind::Byte {
+                continue;
+            }
+            for (pos, _) in text.char_indices().skip(1) {
+                let (a, b) = text.split_at(pos);
+                if vocab.contains_key(a) && vocab.contains_key(b) {
+                    ranked.push((scores[id as usize], id, pos, a.to_owned(), b.to_owned()));
+                }
+            }
+        }
+        ranked.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
+        ranked.into_iter().map(|(_, _, _, a, b)| (a, b)).collect()
+    }
+
+    fn first_ids(tokens: &[String]) -> HashMap<String, u32> {
+        let mut vocab = HashMap::new();
+        for (i, t) in tokens.iter().enumerate() {
+            if !t.is_empty() {
+                vocab.entry(t.clone()).or_insert(i as u32);
+            }
+        }
+        vocab
+    }
+
+    /// A pseudo-random vocabulary over a small alphabet (with multi-byte characters), so
+    /// many entries split into other entries in several ways; duplicates and a byte token
+    /// included.
+    fn random_vocab(n: usize, seed: u64) -> (Vec<String>, Vec<TokenKind>, Vec<f32>) {
+        let alphabet = ['a', 'b', '▁', 'é', '日'];
+        let mut state = seed;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut tokens: Vec<String> = alphabet.iter().map(|c| c.to_string()).collect();
+        while tokens.len() < n {
+            let len = 2 + (next() % 7) as usize;
+            tokens.push((0..len).map(|_| alphabet[(next() % 5) as usize]).collect());
+        }
+        tokens.push("ab".into()); // a duplicate text: the first id wins
+        tokens.push("<0x41>".into());
+        let mut kinds = vec![TokenKind::Normal; tokens.len()];
+        *kinds.last_mut().unwrap() = TokenKind::Byte;
+        // Ties on purpose, so the id and split-point order matter.
+        let scores = (0..tokens.len()).map(|i| -((i / 3) as f32)).collect();
+        (tokens, kinds, scores)
+    }
+
+    #[test]
+    fn merges_match_the_brute_force_enumeration() {
+        for seed in [1, 2, 3] {
+            let (tokens, kinds, scores) = random_vocab(3000, seed);
+            let (merges, _) = spm_merges(&tokens, &kinds, &scores, &first_ids(&tokens)).unwrap();
+            assert!(merges.len() > 1000, "only {} merges", merges.len());
+            assert_eq!(merges, brute_force(&tokens, &kinds, &scores));
+        }
+    }
+
+    /// Long entries that do not split (the case the old enumeration spent the square of
+    /// each length on): the work must stay a small multiple of the vocabulary's text.
+    #[test]
+    fn work_is_linear_in_the_vocabulary_text() {
+        let mut tokens: Vec<String> = Vec::new();
+        for i in 0..2000u32 {
+            // Distinct 2,000-byte texts: no prefix or suffix of one is another.
+            let mut t = format!("<{i}>");
+            while t.len() < 2000 {
+                t.push(char::from(b'a' + (t.len() as u32 * 7 + i) as u8 % 26));
+            }
+            tokens.push(t);
+        }
+        let kinds = vec![TokenKind::Normal; tokens.len()];
+        let scores = vec![0.0; tokens.len()];
+        let total: u64 = tokens.iter().map(|t| t.len() as u64).sum();
+        let (merges, work) = spm_merges(&tokens, &kinds, &scores, &first_ids(&tokens)).unwrap();
+        assert!(merges.is_empty());
+        // Each prefix test reads at most the shorter text, each text is pushed and popped
+        // once per direction: a few steps per byte. The square of the lengths would be
+        // 2,000 steps per byte.
+        assert!(work <= 4 * total, "{work} steps for {total} bytes of vocabulary");
+    }
+
+    #[test]
+    fn nested_vocabularies_are_capped_not_exhausted() {
+        // "a", "aa", ..., a^n: n^2/2 merges, n^3/6 bytes of merge text.
+        let tokens: Vec<String> = (1..=1500).map(|k| "a".repeat(k)).collect();
+        let kinds = vec![TokenKind::Normal; tokens.len()];
+        let scores = vec![0.0; tokens.len()];
+        let e = spm_merges(&tokens, &kinds, &scores, &first_ids(&tokens)).unwrap_err();
+        assert!(e.to_string().contains("bytes of merge text"), "{e}");
+    }
 }

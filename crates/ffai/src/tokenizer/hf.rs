@@ -1,20 +1,64 @@
 //! Hugging Face tokenizer directories: `tokenizer.json` (encoded by the `tokenizers`
 //! crate), `tokenizer_config.json` and `generation_config.json`.
 
+use std::io::Read;
 use std::path::Path;
-use std::str::FromStr;
 
+use serde::Deserialize;
 use serde_json::Value;
 
+use super::guard::{contain, one_line};
+use super::hf_check;
+use super::limits::{MAX_CONFIG_JSON_BYTES, MAX_TOKENIZER_JSON_BYTES, MAX_VOCAB_SIZE};
 use super::roles::SpecialIds;
 use super::{Engine, Parts, PieceStyle, TokenKind};
+use crate::bail;
 use crate::error::{Error, Result};
 
-fn read_json(path: &Path) -> Result<Option<Value>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
+/// Encoded once at load time to catch configurations that panic on any text: ASCII,
+/// accents, CJK, an emoji, digits, whitespace runs.
+const PROBE_TEXT: &str = "Hello, world! Ça va? 日本語 👋 12345\n\t  end";
+
+/// A token text for an error message, cut to a readable length.
+fn short_text(text: &str) -> String {
+    text.chars().take(40).collect()
+}
+
+/// Reads a whole file of at most `limit` bytes; `None` if it does not exist. The size is
+/// checked before reading, and the read stops at the limit in case the file grows (or is
+/// a device) meanwhile.
+fn read_limited(path: &Path, limit: u64) -> Result<Option<String>> {
+    let name = path
+        .file_name()
+        .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::new(format!("reading {}: {e}", path.display()))),
+    };
+    let too_big = |len: u64| Error::new(format!("{name} is {len} bytes, more than the limit of {limit}"));
+    let len = file
+        .metadata()
+        .map_err(|e| Error::new(format!("reading {}: {e}", path.display())))?
+        .len();
+    if len > limit {
+        return Err(too_big(len));
+    }
+    let mut bytes = Vec::new();
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::new(format!("reading {}: {e}", path.display())))?;
+    if bytes.len() as u64 > limit {
+        return Err(too_big(bytes.len() as u64));
+    }
+    String::from_utf8(bytes)
+        .map(Some)
+        .map_err(|_| Error::new(format!("{name} is not UTF-8")))
+}
+
+fn read_json(path: &Path) -> Result<Option<Value>> {
+    let Some(text) = read_limited(path, MAX_CONFIG_JSON_BYTES)? else {
+        return Ok(None);
     };
     serde_json::from_str(&text)
         .map(Some)
@@ -55,21 +99,52 @@ fn ids_of(v: &Value) -> Vec<u32> {
 
 pub(super) fn load(dir: &Path) -> Result<Parts> {
     let tj_path = dir.join("tokenizer.json");
-    let raw = match std::fs::read_to_string(&tj_path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::new(format!("no tokenizer.json in {}", dir.display())))
-        }
-        Err(e) => return Err(Error::new(format!("reading {}: {e}", tj_path.display()))),
-    };
-    let json: Value = serde_json::from_str(&raw).map_err(|e| Error::new(format!("parsing tokenizer.json: {e}")))?;
-    let tok = tokenizers::Tokenizer::from_str(&raw).map_err(|e| Error::new(format!("loading tokenizer.json: {e}")))?;
+    let raw = read_limited(&tj_path, MAX_TOKENIZER_JSON_BYTES)?
+        .ok_or_else(|| Error::new(format!("no tokenizer.json in {}", dir.display())))?;
+    let mut json: Value = serde_json::from_str(&raw).map_err(|e| Error::new(format!("parsing tokenizer.json: {e}")))?;
+    drop(raw);
+    // Read before the model is moved out of `json` for the crate.
+    let model_unk = json
+        .pointer("/model/unk_token")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let checked = hf_check::check_tokenizer_json(&mut json)?;
+    let tok = contain("loading tokenizer.json", || {
+        tokenizers::Tokenizer::deserialize(&checked.value)
+    })?
+    .map_err(|e| Error::new(format!("loading tokenizer.json: {}", one_line(&e.to_string()))))?;
+    drop(checked.value);
     let config = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
     let gen = read_json(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
 
     // The vocabulary, including added tokens; ids nobody claims stay empty.
-    let vocab = tok.get_vocab(true);
-    let n = vocab.values().map(|&id| id as usize + 1).max().unwrap_or(0);
+    let (vocab, added_decoder) = contain("reading the vocabulary", || {
+        (tok.get_vocab(true), tok.get_added_tokens_decoder())
+    })?;
+    // The crate numbers added tokens itself (after the model's vocabulary) and only warns
+    // when that differs from the id in the file; the model's embeddings follow the file.
+    for (content, id) in &checked.added {
+        match vocab.get(content) {
+            Some(got) if got == id => {}
+            Some(got) => bail!(
+                "added_tokens: {:?} has id {id} in tokenizer.json but {got} in the loaded vocabulary (ids must be consistent)",
+                short_text(content)
+            ),
+            None => bail!("added_tokens: {:?} did not get an id", short_text(content)),
+        }
+    }
+    // Every id is below MAX_VOCAB_SIZE (model ids were checked, added ones just now); the
+    // checked arithmetic keeps that an error rather than an allocation if it ever fails.
+    let n = vocab
+        .values()
+        .map(|&id| (id as usize).checked_add(1))
+        .try_fold(0usize, |m, x| x.map(|x| m.max(x)))
+        .filter(|&n| n <= MAX_VOCAB_SIZE)
+        .ok_or_else(|| {
+            Error::new(format!(
+                "tokenizer.json has an id at or above the limit of {MAX_VOCAB_SIZE}"
+            ))
+        })?;
     if n == 0 {
         return Err(Error::new("tokenizer.json has an empty vocabulary"));
     }
@@ -79,7 +154,7 @@ pub(super) fn load(dir: &Path) -> Result<Parts> {
         tokens[id as usize] = text.clone();
         kinds[id as usize] = TokenKind::Normal;
     }
-    for (id, added) in tok.get_added_tokens_decoder() {
+    for (id, added) in added_decoder {
         if let Some(slot) = kinds.get_mut(id as usize) {
             *slot = if added.special {
                 TokenKind::Control
@@ -89,6 +164,12 @@ pub(super) fn load(dir: &Path) -> Result<Parts> {
             tokens[id as usize] = added.content.clone();
         }
     }
+    // A configuration that loads but panics on the first text (a corrupt charsmap, say)
+    // is refused now rather than on every request. Errors (an unknown word without an
+    // unknown token) are a property of the input, not the file.
+    contain("encoding a test text with tokenizer.json", || {
+        let _ = tok.encode(PROBE_TEXT, false);
+    })?;
     if let Some(map) = config.get("added_tokens_decoder").and_then(Value::as_object) {
         for (k, v) in map {
             let Ok(id) = k.parse::<usize>() else { continue };
@@ -151,11 +232,7 @@ pub(super) fn load(dir: &Path) -> Result<Parts> {
     let eos = lookup(config.get("eos_token"))
         .or(gen_eos.first().copied())
         .filter(|&id| (id as usize) < n);
-    let unk = lookup(config.get("unk_token")).or_else(|| {
-        json.pointer("/model/unk_token")
-            .and_then(Value::as_str)
-            .and_then(|t| vocab.get(t).copied())
-    });
+    let unk = lookup(config.get("unk_token")).or_else(|| model_unk.as_deref().and_then(|t| vocab.get(t).copied()));
     let pad = lookup(config.get("pad_token"));
     let ids = SpecialIds {
         bos,
@@ -194,7 +271,7 @@ pub(super) fn load(dir: &Path) -> Result<Parts> {
                 .or_else(|| list.first().and_then(|t| t.get("template").and_then(Value::as_str)))
                 .map(str::to_owned)
         }
-        _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
+        _ => read_limited(&dir.join("chat_template.jinja"), MAX_CONFIG_JSON_BYTES)?,
     };
 
     Ok(Parts {

@@ -17,7 +17,11 @@
 
 mod bpe;
 pub mod export;
+mod guard;
 mod hf;
+mod hf_check;
+pub mod limits;
+mod regex_check;
 mod roles;
 mod special;
 mod spm;
@@ -29,6 +33,10 @@ use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, MetaValue};
 use crate::{bail, ensure};
 
+use guard::{contain, one_line};
+use limits::{
+    check_count, MAX_MERGES, MAX_SPECIAL_TEXT_BYTES, MAX_SPECIAL_TOKEN_BYTES, MAX_TOKEN_BYTES, MAX_VOCAB_SIZE,
+};
 use roles::SpecialIds;
 use special::{Fragment, SpecialSplitter};
 
@@ -161,15 +169,11 @@ impl Tokenizer {
                 .as_str()
                 .ok_or_else(|| Error::new("tokenizer.ggml.model is not a string"))?,
         };
-        let tokens = string_array(file, "tokenizer.ggml.tokens")?
+        let tokens = string_array(file, "tokenizer.ggml.tokens", MAX_VOCAB_SIZE)?
             .ok_or_else(|| Error::new("GGUF has no tokenizer.ggml.tokens"))?;
         ensure!(!tokens.is_empty(), "tokenizer.ggml.tokens is empty");
-        ensure!(
-            tokens.len() <= u32::MAX as usize,
-            "tokenizer.ggml.tokens has {} entries, more than a u32 id can address",
-            tokens.len()
-        );
         let n = tokens.len();
+        check_token_texts("tokenizer.ggml.tokens", &tokens)?;
 
         let mut kinds = vec![TokenKind::Normal; n];
         if let Some(types) = array(file, "tokenizer.ggml.token_type")? {
@@ -236,8 +240,7 @@ impl Tokenizer {
                 (Engine::Spm(Box::new(spm)), PieceStyle::Metaspace)
             }
             Some(pre) => {
-                let merges = string_array(file, "tokenizer.ggml.merges")?
-                    .ok_or_else(|| Error::new("BPE vocabulary without tokenizer.ggml.merges"))?;
+                let merges = gguf_merges(file)?;
                 let bpe = bpe::build_gguf_bpe(pre, &tokens, &merges)?;
                 (Engine::GgufBpe(Box::new(bpe)), PieceStyle::ByteLevel)
             }
@@ -302,6 +305,19 @@ impl Tokenizer {
 
         let splitter = if split_specials {
             let literal = (0..tokens.len()).filter(|&i| kinds[i].is_literal() && !tokens[i].is_empty());
+            // Matching them costs up to the longest one's length in steps per input byte.
+            if let Some(i) = literal.clone().find(|&i| tokens[i].len() > MAX_SPECIAL_TOKEN_BYTES) {
+                bail!(
+                    "tokenizer.ggml.tokens[{i}] is a control or user-defined token of {} bytes, more than the limit of {MAX_SPECIAL_TOKEN_BYTES}",
+                    tokens[i].len()
+                );
+            }
+            // They all go into one byte trie.
+            let total: usize = literal.clone().map(|i| tokens[i].len()).sum();
+            ensure!(
+                total <= MAX_SPECIAL_TEXT_BYTES,
+                "tokenizer.ggml.tokens: the control and user-defined tokens hold {total} bytes of text, more than the limit of {MAX_SPECIAL_TEXT_BYTES}"
+            );
             SpecialSplitter::new(&tokens, literal.map(|i| i as u32), rstrip_specials)
         } else {
             SpecialSplitter::empty()
@@ -326,18 +342,28 @@ impl Tokenizer {
     /// Encodes `text`. Special-token text in it ("<|im_start|>") becomes that token's id.
     /// With `add_bos`, BOS is put in front unless the text already starts with it.
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
+        self.encode_counting(text, add_bos, &mut Work::default())
+    }
+
+    /// [`encode`](Self::encode), also returning how many elementary steps it took (trie
+    /// steps while finding special tokens, merge-queue operations, bytes handed to the
+    /// `tokenizers` crate). Tests use the count to check that encoding stays linear
+    /// without timing it.
+    #[doc(hidden)]
+    pub fn encode_with_work(&self, text: &str, add_bos: bool) -> Result<(Vec<u32>, u64)> {
+        let mut work = Work::default();
+        let ids = self.encode_counting(text, add_bos, &mut work)?;
+        Ok((ids, work.0))
+    }
+
+    fn encode_counting(&self, text: &str, add_bos: bool, work: &mut Work) -> Result<Vec<u32>> {
         let mut out = Vec::with_capacity(text.len() / 3 + 2);
         match &self.engine {
-            Engine::HfDir(tok) => {
-                let enc = tok
-                    .encode(text, false)
-                    .map_err(|e| Error::new(format!("tokenizing: {e}")))?;
-                out.extend_from_slice(enc.get_ids());
-            }
+            Engine::HfDir(tok) => crate_encode(tok, text, &mut out, work)?,
             Engine::Spm(spm) => {
                 let mut prev_special = true;
                 let mut buf = String::new();
-                for frag in self.splitter.split(text) {
+                for frag in self.splitter.split(text, work) {
                     match frag {
                         Fragment::Token(id) => {
                             out.push(id);
@@ -351,22 +377,17 @@ impl Tokenizer {
                             for c in t.chars() {
                                 buf.push(if c == ' ' { '▁' } else { c });
                             }
-                            spm.encode(&buf, &mut out)?;
+                            spm.encode(&buf, &mut out, work)?;
                             prev_special = false;
                         }
                     }
                 }
             }
             Engine::GgufBpe(tok) => {
-                for frag in self.splitter.split(text) {
+                for frag in self.splitter.split(text, work) {
                     match frag {
                         Fragment::Token(id) => out.push(id),
-                        Fragment::Text(t) => {
-                            let enc = tok
-                                .encode(t, false)
-                                .map_err(|e| Error::new(format!("tokenizing: {e}")))?;
-                            out.extend_from_slice(enc.get_ids());
-                        }
+                        Fragment::Text(t) => crate_encode(tok, t, &mut out, work)?,
                     }
                 }
             }
@@ -507,6 +528,26 @@ impl DecodeState {
     }
 }
 
+/// A count of elementary encoding steps (see [`Tokenizer::encode_with_work`]).
+#[derive(Debug, Default)]
+pub(crate) struct Work(pub u64);
+
+impl Work {
+    pub fn add(&mut self, n: usize) {
+        self.0 = self.0.saturating_add(n as u64);
+    }
+}
+
+/// Encodes `text` with the `tokenizers` crate and appends the ids. A panic inside the
+/// crate becomes an `Err`: this runs once per request.
+fn crate_encode(tok: &tokenizers::Tokenizer, text: &str, out: &mut Vec<u32>, work: &mut Work) -> Result<()> {
+    work.add(text.len());
+    let enc = contain("tokenizing", || tok.encode(text, false))?
+        .map_err(|e| Error::new(format!("tokenizing: {}", one_line(&e.to_string()))))?;
+    out.extend_from_slice(enc.get_ids());
+    Ok(())
+}
+
 /// Incremental detokenizer for streaming output. Feed ids one at a time; each call
 /// returns the text that is now complete. A character whose UTF-8 bytes are spread over
 /// several tokens comes out once all of them have arrived; bytes that can never form a
@@ -615,14 +656,42 @@ fn array<'a>(file: &'a GgufFile, key: &str) -> Result<Option<&'a [MetaValue]>> {
     }
 }
 
-fn string_array(file: &GgufFile, key: &str) -> Result<Option<Vec<String>>> {
+/// The strings of an array key, refusing more than `max_count` of them before copying any.
+fn string_array(file: &GgufFile, key: &str, max_count: usize) -> Result<Option<Vec<String>>> {
     let Some(items) = array(file, key)? else {
         return Ok(None);
     };
+    check_count(key, items.len(), max_count)?;
     items
         .iter()
         .map(|v| v.as_str().map(str::to_owned))
         .collect::<Option<Vec<String>>>()
         .map(Some)
         .ok_or_else(|| Error::new(format!("{key} holds a non-string")))
+}
+
+/// `Err` naming the first token text longer than [`MAX_TOKEN_BYTES`].
+fn check_token_texts(key: &str, tokens: &[String]) -> Result<()> {
+    match tokens.iter().position(|t| t.len() > MAX_TOKEN_BYTES) {
+        None => Ok(()),
+        Some(i) => bail!(
+            "{key}[{i}] is {} bytes long, more than the limit of {MAX_TOKEN_BYTES}",
+            tokens[i].len()
+        ),
+    }
+}
+
+/// `tokenizer.ggml.merges`, checked: count and length ("a b" is two tokens and a space).
+fn gguf_merges(file: &GgufFile) -> Result<Vec<String>> {
+    const KEY: &str = "tokenizer.ggml.merges";
+    let merges =
+        string_array(file, KEY, MAX_MERGES)?.ok_or_else(|| Error::new(format!("BPE vocabulary without {KEY}")))?;
+    match merges.iter().position(|m| m.len() > 2 * MAX_TOKEN_BYTES + 1) {
+        None => Ok(merges),
+        Some(i) => bail!(
+            "{KEY}[{i}] is {} bytes long, more than the limit of {}",
+            merges[i].len(),
+            2 * MAX_TOKEN_BYTES + 1
+        ),
+    }
 }

@@ -41,17 +41,23 @@ impl SpecialIds {
         let get = |key: &str, strict: bool| -> Result<Option<u32>> {
             let full = format!("tokenizer.ggml.{key}");
             let Some(v) = file.get(&full) else { return Ok(None) };
-            let id = v
-                .as_i64()
-                .ok_or_else(|| Error::new(format!("{full} is not an integer")))?;
-            if id >= 0 && (id as u64) < n_vocab as u64 {
-                Ok(Some(id as u32))
-            } else if strict {
-                Err(Error::new(format!(
-                    "{full} = {id} is outside the vocabulary of {n_vocab} tokens"
-                )))
-            } else {
-                Ok(None)
+            // Any integer type, of any sign and size; only one below n_vocab is an id.
+            let in_range = match (v.as_u64(), v.as_i64()) {
+                (Some(id), _) => u32::try_from(id).ok().filter(|&id| (id as usize) < n_vocab),
+                (None, Some(_)) => None,
+                (None, None) => return Err(Error::new(format!("{full} is not an integer"))),
+            };
+            match in_range {
+                Some(id) => Ok(Some(id)),
+                None if strict => {
+                    let shown = v
+                        .as_u64()
+                        .map_or_else(|| v.as_i64().unwrap_or_default().to_string(), |u| u.to_string());
+                    Err(Error::new(format!(
+                        "{full} = {shown} is outside the vocabulary of {n_vocab} tokens"
+                    )))
+                }
+                None => Ok(None),
             }
         };
         // SentencePiece vocabularies default to <unk>=0, <s>=1, </s>=2.

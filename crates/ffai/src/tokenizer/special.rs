@@ -11,6 +11,8 @@
 //! that does not occur in the input cannot occur in any piece of it, so the result is
 //! the same.
 
+use super::Work;
+
 /// One piece of the input: text still to encode, or a special token already matched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Fragment<'a> {
@@ -92,8 +94,9 @@ impl SpecialSplitter {
         SpecialSplitter { entries, trie }
     }
 
-    /// Which entries occur anywhere in `text`.
-    fn present(&self, text: &[u8]) -> Vec<usize> {
+    /// Which entries occur anywhere in `text`. Takes at most (longest entry) steps per
+    /// byte of `text`.
+    fn present(&self, text: &[u8], work: &mut Work) -> Vec<usize> {
         let mut seen = vec![false; self.entries.len()];
         let root = &self.trie[0];
         if root.children.is_empty() {
@@ -102,6 +105,7 @@ impl SpecialSplitter {
         for start in 0..text.len() {
             let mut node = root;
             for &b in &text[start..] {
+                work.add(1);
                 match node.children.binary_search_by_key(&b, |c| c.0) {
                     Ok(k) => node = &self.trie[node.children[k].1 as usize],
                     Err(_) => break,
@@ -114,14 +118,16 @@ impl SpecialSplitter {
         (0..self.entries.len()).filter(|&i| seen[i]).collect()
     }
 
-    pub fn split<'a>(&self, text: &'a str) -> Vec<Fragment<'a>> {
+    pub fn split<'a>(&self, text: &'a str, work: &mut Work) -> Vec<Fragment<'a>> {
         if text.is_empty() {
             return Vec::new();
         }
         let mut spans = vec![Span::Text(0, text.len())];
-        for ei in self.present(text.as_bytes()) {
+        for ei in self.present(text.as_bytes(), work) {
             let entry = &self.entries[ei];
             let pat = entry.text.as_str();
+            // One pass over the text per special token that occurs in it.
+            work.add(spans.len() + text.len());
             let mut next = Vec::with_capacity(spans.len() + 2);
             for span in spans {
                 let Span::Text(mut start, end) = span else {

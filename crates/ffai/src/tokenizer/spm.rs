@@ -14,6 +14,7 @@
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
 
+use super::Work;
 use crate::error::{Error, Result};
 
 pub(crate) struct Spm {
@@ -88,7 +89,7 @@ impl Spm {
     }
 
     /// Encodes `text` (already escaped: spaces as "▁") and appends the ids to `out`.
-    pub fn encode(&self, text: &str, out: &mut Vec<u32>) -> Result<()> {
+    pub fn encode(&self, text: &str, out: &mut Vec<u32>, work: &mut Work) -> Result<()> {
         if text.is_empty() {
             return Ok(());
         }
@@ -109,7 +110,11 @@ impl Spm {
         for i in 1..syms.len() {
             self.try_pair(text, &syms, i - 1, i, &mut heap);
         }
+        // Each symbol starts one candidate and each merge adds at most two, so the heap sees
+        // at most 3n pushes and as many pops.
+        work.add(heap.len());
         while let Some(c) = heap.pop() {
+            work.add(1);
             let (l, r) = (syms[c.left], syms[c.right]);
             if l.len == 0 || r.len == 0 || l.len + r.len != c.len {
                 continue; // stale: one side has changed since this pair was queued
@@ -121,9 +126,11 @@ impl Spm {
                 syms[r.next].prev = c.left;
             }
             if l.prev != NONE {
+                work.add(1);
                 self.try_pair(text, &syms, l.prev, c.left, &mut heap);
             }
             if r.next != NONE {
+                work.add(1);
                 self.try_pair(text, &syms, c.left, r.next, &mut heap);
             }
         }
