@@ -236,7 +236,7 @@ impl ModelConfig {
                 positive("original_max_position_embeddings", *original_max_position_embeddings)?;
                 // The smoothing divides by their difference.
                 ensure!(
-                    high_freq_factor > low_freq_factor,
+                    high_freq_factor > low_freq_factor && high_freq_factor.is_finite(),
                     "{}: rope scaling high_freq_factor must exceed low_freq_factor",
                     c.source
                 );

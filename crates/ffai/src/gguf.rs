@@ -149,7 +149,11 @@ impl GgufFile {
 
     fn parse(data: Arc<memmap2::Mmap>) -> Result<GgufFile> {
         let bytes: &[u8] = &data;
-        let mut r = Reader { buf: bytes, pos: 0 };
+        let mut r = Reader {
+            buf: bytes,
+            pos: 0,
+            elements: 0,
+        };
         let magic = r.take(4)?;
         ensure!(magic == MAGIC, "not a GGUF file (bad magic {:02x?})", magic);
         let version = r.u32()?;
@@ -312,10 +316,17 @@ fn align_up(x: u64, a: u64) -> Option<u64> {
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
+    /// Array elements read so far, against [`MAX_METADATA_ELEMENTS`].
+    elements: u64,
 }
 
 /// Arrays of arrays are legal GGUF, but nothing real nests deeply.
 const MAX_NESTING: u32 = 4;
+/// Array elements the whole metadata may hold. Each becomes a `MetaValue` of ~32 bytes
+/// whatever its size in the file (a byte array would take 32× the file), so the count is
+/// bounded rather than left to the file size: the largest real vocabularies hold about
+/// 1.3M elements (262k tokens, scores and types, 515k merges); 16M is 512 MiB at most.
+pub const MAX_METADATA_ELEMENTS: u64 = 1 << 24;
 
 impl<'a> Reader<'a> {
     fn remaining(&self) -> usize {
@@ -391,6 +402,11 @@ impl<'a> Reader<'a> {
                     count <= (self.remaining() / min_size) as u64,
                     "array of {count} elements at offset {} exceeds the file",
                     self.pos
+                );
+                self.elements = self.elements.saturating_add(count);
+                ensure!(
+                    self.elements <= MAX_METADATA_ELEMENTS,
+                    "metadata arrays hold more than {MAX_METADATA_ELEMENTS} elements in all"
                 );
                 let mut items = Vec::with_capacity(count as usize);
                 for _ in 0..count {

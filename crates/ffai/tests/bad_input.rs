@@ -351,3 +351,26 @@ fn index_shard_names_must_be_plain_file_names() {
         .expect("an escaping shard loaded");
     assert!(err.message().contains("not a plain"), "{}", err.message());
 }
+
+/// A metadata array is bounded by a total element count, not only by the file size: each
+/// element takes ~32 bytes in memory however small it is in the file.
+#[test]
+fn metadata_arrays_are_bounded_in_total() {
+    let n = ffai::gguf::MAX_METADATA_ELEMENTS as usize;
+    let array = |count: usize| ("big".to_string(), MetaValue::Array(vec![MetaValue::U8(0); count]));
+    let at_limit = GgufWriter {
+        metadata: vec![array(n)],
+        tensors: vec![],
+    }
+    .to_bytes();
+    assert!(GgufFile::from_bytes(&at_limit).is_ok());
+    let over = GgufWriter {
+        metadata: vec![
+            array(n / 2),
+            ("other".into(), MetaValue::Array(vec![MetaValue::U8(0); n / 2 + 1])),
+        ],
+        tensors: vec![],
+    }
+    .to_bytes();
+    assert!(err_of(&over).contains("elements in all"), "{}", err_of(&over));
+}

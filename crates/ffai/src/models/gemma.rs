@@ -132,7 +132,7 @@ impl GemmaVariant for Gemma3 {
                 .unwrap_or(10_000.0),
         };
         ensure!(
-            local_theta > 0.0,
+            local_theta > 0.0 && local_theta.is_finite(),
             "{}: rope_local_base_freq must be positive",
             cfg.source
         );
@@ -181,7 +181,11 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
     });
     let scalar = match cfg.extra_f64("query_pre_attn_scalar", "")? {
         Some(s) => {
-            ensure!(s > 0.0, "{}: query_pre_attn_scalar must be positive", cfg.source);
+            ensure!(
+                s > 0.0 && s.is_finite(),
+                "{}: query_pre_attn_scalar must be positive",
+                cfg.source
+            );
             s
         }
         None if cfg.is_gguf() && cfg.num_layers == v.gguf_27b_layers() => (cfg.hidden_size / cfg.num_heads) as f64,
