@@ -11,5 +11,7 @@
 
 pub mod kv_pool;
 pub mod prefix_cache;
+#[cfg(test)]
+mod tests;
 
 pub use kv_pool::{AdmitError, AppendError, GroupSpec, KvPool, KvPoolConfig, PoolStats, PrefixHit, SeqId, NO_BLOCK};
