@@ -144,7 +144,8 @@ pub struct KvPoolConfig {
     pub groups: Vec<GroupSpec>,
     /// Most sequences at once (rows of the block-table array).
     pub max_seqs: usize,
-    /// Most positions of one sequence (the table stride is `ceil(max_seq_len / bs)`).
+    /// Most positions of one sequence (the table stride is `ceil(max_seq_len / bs)`; the
+    /// tables take `4 * max_seqs * n_groups * stride` bytes, allocated once).
     pub max_seq_len: usize,
     /// Recurrent-state slots (0: the model has none). With slots, prefix caching is off.
     pub n_state_slots: usize,
@@ -340,6 +341,10 @@ impl KvPool {
         crate::ensure!(max_seq_len > 0, "KV pool: max_seq_len must be positive");
         crate::ensure!(n_state_slots < u32::MAX as usize, "KV pool: too many state slots");
         let stride = max_seq_len.div_ceil(block_size);
+        crate::ensure!(
+            stride < u32::MAX as usize,
+            "KV pool: max_seq_len {max_seq_len} too large"
+        );
         let n_groups = groups.len();
         let table_entries = max_seqs
             .checked_mul(n_groups)
