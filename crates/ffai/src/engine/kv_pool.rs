@@ -62,7 +62,7 @@
 //! `add_sequence*`, `lookup_prefix`, `append`, `commit` and `free_sequence` never
 //! allocate.
 //!
-//! # Prefix caching (see also [`prefix_cache`](super::prefix_cache))
+//! # Prefix caching (see also [`super::prefix_cache`])
 //!
 //! Every block has a reference count (the tables that hold it). A full, committed block is
 //! registered under its content; when its count drops to 0 it stays registered as "free
