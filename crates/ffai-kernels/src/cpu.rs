@@ -342,6 +342,12 @@ impl CpuBackend {
 /// read, 1 TiB: large enough for any real state, small enough that a size computed from a
 /// hostile config is still refused before the allocator aborts on it.
 pub fn physical_memory_bytes() -> u64 {
+    // Read once: it is checked on every forward.
+    static BYTES: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *BYTES.get_or_init(read_physical_memory_bytes)
+}
+
+fn read_physical_memory_bytes() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|s| {
