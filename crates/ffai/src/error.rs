@@ -50,7 +50,14 @@ macro_rules! bail {
 /// `ensure!(cond, "...")` bails unless the condition holds.
 #[macro_export]
 macro_rules! ensure {
-    ($cond:expr, $($arg:tt)*) => { if !$cond { $crate::bail!($($arg)*); } };
+    // Bound to a `bool` first: `!(a > b)` on floats reads like `a <= b`, which it is not
+    // for NaN (clippy's neg_cmp_op_on_partial_ord).
+    ($cond:expr, $($arg:tt)*) => {{
+        let holds: bool = $cond;
+        if !holds {
+            $crate::bail!($($arg)*);
+        }
+    }};
 }
 
 /// Adds context to any `Result` whose error converts into ours.

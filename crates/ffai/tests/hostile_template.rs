@@ -6,8 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use ffai::chat::limits::{
-    MAX_FORMAT_WIDTH, MAX_INDENT, MAX_ITEMS, MAX_RECURSION, MAX_RENDER_STEPS, MAX_TEMPLATE_BYTES, MAX_VALUE_DEPTH,
-    OUTPUT_BASE_BYTES, OUTPUT_BYTES_PER_INPUT_BYTE, WORK_PER_OUTPUT_BYTE,
+    MAX_FORMAT_WIDTH, MAX_INDENT, MAX_ITEMS, MAX_RECURSION, MAX_RENDER_STEPS, MAX_TEMPLATE_BYTES, MAX_TEMPLATE_NESTING,
+    MAX_VALUE_DEPTH, OUTPUT_BASE_BYTES, OUTPUT_BYTES_PER_INPUT_BYTE, WORK_PER_OUTPUT_BYTE,
 };
 use ffai::chat::{ChatTemplate, Message, RenderOptions, TemplateSource};
 use serde::Deserialize;
@@ -95,8 +95,8 @@ fn tojson_indent_and_size_are_bounded() {
     // 100k lines of 64 spaces: over the output cap while dumping, not after.
     let too_big = format!("tojson output exceeds the limit of {} bytes", cap_for(&user_hi()));
     assert_err("{{ (range(100000)|list)|tojson(indent=64) }}", &[&too_big]);
-    // An endless lazy list ends at the budget too.
-    assert_err("{{ ([1] * 1000000000000000)|tojson }}", &[&too_big]);
+    // A long lazy list (one string shared 100k times) ends at the budget too.
+    assert_err("{{ (['x' * 100] * 100000)|tojson }}", &[&too_big]);
     // A value nested deeper than the limit.
     let deep = format!(
         "{{% set ns = namespace(x=[]) %}}{{% for i in range({}) %}}{{% set ns.x = [ns.x] %}}{{% endfor %}}{{{{ ns.x|tojson }}}}",
@@ -112,20 +112,27 @@ fn tojson_indent_and_size_are_bounded() {
 
 #[test]
 fn string_and_list_repetition_are_bounded() {
-    // minijinja caps a repeated string itself (at 100 MB)...
-    assert_err("{{ 'ab' * 100000000000 }}", &["repeated string is too large"]);
-    // ...and anything printed counts against the output cap.
-    assert_err("{{ 'a' * 20000000 }}", &[&output_limit()]);
-    // A filter refuses to copy a string bigger than the whole output may be.
+    // A constant is folded while compiling, under the limits of the smallest render...
+    let folded = |n: u64| format!("`*` result would be {n} bytes, over the limit of {OUTPUT_BASE_BYTES} bytes");
+    assert_err("{{ 'ab' * 100000000000 }}", &[&folded(200_000_000_000)]);
+    assert_err("{{ 'a' * 20000000 }}", &[&folded(20_000_000)]);
+    assert_err("{{ ('a' * 20000000)|upper }}", &[&folded(20_000_000)]);
+    // ...and a computed one at run time: no string bigger than the whole output may be.
+    let cap = cap_for(&user_hi());
     assert_err(
-        "{{ ('a' * 20000000)|upper }}",
+        "{% set n = 20000000 %}{{ ('a' * n)|upper }}",
         &[&format!(
-            "upper would exceed the limit of {} bytes",
-            cap_for(&user_hi())
+            "`*` result would be 20000000 bytes, over the limit of {cap} bytes"
         )],
     );
 
-    // `list * n` is lazy; every filter that walks a list takes at most MAX_ITEMS items.
+    // `list * n` is lazy, and at most MAX_ITEMS long.
+    let many = format!("`*`: 1000000000000000 items exceed the limit of {MAX_ITEMS}");
+    assert_err("{{ ([1] * 1000000000000000)|list }}", &[&many]);
+    assert_err("{% set n = 1000000000000000 %}{{ ([1] * n)|list }}", &[&many]);
+    // Every filter that walks a list takes at most MAX_ITEMS items (such a list can now
+    // only come from the input).
+    let long: Vec<Message> = (0..=MAX_ITEMS).map(|_| Message::user("")).collect();
     for filter in [
         "list",
         "sort",
@@ -145,11 +152,11 @@ fn string_and_list_repetition_are_bounded() {
         "batch(2)",
         "slice(2)",
     ] {
-        let src = format!("{{{{ ([1] * 1000000000000000)|{filter} }}}}");
-        assert_err(&src, &[&items_limit()]);
+        let src = format!("{{{{ messages|{filter} }}}}");
+        assert_err_with(&src, &long, &[&items_limit()]);
     }
-    // minijinja computes `len * n` without checking for overflow: [1, 2] * 2**63 claims
-    // to be empty while yielding 2**64 items. The filters collect it themselves.
+    // minijinja computes `len * n` without checking for overflow: [1, 2] * 2**63 would
+    // claim to be empty while yielding 2**64 items.
     assert_err("{{ ([1, 2] * 9223372036854775808)|list }}", &[&more_items_limit()]);
     // One string shared by 100k items is 10 GB once each item is copied.
     assert_err(
@@ -159,8 +166,11 @@ fn string_and_list_repetition_are_bounded() {
             cap_for(&user_hi())
         )],
     );
-    // Walking it in a loop runs out of steps.
-    assert_err("{% for x in [1] * 1000000000000000 %}{% endfor %}", &[&steps_limit()]);
+    // Walking a long list in a loop runs out of steps.
+    assert_err(
+        "{% for x in [1] * 100000 %}{% for y in [1] * 100000 %}{% endfor %}{% endfor %}",
+        &[&steps_limit()],
+    );
     assert_err("{{ 1 is in ([1] * 1000000000000000) }}", &[&items_limit()]);
     assert_err("{{ 'a'.startswith(['b'] * 1000000000000000) }}", &[&items_limit()]);
 }
@@ -356,7 +366,7 @@ fn output_is_capped_captured_output_included() {
 #[test]
 fn repeated_allowed_work_runs_out_of_budget() {
     let work = format!(
-        "filters and methods made or walked more than the limit of {} bytes and items",
+        "filters, methods and operators made or walked more than the limit of {} bytes and items",
         WORK_PER_OUTPUT_BYTE * cap_for(&user_hi())
     );
     // Each call is allowed (20 kB), fifty thousand of them are not (1 GB).
@@ -396,10 +406,12 @@ fn recursion_is_bounded() {
     assert_err("{% macro f(s) %}{{ f(s ~ 'x') }}{% endmacro %}{{ f('') }}", &[&limit]);
     assert_err("{% for x in [1] recursive %}{{ loop([1]) }}{% endfor %}", &[&limit]);
     assert_err("{% for x in [1] recursive %}{{ loop([x, x]) }}{% endfor %}", &[&limit]);
-    assert_err("{% include 'chat_template' %}", &[&limit]);
-    assert_err("{% import 'chat_template' as m %}", &[&limit]);
-    assert_err("{% from 'chat_template' import f %}", &[&limit]);
-    assert_err("{% extends 'chat_template' %}", &["cycle in template inheritance"]);
+    // Other templates would not be compiled under the limits; chat templates have none.
+    let unsupported = "include, import and extends are not supported in chat templates";
+    assert_err("{% include 'chat_template' %}", &[unsupported]);
+    assert_err("{% import 'chat_template' as m %}", &[unsupported]);
+    assert_err("{% from 'chat_template' import f %}", &[unsupported]);
+    assert_err("{% extends 'chat_template' %}", &[unsupported]);
     // Recursion a real template might do (printing a nested schema) is fine.
     let nested = "{% macro show(v) %}{% if v is mapping %}({% for k, x in v|items %}{{ k }}={{ show(x) }}{% endfor %}){% else %}{{ v }}{% endif %}{% endmacro %}\
         {% set ns = namespace(v=1) %}{% for i in range(30) %}{% set ns.v = {'k': ns.v} %}{% endfor %}{{ show(ns.v) }}";
@@ -428,14 +440,242 @@ fn deep_values_neither_print_nor_overflow_the_stack() {
         &[&format!("string: {deep}")],
     );
     assert_err(&format!("{shallow}{{{{ [ns.x]|sort }}}}"), &[&format!("sort: {deep}")]);
-    // 100k levels: comparing (minijinja recurses per level, which this crate cannot
-    // intercept) and dropping such a value would overflow an ordinary 8 MiB stack; the
-    // render's own thread has room.
-    let src = format!(
-        "{}{{{{ ns.x == [ns.x] }}}}|{{{{ (ns.x ~ '')|length }}}}",
-        build(100_000)
+    // 100k levels: comparing or printing such a value recurses per level in minijinja,
+    // so the operators refuse it...
+    let deep_value = build(100_000);
+    assert_err(
+        &format!("{deep_value}{{{{ ns.x == [ns.x] }}}}"),
+        &[&format!("`==` operand: {deep}")],
     );
-    assert_eq!(render(&src).unwrap().to_lowercase(), "false|200002");
+    assert_err(&format!("{deep_value}{{{{ ns.x ~ '' }}}}"), &[&format!("`~`: {deep}")]);
+    // ...and dropping it, which would overflow an ordinary 8 MiB stack, happens on the
+    // render's own thread, which has room.
+    assert_eq!(render(&format!("{deep_value}{{{{ ns.x|length }}}}")).unwrap(), "1");
+}
+
+/// `src` fails, quickly, naming the limit (and the process survives: an abort or an
+/// exhausted memory would end the whole test binary).
+#[track_caller]
+fn assert_err_fast(src: &str, wants: &[&str]) {
+    let start = std::time::Instant::now();
+    assert_err(src, wants);
+    let took = start.elapsed();
+    assert!(took.as_secs() < 10, "{src}: took {took:?}");
+}
+
+#[test]
+fn string_and_list_operators_are_bounded() {
+    let cap = cap_for(&user_hi());
+    // Doubling a string per step (2**64 bytes after 64 steps).
+    let doubling = |op: &str| {
+        format!("{{% set ns = namespace(s='x') %}}{{% for i in range(64) %}}{{% set ns.s = ns.s {op} ns.s %}}{{% endfor %}}")
+    };
+    assert_err_fast(&doubling("~"), &[&format!("`~` would exceed the limit of {cap} bytes")]);
+    assert_err_fast(
+        &doubling("+"),
+        &["`+` result would be", &format!("over the limit of {cap} bytes")],
+    );
+    // Doubling a list per step.
+    assert_err_fast(
+        "{% set ns = namespace(x=[1]) %}{% for i in range(64) %}{% set ns.x = ns.x + ns.x %}{% endfor %}",
+        &[&format!("`+`: 131072 items exceed the limit of {MAX_ITEMS}")],
+    );
+    // Repetition, folded while compiling or computed at run time.
+    assert_err_fast(
+        "{{ 'x' * 10**8 }}",
+        &[&format!(
+            "`*` result would be 100000000 bytes, over the limit of {OUTPUT_BASE_BYTES} bytes"
+        )],
+    );
+    assert_err_fast(
+        "{% set n = 10**8 %}{{ 'x' * n }}",
+        &[&format!(
+            "`*` result would be 100000000 bytes, over the limit of {cap} bytes"
+        )],
+    );
+    let huge = format!("`*`: 4611686018427387904 items exceed the limit of {MAX_ITEMS}");
+    for use_it in ["l|length", "l == l", "1 in l", "l[5]", "l[1:]", "l + [1]"] {
+        assert_err_fast(&format!("{{% set l = [1] * 2**62 %}}{{{{ {use_it} }}}}"), &[&huge]);
+        assert_err_fast(
+            &format!("{{% set n = 2**62 %}}{{% set l = [1] * n %}}{{{{ {use_it} }}}}"),
+            &[&huge],
+        );
+    }
+    // What the limits allow still works.
+    assert_eq!(
+        render("{{ ('ab' * 3) ~ '|' ~ ([1, 2] * 2)|join(',') ~ '|' ~ ([1] + [2])|length ~ '|' ~ 'x' + 'y' }}").unwrap(),
+        "ababab|1,2,1,2|2|xy"
+    );
+}
+
+#[test]
+fn a_namespace_containing_itself_is_refused() {
+    let cyclic = "{% set a = namespace() %}{% set a.me = a %}{% set b = namespace() %}{% set b.me = b %}";
+    let deep = format!("value nested deeper than the limit of {MAX_VALUE_DEPTH} levels");
+    for (expr, what) in [
+        ("a == b", "`==` operand"),
+        ("a != b", "`!=` operand"),
+        ("a < b", "`<` operand"),
+        ("a == a", "`==` operand"),
+        ("a == b == a", "`==` operand"),
+        ("a ~ ''", "`~`"),
+        ("'' ~ a", "`~`"),
+        ("a in [b]", "`in` operand"),
+        ("a in {}", "`in` operand"),
+        ("a in 'text'", "`in` operand"),
+        ("{a: 1}", "map literal key"),
+        ("{}[a]", "`[]` key"),
+        ("{'k': 1}.get(a)", "get key"),
+        ("a is eq(b)", "`==` operand"),
+        ("{'x': a, 'y': b}|dictsort(by='value')", "dictsort"),
+        ("a|string", "string"),
+    ] {
+        assert_err_fast(&format!("{cyclic}{{{{ {expr} }}}}"), &[&format!("{what}: {deep}")]);
+    }
+    assert_err_fast(
+        &format!("{cyclic}{{% for i in [1, 2] %}}{{{{ loop.changed(a) }}}}{{% endfor %}}"),
+        &[&format!("loop.changed argument: {deep}")],
+    );
+}
+
+#[test]
+fn comparing_values_with_shared_parts_is_bounded() {
+    // 64 steps make values that print 2**64 times bigger than their memory.
+    let shared = "{% set ns = namespace(x=[1], y=[1]) %}{% for i in range(64) %}{% set ns.x = [ns.x, ns.x] %}{% set ns.y = [ns.y, ns.y] %}{% endfor %}";
+    let cap = cap_for(&user_hi());
+    for (expr, what) in [
+        ("ns.x == ns.y", "`==` operand"),
+        ("ns.x != ns.y", "`!=` operand"),
+        ("ns.x < ns.y", "`<` operand"),
+        ("ns.x >= ns.y", "`>=` operand"),
+        ("ns.x < ns.y < ns.x", "`<` operand"),
+        ("ns.x in [ns.y]", "`in` operand"),
+        ("ns.x in 'text'", "`in` operand"),
+        ("ns.x in {}", "`in` operand"),
+        ("{}[ns.x]", "`[]` key"),
+        ("{ns.x: 1}", "map literal key"),
+        ("ns.x ~ ''", "`~`"),
+        ("ns.x is eq(ns.y)", "`==` operand"),
+    ] {
+        assert_err_fast(
+            &format!("{shared}{{{{ {expr} }}}}"),
+            &[&format!("{what} would exceed the limit of {cap} bytes")],
+        );
+    }
+    // Looking for a small value costs what comparing with it costs.
+    assert_eq!(render(&format!("{shared}{{{{ [1] in ns.x }}}}")).unwrap(), "False");
+    // Small values compare as always.
+    assert_eq!(
+        render("{% set x = [[1], [1]] %}{{ x == [[1], [1]] }}|{{ [1] in x }}|{{ x < [[2]] }}").unwrap(),
+        "True|True|True"
+    );
+}
+
+#[test]
+fn template_text_counts_against_the_output_cap() {
+    let text = "x".repeat(10_000);
+    let limit = output_limit();
+    // Printed, captured and never printed, or captured by a macro.
+    assert_err_fast(
+        &format!("{{% for i in range(100000) %}}{text}{{% endfor %}}"),
+        &[&limit],
+    );
+    assert_err_fast(
+        &format!("{{% set s %}}{{% for i in range(100000) %}}{text}{{% endfor %}}{{% endset %}}ok"),
+        &[&limit],
+    );
+    assert_err_fast(
+        &format!(
+            "{{% macro m() %}}{{% for i in range(100000) %}}{text}{{% endfor %}}{{% endmacro %}}{{% set s = m() %}}ok"
+        ),
+        &[&limit],
+    );
+    // Text still renders as written, in every auto-escape mode.
+    assert_eq!(
+        render("a<b>&{% autoescape true %}<i>{{ '<' }}</i>{% endautoescape %}").unwrap(),
+        "a<b>&<i>&lt;</i>"
+    );
+}
+
+#[test]
+fn deep_or_costly_syntax_is_refused_while_compiling() {
+    let nested = format!("template nested deeper than the limit of {MAX_TEMPLATE_NESTING} levels");
+    // minijinja parses chains in a loop but compiles and drops them recursively: 100k
+    // levels used to overflow the stack of the caller of `ChatTemplate::new`.
+    for chain in ["+x", "|trim", ".a", "[0]", "~'a'"] {
+        assert_err_fast(&format!("{{{{ x{} }}}}", chain.repeat(100_000)), &[&nested]);
+    }
+    // A constant subexpression is folded again at every level above it that does not
+    // fold: quadratic, and refused past the work budget of the smallest render.
+    let fold = format!(
+        "constant expressions take more than the limit of {} steps to fold",
+        WORK_PER_OUTPUT_BYTE * OUTPUT_BASE_BYTES
+    );
+    assert_err_fast(&"{{ 'x' * 1000000 }}".repeat(20), &[&fold]);
+    // A chain just inside the nesting limit compiles (its folding fails at the bottom,
+    // so every level is tried) and runs as before.
+    let chain = format!("{{{{ none{} }}}}", "+1".repeat(MAX_TEMPLATE_NESTING - 10));
+    assert_err_fast(
+        &chain,
+        &["tried to use + operator on unsupported types none and number"],
+    );
+    // Names the compiled template uses for its checked operators are reserved.
+    assert_err(
+        "{% set __ffai_add = 1 %}",
+        &["names starting with __ffai_ are reserved"],
+    );
+    assert_err("{{ __ffai_add(1, 2) }}", &["names starting with __ffai_ are reserved"]);
+}
+
+#[test]
+fn lazy_lists_are_not_walked_again_and_again() {
+    // Each lookup walks a lazy list up to the index: counted as work.
+    let work = format!(
+        "filters, methods and operators made or walked more than the limit of {} bytes and items",
+        WORK_PER_OUTPUT_BYTE * cap_for(&user_hi())
+    );
+    assert_err_fast(
+        "{% set l = [1] * 100000 %}{% for i in range(100000) %}{{ l[99999] }}{% endfor %}",
+        &[&work],
+    );
+    // A reversed slice is collected once, not on every test of its truth.
+    assert_err_fast(
+        "{% set r = (range(100000)|list)[::-1] %}{% for i in range(100000) %}{% for j in range(10) %}{% if r %}{% endif %}{% endfor %}{% endfor %}",
+        &[&steps_limit()],
+    );
+    // A splat pushes every item of its list (or copies every entry of its map): counted
+    // as work.
+    assert_err_fast(
+        "{% set big = range(100000)|list %}{% for i in range(100000) %}{{ loop.cycle(*big) }}{% endfor %}",
+        &[&work],
+    );
+    let keys: serde_json::Map<String, serde_json::Value> =
+        (0..100_000).map(|i| (format!("k{i}"), serde_json::json!(i))).collect();
+    let opts = RenderOptions {
+        tools: Some(serde_json::Value::Object(keys)),
+        ..RenderOptions::default()
+    };
+    let splat = "{% for i in range(100000) %}{{ loop.cycle(**tools) is none }}{% endfor %}";
+    let start = std::time::Instant::now();
+    let err = ChatTemplate::new(splat, TemplateSource::Gguf)
+        .unwrap()
+        .render(&user_hi(), &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("filters, methods and operators made or walked more than"),
+        "{err}"
+    );
+    assert!(start.elapsed().as_secs() < 10);
+    // So does copying a map per step.
+    assert_err_fast(
+        "{% set ns = namespace(d={}) %}{% for i in range(100000) %}{% set ns.d = dict(ns.d, **{'k' ~ i: i}) %}{% endfor %}",
+        &[&work],
+    );
+    assert_eq!(
+        render("{% set r = [1, 2, 3][::-1] %}{{ r|length }}|{{ r[0] }}|{{ r|join(',') }}|{{ r is iterable }}|{{ [1, 2, 3, 4][1::2]|list }}").unwrap(),
+        "3|3|3,2,1|True|[2, 4]"
+    );
 }
 
 #[test]

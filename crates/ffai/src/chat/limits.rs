@@ -1,34 +1,47 @@
 //! Limits on rendering a chat template.
 //!
 //! A template comes from a model's files and the messages from whoever talks to the
-//! model, so neither is trusted: a render must end, and end with a one-line `Err` rather
-//! than an abort, a stack overflow or a process that eats all memory. What is bounded:
+//! model, so neither is trusted: compiling and rendering must end, and end with a
+//! one-line `Err` rather than an abort, a stack overflow or a process that eats all
+//! memory. What is bounded:
 //!
 //! - **steps**: minijinja's fuel ([`MAX_RENDER_STEPS`]) ends loops that run too long.
 //! - **nesting**: minijinja's recursion limit ([`MAX_RECURSION`]) ends deep recursive
-//!   macros, recursive `for` loops and self-including templates; the render runs on a
-//!   thread of its own with a stack ([`RENDER_STACK_BYTES`]) deep enough for the deepest
-//!   value the step limit lets a template build (dropping such a value recurses).
-//! - **output**: everything `{{ ... }}` writes, captured output (`{% set %}` blocks, macro
-//!   results) included, counts against a cap that grows with the input
-//!   ([`OUTPUT_BASE_BYTES`], [`OUTPUT_BYTES_PER_INPUT_BYTE`]); the final text is also
-//!   written through a writer that stops at the cap.
+//!   macros and recursive `for` loops; the render runs on a thread of its own with a
+//!   stack ([`RENDER_STACK_BYTES`]) deep enough for the deepest value the step limit lets
+//!   a template build (dropping such a value recurses). Compiling runs on such a thread
+//!   too, and refuses syntax trees nested deeper than [`MAX_TEMPLATE_NESTING`].
+//! - **output**: everything written, `{{ ... }}` and template text alike, captured output
+//!   (`{% set %}` blocks, macro results) included, counts against a cap that grows with
+//!   the input ([`OUTPUT_BASE_BYTES`], [`OUTPUT_BYTES_PER_INPUT_BYTE`]) before it is
+//!   written.
 //! - **per call**: every filter, test, function and Python method that would allocate in
 //!   proportion to a number the template picks (an indent, a width, a count) or to the
 //!   size of a value it turns into text checks that size first, before allocating: many
-//!   of them allocate in one go, long before fuel or the output cap could notice.
-//! - **work**: fuel counts steps, not what a step costs; the bytes those builtins make and
-//!   the list items they walk add up against a budget ([`WORK_PER_OUTPUT_BYTE`] per byte
-//!   of the output cap), so `map` or a loop cannot repeat a big but allowed call forever.
+//!   of them allocate in one go, long before fuel or the output cap could notice. Those
+//!   that compare, hash or copy values (the comparison tests, `dictsort`, `dict`,
+//!   `namespace`, a map's `get`) are held to the same bounds as the operators below.
+//! - **operators**: `chat::compile` compiles templates through minijinja's machinery and
+//!   turns every operator that could allocate or walk without bound (`+`, `~`, `*`,
+//!   comparisons, `in`, item lookups, slices, map literals, `*args` and `**kwargs`
+//!   splats, `loop.changed`) into a call of a checked function (`chat::ops`) that
+//!   performs the original operation after its check: a string result at most the output cap, a list at most [`MAX_ITEMS`] items,
+//!   operands that are compared, hashed or searched at most the cap in size and
+//!   [`MAX_VALUE_DEPTH`] levels deep (a value with shared parts, `[x, x]`, is
+//!   exponentially bigger than its memory; a namespace that contains itself is endless
+//!   and is refused). Constant expressions, which minijinja folds while compiling, are
+//!   checked the same way under the limits of the smallest render.
+//! - **work**: fuel counts steps, not what a step costs; the bytes those builtins and
+//!   operators make and the items and parts they walk add up against a budget
+//!   ([`WORK_PER_OUTPUT_BYTE`] per byte of the output cap), so `map` or a loop cannot
+//!   repeat a big but allowed call forever.
 //!
-//! Not bounded: the operators of the template language, which minijinja evaluates with
-//! no hook to check them. String concatenation (`+`, `~`) can double a string per step
-//! (memory); `*` repeats a string up to minijinja's own 100 MB cap, and a list lazily and
-//! without any cap; `[x, x]` builds values whose printed size doubles per step; `==`,
-//! `<` and `in` walk such values in exponential time, and `==` or `~` on a namespace
-//! that contains itself (`{% set ns.me = ns %}`) recurse until even the render thread's
-//! stack overflows, which aborts the process. The filters here refuse all such values;
-//! refusing the operators needs a change to minijinja.
+//! Left to fuel alone, as each step costs little: numeric operators (`-`, `/`, `//`, `%`,
+//! `**`, unary `-`; integers are at most 128 bits), attribute lookups, building list and
+//! keyword literals (a step per item), and iterating (a step per item). One exception:
+//! the truth, length and iteration of a namespace collect its keys, at most as many as
+//! the template has distinct attribute names (tens of thousands in a 1 MiB template), so
+//! a loop testing such a namespace costs that many per step.
 
 use std::borrow::Cow;
 use std::cell::Cell;
@@ -43,9 +56,9 @@ use minijinja::{AutoEscape, Environment, Error, ErrorKind, Output, State};
 pub const MAX_TEMPLATE_BYTES: usize = 1 << 20;
 
 /// Instructions one render may execute (minijinja's fuel). Measured with the templates in
-/// tests/fixtures/chat: a message costs 25–60 steps (Qwen3 with reasoning is the
-/// heaviest), a render ~100 more, so this allows over ten thousand messages (far past any
-/// context window) while ending a runaway loop in a fraction of a second. It also bounds
+/// tests/fixtures/chat: a message costs 23–68 steps (Qwen3 with reasoning and Mistral are
+/// the heaviest), a render ~100 more, so this allows over ten thousand messages (far past
+/// any context window) while ending a runaway loop in a fraction of a second. It also bounds
 /// how deeply a template can nest values (about a level per step), which sets
 /// [`RENDER_STACK_BYTES`].
 pub const MAX_RENDER_STEPS: u64 = 1_000_000;
@@ -75,6 +88,10 @@ pub const OUTPUT_BYTES_PER_INPUT_BYTE: usize = 8;
 /// CPU at the smallest cap).
 pub const WORK_PER_OUTPUT_BYTE: usize = 8;
 
+/// Work charged for each map entry copied (by `dict`, `namespace` or a `**` splat):
+/// hashing it into a new table costs about what copying a few dozen bytes does.
+pub(super) const MAP_ENTRY_WORK: usize = 32;
+
 /// Largest indentation `tojson(indent=..)` and `indent(width)` accept: the indent is
 /// repeated on every line, so it multiplies the size of the text. Real templates use 2 or 4.
 pub const MAX_INDENT: usize = 64;
@@ -95,13 +112,22 @@ pub const MAX_ITEMS: usize = 100_000;
 /// room for the lists and maps a template wraps around it.
 pub const MAX_VALUE_DEPTH: usize = 256;
 
-/// Stack of the thread a render runs on. minijinja recurses through Rust frames for macro
-/// calls and when it compares (`==`), prints (`~`) or drops nested values, none of which
-/// this module can intercept; a template can nest values about one level per step.
-/// Measured: a level costs up to ~460 bytes (comparing nested lists; dropping is ~60), so
-/// the deepest value [`MAX_RENDER_STEPS`] allows needs ~450 MiB; this leaves twice that.
-/// The stack is reserved address space: only the pages a render touches are backed by
-/// memory, and they are returned when the thread ends.
+/// Deepest nesting of a template's syntax tree (statements and expressions; a chain
+/// `a + b + c` or `x|f|g` nests a level per operator or filter). minijinja parses such
+/// chains in a loop, so the template size alone allows half a million levels, but
+/// compiles and drops the tree recursively and re-evaluates constant subexpressions at
+/// every level. Real templates nest a few dozen levels.
+pub const MAX_TEMPLATE_NESTING: usize = 512;
+
+/// Stack of the thread a render (or a compile) runs on. minijinja recurses through Rust
+/// frames for macro calls and when it drops nested values (comparing and printing them
+/// recurses too, but the operators and filters refuse values nested deeper than
+/// [`MAX_VALUE_DEPTH`]); a template can nest values about one level per step. Measured: a
+/// level costs up to ~460 bytes (comparing nested lists; dropping is ~60), so the deepest
+/// value [`MAX_RENDER_STEPS`] allows needs ~450 MiB; this leaves twice that. Compiling
+/// drops a syntax tree of up to half a million levels (one refused for its depth). The
+/// stack is reserved address space: only the pages a render touches are backed by memory,
+/// and they are returned when the thread ends.
 pub const RENDER_STACK_BYTES: usize = 1 << 30;
 
 /// Extra bytes one format spec may produce beyond its argument: [`MAX_FORMAT_WIDTH`] of
@@ -130,16 +156,9 @@ pub(super) fn output_cap(input_bytes: usize) -> usize {
 }
 
 /// The output cap of the render in progress; also the most any single value a filter
-/// builds may take, since no value bigger than the whole output is of any use.
-fn cap() -> usize {
+/// or operator builds may take, since no value bigger than the whole output is of any use.
+pub(super) fn cap() -> usize {
     BUDGET.get().map_or(OUTPUT_BASE_BYTES, |b| b.cap)
-}
-
-fn mark_exceeded() {
-    if let Some(mut b) = BUDGET.get() {
-        b.exceeded = true;
-        BUDGET.set(Some(b));
-    }
 }
 
 /// Counts `n` more bytes of output (captured or not) against the cap.
@@ -157,8 +176,8 @@ fn charge(n: usize) -> Result<(), Error> {
     Ok(())
 }
 
-/// Counts `n` more units of work (bytes made, items walked) by a builtin.
-fn spend(n: usize) -> Result<(), Error> {
+/// Counts `n` more units of work (bytes made, items walked) by a builtin or an operator.
+pub(super) fn spend(n: usize) -> Result<(), Error> {
     let Some(mut b) = BUDGET.get() else {
         return Ok(());
     };
@@ -167,7 +186,7 @@ fn spend(n: usize) -> Result<(), Error> {
     let most = b.cap.saturating_mul(WORK_PER_OUTPUT_BYTE);
     if b.work > most {
         return Err(limit(format!(
-            "filters and methods made or walked more than the limit of {most} bytes and items"
+            "filters, methods and operators made or walked more than the limit of {most} bytes and items"
         )));
     }
     Ok(())
@@ -189,6 +208,21 @@ pub(super) enum Outcome<T> {
     Panicked(String),
     /// No thread could be started for the render.
     NoThread(String),
+}
+
+/// Runs `f` with a budget of its own (`cap` bytes of output, the work that allows), then
+/// restores the budget of the render in progress: compiling holds constant folding to
+/// the limits of the smallest render, whatever the render it is part of.
+pub(super) fn with_budget<T>(cap: usize, f: impl FnOnce() -> T) -> T {
+    let saved = BUDGET.replace(Some(Budget {
+        cap,
+        emitted: 0,
+        work: 0,
+        exceeded: false,
+    }));
+    let result = f();
+    BUDGET.set(saved);
+    result
 }
 
 /// Runs `f` (a render) on a thread with a [`RENDER_STACK_BYTES`] stack, with output
@@ -239,35 +273,6 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     msg.lines().next().unwrap_or_default().to_owned()
 }
 
-/// A `std::io::Write` that keeps at most `cap` bytes and fails past that.
-pub(super) struct CappedWriter {
-    pub(super) buf: Vec<u8>,
-    cap: usize,
-}
-
-impl CappedWriter {
-    pub(super) fn new(cap: usize) -> CappedWriter {
-        CappedWriter { buf: Vec::new(), cap }
-    }
-}
-
-impl std::io::Write for CappedWriter {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        if data.len() > self.cap - self.buf.len() {
-            mark_exceeded();
-            return Err(std::io::Error::other(format!(
-                "output exceeds the limit of {} bytes",
-                self.cap
-            )));
-        }
-        self.buf.extend_from_slice(data);
-        Ok(data.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Describes a minijinja error that a limit of this module caused (anywhere in its chain
 /// of causes), naming the limit.
 pub(super) fn describe_limit(e: &Error) -> Option<String> {
@@ -289,7 +294,7 @@ pub(super) fn describe_limit(e: &Error) -> Option<String> {
 // ---- sizes of values ----
 
 /// Why a value was refused.
-enum Oversize {
+pub(super) enum Oversize {
     /// Nested deeper than [`MAX_VALUE_DEPTH`].
     Deep,
     /// Would print more bytes than allowed.
@@ -298,7 +303,7 @@ enum Oversize {
 
 impl Oversize {
     /// The error for `what` (the filter or place), naming the limit.
-    fn error(self, what: &str) -> Error {
+    pub(super) fn error(self, what: &str) -> Error {
         match self {
             Oversize::Deep => limit(format!(
                 "{what}: value nested deeper than the limit of {MAX_VALUE_DEPTH} levels"
@@ -342,8 +347,22 @@ fn is_scalar(v: &Value) -> bool {
 /// are shared (`[x, x]`, `[s] * n`) can be exponentially bigger than the memory it takes.
 /// Returns the number of parts visited.
 fn check_shape(v: &Value, limit: usize) -> Result<usize, Oversize> {
+    measure(v, limit).map(|(parts, _)| parts)
+}
+
+/// Walks `v` as an operator that compares, hashes or searches it will: at most the cap
+/// in parts and string bytes, at most [`MAX_VALUE_DEPTH`] levels (a value that contains
+/// itself is endless, and comparing or hashing it recurses until the stack overflows).
+/// Returns that size, the work the operator will do; an error names `what`.
+pub(super) fn walk(v: &Value, what: &str) -> Result<usize, Error> {
+    measure(v, cap()).map(|(_, size)| size).map_err(|e| e.error(what))
+}
+
+/// [`check_shape`]'s walk; returns the parts visited and their size (parts plus string
+/// bytes).
+fn measure(v: &Value, limit: usize) -> Result<(usize, usize), Oversize> {
     if is_scalar(v) {
-        return Ok(1);
+        return Ok((1, 1 + v.as_str().map_or(0, str::len)));
     }
     let mut stack = vec![(0usize, v.clone())];
     let mut size = 0usize;
@@ -379,11 +398,11 @@ fn check_shape(v: &Value, limit: usize) -> Result<usize, Oversize> {
             return Err(Oversize::Big);
         }
     }
-    Ok(parts)
+    Ok((parts, size))
 }
 
 /// The length of `v` printed (`{{ v }}`) if at most `limit` bytes.
-fn printed_len_within(v: &Value, limit: usize) -> Result<usize, Oversize> {
+pub(super) fn printed_len_within(v: &Value, limit: usize) -> Result<usize, Oversize> {
     if let Some(s) = v.as_str() {
         return if s.len() <= limit {
             Ok(s.len())
@@ -496,7 +515,7 @@ fn guard_split(s: &str, sep: Option<&str>, max_splits: Option<usize>, what: &str
     spend(s.len().saturating_add(pieces))
 }
 
-fn too_many(what: &str, n: Option<usize>) -> Error {
+pub(super) fn too_many(what: &str, n: Option<usize>) -> Error {
     match n {
         Some(n) => limit(format!("{what}: {n} items exceed the limit of {MAX_ITEMS}")),
         None => limit(format!("{what}: more items than the limit of {MAX_ITEMS}")),
@@ -533,9 +552,15 @@ pub(super) fn install(env: &mut Environment<'static>) {
     env.set_recursion_limit(MAX_RECURSION);
     env.set_formatter(formatter);
     env.set_unknown_method_callback(method_callback);
+    // Debug info (the variables in scope, attached to errors) only shows in `{:#}`, which
+    // ffai does not print; off, an error from a nested evaluation (see `ops`) does not
+    // carry the nested VM's.
+    env.set_debug(false);
     // Prints the whole render state with no bound; not part of Jinja2 (so no template
     // written for transformers uses it).
     env.remove_global("debug");
+    // The template language's operators, which the compiled templates call.
+    super::ops::install(env);
 
     use minijinja::filters as f;
 
@@ -605,10 +630,13 @@ pub(super) fn install(env: &mut Environment<'static>) {
             orig.call(state, &args)
         });
     }
-    // Filters and tests that read a whole string (minijinja counts characters for length).
+    // Filters and tests that read a whole string (minijinja counts characters for length;
+    // a number is parsed from all of it).
     for (name, orig) in [
         ("length", Value::from_function(f::length)),
         ("count", Value::from_function(f::length)),
+        ("int", Value::from_function(f::int)),
+        ("float", Value::from_function(f::float)),
     ] {
         env.add_filter(name, move |state: &State, args: Rest<Value>| {
             spend(args.first().and_then(|v| v.as_str()).map_or(0, str::len))?;
@@ -730,6 +758,71 @@ pub(super) fn install(env: &mut Environment<'static>) {
         }
         is_in.call(state, &args)
     });
+
+    // Comparison tests compare like the operators do: two objects are walked in step.
+    use super::ops::Cmp;
+    for (name, cmp, orig) in [
+        ("eq", Cmp::Eq, Value::from_function(minijinja::tests::is_eq)),
+        ("equalto", Cmp::Eq, Value::from_function(minijinja::tests::is_eq)),
+        ("==", Cmp::Eq, Value::from_function(minijinja::tests::is_eq)),
+        ("ne", Cmp::Ne, Value::from_function(minijinja::tests::is_ne)),
+        ("!=", Cmp::Ne, Value::from_function(minijinja::tests::is_ne)),
+        ("lt", Cmp::Lt, Value::from_function(minijinja::tests::is_lt)),
+        ("lessthan", Cmp::Lt, Value::from_function(minijinja::tests::is_lt)),
+        ("<", Cmp::Lt, Value::from_function(minijinja::tests::is_lt)),
+        ("le", Cmp::Lte, Value::from_function(minijinja::tests::is_le)),
+        ("<=", Cmp::Lte, Value::from_function(minijinja::tests::is_le)),
+        ("gt", Cmp::Gt, Value::from_function(minijinja::tests::is_gt)),
+        ("greaterthan", Cmp::Gt, Value::from_function(minijinja::tests::is_gt)),
+        (">", Cmp::Gt, Value::from_function(minijinja::tests::is_gt)),
+        ("ge", Cmp::Gte, Value::from_function(minijinja::tests::is_ge)),
+        (">=", Cmp::Gte, Value::from_function(minijinja::tests::is_ge)),
+    ] {
+        env.add_test(name, move |state: &State, args: Rest<Value>| {
+            if let [a, b, ..] = &args[..] {
+                spend(super::ops::check_compare(cmp, a, b)?)?;
+            }
+            orig.call(state, &args)
+        });
+    }
+
+    // dict and namespace copy every entry of the map they are given (a template growing a
+    // map by copying it per step takes quadratic time).
+    for (name, orig) in [
+        ("dict", Value::from_function(minijinja::functions::dict)),
+        ("namespace", Value::from_function(minijinja::functions::namespace)),
+    ] {
+        env.add_function(name, move |state: &State, args: Rest<Value>| {
+            let mut entries = 0usize;
+            for a in args.iter().filter(|a| a.kind() == ValueKind::Map) {
+                entries = entries.saturating_add(a.len().unwrap_or(0));
+            }
+            if entries > MAX_ITEMS {
+                return Err(too_many(name, Some(entries)));
+            }
+            spend(entries.saturating_mul(MAP_ENTRY_WORK))?;
+            orig.call(state, &args)
+        });
+    }
+
+    // dictsort compares keys or values while sorting.
+    let dictsort = Value::from_function(f::dictsort);
+    env.add_filter("dictsort", move |state: &State, args: Rest<Value>| {
+        if let Some(map) = args.first().filter(|m| m.kind() == ValueKind::Map) {
+            if let Some(n) = map.len().filter(|&n| n > MAX_ITEMS) {
+                return Err(too_many("dictsort", Some(n)));
+            }
+            let parts = check_shape(map, cap()).map_err(|e| match e {
+                Oversize::Big => limit(format!(
+                    "dictsort: the map's contents exceed the limit of {} bytes",
+                    cap()
+                )),
+                deep => deep.error("dictsort"),
+            })?;
+            spend(parts)?;
+        }
+        dictsort.call(state, &args)
+    });
 }
 
 fn check_result_len(what: &str, n: usize) -> Result<(), Error> {
@@ -740,7 +833,7 @@ fn check_result_len(what: &str, n: usize) -> Result<(), Error> {
     spend(n)
 }
 
-fn result_too_big(what: &str, n: usize, cap: usize) -> Error {
+pub(super) fn result_too_big(what: &str, n: usize, cap: usize) -> Error {
     limit(format!(
         "{what} result would be {n} bytes, over the limit of {cap} bytes"
     ))
@@ -1026,6 +1119,11 @@ fn method_callback(state: &State, value: &Value, method: &str, args: &[Value]) -
     } else if value.kind() == ValueKind::Seq && method == "count" {
         let mut v = value.clone();
         guard_items(&mut v, "count")?;
+    } else if value.kind() == ValueKind::Map && method == "get" {
+        // The key is hashed (and compared with colliding keys).
+        if let Some(key) = args.first() {
+            spend(super::ops::check_key(key, "get key")?)?;
+        }
     }
     minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
 }
