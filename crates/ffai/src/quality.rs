@@ -677,7 +677,7 @@ mod tests {
             // agreeing and disagreeing tops, decisive and near-tie positions.
             assert!(mean_kl > 0.1, "{mean_kl}");
             assert!(0 < agree && agree < n, "{agree}/{n}");
-            assert!(0 < decisive.len() && decisive.len() < n);
+            assert!(!decisive.is_empty() && decisive.len() < n);
             // KL is not symmetric: the reference must be the first argument of KL(P || Q).
             let swapped = by_hand(&tokens[..n_win * context], context, bos, 0.0, 1.5);
             assert!((mean(swapped.iter().map(|s| s.kl)) - mean_kl).abs() > 1e-3);
