@@ -3,10 +3,84 @@
 //! quantized weights is compared with the dequantized-weight f64 oracle within the error
 //! the 8-bit activation rounding allows (see the test), float weights at 1e-4 of sum |w x|.
 
+use std::sync::{Mutex, MutexGuard};
+
 use ffai_kernels::backend::{AttnShape, Backend, HostBytes, RopeParams};
 use ffai_kernels::cpu::CpuBackend;
 use ffai_kernels::ops;
-use ffai_kernels::quant::{self, WeightType};
+use ffai_kernels::quant::q8::{avx2_allowed, avx512_allowed, force_q8_level, Q8Level};
+use ffai_kernels::quant::{self, q8_backend_name, WeightType};
+
+/// The kernel level (portable, AVX2, AVX-512) is one global switch: every test in this
+/// file holds this lock, so a test that forces a level never changes the level another
+/// test believes it runs at.
+static LOCK: Mutex<()> = Mutex::new(());
+
+/// Holds [`LOCK`]; the level is the default (fastest) while held unless the test forces
+/// another, and is the default again when released, even after a failed assertion.
+struct LevelLock {
+    _held: MutexGuard<'static, ()>,
+}
+
+impl Drop for LevelLock {
+    fn drop(&mut self) {
+        force_q8_level(Q8Level::Best);
+    }
+}
+
+fn lock() -> LevelLock {
+    let g = LevelLock {
+        _held: LOCK.lock().unwrap_or_else(|e| e.into_inner()),
+    };
+    force_q8_level(Q8Level::Best);
+    g
+}
+
+/// The levels the attention kernels tell apart — 512-bit (AVX-512 VNNI level), 256-bit
+/// (AVX2; the AVX-VNNI level runs the same attention code) and portable — as
+/// (level, `q8_backend_name` it must give, whether this CPU can run it), detected here
+/// independently of the library.
+fn attention_levels() -> [(Q8Level, &'static str, bool); 3] {
+    #[cfg(target_arch = "x86_64")]
+    let (avx2, avx512) = {
+        let avx2 =
+            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
+        let avx512 = avx2
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni");
+        (avx2, avx512)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let (avx2, avx512) = (false, false);
+    [
+        (Q8Level::Avx512Vnni, "avx512vnni", avx512),
+        (Q8Level::Avx2, "avx2", avx2),
+        (Q8Level::Portable, "portable", true),
+    ]
+}
+
+/// The attention levels this CPU runs, fastest first; says on stderr which ran and which
+/// this CPU lacks, so a leg that could not run is visible in the test output.
+fn attention_levels_here(test: &str) -> Vec<(Q8Level, &'static str)> {
+    let all = attention_levels();
+    let run: Vec<_> = all.iter().filter(|l| l.2).map(|l| (l.0, l.1)).collect();
+    let missing: Vec<_> = all.iter().filter(|l| !l.2).map(|l| l.1).collect();
+    eprintln!(
+        "{test}: levels run: {:?}; not supported by this CPU: {missing:?}",
+        run.iter().map(|l| l.1).collect::<Vec<_>>()
+    );
+    run
+}
+
+/// Forces `level` and checks that the implementation in effect is the expected one.
+fn force_level(level: Q8Level, name: &str) {
+    force_q8_level(level);
+    assert_eq!(q8_backend_name(), name, "force_q8_level({level:?})");
+    assert_eq!(avx512_allowed(), name == "avx512vnni", "512-bit kernels at {name}");
+    assert_eq!(avx2_allowed(), name != "portable", "256-bit kernels at {name}");
+}
 
 struct Rng(u64);
 impl Rng {
@@ -47,6 +121,7 @@ fn backends() -> Vec<CpuBackend> {
 
 #[test]
 fn rms_norm_matches_oracle() {
+    let _g = lock();
     let mut r = Rng(1);
     let (n, d) = (3, 37);
     let x = r.vec(n * d);
@@ -84,6 +159,7 @@ fn rope_oracle(x: &[f32], n_heads: usize, hd: usize, pos: usize, inv_freq: &[f32
 
 #[test]
 fn rope_both_pairings_match_oracle() {
+    let _g = lock();
     let mut r = Rng(2);
     let (n, heads, hd) = (4, 3, 16);
     let inv: Vec<f32> = (0..hd / 2)
@@ -128,6 +204,7 @@ fn rope_both_pairings_match_oracle() {
 
 #[test]
 fn activations_match_oracle() {
+    let _g = lock();
     let mut r = Rng(3);
     let g: Vec<f32> = r.vec(100).iter().map(|v| v * 8.0).collect();
     let u = r.vec(100);
@@ -166,6 +243,7 @@ fn activations_match_oracle() {
 
 #[test]
 fn softmax_and_argmax() {
+    let _g = lock();
     let mut x = vec![1.0f32, 2.0, 3.0, 1000.0, -1000.0];
     ops::softmax(&mut x);
     let e: Vec<f64> = [1.0f64, 2.0, 3.0, 1000.0, -1000.0]
@@ -235,6 +313,7 @@ fn attention_oracle(
 
 #[test]
 fn attention_prefill_decode_gqa_windows_rings_and_softcap_match_oracle() {
+    let _g = lock();
     let mut r = Rng(4);
     // 150 positions: decode steps late in the sequence split their positions into parts
     // whose partial softmax results are merged.
@@ -249,10 +328,10 @@ fn attention_prefill_decode_gqa_windows_rings_and_softcap_match_oracle() {
         (7, 12, 0.5),
         (100, 106, 0.0),
     ];
-    // Both the AVX2 build of the kernel and the portable one (the flag is global; the
-    // other tests in this binary are valid on either path).
-    for portable in [false, true] {
-        quant::force_portable(portable);
+    // Every level of the kernels this CPU runs (512-bit, 256-bit, portable), each checked
+    // to be in effect.
+    for (level, name) in attention_levels_here("attention vs oracle") {
+        force_level(level, name);
         for &(window, cap, softcap) in &cases {
             // The cache may store K and V in half precision: the oracle sees the same
             // rounded values, so the comparison stays tight.
@@ -303,7 +382,7 @@ fn attention_prefill_decode_gqa_windows_rings_and_softcap_match_oracle() {
                     );
                     got[p0 * qw..(p0 + n) * qw].copy_from_slice(&out);
                 }
-                let what = format!("attention window {window} cap {cap} softcap {softcap} portable {portable}");
+                let what = format!("attention window {window} cap {cap} softcap {softcap} level {name}");
                 assert_all_close(&got, &want, 1e-5, &what);
                 if cap >= total {
                     // The cache layout is [kv_head, row, head_dim], row = position.
@@ -313,11 +392,11 @@ fn attention_prefill_decode_gqa_windows_rings_and_softcap_match_oracle() {
             }
         }
     }
-    quant::force_portable(false);
 }
 
 #[test]
 fn layer_norm_and_elementwise_ops_match_oracle() {
+    let _g = lock();
     let mut r = Rng(12);
     let (n, d) = (3, 20);
     let x = r.vec(n * d);
@@ -388,6 +467,7 @@ fn random_rows(ty: WeightType, rows: usize, cols: usize, r: &mut Rng) -> Vec<u8>
 
 #[test]
 fn matmul_and_embed_every_weight_type_match_dequantized_oracle() {
+    let _g = lock();
     let mut r = Rng(5);
     for ty in WeightType::ALL {
         let (rows, cols) = (45, if ty.block_len() == 256 { 512 } else { 96 });
@@ -463,6 +543,7 @@ fn matmul_and_embed_every_weight_type_match_dequantized_oracle() {
 
 #[test]
 fn exp_nonpos_matches_libm() {
+    let _g = lock();
     let mut worst = 0f64;
     for i in 0..=200_000 {
         let x = -(i as f32) * 90.0 / 200_000.0;
@@ -478,17 +559,53 @@ fn exp_nonpos_matches_libm() {
     assert_eq!(ops::exp_nonpos(0.0), 1.0);
 }
 
-/// The 512-bit attention kernels (scores two rows per vector, V sums 16 dims wide) do the
-/// 256-bit kernels' arithmetic lane for lane: forcing the AVX2 level must give the same
-/// bits, for every group size, odd row counts and a wrapped ring buffer.
-#[test]
-fn attention_avx512_equals_avx2_bit_exactly() {
-    use ffai_kernels::quant::q8::{avx512_allowed, force_q8_level, Q8Level};
-    force_q8_level(Q8Level::Best);
-    if !avx512_allowed() {
-        eprintln!("no AVX-512 VNNI here: nothing to compare");
-        return;
+/// `attend_group`'s results in f64: per head g, scores `s_r = scale · q·k_r` (soft-capped),
+/// `m = max s`, `l = Σ exp(s_r - m)`, `out = Σ exp(s_r - m) v_r` (unnormalised).
+fn attend_group_oracle(
+    qs: &[f32],
+    group: usize,
+    k: &[f32],
+    v: &[f32],
+    hd: usize,
+    a: &ops::HeadAttn,
+) -> (Vec<f64>, Vec<f64>) {
+    let (mut out, mut stats) = (vec![0f64; group * hd], vec![0f64; 2 * group]);
+    let rows: Vec<usize> = a.rows.iter().flat_map(|r| r.clone()).collect();
+    for g in 0..group {
+        let s: Vec<f64> = rows
+            .iter()
+            .map(|&r| {
+                let dot: f64 = (0..hd).map(|d| qs[g * hd + d] as f64 * k[r * hd + d] as f64).sum();
+                let s = dot * a.scale as f64;
+                if a.softcap > 0.0 {
+                    a.softcap as f64 * (s / a.softcap as f64).tanh()
+                } else {
+                    s
+                }
+            })
+            .collect();
+        let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+        stats[2 * g] = m;
+        stats[2 * g + 1] = e.iter().sum();
+        for d in 0..hd {
+            out[g * hd + d] = rows.iter().zip(&e).map(|(&r, w)| w * v[r * hd + d] as f64).sum();
+        }
     }
+    (out, stats)
+}
+
+/// `attend_group` at every level this CPU runs, each checked to be in effect: the 512-bit
+/// kernels (scores two rows per vector, V sums 16 dims wide) do the 256-bit kernels'
+/// arithmetic lane for lane, so those two give the same bits; the portable code sums in
+/// another order, so it and every other level are held to an f64 oracle at 2e-6 relative
+/// (an f32 dot of ≤ 256 products and a sum of ≤ 50 weighted rows; measured worst 4.5e-7)
+/// and the 256-bit kernels to the portable ones at the same bound. For every group size,
+/// odd row counts, split row ranges, a one-row part and soft-capping, with f16 and f32 K/V.
+#[test]
+fn attention_kernels_agree_across_levels() {
+    let _g = lock();
+    let levels = attention_levels_here("attend_group across levels");
     let mut seed = 0x2545_F491_4F6C_DD1Du64;
     let mut next = move || {
         seed ^= seed << 13;
@@ -496,6 +613,8 @@ fn attention_avx512_equals_avx2_bit_exactly() {
         seed ^= seed << 17;
         (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
     };
+    let mut worst = 0f64;
+    let mut compared_512 = 0;
     for hd in [64usize, 80, 256] {
         for group in 1..=8usize {
             let cap = 50;
@@ -506,6 +625,11 @@ fn attention_avx512_equals_avx2_bit_exactly() {
                 k.iter().map(|&x| half::f16::from_f32(x)).collect(),
                 v.iter().map(|&x| half::f16::from_f32(x)).collect(),
             );
+            // What the kernels see of an f16 cache, for the oracle.
+            let (kw, vw): (Vec<f32>, Vec<f32>) = (
+                k16.iter().map(|x| x.to_f32()).collect(),
+                v16.iter().map(|x| x.to_f32()).collect(),
+            );
             for rows in [[5..37, 0..12], [0..1, 0..0], [3..5, 0..0], [49..50, 0..6]] {
                 for softcap in [0.0f32, 30.0] {
                     let a = ops::HeadAttn {
@@ -513,28 +637,60 @@ fn attention_avx512_equals_avx2_bit_exactly() {
                         scale: 1.0 / (hd as f32).sqrt(),
                         softcap,
                     };
-                    let run = |level: Q8Level, half: bool| {
-                        force_q8_level(level);
-                        let mut scores = vec![0f32; group * 64];
-                        let mut out = vec![0f32; group * hd];
-                        let mut stats = vec![0f32; 2 * group];
-                        if half {
-                            ops::attend_group(&qs, group, &k16, &v16, hd, &a, &mut scores, &mut out, &mut stats);
-                        } else {
-                            ops::attend_group(&qs, group, &k, &v, hd, &a, &mut scores, &mut out, &mut stats);
-                        }
-                        force_q8_level(Q8Level::Best);
-                        out.iter().chain(&stats).map(|x| x.to_bits()).collect::<Vec<_>>()
-                    };
                     for half in [true, false] {
-                        assert_eq!(
-                            run(Q8Level::Best, half),
-                            run(Q8Level::Avx2, half),
-                            "hd {hd} group {group} rows {rows:?} softcap {softcap} f16 {half}"
-                        );
+                        let what = format!("hd {hd} group {group} rows {rows:?} softcap {softcap} f16 {half}");
+                        let (want_out, want_stats) = if half {
+                            attend_group_oracle(&qs, group, &kw, &vw, hd, &a)
+                        } else {
+                            attend_group_oracle(&qs, group, &k, &v, hd, &a)
+                        };
+                        // Each output element's scale: Σ e_r |v_r| ≤ l · max |v| = l.
+                        let check =
+                            |got_out: &[f32], got_stats: &[f32], vs_out: &[f64], vs_stats: &[f64], who: &str| {
+                                let mut w = 0f64;
+                                for g in 0..group {
+                                    let (m, l) = (vs_stats[2 * g], vs_stats[2 * g + 1]);
+                                    let em = (got_stats[2 * g] as f64 - m).abs() / (1.0 + m.abs());
+                                    let el = (got_stats[2 * g + 1] as f64 - l).abs() / l;
+                                    w = w.max(em).max(el);
+                                    for d in 0..hd {
+                                        let e = (got_out[g * hd + d] as f64 - vs_out[g * hd + d]).abs() / l;
+                                        w = w.max(e);
+                                    }
+                                }
+                                assert!(w <= 2e-6, "{what}: {who}: relative error {w:.2e}");
+                                w
+                            };
+                        let mut res: Vec<(&str, Vec<f32>, Vec<f32>)> = Vec::new();
+                        for &(level, name) in &levels {
+                            force_level(level, name);
+                            let mut scores = vec![0f32; group * 64];
+                            let mut out = vec![0f32; group * hd];
+                            let mut stats = vec![0f32; 2 * group];
+                            if half {
+                                ops::attend_group(&qs, group, &k16, &v16, hd, &a, &mut scores, &mut out, &mut stats);
+                            } else {
+                                ops::attend_group(&qs, group, &k, &v, hd, &a, &mut scores, &mut out, &mut stats);
+                            }
+                            worst = worst.max(check(&out, &stats, &want_out, &want_stats, name));
+                            res.push((name, out, stats));
+                        }
+                        let get = |n: &str| res.iter().find(|r| r.0 == n);
+                        if let (Some(wide), Some(avx2)) = (get("avx512vnni"), get("avx2")) {
+                            let bits = |r: &(&str, Vec<f32>, Vec<f32>)| {
+                                r.1.iter().chain(&r.2).map(|x| x.to_bits()).collect::<Vec<_>>()
+                            };
+                            assert_eq!(bits(wide), bits(avx2), "{what}: 512-bit vs 256-bit");
+                            compared_512 += 1;
+                        }
+                        if let (Some(avx2), Some(port)) = (get("avx2"), get("portable")) {
+                            let as64 = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
+                            check(&avx2.1, &avx2.2, &as64(&port.1), &as64(&port.2), "avx2 vs portable");
+                        }
                     }
                 }
             }
         }
     }
+    eprintln!("attend_group: worst relative error against the oracle {worst:.2e}; 512-bit vs 256-bit compared bit for bit in {compared_512} cases");
 }

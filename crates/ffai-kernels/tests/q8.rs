@@ -365,7 +365,7 @@ fn blocks_for(ty: WeightType) -> &'static [usize] {
 // -------------------------------------------------------------------- tests
 
 #[test]
-fn backend_is_vnni_on_this_machine_unless_forced() {
+fn backend_is_the_fastest_this_cpu_has_unless_forced() {
     let _g = lock();
     force_portable(false);
     let name = q8_backend_name();
@@ -387,16 +387,8 @@ fn backend_is_vnni_on_this_machine_unless_forced() {
     assert_eq!(q8_backend_name(), "portable");
     force_portable(false);
     assert_eq!(q8_backend_name(), name);
-    // This test runs on an AVX-512 VNNI machine (AMD Zen 5): make sure the fastest
-    // path is really exercised.
-    #[cfg(target_arch = "x86_64")]
-    {
-        assert!(avx2_here(), "expected an AVX2 + FMA + F16C CPU");
-        assert!(
-            name == "avx512vnni" || name == "avxvnni",
-            "expected a VNNI CPU, got {name}"
-        );
-    }
+    // The default is the fastest path this CPU has (detected above independently of the
+    // library), whatever the CPU: nothing here assumes VNNI or even AVX2.
 }
 
 #[test]

@@ -949,14 +949,14 @@ fn type_table_and_row_bytes() {
 }
 
 #[test]
-#[should_panic]
+#[should_panic(expected = "Q4_0 row of 32 elements must be Some(18) bytes, got 17")]
 fn dequantize_row_panics_on_length_mismatch() {
     let mut out = vec![0.0; 32];
     dequantize_row(WeightType::Q4_0, &[0u8; 17], &mut out);
 }
 
 #[test]
-#[should_panic]
+#[should_panic(expected = "Q8_0 row of 31 elements must be None bytes, got 34")]
 fn dot_row_panics_on_length_mismatch() {
     dot_row(WeightType::Q8_0, &[0u8; 34], &[0.0; 31]);
 }

@@ -448,6 +448,278 @@ mod tests {
         assert_eq!(kl_row(&m, &m, 0).0, 0.0);
     }
 
+    // ------------------------------------------------------------------------------
+    // `perplexity` and `divergence` end to end on stand-in models whose logits are known
+    // here, against a computation written independently of the module: windows, BOS,
+    // scored positions, pieces of `PIECE` rows, KL direction and every statistic.
+
+    use crate::config::ModelConfig;
+    use crate::generate::GenerationParameters;
+
+    const STUB_VOCAB: usize = 23;
+    const STUB_SEED: u64 = 0x5EED;
+
+    fn mix(mut z: u64) -> u64 {
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// The hash of a token sequence, extended by one token.
+    fn chain(h: u64, token: u32) -> u64 {
+        mix(h ^ mix(u64::from(token) + 1))
+    }
+
+    /// A uniform value in [-1, 1) drawn from `h`, `v` and `k`.
+    fn unit(h: u64, v: usize, k: u64) -> f64 {
+        (mix(h ^ mix(((v as u64) << 8) | k)) >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+    }
+
+    /// The logits a stand-in model gives after the sequence hashed to `h`: base logits in
+    /// [-3, 3), plus `skew` times a second draw (so two models with different skews
+    /// disagree by a known amount), and at a quarter of the positions one token raised
+    /// by 4 (so that some predictions are decisive).
+    fn stub_row(h: u64, skew: f32) -> Vec<f32> {
+        let peak = (mix(h) % (4 * STUB_VOCAB as u64)) as usize;
+        (0..STUB_VOCAB)
+            .map(|v| {
+                let base = 3.0 * unit(h, v, 0) + if v == peak { 4.0 } else { 0.0 };
+                base as f32 + skew * unit(h, v, 1) as f32
+            })
+            .collect()
+    }
+
+    /// A language model whose logits after a sequence are `stub_row(hash of the
+    /// sequence, skew)`: they depend on every token fed since `new_state`, so a wrong
+    /// window, a missing BOS or a skipped piece changes them.
+    struct Stub {
+        cfg: ModelConfig,
+        skew: f32,
+    }
+
+    impl Stub {
+        fn new(skew: f32) -> Stub {
+            let cfg = ModelConfig::from_hf_json(
+                &serde_json::json!({
+                    "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                    "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
+                    "num_attention_heads": 1, "num_key_value_heads": 1,
+                    "vocab_size": STUB_VOCAB, "max_position_embeddings": 4096
+                }),
+                "stub",
+            )
+            .unwrap();
+            Stub { cfg, skew }
+        }
+    }
+
+    impl LanguageModel for Stub {
+        fn config(&self) -> &ModelConfig {
+            &self.cfg
+        }
+        fn family(&self) -> &'static str {
+            "stub"
+        }
+        fn variant(&self) -> &'static str {
+            "stub"
+        }
+        fn default_parameters(&self) -> GenerationParameters {
+            GenerationParameters::default()
+        }
+        fn device_name(&self) -> String {
+            "none".into()
+        }
+        fn kv_bytes_by_kind(&self, _: usize, _: usize) -> Vec<(String, usize, usize)> {
+            Vec::new()
+        }
+        fn new_state(&self, max_seq: usize, chunk: usize) -> Result<InferenceState> {
+            Ok(InferenceState {
+                pos: 0,
+                max_seq,
+                chunk,
+                tap: Default::default(),
+                inner: Box::new(STUB_SEED),
+            })
+        }
+        fn forward(
+            &self,
+            tokens: &[u32],
+            state: &mut InferenceState,
+            all_logits: bool,
+            logits: &mut Vec<f32>,
+        ) -> Result<()> {
+            ensure!(state.pos + tokens.len() <= state.max_seq, "past the context");
+            let h = state.inner.downcast_mut::<u64>().unwrap();
+            logits.clear();
+            for (i, &t) in tokens.iter().enumerate() {
+                *h = chain(*h, t);
+                if all_logits || i + 1 == tokens.len() {
+                    logits.extend(stub_row(*h, self.skew));
+                }
+            }
+            state.pos += tokens.len();
+            Ok(())
+        }
+        fn can_rewind(&self, _: &InferenceState, _: usize) -> bool {
+            false
+        }
+    }
+
+    /// What one scored position contributes, computed here in f64 from the definitions.
+    struct Scored {
+        kl: f64,
+        nll: f64,
+        ref_nll: f64,
+        same_top: bool,
+        decisive: bool,
+    }
+
+    /// Every scored position of `tokens` for a model of skew `skew` against one of skew
+    /// `ref_skew`: windows of `context` tokens from the start (the rest unused), the first
+    /// token replaced by `bos`, predictions of tokens `context/2 + 1 ..= context - 1`.
+    fn by_hand(tokens: &[u32], context: usize, bos: Option<u32>, skew: f32, ref_skew: f32) -> Vec<Scored> {
+        let mut out = Vec::new();
+        for win in tokens.chunks_exact(context) {
+            let mut win = win.to_vec();
+            if let Some(b) = bos {
+                win[0] = b;
+            }
+            let mut h = STUB_SEED;
+            for pos in 0..context - 1 {
+                h = chain(h, win[pos]);
+                if pos < context / 2 {
+                    continue;
+                }
+                let probs = |row: Vec<f32>| {
+                    let e: Vec<f64> = row.iter().map(|&x| f64::from(x).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    e.into_iter().map(|x| x / z).collect::<Vec<f64>>()
+                };
+                let (p, q) = (probs(stub_row(h, ref_skew)), probs(stub_row(h, skew)));
+                let top = |x: &[f64]| (0..x.len()).fold(0, |b, i| if x[i] > x[b] { i } else { b });
+                let mut sorted = p.clone();
+                sorted.sort_by(|a, b| b.total_cmp(a));
+                let target = win[pos + 1] as usize;
+                out.push(Scored {
+                    kl: p.iter().zip(&q).map(|(a, b)| a * (a / b).ln()).sum(),
+                    nll: -q[target].ln(),
+                    ref_nll: -p[target].ln(),
+                    same_top: top(&p) == top(&q),
+                    decisive: sorted[0] - sorted[1] >= 0.1,
+                });
+            }
+        }
+        out
+    }
+
+    fn mean(v: impl Iterator<Item = f64>) -> f64 {
+        let (s, n) = v.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+        s / n as f64
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() <= 1e-12 * b.abs().max(1e-300)
+    }
+
+    /// The text: ids spread over the stub vocabulary, 3 whole windows of 200 and 57
+    /// tokens beyond.
+    fn stub_tokens() -> Vec<u32> {
+        (0..657u64).map(|i| (mix(i) % STUB_VOCAB as u64) as u32).collect()
+    }
+
+    #[test]
+    fn divergence_equals_a_hand_computation_on_stand_in_models() {
+        let tokens = stub_tokens();
+        let (model, reference) = (Stub::new(1.5), Stub::new(0.0));
+        for (bos, max_windows) in [(Some(5), None), (None, Some(2))] {
+            let context = 200;
+            let spec = WindowSpec {
+                context,
+                bos,
+                max_windows,
+            };
+            let d = divergence(&model, &reference, &tokens, &spec).unwrap();
+            let n_win = max_windows.unwrap_or(3);
+            let want = by_hand(&tokens[..n_win * context], context, bos, 1.5, 0.0);
+            let n = want.len();
+            assert_eq!(n, n_win * 99);
+            assert_eq!((d.windows, d.tokens_scored, d.context), (n_win, n, context));
+            let kl: Vec<f64> = want.iter().map(|s| s.kl).collect();
+            let mean_kl = mean(kl.iter().copied());
+            let var = kl.iter().map(|x| (x - mean_kl).powi(2)).sum::<f64>() / (n - 1) as f64;
+            assert!(
+                close(d.mean_kld, mean_kl),
+                "{bos:?}: mean KL {} vs {mean_kl}",
+                d.mean_kld
+            );
+            assert!(close(d.kld_stderr, (var / n as f64).sqrt()));
+            // Quantiles by their definition: the smallest value with at least that share
+            // of the values at or below it.
+            let q = |share: f64| {
+                kl.iter()
+                    .copied()
+                    .filter(|&v| kl.iter().filter(|&&x| x <= v).count() as f64 >= share * n as f64)
+                    .fold(f64::INFINITY, f64::min)
+            };
+            assert!(close(d.median_kld, q(0.5)), "median {} vs {}", d.median_kld, q(0.5));
+            assert!(close(d.p99_kld, q(0.99)));
+            assert!(close(d.max_kld, kl.iter().copied().fold(0.0, f64::max)));
+            let agree = want.iter().filter(|s| s.same_top).count();
+            assert_eq!(d.top1_agreement, agree as f64 / n as f64);
+            let decisive: Vec<&Scored> = want.iter().filter(|s| s.decisive).collect();
+            assert_eq!(d.decisive_positions, decisive.len());
+            let agree_decisive = decisive.iter().filter(|s| s.same_top).count();
+            assert_eq!(d.top1_agreement_decisive, agree_decisive as f64 / decisive.len() as f64);
+            assert!(close(d.perplexity, mean(want.iter().map(|s| s.nll)).exp()));
+            assert!(close(d.ref_perplexity, mean(want.iter().map(|s| s.ref_nll)).exp()));
+            // The case exercises what it should: a clearly non-zero divergence, both
+            // agreeing and disagreeing tops, decisive and near-tie positions.
+            assert!(mean_kl > 0.1, "{mean_kl}");
+            assert!(0 < agree && agree < n, "{agree}/{n}");
+            assert!(!decisive.is_empty() && decisive.len() < n);
+            // KL is not symmetric: the reference must be the first argument of KL(P || Q).
+            let swapped = by_hand(&tokens[..n_win * context], context, bos, 0.0, 1.5);
+            assert!((mean(swapped.iter().map(|s| s.kl)) - mean_kl).abs() > 1e-3);
+        }
+        // A model against itself: exactly zero.
+        let spec = WindowSpec {
+            context: 64,
+            bos: None,
+            max_windows: None,
+        };
+        let d = divergence(&model, &model, &tokens, &spec).unwrap();
+        assert_eq!((d.mean_kld, d.max_kld, d.top1_agreement), (0.0, 0.0, 1.0));
+    }
+
+    #[test]
+    fn perplexity_equals_a_hand_computation_on_a_stand_in_model() {
+        let tokens = stub_tokens();
+        let m = Stub::new(0.7);
+        for (context, bos) in [(200, Some(3)), (200, None), (10, Some(0))] {
+            let spec = WindowSpec {
+                context,
+                bos,
+                max_windows: None,
+            };
+            let p = perplexity(&m, &tokens, &spec).unwrap();
+            let want = by_hand(&tokens, context, bos, 0.7, 0.0);
+            let nll: Vec<f64> = want.iter().map(|s| s.nll).collect();
+            let n = nll.len();
+            assert_eq!(n, tokens.len() / context * (context - 1 - context / 2));
+            assert_eq!((p.tokens_scored, p.windows), (n, tokens.len() / context));
+            let mean_nll = mean(nll.iter().copied());
+            let var = nll.iter().map(|x| (x - mean_nll).powi(2)).sum::<f64>() / (n - 1) as f64;
+            assert!(
+                close(p.mean_nll, mean_nll),
+                "{context} {bos:?}: {} vs {mean_nll}",
+                p.mean_nll
+            );
+            assert!(close(p.nll_stderr, (var / n as f64).sqrt()));
+            assert!(close(p.perplexity, mean_nll.exp()));
+        }
+    }
+
     #[test]
     fn quantiles() {
         let v: Vec<f64> = (1..=100).map(|i| i as f64).collect();

@@ -47,3 +47,122 @@ pub fn real_model(file: &str) -> PathBuf {
 
 pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const GEMMA3: &str = "gemma-3-270m-q4_k_m.gguf";
+
+/// One of llama.cpp's greedy continuations in tests/fixtures/llamacpp_greedy_*.json (how
+/// they were made is in each file's `about`).
+pub struct LlamaCppCase {
+    pub prompt: String,
+    pub prompt_ids: Vec<u32>,
+    pub ids: Vec<u32>,
+    pub text: String,
+}
+
+pub fn llama_cpp_cases(fixture: &str) -> Vec<LlamaCppCase> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(fixture);
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let ids = |x: &serde_json::Value| -> Vec<u32> {
+        x.as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_u64().unwrap() as u32)
+            .collect()
+    };
+    v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| LlamaCppCase {
+            prompt: c["prompt"].as_str().unwrap().to_string(),
+            prompt_ids: ids(&c["prompt_ids"]),
+            ids: ids(&c["ids"]),
+            text: c["text"].as_str().unwrap().to_string(),
+        })
+        .collect()
+}
+
+/// Our greedy continuation of a [`LlamaCppCase`] prompt, compared with llama.cpp's.
+pub struct Comparison {
+    pub ids: Vec<u32>,
+    pub text: String,
+    /// Leading generated tokens equal to llama.cpp's.
+    pub same: usize,
+    /// At the first differing token (or the last one, when all agree): our top logit
+    /// minus the logit of llama.cpp's token there, after the common prefix.
+    pub gap: f32,
+}
+
+/// Greedy-decodes `case.prompt` (checking its ids are llama.cpp's) for as many tokens as
+/// llama.cpp wrote, and measures where and by how much ours departs from them.
+pub fn compare_with_llama_cpp(m: &ffai::Model, case: &LlamaCppCase) -> Comparison {
+    let prompt = m.encode(&case.prompt).unwrap();
+    assert_eq!(prompt, case.prompt_ids, "{:?}: prompt ids", case.prompt);
+    let p = ffai::GenerationParameters {
+        temperature: 0.0,
+        max_tokens: case.ids.len(),
+        ..Default::default()
+    };
+    let out = m.generate(&prompt, &p, |_| true).unwrap();
+    let same = out
+        .generated_ids
+        .iter()
+        .zip(&case.ids)
+        .take_while(|(a, b)| a == b)
+        .count();
+    let at = same.min(case.ids.len() - 1);
+    let mut ctx = prompt;
+    ctx.extend_from_slice(&case.ids[..at]);
+    let mut st = m.lm.new_state(ctx.len() + 1, 512).unwrap();
+    let mut logits = Vec::new();
+    m.lm.forward(&ctx, &mut st, false, &mut logits).unwrap();
+    let top = ffai_kernels::ops::argmax(&logits).0;
+    let gap = logits[top] - logits[case.ids[at] as usize];
+    println!(
+        "{:?}: {same}/{} tokens as llama.cpp; at token {at} our top {top} leads llama.cpp's {} by {gap:.4} logits; ours: {:?}",
+        case.prompt,
+        case.ids.len(),
+        case.ids[at],
+        out.text
+    );
+    if same < case.ids.len() {
+        assert_eq!(
+            out.generated_ids[same] as usize, top,
+            "{:?}: greedy picked the top logit",
+            case.prompt
+        );
+    }
+    Comparison {
+        ids: out.generated_ids,
+        text: out.text,
+        same,
+        gap,
+    }
+}
+
+/// Ours must equal llama.cpp's continuation for exactly `agree` tokens (all of it when
+/// `agree` is its length, text included), and where they part, llama.cpp's token must
+/// trail our top logit by at most `max_gap`: a near-tie that rounding decides.
+pub fn assert_agrees_with_llama_cpp(case: &LlamaCppCase, c: &Comparison, agree: usize, max_gap: f32) {
+    let label = &case.prompt;
+    assert_eq!(
+        c.ids[..agree.min(c.ids.len())],
+        case.ids[..agree],
+        "{label:?}: the first {agree} tokens differ from llama.cpp's ({:?} vs {:?})",
+        c.text,
+        case.text
+    );
+    if agree == case.ids.len() {
+        assert_eq!(c.text, case.text, "{label:?}: text");
+        return;
+    }
+    assert_eq!(
+        c.same, agree,
+        "{label:?}: expected to follow llama.cpp for exactly {agree} tokens"
+    );
+    assert!(
+        c.gap <= max_gap,
+        "{label:?}: at token {agree} llama.cpp's choice trails ours by {} logits, not a near-tie",
+        c.gap
+    );
+}

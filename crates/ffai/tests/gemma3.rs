@@ -1,5 +1,6 @@
 //! The real Gemma-3-270M Q4_K_M checkpoint (gemma3 GGUF: Q4_K, Q5_0, Q6_K, Q8_0 weights,
-//! local/global layers, 262k vocabulary): coherent greedy text and llama.cpp's tokens.
+//! local/global layers, 262k vocabulary): llama.cpp's greedy tokens, coherent text, and
+//! chunked prefill across the sliding window.
 
 mod common;
 
@@ -42,38 +43,37 @@ fn loads_as_gemma3_with_local_and_global_layers() {
     assert_eq!(local.2, 15 * (512 + 512) * per_row);
 }
 
+/// llama.cpp's greedy output on the same file (tests/fixtures/llamacpp_greedy_gemma3.json):
+/// 32 tokens of each of three prompts.
+/// * "Once upon a time" and "The capital of France is": all 32 agree.
+/// * "Once upon a time, in a quiet village": 6 tokens agree (", there lived a man
+///   named"); then " Mr" (ours) leads " John" (llama.cpp) by 0.041 logits, where llama.cpp
+///   has " John" ahead by 0.047 (its top-2 log-probabilities from llama-server, same
+///   build and file): a near-tie that rounding decides. (llama.cpp's own tools part
+///   later on: llama-server continues " He was a farmer" where llama-completion writes
+///   " He was a kind", 0.021 apart.)
 #[test]
-fn greedy_story_is_coherent_and_matches_llama_cpp() {
+fn greedy_continuations_match_llama_cpp() {
     let m = model();
-    let ids = m.encode("Once upon a time").unwrap();
-    assert_eq!(ids, [2, 14946, 3324, 496, 990]);
-    let out = m.generate(&ids, &greedy(200), |_| true).unwrap();
-    println!("Gemma 3 greedy: {:?}", out.text);
-    // llama.cpp (llama-completion --temp 0, same GGUF, this machine) prints the same
-    // opening; the issue's reference (", there was a small town") came from another build.
-    assert!(
-        out.text.starts_with(", there was a little girl named Lily."),
-        "{:?}",
-        out.text
-    );
+    let cases = common::llama_cpp_cases("llamacpp_greedy_gemma3.json");
+    // (tokens that agree, largest logit gap allowed where they part): see above.
+    let expect = [(32, 0.0), (6, 0.05), (32, 0.0)];
+    assert_eq!(cases.len(), expect.len());
+    let got: Vec<_> = cases.iter().map(|c| common::compare_with_llama_cpp(m, c)).collect();
+    for ((case, c), (agree, max_gap)) in cases.iter().zip(&got).zip(expect) {
+        common::assert_agrees_with_llama_cpp(case, c, agree, max_gap);
+    }
 }
 
 #[test]
 fn village_story_greedy_and_sampled_are_coherent() {
     let m = model();
     let story = m.encode("Once upon a time, in a quiet village").unwrap();
-    // Greedy: the same opening as llama.cpp (llama-completion --temp 0, this machine) up
-    // to the name, where " John" (llama.cpp) and " Mr" are a near-tie decided by
-    // summation order. Greedy decoding of this 270M model drifts into repetition late in
-    // 200 tokens (llama.cpp's own run scores 0.204 distinct/total), so which loop it picks
-    // depends on near-ties 0.1-0.2 logits apart; the bar is the foundation issue's.
+    // Greedy decoding of this 270M model drifts into repetition late in 200 tokens
+    // (llama.cpp's own run scores 0.204 distinct/total), so which loop it picks depends
+    // on near-ties 0.1-0.2 logits apart; the bar is the foundation issue's.
     let greedy_out = m.generate(&story, &greedy(200), |_| true).unwrap();
     println!("Gemma 3 village greedy: {:?}", greedy_out.text);
-    assert!(
-        greedy_out.text.starts_with(", there lived a man named"),
-        "{:?}",
-        greedy_out.text
-    );
     assert_eq!(greedy_out.generated_ids.len(), 200);
     assert_coherent(&greedy_out.generated_ids);
     // The family's sampling defaults must be coherent too, and seeded runs repeatable.
@@ -95,26 +95,26 @@ fn village_story_greedy_and_sampled_are_coherent() {
 }
 
 #[test]
-fn capital_of_france_matches_llama_cpp() {
-    let m = model();
-    let ids = m.encode("The capital of France is").unwrap();
-    assert_eq!(ids, [2, 818, 5279, 529, 7001, 563]);
-    let out = m.generate(&ids, &greedy(8), |_| true).unwrap();
-    assert!(
-        out.text.starts_with(" the capital of the country of France"),
-        "{:?}",
-        out.text
-    );
-}
-
-#[test]
 fn long_prompt_crosses_the_window_in_chunks() {
     // 700+ tokens: local layers' ring buffers wrap during chunked prefill; the logits
-    // must equal a prefill in one chunk.
-    let m = model();
+    // must equal a prefill in one chunk, bit for bit: every matmul entry point gives the
+    // same bits within one CPU level, and each token's attention runs over the same
+    // positions in the same order whatever the ring's layout. Two threads: a chunk with
+    // fewer than 4 · threads tokens (per KV head) would have its attention positions split
+    // into parts merged afterwards (flash-decoding), which rounds differently; with 2
+    // threads every chunk here has at least 8 tokens, on any machine.
+    let m = Model::load(
+        real_model(GEMMA3).to_str().unwrap(),
+        &LoadOptions {
+            threads: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let text = "The quick brown fox jumps over the lazy dog. ".repeat(70);
     let ids = m.encode(&text).unwrap();
     assert!(ids.len() > 600, "{}", ids.len());
+    assert!(ids.len() % 128 >= 8, "{}", ids.len());
     let run = |chunk: usize| {
         let mut st = m.lm.new_state(ids.len() + 1, chunk).unwrap();
         let mut l = Vec::new();
@@ -123,7 +123,8 @@ fn long_prompt_crosses_the_window_in_chunks() {
     };
     let (a, b) = (run(1024), run(128));
     let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
-    assert!(d < 1e-3, "chunked prefill differs by {d}");
+    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&a), bits(&b), "chunked prefill differs by {d}");
 }
 
 fn assert_coherent(ids: &[u32]) {

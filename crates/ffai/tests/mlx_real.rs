@@ -19,7 +19,10 @@
 //!   is of the same kind as in mlx_quant.rs, so the same bounds hold: rms of the logit
 //!   difference ≤ 5 % of the rms logit, max ≤ 10 % of the largest |logit| (measured:
 //!   0.6–3.0 % and 0.6–5.5 %), and the argmax may flip only at near-ties: where MLX's
-//!   top two logits are within 4 rms differences.
+//!   top two logits are within 4 rms differences (measured: 0–4 flips in 64 positions,
+//!   at gaps up to 2.3 rms differences; tiny random models have many near-ties, 256
+//!   logits of rms ~1.2). How many flip is not bounded separately: each flip is held to
+//!   the near-tie rule, and a systematic error fails the rms and max bounds.
 //! * The reverse direction: `ffai convert`'s output for three parity fixtures, whose
 //!   MLX-LM logits are committed (tests/fixtures/mlx/ffai_convert), at the f32 bound.
 
@@ -190,11 +193,12 @@ fn check_default(name: &str) {
     };
     let rms_d = rms(&mut got.iter().zip(&r.logits).map(|(a, b)| a - b));
     let rms_b = rms(&mut r.logits.iter().copied());
-    let mut flips = 0;
+    let (mut flips, mut worst_flip) = (0, 0f64);
     for t in 0..n {
         let s = t * r.vocab..(t + 1) * r.vocab;
         if argmax(&got[s.clone()]) != argmax(&r.logits[s.clone()]) {
             flips += 1;
+            worst_flip = worst_flip.max(f64::from(top_gap(&r.logits[s.clone()])) / rms_d);
             // Each logit moves by ~N(0, rms_d); two of them by √2·rms_d relative to each
             // other, so a flip over a gap above 4·rms_d (2.8 σ) would be a real error.
             let gap = top_gap(&r.logits[s]);
@@ -207,16 +211,14 @@ fn check_default(name: &str) {
     }
     println!(
         "{name} (default: q8 activations, f16 KV): max abs diff {diff:.3e} (max |logit| {scale:.2}), \
-         rms diff {rms_d:.3e} (rms {rms_b:.3e}), argmax differs at {flips}/{n} near-ties"
+         rms diff {rms_d:.3e} (rms {rms_b:.3e}), argmax differs at {flips}/{n} near-ties \
+         (largest MLX gap there {worst_flip:.2} rms diffs)"
     );
     assert!(rms_d <= 0.05 * rms_b, "{name}: rms logit diff {rms_d} vs rms {rms_b}");
     assert!(
         diff <= 0.1 * scale,
         "{name}: max abs diff {diff} vs max |logit| {scale}"
     );
-    // Tiny random models have many near-ties (256 logits of rms ~1.2); as in
-    // mlx_quant.rs, at least 80 % of the positions must agree.
-    assert!(flips * 5 <= n, "{name}: argmax differs at {flips}/{n} positions");
 }
 
 #[test]

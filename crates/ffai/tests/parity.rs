@@ -170,8 +170,10 @@ fn starcoder2_layernorm_gelu_biases_window() {
 
 #[test]
 fn f16_kv_cache_stays_close() {
-    // The default half-precision KV cache rounds K and V to 11 significant bits: logits of
-    // magnitude ~5 move by up to ~1e-2 on these fixtures, and the argmax never changes.
+    // The default half-precision KV cache rounds K and V to 11 significant bits (relative
+    // error ≤ 2⁻¹²): logits of magnitude ~5 move by up to ~1e-2 on these fixtures
+    // (measured 4.1e-3 llama, 1.07e-2 qwen2, 4.3e-3 mistral; an f32 cache stays within
+    // 1.3e-5 of the same reference), and the argmax never changes.
     for name in ["llama", "qwen2", "mistral"] {
         let dir = fixture_dir(name);
         let r = reference(&dir);
@@ -185,7 +187,8 @@ fn f16_kv_cache_stays_close() {
             .map(|(x, y)| (x - y).abs())
             .fold(0.0, f32::max);
         println!("{name} (f16 KV): max abs diff {d:.2e}");
-        assert!(d < 3e-2, "{name}: f16 KV max abs diff {d}");
+        assert!(d < 1.5e-2, "{name}: f16 KV max abs diff {d}");
+        assert!(d > 1e-4, "{name}: K and V were not rounded to f16");
         for t in 0..r.ids.len() {
             let s = t * r.vocab..(t + 1) * r.vocab;
             assert_eq!(argmax(&got[s.clone()]), argmax(&r.logits[s]), "{name}: argmax at {t}");
