@@ -241,6 +241,28 @@ pub struct HeadAttn {
     pub softcap: f32,
 }
 
+/// Asks for the `hd` elements of row `row` of `base` to be brought into cache.
+///
+/// Why: a paged pool keeps one head's rows in runs of one block (4 KiB for 16 rows of 128
+/// halves), too short for the hardware prefetchers to get going on, so a long decode
+/// context streamed from DRAM stalls at every block. The score kernels therefore ask,
+/// while on row `o` of one range, for row `o` of the next range, K and V (V is read by
+/// the values pass right after). One contiguous range (the old cache layout) has no
+/// next range and gets no prefetches. Prefetching changes no result.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_row<T>(base: *const T, row: usize, hd: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    // `wrapping_add` keeps the pointer arithmetic defined whatever the row (the callers'
+    // rows come from ranges checked against the slice anyway).
+    let p = base.wrapping_add(row * hd).cast::<i8>();
+    for off in (0..hd * std::mem::size_of::<T>()).step_by(64) {
+        // SAFETY: SSE is part of x86_64; a prefetch is only an address hint, it never
+        // faults and changes no memory, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off)) };
+    }
+}
+
 /// Rows in a list of row ranges.
 #[inline]
 fn rows_in(segs: &[Range<usize>]) -> usize {
@@ -351,17 +373,17 @@ pub fn attend_segments<T: KvElem>(
         unsafe {
             if wide_available() {
                 match group {
-                    1 => group_scores512::<T, 1>(qs, k, hd, segs, scale, scores),
-                    2 => group_scores512::<T, 2>(qs, k, hd, segs, scale, scores),
-                    3 => group_scores512::<T, 3>(qs, k, hd, segs, scale, scores),
-                    4 => group_scores512::<T, 4>(qs, k, hd, segs, scale, scores),
-                    5 => group_scores512::<T, 5>(qs, k, hd, segs, scale, scores),
-                    6 => group_scores512::<T, 6>(qs, k, hd, segs, scale, scores),
-                    7 => group_scores512::<T, 7>(qs, k, hd, segs, scale, scores),
-                    _ => group_scores512::<T, 8>(qs, k, hd, segs, scale, scores),
+                    1 => group_scores512::<T, 1>(qs, k, v, hd, segs, scale, scores),
+                    2 => group_scores512::<T, 2>(qs, k, v, hd, segs, scale, scores),
+                    3 => group_scores512::<T, 3>(qs, k, v, hd, segs, scale, scores),
+                    4 => group_scores512::<T, 4>(qs, k, v, hd, segs, scale, scores),
+                    5 => group_scores512::<T, 5>(qs, k, v, hd, segs, scale, scores),
+                    6 => group_scores512::<T, 6>(qs, k, v, hd, segs, scale, scores),
+                    7 => group_scores512::<T, 7>(qs, k, v, hd, segs, scale, scores),
+                    _ => group_scores512::<T, 8>(qs, k, v, hd, segs, scale, scores),
                 }
             } else {
-                group_scores_avx2(qs, group, k, hd, segs, scale, scores)
+                group_scores_avx2(qs, group, k, v, hd, segs, scale, scores)
             }
         };
     } else {
@@ -423,10 +445,12 @@ fn group_values_portable<T: KvElem>(
 /// heads (independent FMA chains, one per head).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn group_scores_avx2<T: KvElem>(
     qs: &[f32],
     group: usize,
     k: &[T],
+    v: &[T],
     hd: usize,
     segs: &[Range<usize>],
     scale: f32,
@@ -437,10 +461,15 @@ unsafe fn group_scores_avx2<T: KvElem>(
     // SAFETY (whole body): row indices are below the largest range end and chunk offsets
     // below hd, which `attend_group` checked against the slice lengths; group <= 8.
     unsafe {
-        let (qp, kp) = (qs.as_ptr(), k.as_ptr());
+        let (qp, kp, vp) = (qs.as_ptr(), k.as_ptr(), v.as_ptr());
         let mut j = 0;
-        for seg in segs {
-            for r in seg.clone() {
+        for (si, seg) in segs.iter().enumerate() {
+            let next = segs.get(si + 1).cloned().unwrap_or(0..0);
+            for (o, r) in seg.clone().enumerate() {
+                if o < next.len() {
+                    prefetch_row(kp, next.start + o, hd);
+                    prefetch_row(vp, next.start + o, hd);
+                }
                 let kr = kp.add(r * hd);
                 let mut acc = [_mm256_setzero_ps(); 8];
                 let mut c = 0;
@@ -475,6 +504,7 @@ unsafe fn group_scores_avx2<T: KvElem>(
 unsafe fn group_scores512<T: KvElem, const G: usize>(
     qs: &[f32],
     k: &[T],
+    v: &[T],
     hd: usize,
     segs: &[Range<usize>],
     scale: f32,
@@ -482,8 +512,6 @@ unsafe fn group_scores512<T: KvElem, const G: usize>(
 ) {
     use std::arch::x86_64::*;
     let n = rows_in(segs);
-    // Rows in order across the ranges; pairs may straddle two ranges.
-    let mut rows = segs.iter().flat_map(|r| r.clone());
     let hsum = |v: __m256| {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -507,11 +535,8 @@ unsafe fn group_scores512<T: KvElem, const G: usize>(
                 pair_f32x8(lo, hi)
             }
         };
-        let mut j = 0;
-        while j + 1 < n {
-            let (Some(r0), Some(r1)) = (rows.next(), rows.next()) else {
-                unreachable!("n counts the rows")
-            };
+        let vp = v.as_ptr();
+        let pair = |r0: usize, r1: usize, j: usize, scores: &mut [f32]| {
             let mut acc = [_mm512_setzero_ps(); G];
             for c in (0..hd).step_by(8) {
                 let kv = load_pair(r0, r1, c);
@@ -527,9 +552,26 @@ unsafe fn group_scores512<T: KvElem, const G: usize>(
                 scores[g * n + j] = hsum(lo) * scale;
                 scores[g * n + j + 1] = hsum(hi) * scale;
             }
-            j += 2;
+        };
+        // Rows in order across the ranges, in pairs that may straddle two ranges.
+        let (mut j, mut pending) = (0, None);
+        for (si, seg) in segs.iter().enumerate() {
+            let next = segs.get(si + 1).cloned().unwrap_or(0..0);
+            for (o, r) in seg.clone().enumerate() {
+                if o < next.len() {
+                    prefetch_row(kp, next.start + o, hd);
+                    prefetch_row(vp, next.start + o, hd);
+                }
+                match pending.take() {
+                    None => pending = Some(r),
+                    Some(r0) => {
+                        pair(r0, r, j, scores);
+                        j += 2;
+                    }
+                }
+            }
         }
-        if let Some(r) = rows.next() {
+        if let Some(r) = pending {
             // The odd last row: the 256-bit arithmetic on its own.
             let kr = kp.add(r * hd);
             let mut acc = [_mm256_setzero_ps(); G];
