@@ -56,6 +56,7 @@ fn medians(ms: u64, fs: &mut [Box<dyn FnMut() + '_>]) -> Vec<(f64, f64)> {
 }
 
 /// One sequence: rows `pos0..pos0 + n` after `pos0` positions of history.
+#[allow(clippy::too_many_arguments)]
 fn bench_case(threads: usize, spans: &[usize], ms: u64, heads: usize, kvh: usize, hd: usize, pos0: usize, n: usize) {
     let ctx = pos0 + n;
     let (qw, kw) = (heads * hd, kvh * hd);
@@ -70,7 +71,6 @@ fn bench_case(threads: usize, spans: &[usize], ms: u64, heads: usize, kvh: usize
         scale: 1.0 / (hd as f32).sqrt(),
         softcap: 0.0,
     };
-    let mut out = vec![0f32; n * qw];
 
     // Today's contiguous cache, and the paged pool: blocks of 16 in a scrambled order
     // (a pool that has been in use), unless PAGED_BENCH_SCRAMBLE=0.
