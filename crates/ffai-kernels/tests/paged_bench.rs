@@ -1,6 +1,7 @@
 //! `attention_step` (paged pool, fixed spans) against the contiguous `attention` it
 //! replaces: one decode row at contexts 512 / 2048 / 8192 and a 512-row prefill chunk,
-//! for a few span lengths. Not a test: run with
+//! for a few span lengths; and 16 sequences decoding in one step against one call per
+//! sequence (the default span). Not a test: run with
 //! `cargo test -p ffai-kernels --release --test paged_bench -- --ignored --nocapture`
 //! (`PAGED_BENCH_THREADS=2` threads by default, `PAGED_BENCH_SPANS=64,128,256,512`,
 //! `PAGED_BENCH_MS=300` per measurement, `PAGED_BENCH_ONLY=decode|prefill`,
@@ -144,6 +145,96 @@ fn bench_case(threads: usize, spans: &[usize], ms: u64, heads: usize, kvh: usize
     println!("{line}");
 }
 
+/// `n_seqs` sequences decoding one row each at context `ctx`: one `attention_step` over
+/// the batch against one `attention` call per sequence (what a batch costs today).
+fn bench_decode_batch(threads: usize, ms: u64, heads: usize, kvh: usize, hd: usize, n_seqs: usize, ctx: usize) {
+    let (qw, kw) = (heads * hd, kvh * hd);
+    let mut r = Rng(0x2545_F491_4F6C_DD1D);
+    let shape = AttnShape {
+        n_heads: heads,
+        n_kv_heads: kvh,
+        head_dim: hd,
+        cap: ctx,
+        window: 0,
+        scale: 1.0 / (hd as f32).sqrt(),
+        softcap: 0.0,
+    };
+    let b = CpuBackend::new(threads);
+    let q = r.vec(n_seqs * qw);
+    let (k, v) = (r.vec(n_seqs * ctx * kw), r.vec(n_seqs * ctx * kw));
+    let caches: Vec<_> = (0..n_seqs)
+        .map(|s| {
+            let (mut kc, mut vc) = (b.alloc_kv(kw * ctx), b.alloc_kv(kw * ctx));
+            b.kv_write(&mut kc, &k[s * ctx * kw..(s + 1) * ctx * kw].to_vec(), ctx, 0, &shape);
+            b.kv_write(&mut vc, &v[s * ctx * kw..(s + 1) * ctx * kw].to_vec(), ctx, 0, &shape);
+            (kc, vc)
+        })
+        .collect();
+    let qs: Vec<Vec<f32>> = (0..n_seqs).map(|s| q[s * qw..(s + 1) * qw].to_vec()).collect();
+    // Sequence s owns blocks s, s + n_seqs, ... (interleaved, as a busy pool would be).
+    let bs = 16;
+    let per = ctx.div_ceil(bs);
+    let n_blocks = per * n_seqs;
+    let table = |s: usize| (0..per).map(move |j| (j * n_seqs + s) as u32);
+    let (mut kp, mut vp) = (
+        b.alloc_kv_pages(n_blocks, bs, kvh, hd),
+        b.alloc_kv_pages(n_blocks, bs, kvh, hd),
+    );
+    let layout = |rows_per_seq: usize| {
+        let mut g = GroupLayout {
+            block_size: bs as u32,
+            n_blocks: n_blocks as u32,
+            ..Default::default()
+        };
+        let mut positions = Vec::new();
+        for s in 0..n_seqs {
+            let p0 = ctx - rows_per_seq;
+            g.seqs.push(SeqRows {
+                first_row: (s * rows_per_seq) as u32,
+                n_rows: rows_per_seq as u32,
+                table_start: (s * per) as u32,
+                table_len: per as u32,
+            });
+            g.block_tables.extend(table(s));
+            let t: Vec<u32> = table(s).collect();
+            for p in p0..ctx {
+                positions.push(p as u32);
+                g.slots.push(t[p / bs] * bs as u32 + (p % bs) as u32);
+            }
+        }
+        StepLayout {
+            positions,
+            groups: vec![g],
+        }
+    };
+    let mut step = b.new_step(n_seqs * ctx, n_seqs, n_seqs * per, 1);
+    b.write_step(&layout(ctx), &mut step).unwrap();
+    b.kv_write_step(&mut kp, &k, n_seqs * ctx, &step, 0, &shape);
+    b.kv_write_step(&mut vp, &v, n_seqs * ctx, &step, 0, &shape);
+    b.write_step(&layout(1), &mut step).unwrap();
+    let (mut o1, mut o2) = (vec![0f32; qw], vec![0f32; n_seqs * qw]);
+    let t = medians(
+        ms,
+        &mut [
+            Box::new(|| {
+                for (s, (kc, vc)) in caches.iter().enumerate() {
+                    b.attention(&qs[s], kc, vc, 1, ctx - 1, &shape, &mut o1);
+                }
+            }),
+            Box::new(|| b.attention_step(&q, &kp, &vp, n_seqs, &step, 0, &shape, &mut o2)),
+        ],
+    );
+    println!(
+        "{heads:>2}/{kvh} heads hd {hd}, {n_seqs} sequences decoding at {ctx} | {n_seqs} x attention {:>6.0} µs, one attention_step {:>6.0} µs = {:.2} (min {:>6.0} / {:>6.0} = {:.2})",
+        t[0].0 * 1e6,
+        t[1].0 * 1e6,
+        t[1].0 / t[0].0,
+        t[0].1 * 1e6,
+        t[1].1 * 1e6,
+        t[1].1 / t[0].1
+    );
+}
+
 #[test]
 #[ignore]
 fn bench_attention_step() {
@@ -170,6 +261,11 @@ fn bench_attention_step() {
         if only != "decode" {
             bench_case(threads, &spans, ms, heads, kvh, 128, 0, 512);
             bench_case(threads, &spans, ms, heads, kvh, 128, 1536, 512);
+        }
+    }
+    if only != "prefill" {
+        for (heads, kvh) in [(32, 8), (16, 2)] {
+            bench_decode_batch(threads, ms, heads, kvh, 128, 16, 1024);
         }
     }
 }
