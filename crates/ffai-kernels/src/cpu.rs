@@ -227,7 +227,7 @@ impl CpuStep {
 }
 
 /// One unit of `attention_step`'s work: spans `k_lo..k_hi` of one row for one KV head's
-/// GQA group. `split == NONE`: the item covers the row's every span and writes its
+/// GQA group. `split == u32::MAX`: the item covers the row's every span and writes its
 /// output; otherwise it writes per-span partials for `splits[split]` to fold.
 #[derive(Clone, Copy)]
 struct AttnItem {
@@ -480,7 +480,7 @@ impl CpuBackend {
             ops::PagedAttn {
                 k,
                 v,
-                table: &g.tables[sr.table_start as usize..(sr.table_start + sr.table_len) as usize],
+                table: &g.tables[sr.table_start as usize..sr.table_start as usize + sr.table_len as usize],
                 block_size: g.block_size,
                 kv_heads: kvh_n,
                 head_dim: hd,

@@ -247,8 +247,8 @@ pub struct HeadAttn {
 /// halves), too short for the hardware prefetchers to get going on, so a long decode
 /// context streamed from DRAM stalls at every block. The score kernels therefore ask,
 /// while on row `o` of one range, for row `o` of the next range, K and V (V is read by
-/// the values pass right after). One contiguous range (the old cache layout) has no
-/// next range and gets no prefetches. Prefetching changes no result.
+/// the values pass right after). Long ranges (the old contiguous cache) get no
+/// prefetches ([`prefetch_target`]). Prefetching changes no result.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn prefetch_row<T>(base: *const T, row: usize, hd: usize) {
@@ -260,6 +260,23 @@ fn prefetch_row<T>(base: *const T, row: usize, hd: usize) {
         // SAFETY: SSE is part of x86_64; a prefetch is only an address hint, it never
         // faults and changes no memory, whatever the address.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off)) };
+    }
+}
+
+/// Longest run of rows after which the next range is still prefetched by hand: past a
+/// few KiB the hardware prefetchers have locked on, and the next range's rows would be
+/// asked for long before they are used (a ring buffer's wrapped part, say).
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_MAX_RUN: usize = 64;
+
+/// The range whose rows are prefetched while range `si` is processed (see
+/// [`prefetch_row`]): the next one, if range `si` is short.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_target(segs: &[Range<usize>], si: usize) -> Range<usize> {
+    match segs.get(si + 1) {
+        Some(next) if segs[si].len() <= PREFETCH_MAX_RUN => next.clone(),
+        _ => 0..0,
     }
 }
 
@@ -464,7 +481,7 @@ unsafe fn group_scores_avx2<T: KvElem>(
         let (qp, kp, vp) = (qs.as_ptr(), k.as_ptr(), v.as_ptr());
         let mut j = 0;
         for (si, seg) in segs.iter().enumerate() {
-            let next = segs.get(si + 1).cloned().unwrap_or(0..0);
+            let next = prefetch_target(segs, si);
             for (o, r) in seg.clone().enumerate() {
                 if o < next.len() {
                     prefetch_row(kp, next.start + o, hd);
@@ -556,7 +573,7 @@ unsafe fn group_scores512<T: KvElem, const G: usize>(
         // Rows in order across the ranges, in pairs that may straddle two ranges.
         let (mut j, mut pending) = (0, None);
         for (si, seg) in segs.iter().enumerate() {
-            let next = segs.get(si + 1).cloned().unwrap_or(0..0);
+            let next = prefetch_target(segs, si);
             for (o, r) in seg.clone().enumerate() {
                 if o < next.len() {
                     prefetch_row(kp, next.start + o, hd);
