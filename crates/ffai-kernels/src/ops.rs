@@ -1,5 +1,6 @@
 //! Plain single-threaded kernels over slices. Each is the unit the CPU backend
-//! parallelises, and each has an oracle test in `tests/ops.rs`.
+//! parallelises, and each has an oracle test in `tests/ops.rs` (the paged attention's,
+//! [`PagedAttn`] and the span fold, in `tests/paged.rs`).
 
 use std::ops::Range;
 
@@ -476,7 +477,7 @@ unsafe fn group_scores_avx2<T: KvElem>(
     use std::arch::x86_64::*;
     let n = rows_in(segs);
     // SAFETY (whole body): row indices are below the largest range end and chunk offsets
-    // below hd, which `attend_group` checked against the slice lengths; group <= 8.
+    // below hd, which `attend_segments` checked against the slice lengths; group <= 8.
     unsafe {
         let (qp, kp, vp) = (qs.as_ptr(), k.as_ptr(), v.as_ptr());
         let mut j = 0;
@@ -535,7 +536,7 @@ unsafe fn group_scores512<T: KvElem, const G: usize>(
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
     };
     // SAFETY (whole body): row indices are below the largest range end and chunk offsets
-    // below hd, which `attend_group` checked against the slice lengths; qs holds G · hd.
+    // below hd, which `attend_segments` checked against the slice lengths; qs holds G · hd.
     // The element type is f16 exactly when `T::NEEDS_F16C`, so the casts read what is
     // stored.
     unsafe {
@@ -686,7 +687,7 @@ unsafe fn values_tile<T: KvElem, const G: usize, const D: usize>(
     use std::arch::x86_64::*;
     let n = rows_in(segs);
     // SAFETY (whole body): row indices are below the largest range end and dim offsets
-    // below hd, which `attend_group` checked against the slice lengths; `w` and `out`
+    // below hd, which `attend_segments` checked against the slice lengths; `w` and `out`
     // hold G · n and G · hd floats.
     unsafe {
         let (vp, wp, op) = (v.as_ptr(), w.as_ptr(), out.as_mut_ptr());
@@ -822,13 +823,15 @@ pub fn merge_partials<'a>(parts: impl Iterator<Item = (&'a [f32], f32, f32)> + C
 // ------------------------------------------------------------- paged attention
 
 /// Positions per span of the paged attention (see [`PagedAttn`]); the CPU backend's
-/// default. Chosen by measurement (`tests/paged.rs`, `bench_attention_step`): long
-/// enough that the per-span fold is noise, short enough that one decode row's spans
-/// spread over many threads.
+/// default. Measured with `tests/paged_bench.rs` against 64, 128 and 512: spans of 64
+/// cost 5-15% on short contexts (a call and a fold per 64 rows), 256 and 512 were
+/// within the noise of each other and of the contiguous kernel; 256 keeps twice as many
+/// spans as 512 for one decode row to spread over threads (2048 positions: 8 per KV
+/// head), and is a multiple of every usual block size.
 pub const ATTN_SPAN: usize = 256;
 
 /// A sequence's K/V in a paged pool, seen by one attention call: what
-/// [`attend_row_paged`](PagedAttn::attend_row) and
+/// [`attend_row`](PagedAttn::attend_row) and
 /// [`span_partial`](PagedAttn::span_partial) need to find and weigh its rows.
 ///
 /// # Batch invariance
@@ -837,11 +840,14 @@ pub const ATTN_SPAN: usize = 256;
 /// cut depends on nothing but `p`, the window and `span`); each span's partial softmax is
 /// computed on its own ([`span_partial`](Self::span_partial)) and the spans are folded
 /// oldest first ([`fold_span`]), then normalised ([`finish_fold`]). Every step of that is
-/// a fixed function of the row's query, position and K/V, so a backend may compute the
-/// spans of one row on different threads, at different times, in a batch of any size,
-/// and still get the same bits, provided it folds them in the same order with the same
-/// functions. Where the rows are stored (block size, block ids) does not matter either:
-/// scores are per row and the sums run over the rows in position order.
+/// a fixed function of the row's query, position and K/V (for a given span length and
+/// SIMD level), so a backend may compute the spans of one row on different threads, at
+/// different times, in a batch of any size, and still get the same bits, provided it
+/// folds them in the same order with the same functions. Where the rows are stored
+/// (block size, block ids) does not matter either: scores are per row and the sums run
+/// over the rows in position order. Cutting at absolute positions also gives every row
+/// of a prefill chunk the same span boundaries, so a kernel that shares K/V loads
+/// between the rows of a chunk can keep each row's arithmetic unchanged.
 #[derive(Clone, Copy)]
 pub struct PagedAttn<'a, T> {
     /// One layer's pool, `[block][kv_head][offset][head_dim]`.
