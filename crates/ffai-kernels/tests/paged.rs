@@ -16,6 +16,8 @@
 // Index loops over parallel per-sequence / per-group arrays read clearer here.
 #![allow(clippy::needless_range_loop)]
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::sync::{Mutex, MutexGuard};
 
 use ffai_kernels::backend::{AttnShape, Backend, GroupLayout, RopeParams, SeqRows, StepLayout, NO_BLOCK};
@@ -23,6 +25,46 @@ use ffai_kernels::cpu::{CpuBackend, KvCache};
 use ffai_kernels::quant::q8::{avx512_allowed, force_q8_level, Q8Level};
 
 static LOCK: Mutex<()> = Mutex::new(());
+
+/// The system allocator, counting the allocations each thread makes (for the
+/// steady-state test: `write_step` and the step ops must not allocate once warm).
+struct Counting;
+
+thread_local! {
+    // Const-initialised and destructor-free, so the allocator may touch it.
+    static ALLOCS: Cell<usize> = const { Cell::new(0) };
+}
+
+// SAFETY: every call is forwarded to `System` unchanged; the counter is a thread-local
+// `Cell` that never allocates.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        ALLOCS.with(|c| c.set(c.get() + 1));
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        ALLOCS.with(|c| c.set(c.get() + 1));
+        // SAFETY: as above.
+        unsafe { System.alloc_zeroed(l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, size: usize) -> *mut u8 {
+        ALLOCS.with(|c| c.set(c.get() + 1));
+        // SAFETY: as above.
+        unsafe { System.realloc(p, l, size) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(p, l) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+fn allocs_here() -> usize {
+    ALLOCS.with(|c| c.get())
+}
 
 fn lock() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
@@ -764,5 +806,57 @@ fn rope_step_equals_rope_row_by_row() {
                 assert_bits(&got[t * w..(t + 1) * w], &want, &format!("rope_step row {t}"));
             }
         }
+    }
+}
+
+/// Once a step and the ops have run at a size, `write_step` of any layout within the
+/// capacities and the step ops allocate nothing (single-threaded backend: every
+/// allocation would be on this thread).
+#[test]
+fn steady_state_steps_do_not_allocate() {
+    let _l = lock();
+    force_q8_level(Q8Level::Best);
+    let c = cases()[1];
+    let b = c.backend(1);
+    let (big, small) = (valid_layout(), {
+        let mut l = valid_layout();
+        l.groups.pop();
+        l.positions.truncate(3);
+        l.groups[0].slots.truncate(3);
+        l.groups[0].seqs.truncate(1);
+        l
+    });
+    let mut step = b.new_step(5, 2, 11, 2);
+    let (q, kv) = (Rng(1).vec(5 * c.heads * c.hd), Rng(2).vec(5 * c.kv_heads * c.hd));
+    let mut pools = [
+        b.alloc_kv_pages(20, 4, c.kv_heads, c.hd),
+        b.alloc_kv_pages(20, 4, c.kv_heads, c.hd),
+    ];
+    let mut out = vec![0f32; 5 * c.heads * c.hd];
+    let inv = b.upload(&vec![0.01; c.hd / 2]);
+    let rope = RopeParams {
+        inv_freq: &inv,
+        neox: true,
+    };
+    let mut run = |layout: &StepLayout, step: &mut _| {
+        b.write_step(layout, step).unwrap();
+        let n = layout.positions.len();
+        let shape = Case { windows: [0, 6], ..c }.shape(0);
+        let mut x = q.clone();
+        let before = allocs_here();
+        b.rope_step(&mut x, n, c.heads, c.hd, step, &rope);
+        let [kp, vp] = &mut pools;
+        b.kv_write_step(kp, &kv, n, step, 0, &shape);
+        b.kv_write_step(vp, &kv, n, step, 0, &shape);
+        b.attention_step(&x, kp, vp, n, step, 0, &shape, &mut out);
+        allocs_here() - before
+    };
+    // Warm-up: scratch and work lists grow to this size (which shows the counter counts).
+    assert!(run(&big, &mut step) > 0);
+    for layout in [&small, &big, &small] {
+        let before = allocs_here();
+        b.write_step(layout, &mut step).unwrap();
+        assert_eq!(allocs_here(), before, "write_step allocated");
+        assert_eq!(run(layout, &mut step), 0, "the step ops allocated");
     }
 }
