@@ -5,7 +5,7 @@
 //! `cargo test -p ffai-kernels --release --test paged_bench -- --ignored --nocapture`
 //! (`PAGED_BENCH_THREADS=2` threads by default, `PAGED_BENCH_SPANS=64,128,256,512`,
 //! `PAGED_BENCH_MS=300` per measurement, `PAGED_BENCH_ONLY=decode|prefill`,
-//! `PAGED_BENCH_SCRAMBLE=0` for blocks in order). Each number is the median of many calls; the
+//! `PAGED_BENCH_SCRAMBLE=0` for blocks in order, `PAGED_BENCH_BS=16` positions per block). Each number is the median of many calls; the
 //! machine may be shared, so the load average is printed first and medians are what to
 //! compare.
 
@@ -79,7 +79,7 @@ fn bench_case(threads: usize, spans: &[usize], ms: u64, heads: usize, kvh: usize
     let (mut kc, mut vc) = (b.alloc_kv(kw * ctx), b.alloc_kv(kw * ctx));
     b.kv_write(&mut kc, &k, ctx, 0, &shape);
     b.kv_write(&mut vc, &v, ctx, 0, &shape);
-    let bs = 16;
+    let bs: usize = env_or("PAGED_BENCH_BS", 16);
     let n_blocks = ctx.div_ceil(bs) + 8;
     let mut table: Vec<u32> = (0..n_blocks as u32).collect();
     if env_or("PAGED_BENCH_SCRAMBLE", 1) != 0 {
