@@ -823,9 +823,10 @@ pub fn merge_partials<'a>(parts: impl Iterator<Item = (&'a [f32], f32, f32)> + C
 // ------------------------------------------------------------- paged attention
 
 /// Positions per span of the paged attention (see [`PagedAttn`]); the CPU backend's
-/// default. Measured with `tests/paged_bench.rs` against 64, 128 and 512: spans of 64
-/// cost 5-15% on short contexts (a call and a fold per 64 rows), 256 and 512 were
-/// within the noise of each other and of the contiguous kernel; 256 keeps twice as many
+/// default. Measured with `tests/paged_bench.rs` against 64, 128 and 512 (2 threads):
+/// spans of 64 cost up to 20% over the contiguous kernel (a call and a fold per 64
+/// rows), 128 up to 10%; 256 and 512 were within a few percent of each other and at
+/// 0.8-1.05 of the contiguous kernel; 256 keeps twice as many
 /// spans as 512 for one decode row to spread over threads (2048 positions: 8 per KV
 /// head), and is a multiple of every usual block size.
 pub const ATTN_SPAN: usize = 256;
