@@ -4,7 +4,9 @@
 //! Conventions: activations are row-major `[n_tokens, width]` f32; a weight matrix is
 //! `[rows, cols]` (out x in, the Hugging Face orientation) in any `WeightType`; the KV
 //! cache of one layer is `[kv_heads, max_seq, head_dim]` so each head's history is
-//! contiguous.
+//! contiguous. The batched engine's paged cache is a pool of blocks instead,
+//! `[block][kv_head][offset][head_dim]`, addressed through per-sequence block tables
+//! that a [`StepLayout`] carries into the backend once per step.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -90,6 +92,208 @@ pub struct AttnShape {
 /// statistics (2 floats a head) in a fixed array of 128.
 pub const MAX_GQA_GROUP: usize = 64;
 
+/// A block-table entry for a block that holds nothing readable: a sliding-window group's
+/// blocks that fell out of the window are freed and their entries set to this.
+pub const NO_BLOCK: u32 = u32::MAX;
+
+/// One sequence's rows in a step's flat batch, and where its block table lies in its
+/// group's flattened `block_tables`. The rows `first_row..first_row + n_rows` are at
+/// consecutive positions (`positions[first_row] + i`); the table maps position `p` to block
+/// `table[p / block_size]`, offset `p % block_size`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SeqRows {
+    pub first_row: u32,
+    pub n_rows: u32,
+    pub table_start: u32,
+    pub table_len: u32,
+}
+
+/// One KV group of a step: the layers sharing an attention window share one paged pool
+/// geometry and one block table per sequence.
+#[derive(Clone, Debug, Default)]
+pub struct GroupLayout {
+    /// Positions per block of this group's pools (every layer of the group has a K and a V
+    /// pool of `n_blocks` blocks; see [`Backend::alloc_kv_pages`]).
+    pub block_size: u32,
+    /// Blocks in each pool of the group: table entries and slots are checked against it
+    /// once here, so the ops need not check them again.
+    pub n_blocks: u32,
+    /// The group's attention window (0 = all positions): decides which table entries the
+    /// step reads (they must be live blocks) and which it never reads (may be
+    /// [`NO_BLOCK`]). The ops check it equals their `AttnShape::window`.
+    pub window: u32,
+    /// Per row: where its K/V go, `block * block_size + offset`. It must be the slot the
+    /// sequence's table gives for the row's position (the attention reads it back through
+    /// the table); rows that belong to no sequence (padding) have [`NO_BLOCK`] and are
+    /// not written.
+    pub slots: Vec<u32>,
+    /// The sequences; the same ones, in the same order and with the same rows, in every
+    /// group (only their tables differ).
+    pub seqs: Vec<SeqRows>,
+    /// Every sequence's block ids, flattened.
+    pub block_tables: Vec<u32>,
+}
+
+/// What one batched step needs besides the activations, built by the scheduler on the
+/// host once per step and copied into a backend's [`Backend::Step`] with
+/// [`Backend::write_step`]; every op of the step reads it from there.
+///
+/// Row `r` of a sequence, at position `p`, attends to positions
+/// `max(0, p - window + 1)..=p` of its own sequence, all of which are in its blocks by
+/// the time the attention runs (the step's own K/V are written first).
+#[derive(Clone, Debug, Default)]
+pub struct StepLayout {
+    /// Per row: its position in its sequence (RoPE, and how far it attends).
+    pub positions: Vec<u32>,
+    pub groups: Vec<GroupLayout>,
+}
+
+/// The capacities a [`Backend::Step`] is allocated for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StepCaps {
+    pub max_rows: usize,
+    pub max_seqs: usize,
+    /// Entries of one group's flattened block tables.
+    pub max_table: usize,
+    pub n_groups: usize,
+}
+
+impl StepLayout {
+    /// Checks everything the ops rely on (see [`Backend::write_step`]); `row_seq` gets,
+    /// per row, the index of its sequence (or `u32::MAX` for padding rows), and `sort`
+    /// is scratch. Both are cleared and refilled within `caps.max_rows`, so a caller that
+    /// reserved that much never allocates here. Backends share this host-side check.
+    pub fn validate(&self, caps: &StepCaps, row_seq: &mut Vec<u32>, sort: &mut Vec<u32>) -> Result<(), String> {
+        let n = self.positions.len();
+        if n > caps.max_rows {
+            return Err(format!("{n} rows exceed the step's capacity of {}", caps.max_rows));
+        }
+        if self.groups.len() > caps.n_groups {
+            return Err(format!(
+                "{} KV groups exceed the step's capacity of {}",
+                self.groups.len(),
+                caps.n_groups
+            ));
+        }
+        row_seq.clear();
+        row_seq.resize(n, u32::MAX);
+        for (gi, g) in self.groups.iter().enumerate() {
+            let err = |m: String| Err(format!("group {gi}: {m}"));
+            if g.slots.len() != n {
+                return err(format!("{} slots for {n} rows", g.slots.len()));
+            }
+            if g.seqs.len() > caps.max_seqs {
+                return err(format!(
+                    "{} sequences exceed the capacity of {}",
+                    g.seqs.len(),
+                    caps.max_seqs
+                ));
+            }
+            if g.block_tables.len() > caps.max_table {
+                return err(format!(
+                    "{} block-table entries exceed the capacity of {}",
+                    g.block_tables.len(),
+                    caps.max_table
+                ));
+            }
+            if g.block_size == 0 || g.n_blocks == 0 || g.n_blocks == NO_BLOCK {
+                return err(format!("block size {} and {} blocks", g.block_size, g.n_blocks));
+            }
+            // Slots are u32 and NO_BLOCK must never be a real slot.
+            let n_slots = g.n_blocks as u64 * g.block_size as u64;
+            if n_slots >= u32::MAX as u64 {
+                return err(format!("{n_slots} slots do not fit a u32 slot id"));
+            }
+            if let Some(e) = g.block_tables.iter().find(|&&b| b != NO_BLOCK && b >= g.n_blocks) {
+                return err(format!("block id {e} outside the pool of {} blocks", g.n_blocks));
+            }
+            if gi > 0 && g.seqs.len() != self.groups[0].seqs.len() {
+                return err("a different number of sequences than group 0".into());
+            }
+            let bs = g.block_size as u64;
+            for (si, s) in g.seqs.iter().enumerate() {
+                let err = |m: String| Err(format!("group {gi} sequence {si}: {m}"));
+                let (r0, nr) = (s.first_row as usize, s.n_rows as usize);
+                if nr == 0 {
+                    return err("no rows".into());
+                }
+                if r0 + nr > n {
+                    return err(format!("rows {r0}..{} outside the step's {n} rows", r0 + nr));
+                }
+                if gi > 0 {
+                    let s0 = &self.groups[0].seqs[si];
+                    if (s0.first_row, s0.n_rows) != (s.first_row, s.n_rows) {
+                        return err("rows differ from the same sequence's in group 0".into());
+                    }
+                } else {
+                    for o in &mut row_seq[r0..r0 + nr] {
+                        if *o != u32::MAX {
+                            return err(format!("rows {r0}..{} overlap sequence {o}", r0 + nr));
+                        }
+                        *o = si as u32;
+                    }
+                }
+                let p0 = self.positions[r0] as u64;
+                for (i, &p) in self.positions[r0..r0 + nr].iter().enumerate() {
+                    if p as u64 != p0 + i as u64 {
+                        return err(format!("row {} at position {p}, not {}", r0 + i, p0 + i as u64));
+                    }
+                }
+                let last = p0 + nr as u64 - 1;
+                let (t0, tl) = (s.table_start as usize, s.table_len as usize);
+                if t0 + tl > g.block_tables.len() {
+                    return err(format!(
+                        "table {t0}..{} outside the {} entries",
+                        t0 + tl,
+                        g.block_tables.len()
+                    ));
+                }
+                if last / bs >= tl as u64 {
+                    return err(format!("a table of {tl} blocks does not reach position {last}"));
+                }
+                let table = &g.block_tables[t0..t0 + tl];
+                // The oldest position any row of the sequence reads: blocks before it may
+                // be freed (NO_BLOCK); every block from it to the last row is read.
+                let lo = if g.window == 0 {
+                    0
+                } else {
+                    p0.saturating_sub(g.window as u64 - 1)
+                };
+                if let Some(j) = (lo / bs..=last / bs).find(|&j| table[j as usize] == NO_BLOCK) {
+                    return err(format!(
+                        "table entry {j} (positions {}..{}) is NO_BLOCK but is read",
+                        j * bs,
+                        (j + 1) * bs
+                    ));
+                }
+                for (i, &slot) in g.slots[r0..r0 + nr].iter().enumerate() {
+                    let p = p0 + i as u64;
+                    let want = table[(p / bs) as usize] as u64 * bs + p % bs;
+                    if slot as u64 != want {
+                        return err(format!(
+                            "row {} (position {p}) has slot {slot}, its table gives {want}",
+                            r0 + i
+                        ));
+                    }
+                }
+            }
+            for (r, (&slot, &o)) in g.slots.iter().zip(row_seq.iter()).enumerate() {
+                if o == u32::MAX && slot != NO_BLOCK {
+                    return err(format!("row {r} belongs to no sequence but has slot {slot}"));
+                }
+            }
+            // Two rows writing one slot would race (and one would be lost).
+            sort.clear();
+            sort.extend(g.slots.iter().copied().filter(|&s| s != NO_BLOCK));
+            sort.sort_unstable();
+            if let Some(w) = sort.windows(2).find(|w| w[0] == w[1]) {
+                return err(format!("slot {} is written by two rows", w[0]));
+            }
+        }
+        Ok(())
+    }
+}
+
 pub trait Backend: Send + Sync + 'static {
     type Buf: Send + Sync;
     type Mat: Send + Sync;
@@ -173,4 +377,61 @@ pub trait Backend: Send + Sync + 'static {
     );
     /// Index of the largest of `buf[range]` (ties: lowest index).
     fn argmax(&self, buf: &Self::Buf, range: Range<usize>) -> u32;
+
+    // --- batched steps over a paged KV cache ---
+    /// A step's metadata in backend memory (see [`StepLayout`]): written once per step by
+    /// [`write_step`](Self::write_step) at fixed addresses, read by every `*_step` op.
+    type Step: Send + Sync;
+    /// A step preallocated for up to `max_rows` rows, `max_seqs` sequences, `max_table`
+    /// block-table entries per group and `n_groups` KV groups.
+    fn new_step(&self, max_rows: usize, max_seqs: usize, max_table: usize, n_groups: usize) -> Self::Step;
+    /// Copies `layout` into `step` without allocating. Refuses (and leaves `step` empty,
+    /// so ops on it fail loudly) a layout beyond the step's capacities or inconsistent:
+    /// lengths, sequence rows in bounds, non-empty, disjoint and at consecutive positions,
+    /// the same sequences in every group, tables in bounds and reaching the last row,
+    /// block ids in the pool, NO_BLOCK only where no row reads, each row's slot the one
+    /// its table gives (padding rows: NO_BLOCK), no slot written twice. Ops trust it.
+    fn write_step(&self, layout: &StepLayout, step: &mut Self::Step) -> Result<(), String>;
+    /// A zeroed paged KV pool (K or V of one layer): `n_blocks` blocks of `block_size`
+    /// positions, laid out `[block][kv_head][offset][head_dim]` so one head's rows of one
+    /// block are contiguous. Elements as [`alloc_kv`](Self::alloc_kv) (f16 or f32).
+    fn alloc_kv_pages(&self, n_blocks: usize, block_size: usize, kv_heads: usize, head_dim: usize) -> Self::Kv;
+    /// RoPE on `[n, n_heads * head_dim]`, row t at the step's position of row t.
+    fn rope_step(
+        &self,
+        x: &mut Self::Buf,
+        n: usize,
+        n_heads: usize,
+        head_dim: usize,
+        step: &Self::Step,
+        rope: &RopeParams<'_, Self>,
+    );
+    /// Writes `n` rows of K (or V), `[n, kv_heads * head_dim]`, into a paged pool of KV
+    /// group `group`: row t goes to the group's slot of row t (padding rows nowhere).
+    fn kv_write_step(
+        &self,
+        cache: &mut Self::Kv,
+        src: &Self::Buf,
+        n: usize,
+        step: &Self::Step,
+        group: usize,
+        shape: &AttnShape,
+    );
+    /// Attention of each sequence's rows over its own blocks of KV group `group` (which
+    /// already hold the step's rows); `out` is `[n, n_heads * head_dim]`, zero for padding
+    /// rows. `shape.cap` is unused; `shape.window` must be the group's. A row's result is
+    /// a function of its query, its position and its sequence's K/V alone: bit-identical
+    /// whatever else the batch holds and however many threads run it.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_step(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Kv,
+        v: &Self::Kv,
+        n: usize,
+        step: &Self::Step,
+        group: usize,
+        shape: &AttnShape,
+        out: &mut Self::Buf,
+    );
 }

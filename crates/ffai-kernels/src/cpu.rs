@@ -11,8 +11,9 @@
 
 use std::cell::RefCell;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::backend::{AttnShape, Backend, HostBytes, RopeParams};
+use crate::backend::{AttnShape, Backend, HostBytes, RopeParams, SeqRows, StepCaps, StepLayout, NO_BLOCK};
 use crate::ops;
 use crate::pool::ThreadPool;
 use crate::quant::{self, ActFormat, QuantizedActs, WeightType};
@@ -177,6 +178,97 @@ impl KvCache {
     }
 }
 
+/// A step's metadata on the CPU: host vectors allocated once for the step's capacities
+/// and refilled by `write_step`. The fields are private and only `write_step` fills them
+/// (after `StepLayout::validate`), so the ops may rely on what validation guarantees:
+/// sequences own disjoint rows, every slot is written by at most one row, every table
+/// entry a row reads is a block of the pool.
+pub struct CpuStep {
+    caps: StepCaps,
+    positions: Vec<u32>,
+    /// `caps.n_groups` groups, each preallocated; the first `n_groups` are in use.
+    groups: Vec<CpuGroup>,
+    n_groups: usize,
+    /// Per row: its sequence, or `u32::MAX` for a padding row.
+    row_seq: Vec<u32>,
+    /// Scratch of the validation.
+    sort: Vec<u32>,
+}
+
+struct CpuGroup {
+    block_size: usize,
+    n_blocks: usize,
+    window: usize,
+    slots: Vec<u32>,
+    seqs: Vec<SeqRows>,
+    tables: Vec<u32>,
+}
+
+impl CpuStep {
+    /// Rows of the step written last (0 before any, and after a refused layout).
+    pub fn n_rows(&self) -> usize {
+        self.positions.len()
+    }
+
+    fn clear(&mut self) {
+        self.positions.clear();
+        self.row_seq.clear();
+        self.n_groups = 0;
+    }
+
+    fn group(&self, g: usize) -> &CpuGroup {
+        assert!(
+            g < self.n_groups,
+            "KV group {g} not in this step ({} groups)",
+            self.n_groups
+        );
+        &self.groups[g]
+    }
+}
+
+/// One unit of `attention_step`'s work: spans `k_lo..k_hi` of one row for one KV head's
+/// GQA group. `split == u32::MAX`: the item covers the row's every span and writes its
+/// output; otherwise it writes per-span partials for `splits[split]` to fold.
+#[derive(Clone, Copy)]
+struct AttnItem {
+    seq: u32,
+    row: u32,
+    kvh: u32,
+    k_lo: u32,
+    k_hi: u32,
+    split: u32,
+}
+
+/// A (row, KV head) whose spans were spread over several items: its partials start at
+/// `base` in `PagedWork::partial`, one per span from `k0` to `k1`, and the item that
+/// brings `remaining` to zero folds them.
+struct AttnSplit {
+    seq: u32,
+    row: u32,
+    kvh: u32,
+    k0: u32,
+    k1: u32,
+    base: usize,
+    remaining: AtomicU32,
+}
+
+#[derive(Default)]
+struct PagedWork {
+    items: Vec<AttnItem>,
+    /// Item ranges of the region's chunks: chunk c is `bounds[c]..bounds[c + 1]`.
+    bounds: Vec<usize>,
+    splits: Vec<AttnSplit>,
+    partial: Vec<f32>,
+}
+
+/// A fixed cost per work item (row setup, the fold), in positions, for balancing chunks.
+const ITEM_COST: usize = 16;
+
+thread_local! {
+    /// Each thread's block ranges of the span it is attending over.
+    static SEGS: RefCell<Vec<Range<usize>>> = const { RefCell::new(Vec::new()) };
+}
+
 pub struct CpuBackend {
     /// Store the KV cache in f32 instead of f16.
     kv_f32: bool,
@@ -185,6 +277,11 @@ pub struct CpuBackend {
     f32_acts: bool,
     /// Partial attention results (split decode attention), reused across calls.
     attn_partial: std::sync::Mutex<Vec<f32>>,
+    /// Positions per span of `attention_step` (see `ops::PagedAttn`): part of the
+    /// arithmetic, so fixed per backend.
+    attn_span: usize,
+    /// `attention_step`'s work list and partial results, reused across calls.
+    paged: std::sync::Mutex<PagedWork>,
     pool: ThreadPool,
     /// Quantized activations, one buffer per activation format, reused by every matmul.
     acts: std::sync::Mutex<[QuantizedActs; 3]>,
@@ -262,6 +359,8 @@ impl CpuBackend {
             kv_f32,
             f32_acts: false,
             attn_partial: Default::default(),
+            attn_span: ops::ATTN_SPAN,
+            paged: Default::default(),
             pool: ThreadPool::new(n_threads),
             acts: Default::default(),
             profile: profile.then(Default::default),
@@ -272,6 +371,16 @@ impl CpuBackend {
     /// weight format alone costs, or for the last bit of accuracy.
     pub fn with_f32_activations(mut self, on: bool) -> CpuBackend {
         self.f32_acts = on;
+        self
+    }
+
+    /// Positions per span of `attention_step` (default `ops::ATTN_SPAN`). It is part of
+    /// the arithmetic: results are batch-invariant among backends with the same span, and
+    /// differ in the last bits between spans. For tests (many spans from short contexts)
+    /// and measurement.
+    pub fn with_attn_span(mut self, span: usize) -> CpuBackend {
+        assert!(span >= 1, "attention span of at least one position");
+        self.attn_span = span;
         self
     }
 
@@ -318,6 +427,233 @@ impl CpuBackend {
         } else {
             self.pool.for_ranges(len, 1024, f);
         }
+    }
+
+    /// `attention_step` for one element type of the pools.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_paged<T: ops::KvElem>(
+        &self,
+        q: &[f32],
+        k: &[T],
+        v: &[T],
+        n: usize,
+        step: &CpuStep,
+        gi: usize,
+        s: &AttnShape,
+        out: &mut [f32],
+    ) {
+        let g = step.group(gi);
+        let (hd, kvh_n) = (s.head_dim, s.n_kv_heads);
+        assert!(
+            kvh_n > 0 && s.n_heads.is_multiple_of(kvh_n),
+            "{} query heads over {kvh_n} KV heads",
+            s.n_heads
+        );
+        let group = s.n_heads / kvh_n;
+        assert!(
+            group <= crate::backend::MAX_GQA_GROUP,
+            "at most {} query heads per KV head",
+            crate::backend::MAX_GQA_GROUP
+        );
+        assert_eq!(
+            n,
+            step.n_rows(),
+            "attention_step over {n} rows of a {}-row step",
+            step.n_rows()
+        );
+        assert_eq!(s.window, g.window, "the layer's window differs from its KV group's");
+        let pool_len = g.n_blocks * g.block_size * kvh_n * hd;
+        assert!(
+            k.len() == pool_len && v.len() == pool_len,
+            "KV pools of {} / {} elements, the group's geometry needs {pool_len}",
+            k.len(),
+            v.len()
+        );
+        let qw = s.n_heads * hd;
+        assert!(
+            q.len() >= n * qw && out.len() >= n * qw,
+            "attention_step buffers too small"
+        );
+        let span = self.attn_span;
+        let view = |seq: u32| {
+            let sr = &g.seqs[seq as usize];
+            ops::PagedAttn {
+                k,
+                v,
+                table: &g.tables[sr.table_start as usize..sr.table_start as usize + sr.table_len as usize],
+                block_size: g.block_size,
+                kv_heads: kvh_n,
+                head_dim: hd,
+                scale: s.scale,
+                softcap: s.softcap,
+                window: g.window,
+                span,
+            }
+        };
+        for (r, &o) in step.row_seq.iter().enumerate() {
+            if o == u32::MAX {
+                out[r * qw..(r + 1) * qw].fill(0.0);
+            }
+        }
+
+        // Work items. Scheduling only: which thread computes which spans never changes a
+        // row's arithmetic (see `ops::PagedAttn`). A row's spans go to one item unless
+        // that item would hold more than about 1/(4 · threads) of all the work (a long
+        // decode row among few), then to pieces whose partials are folded afterwards.
+        let nt = self.pool.n_threads();
+        let total_spans: usize = g
+            .seqs
+            .iter()
+            .enumerate()
+            .map(|(si, sr)| {
+                let a = view(si as u32);
+                let p0 = step.positions[sr.first_row as usize] as usize;
+                (p0..p0 + sr.n_rows as usize).map(|p| a.spans(p).len()).sum::<usize>()
+            })
+            .sum::<usize>()
+            * kvh_n;
+        let max_sp = if nt == 1 {
+            usize::MAX
+        } else {
+            total_spans.div_ceil(4 * nt).max(1)
+        };
+        let stride = group * (hd + 2);
+        let mut work = self.paged.lock().unwrap_or_else(|e| e.into_inner());
+        let work = &mut *work;
+        work.items.clear();
+        work.splits.clear();
+        let mut partial_len = 0;
+        // Sequence, then KV head, then row: neighbouring items read the same head's
+        // blocks, which a thread's chunk then keeps in cache.
+        for (si, sr) in g.seqs.iter().enumerate() {
+            let a = view(si as u32);
+            for kvh in 0..kvh_n {
+                for row in sr.first_row..sr.first_row + sr.n_rows {
+                    let ks = a.spans(step.positions[row as usize] as usize);
+                    let mut item = AttnItem {
+                        seq: si as u32,
+                        row,
+                        kvh: kvh as u32,
+                        k_lo: ks.start as u32,
+                        k_hi: ks.end as u32,
+                        split: u32::MAX,
+                    };
+                    if ks.len() <= max_sp {
+                        work.items.push(item);
+                        continue;
+                    }
+                    let pieces = ks.len().div_ceil(max_sp);
+                    item.split = work.splits.len() as u32;
+                    work.splits.push(AttnSplit {
+                        seq: si as u32,
+                        row,
+                        kvh: kvh as u32,
+                        k0: ks.start as u32,
+                        k1: ks.end as u32,
+                        base: partial_len,
+                        remaining: AtomicU32::new(pieces as u32),
+                    });
+                    partial_len += ks.len() * stride;
+                    for i in 0..pieces {
+                        let r = crate::pool::split_range(ks.len(), i, pieces, 1);
+                        item.k_lo = (ks.start + r.start) as u32;
+                        item.k_hi = (ks.start + r.end) as u32;
+                        work.items.push(item);
+                    }
+                }
+            }
+        }
+        if work.partial.len() < partial_len {
+            work.partial.resize(partial_len, 0.0);
+        }
+        // Chunks of about equal cost (positions attended), claimed dynamically.
+        let cost = |it: &AttnItem| {
+            let p = step.positions[it.row as usize] as usize;
+            let a = view(it.seq);
+            let (lo, hi) = (it.k_lo as usize, it.k_hi as usize - 1);
+            a.span_positions(hi, p).end - a.span_positions(lo, p).start + ITEM_COST
+        };
+        let total_cost: usize = work.items.iter().map(cost).sum();
+        let n_chunks = work.items.len().min(4 * nt);
+        work.bounds.clear();
+        work.bounds.push(0);
+        let mut acc = 0;
+        for (i, it) in work.items.iter().enumerate() {
+            acc += cost(it);
+            let next = work.bounds.len();
+            if next < n_chunks && acc * n_chunks >= total_cost * next {
+                work.bounds.push(i + 1);
+            }
+        }
+        work.bounds.push(work.items.len());
+
+        let (items, bounds, splits) = (&work.items, &work.bounds, &work.splits);
+        let part_ptr = SharedMut(work.partial.as_mut_ptr());
+        let out_ptr = SharedMut(out.as_mut_ptr());
+        let scratch_len = ops::paged_row_scratch(group, hd, span);
+        self.pool.run_chunks(bounds.len() - 1, |c| {
+            with_scratch(scratch_len, |scratch| {
+                SEGS.with(|segs| {
+                    let segs = &mut *segs.borrow_mut();
+                    for it in &items[bounds[c]..bounds[c + 1]] {
+                        let (row, kvh) = (it.row as usize, it.kvh as usize);
+                        let p = step.positions[row] as usize;
+                        let a = view(it.seq);
+                        let q_off = row * qw + kvh * group * hd;
+                        let qs = &q[q_off..q_off + group * hd];
+                        if it.split == u32::MAX {
+                            // SAFETY: sequences own disjoint rows (validated by
+                            // `write_step`), and each (row, KV head) has exactly one
+                            // unsplit item, so this group of heads of this row is written
+                            // by this thread alone; it lies inside `out[..n * qw]`.
+                            let o = unsafe { out_ptr.slice(q_off, group * hd) };
+                            a.attend_row(qs, group, kvh, p, segs, scratch, o);
+                            continue;
+                        }
+                        let sp = &splits[it.split as usize];
+                        let scores = &mut scratch[..group * span];
+                        for k in it.k_lo..it.k_hi {
+                            let base = sp.base + (k - sp.k0) as usize * stride;
+                            // SAFETY: each span of each split (row, KV head) has its own
+                            // `stride` floats in `partial` (laid out above, inside its
+                            // length), and exactly one item computes each span.
+                            let (po, st) = unsafe {
+                                (
+                                    part_ptr.slice(base, group * hd),
+                                    part_ptr.slice(base + group * hd, 2 * group),
+                                )
+                            };
+                            a.span_partial(qs, group, kvh, k as usize, p, segs, scores, po, st);
+                        }
+                        // The last piece to finish folds every span in order. AcqRel: the
+                        // pieces' partial writes (released by their decrements) are
+                        // visible to whichever thread sees the count reach zero.
+                        if sp.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
+                            continue;
+                        }
+                        debug_assert!(sp.seq == it.seq && sp.row == it.row && sp.kvh == it.kvh);
+                        // SAFETY: as for an unsplit item, this (row, KV head) output is
+                        // written only here, by the one thread that ended the count.
+                        let o = unsafe { out_ptr.slice(q_off, group * hd) };
+                        let mut stats = [0f32; 2 * crate::backend::MAX_GQA_GROUP];
+                        for k in sp.k0..sp.k1 {
+                            let base = sp.base + (k - sp.k0) as usize * stride;
+                            // SAFETY: every piece of this split is done (the count reached
+                            // zero), so nobody writes these partials any more; reading
+                            // them through the shared pointer does not alias a live `&mut`.
+                            let (po, st) = unsafe {
+                                (
+                                    &*part_ptr.slice(base, group * hd),
+                                    &*part_ptr.slice(base + group * hd, 2 * group),
+                                )
+                            };
+                            ops::fold_span(o, &mut stats[..2 * group], po, st, group, k == sp.k0);
+                        }
+                        ops::finish_fold(o, &stats[..2 * group], group);
+                    }
+                })
+            })
+        });
     }
 
     /// Accumulated (op, seconds, calls), most expensive first; clears the counters.
@@ -747,5 +1083,159 @@ impl Backend for CpuBackend {
 
     fn argmax(&self, buf: &Vec<f32>, range: Range<usize>) -> u32 {
         ops::argmax(&buf[range]).0 as u32
+    }
+
+    type Step = CpuStep;
+
+    fn new_step(&self, max_rows: usize, max_seqs: usize, max_table: usize, n_groups: usize) -> CpuStep {
+        CpuStep {
+            caps: StepCaps {
+                max_rows,
+                max_seqs,
+                max_table,
+                n_groups,
+            },
+            positions: Vec::with_capacity(max_rows),
+            groups: (0..n_groups)
+                .map(|_| CpuGroup {
+                    block_size: 0,
+                    n_blocks: 0,
+                    window: 0,
+                    slots: Vec::with_capacity(max_rows),
+                    seqs: Vec::with_capacity(max_seqs),
+                    tables: Vec::with_capacity(max_table),
+                })
+                .collect(),
+            n_groups: 0,
+            row_seq: Vec::with_capacity(max_rows),
+            sort: Vec::with_capacity(max_rows),
+        }
+    }
+
+    fn write_step(&self, layout: &StepLayout, step: &mut CpuStep) -> Result<(), String> {
+        let caps = step.caps;
+        if let Err(e) = layout.validate(&caps, &mut step.row_seq, &mut step.sort) {
+            step.clear();
+            return Err(e);
+        }
+        // Within the capacities just checked: no allocation.
+        step.positions.clear();
+        step.positions.extend_from_slice(&layout.positions);
+        for (dst, src) in step.groups.iter_mut().zip(&layout.groups) {
+            dst.block_size = src.block_size as usize;
+            dst.n_blocks = src.n_blocks as usize;
+            dst.window = src.window as usize;
+            dst.slots.clear();
+            dst.slots.extend_from_slice(&src.slots);
+            dst.seqs.clear();
+            dst.seqs.extend_from_slice(&src.seqs);
+            dst.tables.clear();
+            dst.tables.extend_from_slice(&src.block_tables);
+        }
+        step.n_groups = layout.groups.len();
+        Ok(())
+    }
+
+    fn alloc_kv_pages(&self, n_blocks: usize, block_size: usize, kv_heads: usize, head_dim: usize) -> KvCache {
+        let len = n_blocks
+            .checked_mul(block_size)
+            .and_then(|x| x.checked_mul(kv_heads))
+            .and_then(|x| x.checked_mul(head_dim))
+            .expect("KV pool size overflows");
+        self.alloc_kv(len)
+    }
+
+    fn rope_step(
+        &self,
+        x: &mut Vec<f32>,
+        n: usize,
+        n_heads: usize,
+        head_dim: usize,
+        step: &CpuStep,
+        rope: &RopeParams<'_, Self>,
+    ) {
+        let _p = self.prof(|| "rope".into());
+        assert_eq!(
+            n,
+            step.n_rows(),
+            "rope_step over {n} rows of a {}-row step",
+            step.n_rows()
+        );
+        let w = n_heads * head_dim;
+        assert!(x.len() >= n * w, "rope_step input too small");
+        let (xp, inv) = (SharedMut(x.as_mut_ptr()), &rope.inv_freq[..]);
+        // Each row on its own: the same rotation as `rope` at that position, whatever
+        // else is in the batch.
+        self.for_rows(n, w, |t| {
+            // SAFETY: each row is handed to exactly one thread, inside `x[..n * w]`.
+            let row = unsafe { xp.slice(t * w, w) };
+            ops::rope(row, n_heads, head_dim, step.positions[t] as usize, inv, rope.neox);
+        });
+    }
+
+    fn kv_write_step(
+        &self,
+        cache: &mut KvCache,
+        src: &Vec<f32>,
+        n: usize,
+        step: &CpuStep,
+        group: usize,
+        s: &AttnShape,
+    ) {
+        let _p = self.prof(|| "kv_write".into());
+        let g = step.group(group);
+        assert_eq!(
+            n,
+            step.n_rows(),
+            "kv_write_step of {n} rows into a {}-row step",
+            step.n_rows()
+        );
+        let (hd, kvh_n, bs) = (s.head_dim, s.n_kv_heads, g.block_size);
+        let width = kvh_n * hd;
+        let pool_len = g.n_blocks * bs * width;
+        let len = match cache {
+            KvCache::F16(c) => c.len(),
+            KvCache::F32(c) => c.len(),
+        };
+        assert_eq!(
+            len, pool_len,
+            "a KV pool of {len} elements, the group's geometry needs {pool_len}"
+        );
+        assert!(src.len() >= n * width, "kv_write_step input too small");
+        for (t, &slot) in g.slots.iter().enumerate() {
+            if slot == NO_BLOCK {
+                continue; // padding row
+            }
+            let (block, off) = (slot as usize / bs, slot as usize % bs);
+            for h in 0..kvh_n {
+                let dst = ((block * kvh_n + h) * bs + off) * hd;
+                let row = &src[t * width + h * hd..t * width + (h + 1) * hd];
+                match cache {
+                    KvCache::F16(c) => {
+                        half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut c[dst..dst + hd], row)
+                    }
+                    KvCache::F32(c) => c[dst..dst + hd].copy_from_slice(row),
+                }
+            }
+        }
+    }
+
+    fn attention_step(
+        &self,
+        q: &Vec<f32>,
+        k: &KvCache,
+        v: &KvCache,
+        n: usize,
+        step: &CpuStep,
+        group: usize,
+        s: &AttnShape,
+        out: &mut Vec<f32>,
+    ) {
+        let _p = self.prof(|| "attention".into());
+        match (k, v) {
+            (KvCache::F16(k), KvCache::F16(v)) => self.attention_paged(q, k, v, n, step, group, s, out),
+            (KvCache::F32(k), KvCache::F32(v)) => self.attention_paged(q, k, v, n, step, group, s, out),
+            _ => panic!("K and V caches of different precision"),
+        }
     }
 }

@@ -1,5 +1,8 @@
 //! Plain single-threaded kernels over slices. Each is the unit the CPU backend
-//! parallelises, and each has an oracle test in `tests/ops.rs`.
+//! parallelises, and each has an oracle test in `tests/ops.rs` (the paged attention's,
+//! [`PagedAttn`] and the span fold, in `tests/paged.rs`).
+
+use std::ops::Range;
 
 use half::f16;
 
@@ -239,10 +242,49 @@ pub struct HeadAttn {
     pub softcap: f32,
 }
 
-impl HeadAttn {
-    fn len(&self) -> usize {
-        self.rows[0].len() + self.rows[1].len()
+/// Asks for the `hd` elements of row `row` of `base` to be brought into cache.
+///
+/// Why: a paged pool keeps one head's rows in runs of one block (4 KiB for 16 rows of 128
+/// halves), too short for the hardware prefetchers to get going on, so a long decode
+/// context streamed from DRAM stalls at every block. The score kernels therefore ask,
+/// while on row `o` of one range, for row `o` of the next range, K and V (V is read by
+/// the values pass right after). Long ranges (the old contiguous cache) get no
+/// prefetches ([`prefetch_target`]). Prefetching changes no result.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_row<T>(base: *const T, row: usize, hd: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    // `wrapping_add` keeps the pointer arithmetic defined whatever the row (the callers'
+    // rows come from ranges checked against the slice anyway).
+    let p = base.wrapping_add(row * hd).cast::<i8>();
+    for off in (0..hd * std::mem::size_of::<T>()).step_by(64) {
+        // SAFETY: SSE is part of x86_64; a prefetch is only an address hint, it never
+        // faults and changes no memory, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off)) };
     }
+}
+
+/// Longest run of rows after which the next range is still prefetched by hand: past a
+/// few KiB the hardware prefetchers have locked on, and the next range's rows would be
+/// asked for long before they are used (a ring buffer's wrapped part, say).
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_MAX_RUN: usize = 64;
+
+/// The range whose rows are prefetched while range `si` is processed (see
+/// [`prefetch_row`]): the next one, if range `si` is short.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_target(segs: &[Range<usize>], si: usize) -> Range<usize> {
+    match segs.get(si + 1) {
+        Some(next) if segs[si].len() <= PREFETCH_MAX_RUN => next.clone(),
+        _ => 0..0,
+    }
+}
+
+/// Rows in a list of row ranges.
+#[inline]
+fn rows_in(segs: &[Range<usize>]) -> usize {
+    segs.iter().map(|r| r.len()).sum()
 }
 
 /// A KV-cache element type: half precision (the default, half the memory traffic) or f32.
@@ -316,8 +358,30 @@ pub fn attend_group<T: KvElem>(
     out: &mut [f32],
     stats: &mut [f32],
 ) {
-    let n = a.len();
-    let end = a.rows.iter().map(|r| r.end).max().unwrap_or(0);
+    attend_segments(qs, group, k, v, hd, &a.rows, a.scale, a.softcap, scores, out, stats)
+}
+
+/// [`attend_group`] over any number of row ranges `segs`, oldest first (a paged cache:
+/// one range per block a span touches). Every score is the same dot product whatever
+/// range its row sits in or how the ranges are cut, and the softmax sum and the V sums
+/// run over the rows in order, so the result depends only on the sequence of rows
+/// attended, not on where they are stored.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_segments<T: KvElem>(
+    qs: &[f32],
+    group: usize,
+    k: &[T],
+    v: &[T],
+    hd: usize,
+    segs: &[Range<usize>],
+    scale: f32,
+    softcap: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+    stats: &mut [f32],
+) {
+    let n: usize = segs.iter().map(|r| r.len()).sum();
+    let end = segs.iter().map(|r| r.end).max().unwrap_or(0);
     assert!(group >= 1 && qs.len() >= group * hd && out.len() >= group * hd && stats.len() >= 2 * group);
     assert!(scores.len() >= group * n && k.len() >= end * hd && v.len() >= end * hd);
     #[cfg(target_arch = "x86_64")]
@@ -327,49 +391,64 @@ pub fn attend_group<T: KvElem>(
         unsafe {
             if wide_available() {
                 match group {
-                    1 => group_scores512::<T, 1>(qs, k, hd, a, scores),
-                    2 => group_scores512::<T, 2>(qs, k, hd, a, scores),
-                    3 => group_scores512::<T, 3>(qs, k, hd, a, scores),
-                    4 => group_scores512::<T, 4>(qs, k, hd, a, scores),
-                    5 => group_scores512::<T, 5>(qs, k, hd, a, scores),
-                    6 => group_scores512::<T, 6>(qs, k, hd, a, scores),
-                    7 => group_scores512::<T, 7>(qs, k, hd, a, scores),
-                    _ => group_scores512::<T, 8>(qs, k, hd, a, scores),
+                    1 => group_scores512::<T, 1>(qs, k, v, hd, segs, scale, scores),
+                    2 => group_scores512::<T, 2>(qs, k, v, hd, segs, scale, scores),
+                    3 => group_scores512::<T, 3>(qs, k, v, hd, segs, scale, scores),
+                    4 => group_scores512::<T, 4>(qs, k, v, hd, segs, scale, scores),
+                    5 => group_scores512::<T, 5>(qs, k, v, hd, segs, scale, scores),
+                    6 => group_scores512::<T, 6>(qs, k, v, hd, segs, scale, scores),
+                    7 => group_scores512::<T, 7>(qs, k, v, hd, segs, scale, scores),
+                    _ => group_scores512::<T, 8>(qs, k, v, hd, segs, scale, scores),
                 }
             } else {
-                group_scores_avx2(qs, group, k, hd, a, scores)
+                group_scores_avx2(qs, group, k, v, hd, segs, scale, scores)
             }
         };
     } else {
-        group_scores_portable(qs, group, k, hd, a, scores);
+        group_scores_portable(qs, group, k, hd, segs, scale, scores);
     }
     #[cfg(not(target_arch = "x86_64"))]
-    group_scores_portable(qs, group, k, hd, a, scores);
-    group_softmax(&mut scores[..group * n], n, a.softcap, stats);
+    group_scores_portable(qs, group, k, hd, segs, scale, scores);
+    group_softmax(&mut scores[..group * n], n, softcap, stats);
     #[cfg(target_arch = "x86_64")]
     if hd.is_multiple_of(8) && group <= 8 && avx2_available() && (!T::NEEDS_F16C || is_x86_feature_detected!("f16c")) {
         // SAFETY: as above.
-        unsafe { group_values_avx2(group, v, hd, a, scores, out) };
+        unsafe { group_values_avx2(group, v, hd, segs, scores, out) };
         return;
     }
-    group_values_portable(group, v, hd, a, scores, out);
+    group_values_portable(group, v, hd, segs, scores, out);
 }
 
-fn group_scores_portable<T: KvElem>(qs: &[f32], group: usize, k: &[T], hd: usize, a: &HeadAttn, scores: &mut [f32]) {
-    let n = a.len();
-    for (j, r) in a.rows.iter().flat_map(|r| r.clone()).enumerate() {
+fn group_scores_portable<T: KvElem>(
+    qs: &[f32],
+    group: usize,
+    k: &[T],
+    hd: usize,
+    segs: &[Range<usize>],
+    scale: f32,
+    scores: &mut [f32],
+) {
+    let n = rows_in(segs);
+    for (j, r) in segs.iter().flat_map(|r| r.clone()).enumerate() {
         let row = &k[r * hd..(r + 1) * hd];
         for g in 0..group {
             let q = &qs[g * hd..(g + 1) * hd];
-            scores[g * n + j] = q.iter().zip(row).map(|(x, y)| x * y.to_f32()).sum::<f32>() * a.scale;
+            scores[g * n + j] = q.iter().zip(row).map(|(x, y)| x * y.to_f32()).sum::<f32>() * scale;
         }
     }
 }
 
-fn group_values_portable<T: KvElem>(group: usize, v: &[T], hd: usize, a: &HeadAttn, w: &[f32], out: &mut [f32]) {
-    let n = a.len();
+fn group_values_portable<T: KvElem>(
+    group: usize,
+    v: &[T],
+    hd: usize,
+    segs: &[Range<usize>],
+    w: &[f32],
+    out: &mut [f32],
+) {
+    let n = rows_in(segs);
     out[..group * hd].fill(0.0);
-    for (j, r) in a.rows.iter().flat_map(|r| r.clone()).enumerate() {
+    for (j, r) in segs.iter().flat_map(|r| r.clone()).enumerate() {
         let row = &v[r * hd..(r + 1) * hd];
         for g in 0..group {
             let wg = w[g * n + j];
@@ -384,16 +463,31 @@ fn group_values_portable<T: KvElem>(group: usize, v: &[T], hd: usize, a: &HeadAt
 /// heads (independent FMA chains, one per head).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn group_scores_avx2<T: KvElem>(qs: &[f32], group: usize, k: &[T], hd: usize, a: &HeadAttn, scores: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn group_scores_avx2<T: KvElem>(
+    qs: &[f32],
+    group: usize,
+    k: &[T],
+    v: &[T],
+    hd: usize,
+    segs: &[Range<usize>],
+    scale: f32,
+    scores: &mut [f32],
+) {
     use std::arch::x86_64::*;
-    let n = a.len();
+    let n = rows_in(segs);
     // SAFETY (whole body): row indices are below the largest range end and chunk offsets
-    // below hd, which `attend_group` checked against the slice lengths; group <= 8.
+    // below hd, which `attend_segments` checked against the slice lengths; group <= 8.
     unsafe {
-        let (qp, kp) = (qs.as_ptr(), k.as_ptr());
+        let (qp, kp, vp) = (qs.as_ptr(), k.as_ptr(), v.as_ptr());
         let mut j = 0;
-        for seg in &a.rows {
-            for r in seg.clone() {
+        for (si, seg) in segs.iter().enumerate() {
+            let next = prefetch_target(segs, si);
+            for (o, r) in seg.clone().enumerate() {
+                if o < next.len() {
+                    prefetch_row(kp, next.start + o, hd);
+                    prefetch_row(vp, next.start + o, hd);
+                }
                 let kr = kp.add(r * hd);
                 let mut acc = [_mm256_setzero_ps(); 8];
                 let mut c = 0;
@@ -408,7 +502,7 @@ unsafe fn group_scores_avx2<T: KvElem>(qs: &[f32], group: usize, k: &[T], hd: us
                     let s = _mm_add_ps(_mm256_castps256_ps128(*ag), _mm256_extractf128_ps(*ag, 1));
                     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
                     let s = _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
-                    scores[g * n + j] = s * a.scale;
+                    scores[g * n + j] = s * scale;
                 }
                 j += 1;
             }
@@ -425,23 +519,24 @@ unsafe fn group_scores_avx2<T: KvElem>(qs: &[f32], group: usize, k: &[T], hd: us
 /// As for [`group_scores_avx2`], with AVX-512F present and `G` the group size.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c,avx512f")]
-unsafe fn group_scores512<T: KvElem, const G: usize>(qs: &[f32], k: &[T], hd: usize, a: &HeadAttn, scores: &mut [f32]) {
+unsafe fn group_scores512<T: KvElem, const G: usize>(
+    qs: &[f32],
+    k: &[T],
+    v: &[T],
+    hd: usize,
+    segs: &[Range<usize>],
+    scale: f32,
+    scores: &mut [f32],
+) {
     use std::arch::x86_64::*;
-    let n = a.len();
-    let row_at = |j: usize| {
-        if j < a.rows[0].len() {
-            a.rows[0].start + j
-        } else {
-            a.rows[1].start + (j - a.rows[0].len())
-        }
-    };
+    let n = rows_in(segs);
     let hsum = |v: __m256| {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
     };
     // SAFETY (whole body): row indices are below the largest range end and chunk offsets
-    // below hd, which `attend_group` checked against the slice lengths; qs holds G · hd.
+    // below hd, which `attend_segments` checked against the slice lengths; qs holds G · hd.
     // The element type is f16 exactly when `T::NEEDS_F16C`, so the casts read what is
     // stored.
     unsafe {
@@ -458,9 +553,8 @@ unsafe fn group_scores512<T: KvElem, const G: usize>(qs: &[f32], k: &[T], hd: us
                 pair_f32x8(lo, hi)
             }
         };
-        let mut j = 0;
-        while j + 1 < n {
-            let (r0, r1) = (row_at(j), row_at(j + 1));
+        let vp = v.as_ptr();
+        let pair = |r0: usize, r1: usize, j: usize, scores: &mut [f32]| {
             let mut acc = [_mm512_setzero_ps(); G];
             for c in (0..hd).step_by(8) {
                 let kv = load_pair(r0, r1, c);
@@ -473,14 +567,31 @@ unsafe fn group_scores512<T: KvElem, const G: usize>(qs: &[f32], k: &[T], hd: us
             for (g, ag) in acc.iter().enumerate() {
                 let lo = _mm512_castps512_ps256(*ag);
                 let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(*ag)));
-                scores[g * n + j] = hsum(lo) * a.scale;
-                scores[g * n + j + 1] = hsum(hi) * a.scale;
+                scores[g * n + j] = hsum(lo) * scale;
+                scores[g * n + j + 1] = hsum(hi) * scale;
             }
-            j += 2;
+        };
+        // Rows in order across the ranges, in pairs that may straddle two ranges.
+        let (mut j, mut pending) = (0, None);
+        for (si, seg) in segs.iter().enumerate() {
+            let next = prefetch_target(segs, si);
+            for (o, r) in seg.clone().enumerate() {
+                if o < next.len() {
+                    prefetch_row(kp, next.start + o, hd);
+                    prefetch_row(vp, next.start + o, hd);
+                }
+                match pending.take() {
+                    None => pending = Some(r),
+                    Some(r0) => {
+                        pair(r0, r, j, scores);
+                        j += 2;
+                    }
+                }
+            }
         }
-        if j < n {
+        if let Some(r) = pending {
             // The odd last row: the 256-bit arithmetic on its own.
-            let kr = kp.add(row_at(j) * hd);
+            let kr = kp.add(r * hd);
             let mut acc = [_mm256_setzero_ps(); G];
             for c in (0..hd).step_by(8) {
                 let kv = T::load8(kr.add(c));
@@ -489,7 +600,7 @@ unsafe fn group_scores512<T: KvElem, const G: usize>(qs: &[f32], k: &[T], hd: us
                 }
             }
             for (g, ag) in acc.iter().enumerate() {
-                scores[g * n + j] = hsum(*ag) * a.scale;
+                scores[g * n + j] = hsum(*ag) * scale;
             }
         }
     }
@@ -514,7 +625,14 @@ fn pair_f32x8(lo: std::arch::x86_64::__m256, hi: std::arch::x86_64::__m256) -> s
 /// not change results.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn group_values_avx2<T: KvElem>(group: usize, v: &[T], hd: usize, a: &HeadAttn, w: &[f32], out: &mut [f32]) {
+unsafe fn group_values_avx2<T: KvElem>(
+    group: usize,
+    v: &[T],
+    hd: usize,
+    segs: &[Range<usize>],
+    w: &[f32],
+    out: &mut [f32],
+) {
     // Tiles of D chunks: 4 for groups up to 3, 2 up to 6, else 1 (the accumulators must
     // fit the registers), when hd splits into whole tiles.
     macro_rules! by_group {
@@ -524,20 +642,20 @@ unsafe fn group_values_avx2<T: KvElem>(group: usize, v: &[T], hd: usize, a: &Hea
                 hd.is_multiple_of(4 * $lanes),
                 hd.is_multiple_of(2 * $lanes),
             ) {
-                (1, true, _) => $tile::<T, 1, 4>(v, hd, a, w, out),
-                (2, true, _) => $tile::<T, 2, 4>(v, hd, a, w, out),
-                (3, true, _) => $tile::<T, 3, 4>(v, hd, a, w, out),
-                (4, _, true) => $tile::<T, 4, 2>(v, hd, a, w, out),
-                (5, _, true) => $tile::<T, 5, 2>(v, hd, a, w, out),
-                (6, _, true) => $tile::<T, 6, 2>(v, hd, a, w, out),
-                (1, ..) => $tile::<T, 1, 1>(v, hd, a, w, out),
-                (2, ..) => $tile::<T, 2, 1>(v, hd, a, w, out),
-                (3, ..) => $tile::<T, 3, 1>(v, hd, a, w, out),
-                (4, ..) => $tile::<T, 4, 1>(v, hd, a, w, out),
-                (5, ..) => $tile::<T, 5, 1>(v, hd, a, w, out),
-                (6, ..) => $tile::<T, 6, 1>(v, hd, a, w, out),
-                (7, ..) => $tile::<T, 7, 1>(v, hd, a, w, out),
-                _ => $tile::<T, 8, 1>(v, hd, a, w, out),
+                (1, true, _) => $tile::<T, 1, 4>(v, hd, segs, w, out),
+                (2, true, _) => $tile::<T, 2, 4>(v, hd, segs, w, out),
+                (3, true, _) => $tile::<T, 3, 4>(v, hd, segs, w, out),
+                (4, _, true) => $tile::<T, 4, 2>(v, hd, segs, w, out),
+                (5, _, true) => $tile::<T, 5, 2>(v, hd, segs, w, out),
+                (6, _, true) => $tile::<T, 6, 2>(v, hd, segs, w, out),
+                (1, ..) => $tile::<T, 1, 1>(v, hd, segs, w, out),
+                (2, ..) => $tile::<T, 2, 1>(v, hd, segs, w, out),
+                (3, ..) => $tile::<T, 3, 1>(v, hd, segs, w, out),
+                (4, ..) => $tile::<T, 4, 1>(v, hd, segs, w, out),
+                (5, ..) => $tile::<T, 5, 1>(v, hd, segs, w, out),
+                (6, ..) => $tile::<T, 6, 1>(v, hd, segs, w, out),
+                (7, ..) => $tile::<T, 7, 1>(v, hd, segs, w, out),
+                _ => $tile::<T, 8, 1>(v, hd, segs, w, out),
             }
         };
     }
@@ -555,28 +673,28 @@ unsafe fn group_values_avx2<T: KvElem>(group: usize, v: &[T], hd: usize, a: &Hea
 /// [`group_values_avx2`] for `G` heads and tiles of `D` chunks.
 ///
 /// # Safety
-/// AVX2/FMA (F16C for f16) present; `hd` a multiple of `8 · D`; every row of `a.rows`
-/// below `v.len() / hd`; `w` holds `G · a.len()` weights and `out` `G · hd` floats.
+/// AVX2/FMA (F16C for f16) present; `hd` a multiple of `8 · D`; every row of `segs`
+/// below `v.len() / hd`; `w` holds `G ·` (rows of `segs`) weights and `out` `G · hd` floats.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn values_tile<T: KvElem, const G: usize, const D: usize>(
     v: &[T],
     hd: usize,
-    a: &HeadAttn,
+    segs: &[Range<usize>],
     w: &[f32],
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    let n = a.len();
+    let n = rows_in(segs);
     // SAFETY (whole body): row indices are below the largest range end and dim offsets
-    // below hd, which `attend_group` checked against the slice lengths; `w` and `out`
+    // below hd, which `attend_segments` checked against the slice lengths; `w` and `out`
     // hold G · n and G · hd floats.
     unsafe {
         let (vp, wp, op) = (v.as_ptr(), w.as_ptr(), out.as_mut_ptr());
         for c0 in (0..hd).step_by(8 * D) {
             let mut acc = [[_mm256_setzero_ps(); D]; G];
             let mut j = 0;
-            for seg in &a.rows {
+            for seg in segs {
                 for r in seg.clone() {
                     let vr = vp.add(r * hd + c0);
                     let mut vv = [_mm256_setzero_ps(); D];
@@ -618,12 +736,12 @@ fn wide_available() -> bool {
 unsafe fn values_tile512<T: KvElem, const G: usize, const D: usize>(
     v: &[T],
     hd: usize,
-    a: &HeadAttn,
+    segs: &[Range<usize>],
     w: &[f32],
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    let n = a.len();
+    let n = rows_in(segs);
     // SAFETY (whole body): as in `values_tile`. The element type is f16 exactly when
     // `T::NEEDS_F16C` (the two `KvElem` types), so the casts read what is stored.
     unsafe {
@@ -638,7 +756,7 @@ unsafe fn values_tile512<T: KvElem, const G: usize, const D: usize>(
         for c0 in (0..hd).step_by(16 * D) {
             let mut acc = [[_mm512_setzero_ps(); D]; G];
             let mut j = 0;
-            for seg in &a.rows {
+            for seg in segs {
                 for r in seg.clone() {
                     let vr = vp.add(r * hd + c0);
                     let mut vv = [_mm512_setzero_ps(); D];
@@ -699,5 +817,190 @@ pub fn merge_partials<'a>(parts: impl Iterator<Item = (&'a [f32], f32, f32)> + C
         for (o, &x) in out.iter_mut().zip(o_part) {
             *o += f * x;
         }
+    }
+}
+
+// ------------------------------------------------------------- paged attention
+
+/// Positions per span of the paged attention (see [`PagedAttn`]); the CPU backend's
+/// default. Measured with `tests/paged_bench.rs` against 64, 128 and 512 (2 threads):
+/// spans of 64 cost up to 20% over the contiguous kernel (a call and a fold per 64
+/// rows), 128 up to 10%; 256 and 512 were within a few percent of each other and at
+/// 0.8-1.05 of the contiguous kernel; 256 keeps twice as many
+/// spans as 512 for one decode row to spread over threads (2048 positions: 8 per KV
+/// head), and is a multiple of every usual block size.
+pub const ATTN_SPAN: usize = 256;
+
+/// A sequence's K/V in a paged pool, seen by one attention call: what
+/// [`attend_row`](PagedAttn::attend_row) and
+/// [`span_partial`](PagedAttn::span_partial) need to find and weigh its rows.
+///
+/// # Batch invariance
+/// A row at position `p` attends to `lo..=p` (`lo = max(0, p - window + 1)`). Those
+/// positions are cut into *spans* at the multiples of `span` (absolute positions, so the
+/// cut depends on nothing but `p`, the window and `span`); each span's partial softmax is
+/// computed on its own ([`span_partial`](Self::span_partial)) and the spans are folded
+/// oldest first ([`fold_span`]), then normalised ([`finish_fold`]). Every step of that is
+/// a fixed function of the row's query, position and K/V (for a given span length and
+/// SIMD level), so a backend may compute the spans of one row on different threads, at
+/// different times, in a batch of any size, and still get the same bits, provided it
+/// folds them in the same order with the same functions. Where the rows are stored
+/// (block size, block ids) does not matter either: scores are per row and the sums run
+/// over the rows in position order. Cutting at absolute positions also gives every row
+/// of a prefill chunk the same span boundaries, so a kernel that shares K/V loads
+/// between the rows of a chunk can keep each row's arithmetic unchanged.
+#[derive(Clone, Copy)]
+pub struct PagedAttn<'a, T> {
+    /// One layer's pool, `[block][kv_head][offset][head_dim]`.
+    pub k: &'a [T],
+    pub v: &'a [T],
+    /// The sequence's block ids (entry j: positions `j*block_size..(j+1)*block_size`).
+    pub table: &'a [u32],
+    pub block_size: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+    pub softcap: f32,
+    /// 0 = all positions.
+    pub window: usize,
+    /// Positions per span.
+    pub span: usize,
+}
+
+/// Floats of scratch [`PagedAttn::attend_row`] needs for a GQA group of `group` heads.
+pub fn paged_row_scratch(group: usize, head_dim: usize, span: usize) -> usize {
+    group * span + group * head_dim + 4 * group
+}
+
+impl<T: KvElem> PagedAttn<'_, T> {
+    /// The first position a row at `p` sees.
+    #[inline]
+    pub fn first_visible(&self, p: usize) -> usize {
+        if self.window == 0 {
+            0
+        } else {
+            (p + 1).saturating_sub(self.window)
+        }
+    }
+
+    /// The spans (by index k: positions `k*span..(k+1)*span`) a row at `p` attends over.
+    #[inline]
+    pub fn spans(&self, p: usize) -> Range<usize> {
+        self.first_visible(p) / self.span..p / self.span + 1
+    }
+
+    /// Positions of span `k` that a row at `p` sees.
+    #[inline]
+    pub fn span_positions(&self, k: usize, p: usize) -> Range<usize> {
+        self.first_visible(p).max(k * self.span)..(p + 1).min((k + 1) * self.span)
+    }
+
+    /// The pool rows (in units of `head_dim`) of KV head `kvh` holding `positions`, one
+    /// range per block touched, oldest first, into `segs`.
+    pub fn segments(&self, kvh: usize, positions: Range<usize>, segs: &mut Vec<Range<usize>>) {
+        segs.clear();
+        let bs = self.block_size;
+        let mut p = positions.start;
+        while p < positions.end {
+            let (j, off) = (p / bs, p % bs);
+            let len = (bs - off).min(positions.end - p);
+            let base = (self.table[j] as usize * self.kv_heads + kvh) * bs;
+            segs.push(base + off..base + off + len);
+            p += len;
+        }
+    }
+
+    /// Span `k`'s partial attention of the row at `p` for the GQA group of KV head
+    /// `kvh` (queries `qs`, `group` heads): as [`attend_group`] leaves it, unnormalised
+    /// `out` (`group * head_dim`) and `(max, sum)` per head in `stats`. `scores` holds
+    /// at least `group * span` floats.
+    #[allow(clippy::too_many_arguments)]
+    pub fn span_partial(
+        &self,
+        qs: &[f32],
+        group: usize,
+        kvh: usize,
+        k: usize,
+        p: usize,
+        segs: &mut Vec<Range<usize>>,
+        scores: &mut [f32],
+        out: &mut [f32],
+        stats: &mut [f32],
+    ) {
+        self.segments(kvh, self.span_positions(k, p), segs);
+        let hd = self.head_dim;
+        attend_segments(
+            qs,
+            group,
+            self.k,
+            self.v,
+            hd,
+            segs,
+            self.scale,
+            self.softcap,
+            scores,
+            out,
+            stats,
+        );
+    }
+
+    /// The whole, normalised attention of the row at `p` for the GQA group of KV head
+    /// `kvh` into `out` (`group * head_dim`): every span in order, folded as it comes.
+    /// `scratch` holds [`paged_row_scratch`] floats. This is the reference the batched
+    /// kernels reproduce bit for bit however they spread a row's spans.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend_row(
+        &self,
+        qs: &[f32],
+        group: usize,
+        kvh: usize,
+        p: usize,
+        segs: &mut Vec<Range<usize>>,
+        scratch: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let hd = self.head_dim;
+        let (scores, rest) = scratch.split_at_mut(group * self.span);
+        let (po, rest) = rest.split_at_mut(group * hd);
+        let (pstats, rest) = rest.split_at_mut(2 * group);
+        let stats = &mut rest[..2 * group];
+        for (i, k) in self.spans(p).enumerate() {
+            self.span_partial(qs, group, kvh, k, p, segs, scores, po, pstats);
+            fold_span(&mut out[..group * hd], stats, po, pstats, group, i == 0);
+        }
+        finish_fold(&mut out[..group * hd], stats, group);
+    }
+}
+
+/// Folds one span's partial result (`po`, `pstats`, as [`attend_segments`] leaves them)
+/// into the running result of the spans before it (`o`, `stats`, same layout), for
+/// `group` heads: the online-softmax rescaling to the larger maximum. `first`: there is
+/// no running result yet; it becomes a copy of the span's.
+pub fn fold_span(o: &mut [f32], stats: &mut [f32], po: &[f32], pstats: &[f32], group: usize, first: bool) {
+    if first {
+        o.copy_from_slice(po);
+        stats[..2 * group].copy_from_slice(&pstats[..2 * group]);
+        return;
+    }
+    let hd = o.len() / group;
+    for g in 0..group {
+        let (m, l) = (stats[2 * g], stats[2 * g + 1]);
+        let (pm, pl) = (pstats[2 * g], pstats[2 * g + 1]);
+        let mx = m.max(pm);
+        let (a, b) = (exp_nonpos(m - mx), exp_nonpos(pm - mx));
+        stats[2 * g] = mx;
+        stats[2 * g + 1] = l * a + pl * b;
+        for (x, &y) in o[g * hd..(g + 1) * hd].iter_mut().zip(&po[g * hd..(g + 1) * hd]) {
+            *x = *x * a + y * b;
+        }
+    }
+}
+
+/// Normalises a folded result: each head's output divided by its softmax sum.
+pub fn finish_fold(o: &mut [f32], stats: &[f32], group: usize) {
+    let hd = o.len() / group;
+    for g in 0..group {
+        let inv = 1.0 / stats[2 * g + 1];
+        o[g * hd..(g + 1) * hd].iter_mut().for_each(|x| *x *= inv);
     }
 }
