@@ -1,29 +1,13 @@
 //! Chat templates render byte for byte as Hugging Face transformers does. The expected
 //! strings in tests/fixtures/chat/cases.json come from scripts/make_chat_fixtures.py.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
+
+use common::{fixtures, ChatCase as Case};
 
 use ffai::chat::{ChatTemplate, Content, Message, RenderOptions, TemplateSource};
-use serde::Deserialize;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/chat")
-}
-
-#[derive(Deserialize)]
-struct Case {
-    template: String,
-    case: String,
-    messages: Vec<Message>,
-    add_generation_prompt: bool,
-    bos_token: String,
-    eos_token: String,
-    tools: Option<serde_json::Value>,
-    enable_thinking: Option<bool>,
-    today_format: Option<String>,
-    expected: Option<String>,
-    error: Option<String>,
-}
 
 fn load_template(name: &str) -> ChatTemplate {
     let path = fixtures().join(format!("{name}.jinja"));

@@ -3,14 +3,15 @@
 //! an abort, a hang or a stack overflow; the real templates of tests/fixtures/chat render
 //! as before.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{fixtures, ChatCase as Case};
 
 use ffai::chat::limits::{
     MAX_FORMAT_WIDTH, MAX_INDENT, MAX_ITEMS, MAX_RECURSION, MAX_RENDER_STEPS, MAX_TEMPLATE_BYTES, MAX_TEMPLATE_NESTING,
     MAX_VALUE_DEPTH, OUTPUT_BASE_BYTES, OUTPUT_BYTES_PER_INPUT_BYTE, WORK_PER_OUTPUT_BYTE,
 };
 use ffai::chat::{ChatTemplate, Message, RenderOptions, TemplateSource};
-use serde::Deserialize;
 
 const ORIGIN: &str = "chat template from GGUF tokenizer.chat_template: ";
 
@@ -726,24 +727,6 @@ fn message_content_is_data() {
     let out = render_with("{{ messages|tojson }}", &msgs).unwrap();
     // the list of messages, the list of parts, then the 120 levels
     assert_eq!(out.matches('[').count(), 122);
-}
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/chat")
-}
-
-#[derive(Deserialize)]
-struct Case {
-    template: String,
-    case: String,
-    messages: Vec<Message>,
-    add_generation_prompt: bool,
-    bos_token: String,
-    eos_token: String,
-    tools: Option<serde_json::Value>,
-    enable_thinking: Option<bool>,
-    today_format: Option<String>,
-    expected: Option<String>,
 }
 
 #[test]

@@ -6,6 +6,8 @@
 //! model's own add_bos default and special-token parsing on — the mode of
 //! `Tokenizer::encode(text, tok.add_bos_default())`.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -899,33 +901,11 @@ fn real_gguf_with_broken_tokenizer_metadata_is_an_error() {
 
 // --- Hugging Face directory ---
 
-const TINY_TOKENIZER_JSON: &str = r#"{
-  "version": "1.0",
-  "truncation": null,
-  "padding": null,
-  "added_tokens": [
-    {"id": 0, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
-    {"id": 1, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
-    {"id": 17, "content": "<|turn|>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}
-  ],
-  "normalizer": null,
-  "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-  "post_processor": null,
-  "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-  "model": {
-    "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-    "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-    "vocab": {"<s>": 0, "</s>": 1, "h": 2, "e": 3, "l": 4, "o": 5, "Ġ": 6, "w": 7, "r": 8, "d": 9,
-              "he": 10, "ll": 11, "hell": 12, "hello": 13, "Ġw": 14, "or": 15, "Ġwor": 16},
-    "merges": ["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or"]
-  }
-}"#;
-
 #[test]
 fn hf_dir_tokenizer() {
     let dir = std::env::temp_dir().join(format!("ffai-tokenizer-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("tokenizer.json"), TINY_TOKENIZER_JSON).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), common::TINY_TOKENIZER_JSON).unwrap();
     std::fs::write(
         dir.join("tokenizer_config.json"),
         r#"{
