@@ -13,6 +13,7 @@ use ffai::generate::GenerationParameters;
 use ffai::inspect::Tap;
 use ffai::{Error, LoadOptions, Model, Result};
 
+mod batch;
 mod convert;
 mod quality;
 
@@ -39,8 +40,10 @@ enum Cmd {
     Tokenize(TokenizeArgs),
     /// List the supported model families and their architecture names.
     Models,
-    /// Measure prefill and decode speed.
+    /// Measure prefill and decode speed (of one sequence, or of N at once).
     Bench(BenchArgs),
+    /// Generate for every line of a JSONL file, many sequences at once.
+    Batch(batch::BatchArgs),
     /// Print a conversation rendered with the model's chat template.
     RenderChat(RenderChatArgs),
     /// Perplexity of a model on a text file.
@@ -258,6 +261,12 @@ struct BenchArgs {
     repetitions: usize,
     #[arg(long)]
     json: bool,
+    /// Run N sequences at once through the batched engine (aggregate decode speed).
+    #[arg(long)]
+    sequences: Option<usize>,
+    /// With --sequences: most tokens in one step.
+    #[arg(long, default_value_t = 512)]
+    max_batch_tokens: usize,
 }
 
 fn main() -> ExitCode {
@@ -303,6 +312,7 @@ fn main() -> ExitCode {
         Cmd::Tokenize(a) => cmd_tokenize(a),
         Cmd::Models => cmd_models(),
         Cmd::Bench(a) => cmd_bench(a),
+        Cmd::Batch(a) => batch::cmd_batch(a),
         Cmd::RenderChat(a) => cmd_render_chat(a),
         Cmd::Perplexity(a) => quality::cmd_perplexity(a),
         Cmd::Kld(a) => quality::cmd_kld(a),
@@ -605,6 +615,83 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
+/// `bench --sequences N`: medians over the repetitions of the batched run (after one
+/// untimed warm-up run).
+fn bench_sequences(a: &BenchArgs, model: &Model, n: usize, load_s: f64) -> Result<()> {
+    if !(1..=ffai::engine::MAX_SEQUENCES).contains(&n) {
+        return Err(Error::new(format!(
+            "--sequences must be 1..={}",
+            ffai::engine::MAX_SEQUENCES
+        )));
+    }
+    if a.gen_tokens == 0 {
+        return Err(Error::new("--sequences needs --gen-tokens of at least 1"));
+    }
+    let engine = batch::EngineArgs {
+        max_sequences: n,
+        max_batch_tokens: a.max_batch_tokens,
+        kv_cache_size: None,
+        context: None,
+    };
+    batch::bench_sequences(model, &engine, n, a.prompt_tokens, a.gen_tokens.min(8), 1)?;
+    let (mut pp, mut tg) = (Vec::new(), Vec::new());
+    for r in 0..a.repetitions {
+        let (p, t) = batch::bench_sequences(model, &engine, n, a.prompt_tokens, a.gen_tokens, 1234 + r as u64)?;
+        pp.push(p);
+        tg.push(t);
+    }
+    let (pp_med, tg_med) = (median(&mut pp), median(&mut tg));
+    let rss = peak_rss_bytes();
+    let profile = model.device.take_profile();
+    if !profile.is_empty() {
+        let total: f64 = profile.iter().map(|p| p.1).sum();
+        eprintln!(
+            "per-op profile of the timed runs (prefill and decode; ops take {:.1} ms):",
+            total * 1e3
+        );
+        for (name, secs, calls) in profile.iter().take(16) {
+            eprintln!(
+                "{:<44} {:>10.2} ms {:>7.1}% {:>8} calls",
+                name,
+                secs * 1e3,
+                100.0 * secs / total,
+                calls
+            );
+        }
+    }
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "model": model.location.path().display().to_string(),
+                "device": model.lm.device_name(),
+                "sequences": n,
+                "prompt_tokens": a.prompt_tokens,
+                "gen_tokens": a.gen_tokens,
+                "repetitions": a.repetitions,
+                "prefill_tokens_per_s": pp_med,
+                "decode_tokens_per_s": tg_med,
+                "peak_rss_bytes": rss,
+                "load_seconds": load_s,
+            })
+        );
+    } else {
+        println!(
+            "model: {} ({}), {n} sequences",
+            model.location.path().display(),
+            model.lm.device_name()
+        );
+        println!("prefill {n} x pp{}: {pp_med:.1} tok/s (all sequences)", a.prompt_tokens);
+        println!(
+            "decode {n} x tg{}: {tg_med:.1} tok/s aggregate, {:.1} per sequence",
+            a.gen_tokens,
+            tg_med / n as f64
+        );
+        println!("peak RSS: {:.1} MiB", rss as f64 / (1024.0 * 1024.0));
+    }
+    Ok(())
+}
+
 /// More repetitions than this say nothing more about the median.
 const MAX_BENCH_REPETITIONS: usize = 1000;
 
@@ -626,6 +713,9 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             "--repetitions {} exceeds the limit of {MAX_BENCH_REPETITIONS}",
             a.repetitions
         )));
+    }
+    if let Some(n) = a.sequences {
+        return bench_sequences(&a, &model, n, load_s);
     }
     // Deterministic pseudo-random prompt tokens, like llama-bench's random prompt.
     let mut rng = ffai::generate::Rng::new(1234);

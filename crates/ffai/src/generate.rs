@@ -308,15 +308,23 @@ fn rate(n: usize, secs: f64) -> f64 {
 }
 
 /// Holds back text that might be the start of a stop string, and finds complete ones.
-struct StopScanner<'a> {
-    stops: &'a [String],
-    text: String,
+pub(crate) struct StopScanner {
+    stops: Vec<String>,
+    pub(crate) text: String,
     emitted: usize,
 }
 
-impl<'a> StopScanner<'a> {
+impl StopScanner {
+    pub(crate) fn new(stops: &[String]) -> StopScanner {
+        StopScanner {
+            stops: stops.to_vec(),
+            text: String::new(),
+            emitted: 0,
+        }
+    }
+
     /// Appends `delta`; returns (text safe to emit now, whether a stop string ended it).
-    fn push(&mut self, delta: &str) -> (String, bool) {
+    pub(crate) fn push(&mut self, delta: &str) -> (String, bool) {
         let search_from = self
             .emitted
             .saturating_sub(self.stops.iter().map(|s| s.len()).max().unwrap_or(0));
@@ -348,7 +356,7 @@ impl<'a> StopScanner<'a> {
         (out, false)
     }
 
-    fn flush(&mut self) -> String {
+    pub(crate) fn flush(&mut self) -> String {
         let out = self.text[self.emitted..].to_string();
         self.emitted = self.text.len();
         out
@@ -543,11 +551,7 @@ impl Session {
         let mut history: Vec<u32> = prompt_ids.to_vec();
         let mut generated = Vec::with_capacity(params.max_tokens.min(self.state.max_seq));
         let mut decoder = StreamDecoder::new(tokenizer);
-        let mut stops = StopScanner {
-            stops: &params.stop_strings,
-            text: String::new(),
-            emitted: 0,
-        };
+        let mut stops = StopScanner::new(&params.stop_strings);
         let mut splitter = ThinkSplitter::new(prompt_opens_think(tokenizer, prompt_ids));
         let mut split = SplitText::default();
         let mut cancelled = false;
@@ -641,11 +645,7 @@ mod tests {
 
     fn scan(stops: &[&str], deltas: &[&str]) -> (String, bool) {
         let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
-        let mut s = StopScanner {
-            stops: &stops,
-            text: String::new(),
-            emitted: 0,
-        };
+        let mut s = StopScanner::new(&stops);
         let mut out = String::new();
         for d in deltas {
             let (piece, hit) = s.push(d);

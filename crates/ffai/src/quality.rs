@@ -533,6 +533,30 @@ mod tests {
         fn kv_bytes_by_kind(&self, _: usize, _: usize) -> Vec<(String, usize, usize)> {
             Vec::new()
         }
+        // The stub scores one sequence through its own `forward`; it has no batch.
+        fn kv_windows(&self) -> Vec<usize> {
+            Vec::new()
+        }
+        fn memory_bytes(&self) -> u64 {
+            u64::MAX
+        }
+        fn kv_block_bytes(&self, _: usize) -> Vec<u64> {
+            Vec::new()
+        }
+        fn new_batch(&self, _: &crate::models::BatchShape) -> Result<crate::models::BatchState> {
+            Err(crate::Error::new("the stub model has no batched forward"))
+        }
+        fn forward_batch(
+            &self,
+            _: &[u32],
+            _: &ffai_kernels::backend::StepLayout,
+            _: &[u32],
+            _: &mut crate::models::BatchState,
+            _: &mut crate::inspect::Tap,
+            _: &mut [f32],
+        ) -> Result<()> {
+            Err(crate::Error::new("the stub model has no batched forward"))
+        }
         fn new_state(&self, max_seq: usize, chunk: usize) -> Result<InferenceState> {
             Ok(InferenceState {
                 pos: 0,

@@ -33,14 +33,15 @@ fn loads_as_gemma3_with_local_and_global_layers() {
         (18, 640, 256, 262144)
     );
     // Every 6th layer is global: 3 global layers, 15 with a 512-token window whose
-    // cache holds window + chunk rows however long the context is.
+    // cache holds a ring of 32-position blocks covering window + chunk - 1 rows at any
+    // alignment (33 blocks) however long the context is.
     let kinds = m.lm.kv_bytes_by_kind(32768, 512);
     let global = kinds.iter().find(|k| k.0 == "global").unwrap();
     let local = kinds.iter().find(|k| k.0 == "window 512").unwrap();
     assert_eq!((global.1, local.1), (3, 15));
     let per_row = 2 * c.num_kv_heads * c.head_dim * 2;
     assert_eq!(global.2, 3 * 32768 * per_row);
-    assert_eq!(local.2, 15 * (512 + 512) * per_row);
+    assert_eq!(local.2, 15 * 33 * 32 * per_row);
 }
 
 /// llama.cpp's greedy output on the same file (tests/fixtures/llamacpp_greedy_gemma3.json):

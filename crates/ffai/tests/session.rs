@@ -12,7 +12,7 @@ use ffai::weights::Weights;
 use ffai::{LoadOptions, Model};
 
 fn fresh(m: &dyn LanguageModel, prompt: &[u32]) -> Vec<f32> {
-    let mut st = m.new_state(128, 4).unwrap();
+    let mut st = m.new_state(256, 4).unwrap();
     let mut l = Vec::new();
     m.forward(prompt, &mut st, false, &mut l).unwrap();
     l
@@ -30,8 +30,8 @@ fn assert_same_bits(got: &[f32], want: &[f32], what: &str) {
     assert_eq!(bits(got), bits(want), "{what}: max abs diff {}", max_diff(got, want));
 }
 
-/// The Mistral parity fixture: sliding window 16; with a prefill chunk of 4 its ring
-/// buffers hold 20 rows.
+/// The Mistral parity fixture: sliding window 16; with a prefill chunk of 4 a
+/// one-sequence state's window layers keep a ring of 2 blocks of 32 positions.
 fn mistral() -> Box<dyn LanguageModel> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/parity/mistral");
     let json: serde_json::Value =
@@ -44,20 +44,20 @@ fn mistral() -> Box<dyn LanguageModel> {
 #[test]
 fn second_turn_prefills_only_new_tokens_across_a_sliding_window() {
     let m = mistral();
-    let ids: Vec<u32> = (0..60).map(|i| (i * 37 + 11) % 256).collect();
-    let mut s = Session::new(&*m, 128, 4).unwrap();
+    let ids: Vec<u32> = (0..160).map(|i| (i * 37 + 11) % 256).collect();
+    let mut s = Session::new(&*m, 256, 4).unwrap();
     let mut logits = Vec::new();
     // Turn 1: a prompt, then five "generated" tokens fed one by one.
-    assert_eq!(s.prefill(&*m, &ids[..30], &mut logits).unwrap(), 30);
-    for &t in &ids[30..35] {
+    assert_eq!(s.prefill(&*m, &ids[..100], &mut logits).unwrap(), 100);
+    for &t in &ids[100..105] {
         s.push(&*m, t, &mut logits).unwrap();
     }
-    // Turn 2: the conversation so far plus a new message: only those 15 tokens run.
-    assert_eq!(s.prefill(&*m, &ids[..50], &mut logits).unwrap(), 15);
-    assert_same_bits(&logits, &fresh(&*m, &ids[..50]), "reused prefix vs a fresh prefill");
+    // Turn 2: the conversation so far plus a new message: only those 25 tokens run.
+    assert_eq!(s.prefill(&*m, &ids[..130], &mut logits).unwrap(), 25);
+    assert_same_bits(&logits, &fresh(&*m, &ids[..130]), "reused prefix vs a fresh prefill");
     // The same prompt again: only its last token is recomputed.
-    assert_eq!(s.prefill(&*m, &ids[..50], &mut logits).unwrap(), 1);
-    assert_same_bits(&logits, &fresh(&*m, &ids[..50]), "same prompt again");
+    assert_eq!(s.prefill(&*m, &ids[..130], &mut logits).unwrap(), 1);
+    assert_same_bits(&logits, &fresh(&*m, &ids[..130]), "same prompt again");
     // An edit far back: the window's ring no longer holds what the short shared prefix
     // needs, so everything is recomputed (and still correct).
     let mut edited = ids[..10].to_vec();

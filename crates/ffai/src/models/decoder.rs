@@ -8,11 +8,11 @@
 
 use std::sync::Arc;
 
-use ffai_kernels::backend::{AttnShape, Backend, HostBytes, RopeParams};
+use ffai_kernels::backend::{AttnShape, Backend, HostBytes, RopeParams, StepLayout};
 
 use ffai_kernels::cpu::CpuBackend;
 
-use super::{check_tokens, Device, InferenceState, LanguageModel};
+use super::{BatchShape, BatchState, Device, LanguageModel};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::generate::GenerationParameters;
@@ -183,10 +183,14 @@ pub struct Decoder<B: Backend> {
     lm_head: Option<B::Mat>,
     ropes: Vec<B::Buf>,
     long_ropes: Option<(usize, Vec<B::Buf>)>,
+    /// The KV groups' windows, and per layer its group.
+    windows: Vec<usize>,
+    layer_group: Vec<usize>,
 }
 
-/// Activations for one chunk and the KV cache, allocated once per state.
-struct Scratch<B: Backend> {
+/// Activations for `max_rows` rows, the paged K/V pools of every layer and the step's
+/// metadata: a [`BatchState`]'s contents, allocated once.
+struct Paged<B: Backend> {
     x: B::Buf,
     xn: B::Buf,
     tmp: B::Buf,
@@ -198,13 +202,13 @@ struct Scratch<B: Backend> {
     att: B::Buf,
     gate: B::Buf,
     up: B::Buf,
+    /// `max_logit_rows` final hidden states gathered for the LM head, and their logits.
     last: B::Buf,
     logits: B::Buf,
-    k_cache: Vec<B::Kv>,
-    v_cache: Vec<B::Kv>,
-    /// Rows in each layer's cache (a ring buffer for sliding-window layers).
-    caps: Vec<usize>,
-    /// Use the long RoPE tables (the state's context exceeds the LongRoPE threshold).
+    k_pages: Vec<B::Kv>,
+    v_pages: Vec<B::Kv>,
+    step: B::Step,
+    /// Use the long RoPE tables (the longest sequence exceeds the LongRoPE threshold).
     long_rope: bool,
 }
 
@@ -358,7 +362,21 @@ impl<B: Backend> Decoder<B> {
         } else {
             None
         };
+        let mut windows: Vec<usize> = Vec::new();
+        let layer_group = spec
+            .layers
+            .iter()
+            .map(|l| match windows.iter().position(|&w| w == l.window) {
+                Some(g) => g,
+                None => {
+                    windows.push(l.window);
+                    windows.len() - 1
+                }
+            })
+            .collect();
         Ok(Decoder {
+            windows,
+            layer_group,
             embed: mat("token_embd.weight", cfg.vocab_size, h)?,
             final_norm: norm("output_norm", h)?,
             ropes: spec.ropes.iter().map(|r| b.upload(r)).collect(),
@@ -375,13 +393,13 @@ impl<B: Backend> Decoder<B> {
         })
     }
 
-    fn shape(&self, layer: usize, cap: usize) -> AttnShape {
+    fn shape(&self, layer: usize) -> AttnShape {
         let c = &self.cfg;
         AttnShape {
             n_heads: c.num_heads,
             n_kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
-            cap,
+            cap: 0,
             window: self.spec.layers[layer].window,
             scale: self.spec.attn_scale,
             softcap: self.spec.attn_softcap,
@@ -395,8 +413,9 @@ impl<B: Backend> Decoder<B> {
         }
     }
 
-    /// One chunk through every layer; leaves the final-normed hidden states in `s.xn`.
-    fn forward_chunk(&self, ids: &[u32], pos0: usize, s: &mut Scratch<B>, tap: &mut Tap) {
+    /// One step's rows through every layer (the step's layout is in `s.step`); leaves the
+    /// final-normed hidden states in `s.xn`.
+    fn forward_step(&self, ids: &[u32], s: &mut Paged<B>, tap: &mut Tap) {
         let (b, c, sp, n) = (&*self.b, &self.cfg, &self.spec, ids.len());
         let (h, f) = (c.hidden_size, c.intermediate_size);
         b.embed(&self.embed, ids, &mut s.x);
@@ -438,12 +457,12 @@ impl<B: Backend> Decoder<B> {
                 inv_freq: &tables[sp.layers[i].rope],
                 neox: sp.rope_neox,
             };
-            b.rope(&mut s.q, n, c.num_heads, c.head_dim, pos0, &rope);
-            b.rope(&mut s.k, n, c.num_kv_heads, c.head_dim, pos0, &rope);
-            let shape = self.shape(i, s.caps[i]);
-            b.kv_write(&mut s.k_cache[i], &s.k, n, pos0, &shape);
-            b.kv_write(&mut s.v_cache[i], &s.v, n, pos0, &shape);
-            b.attention(&s.q, &s.k_cache[i], &s.v_cache[i], n, pos0, &shape, &mut s.att);
+            b.rope_step(&mut s.q, n, c.num_heads, c.head_dim, &s.step, &rope);
+            b.rope_step(&mut s.k, n, c.num_kv_heads, c.head_dim, &s.step, &rope);
+            let (shape, g) = (self.shape(i), self.layer_group[i]);
+            b.kv_write_step(&mut s.k_pages[i], &s.k, n, &s.step, g, &shape);
+            b.kv_write_step(&mut s.v_pages[i], &s.v, n, &s.step, g, &shape);
+            b.attention_step(&s.q, &s.k_pages[i], &s.v_pages[i], n, &s.step, g, &shape, &mut s.att);
             tap.linear_input(b, &s.att, n, c.num_heads * c.head_dim, "attn_out", Some(i));
             b.matmul(&l.wo, &s.att, n, &mut s.tmp);
             if let Some(ob) = &l.o_bias {
@@ -491,7 +510,7 @@ impl<B: Backend> Decoder<B> {
     }
 
     /// `x += residual_scale * post_norm(tmp)` (the norm only where the family has one).
-    fn residual(&self, post: Option<&Norm<B>>, s: &mut Scratch<B>, n: usize) {
+    fn residual(&self, post: Option<&Norm<B>>, s: &mut Paged<B>, n: usize) {
         let (b, h) = (&*self.b, self.cfg.hidden_size);
         let branch = match post {
             Some(nm) => {
@@ -507,37 +526,27 @@ impl<B: Backend> Decoder<B> {
         }
     }
 
-    /// Bytes of KV cache per layer kind for a context of `max_seq` and prefill chunk
-    /// `chunk`: (global layers, their bytes; windowed layers, their bytes).
+    /// Bytes of KV cache per layer kind in a one-sequence state of context `max_seq`
+    /// and prefill chunk `chunk`: (kind, layers, bytes).
     pub fn kv_bytes(&self, max_seq: usize, chunk: usize) -> Vec<(String, usize, usize)> {
-        let per_row = 2 * self.cfg.num_kv_heads * self.cfg.head_dim * 2;
+        let bs = super::one_seq::DEFAULT_BLOCK_SIZE;
+        let per_row = 2 * self.cfg.num_kv_heads * self.cfg.head_dim * self.b.kv_elem_bytes();
         let mut out: Vec<(String, usize, usize)> = Vec::new();
         for l in &self.spec.layers {
-            let (kind, cap) = if l.window == 0 {
-                ("global".to_string(), max_seq)
-            } else {
-                (format!("window {}", l.window), cache_rows(l.window, max_seq, chunk))
+            let kind = match l.window {
+                0 => "global".to_string(),
+                w => format!("window {w}"),
             };
+            let rows = super::one_seq::ring_blocks(l.window, max_seq, chunk.clamp(1, max_seq.max(1)), bs) * bs;
             match out.iter_mut().find(|e| e.0 == kind) {
                 Some(e) => {
                     e.1 += 1;
-                    e.2 += cap * per_row;
+                    e.2 += rows * per_row;
                 }
-                None => out.push((kind, 1, cap * per_row)),
+                None => out.push((kind, 1, rows * per_row)),
             }
         }
         out
-    }
-}
-
-/// Rows a layer's cache needs: the whole context for global layers; for windowed
-/// layers the window plus one prefill chunk (so a chunk never overwrites rows its own
-/// first tokens still see), never more than the context.
-fn cache_rows(window: usize, max_seq: usize, chunk: usize) -> usize {
-    if window == 0 {
-        max_seq
-    } else {
-        window.saturating_add(chunk).min(max_seq)
     }
 }
 
@@ -566,156 +575,191 @@ impl<B: Backend> LanguageModel for Decoder<B> {
         self.kv_bytes(max_seq, chunk)
     }
 
-    fn new_state(&self, max_seq: usize, chunk: usize) -> Result<InferenceState> {
+    fn kv_windows(&self) -> Vec<usize> {
+        self.windows.clone()
+    }
+
+    fn memory_bytes(&self) -> u64 {
+        self.b.memory_bytes()
+    }
+
+    fn kv_block_bytes(&self, block_size: usize) -> Vec<u64> {
+        let per_row = (2 * self.cfg.num_kv_heads * self.cfg.head_dim * self.b.kv_elem_bytes()) as u64;
+        (0..self.windows.len())
+            .map(|g| {
+                let layers = self.layer_group.iter().filter(|&&lg| lg == g).count() as u64;
+                layers * per_row * block_size as u64
+            })
+            .collect()
+    }
+
+    fn new_batch(&self, shape: &BatchShape) -> Result<BatchState> {
         let c = &self.cfg;
-        if max_seq == 0 {
-            bail!("a state needs room for at least one token");
-        }
-        let chunk = chunk.clamp(1, max_seq);
+        let sh = shape;
+        ensure!(
+            sh.max_rows > 0 && sh.max_seqs > 0 && sh.block_size > 0 && sh.max_logit_rows > 0,
+            "a batch needs room for at least one row, sequence, position and logit row"
+        );
+        ensure!(
+            sh.group_blocks.len() == self.windows.len(),
+            "a batch shape with {} KV groups for a model with {}",
+            sh.group_blocks.len(),
+            self.windows.len()
+        );
         let b = &*self.b;
         let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        let caps: Vec<usize> = self
-            .spec
-            .layers
-            .iter()
-            .map(|l| cache_rows(l.window, max_seq, chunk))
-            .collect();
-        // What this state will take, in checked arithmetic, refused before anything is
-        // allocated when it exceeds the backend's memory (a context or chunk from a
-        // config or the command line can imply terabytes).
+        let logit_rows = sh.max_logit_rows.min(sh.max_rows.max(sh.max_seqs));
+        // What this batch will take, in checked arithmetic, refused before anything is
+        // allocated when it exceeds the backend's memory (a context, pool size or batch
+        // from a config or the command line can imply terabytes).
         let bytes = (|| -> Option<u64> {
-            let per_token = [3 * c.hidden_size, 3 * qd, 3 * kvd, 2 * c.intermediate_size]
+            let per_row = [3 * c.hidden_size, 3 * qd, 3 * kvd, 2 * c.intermediate_size]
                 .iter()
                 .try_fold(0u64, |a, &x| a.checked_add(x as u64))?;
-            let acts = per_token
-                .checked_mul(chunk as u64)?
-                .checked_add((c.hidden_size + c.vocab_size) as u64)?
+            let acts = per_row
+                .checked_mul(sh.max_rows as u64)?
+                .checked_add((logit_rows as u64).checked_mul((c.hidden_size + c.vocab_size) as u64)?)?
                 .checked_mul(4)?;
-            let kv = caps.iter().try_fold(0u64, |a, &cap| {
-                a.checked_add(
-                    (cap as u64)
-                        .checked_mul(kvd as u64)?
-                        .checked_mul(2 * b.kv_elem_bytes() as u64)?,
-                )
-            })?;
+            let per_block = self.kv_block_bytes(sh.block_size);
+            let kv = sh
+                .group_blocks
+                .iter()
+                .zip(&per_block)
+                .try_fold(0u64, |a, (&n, &pb)| a.checked_add((n as u64).checked_mul(pb)?))?;
             acts.checked_add(kv)
         })();
         let limit = b.memory_bytes();
         match bytes {
             Some(n) if n <= limit => {}
             _ => bail!(
-                "an inference state of {max_seq} tokens (chunks of {chunk}) needs {}, more than the {:.1} GiB of memory here; use a shorter context",
+                "a batch of {} rows with KV pools of {} blocks of {} positions needs {}, more than the {:.1} GiB of memory here; use a shorter context or a smaller KV cache",
+                sh.max_rows,
+                sh.group_blocks.iter().max().copied().unwrap_or(0),
+                sh.block_size,
                 bytes.map_or("more than 2^64 bytes".to_string(), |n| format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64)),
                 limit as f64 / (1u64 << 30) as f64
             ),
         }
-        let scratch = Scratch::<B> {
-            x: b.alloc(chunk * c.hidden_size),
-            xn: b.alloc(chunk * c.hidden_size),
-            tmp: b.alloc(chunk * c.hidden_size),
-            q: b.alloc(chunk * qd),
-            k: b.alloc(chunk * kvd),
-            v: b.alloc(chunk * kvd),
-            qn: b.alloc(chunk * qd),
-            kn: b.alloc(chunk * kvd),
-            att: b.alloc(chunk * qd),
-            gate: b.alloc(chunk * c.intermediate_size),
-            up: b.alloc(chunk * c.intermediate_size),
-            last: b.alloc(c.hidden_size),
-            logits: b.alloc(c.vocab_size),
-            k_cache: caps.iter().map(|&cap| b.alloc_kv(kvd * cap)).collect(),
-            v_cache: caps.iter().map(|&cap| b.alloc_kv(kvd * cap)).collect(),
-            caps,
+        let (hd, kvh) = (c.head_dim, c.num_kv_heads);
+        let pages = |b: &B| -> Vec<B::Kv> {
+            self.layer_group
+                .iter()
+                .map(|&g| b.alloc_kv_pages(sh.group_blocks[g], sh.block_size, kvh, hd))
+                .collect()
+        };
+        let rows = sh.max_rows;
+        let paged = Paged::<B> {
+            x: b.alloc(rows * c.hidden_size),
+            xn: b.alloc(rows * c.hidden_size),
+            tmp: b.alloc(rows * c.hidden_size),
+            q: b.alloc(rows * qd),
+            k: b.alloc(rows * kvd),
+            v: b.alloc(rows * kvd),
+            qn: b.alloc(rows * qd),
+            kn: b.alloc(rows * kvd),
+            att: b.alloc(rows * qd),
+            gate: b.alloc(rows * c.intermediate_size),
+            up: b.alloc(rows * c.intermediate_size),
+            last: b.alloc(logit_rows * c.hidden_size),
+            logits: b.alloc(logit_rows * c.vocab_size),
+            k_pages: pages(b),
+            v_pages: pages(b),
+            step: b.new_step(rows, sh.max_seqs, sh.max_table, self.windows.len()),
             long_rope: self
                 .long_ropes
                 .as_ref()
-                .is_some_and(|(threshold, _)| max_seq > *threshold),
+                .is_some_and(|(threshold, _)| sh.max_seq_len > *threshold),
         };
-        Ok(InferenceState {
-            pos: 0,
-            max_seq,
-            chunk,
-            tap: Tap::from_env(),
-            inner: Box::new(scratch),
+        Ok(BatchState {
+            shape: BatchShape {
+                max_logit_rows: logit_rows,
+                ..shape.clone()
+            },
+            inner: Box::new(paged),
         })
     }
 
-    fn can_rewind(&self, state: &InferenceState, len: usize) -> bool {
-        let Some(s) = state.inner.downcast_ref::<Scratch<B>>() else {
-            return false;
-        };
-        len <= state.pos
-            && self.spec.layers.iter().zip(&s.caps).all(|(l, &cap)| {
-                // The ring holds positions pos - cap .. pos; continuing at `len` needs
-                // len - window .. len.
-                l.window == 0 || cap >= state.pos || state.pos - len + l.window <= cap
-            })
-    }
-
-    fn forward(
+    fn forward_batch(
         &self,
         tokens: &[u32],
-        state: &mut InferenceState,
-        all_logits: bool,
-        logits: &mut Vec<f32>,
+        layout: &StepLayout,
+        logit_rows: &[u32],
+        state: &mut BatchState,
+        tap: &mut Tap,
+        logits: &mut [f32],
     ) -> Result<()> {
-        if tokens.is_empty() {
-            return Err(Error::new("forward called with no tokens"));
-        }
-        check_tokens(tokens, state, self.cfg.vocab_size)?;
         let (vocab, h) = (self.cfg.vocab_size, self.cfg.hidden_size);
+        let n = tokens.len();
+        let sh = &state.shape;
+        ensure!(n > 0, "a step with no rows");
+        ensure!(
+            n == layout.positions.len(),
+            "{n} tokens for a layout of {} rows",
+            layout.positions.len()
+        );
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            bail!("token id {bad} is outside the vocabulary ({vocab} tokens)");
+        }
+        ensure!(
+            layout.groups.len() == self.windows.len(),
+            "a layout with {} KV groups for a model with {}",
+            layout.groups.len(),
+            self.windows.len()
+        );
+        for (g, gl) in layout.groups.iter().enumerate() {
+            ensure!(
+                gl.window as usize == self.windows[g]
+                    && gl.block_size as usize == sh.block_size
+                    && gl.n_blocks as usize == sh.group_blocks[g],
+                "KV group {g} of the layout (window {}, {} blocks of {}) does not match the batch (window {}, {} blocks of {})",
+                gl.window,
+                gl.n_blocks,
+                gl.block_size,
+                self.windows[g],
+                sh.group_blocks[g],
+                sh.block_size
+            );
+        }
+        if let Some(&r) = logit_rows.iter().find(|&&r| r as usize >= n) {
+            bail!("logits asked for row {r} of a {n}-row step");
+        }
+        ensure!(
+            logits.len() == logit_rows.len() * vocab,
+            "a logits buffer of {} for {} rows of {vocab}",
+            logits.len(),
+            logit_rows.len()
+        );
+        let per_pass = sh.max_logit_rows;
         let b = &*self.b;
         let sp = &self.spec;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let s = state
             .inner
-            .downcast_mut::<Scratch<B>>()
-            .ok_or_else(|| Error::new("inference state belongs to a different model"))?;
-        // Every row's logits can be far larger than the state (a long window times a
-        // 262k vocabulary): refuse what the memory cannot hold before resizing.
-        let n_logits = if all_logits {
-            tokens.len().checked_mul(vocab)
-        } else {
-            Some(vocab)
-        };
-        let n_logits = match n_logits {
-            Some(n) if (n as u64).saturating_mul(4) <= b.memory_bytes() => n,
-            _ => bail!(
-                "logits of all {} tokens over a vocabulary of {vocab} exceed the memory here; use fewer tokens per call",
-                tokens.len()
-            ),
-        };
-        logits.clear();
-        logits.resize(n_logits, 0.0);
-        let mut pos = state.pos;
-        for (ci, ids) in tokens.chunks(state.chunk).enumerate() {
-            let n = ids.len();
-            self.forward_chunk(ids, pos, s, &mut state.tap);
-            pos += n;
-            let is_last = (ci + 1) * state.chunk >= tokens.len();
-            // The LM head runs only where logits are wanted: every row, or the final row.
-            let rows = if all_logits {
-                0..n
-            } else if is_last {
-                n - 1..n
-            } else {
-                0..0
-            };
-            for r in rows {
-                b.copy(&s.xn, r * h, &mut s.last, 0, h);
-                b.matmul(head, &s.last, 1, &mut s.logits);
-                if sp.logits_scale != 1.0 {
-                    b.scale(&mut s.logits, sp.logits_scale, vocab);
-                }
-                if sp.final_softcap > 0.0 {
-                    b.softcap(&mut s.logits, sp.final_softcap, vocab);
-                }
-                let dst = if all_logits { (ci * state.chunk + r) * vocab } else { 0 };
-                b.download(&s.logits, 0..vocab, &mut logits[dst..dst + vocab]);
+            .downcast_mut::<Paged<B>>()
+            .ok_or_else(|| Error::new("batch state belongs to a different model"))?;
+        b.write_step(layout, &mut s.step)
+            .map_err(|e| Error::new(format!("bad step layout: {e}")))?;
+        self.forward_step(tokens, s, tap);
+        // The LM head over the wanted rows only, gathered `per_pass` at a time (each row's
+        // logits are the same whichever rows share its pass).
+        for (pi, rows) in logit_rows.chunks(per_pass).enumerate() {
+            let m = rows.len();
+            for (i, &r) in rows.iter().enumerate() {
+                b.copy(&s.xn, r as usize * h, &mut s.last, i * h, h);
             }
+            b.matmul(head, &s.last, m, &mut s.logits);
+            if sp.logits_scale != 1.0 {
+                b.scale(&mut s.logits, sp.logits_scale, m * vocab);
+            }
+            if sp.final_softcap > 0.0 {
+                b.softcap(&mut s.logits, sp.final_softcap, m * vocab);
+            }
+            let dst = pi * per_pass * vocab;
+            b.download(&s.logits, 0..m * vocab, &mut logits[dst..dst + m * vocab]);
         }
-        state.tap.boundary(b, &s.logits, vocab, "logits", None);
-        state.pos = pos;
+        if !logit_rows.is_empty() {
+            tap.boundary(b, &s.logits, vocab, "logits", None);
+        }
         Ok(())
     }
 }

@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::generate::GenerationParameters;
 use crate::inspect::Tap;
 use crate::weights::Weights;
+use ffai_kernels::backend::StepLayout;
 
 pub mod decoder;
 pub mod gemma;
@@ -70,8 +71,10 @@ impl Device {
     }
 }
 
-/// Per-sequence state: the KV cache, position, preallocated activations and the tap.
-/// The model-specific part is boxed so the trait stays object-safe.
+/// A one-sequence state for `forward`: the position, the context it was sized for, the
+/// prefill chunk and the tap, over a one-sequence [`BatchState`] (see [`one_seq`]).
+/// Families that run on the paged batch (all of them today) get it from the default
+/// [`LanguageModel::new_state`]; the boxed part keeps the trait object-safe.
 pub struct InferenceState {
     /// Tokens already in the cache (the position of the next token).
     pub pos: usize,
@@ -83,6 +86,36 @@ pub struct InferenceState {
     pub(crate) inner: Box<dyn Any + Send>,
 }
 
+/// What a [`BatchState`] is allocated for: nothing grows afterwards.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchShape {
+    /// Most token rows in one step (the scheduler's token budget).
+    pub max_rows: usize,
+    /// Most sequences in one step.
+    pub max_seqs: usize,
+    /// Most block-table entries of one KV group in one step (all sequences together).
+    pub max_table: usize,
+    /// Positions per KV block.
+    pub block_size: usize,
+    /// Blocks of each KV group's pools, one entry per [`LanguageModel::kv_windows`] group
+    /// (the engine gives every group the whole shared pool; a one-sequence state gives a
+    /// sliding-window group only the ring of blocks its window needs).
+    pub group_blocks: Vec<usize>,
+    /// Longest sequence (decides LongRoPE's table choice, as a state's context does).
+    pub max_seq_len: usize,
+    /// Rows whose logits one LM-head pass computes (more are done in several passes).
+    pub max_logit_rows: usize,
+}
+
+/// A model's activations for up to `max_rows` rows, its paged K/V pools and its step
+/// metadata, allocated once ([`LanguageModel::new_batch`]).
+pub struct BatchState {
+    pub shape: BatchShape,
+    pub(crate) inner: Box<dyn Any + Send>,
+}
+
+pub mod one_seq;
+
 pub trait LanguageModel: Send + Sync {
     fn config(&self) -> &ModelConfig;
     fn family(&self) -> &'static str;
@@ -93,23 +126,58 @@ pub trait LanguageModel: Send + Sync {
     /// KV-cache memory by layer kind for a context of `max_seq` tokens and prefill chunk
     /// `chunk`: (kind, layers, bytes).
     fn kv_bytes_by_kind(&self, max_seq: usize, chunk: usize) -> Vec<(String, usize, usize)>;
+    /// The KV groups: one per distinct attention window (0 = global), in the order of
+    /// their first layer. A step's layout has one `GroupLayout` per group, in this order.
+    fn kv_windows(&self) -> Vec<usize>;
+    /// Bytes of memory the model's device can give to states (see `Backend::memory_bytes`).
+    fn memory_bytes(&self) -> u64;
+    /// Bytes of K and V of one block of `block_size` positions in every layer of a group,
+    /// per group (what a block id costs in each group's pools).
+    fn kv_block_bytes(&self, block_size: usize) -> Vec<u64>;
+    /// Activations, paged K/V pools and step metadata for `shape`, refused (before
+    /// allocating) beyond the backend's memory.
+    fn new_batch(&self, shape: &BatchShape) -> Result<BatchState>;
+    /// One step over a flat batch: row `r` is token `tokens[r]` at the position and in the
+    /// sequence `layout` gives. Writes each row's K/V through the layout's slots, attends
+    /// each sequence's rows over its own blocks, and writes the logits of the rows in
+    /// `logit_rows` (in that order, `vocab` each; any number, in passes of the shape's
+    /// `max_logit_rows`) into `logits`. A row's results depend on
+    /// its token, position and its own sequence's K/V only, not on what else the batch
+    /// holds.
+    fn forward_batch(
+        &self,
+        tokens: &[u32],
+        layout: &StepLayout,
+        logit_rows: &[u32],
+        state: &mut BatchState,
+        tap: &mut Tap,
+        logits: &mut [f32],
+    ) -> Result<()>;
     /// A fresh state with room for `max_seq` tokens, processing at most `chunk` tokens
-    /// per forward pass.
-    fn new_state(&self, max_seq: usize, chunk: usize) -> Result<InferenceState>;
+    /// per forward pass: a one-sequence batch whose block tables are fixed (a ring for
+    /// sliding-window groups).
+    fn new_state(&self, max_seq: usize, chunk: usize) -> Result<InferenceState> {
+        one_seq::new_state(self, max_seq, chunk)
+    }
     /// Runs `tokens` at positions `state.pos..`, appending them to the cache, and writes
     /// the logits of the last token (or of every token, `[n, vocab]`, when `all_logits`)
-    /// into `logits`. Longer inputs are processed in chunks of `state.chunk`.
+    /// into `logits`. Longer inputs are processed in chunks of `state.chunk`, each one
+    /// step of [`forward_batch`](Self::forward_batch).
     fn forward(
         &self,
         tokens: &[u32],
         state: &mut InferenceState,
         all_logits: bool,
         logits: &mut Vec<f32>,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        one_seq::forward(self, tokens, state, all_logits, logits)
+    }
     /// Whether the cache can be cut back to its first `len` positions and continued from
     /// there: always for global layers; a sliding-window layer's ring must still hold the
     /// `window` positions before `len`.
-    fn can_rewind(&self, state: &InferenceState, len: usize) -> bool;
+    fn can_rewind(&self, state: &InferenceState, len: usize) -> bool {
+        one_seq::can_rewind(state, len)
+    }
 }
 
 /// A registered family: the names it answers to and how to build it.
