@@ -3,10 +3,9 @@
 //!
 //! Conventions: activations are row-major `[n_tokens, width]` f32; a weight matrix is
 //! `[rows, cols]` (out x in, the Hugging Face orientation) in any `WeightType`; the KV
-//! cache of one layer is `[kv_heads, max_seq, head_dim]` so each head's history is
-//! contiguous. The batched engine's paged cache is a pool of blocks instead,
-//! `[block][kv_head][offset][head_dim]`, addressed through per-sequence block tables
-//! that a [`StepLayout`] carries into the backend once per step.
+//! cache is paged: per layer a pool of blocks `[block][kv_head][offset][head_dim]`,
+//! addressed through per-sequence block tables that a [`StepLayout`] carries into the
+//! backend once per step (a lone sequence is a one-sequence step).
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -314,8 +313,6 @@ pub trait Backend: Send + Sync + 'static {
     /// A zeroed buffer of `len` f32.
     fn alloc(&self, len: usize) -> Self::Buf;
     fn upload(&self, data: &[f32]) -> Self::Buf;
-    /// A zeroed KV cache of `len` elements.
-    fn alloc_kv(&self, len: usize) -> Self::Kv;
     /// Copies `buf[range]` to the host.
     fn download(&self, buf: &Self::Buf, range: Range<usize>, out: &mut [f32]);
     fn buf_len(&self, buf: &Self::Buf) -> usize;
@@ -344,37 +341,12 @@ pub trait Backend: Send + Sync + 'static {
     fn add_scaled(&self, x: &mut Self::Buf, y: &Self::Buf, alpha: f32, len: usize);
     /// `x = cap * tanh(x / cap)` over the first `len` elements.
     fn softcap(&self, x: &mut Self::Buf, cap: f32, len: usize);
-    /// RoPE on `[n, n_heads * head_dim]`, token t at position `pos0 + t`.
-    fn rope(
-        &self,
-        x: &mut Self::Buf,
-        n: usize,
-        n_heads: usize,
-        head_dim: usize,
-        pos0: usize,
-        rope: &RopeParams<'_, Self>,
-    );
     /// `gate = silu(gate) * up` over the first `len` elements.
     fn silu_mul(&self, gate: &mut Self::Buf, up: &Self::Buf, len: usize);
     /// `gate = gelu_tanh(gate) * up` over the first `len` elements.
     fn gelu_mul(&self, gate: &mut Self::Buf, up: &Self::Buf, len: usize);
     /// `x += y` over the first `len` elements.
     fn add(&self, x: &mut Self::Buf, y: &Self::Buf, len: usize);
-    /// Writes `n` tokens of K (or V), `[n, kv_heads * head_dim]`, into the cache at `pos0`.
-    fn kv_write(&self, cache: &mut Self::Kv, src: &Self::Buf, n: usize, pos0: usize, shape: &AttnShape);
-    /// Causal attention of `n` queries at positions `pos0..pos0+n` over the cache
-    /// (which already holds them); `out` is `[n, n_heads * head_dim]`.
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        q: &Self::Buf,
-        k: &Self::Kv,
-        v: &Self::Kv,
-        n: usize,
-        pos0: usize,
-        shape: &AttnShape,
-        out: &mut Self::Buf,
-    );
     /// Index of the largest of `buf[range]` (ties: lowest index).
     fn argmax(&self, buf: &Self::Buf, range: Range<usize>) -> u32;
 
@@ -394,7 +366,7 @@ pub trait Backend: Send + Sync + 'static {
     fn write_step(&self, layout: &StepLayout, step: &mut Self::Step) -> Result<(), String>;
     /// A zeroed paged KV pool (K or V of one layer): `n_blocks` blocks of `block_size`
     /// positions, laid out `[block][kv_head][offset][head_dim]` so one head's rows of one
-    /// block are contiguous. Elements as [`alloc_kv`](Self::alloc_kv) (f16 or f32).
+    /// block are contiguous. Elements f16, or f32 where the backend keeps an f32 cache.
     fn alloc_kv_pages(&self, n_blocks: usize, block_size: usize, kv_heads: usize, head_dim: usize) -> Self::Kv;
     /// RoPE on `[n, n_heads * head_dim]`, row t at the step's position of row t.
     fn rope_step(

@@ -745,14 +745,6 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn alloc_kv(&self, len: usize) -> KvCache {
-        if self.kv_f32 {
-            KvCache::F32(vec![0.0; len])
-        } else {
-            KvCache::F16(vec![half::f16::ZERO; len])
-        }
-    }
-
     fn download(&self, buf: &Vec<f32>, range: Range<usize>, out: &mut [f32]) {
         out.copy_from_slice(&buf[range]);
     }
@@ -883,26 +875,6 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn rope(
-        &self,
-        x: &mut Vec<f32>,
-        n: usize,
-        n_heads: usize,
-        head_dim: usize,
-        pos0: usize,
-        rope: &RopeParams<'_, Self>,
-    ) {
-        let _p = self.prof(|| "rope".into());
-        let w = n_heads * head_dim;
-        let (xp, inv) = (SharedMut(x.as_mut_ptr()), &rope.inv_freq[..]);
-        // Prefill chunks: tokens split over the pool; one token runs inline.
-        self.for_rows(n, w, |t| {
-            // SAFETY: each token row is handed to exactly one thread.
-            let row = unsafe { xp.slice(t * w, w) };
-            ops::rope(row, n_heads, head_dim, pos0 + t, inv, rope.neox);
-        });
-    }
-
     fn silu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>, len: usize) {
         let _p = self.prof(|| "silu_mul".into());
         let gp = SharedMut(gate.as_mut_ptr());
@@ -924,161 +896,6 @@ impl Backend for CpuBackend {
     fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>, len: usize) {
         let _p = self.prof(|| "add".into());
         ops::add_inplace(&mut x[..len], &y[..len]);
-    }
-
-    fn kv_write(&self, cache: &mut KvCache, src: &Vec<f32>, n: usize, pos0: usize, s: &AttnShape) {
-        let _p = self.prof(|| "kv_write".into());
-        assert!(
-            n <= s.cap && (s.window > 0 || pos0 + n <= s.cap),
-            "KV cache overflow: positions {pos0}..{} do not fit {} rows",
-            pos0 + n,
-            s.cap
-        );
-        let hd = s.head_dim;
-        let width = s.n_kv_heads * hd;
-        for t in 0..n {
-            for h in 0..s.n_kv_heads {
-                let dst = (h * s.cap + (pos0 + t) % s.cap) * hd;
-                let row = &src[t * width + h * hd..t * width + (h + 1) * hd];
-                match cache {
-                    KvCache::F16(c) => {
-                        half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut c[dst..dst + hd], row)
-                    }
-                    KvCache::F32(c) => c[dst..dst + hd].copy_from_slice(row),
-                }
-            }
-        }
-    }
-
-    fn attention(
-        &self,
-        q: &Vec<f32>,
-        k: &KvCache,
-        v: &KvCache,
-        n: usize,
-        pos0: usize,
-        s: &AttnShape,
-        out: &mut Vec<f32>,
-    ) {
-        let _p = self.prof(|| "attention".into());
-        let hd = s.head_dim;
-        let q_width = s.n_heads * hd;
-        let group = s.n_heads / s.n_kv_heads;
-        let max_visible = if s.window > 0 { s.window.min(pos0 + n) } else { pos0 + n };
-        assert!(s.window > 0 || pos0 + n <= s.cap, "attention past the cache capacity");
-        assert!(
-            s.window == 0 || pos0 + n <= s.cap || s.window + n - 1 <= s.cap,
-            "ring buffer smaller than window + chunk"
-        );
-        let kvh_n = s.n_kv_heads;
-        assert!(
-            group <= crate::backend::MAX_GQA_GROUP,
-            "at most {} query heads per KV head",
-            crate::backend::MAX_GQA_GROUP
-        );
-        // Work items are (token, KV head, part): each handles the whole GQA group of
-        // its KV head, so K/V rows are read once per group. When there are too few
-        // (decode: one token), the visible positions are split into parts whose partial
-        // softmax results are merged afterwards (flash-decoding), so every thread works.
-        let nt = self.pool.n_threads();
-        let base_items = n * kvh_n;
-        let parts = if base_items >= 4 * nt {
-            1
-        } else {
-            (4 * nt).div_ceil(base_items).min(max_visible.div_ceil(64)).max(1)
-        };
-        let items = base_items * parts;
-        let mut partial = self.attn_partial.lock().unwrap_or_else(|e| e.into_inner());
-        if parts > 1 && partial.len() < items * group * (hd + 2) {
-            partial.resize(items * group * (hd + 2), 0.0);
-        }
-        let part_ptr = SharedMut(partial.as_mut_ptr());
-        let out_ptr = SharedMut(out.as_mut_ptr());
-        self.pool.for_ranges(items, 1, |r| {
-            with_scratch(group * max_visible, |scores| {
-                let mut local_stats = [0f32; 128];
-                for item in r.clone() {
-                    let (tk, part) = (item / parts, item % parts);
-                    let (t, kvh) = (tk / kvh_n, tk % kvh_n);
-                    let n_ctx = pos0 + t + 1;
-                    let first = if s.window > 0 {
-                        n_ctx.saturating_sub(s.window)
-                    } else {
-                        0
-                    };
-                    let pr = crate::pool::split_range(n_ctx - first, part, parts, 1);
-                    let (p_lo, p_hi) = (first + pr.start, first + pr.end);
-                    // Positions p_lo..p_hi live in rows p % cap: one range, or two when
-                    // the ring wrapped.
-                    let (a, b) = (p_lo % s.cap, p_lo % s.cap + (p_hi - p_lo));
-                    let rows = if b <= s.cap {
-                        [a..b, 0..0]
-                    } else {
-                        [a..s.cap, 0..b - s.cap]
-                    };
-                    let head = ops::HeadAttn {
-                        rows,
-                        scale: s.scale,
-                        softcap: s.softcap,
-                    };
-                    let q_off = t * q_width + kvh * group * hd;
-                    let qs = &q[q_off..q_off + group * hd];
-                    let span = kvh * s.cap * hd..(kvh + 1) * s.cap * hd;
-                    // SAFETY: each item owns its output slice: the group's heads of one
-                    // token (parts == 1), or its own slot of the partial buffer.
-                    let (o, stats) = unsafe {
-                        if parts == 1 {
-                            (out_ptr.slice(q_off, group * hd), &mut local_stats[..2 * group])
-                        } else {
-                            let base = item * group * (hd + 2);
-                            (
-                                part_ptr.slice(base, group * hd),
-                                part_ptr.slice(base + group * hd, 2 * group),
-                            )
-                        }
-                    };
-                    if p_hi == p_lo {
-                        o.fill(0.0);
-                        for g in 0..group {
-                            stats[2 * g] = f32::NEG_INFINITY;
-                            stats[2 * g + 1] = 0.0;
-                        }
-                        continue;
-                    }
-                    match (k, v) {
-                        (KvCache::F16(k), KvCache::F16(v)) => {
-                            ops::attend_group(qs, group, &k[span.clone()], &v[span], hd, &head, scores, o, stats)
-                        }
-                        (KvCache::F32(k), KvCache::F32(v)) => {
-                            ops::attend_group(qs, group, &k[span.clone()], &v[span], hd, &head, scores, o, stats)
-                        }
-                        _ => panic!("K and V caches of different precision"),
-                    }
-                    if parts == 1 {
-                        for g in 0..group {
-                            let inv = 1.0 / stats[2 * g + 1];
-                            o[g * hd..(g + 1) * hd].iter_mut().for_each(|x| *x *= inv);
-                        }
-                    }
-                }
-            });
-        });
-        if parts > 1 {
-            let stride = group * (hd + 2);
-            for tk in 0..base_items {
-                let (t, kvh) = (tk / kvh_n, tk % kvh_n);
-                for g in 0..group {
-                    let slots = (0..parts).map(|p| {
-                        let base = (tk * parts + p) * stride;
-                        let o = &partial[base + g * hd..base + (g + 1) * hd];
-                        let st = base + group * hd + 2 * g;
-                        (o, partial[st], partial[st + 1])
-                    });
-                    let off = t * q_width + (kvh * group + g) * hd;
-                    ops::merge_partials(slots, &mut out[off..off + hd]);
-                }
-            }
-        }
     }
 
     fn argmax(&self, buf: &Vec<f32>, range: Range<usize>) -> u32 {
@@ -1236,6 +1053,202 @@ impl Backend for CpuBackend {
             (KvCache::F16(k), KvCache::F16(v)) => self.attention_paged(q, k, v, n, step, group, s, out),
             (KvCache::F32(k), KvCache::F32(v)) => self.attention_paged(q, k, v, n, step, group, s, out),
             _ => panic!("K and V caches of different precision"),
+        }
+    }
+}
+
+/// The contiguous, one-sequence KV layout that came before paging. No model runs on it;
+/// it stays as the reference the paged ops are tested against (tests/paged.rs, ops.rs)
+/// and the baseline `paged_bench` times them against.
+impl CpuBackend {
+    /// A zeroed contiguous KV cache of `len` elements (f16, or f32 with `kv_f32`).
+    pub fn alloc_kv(&self, len: usize) -> KvCache {
+        if self.kv_f32 {
+            KvCache::F32(vec![0.0; len])
+        } else {
+            KvCache::F16(vec![half::f16::ZERO; len])
+        }
+    }
+
+    /// RoPE on `[n, n_heads * head_dim]`, token t at position `pos0 + t`.
+    pub fn rope(
+        &self,
+        x: &mut [f32],
+        n: usize,
+        n_heads: usize,
+        head_dim: usize,
+        pos0: usize,
+        rope: &RopeParams<'_, Self>,
+    ) {
+        let _p = self.prof(|| "rope".into());
+        let w = n_heads * head_dim;
+        let (xp, inv) = (SharedMut(x.as_mut_ptr()), &rope.inv_freq[..]);
+        // Prefill chunks: tokens split over the pool; one token runs inline.
+        self.for_rows(n, w, |t| {
+            // SAFETY: each token row is handed to exactly one thread.
+            let row = unsafe { xp.slice(t * w, w) };
+            ops::rope(row, n_heads, head_dim, pos0 + t, inv, rope.neox);
+        });
+    }
+
+    /// Writes `n` tokens of K (or V) into a contiguous cache `[kv_head, row, head_dim]`
+    /// at `pos0` (row = position mod `shape.cap`).
+    pub fn kv_write(&self, cache: &mut KvCache, src: &[f32], n: usize, pos0: usize, s: &AttnShape) {
+        let _p = self.prof(|| "kv_write".into());
+        assert!(
+            n <= s.cap && (s.window > 0 || pos0 + n <= s.cap),
+            "KV cache overflow: positions {pos0}..{} do not fit {} rows",
+            pos0 + n,
+            s.cap
+        );
+        let hd = s.head_dim;
+        let width = s.n_kv_heads * hd;
+        for t in 0..n {
+            for h in 0..s.n_kv_heads {
+                let dst = (h * s.cap + (pos0 + t) % s.cap) * hd;
+                let row = &src[t * width + h * hd..t * width + (h + 1) * hd];
+                match cache {
+                    KvCache::F16(c) => {
+                        half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut c[dst..dst + hd], row)
+                    }
+                    KvCache::F32(c) => c[dst..dst + hd].copy_from_slice(row),
+                }
+            }
+        }
+    }
+
+    /// Causal attention of `n` queries at positions `pos0..pos0+n` over a contiguous cache
+    /// (which already holds them), splitting a decode step's positions over threads
+    /// (flash-decoding): its rounding depends on the thread count, unlike `attention_step`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &self,
+        q: &[f32],
+        k: &KvCache,
+        v: &KvCache,
+        n: usize,
+        pos0: usize,
+        s: &AttnShape,
+        out: &mut [f32],
+    ) {
+        let _p = self.prof(|| "attention".into());
+        let hd = s.head_dim;
+        let q_width = s.n_heads * hd;
+        let group = s.n_heads / s.n_kv_heads;
+        let max_visible = if s.window > 0 { s.window.min(pos0 + n) } else { pos0 + n };
+        assert!(s.window > 0 || pos0 + n <= s.cap, "attention past the cache capacity");
+        assert!(
+            s.window == 0 || pos0 + n <= s.cap || s.window + n - 1 <= s.cap,
+            "ring buffer smaller than window + chunk"
+        );
+        let kvh_n = s.n_kv_heads;
+        assert!(
+            group <= crate::backend::MAX_GQA_GROUP,
+            "at most {} query heads per KV head",
+            crate::backend::MAX_GQA_GROUP
+        );
+        // Work items are (token, KV head, part): each handles the whole GQA group of
+        // its KV head, so K/V rows are read once per group. When there are too few
+        // (decode: one token), the visible positions are split into parts whose partial
+        // softmax results are merged afterwards (flash-decoding), so every thread works.
+        let nt = self.pool.n_threads();
+        let base_items = n * kvh_n;
+        let parts = if base_items >= 4 * nt {
+            1
+        } else {
+            (4 * nt).div_ceil(base_items).min(max_visible.div_ceil(64)).max(1)
+        };
+        let items = base_items * parts;
+        let mut partial = self.attn_partial.lock().unwrap_or_else(|e| e.into_inner());
+        if parts > 1 && partial.len() < items * group * (hd + 2) {
+            partial.resize(items * group * (hd + 2), 0.0);
+        }
+        let part_ptr = SharedMut(partial.as_mut_ptr());
+        let out_ptr = SharedMut(out.as_mut_ptr());
+        self.pool.for_ranges(items, 1, |r| {
+            with_scratch(group * max_visible, |scores| {
+                let mut local_stats = [0f32; 128];
+                for item in r.clone() {
+                    let (tk, part) = (item / parts, item % parts);
+                    let (t, kvh) = (tk / kvh_n, tk % kvh_n);
+                    let n_ctx = pos0 + t + 1;
+                    let first = if s.window > 0 {
+                        n_ctx.saturating_sub(s.window)
+                    } else {
+                        0
+                    };
+                    let pr = crate::pool::split_range(n_ctx - first, part, parts, 1);
+                    let (p_lo, p_hi) = (first + pr.start, first + pr.end);
+                    // Positions p_lo..p_hi live in rows p % cap: one range, or two when
+                    // the ring wrapped.
+                    let (a, b) = (p_lo % s.cap, p_lo % s.cap + (p_hi - p_lo));
+                    let rows = if b <= s.cap {
+                        [a..b, 0..0]
+                    } else {
+                        [a..s.cap, 0..b - s.cap]
+                    };
+                    let head = ops::HeadAttn {
+                        rows,
+                        scale: s.scale,
+                        softcap: s.softcap,
+                    };
+                    let q_off = t * q_width + kvh * group * hd;
+                    let qs = &q[q_off..q_off + group * hd];
+                    let span = kvh * s.cap * hd..(kvh + 1) * s.cap * hd;
+                    // SAFETY: each item owns its output slice: the group's heads of one
+                    // token (parts == 1), or its own slot of the partial buffer.
+                    let (o, stats) = unsafe {
+                        if parts == 1 {
+                            (out_ptr.slice(q_off, group * hd), &mut local_stats[..2 * group])
+                        } else {
+                            let base = item * group * (hd + 2);
+                            (
+                                part_ptr.slice(base, group * hd),
+                                part_ptr.slice(base + group * hd, 2 * group),
+                            )
+                        }
+                    };
+                    if p_hi == p_lo {
+                        o.fill(0.0);
+                        for g in 0..group {
+                            stats[2 * g] = f32::NEG_INFINITY;
+                            stats[2 * g + 1] = 0.0;
+                        }
+                        continue;
+                    }
+                    match (k, v) {
+                        (KvCache::F16(k), KvCache::F16(v)) => {
+                            ops::attend_group(qs, group, &k[span.clone()], &v[span], hd, &head, scores, o, stats)
+                        }
+                        (KvCache::F32(k), KvCache::F32(v)) => {
+                            ops::attend_group(qs, group, &k[span.clone()], &v[span], hd, &head, scores, o, stats)
+                        }
+                        _ => panic!("K and V caches of different precision"),
+                    }
+                    if parts == 1 {
+                        for g in 0..group {
+                            let inv = 1.0 / stats[2 * g + 1];
+                            o[g * hd..(g + 1) * hd].iter_mut().for_each(|x| *x *= inv);
+                        }
+                    }
+                }
+            });
+        });
+        if parts > 1 {
+            let stride = group * (hd + 2);
+            for tk in 0..base_items {
+                let (t, kvh) = (tk / kvh_n, tk % kvh_n);
+                for g in 0..group {
+                    let slots = (0..parts).map(|p| {
+                        let base = (tk * parts + p) * stride;
+                        let o = &partial[base + g * hd..base + (g + 1) * hd];
+                        let st = base + group * hd + 2 * g;
+                        (o, partial[st], partial[st + 1])
+                    });
+                    let off = t * q_width + (kvh * group + g) * hd;
+                    ops::merge_partials(slots, &mut out[off..off + hd]);
+                }
+            }
         }
     }
 }

@@ -368,18 +368,10 @@ fn attention_prefill_decode_gqa_windows_rings_and_softcap_match_oracle() {
                 let mut steps: Vec<(usize, usize)> = (0..20).map(|c| (c * 6, 6)).collect();
                 steps.extend((120..total).map(|p| (p, 1)));
                 for (p0, n) in steps {
-                    b.kv_write(&mut kc, &k_all[p0 * kw..(p0 + n) * kw].to_vec(), n, p0, &shape);
-                    b.kv_write(&mut vc, &v_all[p0 * kw..(p0 + n) * kw].to_vec(), n, p0, &shape);
+                    b.kv_write(&mut kc, &k_all[p0 * kw..(p0 + n) * kw], n, p0, &shape);
+                    b.kv_write(&mut vc, &v_all[p0 * kw..(p0 + n) * kw], n, p0, &shape);
                     let mut out = b.alloc(n * qw);
-                    b.attention(
-                        &q_all[p0 * qw..(p0 + n) * qw].to_vec(),
-                        &kc,
-                        &vc,
-                        n,
-                        p0,
-                        &shape,
-                        &mut out,
-                    );
+                    b.attention(&q_all[p0 * qw..(p0 + n) * qw], &kc, &vc, n, p0, &shape, &mut out);
                     got[p0 * qw..(p0 + n) * qw].copy_from_slice(&out);
                 }
                 let what = format!("attention window {window} cap {cap} softcap {softcap} level {name}");

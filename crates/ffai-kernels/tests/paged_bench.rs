@@ -165,8 +165,8 @@ fn bench_decode_batch(threads: usize, ms: u64, heads: usize, kvh: usize, hd: usi
     let caches: Vec<_> = (0..n_seqs)
         .map(|s| {
             let (mut kc, mut vc) = (b.alloc_kv(kw * ctx), b.alloc_kv(kw * ctx));
-            b.kv_write(&mut kc, &k[s * ctx * kw..(s + 1) * ctx * kw].to_vec(), ctx, 0, &shape);
-            b.kv_write(&mut vc, &v[s * ctx * kw..(s + 1) * ctx * kw].to_vec(), ctx, 0, &shape);
+            b.kv_write(&mut kc, &k[s * ctx * kw..(s + 1) * ctx * kw], ctx, 0, &shape);
+            b.kv_write(&mut vc, &v[s * ctx * kw..(s + 1) * ctx * kw], ctx, 0, &shape);
             (kc, vc)
         })
         .collect();
