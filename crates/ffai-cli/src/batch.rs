@@ -59,6 +59,7 @@ pub struct BatchArgs {
     model: ModelArgs,
     /// JSONL input: one {"prompt": ...} or {"messages": [...]} object per line, optionally
     /// with max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop.
+    /// Blank lines are skipped; output "index" counts the requests from 0.
     #[arg(long)]
     input: PathBuf,
     /// Where to write the results (JSONL, input order); default: stdout.
@@ -205,6 +206,7 @@ pub fn cmd_batch(a: BatchArgs) -> Result<()> {
     let defaults = a.sampling.apply(model.default_parameters());
     // Every line is read, parsed, rendered, tokenized and checked before any work starts.
     let mut jobs = Vec::new();
+    let mut line_numbers = Vec::new();
     let mut reader = std::io::BufReader::new(file);
     let mut buf = Vec::new();
     let mut n = 0;
@@ -225,22 +227,23 @@ pub fn cmd_batch(a: BatchArgs) -> Result<()> {
         }
         let line = std::str::from_utf8(&buf).map_err(|_| Error::new(format!("line {n}: not UTF-8")))?;
         if line.trim().is_empty() {
-            return Err(Error::new(format!("line {n}: empty")));
+            continue; // blank lines (a trailing newline or two) are no requests
         }
         let job = parse_line(&model, line, n, a.chat, &defaults)?;
         jobs.push(job);
+        line_numbers.push(n);
     }
     if jobs.is_empty() {
         return Err(Error::new(format!("{}: no requests", a.input.display())));
     }
     let mut sched = Scheduler::new(&*model.lm, &model.tokenizer, cfg)?;
-    for (i, j) in jobs.iter().enumerate() {
+    for (j, &line) in jobs.iter().zip(&line_numbers) {
         sched
             .check(&SeqRequest {
                 prompt: j.prompt.clone(),
                 params: j.params.clone(),
             })
-            .map_err(|e| Error::new(format!("line {}: {}", i + 1, e.message())))?;
+            .map_err(|e| Error::new(format!("line {line}: {}", e.message())))?;
     }
     let mut out: Box<dyn Write> = match &a.output {
         Some(p) => Box::new(std::io::BufWriter::new(

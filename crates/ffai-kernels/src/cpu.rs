@@ -115,7 +115,7 @@ fn matmul_rows(
             let bytes = &w.data.as_slice()[rows.start * w.row_bytes..rows.end * w.row_bytes];
             quant::dot_rows_multi(w.ty, bytes, x, cols, o);
         }
-        None if n == 1 => {
+        None if n == 1 && !w.ty.is_quantized() => {
             // SAFETY: as above, disjoint rows per thread.
             let o = unsafe { out.slice(rows.start, rows.len()) };
             for (k, row) in rows.enumerate() {
@@ -148,7 +148,8 @@ fn matmul_rows(
         }),
         None => with_scratch(cols, |wrow| {
             // Quantized weights with f32 activations: widen each row once and reuse it
-            // for every token.
+            // for every token. One token takes this path too, so a row's result does not
+            // depend on how many tokens share the step (batch invariance).
             for row in rows {
                 quant::dequantize_row(w.ty, w.row(row), wrow);
                 for t in 0..n {

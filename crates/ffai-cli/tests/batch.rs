@@ -1,0 +1,163 @@
+//! `ffai batch` and `ffai bench --sequences` end to end on the real SmolLM2 checkpoint:
+//! output in input order with the documented keys, the same tokens as `generate`, and every
+//! bad input line reported by number before any work starts.
+
+mod common;
+
+use common::*;
+
+fn write(dir: &std::path::Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn batch_writes_every_line_in_order_with_generates_tokens() {
+    let dir = temp_dir("batch-ok");
+    let input = write(
+        &dir,
+        "in.jsonl",
+        concat!(
+            "{\"prompt\": \"The capital of France is\", \"max_tokens\": 6, \"temperature\": 0}\n",
+            "{\"prompt\": \"Once upon a time\", \"max_tokens\": 5, \"temperature\": 0, \"stop\": [\"city\"]}\n",
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"Say hi.\"}], \"max_tokens\": 4, \"temperature\": 0.7, \"seed\": 3}\n",
+            "{\"prompt\": \"1, 2, 3,\", \"max_tokens\": 8, \"temperature\": 0, \"top_k\": 1}\n",
+        ),
+    );
+    let output = dir.join("out.jsonl");
+    let out = ffai(&[
+        "batch",
+        "-m",
+        &smollm2(),
+        "--input",
+        &input,
+        "--output",
+        output.to_str().unwrap(),
+        "--max-sequences",
+        "3",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("4 sequences") && err.contains("tok/s"), "{err}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["index"], i);
+        let ids = l["token_ids"].as_array().unwrap();
+        assert_eq!(l["completion_tokens"], ids.len());
+        assert!(l["prompt_tokens"].as_u64().unwrap() > 0);
+    }
+    assert!(lines[0]["text"].as_str().unwrap().starts_with(" Paris"), "{}", lines[0]);
+    assert_eq!(lines[0]["finish_reason"], "length");
+    // The stop string ends the second line, and is not in its text.
+    assert_eq!(lines[1]["finish_reason"], "stop");
+    assert_eq!(lines[1]["text"], ", the ");
+    // The same tokens as `generate` for the same prompt and parameters.
+    let g = stdout_json(&ffai(&[
+        "generate",
+        "-m",
+        &smollm2(),
+        "-p",
+        "1, 2, 3,",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "8",
+        "--json",
+    ]));
+    assert_eq!(lines[3]["token_ids"], g["generated_ids"]);
+}
+
+#[test]
+fn bad_lines_are_reported_by_number_before_any_work() {
+    let dir = temp_dir("batch-bad");
+    let cases = [
+        (
+            "{\"prompt\": \"ok\"}\n{\"prompt\": 5}\n",
+            "line 2: \"prompt\" must be a string",
+        ),
+        ("{\"prompt\": \"ok\"}\nnot json\n", "line 2: not valid JSON"),
+        (
+            "{\"prompt\": \"ok\", \"temprature\": 0}\n",
+            "line 1: unknown key \"temprature\"",
+        ),
+        (
+            "{\"prompt\": \"ok\", \"max_tokens\": -1}\n",
+            "line 1: \"max_tokens\" must be a whole number",
+        ),
+        ("{\"prompt\": \"ok\", \"top_p\": 7}\n", "line 1: top_p"),
+        (
+            "{\"prompt\": \"ok\", \"stop\": [1]}\n",
+            "line 1: \"stop\" entries must be strings",
+        ),
+        (
+            "{\"prompt\": \"a\", \"messages\": []}\n",
+            "line 1: give \"prompt\" or \"messages\"",
+        ),
+        ("{\"messages\": \"hi\"}\n", "line 1: \"messages\" is not a list"),
+        ("[1, 2]\n", "line 1: not a JSON object"),
+        (
+            "{\"prompt\": \"ok\"}\n\n{\"prompt\": 1}\n",
+            "line 3: \"prompt\" must be a string",
+        ),
+        ("\n\n", "no requests"),
+    ];
+    for (i, (text, needle)) in cases.iter().enumerate() {
+        let input = write(&dir, &format!("in{i}.jsonl"), text);
+        let output = dir.join(format!("out{i}.jsonl"));
+        let out = ffai(&[
+            "batch",
+            "-m",
+            &smollm2(),
+            "--input",
+            &input,
+            "--output",
+            output.to_str().unwrap(),
+        ]);
+        assert_clean_failure(&out, needle);
+        assert!(!output.exists(), "case {i}: output written despite a bad line");
+    }
+    // A prompt longer than the context, and a pool too small for a line.
+    let long = format!("{{\"prompt\": \"{}\"}}\n", "word ".repeat(400));
+    let input = write(&dir, "long.jsonl", &long);
+    let out = ffai(&["batch", "-m", &smollm2(), "--input", &input, "--context", "256"]);
+    assert_clean_failure(&out, "line 1: the prompt has");
+    let input = write(&dir, "pool.jsonl", "{\"prompt\": \"hello\", \"max_tokens\": 500}\n");
+    let out = ffai(&["batch", "-m", &smollm2(), "--input", &input, "--kv-cache-size", "128"]);
+    assert_clean_failure(&out, "line 1: a sequence of");
+    let out = ffai(&["batch", "-m", &smollm2(), "--input", &input, "--kv-cache-size", "lots"]);
+    assert_clean_failure(&out, "bad KV cache size");
+    let out = ffai(&["batch", "-m", &smollm2(), "--input", &input, "--max-sequences", "0"]);
+    assert_clean_failure(&out, "--max-sequences");
+    let out = ffai(&["batch", "-m", &smollm2(), "--input", "/nonexistent.jsonl"]);
+    assert_clean_failure(&out, "/nonexistent.jsonl");
+}
+
+#[test]
+fn bench_sequences_reports_aggregate_decode() {
+    let j = stdout_json(&ffai(&[
+        "bench",
+        "-m",
+        &smollm2(),
+        "--sequences",
+        "4",
+        "--prompt-tokens",
+        "16",
+        "--gen-tokens",
+        "8",
+        "--repetitions",
+        "1",
+        "--json",
+    ]));
+    assert_eq!(j["sequences"], 4);
+    assert_eq!(j["gen_tokens"], 8);
+    assert!(j["decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{j}");
+    assert!(j["prefill_tokens_per_s"].as_f64().unwrap() > 0.0, "{j}");
+    let out = ffai(&["bench", "-m", &smollm2(), "--sequences", "0"]);
+    assert_clean_failure(&out, "--sequences");
+}
