@@ -634,61 +634,32 @@ fn bench_sequences(a: &BenchArgs, model: &Model, n: usize, load_s: f64) -> Resul
         context: None,
     };
     batch::bench_sequences(model, &engine, n, a.prompt_tokens, a.gen_tokens.min(8), 1)?;
-    let (mut pp, mut tg) = (Vec::new(), Vec::new());
+    let (mut pp, mut tg, mut steps) = (Vec::new(), Vec::new(), 0);
     for r in 0..a.repetitions {
-        let (p, t) = batch::bench_sequences(model, &engine, n, a.prompt_tokens, a.gen_tokens, 1234 + r as u64)?;
+        let (p, t, s) = batch::bench_sequences(model, &engine, n, a.prompt_tokens, a.gen_tokens, 1234 + r as u64)?;
         pp.push(p);
         tg.push(t);
+        steps = s;
     }
-    let (pp_med, tg_med) = (median(&mut pp), median(&mut tg));
-    let rss = peak_rss_bytes();
     let profile = model.device.take_profile();
     if !profile.is_empty() {
         let total: f64 = profile.iter().map(|p| p.1).sum();
+        let steps = steps.max(1) as f64;
         eprintln!(
-            "per-op profile of the timed runs (prefill and decode; ops take {:.1} ms):",
-            total * 1e3
+            "per-op profile of the last decode phase ({steps} steps of {n} rows; ops take {:.3} ms of each step):",
+            total * 1e3 / steps
         );
         for (name, secs, calls) in profile.iter().take(16) {
             eprintln!(
-                "{:<44} {:>10.2} ms {:>7.1}% {:>8} calls",
+                "{:<44} {:>10.1} µs/step {:>7.1}% {:>8.1} calls/step",
                 name,
-                secs * 1e3,
+                secs * 1e6 / steps,
                 100.0 * secs / total,
-                calls
+                *calls as f64 / steps
             );
         }
     }
-    if a.json {
-        println!(
-            "{}",
-            json!({
-                "model": model.location.path().display().to_string(),
-                "device": model.lm.device_name(),
-                "sequences": n,
-                "prompt_tokens": a.prompt_tokens,
-                "gen_tokens": a.gen_tokens,
-                "repetitions": a.repetitions,
-                "prefill_tokens_per_s": pp_med,
-                "decode_tokens_per_s": tg_med,
-                "peak_rss_bytes": rss,
-                "load_seconds": load_s,
-            })
-        );
-    } else {
-        println!(
-            "model: {} ({}), {n} sequences",
-            model.location.path().display(),
-            model.lm.device_name()
-        );
-        println!("prefill {n} x pp{}: {pp_med:.1} tok/s (all sequences)", a.prompt_tokens);
-        println!(
-            "decode {n} x tg{}: {tg_med:.1} tok/s aggregate, {:.1} per sequence",
-            a.gen_tokens,
-            tg_med / n as f64
-        );
-        println!("peak RSS: {:.1} MiB", rss as f64 / (1024.0 * 1024.0));
-    }
+    report_bench(a, model, load_s, &pp, &tg, Some(n));
     Ok(())
 }
 
@@ -752,16 +723,6 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             tg.push(a.gen_tokens as f64 / t.elapsed().as_secs_f64());
         }
     }
-    let range = |v: &[f64]| {
-        (
-            v.iter().copied().fold(f64::INFINITY, f64::min),
-            v.iter().copied().fold(0.0, f64::max),
-        )
-    };
-    let (pp_min, pp_max) = range(&pp);
-    let (tg_min, tg_max) = range(&tg);
-    let (pp_med, tg_med) = (median(&mut pp.clone()), median(&mut tg.clone()));
-    let rss = peak_rss_bytes();
     let profile = model.device.take_profile();
     if !prefill_profile.is_empty() {
         let total: f64 = prefill_profile.iter().map(|p| p.1).sum();
@@ -813,41 +774,69 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             );
         }
     }
-    if a.json {
-        println!(
-            "{}",
-            json!({
-                "model": model.location.path().display().to_string(),
-                "device": model.lm.device_name(),
-                "prompt_tokens": a.prompt_tokens,
-                "gen_tokens": a.gen_tokens,
-                "repetitions": a.repetitions,
-                "prefill_tokens_per_s": pp_med,
-                "prefill_tokens_per_s_min": pp_min,
-                "prefill_tokens_per_s_max": pp_max,
-                "decode_tokens_per_s": tg_med,
-                "decode_tokens_per_s_min": tg_min,
-                "decode_tokens_per_s_max": tg_max,
-                "peak_rss_bytes": rss,
-                "load_seconds": load_s,
-            })
-        );
-    } else {
-        println!(
-            "model: {} ({})",
-            model.location.path().display(),
-            model.lm.device_name()
-        );
-        println!("load: {load_s:.3} s");
-        println!(
-            "prefill pp{}: {pp_med:.1} tok/s (min {pp_min:.1}, max {pp_max:.1})",
-            a.prompt_tokens
-        );
-        println!(
-            "decode tg{}: {tg_med:.1} tok/s (min {tg_min:.1}, max {tg_max:.1})",
-            a.gen_tokens
-        );
-        println!("peak RSS: {:.1} MiB", rss as f64 / (1024.0 * 1024.0));
-    }
+    report_bench(&a, &model, load_s, &pp, &tg, None);
     Ok(())
+}
+
+/// Prints a bench's medians and ranges (text, or one JSON object with `--json`); with
+/// `sequences`, decode is the aggregate over all of them.
+fn report_bench(a: &BenchArgs, model: &Model, load_s: f64, pp: &[f64], tg: &[f64], sequences: Option<usize>) {
+    let range = |v: &[f64]| {
+        (
+            v.iter().copied().fold(f64::INFINITY, f64::min),
+            v.iter().copied().fold(0.0, f64::max),
+        )
+    };
+    let (pp_min, pp_max) = range(pp);
+    let (tg_min, tg_max) = range(tg);
+    let (pp_med, tg_med) = (median(&mut pp.to_vec()), median(&mut tg.to_vec()));
+    let rss = peak_rss_bytes();
+    let n = sequences.unwrap_or(1);
+    if a.json {
+        let mut j = json!({
+            "model": model.location.path().display().to_string(),
+            "device": model.lm.device_name(),
+            "prompt_tokens": a.prompt_tokens,
+            "gen_tokens": a.gen_tokens,
+            "repetitions": a.repetitions,
+            "prefill_tokens_per_s": pp_med,
+            "prefill_tokens_per_s_min": pp_min,
+            "prefill_tokens_per_s_max": pp_max,
+            "decode_tokens_per_s": tg_med,
+            "decode_tokens_per_s_min": tg_min,
+            "decode_tokens_per_s_max": tg_max,
+            "peak_rss_bytes": rss,
+            "load_seconds": load_s,
+        });
+        if sequences.is_some() {
+            j["sequences"] = json!(n);
+        }
+        println!("{j}");
+        return;
+    }
+    let seqs = match sequences {
+        Some(n) => format!(", {n} sequences at once"),
+        None => String::new(),
+    };
+    println!(
+        "model: {} ({}){seqs}",
+        model.location.path().display(),
+        model.lm.device_name()
+    );
+    println!("load: {load_s:.3} s");
+    let each = if n > 1 { format!("{n} x ") } else { String::new() };
+    println!(
+        "prefill {each}pp{}: {pp_med:.1} tok/s (min {pp_min:.1}, max {pp_max:.1})",
+        a.prompt_tokens
+    );
+    println!(
+        "decode {each}tg{}: {tg_med:.1} tok/s (min {tg_min:.1}, max {tg_max:.1}){}",
+        a.gen_tokens,
+        if n > 1 {
+            format!(" aggregate, {:.1} per sequence", tg_med / n as f64)
+        } else {
+            String::new()
+        }
+    );
+    println!("peak RSS: {:.1} MiB", rss as f64 / (1024.0 * 1024.0));
 }

@@ -115,8 +115,25 @@ impl Rng {
 pub struct Sampler {
     params: GenerationParameters,
     rng: Rng,
+    scratch: SampleScratch,
+}
+
+/// A sampler's working buffers (a vocabulary's worth of candidates and flags). Many
+/// samplers run one after another on one thread can share one, sized once
+/// ([`SampleScratch::with_vocab`]), so sampling allocates nothing.
+#[derive(Default)]
+pub struct SampleScratch {
     cand: Vec<(u32, f32)>,
     seen: Vec<bool>,
+}
+
+impl SampleScratch {
+    pub fn with_vocab(vocab: usize) -> SampleScratch {
+        SampleScratch {
+            cand: Vec::with_capacity(vocab),
+            seen: Vec::with_capacity(vocab),
+        }
+    }
 }
 
 impl Sampler {
@@ -130,20 +147,28 @@ impl Sampler {
         Sampler {
             params: params.clone(),
             rng: Rng::new(seed),
-            cand: Vec::new(),
-            seen: Vec::new(),
+            scratch: SampleScratch::default(),
         }
     }
 
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let t = self.sample_with(logits, history, &mut scratch);
+        self.scratch = scratch;
+        t
+    }
+
+    /// [`sample`](Self::sample) with the working buffers given (the result is the same).
+    pub fn sample_with(&mut self, logits: &mut [f32], history: &[u32], scratch: &mut SampleScratch) -> u32 {
         let p = &self.params;
+        let SampleScratch { cand, seen } = scratch;
         if p.repetition_penalty != 1.0 {
-            self.seen.clear();
-            self.seen.resize(logits.len(), false);
+            seen.clear();
+            seen.resize(logits.len(), false);
             for &t in history {
                 let t = t as usize;
-                if t < logits.len() && !self.seen[t] {
-                    self.seen[t] = true;
+                if t < logits.len() && !seen[t] {
+                    seen[t] = true;
                     let l = &mut logits[t];
                     *l = if *l > 0.0 {
                         *l / p.repetition_penalty
@@ -157,58 +182,58 @@ impl Sampler {
             return ffai_kernels::ops::argmax(logits).0 as u32;
         }
         let inv_t = 1.0 / p.temperature;
-        self.cand.clear();
-        self.cand.extend(
+        cand.clear();
+        cand.extend(
             logits
                 .iter()
                 .enumerate()
                 .filter(|(_, l)| !l.is_nan())
                 .map(|(i, &l)| (i as u32, l * inv_t)),
         );
-        if self.cand.is_empty() {
+        if cand.is_empty() {
             return ffai_kernels::ops::argmax(logits).0 as u32;
         }
         // Highest logit first; ties by lowest id so the order is deterministic.
         let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        if p.top_k > 0 && p.top_k < self.cand.len() {
-            self.cand.select_nth_unstable_by(p.top_k - 1, by_logit);
-            self.cand.truncate(p.top_k);
+        if p.top_k > 0 && p.top_k < cand.len() {
+            cand.select_nth_unstable_by(p.top_k - 1, by_logit);
+            cand.truncate(p.top_k);
         }
-        self.cand.sort_unstable_by(by_logit);
-        let max = self.cand[0].1;
+        cand.sort_unstable_by(by_logit);
+        let max = cand[0].1;
         // Convert to unnormalised probabilities.
         let mut total = 0.0f64;
-        for c in &mut self.cand {
+        for c in cand.iter_mut() {
             c.1 = (c.1 - max).exp();
             total += c.1 as f64;
         }
         if p.top_p < 1.0 {
             let mut acc = 0.0f64;
-            let mut keep = self.cand.len();
-            for (i, c) in self.cand.iter().enumerate() {
+            let mut keep = cand.len();
+            for (i, c) in cand.iter().enumerate() {
                 acc += c.1 as f64 / total;
                 if acc >= p.top_p as f64 {
                     keep = i + 1;
                     break;
                 }
             }
-            self.cand.truncate(keep);
+            cand.truncate(keep);
         }
         if p.min_p > 0.0 {
             // The top candidate has probability weight 1 after the max subtraction.
             let floor = p.min_p;
-            let keep = self.cand.iter().take_while(|c| c.1 >= floor).count().max(1);
-            self.cand.truncate(keep);
+            let keep = cand.iter().take_while(|c| c.1 >= floor).count().max(1);
+            cand.truncate(keep);
         }
-        let total: f64 = self.cand.iter().map(|c| c.1 as f64).sum();
+        let total: f64 = cand.iter().map(|c| c.1 as f64).sum();
         let mut r = self.rng.next_f64() * total;
-        for c in &self.cand {
+        for c in cand.iter() {
             r -= c.1 as f64;
             if r < 0.0 {
                 return c.0;
             }
         }
-        self.cand.last().map(|c| c.0).unwrap_or(0)
+        cand.last().map(|c| c.0).unwrap_or(0)
     }
 }
 

@@ -38,7 +38,7 @@ use ffai_kernels::backend::{GroupLayout, SeqRows, StepLayout};
 
 use super::kv_pool::{GroupSpec, KvPool, KvPoolConfig, SeqId};
 use crate::error::{Error, Result};
-use crate::generate::{GenerationParameters, Sampler, StopScanner};
+use crate::generate::{GenerationParameters, SampleScratch, Sampler, StopScanner};
 use crate::inspect::Tap;
 use crate::models::one_seq::DEFAULT_BLOCK_SIZE;
 use crate::models::{BatchShape, BatchState, LanguageModel};
@@ -281,6 +281,8 @@ pub struct Scheduler<'m> {
     step_tokens: Vec<u32>,
     logit_rows: Vec<u32>,
     logits: Vec<f32>,
+    /// The samplers' shared working buffers (they run one after another).
+    sample_scratch: SampleScratch,
     next_id: u64,
     pub stats: SchedulerStats,
 }
@@ -365,6 +367,7 @@ impl<'m> Scheduler<'m> {
             step_tokens: Vec::with_capacity(rows),
             logit_rows: Vec::with_capacity(cfg.max_seqs),
             logits: vec![0.0; logits_len],
+            sample_scratch: SampleScratch::with_vocab(vocab),
             next_id: 0,
             stats: SchedulerStats::default(),
             cfg,
@@ -488,7 +491,7 @@ impl<'m> Scheduler<'m> {
             if from + n == s.tokens.len() {
                 let row = &mut self.logits[li * vocab..(li + 1) * vocab];
                 li += 1;
-                Self::sample_next(s, row, self.tok, &mut self.stats);
+                Self::sample_next(s, row, self.tok, &mut self.sample_scratch, &mut self.stats);
             }
         }
         self.retire();
@@ -496,8 +499,14 @@ impl<'m> Scheduler<'m> {
     }
 
     /// Samples the next token of `s` from its logits row and settles whether it ends.
-    fn sample_next(s: &mut Seq<'m>, row: &mut [f32], tok: &Tokenizer, stats: &mut SchedulerStats) {
-        let next = s.sampler.sample(row, &s.tokens);
+    fn sample_next(
+        s: &mut Seq<'m>,
+        row: &mut [f32],
+        tok: &Tokenizer,
+        scratch: &mut SampleScratch,
+        stats: &mut SchedulerStats,
+    ) {
+        let next = s.sampler.sample_with(row, &s.tokens, scratch);
         let p = &s.params;
         if (p.stop_on_eos && tok.eog_ids().contains(&next)) || p.stop_token_ids.contains(&next) {
             s.finished = Some(FinishReason::Stop);
