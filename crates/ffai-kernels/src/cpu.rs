@@ -90,7 +90,14 @@ fn matmul_rows(
                     tile.prepare(w.ty, &acts[slot], t0..t1);
                     for rb in (rows.start..rows.end).step_by(ROW_BLOCK) {
                         let re = (rb + ROW_BLOCK).min(rows.end);
-                        let bytes = &w.data.as_slice()[rb * w.row_bytes..re * w.row_bytes];
+                        let data = w.data.as_slice();
+                        let bytes = &data[rb * w.row_bytes..re * w.row_bytes];
+                        if t0 == 0 {
+                            // The first tile streams the rows from memory: ask for the
+                            // next block now (later tiles find this thread's rows in L2).
+                            let ne = (re + ROW_BLOCK).min(rows.end);
+                            ops::prefetch_bytes(&data[re * w.row_bytes..ne * w.row_bytes]);
+                        }
                         let (nr, nt) = (re - rb, t1 - t0);
                         let tmp = &mut tmp[..nr * nt];
                         quant::q8::dot_rows_q8_tile(w.ty, bytes, &acts[slot], &tile, tmp);
