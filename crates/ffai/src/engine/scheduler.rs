@@ -95,8 +95,11 @@ pub struct EngineConfig {
     pub max_batch_tokens: usize,
     /// Positions per KV block.
     pub block_size: usize,
-    /// Blocks in the shared KV pool.
+    /// Blocks in the shared KV pool (all KV groups draw from it).
     pub kv_blocks: usize,
+    /// KV groups of the model (layers sharing an attention window): a position of every
+    /// layer takes one block slot per group.
+    pub kv_groups: usize,
     /// Longest sequence (prompt plus generated tokens).
     pub context: usize,
     pub prefix_caching: bool,
@@ -130,9 +133,11 @@ impl EngineConfig {
         );
         let bs = DEFAULT_BLOCK_SIZE;
         let per_block: u64 = lm.kv_block_bytes(bs).iter().sum::<u64>().max(1);
-        let one_seq_blocks = blocks_for_len(&lm.kv_windows(), context, max_batch_tokens, bs);
+        let windows = lm.kv_windows();
+        let one_seq_blocks = blocks_for_len(&windows, context, max_batch_tokens, bs);
         let kv_blocks = match kv {
-            Some(KvCacheSize::Tokens(t)) => t.div_ceil(bs),
+            // Room for `t` positions in every layer: a block per group per `bs` positions.
+            Some(KvCacheSize::Tokens(t)) => t.div_ceil(bs).saturating_mul(windows.len().max(1)),
             Some(KvCacheSize::Bytes(b)) => (b / per_block) as usize,
             None => {
                 let want = (max_seqs as u64).saturating_mul(one_seq_blocks as u64);
@@ -153,14 +158,15 @@ impl EngineConfig {
             max_batch_tokens,
             block_size: bs,
             kv_blocks,
+            kv_groups: windows.len().max(1),
             context,
             prefix_caching: true,
         })
     }
 
-    /// Positions of K/V the pool holds (blocks × block size).
+    /// Positions of K/V (in every layer) the pool holds: blocks × block size / groups.
     pub fn kv_tokens(&self) -> usize {
-        self.kv_blocks * self.block_size
+        self.kv_blocks * self.block_size / self.kv_groups.max(1)
     }
 }
 
