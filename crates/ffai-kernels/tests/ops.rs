@@ -261,6 +261,41 @@ fn softmax_and_argmax() {
     );
     let b = CpuBackend::new(1);
     assert_eq!(b.argmax(&vec![3.0, 1.0, 9.0, 9.5], 0..3), 2);
+    // Against the plain definition (first strictly larger wins) on rows of every length
+    // around the 16-lane chunks, with ties, NaNs, infinities and negative zeros.
+    let naive = |x: &[f32]| {
+        let mut best = (0, f32::NEG_INFINITY);
+        for (i, &v) in x.iter().enumerate() {
+            if v > best.1 {
+                best = (i, v);
+            }
+        }
+        best
+    };
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for len in (0..70).chain([262_144]) {
+        for _ in 0..20 {
+            let x: Vec<f32> = (0..len)
+                .map(|_| match next() % 10 {
+                    0 => f32::NAN,
+                    1 => f32::NEG_INFINITY,
+                    2 => -0.0,
+                    3 => 0.0,
+                    4 => f32::INFINITY * ((next() % 7 == 0) as u8 as f32 - 0.5).signum(),
+                    _ => (next() % 9) as f32 - 4.0,
+                })
+                .collect();
+            let (got, want) = (ops::argmax(&x), naive(&x));
+            assert_eq!(got.0, want.0, "len {len}: {x:?}");
+            assert_eq!(got.1.to_bits(), want.1.to_bits(), "len {len}");
+        }
+    }
 }
 
 /// Naive attention: for each query token and head, softmax over visible positions.
