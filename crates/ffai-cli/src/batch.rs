@@ -318,8 +318,14 @@ fn run_all(
     }
     let mut done: Vec<Option<Completion>> = (0..n).map(|_| None).collect();
     let (mut n_done, mut generated) = (0, 0);
+    let mut idle_steps = 0;
     while n_done < n {
-        sched.step()?;
+        // A step that runs nothing while requests remain means no progress is possible
+        // (the scheduler rules it out): an error, never a spin.
+        idle_steps = if sched.step()? == 0 { idle_steps + 1 } else { 0 };
+        if idle_steps > 2 {
+            return Err(Error::new("the scheduler made no progress with requests unfinished"));
+        }
         for (i, r) in rx.iter().enumerate() {
             while let Ok(e) = r.try_recv() {
                 match e {

@@ -458,6 +458,20 @@ impl<'m> Scheduler<'m> {
         self.drop_cancelled();
         self.plan_rows();
         if self.plan.is_empty() {
+            if self.running.is_empty() {
+                if let Some(mut s) = self.waiting.pop_front() {
+                    // Nothing runs and the next sequence cannot be admitted into an empty
+                    // pool: `check_request` rules this out, so it is a bug. End that
+                    // sequence loudly rather than spin on it forever.
+                    let len = s.tokens.len();
+                    s.finished = Some(FinishReason::Cancelled);
+                    Self::finish(s, &mut self.stats);
+                    bail!(
+                        "internal error: an empty KV pool of {} blocks cannot admit a sequence of {len} tokens",
+                        self.cfg.kv_blocks
+                    );
+                }
+            }
             return Ok(0);
         }
         self.lay_out();
