@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod cpu;
+pub mod cuda;
 pub mod ops;
 pub mod pool;
 pub mod quant;
