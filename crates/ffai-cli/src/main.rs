@@ -101,6 +101,9 @@ struct ModelArgs {
     /// (dequantized weights, slower; no activation rounding).
     #[arg(long, default_value = "q8")]
     activations: String,
+    /// Where to run: cpu (default) or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 impl ModelArgs {
@@ -118,6 +121,27 @@ impl ModelArgs {
                 p.display().to_string()
             }
         };
+        match self.device.as_str() {
+            "cpu" => {}
+            d if d == "cuda" || d.starts_with("cuda:") => {
+                let ordinal = match d.strip_prefix("cuda:") {
+                    None => 0,
+                    Some(n) => n
+                        .parse::<usize>()
+                        .map_err(|_| Error::new(format!("--device {d}: the GPU number must be a whole number")))?,
+                };
+                let count = ffai_kernels::cuda::device_count().map_err(|e| Error::new(format!("--device {d}: {e}")))?;
+                if ordinal >= count {
+                    return Err(Error::new(format!(
+                        "--device {d}: this machine has {count} CUDA device(s)"
+                    )));
+                }
+                return Err(Error::new(format!(
+                    "--device {d}: the CUDA backend is not built yet (only its first kernels are); use --device cpu"
+                )));
+            }
+            other => return Err(Error::new(format!("--device must be cpu or cuda[:N], not {other:?}"))),
+        }
         let t = Instant::now();
         let kv_f32 = match self.kv_cache.as_str() {
             "f16" => false,

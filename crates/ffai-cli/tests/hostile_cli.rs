@@ -151,3 +151,29 @@ fn a_panic_is_one_line_and_exit_1() {
         "{err}"
     );
 }
+
+#[test]
+fn device_choices_fail_cleanly() {
+    // No GPU here (CI): one line naming why; a bad device name or number likewise.
+    let gen = |d: &str| {
+        ffai(&[
+            "generate",
+            "-m",
+            &smollm2(),
+            "-p",
+            "hi",
+            "--max-tokens",
+            "2",
+            "--device",
+            d,
+        ])
+    };
+    if ffai_kernels::cuda::device_count().is_err() {
+        assert_clean_failure(&gen("cuda"), "--device cuda");
+        assert_clean_failure(&gen("cuda:1"), "--device cuda:1");
+    }
+    assert_clean_failure(&gen("cuda:x"), "whole number");
+    assert_clean_failure(&gen("tpu"), "--device must be cpu or cuda");
+    let out = gen("cpu");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
