@@ -6,6 +6,22 @@ mod common;
 
 use common::*;
 
+/// `ffai batch` on SmolLM2 from `input` into `output`, with `extra` flags.
+fn batch(input: &str, output: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let model = smollm2();
+    let mut args = vec![
+        "batch",
+        "-m",
+        &model,
+        "--input",
+        input,
+        "--output",
+        output.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    ffai(&args)
+}
+
 fn write(dir: &std::path::Path, name: &str, text: &str) -> String {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
@@ -26,17 +42,7 @@ fn batch_writes_every_line_in_order_with_generates_tokens() {
         ),
     );
     let output = dir.join("out.jsonl");
-    let out = ffai(&[
-        "batch",
-        "-m",
-        &smollm2(),
-        "--input",
-        &input,
-        "--output",
-        output.to_str().unwrap(),
-        "--max-sequences",
-        "3",
-    ]);
+    let out = batch(&input, &output, &["--max-sequences", "3"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("4 sequences") && err.contains("tok/s"), "{err}");
@@ -110,15 +116,7 @@ fn bad_lines_are_reported_by_number_before_any_work() {
     for (i, (text, needle)) in cases.iter().enumerate() {
         let input = write(&dir, &format!("in{i}.jsonl"), text);
         let output = dir.join(format!("out{i}.jsonl"));
-        let out = ffai(&[
-            "batch",
-            "-m",
-            &smollm2(),
-            "--input",
-            &input,
-            "--output",
-            output.to_str().unwrap(),
-        ]);
+        let out = batch(&input, &output, &[]);
         assert_clean_failure(&out, needle);
         assert!(!output.exists(), "case {i}: output written despite a bad line");
     }
