@@ -40,7 +40,7 @@ use super::kv_pool::{GroupSpec, KvPool, KvPoolConfig, SeqId};
 use crate::error::{Error, Result};
 use crate::generate::{GenerationParameters, SampleScratch, Sampler, StopScanner};
 use crate::inspect::Tap;
-use crate::models::one_seq::DEFAULT_BLOCK_SIZE;
+use crate::models::one_seq::{ring_blocks, DEFAULT_BLOCK_SIZE};
 use crate::models::{BatchShape, BatchState, LanguageModel};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use crate::{bail, ensure};
@@ -171,15 +171,12 @@ impl EngineConfig {
 }
 
 /// Blocks (over all groups) a sequence of `len` positions can hold at once: every block
-/// of a global group; for a window group at most those one step can read and write.
+/// of a global group; for a window group at most those one step of `step_rows` can read
+/// and write (the same ring a one-sequence state gives it).
 fn blocks_for_len(windows: &[usize], len: usize, step_rows: usize, bs: usize) -> usize {
-    let all = len.div_ceil(bs);
     windows
         .iter()
-        .map(|&w| match w {
-            0 => all,
-            w => all.min((w + step_rows.min(len)).saturating_sub(1).div_ceil(bs) + 1),
-        })
+        .map(|&w| ring_blocks(w, len, step_rows.min(len), bs))
         .sum()
 }
 

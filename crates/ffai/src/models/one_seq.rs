@@ -36,7 +36,9 @@ pub(crate) struct OneSeq {
     logit_rows: Vec<u32>,
 }
 
-/// Blocks a one-sequence state gives a group of window `window` (0 = global).
+/// Blocks a group of window `window` (0 = global) needs for a sequence of `max_seq`
+/// positions computed `chunk` rows a step: a one-sequence state's ring, and the most a
+/// sequence holds in the engine's pool.
 pub(crate) fn ring_blocks(window: usize, max_seq: usize, chunk: usize, bs: usize) -> usize {
     let all = max_seq.div_ceil(bs);
     if window == 0 {
@@ -44,7 +46,9 @@ pub(crate) fn ring_blocks(window: usize, max_seq: usize, chunk: usize, bs: usize
     } else {
         // Rows read by one step: `window - 1` before the first row, plus the chunk; they
         // span at most one block more than their count needs.
-        (window.saturating_add(chunk) - 1)
+        window
+            .saturating_add(chunk)
+            .saturating_sub(1)
             .div_ceil(bs)
             .saturating_add(1)
             .min(all)
