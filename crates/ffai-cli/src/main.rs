@@ -121,27 +121,16 @@ impl ModelArgs {
                 p.display().to_string()
             }
         };
-        match self.device.as_str() {
-            "cpu" => {}
-            d if d == "cuda" || d.starts_with("cuda:") => {
-                let ordinal = match d.strip_prefix("cuda:") {
-                    None => 0,
-                    Some(n) => n
-                        .parse::<usize>()
-                        .map_err(|_| Error::new(format!("--device {d}: the GPU number must be a whole number")))?,
-                };
-                let count = ffai_kernels::cuda::device_count().map_err(|e| Error::new(format!("--device {d}: {e}")))?;
-                if ordinal >= count {
-                    return Err(Error::new(format!(
-                        "--device {d}: this machine has {count} CUDA device(s)"
-                    )));
-                }
-                return Err(Error::new(format!(
-                    "--device {d}: the CUDA backend is not built yet (only its first kernels are); use --device cpu"
-                )));
-            }
+        let cuda = match self.device.as_str() {
+            "cpu" => None,
+            d if d == "cuda" || d.starts_with("cuda:") => Some(match d.strip_prefix("cuda:") {
+                None => 0,
+                Some(n) => n
+                    .parse::<usize>()
+                    .map_err(|_| Error::new(format!("--device {d}: the GPU number must be a whole number")))?,
+            }),
             other => return Err(Error::new(format!("--device must be cpu or cuda[:N], not {other:?}"))),
-        }
+        };
         let t = Instant::now();
         let kv_f32 = match self.kv_cache.as_str() {
             "f16" => false,
@@ -160,8 +149,13 @@ impl ModelArgs {
                 profile: self.profile,
                 kv_f32,
                 f32_activations,
+                cuda,
             },
-        )?;
+        )
+        .map_err(|e| match cuda {
+            Some(n) => e.context(format!("--device cuda:{n}")),
+            None => e,
+        })?;
         Ok((m, t.elapsed().as_secs_f64()))
     }
 }

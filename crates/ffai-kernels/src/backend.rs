@@ -300,6 +300,13 @@ pub trait Backend: Send + Sync + 'static {
     type Kv: Send + Sync;
 
     fn name(&self) -> String;
+    /// The first error of an op since the backend started, if any. Ops return nothing
+    /// (the CPU's cannot fail once their inputs are checked); a GPU's launch or allocation
+    /// can, so it keeps the error, skips every later op, and callers check here after
+    /// loading, allocating and each forward.
+    fn check(&self) -> Result<(), String> {
+        Ok(())
+    }
 
     // --- memory ---
     /// Bytes this backend can give to activations and KV caches (CPU: the machine's

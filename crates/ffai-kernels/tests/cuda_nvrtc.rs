@@ -11,10 +11,10 @@ fn every_kernel_compiles_for_sm90() {
         cuda::nvrtc_present(),
         "NVRTC not found: `python3 -m pip install nvidia-cuda-nvrtc==13.0.88` and add its nvidia/cu13/lib to LD_LIBRARY_PATH (scripts/test.sh does)"
     );
-    for (name, src, kernels) in cuda::SOURCES {
-        let ptx = cuda::compile(name, src, "sm_90").unwrap_or_else(|e| panic!("{e}"));
+    for (name, src, kernels) in cuda::all_sources() {
+        let ptx = cuda::compile(&name, &src, "sm_90").unwrap_or_else(|e| panic!("{e}"));
         assert!(ptx.contains(".target sm_90"), "{name}: {}", &ptx[..ptx.len().min(400)]);
-        for k in *kernels {
+        for k in &kernels {
             assert!(
                 ptx.contains(&format!(".entry {k}(")),
                 "{name}: no kernel {k} in the PTX"

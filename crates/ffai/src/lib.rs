@@ -43,6 +43,10 @@ pub struct LoadOptions {
     /// Dot quantized weights with f32 activations instead of 8-bit ones (slower; what a
     /// weight format alone costs, without the activations' rounding).
     pub f32_activations: bool,
+    /// Run on CUDA GPU N instead of the CPU (`threads`, `profile`, `kv_f32` and
+    /// `f32_activations` are CPU options; the GPU keeps an f16 KV cache and f32
+    /// activations).
+    pub cuda: Option<usize>,
 }
 
 /// A loaded model: the network, its tokenizer, and where it came from.
@@ -74,7 +78,16 @@ impl Model {
             threads <= MAX_THREADS,
             "{threads} threads exceed the limit of {MAX_THREADS}"
         );
-        let device = Device::cpu_configured(threads, opts.profile, opts.kv_f32, opts.f32_activations);
+        let device = match opts.cuda {
+            None => Device::cpu_configured(threads, opts.profile, opts.kv_f32, opts.f32_activations),
+            Some(n) => {
+                ensure!(
+                    !opts.kv_f32,
+                    "the CUDA backend keeps an f16 KV cache (no f32 KV cache on the GPU)"
+                );
+                Device::cuda(n)?
+            }
+        };
         let src = location.path().display().to_string();
         // Config first, then the family check, so an unsupported model fails before any
         // weights or tokenizer files are touched.
@@ -97,6 +110,19 @@ impl Model {
                 (cfg, weights, tok, family)
             }
         };
+        if let Some((free, total)) = device.gpu_memory() {
+            // Refused before any upload: a model larger than the GPU's free memory.
+            let need = weights.total_bytes();
+            let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+            ensure!(
+                need < free,
+                "{src}: the weights take {:.2} GiB, more than the {:.2} GiB free on {} ({:.2} GiB in all)",
+                gib(need),
+                gib(free),
+                device.name(),
+                gib(total)
+            );
+        }
         let lm = (family.load)(&cfg, &weights, &device)
             .map_err(|e| e.context(format!("loading {} as {}", src, family.name)))?;
         let mut types = std::collections::BTreeMap::<String, usize>::new();

@@ -1,7 +1,7 @@
-//! The CUDA backend's foundations (issue 13, in progress): the kernel sources, compiled at
-//! run time by NVRTC for the device's architecture, and the checks that turn a missing
-//! driver, NVRTC or GPU into an error instead of a panic. No `Backend` implementation
-//! uses them yet.
+//! The CUDA backend ([`backend::CudaBackend`]) and its foundations: the kernel sources,
+//! compiled at run time by NVRTC for the device's architecture (PTX cached on disk), and
+//! the checks that turn a missing driver, NVRTC, cuBLAS or GPU into an error instead of a
+//! panic.
 //!
 //! `cudarc` loads libcuda and libnvrtc at run time (`dynamic-loading`), so the crate builds
 //! anywhere. CI has no GPU but compiles every kernel with NVRTC (the
@@ -9,13 +9,124 @@
 //! `LD_LIBRARY_PATH`), so a kernel that does not compile fails CI.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
 
-/// Every kernel source: (file name, source, the `extern "C"` kernels it defines).
-pub const SOURCES: &[(&str, &str, &[&str])] = &[(
-    "elementwise.cu",
-    include_str!("elementwise.cu"),
-    &["silu_mul", "add_inplace", "scale", "rms_norm"],
-)];
+pub mod backend;
+pub mod quant;
+
+/// The hand-listed kernel sources: (file name, source, the `extern "C"` kernels it
+/// defines). The quantized-weight kernels (`quant.cu`, one set per weight type) list
+/// theirs in [`quant::kernel_names`]; [`all_sources`] has every source.
+pub const SOURCES: &[(&str, &str, &[&str])] = &[
+    (
+        "elementwise.cu",
+        include_str!("elementwise.cu"),
+        &[
+            "silu_mul",
+            "gelu_mul",
+            "gelu",
+            "add_inplace",
+            "add_scaled",
+            "add_bias",
+            "scale",
+            "softcap",
+            "to_bf16",
+            "rms_norm",
+            "layer_norm",
+            "argmax_rows",
+        ],
+    ),
+    (
+        "attention.cu",
+        include_str!("attention.cu"),
+        &["rope_step", "kv_write_step", "attn_spans", "attn_combine"],
+    ),
+];
+
+/// Every kernel source with the kernels it defines.
+pub fn all_sources() -> Vec<(String, String, Vec<String>)> {
+    let mut v: Vec<(String, String, Vec<String>)> = SOURCES
+        .iter()
+        .map(|(n, s, k)| (n.to_string(), s.to_string(), k.iter().map(|k| k.to_string()).collect()))
+        .collect();
+    v.push(("quant.cu".into(), quant::QUANT_SOURCE.into(), quant::kernel_names()));
+    v
+}
+
+/// NVRTC's version, e.g. "13.0".
+pub fn nvrtc_version() -> Result<String, String> {
+    if !nvrtc_present() {
+        return Err("NVRTC (libnvrtc.so.13) was not found".into());
+    }
+    let (mut major, mut minor) = (0i32, 0i32);
+    // SAFETY: NVRTC is present (checked above); the call writes two ints we own.
+    let r = catch_unwind(AssertUnwindSafe(|| unsafe {
+        cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor)
+    }))
+    .map_err(|_| "NVRTC failed (panic in the binding)".to_string())?;
+    if r != cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(format!("nvrtcVersion failed: {r:?}"));
+    }
+    Ok(format!("{major}.{minor}"))
+}
+
+/// 64-bit FNV-1a: a stable hash of a kernel source for the PTX cache's file names
+/// (std's hasher is not promised stable across Rust releases).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Where compiled PTX is kept: `$FFAI_CUDA_CACHE`, else `~/.cache/ffai/cuda`.
+fn ptx_cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("FFAI_CUDA_CACHE") {
+        return Some(PathBuf::from(d));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/ffai/cuda"))
+}
+
+/// The PTX of a kernel source for compute capability `major.minor`: from the disk cache
+/// (keyed by the source's hash, the architecture and NVRTC's version) or compiled now and
+/// cached. A cache that cannot be read or written only costs the compile.
+pub fn load_ptx(name: &str, src: &str, major: i32, minor: i32) -> Result<String, String> {
+    let arch: &'static str = match (major, minor) {
+        (9, 0) => "sm_90",
+        (8, 0) => "sm_80",
+        (8, 6) => "sm_86",
+        (8, 9) => "sm_89",
+        (10, 0) => "sm_100",
+        (12, 0) => "sm_120",
+        (m, n) => Box::leak(format!("sm_{m}{n}").into_boxed_str()),
+    };
+    let version = nvrtc_version()?;
+    let file = ptx_cache_dir().map(|d| {
+        d.join(format!(
+            "{}-{:016x}-{arch}-nvrtc{version}.ptx",
+            name.trim_end_matches(".cu"),
+            fnv1a(src.as_bytes())
+        ))
+    });
+    if let Some(f) = &file {
+        if let Ok(ptx) = std::fs::read_to_string(f) {
+            if ptx.contains(".version") {
+                return Ok(ptx);
+            }
+        }
+    }
+    let ptx = compile(name, src, arch)?;
+    if let Some(f) = &file {
+        // Written whole then renamed, so a concurrent reader never sees half a file.
+        if let Some(dir) = f.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let tmp = f.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, &ptx).is_ok() {
+            let _ = std::fs::rename(&tmp, f);
+        }
+    }
+    Ok(ptx)
+}
 
 /// Whether libnvrtc can be loaded.
 pub fn nvrtc_present() -> bool {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use ffai_kernels::backend::{AttnShape, Backend, HostBytes, RopeParams, StepLayout};
 
 use ffai_kernels::cpu::CpuBackend;
+use ffai_kernels::cuda::backend::CudaBackend;
 
 use super::{BatchShape, BatchState, Device, LanguageModel};
 use crate::config::ModelConfig;
@@ -135,6 +136,7 @@ pub fn build(
 ) -> Result<Box<dyn LanguageModel>> {
     match dev {
         Device::Cpu(b) => Ok(Box::new(Decoder::<CpuBackend>::load(cfg, w, b.clone(), spec, id)?)),
+        Device::Cuda(b) => Ok(Box::new(Decoder::<CudaBackend>::load(cfg, w, b.clone(), spec, id)?)),
     }
 }
 
@@ -374,6 +376,7 @@ impl<B: Backend> Decoder<B> {
                 }
             })
             .collect();
+        b.check().map_err(Error::new)?;
         Ok(Decoder {
             windows,
             layer_group,
@@ -670,6 +673,7 @@ impl<B: Backend> LanguageModel for Decoder<B> {
                 .as_ref()
                 .is_some_and(|(threshold, _)| sh.max_seq_len > *threshold),
         };
+        b.check().map_err(Error::new)?;
         Ok(BatchState {
             shape: BatchShape {
                 max_logit_rows: logit_rows,
@@ -760,6 +764,6 @@ impl<B: Backend> LanguageModel for Decoder<B> {
         if !logit_rows.is_empty() {
             tap.boundary(b, &s.logits, vocab, "logits", None);
         }
-        Ok(())
+        b.check().map_err(Error::new)
     }
 }

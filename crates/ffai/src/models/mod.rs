@@ -8,6 +8,7 @@ use std::any::Any;
 use std::sync::Arc;
 
 use ffai_kernels::cpu::CpuBackend;
+use ffai_kernels::cuda::backend::CudaBackend;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -29,9 +30,26 @@ pub mod starcoder2;
 #[derive(Clone)]
 pub enum Device {
     Cpu(Arc<CpuBackend>),
+    Cuda(Arc<CudaBackend>),
 }
 
 impl Device {
+    /// GPU `ordinal`, its kernels compiled; an error (never a panic) without a driver, a
+    /// GPU of that number, NVRTC or cuBLAS.
+    pub fn cuda(ordinal: usize) -> Result<Device> {
+        CudaBackend::new(ordinal)
+            .map(|b| Device::Cuda(Arc::new(b)))
+            .map_err(Error::new)
+    }
+
+    /// (free, total) device memory of a GPU device; None on the CPU.
+    pub fn gpu_memory(&self) -> Option<(usize, usize)> {
+        match self {
+            Device::Cpu(_) => None,
+            Device::Cuda(b) => b.mem_info().ok(),
+        }
+    }
+
     pub fn cpu(threads: usize) -> Device {
         Device::Cpu(Arc::new(CpuBackend::new(threads)))
     }
@@ -53,6 +71,7 @@ impl Device {
     pub fn take_profile(&self) -> Vec<(String, f64, u64)> {
         match self {
             Device::Cpu(b) => b.take_profile(),
+            Device::Cuda(_) => Vec::new(),
         }
     }
 
@@ -60,6 +79,7 @@ impl Device {
     pub fn region_overhead_seconds(&self) -> f64 {
         match self {
             Device::Cpu(b) => b.region_overhead_seconds(20_000),
+            Device::Cuda(_) => 0.0,
         }
     }
 
@@ -67,6 +87,7 @@ impl Device {
         use ffai_kernels::backend::Backend;
         match self {
             Device::Cpu(b) => b.name(),
+            Device::Cuda(b) => b.name(),
         }
     }
 }

@@ -1,0 +1,941 @@
+//! `CudaBackend`: the [`Backend`] ops on an NVIDIA GPU.
+//!
+//! Weights are uploaded once, in their stored format; activations are f32, the KV pools
+//! f16 (as the CPU's). Kernels come from the `.cu` sources beside this file, compiled by
+//! NVRTC for the device's architecture at start-up (PTX cached on disk, see
+//! [`super::load_ptx`]). Every op is enqueued on one stream; nothing waits for the GPU
+//! until a result is downloaded.
+//!
+//! Matrix products: up to [`quant::MATVEC_MAX_N`] rows at a time read the stored weights
+//! directly (`matvec_<type>`: one warp per output row, each weight byte read once per
+//! pass); from [`GEMM_MIN_ROWS`] rows the weight is dequantized to bf16 into a scratch
+//! matrix and multiplied on the tensor cores by cuBLAS (f32 weights: an f32 GEMM).
+//!
+//! Errors: the [`Backend`] ops return nothing, so a failed launch or allocation is kept
+//! (the first one) and every later op does nothing; [`Backend::check`] reports it, and the
+//! model calls it after loading, allocating and each forward. A buffer whose allocation
+//! failed is empty and never touched.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig};
+use cudarc::driver::{PushKernelArg, ValidAsZeroBits};
+
+use super::quant;
+use crate::backend::{AttnShape, Backend, HostBytes, RopeParams, StepCaps, StepLayout};
+use crate::quant::WeightType;
+
+/// From this many rows a product goes to cuBLAS; below it, passes of the matrix-vector
+/// kernel (whose per-row result does not depend on how many rows share the pass, so a
+/// decode batch of up to this many sequences gives each the bits it gets alone).
+pub const GEMM_MIN_ROWS: usize = 33;
+
+/// Positions per attention part (`SPAN` in attention.cu).
+const ATTN_SPAN: usize = 256;
+/// Largest head dimension the attention kernel holds (8 floats a lane).
+pub const MAX_HEAD_DIM: usize = 256;
+/// Bytes of attention parts one launch may use; more rows go in several launches.
+const ATTN_PART_BYTES: usize = 256 << 20;
+
+/// A device allocation and its address (kernels take raw addresses, so a step's
+/// launches can later be captured and replayed reading the same buffers).
+pub struct DevMem<T> {
+    mem: Option<CudaSlice<T>>,
+    ptr: u64,
+    len: usize,
+}
+
+impl<T> DevMem<T> {
+    fn empty() -> Self {
+        DevMem {
+            mem: None,
+            ptr: 0,
+            len: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+pub type CudaBuf = DevMem<f32>;
+
+/// A weight matrix on the device, in its stored format.
+pub struct CudaMat {
+    data: DevMem<u8>,
+    ty: WeightType,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+    tag: String,
+}
+
+/// One layer's K or V pool: f16, `[block][kv_head][offset][head_dim]`.
+pub struct CudaKv {
+    data: DevMem<u16>,
+}
+
+struct DevGroup {
+    block_size: u32,
+    n_blocks: u32,
+    window: u32,
+    slots: DevMem<u32>,
+    seqs: DevMem<u32>,
+    tables: DevMem<u32>,
+    /// Most attention parts any row of the step has in this group.
+    max_spans: usize,
+}
+
+/// A step's metadata in device memory (see [`StepLayout`]).
+pub struct CudaStep {
+    caps: StepCaps,
+    /// Rows of the step written last; 0 when the last write was refused.
+    n_rows: usize,
+    positions: DevMem<u32>,
+    row_seq: DevMem<u32>,
+    groups: Vec<DevGroup>,
+    host_row_seq: Vec<u32>,
+    host_sort: Vec<u32>,
+    host_seqs: Vec<u32>,
+}
+
+#[derive(Clone, Copy)]
+enum Arg {
+    U(u32),
+    P(u64),
+    F(f32),
+    I(i32),
+}
+
+/// Scratch the products need, grown to the largest seen (never by untrusted sizes: by the
+/// loaded matrices and allocated batches).
+struct Scratch {
+    /// A dequantized weight matrix (bf16).
+    weight: DevMem<u16>,
+    /// Activations in bf16.
+    acts: DevMem<u16>,
+    /// Token ids of an embedding lookup.
+    ids: DevMem<u32>,
+    /// Attention parts and their (max, sum) pairs.
+    part_o: DevMem<f32>,
+    part_ml: DevMem<f32>,
+    /// Row argmax results.
+    argmax: DevMem<u32>,
+}
+
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    kernels: HashMap<String, CudaFunction>,
+    device_name: String,
+    ordinal: usize,
+    error: Mutex<Option<String>>,
+    scratch: Mutex<Scratch>,
+    /// Largest weight matrix loaded (elements): the size of the dequantization scratch.
+    max_mat_elems: Mutex<usize>,
+}
+
+fn grid1(n: usize, block: usize) -> (u32, u32, u32) {
+    (n.div_ceil(block).max(1) as u32, 1, 1)
+}
+
+impl CudaBackend {
+    /// A backend on GPU `ordinal`: context, stream, cuBLAS and every kernel compiled.
+    /// Errors say what is missing (driver, GPU, NVRTC, cuBLAS) or what failed.
+    pub fn new(ordinal: usize) -> Result<CudaBackend, String> {
+        let count = super::device_count()?;
+        if ordinal >= count {
+            return Err(format!(
+                "there is no CUDA device {ordinal}: this machine has {count} (cuda:0..cuda:{})",
+                count - 1
+            ));
+        }
+        // SAFETY: only tries to open the library by its candidate names.
+        if !unsafe { blas_sys::is_culib_present() } {
+            return Err("cuBLAS (libcublas.so.13) was not found: install the CUDA toolkit or the nvidia-cublas wheel and put its library folder on LD_LIBRARY_PATH".into());
+        }
+        let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal))
+            .map_err(|_| "the CUDA driver failed to create a context (panic in the binding)".to_string())?
+            .map_err(|e| format!("cannot create a CUDA context on device {ordinal}: {e}"))?;
+        // One stream: ordering is the stream's, no per-buffer events needed.
+        // SAFETY: no buffer has been created on this context yet.
+        unsafe { ctx.disable_event_tracking() };
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| format!("cannot read the GPU's compute capability: {e}"))?;
+        let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| format!("cannot create a CUDA stream: {e}"))?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| format!("cannot start cuBLAS: {e}"))?;
+        let mut kernels = HashMap::new();
+        for (name, src, names) in super::all_sources() {
+            let ptx = super::load_ptx(&name, &src, major, minor)?;
+            let module = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+                .map_err(|e| format!("loading the {name} kernels on the GPU: {e}"))?;
+            for k in names {
+                let f = module
+                    .load_function(&k)
+                    .map_err(|e| format!("kernel {k} of {name}: {e}"))?;
+                kernels.insert(k, f);
+            }
+        }
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            blas,
+            kernels,
+            device_name,
+            ordinal,
+            error: Mutex::new(None),
+            scratch: Mutex::new(Scratch {
+                weight: DevMem::empty(),
+                acts: DevMem::empty(),
+                ids: DevMem::empty(),
+                part_o: DevMem::empty(),
+                part_ml: DevMem::empty(),
+                argmax: DevMem::empty(),
+            }),
+            max_mat_elems: Mutex::new(0),
+        })
+    }
+
+    /// (free, total) bytes of device memory now.
+    pub fn mem_info(&self) -> Result<(usize, usize), String> {
+        self.ctx
+            .mem_get_info()
+            .map_err(|e| format!("cannot read the GPU's memory: {e}"))
+    }
+
+    fn failed(&self) -> bool {
+        self.error.lock().map(|e| e.is_some()).unwrap_or(true)
+    }
+
+    fn fail(&self, msg: String) {
+        if let Ok(mut e) = self.error.lock() {
+            if e.is_none() {
+                *e = Some(msg);
+            }
+        }
+    }
+
+    fn dev_alloc<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> DevMem<T> {
+        if self.failed() {
+            return DevMem::empty();
+        }
+        match self.stream.alloc_zeros::<T>(len.max(1)) {
+            Ok(mem) => {
+                let ptr = {
+                    let (ptr, _sync) = mem.device_ptr(&self.stream);
+                    ptr
+                };
+                DevMem {
+                    ptr,
+                    len,
+                    mem: Some(mem),
+                }
+            }
+            Err(e) => {
+                let bytes = len * std::mem::size_of::<T>();
+                self.fail(format!(
+                    "the GPU could not allocate {:.2} GiB ({e}); free: {}",
+                    bytes as f64 / (1u64 << 30) as f64,
+                    self.mem_info()
+                        .map(|(f, _)| format!("{:.2} GiB", f as f64 / (1u64 << 30) as f64))
+                        .unwrap_or_else(|e| e)
+                ));
+                DevMem::empty()
+            }
+        }
+    }
+
+    fn dev_upload<T: DeviceRepr + ValidAsZeroBits>(&self, data: &[T]) -> DevMem<T> {
+        let mut m = self.dev_alloc::<T>(data.len());
+        if let Some(mem) = m.mem.as_mut() {
+            if data.is_empty() {
+                return m;
+            }
+            if let Err(e) = self.stream.memcpy_htod(data, &mut mem.slice_mut(..data.len())) {
+                self.fail(format!("copy to the GPU failed: {e}"));
+                return DevMem::empty();
+            }
+        }
+        m
+    }
+
+    /// `dst[..src.len()] = src` (dst allocated for at least that many).
+    fn write<T: DeviceRepr>(&self, src: &[T], dst: &mut DevMem<T>) {
+        if self.failed() || src.is_empty() {
+            return;
+        }
+        let Some(mem) = dst.mem.as_mut() else { return };
+        if let Err(e) = self.stream.memcpy_htod(src, &mut mem.slice_mut(..src.len())) {
+            self.fail(format!("copy to the GPU failed: {e}"));
+        }
+    }
+
+    fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, args: &[Arg]) {
+        if self.failed() {
+            return;
+        }
+        let Some(f) = self.kernels.get(name) else {
+            self.fail(format!("no CUDA kernel named {name}"));
+            return;
+        };
+        let mut b = self.stream.launch_builder(f);
+        for a in args {
+            match a {
+                Arg::U(v) => b.arg(v),
+                Arg::P(v) => b.arg(v),
+                Arg::F(v) => b.arg(v),
+                Arg::I(v) => b.arg(v),
+            };
+        }
+        let cfg = LaunchConfig {
+            grid_dim: grid,
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: every kernel's arguments are listed at its call site in the order and
+        // types of its signature in the .cu source (u32 = unsigned int, u64 = a device
+        // address or unsigned long long, f32 = float, i32 = int), and every address is of
+        // a live allocation at least as large as the launch's indices reach (the callers
+        // check the sizes against the buffers' lengths).
+        if let Err(e) = unsafe { b.launch(cfg) } {
+            self.fail(format!("CUDA kernel {name} failed to launch: {e}"));
+        }
+    }
+
+    /// Grows a scratch buffer to `len` elements (never shrinks).
+    fn grow<T: DeviceRepr + ValidAsZeroBits>(&self, slot: &mut DevMem<T>, len: usize) {
+        if slot.len < len {
+            *slot = DevMem::empty();
+            *slot = self.dev_alloc(len);
+        }
+    }
+
+    fn elementwise(&self, name: &str, len: usize, args: &[Arg]) {
+        if len == 0 {
+            return;
+        }
+        self.launch(name, grid1(len, 256), 256, args);
+    }
+
+    /// `out[n, rows] = x[n, cols] · Wᵀ` (the buffers checked by the caller).
+    fn product(&self, w: &CudaMat, x: u64, n: usize, out: u64) {
+        if n < GEMM_MIN_ROWS {
+            let (rows, cols) = (w.rows, w.cols);
+            let name = format!("matvec_{}", w.tag);
+            for t0 in (0..n).step_by(quant::MATVEC_MAX_N) {
+                let m = quant::MATVEC_MAX_N.min(n - t0);
+                self.launch(
+                    &name,
+                    grid1(rows, 4),
+                    128,
+                    &[
+                        Arg::P(w.data.ptr),
+                        Arg::P(w.row_bytes as u64),
+                        Arg::P(x + (t0 * cols * 4) as u64),
+                        Arg::P(out + (t0 * rows * 4) as u64),
+                        Arg::U(rows as u32),
+                        Arg::U(cols as u32),
+                        Arg::U(m as u32),
+                    ],
+                );
+            }
+            return;
+        }
+        self.gemm(w, x, n, out);
+    }
+
+    fn gemm(&self, w: &CudaMat, x: u64, n: usize, out: u64) {
+        if self.failed() {
+            return;
+        }
+        let (rows, cols) = (w.rows, w.cols);
+        let Ok(mut sc) = self.scratch.lock() else { return };
+        // Column-major view: W is cols×rows (lda = cols), X is cols×n, OUT is rows×n, so
+        // OUT = Wᵀ·X with A transposed.
+        let (a, b, ty) = if w.ty == WeightType::F32 {
+            (w.data.ptr, x, blas_sys::cudaDataType_t::CUDA_R_32F)
+        } else {
+            let max = (*self.max_mat_elems.lock().unwrap_or_else(|e| e.into_inner())).max(rows * cols);
+            self.grow(&mut sc.weight, max);
+            self.grow(&mut sc.acts, n * cols);
+            if self.failed() {
+                return;
+            }
+            let runs = rows * cols.div_ceil(32);
+            self.launch(
+                &format!("dequant_bf16_{}", w.tag),
+                grid1(runs, 256),
+                256,
+                &[
+                    Arg::P(w.data.ptr),
+                    Arg::P(w.row_bytes as u64),
+                    Arg::P(sc.weight.ptr),
+                    Arg::U(rows as u32),
+                    Arg::U(cols as u32),
+                ],
+            );
+            self.elementwise(
+                "to_bf16",
+                n * cols,
+                &[Arg::P(x), Arg::P(sc.acts.ptr), Arg::P((n * cols) as u64)],
+            );
+            (sc.weight.ptr, sc.acts.ptr, blas_sys::cudaDataType_t::CUDA_R_16BF)
+        };
+        if self.failed() {
+            return;
+        }
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: a (rows×cols), b (n×cols) and out (n×rows) are live device allocations of
+        // those sizes in the given types; alpha and beta are host f32 (the handle's default
+        // pointer mode); the handle runs on this backend's stream.
+        let r = unsafe {
+            blas::gemm_ex(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                rows as i32,
+                n as i32,
+                cols as i32,
+                &alpha as *const f32 as *const _,
+                a as *const _,
+                ty,
+                cols as i32,
+                b as *const _,
+                ty,
+                cols as i32,
+                &beta as *const f32 as *const _,
+                out as *mut _,
+                blas_sys::cudaDataType_t::CUDA_R_32F,
+                rows as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+            )
+        };
+        if let Err(e) = r {
+            self.fail(format!("cuBLAS GEMM ({rows}×{cols} by {n} rows) failed: {e:?}"));
+        }
+    }
+
+    /// Argmax of `n` rows of `width` at `buf[0..n*width]`, downloaded.
+    pub fn argmax_rows(&self, buf: &CudaBuf, n: usize, width: usize, out: &mut [u32]) {
+        assert!(n * width <= buf.len && out.len() >= n, "argmax_rows out of range");
+        let Ok(mut sc) = self.scratch.lock() else { return };
+        self.grow(&mut sc.argmax, n);
+        self.launch(
+            "argmax_rows",
+            (n as u32, 1, 1),
+            1024,
+            &[Arg::P(buf.ptr), Arg::U(width as u32), Arg::P(sc.argmax.ptr)],
+        );
+        if self.failed() {
+            return;
+        }
+        if let Some(mem) = sc.argmax.mem.as_ref() {
+            if let Err(e) = self.stream.memcpy_dtoh(&mem.slice(..n), &mut out[..n]) {
+                self.fail(format!("copy from the GPU failed: {e}"));
+            }
+        }
+    }
+}
+
+impl Backend for CudaBackend {
+    type Buf = CudaBuf;
+    type Mat = CudaMat;
+    type Kv = CudaKv;
+    type Step = CudaStep;
+
+    fn name(&self) -> String {
+        format!("cuda:{} ({})", self.ordinal, self.device_name)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if let Some(e) = self
+            .error
+            .lock()
+            .map_err(|_| "CUDA backend state poisoned".to_string())?
+            .clone()
+        {
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn memory_bytes(&self) -> u64 {
+        // What is free now, less room for the products' scratch (a dequantized matrix).
+        let scratch = 2 * *self.max_mat_elems.lock().unwrap_or_else(|e| e.into_inner()) as u64;
+        self.mem_info()
+            .map(|(free, _)| (free as u64).saturating_sub(scratch + (256 << 20)))
+            .unwrap_or(0)
+    }
+
+    fn kv_elem_bytes(&self) -> usize {
+        2
+    }
+
+    fn matrix(&self, ty: WeightType, rows: usize, cols: usize, data: HostBytes) -> CudaMat {
+        let row_bytes = ty.row_bytes(cols).expect("matrix row length validated by the loader");
+        assert_eq!(data.len(), row_bytes * rows, "matrix byte size validated by the loader");
+        if let Ok(mut m) = self.max_mat_elems.lock() {
+            *m = (*m).max(rows * cols);
+        }
+        CudaMat {
+            data: self.dev_upload(data.as_slice()),
+            ty,
+            rows,
+            cols,
+            row_bytes,
+            tag: quant::kernel_tag(ty),
+        }
+    }
+
+    fn mat_shape(&self, m: &CudaMat) -> (usize, usize) {
+        (m.rows, m.cols)
+    }
+
+    fn mat_type(&self, m: &CudaMat) -> WeightType {
+        m.ty
+    }
+
+    fn alloc(&self, len: usize) -> CudaBuf {
+        self.dev_alloc(len)
+    }
+
+    fn upload(&self, data: &[f32]) -> CudaBuf {
+        self.dev_upload(data)
+    }
+
+    fn download(&self, buf: &CudaBuf, range: Range<usize>, out: &mut [f32]) {
+        assert!(
+            range.end <= buf.len && out.len() == range.len(),
+            "download out of range"
+        );
+        if self.failed() || range.is_empty() {
+            return;
+        }
+        let Some(mem) = buf.mem.as_ref() else { return };
+        if let Err(e) = self.stream.memcpy_dtoh(&mem.slice(range), out) {
+            self.fail(format!("copy from the GPU failed: {e}"));
+        }
+    }
+
+    fn buf_len(&self, buf: &CudaBuf) -> usize {
+        buf.len
+    }
+
+    fn copy(&self, src: &CudaBuf, src_off: usize, dst: &mut CudaBuf, dst_off: usize, len: usize) {
+        assert!(
+            src_off + len <= src.len && dst_off + len <= dst.len,
+            "copy out of range"
+        );
+        if self.failed() || len == 0 {
+            return;
+        }
+        let (Some(s), Some(d)) = (src.mem.as_ref(), dst.mem.as_mut()) else {
+            return;
+        };
+        if let Err(e) = self.stream.memcpy_dtod(
+            &s.slice(src_off..src_off + len),
+            &mut d.slice_mut(dst_off..dst_off + len),
+        ) {
+            self.fail(format!("copy on the GPU failed: {e}"));
+        }
+    }
+
+    fn embed(&self, table: &CudaMat, ids: &[u32], out: &mut CudaBuf) {
+        let (n, cols) = (ids.len(), table.cols);
+        assert!(n * cols <= out.len, "embed output too small");
+        assert!(
+            ids.iter().all(|&i| (i as usize) < table.rows),
+            "token id outside the table"
+        );
+        if n == 0 {
+            return;
+        }
+        let Ok(mut sc) = self.scratch.lock() else { return };
+        self.grow(&mut sc.ids, n);
+        self.write(ids, &mut sc.ids);
+        let runs = cols.div_ceil(32);
+        // The grid's y dimension takes at most 65535 tokens a launch.
+        for t0 in (0..n).step_by(65_535) {
+            let m = (n - t0).min(65_535);
+            self.launch(
+                &format!("embed_{}", table.tag),
+                (runs.div_ceil(128) as u32, m as u32, 1),
+                128,
+                &[
+                    Arg::P(table.data.ptr),
+                    Arg::P(table.row_bytes as u64),
+                    Arg::P(sc.ids.ptr + 4 * t0 as u64),
+                    Arg::P(out.ptr + 4 * (t0 * cols) as u64),
+                    Arg::U(m as u32),
+                    Arg::U(cols as u32),
+                ],
+            );
+        }
+    }
+
+    fn matmul(&self, w: &CudaMat, x: &CudaBuf, n: usize, out: &mut CudaBuf) {
+        assert!(n * w.cols <= x.len && n * w.rows <= out.len, "matmul buffers too small");
+        self.product(w, x.ptr, n, out.ptr);
+    }
+
+    fn matmuls(&self, ws: &[&CudaMat], x: &CudaBuf, n: usize, outs: &mut [&mut CudaBuf]) {
+        for (w, out) in ws.iter().zip(outs.iter_mut()) {
+            self.matmul(w, x, n, out);
+        }
+    }
+
+    fn add_bias(&self, x: &mut CudaBuf, bias: &CudaBuf, n: usize) {
+        let w = bias.len;
+        assert!(n * w <= x.len, "add_bias out of range");
+        self.elementwise(
+            "add_bias",
+            n * w,
+            &[
+                Arg::P(x.ptr),
+                Arg::P(bias.ptr),
+                Arg::U(w as u32),
+                Arg::U((n * w) as u32),
+            ],
+        );
+    }
+
+    fn rms_norm(&self, x: &CudaBuf, w: &CudaBuf, eps: f32, n: usize, out: &mut CudaBuf) {
+        let width = w.len;
+        assert!(n * width <= x.len && n * width <= out.len, "rms_norm out of range");
+        if n == 0 {
+            return;
+        }
+        self.launch(
+            "rms_norm",
+            (n as u32, 1, 1),
+            norm_threads(width),
+            &[
+                Arg::P(x.ptr),
+                Arg::P(w.ptr),
+                Arg::F(eps),
+                Arg::U(width as u32),
+                Arg::P(out.ptr),
+            ],
+        );
+    }
+
+    fn layer_norm(&self, x: &CudaBuf, w: &CudaBuf, b: &CudaBuf, eps: f32, n: usize, out: &mut CudaBuf) {
+        let width = w.len;
+        assert!(
+            n * width <= x.len && n * width <= out.len && b.len == width,
+            "layer_norm out of range"
+        );
+        if n == 0 {
+            return;
+        }
+        self.launch(
+            "layer_norm",
+            (n as u32, 1, 1),
+            norm_threads(width),
+            &[
+                Arg::P(x.ptr),
+                Arg::P(w.ptr),
+                Arg::P(b.ptr),
+                Arg::F(eps),
+                Arg::U(width as u32),
+                Arg::P(out.ptr),
+            ],
+        );
+    }
+
+    fn gelu(&self, x: &mut CudaBuf, len: usize) {
+        assert!(len <= x.len);
+        self.elementwise("gelu", len, &[Arg::P(x.ptr), Arg::U(len as u32)]);
+    }
+
+    fn scale(&self, x: &mut CudaBuf, s: f32, len: usize) {
+        assert!(len <= x.len);
+        self.elementwise("scale", len, &[Arg::P(x.ptr), Arg::F(s), Arg::U(len as u32)]);
+    }
+
+    fn add_scaled(&self, x: &mut CudaBuf, y: &CudaBuf, alpha: f32, len: usize) {
+        assert!(len <= x.len && len <= y.len);
+        self.elementwise(
+            "add_scaled",
+            len,
+            &[Arg::P(x.ptr), Arg::P(y.ptr), Arg::F(alpha), Arg::U(len as u32)],
+        );
+    }
+
+    fn softcap(&self, x: &mut CudaBuf, cap: f32, len: usize) {
+        assert!(len <= x.len);
+        self.elementwise("softcap", len, &[Arg::P(x.ptr), Arg::F(cap), Arg::U(len as u32)]);
+    }
+
+    fn silu_mul(&self, gate: &mut CudaBuf, up: &CudaBuf, len: usize) {
+        assert!(len <= gate.len && len <= up.len);
+        self.elementwise("silu_mul", len, &[Arg::P(gate.ptr), Arg::P(up.ptr), Arg::U(len as u32)]);
+    }
+
+    fn gelu_mul(&self, gate: &mut CudaBuf, up: &CudaBuf, len: usize) {
+        assert!(len <= gate.len && len <= up.len);
+        self.elementwise("gelu_mul", len, &[Arg::P(gate.ptr), Arg::P(up.ptr), Arg::U(len as u32)]);
+    }
+
+    fn add(&self, x: &mut CudaBuf, y: &CudaBuf, len: usize) {
+        assert!(len <= x.len && len <= y.len);
+        self.elementwise("add_inplace", len, &[Arg::P(x.ptr), Arg::P(y.ptr), Arg::U(len as u32)]);
+    }
+
+    fn argmax(&self, buf: &CudaBuf, range: Range<usize>) -> u32 {
+        assert!(range.end <= buf.len && !range.is_empty(), "argmax out of range");
+        let view = DevMem::<f32> {
+            mem: None,
+            ptr: buf.ptr + (range.start * 4) as u64,
+            len: range.len(),
+        };
+        let mut out = [0u32];
+        self.argmax_rows(&view, 1, range.len(), &mut out);
+        out[0]
+    }
+
+    fn new_step(&self, max_rows: usize, max_seqs: usize, max_table: usize, n_groups: usize) -> CudaStep {
+        CudaStep {
+            caps: StepCaps {
+                max_rows,
+                max_seqs,
+                max_table,
+                n_groups,
+            },
+            n_rows: 0,
+            positions: self.dev_alloc(max_rows),
+            row_seq: self.dev_alloc(max_rows),
+            groups: (0..n_groups)
+                .map(|_| DevGroup {
+                    block_size: 0,
+                    n_blocks: 0,
+                    window: 0,
+                    slots: self.dev_alloc(max_rows),
+                    seqs: self.dev_alloc(4 * max_seqs),
+                    tables: self.dev_alloc(max_table),
+                    max_spans: 0,
+                })
+                .collect(),
+            host_row_seq: Vec::with_capacity(max_rows),
+            host_sort: Vec::with_capacity(max_rows),
+            host_seqs: Vec::with_capacity(4 * max_seqs),
+        }
+    }
+
+    fn write_step(&self, layout: &StepLayout, step: &mut CudaStep) -> Result<(), String> {
+        step.n_rows = 0;
+        layout.validate(&step.caps, &mut step.host_row_seq, &mut step.host_sort)?;
+        self.write(&layout.positions, &mut step.positions);
+        self.write(&step.host_row_seq, &mut step.row_seq);
+        for (dst, src) in step.groups.iter_mut().zip(&layout.groups) {
+            dst.block_size = src.block_size;
+            dst.n_blocks = src.n_blocks;
+            dst.window = src.window;
+            self.write(&src.slots, &mut dst.slots);
+            step.host_seqs.clear();
+            for s in &src.seqs {
+                step.host_seqs
+                    .extend_from_slice(&[s.first_row, s.n_rows, s.table_start, s.table_len]);
+            }
+            self.write(&step.host_seqs, &mut dst.seqs);
+            self.write(&src.block_tables, &mut dst.tables);
+            let w = src.window as usize;
+            dst.max_spans = layout
+                .positions
+                .iter()
+                .zip(&step.host_row_seq)
+                .filter(|(_, &s)| s != u32::MAX)
+                .map(|(&p, _)| {
+                    let p = p as usize;
+                    let first = if w == 0 { 0 } else { (p + 1).saturating_sub(w) };
+                    p / ATTN_SPAN - first / ATTN_SPAN + 1
+                })
+                .max()
+                .unwrap_or(1);
+        }
+        self.check()?;
+        step.n_rows = layout.positions.len();
+        Ok(())
+    }
+
+    fn alloc_kv_pages(&self, n_blocks: usize, block_size: usize, kv_heads: usize, head_dim: usize) -> CudaKv {
+        let len = n_blocks
+            .checked_mul(block_size)
+            .and_then(|x| x.checked_mul(kv_heads))
+            .and_then(|x| x.checked_mul(head_dim))
+            .expect("KV pool size overflows");
+        CudaKv {
+            data: self.dev_alloc(len),
+        }
+    }
+
+    fn rope_step(
+        &self,
+        x: &mut CudaBuf,
+        n: usize,
+        n_heads: usize,
+        head_dim: usize,
+        step: &CudaStep,
+        rope: &RopeParams<'_, Self>,
+    ) {
+        assert_eq!(n, step.n_rows, "rope_step over {n} rows of a {}-row step", step.n_rows);
+        assert!(n * n_heads * head_dim <= x.len, "rope_step input too small");
+        let half = rope.inv_freq.len;
+        assert!(2 * half <= head_dim, "RoPE table wider than the head");
+        self.launch(
+            "rope_step",
+            (n as u32, 1, 1),
+            128,
+            &[
+                Arg::P(x.ptr),
+                Arg::P(step.positions.ptr),
+                Arg::P(rope.inv_freq.ptr),
+                Arg::U(half as u32),
+                Arg::U(n_heads as u32),
+                Arg::U(head_dim as u32),
+                Arg::I(rope.neox as i32),
+            ],
+        );
+    }
+
+    fn kv_write_step(
+        &self,
+        cache: &mut CudaKv,
+        src: &CudaBuf,
+        n: usize,
+        step: &CudaStep,
+        group: usize,
+        shape: &AttnShape,
+    ) {
+        assert_eq!(
+            n, step.n_rows,
+            "kv_write_step over {n} rows of a {}-row step",
+            step.n_rows
+        );
+        let g = &step.groups[group];
+        let (kvh, hd, bs) = (shape.n_kv_heads, shape.head_dim, g.block_size as usize);
+        assert!(n * kvh * hd <= src.len, "kv_write_step input too small");
+        assert!(
+            g.n_blocks as usize * bs * kvh * hd <= cache.data.len,
+            "KV pool smaller than the step's group"
+        );
+        self.launch(
+            "kv_write_step",
+            (n as u32, 1, 1),
+            128,
+            &[
+                Arg::P(cache.data.ptr),
+                Arg::P(src.ptr),
+                Arg::P(g.slots.ptr),
+                Arg::U(kvh as u32),
+                Arg::U(hd as u32),
+                Arg::U(bs as u32),
+            ],
+        );
+    }
+
+    fn attention_step(
+        &self,
+        q: &CudaBuf,
+        k: &CudaKv,
+        v: &CudaKv,
+        n: usize,
+        step: &CudaStep,
+        group: usize,
+        shape: &AttnShape,
+        out: &mut CudaBuf,
+    ) {
+        assert_eq!(
+            n, step.n_rows,
+            "attention_step over {n} rows of a {}-row step",
+            step.n_rows
+        );
+        let g = &step.groups[group];
+        assert_eq!(
+            g.window as usize, shape.window,
+            "attention window differs from the group's"
+        );
+        let (nh, kvh, hd) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
+        assert!(
+            hd <= MAX_HEAD_DIM && kvh > 0 && nh % kvh == 0,
+            "attention shape unsupported"
+        );
+        assert!(
+            n * nh * hd <= q.len && n * nh * hd <= out.len,
+            "attention buffers too small"
+        );
+        let bs = g.block_size as usize;
+        assert!(
+            g.n_blocks as usize * bs * kvh * hd <= k.data.len && k.data.len == v.data.len,
+            "KV pools smaller than the step's group"
+        );
+        let spans = g.max_spans.max(1);
+        let per_row = nh * spans * (hd + 2) * 4;
+        let rows_per_pass = (ATTN_PART_BYTES / per_row).clamp(1, n);
+        let Ok(mut sc) = self.scratch.lock() else { return };
+        self.grow(&mut sc.part_o, rows_per_pass * nh * spans * hd);
+        self.grow(&mut sc.part_ml, rows_per_pass * nh * spans * 2);
+        for row0 in (0..n).step_by(rows_per_pass) {
+            let m = rows_per_pass.min(n - row0);
+            self.launch(
+                "attn_spans",
+                (m as u32, nh as u32, spans as u32),
+                128,
+                &[
+                    Arg::P(q.ptr),
+                    Arg::P(k.data.ptr),
+                    Arg::P(v.data.ptr),
+                    Arg::P(step.positions.ptr),
+                    Arg::P(step.row_seq.ptr),
+                    Arg::P(g.seqs.ptr),
+                    Arg::P(g.tables.ptr),
+                    Arg::U(row0 as u32),
+                    Arg::U(nh as u32),
+                    Arg::U(kvh as u32),
+                    Arg::U(hd as u32),
+                    Arg::U(bs as u32),
+                    Arg::U(g.window),
+                    Arg::F(shape.scale),
+                    Arg::F(shape.softcap),
+                    Arg::U(spans as u32),
+                    Arg::P(sc.part_o.ptr),
+                    Arg::P(sc.part_ml.ptr),
+                ],
+            );
+            self.launch(
+                "attn_combine",
+                (m as u32, nh as u32, 1),
+                hd.next_power_of_two().clamp(32, 256) as u32,
+                &[
+                    Arg::P(sc.part_o.ptr),
+                    Arg::P(sc.part_ml.ptr),
+                    Arg::U(row0 as u32),
+                    Arg::U(nh as u32),
+                    Arg::U(hd as u32),
+                    Arg::U(spans as u32),
+                    Arg::P(out.ptr),
+                ],
+            );
+        }
+    }
+}
+
+/// Threads of a row-norm block: a power of two, enough for the row, at most 1024.
+fn norm_threads(width: usize) -> u32 {
+    width.next_power_of_two().clamp(32, 1024) as u32
+}

@@ -1,0 +1,448 @@
+//! `CudaBackend` against `CpuBackend`, op by op, on random inputs (fresh per check): the
+//! element-wise ops and norms, products for every weight type on both paths (the
+//! matrix-vector kernel and the cuBLAS GEMM), embedding lookups, argmax, and the paged
+//! step ops (RoPE, K/V writes, attention over several sequences with GQA, windows and
+//! soft-capping), plus batch invariance of the attention and of the product's
+//! matrix-vector path. Without a GPU each test says why and passes; with
+//! `FFAI_REQUIRE_GPU=1` (the GPU machine) a missing GPU is a failure.
+//!
+//! Tolerances (relative L2 error against the CPU): f32 arithmetic in another order 1e-5;
+//! attention over the same f16 K/V 1e-4; a GEMM with bf16 operands (each rounded to 8
+//! significant bits) 1e-2.
+
+use std::sync::OnceLock;
+
+use ffai_kernels::backend::{AttnShape, Backend, GroupLayout, HostBytes, RopeParams, SeqRows, StepLayout};
+use ffai_kernels::cpu::CpuBackend;
+use ffai_kernels::cuda::backend::{CudaBackend, GEMM_MIN_ROWS};
+use ffai_kernels::cuda::device_count;
+use ffai_kernels::quant::{dequantize_row, quantize_row, WeightType};
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn f(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.f() * scale).collect()
+    }
+}
+
+fn gpu() -> Option<&'static CudaBackend> {
+    static B: OnceLock<Option<CudaBackend>> = OnceLock::new();
+    B.get_or_init(|| match device_count() {
+        Ok(_) => Some(CudaBackend::new(0).unwrap_or_else(|e| panic!("CUDA backend: {e}"))),
+        Err(e) => {
+            assert!(
+                std::env::var_os("FFAI_REQUIRE_GPU").is_none(),
+                "FFAI_REQUIRE_GPU is set but: {e}"
+            );
+            println!("skipped: {e}");
+            None
+        }
+    })
+    .as_ref()
+}
+
+fn cpu() -> CpuBackend {
+    CpuBackend::new(2)
+}
+
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    if let Some(i) = got.iter().position(|v| !v.is_finite()) {
+        panic!("non-finite output at {i}: {}", got[i]);
+    }
+    let num: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn down(g: &CudaBackend, b: &<CudaBackend as Backend>::Buf, len: usize) -> Vec<f32> {
+    let mut out = vec![f32::NAN; len];
+    g.download(b, 0..len, &mut out);
+    g.check().expect("GPU ops");
+    out
+}
+
+#[test]
+fn elementwise_ops_and_norms_match_the_cpu() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    for &(rows, width) in &[(1usize, 7usize), (3, 576), (5, 2049)] {
+        let len = rows * width;
+        let (x, y) = (rng.vec(len, 4.0), rng.vec(len, 2.0));
+        let w = rng.vec(width, 1.5);
+        let bias = rng.vec(width, 1.0);
+        // Each op on both backends from the same inputs.
+        let run = |name: &str| -> (Vec<f32>, Vec<f32>) {
+            let mut cx = x.clone();
+            let (cy, cw, cb) = (y.clone(), w.clone(), bias.clone());
+            let mut gx = g.upload(&x);
+            let (gy, gw, gb) = (g.upload(&y), g.upload(&w), g.upload(&bias));
+            let mut cout = vec![0f32; len];
+            let mut gout = g.alloc(len);
+            match name {
+                "silu_mul" => {
+                    c.silu_mul(&mut cx, &cy, len);
+                    g.silu_mul(&mut gx, &gy, len);
+                }
+                "gelu_mul" => {
+                    c.gelu_mul(&mut cx, &cy, len);
+                    g.gelu_mul(&mut gx, &gy, len);
+                }
+                "gelu" => {
+                    c.gelu(&mut cx, len);
+                    g.gelu(&mut gx, len);
+                }
+                "add" => {
+                    c.add(&mut cx, &cy, len);
+                    g.add(&mut gx, &gy, len);
+                }
+                "add_scaled" => {
+                    c.add_scaled(&mut cx, &cy, 0.37, len);
+                    g.add_scaled(&mut gx, &gy, 0.37, len);
+                }
+                "scale" => {
+                    c.scale(&mut cx, -1.7, len);
+                    g.scale(&mut gx, -1.7, len);
+                }
+                "softcap" => {
+                    c.softcap(&mut cx, 3.0, len);
+                    g.softcap(&mut gx, 3.0, len);
+                }
+                "add_bias" => {
+                    c.add_bias(&mut cx, &cb, rows);
+                    g.add_bias(&mut gx, &gb, rows);
+                }
+                "rms_norm" => {
+                    c.rms_norm(&cx, &cw, 1e-6, rows, &mut cout);
+                    g.rms_norm(&gx, &gw, 1e-6, rows, &mut gout);
+                    return (cout, down(g, &gout, len));
+                }
+                "layer_norm" => {
+                    c.layer_norm(&cx, &cw, &cb, 1e-5, rows, &mut cout);
+                    g.layer_norm(&gx, &gw, &gb, 1e-5, rows, &mut gout);
+                    return (cout, down(g, &gout, len));
+                }
+                _ => unreachable!(),
+            }
+            (cx, down(g, &gx, len))
+        };
+        for name in [
+            "silu_mul",
+            "gelu_mul",
+            "gelu",
+            "add",
+            "add_scaled",
+            "scale",
+            "softcap",
+            "add_bias",
+            "rms_norm",
+            "layer_norm",
+        ] {
+            let (want, got) = run(name);
+            let e = rel_err(&got, &want);
+            assert!(e < 1e-5, "{name} {rows}x{width}: relative error {e}");
+        }
+    }
+}
+
+#[test]
+fn argmax_matches_the_cpu_with_ties_and_nan() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng(77);
+    for &len in &[1usize, 5, 1000, 49_152, 262_144] {
+        let mut x = rng.vec(len, 10.0);
+        if len > 10 {
+            // A tie (the lower index wins) and a NaN (never wins).
+            let top = x.iter().cloned().fold(f32::MIN, f32::max) + 1.0;
+            x[len / 2] = top;
+            x[len - 1] = top;
+            x[3] = f32::NAN;
+        }
+        let want = ffai_kernels::ops::argmax(&x).0 as u32;
+        let b = g.upload(&x);
+        assert_eq!(g.argmax(&b, 0..len), want, "len {len}");
+        if len > 10 {
+            assert_eq!(g.argmax(&b, 2..len), want, "len {len}, offset range");
+        }
+        g.check().unwrap();
+    }
+}
+
+/// A random matrix of `ty`, as stored bytes, from random f32 rows.
+fn random_matrix(ty: WeightType, rows: usize, cols: usize, rng: &mut Rng) -> Option<Vec<u8>> {
+    let rb = ty.row_bytes(cols)?;
+    let mut bytes = vec![0u8; rows * rb];
+    for r in 0..rows {
+        let src = rng.vec(cols, 1.0);
+        quantize_row(ty, &src, &mut bytes[r * rb..(r + 1) * rb]).ok()?;
+    }
+    Some(bytes)
+}
+
+fn types() -> Vec<WeightType> {
+    let mut v: Vec<WeightType> = WeightType::ALL.to_vec();
+    for bits in [2u8, 3, 4, 5, 6, 8] {
+        for group in [32u16, 64, 128] {
+            v.push(WeightType::affine(bits, group).unwrap());
+        }
+    }
+    v
+}
+
+#[test]
+fn products_match_the_cpu_for_every_weight_type() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng(0xDEAD_BEEF_1234);
+    let (rows, cols) = (96usize, 512usize);
+    let mut tested = Vec::new();
+    for ty in types() {
+        let Some(bytes) = random_matrix(ty, rows, cols, &mut rng) else {
+            continue;
+        };
+        tested.push(ty.name());
+        // The reference: the CPU's dequantized weights, an f64 dot.
+        let rb = ty.row_bytes(cols).unwrap();
+        let mut wf = vec![0f32; rows * cols];
+        for r in 0..rows {
+            dequantize_row(ty, &bytes[r * rb..(r + 1) * rb], &mut wf[r * cols..(r + 1) * cols]);
+        }
+        let gm = g.matrix(ty, rows, cols, HostBytes::from_vec(bytes.clone()));
+        for &n in &[1usize, 5, 8, 13, GEMM_MIN_ROWS + 7] {
+            let x = rng.vec(n * cols, 1.0);
+            let want: Vec<f32> = (0..n * rows)
+                .map(|i| {
+                    let (t, r) = (i / rows, i % rows);
+                    (0..cols)
+                        .map(|k| wf[r * cols + k] as f64 * x[t * cols + k] as f64)
+                        .sum::<f64>() as f32
+                })
+                .collect();
+            let gx = g.upload(&x);
+            let mut gy = g.upload(&vec![f32::NAN; n * rows]);
+            g.matmul(&gm, &gx, n, &mut gy);
+            let got = down(g, &gy, n * rows);
+            let e = rel_err(&got, &want);
+            let tol = if n < GEMM_MIN_ROWS || ty == WeightType::F32 {
+                1e-5
+            } else {
+                1e-2
+            };
+            assert!(e < tol, "{} n={n}: relative error {e} (tolerance {tol})", ty.name());
+            if n < GEMM_MIN_ROWS {
+                // Batch invariance of the matrix-vector path: each row alone, bit for bit.
+                for t in [0, n - 1] {
+                    let gx1 = g.upload(&x[t * cols..(t + 1) * cols]);
+                    let mut gy1 = g.alloc(rows);
+                    g.matmul(&gm, &gx1, 1, &mut gy1);
+                    let alone = down(g, &gy1, rows);
+                    assert!(
+                        alone
+                            .iter()
+                            .zip(&got[t * rows..(t + 1) * rows])
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{} n={n}: row {t} differs from the same row alone",
+                        ty.name()
+                    );
+                }
+            }
+        }
+        // Embedding rows: the CPU's dequantization exactly.
+        let ids = [0u32, 5, (rows - 1) as u32, 5];
+        let mut ge = g.alloc(ids.len() * cols);
+        g.embed(&gm, &ids, &mut ge);
+        let got = down(g, &ge, ids.len() * cols);
+        for (t, &id) in ids.iter().enumerate() {
+            let want = &wf[id as usize * cols..(id as usize + 1) * cols];
+            assert!(
+                got[t * cols..(t + 1) * cols]
+                    .iter()
+                    .zip(want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{}: embedding row {id} is not the CPU's dequantization",
+                ty.name()
+            );
+        }
+    }
+    println!("tested: {}", tested.join(" "));
+    assert!(tested.len() >= 20, "too few types could be quantized: {tested:?}");
+}
+
+/// A step over `seqs` = (first position, rows, window-group table of blocks).
+struct Seq {
+    p0: usize,
+    n: usize,
+    table: Vec<u32>,
+}
+
+fn layout(seqs: &[&Seq], bs: usize, n_blocks: usize, window: usize) -> StepLayout {
+    let mut l = StepLayout::default();
+    let mut g = GroupLayout {
+        block_size: bs as u32,
+        n_blocks: n_blocks as u32,
+        window: window as u32,
+        ..Default::default()
+    };
+    let mut row = 0u32;
+    for s in seqs {
+        let start = g.block_tables.len() as u32;
+        g.block_tables.extend_from_slice(&s.table);
+        g.seqs.push(SeqRows {
+            first_row: row,
+            n_rows: s.n as u32,
+            table_start: start,
+            table_len: s.table.len() as u32,
+        });
+        for i in 0..s.n {
+            let p = s.p0 + i;
+            l.positions.push(p as u32);
+            g.slots.push(s.table[p / bs] * bs as u32 + (p % bs) as u32);
+        }
+        row += s.n as u32;
+    }
+    l.groups.push(g);
+    l
+}
+
+#[test]
+fn paged_step_ops_match_the_cpu_and_are_batch_invariant() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let mut rng = Rng(0xC0FFEE);
+    for &(nh, kvh, hd, window, softcap) in &[
+        (8usize, 2usize, 64usize, 0usize, 0f32),
+        (4, 1, 256, 0, 0.0),
+        (6, 3, 128, 100, 0.0),
+        (9, 3, 64, 0, 30.0),
+    ] {
+        let bs = 32;
+        let n_blocks = 64;
+        // Three sequences with disjoint, shuffled blocks: lengths past one attention part
+        // (256 positions) and a block boundary.
+        let lens = [300usize, 45, 600];
+        let mut free: Vec<u32> = (0..n_blocks as u32).rev().collect();
+        for i in (1..free.len()).rev() {
+            let j = (rng.next() % (i as u64 + 1)) as usize;
+            free.swap(i, j);
+        }
+        let seqs: Vec<Seq> = lens
+            .iter()
+            .map(|&len| Seq {
+                p0: 0,
+                n: len,
+                table: (0..len.div_ceil(bs)).map(|_| free.pop().unwrap()).collect(),
+            })
+            .collect();
+        let shape = AttnShape {
+            n_heads: nh,
+            n_kv_heads: kvh,
+            head_dim: hd,
+            cap: 0,
+            window,
+            scale: 1.0 / (hd as f32).sqrt(),
+            softcap,
+        };
+        let inv: Vec<f32> = (0..hd / 2)
+            .map(|i| 10000f32.powf(-2.0 * i as f32 / hd as f32))
+            .collect();
+        let (c_inv, g_inv) = (inv.clone(), g.upload(&inv));
+        let total: usize = lens.iter().sum();
+        let (mut ck, mut cv) = (
+            c.alloc_kv_pages(n_blocks, bs, kvh, hd),
+            c.alloc_kv_pages(n_blocks, bs, kvh, hd),
+        );
+        let (mut gk, mut gv) = (
+            g.alloc_kv_pages(n_blocks, bs, kvh, hd),
+            g.alloc_kv_pages(n_blocks, bs, kvh, hd),
+        );
+        // One step with every sequence's whole prompt (prefill), then the step's outputs.
+        let l = layout(&seqs.iter().collect::<Vec<_>>(), bs, n_blocks, window);
+        let (mut cs, mut gs) = (c.new_step(total, 4, 64, 1), g.new_step(total, 4, 64, 1));
+        c.write_step(&l, &mut cs).unwrap();
+        g.write_step(&l, &mut gs).unwrap();
+        let q = rng.vec(total * nh * hd, 1.0);
+        let k = rng.vec(total * kvh * hd, 1.0);
+        let v = rng.vec(total * kvh * hd, 1.0);
+        let (mut cq, mut ckx, cvx) = (q.clone(), k.clone(), v.clone());
+        let (mut gq, mut gkx, gvx) = (g.upload(&q), g.upload(&k), g.upload(&v));
+        let (crope, grope) = (
+            RopeParams::<CpuBackend> {
+                inv_freq: &c_inv,
+                neox: true,
+            },
+            RopeParams::<CudaBackend> {
+                inv_freq: &g_inv,
+                neox: true,
+            },
+        );
+        c.rope_step(&mut cq, total, nh, hd, &cs, &crope);
+        c.rope_step(&mut ckx, total, kvh, hd, &cs, &crope);
+        g.rope_step(&mut gq, total, nh, hd, &gs, &grope);
+        g.rope_step(&mut gkx, total, kvh, hd, &gs, &grope);
+        let e = rel_err(&down(g, &gq, total * nh * hd), &cq);
+        assert!(e < 1e-5, "rope_step: relative error {e}");
+        c.kv_write_step(&mut ck, &ckx, total, &cs, 0, &shape);
+        c.kv_write_step(&mut cv, &cvx, total, &cs, 0, &shape);
+        g.kv_write_step(&mut gk, &gkx, total, &gs, 0, &shape);
+        g.kv_write_step(&mut gv, &gvx, total, &gs, 0, &shape);
+        let mut cout = vec![0f32; total * nh * hd];
+        let mut gout = g.alloc(total * nh * hd);
+        c.attention_step(&cq, &ck, &cv, total, &cs, 0, &shape, &mut cout);
+        g.attention_step(&gq, &gk, &gv, total, &gs, 0, &shape, &mut gout);
+        let batched = down(g, &gout, total * nh * hd);
+        let e = rel_err(&batched, &cout);
+        assert!(
+            e < 1e-4,
+            "attention {nh}/{kvh}x{hd} window {window} softcap {softcap}: relative error {e}"
+        );
+        // The last sequence's last 3 rows again, alone (a decode-like step over the cache
+        // already written): bit-identical to the same rows in the batch.
+        let s = &seqs[2];
+        let tail = Seq {
+            p0: s.n - 3,
+            n: 3,
+            table: s.table.clone(),
+        };
+        let l1 = layout(&[&tail], bs, n_blocks, window);
+        let mut gs1 = g.new_step(3, 1, 64, 1);
+        g.write_step(&l1, &mut gs1).unwrap();
+        let row0 = total - 3;
+        let w = nh * hd;
+        let gq1 = g.upload(&down(g, &gq, total * w)[row0 * w..]);
+        let mut gout1 = g.alloc(3 * w);
+        g.attention_step(&gq1, &gk, &gv, 3, &gs1, 0, &shape, &mut gout1);
+        let alone = down(g, &gout1, 3 * w);
+        assert!(
+            alone
+                .iter()
+                .zip(&batched[row0 * w..])
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "attention of rows alone differs from the same rows in a batch"
+        );
+    }
+}
+
+#[test]
+fn a_failed_allocation_is_an_error_not_a_panic() {
+    let Some(_) = gpu() else { return };
+    // A backend of its own: the error is sticky.
+    let g = CudaBackend::new(0).unwrap();
+    let huge = g.alloc(1usize << 42); // 16 TiB of f32
+    assert_eq!(g.buf_len(&huge), 0);
+    let e = g.check().unwrap_err();
+    assert!(e.contains("could not allocate"), "{e}");
+    // Later ops do nothing and the error stays.
+    let mut x = g.alloc(4);
+    g.scale(&mut x, 2.0, 0);
+    assert!(g.check().is_err());
+}
