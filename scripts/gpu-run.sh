@@ -6,6 +6,10 @@
 #   kernels  the CUDA kernel and backend tests (FFAI_REQUIRE_GPU=1)
 #   parity   every parity fixture on the GPU
 #   models   the real-model GPU tests (FFAI_MODELS_DIR must hold the checkpoints)
+#   lcbuild  llama.cpp with CUDA (.gpulc, from ../shared/tools/gpu-llamacpp.sh prepare), in
+#            the background, and the random-weight Llama-3-8B-shaped F16 GGUF in /tmp/synth
+#   lcwait   wait for that build, then quantize the F16 file to Q4_K_M, Q4_0, Q8_0
+#   bench    ffai and llama.cpp on the same files: pp512/tg128 per type, batched decode
 set -uo pipefail
 cd "$(dirname "$0")/.."
 NV=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))" 2>/dev/null)
@@ -26,6 +30,25 @@ for stage in "$@"; do
     echo "== parity on cuda"; $B/parity every_fixture_on_cuda --nocapture 2>&1 | tee -a "$out/parity.log" | tail -30 ;;
   models)
     echo "== cuda_models"; $B/cuda_models --test-threads=1 --nocapture 2>&1 | tee -a "$out/models.log" | tail -60 ;;
+  lcbuild)
+    mkdir -p /tmp/lc /tmp/synth; [ -d /tmp/lc/llama.cpp ] || tar xJf .gpulc/llamacpp-src.tar.xz -C /tmp/lc
+    (bash .gpulc/gpu-llamacpp.sh build > /tmp/lc-build.log 2>&1; echo done >> /tmp/lc-build.log) &
+    [ -s /tmp/synth/f16.gguf ] || python3 .gpulc/synth_gguf.py /tmp/lc/llama.cpp/gguf-py /tmp/synth/f16.gguf
+    ls -la /tmp/synth ;;
+  lcwait)
+    while ! grep -q '^done' /tmp/lc-build.log 2>/dev/null; do sleep 2; done; tail -3 /tmp/lc-build.log
+    for t in Q4_K_M Q8_0 Q4_0; do
+      [ -s /tmp/synth/$t.gguf ] || /tmp/lc/llama.cpp/build/bin/llama-quantize /tmp/synth/f16.gguf /tmp/synth/$t.gguf $t $(nproc) >/dev/null 2>&1 &
+    done; wait; ls -la /tmp/synth ;;
+  bench)
+    for t in Q4_K_M Q4_0 Q8_0 f16; do
+      echo "== ffai $t"; $B/ffai bench -m /tmp/synth/$t.gguf --device cuda --prompt-tokens 512 --gen-tokens 128 --repetitions 3 2>&1 | tail -4 | tee -a "$out/ffai-bench.txt"
+    done
+    bash .gpulc/gpu-llamacpp.sh bench 2>&1 | grep -E '^\|' ;;
+  bseq)
+    for t in Q4_K_M f16; do for s in 1 8 32 64; do
+      echo "== ffai $t sequences $s"; $B/ffai bench -m /tmp/synth/$t.gguf --device cuda --sequences $s --prompt-tokens 128 --gen-tokens 128 --repetitions 1 2>&1 | tail -2 | tee -a "$out/ffai-batched.txt"
+    done; done ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done

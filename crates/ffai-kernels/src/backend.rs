@@ -293,6 +293,17 @@ impl StepLayout {
     }
 }
 
+/// How a step's layer ops run this time (see [`Backend::begin_graph`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GraphMode {
+    /// Enqueue the ops as usual.
+    Eager,
+    /// Enqueue the ops; they are recorded, not run, until [`Backend::end_graph`].
+    Capture,
+    /// A recording exists: enqueue nothing; [`Backend::end_graph`] replays it.
+    Replay,
+}
+
 pub trait Backend: Send + Sync + 'static {
     type Buf: Send + Sync;
     type Mat: Send + Sync;
@@ -371,6 +382,35 @@ pub trait Backend: Send + Sync + 'static {
     /// block ids in the pool, NO_BLOCK only where no row reads, each row's slot the one
     /// its table gives (padding rows: NO_BLOCK), no slot written twice. Ops trust it.
     fn write_step(&self, layout: &StepLayout, step: &mut Self::Step) -> Result<(), String>;
+    /// The step's token ids, for [`embed_step`](Self::embed_step); after
+    /// [`write_step`](Self::write_step), before the step's ops. The CPU reads them from
+    /// the host and needs nothing here.
+    fn write_step_tokens(&self, ids: &[u32], step: &mut Self::Step) -> Result<(), String> {
+        let _ = (ids, step);
+        Ok(())
+    }
+    /// [`embed`](Self::embed) of the step's token ids (`ids`, the same as written by
+    /// [`write_step_tokens`](Self::write_step_tokens)): a GPU reads them from the step's
+    /// buffer, so a recorded step replays with new ids.
+    fn embed_step(&self, table: &Self::Mat, ids: &[u32], step: &Self::Step, out: &mut Self::Buf) {
+        let _ = step;
+        self.embed(table, ids, out);
+    }
+    /// Starts the part of a step that a GPU can record once and replay (the layers: no
+    /// downloads, no host data but the step's buffers). `key` names everything the ops'
+    /// launches depend on besides the step buffers' contents (row count, model options);
+    /// `None` never records (e.g. while taps read activations). The CPU runs eagerly.
+    fn begin_graph(&self, step: &mut Self::Step, key: Option<u64>) -> GraphMode {
+        let _ = (step, key);
+        GraphMode::Eager
+    }
+    /// Ends what [`begin_graph`](Self::begin_graph) started: a capture is instantiated
+    /// and run, a recording replayed. Returns false when a capture failed, so nothing
+    /// ran: the caller enqueues the ops again, eagerly.
+    fn end_graph(&self, step: &mut Self::Step, mode: GraphMode) -> bool {
+        let _ = (step, mode);
+        true
+    }
     /// A zeroed paged KV pool (K or V of one layer): `n_blocks` blocks of `block_size`
     /// positions, laid out `[block][kv_head][offset][head_dim]` so one head's rows of one
     /// block are contiguous. Elements f16, or f32 where the backend keeps an f32 cache.

@@ -102,6 +102,12 @@ impl Tap {
 
     /// Records statistics of `buf[..len]` at a boundary. `layer` None = a model-level tap.
     #[inline]
+    /// Whether this tap reads activations (prints or collects importance): such steps
+    /// cannot be recorded and replayed as a GPU graph.
+    pub fn is_active(&self) -> bool {
+        self.enabled || self.importance.is_some()
+    }
+
     pub fn boundary<B: Backend>(&mut self, b: &B, buf: &B::Buf, len: usize, label: &str, layer: Option<usize>) {
         if !self.enabled {
             return;

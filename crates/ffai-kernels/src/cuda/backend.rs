@@ -18,14 +18,17 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig};
+use cudarc::driver::{
+    sys as drv_sys, CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+};
 use cudarc::driver::{PushKernelArg, ValidAsZeroBits};
 
 use super::quant;
-use crate::backend::{AttnShape, Backend, HostBytes, RopeParams, StepCaps, StepLayout};
+use crate::backend::{AttnShape, Backend, GraphMode, HostBytes, RopeParams, StepCaps, StepLayout};
 use crate::quant::WeightType;
 
 /// From this many rows a product goes to cuBLAS; below it, passes of the matrix-vector
@@ -94,11 +97,39 @@ struct DevGroup {
     max_spans: usize,
 }
 
+/// A recorded step and the scratch generation it was recorded against.
+struct Recorded {
+    graph: CudaGraph,
+    generation: u64,
+}
+
+/// The step's recordings, by key.
+#[derive(Default)]
+struct Graphs {
+    recorded: HashMap<u64, Recorded>,
+    /// Keys run once eagerly (the second run of a key is recorded: the first sizes the
+    /// scratch buffers, so a capture never allocates).
+    seen: std::collections::HashSet<u64>,
+    /// The key being captured or replayed (between `begin_graph` and `end_graph`).
+    current: Option<u64>,
+}
+
+// SAFETY: a `CudaGraph` holds raw driver handles that must not be used from two threads
+// at once; `Graphs` lives inside a `CudaStep`, which the model only touches through
+// `&mut` (one thread at a time), so its graphs are never used concurrently.
+unsafe impl Send for Graphs {}
+// SAFETY: as above: shared references to a step never reach the graphs (they are only
+// used by `begin_graph`/`end_graph`, which take the step by `&mut`).
+unsafe impl Sync for Graphs {}
+
 /// A step's metadata in device memory (see [`StepLayout`]).
 pub struct CudaStep {
     caps: StepCaps,
     /// Rows of the step written last; 0 when the last write was refused.
     n_rows: usize,
+    /// The step's token ids (`write_step_tokens`).
+    ids: DevMem<u32>,
+    graphs: Graphs,
     positions: DevMem<u32>,
     row_seq: DevMem<u32>,
     groups: Vec<DevGroup>,
@@ -142,6 +173,15 @@ pub struct CudaBackend {
     scratch: Mutex<Scratch>,
     /// Largest weight matrix loaded (elements): the size of the dequantization scratch.
     max_mat_elems: Mutex<usize>,
+    /// Bumped whenever a scratch buffer is reallocated: recordings that point into the
+    /// old one are dropped.
+    generation: AtomicU64,
+    /// A stream capture is under way: nothing may allocate or copy from the host.
+    capturing: AtomicBool,
+    /// Something was not capturable during the capture under way.
+    capture_broken: AtomicBool,
+    /// Record and replay steps as graphs (on unless `FFAI_CUDA_GRAPHS=0`).
+    graphs: AtomicBool,
 }
 
 fn grid1(n: usize, block: usize) -> (u32, u32, u32) {
@@ -207,7 +247,17 @@ impl CudaBackend {
                 argmax: DevMem::empty(),
             }),
             max_mat_elems: Mutex::new(0),
+            generation: AtomicU64::new(0),
+            capturing: AtomicBool::new(false),
+            capture_broken: AtomicBool::new(false),
+            graphs: AtomicBool::new(std::env::var_os("FFAI_CUDA_GRAPHS").is_none_or(|v| v != "0")),
         })
+    }
+
+    /// Turns step recording (CUDA graphs) on or off; off, every step is enqueued op by
+    /// op (the reference a recording must reproduce bit for bit).
+    pub fn set_graphs(&self, on: bool) {
+        self.graphs.store(on, Ordering::Relaxed);
     }
 
     /// (free, total) bytes of device memory now.
@@ -278,6 +328,10 @@ impl CudaBackend {
         if self.failed() || src.is_empty() {
             return;
         }
+        if self.capturing.load(Ordering::Relaxed) {
+            self.capture_broken.store(true, Ordering::Relaxed);
+            return;
+        }
         let Some(mem) = dst.mem.as_mut() else { return };
         if let Err(e) = self.stream.memcpy_htod(src, &mut mem.slice_mut(..src.len())) {
             self.fail(format!("copy to the GPU failed: {e}"));
@@ -319,6 +373,12 @@ impl CudaBackend {
     /// Grows a scratch buffer to `len` elements (never shrinks).
     fn grow<T: DeviceRepr + ValidAsZeroBits>(&self, slot: &mut DevMem<T>, len: usize) {
         if slot.len < len {
+            if self.capturing.load(Ordering::Relaxed) {
+                // Not during a capture: the step runs eagerly instead (and grows then).
+                self.capture_broken.store(true, Ordering::Relaxed);
+                return;
+            }
+            self.generation.fetch_add(1, Ordering::Relaxed);
             *slot = DevMem::empty();
             *slot = self.dev_alloc(len);
         }
@@ -427,6 +487,29 @@ impl CudaBackend {
         };
         if let Err(e) = r {
             self.fail(format!("cuBLAS GEMM ({rows}×{cols} by {n} rows) failed: {e:?}"));
+        }
+    }
+
+    /// `out[t] = table[ids[t]]` for the `n` ids at device address `ids`.
+    fn embed_ids(&self, table: &CudaMat, ids: u64, n: usize, out: &mut CudaBuf) {
+        let cols = table.cols;
+        let runs = cols.div_ceil(32);
+        // The grid's y dimension takes at most 65535 tokens a launch.
+        for t0 in (0..n).step_by(65_535) {
+            let m = (n - t0).min(65_535);
+            self.launch(
+                &format!("embed_{}", table.tag),
+                (runs.div_ceil(128) as u32, m as u32, 1),
+                128,
+                &[
+                    Arg::P(table.data.ptr),
+                    Arg::P(table.row_bytes as u64),
+                    Arg::P(ids + 4 * t0 as u64),
+                    Arg::P(out.ptr + 4 * (t0 * cols) as u64),
+                    Arg::U(m as u32),
+                    Arg::U(cols as u32),
+                ],
+            );
         }
     }
 
@@ -568,24 +651,7 @@ impl Backend for CudaBackend {
         let Ok(mut sc) = self.scratch.lock() else { return };
         self.grow(&mut sc.ids, n);
         self.write(ids, &mut sc.ids);
-        let runs = cols.div_ceil(32);
-        // The grid's y dimension takes at most 65535 tokens a launch.
-        for t0 in (0..n).step_by(65_535) {
-            let m = (n - t0).min(65_535);
-            self.launch(
-                &format!("embed_{}", table.tag),
-                (runs.div_ceil(128) as u32, m as u32, 1),
-                128,
-                &[
-                    Arg::P(table.data.ptr),
-                    Arg::P(table.row_bytes as u64),
-                    Arg::P(sc.ids.ptr + 4 * t0 as u64),
-                    Arg::P(out.ptr + 4 * (t0 * cols) as u64),
-                    Arg::U(m as u32),
-                    Arg::U(cols as u32),
-                ],
-            );
-        }
+        self.embed_ids(table, sc.ids.ptr, n, out);
     }
 
     fn matmul(&self, w: &CudaMat, x: &CudaBuf, n: usize, out: &mut CudaBuf) {
@@ -718,6 +784,8 @@ impl Backend for CudaBackend {
                 n_groups,
             },
             n_rows: 0,
+            ids: self.dev_alloc(max_rows),
+            graphs: Graphs::default(),
             positions: self.dev_alloc(max_rows),
             row_seq: self.dev_alloc(max_rows),
             groups: (0..n_groups)
@@ -766,11 +834,111 @@ impl Backend for CudaBackend {
                     p / ATTN_SPAN - first / ATTN_SPAN + 1
                 })
                 .max()
-                .unwrap_or(1);
+                .unwrap_or(1)
+                // A power of two: decode steps share a recording over many positions
+                // (parts past a row's last one are empty and cost one early exit).
+                .next_power_of_two();
         }
         self.check()?;
         step.n_rows = layout.positions.len();
         Ok(())
+    }
+
+    fn write_step_tokens(&self, ids: &[u32], step: &mut CudaStep) -> Result<(), String> {
+        if ids.len() != step.n_rows {
+            return Err(format!("{} token ids for a step of {} rows", ids.len(), step.n_rows));
+        }
+        self.write(ids, &mut step.ids);
+        self.check()
+    }
+
+    fn embed_step(&self, table: &CudaMat, ids: &[u32], step: &CudaStep, out: &mut CudaBuf) {
+        let n = ids.len();
+        assert!(n == step.n_rows && n * table.cols <= out.len, "embed_step out of range");
+        self.embed_ids(table, step.ids.ptr, n, out);
+    }
+
+    fn begin_graph(&self, step: &mut CudaStep, key: Option<u64>) -> GraphMode {
+        let Some(key) = key else { return GraphMode::Eager };
+        if self.failed() || !self.graphs.load(Ordering::Relaxed) {
+            return GraphMode::Eager;
+        }
+        // The attention's grid depends on the parts per row of each group.
+        let key = step
+            .groups
+            .iter()
+            .fold(key, |k, g| k.wrapping_mul(0x100_0000_01b3) ^ g.max_spans as u64);
+        let generation = self.generation.load(Ordering::Relaxed);
+        let g = &mut step.graphs;
+        match g.recorded.get(&key) {
+            Some(r) if r.generation == generation => {
+                g.current = Some(key);
+                return GraphMode::Replay;
+            }
+            Some(_) => {
+                // Recorded against scratch buffers since replaced.
+                g.recorded.remove(&key);
+                g.seen.remove(&key);
+            }
+            None => {}
+        }
+        if g.seen.insert(key) {
+            return GraphMode::Eager;
+        }
+        self.capture_broken.store(false, Ordering::Relaxed);
+        if let Err(e) = self
+            .stream
+            .begin_capture(drv_sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+        {
+            self.fail(format!("CUDA graph capture failed to start: {e}"));
+            return GraphMode::Eager;
+        }
+        self.capturing.store(true, Ordering::Relaxed);
+        g.current = Some(key);
+        GraphMode::Capture
+    }
+
+    fn end_graph(&self, step: &mut CudaStep, mode: GraphMode) -> bool {
+        let g = &mut step.graphs;
+        match mode {
+            GraphMode::Eager => true,
+            GraphMode::Replay => {
+                let key = g.current.take().expect("a replay under way");
+                if self.failed() {
+                    return true;
+                }
+                if let Some(r) = g.recorded.get(&key) {
+                    if let Err(e) = r.graph.launch() {
+                        self.fail(format!("CUDA graph launch failed: {e}"));
+                    }
+                }
+                true
+            }
+            GraphMode::Capture => {
+                self.capturing.store(false, Ordering::Relaxed);
+                let key = g.current.take().expect("a capture under way");
+                let r = self.stream.end_capture(drv_sys::CUgraphInstantiate_flags(0));
+                let broken = self.capture_broken.swap(false, Ordering::Relaxed);
+                match r {
+                    Ok(Some(graph)) if !broken && !self.failed() => {
+                        if let Err(e) = graph.launch() {
+                            self.fail(format!("CUDA graph launch failed: {e}"));
+                        }
+                        let generation = self.generation.load(Ordering::Relaxed);
+                        g.recorded.insert(key, Recorded { graph, generation });
+                        true
+                    }
+                    Ok(_) => false,
+                    Err(e) => {
+                        // A failed capture leaves the stream usable; run eagerly.
+                        if !broken {
+                            eprintln!("warning: CUDA graph capture failed ({e}); running the step eagerly");
+                        }
+                        false
+                    }
+                }
+            }
+        }
     }
 
     fn alloc_kv_pages(&self, n_blocks: usize, block_size: usize, kv_heads: usize, head_dim: usize) -> CudaKv {

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use ffai_kernels::backend::{AttnShape, Backend, HostBytes, RopeParams, StepLayout};
+use ffai_kernels::backend::{AttnShape, Backend, GraphMode, HostBytes, RopeParams, StepLayout};
 
 use ffai_kernels::cpu::CpuBackend;
 use ffai_kernels::cuda::backend::CudaBackend;
@@ -213,6 +213,10 @@ struct Paged<B: Backend> {
     /// Use the long RoPE tables (the longest sequence exceeds the LongRoPE threshold).
     long_rope: bool,
 }
+
+/// Steps of at most this many rows are recorded as GPU graphs (one per row count): launch
+/// overhead matters in small decode steps; bigger steps are dominated by their products.
+const GRAPH_MAX_ROWS: usize = 64;
 
 /// Splits `rows` rows off the start of a contiguous matrix (fused projections).
 fn rows_of(e: &WeightEntry, first_row: usize, rows: usize, cols: usize) -> Result<HostBytes> {
@@ -421,7 +425,7 @@ impl<B: Backend> Decoder<B> {
     fn forward_step(&self, ids: &[u32], s: &mut Paged<B>, tap: &mut Tap) {
         let (b, c, sp, n) = (&*self.b, &self.cfg, &self.spec, ids.len());
         let (h, f) = (c.hidden_size, c.intermediate_size);
-        b.embed(&self.embed, ids, &mut s.x);
+        b.embed_step(&self.embed, ids, &s.step, &mut s.x);
         if sp.embed_scale != 1.0 {
             b.scale(&mut s.x, sp.embed_scale, n * h);
         }
@@ -743,7 +747,18 @@ impl<B: Backend> LanguageModel for Decoder<B> {
             .ok_or_else(|| Error::new("batch state belongs to a different model"))?;
         b.write_step(layout, &mut s.step)
             .map_err(|e| Error::new(format!("bad step layout: {e}")))?;
-        self.forward_step(tokens, s, tap);
+        b.write_step_tokens(tokens, &mut s.step).map_err(Error::new)?;
+        // The layers as one recorded graph on a GPU, keyed by what their launches depend
+        // on (the rows; the step's metadata is read from its buffers); never while taps
+        // read activations.
+        let key = (!tap.is_active() && n <= GRAPH_MAX_ROWS).then(|| (n as u64) << 1 | s.long_rope as u64);
+        let mode = b.begin_graph(&mut s.step, key);
+        if mode != GraphMode::Replay {
+            self.forward_step(tokens, s, tap);
+        }
+        if !b.end_graph(&mut s.step, mode) {
+            self.forward_step(tokens, s, tap);
+        }
         // The LM head over the wanted rows only, gathered `per_pass` at a time (each row's
         // logits are the same whichever rows share its pass).
         for (pi, rows) in logit_rows.chunks(per_pass).enumerate() {
