@@ -751,7 +751,7 @@ impl<B: Backend> LanguageModel for Decoder<B> {
         // The layers as one recorded graph on a GPU, keyed by what their launches depend
         // on (the rows; the step's metadata is read from its buffers); never while taps
         // read activations.
-        let key = (!tap.is_active() && n <= GRAPH_MAX_ROWS).then(|| (n as u64) << 1 | s.long_rope as u64);
+        let key = (!tap.is_active() && n <= GRAPH_MAX_ROWS).then_some((n as u64) << 1 | s.long_rope as u64);
         let mode = b.begin_graph(&mut s.step, key);
         if mode != GraphMode::Replay {
             self.forward_step(tokens, s, tap);
