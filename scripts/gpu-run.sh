@@ -45,6 +45,9 @@ for stage in "$@"; do
       echo "== ffai $t"; $B/ffai bench -m /tmp/synth/$t.gguf --device cuda --prompt-tokens 512 --gen-tokens 128 --repetitions 3 2>&1 | tail -4 | tee -a "$out/ffai-bench.txt"
     done
     bash .gpulc/gpu-llamacpp.sh bench 2>&1 | grep -E '^\|' ;;
+  profile)
+    echo "== ffai Q4_0 per-kernel profile"; $B/ffai bench -m /tmp/synth/Q4_0.gguf --device cuda --prompt-tokens 512 --gen-tokens 32 --repetitions 1 --profile 2>&1 | tail -45 | tee -a "$out/ffai-profile.txt"
+    for g in 0 1; do echo "== graphs $g"; FFAI_CUDA_GRAPHS=$g $B/ffai bench -m /tmp/synth/Q4_0.gguf --device cuda --prompt-tokens 16 --gen-tokens 64 --repetitions 2 2>&1 | tail -3; done ;;
   bseq)
     for t in Q4_K_M f16; do for s in 1 8 32 64; do
       echo "== ffai $t sequences $s"; $B/ffai bench -m /tmp/synth/$t.gguf --device cuda --sequences $s --prompt-tokens 128 --gen-tokens 128 --repetitions 1 2>&1 | tail -2 | tee -a "$out/ffai-batched.txt"

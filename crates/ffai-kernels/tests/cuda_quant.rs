@@ -28,7 +28,7 @@ fn quant_kernels_compile_for_sm90() {
     let ptx = cuda::compile("quant.cu", cq::QUANT_SOURCE, "sm_90").unwrap_or_else(|e| panic!("{e}"));
     assert!(ptx.contains(".target sm_90"), "{}", &ptx[..ptx.len().min(400)]);
     let names = cq::kernel_names();
-    assert_eq!(names.len(), 3 * (17 + 18), "three kernels per type");
+    assert_eq!(names.len(), 4 * (17 + 18), "four kernels per type");
     for k in &names {
         assert!(ptx.contains(&format!(".entry {k}(")), "no kernel {k} in the PTX");
     }

@@ -85,7 +85,7 @@ impl Model {
                     !opts.kv_f32,
                     "the CUDA backend keeps an f16 KV cache (no f32 KV cache on the GPU)"
                 );
-                Device::cuda(n)?
+                Device::cuda_with(n, opts.profile)?
             }
         };
         let src = location.path().display().to_string();

@@ -6,10 +6,12 @@
 //! [`super::load_ptx`]). Every op is enqueued on one stream; nothing waits for the GPU
 //! until a result is downloaded.
 //!
-//! Matrix products: up to [`quant::MATVEC_MAX_N`] rows at a time read the stored weights
-//! directly (`matvec_<type>`: one warp per output row, each weight byte read once per
-//! pass); from [`GEMM_MIN_ROWS`] rows the weight is dequantized to bf16 into a scratch
-//! matrix and multiplied on the tensor cores by cuBLAS (f32 weights: an f32 GEMM).
+//! Matrix products: below [`GEMM_MIN_ROWS`] rows the stored weights are read directly
+//! (`matvec4_<type>` for one row: four output rows per warp; `matvec_<type>` for up to
+//! [`quant::MATVEC_MAX_N`] rows a pass: one output row per warp; the same bits per row
+//! either way); from [`GEMM_MIN_ROWS`] rows cuBLAS multiplies on the tensor cores:
+//! quantized weights dequantized to bf16 with bf16 activations, f16/bf16 weights widened
+//! to f32 in TF32, f32 weights in f32.
 //!
 //! Errors: the [`Backend`] ops return nothing, so a failed launch or allocation is kept
 //! (the first one) and every later op does nothing; [`Backend::check`] reports it, and the
@@ -23,7 +25,8 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{
-    sys as drv_sys, CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+    sys as drv_sys, CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    LaunchConfig,
 };
 use cudarc::driver::{PushKernelArg, ValidAsZeroBits};
 
@@ -151,6 +154,10 @@ enum Arg {
 struct Scratch {
     /// A dequantized weight matrix (bf16).
     weight: DevMem<u16>,
+    /// A widened f16 / bf16 weight matrix (f32), and row ids 0, 1, 2, ... to widen it
+    /// with the embedding kernel.
+    weight32: DevMem<f32>,
+    iota: DevMem<u32>,
     /// Activations in bf16.
     acts: DevMem<u16>,
     /// Token ids of an embedding lookup.
@@ -182,6 +189,9 @@ pub struct CudaBackend {
     capture_broken: AtomicBool,
     /// Record and replay steps as graphs (on unless `FFAI_CUDA_GRAPHS=0`).
     graphs: AtomicBool,
+    /// Per-launch timing (`--profile`): (kernel, start, end) events, read by
+    /// [`CudaBackend::take_profile`]. Steps then run eagerly (no graphs).
+    profile: Option<Mutex<Vec<(String, CudaEvent, CudaEvent)>>>,
 }
 
 fn grid1(n: usize, block: usize) -> (u32, u32, u32) {
@@ -192,6 +202,12 @@ impl CudaBackend {
     /// A backend on GPU `ordinal`: context, stream, cuBLAS and every kernel compiled.
     /// Errors say what is missing (driver, GPU, NVRTC, cuBLAS) or what failed.
     pub fn new(ordinal: usize) -> Result<CudaBackend, String> {
+        Self::with_options(ordinal, false)
+    }
+
+    /// As [`new`](Self::new); `profile`: time every kernel with CUDA events (see
+    /// [`take_profile`](Self::take_profile)).
+    pub fn with_options(ordinal: usize, profile: bool) -> Result<CudaBackend, String> {
         let count = super::device_count()?;
         if ordinal >= count {
             return Err(format!(
@@ -240,6 +256,8 @@ impl CudaBackend {
             error: Mutex::new(None),
             scratch: Mutex::new(Scratch {
                 weight: DevMem::empty(),
+                weight32: DevMem::empty(),
+                iota: DevMem::empty(),
                 acts: DevMem::empty(),
                 ids: DevMem::empty(),
                 part_o: DevMem::empty(),
@@ -251,6 +269,7 @@ impl CudaBackend {
             capturing: AtomicBool::new(false),
             capture_broken: AtomicBool::new(false),
             graphs: AtomicBool::new(std::env::var_os("FFAI_CUDA_GRAPHS").is_none_or(|v| v != "0")),
+            profile: profile.then(|| Mutex::new(Vec::new())),
         })
     }
 
@@ -360,6 +379,7 @@ impl CudaBackend {
             block_dim: (block, 1, 1),
             shared_mem_bytes: 0,
         };
+        let start = self.profile_event();
         // SAFETY: every kernel's arguments are listed at its call site in the order and
         // types of its signature in the .cu source (u32 = unsigned int, u64 = a device
         // address or unsigned long long, f32 = float, i32 = int), and every address is of
@@ -368,6 +388,45 @@ impl CudaBackend {
         if let Err(e) = unsafe { b.launch(cfg) } {
             self.fail(format!("CUDA kernel {name} failed to launch: {e}"));
         }
+        self.profile_record(name, start);
+    }
+
+    /// With profiling on, an event recorded now (the start of a timed op).
+    fn profile_event(&self) -> Option<CudaEvent> {
+        self.profile.as_ref()?;
+        self.stream
+            .record_event(Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .ok()
+    }
+
+    /// With profiling on, closes the op `name` that began at `start`.
+    fn profile_record(&self, name: &str, start: Option<CudaEvent>) {
+        let (Some(p), Some(start)) = (self.profile.as_ref(), start) else {
+            return;
+        };
+        if let (Some(end), Ok(mut v)) = (self.profile_event(), p.lock()) {
+            v.push((name.to_string(), start, end));
+        }
+    }
+
+    /// Per-kernel (name, seconds, launches) since the last call, slowest first (empty
+    /// unless profiling). Waits for the GPU.
+    pub fn take_profile(&self) -> Vec<(String, f64, u64)> {
+        let Some(p) = self.profile.as_ref() else {
+            return Vec::new();
+        };
+        let _ = self.stream.synchronize();
+        let Ok(mut v) = p.lock() else { return Vec::new() };
+        let mut by: HashMap<String, (f64, u64)> = HashMap::new();
+        for (name, a, b) in v.drain(..) {
+            let ms = a.elapsed_ms(&b).unwrap_or(0.0) as f64;
+            let e = by.entry(name).or_default();
+            e.0 += ms / 1e3;
+            e.1 += 1;
+        }
+        let mut out: Vec<(String, f64, u64)> = by.into_iter().map(|(k, (s, c))| (k, s, c)).collect();
+        out.sort_by(|a, b| b.1.total_cmp(&a.1));
+        out
     }
 
     /// Grows a scratch buffer to `len` elements (never shrinks).
@@ -393,6 +452,24 @@ impl CudaBackend {
 
     /// `out[n, rows] = x[n, cols] · Wᵀ` (the buffers checked by the caller).
     fn product(&self, w: &CudaMat, x: u64, n: usize, out: u64) {
+        if n == 1 {
+            // Four rows per warp: x read once for four rows (same bits per row).
+            let (rows, cols) = (w.rows, w.cols);
+            self.launch(
+                &format!("matvec4_{}", w.tag),
+                grid1(rows, 4 * quant::MATVEC4_ROWS as usize),
+                128,
+                &[
+                    Arg::P(w.data.ptr),
+                    Arg::P(w.row_bytes as u64),
+                    Arg::P(x),
+                    Arg::P(out),
+                    Arg::U(rows as u32),
+                    Arg::U(cols as u32),
+                ],
+            );
+            return;
+        }
         if n < GEMM_MIN_ROWS {
             let (rows, cols) = (w.rows, w.cols);
             let name = format!("matvec_{}", w.tag);
@@ -426,39 +503,78 @@ impl CudaBackend {
         let Ok(mut sc) = self.scratch.lock() else { return };
         // Column-major view: W is cols×rows (lda = cols), X is cols×n, OUT is rows×n, so
         // OUT = Wᵀ·X with A transposed.
-        let (a, b, ty) = if w.ty == WeightType::F32 {
-            (w.data.ptr, x, blas_sys::cudaDataType_t::CUDA_R_32F)
-        } else {
-            let max = (*self.max_mat_elems.lock().unwrap_or_else(|e| e.into_inner())).max(rows * cols);
-            self.grow(&mut sc.weight, max);
-            self.grow(&mut sc.acts, n * cols);
-            if self.failed() {
-                return;
+        let compute_f32 = blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F;
+        let (a, b, ty, compute) = match w.ty {
+            // f32 weights: an exact f32 GEMM.
+            WeightType::F32 => (w.data.ptr, x, blas_sys::cudaDataType_t::CUDA_R_32F, compute_f32),
+            // f16 / bf16 weights: widened to f32 (exactly, by the embedding kernel over row
+            // ids 0..rows), multiplied with TF32 tensor cores: both formats fit TF32's 10
+            // mantissa bits, and the activations keep 10 bits instead of bf16's 7.
+            WeightType::F16 | WeightType::BF16 => {
+                let max = (*self.max_mat_elems.lock().unwrap_or_else(|e| e.into_inner())).max(rows * cols);
+                if sc.weight32.len < max {
+                    self.grow(&mut sc.weight32, max);
+                }
+                if sc.iota.len < rows {
+                    self.grow(&mut sc.iota, rows);
+                    let ids: Vec<u32> = (0..sc.iota.len as u32).collect();
+                    self.write(&ids, &mut sc.iota);
+                }
+                if self.failed() {
+                    return;
+                }
+                let mut view = DevMem::<f32> {
+                    mem: None,
+                    ptr: sc.weight32.ptr,
+                    len: rows * cols,
+                };
+                self.embed_ids(w, sc.iota.ptr, rows, &mut view);
+                (
+                    sc.weight32.ptr,
+                    x,
+                    blas_sys::cudaDataType_t::CUDA_R_32F,
+                    blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+                )
             }
-            let runs = rows * cols.div_ceil(32);
-            self.launch(
-                &format!("dequant_bf16_{}", w.tag),
-                grid1(runs, 256),
-                256,
-                &[
-                    Arg::P(w.data.ptr),
-                    Arg::P(w.row_bytes as u64),
-                    Arg::P(sc.weight.ptr),
-                    Arg::U(rows as u32),
-                    Arg::U(cols as u32),
-                ],
-            );
-            self.elementwise(
-                "to_bf16",
-                n * cols,
-                &[Arg::P(x), Arg::P(sc.acts.ptr), Arg::P((n * cols) as u64)],
-            );
-            (sc.weight.ptr, sc.acts.ptr, blas_sys::cudaDataType_t::CUDA_R_16BF)
+            // Quantized weights: dequantized to bf16, bf16 activations.
+            _ => {
+                let max = (*self.max_mat_elems.lock().unwrap_or_else(|e| e.into_inner())).max(rows * cols);
+                self.grow(&mut sc.weight, max);
+                self.grow(&mut sc.acts, n * cols);
+                if self.failed() {
+                    return;
+                }
+                let runs = rows * cols.div_ceil(32);
+                self.launch(
+                    &format!("dequant_bf16_{}", w.tag),
+                    grid1(runs, 256),
+                    256,
+                    &[
+                        Arg::P(w.data.ptr),
+                        Arg::P(w.row_bytes as u64),
+                        Arg::P(sc.weight.ptr),
+                        Arg::U(rows as u32),
+                        Arg::U(cols as u32),
+                    ],
+                );
+                self.elementwise(
+                    "to_bf16",
+                    n * cols,
+                    &[Arg::P(x), Arg::P(sc.acts.ptr), Arg::P((n * cols) as u64)],
+                );
+                (
+                    sc.weight.ptr,
+                    sc.acts.ptr,
+                    blas_sys::cudaDataType_t::CUDA_R_16BF,
+                    compute_f32,
+                )
+            }
         };
         if self.failed() {
             return;
         }
         let (alpha, beta) = (1.0f32, 0.0f32);
+        let start = self.profile_event();
         // SAFETY: a (rows×cols), b (n×cols) and out (n×rows) are live device allocations of
         // those sizes in the given types; alpha and beta are host f32 (the handle's default
         // pointer mode); the handle runs on this backend's stream.
@@ -481,13 +597,19 @@ impl CudaBackend {
                 out as *mut _,
                 blas_sys::cudaDataType_t::CUDA_R_32F,
                 rows as i32,
-                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                compute,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
             )
         };
         if let Err(e) = r {
             self.fail(format!("cuBLAS GEMM ({rows}×{cols} by {n} rows) failed: {e:?}"));
         }
+        let name = match w.ty {
+            WeightType::F32 => "gemm_f32",
+            WeightType::F16 | WeightType::BF16 => "gemm_tf32",
+            _ => "gemm_bf16",
+        };
+        self.profile_record(name, start);
     }
 
     /// `out[t] = table[ids[t]]` for the `n` ids at device address `ids`.
@@ -559,7 +681,7 @@ impl Backend for CudaBackend {
 
     fn memory_bytes(&self) -> u64 {
         // What is free now, less room for the products' scratch (a dequantized matrix).
-        let scratch = 2 * *self.max_mat_elems.lock().unwrap_or_else(|e| e.into_inner()) as u64;
+        let scratch = 4 * *self.max_mat_elems.lock().unwrap_or_else(|e| e.into_inner()) as u64;
         self.mem_info()
             .map(|(free, _)| (free as u64).saturating_sub(scratch + (256 << 20)))
             .unwrap_or(0)
@@ -860,7 +982,7 @@ impl Backend for CudaBackend {
 
     fn begin_graph(&self, step: &mut CudaStep, key: Option<u64>) -> GraphMode {
         let Some(key) = key else { return GraphMode::Eager };
-        if self.failed() || !self.graphs.load(Ordering::Relaxed) {
+        if self.failed() || !self.graphs.load(Ordering::Relaxed) || self.profile.is_some() {
             return GraphMode::Eager;
         }
         // The attention's grid depends on the parts per row of each group.

@@ -645,6 +645,78 @@ __device__ __forceinline__ void matvec(const u8* __restrict__ w, u64 row_bytes, 
     }
 }
 
+// The one-token product (n = 1), four output rows per warp: each run of x is loaded once
+// and dotted with the same run of four rows, so x's traffic is a quarter of `matvec`'s
+// and four rows' weight loads are in flight per lane. Each row's arithmetic is exactly
+// `matvec`'s (the same run decoder, the same two partial sums per lane in the same
+// order, the same butterfly), so its result is the same bits as `matvec` gives for that
+// row at any n: decode steps of one row and of several agree.
+// Launch: blockDim.x = MATVEC_THREADS, gridDim.x = ceil(rows / (4 * MATVEC_WARPS)).
+#define MATVEC4_ROWS 4
+template <class D>
+__device__ __forceinline__ void matvec4(const u8* __restrict__ w, u64 row_bytes, const float* __restrict__ x,
+                                        float* __restrict__ y, u32 rows, u32 cols) {
+    const u32 lane = threadIdx.x & 31;
+    const u32 r0 = (blockIdx.x * MATVEC_WARPS + (threadIdx.x >> 5)) * MATVEC4_ROWS;
+    if (r0 >= rows) {
+        return;  // whole warps leave together
+    }
+    const u32 nr = min((u32)MATVEC4_ROWS, rows - r0);
+    const u32 nruns = (cols + 31) / 32;
+    float acc0[MATVEC4_ROWS], acc1[MATVEC4_ROWS];
+#pragma unroll
+    for (int j = 0; j < MATVEC4_ROWS; ++j) {
+        acc0[j] = 0.0f;
+        acc1[j] = 0.0f;
+    }
+    for (u32 run = lane; run < nruns; run += 32) {
+        const u32 c0 = run * 32;
+        const u32 lim = D::FLOAT ? min(32u, cols - c0) : 32u;
+        const float* xt = x + c0;
+        float xv[32];
+        if (lim == 32 && ((u64)xt & 15) == 0) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const float4 f = __ldg((const float4*)xt + i);
+                xv[4 * i] = f.x;
+                xv[4 * i + 1] = f.y;
+                xv[4 * i + 2] = f.z;
+                xv[4 * i + 3] = f.w;
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < 32; ++i) {
+                xv[i] = (u32)i < lim ? __ldg(xt + i) : 0.0f;
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < MATVEC4_ROWS; ++j) {
+            if ((u32)j < nr) {
+                float v[32];
+                D::decode(w + (u64)(r0 + j) * row_bytes, run, cols, v);
+#pragma unroll
+                for (int i = 0; i < 32; i += 2) {
+                    acc0[j] = __fmaf_rn(v[i], xv[i], acc0[j]);
+                    acc1[j] = __fmaf_rn(v[i + 1], xv[i + 1], acc1[j]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < MATVEC4_ROWS; ++j) {
+        if ((u32)j < nr) {
+            float s = __fadd_rn(acc0[j], acc1[j]);
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) {
+                s = __fadd_rn(s, __shfl_xor_sync(0xFFFFFFFFu, s, off));
+            }
+            if (lane == 0) {
+                y[r0 + j] = s;
+            }
+        }
+    }
+}
+
 // out[r * cols + c] = bf16(W[r, c]) (round to nearest even). Launch: one thread per
 // 32-element run (the last run of a float row may be partial), 256 threads per block,
 // 1-D grid of ceil(rows * ceil(cols / 32) / 256) blocks; 64-bit indices throughout.
@@ -723,6 +795,11 @@ __device__ __forceinline__ void embed(const u8* __restrict__ w, u64 row_bytes, c
         matvec_##TAG(const u8* __restrict__ w, u64 row_bytes, const float* __restrict__ x, float* __restrict__ y, \
                      u32 rows, u32 cols, u32 n) {                                                                 \
         matvec<DEC>(w, row_bytes, x, y, rows, cols, n);                                                           \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(MATVEC_THREADS)                                                  \
+        matvec4_##TAG(const u8* __restrict__ w, u64 row_bytes, const float* __restrict__ x, float* __restrict__ y, \
+                      u32 rows, u32 cols) {                                                                       \
+        matvec4<DEC>(w, row_bytes, x, y, rows, cols);                                                             \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(256)                                                             \
         dequant_bf16_##TAG(const u8* __restrict__ w, u64 row_bytes, u16* __restrict__ out, u32 rows, u32 cols) {  \

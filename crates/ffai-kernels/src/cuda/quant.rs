@@ -43,6 +43,11 @@ pub const QUANT_SOURCE: &str = include_str!("quant.cu");
 /// accumulator pair per row in registers, so this bounds register use.
 pub const MATVEC_MAX_N: usize = 8;
 
+/// Output rows one warp of `matvec4_<tag>` computes (one activation row only:
+/// `matvec4_<tag>(w, row_bytes, x, y, rows, cols)`, [`MATVEC_BLOCK`] threads,
+/// `ceil(rows / 16)` blocks; each row's bits equal `matvec_<tag>`'s).
+pub const MATVEC4_ROWS: u32 = 4;
+
 /// Threads per `matvec_<tag>` block: 4 warps, one output row per warp.
 pub const MATVEC_BLOCK: u32 = 128;
 /// Output rows per `matvec_<tag>` block.
@@ -85,6 +90,7 @@ pub fn kernel_names() -> Vec<String> {
             let tag = kernel_tag(ty);
             [
                 format!("matvec_{tag}"),
+                format!("matvec4_{tag}"),
                 format!("dequant_bf16_{tag}"),
                 format!("embed_{tag}"),
             ]

@@ -37,7 +37,12 @@ impl Device {
     /// GPU `ordinal`, its kernels compiled; an error (never a panic) without a driver, a
     /// GPU of that number, NVRTC or cuBLAS.
     pub fn cuda(ordinal: usize) -> Result<Device> {
-        CudaBackend::new(ordinal)
+        Self::cuda_with(ordinal, false)
+    }
+
+    /// As [`cuda`](Self::cuda); `profile`: time every kernel (see `take_profile`).
+    pub fn cuda_with(ordinal: usize, profile: bool) -> Result<Device> {
+        CudaBackend::with_options(ordinal, profile)
             .map(|b| Device::Cuda(Arc::new(b)))
             .map_err(Error::new)
     }
@@ -71,7 +76,7 @@ impl Device {
     pub fn take_profile(&self) -> Vec<(String, f64, u64)> {
         match self {
             Device::Cpu(b) => b.take_profile(),
-            Device::Cuda(_) => Vec::new(),
+            Device::Cuda(b) => b.take_profile(),
         }
     }
 
