@@ -48,6 +48,16 @@ for stage in "$@"; do
   profile)
     echo "== ffai Q4_0 per-kernel profile"; $B/ffai bench -m /tmp/synth/Q4_0.gguf --device cuda --prompt-tokens 512 --gen-tokens 32 --repetitions 1 --profile 2>&1 | tail -45 | tee -a "$out/ffai-profile.txt"
     for g in 0 1; do echo "== graphs $g"; FFAI_CUDA_GRAPHS=$g $B/ffai bench -m /tmp/synth/Q4_0.gguf --device cuda --prompt-tokens 16 --gen-tokens 64 --repetitions 2 2>&1 | tail -3; done ;;
+  synth)
+    # The F16 file and our own Q4_0 of it, without building llama.cpp (its gguf-py only).
+    mkdir -p /tmp/lc /tmp/synth; [ -d /tmp/lc/llama.cpp/gguf-py ] || tar xJf .gpulc/llamacpp-src.tar.xz -C /tmp/lc llama.cpp/gguf-py
+    [ -s /tmp/synth/f16.gguf ] || python3 .gpulc/synth_gguf.py /tmp/lc/llama.cpp/gguf-py /tmp/synth/f16.gguf
+    [ -s /tmp/synth/Q4_0.gguf ] || $B/ffai quantize --type Q4_0 /tmp/synth/f16.gguf /tmp/synth/Q4_0.gguf
+    ls -la /tmp/synth ;;
+  ffbench)
+    for t in Q4_0 f16; do
+      echo "== ffai $t"; $B/ffai bench -m /tmp/synth/$t.gguf --device cuda --prompt-tokens 512 --gen-tokens 128 --repetitions 3 2>&1 | tail -4 | tee -a "$out/ffai-bench.txt"
+    done ;;
   bseq)
     for t in Q4_K_M f16; do for s in 1 8 32 64; do
       echo "== ffai $t sequences $s"; $B/ffai bench -m /tmp/synth/$t.gguf --device cuda --sequences $s --prompt-tokens 128 --gen-tokens 128 --repetitions 1 2>&1 | tail -2 | tee -a "$out/ffai-batched.txt"

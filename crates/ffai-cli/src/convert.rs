@@ -43,6 +43,9 @@ pub struct ConvertArgs {
     /// CPU threads for the calibration run (0 = all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Where the calibration run goes: cpu (default) or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Output directory (default: SRC's name with the format appended, next to it).
     #[arg(short, long)]
     output: Option<PathBuf>,
@@ -82,9 +85,13 @@ pub fn cmd_convert(a: ConvertArgs) -> Result<()> {
             Quantizer::Search
         },
         importance: match &a.calibration {
-            Some(text) if a.quantizer != "minmax" => {
-                Some(Arc::new(calibrate(&a.src, text, a.calibration_tokens, a.threads)?))
-            }
+            Some(text) if a.quantizer != "minmax" => Some(Arc::new(calibrate(
+                &a.src,
+                text,
+                a.calibration_tokens,
+                a.threads,
+                crate::parse_device(&a.device)?,
+            )?)),
             Some(_) => {
                 return Err(Error::new(
                     "--calibration needs the search quantizer, not --quantizer minmax",
@@ -146,12 +153,13 @@ pub fn cmd_convert(a: ConvertArgs) -> Result<()> {
 }
 
 /// Runs the source model over the start of `text` and returns its input statistics.
-fn calibrate(src: &Path, text: &Path, max_tokens: usize, threads: usize) -> Result<Importance> {
+fn calibrate(src: &Path, text: &Path, max_tokens: usize, threads: usize, cuda: Option<usize>) -> Result<Importance> {
     let t = Instant::now();
     let body = std::fs::read_to_string(text).map_err(|e| Error::new(format!("reading {}: {e}", text.display())))?;
     let opts = LoadOptions {
         threads,
         f32_activations: true,
+        cuda,
         ..Default::default()
     };
     let model = Model::load(&src.display().to_string(), &opts)?;

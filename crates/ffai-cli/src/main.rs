@@ -106,6 +106,20 @@ struct ModelArgs {
     device: String,
 }
 
+/// `--device`: `cpu` (None) or `cuda` / `cuda:N` (Some(N)).
+pub(crate) fn parse_device(d: &str) -> Result<Option<usize>> {
+    match d {
+        "cpu" => Ok(None),
+        d if d == "cuda" || d.starts_with("cuda:") => Ok(Some(match d.strip_prefix("cuda:") {
+            None => 0,
+            Some(n) => n
+                .parse::<usize>()
+                .map_err(|_| Error::new(format!("--device {d}: the GPU number must be a whole number")))?,
+        })),
+        other => Err(Error::new(format!("--device must be cpu or cuda[:N], not {other:?}"))),
+    }
+}
+
 impl ModelArgs {
     fn load(&self) -> Result<(Model, f64)> {
         let spec = match &self.model {
@@ -121,16 +135,7 @@ impl ModelArgs {
                 p.display().to_string()
             }
         };
-        let cuda = match self.device.as_str() {
-            "cpu" => None,
-            d if d == "cuda" || d.starts_with("cuda:") => Some(match d.strip_prefix("cuda:") {
-                None => 0,
-                Some(n) => n
-                    .parse::<usize>()
-                    .map_err(|_| Error::new(format!("--device {d}: the GPU number must be a whole number")))?,
-            }),
-            other => return Err(Error::new(format!("--device must be cpu or cuda[:N], not {other:?}"))),
-        };
+        let cuda = parse_device(&self.device)?;
         let t = Instant::now();
         let kv_f32 = match self.kv_cache.as_str() {
             "f16" => false,
@@ -491,6 +496,8 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
             cfg.max_position_embeddings
         )));
     }
+    // On a GPU: free memory with the weights resident, before the state and the step.
+    let gpu_loaded = model.device.gpu_memory();
     let mut state = model.lm.new_state(ids.len(), 512)?;
     if a.layer_trace || a.trace_layers.is_some() {
         state.tap = Tap::layers(a.trace_layers.clone());
@@ -498,6 +505,15 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
     let mut logits = Vec::new();
     model.lm.forward(&ids, &mut state, false, &mut logits)?;
     let nan = logits.iter().filter(|x| !x.is_finite()).count();
+    let gpu_memory = model.device.gpu_memory().map(|(free, total)| {
+        json!({
+            "total_bytes": total,
+            "free_bytes": free,
+            "weights_bytes": model.weight_bytes,
+            "kv_cache_and_activations_bytes": gpu_loaded.map(|(f0, _)| f0.saturating_sub(free)),
+            "kv_cache_bytes": model.lm.kv_bytes_by_kind(ids.len(), 512).iter().map(|k| k.2).sum::<usize>(),
+        })
+    });
     let mut order: Vec<usize> = (0..logits.len()).collect();
     let k = a.top_k.min(logits.len());
     order.select_nth_unstable_by(k.saturating_sub(1), |&x, &y| {
@@ -542,6 +558,7 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
         "kv_cache_full_context": kv_kinds(cfg.max_position_embeddings),
         "kv_cache_bytes_full_context": kv_total(cfg.max_position_embeddings),
         "device": model.lm.device_name(),
+        "gpu_memory": gpu_memory,
         "load_seconds": load_s,
         "chat_template": model.chat_template()?.map(|t| t.origin().to_string()),
     });
