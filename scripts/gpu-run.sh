@@ -23,7 +23,7 @@ for stage in "$@"; do
     for f in $B/*.xz; do xz -d -f -k "$f"; chmod +x "${f%.xz}"; done
     nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv ;;
   kernels)
-    for t in cuda_nvrtc cuda_ops cuda_quant cuda_backend; do
+    for t in ${KERNEL_TESTS:-cuda_nvrtc cuda_ops cuda_quant cuda_backend}; do
       echo "== $t"; $B/$t --test-threads=1 2>&1 | tee -a "$out/kernels.log" | grep -E "^test |panicked|error|FAILED|test result" | head -40
     done ;;
   parity)
@@ -56,7 +56,7 @@ for stage in "$@"; do
     ls -la /tmp/synth ;;
   ffbench)
     for t in Q4_0 f16; do
-      echo "== ffai $t"; $B/ffai bench -m /tmp/synth/$t.gguf --device cuda --prompt-tokens 512 --gen-tokens 128 --repetitions 3 2>&1 | tail -4 | tee -a "$out/ffai-bench.txt"
+      echo "== ffai $t"; $B/ffai bench -m /tmp/synth/$t.gguf --device cuda --prompt-tokens 512 --gen-tokens 128 --repetitions 2 2>&1 | tail -4 | tee -a "$out/ffai-bench.txt"
     done ;;
   bseq)
     for t in Q4_K_M f16; do for s in 1 8 32 64; do
