@@ -67,7 +67,11 @@ pub async fn models(State(st): St) -> Json<Value> {
 
 pub async fn metrics(State(st): St) -> Response {
     let text = st.metrics.render(&st.engine.stats());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        text,
+    )
+        .into_response()
 }
 
 /// `{"content": "...", "add_special": false}` → `{"tokens": [...]}`.
@@ -256,7 +260,13 @@ async fn generate(st: Arc<AppState>, kind: Kind, prompt: Vec<u32>, c: Common) ->
 
 /// Drains one sequence's events into `tx` until it is done, the engine stops, or the
 /// receiver is gone (the client left); records the sequence's timings.
-fn forward(handle: &RequestHandle, index: usize, tx: &UnboundedSender<(usize, SeqMsg)>, st: &AppState, started: Instant) {
+fn forward(
+    handle: &RequestHandle,
+    index: usize,
+    tx: &UnboundedSender<(usize, SeqMsg)>,
+    st: &AppState,
+    started: Instant,
+) {
     let mut first: Option<Instant> = None;
     let mut last = started;
     let mut tokens = 0usize;
@@ -536,7 +546,10 @@ fn stream(
             match s.rx.recv().await {
                 Some((i, msg)) => s.on_message(i, msg),
                 // Every forwarder ended without Done: the engine went away.
-                None => s.on_message(0, SeqMsg::Failed("the engine stopped before the request finished".into())),
+                None => s.on_message(
+                    0,
+                    SeqMsg::Failed("the engine stopped before the request finished".into()),
+                ),
             }
         }
     });

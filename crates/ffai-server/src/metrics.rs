@@ -179,8 +179,14 @@ mod tests {
         m.observe_sequence(Some(100.0), None);
         m.count_request(200);
         let t = m.render(&EngineStats::default());
-        assert!(t.contains("ffai_time_to_first_token_seconds_bucket{le=\"0.025\"} 1\n"), "{t}");
-        assert!(t.contains("ffai_time_to_first_token_seconds_bucket{le=\"+Inf\"} 2\n"), "{t}");
+        assert!(
+            t.contains("ffai_time_to_first_token_seconds_bucket{le=\"0.025\"} 1\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("ffai_time_to_first_token_seconds_bucket{le=\"+Inf\"} 2\n"),
+            "{t}"
+        );
         assert!(t.contains("ffai_time_per_output_token_seconds_count 1\n"), "{t}");
         assert!(t.contains("ffai_requests_total{status=\"200\"} 1\n"), "{t}");
     }

@@ -46,7 +46,9 @@ pub fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
             "the request body must be a JSON object, not {}",
             kind(&other)
         ))),
-        Err(e) => Err(ApiError::bad_request(format!("the request body is not valid JSON: {e}"))),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "the request body is not valid JSON: {e}"
+        ))),
     }
 }
 
@@ -159,7 +161,10 @@ pub fn parse_common(
 
     if let Some(t) = number(o, "temperature")? {
         if !(0.0..=100.0).contains(&t) {
-            return Err(ApiError::bad_field("temperature", "\"temperature\" must be in [0, 100]"));
+            return Err(ApiError::bad_field(
+                "temperature",
+                "\"temperature\" must be in [0, 100]",
+            ));
         }
         p.temperature = t as f32;
     }
@@ -174,7 +179,12 @@ pub fn parse_common(
         p.top_k = match v {
             -1 | 0 => 0,
             v if v > 0 => usize::try_from(v).unwrap_or(usize::MAX),
-            v => return Err(ApiError::bad_field("top_k", format!("\"top_k\" must be -1, 0 or more, not {v}"))),
+            v => {
+                return Err(ApiError::bad_field(
+                    "top_k",
+                    format!("\"top_k\" must be -1, 0 or more, not {v}"),
+                ))
+            }
         };
     }
     if let Some(v) = number(o, "min_p")? {
@@ -335,7 +345,10 @@ fn prompt_value(v: &Value, outer: bool) -> Result<Prompt, ApiError> {
         )),
         other => Err(ApiError::bad_field(
             "prompt",
-            format!("\"prompt\" must be a string or a list of token ids, not {}", kind(other)),
+            format!(
+                "\"prompt\" must be a string or a list of token ids, not {}",
+                kind(other)
+            ),
         )),
     }
 }
@@ -362,7 +375,12 @@ pub fn parse_messages(o: &Map<String, Value>) -> Result<Vec<Message>, ApiError> 
         };
         let role = match m.get("role") {
             Some(Value::String(r)) => r.clone(),
-            Some(other) => return Err(bad(format!("message {i}: \"role\" must be a string, not {}", kind(other)))),
+            Some(other) => {
+                return Err(bad(format!(
+                    "message {i}: \"role\" must be a string, not {}",
+                    kind(other)
+                )))
+            }
             None => return Err(bad(format!("message {i} has no \"role\""))),
         };
         let text = match m.get("content") {

@@ -20,7 +20,11 @@ fn model_path() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/ffai/models"));
     let p = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run scripts/fetch-models.sh first", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-models.sh first",
+        p.display()
+    );
     p
 }
 
@@ -187,7 +191,10 @@ fn parse(raw: &[u8]) -> Resp {
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
     let mut body = raw[split + 4..].to_vec();
-    if headers.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked")) {
+    if headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"))
+    {
         body = dechunk(&body);
     }
     Resp {
@@ -200,8 +207,7 @@ fn parse(raw: &[u8]) -> Resp {
 /// Decodes a chunked transfer-encoded body.
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    loop {
-        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else { break };
+    while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
         let size = usize::from_str_radix(std::str::from_utf8(&b[..eol]).unwrap().trim(), 16).unwrap();
         if size == 0 {
             break;
@@ -280,7 +286,8 @@ fn health_models_tokenize_detokenize() {
 #[test]
 fn completions_greedy_are_deterministic() {
     let a = shared();
-    let body = json!({"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0, "unknown_field": {"x": 1}});
+    let body =
+        json!({"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0, "unknown_field": {"x": 1}});
     let r1 = post(a, "/v1/completions", &body);
     assert_eq!(r1.status, 200, "{}", r1.body);
     let j = r1.json();
@@ -305,7 +312,11 @@ fn completions_greedy_are_deterministic() {
 
     // The same prompt as token ids gives the same text.
     let ids = post(a, "/tokenize", &json!({"content": "The capital of France is"})).json()["tokens"].clone();
-    let r3 = post(a, "/v1/completions", &json!({"prompt": ids, "max_tokens": 8, "temperature": 0}));
+    let r3 = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": ids, "max_tokens": 8, "temperature": 0}),
+    );
     assert_eq!(r3.status, 200, "{}", r3.body);
     assert_eq!(r3.json()["usage"]["prompt_tokens"], u["prompt_tokens"]);
     assert_eq!(r3.json()["choices"][0]["text"], text.as_str());
@@ -341,7 +352,9 @@ fn chat_whole_and_streamed_agree() {
     assert!(!text.is_empty());
 
     // Content as a list of text parts renders the same conversation.
-    let parts = chat_body(json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}]}));
+    let parts = chat_body(
+        json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}]}),
+    );
     let r = post(a, "/v1/chat/completions", &parts);
     assert_eq!(r.json()["choices"][0]["message"]["content"], text.as_str());
 
@@ -461,7 +474,10 @@ fn bad_requests_are_openai_errors() {
 #[test]
 fn metrics_text() {
     let a = shared();
-    assert_eq!(post(a, "/v1/chat/completions", &chat_body(json!({"max_tokens": 3}))).status, 200);
+    assert_eq!(
+        post(a, "/v1/chat/completions", &chat_body(json!({"max_tokens": 3}))).status,
+        200
+    );
     let r = get(a, "/metrics");
     assert_eq!(r.status, 200);
     assert!(r.header("content-type").unwrap().starts_with("text/plain"));
@@ -499,8 +515,17 @@ fn api_key() {
     http(a, "GET", "/metrics", &[("Authorization", "sekrit")], "").assert_error(401);
     let body = json!({"prompt": "Hi", "max_tokens": 2}).to_string();
     http(a, "POST", "/v1/completions", &[], &body).assert_error(401);
-    assert_eq!(http(a, "GET", "/v1/models", &[("Authorization", "Bearer sekrit")], "").status, 200);
-    let r = http(a, "POST", "/v1/completions", &[("Authorization", "Bearer sekrit")], &body);
+    assert_eq!(
+        http(a, "GET", "/v1/models", &[("Authorization", "Bearer sekrit")], "").status,
+        200
+    );
+    let r = http(
+        a,
+        "POST",
+        "/v1/completions",
+        &[("Authorization", "Bearer sekrit")],
+        &body,
+    );
     assert_eq!(r.status, 200, "{}", r.body);
 }
 
@@ -559,18 +584,16 @@ fn full_server_429_and_disconnect_cancels() {
     // Wait until the engine queues the second (the first runs), then a third is refused.
     let t = Instant::now();
     while metric(&get(a, "/metrics").body, "ffai_requests_waiting") < 1.0 {
-        assert!(t.elapsed() < Duration::from_secs(10), "the second request was never queued");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the second request was never queued"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let r = post(a, "/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}));
     r.assert_error(429);
     assert_eq!(r.header("retry-after"), Some("1"));
-    post(
-        a,
-        "/v1/chat/completions",
-        &chat_body(json!({"n": 2, "max_tokens": 2})),
-    )
-    .assert_error(429);
+    post(a, "/v1/chat/completions", &chat_body(json!({"n": 2, "max_tokens": 2}))).assert_error(429);
 
     // Clients leave mid-answer: their sequences are cancelled, not run to the end.
     drop(first);
