@@ -167,15 +167,48 @@ pub fn router(engine: Arc<Engine>, opts: ServerOptions) -> Router {
         .with_state(state)
 }
 
-/// Logs and counts every request (streams log themselves when they end).
+/// Logs and counts every request (streams log themselves when they end). A request whose
+/// client leaves before the answer is logged and counted as 499 (nginx's "client closed
+/// request"), since its handler is dropped unfinished.
 async fn log_request(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let (method, path, started) = (req.method().clone(), req.uri().path().to_string(), Instant::now());
+    let mut pending = Pending {
+        st: st.clone(),
+        method: req.method().clone(),
+        path: req.uri().path().to_string(),
+        started: Instant::now(),
+        answered: false,
+    };
     let resp = next.run(req).await;
+    pending.answered = true;
     if resp.extensions().get::<LoggedLater>().is_none() {
         let tokens = resp.extensions().get::<Tokens>().copied();
-        st.finish_request(&method, &path, resp.status().as_u16(), tokens, started);
+        st.finish_request(
+            &pending.method,
+            &pending.path,
+            resp.status().as_u16(),
+            tokens,
+            pending.started,
+        );
     }
     resp
+}
+
+/// A request being handled; logged as 499 if dropped before it is answered.
+struct Pending {
+    st: Arc<AppState>,
+    method: Method,
+    path: String,
+    started: Instant,
+    answered: bool,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.st
+                .finish_request(&self.method, &self.path, 499, None, self.started);
+        }
+    }
 }
 
 /// 413 at once for a body whose declared length is over the limit. (Bodies without a

@@ -602,6 +602,22 @@ fn full_server_429_and_disconnect_cancels() {
     eprintln!("idle {took:?} after the clients left");
     let m = get(a, "/metrics").body;
     assert!(metric(&m, "ffai_generation_tokens_total") < 600.0, "{m}");
+    // A client of a whole (non-streamed) answer that leaves cancels it too.
+    let mut c = connect(a);
+    let b = json!({"prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 900, "temperature": 0}).to_string();
+    send_head(&mut c, "POST", "/v1/completions", &[], b.len());
+    c.write_all(b.as_bytes()).unwrap();
+    let t = Instant::now();
+    while metric(&get(a, "/metrics").body, "ffai_requests_running") < 1.0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "the request never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(c);
+    wait_idle(a, Duration::from_secs(10));
+    let m = get(a, "/metrics").body;
+    assert!(metric(&m, "ffai_generation_tokens_total") < 900.0, "{m}");
+    assert!(m.contains("ffai_requests_total{status=\"499\"} 1"), "{m}");
+
     // The places are free again.
     let r = post(a, "/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}));
     assert_eq!(r.status, 200, "{}", r.body);
