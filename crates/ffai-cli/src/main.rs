@@ -1,4 +1,5 @@
-//! The `ffai` command-line tool: generate, chat, inspect, tokenize, models, bench.
+//! The `ffai` command-line tool: generate, chat, inspect, tokenize, models, bench, batch,
+//! serve.
 
 mod chat;
 
@@ -16,6 +17,7 @@ use ffai::{Error, LoadOptions, Model, Result};
 mod batch;
 mod convert;
 mod quality;
+mod serve;
 
 #[derive(Parser)]
 #[command(
@@ -44,6 +46,8 @@ enum Cmd {
     Bench(BenchArgs),
     /// Generate for every line of a JSONL file, many sequences at once.
     Batch(batch::BatchArgs),
+    /// Serve the model over HTTP with an OpenAI-compatible API.
+    Serve(serve::ServeArgs),
     /// Print a conversation rendered with the model's chat template.
     RenderChat(RenderChatArgs),
     /// Perplexity of a model on a text file.
@@ -336,6 +340,7 @@ fn main() -> ExitCode {
         Cmd::Models => cmd_models(),
         Cmd::Bench(a) => cmd_bench(a),
         Cmd::Batch(a) => batch::cmd_batch(a),
+        Cmd::Serve(a) => serve::cmd_serve(a),
         Cmd::RenderChat(a) => cmd_render_chat(a),
         Cmd::Perplexity(a) => quality::cmd_perplexity(a),
         Cmd::Kld(a) => quality::cmd_kld(a),

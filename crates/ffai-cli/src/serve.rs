@@ -1,0 +1,78 @@
+//! `ffai serve`: loads a model, starts the batching engine, and serves the OpenAI API over
+//! HTTP (the `ffai-server` crate) until SIGINT or SIGTERM.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+
+use ffai::engine::Engine;
+use ffai::{Error, Result};
+
+use crate::batch::EngineArgs;
+use crate::ModelArgs;
+
+/// Most sequences that may wait for a place in the engine.
+const MAX_QUEUE: usize = 1 << 16;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// The model id clients use (default: the model's file or directory name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Require "Authorization: Bearer KEY" on every endpoint but /health.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Requests (sequences) that may wait beyond --max-sequences; past both: 429.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Seconds requests in flight get to finish after SIGINT/SIGTERM before they are
+    /// cancelled.
+    #[arg(long, default_value_t = 10)]
+    shutdown_grace: u64,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+pub fn cmd_serve(a: ServeArgs) -> Result<()> {
+    if a.max_queue > MAX_QUEUE {
+        return Err(Error::new(format!("--max-queue must be at most {MAX_QUEUE}")));
+    }
+    if a.api_key.as_deref().is_some_and(str::is_empty) {
+        return Err(Error::new("--api-key must not be empty"));
+    }
+    let (model, load_s) = a.model.load()?;
+    let cfg = a.engine.config(&model)?;
+    let name = match &a.served_model_name {
+        Some(n) => n.clone(),
+        None => model
+            .location
+            .path()
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into()),
+    };
+    eprintln!(
+        "ffai serve: loaded {} in {load_s:.2}s on {}; {} sequences at once, context {}, KV cache {} tokens",
+        model.location.path().display(),
+        model.lm.device_name(),
+        cfg.max_seqs,
+        cfg.context,
+        cfg.kv_tokens()
+    );
+    let engine = Arc::new(Engine::start(Arc::new(model), cfg)?);
+    let opts = ffai_server::ServerOptions {
+        served_model_name: name,
+        api_key: a.api_key.clone(),
+        max_queue: a.max_queue,
+        shutdown_grace: Duration::from_secs(a.shutdown_grace),
+    };
+    ffai_server::run(engine, opts, &a.host, a.port).map_err(Error::new)
+}

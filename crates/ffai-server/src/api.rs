@@ -1,0 +1,559 @@
+//! The endpoint handlers, and the bridge from the engine's blocking request handles to
+//! async responses (whole JSON bodies, or server-sent events).
+
+use std::collections::hash_map::RandomState;
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{header, Method, Uri};
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use ffai::engine::{Completion, Event, FinishReason, RequestHandle, SeqRequest};
+
+use crate::error::ApiError;
+use crate::request::{self, Common, Limits, Prompt};
+use crate::{unix_now, AppState, LoggedLater, Tokens};
+
+/// How often a forwarder waiting on the engine checks whether its client is still there.
+const POLL: Duration = Duration::from_millis(50);
+
+type St = State<Arc<AppState>>;
+type Body = Result<Bytes, BytesRejection>;
+
+/// The body's bytes, or the extractor's own refusal (413 over the size limit) in the
+/// OpenAI error shape.
+fn body_bytes(body: Body) -> Result<Bytes, ApiError> {
+    body.map_err(|r| ApiError::with_status(r.status(), format!("cannot read the request body: {}", r.body_text())))
+}
+
+/// Runs `f` on the blocking pool (tokenizing and template rendering can take a while on
+/// large inputs); a panic in it becomes a 500 for this request only.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("internal error: {e}")))
+}
+
+pub async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+pub async fn no_route(uri: Uri) -> ApiError {
+    ApiError::no_route(uri.path())
+}
+
+pub async fn models(State(st): St) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{
+            "id": st.opts.served_model_name,
+            "object": "model",
+            "created": st.started,
+            "owned_by": "ffai",
+            "max_model_len": st.engine.config().context,
+        }],
+    }))
+}
+
+pub async fn metrics(State(st): St) -> Response {
+    let text = st.metrics.render(&st.engine.stats());
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        text,
+    )
+        .into_response()
+}
+
+/// `{"content": "...", "add_special": false}` → `{"tokens": [...]}`.
+pub async fn tokenize(State(st): St, body: Body) -> Result<Json<Value>, ApiError> {
+    let o = request::parse_object(&body_bytes(body)?)?;
+    let content = request::string(&o, "content")?
+        .ok_or_else(|| ApiError::bad_field("content", "\"content\" is missing"))?
+        .to_string();
+    let add_special = request::boolean(&o, "add_special")?.unwrap_or(false);
+    let model = st.engine.model().clone();
+    let ids = blocking(move || model.tokenizer.encode(&content, add_special))
+        .await?
+        .map_err(|e| ApiError::bad_field("content", e.message().to_string()))?;
+    Ok(Json(json!({ "tokens": ids })))
+}
+
+/// `{"tokens": [...]}` → `{"content": "..."}`.
+pub async fn detokenize(State(st): St, body: Body) -> Result<Json<Value>, ApiError> {
+    let o = request::parse_object(&body_bytes(body)?)?;
+    let vocab = st.engine.model().tokenizer.vocab_size();
+    let bad = |m: String| ApiError::bad_field("tokens", m);
+    let ids = match o.get("tokens") {
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| match v.as_u64() {
+                Some(i) if (i as usize) < vocab => Ok(i as u32),
+                _ => Err(bad(format!(
+                    "bad token id {v}: ids are whole numbers below the vocabulary size {vocab}"
+                ))),
+            })
+            .collect::<Result<Vec<u32>, _>>()?,
+        Some(other) => return Err(bad(format!("\"tokens\" must be a list, not {}", request::kind(other)))),
+        None => return Err(bad("\"tokens\" is missing".into())),
+    };
+    let model = st.engine.model().clone();
+    let content = blocking(move || model.tokenizer.decode(&ids)).await?;
+    Ok(Json(json!({ "content": content })))
+}
+
+/// Which endpoint a generation serves (they differ only in their JSON shapes).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+impl Kind {
+    fn id_prefix(self) -> &'static str {
+        match self {
+            Kind::Chat => "chatcmpl",
+            Kind::Completion => "cmpl",
+        }
+    }
+    /// The prompt's field name, for errors about the prompt.
+    fn prompt_param(self) -> &'static str {
+        match self {
+            Kind::Chat => "messages",
+            Kind::Completion => "prompt",
+        }
+    }
+}
+
+fn limits(st: &AppState) -> Limits {
+    Limits {
+        context: st.engine.config().context,
+        capacity: st.capacity,
+    }
+}
+
+pub async fn completions(State(st): St, body: Body) -> Result<Response, ApiError> {
+    let o = request::parse_object(&body_bytes(body)?)?;
+    request::check_model(&o, &st.opts.served_model_name)?;
+    let common = request::parse_common(&o, &st.defaults, limits(&st), false)?;
+    let ids = match request::parse_prompt(&o)? {
+        Prompt::Tokens(ids) => ids,
+        Prompt::Text(text) => {
+            let model = st.engine.model().clone();
+            blocking(move || model.encode(&text))
+                .await?
+                .map_err(|e| ApiError::bad_field("prompt", e.message().to_string()))?
+        }
+    };
+    generate(st, Kind::Completion, ids, common).await
+}
+
+pub async fn chat_completions(State(st): St, body: Body) -> Result<Response, ApiError> {
+    let o = request::parse_object(&body_bytes(body)?)?;
+    request::check_model(&o, &st.opts.served_model_name)?;
+    let common = request::parse_common(&o, &st.defaults, limits(&st), true)?;
+    let messages = request::parse_messages(&o)?;
+    let model = st.engine.model().clone();
+    // Rendered and tokenized exactly as `ffai generate --chat` does.
+    let ids = blocking(move || {
+        let text = model.render_chat(&messages, true)?;
+        model.encode(&text)
+    })
+    .await?
+    .map_err(|e| ApiError::bad_field("messages", e.message().to_string()))?;
+    generate(st, Kind::Chat, ids, common).await
+}
+
+/// What a forwarder passes from the engine to the async side.
+enum SeqMsg {
+    /// Newly settled text (never empty).
+    Text(String),
+    Done(Completion),
+    /// The engine stopped before the sequence finished.
+    Failed(String),
+}
+
+/// A seed for a choice that named none: fresh randomness from the standard library's
+/// per-process random hasher keys, mixed with a counter.
+fn random_seed() -> u64 {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    h.finish()
+}
+
+/// Submits one sequence per choice and answers with their completions, whole or streamed.
+async fn generate(st: Arc<AppState>, kind: Kind, prompt: Vec<u32>, c: Common) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let cfg = st.engine.config();
+    if prompt.len() >= cfg.context {
+        return Err(ApiError::bad_field(
+            kind.prompt_param(),
+            format!(
+                "the prompt has {} tokens; the context of {} leaves no room to generate",
+                prompt.len(),
+                cfg.context
+            ),
+        ));
+    }
+    // Without max_tokens: as much as the context (and a KV cache smaller than it) leaves.
+    let room = cfg.context.min(cfg.kv_tokens()).saturating_sub(prompt.len()).max(1);
+    let max_tokens = c.max_tokens.unwrap_or(room);
+    let slots = st.reserve(c.n).ok_or_else(|| ApiError::overloaded(st.capacity))?;
+    let n_prompt = prompt.len();
+
+    let (tx, rx) = unbounded_channel();
+    for (i, slot) in slots.into_iter().enumerate() {
+        let mut params = c.params.clone();
+        params.max_tokens = max_tokens;
+        // Choice i of a seeded request uses seed + i: reproducible, and the choices differ.
+        params.seed = Some(match c.params.seed {
+            Some(s) => s.wrapping_add(i as u64),
+            None => random_seed(),
+        });
+        let req = SeqRequest {
+            prompt: prompt.clone(),
+            params,
+        };
+        // Returning early drops `rx`: the forwarders already started see it and cancel.
+        let handle = st.engine.submit(req).map_err(|e| {
+            let m = e.message().to_string();
+            // Only a stopped engine is the server's fault; the rest are the checks the
+            // engine makes of a request (lengths, ids, KV room).
+            if m.contains("engine is not running") {
+                ApiError::internal(m)
+            } else {
+                ApiError::bad_request(m)
+            }
+        })?;
+        let (tx, st) = (tx.clone(), st.clone());
+        tokio::task::spawn_blocking(move || {
+            forward(&handle, i, &tx, &st, started);
+            // Cancels the sequence if it still runs, then frees its admission place.
+            drop(handle);
+            drop(slot);
+        });
+    }
+    drop(tx);
+
+    let reply = Reply {
+        kind,
+        id: st.new_id(kind.id_prefix()),
+        created: unix_now(),
+        model: st.opts.served_model_name.clone(),
+    };
+    if c.stream {
+        Ok(stream(st, reply, rx, c.n, n_prompt, c.include_usage, started))
+    } else {
+        whole(reply, rx, c.n, n_prompt).await
+    }
+}
+
+/// Drains one sequence's events into `tx` until it is done, the engine stops, or the
+/// receiver is gone (the client left); records the sequence's timings.
+fn forward(
+    handle: &RequestHandle,
+    index: usize,
+    tx: &UnboundedSender<(usize, SeqMsg)>,
+    st: &AppState,
+    started: Instant,
+) {
+    let mut first: Option<Instant> = None;
+    let mut last = started;
+    let mut tokens = 0usize;
+    loop {
+        if tx.is_closed() {
+            return;
+        }
+        let msg = match handle.recv_timeout(POLL) {
+            Ok(None) => continue,
+            Ok(Some(Event::Token { text, .. })) => {
+                let now = Instant::now();
+                first.get_or_insert(now);
+                last = now;
+                tokens += 1;
+                if text.is_empty() {
+                    continue;
+                }
+                SeqMsg::Text(text)
+            }
+            Ok(Some(Event::Text(text))) if text.is_empty() => continue,
+            Ok(Some(Event::Text(text))) => SeqMsg::Text(text),
+            Ok(Some(Event::Done(c))) => {
+                let ttft = first.map(|f| f.duration_since(started).as_secs_f64());
+                let tpot = first
+                    .filter(|_| tokens > 1)
+                    .map(|f| last.duration_since(f).as_secs_f64() / (tokens - 1) as f64);
+                st.metrics.observe_sequence(ttft, tpot);
+                let _ = tx.send((index, SeqMsg::Done(c)));
+                return;
+            }
+            Err(e) => {
+                let _ = tx.send((index, SeqMsg::Failed(e.message().to_string())));
+                return;
+            }
+        };
+        if tx.send((index, msg)).is_err() {
+            return;
+        }
+    }
+}
+
+/// What the JSON of one response shares.
+struct Reply {
+    kind: Kind,
+    id: String,
+    created: u64,
+    model: String,
+}
+
+fn finish_reason(r: &FinishReason) -> &'static str {
+    match r {
+        FinishReason::Length => "length",
+        // Cancelled sequences only reach a client when the server shuts down.
+        FinishReason::Stop | FinishReason::Cancelled => "stop",
+    }
+}
+
+fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    })
+}
+
+/// Waits for every choice and answers with one JSON body.
+async fn whole(
+    reply: Reply,
+    mut rx: UnboundedReceiver<(usize, SeqMsg)>,
+    n: usize,
+    n_prompt: usize,
+) -> Result<Response, ApiError> {
+    let mut done: Vec<Option<Completion>> = vec![None; n];
+    while let Some((i, msg)) = rx.recv().await {
+        match msg {
+            SeqMsg::Text(_) => {}
+            SeqMsg::Done(c) => done[i] = Some(c),
+            SeqMsg::Failed(m) => return Err(ApiError::internal(m)),
+        }
+    }
+    let done: Vec<Completion> = done
+        .into_iter()
+        .collect::<Option<_>>()
+        .ok_or_else(|| ApiError::internal("the engine stopped before the request finished"))?;
+    let choices: Vec<Value> = done
+        .iter()
+        .enumerate()
+        .map(|(i, c)| match reply.kind {
+            Kind::Chat => json!({
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": null,
+                "finish_reason": finish_reason(&c.finish_reason),
+            }),
+            Kind::Completion => json!({
+                "index": i,
+                "text": c.text,
+                "logprobs": null,
+                "finish_reason": finish_reason(&c.finish_reason),
+            }),
+        })
+        .collect();
+    let completion: usize = done.iter().map(|c| c.token_ids.len()).sum();
+    let cached = done.iter().map(|c| c.cached_tokens).max().unwrap_or(0);
+    let body = json!({
+        "id": reply.id,
+        "object": match reply.kind { Kind::Chat => "chat.completion", Kind::Completion => "text_completion" },
+        "created": reply.created,
+        "model": reply.model,
+        "choices": choices,
+        "usage": usage(n_prompt, completion, cached),
+    });
+    let mut resp = Json(body).into_response();
+    resp.extensions_mut().insert(Tokens {
+        prompt: n_prompt,
+        completion,
+    });
+    Ok(resp)
+}
+
+/// Writes a streamed request's log line when its stream ends or is dropped (the client
+/// left).
+struct StreamLog {
+    st: Arc<AppState>,
+    started: Instant,
+    path: &'static str,
+    tokens: Tokens,
+}
+
+impl Drop for StreamLog {
+    fn drop(&mut self) {
+        self.st
+            .finish_request(&Method::POST, self.path, 200, Some(self.tokens), self.started);
+    }
+}
+
+/// The state of one server-sent-event stream.
+struct Streaming {
+    reply: Reply,
+    rx: UnboundedReceiver<(usize, SeqMsg)>,
+    /// Events ready to send.
+    queue: VecDeque<String>,
+    /// Choices not finished yet.
+    open: usize,
+    finished: bool,
+    include_usage: bool,
+    cached: usize,
+    log: StreamLog,
+}
+
+impl Streaming {
+    /// One chunk with one choice: `text` as the content delta (chat) or text
+    /// (completions), `role` for chat's first chunk, `finish` on the last.
+    fn chunk(&self, index: usize, text: Option<&str>, role: bool, finish: Option<&str>) -> String {
+        let choice = match self.reply.kind {
+            Kind::Chat => {
+                let mut delta = serde_json::Map::new();
+                if role {
+                    delta.insert("role".into(), "assistant".into());
+                    delta.insert("content".into(), "".into());
+                }
+                if let Some(t) = text {
+                    delta.insert("content".into(), t.into());
+                }
+                json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish})
+            }
+            Kind::Completion => {
+                json!({"index": index, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+            }
+        };
+        let mut v = json!({
+            "id": self.reply.id,
+            "object": match self.reply.kind { Kind::Chat => "chat.completion.chunk", Kind::Completion => "text_completion" },
+            "created": self.reply.created,
+            "model": self.reply.model,
+            "choices": [choice],
+        });
+        if self.include_usage {
+            // OpenAI sends "usage": null on every chunk but the last when usage is asked.
+            v["usage"] = Value::Null;
+        }
+        v.to_string()
+    }
+
+    /// Turns one engine message into the events it makes.
+    fn on_message(&mut self, index: usize, msg: SeqMsg) {
+        match msg {
+            SeqMsg::Text(t) => {
+                let c = self.chunk(index, Some(&t), false, None);
+                self.queue.push_back(c);
+            }
+            SeqMsg::Done(c) => {
+                self.log.tokens.completion += c.token_ids.len();
+                self.cached = self.cached.max(c.cached_tokens);
+                let chunk = self.chunk(index, None, false, Some(finish_reason(&c.finish_reason)));
+                self.queue.push_back(chunk);
+                self.open -= 1;
+                if self.open == 0 {
+                    self.end();
+                }
+            }
+            SeqMsg::Failed(m) => {
+                self.queue.push_back(ApiError::internal(m).body().to_string());
+                self.end();
+            }
+        }
+    }
+
+    /// The usage chunk (when asked) and `[DONE]`.
+    fn end(&mut self) {
+        if self.include_usage {
+            let t = self.log.tokens;
+            let v = json!({
+                "id": self.reply.id,
+                "object": match self.reply.kind { Kind::Chat => "chat.completion.chunk", Kind::Completion => "text_completion" },
+                "created": self.reply.created,
+                "model": self.reply.model,
+                "choices": [],
+                "usage": usage(t.prompt, t.completion, self.cached),
+            });
+            self.queue.push_back(v.to_string());
+        }
+        self.queue.push_back("[DONE]".into());
+        self.finished = true;
+    }
+}
+
+/// Answers with server-sent events. Dropping the stream (the client left) drops the
+/// receiver, which makes every forwarder cancel its sequence.
+fn stream(
+    st: Arc<AppState>,
+    reply: Reply,
+    rx: UnboundedReceiver<(usize, SeqMsg)>,
+    n: usize,
+    n_prompt: usize,
+    include_usage: bool,
+    started: Instant,
+) -> Response {
+    let path = match reply.kind {
+        Kind::Chat => "/v1/chat/completions",
+        Kind::Completion => "/v1/completions",
+    };
+    let mut s = Streaming {
+        reply,
+        rx,
+        queue: VecDeque::new(),
+        open: n,
+        finished: false,
+        include_usage,
+        cached: 0,
+        log: StreamLog {
+            st,
+            started,
+            path,
+            tokens: Tokens {
+                prompt: n_prompt,
+                completion: 0,
+            },
+        },
+    };
+    if s.reply.kind == Kind::Chat {
+        // Chat streams open every choice with the assistant role.
+        for i in 0..n {
+            let c = s.chunk(i, None, true, None);
+            s.queue.push_back(c);
+        }
+    }
+    let events = futures_util::stream::unfold(s, |mut s| async move {
+        loop {
+            if let Some(data) = s.queue.pop_front() {
+                return Some((Ok::<_, Infallible>(SseEvent::default().data(data)), s));
+            }
+            if s.finished {
+                return None;
+            }
+            match s.rx.recv().await {
+                Some((i, msg)) => s.on_message(i, msg),
+                // Every forwarder ended without Done: the engine went away.
+                None => s.on_message(
+                    0,
+                    SeqMsg::Failed("the engine stopped before the request finished".into()),
+                ),
+            }
+        }
+    });
+    let mut resp = Sse::new(events).into_response();
+    resp.extensions_mut().insert(LoggedLater);
+    resp
+}

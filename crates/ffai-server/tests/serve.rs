@@ -1,0 +1,648 @@
+//! The real server on 127.0.0.1 (an OS-chosen port) with the real SmolLM2 model, driven
+//! over HTTP by a small hand-written HTTP/1.1 client. Every wait is bounded in time.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use ffai::engine::{Engine, EngineConfig};
+use ffai::{LoadOptions, Model};
+use ffai_server::ServerOptions;
+use serde_json::{json, Value};
+
+const NAME: &str = "smollm2-test";
+
+/// The fetched SmolLM2 checkpoint; missing, the test fails (CI fetches it first).
+fn model_path() -> PathBuf {
+    let dir = std::env::var_os("FFAI_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/ffai/models"));
+    let p = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-models.sh first",
+        p.display()
+    );
+    p
+}
+
+struct Setup {
+    max_seqs: usize,
+    max_queue: usize,
+    api_key: Option<&'static str>,
+    grace: Duration,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            max_seqs: 4,
+            max_queue: 16,
+            api_key: None,
+            grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A running server: its address, a switch to stop it, and its end.
+struct Server {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    ended: std::sync::mpsc::Receiver<std::io::Result<()>>,
+}
+
+/// Loads the model (one engine per server, one CPU thread each: test servers run side by
+/// side on small machines), and serves it from a thread with its own runtime.
+fn start(s: Setup) -> Server {
+    let model = Model::load(
+        &model_path().display().to_string(),
+        &LoadOptions {
+            threads: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let cfg = EngineConfig::for_model(&*model.lm, 1024, s.max_seqs, 256, None).unwrap();
+    let engine = Arc::new(Engine::start(Arc::new(model), cfg).unwrap());
+    let opts = ServerOptions {
+        served_model_name: NAME.into(),
+        api_key: s.api_key.map(String::from),
+        max_queue: s.max_queue,
+        shutdown_grace: s.grace,
+    };
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (end_tx, ended) = std::sync::mpsc::channel();
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addr_tx.send(listener.local_addr().unwrap()).unwrap();
+            let r = ffai_server::serve(listener, engine, opts, async move {
+                let _ = stop_rx.await;
+            })
+            .await;
+            let _ = end_tx.send(r);
+        });
+    });
+    let addr = addr_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    Server {
+        addr,
+        stop: Some(stop),
+        ended,
+    }
+}
+
+/// The server most tests share (never stopped; the test process ends it).
+fn shared() -> SocketAddr {
+    static S: OnceLock<SocketAddr> = OnceLock::new();
+    *S.get_or_init(|| {
+        let mut s = start(Setup::default());
+        std::mem::forget(s.stop.take());
+        std::mem::forget(s.ended);
+        s.addr
+    })
+}
+
+/// One HTTP response.
+struct Resp {
+    status: u16,
+    /// Header lines, names lowercased.
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Resp {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+    /// The `data:` payloads of a server-sent-event body.
+    fn events(&self) -> Vec<String> {
+        self.body
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .map(String::from)
+            .collect()
+    }
+    /// Asserts the OpenAI error shape and the status.
+    fn assert_error(&self, status: u16) {
+        assert_eq!(self.status, status, "{}", self.body);
+        let e = &self.json()["error"];
+        assert!(e["message"].is_string() && e["type"].is_string(), "{}", self.body);
+        assert!(e.get("param").is_some() && e.get("code").is_some(), "{}", self.body);
+    }
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+fn send_head(s: &mut TcpStream, method: &str, path: &str, headers: &[(&str, &str)], len: usize) {
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n"
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+}
+
+/// Sends one request and reads the whole response (the server closes the connection).
+fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Resp {
+    let mut s = connect(addr);
+    send_head(&mut s, method, path, headers, body.len());
+    s.write_all(body.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    parse(&raw)
+}
+
+fn get(addr: SocketAddr, path: &str) -> Resp {
+    http(addr, "GET", path, &[], "")
+}
+
+fn post(addr: SocketAddr, path: &str, body: &Value) -> Resp {
+    http(addr, "POST", path, &[], &body.to_string())
+}
+
+fn parse(raw: &[u8]) -> Resp {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("no end of the response head");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    if headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"))
+    {
+        body = dechunk(&body);
+    }
+    Resp {
+        status,
+        headers,
+        body: String::from_utf8(body).unwrap(),
+    }
+}
+
+/// Decodes a chunked transfer-encoded body.
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
+        let size = usize::from_str_radix(std::str::from_utf8(&b[..eol]).unwrap().trim(), 16).unwrap();
+        if size == 0 {
+            break;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + size]);
+        b = &b[eol + 2 + size + 2..];
+    }
+    out
+}
+
+/// A metric's value from `/metrics` text.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+fn chat_body(extra: Value) -> Value {
+    let mut b = json!({
+        "model": NAME,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 12,
+        "temperature": 0,
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        b[k] = v.clone();
+    }
+    b
+}
+
+/// The text of a chat stream's content deltas (checking the role comes first and the
+/// stream ends with [DONE]).
+fn chat_stream_text(r: &Resp) -> (String, Vec<Value>) {
+    assert_eq!(r.status, 200, "{}", r.body);
+    let events = r.events();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{}", r.body);
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["object"], "chat.completion.chunk");
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text = chunks
+        .iter()
+        .filter_map(|c| c["choices"].get(0)?["delta"]["content"].as_str().map(String::from))
+        .collect();
+    (text, chunks)
+}
+
+#[test]
+fn health_models_tokenize_detokenize() {
+    let a = shared();
+    let r = get(a, "/health");
+    assert_eq!(r.status, 200);
+    let r = get(a, "/v1/models");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["data"][0]["id"], NAME);
+    assert_eq!(r.json()["object"], "list");
+
+    let r = post(a, "/tokenize", &json!({"content": "Hello world"}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let tokens = r.json()["tokens"].clone();
+    assert!(!tokens.as_array().unwrap().is_empty());
+    let r = post(a, "/detokenize", &json!({ "tokens": tokens }));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["content"], "Hello world");
+
+    post(a, "/detokenize", &json!({"tokens": [4_000_000_000u64]})).assert_error(400);
+    post(a, "/detokenize", &json!({"tokens": "x"})).assert_error(400);
+    post(a, "/tokenize", &json!({"content": 3})).assert_error(400);
+    get(a, "/nowhere").assert_error(404);
+}
+
+#[test]
+fn completions_greedy_are_deterministic() {
+    let a = shared();
+    let body =
+        json!({"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0, "unknown_field": {"x": 1}});
+    let r1 = post(a, "/v1/completions", &body);
+    assert_eq!(r1.status, 200, "{}", r1.body);
+    let j = r1.json();
+    assert_eq!(j["object"], "text_completion");
+    assert_eq!(j["model"], NAME);
+    assert!(j["id"].as_str().unwrap().starts_with("cmpl-"));
+    assert!(j["created"].is_u64());
+    let choice = &j["choices"][0];
+    assert_eq!(choice["index"], 0);
+    assert_eq!(choice["finish_reason"], "length");
+    let u = &j["usage"];
+    assert_eq!(u["completion_tokens"], 8);
+    assert_eq!(
+        u["total_tokens"].as_u64().unwrap(),
+        u["prompt_tokens"].as_u64().unwrap() + 8
+    );
+    assert!(u["prompt_tokens_details"]["cached_tokens"].is_u64());
+    let text = choice["text"].as_str().unwrap().to_string();
+    assert!(!text.is_empty());
+    let r2 = post(a, "/v1/completions", &body);
+    assert_eq!(r2.json()["choices"][0]["text"], text.as_str());
+
+    // The same prompt as token ids gives the same text.
+    let ids = post(a, "/tokenize", &json!({"content": "The capital of France is"})).json()["tokens"].clone();
+    let r3 = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": ids, "max_tokens": 8, "temperature": 0}),
+    );
+    assert_eq!(r3.status, 200, "{}", r3.body);
+    assert_eq!(r3.json()["usage"]["prompt_tokens"], u["prompt_tokens"]);
+    assert_eq!(r3.json()["choices"][0]["text"], text.as_str());
+
+    // Streamed: the chunks' text is the same text.
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let rs = post(a, "/v1/completions", &sb);
+    assert_eq!(rs.status, 200);
+    assert!(rs.header("content-type").unwrap().starts_with("text/event-stream"));
+    let events = rs.events();
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let mut streamed = String::new();
+    for e in &events[..events.len() - 1] {
+        let c: Value = serde_json::from_str(e).unwrap();
+        assert_eq!(c["object"], "text_completion");
+        streamed.push_str(c["choices"][0]["text"].as_str().unwrap());
+    }
+    assert_eq!(streamed, text);
+}
+
+#[test]
+fn chat_whole_and_streamed_agree() {
+    let a = shared();
+    let r = post(a, "/v1/chat/completions", &chat_body(json!({})));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let j = r.json();
+    assert_eq!(j["object"], "chat.completion");
+    assert!(j["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    let msg = &j["choices"][0]["message"];
+    assert_eq!(msg["role"], "assistant");
+    let text = msg["content"].as_str().unwrap().to_string();
+    assert!(!text.is_empty());
+
+    // Content as a list of text parts renders the same conversation.
+    let parts = chat_body(
+        json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}]}),
+    );
+    let r = post(a, "/v1/chat/completions", &parts);
+    assert_eq!(r.json()["choices"][0]["message"]["content"], text.as_str());
+
+    let r = post(
+        a,
+        "/v1/chat/completions",
+        &chat_body(json!({"stream": true, "stream_options": {"include_usage": true}})),
+    );
+    let (streamed, chunks) = chat_stream_text(&r);
+    assert_eq!(streamed, text);
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"], json!([]));
+    assert_eq!(last["usage"]["total_tokens"], j["usage"]["total_tokens"]);
+    let finish = &chunks[chunks.len() - 2]["choices"][0];
+    assert_eq!(finish["finish_reason"], j["choices"][0]["finish_reason"]);
+}
+
+#[test]
+fn stop_strings_cut_the_text() {
+    let a = shared();
+    let body = json!({"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0});
+    let full = post(a, "/v1/completions", &body).json()["choices"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // A stop string from the middle of the answer (likely across token boundaries).
+    let chars: Vec<char> = full.chars().collect();
+    assert!(chars.len() >= 8, "{full:?}");
+    let stop: String = chars[4..7].iter().collect();
+    let cut = &full[..full.find(&stop).unwrap()];
+    for stop_field in [json!(stop), json!(["never-appears", stop])] {
+        let mut b = body.clone();
+        b["stop"] = stop_field;
+        let r = post(a, "/v1/completions", &b);
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.json()["choices"][0]["text"], cut);
+        assert_eq!(r.json()["choices"][0]["finish_reason"], "stop");
+    }
+}
+
+#[test]
+fn n_choices_and_seeds() {
+    let a = shared();
+    let body = chat_body(json!({"n": 2, "temperature": 1.0, "seed": 7, "max_tokens": 10}));
+    let r1 = post(a, "/v1/chat/completions", &body);
+    assert_eq!(r1.status, 200, "{}", r1.body);
+    let texts = |r: &Resp| -> Vec<String> {
+        r.json()["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                assert_eq!(c["index"], i);
+                c["message"]["content"].as_str().unwrap().to_string()
+            })
+            .collect()
+    };
+    let t1 = texts(&r1);
+    assert_eq!(t1.len(), 2);
+    // The same seed gives the same choices.
+    let r2 = post(a, "/v1/chat/completions", &body);
+    assert_eq!(texts(&r2), t1);
+    // Streamed with n = 2: each index gets its own deltas, equal to the whole answer.
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let rs = post(a, "/v1/chat/completions", &sb);
+    let mut streamed = [String::new(), String::new()];
+    let events = rs.events();
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    for e in &events[..events.len() - 1] {
+        let c: Value = serde_json::from_str(e).unwrap();
+        let ch = &c["choices"][0];
+        if let Some(t) = ch["delta"]["content"].as_str() {
+            streamed[ch["index"].as_u64().unwrap() as usize].push_str(t);
+        }
+    }
+    assert_eq!(streamed.to_vec(), t1);
+}
+
+#[test]
+fn bad_requests_are_openai_errors() {
+    let a = shared();
+    let chat = "/v1/chat/completions";
+    http(a, "POST", chat, &[], "{not json").assert_error(400);
+    http(a, "POST", chat, &[], "[1, 2]").assert_error(400);
+    post(a, chat, &chat_body(json!({"max_tokens": "ten"}))).assert_error(400);
+    post(a, chat, &chat_body(json!({"max_tokens": 1_000_000_000}))).assert_error(400);
+    post(a, chat, &chat_body(json!({"temperature": -1}))).assert_error(400);
+    post(a, chat, &chat_body(json!({"n": 1000}))).assert_error(400);
+    post(a, chat, &chat_body(json!({"stop": 5}))).assert_error(400);
+    post(a, chat, &chat_body(json!({"messages": []}))).assert_error(400);
+    post(a, chat, &chat_body(json!({"messages": "hi"}))).assert_error(400);
+    let r = post(a, chat, &chat_body(json!({"model": "gpt-4"})));
+    r.assert_error(404);
+    assert_eq!(r.json()["error"]["code"], "model_not_found");
+    // A prompt longer than the context (1024 here).
+    let long: Vec<u32> = vec![1; 1100];
+    let r = post(a, "/v1/completions", &json!({"prompt": long, "max_tokens": 4}));
+    r.assert_error(400);
+    assert_eq!(r.json()["error"]["param"], "prompt");
+    post(a, "/v1/completions", &json!({"prompt": [999_999_999], "max_tokens": 4})).assert_error(400);
+    post(a, "/v1/completions", &json!({"max_tokens": 4})).assert_error(400);
+
+    // A body over 16 MiB is refused from its length, before it is read.
+    let mut s = connect(a);
+    send_head(&mut s, "POST", chat, &[], 17 << 20);
+    let _ = s.write_all(b"{\"messages\": ");
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    parse(&raw).assert_error(413);
+
+    // The server still serves.
+    assert_eq!(post(a, chat, &chat_body(json!({"max_tokens": 2}))).status, 200);
+}
+
+#[test]
+fn metrics_text() {
+    let a = shared();
+    assert_eq!(
+        post(a, "/v1/chat/completions", &chat_body(json!({"max_tokens": 3}))).status,
+        200
+    );
+    let r = get(a, "/metrics");
+    assert_eq!(r.status, 200);
+    assert!(r.header("content-type").unwrap().starts_with("text/plain"));
+    for name in [
+        "ffai_requests_running",
+        "ffai_requests_waiting",
+        "ffai_prompt_tokens_total",
+        "ffai_generation_tokens_total",
+        "ffai_prefix_cache_hit_tokens_total",
+        "ffai_kv_cache_usage_ratio",
+        "ffai_time_to_first_token_seconds_count",
+        "ffai_time_per_output_token_seconds_count",
+    ] {
+        metric(&r.body, name);
+    }
+    assert!(metric(&r.body, "ffai_generation_tokens_total") >= 3.0);
+    assert!(metric(&r.body, "ffai_time_to_first_token_seconds_count") >= 1.0);
+    assert!(r.body.contains("ffai_requests_total{status=\"200\"}"), "{}", r.body);
+    assert!(r.body.contains("ffai_time_to_first_token_seconds_bucket{le=\"+Inf\"}"));
+}
+
+#[test]
+fn api_key() {
+    let s = start(Setup {
+        api_key: Some("sekrit"),
+        max_seqs: 1,
+        ..Default::default()
+    });
+    let a = s.addr;
+    assert_eq!(get(a, "/health").status, 200);
+    let r = get(a, "/v1/models");
+    r.assert_error(401);
+    assert_eq!(r.json()["error"]["code"], "invalid_api_key");
+    http(a, "GET", "/v1/models", &[("Authorization", "Bearer wrong")], "").assert_error(401);
+    http(a, "GET", "/metrics", &[("Authorization", "sekrit")], "").assert_error(401);
+    let body = json!({"prompt": "Hi", "max_tokens": 2}).to_string();
+    http(a, "POST", "/v1/completions", &[], &body).assert_error(401);
+    assert_eq!(
+        http(a, "GET", "/v1/models", &[("Authorization", "Bearer sekrit")], "").status,
+        200
+    );
+    let r = http(
+        a,
+        "POST",
+        "/v1/completions",
+        &[("Authorization", "Bearer sekrit")],
+        &body,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// Opens a streaming request and reads until `events` data events have come; the
+/// caller drops the connection mid-answer.
+fn open_stream(a: SocketAddr, body: &Value, events: usize) -> TcpStream {
+    let mut s = connect(a);
+    let b = body.to_string();
+    send_head(&mut s, "POST", "/v1/completions", &[], b.len());
+    s.write_all(b.as_bytes()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while String::from_utf8_lossy(&got).matches("data: ").count() < events {
+        assert!(Instant::now() < deadline, "no events in time");
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
+    s
+}
+
+/// Polls `/metrics` until nothing runs or waits; panics after `limit`.
+fn wait_idle(a: SocketAddr, limit: Duration) -> Duration {
+    let t = Instant::now();
+    loop {
+        let m = get(a, "/metrics").body;
+        if metric(&m, "ffai_requests_running") == 0.0 && metric(&m, "ffai_requests_waiting") == 0.0 {
+            return t.elapsed();
+        }
+        assert!(t.elapsed() < limit, "still busy after {limit:?}:\n{m}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn full_server_429_and_disconnect_cancels() {
+    // One running and one queued sequence fill this server.
+    let s = start(Setup {
+        max_seqs: 1,
+        max_queue: 1,
+        ..Default::default()
+    });
+    let a = s.addr;
+    // Counting goes on and on: without cancellation these would run to max_tokens.
+    let long = json!({"prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 900, "temperature": 0, "stream": true});
+    let first = open_stream(a, &long, 2);
+    let second = {
+        let mut s = connect(a);
+        let b = long.to_string();
+        send_head(&mut s, "POST", "/v1/completions", &[], b.len());
+        s.write_all(b.as_bytes()).unwrap();
+        s
+    };
+    // Wait until the engine queues the second (the first runs), then a third is refused.
+    let t = Instant::now();
+    while metric(&get(a, "/metrics").body, "ffai_requests_waiting") < 1.0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the second request was never queued"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = post(a, "/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}));
+    r.assert_error(429);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    post(a, "/v1/chat/completions", &chat_body(json!({"n": 2, "max_tokens": 2}))).assert_error(429);
+
+    // Clients leave mid-answer: their sequences are cancelled, not run to the end.
+    drop(first);
+    drop(second);
+    let took = wait_idle(a, Duration::from_secs(10));
+    eprintln!("idle {took:?} after the clients left");
+    let m = get(a, "/metrics").body;
+    assert!(metric(&m, "ffai_generation_tokens_total") < 600.0, "{m}");
+    // A client of a whole (non-streamed) answer that leaves cancels it too.
+    let mut c = connect(a);
+    let b = json!({"prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 900, "temperature": 0}).to_string();
+    send_head(&mut c, "POST", "/v1/completions", &[], b.len());
+    c.write_all(b.as_bytes()).unwrap();
+    let t = Instant::now();
+    while metric(&get(a, "/metrics").body, "ffai_requests_running") < 1.0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "the request never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(c);
+    wait_idle(a, Duration::from_secs(10));
+    let m = get(a, "/metrics").body;
+    assert!(metric(&m, "ffai_generation_tokens_total") < 900.0, "{m}");
+    assert!(m.contains("ffai_requests_total{status=\"499\"} 1"), "{m}");
+
+    // The places are free again.
+    let r = post(a, "/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(m.contains("ffai_requests_total{status=\"429\"} 2"), "{m}");
+}
+
+#[test]
+fn graceful_shutdown_cancels_within_the_grace_period() {
+    let mut s = start(Setup {
+        max_seqs: 2,
+        grace: Duration::from_millis(500),
+        ..Default::default()
+    });
+    let a = s.addr;
+    let long = json!({"prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 900, "temperature": 0, "stream": true});
+    let mut stream = open_stream(a, &long, 2);
+    let t = Instant::now();
+    s.stop.take().unwrap().send(()).unwrap();
+    // The stream ends (cancelled after the grace period) with [DONE].
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).unwrap();
+    assert!(String::from_utf8_lossy(&rest).contains("data: [DONE]"));
+    let r = s.ended.recv_timeout(Duration::from_secs(15)).unwrap();
+    assert!(r.is_ok(), "{r:?}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    // Nothing listens any more.
+    assert!(TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_err());
+}
