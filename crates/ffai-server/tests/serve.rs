@@ -646,3 +646,86 @@ fn graceful_shutdown_cancels_within_the_grace_period() {
     // Nothing listens any more.
     assert!(TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_err());
 }
+
+/// 64 concurrent streaming clients, two requests each, on a server of 64 sequences: every
+/// request completes, each text equals the same request's answer alone on an idle server
+/// (greedy and seeded alike: the engine's batch invariance), and afterwards nothing runs
+/// or waits and the KV usage is back to its idle value.
+#[test]
+fn sixty_four_streaming_clients_match_their_solo_answers_and_leak_nothing() {
+    let server = start(Setup {
+        max_seqs: 64,
+        max_queue: 64,
+        ..Default::default()
+    });
+    let a = server.addr;
+    let idle_kv = metric(&get(a, "/metrics").body, "ffai_kv_cache_usage_ratio");
+    let text = "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness, it was the epoch of belief, it was the epoch of incredulity";
+    let words: Vec<&str> = text.split(' ').collect();
+    let bodies: Vec<Value> = (0..128)
+        .map(|i| {
+            let prompt = words[i % 7..(i % 7) + 3 + i % 20].join(" ");
+            json!({
+                "model": NAME,
+                "prompt": prompt,
+                "max_tokens": 8,
+                "temperature": if i % 2 == 0 { 0.0 } else { 0.8 },
+                "seed": i,
+                "stream": true,
+            })
+        })
+        .collect();
+    let streamed_text = |r: &Resp| -> String {
+        assert_eq!(r.status, 200, "{}", r.body);
+        let events = r.events();
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{}", r.body);
+        events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str::<Value>(e).unwrap())
+            .filter_map(|c| c["choices"].get(0)?["text"].as_str().map(String::from))
+            .collect()
+    };
+    // Alone, one at a time.
+    let solo: Vec<String> = bodies
+        .iter()
+        .map(|b| streamed_text(&post(a, "/v1/completions", b)))
+        .collect();
+    // 64 clients at once, each sending its two requests one after the other.
+    let bodies = Arc::new(bodies);
+    let t = Instant::now();
+    let clients: Vec<_> = (0..64)
+        .map(|c| {
+            let bodies = bodies.clone();
+            std::thread::spawn(move || {
+                [c, c + 64]
+                    .iter()
+                    .map(|&i| {
+                        let r = post(a, "/v1/completions", &bodies[i]);
+                        (i, r)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut done = 0;
+    for h in clients {
+        for (i, r) in h.join().unwrap() {
+            assert_eq!(
+                streamed_text(&r),
+                solo[i],
+                "request {i}: the text under load differs from alone"
+            );
+            done += 1;
+        }
+    }
+    assert_eq!(done, 128);
+    assert!(
+        t.elapsed() < Duration::from_secs(120),
+        "the load took {:?}",
+        t.elapsed()
+    );
+    wait_idle(a, Duration::from_secs(10));
+    let m = get(a, "/metrics").body;
+    assert_eq!(metric(&m, "ffai_kv_cache_usage_ratio"), idle_kv, "{m}");
+    drop(server);
+}
