@@ -88,7 +88,8 @@ async def one_request(session, base, prompt, max_tokens, timeout):
 
 
 async def level(base, concurrency, requests, max_tokens, texts, timeout):
-    async with aiohttp.ClientSession() as session:
+    # A fresh connection per request (llama-server closes idle keep-alive connections).
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True, limit=0)) as session:
         await wait_ready(session, base)
         results = []
 
@@ -138,7 +139,8 @@ def main():
         "ffai": [a.ffai, "serve", "-m", a.model, "--host", "127.0.0.1", "--port", str(a.port),
                  "--threads", str(a.threads), "--max-sequences", str(slots), "--context", str(a.context)],
         "llama": [a.llama_server, "-m", a.model, "--host", "127.0.0.1", "--port", str(a.port + 1),
-                  "-t", str(a.threads), "-np", str(slots), "-c", str(a.context * slots), "--no-webui"],
+                  "-t", str(a.threads), "-np", str(slots), "-c", str(a.context * slots), "--no-webui",
+                  "--threads-http", str(slots + 4)],
     }
     rows = []
     for name, cmd in servers.items():

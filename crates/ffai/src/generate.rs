@@ -28,6 +28,26 @@ pub struct GenerationParameters {
     pub stop_strings: Vec<String>,
     /// Prompt tokens per forward pass during prefill.
     pub prefill_step_size: usize,
+    /// 0 = off. Subtracted from the logit of every token already generated (OpenAI's
+    /// presence penalty; the prompt does not count).
+    pub presence_penalty: f32,
+    /// 0 = off. Subtracted once per earlier occurrence in the generated tokens.
+    pub frequency_penalty: f32,
+    /// None = off; Some(k): each token comes with its log-probability under the model
+    /// (the log-softmax of the raw logits, before penalties and temperature) and the k
+    /// most likely tokens' (k at most [`MAX_TOP_LOGPROBS`]).
+    pub logprobs: Option<usize>,
+}
+
+/// Most alternatives [`GenerationParameters::logprobs`] may ask for.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// A generated token's log-probability and the most likely alternatives at its step
+/// (id, log-probability), most likely first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 impl Default for GenerationParameters {
@@ -44,6 +64,9 @@ impl Default for GenerationParameters {
             stop_token_ids: Vec::new(),
             stop_strings: Vec::new(),
             prefill_step_size: 512,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logprobs: None,
         }
     }
 }
@@ -65,6 +88,17 @@ impl GenerationParameters {
         }
         if self.prefill_step_size == 0 {
             return bad("prefill_step_size must be at least 1");
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(&format!("{name} must be in [-2, 2]"));
+            }
+        }
+        if self.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
+            return bad(&format!("logprobs must be at most {MAX_TOP_LOGPROBS}"));
         }
         Ok(())
     }
@@ -116,6 +150,8 @@ pub struct Sampler {
     params: GenerationParameters,
     rng: Rng,
     scratch: SampleScratch,
+    /// Generated tokens and how often each came (presence / frequency penalties).
+    counts: std::collections::HashMap<u32, u32>,
 }
 
 /// A sampler's working buffers (a vocabulary's worth of candidates and flags). Many
@@ -125,6 +161,8 @@ pub struct Sampler {
 pub struct SampleScratch {
     cand: Vec<(u32, f32)>,
     seen: Vec<bool>,
+    /// The raw logits, kept for log-probabilities when penalties change the row.
+    raw: Vec<f32>,
 }
 
 impl SampleScratch {
@@ -132,6 +170,7 @@ impl SampleScratch {
         SampleScratch {
             cand: Vec::with_capacity(vocab),
             seen: Vec::with_capacity(vocab),
+            raw: Vec::new(),
         }
     }
 }
@@ -148,7 +187,57 @@ impl Sampler {
             params: params.clone(),
             rng: Rng::new(seed),
             scratch: SampleScratch::default(),
+            counts: std::collections::HashMap::new(),
         }
+    }
+
+    /// [`sample_with`](Self::sample_with), and with `logprobs` asked for, the chosen
+    /// token's log-probability and the top alternatives (from the raw logits).
+    pub fn sample_with_logprobs(
+        &mut self,
+        logits: &mut [f32],
+        history: &[u32],
+        scratch: &mut SampleScratch,
+    ) -> (u32, Option<TokenLogprobs>) {
+        let Some(k) = self.params.logprobs else {
+            return (self.sample_with(logits, history, scratch), None);
+        };
+        // log-softmax of the raw row: max, then the log of the sum in f64.
+        let max = logits.iter().copied().filter(|l| !l.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = logits
+            .iter()
+            .filter(|l| !l.is_nan())
+            .map(|&l| ((l - max) as f64).exp())
+            .sum();
+        let lse = max as f64 + sum.ln();
+        let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+        if k > 0 {
+            let by = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+            for (i, &l) in logits.iter().enumerate() {
+                if l.is_nan() {
+                    continue;
+                }
+                if top.len() < k {
+                    top.push((i as u32, l));
+                    top.sort_by(by);
+                } else if by(&(i as u32, l), &top[k - 1]).is_lt() {
+                    top[k - 1] = (i as u32, l);
+                    top.sort_by(by);
+                }
+            }
+        }
+        let raw = &mut scratch.raw;
+        raw.clear();
+        raw.extend_from_slice(logits);
+        let mut raw = std::mem::take(raw);
+        let t = self.sample_with(logits, history, scratch);
+        let lp = |l: f32| (l as f64 - lse) as f32;
+        let out = TokenLogprobs {
+            logprob: lp(raw[t as usize]),
+            top: top.iter().map(|&(i, l)| (i, lp(l))).collect(),
+        };
+        std::mem::swap(&mut scratch.raw, &mut raw);
+        (t, Some(out))
     }
 
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
@@ -160,8 +249,23 @@ impl Sampler {
 
     /// [`sample`](Self::sample) with the working buffers given (the result is the same).
     pub fn sample_with(&mut self, logits: &mut [f32], history: &[u32], scratch: &mut SampleScratch) -> u32 {
+        let t = self.pick(logits, history, scratch);
+        if self.params.presence_penalty != 0.0 || self.params.frequency_penalty != 0.0 {
+            *self.counts.entry(t).or_insert(0) += 1;
+        }
+        t
+    }
+
+    fn pick(&mut self, logits: &mut [f32], history: &[u32], scratch: &mut SampleScratch) -> u32 {
         let p = &self.params;
-        let SampleScratch { cand, seen } = scratch;
+        let SampleScratch { cand, seen, .. } = scratch;
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&t, &c) in &self.counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= p.presence_penalty + p.frequency_penalty * c as f32;
+                }
+            }
+        }
         if p.repetition_penalty != 1.0 {
             seen.clear();
             seen.resize(logits.len(), false);

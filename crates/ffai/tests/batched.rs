@@ -298,7 +298,7 @@ fn threaded_engine_streams_cancels_and_keeps_serving() {
             .unwrap()
             .expect("an event within a minute")
         {
-            Event::Token { id, text: t } => {
+            Event::Token { id, text: t, .. } => {
                 ids.push(id);
                 text += &t;
             }

@@ -229,6 +229,8 @@ pub enum Event {
     Token {
         id: u32,
         text: String,
+        /// With `GenerationParameters::logprobs`: its log-probability and the top ones.
+        logprob: Option<crate::generate::TokenLogprobs>,
     },
     /// Text released at the end without a new token (held back for a stop string that
     /// never came, or an incomplete character).
@@ -523,7 +525,7 @@ impl<'m> Scheduler<'m> {
         scratch: &mut SampleScratch,
         stats: &mut SchedulerStats,
     ) {
-        let next = s.sampler.sample_with(row, &s.tokens, scratch);
+        let (next, logprob) = s.sampler.sample_with_logprobs(row, &s.tokens, scratch);
         let p = &s.params;
         if (p.stop_on_eos && tok.eog_ids().contains(&next)) || p.stop_token_ids.contains(&next) {
             s.finished = Some(FinishReason::Stop);
@@ -532,7 +534,7 @@ impl<'m> Scheduler<'m> {
         s.tokens.push(next);
         stats.generated_tokens += 1;
         let (text, hit) = s.stops.push(&s.decoder.push(next));
-        if s.events.send(Event::Token { id: next, text }).is_err() {
+        if s.events.send(Event::Token { id: next, text, logprob }).is_err() {
             s.finished = Some(FinishReason::Cancelled);
         } else if hit {
             s.finished = Some(FinishReason::Stop);
