@@ -37,6 +37,10 @@ pub struct ServeArgs {
     /// cancelled.
     #[arg(long, default_value_t = 10)]
     shutdown_grace: u64,
+    /// A browser origin allowed to call the API (CORS), e.g. http://localhost:3000; `*`
+    /// for any. Repeatable.
+    #[arg(long)]
+    cors_origin: Vec<String>,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -44,6 +48,9 @@ pub struct ServeArgs {
 pub fn cmd_serve(a: ServeArgs) -> Result<()> {
     if a.max_queue > MAX_QUEUE {
         return Err(Error::new(format!("--max-queue must be at most {MAX_QUEUE}")));
+    }
+    for o in &a.cors_origin {
+        ffai_server::check_cors_origin(o).map_err(|e| Error::new(format!("--cors-origin: {e}")))?;
     }
     if a.api_key.as_deref().is_some_and(str::is_empty) {
         return Err(Error::new("--api-key must not be empty"));
@@ -73,6 +80,7 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
         api_key: a.api_key.clone(),
         max_queue: a.max_queue,
         shutdown_grace: Duration::from_secs(a.shutdown_grace),
+        cors_origins: a.cors_origin.clone(),
     };
     ffai_server::run(engine, opts, &a.host, a.port).map_err(Error::new)
 }

@@ -19,6 +19,8 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use ffai::engine::{Completion, Event, FinishReason, RequestHandle, SeqRequest};
+use ffai::generate::TokenLogprobs;
+use ffai::Tokenizer;
 
 use crate::error::ApiError;
 use crate::request::{self, Common, Limits, Prompt};
@@ -177,6 +179,8 @@ pub async fn chat_completions(State(st): St, body: Body) -> Result<Response, Api
 enum SeqMsg {
     /// Newly settled text (never empty).
     Text(String),
+    /// A generated token's log-probabilities (requests that asked), before its text.
+    Logprob(u32, TokenLogprobs),
     Done(Completion),
     /// The engine stopped before the sequence finished.
     Failed(String),
@@ -254,7 +258,7 @@ async fn generate(st: Arc<AppState>, kind: Kind, prompt: Vec<u32>, c: Common) ->
     if c.stream {
         Ok(stream(st, reply, rx, c.n, n_prompt, c.include_usage, started))
     } else {
-        whole(reply, rx, c.n, n_prompt).await
+        whole(reply, rx, c.n, n_prompt, &st.engine.model().tokenizer).await
     }
 }
 
@@ -276,11 +280,16 @@ fn forward(
         }
         let msg = match handle.recv_timeout(POLL) {
             Ok(None) => continue,
-            Ok(Some(Event::Token { text, .. })) => {
+            Ok(Some(Event::Token { id, text, logprob })) => {
                 let now = Instant::now();
                 first.get_or_insert(now);
                 last = now;
                 tokens += 1;
+                if let Some(lp) = logprob {
+                    if tx.send((index, SeqMsg::Logprob(id, lp))).is_err() {
+                        return;
+                    }
+                }
                 if text.is_empty() {
                     continue;
                 }
@@ -333,17 +342,65 @@ fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
     })
 }
 
+/// A token's text (lossy where it is part of a character) and its bytes.
+fn token_text(tok: &Tokenizer, id: u32) -> (String, Vec<u8>) {
+    let b = tok.token_bytes(id);
+    (String::from_utf8_lossy(&b).into_owned(), b)
+}
+
+/// Chat's `logprobs`: `{"content": [{token, logprob, bytes, top_logprobs}, ...]}`.
+fn chat_logprobs(tok: &Tokenizer, items: &[(u32, TokenLogprobs)]) -> Value {
+    let entry = |id: u32, logprob: f32| {
+        let (t, b) = token_text(tok, id);
+        json!({"token": t, "logprob": logprob, "bytes": b})
+    };
+    let content: Vec<Value> = items
+        .iter()
+        .map(|(id, lp)| {
+            let mut e = entry(*id, lp.logprob);
+            e["top_logprobs"] = lp.top.iter().map(|&(t, l)| entry(t, l)).collect();
+            e
+        })
+        .collect();
+    json!({ "content": content })
+}
+
+/// Completions' `logprobs`: parallel lists of tokens, their log-probabilities, the top
+/// alternatives as {token: logprob} and each token's byte offset in the text (from
+/// `offset`).
+fn completion_logprobs(tok: &Tokenizer, items: &[(u32, TokenLogprobs)], mut offset: usize) -> Value {
+    let (mut tokens, mut lps, mut tops, mut offsets) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (id, lp) in items {
+        let (t, b) = token_text(tok, *id);
+        offsets.push(offset);
+        offset += b.len();
+        tokens.push(t);
+        lps.push(lp.logprob);
+        let top: serde_json::Map<String, Value> =
+            lp.top.iter().map(|&(t, l)| (token_text(tok, t).0, json!(l))).collect();
+        tops.push(Value::Object(top));
+    }
+    json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+}
+
 /// Waits for every choice and answers with one JSON body.
 async fn whole(
     reply: Reply,
     mut rx: UnboundedReceiver<(usize, SeqMsg)>,
     n: usize,
     n_prompt: usize,
+    tok: &Tokenizer,
 ) -> Result<Response, ApiError> {
     let mut done: Vec<Option<Completion>> = vec![None; n];
+    let mut lps: Vec<Vec<(u32, TokenLogprobs)>> = vec![Vec::new(); n];
+    let mut any_lp = false;
     while let Some((i, msg)) = rx.recv().await {
         match msg {
             SeqMsg::Text(_) => {}
+            SeqMsg::Logprob(id, lp) => {
+                any_lp = true;
+                lps[i].push((id, lp));
+            }
             SeqMsg::Done(c) => done[i] = Some(c),
             SeqMsg::Failed(m) => return Err(ApiError::internal(m)),
         }
@@ -359,13 +416,13 @@ async fn whole(
             Kind::Chat => json!({
                 "index": i,
                 "message": {"role": "assistant", "content": c.text},
-                "logprobs": null,
+                "logprobs": if any_lp { chat_logprobs(tok, &lps[i]) } else { Value::Null },
                 "finish_reason": finish_reason(&c.finish_reason),
             }),
             Kind::Completion => json!({
                 "index": i,
                 "text": c.text,
-                "logprobs": null,
+                "logprobs": if any_lp { completion_logprobs(tok, &lps[i], 0) } else { Value::Null },
                 "finish_reason": finish_reason(&c.finish_reason),
             }),
         })
@@ -416,12 +473,41 @@ struct Streaming {
     include_usage: bool,
     cached: usize,
     log: StreamLog,
+    /// Per choice: log-probabilities of tokens whose text has not been sent yet, and
+    /// (completions) the byte offset of the next token in the choice's text.
+    pending: Vec<Vec<(u32, TokenLogprobs)>>,
+    offsets: Vec<usize>,
 }
 
 impl Streaming {
     /// One chunk with one choice: `text` as the content delta (chat) or text
     /// (completions), `role` for chat's first chunk, `finish` on the last.
     fn chunk(&self, index: usize, text: Option<&str>, role: bool, finish: Option<&str>) -> String {
+        self.chunk_lp(index, text, role, finish, Value::Null)
+    }
+
+    /// The log-probabilities of the choice's tokens not sent yet, in the endpoint's shape
+    /// (null when none).
+    fn take_logprobs(&mut self, index: usize) -> Value {
+        let items = std::mem::take(&mut self.pending[index]);
+        if items.is_empty() {
+            return Value::Null;
+        }
+        let model = self.log.st.engine.model().clone();
+        match self.reply.kind {
+            Kind::Chat => chat_logprobs(&model.tokenizer, &items),
+            Kind::Completion => {
+                let v = completion_logprobs(&model.tokenizer, &items, self.offsets[index]);
+                self.offsets[index] += items
+                    .iter()
+                    .map(|(id, _)| model.tokenizer.token_bytes(*id).len())
+                    .sum::<usize>();
+                v
+            }
+        }
+    }
+
+    fn chunk_lp(&self, index: usize, text: Option<&str>, role: bool, finish: Option<&str>, lp: Value) -> String {
         let choice = match self.reply.kind {
             Kind::Chat => {
                 let mut delta = serde_json::Map::new();
@@ -432,10 +518,10 @@ impl Streaming {
                 if let Some(t) = text {
                     delta.insert("content".into(), t.into());
                 }
-                json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish})
+                json!({"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish})
             }
             Kind::Completion => {
-                json!({"index": index, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+                json!({"index": index, "text": text.unwrap_or(""), "logprobs": lp, "finish_reason": finish})
             }
         };
         let mut v = json!({
@@ -455,14 +541,17 @@ impl Streaming {
     /// Turns one engine message into the events it makes.
     fn on_message(&mut self, index: usize, msg: SeqMsg) {
         match msg {
+            SeqMsg::Logprob(id, lp) => self.pending[index].push((id, lp)),
             SeqMsg::Text(t) => {
-                let c = self.chunk(index, Some(&t), false, None);
+                let lp = self.take_logprobs(index);
+                let c = self.chunk_lp(index, Some(&t), false, None, lp);
                 self.queue.push_back(c);
             }
             SeqMsg::Done(c) => {
                 self.log.tokens.completion += c.token_ids.len();
                 self.cached = self.cached.max(c.cached_tokens);
-                let chunk = self.chunk(index, None, false, Some(finish_reason(&c.finish_reason)));
+                let lp = self.take_logprobs(index);
+                let chunk = self.chunk_lp(index, None, false, Some(finish_reason(&c.finish_reason)), lp);
                 self.queue.push_back(chunk);
                 self.open -= 1;
                 if self.open == 0 {
@@ -518,6 +607,8 @@ fn stream(
         finished: false,
         include_usage,
         cached: 0,
+        pending: vec![Vec::new(); n],
+        offsets: vec![0; n],
         log: StreamLog {
             st,
             started,

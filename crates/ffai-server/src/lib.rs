@@ -56,6 +56,8 @@ pub struct ServerOptions {
     /// After the shutdown signal, how long requests in flight may take to finish before
     /// they are cancelled.
     pub shutdown_grace: Duration,
+    /// Browser origins allowed to call the API (CORS); empty: no CORS headers.
+    pub cors_origins: Vec<String>,
 }
 
 /// What every handler shares.
@@ -157,14 +159,49 @@ pub fn router(engine: Arc<Engine>, opts: ServerOptions) -> Router {
         .route("/detokenize", post(api::detokenize))
         .route("/metrics", get(api::metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
-    Router::new()
+    let cors = cors_layer(&state.opts.cors_origins);
+    let app = Router::new()
         .route("/health", get(api::health))
         .merge(protected)
         .fallback(api::no_route)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(refuse_large_bodies))
         .layer(middleware::from_fn_with_state(state.clone(), log_request))
-        .with_state(state)
+        .with_state(state);
+    // Outermost, so a browser's preflight (OPTIONS) is answered before the API key check.
+    match cors {
+        Some(c) => app.layer(c),
+        None => app,
+    }
+}
+
+/// Whether `origin` can be a CORS origin (`*`, or a valid header value such as
+/// `http://localhost:3000`).
+pub fn check_cors_origin(origin: &str) -> Result<(), String> {
+    if origin == "*" || (!origin.is_empty() && origin.parse::<axum::http::HeaderValue>().is_ok()) {
+        Ok(())
+    } else {
+        Err(format!("{origin:?} is not a valid origin"))
+    }
+}
+
+/// CORS for the listed origins (`*` allows any), or None when none are listed.
+fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| o.parse::<axum::http::HeaderValue>().ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]),
+    )
 }
 
 /// Logs and counts every request (streams log themselves when they end). A request whose

@@ -202,14 +202,23 @@ pub fn parse_common(
         }
         p.repetition_penalty = v as f32;
     }
-    // Not implemented yet: accepted only at their neutral value, so a client relying on
-    // them learns it instead of getting silently different text.
-    for k in ["presence_penalty", "frequency_penalty"] {
-        if let Some(v) = number(o, k)? {
-            if v != 0.0 {
-                return Err(ApiError::bad_field(k, format!("\"{k}\" is not supported yet (only 0)")));
-            }
+    if let Some(v) = number(o, "presence_penalty")? {
+        if !(-2.0..=2.0).contains(&v) {
+            return Err(ApiError::bad_field(
+                "presence_penalty",
+                "\"presence_penalty\" must be in [-2, 2]",
+            ));
         }
+        p.presence_penalty = v as f32;
+    }
+    if let Some(v) = number(o, "frequency_penalty")? {
+        if !(-2.0..=2.0).contains(&v) {
+            return Err(ApiError::bad_field(
+                "frequency_penalty",
+                "\"frequency_penalty\" must be in [-2, 2]",
+            ));
+        }
+        p.frequency_penalty = v as f32;
     }
     if let Some(s) = integer(o, "seed")? {
         // Negative seeds are valid in OpenAI's API; their bits are as good as any.
@@ -244,15 +253,38 @@ pub fn parse_common(
         }
     };
 
-    // Features not built yet are refused rather than ignored.
-    let wants_logprobs = if chat {
-        boolean(o, "logprobs")?.unwrap_or(false)
+    // Log-probabilities: chat says `logprobs: true` and `top_logprobs: k`; completions
+    // say `logprobs: k`.
+    let max_top = ffai::generate::MAX_TOP_LOGPROBS as i64;
+    p.logprobs = if chat {
+        let on = boolean(o, "logprobs")?.unwrap_or(false);
+        match integer(o, "top_logprobs")? {
+            Some(k) if !(0..=max_top).contains(&k) => {
+                return Err(ApiError::bad_field(
+                    "top_logprobs",
+                    format!("\"top_logprobs\" must be in 0..={max_top}"),
+                ))
+            }
+            Some(_) if !on => {
+                return Err(ApiError::bad_field(
+                    "top_logprobs",
+                    "\"top_logprobs\" needs \"logprobs\": true",
+                ))
+            }
+            Some(k) => Some(k as usize),
+            None => on.then_some(0),
+        }
     } else {
-        integer(o, "logprobs")?.is_some()
+        match integer(o, "logprobs")? {
+            Some(k) if !(0..=max_top).contains(&k) => {
+                return Err(ApiError::bad_field(
+                    "logprobs",
+                    format!("\"logprobs\" must be in 0..={max_top}"),
+                ))
+            }
+            k => k.map(|k| k as usize),
+        }
     };
-    if wants_logprobs {
-        return Err(ApiError::bad_field("logprobs", "\"logprobs\" is not supported yet"));
-    }
     if !chat {
         if boolean(o, "echo")?.unwrap_or(false) {
             return Err(ApiError::bad_field("echo", "\"echo\" is not supported yet"));
@@ -443,6 +475,19 @@ mod tests {
         assert_eq!(c.params.stop_strings, vec!["x".to_string()]);
         assert_eq!(c.n, 2);
         assert_eq!(c.params.seed, Some(u64::MAX));
+        assert_eq!(c.params.logprobs, None);
+        let c = parse_common(
+            &obj(r#"{"logprobs": true, "top_logprobs": 3, "presence_penalty": 0.5, "frequency_penalty": -1}"#),
+            &d,
+            LIMITS,
+            true,
+        )
+        .unwrap();
+        assert_eq!(c.params.logprobs, Some(3));
+        assert_eq!((c.params.presence_penalty, c.params.frequency_penalty), (0.5, -1.0));
+        let c = parse_common(&obj(r#"{"logprobs": 2}"#), &d, LIMITS, false).unwrap();
+        assert_eq!(c.params.logprobs, Some(2));
+        assert!(parse_common(&obj(r#"{"logprobs": 21}"#), &d, LIMITS, false).is_err());
         for bad in [
             r#"{"max_tokens": "5"}"#,
             r#"{"max_tokens": 0}"#,
@@ -455,7 +500,11 @@ mod tests {
             r#"{"stop": [1]}"#,
             r#"{"stop": ""}"#,
             r#"{"stream": "yes"}"#,
-            r#"{"logprobs": true}"#,
+            r#"{"logprobs": "yes"}"#,
+            r#"{"logprobs": true, "top_logprobs": 21}"#,
+            r#"{"top_logprobs": 2}"#,
+            r#"{"presence_penalty": 2.5}"#,
+            r#"{"frequency_penalty": "1"}"#,
         ] {
             let e = parse_common(&obj(bad), &d, LIMITS, true).unwrap_err();
             assert_eq!(e.status, 400, "{bad}");

@@ -33,6 +33,7 @@ struct Setup {
     max_queue: usize,
     api_key: Option<&'static str>,
     grace: Duration,
+    cors: Vec<String>,
 }
 
 impl Default for Setup {
@@ -42,6 +43,7 @@ impl Default for Setup {
             max_queue: 16,
             api_key: None,
             grace: Duration::from_secs(10),
+            cors: Vec::new(),
         }
     }
 }
@@ -71,6 +73,7 @@ fn start(s: Setup) -> Server {
         api_key: s.api_key.map(String::from),
         max_queue: s.max_queue,
         shutdown_grace: s.grace,
+        cors_origins: s.cors,
     };
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (end_tx, ended) = std::sync::mpsc::channel();
@@ -727,5 +730,129 @@ fn sixty_four_streaming_clients_match_their_solo_answers_and_leak_nothing() {
     wait_idle(a, Duration::from_secs(10));
     let m = get(a, "/metrics").body;
     assert_eq!(metric(&m, "ffai_kv_cache_usage_ratio"), idle_kv, "{m}");
+    drop(server);
+}
+
+/// Log-probabilities, whole and streamed, chat and completions: the chosen token's
+/// log-probability is the top one's under greedy decoding, every value is <= 0, the top
+/// lists are sorted, the streamed ones equal the whole ones; penalties change a greedy
+/// answer that repeats itself.
+#[test]
+fn logprobs_and_penalties() {
+    let a = shared();
+    let body = chat_body(json!({"logprobs": true, "top_logprobs": 3, "max_tokens": 6}));
+    let r = post(a, "/v1/chat/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let j = r.json();
+    let content = j["choices"][0]["logprobs"]["content"].as_array().unwrap().clone();
+    assert_eq!(content.len() as u64, j["usage"]["completion_tokens"].as_u64().unwrap());
+    let mut text = String::new();
+    for e in &content {
+        let lp = e["logprob"].as_f64().unwrap();
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3, "{e}");
+        assert!(lp <= 0.0 && lp > -50.0, "{e}");
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(top[0]["token"], e["token"], "{e}");
+        assert!((top[0]["logprob"].as_f64().unwrap() - lp).abs() < 1e-6);
+        assert!(top
+            .windows(2)
+            .all(|w| w[0]["logprob"].as_f64() >= w[1]["logprob"].as_f64()));
+        text.push_str(e["token"].as_str().unwrap());
+    }
+    assert_eq!(text, j["choices"][0]["message"]["content"].as_str().unwrap());
+    // Streamed: the same entries, in order.
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let (_, chunks) = chat_stream_text(&post(a, "/v1/chat/completions", &sb));
+    let streamed: Vec<Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"].get(0)?["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(streamed, content);
+    // Completions: parallel lists and byte offsets.
+    let r = post(
+        a,
+        "/v1/completions",
+        &json!({"model": NAME, "prompt": "The capital of France is", "max_tokens": 5, "temperature": 0, "logprobs": 2}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let lp = &r.json()["choices"][0]["logprobs"];
+    let tokens = lp["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), lp["token_logprobs"].as_array().unwrap().len());
+    assert_eq!(tokens.len(), lp["top_logprobs"].as_array().unwrap().len());
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets[0], 0);
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]));
+    // A strong frequency penalty changes a greedy answer that repeats tokens.
+    let rep = |extra: Value| {
+        let mut b = json!({"model": NAME, "prompt": "one one one one one one one", "max_tokens": 12, "temperature": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        let r = post(a, "/v1/completions", &b);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    let plain = rep(json!({}));
+    assert_eq!(plain, rep(json!({"frequency_penalty": 0})));
+    assert_ne!(
+        plain,
+        rep(json!({"frequency_penalty": 2, "presence_penalty": 2})),
+        "{plain:?}"
+    );
+}
+
+/// With `--cors-origin`, a browser's preflight is answered without the API key and the
+/// listed origin is echoed; other origins get no CORS header. Without it, none at all.
+#[test]
+fn cors_preflight_and_origins() {
+    let server = start(Setup {
+        max_seqs: 1,
+        max_queue: 1,
+        api_key: Some("k"),
+        cors: vec!["http://app.test".into()],
+        ..Default::default()
+    });
+    let a = server.addr;
+    let pre = http(
+        a,
+        "OPTIONS",
+        "/v1/chat/completions",
+        &[
+            ("Origin", "http://app.test"),
+            ("Access-Control-Request-Method", "POST"),
+            ("Access-Control-Request-Headers", "authorization,content-type"),
+        ],
+        "",
+    );
+    assert!(pre.status < 300, "preflight: {} {}", pre.status, pre.body);
+    assert_eq!(pre.header("access-control-allow-origin"), Some("http://app.test"));
+    let ok = http(
+        a,
+        "GET",
+        "/v1/models",
+        &[("Origin", "http://app.test"), ("Authorization", "Bearer k")],
+        "",
+    );
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.header("access-control-allow-origin"), Some("http://app.test"));
+    let other = http(
+        a,
+        "GET",
+        "/v1/models",
+        &[("Origin", "http://evil.test"), ("Authorization", "Bearer k")],
+        "",
+    );
+    assert_eq!(other.header("access-control-allow-origin"), None);
+    // The shared server has no CORS origins.
+    let plain = http(shared(), "GET", "/v1/models", &[("Origin", "http://app.test")], "");
+    assert_eq!(plain.header("access-control-allow-origin"), None);
     drop(server);
 }

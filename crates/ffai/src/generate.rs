@@ -203,7 +203,11 @@ impl Sampler {
             return (self.sample_with(logits, history, scratch), None);
         };
         // log-softmax of the raw row: max, then the log of the sum in f64.
-        let max = logits.iter().copied().filter(|l| !l.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+        let max = logits
+            .iter()
+            .copied()
+            .filter(|l| !l.is_nan())
+            .fold(f32::NEG_INFINITY, f32::max);
         let sum: f64 = logits
             .iter()
             .filter(|l| !l.is_nan())
@@ -770,6 +774,38 @@ impl Session {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn logprobs_are_the_raw_log_softmax_and_penalties_count_generated_tokens() {
+        let p = GenerationParameters {
+            temperature: 0.0,
+            logprobs: Some(2),
+            ..Default::default()
+        };
+        let mut s = Sampler::new(&p);
+        let mut scratch = SampleScratch::default();
+        let logits = [1.0f32, 3.0, 2.0, -1.0];
+        let lse = logits.iter().map(|&l| (l as f64).exp()).sum::<f64>().ln();
+        let (t, lp) = s.sample_with_logprobs(&mut logits.clone(), &[], &mut scratch);
+        let lp = lp.unwrap();
+        assert_eq!(t, 1);
+        assert!((lp.logprob as f64 - (3.0 - lse)).abs() < 1e-6);
+        assert_eq!(lp.top.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert!((lp.top[1].1 as f64 - (2.0 - lse)).abs() < 1e-6);
+        // A frequency penalty of 1.5 makes greedy leave token 1 after it came once, and
+        // the log-probability still comes from the raw logits.
+        let p = GenerationParameters {
+            temperature: 0.0,
+            frequency_penalty: 1.5,
+            logprobs: Some(0),
+            ..Default::default()
+        };
+        let mut s = Sampler::new(&p);
+        assert_eq!(s.sample_with(&mut logits.clone(), &[], &mut scratch), 1);
+        let (t, lp) = s.sample_with_logprobs(&mut logits.clone(), &[], &mut scratch);
+        assert_eq!(t, 2);
+        assert!((lp.unwrap().logprob as f64 - (2.0 - lse)).abs() < 1e-6);
+    }
     use super::*;
 
     fn scan(stops: &[&str], deltas: &[&str]) -> (String, bool) {

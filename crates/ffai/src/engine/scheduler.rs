@@ -534,7 +534,14 @@ impl<'m> Scheduler<'m> {
         s.tokens.push(next);
         stats.generated_tokens += 1;
         let (text, hit) = s.stops.push(&s.decoder.push(next));
-        if s.events.send(Event::Token { id: next, text, logprob }).is_err() {
+        if s.events
+            .send(Event::Token {
+                id: next,
+                text,
+                logprob,
+            })
+            .is_err()
+        {
             s.finished = Some(FinishReason::Cancelled);
         } else if hit {
             s.finished = Some(FinishReason::Stop);
