@@ -54,6 +54,23 @@ c2 = client.completions.create(model="smol", prompt="Once upon a time", max_toke
 assert c1.choices[0].text == c2.choices[0].text and c1.choices[0].text, (c1, c2)
 assert c1.object == "text_completion"
 
+# Log-probabilities: the chosen token is the greedy top one.
+lp = client.chat.completions.create(
+    model="smol",
+    messages=[{"role": "user", "content": "Say hello."}],
+    max_tokens=4,
+    temperature=0,
+    logprobs=True,
+    top_logprobs=2,
+)
+content = lp.choices[0].logprobs.content
+assert len(content) == lp.usage.completion_tokens, content
+for e in content:
+    assert e.logprob <= 0 and len(e.top_logprobs) == 2, e
+    assert e.top_logprobs[0].token == e.token, e
+cl = client.completions.create(model="smol", prompt="Once upon a time", max_tokens=4, temperature=0, logprobs=2)
+assert len(cl.choices[0].logprobs.tokens) == cl.usage.completion_tokens, cl.choices[0].logprobs
+
 # Errors come back as the client's exception types.
 try:
     client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])

@@ -125,6 +125,18 @@ pub(crate) fn parse_device(d: &str) -> Result<Option<usize>> {
 }
 
 impl ModelArgs {
+    /// The file or directory name of the model asked for (`-m`, else the default model's).
+    pub(crate) fn model_name(&self) -> String {
+        let spec = match &self.model {
+            Some(m) => m.clone(),
+            None => ffai::resolve::default_model().display().to_string(),
+        };
+        std::path::Path::new(spec.trim_end_matches('/'))
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or(spec)
+    }
+
     fn load(&self) -> Result<(Model, f64)> {
         let spec = match &self.model {
             Some(m) => m.clone(),

@@ -55,26 +55,7 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
     if a.api_key.as_deref().is_some_and(str::is_empty) {
         return Err(Error::new("--api-key must not be empty"));
     }
-    let (model, load_s) = a.model.load()?;
-    let cfg = a.engine.config(&model)?;
-    let name = match &a.served_model_name {
-        Some(n) => n.clone(),
-        None => model
-            .location
-            .path()
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".into()),
-    };
-    eprintln!(
-        "ffai serve: loaded {} in {load_s:.2}s on {}; {} sequences at once, context {}, KV cache {} tokens",
-        model.location.path().display(),
-        model.lm.device_name(),
-        cfg.max_seqs,
-        cfg.context,
-        cfg.kv_tokens()
-    );
-    let engine = Arc::new(Engine::start(Arc::new(model), cfg)?);
+    let name = a.served_model_name.clone().unwrap_or_else(|| a.model.model_name());
     let opts = ffai_server::ServerOptions {
         served_model_name: name,
         api_key: a.api_key.clone(),
@@ -82,5 +63,23 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
         shutdown_grace: Duration::from_secs(a.shutdown_grace),
         cors_origins: a.cors_origin.clone(),
     };
-    ffai_server::run(engine, opts, &a.host, a.port).map_err(Error::new)
+    let capacity = a.engine.max_sequences.saturating_add(a.max_queue);
+    let (host, port) = (a.host.clone(), a.port);
+    // Listening starts at once (503 until ready); the model loads on a blocking thread.
+    let load = move || -> std::result::Result<Arc<Engine>, String> {
+        let (model, load_s) = a.model.load().map_err(|e| e.to_string())?;
+        let cfg = a.engine.config(&model).map_err(|e| e.to_string())?;
+        eprintln!(
+            "ffai serve: loaded {} in {load_s:.2}s on {}; {} sequences at once, context {}, KV cache {} tokens",
+            model.location.path().display(),
+            model.lm.device_name(),
+            cfg.max_seqs,
+            cfg.context,
+            cfg.kv_tokens()
+        );
+        Engine::start(Arc::new(model), cfg)
+            .map(Arc::new)
+            .map_err(|e| e.to_string())
+    };
+    ffai_server::run_loading(load, opts, capacity, &host, port).map_err(Error::new)
 }

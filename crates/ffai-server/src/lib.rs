@@ -321,6 +321,107 @@ pub async fn serve(
         .unwrap_or(Ok(()))
 }
 
+/// While the model loads: `/health` and every other path answer 503 (OpenAI-shaped), so
+/// orchestrators see the server up but not ready.
+fn loading_response() -> Response {
+    ApiError::with_status(StatusCode::SERVICE_UNAVAILABLE, "the model is still loading").into_response()
+}
+
+/// As [`run`], but listening before the model is loaded: `load` runs on a blocking thread
+/// and, until it returns, every request gets 503 (`/health` included); then the routes of
+/// [`router`] serve. A failed load ends the server with its error. `capacity` bounds the
+/// runtime's blocking threads (one per sequence in flight).
+pub fn run_loading<F>(load: F, opts: ServerOptions, capacity: usize, host: &str, port: u16) -> Result<(), String>
+where
+    F: FnOnce() -> Result<Arc<Engine>, String> + Send + 'static,
+{
+    use tower::ServiceExt;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(capacity.saturating_add(64))
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let name = opts.served_model_name.clone();
+    let grace = opts.shutdown_grace;
+    let result = rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((host, port))
+            .await
+            .map_err(|e| format!("cannot listen on {host}:{port}: {e}"))?;
+        let addr: SocketAddr = listener.local_addr().map_err(|e| e.to_string())?;
+        eprintln!("ffai serve: loading the model; until it is ready, http://{addr} answers 503");
+        let app: Arc<std::sync::OnceLock<Router>> = Arc::default();
+        let engine: Arc<std::sync::OnceLock<Arc<Engine>>> = Arc::default();
+        let front = {
+            let app = app.clone();
+            Router::new().fallback(move |req: Request| {
+                let app = app.clone();
+                async move {
+                    match app.get() {
+                        Some(r) => r.clone().oneshot(req).await.into_response(),
+                        None => loading_response(),
+                    }
+                }
+            })
+        };
+        let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
+        {
+            let (app, engine) = (app.clone(), engine.clone());
+            tokio::task::spawn_blocking(move || match load() {
+                Ok(e) => {
+                    let _ = app.set(router(e.clone(), opts));
+                    let _ = engine.set(e);
+                    eprintln!("ffai serve: serving \"{name}\" on http://{addr} (Ctrl-C to stop)");
+                }
+                Err(m) => {
+                    let _ = failed_tx.send(m);
+                }
+            });
+        }
+        let failed = Arc::new(std::sync::Mutex::new(None::<String>));
+        let stop = {
+            let failed = failed.clone();
+            async move {
+                tokio::select! {
+                    () = shutdown_signal() => {}
+                    Ok(m) = failed_rx => {
+                        if let Ok(mut f) = failed.lock() {
+                            *f = Some(m);
+                        }
+                    }
+                }
+            }
+        }
+        .shared();
+        let server = axum::serve(listener, front)
+            .with_graceful_shutdown(stop.clone())
+            .into_future();
+        tokio::pin!(server);
+        tokio::select! {
+            r = &mut server => r.map_err(|e| format!("server error: {e}"))?,
+            () = stop => {
+                if tokio::time::timeout(grace, &mut server).await.is_err() {
+                    eprintln!("ffai serve: cancelling the requests still running");
+                    if let Some(e) = engine.get().cloned() {
+                        let _ = tokio::task::spawn_blocking(move || e.shutdown()).await;
+                    }
+                    let _ = tokio::time::timeout(Duration::from_secs(5), &mut server).await;
+                }
+            }
+        }
+        if let Some(e) = engine.get().cloned() {
+            let _ = tokio::task::spawn_blocking(move || e.shutdown()).await;
+        }
+        if let Some(m) = failed.lock().ok().and_then(|mut f| f.take()) {
+            return Err(m);
+        }
+        eprintln!("ffai serve: stopped");
+        Ok(())
+    });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
 /// Runs the server on its own tokio runtime until SIGINT or SIGTERM, then shuts it and
 /// the engine down. For the `ffai serve` command.
 pub fn run(engine: Arc<Engine>, opts: ServerOptions, host: &str, port: u16) -> Result<(), String> {

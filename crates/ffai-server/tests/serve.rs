@@ -856,3 +856,49 @@ fn cors_preflight_and_origins() {
     assert_eq!(plain.header("access-control-allow-origin"), None);
     drop(server);
 }
+
+/// `run_loading` listens before the model is ready: 503 everywhere (`/health` too) while
+/// the load runs, and a failed load ends the server with the load's error.
+#[test]
+fn loading_answers_503_and_a_failed_load_ends_the_server() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let opts = ServerOptions {
+        served_model_name: NAME.into(),
+        api_key: None,
+        max_queue: 1,
+        shutdown_grace: Duration::from_secs(1),
+        cors_origins: Vec::new(),
+    };
+    let server = std::thread::spawn(move || {
+        ffai_server::run_loading(
+            move || {
+                let _ = go_rx.recv_timeout(Duration::from_secs(60));
+                Err("no such model".to_string())
+            },
+            opts,
+            4,
+            "127.0.0.1",
+            port,
+        )
+    });
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let t = Instant::now();
+    let health = loop {
+        if let Ok(s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            drop(s);
+            break get(addr, "/health");
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "the server never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    health.assert_error(503);
+    post(addr, "/v1/completions", &json!({"prompt": "hi"})).assert_error(503);
+    go_tx.send(()).unwrap();
+    let r = server.join().unwrap();
+    assert_eq!(r, Err("no such model".to_string()));
+}
