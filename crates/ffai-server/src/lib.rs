@@ -426,31 +426,7 @@ where
 /// the engine down. For the `ffai serve` command.
 pub fn run(engine: Arc<Engine>, opts: ServerOptions, host: &str, port: u16) -> Result<(), String> {
     let capacity = engine.config().max_seqs.saturating_add(opts.max_queue);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        // The engine does the heavy work on its own threads; HTTP needs little.
-        .worker_threads(2)
-        // One blocking thread per sequence in flight (its forwarder), plus room for
-        // tokenizing and template rendering.
-        .max_blocking_threads(capacity.saturating_add(64))
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    let name = opts.served_model_name.clone();
-    let result = rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind((host, port))
-            .await
-            .map_err(|e| format!("cannot listen on {host}:{port}: {e}"))?;
-        let addr: SocketAddr = listener.local_addr().map_err(|e| e.to_string())?;
-        eprintln!("ffai serve: serving \"{name}\" on http://{addr} (Ctrl-C to stop)");
-        serve(listener, engine.clone(), opts, shutdown_signal())
-            .await
-            .map_err(|e| format!("server error: {e}"))?;
-        let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
-        eprintln!("ffai serve: stopped");
-        Ok(())
-    });
-    rt.shutdown_timeout(Duration::from_secs(1));
-    result
+    run_loading(move || Ok(engine), opts, capacity, host, port)
 }
 
 /// Completes on SIGINT (Ctrl-C) or, on Unix, SIGTERM.

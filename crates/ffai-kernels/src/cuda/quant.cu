@@ -572,6 +572,27 @@ struct DecAffine {
 
 // ------------------------------------------------------------------ kernels
 
+// The 32 activations of one run at `xt` (`lim` of them real, the rest zero): 16-byte
+// loads when aligned. The address is the same modulo 16 for every lane of a warp (runs
+// are 128 bytes apart), so the branch does not diverge.
+__device__ __forceinline__ void load_x_run(const float* __restrict__ xt, u32 lim, float (&xv)[32]) {
+    if (lim == 32 && ((u64)xt & 15) == 0) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const float4 f = __ldg((const float4*)xt + i);
+            xv[4 * i] = f.x;
+            xv[4 * i + 1] = f.y;
+            xv[4 * i + 2] = f.z;
+            xv[4 * i + 3] = f.w;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < 32; ++i) {
+            xv[i] = (u32)i < lim ? __ldg(xt + i) : 0.0f;
+        }
+    }
+}
+
 // y[t * rows + r] = sum_c W[r, c] * x[t * cols + c] for t < n (1 <= n <= MATVEC_MAX_N).
 // Launch: blockDim.x = MATVEC_THREADS (4 warps), gridDim.x = ceil(rows / 4); warp w of
 // block b computes row 4b + w. Lane L walks runs L, L + 32, ...: each run is decoded once
@@ -602,25 +623,8 @@ __device__ __forceinline__ void matvec(const u8* __restrict__ w, u64 row_bytes, 
 #pragma unroll
         for (int t = 0; t < MATVEC_MAX_N; ++t) {
             if ((u32)t < n) {
-                const float* xt = x + (u64)t * cols + c0;
                 float xv[32];
-                // The address is the same modulo 16 for every lane of the warp (runs are
-                // 128 bytes apart), so this branch does not diverge.
-                if (lim == 32 && ((u64)xt & 15) == 0) {
-#pragma unroll
-                    for (int i = 0; i < 8; ++i) {
-                        const float4 f = __ldg((const float4*)xt + i);
-                        xv[4 * i] = f.x;
-                        xv[4 * i + 1] = f.y;
-                        xv[4 * i + 2] = f.z;
-                        xv[4 * i + 3] = f.w;
-                    }
-                } else {
-#pragma unroll
-                    for (int i = 0; i < 32; ++i) {
-                        xv[i] = (u32)i < lim ? __ldg(xt + i) : 0.0f;
-                    }
-                }
+                load_x_run(x + (u64)t * cols + c0, lim, xv);
 #pragma unroll
                 for (int i = 0; i < 32; i += 2) {
                     acc0[t] = __fmaf_rn(v[i], xv[i], acc0[t]);
@@ -672,23 +676,8 @@ __device__ __forceinline__ void matvec4(const u8* __restrict__ w, u64 row_bytes,
     for (u32 run = lane; run < nruns; run += 32) {
         const u32 c0 = run * 32;
         const u32 lim = D::FLOAT ? min(32u, cols - c0) : 32u;
-        const float* xt = x + c0;
         float xv[32];
-        if (lim == 32 && ((u64)xt & 15) == 0) {
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                const float4 f = __ldg((const float4*)xt + i);
-                xv[4 * i] = f.x;
-                xv[4 * i + 1] = f.y;
-                xv[4 * i + 2] = f.z;
-                xv[4 * i + 3] = f.w;
-            }
-        } else {
-#pragma unroll
-            for (int i = 0; i < 32; ++i) {
-                xv[i] = (u32)i < lim ? __ldg(xt + i) : 0.0f;
-            }
-        }
+        load_x_run(x + c0, lim, xv);
 #pragma unroll
         for (int j = 0; j < MATVEC4_ROWS; ++j) {
             if ((u32)j < nr) {
