@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::sync::atomic::AtomicBool;
-use std::sync::mpsc;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -57,37 +55,8 @@ fn config(m: &Model, max_seqs: usize, max_batch_tokens: usize, kv: Option<KvCach
     EngineConfig::for_model(&*m.lm, 1024, max_seqs, max_batch_tokens, kv).unwrap()
 }
 
-/// Runs every request through one scheduler; completions in request order, and the
-/// scheduler's counters.
 fn run(m: &Model, cfg: EngineConfig, reqs: &[SeqRequest]) -> (Vec<Completion>, ffai::engine::SchedulerStats) {
-    let mut s = Scheduler::new(&*m.lm, &m.tokenizer, cfg).unwrap();
-    let rx: Vec<_> = reqs
-        .iter()
-        .map(|r| {
-            let (tx, rx) = mpsc::channel();
-            s.add(r.clone(), tx, Arc::new(AtomicBool::new(false))).unwrap();
-            rx
-        })
-        .collect();
-    let mut steps = 0;
-    while !s.is_idle() {
-        s.step().unwrap();
-        steps += 1;
-        assert!(steps < 100_000, "the scheduler does not finish");
-        s.pool().check_invariants();
-    }
-    let out = rx
-        .iter()
-        .map(|r| {
-            r.try_iter()
-                .find_map(|e| match e {
-                    Event::Done(c) => Some(c),
-                    _ => None,
-                })
-                .expect("every request ends with Done")
-        })
-        .collect();
-    (out, s.stats)
+    common::run_scheduler(m, cfg, reqs)
 }
 
 /// Each request alone in an engine of one sequence.

@@ -211,3 +211,47 @@ pub struct ChatCase {
     pub expected: Option<String>,
     pub error: Option<String>,
 }
+
+/// Runs every request through one scheduler until it is idle (bounded in steps, the
+/// pool's invariants checked after each); completions in request order, and the
+/// scheduler's counters.
+pub fn run_scheduler(
+    m: &ffai::Model,
+    cfg: ffai::engine::EngineConfig,
+    reqs: &[ffai::engine::SeqRequest],
+) -> (Vec<ffai::engine::Completion>, ffai::engine::SchedulerStats) {
+    use ffai::engine::{Event, Scheduler};
+    let mut s = Scheduler::new(&*m.lm, &m.tokenizer, cfg).unwrap();
+    let rx: Vec<_> = reqs
+        .iter()
+        .map(|r| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            s.add(
+                r.clone(),
+                tx,
+                std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            )
+            .unwrap();
+            rx
+        })
+        .collect();
+    let mut steps = 0;
+    while !s.is_idle() {
+        s.step().unwrap();
+        steps += 1;
+        assert!(steps < 100_000, "the scheduler does not finish");
+        s.pool().check_invariants();
+    }
+    let out = rx
+        .iter()
+        .map(|r| {
+            r.try_iter()
+                .find_map(|e| match e {
+                    Event::Done(c) => Some(c),
+                    _ => None,
+                })
+                .expect("every request ends with Done")
+        })
+        .collect();
+    (out, s.stats)
+}

@@ -12,12 +12,10 @@
 
 mod common;
 
-use std::sync::atomic::AtomicBool;
-use std::sync::mpsc;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use common::{real_model, GEMMA3, SMOLLM2};
-use ffai::engine::{Completion, EngineConfig, Event, KvCacheSize, Scheduler, SeqRequest};
+use ffai::engine::{Completion, EngineConfig, KvCacheSize, Scheduler, SeqRequest};
 use ffai::{GenerationParameters, LoadOptions, Model};
 
 /// Whether a GPU is here; false (printed) when none is and none is required.
@@ -138,33 +136,10 @@ fn smollm2_on_cuda_is_deterministic() {
     assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
 }
 
+/// The scheduler with steps of at most 32 rows (every product on the matrix-vector path).
 fn run(m: &Model, max_seqs: usize, reqs: &[SeqRequest]) -> Vec<Completion> {
     let cfg = EngineConfig::for_model(&*m.lm, 1024, max_seqs, 32, None).unwrap();
-    let mut s = Scheduler::new(&*m.lm, &m.tokenizer, cfg).unwrap();
-    let rx: Vec<_> = reqs
-        .iter()
-        .map(|r| {
-            let (tx, rx) = mpsc::channel();
-            s.add(r.clone(), tx, Arc::new(AtomicBool::new(false))).unwrap();
-            rx
-        })
-        .collect();
-    let mut steps = 0;
-    while !s.is_idle() {
-        s.step().unwrap();
-        steps += 1;
-        assert!(steps < 100_000, "the scheduler does not finish");
-    }
-    rx.iter()
-        .map(|r| {
-            r.try_iter()
-                .find_map(|e| match e {
-                    Event::Done(c) => Some(c),
-                    _ => None,
-                })
-                .expect("every request ends with Done")
-        })
-        .collect()
+    common::run_scheduler(m, cfg, reqs).0
 }
 
 #[test]

@@ -81,7 +81,28 @@ pub struct CudaMat {
     rows: usize,
     cols: usize,
     row_bytes: usize,
-    tag: String,
+    /// Its type's kernels, named once here rather than at every launch.
+    kernels: MatKernels,
+}
+
+/// The names of a weight type's kernels in quant.cu.
+struct MatKernels {
+    matvec4: String,
+    matvec: String,
+    dequant_bf16: String,
+    embed: String,
+}
+
+impl MatKernels {
+    fn new(ty: WeightType) -> MatKernels {
+        let tag = quant::kernel_tag(ty);
+        MatKernels {
+            matvec4: format!("matvec4_{tag}"),
+            matvec: format!("matvec_{tag}"),
+            dequant_bf16: format!("dequant_bf16_{tag}"),
+            embed: format!("embed_{tag}"),
+        }
+    }
 }
 
 /// One layer's K or V pool: f16, `[block][kv_head][offset][head_dim]`.
@@ -456,9 +477,9 @@ impl CudaBackend {
             // Four rows per warp: x read once for four rows (same bits per row).
             let (rows, cols) = (w.rows, w.cols);
             self.launch(
-                &format!("matvec4_{}", w.tag),
-                grid1(rows, 4 * quant::MATVEC4_ROWS as usize),
-                128,
+                &w.kernels.matvec4,
+                grid1(rows, (quant::MATVEC4_ROWS * quant::MATVEC_ROWS_PER_BLOCK) as usize),
+                quant::MATVEC_BLOCK,
                 &[
                     Arg::P(w.data.ptr),
                     Arg::P(w.row_bytes as u64),
@@ -472,13 +493,12 @@ impl CudaBackend {
         }
         if n < GEMM_MIN_ROWS {
             let (rows, cols) = (w.rows, w.cols);
-            let name = format!("matvec_{}", w.tag);
             for t0 in (0..n).step_by(quant::MATVEC_MAX_N) {
                 let m = quant::MATVEC_MAX_N.min(n - t0);
                 self.launch(
-                    &name,
-                    grid1(rows, 4),
-                    128,
+                    &w.kernels.matvec,
+                    quant::matvec_grid(rows as u32),
+                    quant::MATVEC_BLOCK,
                     &[
                         Arg::P(w.data.ptr),
                         Arg::P(w.row_bytes as u64),
@@ -544,11 +564,10 @@ impl CudaBackend {
                 if self.failed() {
                     return;
                 }
-                let runs = rows * cols.div_ceil(32);
                 self.launch(
-                    &format!("dequant_bf16_{}", w.tag),
-                    grid1(runs, 256),
-                    256,
+                    &w.kernels.dequant_bf16,
+                    quant::dequant_bf16_grid(rows as u32, cols as u32),
+                    quant::DEQUANT_BLOCK,
                     &[
                         Arg::P(w.data.ptr),
                         Arg::P(w.row_bytes as u64),
@@ -615,14 +634,13 @@ impl CudaBackend {
     /// `out[t] = table[ids[t]]` for the `n` ids at device address `ids`.
     fn embed_ids(&self, table: &CudaMat, ids: u64, n: usize, out: &mut CudaBuf) {
         let cols = table.cols;
-        let runs = cols.div_ceil(32);
         // The grid's y dimension takes at most 65535 tokens a launch.
         for t0 in (0..n).step_by(65_535) {
             let m = (n - t0).min(65_535);
             self.launch(
-                &format!("embed_{}", table.tag),
-                (runs.div_ceil(128) as u32, m as u32, 1),
-                128,
+                &table.kernels.embed,
+                quant::embed_grid(cols as u32, m as u32),
+                quant::EMBED_BLOCK,
                 &[
                     Arg::P(table.data.ptr),
                     Arg::P(table.row_bytes as u64),
@@ -703,7 +721,7 @@ impl Backend for CudaBackend {
             rows,
             cols,
             row_bytes,
-            tag: quant::kernel_tag(ty),
+            kernels: MatKernels::new(ty),
         }
     }
 
