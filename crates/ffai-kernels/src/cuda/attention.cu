@@ -68,24 +68,46 @@ __device__ __forceinline__ unsigned int first_visible(unsigned int p, unsigned i
     return (window == 0 || p + 1 < window) ? 0u : p + 1 - window;
 }
 
-// One block (4 warps) per (row, query head, span): the span's part of the row's attention,
-// unnormalised, with its running max and sum, into part_o / part_ml at
-// [(row - row0) * n_heads + head][j]. Span j of a row is the j-th multiple of SPAN at or
-// after its first visible position; blocks past the row's last span write an empty part.
-// Rows belonging to no sequence (padding) write empty parts.
-extern "C" __global__ void attn_spans(const float* q, const unsigned short* k_pages, const unsigned short* v_pages,
-                                      const unsigned int* positions, const unsigned int* row_seq,
-                                      const SeqRows* seqs, const unsigned int* tables, unsigned int row0,
-                                      unsigned int n_heads, unsigned int kv_heads, unsigned int head_dim,
-                                      unsigned int block_size, unsigned int window, float scale, float softcap,
-                                      unsigned int max_spans, float* part_o, float* part_ml) {
-    __shared__ float w_m[4], w_l[4];
-    __shared__ float w_o[4][MAX_HD_PER_LANE * 32];
-    unsigned int row = row0 + blockIdx.x, head = blockIdx.y, j = blockIdx.z;
-    unsigned int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    size_t part = ((size_t)blockIdx.x * n_heads + head) * max_spans + j;
-    float* po = part_o + part * head_dim;
-    unsigned int seq = row_seq[row];
+// Query heads of one KV head that one attention block holds (a larger GQA group is
+// launched as several chunks of heads; `ATTN_GROUP` in backend.rs).
+#define ATTN_GROUP 8
+// Threads of an attention block: one position of the span each while scoring, one warp
+// per head of the chunk while normalising.
+#define ATTN_THREADS SPAN
+
+// One block per (row, KV head and chunk of its query heads, span): the span's part of
+// the row's attention for each of those heads, unnormalised, with its max and sum, into
+// part_o / part_ml at [(row - row0) * n_heads + head][j]. Span j of a row is the j-th
+// multiple of SPAN at or after its first visible position; blocks past the row's last
+// span, and rows of no sequence (padding), write empty parts.
+//
+// Scores: thread t takes position lo + t, reads its K row once (16-byte loads when the
+// head dimension is a multiple of 8) and dots it with every query head of the chunk.
+// Softmax: warp h folds head h's scores (max, then exp and sum). Values: thread i takes
+// output element i (head, dimension) and sums the weighted V rows in position order. The
+// cut into spans and every sum's order depend on the row's own position only, so a row's
+// result is the same bits in any batch.
+//
+// grid = (rows, kv_heads * ceil(group / ATTN_GROUP), max_spans), block = ATTN_THREADS.
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+    attn_spans(const float* __restrict__ q, const unsigned short* __restrict__ k_pages,
+               const unsigned short* __restrict__ v_pages, const unsigned int* __restrict__ positions,
+               const unsigned int* __restrict__ row_seq, const SeqRows* __restrict__ seqs,
+               const unsigned int* __restrict__ tables, unsigned int row0, unsigned int n_heads,
+               unsigned int kv_heads, unsigned int head_dim, unsigned int block_size, unsigned int window,
+               float scale, float softcap, unsigned int max_spans, float* __restrict__ part_o,
+               float* __restrict__ part_ml) {
+    __shared__ float qs[ATTN_GROUP][MAX_HD_PER_LANE * 32];
+    __shared__ float sc[ATTN_GROUP][SPAN];
+    __shared__ unsigned int rows_at[SPAN];
+    const unsigned int row = row0 + blockIdx.x, j = blockIdx.z;
+    const unsigned int group = n_heads / kv_heads;
+    const unsigned int chunks = (group + ATTN_GROUP - 1) / ATTN_GROUP;
+    const unsigned int kvh = blockIdx.y / chunks;
+    const unsigned int h0 = kvh * group + (blockIdx.y % chunks) * ATTN_GROUP;
+    const unsigned int gn = min((unsigned int)ATTN_GROUP, kvh * group + group - h0);
+    const unsigned int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const unsigned int seq = row_seq[row];
     unsigned int lo = 0, hi = 0;  // positions [lo, hi) of this span
     SeqRows s;
     if (seq != NO_SLOT) {
@@ -96,82 +118,115 @@ extern "C" __global__ void attn_spans(const float* q, const unsigned short* k_pa
         lo = max(first, k * SPAN);
         hi = min(p + 1, (k + 1) * SPAN);
     }
+    const size_t part0 = ((size_t)blockIdx.x * n_heads + h0) * max_spans + j;
     if (lo >= hi) {
-        if (threadIdx.x == 0) {
-            part_ml[part * 2] = -__int_as_float(0x7f800000);
-            part_ml[part * 2 + 1] = 0.0f;
+        for (unsigned int i = tid; i < gn * head_dim; i += blockDim.x) {
+            unsigned int h = i / head_dim;
+            part_o[(part0 + (size_t)h * max_spans) * head_dim + i % head_dim] = 0.0f;
         }
-        for (unsigned int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-            po[d] = 0.0f;
+        if (tid < gn) {
+            part_ml[(part0 + (size_t)tid * max_spans) * 2] = -__int_as_float(0x7f800000);
+            part_ml[(part0 + (size_t)tid * max_spans) * 2 + 1] = 0.0f;
         }
         return;
     }
-    unsigned int kvh = head / (n_heads / kv_heads);
-    const float* qr = q + ((size_t)row * n_heads + head) * head_dim;
-    float qv[MAX_HD_PER_LANE], acc[MAX_HD_PER_LANE];
-#pragma unroll
-    for (int i = 0; i < MAX_HD_PER_LANE; i++) {
-        unsigned int d = lane + 32 * i;
-        qv[i] = d < head_dim ? qr[d] : 0.0f;
-        acc[i] = 0.0f;
+    for (unsigned int i = tid; i < gn * head_dim; i += blockDim.x) {
+        unsigned int h = i / head_dim, d = i % head_dim;
+        qs[h][d] = q[((size_t)row * n_heads + h0 + h) * head_dim + d];
     }
-    float m = -__int_as_float(0x7f800000), l = 0.0f;
-    for (unsigned int pos = lo + warp; pos < hi; pos += 4) {
+    // Each position's K/V row (in units of head_dim) within the pools.
+    const unsigned int pos = lo + tid;
+    if (pos < hi) {
         unsigned int blk = tables[s.table_start + pos / block_size];
-        size_t base = (((size_t)blk * kv_heads + kvh) * block_size + pos % block_size) * head_dim;
-        const unsigned short* kr = k_pages + base;
-        float dot = 0.0f;
+        rows_at[tid] = (blk * kv_heads + kvh) * block_size + pos % block_size;
+    }
+    __syncthreads();
+    // Scores.
+    if (pos < hi) {
+        float acc[ATTN_GROUP];
 #pragma unroll
-        for (int i = 0; i < MAX_HD_PER_LANE; i++) {
-            unsigned int d = lane + 32 * i;
-            if (d < head_dim) {
-                dot += qv[i] * half_to_float(kr[d]);
+        for (int h = 0; h < ATTN_GROUP; h++) {
+            acc[h] = 0.0f;
+        }
+        const unsigned short* kr = k_pages + (size_t)rows_at[tid] * head_dim;
+        if ((head_dim & 7) == 0) {
+            for (unsigned int d0 = 0; d0 < head_dim; d0 += 8) {
+                const uint4 raw = *(const uint4*)(kr + d0);
+#pragma unroll
+                for (int e = 0; e < 8; e++) {
+                    const unsigned int word = e < 2 ? raw.x : e < 4 ? raw.y : e < 6 ? raw.z : raw.w;
+                    const float kv = half_to_float((unsigned short)(word >> (16 * (e % 2))));
+#pragma unroll
+                    for (int h = 0; h < ATTN_GROUP; h++) {
+                        if ((unsigned int)h < gn) {
+                            acc[h] += qs[h][d0 + e] * kv;
+                        }
+                    }
+                }
             }
+        } else {
+            for (unsigned int d = 0; d < head_dim; d++) {
+                const float kv = half_to_float(kr[d]);
+#pragma unroll
+                for (int h = 0; h < ATTN_GROUP; h++) {
+                    if ((unsigned int)h < gn) {
+                        acc[h] += qs[h][d] * kv;
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int h = 0; h < ATTN_GROUP; h++) {
+            if ((unsigned int)h < gn) {
+                float v = acc[h] * scale;
+                if (softcap > 0.0f) {
+                    v = softcap * tanhf(v / softcap);
+                }
+                sc[h][tid] = v;
+            }
+        }
+    } else {
+        for (unsigned int h = 0; h < gn; h++) {
+            sc[h][tid] = -__int_as_float(0x7f800000);
+        }
+    }
+    __syncthreads();
+    // Softmax statistics: warp h, head h.
+    if (warp < gn) {
+        float m = -__int_as_float(0x7f800000);
+        for (unsigned int i = lane; i < SPAN; i += 32) {
+            m = fmaxf(m, sc[warp][i]);
         }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) {
-            dot += __shfl_xor_sync(0xffffffffu, dot, o);
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
         }
-        float sc = dot * scale;
-        if (softcap > 0.0f) {
-            sc = softcap * tanhf(sc / softcap);
+        float l = 0.0f;
+        for (unsigned int i = lane; i < SPAN; i += 32) {
+            float e = expf(sc[warp][i] - m);
+            sc[warp][i] = e;
+            l += e;
         }
-        float mn = fmaxf(m, sc);
-        float a = expf(m - mn), b = expf(sc - mn);
-        l = l * a + b;
-        m = mn;
-        const unsigned short* vr = v_pages + base;
 #pragma unroll
-        for (int i = 0; i < MAX_HD_PER_LANE; i++) {
-            unsigned int d = lane + 32 * i;
-            if (d < head_dim) {
-                acc[i] = acc[i] * a + b * half_to_float(vr[d]);
-            }
+        for (int o = 16; o > 0; o >>= 1) {
+            l += __shfl_xor_sync(0xffffffffu, l, o);
         }
-    }
-    // Fold the four warps (a warp with no position has m = -inf, l = 0).
-    if (lane == 0) {
-        w_m[warp] = m;
-        w_l[warp] = l;
-    }
-#pragma unroll
-    for (int i = 0; i < MAX_HD_PER_LANE; i++) {
-        w_o[warp][lane + 32 * i] = acc[i];
+        if (lane == 0) {
+            part_ml[(part0 + (size_t)warp * max_spans) * 2] = m;
+            part_ml[(part0 + (size_t)warp * max_spans) * 2 + 1] = l;
+        }
     }
     __syncthreads();
-    float mx = fmaxf(fmaxf(w_m[0], w_m[1]), fmaxf(w_m[2], w_m[3]));
-    float f[4], lt = 0.0f;
-#pragma unroll
-    for (int w = 0; w < 4; w++) {
-        f[w] = w_l[w] > 0.0f ? expf(w_m[w] - mx) : 0.0f;
-        lt += w_l[w] * f[w];
-    }
-    for (unsigned int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        po[d] = w_o[0][d] * f[0] + w_o[1][d] * f[1] + w_o[2][d] * f[2] + w_o[3][d] * f[3];
-    }
-    if (threadIdx.x == 0) {
-        part_ml[part * 2] = mx;
-        part_ml[part * 2 + 1] = lt;
+    // Values: output element i = (head, dimension), positions in order.
+    const unsigned int n = hi - lo;
+    for (unsigned int i = tid; i < gn * head_dim; i += blockDim.x) {
+        unsigned int h = i / head_dim, d = i % head_dim;
+        float o = 0.0f;
+#pragma unroll 8
+        for (unsigned int t = 0; t < n; t++) {
+            o += sc[h][t] * half_to_float(v_pages[(size_t)rows_at[t] * head_dim + d]);
+        }
+        part_o[(part0 + (size_t)h * max_spans) * head_dim + d] = o;
     }
 }
 

@@ -39,8 +39,11 @@ use crate::quant::WeightType;
 /// decode batch of up to this many sequences gives each the bits it gets alone).
 pub const GEMM_MIN_ROWS: usize = 33;
 
-/// Positions per attention part (`SPAN` in attention.cu).
+/// Positions per attention part (`SPAN` in attention.cu), also the attention block's
+/// threads.
 const ATTN_SPAN: usize = 256;
+/// Query heads of one KV head an attention block takes (`ATTN_GROUP` in attention.cu).
+const ATTN_GROUP: usize = 8;
 /// Largest head dimension the attention kernel holds (8 floats a lane).
 pub const MAX_HEAD_DIM: usize = 256;
 /// Bytes of attention parts one launch may use; more rows go in several launches.
@@ -1200,10 +1203,11 @@ impl Backend for CudaBackend {
         self.grow(&mut sc.part_ml, rows_per_pass * nh * spans * 2);
         for row0 in (0..n).step_by(rows_per_pass) {
             let m = rows_per_pass.min(n - row0);
+            let chunks = (nh / kvh).div_ceil(ATTN_GROUP);
             self.launch(
                 "attn_spans",
-                (m as u32, nh as u32, spans as u32),
-                128,
+                (m as u32, (kvh * chunks) as u32, spans as u32),
+                ATTN_SPAN as u32,
                 &[
                     Arg::P(q.ptr),
                     Arg::P(k.data.ptr),
