@@ -191,6 +191,10 @@ struct Scratch {
     part_ml: DevMem<f32>,
     /// Row argmax results.
     argmax: DevMem<u32>,
+    /// Activations quantized to 8 bits (q8x.cu): levels, per-block scales and sums.
+    xq: DevMem<u8>,
+    xd: DevMem<f32>,
+    xs: DevMem<u32>,
 }
 
 pub struct CudaBackend {
@@ -287,6 +291,9 @@ impl CudaBackend {
                 part_o: DevMem::empty(),
                 part_ml: DevMem::empty(),
                 argmax: DevMem::empty(),
+                xq: DevMem::empty(),
+                xd: DevMem::empty(),
+                xs: DevMem::empty(),
             }),
             max_mat_elems: Mutex::new(0),
             generation: AtomicU64::new(0),
@@ -476,6 +483,10 @@ impl CudaBackend {
 
     /// `out[n, rows] = x[n, cols] · Wᵀ` (the buffers checked by the caller).
     fn product(&self, w: &CudaMat, x: u64, n: usize, out: u64) {
+        if n < GEMM_MIN_ROWS && matches!(w.ty, WeightType::Q4_0 | WeightType::Q8_0) {
+            self.product_q8x(w, x, n, out);
+            return;
+        }
         if n == 1 {
             // Four rows per warp: x read once for four rows (same bits per row).
             let (rows, cols) = (w.rows, w.cols);
@@ -516,6 +527,53 @@ impl CudaBackend {
             return;
         }
         self.gemm(w, x, n, out);
+    }
+
+    /// Q4_0 / Q8_0 against activations quantized once to 8 bits (integer dot products):
+    /// the activations are quantized per row, so a row's result does not depend on n.
+    fn product_q8x(&self, w: &CudaMat, x: u64, n: usize, out: u64) {
+        let (rows, cols) = (w.rows, w.cols);
+        let nb = cols / 32;
+        let Ok(mut sc) = self.scratch.lock() else { return };
+        self.grow(&mut sc.xq, n * cols);
+        self.grow(&mut sc.xd, n * nb);
+        self.grow(&mut sc.xs, n * nb);
+        if self.failed() || sc.xq.len < n * cols || sc.xd.len < n * nb || sc.xs.len < n * nb {
+            return;
+        }
+        self.launch(
+            "quantize_q8x",
+            (nb.div_ceil(128) as u32, n as u32, 1),
+            128,
+            &[
+                Arg::P(x),
+                Arg::P(sc.xq.ptr),
+                Arg::P(sc.xd.ptr),
+                Arg::P(sc.xs.ptr),
+                Arg::U(cols as u32),
+                Arg::U(n as u32),
+            ],
+        );
+        let name = format!("matvec_q8x_{}", w.tag);
+        for t0 in (0..n).step_by(quant::MATVEC_MAX_N) {
+            let m = quant::MATVEC_MAX_N.min(n - t0);
+            self.launch(
+                &name,
+                grid1(rows, 4),
+                128,
+                &[
+                    Arg::P(w.data.ptr),
+                    Arg::P(w.row_bytes as u64),
+                    Arg::P(sc.xq.ptr + (t0 * cols) as u64),
+                    Arg::P(sc.xd.ptr + (4 * t0 * nb) as u64),
+                    Arg::P(sc.xs.ptr + (4 * t0 * nb) as u64),
+                    Arg::P(out + (4 * t0 * rows) as u64),
+                    Arg::U(rows as u32),
+                    Arg::U(cols as u32),
+                    Arg::U(m as u32),
+                ],
+            );
+        }
     }
 
     fn gemm(&self, w: &CudaMat, x: u64, n: usize, out: u64) {

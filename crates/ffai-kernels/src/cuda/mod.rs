@@ -37,6 +37,11 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
         ],
     ),
     (
+        "q8x.cu",
+        include_str!("q8x.cu"),
+        &["quantize_q8x", "matvec_q8x_q4_0", "matvec_q8x_q8_0"],
+    ),
+    (
         "attention.cu",
         include_str!("attention.cu"),
         &["rope_step", "kv_write_step", "attn_spans", "attn_combine"],
