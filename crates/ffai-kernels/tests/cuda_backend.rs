@@ -6,6 +6,10 @@
 //! matrix-vector path. Without a GPU each test says why and passes; with
 //! `FFAI_REQUIRE_GPU=1` (the GPU machine) a missing GPU is a failure.
 //!
+//! Q4_0, Q8_0, Q4_K and Q6_K decode products (q8x.cu) quantize the activations to 8 bits
+//! as the CPU's q8 path does, so their oracle is the CPU's `dot_row_q8` (same activation
+//! bytes, same integer dots; only the f32 sums' order differs).
+//!
 //! Tolerances (relative L2 error against the CPU): f32 arithmetic in another order 1e-5;
 //! attention over the same f16 K/V 1e-4; a GEMM with bf16 operands (each rounded to 8
 //! significant bits) 1e-2.
@@ -16,7 +20,7 @@ use ffai_kernels::backend::{AttnShape, Backend, GroupLayout, HostBytes, RopePara
 use ffai_kernels::cpu::CpuBackend;
 use ffai_kernels::cuda::backend::{CudaBackend, GEMM_MIN_ROWS};
 use ffai_kernels::cuda::device_count;
-use ffai_kernels::quant::{dequantize_row, quantize_row, WeightType};
+use ffai_kernels::quant::{dequantize_row, dot_row_q8, quantize_row, QuantizedActs, WeightType};
 
 struct Rng(u64);
 
@@ -201,82 +205,136 @@ fn types() -> Vec<WeightType> {
     v
 }
 
+/// The types whose decode products quantize the activations (q8x.cu).
+fn gpu_q8(ty: WeightType) -> bool {
+    matches!(
+        ty,
+        WeightType::Q4_0 | WeightType::Q8_0 | WeightType::Q4K | WeightType::Q6K
+    )
+}
+
+/// Random activations with the quantizer's edge cases in row 1: an all-zero block and a
+/// block of subnormals (127 / amax overflows there).
+fn activations(rng: &mut Rng, n: usize, cols: usize) -> Vec<f32> {
+    let mut x = rng.vec(n * cols, 1.0);
+    if n > 1 && cols >= 512 {
+        x[cols..cols + 32].fill(0.0);
+        for (i, v) in x[cols + 256..cols + 288].iter_mut().enumerate() {
+            *v = f32::from_bits(1 + 37 * i as u32) * if i % 3 == 0 { -1.0 } else { 1.0 };
+        }
+    }
+    x
+}
+
 #[test]
 fn products_match_the_cpu_for_every_weight_type() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng(0xDEAD_BEEF_1234);
-    let (rows, cols) = (96usize, 512usize);
     let mut tested = Vec::new();
     for ty in types() {
-        let Some(bytes) = random_matrix(ty, rows, cols, &mut rng) else {
-            continue;
-        };
-        tested.push(ty.name());
-        // The reference: the CPU's dequantized weights, an f64 dot.
-        let rb = ty.row_bytes(cols).unwrap();
-        let mut wf = vec![0f32; rows * cols];
-        for r in 0..rows {
-            dequantize_row(ty, &bytes[r * rb..(r + 1) * rb], &mut wf[r * cols..(r + 1) * cols]);
-        }
-        let gm = g.matrix(ty, rows, cols, HostBytes::from_vec(bytes.clone()));
-        for &n in &[1usize, 5, 8, 13, GEMM_MIN_ROWS + 7] {
-            let x = rng.vec(n * cols, 1.0);
-            let want: Vec<f32> = (0..n * rows)
-                .map(|i| {
-                    let (t, r) = (i / rows, i % rows);
-                    (0..cols)
-                        .map(|k| wf[r * cols + k] as f64 * x[t * cols + k] as f64)
-                        .sum::<f64>() as f32
-                })
-                .collect();
-            let gx = g.upload(&x);
-            let mut gy = g.upload(&vec![f32::NAN; n * rows]);
-            g.matmul(&gm, &gx, n, &mut gy);
-            let got = down(g, &gy, n * rows);
-            let e = rel_err(&got, &want);
-            let tol = if n < GEMM_MIN_ROWS || ty == WeightType::F32 {
-                1e-5
-            } else {
-                1e-2
+        // Every type at one shape; the decode kernels of q8x.cu also at a wider one whose
+        // rows span several passes of a warp (11 K-quant super-blocks, 88 legacy blocks).
+        let fast = gpu_q8(ty) || matches!(ty, WeightType::F16 | WeightType::BF16);
+        let shapes: &[(usize, usize)] = if fast { &[(96, 512), (40, 2816)] } else { &[(96, 512)] };
+        for &(rows, cols) in shapes {
+            let Some(bytes) = random_matrix(ty, rows, cols, &mut rng) else {
+                continue;
             };
-            assert!(e < tol, "{} n={n}: relative error {e} (tolerance {tol})", ty.name());
-            if n < GEMM_MIN_ROWS {
-                // Batch invariance of the matrix-vector path: each row alone, bit for bit.
-                for t in [0, n - 1] {
-                    let gx1 = g.upload(&x[t * cols..(t + 1) * cols]);
-                    let mut gy1 = g.alloc(rows);
-                    g.matmul(&gm, &gx1, 1, &mut gy1);
-                    let alone = down(g, &gy1, rows);
-                    assert!(
-                        alone
-                            .iter()
-                            .zip(&got[t * rows..(t + 1) * rows])
-                            .all(|(a, b)| a.to_bits() == b.to_bits()),
-                        "{} n={n}: row {t} differs from the same row alone",
-                        ty.name()
-                    );
-                }
-            }
-        }
-        // Embedding rows: the CPU's dequantization exactly.
-        let ids = [0u32, 5, (rows - 1) as u32, 5];
-        let mut ge = g.alloc(ids.len() * cols);
-        g.embed(&gm, &ids, &mut ge);
-        let got = down(g, &ge, ids.len() * cols);
-        for (t, &id) in ids.iter().enumerate() {
-            let want = &wf[id as usize * cols..(id as usize + 1) * cols];
-            assert!(
-                got[t * cols..(t + 1) * cols]
-                    .iter()
-                    .zip(want)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{}: embedding row {id} is not the CPU's dequantization",
-                ty.name()
-            );
+            tested.push(format!("{}@{cols}", ty.name()));
+            check_products(g, ty, rows, cols, bytes, &mut rng);
         }
     }
     println!("tested: {}", tested.join(" "));
     assert!(tested.len() >= 20, "too few types could be quantized: {tested:?}");
+}
+
+fn check_products(g: &CudaBackend, ty: WeightType, rows: usize, cols: usize, bytes: Vec<u8>, rng: &mut Rng) {
+    // The reference: the CPU's dequantized weights, an f64 dot (or, for the types whose
+    // decode quantizes the activations, the CPU's q8 dot).
+    let rb = ty.row_bytes(cols).unwrap();
+    let mut wf = vec![0f32; rows * cols];
+    for r in 0..rows {
+        dequantize_row(ty, &bytes[r * rb..(r + 1) * rb], &mut wf[r * cols..(r + 1) * cols]);
+    }
+    let gm = g.matrix(ty, rows, cols, HostBytes::from_vec(bytes.clone()));
+    for &n in &[1usize, 5, 8, 13, GEMM_MIN_ROWS + 7] {
+        let x = activations(rng, n, cols);
+        let exact: Vec<f32> = (0..n * rows)
+            .map(|i| {
+                let (t, r) = (i / rows, i % rows);
+                (0..cols)
+                    .map(|k| wf[r * cols + k] as f64 * x[t * cols + k] as f64)
+                    .sum::<f64>() as f32
+            })
+            .collect();
+        let q8 = n < GEMM_MIN_ROWS && gpu_q8(ty);
+        let want = if q8 {
+            let mut acts = QuantizedActs::new();
+            acts.quantize(ty, &x, n, cols);
+            (0..n * rows)
+                .map(|i| {
+                    let (t, r) = (i / rows, i % rows);
+                    dot_row_q8(ty, &bytes[r * rb..(r + 1) * rb], &acts, t)
+                })
+                .collect()
+        } else {
+            exact.clone()
+        };
+        let gx = g.upload(&x);
+        let mut gy = g.upload(&vec![f32::NAN; n * rows]);
+        g.matmul(&gm, &gx, n, &mut gy);
+        let got = down(g, &gy, n * rows);
+        let e = rel_err(&got, &want);
+        let tol = if n < GEMM_MIN_ROWS || ty == WeightType::F32 {
+            1e-5
+        } else {
+            1e-2
+        };
+        assert!(
+            e < tol,
+            "{} {rows}x{cols} n={n}: relative error {e} (tolerance {tol})",
+            ty.name()
+        );
+        if q8 {
+            // And the 8-bit activations stay close to the exact product (each element
+            // is off by at most 1/254 of its block's largest magnitude).
+            let e = rel_err(&got, &exact);
+            assert!(e < 2e-2, "{} n={n}: q8 product vs exact: {e}", ty.name());
+        }
+        if n < GEMM_MIN_ROWS {
+            // Batch invariance of the matrix-vector path: each row alone, bit for bit.
+            for t in [0, n - 1] {
+                let gx1 = g.upload(&x[t * cols..(t + 1) * cols]);
+                let mut gy1 = g.alloc(rows);
+                g.matmul(&gm, &gx1, 1, &mut gy1);
+                let alone = down(g, &gy1, rows);
+                assert!(
+                    alone
+                        .iter()
+                        .zip(&got[t * rows..(t + 1) * rows])
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{} n={n}: row {t} differs from the same row alone",
+                    ty.name()
+                );
+            }
+        }
+    }
+    // Embedding rows: the CPU's dequantization exactly.
+    let ids = [0u32, 5, (rows - 1) as u32, 5];
+    let mut ge = g.alloc(ids.len() * cols);
+    g.embed(&gm, &ids, &mut ge);
+    let got = down(g, &ge, ids.len() * cols);
+    for (t, &id) in ids.iter().enumerate() {
+        let want = &wf[id as usize * cols..(id as usize + 1) * cols];
+        assert!(
+            got[t * cols..(t + 1) * cols]
+                .iter()
+                .zip(want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{}: embedding row {id} is not the CPU's dequantization",
+            ty.name()
+        );
+    }
 }
 
 /// A step over `seqs` = (first position, rows, window-group table of blocks).

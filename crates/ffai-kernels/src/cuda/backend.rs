@@ -44,6 +44,8 @@ pub const GEMM_MIN_ROWS: usize = 33;
 const ATTN_SPAN: usize = 256;
 /// Query heads of one KV head an attention block takes (`ATTN_GROUP` in attention.cu).
 const ATTN_GROUP: usize = 8;
+/// Activation rows one q8x.cu product launch takes (`Q8X_MAX_N`).
+const Q8X_MAX_N: usize = 8;
 /// Largest head dimension the attention kernel holds (8 floats a lane).
 pub const MAX_HEAD_DIM: usize = 256;
 /// Bytes of attention parts one launch may use; more rows go in several launches.
@@ -86,6 +88,47 @@ pub struct CudaMat {
     row_bytes: usize,
     /// Its type's kernels, named once here rather than at every launch.
     kernels: MatKernels,
+    /// The decode product kernel of q8x.cu, where the type has one.
+    fast: Option<Fast>,
+}
+
+/// The q8x.cu decode kernels a matrix uses for fewer than [`GEMM_MIN_ROWS`] rows.
+#[derive(Clone, Copy)]
+enum Fast {
+    /// Activations quantized by `quantizer` in blocks of `block`, then `kernel`.
+    Q8x {
+        kernel: &'static str,
+        quantizer: &'static str,
+        block: usize,
+    },
+    /// 16-bit floats read 128 bits at a time.
+    Half(&'static str),
+}
+
+impl Fast {
+    fn for_matrix(ty: WeightType, cols: usize) -> Option<Fast> {
+        let q8 = |kernel, k: bool| {
+            let (quantizer, block) = if k {
+                ("quantize_q8x256", 256)
+            } else {
+                ("quantize_q8x32", 32)
+            };
+            (cols % block == 0).then_some(Fast::Q8x {
+                kernel,
+                quantizer,
+                block,
+            })
+        };
+        match ty {
+            WeightType::Q4_0 => q8("mv_q8x_q4_0", false),
+            WeightType::Q8_0 => q8("mv_q8x_q8_0", false),
+            WeightType::Q4K => q8("mv_q8x_q4_k", true),
+            WeightType::Q6K => q8("mv_q8x_q6_k", true),
+            WeightType::F16 if cols % 8 == 0 => Some(Fast::Half("mv_half_f16")),
+            WeightType::BF16 if cols % 8 == 0 => Some(Fast::Half("mv_half_bf16")),
+            _ => None,
+        }
+    }
 }
 
 /// The names of a weight type's kernels in quant.cu.
@@ -483,9 +526,16 @@ impl CudaBackend {
 
     /// `out[n, rows] = x[n, cols] · Wᵀ` (the buffers checked by the caller).
     fn product(&self, w: &CudaMat, x: u64, n: usize, out: u64) {
-        if n < GEMM_MIN_ROWS && matches!(w.ty, WeightType::Q4_0 | WeightType::Q8_0) {
-            self.product_q8x(w, x, n, out);
-            return;
+        if n < GEMM_MIN_ROWS {
+            match w.fast {
+                Some(Fast::Q8x {
+                    kernel,
+                    quantizer,
+                    block,
+                }) => return self.product_q8x(w, x, n, out, kernel, quantizer, block),
+                Some(Fast::Half(kernel)) => return self.product_half(w, x, n, out, kernel),
+                None => {}
+            }
         }
         if n == 1 {
             // Four rows per warp: x read once for four rows (same bits per row).
@@ -529,44 +579,66 @@ impl CudaBackend {
         self.gemm(w, x, n, out);
     }
 
-    /// Q4_0 / Q8_0 against activations quantized once to 8 bits (integer dot products):
-    /// the activations are quantized per row, so a row's result does not depend on n.
-    fn product_q8x(&self, w: &CudaMat, x: u64, n: usize, out: u64) {
+    /// Q4_0 / Q8_0 / Q4_K / Q6_K against activations quantized once to 8 bits (q8x.cu):
+    /// the CPU's q8 scheme, quantized per activation row, so a row's result does not
+    /// depend on n.
+    #[allow(clippy::too_many_arguments)]
+    fn product_q8x(&self, w: &CudaMat, x: u64, n: usize, out: u64, kernel: &str, quantizer: &str, block: usize) {
         let (rows, cols) = (w.rows, w.cols);
-        let nb = cols / 32;
+        let (nb, nd) = (cols / 32, cols / block);
         let Ok(mut sc) = self.scratch.lock() else { return };
         self.grow(&mut sc.xq, n * cols);
-        self.grow(&mut sc.xd, n * nb);
+        self.grow(&mut sc.xd, n * nd);
         self.grow(&mut sc.xs, n * nb);
-        if self.failed() || sc.xq.len < n * cols || sc.xd.len < n * nb || sc.xs.len < n * nb {
+        if self.failed() || sc.xq.len < n * cols || sc.xd.len < n * nd || sc.xs.len < n * nb {
             return;
         }
         self.launch(
-            "quantize_q8x",
-            (nb.div_ceil(128) as u32, n as u32, 1),
-            128,
+            quantizer,
+            (cols.div_ceil(256) as u32, n as u32, 1),
+            256,
             &[
                 Arg::P(x),
                 Arg::P(sc.xq.ptr),
                 Arg::P(sc.xd.ptr),
                 Arg::P(sc.xs.ptr),
                 Arg::U(cols as u32),
-                Arg::U(n as u32),
             ],
         );
-        let name = format!("matvec_q8x_{}", w.tag);
-        for t0 in (0..n).step_by(quant::MATVEC_MAX_N) {
-            let m = quant::MATVEC_MAX_N.min(n - t0);
+        for t0 in (0..n).step_by(Q8X_MAX_N) {
+            let m = Q8X_MAX_N.min(n - t0);
             self.launch(
-                &name,
+                kernel,
                 grid1(rows, 4),
                 128,
                 &[
                     Arg::P(w.data.ptr),
                     Arg::P(w.row_bytes as u64),
                     Arg::P(sc.xq.ptr + (t0 * cols) as u64),
-                    Arg::P(sc.xd.ptr + (4 * t0 * nb) as u64),
+                    Arg::P(sc.xd.ptr + (4 * t0 * nd) as u64),
                     Arg::P(sc.xs.ptr + (4 * t0 * nb) as u64),
+                    Arg::P(out + (4 * t0 * rows) as u64),
+                    Arg::U(rows as u32),
+                    Arg::U(cols as u32),
+                    Arg::U(m as u32),
+                ],
+            );
+        }
+    }
+
+    /// F16 / BF16 rows (cols % 8 == 0) with 128-bit loads, one warp per row (q8x.cu).
+    fn product_half(&self, w: &CudaMat, x: u64, n: usize, out: u64, kernel: &str) {
+        let (rows, cols) = (w.rows, w.cols);
+        for t0 in (0..n).step_by(Q8X_MAX_N) {
+            let m = Q8X_MAX_N.min(n - t0);
+            self.launch(
+                kernel,
+                grid1(rows, 4),
+                128,
+                &[
+                    Arg::P(w.data.ptr),
+                    Arg::P(w.row_bytes as u64),
+                    Arg::P(x + (4 * t0 * cols) as u64),
                     Arg::P(out + (4 * t0 * rows) as u64),
                     Arg::U(rows as u32),
                     Arg::U(cols as u32),
@@ -783,6 +855,7 @@ impl Backend for CudaBackend {
             cols,
             row_bytes,
             kernels: MatKernels::new(ty),
+            fast: Fast::for_matrix(ty, cols),
         }
     }
 

@@ -39,7 +39,16 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
     (
         "q8x.cu",
         include_str!("q8x.cu"),
-        &["quantize_q8x", "matvec_q8x_q4_0", "matvec_q8x_q8_0"],
+        &[
+            "quantize_q8x32",
+            "quantize_q8x256",
+            "mv_q8x_q4_0",
+            "mv_q8x_q8_0",
+            "mv_q8x_q4_k",
+            "mv_q8x_q6_k",
+            "mv_half_f16",
+            "mv_half_bf16",
+        ],
     ),
     (
         "attention.cu",

@@ -1,9 +1,13 @@
-// Matrix-vector products with activations quantized once to 8 bits (UNVERIFIED on a GPU:
-// written for the next GPU session). Each activation row is cut into 32-element blocks
-// with a scale d = max|x| / 127, levels q = round(x / d) and their sum; the weight block's
-// integer levels are dotted with the activation levels four at a time (dp4a), and one
-// multiply per block applies both scales. A row's arithmetic does not depend on how many
-// activation rows share the launch (n <= 8), so batch invariance holds as for `matvec`.
+// Decode products (fewer than GEMM_MIN_ROWS activation rows) that read each weight byte
+// once at full bandwidth: one warp per output row, so even a 4096-row matrix spreads
+// over every SM with enough loads in flight, and
+//   * Q4_0, Q8_0, Q4_K, Q6_K against activations quantized once to 8 bits, multiplied in
+//     integers (dp4a) — the CPU's q8 scheme (quant/q8.rs) with the same activation bytes
+//     and the same integer dot per block (super-block for the K-quants), so the GPU and
+//     CPU differ only in the order of the f32 sums;
+//   * F16 / BF16 with 128-bit weight loads against f32 activations.
+// A row's arithmetic does not depend on how many activation rows share the launch
+// (n <= 8), so a sequence's result does not depend on its batch.
 // Header-free like the other sources.
 
 typedef unsigned char u8;
@@ -12,6 +16,7 @@ typedef unsigned int u32;
 typedef unsigned long long u64;
 
 #define Q8X_MAX_N 8
+#define FULL 0xFFFFFFFFu
 
 __device__ __forceinline__ int dp4a(int a, int b, int c) {
     int r;
@@ -19,114 +24,201 @@ __device__ __forceinline__ int dp4a(int a, int b, int c) {
     return r;
 }
 
-__device__ __forceinline__ float half_bits_to_float(u32 bits) {
+__device__ __forceinline__ float f16_bits(u32 bits) {
     const u16 h = (u16)bits;
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
 }
 
-// Little-endian 32-bit words at any alignment (byte loads: block fields sit at odd offsets).
-__device__ __forceinline__ u32 word_at(const u8* p) {
-    return (u32)__ldg(p) | ((u32)__ldg(p + 1) << 8) | ((u32)__ldg(p + 2) << 16) | ((u32)__ldg(p + 3) << 24);
+// `NW` little-endian words from `p` (any alignment), reading only the aligned words that
+// overlap [p, p + 4 NW) (so never past the field).
+template <int NW>
+__device__ __forceinline__ void words(const u8* p, u32 (&out)[NW]) {
+    const u64 a = (u64)p;
+    const u32* base = (const u32*)(a & ~3ull);
+    const u32 sh = (u32)(a & 3) * 8;
+    u32 cur = __ldg(base);
+#pragma unroll
+    for (int i = 0; i < NW; ++i) {
+        const int next = (i + 1 < NW || sh != 0) ? i + 1 : i;
+        const u32 nxt = __ldg(base + next);
+        out[i] = __funnelshift_r(cur, nxt, sh);
+        cur = nxt;
+    }
 }
 
-// One thread per 32-element block of one activation row: xq (int8 levels, row-major like
-// x), xd (scales) and xs (level sums), both [n][cols / 32].
-// grid = (ceil(cols / 32 / 128), n), block = 128.
-extern "C" __global__ void quantize_q8x(const float* __restrict__ x, signed char* __restrict__ xq,
-                                        float* __restrict__ xd, int* __restrict__ xs, u32 cols, u32 n) {
-    const u32 nb = cols / 32;
-    const u32 b = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
-    if (b >= nb || t >= n) {
-        return;
+// The f16 at a 2-byte aligned address, from the aligned word holding it.
+__device__ __forceinline__ float f16_at(const u8* p) {
+    const u32 w = __ldg((const u32*)((u64)p & ~3ull));
+    return f16_bits(((u64)p & 2) ? (w >> 16) : w);
+}
+
+// Bytes 0..15 of each byte lane minus 8 (Q4_0's zero point) and 0..63 minus 32 (Q6_K's),
+// as signed bytes: adding the complement keeps every byte below 0x100 (no carries), and
+// flipping the top bit makes the two's complement value.
+__device__ __forceinline__ int minus8(u32 q) { return (int)((q + 0x78787878u) ^ 0x80808080u); }
+__device__ __forceinline__ int minus32(u32 q) { return (int)((q + 0x60606060u) ^ 0x80808080u); }
+
+__device__ __forceinline__ float warp_sum(float s) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        s += __shfl_xor_sync(FULL, s, off);
     }
-    const float* v = x + (u64)t * cols + (u64)b * 32;
-    float amax = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 32; i++) {
-        amax = fmaxf(amax, fabsf(v[i]));
+    return s;
+}
+
+// ------------------------------------------------------------ activation quantization
+//
+// quant/q8.rs's scheme: per block of QB elements (32, or 256 for the K-quants)
+// amax = max |x| (NaN/inf -> d = NaN, q = 0; amax = 0 -> d = 0, q = 0), d = amax / 127,
+// q = round_half_even((x * m1) * m2) with m1 = 127 / amax, m2 = 1 (or, when 127 / amax
+// overflows, m1 = 2^100, m2 = 127 / (amax * 2^100)). Writes xq [n][cols] (int8),
+// xd [n][cols / QB] and xs [n][cols / 32] (the level sums of each 32 elements).
+// grid = (ceil(cols / 256), n), block = 256; cols % QB == 0.
+template <int QB>
+__device__ __forceinline__ void quantize(const float* __restrict__ x, signed char* __restrict__ xq,
+                                         float* __restrict__ xd, int* __restrict__ xs, u32 cols) {
+    __shared__ u32 warp_max[8];
+    const u32 t = blockIdx.y;
+    const u32 c = blockIdx.x * 256 + threadIdx.x;
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (QB == 32 && c >= cols) {
+        return;  // whole warps (cols % 32 == 0)
     }
-    const float d = amax / 127.0f;
-    const float id = d > 0.0f ? 1.0f / d : 0.0f;
-    int sum = 0;
-    u32* out = (u32*)(xq + (u64)t * cols + (u64)b * 32);
+    const float v = x[(u64)t * cols + c];
+    u32 m = __float_as_uint(v) & 0x7FFFFFFFu;
 #pragma unroll
-    for (int w = 0; w < 8; w++) {
-        u32 word = 0;
-#pragma unroll
-        for (int k = 0; k < 4; k++) {
-            const int q = __float2int_rn(v[4 * w + k] * id);
-            sum += q;
-            word |= ((u32)(q & 0xFF)) << (8 * k);
+    for (int off = 16; off > 0; off >>= 1) {
+        m = max(m, __shfl_xor_sync(FULL, m, off));
+    }
+    if (QB == 256) {
+        if (lane == 0) {
+            warp_max[warp] = m;
         }
-        out[w] = word;
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            m = max(m, warp_max[i]);
+        }
     }
-    xd[(u64)t * nb + b] = d;
-    xs[(u64)t * nb + b] = sum;
+    const float amax = __uint_as_float(m);
+    float d, m1, m2;
+    if (m >= 0x7F800000u) {
+        d = __uint_as_float(0x7FC00000u);
+        m1 = 0.0f;
+        m2 = 0.0f;
+    } else if (m == 0) {
+        d = 0.0f;
+        m1 = 0.0f;
+        m2 = 0.0f;
+    } else {
+        d = __fdiv_rn(amax, 127.0f);
+        m1 = __fdiv_rn(127.0f, amax);
+        m2 = 1.0f;
+        if (__float_as_uint(m1) >= 0x7F800000u) {
+            const float up = 1267650600228229401496703205376.0f;  // 2^100
+            m1 = up;
+            m2 = __fdiv_rn(127.0f, __fmul_rn(amax, up));
+        }
+    }
+    const int q = __float2int_rn(__fmul_rn(__fmul_rn(v, m1), m2));
+    xq[(u64)t * cols + c] = (signed char)q;
+    int s = q;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        s += __shfl_xor_sync(FULL, s, off);
+    }
+    if (lane == 0) {
+        xs[(u64)t * (cols / 32) + c / 32] = s;
+        if (QB == 32 || warp == 0) {
+            xd[(u64)t * (cols / QB) + c / QB] = d;
+        }
+    }
 }
 
-// Q4_0 (18-byte blocks: f16 d, 16 bytes of nibbles; element j = low nibble of byte j,
-// element j + 16 = its high nibble; value = d * (nibble - 8)) and Q8_0 (34-byte blocks:
-// f16 d, 32 int8) against quantized activations. One warp per output row, lane L takes
-// blocks L, L + 32, ...; then a butterfly. grid = ceil(rows / 4), block = 128.
+extern "C" __global__ void __launch_bounds__(256)
+    quantize_q8x32(const float* x, signed char* xq, float* xd, int* xs, u32 cols) {
+    quantize<32>(x, xq, xd, xs, cols);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    quantize_q8x256(const float* x, signed char* xq, float* xd, int* xs, u32 cols) {
+    quantize<256>(x, xq, xd, xs, cols);
+}
+
+// ------------------------------------------------------------------- the products
+//
+// All: y[t * rows + r] = W[r] . x[t] for t < n; grid = ceil(rows / 4), block = 128 (warp w
+// of block b takes row 4b + w). `xq`, `xd`, `xs` come from quantize_q8x32 (legacy types)
+// or quantize_q8x256 (K-quants) over the same n rows.
+
+// The 8 activation words of 32-element block `b` of token row t.
+__device__ __forceinline__ void act32(const signed char* xq, u32 cols, u32 t, u32 b, int (&a)[8]) {
+    const uint4* p = (const uint4*)(xq + (u64)t * cols + (u64)b * 32);
+    const uint4 v0 = __ldg(p), v1 = __ldg(p + 1);
+    a[0] = (int)v0.x; a[1] = (int)v0.y; a[2] = (int)v0.z; a[3] = (int)v0.w;
+    a[4] = (int)v1.x; a[5] = (int)v1.y; a[6] = (int)v1.z; a[7] = (int)v1.w;
+}
+
+// Q4_0 (18-byte blocks: f16 d, 16 bytes of nibbles; element j is byte j's low nibble,
+// element j + 16 its high nibble; value d * (nibble - 8)) and Q8_0 (34 bytes: f16 d,
+// 32 int8). Lane L takes blocks L, L + 32, ...; per block (d_w * d_x) * isum, as on the CPU.
 template <bool Q8>
-__device__ __forceinline__ void matvec_q8x(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq,
-                                           const float* __restrict__ xd, const int* __restrict__ xs,
-                                           float* __restrict__ y, u32 rows, u32 cols, u32 n) {
+__device__ __forceinline__ void mv_legacy(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq,
+                                          const float* __restrict__ xd, float* __restrict__ y, u32 rows, u32 cols,
+                                          u32 n) {
     const u32 lane = threadIdx.x & 31;
     const u32 r = blockIdx.x * 4 + (threadIdx.x >> 5);
     if (r >= rows) {
-        return;
+        return;  // whole warps
     }
     const u32 nb = cols / 32;
     const u8* row = w + (u64)r * row_bytes;
     float acc[Q8X_MAX_N];
 #pragma unroll
-    for (int t = 0; t < Q8X_MAX_N; t++) {
+    for (int t = 0; t < Q8X_MAX_N; ++t) {
         acc[t] = 0.0f;
     }
+#pragma unroll 2
     for (u32 b = lane; b < nb; b += 32) {
         const u8* blk = row + (u64)b * (Q8 ? 34 : 18);
-        const float dw = half_bits_to_float((u32)__ldg(blk) | ((u32)__ldg(blk + 1) << 8));
+        const float dw = f16_at(blk);
         int q[8];
         if (Q8) {
+            u32 qw[8];
+            words<8>(blk + 2, qw);
 #pragma unroll
-            for (int i = 0; i < 8; i++) {
-                q[i] = (int)word_at(blk + 2 + 4 * i);
+            for (int i = 0; i < 8; ++i) {
+                q[i] = (int)qw[i];
             }
         } else {
+            u32 qw[4];
+            words<4>(blk + 2, qw);
 #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const u32 qw = word_at(blk + 2 + 4 * i);
-                q[i] = (int)(qw & 0x0F0F0F0Fu);
-                q[4 + i] = (int)((qw >> 4) & 0x0F0F0F0Fu);
+            for (int i = 0; i < 4; ++i) {
+                q[i] = minus8(qw[i] & 0x0F0F0F0Fu);
+                q[4 + i] = minus8((qw[i] >> 4) & 0x0F0F0F0Fu);
             }
         }
 #pragma unroll
-        for (int t = 0; t < Q8X_MAX_N; t++) {
+        for (int t = 0; t < Q8X_MAX_N; ++t) {
             if ((u32)t < n) {
-                const int* xt = (const int*)(xq + (u64)t * cols + (u64)b * 32);
+                int a[8];
+                act32(xq, cols, t, b, a);
                 int s = 0;
 #pragma unroll
-                for (int i = 0; i < 8; i++) {
-                    s = dp4a(q[i], __ldg(xt + i), s);
+                for (int i = 0; i < 8; ++i) {
+                    s = dp4a(q[i], a[i], s);
                 }
-                if (!Q8) {
-                    s -= 8 * __ldg(xs + (u64)t * nb + b);
-                }
-                acc[t] += dw * __ldg(xd + (u64)t * nb + b) * (float)s;
+                acc[t] += (dw * __ldg(xd + (u64)t * nb + b)) * (float)s;
             }
         }
     }
 #pragma unroll
-    for (int t = 0; t < Q8X_MAX_N; t++) {
+    for (int t = 0; t < Q8X_MAX_N; ++t) {
         if ((u32)t < n) {
-            float s = acc[t];
-#pragma unroll
-            for (int off = 16; off > 0; off >>= 1) {
-                s += __shfl_xor_sync(0xFFFFFFFFu, s, off);
-            }
+            const float s = warp_sum(acc[t]);
             if (lane == 0) {
                 y[(u64)t * rows + r] = s;
             }
@@ -135,13 +227,238 @@ __device__ __forceinline__ void matvec_q8x(const u8* __restrict__ w, u64 row_byt
 }
 
 extern "C" __global__ void __launch_bounds__(128)
-    matvec_q8x_q4_0(const u8* w, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, float* y,
-                    u32 rows, u32 cols, u32 n) {
-    matvec_q8x<false>(w, row_bytes, xq, xd, xs, y, rows, cols, n);
+    mv_q8x_q4_0(const u8* w, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, float* y,
+                u32 rows, u32 cols, u32 n) {
+    mv_legacy<false>(w, row_bytes, xq, xd, y, rows, cols, n);
 }
 
 extern "C" __global__ void __launch_bounds__(128)
-    matvec_q8x_q8_0(const u8* w, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, float* y,
-                    u32 rows, u32 cols, u32 n) {
-    matvec_q8x<true>(w, row_bytes, xq, xd, xs, y, rows, cols, n);
+    mv_q8x_q8_0(const u8* w, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, float* y,
+                u32 rows, u32 cols, u32 n) {
+    mv_legacy<true>(w, row_bytes, xq, xd, y, rows, cols, n);
+}
+
+// Byte j (0..7) of the pair (lo, hi).
+__device__ __forceinline__ int byte8(u32 lo, u32 hi, int j) {
+    return (int)((j < 4 ? lo >> (8 * j) : hi >> (8 * (j - 4))) & 0xFFu);
+}
+
+// K-quants: 256-element super-blocks, four lanes each (lane % 4 = which 64 elements), the
+// lanes' integer sums added exactly (shuffles) so each super-block contributes the CPU's
+// f32 terms once. Every lane runs the same number of iterations (the shuffles need the
+// whole warp); lanes past the row's end contribute zero.
+//
+// Q4_K (144 bytes): f16 d, f16 dmin, 12 bytes of 6-bit scales/mins (8 sub-blocks of 32),
+// 128 bytes of nibbles: bytes 32c..32c+31 hold elements 64c.. (low nibbles, sub-block 2c)
+// and 64c + 32.. (high nibbles, sub-block 2c + 1). Value d*sc*q - dmin*mn.
+// Q6_K (210 bytes): ql[128], qh[64], int8 scales[16], f16 d. Half h (128 elements), l < 32:
+// element 128h + l + 32k takes ql[64h + l (+32 for k odd)]'s low (k < 2) or high nibble and
+// qh[32h + l]'s bits 2k..2k+1 as its top two bits; value d * sc[(128h + 32k + l) / 16] * (q - 32).
+// Lane c = 2h + lh takes l in [16 lh, 16 lh + 16) of half h.
+template <bool Q6>
+__device__ __forceinline__ void mv_kquant(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq,
+                                          const float* __restrict__ xd, const int* __restrict__ xs,
+                                          float* __restrict__ y, u32 rows, u32 cols, u32 n) {
+    const u32 lane = threadIdx.x & 31;
+    const u32 r = blockIdx.x * 4 + (threadIdx.x >> 5);
+    if (r >= rows) {
+        return;
+    }
+    const u32 nsb = cols / 256;
+    const u32 c = lane & 3;
+    const u8* row = w + (u64)r * row_bytes;
+    float acc[Q8X_MAX_N];
+#pragma unroll
+    for (int t = 0; t < Q8X_MAX_N; ++t) {
+        acc[t] = 0.0f;
+    }
+    for (u32 sb0 = 0; sb0 < nsb; sb0 += 8) {
+        const u32 sb = sb0 + (lane >> 2);
+        const bool ok = sb < nsb;
+        const u8* blk = row + (u64)(ok ? sb : 0) * (Q6 ? 210 : 144);
+        // The weights' four (Q4_K: two) groups of levels as signed words, with their scales.
+        int q[4][4];
+        int sc[4];
+        int mn[2] = {0, 0};
+        float d, dmin = 0.0f;
+        if (!Q6) {
+            const uint4 hd = __ldg((const uint4*)blk);  // d, dmin, scales[0..12)
+            d = f16_bits(hd.x);
+            dmin = f16_bits(hd.x >> 16);
+            const u32 w0 = hd.y, w1 = hd.z, w2 = hd.w;
+            const u32 sc_lo = w0 & 0x3F3F3F3Fu, mn_lo = w1 & 0x3F3F3F3Fu;
+            const u32 sc_hi = (w2 & 0x0F0F0F0Fu) | (((w0 >> 6) & 0x03030303u) << 4);
+            const u32 mn_hi = ((w2 >> 4) & 0x0F0F0F0Fu) | (((w1 >> 6) & 0x03030303u) << 4);
+            sc[0] = byte8(sc_lo, sc_hi, 2 * c);
+            sc[1] = byte8(sc_lo, sc_hi, 2 * c + 1);
+            mn[0] = byte8(mn_lo, mn_hi, 2 * c);
+            mn[1] = byte8(mn_lo, mn_hi, 2 * c + 1);
+            const uint4* qs = (const uint4*)(blk + 16 + 32 * c);
+            const uint4 a0 = __ldg(qs), a1 = __ldg(qs + 1);
+            const u32 qw[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                q[i >> 2][i & 3] = (int)(qw[i] & 0x0F0F0F0Fu);
+                q[2 + (i >> 2)][i & 3] = (int)((qw[i] >> 4) & 0x0F0F0F0Fu);
+            }
+        } else {
+            const u32 h = c >> 1, lh = c & 1;
+            u32 a[4], b[4], hh[4];
+            words<4>(blk + 64 * h + 16 * lh, a);
+            words<4>(blk + 64 * h + 32 + 16 * lh, b);
+            words<4>(blk + 128 + 32 * h + 16 * lh, hh);
+            d = f16_at(blk + 208);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                q[0][i] = minus32((a[i] & 0x0F0F0F0Fu) | ((hh[i] & 0x03030303u) << 4));
+                q[1][i] = minus32((b[i] & 0x0F0F0F0Fu) | (((hh[i] >> 2) & 0x03030303u) << 4));
+                q[2][i] = minus32(((a[i] >> 4) & 0x0F0F0F0Fu) | (((hh[i] >> 4) & 0x03030303u) << 4));
+                q[3][i] = minus32(((b[i] >> 4) & 0x0F0F0F0Fu) | (((hh[i] >> 6) & 0x03030303u) << 4));
+            }
+            u32 s2[2];
+            words<2>(blk + 192 + 8 * h, s2);  // scales[8h .. 8h + 8)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                sc[k] = (int)(signed char)byte8(s2[0], s2[1], 2 * k + lh);
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < Q8X_MAX_N; ++t) {
+            if ((u32)t < n) {
+                const signed char* xt = xq + (u64)t * cols + (u64)(ok ? sb : 0) * 256;
+                int sumi = 0, msum = 0;
+                if (!Q6) {
+                    // Sub-blocks 2c (low nibbles) and 2c + 1 (high): 32 levels each.
+#pragma unroll
+                    for (int s = 0; s < 2; ++s) {
+                        const uint4* p = (const uint4*)(xt + 64 * c + 32 * s);
+                        const uint4 v0 = __ldg(p), v1 = __ldg(p + 1);
+                        int dot = 0;
+                        dot = dp4a(q[2 * s][0], (int)v0.x, dot);
+                        dot = dp4a(q[2 * s][1], (int)v0.y, dot);
+                        dot = dp4a(q[2 * s][2], (int)v0.z, dot);
+                        dot = dp4a(q[2 * s][3], (int)v0.w, dot);
+                        dot = dp4a(q[2 * s + 1][0], (int)v1.x, dot);
+                        dot = dp4a(q[2 * s + 1][1], (int)v1.y, dot);
+                        dot = dp4a(q[2 * s + 1][2], (int)v1.z, dot);
+                        dot = dp4a(q[2 * s + 1][3], (int)v1.w, dot);
+                        sumi += sc[s] * dot;
+                        msum += mn[s] * __ldg(xs + (u64)t * (cols / 32) + (u64)(ok ? sb : 0) * 8 + 2 * c + s);
+                    }
+                } else {
+                    const u32 h = c >> 1, lh = c & 1;
+#pragma unroll
+                    for (int k = 0; k < 4; ++k) {
+                        const uint4 v = __ldg((const uint4*)(xt + 128 * h + 32 * k + 16 * lh));
+                        int dot = 0;
+                        dot = dp4a(q[k][0], (int)v.x, dot);
+                        dot = dp4a(q[k][1], (int)v.y, dot);
+                        dot = dp4a(q[k][2], (int)v.z, dot);
+                        dot = dp4a(q[k][3], (int)v.w, dot);
+                        sumi += sc[k] * dot;
+                    }
+                }
+                // The super-block's four lanes: exact integer sums.
+                sumi += __shfl_xor_sync(FULL, sumi, 1);
+                sumi += __shfl_xor_sync(FULL, sumi, 2);
+                if (!Q6) {
+                    msum += __shfl_xor_sync(FULL, msum, 1);
+                    msum += __shfl_xor_sync(FULL, msum, 2);
+                }
+                if (ok && c == 0) {
+                    const float da = __ldg(xd + (u64)t * nsb + sb);
+                    acc[t] += (d * da) * (float)sumi;
+                    if (!Q6) {
+                        acc[t] -= (dmin * da) * (float)msum;
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < Q8X_MAX_N; ++t) {
+        if ((u32)t < n) {
+            const float s = warp_sum(acc[t]);
+            if (lane == 0) {
+                y[(u64)t * rows + r] = s;
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    mv_q8x_q4_k(const u8* w, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, float* y,
+                u32 rows, u32 cols, u32 n) {
+    mv_kquant<false>(w, row_bytes, xq, xd, xs, y, rows, cols, n);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    mv_q8x_q6_k(const u8* w, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, float* y,
+                u32 rows, u32 cols, u32 n) {
+    mv_kquant<true>(w, row_bytes, xq, xd, xs, y, rows, cols, n);
+}
+
+// ------------------------------------------------------------------- f16 / bf16
+//
+// cols % 8 == 0 (rows 16-byte aligned): lane L reads 8 weights (one 128-bit load) at
+// columns 8L, 8L + 256, ...; two partial sums per lane (even and odd elements), then the
+// butterfly.
+template <bool BF>
+__device__ __forceinline__ float widen(u32 h) {
+    return BF ? __uint_as_float((h & 0xFFFFu) << 16) : f16_bits(h);
+}
+
+template <bool BF>
+__device__ __forceinline__ void mv_half(const u8* __restrict__ w, u64 row_bytes, const float* __restrict__ x,
+                                        float* __restrict__ y, u32 rows, u32 cols, u32 n) {
+    const u32 lane = threadIdx.x & 31;
+    const u32 r = blockIdx.x * 4 + (threadIdx.x >> 5);
+    if (r >= rows) {
+        return;
+    }
+    const uint4* row = (const uint4*)(w + (u64)r * row_bytes);
+    float acc0[Q8X_MAX_N], acc1[Q8X_MAX_N];
+#pragma unroll
+    for (int t = 0; t < Q8X_MAX_N; ++t) {
+        acc0[t] = 0.0f;
+        acc1[t] = 0.0f;
+    }
+    const u32 nv = cols / 8;
+#pragma unroll 4
+    for (u32 i = lane; i < nv; i += 32) {
+        const uint4 v = __ldg(row + i);
+        const u32 hw[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int t = 0; t < Q8X_MAX_N; ++t) {
+            if ((u32)t < n) {
+                const float4* xp = (const float4*)(x + (u64)t * cols + (u64)i * 8);
+                const float4 a = __ldg(xp), b = __ldg(xp + 1);
+                const float xv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    acc0[t] = __fmaf_rn(widen<BF>(hw[k]), xv[2 * k], acc0[t]);
+                    acc1[t] = __fmaf_rn(widen<BF>(hw[k] >> 16), xv[2 * k + 1], acc1[t]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < Q8X_MAX_N; ++t) {
+        if ((u32)t < n) {
+            const float s = warp_sum(__fadd_rn(acc0[t], acc1[t]));
+            if (lane == 0) {
+                y[(u64)t * rows + r] = s;
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    mv_half_f16(const u8* w, u64 row_bytes, const float* x, float* y, u32 rows, u32 cols, u32 n) {
+    mv_half<false>(w, row_bytes, x, y, rows, cols, n);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    mv_half_bf16(const u8* w, u64 row_bytes, const float* x, float* y, u32 rows, u32 cols, u32 n) {
+    mv_half<true>(w, row_bytes, x, y, rows, cols, n);
 }
