@@ -319,6 +319,30 @@ fn check_products(g: &CudaBackend, ty: WeightType, rows: usize, cols: usize, byt
             }
         }
     }
+    // Several matrices over one input (q/k/v, gate/up: one launch on the decode path):
+    // each output the same bits as its own product.
+    let rows2 = rows / 2 + 3;
+    let gm2 = g.matrix(
+        ty,
+        rows2,
+        cols,
+        HostBytes::from_vec(random_matrix(ty, rows2, cols, rng).unwrap()),
+    );
+    for &n in &[1usize, 5, GEMM_MIN_ROWS + 1] {
+        let gx = g.upload(&rng.vec(n * cols, 1.0));
+        let (mut a, mut b, mut c) = (g.alloc(n * rows), g.alloc(n * rows2), g.alloc(n * rows));
+        g.matmuls(&[&gm, &gm2, &gm], &gx, n, &mut [&mut a, &mut b, &mut c]);
+        for (m, out, r) in [(&gm, &a, rows), (&gm2, &b, rows2), (&gm, &c, rows)] {
+            let mut alone = g.alloc(n * r);
+            g.matmul(m, &gx, n, &mut alone);
+            let (x, y) = (down(g, out, n * r), down(g, &alone, n * r));
+            assert!(
+                x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{} n={n}: matmuls differs from matmul",
+                ty.name()
+            );
+        }
+    }
     // Embedding rows: the CPU's dequantization exactly.
     let ids = [0u32, 5, (rows - 1) as u32, 5];
     let mut ge = g.alloc(ids.len() * cols);

@@ -106,6 +106,21 @@ enum Fast {
 }
 
 impl Fast {
+    fn kernel(&self) -> &'static str {
+        match *self {
+            Fast::Q8x { kernel, .. } | Fast::Half(kernel) => kernel,
+        }
+    }
+
+    /// Whether the two kernels read the same input (one quantization serves both).
+    fn same_input(&self, other: &Fast) -> bool {
+        match (self, other) {
+            (Fast::Q8x { quantizer: a, .. }, Fast::Q8x { quantizer: b, .. }) => a == b,
+            (Fast::Half(_), Fast::Half(_)) => true,
+            _ => false,
+        }
+    }
+
     fn for_matrix(ty: WeightType, cols: usize) -> Option<Fast> {
         let q8 = |kernel, k: bool| {
             let (quantizer, block) = if k {
@@ -526,16 +541,8 @@ impl CudaBackend {
 
     /// `out[n, rows] = x[n, cols] · Wᵀ` (the buffers checked by the caller).
     fn product(&self, w: &CudaMat, x: u64, n: usize, out: u64) {
-        if n < GEMM_MIN_ROWS {
-            match w.fast {
-                Some(Fast::Q8x {
-                    kernel,
-                    quantizer,
-                    block,
-                }) => return self.product_q8x(w, x, n, out, kernel, quantizer, block),
-                Some(Fast::Half(kernel)) => return self.product_half(w, x, n, out, kernel),
-                None => {}
-            }
+        if self.fast_products(&[(w, out)], x, n) {
+            return;
         }
         if n == 1 {
             // Four rows per warp: x read once for four rows (same bits per row).
@@ -579,73 +586,93 @@ impl CudaBackend {
         self.gemm(w, x, n, out);
     }
 
-    /// Q4_0 / Q8_0 / Q4_K / Q6_K against activations quantized once to 8 bits (q8x.cu):
-    /// the CPU's q8 scheme, quantized per activation row, so a row's result does not
-    /// depend on n.
-    #[allow(clippy::too_many_arguments)]
-    fn product_q8x(&self, w: &CudaMat, x: u64, n: usize, out: u64, kernel: &str, quantizer: &str, block: usize) {
-        let (rows, cols) = (w.rows, w.cols);
-        let (nb, nd) = (cols / 32, cols / block);
-        let Ok(mut sc) = self.scratch.lock() else { return };
-        self.grow(&mut sc.xq, n * cols);
-        self.grow(&mut sc.xd, n * nd);
-        self.grow(&mut sc.xs, n * nb);
-        if self.failed() || sc.xq.len < n * cols || sc.xd.len < n * nd || sc.xs.len < n * nb {
-            return;
+    /// The decode products (n < [`GEMM_MIN_ROWS`]) of matrices over the same x with
+    /// q8x.cu's kernels: Q4_0 / Q8_0 / Q4_K / Q6_K against activations quantized once
+    /// to 8 bits (the CPU's q8 scheme, per activation row, so a row's result does not
+    /// depend on n), F16 / BF16 with 128-bit loads; consecutive matrices of one type
+    /// share a launch (up to three). False (nothing done) when the matrices have no such
+    /// kernel or take different inputs.
+    fn fast_products(&self, parts: &[(&CudaMat, u64)], x: u64, n: usize) -> bool {
+        let Some((first, _)) = parts.first() else { return true };
+        let (Some(f0), cols) = (first.fast, first.cols) else {
+            return false;
+        };
+        if n >= GEMM_MIN_ROWS
+            || parts
+                .iter()
+                .any(|(w, _)| w.cols != cols || !w.fast.is_some_and(|f| f.same_input(&f0)))
+        {
+            return false;
         }
-        self.launch(
-            quantizer,
-            (cols.div_ceil(256) as u32, n as u32, 1),
-            256,
-            &[
-                Arg::P(x),
-                Arg::P(sc.xq.ptr),
-                Arg::P(sc.xd.ptr),
-                Arg::P(sc.xs.ptr),
-                Arg::U(cols as u32),
-            ],
-        );
-        for t0 in (0..n).step_by(Q8X_MAX_N) {
-            let m = Q8X_MAX_N.min(n - t0);
-            self.launch(
-                kernel,
-                grid1(rows, 4),
-                128,
-                &[
-                    Arg::P(w.data.ptr),
-                    Arg::P(w.row_bytes as u64),
-                    Arg::P(sc.xq.ptr + (t0 * cols) as u64),
-                    Arg::P(sc.xd.ptr + (4 * t0 * nd) as u64),
-                    Arg::P(sc.xs.ptr + (4 * t0 * nb) as u64),
-                    Arg::P(out + (4 * t0 * rows) as u64),
-                    Arg::U(rows as u32),
-                    Arg::U(cols as u32),
-                    Arg::U(m as u32),
-                ],
-            );
+        let mut sc_guard = None;
+        let acts = match f0 {
+            Fast::Q8x { quantizer, block, .. } => {
+                let (nb, nd) = (cols / 32, cols / block);
+                let Ok(mut sc) = self.scratch.lock() else { return true };
+                self.grow(&mut sc.xq, n * cols);
+                self.grow(&mut sc.xd, n * nd);
+                self.grow(&mut sc.xs, n * nb);
+                if self.failed() || sc.xq.len < n * cols || sc.xd.len < n * nd || sc.xs.len < n * nb {
+                    return true;
+                }
+                self.launch(
+                    quantizer,
+                    (cols.div_ceil(256) as u32, n as u32, 1),
+                    256,
+                    &[
+                        Arg::P(x),
+                        Arg::P(sc.xq.ptr),
+                        Arg::P(sc.xd.ptr),
+                        Arg::P(sc.xs.ptr),
+                        Arg::U(cols as u32),
+                    ],
+                );
+                let a = Some((sc.xq.ptr, sc.xd.ptr, sc.xs.ptr, nd, nb));
+                sc_guard = Some(sc);
+                a
+            }
+            Fast::Half(_) => None,
+        };
+        let mut i = 0;
+        while i < parts.len() {
+            let kernel = parts[i].0.fast.map_or("", |f| f.kernel());
+            let mut j = i + 1;
+            while j < parts.len() && j - i < 3 && parts[j].0.fast.is_some_and(|f| f.kernel() == kernel) {
+                j += 1;
+            }
+            let group = &parts[i..j];
+            let total: usize = group.iter().map(|(w, _)| w.rows).sum();
+            for t0 in (0..n).step_by(Q8X_MAX_N) {
+                let m = Q8X_MAX_N.min(n - t0);
+                let mut args = Vec::with_capacity(16);
+                for p in 0..3 {
+                    args.push(Arg::P(group.get(p).map_or(0, |(w, _)| w.data.ptr)));
+                }
+                for p in 0..3 {
+                    args.push(Arg::P(
+                        group.get(p).map_or(0, |(w, out)| out + (4 * t0 * w.rows) as u64),
+                    ));
+                }
+                for p in 0..3 {
+                    args.push(Arg::U(group.get(p).map_or(0, |(w, _)| w.rows as u32)));
+                }
+                args.push(Arg::P(group[0].0.row_bytes as u64));
+                match acts {
+                    Some((xq, xd, xs, nd, nb)) => {
+                        args.push(Arg::P(xq + (t0 * cols) as u64));
+                        args.push(Arg::P(xd + (4 * t0 * nd) as u64));
+                        args.push(Arg::P(xs + (4 * t0 * nb) as u64));
+                    }
+                    None => args.push(Arg::P(x + (4 * t0 * cols) as u64)),
+                }
+                args.push(Arg::U(cols as u32));
+                args.push(Arg::U(m as u32));
+                self.launch(kernel, grid1(total, 4), 128, &args);
+            }
+            i = j;
         }
-    }
-
-    /// F16 / BF16 rows (cols % 8 == 0) with 128-bit loads, one warp per row (q8x.cu).
-    fn product_half(&self, w: &CudaMat, x: u64, n: usize, out: u64, kernel: &str) {
-        let (rows, cols) = (w.rows, w.cols);
-        for t0 in (0..n).step_by(Q8X_MAX_N) {
-            let m = Q8X_MAX_N.min(n - t0);
-            self.launch(
-                kernel,
-                grid1(rows, 4),
-                128,
-                &[
-                    Arg::P(w.data.ptr),
-                    Arg::P(w.row_bytes as u64),
-                    Arg::P(x + (4 * t0 * cols) as u64),
-                    Arg::P(out + (4 * t0 * rows) as u64),
-                    Arg::U(rows as u32),
-                    Arg::U(cols as u32),
-                    Arg::U(m as u32),
-                ],
-            );
-        }
+        drop(sc_guard);
+        true
     }
 
     fn gemm(&self, w: &CudaMat, x: u64, n: usize, out: u64) {
@@ -934,8 +961,16 @@ impl Backend for CudaBackend {
     }
 
     fn matmuls(&self, ws: &[&CudaMat], x: &CudaBuf, n: usize, outs: &mut [&mut CudaBuf]) {
-        for (w, out) in ws.iter().zip(outs.iter_mut()) {
-            self.matmul(w, x, n, out);
+        assert_eq!(ws.len(), outs.len(), "matmuls: one output per matrix");
+        for (w, out) in ws.iter().zip(outs.iter()) {
+            assert!(n * w.cols <= x.len && n * w.rows <= out.len, "matmul buffers too small");
+        }
+        let parts: Vec<(&CudaMat, u64)> = ws.iter().zip(outs.iter()).map(|(w, o)| (*w, o.ptr)).collect();
+        if self.fast_products(&parts, x.ptr, n) {
+            return;
+        }
+        for (w, out) in parts {
+            self.product(w, x.ptr, n, out);
         }
     }
 

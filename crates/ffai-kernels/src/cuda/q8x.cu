@@ -68,6 +68,34 @@ __device__ __forceinline__ float warp_sum(float s) {
     return s;
 }
 
+// Up to three matrices of one type and width share a launch (q/k/v, gate/up: one launch
+// instead of three): warp (4 * block + w) takes row r of the part whose rows it falls in.
+// Part p writes y_p[t * rows_p + r]. Unused parts have rows_p = 0.
+#define PARTS const u8 *w0, const u8 *w1, const u8 *w2, float *y0, float *y1, float *y2, u32 rows0, u32 rows1, u32 rows2
+struct Row {
+    const u8* w;
+    float* y;
+    u32 rows, r;
+};
+__device__ __forceinline__ bool pick(PARTS, Row& o) {
+    u32 r = blockIdx.x * 4 + (threadIdx.x >> 5);
+    if (r < rows0) {
+        o = Row{w0, y0, rows0, r};
+        return true;
+    }
+    r -= rows0;
+    if (r < rows1) {
+        o = Row{w1, y1, rows1, r};
+        return true;
+    }
+    r -= rows1;
+    if (r < rows2) {
+        o = Row{w2, y2, rows2, r};
+        return true;
+    }
+    return false;
+}
+
 // ------------------------------------------------------------ activation quantization
 //
 // quant/q8.rs's scheme: per block of QB elements (32, or 256 for the K-quants)
@@ -149,8 +177,8 @@ extern "C" __global__ void __launch_bounds__(256)
 
 // ------------------------------------------------------------------- the products
 //
-// All: y[t * rows + r] = W[r] . x[t] for t < n; grid = ceil(rows / 4), block = 128 (warp w
-// of block b takes row 4b + w). `xq`, `xd`, `xs` come from quantize_q8x32 (legacy types)
+// All: y[t * rows + r] = W[r] . x[t] for t < n; grid = ceil((rows0 + rows1 + rows2) / 4),
+// block = 128 (warp w of block b takes row 4b + w of the parts, see `pick`). `xq`, `xd`, `xs` come from quantize_q8x32 (legacy types)
 // or quantize_q8x256 (K-quants) over the same n rows.
 
 // The 8 activation words of 32-element block `b` of token row t.
@@ -166,13 +194,9 @@ __device__ __forceinline__ void act32(const signed char* xq, u32 cols, u32 t, u3
 // 32 int8). Lane L takes blocks L, L + 32, ...; per block (d_w * d_x) * isum, as on the CPU.
 template <bool Q8>
 __device__ __forceinline__ void mv_legacy(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq,
-                                          const float* __restrict__ xd, float* __restrict__ y, u32 rows, u32 cols,
-                                          u32 n) {
+                                          const float* __restrict__ xd, float* __restrict__ y, u32 rows, u32 r,
+                                          u32 cols, u32 n) {
     const u32 lane = threadIdx.x & 31;
-    const u32 r = blockIdx.x * 4 + (threadIdx.x >> 5);
-    if (r >= rows) {
-        return;  // whole warps
-    }
     const u32 nb = cols / 32;
     const u8* row = w + (u64)r * row_bytes;
     float acc[Q8X_MAX_N];
@@ -227,15 +251,19 @@ __device__ __forceinline__ void mv_legacy(const u8* __restrict__ w, u64 row_byte
 }
 
 extern "C" __global__ void __launch_bounds__(128)
-    mv_q8x_q4_0(const u8* w, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, float* y,
-                u32 rows, u32 cols, u32 n) {
-    mv_legacy<false>(w, row_bytes, xq, xd, y, rows, cols, n);
+    mv_q8x_q4_0(PARTS, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, u32 cols, u32 n) {
+    Row o;
+    if (pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o)) {  // else: the whole warp has no row
+        mv_legacy<false>(o.w, row_bytes, xq, xd, o.y, o.rows, o.r, cols, n);
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(128)
-    mv_q8x_q8_0(const u8* w, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, float* y,
-                u32 rows, u32 cols, u32 n) {
-    mv_legacy<true>(w, row_bytes, xq, xd, y, rows, cols, n);
+    mv_q8x_q8_0(PARTS, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, u32 cols, u32 n) {
+    Row o;
+    if (pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o)) {  // else: the whole warp has no row
+        mv_legacy<true>(o.w, row_bytes, xq, xd, o.y, o.rows, o.r, cols, n);
+    }
 }
 
 // Byte j (0..7) of the pair (lo, hi).
@@ -258,12 +286,8 @@ __device__ __forceinline__ int byte8(u32 lo, u32 hi, int j) {
 template <bool Q6>
 __device__ __forceinline__ void mv_kquant(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq,
                                           const float* __restrict__ xd, const int* __restrict__ xs,
-                                          float* __restrict__ y, u32 rows, u32 cols, u32 n) {
+                                          float* __restrict__ y, u32 rows, u32 r, u32 cols, u32 n) {
     const u32 lane = threadIdx.x & 31;
-    const u32 r = blockIdx.x * 4 + (threadIdx.x >> 5);
-    if (r >= rows) {
-        return;
-    }
     const u32 nsb = cols / 256;
     const u32 c = lane & 3;
     const u8* row = w + (u64)r * row_bytes;
@@ -387,15 +411,19 @@ __device__ __forceinline__ void mv_kquant(const u8* __restrict__ w, u64 row_byte
 }
 
 extern "C" __global__ void __launch_bounds__(128)
-    mv_q8x_q4_k(const u8* w, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, float* y,
-                u32 rows, u32 cols, u32 n) {
-    mv_kquant<false>(w, row_bytes, xq, xd, xs, y, rows, cols, n);
+    mv_q8x_q4_k(PARTS, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, u32 cols, u32 n) {
+    Row o;
+    if (pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o)) {  // else: the whole warp has no row
+        mv_kquant<false>(o.w, row_bytes, xq, xd, xs, o.y, o.rows, o.r, cols, n);
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(128)
-    mv_q8x_q6_k(const u8* w, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, float* y,
-                u32 rows, u32 cols, u32 n) {
-    mv_kquant<true>(w, row_bytes, xq, xd, xs, y, rows, cols, n);
+    mv_q8x_q6_k(PARTS, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, u32 cols, u32 n) {
+    Row o;
+    if (pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o)) {  // else: the whole warp has no row
+        mv_kquant<true>(o.w, row_bytes, xq, xd, xs, o.y, o.rows, o.r, cols, n);
+    }
 }
 
 // ------------------------------------------------------------------- f16 / bf16
@@ -410,12 +438,8 @@ __device__ __forceinline__ float widen(u32 h) {
 
 template <bool BF>
 __device__ __forceinline__ void mv_half(const u8* __restrict__ w, u64 row_bytes, const float* __restrict__ x,
-                                        float* __restrict__ y, u32 rows, u32 cols, u32 n) {
+                                        float* __restrict__ y, u32 rows, u32 r, u32 cols, u32 n) {
     const u32 lane = threadIdx.x & 31;
-    const u32 r = blockIdx.x * 4 + (threadIdx.x >> 5);
-    if (r >= rows) {
-        return;
-    }
     const uint4* row = (const uint4*)(w + (u64)r * row_bytes);
     float acc0[Q8X_MAX_N], acc1[Q8X_MAX_N];
 #pragma unroll
@@ -454,11 +478,17 @@ __device__ __forceinline__ void mv_half(const u8* __restrict__ w, u64 row_bytes,
 }
 
 extern "C" __global__ void __launch_bounds__(128)
-    mv_half_f16(const u8* w, u64 row_bytes, const float* x, float* y, u32 rows, u32 cols, u32 n) {
-    mv_half<false>(w, row_bytes, x, y, rows, cols, n);
+    mv_half_f16(PARTS, u64 row_bytes, const float* x, u32 cols, u32 n) {
+    Row o;
+    if (pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o)) {
+        mv_half<false>(o.w, row_bytes, x, o.y, o.rows, o.r, cols, n);
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(128)
-    mv_half_bf16(const u8* w, u64 row_bytes, const float* x, float* y, u32 rows, u32 cols, u32 n) {
-    mv_half<true>(w, row_bytes, x, y, rows, cols, n);
+    mv_half_bf16(PARTS, u64 row_bytes, const float* x, u32 cols, u32 n) {
+    Row o;
+    if (pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o)) {
+        mv_half<true>(o.w, row_bytes, x, o.y, o.rows, o.r, cols, n);
+    }
 }
