@@ -128,7 +128,7 @@ impl Fast {
             } else {
                 ("quantize_q8x32", 32)
             };
-            (cols % block == 0).then_some(Fast::Q8x {
+            cols.is_multiple_of(block).then_some(Fast::Q8x {
                 kernel,
                 quantizer,
                 block,
@@ -139,8 +139,8 @@ impl Fast {
             WeightType::Q8_0 => q8("mv_q8x_q8_0", false),
             WeightType::Q4K => q8("mv_q8x_q4_k", true),
             WeightType::Q6K => q8("mv_q8x_q6_k", true),
-            WeightType::F16 if cols % 8 == 0 => Some(Fast::Half("mv_half_f16")),
-            WeightType::BF16 if cols % 8 == 0 => Some(Fast::Half("mv_half_bf16")),
+            WeightType::F16 if cols.is_multiple_of(8) => Some(Fast::Half("mv_half_f16")),
+            WeightType::BF16 if cols.is_multiple_of(8) => Some(Fast::Half("mv_half_bf16")),
             _ => None,
         }
     }
