@@ -217,8 +217,50 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
         }
     }
     __syncthreads();
-    // Values: output element i = (head, dimension), positions in order.
+    // Values. With head_dim % 8 == 0: `per` threads cover the chunk's outputs 8 dimensions
+    // each (one 16-byte V load per position), and the block's threads form G such groups
+    // that take positions t = g, g + G, ...; the groups' sums are then added in group
+    // order. Both cuts depend on the span's length and the head shapes only, so a row's
+    // result does not depend on its batch. Otherwise one thread per output element.
     const unsigned int n = hi - lo;
+    if ((head_dim & 7) == 0) {
+        __shared__ float red[ATTN_THREADS * 8];
+        const unsigned int per = gn * head_dim / 8;
+        const unsigned int groups = ATTN_THREADS / per;
+        const unsigned int g = tid / per, i = tid % per;
+        if (g < groups) {
+            const unsigned int h = (i * 8) / head_dim, d0 = (i * 8) % head_dim;
+            float o[8];
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                o[e] = 0.0f;
+            }
+#pragma unroll 4
+            for (unsigned int t = g; t < n; t += groups) {
+                const uint4 raw = *(const uint4*)(v_pages + (size_t)rows_at[t] * head_dim + d0);
+                const float p = sc[h][t];
+                const unsigned int wv[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+                for (int e = 0; e < 8; e++) {
+                    o[e] += p * half_to_float((unsigned short)(wv[e / 2] >> (16 * (e % 2))));
+                }
+            }
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                red[tid * 8 + e] = o[e];
+            }
+        }
+        __syncthreads();
+        for (unsigned int j = tid; j < gn * head_dim; j += blockDim.x) {
+            const unsigned int h = j / head_dim, d = j % head_dim;
+            float o = 0.0f;  // output j is element j % 8 of thread j / 8 in each group
+            for (unsigned int gg = 0; gg < groups; gg++) {
+                o += red[gg * per * 8 + j];
+            }
+            part_o[(part0 + (size_t)h * max_spans) * head_dim + d] = o;
+        }
+        return;
+    }
     for (unsigned int i = tid; i < gn * head_dim; i += blockDim.x) {
         unsigned int h = i / head_dim, d = i % head_dim;
         float o = 0.0f;
