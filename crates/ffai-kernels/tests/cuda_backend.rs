@@ -6,7 +6,7 @@
 //! matrix-vector path. Without a GPU each test says why and passes; with
 //! `FFAI_REQUIRE_GPU=1` (the GPU machine) a missing GPU is a failure.
 //!
-//! Q4_0, Q8_0, Q4_K and Q6_K decode products (q8x.cu) quantize the activations to 8 bits
+//! Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q6_K decode products (q8x.cu) quantize the activations to 8 bits
 //! as the CPU's q8 path does, so their oracle is the CPU's `dot_row_q8` (same activation
 //! bytes, same integer dots; only the f32 sums' order differs).
 //!

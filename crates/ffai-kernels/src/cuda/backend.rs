@@ -136,6 +136,9 @@ impl Fast {
         };
         match ty {
             WeightType::Q4_0 => q8("mv_q8x_q4_0", false),
+            WeightType::Q4_1 => q8("mv_q8x_q4_1", false),
+            WeightType::Q5_0 => q8("mv_q8x_q5_0", false),
+            WeightType::Q5_1 => q8("mv_q8x_q5_1", false),
             WeightType::Q8_0 => q8("mv_q8x_q8_0", false),
             WeightType::Q4K => q8("mv_q8x_q4_k", true),
             WeightType::Q6K => q8("mv_q8x_q6_k", true),

@@ -189,27 +189,47 @@ __device__ __forceinline__ void act32(const signed char* xq, u32 cols, u32 t, u3
     a[4] = (int)v1.x; a[5] = (int)v1.y; a[6] = (int)v1.z; a[7] = (int)v1.w;
 }
 
-// Q4_0 (18-byte blocks: f16 d, 16 bytes of nibbles; element j is byte j's low nibble,
-// element j + 16 its high nibble; value d * (nibble - 8)) and Q8_0 (34 bytes: f16 d,
-// 32 int8). Lane L takes blocks L, L + 32, ...; per block (d_w * d_x) * isum, as on the CPU.
-template <bool Q8>
+// The legacy 32-element blocks (ggml's layouts): Q4_0 (18 bytes: f16 d, 16 bytes of
+// nibbles; element j is byte j's low nibble, element j + 16 its high nibble; value
+// d * (q - 8)), Q4_1 (20: f16 d, f16 m, nibbles; d * q + m), Q5_0 (22: f16 d, u32 of
+// fifth bits (bit j for element j), nibbles; d * (q - 16)), Q5_1 (24: d, m, fifth bits,
+// nibbles; d * q + m), Q8_0 (34: f16 d, 32 int8; d * q). Lane L takes blocks L, L + 32,
+// ...; per block (d_w * d_x) * isum (+ m * (d_x * Σq_x) for the types with a min, summed
+// apart and added at the end), as on the CPU.
+#define K_Q4_0 0
+#define K_Q4_1 1
+#define K_Q5_0 2
+#define K_Q5_1 3
+#define K_Q8_0 4
+
+// Bits 4i .. 4i + 3 of `qh` moved to bit 4 of bytes 0..3.
+__device__ __forceinline__ u32 fifth_bits(u32 qh, int i) {
+    const u32 hb = (qh >> (4 * i)) & 0xFu;
+    return ((hb & 1u) << 4) | ((hb & 2u) << 11) | ((hb & 4u) << 18) | ((hb & 8u) << 25);
+}
+
+template <int K>
 __device__ __forceinline__ void mv_legacy(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq,
-                                          const float* __restrict__ xd, float* __restrict__ y, u32 rows, u32 r,
-                                          u32 cols, u32 n) {
+                                          const float* __restrict__ xd, const int* __restrict__ xs,
+                                          float* __restrict__ y, u32 rows, u32 r, u32 cols, u32 n) {
+    constexpr bool MIN = K == K_Q4_1 || K == K_Q5_1;
+    constexpr int BYTES = K == K_Q4_0 ? 18 : K == K_Q4_1 ? 20 : K == K_Q5_0 ? 22 : K == K_Q5_1 ? 24 : 34;
     const u32 lane = threadIdx.x & 31;
     const u32 nb = cols / 32;
     const u8* row = w + (u64)r * row_bytes;
-    float acc[Q8X_MAX_N];
+    float acc[Q8X_MAX_N], sm[Q8X_MAX_N];
 #pragma unroll
     for (int t = 0; t < Q8X_MAX_N; ++t) {
         acc[t] = 0.0f;
+        sm[t] = 0.0f;
     }
 #pragma unroll 2
     for (u32 b = lane; b < nb; b += 32) {
-        const u8* blk = row + (u64)b * (Q8 ? 34 : 18);
+        const u8* blk = row + (u64)b * BYTES;
         const float dw = f16_at(blk);
+        const float mw = MIN ? f16_at(blk + 2) : 0.0f;
         int q[8];
-        if (Q8) {
+        if (K == K_Q8_0) {
             u32 qw[8];
             words<8>(blk + 2, qw);
 #pragma unroll
@@ -217,12 +237,32 @@ __device__ __forceinline__ void mv_legacy(const u8* __restrict__ w, u64 row_byte
                 q[i] = (int)qw[i];
             }
         } else {
+            constexpr int QS = K == K_Q4_0 ? 2 : K == K_Q4_1 ? 4 : K == K_Q5_0 ? 6 : 8;
             u32 qw[4];
-            words<4>(blk + 2, qw);
+            words<4>(blk + QS, qw);
+            u32 qh = 0;
+            if (K == K_Q5_0 || K == K_Q5_1) {
+                u32 h1[1];
+                words<1>(blk + QS - 4, h1);
+                qh = h1[0];
+            }
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                q[i] = minus8(qw[i] & 0x0F0F0F0Fu);
-                q[4 + i] = minus8((qw[i] >> 4) & 0x0F0F0F0Fu);
+                u32 lo = qw[i] & 0x0F0F0F0Fu, hi = (qw[i] >> 4) & 0x0F0F0F0Fu;
+                if (K == K_Q5_0 || K == K_Q5_1) {
+                    lo |= fifth_bits(qh, i);
+                    hi |= fifth_bits(qh >> 16, i);
+                }
+                if (K == K_Q4_0) {
+                    q[i] = minus8(lo);
+                    q[4 + i] = minus8(hi);
+                } else if (K == K_Q5_0) {
+                    q[i] = (int)((lo + 0x70707070u) ^ 0x80808080u);  // q - 16
+                    q[4 + i] = (int)((hi + 0x70707070u) ^ 0x80808080u);
+                } else {
+                    q[i] = (int)lo;
+                    q[4 + i] = (int)hi;
+                }
             }
         }
 #pragma unroll
@@ -235,14 +275,18 @@ __device__ __forceinline__ void mv_legacy(const u8* __restrict__ w, u64 row_byte
                 for (int i = 0; i < 8; ++i) {
                     s = dp4a(q[i], a[i], s);
                 }
-                acc[t] += (dw * __ldg(xd + (u64)t * nb + b)) * (float)s;
+                const float dx = __ldg(xd + (u64)t * nb + b);
+                acc[t] += (dw * dx) * (float)s;
+                if (MIN) {
+                    sm[t] += mw * (dx * (float)__ldg(xs + (u64)t * nb + b));
+                }
             }
         }
     }
 #pragma unroll
     for (int t = 0; t < Q8X_MAX_N; ++t) {
         if ((u32)t < n) {
-            const float s = warp_sum(acc[t]);
+            const float s = warp_sum(MIN ? acc[t] + sm[t] : acc[t]);
             if (lane == 0) {
                 y[(u64)t * rows + r] = s;
             }
@@ -254,7 +298,31 @@ extern "C" __global__ void __launch_bounds__(128)
     mv_q8x_q4_0(PARTS, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, u32 cols, u32 n) {
     Row o;
     if (pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o)) {  // else: the whole warp has no row
-        mv_legacy<false>(o.w, row_bytes, xq, xd, o.y, o.rows, o.r, cols, n);
+        mv_legacy<K_Q4_0>(o.w, row_bytes, xq, xd, xs, o.y, o.rows, o.r, cols, n);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    mv_q8x_q4_1(PARTS, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, u32 cols, u32 n) {
+    Row o;
+    if (pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o)) {  // else: the whole warp has no row
+        mv_legacy<K_Q4_1>(o.w, row_bytes, xq, xd, xs, o.y, o.rows, o.r, cols, n);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    mv_q8x_q5_0(PARTS, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, u32 cols, u32 n) {
+    Row o;
+    if (pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o)) {  // else: the whole warp has no row
+        mv_legacy<K_Q5_0>(o.w, row_bytes, xq, xd, xs, o.y, o.rows, o.r, cols, n);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    mv_q8x_q5_1(PARTS, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, u32 cols, u32 n) {
+    Row o;
+    if (pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o)) {  // else: the whole warp has no row
+        mv_legacy<K_Q5_1>(o.w, row_bytes, xq, xd, xs, o.y, o.rows, o.r, cols, n);
     }
 }
 
@@ -262,9 +330,10 @@ extern "C" __global__ void __launch_bounds__(128)
     mv_q8x_q8_0(PARTS, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, u32 cols, u32 n) {
     Row o;
     if (pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o)) {  // else: the whole warp has no row
-        mv_legacy<true>(o.w, row_bytes, xq, xd, o.y, o.rows, o.r, cols, n);
+        mv_legacy<K_Q8_0>(o.w, row_bytes, xq, xd, xs, o.y, o.rows, o.r, cols, n);
     }
 }
+
 
 // Byte j (0..7) of the pair (lo, hi).
 __device__ __forceinline__ int byte8(u32 lo, u32 hi, int j) {
