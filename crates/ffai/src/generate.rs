@@ -191,6 +191,18 @@ impl Sampler {
         }
     }
 
+    /// Whether this sampler takes the plain argmax of the raw logits (greedy, no
+    /// penalties, no log-probabilities): then the argmax alone decides the token, and a
+    /// GPU need not send the row back.
+    pub fn is_plain_greedy(&self) -> bool {
+        let p = &self.params;
+        p.temperature == 0.0
+            && p.logprobs.is_none()
+            && p.repetition_penalty == 1.0
+            && p.presence_penalty == 0.0
+            && p.frequency_penalty == 0.0
+    }
+
     /// [`sample_with`](Self::sample_with), and with `logprobs` asked for, the chosen
     /// token's log-probability and the top alternatives (from the raw logits).
     pub fn sample_with_logprobs(

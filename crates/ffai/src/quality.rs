@@ -553,7 +553,7 @@ mod tests {
             _: &[u32],
             _: &mut crate::models::BatchState,
             _: &mut crate::inspect::Tap,
-            _: &mut [f32],
+            _: crate::models::StepOut<'_>,
         ) -> Result<()> {
             Err(crate::Error::new("the stub model has no batched forward"))
         }

@@ -815,27 +815,6 @@ impl CudaBackend {
             );
         }
     }
-
-    /// Argmax of `n` rows of `width` at `buf[0..n*width]`, downloaded.
-    pub fn argmax_rows(&self, buf: &CudaBuf, n: usize, width: usize, out: &mut [u32]) {
-        assert!(n * width <= buf.len && out.len() >= n, "argmax_rows out of range");
-        let Ok(mut sc) = self.scratch.lock() else { return };
-        self.grow(&mut sc.argmax, n);
-        self.launch(
-            "argmax_rows",
-            (n as u32, 1, 1),
-            1024,
-            &[Arg::P(buf.ptr), Arg::U(width as u32), Arg::P(sc.argmax.ptr)],
-        );
-        if self.failed() {
-            return;
-        }
-        if let Some(mem) = sc.argmax.mem.as_ref() {
-            if let Err(e) = self.stream.memcpy_dtoh(&mem.slice(..n), &mut out[..n]) {
-                self.fail(format!("copy from the GPU failed: {e}"));
-            }
-        }
-    }
 }
 
 impl Backend for CudaBackend {
@@ -1073,6 +1052,26 @@ impl Backend for CudaBackend {
     fn add(&self, x: &mut CudaBuf, y: &CudaBuf, len: usize) {
         assert!(len <= x.len && len <= y.len);
         self.elementwise("add_inplace", len, &[Arg::P(x.ptr), Arg::P(y.ptr), Arg::U(len as u32)]);
+    }
+
+    fn argmax_rows(&self, buf: &CudaBuf, n: usize, width: usize, out: &mut [u32]) {
+        assert!(n * width <= buf.len && out.len() >= n, "argmax_rows out of range");
+        let Ok(mut sc) = self.scratch.lock() else { return };
+        self.grow(&mut sc.argmax, n);
+        self.launch(
+            "argmax_rows",
+            (n as u32, 1, 1),
+            1024,
+            &[Arg::P(buf.ptr), Arg::U(width as u32), Arg::P(sc.argmax.ptr)],
+        );
+        if self.failed() {
+            return;
+        }
+        if let Some(mem) = sc.argmax.mem.as_ref() {
+            if let Err(e) = self.stream.memcpy_dtoh(&mem.slice(..n), &mut out[..n]) {
+                self.fail(format!("copy from the GPU failed: {e}"));
+            }
+        }
     }
 
     fn argmax(&self, buf: &CudaBuf, range: Range<usize>) -> u32 {

@@ -41,6 +41,7 @@ use crate::error::{Error, Result};
 use crate::generate::{GenerationParameters, SampleScratch, Sampler, StopScanner};
 use crate::inspect::Tap;
 use crate::models::one_seq::{ring_blocks, DEFAULT_BLOCK_SIZE};
+use crate::models::StepOut;
 use crate::models::{BatchShape, BatchState, LanguageModel};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use crate::{bail, ensure};
@@ -286,10 +287,19 @@ pub struct Scheduler<'m> {
     step_tokens: Vec<u32>,
     logit_rows: Vec<u32>,
     logits: Vec<f32>,
+    /// The rows' argmax ids, for steps whose every sampled sequence is plain greedy.
+    argmax_ids: Vec<u32>,
     /// The samplers' shared working buffers (they run one after another).
     sample_scratch: SampleScratch,
     next_id: u64,
     pub stats: SchedulerStats,
+}
+
+/// A sequence's next token: still to be sampled from its logits row, or the argmax
+/// the step already took (plain greedy sequences).
+enum Picked<'a> {
+    Row(&'a mut [f32]),
+    Id(u32),
 }
 
 impl<'m> Scheduler<'m> {
@@ -372,6 +382,7 @@ impl<'m> Scheduler<'m> {
             step_tokens: Vec::with_capacity(rows),
             logit_rows: Vec::with_capacity(cfg.max_seqs),
             logits: vec![0.0; logits_len],
+            argmax_ids: Vec::with_capacity(cfg.max_seqs),
             sample_scratch: SampleScratch::with_vocab(vocab),
             next_id: 0,
             stats: SchedulerStats::default(),
@@ -476,7 +487,19 @@ impl<'m> Scheduler<'m> {
         self.lay_out();
         let n_rows = self.step_tokens.len();
         let vocab = self.lm.config().vocab_size;
-        let out = &mut self.logits[..self.logit_rows.len() * vocab];
+        // Steps whose sampled sequences all take the plain argmax ask for the ids only.
+        let greedy = self.plan.iter().all(|&(ri, n)| {
+            let s = &self.running[ri];
+            let from = s.pool_seq.map_or(0, |q| self.pool.computed(q));
+            from + n < s.tokens.len() || s.sampler.is_plain_greedy()
+        });
+        self.argmax_ids.clear();
+        self.argmax_ids.resize(self.logit_rows.len(), 0);
+        let out = if greedy {
+            StepOut::Argmax(&mut self.argmax_ids)
+        } else {
+            StepOut::Logits(&mut self.logits[..self.logit_rows.len() * vocab])
+        };
         let mut tap = Tap::default();
         let run = self.lm.forward_batch(
             &self.step_tokens,
@@ -508,24 +531,32 @@ impl<'m> Scheduler<'m> {
             let from = self.pool.computed(seq);
             self.pool.commit(seq, &s.tokens[from..from + n]);
             if from + n == s.tokens.len() {
-                let row = &mut self.logits[li * vocab..(li + 1) * vocab];
+                let picked = if greedy {
+                    Picked::Id(self.argmax_ids[li])
+                } else {
+                    Picked::Row(&mut self.logits[li * vocab..(li + 1) * vocab])
+                };
                 li += 1;
-                Self::sample_next(s, row, self.tok, &mut self.sample_scratch, &mut self.stats);
+                Self::sample_next(s, picked, self.tok, &mut self.sample_scratch, &mut self.stats);
             }
         }
         self.retire();
         Ok(n_rows)
     }
 
-    /// Samples the next token of `s` from its logits row and settles whether it ends.
+    /// Samples the next token of `s` from its logits row (or takes the argmax the step
+    /// computed) and settles whether it ends.
     fn sample_next(
         s: &mut Seq<'m>,
-        row: &mut [f32],
+        picked: Picked<'_>,
         tok: &Tokenizer,
         scratch: &mut SampleScratch,
         stats: &mut SchedulerStats,
     ) {
-        let (next, logprob) = s.sampler.sample_with_logprobs(row, &s.tokens, scratch);
+        let (next, logprob) = match picked {
+            Picked::Row(row) => s.sampler.sample_with_logprobs(row, &s.tokens, scratch),
+            Picked::Id(id) => (id, None),
+        };
         let p = &s.params;
         if (p.stop_on_eos && tok.eog_ids().contains(&next)) || p.stop_token_ids.contains(&next) {
             s.finished = Some(FinishReason::Stop);

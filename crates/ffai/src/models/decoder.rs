@@ -13,7 +13,7 @@ use ffai_kernels::backend::{AttnShape, Backend, GraphMode, HostBytes, RopeParams
 use ffai_kernels::cpu::CpuBackend;
 use ffai_kernels::cuda::backend::CudaBackend;
 
-use super::{BatchShape, BatchState, Device, LanguageModel};
+use super::{BatchShape, BatchState, Device, LanguageModel, StepOut};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::generate::GenerationParameters;
@@ -694,7 +694,7 @@ impl<B: Backend> LanguageModel for Decoder<B> {
         logit_rows: &[u32],
         state: &mut BatchState,
         tap: &mut Tap,
-        logits: &mut [f32],
+        mut out: StepOut<'_>,
     ) -> Result<()> {
         let (vocab, h) = (self.cfg.vocab_size, self.cfg.hidden_size);
         let n = tokens.len();
@@ -731,10 +731,13 @@ impl<B: Backend> LanguageModel for Decoder<B> {
         if let Some(&r) = logit_rows.iter().find(|&&r| r as usize >= n) {
             bail!("logits asked for row {r} of a {n}-row step");
         }
+        let (want, per_row) = match &out {
+            StepOut::Logits(l) => (l.len(), vocab),
+            StepOut::Argmax(ids) => (ids.len(), 1),
+        };
         ensure!(
-            logits.len() == logit_rows.len() * vocab,
-            "a logits buffer of {} for {} rows of {vocab}",
-            logits.len(),
+            want == logit_rows.len() * per_row,
+            "an output of {want} for {} rows of {per_row}",
             logit_rows.len()
         );
         let per_pass = sh.max_logit_rows;
@@ -773,8 +776,15 @@ impl<B: Backend> LanguageModel for Decoder<B> {
             if sp.final_softcap > 0.0 {
                 b.softcap(&mut s.logits, sp.final_softcap, m * vocab);
             }
-            let dst = pi * per_pass * vocab;
-            b.download(&s.logits, 0..m * vocab, &mut logits[dst..dst + m * vocab]);
+            match &mut out {
+                StepOut::Logits(logits) => {
+                    let dst = pi * per_pass * vocab;
+                    b.download(&s.logits, 0..m * vocab, &mut logits[dst..dst + m * vocab]);
+                }
+                StepOut::Argmax(ids) => {
+                    b.argmax_rows(&s.logits, m, vocab, &mut ids[pi * per_pass..pi * per_pass + m]);
+                }
+            }
         }
         if !logit_rows.is_empty() {
             tap.boundary(b, &s.logits, vocab, "logits", None);

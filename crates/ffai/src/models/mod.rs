@@ -142,6 +142,15 @@ pub struct BatchState {
 
 pub mod one_seq;
 
+/// What a step hands back for its `logit_rows`, in their order.
+pub enum StepOut<'a> {
+    /// The rows' logits, `vocab` each.
+    Logits(&'a mut [f32]),
+    /// Each row's argmax (lowest id on ties), for rows sampled greedily with nothing
+    /// that changes the logits first: on a GPU 4 bytes a row come back, not the rows.
+    Argmax(&'a mut [u32]),
+}
+
 pub trait LanguageModel: Send + Sync {
     fn config(&self) -> &ModelConfig;
     fn family(&self) -> &'static str;
@@ -167,7 +176,7 @@ pub trait LanguageModel: Send + Sync {
     /// sequence `layout` gives. Writes each row's K/V through the layout's slots, attends
     /// each sequence's rows over its own blocks, and writes the logits of the rows in
     /// `logit_rows` (in that order, `vocab` each; any number, in passes of the shape's
-    /// `max_logit_rows`) into `logits`. A row's results depend on
+    /// `max_logit_rows`) into `out` (or only their argmax ids). A row's results depend on
     /// its token, position and its own sequence's K/V only, not on what else the batch
     /// holds.
     fn forward_batch(
@@ -177,7 +186,7 @@ pub trait LanguageModel: Send + Sync {
         logit_rows: &[u32],
         state: &mut BatchState,
         tap: &mut Tap,
-        logits: &mut [f32],
+        out: StepOut<'_>,
     ) -> Result<()>;
     /// A fresh state with room for `max_seq` tokens, processing at most `chunk` tokens
     /// per forward pass: a one-sequence batch whose block tables are fixed (a ring for

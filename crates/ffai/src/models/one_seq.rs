@@ -13,7 +13,7 @@
 
 use ffai_kernels::backend::{GroupLayout, SeqRows, StepLayout, NO_BLOCK};
 
-use super::{check_tokens, BatchShape, BatchState, InferenceState, LanguageModel};
+use super::{check_tokens, BatchShape, BatchState, InferenceState, LanguageModel, StepOut};
 use crate::bail;
 use crate::error::{Error, Result};
 use crate::inspect::Tap;
@@ -188,7 +188,14 @@ pub(crate) fn forward<M: LanguageModel + ?Sized>(
         s.logit_rows.clear();
         s.logit_rows.extend(rows.clone().map(|r| r as u32));
         let out = &mut logits[dst..dst + rows.len() * vocab];
-        result = m.forward_batch(ids, &s.layout, &s.logit_rows, &mut s.batch, &mut tap, out);
+        result = m.forward_batch(
+            ids,
+            &s.layout,
+            &s.logit_rows,
+            &mut s.batch,
+            &mut tap,
+            StepOut::Logits(out),
+        );
         if result.is_err() {
             break;
         }
