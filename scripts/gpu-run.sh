@@ -10,6 +10,7 @@
 #            the background, and the random-weight Llama-3-8B-shaped F16 GGUF in /tmp/synth
 #   lcwait   wait for that build, then quantize the F16 file to Q4_K_M, Q4_0, Q8_0
 #   bench    ffai and llama.cpp on the same files: pp512/tg128 per type, batched decode
+#   quick    the same pp512/tg128 with two repetitions, no batched decode
 set -uo pipefail
 cd "$(dirname "$0")/.."
 NV=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))" 2>/dev/null)
@@ -45,6 +46,12 @@ for stage in "$@"; do
       echo "== ffai $t"; $B/ffai bench -m /tmp/synth/$t.gguf --device cuda --prompt-tokens 512 --gen-tokens 128 --repetitions 3 2>&1 | tail -4 | tee -a "$out/ffai-bench.txt"
     done
     bash .gpulc/gpu-llamacpp.sh bench 2>&1 | grep -E '^\|' ;;
+  quick)
+    # ffai and llama-bench (pp512, tg128) on the four files, two repetitions each.
+    for t in Q4_K_M Q4_0 Q8_0 f16; do
+      echo "== ffai $t"; timeout 120 $B/ffai bench -m /tmp/synth/$t.gguf --device cuda --prompt-tokens 512 --gen-tokens 128 --repetitions 2 2>&1 | tail -3 | tee -a "$out/ffai-bench.txt"
+      timeout 120 /tmp/lc/llama.cpp/build/bin/llama-bench -m /tmp/synth/$t.gguf -ngl 99 -fa 1 -p 512 -n 128 -r 2 -o md 2>/dev/null | grep -E '^\| llama' | tee -a "$out/llamacpp-bench.md"
+    done ;;
   profile)
     echo "== ffai Q4_0 per-kernel profile"; $B/ffai bench -m /tmp/synth/Q4_0.gguf --device cuda --prompt-tokens 512 --gen-tokens 32 --repetitions 1 --profile 2>&1 | tail -45 | tee -a "$out/ffai-profile.txt"
     for g in 0 1; do echo "== graphs $g"; FFAI_CUDA_GRAPHS=$g $B/ffai bench -m /tmp/synth/Q4_0.gguf --device cuda --prompt-tokens 16 --gen-tokens 64 --repetitions 2 2>&1 | tail -3; done ;;
