@@ -182,6 +182,21 @@ fn argmax_matches_the_cpu_with_ties_and_nan() {
         }
         g.check().unwrap();
     }
+    // Several rows at once (the greedy step's one launch): each row's own argmax.
+    let (n, width) = (7usize, 3001usize);
+    let mut x = rng.vec(n * width, 10.0);
+    x[2 * width + 10] = 1e9;
+    x[2 * width + 20] = 1e9; // a tie within row 2: the lower index wins
+    x[4 * width + 5] = f32::NAN;
+    let b = g.upload(&x);
+    let mut got = vec![u32::MAX; n];
+    g.argmax_rows(&b, n, width, &mut got);
+    for (r, &id) in got.iter().enumerate() {
+        let want = ffai_kernels::ops::argmax(&x[r * width..(r + 1) * width]).0 as u32;
+        assert_eq!(id, want, "argmax_rows row {r}");
+    }
+    assert_eq!(got[2], 10);
+    g.check().unwrap();
 }
 
 /// A random matrix of `ty`, as stored bytes, from random f32 rows.
