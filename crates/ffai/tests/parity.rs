@@ -172,6 +172,21 @@ fn starcoder2_layernorm_gelu_biases_window() {
 }
 
 #[test]
+fn qwen3_moe_experts_mlp_only_layers_norm_topk() {
+    check("qwen3_moe", 1e-3);
+}
+
+#[test]
+fn mixtral_experts_renormalised_top2_window() {
+    check("mixtral", 1e-3);
+}
+
+#[test]
+fn olmoe_experts_unnormalised_topk_clip_qkv() {
+    check("olmoe", 1e-3);
+}
+
+#[test]
 fn f16_kv_cache_stays_close() {
     // The default half-precision KV cache rounds K and V to 11 significant bits (relative
     // error ≤ 2⁻¹²): logits of magnitude ~5 move by up to ~1e-2 on these fixtures
