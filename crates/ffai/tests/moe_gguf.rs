@@ -234,11 +234,11 @@ fn gguf_expert_tensor_of_the_wrong_shape_is_an_error() {
 }
 
 /// Files from llama.cpp's own converter: set FFAI_LLAMA_CPP_GGUF to a directory holding
-/// `mixtral.gguf` and `olmoe.gguf` made with
-/// `convert_hf_to_gguf.py tests/fixtures/parity/<family> --outtype f32` (the fixtures have
-/// no tokenizer: the converter's `set_vocab` must be replaced by one writing 256 dummy
-/// tokens). Qwen3-MoE cannot be converted: the fixture's dense layer (`mlp_only_layers`)
-/// has no llama.cpp tensor name. Run with `cargo test --test moe_gguf -- --ignored`.
+/// `mixtral.gguf` and `olmoe.gguf` made by `scripts/convert_parity_gguf.py` (llama.cpp's
+/// `convert_hf_to_gguf.py --outtype f32` with dummy tokens, as the fixtures have no
+/// tokenizer). Qwen3-MoE cannot be converted: the fixture's dense layer
+/// (`mlp_only_layers`) has no llama.cpp tensor name. Run with
+/// `cargo test -p ffai --test moe_gguf -- --ignored`.
 #[test]
 #[ignore]
 fn llama_cpp_converter_output() {

@@ -1,0 +1,146 @@
+//! The mixture-of-experts families' plumbing around the parity fixtures: Hugging Face
+//! tensor names of every expert layout, Qwen3-MoE's sparse-layer rule, and batch
+//! invariance (a sequence's logits are the same bits alone or sharing a step with
+//! another sequence whose tokens pick other experts).
+
+use std::path::{Path, PathBuf};
+
+use ffai::config::ModelConfig;
+use ffai::inspect::Tap;
+use ffai::models::moe::sparse_layers_qwen;
+use ffai::models::{family_for, BatchShape, Device, LanguageModel};
+use ffai::weights::{hf_to_gguf_name, Weights};
+use ffai_kernels::backend::{GroupLayout, SeqRows, StepLayout};
+use serde_json::json;
+
+fn fixture_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/parity")
+        .join(name)
+}
+
+fn load(family: &str) -> Box<dyn LanguageModel> {
+    let dir = fixture_dir(family);
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let cfg = ModelConfig::from_hf_json(&json, &dir.display().to_string()).unwrap();
+    let weights = Weights::from_safetensors_dir_for(&dir, &cfg.model_type).unwrap();
+    (family_for(&cfg, false).unwrap().load)(&cfg, &weights, &Device::cpu_with(3, false, true)).unwrap()
+}
+
+#[test]
+fn expert_tensor_names_in_every_layout() {
+    for (hf, gguf) in [
+        ("model.layers.3.mlp.gate.weight", "blk.3.ffn_gate_inp.weight"),
+        ("model.layers.3.mlp.gate_proj.weight", "blk.3.ffn_gate.weight"),
+        ("model.layers.3.mlp.experts.12.gate_proj.weight", "blk.3.ffn_gate_exps.12.weight"),
+        ("model.layers.3.mlp.experts.0.up_proj.weight", "blk.3.ffn_up_exps.0.weight"),
+        ("model.layers.3.mlp.experts.7.down_proj.weight", "blk.3.ffn_down_exps.7.weight"),
+        ("model.layers.0.block_sparse_moe.gate.weight", "blk.0.ffn_gate_inp.weight"),
+        ("model.layers.0.block_sparse_moe.experts.5.w1.weight", "blk.0.ffn_gate_exps.5.weight"),
+        ("model.layers.0.block_sparse_moe.experts.5.w3.weight", "blk.0.ffn_up_exps.5.weight"),
+        ("model.layers.0.block_sparse_moe.experts.5.w2.weight", "blk.0.ffn_down_exps.5.weight"),
+        ("model.layers.1.mlp.experts.gate_up_proj", "blk.1.ffn_gate_up_exps.weight"),
+        ("model.layers.1.mlp.experts.down_proj", "blk.1.ffn_down_exps.weight"),
+        // Not expert names: left alone.
+        ("model.layers.1.mlp.experts.x.gate_proj.weight", "model.layers.1.mlp.experts.x.gate_proj.weight"),
+        ("model.layers.1.mlp.experts.3.other.weight", "model.layers.1.mlp.experts.3.other.weight"),
+    ] {
+        assert_eq!(hf_to_gguf_name(hf), gguf, "{hf}");
+    }
+}
+
+fn qwen_cfg(layers: usize, extra: serde_json::Value) -> ModelConfig {
+    let mut v = json!({
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+        "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": layers,
+        "num_attention_heads": 4, "vocab_size": 256,
+    });
+    for (k, x) in extra.as_object().unwrap() {
+        v[k] = x.clone();
+    }
+    ModelConfig::from_hf_json(&v, "test").unwrap()
+}
+
+#[test]
+fn qwen_sparse_layers_follow_step_and_mlp_only_layers() {
+    let c = qwen_cfg(6, json!({"decoder_sparse_step": 2, "mlp_only_layers": [3]}));
+    assert_eq!(sparse_layers_qwen(&c, 8).unwrap(), [false, true, false, false, false, true]);
+    let c = qwen_cfg(4, json!({}));
+    assert_eq!(sparse_layers_qwen(&c, 8).unwrap(), [true; 4]);
+    let c = qwen_cfg(4, json!({"mlp_only_layers": [0, 2], "decoder_sparse_step": 1}));
+    assert_eq!(sparse_layers_qwen(&c, 8).unwrap(), [false, true, false, true]);
+    // No experts: every layer dense.
+    assert_eq!(sparse_layers_qwen(&c, 0).unwrap(), [false; 4]);
+    for bad in [json!({"decoder_sparse_step": 0}), json!({"mlp_only_layers": [-1]}), json!({"mlp_only_layers": 3})] {
+        let e = sparse_layers_qwen(&qwen_cfg(4, bad.clone()), 8).unwrap_err();
+        assert!(!e.to_string().contains('\n'), "{bad}: {e}");
+    }
+}
+
+/// One step of two sequences (their own blocks) against each sequence alone.
+#[test]
+fn a_sequence_gives_the_same_bits_alone_or_batched() {
+    for family in ["qwen3_moe", "olmoe", "mixtral"] {
+        let m = load(family);
+        let vocab = m.config().vocab_size;
+        let window = m.kv_windows()[0] as u32;
+        let a: Vec<u32> = (0..40).map(|i| (i * 37 + 5) % vocab as u32).collect();
+        let b: Vec<u32> = (0..23).map(|i| (i * 91 + 200) % vocab as u32).collect();
+        let alone = |ids: &[u32]| {
+            let mut st = m.new_state(64, 512).unwrap();
+            let mut out = Vec::new();
+            m.forward(ids, &mut st, true, &mut out).unwrap();
+            out
+        };
+        let (la, lb) = (alone(&a), alone(&b));
+        let bs = 32u32;
+        let shape = BatchShape {
+            max_rows: 64,
+            max_seqs: 2,
+            max_table: 8,
+            block_size: bs as usize,
+            group_blocks: vec![8],
+            max_seq_len: 64,
+            max_logit_rows: 64,
+        };
+        let mut state = m.new_batch(&shape).unwrap();
+        // b first, then a, in blocks that differ from the lone runs' (a: 5, 6; b: 2).
+        let tables = vec![2, 5, 6];
+        let mut positions: Vec<u32> = (0..b.len() as u32).collect();
+        positions.extend(0..a.len() as u32);
+        let mut slots: Vec<u32> = (0..b.len() as u32).map(|p| 2 * bs + p).collect();
+        slots.extend((0..a.len() as u32).map(|p| tables[1 + (p / bs) as usize] * bs + p % bs));
+        let layout = StepLayout {
+            positions,
+            groups: vec![GroupLayout {
+                block_size: bs,
+                n_blocks: 8,
+                window,
+                slots,
+                seqs: vec![
+                    SeqRows {
+                        first_row: 0,
+                        n_rows: b.len() as u32,
+                        table_start: 0,
+                        table_len: 1,
+                    },
+                    SeqRows {
+                        first_row: b.len() as u32,
+                        n_rows: a.len() as u32,
+                        table_start: 1,
+                        table_len: 2,
+                    },
+                ],
+                block_tables: tables,
+            }],
+        };
+        let tokens: Vec<u32> = b.iter().chain(&a).copied().collect();
+        let rows: Vec<u32> = (0..tokens.len() as u32).collect();
+        let mut logits = vec![0f32; rows.len() * vocab];
+        m.forward_batch(&tokens, &layout, &rows, &mut state, &mut Tap::default(), &mut logits)
+            .unwrap();
+        assert_eq!(&logits[..b.len() * vocab], &lb[..], "{family}: sequence b batched");
+        assert_eq!(&logits[b.len() * vocab..], &la[..], "{family}: sequence a batched");
+    }
+}
