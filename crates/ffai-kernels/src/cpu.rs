@@ -985,7 +985,10 @@ impl Backend for CpuBackend {
         let n_experts = experts[0].len();
         let cols = experts[0][0].cols;
         for (m, o) in experts.iter().zip(outs.iter()) {
-            assert!(m.len() == n_experts && n_experts > 0, "every matrix needs one per expert");
+            assert!(
+                m.len() == n_experts && n_experts > 0,
+                "every matrix needs one per expert"
+            );
             assert!(
                 m.iter().all(|w| w.cols == cols && w.rows == m[0].rows),
                 "experts' matrices differ in shape"

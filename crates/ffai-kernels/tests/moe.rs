@@ -100,7 +100,11 @@ fn random_mat(b: &CpuBackend, ty: WeightType, rows: usize, cols: usize, r: &mut 
     for row in 0..rows {
         let src = r.vec(cols);
         quant::quantize_row(ty, &src, &mut bytes[row * rb..(row + 1) * rb]).unwrap();
-        quant::dequantize_row(ty, &bytes[row * rb..(row + 1) * rb], &mut deq[row * cols..(row + 1) * cols]);
+        quant::dequantize_row(
+            ty,
+            &bytes[row * rb..(row + 1) * rb],
+            &mut deq[row * cols..(row + 1) * cols],
+        );
     }
     (b.matrix(ty, rows, cols, HostBytes::from_vec(bytes)), deq)
 }
@@ -178,7 +182,9 @@ fn combine_is_the_weighted_sum_of_the_slots() {
         b.moe_combine(&ys, &w, n, k, d, &mut out);
         for t in 0..n {
             for i in 0..d {
-                let want: f64 = (0..k).map(|j| w[t * k + j] as f64 * ys[(t * k + j) * d + i] as f64).sum();
+                let want: f64 = (0..k)
+                    .map(|j| w[t * k + j] as f64 * ys[(t * k + j) * d + i] as f64)
+                    .sum();
                 assert!((out[t * d + i] as f64 - want).abs() < 1e-5, "n{n} row {t} elem {i}");
             }
         }

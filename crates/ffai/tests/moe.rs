@@ -33,18 +33,48 @@ fn expert_tensor_names_in_every_layout() {
     for (hf, gguf) in [
         ("model.layers.3.mlp.gate.weight", "blk.3.ffn_gate_inp.weight"),
         ("model.layers.3.mlp.gate_proj.weight", "blk.3.ffn_gate.weight"),
-        ("model.layers.3.mlp.experts.12.gate_proj.weight", "blk.3.ffn_gate_exps.12.weight"),
-        ("model.layers.3.mlp.experts.0.up_proj.weight", "blk.3.ffn_up_exps.0.weight"),
-        ("model.layers.3.mlp.experts.7.down_proj.weight", "blk.3.ffn_down_exps.7.weight"),
-        ("model.layers.0.block_sparse_moe.gate.weight", "blk.0.ffn_gate_inp.weight"),
-        ("model.layers.0.block_sparse_moe.experts.5.w1.weight", "blk.0.ffn_gate_exps.5.weight"),
-        ("model.layers.0.block_sparse_moe.experts.5.w3.weight", "blk.0.ffn_up_exps.5.weight"),
-        ("model.layers.0.block_sparse_moe.experts.5.w2.weight", "blk.0.ffn_down_exps.5.weight"),
-        ("model.layers.1.mlp.experts.gate_up_proj", "blk.1.ffn_gate_up_exps.weight"),
+        (
+            "model.layers.3.mlp.experts.12.gate_proj.weight",
+            "blk.3.ffn_gate_exps.12.weight",
+        ),
+        (
+            "model.layers.3.mlp.experts.0.up_proj.weight",
+            "blk.3.ffn_up_exps.0.weight",
+        ),
+        (
+            "model.layers.3.mlp.experts.7.down_proj.weight",
+            "blk.3.ffn_down_exps.7.weight",
+        ),
+        (
+            "model.layers.0.block_sparse_moe.gate.weight",
+            "blk.0.ffn_gate_inp.weight",
+        ),
+        (
+            "model.layers.0.block_sparse_moe.experts.5.w1.weight",
+            "blk.0.ffn_gate_exps.5.weight",
+        ),
+        (
+            "model.layers.0.block_sparse_moe.experts.5.w3.weight",
+            "blk.0.ffn_up_exps.5.weight",
+        ),
+        (
+            "model.layers.0.block_sparse_moe.experts.5.w2.weight",
+            "blk.0.ffn_down_exps.5.weight",
+        ),
+        (
+            "model.layers.1.mlp.experts.gate_up_proj",
+            "blk.1.ffn_gate_up_exps.weight",
+        ),
         ("model.layers.1.mlp.experts.down_proj", "blk.1.ffn_down_exps.weight"),
         // Not expert names: left alone.
-        ("model.layers.1.mlp.experts.x.gate_proj.weight", "model.layers.1.mlp.experts.x.gate_proj.weight"),
-        ("model.layers.1.mlp.experts.3.other.weight", "model.layers.1.mlp.experts.3.other.weight"),
+        (
+            "model.layers.1.mlp.experts.x.gate_proj.weight",
+            "model.layers.1.mlp.experts.x.gate_proj.weight",
+        ),
+        (
+            "model.layers.1.mlp.experts.3.other.weight",
+            "model.layers.1.mlp.experts.3.other.weight",
+        ),
     ] {
         assert_eq!(hf_to_gguf_name(hf), gguf, "{hf}");
     }
@@ -65,14 +95,21 @@ fn qwen_cfg(layers: usize, extra: serde_json::Value) -> ModelConfig {
 #[test]
 fn qwen_sparse_layers_follow_step_and_mlp_only_layers() {
     let c = qwen_cfg(6, json!({"decoder_sparse_step": 2, "mlp_only_layers": [3]}));
-    assert_eq!(sparse_layers_qwen(&c, 8).unwrap(), [false, true, false, false, false, true]);
+    assert_eq!(
+        sparse_layers_qwen(&c, 8).unwrap(),
+        [false, true, false, false, false, true]
+    );
     let c = qwen_cfg(4, json!({}));
     assert_eq!(sparse_layers_qwen(&c, 8).unwrap(), [true; 4]);
     let c = qwen_cfg(4, json!({"mlp_only_layers": [0, 2], "decoder_sparse_step": 1}));
     assert_eq!(sparse_layers_qwen(&c, 8).unwrap(), [false, true, false, true]);
     // No experts: every layer dense.
     assert_eq!(sparse_layers_qwen(&c, 0).unwrap(), [false; 4]);
-    for bad in [json!({"decoder_sparse_step": 0}), json!({"mlp_only_layers": [-1]}), json!({"mlp_only_layers": 3})] {
+    for bad in [
+        json!({"decoder_sparse_step": 0}),
+        json!({"mlp_only_layers": [-1]}),
+        json!({"mlp_only_layers": 3}),
+    ] {
         let e = sparse_layers_qwen(&qwen_cfg(4, bad.clone()), 8).unwrap_err();
         assert!(!e.to_string().contains('\n'), "{bad}: {e}");
     }

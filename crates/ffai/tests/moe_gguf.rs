@@ -42,6 +42,9 @@ fn input_ids(dir: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// A tensor's row-major shape and f32 data.
+type Tensor = (Vec<usize>, Vec<f32>);
+
 /// llama.cpp's `LlamaModel.permute`: within each head, rows `i` of the first half and
 /// `i` of the second half become rows `2i` and `2i + 1` (adjacent-pair RoPE).
 fn permute_rows(w: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
@@ -90,13 +93,22 @@ fn to_gguf(family: &str, quirk_keys: bool) -> Vec<u8> {
         ),
         (
             key("expert_count"),
-            MetaValue::U32(json.get("num_experts").or(json.get("num_local_experts")).unwrap().as_u64().unwrap() as u32),
+            MetaValue::U32(
+                json.get("num_experts")
+                    .or(json.get("num_local_experts"))
+                    .unwrap()
+                    .as_u64()
+                    .unwrap() as u32,
+            ),
         ),
         (key("expert_used_count"), MetaValue::U32(g("num_experts_per_tok"))),
         (key("vocab_size"), MetaValue::U32(g("vocab_size"))),
     ];
     if family == "qwen3_moe" {
-        meta.push((key("expert_feed_forward_length"), MetaValue::U32(g("moe_intermediate_size"))));
+        meta.push((
+            key("expert_feed_forward_length"),
+            MetaValue::U32(g("moe_intermediate_size")),
+        ));
         meta.push((key("attention.key_length"), MetaValue::U32(g("head_dim"))));
         meta.push((key("attention.value_length"), MetaValue::U32(g("head_dim"))));
     }
@@ -111,8 +123,8 @@ fn to_gguf(family: &str, quirk_keys: bool) -> Vec<u8> {
 
     let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
-    let mut experts: BTreeMap<String, BTreeMap<usize, (Vec<usize>, Vec<f32>)>> = BTreeMap::new();
+    let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
+    let mut experts: BTreeMap<String, BTreeMap<usize, Tensor>> = BTreeMap::new();
     for (name, view) in st.tensors() {
         assert_eq!(view.dtype(), safetensors::Dtype::F32);
         let mut data: Vec<f32> = view
@@ -151,7 +163,11 @@ fn to_gguf(family: &str, quirk_keys: bool) -> Vec<u8> {
             (n, WeightType::F32, shape, bytes)
         })
         .collect();
-    GgufWriter { metadata: meta, tensors }.to_bytes()
+    GgufWriter {
+        metadata: meta,
+        tensors,
+    }
+    .to_bytes()
 }
 
 /// `blk.N.ffn_gate_exps.E.weight` -> (`blk.N.ffn_gate_exps.weight`, E).
@@ -211,7 +227,10 @@ fn gguf_without_the_quirk_keys_runs_without_the_quirks() {
         let ids = input_ids(&fixture_dir(family));
         let with = logits(&*load_gguf(&to_gguf(family, true), "with.gguf"), &ids);
         let without = logits(&*load_gguf(&to_gguf(family, false), "without.gguf"), &ids);
-        assert!(max_diff(&with, &without) > 1e-2, "{family}: the quirk key changed nothing");
+        assert!(
+            max_diff(&with, &without) > 1e-2,
+            "{family}: the quirk key changed nothing"
+        );
     }
 }
 

@@ -116,8 +116,17 @@ impl<B: Backend> MoeScratch<B> {
 
 /// Expert `e`'s `rows` rows of a stacked `[n_experts, rows, cols]` entry (`first` rows
 /// into each expert's block of `block_rows`).
-fn expert_rows(e: &WeightEntry, expert: usize, block_rows: usize, first: usize, rows: usize, cols: usize) -> Result<ffai_kernels::backend::HostBytes> {
-    let rb = e.ty.row_bytes(cols).ok_or_else(|| Error::new("bad expert row length"))?;
+fn expert_rows(
+    e: &WeightEntry,
+    expert: usize,
+    block_rows: usize,
+    first: usize,
+    rows: usize,
+    cols: usize,
+) -> Result<ffai_kernels::backend::HostBytes> {
+    let rb =
+        e.ty.row_bytes(cols)
+            .ok_or_else(|| Error::new("bad expert row length"))?;
     let start = (expert * block_rows + first) * rb;
     let len = rows * rb;
     ensure!(start + len <= e.bytes.len(), "expert tensor too small");
@@ -166,7 +175,10 @@ impl<B: Backend> MoeLayer<B> {
                 };
                 (half(0)?, half(f)?)
             }
-            _ => bail!("{}: layer {i} has expert gate weights without up weights (or the reverse)", w.source),
+            _ => bail!(
+                "{}: layer {i} has expert gate weights without up weights (or the reverse)",
+                w.source
+            ),
         };
         let down = load("down", h, f)?
             .ok_or_else(|| Error::new(format!("{}: layer {i} has no expert down weights", w.source)))?;
@@ -178,8 +190,24 @@ impl<B: Backend> MoeLayer<B> {
         let (k, f) = (spec.k, spec.ffn);
         let h = b.mat_shape(&self.down[0]).0;
         b.matmul(&self.router, x, n, &mut s.logits);
-        b.moe_route(&s.logits, n, spec.n_experts, k, spec.renormalize, &mut s.ids, &mut s.weights);
-        b.moe_matmuls(&[&self.gate, &self.up], x, false, &s.ids, n, k, &mut [&mut s.gate, &mut s.up]);
+        b.moe_route(
+            &s.logits,
+            n,
+            spec.n_experts,
+            k,
+            spec.renormalize,
+            &mut s.ids,
+            &mut s.weights,
+        );
+        b.moe_matmuls(
+            &[&self.gate, &self.up],
+            x,
+            false,
+            &s.ids,
+            n,
+            k,
+            &mut [&mut s.gate, &mut s.up],
+        );
         b.silu_mul(&mut s.gate, &s.up, n * k * f);
         b.moe_matmuls(&[&self.down], &s.gate, true, &s.ids, n, k, &mut [&mut s.y]);
         b.moe_combine(&s.y, &s.weights, n, k, h, out);
@@ -227,7 +255,9 @@ pub fn sparse_layers_from_tensors(cfg: &ModelConfig, w: &Weights) -> Vec<bool> {
 /// and only when `(i + 1) % decoder_sparse_step == 0` (config.json; GGUF files are read
 /// with [`sparse_layers_from_tensors`]).
 pub fn sparse_layers_qwen(cfg: &ModelConfig, n_experts: usize) -> Result<Vec<bool>> {
-    let step = cfg.extra_usize("decoder_sparse_step", "decoder_sparse_step")?.unwrap_or(1);
+    let step = cfg
+        .extra_usize("decoder_sparse_step", "decoder_sparse_step")?
+        .unwrap_or(1);
     ensure!(step >= 1, "{}: decoder_sparse_step must be at least 1", cfg.source);
     let dense: Vec<u64> = match cfg.extra("mlp_only_layers", "mlp_only_layers") {
         None => Vec::new(),
@@ -237,8 +267,9 @@ pub fn sparse_layers_qwen(cfg: &ModelConfig, n_experts: usize) -> Result<Vec<boo
                 .ok_or_else(|| Error::new(format!("{}: mlp_only_layers = {v} is not a list", cfg.source)))?;
             a.iter()
                 .map(|x| {
-                    x.as_u64()
-                        .ok_or_else(|| Error::new(format!("{}: mlp_only_layers holds {x}, not a layer index", cfg.source)))
+                    x.as_u64().ok_or_else(|| {
+                        Error::new(format!("{}: mlp_only_layers holds {x}, not a layer index", cfg.source))
+                    })
                 })
                 .collect::<Result<_>>()?
         }

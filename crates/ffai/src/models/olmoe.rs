@@ -42,7 +42,9 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
     let spec = MoeSpec {
         n_experts: moe::required_count(cfg, &["num_experts", "num_local_experts"], "expert_count")?,
         k: moe::required_count(cfg, &["num_experts_per_tok"], "expert_used_count")?,
-        renormalize: cfg.extra_bool("norm_topk_prob", "expert_weights_norm")?.unwrap_or(false),
+        renormalize: cfg
+            .extra_bool("norm_topk_prob", "expert_weights_norm")?
+            .unwrap_or(false),
         // OLMoE's intermediate_size is the experts' (there is no dense MLP).
         ffn: cfg.intermediate_size,
         sparse,
