@@ -178,11 +178,15 @@ fn expert_parts(name: &str) -> Option<(String, usize)> {
 }
 
 fn load_gguf(bytes: &[u8], src: &str) -> Box<dyn LanguageModel> {
+    load_gguf_on(bytes, src, &Device::cpu_with(2, false, true))
+}
+
+fn load_gguf_on(bytes: &[u8], src: &str, dev: &Device) -> Box<dyn LanguageModel> {
     let f = GgufFile::from_bytes(bytes).unwrap();
     let mut cfg = ModelConfig::from_gguf(&f, src).unwrap();
     let weights = Weights::from_gguf(&f, src);
     cfg.tie_word_embeddings = !weights.has("output.weight");
-    (family_for(&cfg, true).unwrap().load)(&cfg, &weights, &Device::cpu_with(2, false, true)).unwrap()
+    (family_for(&cfg, true).unwrap().load)(&cfg, &weights, dev).unwrap()
 }
 
 fn load_hf(family: &str) -> Box<dyn LanguageModel> {
@@ -250,6 +254,56 @@ fn gguf_expert_tensor_of_the_wrong_shape_is_an_error() {
         .err()
         .expect("a load error");
     assert!(e.to_string().contains("shape"), "{e}");
+}
+
+#[test]
+fn requantized_experts_stay_stacked_and_read_right() {
+    // `ffai quantize` over a MoE GGUF: the stacked experts become Q8_0 (rows whose length
+    // Q8_0's 32-element blocks do not divide fall back to F16), the router stays f32. The
+    // quantized file must give what an f32 file of its dequantized values gives (both with
+    // f32 activations): that checks each expert's quantized rows are the ones read.
+    let dir = std::env::temp_dir().join(format!("ffai-moe-requant-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dev = Device::cpu_configured(2, false, true, true);
+    for family in ["qwen3_moe", "mixtral", "olmoe"] {
+        let (src, dst) = (
+            dir.join(format!("{family}.gguf")),
+            dir.join(format!("{family}.q8.gguf")),
+        );
+        std::fs::write(&src, to_gguf(family, true)).unwrap();
+        ffai::requant::requantize_gguf(&src, &dst, WeightType::Q8_0, true).unwrap();
+        let f = GgufFile::open(&dst).unwrap();
+        let ty = |n: &str| f.tensors.iter().find(|t| t.name == n).unwrap().ty;
+        assert_eq!(ty("blk.0.ffn_gate_inp.weight"), WeightType::F32);
+        assert_eq!(ty("blk.0.ffn_gate_exps.weight"), WeightType::Q8_0);
+        // The same values in f32.
+        let tensors = f
+            .tensors
+            .iter()
+            .map(|t| {
+                let cols = *t.shape.last().unwrap();
+                let raw = f.tensor_bytes(t);
+                let rb = t.ty.row_bytes(cols).unwrap();
+                let mut out = vec![0f32; t.shape.iter().product()];
+                for (r, row) in out.chunks_mut(cols).enumerate() {
+                    ffai_kernels::quant::dequantize_row(t.ty, &raw.as_slice()[r * rb..(r + 1) * rb], row);
+                }
+                let bytes = out.iter().flat_map(|x| x.to_le_bytes()).collect();
+                (t.name.clone(), WeightType::F32, t.shape.clone(), bytes)
+            })
+            .collect();
+        let metadata = f.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let deq = GgufWriter { metadata, tensors }.to_bytes();
+        let ids = input_ids(&fixture_dir(family));
+        let q = logits(&*load_gguf_on(&std::fs::read(&dst).unwrap(), "q8.gguf", &dev), &ids);
+        let d = logits(&*load_gguf_on(&deq, "dequantized.gguf", &dev), &ids);
+        let diff = max_diff(&q, &d);
+        println!("{family}: Q8_0 file vs its dequantized f32 values max abs diff {diff:.2e}");
+        assert!(diff <= 1e-4, "{family}: {diff}");
+        // And the quantization did something.
+        assert!(max_diff(&q, &logits(&*load_hf(family), &ids)) > 1e-3);
+    }
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// Files from llama.cpp's own converter: set FFAI_LLAMA_CPP_GGUF to a directory holding
