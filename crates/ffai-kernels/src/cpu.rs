@@ -313,6 +313,8 @@ struct MoeWork {
     order: Vec<u32>,
     /// Per expert, its first sorted position (`n_experts + 1` entries).
     starts: Vec<u32>,
+    /// Per expert, the next free sorted position while filling `order`.
+    next: Vec<u32>,
     xg: Vec<f32>,
     outs: [Vec<f32>; MAX_GROUP],
     /// (expert, matrix) for each piece, in the order their rows are numbered.
@@ -1012,9 +1014,10 @@ impl Backend for CpuBackend {
         }
         work.order.clear();
         work.order.resize(slots, 0);
-        let mut next: Vec<u32> = work.starts[..n_experts].to_vec();
+        work.next.clear();
+        work.next.extend_from_slice(&work.starts[..n_experts]);
         for (s, &e) in ids[..slots].iter().enumerate() {
-            let p = &mut next[e as usize];
+            let p = &mut work.next[e as usize];
             work.order[*p as usize] = s as u32;
             *p += 1;
         }

@@ -667,6 +667,11 @@ impl<B: Backend> LanguageModel for Decoder<B> {
         let b = &*self.b;
         let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         let logit_rows = sh.max_logit_rows.min(sh.max_rows.max(sh.max_seqs));
+        // The dense MLP's scratch, unless every layer is a mixture of experts.
+        let dense_ffn = match &self.spec.moe {
+            Some(m) if m.sparse.iter().all(|&s| s) => 0,
+            _ => c.intermediate_size,
+        };
         // What this batch will take, in checked arithmetic, refused before anything is
         // allocated when it exceeds the backend's memory (a context, pool size or batch
         // from a config or the command line can imply terabytes).
@@ -675,7 +680,7 @@ impl<B: Backend> LanguageModel for Decoder<B> {
                 Some(ms) => ms.floats_per_row(c.hidden_size)?,
                 None => 0,
             };
-            let per_row = [3 * c.hidden_size, 3 * qd, 3 * kvd, 2 * c.intermediate_size, moe_row]
+            let per_row = [3 * c.hidden_size, 3 * qd, 3 * kvd, 2 * dense_ffn, moe_row]
                 .iter()
                 .try_fold(0u64, |a, &x| a.checked_add(x as u64))?;
             let acts = per_row
@@ -720,8 +725,8 @@ impl<B: Backend> LanguageModel for Decoder<B> {
             qn: b.alloc(rows * qd),
             kn: b.alloc(rows * kvd),
             att: b.alloc(rows * qd),
-            gate: b.alloc(rows * c.intermediate_size),
-            up: b.alloc(rows * c.intermediate_size),
+            gate: b.alloc(rows * dense_ffn),
+            up: b.alloc(rows * dense_ffn),
             moe: self
                 .spec
                 .moe
