@@ -181,3 +181,79 @@ fn a_sequence_gives_the_same_bits_alone_or_batched() {
         assert_eq!(&logits[b.len() * vocab..], &la[..], "{family}: sequence a batched");
     }
 }
+
+/// A fixture rewritten with transformers 5's in-memory expert layout:
+/// `mlp.experts.gate_up_proj` `[E, 2f, h]` (gate rows first) and `mlp.experts.down_proj`
+/// `[E, h, f]`, without `.weight`, in a temporary directory.
+fn fused_copy(family: &str) -> PathBuf {
+    let src = fixture_dir(family);
+    let dir = std::env::temp_dir().join(format!("ffai-moe-fused-{family}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut layers = std::collections::BTreeSet::new();
+    for (name, view) in st.tensors() {
+        if let Some(rest) = name.strip_prefix("model.layers.") {
+            let (l, tail) = rest.split_once('.').unwrap();
+            if tail.starts_with("mlp.experts.") {
+                layers.insert(l.parse::<usize>().unwrap());
+                continue;
+            }
+        }
+        out.push((name.clone(), view.shape().to_vec(), view.data().to_vec()));
+    }
+    let get = |n: String| st.tensor(&n).unwrap();
+    for l in layers {
+        let mut e = 0;
+        let (mut gate_up, mut down) = (Vec::new(), Vec::new());
+        let (mut f, mut h) = (0, 0);
+        while let Ok(g) = st.tensor(&format!("model.layers.{l}.mlp.experts.{e}.gate_proj.weight")) {
+            (f, h) = (g.shape()[0], g.shape()[1]);
+            gate_up.extend_from_slice(g.data());
+            gate_up.extend_from_slice(get(format!("model.layers.{l}.mlp.experts.{e}.up_proj.weight")).data());
+            down.extend_from_slice(get(format!("model.layers.{l}.mlp.experts.{e}.down_proj.weight")).data());
+            e += 1;
+        }
+        out.push((
+            format!("model.layers.{l}.mlp.experts.gate_up_proj"),
+            vec![e, 2 * f, h],
+            gate_up,
+        ));
+        out.push((format!("model.layers.{l}.mlp.experts.down_proj"), vec![e, h, f], down));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = out
+        .iter()
+        .map(|(n, shape, data)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data).unwrap(),
+            )
+        })
+        .collect();
+    let data = safetensors::serialize(views, &None).unwrap();
+    std::fs::write(dir.join("model.safetensors"), data).unwrap();
+    dir
+}
+
+#[test]
+fn fused_transformers5_expert_layout_loads_the_same() {
+    let dir = fused_copy("qwen3_moe");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let cfg = ModelConfig::from_hf_json(&json, "fused").unwrap();
+    let weights = Weights::from_safetensors_dir_for(&dir, &cfg.model_type).unwrap();
+    assert!(weights.has("blk.0.ffn_gate_up_exps.weight") && weights.has("blk.0.ffn_down_exps.weight"));
+    let fused = (family_for(&cfg, false).unwrap().load)(&cfg, &weights, &Device::cpu_with(3, false, true)).unwrap();
+    let per_expert = load("qwen3_moe");
+    let ids: Vec<u32> = (0..48).map(|i| (i * 53 + 11) % 256).collect();
+    let run = |m: &dyn LanguageModel| {
+        let mut st = m.new_state(64, 512).unwrap();
+        let mut out = Vec::new();
+        m.forward(&ids, &mut st, true, &mut out).unwrap();
+        out
+    };
+    assert_eq!(run(&*fused), run(&*per_expert), "the same weights in another layout");
+    std::fs::remove_dir_all(&dir).ok();
+}

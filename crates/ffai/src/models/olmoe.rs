@@ -42,14 +42,16 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
     let spec = MoeSpec {
         n_experts: moe::required_count(cfg, &["num_experts", "num_local_experts"], "expert_count")?,
         k: moe::required_count(cfg, &["num_experts_per_tok"], "expert_used_count")?,
-        renormalize: cfg
-            .extra_bool("norm_topk_prob", "expert_weights_norm")?
-            .unwrap_or(false),
+        // llama.cpp's olmoe graph never renormalises (its converter writes no flag).
+        renormalize: !cfg.is_gguf() && cfg.extra_bool("norm_topk_prob", "")?.unwrap_or(false),
         // OLMoE's intermediate_size is the experts' (there is no dense MLP).
         ffn: cfg.intermediate_size,
         sparse,
     }
     .checked(cfg)?;
+    // GGUF: `attention.clamp_kqv` (llama.cpp's key for OLMo's clip_qkv). llama.cpp's
+    // converter does not write it for OLMoE and its olmoe graph does not clamp; the
+    // released OLMoE checkpoints have no clip_qkv, so the two agree on real files.
     let clip = cfg.extra_f64("clip_qkv", "attention.clamp_kqv")?.unwrap_or(0.0);
     ensure!(clip >= 0.0, "{}: clip_qkv = {clip} is negative", cfg.source);
     let spec = DecoderSpec {

@@ -53,11 +53,13 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
     let spec = MoeSpec {
         n_experts,
         k: moe::required_count(&cfg, &["num_experts_per_tok"], "expert_used_count")?,
-        // config.json's default is false; llama.cpp always renormalises qwen3moe (its
-        // converter writes no flag), so a GGUF without `expert_weights_norm` does.
-        renormalize: cfg
-            .extra_bool("norm_topk_prob", "expert_weights_norm")?
-            .unwrap_or(cfg.is_gguf()),
+        // config.json's default is false. llama.cpp always renormalises qwen3moe (its
+        // converter writes no flag and its graph hard-codes it), so a GGUF does.
+        renormalize: if cfg.is_gguf() {
+            true
+        } else {
+            cfg.extra_bool("norm_topk_prob", "")?.unwrap_or(false)
+        },
         ffn: moe::required_count(&cfg, &["moe_intermediate_size"], "expert_feed_forward_length")?,
         sparse,
     }
