@@ -326,3 +326,57 @@ fn llama_cpp_converter_output() {
         assert!(d <= 1e-5, "{family}: {d}");
     }
 }
+
+/// Hostile MoE metadata: each value is refused with a one-line error, never a panic or
+/// a huge allocation.
+#[test]
+fn hostile_moe_gguf_metadata_is_an_error() {
+    let cases: &[(&str, &str, MetaValue)] = &[
+        ("qwen3_moe", "qwen3moe.expert_count", MetaValue::U64(1 << 40)),
+        ("qwen3_moe", "qwen3moe.expert_count", MetaValue::U32(0)),
+        ("qwen3_moe", "qwen3moe.expert_used_count", MetaValue::U32(0)),
+        ("qwen3_moe", "qwen3moe.expert_used_count", MetaValue::U32(9)),
+        ("qwen3_moe", "qwen3moe.expert_used_count", MetaValue::String("2".into())),
+        ("qwen3_moe", "qwen3moe.expert_feed_forward_length", MetaValue::U32(17)),
+        ("qwen3_moe", "qwen3moe.expert_feed_forward_length", MetaValue::I32(-1)),
+        ("mixtral", "llama.expert_used_count", MetaValue::U64(u64::MAX)),
+        ("mixtral", "llama.feed_forward_length", MetaValue::U32(1 << 30)),
+        ("olmoe", "olmoe.attention.clamp_kqv", MetaValue::F32(-1.0)),
+        ("olmoe", "olmoe.attention.clamp_kqv", MetaValue::F32(f32::NAN)),
+    ];
+    for (family, key, value) in cases {
+        let bytes = to_gguf(family, true);
+        let f = GgufFile::from_bytes(&bytes).unwrap();
+        let mut w = GgufWriter {
+            metadata: f.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            tensors: f
+                .tensors
+                .iter()
+                .map(|t| {
+                    (
+                        t.name.clone(),
+                        t.ty,
+                        t.shape.clone(),
+                        f.tensor_bytes(t).as_slice().to_vec(),
+                    )
+                })
+                .collect(),
+        };
+        match w.metadata.iter_mut().find(|(k, _)| k == key) {
+            Some(e) => e.1 = value.clone(),
+            None => w.metadata.push((key.to_string(), value.clone())),
+        }
+        let bytes = w.to_bytes();
+        let r = std::panic::catch_unwind(|| -> ffai::Result<()> {
+            let f = GgufFile::from_bytes(&bytes)?;
+            let mut cfg = ModelConfig::from_gguf(&f, "hostile.gguf")?;
+            let weights = Weights::from_gguf(&f, "hostile.gguf");
+            cfg.tie_word_embeddings = !weights.has("output.weight");
+            (family_for(&cfg, true)?.load)(&cfg, &weights, &Device::cpu(1)).map(|_| ())
+        });
+        let err = r
+            .unwrap_or_else(|_| panic!("{family} {key} = {value:?}: panicked"))
+            .expect_err(&format!("{family} {key} = {value:?} loaded"));
+        assert!(!err.message().contains('\n'), "{family} {key}: {}", err.message());
+    }
+}
