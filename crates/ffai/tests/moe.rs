@@ -257,3 +257,34 @@ fn fused_transformers5_expert_layout_loads_the_same() {
     assert_eq!(run(&*fused), run(&*per_expert), "the same weights in another layout");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn released_checkpoints_config_spellings_load_the_same() {
+    // transformers 5 writes `rope_parameters` and (Qwen3-MoE) `num_local_experts`; the
+    // released checkpoints' config.json files say `rope_theta` / `rope_scaling: null` and
+    // `num_experts`. Both spellings must give the same model.
+    let ids: Vec<u32> = (0..40).map(|i| (i * 29 + 3) % 256).collect();
+    let run = |m: &dyn LanguageModel| {
+        let mut st = m.new_state(64, 512).unwrap();
+        let mut out = Vec::new();
+        m.forward(&ids, &mut st, true, &mut out).unwrap();
+        out
+    };
+    for family in ["qwen3_moe", "mixtral", "olmoe"] {
+        let dir = fixture_dir(family);
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        let o = json.as_object_mut().unwrap();
+        let theta = o.remove("rope_parameters").unwrap()["rope_theta"].clone();
+        o.insert("rope_theta".into(), theta);
+        o.insert("rope_scaling".into(), serde_json::Value::Null);
+        if family == "qwen3_moe" {
+            let n = o.remove("num_local_experts").unwrap();
+            o.insert("num_experts".into(), n);
+        }
+        let cfg = ModelConfig::from_hf_json(&json, "old spellings").unwrap();
+        let weights = Weights::from_safetensors_dir_for(&dir, &cfg.model_type).unwrap();
+        let old = (family_for(&cfg, false).unwrap().load)(&cfg, &weights, &Device::cpu_with(3, false, true)).unwrap();
+        assert_eq!(run(&*old), run(&*load(family)), "{family}");
+    }
+}
