@@ -274,11 +274,87 @@ def fam_configs():
         ],
         {},
     )
+    F["qwen3_moe"] = (
+        "Qwen3MoeConfig",
+        dict(
+            BASE,
+            num_hidden_layers=4,
+            num_key_value_heads=1,
+            head_dim=32,
+            intermediate_size=64,
+            moe_intermediate_size=16,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],
+            attention_bias=False,
+            use_sliding_window=False,
+        ),
+        [
+            "Qwen3MoeForCausalLM: the Qwen3 attention (head_dim 32 with hidden 64 and 4 heads, q_proj out 128 != hidden; "
+            "GQA 4/1; per-head q_norm/k_norm RMSNorm before RoPE), untied lm_head, no sliding window",
+            "MoE MLP: router = mlp.gate (Linear 64 -> 8 experts, no bias); probs = softmax(router_logits) in fp32 over "
+            "all 8 experts; top-2 by probability (torch.topk); norm_topk_prob True: the two probabilities divided by "
+            "their sum; out = sum_j w_j * down_e(silu(gate_e(x)) * up_e(x)); moe_intermediate_size 16",
+            "mlp_only_layers [1] and decoder_sparse_step 1: layers 0, 2, 3 are sparse, layer 1 has the dense MLP of "
+            "intermediate_size 64 (a layer is sparse iff not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0)",
+            "save_pretrained writes the experts one matrix each: mlp.experts.E.{gate,up,down}_proj.weight "
+            "(transformers 5 keeps them fused as experts.gate_up_proj [E, 2*16, 64], gate rows first, and "
+            "experts.down_proj [E, 64, 16] in memory)",
+        ],
+        {},
+    )
+    F["mixtral"] = (
+        "MixtralConfig",
+        dict(
+            BASE,
+            intermediate_size=32,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            sliding_window=WINDOW,
+        ),
+        [
+            "MixtralForCausalLM: the Mistral block (GQA 4/2, head_dim 16, untied lm_head) with sliding_window 16 on "
+            "every layer (i-16 < j <= i)",
+            "MoE MLP in every layer: router mlp.gate (64 -> 8, no bias); softmax over the 8 experts in fp32, top-2, "
+            "ALWAYS renormalised (Mixtral has no norm_topk_prob); experts are SwiGLU w2(silu(w1 x) * w3 x) of "
+            "intermediate_size 32 (w1 = gate, w3 = up, w2 = down)",
+            "save_pretrained writes mlp.experts.E.{gate,up,down}_proj.weight (transformers 5 names); original Mixtral "
+            "checkpoints use block_sparse_moe.gate and block_sparse_moe.experts.E.{w1,w3,w2}",
+        ],
+        {},
+    )
+    F["olmoe"] = (
+        "OlmoeConfig",
+        dict(
+            BASE,
+            num_key_value_heads=4,
+            intermediate_size=16,
+            num_experts=16,
+            num_experts_per_tok=4,
+            norm_topk_prob=False,
+            clip_qkv=1.5,
+            rms_norm_eps=1e-5,
+        ),
+        [
+            "OlmoeForCausalLM: pre-norm Llama block; q_norm over the whole q projection (hidden 64) and k_norm over "
+            "the whole k projection (n_kv * head_dim 64), plain RMSNorm, before the head split and RoPE; MHA 4/4 as "
+            "in real OLMoE, head_dim 16, untied lm_head, rms_norm_eps 1e-5",
+            "clip_qkv 1.5: after the norms, q, k and v are clamped to [-1.5, 1.5] (it bites: normed q/k are ~N(0, 1))",
+            "MoE MLP in every layer: router mlp.gate (64 -> 16, no bias); softmax over 16 experts in fp32, top-4, NOT "
+            "renormalised (norm_topk_prob False): out = sum of the four experts' outputs times their raw "
+            "probabilities; experts SwiGLU of intermediate_size 16",
+        ],
+        {},
+    )
     return F
 
 
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "olmoe")
+
 FAMILY_ORDER = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3", "olmo2", "granite", "starcoder2",
-                "llama_bf16"]
+                "llama_bf16", "qwen3_moe", "mixtral", "olmoe"]
 FAMILY_SEED = {f: 1000 + i for i, f in enumerate(FAMILY_ORDER)}
 
 
@@ -293,7 +369,8 @@ def reinit_(model, model_type, overrides):
             if not local:
                 continue
             is_norm = "Norm" in cls
-            is_lin = isinstance(mod, (torch.nn.Linear, torch.nn.Embedding))
+            # MoE routers and stacked experts hold plain Parameters: initialised as Linear weights.
+            is_lin = isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)) or cls.endswith(("TopKRouter", "Experts"))
             if not (is_norm or is_lin):
                 raise RuntimeError(f"unexpected parameterised module {mname} ({cls})")
             leaf = mname.split(".")[-1]
@@ -386,6 +463,19 @@ def sensitivity(family, model, ids, ref):
         rot.full_attention_inv_freq.mul_(8.0)
         diff("global_linear_rope_factor_off")
         rot.full_attention_inv_freq.copy_(saved)
+    if family in MOE_FAMILIES:
+        routers = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
+        for m in routers:
+            m.norm_topk_prob = not getattr(m, "norm_topk_prob", True)
+        if family != "mixtral":
+            diff("norm_topk_prob_flipped")
+        for m in routers:
+            m.norm_topk_prob = not m.norm_topk_prob
+    if family == "olmoe":
+        c = cfg.clip_qkv
+        cfg.clip_qkv = None
+        diff("clip_qkv_off")
+        cfg.clip_qkv = c
     # sanity: restored model reproduces the reference exactly
     again = forward_logits(model, ids)
     if not torch.equal(again, ref):
@@ -393,18 +483,78 @@ def sensitivity(family, model, ids, ref):
     return res
 
 
+def routing_stats(model, ids):
+    """Per sparse layer: tokens per expert, and the smallest gap between the k-th and (k+1)-th
+    routing probability over all tokens (a reimplementation agrees on the chosen experts when its
+    router probabilities are closer to transformers' than this)."""
+    logs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: logs.append((m.top_k, o[0].detach().float())))
+             for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
+    forward_logits(model, ids)
+    for h in hooks:
+        h.remove()
+    stats = []
+    for k, logits in logs:
+        p = torch.softmax(logits, dim=-1)
+        top = torch.sort(p, dim=-1, descending=True).values
+        idx = torch.topk(p, k, dim=-1).indices
+        counts = torch.bincount(idx.flatten(), minlength=p.shape[-1]).tolist()
+        if min(counts) == 0:
+            raise RuntimeError(f"an expert is never routed to: {counts}")
+        stats.append({"tokens_per_expert": counts, "min_topk_margin": float((top[:, k - 1] - top[:, k]).min())})
+    return stats
+
+
+def balance_routers_(model, ids):
+    """Random routers on random tiny models send most tokens to a few experts: the hidden states
+    share a large common direction (attention averages values), and W.mean dominates the logits.
+    Layer by layer, project each router's rows off the mean direction of the inputs it sees, so
+    its logits follow what differs between tokens and every expert gets some."""
+    routers = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
+    for r in routers:
+        seen = []
+        h = r.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().reshape(-1, i[0].shape[-1])))
+        forward_logits(model, ids)
+        h.remove()
+        mean = seen[0].mean(dim=0)
+        u = mean / mean.norm()
+        with torch.no_grad():
+            r.weight.sub_(torch.outer(r.weight @ u, u))
+
+
+# A MoE fixture's routers must not sit near a tie: if the k-th and (k+1)-th routing probabilities
+# of some token are closer than this, an f16 KV cache or another summation order (a GPU) can flip
+# that token's expert choice, and the comparison would measure the flip, not the implementation.
+MOE_MIN_MARGIN = 2e-4
+SEED_USED = {}
+
+
 def build(family, cfg_cls_name, cfg_kwargs, overrides):
-    seed = FAMILY_SEED[family]
-    torch.manual_seed(seed)
-    cfg_cls = getattr(transformers, cfg_cls_name)
-    config = cfg_cls(**cfg_kwargs)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
-    model.eval()
-    assert model.config._attn_implementation == "eager", model.config._attn_implementation
-    reinit_(model, config.model_type, overrides)
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, config.vocab_size, (SEQ_LEN,), generator=g, dtype=torch.int64)
-    return model, ids
+    """The family's model and input ids. MoE families try seeds FAMILY_SEED + 100 * i until every
+    expert is used and every routing margin is at least MOE_MIN_MARGIN (SEED_USED records it)."""
+    tries = 64 if family in MOE_FAMILIES else 1
+    for attempt in range(tries):
+        seed = FAMILY_SEED[family] + 100 * attempt
+        torch.manual_seed(seed)
+        cfg_cls = getattr(transformers, cfg_cls_name)
+        config = cfg_cls(**cfg_kwargs)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+        model.eval()
+        assert model.config._attn_implementation == "eager", model.config._attn_implementation
+        reinit_(model, config.model_type, overrides)
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, config.vocab_size, (SEQ_LEN,), generator=g, dtype=torch.int64)
+        if family in MOE_FAMILIES:
+            balance_routers_(model, ids)
+            try:
+                stats = routing_stats(model, ids)
+            except RuntimeError:
+                continue
+            if min(s["min_topk_margin"] for s in stats) < MOE_MIN_MARGIN:
+                continue
+        SEED_USED[family] = seed
+        return model, ids
+    raise RuntimeError(f"{family}: no seed in {tries} tries gives routing margins >= {MOE_MIN_MARGIN}")
 
 
 def write_fixture(out_dir, family, model, ids, notes, extra_meta):
@@ -434,7 +584,7 @@ def finish(fdir, family, model, ids, ref, notes, rope, sens, extra_meta):
         "torch_version": torch.__version__,
         "seq_len": SEQ_LEN,
         "notes": notes,
-        "seed": FAMILY_SEED[family],
+        "seed": SEED_USED[family],
         "input_ids": "torch.randint(0, vocab_size, (seq_len,), generator=torch.Generator().manual_seed(seed))",
         "attn_implementation": "eager",
         "device": "cpu, fp32, torch.set_num_threads(1)",
@@ -522,13 +672,22 @@ def main():
             cls_name, kw, notes, ov = F[family]
             model, ids = build(family, cls_name, kw, ov)
             fdir, ref, rope, sens = write_fixture(args.out, family, model, ids, notes, {})
+            extra = {"weights_dtype": "float32"}
+            if family in MOE_FAMILIES:
+                extra["routing"] = routing_stats(model, ids)
             model.save_pretrained(fdir)
             notes = list(notes)
             if family == "phi3":
                 notes += phi3_notes(model)
+            if family in MOE_FAMILIES:
+                notes.append("routers re-initialised layer by layer off the mean direction of their inputs (so every "
+                             "expert gets tokens), and the seed is the first of FAMILY_SEED + 100*i whose routing has "
+                             "every expert used and every top-k probability margin >= %g (meta routing: tokens per "
+                             "expert, smallest margin per sparse layer), so an f16 KV cache or another summation "
+                             "order cannot flip an expert choice" % MOE_MIN_MARGIN)
             notes.append("re-init: Linear/Embedding weights N(0, 0.15) unless stated, biases N(0, 0.1), norm weights "
                          + ("N(0, 0.1) (Gemma (1 + w) form)" if family.startswith("gemma") else "1 + N(0, 0.1)"))
-            finish(fdir, family, model, ids, ref, notes, rope, sens, {"weights_dtype": "float32"})
+            finish(fdir, family, model, ids, ref, notes, rope, sens, extra)
         except Exception as e:  # keep going, report at the end
             import traceback
             traceback.print_exc()

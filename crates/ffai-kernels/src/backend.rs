@@ -375,6 +375,48 @@ pub trait Backend: Send + Sync + 'static {
             *o = self.argmax(buf, r * width..(r + 1) * width);
         }
     }
+    /// `x = clamp(x, lo, hi)` over the first `len` elements (OLMoE's `clip_qkv`).
+    fn clamp(&self, x: &mut Self::Buf, lo: f32, hi: f32, len: usize);
+
+    // --- mixture of experts (see `ops::moe_route`) ---
+    /// Routing of `n` rows of router logits `[n, n_experts]`: per row, the `k` most
+    /// probable experts under a softmax over all of them ([`crate::ops::moe_route`]: the
+    /// largest first, ties to the lower index), their ids (as f32) in `ids[n, k]` and
+    /// their probabilities in `weights[n, k]`, renormalised to sum 1 when `renormalize`.
+    /// `k <= n_experts <= ops::MAX_EXPERTS`, `k <= ops::MAX_EXPERTS_PER_TOKEN`.
+    #[allow(clippy::too_many_arguments)]
+    fn moe_route(
+        &self,
+        logits: &Self::Buf,
+        n: usize,
+        n_experts: usize,
+        k: usize,
+        renormalize: bool,
+        ids: &mut Self::Buf,
+        weights: &mut Self::Buf,
+    );
+    /// The selected experts' products: `experts[m][e]` is matrix `m` (gate, up, down…)
+    /// of expert `e`, all of one shape per `m` with the same `cols`. For token `t` and
+    /// slot `j`, with `e = ids[t * k + j]`:
+    /// `outs[m][(t * k + j) * rows_m ..] = experts[m][e] · x[r]`, where `r = t * k + j`
+    /// when `x_per_slot` (the down projection reads each slot's own row) and `r = t`
+    /// otherwise (gate/up read the token's row). Only the selected experts' rows are read;
+    /// a row's result does not depend on what else the step holds.
+    #[allow(clippy::too_many_arguments)]
+    fn moe_matmuls(
+        &self,
+        experts: &[&[Self::Mat]],
+        x: &Self::Buf,
+        x_per_slot: bool,
+        ids: &Self::Buf,
+        n: usize,
+        k: usize,
+        outs: &mut [&mut Self::Buf],
+    );
+    /// `out[t] = sum_j weights[t * k + j] * ys[t * k + j]` for `n` rows of width `d`
+    /// ([`crate::ops::moe_combine`]).
+    #[allow(clippy::too_many_arguments)]
+    fn moe_combine(&self, ys: &Self::Buf, weights: &Self::Buf, n: usize, k: usize, d: usize, out: &mut Self::Buf);
 
     // --- batched steps over a paged KV cache ---
     /// A step's metadata in backend memory (see [`StepLayout`]): written once per step by
@@ -461,4 +503,121 @@ pub trait Backend: Send + Sync + 'static {
         shape: &AttnShape,
         out: &mut Self::Buf,
     );
+}
+
+/// The mixture-of-experts ops composed from other ops of a backend, with the routing
+/// done on the host: a backend without kernels of its own for them (CUDA today) calls
+/// these. They read ids, weights and logits back to the host inside the forward and
+/// allocate per call, so a step that uses them cannot be recorded as a graph.
+pub mod host_moe {
+    use super::Backend;
+    use crate::ops;
+
+    fn write<B: Backend>(b: &B, data: &[f32], dst: &mut B::Buf) {
+        let tmp = b.upload(data);
+        b.copy(&tmp, 0, dst, 0, data.len());
+    }
+
+    pub fn clamp<B: Backend>(b: &B, x: &mut B::Buf, lo: f32, hi: f32, len: usize) {
+        let mut h = vec![0f32; len];
+        b.download(x, 0..len, &mut h);
+        h.iter_mut().for_each(|v| *v = v.clamp(lo, hi));
+        write(b, &h, x);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_route<B: Backend>(
+        b: &B,
+        logits: &B::Buf,
+        n: usize,
+        n_experts: usize,
+        k: usize,
+        renormalize: bool,
+        ids: &mut B::Buf,
+        weights: &mut B::Buf,
+    ) {
+        let mut l = vec![0f32; n * n_experts];
+        b.download(logits, 0..n * n_experts, &mut l);
+        let (mut hi, mut hw) = (vec![0f32; n * k], vec![0f32; n * k]);
+        for t in 0..n {
+            ops::moe_route(
+                &l[t * n_experts..(t + 1) * n_experts],
+                renormalize,
+                &mut hi[t * k..(t + 1) * k],
+                &mut hw[t * k..(t + 1) * k],
+            );
+        }
+        write(b, &hi, ids);
+        write(b, &hw, weights);
+    }
+
+    /// Per expert with tokens: its rows gathered with `copy`, one `matmuls` over the
+    /// expert's matrices, the results copied back to their slots.
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_matmuls<B: Backend>(
+        b: &B,
+        experts: &[&[B::Mat]],
+        x: &B::Buf,
+        x_per_slot: bool,
+        ids: &B::Buf,
+        n: usize,
+        k: usize,
+        outs: &mut [&mut B::Buf],
+    ) {
+        let mut hi = vec![0f32; n * k];
+        b.download(ids, 0..n * k, &mut hi);
+        let n_experts = experts[0].len();
+        let cols = b.mat_shape(&experts[0][0]).1;
+        let rows: Vec<usize> = experts.iter().map(|m| b.mat_shape(&m[0]).0).collect();
+        let mut slots: Vec<Vec<usize>> = vec![Vec::new(); n_experts];
+        for (s, &e) in hi.iter().enumerate() {
+            slots[e as usize].push(s);
+        }
+        let most = slots.iter().map(|s| s.len()).max().unwrap_or(0);
+        if most == 0 {
+            return;
+        }
+        let mut xg = b.alloc(most * cols);
+        let mut og: Vec<B::Buf> = rows.iter().map(|&r| b.alloc(most * r)).collect();
+        for (e, ss) in slots.iter().enumerate() {
+            if ss.is_empty() {
+                continue;
+            }
+            for (i, &s) in ss.iter().enumerate() {
+                let r = if x_per_slot { s } else { s / k };
+                b.copy(x, r * cols, &mut xg, i * cols, cols);
+            }
+            let ws: Vec<&B::Mat> = experts.iter().map(|m| &m[e]).collect();
+            let mut os: Vec<&mut B::Buf> = og.iter_mut().collect();
+            b.matmuls(&ws, &xg, ss.len(), &mut os);
+            for (m, out) in outs.iter_mut().enumerate() {
+                for (i, &s) in ss.iter().enumerate() {
+                    b.copy(&og[m], i * rows[m], out, s * rows[m], rows[m]);
+                }
+            }
+        }
+    }
+
+    pub fn moe_combine<B: Backend>(
+        b: &B,
+        ys: &B::Buf,
+        weights: &B::Buf,
+        n: usize,
+        k: usize,
+        d: usize,
+        out: &mut B::Buf,
+    ) {
+        let (mut hy, mut hw) = (vec![0f32; n * k * d], vec![0f32; n * k]);
+        b.download(ys, 0..n * k * d, &mut hy);
+        b.download(weights, 0..n * k, &mut hw);
+        let mut ho = vec![0f32; n * d];
+        for t in 0..n {
+            ops::moe_combine(
+                &hy[t * k * d..(t + 1) * k * d],
+                &hw[t * k..(t + 1) * k],
+                &mut ho[t * d..(t + 1) * d],
+            );
+        }
+        write(b, &ho, out);
+    }
 }

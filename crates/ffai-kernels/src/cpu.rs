@@ -59,23 +59,27 @@ fn act_slot(ty: WeightType, f32_acts: bool) -> Option<usize> {
     }
 }
 
-/// Rows `rows` of `out = x · wᵀ` for `n` tokens, on the calling thread.
+/// Rows `rows` of `out = x · wᵀ` for the token rows `tokens` of `x` (and of `acts`, the
+/// same rows quantized), on the calling thread: token `t`'s row `r` goes to
+/// `out[t * w.rows + r]`.
+/// A token's result does not depend on which other tokens share the range.
 fn matmul_rows(
     w: &CpuMatrix,
     x: &[f32],
-    n: usize,
+    tokens: Range<usize>,
     acts: &[QuantizedActs; 3],
     f32_acts: bool,
     rows: Range<usize>,
     out: SharedMut,
 ) {
     let (n_rows, cols) = (w.rows, w.cols);
+    let (base, n) = (tokens.start, tokens.len());
     match act_slot(w.ty, f32_acts) {
         Some(slot) if n == 1 => {
             // SAFETY: each thread writes only its own rows of the single output row.
-            let o = unsafe { out.slice(rows.start, rows.len()) };
+            let o = unsafe { out.slice(base * n_rows + rows.start, rows.len()) };
             let bytes = &w.data.as_slice()[rows.start * w.row_bytes..rows.end * w.row_bytes];
-            quant::dot_rows_q8(w.ty, bytes, &acts[slot], 0, o);
+            quant::dot_rows_q8(w.ty, bytes, &acts[slot], base, o);
         }
         Some(slot) => with_scratch(ROW_BLOCK * TOKEN_TILE, |tmp| {
             // Blocked: a block of weight rows against a tile of tokens at a time, so the
@@ -85,14 +89,14 @@ fn matmul_rows(
             // this thread's rows (the rows come back from L2, which is cheap).
             TILE.with(|tile| {
                 let mut tile = tile.borrow_mut();
-                for t0 in (0..n).step_by(TOKEN_TILE) {
-                    let t1 = (t0 + TOKEN_TILE).min(n);
+                for t0 in tokens.clone().step_by(TOKEN_TILE) {
+                    let t1 = (t0 + TOKEN_TILE).min(tokens.end);
                     tile.prepare(w.ty, &acts[slot], t0..t1);
                     for rb in (rows.start..rows.end).step_by(ROW_BLOCK) {
                         let re = (rb + ROW_BLOCK).min(rows.end);
                         let data = w.data.as_slice();
                         let bytes = &data[rb * w.row_bytes..re * w.row_bytes];
-                        if t0 == 0 {
+                        if t0 == base {
                             // The first tile streams the rows from memory: ask for the
                             // next block now (later tiles find this thread's rows in L2).
                             let ne = (re + ROW_BLOCK).min(rows.end);
@@ -115,18 +119,19 @@ fn matmul_rows(
         }),
         None if n == 1 && matches!(w.ty, WeightType::F16 | WeightType::BF16) => {
             // SAFETY: as above, disjoint rows per thread.
-            let o = unsafe { out.slice(rows.start, rows.len()) };
+            let o = unsafe { out.slice(base * n_rows + rows.start, rows.len()) };
             // One token: the GEMM kernel widens the 16-bit weights with SIMD (`dot_row`
             // converts f16 through a stack buffer), same bits. (F32 needs no widening,
             // and `dot_row` streamed it from DRAM faster.)
             let bytes = &w.data.as_slice()[rows.start * w.row_bytes..rows.end * w.row_bytes];
-            quant::dot_rows_multi(w.ty, bytes, x, cols, o);
+            quant::dot_rows_multi(w.ty, bytes, &x[base * cols..(base + 1) * cols], cols, o);
         }
         None if n == 1 && !w.ty.is_quantized() => {
             // SAFETY: as above, disjoint rows per thread.
-            let o = unsafe { out.slice(rows.start, rows.len()) };
+            let o = unsafe { out.slice(base * n_rows + rows.start, rows.len()) };
+            let xr = &x[base * cols..(base + 1) * cols];
             for (k, row) in rows.enumerate() {
-                o[k] = quant::dot_row(w.ty, w.row(row), x);
+                o[k] = quant::dot_row(w.ty, w.row(row), xr);
             }
         }
         None if !w.ty.is_quantized() => with_scratch(ROW_BLOCK * FLOAT_TOKEN_TILE, |tmp| {
@@ -134,8 +139,8 @@ fn matmul_rows(
             // path (tokens outermost, so a tile's activations stay in L2 while the rows
             // pass), each block through the register-blocked GEMM kernel, which gives
             // exactly what `dot_row` (the decode path above) gives.
-            for t0 in (0..n).step_by(FLOAT_TOKEN_TILE) {
-                let t1 = (t0 + FLOAT_TOKEN_TILE).min(n);
+            for t0 in tokens.clone().step_by(FLOAT_TOKEN_TILE) {
+                let t1 = (t0 + FLOAT_TOKEN_TILE).min(tokens.end);
                 let xs = &x[t0 * cols..t1 * cols];
                 for rb in (rows.start..rows.end).step_by(ROW_BLOCK) {
                     let re = (rb + ROW_BLOCK).min(rows.end);
@@ -159,7 +164,7 @@ fn matmul_rows(
             // depend on how many tokens share the step (batch invariance).
             for row in rows {
                 quant::dequantize_row(w.ty, w.row(row), wrow);
-                for t in 0..n {
+                for t in tokens.clone() {
                     let v = ops::dot_f32(wrow, &x[t * cols..(t + 1) * cols]);
                     // SAFETY: element (t, row) belongs to this thread's row range.
                     unsafe { out.slice(t * n_rows + row, 1)[0] = v };
@@ -293,8 +298,27 @@ pub struct CpuBackend {
     pool: ThreadPool,
     /// Quantized activations, one buffer per activation format, reused by every matmul.
     acts: std::sync::Mutex<[QuantizedActs; 3]>,
+    /// `moe_matmuls`' gathered rows, permuted outputs and work list, reused across calls.
+    moe: std::sync::Mutex<MoeWork>,
     /// Per-op wall time, only when profiling was asked for (one branch per op otherwise).
     profile: Option<std::sync::Mutex<Vec<(String, f64, u64)>>>,
+}
+
+/// Scratch of `moe_matmuls`: the step's (token, slot) pairs sorted by expert, the rows
+/// they read gathered in that order, each matrix's outputs in that order, and the
+/// (expert, matrix) pieces of work.
+#[derive(Default)]
+struct MoeWork {
+    /// Sorted position p -> slot `t * k + j`.
+    order: Vec<u32>,
+    /// Per expert, its first sorted position (`n_experts + 1` entries).
+    starts: Vec<u32>,
+    /// Per expert, the next free sorted position while filling `order`.
+    next: Vec<u32>,
+    xg: Vec<f32>,
+    outs: [Vec<f32>; MAX_GROUP],
+    /// (expert, matrix) for each piece, in the order their rows are numbered.
+    pieces: Vec<(u32, u32)>,
 }
 
 /// Records the time of one op on drop.
@@ -371,6 +395,7 @@ impl CpuBackend {
             paged: Default::default(),
             pool: ThreadPool::new(n_threads),
             acts: Default::default(),
+            moe: Default::default(),
             profile: profile.then(Default::default),
         }
     }
@@ -821,7 +846,7 @@ impl Backend for CpuBackend {
                 let lo = r.start.max(base);
                 let hi = r.end.min(base + w.rows);
                 if lo < hi {
-                    matmul_rows(w, x, n, acts, f32_acts, lo - base..hi - base, out_ptrs[k]);
+                    matmul_rows(w, x, 0..n, acts, f32_acts, lo - base..hi - base, out_ptrs[k]);
                 }
                 base += w.rows;
             }
@@ -908,6 +933,166 @@ impl Backend for CpuBackend {
 
     fn argmax(&self, buf: &Vec<f32>, range: Range<usize>) -> u32 {
         ops::argmax(&buf[range]).0 as u32
+    }
+
+    fn clamp(&self, x: &mut Vec<f32>, lo: f32, hi: f32, len: usize) {
+        for v in &mut x[..len] {
+            *v = v.clamp(lo, hi);
+        }
+    }
+
+    fn moe_route(
+        &self,
+        logits: &Vec<f32>,
+        n: usize,
+        n_experts: usize,
+        k: usize,
+        renormalize: bool,
+        ids: &mut Vec<f32>,
+        weights: &mut Vec<f32>,
+    ) {
+        let _p = self.prof(|| "moe_route".into());
+        assert!(
+            (1..=n_experts).contains(&k) && n_experts <= ops::MAX_EXPERTS && k <= ops::MAX_EXPERTS_PER_TOKEN,
+            "moe_route: top {k} of {n_experts} experts"
+        );
+        assert!(logits.len() >= n * n_experts && ids.len() >= n * k && weights.len() >= n * k);
+        let (ip, wp) = (SharedMut(ids.as_mut_ptr()), SharedMut(weights.as_mut_ptr()));
+        self.for_rows(n, n_experts * k, |t| {
+            // SAFETY: each row's k entries are handed to exactly one thread, inside the
+            // first n * k of each buffer (checked above).
+            let (i, w) = unsafe { (ip.slice(t * k, k), wp.slice(t * k, k)) };
+            ops::moe_route(&logits[t * n_experts..(t + 1) * n_experts], renormalize, i, w);
+        });
+    }
+
+    fn moe_matmuls(
+        &self,
+        experts: &[&[CpuMatrix]],
+        x: &Vec<f32>,
+        x_per_slot: bool,
+        ids: &Vec<f32>,
+        n: usize,
+        k: usize,
+        outs: &mut [&mut Vec<f32>],
+    ) {
+        let _p = self.prof(|| {
+            let names: Vec<String> = experts.iter().map(|m| format!("{}x{}", m[0].rows, m[0].cols)).collect();
+            format!("moe_matmul {} {}", names.join("+"), experts[0][0].ty.name())
+        });
+        assert!(
+            experts.len() == outs.len() && !experts.is_empty() && experts.len() <= MAX_GROUP,
+            "1..={MAX_GROUP} matrices per expert"
+        );
+        let n_experts = experts[0].len();
+        let cols = experts[0][0].cols;
+        for (m, o) in experts.iter().zip(outs.iter()) {
+            assert!(
+                m.len() == n_experts && n_experts > 0,
+                "every matrix needs one per expert"
+            );
+            assert!(
+                m.iter().all(|w| w.cols == cols && w.rows == m[0].rows),
+                "experts' matrices differ in shape"
+            );
+            assert!(o.len() >= n * k * m[0].rows, "moe_matmuls output too small");
+        }
+        let slots = n * k;
+        assert!(ids.len() >= slots && x.len() >= if x_per_slot { slots } else { n } * cols);
+        let mut guard = self.moe.lock().unwrap_or_else(|e| e.into_inner());
+        let work = &mut *guard;
+        // Counting sort of the slots by expert (stable: token order within an expert).
+        work.starts.clear();
+        work.starts.resize(n_experts + 1, 0);
+        for &e in &ids[..slots] {
+            let e = e as usize;
+            assert!(e < n_experts, "expert id {e} outside the {n_experts} experts");
+            work.starts[e + 1] += 1;
+        }
+        for e in 0..n_experts {
+            work.starts[e + 1] += work.starts[e];
+        }
+        work.order.clear();
+        work.order.resize(slots, 0);
+        work.next.clear();
+        work.next.extend_from_slice(&work.starts[..n_experts]);
+        for (s, &e) in ids[..slots].iter().enumerate() {
+            let p = &mut work.next[e as usize];
+            work.order[*p as usize] = s as u32;
+            *p += 1;
+        }
+        // Gather the rows each sorted slot reads.
+        work.xg.resize(slots * cols, 0.0);
+        for (p, &s) in work.order.iter().enumerate() {
+            let r = if x_per_slot { s as usize } else { s as usize / k };
+            work.xg[p * cols..(p + 1) * cols].copy_from_slice(&x[r * cols..(r + 1) * cols]);
+        }
+        // Quantize the gathered rows once per activation format the matrices need.
+        let mut acts = self.acts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut done = [false; 3];
+        for m in experts {
+            if let Some(slot) = act_slot(m[0].ty, self.f32_acts) {
+                if !done[slot] {
+                    acts[slot].quantize(m[0].ty, &work.xg, slots, cols);
+                    done[slot] = true;
+                }
+            }
+        }
+        let acts = &*acts;
+        let mut out_ptrs = [SharedMut(std::ptr::null_mut()); MAX_GROUP];
+        for (m, mats) in experts.iter().enumerate() {
+            work.outs[m].resize(slots * mats[0].rows, 0.0);
+            out_ptrs[m] = SharedMut(work.outs[m].as_mut_ptr());
+        }
+        // One region over every used expert's matrices' rows.
+        work.pieces.clear();
+        let mut total = 0;
+        for e in 0..n_experts {
+            if work.starts[e] < work.starts[e + 1] {
+                for (m, mats) in experts.iter().enumerate() {
+                    work.pieces.push((e as u32, m as u32));
+                    total += mats[0].rows;
+                }
+            }
+        }
+        let (f32_acts, xg, starts, pieces) = (self.f32_acts, &work.xg, &work.starts, &work.pieces);
+        self.pool.for_ranges(total, 16, |r| {
+            let mut base = 0;
+            for &(e, m) in pieces {
+                let (e, m) = (e as usize, m as usize);
+                let w = &experts[m][e];
+                let lo = r.start.max(base);
+                let hi = r.end.min(base + w.rows);
+                if lo < hi {
+                    let tokens = starts[e] as usize..starts[e + 1] as usize;
+                    matmul_rows(w, xg, tokens, acts, f32_acts, lo - base..hi - base, out_ptrs[m]);
+                }
+                base += w.rows;
+                if base >= r.end {
+                    break;
+                }
+            }
+        });
+        // Back to slot order.
+        for (m, out) in outs.iter_mut().enumerate() {
+            let rows = experts[m][0].rows;
+            let src = &work.outs[m];
+            for (p, &s) in work.order.iter().enumerate() {
+                let s = s as usize;
+                out[s * rows..(s + 1) * rows].copy_from_slice(&src[p * rows..(p + 1) * rows]);
+            }
+        }
+    }
+
+    fn moe_combine(&self, ys: &Vec<f32>, weights: &Vec<f32>, n: usize, k: usize, d: usize, out: &mut Vec<f32>) {
+        let _p = self.prof(|| "moe_combine".into());
+        assert!(ys.len() >= n * k * d && weights.len() >= n * k && out.len() >= n * d);
+        let op = SharedMut(out.as_mut_ptr());
+        self.for_rows(n, k * d, |t| {
+            // SAFETY: each row is handed to exactly one thread, inside `out[..n * d]`.
+            let o = unsafe { op.slice(t * d, d) };
+            ops::moe_combine(&ys[t * k * d..(t + 1) * k * d], &weights[t * k..(t + 1) * k], o);
+        });
     }
 
     type Step = CpuStep;

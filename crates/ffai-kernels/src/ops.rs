@@ -1045,3 +1045,66 @@ pub fn finish_fold(o: &mut [f32], stats: &[f32], group: usize) {
         o[g * hd..(g + 1) * hd].iter_mut().for_each(|x| *x *= inv);
     }
 }
+
+/// Most experts a router may choose from, and most it may pick per token (the
+/// released MoE models use up to 256 and 8 or 16; the limits keep the per-row scratch on
+/// the stack).
+pub const MAX_EXPERTS: usize = 1024;
+pub const MAX_EXPERTS_PER_TOKEN: usize = 64;
+
+/// One token's routing: `softmax(logits)` over all experts, the `ids.len()` most
+/// probable (largest first; equal probabilities: the lower expert index first), and
+/// their probabilities in `weights`, divided by their sum when `renormalize`.
+///
+/// The softmax uses `f32::exp` (not [`exp_nonpos`]): a routing decision is discrete, so
+/// the probabilities are kept as close to torch's as f32 allows. torch.topk leaves the
+/// order of exactly equal values unspecified (its CPU kernel does not keep the lower
+/// index first); such ties need bit-equal router logits, which real inputs do not give.
+/// Expert ids are written as f32 (exact below 2^24) so they travel in activation buffers.
+pub fn moe_route(logits: &[f32], renormalize: bool, ids: &mut [f32], weights: &mut [f32]) {
+    let k = ids.len();
+    debug_assert!(k == weights.len() && k <= logits.len() && k <= MAX_EXPERTS_PER_TOKEN);
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for &l in logits {
+        sum += (l - max).exp();
+    }
+    let inv = 1.0 / sum;
+    // Selection by repeated scans (k is small): the largest probability not yet taken;
+    // `>` keeps the lower index among equals. NaN logits are never picked over a number.
+    let mut taken = [usize::MAX; MAX_EXPERTS_PER_TOKEN];
+    for j in 0..k {
+        let mut best = usize::MAX;
+        let mut best_p = f32::NEG_INFINITY;
+        for (e, &l) in logits.iter().enumerate() {
+            if taken[..j].contains(&e) {
+                continue;
+            }
+            let p = (l - max).exp() * inv;
+            if best == usize::MAX || p > best_p {
+                best = e;
+                best_p = p;
+            }
+        }
+        taken[j] = best;
+        ids[j] = best as f32;
+        weights[j] = best_p;
+    }
+    if renormalize {
+        let s: f32 = weights.iter().sum();
+        let inv = 1.0 / s;
+        weights.iter_mut().for_each(|w| *w *= inv);
+    }
+}
+
+/// `out = sum_j weights[j] * ys[j]` over a token's `k` expert outputs (`ys` is
+/// `[k, out.len()]`), in slot order.
+pub fn moe_combine(ys: &[f32], weights: &[f32], out: &mut [f32]) {
+    let d = out.len();
+    out.fill(0.0);
+    for (j, &w) in weights.iter().enumerate() {
+        for (o, &y) in out.iter_mut().zip(&ys[j * d..(j + 1) * d]) {
+            *o += w * y;
+        }
+    }
+}

@@ -52,9 +52,11 @@ fn fallback(target: WeightType, cols: usize) -> WeightType {
         .unwrap_or(WeightType::F16)
 }
 
-/// True for the tensors that get the target type.
+/// True for the tensors that get the target type. Mixture-of-experts routers
+/// (`ffn_gate_inp`) keep their type, as llama.cpp's quantizer keeps them: a routing
+/// decision is discrete, so a small error in its logits can change which experts run.
 fn is_weight_matrix(name: &str, shape: &[usize]) -> bool {
-    shape.len() >= 2 && name.ends_with(".weight") && !name.contains("norm")
+    shape.len() >= 2 && name.ends_with(".weight") && !name.contains("norm") && !name.contains("ffn_gate_inp")
 }
 
 /// Writes `dst`: `src` with every weight matrix encoded as `target` (see the module

@@ -417,6 +417,9 @@ pub fn hf_to_gguf_name_for(name: &str, model_type: &str) -> String {
     if let Some(rest) = name.strip_prefix("model.layers.") {
         if let Some((idx, tail)) = rest.split_once('.') {
             if idx.parse::<usize>().is_ok() {
+                if let Some(name) = expert_name(idx, tail) {
+                    return name;
+                }
                 let post_attn = if sandwich { "post_attention_norm." } else { "ffn_norm." };
                 let parts = [
                     ("input_layernorm.", "attn_norm."),
@@ -434,6 +437,8 @@ pub fn hf_to_gguf_name_for(name: &str, model_type: &str) -> String {
                     ("self_attn.q_norm.", "attn_q_norm."),
                     ("self_attn.k_norm.", "attn_k_norm."),
                     ("mlp.gate_proj.", "ffn_gate."),
+                    ("mlp.gate.", "ffn_gate_inp."),
+                    ("block_sparse_moe.gate.", "ffn_gate_inp."),
                     ("mlp.up_proj.", "ffn_up."),
                     ("mlp.down_proj.", "ffn_down."),
                 ];
@@ -446,6 +451,36 @@ pub fn hf_to_gguf_name_for(name: &str, model_type: &str) -> String {
         }
     }
     name.to_string()
+}
+
+/// Mixture-of-experts tensor names (the part after `model.layers.N.`): per-expert
+/// matrices `mlp.experts.E.{gate,up,down}_proj.*` (Qwen3-MoE, OLMoE) and Mixtral's
+/// `block_sparse_moe.experts.E.{w1,w3,w2}.*` become `blk.N.ffn_{gate,up,down}_exps.E.*`;
+/// transformers 5's fused `mlp.experts.gate_up_proj` / `down_proj` (`[experts, rows,
+/// cols]`, no `.weight` suffix) become `blk.N.ffn_gate_up_exps.weight` /
+/// `blk.N.ffn_down_exps.weight` (llama.cpp's stacked name and layout for down).
+fn expert_name(layer: &str, tail: &str) -> Option<String> {
+    let rest = tail
+        .strip_prefix("mlp.experts.")
+        .or_else(|| tail.strip_prefix("block_sparse_moe.experts."))?;
+    match rest {
+        "gate_up_proj" | "gate_up_proj.weight" => return Some(format!("blk.{layer}.ffn_gate_up_exps.weight")),
+        "down_proj" | "down_proj.weight" => return Some(format!("blk.{layer}.ffn_down_exps.weight")),
+        _ => {}
+    }
+    let (e, proj) = rest.split_once('.')?;
+    e.parse::<usize>().ok()?;
+    let (kind, suffix) = [
+        ("gate_proj.", "gate"),
+        ("up_proj.", "up"),
+        ("down_proj.", "down"),
+        ("w1.", "gate"),
+        ("w3.", "up"),
+        ("w2.", "down"),
+    ]
+    .iter()
+    .find_map(|(hf, kind)| proj.strip_prefix(hf).map(|s| (*kind, s)))?;
+    Some(format!("blk.{layer}.ffn_{kind}_exps.{e}.{suffix}"))
 }
 
 /// Most shards an index may name (the largest released checkpoints have a few hundred).

@@ -188,6 +188,9 @@ fn every_config_json_number_and_flag_at_hostile_values() {
         "olmo2",
         "granite",
         "starcoder2",
+        "qwen3_moe",
+        "mixtral",
+        "olmoe",
     ] {
         let dir = fixture(family);
         let original: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
@@ -236,6 +239,15 @@ fn named_config_errors() {
         ("gemma3", "sliding_window", json!(-2), "sliding_window"),
         ("gemma2", "query_pre_attn_scalar", json!(-1), "query_pre_attn_scalar"),
         ("granite", "logits_scaling", json!(0), "logits_scaling"),
+        ("qwen3_moe", "num_local_experts", json!(1u64 << 20), "experts"),
+        ("qwen3_moe", "num_experts_per_tok", json!(0), "experts per token"),
+        ("qwen3_moe", "num_experts_per_tok", json!(9), "experts per token"),
+        ("qwen3_moe", "decoder_sparse_step", json!(0), "decoder_sparse_step"),
+        ("qwen3_moe", "mlp_only_layers", json!("1"), "mlp_only_layers"),
+        ("qwen3_moe", "norm_topk_prob", json!(1), "norm_topk_prob"),
+        ("mixtral", "num_local_experts", json!(0), "experts"),
+        ("olmoe", "clip_qkv", json!(-1.5), "clip_qkv"),
+        ("olmoe", "num_experts", json!(32), "shape"),
     ];
     for (family, key, value, needle) in cases {
         let dir = fixture(family);

@@ -1074,6 +1074,44 @@ impl Backend for CudaBackend {
         }
     }
 
+    // Clamp and the mixture-of-experts ops compose existing ops, with the routing read
+    // back to the host (`backend::host_moe`): correct, not fast, and a step using them is
+    // not recorded as a graph (the decoder asks for none when a model has experts).
+    // Untested on a GPU so far.
+    fn clamp(&self, x: &mut CudaBuf, lo: f32, hi: f32, len: usize) {
+        crate::backend::host_moe::clamp(self, x, lo, hi, len);
+    }
+
+    fn moe_route(
+        &self,
+        logits: &CudaBuf,
+        n: usize,
+        n_experts: usize,
+        k: usize,
+        renormalize: bool,
+        ids: &mut CudaBuf,
+        weights: &mut CudaBuf,
+    ) {
+        crate::backend::host_moe::moe_route(self, logits, n, n_experts, k, renormalize, ids, weights);
+    }
+
+    fn moe_matmuls(
+        &self,
+        experts: &[&[CudaMat]],
+        x: &CudaBuf,
+        x_per_slot: bool,
+        ids: &CudaBuf,
+        n: usize,
+        k: usize,
+        outs: &mut [&mut CudaBuf],
+    ) {
+        crate::backend::host_moe::moe_matmuls(self, experts, x, x_per_slot, ids, n, k, outs);
+    }
+
+    fn moe_combine(&self, ys: &CudaBuf, weights: &CudaBuf, n: usize, k: usize, d: usize, out: &mut CudaBuf) {
+        crate::backend::host_moe::moe_combine(self, ys, weights, n, k, d, out);
+    }
+
     fn argmax(&self, buf: &CudaBuf, range: Range<usize>) -> u32 {
         assert!(range.end <= buf.len && !range.is_empty(), "argmax out of range");
         let view = DevMem::<f32> {

@@ -13,6 +13,7 @@ use ffai_kernels::backend::{AttnShape, Backend, GraphMode, HostBytes, RopeParams
 use ffai_kernels::cpu::CpuBackend;
 use ffai_kernels::cuda::backend::CudaBackend;
 
+use super::moe::{MoeLayer, MoeScratch, MoeSpec};
 use super::{BatchShape, BatchState, Device, LanguageModel, StepOut};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -94,6 +95,10 @@ pub struct DecoderSpec {
     /// given length (Phi-3's long factors).
     pub long_ropes: Option<(usize, Vec<Vec<f32>>)>,
     pub rope_neox: bool,
+    /// Mixture-of-experts MLPs (see `moe`): which layers are sparse and how they route.
+    pub moe: Option<MoeSpec>,
+    /// Clamp q, k and v to `±clip_qkv` after their norms (OLMoE's `clip_qkv`); 0 = off.
+    pub clip_qkv: f32,
 }
 
 impl DecoderSpec {
@@ -122,6 +127,8 @@ impl DecoderSpec {
             ropes: vec![cfg.rope_inv_freq(freq_factors)],
             long_ropes: None,
             rope_neox: cfg.rope_neox,
+            moe: None,
+            clip_qkv: 0.0,
         }
     }
 }
@@ -166,11 +173,19 @@ struct Layer<B: Backend> {
     o_bias: Option<B::Buf>,
     q_norm: Option<B::Buf>,
     k_norm: Option<B::Buf>,
-    w_gate: Option<B::Mat>,
-    w_up: B::Mat,
-    w_down: B::Mat,
-    up_bias: Option<B::Buf>,
-    down_bias: Option<B::Buf>,
+    ffn: Ffn<B>,
+}
+
+/// A layer's MLP: dense, or a mixture of experts.
+enum Ffn<B: Backend> {
+    Dense {
+        w_gate: Option<B::Mat>,
+        w_up: B::Mat,
+        w_down: B::Mat,
+        up_bias: Option<B::Buf>,
+        down_bias: Option<B::Buf>,
+    },
+    Moe(MoeLayer<B>),
 }
 
 pub struct Decoder<B: Backend> {
@@ -204,6 +219,8 @@ struct Paged<B: Backend> {
     att: B::Buf,
     gate: B::Buf,
     up: B::Buf,
+    /// The MoE layers' scratch (models with experts only).
+    moe: Option<MoeScratch<B>>,
     /// `max_logit_rows` final hidden states gathered for the LM head, and their logits.
     last: B::Buf,
     logits: B::Buf,
@@ -237,6 +254,10 @@ impl<B: Backend> Decoder<B> {
         ensure!(
             spec.layers.iter().all(|l| l.rope < spec.ropes.len()),
             "decoder spec names a missing RoPE table"
+        );
+        ensure!(
+            spec.moe.as_ref().is_none_or(|m| m.sparse.len() == cfg.num_layers),
+            "decoder spec has the wrong number of MoE layer flags"
         );
         let n_tables = spec.ropes.len();
         ensure!(
@@ -302,18 +323,30 @@ impl<B: Backend> Decoder<B> {
             } else {
                 None
             };
-            // Gated MLPs: separate gate/up, or one fused [2f, h] matrix (Phi-3's gate_up).
-            let (w_gate, w_up) = match spec.mlp {
-                Mlp::Gelu => (None, mat(&p("ffn_up.weight"), f, h)?),
-                _ if w.has(&p("ffn_gate.weight")) => {
-                    (Some(mat(&p("ffn_gate.weight"), f, h)?), mat(&p("ffn_up.weight"), f, h)?)
-                }
+            let ffn = match &spec.moe {
+                Some(ms) if ms.sparse[i] => Ffn::Moe(MoeLayer::load(w, &*b, i, ms, h)?),
                 _ => {
-                    let e = w.matrix(&p("ffn_up.weight"), 2 * f, h)?;
-                    (
-                        Some(b.matrix(e.ty, f, h, rows_of(e, 0, f, h)?)),
-                        b.matrix(e.ty, f, h, rows_of(e, f, f, h)?),
-                    )
+                    // Gated MLPs: separate gate/up, or one fused [2f, h] matrix (Phi-3's gate_up).
+                    let (w_gate, w_up) = match spec.mlp {
+                        Mlp::Gelu => (None, mat(&p("ffn_up.weight"), f, h)?),
+                        _ if w.has(&p("ffn_gate.weight")) => {
+                            (Some(mat(&p("ffn_gate.weight"), f, h)?), mat(&p("ffn_up.weight"), f, h)?)
+                        }
+                        _ => {
+                            let e = w.matrix(&p("ffn_up.weight"), 2 * f, h)?;
+                            (
+                                Some(b.matrix(e.ty, f, h, rows_of(e, 0, f, h)?)),
+                                b.matrix(e.ty, f, h, rows_of(e, f, f, h)?),
+                            )
+                        }
+                    };
+                    Ffn::Dense {
+                        w_gate,
+                        w_up,
+                        w_down: mat(&p("ffn_down.weight"), h, f)?,
+                        up_bias: opt_vec(&p("ffn_up.bias"), f)?,
+                        down_bias: opt_vec(&p("ffn_down.bias"), h)?,
+                    }
                 }
             };
             let (pre, post) = match spec.placement {
@@ -356,11 +389,7 @@ impl<B: Backend> Decoder<B> {
                 o_bias: opt_vec(&p("attn_output.bias"), h)?,
                 q_norm: qk("attn_q_norm.weight", qn_len)?,
                 k_norm: qk("attn_k_norm.weight", kn_len)?,
-                w_gate,
-                w_up,
-                w_down: mat(&p("ffn_down.weight"), h, f)?,
-                up_bias: opt_vec(&p("ffn_up.bias"), f)?,
-                down_bias: opt_vec(&p("ffn_down.bias"), h)?,
+                ffn,
             });
         }
         let lm_head = if w.has("output.weight") && !cfg.tie_word_embeddings {
@@ -456,6 +485,12 @@ impl<B: Backend> Decoder<B> {
                 std::mem::swap(&mut s.q, &mut s.qn);
                 std::mem::swap(&mut s.k, &mut s.kn);
             }
+            if sp.clip_qkv > 0.0 {
+                let (c, qd, kvd) = (sp.clip_qkv, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+                b.clamp(&mut s.q, -c, c, n * qd);
+                b.clamp(&mut s.k, -c, c, n * kvd);
+                b.clamp(&mut s.v, -c, c, n * kvd);
+            }
             let tables = match &self.long_ropes {
                 Some((_, long)) if s.long_rope => long,
                 _ => &self.ropes,
@@ -486,27 +521,43 @@ impl<B: Backend> Decoder<B> {
                 None => &s.x,
             };
             tap.linear_input(b, input, n, h, "ffn_in", Some(i));
-            match (&l.w_gate, sp.mlp) {
-                (Some(g), Mlp::SwiGlu) => {
-                    b.matmuls(&[g, &l.w_up], input, n, &mut [&mut s.gate, &mut s.up]);
-                    b.silu_mul(&mut s.gate, &s.up, n * f);
+            match &l.ffn {
+                Ffn::Moe(moe) => {
+                    let (Some(ms), Some(scratch)) = (&sp.moe, &mut s.moe) else {
+                        unreachable!("a model with MoE layers allocates MoE scratch")
+                    };
+                    moe.forward(b, ms, input, n, scratch, &mut s.tmp);
                 }
-                (Some(g), Mlp::GeGlu) => {
-                    b.matmuls(&[g, &l.w_up], input, n, &mut [&mut s.gate, &mut s.up]);
-                    b.gelu_mul(&mut s.gate, &s.up, n * f);
-                }
-                _ => {
-                    b.matmul(&l.w_up, input, n, &mut s.gate);
-                    if let Some(ub) = &l.up_bias {
-                        b.add_bias(&mut s.gate, ub, n);
+                Ffn::Dense {
+                    w_gate,
+                    w_up,
+                    w_down,
+                    up_bias,
+                    down_bias,
+                } => {
+                    match (w_gate, sp.mlp) {
+                        (Some(g), Mlp::SwiGlu) => {
+                            b.matmuls(&[g, w_up], input, n, &mut [&mut s.gate, &mut s.up]);
+                            b.silu_mul(&mut s.gate, &s.up, n * f);
+                        }
+                        (Some(g), Mlp::GeGlu) => {
+                            b.matmuls(&[g, w_up], input, n, &mut [&mut s.gate, &mut s.up]);
+                            b.gelu_mul(&mut s.gate, &s.up, n * f);
+                        }
+                        _ => {
+                            b.matmul(w_up, input, n, &mut s.gate);
+                            if let Some(ub) = up_bias {
+                                b.add_bias(&mut s.gate, ub, n);
+                            }
+                            b.gelu(&mut s.gate, n * f);
+                        }
                     }
-                    b.gelu(&mut s.gate, n * f);
+                    tap.linear_input(b, &s.gate, n, f, "ffn_down_in", Some(i));
+                    b.matmul(w_down, &s.gate, n, &mut s.tmp);
+                    if let Some(db) = down_bias {
+                        b.add_bias(&mut s.tmp, db, n);
+                    }
                 }
-            }
-            tap.linear_input(b, &s.gate, n, f, "ffn_down_in", Some(i));
-            b.matmul(&l.w_down, &s.gate, n, &mut s.tmp);
-            if let Some(db) = &l.down_bias {
-                b.add_bias(&mut s.tmp, db, n);
             }
             self.residual(l.post_ffn_norm.as_ref(), s, n);
             tap.boundary(b, &s.x, n * h, "layer_out", Some(i));
@@ -616,11 +667,20 @@ impl<B: Backend> LanguageModel for Decoder<B> {
         let b = &*self.b;
         let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         let logit_rows = sh.max_logit_rows.min(sh.max_rows.max(sh.max_seqs));
+        // The dense MLP's scratch, unless every layer is a mixture of experts.
+        let dense_ffn = match &self.spec.moe {
+            Some(m) if m.sparse.iter().all(|&s| s) => 0,
+            _ => c.intermediate_size,
+        };
         // What this batch will take, in checked arithmetic, refused before anything is
         // allocated when it exceeds the backend's memory (a context, pool size or batch
         // from a config or the command line can imply terabytes).
         let bytes = (|| -> Option<u64> {
-            let per_row = [3 * c.hidden_size, 3 * qd, 3 * kvd, 2 * c.intermediate_size]
+            let moe_row = match &self.spec.moe {
+                Some(ms) => ms.floats_per_row(c.hidden_size)?,
+                None => 0,
+            };
+            let per_row = [3 * c.hidden_size, 3 * qd, 3 * kvd, 2 * dense_ffn, moe_row]
                 .iter()
                 .try_fold(0u64, |a, &x| a.checked_add(x as u64))?;
             let acts = per_row
@@ -665,8 +725,13 @@ impl<B: Backend> LanguageModel for Decoder<B> {
             qn: b.alloc(rows * qd),
             kn: b.alloc(rows * kvd),
             att: b.alloc(rows * qd),
-            gate: b.alloc(rows * c.intermediate_size),
-            up: b.alloc(rows * c.intermediate_size),
+            gate: b.alloc(rows * dense_ffn),
+            up: b.alloc(rows * dense_ffn),
+            moe: self
+                .spec
+                .moe
+                .as_ref()
+                .map(|ms| MoeScratch::new(b, ms, c.hidden_size, rows)),
             last: b.alloc(logit_rows * c.hidden_size),
             logits: b.alloc(logit_rows * c.vocab_size),
             k_pages: pages(b),
@@ -754,7 +819,10 @@ impl<B: Backend> LanguageModel for Decoder<B> {
         // The layers as one recorded graph on a GPU, keyed by what their launches depend
         // on (the rows; the step's metadata is read from its buffers); never while taps
         // read activations.
-        let key = (!tap.is_active() && n <= GRAPH_MAX_ROWS).then_some((n as u64) << 1 | s.long_rope as u64);
+        // MoE layers route on the host on backends without MoE kernels (CUDA today):
+        // such a step cannot be recorded.
+        let key = (!tap.is_active() && n <= GRAPH_MAX_ROWS && sp.moe.is_none())
+            .then_some((n as u64) << 1 | s.long_rope as u64);
         let mode = b.begin_graph(&mut s.step, key);
         if mode != GraphMode::Replay {
             self.forward_step(tokens, s, tap);

@@ -106,6 +106,10 @@ pub fn variant_for(cfg: &ModelConfig) -> &'static dyn LlamaVariant {
 }
 
 fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn LanguageModel>> {
+    // llama.cpp writes Mixtral as `llama` with experts.
+    if super::mixtral::is_gguf_mixtral(cfg)? {
+        return super::mixtral::load(cfg, w, dev);
+    }
     let variant = variant_for(cfg);
     // Qwen2 configs carry sliding-window fields that are off unless use_sliding_window.
     let mut cfg = cfg.clone();

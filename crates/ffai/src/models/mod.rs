@@ -21,9 +21,13 @@ pub mod decoder;
 pub mod gemma;
 pub mod granite;
 pub mod llama;
+pub mod mixtral;
+pub mod moe;
 pub mod olmo2;
+pub mod olmoe;
 pub mod phi3;
 pub mod qwen3;
+pub mod qwen3_moe;
 pub mod starcoder2;
 
 /// Where a model's tensors live and its ops run.
@@ -237,6 +241,9 @@ pub static FAMILIES: &[Family] = &[
     olmo2::FAMILY,
     granite::FAMILY,
     starcoder2::FAMILY,
+    qwen3_moe::FAMILY,
+    mixtral::FAMILY,
+    olmoe::FAMILY,
 ];
 
 /// Finds the family for a config: architecture first, then model_type.

@@ -1,0 +1,203 @@
+//! The mixture-of-experts ops of the CPU backend (`moe_route`, `moe_matmuls`,
+//! `moe_combine`, and `clamp`) against naive oracles written here: routing against an
+//! f64 softmax and a full sort, the expert products against f64 dot products of the
+//! dequantized weights (and, bit for bit, against the dense `matmul` of the same expert
+//! on the same row: gathering must not change a row's arithmetic), the combine against
+//! an f64 weighted sum.
+
+use ffai_kernels::backend::{Backend, HostBytes};
+use ffai_kernels::cpu::{CpuBackend, CpuMatrix};
+use ffai_kernels::ops;
+use ffai_kernels::quant::{self, WeightType};
+
+struct Rng(u64);
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+    fn f(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.f()).collect()
+    }
+}
+
+/// Naive routing: f64 softmax, experts sorted by probability (stable: lower index first
+/// among equals), the first k, renormalised in f64.
+fn oracle_route(logits: &[f32], k: usize, renorm: bool) -> (Vec<usize>, Vec<f64>) {
+    let max = logits.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+    let e: Vec<f64> = logits.iter().map(|&x| (x as f64 - max).exp()).collect();
+    let s: f64 = e.iter().sum();
+    let p: Vec<f64> = e.iter().map(|x| x / s).collect();
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_by(|&a, &b| p[b].partial_cmp(&p[a]).unwrap());
+    let ids: Vec<usize> = idx[..k].to_vec();
+    let mut w: Vec<f64> = ids.iter().map(|&i| p[i]).collect();
+    if renorm {
+        let s: f64 = w.iter().sum();
+        w.iter_mut().for_each(|x| *x /= s);
+    }
+    (ids, w)
+}
+
+#[test]
+fn route_matches_softmax_topk_oracle() {
+    let b = CpuBackend::new(2);
+    let mut r = Rng(7);
+    for &(n, ne, k) in &[(1, 4, 2), (5, 8, 2), (40, 64, 8), (3, 128, 8), (2, 6, 6)] {
+        for renorm in [false, true] {
+            let logits: Vec<f32> = (0..n * ne).map(|_| 4.0 * r.f()).collect();
+            let (mut ids, mut w) = (b.alloc(n * k), b.alloc(n * k));
+            b.moe_route(&logits, n, ne, k, renorm, &mut ids, &mut w);
+            for t in 0..n {
+                let (oi, ow) = oracle_route(&logits[t * ne..(t + 1) * ne], k, renorm);
+                for j in 0..k {
+                    assert_eq!(ids[t * k + j] as usize, oi[j], "n{n} e{ne} k{k} row {t} slot {j}");
+                    let d = (w[t * k + j] as f64 - ow[j]).abs();
+                    assert!(d <= 1e-6 * (1.0 + ow[j]), "weight {} vs {}", w[t * k + j], ow[j]);
+                }
+                if renorm {
+                    let s: f32 = w[t * k..(t + 1) * k].iter().sum();
+                    assert!((s - 1.0).abs() < 1e-6);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn route_ties_go_to_the_lower_index_and_nan_picks_valid_experts() {
+    let b = CpuBackend::new(1);
+    let logits = [0.5f32, 1.0, 1.0, 0.5, 1.0, -2.0];
+    let (mut ids, mut w) = (b.alloc(4), b.alloc(4));
+    b.moe_route(&logits.to_vec(), 1, 6, 4, false, &mut ids, &mut w);
+    assert_eq!(ids, vec![1.0, 2.0, 4.0, 0.0]);
+    // A NaN logit makes every probability NaN (as in torch): the ids stay distinct
+    // valid experts, so the expert products never index outside the table.
+    let logits = [0.5f32, f32::NAN, 1.0, 0.5];
+    b.moe_route(&logits.to_vec(), 1, 4, 3, true, &mut ids, &mut w);
+    let mut got: Vec<usize> = ids[..3].iter().map(|&i| i as usize).collect();
+    got.sort();
+    got.dedup();
+    assert!(got.len() == 3 && got.iter().all(|&i| i < 4), "{ids:?}");
+    // Equal logits: the first k experts, each 1/n.
+    let mut ids = b.alloc(2);
+    let mut w = b.alloc(2);
+    b.moe_route(&vec![0.25f32; 4], 1, 4, 2, false, &mut ids, &mut w);
+    assert_eq!(ids, vec![0.0, 1.0]);
+    assert!((w[0] - 0.25).abs() < 1e-7 && (w[1] - 0.25).abs() < 1e-7);
+}
+
+fn random_mat(b: &CpuBackend, ty: WeightType, rows: usize, cols: usize, r: &mut Rng) -> (CpuMatrix, Vec<f32>) {
+    let rb = ty.row_bytes(cols).unwrap();
+    let mut bytes = vec![0u8; rows * rb];
+    let mut deq = vec![0f32; rows * cols];
+    for row in 0..rows {
+        let src = r.vec(cols);
+        quant::quantize_row(ty, &src, &mut bytes[row * rb..(row + 1) * rb]).unwrap();
+        quant::dequantize_row(
+            ty,
+            &bytes[row * rb..(row + 1) * rb],
+            &mut deq[row * cols..(row + 1) * cols],
+        );
+    }
+    (b.matrix(ty, rows, cols, HostBytes::from_vec(bytes)), deq)
+}
+
+#[test]
+fn expert_products_read_the_selected_experts_and_match_dense_matmul_bitwise() {
+    for threads in [1, 3] {
+        let b = CpuBackend::new(threads);
+        for ty in [WeightType::F32, WeightType::F16, WeightType::Q8_0, WeightType::Q4_0] {
+            let mut r = Rng(11);
+            let (ne, k, cols, f) = (6usize, 2usize, 256usize, 48usize);
+            let (gm, gdeq): (Vec<CpuMatrix>, Vec<Vec<f32>>) =
+                (0..ne).map(|_| random_mat(&b, ty, f, cols, &mut r)).unzip();
+            let (um, _): (Vec<CpuMatrix>, Vec<Vec<f32>>) = (0..ne).map(|_| random_mat(&b, ty, f, cols, &mut r)).unzip();
+            for n in [1usize, 3, 37, 70] {
+                let x = r.vec(n * cols);
+                // Two distinct experts per token; experts 0..5 all used once n >= 5, expert 5 never.
+                let ids: Vec<f32> = (0..n * k).map(|s| ((s / k * 3 + (s % k) * 2) % 5) as f32).collect();
+                let (mut og, mut ou) = (b.alloc(n * k * f), b.alloc(n * k * f));
+                b.moe_matmuls(&[&gm, &um], &x, false, &ids, n, k, &mut [&mut og, &mut ou]);
+                for s in 0..n * k {
+                    let (t, e) = (s / k, ids[s] as usize);
+                    let xr = &x[t * cols..(t + 1) * cols];
+                    // Bitwise: the dense product of this expert on this row alone.
+                    let mut dense = b.alloc(f);
+                    b.matmul(&gm[e], &xr.to_vec(), 1, &mut dense);
+                    assert_eq!(&og[s * f..(s + 1) * f], &dense[..], "{ty:?} n{n} t{threads} slot {s}");
+                    b.matmul(&um[e], &xr.to_vec(), 1, &mut dense);
+                    assert_eq!(&ou[s * f..(s + 1) * f], &dense[..], "{ty:?} n{n} slot {s} (up)");
+                    // Oracle: f64 over the dequantized weights, within the 8-bit
+                    // activation rounding for quantized types.
+                    let tol = if ty.is_quantized() { 2e-2 } else { 1e-4 };
+                    for row in 0..f {
+                        let wrow = &gdeq[e][row * cols..(row + 1) * cols];
+                        let want: f64 = wrow.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        let mag: f64 = wrow.iter().zip(xr).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+                        let got = og[s * f + row] as f64;
+                        assert!((got - want).abs() <= tol * mag, "{ty:?}: {got} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn down_products_read_each_slots_own_row() {
+    let b = CpuBackend::new(2);
+    let mut r = Rng(3);
+    let (ne, k, f, h) = (4usize, 3usize, 64usize, 32usize);
+    let (ms, deq): (Vec<CpuMatrix>, Vec<Vec<f32>>) =
+        (0..ne).map(|_| random_mat(&b, WeightType::F32, h, f, &mut r)).unzip();
+    let n = 9;
+    let x = r.vec(n * k * f);
+    let ids: Vec<f32> = (0..n * k).map(|s| ((s / k + s % k) % ne) as f32).collect();
+    let mut out = b.alloc(n * k * h);
+    b.moe_matmuls(&[&ms], &x, true, &ids, n, k, &mut [&mut out]);
+    for s in 0..n * k {
+        let e = ids[s] as usize;
+        for row in 0..h {
+            let want: f64 = (0..f).map(|c| deq[e][row * f + c] as f64 * x[s * f + c] as f64).sum();
+            assert!((out[s * h + row] as f64 - want).abs() < 1e-4, "slot {s} row {row}");
+        }
+    }
+}
+
+#[test]
+fn combine_is_the_weighted_sum_of_the_slots() {
+    let b = CpuBackend::new(2);
+    let mut r = Rng(5);
+    for &(n, k, d) in &[(1, 2, 8), (7, 8, 64), (300, 4, 256)] {
+        let ys = r.vec(n * k * d);
+        let w = r.vec(n * k);
+        let mut out = b.alloc(n * d);
+        b.moe_combine(&ys, &w, n, k, d, &mut out);
+        for t in 0..n {
+            for i in 0..d {
+                let want: f64 = (0..k)
+                    .map(|j| w[t * k + j] as f64 * ys[(t * k + j) * d + i] as f64)
+                    .sum();
+                assert!((out[t * d + i] as f64 - want).abs() < 1e-5, "n{n} row {t} elem {i}");
+            }
+        }
+    }
+}
+
+#[test]
+fn clamp_limits_every_element() {
+    let b = CpuBackend::new(1);
+    let mut x = vec![-3.0f32, -0.5, 0.0, 2.5, 9.0, 1.0];
+    b.clamp(&mut x, -1.0, 2.0, 5);
+    assert_eq!(x, vec![-1.0, -0.5, 0.0, 2.0, 2.0, 1.0]);
+    let mut y = vec![0f32; 3];
+    ops::moe_combine(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[0.5, 2.0], &mut y);
+    assert_eq!(y, vec![8.5, 11.0, 13.5]);
+}

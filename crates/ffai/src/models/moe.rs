@@ -1,0 +1,280 @@
+//! The mixture-of-experts MLP every MoE family shares (Qwen3-MoE, Mixtral, OLMoE): a
+//! router picks `k` of `n_experts` SwiGLU experts per token and the block returns their
+//! outputs weighted by the router's probabilities. A family fills a [`MoeSpec`] (the
+//! scoring rule and which layers are sparse) and the decoder does the rest through the
+//! backend's MoE ops:
+//!
+//! ```text
+//! logits  = x · routerᵀ                       [n, n_experts]   matmul
+//! ids, w  = top-k of softmax(logits)          [n, k]           moe_route (renormalised or not)
+//! g, u    = gate[e] · x, up[e] · x            [n·k, ffn]       moe_matmuls (only the chosen experts' rows)
+//! g       = silu(g) · u                                        silu_mul
+//! y       = down[e] · g                       [n·k, h]         moe_matmuls (each slot's own row)
+//! out[t]  = Σ_j w[t, j] · y[t·k + j]          [n, h]           moe_combine
+//! ```
+//!
+//! Expert weights are read in any of the layouts checkpoints use, under GGUF-style names
+//! (see `weights::hf_to_gguf_name_for`): llama.cpp's stacked 3-D tensors
+//! `blk.N.ffn_{gate,up,down}_exps.weight` (`[n_experts, rows, cols]`), Hugging Face's
+//! per-expert matrices (`mlp.experts.E.gate_proj.weight`, Mixtral's
+//! `block_sparse_moe.experts.E.w1.weight`, filed as `blk.N.ffn_gate_exps.E.weight`), and
+//! transformers 5's fused `mlp.experts.gate_up_proj` (`[n_experts, 2·ffn, h]`, gate rows
+//! first). Each expert is a `B::Mat` viewing its rows of the memory map: nothing is
+//! copied or dequantized.
+
+use ffai_kernels::backend::Backend;
+use ffai_kernels::ops::{MAX_EXPERTS, MAX_EXPERTS_PER_TOKEN};
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::weights::{WeightEntry, Weights};
+use crate::{bail, ensure};
+
+/// How a family's MoE layers route and where they are.
+#[derive(Clone, Debug)]
+pub struct MoeSpec {
+    pub n_experts: usize,
+    /// Experts per token.
+    pub k: usize,
+    /// Divide the chosen experts' probabilities by their sum (Mixtral always; Qwen3-MoE
+    /// when `norm_topk_prob`; OLMoE when `norm_topk_prob`, off in its checkpoints).
+    pub renormalize: bool,
+    /// Each expert's intermediate size.
+    pub ffn: usize,
+    /// Per layer: the sparse block (true) or the dense MLP of `intermediate_size`.
+    pub sparse: Vec<bool>,
+}
+
+impl MoeSpec {
+    /// Checks the counts against the kernels' limits (config values are untrusted).
+    pub fn checked(self, cfg: &ModelConfig) -> Result<MoeSpec> {
+        let src = &cfg.source;
+        ensure!(
+            (1..=MAX_EXPERTS).contains(&self.n_experts),
+            "{src}: {} experts (1..={MAX_EXPERTS} supported)",
+            self.n_experts
+        );
+        ensure!(
+            (1..=self.n_experts.min(MAX_EXPERTS_PER_TOKEN)).contains(&self.k),
+            "{src}: {} experts per token of {} (1..={} supported)",
+            self.k,
+            self.n_experts,
+            self.n_experts.min(MAX_EXPERTS_PER_TOKEN)
+        );
+        ensure!(self.ffn > 0, "{src}: the experts' intermediate size is 0");
+        ensure!(
+            self.sparse.len() == cfg.num_layers,
+            "{src}: MoE layer list of {} for {} layers",
+            self.sparse.len(),
+            cfg.num_layers
+        );
+        Ok(self)
+    }
+
+    /// Floats of scratch one row of a step needs (router logits, ids, weights, the
+    /// experts' gate/up and outputs).
+    pub fn floats_per_row(&self, hidden: usize) -> Option<usize> {
+        let k = self.k;
+        self.n_experts
+            .checked_add(2 * k)?
+            .checked_add(k.checked_mul(self.ffn)?.checked_mul(2)?)?
+            .checked_add(k.checked_mul(hidden)?)
+    }
+}
+
+/// One sparse layer's weights.
+pub struct MoeLayer<B: Backend> {
+    router: B::Mat,
+    gate: Vec<B::Mat>,
+    up: Vec<B::Mat>,
+    down: Vec<B::Mat>,
+}
+
+/// A step's MoE scratch, allocated with the batch.
+pub struct MoeScratch<B: Backend> {
+    logits: B::Buf,
+    ids: B::Buf,
+    weights: B::Buf,
+    gate: B::Buf,
+    up: B::Buf,
+    y: B::Buf,
+}
+
+impl<B: Backend> MoeScratch<B> {
+    pub fn new(b: &B, spec: &MoeSpec, hidden: usize, rows: usize) -> Self {
+        let slots = rows * spec.k;
+        MoeScratch {
+            logits: b.alloc(rows * spec.n_experts),
+            ids: b.alloc(slots),
+            weights: b.alloc(slots),
+            gate: b.alloc(slots * spec.ffn),
+            up: b.alloc(slots * spec.ffn),
+            y: b.alloc(slots * hidden),
+        }
+    }
+}
+
+/// Expert `e`'s `rows` rows of a stacked `[n_experts, rows, cols]` entry (`first` rows
+/// into each expert's block of `block_rows`).
+fn expert_rows(
+    e: &WeightEntry,
+    expert: usize,
+    block_rows: usize,
+    first: usize,
+    rows: usize,
+    cols: usize,
+) -> Result<ffai_kernels::backend::HostBytes> {
+    let rb =
+        e.ty.row_bytes(cols)
+            .ok_or_else(|| Error::new("bad expert row length"))?;
+    let start = (expert * block_rows + first) * rb;
+    let len = rows * rb;
+    ensure!(start + len <= e.bytes.len(), "expert tensor too small");
+    Ok(e.bytes.slice(start, len))
+}
+
+impl<B: Backend> MoeLayer<B> {
+    /// Layer `i`'s router and experts, from whichever layout the checkpoint has.
+    pub fn load(w: &Weights, b: &B, i: usize, spec: &MoeSpec, hidden: usize) -> Result<Self> {
+        let (ne, f, h) = (spec.n_experts, spec.ffn, hidden);
+        let p = |s: &str| format!("blk.{i}.{s}");
+        let re = w.matrix(&p("ffn_gate_inp.weight"), ne, h)?;
+        let router = b.matrix(re.ty, ne, h, re.bytes.clone());
+        // One projection: stacked, or one matrix per expert.
+        let load = |name: &str, rows: usize, cols: usize| -> Result<Option<Vec<B::Mat>>> {
+            let stacked = p(&format!("ffn_{name}_exps.weight"));
+            if w.has(&stacked) {
+                let e = stacked_entry(w, &stacked, [ne, rows, cols])?;
+                return (0..ne)
+                    .map(|x| Ok(b.matrix(e.ty, rows, cols, expert_rows(e, x, rows, 0, rows, cols)?)))
+                    .collect::<Result<Vec<_>>>()
+                    .map(Some);
+            }
+            if !w.has(&p(&format!("ffn_{name}_exps.0.weight"))) {
+                return Ok(None);
+            }
+            (0..ne)
+                .map(|x| {
+                    let e = w.matrix(&p(&format!("ffn_{name}_exps.{x}.weight")), rows, cols)?;
+                    Ok(b.matrix(e.ty, rows, cols, e.bytes.clone()))
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(Some)
+        };
+        let (gate, up) = match (load("gate", f, h)?, load("up", f, h)?) {
+            (Some(g), Some(u)) => (g, u),
+            (None, None) => {
+                // transformers 5's fused gate_up: [ne, 2f, h], gate rows first.
+                let name = p("ffn_gate_up_exps.weight");
+                ensure!(w.has(&name), "{}: layer {i} has no expert gate/up weights", w.source);
+                let e = stacked_entry(w, &name, [ne, 2 * f, h])?;
+                let half = |first: usize| -> Result<Vec<B::Mat>> {
+                    (0..ne)
+                        .map(|x| Ok(b.matrix(e.ty, f, h, expert_rows(e, x, 2 * f, first, f, h)?)))
+                        .collect()
+                };
+                (half(0)?, half(f)?)
+            }
+            _ => bail!(
+                "{}: layer {i} has expert gate weights without up weights (or the reverse)",
+                w.source
+            ),
+        };
+        let down = load("down", h, f)?
+            .ok_or_else(|| Error::new(format!("{}: layer {i} has no expert down weights", w.source)))?;
+        Ok(MoeLayer { router, gate, up, down })
+    }
+
+    /// `out[n, h]` = the block applied to `x[n, h]`.
+    pub fn forward(&self, b: &B, spec: &MoeSpec, x: &B::Buf, n: usize, s: &mut MoeScratch<B>, out: &mut B::Buf) {
+        let (k, f) = (spec.k, spec.ffn);
+        let h = b.mat_shape(&self.down[0]).0;
+        b.matmul(&self.router, x, n, &mut s.logits);
+        b.moe_route(
+            &s.logits,
+            n,
+            spec.n_experts,
+            k,
+            spec.renormalize,
+            &mut s.ids,
+            &mut s.weights,
+        );
+        b.moe_matmuls(
+            &[&self.gate, &self.up],
+            x,
+            false,
+            &s.ids,
+            n,
+            k,
+            &mut [&mut s.gate, &mut s.up],
+        );
+        b.silu_mul(&mut s.gate, &s.up, n * k * f);
+        b.moe_matmuls(&[&self.down], &s.gate, true, &s.ids, n, k, &mut [&mut s.y]);
+        b.moe_combine(&s.y, &s.weights, n, k, h, out);
+    }
+}
+
+/// A stacked expert tensor of exactly `shape`.
+fn stacked_entry<'a>(w: &'a Weights, name: &str, shape: [usize; 3]) -> Result<&'a WeightEntry> {
+    let e = w.get(name)?;
+    ensure!(
+        e.shape == shape,
+        "{}: tensor \"{name}\" has shape {:?}, expected {shape:?}",
+        w.source,
+        e.shape
+    );
+    Ok(e)
+}
+
+/// A count the MoE config must give: the first present of config.json's `hf_keys`
+/// (transformers 5 writes Qwen3-MoE's `num_experts` as `num_local_experts`; released
+/// checkpoints say `num_experts`), or GGUF `{arch}.gguf_key`.
+pub fn required_count(cfg: &ModelConfig, hf_keys: &[&str], gguf_key: &str) -> Result<usize> {
+    for k in hf_keys {
+        if let Some(v) = cfg.extra_usize(k, gguf_key)? {
+            return Ok(v);
+        }
+    }
+    let key = if cfg.is_gguf() {
+        format!("{}.{gguf_key}", cfg.architecture)
+    } else {
+        hf_keys.join("\" or \"")
+    };
+    bail!("{}: a mixture-of-experts model needs \"{key}\"", cfg.source)
+}
+
+/// Which layers are sparse in a GGUF file: those with a router (llama.cpp writes no
+/// layer list; its converters keep the dense layers' plain `ffn_*` tensors).
+pub fn sparse_layers_from_tensors(cfg: &ModelConfig, w: &Weights) -> Vec<bool> {
+    (0..cfg.num_layers)
+        .map(|i| w.has(&format!("blk.{i}.ffn_gate_inp.weight")))
+        .collect()
+}
+
+/// Qwen2/3-MoE's layer rule: layer `i` is sparse unless listed in `mlp_only_layers`,
+/// and only when `(i + 1) % decoder_sparse_step == 0` (config.json; GGUF files are read
+/// with [`sparse_layers_from_tensors`]).
+pub fn sparse_layers_qwen(cfg: &ModelConfig, n_experts: usize) -> Result<Vec<bool>> {
+    let step = cfg
+        .extra_usize("decoder_sparse_step", "decoder_sparse_step")?
+        .unwrap_or(1);
+    ensure!(step >= 1, "{}: decoder_sparse_step must be at least 1", cfg.source);
+    let dense: Vec<u64> = match cfg.extra("mlp_only_layers", "mlp_only_layers") {
+        None => Vec::new(),
+        Some(v) => {
+            let a = v
+                .as_array()
+                .ok_or_else(|| Error::new(format!("{}: mlp_only_layers = {v} is not a list", cfg.source)))?;
+            a.iter()
+                .map(|x| {
+                    x.as_u64().ok_or_else(|| {
+                        Error::new(format!("{}: mlp_only_layers holds {x}, not a layer index", cfg.source))
+                    })
+                })
+                .collect::<Result<_>>()?
+        }
+    };
+    Ok((0..cfg.num_layers)
+        .map(|i| !dense.contains(&(i as u64)) && n_experts > 0 && (i + 1) % step == 0)
+        .collect())
+}

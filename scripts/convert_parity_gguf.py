@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""Convert parity fixtures (tests/fixtures/parity/<family>) to GGUF with llama.cpp's own
+convert_hf_to_gguf.py, for `cargo test -p ffai --test moe_gguf -- --ignored`
+(FFAI_LLAMA_CPP_GGUF=<out dir>).
+
+The fixtures have no tokenizer, so the converter's set_vocab is replaced by one that writes
+`vocab_size` dummy tokens (ffai's check loads only the config and the weights).
+
+Usage (needs torch, transformers and a llama.cpp checkout, e.g. the one vendored in the
+llama-cpp-python source package from PyPI):
+
+  python3 scripts/convert_parity_gguf.py --llama-cpp DIR --out OUT mixtral olmoe
+"""
+
+import argparse
+import importlib
+import os
+import pkgutil
+import sys
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--llama-cpp", required=True, help="llama.cpp source directory (has convert_hf_to_gguf.py)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("families", nargs="+")
+    args = ap.parse_args()
+    sys.path.insert(0, os.path.join(args.llama_cpp, "gguf-py"))
+    sys.path.insert(0, args.llama_cpp)
+    import convert_hf_to_gguf as conv
+    import gguf
+
+    def dummy_vocab(self):
+        n = self.hparams["vocab_size"]
+        self.gguf_writer.add_tokenizer_model("gpt2")
+        self.gguf_writer.add_tokenizer_pre("default")
+        self.gguf_writer.add_token_list([f"<t{i}>" for i in range(n)])
+        self.gguf_writer.add_token_types([gguf.TokenType.NORMAL] * n)
+        self.gguf_writer.add_token_merges([])
+
+    # Newer converters keep the model classes in a `conversion` package, older ones in
+    # the script itself.
+    modules = [conv]
+    try:
+        import conversion
+
+        for m in pkgutil.iter_modules(conversion.__path__):
+            try:
+                modules.append(importlib.import_module("conversion." + m.name))
+            except Exception:
+                pass
+    except ImportError:
+        pass
+    for mod in modules:
+        for cls in list(vars(mod).values()):
+            if isinstance(cls, type) and "set_vocab" in vars(cls):
+                cls.set_vocab = dummy_vocab
+
+    os.makedirs(args.out, exist_ok=True)
+    for fam in args.families:
+        src = os.path.join(ROOT, "tests", "fixtures", "parity", fam)
+        sys.argv = ["convert_hf_to_gguf.py", src, "--outtype", "f32", "--outfile", os.path.join(args.out, fam + ".gguf")]
+        conv.main()
+
+
+if __name__ == "__main__":
+    main()
