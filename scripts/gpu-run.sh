@@ -28,7 +28,7 @@ for stage in "$@"; do
       echo "== $t"; $B/$t --test-threads=1 2>&1 | tee -a "$out/kernels.log" | grep -E "^test |panicked|error|FAILED|test result" | head -40
     done ;;
   parity)
-    echo "== parity on cuda"; $B/parity every_fixture_on_cuda --nocapture 2>&1 | tee -a "$out/parity.log" | tail -30 ;;
+    echo "== parity on cuda"; $B/parity on_cuda --nocapture 2>&1 | tee -a "$out/parity.log" | tail -30 ;;
   models)
     echo "== cuda_models"; $B/cuda_models --test-threads=1 --nocapture 2>&1 | tee -a "$out/models.log" | tail -60 ;;
   lcbuild)
