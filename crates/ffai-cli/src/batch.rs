@@ -58,7 +58,8 @@ pub struct BatchArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// JSONL input: one {"prompt": ...} or {"messages": [...]} object per line, optionally
-    /// with max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop.
+    /// with max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop,
+    /// response_format (as in the OpenAI API; also {"type": "regex"|"grammar", ...}).
     /// Blank lines are skipped; output "index" counts the requests from 0.
     #[arg(long)]
     input: PathBuf,
@@ -89,6 +90,7 @@ const KEYS: &[&str] = &[
     "repetition_penalty",
     "seed",
     "stop",
+    "response_format",
 ];
 
 /// One input line, checked and tokenized.
@@ -164,6 +166,14 @@ fn parse_line(model: &Model, line: &str, n: usize, chat: bool, defaults: &Genera
             )))
         }
     }
+    if let Some(f) = o.get("response_format") {
+        p.response_format =
+            ffai::constrain::ResponseFormat::from_openai(f).map_err(|e| err(e.message().to_string()))?;
+    }
+    if let Some(f) = &p.response_format {
+        // Compiled now, so a bad schema fails before any work starts.
+        ffai::constrain::Constraint::new(&model.tokenizer, f).map_err(|e| err(e.message().to_string()))?;
+    }
     p.validate().map_err(|e| err(e.message().to_string()))?;
     let text = match (o.get("prompt"), o.get("messages")) {
         (Some(_), Some(_)) => return Err(err("give \"prompt\" or \"messages\", not both".into())),
@@ -203,7 +213,8 @@ pub fn cmd_batch(a: BatchArgs) -> Result<()> {
     let (model, _) = a.model.load()?;
     let cfg = a.engine.config(&model)?;
     let file = std::fs::File::open(&a.input).map_err(|e| Error::new(format!("{}: {e}", a.input.display())))?;
-    let defaults = a.sampling.apply(model.default_parameters());
+    let mut defaults = a.sampling.apply(model.default_parameters());
+    defaults.response_format = a.sampling.response_format()?;
     // Every line is read, parsed, rendered, tokenized and checked before any work starts.
     let mut jobs = Vec::new();
     let mut line_numbers = Vec::new();

@@ -112,7 +112,8 @@ impl Input {
 
 pub fn cmd_chat(a: ChatArgs) -> Result<()> {
     let (model, _) = a.model.load()?;
-    let params = a.sampling.apply(model.default_parameters());
+    let mut params = a.sampling.apply(model.default_parameters());
+    params.response_format = a.sampling.response_format()?;
     params.validate()?;
     let ctx = model.lm.config().max_position_embeddings;
     let max_seq = match a.context {

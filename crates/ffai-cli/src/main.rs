@@ -205,9 +205,42 @@ struct SamplingArgs {
     /// Tokens per prefill forward pass.
     #[arg(long)]
     prefill_step: Option<usize>,
+    /// Constrain the output to JSON matching the JSON schema in this file.
+    #[arg(long, value_name = "FILE", group = "format")]
+    json_schema: Option<std::path::PathBuf>,
+    /// Constrain the output to a JSON object.
+    #[arg(long, group = "format")]
+    json_object: bool,
+    /// Constrain the output to match this regular expression.
+    #[arg(long, value_name = "RE", group = "format")]
+    regex: Option<String>,
+    /// Constrain the output to the Lark-style grammar in this file (llguidance's dialect).
+    #[arg(long, value_name = "FILE", group = "format")]
+    grammar: Option<std::path::PathBuf>,
 }
 
 impl SamplingArgs {
+    /// The output constraint asked for (`--json-schema`, `--json-object`, `--regex`,
+    /// `--grammar`: one at most).
+    fn response_format(&self) -> Result<Option<ffai::constrain::ResponseFormat>> {
+        use ffai::constrain::ResponseFormat;
+        let read =
+            |p: &std::path::Path| std::fs::read_to_string(p).map_err(|e| Error::new(format!("{}: {e}", p.display())));
+        Ok(if let Some(f) = &self.json_schema {
+            let schema: serde_json::Value =
+                serde_json::from_str(&read(f)?).map_err(|e| Error::new(format!("{}: not JSON: {e}", f.display())))?;
+            Some(ResponseFormat::JsonSchema(schema))
+        } else if self.json_object {
+            Some(ResponseFormat::JsonObject)
+        } else if let Some(r) = &self.regex {
+            Some(ResponseFormat::Regex(r.clone()))
+        } else if let Some(f) = &self.grammar {
+            Some(ResponseFormat::Lark(read(f)?))
+        } else {
+            None
+        })
+    }
+
     fn apply(&self, mut p: GenerationParameters) -> GenerationParameters {
         if let Some(v) = self.max_tokens {
             p.max_tokens = v;
@@ -380,7 +413,8 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let (model, load_s) = a.model.load()?;
-    let params = a.sampling.apply(model.default_parameters());
+    let mut params = a.sampling.apply(model.default_parameters());
+    params.response_format = a.sampling.response_format()?;
     let prompt = if a.chat {
         model.render_chat(&[ffai::chat::Message::user(a.prompt.clone())], true)?
     } else {

@@ -177,3 +177,55 @@ fn device_choices_fail_cleanly() {
     let out = gen("cpu");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn output_constraints_work_or_fail_cleanly() {
+    let m = smollm2();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "-m",
+            &m,
+            "-p",
+            "Is it raining?",
+            "--max-tokens",
+            "20",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        ffai(&args)
+    };
+    let j = stdout_json(&run(&["--temperature", "0", "--regex", " ?(yes|no)!"]));
+    let text = j["text"].as_str().unwrap();
+    assert!(["yes!", " yes!", "no!", " no!"].contains(&text), "{j}");
+    let dir = temp_dir("constraint");
+    let schema = dir.join("schema.json");
+    std::fs::write(
+        &schema,
+        r#"{"type":"object","properties":{"rain":{"type":"boolean"}},"required":["rain"],"additionalProperties":false}"#,
+    )
+    .unwrap();
+    let j = stdout_json(&run(&[
+        "--temperature",
+        "0.7",
+        "--seed",
+        "1",
+        "--json-schema",
+        schema.to_str().unwrap(),
+    ]));
+    let v: serde_json::Value = serde_json::from_str(j["text"].as_str().unwrap()).unwrap();
+    assert!(v["rain"].is_boolean(), "{j}");
+    // Bad inputs: one line, exit 1.
+    assert_clean_failure(&run(&["--regex", "(unclosed"]), "invalid response format");
+    assert_clean_failure(&run(&["--json-schema", "/no/such/schema.json"]), "schema.json");
+    let not_json = dir.join("bad.json");
+    std::fs::write(&not_json, "{type: object").unwrap();
+    assert_clean_failure(&run(&["--json-schema", not_json.to_str().unwrap()]), "not JSON");
+    let lark = dir.join("bad.lark");
+    std::fs::write(&lark, "start: missing_rule\n").unwrap();
+    assert_clean_failure(&run(&["--grammar", lark.to_str().unwrap()]), "invalid response format");
+    // Two constraints at once: clap refuses (usage error, no panic).
+    let out = run(&["--json-object", "--regex", "a"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
+}

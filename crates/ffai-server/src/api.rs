@@ -330,6 +330,7 @@ fn finish_reason(r: &FinishReason) -> &'static str {
         FinishReason::Length => "length",
         // Cancelled sequences only reach a client when the server shuts down.
         FinishReason::Stop | FinishReason::Cancelled => "stop",
+        FinishReason::Error(_) => "error",
     }
 }
 

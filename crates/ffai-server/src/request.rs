@@ -225,6 +225,10 @@ pub fn parse_common(
         p.seed = Some(s as u64);
     }
     p.stop_strings.extend(parse_stop(o)?);
+    if let Some(v) = field(o, "response_format") {
+        p.response_format = ffai::constrain::ResponseFormat::from_openai(v)
+            .map_err(|e| ApiError::bad_field("response_format", e.message().to_string()))?;
+    }
 
     let n = match integer(o, "n")? {
         None => 1,

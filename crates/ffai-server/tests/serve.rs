@@ -902,3 +902,63 @@ fn loading_answers_503_and_a_failed_load_ends_the_server() {
     let r = server.join().unwrap();
     assert_eq!(r, Err("no such model".to_string()));
 }
+
+#[test]
+fn response_format_constrains_chat_and_completions() {
+    let a = shared();
+    let schema = json!({"type": "object", "properties": {
+        "city": {"enum": ["Paris", "Lyon"]},
+        "population": {"type": "integer", "minimum": 0, "maximum": 99999999}},
+      "required": ["city", "population"], "additionalProperties": false});
+    let rf = json!({"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": true}});
+    for temperature in [0.0, 0.9] {
+        let r = post(
+            a,
+            "/v1/chat/completions",
+            &chat_body(json!({"response_format": rf, "max_tokens": 64, "temperature": temperature, "seed": 4})),
+        );
+        assert_eq!(r.status, 200);
+        let j = r.json();
+        let text = j["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+        assert!(["Paris", "Lyon"].contains(&v["city"].as_str().unwrap()), "{text}");
+        assert!(v["population"].is_u64(), "{text}");
+        assert_eq!(j["choices"][0]["finish_reason"], "stop", "{text}");
+    }
+    // Streamed: the deltas join into the same JSON as the whole answer.
+    let whole = post(
+        a,
+        "/v1/chat/completions",
+        &chat_body(json!({"response_format": rf, "max_tokens": 64})),
+    );
+    let streamed = post(
+        a,
+        "/v1/chat/completions",
+        &chat_body(json!({"response_format": rf, "max_tokens": 64, "stream": true})),
+    );
+    let (text, _) = chat_stream_text(&streamed);
+    assert_eq!(whole.json()["choices"][0]["message"]["content"].as_str().unwrap(), text);
+    // Completions, with a regex.
+    let r = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": "The answer is", "max_tokens": 16, "temperature": 0,
+                "response_format": {"type": "regex", "regex": " (yes|no)\\."}}),
+    );
+    let t = r.json()["choices"][0]["text"].as_str().unwrap().to_string();
+    assert!(t == " yes." || t == " no.", "{t:?}");
+    // Bad formats are 400s naming the field, and the server keeps serving.
+    for bad in [
+        json!({"type": "xml"}),
+        json!({"type": "json_schema"}),
+        json!({"type": "json_schema", "json_schema": {"schema": {"type": "no-such-type"}}}),
+        json!({"type": "regex", "regex": "(unclosed"}),
+    ] {
+        let r = post(a, "/v1/chat/completions", &chat_body(json!({"response_format": bad})));
+        r.assert_error(400);
+    }
+    assert_eq!(
+        post(a, "/v1/chat/completions", &chat_body(json!({"max_tokens": 2}))).status,
+        200
+    );
+}

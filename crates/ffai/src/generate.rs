@@ -37,6 +37,9 @@ pub struct GenerationParameters {
     /// (the log-softmax of the raw logits, before penalties and temperature) and the k
     /// most likely tokens' (k at most [`MAX_TOP_LOGPROBS`]).
     pub logprobs: Option<usize>,
+    /// Output constrained to a JSON schema, any JSON object, a regex or a Lark grammar
+    /// (`constrain`): each step's disallowed tokens are masked before sampling.
+    pub response_format: Option<crate::constrain::ResponseFormat>,
 }
 
 /// Most alternatives [`GenerationParameters::logprobs`] may ask for.
@@ -67,6 +70,7 @@ impl Default for GenerationParameters {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             logprobs: None,
+            response_format: None,
         }
     }
 }
@@ -152,6 +156,10 @@ pub struct Sampler {
     scratch: SampleScratch,
     /// Generated tokens and how often each came (presence / frequency penalties).
     counts: std::collections::HashMap<u32, u32>,
+    /// The grammar the output must follow (see [`Sampler::constrain`]).
+    constraint: Option<crate::constrain::Constraint>,
+    /// Why the grammar ended the sequence (it allowed no token, or rejected one).
+    constraint_error: Option<String>,
 }
 
 /// A sampler's working buffers (a vocabulary's worth of candidates and flags). Many
@@ -188,7 +196,28 @@ impl Sampler {
             rng: Rng::new(seed),
             scratch: SampleScratch::default(),
             counts: std::collections::HashMap::new(),
+            constraint: None,
+            constraint_error: None,
         }
+    }
+
+    /// Compiles the parameters' `response_format` (if any) over `tok`'s vocabulary; an
+    /// invalid schema, regex or grammar is an error here, before anything runs.
+    pub fn constrain(&mut self, tok: &crate::tokenizer::Tokenizer) -> Result<()> {
+        if let Some(f) = &self.params.response_format {
+            self.constraint = Some(crate::constrain::Constraint::new(tok, f)?);
+        }
+        Ok(())
+    }
+
+    /// Why the grammar ended the sequence, once it has.
+    pub fn constraint_error(&self) -> Option<&str> {
+        self.constraint_error.as_deref()
+    }
+
+    /// The constrained output is complete (only end of generation may follow).
+    pub fn constraint_complete(&self) -> bool {
+        self.constraint.as_ref().is_some_and(|c| c.is_complete())
     }
 
     /// Whether this sampler takes the plain argmax of the raw logits (greedy, no
@@ -197,6 +226,7 @@ impl Sampler {
     pub fn is_plain_greedy(&self) -> bool {
         let p = &self.params;
         p.temperature == 0.0
+            && self.constraint.is_none()
             && p.logprobs.is_none()
             && p.repetition_penalty == 1.0
             && p.presence_penalty == 0.0
@@ -269,6 +299,13 @@ impl Sampler {
         if self.params.presence_penalty != 0.0 || self.params.frequency_penalty != 0.0 {
             *self.counts.entry(t).or_insert(0) += 1;
         }
+        if self.constraint_error.is_none() {
+            if let Some(c) = &mut self.constraint {
+                if let Err(e) = c.advance(t) {
+                    self.constraint_error = Some(e.to_string());
+                }
+            }
+        }
         t
     }
 
@@ -296,6 +333,11 @@ impl Sampler {
                         *l * p.repetition_penalty
                     };
                 }
+            }
+        }
+        if let Some(c) = &mut self.constraint {
+            if let Err(e) = c.mask(logits) {
+                self.constraint_error = Some(e.to_string());
             }
         }
         if p.temperature == 0.0 {
@@ -693,6 +735,7 @@ impl Session {
         let prefill_seconds = t0.elapsed().as_secs_f64();
 
         let mut sampler = Sampler::new(params);
+        sampler.constrain(tokenizer)?;
         let mut history: Vec<u32> = prompt_ids.to_vec();
         let mut generated = Vec::with_capacity(params.max_tokens.min(self.state.max_seq));
         let mut decoder = StreamDecoder::new(tokenizer);
@@ -721,6 +764,9 @@ impl Session {
         let t1 = Instant::now();
         while generated.len() < params.max_tokens {
             let next = sampler.sample(&mut logits, &history);
+            if let Some(e) = sampler.constraint_error() {
+                return Err(Error::new(format!("constrained output ended: {e}")));
+            }
             if params.stop_on_eos && eog.contains(&next) {
                 stop_reason = StopReason::EndOfGeneration;
                 break;
@@ -747,6 +793,10 @@ impl Session {
             }
             if hit {
                 stop_reason = StopReason::StopString;
+                break;
+            }
+            if sampler.constraint_complete() {
+                stop_reason = StopReason::EndOfGeneration;
                 break;
             }
             if generated.len() >= params.max_tokens {

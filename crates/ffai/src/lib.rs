@@ -4,6 +4,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod constrain;
 pub mod convert;
 pub mod engine;
 pub mod error;

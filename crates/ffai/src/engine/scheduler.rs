@@ -197,6 +197,8 @@ pub enum FinishReason {
     /// `max_tokens` generated, or the context is full.
     Length,
     Cancelled,
+    /// The output's grammar allowed no token (or refused the one chosen): the message.
+    Error(String),
 }
 
 impl FinishReason {
@@ -205,6 +207,7 @@ impl FinishReason {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
             FinishReason::Cancelled => "cancelled",
+            FinishReason::Error(_) => "error",
         }
     }
 }
@@ -421,6 +424,8 @@ impl<'m> Scheduler<'m> {
     pub fn add(&mut self, req: SeqRequest, events: Sender<Event>, cancel: Arc<AtomicBool>) -> Result<u64> {
         self.check(&req)?;
         let SeqRequest { prompt, params } = req;
+        let mut sampler = Sampler::new(&params);
+        sampler.constrain(self.tok)?;
         let max_len = prompt.len().saturating_add(params.max_tokens).min(self.cfg.context);
         let mut tokens = Vec::with_capacity(max_len);
         tokens.extend_from_slice(&prompt);
@@ -442,7 +447,7 @@ impl<'m> Scheduler<'m> {
             n_prompt: prompt.len(),
             tokens,
             max_len,
-            sampler: Sampler::new(&params),
+            sampler,
             decoder: StreamDecoder::new(self.tok),
             stops: StopScanner::new(&params.stop_strings),
             params,
@@ -557,6 +562,10 @@ impl<'m> Scheduler<'m> {
             Picked::Row(row) => s.sampler.sample_with_logprobs(row, &s.tokens, scratch),
             Picked::Id(id) => (id, None),
         };
+        if let Some(e) = s.sampler.constraint_error() {
+            s.finished = Some(FinishReason::Error(e.to_string()));
+            return;
+        }
         let p = &s.params;
         if (p.stop_on_eos && tok.eog_ids().contains(&next)) || p.stop_token_ids.contains(&next) {
             s.finished = Some(FinishReason::Stop);
@@ -574,7 +583,7 @@ impl<'m> Scheduler<'m> {
             .is_err()
         {
             s.finished = Some(FinishReason::Cancelled);
-        } else if hit {
+        } else if hit || s.sampler.constraint_complete() {
             s.finished = Some(FinishReason::Stop);
         } else if s.tokens.len() - s.n_prompt >= p.max_tokens || s.tokens.len() >= s.max_len {
             s.finished = Some(FinishReason::Length);

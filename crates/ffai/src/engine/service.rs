@@ -145,6 +145,10 @@ impl Engine {
     /// bad sampling parameters, a sequence the pool could never hold) come back here.
     pub fn submit(&self, req: SeqRequest) -> Result<RequestHandle> {
         check_request(&*self.model.lm, &self.cfg, &self.windows, &req)?;
+        if let Some(f) = &req.params.response_format {
+            // A schema or grammar that does not compile is the request's error, here.
+            crate::constrain::Constraint::new(&self.model.tokenizer, f)?;
+        }
         let (events, rx) = mpsc::channel();
         let cancel = Arc::new(AtomicBool::new(false));
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());

@@ -111,6 +111,9 @@ pub struct Tokenizer {
     /// That prefix is also added after each special token, not only at the start.
     space_prefix_after_special: bool,
     chat_template: Option<String>,
+    /// The grammar engine's vocabulary trie and parser factory, built at the first
+    /// constrained request (`constrain`).
+    grammar: std::sync::OnceLock<std::result::Result<std::sync::Arc<llguidance::ParserFactory>, String>>,
 }
 
 // The engine (including `tokenizers::Tokenizer`) is shared read-only between threads.
@@ -336,6 +339,7 @@ impl Tokenizer {
             space_prefix,
             space_prefix_after_special,
             chat_template,
+            grammar: std::sync::OnceLock::new(),
         })
     }
 
@@ -460,6 +464,14 @@ impl Tokenizer {
     /// The token's vocabulary string as stored.
     pub fn token_text(&self, id: u32) -> Option<&str> {
         self.tokens.get(id as usize).map(String::as_str)
+    }
+
+    /// The grammar engine over this vocabulary (built once, on first use).
+    pub fn grammar_factory(&self) -> Result<std::sync::Arc<llguidance::ParserFactory>> {
+        self.grammar
+            .get_or_init(|| crate::constrain::new_factory(self))
+            .clone()
+            .map_err(Error::new)
     }
 
     pub fn vocab_size(&self) -> usize {

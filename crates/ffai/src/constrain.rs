@@ -1,0 +1,195 @@
+//! Constrained decoding: output that must match a JSON schema, be a JSON object, match a
+//! regular expression or follow a Lark grammar.
+//!
+//! The grammar engine is `llguidance` (the one behind llama.cpp's and vLLM's guidance
+//! backends): it walks a token trie of the vocabulary against an Earley parser and gives,
+//! at each step, the set of tokens that keep the output inside the grammar. We only
+//! adapt it: the tokenizer's token bytes become its trie (built once per tokenizer,
+//! [`Tokenizer::grammar_factory`]), the sampler sets every disallowed logit to −∞ before
+//! it samples (greedy and sampled alike), and the chosen token advances the parser.
+//!
+//! End of generation: the model's end-of-generation ids are the grammar's EOS, allowed
+//! only where the grammar may end; once it is complete, only they are. A state that
+//! allows no token at all is an error for the sequence (never a hang).
+
+use std::sync::Arc;
+
+use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::{ApproximateTokEnv, TokRxInfo, TokTrie, TokenizerEnv};
+use llguidance::{Matcher, ParserFactory};
+
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+
+/// What the output must be (the OpenAI `response_format`, plus regex and Lark).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResponseFormat {
+    /// Any JSON object.
+    JsonObject,
+    /// JSON matching this schema.
+    JsonSchema(serde_json::Value),
+    /// Text matching this regular expression (whole output).
+    Regex(String),
+    /// Text in this Lark-style grammar (llguidance's dialect).
+    Lark(String),
+}
+
+impl ResponseFormat {
+    /// The llguidance grammar. JSON is written compactly with one space after `,` and
+    /// `:` (no free whitespace: small models otherwise fill it with newlines).
+    fn grammar(&self) -> TopLevelGrammar {
+        let layout = serde_json::json!({
+            "whitespace_flexible": false,
+            "item_separator": ", ",
+            "key_separator": ": ",
+        });
+        let with_layout = |mut schema: serde_json::Value| {
+            if let Some(obj) = schema.as_object_mut() {
+                obj.entry("x-guidance").or_insert(layout.clone());
+            }
+            schema
+        };
+        match self {
+            ResponseFormat::JsonObject => {
+                TopLevelGrammar::from_json_schema(with_layout(serde_json::json!({"type": "object"})))
+            }
+            ResponseFormat::JsonSchema(s) => TopLevelGrammar::from_json_schema(with_layout(s.clone())),
+            ResponseFormat::Regex(r) => TopLevelGrammar::from_regex(r),
+            ResponseFormat::Lark(g) => TopLevelGrammar::from_lark(g.clone()),
+        }
+    }
+}
+
+/// Builds the vocabulary trie and the parser factory for `tok`: each token's bytes
+/// (special tokens marked as llguidance expects, so text never spells them), the
+/// end-of-generation ids as EOS.
+pub(crate) fn new_factory(tok: &Tokenizer) -> std::result::Result<Arc<ParserFactory>, String> {
+    let n = tok.vocab_size();
+    let words: Vec<Vec<u8>> = (0..n as u32)
+        .map(|id| {
+            if tok.is_special(id) {
+                let mut w = vec![TokTrie::SPECIAL_TOKEN_MARKER];
+                w.extend_from_slice(tok.token_text(id).unwrap_or("").as_bytes());
+                w
+            } else {
+                tok.token_bytes(id)
+            }
+        })
+        .collect();
+    let eog = tok.eog_ids();
+    let eos = eog
+        .first()
+        .copied()
+        .or(tok.eos_id())
+        .ok_or("the tokenizer has no end-of-generation token")?;
+    let info = TokRxInfo::new(n as u32, eos);
+    let mut trie = TokTrie::from(&info, &words);
+    if !eog.is_empty() {
+        trie = trie.with_eos_tokens(eog);
+    }
+    let env: Arc<dyn TokenizerEnv + Sync> = Arc::new(ApproximateTokEnv::new(trie));
+    let mut factory = ParserFactory::new_simple(&env).map_err(|e| format!("grammar engine: {e}"))?;
+    factory.quiet();
+    Ok(Arc::new(factory))
+}
+
+/// One sequence's grammar state.
+pub struct Constraint {
+    matcher: Matcher,
+    eog: Vec<u32>,
+}
+
+impl Constraint {
+    /// A fresh parser for `format` over `tok`'s vocabulary; a grammar or schema that does
+    /// not compile is an error naming the problem.
+    pub fn new(tok: &Tokenizer, format: &ResponseFormat) -> Result<Constraint> {
+        let factory = tok.grammar_factory()?;
+        let matcher = Matcher::new(factory.create_parser(format.grammar()));
+        if let Some(e) = matcher.get_error() {
+            return Err(Error::new(format!("invalid response format: {}", first_line(&e))));
+        }
+        Ok(Constraint {
+            matcher,
+            eog: tok.eog_ids().to_vec(),
+        })
+    }
+
+    /// Sets every logit the grammar does not allow next to −∞ (ids past the tokenizer's
+    /// vocabulary included). Err when nothing is allowed.
+    pub fn mask(&mut self, logits: &mut [f32]) -> Result<()> {
+        let mask = self
+            .matcher
+            .compute_mask_or_eos()
+            .map_err(|e| Error::new(format!("grammar: {}", first_line(&e.to_string()))))?;
+        let mut any = false;
+        for (i, l) in logits.iter_mut().enumerate() {
+            if i < mask.len() && mask.is_allowed(i as u32) {
+                any = true;
+            } else {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        if !any {
+            return Err(Error::new("the grammar allows no token here"));
+        }
+        Ok(())
+    }
+
+    /// Advances the parser past the chosen token (an end-of-generation token ends the
+    /// sequence and is not fed).
+    pub fn advance(&mut self, t: u32) -> Result<()> {
+        if self.eog.contains(&t) {
+            return Ok(());
+        }
+        self.matcher
+            .consume_token(t)
+            .map_err(|e| Error::new(format!("grammar: {}", first_line(&e.to_string()))))
+    }
+
+    /// The output is complete: only end of generation may follow.
+    pub fn is_complete(&self) -> bool {
+        self.matcher.is_stopped()
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}
+
+impl ResponseFormat {
+    /// The OpenAI API's `response_format` object: `{"type": "text"}` (no constraint),
+    /// `{"type": "json_object"}`, `{"type": "json_schema", "json_schema": {"name": ...,
+    /// "schema": {...}, "strict": ...}}`; and ours, `{"type": "regex", "regex": "..."}`
+    /// and `{"type": "grammar", "grammar": "..."}` (Lark). Errors say what is wrong.
+    pub fn from_openai(v: &serde_json::Value) -> Result<Option<ResponseFormat>> {
+        let bad = |m: &str| Err(Error::new(format!("response_format: {m}")));
+        let Some(o) = v.as_object() else {
+            return bad("must be an object");
+        };
+        let text = |k: &str| match o.get(k) {
+            Some(serde_json::Value::String(s)) => Ok(s.clone()),
+            _ => Err(Error::new(format!("response_format: \"{k}\" must be a string"))),
+        };
+        match o.get("type").and_then(|t| t.as_str()) {
+            Some("text") => Ok(None),
+            Some("json_object") => Ok(Some(ResponseFormat::JsonObject)),
+            Some("json_schema") => {
+                let Some(js) = o.get("json_schema").and_then(|j| j.as_object()) else {
+                    return bad("\"json_schema\" must be an object with a \"schema\"");
+                };
+                match js.get("schema") {
+                    Some(s @ serde_json::Value::Object(_)) | Some(s @ serde_json::Value::Bool(_)) => {
+                        Ok(Some(ResponseFormat::JsonSchema(s.clone())))
+                    }
+                    _ => bad("\"json_schema.schema\" must be a JSON schema object"),
+                }
+            }
+            Some("regex") => Ok(Some(ResponseFormat::Regex(text("regex")?))),
+            Some("grammar") => Ok(Some(ResponseFormat::Lark(text("grammar")?))),
+            Some(other) => bad(&format!(
+                "unknown type \"{other}\" (text, json_object, json_schema, regex, grammar)"
+            )),
+            None => bad("needs a \"type\""),
+        }
+    }
+}
