@@ -16,7 +16,7 @@ use crate::Model;
 
 enum Cmd {
     Submit {
-        req: SeqRequest,
+        req: Box<SeqRequest>,
         events: Sender<Event>,
         cancel: Arc<AtomicBool>,
     },
@@ -154,7 +154,7 @@ impl Engine {
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
         let sent = tx.as_ref().is_some_and(|tx| {
             tx.send(Cmd::Submit {
-                req,
+                req: Box::new(req),
                 events,
                 cancel: cancel.clone(),
             })
@@ -208,7 +208,7 @@ fn step_loop(sched: &mut Scheduler<'_>, rx: &Receiver<Cmd>, stats: &Mutex<Engine
                     }
                     // Checked at submit; a failure here drops `events`, which the handle
                     // sees as the engine stopping.
-                    let _ = sched.add(req, events, cancel);
+                    let _ = sched.add(*req, events, cancel);
                 }
                 Cmd::Shutdown => stopping = true,
             }
