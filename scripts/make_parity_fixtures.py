@@ -348,13 +348,58 @@ def fam_configs():
         ],
         {},
     )
+    F["gpt_oss"] = (
+        "GptOssConfig",
+        dict(
+            BASE,
+            head_dim=16,
+            intermediate_size=16,
+            max_position_embeddings=131072,
+            num_local_experts=16,
+            num_experts_per_tok=4,
+            sliding_window=WINDOW,
+            layer_types=["sliding_attention", "full_attention"],
+            attention_bias=True,
+            rms_norm_eps=1e-5,
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=150000.0,
+                factor=32.0,
+                beta_fast=32.0,
+                beta_slow=1.0,
+                truncate=False,
+                original_max_position_embeddings=4096,
+            ),
+        ),
+        [
+            "GptOssForCausalLM: pre-norm block (input_layernorm, post_attention_layernorm = the norm before the MLP), "
+            "GQA 4/2, head_dim 16, q/k/v/o with biases (attention_bias True), untied lm_head, rms_norm_eps 1e-5",
+            "layer_types [sliding_attention, full_attention]: layer 0 sees the last 16 positions (i-16 < j <= i), "
+            "layer 1 everything",
+            "attention sinks: self_attn.sinks [heads], one logit per head appended to every row's scores before the "
+            "softmax and dropped after it (adds exp(sink) to the denominator, nothing to the output); re-initialised "
+            "N(0.5, 1.5) so they matter",
+            "YaRN RoPE: rope_theta 150000, factor 32, beta_fast 32, beta_slow 1, original_max_position_embeddings 4096, "
+            "truncate False (the correction range low/high stay fractional: for head_dim 16, low = 2.02.., high = "
+            "4.35..); inv_freq = interp * (1 - extrap_factor) + extrap * extrap_factor with extrap_factor = 1 - "
+            "ramp(low, high); attention_factor 0.1 ln 32 + 1 multiplies cos AND sin (so q.k is scaled by its square); "
+            "rotate_half (NeoX halves) over the whole head",
+            "MoE MLP in every layer: router mlp.router = Linear(64 -> 16) WITH bias; top-4 of the router logits "
+            "(torch.topk), softmax over those 4 logits only; experts with biases: gate_up = x @ gate_up_proj[e] "
+            "(stored [E, hidden, 2*16], in x out) + gate_up_proj_bias[e]; gate = gate_up[..., ::2] (even columns), up "
+            "= gate_up[..., 1::2] (odd); clamped SwiGLU g = min(gate, 7), u = clamp(up, -7, 7), (u + 1) * g * "
+            "sigmoid(1.702 g); out = glu @ down_proj[e] ([E, 16, hidden], in x out) + down_proj_bias[e]",
+            "expert weights re-initialised N(0, 0.6) so that the SwiGLU clamp at 7 bites (see sensitivity)",
+        ],
+        {"experts": 0.6},
+    )
     return F
 
 
-MOE_FAMILIES = ("qwen3_moe", "mixtral", "olmoe")
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "olmoe", "gpt_oss")
 
 FAMILY_ORDER = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3", "olmo2", "granite", "starcoder2",
-                "llama_bf16", "qwen3_moe", "mixtral", "olmoe"]
+                "llama_bf16", "qwen3_moe", "mixtral", "olmoe", "gpt_oss"]
 FAMILY_SEED = {f: 1000 + i for i, f in enumerate(FAMILY_ORDER)}
 
 
@@ -369,6 +414,12 @@ def reinit_(model, model_type, overrides):
             if not local:
                 continue
             is_norm = "Norm" in cls
+            if cls == "GptOssAttention":
+                # Its own parameter is the attention sinks (the projections are Linear children).
+                for pname, p in local:
+                    seen.add(id(p))
+                    p.normal_(0.5, 1.5)
+                continue
             # MoE routers and stacked experts hold plain Parameters: initialised as Linear weights.
             is_lin = isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)) or cls.endswith(("TopKRouter", "Experts"))
             if not (is_norm or is_lin):
@@ -463,7 +514,40 @@ def sensitivity(family, model, ids, ref):
         rot.full_attention_inv_freq.mul_(8.0)
         diff("global_linear_rope_factor_off")
         rot.full_attention_inv_freq.copy_(saved)
-    if family in MOE_FAMILIES:
+    if family == "gpt_oss":
+        attns = [m for m in model.modules() if type(m).__name__ == "GptOssAttention"]
+        saved = [m.sinks.detach().clone() for m in attns]
+        with torch.no_grad():
+            for m in attns:
+                m.sinks.fill_(-1e4)
+        diff("attention_sinks_off")
+        with torch.no_grad():
+            for m, s in zip(attns, saved):
+                m.sinks.copy_(s)
+        experts = [m for m in model.modules() if type(m).__name__ == "GptOssExperts"]
+        for m in experts:
+            m.limit = float("inf")
+        diff("swiglu_limit_off")
+        for m in experts:
+            m.limit = 7.0
+        rot = model.model.rotary_emb
+        s = rot.attention_scaling
+        rot.attention_scaling = 1.0
+        diff("yarn_attention_factor_off")
+        rot.attention_scaling = s
+        saved = rot.inv_freq.clone()
+        rp = cfg.rope_parameters
+        rp["truncate"] = True
+        inv, _ = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS["yarn"](cfg, None)
+        rp["truncate"] = False
+        rot.inv_freq.copy_(inv)
+        diff("yarn_truncate_true")
+        rot.inv_freq.copy_(saved)
+        d = rot.inv_freq.numel() * 2
+        rot.inv_freq.copy_(1.0 / (rp["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)))
+        diff("yarn_inv_freq_off")
+        rot.inv_freq.copy_(saved)
+    if family in MOE_FAMILIES and family != "gpt_oss":
         routers = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
         for m in routers:
             m.norm_topk_prob = not getattr(m, "norm_topk_prob", True)

@@ -495,8 +495,8 @@ fn paged_step_ops_match_the_cpu_and_are_batch_invariant() {
         g.kv_write_step(&mut gv, &gvx, total, &gs, 0, &shape);
         let mut cout = vec![0f32; total * nh * hd];
         let mut gout = g.alloc(total * nh * hd);
-        c.attention_step(&cq, &ck, &cv, total, &cs, 0, &shape, &mut cout);
-        g.attention_step(&gq, &gk, &gv, total, &gs, 0, &shape, &mut gout);
+        c.attention_step(&cq, &ck, &cv, total, &cs, 0, &shape, None, &mut cout);
+        g.attention_step(&gq, &gk, &gv, total, &gs, 0, &shape, None, &mut gout);
         let batched = down(g, &gout, total * nh * hd);
         let e = rel_err(&batched, &cout);
         assert!(
@@ -518,7 +518,7 @@ fn paged_step_ops_match_the_cpu_and_are_batch_invariant() {
         let w = nh * hd;
         let gq1 = g.upload(&down(g, &gq, total * w)[row0 * w..]);
         let mut gout1 = g.alloc(3 * w);
-        g.attention_step(&gq1, &gk, &gv, 3, &gs1, 0, &shape, &mut gout1);
+        g.attention_step(&gq1, &gk, &gv, 3, &gs1, 0, &shape, None, &mut gout1);
         let alone = down(g, &gout1, 3 * w);
         assert!(
             alone

@@ -113,7 +113,8 @@ impl DecoderSpec {
             mlp: Mlp::SwiGlu,
             embed_scale: 1.0,
             residual_scale: 1.0,
-            attn_scale: 1.0 / (cfg.head_dim as f32).sqrt(),
+            // YaRN's attention factor multiplies cos and sin, so q·k by its square.
+            attn_scale: (cfg.rope_attention_factor().powi(2) / (cfg.head_dim as f64).sqrt()) as f32,
             attn_softcap: 0.0,
             final_softcap: 0.0,
             logits_scale: 1.0,
@@ -173,6 +174,8 @@ struct Layer<B: Backend> {
     o_bias: Option<B::Buf>,
     q_norm: Option<B::Buf>,
     k_norm: Option<B::Buf>,
+    /// Learned attention sinks, one logit per query head (GPT-OSS `attn_sinks`).
+    sinks: Option<B::Buf>,
     ffn: Ffn<B>,
 }
 
@@ -389,6 +392,7 @@ impl<B: Backend> Decoder<B> {
                 o_bias: opt_vec(&p("attn_output.bias"), h)?,
                 q_norm: qk("attn_q_norm.weight", qn_len)?,
                 k_norm: qk("attn_k_norm.weight", kn_len)?,
+                sinks: opt_vec(&p("attn_sinks.weight"), cfg.num_heads)?,
                 ffn,
             });
         }
@@ -504,7 +508,17 @@ impl<B: Backend> Decoder<B> {
             let (shape, g) = (self.shape(i), self.layer_group[i]);
             b.kv_write_step(&mut s.k_pages[i], &s.k, n, &s.step, g, &shape);
             b.kv_write_step(&mut s.v_pages[i], &s.v, n, &s.step, g, &shape);
-            b.attention_step(&s.q, &s.k_pages[i], &s.v_pages[i], n, &s.step, g, &shape, &mut s.att);
+            b.attention_step(
+                &s.q,
+                &s.k_pages[i],
+                &s.v_pages[i],
+                n,
+                &s.step,
+                g,
+                &shape,
+                l.sinks.as_ref(),
+                &mut s.att,
+            );
             tap.linear_input(b, &s.att, n, c.num_heads * c.head_dim, "attn_out", Some(i));
             b.matmul(&l.wo, &s.att, n, &mut s.tmp);
             if let Some(ob) = &l.o_bias {
