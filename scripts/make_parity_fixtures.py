@@ -393,13 +393,81 @@ def fam_configs():
         ],
         {"experts": 0.6},
     )
+    cls, kw, notes, ov = F["gpt_oss"]
+    F["gpt_oss_mxfp4"] = (
+        cls,
+        dict(kw, intermediate_size=32),
+        notes[:-1] + [
+            "as gpt_oss but intermediate_size 32 (MXFP4 needs rows of 32) and the experts stored as the released "
+            "checkpoints store them: mlp.experts.{gate_up,down}_proj_blocks (u8 [E, out, in/32, 16], element 2i of a "
+            "block in the low nibble of byte i, 2i+1 in the high nibble; codes index the E2M1 values 0, .5, 1, 1.5, 2, "
+            "3, 4, 6, bit 3 the sign) and _scales (u8 [E, out, in/32], E8M0: 2^(s - 127)); gate_up rows are "
+            "interleaved (gate even, up odd), i.e. the transposes of the float gate_up_proj / down_proj",
+            "the expert weights N(0, 0.6) are rounded to MXFP4 (per block of 32 along the input: scale 2^ceil(log2("
+            "amax / 6)), nearest E2M1 code, ties to the even code) BEFORE the routing check and the reference forward, "
+            "and the reference logits come from transformers' own convert_moe_packed_tensors of the stored "
+            "blocks/scales (checked equal to the rounded weights), so the stored MXFP4 is exactly the reference's "
+            "weights",
+        ],
+        ov,
+    )
     return F
 
 
-MOE_FAMILIES = ("qwen3_moe", "mixtral", "olmoe", "gpt_oss")
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "olmoe", "gpt_oss", "gpt_oss_mxfp4")
+
+FP4 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+
+
+def mxfp4_quantize(w):
+    """w [..., rows, cols] (cols % 32 == 0) -> (blocks u8 [..., rows, cols/32, 16], scales u8 [..., rows, cols/32])
+    in the released gpt-oss layout."""
+    *pre, rows, cols = w.shape
+    b = w.reshape(*pre, rows, cols // 32, 32).double()
+    amax = b.abs().amax(dim=-1).clamp(min=1e-30)
+    e = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
+    x = b / torch.pow(2.0, e)[..., None]
+    lut = torch.tensor(FP4, dtype=torch.float64)
+    mag = x.abs()[..., None]
+    # nearest magnitude, ties to the lower (even) code
+    idx = (mag - lut).abs().argmin(dim=-1)
+    codes = (idx | ((x < 0) & (idx > 0)).to(torch.int64) << 3).to(torch.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    scales = (e + 127).to(torch.uint8)
+    return blocks.contiguous(), scales.contiguous()
+
+
+def mxfp4_round_experts_(model):
+    """Rounds every GptOssExperts' gate_up_proj / down_proj to MXFP4 in place (via transformers' own dequantizer)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__ != "GptOssExperts":
+                continue
+            for name in ("gate_up_proj", "down_proj"):
+                p = getattr(m, name)
+                bl, sc = mxfp4_quantize(p.detach().transpose(1, 2))
+                p.copy_(convert_moe_packed_tensors(bl, sc, dtype=torch.float32))
+
+
+def mxfp4_save(model, fdir):
+    """model.safetensors with the experts as *_blocks/*_scales (everything else float32)."""
+    os.remove(os.path.join(fdir, "model.safetensors"))
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    out = {}
+    for k, v in model.state_dict().items():
+        if k.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            bl, sc = mxfp4_quantize(v.transpose(1, 2))
+            back = convert_moe_packed_tensors(bl, sc, dtype=torch.float32)
+            if not torch.equal(back, v):
+                raise RuntimeError(f"{k}: MXFP4 round trip is not exact")
+            out[k + "_blocks"], out[k + "_scales"] = bl, sc
+        else:
+            out[k] = v.contiguous()
+    save_file(out, os.path.join(fdir, "model.safetensors"), metadata={"format": "pt"})
 
 FAMILY_ORDER = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3", "olmo2", "granite", "starcoder2",
-                "llama_bf16", "qwen3_moe", "mixtral", "olmoe", "gpt_oss"]
+                "llama_bf16", "qwen3_moe", "mixtral", "olmoe", "gpt_oss", "gpt_oss_mxfp4"]
 FAMILY_SEED = {f: 1000 + i for i, f in enumerate(FAMILY_ORDER)}
 
 
@@ -514,7 +582,7 @@ def sensitivity(family, model, ids, ref):
         rot.full_attention_inv_freq.mul_(8.0)
         diff("global_linear_rope_factor_off")
         rot.full_attention_inv_freq.copy_(saved)
-    if family == "gpt_oss":
+    if family.startswith("gpt_oss"):
         attns = [m for m in model.modules() if type(m).__name__ == "GptOssAttention"]
         saved = [m.sinks.detach().clone() for m in attns]
         with torch.no_grad():
@@ -547,7 +615,7 @@ def sensitivity(family, model, ids, ref):
         rot.inv_freq.copy_(1.0 / (rp["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)))
         diff("yarn_inv_freq_off")
         rot.inv_freq.copy_(saved)
-    if family in MOE_FAMILIES and family != "gpt_oss":
+    if family in MOE_FAMILIES and not family.startswith("gpt_oss"):
         routers = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
         for m in routers:
             m.norm_topk_prob = not getattr(m, "norm_topk_prob", True)
@@ -626,6 +694,8 @@ def build(family, cfg_cls_name, cfg_kwargs, overrides):
         model.eval()
         assert model.config._attn_implementation == "eager", model.config._attn_implementation
         reinit_(model, config.model_type, overrides)
+        if family == "gpt_oss_mxfp4":
+            mxfp4_round_experts_(model)
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, config.vocab_size, (SEQ_LEN,), generator=g, dtype=torch.int64)
         if family in MOE_FAMILIES:
@@ -760,6 +830,8 @@ def main():
             if family in MOE_FAMILIES:
                 extra["routing"] = routing_stats(model, ids)
             model.save_pretrained(fdir)
+            if family == "gpt_oss_mxfp4":
+                mxfp4_save(model, fdir)
             notes = list(notes)
             if family == "phi3":
                 notes += phi3_notes(model)
