@@ -1104,7 +1104,10 @@ impl Backend for CpuBackend {
 
     fn moe_add_bias(&self, x: &mut Vec<f32>, biases: &Vec<f32>, ids: &Vec<f32>, slots: usize, d: usize) {
         let _p = self.prof(|| "moe_add_bias".into());
-        assert!(x.len() >= slots * d && ids.len() >= slots, "moe_add_bias buffers too small");
+        assert!(
+            x.len() >= slots * d && ids.len() >= slots,
+            "moe_add_bias buffers too small"
+        );
         let n_experts = biases.len() / d.max(1);
         assert!(
             ids[..slots].iter().all(|&e| e >= 0.0 && (e as usize) < n_experts),

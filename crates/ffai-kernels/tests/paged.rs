@@ -388,11 +388,7 @@ fn oracle(c: &Case, s: &SeqData, g: usize) -> Vec<f32> {
                 })
                 .collect();
             let sink = sinks.as_ref().map(|x| x[h] as f64);
-            let m = scores
-                .iter()
-                .cloned()
-                .chain(sink)
-                .fold(f64::NEG_INFINITY, f64::max);
+            let m = scores.iter().cloned().chain(sink).fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = scores.iter().map(|x| (x - m).exp()).collect();
             // The sink is one more term of the softmax's sum, with no value row.
             let z: f64 = e.iter().sum::<f64>() + sink.map_or(0.0, |x| (x - m).exp());

@@ -630,8 +630,7 @@ impl ModelConfig {
                 ..
             }) => {
                 let (dim, base) = (self.head_dim as f64, self.rope_theta);
-                let corr =
-                    |rot: f64| dim * (omp / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln());
+                let corr = |rot: f64| dim * (omp / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln());
                 let (mut low, mut high) = (corr(beta_fast), corr(beta_slow));
                 if truncate {
                     (low, high) = (low.floor(), high.ceil());

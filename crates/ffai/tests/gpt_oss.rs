@@ -24,14 +24,25 @@ fn yarn_matches_transformers_buffers() {
         let meta: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(fixture_dir(name).join("meta.json")).unwrap()).unwrap();
         let rot = &meta["rope_after_forward"]["model.rotary_emb"];
-        let want: Vec<f64> = rot["inv_freq"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        let want: Vec<f64> = rot["inv_freq"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
         let got = cfg.rope_inv_freq(None);
         assert_eq!(got.len(), want.len());
         for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
-            assert!(((g as f64) - w).abs() <= 1e-6 * w, "{name}: inv_freq[{i}] {g} vs transformers {w}");
+            assert!(
+                ((g as f64) - w).abs() <= 1e-6 * w,
+                "{name}: inv_freq[{i}] {g} vs transformers {w}"
+            );
         }
         let af = rot["attention_scaling"].as_f64().unwrap();
-        assert!((cfg.rope_attention_factor() - af).abs() < 1e-12, "{name}: attention factor");
+        assert!(
+            (cfg.rope_attention_factor() - af).abs() < 1e-12,
+            "{name}: attention factor"
+        );
         assert!((af - (0.1 * 32f64.ln() + 1.0)).abs() < 1e-12);
     }
 }
@@ -53,7 +64,10 @@ fn yarn_truncate_and_attention_factor_spellings() {
         })
         .unwrap(),
     ] {
-        assert!(matches!(cfg.rope_scaling, Some(RopeScaling::Yarn { truncate: true, .. })));
+        assert!(matches!(
+            cfg.rope_scaling,
+            Some(RopeScaling::Yarn { truncate: true, .. })
+        ));
         let t = cfg.rope_inv_freq(None);
         for i in 0..8 {
             let same = t[i] == plain[i];
@@ -80,7 +94,9 @@ fn yarn_truncate_and_attention_factor_spellings() {
         ("truncate", serde_json::json!(3)),
         ("original_max_position_embeddings", serde_json::json!(0)),
     ] {
-        let e = with(&|r| r[k] = v.clone()).err().unwrap_or_else(|| panic!("{k} = {v} accepted"));
+        let e = with(&|r| r[k] = v.clone())
+            .err()
+            .unwrap_or_else(|| panic!("{k} = {v} accepted"));
         assert!(!e.to_string().contains('\n'), "{e}");
     }
 }

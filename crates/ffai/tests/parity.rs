@@ -205,7 +205,10 @@ fn gpt_oss_mxfp4_experts_from_blocks_and_scales() {
     let e = weights.get("blk.0.oai_gate_up_exps.mxfp4").unwrap();
     assert_eq!(e.ty, ffai_kernels::quant::WeightType::MXFP4);
     assert_eq!(e.shape, [16, 64, 64]);
-    assert_eq!(weights.get("blk.1.ffn_down_exps.weight").unwrap().ty, ffai_kernels::quant::WeightType::MXFP4);
+    assert_eq!(
+        weights.get("blk.1.ffn_down_exps.weight").unwrap().ty,
+        ffai_kernels::quant::WeightType::MXFP4
+    );
     let load = |q8: bool| {
         let dev = Device::cpu_configured(2, false, true, !q8);
         (family_for(&cfg, false).unwrap().load)(&cfg, &weights, &dev).unwrap()
@@ -220,16 +223,27 @@ fn gpt_oss_mxfp4_experts_from_blocks_and_scales() {
     let mut st = m.new_state(r.ids.len(), 512).unwrap();
     let mut got = Vec::new();
     m.forward(&r.ids, &mut st, true, &mut got).unwrap();
-    let d = got.iter().zip(&r.logits).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    let d = got
+        .iter()
+        .zip(&r.logits)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
     let per_pos: Vec<f32> = (0..r.ids.len())
         .map(|t| {
             let s = t * r.vocab..(t + 1) * r.vocab;
-            got[s.clone()].iter().zip(&r.logits[s]).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+            got[s.clone()]
+                .iter()
+                .zip(&r.logits[s])
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max)
         })
         .collect();
     println!("gpt_oss_mxfp4 (q8 activations): max abs diff {d:.2e}; per position {per_pos:.2?}");
     let close = per_pos.iter().filter(|&&x| x < 0.15).count();
-    assert!(close >= 60, "gpt_oss_mxfp4 with q8 activations: only {close} of 64 positions within 0.15");
+    assert!(
+        close >= 60,
+        "gpt_oss_mxfp4 with q8 activations: only {close} of 64 positions within 0.15"
+    );
 }
 
 #[test]
