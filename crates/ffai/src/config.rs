@@ -564,8 +564,27 @@ impl ModelConfig {
                 let factor = opt_f64("rope.scaling.factor")?.unwrap_or(1.0);
                 (factor != 1.0).then_some(RopeScaling::Linear { factor })
             }
+            Some("yarn") => {
+                // llama.cpp's YaRN: ggml_rope_yarn_corr_dims always floors/ceils the
+                // correction range (transformers' `truncate: true`), and the cos/sin factor
+                // is `yarn_attn_factor` (default 1) times `1 + 0.1 ln(factor)`.
+                let factor = opt_f64("rope.scaling.factor")?
+                    .ok_or_else(|| Error::new(format!("{source}: YaRN needs {arch}.rope.scaling.factor")))?;
+                let orig = opt_f64("rope.scaling.original_context_length")?.ok_or_else(|| {
+                    Error::new(format!("{source}: YaRN needs {arch}.rope.scaling.original_context_length"))
+                })?;
+                let mscale = if factor <= 1.0 { 1.0 } else { 0.1 * factor.ln() + 1.0 };
+                Some(RopeScaling::Yarn {
+                    factor,
+                    beta_fast: opt_f64("rope.scaling.yarn_beta_fast")?.unwrap_or(32.0),
+                    beta_slow: opt_f64("rope.scaling.yarn_beta_slow")?.unwrap_or(1.0),
+                    original_max_position_embeddings: orig,
+                    truncate: true,
+                    attention_factor: opt_f64("rope.scaling.yarn_attn_factor")?.unwrap_or(1.0) * mscale,
+                })
+            }
             Some(other) => bail!(
-                "{source}: rope scaling \"{other}\" is not supported yet (supported: linear, llama3 via rope_freqs)"
+                "{source}: rope scaling \"{other}\" is not supported yet (supported: linear, yarn, llama3 via rope_freqs)"
             ),
         };
         // Llama and its relatives were converted with q/k permuted for adjacent-pair RoPE;

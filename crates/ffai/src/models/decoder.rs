@@ -99,6 +99,9 @@ pub struct DecoderSpec {
     pub moe: Option<MoeSpec>,
     /// Clamp q, k and v to `±clip_qkv` after their norms (OLMoE's `clip_qkv`); 0 = off.
     pub clip_qkv: f32,
+    /// The tensor name (after `blk.N.`) of the norm before the MLP: `ffn_norm`, or
+    /// llama.cpp's `post_attention_norm` in its gpt-oss files.
+    pub ffn_norm: &'static str,
 }
 
 impl DecoderSpec {
@@ -130,6 +133,7 @@ impl DecoderSpec {
             rope_neox: cfg.rope_neox,
             moe: None,
             clip_qkv: 0.0,
+            ffn_norm: "ffn_norm",
         }
     }
 }
@@ -378,7 +382,7 @@ impl<B: Backend> Decoder<B> {
                 } else {
                     None
                 },
-                ffn_norm: if pre { Some(norm(&p("ffn_norm"), h)?) } else { None },
+                ffn_norm: if pre { Some(norm(&p(spec.ffn_norm), h)?) } else { None },
                 post_ffn_norm: if post {
                     Some(norm(&p("post_ffw_norm"), h)?)
                 } else {

@@ -110,6 +110,9 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
     let spec = DecoderSpec {
         layers,
         moe: Some(spec),
+        // llama.cpp files the norm before the MLP (transformers' post_attention_layernorm)
+        // as `post_attention_norm`.
+        ffn_norm: if cfg.is_gguf() { "post_attention_norm" } else { "ffn_norm" },
         ..DecoderSpec::llama(cfg, None)
     };
     let id = Identity {
