@@ -294,4 +294,30 @@ fn released_checkpoints_config_spellings_load_the_same() {
         let old = (family_for(&cfg, false).unwrap().load)(&cfg, &weights, &Device::cpu_with(3, false, true)).unwrap();
         assert_eq!(run(&*old), run(&*load(family)), "{family}");
     }
+    // gpt-oss-20b's config.json: `rope_scaling` (yarn) beside a top-level `rope_theta`,
+    // `experts_per_token`, `swiglu_limit`, and a `quantization_config` for MXFP4 (not
+    // MLX's), over the MXFP4 fixture's weights.
+    let dir = fixture_dir("gpt_oss_mxfp4");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let o = json.as_object_mut().unwrap();
+    let mut rope = o.remove("rope_parameters").unwrap();
+    o.insert("rope_theta".into(), rope.as_object_mut().unwrap().remove("rope_theta").unwrap());
+    o.insert("rope_scaling".into(), rope);
+    let k = o.remove("num_experts_per_tok").unwrap();
+    o.insert("experts_per_token".into(), k);
+    o.insert("swiglu_limit".into(), 7.0.into());
+    o.insert(
+        "quantization_config".into(),
+        serde_json::json!({"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}),
+    );
+    let cfg = ModelConfig::from_hf_json(&json, "released spelling").unwrap();
+    let weights = Weights::from_safetensors_dir_for(&dir, &cfg.model_type).unwrap();
+    let m = (family_for(&cfg, false).unwrap().load)(&cfg, &weights, &Device::cpu_with(3, false, true)).unwrap();
+    assert_eq!(run(&*m), run(&*load("gpt_oss_mxfp4")), "gpt-oss released spelling");
+    // swiglu_limit is read: a smaller clamp changes the logits.
+    json["swiglu_limit"] = 1.0.into();
+    let cfg = ModelConfig::from_hf_json(&json, "limit 1").unwrap();
+    let m = (family_for(&cfg, false).unwrap().load)(&cfg, &weights, &Device::cpu_with(3, false, true)).unwrap();
+    assert_ne!(run(&*m), run(&*load("gpt_oss_mxfp4")), "swiglu_limit ignored");
 }

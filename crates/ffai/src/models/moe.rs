@@ -160,8 +160,8 @@ impl<B: Backend> MoeLayer<B> {
             true => Some(b.upload(&w.f32_vec(&p("ffn_gate_inp.bias"), ne)?)),
             false => None,
         };
-        let biases = Self::load_biases(w, b, i, spec, h)?;
         if let Some((gate, up, down)) = Self::load_oai(w, b, i, spec, h)? {
+            let biases = Self::load_biases(w, b, i, spec, h)?;
             return Ok(MoeLayer {
                 router,
                 router_bias,
@@ -213,6 +213,7 @@ impl<B: Backend> MoeLayer<B> {
         };
         let down = load("down", h, f)?
             .ok_or_else(|| Error::new(format!("{}: layer {i} has no expert down weights", w.source)))?;
+        let biases = Self::load_biases(w, b, i, spec, h)?;
         Ok(MoeLayer {
             router,
             router_bias,
