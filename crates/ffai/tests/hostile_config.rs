@@ -253,7 +253,12 @@ fn named_config_errors() {
         ("gpt_oss", "swiglu_limit", json!(-7.0), "swiglu_limit"),
         ("gpt_oss", "swiglu_limit", json!("7"), "swiglu_limit"),
         ("gpt_oss", "layer_types", json!(["sliding_attention"]), "layer_types"),
-        ("gpt_oss", "layer_types", json!(["sliding_attention", "chunked"]), "layer_types"),
+        (
+            "gpt_oss",
+            "layer_types",
+            json!(["sliding_attention", "chunked"]),
+            "layer_types",
+        ),
         ("gpt_oss", "num_local_experts", json!(0), "experts"),
         ("gpt_oss", "num_experts_per_tok", json!(17), "experts per token"),
         ("gpt_oss_mxfp4", "intermediate_size", json!(64), "shape"),

@@ -356,13 +356,19 @@ fn llama_cpp_converter_output_gpt_oss() {
             let cfg = ModelConfig::from_hf_json(&j, family).unwrap();
             let weights = Weights::from_safetensors_dir_for(&fdir, &cfg.model_type).unwrap();
             let dev = Device::cpu_with(2, false, true);
-            logits(&*(family_for(&cfg, false).unwrap().load)(&cfg, &weights, &dev).unwrap(), &ids)
+            logits(
+                &*(family_for(&cfg, false).unwrap().load)(&cfg, &weights, &dev).unwrap(),
+                &ids,
+            )
         };
         let got = logits(&*real, &ids);
         let d = max_diff(&got, &hf(true));
         println!("{family}: llama.cpp converter's GGUF vs the HF directory (truncate: true) max abs diff {d:.2e}");
         assert!(d <= 1e-5, "{family}: {d}");
-        assert!(max_diff(&got, &hf(false)) > 1e-3, "{family}: truncate made no difference");
+        assert!(
+            max_diff(&got, &hf(false)) > 1e-3,
+            "{family}: truncate made no difference"
+        );
     }
 }
 

@@ -112,7 +112,11 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
         moe: Some(spec),
         // llama.cpp files the norm before the MLP (transformers' post_attention_layernorm)
         // as `post_attention_norm`.
-        ffn_norm: if cfg.is_gguf() { "post_attention_norm" } else { "ffn_norm" },
+        ffn_norm: if cfg.is_gguf() {
+            "post_attention_norm"
+        } else {
+            "ffn_norm"
+        },
         ..DecoderSpec::llama(cfg, None)
     };
     let id = Identity {
