@@ -348,13 +348,126 @@ def fam_configs():
         ],
         {},
     )
+    F["gpt_oss"] = (
+        "GptOssConfig",
+        dict(
+            BASE,
+            head_dim=16,
+            intermediate_size=16,
+            max_position_embeddings=131072,
+            num_local_experts=16,
+            num_experts_per_tok=4,
+            sliding_window=WINDOW,
+            layer_types=["sliding_attention", "full_attention"],
+            attention_bias=True,
+            rms_norm_eps=1e-5,
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=150000.0,
+                factor=32.0,
+                beta_fast=32.0,
+                beta_slow=1.0,
+                truncate=False,
+                original_max_position_embeddings=4096,
+            ),
+        ),
+        [
+            "GptOssForCausalLM: pre-norm block (input_layernorm, post_attention_layernorm = the norm before the MLP), "
+            "GQA 4/2, head_dim 16, q/k/v/o with biases (attention_bias True), untied lm_head, rms_norm_eps 1e-5",
+            "layer_types [sliding_attention, full_attention]: layer 0 sees the last 16 positions (i-16 < j <= i), "
+            "layer 1 everything",
+            "attention sinks: self_attn.sinks [heads], one logit per head appended to every row's scores before the "
+            "softmax and dropped after it (adds exp(sink) to the denominator, nothing to the output); re-initialised "
+            "N(0.5, 1.5) so they matter",
+            "YaRN RoPE: rope_theta 150000, factor 32, beta_fast 32, beta_slow 1, original_max_position_embeddings 4096, "
+            "truncate False (the correction range low/high stay fractional: for head_dim 16, low = 2.02.., high = "
+            "4.35..); inv_freq = interp * (1 - extrap_factor) + extrap * extrap_factor with extrap_factor = 1 - "
+            "ramp(low, high); attention_factor 0.1 ln 32 + 1 multiplies cos AND sin (so q.k is scaled by its square); "
+            "rotate_half (NeoX halves) over the whole head",
+            "MoE MLP in every layer: router mlp.router = Linear(64 -> 16) WITH bias; top-4 of the router logits "
+            "(torch.topk), softmax over those 4 logits only; experts with biases: gate_up = x @ gate_up_proj[e] "
+            "(stored [E, hidden, 2*16], in x out) + gate_up_proj_bias[e]; gate = gate_up[..., ::2] (even columns), up "
+            "= gate_up[..., 1::2] (odd); clamped SwiGLU g = min(gate, 7), u = clamp(up, -7, 7), (u + 1) * g * "
+            "sigmoid(1.702 g); out = glu @ down_proj[e] ([E, 16, hidden], in x out) + down_proj_bias[e]",
+            "expert weights re-initialised N(0, 0.6) so that the SwiGLU clamp at 7 bites (see sensitivity)",
+        ],
+        {"experts": 0.6},
+    )
+    cls, kw, notes, ov = F["gpt_oss"]
+    F["gpt_oss_mxfp4"] = (
+        cls,
+        dict(kw, intermediate_size=32),
+        notes[:-1] + [
+            "as gpt_oss but intermediate_size 32 (MXFP4 needs rows of 32) and the experts stored as the released "
+            "checkpoints store them: mlp.experts.{gate_up,down}_proj_blocks (u8 [E, out, in/32, 16], element 2i of a "
+            "block in the low nibble of byte i, 2i+1 in the high nibble; codes index the E2M1 values 0, .5, 1, 1.5, 2, "
+            "3, 4, 6, bit 3 the sign) and _scales (u8 [E, out, in/32], E8M0: 2^(s - 127)); gate_up rows are "
+            "interleaved (gate even, up odd), i.e. the transposes of the float gate_up_proj / down_proj",
+            "the expert weights N(0, 0.6) are rounded to MXFP4 (per block of 32 along the input: scale 2^ceil(log2("
+            "amax / 6)), nearest E2M1 code, ties to the even code) BEFORE the routing check and the reference forward, "
+            "and the reference logits come from transformers' own convert_moe_packed_tensors of the stored "
+            "blocks/scales (checked equal to the rounded weights), so the stored MXFP4 is exactly the reference's "
+            "weights",
+        ],
+        ov,
+    )
     return F
 
 
-MOE_FAMILIES = ("qwen3_moe", "mixtral", "olmoe")
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "olmoe", "gpt_oss", "gpt_oss_mxfp4")
+
+FP4 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+
+
+def mxfp4_quantize(w):
+    """w [..., rows, cols] (cols % 32 == 0) -> (blocks u8 [..., rows, cols/32, 16], scales u8 [..., rows, cols/32])
+    in the released gpt-oss layout."""
+    *pre, rows, cols = w.shape
+    b = w.reshape(*pre, rows, cols // 32, 32).double()
+    amax = b.abs().amax(dim=-1).clamp(min=1e-30)
+    e = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
+    x = b / torch.pow(2.0, e)[..., None]
+    lut = torch.tensor(FP4, dtype=torch.float64)
+    mag = x.abs()[..., None]
+    # nearest magnitude, ties to the lower (even) code
+    idx = (mag - lut).abs().argmin(dim=-1)
+    codes = (idx | ((x < 0) & (idx > 0)).to(torch.int64) << 3).to(torch.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    scales = (e + 127).to(torch.uint8)
+    return blocks.contiguous(), scales.contiguous()
+
+
+def mxfp4_round_experts_(model):
+    """Rounds every GptOssExperts' gate_up_proj / down_proj to MXFP4 in place (via transformers' own dequantizer)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__ != "GptOssExperts":
+                continue
+            for name in ("gate_up_proj", "down_proj"):
+                p = getattr(m, name)
+                bl, sc = mxfp4_quantize(p.detach().transpose(1, 2))
+                p.copy_(convert_moe_packed_tensors(bl, sc, dtype=torch.float32))
+
+
+def mxfp4_save(model, fdir):
+    """model.safetensors with the experts as *_blocks/*_scales (everything else float32)."""
+    os.remove(os.path.join(fdir, "model.safetensors"))
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    out = {}
+    for k, v in model.state_dict().items():
+        if k.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            bl, sc = mxfp4_quantize(v.transpose(1, 2))
+            back = convert_moe_packed_tensors(bl, sc, dtype=torch.float32)
+            if not torch.equal(back, v):
+                raise RuntimeError(f"{k}: MXFP4 round trip is not exact")
+            out[k + "_blocks"], out[k + "_scales"] = bl, sc
+        else:
+            out[k] = v.contiguous()
+    save_file(out, os.path.join(fdir, "model.safetensors"), metadata={"format": "pt"})
 
 FAMILY_ORDER = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3", "olmo2", "granite", "starcoder2",
-                "llama_bf16", "qwen3_moe", "mixtral", "olmoe"]
+                "llama_bf16", "qwen3_moe", "mixtral", "olmoe", "gpt_oss", "gpt_oss_mxfp4"]
 FAMILY_SEED = {f: 1000 + i for i, f in enumerate(FAMILY_ORDER)}
 
 
@@ -369,6 +482,12 @@ def reinit_(model, model_type, overrides):
             if not local:
                 continue
             is_norm = "Norm" in cls
+            if cls == "GptOssAttention":
+                # Its own parameter is the attention sinks (the projections are Linear children).
+                for pname, p in local:
+                    seen.add(id(p))
+                    p.normal_(0.5, 1.5)
+                continue
             # MoE routers and stacked experts hold plain Parameters: initialised as Linear weights.
             is_lin = isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)) or cls.endswith(("TopKRouter", "Experts"))
             if not (is_norm or is_lin):
@@ -463,7 +582,40 @@ def sensitivity(family, model, ids, ref):
         rot.full_attention_inv_freq.mul_(8.0)
         diff("global_linear_rope_factor_off")
         rot.full_attention_inv_freq.copy_(saved)
-    if family in MOE_FAMILIES:
+    if family.startswith("gpt_oss"):
+        attns = [m for m in model.modules() if type(m).__name__ == "GptOssAttention"]
+        saved = [m.sinks.detach().clone() for m in attns]
+        with torch.no_grad():
+            for m in attns:
+                m.sinks.fill_(-1e4)
+        diff("attention_sinks_off")
+        with torch.no_grad():
+            for m, s in zip(attns, saved):
+                m.sinks.copy_(s)
+        experts = [m for m in model.modules() if type(m).__name__ == "GptOssExperts"]
+        for m in experts:
+            m.limit = float("inf")
+        diff("swiglu_limit_off")
+        for m in experts:
+            m.limit = 7.0
+        rot = model.model.rotary_emb
+        s = rot.attention_scaling
+        rot.attention_scaling = 1.0
+        diff("yarn_attention_factor_off")
+        rot.attention_scaling = s
+        saved = rot.inv_freq.clone()
+        rp = cfg.rope_parameters
+        rp["truncate"] = True
+        inv, _ = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS["yarn"](cfg, None)
+        rp["truncate"] = False
+        rot.inv_freq.copy_(inv)
+        diff("yarn_truncate_true")
+        rot.inv_freq.copy_(saved)
+        d = rot.inv_freq.numel() * 2
+        rot.inv_freq.copy_(1.0 / (rp["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)))
+        diff("yarn_inv_freq_off")
+        rot.inv_freq.copy_(saved)
+    if family in MOE_FAMILIES and not family.startswith("gpt_oss"):
         routers = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
         for m in routers:
             m.norm_topk_prob = not getattr(m, "norm_topk_prob", True)
@@ -542,6 +694,8 @@ def build(family, cfg_cls_name, cfg_kwargs, overrides):
         model.eval()
         assert model.config._attn_implementation == "eager", model.config._attn_implementation
         reinit_(model, config.model_type, overrides)
+        if family == "gpt_oss_mxfp4":
+            mxfp4_round_experts_(model)
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, config.vocab_size, (SEQ_LEN,), generator=g, dtype=torch.int64)
         if family in MOE_FAMILIES:
@@ -676,6 +830,8 @@ def main():
             if family in MOE_FAMILIES:
                 extra["routing"] = routing_stats(model, ids)
             model.save_pretrained(fdir)
+            if family == "gpt_oss_mxfp4":
+                mxfp4_save(model, fdir)
             notes = list(notes)
             if family == "phi3":
                 notes += phi3_notes(model)

@@ -375,6 +375,10 @@ pub trait Backend: Send + Sync + 'static {
             *o = self.argmax(buf, r * width..(r + 1) * width);
         }
     }
+    /// GPT-OSS's clamped SwiGLU over the first `len` elements
+    /// ([`crate::ops::swiglu_clamped`]): `gate = (clamp(up, ±limit) + 1) · g · σ(alpha · g)`
+    /// with `g = min(gate, limit)`.
+    fn swiglu_clamped(&self, gate: &mut Self::Buf, up: &Self::Buf, alpha: f32, limit: f32, len: usize);
     /// `x = clamp(x, lo, hi)` over the first `len` elements (OLMoE's `clip_qkv`).
     fn clamp(&self, x: &mut Self::Buf, lo: f32, hi: f32, len: usize);
 
@@ -413,6 +417,10 @@ pub trait Backend: Send + Sync + 'static {
         k: usize,
         outs: &mut [&mut Self::Buf],
     );
+    /// Per-expert biases of the selected experts' products: for each of the `slots`
+    /// slots `s`, `x[s * d..][..d] += biases[e * d..][..d]` with `e = ids[s]` (`biases` is
+    /// `[n_experts, d]`; [`crate::ops::moe_add_bias`]).
+    fn moe_add_bias(&self, x: &mut Self::Buf, biases: &Self::Buf, ids: &Self::Buf, slots: usize, d: usize);
     /// `out[t] = sum_j weights[t * k + j] * ys[t * k + j]` for `n` rows of width `d`
     /// ([`crate::ops::moe_combine`]).
     #[allow(clippy::too_many_arguments)]
@@ -490,7 +498,9 @@ pub trait Backend: Send + Sync + 'static {
     /// already hold the step's rows); `out` is `[n, n_heads * head_dim]`, zero for padding
     /// rows. `shape.cap` is unused; `shape.window` must be the group's. A row's result is
     /// a function of its query, its position and its sequence's K/V alone: bit-identical
-    /// whatever else the batch holds and however many threads run it.
+    /// whatever else the batch holds and however many threads run it. `sinks`: learned
+    /// attention sinks (GPT-OSS), `n_heads` logits, each an extra term `exp(sink)` in its
+    /// head's softmax denominator that contributes nothing to the output.
     #[allow(clippy::too_many_arguments)]
     fn attention_step(
         &self,
@@ -501,6 +511,7 @@ pub trait Backend: Send + Sync + 'static {
         step: &Self::Step,
         group: usize,
         shape: &AttnShape,
+        sinks: Option<&Self::Buf>,
         out: &mut Self::Buf,
     );
 }
@@ -596,6 +607,16 @@ pub mod host_moe {
                 }
             }
         }
+    }
+
+    pub fn moe_add_bias<B: Backend>(b: &B, x: &mut B::Buf, biases: &B::Buf, ids: &B::Buf, slots: usize, d: usize) {
+        let (mut hx, mut hi) = (vec![0f32; slots * d], vec![0f32; slots]);
+        b.download(x, 0..slots * d, &mut hx);
+        b.download(ids, 0..slots, &mut hi);
+        let mut hb = vec![0f32; b.buf_len(biases)];
+        b.download(biases, 0..hb.len(), &mut hb);
+        ops::moe_add_bias(&mut hx, &hb, &hi, d);
+        write(b, &hx, x);
     }
 
     pub fn moe_combine<B: Backend>(

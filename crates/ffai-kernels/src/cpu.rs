@@ -473,6 +473,7 @@ impl CpuBackend {
         step: &CpuStep,
         gi: usize,
         s: &AttnShape,
+        sinks: Option<&[f32]>,
         out: &mut [f32],
     ) {
         let g = step.group(gi);
@@ -507,6 +508,12 @@ impl CpuBackend {
             q.len() >= n * qw && out.len() >= n * qw,
             "attention_step buffers too small"
         );
+        assert!(
+            sinks.is_none_or(|x| x.len() >= s.n_heads),
+            "attention sinks shorter than the {} heads",
+            s.n_heads
+        );
+        let sinks = sinks.map(|x| &x[..s.n_heads]);
         let span = self.attn_span;
         let view = |seq: u32| {
             let sr = &g.seqs[seq as usize];
@@ -521,6 +528,7 @@ impl CpuBackend {
                 softcap: s.softcap,
                 window: g.window,
                 span,
+                sinks,
             }
         };
         for (r, &o) in step.row_seq.iter().enumerate() {
@@ -682,7 +690,7 @@ impl CpuBackend {
                             };
                             ops::fold_span(o, &mut stats[..2 * group], po, st, group, k == sp.k0);
                         }
-                        ops::finish_fold(o, &stats[..2 * group], group);
+                        ops::finish_fold(o, &stats[..2 * group], group, a.group_sinks(kvh, group));
                     }
                 })
             })
@@ -935,6 +943,16 @@ impl Backend for CpuBackend {
         ops::argmax(&buf[range]).0 as u32
     }
 
+    fn swiglu_clamped(&self, gate: &mut Vec<f32>, up: &Vec<f32>, alpha: f32, limit: f32, len: usize) {
+        let _p = self.prof(|| "swiglu_clamped".into());
+        let gp = SharedMut(gate.as_mut_ptr());
+        assert!(len <= gate.len() && len <= up.len(), "swiglu_clamped buffers too small");
+        self.for_spans(len, |r| {
+            // SAFETY: spans are disjoint and inside `gate[..len]` (checked above).
+            ops::swiglu_clamped(unsafe { gp.slice(r.start, r.len()) }, &up[r], alpha, limit);
+        });
+    }
+
     fn clamp(&self, x: &mut Vec<f32>, lo: f32, hi: f32, len: usize) {
         for v in &mut x[..len] {
             *v = v.clamp(lo, hi);
@@ -1082,6 +1100,20 @@ impl Backend for CpuBackend {
                 out[s * rows..(s + 1) * rows].copy_from_slice(&src[p * rows..(p + 1) * rows]);
             }
         }
+    }
+
+    fn moe_add_bias(&self, x: &mut Vec<f32>, biases: &Vec<f32>, ids: &Vec<f32>, slots: usize, d: usize) {
+        let _p = self.prof(|| "moe_add_bias".into());
+        assert!(
+            x.len() >= slots * d && ids.len() >= slots,
+            "moe_add_bias buffers too small"
+        );
+        let n_experts = biases.len() / d.max(1);
+        assert!(
+            ids[..slots].iter().all(|&e| e >= 0.0 && (e as usize) < n_experts),
+            "moe_add_bias: an expert id outside the {n_experts} biases"
+        );
+        ops::moe_add_bias(&mut x[..slots * d], biases, &ids[..slots], d);
     }
 
     fn moe_combine(&self, ys: &Vec<f32>, weights: &Vec<f32>, n: usize, k: usize, d: usize, out: &mut Vec<f32>) {
@@ -1239,12 +1271,14 @@ impl Backend for CpuBackend {
         step: &CpuStep,
         group: usize,
         s: &AttnShape,
+        sinks: Option<&Vec<f32>>,
         out: &mut Vec<f32>,
     ) {
         let _p = self.prof(|| "attention".into());
+        let sinks = sinks.map(|x| x.as_slice());
         match (k, v) {
-            (KvCache::F16(k), KvCache::F16(v)) => self.attention_paged(q, k, v, n, step, group, s, out),
-            (KvCache::F32(k), KvCache::F32(v)) => self.attention_paged(q, k, v, n, step, group, s, out),
+            (KvCache::F16(k), KvCache::F16(v)) => self.attention_paged(q, k, v, n, step, group, s, sinks, out),
+            (KvCache::F32(k), KvCache::F32(v)) => self.attention_paged(q, k, v, n, step, group, s, sinks, out),
             _ => panic!("K and V caches of different precision"),
         }
     }

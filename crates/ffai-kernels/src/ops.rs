@@ -159,6 +159,19 @@ widest!(
     }
 );
 
+/// GPT-OSS's clamped SwiGLU, in place: `g = min(gate, limit)`, `u = clamp(up, ±limit)`,
+/// `gate = (u + 1) · g · σ(alpha · g)`.
+pub fn swiglu_clamped(gate: &mut [f32], up: &[f32], alpha: f32, limit: f32) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let x = g.min(limit);
+        let u = u.clamp(-limit, limit);
+        let a = alpha * x;
+        let e = exp_nonpos(-a.abs());
+        let sig = if a >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
+        *g = (u + 1.0) * (x * sig);
+    }
+}
+
 pub fn add_inplace(x: &mut [f32], y: &[f32]) {
     for (a, &b) in x.iter_mut().zip(y) {
         *a += b;
@@ -906,6 +919,10 @@ pub struct PagedAttn<'a, T> {
     pub window: usize,
     /// Positions per span.
     pub span: usize,
+    /// Learned attention sinks (GPT-OSS), one logit per query head (all `kv_heads ·
+    /// group` of them): each adds `exp(sink)` to its head's softmax denominator and
+    /// nothing to the output ([`finish_fold`]).
+    pub sinks: Option<&'a [f32]>,
 }
 
 /// Floats of scratch [`PagedAttn::attend_row`] needs for a GQA group of `group` heads.
@@ -1009,7 +1026,13 @@ impl<T: KvElem> PagedAttn<'_, T> {
             self.span_partial(qs, group, kvh, k, p, segs, scores, po, pstats);
             fold_span(&mut out[..group * hd], stats, po, pstats, group, i == 0);
         }
-        finish_fold(&mut out[..group * hd], stats, group);
+        finish_fold(&mut out[..group * hd], stats, group, self.group_sinks(kvh, group));
+    }
+
+    /// The sinks of KV head `kvh`'s `group` query heads, if any.
+    #[inline]
+    pub fn group_sinks(&self, kvh: usize, group: usize) -> Option<&[f32]> {
+        self.sinks.map(|s| &s[kvh * group..(kvh + 1) * group])
     }
 }
 
@@ -1037,11 +1060,23 @@ pub fn fold_span(o: &mut [f32], stats: &mut [f32], po: &[f32], pstats: &[f32], g
     }
 }
 
-/// Normalises a folded result: each head's output divided by its softmax sum.
-pub fn finish_fold(o: &mut [f32], stats: &[f32], group: usize) {
+/// Normalises a folded result: each head's output divided by its softmax sum. With
+/// `sinks` (one logit per head of the group), head `g`'s denominator also holds
+/// `exp(sinks[g])` on the scores' scale: the sum becomes `l·e^(m−m') + e^(sink−m')` with
+/// `m' = max(m, sink)`, and the output is scaled by `e^(m−m')` over it (a sink far above
+/// every score drives the output to 0, as the softmax does).
+pub fn finish_fold(o: &mut [f32], stats: &[f32], group: usize, sinks: Option<&[f32]>) {
     let hd = o.len() / group;
     for g in 0..group {
-        let inv = 1.0 / stats[2 * g + 1];
+        let (m, l) = (stats[2 * g], stats[2 * g + 1]);
+        let inv = match sinks {
+            None => 1.0 / l,
+            Some(s) => {
+                let mx = m.max(s[g]);
+                let a = (m - mx).exp();
+                a / (l * a + (s[g] - mx).exp())
+            }
+        };
         o[g * hd..(g + 1) * hd].iter_mut().for_each(|x| *x *= inv);
     }
 }
@@ -1094,6 +1129,17 @@ pub fn moe_route(logits: &[f32], renormalize: bool, ids: &mut [f32], weights: &m
         let s: f32 = weights.iter().sum();
         let inv = 1.0 / s;
         weights.iter_mut().for_each(|w| *w *= inv);
+    }
+}
+
+/// Adds each slot's expert bias: `x[s] += biases[ids[s]]` for the `ids.len()` slots,
+/// rows of width `d` (`biases` is `[n_experts, d]`; ids as f32, as `moe_route` writes them).
+pub fn moe_add_bias(x: &mut [f32], biases: &[f32], ids: &[f32], d: usize) {
+    for (s, &e) in ids.iter().enumerate() {
+        let e = e as usize;
+        for (a, &b) in x[s * d..(s + 1) * d].iter_mut().zip(&biases[e * d..(e + 1) * d]) {
+            *a += b;
+        }
     }
 }
 

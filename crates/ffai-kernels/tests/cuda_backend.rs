@@ -103,6 +103,11 @@ fn elementwise_ops_and_norms_match_the_cpu() {
                     c.gelu_mul(&mut cx, &cy, len);
                     g.gelu_mul(&mut gx, &gy, len);
                 }
+                "swiglu_clamped" => {
+                    // x up to ±4 (clamps at 2.5 bite both ways).
+                    c.swiglu_clamped(&mut cx, &cy, 1.702, 2.5, len);
+                    g.swiglu_clamped(&mut gx, &gy, 1.702, 2.5, len);
+                }
                 "gelu" => {
                     c.gelu(&mut cx, len);
                     g.gelu(&mut gx, len);
@@ -143,6 +148,7 @@ fn elementwise_ops_and_norms_match_the_cpu() {
         };
         for name in [
             "silu_mul",
+            "swiglu_clamped",
             "gelu_mul",
             "gelu",
             "add",
@@ -495,13 +501,26 @@ fn paged_step_ops_match_the_cpu_and_are_batch_invariant() {
         g.kv_write_step(&mut gv, &gvx, total, &gs, 0, &shape);
         let mut cout = vec![0f32; total * nh * hd];
         let mut gout = g.alloc(total * nh * hd);
-        c.attention_step(&cq, &ck, &cv, total, &cs, 0, &shape, &mut cout);
-        g.attention_step(&gq, &gk, &gv, total, &gs, 0, &shape, &mut gout);
+        c.attention_step(&cq, &ck, &cv, total, &cs, 0, &shape, None, &mut cout);
+        g.attention_step(&gq, &gk, &gv, total, &gs, 0, &shape, None, &mut gout);
         let batched = down(g, &gout, total * nh * hd);
         let e = rel_err(&batched, &cout);
         assert!(
             e < 1e-4,
             "attention {nh}/{kvh}x{hd} window {window} softcap {softcap}: relative error {e}"
+        );
+        // Attention sinks (GPT-OSS): one logit per head, from far below the scores to far
+        // above them, in the combine's denominator.
+        let sinks: Vec<f32> = (0..nh).map(|h| (h as f32 * 2.3).sin() * 5.0 + 1.0).collect();
+        let gsinks = g.upload(&sinks);
+        let mut csout = vec![0f32; total * nh * hd];
+        let mut gsout = g.alloc(total * nh * hd);
+        c.attention_step(&cq, &ck, &cv, total, &cs, 0, &shape, Some(&sinks), &mut csout);
+        g.attention_step(&gq, &gk, &gv, total, &gs, 0, &shape, Some(&gsinks), &mut gsout);
+        let e = rel_err(&down(g, &gsout, total * nh * hd), &csout);
+        assert!(
+            e < 1e-4,
+            "attention with sinks {nh}/{kvh}x{hd} window {window}: relative error {e}"
         );
         // The last sequence's last 3 rows again, alone (a decode-like step over the cache
         // already written): bit-identical to the same rows in the batch.
@@ -518,7 +537,7 @@ fn paged_step_ops_match_the_cpu_and_are_batch_invariant() {
         let w = nh * hd;
         let gq1 = g.upload(&down(g, &gq, total * w)[row0 * w..]);
         let mut gout1 = g.alloc(3 * w);
-        g.attention_step(&gq1, &gk, &gv, 3, &gs1, 0, &shape, &mut gout1);
+        g.attention_step(&gq1, &gk, &gv, 3, &gs1, 0, &shape, None, &mut gout1);
         let alone = down(g, &gout1, 3 * w);
         assert!(
             alone

@@ -201,3 +201,77 @@ fn clamp_limits_every_element() {
     ops::moe_combine(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[0.5, 2.0], &mut y);
     assert_eq!(y, vec![8.5, 11.0, 13.5]);
 }
+
+/// GPT-OSS's clamped SwiGLU against an f64 oracle of transformers' `_apply_gate`, over
+/// values on both sides of the clamp (|x| up to 12, limit 7), lengths that cross the
+/// parallel threshold.
+#[test]
+fn swiglu_clamped_matches_transformers_formula() {
+    let (alpha, limit) = (1.702f32, 7.0f32);
+    let mut r = Rng(31);
+    for (threads, len) in [(1, 37), (3, 70_001)] {
+        let b = CpuBackend::new(threads);
+        let gate: Vec<f32> = r.vec(len).iter().map(|x| x * 12.0).collect();
+        let up: Vec<f32> = r.vec(len).iter().map(|x| x * 12.0).collect();
+        let mut g = b.upload(&gate);
+        b.swiglu_clamped(&mut g, &b.upload(&up), alpha, limit, len);
+        let mut got = vec![0f32; len];
+        b.download(&g, 0..len, &mut got);
+        let mut clamped = 0;
+        for i in 0..len {
+            let x = (gate[i] as f64).min(limit as f64);
+            let u = (up[i] as f64).clamp(-(limit as f64), limit as f64);
+            clamped += (gate[i] > limit || up[i].abs() > limit) as usize;
+            let want = (u + 1.0) * x / (1.0 + (-(alpha as f64) * x).exp());
+            assert!(
+                (got[i] as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "element {i}: gate {} up {}: got {}, want {want}",
+                gate[i],
+                up[i],
+                got[i]
+            );
+        }
+        assert!(clamped > len / 4, "the inputs must exercise the clamp");
+    }
+}
+
+/// Each slot gets its own expert's bias row, whatever the other slots hold.
+#[test]
+fn moe_add_bias_adds_each_slots_expert_row() {
+    let b = CpuBackend::new(2);
+    let (ne, d, slots) = (5, 7, 9);
+    let mut r = Rng(5);
+    let biases = r.vec(ne * d);
+    let x0 = r.vec(slots * d);
+    let ids: Vec<f32> = [4, 0, 2, 2, 1, 4, 3, 0, 1].iter().map(|&e| e as f32).collect();
+    let mut x = b.upload(&x0);
+    b.moe_add_bias(&mut x, &b.upload(&biases), &b.upload(&ids), slots, d);
+    let mut got = vec![0f32; slots * d];
+    b.download(&x, 0..slots * d, &mut got);
+    for s in 0..slots {
+        let e = ids[s] as usize;
+        for c in 0..d {
+            assert_eq!(got[s * d + c], x0[s * d + c] + biases[e * d + c], "slot {s} column {c}");
+        }
+    }
+}
+
+/// GPT-OSS routes by a softmax over the top-k logits only; the renormalised top-k of a
+/// softmax over all experts is the same distribution (the common factor cancels).
+#[test]
+fn renormalised_route_is_a_softmax_over_the_topk_logits() {
+    let mut r = Rng(77);
+    for _ in 0..200 {
+        let logits: Vec<f32> = r.vec(32).iter().map(|x| x * 6.0).collect();
+        let k = 4;
+        let (mut ids, mut w) = (vec![0f32; k], vec![0f32; k]);
+        ops::moe_route(&logits, true, &mut ids, &mut w);
+        let top: Vec<f64> = ids.iter().map(|&i| logits[i as usize] as f64).collect();
+        let m = top.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = top.iter().map(|x| (x - m).exp()).sum();
+        for j in 0..k {
+            let want = (top[j] - m).exp() / z;
+            assert!((w[j] as f64 - want).abs() < 1e-6, "slot {j}: {} vs {want}", w[j]);
+        }
+    }
+}

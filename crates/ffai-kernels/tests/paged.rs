@@ -108,9 +108,17 @@ struct Case {
     windows: [usize; 2],
     softcap: f32,
     kv_f32: bool,
+    /// Learned attention sinks (GPT-OSS), one logit per query head ([`Case::sinks`]).
+    sinks: bool,
 }
 
 impl Case {
+    /// Per-head sink logits: spread over [-4, 6] so some heads' sinks sit far below the
+    /// scores, some near them and some far above (the output then shrinks toward 0).
+    fn sinks(&self) -> Option<Vec<f32>> {
+        self.sinks
+            .then(|| (0..self.heads).map(|h| (h as f32 * 2.3).sin() * 5.0 + 1.0).collect())
+    }
     fn shape(&self, g: usize) -> AttnShape {
         AttnShape {
             n_heads: self.heads,
@@ -325,7 +333,8 @@ fn run(b: &CpuBackend, c: &Case, world: &[SeqData], sched: &Schedule, seed: u64)
             b.kv_write_step(kp, &kv[g][0], rows, &step, g, &shape);
             b.kv_write_step(vp, &kv[g][1], rows, &step, g, &shape);
             let mut out = vec![f32::NAN; rows * qw];
-            b.attention_step(&q, kp, vp, rows, &step, g, &shape, &mut out);
+            let sinks = c.sinks();
+            b.attention_step(&q, kp, vp, rows, &step, g, &shape, sinks.as_ref(), &mut out);
             let mut row = 0;
             for &(s, n) in st {
                 if s == PAD {
@@ -360,6 +369,7 @@ fn oracle(c: &Case, s: &SeqData, g: usize) -> Vec<f32> {
     let (k, v) = (&s.k[g], &s.v[g]);
     let scale = 1.0 / (hd as f64).sqrt();
     let cap = c.softcap as f64;
+    let sinks = c.sinks();
     let mut out = vec![0f32; s.len * heads * hd];
     for p in 0..s.len {
         let lo = if w > 0 { (p + 1).saturating_sub(w) } else { 0 };
@@ -377,9 +387,11 @@ fn oracle(c: &Case, s: &SeqData, g: usize) -> Vec<f32> {
                     }
                 })
                 .collect();
-            let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let sink = sinks.as_ref().map(|x| x[h] as f64);
+            let m = scores.iter().cloned().chain(sink).fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = scores.iter().map(|x| (x - m).exp()).collect();
-            let z: f64 = e.iter().sum();
+            // The sink is one more term of the softmax's sum, with no value row.
+            let z: f64 = e.iter().sum::<f64>() + sink.map_or(0.0, |x| (x - m).exp());
             for d in 0..hd {
                 let acc: f64 = (lo..=p)
                     .zip(&e)
@@ -418,7 +430,9 @@ fn cases() -> Vec<Case> {
         windows,
         softcap,
         kv_f32,
+        sinks: false,
     };
+    let sinks = |c: Case| Case { sinks: true, ..c };
     vec![
         // GQA 1; a window shorter than a block; spans of two blocks.
         c(8, 8, 32, 16, 32, [0, 5], 0.0, false),
@@ -430,6 +444,10 @@ fn cases() -> Vec<Case> {
         c(8, 1, 16, 16, ffai_kernels::ops::ATTN_SPAN, [0, 100], 0.0, true),
         // GQA 3 with a head size the SIMD kernels do not take (portable path).
         c(6, 2, 12, 5, 16, [0, 9], 0.0, false),
+        // Attention sinks (GPT-OSS): GQA 2 over many spans (split over threads, folded
+        // by the last piece) with a window across blocks; GQA 4 at the default span, f16.
+        sinks(c(8, 4, 32, 16, 32, [0, 37], 0.0, false)),
+        sinks(c(8, 2, 64, 32, ffai_kernels::ops::ATTN_SPAN, [0, 128], 0.0, false)),
     ]
 }
 
@@ -702,6 +720,7 @@ fn ops_refuse_missing_group() {
         windows: [0, 0],
         softcap: 0.0,
         kv_f32: true,
+        sinks: false,
     };
     let mut pool = b.alloc_kv_pages(20, 4, 1, 8);
     b.kv_write_step(&mut pool, &vec![0.0; 5 * 8], 5, &step, 2, &c.shape(0));
@@ -848,7 +867,7 @@ fn steady_state_steps_do_not_allocate() {
         let [kp, vp] = &mut pools;
         b.kv_write_step(kp, &kv, n, step, 0, &shape);
         b.kv_write_step(vp, &kv, n, step, 0, &shape);
-        b.attention_step(&x, kp, vp, n, step, 0, &shape, &mut out);
+        b.attention_step(&x, kp, vp, n, step, 0, &shape, None, &mut out);
         allocs_here() - before
     };
     // Warm-up: scratch and work lists grow to this size (which shows the counter counts).

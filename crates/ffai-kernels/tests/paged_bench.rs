@@ -129,7 +129,7 @@ fn bench_case(threads: usize, spans: &[usize], ms: u64, heads: usize, kvh: usize
             ms,
             &mut [
                 Box::new(|| b.attention(&q, &kc, &vc, n, pos0, &shape, &mut o1)),
-                Box::new(|| b.attention_step(&q, &kp, &vp, n, &step, 0, &shape, &mut o2)),
+                Box::new(|| b.attention_step(&q, &kp, &vp, n, &step, 0, &shape, None, &mut o2)),
             ],
         );
         line += &format!(
@@ -221,7 +221,7 @@ fn bench_decode_batch(threads: usize, ms: u64, heads: usize, kvh: usize, hd: usi
                     b.attention(&qs[s], kc, vc, 1, ctx - 1, &shape, &mut o1);
                 }
             }),
-            Box::new(|| b.attention_step(&q, &kp, &vp, n_seqs, &step, 0, &shape, &mut o2)),
+            Box::new(|| b.attention_step(&q, &kp, &vp, n_seqs, &step, 0, &shape, None, &mut o2)),
         ],
     );
     println!(

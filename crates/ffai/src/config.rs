@@ -31,6 +31,20 @@ pub enum RopeScaling {
         original_max_position_embeddings: f64,
         attention_factor: Option<f64>,
     },
+    /// YaRN (transformers' `_compute_yarn_parameters`): each frequency blends its
+    /// interpolated (`/ factor`) and extrapolated value by a linear ramp over the
+    /// dimensions between the correction range's `low` and `high` (from `beta_fast`,
+    /// `beta_slow`, `original_max_position_embeddings`; floored/ceiled when `truncate`),
+    /// and cos and sin are multiplied by `attention_factor` (so q·k by its square).
+    Yarn {
+        factor: f64,
+        beta_fast: f64,
+        beta_slow: f64,
+        original_max_position_embeddings: f64,
+        truncate: bool,
+        /// As given, or `0.1 · ln(factor) + 1` (1 for `factor <= 1`), or the mscale ratio.
+        attention_factor: f64,
+    },
     /// Llama 3.1's frequency-dependent scaling.
     Llama3 {
         factor: f64,
@@ -241,6 +255,20 @@ impl ModelConfig {
                     c.source
                 );
             }
+            Some(RopeScaling::Yarn {
+                factor,
+                beta_fast,
+                beta_slow,
+                original_max_position_embeddings,
+                attention_factor,
+                ..
+            }) => {
+                positive("factor", *factor)?;
+                positive("beta_fast", *beta_fast)?;
+                positive("beta_slow", *beta_slow)?;
+                positive("original_max_position_embeddings", *original_max_position_embeddings)?;
+                positive("attention_factor", *attention_factor)?;
+            }
             Some(RopeScaling::LongRope {
                 short_factor,
                 long_factor,
@@ -406,9 +434,37 @@ impl ModelConfig {
                             attention_factor: f("attention_factor")?,
                         })
                     }
+                    "yarn" => {
+                        let factor = factor.ok_or_else(|| Error::new(format!("{source}: rope_scaling yarn needs \"factor\"")))?;
+                        let orig = f("original_max_position_embeddings")?
+                            .or(opt_f64("original_max_position_embeddings")?)
+                            .ok_or_else(|| Error::new(format!("{source}: yarn needs original_max_position_embeddings")))?;
+                        let truncate = match rs.get("truncate") {
+                            None | Some(Value::Null) => true,
+                            Some(x) => x.as_bool().ok_or_else(|| {
+                                Error::new(format!("{source}: rope scaling field \"truncate\" = {x} is not true or false"))
+                            })?,
+                        };
+                        let mscale = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
+                        let attention_factor = match (f("attention_factor")?, f("mscale")?, f("mscale_all_dim")?) {
+                            (Some(a), _, _) => a,
+                            (None, Some(m), Some(md)) if m != 0.0 && md != 0.0 => mscale(factor, m) / mscale(factor, md),
+                            _ => mscale(factor, 1.0),
+                        };
+                        // transformers: `get("beta_fast") or 32` (absent, null or 0).
+                        let beta = |k: &str, d: f64| -> Result<f64> { Ok(f(k)?.filter(|&x| x != 0.0).unwrap_or(d)) };
+                        Some(RopeScaling::Yarn {
+                            factor,
+                            beta_fast: beta("beta_fast", 32.0)?,
+                            beta_slow: beta("beta_slow", 1.0)?,
+                            original_max_position_embeddings: orig,
+                            truncate,
+                            attention_factor,
+                        })
+                    }
                     "default" | "" => None,
                     other => bail!(
-                        "{source}: rope_scaling type \"{other}\" is not supported yet (supported: linear, llama3, longrope)"
+                        "{source}: rope_scaling type \"{other}\" is not supported yet (supported: linear, llama3, longrope, yarn)"
                     ),
                 }
             }
@@ -508,8 +564,27 @@ impl ModelConfig {
                 let factor = opt_f64("rope.scaling.factor")?.unwrap_or(1.0);
                 (factor != 1.0).then_some(RopeScaling::Linear { factor })
             }
+            Some("yarn") => {
+                // llama.cpp's YaRN: ggml_rope_yarn_corr_dims always floors/ceils the
+                // correction range (transformers' `truncate: true`), and the cos/sin factor
+                // is `yarn_attn_factor` (default 1) times `1 + 0.1 ln(factor)`.
+                let factor = opt_f64("rope.scaling.factor")?
+                    .ok_or_else(|| Error::new(format!("{source}: YaRN needs {arch}.rope.scaling.factor")))?;
+                let orig = opt_f64("rope.scaling.original_context_length")?.ok_or_else(|| {
+                    Error::new(format!("{source}: YaRN needs {arch}.rope.scaling.original_context_length"))
+                })?;
+                let mscale = if factor <= 1.0 { 1.0 } else { 0.1 * factor.ln() + 1.0 };
+                Some(RopeScaling::Yarn {
+                    factor,
+                    beta_fast: opt_f64("rope.scaling.yarn_beta_fast")?.unwrap_or(32.0),
+                    beta_slow: opt_f64("rope.scaling.yarn_beta_slow")?.unwrap_or(1.0),
+                    original_max_position_embeddings: orig,
+                    truncate: true,
+                    attention_factor: opt_f64("rope.scaling.yarn_attn_factor")?.unwrap_or(1.0) * mscale,
+                })
+            }
             Some(other) => bail!(
-                "{source}: rope scaling \"{other}\" is not supported yet (supported: linear, llama3 via rope_freqs)"
+                "{source}: rope scaling \"{other}\" is not supported yet (supported: linear, yarn, llama3 via rope_freqs)"
             ),
         };
         // Llama and its relatives were converted with q/k permuted for adjacent-pair RoPE;
@@ -550,14 +625,55 @@ impl ModelConfig {
         .validate()
     }
 
+    /// The factor RoPE scaling puts on cos and sin (YaRN's attention factor; 1 otherwise,
+    /// LongRoPE's is applied by its family). Since RoPE is linear, it is the same as
+    /// multiplying the attention scores by its square.
+    pub fn rope_attention_factor(&self) -> f64 {
+        match self.rope_scaling {
+            Some(RopeScaling::Yarn { attention_factor, .. }) => attention_factor,
+            _ => 1.0,
+        }
+    }
+
     /// Per-pair RoPE inverse frequencies with the configured scaling folded in.
     /// `freq_factors` (GGUF `rope_freqs.weight`) divides each frequency when present.
     pub fn rope_inv_freq(&self, freq_factors: Option<&[f32]>) -> Vec<f32> {
         let half = self.head_dim / 2;
+        // YaRN's ramp over the dimension pairs (transformers' find_correction_range).
+        let yarn_range = match self.rope_scaling {
+            Some(RopeScaling::Yarn {
+                beta_fast,
+                beta_slow,
+                original_max_position_embeddings: omp,
+                truncate,
+                ..
+            }) => {
+                let (dim, base) = (self.head_dim as f64, self.rope_theta);
+                let corr = |rot: f64| dim * (omp / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln());
+                let (mut low, mut high) = (corr(beta_fast), corr(beta_slow));
+                if truncate {
+                    (low, high) = (low.floor(), high.ceil());
+                }
+                let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+                if low == high {
+                    high += 0.001;
+                }
+                Some((low, high))
+            }
+            _ => None,
+        };
         (0..half)
             .map(|i| {
                 let mut f = 1.0 / self.rope_theta.powf(2.0 * i as f64 / self.head_dim as f64);
                 match self.rope_scaling {
+                    Some(RopeScaling::Yarn { factor, .. }) => {
+                        let (low, high) = yarn_range.unwrap_or((0.0, 1.0));
+                        // transformers computes the ramp and the blend in f32.
+                        let ramp = (((i as f64 - low) / (high - low)) as f32).clamp(0.0, 1.0);
+                        let extrap = 1.0 - ramp;
+                        let (fe, fi) = (f as f32, (f / factor) as f32);
+                        f = (fi * (1.0 - extrap) + fe * extrap) as f64;
+                    }
                     Some(RopeScaling::Linear { factor }) => f /= factor,
                     // Families with LongRoPE build their own tables (see phi3.rs).
                     Some(RopeScaling::LongRope { .. }) => {}

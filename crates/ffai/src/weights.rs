@@ -178,6 +178,19 @@ impl Weights {
             let entry = affine_entry(&base, &w, &sc, &bi, quant)?;
             self.map.insert(hf_to_gguf_name_for(&wname, &self.model_type), entry);
         }
+        // GPT-OSS's MXFP4 experts: `X_blocks` (u8 `[.., rows, cols/32, 16]`) with
+        // `X_scales` (u8 `[.., rows, cols/32]`) become one MXFP4 matrix `[.., rows, cols]`
+        // in ggml's block layout (repacked losslessly), filed under `X_blocks`'s name.
+        let mut blocks: Vec<String> = raw.keys().filter(|n| n.ends_with("_blocks")).cloned().collect();
+        blocks.sort();
+        for bname in blocks {
+            let base = bname.strip_suffix("_blocks").unwrap_or(&bname).to_string();
+            let sname = format!("{base}_scales");
+            let Some(sc) = raw.remove(&sname) else { continue };
+            let bl = raw.remove(&bname).expect("listed above");
+            let entry = mxfp4_entry(&bname, &bl, &sc)?;
+            self.map.insert(hf_to_gguf_name_for(&bname, &self.model_type), entry);
+        }
         for (name, t) in raw {
             if let Some(base) = name.strip_suffix(".biases") {
                 bail!(
@@ -393,6 +406,50 @@ fn affine_entry(
     })
 }
 
+/// One MXFP4 matrix from the Hugging Face / OpenAI layout of GPT-OSS's experts: `blocks`
+/// u8 `[.., rows, nb, 16]` (byte `i` of a block: element `2i` in its low nibble, `2i + 1`
+/// in its high one) and `scales` u8 `[.., rows, nb]` (E8M0, value `2^(s − 127)`), as
+/// transformers' `convert_moe_packed_tensors` reads them. ggml's MXFP4 block is the scale
+/// byte, then byte `j` = element `j` (low nibble) and `j + 16` (high): the same codes and
+/// the same exponent, so the repacking only moves nibbles.
+fn mxfp4_entry(name: &str, bl: &RawTensor, sc: &RawTensor) -> Result<WeightEntry> {
+    let file = bl.file.display();
+    ensure!(
+        bl.dtype == safetensors::Dtype::U8 && sc.dtype == safetensors::Dtype::U8,
+        "{file}: MXFP4 tensor \"{name}\" needs u8 blocks and scales, not {:?} and {:?}",
+        bl.dtype,
+        sc.dtype
+    );
+    let n = bl.shape.len();
+    ensure!(
+        n >= 2 && bl.shape[n - 1] == 16 && sc.shape == bl.shape[..n - 1],
+        "{file}: MXFP4 tensor \"{name}\" has blocks {:?} and scales {:?} (want [.., nb, 16] and [.., nb])",
+        bl.shape,
+        sc.shape
+    );
+    let n_blocks: usize = sc.shape.iter().product();
+    ensure!(
+        bl.bytes.len() == n_blocks * 16 && sc.bytes.len() == n_blocks,
+        "{file}: MXFP4 tensor \"{name}\" is truncated"
+    );
+    let (b, s) = (bl.bytes.as_slice(), sc.bytes.as_slice());
+    let mut out = Vec::with_capacity(n_blocks * 17);
+    for (i, &e) in s.iter().enumerate() {
+        let src = &b[i * 16..(i + 1) * 16];
+        let code = |el: usize| (src[el / 2] >> (4 * (el % 2))) & 0x0F;
+        out.push(e);
+        out.extend((0..16).map(|j| code(j) | (code(j + 16) << 4)));
+    }
+    let mut shape = sc.shape.clone();
+    let last = shape.len() - 1;
+    shape[last] *= 32;
+    Ok(WeightEntry {
+        ty: WeightType::MXFP4,
+        shape,
+        bytes: HostBytes::from_vec(out),
+    })
+}
+
 /// Maps Hugging Face tensor names to GGUF's naming scheme; unknown names pass through.
 pub fn hf_to_gguf_name(name: &str) -> String {
     hf_to_gguf_name_for(name, "")
@@ -417,6 +474,11 @@ pub fn hf_to_gguf_name_for(name: &str, model_type: &str) -> String {
     if let Some(rest) = name.strip_prefix("model.layers.") {
         if let Some((idx, tail)) = rest.split_once('.') {
             if idx.parse::<usize>().is_ok() {
+                if model_type == "gpt_oss" {
+                    if let Some(name) = gpt_oss_name(idx, tail) {
+                        return name;
+                    }
+                }
                 if let Some(name) = expert_name(idx, tail) {
                     return name;
                 }
@@ -481,6 +543,30 @@ fn expert_name(layer: &str, tail: &str) -> Option<String> {
     .iter()
     .find_map(|(hf, kind)| proj.strip_prefix(hf).map(|s| (*kind, s)))?;
     Some(format!("blk.{layer}.ffn_{kind}_exps.{e}.{suffix}"))
+}
+
+/// GPT-OSS's own tensors (the part after `model.layers.N.`): the router with its bias,
+/// the attention sinks, and the experts in the released layouts. Floats: `gate_up_proj`
+/// `[E, hidden, 2·ffn]` (in × out, gate at even and up at odd columns) →
+/// `blk.N.oai_gate_up_exps.weight`, its bias `[E, 2·ffn]` (interleaved the same way) →
+/// `.bias`, `down_proj` `[E, ffn, hidden]` (in × out) → `blk.N.oai_down_exps.weight`.
+/// MXFP4 (`*_blocks` + `*_scales`, joined at load): `gate_up_proj` `[E, 2·ffn, hidden]`
+/// (out × in, gate at even rows) → `blk.N.oai_gate_up_exps.mxfp4`, `down_proj`
+/// `[E, hidden, ffn]` → `blk.N.ffn_down_exps.weight` (llama.cpp's stacked layout).
+fn gpt_oss_name(layer: &str, tail: &str) -> Option<String> {
+    let name = match tail {
+        "self_attn.sinks" => "attn_sinks.weight",
+        "mlp.router.weight" => "ffn_gate_inp.weight",
+        "mlp.router.bias" => "ffn_gate_inp.bias",
+        "mlp.experts.gate_up_proj" => "oai_gate_up_exps.weight",
+        "mlp.experts.gate_up_proj_bias" => "oai_gate_up_exps.bias",
+        "mlp.experts.gate_up_proj_blocks" => "oai_gate_up_exps.mxfp4",
+        "mlp.experts.down_proj" => "oai_down_exps.weight",
+        "mlp.experts.down_proj_blocks" => "ffn_down_exps.weight",
+        "mlp.experts.down_proj_bias" => "ffn_down_exps.bias",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{name}"))
 }
 
 /// Most shards an index may name (the largest released checkpoints have a few hundred).

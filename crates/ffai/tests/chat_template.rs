@@ -234,3 +234,27 @@ fn tojson_follows_python_json_dumps() {
     );
     assert_eq!(out, want);
 }
+
+/// GPT-OSS's harmony format comes from its own chat template (tests/fixtures/chat/
+/// gpt_oss.jinja, as the checkpoints ship it); it renders as transformers renders it
+/// (scripts/make_gpt_oss_chat_fixture.py), the date it prints included.
+#[test]
+fn gpt_oss_harmony_template_renders_like_transformers() {
+    let text = std::fs::read_to_string(fixtures().join("gpt_oss_cases.json")).unwrap();
+    let cases: Vec<Case> = serde_json::from_str(&text).unwrap();
+    assert_eq!(cases.len(), 3);
+    let tmpl = load_template("gpt_oss");
+    for c in &cases {
+        let opts = RenderOptions {
+            add_generation_prompt: c.add_generation_prompt,
+            bos_token: c.bos_token.clone(),
+            eos_token: c.eos_token.clone(),
+            tools: c.tools.clone(),
+            enable_thinking: c.enable_thinking,
+        };
+        let got = tmpl.render(&c.messages, &opts).unwrap();
+        let want = c.expected.as_ref().unwrap().replace("@TODAY@", &today("%Y-%m-%d"));
+        assert_eq!(got, want, "gpt_oss/{}", c.case);
+        assert!(got.starts_with("<|start|>system<|message|>"), "gpt_oss/{}", c.case);
+    }
+}

@@ -191,6 +191,8 @@ fn every_config_json_number_and_flag_at_hostile_values() {
         "qwen3_moe",
         "mixtral",
         "olmoe",
+        "gpt_oss",
+        "gpt_oss_mxfp4",
     ] {
         let dir = fixture(family);
         let original: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
@@ -248,6 +250,18 @@ fn named_config_errors() {
         ("mixtral", "num_local_experts", json!(0), "experts"),
         ("olmoe", "clip_qkv", json!(-1.5), "clip_qkv"),
         ("olmoe", "num_experts", json!(32), "shape"),
+        ("gpt_oss", "swiglu_limit", json!(-7.0), "swiglu_limit"),
+        ("gpt_oss", "swiglu_limit", json!("7"), "swiglu_limit"),
+        ("gpt_oss", "layer_types", json!(["sliding_attention"]), "layer_types"),
+        (
+            "gpt_oss",
+            "layer_types",
+            json!(["sliding_attention", "chunked"]),
+            "layer_types",
+        ),
+        ("gpt_oss", "num_local_experts", json!(0), "experts"),
+        ("gpt_oss", "num_experts_per_tok", json!(17), "experts per token"),
+        ("gpt_oss_mxfp4", "intermediate_size", json!(64), "shape"),
     ];
     for (family, key, value, needle) in cases {
         let dir = fixture(family);

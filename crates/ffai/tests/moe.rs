@@ -118,10 +118,11 @@ fn qwen_sparse_layers_follow_step_and_mlp_only_layers() {
 /// One step of two sequences (their own blocks) against each sequence alone.
 #[test]
 fn a_sequence_gives_the_same_bits_alone_or_batched() {
-    for family in ["qwen3_moe", "olmoe", "mixtral"] {
+    for family in ["qwen3_moe", "olmoe", "mixtral", "gpt_oss", "gpt_oss_mxfp4"] {
         let m = load(family);
         let vocab = m.config().vocab_size;
-        let window = m.kv_windows()[0] as u32;
+        // Every KV group (gpt_oss: window and full layers) gets the same tables.
+        let windows = m.kv_windows();
         let a: Vec<u32> = (0..40).map(|i| (i * 37 + 5) % vocab as u32).collect();
         let b: Vec<u32> = (0..23).map(|i| (i * 91 + 200) % vocab as u32).collect();
         let alone = |ids: &[u32]| {
@@ -137,7 +138,7 @@ fn a_sequence_gives_the_same_bits_alone_or_batched() {
             max_seqs: 2,
             max_table: 8,
             block_size: bs as usize,
-            group_blocks: vec![8],
+            group_blocks: vec![8; windows.len()],
             max_seq_len: 64,
             max_logit_rows: 64,
         };
@@ -150,27 +151,30 @@ fn a_sequence_gives_the_same_bits_alone_or_batched() {
         slots.extend((0..a.len() as u32).map(|p| tables[1 + (p / bs) as usize] * bs + p % bs));
         let layout = StepLayout {
             positions,
-            groups: vec![GroupLayout {
-                block_size: bs,
-                n_blocks: 8,
-                window,
-                slots,
-                seqs: vec![
-                    SeqRows {
-                        first_row: 0,
-                        n_rows: b.len() as u32,
-                        table_start: 0,
-                        table_len: 1,
-                    },
-                    SeqRows {
-                        first_row: b.len() as u32,
-                        n_rows: a.len() as u32,
-                        table_start: 1,
-                        table_len: 2,
-                    },
-                ],
-                block_tables: tables,
-            }],
+            groups: windows
+                .iter()
+                .map(|&window| GroupLayout {
+                    block_size: bs,
+                    n_blocks: 8,
+                    window: window as u32,
+                    slots: slots.clone(),
+                    seqs: vec![
+                        SeqRows {
+                            first_row: 0,
+                            n_rows: b.len() as u32,
+                            table_start: 0,
+                            table_len: 1,
+                        },
+                        SeqRows {
+                            first_row: b.len() as u32,
+                            n_rows: a.len() as u32,
+                            table_start: 1,
+                            table_len: 2,
+                        },
+                    ],
+                    block_tables: tables.clone(),
+                })
+                .collect(),
         };
         let tokens: Vec<u32> = b.iter().chain(&a).copied().collect();
         let rows: Vec<u32> = (0..tokens.len() as u32).collect();
@@ -294,4 +298,33 @@ fn released_checkpoints_config_spellings_load_the_same() {
         let old = (family_for(&cfg, false).unwrap().load)(&cfg, &weights, &Device::cpu_with(3, false, true)).unwrap();
         assert_eq!(run(&*old), run(&*load(family)), "{family}");
     }
+    // gpt-oss-20b's config.json: `rope_scaling` (yarn) beside a top-level `rope_theta`,
+    // `experts_per_token`, `swiglu_limit`, and a `quantization_config` for MXFP4 (not
+    // MLX's), over the MXFP4 fixture's weights.
+    let dir = fixture_dir("gpt_oss_mxfp4");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let o = json.as_object_mut().unwrap();
+    let mut rope = o.remove("rope_parameters").unwrap();
+    o.insert(
+        "rope_theta".into(),
+        rope.as_object_mut().unwrap().remove("rope_theta").unwrap(),
+    );
+    o.insert("rope_scaling".into(), rope);
+    let k = o.remove("num_experts_per_tok").unwrap();
+    o.insert("experts_per_token".into(), k);
+    o.insert("swiglu_limit".into(), 7.0.into());
+    o.insert(
+        "quantization_config".into(),
+        serde_json::json!({"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}),
+    );
+    let cfg = ModelConfig::from_hf_json(&json, "released spelling").unwrap();
+    let weights = Weights::from_safetensors_dir_for(&dir, &cfg.model_type).unwrap();
+    let m = (family_for(&cfg, false).unwrap().load)(&cfg, &weights, &Device::cpu_with(3, false, true)).unwrap();
+    assert_eq!(run(&*m), run(&*load("gpt_oss_mxfp4")), "gpt-oss released spelling");
+    // swiglu_limit is read: a smaller clamp changes the logits.
+    json["swiglu_limit"] = 1.0.into();
+    let cfg = ModelConfig::from_hf_json(&json, "limit 1").unwrap();
+    let m = (family_for(&cfg, false).unwrap().load)(&cfg, &weights, &Device::cpu_with(3, false, true)).unwrap();
+    assert_ne!(run(&*m), run(&*load("gpt_oss_mxfp4")), "swiglu_limit ignored");
 }

@@ -327,6 +327,51 @@ fn llama_cpp_converter_output() {
     }
 }
 
+/// GPT-OSS from llama.cpp's own converter (`gpt_oss.gguf`, `gpt_oss_mxfp4.gguf` in
+/// FFAI_LLAMA_CPP_GGUF, made as above): its split and transposed float experts, its
+/// repacked MXFP4 blocks (`transform_nibble_layout`), biases, sinks and
+/// `post_attention_norm` load to the Hugging Face directory's logits. llama.cpp's YaRN
+/// always truncates the correction range (the GGUF has no `truncate`), so the directory is
+/// loaded with `truncate: true` for the comparison; with `truncate: false`, as the
+/// checkpoints (and transformers) have it, the logits must differ.
+#[test]
+#[ignore]
+fn llama_cpp_converter_output_gpt_oss() {
+    let dir = PathBuf::from(std::env::var("FFAI_LLAMA_CPP_GGUF").expect("FFAI_LLAMA_CPP_GGUF"));
+    for family in ["gpt_oss", "gpt_oss_mxfp4"] {
+        let fdir = fixture_dir(family);
+        let ids = input_ids(&fdir);
+        let path = dir.join(format!("{family}.gguf"));
+        let bytes = std::fs::read(&path).unwrap();
+        let f = GgufFile::from_bytes(&bytes).unwrap();
+        let cfg = ModelConfig::from_gguf(&f, "gguf").unwrap();
+        assert!(matches!(
+            cfg.rope_scaling,
+            Some(ffai::config::RopeScaling::Yarn { truncate: true, .. })
+        ));
+        let real = load_gguf(&bytes, &path.display().to_string());
+        let hf = |truncate: bool| {
+            let mut j = config_json(&fdir);
+            j["rope_parameters"]["truncate"] = truncate.into();
+            let cfg = ModelConfig::from_hf_json(&j, family).unwrap();
+            let weights = Weights::from_safetensors_dir_for(&fdir, &cfg.model_type).unwrap();
+            let dev = Device::cpu_with(2, false, true);
+            logits(
+                &*(family_for(&cfg, false).unwrap().load)(&cfg, &weights, &dev).unwrap(),
+                &ids,
+            )
+        };
+        let got = logits(&*real, &ids);
+        let d = max_diff(&got, &hf(true));
+        println!("{family}: llama.cpp converter's GGUF vs the HF directory (truncate: true) max abs diff {d:.2e}");
+        assert!(d <= 1e-5, "{family}: {d}");
+        assert!(
+            max_diff(&got, &hf(false)) > 1e-3,
+            "{family}: truncate made no difference"
+        );
+    }
+}
+
 /// Hostile MoE metadata: each value is refused with a one-line error, never a panic or
 /// a huge allocation.
 #[test]

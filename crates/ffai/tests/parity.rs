@@ -187,6 +187,66 @@ fn olmoe_experts_unnormalised_topk_clip_qkv() {
 }
 
 #[test]
+fn gpt_oss_sinks_yarn_biased_router_clamped_swiglu_windows() {
+    check("gpt_oss", 1e-3);
+}
+
+#[test]
+fn gpt_oss_mxfp4_experts_from_blocks_and_scales() {
+    // The released checkpoints' layout: experts as u8 `*_blocks` + `*_scales`, joined at
+    // load into ggml's MXFP4 blocks (never dequantized to f16). The fixture's weights are
+    // exactly MXFP4, so with f32 activations (the weights dequantized exactly) the logits
+    // match transformers' as closely as the float fixture's.
+    let dir = fixture_dir("gpt_oss_mxfp4");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let cfg = ModelConfig::from_hf_json(&json, &dir.display().to_string()).unwrap();
+    let weights = Weights::from_safetensors_dir_for(&dir, &cfg.model_type).unwrap();
+    let e = weights.get("blk.0.oai_gate_up_exps.mxfp4").unwrap();
+    assert_eq!(e.ty, ffai_kernels::quant::WeightType::MXFP4);
+    assert_eq!(e.shape, [16, 64, 64]);
+    assert_eq!(
+        weights.get("blk.1.ffn_down_exps.weight").unwrap().ty,
+        ffai_kernels::quant::WeightType::MXFP4
+    );
+    let load = |q8: bool| {
+        let dev = Device::cpu_configured(2, false, true, !q8);
+        (family_for(&cfg, false).unwrap().load)(&cfg, &weights, &dev).unwrap()
+    };
+    check_model("gpt_oss_mxfp4", 1e-3, load(false));
+    // The default 8-bit activations (Q8_0 against MXFP4): only the activations' rounding
+    // separates them. This fixture's experts are drawn large (the clamp at 7 bites), so
+    // the 8-bit rounding of the down projection's input moves logits by ~0.05-0.1
+    // (measured), and at a margin of 4e-4 it may flip a token's expert (measured: the last
+    // position, 1.45): most positions must stay within 0.15, no argmax check.
+    let (m, r) = (load(true), reference(&dir));
+    let mut st = m.new_state(r.ids.len(), 512).unwrap();
+    let mut got = Vec::new();
+    m.forward(&r.ids, &mut st, true, &mut got).unwrap();
+    let d = got
+        .iter()
+        .zip(&r.logits)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    let per_pos: Vec<f32> = (0..r.ids.len())
+        .map(|t| {
+            let s = t * r.vocab..(t + 1) * r.vocab;
+            got[s.clone()]
+                .iter()
+                .zip(&r.logits[s])
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max)
+        })
+        .collect();
+    println!("gpt_oss_mxfp4 (q8 activations): max abs diff {d:.2e}; per position {per_pos:.2?}");
+    let close = per_pos.iter().filter(|&&x| x < 0.15).count();
+    assert!(
+        close >= 60,
+        "gpt_oss_mxfp4 with q8 activations: only {close} of 64 positions within 0.15"
+    );
+}
+
+#[test]
 fn f16_kv_cache_stays_close() {
     // The default half-precision KV cache rounds K and V to 11 significant bits (relative
     // error ≤ 2⁻¹²): logits of magnitude ~5 move by up to ~1e-2 on these fixtures
@@ -205,7 +265,10 @@ fn f16_kv_cache_stays_close() {
             .map(|(x, y)| (x - y).abs())
             .fold(0.0, f32::max);
         println!("{name} (f16 KV): max abs diff {d:.2e}");
-        assert!(d < 1.5e-2, "{name}: f16 KV max abs diff {d}");
+        // gpt_oss's experts were drawn 4x larger (so the SwiGLU clamp bites) and amplify
+        // the cache's rounding more: measured 1.5e-2.
+        let bound = if name == "gpt_oss" { 3e-2 } else { 1.5e-2 };
+        assert!(d < bound, "{name}: f16 KV max abs diff {d}");
         assert!(d > 1e-4, "{name}: K and V were not rounded to f16");
         for t in 0..r.ids.len() {
             let s = t * r.vocab..(t + 1) * r.vocab;
@@ -241,7 +304,7 @@ fn moe_f16_kv_cache_stays_close() {
     }
 }
 
-const MOE_FIXTURES: [&str; 3] = ["qwen3_moe", "mixtral", "olmoe"];
+const MOE_FIXTURES: [&str; 4] = ["qwen3_moe", "mixtral", "olmoe", "gpt_oss"];
 
 #[test]
 fn moe_fixtures_on_cuda() {
@@ -265,7 +328,9 @@ fn moe_fixtures_on_cuda() {
         let weights = Weights::from_safetensors_dir_for(&dir, &cfg.model_type).unwrap();
         let m = (family_for(&cfg, false).unwrap().load)(&cfg, &weights, &dev).unwrap();
         assert!(m.device_name().starts_with("cuda"), "{}", m.device_name());
-        check_model(name, 1.5e-2, m);
+        // gpt_oss: its f16-KV bound (see moe_f16_kv_cache_stays_close); its attention
+        // sinks run in the CUDA combine kernel, never yet run on a GPU.
+        check_model(name, if name == "gpt_oss" { 3e-2 } else { 1.5e-2 }, m);
     }
 }
 

@@ -274,9 +274,12 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
 
 // One block per (row, head): folds the row's span parts in order and normalises; rows of
 // no sequence get zeros. out is [n, n_heads * head_dim].
+// `sinks` (when `has_sinks`): one learned logit per query head (GPT-OSS), an extra term in
+// the head's softmax denominator that adds nothing to the output: it joins the maximum
+// and adds exp(sink - max) to the sum.
 extern "C" __global__ void attn_combine(const float* part_o, const float* part_ml, unsigned int row0,
                                         unsigned int n_heads, unsigned int head_dim, unsigned int max_spans,
-                                        float* out) {
+                                        const float* sinks, unsigned int has_sinks, float* out) {
     unsigned int row = row0 + blockIdx.x, head = blockIdx.y;
     size_t base = ((size_t)blockIdx.x * n_heads + head) * max_spans;
     float mx = -__int_as_float(0x7f800000);
@@ -285,7 +288,12 @@ extern "C" __global__ void attn_combine(const float* part_o, const float* part_m
             mx = fmaxf(mx, part_ml[(base + j) * 2]);
         }
     }
-    float lt = 0.0f;
+    float sink = 0.0f;
+    if (has_sinks) {
+        sink = sinks[head];
+        mx = fmaxf(mx, sink);
+    }
+    float lt = has_sinks ? expf(sink - mx) : 0.0f;
     for (unsigned int j = 0; j < max_spans; j++) {
         float lj = part_ml[(base + j) * 2 + 1];
         if (lj > 0.0f) {

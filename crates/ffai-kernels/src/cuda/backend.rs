@@ -1044,6 +1044,21 @@ impl Backend for CudaBackend {
         self.elementwise("silu_mul", len, &[Arg::P(gate.ptr), Arg::P(up.ptr), Arg::U(len as u32)]);
     }
 
+    fn swiglu_clamped(&self, gate: &mut CudaBuf, up: &CudaBuf, alpha: f32, limit: f32, len: usize) {
+        assert!(len <= gate.len && len <= up.len);
+        self.elementwise(
+            "swiglu_clamped",
+            len,
+            &[
+                Arg::P(gate.ptr),
+                Arg::P(up.ptr),
+                Arg::F(alpha),
+                Arg::F(limit),
+                Arg::U(len as u32),
+            ],
+        );
+    }
+
     fn gelu_mul(&self, gate: &mut CudaBuf, up: &CudaBuf, len: usize) {
         assert!(len <= gate.len && len <= up.len);
         self.elementwise("gelu_mul", len, &[Arg::P(gate.ptr), Arg::P(up.ptr), Arg::U(len as u32)]);
@@ -1110,6 +1125,10 @@ impl Backend for CudaBackend {
 
     fn moe_combine(&self, ys: &CudaBuf, weights: &CudaBuf, n: usize, k: usize, d: usize, out: &mut CudaBuf) {
         crate::backend::host_moe::moe_combine(self, ys, weights, n, k, d, out);
+    }
+
+    fn moe_add_bias(&self, x: &mut CudaBuf, biases: &CudaBuf, ids: &CudaBuf, slots: usize, d: usize) {
+        crate::backend::host_moe::moe_add_bias(self, x, biases, ids, slots, d);
     }
 
     fn argmax(&self, buf: &CudaBuf, range: Range<usize>) -> u32 {
@@ -1375,6 +1394,7 @@ impl Backend for CudaBackend {
         step: &CudaStep,
         group: usize,
         shape: &AttnShape,
+        sinks: Option<&CudaBuf>,
         out: &mut CudaBuf,
     ) {
         assert_eq!(
@@ -1395,6 +1415,10 @@ impl Backend for CudaBackend {
         assert!(
             n * nh * hd <= q.len && n * nh * hd <= out.len,
             "attention buffers too small"
+        );
+        assert!(
+            sinks.is_none_or(|x| x.len >= nh),
+            "attention sinks shorter than the {nh} heads"
         );
         let bs = g.block_size as usize;
         assert!(
@@ -1446,6 +1470,8 @@ impl Backend for CudaBackend {
                     Arg::U(nh as u32),
                     Arg::U(hd as u32),
                     Arg::U(spans as u32),
+                    Arg::P(sinks.map_or(0, |x| x.ptr)),
+                    Arg::U(sinks.is_some() as u32),
                     Arg::P(out.ptr),
                 ],
             );

@@ -11,6 +11,18 @@ extern "C" __global__ void silu_mul(float* gate, const float* up, unsigned int l
     }
 }
 
+// GPT-OSS's clamped SwiGLU: g = min(gate, limit), u = clamp(up, -limit, limit),
+// gate = (u + 1) * g * sigmoid(alpha * g).
+extern "C" __global__ void swiglu_clamped(float* gate, const float* up, float alpha, float limit,
+                                          unsigned int len) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < len) {
+        float g = fminf(gate[i], limit);
+        float u = fminf(fmaxf(up[i], -limit), limit);
+        gate[i] = (u + 1.0f) * (g / (1.0f + expf(-alpha * g)));
+    }
+}
+
 __device__ __forceinline__ float gelu_tanh(float x) {
     const float k = 0.7978845608f;
     return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));

@@ -23,6 +23,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
         include_str!("elementwise.cu"),
         &[
             "silu_mul",
+            "swiglu_clamped",
             "gelu_mul",
             "gelu",
             "add_inplace",

@@ -99,6 +99,9 @@ pub struct DecoderSpec {
     pub moe: Option<MoeSpec>,
     /// Clamp q, k and v to `±clip_qkv` after their norms (OLMoE's `clip_qkv`); 0 = off.
     pub clip_qkv: f32,
+    /// The tensor name (after `blk.N.`) of the norm before the MLP: `ffn_norm`, or
+    /// llama.cpp's `post_attention_norm` in its gpt-oss files.
+    pub ffn_norm: &'static str,
 }
 
 impl DecoderSpec {
@@ -113,7 +116,8 @@ impl DecoderSpec {
             mlp: Mlp::SwiGlu,
             embed_scale: 1.0,
             residual_scale: 1.0,
-            attn_scale: 1.0 / (cfg.head_dim as f32).sqrt(),
+            // YaRN's attention factor multiplies cos and sin, so q·k by its square.
+            attn_scale: (cfg.rope_attention_factor().powi(2) / (cfg.head_dim as f64).sqrt()) as f32,
             attn_softcap: 0.0,
             final_softcap: 0.0,
             logits_scale: 1.0,
@@ -129,6 +133,7 @@ impl DecoderSpec {
             rope_neox: cfg.rope_neox,
             moe: None,
             clip_qkv: 0.0,
+            ffn_norm: "ffn_norm",
         }
     }
 }
@@ -173,6 +178,8 @@ struct Layer<B: Backend> {
     o_bias: Option<B::Buf>,
     q_norm: Option<B::Buf>,
     k_norm: Option<B::Buf>,
+    /// Learned attention sinks, one logit per query head (GPT-OSS `attn_sinks`).
+    sinks: Option<B::Buf>,
     ffn: Ffn<B>,
 }
 
@@ -375,7 +382,7 @@ impl<B: Backend> Decoder<B> {
                 } else {
                     None
                 },
-                ffn_norm: if pre { Some(norm(&p("ffn_norm"), h)?) } else { None },
+                ffn_norm: if pre { Some(norm(&p(spec.ffn_norm), h)?) } else { None },
                 post_ffn_norm: if post {
                     Some(norm(&p("post_ffw_norm"), h)?)
                 } else {
@@ -389,6 +396,7 @@ impl<B: Backend> Decoder<B> {
                 o_bias: opt_vec(&p("attn_output.bias"), h)?,
                 q_norm: qk("attn_q_norm.weight", qn_len)?,
                 k_norm: qk("attn_k_norm.weight", kn_len)?,
+                sinks: opt_vec(&p("attn_sinks.weight"), cfg.num_heads)?,
                 ffn,
             });
         }
@@ -504,7 +512,17 @@ impl<B: Backend> Decoder<B> {
             let (shape, g) = (self.shape(i), self.layer_group[i]);
             b.kv_write_step(&mut s.k_pages[i], &s.k, n, &s.step, g, &shape);
             b.kv_write_step(&mut s.v_pages[i], &s.v, n, &s.step, g, &shape);
-            b.attention_step(&s.q, &s.k_pages[i], &s.v_pages[i], n, &s.step, g, &shape, &mut s.att);
+            b.attention_step(
+                &s.q,
+                &s.k_pages[i],
+                &s.v_pages[i],
+                n,
+                &s.step,
+                g,
+                &shape,
+                l.sinks.as_ref(),
+                &mut s.att,
+            );
             tap.linear_input(b, &s.att, n, c.num_heads * c.head_dim, "attn_out", Some(i));
             b.matmul(&l.wo, &s.att, n, &mut s.tmp);
             if let Some(ob) = &l.o_bias {

@@ -4,7 +4,7 @@
 //! with expert tensors; the llama family hands such files here.
 
 use super::decoder::{self, DecoderSpec, Identity};
-use super::moe::{self, MoeSpec};
+use super::moe::{self, MoeAct, MoeSpec};
 use super::{Device, Family, LanguageModel};
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -60,6 +60,7 @@ pub fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Lang
         // Mixtral's intermediate_size is the experts' (there is no dense MLP).
         ffn: cfg.intermediate_size,
         sparse,
+        act: MoeAct::SwiGlu,
     }
     .checked(cfg)?;
     let spec = DecoderSpec {

@@ -19,6 +19,7 @@ use ffai_kernels::backend::StepLayout;
 
 pub mod decoder;
 pub mod gemma;
+pub mod gpt_oss;
 pub mod granite;
 pub mod llama;
 pub mod mixtral;
@@ -244,6 +245,7 @@ pub static FAMILIES: &[Family] = &[
     qwen3_moe::FAMILY,
     mixtral::FAMILY,
     olmoe::FAMILY,
+    gpt_oss::FAMILY,
 ];
 
 /// Finds the family for a config: architecture first, then model_type.

@@ -43,6 +43,17 @@ pub struct MoeSpec {
     pub ffn: usize,
     /// Per layer: the sparse block (true) or the dense MLP of `intermediate_size`.
     pub sparse: Vec<bool>,
+    /// The experts' gated activation.
+    pub act: MoeAct,
+}
+
+/// How an expert combines its gate and up projections.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MoeAct {
+    /// `silu(gate) · up`.
+    SwiGlu,
+    /// GPT-OSS: `(clamp(up, ±limit) + 1) · g · σ(alpha · g)` with `g = min(gate, limit)`.
+    ClampedSwiGlu { alpha: f32, limit: f32 },
 }
 
 impl MoeSpec {
@@ -85,9 +96,14 @@ impl MoeSpec {
 /// One sparse layer's weights.
 pub struct MoeLayer<B: Backend> {
     router: B::Mat,
+    /// The router's bias (GPT-OSS), `[n_experts]`.
+    router_bias: Option<B::Buf>,
     gate: Vec<B::Mat>,
     up: Vec<B::Mat>,
     down: Vec<B::Mat>,
+    /// The experts' biases (GPT-OSS), stacked: gate and up `[n_experts, ffn]`, down
+    /// `[n_experts, hidden]`.
+    biases: Option<[B::Buf; 3]>,
 }
 
 /// A step's MoE scratch, allocated with the batch.
@@ -140,6 +156,21 @@ impl<B: Backend> MoeLayer<B> {
         let p = |s: &str| format!("blk.{i}.{s}");
         let re = w.matrix(&p("ffn_gate_inp.weight"), ne, h)?;
         let router = b.matrix(re.ty, ne, h, re.bytes.clone());
+        let router_bias = match w.has(&p("ffn_gate_inp.bias")) {
+            true => Some(b.upload(&w.f32_vec(&p("ffn_gate_inp.bias"), ne)?)),
+            false => None,
+        };
+        if let Some((gate, up, down)) = Self::load_oai(w, b, i, spec, h)? {
+            let biases = Self::load_biases(w, b, i, spec, h)?;
+            return Ok(MoeLayer {
+                router,
+                router_bias,
+                gate,
+                up,
+                down,
+                biases,
+            });
+        }
         // One projection: stacked, or one matrix per expert.
         let load = |name: &str, rows: usize, cols: usize| -> Result<Option<Vec<B::Mat>>> {
             let stacked = p(&format!("ffn_{name}_exps.weight"));
@@ -182,7 +213,96 @@ impl<B: Backend> MoeLayer<B> {
         };
         let down = load("down", h, f)?
             .ok_or_else(|| Error::new(format!("{}: layer {i} has no expert down weights", w.source)))?;
-        Ok(MoeLayer { router, gate, up, down })
+        let biases = Self::load_biases(w, b, i, spec, h)?;
+        Ok(MoeLayer {
+            router,
+            router_bias,
+            gate,
+            up,
+            down,
+            biases,
+        })
+    }
+
+    /// The experts' biases: GPT-OSS's interleaved `oai_gate_up_exps.bias` `[ne, 2·ffn]`
+    /// (gate at even, up at odd entries) or llama.cpp's `ffn_{gate,up}_exps.bias`
+    /// `[ne, ffn]`, with `ffn_down_exps.bias` `[ne, hidden]`; None when the layer has none.
+    fn load_biases(w: &Weights, b: &B, i: usize, spec: &MoeSpec, h: usize) -> Result<Option<[B::Buf; 3]>> {
+        let (ne, f) = (spec.n_experts, spec.ffn);
+        let p = |s: &str| format!("blk.{i}.{s}");
+        let (gate, up) = if w.has(&p("oai_gate_up_exps.bias")) {
+            let gu = w.f32_vec(&p("oai_gate_up_exps.bias"), ne * 2 * f)?;
+            (
+                gu.iter().step_by(2).copied().collect::<Vec<f32>>(),
+                gu.iter().skip(1).step_by(2).copied().collect::<Vec<f32>>(),
+            )
+        } else if w.has(&p("ffn_gate_exps.bias")) {
+            (
+                w.f32_vec(&p("ffn_gate_exps.bias"), ne * f)?,
+                w.f32_vec(&p("ffn_up_exps.bias"), ne * f)?,
+            )
+        } else {
+            ensure!(
+                !w.has(&p("ffn_down_exps.bias")),
+                "{}: layer {i} has expert down biases without gate/up biases",
+                w.source
+            );
+            return Ok(None);
+        };
+        let down = w.f32_vec(&p("ffn_down_exps.bias"), ne * h)?;
+        Ok(Some([b.upload(&gate), b.upload(&up), b.upload(&down)]))
+    }
+
+    /// GPT-OSS's Hugging Face expert layouts (see `weights::gpt_oss_name`), split into
+    /// one matrix per expert and projection: float `oai_gate_up_exps.weight` `[ne, h,
+    /// 2·ffn]` and `oai_down_exps.weight` `[ne, ffn, h]` are in × out, so they are copied
+    /// transposed (gate from the even columns, up from the odd); MXFP4
+    /// `oai_gate_up_exps.mxfp4` `[ne, 2·ffn, h]` is out × in, so gate and up are its even
+    /// and odd rows, copied as they are (never dequantized), and its down is llama.cpp's
+    /// stacked `ffn_down_exps.weight`. None when the layer has neither.
+    #[allow(clippy::type_complexity)]
+    fn load_oai(
+        w: &Weights,
+        b: &B,
+        i: usize,
+        spec: &MoeSpec,
+        h: usize,
+    ) -> Result<Option<(Vec<B::Mat>, Vec<B::Mat>, Vec<B::Mat>)>> {
+        let (ne, f) = (spec.n_experts, spec.ffn);
+        let p = |s: &str| format!("blk.{i}.{s}");
+        let (fl, mx) = (p("oai_gate_up_exps.weight"), p("oai_gate_up_exps.mxfp4"));
+        let (gate, up) = if w.has(&fl) {
+            let e = stacked_entry(w, &fl, [ne, h, 2 * f])?;
+            let half = |first: usize| -> Result<Vec<B::Mat>> {
+                (0..ne)
+                    .map(|x| Ok(b.matrix(e.ty, f, h, transposed(e, x, h, 2 * f, first, 2, f)?)))
+                    .collect()
+            };
+            (half(0)?, half(1)?)
+        } else if w.has(&mx) {
+            let e = stacked_entry(w, &mx, [ne, 2 * f, h])?;
+            let half = |first: usize| -> Result<Vec<B::Mat>> {
+                (0..ne)
+                    .map(|x| Ok(b.matrix(e.ty, f, h, strided_rows(e, x, 2 * f, first, 2, f, h)?)))
+                    .collect()
+            };
+            (half(0)?, half(1)?)
+        } else {
+            return Ok(None);
+        };
+        let dn = p("oai_down_exps.weight");
+        let down = if w.has(&dn) {
+            let e = stacked_entry(w, &dn, [ne, f, h])?;
+            (0..ne)
+                .map(|x| Ok(b.matrix(e.ty, h, f, transposed(e, x, f, h, 0, 1, h)?)))
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            let e = stacked_entry(w, &p("ffn_down_exps.weight"), [ne, h, f])?;
+            (0..ne)
+                .map(|x| Ok(b.matrix(e.ty, h, f, expert_rows(e, x, h, 0, h, f)?)))
+                .collect::<Result<Vec<_>>>()?
+        };
+        Ok(Some((gate, up, down)))
     }
 
     /// `out[n, h]` = the block applied to `x[n, h]`.
@@ -190,6 +310,9 @@ impl<B: Backend> MoeLayer<B> {
         let (k, f) = (spec.k, spec.ffn);
         let h = b.mat_shape(&self.down[0]).0;
         b.matmul(&self.router, x, n, &mut s.logits);
+        if let Some(rb) = &self.router_bias {
+            b.add_bias(&mut s.logits, rb, n);
+        }
         b.moe_route(
             &s.logits,
             n,
@@ -208,10 +331,79 @@ impl<B: Backend> MoeLayer<B> {
             k,
             &mut [&mut s.gate, &mut s.up],
         );
-        b.silu_mul(&mut s.gate, &s.up, n * k * f);
+        if let Some([bg, bu, _]) = &self.biases {
+            b.moe_add_bias(&mut s.gate, bg, &s.ids, n * k, f);
+            b.moe_add_bias(&mut s.up, bu, &s.ids, n * k, f);
+        }
+        match spec.act {
+            MoeAct::SwiGlu => b.silu_mul(&mut s.gate, &s.up, n * k * f),
+            MoeAct::ClampedSwiGlu { alpha, limit } => b.swiglu_clamped(&mut s.gate, &s.up, alpha, limit, n * k * f),
+        }
         b.moe_matmuls(&[&self.down], &s.gate, true, &s.ids, n, k, &mut [&mut s.y]);
+        if let Some([_, _, bd]) = &self.biases {
+            b.moe_add_bias(&mut s.y, bd, &s.ids, n * k, h);
+        }
         b.moe_combine(&s.y, &s.weights, n, k, h, out);
     }
+}
+
+/// Expert `expert`'s matrix `[rows, cols]` out of a stacked float tensor stored in × out,
+/// `[n_experts, cols, width]`: row `r` is column `first + r · stride` (a copy; F32, F16 or
+/// BF16).
+fn transposed(
+    e: &WeightEntry,
+    expert: usize,
+    cols: usize,
+    width: usize,
+    first: usize,
+    stride: usize,
+    rows: usize,
+) -> Result<ffai_kernels::backend::HostBytes> {
+    use ffai_kernels::quant::WeightType;
+    let es = match e.ty {
+        WeightType::F32 => 4,
+        WeightType::F16 | WeightType::BF16 => 2,
+        other => bail!("in × out expert weights of type {} are not supported", other.name()),
+    };
+    let base = expert * cols * width * es;
+    ensure!(
+        base + cols * width * es <= e.bytes.len() && first + (rows - 1) * stride < width,
+        "expert tensor too small"
+    );
+    let src = &e.bytes.as_slice()[base..base + cols * width * es];
+    let mut out = vec![0u8; rows * cols * es];
+    for r in 0..rows {
+        let col = first + r * stride;
+        for c in 0..cols {
+            let s = (c * width + col) * es;
+            out[(r * cols + c) * es..(r * cols + c + 1) * es].copy_from_slice(&src[s..s + es]);
+        }
+    }
+    Ok(ffai_kernels::backend::HostBytes::from_vec(out))
+}
+
+/// Rows `first, first + stride, …` (`rows` of them) of expert `expert`'s block of
+/// `block_rows` rows in a stacked `[n_experts, block_rows, cols]` entry of any type,
+/// copied as stored.
+fn strided_rows(
+    e: &WeightEntry,
+    expert: usize,
+    block_rows: usize,
+    first: usize,
+    stride: usize,
+    rows: usize,
+    cols: usize,
+) -> Result<ffai_kernels::backend::HostBytes> {
+    let rb =
+        e.ty.row_bytes(cols)
+            .ok_or_else(|| Error::new("bad expert row length"))?;
+    let mut out = Vec::with_capacity(rows * rb);
+    for r in 0..rows {
+        let start = (expert * block_rows + first + r * stride) * rb;
+        ensure!(start + rb <= e.bytes.len(), "expert tensor too small");
+        out.extend_from_slice(&e.bytes.as_slice()[start..start + rb]);
+    }
+    Ok(ffai_kernels::backend::HostBytes::from_vec(out))
 }
 
 /// A stacked expert tensor of exactly `shape`.

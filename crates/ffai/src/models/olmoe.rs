@@ -4,7 +4,7 @@
 //! renormalised (unless `norm_topk_prob`).
 
 use super::decoder::{self, DecoderSpec, Identity, QkNorm};
-use super::moe::{self, MoeSpec};
+use super::moe::{self, MoeAct, MoeSpec};
 use super::{Device, Family, LanguageModel};
 use crate::config::ModelConfig;
 use crate::ensure;
@@ -47,6 +47,7 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
         // OLMoE's intermediate_size is the experts' (there is no dense MLP).
         ffn: cfg.intermediate_size,
         sparse,
+        act: MoeAct::SwiGlu,
     }
     .checked(cfg)?;
     // GGUF: `attention.clamp_kqv` (llama.cpp's key for OLMo's clip_qkv). llama.cpp's

@@ -5,7 +5,7 @@
 //! `intermediate_size`; experts have `moe_intermediate_size`.
 
 use super::decoder::{self, DecoderSpec, Identity, QkNorm};
-use super::moe::{self, MoeSpec};
+use super::moe::{self, MoeAct, MoeSpec};
 use super::{Device, Family, LanguageModel};
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -62,6 +62,7 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
         },
         ffn: moe::required_count(&cfg, &["moe_intermediate_size"], "expert_feed_forward_length")?,
         sparse,
+        act: MoeAct::SwiGlu,
     }
     .checked(&cfg)?;
     let spec = DecoderSpec {
