@@ -159,3 +159,48 @@ fn bench_sequences_reports_aggregate_decode() {
     let out = ffai(&["bench", "-m", &smollm2(), "--sequences", "0"]);
     assert_clean_failure(&out, "--sequences");
 }
+
+#[test]
+fn batch_lines_take_their_own_response_format() {
+    let dir = temp_dir("batch-format");
+    let input = write(
+        &dir,
+        "in.jsonl",
+        concat!(
+            "{\"prompt\": \"Weather:\", \"max_tokens\": 40, \"temperature\": 0, \"response_format\": ",
+            "{\"type\": \"json_schema\", \"json_schema\": {\"name\": \"w\", \"schema\": {\"type\": \"object\", ",
+            "\"properties\": {\"sunny\": {\"type\": \"boolean\"}}, \"required\": [\"sunny\"], ",
+            "\"additionalProperties\": false}}}}\n",
+            "{\"prompt\": \"Pick:\", \"max_tokens\": 8, \"temperature\": 0.9, \"seed\": 2, ",
+            "\"response_format\": {\"type\": \"regex\", \"regex\": \" (red|blue)\"}}\n",
+            "{\"prompt\": \"Free text:\", \"max_tokens\": 4, \"temperature\": 0}\n",
+        ),
+    );
+    let out_path = dir.join("out.jsonl");
+    let out = batch(&input, &out_path, &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out_path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let v: serde_json::Value = serde_json::from_str(lines[0]["text"].as_str().unwrap()).unwrap();
+    assert!(v["sunny"].is_boolean(), "{}", lines[0]);
+    assert!(
+        [" red", " blue"].contains(&lines[1]["text"].as_str().unwrap()),
+        "{}",
+        lines[1]
+    );
+    assert_eq!(lines[1]["finish_reason"], "stop");
+    assert_eq!(lines[2]["completion_tokens"], 4);
+    // A bad format is reported by line before any work.
+    let bad = write(
+        &dir,
+        "bad.jsonl",
+        "{\"prompt\": \"a\"}\n{\"prompt\": \"b\", \"response_format\": {\"type\": \"regex\", \"regex\": \"(\"}}\n",
+    );
+    assert_clean_failure(
+        &batch(&bad, &dir.join("bad-out.jsonl"), &[]),
+        "line 2: invalid response format",
+    );
+}
