@@ -252,6 +252,7 @@ fn products_match_the_cpu_for_every_weight_type() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng(0xDEAD_BEEF_1234);
     let mut tested = Vec::new();
+    let mut failed = Vec::new();
     for ty in types() {
         // Every type at one shape; the decode kernels of q8x.cu also at a wider one whose
         // rows span several passes of a warp (11 K-quant super-blocks, 88 legacy blocks).
@@ -262,10 +263,20 @@ fn products_match_the_cpu_for_every_weight_type() {
                 continue;
             };
             tested.push(format!("{}@{cols}", ty.name()));
-            check_products(g, ty, rows, cols, bytes, &mut rng);
+            // Every type is checked and every failure reported, not only the first.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                check_products(g, ty, rows, cols, bytes, &mut rng)
+            }));
+            if r.is_err() {
+                failed.push(format!("{}@{cols}", ty.name()));
+            }
         }
     }
     println!("tested: {}", tested.join(" "));
+    assert!(
+        failed.is_empty(),
+        "products differ from the CPU for {failed:?} (messages above)"
+    );
     assert!(tested.len() >= 20, "too few types could be quantized: {tested:?}");
 }
 

@@ -483,6 +483,13 @@ fn every_parity_family_converts_to_f16_tensor_for_tensor() {
             float_type: Some(FloatType::F16),
             ..Default::default()
         };
+        if tensors(&src).values().any(|(dt, _, _)| *dt == safetensors::Dtype::U8) {
+            // Pre-quantized experts (gpt-oss MXFP4 blocks): convert refuses them with a
+            // one-line error naming the tensor rather than guessing a float layout.
+            let e = convert::convert(&src, &out, &opts, &mut no_progress()).unwrap_err();
+            assert!(e.message().contains("has dtype U8"), "{fam}: {}", e.message());
+            continue;
+        }
         convert::convert(&src, &out, &opts, &mut no_progress()).unwrap();
         let a = tensors(&src);
         let b = tensors(&out);
