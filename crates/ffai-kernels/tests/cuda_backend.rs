@@ -226,12 +226,21 @@ fn types() -> Vec<WeightType> {
     v
 }
 
-/// The types whose decode products quantize the activations (q8x.cu).
+/// The types whose decode products quantize the activations (q8x.cu): Q4_0, and with
+/// `FFAI_CUDA_Q8X=all` the kernels not yet checked on a GPU (`Fast::for_matrix`).
 fn gpu_q8(ty: WeightType) -> bool {
-    matches!(
-        ty,
-        WeightType::Q4_0 | WeightType::Q8_0 | WeightType::Q4K | WeightType::Q6K
-    )
+    let unverified = std::env::var_os("FFAI_CUDA_Q8X").is_some_and(|v| v == "all");
+    ty == WeightType::Q4_0
+        || unverified
+            && matches!(
+                ty,
+                WeightType::Q4_1
+                    | WeightType::Q5_0
+                    | WeightType::Q5_1
+                    | WeightType::Q8_0
+                    | WeightType::Q4K
+                    | WeightType::Q6K
+            )
 }
 
 /// Random activations with the quantizer's edge cases in row 1: an all-zero block and a
