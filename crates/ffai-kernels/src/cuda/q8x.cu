@@ -294,45 +294,26 @@ __device__ __forceinline__ void mv_legacy(const u8* __restrict__ w, u64 row_byte
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128)
-    mv_q8x_q4_0(PARTS, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, u32 cols, u32 n) {
-    Row o;
-    if (pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o)) {  // else: the whole warp has no row
-        mv_legacy<K_Q4_0>(o.w, row_bytes, xq, xd, xs, o.y, o.rows, o.r, cols, n);
+// The extern kernels over the parts: `NAME` runs `BODY<ARG>` on the warp's row (a warp
+// past the last part's rows has nothing to do).
+#define Q8X_KERNEL(NAME, BODY, ARG)                                                                         \
+    extern "C" __global__ void __launch_bounds__(128)                                                     \
+        NAME(PARTS, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, u32 cols, u32 n) { \
+        Row o;                                                                                              \
+        if (pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o)) {                                         \
+            BODY<ARG>(o.w, row_bytes, xq, xd, xs, o.y, o.rows, o.r, cols, n);                               \
+        }                                                                                                   \
     }
-}
 
-extern "C" __global__ void __launch_bounds__(128)
-    mv_q8x_q4_1(PARTS, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, u32 cols, u32 n) {
-    Row o;
-    if (pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o)) {  // else: the whole warp has no row
-        mv_legacy<K_Q4_1>(o.w, row_bytes, xq, xd, xs, o.y, o.rows, o.r, cols, n);
-    }
-}
+Q8X_KERNEL(mv_q8x_q4_0, mv_legacy, K_Q4_0)
 
-extern "C" __global__ void __launch_bounds__(128)
-    mv_q8x_q5_0(PARTS, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, u32 cols, u32 n) {
-    Row o;
-    if (pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o)) {  // else: the whole warp has no row
-        mv_legacy<K_Q5_0>(o.w, row_bytes, xq, xd, xs, o.y, o.rows, o.r, cols, n);
-    }
-}
+Q8X_KERNEL(mv_q8x_q4_1, mv_legacy, K_Q4_1)
 
-extern "C" __global__ void __launch_bounds__(128)
-    mv_q8x_q5_1(PARTS, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, u32 cols, u32 n) {
-    Row o;
-    if (pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o)) {  // else: the whole warp has no row
-        mv_legacy<K_Q5_1>(o.w, row_bytes, xq, xd, xs, o.y, o.rows, o.r, cols, n);
-    }
-}
+Q8X_KERNEL(mv_q8x_q5_0, mv_legacy, K_Q5_0)
 
-extern "C" __global__ void __launch_bounds__(128)
-    mv_q8x_q8_0(PARTS, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, u32 cols, u32 n) {
-    Row o;
-    if (pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o)) {  // else: the whole warp has no row
-        mv_legacy<K_Q8_0>(o.w, row_bytes, xq, xd, xs, o.y, o.rows, o.r, cols, n);
-    }
-}
+Q8X_KERNEL(mv_q8x_q5_1, mv_legacy, K_Q5_1)
+
+Q8X_KERNEL(mv_q8x_q8_0, mv_legacy, K_Q8_0)
 
 
 // Byte j (0..7) of the pair (lo, hi).
@@ -479,21 +460,9 @@ __device__ __forceinline__ void mv_kquant(const u8* __restrict__ w, u64 row_byte
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128)
-    mv_q8x_q4_k(PARTS, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, u32 cols, u32 n) {
-    Row o;
-    if (pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o)) {  // else: the whole warp has no row
-        mv_kquant<false>(o.w, row_bytes, xq, xd, xs, o.y, o.rows, o.r, cols, n);
-    }
-}
+Q8X_KERNEL(mv_q8x_q4_k, mv_kquant, false)
 
-extern "C" __global__ void __launch_bounds__(128)
-    mv_q8x_q6_k(PARTS, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, u32 cols, u32 n) {
-    Row o;
-    if (pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o)) {  // else: the whole warp has no row
-        mv_kquant<true>(o.w, row_bytes, xq, xd, xs, o.y, o.rows, o.r, cols, n);
-    }
-}
+Q8X_KERNEL(mv_q8x_q6_k, mv_kquant, true)
 
 // ------------------------------------------------------------------- f16 / bf16
 //
