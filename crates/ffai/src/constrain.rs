@@ -121,12 +121,29 @@ impl Constraint {
             .matcher
             .compute_mask_or_eos()
             .map_err(|e| Error::new(format!("grammar: {}", first_line(&e.to_string()))))?;
+        // Word by word: whole words allowed (free text) or refused (most of a vocabulary
+        // under a strict grammar) cost one compare for 32 logits.
+        let words = mask.as_slice();
         let mut any = false;
-        for (i, l) in logits.iter_mut().enumerate() {
-            if i < mask.len() && mask.is_allowed(i as u32) {
-                any = true;
-            } else {
-                *l = f32::NEG_INFINITY;
+        for (w, chunk) in logits.chunks_mut(32).enumerate() {
+            // Only the bits of ids that are both in the mask and in this chunk count.
+            let valid = mask.len().saturating_sub(w * 32).min(chunk.len());
+            let bits = match valid {
+                0 => 0,
+                32 => words.get(w).copied().unwrap_or(0),
+                v => words.get(w).copied().unwrap_or(0) & ((1u32 << v) - 1),
+            };
+            any |= bits != 0;
+            match bits {
+                u32::MAX => {}
+                0 => chunk.fill(f32::NEG_INFINITY),
+                _ => {
+                    for (i, l) in chunk.iter_mut().enumerate() {
+                        if bits >> i & 1 == 0 {
+                            *l = f32::NEG_INFINITY;
+                        }
+                    }
+                }
             }
         }
         if !any {
