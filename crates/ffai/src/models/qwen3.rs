@@ -34,12 +34,18 @@ impl Qwen3Dense {
     }
 }
 
-fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn LanguageModel>> {
+/// The config as Qwen3 (dense and MoE) reads it: the sliding-window fields exist but are
+/// off unless `use_sliding_window`.
+pub(crate) fn effective_config(cfg: &ModelConfig) -> Result<ModelConfig> {
     let mut cfg = cfg.clone();
-    // Sliding-window fields exist in the config but are off unless use_sliding_window.
     if cfg.extra_bool("use_sliding_window", "use_sliding_window")? != Some(true) {
         cfg.sliding_window = None;
     }
+    Ok(cfg)
+}
+
+fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn LanguageModel>> {
+    let cfg = effective_config(cfg)?;
     let spec = DecoderSpec {
         qk_norm: QkNorm::PerHead,
         ..DecoderSpec::llama(&cfg, None)

@@ -27,23 +27,14 @@ pub struct Qwen3Moe;
 impl Qwen3Moe {
     pub const NAME: &'static str = "qwen3_moe";
 
-    /// Qwen's generation_config for thinking mode: T 0.6, top-p 0.95, top-k 20.
+    /// As the dense Qwen3's (its thinking-mode generation_config).
     pub fn default_parameters() -> GenerationParameters {
-        GenerationParameters {
-            temperature: 0.6,
-            top_p: 0.95,
-            top_k: 20,
-            ..Default::default()
-        }
+        super::qwen3::Qwen3Dense::default_parameters()
     }
 }
 
 fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn LanguageModel>> {
-    let mut cfg = cfg.clone();
-    // Sliding-window fields exist in the config but are off unless use_sliding_window.
-    if cfg.extra_bool("use_sliding_window", "use_sliding_window")? != Some(true) {
-        cfg.sliding_window = None;
-    }
+    let cfg = super::qwen3::effective_config(cfg)?;
     let n_experts = moe::required_count(&cfg, &["num_experts", "num_local_experts"], "expert_count")?;
     let sparse = if cfg.is_gguf() {
         moe::sparse_layers_from_tensors(&cfg, w)
