@@ -365,6 +365,14 @@ pub trait Backend: Send + Sync + 'static {
     fn gelu_mul(&self, gate: &mut Self::Buf, up: &Self::Buf, len: usize);
     /// `x += y` over the first `len` elements.
     fn add(&self, x: &mut Self::Buf, y: &Self::Buf, len: usize);
+    /// `x += y`, then `out` = RMSNorm of `n` rows of `x` (width `w.len()`): a decoder's
+    /// residual add and the next norm, [`Backend::add`] then [`Backend::rms_norm`] unless
+    /// a backend fuses them (same result).
+    fn add_rms_norm(&self, x: &mut Self::Buf, y: &Self::Buf, w: &Self::Buf, eps: f32, n: usize, out: &mut Self::Buf) {
+        let width = self.buf_len(w);
+        self.add(x, y, n * width);
+        self.rms_norm(x, w, eps, n, out);
+    }
     /// Index of the largest of `buf[range]` (ties: lowest index).
     fn argmax(&self, buf: &Self::Buf, range: Range<usize>) -> u32;
     /// `out[r]` = the index of the largest of row `r` of `buf` (`n` rows of `width`;
@@ -483,6 +491,29 @@ pub trait Backend: Send + Sync + 'static {
         step: &Self::Step,
         rope: &RopeParams<'_, Self>,
     );
+    /// RoPE on `q` (`shape.n_heads` heads) and `k` (`shape.n_kv_heads`), then `k` and `v`
+    /// into their pools of KV group `group`: [`Backend::rope_step`] twice and
+    /// [`Backend::kv_write_step`] twice, which is what this does unless a backend fuses
+    /// them (the CUDA backend: one launch) with the same arithmetic.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_kv_write_step(
+        &self,
+        q: &mut Self::Buf,
+        k: &mut Self::Buf,
+        v: &Self::Buf,
+        n: usize,
+        step: &Self::Step,
+        rope: &RopeParams<'_, Self>,
+        k_cache: &mut Self::Kv,
+        v_cache: &mut Self::Kv,
+        group: usize,
+        shape: &AttnShape,
+    ) {
+        self.rope_step(q, n, shape.n_heads, shape.head_dim, step, rope);
+        self.rope_step(k, n, shape.n_kv_heads, shape.head_dim, step, rope);
+        self.kv_write_step(k_cache, k, n, step, group, shape);
+        self.kv_write_step(v_cache, v, n, step, group, shape);
+    }
     /// Writes `n` rows of K (or V), `[n, kv_heads * head_dim]`, into a paged pool of KV
     /// group `group`: row t goes to the group's slot of row t (padding rows nowhere).
     fn kv_write_step(

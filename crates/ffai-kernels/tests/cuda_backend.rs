@@ -137,6 +137,28 @@ fn elementwise_ops_and_norms_match_the_cpu() {
                     g.rms_norm(&gx, &gw, 1e-6, rows, &mut gout);
                     return (cout, down(g, &gout, len));
                 }
+                "add_rms_norm" => {
+                    // The fused residual add and norm: both results equal the CPU's, and
+                    // the GPU's equal its own add then rms_norm bit for bit.
+                    let mut gx2 = g.upload(&down(g, &gx, len));
+                    let mut gout2 = g.alloc(len);
+                    g.add(&mut gx2, &gy, len);
+                    g.rms_norm(&gx2, &gw, 1e-6, rows, &mut gout2);
+                    c.add_rms_norm(&mut cx, &cy, &cw, 1e-6, rows, &mut cout);
+                    g.add_rms_norm(&mut gx, &gy, &gw, 1e-6, rows, &mut gout);
+                    let (sum, sum2) = (down(g, &gx, len), down(g, &gx2, len));
+                    let (norm, norm2) = (down(g, &gout, len), down(g, &gout2, len));
+                    assert!(
+                        sum.iter()
+                            .zip(&sum2)
+                            .chain(norm.iter().zip(&norm2))
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "add_rms_norm differs from add + rms_norm on the GPU"
+                    );
+                    let e = rel_err(&sum, &cx);
+                    assert!(e < 1e-6, "add_rms_norm's sum: relative error {e}");
+                    return (cout, norm);
+                }
                 "layer_norm" => {
                     c.layer_norm(&cx, &cw, &cb, 1e-5, rows, &mut cout);
                     g.layer_norm(&gx, &gw, &gb, 1e-5, rows, &mut gout);
@@ -157,6 +179,7 @@ fn elementwise_ops_and_norms_match_the_cpu() {
             "softcap",
             "add_bias",
             "rms_norm",
+            "add_rms_norm",
             "layer_norm",
         ] {
             let (want, got) = run(name);
@@ -452,7 +475,7 @@ fn paged_step_ops_match_the_cpu_and_are_batch_invariant() {
         let bs = 32;
         let n_blocks = 64;
         // Three sequences with disjoint, shuffled blocks: lengths past one attention part
-        // (256 positions) and a block boundary.
+        // (64 positions) and a block boundary.
         let lens = [300usize, 45, 600];
         let mut free: Vec<u32> = (0..n_blocks as u32).rev().collect();
         for i in (1..free.len()).rev() {
@@ -524,6 +547,28 @@ fn paged_step_ops_match_the_cpu_and_are_batch_invariant() {
         c.attention_step(&cq, &ck, &cv, total, &cs, 0, &shape, None, &mut cout);
         g.attention_step(&gq, &gk, &gv, total, &gs, 0, &shape, None, &mut gout);
         let batched = down(g, &gout, total * nh * hd);
+        // The fused RoPE + K/V write: the same q and k bits, and pools the attention reads
+        // to the same bits.
+        {
+            let (mut fq, mut fk, fv) = (g.upload(&q), g.upload(&k), g.upload(&v));
+            let (mut fkp, mut fvp) = (
+                g.alloc_kv_pages(n_blocks, bs, kvh, hd),
+                g.alloc_kv_pages(n_blocks, bs, kvh, hd),
+            );
+            g.rope_kv_write_step(&mut fq, &mut fk, &fv, total, &gs, &grope, &mut fkp, &mut fvp, 0, &shape);
+            let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(
+                same(&down(g, &fq, total * nh * hd), &down(g, &gq, total * nh * hd))
+                    && same(&down(g, &fk, total * kvh * hd), &down(g, &gkx, total * kvh * hd)),
+                "rope_kv_write_step's q/k differ from rope_step's"
+            );
+            let mut fout = g.alloc(total * nh * hd);
+            g.attention_step(&fq, &fkp, &fvp, total, &gs, 0, &shape, None, &mut fout);
+            assert!(
+                same(&down(g, &fout, total * nh * hd), &batched),
+                "attention over rope_kv_write_step's pools differs"
+            );
+        }
         let e = rel_err(&batched, &cout);
         assert!(
             e < 1e-4,

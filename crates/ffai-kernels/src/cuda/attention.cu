@@ -8,7 +8,9 @@
 #define NO_SLOT 0xffffffffu
 // Positions one attention block covers: a row's positions are cut at multiples of SPAN,
 // so how a row's work is split depends on its own position alone (batch invariance).
-#define SPAN 256
+// 64 keeps a decode step's grid wide at short context (kv_heads x ceil(positions / 64)
+// blocks: 80 at 600 positions on an 8-KV-head model, where 256 gave 24 for 132 SMs).
+#define SPAN 64
 #define MAX_HD_PER_LANE 8
 
 __device__ __forceinline__ float half_to_float(unsigned short h) {
@@ -59,6 +61,47 @@ extern "C" __global__ void kv_write_step(unsigned short* pages, const float* src
     }
 }
 
+// RoPE on a row's q and k, then its k and v to its slot: rope_step twice and
+// kv_write_step twice in one launch, the same arithmetic. grid.x = rows; q is
+// [n, n_heads * head_dim], k and v [n, kv_heads * head_dim].
+extern "C" __global__ void rope_kv_write_step(float* q, float* k, const float* v, unsigned short* k_pages,
+                                              unsigned short* v_pages, const unsigned int* positions,
+                                              const unsigned int* slots, const float* inv_freq, unsigned int half,
+                                              unsigned int n_heads, unsigned int kv_heads, unsigned int head_dim,
+                                              unsigned int block_size, int neox) {
+    const unsigned int row = blockIdx.x;
+    const float pos = (float)positions[row];
+    const unsigned int qpairs = n_heads * half, pairs = (n_heads + kv_heads) * half;
+    for (unsigned int idx = threadIdx.x; idx < pairs; idx += blockDim.x) {
+        const bool is_q = idx < qpairs;
+        const unsigned int j = is_q ? idx : idx - qpairs;
+        const unsigned int h = j / half, i = j % half;
+        float* head = is_q ? q + ((size_t)row * n_heads + h) * head_dim : k + ((size_t)row * kv_heads + h) * head_dim;
+        float s, c;
+        sincosf(pos * inv_freq[i], &s, &c);
+        const unsigned int a = neox ? i : 2 * i;
+        const unsigned int b = neox ? i + half : 2 * i + 1;
+        const float x0 = head[a], x1 = head[b];
+        head[a] = x0 * c - x1 * s;
+        head[b] = x0 * s + x1 * c;
+    }
+    const unsigned int slot = slots[row];
+    if (slot == NO_SLOT) {
+        return;
+    }
+    __syncthreads();
+    const unsigned int blk = slot / block_size, off = slot % block_size;
+    const unsigned int width = kv_heads * head_dim;
+    for (unsigned int idx = threadIdx.x; idx < 2 * width; idx += blockDim.x) {
+        const bool is_k = idx < width;
+        const unsigned int e = is_k ? idx : idx - width;
+        const unsigned int h = e / head_dim, d = e % head_dim;
+        const size_t dst = (((size_t)blk * kv_heads + h) * block_size + off) * head_dim + d;
+        const float val = is_k ? k[(size_t)row * width + e] : v[(size_t)row * width + e];
+        (is_k ? k_pages : v_pages)[dst] = float_to_half(val);
+    }
+}
+
 struct SeqRows {
     unsigned int first_row, n_rows, table_start, table_len;
 };
@@ -71,9 +114,10 @@ __device__ __forceinline__ unsigned int first_visible(unsigned int p, unsigned i
 // Query heads of one KV head that one attention block holds (a larger GQA group is
 // launched as several chunks of heads; `ATTN_GROUP` in backend.rs).
 #define ATTN_GROUP 8
-// Threads of an attention block: one position of the span each while scoring, one warp
-// per head of the chunk while normalising.
-#define ATTN_THREADS SPAN
+// Threads of an attention block: ATTN_LANES per position of the span while scoring, one
+// warp per head of the chunk while normalising.
+#define ATTN_LANES 4
+#define ATTN_THREADS (SPAN * ATTN_LANES)
 
 // One block per (row, KV head and chunk of its query heads, span): the span's part of
 // the row's attention for each of those heads, unnormalised, with its max and sum, into
@@ -81,12 +125,14 @@ __device__ __forceinline__ unsigned int first_visible(unsigned int p, unsigned i
 // multiple of SPAN at or after its first visible position; blocks past the row's last
 // span, and rows of no sequence (padding), write empty parts.
 //
-// Scores: thread t takes position lo + t, reads its K row once (16-byte loads when the
-// head dimension is a multiple of 8) and dots it with every query head of the chunk.
-// Softmax: warp h folds head h's scores (max, then exp and sum). Values: thread i takes
-// output element i (head, dimension) and sums the weighted V rows in position order. The
-// cut into spans and every sum's order depend on the row's own position only, so a row's
-// result is the same bits in any batch.
+// Scores: the ATTN_LANES threads of position lo + t (adjacent lanes) read its K row once
+// between them (lane c takes the 8-element pieces c, c + ATTN_LANES, ... with 16-byte
+// loads when the head dimension is a multiple of 8; elements c, c + ATTN_LANES, ...
+// otherwise), dot it with every query head of the chunk and add their partial sums by
+// shuffles in a fixed order. Softmax: warp h folds head h's scores (max, then exp and
+// sum). Values: thread i takes output element i (head, dimension) and sums the weighted V
+// rows in position order. The cut into spans and every sum's order depend on the row's
+// own position only, so a row's result is the same bits in any batch.
 //
 // grid = (rows, kv_heads * ceil(group / ATTN_GROUP), max_spans), block = ATTN_THREADS.
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
@@ -135,59 +181,73 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
         qs[h][d] = q[((size_t)row * n_heads + h0 + h) * head_dim + d];
     }
     // Each position's K/V row (in units of head_dim) within the pools.
-    const unsigned int pos = lo + tid;
-    if (pos < hi) {
+    if (tid < SPAN && lo + tid < hi) {
+        const unsigned int pos = lo + tid;
         unsigned int blk = tables[s.table_start + pos / block_size];
         rows_at[tid] = (blk * kv_heads + kvh) * block_size + pos % block_size;
     }
     __syncthreads();
-    // Scores.
-    if (pos < hi) {
+    // Scores: position t = tid / ATTN_LANES, piece c = tid % ATTN_LANES.
+    {
+        const unsigned int t = tid / ATTN_LANES, c = tid % ATTN_LANES;
+        const bool live = lo + t < hi;
         float acc[ATTN_GROUP];
 #pragma unroll
         for (int h = 0; h < ATTN_GROUP; h++) {
             acc[h] = 0.0f;
         }
-        const unsigned short* kr = k_pages + (size_t)rows_at[tid] * head_dim;
-        if ((head_dim & 7) == 0) {
-            for (unsigned int d0 = 0; d0 < head_dim; d0 += 8) {
-                const uint4 raw = *(const uint4*)(kr + d0);
+        if (live) {
+            const unsigned short* kr = k_pages + (size_t)rows_at[t] * head_dim;
+            if ((head_dim & 7) == 0) {
+                for (unsigned int d0 = c * 8; d0 < head_dim; d0 += 8 * ATTN_LANES) {
+                    const uint4 raw = *(const uint4*)(kr + d0);
 #pragma unroll
-                for (int e = 0; e < 8; e++) {
-                    const unsigned int word = e < 2 ? raw.x : e < 4 ? raw.y : e < 6 ? raw.z : raw.w;
-                    const float kv = half_to_float((unsigned short)(word >> (16 * (e % 2))));
+                    for (int e = 0; e < 8; e++) {
+                        const unsigned int word = e < 2 ? raw.x : e < 4 ? raw.y : e < 6 ? raw.z : raw.w;
+                        const float kv = half_to_float((unsigned short)(word >> (16 * (e % 2))));
+#pragma unroll
+                        for (int h = 0; h < ATTN_GROUP; h++) {
+                            if ((unsigned int)h < gn) {
+                                acc[h] += qs[h][d0 + e] * kv;
+                            }
+                        }
+                    }
+                }
+            } else {
+                for (unsigned int d = c; d < head_dim; d += ATTN_LANES) {
+                    const float kv = half_to_float(kr[d]);
 #pragma unroll
                     for (int h = 0; h < ATTN_GROUP; h++) {
                         if ((unsigned int)h < gn) {
-                            acc[h] += qs[h][d0 + e] * kv;
+                            acc[h] += qs[h][d] * kv;
                         }
                     }
                 }
             }
-        } else {
-            for (unsigned int d = 0; d < head_dim; d++) {
-                const float kv = half_to_float(kr[d]);
-#pragma unroll
-                for (int h = 0; h < ATTN_GROUP; h++) {
-                    if ((unsigned int)h < gn) {
-                        acc[h] += qs[h][d] * kv;
-                    }
-                }
-            }
         }
+        // The position's lanes are adjacent within one warp: fold their sums (every lane
+        // ends with the same total, added in the same order).
 #pragma unroll
         for (int h = 0; h < ATTN_GROUP; h++) {
-            if ((unsigned int)h < gn) {
-                float v = acc[h] * scale;
-                if (softcap > 0.0f) {
-                    v = softcap * tanhf(v / softcap);
-                }
-                sc[h][tid] = v;
+#pragma unroll
+            for (int o = 1; o < ATTN_LANES; o <<= 1) {
+                acc[h] += __shfl_xor_sync(0xffffffffu, acc[h], o);
             }
         }
-    } else {
-        for (unsigned int h = 0; h < gn; h++) {
-            sc[h][tid] = -__int_as_float(0x7f800000);
+        if (c == 0) {
+#pragma unroll
+            for (int h = 0; h < ATTN_GROUP; h++) {
+                if ((unsigned int)h < gn) {
+                    float v = -__int_as_float(0x7f800000);
+                    if (live) {
+                        v = acc[h] * scale;
+                        if (softcap > 0.0f) {
+                            v = softcap * tanhf(v / softcap);
+                        }
+                    }
+                    sc[h][t] = v;
+                }
+            }
         }
     }
     __syncthreads();

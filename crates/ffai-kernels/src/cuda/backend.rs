@@ -39,9 +39,11 @@ use crate::quant::WeightType;
 /// decode batch of up to this many sequences gives each the bits it gets alone).
 pub const GEMM_MIN_ROWS: usize = 33;
 
-/// Positions per attention part (`SPAN` in attention.cu), also the attention block's
-/// threads.
-const ATTN_SPAN: usize = 256;
+/// Positions per attention part (`SPAN` in attention.cu).
+const ATTN_SPAN: usize = 64;
+/// Threads of an attention block (`ATTN_THREADS` in attention.cu: `ATTN_LANES` = 4 per
+/// position of the span).
+const ATTN_THREADS: usize = ATTN_SPAN * 4;
 /// Query heads of one KV head an attention block takes (`ATTN_GROUP` in attention.cu).
 const ATTN_GROUP: usize = 8;
 /// Activation rows one q8x.cu product launch takes (`Q8X_MAX_N`).
@@ -1000,6 +1002,30 @@ impl Backend for CudaBackend {
         );
     }
 
+    fn add_rms_norm(&self, x: &mut CudaBuf, y: &CudaBuf, w: &CudaBuf, eps: f32, n: usize, out: &mut CudaBuf) {
+        let width = w.len;
+        assert!(
+            n * width <= x.len && n * width <= y.len && n * width <= out.len,
+            "add_rms_norm out of range"
+        );
+        if n == 0 {
+            return;
+        }
+        self.launch(
+            "add_rms_norm",
+            (n as u32, 1, 1),
+            norm_threads(width),
+            &[
+                Arg::P(x.ptr),
+                Arg::P(y.ptr),
+                Arg::P(w.ptr),
+                Arg::F(eps),
+                Arg::U(width as u32),
+                Arg::P(out.ptr),
+            ],
+        );
+    }
+
     fn layer_norm(&self, x: &CudaBuf, w: &CudaBuf, b: &CudaBuf, eps: f32, n: usize, out: &mut CudaBuf) {
         let width = w.len;
         assert!(
@@ -1394,6 +1420,63 @@ impl Backend for CudaBackend {
         );
     }
 
+    fn rope_kv_write_step(
+        &self,
+        q: &mut CudaBuf,
+        k: &mut CudaBuf,
+        v: &CudaBuf,
+        n: usize,
+        step: &CudaStep,
+        rope: &RopeParams<'_, Self>,
+        k_cache: &mut CudaKv,
+        v_cache: &mut CudaKv,
+        group: usize,
+        shape: &AttnShape,
+    ) {
+        assert_eq!(
+            n, step.n_rows,
+            "rope_kv_write_step over {n} rows of a {}-row step",
+            step.n_rows
+        );
+        let g = &step.groups[group];
+        let (nh, kvh, hd, bs) = (shape.n_heads, shape.n_kv_heads, shape.head_dim, g.block_size as usize);
+        let half = rope.inv_freq.len;
+        assert!(2 * half <= hd, "RoPE table wider than the head");
+        assert!(
+            n * nh * hd <= q.len && n * kvh * hd <= k.len && n * kvh * hd <= v.len,
+            "rope_kv_write_step inputs too small"
+        );
+        assert!(
+            g.n_blocks as usize * bs * kvh * hd <= k_cache.data.len
+                && g.n_blocks as usize * bs * kvh * hd <= v_cache.data.len,
+            "KV pools smaller than the step's group"
+        );
+        if n == 0 {
+            return;
+        }
+        self.launch(
+            "rope_kv_write_step",
+            (n as u32, 1, 1),
+            256,
+            &[
+                Arg::P(q.ptr),
+                Arg::P(k.ptr),
+                Arg::P(v.ptr),
+                Arg::P(k_cache.data.ptr),
+                Arg::P(v_cache.data.ptr),
+                Arg::P(step.positions.ptr),
+                Arg::P(g.slots.ptr),
+                Arg::P(rope.inv_freq.ptr),
+                Arg::U(half as u32),
+                Arg::U(nh as u32),
+                Arg::U(kvh as u32),
+                Arg::U(hd as u32),
+                Arg::U(bs as u32),
+                Arg::I(rope.neox as i32),
+            ],
+        );
+    }
+
     fn attention_step(
         &self,
         q: &CudaBuf,
@@ -1446,7 +1529,7 @@ impl Backend for CudaBackend {
             self.launch(
                 "attn_spans",
                 (m as u32, (kvh * chunks) as u32, spans as u32),
-                ATTN_SPAN as u32,
+                ATTN_THREADS as u32,
                 &[
                     Arg::P(q.ptr),
                     Arg::P(k.data.ptr),

@@ -27,6 +27,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "gelu_mul",
             "gelu",
             "add_inplace",
+            "add_rms_norm",
             "add_scaled",
             "add_bias",
             "scale",
@@ -57,7 +58,13 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
     (
         "attention.cu",
         include_str!("attention.cu"),
-        &["rope_step", "kv_write_step", "attn_spans", "attn_combine"],
+        &[
+            "rope_step",
+            "kv_write_step",
+            "rope_kv_write_step",
+            "attn_spans",
+            "attn_combine",
+        ],
     ),
 ];
 

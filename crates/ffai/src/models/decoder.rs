@@ -467,15 +467,14 @@ impl<B: Backend> Decoder<B> {
             b.scale(&mut s.x, sp.embed_scale, n * h);
         }
         tap.boundary(b, &s.x, n * h, "embed", None);
+        // Each norm of the residual stream is taken where the stream was last added to
+        // (`residual_norm`: one fused op where the backend has it); the first here.
+        if let Some(nm) = self.layers.first().and_then(|l| l.attn_norm.as_ref()) {
+            self.norm(nm, &s.x, n, &mut s.xn);
+        }
         for (i, l) in self.layers.iter().enumerate() {
             // --- attention ---
-            let input = match &l.attn_norm {
-                Some(nm) => {
-                    self.norm(nm, &s.x, n, &mut s.xn);
-                    &s.xn
-                }
-                None => &s.x,
-            };
+            let input = if l.attn_norm.is_some() { &s.xn } else { &s.x };
             tap.linear_input(b, input, n, h, "attn_in", Some(i));
             b.matmuls(&[&l.wq, &l.wk, &l.wv], input, n, &mut [&mut s.q, &mut s.k, &mut s.v]);
             if let Some([bq, bk, bv]) = &l.qkv_bias {
@@ -507,11 +506,19 @@ impl<B: Backend> Decoder<B> {
                 inv_freq: &tables[sp.layers[i].rope],
                 neox: sp.rope_neox,
             };
-            b.rope_step(&mut s.q, n, c.num_heads, c.head_dim, &s.step, &rope);
-            b.rope_step(&mut s.k, n, c.num_kv_heads, c.head_dim, &s.step, &rope);
             let (shape, g) = (self.shape(i), self.layer_group[i]);
-            b.kv_write_step(&mut s.k_pages[i], &s.k, n, &s.step, g, &shape);
-            b.kv_write_step(&mut s.v_pages[i], &s.v, n, &s.step, g, &shape);
+            b.rope_kv_write_step(
+                &mut s.q,
+                &mut s.k,
+                &s.v,
+                n,
+                &s.step,
+                &rope,
+                &mut s.k_pages[i],
+                &mut s.v_pages[i],
+                g,
+                &shape,
+            );
             b.attention_step(
                 &s.q,
                 &s.k_pages[i],
@@ -528,16 +535,10 @@ impl<B: Backend> Decoder<B> {
             if let Some(ob) = &l.o_bias {
                 b.add_bias(&mut s.tmp, ob, n);
             }
-            self.residual(l.post_attn_norm.as_ref(), s, n);
+            self.residual_norm(l.post_attn_norm.as_ref(), l.ffn_norm.as_ref(), s, n);
 
             // --- MLP ---
-            let input = match &l.ffn_norm {
-                Some(nm) => {
-                    self.norm(nm, &s.x, n, &mut s.xn);
-                    &s.xn
-                }
-                None => &s.x,
-            };
+            let input = if l.ffn_norm.is_some() { &s.xn } else { &s.x };
             tap.linear_input(b, input, n, h, "ffn_in", Some(i));
             match &l.ffn {
                 Ffn::Moe(moe) => {
@@ -577,12 +578,31 @@ impl<B: Backend> Decoder<B> {
                     }
                 }
             }
-            self.residual(l.post_ffn_norm.as_ref(), s, n);
+            let next = match self.layers.get(i + 1) {
+                Some(nl) => nl.attn_norm.as_ref(),
+                None => Some(&self.final_norm),
+            };
+            self.residual_norm(l.post_ffn_norm.as_ref(), next, s, n);
             tap.boundary(b, &s.x, n * h, "layer_out", Some(i));
         }
-        self.norm(&self.final_norm, &s.x, n, &mut s.xn);
         tap.boundary(b, &s.xn, n * h, "final_norm", None);
         tap.linear_input(b, &s.xn, n, h, "head_in", None);
+    }
+
+    /// `x += residual_scale * post_norm(tmp)`, then `xn = next(x)` when there is a next
+    /// norm: the add and an RMS norm as one op where nothing else comes between.
+    fn residual_norm(&self, post: Option<&Norm<B>>, next: Option<&Norm<B>>, s: &mut Paged<B>, n: usize) {
+        if let (None, Some(nm)) = (post, next) {
+            if nm.b.is_none() && self.spec.residual_scale == 1.0 {
+                self.b
+                    .add_rms_norm(&mut s.x, &s.tmp, &nm.w, self.spec.eps, n, &mut s.xn);
+                return;
+            }
+        }
+        self.residual(post, s, n);
+        if let Some(nm) = next {
+            self.norm(nm, &s.x, n, &mut s.xn);
+        }
     }
 
     /// `x += residual_scale * post_norm(tmp)` (the norm only where the family has one).
