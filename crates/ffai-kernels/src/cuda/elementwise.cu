@@ -93,6 +93,22 @@ extern "C" __global__ void to_bf16(const float* x, unsigned short* out, unsigned
     }
 }
 
+// f32 -> f16 (round to nearest even; NaN stays NaN; finite values past f16's range
+// saturate to +-65504 instead of becoming infinities): the activations of an f16 GEMM
+// against f16 weights.
+extern "C" __global__ void to_f16(const float* x, unsigned short* out, unsigned long long len) {
+    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < len) {
+        float v = x[i];
+        if (v == v && fabsf(v) < __int_as_float(0x7f800000)) {
+            v = fminf(fmaxf(v, -65504.0f), 65504.0f);
+        }
+        unsigned short h;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+        out[i] = h;
+    }
+}
+
 // Sum of a block's values (blockDim.x a power of two, at most 1024) through shared
 // memory; every thread gets the total.
 __device__ float block_sum(float v, float* partial) {

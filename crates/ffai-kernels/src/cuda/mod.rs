@@ -33,6 +33,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "scale",
             "softcap",
             "to_bf16",
+            "to_f16",
             "rms_norm",
             "layer_norm",
             "argmax_rows",
