@@ -35,6 +35,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "rms_norm",
             "layer_norm",
             "argmax_rows",
+            "copy_rows",
         ],
     ),
     (
@@ -57,7 +58,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
     (
         "attention.cu",
         include_str!("attention.cu"),
-        &["rope_step", "kv_write_step", "attn_spans", "attn_combine"],
+        &["rope_step", "kv_write_step", "attn_spans", "attn_combine", "attn_mla"],
     ),
 ];
 
