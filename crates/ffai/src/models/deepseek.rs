@@ -221,9 +221,11 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
             ..
         }) => {
             if gguf {
+                // `yarn_log_multiplier` is `0.1 · mscale_all_dim`; `yarn_attn_factor`, when
+                // present, is taken as transformers' factor on cos and sin (the rope part).
                 let log_mul = cfg.extra_f64("", "rope.scaling.yarn_log_multiplier")?.unwrap_or(0.0);
                 (
-                    1.0,
+                    cfg.extra_f64("", "rope.scaling.yarn_attn_factor")?.unwrap_or(1.0),
                     if *factor > 1.0 {
                         1.0 + log_mul * factor.ln()
                     } else {
