@@ -411,10 +411,103 @@ def fam_configs():
         ],
         ov,
     )
+    F["deepseek_v2"] = (
+        "DeepseekV2Config",
+        dict(
+            BASE,
+            num_hidden_layers=3,
+            num_key_value_heads=4,
+            intermediate_size=64,
+            q_lora_rank=None,
+            kv_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            n_routed_experts=8,
+            num_experts_per_tok=3,
+            n_shared_experts=1,
+            moe_intermediate_size=16,
+            first_k_dense_replace=1,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=1.5,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+        ),
+        [
+            "DeepseekV2ForCausalLM, V2-Lite shape: q_lora_rank null (a plain q_proj 64 -> 4 * (16 + 8)); multi-head "
+            "latent attention: kv_a_proj_with_mqa 64 -> 32 + 8, split into the latent (kv_lora_rank 32, then "
+            "kv_a_layernorm) and the shared k_pe (qk_rope_head_dim 8); kv_b_proj 32 -> 4 * (16 + 16) gives per head "
+            "k_nope (qk_nope_head_dim 16) and v (v_head_dim 16); q splits per head into q_nope 16 | q_pe 8",
+            "RoPE on q_pe and k_pe only, interleaved pairs (x0, x1), (x2, x3), ... (apply_rotary_emb via complex "
+            "numbers), rope_theta 1e4 over qk_rope_head_dim 8; softmax scale (16 + 8)^-0.5; o_proj 4 * 16 -> 64",
+            "layer 0 dense (first_k_dense_replace 1, intermediate_size 64); layers 1, 2: MoE with 8 routed experts "
+            "(moe_intermediate_size 16) and 1 shared expert (an MLP of 16, added to the routed sum)",
+            "router: softmax over all 8 experts in fp32; topk_method group_limited_greedy: 4 groups of 2 scored by "
+            "their best probability, the best 2 groups kept, top-3 experts of those (k 3 > topk_group 2, so the "
+            "group limit changes choices); weights are the probabilities "
+            "times routed_scaling_factor 1.5, never renormalised (transformers' V2 router has no norm_topk_prob)",
+        ],
+        {},
+    )
+    F["deepseek_v3"] = (
+        "DeepseekV3Config",
+        dict(
+            BASE,
+            num_hidden_layers=3,
+            num_key_value_heads=4,
+            intermediate_size=64,
+            q_lora_rank=24,
+            kv_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            n_routed_experts=16,
+            num_experts_per_tok=4,
+            n_shared_experts=1,
+            moe_intermediate_size=16,
+            first_k_dense_replace=1,
+            n_group=4,
+            topk_group=2,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            rope_interleave=True,
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=10000.0,
+                factor=4.0,
+                original_max_position_embeddings=32,
+                beta_fast=32.0,
+                beta_slow=1.0,
+                mscale=1.0,
+                mscale_all_dim=0.8,
+            ),
+        ),
+        [
+            "DeepseekV3ForCausalLM: MLA as deepseek_v2 but with q_lora_rank 24: q = q_b_proj(q_a_layernorm("
+            "q_a_proj(x))) (64 -> 24 -> 4 * 24)",
+            "rope_interleave True: RoPE on interleaved pairs of q_pe / k_pe (apply_rotary_pos_emb_interleave)",
+            "YaRN over qk_rope_head_dim 8: factor 4, original_max_position_embeddings 32, beta 32/1, truncate "
+            "(default True); mscale 1.0 and mscale_all_dim 0.8 differ, so cos and sin carry attention_factor = "
+            "mscale(4, 1) / mscale(4, 0.8) (on the rope part of the score only) and the softmax scale is "
+            "(16 + 8)^-0.5 * mscale(4, 0.8)^2, mscale(s, m) = 0.1 m ln s + 1",
+            "layer 0 dense; layers 1, 2 MoE: 16 routed experts (4 per token) + 1 shared expert; router: sigmoid of "
+            "the fp32 logits; choice scores = sigmoid + e_score_correction_bias (a buffer, drawn N(0, 0.1)); 4 groups "
+            "of 4 scored by the sum of their two best choice scores, the best 2 groups kept; top-4 choice scores "
+            "among those; weights are the UNBIASED sigmoid scores, divided by their sum (norm_topk_prob) and times "
+            "routed_scaling_factor 2.5",
+        ],
+        {},
+    )
     return F
 
 
-MOE_FAMILIES = ("qwen3_moe", "mixtral", "olmoe", "gpt_oss", "gpt_oss_mxfp4")
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "olmoe", "gpt_oss", "gpt_oss_mxfp4", "deepseek_v2", "deepseek_v3")
+DEEPSEEK = ("deepseek_v2", "deepseek_v3")
+
+
+def is_router(m):
+    return type(m).__name__.lower().endswith("topkrouter")
 
 FP4 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 
@@ -467,7 +560,7 @@ def mxfp4_save(model, fdir):
     save_file(out, os.path.join(fdir, "model.safetensors"), metadata={"format": "pt"})
 
 FAMILY_ORDER = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3", "olmo2", "granite", "starcoder2",
-                "llama_bf16", "qwen3_moe", "mixtral", "olmoe", "gpt_oss", "gpt_oss_mxfp4"]
+                "llama_bf16", "qwen3_moe", "mixtral", "olmoe", "gpt_oss", "gpt_oss_mxfp4", "deepseek_v2", "deepseek_v3"]
 FAMILY_SEED = {f: 1000 + i for i, f in enumerate(FAMILY_ORDER)}
 
 
@@ -489,7 +582,7 @@ def reinit_(model, model_type, overrides):
                     p.normal_(0.5, 1.5)
                 continue
             # MoE routers and stacked experts hold plain Parameters: initialised as Linear weights.
-            is_lin = isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)) or cls.endswith(("TopKRouter", "Experts"))
+            is_lin = isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)) or cls.endswith(("TopKRouter", "TopkRouter", "Experts"))
             if not (is_norm or is_lin):
                 raise RuntimeError(f"unexpected parameterised module {mname} ({cls})")
             leaf = mname.split(".")[-1]
@@ -511,6 +604,10 @@ def reinit_(model, model_type, overrides):
     for n, p in model.named_parameters():
         if id(p) not in seen:
             raise RuntimeError(f"parameter {n} not re-initialised")
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "e_score_correction_bias"):
+                m.e_score_correction_bias.normal_(0.0, 0.1)
 
 
 def rope_info(model):
@@ -615,7 +712,46 @@ def sensitivity(family, model, ids, ref):
         rot.inv_freq.copy_(1.0 / (rp["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)))
         diff("yarn_inv_freq_off")
         rot.inv_freq.copy_(saved)
-    if family in MOE_FAMILIES and not family.startswith("gpt_oss"):
+    if family in DEEPSEEK:
+        routers = [m for m in model.modules() if is_router(m)]
+        for m in routers:
+            m.routed_scaling_factor = 1.0
+        diff("routed_scaling_factor_off")
+        for m in routers:
+            m.routed_scaling_factor = cfg.routed_scaling_factor
+        if family == "deepseek_v3":
+            saved = [m.e_score_correction_bias.clone() for m in routers]
+            with torch.no_grad():
+                for m in routers:
+                    m.e_score_correction_bias.zero_()
+            diff("e_score_correction_bias_off")
+            with torch.no_grad():
+                for m, b in zip(routers, saved):
+                    m.e_score_correction_bias.copy_(b)
+            for m in routers:
+                m.num_group, m.topk_group = 1, 1
+            diff("group_limit_off")
+            for m in routers:
+                m.num_group, m.topk_group = cfg.n_group, cfg.topk_group
+            attns = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
+            saved = [m.scaling for m in attns]
+            for m in attns:
+                m.scaling = m.qk_head_dim ** -0.5
+            diff("yarn_mscale_all_dim_off")
+            for m, sc in zip(attns, saved):
+                m.scaling = sc
+            rot = model.model.rotary_emb
+            a = rot.attention_scaling
+            rot.attention_scaling = 1.0
+            diff("yarn_attention_factor_off")
+            rot.attention_scaling = a
+        else:
+            for m in routers:
+                m.topk_method = "greedy"
+            diff("group_limited_greedy_off")
+            for m in routers:
+                m.topk_method = cfg.topk_method
+    if family in MOE_FAMILIES and not family.startswith("gpt_oss") and family not in DEEPSEEK:
         routers = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
         for m in routers:
             m.norm_topk_prob = not getattr(m, "norm_topk_prob", True)
@@ -635,7 +771,48 @@ def sensitivity(family, model, ids, ref):
     return res
 
 
+def deepseek_routing_stats(model, ids):
+    """routing_stats for DeepSeek's routers: the margins are those of the choice the router
+    makes (group scores at the topk_group boundary, then choice scores at the top-k boundary
+    among the kept groups), in its own score space (softmax probabilities or sigmoid + bias)."""
+    logs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: logs.append((m, o[0].detach().float())))
+             for m in model.modules() if is_router(m)]
+    forward_logits(model, ids)
+    for h in hooks:
+        h.remove()
+    stats = []
+    for m, logits in logs:
+        k, ne = m.top_k, logits.shape[-1]
+        if hasattr(m, "e_score_correction_bias"):
+            c = logits.sigmoid() + m.e_score_correction_bias
+            g = c.view(-1, m.num_group, ne // m.num_group).topk(2, dim=-1)[0].sum(-1)
+        else:
+            c = logits.softmax(dim=-1)
+            if m.topk_method == "group_limited_greedy":
+                g = c.view(-1, m.num_group, ne // m.num_group).max(dim=-1).values
+            else:
+                g = torch.zeros(c.shape[0], 1)
+        ng, tg = g.shape[-1], (m.topk_group if g.shape[-1] > 1 else 1)
+        gs = torch.sort(g, dim=-1, descending=True).values
+        g_margin = float((gs[:, tg - 1] - gs[:, tg]).min()) if ng > tg else float("inf")
+        keep = torch.zeros_like(g).scatter_(1, torch.topk(g, tg, dim=-1).indices, 1.0)
+        mask = keep.unsqueeze(-1).expand(-1, ng, ne // ng).reshape(-1, ne).bool()
+        cm = c.masked_fill(~mask, float("-inf"))
+        top = torch.sort(cm, dim=-1, descending=True).values
+        idx = torch.topk(cm, k, dim=-1).indices
+        counts = torch.bincount(idx.flatten(), minlength=ne).tolist()
+        if min(counts) == 0:
+            raise RuntimeError(f"an expert is never routed to: {counts}")
+        e_margin = float((top[:, k - 1] - top[:, k]).min())
+        stats.append({"tokens_per_expert": counts, "min_topk_margin": min(g_margin, e_margin),
+                      "min_group_margin": g_margin, "min_expert_margin": e_margin})
+    return stats
+
+
 def routing_stats(model, ids):
+    if any(is_router(m) and "Deepseek" in type(m).__name__ for m in model.modules()):
+        return deepseek_routing_stats(model, ids)
     """Per sparse layer: tokens per expert, and the smallest gap between the k-th and (k+1)-th
     routing probability over all tokens (a reimplementation agrees on the chosen experts when its
     router probabilities are closer to transformers' than this)."""
@@ -662,7 +839,7 @@ def balance_routers_(model, ids):
     share a large common direction (attention averages values), and W.mean dominates the logits.
     Layer by layer, project each router's rows off the mean direction of the inputs it sees, so
     its logits follow what differs between tokens and every expert gets some."""
-    routers = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
+    routers = [m for m in model.modules() if is_router(m)]
     for r in routers:
         seen = []
         h = r.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().reshape(-1, i[0].shape[-1])))

@@ -390,12 +390,28 @@ pub trait Backend: Send + Sync + 'static {
     /// `x = clamp(x, lo, hi)` over the first `len` elements (OLMoE's `clip_qkv`).
     fn clamp(&self, x: &mut Self::Buf, lo: f32, hi: f32, len: usize);
 
-    // --- mixture of experts (see `ops::moe_route`) ---
-    /// Routing of `n` rows of router logits `[n, n_experts]`: per row, the `k` most
-    /// probable experts under a softmax over all of them ([`crate::ops::moe_route`]: the
-    /// largest first, ties to the lower index), their ids (as f32) in `ids[n, k]` and
-    /// their probabilities in `weights[n, k]`, renormalised to sum 1 when `renormalize`.
-    /// `k <= n_experts <= ops::MAX_EXPERTS`, `k <= ops::MAX_EXPERTS_PER_TOKEN`.
+    /// `dst[r * dst_stride + dst_off ..][..width] = src[r * src_stride + src_off ..][..width]`
+    /// for `rows` rows: a strided copy of a column range (splitting a projection into
+    /// parts, or joining parts into one row).
+    #[allow(clippy::too_many_arguments)]
+    fn copy_rows(
+        &self,
+        src: &Self::Buf,
+        src_stride: usize,
+        src_off: usize,
+        dst: &mut Self::Buf,
+        dst_stride: usize,
+        dst_off: usize,
+        width: usize,
+        rows: usize,
+    );
+
+    // --- mixture of experts (see `ops::moe_route_with`) ---
+    /// Routing of `n` rows of router logits `[n, n_experts]` under the rule `routing`
+    /// ([`crate::ops::moe_route_with`]: softmax or sigmoid scores, the choice steered by
+    /// `bias` (`[n_experts]`) when given, optionally limited to the best groups; the `k`
+    /// best first, ties to the lower index): their ids (as f32) in `ids[n, k]` and their
+    /// weights in `weights[n, k]`. `routing.check(n_experts, k)` must hold.
     #[allow(clippy::too_many_arguments)]
     fn moe_route(
         &self,
@@ -403,7 +419,8 @@ pub trait Backend: Send + Sync + 'static {
         n: usize,
         n_experts: usize,
         k: usize,
-        renormalize: bool,
+        routing: &crate::ops::MoeRouting,
+        bias: Option<&Self::Buf>,
         ids: &mut Self::Buf,
         weights: &mut Self::Buf,
     );
@@ -545,6 +562,25 @@ pub trait Backend: Send + Sync + 'static {
         sinks: Option<&Self::Buf>,
         out: &mut Self::Buf,
     );
+    /// Multi-head latent attention (DeepSeek's MLA in its absorbed form): every query head
+    /// attends over one shared KV head. `q` is `[n, n_heads * head_dim]`; the pool `kv`
+    /// holds one head (`shape.n_kv_heads == 1`) of `head_dim` per position, the key; the
+    /// value of a position is the first `v_dim` elements of the same row (the latent), so
+    /// nothing is stored twice. `out` is `[n, n_heads * v_dim]`, zero for padding rows.
+    /// Otherwise as [`attention_step`](Self::attention_step) (windows, soft-cap, batch
+    /// invariance); no sinks.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_mla_step(
+        &self,
+        q: &Self::Buf,
+        kv: &Self::Kv,
+        n: usize,
+        step: &Self::Step,
+        group: usize,
+        shape: &AttnShape,
+        v_dim: usize,
+        out: &mut Self::Buf,
+    );
 }
 
 /// The mixture-of-experts ops composed from other ops of a backend, with the routing
@@ -574,17 +610,24 @@ pub mod host_moe {
         n: usize,
         n_experts: usize,
         k: usize,
-        renormalize: bool,
+        routing: &ops::MoeRouting,
+        bias: Option<&B::Buf>,
         ids: &mut B::Buf,
         weights: &mut B::Buf,
     ) {
         let mut l = vec![0f32; n * n_experts];
         b.download(logits, 0..n * n_experts, &mut l);
+        let hb = bias.map(|x| {
+            let mut h = vec![0f32; n_experts];
+            b.download(x, 0..n_experts, &mut h);
+            h
+        });
         let (mut hi, mut hw) = (vec![0f32; n * k], vec![0f32; n * k]);
         for t in 0..n {
-            ops::moe_route(
+            ops::moe_route_with(
                 &l[t * n_experts..(t + 1) * n_experts],
-                renormalize,
+                hb.as_deref(),
+                routing,
                 &mut hi[t * k..(t + 1) * k],
                 &mut hw[t * k..(t + 1) * k],
             );

@@ -462,7 +462,10 @@ impl CpuBackend {
         }
     }
 
-    /// `attention_step` for one element type of the pools.
+    /// `attention_step` (and `attention_mla_step`) for one element type of the pools.
+    /// `vd`: the value width (`head_dim`, or a prefix of the V row for MLA); `chunk`: the
+    /// query heads one work unit takes (the GQA group, or for MLA's single KV head a
+    /// divisor of all heads of at most 8, so the SIMD score kernels take them).
     #[allow(clippy::too_many_arguments)]
     fn attention_paged<T: ops::KvElem>(
         &self,
@@ -474,6 +477,7 @@ impl CpuBackend {
         gi: usize,
         s: &AttnShape,
         sinks: Option<&[f32]>,
+        (vd, chunk): (usize, usize),
         out: &mut [f32],
     ) {
         let g = step.group(gi);
@@ -485,10 +489,14 @@ impl CpuBackend {
         );
         let group = s.n_heads / kvh_n;
         assert!(
-            group <= crate::backend::MAX_GQA_GROUP,
+            chunk >= 1 && group.is_multiple_of(chunk) && chunk <= crate::backend::MAX_GQA_GROUP,
             "at most {} query heads per KV head",
             crate::backend::MAX_GQA_GROUP
         );
+        assert!(vd >= 1 && vd <= hd, "value width {vd} outside 1..={hd}");
+        assert!(chunk == group || sinks.is_none(), "sinks with split head groups");
+        // Work units per row: each takes `chunk` heads of one KV head.
+        let units = s.n_heads / chunk;
         assert_eq!(
             n,
             step.n_rows(),
@@ -503,9 +511,9 @@ impl CpuBackend {
             k.len(),
             v.len()
         );
-        let qw = s.n_heads * hd;
+        let (qw, ow) = (s.n_heads * hd, s.n_heads * vd);
         assert!(
-            q.len() >= n * qw && out.len() >= n * qw,
+            q.len() >= n * qw && out.len() >= n * ow,
             "attention_step buffers too small"
         );
         assert!(
@@ -524,6 +532,7 @@ impl CpuBackend {
                 block_size: g.block_size,
                 kv_heads: kvh_n,
                 head_dim: hd,
+                v_dim: vd,
                 scale: s.scale,
                 softcap: s.softcap,
                 window: g.window,
@@ -533,7 +542,7 @@ impl CpuBackend {
         };
         for (r, &o) in step.row_seq.iter().enumerate() {
             if o == u32::MAX {
-                out[r * qw..(r + 1) * qw].fill(0.0);
+                out[r * ow..(r + 1) * ow].fill(0.0);
             }
         }
 
@@ -552,13 +561,13 @@ impl CpuBackend {
                 (p0..p0 + sr.n_rows as usize).map(|p| a.spans(p).len()).sum::<usize>()
             })
             .sum::<usize>()
-            * kvh_n;
+            * units;
         let max_sp = if nt == 1 {
             usize::MAX
         } else {
             total_spans.div_ceil(4 * nt).max(1)
         };
-        let stride = group * (hd + 2);
+        let stride = chunk * (vd + 2);
         let mut work = self.paged.lock().unwrap_or_else(|e| e.into_inner());
         let work = &mut *work;
         work.items.clear();
@@ -568,7 +577,7 @@ impl CpuBackend {
         // blocks, which a thread's chunk then keeps in cache.
         for (si, sr) in g.seqs.iter().enumerate() {
             let a = view(si as u32);
-            for kvh in 0..kvh_n {
+            for kvh in 0..units {
                 for row in sr.first_row..sr.first_row + sr.n_rows {
                     let ks = a.spans(step.positions[row as usize] as usize);
                     let mut item = AttnItem {
@@ -631,28 +640,32 @@ impl CpuBackend {
         let (items, bounds, splits) = (&work.items, &work.bounds, &work.splits);
         let part_ptr = SharedMut(work.partial.as_mut_ptr());
         let out_ptr = SharedMut(out.as_mut_ptr());
-        let scratch_len = ops::paged_row_scratch(group, hd, span);
+        let scratch_len = ops::paged_row_scratch(chunk, hd, span);
         self.pool.run_chunks(bounds.len() - 1, |c| {
             with_scratch(scratch_len, |scratch| {
                 SEGS.with(|segs| {
                     let segs = &mut *segs.borrow_mut();
                     for it in &items[bounds[c]..bounds[c + 1]] {
-                        let (row, kvh) = (it.row as usize, it.kvh as usize);
+                        // `it.kvh` is the work unit: heads `u * chunk..` of KV head
+                        // `u * chunk / group`.
+                        let (row, u) = (it.row as usize, it.kvh as usize);
+                        let kvh = u * chunk / group;
                         let p = step.positions[row] as usize;
                         let a = view(it.seq);
-                        let q_off = row * qw + kvh * group * hd;
-                        let qs = &q[q_off..q_off + group * hd];
+                        let q_off = row * qw + u * chunk * hd;
+                        let o_off = row * ow + u * chunk * vd;
+                        let qs = &q[q_off..q_off + chunk * hd];
                         if it.split == u32::MAX {
                             // SAFETY: sequences own disjoint rows (validated by
-                            // `write_step`), and each (row, KV head) has exactly one
+                            // `write_step`), and each (row, unit) has exactly one
                             // unsplit item, so this group of heads of this row is written
-                            // by this thread alone; it lies inside `out[..n * qw]`.
-                            let o = unsafe { out_ptr.slice(q_off, group * hd) };
-                            a.attend_row(qs, group, kvh, p, segs, scratch, o);
+                            // by this thread alone; it lies inside `out[..n * ow]`.
+                            let o = unsafe { out_ptr.slice(o_off, chunk * vd) };
+                            a.attend_row(qs, chunk, kvh, p, segs, scratch, o);
                             continue;
                         }
                         let sp = &splits[it.split as usize];
-                        let scores = &mut scratch[..group * span];
+                        let scores = &mut scratch[..chunk * span];
                         for k in it.k_lo..it.k_hi {
                             let base = sp.base + (k - sp.k0) as usize * stride;
                             // SAFETY: each span of each split (row, KV head) has its own
@@ -660,11 +673,11 @@ impl CpuBackend {
                             // length), and exactly one item computes each span.
                             let (po, st) = unsafe {
                                 (
-                                    part_ptr.slice(base, group * hd),
-                                    part_ptr.slice(base + group * hd, 2 * group),
+                                    part_ptr.slice(base, chunk * vd),
+                                    part_ptr.slice(base + chunk * vd, 2 * chunk),
                                 )
                             };
-                            a.span_partial(qs, group, kvh, k as usize, p, segs, scores, po, st);
+                            a.span_partial(qs, chunk, kvh, k as usize, p, segs, scores, po, st);
                         }
                         // The last piece to finish folds every span in order. AcqRel: the
                         // pieces' partial writes (released by their decrements) are
@@ -673,9 +686,9 @@ impl CpuBackend {
                             continue;
                         }
                         debug_assert!(sp.seq == it.seq && sp.row == it.row && sp.kvh == it.kvh);
-                        // SAFETY: as for an unsplit item, this (row, KV head) output is
+                        // SAFETY: as for an unsplit item, this (row, unit) output is
                         // written only here, by the one thread that ended the count.
-                        let o = unsafe { out_ptr.slice(q_off, group * hd) };
+                        let o = unsafe { out_ptr.slice(o_off, chunk * vd) };
                         let mut stats = [0f32; 2 * crate::backend::MAX_GQA_GROUP];
                         for k in sp.k0..sp.k1 {
                             let base = sp.base + (k - sp.k0) as usize * stride;
@@ -684,13 +697,13 @@ impl CpuBackend {
                             // them through the shared pointer does not alias a live `&mut`.
                             let (po, st) = unsafe {
                                 (
-                                    &*part_ptr.slice(base, group * hd),
-                                    &*part_ptr.slice(base + group * hd, 2 * group),
+                                    &*part_ptr.slice(base, chunk * vd),
+                                    &*part_ptr.slice(base + chunk * vd, 2 * chunk),
                                 )
                             };
-                            ops::fold_span(o, &mut stats[..2 * group], po, st, group, k == sp.k0);
+                            ops::fold_span(o, &mut stats[..2 * chunk], po, st, chunk, k == sp.k0);
                         }
-                        ops::finish_fold(o, &stats[..2 * group], group, a.group_sinks(kvh, group));
+                        ops::finish_fold(o, &stats[..2 * chunk], chunk, a.group_sinks(kvh, chunk));
                     }
                 })
             })
@@ -796,6 +809,35 @@ impl Backend for CpuBackend {
 
     fn copy(&self, src: &Vec<f32>, src_off: usize, dst: &mut Vec<f32>, dst_off: usize, len: usize) {
         dst[dst_off..dst_off + len].copy_from_slice(&src[src_off..src_off + len]);
+    }
+
+    fn copy_rows(
+        &self,
+        src: &Vec<f32>,
+        src_stride: usize,
+        src_off: usize,
+        dst: &mut Vec<f32>,
+        dst_stride: usize,
+        dst_off: usize,
+        width: usize,
+        rows: usize,
+    ) {
+        if rows == 0 || width == 0 {
+            return;
+        }
+        assert!(
+            src_off + width <= src_stride.max(width) && dst_off + width <= dst_stride.max(width),
+            "copy_rows: columns {src_off}+{width} / {dst_off}+{width} outside rows of {src_stride} / {dst_stride}"
+        );
+        let (last_s, last_d) = ((rows - 1) * src_stride + src_off, (rows - 1) * dst_stride + dst_off);
+        assert!(
+            last_s + width <= src.len() && last_d + width <= dst.len(),
+            "copy_rows: buffers too small"
+        );
+        for r in 0..rows {
+            let (a, b) = (r * src_stride + src_off, r * dst_stride + dst_off);
+            dst[b..b + width].copy_from_slice(&src[a..a + width]);
+        }
     }
 
     fn embed(&self, table: &CpuMatrix, ids: &[u32], out: &mut Vec<f32>) {
@@ -965,22 +1007,27 @@ impl Backend for CpuBackend {
         n: usize,
         n_experts: usize,
         k: usize,
-        renormalize: bool,
+        routing: &ops::MoeRouting,
+        bias: Option<&Vec<f32>>,
         ids: &mut Vec<f32>,
         weights: &mut Vec<f32>,
     ) {
         let _p = self.prof(|| "moe_route".into());
-        assert!(
-            (1..=n_experts).contains(&k) && n_experts <= ops::MAX_EXPERTS && k <= ops::MAX_EXPERTS_PER_TOKEN,
-            "moe_route: top {k} of {n_experts} experts"
-        );
+        if let Err(e) = routing.check(n_experts, k) {
+            panic!("moe_route: {e}");
+        }
         assert!(logits.len() >= n * n_experts && ids.len() >= n * k && weights.len() >= n * k);
+        assert!(
+            bias.is_none_or(|b| b.len() >= n_experts),
+            "moe_route: bias shorter than the experts"
+        );
+        let bias = bias.map(|b| &b[..n_experts]);
         let (ip, wp) = (SharedMut(ids.as_mut_ptr()), SharedMut(weights.as_mut_ptr()));
         self.for_rows(n, n_experts * k, |t| {
             // SAFETY: each row's k entries are handed to exactly one thread, inside the
             // first n * k of each buffer (checked above).
             let (i, w) = unsafe { (ip.slice(t * k, k), wp.slice(t * k, k)) };
-            ops::moe_route(&logits[t * n_experts..(t + 1) * n_experts], renormalize, i, w);
+            ops::moe_route_with(&logits[t * n_experts..(t + 1) * n_experts], bias, routing, i, w);
         });
     }
 
@@ -1277,9 +1324,56 @@ impl Backend for CpuBackend {
         let _p = self.prof(|| "attention".into());
         let sinks = sinks.map(|x| x.as_slice());
         match (k, v) {
-            (KvCache::F16(k), KvCache::F16(v)) => self.attention_paged(q, k, v, n, step, group, s, sinks, out),
-            (KvCache::F32(k), KvCache::F32(v)) => self.attention_paged(q, k, v, n, step, group, s, sinks, out),
+            (KvCache::F16(k), KvCache::F16(v)) => self.attention_paged(
+                q,
+                k,
+                v,
+                n,
+                step,
+                group,
+                s,
+                sinks,
+                (s.head_dim, s.n_heads / s.n_kv_heads.max(1)),
+                out,
+            ),
+            (KvCache::F32(k), KvCache::F32(v)) => self.attention_paged(
+                q,
+                k,
+                v,
+                n,
+                step,
+                group,
+                s,
+                sinks,
+                (s.head_dim, s.n_heads / s.n_kv_heads.max(1)),
+                out,
+            ),
             _ => panic!("K and V caches of different precision"),
+        }
+    }
+
+    fn attention_mla_step(
+        &self,
+        q: &Vec<f32>,
+        kv: &KvCache,
+        n: usize,
+        step: &CpuStep,
+        group: usize,
+        s: &AttnShape,
+        v_dim: usize,
+        out: &mut Vec<f32>,
+    ) {
+        let _p = self.prof(|| "attention_mla".into());
+        assert_eq!(s.n_kv_heads, 1, "latent attention has one KV head");
+        // Work units of up to 8 heads (the SIMD score kernels' widest group), a divisor of
+        // the heads so every unit has the same shape.
+        let chunk = (1..=8.min(s.n_heads))
+            .rev()
+            .find(|c| s.n_heads.is_multiple_of(*c))
+            .unwrap_or(1);
+        match kv {
+            KvCache::F16(c) => self.attention_paged(q, c, c, n, step, group, s, None, (v_dim, chunk), out),
+            KvCache::F32(c) => self.attention_paged(q, c, c, n, step, group, s, None, (v_dim, chunk), out),
         }
     }
 }

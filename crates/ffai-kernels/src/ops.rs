@@ -434,9 +434,33 @@ pub fn attend_segments<T: KvElem>(
     out: &mut [f32],
     stats: &mut [f32],
 ) {
+    attend_segments_v(qs, group, k, v, hd, hd, segs, scale, softcap, scores, out, stats)
+}
+
+/// [`attend_segments`] with values narrower than keys: the value of a row is the first
+/// `vd` (`<= hd`) elements of its V row (rows are still `hd` apart), and `out` holds `vd`
+/// floats per head. Multi-head latent attention reads K and V from one pool this way (the
+/// latent is both the value and the front of the key). With `vd == hd` it is
+/// [`attend_segments`] exactly.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_segments_v<T: KvElem>(
+    qs: &[f32],
+    group: usize,
+    k: &[T],
+    v: &[T],
+    hd: usize,
+    vd: usize,
+    segs: &[Range<usize>],
+    scale: f32,
+    softcap: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+    stats: &mut [f32],
+) {
     let n: usize = segs.iter().map(|r| r.len()).sum();
     let end = segs.iter().map(|r| r.end).max().unwrap_or(0);
-    assert!(group >= 1 && qs.len() >= group * hd && out.len() >= group * hd && stats.len() >= 2 * group);
+    assert!(vd >= 1 && vd <= hd, "value width {vd} outside 1..={hd}");
+    assert!(group >= 1 && qs.len() >= group * hd && out.len() >= group * vd && stats.len() >= 2 * group);
     assert!(scores.len() >= group * n && k.len() >= end * hd && v.len() >= end * hd);
     #[cfg(target_arch = "x86_64")]
     if hd.is_multiple_of(8) && group <= 8 && avx2_available() && (!T::NEEDS_F16C || is_x86_feature_detected!("f16c")) {
@@ -464,6 +488,10 @@ pub fn attend_segments<T: KvElem>(
     #[cfg(not(target_arch = "x86_64"))]
     group_scores_portable(qs, group, k, hd, segs, scale, scores);
     group_softmax(&mut scores[..group * n], n, softcap, stats);
+    if vd != hd {
+        group_values_prefix(group, v, hd, vd, segs, scores, out);
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if hd.is_multiple_of(8) && group <= 8 && avx2_available() && (!T::NEEDS_F16C || is_x86_feature_detected!("f16c")) {
         // SAFETY: as above.
@@ -508,6 +536,38 @@ fn group_values_portable<T: KvElem>(
             let wg = w[g * n + j];
             for (o, x) in out[g * hd..(g + 1) * hd].iter_mut().zip(row) {
                 *o += wg * x.to_f32();
+            }
+        }
+    }
+}
+
+/// The values of [`attend_segments_v`] when they are the first `vd` of `hd` elements of
+/// each row: per head, the weighted sum of the rows' prefixes in row order.
+fn group_values_prefix<T: KvElem>(
+    group: usize,
+    v: &[T],
+    hd: usize,
+    vd: usize,
+    segs: &[Range<usize>],
+    w: &[f32],
+    out: &mut [f32],
+) {
+    let n = rows_in(segs);
+    out[..group * vd].fill(0.0);
+    // Pieces of 64 elements widened once into a stack buffer and used by every head.
+    let mut buf = [0f32; 64];
+    for (j, r) in segs.iter().flat_map(|r| r.clone()).enumerate() {
+        for c0 in (0..vd).step_by(64) {
+            let c1 = (c0 + 64).min(vd);
+            let piece = &mut buf[..c1 - c0];
+            for (d, x) in piece.iter_mut().zip(&v[r * hd + c0..r * hd + c1]) {
+                *d = x.to_f32();
+            }
+            for g in 0..group {
+                let wg = w[g * n + j];
+                for (o, &x) in out[g * vd + c0..g * vd + c1].iter_mut().zip(piece.iter()) {
+                    *o += wg * x;
+                }
             }
         }
     }
@@ -913,6 +973,9 @@ pub struct PagedAttn<'a, T> {
     pub block_size: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// Elements of a V row that are the value (`head_dim`, or fewer: the prefix, as
+    /// [`attend_segments_v`] reads it); outputs are `v_dim` per head.
+    pub v_dim: usize,
     pub scale: f32,
     pub softcap: f32,
     /// 0 = all positions.
@@ -970,7 +1033,7 @@ impl<T: KvElem> PagedAttn<'_, T> {
 
     /// Span `k`'s partial attention of the row at `p` for the GQA group of KV head
     /// `kvh` (queries `qs`, `group` heads): as [`attend_group`] leaves it, unnormalised
-    /// `out` (`group * head_dim`) and `(max, sum)` per head in `stats`. `scores` holds
+    /// `out` (`group * v_dim`) and `(max, sum)` per head in `stats`. `scores` holds
     /// at least `group * span` floats.
     #[allow(clippy::too_many_arguments)]
     pub fn span_partial(
@@ -987,12 +1050,13 @@ impl<T: KvElem> PagedAttn<'_, T> {
     ) {
         self.segments(kvh, self.span_positions(k, p), segs);
         let hd = self.head_dim;
-        attend_segments(
+        attend_segments_v(
             qs,
             group,
             self.k,
             self.v,
             hd,
+            self.v_dim,
             segs,
             self.scale,
             self.softcap,
@@ -1003,7 +1067,7 @@ impl<T: KvElem> PagedAttn<'_, T> {
     }
 
     /// The whole, normalised attention of the row at `p` for the GQA group of KV head
-    /// `kvh` into `out` (`group * head_dim`): every span in order, folded as it comes.
+    /// `kvh` into `out` (`group * v_dim`): every span in order, folded as it comes.
     /// `scratch` holds [`paged_row_scratch`] floats. This is the reference the batched
     /// kernels reproduce bit for bit however they spread a row's spans.
     #[allow(clippy::too_many_arguments)]
@@ -1017,16 +1081,17 @@ impl<T: KvElem> PagedAttn<'_, T> {
         scratch: &mut [f32],
         out: &mut [f32],
     ) {
-        let hd = self.head_dim;
+        let vd = self.v_dim;
         let (scores, rest) = scratch.split_at_mut(group * self.span);
-        let (po, rest) = rest.split_at_mut(group * hd);
+        let (po, rest) = rest.split_at_mut(group * self.head_dim);
+        let po = &mut po[..group * vd];
         let (pstats, rest) = rest.split_at_mut(2 * group);
         let stats = &mut rest[..2 * group];
         for (i, k) in self.spans(p).enumerate() {
             self.span_partial(qs, group, kvh, k, p, segs, scores, po, pstats);
-            fold_span(&mut out[..group * hd], stats, po, pstats, group, i == 0);
+            fold_span(&mut out[..group * vd], stats, po, pstats, group, i == 0);
         }
-        finish_fold(&mut out[..group * hd], stats, group, self.group_sinks(kvh, group));
+        finish_fold(&mut out[..group * vd], stats, group, self.group_sinks(kvh, group));
     }
 
     /// The sinks of KV head `kvh`'s `group` query heads, if any.
@@ -1087,6 +1152,179 @@ pub fn finish_fold(o: &mut [f32], stats: &[f32], group: usize, sinks: Option<&[f
 pub const MAX_EXPERTS: usize = 1024;
 pub const MAX_EXPERTS_PER_TOKEN: usize = 64;
 
+/// How the router's scores are made from its logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MoeScoring {
+    /// A softmax over all experts.
+    Softmax,
+    /// Each expert's own sigmoid (DeepSeek-V3).
+    Sigmoid,
+}
+
+/// How a group of experts is scored for group-limited routing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupScore {
+    /// The group's largest choice score (DeepSeek-V2 `group_limited_greedy`).
+    Max,
+    /// The sum of its two largest (DeepSeek-V3).
+    TopTwoSum,
+}
+
+/// A router's rule ([`moe_route_with`]): scoring, optional group limit, renormalisation
+/// and a final scale. [`MoeRouting::softmax`] is the plain rule of Qwen-MoE, Mixtral,
+/// OLMoE and GPT-OSS.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MoeRouting {
+    pub scoring: MoeScoring,
+    /// Divide the chosen experts' scores by their sum.
+    pub renormalize: bool,
+    /// Multiplies the final weights (DeepSeek's `routed_scaling_factor`; 1 for the rest).
+    pub scale: f32,
+    /// Experts form `n_groups` equal consecutive groups and only the `topk_groups` best
+    /// groups (by `group_score` of the choice scores) may be chosen from; 1 = no limit.
+    pub n_groups: usize,
+    pub topk_groups: usize,
+    pub group_score: GroupScore,
+}
+
+impl MoeRouting {
+    /// Softmax over all experts, top-k, optionally renormalised.
+    pub fn softmax(renormalize: bool) -> MoeRouting {
+        MoeRouting {
+            scoring: MoeScoring::Softmax,
+            renormalize,
+            scale: 1.0,
+            n_groups: 1,
+            topk_groups: 1,
+            group_score: GroupScore::Max,
+        }
+    }
+
+    /// Whether the rule can pick `k` of `n_experts`: groups divide the experts, at most
+    /// [`MAX_EXPERTS`] of them, and the allowed groups hold at least `k` experts.
+    pub fn check(&self, n_experts: usize, k: usize) -> Result<(), String> {
+        if !(1..=MAX_EXPERTS).contains(&n_experts) || !(1..=n_experts.min(MAX_EXPERTS_PER_TOKEN)).contains(&k) {
+            return Err(format!("top {k} of {n_experts} experts"));
+        }
+        let (g, tg) = (self.n_groups, self.topk_groups);
+        if g == 0 || !n_experts.is_multiple_of(g) {
+            return Err(format!("{n_experts} experts do not split into {g} groups"));
+        }
+        if g > 1 && (tg == 0 || tg > g || tg * (n_experts / g) < k) {
+            return Err(format!(
+                "{tg} of {g} groups of {} experts cannot hold {k} chosen experts",
+                n_experts / g
+            ));
+        }
+        if !self.scale.is_finite() {
+            return Err(format!("routed scaling factor {}", self.scale));
+        }
+        Ok(())
+    }
+}
+
+/// One token's routing under `r` ([`MoeRouting::check`] holds): scores (softmax or
+/// sigmoid of `logits`); choice scores = scores `+ bias` when a bias is given (DeepSeek-V3's
+/// `e_score_correction_bias`: it steers the choice only); with groups, the `topk_groups`
+/// groups of the best group scores (ties to the lower group) are the only candidates;
+/// the `ids.len()` best candidates by choice score (largest first, ties to the lower
+/// index); `weights` are their unbiased scores, divided by their sum when `renormalize`,
+/// times `scale`. With [`MoeRouting::softmax`] and no bias it is [`moe_route`] bit for bit.
+pub fn moe_route_with(logits: &[f32], bias: Option<&[f32]>, r: &MoeRouting, ids: &mut [f32], weights: &mut [f32]) {
+    let (k, ne) = (ids.len(), logits.len());
+    debug_assert!(k == weights.len() && k <= ne && ne <= MAX_EXPERTS && k <= MAX_EXPERTS_PER_TOKEN);
+    debug_assert!(bias.is_none_or(|b| b.len() >= ne));
+    let mut score = [0f32; MAX_EXPERTS];
+    match r.scoring {
+        MoeScoring::Softmax => {
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for &l in logits {
+                sum += (l - max).exp();
+            }
+            let inv = 1.0 / sum;
+            for (s, &l) in score.iter_mut().zip(logits) {
+                *s = (l - max).exp() * inv;
+            }
+        }
+        MoeScoring::Sigmoid => {
+            for (s, &l) in score.iter_mut().zip(logits) {
+                *s = 1.0 / (1.0 + (-l).exp());
+            }
+        }
+    }
+    let mut choice = [0f32; MAX_EXPERTS];
+    for e in 0..ne {
+        choice[e] = score[e] + bias.map_or(0.0, |b| b[e]);
+    }
+    // Allowed experts: all, or those of the best groups.
+    let mut allowed = [true; MAX_EXPERTS];
+    if r.n_groups > 1 {
+        let gs = ne / r.n_groups;
+        let mut gscore = [0f32; MAX_EXPERTS];
+        for (g, out) in gscore.iter_mut().enumerate().take(r.n_groups) {
+            let c = &choice[g * gs..(g + 1) * gs];
+            *out = match r.group_score {
+                GroupScore::Max => c.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+                GroupScore::TopTwoSum => {
+                    let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+                    for &x in c {
+                        if x > a {
+                            (a, b) = (x, a);
+                        } else if x > b {
+                            b = x;
+                        }
+                    }
+                    // A group of one expert counts it once.
+                    if gs == 1 {
+                        a
+                    } else {
+                        a + b
+                    }
+                }
+            };
+        }
+        let mut keep = [false; MAX_EXPERTS];
+        for _ in 0..r.topk_groups {
+            let mut best = usize::MAX;
+            for g in 0..r.n_groups {
+                if !keep[g] && (best == usize::MAX || gscore[g] > gscore[best]) {
+                    best = g;
+                }
+            }
+            keep[best] = true;
+        }
+        for (e, a) in allowed.iter_mut().enumerate().take(ne) {
+            *a = keep[e / gs];
+        }
+    }
+    let mut taken = [usize::MAX; MAX_EXPERTS_PER_TOKEN];
+    for j in 0..k {
+        let mut best = usize::MAX;
+        let mut best_c = f32::NEG_INFINITY;
+        for e in 0..ne {
+            if !allowed[e] || taken[..j].contains(&e) {
+                continue;
+            }
+            if best == usize::MAX || choice[e] > best_c {
+                best = e;
+                best_c = choice[e];
+            }
+        }
+        taken[j] = best;
+        ids[j] = best as f32;
+        weights[j] = score[best];
+    }
+    if r.renormalize {
+        let s: f32 = weights.iter().sum();
+        let inv = 1.0 / s;
+        weights.iter_mut().for_each(|w| *w *= inv);
+    }
+    if r.scale != 1.0 {
+        weights.iter_mut().for_each(|w| *w *= r.scale);
+    }
+}
+
 /// One token's routing: `softmax(logits)` over all experts, the `ids.len()` most
 /// probable (largest first; equal probabilities: the lower expert index first), and
 /// their probabilities in `weights`, divided by their sum when `renormalize`.
@@ -1097,39 +1335,7 @@ pub const MAX_EXPERTS_PER_TOKEN: usize = 64;
 /// index first); such ties need bit-equal router logits, which real inputs do not give.
 /// Expert ids are written as f32 (exact below 2^24) so they travel in activation buffers.
 pub fn moe_route(logits: &[f32], renormalize: bool, ids: &mut [f32], weights: &mut [f32]) {
-    let k = ids.len();
-    debug_assert!(k == weights.len() && k <= logits.len() && k <= MAX_EXPERTS_PER_TOKEN);
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for &l in logits {
-        sum += (l - max).exp();
-    }
-    let inv = 1.0 / sum;
-    // Selection by repeated scans (k is small): the largest probability not yet taken;
-    // `>` keeps the lower index among equals. NaN logits are never picked over a number.
-    let mut taken = [usize::MAX; MAX_EXPERTS_PER_TOKEN];
-    for j in 0..k {
-        let mut best = usize::MAX;
-        let mut best_p = f32::NEG_INFINITY;
-        for (e, &l) in logits.iter().enumerate() {
-            if taken[..j].contains(&e) {
-                continue;
-            }
-            let p = (l - max).exp() * inv;
-            if best == usize::MAX || p > best_p {
-                best = e;
-                best_p = p;
-            }
-        }
-        taken[j] = best;
-        ids[j] = best as f32;
-        weights[j] = best_p;
-    }
-    if renormalize {
-        let s: f32 = weights.iter().sum();
-        let inv = 1.0 / s;
-        weights.iter_mut().for_each(|w| *w *= inv);
-    }
+    moe_route_with(logits, None, &MoeRouting::softmax(renormalize), ids, weights)
 }
 
 /// Adds each slot's expert bias: `x[s] += biases[ids[s]]` for the `ids.len()` slots,

@@ -53,7 +53,16 @@ fn route_matches_softmax_topk_oracle() {
         for renorm in [false, true] {
             let logits: Vec<f32> = (0..n * ne).map(|_| 4.0 * r.f()).collect();
             let (mut ids, mut w) = (b.alloc(n * k), b.alloc(n * k));
-            b.moe_route(&logits, n, ne, k, renorm, &mut ids, &mut w);
+            b.moe_route(
+                &logits,
+                n,
+                ne,
+                k,
+                &ops::MoeRouting::softmax(renorm),
+                None,
+                &mut ids,
+                &mut w,
+            );
             for t in 0..n {
                 let (oi, ow) = oracle_route(&logits[t * ne..(t + 1) * ne], k, renorm);
                 for j in 0..k {
@@ -75,12 +84,30 @@ fn route_ties_go_to_the_lower_index_and_nan_picks_valid_experts() {
     let b = CpuBackend::new(1);
     let logits = [0.5f32, 1.0, 1.0, 0.5, 1.0, -2.0];
     let (mut ids, mut w) = (b.alloc(4), b.alloc(4));
-    b.moe_route(&logits.to_vec(), 1, 6, 4, false, &mut ids, &mut w);
+    b.moe_route(
+        &logits.to_vec(),
+        1,
+        6,
+        4,
+        &ops::MoeRouting::softmax(false),
+        None,
+        &mut ids,
+        &mut w,
+    );
     assert_eq!(ids, vec![1.0, 2.0, 4.0, 0.0]);
     // A NaN logit makes every probability NaN (as in torch): the ids stay distinct
     // valid experts, so the expert products never index outside the table.
     let logits = [0.5f32, f32::NAN, 1.0, 0.5];
-    b.moe_route(&logits.to_vec(), 1, 4, 3, true, &mut ids, &mut w);
+    b.moe_route(
+        &logits.to_vec(),
+        1,
+        4,
+        3,
+        &ops::MoeRouting::softmax(true),
+        None,
+        &mut ids,
+        &mut w,
+    );
     let mut got: Vec<usize> = ids[..3].iter().map(|&i| i as usize).collect();
     got.sort();
     got.dedup();
@@ -88,7 +115,16 @@ fn route_ties_go_to_the_lower_index_and_nan_picks_valid_experts() {
     // Equal logits: the first k experts, each 1/n.
     let mut ids = b.alloc(2);
     let mut w = b.alloc(2);
-    b.moe_route(&vec![0.25f32; 4], 1, 4, 2, false, &mut ids, &mut w);
+    b.moe_route(
+        &vec![0.25f32; 4],
+        1,
+        4,
+        2,
+        &ops::MoeRouting::softmax(false),
+        None,
+        &mut ids,
+        &mut w,
+    );
     assert_eq!(ids, vec![0.0, 1.0]);
     assert!((w[0] - 0.25).abs() < 1e-7 && (w[1] - 0.25).abs() < 1e-7);
 }
@@ -274,4 +310,112 @@ fn renormalised_route_is_a_softmax_over_the_topk_logits() {
             assert!((w[j] as f64 - want).abs() < 1e-6, "slot {j}: {} vs {want}", w[j]);
         }
     }
+}
+
+/// Naive group-limited routing (DeepSeek): f64 scores (softmax or sigmoid), choice scores
+/// with the bias, groups scored by their max or the sum of their two best choice scores,
+/// the best `topk_groups` groups kept (stable sort), the k best kept experts by choice
+/// score; weights the unbiased scores, renormalised, scaled.
+fn oracle_grouped(logits: &[f32], bias: Option<&[f32]>, r: &ops::MoeRouting, k: usize) -> (Vec<usize>, Vec<f64>) {
+    let ne = logits.len();
+    let p: Vec<f64> = match r.scoring {
+        ops::MoeScoring::Softmax => {
+            let max = logits.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+            let e: Vec<f64> = logits.iter().map(|&x| (x as f64 - max).exp()).collect();
+            let s: f64 = e.iter().sum();
+            e.iter().map(|x| x / s).collect()
+        }
+        ops::MoeScoring::Sigmoid => logits.iter().map(|&x| 1.0 / (1.0 + (-(x as f64)).exp())).collect(),
+    };
+    let c: Vec<f64> = (0..ne).map(|e| p[e] + bias.map_or(0.0, |b| b[e] as f64)).collect();
+    let gs = ne / r.n_groups;
+    let gscore: Vec<f64> = (0..r.n_groups)
+        .map(|g| {
+            let mut v: Vec<f64> = c[g * gs..(g + 1) * gs].to_vec();
+            v.sort_by(|a, b| b.partial_cmp(a).unwrap());
+            match r.group_score {
+                ops::GroupScore::Max => v[0],
+                ops::GroupScore::TopTwoSum => v[0] + v.get(1).copied().unwrap_or(0.0),
+            }
+        })
+        .collect();
+    let mut gi: Vec<usize> = (0..r.n_groups).collect();
+    gi.sort_by(|&a, &b| gscore[b].partial_cmp(&gscore[a]).unwrap());
+    let kept = &gi[..r.topk_groups];
+    let mut idx: Vec<usize> = (0..ne).filter(|e| kept.contains(&(e / gs))).collect();
+    idx.sort_by(|&a, &b| c[b].partial_cmp(&c[a]).unwrap());
+    let ids = idx[..k].to_vec();
+    let mut w: Vec<f64> = ids.iter().map(|&i| p[i]).collect();
+    if r.renormalize {
+        let s: f64 = w.iter().sum();
+        w.iter_mut().for_each(|x| *x /= s);
+    }
+    w.iter_mut().for_each(|x| *x *= r.scale as f64);
+    (ids, w)
+}
+
+#[test]
+fn grouped_routes_match_the_naive_oracle() {
+    let b = CpuBackend::new(2);
+    let mut r = Rng(99);
+    let (n, ne, k) = (40, 32, 6);
+    for (scoring, group_score, biased, renormalize) in [
+        (ops::MoeScoring::Sigmoid, ops::GroupScore::TopTwoSum, true, true),
+        (ops::MoeScoring::Sigmoid, ops::GroupScore::TopTwoSum, false, false),
+        (ops::MoeScoring::Softmax, ops::GroupScore::Max, false, false),
+        (ops::MoeScoring::Softmax, ops::GroupScore::Max, true, true),
+    ] {
+        let routing = ops::MoeRouting {
+            scoring,
+            renormalize,
+            scale: 2.5,
+            n_groups: 8,
+            topk_groups: 3,
+            group_score,
+        };
+        routing.check(ne, k).unwrap();
+        let logits: Vec<f32> = r.vec(n * ne).iter().map(|x| x * 4.0).collect();
+        // A bias large enough to change choices (sigmoid scores lie in 0..1).
+        let bias: Vec<f32> = r.vec(ne).iter().map(|x| x * 0.5).collect();
+        let bias_buf = biased.then(|| bias.clone());
+        let (mut ids, mut w) = (vec![0f32; n * k], vec![0f32; n * k]);
+        b.moe_route(&logits, n, ne, k, &routing, bias_buf.as_ref(), &mut ids, &mut w);
+        let mut bias_mattered = false;
+        for t in 0..n {
+            let row = &logits[t * ne..(t + 1) * ne];
+            let (oi, ow) = oracle_grouped(row, biased.then_some(&bias[..]), &routing, k);
+            let got: Vec<usize> = ids[t * k..(t + 1) * k].iter().map(|&x| x as usize).collect();
+            assert_eq!(got, oi, "{routing:?} row {t}");
+            for (g, o) in w[t * k..(t + 1) * k].iter().zip(&ow) {
+                assert!((*g as f64 - o).abs() < 1e-5, "{routing:?} row {t}: weight {g} vs {o}");
+            }
+            // The bias bites: without it the oracle picks other experts somewhere.
+            if biased {
+                let (plain, _) = oracle_grouped(row, None, &routing, k);
+                bias_mattered |= plain != oi;
+            }
+        }
+        assert!(!biased || bias_mattered, "{routing:?}: the bias never changed a choice");
+        let ungrouped = ops::MoeRouting {
+            n_groups: 1,
+            topk_groups: 1,
+            ..routing
+        };
+        let differs = (0..n).any(|t| {
+            let row = &logits[t * ne..(t + 1) * ne];
+            oracle_grouped(row, None, &ungrouped, k).0 != oracle_grouped(row, None, &routing, k).0
+        });
+        assert!(differs, "{routing:?}: the group limit never changed a choice");
+    }
+    // Rules that cannot pick k experts are refused.
+    let bad = ops::MoeRouting {
+        n_groups: 8,
+        topk_groups: 1,
+        ..ops::MoeRouting::softmax(false)
+    };
+    assert!(bad.check(32, 6).is_err(), "1 group of 4 cannot hold 6");
+    assert!(
+        ops::MoeRouting { n_groups: 5, ..bad }.check(32, 2).is_err(),
+        "32 experts in 5 groups"
+    );
 }

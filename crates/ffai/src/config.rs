@@ -198,8 +198,11 @@ impl ModelConfig {
             c.num_heads,
             c.num_kv_heads
         );
+        // Multi-head latent attention (DeepSeek: GGUF files say one KV head) shares one
+        // latent row among all heads and has no GQA group.
+        let mla = c.extra("kv_lora_rank", "attention.kv_lora_rank").is_some();
         ensure!(
-            c.num_heads / c.num_kv_heads <= MAX_GQA_GROUP,
+            mla || c.num_heads / c.num_kv_heads <= MAX_GQA_GROUP,
             "{}: {} query heads per KV head exceed the limit of {MAX_GQA_GROUP}",
             c.source,
             c.num_heads / c.num_kv_heads

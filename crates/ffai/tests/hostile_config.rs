@@ -193,6 +193,8 @@ fn every_config_json_number_and_flag_at_hostile_values() {
         "olmoe",
         "gpt_oss",
         "gpt_oss_mxfp4",
+        "deepseek_v2",
+        "deepseek_v3",
     ] {
         let dir = fixture(family);
         let original: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
@@ -262,6 +264,23 @@ fn named_config_errors() {
         ("gpt_oss", "num_local_experts", json!(0), "experts"),
         ("gpt_oss", "num_experts_per_tok", json!(17), "experts per token"),
         ("gpt_oss_mxfp4", "intermediate_size", json!(64), "shape"),
+        ("deepseek_v3", "n_group", json!(3), "groups"),
+        ("deepseek_v3", "topk_group", json!(0), "groups"),
+        ("deepseek_v3", "topk_group", json!(5), "groups"),
+        ("deepseek_v3", "kv_lora_rank", json!(0), "kv_lora_rank"),
+        ("deepseek_v3", "qk_rope_head_dim", json!(7), "qk_rope_head_dim"),
+        (
+            "deepseek_v3",
+            "routed_scaling_factor",
+            json!(-1.0),
+            "routed_scaling_factor",
+        ),
+        ("deepseek_v3", "n_shared_experts", json!(1u64 << 22), "shared experts"),
+        ("deepseek_v3", "n_routed_experts", json!(1u64 << 20), "experts"),
+        ("deepseek_v3", "rope_interleave", json!(1), "rope_interleave"),
+        ("deepseek_v2", "topk_method", json!("noaux_tc"), "topk_method"),
+        ("deepseek_v2", "moe_layer_freq", json!(0), "moe_layer_freq"),
+        ("deepseek_v2", "n_group", json!(8), "groups"),
     ];
     for (family, key, value, needle) in cases {
         let dir = fixture(family);

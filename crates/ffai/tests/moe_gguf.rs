@@ -425,3 +425,160 @@ fn hostile_moe_gguf_metadata_is_an_error() {
         assert!(!err.message().contains('\n'), "{family} {key}: {}", err.message());
     }
 }
+
+/// A DeepSeek fixture as llama.cpp's `deepseek2` GGUF: MLA tensors (`attn_q` or
+/// `attn_q_a`/`attn_q_a_norm`/`attn_q_b`, `attn_kv_a_mqa`, `attn_kv_a_norm`, and either
+/// the joined `attn_kv_b` or the split `attn_k_b` `[H, r, nope]` / `attn_v_b` `[H, v, r]`),
+/// stacked experts, `ffn_*_shexp`, `exp_probs_b.bias`, and the converter's metadata
+/// (MLA files: `head_count_kv` 1, `key_length` r + rope, `value_length` r, the per-head
+/// widths as `*_mla`).
+fn deepseek_gguf(family: &str, split_kv_b: bool) -> Vec<u8> {
+    let dir = fixture_dir(family);
+    let json = config_json(&dir);
+    let g = |k: &str| json[k].as_u64().unwrap() as u32;
+    let v3 = family == "deepseek_v3";
+    let key = |k: &str| format!("deepseek2.{k}");
+    let (r, rope, nope, v, heads) = (
+        g("kv_lora_rank"),
+        g("qk_rope_head_dim"),
+        g("qk_nope_head_dim"),
+        g("v_head_dim"),
+        g("num_attention_heads"),
+    );
+    let rp = &json["rope_parameters"];
+    let mut meta = vec![
+        (
+            "general.architecture".to_string(),
+            MetaValue::String("deepseek2".into()),
+        ),
+        (key("block_count"), MetaValue::U32(g("num_hidden_layers"))),
+        (key("context_length"), MetaValue::U32(g("max_position_embeddings"))),
+        (key("embedding_length"), MetaValue::U32(g("hidden_size"))),
+        (key("feed_forward_length"), MetaValue::U32(g("intermediate_size"))),
+        (key("attention.head_count"), MetaValue::U32(heads)),
+        (key("attention.head_count_kv"), MetaValue::U32(1)),
+        (
+            key("rope.freq_base"),
+            MetaValue::F32(rp["rope_theta"].as_f64().unwrap() as f32),
+        ),
+        (
+            key("attention.layer_norm_rms_epsilon"),
+            MetaValue::F32(json["rms_norm_eps"].as_f64().unwrap() as f32),
+        ),
+        (key("vocab_size"), MetaValue::U32(g("vocab_size"))),
+        (
+            key("leading_dense_block_count"),
+            MetaValue::U32(g("first_k_dense_replace")),
+        ),
+        (key("expert_count"), MetaValue::U32(g("n_routed_experts"))),
+        (key("expert_used_count"), MetaValue::U32(g("num_experts_per_tok"))),
+        (
+            key("expert_feed_forward_length"),
+            MetaValue::U32(g("moe_intermediate_size")),
+        ),
+        (key("expert_shared_count"), MetaValue::U32(g("n_shared_experts"))),
+        (
+            key("expert_weights_scale"),
+            MetaValue::F32(json["routed_scaling_factor"].as_f64().unwrap() as f32),
+        ),
+        (key("expert_weights_norm"), MetaValue::Bool(v3)),
+        (key("expert_gating_func"), MetaValue::U32(if v3 { 2 } else { 1 })),
+        (key("expert_group_count"), MetaValue::U32(g("n_group"))),
+        (key("expert_group_used_count"), MetaValue::U32(g("topk_group"))),
+        (key("attention.kv_lora_rank"), MetaValue::U32(r)),
+        (key("attention.key_length"), MetaValue::U32(r + rope)),
+        (key("attention.value_length"), MetaValue::U32(r)),
+        (key("attention.key_length_mla"), MetaValue::U32(nope + rope)),
+        (key("attention.value_length_mla"), MetaValue::U32(v)),
+        (key("rope.dimension_count"), MetaValue::U32(rope)),
+    ];
+    if v3 {
+        meta.push((key("attention.q_lora_rank"), MetaValue::U32(g("q_lora_rank"))));
+        let f = |k: &str| rp[k].as_f64().unwrap();
+        let ms = |m: f64| 0.1 * m * f("factor").ln() + 1.0;
+        meta.push((key("rope.scaling.type"), MetaValue::String("yarn".into())));
+        meta.push((key("rope.scaling.factor"), MetaValue::F32(f("factor") as f32)));
+        meta.push((
+            key("rope.scaling.original_context_length"),
+            MetaValue::U32(f("original_max_position_embeddings") as u32),
+        ));
+        meta.push((
+            key("rope.scaling.yarn_log_multiplier"),
+            MetaValue::F32((0.1 * f("mscale_all_dim")) as f32),
+        ));
+        // The fixture's mscale / mscale_all_dim ratio on cos and sin.
+        meta.push((
+            key("rope.scaling.yarn_attn_factor"),
+            MetaValue::F32((ms(f("mscale")) / ms(f("mscale_all_dim"))) as f32),
+        ));
+    }
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
+    let mut experts: BTreeMap<String, BTreeMap<usize, Tensor>> = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let data: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let shape = view.shape().to_vec();
+        let gname = hf_to_gguf_name_for(&name, json["model_type"].as_str().unwrap());
+        if split_kv_b && gname.ends_with("attn_kv_b.weight") {
+            let (h, r, nope, v) = (heads as usize, r as usize, nope as usize, v as usize);
+            let (mut kb, mut vb) = (Vec::new(), Vec::new());
+            for hh in 0..h {
+                let base = hh * (nope + v) * r;
+                for c in 0..r {
+                    for i in 0..nope {
+                        kb.push(data[base + i * r + c]);
+                    }
+                }
+                vb.extend_from_slice(&data[base + nope * r..base + (nope + v) * r]);
+            }
+            tensors.insert(gname.replace("attn_kv_b", "attn_k_b"), (vec![h, r, nope], kb));
+            tensors.insert(gname.replace("attn_kv_b", "attn_v_b"), (vec![h, v, r], vb));
+            continue;
+        }
+        match expert_parts(&gname) {
+            Some((base, e)) => {
+                experts.entry(base).or_default().insert(e, (shape, data));
+            }
+            None => {
+                tensors.insert(gname, (shape, data));
+            }
+        }
+    }
+    for (base, per) in experts {
+        let (rows, cols) = (per[&0].0[0], per[&0].0[1]);
+        let data = per.into_values().flat_map(|(_, d)| d).collect::<Vec<f32>>();
+        tensors.insert(base, (vec![data.len() / (rows * cols), rows, cols], data));
+    }
+    let tensors = tensors
+        .into_iter()
+        .map(|(n, (shape, data))| {
+            let bytes = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+            (n, WeightType::F32, shape, bytes)
+        })
+        .collect();
+    GgufWriter {
+        metadata: meta,
+        tensors,
+    }
+    .to_bytes()
+}
+
+#[test]
+fn deepseek_gguf_layouts_match_the_hugging_face_directory() {
+    for (family, want) in [("deepseek_v2", "deepseek_v2"), ("deepseek_v3", "deepseek_v3")] {
+        let ids = input_ids(&fixture_dir(family));
+        let hf = logits(&*load_hf(family), &ids);
+        for split in [false, true] {
+            let gg = load_gguf(&deepseek_gguf(family, split), &format!("{family}.gguf"));
+            assert_eq!(gg.family(), want, "GGUF dispatch");
+            let d = max_diff(&hf, &logits(&*gg, &ids));
+            println!("{family} (split k_b/v_b: {split}): GGUF vs HF directory max abs diff {d:.2e}");
+            assert!(d <= 1e-4, "{family} (split {split}): GGUF logits differ by {d}");
+        }
+    }
+}

@@ -192,6 +192,16 @@ fn gpt_oss_sinks_yarn_biased_router_clamped_swiglu_windows() {
 }
 
 #[test]
+fn deepseek_v2_mla_plain_q_softmax_group_limited_router_shared_expert() {
+    check("deepseek_v2", 1e-3);
+}
+
+#[test]
+fn deepseek_v3_mla_q_lora_sigmoid_biased_grouped_router_yarn_mscale() {
+    check("deepseek_v3", 1e-3);
+}
+
+#[test]
 fn gpt_oss_mxfp4_experts_from_blocks_and_scales() {
     // The released checkpoints' layout: experts as u8 `*_blocks` + `*_scales`, joined at
     // load into ggml's MXFP4 blocks (never dequantized to f16). The fixture's weights are
@@ -298,7 +308,7 @@ fn moe_f16_kv_cache_stays_close() {
     check_f16_kv(&MOE_FIXTURES);
 }
 
-const MOE_FIXTURES: [&str; 4] = ["qwen3_moe", "mixtral", "olmoe", "gpt_oss"];
+const MOE_FIXTURES: [&str; 6] = ["qwen3_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v2", "deepseek_v3"];
 
 /// Each named fixture loaded on the GPU and checked against its reference within the f16
 /// KV cache's bound (the GPU keeps an f16 cache); without a GPU the test says why and

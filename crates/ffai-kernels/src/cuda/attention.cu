@@ -373,3 +373,89 @@ extern "C" __global__ void attn_combine(const float* part_o, const float* part_m
         dst[d] = v * inv;
     }
 }
+
+// Most value elements one thread of attn_mla accumulates (value width <= MLA_THREADS * this).
+#define MLA_PER_THREAD 8
+#define MLA_THREADS 128
+
+// Multi-head latent attention (DeepSeek MLA, absorbed): every query head attends over the
+// pool's one KV head, whose rows are `head_dim` wide (the key); the value of a position is
+// the first `v_dim` elements of the same row. One block per (row, head): positions are
+// taken in order, one at a time: the block reduces the score (warp sums, then the warps'
+// sums in warp order), then every thread folds it into a running (max, sum) and its own
+// value elements (d = tid + i * MLA_THREADS). Simple and not fast; the arithmetic depends
+// on the row alone (its query, position and sequence), so a row's result is the same in
+// any batch. Rows of no sequence get zeros. out is [n, n_heads * v_dim].
+// grid = (rows, n_heads), block = MLA_THREADS.
+extern "C" __global__ void __launch_bounds__(MLA_THREADS)
+    attn_mla(const float* __restrict__ q, const unsigned short* __restrict__ pages,
+             const unsigned int* __restrict__ positions, const unsigned int* __restrict__ row_seq,
+             const SeqRows* __restrict__ seqs, const unsigned int* __restrict__ tables, unsigned int n_heads,
+             unsigned int head_dim, unsigned int v_dim, unsigned int block_size, unsigned int window, float scale,
+             float softcap, float* __restrict__ out) {
+    __shared__ float warp_sum[MLA_THREADS / 32];
+    const unsigned int row = blockIdx.x, head = blockIdx.y, tid = threadIdx.x;
+    const unsigned int warp = tid / 32, lane = tid % 32;
+    float* dst = out + ((size_t)row * n_heads + head) * v_dim;
+    const unsigned int seq = row_seq[row];
+    if (seq == NO_SLOT) {
+        for (unsigned int d = tid; d < v_dim; d += MLA_THREADS) {
+            dst[d] = 0.0f;
+        }
+        return;
+    }
+    const SeqRows s = seqs[seq];
+    const unsigned int p = positions[row];
+    const float* qh = q + ((size_t)row * n_heads + head) * head_dim;
+    float acc[MLA_PER_THREAD];
+#pragma unroll
+    for (int i = 0; i < MLA_PER_THREAD; i++) {
+        acc[i] = 0.0f;
+    }
+    float m = -__int_as_float(0x7f800000), l = 0.0f;
+    for (unsigned int pos = first_visible(p, window); pos <= p; pos++) {
+        const unsigned int blk = tables[s.table_start + pos / block_size];
+        const unsigned short* kr = pages + ((size_t)blk * block_size + pos % block_size) * head_dim;
+        float part = 0.0f;
+        for (unsigned int d = tid; d < head_dim; d += MLA_THREADS) {
+            part += qh[d] * half_to_float(kr[d]);
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            part += __shfl_xor_sync(0xffffffffu, part, o);
+        }
+        if (lane == 0) {
+            warp_sum[warp] = part;
+        }
+        __syncthreads();
+        float sc = 0.0f;
+#pragma unroll
+        for (int w = 0; w < MLA_THREADS / 32; w++) {
+            sc += warp_sum[w];
+        }
+        __syncthreads();
+        sc *= scale;
+        if (softcap > 0.0f) {
+            sc = softcap * tanhf(sc / softcap);
+        }
+        const float mx = fmaxf(m, sc);
+        const float a = expf(m - mx), e = expf(sc - mx);
+        l = l * a + e;
+        m = mx;
+#pragma unroll
+        for (int i = 0; i < MLA_PER_THREAD; i++) {
+            const unsigned int d = tid + i * MLA_THREADS;
+            if (d < v_dim) {
+                acc[i] = acc[i] * a + e * half_to_float(kr[d]);
+            }
+        }
+    }
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+#pragma unroll
+    for (int i = 0; i < MLA_PER_THREAD; i++) {
+        const unsigned int d = tid + i * MLA_THREADS;
+        if (d < v_dim) {
+            dst[d] = acc[i] * inv;
+        }
+    }
+}

@@ -953,6 +953,46 @@ impl Backend for CudaBackend {
         }
     }
 
+    fn copy_rows(
+        &self,
+        src: &CudaBuf,
+        src_stride: usize,
+        src_off: usize,
+        dst: &mut CudaBuf,
+        dst_stride: usize,
+        dst_off: usize,
+        width: usize,
+        rows: usize,
+    ) {
+        if rows == 0 || width == 0 {
+            return;
+        }
+        assert!(
+            src_off + width <= src_stride.max(width) && dst_off + width <= dst_stride.max(width),
+            "copy_rows: columns outside the rows"
+        );
+        assert!(
+            (rows - 1) * src_stride + src_off + width <= src.len
+                && (rows - 1) * dst_stride + dst_off + width <= dst.len,
+            "copy_rows: buffers too small"
+        );
+        assert!(rows * width <= u32::MAX as usize, "copy_rows: too many elements");
+        self.elementwise(
+            "copy_rows",
+            rows * width,
+            &[
+                Arg::P(src.ptr),
+                Arg::U(src_stride as u32),
+                Arg::U(src_off as u32),
+                Arg::P(dst.ptr),
+                Arg::U(dst_stride as u32),
+                Arg::U(dst_off as u32),
+                Arg::U(width as u32),
+                Arg::U(rows as u32),
+            ],
+        );
+    }
+
     fn embed(&self, table: &CudaMat, ids: &[u32], out: &mut CudaBuf) {
         let (n, cols) = (ids.len(), table.cols);
         assert!(n * cols <= out.len, "embed output too small");
@@ -1159,11 +1199,15 @@ impl Backend for CudaBackend {
         n: usize,
         n_experts: usize,
         k: usize,
-        renormalize: bool,
+        routing: &crate::ops::MoeRouting,
+        bias: Option<&CudaBuf>,
         ids: &mut CudaBuf,
         weights: &mut CudaBuf,
     ) {
-        crate::backend::host_moe::moe_route(self, logits, n, n_experts, k, renormalize, ids, weights);
+        if let Err(e) = routing.check(n_experts, k) {
+            panic!("moe_route: {e}");
+        }
+        crate::backend::host_moe::moe_route(self, logits, n, n_experts, k, routing, bias, ids, weights);
     }
 
     fn moe_matmuls(
@@ -1590,7 +1634,72 @@ impl Backend for CudaBackend {
             );
         }
     }
+
+    fn attention_mla_step(
+        &self,
+        q: &CudaBuf,
+        kv: &CudaKv,
+        n: usize,
+        step: &CudaStep,
+        group: usize,
+        shape: &AttnShape,
+        v_dim: usize,
+        out: &mut CudaBuf,
+    ) {
+        assert_eq!(
+            n, step.n_rows,
+            "attention_mla_step over {n} rows of a {}-row step",
+            step.n_rows
+        );
+        let g = &step.groups[group];
+        assert_eq!(
+            g.window as usize, shape.window,
+            "attention window differs from the group's"
+        );
+        let (nh, hd) = (shape.n_heads, shape.head_dim);
+        assert!(
+            shape.n_kv_heads == 1 && v_dim >= 1 && v_dim <= hd && v_dim <= MLA_THREADS * MLA_PER_THREAD,
+            "latent attention shape unsupported"
+        );
+        assert!(
+            n * nh * hd <= q.len && n * nh * v_dim <= out.len,
+            "attention buffers too small"
+        );
+        assert!(
+            g.n_blocks as usize * g.block_size as usize * hd <= kv.data.len,
+            "KV pool smaller than the step's group"
+        );
+        if n == 0 {
+            return;
+        }
+        self.launch(
+            "attn_mla",
+            (n as u32, nh as u32, 1),
+            MLA_THREADS as u32,
+            &[
+                Arg::P(q.ptr),
+                Arg::P(kv.data.ptr),
+                Arg::P(step.positions.ptr),
+                Arg::P(step.row_seq.ptr),
+                Arg::P(g.seqs.ptr),
+                Arg::P(g.tables.ptr),
+                Arg::U(nh as u32),
+                Arg::U(hd as u32),
+                Arg::U(v_dim as u32),
+                Arg::U(g.block_size),
+                Arg::U(g.window),
+                Arg::F(shape.scale),
+                Arg::F(shape.softcap),
+                Arg::P(out.ptr),
+            ],
+        );
+    }
 }
+
+/// Threads of an `attn_mla` block and the value elements each accumulates (attention.cu's
+/// `MLA_THREADS`, `MLA_PER_THREAD`).
+const MLA_THREADS: usize = 128;
+const MLA_PER_THREAD: usize = 8;
 
 /// Threads of a row-norm block: a power of two, enough for the row, at most 1024.
 fn norm_threads(width: usize) -> u32 {

@@ -219,3 +219,15 @@ extern "C" __global__ void argmax_rows(const float* x, unsigned int width, unsig
         out[blockIdx.x] = best_i[0] == 0xffffffffu ? 0u : best_i[0];
     }
 }
+
+// A strided copy of a column range: dst[r * dst_stride + dst_off + c] =
+// src[r * src_stride + src_off + c] for c < width, r < rows (grid over rows * width).
+extern "C" __global__ void copy_rows(const float* src, unsigned int src_stride, unsigned int src_off, float* dst,
+                                     unsigned int dst_stride, unsigned int dst_off, unsigned int width,
+                                     unsigned int rows) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < rows * width) {
+        unsigned int r = i / width, c = i % width;
+        dst[(size_t)r * dst_stride + dst_off + c] = src[(size_t)r * src_stride + src_off + c];
+    }
+}

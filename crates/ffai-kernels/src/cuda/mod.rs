@@ -37,6 +37,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "rms_norm",
             "layer_norm",
             "argmax_rows",
+            "copy_rows",
         ],
     ),
     (
@@ -65,6 +66,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "rope_kv_write_step",
             "attn_spans",
             "attn_combine",
+            "attn_mla",
         ],
     ),
 ];

@@ -13,6 +13,7 @@ use ffai_kernels::backend::{AttnShape, Backend, GraphMode, HostBytes, RopeParams
 use ffai_kernels::cpu::CpuBackend;
 use ffai_kernels::cuda::backend::CudaBackend;
 
+use super::mla::{MlaLayer, MlaScratch, MlaSpec};
 use super::moe::{MoeLayer, MoeScratch, MoeSpec};
 use super::{BatchShape, BatchState, Device, LanguageModel, StepOut};
 use crate::config::ModelConfig;
@@ -102,6 +103,9 @@ pub struct DecoderSpec {
     /// The tensor name (after `blk.N.`) of the norm before the MLP: `ffn_norm`, or
     /// llama.cpp's `post_attention_norm` in its gpt-oss files.
     pub ffn_norm: &'static str,
+    /// Multi-head latent attention instead of q/k/v projections (DeepSeek-V2/V3, see
+    /// `mla`): the cache holds one latent row per token and layer.
+    pub mla: Option<MlaSpec>,
 }
 
 impl DecoderSpec {
@@ -134,6 +138,7 @@ impl DecoderSpec {
             moe: None,
             clip_qkv: 0.0,
             ffn_norm: "ffn_norm",
+            mla: None,
         }
     }
 }
@@ -169,9 +174,7 @@ struct Layer<B: Backend> {
     post_attn_norm: Option<Norm<B>>,
     ffn_norm: Option<Norm<B>>,
     post_ffn_norm: Option<Norm<B>>,
-    wq: B::Mat,
-    wk: B::Mat,
-    wv: B::Mat,
+    attn: Attn<B>,
     wo: B::Mat,
     /// q, k, v biases.
     qkv_bias: Option<[B::Buf; 3]>,
@@ -181,6 +184,12 @@ struct Layer<B: Backend> {
     /// Learned attention sinks, one logit per query head (GPT-OSS `attn_sinks`).
     sinks: Option<B::Buf>,
     ffn: Ffn<B>,
+}
+
+/// A layer's attention projections: q/k/v, or multi-head latent attention.
+enum Attn<B: Backend> {
+    Qkv { wq: B::Mat, wk: B::Mat, wv: B::Mat },
+    Mla(MlaLayer<B>),
 }
 
 /// A layer's MLP: dense, or a mixture of experts.
@@ -228,6 +237,8 @@ struct Paged<B: Backend> {
     up: B::Buf,
     /// The MoE layers' scratch (models with experts only).
     moe: Option<MoeScratch<B>>,
+    /// The latent attention's scratch (MLA models only).
+    mla: Option<MlaScratch<B>>,
     /// `max_logit_rows` final hidden states gathered for the LM head, and their logits.
     last: B::Buf,
     logits: B::Buf,
@@ -254,6 +265,8 @@ impl<B: Backend> Decoder<B> {
     pub fn load(cfg: &ModelConfig, w: &Weights, b: Arc<B>, spec: DecoderSpec, id: Identity) -> Result<Self> {
         let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
         let (qd, kvd) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+        // o_proj's input: the heads' outputs (MLA: H · v_head_dim).
+        let attn_out = spec.mla.as_ref().map_or(qd, |m| m.out_dim());
         ensure!(
             spec.layers.len() == cfg.num_layers,
             "decoder spec has the wrong number of layers"
@@ -306,22 +319,24 @@ impl<B: Backend> Decoder<B> {
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = |s: &str| format!("blk.{i}.{s}");
-            // Fused q/k/v (Phi-3) or separate projections.
-            let (wq, wk, wv) = if w.has(&p("attn_qkv.weight")) {
+            // Latent attention, fused q/k/v (Phi-3) or separate projections.
+            let attn = if let Some(ms) = &spec.mla {
+                Attn::Mla(MlaLayer::load(w, &*b, i, ms, h)?)
+            } else if w.has(&p("attn_qkv.weight")) {
                 let e = w.matrix(&p("attn_qkv.weight"), qd + 2 * kvd, h)?;
-                (
-                    b.matrix(e.ty, qd, h, rows_of(e, 0, qd, h)?),
-                    b.matrix(e.ty, kvd, h, rows_of(e, qd, kvd, h)?),
-                    b.matrix(e.ty, kvd, h, rows_of(e, qd + kvd, kvd, h)?),
-                )
+                Attn::Qkv {
+                    wq: b.matrix(e.ty, qd, h, rows_of(e, 0, qd, h)?),
+                    wk: b.matrix(e.ty, kvd, h, rows_of(e, qd, kvd, h)?),
+                    wv: b.matrix(e.ty, kvd, h, rows_of(e, qd + kvd, kvd, h)?),
+                }
             } else {
-                (
-                    mat(&p("attn_q.weight"), qd, h)?,
-                    mat(&p("attn_k.weight"), kvd, h)?,
-                    mat(&p("attn_v.weight"), kvd, h)?,
-                )
+                Attn::Qkv {
+                    wq: mat(&p("attn_q.weight"), qd, h)?,
+                    wk: mat(&p("attn_k.weight"), kvd, h)?,
+                    wv: mat(&p("attn_v.weight"), kvd, h)?,
+                }
             };
-            let qkv_bias = if w.has(&p("attn_q.bias")) {
+            let qkv_bias = if spec.mla.is_none() && w.has(&p("attn_q.bias")) {
                 Some([
                     vec(&p("attn_q.bias"), qd)?,
                     vec(&p("attn_k.bias"), kvd)?,
@@ -388,10 +403,8 @@ impl<B: Backend> Decoder<B> {
                 } else {
                     None
                 },
-                wq,
-                wk,
-                wv,
-                wo: mat(&p("attn_output.weight"), h, qd)?,
+                attn,
+                wo: mat(&p("attn_output.weight"), h, attn_out)?,
                 qkv_bias,
                 o_bias: opt_vec(&p("attn_output.bias"), h)?,
                 q_norm: qk("attn_q_norm.weight", qn_len)?,
@@ -439,6 +452,17 @@ impl<B: Backend> Decoder<B> {
 
     fn shape(&self, layer: usize) -> AttnShape {
         let c = &self.cfg;
+        if let Some(m) = &self.spec.mla {
+            return AttnShape {
+                n_heads: m.n_heads,
+                n_kv_heads: 1,
+                head_dim: m.key_dim(),
+                cap: 0,
+                window: self.spec.layers[layer].window,
+                scale: self.spec.attn_scale,
+                softcap: self.spec.attn_softcap,
+            };
+        }
         AttnShape {
             n_heads: c.num_heads,
             n_kv_heads: c.num_kv_heads,
@@ -476,28 +500,6 @@ impl<B: Backend> Decoder<B> {
             // --- attention ---
             let input = if l.attn_norm.is_some() { &s.xn } else { &s.x };
             tap.linear_input(b, input, n, h, "attn_in", Some(i));
-            b.matmuls(&[&l.wq, &l.wk, &l.wv], input, n, &mut [&mut s.q, &mut s.k, &mut s.v]);
-            if let Some([bq, bk, bv]) = &l.qkv_bias {
-                b.add_bias(&mut s.q, bq, n);
-                b.add_bias(&mut s.k, bk, n);
-                b.add_bias(&mut s.v, bv, n);
-            }
-            if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
-                let (qrows, krows) = match sp.qk_norm {
-                    QkNorm::PerHead => (n * c.num_heads, n * c.num_kv_heads),
-                    _ => (n, n),
-                };
-                b.rms_norm(&s.q, qn, sp.eps, qrows, &mut s.qn);
-                b.rms_norm(&s.k, kn, sp.eps, krows, &mut s.kn);
-                std::mem::swap(&mut s.q, &mut s.qn);
-                std::mem::swap(&mut s.k, &mut s.kn);
-            }
-            if sp.clip_qkv > 0.0 {
-                let (c, qd, kvd) = (sp.clip_qkv, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-                b.clamp(&mut s.q, -c, c, n * qd);
-                b.clamp(&mut s.k, -c, c, n * kvd);
-                b.clamp(&mut s.v, -c, c, n * kvd);
-            }
             let tables = match &self.long_ropes {
                 Some((_, long)) if s.long_rope => long,
                 _ => &self.ropes,
@@ -507,30 +509,76 @@ impl<B: Backend> Decoder<B> {
                 neox: sp.rope_neox,
             };
             let (shape, g) = (self.shape(i), self.layer_group[i]);
-            b.rope_kv_write_step(
-                &mut s.q,
-                &mut s.k,
-                &s.v,
-                n,
-                &s.step,
-                &rope,
-                &mut s.k_pages[i],
-                &mut s.v_pages[i],
-                g,
-                &shape,
-            );
-            b.attention_step(
-                &s.q,
-                &s.k_pages[i],
-                &s.v_pages[i],
-                n,
-                &s.step,
-                g,
-                &shape,
-                l.sinks.as_ref(),
-                &mut s.att,
-            );
-            tap.linear_input(b, &s.att, n, c.num_heads * c.head_dim, "attn_out", Some(i));
+            match &l.attn {
+                Attn::Mla(m) => {
+                    let (Some(ms), Some(scratch)) = (&sp.mla, &mut s.mla) else {
+                        unreachable!("a model with latent attention allocates its scratch")
+                    };
+                    m.forward(
+                        b,
+                        ms,
+                        input,
+                        n,
+                        scratch,
+                        &mut s.k_pages[i],
+                        &s.step,
+                        g,
+                        &shape,
+                        &rope,
+                        sp.eps,
+                        &mut s.att,
+                    );
+                }
+                Attn::Qkv { wq, wk, wv } => {
+                    b.matmuls(&[wq, wk, wv], input, n, &mut [&mut s.q, &mut s.k, &mut s.v]);
+                    if let Some([bq, bk, bv]) = &l.qkv_bias {
+                        b.add_bias(&mut s.q, bq, n);
+                        b.add_bias(&mut s.k, bk, n);
+                        b.add_bias(&mut s.v, bv, n);
+                    }
+                    if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
+                        let (qrows, krows) = match sp.qk_norm {
+                            QkNorm::PerHead => (n * c.num_heads, n * c.num_kv_heads),
+                            _ => (n, n),
+                        };
+                        b.rms_norm(&s.q, qn, sp.eps, qrows, &mut s.qn);
+                        b.rms_norm(&s.k, kn, sp.eps, krows, &mut s.kn);
+                        std::mem::swap(&mut s.q, &mut s.qn);
+                        std::mem::swap(&mut s.k, &mut s.kn);
+                    }
+                    if sp.clip_qkv > 0.0 {
+                        let (c, qd, kvd) = (sp.clip_qkv, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+                        b.clamp(&mut s.q, -c, c, n * qd);
+                        b.clamp(&mut s.k, -c, c, n * kvd);
+                        b.clamp(&mut s.v, -c, c, n * kvd);
+                    }
+                    b.rope_kv_write_step(
+                        &mut s.q,
+                        &mut s.k,
+                        &s.v,
+                        n,
+                        &s.step,
+                        &rope,
+                        &mut s.k_pages[i],
+                        &mut s.v_pages[i],
+                        g,
+                        &shape,
+                    );
+                    b.attention_step(
+                        &s.q,
+                        &s.k_pages[i],
+                        &s.v_pages[i],
+                        n,
+                        &s.step,
+                        g,
+                        &shape,
+                        l.sinks.as_ref(),
+                        &mut s.att,
+                    );
+                }
+            }
+            let att_w = sp.mla.as_ref().map_or(c.num_heads * c.head_dim, |m| m.out_dim());
+            tap.linear_input(b, &s.att, n, att_w, "attn_out", Some(i));
             b.matmul(&l.wo, &s.att, n, &mut s.tmp);
             if let Some(ob) = &l.o_bias {
                 b.add_bias(&mut s.tmp, ob, n);
@@ -622,11 +670,20 @@ impl<B: Backend> Decoder<B> {
         }
     }
 
+    /// Cache elements per position and layer: K and V of every KV head, or MLA's one
+    /// latent row (`kv_lora_rank + qk_rope_head_dim`).
+    fn kv_row_elems(&self) -> usize {
+        match &self.spec.mla {
+            Some(m) => m.key_dim(),
+            None => 2 * self.cfg.num_kv_heads * self.cfg.head_dim,
+        }
+    }
+
     /// Bytes of KV cache per layer kind in a one-sequence state of context `max_seq`
     /// and prefill chunk `chunk`: (kind, layers, bytes).
     pub fn kv_bytes(&self, max_seq: usize, chunk: usize) -> Vec<(String, usize, usize)> {
         let bs = super::one_seq::DEFAULT_BLOCK_SIZE;
-        let per_row = 2 * self.cfg.num_kv_heads * self.cfg.head_dim * self.b.kv_elem_bytes();
+        let per_row = self.kv_row_elems() * self.b.kv_elem_bytes();
         let mut out: Vec<(String, usize, usize)> = Vec::new();
         for l in &self.spec.layers {
             let kind = match l.window {
@@ -680,7 +737,7 @@ impl<B: Backend> LanguageModel for Decoder<B> {
     }
 
     fn kv_block_bytes(&self, block_size: usize) -> Vec<u64> {
-        let per_row = (2 * self.cfg.num_kv_heads * self.cfg.head_dim * self.b.kv_elem_bytes()) as u64;
+        let per_row = (self.kv_row_elems() * self.b.kv_elem_bytes()) as u64;
         (0..self.windows.len())
             .map(|g| {
                 let layers = self.layer_group.iter().filter(|&&lg| lg == g).count() as u64;
@@ -703,7 +760,12 @@ impl<B: Backend> LanguageModel for Decoder<B> {
             self.windows.len()
         );
         let b = &*self.b;
-        let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        // MLA models use no q/k/v buffers: their scratch is `MlaScratch`'s.
+        let (qd, kvd) = match &self.spec.mla {
+            Some(_) => (0, 0),
+            None => (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim),
+        };
+        let att_w = self.spec.mla.as_ref().map_or(qd, |m| m.out_dim());
         let logit_rows = sh.max_logit_rows.min(sh.max_rows.max(sh.max_seqs));
         // The dense MLP's scratch, unless every layer is a mixture of experts.
         let dense_ffn = match &self.spec.moe {
@@ -718,9 +780,21 @@ impl<B: Backend> LanguageModel for Decoder<B> {
                 Some(ms) => ms.floats_per_row(c.hidden_size)?,
                 None => 0,
             };
-            let per_row = [3 * c.hidden_size, 3 * qd, 3 * kvd, 2 * dense_ffn, moe_row]
-                .iter()
-                .try_fold(0u64, |a, &x| a.checked_add(x as u64))?;
+            let mla_row = match &self.spec.mla {
+                Some(m) => m.floats_per_row()?,
+                None => 0,
+            };
+            let per_row = [
+                3 * c.hidden_size,
+                3 * qd,
+                3 * kvd,
+                2 * dense_ffn,
+                moe_row,
+                mla_row,
+                att_w,
+            ]
+            .iter()
+            .try_fold(0u64, |a, &x| a.checked_add(x as u64))?;
             let acts = per_row
                 .checked_mul(sh.max_rows as u64)?
                 .checked_add((logit_rows as u64).checked_mul((c.hidden_size + c.vocab_size) as u64)?)?
@@ -746,10 +820,18 @@ impl<B: Backend> LanguageModel for Decoder<B> {
             ),
         }
         let (hd, kvh) = (c.head_dim, c.num_kv_heads);
-        let pages = |b: &B| -> Vec<B::Kv> {
+        // MLA: one pool per layer of one latent row per position (no V pools).
+        let (kv_heads, kv_dim) = match &self.spec.mla {
+            Some(m) => (1, m.key_dim()),
+            None => (kvh, hd),
+        };
+        let pages = |b: &B, v: bool| -> Vec<B::Kv> {
+            if v && self.spec.mla.is_some() {
+                return Vec::new();
+            }
             self.layer_group
                 .iter()
-                .map(|&g| b.alloc_kv_pages(sh.group_blocks[g], sh.block_size, kvh, hd))
+                .map(|&g| b.alloc_kv_pages(sh.group_blocks[g], sh.block_size, kv_heads, kv_dim))
                 .collect()
         };
         let rows = sh.max_rows;
@@ -762,7 +844,7 @@ impl<B: Backend> LanguageModel for Decoder<B> {
             v: b.alloc(rows * kvd),
             qn: b.alloc(rows * qd),
             kn: b.alloc(rows * kvd),
-            att: b.alloc(rows * qd),
+            att: b.alloc(rows * att_w),
             gate: b.alloc(rows * dense_ffn),
             up: b.alloc(rows * dense_ffn),
             moe: self
@@ -770,10 +852,11 @@ impl<B: Backend> LanguageModel for Decoder<B> {
                 .moe
                 .as_ref()
                 .map(|ms| MoeScratch::new(b, ms, c.hidden_size, rows)),
+            mla: self.spec.mla.as_ref().map(|ms| MlaScratch::new(b, ms, rows)),
             last: b.alloc(logit_rows * c.hidden_size),
             logits: b.alloc(logit_rows * c.vocab_size),
-            k_pages: pages(b),
-            v_pages: pages(b),
+            k_pages: pages(b, false),
+            v_pages: pages(b, true),
             step: b.new_step(rows, sh.max_seqs, sh.max_table, self.windows.len()),
             long_rope: self
                 .long_ropes

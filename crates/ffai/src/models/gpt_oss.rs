@@ -9,7 +9,7 @@
 //! stored (see `moe::MoeLayer::load`, `weights::gpt_oss_name`).
 
 use super::decoder::{self, DecoderSpec, Identity, LayerAttn};
-use super::moe::{self, MoeAct, MoeSpec};
+use super::moe::{self, MoeAct, MoeRouting, MoeSpec};
 use super::{Device, Family, LanguageModel};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -86,12 +86,13 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
         n_experts: moe::required_count(cfg, &["num_local_experts", "num_experts"], "expert_count")?,
         k: moe::required_count(cfg, &["num_experts_per_tok", "experts_per_token"], "expert_used_count")?,
         // A softmax over the top-k logits is the renormalised top-k of a softmax over all.
-        renormalize: true,
+        routing: MoeRouting::softmax(true),
         // intermediate_size is the experts' (there is no dense MLP).
         ffn: match cfg.extra_usize("", "expert_feed_forward_length")? {
             Some(f) if cfg.is_gguf() => f,
             _ => cfg.intermediate_size,
         },
+        shared_ffn: 0,
         sparse: vec![true; cfg.num_layers],
         act: MoeAct::ClampedSwiGlu {
             alpha: GptOss::SWIGLU_ALPHA,

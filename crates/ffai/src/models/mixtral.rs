@@ -4,7 +4,7 @@
 //! with expert tensors; the llama family hands such files here.
 
 use super::decoder::{self, DecoderSpec, Identity};
-use super::moe::{self, MoeAct, MoeSpec};
+use super::moe::{self, MoeAct, MoeRouting, MoeSpec};
 use super::{Device, Family, LanguageModel};
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -56,9 +56,10 @@ pub fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Lang
     let spec = MoeSpec {
         n_experts: moe::required_count(cfg, &["num_local_experts"], "expert_count")?,
         k: moe::required_count(cfg, &["num_experts_per_tok"], "expert_used_count")?,
-        renormalize: true,
+        routing: MoeRouting::softmax(true),
         // Mixtral's intermediate_size is the experts' (there is no dense MLP).
         ffn: cfg.intermediate_size,
+        shared_ffn: 0,
         sparse,
         act: MoeAct::SwiGlu,
     }

@@ -18,11 +18,13 @@ use crate::weights::Weights;
 use ffai_kernels::backend::StepLayout;
 
 pub mod decoder;
+pub mod deepseek;
 pub mod gemma;
 pub mod gpt_oss;
 pub mod granite;
 pub mod llama;
 pub mod mixtral;
+pub mod mla;
 pub mod moe;
 pub mod olmo2;
 pub mod olmoe;
@@ -246,6 +248,8 @@ pub static FAMILIES: &[Family] = &[
     mixtral::FAMILY,
     olmoe::FAMILY,
     gpt_oss::FAMILY,
+    deepseek::FAMILY_V2,
+    deepseek::FAMILY_V3,
 ];
 
 /// Finds the family for a config: architecture first, then model_type.

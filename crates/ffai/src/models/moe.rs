@@ -6,11 +6,13 @@
 //!
 //! ```text
 //! logits  = x · routerᵀ                       [n, n_experts]   matmul
-//! ids, w  = top-k of softmax(logits)          [n, k]           moe_route (renormalised or not)
+//! ids, w  = top-k of softmax(logits)          [n, k]           moe_route (renormalised or not;
+//!           or DeepSeek's sigmoid / grouped rules, `MoeRouting`)
 //! g, u    = gate[e] · x, up[e] · x            [n·k, ffn]       moe_matmuls (only the chosen experts' rows)
 //! g       = silu(g) · u                                        silu_mul
 //! y       = down[e] · g                       [n·k, h]         moe_matmuls (each slot's own row)
 //! out[t]  = Σ_j w[t, j] · y[t·k + j]          [n, h]           moe_combine
+//! out    += shared(x)                         [n, h]           (DeepSeek's shared experts)
 //! ```
 //!
 //! Expert weights are read in any of the layouts checkpoints use, under GGUF-style names
@@ -23,6 +25,7 @@
 //! copied or dequantized.
 
 use ffai_kernels::backend::Backend;
+pub use ffai_kernels::ops::{GroupScore, MoeRouting, MoeScoring};
 use ffai_kernels::ops::{MAX_EXPERTS, MAX_EXPERTS_PER_TOKEN};
 
 use crate::config::ModelConfig;
@@ -36,11 +39,18 @@ pub struct MoeSpec {
     pub n_experts: usize,
     /// Experts per token.
     pub k: usize,
-    /// Divide the chosen experts' probabilities by their sum (Mixtral always; Qwen3-MoE
-    /// when `norm_topk_prob`; OLMoE when `norm_topk_prob`, off in its checkpoints).
-    pub renormalize: bool,
+    /// How the router chooses and weighs (`MoeRouting::softmax(renormalize)` for
+    /// Qwen3-MoE, Mixtral, OLMoE and GPT-OSS; renormalise: Mixtral always, Qwen3-MoE and
+    /// OLMoE when `norm_topk_prob`; DeepSeek: sigmoid or softmax scores, group limits,
+    /// `routed_scaling_factor`). A layer with `exp_probs_b.bias` adds it to the scores
+    /// for the choice only (DeepSeek-V3's `e_score_correction_bias`).
+    pub routing: MoeRouting,
     /// Each expert's intermediate size.
     pub ffn: usize,
+    /// The intermediate size of the shared experts every token goes through, added to
+    /// the routed experts' sum (DeepSeek: `n_shared_experts · moe_intermediate_size`, one
+    /// SwiGLU MLP `ffn_{gate,up,down}_shexp`); 0 = none.
+    pub shared_ffn: usize,
     /// Per layer: the sparse block (true) or the dense MLP of `intermediate_size`.
     pub sparse: Vec<bool>,
     /// The experts' gated activation.
@@ -74,6 +84,14 @@ impl MoeSpec {
         );
         ensure!(self.ffn > 0, "{src}: the experts' intermediate size is 0");
         ensure!(
+            self.shared_ffn <= crate::config::MAX_DIM,
+            "{src}: shared experts of {} exceed the limit",
+            self.shared_ffn
+        );
+        if let Err(e) = self.routing.check(self.n_experts, self.k) {
+            bail!("{src}: expert routing: {e}");
+        }
+        ensure!(
             self.sparse.len() == cfg.num_layers,
             "{src}: MoE layer list of {} for {} layers",
             self.sparse.len(),
@@ -89,7 +107,9 @@ impl MoeSpec {
         self.n_experts
             .checked_add(2 * k)?
             .checked_add(k.checked_mul(self.ffn)?.checked_mul(2)?)?
-            .checked_add(k.checked_mul(hidden)?)
+            .checked_add(k.checked_mul(hidden)?)?
+            .checked_add(self.shared_ffn.checked_mul(2)?)?
+            .checked_add(if self.shared_ffn > 0 { hidden } else { 0 })
     }
 }
 
@@ -104,6 +124,10 @@ pub struct MoeLayer<B: Backend> {
     /// The experts' biases (GPT-OSS), stacked: gate and up `[n_experts, ffn]`, down
     /// `[n_experts, hidden]`.
     biases: Option<[B::Buf; 3]>,
+    /// The bias added to the scores for choosing (DeepSeek-V3), `[n_experts]`.
+    choice_bias: Option<B::Buf>,
+    /// The shared experts' gate, up and down (DeepSeek).
+    shared: Option<[B::Mat; 3]>,
 }
 
 /// A step's MoE scratch, allocated with the batch.
@@ -114,11 +138,16 @@ pub struct MoeScratch<B: Backend> {
     gate: B::Buf,
     up: B::Buf,
     y: B::Buf,
+    /// The shared experts' gate/up and output (empty without shared experts).
+    sh_gate: B::Buf,
+    sh_up: B::Buf,
+    sh_y: B::Buf,
 }
 
 impl<B: Backend> MoeScratch<B> {
     pub fn new(b: &B, spec: &MoeSpec, hidden: usize, rows: usize) -> Self {
         let slots = rows * spec.k;
+        let sh = spec.shared_ffn;
         MoeScratch {
             logits: b.alloc(rows * spec.n_experts),
             ids: b.alloc(slots),
@@ -126,6 +155,9 @@ impl<B: Backend> MoeScratch<B> {
             gate: b.alloc(slots * spec.ffn),
             up: b.alloc(slots * spec.ffn),
             y: b.alloc(slots * hidden),
+            sh_gate: b.alloc(rows * sh),
+            sh_up: b.alloc(rows * sh),
+            sh_y: b.alloc(if sh > 0 { rows * hidden } else { 0 }),
         }
     }
 }
@@ -160,6 +192,24 @@ impl<B: Backend> MoeLayer<B> {
             true => Some(b.upload(&w.f32_vec(&p("ffn_gate_inp.bias"), ne)?)),
             false => None,
         };
+        let choice_bias = match w.has(&p("exp_probs_b.bias")) {
+            true => Some(b.upload(&w.f32_vec(&p("exp_probs_b.bias"), ne)?)),
+            false => None,
+        };
+        let shared = match spec.shared_ffn {
+            0 => None,
+            sf => {
+                let m = |name: &str, rows: usize, cols: usize| -> Result<B::Mat> {
+                    let e = w.matrix(&p(name), rows, cols)?;
+                    Ok(b.matrix(e.ty, rows, cols, e.bytes.clone()))
+                };
+                Some([
+                    m("ffn_gate_shexp.weight", sf, h)?,
+                    m("ffn_up_shexp.weight", sf, h)?,
+                    m("ffn_down_shexp.weight", h, sf)?,
+                ])
+            }
+        };
         if let Some((gate, up, down)) = Self::load_oai(w, b, i, spec, h)? {
             let biases = Self::load_biases(w, b, i, spec, h)?;
             return Ok(MoeLayer {
@@ -169,6 +219,8 @@ impl<B: Backend> MoeLayer<B> {
                 up,
                 down,
                 biases,
+                choice_bias,
+                shared,
             });
         }
         // One projection: stacked, or one matrix per expert.
@@ -221,6 +273,8 @@ impl<B: Backend> MoeLayer<B> {
             up,
             down,
             biases,
+            choice_bias,
+            shared,
         })
     }
 
@@ -318,7 +372,8 @@ impl<B: Backend> MoeLayer<B> {
             n,
             spec.n_experts,
             k,
-            spec.renormalize,
+            &spec.routing,
+            self.choice_bias.as_ref(),
             &mut s.ids,
             &mut s.weights,
         );
@@ -344,6 +399,12 @@ impl<B: Backend> MoeLayer<B> {
             b.moe_add_bias(&mut s.y, bd, &s.ids, n * k, h);
         }
         b.moe_combine(&s.y, &s.weights, n, k, h, out);
+        if let Some([g, u, d]) = &self.shared {
+            b.matmuls(&[g, u], x, n, &mut [&mut s.sh_gate, &mut s.sh_up]);
+            b.silu_mul(&mut s.sh_gate, &s.sh_up, n * spec.shared_ffn);
+            b.matmul(d, &s.sh_gate, n, &mut s.sh_y);
+            b.add(out, &s.sh_y, n * h);
+        }
     }
 }
 

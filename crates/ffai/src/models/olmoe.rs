@@ -4,7 +4,7 @@
 //! renormalised (unless `norm_topk_prob`).
 
 use super::decoder::{self, DecoderSpec, Identity, QkNorm};
-use super::moe::{self, MoeAct, MoeSpec};
+use super::moe::{self, MoeAct, MoeRouting, MoeSpec};
 use super::{Device, Family, LanguageModel};
 use crate::config::ModelConfig;
 use crate::ensure;
@@ -43,9 +43,10 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
         n_experts: moe::required_count(cfg, &["num_experts", "num_local_experts"], "expert_count")?,
         k: moe::required_count(cfg, &["num_experts_per_tok"], "expert_used_count")?,
         // llama.cpp's olmoe graph never renormalises (its converter writes no flag).
-        renormalize: !cfg.is_gguf() && cfg.extra_bool("norm_topk_prob", "")?.unwrap_or(false),
+        routing: MoeRouting::softmax(!cfg.is_gguf() && cfg.extra_bool("norm_topk_prob", "")?.unwrap_or(false)),
         // OLMoE's intermediate_size is the experts' (there is no dense MLP).
         ffn: cfg.intermediate_size,
+        shared_ffn: 0,
         sparse,
         act: MoeAct::SwiGlu,
     }

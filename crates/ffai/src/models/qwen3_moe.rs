@@ -5,7 +5,7 @@
 //! `intermediate_size`; experts have `moe_intermediate_size`.
 
 use super::decoder::{self, DecoderSpec, Identity, QkNorm};
-use super::moe::{self, MoeAct, MoeSpec};
+use super::moe::{self, MoeAct, MoeRouting, MoeSpec};
 use super::{Device, Family, LanguageModel};
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -46,12 +46,13 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
         k: moe::required_count(&cfg, &["num_experts_per_tok"], "expert_used_count")?,
         // config.json's default is false. llama.cpp always renormalises qwen3moe (its
         // converter writes no flag and its graph hard-codes it), so a GGUF does.
-        renormalize: if cfg.is_gguf() {
+        routing: MoeRouting::softmax(if cfg.is_gguf() {
             true
         } else {
             cfg.extra_bool("norm_topk_prob", "")?.unwrap_or(false)
-        },
+        }),
         ffn: moe::required_count(&cfg, &["moe_intermediate_size"], "expert_feed_forward_length")?,
+        shared_ffn: 0,
         sparse,
         act: MoeAct::SwiGlu,
     }
