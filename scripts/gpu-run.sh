@@ -3,8 +3,9 @@
 # executables built here travel xz-compressed in .gpu/bin (the working tree that travels
 # is limited to 64 MiB). Usage: bash scripts/gpu-run.sh STAGE...
 #   unpack   decompress .gpu/bin/*.xz
-#   kernels  the CUDA kernel and backend tests (FFAI_REQUIRE_GPU=1)
-#   parity   every parity fixture on the GPU
+#   kernels  the CUDA kernel and backend tests (FFAI_REQUIRE_GPU=1), plain and with
+#            FFAI_CUDA_UNVERIFIED=1 (the kernels not yet run on a GPU)
+#   parity   every parity fixture on the GPU, both ways
 #   models   the real-model GPU tests (FFAI_MODELS_DIR must hold the checkpoints)
 #   lcbuild  llama.cpp with CUDA (.gpulc, from ../shared/tools/gpu-llamacpp.sh prepare), in
 #            the background, and the random-weight Llama-3-8B-shaped F16 GGUF in /tmp/synth
@@ -24,11 +25,16 @@ for stage in "$@"; do
     for f in $B/*.xz; do xz -d -f -k "$f"; chmod +x "${f%.xz}"; done
     nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv ;;
   kernels)
-    for t in ${KERNEL_TESTS:-cuda_nvrtc cuda_ops cuda_quant cuda_backend}; do
-      echo "== $t"; $B/$t --test-threads=1 2>&1 | tee -a "$out/kernels.log" | grep -E "^test |panicked|error|FAILED|test result" | head -40
-    done ;;
+    # Twice: the verified kernels, then with FFAI_CUDA_UNVERIFIED=1 those not yet run.
+    for u in 0 1; do for t in ${KERNEL_TESTS:-cuda_nvrtc cuda_ops cuda_quant cuda_backend}; do
+      echo "== $t (FFAI_CUDA_UNVERIFIED=$u)"
+      FFAI_CUDA_UNVERIFIED=$u $B/$t --test-threads=1 2>&1 | tee -a "$out/kernels.log" | grep -E "^test |panicked|error|FAILED|test result|relative" | head -40
+    done; done ;;
   parity)
-    echo "== parity on cuda"; $B/parity on_cuda --nocapture 2>&1 | tee -a "$out/parity.log" | tail -30 ;;
+    for u in 0 1; do
+      echo "== parity on cuda (FFAI_CUDA_UNVERIFIED=$u)"
+      FFAI_CUDA_UNVERIFIED=$u $B/parity on_cuda --nocapture 2>&1 | tee -a "$out/parity.log" | tail -30
+    done ;;
   models)
     echo "== cuda_models"; $B/cuda_models --test-threads=1 --nocapture 2>&1 | tee -a "$out/models.log" | tail -60 ;;
   lcbuild)
@@ -53,7 +59,7 @@ for stage in "$@"; do
       timeout 120 /tmp/lc/llama.cpp/build/bin/llama-bench -m /tmp/synth/$t.gguf -ngl 99 -fa 1 -p 512 -n 128 -r 2 -o md 2>/dev/null | grep -E '^\| llama' | tee -a "$out/llamacpp-bench.md"
     done ;;
   profile)
-    echo "== ffai Q4_0 per-kernel profile"; $B/ffai bench -m /tmp/synth/Q4_0.gguf --device cuda --prompt-tokens 512 --gen-tokens 32 --repetitions 1 --profile 2>&1 | tail -45 | tee -a "$out/ffai-profile.txt"
+    echo "== ffai Q4_0 per-kernel profile"; FFAI_CUDA_UNVERIFIED=${FFAI_CUDA_UNVERIFIED:-0} $B/ffai bench -m /tmp/synth/Q4_0.gguf --device cuda --prompt-tokens 512 --gen-tokens 32 --repetitions 1 --profile 2>&1 | tail -45 | tee -a "$out/ffai-profile.txt"
     for g in 0 1; do echo "== graphs $g"; FFAI_CUDA_GRAPHS=$g $B/ffai bench -m /tmp/synth/Q4_0.gguf --device cuda --prompt-tokens 16 --gen-tokens 64 --repetitions 2 2>&1 | tail -3; done ;;
   synth)
     # The F16 file and our own Q4_0 of it, without building llama.cpp (its gguf-py only).

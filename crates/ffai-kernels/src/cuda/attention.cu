@@ -6,11 +6,6 @@
 // Pools are f16, laid out [block][kv_head][offset][head_dim] (as the CPU's).
 
 #define NO_SLOT 0xffffffffu
-// Positions one attention block covers: a row's positions are cut at multiples of SPAN,
-// so how a row's work is split depends on its own position alone (batch invariance).
-// 64 keeps a decode step's grid wide at short context (kv_heads x ceil(positions / 64)
-// blocks: 80 at 600 positions on an 8-KV-head model, where 256 gave 24 for 132 SMs).
-#define SPAN 64
 #define MAX_HD_PER_LANE 8
 
 __device__ __forceinline__ float half_to_float(unsigned short h) {
@@ -114,10 +109,10 @@ __device__ __forceinline__ unsigned int first_visible(unsigned int p, unsigned i
 // Query heads of one KV head that one attention block holds (a larger GQA group is
 // launched as several chunks of heads; `ATTN_GROUP` in backend.rs).
 #define ATTN_GROUP 8
-// Threads of an attention block: ATTN_LANES per position of the span while scoring, one
-// warp per head of the chunk while normalising.
-#define ATTN_LANES 4
-#define ATTN_THREADS (SPAN * ATTN_LANES)
+// Threads of an attention block: ATTN_LANES per position of a part of SPAN positions
+// (SPAN * ATTN_LANES = ATTN_THREADS) while scoring, one warp per head of the chunk while
+// normalising. Two cuts are built (`attn_spans`, `attn_spans64` below).
+#define ATTN_THREADS 256
 
 // One block per (row, KV head and chunk of its query heads, span): the span's part of
 // the row's attention for each of those heads, unnormalised, with its max and sum, into
@@ -135,8 +130,18 @@ __device__ __forceinline__ unsigned int first_visible(unsigned int p, unsigned i
 // own position only, so a row's result is the same bits in any batch.
 //
 // grid = (rows, kv_heads * ceil(group / ATTN_GROUP), max_spans), block = ATTN_THREADS.
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
-    attn_spans(const float* __restrict__ q, const unsigned short* __restrict__ k_pages,
+#define ATTN_PARAMS                                                                                              \
+    const float *__restrict__ q, const unsigned short *__restrict__ k_pages,                                    \
+        const unsigned short *__restrict__ v_pages, const unsigned int *__restrict__ positions,                 \
+        const unsigned int *__restrict__ row_seq, const SeqRows *__restrict__ seqs,                             \
+        const unsigned int *__restrict__ tables, unsigned int row0, unsigned int n_heads, unsigned int kv_heads, \
+        unsigned int head_dim, unsigned int block_size, unsigned int window, float scale, float softcap,        \
+        unsigned int max_spans, float *__restrict__ part_o, float *__restrict__ part_ml
+#define ATTN_ARGS                                                                                               \
+    q, k_pages, v_pages, positions, row_seq, seqs, tables, row0, n_heads, kv_heads, head_dim, block_size, window, \
+        scale, softcap, max_spans, part_o, part_ml
+template <unsigned int SPAN, unsigned int ATTN_LANES>
+__device__ __forceinline__ void attn_part(const float* __restrict__ q, const unsigned short* __restrict__ k_pages,
                const unsigned short* __restrict__ v_pages, const unsigned int* __restrict__ positions,
                const unsigned int* __restrict__ row_seq, const SeqRows* __restrict__ seqs,
                const unsigned int* __restrict__ tables, unsigned int row0, unsigned int n_heads,
@@ -330,6 +335,18 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
         }
         part_o[(part0 + (size_t)h * max_spans) * head_dim + d] = o;
     }
+}
+
+// Parts of 256 positions, one thread a position (the cut verified on the H100).
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_spans(ATTN_PARAMS) {
+    attn_part<256, 1>(ATTN_ARGS);
+}
+
+// Parts of 64 positions, four lanes a position: four times the blocks of a decode step at
+// short context (80 instead of 24 for an 8-KV-head model at 600 positions, for 132 SMs).
+// Taken with FFAI_CUDA_UNVERIFIED=1 until it has run on a GPU.
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_spans64(ATTN_PARAMS) {
+    attn_part<64, 4>(ATTN_ARGS);
 }
 
 // One block per (row, head): folds the row's span parts in order and normalises; rows of

@@ -39,11 +39,8 @@ use crate::quant::WeightType;
 /// decode batch of up to this many sequences gives each the bits it gets alone).
 pub const GEMM_MIN_ROWS: usize = 33;
 
-/// Positions per attention part (`SPAN` in attention.cu).
-const ATTN_SPAN: usize = 64;
-/// Threads of an attention block (`ATTN_THREADS` in attention.cu: `ATTN_LANES` = 4 per
-/// position of the span).
-const ATTN_THREADS: usize = ATTN_SPAN * 4;
+/// Threads of an attention block (`ATTN_THREADS` in attention.cu).
+const ATTN_THREADS: usize = 256;
 /// Query heads of one KV head an attention block takes (`ATTN_GROUP` in attention.cu).
 const ATTN_GROUP: usize = 8;
 /// Activation rows one q8x.cu product launch takes (`Q8X_MAX_N`).
@@ -125,7 +122,7 @@ impl Fast {
 
     /// The decode kernel for `ty`. Q4_0 and F16/BF16 were checked on an H100 against the
     /// CPU; the other types' kernels are taken only with `unverified` (the environment
-    /// variable `FFAI_CUDA_Q8X=all`) until they have been: the first GPU run of Q4_1 did
+    /// variable `FFAI_CUDA_UNVERIFIED=1`) until they have been: the first GPU run of Q4_1 did
     /// not match the CPU's q8 dot (0.3 % off), so they stay on `quant.cu`'s kernels.
     fn for_matrix(ty: WeightType, cols: usize, unverified: bool) -> Option<Fast> {
         let q8 = |kernel, k: bool| {
@@ -289,8 +286,11 @@ pub struct CudaBackend {
     /// [`CudaBackend::take_profile`]. Steps then run eagerly (no graphs).
     profile: Option<Mutex<Vec<(String, CudaEvent, CudaEvent)>>>,
     /// Use q8x.cu's decode kernels for the types not yet checked on a GPU
-    /// (`FFAI_CUDA_Q8X=all`; see `Fast::for_matrix`).
-    q8x_unverified: bool,
+    /// (`FFAI_CUDA_UNVERIFIED=1`): also take the kernels and paths not yet run on a GPU
+    /// — the q8 decode kernels of the types other than Q4_0 (`Fast::for_matrix`), the
+    /// 64-position attention parts, the fused `rope_kv_write_step` / `add_rms_norm`, F16
+    /// GEMMs on f16 tensor cores. Off, those ops run the verified kernels.
+    unverified: bool,
 }
 
 fn grid1(n: usize, block: usize) -> (u32, u32, u32) {
@@ -372,7 +372,7 @@ impl CudaBackend {
             capture_broken: AtomicBool::new(false),
             graphs: AtomicBool::new(std::env::var_os("FFAI_CUDA_GRAPHS").is_none_or(|v| v != "0")),
             profile: profile.then(|| Mutex::new(Vec::new())),
-            q8x_unverified: std::env::var_os("FFAI_CUDA_Q8X").is_some_and(|v| v == "all"),
+            unverified: std::env::var_os("FFAI_CUDA_UNVERIFIED").is_some_and(|v| v == "1"),
         })
     }
 
@@ -704,7 +704,7 @@ impl CudaBackend {
             // f16 weights as they are, against the activations rounded to f16 (10 mantissa
             // bits, as TF32 keeps; values past f16's range saturate): f16 tensor cores at
             // twice TF32's rate, and no widened copy of the weights.
-            WeightType::F16 => {
+            WeightType::F16 if self.unverified => {
                 self.grow(&mut sc.acts, n * cols);
                 if self.failed() {
                     return;
@@ -721,10 +721,11 @@ impl CudaBackend {
                     compute_f32,
                 )
             }
-            // bf16 weights: widened to f32 (exactly, by the embedding kernel over row ids
-            // 0..rows), multiplied with TF32 tensor cores: bf16 fits TF32's 10 mantissa
-            // bits, and the activations keep 10 bits instead of bf16's 7.
-            WeightType::BF16 => {
+            // bf16 (and, without `unverified`, f16) weights: widened to f32 (exactly, by the
+            // embedding kernel over row ids 0..rows), multiplied with TF32 tensor cores:
+            // both fit TF32's 10 mantissa bits, and the activations keep 10 bits instead of
+            // bf16's 7.
+            WeightType::BF16 | WeightType::F16 => {
                 let max = (*self.max_mat_elems.lock().unwrap_or_else(|e| e.into_inner())).max(rows * cols);
                 if sc.weight32.len < max {
                     self.grow(&mut sc.weight32, max);
@@ -819,8 +820,8 @@ impl CudaBackend {
         }
         let name = match w.ty {
             WeightType::F32 => "gemm_f32",
-            WeightType::F16 => "gemm_f16",
-            WeightType::BF16 => "gemm_tf32",
+            WeightType::F16 if self.unverified => "gemm_f16",
+            WeightType::F16 | WeightType::BF16 => "gemm_tf32",
             _ => "gemm_bf16",
         };
         self.profile_record(name, start);
@@ -896,7 +897,7 @@ impl Backend for CudaBackend {
             cols,
             row_bytes,
             kernels: MatKernels::new(ty),
-            fast: Fast::for_matrix(ty, cols, self.q8x_unverified),
+            fast: Fast::for_matrix(ty, cols, self.unverified),
         }
     }
 
@@ -1065,6 +1066,11 @@ impl Backend for CudaBackend {
 
     fn add_rms_norm(&self, x: &mut CudaBuf, y: &CudaBuf, w: &CudaBuf, eps: f32, n: usize, out: &mut CudaBuf) {
         let width = w.len;
+        if !self.unverified {
+            self.add(x, y, n * width);
+            self.rms_norm(x, w, eps, n, out);
+            return;
+        }
         assert!(
             n * width <= x.len && n * width <= y.len && n * width <= out.len,
             "add_rms_norm out of range"
@@ -1291,6 +1297,8 @@ impl Backend for CudaBackend {
             self.write(&step.host_seqs, &mut dst.seqs);
             self.write(&src.block_tables, &mut dst.tables);
             let w = src.window as usize;
+            // Positions per attention part (`SPAN` of the kernel `attention_step` takes).
+            let span = if self.unverified { 64 } else { 256 };
             dst.max_spans = layout
                 .positions
                 .iter()
@@ -1299,7 +1307,7 @@ impl Backend for CudaBackend {
                 .map(|(&p, _)| {
                     let p = p as usize;
                     let first = if w == 0 { 0 } else { (p + 1).saturating_sub(w) };
-                    p / ATTN_SPAN - first / ATTN_SPAN + 1
+                    p / span - first / span + 1
                 })
                 .max()
                 .unwrap_or(1)
@@ -1503,6 +1511,13 @@ impl Backend for CudaBackend {
             "rope_kv_write_step over {n} rows of a {}-row step",
             step.n_rows
         );
+        if !self.unverified {
+            self.rope_step(q, n, shape.n_heads, shape.head_dim, step, rope);
+            self.rope_step(k, n, shape.n_kv_heads, shape.head_dim, step, rope);
+            self.kv_write_step(k_cache, k, n, step, group, shape);
+            self.kv_write_step(v_cache, v, n, step, group, shape);
+            return;
+        }
         let g = &step.groups[group];
         let (nh, kvh, hd, bs) = (shape.n_heads, shape.n_kv_heads, shape.head_dim, g.block_size as usize);
         let half = rope.inv_freq.len;
@@ -1592,7 +1607,7 @@ impl Backend for CudaBackend {
             let m = rows_per_pass.min(n - row0);
             let chunks = (nh / kvh).div_ceil(ATTN_GROUP);
             self.launch(
-                "attn_spans",
+                if self.unverified { "attn_spans64" } else { "attn_spans" },
                 (m as u32, (kvh * chunks) as u32, spans as u32),
                 ATTN_THREADS as u32,
                 &[

@@ -65,6 +65,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "kv_write_step",
             "rope_kv_write_step",
             "attn_spans",
+            "attn_spans64",
             "attn_combine",
             "attn_mla",
         ],
