@@ -98,7 +98,11 @@ fn route_expert_scale_matches_the_oracle() {
             assert_eq!(ids[t * k + j] as usize, oi[j], "row {t} slot {j}");
             let want = ow[j] * scale[oi[j]] as f64;
             let d = (w[t * k + j] as f64 - want).abs();
-            assert!(d <= 1e-6 * (1.0 + want), "row {t} slot {j}: weight {} vs {want}", w[t * k + j]);
+            assert!(
+                d <= 1e-6 * (1.0 + want),
+                "row {t} slot {j}: weight {} vs {want}",
+                w[t * k + j]
+            );
         }
     }
 }

@@ -366,7 +366,11 @@ fn gemma4_conditional_generation_layout_loads_the_text_model() {
         "model.vision_tower.patch_embedder.weight".into(),
         safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 4], &tower).unwrap(),
     ));
-    std::fs::write(dir.join("model.safetensors"), safetensors::serialize(views, &None).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("model.safetensors"),
+        safetensors::serialize(views, &None).unwrap(),
+    )
+    .unwrap();
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let cfg = ModelConfig::from_hf_json(&json, "multimodal").unwrap();

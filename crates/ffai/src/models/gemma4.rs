@@ -132,8 +132,8 @@ fn rope_table(cfg: &ModelConfig, kind: &str, params: &Value, head_dim: usize) ->
         Some(Value::String(s)) => s.as_str(),
         Some(x) => bail!("{src}: rope_parameters.{kind}.rope_type = {x} is not a string"),
     };
-    let theta = num("rope_theta")?
-        .ok_or_else(|| Error::new(format!("{src}: rope_parameters.{kind} has no rope_theta")))?;
+    let theta =
+        num("rope_theta")?.ok_or_else(|| Error::new(format!("{src}: rope_parameters.{kind} has no rope_theta")))?;
     ensure!(
         theta > 0.0,
         "{src}: rope_parameters.{kind}.rope_theta = {theta} must be positive"
@@ -221,11 +221,10 @@ fn plan(cfg: &ModelConfig) -> Result<Plan> {
     match hf_field(cfg, "per_layer_config") {
         Some(Value::Object(m)) => {
             for (key, over) in &m {
-                let i = key
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|&i| i < n)
-                    .ok_or_else(|| Error::new(format!("{src}: per_layer_config key \"{key}\" is not a layer index")))?;
+                let i =
+                    key.parse::<usize>().ok().filter(|&i| i < n).ok_or_else(|| {
+                        Error::new(format!("{src}: per_layer_config key \"{key}\" is not a layer index"))
+                    })?;
                 let over = over
                     .as_object()
                     .ok_or_else(|| Error::new(format!("{src}: per_layer_config.{key} = {over} is not an object")))?;
@@ -305,13 +304,20 @@ fn plan(cfg: &ModelConfig) -> Result<Plan> {
     let mut layers = Vec::with_capacity(n);
     for i in 0..n {
         let (head_dim, kv_heads) = shapes[i];
-        let kind = if sliding[i] { "sliding_attention" } else { "full_attention" };
+        let kind = if sliding[i] {
+            "sliding_attention"
+        } else {
+            "full_attention"
+        };
         let kv_source = if i >= first_shared {
-            let src_layer = (0..first_shared).rev().find(|&j| sliding[j] == sliding[i]).ok_or_else(|| {
-                Error::new(format!(
+            let src_layer = (0..first_shared)
+                .rev()
+                .find(|&j| sliding[j] == sliding[i])
+                .ok_or_else(|| {
+                    Error::new(format!(
                     "{src}: num_kv_shared_layers = {shared} leaves layer {i} no earlier {kind} layer to share K/V with"
                 ))
-            })?;
+                })?;
             ensure!(
                 shapes[src_layer] == shapes[i],
                 "{src}: layer {i} shares the K/V of layer {src_layer}, whose head shape differs"
