@@ -158,7 +158,7 @@ fn rope_table(cfg: &ModelConfig, kind: &str, params: &Value, head_dim: usize) ->
         other => bail!("{src}: rope_parameters.{kind}.rope_type \"{other}\" is not supported for Gemma 4"),
     };
     let factor = if rope_type == "default" { 1.0 } else { factor };
-    Ok((0..half)
+    let table: Vec<f32> = (0..half)
         .map(|i| {
             if i < rotated {
                 (1.0 / (theta.powf(2.0 * i as f64 / head_dim as f64) * factor)) as f32
@@ -166,7 +166,12 @@ fn rope_table(cfg: &ModelConfig, kind: &str, params: &Value, head_dim: usize) ->
                 0.0
             }
         })
-        .collect())
+        .collect();
+    ensure!(
+        table.iter().all(|f| f.is_finite()),
+        "{src}: rope_parameters.{kind} give non-finite RoPE frequencies"
+    );
+    Ok(table)
 }
 
 fn plan(cfg: &ModelConfig) -> Result<Plan> {
@@ -388,8 +393,8 @@ fn plan(cfg: &ModelConfig) -> Result<Plan> {
     };
     let final_softcap = match cfg.extra_f64("final_logit_softcapping", "")? {
         None => 0.0,
-        Some(c) if c > 0.0 => c as f32,
-        Some(c) => bail!("{src}: final_logit_softcapping = {c} must be positive"),
+        Some(c) if c > 0.0 && (c as f32).is_finite() => c as f32,
+        Some(c) => bail!("{src}: final_logit_softcapping = {c} must be a positive f32"),
     };
     Ok(Plan {
         layers,
