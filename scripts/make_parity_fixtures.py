@@ -499,10 +499,80 @@ def fam_configs():
         ],
         {},
     )
+
+    # Gemma 4 (text): hidden 32 (not BASE's 64) keeps six layers with experts and per-layer
+    # embeddings under the 1 MB fixture limit.
+    G4 = dict(
+        BASE,
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        global_head_dim=32,
+        sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention"] * 3,
+        hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=256,
+        num_kv_shared_layers=2,
+        final_logit_softcapping=3.0,
+        hidden_activation="gelu_pytorch_tanh",
+        tie_word_embeddings=True,
+    )
+    g4_notes = [
+        "Gemma4ForCausalLM, model_type gemma4_text; hidden 32, 4 query heads; layer_types [sliding, full] x 3; "
+        "sliding layers: head_dim 16, 2 kv heads, window 16 (i-16 < j <= i), rope default theta 1e4; full layers: "
+        "head_dim 32 (global_head_dim, written by transformers 5.17 as per_layer_config {layer: {head_dim}}), rope "
+        "'proportional' theta 1e6 partial_rotary_factor 0.25: inv_freq[i] = 1e6**(-2i/32) for i < int(0.25*32//2) = 4, "
+        "0 for the other 12 pairs (identity), rotate_half over the whole head_dim",
+        "attention scale 1.0 (no 1/sqrt(d)); q_norm and k_norm plain RMSNorm (x_normed * w, NOT 1 + w) per head before "
+        "RoPE; v_norm a weightless RMSNorm per head; every RMSNorm is x * (mean(x^2) + eps)^-0.5 * w",
+        "num_kv_shared_layers 2: layers 4 (sliding) and 5 (full) have no k/v projections of their own and attend "
+        "over the K/V of the last earlier layer of their type (layers 2 and 3); they write no cache",
+        "per-layer embeddings (hidden_size_per_layer_input 8): ple = (rms_norm(per_layer_model_projection(e) * 32^-0.5 "
+        "per layer chunk of 8, per_layer_projection_norm) + embed_tokens_per_layer(ids) * sqrt(8)) * 2^-0.5, where e = "
+        "embed_tokens(ids) * sqrt(32); after each layer's MLP residual: h += post_per_layer_input_norm("
+        "per_layer_projection(gelu_tanh(per_layer_input_gate(h)) * ple[:, layer]))",
+        "layer_scalar (a persistent buffer) multiplies the whole hidden state at the end of each layer; re-init to "
+        "U(0.5, 1.5) per layer",
+        "final_logit_softcapping 3 (low, so the cap shapes the logits); tied lm_head; embeddings * sqrt(hidden) in fp32",
+    ]
+    F["gemma4"] = (
+        "Gemma4TextConfig",
+        dict(
+            G4,
+            attention_k_eq_v=True,
+            num_global_key_value_heads=1,
+            enable_moe_block=True,
+            num_experts=4,
+            top_k_experts=2,
+            moe_intermediate_size=16,
+        ),
+        g4_notes + [
+            "attention_k_eq_v with num_global_key_value_heads 1: full layers have 1 kv head and no v_proj; "
+            "v = v_norm(k_proj(x)) (the raw k projection, before k_norm and RoPE)",
+            "MoE block beside the dense MLP in every layer: dense = post_feedforward_layernorm_1(mlp(pre_feedforward_"
+            "layernorm(h))); router on h (the residual stream before the MLP): logits = proj(rms_norm(h) * scale * "
+            "32^-0.5), softmax, top-2, renormalised, times per_expert_scale[expert]; experts on pre_feedforward_layernorm_2(h),"
+            " gelu_tanh(gate) * up (fused gate_up_proj [4, 32, 32], down_proj [4, 32, 16]); moe = "
+            "post_feedforward_layernorm_2(sum); h += post_feedforward_layernorm(dense + moe)",
+        ],
+        {},
+    )
+    F["gemma4_dense"] = (
+        "Gemma4TextConfig",
+        dict(G4, use_double_wide_mlp=True),
+        g4_notes + [
+            "no MoE block; use_double_wide_mlp: the kv-shared layers 4 and 5 have an MLP of 2 * intermediate_size = 64",
+            "attention_k_eq_v False: full layers keep v_proj and num_key_value_heads 2",
+        ],
+        {},
+    )
     return F
 
 
-MOE_FAMILIES = ("qwen3_moe", "mixtral", "olmoe", "gpt_oss", "gpt_oss_mxfp4", "deepseek_v2", "deepseek_v3")
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "olmoe", "gpt_oss", "gpt_oss_mxfp4", "deepseek_v2", "deepseek_v3", "gemma4")
 DEEPSEEK = ("deepseek_v2", "deepseek_v3")
 
 
@@ -560,13 +630,15 @@ def mxfp4_save(model, fdir):
     save_file(out, os.path.join(fdir, "model.safetensors"), metadata={"format": "pt"})
 
 FAMILY_ORDER = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3", "olmo2", "granite", "starcoder2",
-                "llama_bf16", "qwen3_moe", "mixtral", "olmoe", "gpt_oss", "gpt_oss_mxfp4", "deepseek_v2", "deepseek_v3"]
+                "llama_bf16", "qwen3_moe", "mixtral", "olmoe", "gpt_oss", "gpt_oss_mxfp4", "deepseek_v2", "deepseek_v3",
+                "gemma4", "gemma4_dense"]
 FAMILY_SEED = {f: 1000 + i for i, f in enumerate(FAMILY_ORDER)}
 
 
 def reinit_(model, model_type, overrides):
     """Re-initialise every parameter so the logits span a healthy range."""
-    gemma_norm = model_type.startswith("gemma")
+    # Gemma 2/3 norms are (1 + w); Gemma 4's are plain w.
+    gemma_norm = model_type.startswith("gemma") and not model_type.startswith("gemma4")
     seen = set()
     with torch.no_grad():
         for mname, mod in model.named_modules():
@@ -575,6 +647,12 @@ def reinit_(model, model_type, overrides):
             if not local:
                 continue
             is_norm = "Norm" in cls
+            if cls == "Gemma4TextRouter":
+                # Its own parameters: the input scale [hidden] and per_expert_scale [experts].
+                for pname, p in local:
+                    seen.add(id(p))
+                    p.normal_(0.0, 0.2 if pname == "per_expert_scale" else 0.1).add_(1.0)
+                continue
             if cls == "GptOssAttention":
                 # Its own parameter is the attention sinks (the projections are Linear children).
                 for pname, p in local:
@@ -606,6 +684,8 @@ def reinit_(model, model_type, overrides):
             raise RuntimeError(f"parameter {n} not re-initialised")
     with torch.no_grad():
         for m in model.modules():
+            if type(m).__name__ == "Gemma4TextDecoderLayer":
+                m.layer_scalar.uniform_(0.5, 1.5)
             if hasattr(m, "e_score_correction_bias"):
                 m.e_score_correction_bias.normal_(0.0, 0.1)
 
@@ -751,7 +831,31 @@ def sensitivity(family, model, ids, ref):
             diff("group_limited_greedy_off")
             for m in routers:
                 m.topk_method = cfg.topk_method
-    if family in MOE_FAMILIES and not family.startswith("gpt_oss") and family not in DEEPSEEK:
+    if family.startswith("gemma4"):
+        fc = cfg.final_logit_softcapping
+        cfg.final_logit_softcapping = None
+        diff("final_logit_softcapping_off")
+        cfg.final_logit_softcapping = fc
+        layers = [m for m in model.modules() if type(m).__name__ == "Gemma4TextDecoderLayer"]
+        saved = [m.layer_scalar.clone() for m in layers]
+        with torch.no_grad():
+            for m in layers:
+                m.layer_scalar.fill_(1.0)
+        diff("layer_scalar_off")
+        with torch.no_grad():
+            for m, v in zip(layers, saved):
+                m.layer_scalar.copy_(v)
+        routers = [m for m in model.modules() if type(m).__name__ == "Gemma4TextRouter"]
+        saved = [m.per_expert_scale.detach().clone() for m in routers]
+        with torch.no_grad():
+            for m in routers:
+                m.per_expert_scale.fill_(1.0)
+        if routers:
+            diff("per_expert_scale_off")
+        with torch.no_grad():
+            for m, v in zip(routers, saved):
+                m.per_expert_scale.copy_(v)
+    if family in MOE_FAMILIES and not family.startswith(("gpt_oss", "gemma4")) and family not in DEEPSEEK:
         routers = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
         for m in routers:
             m.norm_topk_prob = not getattr(m, "norm_topk_prob", True)
@@ -810,7 +914,29 @@ def deepseek_routing_stats(model, ids):
     return stats
 
 
+def gemma4_routers(model):
+    """(router.proj Linear, top_k) of each Gemma 4 layer with a MoE block: proj's output is the logits."""
+    return [(m.proj, m.config.top_k_experts) for m in model.modules() if type(m).__name__ == "Gemma4TextRouter"]
+
+
 def routing_stats(model, ids):
+    if gemma4_routers(model):
+        logs = []
+        hooks = [lin.register_forward_hook(lambda m, i, o, k=k: logs.append((k, o.detach().float().reshape(-1, o.shape[-1]))))
+                 for lin, k in gemma4_routers(model)]
+        forward_logits(model, ids)
+        for h in hooks:
+            h.remove()
+        stats = []
+        for k, logits in logs:
+            p = torch.softmax(logits, dim=-1)
+            top = torch.sort(p, dim=-1, descending=True).values
+            idx = torch.topk(p, k, dim=-1).indices
+            counts = torch.bincount(idx.flatten(), minlength=p.shape[-1]).tolist()
+            if min(counts) == 0:
+                raise RuntimeError(f"an expert is never routed to: {counts}")
+            stats.append({"tokens_per_expert": counts, "min_topk_margin": float((top[:, k - 1] - top[:, k]).min())})
+        return stats
     if any(is_router(m) and "Deepseek" in type(m).__name__ for m in model.modules()):
         return deepseek_routing_stats(model, ids)
     """Per sparse layer: tokens per expert, and the smallest gap between the k-th and (k+1)-th
@@ -839,7 +965,7 @@ def balance_routers_(model, ids):
     share a large common direction (attention averages values), and W.mean dominates the logits.
     Layer by layer, project each router's rows off the mean direction of the inputs it sees, so
     its logits follow what differs between tokens and every expert gets some."""
-    routers = [m for m in model.modules() if is_router(m)]
+    routers = [m for m in model.modules() if is_router(m)] + [lin for lin, _ in gemma4_routers(model)]
     for r in routers:
         seen = []
         h = r.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().reshape(-1, i[0].shape[-1])))
@@ -1019,7 +1145,7 @@ def main():
                              "expert, smallest margin per sparse layer), so an f16 KV cache or another summation "
                              "order cannot flip an expert choice" % MOE_MIN_MARGIN)
             notes.append("re-init: Linear/Embedding weights N(0, 0.15) unless stated, biases N(0, 0.1), norm weights "
-                         + ("N(0, 0.1) (Gemma (1 + w) form)" if family.startswith("gemma") else "1 + N(0, 0.1)"))
+                         + ("N(0, 0.1) (Gemma (1 + w) form)" if family in ("gemma2", "gemma3") else "1 + N(0, 0.1)"))
             finish(fdir, family, model, ids, ref, notes, rope, sens, extra)
         except Exception as e:  # keep going, report at the end
             import traceback

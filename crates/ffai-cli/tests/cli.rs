@@ -130,6 +130,10 @@ fn models_lists_the_llama_family() {
         text.contains("llama") && text.contains("LlamaForCausalLM") && text.contains("Qwen2ForCausalLM"),
         "{text}"
     );
+    assert!(
+        text.contains("gemma4\n") && text.contains("Gemma4ForCausalLM") && text.contains("gemma4_text"),
+        "{text}"
+    );
 }
 
 #[test]

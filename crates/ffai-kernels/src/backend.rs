@@ -411,7 +411,8 @@ pub trait Backend: Send + Sync + 'static {
     /// ([`crate::ops::moe_route_with`]: softmax or sigmoid scores, the choice steered by
     /// `bias` (`[n_experts]`) when given, optionally limited to the best groups; the `k`
     /// best first, ties to the lower index): their ids (as f32) in `ids[n, k]` and their
-    /// weights in `weights[n, k]`. `routing.check(n_experts, k)` must hold.
+    /// weights in `weights[n, k]`, each weight times its expert's entry of `expert_scale`
+    /// (`[n_experts]`, Gemma 4) when given. `routing.check(n_experts, k)` must hold.
     #[allow(clippy::too_many_arguments)]
     fn moe_route(
         &self,
@@ -421,6 +422,7 @@ pub trait Backend: Send + Sync + 'static {
         k: usize,
         routing: &crate::ops::MoeRouting,
         bias: Option<&Self::Buf>,
+        expert_scale: Option<&Self::Buf>,
         ids: &mut Self::Buf,
         weights: &mut Self::Buf,
     );
@@ -612,21 +614,25 @@ pub mod host_moe {
         k: usize,
         routing: &ops::MoeRouting,
         bias: Option<&B::Buf>,
+        expert_scale: Option<&B::Buf>,
         ids: &mut B::Buf,
         weights: &mut B::Buf,
     ) {
         let mut l = vec![0f32; n * n_experts];
         b.download(logits, 0..n * n_experts, &mut l);
-        let hb = bias.map(|x| {
+        let table = |x: &B::Buf| {
             let mut h = vec![0f32; n_experts];
             b.download(x, 0..n_experts, &mut h);
             h
-        });
+        };
+        let hb = bias.map(table);
+        let hs = expert_scale.map(table);
         let (mut hi, mut hw) = (vec![0f32; n * k], vec![0f32; n * k]);
         for t in 0..n {
             ops::moe_route_with(
                 &l[t * n_experts..(t + 1) * n_experts],
                 hb.as_deref(),
+                hs.as_deref(),
                 routing,
                 &mut hi[t * k..(t + 1) * k],
                 &mut hw[t * k..(t + 1) * k],

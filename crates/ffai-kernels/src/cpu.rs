@@ -1009,6 +1009,7 @@ impl Backend for CpuBackend {
         k: usize,
         routing: &ops::MoeRouting,
         bias: Option<&Vec<f32>>,
+        expert_scale: Option<&Vec<f32>>,
         ids: &mut Vec<f32>,
         weights: &mut Vec<f32>,
     ) {
@@ -1021,13 +1022,25 @@ impl Backend for CpuBackend {
             bias.is_none_or(|b| b.len() >= n_experts),
             "moe_route: bias shorter than the experts"
         );
+        assert!(
+            expert_scale.is_none_or(|s| s.len() >= n_experts),
+            "moe_route: expert scales shorter than the experts"
+        );
         let bias = bias.map(|b| &b[..n_experts]);
+        let expert_scale = expert_scale.map(|s| &s[..n_experts]);
         let (ip, wp) = (SharedMut(ids.as_mut_ptr()), SharedMut(weights.as_mut_ptr()));
         self.for_rows(n, n_experts * k, |t| {
             // SAFETY: each row's k entries are handed to exactly one thread, inside the
             // first n * k of each buffer (checked above).
             let (i, w) = unsafe { (ip.slice(t * k, k), wp.slice(t * k, k)) };
-            ops::moe_route_with(&logits[t * n_experts..(t + 1) * n_experts], bias, routing, i, w);
+            ops::moe_route_with(
+                &logits[t * n_experts..(t + 1) * n_experts],
+                bias,
+                expert_scale,
+                routing,
+                i,
+                w,
+            );
         });
     }
 

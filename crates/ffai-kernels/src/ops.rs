@@ -1229,11 +1229,21 @@ impl MoeRouting {
 /// groups of the best group scores (ties to the lower group) are the only candidates;
 /// the `ids.len()` best candidates by choice score (largest first, ties to the lower
 /// index); `weights` are their unbiased scores, divided by their sum when `renormalize`,
-/// times `scale`. With [`MoeRouting::softmax`] and no bias it is [`moe_route`] bit for bit.
-pub fn moe_route_with(logits: &[f32], bias: Option<&[f32]>, r: &MoeRouting, ids: &mut [f32], weights: &mut [f32]) {
+/// times `scale`, then each times its expert's entry of `expert_scale` when given (Gemma 4's
+/// `per_expert_scale`). With [`MoeRouting::softmax`] and neither table it is [`moe_route`]
+/// bit for bit.
+pub fn moe_route_with(
+    logits: &[f32],
+    bias: Option<&[f32]>,
+    expert_scale: Option<&[f32]>,
+    r: &MoeRouting,
+    ids: &mut [f32],
+    weights: &mut [f32],
+) {
     let (k, ne) = (ids.len(), logits.len());
     debug_assert!(k == weights.len() && k <= ne && ne <= MAX_EXPERTS && k <= MAX_EXPERTS_PER_TOKEN);
     debug_assert!(bias.is_none_or(|b| b.len() >= ne));
+    debug_assert!(expert_scale.is_none_or(|s| s.len() >= ne));
     let mut score = [0f32; MAX_EXPERTS];
     match r.scoring {
         MoeScoring::Softmax => {
@@ -1323,6 +1333,11 @@ pub fn moe_route_with(logits: &[f32], bias: Option<&[f32]>, r: &MoeRouting, ids:
     if r.scale != 1.0 {
         weights.iter_mut().for_each(|w| *w *= r.scale);
     }
+    if let Some(es) = expert_scale {
+        for (w, &e) in weights.iter_mut().zip(taken.iter()) {
+            *w *= es[e];
+        }
+    }
 }
 
 /// One token's routing: `softmax(logits)` over all experts, the `ids.len()` most
@@ -1335,7 +1350,7 @@ pub fn moe_route_with(logits: &[f32], bias: Option<&[f32]>, r: &MoeRouting, ids:
 /// index first); such ties need bit-equal router logits, which real inputs do not give.
 /// Expert ids are written as f32 (exact below 2^24) so they travel in activation buffers.
 pub fn moe_route(logits: &[f32], renormalize: bool, ids: &mut [f32], weights: &mut [f32]) {
-    moe_route_with(logits, None, &MoeRouting::softmax(renormalize), ids, weights)
+    moe_route_with(logits, None, None, &MoeRouting::softmax(renormalize), ids, weights)
 }
 
 /// Adds each slot's expert bias: `x[s] += biases[ids[s]]` for the `ids.len()` slots,

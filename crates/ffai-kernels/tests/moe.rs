@@ -60,6 +60,7 @@ fn route_matches_softmax_topk_oracle() {
                 k,
                 &ops::MoeRouting::softmax(renorm),
                 None,
+                None,
                 &mut ids,
                 &mut w,
             );
@@ -79,6 +80,33 @@ fn route_matches_softmax_topk_oracle() {
     }
 }
 
+/// Gemma 4's per-expert scale multiplies each chosen expert's weight after the
+/// renormalisation, and never changes the choice.
+#[test]
+fn route_expert_scale_matches_the_oracle() {
+    let b = CpuBackend::new(2);
+    let mut r = Rng(11);
+    let (n, ne, k) = (24, 16, 4);
+    let logits: Vec<f32> = (0..n * ne).map(|_| 4.0 * r.f()).collect();
+    let scale: Vec<f32> = (0..ne).map(|e| 0.25 + 0.125 * e as f32).collect();
+    let (mut ids, mut w) = (b.alloc(n * k), b.alloc(n * k));
+    let routing = ops::MoeRouting::softmax(true);
+    b.moe_route(&logits, n, ne, k, &routing, None, Some(&scale), &mut ids, &mut w);
+    for t in 0..n {
+        let (oi, ow) = oracle_route(&logits[t * ne..(t + 1) * ne], k, true);
+        for j in 0..k {
+            assert_eq!(ids[t * k + j] as usize, oi[j], "row {t} slot {j}");
+            let want = ow[j] * scale[oi[j]] as f64;
+            let d = (w[t * k + j] as f64 - want).abs();
+            assert!(
+                d <= 1e-6 * (1.0 + want),
+                "row {t} slot {j}: weight {} vs {want}",
+                w[t * k + j]
+            );
+        }
+    }
+}
+
 #[test]
 fn route_ties_go_to_the_lower_index_and_nan_picks_valid_experts() {
     let b = CpuBackend::new(1);
@@ -90,6 +118,7 @@ fn route_ties_go_to_the_lower_index_and_nan_picks_valid_experts() {
         6,
         4,
         &ops::MoeRouting::softmax(false),
+        None,
         None,
         &mut ids,
         &mut w,
@@ -104,6 +133,7 @@ fn route_ties_go_to_the_lower_index_and_nan_picks_valid_experts() {
         4,
         3,
         &ops::MoeRouting::softmax(true),
+        None,
         None,
         &mut ids,
         &mut w,
@@ -121,6 +151,7 @@ fn route_ties_go_to_the_lower_index_and_nan_picks_valid_experts() {
         4,
         2,
         &ops::MoeRouting::softmax(false),
+        None,
         None,
         &mut ids,
         &mut w,
@@ -379,7 +410,7 @@ fn grouped_routes_match_the_naive_oracle() {
         let bias: Vec<f32> = r.vec(ne).iter().map(|x| x * 0.5).collect();
         let bias_buf = biased.then(|| bias.clone());
         let (mut ids, mut w) = (vec![0f32; n * k], vec![0f32; n * k]);
-        b.moe_route(&logits, n, ne, k, &routing, bias_buf.as_ref(), &mut ids, &mut w);
+        b.moe_route(&logits, n, ne, k, &routing, bias_buf.as_ref(), None, &mut ids, &mut w);
         let mut bias_mattered = false;
         for t in 0..n {
             let row = &logits[t * ne..(t + 1) * ne];

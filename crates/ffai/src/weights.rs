@@ -459,7 +459,23 @@ pub fn hf_to_gguf_name(name: &str) -> String {
 /// `post_attention_layernorm` for a norm *after* attention, where Llama uses it before
 /// the MLP.
 pub fn hf_to_gguf_name_for(name: &str, model_type: &str) -> String {
-    let sandwich = matches!(model_type, "gemma2" | "gemma3" | "gemma3_text" | "olmo2");
+    let gemma4 = matches!(model_type, "gemma4" | "gemma4_text");
+    // Gemma 4's multimodal checkpoints nest the text model (their vision and audio
+    // towers keep their names and are never read).
+    let stripped;
+    let name = match name.strip_prefix("model.language_model.") {
+        Some(rest) if gemma4 => {
+            stripped = format!("model.{rest}");
+            stripped.as_str()
+        }
+        _ => name,
+    };
+    if gemma4 {
+        if let Some(n) = gemma4_name(name) {
+            return n;
+        }
+    }
+    let sandwich = matches!(model_type, "gemma2" | "gemma3" | "gemma3_text" | "olmo2") || gemma4;
     let top = [
         ("model.embed_tokens.weight", "token_embd.weight"),
         ("model.norm.weight", "output_norm.weight"),
@@ -524,6 +540,40 @@ pub fn hf_to_gguf_name_for(name: &str, model_type: &str) -> String {
         }
     }
     name.to_string()
+}
+
+/// Gemma 4's own tensors (llama.cpp's names where its converter has them): the per-layer
+/// embeddings and their projection, each layer's per-layer input gate, projection and
+/// norm, `layer_scalar`, and the MoE block beside the dense MLP (its router's input
+/// scale and per-expert scale, the fused experts, three more norms).
+fn gemma4_name(name: &str) -> Option<String> {
+    let top = match name {
+        "model.embed_tokens_per_layer.weight" => Some("per_layer_token_embd.weight"),
+        "model.per_layer_model_projection.weight" => Some("per_layer_model_proj.weight"),
+        "model.per_layer_projection_norm.weight" => Some("per_layer_proj_norm.weight"),
+        _ => None,
+    };
+    if let Some(t) = top {
+        return Some(t.to_string());
+    }
+    let (idx, tail) = name.strip_prefix("model.layers.")?.split_once('.')?;
+    idx.parse::<usize>().ok()?;
+    let gg = match tail {
+        "layer_scalar" => "layer_output_scale.weight",
+        "per_layer_input_gate.weight" => "inp_gate.weight",
+        "per_layer_projection.weight" => "proj.weight",
+        "post_per_layer_input_norm.weight" => "post_norm.weight",
+        "router.proj.weight" => "ffn_gate_inp.weight",
+        "router.scale" => "ffn_gate_inp.scale",
+        "router.per_expert_scale" => "ffn_down_exps.scale",
+        "experts.gate_up_proj" => "ffn_gate_up_exps.weight",
+        "experts.down_proj" => "ffn_down_exps.weight",
+        "pre_feedforward_layernorm_2.weight" => "pre_ffw_norm_2.weight",
+        "post_feedforward_layernorm_1.weight" => "post_ffw_norm_1.weight",
+        "post_feedforward_layernorm_2.weight" => "post_ffw_norm_2.weight",
+        _ => return None,
+    };
+    Some(format!("blk.{idx}.{gg}"))
 }
 
 /// Mixture-of-experts tensor names (the part after `model.layers.N.`): per-expert

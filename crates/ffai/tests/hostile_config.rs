@@ -195,6 +195,8 @@ fn every_config_json_number_and_flag_at_hostile_values() {
         "gpt_oss_mxfp4",
         "deepseek_v2",
         "deepseek_v3",
+        "gemma4",
+        "gemma4_dense",
     ] {
         let dir = fixture(family);
         let original: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
@@ -281,6 +283,67 @@ fn named_config_errors() {
         ("deepseek_v2", "topk_method", json!("noaux_tc"), "topk_method"),
         ("deepseek_v2", "moe_layer_freq", json!(0), "moe_layer_freq"),
         ("deepseek_v2", "n_group", json!(8), "groups"),
+        ("gemma4", "num_kv_shared_layers", json!(7), "num_kv_shared_layers"),
+        ("gemma4", "num_kv_shared_layers", json!(6), "no earlier"),
+        (
+            "gemma4",
+            "per_layer_config",
+            json!({"9": {"head_dim": 32}}),
+            "per_layer_config",
+        ),
+        ("gemma4", "per_layer_config", json!({"1": {"head_dim": 31}}), "even"),
+        (
+            "gemma4",
+            "per_layer_config",
+            json!({"1": {"num_key_value_heads": 3}}),
+            "KV heads",
+        ),
+        (
+            "gemma4",
+            "per_layer_config",
+            json!({"1": {"sliding_window": 3}}),
+            "not supported",
+        ),
+        ("gemma4", "layer_types", json!(["sliding_attention"]), "layer_types"),
+        (
+            "gemma4",
+            "layer_types",
+            json!(["chunked", "chunked", "chunked", "chunked", "chunked", "chunked"]),
+            "layer_types",
+        ),
+        (
+            "gemma4",
+            "final_logit_softcapping",
+            json!(-3.0),
+            "final_logit_softcapping",
+        ),
+        (
+            "gemma4",
+            "hidden_size_per_layer_input",
+            json!(1u64 << 22),
+            "hidden_size_per_layer_input",
+        ),
+        (
+            "gemma4",
+            "vocab_size_per_layer_input",
+            json!(8),
+            "vocab_size_per_layer_input",
+        ),
+        ("gemma4", "num_experts", json!(0), "experts"),
+        ("gemma4", "top_k_experts", json!(5), "experts per token"),
+        (
+            "gemma4",
+            "rope_parameters",
+            json!({"sliding_attention": {"rope_theta": 1e4}}),
+            "full_attention",
+        ),
+        (
+            "gemma4",
+            "use_bidirectional_attention",
+            json!("all"),
+            "use_bidirectional_attention",
+        ),
+        ("gemma4_dense", "use_double_wide_mlp", json!(1), "use_double_wide_mlp"),
     ];
     for (family, key, value, needle) in cases {
         let dir = fixture(family);
@@ -293,6 +356,22 @@ fn named_config_errors() {
             "{family} {key} = {value}: {}",
             err.message()
         );
+    }
+    // Released Gemma 4 configs spell the full layers' shape `global_head_dim` /
+    // `num_global_key_value_heads` (read when there is no `per_layer_config`).
+    for (key, value) in [
+        ("global_head_dim", json!(0)),
+        ("global_head_dim", json!(u64::MAX)),
+        ("num_global_key_value_heads", json!(0)),
+        ("num_global_key_value_heads", json!(-1)),
+    ] {
+        let mut config: Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture("gemma4").join("config.json")).unwrap()).unwrap();
+        config.as_object_mut().unwrap().remove("per_layer_config");
+        config["global_head_dim"] = json!(32);
+        config[key] = value.clone();
+        let err = load_hf(&fixture("gemma4"), &config, &dev).expect_err(&format!("gemma4 {key} = {value} loaded"));
+        assert!(err.message().contains(key), "gemma4 {key} = {value}: {}", err.message());
     }
     // Too many query heads per KV head for the attention kernel (the 64 heads need a
     // matching q_proj, so this one stops at the config).

@@ -118,7 +118,15 @@ fn qwen_sparse_layers_follow_step_and_mlp_only_layers() {
 /// One step of two sequences (their own blocks) against each sequence alone.
 #[test]
 fn a_sequence_gives_the_same_bits_alone_or_batched() {
-    for family in ["qwen3_moe", "olmoe", "mixtral", "gpt_oss", "gpt_oss_mxfp4"] {
+    for family in [
+        "qwen3_moe",
+        "olmoe",
+        "mixtral",
+        "gpt_oss",
+        "gpt_oss_mxfp4",
+        "gemma4",
+        "gemma4_dense",
+    ] {
         let m = load(family);
         let vocab = m.config().vocab_size;
         // Every KV group (gpt_oss: window and full layers) gets the same tables.
@@ -327,4 +335,57 @@ fn released_checkpoints_config_spellings_load_the_same() {
     let cfg = ModelConfig::from_hf_json(&json, "limit 1").unwrap();
     let m = (family_for(&cfg, false).unwrap().load)(&cfg, &weights, &Device::cpu_with(3, false, true)).unwrap();
     assert_ne!(run(&*m), run(&*load("gpt_oss_mxfp4")), "swiglu_limit ignored");
+}
+
+/// Gemma 4's multimodal checkpoints (`Gemma4ForConditionalGeneration`) nest the text model
+/// under `model.language_model.` beside vision and audio towers, and its config under
+/// `text_config`: the same weights load to the same logits as the causal-LM fixture.
+#[test]
+fn gemma4_conditional_generation_layout_loads_the_text_model() {
+    let src = fixture_dir("gemma4");
+    let dir = std::env::temp_dir().join(format!("ffai-gemma4-mm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let config = json!({
+        "architectures": ["Gemma4ForConditionalGeneration"],
+        "model_type": "gemma4",
+        "text_config": text,
+        "vision_config": {"model_type": "gemma4_vision", "hidden_size": 16},
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let tower = vec![0u8; 4 * 16];
+    let mut views: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n.replacen("model.", "model.language_model.", 1), v))
+        .collect();
+    views.push((
+        "model.vision_tower.patch_embedder.weight".into(),
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 4], &tower).unwrap(),
+    ));
+    std::fs::write(
+        dir.join("model.safetensors"),
+        safetensors::serialize(views, &None).unwrap(),
+    )
+    .unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let cfg = ModelConfig::from_hf_json(&json, "multimodal").unwrap();
+    let weights = Weights::from_safetensors_dir_for(&dir, &cfg.model_type).unwrap();
+    assert!(weights.has("per_layer_token_embd.weight") && weights.has("blk.5.ffn_down_exps.scale"));
+    let family = family_for(&cfg, false).unwrap();
+    assert_eq!(family.name, "gemma4");
+    let mm = (family.load)(&cfg, &weights, &Device::cpu_with(3, false, true)).unwrap();
+    let ids: Vec<u32> = (0..40).map(|i| (i * 53 + 11) % 256).collect();
+    let run = |m: &dyn LanguageModel| {
+        let mut st = m.new_state(64, 512).unwrap();
+        let mut out = Vec::new();
+        m.forward(&ids, &mut st, true, &mut out).unwrap();
+        out
+    };
+    assert_eq!(run(&*mm), run(&*load("gemma4")));
+    std::fs::remove_dir_all(&dir).ok();
 }

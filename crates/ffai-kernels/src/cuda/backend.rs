@@ -1207,13 +1207,14 @@ impl Backend for CudaBackend {
         k: usize,
         routing: &crate::ops::MoeRouting,
         bias: Option<&CudaBuf>,
+        expert_scale: Option<&CudaBuf>,
         ids: &mut CudaBuf,
         weights: &mut CudaBuf,
     ) {
         if let Err(e) = routing.check(n_experts, k) {
             panic!("moe_route: {e}");
         }
-        crate::backend::host_moe::moe_route(self, logits, n, n_experts, k, routing, bias, ids, weights);
+        crate::backend::host_moe::moe_route(self, logits, n, n_experts, k, routing, bias, expert_scale, ids, weights);
     }
 
     fn moe_matmuls(

@@ -20,6 +20,7 @@ use ffai_kernels::backend::StepLayout;
 pub mod decoder;
 pub mod deepseek;
 pub mod gemma;
+pub mod gemma4;
 pub mod gpt_oss;
 pub mod granite;
 pub mod llama;
@@ -241,6 +242,7 @@ pub static FAMILIES: &[Family] = &[
     qwen3::FAMILY,
     phi3::FAMILY,
     gemma::FAMILY,
+    gemma4::FAMILY,
     olmo2::FAMILY,
     granite::FAMILY,
     starcoder2::FAMILY,

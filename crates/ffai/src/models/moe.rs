@@ -62,6 +62,8 @@ pub struct MoeSpec {
 pub enum MoeAct {
     /// `silu(gate) · up`.
     SwiGlu,
+    /// `gelu_tanh(gate) · up` (Gemma 4).
+    GeGlu,
     /// GPT-OSS: `(clamp(up, ±limit) + 1) · g · σ(alpha · g)` with `g = min(gate, limit)`.
     ClampedSwiGlu { alpha: f32, limit: f32 },
 }
@@ -128,6 +130,9 @@ pub struct MoeLayer<B: Backend> {
     choice_bias: Option<B::Buf>,
     /// The shared experts' gate, up and down (DeepSeek).
     shared: Option<[B::Mat; 3]>,
+    /// Multiplies each chosen expert's routing weight (Gemma 4's `per_expert_scale`,
+    /// `ffn_down_exps.scale`), `[n_experts]`.
+    expert_scale: Option<B::Buf>,
 }
 
 /// A step's MoE scratch, allocated with the batch.
@@ -196,6 +201,10 @@ impl<B: Backend> MoeLayer<B> {
             true => Some(b.upload(&w.f32_vec(&p("exp_probs_b.bias"), ne)?)),
             false => None,
         };
+        let expert_scale = match w.has(&p("ffn_down_exps.scale")) {
+            true => Some(b.upload(&w.f32_vec(&p("ffn_down_exps.scale"), ne)?)),
+            false => None,
+        };
         let shared = match spec.shared_ffn {
             0 => None,
             sf => {
@@ -221,6 +230,7 @@ impl<B: Backend> MoeLayer<B> {
                 biases,
                 choice_bias,
                 shared,
+                expert_scale,
             });
         }
         // One projection: stacked, or one matrix per expert.
@@ -275,6 +285,7 @@ impl<B: Backend> MoeLayer<B> {
             biases,
             choice_bias,
             shared,
+            expert_scale,
         })
     }
 
@@ -361,9 +372,25 @@ impl<B: Backend> MoeLayer<B> {
 
     /// `out[n, h]` = the block applied to `x[n, h]`.
     pub fn forward(&self, b: &B, spec: &MoeSpec, x: &B::Buf, n: usize, s: &mut MoeScratch<B>, out: &mut B::Buf) {
+        self.forward_routed(b, spec, x, x, n, s, out)
+    }
+
+    /// As [`forward`](Self::forward), with the router reading `router_x[n, h]` and the
+    /// experts `x` (Gemma 4 routes on its own normalisation of the residual stream).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_routed(
+        &self,
+        b: &B,
+        spec: &MoeSpec,
+        router_x: &B::Buf,
+        x: &B::Buf,
+        n: usize,
+        s: &mut MoeScratch<B>,
+        out: &mut B::Buf,
+    ) {
         let (k, f) = (spec.k, spec.ffn);
         let h = b.mat_shape(&self.down[0]).0;
-        b.matmul(&self.router, x, n, &mut s.logits);
+        b.matmul(&self.router, router_x, n, &mut s.logits);
         if let Some(rb) = &self.router_bias {
             b.add_bias(&mut s.logits, rb, n);
         }
@@ -374,6 +401,7 @@ impl<B: Backend> MoeLayer<B> {
             k,
             &spec.routing,
             self.choice_bias.as_ref(),
+            self.expert_scale.as_ref(),
             &mut s.ids,
             &mut s.weights,
         );
@@ -392,6 +420,7 @@ impl<B: Backend> MoeLayer<B> {
         }
         match spec.act {
             MoeAct::SwiGlu => b.silu_mul(&mut s.gate, &s.up, n * k * f),
+            MoeAct::GeGlu => b.gelu_mul(&mut s.gate, &s.up, n * k * f),
             MoeAct::ClampedSwiGlu { alpha, limit } => b.swiglu_clamped(&mut s.gate, &s.up, alpha, limit, n * k * f),
         }
         b.moe_matmuls(&[&self.down], &s.gate, true, &s.ids, n, k, &mut [&mut s.y]);
