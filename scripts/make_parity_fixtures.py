@@ -467,7 +467,7 @@ def mxfp4_save(model, fdir):
     save_file(out, os.path.join(fdir, "model.safetensors"), metadata={"format": "pt"})
 
 FAMILY_ORDER = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3", "olmo2", "granite", "starcoder2",
-                "llama_bf16", "qwen3_moe", "mixtral", "olmoe", "gpt_oss", "gpt_oss_mxfp4"]
+                "llama_bf16", "qwen3_moe", "mixtral", "olmoe", "gpt_oss", "gpt_oss_mxfp4", "lfm2", "mamba2"]
 FAMILY_SEED = {f: 1000 + i for i, f in enumerate(FAMILY_ORDER)}
 
 
@@ -786,6 +786,165 @@ def phi3_notes(model):
     ]
 
 
+# ---- hybrid / state-space families ------------------------------------------------------
+#
+# These fixtures check the recurrent path as well as the parallel one: the reference is
+# transformers' logits of a HYBRID_PREFILL-token prefill (one forward with a cache) followed by
+# HYBRID_DECODE tokens fed one at a time through that cache (the one-step recurrences), so
+# "logits" row t is what transformers gives for position t along that path. The prompt is
+# longer than 64 tokens, so Mamba 2's chunked scan runs several chunks.
+
+HYBRID_PREFILL = 80
+HYBRID_DECODE = 20
+
+HYBRID = {
+    "lfm2": (
+        "Lfm2Config",
+        dict(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=160,
+            block_auto_adjust_ff_dim=True,
+            block_ffn_dim_multiplier=1.3,
+            block_multiple_of=48,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            layer_types=["conv", "conv", "full_attention", "conv"],
+            conv_L_cache=3,
+            conv_bias=True,
+            norm_eps=1e-5,
+            max_position_embeddings=256,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            tie_word_embeddings=True,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        [
+            "layer_types [conv, conv, full_attention, conv]; operator_norm -> conv or attention -> residual; "
+            "ffn_norm -> SwiGLU (w1 gate, w3 up, w2 down) -> residual; final norm is model.embedding_norm",
+            "conv layer (Lfm2ShortConv): B, C, x = in_proj(h).chunk(3) (rows 0:H, H:2H, 2H:3H); y = C * "
+            "causal_depthwise_conv(B * x) with kernel L_cache 3 (conv.weight [H, 1, 3], tap 2 multiplies the current "
+            "row), conv_bias True (conv, in_proj and out_proj all have biases); out_proj(y)",
+            "FFN width: block_auto_adjust_ff_dim with intermediate_size 160, block_ffn_dim_multiplier 1.3, "
+            "block_multiple_of 48: int(2*160/3)=106, int(1.3*106)=137, rounded up to a multiple of 48 = 144",
+            "attention: GQA 4/2, head_dim 16, q_layernorm/k_layernorm RMSNorm per head before RoPE (default, theta 1e4), "
+            "TIED lm_head",
+        ],
+    ),
+    "mamba2": (
+        "Mamba2Config",
+        dict(
+            vocab_size=256,
+            hidden_size=64,
+            expand=2,
+            num_heads=8,
+            head_dim=16,
+            state_size=16,
+            n_groups=2,
+            conv_kernel=4,
+            chunk_size=32,
+            num_hidden_layers=2,
+            use_bias=False,
+            use_conv_bias=True,
+            layer_norm_epsilon=1e-5,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        [
+            "Mamba2ForCausalLM: per layer h = h + mixer(norm(h)) (no MLP); final norm_f; untied lm_head",
+            "mixer: in_proj -> z [128], xBC [128 + 2*2*16], dt [8]; xBC = silu(causal depthwise conv1d(xBC), kernel 4, "
+            "bias); x, B, C = split(xBC, [128, 32, 32]); dt = softplus(dt + dt_bias) clamped to time_step_limit "
+            "(default (0, inf): the clamp does nothing here, and transformers' one-step path does not clamp); "
+            "A = -exp(A_log); per head h (group h // 4): S = exp(dt*A) S + dt x B^T, y = S C + D x",
+            "chunk_size 32: the 80-token prefill runs the chunked (SSD) form over 3 chunks; decode runs the one-step "
+            "recurrence",
+            "gated RMSNorm (MambaRMSNormGated): y = w * rmsnorm(y * silu(z)) over the WHOLE intermediate width (128), "
+            "not per group: transformers' norm has no group size (mamba_ssm and llama.cpp normalise per group of "
+            "128 / n_groups)",
+        ],
+    ),
+}
+
+
+def hybrid_init_(model):
+    """Every parameter re-initialised (plain N(0, 0.15) Linear/Embedding weights; the SSM's own
+    parameters in ranges where the state carries information over many tokens)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.split(".")[-1]
+            if leaf == "A_log":
+                p.copy_(torch.log(torch.empty_like(p).uniform_(0.2, 2.0)))
+            elif leaf == "dt_bias":
+                p.normal_(-1.5, 0.5)
+            elif leaf == "D":
+                p.normal_(1.0, 0.3)
+            elif leaf == "bias":
+                p.normal_(0.0, 0.1)
+            elif "norm" in name or "layernorm" in name:
+                p.normal_(0.0, 0.1).add_(1.0)
+            elif "conv" in name and p.dim() == 3:
+                p.normal_(0.0, 0.4)
+            else:
+                p.normal_(0.0, 0.15)
+
+
+def hybrid_reference(model, ids):
+    """Logits of a prefill of the first HYBRID_PREFILL ids with a cache, then of each later id fed
+    alone through that cache; and the max difference to one cache-less forward of all ids."""
+    with torch.no_grad():
+        out = model(input_ids=ids[None, :HYBRID_PREFILL], use_cache=True)
+        rows = [out.logits[0].float()]
+        # Mamba 2 names its cache cache_params, the others past_key_values.
+        key = "cache_params" if hasattr(out, "cache_params") else "past_key_values"
+        cache = getattr(out, key)
+        for t in range(HYBRID_PREFILL, len(ids)):
+            out = model(input_ids=ids[None, t:t + 1], use_cache=True, **{key: cache})
+            cache = getattr(out, key)
+            rows.append(out.logits[0].float())
+        ref = torch.cat(rows, 0).contiguous()
+        full = model(input_ids=ids[None, :], use_cache=False).logits[0].float()
+    return ref, float((full - ref).abs().max())
+
+
+def hybrid_fixture(out_dir, family):
+    cls_name, kw, notes = HYBRID[family]
+    seed = FAMILY_SEED[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, cls_name)(**kw)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    model.eval()
+    hybrid_init_(model)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (HYBRID_PREFILL + HYBRID_DECODE,), generator=g, dtype=torch.int64)
+    ref, full_diff = hybrid_reference(model, ids)
+    if not torch.isfinite(ref).all():
+        raise RuntimeError(f"{family}: non-finite logits")
+    fdir = os.path.join(out_dir, family)
+    if os.path.exists(fdir):
+        shutil.rmtree(fdir)
+    os.makedirs(fdir)
+    model.save_pretrained(fdir)
+    SEED_USED[family] = seed
+    notes = list(notes) + [
+        "reference: prefill of the first %d ids (one forward, use_cache=True), then ids %d.. one at a time through "
+        "the cache; the same ids in one cache-less forward differ from it by at most %.3g"
+        % (HYBRID_PREFILL, HYBRID_PREFILL, full_diff),
+        "re-init: Linear/Embedding N(0, 0.15), conv weights N(0, 0.4), biases N(0, 0.1), norm weights 1 + N(0, 0.1), "
+        "A_log = log U(0.2, 2), dt_bias N(-1.5, 0.5), D N(1, 0.3)",
+    ]
+    global SEQ_LEN
+    saved, SEQ_LEN = SEQ_LEN, len(ids)
+    try:
+        finish(fdir, family, model, ids, ref, notes, rope_info(model), {"cacheless_forward": full_diff},
+               {"weights_dtype": "float32", "prefill_len": HYBRID_PREFILL, "decode_len": HYBRID_DECODE})
+    finally:
+        SEQ_LEN = saved
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -822,6 +981,9 @@ def main():
                     "re-init before rounding: Linear/Embedding weights N(0, 0.15), norm weights 1 + N(0, 0.1)",
                 ]
                 finish(fdir, family, model, ids, ref, notes, rope, sens, {"weights_dtype": "bfloat16"})
+                continue
+            if family in HYBRID:
+                hybrid_fixture(args.out, family)
                 continue
             cls_name, kw, notes, ov = F[family]
             model, ids = build(family, cls_name, kw, ov)

@@ -59,6 +59,11 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
         include_str!("attention.cu"),
         &["rope_step", "kv_write_step", "attn_spans", "attn_combine"],
     ),
+    (
+        "ssm.cu",
+        include_str!("ssm.cu"),
+        &["mul_inplace", "conv_step", "ssm_scan", "rms_norm_gated", "copy_floats"],
+    ),
 ];
 
 /// Every kernel source with the kernels it defines.
