@@ -1316,7 +1316,12 @@ impl Backend for CpuBackend {
         out: &mut Vec<f32>,
     ) {
         let _p = self.prof(|| "conv_step".into());
-        assert_eq!(n, step.n_rows(), "conv_step over {n} rows of a {}-row step", step.n_rows());
+        assert_eq!(
+            n,
+            step.n_rows(),
+            "conv_step over {n} rows of a {}-row step",
+            step.n_rows()
+        );
         assert!(kernel >= 1 && w.len() == kernel * channels, "conv_step weight shape");
         assert!(bias.is_none_or(|b| b.len() == channels), "conv_step bias shape");
         assert!(x.len() >= n * channels && out.len() >= n * channels, "conv_step rows");
@@ -1383,13 +1388,26 @@ impl Backend for CpuBackend {
         let _p = self.prof(|| "ssm_scan".into());
         let sh = *shape;
         let (heads, hd, ns) = (sh.heads, sh.head_dim, sh.state);
-        assert_eq!(n, step.n_rows(), "ssm_scan_step over {n} rows of a {}-row step", step.n_rows());
+        assert_eq!(
+            n,
+            step.n_rows(),
+            "ssm_scan_step over {n} rows of a {}-row step",
+            step.n_rows()
+        );
         assert!(
-            heads > 0 && sh.groups > 0 && heads.is_multiple_of(sh.groups) && a.len() == heads && d.len() == heads && dt_bias.len() == heads,
+            heads > 0
+                && sh.groups > 0
+                && heads.is_multiple_of(sh.groups)
+                && a.len() == heads
+                && d.len() == heads
+                && dt_bias.len() == heads,
             "ssm_scan_step parameter shapes"
         );
         let width = sh.row_width();
-        assert!(xbc.len() >= n * width && dt.len() >= n * heads && out.len() >= n * heads * hd, "ssm_scan_step rows");
+        assert!(
+            xbc.len() >= n * width && dt.len() >= n * heads && out.len() >= n * heads * hd,
+            "ssm_scan_step rows"
+        );
         let slot_len = sh.slot_len();
         let seqs = &step.group(0).seqs;
         assert_eq!(step.state_slots.len(), seqs.len(), "ssm_scan_step without state slots");
@@ -1453,7 +1471,10 @@ impl Backend for CpuBackend {
 
     fn copy_slot(&self, state: &mut Vec<f32>, slot_len: usize, src: usize, dst: usize) {
         let (s, d) = (src * slot_len, dst * slot_len);
-        assert!(s + slot_len <= state.len() && d + slot_len <= state.len(), "copy_slot out of range");
+        assert!(
+            s + slot_len <= state.len() && d + slot_len <= state.len(),
+            "copy_slot out of range"
+        );
         state.copy_within(s..s + slot_len, d);
     }
 }

@@ -140,13 +140,20 @@ fn conv_step_matches_naive_across_steps() {
         });
         for (s, &l) in lens.iter().enumerate() {
             let want = naive_conv(&inputs[s], l, ch, k, &w, &bias, silu);
-            let err = outs[s].iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+            let err = outs[s]
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (*a as f64 - b).abs())
+                .fold(0.0, f64::max);
             assert!(err < 1e-5, "conv ch {ch} k {k} seq {s}: max error {err}");
             // The state holds the last k - 1 inputs.
             let slot = slots[s] as usize * (k - 1) * ch;
             for r in 0..k - 1 {
                 let t = l - (k - 1) + r;
-                assert_eq!(&state[slot + r * ch..slot + (r + 1) * ch], &inputs[s][t * ch..(t + 1) * ch]);
+                assert_eq!(
+                    &state[slot + r * ch..slot + (r + 1) * ch],
+                    &inputs[s][t * ch..(t + 1) * ch]
+                );
             }
         }
     }
@@ -189,7 +196,11 @@ fn scan_case(sh: SsmShape, lens: &[usize], cuts: &[Vec<usize>], seed: u64) -> (V
     let width = sh.row_width();
     // Each sequence's data from its own generator: a sequence is the same in any batch.
     let per_seq = |s: usize| Rng(seed ^ (0x5851_f42d_4c95_7f2d_u64.wrapping_mul(s as u64 + 1)));
-    let inputs: Vec<Vec<f32>> = lens.iter().enumerate().map(|(s, &l)| per_seq(s).vec(l * width, 1.0)).collect();
+    let inputs: Vec<Vec<f32>> = lens
+        .iter()
+        .enumerate()
+        .map(|(s, &l)| per_seq(s).vec(l * width, 1.0))
+        .collect();
     let dts: Vec<Vec<f32>> = lens
         .iter()
         .enumerate()
@@ -221,15 +232,25 @@ fn scan_case(sh: SsmShape, lens: &[usize], cuts: &[Vec<usize>], seed: u64) -> (V
         })
         .collect();
     let wj = width + sh.heads;
-    let outs = run_steps(&b, lens, cuts, &slots, n_slots, wj, sh.heads * sh.head_dim, &joined, |x, n, step, y| {
-        let mut xbc = Vec::with_capacity(n * width);
-        let mut dt = Vec::with_capacity(n * sh.heads);
-        for t in 0..n {
-            xbc.extend_from_slice(&x[t * wj..t * wj + width]);
-            dt.extend_from_slice(&x[t * wj + width..(t + 1) * wj]);
-        }
-        b.ssm_scan_step(&xbc, &dt, &ab, &db, &dtbb, n, &sh, &mut state, step, y);
-    });
+    let outs = run_steps(
+        &b,
+        lens,
+        cuts,
+        &slots,
+        n_slots,
+        wj,
+        sh.heads * sh.head_dim,
+        &joined,
+        |x, n, step, y| {
+            let mut xbc = Vec::with_capacity(n * width);
+            let mut dt = Vec::with_capacity(n * sh.heads);
+            for t in 0..n {
+                xbc.extend_from_slice(&x[t * wj..t * wj + width]);
+                dt.extend_from_slice(&x[t * wj + width..(t + 1) * wj]);
+            }
+            b.ssm_scan_step(&xbc, &dt, &ab, &db, &dtbb, n, &sh, &mut state, step, y);
+        },
+    );
     let want = (0..lens.len())
         .map(|s| naive_scan(&inputs[s], &dts[s], lens[s], &sh, &a, &d, &dtb))
         .collect();
@@ -269,7 +290,11 @@ fn ssm_scan_matches_the_recurrence_over_any_cut() {
         let (got, want) = scan_case(sh, &lens, &cuts, 0x1234_5678);
         for s in 0..lens.len() {
             let scale = want[s].iter().fold(1.0f64, |m, v| m.max(v.abs()));
-            let err = got[s].iter().zip(&want[s]).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+            let err = got[s]
+                .iter()
+                .zip(&want[s])
+                .map(|(a, b)| (*a as f64 - b).abs())
+                .fold(0.0, f64::max);
             assert!(err / scale < 2e-5, "{sh:?} seq {s}: max error {err} (scale {scale})");
         }
     }
@@ -307,7 +332,11 @@ fn rms_norm_gated_matches_naive() {
                 for (i, c) in (g0..g0 + group).enumerate() {
                     let want = y[i] / (ms + 1e-5).sqrt() * w[c] as f64;
                     let e = (got[t * d + c] as f64 - want).abs();
-                    assert!(e < 1e-5 * (1.0 + want.abs()), "group {group} row {t} col {c}: {} vs {want}", got[t * d + c]);
+                    assert!(
+                        e < 1e-5 * (1.0 + want.abs()),
+                        "group {group} row {t} col {c}: {} vs {want}",
+                        got[t * d + c]
+                    );
                 }
             }
         }
@@ -331,11 +360,17 @@ fn a_layout_with_bad_state_slots_is_refused() {
     let b = CpuBackend::new(1);
     let mut step = b.new_step(64, 4, 8, 1);
     let mut l = layout(&[(0, 0, 3), (1, 0, 2)], &[1, 1], 2);
-    assert!(b.write_step(&l, &mut step).unwrap_err().contains("used by two sequences"));
+    assert!(b
+        .write_step(&l, &mut step)
+        .unwrap_err()
+        .contains("used by two sequences"));
     l.state_slots = vec![0, 2];
     assert!(b.write_step(&l, &mut step).unwrap_err().contains("outside the 2 slots"));
     l.state_slots = vec![0];
-    assert!(b.write_step(&l, &mut step).unwrap_err().contains("1 recurrent-state slots for 2"));
+    assert!(b
+        .write_step(&l, &mut step)
+        .unwrap_err()
+        .contains("1 recurrent-state slots for 2"));
     l.state_slots = vec![1, 0];
     b.write_step(&l, &mut step).unwrap();
 }

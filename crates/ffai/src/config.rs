@@ -366,10 +366,34 @@ impl ModelConfig {
             "{source}: config.json has neither \"architectures\" nor \"model_type\""
         );
         let hidden_size = req_usize("hidden_size")?;
-        let num_heads = req_usize("num_attention_heads")?;
+        // A pure state-space model (Mamba 2) has no attention and no MLP: placeholders
+        // here; the family reads its own numbers (its head_dim is the scan's).
+        let attention_free = model_type == "mamba2";
+        let num_heads = if attention_free {
+            1
+        } else {
+            req_usize("num_attention_heads")?
+        };
         ensure!(num_heads > 0, "{source}: num_attention_heads must be positive");
-        let num_kv_heads = opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
-        let head_dim = opt_usize("head_dim")?.unwrap_or(hidden_size / num_heads);
+        let num_kv_heads = if attention_free {
+            1
+        } else {
+            opt_usize("num_key_value_heads")?.unwrap_or(num_heads)
+        };
+        let head_dim = if attention_free {
+            2
+        } else {
+            opt_usize("head_dim")?.unwrap_or(hidden_size / num_heads)
+        };
+        // LFM2's older configs name the MLP width block_ff_dim.
+        let intermediate_size = match (attention_free, opt_usize("intermediate_size")?) {
+            (true, v) => v.unwrap_or(hidden_size),
+            (false, Some(v)) => v,
+            (false, None) => match opt_usize("block_ff_dim")? {
+                Some(v) => v,
+                None => req_usize("intermediate_size")?,
+            },
+        };
 
         // transformers v5 writes `rope_parameters` (with rope_theta inside); older
         // checkpoints write `rope_theta` and `rope_scaling` at the top level.
@@ -480,7 +504,7 @@ impl ModelConfig {
             architecture,
             model_type,
             hidden_size,
-            intermediate_size: req_usize("intermediate_size")?,
+            intermediate_size,
             num_layers: req_usize("num_hidden_layers")?,
             num_heads,
             num_kv_heads,

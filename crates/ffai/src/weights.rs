@@ -459,6 +459,9 @@ pub fn hf_to_gguf_name(name: &str) -> String {
 /// `post_attention_layernorm` for a norm *after* attention, where Llama uses it before
 /// the MLP.
 pub fn hf_to_gguf_name_for(name: &str, model_type: &str) -> String {
+    if let Some(n) = crate::models::recurrent::hf_name(name, model_type) {
+        return n;
+    }
     let sandwich = matches!(model_type, "gemma2" | "gemma3" | "gemma3_text" | "olmo2");
     let top = [
         ("model.embed_tokens.weight", "token_embd.weight"),

@@ -175,6 +175,7 @@ fn a_sequence_gives_the_same_bits_alone_or_batched() {
                     block_tables: tables.clone(),
                 })
                 .collect(),
+            ..Default::default()
         };
         let tokens: Vec<u32> = b.iter().chain(&a).copied().collect();
         let rows: Vec<u32> = (0..tokens.len() as u32).collect();

@@ -192,6 +192,17 @@ fn gpt_oss_sinks_yarn_biased_router_clamped_swiglu_windows() {
 }
 
 #[test]
+fn lfm2_conv_and_attention_layers_qk_norm_adjusted_ffn() {
+    // 100 tokens: the reference is transformers' 80-token prefill then 20 cached steps.
+    check("lfm2", 1e-3);
+}
+
+#[test]
+fn mamba2_chunked_scan_and_recurrence_gated_norm() {
+    check("mamba2", 1e-3);
+}
+
+#[test]
 fn gpt_oss_mxfp4_experts_from_blocks_and_scales() {
     // The released checkpoints' layout: experts as u8 `*_blocks` + `*_scales`, joined at
     // load into ggml's MXFP4 blocks (never dequantized to f16). The fixture's weights are

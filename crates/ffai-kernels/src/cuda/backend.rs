@@ -1177,7 +1177,11 @@ impl Backend for CudaBackend {
         out: &mut CudaBuf,
     ) {
         let sh = shape;
-        assert_eq!(n, step.n_rows, "ssm_scan_step over {n} rows of a {}-row step", step.n_rows);
+        assert_eq!(
+            n, step.n_rows,
+            "ssm_scan_step over {n} rows of a {}-row step",
+            step.n_rows
+        );
         assert!(
             sh.heads > 0
                 && sh.groups > 0
@@ -1249,7 +1253,10 @@ impl Backend for CudaBackend {
 
     fn copy_slot(&self, state: &mut CudaBuf, slot_len: usize, src: usize, dst: usize) {
         let (s, d) = (src * slot_len, dst * slot_len);
-        assert!(s + slot_len <= state.len && d + slot_len <= state.len, "copy_slot out of range");
+        assert!(
+            s + slot_len <= state.len && d + slot_len <= state.len,
+            "copy_slot out of range"
+        );
         if src == dst {
             return;
         }

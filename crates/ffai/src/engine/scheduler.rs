@@ -349,6 +349,7 @@ impl<'m> Scheduler<'m> {
             group_blocks: vec![cfg.kv_blocks; windows.len()],
             max_seq_len: cfg.context,
             max_logit_rows: logit_rows,
+            state_slots: 0,
         })?;
         let vocab = lm.config().vocab_size;
         let logits_len = cfg
@@ -371,6 +372,7 @@ impl<'m> Scheduler<'m> {
                     block_tables: Vec::with_capacity(max_table),
                 })
                 .collect(),
+            ..Default::default()
         };
         Ok(Scheduler {
             lm,

@@ -14,6 +14,7 @@ use ffai_kernels::cpu::CpuBackend;
 use ffai_kernels::cuda::backend::CudaBackend;
 
 use super::moe::{MoeLayer, MoeScratch, MoeSpec};
+use super::recurrent::{RecLayer, RecScratch, RecState, RecurrentSpec};
 use super::{BatchShape, BatchState, Device, LanguageModel, StepOut};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -102,6 +103,8 @@ pub struct DecoderSpec {
     /// The tensor name (after `blk.N.`) of the norm before the MLP: `ffn_norm`, or
     /// llama.cpp's `post_attention_norm` in its gpt-oss files.
     pub ffn_norm: &'static str,
+    /// Recurrent mixers (see `recurrent`): which layers use one instead of attention.
+    pub recurrent: Option<RecurrentSpec>,
 }
 
 impl DecoderSpec {
@@ -134,6 +137,7 @@ impl DecoderSpec {
             moe: None,
             clip_qkv: 0.0,
             ffn_norm: "ffn_norm",
+            recurrent: None,
         }
     }
 }
@@ -169,6 +173,17 @@ struct Layer<B: Backend> {
     post_attn_norm: Option<Norm<B>>,
     ffn_norm: Option<Norm<B>>,
     post_ffn_norm: Option<Norm<B>>,
+    mixer: Mixer<B>,
+    ffn: Ffn<B>,
+}
+
+/// A layer's token mixer: attention, or a recurrent mixer (see `recurrent`).
+enum Mixer<B: Backend> {
+    Attn(Attn<B>),
+    Rec(RecLayer<B>),
+}
+
+struct Attn<B: Backend> {
     wq: B::Mat,
     wk: B::Mat,
     wv: B::Mat,
@@ -180,7 +195,6 @@ struct Layer<B: Backend> {
     k_norm: Option<B::Buf>,
     /// Learned attention sinks, one logit per query head (GPT-OSS `attn_sinks`).
     sinks: Option<B::Buf>,
-    ffn: Ffn<B>,
 }
 
 /// A layer's MLP: dense, or a mixture of experts.
@@ -193,6 +207,8 @@ enum Ffn<B: Backend> {
         down_bias: Option<B::Buf>,
     },
     Moe(MoeLayer<B>),
+    /// No MLP: the block is the mixer alone (Mamba 2).
+    None,
 }
 
 pub struct Decoder<B: Backend> {
@@ -228,6 +244,10 @@ struct Paged<B: Backend> {
     up: B::Buf,
     /// The MoE layers' scratch (models with experts only).
     moe: Option<MoeScratch<B>>,
+    /// The recurrent layers' scratch, and per layer its state arrays (recurrent layers
+    /// only), `BatchShape::state_slots` slots each.
+    rec: Option<RecScratch<B>>,
+    rec_state: Vec<Option<RecState<B>>>,
     /// `max_logit_rows` final hidden states gathered for the LM head, and their logits.
     last: B::Buf,
     logits: B::Buf,
@@ -266,6 +286,9 @@ impl<B: Backend> Decoder<B> {
             spec.moe.as_ref().is_none_or(|m| m.sparse.len() == cfg.num_layers),
             "decoder spec has the wrong number of MoE layer flags"
         );
+        if let Some(r) = &spec.recurrent {
+            super::recurrent::check(cfg, r)?;
+        }
         let n_tables = spec.ropes.len();
         ensure!(
             spec.long_ropes.as_ref().is_none_or(|(_, t)| t.len() == n_tables),
@@ -306,31 +329,62 @@ impl<B: Backend> Decoder<B> {
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = |s: &str| format!("blk.{i}.{s}");
-            // Fused q/k/v (Phi-3) or separate projections.
-            let (wq, wk, wv) = if w.has(&p("attn_qkv.weight")) {
-                let e = w.matrix(&p("attn_qkv.weight"), qd + 2 * kvd, h)?;
-                (
-                    b.matrix(e.ty, qd, h, rows_of(e, 0, qd, h)?),
-                    b.matrix(e.ty, kvd, h, rows_of(e, qd, kvd, h)?),
-                    b.matrix(e.ty, kvd, h, rows_of(e, qd + kvd, kvd, h)?),
-                )
-            } else {
-                (
-                    mat(&p("attn_q.weight"), qd, h)?,
-                    mat(&p("attn_k.weight"), kvd, h)?,
-                    mat(&p("attn_v.weight"), kvd, h)?,
-                )
-            };
-            let qkv_bias = if w.has(&p("attn_q.bias")) {
-                Some([
-                    vec(&p("attn_q.bias"), qd)?,
-                    vec(&p("attn_k.bias"), kvd)?,
-                    vec(&p("attn_v.bias"), kvd)?,
-                ])
-            } else {
-                None
+            let mixer = match &spec.recurrent {
+                Some(rs) if rs.layers[i] => Mixer::Rec(RecLayer::load(&*b, w, i, rs, h)?),
+                _ => {
+                    // Fused q/k/v (Phi-3) or separate projections.
+                    let (wq, wk, wv) = if w.has(&p("attn_qkv.weight")) {
+                        let e = w.matrix(&p("attn_qkv.weight"), qd + 2 * kvd, h)?;
+                        (
+                            b.matrix(e.ty, qd, h, rows_of(e, 0, qd, h)?),
+                            b.matrix(e.ty, kvd, h, rows_of(e, qd, kvd, h)?),
+                            b.matrix(e.ty, kvd, h, rows_of(e, qd + kvd, kvd, h)?),
+                        )
+                    } else {
+                        (
+                            mat(&p("attn_q.weight"), qd, h)?,
+                            mat(&p("attn_k.weight"), kvd, h)?,
+                            mat(&p("attn_v.weight"), kvd, h)?,
+                        )
+                    };
+                    let qkv_bias = if w.has(&p("attn_q.bias")) {
+                        Some([
+                            vec(&p("attn_q.bias"), qd)?,
+                            vec(&p("attn_k.bias"), kvd)?,
+                            vec(&p("attn_v.bias"), kvd)?,
+                        ])
+                    } else {
+                        None
+                    };
+                    let (qn_len, kn_len) = match spec.qk_norm {
+                        QkNorm::PerHead => (cfg.head_dim, cfg.head_dim),
+                        _ => (qd, kvd),
+                    };
+                    let qk = |name: &str, len: usize| -> Result<Option<B::Buf>> {
+                        if spec.qk_norm == QkNorm::None {
+                            return Ok(None);
+                        }
+                        let mut v = w.f32_vec(&p(name), len)?;
+                        if spec.norm == NormKind::RmsPlusOne {
+                            v.iter_mut().for_each(|x| *x += 1.0);
+                        }
+                        Ok(Some(b.upload(&v)))
+                    };
+                    Mixer::Attn(Attn {
+                        wq,
+                        wk,
+                        wv,
+                        wo: mat(&p("attn_output.weight"), h, qd)?,
+                        qkv_bias,
+                        o_bias: opt_vec(&p("attn_output.bias"), h)?,
+                        q_norm: qk("attn_q_norm.weight", qn_len)?,
+                        k_norm: qk("attn_k_norm.weight", kn_len)?,
+                        sinks: opt_vec(&p("attn_sinks.weight"), cfg.num_heads)?,
+                    })
+                }
             };
             let ffn = match &spec.moe {
+                _ if spec.recurrent.as_ref().is_some_and(|r| !r.mlp) => Ffn::None,
                 Some(ms) if ms.sparse[i] => Ffn::Moe(MoeLayer::load(w, &*b, i, ms, h)?),
                 _ => {
                     // Gated MLPs: separate gate/up, or one fused [2f, h] matrix (Phi-3's gate_up).
@@ -361,20 +415,6 @@ impl<B: Backend> Decoder<B> {
                 NormPlacement::Sandwich => (true, true),
                 NormPlacement::Post => (false, true),
             };
-            let (qn_len, kn_len) = match spec.qk_norm {
-                QkNorm::PerHead => (cfg.head_dim, cfg.head_dim),
-                _ => (qd, kvd),
-            };
-            let qk = |name: &str, len: usize| -> Result<Option<B::Buf>> {
-                if spec.qk_norm == QkNorm::None {
-                    return Ok(None);
-                }
-                let mut v = w.f32_vec(&p(name), len)?;
-                if spec.norm == NormKind::RmsPlusOne {
-                    v.iter_mut().for_each(|x| *x += 1.0);
-                }
-                Ok(Some(b.upload(&v)))
-            };
             layers.push(Layer {
                 attn_norm: if pre { Some(norm(&p("attn_norm"), h)?) } else { None },
                 post_attn_norm: if post {
@@ -382,21 +422,17 @@ impl<B: Backend> Decoder<B> {
                 } else {
                     None
                 },
-                ffn_norm: if pre { Some(norm(&p(spec.ffn_norm), h)?) } else { None },
-                post_ffn_norm: if post {
+                ffn_norm: if pre && !matches!(ffn, Ffn::None) {
+                    Some(norm(&p(spec.ffn_norm), h)?)
+                } else {
+                    None
+                },
+                post_ffn_norm: if post && !matches!(ffn, Ffn::None) {
                     Some(norm(&p("post_ffw_norm"), h)?)
                 } else {
                     None
                 },
-                wq,
-                wk,
-                wv,
-                wo: mat(&p("attn_output.weight"), h, qd)?,
-                qkv_bias,
-                o_bias: opt_vec(&p("attn_output.bias"), h)?,
-                q_norm: qk("attn_q_norm.weight", qn_len)?,
-                k_norm: qk("attn_k_norm.weight", kn_len)?,
-                sinks: opt_vec(&p("attn_sinks.weight"), cfg.num_heads)?,
+                mixer,
                 ffn,
             });
         }
@@ -405,18 +441,30 @@ impl<B: Backend> Decoder<B> {
         } else {
             None
         };
+        // KV groups over the attention layers; a model without any still has one (global)
+        // group with no layers, so the engine's bookkeeping of positions is the same.
         let mut windows: Vec<usize> = Vec::new();
+        let is_rec = |i: usize| spec.recurrent.as_ref().is_some_and(|r| r.layers[i]);
         let layer_group = spec
             .layers
             .iter()
-            .map(|l| match windows.iter().position(|&w| w == l.window) {
-                Some(g) => g,
-                None => {
-                    windows.push(l.window);
-                    windows.len() - 1
+            .enumerate()
+            .map(|(i, l)| {
+                if is_rec(i) {
+                    return 0;
+                }
+                match windows.iter().position(|&w| w == l.window) {
+                    Some(g) => g,
+                    None => {
+                        windows.push(l.window);
+                        windows.len() - 1
+                    }
                 }
             })
             .collect();
+        if windows.is_empty() {
+            windows.push(0);
+        }
         b.check().map_err(Error::new)?;
         Ok(Decoder {
             windows,
@@ -435,6 +483,10 @@ impl<B: Backend> Decoder<B> {
             id,
             b,
         })
+    }
+
+    fn is_recurrent(&self, layer: usize) -> bool {
+        matches!(self.layers[layer].mixer, Mixer::Rec(_))
     }
 
     fn shape(&self, layer: usize) -> AttnShape {
@@ -468,7 +520,7 @@ impl<B: Backend> Decoder<B> {
         }
         tap.boundary(b, &s.x, n * h, "embed", None);
         for (i, l) in self.layers.iter().enumerate() {
-            // --- attention ---
+            // --- attention or the recurrent mixer ---
             let input = match &l.attn_norm {
                 Some(nm) => {
                     self.norm(nm, &s.x, n, &mut s.xn);
@@ -477,58 +529,73 @@ impl<B: Backend> Decoder<B> {
                 None => &s.x,
             };
             tap.linear_input(b, input, n, h, "attn_in", Some(i));
-            b.matmuls(&[&l.wq, &l.wk, &l.wv], input, n, &mut [&mut s.q, &mut s.k, &mut s.v]);
-            if let Some([bq, bk, bv]) = &l.qkv_bias {
-                b.add_bias(&mut s.q, bq, n);
-                b.add_bias(&mut s.k, bk, n);
-                b.add_bias(&mut s.v, bv, n);
-            }
-            if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
-                let (qrows, krows) = match sp.qk_norm {
-                    QkNorm::PerHead => (n * c.num_heads, n * c.num_kv_heads),
-                    _ => (n, n),
-                };
-                b.rms_norm(&s.q, qn, sp.eps, qrows, &mut s.qn);
-                b.rms_norm(&s.k, kn, sp.eps, krows, &mut s.kn);
-                std::mem::swap(&mut s.q, &mut s.qn);
-                std::mem::swap(&mut s.k, &mut s.kn);
-            }
-            if sp.clip_qkv > 0.0 {
-                let (c, qd, kvd) = (sp.clip_qkv, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-                b.clamp(&mut s.q, -c, c, n * qd);
-                b.clamp(&mut s.k, -c, c, n * kvd);
-                b.clamp(&mut s.v, -c, c, n * kvd);
-            }
-            let tables = match &self.long_ropes {
-                Some((_, long)) if s.long_rope => long,
-                _ => &self.ropes,
-            };
-            let rope = RopeParams {
-                inv_freq: &tables[sp.layers[i].rope],
-                neox: sp.rope_neox,
-            };
-            b.rope_step(&mut s.q, n, c.num_heads, c.head_dim, &s.step, &rope);
-            b.rope_step(&mut s.k, n, c.num_kv_heads, c.head_dim, &s.step, &rope);
-            let (shape, g) = (self.shape(i), self.layer_group[i]);
-            b.kv_write_step(&mut s.k_pages[i], &s.k, n, &s.step, g, &shape);
-            b.kv_write_step(&mut s.v_pages[i], &s.v, n, &s.step, g, &shape);
-            b.attention_step(
-                &s.q,
-                &s.k_pages[i],
-                &s.v_pages[i],
-                n,
-                &s.step,
-                g,
-                &shape,
-                l.sinks.as_ref(),
-                &mut s.att,
-            );
-            tap.linear_input(b, &s.att, n, c.num_heads * c.head_dim, "attn_out", Some(i));
-            b.matmul(&l.wo, &s.att, n, &mut s.tmp);
-            if let Some(ob) = &l.o_bias {
-                b.add_bias(&mut s.tmp, ob, n);
+            match &l.mixer {
+                Mixer::Rec(r) => {
+                    let (Some(rs), Some(scratch), Some(state)) = (&sp.recurrent, &mut s.rec, &mut s.rec_state[i])
+                    else {
+                        unreachable!("a model with recurrent layers allocates their scratch and state")
+                    };
+                    r.forward(b, rs, input, n, h, scratch, state, &s.step, tap, i, &mut s.tmp);
+                }
+                Mixer::Attn(a) => {
+                    b.matmuls(&[&a.wq, &a.wk, &a.wv], input, n, &mut [&mut s.q, &mut s.k, &mut s.v]);
+                    if let Some([bq, bk, bv]) = &a.qkv_bias {
+                        b.add_bias(&mut s.q, bq, n);
+                        b.add_bias(&mut s.k, bk, n);
+                        b.add_bias(&mut s.v, bv, n);
+                    }
+                    if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
+                        let (qrows, krows) = match sp.qk_norm {
+                            QkNorm::PerHead => (n * c.num_heads, n * c.num_kv_heads),
+                            _ => (n, n),
+                        };
+                        b.rms_norm(&s.q, qn, sp.eps, qrows, &mut s.qn);
+                        b.rms_norm(&s.k, kn, sp.eps, krows, &mut s.kn);
+                        std::mem::swap(&mut s.q, &mut s.qn);
+                        std::mem::swap(&mut s.k, &mut s.kn);
+                    }
+                    if sp.clip_qkv > 0.0 {
+                        let (c, qd, kvd) = (sp.clip_qkv, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+                        b.clamp(&mut s.q, -c, c, n * qd);
+                        b.clamp(&mut s.k, -c, c, n * kvd);
+                        b.clamp(&mut s.v, -c, c, n * kvd);
+                    }
+                    let tables = match &self.long_ropes {
+                        Some((_, long)) if s.long_rope => long,
+                        _ => &self.ropes,
+                    };
+                    let rope = RopeParams {
+                        inv_freq: &tables[sp.layers[i].rope],
+                        neox: sp.rope_neox,
+                    };
+                    b.rope_step(&mut s.q, n, c.num_heads, c.head_dim, &s.step, &rope);
+                    b.rope_step(&mut s.k, n, c.num_kv_heads, c.head_dim, &s.step, &rope);
+                    let (shape, g) = (self.shape(i), self.layer_group[i]);
+                    b.kv_write_step(&mut s.k_pages[i], &s.k, n, &s.step, g, &shape);
+                    b.kv_write_step(&mut s.v_pages[i], &s.v, n, &s.step, g, &shape);
+                    b.attention_step(
+                        &s.q,
+                        &s.k_pages[i],
+                        &s.v_pages[i],
+                        n,
+                        &s.step,
+                        g,
+                        &shape,
+                        a.sinks.as_ref(),
+                        &mut s.att,
+                    );
+                    tap.linear_input(b, &s.att, n, c.num_heads * c.head_dim, "attn_out", Some(i));
+                    b.matmul(&a.wo, &s.att, n, &mut s.tmp);
+                    if let Some(ob) = &a.o_bias {
+                        b.add_bias(&mut s.tmp, ob, n);
+                    }
+                }
             }
             self.residual(l.post_attn_norm.as_ref(), s, n);
+            if matches!(l.ffn, Ffn::None) {
+                tap.boundary(b, &s.x, n * h, "layer_out", Some(i));
+                continue;
+            }
 
             // --- MLP ---
             let input = match &l.ffn_norm {
@@ -546,6 +613,7 @@ impl<B: Backend> Decoder<B> {
                     };
                     moe.forward(b, ms, input, n, scratch, &mut s.tmp);
                 }
+                Ffn::None => unreachable!("blocks without an MLP end above"),
                 Ffn::Dense {
                     w_gate,
                     w_up,
@@ -608,7 +676,22 @@ impl<B: Backend> Decoder<B> {
         let bs = super::one_seq::DEFAULT_BLOCK_SIZE;
         let per_row = 2 * self.cfg.num_kv_heads * self.cfg.head_dim * self.b.kv_elem_bytes();
         let mut out: Vec<(String, usize, usize)> = Vec::new();
-        for l in &self.spec.layers {
+        for (i, l) in self.spec.layers.iter().enumerate() {
+            if self.is_recurrent(i) {
+                // A fixed-size state per sequence: no rows that grow with the context.
+                let bytes = self.spec.recurrent.as_ref().map_or(0, |r| {
+                    let (c, s) = r.slot_floats(self.cfg.hidden_size);
+                    (c + s) * 4
+                });
+                match out.iter_mut().find(|e| e.0 == "recurrent state") {
+                    Some(e) => {
+                        e.1 += 1;
+                        e.2 += bytes;
+                    }
+                    None => out.push(("recurrent state".to_string(), 1, bytes)),
+                }
+                continue;
+            }
             let kind = match l.window {
                 0 => "global".to_string(),
                 w => format!("window {w}"),
@@ -655,6 +738,29 @@ impl<B: Backend> LanguageModel for Decoder<B> {
         self.windows.clone()
     }
 
+    fn recurrent_state(&self) -> Option<super::RecurrentInfo> {
+        self.spec.recurrent.as_ref().map(|r| super::RecurrentInfo {
+            slot_bytes: r.slot_bytes(self.cfg.hidden_size),
+            scan_chunk: r.scan_chunk(),
+        })
+    }
+
+    fn copy_state_slot(&self, state: &mut BatchState, src: usize, dst: usize) -> Result<()> {
+        let Some(r) = &self.spec.recurrent else {
+            bail!("the model has no recurrent state");
+        };
+        let slots = state.shape.state_slots;
+        ensure!(src < slots && dst < slots, "state slots {src} -> {dst} of {slots}");
+        let s = state
+            .inner
+            .downcast_mut::<Paged<B>>()
+            .ok_or_else(|| Error::new("batch state belongs to a different model"))?;
+        for st in s.rec_state.iter_mut().flatten() {
+            st.copy_slot(&self.b, r, self.cfg.hidden_size, src, dst);
+        }
+        self.b.check().map_err(Error::new)
+    }
+
     fn memory_bytes(&self) -> u64 {
         self.b.memory_bytes()
     }
@@ -663,7 +769,9 @@ impl<B: Backend> LanguageModel for Decoder<B> {
         let per_row = (2 * self.cfg.num_kv_heads * self.cfg.head_dim * self.b.kv_elem_bytes()) as u64;
         (0..self.windows.len())
             .map(|g| {
-                let layers = self.layer_group.iter().filter(|&&lg| lg == g).count() as u64;
+                let layers = (0..self.layers.len())
+                    .filter(|&i| self.layer_group[i] == g && !self.is_recurrent(i))
+                    .count() as u64;
                 layers * per_row * block_size as u64
             })
             .collect()
@@ -698,7 +806,12 @@ impl<B: Backend> LanguageModel for Decoder<B> {
                 Some(ms) => ms.floats_per_row(c.hidden_size)?,
                 None => 0,
             };
-            let per_row = [3 * c.hidden_size, 3 * qd, 3 * kvd, 2 * dense_ffn, moe_row]
+            let rec_row = self
+                .spec
+                .recurrent
+                .as_ref()
+                .map_or(0, |r| r.scratch_per_row(c.hidden_size));
+            let per_row = [3 * c.hidden_size, 3 * qd, 3 * kvd, 2 * dense_ffn, moe_row, rec_row]
                 .iter()
                 .try_fold(0u64, |a, &x| a.checked_add(x as u64))?;
             let acts = per_row
@@ -711,7 +824,11 @@ impl<B: Backend> LanguageModel for Decoder<B> {
                 .iter()
                 .zip(&per_block)
                 .try_fold(0u64, |a, (&n, &pb)| a.checked_add((n as u64).checked_mul(pb)?))?;
-            acts.checked_add(kv)
+            let state = match &self.spec.recurrent {
+                Some(r) => r.slot_bytes(c.hidden_size).checked_mul(sh.state_slots as u64)?,
+                None => 0,
+            };
+            acts.checked_add(kv)?.checked_add(state)
         })();
         let limit = b.memory_bytes();
         match bytes {
@@ -726,10 +843,21 @@ impl<B: Backend> LanguageModel for Decoder<B> {
             ),
         }
         let (hd, kvh) = (c.head_dim, c.num_kv_heads);
+        ensure!(
+            self.spec.recurrent.is_none() || sh.state_slots > 0,
+            "a batch of a model with recurrent layers needs at least one state slot"
+        );
+        // Recurrent layers hold no K/V: an empty pool keeps the per-layer indexing.
         let pages = |b: &B| -> Vec<B::Kv> {
-            self.layer_group
-                .iter()
-                .map(|&g| b.alloc_kv_pages(sh.group_blocks[g], sh.block_size, kvh, hd))
+            (0..self.layers.len())
+                .map(|i| {
+                    let blocks = if self.is_recurrent(i) {
+                        0
+                    } else {
+                        sh.group_blocks[self.layer_group[i]]
+                    };
+                    b.alloc_kv_pages(blocks, sh.block_size, kvh, hd)
+                })
                 .collect()
         };
         let rows = sh.max_rows;
@@ -750,6 +878,17 @@ impl<B: Backend> LanguageModel for Decoder<B> {
                 .moe
                 .as_ref()
                 .map(|ms| MoeScratch::new(b, ms, c.hidden_size, rows)),
+            rec: self
+                .spec
+                .recurrent
+                .as_ref()
+                .map(|r| RecScratch::new(b, r, c.hidden_size, rows)),
+            rec_state: (0..self.layers.len())
+                .map(|i| match &self.spec.recurrent {
+                    Some(r) if self.is_recurrent(i) => Some(RecState::new(b, r, c.hidden_size, sh.state_slots)),
+                    _ => None,
+                })
+                .collect(),
             last: b.alloc(logit_rows * c.hidden_size),
             logits: b.alloc(logit_rows * c.vocab_size),
             k_pages: pages(b),
@@ -814,6 +953,13 @@ impl<B: Backend> LanguageModel for Decoder<B> {
         if let Some(&r) = logit_rows.iter().find(|&&r| r as usize >= n) {
             bail!("logits asked for row {r} of a {n}-row step");
         }
+        if self.spec.recurrent.is_some() {
+            ensure!(
+                !layout.state_slots.is_empty() && layout.n_state_slots as usize == sh.state_slots,
+                "a step of a model with recurrent layers needs each sequence's state slot (of the batch's {})",
+                sh.state_slots
+            );
+        }
         let (want, per_row) = match &out {
             StepOut::Logits(l) => (l.len(), vocab),
             StepOut::Argmax(ids) => (ids.len(), 1),
@@ -839,7 +985,8 @@ impl<B: Backend> LanguageModel for Decoder<B> {
         // read activations.
         // MoE layers route on the host on backends without MoE kernels (CUDA today):
         // such a step cannot be recorded.
-        let key = (!tap.is_active() && n <= GRAPH_MAX_ROWS && sp.moe.is_none())
+        // Recurrent layers' grids depend on the number of sequences: not recorded either.
+        let key = (!tap.is_active() && n <= GRAPH_MAX_ROWS && sp.moe.is_none() && sp.recurrent.is_none())
             .then_some((n as u64) << 1 | s.long_rope as u64);
         let mode = b.begin_graph(&mut s.step, key);
         if mode != GraphMode::Replay {
