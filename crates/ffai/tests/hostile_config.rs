@@ -193,6 +193,8 @@ fn every_config_json_number_and_flag_at_hostile_values() {
         "olmoe",
         "gpt_oss",
         "gpt_oss_mxfp4",
+        "lfm2",
+        "mamba2",
     ] {
         let dir = fixture(family);
         let original: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
@@ -262,6 +264,41 @@ fn named_config_errors() {
         ("gpt_oss", "num_local_experts", json!(0), "experts"),
         ("gpt_oss", "num_experts_per_tok", json!(17), "experts per token"),
         ("gpt_oss_mxfp4", "intermediate_size", json!(64), "shape"),
+        ("lfm2", "conv_L_cache", json!(9), "conv_L_cache"),
+        ("lfm2", "conv_L_cache", json!(0), "conv_L_cache"),
+        ("lfm2", "block_multiple_of", json!(0), "block_multiple_of"),
+        (
+            "lfm2",
+            "block_ffn_dim_multiplier",
+            json!(1e12),
+            "block_ffn_dim_multiplier",
+        ),
+        (
+            "lfm2",
+            "block_ffn_dim_multiplier",
+            json!(-1.0),
+            "block_ffn_dim_multiplier",
+        ),
+        ("lfm2", "norm_eps", json!("1e-5"), "norm_eps"),
+        ("lfm2", "layer_types", json!(["conv", "conv"]), "layer_types"),
+        (
+            "lfm2",
+            "layer_types",
+            json!(["conv", "conv", "sliding_attention", "conv"]),
+            "sliding_attention",
+        ),
+        ("mamba2", "num_heads", json!(1u64 << 30), "num_heads"),
+        ("mamba2", "num_heads", json!(7), "num_heads"),
+        ("mamba2", "n_groups", json!(3), "n_groups"),
+        ("mamba2", "state_size", json!(0), "state_size"),
+        ("mamba2", "conv_kernel", json!(1000), "conv_kernel"),
+        ("mamba2", "chunk_size", json!(1u64 << 20), "chunk_size"),
+        ("mamba2", "expand", json!(3), "expand"),
+        ("mamba2", "head_dim", json!(1u64 << 40), "head_dim"),
+        ("mamba2", "time_step_limit", json!([0.5, 0.1]), "time_step_limit"),
+        ("mamba2", "time_step_limit", json!([0.0]), "time_step_limit"),
+        ("mamba2", "time_step_limit", json!([0.0, "x"]), "time_step_limit"),
+        ("mamba2", "layer_norm_epsilon", json!(-1.0), "epsilon"),
     ];
     for (family, key, value, needle) in cases {
         let dir = fixture(family);
@@ -275,6 +312,16 @@ fn named_config_errors() {
             err.message()
         );
     }
+    // LFM2 without layer_types takes full_attn_idxs: its entries must be layer indices,
+    // and the same layers as layer_types give the same model.
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("lfm2").join("config.json")).unwrap()).unwrap();
+    config.as_object_mut().unwrap().remove("layer_types");
+    config["full_attn_idxs"] = json!([7]);
+    let err = load_hf(&fixture("lfm2"), &config, &dev).unwrap_err();
+    assert!(err.message().contains("full_attn_idxs"), "{}", err.message());
+    config["full_attn_idxs"] = json!([2]);
+    load_hf(&fixture("lfm2"), &config, &dev).unwrap();
     // Too many query heads per KV head for the attention kernel (the 64 heads need a
     // matching q_proj, so this one stops at the config).
     let mut config: Value =
