@@ -936,6 +936,30 @@ def hybrid_fixture(out_dir, family):
         "re-init: Linear/Embedding N(0, 0.15), conv weights N(0, 0.4), biases N(0, 0.1), norm weights 1 + N(0, 0.1), "
         "A_log = log U(0.2, 2), dt_bias N(-1.5, 0.5), D N(1, 0.3)",
     ]
+    extra_ref = {}
+    if family == "mamba2":
+        # llama.cpp (like mamba_ssm) normalises each of the n_groups groups of the gated
+        # norm; transformers the whole width. The GGUF test compares against this.
+        cls = type(model.backbone.layers[0].mixer.norm)
+        plain = cls.forward
+        groups = config.n_groups
+
+        def grouped(self, hidden_states, gate=None):
+            h = hidden_states.to(torch.float32)
+            if gate is not None:
+                h = h * torch.nn.functional.silu(gate.to(torch.float32))
+            shape = h.shape
+            h = h.view(*shape[:-1], groups, shape[-1] // groups)
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return self.weight * h.view(shape)
+
+        cls.forward = grouped
+        try:
+            extra_ref["logits_group_norm"], _ = hybrid_reference(model, ids)
+        finally:
+            cls.forward = plain
+        notes.append("reference.safetensors also holds logits_group_norm: the same path with the gated norm "
+                     "applied per group of 128 / n_groups (llama.cpp's and mamba_ssm's form), for GGUF files")
     global SEQ_LEN
     saved, SEQ_LEN = SEQ_LEN, len(ids)
     try:
@@ -943,6 +967,9 @@ def hybrid_fixture(out_dir, family):
                {"weights_dtype": "float32", "prefill_len": HYBRID_PREFILL, "decode_len": HYBRID_DECODE})
     finally:
         SEQ_LEN = saved
+    if extra_ref:
+        save_file({"input_ids": ids.contiguous(), "logits": ref, **extra_ref},
+                  os.path.join(fdir, "reference.safetensors"))
 
 
 def main():

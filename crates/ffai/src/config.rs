@@ -566,10 +566,41 @@ impl ModelConfig {
             }
         };
         let hidden_size = req("embedding_length")?;
-        let num_heads = req("attention.head_count")?;
+        // Mamba 2 has no attention (llama.cpp writes 0 heads): placeholders, as for its
+        // config.json.
+        let attention_free = arch == "mamba2";
+        let num_heads = if attention_free {
+            1
+        } else {
+            req("attention.head_count")?
+        };
         ensure!(num_heads > 0, "{source}: {arch}.attention.head_count must be positive");
-        let num_kv_heads = opt("attention.head_count_kv")?.unwrap_or(num_heads);
-        let head_dim = opt("attention.key_length")?.unwrap_or(hidden_size / num_heads);
+        // Hybrids (LFM2) give KV heads per layer, 0 for recurrent layers: the attention
+        // layers' count (the family reads which layers are which).
+        let kv_key = key("attention.head_count_kv");
+        let num_kv_heads = match f.get(&kv_key).and_then(|v| v.as_array()) {
+            _ if attention_free => Some(1),
+            Some(a) => {
+                let counts = a
+                    .iter()
+                    .map(|v| v.as_u64().and_then(|x| usize::try_from(x).ok()))
+                    .collect::<Option<Vec<usize>>>()
+                    .ok_or_else(|| Error::new(format!("{source}: GGUF {kv_key} holds a non-integer")))?;
+                let attn: Vec<usize> = counts.into_iter().filter(|&c| c > 0).collect();
+                ensure!(
+                    attn.windows(2).all(|w| w[0] == w[1]),
+                    "{source}: GGUF {kv_key} differs between attention layers"
+                );
+                Some(attn.first().copied().unwrap_or(num_heads))
+            }
+            None => opt("attention.head_count_kv")?,
+        }
+        .unwrap_or(num_heads);
+        let head_dim = if attention_free {
+            2
+        } else {
+            opt("attention.key_length")?.unwrap_or(hidden_size / num_heads)
+        };
         let vocab_size = match opt("vocab_size")? {
             Some(v) => v,
             None => f
@@ -618,7 +649,10 @@ impl ModelConfig {
             model_type: arch.clone(),
             architecture: arch.clone(),
             hidden_size,
-            intermediate_size: req("feed_forward_length")?,
+            intermediate_size: match attention_free {
+                true => opt("feed_forward_length")?.filter(|&x| x > 0).unwrap_or(hidden_size),
+                false => req("feed_forward_length")?,
+            },
             num_layers: req("block_count")?,
             num_heads,
             num_kv_heads,

@@ -346,6 +346,14 @@ fn moe_fixtures_on_cuda() {
     check_on_cuda(&MOE_FIXTURES);
 }
 
+#[test]
+fn hybrid_fixtures_on_cuda() {
+    // The recurrent ops' CUDA kernels (ssm.cu: conv_step, ssm_scan as the one-step
+    // recurrence for every row, rms_norm_gated): compiled by NVRTC in CI, not yet run on a
+    // GPU when written.
+    check_on_cuda(&["lfm2", "mamba2"]);
+}
+
 const FIXTURES: [&str; 11] = [
     "llama",
     "llama_bf16",

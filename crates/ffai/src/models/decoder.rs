@@ -105,6 +105,9 @@ pub struct DecoderSpec {
     pub ffn_norm: &'static str,
     /// Recurrent mixers (see `recurrent`): which layers use one instead of attention.
     pub recurrent: Option<RecurrentSpec>,
+    /// The final norm's tensor name: `output_norm`, or llama.cpp's `token_embd_norm` for
+    /// LFM2 (its `embedding_norm`, applied after the last block).
+    pub final_norm: &'static str,
 }
 
 impl DecoderSpec {
@@ -138,6 +141,7 @@ impl DecoderSpec {
             clip_qkv: 0.0,
             ffn_norm: "ffn_norm",
             recurrent: None,
+            final_norm: "output_norm",
         }
     }
 }
@@ -470,7 +474,7 @@ impl<B: Backend> Decoder<B> {
             windows,
             layer_group,
             embed: mat("token_embd.weight", cfg.vocab_size, h)?,
-            final_norm: norm("output_norm", h)?,
+            final_norm: norm(spec.final_norm, h)?,
             ropes: spec.ropes.iter().map(|r| b.upload(r)).collect(),
             long_ropes: spec
                 .long_ropes

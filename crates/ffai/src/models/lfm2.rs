@@ -1,7 +1,9 @@
 //! LFM2 (Liquid AI): a hybrid of gated short-convolution layers and GQA attention layers
 //! (`layer_types`: `conv` / `full_attention`), each followed by a SwiGLU MLP. Attention
-//! has a per-head RMSNorm on q and k before RoPE; the final norm is `embedding_norm`; the
-//! head is tied. The conv layers are `recurrent::MixerSpec::ShortConv`.
+//! has a per-head RMSNorm on q and k before RoPE; the final norm is `embedding_norm`
+//! (llama.cpp: `token_embd_norm`); the head is tied. In GGUF (architecture `lfm2`) the
+//! conv layers are those with 0 in the per-layer `attention.head_count_kv`, the kernel
+//! is `shortconv.l_cache`, and `feed_forward_length` is the adjusted MLP width. The conv layers are `recurrent::MixerSpec::ShortConv`.
 
 use super::decoder::{self, DecoderSpec, Identity, QkNorm};
 use super::recurrent::{self, MixerSpec, RecurrentSpec};
@@ -76,6 +78,22 @@ pub fn ffn_width(cfg: &ModelConfig) -> Result<usize> {
 /// Which layers are conv layers: `layer_types`, else `full_attn_idxs` (the attention
 /// layers), else every layer attends (transformers' default).
 fn conv_layers(cfg: &ModelConfig) -> Result<Vec<bool>> {
+    if cfg.is_gguf() {
+        return match cfg.extra("", "attention.head_count_kv") {
+            Some(serde_json::Value::Array(a)) => {
+                ensure!(
+                    a.len() == cfg.num_layers,
+                    "{}: {}.attention.head_count_kv has {} entries for {} layers",
+                    cfg.source,
+                    cfg.architecture,
+                    a.len(),
+                    cfg.num_layers
+                );
+                Ok(a.iter().map(|v| v.as_u64() == Some(0)).collect())
+            }
+            _ => Ok(vec![false; cfg.num_layers]),
+        };
+    }
     if let Some(l) = recurrent::layer_types(cfg)? {
         return Ok(l);
     }
@@ -129,6 +147,7 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
             mixer: MixerSpec::ShortConv { kernel },
             mlp: true,
         }),
+        final_norm: "token_embd_norm",
         ..DecoderSpec::llama(&cfg, None)
     };
     let id = Identity {

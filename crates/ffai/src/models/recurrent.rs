@@ -248,7 +248,7 @@ pub fn hf_name(name: &str, model_type: &str) -> Option<String> {
         "lfm2" => {
             match name {
                 "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-                "model.embedding_norm.weight" => return Some("output_norm.weight".into()),
+                "model.embedding_norm.weight" => return Some("token_embd_norm.weight".into()),
                 _ => {}
             }
             let (idx, tail) = name.strip_prefix("model.layers.")?.split_once('.')?;
