@@ -76,6 +76,7 @@ fn naive_conv(x: &[f32], t_len: usize, ch: usize, k: usize, w: &[f32], bias: &[f
 /// Runs each sequence's `cuts` (row counts per step) through one op call per step, every
 /// step holding one piece of every sequence that still has rows; returns the outputs per
 /// sequence, row-major.
+#[allow(clippy::too_many_arguments)]
 fn run_steps(
     b: &CpuBackend,
     lens: &[usize],
