@@ -467,7 +467,8 @@ def mxfp4_save(model, fdir):
     save_file(out, os.path.join(fdir, "model.safetensors"), metadata={"format": "pt"})
 
 FAMILY_ORDER = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3", "olmo2", "granite", "starcoder2",
-                "llama_bf16", "qwen3_moe", "mixtral", "olmoe", "gpt_oss", "gpt_oss_mxfp4", "lfm2", "mamba2"]
+                "llama_bf16", "qwen3_moe", "mixtral", "olmoe", "gpt_oss", "gpt_oss_mxfp4", "lfm2", "mamba2",
+                "nemotron_h"]
 FAMILY_SEED = {f: 1000 + i for i, f in enumerate(FAMILY_ORDER)}
 
 
@@ -865,6 +866,43 @@ HYBRID = {
             "gated RMSNorm (MambaRMSNormGated): y = w * rmsnorm(y * silu(z)) over the WHOLE intermediate width (128), "
             "not per group: transformers' norm has no group size (mamba_ssm and llama.cpp normalise per group of "
             "128 / n_groups)",
+        ],
+    ),
+    "nemotron_h": (
+        "NemotronHConfig",
+        dict(
+            vocab_size=256,
+            hidden_size=64,
+            layers_block_type=["linear_attention", "mlp", "full_attention", "mlp", "linear_attention", "mlp"],
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            intermediate_size=128,
+            mlp_hidden_act="relu2",
+            mamba_num_heads=8,
+            mamba_head_dim=16,
+            ssm_state_size=16,
+            n_groups=2,
+            conv_kernel=4,
+            expand=2,
+            chunk_size=32,
+            use_conv_bias=True,
+            mamba_proj_bias=False,
+            layer_norm_epsilon=1e-5,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        [
+            "NemotronHForCausalLM: each block is h + mixer(rmsnorm(h)) with ONE mixer per layers_block_type entry: "
+            "linear_attention = the Mamba 2 mixer, full_attention = GQA attention WITHOUT positional embeddings (no "
+            "RoPE), mlp = up_proj -> relu(x)^2 -> down_proj (no gate); final norm_f; untied lm_head",
+            "mamba mixer: mamba_num_heads 8 x mamba_head_dim 16 (= the inner width 128), ssm_state_size 16, "
+            "n_groups 2, conv_kernel 4, chunk_size 32; its gated norm is PER GROUP of 128 / n_groups = 64 "
+            "(Zamba2RMSNormGated with group_size), unlike Mamba2ForCausalLM's",
         ],
     ),
 }

@@ -549,6 +549,8 @@ pub trait Backend: Send + Sync + 'static {
     // first row is at position 0 starts from zeros.
     /// `x[..len] *= y[..len]`.
     fn mul(&self, x: &mut Self::Buf, y: &Self::Buf, len: usize);
+    /// `x = max(x, 0)^2` over the first `len` elements (NemotronH's `relu2` MLP).
+    fn relu_sq(&self, x: &mut Self::Buf, len: usize);
     /// Causal depthwise convolution of each sequence's rows of `x` (`[n, channels]`) with
     /// `w` (`[kernel][channels]`) and `bias`, continuing from the sequence's slot of
     /// `state` (`[slots][kernel - 1][channels]`: its last `kernel - 1` inputs), which is

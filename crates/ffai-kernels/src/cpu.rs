@@ -1302,6 +1302,14 @@ impl Backend for CpuBackend {
         });
     }
 
+    fn relu_sq(&self, x: &mut Vec<f32>, len: usize) {
+        let _p = self.prof(|| "relu_sq".into());
+        for v in &mut x[..len] {
+            let r = v.max(0.0);
+            *v = r * r;
+        }
+    }
+
     fn conv_step(
         &self,
         x: &Vec<f32>,

@@ -354,6 +354,9 @@ fn copy_slot_and_mul() {
     let mut x = vec![1.0, 2.0, 3.0];
     b.mul(&mut x, &vec![2.0, 0.5, -1.0], 3);
     assert_eq!(x, vec![2.0, 1.0, -3.0]);
+    let mut r = vec![-2.0, 0.0, 1.5, 3.0];
+    b.relu_sq(&mut r, 3);
+    assert_eq!(r, vec![0.0, 0.0, 2.25, 3.0], "relu_sq over the first 3 only");
 }
 
 #[test]

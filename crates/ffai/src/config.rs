@@ -505,7 +505,17 @@ impl ModelConfig {
             model_type,
             hidden_size,
             intermediate_size,
-            num_layers: req_usize("num_hidden_layers")?,
+            num_layers: match opt_usize("num_hidden_layers")? {
+                Some(n) => n,
+                // transformers 5 drops it where the layer-type list gives it (NemotronH).
+                None => match get("layers_block_type")
+                    .or(get("layer_types"))
+                    .and_then(|v| v.as_array())
+                {
+                    Some(a) => a.len(),
+                    None => req_usize("num_hidden_layers")?,
+                },
+            },
             num_heads,
             num_kv_heads,
             head_dim,

@@ -195,6 +195,7 @@ fn every_config_json_number_and_flag_at_hostile_values() {
         "gpt_oss_mxfp4",
         "lfm2",
         "mamba2",
+        "nemotron_h",
     ] {
         let dir = fixture(family);
         let original: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
@@ -299,6 +300,46 @@ fn named_config_errors() {
         ("mamba2", "time_step_limit", json!([0.0]), "time_step_limit"),
         ("mamba2", "time_step_limit", json!([0.0, "x"]), "time_step_limit"),
         ("mamba2", "layer_norm_epsilon", json!(-1.0), "epsilon"),
+        (
+            "nemotron_h",
+            "num_hidden_layers",
+            json!(5),
+            "6 block types for 5 layers",
+        ),
+        (
+            "nemotron_h",
+            "layers_block_type",
+            json!([
+                "linear_attention",
+                "moe",
+                "full_attention",
+                "mlp",
+                "linear_attention",
+                "mlp"
+            ]),
+            "mixture-of-experts",
+        ),
+        (
+            "nemotron_h",
+            "layers_block_type",
+            json!([
+                "linear_attention",
+                "x",
+                "full_attention",
+                "mlp",
+                "linear_attention",
+                "mlp"
+            ]),
+            "\"x\"",
+        ),
+        ("nemotron_h", "mlp_hidden_act", json!("silu"), "mlp_hidden_act"),
+        (
+            "nemotron_h",
+            "mamba_num_heads",
+            json!(3),
+            "not a multiple of its 2 groups",
+        ),
+        ("nemotron_h", "ssm_state_size", json!(1u64 << 30), "ssm_state_size"),
     ];
     for (family, key, value, needle) in cases {
         let dir = fixture(family);

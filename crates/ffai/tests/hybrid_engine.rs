@@ -1,4 +1,4 @@
-//! Hybrid and state-space models (the LFM2 and Mamba 2 parity fixtures) in the batched
+//! Hybrid and state-space models (the LFM2, Mamba 2 and NemotronH parity fixtures) in the batched
 //! engine: each sequence's greedy tokens are the same alone and among others of
 //! different lengths with chunked prefill sharing the step budget (every sequence reading
 //! and writing its own recurrent-state slot), an exact repeat of a prompt resumes from
@@ -183,6 +183,11 @@ fn mamba2_sequences_match_alone_and_batched() {
     batched_equals_alone("mamba2");
 }
 
+#[test]
+fn nemotron_h_sequences_match_alone_and_batched() {
+    batched_equals_alone("nemotron_h");
+}
+
 /// A pool of 6 blocks for 7 sequences of up to 4 blocks: sequences are preempted and
 /// recomputed (their state from position 0, or from a state kept at their prompt).
 fn preempted(name: &str) -> (Vec<Completion>, Vec<Completion>) {
@@ -269,4 +274,9 @@ fn lfm2_prompt_repeats_reuse_the_kept_state() {
 #[test]
 fn mamba2_prompt_repeats_reuse_the_kept_state() {
     repeats_reuse_the_kept_state("mamba2");
+}
+
+#[test]
+fn nemotron_h_prompt_repeats_reuse_the_kept_state() {
+    repeats_reuse_the_kept_state("nemotron_h");
 }

@@ -1113,6 +1113,11 @@ impl Backend for CudaBackend {
         self.elementwise("mul_inplace", len, &[Arg::P(x.ptr), Arg::P(y.ptr), Arg::U(len as u32)]);
     }
 
+    fn relu_sq(&self, x: &mut CudaBuf, len: usize) {
+        assert!(len <= x.len, "relu_sq out of range");
+        self.elementwise("relu_sq", len, &[Arg::P(x.ptr), Arg::U(len as u32)]);
+    }
+
     fn conv_step(
         &self,
         x: &CudaBuf,

@@ -62,7 +62,14 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
     (
         "ssm.cu",
         include_str!("ssm.cu"),
-        &["mul_inplace", "conv_step", "ssm_scan", "rms_norm_gated", "copy_floats"],
+        &[
+            "mul_inplace",
+            "relu_sq",
+            "conv_step",
+            "ssm_scan",
+            "rms_norm_gated",
+            "copy_floats",
+        ],
     ),
 ];
 

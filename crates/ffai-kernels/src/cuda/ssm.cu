@@ -17,6 +17,15 @@ extern "C" __global__ void mul_inplace(float* x, const float* y, unsigned int le
     }
 }
 
+// x = max(x, 0)^2 (NemotronH's relu2 MLP).
+extern "C" __global__ void relu_sq(float* x, unsigned int len) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < len) {
+        float r = fmaxf(x[i], 0.0f);
+        x[i] = r * r;
+    }
+}
+
 // Grid (ceil(channels / blockDim.x), sequences): one thread per (sequence, channel).
 // w is [kernel][channels]; state slots are [kernel - 1][channels].
 extern "C" __global__ void conv_step(const float* x, unsigned int channels, unsigned int kernel, const float* w,

@@ -51,6 +51,8 @@ pub enum Mlp {
     GeGlu,
     /// `down(gelu_tanh(up(x) + b) ) + b` (StarCoder 2).
     Gelu,
+    /// `down(relu(up(x) + b)^2) + b`, no gate (NemotronH).
+    Relu2,
 }
 
 /// Where the norms of a block sit.
@@ -181,10 +183,12 @@ struct Layer<B: Backend> {
     ffn: Ffn<B>,
 }
 
-/// A layer's token mixer: attention, or a recurrent mixer (see `recurrent`).
+/// A layer's token mixer: attention, a recurrent mixer (see `recurrent`), or none (a
+/// block that is only an MLP: NemotronH's `mlp` blocks).
 enum Mixer<B: Backend> {
     Attn(Attn<B>),
     Rec(RecLayer<B>),
+    None,
 }
 
 struct Attn<B: Backend> {
@@ -334,6 +338,7 @@ impl<B: Backend> Decoder<B> {
         for i in 0..cfg.num_layers {
             let p = |s: &str| format!("blk.{i}.{s}");
             let mixer = match &spec.recurrent {
+                Some(rs) if rs.mlp_only[i] => Mixer::None,
                 Some(rs) if rs.layers[i] => Mixer::Rec(RecLayer::load(&*b, w, i, rs, h)?),
                 _ => {
                     // Fused q/k/v (Phi-3) or separate projections.
@@ -388,12 +393,12 @@ impl<B: Backend> Decoder<B> {
                 }
             };
             let ffn = match &spec.moe {
-                _ if spec.recurrent.as_ref().is_some_and(|r| !r.mlp) => Ffn::None,
+                _ if spec.recurrent.as_ref().is_some_and(|r| !r.mlp[i]) => Ffn::None,
                 Some(ms) if ms.sparse[i] => Ffn::Moe(MoeLayer::load(w, &*b, i, ms, h)?),
                 _ => {
                     // Gated MLPs: separate gate/up, or one fused [2f, h] matrix (Phi-3's gate_up).
                     let (w_gate, w_up) = match spec.mlp {
-                        Mlp::Gelu => (None, mat(&p("ffn_up.weight"), f, h)?),
+                        Mlp::Gelu | Mlp::Relu2 => (None, mat(&p("ffn_up.weight"), f, h)?),
                         _ if w.has(&p("ffn_gate.weight")) => {
                             (Some(mat(&p("ffn_gate.weight"), f, h)?), mat(&p("ffn_up.weight"), f, h)?)
                         }
@@ -420,7 +425,11 @@ impl<B: Backend> Decoder<B> {
                 NormPlacement::Post => (false, true),
             };
             layers.push(Layer {
-                attn_norm: if pre { Some(norm(&p("attn_norm"), h)?) } else { None },
+                attn_norm: if pre && !matches!(mixer, Mixer::None) {
+                    Some(norm(&p("attn_norm"), h)?)
+                } else {
+                    None
+                },
                 post_attn_norm: if post {
                     Some(norm(&p("post_attention_norm"), h)?)
                 } else {
@@ -448,7 +457,7 @@ impl<B: Backend> Decoder<B> {
         // KV groups over the attention layers; a model without any still has one (global)
         // group with no layers, so the engine's bookkeeping of positions is the same.
         let mut windows: Vec<usize> = Vec::new();
-        let is_rec = |i: usize| spec.recurrent.as_ref().is_some_and(|r| r.layers[i]);
+        let is_rec = |i: usize| spec.recurrent.as_ref().is_some_and(|r| r.layers[i] || r.mlp_only[i]);
         let layer_group = spec
             .layers
             .iter()
@@ -493,6 +502,10 @@ impl<B: Backend> Decoder<B> {
         matches!(self.layers[layer].mixer, Mixer::Rec(_))
     }
 
+    fn is_attention(&self, layer: usize) -> bool {
+        matches!(self.layers[layer].mixer, Mixer::Attn(_))
+    }
+
     fn shape(&self, layer: usize) -> AttnShape {
         let c = &self.cfg;
         AttnShape {
@@ -534,6 +547,7 @@ impl<B: Backend> Decoder<B> {
             };
             tap.linear_input(b, input, n, h, "attn_in", Some(i));
             match &l.mixer {
+                Mixer::None => {}
                 Mixer::Rec(r) => {
                     let (Some(rs), Some(scratch), Some(state)) = (&sp.recurrent, &mut s.rec, &mut s.rec_state[i])
                     else {
@@ -595,7 +609,9 @@ impl<B: Backend> Decoder<B> {
                     }
                 }
             }
-            self.residual(l.post_attn_norm.as_ref(), s, n);
+            if !matches!(l.mixer, Mixer::None) {
+                self.residual(l.post_attn_norm.as_ref(), s, n);
+            }
             if matches!(l.ffn, Ffn::None) {
                 tap.boundary(b, &s.x, n * h, "layer_out", Some(i));
                 continue;
@@ -633,6 +649,13 @@ impl<B: Backend> Decoder<B> {
                         (Some(g), Mlp::GeGlu) => {
                             b.matmuls(&[g, w_up], input, n, &mut [&mut s.gate, &mut s.up]);
                             b.gelu_mul(&mut s.gate, &s.up, n * f);
+                        }
+                        (None, Mlp::Relu2) => {
+                            b.matmul(w_up, input, n, &mut s.gate);
+                            if let Some(ub) = up_bias {
+                                b.add_bias(&mut s.gate, ub, n);
+                            }
+                            b.relu_sq(&mut s.gate, n * f);
                         }
                         _ => {
                             b.matmul(w_up, input, n, &mut s.gate);
@@ -681,6 +704,9 @@ impl<B: Backend> Decoder<B> {
         let per_row = 2 * self.cfg.num_kv_heads * self.cfg.head_dim * self.b.kv_elem_bytes();
         let mut out: Vec<(String, usize, usize)> = Vec::new();
         for (i, l) in self.spec.layers.iter().enumerate() {
+            if !self.is_attention(i) && !self.is_recurrent(i) {
+                continue;
+            }
             if self.is_recurrent(i) {
                 // A fixed-size state per sequence: no rows that grow with the context.
                 let bytes = self.spec.recurrent.as_ref().map_or(0, |r| {
@@ -774,7 +800,7 @@ impl<B: Backend> LanguageModel for Decoder<B> {
         (0..self.windows.len())
             .map(|g| {
                 let layers = (0..self.layers.len())
-                    .filter(|&i| self.layer_group[i] == g && !self.is_recurrent(i))
+                    .filter(|&i| self.layer_group[i] == g && self.is_attention(i))
                     .count() as u64;
                 layers * per_row * block_size as u64
             })
@@ -855,10 +881,10 @@ impl<B: Backend> LanguageModel for Decoder<B> {
         let pages = |b: &B| -> Vec<B::Kv> {
             (0..self.layers.len())
                 .map(|i| {
-                    let blocks = if self.is_recurrent(i) {
-                        0
-                    } else {
+                    let blocks = if self.is_attention(i) {
                         sh.group_blocks[self.layer_group[i]]
+                    } else {
+                        0
                     };
                     b.alloc_kv_pages(blocks, sh.block_size, kvh, hd)
                 })

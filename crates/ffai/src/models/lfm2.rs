@@ -145,7 +145,8 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
         recurrent: Some(RecurrentSpec {
             layers,
             mixer: MixerSpec::ShortConv { kernel },
-            mlp: true,
+            mlp: vec![true; cfg.num_layers],
+            mlp_only: vec![false; cfg.num_layers],
         }),
         final_norm: "token_embd_norm",
         ..DecoderSpec::llama(&cfg, None)

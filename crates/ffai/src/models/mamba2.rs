@@ -45,17 +45,32 @@ fn limit_value(cfg: &ModelConfig, v: &Value) -> Result<f64> {
     }
 }
 
+/// How a family's config.json names the Mamba 2 mixer's numbers.
+pub struct MixerKeys {
+    pub heads: &'static str,
+    pub head_dim: &'static str,
+    pub state: &'static str,
+    /// The inner width is `expand * hidden_size` (Mamba 2) rather than `heads * head_dim`
+    /// alone (NemotronH).
+    pub expand: bool,
+    /// transformers normalises each of `n_groups` groups (NemotronH's Zamba2 norm) rather
+    /// than the whole inner width (Mamba 2).
+    pub grouped_norm: bool,
+}
+
+pub const MAMBA2_KEYS: MixerKeys = MixerKeys {
+    heads: "num_heads",
+    head_dim: "head_dim",
+    state: "state_size",
+    expand: true,
+    grouped_norm: false,
+};
+
 /// The scan's shape from a config (config.json names, then llama.cpp's `ssm.*` keys).
-pub fn mixer_spec(cfg: &ModelConfig) -> Result<Mamba2Spec> {
+pub fn mixer_spec(cfg: &ModelConfig, keys: &MixerKeys) -> Result<Mamba2Spec> {
     let hidden = cfg.hidden_size;
     let u = |hf: &str, gguf: &str| cfg.extra_usize(hf, gguf);
-    let state = recurrent::sized(
-        cfg,
-        "state_size",
-        u("state_size", "ssm.state_size")?,
-        Some(128),
-        MAX_DIM,
-    )?;
+    let state = recurrent::sized(cfg, keys.state, u(keys.state, "ssm.state_size")?, Some(128), MAX_DIM)?;
     let groups = recurrent::sized(cfg, "n_groups", u("n_groups", "ssm.group_count")?, Some(8), MAX_DIM)?;
     let conv_kernel = recurrent::conv_kernel(cfg, "conv_kernel", u("conv_kernel", "ssm.conv_kernel")?, 4)?;
     let chunk = recurrent::sized(cfg, "chunk_size", u("chunk_size", "ssm.chunk_size")?, Some(256), 4096)?;
@@ -70,14 +85,16 @@ pub fn mixer_spec(cfg: &ModelConfig) -> Result<Mamba2Spec> {
         );
         (heads, inner / heads)
     } else {
-        let heads = recurrent::sized(cfg, "num_heads", u("num_heads", "")?, Some(128), MAX_DIM)?;
-        let head_dim = recurrent::sized(cfg, "head_dim", u("head_dim", "")?, Some(64), MAX_DIM)?;
-        let expand = recurrent::sized(cfg, "expand", u("expand", "")?, Some(2), MAX_DIM)?;
-        ensure!(
-            (hidden as u64) * (expand as u64) == (heads as u64) * (head_dim as u64),
-            "{}: hidden_size * expand ({hidden} * {expand}) must equal num_heads * head_dim ({heads} * {head_dim})",
-            cfg.source
-        );
+        let heads = recurrent::sized(cfg, keys.heads, u(keys.heads, "")?, Some(128), MAX_DIM)?;
+        let head_dim = recurrent::sized(cfg, keys.head_dim, u(keys.head_dim, "")?, Some(64), MAX_DIM)?;
+        if keys.expand {
+            let expand = recurrent::sized(cfg, "expand", u("expand", "")?, Some(2), MAX_DIM)?;
+            ensure!(
+                (hidden as u64) * (expand as u64) == (heads as u64) * (head_dim as u64),
+                "{}: hidden_size * expand ({hidden} * {expand}) must equal num_heads * head_dim ({heads} * {head_dim})",
+                cfg.source
+            );
+        }
         (heads, head_dim)
     };
     let (dt_min, dt_max) = match cfg.extra("time_step_limit", "") {
@@ -103,7 +120,7 @@ pub fn mixer_spec(cfg: &ModelConfig) -> Result<Mamba2Spec> {
             dt_max: dt_max as f32,
         },
         conv_kernel,
-        norm_group: if cfg.is_gguf() {
+        norm_group: if cfg.is_gguf() || keys.grouped_norm {
             d_inner / groups.max(1)
         } else {
             d_inner
@@ -113,7 +130,7 @@ pub fn mixer_spec(cfg: &ModelConfig) -> Result<Mamba2Spec> {
 }
 
 fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn LanguageModel>> {
-    let m = mixer_spec(cfg)?;
+    let m = mixer_spec(cfg, &MAMBA2_KEYS)?;
     let mut cfg = cfg.clone();
     cfg.rms_norm_eps = m.norm_eps as f64;
     if !cfg.is_gguf() {
@@ -123,7 +140,8 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
         recurrent: Some(RecurrentSpec {
             layers: vec![true; cfg.num_layers],
             mixer: MixerSpec::Mamba2(m),
-            mlp: false,
+            mlp: vec![false; cfg.num_layers],
+            mlp_only: vec![false; cfg.num_layers],
         }),
         ..DecoderSpec::llama(&cfg, None)
     };

@@ -26,6 +26,7 @@ pub mod llama;
 pub mod mamba2;
 pub mod mixtral;
 pub mod moe;
+pub mod nemotron_h;
 pub mod olmo2;
 pub mod olmoe;
 pub mod phi3;
@@ -279,6 +280,7 @@ pub static FAMILIES: &[Family] = &[
     gpt_oss::FAMILY,
     lfm2::FAMILY,
     mamba2::FAMILY,
+    nemotron_h::FAMILY,
 ];
 
 /// Finds the family for a config: architecture first, then model_type.

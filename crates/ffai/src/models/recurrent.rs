@@ -56,8 +56,11 @@ pub struct RecurrentSpec {
     /// Per layer: a recurrent mixer (true) or attention.
     pub layers: Vec<bool>,
     pub mixer: MixerSpec,
-    /// Whether blocks have an MLP after the mixer (Mamba 2's do not).
-    pub mlp: bool,
+    /// Per layer: whether the block has an MLP after its mixer (Mamba 2's do not).
+    pub mlp: Vec<bool>,
+    /// Per layer: a block with no token mixer, only its MLP (NemotronH's `mlp` blocks;
+    /// `layers` is false there).
+    pub mlp_only: Vec<bool>,
 }
 
 impl RecurrentSpec {
@@ -72,7 +75,12 @@ impl RecurrentSpec {
     /// Bytes of one sequence's state over every recurrent layer.
     pub fn slot_bytes(&self, hidden: usize) -> u64 {
         let (c, s) = self.slot_floats(hidden);
-        let layers = self.layers.iter().filter(|&&r| r).count() as u64;
+        let layers = self
+            .layers
+            .iter()
+            .zip(&self.mlp_only)
+            .filter(|&(&r, &m)| r && !m)
+            .count() as u64;
         (c as u64 + s as u64) * 4 * layers
     }
 
@@ -155,11 +163,18 @@ pub(crate) fn conv_kernel(cfg: &ModelConfig, key: &str, value: Option<usize>, de
 /// by them.
 pub fn check(cfg: &ModelConfig, spec: &RecurrentSpec) -> Result<()> {
     ensure!(
-        spec.layers.len() == cfg.num_layers,
+        spec.layers.len() == cfg.num_layers
+            && spec.mlp.len() == cfg.num_layers
+            && spec.mlp_only.len() == cfg.num_layers,
         "{}: {} recurrent-layer flags for {} layers",
         cfg.source,
         spec.layers.len(),
         cfg.num_layers
+    );
+    ensure!(
+        (0..cfg.num_layers).all(|i| !spec.mlp_only[i] || (spec.mlp[i] && !spec.layers[i])),
+        "{}: an MLP-only block must have an MLP and no mixer",
+        cfg.source
     );
     match &spec.mixer {
         MixerSpec::ShortConv { kernel } => {
@@ -192,7 +207,7 @@ pub fn check(cfg: &ModelConfig, spec: &RecurrentSpec) -> Result<()> {
             }
             ensure!(
                 s.heads.is_multiple_of(s.groups),
-                "{}: num_heads {} is not a multiple of n_groups {}",
+                "{}: the scan's {} heads are not a multiple of its {} groups (n_groups)",
                 cfg.source,
                 s.heads,
                 s.groups
@@ -273,7 +288,7 @@ pub fn hf_name(name: &str, model_type: &str) -> Option<String> {
                 .iter()
                 .find_map(|(hf, gg)| tail.strip_prefix(hf).map(|s| format!("blk.{idx}.{gg}{s}")))
         }
-        "mamba2" => {
+        "mamba2" | "nemotron_h" => {
             match name {
                 "backbone.embeddings.weight" | "backbone.embedding.weight" => return Some("token_embd.weight".into()),
                 "backbone.norm_f.weight" => return Some("output_norm.weight".into()),
@@ -294,6 +309,15 @@ pub fn hf_name(name: &str, model_type: &str) -> Option<String> {
                 "mixer.norm.weight" => "ssm_norm.weight",
                 "mixer.out_proj.weight" => "ssm_out.weight",
                 "mixer.out_proj.bias" => "ssm_out.bias",
+                // NemotronH's attention and MLP blocks.
+                "mixer.q_proj.weight" => "attn_q.weight",
+                "mixer.k_proj.weight" => "attn_k.weight",
+                "mixer.v_proj.weight" => "attn_v.weight",
+                "mixer.o_proj.weight" => "attn_output.weight",
+                "mixer.up_proj.weight" => "ffn_up.weight",
+                "mixer.up_proj.bias" => "ffn_up.bias",
+                "mixer.down_proj.weight" => "ffn_down.weight",
+                "mixer.down_proj.bias" => "ffn_down.bias",
                 _ => return None,
             };
             Some(format!("blk.{idx}.{t}"))
