@@ -468,7 +468,7 @@ def mxfp4_save(model, fdir):
 
 FAMILY_ORDER = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3", "olmo2", "granite", "starcoder2",
                 "llama_bf16", "qwen3_moe", "mixtral", "olmoe", "gpt_oss", "gpt_oss_mxfp4", "lfm2", "mamba2",
-                "nemotron_h"]
+                "nemotron_h", "granite4"]
 FAMILY_SEED = {f: 1000 + i for i, f in enumerate(FAMILY_ORDER)}
 
 
@@ -903,6 +903,52 @@ HYBRID = {
             "mamba mixer: mamba_num_heads 8 x mamba_head_dim 16 (= the inner width 128), ssm_state_size 16, "
             "n_groups 2, conv_kernel 4, chunk_size 32; its gated norm is PER GROUP of 128 / n_groups = 64 "
             "(Zamba2RMSNormGated with group_size), unlike Mamba2ForCausalLM's",
+        ],
+    ),
+    "granite4": (
+        "GraniteMoeHybridConfig",
+        dict(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            shared_intermediate_size=96,
+            num_local_experts=0,
+            num_hidden_layers=4,
+            layer_types=["mamba", "attention", "mamba", "mamba"],
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            position_embedding_type="rope",
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            embedding_multiplier=6.0,
+            residual_multiplier=0.5,
+            attention_multiplier=0.2,
+            logits_scaling=2.5,
+            mamba_n_heads=8,
+            mamba_d_head="auto",
+            mamba_n_groups=2,
+            mamba_d_state=16,
+            mamba_d_conv=4,
+            mamba_expand=2,
+            mamba_chunk_size=32,
+            mamba_conv_bias=True,
+            mamba_proj_bias=False,
+            rms_norm_eps=1e-5,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        [
+            "GraniteMoeHybridForCausalLM with num_local_experts 0 (the dense hybrid, as Granite-4.0-H-Micro): "
+            "layer_types [mamba, attention, mamba, mamba] (legacy names, remapped by transformers to "
+            "linear_attention / full_attention); per layer h = h + 0.5 * mixer(input_layernorm(h)); "
+            "h = h + 0.5 * shared_mlp(post_attention_layernorm(h))",
+            "shared_mlp: input_linear [2*96, 64] -> chunk(2): silu(first half) * second half -> output_linear",
+            "Granite multipliers: embeddings x 6, residual branches x 0.5, attention scores x 0.2 (instead of "
+            "head_dim**-0.5), logits / 2.5; RoPE (position_embedding_type rope, theta 1e4); TIED head",
+            "mamba layers: the Mamba 2 mixer (8 heads x mamba_d_head auto = 2*64/8 = 16, state 16, 2 groups, "
+            "kernel 4, chunk 32), its gated norm over the whole inner width, eps = rms_norm_eps",
         ],
     ),
 }

@@ -196,6 +196,7 @@ fn every_config_json_number_and_flag_at_hostile_values() {
         "lfm2",
         "mamba2",
         "nemotron_h",
+        "granite4",
     ] {
         let dir = fixture(family);
         let original: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
@@ -340,6 +341,28 @@ fn named_config_errors() {
             "not a multiple of its 2 groups",
         ),
         ("nemotron_h", "ssm_state_size", json!(1u64 << 30), "ssm_state_size"),
+        ("granite4", "num_local_experts", json!(8), "experts"),
+        ("granite4", "mamba_d_head", json!(15), "mamba_d_head"),
+        ("granite4", "mamba_d_head", json!("x"), "mamba_d_head"),
+        ("granite4", "mamba_expand", json!(3), "expand"),
+        (
+            "granite4",
+            "shared_intermediate_size",
+            json!(0),
+            "shared_intermediate_size",
+        ),
+        (
+            "granite4",
+            "position_embedding_type",
+            json!("alibi"),
+            "position_embedding_type",
+        ),
+        (
+            "granite4",
+            "layer_types",
+            json!(["mamba", "attention", "mamba"]),
+            "layer_types",
+        ),
     ];
     for (family, key, value, needle) in cases {
         let dir = fixture(family);
@@ -363,6 +386,11 @@ fn named_config_errors() {
     assert!(err.message().contains("full_attn_idxs"), "{}", err.message());
     config["full_attn_idxs"] = json!([2]);
     load_hf(&fixture("lfm2"), &config, &dev).unwrap();
+    // Granite 4's "auto" mamba_d_head is expand * hidden / heads: the fixture's 16.
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("granite4").join("config.json")).unwrap()).unwrap();
+    config["mamba_d_head"] = json!("auto");
+    load_hf(&fixture("granite4"), &config, &dev).unwrap();
     // Too many query heads per KV head for the attention kernel (the 64 heads need a
     // matching q_proj, so this one stops at the config).
     let mut config: Value =

@@ -1,4 +1,5 @@
-//! Hybrid and state-space models (the LFM2, Mamba 2 and NemotronH parity fixtures) in the batched
+//! Hybrid and state-space models (the LFM2, Mamba 2, NemotronH and Granite 4 parity
+//! fixtures) in the batched
 //! engine: each sequence's greedy tokens are the same alone and among others of
 //! different lengths with chunked prefill sharing the step budget (every sequence reading
 //! and writing its own recurrent-state slot), an exact repeat of a prompt resumes from
@@ -186,6 +187,11 @@ fn mamba2_sequences_match_alone_and_batched() {
 #[test]
 fn nemotron_h_sequences_match_alone_and_batched() {
     batched_equals_alone("nemotron_h");
+}
+
+#[test]
+fn granite4_sequences_match_alone_and_batched() {
+    batched_equals_alone("granite4");
 }
 
 /// A pool of 6 blocks for 7 sequences of up to 4 blocks: sequences are preempted and

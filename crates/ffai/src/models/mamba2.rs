@@ -48,11 +48,17 @@ fn limit_value(cfg: &ModelConfig, v: &Value) -> Result<f64> {
 /// How a family's config.json names the Mamba 2 mixer's numbers.
 pub struct MixerKeys {
     pub heads: &'static str,
+    /// May be `"auto"`: `expand * hidden_size / heads` (Granite 4).
     pub head_dim: &'static str,
     pub state: &'static str,
-    /// The inner width is `expand * hidden_size` (Mamba 2) rather than `heads * head_dim`
-    /// alone (NemotronH).
-    pub expand: bool,
+    pub groups: &'static str,
+    pub conv: &'static str,
+    pub chunk: &'static str,
+    /// The norm epsilon's key.
+    pub eps: &'static str,
+    /// The key of the factor `expand` with `expand * hidden_size = heads * head_dim`
+    /// (Mamba 2, Granite 4); `None`: the inner width is `heads * head_dim` alone (NemotronH).
+    pub expand: Option<&'static str>,
     /// transformers normalises each of `n_groups` groups (NemotronH's Zamba2 norm) rather
     /// than the whole inner width (Mamba 2).
     pub grouped_norm: bool,
@@ -62,7 +68,11 @@ pub const MAMBA2_KEYS: MixerKeys = MixerKeys {
     heads: "num_heads",
     head_dim: "head_dim",
     state: "state_size",
-    expand: true,
+    groups: "n_groups",
+    conv: "conv_kernel",
+    chunk: "chunk_size",
+    eps: "layer_norm_epsilon",
+    expand: Some("expand"),
     grouped_norm: false,
 };
 
@@ -71,9 +81,9 @@ pub fn mixer_spec(cfg: &ModelConfig, keys: &MixerKeys) -> Result<Mamba2Spec> {
     let hidden = cfg.hidden_size;
     let u = |hf: &str, gguf: &str| cfg.extra_usize(hf, gguf);
     let state = recurrent::sized(cfg, keys.state, u(keys.state, "ssm.state_size")?, Some(128), MAX_DIM)?;
-    let groups = recurrent::sized(cfg, "n_groups", u("n_groups", "ssm.group_count")?, Some(8), MAX_DIM)?;
-    let conv_kernel = recurrent::conv_kernel(cfg, "conv_kernel", u("conv_kernel", "ssm.conv_kernel")?, 4)?;
-    let chunk = recurrent::sized(cfg, "chunk_size", u("chunk_size", "ssm.chunk_size")?, Some(256), 4096)?;
+    let groups = recurrent::sized(cfg, keys.groups, u(keys.groups, "ssm.group_count")?, Some(8), MAX_DIM)?;
+    let conv_kernel = recurrent::conv_kernel(cfg, keys.conv, u(keys.conv, "ssm.conv_kernel")?, 4)?;
+    let chunk = recurrent::sized(cfg, keys.chunk, u(keys.chunk, "ssm.chunk_size")?, Some(256), 4096)?;
     let (heads, head_dim) = if cfg.is_gguf() {
         // llama.cpp: ssm.inner_size and ssm.time_step_rank (the head count).
         let inner = recurrent::sized(cfg, "ssm.inner_size", u("", "ssm.inner_size")?, None, MAX_DIM)?;
@@ -86,13 +96,22 @@ pub fn mixer_spec(cfg: &ModelConfig, keys: &MixerKeys) -> Result<Mamba2Spec> {
         (heads, inner / heads)
     } else {
         let heads = recurrent::sized(cfg, keys.heads, u(keys.heads, "")?, Some(128), MAX_DIM)?;
-        let head_dim = recurrent::sized(cfg, keys.head_dim, u(keys.head_dim, "")?, Some(64), MAX_DIM)?;
-        if keys.expand {
-            let expand = recurrent::sized(cfg, "expand", u("expand", "")?, Some(2), MAX_DIM)?;
+        let expand = match keys.expand {
+            Some(k) => Some(recurrent::sized(cfg, k, u(k, "")?, Some(2), MAX_DIM)?),
+            None => None,
+        };
+        let head_dim = match (cfg.extra(keys.head_dim, ""), expand) {
+            (Some(v), Some(e)) if v == "auto" => hidden.saturating_mul(e) / heads,
+            _ => recurrent::sized(cfg, keys.head_dim, u(keys.head_dim, "")?, Some(64), MAX_DIM)?,
+        };
+        if let Some(expand) = expand {
             ensure!(
                 (hidden as u64) * (expand as u64) == (heads as u64) * (head_dim as u64),
-                "{}: hidden_size * expand ({hidden} * {expand}) must equal num_heads * head_dim ({heads} * {head_dim})",
-                cfg.source
+                "{}: hidden_size * {} ({hidden} * {expand}) must equal {} * {} ({heads} * {head_dim})",
+                cfg.source,
+                keys.expand.unwrap_or("expand"),
+                keys.heads,
+                keys.head_dim
             );
         }
         (heads, head_dim)
@@ -106,7 +125,7 @@ pub fn mixer_spec(cfg: &ModelConfig, keys: &MixerKeys) -> Result<Mamba2Spec> {
     };
     let eps = match cfg.is_gguf() {
         true => cfg.rms_norm_eps,
-        false => cfg.extra_f64("layer_norm_epsilon", "")?.unwrap_or(1e-5),
+        false => cfg.extra_f64(keys.eps, "")?.unwrap_or(1e-5),
     };
     let d_inner = heads.saturating_mul(head_dim);
     Ok(Mamba2Spec {

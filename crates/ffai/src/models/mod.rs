@@ -21,6 +21,7 @@ pub mod decoder;
 pub mod gemma;
 pub mod gpt_oss;
 pub mod granite;
+pub mod granite4;
 pub mod lfm2;
 pub mod llama;
 pub mod mamba2;
@@ -281,6 +282,7 @@ pub static FAMILIES: &[Family] = &[
     lfm2::FAMILY,
     mamba2::FAMILY,
     nemotron_h::FAMILY,
+    granite4::FAMILY,
 ];
 
 /// Finds the family for a config: architecture first, then model_type.

@@ -38,7 +38,11 @@ const KEYS: MixerKeys = MixerKeys {
     heads: "mamba_num_heads",
     head_dim: "mamba_head_dim",
     state: "ssm_state_size",
-    expand: false,
+    groups: "n_groups",
+    conv: "conv_kernel",
+    chunk: "chunk_size",
+    eps: "layer_norm_epsilon",
+    expand: None,
     grouped_norm: true,
 };
 

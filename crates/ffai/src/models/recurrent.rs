@@ -288,6 +288,28 @@ pub fn hf_name(name: &str, model_type: &str) -> Option<String> {
                 .iter()
                 .find_map(|(hf, gg)| tail.strip_prefix(hf).map(|s| format!("blk.{idx}.{gg}{s}")))
         }
+        "granitemoehybrid" => {
+            let (idx, tail) = name.strip_prefix("model.layers.")?.split_once('.')?;
+            idx.parse::<usize>().ok()?;
+            let t = match tail {
+                "mamba.in_proj.weight" => "ssm_in.weight",
+                "mamba.in_proj.bias" => "ssm_in.bias",
+                "mamba.conv1d.weight" => "ssm_conv1d.weight",
+                "mamba.conv1d.bias" => "ssm_conv1d.bias",
+                "mamba.dt_bias" => "ssm_dt.bias",
+                "mamba.A_log" => "ssm_a_log",
+                "mamba.D" => "ssm_d",
+                "mamba.norm.weight" => "ssm_norm.weight",
+                "mamba.out_proj.weight" => "ssm_out.weight",
+                "mamba.out_proj.bias" => "ssm_out.bias",
+                // The fused [gate; up] and down of the shared MLP.
+                "shared_mlp.input_linear.weight" => "ffn_up.weight",
+                "shared_mlp.output_linear.weight" => "ffn_down.weight",
+                // Everything else is named as Llama's.
+                _ => return None,
+            };
+            Some(format!("blk.{idx}.{t}"))
+        }
         "mamba2" | "nemotron_h" => {
             match name {
                 "backbone.embeddings.weight" | "backbone.embedding.weight" => return Some("token_embd.weight".into()),
