@@ -589,8 +589,39 @@ pub trait Backend: Send + Sync + 'static {
         out: &mut Self::Buf,
     );
     /// Gated RMSNorm in place over `n` rows of `w.len()` ([`crate::ssm::rms_norm_gated`]):
-    /// `x = w * rmsnorm_per_group(x * silu(z))`.
-    fn rms_norm_gated(&self, x: &mut Self::Buf, z: &Self::Buf, w: &Self::Buf, eps: f32, n: usize, group: usize);
+    /// `x = w * rmsnorm_per_group(x * silu(z))`, or with `norm_first`
+    /// `x = w * rmsnorm_per_group(x) * silu(z)`.
+    #[allow(clippy::too_many_arguments)]
+    fn rms_norm_gated(
+        &self,
+        x: &mut Self::Buf,
+        z: &Self::Buf,
+        w: &Self::Buf,
+        eps: f32,
+        n: usize,
+        group: usize,
+        norm_first: bool,
+    );
+    /// `x[..len] *= sigmoid(g[..len])` (Qwen3-Next's attention output gate).
+    fn sigmoid_mul(&self, x: &mut Self::Buf, g: &Self::Buf, len: usize);
+    /// The gated delta rule ([`crate::ssm::gdn_head`]) of each sequence's rows: `qkv` rows
+    /// `[q | k | v]`, `b` and `a` rows `v_heads` wide (before the sigmoid / softplus),
+    /// per value head `a_neg = -exp(A_log)` and `dt_bias`; `state` is
+    /// `[slots][v_heads][k_dim][v_dim]`; `out` rows `v_heads * v_dim`.
+    #[allow(clippy::too_many_arguments)]
+    fn gdn_step(
+        &self,
+        qkv: &Self::Buf,
+        b: &Self::Buf,
+        a: &Self::Buf,
+        a_neg: &Self::Buf,
+        dt_bias: &Self::Buf,
+        n: usize,
+        shape: &crate::ssm::GdnShape,
+        state: &mut Self::Buf,
+        step: &Self::Step,
+        out: &mut Self::Buf,
+    );
     /// Copies slot `src` of a state array with slots of `slot_len` floats to slot `dst`
     /// (prefix caching of recurrent state: a snapshot taken, or restored).
     fn copy_slot(&self, state: &mut Self::Buf, slot_len: usize, src: usize, dst: usize);

@@ -1464,7 +1464,102 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn rms_norm_gated(&self, x: &mut Vec<f32>, z: &Vec<f32>, w: &Vec<f32>, eps: f32, n: usize, group: usize) {
+    fn sigmoid_mul(&self, x: &mut Vec<f32>, g: &Vec<f32>, len: usize) {
+        let _p = self.prof(|| "sigmoid_mul".into());
+        for (v, &gv) in x[..len].iter_mut().zip(&g[..len]) {
+            *v *= crate::ssm::sigmoid(gv);
+        }
+    }
+
+    fn gdn_step(
+        &self,
+        qkv: &Vec<f32>,
+        b: &Vec<f32>,
+        a: &Vec<f32>,
+        a_neg: &Vec<f32>,
+        dt_bias: &Vec<f32>,
+        n: usize,
+        shape: &crate::ssm::GdnShape,
+        state: &mut Vec<f32>,
+        step: &CpuStep,
+        out: &mut Vec<f32>,
+    ) {
+        let _p = self.prof(|| "gdn".into());
+        let sh = *shape;
+        let (vh, dv) = (sh.v_heads, sh.v_dim);
+        assert_eq!(
+            n,
+            step.n_rows(),
+            "gdn_step over {n} rows of a {}-row step",
+            step.n_rows()
+        );
+        assert!(
+            sh.k_heads > 0 && vh.is_multiple_of(sh.k_heads) && a_neg.len() == vh && dt_bias.len() == vh,
+            "gdn_step parameter shapes"
+        );
+        let width = sh.row_width();
+        assert!(
+            qkv.len() >= n * width && b.len() >= n * vh && a.len() >= n * vh && out.len() >= n * vh * dv,
+            "gdn_step rows"
+        );
+        let slot_len = sh.slot_len();
+        let seqs = &step.group(0).seqs;
+        assert_eq!(step.state_slots.len(), seqs.len(), "gdn_step without state slots");
+        let slots = state.len().checked_div(slot_len).unwrap_or(usize::MAX);
+        assert!(
+            step.state_slots.iter().all(|&s| (s as usize) < slots),
+            "gdn_step: a state slot outside the {slots} slots"
+        );
+        let (op, sp) = (SharedMut(out.as_mut_ptr()), SharedMut(state.as_mut_ptr()));
+        let run = |item: usize| {
+            let (si, h) = (item / vh, item % vh);
+            let sq = seqs[si];
+            let (r0, nr) = (sq.first_row as usize, sq.n_rows as usize);
+            let head_len = sh.k_dim * dv;
+            // SAFETY: (sequence, head) items own distinct parts of distinct slots.
+            let st = unsafe { sp.slice(step.state_slots[si] as usize * slot_len + h * head_len, head_len) };
+            let need = crate::ssm::gdn_scratch(&sh);
+            with_scratch(need + nr * dv, |buf| {
+                let (scratch, y) = buf.split_at_mut(need);
+                crate::ssm::gdn_head(
+                    &qkv[r0 * width..(r0 + nr) * width],
+                    &b[r0 * vh..(r0 + nr) * vh],
+                    &a[r0 * vh..(r0 + nr) * vh],
+                    nr,
+                    step.positions[r0] as usize,
+                    h,
+                    &sh,
+                    a_neg[h],
+                    dt_bias[h],
+                    st,
+                    y,
+                    scratch,
+                );
+                for t in 0..nr {
+                    // SAFETY: row r0 + t's part of head h belongs to this item alone.
+                    let o = unsafe { op.slice((r0 + t) * vh * dv + h * dv, dv) };
+                    o.copy_from_slice(&y[t * dv..(t + 1) * dv]);
+                }
+            });
+        };
+        let items = seqs.len() * vh;
+        if n * vh * sh.k_dim * dv < PARALLEL_MIN {
+            (0..items).for_each(run);
+        } else {
+            self.pool.for_ranges(items, 1, |r| r.for_each(&run));
+        }
+    }
+
+    fn rms_norm_gated(
+        &self,
+        x: &mut Vec<f32>,
+        z: &Vec<f32>,
+        w: &Vec<f32>,
+        eps: f32,
+        n: usize,
+        group: usize,
+        norm_first: bool,
+    ) {
         let _p = self.prof(|| "rms_norm_gated".into());
         let d = w.len();
         assert!(group > 0 && d.is_multiple_of(group), "rms_norm_gated group");
@@ -1473,7 +1568,7 @@ impl Backend for CpuBackend {
         self.for_rows(n, d, |t| {
             // SAFETY: each row is handed to exactly one thread, inside `x[..n * d]`.
             let row = unsafe { xp.slice(t * d, d) };
-            crate::ssm::rms_norm_gated(row, &z[t * d..(t + 1) * d], w, eps, group);
+            crate::ssm::rms_norm_gated(row, &z[t * d..(t + 1) * d], w, eps, group, norm_first);
         });
     }
 

@@ -248,18 +248,133 @@ pub fn scan_head(
     }
 }
 
-/// Gated RMSNorm of one row in place: `y = x * silu(z)`, then each group of `group`
-/// elements is `w * y / sqrt(mean(y^2) + eps)` (Mamba 2's norm: transformers normalises
-/// the whole row, mamba_ssm and llama.cpp each of `n_groups` groups).
-pub fn rms_norm_gated(x: &mut [f32], z: &[f32], w: &[f32], eps: f32, group: usize) {
-    for (v, &g) in x.iter_mut().zip(z) {
-        *v *= ops::silu(g);
+/// Gated RMSNorm of one row in place, per group of `group` elements. Gate first (Mamba
+/// 2's norm: transformers normalises the whole row, mamba_ssm and llama.cpp each of
+/// `n_groups` groups): `y = x * silu(z)`, then `w * y / sqrt(mean(y^2) + eps)`. Norm first
+/// (`norm_first`, Qwen3-Next's DeltaNet, per head): `w * x / sqrt(mean(x^2) + eps) * silu(z)`.
+pub fn rms_norm_gated(x: &mut [f32], z: &[f32], w: &[f32], eps: f32, group: usize, norm_first: bool) {
+    if !norm_first {
+        for (v, &g) in x.iter_mut().zip(z) {
+            *v *= ops::silu(g);
+        }
     }
-    for (xs, ws) in x.chunks_exact_mut(group).zip(w.chunks_exact(group)) {
+    for ((xs, ws), zs) in x
+        .chunks_exact_mut(group)
+        .zip(w.chunks_exact(group))
+        .zip(z.chunks_exact(group))
+    {
         let ss: f32 = xs.iter().map(|v| v * v).sum();
         let inv = 1.0 / (ss / group as f32 + eps).sqrt();
-        for (v, &wv) in xs.iter_mut().zip(ws) {
-            *v = *v * inv * wv;
+        if norm_first {
+            for ((v, &wv), &g) in xs.iter_mut().zip(ws).zip(zs) {
+                *v = wv * (*v * inv) * ops::silu(g);
+            }
+        } else {
+            for (v, &wv) in xs.iter_mut().zip(ws) {
+                *v = *v * inv * wv;
+            }
+        }
+    }
+}
+
+/// Shape of a gated DeltaNet (Qwen3-Next's linear attention). A row of its input is
+/// `[q (k_heads * k_dim) | k (k_heads * k_dim) | v (v_heads * v_dim)]` (the convolution's
+/// output); value head `h` reads key head `h / (v_heads / k_heads)`. A slot of its state
+/// is `[v_heads][k_dim][v_dim]`.
+#[derive(Clone, Copy, Debug)]
+pub struct GdnShape {
+    pub k_heads: usize,
+    pub v_heads: usize,
+    pub k_dim: usize,
+    pub v_dim: usize,
+}
+
+impl GdnShape {
+    pub fn row_width(&self) -> usize {
+        2 * self.k_heads * self.k_dim + self.v_heads * self.v_dim
+    }
+
+    pub fn slot_len(&self) -> usize {
+        self.v_heads * self.k_dim * self.v_dim
+    }
+}
+
+/// Longest key head the CUDA kernel takes (it stages q and k in shared memory).
+pub const MAX_GDN_KEY_DIM: usize = 256;
+
+/// `1 / (1 + e^-x)`.
+#[inline]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Scratch floats [`gdn_head`] needs.
+pub fn gdn_scratch(s: &GdnShape) -> usize {
+    2 * s.k_dim + s.v_dim
+}
+
+/// The gated delta rule of one value head `h` over one sequence's `n` rows (first at
+/// position `p0`): per row, `q` and `k` L2-normalised (`x / sqrt(sum x^2 + 1e-6)`), `q`
+/// scaled by `k_dim^-1/2`, `beta = sigmoid(b)`, `g = a_neg * softplus(a + dt_bias)`, then
+/// `S = e^g S`, `S += k (beta (v - Sᵀk))ᵀ`, `y = Sᵀq`. `qkv` rows as [`GdnShape`] says, `b`
+/// and `a` rows `v_heads` wide, `state` this head's `[k_dim][v_dim]`, `out` its
+/// `[n][v_dim]`. Every row runs the same recurrence in order, so the result does not
+/// depend on how the sequence is cut into steps.
+#[allow(clippy::too_many_arguments)]
+pub fn gdn_head(
+    qkv: &[f32],
+    b: &[f32],
+    a: &[f32],
+    n: usize,
+    p0: usize,
+    h: usize,
+    shape: &GdnShape,
+    a_neg: f32,
+    dt_bias: f32,
+    state: &mut [f32],
+    out: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let (dk, dv, vh) = (shape.k_dim, shape.v_dim, shape.v_heads);
+    let width = shape.row_width();
+    let kh = h / (vh / shape.k_heads);
+    let (qo, ko, vo) = (kh * dk, shape.k_heads * dk + kh * dk, 2 * shape.k_heads * dk + h * dv);
+    if p0 == 0 {
+        state.fill(0.0);
+    }
+    let (qn, rest) = scratch.split_at_mut(dk);
+    let (kn, rest) = rest.split_at_mut(dk);
+    let delta = &mut rest[..dv];
+    let scale = 1.0 / (dk as f32).sqrt();
+    for t in 0..n {
+        let row = &qkv[t * width..(t + 1) * width];
+        let (q, k, v) = (&row[qo..qo + dk], &row[ko..ko + dk], &row[vo..vo + dv]);
+        let iq = 1.0 / (q.iter().map(|x| x * x).sum::<f32>() + 1e-6).sqrt();
+        let ik = 1.0 / (k.iter().map(|x| x * x).sum::<f32>() + 1e-6).sqrt();
+        for i in 0..dk {
+            qn[i] = q[i] * iq * scale;
+            kn[i] = k[i] * ik;
+        }
+        let beta = sigmoid(b[t * vh + h]);
+        let decay = (a_neg * softplus(a[t * vh + h] + dt_bias)).exp();
+        // kv_mem = Sᵀk after the decay, then delta = beta (v - kv_mem).
+        delta.fill(0.0);
+        for (i, srow) in state.chunks_exact_mut(dv).enumerate() {
+            for (d, sv) in delta.iter_mut().zip(srow.iter_mut()) {
+                *sv *= decay;
+                *d += *sv * kn[i];
+            }
+        }
+        for (d, &vv) in delta.iter_mut().zip(v) {
+            *d = (vv - *d) * beta;
+        }
+        let o = &mut out[t * dv..(t + 1) * dv];
+        o.fill(0.0);
+        for (i, srow) in state.chunks_exact_mut(dv).enumerate() {
+            for ((sv, &d), ov) in srow.iter_mut().zip(delta.iter()).zip(o.iter_mut()) {
+                *sv += kn[i] * d;
+                *ov += *sv * qn[i];
+            }
         }
     }
 }

@@ -5,7 +5,7 @@
 
 use ffai_kernels::backend::{Backend, GroupLayout, SeqRows, StepLayout};
 use ffai_kernels::cpu::CpuBackend;
-use ffai_kernels::ssm::SsmShape;
+use ffai_kernels::ssm::{GdnShape, SsmShape};
 
 /// A tiny deterministic generator (xorshift), values in [-1, 1).
 struct Rng(u64);
@@ -320,7 +320,7 @@ fn rms_norm_gated_matches_naive() {
         let z = rng.vec(n * d, 3.0);
         let w = rng.vec(d, 1.0);
         let mut got = x.clone();
-        b.rms_norm_gated(&mut got, &z, &w, 1e-5, n, group);
+        b.rms_norm_gated(&mut got, &z, &w, 1e-5, n, group, false);
         for t in 0..n {
             for g0 in (0..d).step_by(group) {
                 let y: Vec<f64> = (g0..g0 + group)
@@ -377,4 +377,124 @@ fn a_layout_with_bad_state_slots_is_refused() {
         .contains("1 recurrent-state slots for 2"));
     l.state_slots = vec![1, 0];
     b.write_step(&l, &mut step).unwrap();
+}
+
+/// The gated delta rule by its definition, in f64, one head's rows.
+#[allow(clippy::too_many_arguments)]
+fn naive_gdn(qkv: &[f32], b: &[f32], a: &[f32], t_len: usize, sh: &GdnShape, a_neg: &[f32], dtb: &[f32]) -> Vec<f64> {
+    let (dk, dv, vh, kh_n) = (sh.k_dim, sh.v_dim, sh.v_heads, sh.k_heads);
+    let width = sh.row_width();
+    let mut s = vec![0f64; vh * dk * dv];
+    let mut out = vec![0f64; t_len * vh * dv];
+    for t in 0..t_len {
+        let row = &qkv[t * width..(t + 1) * width];
+        for h in 0..vh {
+            let kh = h / (vh / kh_n);
+            let q: Vec<f64> = row[kh * dk..(kh + 1) * dk].iter().map(|&x| x as f64).collect();
+            let k: Vec<f64> = row[kh_n * dk + kh * dk..kh_n * dk + (kh + 1) * dk]
+                .iter()
+                .map(|&x| x as f64)
+                .collect();
+            let v = &row[2 * kh_n * dk + h * dv..2 * kh_n * dk + (h + 1) * dv];
+            let nq = 1.0 / (q.iter().map(|x| x * x).sum::<f64>() + 1e-6).sqrt() / (dk as f64).sqrt();
+            let nk = 1.0 / (k.iter().map(|x| x * x).sum::<f64>() + 1e-6).sqrt();
+            let beta = 1.0 / (1.0 + (-(b[t * vh + h] as f64)).exp());
+            let x = (a[t * vh + h] + dtb[h]) as f64;
+            let g = a_neg[h] as f64 * if x > 20.0 { x } else { x.exp().ln_1p() };
+            let st = &mut s[h * dk * dv..(h + 1) * dk * dv];
+            st.iter_mut().for_each(|e| *e *= g.exp());
+            for j in 0..dv {
+                let kv: f64 = (0..dk).map(|i| st[i * dv + j] * k[i] * nk).sum();
+                let delta = (v[j] as f64 - kv) * beta;
+                for i in 0..dk {
+                    st[i * dv + j] += k[i] * nk * delta;
+                }
+                out[t * vh * dv + h * dv + j] = (0..dk).map(|i| st[i * dv + j] * q[i] * nq).sum();
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn gated_delta_rule_matches_its_definition_over_any_cut() {
+    let b = CpuBackend::new(2);
+    let sh = GdnShape {
+        k_heads: 2,
+        v_heads: 4,
+        k_dim: 8,
+        v_dim: 6,
+    };
+    let lens = [40usize, 7, 1];
+    let cuts = vec![vec![17, 1, 1, 21], vec![1; 7], vec![1]];
+    let mut rng = Rng(0xdead_beef);
+    let width = sh.row_width();
+    let wj = width + 2 * sh.v_heads;
+    let inputs: Vec<Vec<f32>> = lens.iter().map(|&l| rng.vec(l * wj, 1.0)).collect();
+    let a_neg: Vec<f32> = (0..sh.v_heads).map(|h| -(0.3 + 0.4 * h as f32)).collect();
+    let dtb = rng.vec(sh.v_heads, 1.0);
+    let (anb, dtbb) = (b.upload(&a_neg), b.upload(&dtb));
+    let slots = [1u32, 3, 0];
+    let mut state = rng.vec(4 * sh.slot_len(), 2.0);
+    let vh = sh.v_heads;
+    let outs = run_steps(
+        &b,
+        &lens,
+        &cuts,
+        &slots,
+        4,
+        wj,
+        vh * sh.v_dim,
+        &inputs,
+        |x, n, step, y| {
+            let (mut qkv, mut bb, mut aa) = (Vec::new(), Vec::new(), Vec::new());
+            for t in 0..n {
+                qkv.extend_from_slice(&x[t * wj..t * wj + width]);
+                bb.extend_from_slice(&x[t * wj + width..t * wj + width + vh]);
+                aa.extend_from_slice(&x[t * wj + width + vh..(t + 1) * wj]);
+            }
+            b.gdn_step(&qkv, &bb, &aa, &anb, &dtbb, n, &sh, &mut state, step, y);
+        },
+    );
+    for (s, &l) in lens.iter().enumerate() {
+        let x = &inputs[s];
+        let (mut qkv, mut bb, mut aa) = (Vec::new(), Vec::new(), Vec::new());
+        for t in 0..l {
+            qkv.extend_from_slice(&x[t * wj..t * wj + width]);
+            bb.extend_from_slice(&x[t * wj + width..t * wj + width + vh]);
+            aa.extend_from_slice(&x[t * wj + width + vh..(t + 1) * wj]);
+        }
+        let want = naive_gdn(&qkv, &bb, &aa, l, &sh, &a_neg, &dtb);
+        let err = outs[s]
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (*a as f64 - b).abs())
+            .fold(0.0, f64::max);
+        assert!(err < 1e-5, "sequence {s}: max error {err}");
+    }
+}
+
+#[test]
+fn norm_first_gated_norm_and_sigmoid_gate() {
+    let b = CpuBackend::new(1);
+    let mut rng = Rng(9);
+    let (n, d, group) = (3, 16, 8);
+    let x = rng.vec(n * d, 2.0);
+    let z = rng.vec(n * d, 2.0);
+    let w = rng.vec(d, 1.0);
+    let mut got = x.clone();
+    b.rms_norm_gated(&mut got, &z, &w, 1e-6, n, group, true);
+    for t in 0..n {
+        for g0 in (0..d).step_by(group) {
+            let ms = (g0..g0 + group).map(|c| (x[t * d + c] as f64).powi(2)).sum::<f64>() / group as f64;
+            for c in g0..g0 + group {
+                let zz = z[t * d + c] as f64;
+                let want = w[c] as f64 * x[t * d + c] as f64 / (ms + 1e-6).sqrt() * zz / (1.0 + (-zz).exp());
+                assert!((got[t * d + c] as f64 - want).abs() < 1e-5 * (1.0 + want.abs()));
+            }
+        }
+    }
+    let mut y = vec![2.0f32, -1.0];
+    b.sigmoid_mul(&mut y, &vec![0.0, 100.0], 2);
+    assert_eq!(y, vec![1.0, -1.0]);
 }

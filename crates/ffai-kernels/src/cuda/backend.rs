@@ -1234,7 +1234,83 @@ impl Backend for CudaBackend {
         );
     }
 
-    fn rms_norm_gated(&self, x: &mut CudaBuf, z: &CudaBuf, w: &CudaBuf, eps: f32, n: usize, group: usize) {
+    fn sigmoid_mul(&self, x: &mut CudaBuf, g: &CudaBuf, len: usize) {
+        assert!(len <= x.len && len <= g.len, "sigmoid_mul out of range");
+        self.elementwise("sigmoid_mul", len, &[Arg::P(x.ptr), Arg::P(g.ptr), Arg::U(len as u32)]);
+    }
+
+    fn gdn_step(
+        &self,
+        qkv: &CudaBuf,
+        b: &CudaBuf,
+        a: &CudaBuf,
+        a_neg: &CudaBuf,
+        dt_bias: &CudaBuf,
+        n: usize,
+        shape: &crate::ssm::GdnShape,
+        state: &mut CudaBuf,
+        step: &CudaStep,
+        out: &mut CudaBuf,
+    ) {
+        let sh = shape;
+        assert_eq!(n, step.n_rows, "gdn_step over {n} rows of a {}-row step", step.n_rows);
+        assert!(
+            sh.k_heads > 0
+                && sh.v_heads.is_multiple_of(sh.k_heads)
+                && (1..=crate::ssm::MAX_GDN_KEY_DIM).contains(&sh.k_dim)
+                && a_neg.len == sh.v_heads
+                && dt_bias.len == sh.v_heads,
+            "gdn_step parameter shapes"
+        );
+        assert!(
+            qkv.len >= n * sh.row_width()
+                && b.len >= n * sh.v_heads
+                && a.len >= n * sh.v_heads
+                && out.len >= n * sh.v_heads * sh.v_dim,
+            "gdn_step rows"
+        );
+        assert!(step.has_state_slots, "gdn_step without state slots");
+        assert!(
+            step.n_state_slots * sh.slot_len() <= state.len,
+            "gdn_step: the layout's state slots exceed the state array"
+        );
+        if step.n_seqs == 0 {
+            return;
+        }
+        let g = &step.groups[0];
+        self.launch(
+            "gdn_step",
+            (sh.v_heads as u32, step.n_seqs as u32, 1),
+            sh.v_dim.next_power_of_two().clamp(32, 256) as u32,
+            &[
+                Arg::P(qkv.ptr),
+                Arg::P(b.ptr),
+                Arg::P(a.ptr),
+                Arg::P(a_neg.ptr),
+                Arg::P(dt_bias.ptr),
+                Arg::U(sh.k_heads as u32),
+                Arg::U(sh.v_heads as u32),
+                Arg::U(sh.k_dim as u32),
+                Arg::U(sh.v_dim as u32),
+                Arg::P(state.ptr),
+                Arg::P(step.positions.ptr),
+                Arg::P(g.seqs.ptr),
+                Arg::P(step.state_slots.ptr),
+                Arg::P(out.ptr),
+            ],
+        );
+    }
+
+    fn rms_norm_gated(
+        &self,
+        x: &mut CudaBuf,
+        z: &CudaBuf,
+        w: &CudaBuf,
+        eps: f32,
+        n: usize,
+        group: usize,
+        norm_first: bool,
+    ) {
         let width = w.len;
         assert!(group > 0 && width.is_multiple_of(group), "rms_norm_gated group");
         assert!(n * width <= x.len && n * width <= z.len, "rms_norm_gated rows");
@@ -1252,6 +1328,7 @@ impl Backend for CudaBackend {
                 Arg::F(eps),
                 Arg::U(width as u32),
                 Arg::U(group as u32),
+                Arg::U(norm_first as u32),
             ],
         );
     }

@@ -112,9 +112,10 @@ extern "C" __global__ void ssm_scan(const float* xbc, const float* dt, const flo
     }
 }
 
-// Grid (rows, groups), block a power of two up to 1024: x = w * rmsnorm_group(x * silu(z)).
+// Grid (rows, groups), block a power of two up to 1024: x = w * rmsnorm_group(x * silu(z)),
+// or with norm_first x = w * rmsnorm_group(x) * silu(z).
 extern "C" __global__ void rms_norm_gated(float* x, const float* z, const float* w, float eps, unsigned int width,
-                                          unsigned int group) {
+                                          unsigned int group, unsigned int norm_first) {
     __shared__ float partial[1024];
     size_t base = (size_t)blockIdx.x * width + (size_t)blockIdx.y * group;
     float* row = x + base;
@@ -122,9 +123,12 @@ extern "C" __global__ void rms_norm_gated(float* x, const float* z, const float*
     const float* gw = w + (size_t)blockIdx.y * group;
     float s = 0.0f;
     for (unsigned int c = threadIdx.x; c < group; c += blockDim.x) {
-        float zz = gz[c];
-        float v = row[c] * (zz / (1.0f + expf(-zz)));
-        row[c] = v;
+        float v = row[c];
+        if (!norm_first) {
+            float zz = gz[c];
+            v = v * (zz / (1.0f + expf(-zz)));
+            row[c] = v;
+        }
         s += v * v;
     }
     partial[threadIdx.x] = s;
@@ -137,7 +141,89 @@ extern "C" __global__ void rms_norm_gated(float* x, const float* z, const float*
     }
     float inv = 1.0f / sqrtf(partial[0] / (float)group + eps);
     for (unsigned int c = threadIdx.x; c < group; c += blockDim.x) {
-        row[c] = row[c] * inv * gw[c];
+        if (norm_first) {
+            float zz = gz[c];
+            row[c] = gw[c] * (row[c] * inv) * (zz / (1.0f + expf(-zz)));
+        } else {
+            row[c] = row[c] * inv * gw[c];
+        }
+    }
+}
+
+extern "C" __global__ void sigmoid_mul(float* x, const float* g, unsigned int len) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < len) {
+        x[i] *= 1.0f / (1.0f + expf(-g[i]));
+    }
+}
+
+#define MAX_GDN_KEY_DIM 256
+
+// The gated delta rule. Grid (value heads, sequences); thread j takes column j of the head's
+// state [k_dim][v_dim] (one value element). q and k of a row are normalised once into shared
+// memory. Rows in order: S = e^g S; S += k (beta (v - S^T k))^T; y = S^T q.
+extern "C" __global__ void gdn_step(const float* qkv, const float* b, const float* a, const float* a_neg,
+                                    const float* dt_bias, unsigned int kh_n, unsigned int vh, unsigned int dk,
+                                    unsigned int dv, float* state, const unsigned int* positions,
+                                    const unsigned int* seqs, const unsigned int* slots, float* out) {
+    __shared__ float qs[MAX_GDN_KEY_DIM];
+    __shared__ float ks[MAX_GDN_KEY_DIM];
+    __shared__ float norms[2];
+    unsigned int h = blockIdx.x, si = blockIdx.y;
+    if (dk > MAX_GDN_KEY_DIM) {
+        return;
+    }
+    unsigned int r0 = seqs[4 * si], nr = seqs[4 * si + 1];
+    unsigned int p0 = positions[r0];
+    unsigned int kh = h / (vh / kh_n);
+    size_t width = 2 * (size_t)kh_n * dk + (size_t)vh * dv;
+    float* S = state + ((size_t)slots[si] * vh + h) * dk * dv;
+    if (p0 == 0) {
+        for (size_t e = threadIdx.x; e < (size_t)dk * dv; e += blockDim.x) {
+            S[e] = 0.0f;
+        }
+    }
+    float scale = rsqrtf((float)dk);
+    for (unsigned int t = 0; t < nr; t++) {
+        const float* row = qkv + (size_t)(r0 + t) * width;
+        const float* q = row + (size_t)kh * dk;
+        const float* k = row + (size_t)kh_n * dk + (size_t)kh * dk;
+        const float* v = row + 2 * (size_t)kh_n * dk + (size_t)h * dv;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float sq = 0.0f, sk = 0.0f;
+            for (unsigned int i = 0; i < dk; i++) {
+                sq += q[i] * q[i];
+                sk += k[i] * k[i];
+            }
+            norms[0] = 1.0f / sqrtf(sq + 1e-6f);
+            norms[1] = 1.0f / sqrtf(sk + 1e-6f);
+        }
+        __syncthreads();
+        for (unsigned int i = threadIdx.x; i < dk; i += blockDim.x) {
+            qs[i] = q[i] * norms[0] * scale;
+            ks[i] = k[i] * norms[1];
+        }
+        __syncthreads();
+        size_t ab = (size_t)(r0 + t) * vh + h;
+        float beta = 1.0f / (1.0f + expf(-b[ab]));
+        float decay = expf(a_neg[h] * softplus_f(a[ab] + dt_bias[h]));
+        for (unsigned int j = threadIdx.x; j < dv; j += blockDim.x) {
+            float kv = 0.0f;
+            for (unsigned int i = 0; i < dk; i++) {
+                float sv = S[(size_t)i * dv + j] * decay;
+                S[(size_t)i * dv + j] = sv;
+                kv += sv * ks[i];
+            }
+            float delta = (v[j] - kv) * beta;
+            float o = 0.0f;
+            for (unsigned int i = 0; i < dk; i++) {
+                float sv = S[(size_t)i * dv + j] + ks[i] * delta;
+                S[(size_t)i * dv + j] = sv;
+                o += sv * qs[i];
+            }
+            out[(size_t)(r0 + t) * vh * dv + (size_t)h * dv + j] = o;
+        }
     }
 }
 

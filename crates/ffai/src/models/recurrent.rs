@@ -567,7 +567,7 @@ impl<B: Backend> RecLayer<B> {
                     s3,
                 );
                 b.ssm_scan_step(s3, s5, a, d, dt_bias, n, &m.scan, &mut state.ssm, step, s4);
-                b.rms_norm_gated(s4, s1, norm, m.norm_eps, n, m.norm_group);
+                b.rms_norm_gated(s4, s1, norm, m.norm_eps, n, m.norm_group, false);
                 tap.linear_input(b, s4, n, di, "attn_out", Some(layer));
                 b.matmul(w_out, s4, n, out);
             }
