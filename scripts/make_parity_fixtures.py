@@ -468,7 +468,7 @@ def mxfp4_save(model, fdir):
 
 FAMILY_ORDER = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3", "olmo2", "granite", "starcoder2",
                 "llama_bf16", "qwen3_moe", "mixtral", "olmoe", "gpt_oss", "gpt_oss_mxfp4", "lfm2", "mamba2",
-                "nemotron_h", "granite4"]
+                "nemotron_h", "granite4", "qwen3_next"]
 FAMILY_SEED = {f: 1000 + i for i, f in enumerate(FAMILY_ORDER)}
 
 
@@ -949,6 +949,46 @@ HYBRID = {
             "head_dim**-0.5), logits / 2.5; RoPE (position_embedding_type rope, theta 1e4); TIED head",
             "mamba layers: the Mamba 2 mixer (8 heads x mamba_d_head auto = 2*64/8 = 16, state 16, 2 groups, "
             "kernel 4, chunk 32), its gated norm over the whole inner width, eps = rms_norm_eps",
+        ],
+    ),
+    "qwen3_next": (
+        "Qwen3NextConfig",
+        dict(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
+            mlp_only_layers=[0, 1, 2, 3],
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+            linear_conv_kernel_dim=4,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        [
+            "Qwen3NextForCausalLM with mlp_only_layers = every layer (dense SwiGLU MLPs, no experts: the sparse "
+            "MoE block with its shared expert is not in this fixture); layer_types [linear, linear, full, linear]",
+            "every Qwen3NextRMSNorm is zero-centred: x_normed * (1 + w) (input, post-attention, q/k norms, final); "
+            "the DeltaNet's gated norm is plain: w * rmsnorm(y) * silu(z), per head over linear_value_head_dim",
+            "attention: q_proj gives per head [q (16) | gate (16)]; out = o_proj(attn * sigmoid(gate)); q/k norms "
+            "per head before RoPE; partial_rotary_factor 0.5 (rotate_half over the first 8 dims)",
+            "gated DeltaNet: in_proj_qkvz rows per key head g: [q (16) | k (16) | v (2*16) | z (2*16)], "
+            "in_proj_ba rows per key head: [b (2) | a (2)]; conv1d (kernel 4, no bias, silu) over [q | k | v]; q, k "
+            "l2-normalised (eps 1e-6), q * 16**-0.5; beta = sigmoid(b), g = -exp(A_log) * softplus(a + dt_bias); "
+            "value head h reads key head h // 2; S = exp(g) S; S += k (beta (v - S^T k))^T; y = S^T q",
+            "the 80-token prefill runs transformers' chunked delta rule (chunk 64: 2 chunks), decode its one-step "
+            "recurrence",
         ],
     ),
 }

@@ -197,6 +197,7 @@ fn every_config_json_number_and_flag_at_hostile_values() {
         "mamba2",
         "nemotron_h",
         "granite4",
+        "qwen3_next",
     ] {
         let dir = fixture(family);
         let original: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
@@ -341,6 +342,28 @@ fn named_config_errors() {
             "not a multiple of its 2 groups",
         ),
         ("nemotron_h", "ssm_state_size", json!(1u64 << 30), "ssm_state_size"),
+        ("qwen3_next", "mlp_only_layers", json!([0, 1, 2]), "not supported yet"),
+        ("qwen3_next", "mlp_only_layers", json!([0, 1, 2, 9]), "mlp_only_layers"),
+        ("qwen3_next", "linear_num_value_heads", json!(3), "not a multiple"),
+        ("qwen3_next", "linear_key_head_dim", json!(512), "linear_key_head_dim"),
+        (
+            "qwen3_next",
+            "linear_conv_kernel_dim",
+            json!(0),
+            "linear_conv_kernel_dim",
+        ),
+        (
+            "qwen3_next",
+            "linear_value_head_dim",
+            json!(1u64 << 40),
+            "linear_value_head_dim",
+        ),
+        (
+            "qwen3_next",
+            "rope_parameters",
+            json!({"rope_type": "default", "partial_rotary_factor": 2}),
+            "partial_rotary_factor",
+        ),
         ("granite4", "num_local_experts", json!(8), "experts"),
         ("granite4", "mamba_d_head", json!(15), "mamba_d_head"),
         ("granite4", "mamba_d_head", json!("x"), "mamba_d_head"),

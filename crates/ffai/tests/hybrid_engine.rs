@@ -1,5 +1,5 @@
-//! Hybrid and state-space models (the LFM2, Mamba 2, NemotronH and Granite 4 parity
-//! fixtures) in the batched
+//! Hybrid and state-space models (the LFM2, Mamba 2, NemotronH, Granite 4 and Qwen3-Next
+//! parity fixtures) in the batched
 //! engine: each sequence's greedy tokens are the same alone and among others of
 //! different lengths with chunked prefill sharing the step budget (every sequence reading
 //! and writing its own recurrent-state slot), an exact repeat of a prompt resumes from
@@ -192,6 +192,28 @@ fn nemotron_h_sequences_match_alone_and_batched() {
 #[test]
 fn granite4_sequences_match_alone_and_batched() {
     batched_equals_alone("granite4");
+}
+
+#[test]
+fn qwen3_next_sequences_match_alone_and_batched() {
+    batched_equals_alone("qwen3_next");
+}
+
+#[test]
+fn qwen3_next_prompt_repeats_reuse_the_kept_state() {
+    repeats_reuse_the_kept_state("qwen3_next");
+}
+
+#[test]
+fn qwen3_next_preempted_sequences_give_the_same_tokens() {
+    // The delta rule runs its recurrence on every row: cut-invariant, like LFM2's conv.
+    let (alone, small) = preempted("qwen3_next");
+    for (i, (a, b)) in alone.iter().zip(&small).enumerate() {
+        assert_eq!(
+            a.token_ids, b.token_ids,
+            "qwen3_next: sequence {i} differs after preemption"
+        );
+    }
 }
 
 /// A pool of 6 blocks for 7 sequences of up to 4 blocks: sequences are preempted and

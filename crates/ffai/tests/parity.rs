@@ -213,6 +213,11 @@ fn granite4_dense_hybrid_multipliers_shared_mlp() {
 }
 
 #[test]
+fn qwen3_next_gated_deltanet_gated_attention_partial_rope() {
+    check("qwen3_next", 1e-3);
+}
+
+#[test]
 fn gpt_oss_mxfp4_experts_from_blocks_and_scales() {
     // The released checkpoints' layout: experts as u8 `*_blocks` + `*_scales`, joined at
     // load into ggml's MXFP4 blocks (never dequantized to f16). The fixture's weights are
@@ -361,7 +366,7 @@ fn hybrid_fixtures_on_cuda() {
     // The recurrent ops' CUDA kernels (ssm.cu: conv_step, ssm_scan as the one-step
     // recurrence for every row, rms_norm_gated): compiled by NVRTC in CI, not yet run on a
     // GPU when written.
-    check_on_cuda(&["lfm2", "mamba2", "nemotron_h", "granite4"]);
+    check_on_cuda(&["lfm2", "mamba2", "nemotron_h", "granite4", "qwen3_next"]);
 }
 
 const FIXTURES: [&str; 11] = [

@@ -110,6 +110,9 @@ pub struct DecoderSpec {
     /// The final norm's tensor name: `output_norm`, or llama.cpp's `token_embd_norm` for
     /// LFM2 (its `embedding_norm`, applied after the last block).
     pub final_norm: &'static str,
+    /// Attention output gate (Qwen3-Next): `attn_q` holds per head `[q | gate]`; the
+    /// attention's output is multiplied by `sigmoid(gate)` before `attn_output`.
+    pub attn_gate: bool,
 }
 
 impl DecoderSpec {
@@ -144,6 +147,7 @@ impl DecoderSpec {
             ffn_norm: "ffn_norm",
             recurrent: None,
             final_norm: "output_norm",
+            attn_gate: false,
         }
     }
 }
@@ -192,6 +196,8 @@ enum Mixer<B: Backend> {
 }
 
 struct Attn<B: Backend> {
+    /// The output gate's projection (`DecoderSpec::attn_gate`).
+    gate: Option<B::Mat>,
     wq: B::Mat,
     wk: B::Mat,
     wv: B::Mat,
@@ -252,6 +258,8 @@ struct Paged<B: Backend> {
     up: B::Buf,
     /// The MoE layers' scratch (models with experts only).
     moe: Option<MoeScratch<B>>,
+    /// The attention output gate's activations (`DecoderSpec::attn_gate`).
+    attn_gate: B::Buf,
     /// The recurrent layers' scratch, and per layer its state arrays (recurrent layers
     /// only), `BatchShape::state_slots` slots each.
     rec: Option<RecScratch<B>>,
@@ -341,8 +349,24 @@ impl<B: Backend> Decoder<B> {
                 Some(rs) if rs.mlp_only[i] => Mixer::None,
                 Some(rs) if rs.layers[i] => Mixer::Rec(RecLayer::load(&*b, w, i, rs, h)?),
                 _ => {
-                    // Fused q/k/v (Phi-3) or separate projections.
-                    let (wq, wk, wv) = if w.has(&p("attn_qkv.weight")) {
+                    // Per head [q | gate] rows (Qwen3-Next), fused q/k/v (Phi-3) or separate
+                    // projections.
+                    let hd = cfg.head_dim;
+                    let per_head = |off: usize| -> Vec<(usize, usize)> {
+                        (0..cfg.num_heads).map(|hh| (hh * 2 * hd + off, hd)).collect()
+                    };
+                    let (gate, wq) = if spec.attn_gate {
+                        let name = p("attn_q.weight");
+                        (
+                            Some(super::recurrent::gather_rows(&*b, w, &name, 2 * qd, h, &per_head(hd))?),
+                            Some(super::recurrent::gather_rows(&*b, w, &name, 2 * qd, h, &per_head(0))?),
+                        )
+                    } else {
+                        (None, None)
+                    };
+                    let (wq, wk, wv) = if let Some(wq) = wq {
+                        (wq, mat(&p("attn_k.weight"), kvd, h)?, mat(&p("attn_v.weight"), kvd, h)?)
+                    } else if w.has(&p("attn_qkv.weight")) {
                         let e = w.matrix(&p("attn_qkv.weight"), qd + 2 * kvd, h)?;
                         (
                             b.matrix(e.ty, qd, h, rows_of(e, 0, qd, h)?),
@@ -380,6 +404,7 @@ impl<B: Backend> Decoder<B> {
                         Ok(Some(b.upload(&v)))
                     };
                     Mixer::Attn(Attn {
+                        gate,
                         wq,
                         wk,
                         wv,
@@ -557,6 +582,9 @@ impl<B: Backend> Decoder<B> {
                 }
                 Mixer::Attn(a) => {
                     b.matmuls(&[&a.wq, &a.wk, &a.wv], input, n, &mut [&mut s.q, &mut s.k, &mut s.v]);
+                    if let Some(g) = &a.gate {
+                        b.matmul(g, input, n, &mut s.attn_gate);
+                    }
                     if let Some([bq, bk, bv]) = &a.qkv_bias {
                         b.add_bias(&mut s.q, bq, n);
                         b.add_bias(&mut s.k, bk, n);
@@ -602,6 +630,9 @@ impl<B: Backend> Decoder<B> {
                         a.sinks.as_ref(),
                         &mut s.att,
                     );
+                    if a.gate.is_some() {
+                        b.sigmoid_mul(&mut s.att, &s.attn_gate, n * c.num_heads * c.head_dim);
+                    }
                     tap.linear_input(b, &s.att, n, c.num_heads * c.head_dim, "attn_out", Some(i));
                     b.matmul(&a.wo, &s.att, n, &mut s.tmp);
                     if let Some(ob) = &a.o_bias {
@@ -841,9 +872,18 @@ impl<B: Backend> LanguageModel for Decoder<B> {
                 .recurrent
                 .as_ref()
                 .map_or(0, |r| r.scratch_per_row(c.hidden_size));
-            let per_row = [3 * c.hidden_size, 3 * qd, 3 * kvd, 2 * dense_ffn, moe_row, rec_row]
-                .iter()
-                .try_fold(0u64, |a, &x| a.checked_add(x as u64))?;
+            let gate_row = if self.spec.attn_gate { qd } else { 0 };
+            let per_row = [
+                3 * c.hidden_size,
+                3 * qd,
+                3 * kvd,
+                2 * dense_ffn,
+                moe_row,
+                rec_row,
+                gate_row,
+            ]
+            .iter()
+            .try_fold(0u64, |a, &x| a.checked_add(x as u64))?;
             let acts = per_row
                 .checked_mul(sh.max_rows as u64)?
                 .checked_add((logit_rows as u64).checked_mul((c.hidden_size + c.vocab_size) as u64)?)?
@@ -908,6 +948,7 @@ impl<B: Backend> LanguageModel for Decoder<B> {
                 .moe
                 .as_ref()
                 .map(|ms| MoeScratch::new(b, ms, c.hidden_size, rows)),
+            attn_gate: b.alloc(if self.spec.attn_gate { rows * qd } else { 0 }),
             rec: self
                 .spec
                 .recurrent

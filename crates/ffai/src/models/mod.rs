@@ -33,6 +33,7 @@ pub mod olmoe;
 pub mod phi3;
 pub mod qwen3;
 pub mod qwen3_moe;
+pub mod qwen3_next;
 pub mod recurrent;
 pub mod starcoder2;
 
@@ -283,6 +284,7 @@ pub static FAMILIES: &[Family] = &[
     mamba2::FAMILY,
     nemotron_h::FAMILY,
     granite4::FAMILY,
+    qwen3_next::FAMILY,
 ];
 
 /// Finds the family for a config: architecture first, then model_type.

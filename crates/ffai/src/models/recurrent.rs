@@ -11,8 +11,8 @@
 //! recomputed (preempted) sequence needs no reset. Tensor names are llama.cpp's
 //! (`blk.N.shortconv.*`, `blk.N.ssm_*`); [`hf_name`] maps Hugging Face names to them.
 
-use ffai_kernels::backend::Backend;
-use ffai_kernels::ssm::{SsmShape, MAX_CONV_KERNEL};
+use ffai_kernels::backend::{Backend, HostBytes};
+use ffai_kernels::ssm::{GdnShape, SsmShape, MAX_CONV_KERNEL, MAX_GDN_KEY_DIM};
 
 use crate::config::{ModelConfig, MAX_DIM};
 use crate::error::{Error, Result};
@@ -29,6 +29,17 @@ pub enum MixerSpec {
     /// Mamba 2: `z, xBC, dt = in_proj(h)`; `xBC = silu(conv(xBC))`; the scan over
     /// `x, B, C` with `dt`; `y = gated_rmsnorm(y, z)`; `out_proj(y)`.
     Mamba2(Mamba2Spec),
+    /// Qwen3-Next's gated DeltaNet: `q, k, v, z = in_proj_qkvz(h)`, `b, a = in_proj_ba(h)`;
+    /// `qkv = silu(conv(qkv))`; the gated delta rule; `y = w * rmsnorm(y) * silu(z)` per
+    /// value head; `out_proj(y)`.
+    GatedDeltaNet(GdnSpec),
+}
+
+#[derive(Clone, Debug)]
+pub struct GdnSpec {
+    pub shape: GdnShape,
+    pub conv_kernel: usize,
+    pub norm_eps: f32,
 }
 
 #[derive(Clone, Debug)]
@@ -69,6 +80,7 @@ impl RecurrentSpec {
         match &self.mixer {
             MixerSpec::ShortConv { kernel } => ((kernel - 1) * hidden, 0),
             MixerSpec::Mamba2(m) => ((m.conv_kernel - 1) * m.conv_dim(), m.scan.slot_len()),
+            MixerSpec::GatedDeltaNet(g) => ((g.conv_kernel - 1) * g.shape.row_width(), g.shape.slot_len()),
         }
     }
 
@@ -89,6 +101,10 @@ impl RecurrentSpec {
         match &self.mixer {
             MixerSpec::ShortConv { .. } => 5 * hidden,
             MixerSpec::Mamba2(m) => 2 * m.d_inner() + 2 * m.conv_dim() + m.scan.heads,
+            MixerSpec::GatedDeltaNet(g) => {
+                let (w, vd) = (g.shape.row_width(), g.shape.v_heads * g.shape.v_dim);
+                2 * w + 2 * vd + 2 * g.shape.v_heads
+            }
         }
     }
 
@@ -97,6 +113,8 @@ impl RecurrentSpec {
         match &self.mixer {
             MixerSpec::ShortConv { .. } => 0,
             MixerSpec::Mamba2(m) => m.scan.chunk,
+            // The delta rule runs its recurrence on every row: cut-invariant.
+            MixerSpec::GatedDeltaNet(_) => 0,
         }
     }
 }
@@ -183,6 +201,53 @@ pub fn check(cfg: &ModelConfig, spec: &RecurrentSpec) -> Result<()> {
                 "{}: conv kernel {kernel}",
                 cfg.source
             )
+        }
+        MixerSpec::GatedDeltaNet(g) => {
+            let s = &g.shape;
+            ensure!(
+                (1..=MAX_CONV_KERNEL).contains(&g.conv_kernel),
+                "{}: linear_conv_kernel_dim = {} must be in 1..={MAX_CONV_KERNEL}",
+                cfg.source,
+                g.conv_kernel
+            );
+            for (k, v, max) in [
+                ("linear_num_key_heads", s.k_heads, MAX_DIM),
+                ("linear_num_value_heads", s.v_heads, MAX_DIM),
+                ("linear_key_head_dim", s.k_dim, MAX_GDN_KEY_DIM),
+                ("linear_value_head_dim", s.v_dim, MAX_DIM),
+            ] {
+                ensure!(v > 0 && v <= max, "{}: {k} = {v} must be in 1..={max}", cfg.source);
+            }
+            ensure!(
+                s.v_heads.is_multiple_of(s.k_heads),
+                "{}: linear_num_value_heads {} is not a multiple of linear_num_key_heads {}",
+                cfg.source,
+                s.v_heads,
+                s.k_heads
+            );
+            let fits = (|| {
+                let w = s
+                    .k_heads
+                    .checked_mul(s.k_dim)?
+                    .checked_mul(2)?
+                    .checked_add(s.v_heads.checked_mul(s.v_dim)?)?;
+                let slot = s.v_heads.checked_mul(s.k_dim)?.checked_mul(s.v_dim)?;
+                Some(w <= MAX_DIM && slot <= MAX_DIM * 64)
+            })();
+            ensure!(
+                fits == Some(true),
+                "{}: a gated DeltaNet of {} x {} key and {} x {} value heads exceeds the limit of {MAX_DIM}",
+                cfg.source,
+                s.k_heads,
+                s.k_dim,
+                s.v_heads,
+                s.v_dim
+            );
+            ensure!(
+                g.norm_eps >= 0.0 && g.norm_eps.is_finite(),
+                "{}: the norm epsilon must be a non-negative finite number",
+                cfg.source
+            );
         }
         MixerSpec::Mamba2(m) => {
             let s = &m.scan;
@@ -344,8 +409,52 @@ pub fn hf_name(name: &str, model_type: &str) -> Option<String> {
             };
             Some(format!("blk.{idx}.{t}"))
         }
+        "qwen3_next" => {
+            let (idx, tail) = name.strip_prefix("model.layers.")?.split_once('.')?;
+            idx.parse::<usize>().ok()?;
+            let t = match tail {
+                "linear_attn.in_proj_qkvz.weight" => "ssm_in_qkvz.weight",
+                "linear_attn.in_proj_ba.weight" => "ssm_in_ba.weight",
+                "linear_attn.conv1d.weight" => "ssm_conv1d.weight",
+                "linear_attn.conv1d.bias" => "ssm_conv1d.bias",
+                "linear_attn.dt_bias" => "ssm_dt.bias",
+                "linear_attn.A_log" => "ssm_a_log",
+                "linear_attn.norm.weight" => "ssm_norm.weight",
+                "linear_attn.out_proj.weight" => "ssm_out.weight",
+                // Everything else is named as Qwen3's.
+                _ => return None,
+            };
+            Some(format!("blk.{idx}.{t}"))
+        }
         _ => None,
     }
+}
+
+/// Gathers row ranges `(first, count)` of a `[rows, cols]` tensor into one matrix (a
+/// fused projection whose parts are interleaved per head), copying their bytes.
+pub(crate) fn gather_rows<B: Backend>(
+    b: &B,
+    w: &Weights,
+    name: &str,
+    total_rows: usize,
+    cols: usize,
+    ranges: &[(usize, usize)],
+) -> Result<B::Mat> {
+    let e = w.matrix(name, total_rows, cols)?;
+    let rb =
+        e.ty.row_bytes(cols)
+            .ok_or_else(|| Error::new(format!("{name}: bad row length")))?;
+    let src = e.bytes.as_slice();
+    let rows: usize = ranges.iter().map(|r| r.1).sum();
+    let mut out = Vec::with_capacity(rows * rb);
+    for &(first, count) in ranges {
+        ensure!(
+            first + count <= total_rows,
+            "{name}: rows {first}+{count} outside {total_rows}"
+        );
+        out.extend_from_slice(&src[first * rb..(first + count) * rb]);
+    }
+    Ok(b.matrix(e.ty, rows, cols, HostBytes::from_vec(out)))
 }
 
 /// One recurrent layer's weights.
@@ -370,6 +479,22 @@ pub enum RecLayer<B: Backend> {
         a: B::Buf,
         d: B::Buf,
         dt_bias: B::Buf,
+        norm: B::Buf,
+        out: B::Mat,
+    },
+    GatedDeltaNet {
+        /// `in_proj_qkvz` regrouped: `[q | k | v]` of all heads, and `z`.
+        qkv: B::Mat,
+        z: B::Mat,
+        /// `in_proj_ba` regrouped: `b` and `a` of all value heads.
+        b: B::Mat,
+        a: B::Mat,
+        /// `[kernel][conv_dim]`.
+        conv_w: B::Buf,
+        /// `-exp(A_log)` and `dt_bias`, one per value head.
+        a_neg: B::Buf,
+        dt_bias: B::Buf,
+        /// The gated norm's weight repeated for every value head.
         norm: B::Buf,
         out: B::Mat,
     },
@@ -438,6 +563,41 @@ impl<B: Backend> RecLayer<B> {
                     out_bias: opt_vec(&p("shortconv.out_proj.bias"), h)?,
                 })
             }
+            MixerSpec::GatedDeltaNet(g) => {
+                let s = &g.shape;
+                let (kh, vh, dk, dv) = (s.k_heads, s.v_heads, s.k_dim, s.v_dim);
+                let r = vh / kh;
+                // in_proj_qkvz rows per key head: [q dk | k dk | v r*dv | z r*dv].
+                let per = 2 * dk + 2 * r * dv;
+                let name = p("ssm_in_qkvz.weight");
+                let part = |off: usize, len: usize| (0..kh).map(move |g| (g * per + off, len));
+                let qkv_ranges: Vec<(usize, usize)> =
+                    part(0, dk).chain(part(dk, dk)).chain(part(2 * dk, r * dv)).collect();
+                let z_ranges: Vec<(usize, usize)> = part(2 * dk + r * dv, r * dv).collect();
+                // in_proj_ba rows per key head: [b r | a r].
+                let ba = p("ssm_in_ba.weight");
+                let b_ranges: Vec<(usize, usize)> = (0..kh).map(|g| (g * 2 * r, r)).collect();
+                let a_ranges: Vec<(usize, usize)> = (0..kh).map(|g| (g * 2 * r + r, r)).collect();
+                ensure!(
+                    !w.has(&p("ssm_conv1d.bias")),
+                    "{}: DeltaNet conv biases are not supported",
+                    p("ssm_conv1d")
+                );
+                let al = w.f32_vec(&p("ssm_a_log"), vh)?;
+                let norm = w.f32_vec(&p("ssm_norm.weight"), dv)?;
+                let tiled: Vec<f32> = (0..vh).flat_map(|_| norm.iter().copied()).collect();
+                Ok(RecLayer::GatedDeltaNet {
+                    qkv: gather_rows(b, w, &name, kh * per, hidden, &qkv_ranges)?,
+                    z: gather_rows(b, w, &name, kh * per, hidden, &z_ranges)?,
+                    b: gather_rows(b, w, &ba, 2 * vh, hidden, &b_ranges)?,
+                    a: gather_rows(b, w, &ba, 2 * vh, hidden, &a_ranges)?,
+                    conv_w: b.upload(&conv_weight(w, &p("ssm_conv1d.weight"), s.row_width(), g.conv_kernel)?),
+                    a_neg: b.upload(&al.iter().map(|&x| -x.exp()).collect::<Vec<f32>>()),
+                    dt_bias: vec(&p("ssm_dt.bias"), vh)?,
+                    norm: b.upload(&tiled),
+                    out: mat(&p("ssm_out.weight"), hidden, vh * dv)?,
+                })
+            }
             MixerSpec::Mamba2(m) => {
                 let (di, cd, heads) = (m.d_inner(), m.conv_dim(), m.scan.heads);
                 ensure!(
@@ -487,7 +647,7 @@ impl<B: Backend> RecLayer<B> {
         layer: usize,
         out: &mut B::Buf,
     ) {
-        let [s1, s2, s3, s4, s5] = &mut scratch.bufs;
+        let [s1, s2, s3, s4, s5, s6] = &mut scratch.bufs;
         match (self, &spec.mixer) {
             (
                 RecLayer::ShortConv {
@@ -571,6 +731,41 @@ impl<B: Backend> RecLayer<B> {
                 tap.linear_input(b, s4, n, di, "attn_out", Some(layer));
                 b.matmul(w_out, s4, n, out);
             }
+            (
+                RecLayer::GatedDeltaNet {
+                    qkv,
+                    z,
+                    b: wb,
+                    a: wa,
+                    conv_w,
+                    a_neg,
+                    dt_bias,
+                    norm,
+                    out: w_out,
+                },
+                MixerSpec::GatedDeltaNet(g),
+            ) => {
+                let (width, vd) = (g.shape.row_width(), g.shape.v_heads * g.shape.v_dim);
+                // qkv -> s1, z -> s2, b -> s3, a -> s4.
+                b.matmuls(&[qkv, z], input, n, &mut [&mut *s1, &mut *s2]);
+                b.matmuls(&[wb, wa], input, n, &mut [&mut *s3, &mut *s4]);
+                b.conv_step(
+                    s1,
+                    n,
+                    width,
+                    g.conv_kernel,
+                    conv_w,
+                    None,
+                    true,
+                    &mut state.conv,
+                    step,
+                    s5,
+                );
+                b.gdn_step(s5, s3, s4, a_neg, dt_bias, n, &g.shape, &mut state.ssm, step, s6);
+                b.rms_norm_gated(s6, s2, norm, g.norm_eps, n, g.shape.v_dim, true);
+                tap.linear_input(b, s6, n, vd, "attn_out", Some(layer));
+                b.matmul(w_out, s6, n, out);
+            }
             _ => unreachable!("a recurrent layer loaded for another mixer"),
         }
     }
@@ -578,14 +773,19 @@ impl<B: Backend> RecLayer<B> {
 
 /// The recurrent layers' scratch for `rows` rows (shared by all layers).
 pub struct RecScratch<B: Backend> {
-    bufs: [B::Buf; 5],
+    bufs: [B::Buf; 6],
 }
 
 impl<B: Backend> RecScratch<B> {
     pub fn new(b: &B, spec: &RecurrentSpec, hidden: usize, rows: usize) -> Self {
         let sizes = match &spec.mixer {
-            MixerSpec::ShortConv { .. } => [hidden; 5],
-            MixerSpec::Mamba2(m) => [m.d_inner(), m.conv_dim(), m.conv_dim(), m.d_inner(), m.scan.heads],
+            MixerSpec::ShortConv { .. } => [hidden, hidden, hidden, hidden, hidden, 0],
+            MixerSpec::Mamba2(m) => [m.d_inner(), m.conv_dim(), m.conv_dim(), m.d_inner(), m.scan.heads, 0],
+            MixerSpec::GatedDeltaNet(g) => {
+                let (w, vh) = (g.shape.row_width(), g.shape.v_heads);
+                let vd = vh * g.shape.v_dim;
+                [w, vd, vh, vh, w, vd]
+            }
         };
         RecScratch {
             bufs: sizes.map(|w| b.alloc(w * rows)),
