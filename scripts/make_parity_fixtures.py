@@ -631,8 +631,11 @@ def mxfp4_save(model, fdir):
 
 FAMILY_ORDER = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3", "olmo2", "granite", "starcoder2",
                 "llama_bf16", "qwen3_moe", "mixtral", "olmoe", "gpt_oss", "gpt_oss_mxfp4", "deepseek_v2", "deepseek_v3",
-                "gemma4", "gemma4_dense"]
+                "gemma4", "gemma4_dense", "lfm2", "mamba2", "nemotron_h", "granite4", "qwen3_next"]
 FAMILY_SEED = {f: 1000 + i for i, f in enumerate(FAMILY_ORDER)}
+# The hybrid fixtures' seeds, fixed: families added to FAMILY_ORDER before them (in a
+# merge) must not change them, so a rerun reproduces the committed files.
+FAMILY_SEED.update({"lfm2": 1016, "mamba2": 1017, "nemotron_h": 1018, "granite4": 1019, "qwen3_next": 1020})
 
 
 def reinit_(model, model_type, overrides):
@@ -1089,6 +1092,315 @@ def phi3_notes(model):
     ]
 
 
+# ---- hybrid / state-space families ------------------------------------------------------
+#
+# These fixtures check the recurrent path as well as the parallel one: the reference is
+# transformers' logits of a HYBRID_PREFILL-token prefill (one forward with a cache) followed by
+# HYBRID_DECODE tokens fed one at a time through that cache (the one-step recurrences), so
+# "logits" row t is what transformers gives for position t along that path. The prompt is
+# longer than 64 tokens, so Mamba 2's chunked scan runs several chunks.
+
+HYBRID_PREFILL = 80
+HYBRID_DECODE = 20
+
+HYBRID = {
+    "lfm2": (
+        "Lfm2Config",
+        dict(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=160,
+            block_auto_adjust_ff_dim=True,
+            block_ffn_dim_multiplier=1.3,
+            block_multiple_of=48,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            layer_types=["conv", "conv", "full_attention", "conv"],
+            conv_L_cache=3,
+            conv_bias=True,
+            norm_eps=1e-5,
+            max_position_embeddings=256,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            tie_word_embeddings=True,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        [
+            "layer_types [conv, conv, full_attention, conv]; operator_norm -> conv or attention -> residual; "
+            "ffn_norm -> SwiGLU (w1 gate, w3 up, w2 down) -> residual; final norm is model.embedding_norm",
+            "conv layer (Lfm2ShortConv): B, C, x = in_proj(h).chunk(3) (rows 0:H, H:2H, 2H:3H); y = C * "
+            "causal_depthwise_conv(B * x) with kernel L_cache 3 (conv.weight [H, 1, 3], tap 2 multiplies the current "
+            "row), conv_bias True (conv, in_proj and out_proj all have biases); out_proj(y)",
+            "FFN width: block_auto_adjust_ff_dim with intermediate_size 160, block_ffn_dim_multiplier 1.3, "
+            "block_multiple_of 48: int(2*160/3)=106, int(1.3*106)=137, rounded up to a multiple of 48 = 144",
+            "attention: GQA 4/2, head_dim 16, q_layernorm/k_layernorm RMSNorm per head before RoPE (default, theta 1e4), "
+            "TIED lm_head",
+        ],
+    ),
+    "mamba2": (
+        "Mamba2Config",
+        dict(
+            vocab_size=256,
+            hidden_size=64,
+            expand=2,
+            num_heads=8,
+            head_dim=16,
+            state_size=16,
+            n_groups=2,
+            conv_kernel=4,
+            chunk_size=32,
+            num_hidden_layers=2,
+            use_bias=False,
+            use_conv_bias=True,
+            layer_norm_epsilon=1e-5,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        [
+            "Mamba2ForCausalLM: per layer h = h + mixer(norm(h)) (no MLP); final norm_f; untied lm_head",
+            "mixer: in_proj -> z [128], xBC [128 + 2*2*16], dt [8]; xBC = silu(causal depthwise conv1d(xBC), kernel 4, "
+            "bias); x, B, C = split(xBC, [128, 32, 32]); dt = softplus(dt + dt_bias) clamped to time_step_limit "
+            "(default (0, inf): the clamp does nothing here, and transformers' one-step path does not clamp); "
+            "A = -exp(A_log); per head h (group h // 4): S = exp(dt*A) S + dt x B^T, y = S C + D x",
+            "chunk_size 32: the 80-token prefill runs the chunked (SSD) form over 3 chunks; decode runs the one-step "
+            "recurrence",
+            "gated RMSNorm (MambaRMSNormGated): y = w * rmsnorm(y * silu(z)) over the WHOLE intermediate width (128), "
+            "not per group: transformers' norm has no group size (mamba_ssm and llama.cpp normalise per group of "
+            "128 / n_groups)",
+        ],
+    ),
+    "nemotron_h": (
+        "NemotronHConfig",
+        dict(
+            vocab_size=256,
+            hidden_size=64,
+            layers_block_type=["linear_attention", "mlp", "full_attention", "mlp", "linear_attention", "mlp"],
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            intermediate_size=128,
+            mlp_hidden_act="relu2",
+            mamba_num_heads=8,
+            mamba_head_dim=16,
+            ssm_state_size=16,
+            n_groups=2,
+            conv_kernel=4,
+            expand=2,
+            chunk_size=32,
+            use_conv_bias=True,
+            mamba_proj_bias=False,
+            layer_norm_epsilon=1e-5,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        [
+            "NemotronHForCausalLM: each block is h + mixer(rmsnorm(h)) with ONE mixer per layers_block_type entry: "
+            "linear_attention = the Mamba 2 mixer, full_attention = GQA attention WITHOUT positional embeddings (no "
+            "RoPE), mlp = up_proj -> relu(x)^2 -> down_proj (no gate); final norm_f; untied lm_head",
+            "mamba mixer: mamba_num_heads 8 x mamba_head_dim 16 (= the inner width 128), ssm_state_size 16, "
+            "n_groups 2, conv_kernel 4, chunk_size 32; its gated norm is PER GROUP of 128 / n_groups = 64 "
+            "(Zamba2RMSNormGated with group_size), unlike Mamba2ForCausalLM's",
+        ],
+    ),
+    "granite4": (
+        "GraniteMoeHybridConfig",
+        dict(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            shared_intermediate_size=96,
+            num_local_experts=0,
+            num_hidden_layers=4,
+            layer_types=["mamba", "attention", "mamba", "mamba"],
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            position_embedding_type="rope",
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            embedding_multiplier=6.0,
+            residual_multiplier=0.5,
+            attention_multiplier=0.2,
+            logits_scaling=2.5,
+            mamba_n_heads=8,
+            mamba_d_head="auto",
+            mamba_n_groups=2,
+            mamba_d_state=16,
+            mamba_d_conv=4,
+            mamba_expand=2,
+            mamba_chunk_size=32,
+            mamba_conv_bias=True,
+            mamba_proj_bias=False,
+            rms_norm_eps=1e-5,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        [
+            "GraniteMoeHybridForCausalLM with num_local_experts 0 (the dense hybrid, as Granite-4.0-H-Micro): "
+            "layer_types [mamba, attention, mamba, mamba] (legacy names, remapped by transformers to "
+            "linear_attention / full_attention); per layer h = h + 0.5 * mixer(input_layernorm(h)); "
+            "h = h + 0.5 * shared_mlp(post_attention_layernorm(h))",
+            "shared_mlp: input_linear [2*96, 64] -> chunk(2): silu(first half) * second half -> output_linear",
+            "Granite multipliers: embeddings x 6, residual branches x 0.5, attention scores x 0.2 (instead of "
+            "head_dim**-0.5), logits / 2.5; RoPE (position_embedding_type rope, theta 1e4); TIED head",
+            "mamba layers: the Mamba 2 mixer (8 heads x mamba_d_head auto = 2*64/8 = 16, state 16, 2 groups, "
+            "kernel 4, chunk 32), its gated norm over the whole inner width, eps = rms_norm_eps",
+        ],
+    ),
+    "qwen3_next": (
+        "Qwen3NextConfig",
+        dict(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
+            mlp_only_layers=[0, 1, 2, 3],
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+            linear_conv_kernel_dim=4,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        [
+            "Qwen3NextForCausalLM with mlp_only_layers = every layer (dense SwiGLU MLPs, no experts: the sparse "
+            "MoE block with its shared expert is not in this fixture); layer_types [linear, linear, full, linear]",
+            "every Qwen3NextRMSNorm is zero-centred: x_normed * (1 + w) (input, post-attention, q/k norms, final); "
+            "the DeltaNet's gated norm is plain: w * rmsnorm(y) * silu(z), per head over linear_value_head_dim",
+            "attention: q_proj gives per head [q (16) | gate (16)]; out = o_proj(attn * sigmoid(gate)); q/k norms "
+            "per head before RoPE; partial_rotary_factor 0.5 (rotate_half over the first 8 dims)",
+            "gated DeltaNet: in_proj_qkvz rows per key head g: [q (16) | k (16) | v (2*16) | z (2*16)], "
+            "in_proj_ba rows per key head: [b (2) | a (2)]; conv1d (kernel 4, no bias, silu) over [q | k | v]; q, k "
+            "l2-normalised (eps 1e-6), q * 16**-0.5; beta = sigmoid(b), g = -exp(A_log) * softplus(a + dt_bias); "
+            "value head h reads key head h // 2; S = exp(g) S; S += k (beta (v - S^T k))^T; y = S^T q",
+            "the 80-token prefill runs transformers' chunked delta rule (chunk 64: 2 chunks), decode its one-step "
+            "recurrence",
+        ],
+    ),
+}
+
+
+def hybrid_init_(model):
+    """Every parameter re-initialised (plain N(0, 0.15) Linear/Embedding weights; the SSM's own
+    parameters in ranges where the state carries information over many tokens)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.split(".")[-1]
+            if leaf == "A_log":
+                p.copy_(torch.log(torch.empty_like(p).uniform_(0.2, 2.0)))
+            elif leaf == "dt_bias":
+                p.normal_(-1.5, 0.5)
+            elif leaf == "D":
+                p.normal_(1.0, 0.3)
+            elif leaf == "bias":
+                p.normal_(0.0, 0.1)
+            elif "norm" in name or "layernorm" in name:
+                p.normal_(0.0, 0.1).add_(1.0)
+            elif "conv" in name and p.dim() == 3:
+                p.normal_(0.0, 0.4)
+            else:
+                p.normal_(0.0, 0.15)
+
+
+def hybrid_reference(model, ids):
+    """Logits of a prefill of the first HYBRID_PREFILL ids with a cache, then of each later id fed
+    alone through that cache; and the max difference to one cache-less forward of all ids."""
+    with torch.no_grad():
+        out = model(input_ids=ids[None, :HYBRID_PREFILL], use_cache=True)
+        rows = [out.logits[0].float()]
+        # Mamba 2 names its cache cache_params, the others past_key_values.
+        key = "cache_params" if hasattr(out, "cache_params") else "past_key_values"
+        cache = getattr(out, key)
+        for t in range(HYBRID_PREFILL, len(ids)):
+            out = model(input_ids=ids[None, t:t + 1], use_cache=True, **{key: cache})
+            cache = getattr(out, key)
+            rows.append(out.logits[0].float())
+        ref = torch.cat(rows, 0).contiguous()
+        full = model(input_ids=ids[None, :], use_cache=False).logits[0].float()
+    return ref, float((full - ref).abs().max())
+
+
+def hybrid_fixture(out_dir, family):
+    cls_name, kw, notes = HYBRID[family]
+    seed = FAMILY_SEED[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, cls_name)(**kw)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    model.eval()
+    hybrid_init_(model)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (HYBRID_PREFILL + HYBRID_DECODE,), generator=g, dtype=torch.int64)
+    ref, full_diff = hybrid_reference(model, ids)
+    if not torch.isfinite(ref).all():
+        raise RuntimeError(f"{family}: non-finite logits")
+    fdir = os.path.join(out_dir, family)
+    if os.path.exists(fdir):
+        shutil.rmtree(fdir)
+    os.makedirs(fdir)
+    model.save_pretrained(fdir)
+    SEED_USED[family] = seed
+    notes = list(notes) + [
+        "reference: prefill of the first %d ids (one forward, use_cache=True), then ids %d.. one at a time through "
+        "the cache; the same ids in one cache-less forward differ from it by at most %.3g"
+        % (HYBRID_PREFILL, HYBRID_PREFILL, full_diff),
+        "re-init: Linear/Embedding N(0, 0.15), conv weights N(0, 0.4), biases N(0, 0.1), norm weights 1 + N(0, 0.1), "
+        "A_log = log U(0.2, 2), dt_bias N(-1.5, 0.5), D N(1, 0.3)",
+    ]
+    extra_ref = {}
+    if family == "mamba2":
+        # llama.cpp (like mamba_ssm) normalises each of the n_groups groups of the gated
+        # norm; transformers the whole width. The GGUF test compares against this.
+        cls = type(model.backbone.layers[0].mixer.norm)
+        plain = cls.forward
+        groups = config.n_groups
+
+        def grouped(self, hidden_states, gate=None):
+            h = hidden_states.to(torch.float32)
+            if gate is not None:
+                h = h * torch.nn.functional.silu(gate.to(torch.float32))
+            shape = h.shape
+            h = h.view(*shape[:-1], groups, shape[-1] // groups)
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return self.weight * h.view(shape)
+
+        cls.forward = grouped
+        try:
+            extra_ref["logits_group_norm"], _ = hybrid_reference(model, ids)
+        finally:
+            cls.forward = plain
+        notes.append("reference.safetensors also holds logits_group_norm: the same path with the gated norm "
+                     "applied per group of 128 / n_groups (llama.cpp's and mamba_ssm's form), for GGUF files")
+    global SEQ_LEN
+    saved, SEQ_LEN = SEQ_LEN, len(ids)
+    try:
+        finish(fdir, family, model, ids, ref, notes, rope_info(model), {"cacheless_forward": full_diff},
+               {"weights_dtype": "float32", "prefill_len": HYBRID_PREFILL, "decode_len": HYBRID_DECODE})
+    finally:
+        SEQ_LEN = saved
+    if extra_ref:
+        save_file({"input_ids": ids.contiguous(), "logits": ref, **extra_ref},
+                  os.path.join(fdir, "reference.safetensors"))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -1125,6 +1437,9 @@ def main():
                     "re-init before rounding: Linear/Embedding weights N(0, 0.15), norm weights 1 + N(0, 0.1)",
                 ]
                 finish(fdir, family, model, ids, ref, notes, rope, sens, {"weights_dtype": "bfloat16"})
+                continue
+            if family in HYBRID:
+                hybrid_fixture(args.out, family)
                 continue
             cls_name, kw, notes, ov = F[family]
             model, ids = build(family, cls_name, kw, ov)

@@ -145,6 +145,12 @@ pub struct StepLayout {
     /// Per row: its position in its sequence (RoPE, and how far it attends).
     pub positions: Vec<u32>,
     pub groups: Vec<GroupLayout>,
+    /// Per sequence (in the order of the groups' `seqs`), its recurrent-state slot
+    /// (`0..n_state_slots`, each used by one sequence): where the recurrent ops read and
+    /// write its conv/SSM state. Empty for models without recurrent layers.
+    pub state_slots: Vec<u32>,
+    /// Slots of the recurrent state arrays (checked here, so the ops need not).
+    pub n_state_slots: u32,
 }
 
 /// The capacities a [`Backend::Step`] is allocated for.
@@ -287,6 +293,28 @@ impl StepLayout {
             sort.sort_unstable();
             if let Some(w) = sort.windows(2).find(|w| w[0] == w[1]) {
                 return err(format!("slot {} is written by two rows", w[0]));
+            }
+        }
+        if !self.state_slots.is_empty() {
+            let n_seqs = self.groups.first().map_or(0, |g| g.seqs.len());
+            if self.state_slots.len() != n_seqs {
+                return Err(format!(
+                    "{} recurrent-state slots for {n_seqs} sequences",
+                    self.state_slots.len()
+                ));
+            }
+            if let Some(s) = self.state_slots.iter().find(|&&s| s >= self.n_state_slots) {
+                return Err(format!(
+                    "recurrent-state slot {s} outside the {} slots",
+                    self.n_state_slots
+                ));
+            }
+            // Two sequences in one slot would overwrite each other's state.
+            sort.clear();
+            sort.extend_from_slice(&self.state_slots);
+            sort.sort_unstable();
+            if let Some(w) = sort.windows(2).find(|w| w[0] == w[1]) {
+                return Err(format!("recurrent-state slot {} is used by two sequences", w[0]));
             }
         }
         Ok(())
@@ -583,6 +611,89 @@ pub trait Backend: Send + Sync + 'static {
         v_dim: usize,
         out: &mut Self::Buf,
     );
+
+    // --- recurrent mixers (see `crate::ssm`) ---
+    // Their state lives in plain buffers of `n_state_slots` slots; each sequence of the
+    // step reads and writes its own slot (`StepLayout::state_slots`), and a sequence whose
+    // first row is at position 0 starts from zeros.
+    /// `x[..len] *= y[..len]`.
+    fn mul(&self, x: &mut Self::Buf, y: &Self::Buf, len: usize);
+    /// `x = max(x, 0)^2` over the first `len` elements (NemotronH's `relu2` MLP).
+    fn relu_sq(&self, x: &mut Self::Buf, len: usize);
+    /// Causal depthwise convolution of each sequence's rows of `x` (`[n, channels]`) with
+    /// `w` (`[kernel][channels]`) and `bias`, continuing from the sequence's slot of
+    /// `state` (`[slots][kernel - 1][channels]`: its last `kernel - 1` inputs), which is
+    /// updated; SiLU on the output when `silu` ([`crate::ssm::conv_seq`]). `out` is
+    /// `[n, channels]`; padding rows are left alone.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_step(
+        &self,
+        x: &Self::Buf,
+        n: usize,
+        channels: usize,
+        kernel: usize,
+        w: &Self::Buf,
+        bias: Option<&Self::Buf>,
+        silu: bool,
+        state: &mut Self::Buf,
+        step: &Self::Step,
+        out: &mut Self::Buf,
+    );
+    /// The Mamba 2 scan ([`crate::ssm::scan_head`]) of each sequence's rows: `xbc` rows
+    /// `[x | B | C]`, `dt` rows `heads` wide (before the bias and softplus), per-head
+    /// `a = -exp(A_log)`, `d`, `dt_bias`; `state` is `[slots][heads][head_dim][state]`;
+    /// `out` rows `heads * head_dim` (`y = S C + d x`).
+    #[allow(clippy::too_many_arguments)]
+    fn ssm_scan_step(
+        &self,
+        xbc: &Self::Buf,
+        dt: &Self::Buf,
+        a: &Self::Buf,
+        d: &Self::Buf,
+        dt_bias: &Self::Buf,
+        n: usize,
+        shape: &crate::ssm::SsmShape,
+        state: &mut Self::Buf,
+        step: &Self::Step,
+        out: &mut Self::Buf,
+    );
+    /// Gated RMSNorm in place over `n` rows of `w.len()` ([`crate::ssm::rms_norm_gated`]):
+    /// `x = w * rmsnorm_per_group(x * silu(z))`, or with `norm_first`
+    /// `x = w * rmsnorm_per_group(x) * silu(z)`.
+    #[allow(clippy::too_many_arguments)]
+    fn rms_norm_gated(
+        &self,
+        x: &mut Self::Buf,
+        z: &Self::Buf,
+        w: &Self::Buf,
+        eps: f32,
+        n: usize,
+        group: usize,
+        norm_first: bool,
+    );
+    /// `x[..len] *= sigmoid(g[..len])` (Qwen3-Next's attention output gate).
+    fn sigmoid_mul(&self, x: &mut Self::Buf, g: &Self::Buf, len: usize);
+    /// The gated delta rule ([`crate::ssm::gdn_head`]) of each sequence's rows: `qkv` rows
+    /// `[q | k | v]`, `b` and `a` rows `v_heads` wide (before the sigmoid / softplus),
+    /// per value head `a_neg = -exp(A_log)` and `dt_bias`; `state` is
+    /// `[slots][v_heads][k_dim][v_dim]`; `out` rows `v_heads * v_dim`.
+    #[allow(clippy::too_many_arguments)]
+    fn gdn_step(
+        &self,
+        qkv: &Self::Buf,
+        b: &Self::Buf,
+        a: &Self::Buf,
+        a_neg: &Self::Buf,
+        dt_bias: &Self::Buf,
+        n: usize,
+        shape: &crate::ssm::GdnShape,
+        state: &mut Self::Buf,
+        step: &Self::Step,
+        out: &mut Self::Buf,
+    );
+    /// Copies slot `src` of a state array with slots of `slot_len` floats to slot `dst`
+    /// (prefix caching of recurrent state: a snapshot taken, or restored).
+    fn copy_slot(&self, state: &mut Self::Buf, slot_len: usize, src: usize, dst: usize);
 }
 
 /// The mixture-of-experts ops composed from other ops of a backend, with the routing

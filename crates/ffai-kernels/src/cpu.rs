@@ -204,6 +204,8 @@ pub struct CpuStep {
     n_groups: usize,
     /// Per row: its sequence, or `u32::MAX` for a padding row.
     row_seq: Vec<u32>,
+    /// Per sequence: its recurrent-state slot (empty without recurrent state).
+    state_slots: Vec<u32>,
     /// Scratch of the validation.
     sort: Vec<u32>,
 }
@@ -226,6 +228,7 @@ impl CpuStep {
     fn clear(&mut self) {
         self.positions.clear();
         self.row_seq.clear();
+        self.state_slots.clear();
         self.n_groups = 0;
     }
 
@@ -1210,6 +1213,7 @@ impl Backend for CpuBackend {
                 .collect(),
             n_groups: 0,
             row_seq: Vec::with_capacity(max_rows),
+            state_slots: Vec::with_capacity(max_seqs),
             sort: Vec::with_capacity(max_rows),
         }
     }
@@ -1235,6 +1239,8 @@ impl Backend for CpuBackend {
             dst.tables.extend_from_slice(&src.block_tables);
         }
         step.n_groups = layout.groups.len();
+        step.state_slots.clear();
+        step.state_slots.extend_from_slice(&layout.state_slots);
         Ok(())
     }
 
@@ -1388,6 +1394,298 @@ impl Backend for CpuBackend {
             KvCache::F16(c) => self.attention_paged(q, c, c, n, step, group, s, None, (v_dim, chunk), out),
             KvCache::F32(c) => self.attention_paged(q, c, c, n, step, group, s, None, (v_dim, chunk), out),
         }
+    }
+
+    fn mul(&self, x: &mut Vec<f32>, y: &Vec<f32>, len: usize) {
+        let _p = self.prof(|| "mul".into());
+        let xp = SharedMut(x.as_mut_ptr());
+        assert!(len <= x.len() && len <= y.len(), "mul out of range");
+        self.for_spans(len, |r| {
+            // SAFETY: spans are disjoint and inside `x[..len]`.
+            let xs = unsafe { xp.slice(r.start, r.len()) };
+            for (a, &b) in xs.iter_mut().zip(&y[r]) {
+                *a *= b;
+            }
+        });
+    }
+
+    fn relu_sq(&self, x: &mut Vec<f32>, len: usize) {
+        let _p = self.prof(|| "relu_sq".into());
+        for v in &mut x[..len] {
+            let r = v.max(0.0);
+            *v = r * r;
+        }
+    }
+
+    fn conv_step(
+        &self,
+        x: &Vec<f32>,
+        n: usize,
+        channels: usize,
+        kernel: usize,
+        w: &Vec<f32>,
+        bias: Option<&Vec<f32>>,
+        silu: bool,
+        state: &mut Vec<f32>,
+        step: &CpuStep,
+        out: &mut Vec<f32>,
+    ) {
+        let _p = self.prof(|| "conv_step".into());
+        assert_eq!(
+            n,
+            step.n_rows(),
+            "conv_step over {n} rows of a {}-row step",
+            step.n_rows()
+        );
+        assert!(kernel >= 1 && w.len() == kernel * channels, "conv_step weight shape");
+        assert!(bias.is_none_or(|b| b.len() == channels), "conv_step bias shape");
+        assert!(x.len() >= n * channels && out.len() >= n * channels, "conv_step rows");
+        let slot_len = (kernel - 1) * channels;
+        let seqs = &step.group(0).seqs;
+        assert_eq!(step.state_slots.len(), seqs.len(), "conv_step without state slots");
+        let slots = state.len().checked_div(slot_len).unwrap_or(usize::MAX);
+        assert!(
+            step.state_slots.iter().all(|&s| (s as usize) < slots),
+            "conv_step: a state slot outside the {slots} slots"
+        );
+        let (op, sp) = (SharedMut(out.as_mut_ptr()), SharedMut(state.as_mut_ptr()));
+        let bias = bias.map(|b| b.as_slice());
+        let run = |si: usize| {
+            let sq = seqs[si];
+            let (r0, nr) = (sq.first_row as usize, sq.n_rows as usize);
+            let slot = step.state_slots[si] as usize;
+            // SAFETY: sequences own disjoint rows and distinct slots (validated), so each
+            // item's output rows and state slot are its own.
+            let (o, st) = unsafe {
+                (
+                    op.slice(r0 * channels, nr * channels),
+                    sp.slice(slot * slot_len, slot_len),
+                )
+            };
+            with_scratch(slot_len, |scratch| {
+                crate::ssm::conv_seq(
+                    &x[r0 * channels..(r0 + nr) * channels],
+                    nr,
+                    channels,
+                    kernel,
+                    w,
+                    bias,
+                    silu,
+                    step.positions[r0] as usize,
+                    0,
+                    channels,
+                    st,
+                    o,
+                    scratch,
+                )
+            });
+        };
+        if n * channels * kernel < PARALLEL_MIN {
+            (0..seqs.len()).for_each(run);
+        } else {
+            self.pool.for_ranges(seqs.len(), 1, |r| r.for_each(&run));
+        }
+    }
+
+    fn ssm_scan_step(
+        &self,
+        xbc: &Vec<f32>,
+        dt: &Vec<f32>,
+        a: &Vec<f32>,
+        d: &Vec<f32>,
+        dt_bias: &Vec<f32>,
+        n: usize,
+        shape: &crate::ssm::SsmShape,
+        state: &mut Vec<f32>,
+        step: &CpuStep,
+        out: &mut Vec<f32>,
+    ) {
+        let _p = self.prof(|| "ssm_scan".into());
+        let sh = *shape;
+        let (heads, hd, ns) = (sh.heads, sh.head_dim, sh.state);
+        assert_eq!(
+            n,
+            step.n_rows(),
+            "ssm_scan_step over {n} rows of a {}-row step",
+            step.n_rows()
+        );
+        assert!(
+            heads > 0
+                && sh.groups > 0
+                && heads.is_multiple_of(sh.groups)
+                && a.len() == heads
+                && d.len() == heads
+                && dt_bias.len() == heads,
+            "ssm_scan_step parameter shapes"
+        );
+        let width = sh.row_width();
+        assert!(
+            xbc.len() >= n * width && dt.len() >= n * heads && out.len() >= n * heads * hd,
+            "ssm_scan_step rows"
+        );
+        let slot_len = sh.slot_len();
+        let seqs = &step.group(0).seqs;
+        assert_eq!(step.state_slots.len(), seqs.len(), "ssm_scan_step without state slots");
+        let slots = state.len().checked_div(slot_len).unwrap_or(usize::MAX);
+        assert!(
+            step.state_slots.iter().all(|&s| (s as usize) < slots),
+            "ssm_scan_step: a state slot outside the {slots} slots"
+        );
+        let (op, sp) = (SharedMut(out.as_mut_ptr()), SharedMut(state.as_mut_ptr()));
+        let params = crate::ssm::SsmParams { a, d, dt_bias };
+        let items = seqs.len() * heads;
+        let run = |item: usize| {
+            let (si, h) = (item / heads, item % heads);
+            let sq = seqs[si];
+            let (r0, nr) = (sq.first_row as usize, sq.n_rows as usize);
+            let slot = step.state_slots[si] as usize;
+            let head_len = hd * ns;
+            // SAFETY: (sequence, head) items own distinct parts of distinct slots.
+            let st = unsafe { sp.slice(slot * slot_len + h * head_len, head_len) };
+            let scan = crate::ssm::scan_scratch(&sh);
+            with_scratch(scan + nr * hd, |buf| {
+                let (scratch, y) = buf.split_at_mut(scan);
+                crate::ssm::scan_head(
+                    &xbc[r0 * width..(r0 + nr) * width],
+                    &dt[r0 * heads..(r0 + nr) * heads],
+                    nr,
+                    step.positions[r0] as usize,
+                    h,
+                    &sh,
+                    &params,
+                    st,
+                    y,
+                    scratch,
+                );
+                for t in 0..nr {
+                    // SAFETY: row r0 + t's part of head h belongs to this item alone.
+                    let o = unsafe { op.slice((r0 + t) * heads * hd + h * hd, hd) };
+                    o.copy_from_slice(&y[t * hd..(t + 1) * hd]);
+                }
+            });
+        };
+        if n * heads * hd * ns < PARALLEL_MIN {
+            (0..items).for_each(run);
+        } else {
+            self.pool.for_ranges(items, 1, |r| r.for_each(&run));
+        }
+    }
+
+    fn sigmoid_mul(&self, x: &mut Vec<f32>, g: &Vec<f32>, len: usize) {
+        let _p = self.prof(|| "sigmoid_mul".into());
+        for (v, &gv) in x[..len].iter_mut().zip(&g[..len]) {
+            *v *= crate::ssm::sigmoid(gv);
+        }
+    }
+
+    fn gdn_step(
+        &self,
+        qkv: &Vec<f32>,
+        b: &Vec<f32>,
+        a: &Vec<f32>,
+        a_neg: &Vec<f32>,
+        dt_bias: &Vec<f32>,
+        n: usize,
+        shape: &crate::ssm::GdnShape,
+        state: &mut Vec<f32>,
+        step: &CpuStep,
+        out: &mut Vec<f32>,
+    ) {
+        let _p = self.prof(|| "gdn".into());
+        let sh = *shape;
+        let (vh, dv) = (sh.v_heads, sh.v_dim);
+        assert_eq!(
+            n,
+            step.n_rows(),
+            "gdn_step over {n} rows of a {}-row step",
+            step.n_rows()
+        );
+        assert!(
+            sh.k_heads > 0 && vh.is_multiple_of(sh.k_heads) && a_neg.len() == vh && dt_bias.len() == vh,
+            "gdn_step parameter shapes"
+        );
+        let width = sh.row_width();
+        assert!(
+            qkv.len() >= n * width && b.len() >= n * vh && a.len() >= n * vh && out.len() >= n * vh * dv,
+            "gdn_step rows"
+        );
+        let slot_len = sh.slot_len();
+        let seqs = &step.group(0).seqs;
+        assert_eq!(step.state_slots.len(), seqs.len(), "gdn_step without state slots");
+        let slots = state.len().checked_div(slot_len).unwrap_or(usize::MAX);
+        assert!(
+            step.state_slots.iter().all(|&s| (s as usize) < slots),
+            "gdn_step: a state slot outside the {slots} slots"
+        );
+        let (op, sp) = (SharedMut(out.as_mut_ptr()), SharedMut(state.as_mut_ptr()));
+        let run = |item: usize| {
+            let (si, h) = (item / vh, item % vh);
+            let sq = seqs[si];
+            let (r0, nr) = (sq.first_row as usize, sq.n_rows as usize);
+            let head_len = sh.k_dim * dv;
+            // SAFETY: (sequence, head) items own distinct parts of distinct slots.
+            let st = unsafe { sp.slice(step.state_slots[si] as usize * slot_len + h * head_len, head_len) };
+            let need = crate::ssm::gdn_scratch(&sh);
+            with_scratch(need + nr * dv, |buf| {
+                let (scratch, y) = buf.split_at_mut(need);
+                crate::ssm::gdn_head(
+                    &qkv[r0 * width..(r0 + nr) * width],
+                    &b[r0 * vh..(r0 + nr) * vh],
+                    &a[r0 * vh..(r0 + nr) * vh],
+                    nr,
+                    step.positions[r0] as usize,
+                    h,
+                    &sh,
+                    a_neg[h],
+                    dt_bias[h],
+                    st,
+                    y,
+                    scratch,
+                );
+                for t in 0..nr {
+                    // SAFETY: row r0 + t's part of head h belongs to this item alone.
+                    let o = unsafe { op.slice((r0 + t) * vh * dv + h * dv, dv) };
+                    o.copy_from_slice(&y[t * dv..(t + 1) * dv]);
+                }
+            });
+        };
+        let items = seqs.len() * vh;
+        if n * vh * sh.k_dim * dv < PARALLEL_MIN {
+            (0..items).for_each(run);
+        } else {
+            self.pool.for_ranges(items, 1, |r| r.for_each(&run));
+        }
+    }
+
+    fn rms_norm_gated(
+        &self,
+        x: &mut Vec<f32>,
+        z: &Vec<f32>,
+        w: &Vec<f32>,
+        eps: f32,
+        n: usize,
+        group: usize,
+        norm_first: bool,
+    ) {
+        let _p = self.prof(|| "rms_norm_gated".into());
+        let d = w.len();
+        assert!(group > 0 && d.is_multiple_of(group), "rms_norm_gated group");
+        assert!(x.len() >= n * d && z.len() >= n * d, "rms_norm_gated rows");
+        let xp = SharedMut(x.as_mut_ptr());
+        self.for_rows(n, d, |t| {
+            // SAFETY: each row is handed to exactly one thread, inside `x[..n * d]`.
+            let row = unsafe { xp.slice(t * d, d) };
+            crate::ssm::rms_norm_gated(row, &z[t * d..(t + 1) * d], w, eps, group, norm_first);
+        });
+    }
+
+    fn copy_slot(&self, state: &mut Vec<f32>, slot_len: usize, src: usize, dst: usize) {
+        let (s, d) = (src * slot_len, dst * slot_len);
+        assert!(
+            s + slot_len <= state.len() && d + slot_len <= state.len(),
+            "copy_slot out of range"
+        );
+        state.copy_within(s..s + slot_len, d);
     }
 }
 

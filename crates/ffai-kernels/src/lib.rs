@@ -8,3 +8,4 @@ pub mod cuda;
 pub mod ops;
 pub mod pool;
 pub mod quant;
+pub mod ssm;

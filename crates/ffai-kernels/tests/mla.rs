@@ -68,6 +68,7 @@ fn layout(seqs: &[&Seq], ranges: &[(usize, usize)], window: usize, n_blocks: usi
     StepLayout {
         positions,
         groups: vec![g],
+        ..Default::default()
     }
 }
 

@@ -293,6 +293,7 @@ fn run(b: &CpuBackend, c: &Case, world: &[SeqData], sched: &Schedule, seed: u64)
                     ..Default::default()
                 })
                 .collect(),
+            ..Default::default()
         };
         let mut q = Vec::new();
         let mut kv: [[Vec<f32>; 2]; 2] = Default::default();
@@ -600,6 +601,7 @@ fn valid_layout() -> StepLayout {
     StepLayout {
         positions: vec![30, 31, 32, 0, 5],
         groups: vec![group(&t_a, 0), group(&t_a_w, 6)],
+        ..Default::default()
     }
 }
 
@@ -804,6 +806,7 @@ fn rope_step_equals_rope_row_by_row() {
                     }],
                     block_tables: (0..64).collect(),
                 }],
+                ..Default::default()
             };
             let mut step = b.new_step(n, 1, 64, 1);
             b.write_step(&layout, &mut step).unwrap();

@@ -106,6 +106,7 @@ fn bench_case(threads: usize, spans: &[usize], ms: u64, heads: usize, kvh: usize
                 }],
                 block_tables: table.clone(),
             }],
+            ..Default::default()
         }
     };
     let (mut kp, mut vp) = (
@@ -205,6 +206,7 @@ fn bench_decode_batch(threads: usize, ms: u64, heads: usize, kvh: usize, hd: usi
         StepLayout {
             positions,
             groups: vec![g],
+            ..Default::default()
         }
     };
     let mut step = b.new_step(n_seqs * ctx, n_seqs, n_seqs * per, 1);

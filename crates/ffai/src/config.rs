@@ -369,10 +369,34 @@ impl ModelConfig {
             "{source}: config.json has neither \"architectures\" nor \"model_type\""
         );
         let hidden_size = req_usize("hidden_size")?;
-        let num_heads = req_usize("num_attention_heads")?;
+        // A pure state-space model (Mamba 2) has no attention and no MLP: placeholders
+        // here; the family reads its own numbers (its head_dim is the scan's).
+        let attention_free = model_type == "mamba2";
+        let num_heads = if attention_free {
+            1
+        } else {
+            req_usize("num_attention_heads")?
+        };
         ensure!(num_heads > 0, "{source}: num_attention_heads must be positive");
-        let num_kv_heads = opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
-        let head_dim = opt_usize("head_dim")?.unwrap_or(hidden_size / num_heads);
+        let num_kv_heads = if attention_free {
+            1
+        } else {
+            opt_usize("num_key_value_heads")?.unwrap_or(num_heads)
+        };
+        let head_dim = if attention_free {
+            2
+        } else {
+            opt_usize("head_dim")?.unwrap_or(hidden_size / num_heads)
+        };
+        // LFM2's older configs name the MLP width block_ff_dim.
+        let intermediate_size = match (attention_free, opt_usize("intermediate_size")?) {
+            (true, v) => v.unwrap_or(hidden_size),
+            (false, Some(v)) => v,
+            (false, None) => match opt_usize("block_ff_dim")? {
+                Some(v) => v,
+                None => req_usize("intermediate_size")?,
+            },
+        };
 
         // transformers v5 writes `rope_parameters` (with rope_theta inside); older
         // checkpoints write `rope_theta` and `rope_scaling` at the top level.
@@ -483,8 +507,18 @@ impl ModelConfig {
             architecture,
             model_type,
             hidden_size,
-            intermediate_size: req_usize("intermediate_size")?,
-            num_layers: req_usize("num_hidden_layers")?,
+            intermediate_size,
+            num_layers: match opt_usize("num_hidden_layers")? {
+                Some(n) => n,
+                // transformers 5 drops it where the layer-type list gives it (NemotronH).
+                None => match get("layers_block_type")
+                    .or(get("layer_types"))
+                    .and_then(|v| v.as_array())
+                {
+                    Some(a) => a.len(),
+                    None => req_usize("num_hidden_layers")?,
+                },
+            },
             num_heads,
             num_kv_heads,
             head_dim,
@@ -545,10 +579,41 @@ impl ModelConfig {
             }
         };
         let hidden_size = req("embedding_length")?;
-        let num_heads = req("attention.head_count")?;
+        // Mamba 2 has no attention (llama.cpp writes 0 heads): placeholders, as for its
+        // config.json.
+        let attention_free = arch == "mamba2";
+        let num_heads = if attention_free {
+            1
+        } else {
+            req("attention.head_count")?
+        };
         ensure!(num_heads > 0, "{source}: {arch}.attention.head_count must be positive");
-        let num_kv_heads = opt("attention.head_count_kv")?.unwrap_or(num_heads);
-        let head_dim = opt("attention.key_length")?.unwrap_or(hidden_size / num_heads);
+        // Hybrids (LFM2) give KV heads per layer, 0 for recurrent layers: the attention
+        // layers' count (the family reads which layers are which).
+        let kv_key = key("attention.head_count_kv");
+        let num_kv_heads = match f.get(&kv_key).and_then(|v| v.as_array()) {
+            _ if attention_free => Some(1),
+            Some(a) => {
+                let counts = a
+                    .iter()
+                    .map(|v| v.as_u64().and_then(|x| usize::try_from(x).ok()))
+                    .collect::<Option<Vec<usize>>>()
+                    .ok_or_else(|| Error::new(format!("{source}: GGUF {kv_key} holds a non-integer")))?;
+                let attn: Vec<usize> = counts.into_iter().filter(|&c| c > 0).collect();
+                ensure!(
+                    attn.windows(2).all(|w| w[0] == w[1]),
+                    "{source}: GGUF {kv_key} differs between attention layers"
+                );
+                Some(attn.first().copied().unwrap_or(num_heads))
+            }
+            None => opt("attention.head_count_kv")?,
+        }
+        .unwrap_or(num_heads);
+        let head_dim = if attention_free {
+            2
+        } else {
+            opt("attention.key_length")?.unwrap_or(hidden_size / num_heads)
+        };
         let vocab_size = match opt("vocab_size")? {
             Some(v) => v,
             None => f
@@ -597,7 +662,10 @@ impl ModelConfig {
             model_type: arch.clone(),
             architecture: arch.clone(),
             hidden_size,
-            intermediate_size: req("feed_forward_length")?,
+            intermediate_size: match attention_free {
+                true => opt("feed_forward_length")?.filter(|&x| x > 0).unwrap_or(hidden_size),
+                false => req("feed_forward_length")?,
+            },
             num_layers: req("block_count")?,
             num_heads,
             num_kv_heads,

@@ -475,6 +475,9 @@ pub fn hf_to_gguf_name_for(name: &str, model_type: &str) -> String {
             return n;
         }
     }
+    if let Some(n) = crate::models::recurrent::hf_name(name, model_type) {
+        return n;
+    }
     let sandwich = matches!(model_type, "gemma2" | "gemma3" | "gemma3_text" | "olmo2") || gemma4;
     let top = [
         ("model.embed_tokens.weight", "token_embd.weight"),

@@ -197,6 +197,11 @@ fn every_config_json_number_and_flag_at_hostile_values() {
         "deepseek_v3",
         "gemma4",
         "gemma4_dense",
+        "lfm2",
+        "mamba2",
+        "nemotron_h",
+        "granite4",
+        "qwen3_next",
     ] {
         let dir = fixture(family);
         let original: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
@@ -344,6 +349,125 @@ fn named_config_errors() {
             "use_bidirectional_attention",
         ),
         ("gemma4_dense", "use_double_wide_mlp", json!(1), "use_double_wide_mlp"),
+        ("lfm2", "conv_L_cache", json!(9), "conv_L_cache"),
+        ("lfm2", "conv_L_cache", json!(0), "conv_L_cache"),
+        ("lfm2", "block_multiple_of", json!(0), "block_multiple_of"),
+        (
+            "lfm2",
+            "block_ffn_dim_multiplier",
+            json!(1e12),
+            "block_ffn_dim_multiplier",
+        ),
+        (
+            "lfm2",
+            "block_ffn_dim_multiplier",
+            json!(-1.0),
+            "block_ffn_dim_multiplier",
+        ),
+        ("lfm2", "norm_eps", json!("1e-5"), "norm_eps"),
+        ("lfm2", "layer_types", json!(["conv", "conv"]), "layer_types"),
+        (
+            "lfm2",
+            "layer_types",
+            json!(["conv", "conv", "sliding_attention", "conv"]),
+            "sliding_attention",
+        ),
+        ("mamba2", "num_heads", json!(1u64 << 30), "num_heads"),
+        ("mamba2", "num_heads", json!(7), "num_heads"),
+        ("mamba2", "n_groups", json!(3), "n_groups"),
+        ("mamba2", "state_size", json!(0), "state_size"),
+        ("mamba2", "conv_kernel", json!(1000), "conv_kernel"),
+        ("mamba2", "chunk_size", json!(1u64 << 20), "chunk_size"),
+        ("mamba2", "expand", json!(3), "expand"),
+        ("mamba2", "head_dim", json!(1u64 << 40), "head_dim"),
+        ("mamba2", "time_step_limit", json!([0.5, 0.1]), "time_step_limit"),
+        ("mamba2", "time_step_limit", json!([0.0]), "time_step_limit"),
+        ("mamba2", "time_step_limit", json!([0.0, "x"]), "time_step_limit"),
+        ("mamba2", "layer_norm_epsilon", json!(-1.0), "epsilon"),
+        (
+            "nemotron_h",
+            "num_hidden_layers",
+            json!(5),
+            "6 block types for 5 layers",
+        ),
+        (
+            "nemotron_h",
+            "layers_block_type",
+            json!([
+                "linear_attention",
+                "moe",
+                "full_attention",
+                "mlp",
+                "linear_attention",
+                "mlp"
+            ]),
+            "mixture-of-experts",
+        ),
+        (
+            "nemotron_h",
+            "layers_block_type",
+            json!([
+                "linear_attention",
+                "x",
+                "full_attention",
+                "mlp",
+                "linear_attention",
+                "mlp"
+            ]),
+            "\"x\"",
+        ),
+        ("nemotron_h", "mlp_hidden_act", json!("silu"), "mlp_hidden_act"),
+        (
+            "nemotron_h",
+            "mamba_num_heads",
+            json!(3),
+            "not a multiple of its 2 groups",
+        ),
+        ("nemotron_h", "ssm_state_size", json!(1u64 << 30), "ssm_state_size"),
+        ("qwen3_next", "mlp_only_layers", json!([0, 1, 2]), "not supported yet"),
+        ("qwen3_next", "mlp_only_layers", json!([0, 1, 2, 9]), "mlp_only_layers"),
+        ("qwen3_next", "linear_num_value_heads", json!(3), "not a multiple"),
+        ("qwen3_next", "linear_key_head_dim", json!(512), "linear_key_head_dim"),
+        (
+            "qwen3_next",
+            "linear_conv_kernel_dim",
+            json!(0),
+            "linear_conv_kernel_dim",
+        ),
+        (
+            "qwen3_next",
+            "linear_value_head_dim",
+            json!(1u64 << 40),
+            "linear_value_head_dim",
+        ),
+        (
+            "qwen3_next",
+            "rope_parameters",
+            json!({"rope_type": "default", "partial_rotary_factor": 2}),
+            "partial_rotary_factor",
+        ),
+        ("granite4", "num_local_experts", json!(8), "experts"),
+        ("granite4", "mamba_d_head", json!(15), "mamba_d_head"),
+        ("granite4", "mamba_d_head", json!("x"), "mamba_d_head"),
+        ("granite4", "mamba_expand", json!(3), "expand"),
+        (
+            "granite4",
+            "shared_intermediate_size",
+            json!(0),
+            "shared_intermediate_size",
+        ),
+        (
+            "granite4",
+            "position_embedding_type",
+            json!("alibi"),
+            "position_embedding_type",
+        ),
+        (
+            "granite4",
+            "layer_types",
+            json!(["mamba", "attention", "mamba"]),
+            "layer_types",
+        ),
     ];
     for (family, key, value, needle) in cases {
         let dir = fixture(family);
@@ -373,6 +497,21 @@ fn named_config_errors() {
         let err = load_hf(&fixture("gemma4"), &config, &dev).expect_err(&format!("gemma4 {key} = {value} loaded"));
         assert!(err.message().contains(key), "gemma4 {key} = {value}: {}", err.message());
     }
+    // LFM2 without layer_types takes full_attn_idxs: its entries must be layer indices,
+    // and the same layers as layer_types give the same model.
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("lfm2").join("config.json")).unwrap()).unwrap();
+    config.as_object_mut().unwrap().remove("layer_types");
+    config["full_attn_idxs"] = json!([7]);
+    let err = load_hf(&fixture("lfm2"), &config, &dev).unwrap_err();
+    assert!(err.message().contains("full_attn_idxs"), "{}", err.message());
+    config["full_attn_idxs"] = json!([2]);
+    load_hf(&fixture("lfm2"), &config, &dev).unwrap();
+    // Granite 4's "auto" mamba_d_head is expand * hidden / heads: the fixture's 16.
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("granite4").join("config.json")).unwrap()).unwrap();
+    config["mamba_d_head"] = json!("auto");
+    load_hf(&fixture("granite4"), &config, &dev).unwrap();
     // Too many query heads per KV head for the attention kernel (the 64 heads need a
     // matching q_proj, so this one stops at the config).
     let mut config: Value =

@@ -149,6 +149,7 @@ fn a_sequence_gives_the_same_bits_alone_or_batched() {
             group_blocks: vec![8; windows.len()],
             max_seq_len: 64,
             max_logit_rows: 64,
+            state_slots: 0,
         };
         let mut state = m.new_batch(&shape).unwrap();
         // b first, then a, in blocks that differ from the lone runs' (a: 5, 6; b: 2).
@@ -183,6 +184,7 @@ fn a_sequence_gives_the_same_bits_alone_or_batched() {
                     block_tables: tables.clone(),
                 })
                 .collect(),
+            ..Default::default()
         };
         let tokens: Vec<u32> = b.iter().chain(&a).copied().collect();
         let rows: Vec<u32> = (0..tokens.len() as u32).collect();

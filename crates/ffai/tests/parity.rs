@@ -247,6 +247,32 @@ fn gemma4_global_head_dim_spelling_loads_the_same() {
 }
 
 #[test]
+fn lfm2_conv_and_attention_layers_qk_norm_adjusted_ffn() {
+    // 100 tokens: the reference is transformers' 80-token prefill then 20 cached steps.
+    check("lfm2", 1e-3);
+}
+
+#[test]
+fn mamba2_chunked_scan_and_recurrence_gated_norm() {
+    check("mamba2", 1e-3);
+}
+
+#[test]
+fn nemotron_h_mamba_attention_and_relu2_mlp_blocks() {
+    check("nemotron_h", 1e-3);
+}
+
+#[test]
+fn granite4_dense_hybrid_multipliers_shared_mlp() {
+    check("granite4", 1e-3);
+}
+
+#[test]
+fn qwen3_next_gated_deltanet_gated_attention_partial_rope() {
+    check("qwen3_next", 1e-3);
+}
+
+#[test]
 fn gpt_oss_mxfp4_experts_from_blocks_and_scales() {
     // The released checkpoints' layout: experts as u8 `*_blocks` + `*_scales`, joined at
     // load into ggml's MXFP4 blocks (never dequantized to f16). The fixture's weights are
@@ -397,6 +423,14 @@ fn moe_fixtures_on_cuda() {
     // The first GPU run (session 7) passed qwen3_moe, mixtral and olmoe; gpt_oss came
     // after it.
     check_on_cuda(&MOE_FIXTURES);
+}
+
+#[test]
+fn hybrid_fixtures_on_cuda() {
+    // The recurrent ops' CUDA kernels (ssm.cu: conv_step, ssm_scan as the one-step
+    // recurrence for every row, rms_norm_gated): compiled by NVRTC in CI, not yet run on a
+    // GPU when written.
+    check_on_cuda(&["lfm2", "mamba2", "nemotron_h", "granite4", "qwen3_next"]);
 }
 
 const FIXTURES: [&str; 12] = [

@@ -228,6 +228,12 @@ pub struct CudaStep {
     host_row_seq: Vec<u32>,
     host_sort: Vec<u32>,
     host_seqs: Vec<u32>,
+    /// Per sequence its recurrent-state slot, and how many sequences the step has and
+    /// how many slots the layout named (the recurrent ops' grids and checks).
+    state_slots: DevMem<u32>,
+    n_seqs: usize,
+    has_state_slots: bool,
+    n_state_slots: usize,
 }
 
 #[derive(Clone, Copy)]
@@ -1195,6 +1201,251 @@ impl Backend for CudaBackend {
     // back to the host (`backend::host_moe`): correct, not fast, and a step using them is
     // not recorded as a graph (the decoder asks for none when a model has experts).
     // Untested on a GPU so far.
+    fn mul(&self, x: &mut CudaBuf, y: &CudaBuf, len: usize) {
+        assert!(len <= x.len && len <= y.len, "mul out of range");
+        self.elementwise("mul_inplace", len, &[Arg::P(x.ptr), Arg::P(y.ptr), Arg::U(len as u32)]);
+    }
+
+    fn relu_sq(&self, x: &mut CudaBuf, len: usize) {
+        assert!(len <= x.len, "relu_sq out of range");
+        self.elementwise("relu_sq", len, &[Arg::P(x.ptr), Arg::U(len as u32)]);
+    }
+
+    fn conv_step(
+        &self,
+        x: &CudaBuf,
+        n: usize,
+        channels: usize,
+        kernel: usize,
+        w: &CudaBuf,
+        bias: Option<&CudaBuf>,
+        silu: bool,
+        state: &mut CudaBuf,
+        step: &CudaStep,
+        out: &mut CudaBuf,
+    ) {
+        assert_eq!(n, step.n_rows, "conv_step over {n} rows of a {}-row step", step.n_rows);
+        assert!(
+            (1..=crate::ssm::MAX_CONV_KERNEL).contains(&kernel) && w.len == kernel * channels,
+            "conv_step weight shape"
+        );
+        assert!(bias.is_none_or(|b| b.len == channels), "conv_step bias shape");
+        assert!(x.len >= n * channels && out.len >= n * channels, "conv_step rows");
+        assert!(step.has_state_slots, "conv_step without state slots");
+        assert!(
+            step.n_state_slots * (kernel - 1) * channels <= state.len,
+            "conv_step: the layout's state slots exceed the state array"
+        );
+        if step.n_seqs == 0 || channels == 0 {
+            return;
+        }
+        let g = &step.groups[0];
+        self.launch(
+            "conv_step",
+            (channels.div_ceil(128) as u32, step.n_seqs as u32, 1),
+            128,
+            &[
+                Arg::P(x.ptr),
+                Arg::U(channels as u32),
+                Arg::U(kernel as u32),
+                Arg::P(w.ptr),
+                Arg::P(bias.map_or(w.ptr, |b| b.ptr)),
+                Arg::U(bias.is_some() as u32),
+                Arg::U(silu as u32),
+                Arg::P(state.ptr),
+                Arg::P(step.positions.ptr),
+                Arg::P(g.seqs.ptr),
+                Arg::P(step.state_slots.ptr),
+                Arg::P(out.ptr),
+            ],
+        );
+    }
+
+    fn ssm_scan_step(
+        &self,
+        xbc: &CudaBuf,
+        dt: &CudaBuf,
+        a: &CudaBuf,
+        d: &CudaBuf,
+        dt_bias: &CudaBuf,
+        n: usize,
+        shape: &crate::ssm::SsmShape,
+        state: &mut CudaBuf,
+        step: &CudaStep,
+        out: &mut CudaBuf,
+    ) {
+        let sh = shape;
+        assert_eq!(
+            n, step.n_rows,
+            "ssm_scan_step over {n} rows of a {}-row step",
+            step.n_rows
+        );
+        assert!(
+            sh.heads > 0
+                && sh.groups > 0
+                && sh.heads.is_multiple_of(sh.groups)
+                && a.len == sh.heads
+                && d.len == sh.heads
+                && dt_bias.len == sh.heads,
+            "ssm_scan_step parameter shapes"
+        );
+        assert!(
+            xbc.len >= n * sh.row_width() && dt.len >= n * sh.heads && out.len >= n * sh.heads * sh.head_dim,
+            "ssm_scan_step rows"
+        );
+        assert!(step.has_state_slots, "ssm_scan_step without state slots");
+        assert!(
+            step.n_state_slots * sh.slot_len() <= state.len,
+            "ssm_scan_step: the layout's state slots exceed the state array"
+        );
+        if step.n_seqs == 0 {
+            return;
+        }
+        let g = &step.groups[0];
+        self.launch(
+            "ssm_scan",
+            (sh.heads as u32, step.n_seqs as u32, 1),
+            sh.head_dim.next_power_of_two().clamp(32, 256) as u32,
+            &[
+                Arg::P(xbc.ptr),
+                Arg::P(dt.ptr),
+                Arg::P(a.ptr),
+                Arg::P(d.ptr),
+                Arg::P(dt_bias.ptr),
+                Arg::U(sh.heads as u32),
+                Arg::U(sh.head_dim as u32),
+                Arg::U(sh.groups as u32),
+                Arg::U(sh.state as u32),
+                Arg::F(sh.dt_min),
+                Arg::F(sh.dt_max),
+                Arg::P(state.ptr),
+                Arg::P(step.positions.ptr),
+                Arg::P(g.seqs.ptr),
+                Arg::P(step.state_slots.ptr),
+                Arg::P(out.ptr),
+            ],
+        );
+    }
+
+    fn sigmoid_mul(&self, x: &mut CudaBuf, g: &CudaBuf, len: usize) {
+        assert!(len <= x.len && len <= g.len, "sigmoid_mul out of range");
+        self.elementwise("sigmoid_mul", len, &[Arg::P(x.ptr), Arg::P(g.ptr), Arg::U(len as u32)]);
+    }
+
+    fn gdn_step(
+        &self,
+        qkv: &CudaBuf,
+        b: &CudaBuf,
+        a: &CudaBuf,
+        a_neg: &CudaBuf,
+        dt_bias: &CudaBuf,
+        n: usize,
+        shape: &crate::ssm::GdnShape,
+        state: &mut CudaBuf,
+        step: &CudaStep,
+        out: &mut CudaBuf,
+    ) {
+        let sh = shape;
+        assert_eq!(n, step.n_rows, "gdn_step over {n} rows of a {}-row step", step.n_rows);
+        assert!(
+            sh.k_heads > 0
+                && sh.v_heads.is_multiple_of(sh.k_heads)
+                && (1..=crate::ssm::MAX_GDN_KEY_DIM).contains(&sh.k_dim)
+                && a_neg.len == sh.v_heads
+                && dt_bias.len == sh.v_heads,
+            "gdn_step parameter shapes"
+        );
+        assert!(
+            qkv.len >= n * sh.row_width()
+                && b.len >= n * sh.v_heads
+                && a.len >= n * sh.v_heads
+                && out.len >= n * sh.v_heads * sh.v_dim,
+            "gdn_step rows"
+        );
+        assert!(step.has_state_slots, "gdn_step without state slots");
+        assert!(
+            step.n_state_slots * sh.slot_len() <= state.len,
+            "gdn_step: the layout's state slots exceed the state array"
+        );
+        if step.n_seqs == 0 {
+            return;
+        }
+        let g = &step.groups[0];
+        self.launch(
+            "gdn_step",
+            (sh.v_heads as u32, step.n_seqs as u32, 1),
+            sh.v_dim.next_power_of_two().clamp(32, 256) as u32,
+            &[
+                Arg::P(qkv.ptr),
+                Arg::P(b.ptr),
+                Arg::P(a.ptr),
+                Arg::P(a_neg.ptr),
+                Arg::P(dt_bias.ptr),
+                Arg::U(sh.k_heads as u32),
+                Arg::U(sh.v_heads as u32),
+                Arg::U(sh.k_dim as u32),
+                Arg::U(sh.v_dim as u32),
+                Arg::P(state.ptr),
+                Arg::P(step.positions.ptr),
+                Arg::P(g.seqs.ptr),
+                Arg::P(step.state_slots.ptr),
+                Arg::P(out.ptr),
+            ],
+        );
+    }
+
+    fn rms_norm_gated(
+        &self,
+        x: &mut CudaBuf,
+        z: &CudaBuf,
+        w: &CudaBuf,
+        eps: f32,
+        n: usize,
+        group: usize,
+        norm_first: bool,
+    ) {
+        let width = w.len;
+        assert!(group > 0 && width.is_multiple_of(group), "rms_norm_gated group");
+        assert!(n * width <= x.len && n * width <= z.len, "rms_norm_gated rows");
+        if n == 0 || width == 0 {
+            return;
+        }
+        self.launch(
+            "rms_norm_gated",
+            (n as u32, (width / group) as u32, 1),
+            norm_threads(group),
+            &[
+                Arg::P(x.ptr),
+                Arg::P(z.ptr),
+                Arg::P(w.ptr),
+                Arg::F(eps),
+                Arg::U(width as u32),
+                Arg::U(group as u32),
+                Arg::U(norm_first as u32),
+            ],
+        );
+    }
+
+    fn copy_slot(&self, state: &mut CudaBuf, slot_len: usize, src: usize, dst: usize) {
+        let (s, d) = (src * slot_len, dst * slot_len);
+        assert!(
+            s + slot_len <= state.len && d + slot_len <= state.len,
+            "copy_slot out of range"
+        );
+        if src == dst {
+            return;
+        }
+        self.elementwise(
+            "copy_floats",
+            slot_len,
+            &[
+                Arg::P(state.ptr + 4 * s as u64),
+                Arg::P(state.ptr + 4 * d as u64),
+                Arg::U(slot_len as u32),
+            ],
+        );
+    }
+
     fn clamp(&self, x: &mut CudaBuf, lo: f32, hi: f32, len: usize) {
         crate::backend::host_moe::clamp(self, x, lo, hi, len);
     }
@@ -1277,6 +1528,10 @@ impl Backend for CudaBackend {
             host_row_seq: Vec::with_capacity(max_rows),
             host_sort: Vec::with_capacity(max_rows),
             host_seqs: Vec::with_capacity(4 * max_seqs),
+            state_slots: self.dev_alloc(max_seqs),
+            n_seqs: 0,
+            has_state_slots: false,
+            n_state_slots: 0,
         }
     }
 
@@ -1316,6 +1571,10 @@ impl Backend for CudaBackend {
                 // (parts past a row's last one are empty and cost one early exit).
                 .next_power_of_two();
         }
+        step.n_seqs = layout.groups.first().map_or(0, |g| g.seqs.len());
+        step.has_state_slots = !layout.state_slots.is_empty();
+        step.n_state_slots = layout.n_state_slots as usize;
+        self.write(&layout.state_slots, &mut step.state_slots);
         self.check()?;
         step.n_rows = layout.positions.len();
         Ok(())

@@ -70,6 +70,18 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "attn_mla",
         ],
     ),
+    (
+        "ssm.cu",
+        include_str!("ssm.cu"),
+        &[
+            "mul_inplace",
+            "relu_sq",
+            "conv_step",
+            "ssm_scan",
+            "rms_norm_gated",
+            "copy_floats",
+        ],
+    ),
 ];
 
 /// Every kernel source with the kernels it defines.

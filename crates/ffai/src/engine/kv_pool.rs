@@ -91,17 +91,35 @@
 //! window blocks are still cached.
 //!
 //! Prefix caching is off (hits are always 0, nothing is registered) when the config says
-//! so, when no group is global (an all-sliding-window model has no group that keeps the
-//! token chain's blocks; its early blocks are gone soon after they are computed), and when
-//! the pool has recurrent-state slots (an SSM's state at position `c` is not in any block;
-//! sharing would need a state snapshot per cached block, a later design).
+//! so, and when no group is global (an all-sliding-window model has no group that keeps
+//! the token chain's blocks; its early blocks are gone soon after they are computed).
 //!
 //! # Recurrent-state slots
 //!
 //! A pool created with `n_state_slots > 0` gives every sequence one slot index
 //! (`0..n_state_slots`) at admission, for the backend's fixed-size conv/SSM state; no slot
 //! left means the sequence cannot be admitted ([`AdmitError::NoStateSlot`]). The slot is
-//! returned by `free_sequence`. A preempted sequence restarts from position 0.
+//! returned by `free_sequence`. A preempted sequence restarts from position 0 (or from a
+//! kept state, below): its state is recomputed.
+//!
+//! # Recurrent state and prefix caching
+//!
+//! A recurrent layer's state at position `c` lives in no block, so cached blocks alone
+//! cannot resume a sequence. Such a pool keeps *snapshots*: `n_snapshots` more state slots
+//! (`n_state_slots..n_state_slots + n_snapshots`), each holding the state of some sequence
+//! at a block boundary `c`, keyed by the prefix id of the anchor block ending at `c` (so it
+//! stands for exactly the tokens `0..c`, which the block chain verifies token by token).
+//! A sequence admitted with prompt `p` is asked to stop a step at
+//! `c = floor((len(p) - 1) / bs) * bs` ([`snapshot_point`](KvPool::snapshot_point)), the
+//! longest hit any later prompt can have, and when it has computed `c` positions
+//! [`take_snapshot`](KvPool::take_snapshot) names the copy its state needs (its slot to a
+//! snapshot slot, the least recently used one). A prefix hit then counts only up to the
+//! deepest matched block that has a snapshot, and [`take_restore`](KvPool::take_restore)
+//! names the copy that puts it into the new sequence's slot. So an exact repeat of a
+//! prompt (and a prompt extending another one, as a chat's next turn does, when the
+//! earlier one's boundary is a block boundary of it) resumes from the kept state; any
+//! other prefix gets no reuse. Snapshots whose block was evicted can never match again
+//! (prefix ids are never reused) and are replaced first by recency.
 //!
 //! # Preemption
 //!
@@ -147,8 +165,11 @@ pub struct KvPoolConfig {
     /// Most positions of one sequence (the table stride is `ceil(max_seq_len / bs)`; the
     /// tables take `4 * max_seqs * n_groups * stride` bytes, allocated once).
     pub max_seq_len: usize,
-    /// Recurrent-state slots (0: the model has none). With slots, prefix caching is off.
+    /// Recurrent-state slots (0: the model has none).
     pub n_state_slots: usize,
+    /// Slots for kept recurrent states (prefix caching with recurrent state; the backend's
+    /// state arrays have `n_state_slots + n_snapshots` slots).
+    pub n_snapshots: usize,
     /// Share cached full blocks between sequences with a common prompt prefix.
     pub prefix_caching: bool,
     /// Seeds the block hashes (e.g. a hash of the model's weights and KV dtype).
@@ -171,6 +192,7 @@ impl KvPoolConfig {
             max_seqs,
             max_seq_len,
             n_state_slots: 0,
+            n_snapshots: 0,
             prefix_caching: true,
             model_fingerprint: 0,
         }
@@ -275,6 +297,11 @@ struct Seq {
     computed: usize,
     /// Recurrent-state slot, or `NO_BLOCK` for none.
     state_slot: u32,
+    /// A snapshot slot whose state must be copied into `state_slot` before the sequence
+    /// runs (a prefix hit), or `NO_BLOCK`.
+    restore: u32,
+    /// The position at which the sequence's state is to be kept (0: none).
+    snapshot_at: usize,
     /// Chained hash and prefix id of the content up to the last full computed block
     /// (`computed / bs` blocks); the root when none.
     chain_hash: u64,
@@ -310,6 +337,12 @@ pub struct KvPool {
     partial: Vec<u32>,
     n_state_slots: usize,
     free_state_slots: Vec<u32>,
+    /// Kept recurrent states: per snapshot slot the prefix id it stands for (0: empty) and
+    /// when it was last used.
+    snapshots: Vec<(u64, u64)>,
+    snapshot_clock: u64,
+    /// The snapshot the last `match_prefix` ended on.
+    hit_snapshot: u32,
     /// `[n_groups][stride]`: a prefix match is built here.
     scratch: Vec<u32>,
     stats: PoolStats,
@@ -325,6 +358,7 @@ impl KvPool {
             max_seqs,
             max_seq_len,
             n_state_slots,
+            n_snapshots,
             prefix_caching,
             model_fingerprint,
         } = cfg;
@@ -339,7 +373,12 @@ impl KvPool {
         crate::ensure!(max_seqs > 0, "KV pool: max_seqs must be positive");
         crate::ensure!(max_seqs < u32::MAX as usize, "KV pool: max_seqs too large");
         crate::ensure!(max_seq_len > 0, "KV pool: max_seq_len must be positive");
-        crate::ensure!(n_state_slots < u32::MAX as usize, "KV pool: too many state slots");
+        crate::ensure!(
+            n_state_slots
+                .checked_add(n_snapshots)
+                .is_some_and(|n| n < u32::MAX as usize),
+            "KV pool: too many state slots"
+        );
         let stride = max_seq_len.div_ceil(block_size);
         crate::ensure!(
             stride < u32::MAX as usize,
@@ -355,7 +394,7 @@ impl KvPool {
                 "KV pool: block tables of {max_seqs} sequences × {n_groups} groups × {stride} blocks overflow"
             );
         };
-        let anchor = if prefix_caching && n_state_slots == 0 {
+        let anchor = if prefix_caching {
             groups.iter().position(|g| g.window == 0)
         } else {
             None
@@ -371,6 +410,8 @@ impl KvPool {
             len: 0,
             computed: 0,
             state_slot: NO_BLOCK,
+            restore: NO_BLOCK,
+            snapshot_at: 0,
             chain_hash: 0,
             chain_id: 0,
         };
@@ -394,6 +435,9 @@ impl KvPool {
             partial: vec![0; if anchor.is_some() { max_seqs * block_size } else { 0 }],
             n_state_slots,
             free_state_slots: (0..n_state_slots as u32).rev().collect(),
+            snapshots: vec![(0, 0); if n_state_slots > 0 { n_snapshots } else { 0 }],
+            snapshot_clock: 0,
+            hit_snapshot: NO_BLOCK,
             scratch: vec![NO_BLOCK; n_groups * stride],
             stats: PoolStats::default(),
             groups,
@@ -425,6 +469,11 @@ impl KvPool {
     /// Entries per block table in [`raw_tables`](Self::raw_tables).
     pub fn table_stride(&self) -> usize {
         self.stride
+    }
+
+    /// Slots the backend's recurrent state arrays need: the sequences' and the kept ones.
+    pub fn total_state_slots(&self) -> usize {
+        self.n_state_slots + self.snapshots.len()
     }
 
     /// Whether prefix caching is on (see the module docs for when it is off).
@@ -538,6 +587,23 @@ impl KvPool {
             NO_BLOCK
         };
         let cached = k * self.block_size;
+        let mut restore = NO_BLOCK;
+        if k > 0 && self.n_state_slots > 0 {
+            restore = self.hit_snapshot;
+            self.snapshot_clock += 1;
+            self.snapshots[(restore as usize) - self.n_state_slots].1 = self.snapshot_clock;
+        }
+        // Where this prompt's state is to be kept: its longest possible hit.
+        let snapshot_at = if self.anchor.is_some() && !self.snapshots.is_empty() {
+            let c = prompt.len().saturating_sub(1) / self.block_size * self.block_size;
+            if c > cached {
+                c
+            } else {
+                0
+            }
+        } else {
+            0
+        };
         for g in 0..self.groups.len() {
             let (row, srow) = (self.row(si, g), g * self.stride);
             for i in 0..k {
@@ -556,6 +622,8 @@ impl KvPool {
             len: cached,
             computed: cached,
             state_slot,
+            restore,
+            snapshot_at,
             chain_hash,
             chain_id,
         };
@@ -615,9 +683,16 @@ impl KvPool {
             (h, id) = (hk, self.cache.prefix_id(b));
             k += 1;
         }
+        // With recurrent state, a hit must end where a state was kept.
+        self.hit_snapshot = NO_BLOCK;
+        let recurrent = self.n_state_slots > 0;
+        if recurrent {
+            k = self.kept_state_below(arow, k);
+        }
         // Every other group needs its blocks from its first live block to k - 1. A missing
         // block i caps the hit at k = i (then block i is not needed); recheck every group,
-        // since a smaller hit needs a window group's earlier blocks.
+        // since a smaller hit needs a window group's earlier blocks (and, with recurrent
+        // state, another kept state).
         'retry: loop {
             for g in (0..self.groups.len()).filter(|&g| g != anchor) {
                 let lo = self.first_live_block(g, k * bs);
@@ -630,6 +705,9 @@ impl KvPool {
                         Some(b) => self.scratch[grow + i] = b,
                         None => {
                             k = i;
+                            if recurrent {
+                                k = self.kept_state_below(arow, k);
+                            }
                             continue 'retry;
                         }
                     }
@@ -643,6 +721,62 @@ impl KvPool {
         }
         let last = self.scratch[arow + k - 1];
         (k, self.cache.hash(last), self.cache.prefix_id(last))
+    }
+
+    /// The largest `k' <= k` whose matched anchor block `k' - 1` has a kept state (recorded
+    /// in `hit_snapshot`), or 0.
+    fn kept_state_below(&mut self, arow: usize, k: usize) -> usize {
+        for k2 in (1..=k).rev() {
+            let id = self.cache.prefix_id(self.scratch[arow + k2 - 1]);
+            if let Some(j) = self.snapshots.iter().position(|&(sid, _)| sid == id) {
+                self.hit_snapshot = (self.n_state_slots + j) as u32;
+                return k2;
+            }
+        }
+        self.hit_snapshot = NO_BLOCK;
+        0
+    }
+
+    /// Where the scheduler must end a step of `seq` so that its state there can be kept
+    /// (see the module docs): `Some(c)` until the sequence has computed `c` positions.
+    pub fn snapshot_point(&self, seq: SeqId) -> Option<usize> {
+        let s = &self.seqs[self.index(seq)];
+        (s.snapshot_at > s.computed).then_some(s.snapshot_at)
+    }
+
+    /// The copy a newly admitted sequence's state needs before it runs: `(snapshot slot,
+    /// its slot)` after a prefix hit on a kept state, once.
+    pub fn take_restore(&mut self, seq: SeqId) -> Option<(u32, u32)> {
+        let si = self.index(seq);
+        let s = &mut self.seqs[si];
+        let src = std::mem::replace(&mut s.restore, NO_BLOCK);
+        (src != NO_BLOCK).then_some((src, s.state_slot))
+    }
+
+    /// When `seq` has computed exactly its snapshot point: records a kept state for the
+    /// block chain up to there and returns the copy to make, `(its slot, snapshot slot)`
+    /// (the least recently used snapshot slot is reused), once. None when there is
+    /// nothing to keep or the same prefix is kept already.
+    pub fn take_snapshot(&mut self, seq: SeqId) -> Option<(u32, u32)> {
+        let si = self.index(seq);
+        let s = self.seqs[si];
+        if s.snapshot_at == 0 || s.computed != s.snapshot_at || self.snapshots.is_empty() {
+            return None;
+        }
+        self.seqs[si].snapshot_at = 0;
+        let id = s.chain_id;
+        if id == 0 {
+            return None;
+        }
+        self.snapshot_clock += 1;
+        if let Some(e) = self.snapshots.iter_mut().find(|e| e.0 == id) {
+            e.1 = self.snapshot_clock;
+            return None;
+        }
+        // Empty slots have last-used 0, so they go first.
+        let j = (0..self.snapshots.len()).min_by_key(|&j| self.snapshots[j].1)?;
+        self.snapshots[j] = (id, self.snapshot_clock);
+        Some((s.state_slot, (self.n_state_slots + j) as u32))
     }
 
     /// Positions reserved for the sequence (`append`ed).
@@ -809,6 +943,8 @@ impl KvPool {
         s.len = 0;
         s.computed = 0;
         s.state_slot = NO_BLOCK;
+        s.restore = NO_BLOCK;
+        s.snapshot_at = 0;
         s.generation = s.generation.wrapping_add(1);
         self.free_seqs.push(si as u32);
     }

@@ -279,6 +279,10 @@ pub struct Scheduler<'m> {
     tok: &'m Tokenizer,
     cfg: EngineConfig,
     windows: Vec<usize>,
+    /// For models with recurrent layers: their scan's chunk (0: none). Prefill steps of
+    /// such a sequence end on its multiples, at the sequence's snapshot point or at its
+    /// last token, so its rows are cut the same way in any batch.
+    scan_chunk: Option<usize>,
     pool: KvPool,
     batch: BatchState,
     waiting: VecDeque<Seq<'m>>,
@@ -308,6 +312,9 @@ enum Picked<'a> {
 impl<'m> Scheduler<'m> {
     pub fn new(lm: &'m dyn LanguageModel, tok: &'m Tokenizer, cfg: EngineConfig) -> Result<Scheduler<'m>> {
         let windows = lm.kv_windows();
+        // Recurrent layers: a state slot per running sequence, and as many for kept
+        // states (prefix caching; see `kv_pool`).
+        let recurrent = lm.recurrent_state();
         ensure!(!windows.is_empty(), "the model has no KV groups to page");
         let bs = cfg.block_size;
         ensure!(bs > 0 && cfg.kv_blocks > 0 && cfg.max_seqs > 0, "an empty engine");
@@ -335,7 +342,12 @@ impl<'m> Scheduler<'m> {
                 .collect(),
             max_seqs: cfg.max_seqs,
             max_seq_len: cfg.context,
-            n_state_slots: 0,
+            n_state_slots: if recurrent.is_some() { cfg.max_seqs } else { 0 },
+            n_snapshots: if recurrent.is_some() && cfg.prefix_caching {
+                cfg.max_seqs
+            } else {
+                0
+            },
             prefix_caching: cfg.prefix_caching,
             model_fingerprint: fingerprint(lm),
         })?;
@@ -349,6 +361,7 @@ impl<'m> Scheduler<'m> {
             group_blocks: vec![cfg.kv_blocks; windows.len()],
             max_seq_len: cfg.context,
             max_logit_rows: logit_rows,
+            state_slots: pool.total_state_slots(),
         })?;
         let vocab = lm.config().vocab_size;
         let logits_len = cfg
@@ -371,11 +384,14 @@ impl<'m> Scheduler<'m> {
                     block_tables: Vec::with_capacity(max_table),
                 })
                 .collect(),
+            state_slots: Vec::with_capacity(cfg.max_seqs),
+            n_state_slots: pool.total_state_slots() as u32,
         };
         Ok(Scheduler {
             lm,
             tok,
             windows,
+            scan_chunk: recurrent.map(|r| r.scan_chunk),
             pool,
             batch,
             waiting: VecDeque::new(),
@@ -471,7 +487,7 @@ impl<'m> Scheduler<'m> {
     /// One step; returns the rows it ran (0: nothing to do).
     pub fn step(&mut self) -> Result<usize> {
         self.drop_cancelled();
-        self.plan_rows();
+        self.plan_rows()?;
         if self.plan.is_empty() {
             if self.running.is_empty() {
                 if let Some(mut s) = self.waiting.pop_front() {
@@ -535,6 +551,9 @@ impl<'m> Scheduler<'m> {
             let seq = s.pool_seq.expect("a planned sequence is in the pool");
             let from = self.pool.computed(seq);
             self.pool.commit(seq, &s.tokens[from..from + n]);
+            if let Some((src, dst)) = self.pool.take_snapshot(seq) {
+                self.lm.copy_state_slot(&mut self.batch, src as usize, dst as usize)?;
+            }
             if from + n == s.tokens.len() {
                 let picked = if greedy {
                     Picked::Id(self.argmax_ids[li])
@@ -664,15 +683,44 @@ impl<'m> Scheduler<'m> {
         self.waiting.push_front(s);
     }
 
+    /// Rows of a sequence at `from` with `pending` tokens to compute in a step that has
+    /// `budget` rows left. A model with recurrent layers ends a step that stops short of
+    /// the sequence's last token at its snapshot point or on a multiple of the scan's
+    /// chunk (so the sequence's cuts do not depend on its batch); 0 when that leaves
+    /// nothing and other rows are planned (it runs next step, first).
+    fn rows_for(&self, seq: SeqId, from: usize, pending: usize, budget: usize) -> usize {
+        let n = pending.min(budget);
+        let Some(chunk) = self.scan_chunk else {
+            return n;
+        };
+        if let Some(c) = self.pool.snapshot_point(seq) {
+            if from < c && c < from + n {
+                return c - from;
+            }
+        }
+        if n == pending || chunk == 0 {
+            return n;
+        }
+        let aligned = (from + n) / chunk * chunk;
+        if aligned > from {
+            aligned - from
+        } else if self.plan.is_empty() {
+            n
+        } else {
+            0
+        }
+    }
+
     /// Decides this step's rows (see the module docs), reserving their blocks.
-    fn plan_rows(&mut self) {
+    fn plan_rows(&mut self) -> Result<()> {
         self.plan.clear();
         let mut budget = self.cfg.max_batch_tokens;
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let seq = self.running[i].pool_seq.expect("running sequences are in the pool");
-            let pending = self.running[i].tokens.len() - self.pool.computed(seq);
-            let n = pending.min(budget);
+            let from = self.pool.computed(seq);
+            let pending = self.running[i].tokens.len() - from;
+            let n = self.rows_for(seq, from, pending, budget);
             if n == 0 {
                 i += 1;
                 continue;
@@ -701,10 +749,16 @@ impl<'m> Scheduler<'m> {
             let Ok((seq, cached)) = self.pool.add_sequence_with_prompt(&s.tokens) else {
                 break;
             };
-            let n = (s.tokens.len() - cached).min(budget);
-            if !self.pool.can_append(seq, n) {
+            let n = self.rows_for(seq, cached, s.tokens.len() - cached, budget);
+            if n == 0 || !self.pool.can_append(seq, n) {
                 self.pool.free_sequence(seq);
                 break;
+            }
+            if let Some((src, dst)) = self.pool.take_restore(seq) {
+                if let Err(e) = self.lm.copy_state_slot(&mut self.batch, src as usize, dst as usize) {
+                    self.pool.free_sequence(seq);
+                    return Err(e);
+                }
             }
             self.pool.append(seq, n).expect("checked by can_append");
             let mut s = self.waiting.pop_front().unwrap();
@@ -717,6 +771,7 @@ impl<'m> Scheduler<'m> {
             self.plan.push((self.running.len() - 1, n));
             budget -= n;
         }
+        Ok(())
     }
 
     /// Fills the step's tokens, layout and logit rows from the plan.
@@ -730,11 +785,15 @@ impl<'m> Scheduler<'m> {
             g.seqs.clear();
             g.block_tables.clear();
         }
+        self.layout.state_slots.clear();
         for &(ri, n) in &self.plan {
             let s = &self.running[ri];
             let seq = s.pool_seq.unwrap();
             let from = self.pool.computed(seq);
             let first_row = self.step_tokens.len();
+            if let Some(slot) = self.pool.state_slot(seq) {
+                self.layout.state_slots.push(slot);
+            }
             self.step_tokens.extend_from_slice(&s.tokens[from..from + n]);
             self.layout.positions.extend((from..from + n).map(|p| p as u32));
             if from + n == s.tokens.len() {

@@ -553,9 +553,10 @@ fn a_second_global_group_must_hold_every_block() {
 }
 
 #[test]
-fn state_slots_limit_admission_and_turn_prefix_caching_off() {
+fn state_slots_limit_admission() {
     let mut cfg = KvPoolConfig::new(16, 4, &[G], 4, 64);
     cfg.n_state_slots = 2;
+    cfg.prefix_caching = false;
     let mut p = KvPool::new(cfg).unwrap();
     assert!(!p.prefix_caching());
     let prompt: Vec<u32> = (0..9).collect();
@@ -573,6 +574,68 @@ fn state_slots_limit_admission_and_turn_prefix_caching_off() {
     let mut q = q;
     let s = q.add_sequence().unwrap();
     assert_eq!(q.state_slot(s), None);
+}
+
+/// Runs `seq` from its computed position to the end of `tokens`, stopping at its snapshot
+/// point as the scheduler does; returns the snapshot copy it asked for.
+fn run_to_end_with_snapshot(p: &mut KvPool, seq: SeqId, tokens: &[u32]) -> Option<(u32, u32)> {
+    let mut copy = None;
+    while p.computed(seq) < tokens.len() {
+        let from = p.computed(seq);
+        let to = match p.snapshot_point(seq) {
+            Some(c) if c > from => c,
+            _ => tokens.len(),
+        };
+        p.append(seq, to - from).unwrap();
+        p.commit(seq, &tokens[from..to]);
+        if let Some(c) = p.take_snapshot(seq) {
+            assert!(copy.is_none(), "one snapshot per admission");
+            copy = Some(c);
+        }
+    }
+    copy
+}
+
+#[test]
+fn recurrent_prefix_hits_need_a_kept_state() {
+    let mut cfg = KvPoolConfig::new(32, 4, &[G], 2, 64);
+    cfg.n_state_slots = 2;
+    cfg.n_snapshots = 1;
+    let mut p = KvPool::new(cfg).unwrap();
+    assert!(p.prefix_caching());
+    assert_eq!(p.total_state_slots(), 3);
+    let prompt: Vec<u32> = (10..20).collect(); // 10 tokens: kept at 8
+    let (a, cached) = p.add_sequence_with_prompt(&prompt).unwrap();
+    assert_eq!((cached, p.snapshot_point(a)), (0, Some(8)));
+    assert_eq!(p.take_restore(a), None);
+    let slot_a = p.state_slot(a).unwrap();
+    assert_eq!(run_to_end_with_snapshot(&mut p, a, &prompt), Some((slot_a, 2)));
+    assert_eq!(p.snapshot_point(a), None);
+    p.free_sequence(a);
+    // Blocks are cached, but a prompt sharing only the first block finds no kept state.
+    let mut other = prompt[..5].to_vec();
+    other.extend([90, 91, 92, 93, 94]);
+    assert_eq!(p.lookup_prefix(&other).positions, 0);
+    // The exact repeat resumes at 8 from snapshot slot 2, once.
+    let (b, cached) = p.add_sequence_with_prompt(&prompt).unwrap();
+    assert_eq!(cached, 8);
+    assert_eq!(p.snapshot_point(b), None, "nothing more to keep for the same prompt");
+    assert_eq!(p.take_restore(b), Some((2, p.state_slot(b).unwrap())));
+    assert_eq!(p.take_restore(b), None);
+    // A longer prompt extending it resumes there too, and keeps its own point (12) in the
+    // one snapshot slot, replacing the older one.
+    let mut longer = prompt.clone();
+    longer.extend([40, 41, 42, 43, 44]);
+    let (c, cached) = p.add_sequence_with_prompt(&longer).unwrap();
+    assert_eq!((cached, p.snapshot_point(c)), (8, Some(12)));
+    assert_eq!(p.take_restore(c), Some((2, p.state_slot(c).unwrap())));
+    let slot_c = p.state_slot(c).unwrap();
+    assert_eq!(run_to_end_with_snapshot(&mut p, c, &longer), Some((slot_c, 2)));
+    p.free_sequence(c);
+    p.free_sequence(b);
+    assert_eq!(p.lookup_prefix(&prompt).positions, 0, "the state at 8 was replaced");
+    assert_eq!(p.lookup_prefix(&longer).positions, 12);
+    p.check_invariants();
 }
 
 #[test]

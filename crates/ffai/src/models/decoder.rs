@@ -15,6 +15,7 @@ use ffai_kernels::cuda::backend::CudaBackend;
 
 use super::mla::{MlaLayer, MlaScratch, MlaSpec};
 use super::moe::{MoeLayer, MoeScratch, MoeSpec};
+use super::recurrent::{RecLayer, RecScratch, RecState, RecurrentSpec};
 use super::{BatchShape, BatchState, Device, LanguageModel, StepOut};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -51,6 +52,8 @@ pub enum Mlp {
     GeGlu,
     /// `down(gelu_tanh(up(x) + b) ) + b` (StarCoder 2).
     Gelu,
+    /// `down(relu(up(x) + b)^2) + b`, no gate (NemotronH).
+    Relu2,
 }
 
 /// Where the norms of a block sit.
@@ -106,6 +109,14 @@ pub struct DecoderSpec {
     /// Multi-head latent attention instead of q/k/v projections (DeepSeek-V2/V3, see
     /// `mla`): the cache holds one latent row per token and layer.
     pub mla: Option<MlaSpec>,
+    /// Recurrent mixers (see `recurrent`): which layers use one instead of attention.
+    pub recurrent: Option<RecurrentSpec>,
+    /// The final norm's tensor name: `output_norm`, or llama.cpp's `token_embd_norm` for
+    /// LFM2 (its `embedding_norm`, applied after the last block).
+    pub final_norm: &'static str,
+    /// Attention output gate (Qwen3-Next): `attn_q` holds per head `[q | gate]`; the
+    /// attention's output is multiplied by `sigmoid(gate)` before `attn_output`.
+    pub attn_gate: bool,
 }
 
 impl DecoderSpec {
@@ -139,6 +150,9 @@ impl DecoderSpec {
             clip_qkv: 0.0,
             ffn_norm: "ffn_norm",
             mla: None,
+            recurrent: None,
+            final_norm: "output_norm",
+            attn_gate: false,
         }
     }
 }
@@ -174,7 +188,23 @@ struct Layer<B: Backend> {
     post_attn_norm: Option<Norm<B>>,
     ffn_norm: Option<Norm<B>>,
     post_ffn_norm: Option<Norm<B>>,
-    attn: Attn<B>,
+    mixer: Mixer<B>,
+    ffn: Ffn<B>,
+}
+
+/// A layer's token mixer: attention, a recurrent mixer (see `recurrent`), or none (a
+/// block that is only an MLP: NemotronH's `mlp` blocks).
+enum Mixer<B: Backend> {
+    Attn(AttnLayer<B>),
+    Rec(RecLayer<B>),
+    None,
+}
+
+/// An attention mixer: its projections (q/k/v or latent), output projection and extras.
+struct AttnLayer<B: Backend> {
+    proj: Attn<B>,
+    /// The output gate's projection (`DecoderSpec::attn_gate`).
+    gate: Option<B::Mat>,
     wo: B::Mat,
     /// q, k, v biases.
     qkv_bias: Option<[B::Buf; 3]>,
@@ -183,7 +213,6 @@ struct Layer<B: Backend> {
     k_norm: Option<B::Buf>,
     /// Learned attention sinks, one logit per query head (GPT-OSS `attn_sinks`).
     sinks: Option<B::Buf>,
-    ffn: Ffn<B>,
 }
 
 /// A layer's attention projections: q/k/v, or multi-head latent attention.
@@ -202,6 +231,8 @@ enum Ffn<B: Backend> {
         down_bias: Option<B::Buf>,
     },
     Moe(MoeLayer<B>),
+    /// No MLP: the block is the mixer alone (Mamba 2).
+    None,
 }
 
 pub struct Decoder<B: Backend> {
@@ -239,6 +270,12 @@ struct Paged<B: Backend> {
     moe: Option<MoeScratch<B>>,
     /// The latent attention's scratch (MLA models only).
     mla: Option<MlaScratch<B>>,
+    /// The attention output gate's activations (`DecoderSpec::attn_gate`).
+    attn_gate: B::Buf,
+    /// The recurrent layers' scratch, and per layer its state arrays (recurrent layers
+    /// only), `BatchShape::state_slots` slots each.
+    rec: Option<RecScratch<B>>,
+    rec_state: Vec<Option<RecState<B>>>,
     /// `max_logit_rows` final hidden states gathered for the LM head, and their logits.
     last: B::Buf,
     logits: B::Buf,
@@ -279,6 +316,9 @@ impl<B: Backend> Decoder<B> {
             spec.moe.as_ref().is_none_or(|m| m.sparse.len() == cfg.num_layers),
             "decoder spec has the wrong number of MoE layer flags"
         );
+        if let Some(r) = &spec.recurrent {
+            super::recurrent::check(cfg, r)?;
+        }
         let n_tables = spec.ropes.len();
         ensure!(
             spec.long_ropes.as_ref().is_none_or(|(_, t)| t.len() == n_tables),
@@ -319,38 +359,89 @@ impl<B: Backend> Decoder<B> {
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = |s: &str| format!("blk.{i}.{s}");
-            // Latent attention, fused q/k/v (Phi-3) or separate projections.
-            let attn = if let Some(ms) = &spec.mla {
-                Attn::Mla(MlaLayer::load(w, &*b, i, ms, h)?)
-            } else if w.has(&p("attn_qkv.weight")) {
-                let e = w.matrix(&p("attn_qkv.weight"), qd + 2 * kvd, h)?;
-                Attn::Qkv {
-                    wq: b.matrix(e.ty, qd, h, rows_of(e, 0, qd, h)?),
-                    wk: b.matrix(e.ty, kvd, h, rows_of(e, qd, kvd, h)?),
-                    wv: b.matrix(e.ty, kvd, h, rows_of(e, qd + kvd, kvd, h)?),
+            let mixer = match &spec.recurrent {
+                Some(rs) if rs.mlp_only[i] => Mixer::None,
+                Some(rs) if rs.layers[i] => Mixer::Rec(RecLayer::load(&*b, w, i, rs, h)?),
+                _ => {
+                    // Latent attention, per head [q | gate] rows (Qwen3-Next), fused q/k/v
+                    // (Phi-3) or separate projections.
+                    let hd = cfg.head_dim;
+                    let per_head = |off: usize| -> Vec<(usize, usize)> {
+                        (0..cfg.num_heads).map(|hh| (hh * 2 * hd + off, hd)).collect()
+                    };
+                    let (gate, wq) = if spec.attn_gate {
+                        let name = p("attn_q.weight");
+                        (
+                            Some(super::recurrent::gather_rows(&*b, w, &name, 2 * qd, h, &per_head(hd))?),
+                            Some(super::recurrent::gather_rows(&*b, w, &name, 2 * qd, h, &per_head(0))?),
+                        )
+                    } else {
+                        (None, None)
+                    };
+                    let proj = if let Some(ms) = &spec.mla {
+                        Attn::Mla(MlaLayer::load(w, &*b, i, ms, h)?)
+                    } else if let Some(wq) = wq {
+                        Attn::Qkv {
+                            wq,
+                            wk: mat(&p("attn_k.weight"), kvd, h)?,
+                            wv: mat(&p("attn_v.weight"), kvd, h)?,
+                        }
+                    } else if w.has(&p("attn_qkv.weight")) {
+                        let e = w.matrix(&p("attn_qkv.weight"), qd + 2 * kvd, h)?;
+                        Attn::Qkv {
+                            wq: b.matrix(e.ty, qd, h, rows_of(e, 0, qd, h)?),
+                            wk: b.matrix(e.ty, kvd, h, rows_of(e, qd, kvd, h)?),
+                            wv: b.matrix(e.ty, kvd, h, rows_of(e, qd + kvd, kvd, h)?),
+                        }
+                    } else {
+                        Attn::Qkv {
+                            wq: mat(&p("attn_q.weight"), qd, h)?,
+                            wk: mat(&p("attn_k.weight"), kvd, h)?,
+                            wv: mat(&p("attn_v.weight"), kvd, h)?,
+                        }
+                    };
+                    let qkv_bias = if spec.mla.is_none() && w.has(&p("attn_q.bias")) {
+                        Some([
+                            vec(&p("attn_q.bias"), qd)?,
+                            vec(&p("attn_k.bias"), kvd)?,
+                            vec(&p("attn_v.bias"), kvd)?,
+                        ])
+                    } else {
+                        None
+                    };
+                    let (qn_len, kn_len) = match spec.qk_norm {
+                        QkNorm::PerHead => (cfg.head_dim, cfg.head_dim),
+                        _ => (qd, kvd),
+                    };
+                    let qk = |name: &str, len: usize| -> Result<Option<B::Buf>> {
+                        if spec.qk_norm == QkNorm::None {
+                            return Ok(None);
+                        }
+                        let mut v = w.f32_vec(&p(name), len)?;
+                        if spec.norm == NormKind::RmsPlusOne {
+                            v.iter_mut().for_each(|x| *x += 1.0);
+                        }
+                        Ok(Some(b.upload(&v)))
+                    };
+                    Mixer::Attn(AttnLayer {
+                        proj,
+                        gate,
+                        wo: mat(&p("attn_output.weight"), h, attn_out)?,
+                        qkv_bias,
+                        o_bias: opt_vec(&p("attn_output.bias"), h)?,
+                        q_norm: qk("attn_q_norm.weight", qn_len)?,
+                        k_norm: qk("attn_k_norm.weight", kn_len)?,
+                        sinks: opt_vec(&p("attn_sinks.weight"), cfg.num_heads)?,
+                    })
                 }
-            } else {
-                Attn::Qkv {
-                    wq: mat(&p("attn_q.weight"), qd, h)?,
-                    wk: mat(&p("attn_k.weight"), kvd, h)?,
-                    wv: mat(&p("attn_v.weight"), kvd, h)?,
-                }
-            };
-            let qkv_bias = if spec.mla.is_none() && w.has(&p("attn_q.bias")) {
-                Some([
-                    vec(&p("attn_q.bias"), qd)?,
-                    vec(&p("attn_k.bias"), kvd)?,
-                    vec(&p("attn_v.bias"), kvd)?,
-                ])
-            } else {
-                None
             };
             let ffn = match &spec.moe {
+                _ if spec.recurrent.as_ref().is_some_and(|r| !r.mlp[i]) => Ffn::None,
                 Some(ms) if ms.sparse[i] => Ffn::Moe(MoeLayer::load(w, &*b, i, ms, h)?),
                 _ => {
                     // Gated MLPs: separate gate/up, or one fused [2f, h] matrix (Phi-3's gate_up).
                     let (w_gate, w_up) = match spec.mlp {
-                        Mlp::Gelu => (None, mat(&p("ffn_up.weight"), f, h)?),
+                        Mlp::Gelu | Mlp::Relu2 => (None, mat(&p("ffn_up.weight"), f, h)?),
                         _ if w.has(&p("ffn_gate.weight")) => {
                             (Some(mat(&p("ffn_gate.weight"), f, h)?), mat(&p("ffn_up.weight"), f, h)?)
                         }
@@ -376,40 +467,28 @@ impl<B: Backend> Decoder<B> {
                 NormPlacement::Sandwich => (true, true),
                 NormPlacement::Post => (false, true),
             };
-            let (qn_len, kn_len) = match spec.qk_norm {
-                QkNorm::PerHead => (cfg.head_dim, cfg.head_dim),
-                _ => (qd, kvd),
-            };
-            let qk = |name: &str, len: usize| -> Result<Option<B::Buf>> {
-                if spec.qk_norm == QkNorm::None {
-                    return Ok(None);
-                }
-                let mut v = w.f32_vec(&p(name), len)?;
-                if spec.norm == NormKind::RmsPlusOne {
-                    v.iter_mut().for_each(|x| *x += 1.0);
-                }
-                Ok(Some(b.upload(&v)))
-            };
             layers.push(Layer {
-                attn_norm: if pre { Some(norm(&p("attn_norm"), h)?) } else { None },
+                attn_norm: if pre && !matches!(mixer, Mixer::None) {
+                    Some(norm(&p("attn_norm"), h)?)
+                } else {
+                    None
+                },
                 post_attn_norm: if post {
                     Some(norm(&p("post_attention_norm"), h)?)
                 } else {
                     None
                 },
-                ffn_norm: if pre { Some(norm(&p(spec.ffn_norm), h)?) } else { None },
-                post_ffn_norm: if post {
+                ffn_norm: if pre && !matches!(ffn, Ffn::None) {
+                    Some(norm(&p(spec.ffn_norm), h)?)
+                } else {
+                    None
+                },
+                post_ffn_norm: if post && !matches!(ffn, Ffn::None) {
                     Some(norm(&p("post_ffw_norm"), h)?)
                 } else {
                     None
                 },
-                attn,
-                wo: mat(&p("attn_output.weight"), h, attn_out)?,
-                qkv_bias,
-                o_bias: opt_vec(&p("attn_output.bias"), h)?,
-                q_norm: qk("attn_q_norm.weight", qn_len)?,
-                k_norm: qk("attn_k_norm.weight", kn_len)?,
-                sinks: opt_vec(&p("attn_sinks.weight"), cfg.num_heads)?,
+                mixer,
                 ffn,
             });
         }
@@ -418,24 +497,36 @@ impl<B: Backend> Decoder<B> {
         } else {
             None
         };
+        // KV groups over the attention layers; a model without any still has one (global)
+        // group with no layers, so the engine's bookkeeping of positions is the same.
         let mut windows: Vec<usize> = Vec::new();
+        let is_rec = |i: usize| spec.recurrent.as_ref().is_some_and(|r| r.layers[i] || r.mlp_only[i]);
         let layer_group = spec
             .layers
             .iter()
-            .map(|l| match windows.iter().position(|&w| w == l.window) {
-                Some(g) => g,
-                None => {
-                    windows.push(l.window);
-                    windows.len() - 1
+            .enumerate()
+            .map(|(i, l)| {
+                if is_rec(i) {
+                    return 0;
+                }
+                match windows.iter().position(|&w| w == l.window) {
+                    Some(g) => g,
+                    None => {
+                        windows.push(l.window);
+                        windows.len() - 1
+                    }
                 }
             })
             .collect();
+        if windows.is_empty() {
+            windows.push(0);
+        }
         b.check().map_err(Error::new)?;
         Ok(Decoder {
             windows,
             layer_group,
             embed: mat("token_embd.weight", cfg.vocab_size, h)?,
-            final_norm: norm("output_norm", h)?,
+            final_norm: norm(spec.final_norm, h)?,
             ropes: spec.ropes.iter().map(|r| b.upload(r)).collect(),
             long_ropes: spec
                 .long_ropes
@@ -448,6 +539,14 @@ impl<B: Backend> Decoder<B> {
             id,
             b,
         })
+    }
+
+    fn is_recurrent(&self, layer: usize) -> bool {
+        matches!(self.layers[layer].mixer, Mixer::Rec(_))
+    }
+
+    fn is_attention(&self, layer: usize) -> bool {
+        matches!(self.layers[layer].mixer, Mixer::Attn(_))
     }
 
     fn shape(&self, layer: usize) -> AttnShape {
@@ -493,97 +592,122 @@ impl<B: Backend> Decoder<B> {
         tap.boundary(b, &s.x, n * h, "embed", None);
         // Each norm of the residual stream is taken where the stream was last added to
         // (`residual_norm`: one fused op where the backend has it); the first here.
-        if let Some(nm) = self.layers.first().and_then(|l| l.attn_norm.as_ref()) {
+        if let Some(nm) = self.input_norm_from(0) {
             self.norm(nm, &s.x, n, &mut s.xn);
         }
         for (i, l) in self.layers.iter().enumerate() {
-            // --- attention ---
+            // --- attention or the recurrent mixer ---
             let input = if l.attn_norm.is_some() { &s.xn } else { &s.x };
             tap.linear_input(b, input, n, h, "attn_in", Some(i));
-            let tables = match &self.long_ropes {
-                Some((_, long)) if s.long_rope => long,
-                _ => &self.ropes,
-            };
-            let rope = RopeParams {
-                inv_freq: &tables[sp.layers[i].rope],
-                neox: sp.rope_neox,
-            };
-            let (shape, g) = (self.shape(i), self.layer_group[i]);
-            match &l.attn {
-                Attn::Mla(m) => {
-                    let (Some(ms), Some(scratch)) = (&sp.mla, &mut s.mla) else {
-                        unreachable!("a model with latent attention allocates its scratch")
+            match &l.mixer {
+                Mixer::None => {}
+                Mixer::Rec(r) => {
+                    let (Some(rs), Some(scratch), Some(state)) = (&sp.recurrent, &mut s.rec, &mut s.rec_state[i])
+                    else {
+                        unreachable!("a model with recurrent layers allocates their scratch and state")
                     };
-                    m.forward(
-                        b,
-                        ms,
-                        input,
-                        n,
-                        scratch,
-                        &mut s.k_pages[i],
-                        &s.step,
-                        g,
-                        &shape,
-                        &rope,
-                        sp.eps,
-                        &mut s.att,
-                    );
+                    r.forward(b, rs, input, n, h, scratch, state, &s.step, tap, i, &mut s.tmp);
                 }
-                Attn::Qkv { wq, wk, wv } => {
-                    b.matmuls(&[wq, wk, wv], input, n, &mut [&mut s.q, &mut s.k, &mut s.v]);
-                    if let Some([bq, bk, bv]) = &l.qkv_bias {
-                        b.add_bias(&mut s.q, bq, n);
-                        b.add_bias(&mut s.k, bk, n);
-                        b.add_bias(&mut s.v, bv, n);
+                Mixer::Attn(a) => {
+                    let tables = match &self.long_ropes {
+                        Some((_, long)) if s.long_rope => long,
+                        _ => &self.ropes,
+                    };
+                    let rope = RopeParams {
+                        inv_freq: &tables[sp.layers[i].rope],
+                        neox: sp.rope_neox,
+                    };
+                    let (shape, g) = (self.shape(i), self.layer_group[i]);
+                    match &a.proj {
+                        Attn::Mla(m) => {
+                            let (Some(ms), Some(scratch)) = (&sp.mla, &mut s.mla) else {
+                                unreachable!("a model with latent attention allocates its scratch")
+                            };
+                            m.forward(
+                                b,
+                                ms,
+                                input,
+                                n,
+                                scratch,
+                                &mut s.k_pages[i],
+                                &s.step,
+                                g,
+                                &shape,
+                                &rope,
+                                sp.eps,
+                                &mut s.att,
+                            );
+                        }
+                        Attn::Qkv { wq, wk, wv } => {
+                            b.matmuls(&[wq, wk, wv], input, n, &mut [&mut s.q, &mut s.k, &mut s.v]);
+                            if let Some(gw) = &a.gate {
+                                b.matmul(gw, input, n, &mut s.attn_gate);
+                            }
+                            if let Some([bq, bk, bv]) = &a.qkv_bias {
+                                b.add_bias(&mut s.q, bq, n);
+                                b.add_bias(&mut s.k, bk, n);
+                                b.add_bias(&mut s.v, bv, n);
+                            }
+                            if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
+                                let (qrows, krows) = match sp.qk_norm {
+                                    QkNorm::PerHead => (n * c.num_heads, n * c.num_kv_heads),
+                                    _ => (n, n),
+                                };
+                                b.rms_norm(&s.q, qn, sp.eps, qrows, &mut s.qn);
+                                b.rms_norm(&s.k, kn, sp.eps, krows, &mut s.kn);
+                                std::mem::swap(&mut s.q, &mut s.qn);
+                                std::mem::swap(&mut s.k, &mut s.kn);
+                            }
+                            if sp.clip_qkv > 0.0 {
+                                let (c, qd, kvd) = (sp.clip_qkv, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+                                b.clamp(&mut s.q, -c, c, n * qd);
+                                b.clamp(&mut s.k, -c, c, n * kvd);
+                                b.clamp(&mut s.v, -c, c, n * kvd);
+                            }
+                            b.rope_kv_write_step(
+                                &mut s.q,
+                                &mut s.k,
+                                &s.v,
+                                n,
+                                &s.step,
+                                &rope,
+                                &mut s.k_pages[i],
+                                &mut s.v_pages[i],
+                                g,
+                                &shape,
+                            );
+                            b.attention_step(
+                                &s.q,
+                                &s.k_pages[i],
+                                &s.v_pages[i],
+                                n,
+                                &s.step,
+                                g,
+                                &shape,
+                                a.sinks.as_ref(),
+                                &mut s.att,
+                            );
+                            if a.gate.is_some() {
+                                b.sigmoid_mul(&mut s.att, &s.attn_gate, n * c.num_heads * c.head_dim);
+                            }
+                        }
                     }
-                    if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
-                        let (qrows, krows) = match sp.qk_norm {
-                            QkNorm::PerHead => (n * c.num_heads, n * c.num_kv_heads),
-                            _ => (n, n),
-                        };
-                        b.rms_norm(&s.q, qn, sp.eps, qrows, &mut s.qn);
-                        b.rms_norm(&s.k, kn, sp.eps, krows, &mut s.kn);
-                        std::mem::swap(&mut s.q, &mut s.qn);
-                        std::mem::swap(&mut s.k, &mut s.kn);
+                    let att_w = sp.mla.as_ref().map_or(c.num_heads * c.head_dim, |m| m.out_dim());
+                    tap.linear_input(b, &s.att, n, att_w, "attn_out", Some(i));
+                    b.matmul(&a.wo, &s.att, n, &mut s.tmp);
+                    if let Some(ob) = &a.o_bias {
+                        b.add_bias(&mut s.tmp, ob, n);
                     }
-                    if sp.clip_qkv > 0.0 {
-                        let (c, qd, kvd) = (sp.clip_qkv, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-                        b.clamp(&mut s.q, -c, c, n * qd);
-                        b.clamp(&mut s.k, -c, c, n * kvd);
-                        b.clamp(&mut s.v, -c, c, n * kvd);
-                    }
-                    b.rope_kv_write_step(
-                        &mut s.q,
-                        &mut s.k,
-                        &s.v,
-                        n,
-                        &s.step,
-                        &rope,
-                        &mut s.k_pages[i],
-                        &mut s.v_pages[i],
-                        g,
-                        &shape,
-                    );
-                    b.attention_step(
-                        &s.q,
-                        &s.k_pages[i],
-                        &s.v_pages[i],
-                        n,
-                        &s.step,
-                        g,
-                        &shape,
-                        l.sinks.as_ref(),
-                        &mut s.att,
-                    );
                 }
             }
-            let att_w = sp.mla.as_ref().map_or(c.num_heads * c.head_dim, |m| m.out_dim());
-            tap.linear_input(b, &s.att, n, att_w, "attn_out", Some(i));
-            b.matmul(&l.wo, &s.att, n, &mut s.tmp);
-            if let Some(ob) = &l.o_bias {
-                b.add_bias(&mut s.tmp, ob, n);
+            if !matches!(l.mixer, Mixer::None) {
+                let next = self.next_norm(i, true);
+                self.residual_norm(l.post_attn_norm.as_ref(), next, s, n);
             }
-            self.residual_norm(l.post_attn_norm.as_ref(), l.ffn_norm.as_ref(), s, n);
+            if matches!(l.ffn, Ffn::None) {
+                tap.boundary(b, &s.x, n * h, "layer_out", Some(i));
+                continue;
+            }
 
             // --- MLP ---
             let input = if l.ffn_norm.is_some() { &s.xn } else { &s.x };
@@ -595,6 +719,7 @@ impl<B: Backend> Decoder<B> {
                     };
                     moe.forward(b, ms, input, n, scratch, &mut s.tmp);
                 }
+                Ffn::None => unreachable!("blocks without an MLP end above"),
                 Ffn::Dense {
                     w_gate,
                     w_up,
@@ -611,6 +736,13 @@ impl<B: Backend> Decoder<B> {
                             b.matmuls(&[g, w_up], input, n, &mut [&mut s.gate, &mut s.up]);
                             b.gelu_mul(&mut s.gate, &s.up, n * f);
                         }
+                        (None, Mlp::Relu2) => {
+                            b.matmul(w_up, input, n, &mut s.gate);
+                            if let Some(ub) = up_bias {
+                                b.add_bias(&mut s.gate, ub, n);
+                            }
+                            b.relu_sq(&mut s.gate, n * f);
+                        }
                         _ => {
                             b.matmul(w_up, input, n, &mut s.gate);
                             if let Some(ub) = up_bias {
@@ -626,15 +758,38 @@ impl<B: Backend> Decoder<B> {
                     }
                 }
             }
-            let next = match self.layers.get(i + 1) {
-                Some(nl) => nl.attn_norm.as_ref(),
-                None => Some(&self.final_norm),
-            };
+            let next = self.next_norm(i, false);
             self.residual_norm(l.post_ffn_norm.as_ref(), next, s, n);
             tap.boundary(b, &s.x, n * h, "layer_out", Some(i));
         }
         tap.boundary(b, &s.xn, n * h, "final_norm", None);
         tap.linear_input(b, &s.xn, n, h, "head_in", None);
+    }
+
+    /// The norm of the residual stream that the next sublayer to run after layer `i`'s
+    /// mixer (`after_mixer`) or its MLP takes as input: the MLP's `ffn_norm`, or the first
+    /// of a later layer's mixer or MLP that exists (`attn_norm` / `ffn_norm`), or the final
+    /// norm after the last layer. `None` where that sublayer takes the stream un-normed.
+    fn next_norm(&self, i: usize, after_mixer: bool) -> Option<&Norm<B>> {
+        let l = &self.layers[i];
+        if after_mixer && !matches!(l.ffn, Ffn::None) {
+            return l.ffn_norm.as_ref();
+        }
+        self.input_norm_from(i + 1)
+    }
+
+    /// The input norm of the first sublayer that runs from layer `i` on (a layer without
+    /// a mixer starts at its MLP), or the final norm when none does.
+    fn input_norm_from(&self, i: usize) -> Option<&Norm<B>> {
+        for l in &self.layers[i.min(self.layers.len())..] {
+            if !matches!(l.mixer, Mixer::None) {
+                return l.attn_norm.as_ref();
+            }
+            if !matches!(l.ffn, Ffn::None) {
+                return l.ffn_norm.as_ref();
+            }
+        }
+        Some(&self.final_norm)
     }
 
     /// `x += residual_scale * post_norm(tmp)`, then `xn = next(x)` when there is a next
@@ -685,7 +840,25 @@ impl<B: Backend> Decoder<B> {
         let bs = super::one_seq::DEFAULT_BLOCK_SIZE;
         let per_row = self.kv_row_elems() * self.b.kv_elem_bytes();
         let mut out: Vec<(String, usize, usize)> = Vec::new();
-        for l in &self.spec.layers {
+        for (i, l) in self.spec.layers.iter().enumerate() {
+            if !self.is_attention(i) && !self.is_recurrent(i) {
+                continue;
+            }
+            if self.is_recurrent(i) {
+                // A fixed-size state per sequence: no rows that grow with the context.
+                let bytes = self.spec.recurrent.as_ref().map_or(0, |r| {
+                    let (c, s) = r.slot_floats(self.cfg.hidden_size);
+                    (c + s) * 4
+                });
+                match out.iter_mut().find(|e| e.0 == "recurrent state") {
+                    Some(e) => {
+                        e.1 += 1;
+                        e.2 += bytes;
+                    }
+                    None => out.push(("recurrent state".to_string(), 1, bytes)),
+                }
+                continue;
+            }
             let kind = match l.window {
                 0 => "global".to_string(),
                 w => format!("window {w}"),
@@ -732,6 +905,29 @@ impl<B: Backend> LanguageModel for Decoder<B> {
         self.windows.clone()
     }
 
+    fn recurrent_state(&self) -> Option<super::RecurrentInfo> {
+        self.spec.recurrent.as_ref().map(|r| super::RecurrentInfo {
+            slot_bytes: r.slot_bytes(self.cfg.hidden_size),
+            scan_chunk: r.scan_chunk(),
+        })
+    }
+
+    fn copy_state_slot(&self, state: &mut BatchState, src: usize, dst: usize) -> Result<()> {
+        let Some(r) = &self.spec.recurrent else {
+            bail!("the model has no recurrent state");
+        };
+        let slots = state.shape.state_slots;
+        ensure!(src < slots && dst < slots, "state slots {src} -> {dst} of {slots}");
+        let s = state
+            .inner
+            .downcast_mut::<Paged<B>>()
+            .ok_or_else(|| Error::new("batch state belongs to a different model"))?;
+        for st in s.rec_state.iter_mut().flatten() {
+            st.copy_slot(&self.b, r, self.cfg.hidden_size, src, dst);
+        }
+        self.b.check().map_err(Error::new)
+    }
+
     fn memory_bytes(&self) -> u64 {
         self.b.memory_bytes()
     }
@@ -740,7 +936,9 @@ impl<B: Backend> LanguageModel for Decoder<B> {
         let per_row = (self.kv_row_elems() * self.b.kv_elem_bytes()) as u64;
         (0..self.windows.len())
             .map(|g| {
-                let layers = self.layer_group.iter().filter(|&&lg| lg == g).count() as u64;
+                let layers = (0..self.layers.len())
+                    .filter(|&i| self.layer_group[i] == g && self.is_attention(i))
+                    .count() as u64;
                 layers * per_row * block_size as u64
             })
             .collect()
@@ -784,6 +982,12 @@ impl<B: Backend> LanguageModel for Decoder<B> {
                 Some(m) => m.floats_per_row()?,
                 None => 0,
             };
+            let rec_row = self
+                .spec
+                .recurrent
+                .as_ref()
+                .map_or(0, |r| r.scratch_per_row(c.hidden_size));
+            let gate_row = if self.spec.attn_gate { qd } else { 0 };
             let per_row = [
                 3 * c.hidden_size,
                 3 * qd,
@@ -792,6 +996,8 @@ impl<B: Backend> LanguageModel for Decoder<B> {
                 moe_row,
                 mla_row,
                 att_w,
+                rec_row,
+                gate_row,
             ]
             .iter()
             .try_fold(0u64, |a, &x| a.checked_add(x as u64))?;
@@ -805,7 +1011,11 @@ impl<B: Backend> LanguageModel for Decoder<B> {
                 .iter()
                 .zip(&per_block)
                 .try_fold(0u64, |a, (&n, &pb)| a.checked_add((n as u64).checked_mul(pb)?))?;
-            acts.checked_add(kv)
+            let state = match &self.spec.recurrent {
+                Some(r) => r.slot_bytes(c.hidden_size).checked_mul(sh.state_slots as u64)?,
+                None => 0,
+            };
+            acts.checked_add(kv)?.checked_add(state)
         })();
         let limit = b.memory_bytes();
         match bytes {
@@ -820,7 +1030,12 @@ impl<B: Backend> LanguageModel for Decoder<B> {
             ),
         }
         let (hd, kvh) = (c.head_dim, c.num_kv_heads);
-        // MLA: one pool per layer of one latent row per position (no V pools).
+        ensure!(
+            self.spec.recurrent.is_none() || sh.state_slots > 0,
+            "a batch of a model with recurrent layers needs at least one state slot"
+        );
+        // MLA: one pool per layer of one latent row per position (no V pools). Recurrent
+        // layers hold no K/V: an empty pool keeps the per-layer indexing.
         let (kv_heads, kv_dim) = match &self.spec.mla {
             Some(m) => (1, m.key_dim()),
             None => (kvh, hd),
@@ -829,9 +1044,15 @@ impl<B: Backend> LanguageModel for Decoder<B> {
             if v && self.spec.mla.is_some() {
                 return Vec::new();
             }
-            self.layer_group
-                .iter()
-                .map(|&g| b.alloc_kv_pages(sh.group_blocks[g], sh.block_size, kv_heads, kv_dim))
+            (0..self.layers.len())
+                .map(|i| {
+                    let blocks = if self.is_attention(i) {
+                        sh.group_blocks[self.layer_group[i]]
+                    } else {
+                        0
+                    };
+                    b.alloc_kv_pages(blocks, sh.block_size, kv_heads, kv_dim)
+                })
                 .collect()
         };
         let rows = sh.max_rows;
@@ -853,6 +1074,18 @@ impl<B: Backend> LanguageModel for Decoder<B> {
                 .as_ref()
                 .map(|ms| MoeScratch::new(b, ms, c.hidden_size, rows)),
             mla: self.spec.mla.as_ref().map(|ms| MlaScratch::new(b, ms, rows)),
+            attn_gate: b.alloc(if self.spec.attn_gate { rows * qd } else { 0 }),
+            rec: self
+                .spec
+                .recurrent
+                .as_ref()
+                .map(|r| RecScratch::new(b, r, c.hidden_size, rows)),
+            rec_state: (0..self.layers.len())
+                .map(|i| match &self.spec.recurrent {
+                    Some(r) if self.is_recurrent(i) => Some(RecState::new(b, r, c.hidden_size, sh.state_slots)),
+                    _ => None,
+                })
+                .collect(),
             last: b.alloc(logit_rows * c.hidden_size),
             logits: b.alloc(logit_rows * c.vocab_size),
             k_pages: pages(b, false),
@@ -917,6 +1150,13 @@ impl<B: Backend> LanguageModel for Decoder<B> {
         if let Some(&r) = logit_rows.iter().find(|&&r| r as usize >= n) {
             bail!("logits asked for row {r} of a {n}-row step");
         }
+        if self.spec.recurrent.is_some() {
+            ensure!(
+                !layout.state_slots.is_empty() && layout.n_state_slots as usize == sh.state_slots,
+                "a step of a model with recurrent layers needs each sequence's state slot (of the batch's {})",
+                sh.state_slots
+            );
+        }
         let (want, per_row) = match &out {
             StepOut::Logits(l) => (l.len(), vocab),
             StepOut::Argmax(ids) => (ids.len(), 1),
@@ -942,7 +1182,8 @@ impl<B: Backend> LanguageModel for Decoder<B> {
         // read activations.
         // MoE layers route on the host on backends without MoE kernels (CUDA today):
         // such a step cannot be recorded.
-        let key = (!tap.is_active() && n <= GRAPH_MAX_ROWS && sp.moe.is_none())
+        // Recurrent layers' grids depend on the number of sequences: not recorded either.
+        let key = (!tap.is_active() && n <= GRAPH_MAX_ROWS && sp.moe.is_none() && sp.recurrent.is_none())
             .then_some((n as u64) << 1 | s.long_rope as u64);
         let mode = b.begin_graph(&mut s.step, key);
         if mode != GraphMode::Replay {

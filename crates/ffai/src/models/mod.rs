@@ -23,15 +23,21 @@ pub mod gemma;
 pub mod gemma4;
 pub mod gpt_oss;
 pub mod granite;
+pub mod granite4;
+pub mod lfm2;
 pub mod llama;
+pub mod mamba2;
 pub mod mixtral;
 pub mod mla;
 pub mod moe;
+pub mod nemotron_h;
 pub mod olmo2;
 pub mod olmoe;
 pub mod phi3;
 pub mod qwen3;
 pub mod qwen3_moe;
+pub mod qwen3_next;
+pub mod recurrent;
 pub mod starcoder2;
 
 /// Where a model's tensors live and its ops run.
@@ -139,6 +145,19 @@ pub struct BatchShape {
     pub max_seq_len: usize,
     /// Rows whose logits one LM-head pass computes (more are done in several passes).
     pub max_logit_rows: usize,
+    /// Recurrent-state slots (models with recurrent layers: at least one; others: 0).
+    pub state_slots: usize,
+}
+
+/// What a model with recurrent layers keeps per sequence ([`LanguageModel::recurrent_state`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecurrentInfo {
+    /// Bytes of one sequence's state over all recurrent layers.
+    pub slot_bytes: u64,
+    /// Rows of the chunked scan (0: none). A sequence's results are the same bits however
+    /// its rows are cut into steps as long as the cuts fall on multiples of this (or at
+    /// the ends of its token runs); the engine cuts prefill chunks there.
+    pub scan_chunk: usize,
 }
 
 /// A model's activations for up to `max_rows` rows, its paged K/V pools and its step
@@ -196,6 +215,17 @@ pub trait LanguageModel: Send + Sync {
         tap: &mut Tap,
         out: StepOut<'_>,
     ) -> Result<()>;
+    /// The model's per-sequence recurrent state, if it has recurrent layers: each sequence
+    /// of a step then names its state slot (`StepLayout::state_slots`).
+    fn recurrent_state(&self) -> Option<RecurrentInfo> {
+        None
+    }
+    /// Copies recurrent-state slot `src` to `dst` in every recurrent layer (a state kept
+    /// for prefix caching, or restored from it).
+    fn copy_state_slot(&self, state: &mut BatchState, src: usize, dst: usize) -> Result<()> {
+        let _ = (state, src, dst);
+        Err(Error::new("the model has no recurrent state"))
+    }
     /// A fresh state with room for `max_seq` tokens, processing at most `chunk` tokens
     /// per forward pass: a one-sequence batch whose block tables are fixed (a ring for
     /// sliding-window groups).
@@ -219,6 +249,10 @@ pub trait LanguageModel: Send + Sync {
     /// there: always for global layers; a sliding-window layer's ring must still hold the
     /// `window` positions before `len`.
     fn can_rewind(&self, state: &InferenceState, len: usize) -> bool {
+        // A recurrent state holds only the latest position: it cannot go back.
+        if self.recurrent_state().is_some() {
+            return len == state.pos;
+        }
         one_seq::can_rewind(state, len)
     }
 }
@@ -252,6 +286,11 @@ pub static FAMILIES: &[Family] = &[
     gpt_oss::FAMILY,
     deepseek::FAMILY_V2,
     deepseek::FAMILY_V3,
+    lfm2::FAMILY,
+    mamba2::FAMILY,
+    nemotron_h::FAMILY,
+    granite4::FAMILY,
+    qwen3_next::FAMILY,
 ];
 
 /// Finds the family for a config: architecture first, then model_type.

@@ -75,6 +75,7 @@ pub(crate) fn new_state<M: LanguageModel + ?Sized>(m: &M, max_seq: usize, chunk:
         group_blocks: groups.iter().map(|g| g.1).collect(),
         max_seq_len: max_seq,
         max_logit_rows: LOGIT_ROWS.min(chunk),
+        state_slots: m.recurrent_state().is_some() as usize,
     };
     let batch = m.new_batch(&shape)?;
     let layout = StepLayout {
@@ -90,6 +91,13 @@ pub(crate) fn new_state<M: LanguageModel + ?Sized>(m: &M, max_seq: usize, chunk:
                 block_tables: Vec::with_capacity(table),
             })
             .collect(),
+        // A lone sequence keeps its recurrent state (if any) in slot 0.
+        state_slots: if m.recurrent_state().is_some() {
+            vec![0]
+        } else {
+            Vec::new()
+        },
+        n_state_slots: m.recurrent_state().is_some() as u32,
     };
     Ok(InferenceState {
         pos: 0,

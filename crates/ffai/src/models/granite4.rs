@@ -1,0 +1,116 @@
+//! Granite 4 (`granitemoehybrid`): Granite's block (embeddings × `embedding_multiplier`,
+//! each branch × `residual_multiplier`, attention scores × `attention_multiplier`, logits ÷
+//! `logits_scaling`) with Mamba 2 mixers in place of attention on the layers
+//! `layer_types` names `mamba` / `linear_attention`, and a SwiGLU `shared_mlp` (fused
+//! `input_linear`: gate rows, then up rows) of `shared_intermediate_size` in every block.
+//! Attention uses RoPE only with `position_embedding_type: "rope"`. The dense hybrids
+//! (`num_local_experts: 0`, Granite-4.0-H-Micro) load; the mixture-of-experts ones are
+//! refused for now.
+
+use super::decoder::{self, DecoderSpec, Identity};
+use super::mamba2::{mixer_spec, MixerKeys};
+use super::recurrent::{self, MixerSpec, RecurrentSpec};
+use super::{Device, Family, LanguageModel};
+use crate::config::{ModelConfig, MAX_DIM};
+use crate::error::Result;
+use crate::generate::GenerationParameters;
+use crate::weights::Weights;
+use crate::{bail, ensure};
+
+pub const FAMILY: Family = Family {
+    name: "granite4",
+    variants: &["granite4-hybrid"],
+    hf_architectures: &["GraniteMoeHybridForCausalLM"],
+    model_types: &["granitemoehybrid"],
+    gguf_architectures: &[],
+    load,
+};
+
+pub struct Granite4Hybrid;
+
+impl Granite4Hybrid {
+    pub const NAME: &'static str = "granite4-hybrid";
+
+    /// IBM's generation_config is greedy.
+    pub fn default_parameters() -> GenerationParameters {
+        GenerationParameters {
+            temperature: 0.0,
+            ..Default::default()
+        }
+    }
+}
+
+const KEYS: MixerKeys = MixerKeys {
+    heads: "mamba_n_heads",
+    head_dim: "mamba_d_head",
+    state: "mamba_d_state",
+    groups: "mamba_n_groups",
+    conv: "mamba_d_conv",
+    chunk: "mamba_chunk_size",
+    eps: "rms_norm_eps",
+    expand: Some("mamba_expand"),
+    grouped_norm: false,
+};
+
+fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn LanguageModel>> {
+    let experts = cfg.extra_usize("num_local_experts", "")?.unwrap_or(8);
+    ensure!(
+        experts == 0,
+        "{}: Granite 4 with experts (num_local_experts = {experts}) is not supported yet; the dense hybrids (0) are",
+        cfg.source
+    );
+    ensure!(
+        cfg.extra_bool("mamba_proj_bias", "")? != Some(true) && !cfg.attention_bias,
+        "{}: Granite 4 projection biases are not supported yet",
+        cfg.source
+    );
+    let layers = match recurrent::layer_types(cfg)? {
+        Some(l) => l,
+        // transformers' default: every layer a mamba layer.
+        None => vec![true; cfg.num_layers],
+    };
+    let m = mixer_spec(cfg, &KEYS)?;
+    let mut cfg = cfg.clone();
+    cfg.intermediate_size = recurrent::sized(
+        &cfg,
+        "shared_intermediate_size",
+        cfg.extra_usize("shared_intermediate_size", "")?,
+        Some(1024),
+        MAX_DIM,
+    )?;
+    let rope = match cfg.extra("position_embedding_type", "") {
+        None => false,
+        Some(v) if v == "rope" => true,
+        Some(v) if v == "nope" => false,
+        Some(v) => bail!("{}: position_embedding_type {v} is not rope or nope", cfg.source),
+    };
+    let base = DecoderSpec::llama(&cfg, None);
+    let f = |k: &str, d: f64| -> Result<f64> { Ok(cfg.extra_f64(k, "")?.unwrap_or(d)) };
+    let logits = f("logits_scaling", 1.0)?;
+    ensure!(logits != 0.0, "{}: logits_scaling must not be 0", cfg.source);
+    let spec = DecoderSpec {
+        embed_scale: f("embedding_multiplier", 1.0)? as f32,
+        residual_scale: f("residual_multiplier", 1.0)? as f32,
+        attn_scale: f("attention_multiplier", 1.0)? as f32,
+        logits_scale: (1.0 / logits) as f32,
+        // Without RoPE: zero frequencies, an exact identity rotation.
+        ropes: if rope {
+            base.ropes.clone()
+        } else {
+            vec![vec![0f32; cfg.head_dim / 2]]
+        },
+        recurrent: Some(RecurrentSpec {
+            layers,
+            mixer: MixerSpec::Mamba2(m),
+            mlp: vec![true; cfg.num_layers],
+            mlp_only: vec![false; cfg.num_layers],
+        }),
+        ..base
+    };
+    let id = Identity {
+        family: FAMILY.name,
+        variant: Granite4Hybrid::NAME,
+        defaults: Granite4Hybrid::default_parameters(),
+    };
+    decoder::build(&cfg, w, dev, spec, id)
+}

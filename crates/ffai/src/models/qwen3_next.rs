@@ -1,0 +1,159 @@
+//! Qwen3-Next: gated DeltaNet layers (`linear_attention`: `recurrent::MixerSpec::
+//! GatedDeltaNet`) and gated attention layers (`full_attention`: per head `[q | gate]` from
+//! `q_proj`, per-head q/k norms, partial RoPE, the output × `sigmoid(gate)`), every norm
+//! zero-centred (`x̂ · (1 + w)`) except the DeltaNet's gated one. Layers named in
+//! `mlp_only_layers` (or all, without experts) have a dense SwiGLU MLP; the sparse MoE
+//! block with its shared expert, which the released checkpoints use, is not supported
+//! yet, so they are refused with that message.
+
+use ffai_kernels::ssm::GdnShape;
+
+use super::decoder::{self, DecoderSpec, Identity, NormKind, QkNorm};
+use super::recurrent::{self, GdnSpec, MixerSpec, RecurrentSpec};
+use super::{Device, Family, LanguageModel};
+use crate::config::{ModelConfig, MAX_DIM};
+use crate::error::{Error, Result};
+use crate::generate::GenerationParameters;
+use crate::weights::Weights;
+use crate::{bail, ensure};
+
+pub const FAMILY: Family = Family {
+    name: "qwen3_next",
+    variants: &["qwen3_next"],
+    hf_architectures: &["Qwen3NextForCausalLM"],
+    model_types: &["qwen3_next"],
+    gguf_architectures: &[],
+    load,
+};
+
+pub struct Qwen3Next;
+
+impl Qwen3Next {
+    pub const NAME: &'static str = "qwen3_next";
+
+    /// Qwen's generation_config: T 0.7, top-p 0.8, top-k 20.
+    pub fn default_parameters() -> GenerationParameters {
+        GenerationParameters {
+            temperature: 0.7,
+            top_p: 0.8,
+            top_k: 20,
+            ..Default::default()
+        }
+    }
+}
+
+/// Which layers are DeltaNet layers: `layer_types`, else every `full_attention_interval`-th
+/// (default 4th) layer attends.
+fn linear_layers(cfg: &ModelConfig) -> Result<Vec<bool>> {
+    if let Some(l) = recurrent::layer_types(cfg)? {
+        return Ok(l);
+    }
+    let every = recurrent::sized(
+        cfg,
+        "full_attention_interval",
+        cfg.extra_usize("full_attention_interval", "")?,
+        Some(4),
+        MAX_DIM,
+    )?;
+    Ok((0..cfg.num_layers).map(|i| !(i + 1).is_multiple_of(every)).collect())
+}
+
+/// The layers without experts must be all of them (see the module docs).
+fn check_dense(cfg: &ModelConfig) -> Result<()> {
+    let experts = cfg.extra_usize("num_experts", "")?.unwrap_or(512);
+    if experts == 0 {
+        return Ok(());
+    }
+    let step = recurrent::sized(
+        cfg,
+        "decoder_sparse_step",
+        cfg.extra_usize("decoder_sparse_step", "")?,
+        Some(1),
+        MAX_DIM,
+    )?;
+    let mut dense = vec![false; cfg.num_layers];
+    if let Some(v) = cfg.extra("mlp_only_layers", "") {
+        let a = v
+            .as_array()
+            .ok_or_else(|| Error::new(format!("{}: mlp_only_layers is not a list", cfg.source)))?;
+        for e in a {
+            match e.as_u64() {
+                Some(i) if (i as usize) < cfg.num_layers => dense[i as usize] = true,
+                _ => bail!("{}: mlp_only_layers entry {e} is not a layer index", cfg.source),
+            }
+        }
+    }
+    if let Some(i) = (0..cfg.num_layers).find(|&i| !dense[i] && (i + 1).is_multiple_of(step)) {
+        bail!(
+            "{}: layer {i} of Qwen3-Next is a mixture of experts with a shared expert, which is not supported yet",
+            cfg.source
+        );
+    }
+    Ok(())
+}
+
+fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn LanguageModel>> {
+    check_dense(cfg)?;
+    let layers = linear_layers(cfg)?;
+    let u =
+        |k: &str, d: usize| -> Result<usize> { recurrent::sized(cfg, k, cfg.extra_usize(k, "")?, Some(d), MAX_DIM) };
+    let shape = GdnShape {
+        k_heads: u("linear_num_key_heads", 16)?,
+        v_heads: u("linear_num_value_heads", 32)?,
+        k_dim: u("linear_key_head_dim", 128)?,
+        v_dim: u("linear_value_head_dim", 128)?,
+    };
+    let conv_kernel = recurrent::conv_kernel(
+        cfg,
+        "linear_conv_kernel_dim",
+        cfg.extra_usize("linear_conv_kernel_dim", "")?,
+        4,
+    )?;
+    // Partial RoPE: rope_parameters' factor (where transformers 5 keeps it), else the
+    // top-level one, else transformers' default of 0.25.
+    let factor = match cfg
+        .extra("rope_parameters", "")
+        .and_then(|r| r.get("partial_rotary_factor").cloned())
+    {
+        Some(v) => v.as_f64(),
+        None => match cfg.extra("partial_rotary_factor", "") {
+            Some(v) => v.as_f64(),
+            None => Some(0.25),
+        },
+    };
+    let rot = match factor {
+        Some(f) if f > 0.0 && f <= 1.0 => ((cfg.head_dim as f64 * f) as usize) & !1,
+        _ => bail!("{}: partial_rotary_factor must be a number in (0, 1]", cfg.source),
+    };
+    ensure!(
+        rot >= 2,
+        "{}: partial_rotary_factor rotates no dimension pair",
+        cfg.source
+    );
+    let inv_freq: Vec<f32> = (0..rot / 2)
+        .map(|i| (1.0 / cfg.rope_theta.powf((2 * i) as f64 / rot as f64)) as f32)
+        .collect();
+    let spec = DecoderSpec {
+        norm: NormKind::RmsPlusOne,
+        qk_norm: QkNorm::PerHead,
+        attn_gate: true,
+        ropes: vec![inv_freq],
+        recurrent: Some(RecurrentSpec {
+            layers,
+            mixer: MixerSpec::GatedDeltaNet(GdnSpec {
+                shape,
+                conv_kernel,
+                norm_eps: cfg.rms_norm_eps as f32,
+            }),
+            mlp: vec![true; cfg.num_layers],
+            mlp_only: vec![false; cfg.num_layers],
+        }),
+        ..DecoderSpec::llama(cfg, None)
+    };
+    let id = Identity {
+        family: FAMILY.name,
+        variant: Qwen3Next::NAME,
+        defaults: Qwen3Next::default_parameters(),
+    };
+    decoder::build(cfg, w, dev, spec, id)
+}
