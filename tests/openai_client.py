@@ -128,6 +128,8 @@ for chunk in client.chat.completions.create(
             if d.function and d.function.arguments:
                 entry["arguments"] += d.function.arguments
 assert finish == "tool_calls", finish
+# A named function is called once.
+assert len(choice.message.tool_calls) == 1, choice.message.tool_calls
 assert streamed == {0: {"name": "get_weather", "arguments": call.function.arguments}}, streamed
 follow = client.chat.completions.create(
     model="smol",

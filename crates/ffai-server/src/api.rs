@@ -556,6 +556,8 @@ struct Streaming {
     /// exactly as a whole answer is).
     outputs: Vec<String>,
     sent: Vec<usize>,
+    /// A call has surely begun: the rest of the choice is held.
+    begun: Vec<bool>,
 }
 
 impl Streaming {
@@ -650,14 +652,17 @@ impl Streaming {
                 None => self.push_text(index, &t),
                 Some(tools) => {
                     self.outputs[index].push_str(&t);
-                    let out = std::mem::take(&mut self.outputs[index]);
-                    let safe = tools.format.safe_prefix(&out);
-                    let sent = self.sent[index];
-                    if safe > sent {
-                        self.push_text(index, &out[sent..safe]);
-                        self.sent[index] = safe;
+                    if !self.begun[index] {
+                        let out = std::mem::take(&mut self.outputs[index]);
+                        let sent = self.sent[index];
+                        let (safe, begun) = tools.format.safe_prefix(&out, sent);
+                        if safe > sent {
+                            self.push_text(index, &out[sent..safe]);
+                            self.sent[index] = safe;
+                        }
+                        self.begun[index] = begun;
+                        self.outputs[index] = out;
                     }
-                    self.outputs[index] = out;
                 }
             },
             SeqMsg::Done(c) => {
@@ -750,6 +755,7 @@ fn stream(
         offsets: vec![0; n],
         outputs: vec![String::new(); n],
         sent: vec![0; n],
+        begun: vec![false; n],
         log: StreamLog {
             st,
             started,

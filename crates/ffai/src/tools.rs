@@ -538,9 +538,10 @@ fn args_schema(p: &Value) -> Value {
     p
 }
 
-/// The Lark grammar (llguidance's dialect) that makes the output one call (or, with
-/// `parallel`, one or more) in `format` to the tools `choice` allows, each call's
-/// arguments following its function's schema. `None` for choices that force nothing.
+/// The Lark grammar (llguidance's dialect) that makes the output one call (or, for
+/// "required" with `parallel`, one to [`MAX_FORCED_CALLS`]) in `format` to the tools
+/// `choice` allows, each call's arguments following its function's schema. `None` for
+/// choices that force nothing.
 pub fn grammar(
     format: ToolFormat,
     tools: &[ToolSpec],
@@ -548,6 +549,9 @@ pub fn grammar(
     parallel: bool,
     tok: &Tokenizer,
 ) -> Option<String> {
+    // A named function is called once (as OpenAI and vLLM do); "required" may call
+    // several when `parallel`.
+    let parallel = parallel && *choice == ToolChoice::Required;
     let chosen: Vec<&ToolSpec> = match choice {
         ToolChoice::None | ToolChoice::Auto => return None,
         ToolChoice::Required => tools.iter().collect(),
@@ -812,37 +816,48 @@ impl ToolFormat {
     }
 
     /// For streaming: how much of `text` (a prefix of the output) can go out as content
-    /// now. Text from the start of a possible call (a marker, or the start of one at the
-    /// end) is held, and so is trailing whitespace, so that streamed content equals what
-    /// [`ToolFormat::parse`] returns for the whole output.
-    pub fn safe_prefix(self, text: &str) -> usize {
+    /// now, and whether a call has surely begun (then nothing more goes out until the end).
+    /// Text from the start of a possible call (a marker, or the start of one at the end)
+    /// is held, and so is trailing whitespace, so that streamed content is always a prefix
+    /// of what [`ToolFormat::parse`] returns for the whole output. `from` is what went out
+    /// already (a previous answer): no call can start before it, so only the rest is
+    /// searched, and a stream costs time in proportion to its length.
+    pub fn safe_prefix(self, text: &str, from: usize) -> (usize, bool) {
         let markers: &[&str] = match self {
             ToolFormat::Hermes => &["<tool_call>"],
             ToolFormat::Llama3 => &["<|python_tag|>"],
             ToolFormat::Mistral => &["[TOOL_CALLS]"],
             ToolFormat::Harmony => &["<|channel|>", "<|start|>", "to=functions."],
         };
-        if self == ToolFormat::Llama3 {
+        let from = if text.is_char_boundary(from) { from } else { 0 };
+        if self == ToolFormat::Llama3 && from == 0 {
             // A call is the whole answer: hold everything while it could start one.
             let t = text.trim_start();
-            if t.is_empty() || t.starts_with('{') {
-                return 0;
+            if t.starts_with('{') {
+                return (0, true);
+            }
+            if t.is_empty() {
+                return (0, false);
             }
         }
-        let mut hold = text.len();
+        let tail = &text[from..];
+        let mut hold = tail.len();
+        let mut begun = false;
         for m in markers {
-            if let Some(at) = text.find(m) {
+            if let Some(at) = tail.find(m) {
                 hold = hold.min(at);
+                begun = true;
             }
-            // The longest end of `text` that begins `m`.
-            for k in (1..m.len().min(text.len() + 1)).rev() {
-                if text.is_char_boundary(text.len() - k) && m.starts_with(&text[text.len() - k..]) {
-                    hold = hold.min(text.len() - k);
+            // The longest end of `tail` that begins `m`.
+            for k in (1..m.len().min(tail.len() + 1)).rev() {
+                let at = tail.len() - k;
+                if tail.is_char_boundary(at) && m.starts_with(&tail[at..]) {
+                    hold = hold.min(at);
                     break;
                 }
             }
         }
-        text[..hold].trim_end().len()
+        (from + tail[..hold].trim_end().len(), begun)
     }
 }
 
@@ -1021,20 +1036,33 @@ mod tests {
     #[test]
     fn safe_prefix_holds_possible_calls() {
         let h = ToolFormat::Hermes;
-        assert_eq!(h.safe_prefix("Hello there"), 11);
-        assert_eq!(h.safe_prefix("Hello <tool"), 5);
-        assert_eq!(h.safe_prefix("Hello\n\n<tool_call>\n{\"na"), 5);
-        assert_eq!(h.safe_prefix("a <b> c"), 7);
-        assert_eq!(h.safe_prefix("é<"), "é".len());
+        assert_eq!(h.safe_prefix("Hello there", 0), (11, false));
+        assert_eq!(h.safe_prefix("Hello <tool", 0), (5, false));
+        assert_eq!(h.safe_prefix("Hello\n\n<tool_call>\n{\"na", 0), (5, true));
+        assert_eq!(h.safe_prefix("Hello\n\n<tool_call>\n{\"na", 5), (5, true));
+        assert_eq!(h.safe_prefix("a <b> c", 0), (7, false));
+        assert_eq!(h.safe_prefix("é<", 0), ("é".len(), false));
         let l = ToolFormat::Llama3;
-        assert_eq!(l.safe_prefix("  {\"name\""), 0);
-        assert_eq!(l.safe_prefix("Sure, <|py"), 5);
-        // Whatever comes out streamed is a prefix of what the whole parse keeps as content.
-        let out = "Checking...  \n<tool_call>\n{\"name\": \"search\", \"arguments\": {}}\n</tool_call>";
+        assert_eq!(l.safe_prefix("  {\"name\"", 0), (0, true));
+        assert_eq!(l.safe_prefix("  ", 0), (0, false));
+        assert_eq!(l.safe_prefix("Sure, <|py", 0), (5, false));
+        // A brace after content is not a call.
+        assert_eq!(l.safe_prefix("Sure {", 4), (6, false));
+        // Streamed piece by piece (each step searching from what went out), the content is
+        // a prefix of what the whole parse keeps, and the call is seen to begin.
+        let out = "Checking... <b> \n<tool_call>\n{\"name\": \"search\", \"arguments\": {}}\n</tool_call>";
         let whole = parse_hermes(out, NAMES).unwrap().content.unwrap();
+        let mut sent = 0;
+        let mut begun = false;
         for end in (0..=out.len()).filter(|&e| out.is_char_boundary(e)) {
-            assert!(whole.starts_with(&out[..h.safe_prefix(&out[..end])]), "{end}");
+            let (safe, b) = h.safe_prefix(&out[..end], sent);
+            assert!(safe >= sent && whole.starts_with(&out[..safe]), "{end}");
+            assert_eq!(safe, h.safe_prefix(&out[..end], 0).0, "{end}");
+            sent = safe;
+            begun = b;
         }
+        assert!(begun);
+        assert_eq!(&out[..sent], whole);
     }
 
     #[test]
