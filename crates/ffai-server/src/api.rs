@@ -273,7 +273,10 @@ async fn generate(
             params,
         };
         // Returning early drops `rx`: the forwarders already started see it and cancel.
-        let handle = st.engine.submit(req).map_err(|e| {
+        // Submitting compiles the request's grammar (a forced tool call over many tools
+        // takes a while): on the blocking pool.
+        let engine = st.engine.clone();
+        let handle = blocking(move || engine.submit(req)).await?.map_err(|e| {
             let m = e.message().to_string();
             // Only a stopped engine is the server's fault; the rest are the checks the
             // engine makes of a request (lengths, ids, KV room).

@@ -308,3 +308,40 @@ fn measure_forced_call_cost_per_token() {
         tokens.len()
     );
 }
+
+/// How long checking and compiling the largest tool lists takes (a measurement):
+/// `cargo test --release -p ffai --test tools -- --ignored --nocapture compile_time`.
+#[test]
+#[ignore]
+fn measure_compile_time_of_many_tools() {
+    let m = model();
+    let props: serde_json::Map<String, Value> = (0..40)
+        .map(|i| {
+            (
+                format!("field_{i}"),
+                json!({"type": "string", "description": "x".repeat(30), "maxLength": 50}),
+            )
+        })
+        .collect();
+    let list: Vec<Value> = (0..tools::MAX_TOOLS)
+        .map(|i| {
+            json!({"type": "function", "function": {"name": format!("tool_{i}"),
+            "parameters": {"type": "object", "properties": props, "required": ["field_0"]}}})
+        })
+        .collect();
+    let list = Value::Array(list);
+    println!("tools JSON: {} bytes", list.to_string().len());
+    let tools = tools::parse_tools(&list).unwrap();
+    let t = std::time::Instant::now();
+    tools::check_schemas(&tools, &m.tokenizer).unwrap();
+    println!("check_schemas: {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+    let t = std::time::Instant::now();
+    let g = tools::grammar(ToolFormat::Hermes, &tools, &ToolChoice::Required, true, &m.tokenizer).unwrap();
+    let mut c = ffai::constrain::Constraint::new(&m.tokenizer, &ResponseFormat::Lark(g)).unwrap();
+    let mut logits = vec![0f32; m.tokenizer.vocab_size()];
+    c.mask(&mut logits).unwrap();
+    println!(
+        "required-call grammar, built and first mask: {:.1} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+}
