@@ -1242,3 +1242,26 @@ fn bad_tools_are_400s() {
         200
     );
 }
+
+#[test]
+fn forced_calls_keep_to_the_declared_parameters() {
+    // No "additionalProperties": a forced call still names only declared parameters (the
+    // grammar closes the object), so it ends as a call, not at the token limit.
+    let a = shared();
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}}}]);
+    let r = post(
+        a,
+        "/v1/chat/completions",
+        &chat_body(
+            json!({"messages": [{"role": "user", "content": "Weather in Paris and Rome?"}],
+            "tools": tools, "tool_choice": "required", "max_tokens": 100}),
+        ),
+    );
+    let j = r.json();
+    assert_eq!(j["choices"][0]["finish_reason"], "tool_calls", "{}", r.body);
+    for (_, args) in checked_calls(&j["choices"][0]["message"], &tools) {
+        let args: Value = serde_json::from_str(&args).unwrap();
+        assert!(args.as_object().unwrap().keys().all(|k| k == "city"), "{args}");
+    }
+}

@@ -525,9 +525,52 @@ fn marker(tok: &Tokenizer, text: &str) -> String {
     }
 }
 
-/// A parameters schema with ffai's fixed JSON layout (see `constrain`).
+/// Closes every object schema in `s` that lists `properties` but says nothing of others
+/// (no `additionalProperties`, no `patternProperties`): a forced call's arguments are the
+/// declared parameters, not whatever else a model invents until it runs out of tokens.
+/// Subschemas are followed where a schema may hold them; `allOf` is left alone (closing
+/// its parts would make their combination refuse each other's properties). Depth is
+/// bounded by [`MAX_SCHEMA_DEPTH`] at parsing.
+fn close_objects(s: &mut Value) {
+    let Some(o) = s.as_object_mut() else {
+        return;
+    };
+    let is_object = match o.get("type") {
+        None => true,
+        Some(Value::String(t)) => t == "object",
+        Some(Value::Array(ts)) => ts.iter().any(|t| t == "object"),
+        Some(_) => false,
+    };
+    if is_object
+        && o.get("properties").is_some_and(Value::is_object)
+        && !o.contains_key("additionalProperties")
+        && !o.contains_key("patternProperties")
+        && !o.contains_key("unevaluatedProperties")
+    {
+        o.insert("additionalProperties".into(), Value::Bool(false));
+    }
+    for key in ["properties", "$defs", "definitions"] {
+        if let Some(Value::Object(m)) = o.get_mut(key) {
+            m.values_mut().for_each(close_objects);
+        }
+    }
+    for key in ["items", "additionalProperties", "not", "if", "then", "else", "contains"] {
+        if let Some(v) = o.get_mut(key) {
+            close_objects(v);
+        }
+    }
+    for key in ["anyOf", "oneOf", "prefixItems", "items"] {
+        if let Some(Value::Array(list)) = o.get_mut(key) {
+            list.iter_mut().for_each(close_objects);
+        }
+    }
+}
+
+/// A parameters schema as a forced call uses it: objects closed ([`close_objects`]) and
+/// ffai's fixed JSON layout (see `constrain`).
 fn args_schema(p: &Value) -> Value {
     let mut p = p.clone();
+    close_objects(&mut p);
     if let Some(o) = p.as_object_mut() {
         o.entry("x-guidance").or_insert(json!({
             "whitespace_flexible": false,
@@ -1106,6 +1149,27 @@ mod tests {
         assert!(c(json!("sometimes")).is_err());
         assert!(c(json!(1)).is_err());
         assert!(parse_tool_choice(Some(&json!("required")), &[]).is_err());
+    }
+
+    #[test]
+    fn forced_arguments_close_open_objects() {
+        let s = args_schema(&json!({"type": "object", "properties": {
+            "a": {"type": "object", "properties": {"x": {"type": "string"}}},
+            "b": {"type": "array", "items": {"properties": {"y": {}}}},
+            "c": {"anyOf": [{"type": "object", "properties": {}}, {"type": "string"}]},
+            "d": {"type": "object", "properties": {}, "additionalProperties": {"type": "integer"}},
+            "properties": {"type": "string"}},
+          "$defs": {"e": {"type": "object", "properties": {"z": {}}}},
+          "allOf": [{"properties": {"q": {}}}]}));
+        assert_eq!(s["additionalProperties"], false);
+        assert_eq!(s["properties"]["a"]["additionalProperties"], false);
+        assert_eq!(s["properties"]["b"]["items"]["additionalProperties"], false);
+        assert_eq!(s["properties"]["c"]["anyOf"][0]["additionalProperties"], false);
+        assert_eq!(s["properties"]["d"]["additionalProperties"], json!({"type": "integer"}));
+        assert_eq!(s["properties"]["properties"], json!({"type": "string"}));
+        assert_eq!(s["$defs"]["e"]["additionalProperties"], false);
+        assert_eq!(s["allOf"][0].get("additionalProperties"), None);
+        assert_eq!(s["x-guidance"]["whitespace_flexible"], false);
     }
 
     #[test]
