@@ -14,11 +14,23 @@ llama-cpp-python source package from PyPI):
 
 import argparse
 import importlib
+import json
 import os
 import pkgutil
+import shutil
 import sys
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+# Keys of the released checkpoints' config.json that transformers 5's config classes do
+# not keep (so the fixtures lack them) but llama.cpp's converter reads. And DeepSeek-V3's
+# YaRN as released (mscale = mscale_all_dim): the fixture has them differ, a ratio on cos
+# and sin that this converter's GGUF cannot carry (it writes `yarn_log_multiplier` only).
+# The patched copy is also written to OUT/<family>.hf, the directory the GGUF is compared
+# with.
+RELEASED_KEYS = {
+    "deepseek_v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "mscale_equal": True},
+}
 
 
 def main():
@@ -61,6 +73,25 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     for fam in args.families:
         src = os.path.join(ROOT, "tests", "fixtures", "parity", fam)
+        if fam in RELEASED_KEYS:
+            # transformers 5 writes no such key, so the converter would write a GGUF that
+            # llama.cpp (and ffai) read as a softmax router: convert a copy carrying the
+            # keys as the released config.json has them.
+            tmp = os.path.join(args.out, fam + ".hf")
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            for f in os.listdir(src):
+                shutil.copy(os.path.join(src, f), tmp)
+            with open(os.path.join(tmp, "config.json")) as fh:
+                cfg = json.load(fh)
+            keys = dict(RELEASED_KEYS[fam])
+            if keys.pop("mscale_equal", False):
+                rp = cfg["rope_parameters"]
+                rp["mscale"] = rp["mscale_all_dim"]
+            cfg.update(keys)
+            with open(os.path.join(tmp, "config.json"), "w") as fh:
+                json.dump(cfg, fh, indent=2)
+            src = tmp
         sys.argv = ["convert_hf_to_gguf.py", src, "--outtype", "f32", "--outfile", os.path.join(args.out, fam + ".gguf")]
         conv.main()
 

@@ -88,4 +88,64 @@ try:
     raise AssertionError("a wrong API key was accepted")
 except openai.AuthenticationError:
     pass
+# Tools: a forced call parses into tool_calls with JSON arguments; streamed the same; the
+# tool's answer goes back and the conversation continues.
+import json
+
+tools = [{
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}]
+ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+forced = {"type": "function", "function": {"name": "get_weather"}}
+tc = client.chat.completions.create(model="smol", messages=ask, tools=tools, tool_choice=forced, max_tokens=100, temperature=0)
+choice = tc.choices[0]
+assert choice.finish_reason == "tool_calls", choice
+call = choice.message.tool_calls[0]
+assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_"), call
+args = json.loads(call.function.arguments)
+assert set(args) == {"city", "unit"} and args["unit"] in ("celsius", "fahrenheit"), args
+streamed = {}
+finish = None
+for chunk in client.chat.completions.create(
+    model="smol", messages=ask, tools=tools, tool_choice=forced, max_tokens=100, temperature=0, stream=True
+):
+    for c in chunk.choices:
+        finish = c.finish_reason or finish
+        for d in c.delta.tool_calls or []:
+            entry = streamed.setdefault(d.index, {"name": "", "arguments": ""})
+            if d.function and d.function.name:
+                entry["name"] += d.function.name
+            if d.function and d.function.arguments:
+                entry["arguments"] += d.function.arguments
+assert finish == "tool_calls", finish
+# A named function is called once.
+assert len(choice.message.tool_calls) == 1, choice.message.tool_calls
+assert streamed == {0: {"name": "get_weather", "arguments": call.function.arguments}}, streamed
+follow = client.chat.completions.create(
+    model="smol",
+    messages=ask + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 21})},
+    ],
+    tools=tools,
+    max_tokens=16,
+    temperature=0,
+)
+assert follow.choices[0].finish_reason in ("stop", "length", "tool_calls"), follow
+try:
+    client.chat.completions.create(model="smol", messages=ask, tools=tools,
+                                   tool_choice={"type": "function", "function": {"name": "nope"}})
+    raise AssertionError("a tool_choice naming no tool was accepted")
+except openai.BadRequestError:
+    pass
 print("ok")

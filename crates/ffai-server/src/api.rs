@@ -143,6 +143,25 @@ fn limits(st: &AppState) -> Limits {
     }
 }
 
+/// A chat request's offered tools, for reading calls out of its output.
+pub(crate) struct ToolCtx {
+    format: ffai::tools::ToolFormat,
+    names: Vec<String>,
+}
+
+impl ToolCtx {
+    /// The calls in a whole output, or None (then it is all content).
+    fn parse(&self, text: &str) -> Option<ffai::tools::Parsed> {
+        let names: Vec<&str> = self.names.iter().map(String::as_str).collect();
+        self.format.parse(text, &names).filter(|p| !p.calls.is_empty())
+    }
+}
+
+/// A fresh call id: "call_" and 24 hexadecimal digits of randomness.
+fn call_id() -> String {
+    format!("call_{:016x}{:08x}", random_seed(), random_seed() as u32)
+}
+
 pub async fn completions(State(st): St, body: Body) -> Result<Response, ApiError> {
     let o = request::parse_object(&body_bytes(body)?)?;
     request::check_model(&o, &st.opts.served_model_name)?;
@@ -156,23 +175,42 @@ pub async fn completions(State(st): St, body: Body) -> Result<Response, ApiError
                 .map_err(|e| ApiError::bad_field("prompt", e.message().to_string()))?
         }
     };
-    generate(st, Kind::Completion, ids, common).await
+    generate(st, Kind::Completion, ids, common, None).await
 }
 
 pub async fn chat_completions(State(st): St, body: Body) -> Result<Response, ApiError> {
     let o = request::parse_object(&body_bytes(body)?)?;
     request::check_model(&o, &st.opts.served_model_name)?;
-    let common = request::parse_common(&o, &st.defaults, limits(&st), true)?;
+    let mut common = request::parse_common(&o, &st.defaults, limits(&st), true)?;
+    let tools = request::parse_tools(&o)?;
     let messages = request::parse_messages(&o)?;
     let model = st.engine.model().clone();
-    // Rendered and tokenized exactly as `ffai generate --chat` does.
-    let ids = blocking(move || {
-        let text = model.render_chat(&messages, true)?;
-        model.encode(&text)
+    // Schemas compiled, the conversation rendered (tools offered unless the choice is
+    // "none") and tokenized as `ffai generate --chat` does, and a forced call's grammar
+    // built, on the blocking pool.
+    let (ids, format, grammar) = blocking(move || {
+        let tok = &model.tokenizer;
+        ffai::tools::check_schemas(&tools.tools, tok)
+            .map_err(|e| ApiError::bad_field("tools", e.message().to_string()))?;
+        let offer = tools.choice != ffai::tools::ToolChoice::None;
+        let (text, tpl) = model
+            .render_chat_tools(&messages, &tools.tools, offer)
+            .map_err(|e| ApiError::bad_field("messages", e.message().to_string()))?;
+        let ids = model
+            .encode(&text)
+            .map_err(|e| ApiError::bad_field("messages", e.message().to_string()))?;
+        let grammar = ffai::tools::grammar(tpl.format, &tools.tools, &tools.choice, tools.parallel, tok);
+        let ctx = offer.then(|| ToolCtx {
+            format: tpl.format,
+            names: tools.tools.iter().map(|t| t.name.clone()).collect(),
+        });
+        Ok::<_, ApiError>((ids, ctx.filter(|c| !c.names.is_empty()), grammar))
     })
-    .await?
-    .map_err(|e| ApiError::bad_field("messages", e.message().to_string()))?;
-    generate(st, Kind::Chat, ids, common).await
+    .await??;
+    if let Some(g) = grammar {
+        common.params.response_format = Some(ffai::constrain::ResponseFormat::Lark(g));
+    }
+    generate(st, Kind::Chat, ids, common, format.map(Arc::new)).await
 }
 
 /// What a forwarder passes from the engine to the async side.
@@ -196,7 +234,13 @@ fn random_seed() -> u64 {
 }
 
 /// Submits one sequence per choice and answers with their completions, whole or streamed.
-async fn generate(st: Arc<AppState>, kind: Kind, prompt: Vec<u32>, c: Common) -> Result<Response, ApiError> {
+async fn generate(
+    st: Arc<AppState>,
+    kind: Kind,
+    prompt: Vec<u32>,
+    c: Common,
+    tools: Option<Arc<ToolCtx>>,
+) -> Result<Response, ApiError> {
     let started = Instant::now();
     let cfg = st.engine.config();
     if prompt.len() >= cfg.context {
@@ -229,7 +273,10 @@ async fn generate(st: Arc<AppState>, kind: Kind, prompt: Vec<u32>, c: Common) ->
             params,
         };
         // Returning early drops `rx`: the forwarders already started see it and cancel.
-        let handle = st.engine.submit(req).map_err(|e| {
+        // Submitting compiles the request's grammar (a forced tool call over many tools
+        // takes a while): on the blocking pool.
+        let engine = st.engine.clone();
+        let handle = blocking(move || engine.submit(req)).await?.map_err(|e| {
             let m = e.message().to_string();
             // Only a stopped engine is the server's fault; the rest are the checks the
             // engine makes of a request (lengths, ids, KV room).
@@ -254,6 +301,7 @@ async fn generate(st: Arc<AppState>, kind: Kind, prompt: Vec<u32>, c: Common) ->
         id: st.new_id(kind.id_prefix()),
         created: unix_now(),
         model: st.opts.served_model_name.clone(),
+        tools,
     };
     if c.stream {
         Ok(stream(st, reply, rx, c.n, n_prompt, c.include_usage, started))
@@ -323,6 +371,8 @@ struct Reply {
     id: String,
     created: u64,
     model: String,
+    /// Chat with tools offered: calls are parsed from each choice's output.
+    tools: Option<Arc<ToolCtx>>,
 }
 
 fn finish_reason(r: &FinishReason) -> &'static str {
@@ -414,12 +464,38 @@ async fn whole(
         .iter()
         .enumerate()
         .map(|(i, c)| match reply.kind {
-            Kind::Chat => json!({
-                "index": i,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": if any_lp { chat_logprobs(tok, &lps[i]) } else { Value::Null },
-                "finish_reason": finish_reason(&c.finish_reason),
-            }),
+            Kind::Chat => {
+                let parsed = reply.tools.as_ref().and_then(|t| t.parse(&c.text));
+                let (message, finish) = match parsed {
+                    Some(p) => {
+                        let calls: Vec<Value> = p
+                            .calls
+                            .iter()
+                            .map(|call| {
+                                json!({
+                                    "id": call_id(),
+                                    "type": "function",
+                                    "function": {"name": call.name, "arguments": call.arguments},
+                                })
+                            })
+                            .collect();
+                        (
+                            json!({"role": "assistant", "content": p.content, "tool_calls": calls}),
+                            "tool_calls",
+                        )
+                    }
+                    None => (
+                        json!({"role": "assistant", "content": c.text}),
+                        finish_reason(&c.finish_reason),
+                    ),
+                };
+                json!({
+                    "index": i,
+                    "message": message,
+                    "logprobs": if any_lp { chat_logprobs(tok, &lps[i]) } else { Value::Null },
+                    "finish_reason": finish,
+                })
+            }
             Kind::Completion => json!({
                 "index": i,
                 "text": c.text,
@@ -478,6 +554,13 @@ struct Streaming {
     /// (completions) the byte offset of the next token in the choice's text.
     pending: Vec<Vec<(u32, TokenLogprobs)>>,
     offsets: Vec<usize>,
+    /// Chat with tools: per choice, its output so far and how many bytes of it went out as
+    /// content (text that may start a call is held until the choice ends, then parsed
+    /// exactly as a whole answer is).
+    outputs: Vec<String>,
+    sent: Vec<usize>,
+    /// A call has surely begun: the rest of the choice is held.
+    begun: Vec<bool>,
 }
 
 impl Streaming {
@@ -539,20 +622,83 @@ impl Streaming {
         v.to_string()
     }
 
+    /// A chat chunk whose delta carries `tool_calls`.
+    fn tool_chunk(&self, index: usize, calls: Value) -> String {
+        let mut v = json!({
+            "id": self.reply.id,
+            "object": "chat.completion.chunk",
+            "created": self.reply.created,
+            "model": self.reply.model,
+            "choices": [{"index": index, "delta": {"tool_calls": calls}, "logprobs": null, "finish_reason": null}],
+        });
+        if self.include_usage {
+            v["usage"] = Value::Null;
+        }
+        v.to_string()
+    }
+
+    /// Queues `text` as a content chunk of choice `index` (nothing when empty).
+    fn push_text(&mut self, index: usize, text: &str) {
+        if text.is_empty() {
+            return;
+        }
+        let lp = self.take_logprobs(index);
+        let c = self.chunk_lp(index, Some(text), false, None, lp);
+        self.queue.push_back(c);
+    }
+
     /// Turns one engine message into the events it makes.
     fn on_message(&mut self, index: usize, msg: SeqMsg) {
         match msg {
             SeqMsg::Logprob(id, lp) => self.pending[index].push((id, lp)),
-            SeqMsg::Text(t) => {
-                let lp = self.take_logprobs(index);
-                let c = self.chunk_lp(index, Some(&t), false, None, lp);
-                self.queue.push_back(c);
-            }
+            SeqMsg::Text(t) => match self.reply.tools.clone() {
+                None => self.push_text(index, &t),
+                Some(tools) => {
+                    self.outputs[index].push_str(&t);
+                    if !self.begun[index] {
+                        let out = std::mem::take(&mut self.outputs[index]);
+                        let sent = self.sent[index];
+                        let (safe, begun) = tools.format.safe_prefix(&out, sent);
+                        if safe > sent {
+                            self.push_text(index, &out[sent..safe]);
+                            self.sent[index] = safe;
+                        }
+                        self.begun[index] = begun;
+                        self.outputs[index] = out;
+                    }
+                }
+            },
             SeqMsg::Done(c) => {
                 self.log.tokens.completion += c.token_ids.len();
                 self.cached = self.cached.max(c.cached_tokens);
+                let mut finish = finish_reason(&c.finish_reason);
+                if let Some(tools) = self.reply.tools.clone() {
+                    let out = std::mem::take(&mut self.outputs[index]);
+                    let sent = self.sent[index];
+                    match tools.parse(&out) {
+                        Some(p) => {
+                            let content = p.content.unwrap_or_default();
+                            self.push_text(index, content.get(sent..).unwrap_or(""));
+                            for (k, call) in p.calls.iter().enumerate() {
+                                let head = json!([{
+                                    "index": k,
+                                    "id": call_id(),
+                                    "type": "function",
+                                    "function": {"name": call.name, "arguments": ""},
+                                }]);
+                                let c = self.tool_chunk(index, head);
+                                self.queue.push_back(c);
+                                let args = json!([{"index": k, "function": {"arguments": call.arguments}}]);
+                                let c = self.tool_chunk(index, args);
+                                self.queue.push_back(c);
+                            }
+                            finish = "tool_calls";
+                        }
+                        None => self.push_text(index, out.get(sent..).unwrap_or("")),
+                    }
+                }
                 let lp = self.take_logprobs(index);
-                let chunk = self.chunk_lp(index, None, false, Some(finish_reason(&c.finish_reason)), lp);
+                let chunk = self.chunk_lp(index, None, false, Some(finish), lp);
                 self.queue.push_back(chunk);
                 self.open -= 1;
                 if self.open == 0 {
@@ -610,6 +756,9 @@ fn stream(
         cached: 0,
         pending: vec![Vec::new(); n],
         offsets: vec![0; n],
+        outputs: vec![String::new(); n],
+        sent: vec![0; n],
+        begun: vec![false; n],
         log: StreamLog {
             st,
             started,

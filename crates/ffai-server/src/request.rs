@@ -5,8 +5,9 @@
 //! number that sizes work (`n`, `max_tokens`, stop strings) is checked against a limit
 //! before anything is allocated from it.
 
-use ffai::chat::{Content, Message};
+use ffai::chat::Message;
 use ffai::generate::GenerationParameters;
+use ffai::tools::{ToolChoice, ToolSpec};
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
@@ -297,9 +298,11 @@ pub fn parse_common(
             return Err(ApiError::bad_field("suffix", "\"suffix\" is not supported"));
         }
     }
-    if let Some(Value::Array(tools)) = field(o, "tools") {
-        if !tools.is_empty() {
-            return Err(ApiError::bad_field("tools", "\"tools\" is not supported yet"));
+    if !chat {
+        for k in ["tools", "tool_choice"] {
+            if field(o, k).is_some() {
+                return Err(ApiError::bad_field(k, format!("\"{k}\" is for /v1/chat/completions")));
+            }
         }
     }
 
@@ -309,6 +312,41 @@ pub fn parse_common(
         n,
         stream,
         include_usage,
+    })
+}
+
+/// A chat request's `tools`, `tool_choice` and `parallel_tool_calls`.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    pub tools: Vec<ToolSpec>,
+    pub choice: ToolChoice,
+    /// May the model make several calls in one answer (default true).
+    pub parallel: bool,
+}
+
+/// Reads the tool fields (see `ffai::tools`): each error is a 400 naming its field. A
+/// forced call (`required` or a named function) cannot be combined with
+/// `response_format`, which would constrain the same output.
+pub fn parse_tools(o: &Map<String, Value>) -> Result<Tools, ApiError> {
+    let tools = match field(o, "tools") {
+        None => Vec::new(),
+        Some(v) => ffai::tools::parse_tools(v).map_err(|e| ApiError::bad_field("tools", e.message().to_string()))?,
+    };
+    let choice = ffai::tools::parse_tool_choice(field(o, "tool_choice"), &tools)
+        .map_err(|e| ApiError::bad_field("tool_choice", e.message().to_string()))?;
+    let parallel = boolean(o, "parallel_tool_calls")?.unwrap_or(true);
+    if matches!(choice, ToolChoice::Required | ToolChoice::Named(_))
+        && field(o, "response_format").is_some_and(|f| f.get("type").and_then(Value::as_str) != Some("text"))
+    {
+        return Err(ApiError::bad_field(
+            "tool_choice",
+            "a forced tool call (\"tool_choice\" \"required\" or a function) cannot be combined with \"response_format\"",
+        ));
+    }
+    Ok(Tools {
+        tools,
+        choice,
+        parallel,
     })
 }
 
@@ -443,17 +481,104 @@ pub fn parse_messages(o: &Map<String, Value>) -> Result<Vec<Message>, ApiError> 
                 )))
             }
         };
-        out.push(Message {
-            role,
-            content: Content::Text(text),
-        });
+        let mut msg = Message::new(role, text);
+        msg.tool_calls = match m.get("tool_calls") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(calls)) if calls.is_empty() => None,
+            Some(Value::Array(calls)) => Some(message_tool_calls(i, calls)?),
+            Some(other) => {
+                return Err(bad(format!(
+                    "message {i}: \"tool_calls\" must be a list, not {}",
+                    kind(other)
+                )))
+            }
+        };
+        for (k, slot) in [("tool_call_id", &mut msg.tool_call_id), ("name", &mut msg.name)] {
+            match m.get(k) {
+                None | Some(Value::Null) => {}
+                Some(Value::String(s)) if s.len() <= MAX_ID_BYTES => *slot = Some(s.clone()),
+                Some(Value::String(_)) => {
+                    return Err(bad(format!("message {i}: \"{k}\" is longer than {MAX_ID_BYTES} bytes")))
+                }
+                Some(other) => {
+                    return Err(bad(format!(
+                        "message {i}: \"{k}\" must be a string, not {}",
+                        kind(other)
+                    )))
+                }
+            }
+        }
+        if msg.role == "tool" && msg.tool_call_id.is_none() {
+            return Err(bad(format!("message {i}: a \"tool\" message needs a \"tool_call_id\"")));
+        }
+        out.push(msg);
     }
     Ok(out)
+}
+
+/// Longest call id or tool-message name.
+pub const MAX_ID_BYTES: usize = 256;
+
+/// An assistant message's `tool_calls` as templates expect them: each
+/// `{"id", "type": "function", "function": {"name", "arguments"}}` with `arguments` (a
+/// JSON string in the API) parsed to an object.
+fn message_tool_calls(i: usize, calls: &[Value]) -> Result<Vec<Value>, ApiError> {
+    let bad = |m: String| ApiError::bad_field("messages", format!("message {i}: {m}"));
+    if calls.len() > ffai::tools::MAX_CALLS {
+        return Err(bad(format!("at most {} tool calls", ffai::tools::MAX_CALLS)));
+    }
+    calls
+        .iter()
+        .enumerate()
+        .map(|(j, c)| {
+            let id = match c.get("id") {
+                None | Some(Value::Null) => String::new(),
+                Some(Value::String(s)) if s.len() <= MAX_ID_BYTES => s.clone(),
+                _ => {
+                    return Err(bad(format!(
+                        "tool_calls[{j}].id must be a string of at most {MAX_ID_BYTES} bytes"
+                    )))
+                }
+            };
+            let f = c.get("function").and_then(Value::as_object);
+            let name = f.and_then(|f| f.get("name")).and_then(Value::as_str);
+            let Some(name) = name.filter(|n| n.len() <= ffai::tools::MAX_NAME_BYTES) else {
+                return Err(bad(format!(
+                    "tool_calls[{j}] needs \"function\": {{\"name\", \"arguments\"}} with a name of at most {} bytes",
+                    ffai::tools::MAX_NAME_BYTES
+                )));
+            };
+            let arguments = match f.and_then(|f| f.get("arguments")) {
+                None | Some(Value::Null) => Value::Object(Map::new()),
+                Some(Value::String(s)) => match serde_json::from_str::<Value>(s) {
+                    Ok(v @ Value::Object(_)) => v,
+                    _ => {
+                        return Err(bad(format!(
+                            "tool_calls[{j}].function.arguments must be a JSON object in a string"
+                        )))
+                    }
+                },
+                Some(v @ Value::Object(_)) => v.clone(),
+                Some(other) => {
+                    return Err(bad(format!(
+                        "tool_calls[{j}].function.arguments must be a string, not {}",
+                        kind(other)
+                    )))
+                }
+            };
+            Ok(serde_json::json!({
+                "id": id,
+                "type": "function",
+                "function": {"name": name, "arguments": arguments},
+            }))
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ffai::chat::Content;
 
     fn obj(s: &str) -> Map<String, Value> {
         parse_object(s.as_bytes()).unwrap()
@@ -528,5 +653,48 @@ mod tests {
         assert_eq!(m[0].content, Content::Text("a\nb".into()));
         assert!(parse_messages(&obj(r#"{"messages": []}"#)).is_err());
         assert!(parse_messages(&obj(r#"{"messages": [{"role": 1}]}"#)).is_err());
+    }
+
+    #[test]
+    fn tool_turns_and_tool_fields() {
+        let m = parse_messages(&obj(
+            r#"{"messages": [{"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "f", "arguments": "{\"a\": [1, 2]}"}}]},
+              {"role": "tool", "tool_call_id": "call_1", "content": "done"}]}"#,
+        ))
+        .unwrap();
+        assert_eq!(m[0].content, Content::Text(String::new()));
+        assert_eq!(
+            m[0].tool_calls.as_ref().unwrap()[0],
+            serde_json::json!({"id": "call_1", "type": "function", "function": {"name": "f", "arguments": {"a": [1, 2]}}})
+        );
+        assert_eq!(m[1].tool_call_id.as_deref(), Some("call_1"));
+        for bad in [
+            r#"{"messages": [{"role": "tool", "content": "x"}]}"#,
+            r#"{"messages": [{"role": "tool", "tool_call_id": 5, "content": "x"}]}"#,
+            r#"{"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]}]}"#,
+            r#"{"messages": [{"role": "assistant", "tool_calls": [{"function": {"arguments": "{}"}}]}]}"#,
+            r#"{"messages": [{"role": "assistant", "tool_calls": "f"}]}"#,
+        ] {
+            assert!(parse_messages(&obj(bad)).is_err(), "{bad}");
+        }
+        let t = parse_tools(&obj(
+            r#"{"tools": [{"type": "function", "function": {"name": "f"}}], "parallel_tool_calls": false}"#,
+        ))
+        .unwrap();
+        assert_eq!((t.tools.len(), t.choice, t.parallel), (1, ToolChoice::Auto, false));
+        let t = parse_tools(&obj(r#"{"tool_choice": "none"}"#)).unwrap();
+        assert_eq!((t.tools.len(), t.choice), (0, ToolChoice::None));
+        assert!(parse_tools(&obj(
+            r#"{"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required", "response_format": {"type": "json_object"}}"#
+        ))
+        .is_err());
+        assert!(parse_common(
+            &obj(r#"{"tools": []}"#),
+            &GenerationParameters::default(),
+            LIMITS,
+            false
+        )
+        .is_err());
     }
 }

@@ -962,3 +962,306 @@ fn response_format_constrains_chat_and_completions() {
         200
     );
 }
+
+fn weather_tools() -> Value {
+    json!([
+        {"type": "function", "function": {
+            "name": "get_weather",
+            "description": "The current weather in a city.",
+            "parameters": {"type": "object", "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "unit": {"enum": ["celsius", "fahrenheit"]}},
+              "required": ["city", "unit"], "additionalProperties": false}}},
+        {"type": "function", "function": {
+            "name": "search",
+            "description": "Search the web.",
+            "parameters": {"type": "object", "properties": {
+                "query": {"type": "string", "maxLength": 30}},
+              "required": ["query"], "additionalProperties": false}}}
+    ])
+}
+
+/// Checks a chat answer's tool calls against the offered tools' schemas; returns them as
+/// (name, arguments).
+fn checked_calls(message: &Value, tools: &Value) -> Vec<(String, String)> {
+    let calls = message["tool_calls"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no tool_calls: {message}"));
+    assert!(!calls.is_empty(), "{message}");
+    let mut ids = std::collections::HashSet::new();
+    calls
+        .iter()
+        .map(|c| {
+            assert_eq!(c["type"], "function", "{c}");
+            let id = c["id"].as_str().unwrap();
+            assert!(id.starts_with("call_") && ids.insert(id.to_string()), "{message}");
+            let name = c["function"]["name"].as_str().unwrap().to_string();
+            let args = c["function"]["arguments"].as_str().unwrap().to_string();
+            let schema = tools
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["function"]["name"] == name.as_str())
+                .unwrap_or_else(|| panic!("unknown function {name}"))["function"]["parameters"]
+                .clone();
+            let parsed: Value = serde_json::from_str(&args).unwrap_or_else(|e| panic!("{e}: {args}"));
+            assert!(jsonschema::validator_for(&schema).unwrap().is_valid(&parsed), "{args}");
+            (name, args)
+        })
+        .collect()
+}
+
+/// A chat stream's content and tool calls (name, joined arguments by index), and its
+/// finish reason; the first tool chunk of a call carries its id, type and name.
+fn stream_tool_calls(r: &Resp) -> (String, Vec<(String, String)>, String) {
+    let (text, chunks) = chat_stream_text(r);
+    let mut calls: Vec<(String, String)> = Vec::new();
+    let mut finish = String::new();
+    for c in &chunks {
+        let choice = &c["choices"][0];
+        if let Some(f) = choice["finish_reason"].as_str() {
+            finish = f.to_string();
+        }
+        for tc in choice["delta"]["tool_calls"].as_array().into_iter().flatten() {
+            let k = tc["index"].as_u64().unwrap() as usize;
+            if k == calls.len() {
+                assert!(tc["id"].as_str().unwrap().starts_with("call_"), "{tc}");
+                assert_eq!(tc["type"], "function");
+                calls.push((tc["function"]["name"].as_str().unwrap().to_string(), String::new()));
+            }
+            calls[k].1.push_str(tc["function"]["arguments"].as_str().unwrap_or(""));
+        }
+    }
+    (text, calls, finish)
+}
+
+#[test]
+fn forced_tool_calls_parse_validate_and_stream_the_same() {
+    let a = shared();
+    let tools = weather_tools();
+    let ask = json!([{"role": "user", "content": "What is the weather in Paris?"}]);
+    for (choice, only) in [
+        (
+            json!({"type": "function", "function": {"name": "get_weather"}}),
+            Some("get_weather"),
+        ),
+        (
+            json!({"type": "function", "function": {"name": "search"}}),
+            Some("search"),
+        ),
+        (json!("required"), None),
+    ] {
+        for (temperature, parallel) in [(0.0, false), (0.8, true)] {
+            let body = chat_body(json!({"messages": ask, "tools": tools, "tool_choice": choice,
+                "parallel_tool_calls": parallel, "max_tokens": 120, "temperature": temperature, "seed": 3}));
+            let r = post(a, "/v1/chat/completions", &body);
+            assert_eq!(r.status, 200, "{}", r.body);
+            let j = r.json();
+            let choice0 = &j["choices"][0];
+            assert_eq!(choice0["finish_reason"], "tool_calls", "{}", r.body);
+            assert_eq!(choice0["message"]["content"], Value::Null, "{}", r.body);
+            let calls = checked_calls(&choice0["message"], &tools);
+            // One call unless "required" with parallel calls allowed.
+            if !parallel || only.is_some() {
+                assert_eq!(calls.len(), 1, "{}", r.body);
+            }
+            if let Some(name) = only {
+                assert!(calls.iter().all(|(n, _)| n == name), "{}", r.body);
+            }
+            // Streamed: the same calls (fresh ids), no content, finish "tool_calls".
+            let mut sb = body.clone();
+            sb["stream"] = json!(true);
+            let (text, streamed, finish) = stream_tool_calls(&post(a, "/v1/chat/completions", &sb));
+            assert_eq!((text.as_str(), finish.as_str()), ("", "tool_calls"));
+            assert_eq!(streamed, calls);
+        }
+    }
+}
+
+#[test]
+fn tool_choice_auto_and_none() {
+    let a = shared();
+    let tools = weather_tools();
+    let ask = json!([{"role": "user", "content": "What is the weather in Paris?"}]);
+    let plain = post(a, "/v1/chat/completions", &chat_body(json!({"messages": ask})));
+    let none = post(
+        a,
+        "/v1/chat/completions",
+        &chat_body(json!({"messages": ask, "tools": tools, "tool_choice": "none"})),
+    );
+    let auto = post(
+        a,
+        "/v1/chat/completions",
+        &chat_body(json!({"messages": ask, "tools": tools, "max_tokens": 60})),
+    );
+    // "none" offers nothing: the same prompt and answer as no tools; "auto" offers them.
+    assert_eq!(none.status, 200, "{}", none.body);
+    assert_eq!(
+        none.json()["usage"]["prompt_tokens"],
+        plain.json()["usage"]["prompt_tokens"]
+    );
+    assert_eq!(
+        none.json()["choices"][0]["message"],
+        plain.json()["choices"][0]["message"]
+    );
+    let (pn, pa) = (
+        plain.json()["usage"]["prompt_tokens"].as_u64().unwrap(),
+        auto.json()["usage"]["prompt_tokens"].as_u64().unwrap(),
+    );
+    assert!(pa > pn + 50, "{pn} {pa}");
+    // Whatever "auto" chose, streaming gives the same content and calls.
+    let whole = auto.json()["choices"][0].clone();
+    let mut sb = chat_body(json!({"messages": ask, "tools": tools, "max_tokens": 60, "stream": true}));
+    sb["stream"] = json!(true);
+    let (text, calls, finish) = stream_tool_calls(&post(a, "/v1/chat/completions", &sb));
+    assert_eq!(whole["finish_reason"], finish.as_str());
+    assert_eq!(whole["message"]["content"].as_str().unwrap_or(""), text);
+    let whole_calls: Vec<(String, String)> = match whole["message"]["tool_calls"].as_array() {
+        None => Vec::new(),
+        Some(_) => checked_calls(&whole["message"], &tools),
+    };
+    assert_eq!(whole_calls, calls);
+}
+
+#[test]
+fn tool_results_round_trip() {
+    let a = shared();
+    let tools = weather_tools();
+    // The model's own call, answered by the tool, continues the conversation.
+    let first = post(
+        a,
+        "/v1/chat/completions",
+        &chat_body(
+            json!({"messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+            "tools": tools, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "max_tokens": 120}),
+        ),
+    );
+    let msg = first.json()["choices"][0]["message"].clone();
+    let call = msg["tool_calls"][0].clone();
+    let convo = json!([
+        {"role": "user", "content": "What is the weather in Paris?"},
+        msg,
+        {"role": "tool", "tool_call_id": call["id"], "content": "{\"temperature\": 21, \"sky\": \"clear\"}"},
+    ]);
+    let r = post(
+        a,
+        "/v1/chat/completions",
+        &chat_body(json!({"messages": convo, "tools": tools, "max_tokens": 24})),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let j = r.json();
+    assert!(["stop", "length", "tool_calls"].contains(&j["choices"][0]["finish_reason"].as_str().unwrap()));
+    // The call and its result are in the prompt: more tokens than the question alone by
+    // at least the tool result's.
+    let q = post(
+        a,
+        "/v1/chat/completions",
+        &chat_body(
+            json!({"messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+            "tools": tools, "max_tokens": 1}),
+        ),
+    );
+    let (pq, pr) = (
+        q.json()["usage"]["prompt_tokens"].as_u64().unwrap(),
+        j["usage"]["prompt_tokens"].as_u64().unwrap(),
+    );
+    assert!(pr > pq + 20, "{pq} {pr}");
+    // Arguments given as a string that is no JSON object are refused.
+    let mut bad = convo.clone();
+    bad[1]["tool_calls"][0]["function"]["arguments"] = json!("{not json");
+    post(
+        a,
+        "/v1/chat/completions",
+        &chat_body(json!({"messages": bad, "tools": tools})),
+    )
+    .assert_error(400);
+}
+
+#[test]
+fn bad_tools_are_400s() {
+    let a = shared();
+    let ok = weather_tools();
+    let f =
+        |name: Value, params: Value| json!([{"type": "function", "function": {"name": name, "parameters": params}}]);
+    let deep = (0..40).fold(
+        json!({"type": "object"}),
+        |v, _| json!({"type": "object", "properties": {"x": v}}),
+    );
+    let many: Vec<Value> = (0..200)
+        .map(|i| json!({"type": "function", "function": {"name": format!("f{i}")}}))
+        .collect();
+    for (extra, param) in [
+        (json!({"tools": "x"}), "tools"),
+        (json!({"tools": [1]}), "tools"),
+        (json!({"tools": [{"type": "code_interpreter"}]}), "tools"),
+        (json!({"tools": f(json!("bad name!"), json!({}))}), "tools"),
+        (json!({"tools": f(json!(""), json!({}))}), "tools"),
+        (json!({"tools": f(json!("x".repeat(65)), json!({}))}), "tools"),
+        (json!({"tools": [ok[0], ok[0]]}), "tools"),
+        (json!({"tools": f(json!("f"), json!("schema"))}), "tools"),
+        (
+            json!({"tools": f(json!("f"), json!({"type": "no-such-type"}))}),
+            "tools",
+        ),
+        (json!({"tools": f(json!("f"), deep)}), "tools"),
+        (json!({"tools": many}), "tools"),
+        (
+            json!({"tools": ok, "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+            "tool_choice",
+        ),
+        (json!({"tools": ok, "tool_choice": "always"}), "tool_choice"),
+        (json!({"tool_choice": "required"}), "tool_choice"),
+        (
+            json!({"tools": ok, "tool_choice": "required", "response_format": {"type": "json_object"}}),
+            "tool_choice",
+        ),
+        (
+            json!({"tools": ok, "parallel_tool_calls": "yes"}),
+            "parallel_tool_calls",
+        ),
+        (json!({"messages": [{"role": "tool", "content": "x"}]}), "messages"),
+        (
+            json!({"messages": [{"role": "assistant", "content": null, "tool_calls": {"x": 1}}]}),
+            "messages",
+        ),
+    ] {
+        let r = post(a, "/v1/chat/completions", &chat_body(extra.clone()));
+        r.assert_error(400);
+        assert_eq!(r.json()["error"]["param"], param, "{extra}: {}", r.body);
+        assert!(
+            !r.json()["error"]["message"].as_str().unwrap().contains('\n'),
+            "{}",
+            r.body
+        );
+    }
+    let r = post(a, "/v1/completions", &json!({"prompt": "hi", "tools": ok}));
+    r.assert_error(400);
+    // Still serving.
+    assert_eq!(
+        post(a, "/v1/chat/completions", &chat_body(json!({"max_tokens": 2}))).status,
+        200
+    );
+}
+
+#[test]
+fn forced_calls_keep_to_the_declared_parameters() {
+    // No "additionalProperties": a forced call still names only declared parameters (the
+    // grammar closes the object), so it ends as a call, not at the token limit.
+    let a = shared();
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}}}]);
+    let r = post(
+        a,
+        "/v1/chat/completions",
+        &chat_body(
+            json!({"messages": [{"role": "user", "content": "Weather in Paris and Rome?"}],
+            "tools": tools, "tool_choice": "required", "max_tokens": 100}),
+        ),
+    );
+    let j = r.json();
+    assert_eq!(j["choices"][0]["finish_reason"], "tool_calls", "{}", r.body);
+    for (_, args) in checked_calls(&j["choices"][0]["message"], &tools) {
+        let args: Value = serde_json::from_str(&args).unwrap();
+        assert!(args.as_object().unwrap().keys().all(|k| k == "city"), "{args}");
+    }
+}

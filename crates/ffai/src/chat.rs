@@ -39,11 +39,24 @@ mod ops;
 
 const TEMPLATE_NAME: &str = "chat_template";
 
-/// One turn of a conversation.
+/// One turn of a conversation. The tool fields reach the template only when set (so
+/// `'tool_calls' in message` and `message.tool_calls is defined` work as with
+/// transformers, which passes the caller's dicts as they are).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Message {
     pub role: String,
     pub content: Content,
+    /// An assistant turn's calls, in the OpenAI shape
+    /// `{"id", "type": "function", "function": {"name", "arguments"}}` with `arguments` an
+    /// object (templates dump it with `tojson`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A tool result's call id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// A tool result's function name (some templates print it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl Message {
@@ -51,6 +64,9 @@ impl Message {
         Message {
             role: role.into(),
             content: Content::Text(content.into()),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
         }
     }
     pub fn system(content: impl Into<String>) -> Message {
@@ -216,6 +232,11 @@ impl ChatTemplate {
 
     pub fn origin(&self) -> &TemplateSource {
         &self.origin
+    }
+
+    /// The template's source text (tool-call formats are recognised from it).
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Renders a conversation; `raise_exception` in the template, or any runtime error,
@@ -808,8 +829,8 @@ mod tests {
                 0 => Message::user(format!("question {i} <b>&\n")),
                 1 => Message::assistant(format!("<think>thought {i}</think>answer {i}")),
                 _ => Message {
-                    role: "user".into(),
                     content: Content::Parts(vec![serde_json::json!({"type": "text", "text": format!("part {i}")})]),
+                    ..Message::user("")
                 },
             })
             .collect();

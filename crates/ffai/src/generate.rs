@@ -210,6 +210,11 @@ impl Sampler {
         Ok(())
     }
 
+    /// Uses a grammar already compiled for the parameters' `response_format`.
+    pub fn set_constraint(&mut self, c: crate::constrain::Constraint) {
+        self.constraint = Some(c);
+    }
+
     /// Why the grammar ended the sequence, once it has.
     pub fn constraint_error(&self) -> Option<&str> {
         self.constraint_error.as_deref()

@@ -17,6 +17,7 @@ pub mod quality;
 pub mod requant;
 pub mod resolve;
 pub mod tokenizer;
+pub mod tools;
 pub mod weights;
 
 use std::path::Path;
@@ -186,19 +187,43 @@ impl Model {
 
     /// Renders a conversation with the model's chat template.
     pub fn render_chat(&self, messages: &[chat::Message], add_generation_prompt: bool) -> Result<String> {
-        let template = self.chat_template()?.ok_or_else(|| {
+        let template = self.require_chat_template()?;
+        template.render(messages, &self.render_options(add_generation_prompt, None))
+    }
+
+    /// Renders a conversation that may carry tool turns, offering `tools` when `offer`
+    /// (see `tools::prepare_messages`), and says which tool-call format the template
+    /// teaches.
+    pub fn render_chat_tools(
+        &self,
+        messages: &[chat::Message],
+        tools: &[tools::ToolSpec],
+        offer: bool,
+    ) -> Result<(String, tools::ToolTemplate)> {
+        let template = self.require_chat_template()?;
+        let tpl = tools::ToolTemplate::detect(template.source());
+        let (messages, tools) = tools::prepare_messages(tpl, messages, tools, offer);
+        let text = template.render(&messages, &self.render_options(true, tools))?;
+        Ok((text, tpl))
+    }
+
+    fn require_chat_template(&self) -> Result<chat::ChatTemplate> {
+        self.chat_template()?.ok_or_else(|| {
             Error::new(format!(
                 "the model has no chat template and ffai knows no turn format for the {} family",
                 self.lm.family()
             ))
-        })?;
+        })
+    }
+
+    fn render_options(&self, add_generation_prompt: bool, tools: Option<serde_json::Value>) -> chat::RenderOptions {
         let text = |id: Option<u32>| id.and_then(|i| self.tokenizer.token_text(i)).unwrap_or("").to_string();
-        let opts = chat::RenderOptions {
+        chat::RenderOptions {
             add_generation_prompt,
             bos_token: text(self.tokenizer.bos_id()),
             eos_token: text(self.tokenizer.eos_id()),
+            tools,
             ..Default::default()
-        };
-        template.render(messages, &opts)
+        }
     }
 }

@@ -721,8 +721,8 @@ fn message_content_is_data() {
         part = serde_json::json!([part]);
     }
     let msgs = [Message {
-        role: "user".into(),
         content: ffai::chat::Content::Parts(vec![serde_json::json!({"type": "text", "text": part})]),
+        ..Message::user("")
     }];
     let out = render_with("{{ messages|tojson }}", &msgs).unwrap();
     // the list of messages, the list of parts, then the 120 levels

@@ -190,9 +190,12 @@ fn load_gguf_on(bytes: &[u8], src: &str, dev: &Device) -> Box<dyn LanguageModel>
 }
 
 fn load_hf(family: &str) -> Box<dyn LanguageModel> {
-    let dir = fixture_dir(family);
-    let cfg = ModelConfig::from_hf_json(&config_json(&dir), &dir.display().to_string()).unwrap();
-    let weights = Weights::from_safetensors_dir_for(&dir, &cfg.model_type).unwrap();
+    load_hf_dir(&fixture_dir(family))
+}
+
+fn load_hf_dir(dir: &Path) -> Box<dyn LanguageModel> {
+    let cfg = ModelConfig::from_hf_json(&config_json(dir), &dir.display().to_string()).unwrap();
+    let weights = Weights::from_safetensors_dir_for(dir, &cfg.model_type).unwrap();
     (family_for(&cfg, false).unwrap().load)(&cfg, &weights, &Device::cpu_with(2, false, true)).unwrap()
 }
 
@@ -580,5 +583,33 @@ fn deepseek_gguf_layouts_match_the_hugging_face_directory() {
             println!("{family} (split k_b/v_b: {split}): GGUF vs HF directory max abs diff {d:.2e}");
             assert!(d <= 1e-4, "{family} (split {split}): GGUF logits differ by {d}");
         }
+    }
+}
+
+/// DeepSeek-V2/V3 from llama.cpp's own converter (`deepseek_v2.gguf`, `deepseek_v3.gguf`
+/// in FFAI_LLAMA_CPP_GGUF, made by `scripts/convert_parity_gguf.py` as above): its
+/// `deepseek2` tensors (the joined or split `kv_b`, as that converter writes them), its
+/// YaRN and routing metadata load to the Hugging Face directory's logits. Where the
+/// script converted a copy with the released checkpoints' keys (`<family>.hf` beside the
+/// file: V3's `scoring_func`, and mscale = mscale_all_dim, which that converter's YaRN
+/// keys can carry), the copy is the directory compared with.
+#[test]
+#[ignore]
+fn llama_cpp_converter_output_deepseek() {
+    let dir = PathBuf::from(std::env::var("FFAI_LLAMA_CPP_GGUF").expect("FFAI_LLAMA_CPP_GGUF"));
+    for family in ["deepseek_v2", "deepseek_v3"] {
+        let ids = input_ids(&fixture_dir(family));
+        let path = dir.join(format!("{family}.gguf"));
+        let real = load_gguf(&std::fs::read(&path).unwrap(), &path.display().to_string());
+        let copy = dir.join(format!("{family}.hf"));
+        let hf_model = if copy.is_dir() {
+            load_hf_dir(&copy)
+        } else {
+            load_hf(family)
+        };
+        let hf = logits(&*hf_model, &ids);
+        let d = max_diff(&hf, &logits(&*real, &ids));
+        println!("{family}: llama.cpp converter's GGUF vs the HF directory max abs diff {d:.2e}");
+        assert!(d <= 1e-4, "{family}: {d}");
     }
 }

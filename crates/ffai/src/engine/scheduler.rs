@@ -438,10 +438,25 @@ impl<'m> Scheduler<'m> {
     /// Queues a request; its events go to `events`. Setting `cancel` ends it at the next
     /// step (as does dropping the receiver).
     pub fn add(&mut self, req: SeqRequest, events: Sender<Event>, cancel: Arc<AtomicBool>) -> Result<u64> {
+        self.add_compiled(req, None, events, cancel)
+    }
+
+    /// [`Scheduler::add`] with the request's `response_format` already compiled (by
+    /// `constrain::Constraint::new` over this tokenizer); None compiles it here.
+    pub fn add_compiled(
+        &mut self,
+        req: SeqRequest,
+        constraint: Option<crate::constrain::Constraint>,
+        events: Sender<Event>,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<u64> {
         self.check(&req)?;
         let SeqRequest { prompt, params } = req;
         let mut sampler = Sampler::new(&params);
-        sampler.constrain(self.tok)?;
+        match constraint {
+            Some(c) if params.response_format.is_some() => sampler.set_constraint(c),
+            _ => sampler.constrain(self.tok)?,
+        }
         let max_len = prompt.len().saturating_add(params.max_tokens).min(self.cfg.context);
         let mut tokens = Vec::with_capacity(max_len);
         tokens.extend_from_slice(&prompt);

@@ -17,6 +17,9 @@ use crate::Model;
 enum Cmd {
     Submit {
         req: Box<SeqRequest>,
+        /// The request's grammar, compiled by `submit` (so the engine thread never
+        /// compiles one: a large grammar would stall every running sequence).
+        constraint: Option<Box<crate::constrain::Constraint>>,
         events: Sender<Event>,
         cancel: Arc<AtomicBool>,
     },
@@ -145,16 +148,19 @@ impl Engine {
     /// bad sampling parameters, a sequence the pool could never hold) come back here.
     pub fn submit(&self, req: SeqRequest) -> Result<RequestHandle> {
         check_request(&*self.model.lm, &self.cfg, &self.windows, &req)?;
-        if let Some(f) = &req.params.response_format {
-            // A schema or grammar that does not compile is the request's error, here.
-            crate::constrain::Constraint::new(&self.model.tokenizer, f)?;
-        }
+        // A schema or grammar that does not compile is the request's error, here; the
+        // compiled grammar goes to the engine with the request.
+        let constraint = match &req.params.response_format {
+            Some(f) => Some(Box::new(crate::constrain::Constraint::new(&self.model.tokenizer, f)?)),
+            None => None,
+        };
         let (events, rx) = mpsc::channel();
         let cancel = Arc::new(AtomicBool::new(false));
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
         let sent = tx.as_ref().is_some_and(|tx| {
             tx.send(Cmd::Submit {
                 req: Box::new(req),
+                constraint,
                 events,
                 cancel: cancel.clone(),
             })
@@ -202,13 +208,18 @@ fn step_loop(sched: &mut Scheduler<'_>, rx: &Receiver<Cmd>, stats: &Mutex<Engine
         };
         for cmd in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
             match cmd {
-                Cmd::Submit { req, events, cancel } => {
+                Cmd::Submit {
+                    req,
+                    constraint,
+                    events,
+                    cancel,
+                } => {
                     if stopping {
                         cancel.store(true, Ordering::Relaxed);
                     }
                     // Checked at submit; a failure here drops `events`, which the handle
                     // sees as the engine stopping.
-                    let _ = sched.add(*req, events, cancel);
+                    let _ = sched.add_compiled(*req, constraint.map(|c| *c), events, cancel);
                 }
                 Cmd::Shutdown => stopping = true,
             }

@@ -1,0 +1,1230 @@
+//! Function calling: the OpenAI `tools` / `tool_choice` request fields, how a model family
+//! writes a call, the grammar that forces one, and the parsers that read calls back out of
+//! generated text.
+//!
+//! This lives in the library, not the server, because everything here is about the model:
+//! which format its chat template teaches (recognised from the template's text), how its
+//! tokenizer spells the format's markers (a special token is forced by id in the
+//! grammar), and how tool turns are rendered through its template. The server only maps
+//! errors to 400s and shapes the JSON.
+//!
+//! Formats ([`ToolFormat`]):
+//! - **Hermes** (Qwen2.5/Qwen3, Hermes, SmolLM3, and ffai's own prompt for templates that
+//!   know no tools): `<tool_call>\n{"name": "f", "arguments": {...}}\n</tool_call>`, one
+//!   block per call, text allowed before the first.
+//! - **Llama 3.x**: the whole answer is `{"name": "f", "parameters": {...}}` (optionally
+//!   after `<|python_tag|>`; several calls separated by `;`).
+//! - **Mistral**: `[TOOL_CALLS] [{"name": "f", "arguments": {...}}, ...]`, or the newer
+//!   `[TOOL_CALLS]f[ARGS]{...}` per call.
+//! - **Harmony** (gpt-oss): `<|channel|>commentary to=functions.f <|constrain|>json<|message|>{...}`
+//!   (the recipient may also come before the channel), ended by `<|call|>` or the end.
+//!
+//! A template that mentions no tools at all (SmolLM2, Gemma) gets ffai's tool prompt
+//! appended to its system message and the Hermes format; tool turns in its history are
+//! rewritten as text in that format ([`prepare_messages`]).
+//!
+//! Everything here takes untrusted input (requests, generated text): sizes and counts are
+//! checked against the limits below before use, and nothing panics on malformed input.
+
+use serde_json::{json, Map, Value};
+
+use crate::chat::{Content, Message};
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+
+/// Most tools one request may offer.
+pub const MAX_TOOLS: usize = 128;
+/// Longest function name (OpenAI's limit): letters, digits, `_` and `-`.
+pub const MAX_NAME_BYTES: usize = 64;
+/// Longest function description.
+pub const MAX_DESCRIPTION_BYTES: usize = 16 * 1024;
+/// Largest parameters schema of one tool, as compact JSON.
+pub const MAX_SCHEMA_BYTES: usize = 64 * 1024;
+/// Largest `tools` list, as compact JSON.
+pub const MAX_TOOLS_BYTES: usize = 512 * 1024;
+/// Deepest nesting of objects and lists in a parameters schema.
+pub const MAX_SCHEMA_DEPTH: usize = 32;
+/// Most calls one assistant message may carry (history, and calls parsed from output).
+pub const MAX_CALLS: usize = 128;
+/// Most calls a forced answer may make with `parallel_tool_calls` (the grammar's bound, so
+/// a model that keeps calling ends).
+pub const MAX_FORCED_CALLS: usize = 16;
+
+/// One offered function.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolSpec {
+    pub name: String,
+    pub description: Option<String>,
+    /// A JSON schema object for the arguments.
+    pub parameters: Value,
+}
+
+impl ToolSpec {
+    /// The OpenAI shape, which is what transformers passes to chat templates.
+    pub fn to_openai(&self) -> Value {
+        let mut f = Map::new();
+        f.insert("name".into(), self.name.clone().into());
+        if let Some(d) = &self.description {
+            f.insert("description".into(), d.clone().into());
+        }
+        f.insert("parameters".into(), self.parameters.clone());
+        json!({"type": "function", "function": f})
+    }
+}
+
+/// What the model may or must do with the offered tools.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// No call: tools are not offered to the model and output is not parsed.
+    None,
+    /// The model decides; calls are parsed from its output.
+    Auto,
+    /// At least one call, to any tool (grammar-constrained).
+    Required,
+    /// One call to this function (grammar-constrained).
+    Named(String),
+}
+
+/// A call read from output (or forced by the grammar).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    pub name: String,
+    /// The arguments as compact JSON text (an object).
+    pub arguments: String,
+}
+
+/// Output split into the text before the calls and the calls.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parsed {
+    /// The text before the first call, trailing whitespace removed; None when empty.
+    pub content: Option<String>,
+    pub calls: Vec<ToolCall>,
+}
+
+/// How a family writes calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolFormat {
+    Hermes,
+    Llama3,
+    Mistral,
+    Harmony,
+}
+
+/// A template's tool format, and whether the template renders tools itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ToolTemplate {
+    pub format: ToolFormat,
+    /// The template reads `tools` and tool turns; when false ffai writes its own prompt.
+    pub native: bool,
+}
+
+impl ToolTemplate {
+    /// Recognises the format a chat template teaches from its text.
+    pub fn detect(source: &str) -> ToolTemplate {
+        let has = |s: &str| source.contains(s);
+        let format = if has("<|channel|>") && has("functions.") {
+            ToolFormat::Harmony
+        } else if has("[TOOL_CALLS]") {
+            ToolFormat::Mistral
+        } else if has("<tool_call>") {
+            ToolFormat::Hermes
+        } else if has("<|python_tag|>") || (has("<|start_header_id|>") && has("\"parameters\"")) {
+            ToolFormat::Llama3
+        } else {
+            ToolFormat::Hermes
+        };
+        let native = match format {
+            ToolFormat::Hermes => has("<tool_call>") && has("tools"),
+            _ => has("tools"),
+        };
+        ToolTemplate { format, native }
+    }
+}
+
+fn bad(m: impl Into<String>) -> Error {
+    Error::new(m.into())
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Whether `name` is a sane function name: 1 to 64 letters, digits, `_` or `-`.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_BYTES
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// The deepest nesting of objects and lists in `v`, walked without recursion and stopping
+/// past `limit`.
+fn depth_exceeds(v: &Value, limit: usize) -> bool {
+    let mut stack: Vec<(&Value, usize)> = vec![(v, 1)];
+    while let Some((v, d)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &Value>> = match v {
+            Value::Object(o) => Box::new(o.values()),
+            Value::Array(a) => Box::new(a.iter()),
+            _ => continue,
+        };
+        if d > limit {
+            return true;
+        }
+        stack.extend(children.map(|c| (c, d + 1)));
+    }
+    false
+}
+
+fn compact_len(v: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(0);
+    let _ = serde_json::to_writer(&mut n, v);
+    n.0
+}
+
+/// Reads the OpenAI `tools` list: `[{"type": "function", "function": {"name",
+/// "description"?, "parameters"?, "strict"?}}]`. Names must be sane and unique; sizes,
+/// counts and schema depth are bounded. Whether each schema compiles is checked by
+/// [`check_schemas`] (it needs the tokenizer).
+pub fn parse_tools(v: &Value) -> Result<Vec<ToolSpec>> {
+    let Value::Array(list) = v else {
+        return Err(bad(format!("\"tools\" must be a list, not {}", json_kind(v))));
+    };
+    if list.len() > MAX_TOOLS {
+        return Err(bad(format!("at most {MAX_TOOLS} tools")));
+    }
+    if compact_len(v) > MAX_TOOLS_BYTES {
+        return Err(bad(format!("\"tools\" is larger than {MAX_TOOLS_BYTES} bytes")));
+    }
+    let mut out: Vec<ToolSpec> = Vec::with_capacity(list.len());
+    for (i, t) in list.iter().enumerate() {
+        let Value::Object(t) = t else {
+            return Err(bad(format!("tools[{i}] must be an object, not {}", json_kind(t))));
+        };
+        match t.get("type") {
+            Some(Value::String(s)) if s == "function" => {}
+            Some(Value::String(s)) => {
+                return Err(bad(format!(
+                    "tools[{i}]: type \"{}\" is not supported (only \"function\")",
+                    s.chars().take(40).collect::<String>()
+                )))
+            }
+            _ => return Err(bad(format!("tools[{i}] needs \"type\": \"function\""))),
+        }
+        let Some(Value::Object(f)) = t.get("function") else {
+            return Err(bad(format!("tools[{i}] needs a \"function\" object")));
+        };
+        let name = match f.get("name") {
+            Some(Value::String(n)) if valid_name(n) => n.clone(),
+            Some(Value::String(_)) => {
+                return Err(bad(format!(
+                    "tools[{i}].function.name must be 1 to {MAX_NAME_BYTES} letters, digits, '_' or '-'"
+                )))
+            }
+            _ => return Err(bad(format!("tools[{i}].function needs a \"name\" string"))),
+        };
+        if out.iter().any(|o| o.name == name) {
+            return Err(bad(format!("tools[{i}]: the name \"{name}\" is used twice")));
+        }
+        let description = match f.get("description") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(d)) if d.len() <= MAX_DESCRIPTION_BYTES => Some(d.clone()),
+            Some(Value::String(_)) => {
+                return Err(bad(format!(
+                    "tools[{i}].function.description is longer than {MAX_DESCRIPTION_BYTES} bytes"
+                )))
+            }
+            Some(other) => {
+                return Err(bad(format!(
+                    "tools[{i}].function.description must be a string, not {}",
+                    json_kind(other)
+                )))
+            }
+        };
+        let parameters = match f.get("parameters") {
+            None | Some(Value::Null) => json!({"type": "object", "properties": {}}),
+            Some(p @ Value::Object(_)) => {
+                if compact_len(p) > MAX_SCHEMA_BYTES {
+                    return Err(bad(format!(
+                        "tools[{i}].function.parameters is larger than {MAX_SCHEMA_BYTES} bytes"
+                    )));
+                }
+                if depth_exceeds(p, MAX_SCHEMA_DEPTH) {
+                    return Err(bad(format!(
+                        "tools[{i}].function.parameters nests deeper than {MAX_SCHEMA_DEPTH} levels"
+                    )));
+                }
+                p.clone()
+            }
+            Some(other) => {
+                return Err(bad(format!(
+                    "tools[{i}].function.parameters must be a JSON schema object, not {}",
+                    json_kind(other)
+                )))
+            }
+        };
+        out.push(ToolSpec {
+            name,
+            description,
+            parameters,
+        });
+    }
+    Ok(out)
+}
+
+/// Compiles every tool's parameters schema with the grammar engine over `tok`'s
+/// vocabulary; the first that does not compile is the error.
+pub fn check_schemas(tools: &[ToolSpec], tok: &Tokenizer) -> Result<()> {
+    for (i, t) in tools.iter().enumerate() {
+        let format = crate::constrain::ResponseFormat::JsonSchema(t.parameters.clone());
+        crate::constrain::Constraint::new(tok, &format)
+            .map_err(|e| bad(format!("tools[{i}] (\"{}\"): {}", t.name, e.message())))?;
+    }
+    Ok(())
+}
+
+/// Reads `tool_choice` (absent: "auto" when tools are offered, else "none"):
+/// "none", "auto", "required", or `{"type": "function", "function": {"name": ...}}`
+/// naming an offered tool.
+pub fn parse_tool_choice(v: Option<&Value>, tools: &[ToolSpec]) -> Result<ToolChoice> {
+    let choice = match v {
+        None | Some(Value::Null) => {
+            return Ok(if tools.is_empty() { ToolChoice::None } else { ToolChoice::Auto });
+        }
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            _ => {
+                return Err(bad(
+                    "\"tool_choice\" must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                ))
+            }
+        },
+        Some(Value::Object(o)) => {
+            let name = o
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+                .filter(|_| o.get("type").and_then(Value::as_str) == Some("function"))
+                .ok_or_else(|| {
+                    bad("\"tool_choice\" as an object must be {\"type\": \"function\", \"function\": {\"name\": ...}}")
+                })?;
+            if !tools.iter().any(|t| t.name == name) {
+                let shown: String = name.chars().take(MAX_NAME_BYTES).collect();
+                return Err(bad(format!("\"tool_choice\" names \"{shown}\", which is not in \"tools\"")));
+            }
+            ToolChoice::Named(name.to_owned())
+        }
+        Some(other) => {
+            return Err(bad(format!(
+                "\"tool_choice\" must be a string or an object, not {}",
+                json_kind(other)
+            )))
+        }
+    };
+    if tools.is_empty() && matches!(choice, ToolChoice::Required) {
+        return Err(bad("\"tool_choice\" is \"required\" but no \"tools\" are given"));
+    }
+    Ok(choice)
+}
+
+// ---------------------------------------------------------------------------------------
+// Rendering
+
+/// ffai's tool prompt for templates that have none (appended to the system message).
+fn generic_prompt(tools: &[ToolSpec]) -> String {
+    let mut s = String::from(
+        "You can call functions to help answer. Their signatures, one JSON object per line, are between <tools> and </tools>:\n<tools>\n",
+    );
+    for t in tools {
+        s.push_str(&t.to_openai().to_string());
+        s.push('\n');
+    }
+    s.push_str(
+        "</tools>\n\nTo call a function, reply with a JSON object holding its name and arguments between <tool_call> and </tool_call>:\n<tool_call>\n{\"name\": <function name>, \"arguments\": <arguments as a JSON object>}\n</tool_call>",
+    );
+    s
+}
+
+/// A call of a history message as Hermes text.
+fn hermes_block(call: &Value) -> String {
+    let f = call.get("function").unwrap_or(call);
+    let name = f.get("name").and_then(Value::as_str).unwrap_or("");
+    let args = f.get("arguments").cloned().unwrap_or(json!({}));
+    let body = json!({"name": name, "arguments": args});
+    format!("<tool_call>\n{body}\n</tool_call>")
+}
+
+fn text_of(c: &Content) -> String {
+    match c {
+        Content::Text(t) => t.clone(),
+        Content::Parts(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    }
+}
+
+/// A call id as Mistral's template demands: 9 letters and digits. Ids already so pass
+/// unchanged; others map to one derived from their bytes, the same for the assistant's
+/// call and the tool's answer.
+pub fn mistral_call_id(id: &str) -> String {
+    if id.len() == 9 && id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return id.to_owned();
+    }
+    // FNV-1a, then base 62.
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in id.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    (0..9)
+        .map(|_| {
+            let c = DIGITS[(h % 62) as usize] as char;
+            h /= 62;
+            c
+        })
+        .collect()
+}
+
+/// The messages and `tools` value to render for `tpl`. Offered tools (`offer`) go to a
+/// native template as `tools`; a template without tools gets ffai's prompt in its system
+/// message, and its history's tool turns as Hermes text (calls appended to the
+/// assistant's content; consecutive tool results joined into one user turn of
+/// `<tool_response>` blocks). Mistral's call ids are mapped to its 9-character form.
+pub fn prepare_messages(
+    tpl: ToolTemplate,
+    messages: &[Message],
+    tools: &[ToolSpec],
+    offer: bool,
+) -> (Vec<Message>, Option<Value>) {
+    let offered = offer && !tools.is_empty();
+    if tpl.native {
+        let mut out = messages.to_vec();
+        if tpl.format == ToolFormat::Mistral {
+            for m in &mut out {
+                if let Some(id) = &m.tool_call_id {
+                    m.tool_call_id = Some(mistral_call_id(id));
+                }
+                for c in m.tool_calls.iter_mut().flatten() {
+                    if let Some(id) = c.get("id").and_then(Value::as_str) {
+                        c["id"] = mistral_call_id(id).into();
+                    }
+                }
+            }
+        }
+        let tools = offered.then(|| Value::Array(tools.iter().map(ToolSpec::to_openai).collect()));
+        return (out, tools);
+    }
+    let mut out: Vec<Message> = Vec::with_capacity(messages.len() + 1);
+    for m in messages {
+        if m.role == "tool" {
+            let block = format!("<tool_response>\n{}\n</tool_response>", text_of(&m.content));
+            match out.last_mut() {
+                Some(prev) if prev.role == "user" && prev.tool_call_id.as_deref() == Some("") => {
+                    if let Content::Text(t) = &mut prev.content {
+                        t.push('\n');
+                        t.push_str(&block);
+                    }
+                }
+                _ => {
+                    // Marked (an empty call id) so the next result joins this turn; the
+                    // mark is dropped below.
+                    out.push(Message {
+                        tool_call_id: Some(String::new()),
+                        ..Message::user(block)
+                    });
+                }
+            }
+            continue;
+        }
+        match &m.tool_calls {
+            Some(calls) if !calls.is_empty() => {
+                let mut text = text_of(&m.content);
+                for c in calls {
+                    if !text.is_empty() {
+                        text.push('\n');
+                    }
+                    text.push_str(&hermes_block(c));
+                }
+                out.push(Message::new(m.role.clone(), text));
+            }
+            _ => out.push(Message {
+                tool_calls: None,
+                tool_call_id: None,
+                ..m.clone()
+            }),
+        }
+    }
+    for m in &mut out {
+        m.tool_call_id = None;
+    }
+    if offered {
+        let prompt = generic_prompt(tools);
+        match out.first_mut() {
+            Some(first) if first.role == "system" => {
+                let mut text = text_of(&first.content);
+                if !text.is_empty() {
+                    text.push_str("\n\n");
+                }
+                text.push_str(&prompt);
+                first.content = Content::Text(text);
+            }
+            _ => out.insert(0, Message::system(prompt)),
+        }
+    }
+    (out, None)
+}
+
+// ---------------------------------------------------------------------------------------
+// Grammars
+
+/// A Lark string literal.
+fn lark_str(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// `text` in a grammar: the special token of that text by id when the vocabulary has one
+/// (the grammar engine never lets plain text spell a special token), else the literal.
+fn marker(tok: &Tokenizer, text: &str) -> String {
+    let id = (0..tok.vocab_size() as u32).find(|&id| tok.is_special(id) && tok.token_text(id) == Some(text));
+    match id {
+        Some(id) => format!("<[{id}]>"),
+        None => lark_str(text),
+    }
+}
+
+/// Closes every object schema in `s` that lists `properties` but says nothing of others
+/// (no `additionalProperties`, no `patternProperties`): a forced call's arguments are the
+/// declared parameters, not whatever else a model invents until it runs out of tokens.
+/// Subschemas are followed where a schema may hold them; `allOf` is left alone (closing
+/// its parts would make their combination refuse each other's properties). Depth is
+/// bounded by [`MAX_SCHEMA_DEPTH`] at parsing.
+fn close_objects(s: &mut Value) {
+    let Some(o) = s.as_object_mut() else {
+        return;
+    };
+    let is_object = match o.get("type") {
+        None => true,
+        Some(Value::String(t)) => t == "object",
+        Some(Value::Array(ts)) => ts.iter().any(|t| t == "object"),
+        Some(_) => false,
+    };
+    if is_object
+        && o.get("properties").is_some_and(Value::is_object)
+        && !o.contains_key("additionalProperties")
+        && !o.contains_key("patternProperties")
+        && !o.contains_key("unevaluatedProperties")
+    {
+        o.insert("additionalProperties".into(), Value::Bool(false));
+    }
+    for key in ["properties", "$defs", "definitions"] {
+        if let Some(Value::Object(m)) = o.get_mut(key) {
+            m.values_mut().for_each(close_objects);
+        }
+    }
+    for key in ["items", "additionalProperties", "not", "if", "then", "else", "contains"] {
+        if let Some(v) = o.get_mut(key) {
+            close_objects(v);
+        }
+    }
+    for key in ["anyOf", "oneOf", "prefixItems", "items"] {
+        if let Some(Value::Array(list)) = o.get_mut(key) {
+            list.iter_mut().for_each(close_objects);
+        }
+    }
+}
+
+/// A parameters schema as a forced call uses it: objects closed ([`close_objects`]) and
+/// ffai's fixed JSON layout (see `constrain`).
+fn args_schema(p: &Value) -> Value {
+    let mut p = p.clone();
+    close_objects(&mut p);
+    if let Some(o) = p.as_object_mut() {
+        o.entry("x-guidance").or_insert(json!({
+            "whitespace_flexible": false,
+            "item_separator": ", ",
+            "key_separator": ": ",
+        }));
+    }
+    p
+}
+
+/// The Lark grammar (llguidance's dialect) that makes the output one call (or, for
+/// "required" with `parallel`, one to [`MAX_FORCED_CALLS`]) in `format` to the tools
+/// `choice` allows, each call's arguments following its function's schema. `None` for
+/// choices that force nothing.
+pub fn grammar(
+    format: ToolFormat,
+    tools: &[ToolSpec],
+    choice: &ToolChoice,
+    parallel: bool,
+    tok: &Tokenizer,
+) -> Option<String> {
+    // A named function is called once (as OpenAI and vLLM do); "required" may call
+    // several when `parallel`.
+    let parallel = parallel && *choice == ToolChoice::Required;
+    let chosen: Vec<&ToolSpec> = match choice {
+        ToolChoice::None | ToolChoice::Auto => return None,
+        ToolChoice::Required => tools.iter().collect(),
+        ToolChoice::Named(n) => tools.iter().filter(|t| &t.name == n).collect(),
+    };
+    if chosen.is_empty() {
+        return None;
+    }
+    // The markers, looked up in the vocabulary once.
+    let (open, close) = match format {
+        ToolFormat::Hermes => (marker(tok, "<tool_call>"), marker(tok, "</tool_call>")),
+        ToolFormat::Mistral => (marker(tok, "[TOOL_CALLS]"), String::new()),
+        ToolFormat::Harmony => (marker(tok, "<|channel|>"), marker(tok, "<|constrain|>")),
+        ToolFormat::Llama3 => (String::new(), String::new()),
+    };
+    let message = match format {
+        ToolFormat::Harmony => marker(tok, "<|message|>"),
+        _ => String::new(),
+    };
+    let mut g = String::new();
+    let mut alts = Vec::new();
+    for (i, t) in chosen.iter().enumerate() {
+        // One rule per function: the family's wrapper around its arguments.
+        let head = |key: &str| lark_str(&format!("{{\"name\": \"{}\", \"{key}\": ", t.name));
+        let body = match format {
+            ToolFormat::Hermes => format!(
+                "{open} {} args_{i} {} {close}",
+                lark_str(&format!("\n{{\"name\": \"{}\", \"arguments\": ", t.name)),
+                lark_str("}\n"),
+            ),
+            ToolFormat::Llama3 => format!("{} args_{i} \"}}\"", head("parameters")),
+            ToolFormat::Mistral => format!("{} args_{i} \"}}\"", head("arguments")),
+            ToolFormat::Harmony => format!(
+                "{open} {} {close} \"json\" {message} args_{i}",
+                lark_str(&format!("commentary to=functions.{} ", t.name)),
+            ),
+        };
+        g.push_str(&format!("call_{i}: {body}\n"));
+        g.push_str(&format!("args_{i}: %json {}\n", args_schema(&t.parameters)));
+        alts.push(format!("call_{i}"));
+    }
+    g.push_str(&format!("call: {}\n", alts.join(" | ")));
+    let start = match (format, parallel) {
+        (ToolFormat::Hermes, true) => format!("start: call (\"\\n\" call){{0,{}}}\n", MAX_FORCED_CALLS - 1),
+        (ToolFormat::Mistral, true) => format!(
+            "start: {open} \" [\" call (\", \" call){{0,{}}} \"]\"\n",
+            MAX_FORCED_CALLS - 1
+        ),
+        (ToolFormat::Mistral, false) => format!("start: {open} \" [\" call \"]\"\n"),
+        _ => "start: call\n".to_string(),
+    };
+    Some(format!("{start}{g}"))
+}
+
+// ---------------------------------------------------------------------------------------
+// Parsers
+
+/// One JSON value at the start of `s` (after whitespace): the value and the rest.
+fn json_prefix(s: &str) -> Option<(Value, &str)> {
+    let mut it = serde_json::Deserializer::from_str(s).into_iter::<Value>();
+    let v = it.next()?.ok()?;
+    let used = it.byte_offset();
+    Some((v, &s[used..]))
+}
+
+/// A call object: `{"name": "f", <key>: {...}}` (`arguments` or `parameters`; an
+/// arguments string holding a JSON object is accepted too), naming an offered tool.
+fn call_from(v: &Value, names: &[&str]) -> Option<ToolCall> {
+    let o = v.as_object()?;
+    let name = o.get("name")?.as_str()?;
+    if !names.contains(&name) {
+        return None;
+    }
+    let args = o.get("arguments").or_else(|| o.get("parameters"));
+    let args = match args {
+        None => json!({}),
+        Some(Value::String(s)) => match serde_json::from_str::<Value>(s) {
+            Ok(v @ Value::Object(_)) => v,
+            _ => return None,
+        },
+        Some(v @ Value::Object(_)) => v.clone(),
+        Some(_) => return None,
+    };
+    Some(ToolCall {
+        name: name.to_owned(),
+        arguments: args.to_string(),
+    })
+}
+
+fn content_before(text: &str, at: usize) -> Option<String> {
+    let c = text[..at].trim_end();
+    (!c.trim_start().is_empty()).then(|| c.to_owned())
+}
+
+/// Hermes: text, then `<tool_call> {json} </tool_call>` blocks separated by whitespace
+/// (the last closing tag may be missing at the very end).
+pub fn parse_hermes(text: &str, names: &[&str]) -> Option<Parsed> {
+    const OPEN: &str = "<tool_call>";
+    const CLOSE: &str = "</tool_call>";
+    let start = text.find(OPEN)?;
+    let mut rest = &text[start..];
+    let mut calls = Vec::new();
+    while let Some(after) = rest.strip_prefix(OPEN) {
+        let (v, after) = json_prefix(after)?;
+        calls.push(call_from(&v, names)?);
+        if calls.len() > MAX_CALLS {
+            return None;
+        }
+        let after = after.trim_start();
+        rest = match after.strip_prefix(CLOSE) {
+            Some(r) => r.trim_start(),
+            None if after.is_empty() => after,
+            None => return None,
+        };
+    }
+    if !rest.is_empty() {
+        return None;
+    }
+    Some(Parsed {
+        content: content_before(text, start),
+        calls,
+    })
+}
+
+/// Llama 3.x: the answer is a call object (`{"name", "parameters"}`), or several joined by
+/// `;`, optionally after `<|python_tag|>` (which may follow some text).
+pub fn parse_llama3(text: &str, names: &[&str]) -> Option<Parsed> {
+    const TAG: &str = "<|python_tag|>";
+    let (start, mut rest) = match text.find(TAG) {
+        Some(at) => (at, &text[at + TAG.len()..]),
+        None => {
+            let at = text.len() - text.trim_start().len();
+            (at, &text[at..])
+        }
+    };
+    if !rest.trim_start().starts_with('{') {
+        return None;
+    }
+    let mut calls = Vec::new();
+    loop {
+        let (v, after) = json_prefix(rest)?;
+        calls.push(call_from(&v, names)?);
+        if calls.len() > MAX_CALLS {
+            return None;
+        }
+        let after = after.trim_start();
+        match after.strip_prefix(';') {
+            Some(r) if !r.trim().is_empty() => rest = r,
+            Some(_) => break,
+            None if after.is_empty() => break,
+            None => return None,
+        }
+    }
+    Some(Parsed {
+        content: content_before(text, start),
+        calls,
+    })
+}
+
+/// Mistral: text, then `[TOOL_CALLS]` and a JSON list of call objects, or (newer
+/// tokenizers) `[TOOL_CALLS]name[ARGS]{json}` repeated.
+pub fn parse_mistral(text: &str, names: &[&str]) -> Option<Parsed> {
+    const TAG: &str = "[TOOL_CALLS]";
+    const ARGS: &str = "[ARGS]";
+    let start = text.find(TAG)?;
+    let rest = &text[start + TAG.len()..];
+    let mut calls = Vec::new();
+    if rest.trim_start().starts_with('[') {
+        let (v, after) = json_prefix(rest)?;
+        if !after.trim().is_empty() {
+            return None;
+        }
+        let list = v.as_array()?;
+        if list.is_empty() || list.len() > MAX_CALLS {
+            return None;
+        }
+        for c in list {
+            calls.push(call_from(c, names)?);
+        }
+    } else {
+        for piece in rest.split(TAG) {
+            let (name, args) = piece.split_once(ARGS)?;
+            let (v, after) = json_prefix(args)?;
+            if !after.trim().is_empty() || !v.is_object() {
+                return None;
+            }
+            calls.push(call_from(&json!({"name": name.trim(), "arguments": v}), names)?);
+            if calls.len() > MAX_CALLS {
+                return None;
+            }
+        }
+    }
+    Some(Parsed {
+        content: content_before(text, start),
+        calls,
+    })
+}
+
+/// Harmony: messages whose header names a recipient `to=functions.NAME` are calls (their
+/// body, up to `<|call|>`, `<|end|>` or the end, is the JSON arguments); the text before
+/// the first such message is the content.
+pub fn parse_harmony(text: &str, names: &[&str]) -> Option<Parsed> {
+    const MESSAGE: &str = "<|message|>";
+    const RECIPIENT: &str = "to=functions.";
+    let mut calls = Vec::new();
+    let mut first: Option<usize> = None;
+    let mut pos = 0;
+    while let Some(m) = text[pos..].find(MESSAGE) {
+        let body_at = pos + m + MESSAGE.len();
+        // This message's header starts at its `<|start|>`, else right after the previous
+        // message's end.
+        let header_from = text[pos..pos + m].rfind("<|start|>").map_or(pos, |i| pos + i);
+        let header = &text[header_from..pos + m];
+        let body_end = ["<|call|>", "<|end|>", "<|return|>"]
+            .iter()
+            .filter_map(|e| text[body_at..].find(e).map(|i| (body_at + i, e.len())))
+            .min();
+        let (end, next) = match body_end {
+            Some((e, l)) => (e, e + l),
+            None => (text.len(), text.len()),
+        };
+        if let Some(r) = header.find(RECIPIENT) {
+            let name: String = header[r + RECIPIENT.len()..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+                .collect();
+            let (v, after) = json_prefix(&text[body_at..end])?;
+            if !after.trim().is_empty() {
+                return None;
+            }
+            calls.push(call_from(&json!({"name": name, "arguments": v}), names)?);
+            if calls.len() > MAX_CALLS {
+                return None;
+            }
+            first.get_or_insert(header_from);
+        } else if first.is_some() {
+            // Text after a call is not part of this answer's calls: not a clean call list.
+            return None;
+        }
+        pos = next;
+    }
+    let start = first?;
+    if !text[pos..].trim().is_empty() {
+        return None;
+    }
+    Some(Parsed {
+        content: content_before(text, start),
+        calls,
+    })
+}
+
+impl ToolFormat {
+    /// Reads calls out of a whole output; None when it holds no complete, well-formed
+    /// call list to offered tools (then the whole text is content).
+    pub fn parse(self, text: &str, names: &[&str]) -> Option<Parsed> {
+        match self {
+            ToolFormat::Hermes => parse_hermes(text, names),
+            ToolFormat::Llama3 => parse_llama3(text, names),
+            ToolFormat::Mistral => parse_mistral(text, names),
+            ToolFormat::Harmony => parse_harmony(text, names),
+        }
+    }
+
+    /// For streaming: how much of `text` (a prefix of the output) can go out as content
+    /// now, and whether a call has surely begun (then nothing more goes out until the end).
+    /// Text from the start of a possible call (a marker, or the start of one at the end)
+    /// is held, and so is trailing whitespace, so that streamed content is always a prefix
+    /// of what [`ToolFormat::parse`] returns for the whole output. `from` is what went out
+    /// already (a previous answer): no call can start before it, so only the rest is
+    /// searched, and a stream costs time in proportion to its length.
+    pub fn safe_prefix(self, text: &str, from: usize) -> (usize, bool) {
+        let markers: &[&str] = match self {
+            ToolFormat::Hermes => &["<tool_call>"],
+            ToolFormat::Llama3 => &["<|python_tag|>"],
+            ToolFormat::Mistral => &["[TOOL_CALLS]"],
+            ToolFormat::Harmony => &["<|channel|>", "<|start|>", "to=functions."],
+        };
+        let from = if text.is_char_boundary(from) { from } else { 0 };
+        if self == ToolFormat::Llama3 && from == 0 {
+            // A call is the whole answer: hold everything while it could start one.
+            let t = text.trim_start();
+            if t.starts_with('{') {
+                return (0, true);
+            }
+            if t.is_empty() {
+                return (0, false);
+            }
+        }
+        let tail = &text[from..];
+        let mut hold = tail.len();
+        let mut begun = false;
+        for m in markers {
+            if let Some(at) = tail.find(m) {
+                hold = hold.min(at);
+                begun = true;
+            }
+            // The longest end of `tail` that begins `m`.
+            for k in (1..m.len().min(tail.len() + 1)).rev() {
+                let at = tail.len() - k;
+                if tail.is_char_boundary(at) && m.starts_with(&tail[at..]) {
+                    hold = hold.min(at);
+                    break;
+                }
+            }
+        }
+        (from + tail[..hold].trim_end().len(), begun)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NAMES: &[&str] = &["get_weather", "search"];
+
+    fn call(name: &str, args: &str) -> ToolCall {
+        ToolCall {
+            name: name.into(),
+            arguments: args.into(),
+        }
+    }
+
+    #[test]
+    fn hermes() {
+        // Qwen2.5 / Qwen3 as they write it.
+        let p = parse_hermes(
+            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"days\": 3}}\n</tool_call>",
+            NAMES,
+        )
+        .unwrap();
+        assert_eq!(p.content, None);
+        assert_eq!(p.calls, vec![call("get_weather", r#"{"city":"Paris","days":3}"#)]);
+        // Text first, two calls, the last closing tag cut off by the end of generation.
+        let p = parse_hermes(
+            "Let me check.\n\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {}}\n</tool_call>\n<tool_call>\n{\"name\": \"search\", \"arguments\": \"{\\\"q\\\": \\\"x\\\"}\"}",
+            NAMES,
+        )
+        .unwrap();
+        assert_eq!(p.content.as_deref(), Some("Let me check."));
+        assert_eq!(p.calls, vec![call("get_weather", "{}"), call("search", r#"{"q":"x"}"#)]);
+        // Not calls: no marker, broken JSON, an unknown function, text after, no name.
+        for t in [
+            "The weather is fine.",
+            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": }\n</tool_call>",
+            "<tool_call>\n{\"name\": \"rm_rf\", \"arguments\": {}}\n</tool_call>",
+            "<tool_call>\n{\"name\": \"search\", \"arguments\": {}}\n</tool_call> and more",
+            "<tool_call>\n{\"arguments\": {}}\n</tool_call>",
+            "<tool_call>\n{\"name\": \"search\", \"arguments\": [1]}\n</tool_call>",
+        ] {
+            assert_eq!(parse_hermes(t, NAMES), None, "{t}");
+        }
+    }
+
+    #[test]
+    fn llama3() {
+        let p = parse_llama3(
+            "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}",
+            NAMES,
+        )
+        .unwrap();
+        assert_eq!(
+            (p.content, p.calls),
+            (None, vec![call("get_weather", r#"{"city":"Paris"}"#)])
+        );
+        let p = parse_llama3(
+            "<|python_tag|>{\"name\": \"search\", \"parameters\": {\"q\": \"a\"}}; {\"name\": \"get_weather\", \"parameters\": {}}",
+            NAMES,
+        )
+        .unwrap();
+        assert_eq!(p.calls, vec![call("search", r#"{"q":"a"}"#), call("get_weather", "{}")]);
+        let p = parse_llama3("Sure.<|python_tag|>{\"name\": \"search\", \"arguments\": {}}", NAMES).unwrap();
+        assert_eq!(p.content.as_deref(), Some("Sure."));
+        for t in [
+            "It is {\"name\": \"search\"} maybe",
+            "{\"name\": \"search\", \"parameters\": {}} and then",
+            "{\"name\": \"nope\", \"parameters\": {}}",
+            "{\"answer\": 42}",
+        ] {
+            assert_eq!(parse_llama3(t, NAMES), None, "{t}");
+        }
+    }
+
+    #[test]
+    fn mistral() {
+        let p = parse_mistral(
+            "[TOOL_CALLS] [{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}, {\"name\": \"search\", \"arguments\": {}}]",
+            NAMES,
+        )
+        .unwrap();
+        assert_eq!(
+            p.calls,
+            vec![call("get_weather", r#"{"city":"Paris"}"#), call("search", "{}")]
+        );
+        let p = parse_mistral(
+            "[TOOL_CALLS]search[ARGS]{\"q\": \"b\"}[TOOL_CALLS]get_weather[ARGS]{}",
+            NAMES,
+        )
+        .unwrap();
+        assert_eq!(p.calls, vec![call("search", r#"{"q":"b"}"#), call("get_weather", "{}")]);
+        for t in [
+            "[TOOL_CALLS] []",
+            "[TOOL_CALLS] [{\"name\": \"search\", \"arguments\": {}}] trailing",
+            "[TOOL_CALLS]search{\"q\": 1}",
+            "no calls",
+        ] {
+            assert_eq!(parse_mistral(t, NAMES), None, "{t}");
+        }
+    }
+
+    #[test]
+    fn harmony() {
+        let out = "<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{\"city\":\"Paris\"}<|call|>";
+        let p = parse_harmony(out, NAMES).unwrap();
+        assert_eq!(p.calls, vec![call("get_weather", r#"{"city":"Paris"}"#)]);
+        assert_eq!(
+            p.content.as_deref(),
+            Some("<|channel|>analysis<|message|>Need weather.<|end|>")
+        );
+        // Recipient before the channel (as the template renders history), no <|call|>.
+        let p = parse_harmony(
+            "<|channel|>commentary to=functions.search <|constrain|>json<|message|>{\"q\": \"x\"}",
+            NAMES,
+        )
+        .unwrap();
+        assert_eq!((p.content, p.calls), (None, vec![call("search", r#"{"q":"x"}"#)]));
+        let p = parse_harmony(
+            " to=functions.search<|channel|>commentary json<|message|>{}<|call|>",
+            NAMES,
+        )
+        .unwrap();
+        assert_eq!(p.calls, vec![call("search", "{}")]);
+        for t in [
+            "<|channel|>final<|message|>It is sunny.<|return|>",
+            "<|channel|>commentary to=functions.search <|constrain|>json<|message|>{\"q\": <|call|>",
+            "<|channel|>commentary to=functions.evil json<|message|>{}<|call|>",
+        ] {
+            assert_eq!(parse_harmony(t, NAMES), None, "{t}");
+        }
+    }
+
+    #[test]
+    fn detect_formats_from_real_templates() {
+        let fixture = |f: &str| {
+            std::fs::read_to_string(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../../tests/fixtures/chat")
+                    .join(f),
+            )
+            .unwrap()
+        };
+        let t = |format, native| ToolTemplate { format, native };
+        assert_eq!(
+            ToolTemplate::detect(&fixture("qwen2.5.jinja")),
+            t(ToolFormat::Hermes, true)
+        );
+        assert_eq!(
+            ToolTemplate::detect(&fixture("qwen3.jinja")),
+            t(ToolFormat::Hermes, true)
+        );
+        assert_eq!(
+            ToolTemplate::detect(&fixture("llama3.jinja")),
+            t(ToolFormat::Llama3, true)
+        );
+        assert_eq!(
+            ToolTemplate::detect(&fixture("mistral_v0.3.jinja")),
+            t(ToolFormat::Mistral, true)
+        );
+        assert_eq!(
+            ToolTemplate::detect(&fixture("gpt_oss.jinja")),
+            t(ToolFormat::Harmony, true)
+        );
+        assert_eq!(
+            ToolTemplate::detect(&fixture("smollm2.jinja")),
+            t(ToolFormat::Hermes, false)
+        );
+        assert_eq!(
+            ToolTemplate::detect(&fixture("gemma3.jinja")),
+            t(ToolFormat::Hermes, false)
+        );
+    }
+
+    #[test]
+    fn safe_prefix_holds_possible_calls() {
+        let h = ToolFormat::Hermes;
+        assert_eq!(h.safe_prefix("Hello there", 0), (11, false));
+        assert_eq!(h.safe_prefix("Hello <tool", 0), (5, false));
+        assert_eq!(h.safe_prefix("Hello\n\n<tool_call>\n{\"na", 0), (5, true));
+        assert_eq!(h.safe_prefix("Hello\n\n<tool_call>\n{\"na", 5), (5, true));
+        assert_eq!(h.safe_prefix("a <b> c", 0), (7, false));
+        assert_eq!(h.safe_prefix("é<", 0), ("é".len(), false));
+        let l = ToolFormat::Llama3;
+        assert_eq!(l.safe_prefix("  {\"name\"", 0), (0, true));
+        assert_eq!(l.safe_prefix("  ", 0), (0, false));
+        assert_eq!(l.safe_prefix("Sure, <|py", 0), (5, false));
+        // A brace after content is not a call.
+        assert_eq!(l.safe_prefix("Sure {", 4), (6, false));
+        // Streamed piece by piece (each step searching from what went out), the content is
+        // a prefix of what the whole parse keeps, and the call is seen to begin.
+        let out = "Checking... <b> \n<tool_call>\n{\"name\": \"search\", \"arguments\": {}}\n</tool_call>";
+        let whole = parse_hermes(out, NAMES).unwrap().content.unwrap();
+        let mut sent = 0;
+        let mut begun = false;
+        for end in (0..=out.len()).filter(|&e| out.is_char_boundary(e)) {
+            let (safe, b) = h.safe_prefix(&out[..end], sent);
+            assert!(safe >= sent && whole.starts_with(&out[..safe]), "{end}");
+            assert_eq!(safe, h.safe_prefix(&out[..end], 0).0, "{end}");
+            sent = safe;
+            begun = b;
+        }
+        assert!(begun);
+        assert_eq!(&out[..sent], whole);
+    }
+
+    #[test]
+    fn tools_and_choices_are_checked() {
+        let ok = json!([{"type": "function", "function": {"name": "get_weather", "description": "d",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+            {"type": "function", "function": {"name": "search"}}]);
+        let tools = parse_tools(&ok).unwrap();
+        assert_eq!(tools.len(), 2);
+        assert_eq!(tools[1].parameters, json!({"type": "object", "properties": {}}));
+        let deep = (0..40).fold(json!({}), |v, _| json!({"properties": {"x": v}}));
+        for bad in [
+            json!({}),
+            json!([1]),
+            json!([{"type": "retrieval"}]),
+            json!([{"type": "function"}]),
+            json!([{"type": "function", "function": {"name": "a b"}}]),
+            json!([{"type": "function", "function": {"name": ""}}]),
+            json!([{"type": "function", "function": {"name": "x".repeat(65)}}]),
+            json!([{"type": "function", "function": {"name": "f"}}, {"type": "function", "function": {"name": "f"}}]),
+            json!([{"type": "function", "function": {"name": "f", "parameters": "x"}}]),
+            json!([{"type": "function", "function": {"name": "f", "description": 3}}]),
+            json!([{"type": "function", "function": {"name": "f", "parameters": deep}}]),
+            Value::Array(vec![
+                json!({"type": "function", "function": {"name": "f"}});
+                MAX_TOOLS + 1
+            ]),
+        ] {
+            assert!(parse_tools(&bad).is_err(), "{bad}");
+        }
+        let c = |v: Value| parse_tool_choice(Some(&v), &tools);
+        assert_eq!(parse_tool_choice(None, &tools).unwrap(), ToolChoice::Auto);
+        assert_eq!(parse_tool_choice(None, &[]).unwrap(), ToolChoice::None);
+        assert_eq!(c(json!("required")).unwrap(), ToolChoice::Required);
+        assert_eq!(c(json!("none")).unwrap(), ToolChoice::None);
+        assert_eq!(
+            c(json!({"type": "function", "function": {"name": "search"}})).unwrap(),
+            ToolChoice::Named("search".into())
+        );
+        assert!(c(json!({"type": "function", "function": {"name": "nope"}})).is_err());
+        assert!(c(json!("sometimes")).is_err());
+        assert!(c(json!(1)).is_err());
+        assert!(parse_tool_choice(Some(&json!("required")), &[]).is_err());
+    }
+
+    #[test]
+    fn forced_arguments_close_open_objects() {
+        let s = args_schema(&json!({"type": "object", "properties": {
+            "a": {"type": "object", "properties": {"x": {"type": "string"}}},
+            "b": {"type": "array", "items": {"properties": {"y": {}}}},
+            "c": {"anyOf": [{"type": "object", "properties": {}}, {"type": "string"}]},
+            "d": {"type": "object", "properties": {}, "additionalProperties": {"type": "integer"}},
+            "properties": {"type": "string"}},
+          "$defs": {"e": {"type": "object", "properties": {"z": {}}}},
+          "allOf": [{"properties": {"q": {}}}]}));
+        assert_eq!(s["additionalProperties"], false);
+        assert_eq!(s["properties"]["a"]["additionalProperties"], false);
+        assert_eq!(s["properties"]["b"]["items"]["additionalProperties"], false);
+        assert_eq!(s["properties"]["c"]["anyOf"][0]["additionalProperties"], false);
+        assert_eq!(s["properties"]["d"]["additionalProperties"], json!({"type": "integer"}));
+        assert_eq!(s["properties"]["properties"], json!({"type": "string"}));
+        assert_eq!(s["$defs"]["e"]["additionalProperties"], false);
+        assert_eq!(s["allOf"][0].get("additionalProperties"), None);
+        assert_eq!(s["x-guidance"]["whitespace_flexible"], false);
+    }
+
+    #[test]
+    fn generic_templates_get_tool_turns_as_text() {
+        let tools = parse_tools(&json!([{"type": "function", "function": {"name": "search"}}])).unwrap();
+        let call = json!({"id": "call_1", "type": "function", "function": {"name": "search", "arguments": {"q": "x"}}});
+        let msgs = vec![
+            Message::user("find x"),
+            Message {
+                tool_calls: Some(vec![call]),
+                ..Message::assistant("")
+            },
+            Message {
+                tool_call_id: Some("call_1".into()),
+                ..Message::new("tool", "found")
+            },
+            Message {
+                tool_call_id: Some("call_1".into()),
+                ..Message::new("tool", "again")
+            },
+        ];
+        let tpl = ToolTemplate {
+            format: ToolFormat::Hermes,
+            native: false,
+        };
+        let (out, t) = prepare_messages(tpl, &msgs, &tools, true);
+        assert_eq!(t, None);
+        assert_eq!(out.len(), 4);
+        assert_eq!(out[0].role, "system");
+        assert!(text_of(&out[0].content).contains("{\"type\":\"function\",\"function\":{\"name\":\"search\""));
+        assert_eq!(
+            out[2].content,
+            Content::Text("<tool_call>\n{\"name\":\"search\",\"arguments\":{\"q\":\"x\"}}\n</tool_call>".into())
+        );
+        assert_eq!(
+            (out[3].role.as_str(), text_of(&out[3].content)),
+            (
+                "user",
+                "<tool_response>\nfound\n</tool_response>\n<tool_response>\nagain\n</tool_response>".into()
+            )
+        );
+        assert!(out.iter().all(|m| m.tool_calls.is_none() && m.tool_call_id.is_none()));
+        // Mistral: ids become 9 letters and digits, the same on both sides.
+        let tpl = ToolTemplate {
+            format: ToolFormat::Mistral,
+            native: true,
+        };
+        let (out, t) = prepare_messages(tpl, &msgs, &tools, true);
+        let id = out[1].tool_calls.as_ref().unwrap()[0]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(id.len(), 9);
+        assert_eq!(out[2].tool_call_id.as_deref(), Some(id.as_str()));
+        assert_eq!(t.unwrap()[0]["function"]["name"], "search");
+        assert_eq!(mistral_call_id("abcDEF123"), "abcDEF123");
+    }
+}

@@ -1,0 +1,347 @@
+//! Tool calls on the real SmolLM2 checkpoint and the real chat templates: every family's
+//! forced-call grammar (Hermes, Llama 3.x, Mistral, harmony) over SmolLM2's vocabulary
+//! makes output that the family's own parser reads back as calls to the allowed functions
+//! whose arguments validate against their schemas (greedy and sampled); tool turns render
+//! through a template that knows no tools (SmolLM2's: ffai's prompt and Hermes text) and
+//! through Qwen2.5's, Llama 3's, Mistral's and gpt-oss's own, and what those templates
+//! render for a past call reads back with the matching parser.
+
+mod common;
+
+use std::sync::OnceLock;
+
+use common::{real_model, SMOLLM2};
+use ffai::chat::{ChatTemplate, Message, RenderOptions, TemplateSource};
+use ffai::constrain::ResponseFormat;
+use ffai::generate::{generate, GenerationParameters, StopReason};
+use ffai::tools::{self, ToolCall, ToolChoice, ToolFormat, ToolSpec, ToolTemplate};
+use ffai::{LoadOptions, Model};
+use serde_json::{json, Value};
+
+fn model() -> &'static Model {
+    static M: OnceLock<Model> = OnceLock::new();
+    M.get_or_init(|| Model::load(real_model(SMOLLM2).to_str().unwrap(), &LoadOptions::default()).unwrap())
+}
+
+fn tool_list() -> Vec<ToolSpec> {
+    tools::parse_tools(&json!([
+        {"type": "function", "function": {
+            "name": "get_weather",
+            "description": "The current weather in a city.",
+            "parameters": {"type": "object", "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "unit": {"enum": ["celsius", "fahrenheit"]}},
+              "required": ["city", "unit"], "additionalProperties": false}}},
+        {"type": "function", "function": {
+            "name": "search",
+            "description": "Search the web.",
+            "parameters": {"type": "object", "properties": {
+                "query": {"type": "string", "maxLength": 30},
+                "limit": {"type": "integer", "minimum": 1, "maximum": 10}},
+              "required": ["query"], "additionalProperties": false}}}
+    ]))
+    .unwrap()
+}
+
+fn check_call(call: &ToolCall, tools: &[ToolSpec]) {
+    let spec = tools.iter().find(|t| t.name == call.name).unwrap();
+    let args: Value = serde_json::from_str(&call.arguments).unwrap();
+    let v = jsonschema::validator_for(&spec.parameters).unwrap();
+    assert!(v.is_valid(&args), "{}: {}", call.name, call.arguments);
+}
+
+#[test]
+fn forced_calls_in_every_format_parse_and_validate() {
+    let m = model();
+    let tools = tool_list();
+    let names: Vec<&str> = tools.iter().map(|t| t.name.as_str()).collect();
+    let (prompt, tpl) = m
+        .render_chat_tools(&[Message::user("What is the weather in Paris?")], &tools, true)
+        .unwrap();
+    assert_eq!(tpl.format, ToolFormat::Hermes);
+    let ids = m.encode(&prompt).unwrap();
+    let formats = [
+        ToolFormat::Hermes,
+        ToolFormat::Llama3,
+        ToolFormat::Mistral,
+        ToolFormat::Harmony,
+    ];
+    for format in formats {
+        for choice in [ToolChoice::Named("search".into()), ToolChoice::Required] {
+            // Greedy with parallel calls allowed, sampled with one call.
+            for (temperature, seed, parallel) in [(0.0, 1, true), (0.9, 7, false)] {
+                let g = tools::grammar(format, &tools, &choice, parallel, &m.tokenizer).unwrap();
+                let params = GenerationParameters {
+                    max_tokens: 160,
+                    temperature,
+                    seed: Some(seed),
+                    response_format: Some(ResponseFormat::Lark(g)),
+                    ..m.default_parameters()
+                };
+                let out = generate(&*m.lm, &m.tokenizer, &ids, &params, |_| true).unwrap();
+                let what = format!("{format:?} {choice:?} t={temperature}: {:?}", out.text);
+                assert_ne!(out.stop_reason, StopReason::MaxTokens, "{what}");
+                let p = format.parse(&out.text, &names).unwrap_or_else(|| panic!("{what}"));
+                assert_eq!(p.content, None, "{what}");
+                assert!(!p.calls.is_empty(), "{what}");
+                assert!(
+                    (parallel && choice == ToolChoice::Required) || p.calls.len() == 1,
+                    "{what}"
+                );
+                for c in &p.calls {
+                    if choice != ToolChoice::Required {
+                        assert_eq!(c.name, "search", "{what}");
+                    }
+                    check_call(c, &tools);
+                }
+            }
+        }
+    }
+    // No grammar for the choices that force nothing.
+    assert!(tools::grammar(ToolFormat::Hermes, &tools, &ToolChoice::Auto, true, &m.tokenizer).is_none());
+    assert!(tools::grammar(ToolFormat::Hermes, &tools, &ToolChoice::None, true, &m.tokenizer).is_none());
+}
+
+#[test]
+fn schemas_that_do_not_compile_are_errors() {
+    let m = model();
+    let bad = tools::parse_tools(&json!([{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "no-such-type"}}}]))
+    .unwrap();
+    let e = tools::check_schemas(&bad, &m.tokenizer).unwrap_err().to_string();
+    assert!(e.starts_with("tools[0] (\"f\"): "), "{e}");
+    assert!(!e.contains('\n'), "{e}");
+    tools::check_schemas(&tool_list(), &m.tokenizer).unwrap();
+}
+
+/// A user question, the assistant's call, the tool's answer.
+fn conversation() -> Vec<Message> {
+    vec![
+        Message::user("What is the weather in Paris?"),
+        Message {
+            tool_calls: Some(vec![json!({"id": "call_abc123", "type": "function",
+                "function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}})]),
+            ..Message::assistant("")
+        },
+        Message {
+            tool_call_id: Some("call_abc123".into()),
+            ..Message::new("tool", "{\"temperature\": 21}")
+        },
+    ]
+}
+
+#[test]
+fn tool_turns_render_through_a_template_without_tools() {
+    let m = model();
+    let tools = tool_list();
+    let (text, tpl) = m.render_chat_tools(&conversation(), &tools, true).unwrap();
+    assert!(!tpl.native);
+    assert!(text.starts_with("<|im_start|>system\nYou can call functions"), "{text}");
+    assert!(
+        text.contains("{\"type\":\"function\",\"function\":{\"name\":\"get_weather\",\"description\":\"The current weather in a city.\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("<|im_start|>assistant\n<tool_call>\n{\"name\":\"get_weather\",\"arguments\":{\"city\":\"Paris\",\"unit\":\"celsius\"}}\n</tool_call><|im_end|>\n"),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("<|im_start|>user\n<tool_response>\n{\"temperature\": 21}\n</tool_response><|im_end|>\n<|im_start|>assistant\n"),
+        "{text}"
+    );
+    // Not offered: no tool prompt (SmolLM2's own system line instead), history still text.
+    let (text, _) = m.render_chat_tools(&conversation(), &tools, false).unwrap();
+    assert!(!text.contains("<tools>") && text.contains("named SmolLM"), "{text}");
+    assert!(text.contains("<tool_response>"), "{text}");
+}
+
+fn fixture(name: &str) -> ChatTemplate {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/chat")
+        .join(name);
+    ChatTemplate::new(&std::fs::read_to_string(p).unwrap(), TemplateSource::Gguf).unwrap()
+}
+
+fn render_native(name: &str, bos: &str, eos: &str) -> (String, ToolTemplate) {
+    let t = fixture(name);
+    let tpl = ToolTemplate::detect(t.source());
+    assert!(tpl.native, "{name}");
+    let (messages, tools) = tools::prepare_messages(tpl, &conversation(), &tool_list(), true);
+    let opts = RenderOptions {
+        add_generation_prompt: true,
+        bos_token: bos.into(),
+        eos_token: eos.into(),
+        tools,
+        enable_thinking: None,
+    };
+    (t.render(&messages, &opts).unwrap(), tpl)
+}
+
+#[test]
+fn tool_turns_render_through_native_templates_and_parse_back() {
+    let names = ["get_weather", "search"];
+    let want = ToolCall {
+        name: "get_weather".into(),
+        arguments: r#"{"city":"Paris","unit":"celsius"}"#.into(),
+    };
+
+    let (text, tpl) = render_native("qwen2.5.jinja", "", "<|im_end|>");
+    assert_eq!(tpl.format, ToolFormat::Hermes);
+    assert!(
+        text.contains("<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("<|im_start|>user\n<tool_response>\n{\"temperature\": 21}\n</tool_response><|im_end|>"),
+        "{text}"
+    );
+    let turn = text
+        .split("<|im_start|>assistant")
+        .nth(1)
+        .unwrap()
+        .split("<|im_end|>")
+        .next()
+        .unwrap();
+    assert_eq!(tools::parse_hermes(turn, &names).unwrap().calls, vec![want.clone()]);
+
+    let (text, tpl) = render_native("llama3.jinja", "<|begin_of_text|>", "<|eot_id|>");
+    assert_eq!(tpl.format, ToolFormat::Llama3);
+    // Llama 3's template dumps a string result with tojson (a string is iterable), as
+    // transformers does.
+    assert!(
+        text.contains("<|start_header_id|>ipython<|end_header_id|>\n\n\"{\\\"temperature\\\": 21}\"<|eot_id|>"),
+        "{text}"
+    );
+    let turn = text
+        .split("<|start_header_id|>assistant<|end_header_id|>\n\n")
+        .nth(1)
+        .unwrap()
+        .split("<|eot_id|>")
+        .next()
+        .unwrap();
+    assert_eq!(tools::parse_llama3(turn, &names).unwrap().calls, vec![want.clone()]);
+
+    let (text, tpl) = render_native("mistral_v0.3.jinja", "<s>", "</s>");
+    assert_eq!(tpl.format, ToolFormat::Mistral);
+    assert!(
+        text.contains("[AVAILABLE_TOOLS] [{\"type\": \"function\", \"function\": {\"name\": \"get_weather\""),
+        "{text}"
+    );
+    let id = tools::mistral_call_id("call_abc123");
+    assert!(
+        text.contains(&format!("\"call_id\": \"{id}\"}}[/TOOL_RESULTS]")),
+        "{text}"
+    );
+    let turn = text.split("[/INST]").nth(1).unwrap().split("</s>").next().unwrap();
+    // Rendered history carries the id; the parser reads the call from it.
+    assert_eq!(tools::parse_mistral(turn, &names).unwrap().calls, vec![want.clone()]);
+
+    let (text, tpl) = render_native("gpt_oss.jinja", "", "<|return|>");
+    assert_eq!(tpl.format, ToolFormat::Harmony);
+    assert!(text.contains("type get_weather = (_: {"), "{text}");
+    let turn = text.split("<|start|>user<|message|>").nth(1).unwrap();
+    let turn = &turn[turn.find("<|start|>assistant").unwrap()..];
+    let turn = &turn[..turn.find("<|call|>").unwrap() + "<|call|>".len()];
+    assert_eq!(tools::parse_harmony(turn, &names).unwrap().calls, vec![want]);
+}
+
+/// The per-token cost of a forced call's grammar (a Hermes wrapper around a schema with a
+/// long free string, so the call runs to about 150 tokens) against free decoding of as
+/// many tokens from the same prompt, on one thread-pool of the machine's cores. A
+/// measurement, not a check: `cargo test --release -p ffai --test tools -- --ignored
+/// --nocapture measure`.
+#[test]
+#[ignore]
+fn measure_forced_call_cost_per_token() {
+    let m = model();
+    let tools = tools::parse_tools(&json!([{"type": "function", "function": {
+        "name": "write_note",
+        "parameters": {"type": "object", "properties": {
+            "title": {"type": "string", "maxLength": 40},
+            "body": {"type": "string", "minLength": 500, "maxLength": 600},
+            "tags": {"type": "array", "items": {"enum": ["sea", "ship", "storm"]}, "maxItems": 3}},
+          "required": ["title", "body", "tags"], "additionalProperties": false}}}]))
+    .unwrap();
+    let (prompt, _) = m
+        .render_chat_tools(&[Message::user("Write a long note about the sea.")], &tools, true)
+        .unwrap();
+    let ids = m.encode(&prompt).unwrap();
+    let g = tools::grammar(ToolFormat::Hermes, &tools, &ToolChoice::Required, false, &m.tokenizer).unwrap();
+    let per_token = |o: &ffai::GenerationOutput| o.decode_seconds * 1e3 / o.decode_steps.max(1) as f64;
+    // End to end, the best of five alternating rounds each (the machine is shared).
+    let (mut best_forced, mut best_free, mut tokens) = (f64::MAX, f64::MAX, Vec::new());
+    for _ in 0..5 {
+        let forced = GenerationParameters {
+            max_tokens: 400,
+            temperature: 0.0,
+            response_format: Some(ResponseFormat::Lark(g.clone())),
+            ..m.default_parameters()
+        };
+        let c = generate(&*m.lm, &m.tokenizer, &ids, &forced, |_| true).unwrap();
+        assert!(tools::parse_hermes(&c.text, &["write_note"]).is_some(), "{}", c.text);
+        let free = GenerationParameters {
+            max_tokens: c.generated_ids.len(),
+            temperature: 0.0,
+            stop_on_eos: false,
+            ..m.default_parameters()
+        };
+        let f = generate(&*m.lm, &m.tokenizer, &ids, &free, |_| true).unwrap();
+        best_forced = best_forced.min(per_token(&c));
+        best_free = best_free.min(per_token(&f));
+        tokens = c.generated_ids;
+    }
+    // The grammar's own work, replayed over the same tokens without the model: a mask over
+    // the vocabulary and one parser step per token (best of five).
+    let mut best_replay = f64::MAX;
+    let mut logits = vec![0f32; m.tokenizer.vocab_size()];
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        let mut c = ffai::constrain::Constraint::new(&m.tokenizer, &ResponseFormat::Lark(g.clone())).unwrap();
+        for &id in &tokens {
+            c.mask(&mut logits).unwrap();
+            c.advance(id).unwrap();
+        }
+        best_replay = best_replay.min(t.elapsed().as_secs_f64() * 1e3 / tokens.len() as f64);
+    }
+    println!(
+        "{} tokens: forced call {best_forced:.2} ms/token, free {best_free:.2} ms/token (best of 5); grammar alone {best_replay:.3} ms/token",
+        tokens.len()
+    );
+}
+
+/// How long checking and compiling the largest tool lists takes (a measurement):
+/// `cargo test --release -p ffai --test tools -- --ignored --nocapture compile_time`.
+#[test]
+#[ignore]
+fn measure_compile_time_of_many_tools() {
+    let m = model();
+    let props: serde_json::Map<String, Value> = (0..40)
+        .map(|i| {
+            (
+                format!("field_{i}"),
+                json!({"type": "string", "description": "x".repeat(30), "maxLength": 50}),
+            )
+        })
+        .collect();
+    let list: Vec<Value> = (0..tools::MAX_TOOLS)
+        .map(|i| {
+            json!({"type": "function", "function": {"name": format!("tool_{i}"),
+            "parameters": {"type": "object", "properties": props, "required": ["field_0"]}}})
+        })
+        .collect();
+    let list = Value::Array(list);
+    println!("tools JSON: {} bytes", list.to_string().len());
+    let tools = tools::parse_tools(&list).unwrap();
+    let t = std::time::Instant::now();
+    tools::check_schemas(&tools, &m.tokenizer).unwrap();
+    println!("check_schemas: {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+    let t = std::time::Instant::now();
+    let g = tools::grammar(ToolFormat::Hermes, &tools, &ToolChoice::Required, true, &m.tokenizer).unwrap();
+    let mut c = ffai::constrain::Constraint::new(&m.tokenizer, &ResponseFormat::Lark(g)).unwrap();
+    let mut logits = vec![0f32; m.tokenizer.vocab_size()];
+    c.mask(&mut logits).unwrap();
+    println!(
+        "required-call grammar, built and first mask: {:.1} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+}
