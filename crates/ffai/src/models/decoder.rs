@@ -291,6 +291,64 @@ struct Paged<B: Backend> {
 const GRAPH_MAX_ROWS: usize = 64;
 
 /// Splits `rows` rows off the start of a contiguous matrix (fused projections).
+/// The checks every paged model makes of a step before running it: rows, token ids
+/// inside the vocabulary, the layout's KV groups against the model's windows and the
+/// batch's pools, the logit rows, and an output sized for them. Shared by the decoder
+/// and the model types beside it (`gemma4`).
+pub(crate) fn check_step(
+    tokens: &[u32],
+    layout: &StepLayout,
+    logit_rows: &[u32],
+    out: &StepOut<'_>,
+    vocab: usize,
+    windows: &[usize],
+    sh: &BatchShape,
+) -> Result<()> {
+    let n = tokens.len();
+    ensure!(n > 0, "a step with no rows");
+    ensure!(
+        n == layout.positions.len(),
+        "{n} tokens for a layout of {} rows",
+        layout.positions.len()
+    );
+    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        bail!("token id {bad} is outside the vocabulary ({vocab} tokens)");
+    }
+    ensure!(
+        layout.groups.len() == windows.len(),
+        "a layout with {} KV groups for a model with {}",
+        layout.groups.len(),
+        windows.len()
+    );
+    for (g, gl) in layout.groups.iter().enumerate() {
+        ensure!(
+            gl.window as usize == windows[g]
+                && gl.block_size as usize == sh.block_size
+                && gl.n_blocks as usize == sh.group_blocks[g],
+            "KV group {g} of the layout (window {}, {} blocks of {}) does not match the batch (window {}, {} blocks of {})",
+            gl.window,
+            gl.n_blocks,
+            gl.block_size,
+            windows[g],
+            sh.group_blocks[g],
+            sh.block_size
+        );
+    }
+    if let Some(&r) = logit_rows.iter().find(|&&r| r as usize >= n) {
+        bail!("logits asked for row {r} of a {n}-row step");
+    }
+    let (want, per_row) = match out {
+        StepOut::Logits(l) => (l.len(), vocab),
+        StepOut::Argmax(ids) => (ids.len(), 1),
+    };
+    ensure!(
+        want == logit_rows.len() * per_row,
+        "an output of {want} for {} rows of {per_row}",
+        logit_rows.len()
+    );
+    Ok(())
+}
+
 fn rows_of(e: &WeightEntry, first_row: usize, rows: usize, cols: usize) -> Result<HostBytes> {
     let rb = e.ty.row_bytes(cols).ok_or_else(|| Error::new("bad row length"))?;
     let (start, len) = (first_row * rb, rows * rb);
@@ -1118,38 +1176,7 @@ impl<B: Backend> LanguageModel for Decoder<B> {
         let (vocab, h) = (self.cfg.vocab_size, self.cfg.hidden_size);
         let n = tokens.len();
         let sh = &state.shape;
-        ensure!(n > 0, "a step with no rows");
-        ensure!(
-            n == layout.positions.len(),
-            "{n} tokens for a layout of {} rows",
-            layout.positions.len()
-        );
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            bail!("token id {bad} is outside the vocabulary ({vocab} tokens)");
-        }
-        ensure!(
-            layout.groups.len() == self.windows.len(),
-            "a layout with {} KV groups for a model with {}",
-            layout.groups.len(),
-            self.windows.len()
-        );
-        for (g, gl) in layout.groups.iter().enumerate() {
-            ensure!(
-                gl.window as usize == self.windows[g]
-                    && gl.block_size as usize == sh.block_size
-                    && gl.n_blocks as usize == sh.group_blocks[g],
-                "KV group {g} of the layout (window {}, {} blocks of {}) does not match the batch (window {}, {} blocks of {})",
-                gl.window,
-                gl.n_blocks,
-                gl.block_size,
-                self.windows[g],
-                sh.group_blocks[g],
-                sh.block_size
-            );
-        }
-        if let Some(&r) = logit_rows.iter().find(|&&r| r as usize >= n) {
-            bail!("logits asked for row {r} of a {n}-row step");
-        }
+        check_step(tokens, layout, logit_rows, &out, vocab, &self.windows, sh)?;
         if self.spec.recurrent.is_some() {
             ensure!(
                 !layout.state_slots.is_empty() && layout.n_state_slots as usize == sh.state_slots,
@@ -1157,15 +1184,6 @@ impl<B: Backend> LanguageModel for Decoder<B> {
                 sh.state_slots
             );
         }
-        let (want, per_row) = match &out {
-            StepOut::Logits(l) => (l.len(), vocab),
-            StepOut::Argmax(ids) => (ids.len(), 1),
-        };
-        ensure!(
-            want == logit_rows.len() * per_row,
-            "an output of {want} for {} rows of {per_row}",
-            logit_rows.len()
-        );
         let per_pass = sh.max_logit_rows;
         let b = &*self.b;
         let sp = &self.spec;

@@ -954,49 +954,8 @@ impl<B: Backend> LanguageModel for Gemma4<B> {
         mut out: StepOut<'_>,
     ) -> Result<()> {
         let (vocab, h) = (self.cfg.vocab_size, self.cfg.hidden_size);
-        let n = tokens.len();
         let sh = &state.shape;
-        ensure!(n > 0, "a step with no rows");
-        ensure!(
-            n == layout.positions.len(),
-            "{n} tokens for a layout of {} rows",
-            layout.positions.len()
-        );
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            bail!("token id {bad} is outside the vocabulary ({vocab} tokens)");
-        }
-        ensure!(
-            layout.groups.len() == self.windows.len(),
-            "a layout with {} KV groups for a model with {}",
-            layout.groups.len(),
-            self.windows.len()
-        );
-        for (g, gl) in layout.groups.iter().enumerate() {
-            ensure!(
-                gl.window as usize == self.windows[g]
-                    && gl.block_size as usize == sh.block_size
-                    && gl.n_blocks as usize == sh.group_blocks[g],
-                "KV group {g} of the layout (window {}, {} blocks of {}) does not match the batch (window {}, {} blocks of {})",
-                gl.window,
-                gl.n_blocks,
-                gl.block_size,
-                self.windows[g],
-                sh.group_blocks[g],
-                sh.block_size
-            );
-        }
-        if let Some(&r) = logit_rows.iter().find(|&&r| r as usize >= n) {
-            bail!("logits asked for row {r} of a {n}-row step");
-        }
-        let (want, per_row) = match &out {
-            StepOut::Logits(l) => (l.len(), vocab),
-            StepOut::Argmax(ids) => (ids.len(), 1),
-        };
-        ensure!(
-            want == logit_rows.len() * per_row,
-            "an output of {want} for {} rows of {per_row}",
-            logit_rows.len()
-        );
+        super::decoder::check_step(tokens, layout, logit_rows, &out, vocab, &self.windows, sh)?;
         let per_pass = sh.max_logit_rows;
         let b = &*self.b;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
