@@ -1066,7 +1066,10 @@ fn add_flat_rope_keys(config: &mut serde_json::Map<String, Value>) {
         set("partial_rotary_factor", p.clone());
     }
     let kind = main.get("rope_type").and_then(Value::as_str).unwrap_or("default");
-    if kind != "default" {
+    // Gemma 4's "proportional" RoPE (full layers only) lives in the per-layer-type
+    // `rope_parameters` that every Gemma 4 reader takes; a flat copy would read as a
+    // scaling of every layer to the older readers the flat keys are for.
+    if kind != "default" && kind != "proportional" {
         let mut scaling: serde_json::Map<String, Value> = main
             .iter()
             .filter(|(k, _)| !matches!(k.as_str(), "rope_theta" | "partial_rotary_factor"))
