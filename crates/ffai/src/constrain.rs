@@ -12,10 +12,10 @@
 //! only where the grammar may end; once it is complete, only they are. A state that
 //! allows no token at all is an error for the sequence (never a hang).
 
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 
 use llguidance::api::TopLevelGrammar;
-use llguidance::toktrie::{ApproximateTokEnv, TokRxInfo, TokTrie, TokenizerEnv};
+use llguidance::toktrie::{ApproximateTokEnv, SimpleVob, TokRxInfo, TokTrie, TokenizerEnv};
 use llguidance::{Matcher, ParserFactory};
 
 use crate::error::{Error, Result};
@@ -94,33 +94,107 @@ pub(crate) fn new_factory(tok: &Tokenizer) -> std::result::Result<Arc<ParserFact
 }
 
 /// One sequence's grammar state.
+///
+/// The next step's mask is computed off the decode thread: feeding a token hands the
+/// parser to a worker ([`mask_pool`]), which computes the following mask while the model
+/// runs the next forward; [`mask`](Self::mask) then collects it. On a GPU the forward
+/// leaves the CPU idle, so the mask costs nothing the step does not already wait for; on
+/// the CPU it still overlaps the memory-bound parts of the step. Results are the same as
+/// computing inline: the same parser sees the same tokens in the same order.
 pub struct Constraint {
-    matcher: Matcher,
+    state: State,
     eog: Vec<u32>,
+    /// Whether the parser had stopped after the last token fed (kept here so that asking
+    /// does not wait for the worker).
+    stopped: bool,
+}
+
+type MaskResult = std::result::Result<SimpleVob, String>;
+
+enum State {
+    /// The parser is here, with the next mask if already computed.
+    Here(Box<Matcher>, Option<MaskResult>),
+    /// A worker holds the parser and sends it back with the next mask.
+    Away(mpsc::Receiver<(Box<Matcher>, MaskResult)>),
+    /// The worker died without sending the parser back (a panic inside the grammar
+    /// engine): every later step is an error.
+    Lost,
 }
 
 impl Constraint {
     /// A fresh parser for `format` over `tok`'s vocabulary; a grammar or schema that does
-    /// not compile is an error naming the problem.
+    /// not compile is an error naming the problem. The first mask starts computing at
+    /// once (it overlaps the prefill).
     pub fn new(tok: &Tokenizer, format: &ResponseFormat) -> Result<Constraint> {
         let factory = tok.grammar_factory()?;
         let matcher = Matcher::new(factory.create_parser(format.grammar()));
         if let Some(e) = matcher.get_error() {
             return Err(Error::new(format!("invalid response format: {}", first_line(&e))));
         }
-        Ok(Constraint {
-            matcher,
+        let stopped = matcher.is_stopped();
+        let mut c = Constraint {
+            state: State::Here(Box::new(matcher), None),
             eog: tok.eog_ids().to_vec(),
-        })
+            stopped,
+        };
+        c.send_away();
+        Ok(c)
+    }
+
+    /// Hands the parser to a worker to compute the next mask (inline when no worker can
+    /// be had).
+    fn send_away(&mut self) {
+        let State::Here(m, None) = std::mem::replace(&mut self.state, State::Lost) else {
+            unreachable!("send_away is called with the parser here and no mask")
+        };
+        let (tx, rx) = mpsc::sync_channel(1);
+        let job = move || {
+            let mut m = m;
+            let r = compute_mask(&mut m);
+            // The sequence may be gone (cancelled); then nobody wants the result.
+            let _ = tx.send((m, r));
+        };
+        let job: Job = Box::new(job);
+        let unsent = match mask_pool() {
+            Some(pool) => pool.submit(job),
+            None => Err(job),
+        };
+        match unsent {
+            Ok(()) => self.state = State::Away(rx),
+            Err(job) => {
+                // No worker: the job runs here, now.
+                job();
+                self.state = match rx.recv() {
+                    Ok((m, r)) => State::Here(m, Some(r)),
+                    Err(_) => State::Lost,
+                };
+            }
+        }
+    }
+
+    /// The parser, back from the worker if it is away, with its pending mask.
+    fn here(&mut self) -> Result<(&mut Matcher, &mut Option<MaskResult>)> {
+        if let State::Away(rx) = &self.state {
+            self.state = match rx.recv() {
+                Ok((m, r)) => State::Here(m, Some(r)),
+                Err(_) => State::Lost,
+            };
+        }
+        match &mut self.state {
+            State::Here(m, r) => Ok((m, r)),
+            _ => Err(Error::new("grammar: the grammar engine failed")),
+        }
     }
 
     /// Sets every logit the grammar does not allow next to −∞ (ids past the tokenizer's
     /// vocabulary included). Err when nothing is allowed.
     pub fn mask(&mut self, logits: &mut [f32]) -> Result<()> {
-        let mask = self
-            .matcher
-            .compute_mask_or_eos()
-            .map_err(|e| Error::new(format!("grammar: {}", first_line(&e.to_string()))))?;
+        let (m, pending) = self.here()?;
+        let mask = match pending.take() {
+            Some(r) => r,
+            None => compute_mask(m),
+        }
+        .map_err(|e| Error::new(format!("grammar: {e}")))?;
         // Word by word: whole words allowed (free text) or refused (most of a vocabulary
         // under a strict grammar) cost one compare for 32 logits.
         let words = mask.as_slice();
@@ -153,20 +227,85 @@ impl Constraint {
     }
 
     /// Advances the parser past the chosen token (an end-of-generation token ends the
-    /// sequence and is not fed).
+    /// sequence and is not fed), and starts computing the next mask.
     pub fn advance(&mut self, t: u32) -> Result<()> {
         if self.eog.contains(&t) {
             return Ok(());
         }
-        self.matcher
-            .consume_token(t)
-            .map_err(|e| Error::new(format!("grammar: {}", first_line(&e.to_string()))))
+        let (m, pending) = self.here()?;
+        // A mask computed for the step before this token is stale now.
+        *pending = None;
+        m.consume_token(t)
+            .map_err(|e| Error::new(format!("grammar: {}", first_line(&e.to_string()))))?;
+        self.stopped = m.is_stopped();
+        self.send_away();
+        Ok(())
     }
 
     /// The output is complete: only end of generation may follow.
     pub fn is_complete(&self) -> bool {
-        self.matcher.is_stopped()
+        self.stopped
     }
+}
+
+fn compute_mask(m: &mut Matcher) -> MaskResult {
+    m.compute_mask_or_eos()
+        .map_err(|e| first_line(&e.to_string()).to_string())
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The threads that compute grammar masks for every constrained sequence of the process
+/// (so batched sequences' masks are computed side by side). They block when idle.
+pub(crate) struct MaskPool {
+    jobs: Mutex<mpsc::Sender<Job>>,
+}
+
+impl MaskPool {
+    /// Queues `job`; gives it back when the queue is gone.
+    fn submit(&self, job: Job) -> std::result::Result<(), Job> {
+        match self.jobs.lock() {
+            Ok(tx) => tx.send(job).map_err(|e| e.0),
+            Err(_) => Err(job),
+        }
+    }
+}
+
+/// The process's mask workers (one per core, at most 8), started on first use; None when
+/// no thread can be started (masks are then computed inline).
+fn mask_pool() -> Option<&'static MaskPool> {
+    static POOL: OnceLock<Option<MaskPool>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        let mut started = 0;
+        for i in 0..n {
+            let rx = Arc::clone(&rx);
+            let worker = move || loop {
+                // Take one job, then let go of the queue before running it.
+                let job = match rx.lock() {
+                    Ok(q) => match q.recv() {
+                        Ok(j) => j,
+                        Err(_) => return,
+                    },
+                    Err(_) => return,
+                };
+                // A panic inside the grammar engine loses that sequence's parser (its
+                // `Constraint` reports the error), not the worker.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+            };
+            if std::thread::Builder::new()
+                .name(format!("ffai-mask-{i}"))
+                .spawn(worker)
+                .is_ok()
+            {
+                started += 1;
+            }
+        }
+        (started > 0).then(|| MaskPool { jobs: Mutex::new(tx) })
+    })
+    .as_ref()
 }
 
 fn first_line(s: &str) -> &str {
