@@ -147,6 +147,9 @@ fn limits(st: &AppState) -> Limits {
 pub(crate) struct ToolCtx {
     format: ffai::tools::ToolFormat,
     names: Vec<String>,
+    /// The call is forced by a grammar (`tool_choice` "required" or a named function):
+    /// its text is known to parse, so a stream sends its arguments as they are written.
+    forced: bool,
 }
 
 impl ToolCtx {
@@ -203,6 +206,7 @@ pub async fn chat_completions(State(st): St, body: Body) -> Result<Response, Api
         let ctx = offer.then(|| ToolCtx {
             format: tpl.format,
             names: tools.tools.iter().map(|t| t.name.clone()).collect(),
+            forced: grammar.is_some(),
         });
         Ok::<_, ApiError>((ids, ctx.filter(|c| !c.names.is_empty()), grammar))
     })
@@ -561,6 +565,9 @@ struct Streaming {
     sent: Vec<usize>,
     /// A call has surely begun: the rest of the choice is held.
     begun: Vec<bool>,
+    /// Forced calls: per choice, the calls that went out so far and how many bytes of
+    /// each one's arguments.
+    calls_sent: Vec<Vec<usize>>,
 }
 
 impl Streaming {
@@ -637,6 +644,48 @@ impl Streaming {
         v.to_string()
     }
 
+    /// Queues the first chunk of call `k`: its id, type and name.
+    fn push_call_head(&mut self, index: usize, k: usize, name: &str) {
+        let head = json!([{
+            "index": k,
+            "id": call_id(),
+            "type": "function",
+            "function": {"name": name, "arguments": ""},
+        }]);
+        let c = self.tool_chunk(index, head);
+        self.queue.push_back(c);
+    }
+
+    /// Queues a fragment of call `k`'s arguments (nothing when empty).
+    fn push_call_args(&mut self, index: usize, k: usize, fragment: &str) {
+        if fragment.is_empty() {
+            return;
+        }
+        let c = self.tool_chunk(index, json!([{"index": k, "function": {"arguments": fragment}}]));
+        self.queue.push_back(c);
+    }
+
+    /// A forced call's new text: the head of each call whose name is now written, and
+    /// the arguments written since the last event.
+    fn stream_calls(&mut self, index: usize, tools: &ToolCtx) {
+        let names: Vec<&str> = tools.names.iter().map(String::as_str).collect();
+        let out = std::mem::take(&mut self.outputs[index]);
+        let from = self.sent[index].min(out.len());
+        let from = if out.is_char_boundary(from) { from } else { 0 };
+        for (k, call) in tools.format.partial_calls(&out[from..], &names).iter().enumerate() {
+            if k == self.calls_sent[index].len() {
+                self.push_call_head(index, k, call.name);
+                self.calls_sent[index].push(0);
+            }
+            let done = self.calls_sent[index][k];
+            if let Some(fragment) = call.arguments.get(done..) {
+                self.push_call_args(index, k, fragment);
+                self.calls_sent[index][k] = call.arguments.len();
+            }
+        }
+        self.outputs[index] = out;
+    }
+
     /// Queues `text` as a content chunk of choice `index` (nothing when empty).
     fn push_text(&mut self, index: usize, text: &str) {
         if text.is_empty() {
@@ -666,6 +715,9 @@ impl Streaming {
                         self.begun[index] = begun;
                         self.outputs[index] = out;
                     }
+                    if self.begun[index] && tools.forced {
+                        self.stream_calls(index, &tools);
+                    }
                 }
             },
             SeqMsg::Done(c) => {
@@ -675,25 +727,29 @@ impl Streaming {
                 if let Some(tools) = self.reply.tools.clone() {
                     let out = std::mem::take(&mut self.outputs[index]);
                     let sent = self.sent[index];
+                    let streamed = std::mem::take(&mut self.calls_sent[index]);
                     match tools.parse(&out) {
                         Some(p) => {
                             let content = p.content.unwrap_or_default();
                             self.push_text(index, content.get(sent..).unwrap_or(""));
                             for (k, call) in p.calls.iter().enumerate() {
-                                let head = json!([{
-                                    "index": k,
-                                    "id": call_id(),
-                                    "type": "function",
-                                    "function": {"name": call.name, "arguments": ""},
-                                }]);
-                                let c = self.tool_chunk(index, head);
-                                self.queue.push_back(c);
-                                let args = json!([{"index": k, "function": {"arguments": call.arguments}}]);
-                                let c = self.tool_chunk(index, args);
-                                self.queue.push_back(c);
+                                // What went out already (a forced call's arguments are
+                                // sent as written, and the parse keeps them as written).
+                                let done = match streamed.get(k) {
+                                    Some(&d) if call.arguments.get(..d).is_some() => d,
+                                    Some(_) => continue,
+                                    None => {
+                                        self.push_call_head(index, k, &call.name);
+                                        0
+                                    }
+                                };
+                                self.push_call_args(index, k, &call.arguments[done..]);
                             }
                             finish = "tool_calls";
                         }
+                        // A forced call cut off (by max_tokens): what went out stays the
+                        // answer, with the choice's finish reason.
+                        None if !streamed.is_empty() => {}
                         None => self.push_text(index, out.get(sent..).unwrap_or("")),
                     }
                 }
@@ -759,6 +815,7 @@ fn stream(
         outputs: vec![String::new(); n],
         sent: vec![0; n],
         begun: vec![false; n],
+        calls_sent: vec![Vec::new(); n],
         log: StreamLog {
             st,
             started,

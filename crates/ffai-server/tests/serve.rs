@@ -1014,6 +1014,13 @@ fn checked_calls(message: &Value, tools: &Value) -> Vec<(String, String)> {
 /// A chat stream's content and tool calls (name, joined arguments by index), and its
 /// finish reason; the first tool chunk of a call carries its id, type and name.
 fn stream_tool_calls(r: &Resp) -> (String, Vec<(String, String)>, String) {
+    let (text, calls, finish, _) = stream_tool_calls_counted(r);
+    (text, calls, finish)
+}
+
+/// [`stream_tool_calls`] and how many chunks carried each call's arguments.
+fn stream_tool_calls_counted(r: &Resp) -> (String, Vec<(String, String)>, String, Vec<usize>) {
+    let mut fragments: Vec<usize> = Vec::new();
     let (text, chunks) = chat_stream_text(r);
     let mut calls: Vec<(String, String)> = Vec::new();
     let mut finish = String::new();
@@ -1028,11 +1035,14 @@ fn stream_tool_calls(r: &Resp) -> (String, Vec<(String, String)>, String) {
                 assert!(tc["id"].as_str().unwrap().starts_with("call_"), "{tc}");
                 assert_eq!(tc["type"], "function");
                 calls.push((tc["function"]["name"].as_str().unwrap().to_string(), String::new()));
+                fragments.push(0);
             }
-            calls[k].1.push_str(tc["function"]["arguments"].as_str().unwrap_or(""));
+            let a = tc["function"]["arguments"].as_str().unwrap_or("");
+            calls[k].1.push_str(a);
+            fragments[k] += usize::from(!a.is_empty());
         }
     }
-    (text, calls, finish)
+    (text, calls, finish, fragments)
 }
 
 #[test]
@@ -1071,9 +1081,12 @@ fn forced_tool_calls_parse_validate_and_stream_the_same() {
             // Streamed: the same calls (fresh ids), no content, finish "tool_calls".
             let mut sb = body.clone();
             sb["stream"] = json!(true);
-            let (text, streamed, finish) = stream_tool_calls(&post(a, "/v1/chat/completions", &sb));
+            let (text, streamed, finish, fragments) = stream_tool_calls_counted(&post(a, "/v1/chat/completions", &sb));
             assert_eq!((text.as_str(), finish.as_str()), ("", "tool_calls"));
             assert_eq!(streamed, calls);
+            // A forced call's arguments go out as they are generated, not in one piece at
+            // the end (every call here has at least one field: several tokens).
+            assert!(fragments.iter().all(|&f| f > 1), "{fragments:?}");
         }
     }
 }

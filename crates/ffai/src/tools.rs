@@ -26,6 +26,7 @@
 //! Everything here takes untrusted input (requests, generated text): sizes and counts are
 //! checked against the limits below before use, and nothing panics on malformed input.
 
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 use crate::chat::{Content, Message};
@@ -652,35 +653,58 @@ pub fn grammar(
 // ---------------------------------------------------------------------------------------
 // Parsers
 
-/// One JSON value at the start of `s` (after whitespace): the value and the rest.
-fn json_prefix(s: &str) -> Option<(Value, &str)> {
-    let mut it = serde_json::Deserializer::from_str(s).into_iter::<Value>();
-    let v = it.next()?.ok()?;
-    let used = it.byte_offset();
-    Some((v, &s[used..]))
+/// A call object as the model wrote it: its name and its arguments' exact text.
+#[derive(serde::Deserialize)]
+struct RawCall<'a> {
+    name: Option<String>,
+    #[serde(borrow)]
+    arguments: Option<&'a RawValue>,
+    #[serde(borrow)]
+    parameters: Option<&'a RawValue>,
+}
+
+/// One call object at the start of `s` (after whitespace), naming an offered tool: the
+/// call and the rest of `s`.
+fn call_prefix<'a>(s: &'a str, names: &[&str]) -> Option<(ToolCall, &'a str)> {
+    let mut it = serde_json::Deserializer::from_str(s).into_iter::<&RawValue>();
+    let raw = it.next()?.ok()?;
+    let rest = &s[it.byte_offset()..];
+    let c: RawCall = serde_json::from_str(raw.get()).ok()?;
+    Some((call_from(&c, names)?, rest))
 }
 
 /// A call object: `{"name": "f", <key>: {...}}` (`arguments` or `parameters`; an
 /// arguments string holding a JSON object is accepted too), naming an offered tool.
-fn call_from(v: &Value, names: &[&str]) -> Option<ToolCall> {
-    let o = v.as_object()?;
-    let name = o.get("name")?.as_str()?;
+fn call_from(c: &RawCall, names: &[&str]) -> Option<ToolCall> {
+    let name = c.name.as_deref()?;
+    named_call(name, c.arguments.or(c.parameters).map(RawValue::get), names)
+}
+
+/// A call of `name` (an offered tool) with `args`, the arguments' JSON text: an object,
+/// kept as the model wrote it (so a streamed call's fragments add up to it), or a string
+/// holding one (then its content, compact); none means `{}`.
+fn named_call(name: &str, args: Option<&str>, names: &[&str]) -> Option<ToolCall> {
     if !names.contains(&name) {
         return None;
     }
-    let args = o.get("arguments").or_else(|| o.get("parameters"));
-    let args = match args {
-        None => json!({}),
-        Some(Value::String(s)) => match serde_json::from_str::<Value>(s) {
-            Ok(v @ Value::Object(_)) => v,
+    let arguments = match args.map(str::trim) {
+        None => "{}".to_owned(),
+        Some(a) if a.starts_with('{') => {
+            // Valid JSON text, and an object.
+            serde_json::from_str::<serde_json::Map<String, Value>>(a).ok()?;
+            a.to_owned()
+        }
+        Some(a) => match serde_json::from_str::<Value>(a).ok()? {
+            Value::String(s) => match serde_json::from_str::<Value>(&s) {
+                Ok(v @ Value::Object(_)) => v.to_string(),
+                _ => return None,
+            },
             _ => return None,
         },
-        Some(v @ Value::Object(_)) => v.clone(),
-        Some(_) => return None,
     };
     Some(ToolCall {
         name: name.to_owned(),
-        arguments: args.to_string(),
+        arguments,
     })
 }
 
@@ -698,8 +722,8 @@ pub fn parse_hermes(text: &str, names: &[&str]) -> Option<Parsed> {
     let mut rest = &text[start..];
     let mut calls = Vec::new();
     while let Some(after) = rest.strip_prefix(OPEN) {
-        let (v, after) = json_prefix(after)?;
-        calls.push(call_from(&v, names)?);
+        let (call, after) = call_prefix(after, names)?;
+        calls.push(call);
         if calls.len() > MAX_CALLS {
             return None;
         }
@@ -735,8 +759,8 @@ pub fn parse_llama3(text: &str, names: &[&str]) -> Option<Parsed> {
     }
     let mut calls = Vec::new();
     loop {
-        let (v, after) = json_prefix(rest)?;
-        calls.push(call_from(&v, names)?);
+        let (call, after) = call_prefix(rest, names)?;
+        calls.push(call);
         if calls.len() > MAX_CALLS {
             return None;
         }
@@ -763,25 +787,20 @@ pub fn parse_mistral(text: &str, names: &[&str]) -> Option<Parsed> {
     let rest = &text[start + TAG.len()..];
     let mut calls = Vec::new();
     if rest.trim_start().starts_with('[') {
-        let (v, after) = json_prefix(rest)?;
-        if !after.trim().is_empty() {
-            return None;
-        }
-        let list = v.as_array()?;
+        let list: Vec<RawCall> = serde_json::from_str(rest).ok()?;
         if list.is_empty() || list.len() > MAX_CALLS {
             return None;
         }
-        for c in list {
+        for c in &list {
             calls.push(call_from(c, names)?);
         }
     } else {
         for piece in rest.split(TAG) {
             let (name, args) = piece.split_once(ARGS)?;
-            let (v, after) = json_prefix(args)?;
-            if !after.trim().is_empty() || !v.is_object() {
+            if !args.trim_start().starts_with('{') {
                 return None;
             }
-            calls.push(call_from(&json!({"name": name.trim(), "arguments": v}), names)?);
+            calls.push(named_call(name.trim(), Some(args), names)?);
             if calls.len() > MAX_CALLS {
                 return None;
             }
@@ -821,11 +840,11 @@ pub fn parse_harmony(text: &str, names: &[&str]) -> Option<Parsed> {
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
                 .collect();
-            let (v, after) = json_prefix(&text[body_at..end])?;
-            if !after.trim().is_empty() {
+            let body = &text[body_at..end];
+            if !body.trim_start().starts_with('{') {
                 return None;
             }
-            calls.push(call_from(&json!({"name": name, "arguments": v}), names)?);
+            calls.push(named_call(&name, Some(body), names)?);
             if calls.len() > MAX_CALLS {
                 return None;
             }
@@ -904,6 +923,104 @@ impl ToolFormat {
     }
 }
 
+/// A call being written, for streaming a forced call as it is generated: its name (known
+/// once its header is complete) and its arguments' text so far.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartialCall<'a> {
+    pub name: &'a str,
+    /// The arguments' JSON text written so far; a later call's `arguments` only extends
+    /// it, and the whole output's parse gives exactly this text once `complete`.
+    pub arguments: &'a str,
+    pub complete: bool,
+}
+
+/// How far a JSON value written from the start of `s` goes: (bytes, complete). A value
+/// cut off by the end of `s` gives (s.len(), false). Only the nesting and the strings are
+/// followed: the grammar that forced the call already keeps the text valid.
+fn json_extent(s: &str) -> (usize, bool) {
+    let (mut depth, mut in_str, mut esc) = (0usize, false, false);
+    for (i, c) in s.bytes().enumerate() {
+        if in_str {
+            match c {
+                _ if esc => esc = false,
+                b'\\' => esc = true,
+                b'"' => {
+                    in_str = false;
+                    if depth == 0 {
+                        return (i + 1, true);
+                    }
+                }
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            b'"' => in_str = true,
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                depth = depth.saturating_sub(1);
+                if depth == 0 {
+                    return (i + 1, true);
+                }
+            }
+            _ => {}
+        }
+    }
+    (s.len(), false)
+}
+
+impl ToolFormat {
+    /// The calls in `text` (the output of a call forced by [`grammar`], from where the
+    /// call began) as far as they are written: each call's header as that grammar writes
+    /// it, then its arguments object. Stops at the first call still being written.
+    pub fn partial_calls<'a>(self, text: &'a str, names: &[&str]) -> Vec<PartialCall<'a>> {
+        let mut calls = Vec::new();
+        let mut pos = 0;
+        while calls.len() <= MAX_CALLS {
+            // The header: the name, then where the arguments begin.
+            let found = match self {
+                ToolFormat::Harmony => {
+                    const TO: &str = "to=functions.";
+                    const MESSAGE: &str = "<|message|>";
+                    text[pos..].find(TO).and_then(|at| {
+                        let name_at = pos + at + TO.len();
+                        let name_len = text[name_at..].find(' ')?;
+                        let body = name_at + name_len + text[name_at + name_len..].find(MESSAGE)? + MESSAGE.len();
+                        Some((&text[name_at..name_at + name_len], body))
+                    })
+                }
+                _ => {
+                    const NAME: &str = "{\"name\": \"";
+                    text[pos..].find(NAME).and_then(|at| {
+                        let name_at = pos + at + NAME.len();
+                        let name_len = text[name_at..].find('"')?;
+                        let after = &text[name_at + name_len..];
+                        let key = ["\", \"arguments\": ", "\", \"parameters\": "]
+                            .into_iter()
+                            .find(|k| after.starts_with(k))?;
+                        Some((&text[name_at..name_at + name_len], name_at + name_len + key.len()))
+                    })
+                }
+            };
+            let Some((name, args_at)) = found else { break };
+            if !names.contains(&name) || !text[args_at..].starts_with('{') {
+                break;
+            }
+            let (len, complete) = json_extent(&text[args_at..]);
+            calls.push(PartialCall {
+                name,
+                arguments: &text[args_at..args_at + len],
+                complete,
+            });
+            if !complete {
+                break;
+            }
+            pos = args_at + len;
+        }
+        calls
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -926,7 +1043,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.content, None);
-        assert_eq!(p.calls, vec![call("get_weather", r#"{"city":"Paris","days":3}"#)]);
+        // The arguments as written (so streamed fragments add up to them).
+        assert_eq!(p.calls, vec![call("get_weather", r#"{"city": "Paris", "days": 3}"#)]);
         // Text first, two calls, the last closing tag cut off by the end of generation.
         let p = parse_hermes(
             "Let me check.\n\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {}}\n</tool_call>\n<tool_call>\n{\"name\": \"search\", \"arguments\": \"{\\\"q\\\": \\\"x\\\"}\"}",
@@ -957,14 +1075,17 @@ mod tests {
         .unwrap();
         assert_eq!(
             (p.content, p.calls),
-            (None, vec![call("get_weather", r#"{"city":"Paris"}"#)])
+            (None, vec![call("get_weather", r#"{"city": "Paris"}"#)])
         );
         let p = parse_llama3(
             "<|python_tag|>{\"name\": \"search\", \"parameters\": {\"q\": \"a\"}}; {\"name\": \"get_weather\", \"parameters\": {}}",
             NAMES,
         )
         .unwrap();
-        assert_eq!(p.calls, vec![call("search", r#"{"q":"a"}"#), call("get_weather", "{}")]);
+        assert_eq!(
+            p.calls,
+            vec![call("search", r#"{"q": "a"}"#), call("get_weather", "{}")]
+        );
         let p = parse_llama3("Sure.<|python_tag|>{\"name\": \"search\", \"arguments\": {}}", NAMES).unwrap();
         assert_eq!(p.content.as_deref(), Some("Sure."));
         for t in [
@@ -986,14 +1107,17 @@ mod tests {
         .unwrap();
         assert_eq!(
             p.calls,
-            vec![call("get_weather", r#"{"city":"Paris"}"#), call("search", "{}")]
+            vec![call("get_weather", r#"{"city": "Paris"}"#), call("search", "{}")]
         );
         let p = parse_mistral(
             "[TOOL_CALLS]search[ARGS]{\"q\": \"b\"}[TOOL_CALLS]get_weather[ARGS]{}",
             NAMES,
         )
         .unwrap();
-        assert_eq!(p.calls, vec![call("search", r#"{"q":"b"}"#), call("get_weather", "{}")]);
+        assert_eq!(
+            p.calls,
+            vec![call("search", r#"{"q": "b"}"#), call("get_weather", "{}")]
+        );
         for t in [
             "[TOOL_CALLS] []",
             "[TOOL_CALLS] [{\"name\": \"search\", \"arguments\": {}}] trailing",
@@ -1019,7 +1143,7 @@ mod tests {
             NAMES,
         )
         .unwrap();
-        assert_eq!((p.content, p.calls), (None, vec![call("search", r#"{"q":"x"}"#)]));
+        assert_eq!((p.content, p.calls), (None, vec![call("search", r#"{"q": "x"}"#)]));
         let p = parse_harmony(
             " to=functions.search<|channel|>commentary json<|message|>{}<|call|>",
             NAMES,
@@ -1033,6 +1157,42 @@ mod tests {
         ] {
             assert_eq!(parse_harmony(t, NAMES), None, "{t}");
         }
+    }
+
+    #[test]
+    fn forced_calls_stream_as_prefixes_of_the_parse() {
+        // Outputs as the forced-call grammars write them; at every byte the partial calls'
+        // names are final and their arguments are prefixes of the whole parse's.
+        let outs = [
+            (ToolFormat::Hermes, "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Pa}ris\\\"{\", \"days\": [3, {\"a\": 1}]}}\n</tool_call>\n<tool_call>\n{\"name\": \"search\", \"arguments\": {}}\n</tool_call>"),
+            (ToolFormat::Llama3, "{\"name\": \"search\", \"parameters\": {\"q\": \"x y\"}}"),
+            (ToolFormat::Mistral, "[TOOL_CALLS] [{\"name\": \"search\", \"arguments\": {\"q\": \"]\"}}, {\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}]"),
+            (ToolFormat::Harmony, "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{\"city\": \"Lima\"}"),
+        ];
+        for (f, out) in outs {
+            let whole = f.parse(out, NAMES).unwrap_or_else(|| panic!("{out}")).calls;
+            let mut seen = 0;
+            for end in (0..=out.len()).filter(|&e| out.is_char_boundary(e)) {
+                let part = f.partial_calls(&out[..end], NAMES);
+                assert!(part.len() <= whole.len() && part.len() >= seen, "{f:?} at {end}");
+                seen = part.len();
+                for (i, p) in part.iter().enumerate() {
+                    assert_eq!(p.name, whole[i].name, "{f:?} at {end}");
+                    assert!(whole[i].arguments.starts_with(p.arguments), "{f:?} at {end}: {p:?}");
+                    assert_eq!(p.complete, p.arguments == whole[i].arguments, "{f:?} at {end}: {p:?}");
+                }
+            }
+            let last = f.partial_calls(out, NAMES);
+            assert_eq!(last.len(), whole.len(), "{f:?}");
+            assert!(last.iter().all(|p| p.complete), "{f:?}");
+        }
+        // Unknown names and calls not yet named give nothing.
+        assert!(ToolFormat::Hermes
+            .partial_calls("<tool_call>\n{\"name\": \"rm\", \"arguments\": {", NAMES)
+            .is_empty());
+        assert!(ToolFormat::Hermes
+            .partial_calls("<tool_call>\n{\"name\": \"sea", NAMES)
+            .is_empty());
     }
 
     #[test]
