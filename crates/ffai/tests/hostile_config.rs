@@ -202,6 +202,7 @@ fn every_config_json_number_and_flag_at_hostile_values() {
         "nemotron_h",
         "granite4",
         "qwen3_next",
+        "qwen3_next_moe",
     ] {
         let dir = fixture(family);
         let original: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
@@ -424,7 +425,17 @@ fn named_config_errors() {
             "not a multiple of its 2 groups",
         ),
         ("nemotron_h", "ssm_state_size", json!(1u64 << 30), "ssm_state_size"),
-        ("qwen3_next", "mlp_only_layers", json!([0, 1, 2]), "not supported yet"),
+        // Layer 3 becomes sparse, and the dense fixture has no experts for it.
+        ("qwen3_next", "mlp_only_layers", json!([0, 1, 2]), "shared expert gate"),
+        ("qwen3_next_moe", "num_experts_per_tok", json!(9), "experts per token"),
+        ("qwen3_next_moe", "num_experts", json!(1u64 << 40), "experts"),
+        (
+            "qwen3_next_moe",
+            "shared_expert_intermediate_size",
+            json!(0),
+            "shared_expert_intermediate_size",
+        ),
+        ("qwen3_next_moe", "moe_intermediate_size", json!(32), "has shape"),
         ("qwen3_next", "mlp_only_layers", json!([0, 1, 2, 9]), "mlp_only_layers"),
         ("qwen3_next", "linear_num_value_heads", json!(3), "not a multiple"),
         ("qwen3_next", "linear_key_head_dim", json!(512), "linear_key_head_dim"),

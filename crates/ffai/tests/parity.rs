@@ -273,6 +273,13 @@ fn qwen3_next_gated_deltanet_gated_attention_partial_rope() {
 }
 
 #[test]
+fn qwen3_next_moe_softmax_router_gated_shared_expert() {
+    // Layer 0 dense (mlp_only_layers), layers 1-2 sparse: top-2 of 8, renormalised, plus
+    // the shared expert times sigmoid(shared_expert_gate(x)).
+    check("qwen3_next_moe", 1e-3);
+}
+
+#[test]
 fn gpt_oss_mxfp4_experts_from_blocks_and_scales() {
     // The released checkpoints' layout: experts as u8 `*_blocks` + `*_scales`, joined at
     // load into ggml's MXFP4 blocks (never dequantized to f16). The fixture's weights are
