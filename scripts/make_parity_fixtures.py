@@ -1377,15 +1377,16 @@ HYBRID["nemotron_h_moe"] = (
 )
 HYBRID["granite4_moe"] = (
     "GraniteMoeHybridConfig",
-    dict(HYBRID["granite4"][1], num_local_experts=8, num_experts_per_tok=2, intermediate_size=16,
-         shared_intermediate_size=48),
+    dict(HYBRID["granite4"][1], num_hidden_layers=3, layer_types=["mamba", "attention", "mamba"],
+         num_local_experts=8, num_experts_per_tok=2, intermediate_size=16, shared_intermediate_size=32),
     [
-        "GraniteMoeHybridForCausalLM with num_local_experts 8 (as Granite-4.0-H-Tiny/Small): layer_types [mamba, "
-        "attention, mamba, mamba]; per layer h = h + 0.5 * mixer(input_layernorm(h)); x = post_attention_layernorm(h); "
+        "GraniteMoeHybridForCausalLM with num_local_experts 8 (as Granite-4.0-H-Tiny/Small), 3 layers: layer_types "
+        "[mamba, attention, mamba]; saved as released (block_sparse_moe.input_linear [8, 32, 64], output_linear "
+        "[8, 64, 16], router.layer); per layer h = h + 0.5 * mixer(input_layernorm(h)); x = post_attention_layernorm(h); "
         "h = h + 0.5 * (moe(x) + shared_mlp(x))",
         "moe: the top 2 of the router's 8 logits, weights = softmax over those 2 (renormalised softmax); SwiGLU "
-        "experts of intermediate_size 16 (gate_up_proj [8, 32, 64], gate rows first); shared_mlp: SwiGLU of "
-        "shared_intermediate_size 48 (input_linear [96, 64], gate rows first)",
+        "experts of intermediate_size 16 (gate rows first); shared_mlp: SwiGLU of "
+        "shared_intermediate_size 32 (input_linear [64, 64], gate rows first)",
     ] + HYBRID["granite4"][2][2:],
 )
 

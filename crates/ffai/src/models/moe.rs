@@ -75,6 +75,9 @@ pub enum MoeAct {
     GeGlu,
     /// GPT-OSS: `(clamp(up, ±limit) + 1) · g · σ(alpha · g)` with `g = min(gate, limit)`.
     ClampedSwiGlu { alpha: f32, limit: f32 },
+    /// No gate: `relu(up)²` (NemotronH). The experts and the shared experts have only up
+    /// and down projections (`ffn_{up,down}_exps`, `ffn_{up,down}_shexp`).
+    Relu2,
 }
 
 impl MoeSpec {
@@ -142,8 +145,9 @@ pub struct MoeLayer<B: Backend> {
     biases: Option<[B::Buf; 3]>,
     /// The bias added to the scores for choosing (DeepSeek-V3), `[n_experts]`.
     choice_bias: Option<B::Buf>,
-    /// The shared experts' gate, up and down (DeepSeek, Qwen3-Next).
-    shared: Option<[B::Mat; 3]>,
+    /// The shared experts' gate (none with [`MoeAct::Relu2`]), up and down (DeepSeek,
+    /// Qwen3-Next, NemotronH).
+    shared: Option<(Option<B::Mat>, B::Mat, B::Mat)>,
     /// The shared expert's sigmoid gate `[1, hidden]` (`ffn_gate_inp_shexp`, Qwen's
     /// `shared_expert_gate`): the shared output is multiplied per token by `σ(x · w)`.
     shared_gate: Option<B::Mat>,
@@ -239,11 +243,23 @@ impl<B: Backend> MoeLayer<B> {
                     let e = w.matrix(&p(name), rows, cols)?;
                     Ok(b.matrix(e.ty, rows, cols, e.bytes.clone()))
                 };
-                Some([
-                    m("ffn_gate_shexp.weight", sf, h)?,
-                    m("ffn_up_shexp.weight", sf, h)?,
-                    m("ffn_down_shexp.weight", h, sf)?,
-                ])
+                let down = m("ffn_down_shexp.weight", h, sf)?;
+                let fused = p("ffn_gate_up_shexp.weight");
+                match spec.act {
+                    MoeAct::Relu2 => Some((None, m("ffn_up_shexp.weight", sf, h)?, down)),
+                    // One [2·sf, h] matrix, gate rows first (Granite 4's shared_mlp).
+                    _ if w.has(&fused) && !w.has(&p("ffn_gate_shexp.weight")) => {
+                        let e = w.matrix(&fused, 2 * sf, h)?;
+                        let gate = b.matrix(e.ty, sf, h, expert_rows(e, 0, 2 * sf, 0, sf, h)?);
+                        let up = b.matrix(e.ty, sf, h, expert_rows(e, 0, 2 * sf, sf, sf, h)?);
+                        Some((Some(gate), up, down))
+                    }
+                    _ => Some((
+                        Some(m("ffn_gate_shexp.weight", sf, h)?),
+                        m("ffn_up_shexp.weight", sf, h)?,
+                        down,
+                    )),
+                }
             }
         };
         let shared_gate = match (&shared, w.has(&p("ffn_gate_inp_shexp.weight"))) {
@@ -294,6 +310,11 @@ impl<B: Backend> MoeLayer<B> {
                 .map(Some)
         };
         let (gate, up) = match (load("gate", f, h)?, load("up", f, h)?) {
+            (None, Some(u)) if spec.act == MoeAct::Relu2 => (Vec::new(), u),
+            _ if spec.act == MoeAct::Relu2 => bail!(
+                "{}: layer {i} needs up-only experts (ffn_up_exps without ffn_gate_exps)",
+                w.source
+            ),
             (Some(g), Some(u)) => (g, u),
             (None, None) => {
                 // transformers 5's fused gate_up: [ne, 2f, h], gate rows first.
@@ -445,15 +466,19 @@ impl<B: Backend> MoeLayer<B> {
             &mut s.ids,
             &mut s.weights,
         );
-        b.moe_matmuls(
-            &[&self.gate, &self.up],
-            x,
-            false,
-            &s.ids,
-            n,
-            k,
-            &mut [&mut s.gate, &mut s.up],
-        );
+        if spec.act == MoeAct::Relu2 {
+            b.moe_matmuls(&[&self.up], x, false, &s.ids, n, k, &mut [&mut s.gate]);
+        } else {
+            b.moe_matmuls(
+                &[&self.gate, &self.up],
+                x,
+                false,
+                &s.ids,
+                n,
+                k,
+                &mut [&mut s.gate, &mut s.up],
+            );
+        }
         if let Some([bg, bu, _]) = &self.biases {
             b.moe_add_bias(&mut s.gate, bg, &s.ids, n * k, f);
             b.moe_add_bias(&mut s.up, bu, &s.ids, n * k, f);
@@ -462,15 +487,24 @@ impl<B: Backend> MoeLayer<B> {
             MoeAct::SwiGlu => b.silu_mul(&mut s.gate, &s.up, n * k * f),
             MoeAct::GeGlu => b.gelu_mul(&mut s.gate, &s.up, n * k * f),
             MoeAct::ClampedSwiGlu { alpha, limit } => b.swiglu_clamped(&mut s.gate, &s.up, alpha, limit, n * k * f),
+            MoeAct::Relu2 => b.relu_sq(&mut s.gate, n * k * f),
         }
         b.moe_matmuls(&[&self.down], &s.gate, true, &s.ids, n, k, &mut [&mut s.y]);
         if let Some([_, _, bd]) = &self.biases {
             b.moe_add_bias(&mut s.y, bd, &s.ids, n * k, h);
         }
         b.moe_combine(&s.y, &s.weights, n, k, h, out);
-        if let Some([g, u, d]) = &self.shared {
-            b.matmuls(&[g, u], x, n, &mut [&mut s.sh_gate, &mut s.sh_up]);
-            b.silu_mul(&mut s.sh_gate, &s.sh_up, n * spec.shared_ffn);
+        if let Some((g, u, d)) = &self.shared {
+            match g {
+                Some(g) => {
+                    b.matmuls(&[g, u], x, n, &mut [&mut s.sh_gate, &mut s.sh_up]);
+                    b.silu_mul(&mut s.sh_gate, &s.sh_up, n * spec.shared_ffn);
+                }
+                None => {
+                    b.matmul(u, x, n, &mut s.sh_gate);
+                    b.relu_sq(&mut s.sh_gate, n * spec.shared_ffn);
+                }
+            }
             b.matmul(d, &s.sh_gate, n, &mut s.sh_y);
             match &self.shared_gate {
                 None => b.add(out, &s.sh_y, n * h),
