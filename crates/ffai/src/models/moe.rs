@@ -147,7 +147,7 @@ pub struct MoeLayer<B: Backend> {
     choice_bias: Option<B::Buf>,
     /// The shared experts' gate (none with [`MoeAct::Relu2`]), up and down (DeepSeek,
     /// Qwen3-Next, NemotronH).
-    shared: Option<(Option<B::Mat>, B::Mat, B::Mat)>,
+    shared: Option<SharedMlp<B>>,
     /// The shared expert's sigmoid gate `[1, hidden]` (`ffn_gate_inp_shexp`, Qwen's
     /// `shared_expert_gate`): the shared output is multiplied per token by `σ(x · w)`.
     shared_gate: Option<B::Mat>,
@@ -155,6 +155,9 @@ pub struct MoeLayer<B: Backend> {
     /// `ffn_down_exps.scale`), `[n_experts]`.
     expert_scale: Option<B::Buf>,
 }
+
+/// The shared experts' projections: gate (none with [`MoeAct::Relu2`]), up, down.
+type SharedMlp<B> = (Option<<B as Backend>::Mat>, <B as Backend>::Mat, <B as Backend>::Mat);
 
 /// A step's MoE scratch, allocated with the batch.
 pub struct MoeScratch<B: Backend> {
