@@ -1,5 +1,6 @@
-//! The mixture-of-experts MLP every MoE family shares (Qwen3-MoE, Mixtral, OLMoE): a
-//! router picks `k` of `n_experts` SwiGLU experts per token and the block returns their
+//! The mixture-of-experts MLP every MoE family shares (Qwen3-MoE, Mixtral, OLMoE,
+//! GPT-OSS, DeepSeek, Gemma 4, and the hybrids' MoE variants: Qwen3-Next, LFM2-MoE,
+//! NemotronH, Granite 4): a router picks `k` of `n_experts` SwiGLU experts per token and the block returns their
 //! outputs weighted by the router's probabilities. A family fills a [`MoeSpec`] (the
 //! scoring rule and which layers are sparse) and the decoder does the rest through the
 //! backend's MoE ops:
@@ -58,7 +59,8 @@ pub struct MoeSpec {
     pub ffn: usize,
     /// The intermediate size of the shared experts every token goes through, added to
     /// the routed experts' sum (DeepSeek: `n_shared_experts · moe_intermediate_size`, one
-    /// SwiGLU MLP `ffn_{gate,up,down}_shexp`); 0 = none.
+    /// SwiGLU MLP `ffn_{gate,up,down}_shexp`; Qwen3-Next's sigmoid-gated shared expert;
+    /// Granite 4's `shared_mlp`; NemotronH's relu2 shared MLP); 0 = none.
     pub shared_ffn: usize,
     /// Per layer: the sparse block (true) or the dense MLP of `intermediate_size`.
     pub sparse: Vec<bool>,
