@@ -631,11 +631,13 @@ def mxfp4_save(model, fdir):
 
 FAMILY_ORDER = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3", "olmo2", "granite", "starcoder2",
                 "llama_bf16", "qwen3_moe", "mixtral", "olmoe", "gpt_oss", "gpt_oss_mxfp4", "deepseek_v2", "deepseek_v3",
-                "gemma4", "gemma4_dense", "lfm2", "mamba2", "nemotron_h", "granite4", "qwen3_next"]
+                "gemma4", "gemma4_dense", "lfm2", "mamba2", "nemotron_h", "granite4", "qwen3_next",
+                "qwen3_next_moe", "lfm2_moe", "nemotron_h_moe", "granite4_moe"]
 FAMILY_SEED = {f: 1000 + i for i, f in enumerate(FAMILY_ORDER)}
 # The hybrid fixtures' seeds, fixed: families added to FAMILY_ORDER before them (in a
 # merge) must not change them, so a rerun reproduces the committed files.
 FAMILY_SEED.update({"lfm2": 1016, "mamba2": 1017, "nemotron_h": 1018, "granite4": 1019, "qwen3_next": 1020})
+FAMILY_SEED.update({"qwen3_next_moe": 1030, "lfm2_moe": 1031, "nemotron_h_moe": 1032, "granite4_moe": 1033})
 
 
 def reinit_(model, model_type, overrides):
@@ -1299,6 +1301,150 @@ HYBRID = {
 }
 
 
+# The MoE variants of the hybrid families: the dense fixtures' shapes with sparse MLPs.
+HYBRID_MOE = ("qwen3_next_moe", "lfm2_moe", "nemotron_h_moe", "granite4_moe")
+HYBRID["qwen3_next_moe"] = (
+    "Qwen3NextConfig",
+    dict(HYBRID["qwen3_next"][1], num_hidden_layers=3, layer_types=["linear_attention", "full_attention",
+         "linear_attention"], intermediate_size=64, mlp_only_layers=[0], decoder_sparse_step=1, num_experts=8,
+         num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24, norm_topk_prob=True),
+    HYBRID["qwen3_next"][2][1:] + [
+        "Qwen3NextForCausalLM with num_experts 8, 3 layers [linear, full, linear]: layer 0 (mlp_only_layers) has a "
+        "dense SwiGLU MLP of 64; layers 1-2 the sparse MoE block (saved per expert, mlp.experts.E.*_proj): softmax over 8 experts, top 2, renormalised (norm_topk_prob); SwiGLU experts of "
+        "moe_intermediate_size 16 (fused gate_up_proj [8, 32, 64], gate rows first); plus the shared expert "
+        "(SwiGLU, 24) times sigmoid(shared_expert_gate(x)) (a [1, 64] linear)",
+    ],
+)
+HYBRID["lfm2_moe"] = (
+    "Lfm2MoeConfig",
+    dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        layer_types=["conv", "conv", "full_attention", "conv"],
+        conv_L_cache=3,
+        conv_bias=False,
+        num_dense_layers=1,
+        num_experts=8,
+        num_experts_per_tok=2,
+        use_expert_bias=True,
+        routed_scaling_factor=1.5,
+        norm_topk_prob=True,
+        norm_eps=1e-5,
+        max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    ),
+    [
+        "Lfm2MoeForCausalLM: LFM2's conv / attention layers (layer_types [conv, conv, full_attention, conv], "
+        "conv kernel 3, no conv bias, per-head q/k RMSNorm, TIED head, final norm embedding_norm)",
+        "layer 0 (num_dense_layers 1): dense SwiGLU (w1, w3, w2) of intermediate_size 96, used as is (no "
+        "block_auto_adjust_ff_dim in LFM2-MoE)",
+        "layers 1-3: s = sigmoid(router(x)) over 8 experts; the top 2 of s + expert_bias (a buffer, N(0, 0.1) here) "
+        "are chosen; weights = their s, divided by (sum + 1e-6) (norm_topk_prob), times routed_scaling_factor 1.5; "
+        "SwiGLU experts of 16 (fused gate_up_proj)",
+    ],
+)
+HYBRID["nemotron_h_moe"] = (
+    "NemotronHConfig",
+    dict(
+        HYBRID["nemotron_h"][1],
+        layers_block_type=["linear_attention", "moe", "full_attention", "moe", "linear_attention", "mlp"],
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        moe_shared_expert_intermediate_size=24,
+        n_group=2,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+    ),
+    HYBRID["nemotron_h"][2] + [
+        "layers_block_type [M, E, *, E, M, -]: moe blocks (E) are h + moe(rmsnorm(h)) with moe(x) = routed(x) + "
+        "shared_experts(x); routed: s = sigmoid(gate(x)) over 8 experts, choice scores s + e_score_correction_bias "
+        "(N(0, 0.1) here), 2 groups of 4 scored by their two best choice scores, the best 1 group kept, top 2 in it; "
+        "weights = their s renormalised (norm_topk_prob), times routed_scaling_factor 2.5; experts are NON-gated "
+        "relu2 MLPs: down(relu(up(x))^2), up_proj [8, 16, 64], down_proj [8, 64, 16]; shared_experts: the relu2 MLP "
+        "of 24; no latent projection (moe_latent_size None)",
+    ],
+)
+HYBRID["granite4_moe"] = (
+    "GraniteMoeHybridConfig",
+    dict(HYBRID["granite4"][1], num_hidden_layers=3, layer_types=["mamba", "attention", "mamba"],
+         num_local_experts=8, num_experts_per_tok=2, intermediate_size=16, shared_intermediate_size=32),
+    [
+        "GraniteMoeHybridForCausalLM with num_local_experts 8 (as Granite-4.0-H-Tiny/Small), 3 layers: layer_types "
+        "[mamba, attention, mamba]; saved as released (block_sparse_moe.input_linear [8, 32, 64], output_linear "
+        "[8, 64, 16], router.layer); per layer h = h + 0.5 * mixer(input_layernorm(h)); x = post_attention_layernorm(h); "
+        "h = h + 0.5 * (moe(x) + shared_mlp(x))",
+        "moe: the top 2 of the router's 8 logits, weights = softmax over those 2 (renormalised softmax); SwiGLU "
+        "experts of intermediate_size 16 (gate rows first); shared_mlp: SwiGLU of "
+        "shared_intermediate_size 32 (input_linear [64, 64], gate rows first)",
+    ] + HYBRID["granite4"][2][2:],
+)
+
+
+def moe_bias_init_(model):
+    """The choice biases are buffers (not re-initialised with the parameters): give them values
+    that move choices, as trained checkpoints' do."""
+    with torch.no_grad():
+        for m in model.modules():
+            for name in ("expert_bias", "e_score_correction_bias"):
+                b = getattr(m, name, None)
+                if isinstance(b, torch.Tensor):
+                    b.normal_(0.0, 0.1)
+
+
+def hybrid_routing_stats(model, ids):
+    """routing_stats for the hybrid families' routers, in each one's own choice space: softmax
+    probabilities (Qwen3-Next, Granite 4: its top-k of logits is the top-k of their softmax) or
+    sigmoid scores plus the choice bias (LFM2-MoE, NemotronH), with NemotronH's groups scored by
+    their two best choice scores. Margins: the group at the topk_group boundary, then the expert at
+    the top-k boundary among the kept groups."""
+    logs = []
+
+    def hook(m, i, o):
+        logits = o[2] if type(m).__name__.startswith("GraniteMoeHybrid") else o[0]
+        bias = i[1] if len(i) > 1 else getattr(m, "e_score_correction_bias", None)
+        logs.append((m, logits.detach().float().reshape(-1, logits.shape[-1]), bias))
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if is_router(m)]
+    forward_logits(model, ids)
+    for h in hooks:
+        h.remove()
+    stats = []
+    for m, logits, bias in logs:
+        k, ne = m.top_k, logits.shape[-1]
+        sigmoid = type(m).__name__.startswith(("Lfm2Moe", "NemotronH"))
+        c = logits.sigmoid() if sigmoid else logits.softmax(dim=-1)
+        if bias is not None:
+            c = c + bias.float()
+        ng = getattr(m, "num_group", 1) or 1
+        tg = getattr(m, "topk_group", 1) if ng > 1 else 1
+        g = c.view(-1, ng, ne // ng).topk(min(2, ne // ng), dim=-1)[0].sum(-1) if ng > 1 else torch.zeros(c.shape[0], 1)
+        gs = torch.sort(g, dim=-1, descending=True).values
+        g_margin = float((gs[:, tg - 1] - gs[:, tg]).min()) if ng > tg else float("inf")
+        keep = torch.zeros_like(g).scatter_(1, torch.topk(g, tg, dim=-1).indices, 1.0)
+        mask = keep.unsqueeze(-1).expand(-1, ng, ne // ng).reshape(-1, ne).bool()
+        cm = c.masked_fill(~mask, float("-inf"))
+        top = torch.sort(cm, dim=-1, descending=True).values
+        idx = torch.topk(cm, k, dim=-1).indices
+        counts = torch.bincount(idx.flatten(), minlength=ne).tolist()
+        if min(counts) == 0:
+            raise RuntimeError(f"an expert is never routed to: {counts}")
+        e_margin = float((top[:, k - 1] - top[:, k]).min())
+        stats.append({"tokens_per_expert": counts, "min_topk_margin": min(g_margin, e_margin),
+                      "min_group_margin": g_margin, "min_expert_margin": e_margin})
+    return stats
+
+
 def hybrid_init_(model):
     """Every parameter re-initialised (plain N(0, 0.15) Linear/Embedding weights; the SSM's own
     parameters in ranges where the state carries information over many tokens)."""
@@ -1341,14 +1487,30 @@ def hybrid_reference(model, ids):
 
 def hybrid_fixture(out_dir, family):
     cls_name, kw, notes = HYBRID[family]
-    seed = FAMILY_SEED[family]
-    torch.manual_seed(seed)
-    config = getattr(transformers, cls_name)(**kw)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
-    model.eval()
-    hybrid_init_(model)
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, config.vocab_size, (HYBRID_PREFILL + HYBRID_DECODE,), generator=g, dtype=torch.int64)
+    # MoE variants try seeds FAMILY_SEED + 100 * i until every expert is used and every routing
+    # margin is at least MOE_MIN_MARGIN (as build() does for the other MoE families).
+    tries = 64 if family in HYBRID_MOE else 1
+    for attempt in range(tries):
+        seed = FAMILY_SEED[family] + 100 * attempt
+        torch.manual_seed(seed)
+        config = getattr(transformers, cls_name)(**kw)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+        model.eval()
+        hybrid_init_(model)
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, config.vocab_size, (HYBRID_PREFILL + HYBRID_DECODE,), generator=g, dtype=torch.int64)
+        if family not in HYBRID_MOE:
+            break
+        moe_bias_init_(model)
+        balance_routers_(model, ids)
+        try:
+            routing = hybrid_routing_stats(model, ids)
+        except RuntimeError:
+            continue
+        if min(r["min_topk_margin"] for r in routing) >= MOE_MIN_MARGIN:
+            break
+    else:
+        raise RuntimeError(f"{family}: no seed in {tries} tries gives routing margins >= {MOE_MIN_MARGIN}")
     ref, full_diff = hybrid_reference(model, ids)
     if not torch.isfinite(ref).all():
         raise RuntimeError(f"{family}: non-finite logits")
@@ -1358,6 +1520,14 @@ def hybrid_fixture(out_dir, family):
     os.makedirs(fdir)
     model.save_pretrained(fdir)
     SEED_USED[family] = seed
+    extra_meta = {}
+    if family in HYBRID_MOE:
+        extra_meta["routing"] = routing
+        notes = list(notes) + [
+            "routers re-initialised layer by layer off the mean direction of their inputs (so every expert gets "
+            "tokens); choice biases N(0, 0.1); the seed is the first of FAMILY_SEED + 100*i whose routing (of one "
+            "cache-less forward) has every expert used and every top-k margin >= %g in the router's own choice "
+            "space (meta routing: tokens per expert, smallest margins per sparse layer)" % MOE_MIN_MARGIN]
     notes = list(notes) + [
         "reference: prefill of the first %d ids (one forward, use_cache=True), then ids %d.. one at a time through "
         "the cache; the same ids in one cache-less forward differ from it by at most %.3g"
@@ -1393,7 +1563,7 @@ def hybrid_fixture(out_dir, family):
     saved, SEQ_LEN = SEQ_LEN, len(ids)
     try:
         finish(fdir, family, model, ids, ref, notes, rope_info(model), {"cacheless_forward": full_diff},
-               {"weights_dtype": "float32", "prefill_len": HYBRID_PREFILL, "decode_len": HYBRID_DECODE})
+               {"weights_dtype": "float32", "prefill_len": HYBRID_PREFILL, "decode_len": HYBRID_DECODE, **extra_meta})
     finally:
         SEQ_LEN = saved
     if extra_ref:

@@ -23,7 +23,7 @@ pub struct WeightEntry {
     pub bytes: HostBytes,
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Weights {
     map: HashMap<String, WeightEntry>,
     /// config.json model_type, for the few names whose meaning depends on the family.
@@ -37,6 +37,23 @@ impl Weights {
         self.map
             .get(name)
             .ok_or_else(|| Error::new(format!("{}: missing tensor \"{name}\"", self.source)))
+    }
+
+    /// Files tensor `from` under the name `to` instead (a family whose checkpoints store
+    /// a tensor under a name that means something else in its other variants: Granite 4's
+    /// `shared_mlp` is the dense MLP of its dense models and the shared expert of its MoE
+    /// ones). False when there is no `from`, or `to` is taken.
+    pub fn rename(&mut self, from: &str, to: &str) -> bool {
+        if self.map.contains_key(to) {
+            return false;
+        }
+        match self.map.remove(from) {
+            Some(e) => {
+                self.map.insert(to.to_string(), e);
+                true
+            }
+            None => false,
+        }
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -529,6 +546,11 @@ pub fn hf_to_gguf_name_for(name: &str, model_type: &str) -> String {
                     ("mlp.shared_experts.gate_proj.", "ffn_gate_shexp."),
                     ("mlp.shared_experts.up_proj.", "ffn_up_shexp."),
                     ("mlp.shared_experts.down_proj.", "ffn_down_shexp."),
+                    // Qwen2-MoE / Qwen3-Next / Qwen3.5-MoE: one shared expert and its gate.
+                    ("mlp.shared_expert.gate_proj.", "ffn_gate_shexp."),
+                    ("mlp.shared_expert.up_proj.", "ffn_up_shexp."),
+                    ("mlp.shared_expert.down_proj.", "ffn_down_shexp."),
+                    ("mlp.shared_expert_gate.", "ffn_gate_inp_shexp."),
                     ("mlp.gate.", "ffn_gate_inp."),
                     ("block_sparse_moe.gate.", "ffn_gate_inp."),
                     ("mlp.up_proj.", "ffn_up."),

@@ -540,8 +540,9 @@ fn every_parity_family_converts_to_f16_tensor_for_tensor() {
         // f16 weights (11 significant bits) and the default f16 KV cache. Qwen3-Next's
         // fixture has logits of twice the others' spread (std 2.4 against ~1.2) and its
         // gated delta rule carries every rounded key and value through each later step's
-        // state: measured 7.4e-2 there, at most 3.9e-2 elsewhere.
-        let bound = if fam == "qwen3_next" { 0.1 } else { 0.05 };
+        // state: measured 7.4e-2 there (7.1e-2 for its MoE variant, std 2.4 too), at most
+        // 3.9e-2 elsewhere.
+        let bound = if fam.starts_with("qwen3_next") { 0.1 } else { 0.05 };
         assert!(diff < bound, "{fam}: {diff}");
         std::fs::remove_dir_all(out.parent().unwrap()).unwrap();
     }

@@ -202,6 +202,10 @@ fn every_config_json_number_and_flag_at_hostile_values() {
         "nemotron_h",
         "granite4",
         "qwen3_next",
+        "qwen3_next_moe",
+        "lfm2_moe",
+        "nemotron_h_moe",
+        "granite4_moe",
     ] {
         let dir = fixture(family);
         let original: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
@@ -401,8 +405,30 @@ fn named_config_errors() {
                 "linear_attention",
                 "mlp"
             ]),
-            "mixture-of-experts",
+            // The dense fixture has no experts for the moe block.
+            "ffn_gate_inp",
         ),
+        ("nemotron_h_moe", "moe_latent_size", json!(8), "moe_latent_size"),
+        ("nemotron_h_moe", "n_group", json!(3), "groups"),
+        ("nemotron_h_moe", "topk_group", json!(0), "groups"),
+        (
+            "nemotron_h_moe",
+            "routed_scaling_factor",
+            json!(-1.0),
+            "routed_scaling_factor",
+        ),
+        ("nemotron_h_moe", "num_experts_per_tok", json!(0), "experts per token"),
+        ("lfm2_moe", "num_experts", json!(0), "num_experts"),
+        ("lfm2_moe", "use_expert_bias", json!(false), "use_expert_bias"),
+        ("lfm2_moe", "routed_scaling_factor", json!("x"), "routed_scaling_factor"),
+        (
+            "lfm2_moe",
+            "moe_intermediate_size",
+            json!(1u64 << 40),
+            "moe_intermediate_size",
+        ),
+        ("granite4_moe", "num_experts_per_tok", json!(9), "experts per token"),
+        ("granite4_moe", "intermediate_size", json!(32), "has shape"),
         (
             "nemotron_h",
             "layers_block_type",
@@ -424,7 +450,17 @@ fn named_config_errors() {
             "not a multiple of its 2 groups",
         ),
         ("nemotron_h", "ssm_state_size", json!(1u64 << 30), "ssm_state_size"),
-        ("qwen3_next", "mlp_only_layers", json!([0, 1, 2]), "not supported yet"),
+        // Layer 3 becomes sparse, and the dense fixture has no experts for it.
+        ("qwen3_next", "mlp_only_layers", json!([0, 1, 2]), "shared expert gate"),
+        ("qwen3_next_moe", "num_experts_per_tok", json!(9), "experts per token"),
+        ("qwen3_next_moe", "num_experts", json!(1u64 << 40), "experts"),
+        (
+            "qwen3_next_moe",
+            "shared_expert_intermediate_size",
+            json!(0),
+            "shared_expert_intermediate_size",
+        ),
+        ("qwen3_next_moe", "moe_intermediate_size", json!(32), "has shape"),
         ("qwen3_next", "mlp_only_layers", json!([0, 1, 2, 9]), "mlp_only_layers"),
         ("qwen3_next", "linear_num_value_heads", json!(3), "not a multiple"),
         ("qwen3_next", "linear_key_head_dim", json!(512), "linear_key_head_dim"),
@@ -446,7 +482,7 @@ fn named_config_errors() {
             json!({"rope_type": "default", "partial_rotary_factor": 2}),
             "partial_rotary_factor",
         ),
-        ("granite4", "num_local_experts", json!(8), "experts"),
+        ("granite4", "num_local_experts", json!(8), "ffn_gate_inp"),
         ("granite4", "mamba_d_head", json!(15), "mamba_d_head"),
         ("granite4", "mamba_d_head", json!("x"), "mamba_d_head"),
         ("granite4", "mamba_expand", json!(3), "expand"),

@@ -200,6 +200,15 @@ fn qwen3_next_sequences_match_alone_and_batched() {
 }
 
 #[test]
+fn hybrid_moe_sequences_match_alone_and_batched() {
+    // The MoE variants: routing and the expert products are per row, so batching keeps
+    // each sequence's bits.
+    for name in ["qwen3_next_moe", "lfm2_moe", "nemotron_h_moe", "granite4_moe"] {
+        batched_equals_alone(name);
+    }
+}
+
+#[test]
 fn qwen3_next_prompt_repeats_reuse_the_kept_state() {
     repeats_reuse_the_kept_state("qwen3_next");
 }

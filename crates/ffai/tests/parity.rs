@@ -273,6 +273,34 @@ fn qwen3_next_gated_deltanet_gated_attention_partial_rope() {
 }
 
 #[test]
+fn qwen3_next_moe_softmax_router_gated_shared_expert() {
+    // Layer 0 dense (mlp_only_layers), layers 1-2 sparse: top-2 of 8, renormalised, plus
+    // the shared expert times sigmoid(shared_expert_gate(x)).
+    check("qwen3_next_moe", 1e-3);
+}
+
+#[test]
+fn lfm2_moe_sigmoid_router_expert_bias_dense_first_layer() {
+    // Layer 0 dense (num_dense_layers), layers 1-3: sigmoid scores, choice + expert_bias,
+    // top-2 of 8 renormalised, times routed_scaling_factor 1.5.
+    check("lfm2_moe", 1e-3);
+}
+
+#[test]
+fn nemotron_h_moe_grouped_sigmoid_router_relu2_experts_shared() {
+    // Blocks [M, E, *, E, M, -]: E = sigmoid + correction bias, best 1 of 2 groups (top-2
+    // sums), top 2, renormalised, x 2.5; non-gated relu2 experts and shared MLP.
+    check("nemotron_h_moe", 1e-3);
+}
+
+#[test]
+fn granite4_moe_topk_softmax_experts_plus_shared_mlp() {
+    // Released layout (block_sparse_moe.input_linear / output_linear / router.layer); the
+    // shared_mlp is the MoE block's shared expert; Granite's multipliers.
+    check("granite4_moe", 1e-3);
+}
+
+#[test]
 fn gpt_oss_mxfp4_experts_from_blocks_and_scales() {
     // The released checkpoints' layout: experts as u8 `*_blocks` + `*_scales`, joined at
     // load into ggml's MXFP4 blocks (never dequantized to f16). The fixture's weights are
@@ -430,7 +458,17 @@ fn hybrid_fixtures_on_cuda() {
     // The recurrent ops' CUDA kernels (ssm.cu: conv_step, ssm_scan as the one-step
     // recurrence for every row, rms_norm_gated): compiled by NVRTC in CI, not yet run on a
     // GPU when written.
-    check_on_cuda(&["lfm2", "mamba2", "nemotron_h", "granite4", "qwen3_next"]);
+    check_on_cuda(&[
+        "lfm2",
+        "mamba2",
+        "nemotron_h",
+        "granite4",
+        "qwen3_next",
+        "qwen3_next_moe",
+        "lfm2_moe",
+        "nemotron_h_moe",
+        "granite4_moe",
+    ]);
 }
 
 const FIXTURES: [&str; 12] = [

@@ -4,11 +4,17 @@
 //! `layer_types` names `mamba` / `linear_attention`, and a SwiGLU `shared_mlp` (fused
 //! `input_linear`: gate rows, then up rows) of `shared_intermediate_size` in every block.
 //! Attention uses RoPE only with `position_embedding_type: "rope"`. The dense hybrids
-//! (`num_local_experts: 0`, Granite-4.0-H-Micro) load; the mixture-of-experts ones are
-//! refused for now.
+//! (`num_local_experts: 0`, Granite-4.0-H-Micro) run the shared MLP alone; the
+//! mixture-of-experts ones (Granite-4.0-H-Tiny/Small) add to it, on the same normed input,
+//! a `block_sparse_moe` of `num_local_experts` SwiGLU experts of `intermediate_size`: the
+//! top `num_experts_per_tok` router logits, weights the softmax over those (the
+//! renormalised top-k of a softmax); the sum of both branches is the block's MLP output,
+//! so the shared MLP is the MoE block's shared expert (`shared_mlp.input_linear`, filed as
+//! the dense MLP's fused `ffn_up`, is moved to `ffn_gate_up_shexp` at load).
 
 use super::decoder::{self, DecoderSpec, Identity};
 use super::mamba2::{mixer_spec, MixerKeys};
+use super::moe::{MoeAct, MoeRouting, MoeSpec};
 use super::recurrent::{self, MixerSpec, RecurrentSpec};
 use super::{Device, Family, LanguageModel};
 use crate::config::{ModelConfig, MAX_DIM};
@@ -19,7 +25,7 @@ use crate::{bail, ensure};
 
 pub const FAMILY: Family = Family {
     name: "granite4",
-    variants: &["granite4-hybrid"],
+    variants: &["granite4-hybrid", "granite4-hybrid-moe"],
     hf_architectures: &["GraniteMoeHybridForCausalLM"],
     model_types: &["granitemoehybrid"],
     gguf_architectures: &[],
@@ -30,6 +36,7 @@ pub struct Granite4Hybrid;
 
 impl Granite4Hybrid {
     pub const NAME: &'static str = "granite4-hybrid";
+    pub const NAME_MOE: &'static str = "granite4-hybrid-moe";
 
     /// IBM's generation_config is greedy.
     pub fn default_parameters() -> GenerationParameters {
@@ -55,11 +62,6 @@ const KEYS: MixerKeys = MixerKeys {
 fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn LanguageModel>> {
     let experts = cfg.extra_usize("num_local_experts", "")?.unwrap_or(8);
     ensure!(
-        experts == 0,
-        "{}: Granite 4 with experts (num_local_experts = {experts}) is not supported yet; the dense hybrids (0) are",
-        cfg.source
-    );
-    ensure!(
         cfg.extra_bool("mamba_proj_bias", "")? != Some(true) && !cfg.attention_bias,
         "{}: Granite 4 projection biases are not supported yet",
         cfg.source
@@ -71,13 +73,48 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
     };
     let m = mixer_spec(cfg, &KEYS)?;
     let mut cfg = cfg.clone();
-    cfg.intermediate_size = recurrent::sized(
+    let shared = recurrent::sized(
         &cfg,
         "shared_intermediate_size",
         cfg.extra_usize("shared_intermediate_size", "")?,
         Some(1024),
         MAX_DIM,
     )?;
+    let (moe, renamed) = if experts > 0 {
+        let spec = MoeSpec {
+            n_experts: experts,
+            k: recurrent::sized(
+                &cfg,
+                "num_experts_per_tok",
+                cfg.extra_usize("num_experts_per_tok", "")?,
+                Some(2),
+                MAX_DIM,
+            )?,
+            routing: MoeRouting::softmax(true),
+            ffn: recurrent::sized(&cfg, "intermediate_size", Some(cfg.intermediate_size), None, MAX_DIM)?,
+            shared_ffn: shared,
+            sparse: vec![true; cfg.num_layers],
+            act: MoeAct::SwiGlu,
+        }
+        .checked(&cfg)?;
+        // The shared MLP becomes the MoE block's shared expert.
+        let mut w = w.clone();
+        for i in 0..cfg.num_layers {
+            for (from, to) in [("ffn_up", "ffn_gate_up_shexp"), ("ffn_down", "ffn_down_shexp")] {
+                let (from, to) = (format!("blk.{i}.{from}.weight"), format!("blk.{i}.{to}.weight"));
+                ensure!(
+                    w.rename(&from, &to),
+                    "{}: layer {i} has no shared_mlp weights ({from}) or already has {to}",
+                    cfg.source
+                );
+            }
+        }
+        (Some(spec), Some(w))
+    } else {
+        (None, None)
+    };
+    let w = renamed.as_ref().unwrap_or(w);
+    cfg.intermediate_size = shared;
     let rope = match cfg.extra("position_embedding_type", "") {
         None => false,
         Some(v) if v == "rope" => true,
@@ -105,11 +142,16 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
             mlp: vec![true; cfg.num_layers],
             mlp_only: vec![false; cfg.num_layers],
         }),
+        moe,
         ..base
     };
     let id = Identity {
         family: FAMILY.name,
-        variant: Granite4Hybrid::NAME,
+        variant: if experts > 0 {
+            Granite4Hybrid::NAME_MOE
+        } else {
+            Granite4Hybrid::NAME
+        },
         defaults: Granite4Hybrid::default_parameters(),
     };
     decoder::build(&cfg, w, dev, spec, id)

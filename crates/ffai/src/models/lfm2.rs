@@ -4,8 +4,18 @@
 //! (llama.cpp: `token_embd_norm`); the head is tied. In GGUF (architecture `lfm2`) the
 //! conv layers are those with 0 in the per-layer `attention.head_count_kv`, the kernel
 //! is `shortconv.l_cache`, and `feed_forward_length` is the adjusted MLP width. The conv layers are `recurrent::MixerSpec::ShortConv`.
+//!
+//! LFM2-MoE (`lfm2_moe`, `Lfm2MoeForCausalLM`, as LFM2-8B-A1B) is the same stack with the
+//! MLP of every layer from `num_dense_layers` on a mixture of experts: scores
+//! `σ(router(x))`, the top `num_experts_per_tok` of scores + `expert_bias` chosen (the bias
+//! only steers the choice), weights their scores renormalised when `norm_topk_prob`, times
+//! `routed_scaling_factor`; SwiGLU experts of `moe_intermediate_size`. The dense layers'
+//! MLP is `intermediate_size` as given (no `block_auto_adjust_ff_dim`). transformers
+//! divides by `sum + 1e-6` where the shared routing op divides by the sum: a relative
+//! difference below 1e-5 with scores of sigmoids. GGUF (`lfm2moe`) is not read yet.
 
 use super::decoder::{self, DecoderSpec, Identity, QkNorm};
+use super::moe::{MoeAct, MoeRouting, MoeScoring, MoeSpec};
 use super::recurrent::{self, MixerSpec, RecurrentSpec};
 use super::{Device, Family, LanguageModel};
 use crate::config::{ModelConfig, MAX_DIM};
@@ -16,9 +26,9 @@ use crate::{bail, ensure};
 
 pub const FAMILY: Family = Family {
     name: "lfm2",
-    variants: &["lfm2"],
-    hf_architectures: &["Lfm2ForCausalLM"],
-    model_types: &["lfm2"],
+    variants: &["lfm2", "lfm2_moe"],
+    hf_architectures: &["Lfm2ForCausalLM", "Lfm2MoeForCausalLM"],
+    model_types: &["lfm2", "lfm2_moe"],
     gguf_architectures: &["lfm2"],
     load,
 };
@@ -27,6 +37,7 @@ pub struct Lfm2;
 
 impl Lfm2 {
     pub const NAME: &'static str = "lfm2";
+    pub const NAME_MOE: &'static str = "lfm2_moe";
 
     /// Liquid's recommended sampling: temperature 0.3, min-p 0.15, repetition penalty 1.05.
     pub fn default_parameters() -> GenerationParameters {
@@ -115,7 +126,56 @@ fn conv_layers(cfg: &ModelConfig) -> Result<Vec<bool>> {
     }
 }
 
+/// Whether a config is LFM2-MoE's.
+fn is_moe(cfg: &ModelConfig) -> bool {
+    cfg.architecture == "Lfm2MoeForCausalLM" || cfg.model_type == "lfm2_moe"
+}
+
+/// LFM2-MoE's experts (see the module docs).
+fn moe_spec(cfg: &ModelConfig, w: &Weights) -> Result<MoeSpec> {
+    let u =
+        |k: &str, d: usize| -> Result<usize> { recurrent::sized(cfg, k, cfg.extra_usize(k, "")?, Some(d), MAX_DIM) };
+    let dense = cfg.extra_usize("num_dense_layers", "")?.unwrap_or(2);
+    let scale = cfg.extra_f64("routed_scaling_factor", "")?.unwrap_or(1.0);
+    ensure!(
+        scale.is_finite() && scale > 0.0,
+        "{}: routed_scaling_factor = {scale} must be a positive number",
+        cfg.source
+    );
+    let spec = MoeSpec {
+        n_experts: u("num_experts", 32)?,
+        k: u("num_experts_per_tok", 4)?,
+        routing: MoeRouting {
+            scoring: MoeScoring::Sigmoid,
+            renormalize: cfg.extra_bool("norm_topk_prob", "")?.unwrap_or(true),
+            scale: scale as f32,
+            ..MoeRouting::softmax(false)
+        },
+        ffn: u("moe_intermediate_size", 1792)?,
+        shared_ffn: 0,
+        sparse: (0..cfg.num_layers).map(|i| i >= dense).collect(),
+        act: MoeAct::SwiGlu,
+    }
+    .checked(cfg)?;
+    let bias = cfg.extra_bool("use_expert_bias", "")?.unwrap_or(true);
+    for i in (0..cfg.num_layers).filter(|&i| spec.sparse[i]) {
+        ensure!(
+            w.has(&format!("blk.{i}.exp_probs_b.bias")) == bias,
+            "{}: layer {i} {} an expert_bias, but use_expert_bias is {bias}",
+            cfg.source,
+            if bias { "has no" } else { "has" }
+        );
+    }
+    Ok(spec)
+}
+
 fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn LanguageModel>> {
+    let moe_model = is_moe(cfg);
+    ensure!(
+        !(moe_model && cfg.is_gguf()),
+        "{}: LFM2-MoE GGUF files are not supported yet",
+        cfg.source
+    );
     let mut cfg = cfg.clone();
     let layers = conv_layers(&cfg)?;
     let kernel = recurrent::conv_kernel(
@@ -125,8 +185,11 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
         3,
     )?;
     if !cfg.is_gguf() {
-        // llama.cpp's converter writes the adjusted width as feed_forward_length.
-        cfg.intermediate_size = ffn_width(&cfg)?;
+        // llama.cpp's converter writes the adjusted width as feed_forward_length;
+        // LFM2-MoE's dense layers use intermediate_size as it is.
+        if !moe_model {
+            cfg.intermediate_size = ffn_width(&cfg)?;
+        }
         if let Some(eps) = cfg.extra_f64("norm_eps", "norm_eps")? {
             cfg.rms_norm_eps = eps;
         }
@@ -140,8 +203,13 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
         "{}: norm_eps must be a non-negative finite number",
         cfg.source
     );
+    let moe = match moe_model {
+        true => Some(moe_spec(&cfg, w)?),
+        false => None,
+    };
     let spec = DecoderSpec {
         qk_norm: QkNorm::PerHead,
+        moe,
         recurrent: Some(RecurrentSpec {
             layers,
             mixer: MixerSpec::ShortConv { kernel },
@@ -153,7 +221,7 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
     };
     let id = Identity {
         family: FAMILY.name,
-        variant: Lfm2::NAME,
+        variant: if moe_model { Lfm2::NAME_MOE } else { Lfm2::NAME },
         defaults: Lfm2::default_parameters(),
     };
     decoder::build(&cfg, w, dev, spec, id)

@@ -1,5 +1,6 @@
-//! The mixture-of-experts MLP every MoE family shares (Qwen3-MoE, Mixtral, OLMoE): a
-//! router picks `k` of `n_experts` SwiGLU experts per token and the block returns their
+//! The mixture-of-experts MLP every MoE family shares (Qwen3-MoE, Mixtral, OLMoE,
+//! GPT-OSS, DeepSeek, Gemma 4, and the hybrids' MoE variants: Qwen3-Next, LFM2-MoE,
+//! NemotronH, Granite 4): a router picks `k` of `n_experts` SwiGLU experts per token and the block returns their
 //! outputs weighted by the router's probabilities. A family fills a [`MoeSpec`] (the
 //! scoring rule and which layers are sparse) and the decoder does the rest through the
 //! backend's MoE ops:
@@ -13,7 +14,16 @@
 //! y       = down[e] · g                       [n·k, h]         moe_matmuls (each slot's own row)
 //! out[t]  = Σ_j w[t, j] · y[t·k + j]          [n, h]           moe_combine
 //! out    += shared(x)                         [n, h]           (DeepSeek's shared experts)
+//!           · σ(x · shared_gateᵀ)              [n, 1]           (Qwen2/3-MoE-style gated shared
+//!                                                                expert, when the layer has one)
 //! ```
+//!
+//! The shared expert's sigmoid gate (Qwen3-Next, Qwen3.5-MoE, Qwen2-MoE: `shared_expert_gate`,
+//! a `[1, hidden]` linear; llama.cpp's `ffn_gate_inp_shexp`) is taken from the layer's
+//! tensors: a layer that has `blk.N.ffn_gate_inp_shexp.weight` multiplies its shared
+//! expert's output per token by `σ(x · w)` before adding it; one without adds it as is
+//! (DeepSeek). A family whose checkpoints always gate checks for the tensor with
+//! [`require_shared_gate`].
 //!
 //! Expert weights are read in any of the layouts checkpoints use, under GGUF-style names
 //! (see `weights::hf_to_gguf_name_for`): llama.cpp's stacked 3-D tensors
@@ -49,7 +59,8 @@ pub struct MoeSpec {
     pub ffn: usize,
     /// The intermediate size of the shared experts every token goes through, added to
     /// the routed experts' sum (DeepSeek: `n_shared_experts · moe_intermediate_size`, one
-    /// SwiGLU MLP `ffn_{gate,up,down}_shexp`); 0 = none.
+    /// SwiGLU MLP `ffn_{gate,up,down}_shexp`; Qwen3-Next's sigmoid-gated shared expert;
+    /// Granite 4's `shared_mlp`; NemotronH's relu2 shared MLP); 0 = none.
     pub shared_ffn: usize,
     /// Per layer: the sparse block (true) or the dense MLP of `intermediate_size`.
     pub sparse: Vec<bool>,
@@ -66,6 +77,9 @@ pub enum MoeAct {
     GeGlu,
     /// GPT-OSS: `(clamp(up, ±limit) + 1) · g · σ(alpha · g)` with `g = min(gate, limit)`.
     ClampedSwiGlu { alpha: f32, limit: f32 },
+    /// No gate: `relu(up)²` (NemotronH). The experts and the shared experts have only up
+    /// and down projections (`ffn_{up,down}_exps`, `ffn_{up,down}_shexp`).
+    Relu2,
 }
 
 impl MoeSpec {
@@ -111,7 +125,12 @@ impl MoeSpec {
             .checked_add(k.checked_mul(self.ffn)?.checked_mul(2)?)?
             .checked_add(k.checked_mul(hidden)?)?
             .checked_add(self.shared_ffn.checked_mul(2)?)?
-            .checked_add(if self.shared_ffn > 0 { hidden } else { 0 })
+            // The shared output, its gated copy, and the gate's logit, weight and one.
+            .checked_add(if self.shared_ffn > 0 {
+                hidden.checked_mul(2)?.checked_add(3)?
+            } else {
+                0
+            })
     }
 }
 
@@ -128,12 +147,19 @@ pub struct MoeLayer<B: Backend> {
     biases: Option<[B::Buf; 3]>,
     /// The bias added to the scores for choosing (DeepSeek-V3), `[n_experts]`.
     choice_bias: Option<B::Buf>,
-    /// The shared experts' gate, up and down (DeepSeek).
-    shared: Option<[B::Mat; 3]>,
+    /// The shared experts' gate (none with [`MoeAct::Relu2`]), up and down (DeepSeek,
+    /// Qwen3-Next, NemotronH).
+    shared: Option<SharedMlp<B>>,
+    /// The shared expert's sigmoid gate `[1, hidden]` (`ffn_gate_inp_shexp`, Qwen's
+    /// `shared_expert_gate`): the shared output is multiplied per token by `σ(x · w)`.
+    shared_gate: Option<B::Mat>,
     /// Multiplies each chosen expert's routing weight (Gemma 4's `per_expert_scale`,
     /// `ffn_down_exps.scale`), `[n_experts]`.
     expert_scale: Option<B::Buf>,
 }
+
+/// The shared experts' projections: gate (none with [`MoeAct::Relu2`]), up, down.
+type SharedMlp<B> = (Option<<B as Backend>::Mat>, <B as Backend>::Mat, <B as Backend>::Mat);
 
 /// A step's MoE scratch, allocated with the batch.
 pub struct MoeScratch<B: Backend> {
@@ -147,6 +173,12 @@ pub struct MoeScratch<B: Backend> {
     sh_gate: B::Buf,
     sh_up: B::Buf,
     sh_y: B::Buf,
+    /// The shared expert's gate: its logit and weight per row, a row of ones to start
+    /// the weight from, and the gated output (empty without shared experts).
+    sh_logit: B::Buf,
+    sh_w: B::Buf,
+    ones: B::Buf,
+    sh_out: B::Buf,
 }
 
 impl<B: Backend> MoeScratch<B> {
@@ -163,6 +195,10 @@ impl<B: Backend> MoeScratch<B> {
             sh_gate: b.alloc(rows * sh),
             sh_up: b.alloc(rows * sh),
             sh_y: b.alloc(if sh > 0 { rows * hidden } else { 0 }),
+            sh_logit: b.alloc(if sh > 0 { rows } else { 0 }),
+            sh_w: b.alloc(if sh > 0 { rows } else { 0 }),
+            ones: b.upload(&vec![1.0; if sh > 0 { rows } else { 0 }]),
+            sh_out: b.alloc(if sh > 0 { rows * hidden } else { 0 }),
         }
     }
 }
@@ -212,12 +248,35 @@ impl<B: Backend> MoeLayer<B> {
                     let e = w.matrix(&p(name), rows, cols)?;
                     Ok(b.matrix(e.ty, rows, cols, e.bytes.clone()))
                 };
-                Some([
-                    m("ffn_gate_shexp.weight", sf, h)?,
-                    m("ffn_up_shexp.weight", sf, h)?,
-                    m("ffn_down_shexp.weight", h, sf)?,
-                ])
+                let down = m("ffn_down_shexp.weight", h, sf)?;
+                let fused = p("ffn_gate_up_shexp.weight");
+                match spec.act {
+                    MoeAct::Relu2 => Some((None, m("ffn_up_shexp.weight", sf, h)?, down)),
+                    // One [2·sf, h] matrix, gate rows first (Granite 4's shared_mlp).
+                    _ if w.has(&fused) && !w.has(&p("ffn_gate_shexp.weight")) => {
+                        let e = w.matrix(&fused, 2 * sf, h)?;
+                        let gate = b.matrix(e.ty, sf, h, expert_rows(e, 0, 2 * sf, 0, sf, h)?);
+                        let up = b.matrix(e.ty, sf, h, expert_rows(e, 0, 2 * sf, sf, sf, h)?);
+                        Some((Some(gate), up, down))
+                    }
+                    _ => Some((
+                        Some(m("ffn_gate_shexp.weight", sf, h)?),
+                        m("ffn_up_shexp.weight", sf, h)?,
+                        down,
+                    )),
+                }
             }
+        };
+        let shared_gate = match (&shared, w.has(&p("ffn_gate_inp_shexp.weight"))) {
+            (Some(_), true) => {
+                let e = w.matrix(&p("ffn_gate_inp_shexp.weight"), 1, h)?;
+                Some(b.matrix(e.ty, 1, h, e.bytes.clone()))
+            }
+            (None, true) => bail!(
+                "{}: layer {i} has a shared expert gate (ffn_gate_inp_shexp) but no shared expert",
+                w.source
+            ),
+            (_, false) => None,
         };
         if let Some((gate, up, down)) = Self::load_oai(w, b, i, spec, h)? {
             let biases = Self::load_biases(w, b, i, spec, h)?;
@@ -230,6 +289,7 @@ impl<B: Backend> MoeLayer<B> {
                 biases,
                 choice_bias,
                 shared,
+                shared_gate,
                 expert_scale,
             });
         }
@@ -255,6 +315,11 @@ impl<B: Backend> MoeLayer<B> {
                 .map(Some)
         };
         let (gate, up) = match (load("gate", f, h)?, load("up", f, h)?) {
+            (None, Some(u)) if spec.act == MoeAct::Relu2 => (Vec::new(), u),
+            _ if spec.act == MoeAct::Relu2 => bail!(
+                "{}: layer {i} needs up-only experts (ffn_up_exps without ffn_gate_exps)",
+                w.source
+            ),
             (Some(g), Some(u)) => (g, u),
             (None, None) => {
                 // transformers 5's fused gate_up: [ne, 2f, h], gate rows first.
@@ -285,6 +350,7 @@ impl<B: Backend> MoeLayer<B> {
             biases,
             choice_bias,
             shared,
+            shared_gate,
             expert_scale,
         })
     }
@@ -405,15 +471,19 @@ impl<B: Backend> MoeLayer<B> {
             &mut s.ids,
             &mut s.weights,
         );
-        b.moe_matmuls(
-            &[&self.gate, &self.up],
-            x,
-            false,
-            &s.ids,
-            n,
-            k,
-            &mut [&mut s.gate, &mut s.up],
-        );
+        if spec.act == MoeAct::Relu2 {
+            b.moe_matmuls(&[&self.up], x, false, &s.ids, n, k, &mut [&mut s.gate]);
+        } else {
+            b.moe_matmuls(
+                &[&self.gate, &self.up],
+                x,
+                false,
+                &s.ids,
+                n,
+                k,
+                &mut [&mut s.gate, &mut s.up],
+            );
+        }
         if let Some([bg, bu, _]) = &self.biases {
             b.moe_add_bias(&mut s.gate, bg, &s.ids, n * k, f);
             b.moe_add_bias(&mut s.up, bu, &s.ids, n * k, f);
@@ -422,17 +492,36 @@ impl<B: Backend> MoeLayer<B> {
             MoeAct::SwiGlu => b.silu_mul(&mut s.gate, &s.up, n * k * f),
             MoeAct::GeGlu => b.gelu_mul(&mut s.gate, &s.up, n * k * f),
             MoeAct::ClampedSwiGlu { alpha, limit } => b.swiglu_clamped(&mut s.gate, &s.up, alpha, limit, n * k * f),
+            MoeAct::Relu2 => b.relu_sq(&mut s.gate, n * k * f),
         }
         b.moe_matmuls(&[&self.down], &s.gate, true, &s.ids, n, k, &mut [&mut s.y]);
         if let Some([_, _, bd]) = &self.biases {
             b.moe_add_bias(&mut s.y, bd, &s.ids, n * k, h);
         }
         b.moe_combine(&s.y, &s.weights, n, k, h, out);
-        if let Some([g, u, d]) = &self.shared {
-            b.matmuls(&[g, u], x, n, &mut [&mut s.sh_gate, &mut s.sh_up]);
-            b.silu_mul(&mut s.sh_gate, &s.sh_up, n * spec.shared_ffn);
+        if let Some((g, u, d)) = &self.shared {
+            match g {
+                Some(g) => {
+                    b.matmuls(&[g, u], x, n, &mut [&mut s.sh_gate, &mut s.sh_up]);
+                    b.silu_mul(&mut s.sh_gate, &s.sh_up, n * spec.shared_ffn);
+                }
+                None => {
+                    b.matmul(u, x, n, &mut s.sh_gate);
+                    b.relu_sq(&mut s.sh_gate, n * spec.shared_ffn);
+                }
+            }
             b.matmul(d, &s.sh_gate, n, &mut s.sh_y);
-            b.add(out, &s.sh_y, n * h);
+            match &self.shared_gate {
+                None => b.add(out, &s.sh_y, n * h),
+                Some(sg) => {
+                    // w = σ(x · sg) per row (a one times its sigmoid), then sh_y · w.
+                    b.matmul(sg, x, n, &mut s.sh_logit);
+                    b.copy(&s.ones, 0, &mut s.sh_w, 0, n);
+                    b.sigmoid_mul(&mut s.sh_w, &s.sh_logit, n);
+                    b.moe_combine(&s.sh_y, &s.sh_w, n, 1, h, &mut s.sh_out);
+                    b.add(out, &s.sh_out, n * h);
+                }
+            }
         }
     }
 }
@@ -523,6 +612,26 @@ pub fn required_count(cfg: &ModelConfig, hf_keys: &[&str], gguf_key: &str) -> Re
         hf_keys.join("\" or \"")
     };
     bail!("{}: a mixture-of-experts model needs \"{key}\"", cfg.source)
+}
+
+/// Checks that every sparse layer of `spec` has a shared expert gate
+/// (`blk.N.ffn_gate_inp_shexp.weight`), for families whose shared expert is always gated
+/// (Qwen3-Next, Qwen3.5-MoE): without the check a checkpoint missing it would load and
+/// add the shared expert ungated.
+pub fn require_shared_gate(w: &Weights, spec: &MoeSpec) -> Result<()> {
+    ensure!(
+        spec.shared_ffn > 0,
+        "{}: the model's shared expert has intermediate size 0",
+        w.source
+    );
+    for (i, _) in spec.sparse.iter().enumerate().filter(|(_, s)| **s) {
+        ensure!(
+            w.has(&format!("blk.{i}.ffn_gate_inp_shexp.weight")),
+            "{}: layer {i} has no shared expert gate (shared_expert_gate / ffn_gate_inp_shexp)",
+            w.source
+        );
+    }
+    Ok(())
 }
 
 /// Which layers are sparse in a GGUF file: those with a router (llama.cpp writes no

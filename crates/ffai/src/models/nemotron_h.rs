@@ -3,10 +3,21 @@
 //! attention without positional embeddings (`full_attention`, `*`) or a non-gated MLP
 //! `down(relu(up(x))^2)` (`mlp`, `-`), from `layers_block_type` (transformers 5) or the
 //! Hub configs' `hybrid_override_pattern`. The Mamba 2 mixer's gated norm is per group
-//! of `d_inner / n_groups`. Mixture-of-experts blocks (`moe`, `E`) are not supported yet.
+//! of `d_inner / n_groups`.
+//!
+//! Mixture-of-experts blocks (`moe`, `E`; Nemotron 3 Nano) are `h + moe(rmsnorm(h))`:
+//! scores `σ(gate(x))` over `n_routed_experts`; choice scores plus
+//! `e_score_correction_bias`; with `n_group > 1` only the best `topk_group` groups (scored
+//! by the sum of their two best choice scores) are candidates; the top
+//! `num_experts_per_tok`; weights their unbiased scores, renormalised when
+//! `norm_topk_prob`, times `routed_scaling_factor` (DeepSeek-V3's router); non-gated
+//! `relu2` experts of `moe_intermediate_size` (`moe::MoeAct::Relu2`), plus the shared
+//! `relu2` MLP of `moe_shared_expert_intermediate_size`. The latent projection
+//! (`moe_latent_size`) is not supported yet.
 
 use super::decoder::{self, DecoderSpec, Identity, Mlp};
 use super::mamba2::{mixer_spec, MixerKeys};
+use super::moe::{self, GroupScore, MoeAct, MoeRouting, MoeScoring, MoeSpec};
 use super::recurrent::{MixerSpec, RecurrentSpec};
 use super::{Device, Family, LanguageModel};
 use crate::config::ModelConfig;
@@ -51,6 +62,7 @@ enum Block {
     Mamba,
     Attention,
     Mlp,
+    Moe,
 }
 
 /// The block kinds: `layers_block_type` (names, with the legacy `mamba`/`attention`
@@ -61,10 +73,7 @@ fn blocks(cfg: &ModelConfig) -> Result<Vec<Block>> {
             "linear_attention" | "mamba" | "M" => Block::Mamba,
             "full_attention" | "attention" | "*" => Block::Attention,
             "mlp" | "-" => Block::Mlp,
-            "moe" | "E" => bail!(
-                "{}: NemotronH mixture-of-experts blocks are not supported yet",
-                cfg.source
-            ),
+            "moe" | "E" => Block::Moe,
             other => bail!("{}: NemotronH block type \"{other}\" is unknown", cfg.source),
         })
     };
@@ -107,8 +116,48 @@ fn blocks(cfg: &ModelConfig) -> Result<Vec<Block>> {
     Ok(list)
 }
 
+/// The MoE blocks' routing and experts (see the module docs).
+fn moe_spec(cfg: &ModelConfig, blocks: &[Block]) -> Result<MoeSpec> {
+    let src = &cfg.source;
+    ensure!(
+        cfg.extra("moe_latent_size", "").is_none_or(|v| v.is_null()),
+        "{src}: NemotronH's MoE latent projection (moe_latent_size) is not supported yet"
+    );
+    let count = |k: &str| cfg.extra_usize(k, "");
+    let scale = cfg.extra_f64("routed_scaling_factor", "")?.unwrap_or(1.0);
+    ensure!(
+        scale.is_finite() && scale > 0.0,
+        "{src}: routed_scaling_factor = {scale} must be a positive number"
+    );
+    MoeSpec {
+        n_experts: moe::required_count(cfg, &["n_routed_experts", "num_local_experts"], "expert_count")?,
+        k: moe::required_count(cfg, &["num_experts_per_tok"], "expert_used_count")?,
+        routing: MoeRouting {
+            scoring: MoeScoring::Sigmoid,
+            renormalize: cfg.extra_bool("norm_topk_prob", "")?.unwrap_or(true),
+            scale: scale as f32,
+            n_groups: count("n_group")?.unwrap_or(1),
+            topk_groups: count("topk_group")?.unwrap_or(1),
+            group_score: GroupScore::TopTwoSum,
+        },
+        ffn: moe::required_count(cfg, &["moe_intermediate_size"], "expert_feed_forward_length")?,
+        shared_ffn: moe::required_count(
+            cfg,
+            &["moe_shared_expert_intermediate_size"],
+            "expert_shared_feed_forward_length",
+        )?,
+        sparse: blocks.iter().map(|&b| b == Block::Moe).collect(),
+        act: MoeAct::Relu2,
+    }
+    .checked(cfg)
+}
+
 fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn LanguageModel>> {
     let blocks = blocks(cfg)?;
+    let moe = match blocks.contains(&Block::Moe) {
+        true => Some(moe_spec(cfg, &blocks)?),
+        false => None,
+    };
     let m = mixer_spec(cfg, &KEYS)?;
     let mut cfg = cfg.clone();
     cfg.rms_norm_eps = m.norm_eps as f64;
@@ -136,9 +185,10 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
         recurrent: Some(RecurrentSpec {
             layers: blocks.iter().map(|&b| b == Block::Mamba).collect(),
             mixer: MixerSpec::Mamba2(m),
-            mlp: blocks.iter().map(|&b| b == Block::Mlp).collect(),
-            mlp_only: blocks.iter().map(|&b| b == Block::Mlp).collect(),
+            mlp: blocks.iter().map(|&b| matches!(b, Block::Mlp | Block::Moe)).collect(),
+            mlp_only: blocks.iter().map(|&b| matches!(b, Block::Mlp | Block::Moe)).collect(),
         }),
+        moe,
         ..base
     };
     let id = Identity {

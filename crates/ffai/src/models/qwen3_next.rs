@@ -1,18 +1,20 @@
 //! Qwen3-Next: gated DeltaNet layers (`linear_attention`: `recurrent::MixerSpec::
 //! GatedDeltaNet`) and gated attention layers (`full_attention`: per head `[q | gate]` from
 //! `q_proj`, per-head q/k norms, partial RoPE, the output × `sigmoid(gate)`), every norm
-//! zero-centred (`x̂ · (1 + w)`) except the DeltaNet's gated one. Layers named in
-//! `mlp_only_layers` (or all, without experts) have a dense SwiGLU MLP; the sparse MoE
-//! block with its shared expert, which the released checkpoints use, is not supported
-//! yet, so they are refused with that message.
+//! zero-centred (`x̂ · (1 + w)`) except the DeltaNet's gated one. The MLP is the sparse
+//! MoE block with a sigmoid-gated shared expert (the released checkpoints, see
+//! [`moe_spec`]) on the sparse layers, and a dense SwiGLU MLP of `intermediate_size` on
+//! the others (`mlp_only_layers`, off the `decoder_sparse_step` grid, or every layer with
+//! `num_experts: 0`).
 
 use ffai_kernels::ssm::GdnShape;
 
 use super::decoder::{self, DecoderSpec, Identity, NormKind, QkNorm};
+use super::moe::{self, MoeAct, MoeRouting, MoeSpec};
 use super::recurrent::{self, GdnSpec, MixerSpec, RecurrentSpec};
 use super::{Device, Family, LanguageModel};
 use crate::config::{ModelConfig, MAX_DIM};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::generate::GenerationParameters;
 use crate::weights::Weights;
 use crate::{bail, ensure};
@@ -58,42 +60,48 @@ fn linear_layers(cfg: &ModelConfig) -> Result<Vec<bool>> {
     Ok((0..cfg.num_layers).map(|i| !(i + 1).is_multiple_of(every)).collect())
 }
 
-/// The layers without experts must be all of them (see the module docs).
-fn check_dense(cfg: &ModelConfig) -> Result<()> {
-    let experts = cfg.extra_usize("num_experts", "")?.unwrap_or(512);
-    if experts == 0 {
-        return Ok(());
-    }
-    let step = recurrent::sized(
-        cfg,
-        "decoder_sparse_step",
-        cfg.extra_usize("decoder_sparse_step", "")?,
-        Some(1),
-        MAX_DIM,
-    )?;
-    let mut dense = vec![false; cfg.num_layers];
-    if let Some(v) = cfg.extra("mlp_only_layers", "") {
-        let a = v
-            .as_array()
-            .ok_or_else(|| Error::new(format!("{}: mlp_only_layers is not a list", cfg.source)))?;
+/// The sparse MoE block, when the config has experts (`num_experts`, transformers'
+/// default 512): softmax over all experts, top `num_experts_per_tok`, renormalised when
+/// `norm_topk_prob` (default true); SwiGLU experts of `moe_intermediate_size`; a SwiGLU
+/// shared expert of `shared_expert_intermediate_size` whose output is multiplied by
+/// `σ(x · shared_expert_gate)`. Layer `i` is sparse unless listed in `mlp_only_layers`,
+/// and only when `(i + 1) % decoder_sparse_step == 0`.
+fn moe_spec(cfg: &ModelConfig, w: &Weights) -> Result<Option<MoeSpec>> {
+    if let Some(a) = cfg.extra("mlp_only_layers", "").as_ref().and_then(|v| v.as_array()) {
         for e in a {
-            match e.as_u64() {
-                Some(i) if (i as usize) < cfg.num_layers => dense[i as usize] = true,
-                _ => bail!("{}: mlp_only_layers entry {e} is not a layer index", cfg.source),
-            }
+            ensure!(
+                e.as_u64().is_some_and(|i| (i as usize) < cfg.num_layers),
+                "{}: mlp_only_layers entry {e} is not a layer index",
+                cfg.source
+            );
         }
     }
-    if let Some(i) = (0..cfg.num_layers).find(|&i| !dense[i] && (i + 1).is_multiple_of(step)) {
-        bail!(
-            "{}: layer {i} of Qwen3-Next is a mixture of experts with a shared expert, which is not supported yet",
-            cfg.source
-        );
+    let n_experts = cfg.extra_usize("num_experts", "")?.unwrap_or(512);
+    if n_experts == 0 {
+        return Ok(None);
     }
-    Ok(())
+    let sparse = moe::sparse_layers_qwen(cfg, n_experts)?;
+    if !sparse.iter().any(|&s| s) {
+        return Ok(None);
+    }
+    let u =
+        |k: &str, d: usize| -> Result<usize> { recurrent::sized(cfg, k, cfg.extra_usize(k, "")?, Some(d), MAX_DIM) };
+    let spec = MoeSpec {
+        n_experts,
+        k: u("num_experts_per_tok", 10)?,
+        routing: MoeRouting::softmax(cfg.extra_bool("norm_topk_prob", "")?.unwrap_or(true)),
+        ffn: u("moe_intermediate_size", 512)?,
+        shared_ffn: u("shared_expert_intermediate_size", 512)?,
+        sparse,
+        act: MoeAct::SwiGlu,
+    }
+    .checked(cfg)?;
+    moe::require_shared_gate(w, &spec)?;
+    Ok(Some(spec))
 }
 
 fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn LanguageModel>> {
-    check_dense(cfg)?;
+    let moe = moe_spec(cfg, w)?;
     let layers = linear_layers(cfg)?;
     let u =
         |k: &str, d: usize| -> Result<usize> { recurrent::sized(cfg, k, cfg.extra_usize(k, "")?, Some(d), MAX_DIM) };
@@ -148,6 +156,7 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
             mlp: vec![true; cfg.num_layers],
             mlp_only: vec![false; cfg.num_layers],
         }),
+        moe,
         ..DecoderSpec::llama(cfg, None)
     };
     let id = Identity {

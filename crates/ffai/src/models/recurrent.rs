@@ -325,7 +325,7 @@ pub fn check(cfg: &ModelConfig, spec: &RecurrentSpec) -> Result<()> {
 /// -exp(A_log)`; the loader takes either).
 pub fn hf_name(name: &str, model_type: &str) -> Option<String> {
     match model_type {
-        "lfm2" => {
+        "lfm2" | "lfm2_moe" => {
             match name {
                 "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
                 "model.embedding_norm.weight" => return Some("token_embd_norm.weight".into()),
@@ -333,7 +333,16 @@ pub fn hf_name(name: &str, model_type: &str) -> Option<String> {
             }
             let (idx, tail) = name.strip_prefix("model.layers.")?.split_once('.')?;
             idx.parse::<usize>().ok()?;
+            // LFM2-MoE's sparse blocks: the router, its choice bias, the experts (one
+            // w1/w3/w2 per expert as released, or transformers' fused tensors).
+            if let Some(rest) = tail.strip_prefix("feed_forward.experts.") {
+                return expert_name(idx, rest, &[("w1.", "gate"), ("w3.", "up"), ("w2.", "down")]);
+            }
+            if tail == "feed_forward.expert_bias" {
+                return Some(format!("blk.{idx}.exp_probs_b.bias"));
+            }
             let parts = [
+                ("feed_forward.gate.", "ffn_gate_inp."),
                 ("operator_norm.", "attn_norm."),
                 ("ffn_norm.", "ffn_norm."),
                 ("conv.in_proj.", "shortconv.in_proj."),
@@ -357,6 +366,16 @@ pub fn hf_name(name: &str, model_type: &str) -> Option<String> {
             let (idx, tail) = name.strip_prefix("model.layers.")?.split_once('.')?;
             idx.parse::<usize>().ok()?;
             let t = match tail {
+                // The MoE block as released (ParallelExperts: input_linear [E, 2f, h] gate
+                // rows first, output_linear [E, h, f], router.layer) or as transformers 5
+                // names it.
+                "block_sparse_moe.router.layer.weight" | "block_sparse_moe.router.weight" => "ffn_gate_inp.weight",
+                "block_sparse_moe.input_linear.weight" | "block_sparse_moe.experts.gate_up_proj" => {
+                    "ffn_gate_up_exps.weight"
+                }
+                "block_sparse_moe.output_linear.weight" | "block_sparse_moe.experts.down_proj" => {
+                    "ffn_down_exps.weight"
+                }
                 "mamba.in_proj.weight" => "ssm_in.weight",
                 "mamba.in_proj.bias" => "ssm_in.bias",
                 "mamba.conv1d.weight" => "ssm_conv1d.weight",
@@ -384,7 +403,16 @@ pub fn hf_name(name: &str, model_type: &str) -> Option<String> {
             }
             let (idx, tail) = name.strip_prefix("backbone.layers.")?.split_once('.')?;
             idx.parse::<usize>().ok()?;
+            // NemotronH's MoE blocks: non-gated experts (up/down per expert as released, or
+            // stacked), the router with its correction bias, the shared experts.
+            if let Some(rest) = tail.strip_prefix("mixer.experts.") {
+                return expert_name(idx, rest, &[("up_proj.", "up"), ("down_proj.", "down")]);
+            }
             let t = match tail {
+                "mixer.gate.weight" => "ffn_gate_inp.weight",
+                "mixer.gate.e_score_correction_bias" => "exp_probs_b.bias",
+                "mixer.shared_experts.up_proj.weight" => "ffn_up_shexp.weight",
+                "mixer.shared_experts.down_proj.weight" => "ffn_down_shexp.weight",
                 "norm.weight" => "attn_norm.weight",
                 "mixer.in_proj.weight" => "ssm_in.weight",
                 "mixer.in_proj.bias" => "ssm_in.bias",
@@ -428,6 +456,25 @@ pub fn hf_name(name: &str, model_type: &str) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// An expert tensor's GGUF-style name from the part after `...experts.`: transformers'
+/// stacked `gate_up_proj` / `up_proj` / `down_proj` (`[experts, rows, cols]`) become
+/// `blk.N.ffn_{gate_up,up,down}_exps.weight`; per-expert `E.<proj>.weight` with `<proj>`
+/// one of `kinds` (prefix, gate/up/down) becomes `blk.N.ffn_<kind>_exps.E.weight`.
+fn expert_name(layer: &str, rest: &str, kinds: &[(&str, &str)]) -> Option<String> {
+    match rest {
+        "gate_up_proj" => return Some(format!("blk.{layer}.ffn_gate_up_exps.weight")),
+        "up_proj" => return Some(format!("blk.{layer}.ffn_up_exps.weight")),
+        "down_proj" => return Some(format!("blk.{layer}.ffn_down_exps.weight")),
+        _ => {}
+    }
+    let (e, proj) = rest.split_once('.')?;
+    e.parse::<usize>().ok()?;
+    kinds.iter().find_map(|(p, kind)| {
+        proj.strip_prefix(p)
+            .map(|s| format!("blk.{layer}.ffn_{kind}_exps.{e}.{s}"))
+    })
 }
 
 /// Gathers row ranges `(first, count)` of a `[rows, cols]` tensor into one matrix (a
