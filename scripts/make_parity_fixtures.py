@@ -631,11 +631,13 @@ def mxfp4_save(model, fdir):
 
 FAMILY_ORDER = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3", "olmo2", "granite", "starcoder2",
                 "llama_bf16", "qwen3_moe", "mixtral", "olmoe", "gpt_oss", "gpt_oss_mxfp4", "deepseek_v2", "deepseek_v3",
-                "gemma4", "gemma4_dense", "lfm2", "mamba2", "nemotron_h", "granite4", "qwen3_next"]
+                "gemma4", "gemma4_dense", "lfm2", "mamba2", "nemotron_h", "granite4", "qwen3_next", "qwen3_5",
+                "qwen3_5_moe", "falcon_h1", "jamba"]
 FAMILY_SEED = {f: 1000 + i for i, f in enumerate(FAMILY_ORDER)}
 # The hybrid fixtures' seeds, fixed: families added to FAMILY_ORDER before them (in a
 # merge) must not change them, so a rerun reproduces the committed files.
 FAMILY_SEED.update({"lfm2": 1016, "mamba2": 1017, "nemotron_h": 1018, "granite4": 1019, "qwen3_next": 1020})
+FAMILY_SEED.update({"qwen3_5": 1030, "qwen3_5_moe": 1031, "falcon_h1": 1032, "jamba": 1033})
 
 
 def reinit_(model, model_type, overrides):
@@ -1298,6 +1300,61 @@ HYBRID = {
     ),
 }
 
+# Qwen3.5's tiny text models: the DeltaNet layout of Qwen3-Next with separate projections.
+QWEN3_5_TEXT = dict(
+    vocab_size=256,
+    hidden_size=64,
+    num_hidden_layers=4,
+    layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"],
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                     "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    linear_conv_kernel_dim=4,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+QWEN3_5_NOTES = [
+    "every Qwen3_5RMSNorm is zero-centred: x_normed * (1 + w) (input, post-attention, q/k norms, final); the "
+    "DeltaNet's gated norm is plain: w * rmsnorm(y) * silu(z), per head over linear_value_head_dim",
+    "attention: q_proj gives per head [q (16) | gate (16)]; out = o_proj(attn * sigmoid(gate)); q/k norms per head "
+    "before RoPE; partial_rotary_factor 0.5 (rotate_half over the first 8 dims); mrope_section [2, 1, 1] "
+    "interleaved: text positions are the same in all three sections, so it is plain RoPE",
+    "gated DeltaNet: SEPARATE in_proj_qkv ([q (2*16) | k (2*16) | v (4*16)] of all heads, not per key head), "
+    "in_proj_z (4*16), in_proj_b (4), in_proj_a (4); conv1d (kernel 4, no bias, silu) over [q | k | v]; q, k "
+    "l2-normalised, q * 16**-0.5; beta = sigmoid(b), g = -exp(A_log) * softplus(a + dt_bias); value head h reads "
+    "key head h // 2 (repeat_interleave); S = exp(g) S; S += k (beta (v - S^T k))^T; y = S^T q",
+    "the 80-token prefill runs transformers' chunked delta rule (chunk 64: 2 chunks), decode its one-step recurrence",
+]
+HYBRID["qwen3_5"] = (
+    "Qwen3_5TextConfig",
+    dict(QWEN3_5_TEXT, intermediate_size=128),
+    ["Qwen3_5ForCausalLM (model_type qwen3_5_text), layer_types [linear, full, linear, linear], a dense SwiGLU "
+     "MLP (intermediate 128) in every block"] + QWEN3_5_NOTES,
+)
+HYBRID["qwen3_5_moe"] = (
+    "Qwen3_5MoeTextConfig",
+    dict(QWEN3_5_TEXT, num_hidden_layers=3, layer_types=["linear_attention", "full_attention", "linear_attention"],
+         num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+         shared_expert_intermediate_size=24),
+    ["Qwen3_5MoeForCausalLM (model_type qwen3_5_moe_text), layer_types [linear, full, linear], every "
+     "block's MLP the sparse MoE block: router softmax over 8 experts, top-2, renormalised; experts as fused "
+     "gate_up_proj [8, 2*16, 64] / down_proj [8, 64, 16]; plus shared_expert (SwiGLU, 24) times "
+     "sigmoid(shared_expert_gate(x)) (a [1, 64] Linear)"] + QWEN3_5_NOTES,
+)
+# Hybrid fixtures with experts: seeds FAMILY_SEED + 100 * i until every routing margin is at
+# least MOE_MIN_MARGIN (as build() does for the other MoE fixtures).
+HYBRID_MOE = ("qwen3_5_moe", "jamba")
+
 
 def hybrid_init_(model):
     """Every parameter re-initialised (plain N(0, 0.15) Linear/Embedding weights; the SSM's own
@@ -1341,14 +1398,26 @@ def hybrid_reference(model, ids):
 
 def hybrid_fixture(out_dir, family):
     cls_name, kw, notes = HYBRID[family]
-    seed = FAMILY_SEED[family]
-    torch.manual_seed(seed)
-    config = getattr(transformers, cls_name)(**kw)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
-    model.eval()
-    hybrid_init_(model)
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, config.vocab_size, (HYBRID_PREFILL + HYBRID_DECODE,), generator=g, dtype=torch.int64)
+    for attempt in range(64 if family in HYBRID_MOE else 1):
+        seed = FAMILY_SEED[family] + 100 * attempt
+        torch.manual_seed(seed)
+        config = getattr(transformers, cls_name)(**kw)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+        model.eval()
+        hybrid_init_(model)
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, config.vocab_size, (HYBRID_PREFILL + HYBRID_DECODE,), generator=g, dtype=torch.int64)
+        if family not in HYBRID_MOE:
+            break
+        balance_routers_(model, ids)
+        try:
+            stats = routing_stats(model, ids)
+        except RuntimeError:
+            continue
+        if min(s["min_topk_margin"] for s in stats) >= MOE_MIN_MARGIN:
+            break
+    else:
+        raise RuntimeError(f"{family}: no seed gives routing margins >= {MOE_MIN_MARGIN}")
     ref, full_diff = hybrid_reference(model, ids)
     if not torch.isfinite(ref).all():
         raise RuntimeError(f"{family}: non-finite logits")

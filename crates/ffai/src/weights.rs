@@ -460,11 +460,12 @@ pub fn hf_to_gguf_name(name: &str) -> String {
 /// the MLP.
 pub fn hf_to_gguf_name_for(name: &str, model_type: &str) -> String {
     let gemma4 = matches!(model_type, "gemma4" | "gemma4_text");
-    // Gemma 4's multimodal checkpoints nest the text model (their vision and audio
-    // towers keep their names and are never read).
+    let nested = gemma4 || matches!(model_type, "qwen3_5_text" | "qwen3_5_moe_text");
+    // Gemma 4's and Qwen3.5's multimodal checkpoints nest the text model (their vision
+    // and audio towers keep their names and are never read).
     let stripped;
     let name = match name.strip_prefix("model.language_model.") {
-        Some(rest) if gemma4 => {
+        Some(rest) if nested => {
             stripped = format!("model.{rest}");
             stripped.as_str()
         }

@@ -273,6 +273,66 @@ fn qwen3_next_gated_deltanet_gated_attention_partial_rope() {
 }
 
 #[test]
+fn qwen3_5_separate_deltanet_projections_gated_attention() {
+    check("qwen3_5", 1e-3);
+}
+
+#[test]
+fn qwen3_5_moe_experts_and_sigmoid_gated_shared_expert() {
+    check("qwen3_5_moe", 1e-3);
+}
+
+/// Qwen3.5's multimodal checkpoints (`Qwen3_5ForConditionalGeneration`, model_type
+/// `qwen3_5`) nest the text config under `text_config` and the text model under
+/// `model.language_model.` beside the vision tower: the same weights give the same logits.
+#[test]
+fn qwen3_5_conditional_generation_layout_loads_the_text_model() {
+    let src = fixture_dir("qwen3_5");
+    let dir = std::env::temp_dir().join(format!("ffai-qwen3_5-mm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let config = serde_json::json!({
+        "architectures": ["Qwen3_5ForConditionalGeneration"],
+        "model_type": "qwen3_5",
+        "text_config": text,
+        "vision_config": {"model_type": "qwen3_5_vision", "hidden_size": 16},
+        "tie_word_embeddings": false,
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let tower = vec![0u8; 4 * 16];
+    let mut views: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n.replacen("model.", "model.language_model.", 1), v))
+        .collect();
+    for name in ["model.visual.patch_embed.proj.weight", "mtp.fc.weight"] {
+        views.push((
+            name.into(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 4], &tower).unwrap(),
+        ));
+    }
+    std::fs::write(
+        dir.join("model.safetensors"),
+        safetensors::serialize(views, &None).unwrap(),
+    )
+    .unwrap();
+    let m = load(&dir);
+    assert_eq!(m.family(), "qwen3_5");
+    let ids: Vec<u32> = (0..40).map(|i| (i * 53 + 11) % 256).collect();
+    let run = |m: &dyn LanguageModel| {
+        let mut st = m.new_state(64, 512).unwrap();
+        let mut out = Vec::new();
+        m.forward(&ids, &mut st, true, &mut out).unwrap();
+        out
+    };
+    assert_eq!(run(&*m), run(&*load(&src)));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn gpt_oss_mxfp4_experts_from_blocks_and_scales() {
     // The released checkpoints' layout: experts as u8 `*_blocks` + `*_scales`, joined at
     // load into ggml's MXFP4 blocks (never dequantized to f16). The fixture's weights are
@@ -430,7 +490,7 @@ fn hybrid_fixtures_on_cuda() {
     // The recurrent ops' CUDA kernels (ssm.cu: conv_step, ssm_scan as the one-step
     // recurrence for every row, rms_norm_gated): compiled by NVRTC in CI, not yet run on a
     // GPU when written.
-    check_on_cuda(&["lfm2", "mamba2", "nemotron_h", "granite4", "qwen3_next"]);
+    check_on_cuda(&["lfm2", "mamba2", "nemotron_h", "granite4", "qwen3_next", "qwen3_5", "qwen3_5_moe"]);
 }
 
 const FIXTURES: [&str; 12] = [

@@ -35,6 +35,7 @@ pub mod olmo2;
 pub mod olmoe;
 pub mod phi3;
 pub mod qwen3;
+pub mod qwen3_5;
 pub mod qwen3_moe;
 pub mod qwen3_next;
 pub mod recurrent;
@@ -291,6 +292,8 @@ pub static FAMILIES: &[Family] = &[
     nemotron_h::FAMILY,
     granite4::FAMILY,
     qwen3_next::FAMILY,
+    qwen3_5::FAMILY,
+    qwen3_5::FAMILY_MOE,
 ];
 
 /// Finds the family for a config: architecture first, then model_type.

@@ -409,6 +409,26 @@ pub fn hf_name(name: &str, model_type: &str) -> Option<String> {
             };
             Some(format!("blk.{idx}.{t}"))
         }
+        // Qwen3.5's separate DeltaNet projections (llama.cpp's names).
+        "qwen3_5_text" | "qwen3_5_moe_text" => {
+            let (idx, tail) = name.strip_prefix("model.layers.")?.split_once('.')?;
+            idx.parse::<usize>().ok()?;
+            let t = match tail {
+                "linear_attn.in_proj_qkv.weight" => "attn_qkv.weight",
+                "linear_attn.in_proj_z.weight" => "attn_gate.weight",
+                "linear_attn.in_proj_b.weight" => "ssm_beta.weight",
+                "linear_attn.in_proj_a.weight" => "ssm_alpha.weight",
+                "linear_attn.conv1d.weight" => "ssm_conv1d.weight",
+                "linear_attn.conv1d.bias" => "ssm_conv1d.bias",
+                "linear_attn.dt_bias" => "ssm_dt.bias",
+                "linear_attn.A_log" => "ssm_a_log",
+                "linear_attn.norm.weight" => "ssm_norm.weight",
+                "linear_attn.out_proj.weight" => "ssm_out.weight",
+                // Everything else is named as Qwen3's.
+                _ => return None,
+            };
+            Some(format!("blk.{idx}.{t}"))
+        }
         "qwen3_next" => {
             let (idx, tail) = name.strip_prefix("model.layers.")?.split_once('.')?;
             idx.parse::<usize>().ok()?;
@@ -567,6 +587,37 @@ impl<B: Backend> RecLayer<B> {
                 let s = &g.shape;
                 let (kh, vh, dk, dv) = (s.k_heads, s.v_heads, s.k_dim, s.v_dim);
                 let r = vh / kh;
+                ensure!(
+                    !w.has(&p("ssm_conv1d.bias")),
+                    "{}: DeltaNet conv biases are not supported",
+                    p("ssm_conv1d")
+                );
+                let al = w.f32_vec(&p("ssm_a_log"), vh)?;
+                let norm = w.f32_vec(&p("ssm_norm.weight"), dv)?;
+                let tiled: Vec<f32> = (0..vh).flat_map(|_| norm.iter().copied()).collect();
+                let common = |qkv, z, wb, wa| -> Result<Self> {
+                    Ok(RecLayer::GatedDeltaNet {
+                        qkv,
+                        z,
+                        b: wb,
+                        a: wa,
+                        conv_w: b.upload(&conv_weight(w, &p("ssm_conv1d.weight"), s.row_width(), g.conv_kernel)?),
+                        a_neg: b.upload(&al.iter().map(|&x| -x.exp()).collect::<Vec<f32>>()),
+                        dt_bias: vec(&p("ssm_dt.bias"), vh)?,
+                        norm: b.upload(&tiled),
+                        out: mat(&p("ssm_out.weight"), hidden, vh * dv)?,
+                    })
+                };
+                if !w.has(&p("ssm_in_qkvz.weight")) {
+                    // Qwen3.5: separate projections, already in the order the mixer reads
+                    // ([q | k | v] of all heads, value head h reading key head h / r).
+                    return common(
+                        mat(&p("attn_qkv.weight"), s.row_width(), hidden)?,
+                        mat(&p("attn_gate.weight"), vh * dv, hidden)?,
+                        mat(&p("ssm_beta.weight"), vh, hidden)?,
+                        mat(&p("ssm_alpha.weight"), vh, hidden)?,
+                    );
+                }
                 // in_proj_qkvz rows per key head: [q dk | k dk | v r*dv | z r*dv].
                 let per = 2 * dk + 2 * r * dv;
                 let name = p("ssm_in_qkvz.weight");
@@ -578,25 +629,12 @@ impl<B: Backend> RecLayer<B> {
                 let ba = p("ssm_in_ba.weight");
                 let b_ranges: Vec<(usize, usize)> = (0..kh).map(|g| (g * 2 * r, r)).collect();
                 let a_ranges: Vec<(usize, usize)> = (0..kh).map(|g| (g * 2 * r + r, r)).collect();
-                ensure!(
-                    !w.has(&p("ssm_conv1d.bias")),
-                    "{}: DeltaNet conv biases are not supported",
-                    p("ssm_conv1d")
-                );
-                let al = w.f32_vec(&p("ssm_a_log"), vh)?;
-                let norm = w.f32_vec(&p("ssm_norm.weight"), dv)?;
-                let tiled: Vec<f32> = (0..vh).flat_map(|_| norm.iter().copied()).collect();
-                Ok(RecLayer::GatedDeltaNet {
-                    qkv: gather_rows(b, w, &name, kh * per, hidden, &qkv_ranges)?,
-                    z: gather_rows(b, w, &name, kh * per, hidden, &z_ranges)?,
-                    b: gather_rows(b, w, &ba, 2 * vh, hidden, &b_ranges)?,
-                    a: gather_rows(b, w, &ba, 2 * vh, hidden, &a_ranges)?,
-                    conv_w: b.upload(&conv_weight(w, &p("ssm_conv1d.weight"), s.row_width(), g.conv_kernel)?),
-                    a_neg: b.upload(&al.iter().map(|&x| -x.exp()).collect::<Vec<f32>>()),
-                    dt_bias: vec(&p("ssm_dt.bias"), vh)?,
-                    norm: b.upload(&tiled),
-                    out: mat(&p("ssm_out.weight"), hidden, vh * dv)?,
-                })
+                common(
+                    gather_rows(b, w, &name, kh * per, hidden, &qkv_ranges)?,
+                    gather_rows(b, w, &name, kh * per, hidden, &z_ranges)?,
+                    gather_rows(b, w, &ba, 2 * vh, hidden, &b_ranges)?,
+                    gather_rows(b, w, &ba, 2 * vh, hidden, &a_ranges)?,
+                )
             }
             MixerSpec::Mamba2(m) => {
                 let (di, cd, heads) = (m.d_inner(), m.conv_dim(), m.scan.heads);
