@@ -530,6 +530,11 @@ pub fn hf_to_gguf_name_for(name: &str, model_type: &str) -> String {
                     ("mlp.shared_experts.gate_proj.", "ffn_gate_shexp."),
                     ("mlp.shared_experts.up_proj.", "ffn_up_shexp."),
                     ("mlp.shared_experts.down_proj.", "ffn_down_shexp."),
+                    // Qwen2-MoE / Qwen3-Next / Qwen3.5-MoE: one shared expert and its gate.
+                    ("mlp.shared_expert.gate_proj.", "ffn_gate_shexp."),
+                    ("mlp.shared_expert.up_proj.", "ffn_up_shexp."),
+                    ("mlp.shared_expert.down_proj.", "ffn_down_shexp."),
+                    ("mlp.shared_expert_gate.", "ffn_gate_inp_shexp."),
                     ("mlp.gate.", "ffn_gate_inp."),
                     ("block_sparse_moe.gate.", "ffn_gate_inp."),
                     ("mlp.up_proj.", "ffn_up."),

@@ -13,7 +13,16 @@
 //! y       = down[e] · g                       [n·k, h]         moe_matmuls (each slot's own row)
 //! out[t]  = Σ_j w[t, j] · y[t·k + j]          [n, h]           moe_combine
 //! out    += shared(x)                         [n, h]           (DeepSeek's shared experts)
+//!           · σ(x · shared_gateᵀ)              [n, 1]           (Qwen2/3-MoE-style gated shared
+//!                                                                expert, when the layer has one)
 //! ```
+//!
+//! The shared expert's sigmoid gate (Qwen3-Next, Qwen3.5-MoE, Qwen2-MoE: `shared_expert_gate`,
+//! a `[1, hidden]` linear; llama.cpp's `ffn_gate_inp_shexp`) is taken from the layer's
+//! tensors: a layer that has `blk.N.ffn_gate_inp_shexp.weight` multiplies its shared
+//! expert's output per token by `σ(x · w)` before adding it; one without adds it as is
+//! (DeepSeek). A family whose checkpoints always gate checks for the tensor with
+//! [`require_shared_gate`].
 //!
 //! Expert weights are read in any of the layouts checkpoints use, under GGUF-style names
 //! (see `weights::hf_to_gguf_name_for`): llama.cpp's stacked 3-D tensors
@@ -111,7 +120,12 @@ impl MoeSpec {
             .checked_add(k.checked_mul(self.ffn)?.checked_mul(2)?)?
             .checked_add(k.checked_mul(hidden)?)?
             .checked_add(self.shared_ffn.checked_mul(2)?)?
-            .checked_add(if self.shared_ffn > 0 { hidden } else { 0 })
+            // The shared output, its gated copy, and the gate's logit, weight and one.
+            .checked_add(if self.shared_ffn > 0 {
+                hidden.checked_mul(2)?.checked_add(3)?
+            } else {
+                0
+            })
     }
 }
 
@@ -128,8 +142,11 @@ pub struct MoeLayer<B: Backend> {
     biases: Option<[B::Buf; 3]>,
     /// The bias added to the scores for choosing (DeepSeek-V3), `[n_experts]`.
     choice_bias: Option<B::Buf>,
-    /// The shared experts' gate, up and down (DeepSeek).
+    /// The shared experts' gate, up and down (DeepSeek, Qwen3-Next).
     shared: Option<[B::Mat; 3]>,
+    /// The shared expert's sigmoid gate `[1, hidden]` (`ffn_gate_inp_shexp`, Qwen's
+    /// `shared_expert_gate`): the shared output is multiplied per token by `σ(x · w)`.
+    shared_gate: Option<B::Mat>,
     /// Multiplies each chosen expert's routing weight (Gemma 4's `per_expert_scale`,
     /// `ffn_down_exps.scale`), `[n_experts]`.
     expert_scale: Option<B::Buf>,
@@ -147,6 +164,12 @@ pub struct MoeScratch<B: Backend> {
     sh_gate: B::Buf,
     sh_up: B::Buf,
     sh_y: B::Buf,
+    /// The shared expert's gate: its logit and weight per row, a row of ones to start
+    /// the weight from, and the gated output (empty without shared experts).
+    sh_logit: B::Buf,
+    sh_w: B::Buf,
+    ones: B::Buf,
+    sh_out: B::Buf,
 }
 
 impl<B: Backend> MoeScratch<B> {
@@ -163,6 +186,10 @@ impl<B: Backend> MoeScratch<B> {
             sh_gate: b.alloc(rows * sh),
             sh_up: b.alloc(rows * sh),
             sh_y: b.alloc(if sh > 0 { rows * hidden } else { 0 }),
+            sh_logit: b.alloc(if sh > 0 { rows } else { 0 }),
+            sh_w: b.alloc(if sh > 0 { rows } else { 0 }),
+            ones: b.upload(&vec![1.0; if sh > 0 { rows } else { 0 }]),
+            sh_out: b.alloc(if sh > 0 { rows * hidden } else { 0 }),
         }
     }
 }
@@ -219,6 +246,17 @@ impl<B: Backend> MoeLayer<B> {
                 ])
             }
         };
+        let shared_gate = match (&shared, w.has(&p("ffn_gate_inp_shexp.weight"))) {
+            (Some(_), true) => {
+                let e = w.matrix(&p("ffn_gate_inp_shexp.weight"), 1, h)?;
+                Some(b.matrix(e.ty, 1, h, e.bytes.clone()))
+            }
+            (None, true) => bail!(
+                "{}: layer {i} has a shared expert gate (ffn_gate_inp_shexp) but no shared expert",
+                w.source
+            ),
+            (_, false) => None,
+        };
         if let Some((gate, up, down)) = Self::load_oai(w, b, i, spec, h)? {
             let biases = Self::load_biases(w, b, i, spec, h)?;
             return Ok(MoeLayer {
@@ -230,6 +268,7 @@ impl<B: Backend> MoeLayer<B> {
                 biases,
                 choice_bias,
                 shared,
+                shared_gate,
                 expert_scale,
             });
         }
@@ -285,6 +324,7 @@ impl<B: Backend> MoeLayer<B> {
             biases,
             choice_bias,
             shared,
+            shared_gate,
             expert_scale,
         })
     }
@@ -432,7 +472,17 @@ impl<B: Backend> MoeLayer<B> {
             b.matmuls(&[g, u], x, n, &mut [&mut s.sh_gate, &mut s.sh_up]);
             b.silu_mul(&mut s.sh_gate, &s.sh_up, n * spec.shared_ffn);
             b.matmul(d, &s.sh_gate, n, &mut s.sh_y);
-            b.add(out, &s.sh_y, n * h);
+            match &self.shared_gate {
+                None => b.add(out, &s.sh_y, n * h),
+                Some(sg) => {
+                    // w = σ(x · sg) per row (a one times its sigmoid), then sh_y · w.
+                    b.matmul(sg, x, n, &mut s.sh_logit);
+                    b.copy(&s.ones, 0, &mut s.sh_w, 0, n);
+                    b.sigmoid_mul(&mut s.sh_w, &s.sh_logit, n);
+                    b.moe_combine(&s.sh_y, &s.sh_w, n, 1, h, &mut s.sh_out);
+                    b.add(out, &s.sh_out, n * h);
+                }
+            }
         }
     }
 }
@@ -523,6 +573,26 @@ pub fn required_count(cfg: &ModelConfig, hf_keys: &[&str], gguf_key: &str) -> Re
         hf_keys.join("\" or \"")
     };
     bail!("{}: a mixture-of-experts model needs \"{key}\"", cfg.source)
+}
+
+/// Checks that every sparse layer of `spec` has a shared expert gate
+/// (`blk.N.ffn_gate_inp_shexp.weight`), for families whose shared expert is always gated
+/// (Qwen3-Next, Qwen3.5-MoE): without the check a checkpoint missing it would load and
+/// add the shared expert ungated.
+pub fn require_shared_gate(w: &Weights, spec: &MoeSpec) -> Result<()> {
+    ensure!(
+        spec.shared_ffn > 0,
+        "{}: the model's shared expert has intermediate size 0",
+        w.source
+    );
+    for (i, _) in spec.sparse.iter().enumerate().filter(|(_, s)| **s) {
+        ensure!(
+            w.has(&format!("blk.{i}.ffn_gate_inp_shexp.weight")),
+            "{}: layer {i} has no shared expert gate (shared_expert_gate / ffn_gate_inp_shexp)",
+            w.source
+        );
+    }
+    Ok(())
 }
 
 /// Which layers are sparse in a GGUF file: those with a router (llama.cpp writes no
