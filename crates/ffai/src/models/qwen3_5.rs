@@ -168,6 +168,7 @@ fn load_moe(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Lang
         act: MoeAct::SwiGlu,
     }
     .checked(cfg)?;
+    moe::require_shared_gate(w, &moe)?;
     let spec = DecoderSpec {
         moe: Some(moe),
         ..spec(cfg)?
