@@ -1351,6 +1351,58 @@ HYBRID["qwen3_5_moe"] = (
      "gate_up_proj [8, 2*16, 64] / down_proj [8, 64, 16]; plus shared_expert (SwiGLU, 24) times "
      "sigmoid(shared_expert_gate(x)) (a [1, 64] Linear)"] + QWEN3_5_NOTES,
 )
+HYBRID["falcon_h1"] = (
+    "FalconH1Config",
+    dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        mamba_d_ssm=96,
+        mamba_n_heads=6,
+        mamba_d_head=16,
+        mamba_n_groups=2,
+        mamba_d_state=16,
+        mamba_d_conv=4,
+        mamba_chunk_size=32,
+        mamba_conv_bias=True,
+        mamba_proj_bias=False,
+        mamba_rms_norm=True,
+        mamba_norm_before_gate=True,
+        embedding_multiplier=1.7,
+        lm_head_multiplier=0.6,
+        attention_in_multiplier=0.8,
+        attention_out_multiplier=1.3,
+        key_multiplier=0.7,
+        ssm_in_multiplier=1.2,
+        ssm_out_multiplier=0.9,
+        ssm_multipliers=[0.5, 1.5, 0.8, 1.25, 0.6],
+        mlp_multipliers=[0.75, 1.4],
+        rms_norm_eps=1e-5,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    ),
+    [
+        "FalconH1ForCausalLM: per layer h_n = input_layernorm(h); h = h + ssm_out * mamba(ssm_in * h_n) + "
+        "attn_out * attn(attn_in * h_n) (both mixers on the same normed input, every layer); h = h + "
+        "mlp(pre_ff_layernorm(h)); final_layernorm; logits = lm_head(h) * lm_head_multiplier",
+        "every multiplier non-trivial: embedding 1.7, lm_head 0.6, attention_in 0.8, attention_out 1.3, key 0.7 "
+        "(k after k_proj, before RoPE), ssm_in 1.2, ssm_out 0.9, ssm_multipliers [0.5, 1.5, 0.8, 1.25, 0.6] on "
+        "in_proj's [z | x | B | C | dt] (the mup_vector), mlp_multipliers [0.75 (gate_proj output), 1.4 "
+        "(down_proj output)]",
+        "mamba: mamba_d_ssm 96 = 6 heads x 16, 2 groups, state 16, kernel 4, chunk 32 (the 80-token prefill runs "
+        "3 chunks); mamba_rms_norm True with norm_before_gate True: y = w * rmsnorm(y) * silu(z), the norm PER "
+        "GROUP of 96 / 2 = 48",
+        "attention: GQA 4/2, head_dim 16, RoPE theta 1e4, no biases; MLP: down(up(x) * silu(gate(x) * 0.75)) * 1.4",
+    ],
+)
 # Hybrid fixtures with experts: seeds FAMILY_SEED + 100 * i until every routing margin is at
 # least MOE_MIN_MARGIN (as build() does for the other MoE fixtures).
 HYBRID_MOE = ("qwen3_5_moe", "jamba")

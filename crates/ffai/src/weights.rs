@@ -80,6 +80,36 @@ impl Weights {
         Ok(out)
     }
 
+    /// A copy of these weights (entries share their bytes) with each named tensor replaced
+    /// by the f32 values given, in the shape it had: a family that folds constant
+    /// multipliers into its weights at load (Falcon-H1's µP multipliers).
+    pub(crate) fn with_f32(&self, replace: Vec<(String, Vec<f32>)>) -> Result<Weights> {
+        let mut map = self.map.clone();
+        for (name, v) in replace {
+            let shape = self.get(&name)?.shape.clone();
+            ensure!(
+                shape.iter().product::<usize>() == v.len(),
+                "{}: {} values to replace tensor \"{name}\" of shape {shape:?}",
+                self.source,
+                v.len()
+            );
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            map.insert(
+                name,
+                WeightEntry {
+                    ty: WeightType::F32,
+                    shape,
+                    bytes: HostBytes::from_vec(bytes),
+                },
+            );
+        }
+        Ok(Weights {
+            map,
+            model_type: self.model_type.clone(),
+            source: self.source.clone(),
+        })
+    }
+
     /// Checks a matrix's shape: `[rows, cols]`.
     pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<&WeightEntry> {
         let w = self.get(name)?;

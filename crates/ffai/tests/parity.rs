@@ -282,6 +282,11 @@ fn qwen3_5_moe_experts_and_sigmoid_gated_shared_expert() {
     check("qwen3_5_moe", 1e-3);
 }
 
+#[test]
+fn falcon_h1_parallel_attention_and_mamba_mup_multipliers() {
+    check("falcon_h1", 1e-3);
+}
+
 /// Qwen3.5's multimodal checkpoints (`Qwen3_5ForConditionalGeneration`, model_type
 /// `qwen3_5`) nest the text config under `text_config` and the text model under
 /// `model.language_model.` beside the vision tower: the same weights give the same logits.
@@ -490,7 +495,7 @@ fn hybrid_fixtures_on_cuda() {
     // The recurrent ops' CUDA kernels (ssm.cu: conv_step, ssm_scan as the one-step
     // recurrence for every row, rms_norm_gated): compiled by NVRTC in CI, not yet run on a
     // GPU when written.
-    check_on_cuda(&["lfm2", "mamba2", "nemotron_h", "granite4", "qwen3_next", "qwen3_5", "qwen3_5_moe"]);
+    check_on_cuda(&["lfm2", "mamba2", "nemotron_h", "granite4", "qwen3_next", "qwen3_5", "qwen3_5_moe", "falcon_h1"]);
 }
 
 const FIXTURES: [&str; 12] = [

@@ -19,6 +19,7 @@ use ffai_kernels::backend::StepLayout;
 
 pub mod decoder;
 pub mod deepseek;
+pub mod falcon_h1;
 pub mod gemma;
 pub mod gemma4;
 pub mod gpt_oss;
@@ -294,6 +295,7 @@ pub static FAMILIES: &[Family] = &[
     qwen3_next::FAMILY,
     qwen3_5::FAMILY,
     qwen3_5::FAMILY_MOE,
+    falcon_h1::FAMILY,
 ];
 
 /// Finds the family for a config: architecture first, then model_type.

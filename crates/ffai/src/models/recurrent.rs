@@ -50,6 +50,20 @@ pub struct Mamba2Spec {
     /// transformers; `heads * head_dim / n_groups` in mamba_ssm and llama.cpp).
     pub norm_group: usize,
     pub norm_eps: f32,
+    /// How the scan's output meets the gate `z`.
+    pub gate: Mamba2Gate,
+}
+
+/// How a Mamba 2 mixer combines the scan's output `y` with its gate `z`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mamba2Gate {
+    /// `w · rmsnorm(y · silu(z))` (Mamba 2, NemotronH, Granite 4).
+    GateThenNorm,
+    /// `w · rmsnorm(y) · silu(z)` (Falcon-H1 with `mamba_rms_norm` and
+    /// `mamba_norm_before_gate`).
+    NormThenGate,
+    /// `y · silu(z)`, no norm (Falcon-H1 without `mamba_rms_norm`).
+    GateOnly,
 }
 
 impl Mamba2Spec {
@@ -409,6 +423,35 @@ pub fn hf_name(name: &str, model_type: &str) -> Option<String> {
             };
             Some(format!("blk.{idx}.{t}"))
         }
+        // Falcon-H1: a Mamba 2 mixer (`mamba.*`) beside the attention in every layer, the
+        // MLP as `feed_forward`, the MLP's norm `pre_ff_layernorm`, the final norm
+        // `final_layernorm`.
+        "falcon_h1" => {
+            if name == "model.final_layernorm.weight" {
+                return Some("output_norm.weight".into());
+            }
+            let (idx, tail) = name.strip_prefix("model.layers.")?.split_once('.')?;
+            idx.parse::<usize>().ok()?;
+            let t = match tail {
+                "mamba.in_proj.weight" => "ssm_in.weight",
+                "mamba.in_proj.bias" => "ssm_in.bias",
+                "mamba.conv1d.weight" => "ssm_conv1d.weight",
+                "mamba.conv1d.bias" => "ssm_conv1d.bias",
+                "mamba.dt_bias" => "ssm_dt.bias",
+                "mamba.A_log" => "ssm_a_log",
+                "mamba.D" => "ssm_d",
+                "mamba.norm.weight" => "ssm_norm.weight",
+                "mamba.out_proj.weight" => "ssm_out.weight",
+                "mamba.out_proj.bias" => "ssm_out.bias",
+                "pre_ff_layernorm.weight" => "ffn_norm.weight",
+                "feed_forward.gate_proj.weight" => "ffn_gate.weight",
+                "feed_forward.up_proj.weight" => "ffn_up.weight",
+                "feed_forward.down_proj.weight" => "ffn_down.weight",
+                // Attention and the input norm are named as Llama's.
+                _ => return None,
+            };
+            Some(format!("blk.{idx}.{t}"))
+        }
         // Qwen3.5's separate DeltaNet projections (llama.cpp's names).
         "qwen3_5_text" | "qwen3_5_moe_text" => {
             let (idx, tail) = name.strip_prefix("model.layers.")?.split_once('.')?;
@@ -499,7 +542,8 @@ pub enum RecLayer<B: Backend> {
         a: B::Buf,
         d: B::Buf,
         dt_bias: B::Buf,
-        norm: B::Buf,
+        /// The gated norm's weight (none with `Mamba2Gate::GateOnly`).
+        norm: Option<B::Buf>,
         out: B::Mat,
     },
     GatedDeltaNet {
@@ -661,7 +705,10 @@ impl<B: Backend> RecLayer<B> {
                     a: b.upload(&a),
                     d: vec(&p("ssm_d"), heads)?,
                     dt_bias: vec(&p("ssm_dt.bias"), heads)?,
-                    norm: vec(&p("ssm_norm.weight"), di)?,
+                    norm: match m.gate {
+                        Mamba2Gate::GateOnly => None,
+                        _ => Some(vec(&p("ssm_norm.weight"), di)?),
+                    },
                     out: mat(&p("ssm_out.weight"), hidden, di)?,
                 })
             }
@@ -765,9 +812,19 @@ impl<B: Backend> RecLayer<B> {
                     s3,
                 );
                 b.ssm_scan_step(s3, s5, a, d, dt_bias, n, &m.scan, &mut state.ssm, step, s4);
-                b.rms_norm_gated(s4, s1, norm, m.norm_eps, n, m.norm_group, false);
-                tap.linear_input(b, s4, n, di, "attn_out", Some(layer));
-                b.matmul(w_out, s4, n, out);
+                let y = match (m.gate, norm) {
+                    (Mamba2Gate::GateOnly, _) | (_, None) => {
+                        b.silu_mul(s1, s4, n * di);
+                        &*s1
+                    }
+                    (gate, Some(norm)) => {
+                        let first = gate == Mamba2Gate::NormThenGate;
+                        b.rms_norm_gated(s4, s1, norm, m.norm_eps, n, m.norm_group, first);
+                        &*s4
+                    }
+                };
+                tap.linear_input(b, y, n, di, "attn_out", Some(layer));
+                b.matmul(w_out, y, n, out);
             }
             (
                 RecLayer::GatedDeltaNet {
