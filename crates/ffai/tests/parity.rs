@@ -495,7 +495,16 @@ fn hybrid_fixtures_on_cuda() {
     // The recurrent ops' CUDA kernels (ssm.cu: conv_step, ssm_scan as the one-step
     // recurrence for every row, rms_norm_gated): compiled by NVRTC in CI, not yet run on a
     // GPU when written.
-    check_on_cuda(&["lfm2", "mamba2", "nemotron_h", "granite4", "qwen3_next", "qwen3_5", "qwen3_5_moe", "falcon_h1"]);
+    check_on_cuda(&[
+        "lfm2",
+        "mamba2",
+        "nemotron_h",
+        "granite4",
+        "qwen3_next",
+        "qwen3_5",
+        "qwen3_5_moe",
+        "falcon_h1",
+    ]);
 }
 
 const FIXTURES: [&str; 12] = [

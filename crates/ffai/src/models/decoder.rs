@@ -1164,7 +1164,11 @@ impl<B: Backend> LanguageModel for Decoder<B> {
                 .map(|ms| MoeScratch::new(b, ms, c.hidden_size, rows)),
             mla: self.spec.mla.as_ref().map(|ms| MlaScratch::new(b, ms, rows)),
             attn_gate: b.alloc(if self.spec.attn_gate { rows * qd } else { 0 }),
-            par: b.alloc(if self.spec.parallel_mixers { rows * c.hidden_size } else { 0 }),
+            par: b.alloc(if self.spec.parallel_mixers {
+                rows * c.hidden_size
+            } else {
+                0
+            }),
             rec: self
                 .spec
                 .recurrent

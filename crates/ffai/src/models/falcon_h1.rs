@@ -79,7 +79,13 @@ fn multipliers(cfg: &ModelConfig, key: &str, n: usize) -> Result<Vec<f32>> {
 }
 
 /// `name`'s rows scaled by `row_scale(r)`, as f32 values; None when every factor is 1.
-fn scaled(w: &Weights, name: &str, rows: usize, cols: usize, row_scale: &dyn Fn(usize) -> f32) -> Result<Option<Vec<f32>>> {
+fn scaled(
+    w: &Weights,
+    name: &str,
+    rows: usize,
+    cols: usize,
+    row_scale: &dyn Fn(usize) -> f32,
+) -> Result<Option<Vec<f32>>> {
     if (0..rows).all(|r| row_scale(r) == 1.0) {
         return Ok(None);
     }
@@ -115,14 +121,23 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
             cfg.source
         );
     } else {
-        let expand = recurrent::sized(cfg, "mamba_expand", cfg.extra_usize("mamba_expand", "")?, Some(2), MAX_DIM)?;
+        let expand = recurrent::sized(
+            cfg,
+            "mamba_expand",
+            cfg.extra_usize("mamba_expand", "")?,
+            Some(2),
+            MAX_DIM,
+        )?;
         ensure!(
             cfg.hidden_size.checked_mul(expand) == Some(di),
             "{}: mamba_expand * hidden_size is not mamba_n_heads * mamba_d_head = {di}",
             cfg.source
         );
     }
-    m.gate = match (flag("mamba_rms_norm")?, cfg.extra_bool("mamba_norm_before_gate", "")?.unwrap_or(true)) {
+    m.gate = match (
+        flag("mamba_rms_norm")?,
+        cfg.extra_bool("mamba_norm_before_gate", "")?.unwrap_or(true),
+    ) {
         (false, _) => Mamba2Gate::GateOnly,
         (true, true) => Mamba2Gate::NormThenGate,
         (true, false) => Mamba2Gate::GateThenNorm,
@@ -165,7 +180,12 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
     for i in 0..cfg.num_layers {
         let p = |s: &str| format!("blk.{i}.{s}");
         let jobs: [(String, usize, usize, Box<dyn Fn(usize) -> f32>); 7] = [
-            (p("ssm_in.weight"), in_rows, h, Box::new(|r| ssm_in * ssm_mult[section(r)])),
+            (
+                p("ssm_in.weight"),
+                in_rows,
+                h,
+                Box::new(|r| ssm_in * ssm_mult[section(r)]),
+            ),
             (p("ssm_out.weight"), h, di, Box::new(|_| ssm_out)),
             (p("attn_q.weight"), qd, h, Box::new(|_| attn_in)),
             (p("attn_k.weight"), kvd, h, Box::new(|_| attn_in * key_mult)),
