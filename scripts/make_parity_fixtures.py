@@ -919,16 +919,21 @@ def deepseek_routing_stats(model, ids):
     return stats
 
 
+def jamba_routers(model):
+    """(router Linear, top_k) of each Jamba layer with a MoE block."""
+    return [(m.router, m.top_k) for m in model.modules() if type(m).__name__ == "JambaSparseMoeBlock"]
+
+
 def gemma4_routers(model):
     """(router.proj Linear, top_k) of each Gemma 4 layer with a MoE block: proj's output is the logits."""
     return [(m.proj, m.config.top_k_experts) for m in model.modules() if type(m).__name__ == "Gemma4TextRouter"]
 
 
 def routing_stats(model, ids):
-    if gemma4_routers(model):
+    if gemma4_routers(model) or jamba_routers(model):
         logs = []
         hooks = [lin.register_forward_hook(lambda m, i, o, k=k: logs.append((k, o.detach().float().reshape(-1, o.shape[-1]))))
-                 for lin, k in gemma4_routers(model)]
+                 for lin, k in gemma4_routers(model) + jamba_routers(model)]
         forward_logits(model, ids)
         for h in hooks:
             h.remove()
@@ -970,7 +975,7 @@ def balance_routers_(model, ids):
     share a large common direction (attention averages values), and W.mean dominates the logits.
     Layer by layer, project each router's rows off the mean direction of the inputs it sees, so
     its logits follow what differs between tokens and every expert gets some."""
-    routers = [m for m in model.modules() if is_router(m)] + [lin for lin, _ in gemma4_routers(model)]
+    routers = [m for m in model.modules() if is_router(m)] + [lin for lin, _ in gemma4_routers(model) + jamba_routers(model)]
     for r in routers:
         seen = []
         h = r.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().reshape(-1, i[0].shape[-1])))
@@ -1401,6 +1406,48 @@ HYBRID["falcon_h1"] = (
         "3 chunks); mamba_rms_norm True with norm_before_gate True: y = w * rmsnorm(y) * silu(z), the norm PER "
         "GROUP of 96 / 2 = 48",
         "attention: GQA 4/2, head_dim 16, RoPE theta 1e4, no biases; MLP: down(up(x) * silu(gate(x) * 0.75)) * 1.4",
+    ],
+)
+HYBRID["jamba"] = (
+    "JambaConfig",
+    dict(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        expert_layer_period=2,
+        expert_layer_offset=0,
+        num_experts=4,
+        num_experts_per_tok=2,
+        mamba_d_state=8,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        mamba_dt_rank=4,
+        mamba_conv_bias=True,
+        mamba_proj_bias=False,
+        use_mamba_kernels=False,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    ),
+    [
+        "JambaForCausalLM: layer i attends when i % attn_layer_period (2) == attn_layer_offset (1), else the "
+        "Mamba 1 mixer: [mamba, attention, mamba, attention]; each block h + mixer(input_layernorm(h)), then h + "
+        "ffn(pre_ff_layernorm(h)); the ffn is the MoE block on layers i % expert_layer_period (2) == "
+        "expert_layer_offset (0) (layers 0 and 2: softmax over 4 experts, top-2, NOT renormalised, experts of "
+        "intermediate_size 48) and a SwiGLU MLP (48) on the others; final_layernorm; untied lm_head",
+        "attention: GQA 4/2, head_dim 8, NO positional embeddings",
+        "Mamba 1 mixer: d_inner 64 (expand 2), state 8, dt_rank 4, conv kernel 4 with bias; in_proj -> x, z "
+        "(chunk 2); x = silu(conv(x)); x_proj -> dt (4), B (8), C (8), each RMS-normed (dt_layernorm, b_layernorm, "
+        "c_layernorm); dt = dt_proj.weight @ dt; softplus(dt + dt_proj.bias); A = -exp(A_log) [64, 8]; per channel "
+        "S = exp(dt A) S + dt B x, y = C.S + D x; y * silu(z); out_proj",
     ],
 )
 # Hybrid fixtures with experts: seeds FAMILY_SEED + 100 * i until every routing margin is at

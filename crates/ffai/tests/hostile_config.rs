@@ -205,6 +205,7 @@ fn every_config_json_number_and_flag_at_hostile_values() {
         "qwen3_5",
         "qwen3_5_moe",
         "falcon_h1",
+        "jamba",
     ] {
         let dir = fixture(family);
         let original: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();

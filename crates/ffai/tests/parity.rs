@@ -287,6 +287,11 @@ fn falcon_h1_parallel_attention_and_mamba_mup_multipliers() {
     check("falcon_h1", 1e-3);
 }
 
+#[test]
+fn jamba_mamba1_attention_without_rope_moe_layers() {
+    check("jamba", 1e-3);
+}
+
 /// Qwen3.5's multimodal checkpoints (`Qwen3_5ForConditionalGeneration`, model_type
 /// `qwen3_5`) nest the text config under `text_config` and the text model under
 /// `model.language_model.` beside the vision tower: the same weights give the same logits.

@@ -78,14 +78,11 @@ fn multipliers(cfg: &ModelConfig, key: &str, n: usize) -> Result<Vec<f32>> {
         .collect()
 }
 
+/// A projection's factor per output row.
+type RowScale<'a> = dyn Fn(usize) -> f32 + 'a;
+
 /// `name`'s rows scaled by `row_scale(r)`, as f32 values; None when every factor is 1.
-fn scaled(
-    w: &Weights,
-    name: &str,
-    rows: usize,
-    cols: usize,
-    row_scale: &dyn Fn(usize) -> f32,
-) -> Result<Option<Vec<f32>>> {
+fn scaled(w: &Weights, name: &str, rows: usize, cols: usize, row_scale: &RowScale<'_>) -> Result<Option<Vec<f32>>> {
     if (0..rows).all(|r| row_scale(r) == 1.0) {
         return Ok(None);
     }
@@ -179,27 +176,21 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
     let mut replace = Vec::new();
     for i in 0..cfg.num_layers {
         let p = |s: &str| format!("blk.{i}.{s}");
-        let jobs: [(String, usize, usize, Box<dyn Fn(usize) -> f32>); 7] = [
-            (
-                p("ssm_in.weight"),
-                in_rows,
-                h,
-                Box::new(|r| ssm_in * ssm_mult[section(r)]),
-            ),
-            (p("ssm_out.weight"), h, di, Box::new(|_| ssm_out)),
-            (p("attn_q.weight"), qd, h, Box::new(|_| attn_in)),
-            (p("attn_k.weight"), kvd, h, Box::new(|_| attn_in * key_mult)),
-            (p("attn_v.weight"), kvd, h, Box::new(|_| attn_in)),
-            (p("attn_output.weight"), h, qd, Box::new(|_| attn_out)),
-            (p("ffn_gate.weight"), ff, h, Box::new(|_| mlp_mult[0])),
+        let ssm_in_row = |r: usize| ssm_in * ssm_mult[section(r)];
+        let jobs: [(String, usize, usize, &RowScale<'_>); 8] = [
+            (p("ssm_in.weight"), in_rows, h, &ssm_in_row),
+            (p("ssm_out.weight"), h, di, &|_| ssm_out),
+            (p("attn_q.weight"), qd, h, &|_| attn_in),
+            (p("attn_k.weight"), kvd, h, &|_| attn_in * key_mult),
+            (p("attn_v.weight"), kvd, h, &|_| attn_in),
+            (p("attn_output.weight"), h, qd, &|_| attn_out),
+            (p("ffn_gate.weight"), ff, h, &|_| mlp_mult[0]),
+            (p("ffn_down.weight"), h, ff, &|_| mlp_mult[1]),
         ];
         for (name, rows, cols, scale) in jobs {
-            if let Some(v) = scaled(w, &name, rows, cols, &*scale)? {
+            if let Some(v) = scaled(w, &name, rows, cols, scale)? {
                 replace.push((name, v));
             }
-        }
-        if let Some(v) = scaled(w, &p("ffn_down.weight"), h, ff, &|_| mlp_mult[1])? {
-            replace.push((p("ffn_down.weight"), v));
         }
     }
     let folded;

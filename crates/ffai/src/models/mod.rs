@@ -25,6 +25,7 @@ pub mod gemma4;
 pub mod gpt_oss;
 pub mod granite;
 pub mod granite4;
+pub mod jamba;
 pub mod lfm2;
 pub mod llama;
 pub mod mamba2;
@@ -296,6 +297,7 @@ pub static FAMILIES: &[Family] = &[
     qwen3_5::FAMILY,
     qwen3_5::FAMILY_MOE,
     falcon_h1::FAMILY,
+    jamba::FAMILY,
 ];
 
 /// Finds the family for a config: architecture first, then model_type.
