@@ -35,8 +35,10 @@ impl Jamba {
     }
 }
 
-/// The Mamba 1 scan runs on the Mamba 2 op's chunked form in pieces of this many rows.
-const SCAN_CHUNK: usize = 256;
+/// The Mamba 1 scan runs on the Mamba 2 op in pieces of one row: its one-step recurrence
+/// on every row (as transformers' sequential scan), so any cut of a sequence into steps
+/// gives the same bits.
+const SCAN_CHUNK: usize = 1;
 
 fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn LanguageModel>> {
     let u =

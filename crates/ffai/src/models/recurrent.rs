@@ -50,7 +50,8 @@ pub struct Mamba1Spec {
     pub state: usize,
     pub dt_rank: usize,
     pub conv_kernel: usize,
-    /// Rows of the chunked scan the Mamba 2 op runs (cut-invariant up to rounding).
+    /// Rows of the chunked scan the Mamba 2 op runs (1: the one-step recurrence on every
+    /// row, exact whatever the cuts; more: cut-invariant up to rounding).
     pub chunk: usize,
     /// The dt/B/C RMSNorms' epsilon.
     pub norm_eps: f32,
@@ -169,6 +170,8 @@ impl RecurrentSpec {
         match &self.mixer {
             MixerSpec::ShortConv { .. } => 0,
             MixerSpec::Mamba2(m) => m.scan.chunk,
+            // In pieces of one row the scan is its recurrence on every row: cut-invariant.
+            MixerSpec::Mamba1(m) if m.chunk == 1 => 0,
             MixerSpec::Mamba1(m) => m.chunk,
             // The delta rule runs its recurrence on every row: cut-invariant.
             MixerSpec::GatedDeltaNet(_) => 0,
