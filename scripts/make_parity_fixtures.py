@@ -1451,8 +1451,39 @@ HYBRID["jamba"] = (
     ],
 )
 # Hybrid fixtures with experts: seeds FAMILY_SEED + 100 * i until every routing margin is at
-# least MOE_MIN_MARGIN (as build() does for the other MoE fixtures).
+# least MOE_MIN_MARGIN (as build() does for the other MoE fixtures) and the weights rounded
+# to f16 route every token to the same experts.
 HYBRID_MOE = ("qwen3_5_moe", "jamba")
+# Hybrid fixtures whose reference.safetensors also holds logits_f16_weights (see hybrid_fixture).
+F16_REFERENCE = ("qwen3_5", "qwen3_5_moe")
+
+
+def topk_choices(model, ids):
+    """Each router's chosen experts per token (sorted), over one forward of ids."""
+    logs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: logs.append((m.top_k, o[0].detach().float())))
+             for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
+    hooks += [lin.register_forward_hook(lambda m, i, o, k=k: logs.append((k, o.detach().float().reshape(-1, o.shape[-1]))))
+              for lin, k in jamba_routers(model)]
+    forward_logits(model, ids)
+    for h in hooks:
+        h.remove()
+    return [torch.topk(l, k, dim=-1).indices.sort(dim=-1).values for k, l in logs]
+
+
+def f16_keeps_routing(model, ids):
+    """Whether the weights rounded to f16 (an f16 conversion) choose the same experts for
+    every token: otherwise the conversion test would measure an expert flip."""
+    before = topk_choices(model, ids)
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    after = topk_choices(model, ids)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(saved[n])
+    return all(torch.equal(a, b) for a, b in zip(before, after))
 
 
 def hybrid_init_(model):
@@ -1513,10 +1544,10 @@ def hybrid_fixture(out_dir, family):
             stats = routing_stats(model, ids)
         except RuntimeError:
             continue
-        if min(s["min_topk_margin"] for s in stats) >= MOE_MIN_MARGIN:
+        if min(s["min_topk_margin"] for s in stats) >= MOE_MIN_MARGIN and f16_keeps_routing(model, ids):
             break
     else:
-        raise RuntimeError(f"{family}: no seed gives routing margins >= {MOE_MIN_MARGIN}")
+        raise RuntimeError(f"{family}: no seed gives routing margins >= {MOE_MIN_MARGIN} and f16-stable routing")
     ref, full_diff = hybrid_reference(model, ids)
     if not torch.isfinite(ref).all():
         raise RuntimeError(f"{family}: non-finite logits")
@@ -1557,6 +1588,21 @@ def hybrid_fixture(out_dir, family):
             cls.forward = plain
         notes.append("reference.safetensors also holds logits_group_norm: the same path with the gated norm "
                      "applied per group of 128 / n_groups (llama.cpp's and mamba_ssm's form), for GGUF files")
+    if family in F16_REFERENCE:
+        # The gated delta rule carries every rounding through each later step's state: with
+        # the weights rounded to f16 transformers' own logits move by up to ~0.1-0.5 here, so
+        # an f16 conversion is compared with this reference instead of the fp32 one.
+        saved_params = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.half().float())
+        extra_ref["logits_f16_weights"], _ = hybrid_reference(model, ids)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(saved_params[n])
+        notes.append("reference.safetensors also holds logits_f16_weights: the same path with every weight rounded "
+                     "to f16 (fp32 compute), max |diff| to logits %.3g: what an f16 conversion is compared with"
+                     % float((extra_ref["logits_f16_weights"] - ref).abs().max()))
     global SEQ_LEN
     saved, SEQ_LEN = SEQ_LEN, len(ids)
     try:

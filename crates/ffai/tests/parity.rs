@@ -509,6 +509,7 @@ fn hybrid_fixtures_on_cuda() {
         "qwen3_5",
         "qwen3_5_moe",
         "falcon_h1",
+        "jamba",
     ]);
 }
 
