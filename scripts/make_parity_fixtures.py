@@ -1361,7 +1361,7 @@ HYBRID["falcon_h1"] = (
     dict(
         vocab_size=256,
         hidden_size=64,
-        intermediate_size=96,
+        intermediate_size=48,
         num_hidden_layers=3,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -1405,7 +1405,7 @@ HYBRID["falcon_h1"] = (
         "mamba: mamba_d_ssm 96 = 6 heads x 16, 2 groups, state 16, kernel 4, chunk 32 (the 80-token prefill runs "
         "3 chunks); mamba_rms_norm True with norm_before_gate True: y = w * rmsnorm(y) * silu(z), the norm PER "
         "GROUP of 96 / 2 = 48",
-        "attention: GQA 4/2, head_dim 16, RoPE theta 1e4, no biases; MLP: down(up(x) * silu(gate(x) * 0.75)) * 1.4",
+        "attention: GQA 4/2, head_dim 16, RoPE theta 1e4, no biases; MLP (48): down(up(x) * silu(gate(x) * 0.75)) * 1.4",
     ],
 )
 HYBRID["jamba"] = (
@@ -1588,6 +1588,22 @@ def hybrid_fixture(out_dir, family):
             cls.forward = plain
         notes.append("reference.safetensors also holds logits_group_norm: the same path with the gated norm "
                      "applied per group of 128 / n_groups (llama.cpp's and mamba_ssm's form), for GGUF files")
+    if family == "falcon_h1":
+        # The mixer's other two gate forms, from the same weights: without mamba_rms_norm
+        # (y * silu(z), the norm unused) and with the norm after the gate.
+        mixers = [layer.mamba for layer in model.model.layers]
+        for m in mixers:
+            m.mamba_rms_norm = False
+        extra_ref["logits_no_mamba_rms_norm"], _ = hybrid_reference(model, ids)
+        for m in mixers:
+            m.mamba_rms_norm = True
+            m.norm.norm_before_gate = False
+        extra_ref["logits_norm_after_gate"], _ = hybrid_reference(model, ids)
+        for m in mixers:
+            m.norm.norm_before_gate = True
+        notes.append("reference.safetensors also holds logits_no_mamba_rms_norm (the same weights with "
+                     "mamba_rms_norm False: y * silu(z), mamba.norm unused) and logits_norm_after_gate "
+                     "(mamba_norm_before_gate False: w * rmsnorm_per_group(y * silu(z)))")
     if family in F16_REFERENCE:
         # The gated delta rule carries every rounding through each later step's state: with
         # the weights rounded to f16 transformers' own logits move by up to ~0.1-0.5 here, so

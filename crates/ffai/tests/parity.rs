@@ -287,6 +287,57 @@ fn falcon_h1_parallel_attention_and_mamba_mup_multipliers() {
     check("falcon_h1", 1e-3);
 }
 
+/// Falcon-H1's other two forms of the Mamba gate, from the same weights: the fixture's
+/// reference also holds transformers' logits with `mamba_rms_norm: false` (`y · silu(z)`)
+/// and with `mamba_norm_before_gate: false`. Prefill, then token by token.
+#[test]
+fn falcon_h1_mamba_gate_without_norm_and_norm_after_gate() {
+    let dir = fixture_dir("falcon_h1");
+    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let r = reference(&dir);
+    for (key, flag, value) in [
+        ("logits_no_mamba_rms_norm", "mamba_rms_norm", false),
+        ("logits_norm_after_gate", "mamba_norm_before_gate", false),
+    ] {
+        let want: Vec<f32> = st
+            .tensor(key)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        json[flag] = value.into();
+        let cfg = ModelConfig::from_hf_json(&json, key).unwrap();
+        let weights = Weights::from_safetensors_dir_for(&dir, &cfg.model_type).unwrap();
+        let m = (family_for(&cfg, false).unwrap().load)(&cfg, &weights, &Device::cpu_with(2, false, true)).unwrap();
+        let n = r.ids.len();
+        let (prefill, decode) = (80, n - 80);
+        let mut st = m.new_state(n, 512).unwrap();
+        let mut got = Vec::new();
+        m.forward(&r.ids[..prefill], &mut st, true, &mut got).unwrap();
+        let mut step = Vec::new();
+        for &id in &r.ids[prefill..] {
+            m.forward(&[id], &mut st, false, &mut step).unwrap();
+            got.extend_from_slice(&step);
+        }
+        assert_eq!(got.len(), (prefill + decode) * r.vocab);
+        let mut worst = 0f32;
+        for t in 0..n {
+            let (a, b) = (
+                &got[t * r.vocab..(t + 1) * r.vocab],
+                &want[t * r.vocab..(t + 1) * r.vocab],
+            );
+            worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(worst, f32::max);
+            assert_eq!(argmax(a), argmax(b), "{key}: argmax differs at position {t}");
+        }
+        println!("falcon_h1 {key}: max abs diff {worst:.2e}");
+        assert!(worst <= 1e-3, "{key}: max abs diff {worst}");
+    }
+}
+
 #[test]
 fn jamba_mamba1_attention_without_rope_moe_layers() {
     check("jamba", 1e-3);
