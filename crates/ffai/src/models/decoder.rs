@@ -781,7 +781,10 @@ impl<B: Backend> Decoder<B> {
                     unreachable!("a model with recurrent layers allocates their scratch and state")
                 };
                 let input = if l.attn_norm.is_some() { &s.xn } else { &s.x };
-                r.forward(b, rs, input, n, h, scratch, state, &s.step, tap, i, &mut s.par);
+                // An idle tap: the mixer's `out_proj` input would land on the layer's
+                // `attn_out` site, which is attention's `o_proj` input here.
+                let mut idle = Tap::default();
+                r.forward(b, rs, input, n, h, scratch, state, &s.step, &mut idle, i, &mut s.par);
                 b.add(&mut s.tmp, &s.par, n * h);
             }
             if !matches!(l.mixer, Mixer::None) {
