@@ -1,9 +1,11 @@
 //! The recurrent token mixers hybrid and state-space families share, in place of attention
-//! in some (or all) layers of the shared decoder: LFM2's gated short convolution and the
-//! Mamba 2 selective state-space mixer. A family fills `DecoderSpec::recurrent` with a
-//! [`RecurrentSpec`] (which layers are recurrent, the mixer's shape, whether blocks have an
-//! MLP); the decoder runs [`RecLayer::forward`] on those layers and keeps each layer's
-//! state in fixed arrays of per-sequence slots ([`RecState`]), next to the paged K/V pools.
+//! in some (or all) layers of the shared decoder: LFM2's gated short convolution, the
+//! Mamba 2 selective state-space mixer, Qwen3-Next's and Qwen3.5's gated DeltaNet, and
+//! Jamba's Mamba 1 mixer (run on the Mamba 2 scan op). A family fills
+//! `DecoderSpec::recurrent` with a [`RecurrentSpec`] (which layers are recurrent, the
+//! mixer's shape, whether blocks have an MLP); the decoder runs [`RecLayer::forward`] on
+//! those layers and keeps each layer's state in fixed arrays of per-sequence slots
+//! ([`RecState`]), next to the paged K/V pools.
 //!
 //! Where a sequence's state lives: slot `StepLayout::state_slots[seq]` of every recurrent
 //! layer's arrays (the engine's `KvPool` hands out slots at admission; a lone sequence uses
