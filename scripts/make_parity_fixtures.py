@@ -632,12 +632,15 @@ def mxfp4_save(model, fdir):
 FAMILY_ORDER = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3", "olmo2", "granite", "starcoder2",
                 "llama_bf16", "qwen3_moe", "mixtral", "olmoe", "gpt_oss", "gpt_oss_mxfp4", "deepseek_v2", "deepseek_v3",
                 "gemma4", "gemma4_dense", "lfm2", "mamba2", "nemotron_h", "granite4", "qwen3_next",
-                "qwen3_next_moe", "lfm2_moe", "nemotron_h_moe", "granite4_moe"]
+                "qwen3_next_moe", "lfm2_moe", "nemotron_h_moe", "granite4_moe", "qwen3_5",
+                "qwen3_5_moe", "falcon_h1", "jamba"]
 FAMILY_SEED = {f: 1000 + i for i, f in enumerate(FAMILY_ORDER)}
 # The hybrid fixtures' seeds, fixed: families added to FAMILY_ORDER before them (in a
 # merge) must not change them, so a rerun reproduces the committed files.
 FAMILY_SEED.update({"lfm2": 1016, "mamba2": 1017, "nemotron_h": 1018, "granite4": 1019, "qwen3_next": 1020})
 FAMILY_SEED.update({"qwen3_next_moe": 1030, "lfm2_moe": 1031, "nemotron_h_moe": 1032, "granite4_moe": 1033})
+# (Seeds are per family: the same number for two families is fine.)
+FAMILY_SEED.update({"qwen3_5": 1030, "qwen3_5_moe": 1031, "falcon_h1": 1032, "jamba": 1033})
 
 
 def reinit_(model, model_type, overrides):
@@ -919,16 +922,21 @@ def deepseek_routing_stats(model, ids):
     return stats
 
 
+def jamba_routers(model):
+    """(router Linear, top_k) of each Jamba layer with a MoE block."""
+    return [(m.router, m.top_k) for m in model.modules() if type(m).__name__ == "JambaSparseMoeBlock"]
+
+
 def gemma4_routers(model):
     """(router.proj Linear, top_k) of each Gemma 4 layer with a MoE block: proj's output is the logits."""
     return [(m.proj, m.config.top_k_experts) for m in model.modules() if type(m).__name__ == "Gemma4TextRouter"]
 
 
 def routing_stats(model, ids):
-    if gemma4_routers(model):
+    if gemma4_routers(model) or jamba_routers(model):
         logs = []
         hooks = [lin.register_forward_hook(lambda m, i, o, k=k: logs.append((k, o.detach().float().reshape(-1, o.shape[-1]))))
-                 for lin, k in gemma4_routers(model)]
+                 for lin, k in gemma4_routers(model) + jamba_routers(model)]
         forward_logits(model, ids)
         for h in hooks:
             h.remove()
@@ -970,7 +978,7 @@ def balance_routers_(model, ids):
     share a large common direction (attention averages values), and W.mean dominates the logits.
     Layer by layer, project each router's rows off the mean direction of the inputs it sees, so
     its logits follow what differs between tokens and every expert gets some."""
-    routers = [m for m in model.modules() if is_router(m)] + [lin for lin, _ in gemma4_routers(model)]
+    routers = [m for m in model.modules() if is_router(m)] + [lin for lin, _ in gemma4_routers(model) + jamba_routers(model)]
     for r in routers:
         seen = []
         h = r.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().reshape(-1, i[0].shape[-1])))
@@ -1300,9 +1308,189 @@ HYBRID = {
     ),
 }
 
+# Qwen3.5's tiny text models: the DeltaNet layout of Qwen3-Next with separate projections.
+QWEN3_5_TEXT = dict(
+    vocab_size=256,
+    hidden_size=64,
+    num_hidden_layers=4,
+    layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"],
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                     "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    linear_conv_kernel_dim=4,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+QWEN3_5_NOTES = [
+    "every Qwen3_5RMSNorm is zero-centred: x_normed * (1 + w) (input, post-attention, q/k norms, final); the "
+    "DeltaNet's gated norm is plain: w * rmsnorm(y) * silu(z), per head over linear_value_head_dim",
+    "attention: q_proj gives per head [q (16) | gate (16)]; out = o_proj(attn * sigmoid(gate)); q/k norms per head "
+    "before RoPE; partial_rotary_factor 0.5 (rotate_half over the first 8 dims); mrope_section [2, 1, 1] "
+    "interleaved: text positions are the same in all three sections, so it is plain RoPE",
+    "gated DeltaNet: SEPARATE in_proj_qkv ([q (2*16) | k (2*16) | v (4*16)] of all heads, not per key head), "
+    "in_proj_z (4*16), in_proj_b (4), in_proj_a (4); conv1d (kernel 4, no bias, silu) over [q | k | v]; q, k "
+    "l2-normalised, q * 16**-0.5; beta = sigmoid(b), g = -exp(A_log) * softplus(a + dt_bias); value head h reads "
+    "key head h // 2 (repeat_interleave); S = exp(g) S; S += k (beta (v - S^T k))^T; y = S^T q",
+    "the 80-token prefill runs transformers' chunked delta rule (chunk 64: 2 chunks), decode its one-step recurrence",
+]
+HYBRID["qwen3_5"] = (
+    "Qwen3_5TextConfig",
+    dict(QWEN3_5_TEXT, intermediate_size=128),
+    ["Qwen3_5ForCausalLM (model_type qwen3_5_text), layer_types [linear, full, linear, linear], a dense SwiGLU "
+     "MLP (intermediate 128) in every block"] + QWEN3_5_NOTES,
+)
+HYBRID["qwen3_5_moe"] = (
+    "Qwen3_5MoeTextConfig",
+    dict(QWEN3_5_TEXT, num_hidden_layers=3, layer_types=["linear_attention", "full_attention", "linear_attention"],
+         num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+         shared_expert_intermediate_size=24),
+    ["Qwen3_5MoeForCausalLM (model_type qwen3_5_moe_text), layer_types [linear, full, linear], every "
+     "block's MLP the sparse MoE block: router softmax over 8 experts, top-2, renormalised; experts as fused "
+     "gate_up_proj [8, 2*16, 64] / down_proj [8, 64, 16]; plus shared_expert (SwiGLU, 24) times "
+     "sigmoid(shared_expert_gate(x)) (a [1, 64] Linear)"] + QWEN3_5_NOTES,
+)
+HYBRID["falcon_h1"] = (
+    "FalconH1Config",
+    dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        mamba_d_ssm=96,
+        mamba_n_heads=6,
+        mamba_d_head=16,
+        mamba_n_groups=2,
+        mamba_d_state=16,
+        mamba_d_conv=4,
+        mamba_chunk_size=32,
+        mamba_conv_bias=True,
+        mamba_proj_bias=False,
+        mamba_rms_norm=True,
+        mamba_norm_before_gate=True,
+        embedding_multiplier=1.7,
+        lm_head_multiplier=0.6,
+        attention_in_multiplier=0.8,
+        attention_out_multiplier=1.3,
+        key_multiplier=0.7,
+        ssm_in_multiplier=1.2,
+        ssm_out_multiplier=0.9,
+        ssm_multipliers=[0.5, 1.5, 0.8, 1.25, 0.6],
+        mlp_multipliers=[0.75, 1.4],
+        rms_norm_eps=1e-5,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    ),
+    [
+        "FalconH1ForCausalLM: per layer h_n = input_layernorm(h); h = h + ssm_out * mamba(ssm_in * h_n) + "
+        "attn_out * attn(attn_in * h_n) (both mixers on the same normed input, every layer); h = h + "
+        "mlp(pre_ff_layernorm(h)); final_layernorm; logits = lm_head(h) * lm_head_multiplier",
+        "every multiplier non-trivial: embedding 1.7, lm_head 0.6, attention_in 0.8, attention_out 1.3, key 0.7 "
+        "(k after k_proj, before RoPE), ssm_in 1.2, ssm_out 0.9, ssm_multipliers [0.5, 1.5, 0.8, 1.25, 0.6] on "
+        "in_proj's [z | x | B | C | dt] (the mup_vector), mlp_multipliers [0.75 (gate_proj output), 1.4 "
+        "(down_proj output)]",
+        "mamba: mamba_d_ssm 96 = 6 heads x 16, 2 groups, state 16, kernel 4, chunk 32 (the 80-token prefill runs "
+        "3 chunks); mamba_rms_norm True with norm_before_gate True: y = w * rmsnorm(y) * silu(z), the norm PER "
+        "GROUP of 96 / 2 = 48",
+        "attention: GQA 4/2, head_dim 16, RoPE theta 1e4, no biases; MLP (48): down(up(x) * silu(gate(x) * 0.75)) * 1.4",
+    ],
+)
+HYBRID["jamba"] = (
+    "JambaConfig",
+    dict(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        expert_layer_period=2,
+        expert_layer_offset=0,
+        num_experts=4,
+        num_experts_per_tok=2,
+        mamba_d_state=8,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        mamba_dt_rank=4,
+        mamba_conv_bias=True,
+        mamba_proj_bias=False,
+        use_mamba_kernels=False,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    ),
+    [
+        "JambaForCausalLM: layer i attends when i % attn_layer_period (2) == attn_layer_offset (1), else the "
+        "Mamba 1 mixer: [mamba, attention, mamba, attention]; each block h + mixer(input_layernorm(h)), then h + "
+        "ffn(pre_ff_layernorm(h)); the ffn is the MoE block on layers i % expert_layer_period (2) == "
+        "expert_layer_offset (0) (layers 0 and 2: softmax over 4 experts, top-2, NOT renormalised, experts of "
+        "intermediate_size 48) and a SwiGLU MLP (48) on the others; final_layernorm; untied lm_head",
+        "attention: GQA 4/2, head_dim 8, NO positional embeddings",
+        "Mamba 1 mixer: d_inner 64 (expand 2), state 8, dt_rank 4, conv kernel 4 with bias; in_proj -> x, z "
+        "(chunk 2); x = silu(conv(x)); x_proj -> dt (4), B (8), C (8), each RMS-normed (dt_layernorm, b_layernorm, "
+        "c_layernorm); dt = dt_proj.weight @ dt; softplus(dt + dt_proj.bias); A = -exp(A_log) [64, 8]; per channel "
+        "S = exp(dt A) S + dt B x, y = C.S + D x; y * silu(z); out_proj",
+    ],
+)
+# Hybrid fixtures with experts: seeds FAMILY_SEED + 100 * i until every routing margin is at
+# least MOE_MIN_MARGIN (as build() does for the other MoE fixtures) and the weights rounded
+# to f16 route every token to the same experts.
+HYBRID_MOE_F16 = ("qwen3_5_moe", "jamba")
+# Hybrid fixtures whose reference.safetensors also holds logits_f16_weights (see hybrid_fixture).
+F16_REFERENCE = ("qwen3_5", "qwen3_5_moe")
+
+
+def topk_choices(model, ids):
+    """Each router's chosen experts per token (sorted), over one forward of ids."""
+    logs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: logs.append((m.top_k, o[0].detach().float())))
+             for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
+    hooks += [lin.register_forward_hook(lambda m, i, o, k=k: logs.append((k, o.detach().float().reshape(-1, o.shape[-1]))))
+              for lin, k in jamba_routers(model)]
+    forward_logits(model, ids)
+    for h in hooks:
+        h.remove()
+    return [torch.topk(l, k, dim=-1).indices.sort(dim=-1).values for k, l in logs]
+
+
+def f16_keeps_routing(model, ids):
+    """Whether the weights rounded to f16 (an f16 conversion) choose the same experts for
+    every token: otherwise the conversion test would measure an expert flip."""
+    before = topk_choices(model, ids)
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    after = topk_choices(model, ids)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(saved[n])
+    return all(torch.equal(a, b) for a, b in zip(before, after))
+
 
 # The MoE variants of the hybrid families: the dense fixtures' shapes with sparse MLPs.
-HYBRID_MOE = ("qwen3_next_moe", "lfm2_moe", "nemotron_h_moe", "granite4_moe")
+HYBRID_MOE = ("qwen3_next_moe", "lfm2_moe", "nemotron_h_moe", "granite4_moe") + HYBRID_MOE_F16
 HYBRID["qwen3_next_moe"] = (
     "Qwen3NextConfig",
     dict(HYBRID["qwen3_next"][1], num_hidden_layers=3, layer_types=["linear_attention", "full_attention",
@@ -1501,6 +1689,17 @@ def hybrid_fixture(out_dir, family):
         ids = torch.randint(0, config.vocab_size, (HYBRID_PREFILL + HYBRID_DECODE,), generator=g, dtype=torch.int64)
         if family not in HYBRID_MOE:
             break
+        if family in HYBRID_MOE_F16:
+            # Qwen3.5-MoE, Jamba: margins as the other MoE fixtures', and the same routing
+            # with f16-rounded weights (their references include an f16-weights run).
+            balance_routers_(model, ids)
+            try:
+                stats = routing_stats(model, ids)
+            except RuntimeError:
+                continue
+            if min(s["min_topk_margin"] for s in stats) >= MOE_MIN_MARGIN and f16_keeps_routing(model, ids):
+                break
+            continue
         moe_bias_init_(model)
         balance_routers_(model, ids)
         try:
@@ -1521,7 +1720,7 @@ def hybrid_fixture(out_dir, family):
     model.save_pretrained(fdir)
     SEED_USED[family] = seed
     extra_meta = {}
-    if family in HYBRID_MOE:
+    if family in HYBRID_MOE and family not in HYBRID_MOE_F16:
         extra_meta["routing"] = routing
         notes = list(notes) + [
             "routers re-initialised layer by layer off the mean direction of their inputs (so every expert gets "
@@ -1559,6 +1758,37 @@ def hybrid_fixture(out_dir, family):
             cls.forward = plain
         notes.append("reference.safetensors also holds logits_group_norm: the same path with the gated norm "
                      "applied per group of 128 / n_groups (llama.cpp's and mamba_ssm's form), for GGUF files")
+    if family == "falcon_h1":
+        # The mixer's other two gate forms, from the same weights: without mamba_rms_norm
+        # (y * silu(z), the norm unused) and with the norm after the gate.
+        mixers = [layer.mamba for layer in model.model.layers]
+        for m in mixers:
+            m.mamba_rms_norm = False
+        extra_ref["logits_no_mamba_rms_norm"], _ = hybrid_reference(model, ids)
+        for m in mixers:
+            m.mamba_rms_norm = True
+            m.norm.norm_before_gate = False
+        extra_ref["logits_norm_after_gate"], _ = hybrid_reference(model, ids)
+        for m in mixers:
+            m.norm.norm_before_gate = True
+        notes.append("reference.safetensors also holds logits_no_mamba_rms_norm (the same weights with "
+                     "mamba_rms_norm False: y * silu(z), mamba.norm unused) and logits_norm_after_gate "
+                     "(mamba_norm_before_gate False: w * rmsnorm_per_group(y * silu(z)))")
+    if family in F16_REFERENCE:
+        # The gated delta rule carries every rounding through each later step's state: with
+        # the weights rounded to f16 transformers' own logits move by up to ~0.1-0.5 here, so
+        # an f16 conversion is compared with this reference instead of the fp32 one.
+        saved_params = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.half().float())
+        extra_ref["logits_f16_weights"], _ = hybrid_reference(model, ids)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(saved_params[n])
+        notes.append("reference.safetensors also holds logits_f16_weights: the same path with every weight rounded "
+                     "to f16 (fp32 compute), max |diff| to logits %.3g: what an f16 conversion is compared with"
+                     % float((extra_ref["logits_f16_weights"] - ref).abs().max()))
     global SEQ_LEN
     saved, SEQ_LEN = SEQ_LEN, len(ids)
     try:

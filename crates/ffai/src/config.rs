@@ -392,9 +392,11 @@ impl ModelConfig {
         let intermediate_size = match (attention_free, opt_usize("intermediate_size")?) {
             (true, v) => v.unwrap_or(hidden_size),
             (false, Some(v)) => v,
-            (false, None) => match opt_usize("block_ff_dim")? {
-                Some(v) => v,
-                None => req_usize("intermediate_size")?,
+            (false, None) => match (opt_usize("block_ff_dim")?, opt_usize("moe_intermediate_size")?) {
+                (Some(v), _) => v,
+                // Qwen3.5-MoE has no dense MLP: every block's MLP is the experts'.
+                (None, Some(v)) => v,
+                (None, None) => req_usize("intermediate_size")?,
             },
         };
 

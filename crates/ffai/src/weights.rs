@@ -97,6 +97,36 @@ impl Weights {
         Ok(out)
     }
 
+    /// A copy of these weights (entries share their bytes) with each named tensor replaced
+    /// by the f32 values given, in the shape it had: a family that folds constant
+    /// multipliers into its weights at load (Falcon-H1's µP multipliers).
+    pub(crate) fn with_f32(&self, replace: Vec<(String, Vec<f32>)>) -> Result<Weights> {
+        let mut map = self.map.clone();
+        for (name, v) in replace {
+            let shape = self.get(&name)?.shape.clone();
+            ensure!(
+                shape.iter().product::<usize>() == v.len(),
+                "{}: {} values to replace tensor \"{name}\" of shape {shape:?}",
+                self.source,
+                v.len()
+            );
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            map.insert(
+                name,
+                WeightEntry {
+                    ty: WeightType::F32,
+                    shape,
+                    bytes: HostBytes::from_vec(bytes),
+                },
+            );
+        }
+        Ok(Weights {
+            map,
+            model_type: self.model_type.clone(),
+            source: self.source.clone(),
+        })
+    }
+
     /// Checks a matrix's shape: `[rows, cols]`.
     pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<&WeightEntry> {
         let w = self.get(name)?;
@@ -477,11 +507,12 @@ pub fn hf_to_gguf_name(name: &str) -> String {
 /// the MLP.
 pub fn hf_to_gguf_name_for(name: &str, model_type: &str) -> String {
     let gemma4 = matches!(model_type, "gemma4" | "gemma4_text");
-    // Gemma 4's multimodal checkpoints nest the text model (their vision and audio
-    // towers keep their names and are never read).
+    let nested = gemma4 || matches!(model_type, "qwen3_5_text" | "qwen3_5_moe_text");
+    // Gemma 4's and Qwen3.5's multimodal checkpoints nest the text model (their vision
+    // and audio towers keep their names and are never read).
     let stripped;
     let name = match name.strip_prefix("model.language_model.") {
-        Some(rest) if gemma4 => {
+        Some(rest) if nested => {
             stripped = format!("model.{rest}");
             stripped.as_str()
         }

@@ -209,6 +209,36 @@ fn hybrid_moe_sequences_match_alone_and_batched() {
 }
 
 #[test]
+fn qwen3_5_sequences_match_alone_and_batched() {
+    batched_equals_alone("qwen3_5");
+}
+
+#[test]
+fn qwen3_5_moe_sequences_match_alone_and_batched() {
+    batched_equals_alone("qwen3_5_moe");
+}
+
+#[test]
+fn falcon_h1_sequences_match_alone_and_batched() {
+    batched_equals_alone("falcon_h1");
+}
+
+#[test]
+fn jamba_sequences_match_alone_and_batched() {
+    batched_equals_alone("jamba");
+}
+
+#[test]
+fn falcon_h1_prompt_repeats_reuse_the_kept_state() {
+    repeats_reuse_the_kept_state("falcon_h1");
+}
+
+#[test]
+fn jamba_prompt_repeats_reuse_the_kept_state() {
+    repeats_reuse_the_kept_state("jamba");
+}
+
+#[test]
 fn qwen3_next_prompt_repeats_reuse_the_kept_state() {
     repeats_reuse_the_kept_state("qwen3_next");
 }

@@ -301,6 +301,127 @@ fn granite4_moe_topk_softmax_experts_plus_shared_mlp() {
 }
 
 #[test]
+fn qwen3_5_separate_deltanet_projections_gated_attention() {
+    check("qwen3_5", 1e-3);
+}
+
+#[test]
+fn qwen3_5_moe_experts_and_sigmoid_gated_shared_expert() {
+    check("qwen3_5_moe", 1e-3);
+}
+
+#[test]
+fn falcon_h1_parallel_attention_and_mamba_mup_multipliers() {
+    check("falcon_h1", 1e-3);
+}
+
+/// Falcon-H1's other two forms of the Mamba gate, from the same weights: the fixture's
+/// reference also holds transformers' logits with `mamba_rms_norm: false` (`y · silu(z)`)
+/// and with `mamba_norm_before_gate: false`. Prefill, then token by token.
+#[test]
+fn falcon_h1_mamba_gate_without_norm_and_norm_after_gate() {
+    let dir = fixture_dir("falcon_h1");
+    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let r = reference(&dir);
+    for (key, flag, value) in [
+        ("logits_no_mamba_rms_norm", "mamba_rms_norm", false),
+        ("logits_norm_after_gate", "mamba_norm_before_gate", false),
+    ] {
+        let want: Vec<f32> = st
+            .tensor(key)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        json[flag] = value.into();
+        let cfg = ModelConfig::from_hf_json(&json, key).unwrap();
+        let weights = Weights::from_safetensors_dir_for(&dir, &cfg.model_type).unwrap();
+        let m = (family_for(&cfg, false).unwrap().load)(&cfg, &weights, &Device::cpu_with(2, false, true)).unwrap();
+        let n = r.ids.len();
+        let (prefill, decode) = (80, n - 80);
+        let mut st = m.new_state(n, 512).unwrap();
+        let mut got = Vec::new();
+        m.forward(&r.ids[..prefill], &mut st, true, &mut got).unwrap();
+        let mut step = Vec::new();
+        for &id in &r.ids[prefill..] {
+            m.forward(&[id], &mut st, false, &mut step).unwrap();
+            got.extend_from_slice(&step);
+        }
+        assert_eq!(got.len(), (prefill + decode) * r.vocab);
+        let mut worst = 0f32;
+        for t in 0..n {
+            let (a, b) = (
+                &got[t * r.vocab..(t + 1) * r.vocab],
+                &want[t * r.vocab..(t + 1) * r.vocab],
+            );
+            worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(worst, f32::max);
+            assert_eq!(argmax(a), argmax(b), "{key}: argmax differs at position {t}");
+        }
+        println!("falcon_h1 {key}: max abs diff {worst:.2e}");
+        assert!(worst <= 1e-3, "{key}: max abs diff {worst}");
+    }
+}
+
+#[test]
+fn jamba_mamba1_attention_without_rope_moe_layers() {
+    check("jamba", 1e-3);
+}
+
+/// Qwen3.5's multimodal checkpoints (`Qwen3_5ForConditionalGeneration`, model_type
+/// `qwen3_5`) nest the text config under `text_config` and the text model under
+/// `model.language_model.` beside the vision tower: the same weights give the same logits.
+#[test]
+fn qwen3_5_conditional_generation_layout_loads_the_text_model() {
+    let src = fixture_dir("qwen3_5");
+    let dir = std::env::temp_dir().join(format!("ffai-qwen3_5-mm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let config = serde_json::json!({
+        "architectures": ["Qwen3_5ForConditionalGeneration"],
+        "model_type": "qwen3_5",
+        "text_config": text,
+        "vision_config": {"model_type": "qwen3_5_vision", "hidden_size": 16},
+        "tie_word_embeddings": false,
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let tower = vec![0u8; 4 * 16];
+    let mut views: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n.replacen("model.", "model.language_model.", 1), v))
+        .collect();
+    for name in ["model.visual.patch_embed.proj.weight", "mtp.fc.weight"] {
+        views.push((
+            name.into(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 4], &tower).unwrap(),
+        ));
+    }
+    std::fs::write(
+        dir.join("model.safetensors"),
+        safetensors::serialize(views, &None).unwrap(),
+    )
+    .unwrap();
+    let m = load(&dir);
+    assert_eq!(m.family(), "qwen3_5");
+    let ids: Vec<u32> = (0..40).map(|i| (i * 53 + 11) % 256).collect();
+    let run = |m: &dyn LanguageModel| {
+        let mut st = m.new_state(64, 512).unwrap();
+        let mut out = Vec::new();
+        m.forward(&ids, &mut st, true, &mut out).unwrap();
+        out
+    };
+    assert_eq!(run(&*m), run(&*load(&src)));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn gpt_oss_mxfp4_experts_from_blocks_and_scales() {
     // The released checkpoints' layout: experts as u8 `*_blocks` + `*_scales`, joined at
     // load into ggml's MXFP4 blocks (never dequantized to f16). The fixture's weights are
@@ -468,6 +589,10 @@ fn hybrid_fixtures_on_cuda() {
         "lfm2_moe",
         "nemotron_h_moe",
         "granite4_moe",
+        "qwen3_5",
+        "qwen3_5_moe",
+        "falcon_h1",
+        "jamba",
     ]);
 }
 

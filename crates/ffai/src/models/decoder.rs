@@ -117,6 +117,9 @@ pub struct DecoderSpec {
     /// Attention output gate (Qwen3-Next): `attn_q` holds per head `[q | gate]`; the
     /// attention's output is multiplied by `sigmoid(gate)` before `attn_output`.
     pub attn_gate: bool,
+    /// Layers the recurrent spec marks recurrent run attention AND the recurrent mixer on
+    /// the same normed input, their outputs summed (Falcon-H1).
+    pub parallel_mixers: bool,
 }
 
 impl DecoderSpec {
@@ -153,6 +156,7 @@ impl DecoderSpec {
             recurrent: None,
             final_norm: "output_norm",
             attn_gate: false,
+            parallel_mixers: false,
         }
     }
 }
@@ -197,6 +201,8 @@ struct Layer<B: Backend> {
 enum Mixer<B: Backend> {
     Attn(AttnLayer<B>),
     Rec(RecLayer<B>),
+    /// Both on the same input, outputs summed (`DecoderSpec::parallel_mixers`).
+    Both(AttnLayer<B>, RecLayer<B>),
     None,
 }
 
@@ -276,6 +282,8 @@ struct Paged<B: Backend> {
     /// only), `BatchShape::state_slots` slots each.
     rec: Option<RecScratch<B>>,
     rec_state: Vec<Option<RecState<B>>>,
+    /// The recurrent mixer's output beside attention's (`DecoderSpec::parallel_mixers`).
+    par: B::Buf,
     /// `max_logit_rows` final hidden states gathered for the LM head, and their logits.
     last: B::Buf,
     logits: B::Buf,
@@ -419,7 +427,7 @@ impl<B: Backend> Decoder<B> {
             let p = |s: &str| format!("blk.{i}.{s}");
             let mixer = match &spec.recurrent {
                 Some(rs) if rs.mlp_only[i] => Mixer::None,
-                Some(rs) if rs.layers[i] => Mixer::Rec(RecLayer::load(&*b, w, i, rs, h)?),
+                Some(rs) if rs.layers[i] && !spec.parallel_mixers => Mixer::Rec(RecLayer::load(&*b, w, i, rs, h)?),
                 _ => {
                     // Latent attention, per head [q | gate] rows (Qwen3-Next), fused q/k/v
                     // (Phi-3) or separate projections.
@@ -493,6 +501,12 @@ impl<B: Backend> Decoder<B> {
                     })
                 }
             };
+            let mixer = match (mixer, &spec.recurrent) {
+                (Mixer::Attn(a), Some(rs)) if spec.parallel_mixers && rs.layers[i] => {
+                    Mixer::Both(a, RecLayer::load(&*b, w, i, rs, h)?)
+                }
+                (m, _) => m,
+            };
             let ffn = match &spec.moe {
                 _ if spec.recurrent.as_ref().is_some_and(|r| !r.mlp[i]) => Ffn::None,
                 Some(ms) if ms.sparse[i] => Ffn::Moe(MoeLayer::load(w, &*b, i, ms, h)?),
@@ -558,7 +572,11 @@ impl<B: Backend> Decoder<B> {
         // KV groups over the attention layers; a model without any still has one (global)
         // group with no layers, so the engine's bookkeeping of positions is the same.
         let mut windows: Vec<usize> = Vec::new();
-        let is_rec = |i: usize| spec.recurrent.as_ref().is_some_and(|r| r.layers[i] || r.mlp_only[i]);
+        let is_rec = |i: usize| {
+            spec.recurrent
+                .as_ref()
+                .is_some_and(|r| (r.layers[i] && !spec.parallel_mixers) || r.mlp_only[i])
+        };
         let layer_group = spec
             .layers
             .iter()
@@ -600,11 +618,11 @@ impl<B: Backend> Decoder<B> {
     }
 
     fn is_recurrent(&self, layer: usize) -> bool {
-        matches!(self.layers[layer].mixer, Mixer::Rec(_))
+        matches!(self.layers[layer].mixer, Mixer::Rec(_) | Mixer::Both(..))
     }
 
     fn is_attention(&self, layer: usize) -> bool {
-        matches!(self.layers[layer].mixer, Mixer::Attn(_))
+        matches!(self.layers[layer].mixer, Mixer::Attn(_) | Mixer::Both(..))
     }
 
     fn shape(&self, layer: usize) -> AttnShape {
@@ -666,7 +684,7 @@ impl<B: Backend> Decoder<B> {
                     };
                     r.forward(b, rs, input, n, h, scratch, state, &s.step, tap, i, &mut s.tmp);
                 }
-                Mixer::Attn(a) => {
+                Mixer::Attn(a) | Mixer::Both(a, _) => {
                     let tables = match &self.long_ropes {
                         Some((_, long)) if s.long_rope => long,
                         _ => &self.ropes,
@@ -757,6 +775,17 @@ impl<B: Backend> Decoder<B> {
                         b.add_bias(&mut s.tmp, ob, n);
                     }
                 }
+            }
+            if let Mixer::Both(_, r) = &l.mixer {
+                let (Some(rs), Some(scratch), Some(state)) = (&sp.recurrent, &mut s.rec, &mut s.rec_state[i]) else {
+                    unreachable!("a model with recurrent layers allocates their scratch and state")
+                };
+                let input = if l.attn_norm.is_some() { &s.xn } else { &s.x };
+                // An idle tap: the mixer's `out_proj` input would land on the layer's
+                // `attn_out` site, which is attention's `o_proj` input here.
+                let mut idle = Tap::default();
+                r.forward(b, rs, input, n, h, scratch, state, &s.step, &mut idle, i, &mut s.par);
+                b.add(&mut s.tmp, &s.par, n * h);
             }
             if !matches!(l.mixer, Mixer::None) {
                 let next = self.next_norm(i, true);
@@ -915,7 +944,10 @@ impl<B: Backend> Decoder<B> {
                     }
                     None => out.push(("recurrent state".to_string(), 1, bytes)),
                 }
-                continue;
+                // A parallel layer (Falcon-H1) has K/V rows as well.
+                if !self.is_attention(i) {
+                    continue;
+                }
             }
             let kind = match l.window {
                 0 => "global".to_string(),
@@ -1046,6 +1078,7 @@ impl<B: Backend> LanguageModel for Decoder<B> {
                 .as_ref()
                 .map_or(0, |r| r.scratch_per_row(c.hidden_size));
             let gate_row = if self.spec.attn_gate { qd } else { 0 };
+            let par_row = if self.spec.parallel_mixers { c.hidden_size } else { 0 };
             let per_row = [
                 3 * c.hidden_size,
                 3 * qd,
@@ -1056,6 +1089,7 @@ impl<B: Backend> LanguageModel for Decoder<B> {
                 att_w,
                 rec_row,
                 gate_row,
+                par_row,
             ]
             .iter()
             .try_fold(0u64, |a, &x| a.checked_add(x as u64))?;
@@ -1133,6 +1167,11 @@ impl<B: Backend> LanguageModel for Decoder<B> {
                 .map(|ms| MoeScratch::new(b, ms, c.hidden_size, rows)),
             mla: self.spec.mla.as_ref().map(|ms| MlaScratch::new(b, ms, rows)),
             attn_gate: b.alloc(if self.spec.attn_gate { rows * qd } else { 0 }),
+            par: b.alloc(if self.spec.parallel_mixers {
+                rows * c.hidden_size
+            } else {
+                0
+            }),
             rec: self
                 .spec
                 .recurrent

@@ -145,6 +145,7 @@ pub fn mixer_spec(cfg: &ModelConfig, keys: &MixerKeys) -> Result<Mamba2Spec> {
             d_inner
         },
         norm_eps: eps as f32,
+        gate: recurrent::Mamba2Gate::GateThenNorm,
     })
 }
 

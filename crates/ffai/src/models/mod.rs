@@ -19,11 +19,13 @@ use ffai_kernels::backend::StepLayout;
 
 pub mod decoder;
 pub mod deepseek;
+pub mod falcon_h1;
 pub mod gemma;
 pub mod gemma4;
 pub mod gpt_oss;
 pub mod granite;
 pub mod granite4;
+pub mod jamba;
 pub mod lfm2;
 pub mod llama;
 pub mod mamba2;
@@ -35,6 +37,7 @@ pub mod olmo2;
 pub mod olmoe;
 pub mod phi3;
 pub mod qwen3;
+pub mod qwen3_5;
 pub mod qwen3_moe;
 pub mod qwen3_next;
 pub mod recurrent;
@@ -291,6 +294,10 @@ pub static FAMILIES: &[Family] = &[
     nemotron_h::FAMILY,
     granite4::FAMILY,
     qwen3_next::FAMILY,
+    qwen3_5::FAMILY,
+    qwen3_5::FAMILY_MOE,
+    falcon_h1::FAMILY,
+    jamba::FAMILY,
 ];
 
 /// Finds the family for a config: architecture first, then model_type.

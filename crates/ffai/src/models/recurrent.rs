@@ -1,9 +1,11 @@
 //! The recurrent token mixers hybrid and state-space families share, in place of attention
-//! in some (or all) layers of the shared decoder: LFM2's gated short convolution and the
-//! Mamba 2 selective state-space mixer. A family fills `DecoderSpec::recurrent` with a
-//! [`RecurrentSpec`] (which layers are recurrent, the mixer's shape, whether blocks have an
-//! MLP); the decoder runs [`RecLayer::forward`] on those layers and keeps each layer's
-//! state in fixed arrays of per-sequence slots ([`RecState`]), next to the paged K/V pools.
+//! in some (or all) layers of the shared decoder: LFM2's gated short convolution, the
+//! Mamba 2 selective state-space mixer, Qwen3-Next's and Qwen3.5's gated DeltaNet, and
+//! Jamba's Mamba 1 mixer (run on the Mamba 2 scan op). A family fills
+//! `DecoderSpec::recurrent` with a [`RecurrentSpec`] (which layers are recurrent, the
+//! mixer's shape, whether blocks have an MLP); the decoder runs [`RecLayer::forward`] on
+//! those layers and keeps each layer's state in fixed arrays of per-sequence slots
+//! ([`RecState`]), next to the paged K/V pools.
 //!
 //! Where a sequence's state lives: slot `StepLayout::state_slots[seq]` of every recurrent
 //! layer's arrays (the engine's `KvPool` hands out slots at admission; a lone sequence uses
@@ -33,6 +35,43 @@ pub enum MixerSpec {
     /// `qkv = silu(conv(qkv))`; the gated delta rule; `y = w * rmsnorm(y) * silu(z)` per
     /// value head; `out_proj(y)`.
     GatedDeltaNet(GdnSpec),
+    /// Mamba 1 (Jamba): `x, z = in_proj(h)`; `x = silu(conv(x))`; `dt, B, C = x_proj(x)`,
+    /// each RMS-normed; `dt = dt_proj(dt)`; per channel `S = exp(dt A) S + dt x Bᵀ`,
+    /// `y = S C + D x`; `out_proj(y · silu(z))`. See [`Mamba1Spec`].
+    Mamba1(Mamba1Spec),
+}
+
+/// Mamba 1's shape. Its scan (a state of `state` per channel, `A` per channel and state
+/// element) runs on the Mamba 2 scan op as `state · d_inner` heads of one channel and a
+/// state of one, head `j · d_inner + c` being channel `c`'s state element `j` (group `j`
+/// reads `B_j` and `C_j`); `x` and `dt` are repeated per state element, `D` is kept on
+/// element 0 only, and the heads' outputs are summed per channel (`moe_combine`).
+#[derive(Clone, Debug)]
+pub struct Mamba1Spec {
+    pub d_inner: usize,
+    pub state: usize,
+    pub dt_rank: usize,
+    pub conv_kernel: usize,
+    /// Rows of the chunked scan the Mamba 2 op runs (1: the one-step recurrence on every
+    /// row, exact whatever the cuts; more: cut-invariant up to rounding).
+    pub chunk: usize,
+    /// The dt/B/C RMSNorms' epsilon.
+    pub norm_eps: f32,
+}
+
+impl Mamba1Spec {
+    /// The Mamba 2 scan shape that runs it.
+    pub fn scan(&self) -> SsmShape {
+        SsmShape {
+            heads: self.state * self.d_inner,
+            head_dim: 1,
+            groups: self.state,
+            state: 1,
+            chunk: self.chunk,
+            dt_min: 0.0,
+            dt_max: f32::INFINITY,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -50,6 +89,20 @@ pub struct Mamba2Spec {
     /// transformers; `heads * head_dim / n_groups` in mamba_ssm and llama.cpp).
     pub norm_group: usize,
     pub norm_eps: f32,
+    /// How the scan's output meets the gate `z`.
+    pub gate: Mamba2Gate,
+}
+
+/// How a Mamba 2 mixer combines the scan's output `y` with its gate `z`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mamba2Gate {
+    /// `w · rmsnorm(y · silu(z))` (Mamba 2, NemotronH, Granite 4).
+    GateThenNorm,
+    /// `w · rmsnorm(y) · silu(z)` (Falcon-H1 with `mamba_rms_norm` and
+    /// `mamba_norm_before_gate`).
+    NormThenGate,
+    /// `y · silu(z)`, no norm (Falcon-H1 without `mamba_rms_norm`).
+    GateOnly,
 }
 
 impl Mamba2Spec {
@@ -80,6 +133,7 @@ impl RecurrentSpec {
         match &self.mixer {
             MixerSpec::ShortConv { kernel } => ((kernel - 1) * hidden, 0),
             MixerSpec::Mamba2(m) => ((m.conv_kernel - 1) * m.conv_dim(), m.scan.slot_len()),
+            MixerSpec::Mamba1(m) => ((m.conv_kernel - 1) * m.d_inner, m.scan().slot_len()),
             MixerSpec::GatedDeltaNet(g) => ((g.conv_kernel - 1) * g.shape.row_width(), g.shape.slot_len()),
         }
     }
@@ -101,6 +155,11 @@ impl RecurrentSpec {
         match &self.mixer {
             MixerSpec::ShortConv { .. } => 5 * hidden,
             MixerSpec::Mamba2(m) => 2 * m.d_inner() + 2 * m.conv_dim() + m.scan.heads,
+            MixerSpec::Mamba1(m) => {
+                let (sd, w) = (m.state * m.d_inner, m.scan().row_width());
+                // An upper bound of `RecScratch`'s buffers for Mamba 1.
+                sd.max(m.dt_rank) + 3 * m.d_inner.max(m.state) + m.dt_rank.max(m.state) + m.state + w + sd + m.state
+            }
             MixerSpec::GatedDeltaNet(g) => {
                 let (w, vd) = (g.shape.row_width(), g.shape.v_heads * g.shape.v_dim);
                 2 * w + 2 * vd + 2 * g.shape.v_heads
@@ -113,6 +172,9 @@ impl RecurrentSpec {
         match &self.mixer {
             MixerSpec::ShortConv { .. } => 0,
             MixerSpec::Mamba2(m) => m.scan.chunk,
+            // In pieces of one row the scan is its recurrence on every row: cut-invariant.
+            MixerSpec::Mamba1(m) if m.chunk == 1 => 0,
+            MixerSpec::Mamba1(m) => m.chunk,
             // The delta rule runs its recurrence on every row: cut-invariant.
             MixerSpec::GatedDeltaNet(_) => 0,
         }
@@ -245,6 +307,43 @@ pub fn check(cfg: &ModelConfig, spec: &RecurrentSpec) -> Result<()> {
             );
             ensure!(
                 g.norm_eps >= 0.0 && g.norm_eps.is_finite(),
+                "{}: the norm epsilon must be a non-negative finite number",
+                cfg.source
+            );
+        }
+        MixerSpec::Mamba1(m) => {
+            ensure!(
+                (1..=MAX_CONV_KERNEL).contains(&m.conv_kernel),
+                "{}: mamba_d_conv = {} must be in 1..={MAX_CONV_KERNEL}",
+                cfg.source,
+                m.conv_kernel
+            );
+            for (k, v) in [
+                ("the inner width", m.d_inner),
+                ("mamba_d_state", m.state),
+                ("mamba_dt_rank", m.dt_rank),
+                ("the scan chunk", m.chunk),
+            ] {
+                ensure!(
+                    v > 0 && v <= MAX_DIM,
+                    "{}: {k} = {v} must be in 1..={MAX_DIM}",
+                    cfg.source
+                );
+            }
+            let fits = m
+                .state
+                .checked_mul(m.d_inner)
+                .and_then(|x| x.checked_add(2 * m.state))
+                .is_some_and(|w| w <= MAX_DIM);
+            ensure!(
+                fits,
+                "{}: a Mamba mixer of {} channels with a state of {} exceeds the limit of {MAX_DIM}",
+                cfg.source,
+                m.d_inner,
+                m.state
+            );
+            ensure!(
+                m.norm_eps >= 0.0 && m.norm_eps.is_finite(),
                 "{}: the norm epsilon must be a non-negative finite number",
                 cfg.source
             );
@@ -437,6 +536,96 @@ pub fn hf_name(name: &str, model_type: &str) -> Option<String> {
             };
             Some(format!("blk.{idx}.{t}"))
         }
+        // Falcon-H1: a Mamba 2 mixer (`mamba.*`) beside the attention in every layer, the
+        // MLP as `feed_forward`, the MLP's norm `pre_ff_layernorm`, the final norm
+        // `final_layernorm`.
+        "falcon_h1" => {
+            if name == "model.final_layernorm.weight" {
+                return Some("output_norm.weight".into());
+            }
+            let (idx, tail) = name.strip_prefix("model.layers.")?.split_once('.')?;
+            idx.parse::<usize>().ok()?;
+            let t = match tail {
+                "mamba.in_proj.weight" => "ssm_in.weight",
+                "mamba.in_proj.bias" => "ssm_in.bias",
+                "mamba.conv1d.weight" => "ssm_conv1d.weight",
+                "mamba.conv1d.bias" => "ssm_conv1d.bias",
+                "mamba.dt_bias" => "ssm_dt.bias",
+                "mamba.A_log" => "ssm_a_log",
+                "mamba.D" => "ssm_d",
+                "mamba.norm.weight" => "ssm_norm.weight",
+                "mamba.out_proj.weight" => "ssm_out.weight",
+                "mamba.out_proj.bias" => "ssm_out.bias",
+                "pre_ff_layernorm.weight" => "ffn_norm.weight",
+                "feed_forward.gate_proj.weight" => "ffn_gate.weight",
+                "feed_forward.up_proj.weight" => "ffn_up.weight",
+                "feed_forward.down_proj.weight" => "ffn_down.weight",
+                // Attention and the input norm are named as Llama's.
+                _ => return None,
+            };
+            Some(format!("blk.{idx}.{t}"))
+        }
+        // Jamba: the Mamba 1 mixer (llama.cpp's names: `ssm_x` for x_proj, `ssm_dt` for
+        // dt_proj, `ssm_{dt,b,c}_norm`), the MLP or experts as `feed_forward`.
+        "jamba" => {
+            if name == "model.final_layernorm.weight" {
+                return Some("output_norm.weight".into());
+            }
+            let (idx, tail) = name.strip_prefix("model.layers.")?.split_once('.')?;
+            idx.parse::<usize>().ok()?;
+            let t = match tail {
+                "mamba.in_proj.weight" => "ssm_in.weight",
+                "mamba.in_proj.bias" => "ssm_in.bias",
+                "mamba.conv1d.weight" => "ssm_conv1d.weight",
+                "mamba.conv1d.bias" => "ssm_conv1d.bias",
+                "mamba.x_proj.weight" => "ssm_x.weight",
+                "mamba.dt_proj.weight" => "ssm_dt.weight",
+                "mamba.dt_proj.bias" => "ssm_dt.bias",
+                "mamba.A_log" => "ssm_a_log",
+                "mamba.D" => "ssm_d",
+                "mamba.dt_layernorm.weight" => "ssm_dt_norm.weight",
+                "mamba.b_layernorm.weight" => "ssm_b_norm.weight",
+                "mamba.c_layernorm.weight" => "ssm_c_norm.weight",
+                "mamba.out_proj.weight" => "ssm_out.weight",
+                "mamba.out_proj.bias" => "ssm_out.bias",
+                "pre_ff_layernorm.weight" => "ffn_norm.weight",
+                "feed_forward.gate_proj.weight" => "ffn_gate.weight",
+                "feed_forward.up_proj.weight" => "ffn_up.weight",
+                "feed_forward.down_proj.weight" => "ffn_down.weight",
+                "feed_forward.router.weight" => "ffn_gate_inp.weight",
+                "feed_forward.experts.gate_up_proj" => "ffn_gate_up_exps.weight",
+                "feed_forward.experts.down_proj" => "ffn_down_exps.weight",
+                _ => {
+                    // Per-expert matrices: feed_forward.experts.E.{gate,up,down}_proj.weight.
+                    let (e, proj) = tail.strip_prefix("feed_forward.experts.")?.split_once('.')?;
+                    e.parse::<usize>().ok()?;
+                    let kind = proj.strip_suffix("_proj.weight")?;
+                    ensure_kind(kind)?;
+                    return Some(format!("blk.{idx}.ffn_{kind}_exps.{e}.weight"));
+                }
+            };
+            Some(format!("blk.{idx}.{t}"))
+        }
+        // Qwen3.5's separate DeltaNet projections (llama.cpp's names).
+        "qwen3_5_text" | "qwen3_5_moe_text" => {
+            let (idx, tail) = name.strip_prefix("model.layers.")?.split_once('.')?;
+            idx.parse::<usize>().ok()?;
+            let t = match tail {
+                "linear_attn.in_proj_qkv.weight" => "attn_qkv.weight",
+                "linear_attn.in_proj_z.weight" => "attn_gate.weight",
+                "linear_attn.in_proj_b.weight" => "ssm_beta.weight",
+                "linear_attn.in_proj_a.weight" => "ssm_alpha.weight",
+                "linear_attn.conv1d.weight" => "ssm_conv1d.weight",
+                "linear_attn.conv1d.bias" => "ssm_conv1d.bias",
+                "linear_attn.dt_bias" => "ssm_dt.bias",
+                "linear_attn.A_log" => "ssm_a_log",
+                "linear_attn.norm.weight" => "ssm_norm.weight",
+                "linear_attn.out_proj.weight" => "ssm_out.weight",
+                // Everything else is named as Qwen3's.
+                _ => return None,
+            };
+            Some(format!("blk.{idx}.{t}"))
+        }
         "qwen3_next" => {
             let (idx, tail) = name.strip_prefix("model.layers.")?.split_once('.')?;
             idx.parse::<usize>().ok()?;
@@ -475,6 +664,11 @@ fn expert_name(layer: &str, rest: &str, kinds: &[(&str, &str)]) -> Option<String
         proj.strip_prefix(p)
             .map(|s| format!("blk.{layer}.ffn_{kind}_exps.{e}.{s}"))
     })
+}
+
+/// `Some(())` for an expert projection's kind.
+fn ensure_kind(kind: &str) -> Option<()> {
+    matches!(kind, "gate" | "up" | "down").then_some(())
 }
 
 /// Gathers row ranges `(first, count)` of a `[rows, cols]` tensor into one matrix (a
@@ -526,7 +720,26 @@ pub enum RecLayer<B: Backend> {
         a: B::Buf,
         d: B::Buf,
         dt_bias: B::Buf,
-        norm: B::Buf,
+        /// The gated norm's weight (none with `Mamba2Gate::GateOnly`).
+        norm: Option<B::Buf>,
+        out: B::Mat,
+    },
+    Mamba1 {
+        /// `in_proj` split by rows into x and z.
+        in_proj: [B::Mat; 2],
+        /// `[kernel][d_inner]`.
+        conv_w: B::Buf,
+        conv_b: Option<B::Buf>,
+        /// `x_proj` split by rows into dt, B and C, and their RMSNorms' weights.
+        x_proj: [B::Mat; 3],
+        norms: [B::Buf; 3],
+        /// `dt_proj`'s weight; its bias goes into the scan as `dt_bias`.
+        dt_proj: B::Mat,
+        /// Per scan head (`Mamba1Spec`'s layout): `-exp(A_log)`, `D` (element 0 only) and
+        /// `dt_bias`.
+        a: B::Buf,
+        d: B::Buf,
+        dt_bias: B::Buf,
         out: B::Mat,
     },
     GatedDeltaNet {
@@ -561,19 +774,24 @@ fn conv_weight(w: &Weights, name: &str, channels: usize, kernel: usize) -> Resul
 }
 
 /// Splits `name` (`[sum(rows), cols]`) into consecutive row blocks.
-fn split_rows<B: Backend>(b: &B, w: &Weights, name: &str, rows: [usize; 3], cols: usize) -> Result<[B::Mat; 3]> {
+fn split_rows<B: Backend, const N: usize>(
+    b: &B,
+    w: &Weights,
+    name: &str,
+    rows: [usize; N],
+    cols: usize,
+) -> Result<[B::Mat; N]> {
     let total = rows.iter().sum();
     let e = w.matrix(name, total, cols)?;
     let rb =
         e.ty.row_bytes(cols)
             .ok_or_else(|| Error::new(format!("{name}: bad row length")))?;
     let mut start = 0;
-    let mut part = |r: usize| {
+    Ok(rows.map(|r| {
         let m = b.matrix(e.ty, r, cols, e.bytes.slice(start * rb, r * rb));
         start += r;
         m
-    };
-    Ok([part(rows[0]), part(rows[1]), part(rows[2])])
+    }))
 }
 
 impl<B: Backend> RecLayer<B> {
@@ -592,6 +810,40 @@ impl<B: Backend> RecLayer<B> {
             Ok(b.matrix(e.ty, rows, cols, e.bytes.clone()))
         };
         match &spec.mixer {
+            MixerSpec::Mamba1(m) => {
+                let (di, ns, r) = (m.d_inner, m.state, m.dt_rank);
+                for t in ["ssm_in.bias", "ssm_out.bias"] {
+                    ensure!(!w.has(&p(t)), "{}: Mamba projection biases are not supported", p(t));
+                }
+                let [x, z] = split_rows(b, w, &p("ssm_in.weight"), [di, di], hidden)?;
+                let x_proj = split_rows(b, w, &p("ssm_x.weight"), [r, ns, ns], di)?;
+                let al = w.f32_vec(&p("ssm_a_log"), di * ns)?;
+                let dv = w.f32_vec(&p("ssm_d"), di)?;
+                let bias = w.f32_vec(&p("ssm_dt.bias"), di)?;
+                // Head j * di + c: channel c, state element j.
+                let per_head = |f: &dyn Fn(usize, usize) -> f32| -> Vec<f32> {
+                    (0..ns)
+                        .flat_map(|j| (0..di).map(move |c| (j, c)))
+                        .map(|(j, c)| f(j, c))
+                        .collect()
+                };
+                Ok(RecLayer::Mamba1 {
+                    in_proj: [x, z],
+                    conv_w: b.upload(&conv_weight(w, &p("ssm_conv1d.weight"), di, m.conv_kernel)?),
+                    conv_b: opt_vec(&p("ssm_conv1d.bias"), di)?,
+                    x_proj,
+                    norms: [
+                        vec(&p("ssm_dt_norm.weight"), r)?,
+                        vec(&p("ssm_b_norm.weight"), ns)?,
+                        vec(&p("ssm_c_norm.weight"), ns)?,
+                    ],
+                    dt_proj: mat(&p("ssm_dt.weight"), di, r)?,
+                    a: b.upload(&per_head(&|j, c| -al[c * ns + j].exp())),
+                    d: b.upload(&per_head(&|j, c| if j == 0 { dv[c] } else { 0.0 })),
+                    dt_bias: b.upload(&per_head(&|_, c| bias[c])),
+                    out: mat(&p("ssm_out.weight"), hidden, di)?,
+                })
+            }
             MixerSpec::ShortConv { kernel } => {
                 let h = hidden;
                 let in_bias = match opt_vec(&p("shortconv.in_proj.bias"), 3 * h)? {
@@ -614,6 +866,37 @@ impl<B: Backend> RecLayer<B> {
                 let s = &g.shape;
                 let (kh, vh, dk, dv) = (s.k_heads, s.v_heads, s.k_dim, s.v_dim);
                 let r = vh / kh;
+                ensure!(
+                    !w.has(&p("ssm_conv1d.bias")),
+                    "{}: DeltaNet conv biases are not supported",
+                    p("ssm_conv1d")
+                );
+                let al = w.f32_vec(&p("ssm_a_log"), vh)?;
+                let norm = w.f32_vec(&p("ssm_norm.weight"), dv)?;
+                let tiled: Vec<f32> = (0..vh).flat_map(|_| norm.iter().copied()).collect();
+                let common = |qkv, z, wb, wa| -> Result<Self> {
+                    Ok(RecLayer::GatedDeltaNet {
+                        qkv,
+                        z,
+                        b: wb,
+                        a: wa,
+                        conv_w: b.upload(&conv_weight(w, &p("ssm_conv1d.weight"), s.row_width(), g.conv_kernel)?),
+                        a_neg: b.upload(&al.iter().map(|&x| -x.exp()).collect::<Vec<f32>>()),
+                        dt_bias: vec(&p("ssm_dt.bias"), vh)?,
+                        norm: b.upload(&tiled),
+                        out: mat(&p("ssm_out.weight"), hidden, vh * dv)?,
+                    })
+                };
+                if !w.has(&p("ssm_in_qkvz.weight")) {
+                    // Qwen3.5: separate projections, already in the order the mixer reads
+                    // ([q | k | v] of all heads, value head h reading key head h / r).
+                    return common(
+                        mat(&p("attn_qkv.weight"), s.row_width(), hidden)?,
+                        mat(&p("attn_gate.weight"), vh * dv, hidden)?,
+                        mat(&p("ssm_beta.weight"), vh, hidden)?,
+                        mat(&p("ssm_alpha.weight"), vh, hidden)?,
+                    );
+                }
                 // in_proj_qkvz rows per key head: [q dk | k dk | v r*dv | z r*dv].
                 let per = 2 * dk + 2 * r * dv;
                 let name = p("ssm_in_qkvz.weight");
@@ -625,25 +908,12 @@ impl<B: Backend> RecLayer<B> {
                 let ba = p("ssm_in_ba.weight");
                 let b_ranges: Vec<(usize, usize)> = (0..kh).map(|g| (g * 2 * r, r)).collect();
                 let a_ranges: Vec<(usize, usize)> = (0..kh).map(|g| (g * 2 * r + r, r)).collect();
-                ensure!(
-                    !w.has(&p("ssm_conv1d.bias")),
-                    "{}: DeltaNet conv biases are not supported",
-                    p("ssm_conv1d")
-                );
-                let al = w.f32_vec(&p("ssm_a_log"), vh)?;
-                let norm = w.f32_vec(&p("ssm_norm.weight"), dv)?;
-                let tiled: Vec<f32> = (0..vh).flat_map(|_| norm.iter().copied()).collect();
-                Ok(RecLayer::GatedDeltaNet {
-                    qkv: gather_rows(b, w, &name, kh * per, hidden, &qkv_ranges)?,
-                    z: gather_rows(b, w, &name, kh * per, hidden, &z_ranges)?,
-                    b: gather_rows(b, w, &ba, 2 * vh, hidden, &b_ranges)?,
-                    a: gather_rows(b, w, &ba, 2 * vh, hidden, &a_ranges)?,
-                    conv_w: b.upload(&conv_weight(w, &p("ssm_conv1d.weight"), s.row_width(), g.conv_kernel)?),
-                    a_neg: b.upload(&al.iter().map(|&x| -x.exp()).collect::<Vec<f32>>()),
-                    dt_bias: vec(&p("ssm_dt.bias"), vh)?,
-                    norm: b.upload(&tiled),
-                    out: mat(&p("ssm_out.weight"), hidden, vh * dv)?,
-                })
+                common(
+                    gather_rows(b, w, &name, kh * per, hidden, &qkv_ranges)?,
+                    gather_rows(b, w, &name, kh * per, hidden, &z_ranges)?,
+                    gather_rows(b, w, &ba, 2 * vh, hidden, &b_ranges)?,
+                    gather_rows(b, w, &ba, 2 * vh, hidden, &a_ranges)?,
+                )
             }
             MixerSpec::Mamba2(m) => {
                 let (di, cd, heads) = (m.d_inner(), m.conv_dim(), m.scan.heads);
@@ -670,7 +940,10 @@ impl<B: Backend> RecLayer<B> {
                     a: b.upload(&a),
                     d: vec(&p("ssm_d"), heads)?,
                     dt_bias: vec(&p("ssm_dt.bias"), heads)?,
-                    norm: vec(&p("ssm_norm.weight"), di)?,
+                    norm: match m.gate {
+                        Mamba2Gate::GateOnly => None,
+                        _ => Some(vec(&p("ssm_norm.weight"), di)?),
+                    },
                     out: mat(&p("ssm_out.weight"), hidden, di)?,
                 })
             }
@@ -696,6 +969,66 @@ impl<B: Backend> RecLayer<B> {
     ) {
         let [s1, s2, s3, s4, s5, s6] = &mut scratch.bufs;
         match (self, &spec.mixer) {
+            (
+                RecLayer::Mamba1 {
+                    in_proj,
+                    conv_w,
+                    conv_b,
+                    x_proj,
+                    norms,
+                    dt_proj,
+                    a,
+                    d,
+                    dt_bias,
+                    out: w_out,
+                },
+                MixerSpec::Mamba1(m),
+            ) => {
+                let (di, ns, sd) = (m.d_inner, m.state, m.state * m.d_inner);
+                let scan = m.scan();
+                let width = scan.row_width();
+                let [s7, s8] = &mut scratch.extra;
+                // x -> s2, z -> s3; silu(conv(x)) -> s4.
+                b.matmuls(&[&in_proj[0], &in_proj[1]], input, n, &mut [&mut *s2, &mut *s3]);
+                b.conv_step(
+                    s2,
+                    n,
+                    di,
+                    m.conv_kernel,
+                    conv_w,
+                    conv_b.as_ref(),
+                    true,
+                    &mut state.conv,
+                    step,
+                    s4,
+                );
+                // dt, B, C -> s5, s6, s2 (x is consumed); normed into s1, s5, s6.
+                b.matmuls(
+                    &[&x_proj[0], &x_proj[1], &x_proj[2]],
+                    s4,
+                    n,
+                    &mut [&mut *s5, &mut *s6, &mut *s2],
+                );
+                b.rms_norm(s5, &norms[0], m.norm_eps, n, s1);
+                b.rms_norm(s6, &norms[1], m.norm_eps, n, s5);
+                b.rms_norm(s2, &norms[2], m.norm_eps, n, s6);
+                // dt -> s2 (d_inner wide).
+                b.matmul(dt_proj, s1, n, s2);
+                // The scan's rows: [x repeated per state element | B | C] -> s7, dt
+                // repeated -> s8.
+                for j in 0..ns {
+                    b.copy_rows(s4, di, 0, s7, width, j * di, di, n);
+                    b.copy_rows(s2, di, 0, s8, sd, j * di, di, n);
+                }
+                b.copy_rows(s5, ns, 0, s7, width, sd, ns, n);
+                b.copy_rows(s6, ns, 0, s7, width, sd + ns, ns, n);
+                b.ssm_scan_step(s7, s8, a, d, dt_bias, n, &scan, &mut state.ssm, step, s1);
+                // Each channel's sum over its state elements -> s2; then y * silu(z).
+                b.moe_combine(s1, &scratch.ones, n, ns, di, s2);
+                b.silu_mul(s3, s2, n * di);
+                tap.linear_input(b, s3, n, di, "attn_out", Some(layer));
+                b.matmul(w_out, s3, n, out);
+            }
             (
                 RecLayer::ShortConv {
                     in_proj,
@@ -774,9 +1107,19 @@ impl<B: Backend> RecLayer<B> {
                     s3,
                 );
                 b.ssm_scan_step(s3, s5, a, d, dt_bias, n, &m.scan, &mut state.ssm, step, s4);
-                b.rms_norm_gated(s4, s1, norm, m.norm_eps, n, m.norm_group, false);
-                tap.linear_input(b, s4, n, di, "attn_out", Some(layer));
-                b.matmul(w_out, s4, n, out);
+                let y = match (m.gate, norm) {
+                    (Mamba2Gate::GateOnly, _) | (_, None) => {
+                        b.silu_mul(s1, s4, n * di);
+                        &*s1
+                    }
+                    (gate, Some(norm)) => {
+                        let first = gate == Mamba2Gate::NormThenGate;
+                        b.rms_norm_gated(s4, s1, norm, m.norm_eps, n, m.norm_group, first);
+                        &*s4
+                    }
+                };
+                tap.linear_input(b, y, n, di, "attn_out", Some(layer));
+                b.matmul(w_out, y, n, out);
             }
             (
                 RecLayer::GatedDeltaNet {
@@ -821,6 +1164,9 @@ impl<B: Backend> RecLayer<B> {
 /// The recurrent layers' scratch for `rows` rows (shared by all layers).
 pub struct RecScratch<B: Backend> {
     bufs: [B::Buf; 6],
+    /// Mamba 1's two more buffers and a row of ones per state element (empty otherwise).
+    extra: [B::Buf; 2],
+    ones: B::Buf,
 }
 
 impl<B: Backend> RecScratch<B> {
@@ -828,6 +1174,10 @@ impl<B: Backend> RecScratch<B> {
         let sizes = match &spec.mixer {
             MixerSpec::ShortConv { .. } => [hidden, hidden, hidden, hidden, hidden, 0],
             MixerSpec::Mamba2(m) => [m.d_inner(), m.conv_dim(), m.conv_dim(), m.d_inner(), m.scan.heads, 0],
+            MixerSpec::Mamba1(m) => {
+                let (di, ns) = (m.d_inner, m.state);
+                [(ns * di).max(m.dt_rank), di.max(ns), di, di, m.dt_rank.max(ns), ns]
+            }
             MixerSpec::GatedDeltaNet(g) => {
                 let (w, vh) = (g.shape.row_width(), g.shape.v_heads);
                 let vd = vh * g.shape.v_dim;
@@ -836,6 +1186,17 @@ impl<B: Backend> RecScratch<B> {
         };
         RecScratch {
             bufs: sizes.map(|w| b.alloc(w * rows)),
+            extra: match &spec.mixer {
+                MixerSpec::Mamba1(m) => [
+                    b.alloc(m.scan().row_width() * rows),
+                    b.alloc(m.state * m.d_inner * rows),
+                ],
+                _ => [b.alloc(0), b.alloc(0)],
+            },
+            ones: match &spec.mixer {
+                MixerSpec::Mamba1(m) => b.upload(&vec![1.0; m.state * rows]),
+                _ => b.alloc(0),
+            },
         }
     }
 }

@@ -1,0 +1,182 @@
+//! Qwen3.5 (`qwen3_5_text`, and `qwen3_5_moe_text` with experts): Qwen3-Next's math with
+//! separate DeltaNet projections. Gated DeltaNet layers (`linear_attention`:
+//! `recurrent::MixerSpec::GatedDeltaNet`, from `in_proj_qkv` (`[q | k | v]` of all heads),
+//! `in_proj_z`, `in_proj_b`, `in_proj_a`, read as they are) and gated attention layers
+//! (`full_attention`: per head `[q | gate]` from `q_proj`, per-head q/k norms, partial RoPE,
+//! the output × `sigmoid(gate)`); every norm zero-centred (`x̂ · (1 + w)`) except the
+//! DeltaNet's gated one. Dense: a SwiGLU MLP of `intermediate_size` in every block. MoE:
+//! every block's MLP is the sparse block (softmax over all experts, top-k, always
+//! renormalised, experts of `moe_intermediate_size`) plus a shared SwiGLU expert of
+//! `shared_expert_intermediate_size` scaled by `sigmoid(shared_expert_gate(x))`.
+//!
+//! RoPE: transformers computes multimodal RoPE (`mrope_section` interleaving the
+//! temporal, height and width positions); for text all three positions are the token's
+//! position, which is plain RoPE on the first `partial_rotary_factor · head_dim` dims.
+//! The multimodal wrappers (`qwen3_5`, `qwen3_5_moe`) load through their `text_config`
+//! and `model.language_model.*` tensors; the vision tower and the MTP head are not read.
+
+use ffai_kernels::ssm::GdnShape;
+
+use super::decoder::{self, DecoderSpec, Identity, NormKind, QkNorm};
+use super::moe::{self, MoeAct, MoeRouting, MoeSpec};
+use super::recurrent::{self, GdnSpec, MixerSpec, RecurrentSpec};
+use super::{Device, Family, LanguageModel};
+use crate::config::{ModelConfig, MAX_DIM};
+use crate::error::Result;
+use crate::generate::GenerationParameters;
+use crate::weights::Weights;
+use crate::{bail, ensure};
+
+pub const FAMILY: Family = Family {
+    name: "qwen3_5",
+    variants: &["qwen3_5"],
+    hf_architectures: &["Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration"],
+    model_types: &["qwen3_5_text", "qwen3_5"],
+    gguf_architectures: &[],
+    load: load_dense,
+};
+
+pub const FAMILY_MOE: Family = Family {
+    name: "qwen3_5_moe",
+    variants: &["qwen3_5_moe"],
+    hf_architectures: &["Qwen3_5MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration"],
+    model_types: &["qwen3_5_moe_text", "qwen3_5_moe"],
+    gguf_architectures: &[],
+    load: load_moe,
+};
+
+pub struct Qwen3_5;
+
+impl Qwen3_5 {
+    pub const NAME: &'static str = "qwen3_5";
+    pub const NAME_MOE: &'static str = "qwen3_5_moe";
+
+    /// Qwen's generation_config for the thinking mode: T 0.6, top-p 0.95, top-k 20.
+    pub fn default_parameters() -> GenerationParameters {
+        GenerationParameters {
+            temperature: 0.6,
+            top_p: 0.95,
+            top_k: 20,
+            ..Default::default()
+        }
+    }
+}
+
+/// Which layers are DeltaNet layers: `layer_types`, else every `full_attention_interval`-th
+/// (default 4th) layer attends.
+fn linear_layers(cfg: &ModelConfig) -> Result<Vec<bool>> {
+    if let Some(l) = recurrent::layer_types(cfg)? {
+        return Ok(l);
+    }
+    let every = recurrent::sized(
+        cfg,
+        "full_attention_interval",
+        cfg.extra_usize("full_attention_interval", "")?,
+        Some(4),
+        MAX_DIM,
+    )?;
+    Ok((0..cfg.num_layers).map(|i| !(i + 1).is_multiple_of(every)).collect())
+}
+
+/// The rotated dims: `partial_rotary_factor` from `rope_parameters` (transformers 5), else
+/// the top level, else 0.25 (the config's default).
+fn rotary_dims(cfg: &ModelConfig) -> Result<usize> {
+    let factor = match cfg
+        .extra("rope_parameters", "")
+        .and_then(|r| r.get("partial_rotary_factor").cloned())
+    {
+        Some(v) => v.as_f64(),
+        None => match cfg.extra("partial_rotary_factor", "") {
+            Some(v) => v.as_f64(),
+            None => Some(0.25),
+        },
+    };
+    let rot = match factor {
+        Some(f) if f > 0.0 && f <= 1.0 => ((cfg.head_dim as f64 * f) as usize) & !1,
+        _ => bail!("{}: partial_rotary_factor must be a number in (0, 1]", cfg.source),
+    };
+    ensure!(
+        rot >= 2,
+        "{}: partial_rotary_factor rotates no dimension pair",
+        cfg.source
+    );
+    Ok(rot)
+}
+
+/// The decoder shape both variants share.
+fn spec(cfg: &ModelConfig) -> Result<DecoderSpec> {
+    ensure!(
+        !cfg.attention_bias,
+        "{}: Qwen3.5 attention biases are not supported",
+        cfg.source
+    );
+    let u =
+        |k: &str, d: usize| -> Result<usize> { recurrent::sized(cfg, k, cfg.extra_usize(k, "")?, Some(d), MAX_DIM) };
+    let shape = GdnShape {
+        k_heads: u("linear_num_key_heads", 16)?,
+        v_heads: u("linear_num_value_heads", 32)?,
+        k_dim: u("linear_key_head_dim", 128)?,
+        v_dim: u("linear_value_head_dim", 128)?,
+    };
+    let conv_kernel = recurrent::conv_kernel(
+        cfg,
+        "linear_conv_kernel_dim",
+        cfg.extra_usize("linear_conv_kernel_dim", "")?,
+        4,
+    )?;
+    let rot = rotary_dims(cfg)?;
+    let inv_freq: Vec<f32> = (0..rot / 2)
+        .map(|i| (1.0 / cfg.rope_theta.powf((2 * i) as f64 / rot as f64)) as f32)
+        .collect();
+    Ok(DecoderSpec {
+        norm: NormKind::RmsPlusOne,
+        qk_norm: QkNorm::PerHead,
+        attn_gate: true,
+        ropes: vec![inv_freq],
+        recurrent: Some(RecurrentSpec {
+            layers: linear_layers(cfg)?,
+            mixer: MixerSpec::GatedDeltaNet(GdnSpec {
+                shape,
+                conv_kernel,
+                norm_eps: cfg.rms_norm_eps as f32,
+            }),
+            mlp: vec![true; cfg.num_layers],
+            mlp_only: vec![false; cfg.num_layers],
+        }),
+        ..DecoderSpec::llama(cfg, None)
+    })
+}
+
+fn load_dense(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn LanguageModel>> {
+    let spec = spec(cfg)?;
+    let id = Identity {
+        family: FAMILY.name,
+        variant: Qwen3_5::NAME,
+        defaults: Qwen3_5::default_parameters(),
+    };
+    decoder::build(cfg, w, dev, spec, id)
+}
+
+fn load_moe(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn LanguageModel>> {
+    let moe = MoeSpec {
+        n_experts: moe::required_count(cfg, &["num_experts"], "")?,
+        k: moe::required_count(cfg, &["num_experts_per_tok"], "")?,
+        routing: MoeRouting::softmax(true),
+        ffn: moe::required_count(cfg, &["moe_intermediate_size"], "")?,
+        shared_ffn: moe::required_count(cfg, &["shared_expert_intermediate_size"], "")?,
+        sparse: vec![true; cfg.num_layers],
+        act: MoeAct::SwiGlu,
+    }
+    .checked(cfg)?;
+    moe::require_shared_gate(w, &moe)?;
+    let spec = DecoderSpec {
+        moe: Some(moe),
+        ..spec(cfg)?
+    };
+    let id = Identity {
+        family: FAMILY_MOE.name,
+        variant: Qwen3_5::NAME_MOE,
+        defaults: Qwen3_5::default_parameters(),
+    };
+    decoder::build(cfg, w, dev, spec, id)
+}
