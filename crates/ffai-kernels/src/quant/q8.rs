@@ -85,7 +85,6 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use super::{dot_row, WeightType, QK, QK_K};
 
-#[cfg(target_arch = "x86_64")]
 /// Legacy block kinds, the const-generic parameter of every level's legacy kernels.
 const Q4_0: u8 = 0;
 const Q4_1: u8 = 1;
@@ -105,6 +104,7 @@ const fn legacy_bytes(k: u8) -> usize {
 }
 
 mod affine;
+#[cfg(target_arch = "x86_64")]
 mod avx2;
 mod lowbit;
 mod portable;
@@ -742,7 +742,9 @@ pub struct TokenTile {
     n: usize,
     cols: usize,
     /// Prepared records (empty when the kind or level has none); `off` 64-aligns them.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     buf: Vec<u8>,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     off: usize,
     prepared: bool,
 }
