@@ -256,7 +256,11 @@ fn cpu_level_variable_is_checked_and_honoured() {
     for level in ["portable", "avx2", "avxvnni", "avx512vnni", "best", ""] {
         let out = gen(level);
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{level}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{level}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(text.contains("Paris"), "{level}: {text:?}");
     }
 }

@@ -18,7 +18,9 @@
 
 use std::sync::{Mutex, MutexGuard};
 
-use ffai_kernels::quant::q8::{avx2_allowed, dot_rows_q8_multi, env_level, dot_rows_q8_tile, force_q8_level, Q8Level, TokenTile};
+use ffai_kernels::quant::q8::{
+    avx2_allowed, dot_rows_q8_multi, dot_rows_q8_tile, env_level, force_q8_level, Q8Level, TokenTile,
+};
 use ffai_kernels::quant::{
     dequantize_row, dot_row, dot_row_q8, dot_row_q8_multi, dot_rows_q8, force_portable, has_q8_path, q8_backend_name,
     quantize_row, ActFormat, QuantizedActs, WeightType,

@@ -207,7 +207,10 @@ impl Q8Level {
     /// The level named `s` (one of [`Q8Level::name`]'s names, any case).
     pub fn parse(s: &str) -> Option<Q8Level> {
         let s = s.trim().to_ascii_lowercase();
-        Q8Level::NAMED.into_iter().chain([Q8Level::Best]).find(|l| l.name() == s)
+        Q8Level::NAMED
+            .into_iter()
+            .chain([Q8Level::Best])
+            .find(|l| l.name() == s)
     }
 }
 

@@ -115,7 +115,9 @@ pub(super) fn load(dir: &Path) -> Result<Parts> {
         .pointer("/model/unk_token")
         .and_then(Value::as_str)
         .map(str::to_owned);
-    let tok = contain("loading tokenizer.json", || crate_tokenizer(checked.value, checked.model))??;
+    let tok = contain("loading tokenizer.json", || {
+        crate_tokenizer(checked.value, checked.model)
+    })??;
     let config = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
     let gen = read_json(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
 
@@ -303,11 +305,18 @@ fn crate_tokenizer(rest: Value, model: hf_check::CheckedModel) -> Result<tokeniz
     let err = |e: serde_json::Error| Error::new(format!("loading tokenizer.json: {}", one_line(&e.to_string())));
     let model = match model {
         hf_check::CheckedModel::Bpe { fields, vocab, merges } => {
-            fn field<T: serde::de::DeserializeOwned>(fields: &serde_json::Map<String, Value>, key: &str) -> Result<Option<T>> {
+            fn field<T: serde::de::DeserializeOwned>(
+                fields: &serde_json::Map<String, Value>,
+                key: &str,
+            ) -> Result<Option<T>> {
                 match fields.get(key) {
                     None => Ok(None),
-                    Some(v) => Option::<T>::deserialize(v)
-                        .map_err(|e| Error::new(format!("loading tokenizer.json: model.{key}: {}", one_line(&e.to_string())))),
+                    Some(v) => Option::<T>::deserialize(v).map_err(|e| {
+                        Error::new(format!(
+                            "loading tokenizer.json: model.{key}: {}",
+                            one_line(&e.to_string())
+                        ))
+                    }),
                 }
             }
             let mut b = BPE::builder();
@@ -350,7 +359,10 @@ fn crate_tokenizer(rest: Value, model: hf_check::CheckedModel) -> Result<tokeniz
     };
     if let Some(v) = rest.remove("version") {
         if v.as_str() != Some("1.0") {
-            bail!("loading tokenizer.json: Unknown tokenizer version '{}'", one_line(&v.to_string()));
+            bail!(
+                "loading tokenizer.json: Unknown tokenizer version '{}'",
+                one_line(&v.to_string())
+            );
         }
     }
     let mut tok = tokenizers::Tokenizer::new(model);

@@ -83,7 +83,12 @@ fn object_of<'a>(text: &'a str, what: &str) -> Result<Vec<(String, &'a RawValue)
             members.sort_by_key(|(_, v)| v.get().as_ptr() as usize);
             Ok(members)
         }
-        Err(e) if e.is_data() => bail!("{what} is not a JSON object"),
+        // Another JSON type, or JSON too deep for serde_json (which skipping a value does
+        // not notice): the full parse, only on this error path, tells which.
+        Err(e) if e.is_data() => match serde_json::from_str::<Value>(text) {
+            Ok(_) => bail!("{what} is not a JSON object"),
+            Err(e) => bail!("parsing tokenizer.json: {e}"),
+        },
         Err(e) => bail!("parsing tokenizer.json: {e}"),
     }
 }
@@ -378,7 +383,11 @@ fn vocab_map(v: Option<&RawValue>) -> Result<Vocab> {
     let mut owner: HashMap<u32, &str> = HashMap::with_capacity(vocab.len());
     for (text, &id) in vocab.iter() {
         if let Some(prev) = owner.insert(id, text) {
-            let (a, b) = if prev < text.as_str() { (prev, text.as_str()) } else { (text.as_str(), prev) };
+            let (a, b) = if prev < text.as_str() {
+                (prev, text.as_str())
+            } else {
+                (text.as_str(), prev)
+            };
             bail!("model.vocab gives id {id} to both {} and {}", quote(a), quote(b));
         }
     }
