@@ -375,6 +375,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // A bad FFAI_CPU_LEVEL is refused before any kernel runs (the kernels would fall back
+    // to the portable level with a warning).
+    if let Err(e) = ffai_kernels::quant::q8::env_level() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let r = std::panic::catch_unwind(move || match cli.cmd {
         // A deliberate panic, so tests can check how one is reported.
         _ if std::env::var_os("FFAI_DEBUG_PANIC").is_some() => panic!("FFAI_DEBUG_PANIC is set"),

@@ -229,3 +229,38 @@ fn output_constraints_work_or_fail_cleanly() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
 }
+
+#[test]
+fn cpu_level_variable_is_checked_and_honoured() {
+    let gen = |level: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ffai"))
+            .args([
+                "generate",
+                "-m",
+                &smollm2(),
+                "-p",
+                "The capital of France is",
+                "--max-tokens",
+                "3",
+                "--temperature",
+                "0",
+            ])
+            .env("FFAI_CPU_LEVEL", level)
+            .output()
+            .unwrap()
+    };
+    let bad = gen("avx3");
+    assert_clean_failure(&bad, "FFAI_CPU_LEVEL=avx3");
+    // Every level runs on any x86-64 CPU or none (a level the CPU lacks caps to the best
+    // one below it), and the greedy answer is the same.
+    for level in ["portable", "avx2", "avxvnni", "avx512vnni", "best", ""] {
+        let out = gen(level);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{level}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("Paris"), "{level}: {text:?}");
+    }
+}

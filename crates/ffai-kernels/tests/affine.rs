@@ -46,7 +46,11 @@ fn every_path(mut f: impl FnMut(&'static str)) {
     }
     force_q8_level(Q8Level::Best);
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+    if ffai_kernels::quant::q8::env_level().is_ok_and(|cap| cap >= Q8Level::Avx2)
+        && is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+    {
         assert!(seen.contains(&"avx2"), "AVX2 path not exercised: {seen:?}");
     }
 }

@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard};
 use ffai_kernels::backend::{AttnShape, Backend, HostBytes, RopeParams};
 use ffai_kernels::cpu::CpuBackend;
 use ffai_kernels::ops;
-use ffai_kernels::quant::q8::{avx2_allowed, avx512_allowed, force_q8_level, Q8Level};
+use ffai_kernels::quant::q8::{avx2_allowed, avx512_allowed, env_level, force_q8_level, Q8Level};
 use ffai_kernels::quant::{self, q8_backend_name, WeightType};
 
 /// The kernel level (portable, AVX2, AVX-512) is one global switch: every test in this
@@ -38,8 +38,8 @@ fn lock() -> LevelLock {
 
 /// The levels the attention kernels tell apart — 512-bit (AVX-512 VNNI level), 256-bit
 /// (AVX2; the AVX-VNNI level runs the same attention code) and portable — as
-/// (level, `q8_backend_name` it must give, whether this CPU can run it), detected here
-/// independently of the library.
+/// (level, `q8_backend_name` it must give, whether this CPU can run it and
+/// `FFAI_CPU_LEVEL` allows it), detected here independently of the library.
 fn attention_levels() -> [(Q8Level, &'static str, bool); 3] {
     #[cfg(target_arch = "x86_64")]
     let (avx2, avx512) = {
@@ -54,6 +54,8 @@ fn attention_levels() -> [(Q8Level, &'static str, bool); 3] {
     };
     #[cfg(not(target_arch = "x86_64"))]
     let (avx2, avx512) = (false, false);
+    let cap = env_level().unwrap_or_else(|e| panic!("{e}"));
+    let (avx2, avx512) = (avx2 && cap >= Q8Level::Avx2, avx512 && cap >= Q8Level::Avx512Vnni);
     [
         (Q8Level::Avx512Vnni, "avx512vnni", avx512),
         (Q8Level::Avx2, "avx2", avx2),
@@ -68,7 +70,7 @@ fn attention_levels_here(test: &str) -> Vec<(Q8Level, &'static str)> {
     let run: Vec<_> = all.iter().filter(|l| l.2).map(|l| (l.0, l.1)).collect();
     let missing: Vec<_> = all.iter().filter(|l| !l.2).map(|l| l.1).collect();
     eprintln!(
-        "{test}: levels run: {:?}; not supported by this CPU: {missing:?}",
+        "{test}: levels run: {:?}; not supported by this CPU or above FFAI_CPU_LEVEL: {missing:?}",
         run.iter().map(|l| l.1).collect::<Vec<_>>()
     );
     run

@@ -18,7 +18,9 @@
 
 use std::sync::{Mutex, MutexGuard};
 
-use ffai_kernels::quant::q8::{avx2_allowed, dot_rows_q8_multi, dot_rows_q8_tile, force_q8_level, Q8Level, TokenTile};
+use ffai_kernels::quant::q8::{
+    avx2_allowed, dot_rows_q8_multi, dot_rows_q8_tile, env_level, force_q8_level, Q8Level, TokenTile,
+};
 use ffai_kernels::quant::{
     dequantize_row, dot_row, dot_row_q8, dot_row_q8_multi, dot_rows_q8, force_portable, has_q8_path, q8_backend_name,
     quantize_row, ActFormat, QuantizedActs, WeightType,
@@ -51,11 +53,20 @@ fn lock() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// True when the AVX2 kernels can run on this machine.
+/// The cap `FFAI_CPU_LEVEL` puts on every level (CI runs this file under `portable` and
+/// `avx2` too); a bad value fails the test instead of running unnoticed.
+fn env_cap() -> Q8Level {
+    env_level().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// True when the AVX2 kernels can run on this machine (and `FFAI_CPU_LEVEL` allows them).
 fn avx2_here() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+        env_cap() >= Q8Level::Avx2
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -63,8 +74,9 @@ fn avx2_here() -> bool {
     }
 }
 
-/// The backend name each forcing level must give on this CPU.
+/// The backend name each forcing level must give on this CPU (under `FFAI_CPU_LEVEL`).
 fn expected_name(level: Q8Level) -> &'static str {
+    let level = level.min(env_cap());
     #[cfg(target_arch = "x86_64")]
     {
         let avx512 = is_x86_feature_detected!("avx512f")

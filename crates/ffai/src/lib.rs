@@ -109,6 +109,7 @@ impl Model {
                 let family = models::family_for(&cfg, false).map_err(|e| e.context(&src))?;
                 let weights = Weights::from_safetensors_dir_for(dir, &cfg.model_type)?;
                 let tok = Tokenizer::from_hf_dir(dir)?;
+                tokenizer::release_freed_heap();
                 (cfg, weights, tok, family)
             }
         };

@@ -140,9 +140,11 @@ pub fn compare_with_llama_cpp(m: &ffai::Model, case: &LlamaCppCase) -> Compariso
     }
 }
 
-/// Ours must equal llama.cpp's continuation for exactly `agree` tokens (all of it when
+/// Ours must equal llama.cpp's continuation for at least `agree` tokens (all of it when
 /// `agree` is its length, text included), and where they part, llama.cpp's token must
-/// trail our top logit by at most `max_gap`: a near-tie that rounding decides.
+/// trail our top logit by at most `max_gap`: a near-tie that rounding decides. Which way a
+/// near-tie goes depends on the CPU level's summation order (`FFAI_CPU_LEVEL`), so the
+/// parting point may come later than `agree` (never earlier) on another level.
 pub fn assert_agrees_with_llama_cpp(case: &LlamaCppCase, c: &Comparison, agree: usize, max_gap: f32) {
     let label = &case.prompt;
     assert_eq!(
@@ -152,17 +154,19 @@ pub fn assert_agrees_with_llama_cpp(case: &LlamaCppCase, c: &Comparison, agree: 
         c.text,
         case.text
     );
-    if agree == case.ids.len() {
+    if c.same == case.ids.len() {
         assert_eq!(c.text, case.text, "{label:?}: text");
         return;
     }
-    assert_eq!(
-        c.same, agree,
-        "{label:?}: expected to follow llama.cpp for exactly {agree} tokens"
+    assert!(
+        c.same >= agree,
+        "{label:?}: expected to follow llama.cpp for at least {agree} tokens, not {}",
+        c.same
     );
     assert!(
         c.gap <= max_gap,
-        "{label:?}: at token {agree} llama.cpp's choice trails ours by {} logits, not a near-tie",
+        "{label:?}: at token {} llama.cpp's choice trails ours by {} logits, not a near-tie",
+        c.same,
         c.gap
     );
 }

@@ -133,6 +133,7 @@ pub(super) fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
 
 /// `sum` plus the products of the elements past the last whole chunk, added one by
 /// one exactly as [`dot_float`] adds them (`float_gemm` finishes its outputs with it).
+#[cfg(target_arch = "x86_64")]
 pub(super) fn dot_tail(ty: super::WeightType, mut sum: f32, row_tail: &[u8], x_tail: &[f32]) -> f32 {
     let one = match ty {
         super::WeightType::F32 => one_f32,

@@ -41,7 +41,8 @@
 //! # Implementations
 //!
 //! Four implementations exist, chosen at run time (the fastest the CPU has, capped by
-//! [`force_q8_level`]; [`q8_backend_name`] says which runs):
+//! [`force_q8_level`] and by the environment variable [`CPU_LEVEL_ENV`],
+//! `FFAI_CPU_LEVEL`; [`q8_backend_name`] says which runs):
 //! * `"avx512vnni"`: x86-64 with AVX-512 F/BW/VL/VNNI (plus AVX2, FMA, F16C): the
 //!   AVX2 kernels with `vpdpbusd` / `vpdpwssd` (EVEX, 256-bit vectors);
 //! * `"avxvnni"`: the same kernels in the VEX AVX-VNNI encoding;
@@ -85,7 +86,6 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use super::{dot_row, WeightType, QK, QK_K};
 
-#[cfg(target_arch = "x86_64")]
 /// Legacy block kinds, the const-generic parameter of every level's legacy kernels.
 const Q4_0: u8 = 0;
 const Q4_1: u8 = 1;
@@ -105,6 +105,7 @@ const fn legacy_bytes(k: u8) -> usize {
 }
 
 mod affine;
+#[cfg(target_arch = "x86_64")]
 mod avx2;
 mod lowbit;
 mod portable;
@@ -188,9 +189,75 @@ pub enum Q8Level {
     Best = 255,
 }
 
+impl Q8Level {
+    /// The levels a name can give, lowest first.
+    pub const NAMED: [Q8Level; 4] = [Q8Level::Portable, Q8Level::Avx2, Q8Level::AvxVnni, Q8Level::Avx512Vnni];
+
+    /// The level's name: what [`q8_backend_name`] says when it runs, `"best"` for [`Q8Level::Best`].
+    pub fn name(self) -> &'static str {
+        match self {
+            Q8Level::Portable => "portable",
+            Q8Level::Avx2 => "avx2",
+            Q8Level::AvxVnni => "avxvnni",
+            Q8Level::Avx512Vnni => "avx512vnni",
+            Q8Level::Best => "best",
+        }
+    }
+
+    /// The level named `s` (one of [`Q8Level::name`]'s names, any case).
+    pub fn parse(s: &str) -> Option<Q8Level> {
+        let s = s.trim().to_ascii_lowercase();
+        Q8Level::NAMED
+            .into_iter()
+            .chain([Q8Level::Best])
+            .find(|l| l.name() == s)
+    }
+}
+
+/// The environment variable that caps the CPU kernels' level for the whole process:
+/// `portable`, `avx2`, `avxvnni`, `avx512vnni` or `best` (the default when unset or
+/// empty). Read once, at the first kernel call. The level that runs is the best this CPU
+/// has at or below both this cap and [`force_q8_level`]'s, so tests that walk the levels
+/// stay inside it. Meant for CI (the portable and AVX2 legs of scripts/test.sh) and for
+/// reproducing another machine's arithmetic.
+pub const CPU_LEVEL_ENV: &str = "FFAI_CPU_LEVEL";
+
+/// The cap [`CPU_LEVEL_ENV`] sets ([`Q8Level::Best`] when unset), or an error naming the
+/// value when it names no level. Read once per process.
+pub fn env_level() -> Result<Q8Level, String> {
+    static ENV: std::sync::OnceLock<Result<Q8Level, String>> = std::sync::OnceLock::new();
+    ENV.get_or_init(|| match std::env::var_os(CPU_LEVEL_ENV) {
+        None => Ok(Q8Level::Best),
+        Some(v) if v.is_empty() => Ok(Q8Level::Best),
+        Some(v) => v.to_str().and_then(Q8Level::parse).ok_or_else(|| {
+            format!(
+                "{CPU_LEVEL_ENV}={}: expected portable, avx2, avxvnni, avx512vnni or best",
+                v.to_string_lossy()
+            )
+        }),
+    })
+    .clone()
+}
+
+/// The cap in force from the environment; a bad value runs the portable kernels (the
+/// CLI refuses one before any kernel runs, see [`env_level`]) after one warning.
+fn env_cap() -> u8 {
+    match env_level() {
+        Ok(l) => l as u8,
+        Err(e) => {
+            static WARNED: AtomicBool = AtomicBool::new(false);
+            if !WARNED.swap(true, Ordering::Relaxed) {
+                eprintln!("warning: {e}; running the portable kernels");
+            }
+            PORTABLE
+        }
+    }
+}
+
 /// Makes every following call use at most implementation `level` (the best the CPU
-/// supports at or below it). Global; meant for tests and benchmarks (calls already
-/// running on other threads finish on the implementation they chose).
+/// supports at or below it and at or below [`CPU_LEVEL_ENV`]'s cap). Global; meant for
+/// tests and benchmarks (calls already running on other threads finish on the
+/// implementation they chose).
 pub fn force_q8_level(level: Q8Level) {
     CAP.store(level as u8, Ordering::SeqCst);
     ACTIVE.store(UNKNOWN, Ordering::SeqCst);
@@ -203,8 +270,9 @@ pub fn force_portable(on: bool) {
     force_q8_level(if on { Q8Level::Portable } else { Q8Level::Best });
 }
 
-/// The best implementation this CPU supports, at most `cap`.
+/// The best implementation this CPU supports, at most `cap` and the environment's cap.
 fn detect(cap: u8) -> u8 {
+    let cap = cap.min(env_cap());
     #[cfg(target_arch = "x86_64")]
     {
         if cap >= AVX512VNNI && vnni::avx512::detected() {
@@ -742,7 +810,9 @@ pub struct TokenTile {
     n: usize,
     cols: usize,
     /// Prepared records (empty when the kind or level has none); `off` 64-aligns them.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     buf: Vec<u8>,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     off: usize,
     prepared: bool,
 }

@@ -101,19 +101,23 @@ pub(super) fn load(dir: &Path) -> Result<Parts> {
     let tj_path = dir.join("tokenizer.json");
     let raw = read_limited(&tj_path, MAX_TOKENIZER_JSON_BYTES)?
         .ok_or_else(|| Error::new(format!("no tokenizer.json in {}", dir.display())))?;
-    let mut json: Value = serde_json::from_str(&raw).map_err(|e| Error::new(format!("parsing tokenizer.json: {e}")))?;
+    // Parsed once: the sections as values, the vocabulary and merges streamed through
+    // (checked) and copied as text into the model the crate reads directly.
+    let (json, checked) = {
+        let split = hf_check::split(&raw)?;
+        let checked = hf_check::check_tokenizer_json(&split)?;
+        let mut json = split.top;
+        json.insert("model".into(), Value::Object(split.model));
+        (Value::Object(json), checked)
+    };
     drop(raw);
-    // Read before the model is moved out of `json` for the crate.
     let model_unk = json
         .pointer("/model/unk_token")
         .and_then(Value::as_str)
         .map(str::to_owned);
-    let checked = hf_check::check_tokenizer_json(&mut json)?;
     let tok = contain("loading tokenizer.json", || {
-        tokenizers::Tokenizer::deserialize(&checked.value)
-    })?
-    .map_err(|e| Error::new(format!("loading tokenizer.json: {}", one_line(&e.to_string()))))?;
-    drop(checked.value);
+        crate_tokenizer(checked.value, checked.model)
+    })??;
     let config = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
     let gen = read_json(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
 
@@ -288,6 +292,92 @@ pub(super) fn load(dir: &Path) -> Result<Parts> {
         space_prefix_after_special,
         chat_template,
     })
+}
+
+/// The crate's tokenizer from the checked parts: a BPE model from the vocabulary and merges
+/// collected while checking them, through the crate's builder with the fields its
+/// deserializer would give it; another model type read from its JSON text by that type's
+/// own deserializer (the crate's `Tokenizer` deserializer would first buffer the whole
+/// model into two JSON trees); then the normalizer, the pre-tokenizer and the added
+/// tokens, as the crate's deserializer adds them.
+fn crate_tokenizer(rest: Value, model: hf_check::CheckedModel) -> Result<tokenizers::Tokenizer> {
+    use tokenizers::models::{bpe::BPE, unigram::Unigram, wordlevel::WordLevel, wordpiece::WordPiece, ModelWrapper};
+    let err = |e: serde_json::Error| Error::new(format!("loading tokenizer.json: {}", one_line(&e.to_string())));
+    let model = match model {
+        hf_check::CheckedModel::Bpe { fields, vocab, merges } => {
+            fn field<T: serde::de::DeserializeOwned>(
+                fields: &serde_json::Map<String, Value>,
+                key: &str,
+            ) -> Result<Option<T>> {
+                match fields.get(key) {
+                    None => Ok(None),
+                    Some(v) => Option::<T>::deserialize(v).map_err(|e| {
+                        Error::new(format!(
+                            "loading tokenizer.json: model.{key}: {}",
+                            one_line(&e.to_string())
+                        ))
+                    }),
+                }
+            }
+            let mut b = BPE::builder();
+            if let Some(x) = field::<f32>(&fields, "dropout")? {
+                b = b.dropout(x);
+            }
+            if let Some(x) = field::<String>(&fields, "unk_token")? {
+                b = b.unk_token(x);
+            }
+            if let Some(x) = field::<String>(&fields, "continuing_subword_prefix")? {
+                b = b.continuing_subword_prefix(x);
+            }
+            if let Some(x) = field::<String>(&fields, "end_of_word_suffix")? {
+                b = b.end_of_word_suffix(x);
+            }
+            if let Some(x) = field::<bool>(&fields, "fuse_unk")? {
+                b = b.fuse_unk(x);
+            }
+            if let Some(x) = field::<bool>(&fields, "byte_fallback")? {
+                b = b.byte_fallback(x);
+            }
+            if let Some(x) = field::<bool>(&fields, "ignore_merges")? {
+                b = b.ignore_merges(x);
+            }
+            let bpe = b
+                .vocab_and_merges(vocab, merges)
+                .build()
+                .map_err(|e| Error::new(format!("loading tokenizer.json: {}", one_line(&e.to_string()))))?;
+            ModelWrapper::BPE(bpe)
+        }
+        hf_check::CheckedModel::Text { ty, text } => match ty.as_str() {
+            "WordPiece" => ModelWrapper::WordPiece(serde_json::from_str::<WordPiece>(&text).map_err(err)?),
+            "WordLevel" => ModelWrapper::WordLevel(serde_json::from_str::<WordLevel>(&text).map_err(err)?),
+            "Unigram" => ModelWrapper::Unigram(serde_json::from_str::<Unigram>(&text).map_err(err)?),
+            other => bail!("tokenizer.json: model type {other:?}"),
+        },
+    };
+    let Value::Object(mut rest) = rest else {
+        bail!("tokenizer.json: checked sections are not an object");
+    };
+    if let Some(v) = rest.remove("version") {
+        if v.as_str() != Some("1.0") {
+            bail!(
+                "loading tokenizer.json: Unknown tokenizer version '{}'",
+                one_line(&v.to_string())
+            );
+        }
+    }
+    let mut tok = tokenizers::Tokenizer::new(model);
+    if let Some(v) = rest.remove("normalizer") {
+        tok.with_normalizer(serde_json::from_value::<Option<tokenizers::NormalizerWrapper>>(v).map_err(err)?);
+    }
+    if let Some(v) = rest.remove("pre_tokenizer") {
+        tok.with_pre_tokenizer(serde_json::from_value::<Option<tokenizers::PreTokenizerWrapper>>(v).map_err(err)?);
+    }
+    let added: Vec<tokenizers::AddedToken> = match rest.remove("added_tokens") {
+        Some(v) => serde_json::from_value(v).map_err(err)?,
+        None => Vec::new(),
+    };
+    tok.add_tokens(&added);
+    Ok(tok)
 }
 
 /// Calls `f` on the first object (depth first) with `"type": ty`.

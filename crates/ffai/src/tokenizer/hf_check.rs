@@ -11,9 +11,14 @@
 //! decodes with its own tables and adds BOS itself), and truncation and padding (which
 //! would cut or pad every prompt).
 
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::fmt;
 
+use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+use tokenizers::models::bpe::{Merges, Vocab};
 
 use super::limits::{
     check_count, check_id, check_len, MAX_ADDED_TOKENS, MAX_AFFIX_BYTES, MAX_CHARSMAP_BYTES, MAX_MERGES,
@@ -24,29 +29,108 @@ use super::regex_check::check_regex;
 use crate::error::{Error, Result};
 use crate::{bail, ensure};
 
+/// A tokenizer.json split at its top level without building a tree of the vocabulary:
+/// every section but the model, and the model's fields but `vocab` and `merges`, as
+/// values (small); `vocab` and `merges` as the file's own text, checked by streaming
+/// through them. (A `serde_json::Value` of Gemma 3's 262k-token vocabulary and 515k
+/// merges took hundreds of MiB.)
+pub(crate) struct Split<'a> {
+    /// Every top-level section except `model`.
+    pub top: Map<String, Value>,
+    /// The model's fields except `vocab` and `merges`.
+    pub model: Map<String, Value>,
+    vocab: Option<&'a RawValue>,
+    merges: Option<&'a RawValue>,
+}
+
+/// Splits `text` (a whole tokenizer.json) into its sections.
+pub(crate) fn split(text: &str) -> Result<Split<'_>> {
+    let top = object_of(text, "tokenizer.json")?;
+    let mut out = Split {
+        top: Map::new(),
+        model: Map::new(),
+        vocab: None,
+        merges: None,
+    };
+    let mut model = None;
+    for (k, v) in top {
+        if k == "model" {
+            model = Some(v);
+        } else {
+            out.top.insert(k, value_of(v)?);
+        }
+    }
+    let model = model.ok_or_else(|| Error::new("tokenizer.json has no model"))?;
+    for (k, v) in object_of(model.get(), "model")? {
+        match k.as_str() {
+            "vocab" => out.vocab = Some(v),
+            "merges" => out.merges = Some(v),
+            _ => {
+                out.model.insert(k, value_of(v)?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The members of a JSON object, in file order (a repeated key: the last one, as
+/// `serde_json` and the crate read it), or "`what` is not a JSON object".
+fn object_of<'a>(text: &'a str, what: &str) -> Result<Vec<(String, &'a RawValue)>> {
+    match serde_json::from_str::<HashMap<String, &RawValue>>(text) {
+        Ok(map) => {
+            let mut members: Vec<_> = map.into_iter().collect();
+            // The order the members came in (offsets into one string) for determinism.
+            members.sort_by_key(|(_, v)| v.get().as_ptr() as usize);
+            Ok(members)
+        }
+        // Another JSON type, or JSON too deep for serde_json (which skipping a value does
+        // not notice): the full parse, only on this error path, tells which.
+        Err(e) if e.is_data() => match serde_json::from_str::<Value>(text) {
+            Ok(_) => bail!("{what} is not a JSON object"),
+            Err(e) => bail!("parsing tokenizer.json: {e}"),
+        },
+        Err(e) => bail!("parsing tokenizer.json: {e}"),
+    }
+}
+
+fn value_of(v: &RawValue) -> Result<Value> {
+    serde_json::from_str(v.get()).map_err(|e| Error::new(format!("parsing tokenizer.json: {e}")))
+}
+
 /// A tokenizer.json reduced to what the `tokenizers` crate may see.
 pub(crate) struct Checked {
-    /// The JSON to deserialize the crate's `Tokenizer` from.
+    /// The checked sections other than the model (version, normalizer, pre-tokenizer,
+    /// added tokens), to give the crate.
     pub value: Value,
+    /// The checked model.
+    pub model: CheckedModel,
     /// (content, id) of every added token, to check the ids the crate gives them.
     pub added: Vec<(String, u32)>,
 }
 
-/// Checks `json` (a parsed tokenizer.json) and builds what the crate gets from it. The
-/// model is moved out of `json` (it can be most of the file); the rest stays.
-pub(crate) fn check_tokenizer_json(json: &mut Value) -> Result<Checked> {
-    let Value::Object(top) = json else {
-        bail!("tokenizer.json is not a JSON object");
-    };
+/// A checked model, in the form the crate is given it.
+pub(crate) enum CheckedModel {
+    /// A BPE model's checked fields, and its vocabulary and merges as collected while
+    /// they were checked, for the crate's `BpeBuilder`.
+    Bpe {
+        fields: Map<String, Value>,
+        vocab: Vocab,
+        merges: Merges,
+    },
+    /// Another model type (`WordPiece`, `WordLevel`, `Unigram`) as JSON text for its
+    /// deserializer: the checked fields, and `vocab` copied from the file after every
+    /// entry was checked.
+    Text { ty: String, text: String },
+}
+
+/// Checks a split tokenizer.json and builds what the crate gets from it.
+pub(crate) fn check_tokenizer_json(json: &Split) -> Result<Checked> {
+    let top = &json.top;
     let mut out = Map::new();
     if let Some(v) = top.get("version") {
         out.insert("version".into(), v.clone());
     }
-    let model = match top.get_mut("model") {
-        Some(m) => m.take(),
-        None => bail!("tokenizer.json has no model"),
-    };
-    out.insert("model".into(), check_model(model)?);
+    let model = check_model(json)?;
 
     let mut pipe = Pipeline::default();
     let normalizer_growth = match top.get("normalizer") {
@@ -80,6 +164,7 @@ pub(crate) fn check_tokenizer_json(json: &mut Value) -> Result<Checked> {
     out.insert("added_tokens".into(), added_value);
     Ok(Checked {
         value: Value::Object(out),
+        model,
         added,
     })
 }
@@ -134,24 +219,23 @@ fn type_of<'a>(map: &'a Map<String, Value>, path: &str) -> Result<&'a str> {
 
 // --- The model ---
 
-fn check_model(model: Value) -> Result<Value> {
-    let Value::Object(mut map) = model else {
-        bail!("model is not a JSON object");
-    };
+fn check_model(json: &Split) -> Result<CheckedModel> {
+    let map = &json.model;
+    let starts = |v: Option<&RawValue>, c: char| v.is_some_and(|v| v.get().trim_start().starts_with(c));
     let ty = match map.get("type") {
         Some(Value::String(s)) => s.clone(),
         Some(_) => bail!("model.type is not a string"),
         // Files from before "type" existed: the crate tries BPE, WordPiece, WordLevel,
         // Unigram in turn and takes the first that parses. Decide here instead, so a
         // BPE model whose merges are refused is not quietly read as WordPiece.
-        None if map.get("vocab").is_some_and(Value::is_array) => "Unigram".to_owned(),
-        None if map.contains_key("merges") => "BPE".to_owned(),
+        None if starts(json.vocab, '[') => "Unigram".to_owned(),
+        None if json.merges.is_some() => "BPE".to_owned(),
         None => "WordPiece".to_owned(),
     };
     let keys: &[&str] = match ty.as_str() {
         "BPE" => {
-            check_bpe(&map)?;
-            &[
+            let (vocab, merges) = check_bpe(json)?;
+            let keys = [
                 "dropout",
                 "unk_token",
                 "continuing_subword_prefix",
@@ -159,13 +243,17 @@ fn check_model(model: Value) -> Result<Value> {
                 "fuse_unk",
                 "byte_fallback",
                 "ignore_merges",
-            ]
+            ];
+            let Value::Object(fields) = keep(map, &ty, &keys) else {
+                unreachable!("keep builds an object")
+            };
+            return Ok(CheckedModel::Bpe { fields, vocab, merges });
         }
         "WordPiece" => {
-            vocab_map(map.get("vocab"))?;
-            opt_str(&map, "model", "unk_token", MAX_TOKEN_BYTES)?;
+            vocab_map(json.vocab)?;
+            opt_str(map, "model", "unk_token", MAX_TOKEN_BYTES)?;
             // Put in front of every candidate substring of every word.
-            opt_str(&map, "model", "continuing_subword_prefix", MAX_AFFIX_BYTES)?;
+            opt_str(map, "model", "continuing_subword_prefix", MAX_AFFIX_BYTES)?;
             match map.get("max_input_chars_per_word") {
                 None | Some(Value::Null) => {}
                 Some(v) => {
@@ -181,12 +269,12 @@ fn check_model(model: Value) -> Result<Value> {
             &["unk_token", "continuing_subword_prefix", "max_input_chars_per_word"]
         }
         "WordLevel" => {
-            vocab_map(map.get("vocab"))?;
-            opt_str(&map, "model", "unk_token", MAX_TOKEN_BYTES)?;
+            vocab_map(json.vocab)?;
+            opt_str(map, "model", "unk_token", MAX_TOKEN_BYTES)?;
             &["unk_token"]
         }
         "Unigram" => {
-            let n = unigram_vocab(map.get("vocab"))?;
+            let n = unigram_vocab(json.vocab)?;
             match map.get("unk_id") {
                 None | Some(Value::Null) => {}
                 Some(v) => {
@@ -206,51 +294,112 @@ fn check_model(model: Value) -> Result<Value> {
             quote(other)
         ),
     };
-    let mut out = match keep(&map, &ty, keys) {
-        Value::Object(o) => o,
-        _ => unreachable!("keep builds an object"),
-    };
-    // The big parts are moved, not copied.
-    for k in ["vocab", "merges"] {
-        if let Some(v) = map.get_mut(k) {
-            out.insert(k.into(), v.take());
-        }
+    // The checked fields, then the vocabulary as the file has it (checked entry by entry
+    // above): one JSON object, read by the crate's model type directly.
+    let mut text = serde_json::to_string(&keep(map, &ty, keys)).expect("a JSON value serializes");
+    text.pop(); // the closing brace
+    if let Some(v) = json.vocab {
+        text.push_str(",\"vocab\":");
+        text.push_str(v.get());
     }
-    Ok(Value::Object(out))
+    text.push('}');
+    Ok(CheckedModel::Text { ty, text })
+}
+
+/// Runs a streaming check over `raw` with `visitor`, which records its own error in `err`
+/// (the serde error it returns only stops the walk). A serde error with nothing
+/// recorded is a wrong JSON type: `wrong_type` says what was expected.
+fn stream<'de, V: Visitor<'de>>(
+    raw: &'de RawValue,
+    visitor: V,
+    err: &RefCell<Option<Error>>,
+    wrong_type: &str,
+) -> Result<V::Value> {
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    match (&mut de).deserialize_any(visitor) {
+        Ok(v) => Ok(v),
+        Err(e) => Err(err.borrow_mut().take().unwrap_or_else(|| {
+            if e.is_data() {
+                Error::new(wrong_type.to_owned())
+            } else {
+                Error::new(format!("parsing tokenizer.json: {e}"))
+            }
+        })),
+    }
+}
+
+/// Records `e` for [`stream`] and stops the walk.
+fn fail<E: serde::de::Error>(slot: &RefCell<Option<Error>>, e: Error) -> E {
+    *slot.borrow_mut() = Some(e);
+    E::custom("checked")
 }
 
 /// Checks a `{"token": id}` vocabulary: size, token lengths, ids below the limit, and no
-/// id given to two tokens (the crate would keep one of them at random).
-fn vocab_map(v: Option<&Value>) -> Result<()> {
-    let entries = match v {
-        Some(Value::Object(m)) => m,
-        Some(_) => bail!("model.vocab is not a JSON object"),
-        None => bail!("model has no vocab"),
+/// id given to two tokens (the crate would keep one of them at random). Returns it (a
+/// repeated token: the last one, as the crate reads it).
+fn vocab_map(v: Option<&RawValue>) -> Result<Vocab> {
+    let Some(raw) = v else {
+        bail!("model has no vocab");
     };
-    check_count("model.vocab", entries.len(), MAX_VOCAB_SIZE)?;
-    let mut owner: HashMap<u32, &str> = HashMap::with_capacity(entries.len());
-    for (text, id) in entries {
-        if text.len() > MAX_TOKEN_BYTES {
-            bail!(
-                "model.vocab holds a token of {} bytes ({}), more than the limit of {MAX_TOKEN_BYTES}",
-                text.len(),
-                quote(text)
-            );
+    struct Check<'e>(&'e RefCell<Option<Error>>);
+    impl<'de> Visitor<'de> for Check<'_> {
+        type Value = Vocab;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object")
         }
-        let field = format!("model.vocab[{}]", quote(text));
-        let id = id
-            .as_u64()
-            .ok_or_else(|| Error::new(format!("{field} is not a non-negative integer id")))?;
-        let id = check_id(&field, id)?;
-        if let Some(prev) = owner.insert(id, text) {
-            bail!("model.vocab gives id {id} to both {} and {}", quote(prev), quote(text));
+        fn visit_map<A: MapAccess<'de>>(self, mut entries: A) -> std::result::Result<Vocab, A::Error> {
+            let mut vocab = Vocab::default();
+            while let Some((text, id)) = entries.next_entry::<String, Value>()? {
+                let r = (|| -> Result<u32> {
+                    ensure!(
+                        vocab.len() < MAX_VOCAB_SIZE,
+                        "model.vocab has more than the limit of {MAX_VOCAB_SIZE} entries"
+                    );
+                    if text.len() > MAX_TOKEN_BYTES {
+                        bail!(
+                            "model.vocab holds a token of {} bytes ({}), more than the limit of {MAX_TOKEN_BYTES}",
+                            text.len(),
+                            quote(&text)
+                        );
+                    }
+                    let field = format!("model.vocab[{}]", quote(&text));
+                    let id = id
+                        .as_u64()
+                        .ok_or_else(|| Error::new(format!("{field} is not a non-negative integer id")))?;
+                    check_id(&field, id)
+                })();
+                match r {
+                    Ok(id) => {
+                        vocab.insert(text, id);
+                    }
+                    Err(e) => return Err(fail(self.0, e)),
+                }
+            }
+            Ok(vocab)
         }
     }
-    Ok(())
+    let err = RefCell::new(None);
+    let vocab = stream(raw, Check(&err), &err, "model.vocab is not a JSON object")?;
+    let mut owner: HashMap<u32, &str> = HashMap::with_capacity(vocab.len());
+    for (text, &id) in vocab.iter() {
+        if let Some(prev) = owner.insert(id, text) {
+            let (a, b) = if prev < text.as_str() {
+                (prev, text.as_str())
+            } else {
+                (text.as_str(), prev)
+            };
+            bail!("model.vocab gives id {id} to both {} and {}", quote(a), quote(b));
+        }
+    }
+    drop(owner);
+    Ok(vocab)
 }
 
-fn check_bpe(map: &Map<String, Value>) -> Result<()> {
-    vocab_map(map.get("vocab"))?;
+/// Checks a BPE model; returns its vocabulary and merges (`"a b"` strings split, the
+/// `#version` lines the crate skips left out).
+fn check_bpe(json: &Split) -> Result<(Vocab, Merges)> {
+    let map = &json.model;
+    let vocab = vocab_map(json.vocab)?;
     opt_str(map, "model", "unk_token", MAX_TOKEN_BYTES)?;
     // Each is glued to every character of every word the model encodes.
     let prefix = opt_str(map, "model", "continuing_subword_prefix", MAX_AFFIX_BYTES)?.unwrap_or("");
@@ -263,82 +412,149 @@ fn check_bpe(map: &Map<String, Value>) -> Result<()> {
             None => bail!("model.dropout is not a number"),
         },
     }
-    let merges = match map.get("merges") {
-        Some(Value::Array(m)) => m,
-        Some(_) => bail!("model.merges is not an array"),
-        None => bail!("model has vocab but no merges"),
+    let Some(raw) = json.merges else {
+        bail!("model has vocab but no merges");
     };
-    check_count("model.merges", merges.len(), MAX_MERGES)?;
-    let mut pairs = 0usize;
-    for (i, m) in merges.iter().enumerate() {
-        let (a, b) = match m {
-            // The crate's old form: "a b", exactly one space.
-            Value::String(s) => {
-                let mut parts = s.split(' ');
-                match (parts.next(), parts.next(), parts.next()) {
-                    (Some(a), Some(b), None) => (a, b),
-                    _ => bail!(
-                        "model.merges[{i}] = {} is not two tokens separated by one space",
-                        quote(s)
-                    ),
+    struct Check<'e> {
+        err: &'e RefCell<Option<Error>>,
+        prefix: &'e str,
+    }
+    impl<'de> Visitor<'de> for Check<'_> {
+        type Value = Merges;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an array")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> std::result::Result<Merges, A::Error> {
+            let (mut i, mut pairs) = (0usize, 0usize);
+            let mut merges = Merges::new();
+            while let Some(m) = items.next_element::<Value>()? {
+                match check_merge(i, m, self.prefix, &mut pairs) {
+                    Ok(Some(pair)) => merges.push(pair),
+                    Ok(None) => {}
+                    Err(e) => return Err(fail(self.err, e)),
                 }
+                i += 1;
             }
-            Value::Array(p) => {
-                pairs += 1;
-                match p.as_slice() {
-                    [Value::String(a), Value::String(b)] => (a.as_str(), b.as_str()),
-                    _ => bail!("model.merges[{i}] is not a pair of strings"),
-                }
+            if pairs != 0 && pairs != i {
+                return Err(fail(
+                    self.err,
+                    Error::new("model.merges mixes \"a b\" strings and [a, b] pairs"),
+                ));
             }
-            _ => bail!("model.merges[{i}] is neither a string nor a pair of strings"),
-        };
-        for part in [a, b] {
-            if part.len() > MAX_TOKEN_BYTES {
-                bail!(
-                    "model.merges[{i}] holds a token of {} bytes, more than the limit of {MAX_TOKEN_BYTES}",
-                    part.len()
-                );
+            Ok(merges)
+        }
+    }
+    let err = RefCell::new(None);
+    let merges = stream(raw, Check { err: &err, prefix }, &err, "model.merges is not an array")?;
+    Ok((vocab, merges))
+}
+
+/// Checks merge `i`; counts the `[a, b]` pairs. Returns the pair, or `None` for a
+/// `"#version..."` line (the crate skips those in the string form).
+fn check_merge(i: usize, m: Value, prefix: &str, pairs: &mut usize) -> Result<Option<(String, String)>> {
+    ensure!(
+        i < MAX_MERGES,
+        "model.merges has more than the limit of {MAX_MERGES} entries"
+    );
+    let (a, b, version) = match &m {
+        // The crate's old form: "a b", exactly one space.
+        Value::String(s) => {
+            let mut parts = s.split(' ');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(a), Some(b), None) => (a, b, s.starts_with("#version")),
+                _ if s.starts_with("#version") => return Ok(None),
+                _ => bail!(
+                    "model.merges[{i}] = {} is not two tokens separated by one space",
+                    quote(s)
+                ),
             }
         }
-        // The crate builds the merged token as `a + b[prefix.len()..]`: a `b` that does not
-        // start with the prefix panics there (or silently loses characters).
-        if !b.starts_with(prefix) {
+        Value::Array(p) => {
+            *pairs += 1;
+            match p.as_slice() {
+                [Value::String(a), Value::String(b)] => (a.as_str(), b.as_str(), false),
+                _ => bail!("model.merges[{i}] is not a pair of strings"),
+            }
+        }
+        _ => bail!("model.merges[{i}] is neither a string nor a pair of strings"),
+    };
+    if version {
+        return Ok(None);
+    }
+    for part in [a, b] {
+        if part.len() > MAX_TOKEN_BYTES {
             bail!(
-                "model.merges[{i}]: {} does not start with continuing_subword_prefix {}",
-                quote(b),
-                quote(prefix)
+                "model.merges[{i}] holds a token of {} bytes, more than the limit of {MAX_TOKEN_BYTES}",
+                part.len()
             );
         }
     }
-    ensure!(
-        pairs == 0 || pairs == merges.len(),
-        "model.merges mixes \"a b\" strings and [a, b] pairs"
-    );
-    Ok(())
+    // The crate builds the merged token as `a + b[prefix.len()..]`: a `b` that does not
+    // start with the prefix panics there (or silently loses characters).
+    if !b.starts_with(prefix) {
+        bail!(
+            "model.merges[{i}]: {} does not start with continuing_subword_prefix {}",
+            quote(b),
+            quote(prefix)
+        );
+    }
+    Ok(Some((a.to_owned(), b.to_owned())))
 }
 
 /// Checks a Unigram `[[piece, score], ...]` vocabulary; returns its size.
-fn unigram_vocab(v: Option<&Value>) -> Result<usize> {
-    let pieces = match v {
-        Some(Value::Array(p)) => p,
-        Some(_) => bail!("model.vocab of a Unigram model is not an array"),
-        None => bail!("model has no vocab"),
+fn unigram_vocab(v: Option<&RawValue>) -> Result<usize> {
+    let Some(raw) = v else {
+        bail!("model has no vocab");
     };
-    check_count("model.vocab", pieces.len(), MAX_VOCAB_SIZE)?;
-    for (i, p) in pieces.iter().enumerate() {
-        let (Some(Value::String(text)), Some(score), 2) = (p.get(0), p.get(1), p.as_array().map_or(0, Vec::len)) else {
-            bail!("model.vocab[{i}] is not a [piece, score] pair");
-        };
-        ensure!(score.is_number(), "model.vocab[{i}] has a score that is not a number");
-        // An empty piece matches nowhere and everywhere in the lattice.
-        ensure!(!text.is_empty(), "model.vocab[{i}] is an empty piece");
-        ensure!(
-            text.len() <= MAX_TOKEN_BYTES,
-            "model.vocab[{i}] is a piece of {} bytes, more than the limit of {MAX_TOKEN_BYTES}",
-            text.len()
-        );
+    struct Check<'e> {
+        err: &'e RefCell<Option<Error>>,
+        n: &'e RefCell<usize>,
     }
-    Ok(pieces.len())
+    impl<'de> Visitor<'de> for Check<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an array")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> std::result::Result<(), A::Error> {
+            let mut i = 0usize;
+            while let Some(p) = items.next_element::<Value>()? {
+                if let Err(e) = check_piece(i, &p) {
+                    return Err(fail(self.err, e));
+                }
+                i += 1;
+            }
+            *self.n.borrow_mut() = i;
+            Ok(())
+        }
+    }
+    let (err, n) = (RefCell::new(None), RefCell::new(0));
+    stream(
+        raw,
+        Check { err: &err, n: &n },
+        &err,
+        "model.vocab of a Unigram model is not an array",
+    )?;
+    Ok(n.into_inner())
+}
+
+/// Checks piece `i` of a Unigram vocabulary.
+fn check_piece(i: usize, p: &Value) -> Result<()> {
+    ensure!(
+        i < MAX_VOCAB_SIZE,
+        "model.vocab has more than the limit of {MAX_VOCAB_SIZE} entries"
+    );
+    let (Some(Value::String(text)), Some(score), 2) = (p.get(0), p.get(1), p.as_array().map_or(0, Vec::len)) else {
+        bail!("model.vocab[{i}] is not a [piece, score] pair");
+    };
+    ensure!(score.is_number(), "model.vocab[{i}] has a score that is not a number");
+    // An empty piece matches nowhere and everywhere in the lattice.
+    ensure!(!text.is_empty(), "model.vocab[{i}] is an empty piece");
+    ensure!(
+        text.len() <= MAX_TOKEN_BYTES,
+        "model.vocab[{i}] is a piece of {} bytes, more than the limit of {MAX_TOKEN_BYTES}",
+        text.len()
+    );
+    Ok(())
 }
 
 // --- Added tokens ---

@@ -707,3 +707,16 @@ fn gguf_merges(file: &GgufFile) -> Result<Vec<String>> {
         ),
     }
 }
+
+/// Hands the heap memory freed so far back to the system. Loading a tokenizer.json frees
+/// tens of MiB of small blocks (the checking pass, the crate's intermediate maps) that
+/// glibc would otherwise keep in the resident set next to the weights; for Gemma 3's
+/// bf16 directory that was 46 MiB of its peak. A no-op off glibc.
+pub fn release_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel; it takes the
+    // allocator's own locks and touches no memory the program holds.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
