@@ -135,19 +135,23 @@ pub struct SsmParams<'a> {
 }
 
 /// Scratch floats [`scan_head`] needs for a shape.
-pub fn scan_scratch(s: &SsmShape) -> usize {
-    3 * s.chunk.max(1) + s.head_dim
+pub fn scan_scratch(_s: &SsmShape) -> usize {
+    0
 }
 
 /// The Mamba 2 scan of one head `h` over one sequence's `n` rows (first at position `p0`):
 /// per row, `dt = clamp(softplus(dt_raw + dt_bias))`, `S = exp(dt * a) S + dt x Bᵀ`,
 /// `y = S C + d x`. `xbc` rows are `[x | B | C]` (see [`SsmShape`]), `dt_raw` rows are
 /// `heads` wide, `state` is this head's `[head_dim][state]`, and `out` is this head's
-/// `[n][head_dim]`. The rows are cut at multiples
-/// of `shape.chunk`; single rows take the recurrence, longer pieces the chunked form
-/// (within a piece, `y_t = exp(sum_{u<=t} dA_u) C_t·S + sum_{s<=t} (C_t·B_s)
-/// exp(sum_{s<u<=t} dA_u) dt_s x_s`, and the state moves to the piece's end once), with
-/// every decay summed from the row backwards so no large cumulative sums cancel.
+/// `[n][head_dim]`.
+///
+/// Every row takes the one-step recurrence, prefill included. On a CPU it is the cheaper
+/// form: the head's state (`head_dim · state` floats, 32 KB for Mamba2-370m) stays in L1
+/// across the rows, and a row costs `3 · head_dim · state` flops, where the chunked (SSD)
+/// form costs about `chunk · (head_dim + state)` more per row (`C_t·B_s` and the decayed
+/// sum over the earlier rows of the chunk) and an `exp` per pair of rows; the chunked form
+/// pays off where matrix units do its products (the GPU kernel). Each row's arithmetic is
+/// fixed (lane-wise sums in a fixed order), so results do not depend on how rows are cut.
 #[allow(clippy::too_many_arguments)]
 pub fn scan_head(
     xbc: &[f32],
@@ -159,7 +163,7 @@ pub fn scan_head(
     p: &SsmParams<'_>,
     state: &mut [f32],
     out: &mut [f32],
-    scratch: &mut [f32],
+    _scratch: &mut [f32],
 ) {
     let (hd, ns, heads) = (shape.head_dim, shape.state, shape.heads);
     let width = shape.row_width();
@@ -171,81 +175,46 @@ pub fn scan_head(
     if p0 == 0 {
         state.fill(0.0);
     }
-    let chunk = shape.chunk.max(1);
-    let (dts, rest) = scratch.split_at_mut(chunk);
-    let (das, rest) = rest.split_at_mut(chunk);
-    let (cb, rest) = rest.split_at_mut(chunk);
-    let acc = &mut rest[..hd];
-    let mut i = 0;
-    while i < n {
-        let pos = p0 + i;
-        let len = (chunk - pos % chunk).min(n - i);
-        for k in 0..len {
-            let dt = softplus(dt_raw[(i + k) * heads + h] + p.dt_bias[h]).clamp(shape.dt_min, shape.dt_max);
-            dts[k] = dt;
-            das[k] = dt * a;
+    for i in 0..n {
+        let dt = softplus(dt_raw[i * heads + h] + p.dt_bias[h]).clamp(shape.dt_min, shape.dt_max);
+        let decay = (dt * a).exp();
+        let row = &xbc[i * width..(i + 1) * width];
+        let (x, b, c) = (&row[xo..xo + hd], &row[bo..bo + ns], &row[co..co + ns]);
+        let o = &mut out[i * hd..(i + 1) * hd];
+        for (e, s) in state.chunks_exact_mut(ns).enumerate() {
+            o[e] = scan_row(s, b, c, decay, dt * x[e]) + d * x[e];
         }
-        if len == 1 {
-            // The one-step recurrence.
-            let row = &xbc[i * width..(i + 1) * width];
-            let (x, b, c) = (&row[xo..xo + hd], &row[bo..bo + ns], &row[co..co + ns]);
-            let (decay, dt) = (das[0].exp(), dts[0]);
-            let o = &mut out[i * hd..(i + 1) * hd];
-            for (e, s) in state.chunks_exact_mut(ns).enumerate() {
-                let coef = dt * x[e];
-                let mut y = 0f32;
-                for ((sv, &bv), &cv) in s.iter_mut().zip(b).zip(c) {
-                    *sv = *sv * decay + coef * bv;
-                    y += *sv * cv;
-                }
-                o[e] = y + d * x[e];
-            }
-        } else {
-            for t in 0..len {
-                let rt = &xbc[(i + t) * width..(i + t + 1) * width];
-                let ct = &rt[co..co + ns];
-                for s in 0..=t {
-                    let rs = &xbc[(i + s) * width..(i + s + 1) * width];
-                    cb[s] = ops::dot_f32(ct, &rs[bo..bo + ns]);
-                }
-                acc.fill(0.0);
-                // Walk back from row t: `decay` is the sum of dA over rows s+1..=t.
-                let mut decay = 0f32;
-                for s in (0..=t).rev() {
-                    let rs = &xbc[(i + s) * width..(i + s + 1) * width];
-                    let wgt = decay.exp() * cb[s] * dts[s];
-                    for (o, &xv) in acc.iter_mut().zip(&rs[xo..xo + hd]) {
-                        *o += wgt * xv;
-                    }
-                    decay += das[s];
-                }
-                let carry = decay.exp();
-                let xt = &rt[xo..xo + hd];
-                let o = &mut out[(i + t) * hd..(i + t + 1) * hd];
-                for (e, s) in state.chunks_exact(ns).enumerate() {
-                    o[e] = carry * ops::dot_f32(s, ct) + acc[e] + d * xt[e];
-                }
-            }
-            // The state at the piece's end.
-            let total: f32 = das[..len].iter().rev().sum();
-            let total = total.exp();
-            state.iter_mut().for_each(|v| *v *= total);
-            let mut decay = 0f32;
-            for s in (0..len).rev() {
-                let rs = &xbc[(i + s) * width..(i + s + 1) * width];
-                let wgt = decay.exp() * dts[s];
-                let (x, b) = (&rs[xo..xo + hd], &rs[bo..bo + ns]);
-                for (e, st) in state.chunks_exact_mut(ns).enumerate() {
-                    let coef = wgt * x[e];
-                    for (sv, &bv) in st.iter_mut().zip(b) {
-                        *sv += coef * bv;
-                    }
-                }
-                decay += das[s];
-            }
-        }
-        i += len;
     }
+}
+
+/// One row of a head's state: `s = decay · s + coef · b`, and `Σ s · c` of the new `s`,
+/// summed in 16 lanes (so the compiler vectorises it) folded in a fixed order.
+#[inline]
+fn scan_row(s: &mut [f32], b: &[f32], c: &[f32], decay: f32, coef: f32) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0f32; L];
+    let full = s.len() / L * L;
+    for ((sl, bl), cl) in s[..full]
+        .chunks_exact_mut(L)
+        .zip(b[..full].chunks_exact(L))
+        .zip(c[..full].chunks_exact(L))
+    {
+        for j in 0..L {
+            let v = sl[j] * decay + coef * bl[j];
+            sl[j] = v;
+            acc[j] += v * cl[j];
+        }
+    }
+    let mut y = 0f32;
+    for v in acc {
+        y += v;
+    }
+    for j in full..s.len() {
+        let v = s[j] * decay + coef * b[j];
+        s[j] = v;
+        y += v * c[j];
+    }
+    y
 }
 
 /// Gated RMSNorm of one row in place, per group of `group` elements. Gate first (Mamba
