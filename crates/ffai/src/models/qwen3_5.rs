@@ -15,17 +15,14 @@
 //! The multimodal wrappers (`qwen3_5`, `qwen3_5_moe`) load through their `text_config`
 //! and `model.language_model.*` tensors; the vision tower and the MTP head are not read.
 
-use ffai_kernels::ssm::GdnShape;
-
-use super::decoder::{self, DecoderSpec, Identity, NormKind, QkNorm};
+use super::decoder::{self, DecoderSpec, Identity};
 use super::moe::{self, MoeAct, MoeRouting, MoeSpec};
-use super::recurrent::{self, GdnSpec, MixerSpec, RecurrentSpec};
 use super::{Device, Family, LanguageModel};
-use crate::config::{ModelConfig, MAX_DIM};
+use crate::config::ModelConfig;
+use crate::ensure;
 use crate::error::Result;
 use crate::generate::GenerationParameters;
 use crate::weights::Weights;
-use crate::{bail, ensure};
 
 pub const FAMILY: Family = Family {
     name: "qwen3_5",
@@ -62,89 +59,14 @@ impl Qwen3_5 {
     }
 }
 
-/// Which layers are DeltaNet layers: `layer_types`, else every `full_attention_interval`-th
-/// (default 4th) layer attends.
-fn linear_layers(cfg: &ModelConfig) -> Result<Vec<bool>> {
-    if let Some(l) = recurrent::layer_types(cfg)? {
-        return Ok(l);
-    }
-    let every = recurrent::sized(
-        cfg,
-        "full_attention_interval",
-        cfg.extra_usize("full_attention_interval", "")?,
-        Some(4),
-        MAX_DIM,
-    )?;
-    Ok((0..cfg.num_layers).map(|i| !(i + 1).is_multiple_of(every)).collect())
-}
-
-/// The rotated dims: `partial_rotary_factor` from `rope_parameters` (transformers 5), else
-/// the top level, else 0.25 (the config's default).
-fn rotary_dims(cfg: &ModelConfig) -> Result<usize> {
-    let factor = match cfg
-        .extra("rope_parameters", "")
-        .and_then(|r| r.get("partial_rotary_factor").cloned())
-    {
-        Some(v) => v.as_f64(),
-        None => match cfg.extra("partial_rotary_factor", "") {
-            Some(v) => v.as_f64(),
-            None => Some(0.25),
-        },
-    };
-    let rot = match factor {
-        Some(f) if f > 0.0 && f <= 1.0 => ((cfg.head_dim as f64 * f) as usize) & !1,
-        _ => bail!("{}: partial_rotary_factor must be a number in (0, 1]", cfg.source),
-    };
-    ensure!(
-        rot >= 2,
-        "{}: partial_rotary_factor rotates no dimension pair",
-        cfg.source
-    );
-    Ok(rot)
-}
-
-/// The decoder shape both variants share.
+/// The decoder shape both variants share: Qwen3-Next's.
 fn spec(cfg: &ModelConfig) -> Result<DecoderSpec> {
     ensure!(
         !cfg.attention_bias,
         "{}: Qwen3.5 attention biases are not supported",
         cfg.source
     );
-    let u =
-        |k: &str, d: usize| -> Result<usize> { recurrent::sized(cfg, k, cfg.extra_usize(k, "")?, Some(d), MAX_DIM) };
-    let shape = GdnShape {
-        k_heads: u("linear_num_key_heads", 16)?,
-        v_heads: u("linear_num_value_heads", 32)?,
-        k_dim: u("linear_key_head_dim", 128)?,
-        v_dim: u("linear_value_head_dim", 128)?,
-    };
-    let conv_kernel = recurrent::conv_kernel(
-        cfg,
-        "linear_conv_kernel_dim",
-        cfg.extra_usize("linear_conv_kernel_dim", "")?,
-        4,
-    )?;
-    let rot = rotary_dims(cfg)?;
-    let inv_freq: Vec<f32> = (0..rot / 2)
-        .map(|i| (1.0 / cfg.rope_theta.powf((2 * i) as f64 / rot as f64)) as f32)
-        .collect();
-    Ok(DecoderSpec {
-        norm: NormKind::RmsPlusOne,
-        qk_norm: QkNorm::PerHead,
-        attn_gate: true,
-        ropes: vec![inv_freq],
-        recurrent: Some(RecurrentSpec {
-            layers: linear_layers(cfg)?,
-            mixer: MixerSpec::GatedDeltaNet(GdnSpec {
-                shape,
-                conv_kernel,
-                norm_eps: cfg.rms_norm_eps as f32,
-            }),
-            mlp: vec![true; cfg.num_layers],
-            mlp_only: vec![false; cfg.num_layers],
-        }),
-        ..DecoderSpec::llama(cfg, None)
-    })
+    super::qwen3_next::gdn_decoder_spec(cfg)
 }
 
 fn load_dense(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn LanguageModel>> {

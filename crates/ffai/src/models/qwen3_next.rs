@@ -100,8 +100,9 @@ fn moe_spec(cfg: &ModelConfig, w: &Weights) -> Result<Option<MoeSpec>> {
     Ok(Some(spec))
 }
 
-fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn LanguageModel>> {
-    let moe = moe_spec(cfg, w)?;
+/// The decoder shape Qwen3-Next and Qwen3.5 share (no MoE): the DeltaNet layers and
+/// their shape, partial RoPE on the attention layers, `(1 + w)` norms, gated attention.
+pub(crate) fn gdn_decoder_spec(cfg: &ModelConfig) -> Result<DecoderSpec> {
     let layers = linear_layers(cfg)?;
     let u =
         |k: &str, d: usize| -> Result<usize> { recurrent::sized(cfg, k, cfg.extra_usize(k, "")?, Some(d), MAX_DIM) };
@@ -141,7 +142,7 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
     let inv_freq: Vec<f32> = (0..rot / 2)
         .map(|i| (1.0 / cfg.rope_theta.powf((2 * i) as f64 / rot as f64)) as f32)
         .collect();
-    let spec = DecoderSpec {
+    Ok(DecoderSpec {
         norm: NormKind::RmsPlusOne,
         qk_norm: QkNorm::PerHead,
         attn_gate: true,
@@ -156,8 +157,15 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
             mlp: vec![true; cfg.num_layers],
             mlp_only: vec![false; cfg.num_layers],
         }),
-        moe,
         ..DecoderSpec::llama(cfg, None)
+    })
+}
+
+fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn LanguageModel>> {
+    let moe = moe_spec(cfg, w)?;
+    let spec = DecoderSpec {
+        moe,
+        ..gdn_decoder_spec(cfg)?
     };
     let id = Identity {
         family: FAMILY.name,
