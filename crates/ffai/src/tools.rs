@@ -109,6 +109,9 @@ pub enum ToolFormat {
     Llama3,
     Mistral,
     Harmony,
+    /// Granite 3.x: `<|tool_call|>` then a JSON list of `{"name", "arguments"}` objects.
+    /// (Granite 4 templates teach the Hermes form.)
+    Granite,
 }
 
 /// A template's tool format, and whether the template renders tools itself.
@@ -127,6 +130,8 @@ impl ToolTemplate {
             ToolFormat::Harmony
         } else if has("[TOOL_CALLS]") {
             ToolFormat::Mistral
+        } else if has("<|tool_call|>") {
+            ToolFormat::Granite
         } else if has("<tool_call>") {
             ToolFormat::Hermes
         } else if has("<|python_tag|>") || (has("<|start_header_id|>") && has("\"parameters\"")) {
@@ -374,6 +379,19 @@ fn hermes_block(call: &Value) -> String {
     format!("<tool_call>\n{body}\n</tool_call>")
 }
 
+/// A history message's calls as Granite writes them: `<|tool_call|>[{...}, ...]`.
+fn granite_calls(calls: &[Value]) -> String {
+    let list: Vec<Value> = calls
+        .iter()
+        .map(|call| {
+            let f = call.get("function").unwrap_or(call);
+            let name = f.get("name").and_then(Value::as_str).unwrap_or("");
+            json!({"name": name, "arguments": f.get("arguments").cloned().unwrap_or(json!({}))})
+        })
+        .collect();
+    format!("<|tool_call|>{}", Value::Array(list))
+}
+
 fn text_of(c: &Content) -> String {
     match c {
         Content::Text(t) => t.clone(),
@@ -431,6 +449,17 @@ pub fn prepare_messages(
                     if let Some(id) = c.get("id").and_then(Value::as_str) {
                         c["id"] = mistral_call_id(id).into();
                     }
+                }
+            }
+        }
+        if tpl.format == ToolFormat::Granite {
+            // Granite's template renders tools and tool results but drops an assistant
+            // turn's `tool_calls`: they go into its content, as the model writes them.
+            for m in &mut out {
+                if let Some(calls) = m.tool_calls.take().filter(|c| !c.is_empty()) {
+                    let mut text = text_of(&m.content);
+                    text.push_str(&granite_calls(&calls));
+                    m.content = Content::Text(text);
                 }
             }
         }
@@ -608,6 +637,7 @@ pub fn grammar(
     let (open, close) = match format {
         ToolFormat::Hermes => (marker(tok, "<tool_call>"), marker(tok, "</tool_call>")),
         ToolFormat::Mistral => (marker(tok, "[TOOL_CALLS]"), String::new()),
+        ToolFormat::Granite => (marker(tok, "<|tool_call|>"), String::new()),
         ToolFormat::Harmony => (marker(tok, "<|channel|>"), marker(tok, "<|constrain|>")),
         ToolFormat::Llama3 => (String::new(), String::new()),
     };
@@ -627,7 +657,7 @@ pub fn grammar(
                 lark_str("}\n"),
             ),
             ToolFormat::Llama3 => format!("{} args_{i} \"}}\"", head("parameters")),
-            ToolFormat::Mistral => format!("{} args_{i} \"}}\"", head("arguments")),
+            ToolFormat::Mistral | ToolFormat::Granite => format!("{} args_{i} \"}}\"", head("arguments")),
             ToolFormat::Harmony => format!(
                 "{open} {} {close} \"json\" {message} args_{i}",
                 lark_str(&format!("commentary to=functions.{} ", t.name)),
@@ -645,6 +675,11 @@ pub fn grammar(
             MAX_FORCED_CALLS - 1
         ),
         (ToolFormat::Mistral, false) => format!("start: {open} \" [\" call \"]\"\n"),
+        (ToolFormat::Granite, true) => format!(
+            "start: {open} \"[\" call (\", \" call){{0,{}}} \"]\"\n",
+            MAX_FORCED_CALLS - 1
+        ),
+        (ToolFormat::Granite, false) => format!("start: {open} \"[\" call \"]\"\n"),
         _ => "start: call\n".to_string(),
     };
     Some(format!("{start}{g}"))
@@ -812,6 +847,21 @@ pub fn parse_mistral(text: &str, names: &[&str]) -> Option<Parsed> {
     })
 }
 
+/// Granite 3.x: text, then `<|tool_call|>` and a JSON list of call objects.
+pub fn parse_granite(text: &str, names: &[&str]) -> Option<Parsed> {
+    const TAG: &str = "<|tool_call|>";
+    let start = text.find(TAG)?;
+    let list: Vec<RawCall> = serde_json::from_str(&text[start + TAG.len()..]).ok()?;
+    if list.is_empty() || list.len() > MAX_CALLS {
+        return None;
+    }
+    let calls = list.iter().map(|c| call_from(c, names)).collect::<Option<Vec<_>>>()?;
+    Some(Parsed {
+        content: content_before(text, start),
+        calls,
+    })
+}
+
 /// Harmony: messages whose header names a recipient `to=functions.NAME` are calls (their
 /// body, up to `<|call|>`, `<|end|>` or the end, is the JSON arguments); the text before
 /// the first such message is the content.
@@ -874,6 +924,7 @@ impl ToolFormat {
             ToolFormat::Llama3 => parse_llama3(text, names),
             ToolFormat::Mistral => parse_mistral(text, names),
             ToolFormat::Harmony => parse_harmony(text, names),
+            ToolFormat::Granite => parse_granite(text, names),
         }
     }
 
@@ -889,6 +940,7 @@ impl ToolFormat {
             ToolFormat::Hermes => &["<tool_call>"],
             ToolFormat::Llama3 => &["<|python_tag|>"],
             ToolFormat::Mistral => &["[TOOL_CALLS]"],
+            ToolFormat::Granite => &["<|tool_call|>"],
             ToolFormat::Harmony => &["<|channel|>", "<|start|>", "to=functions."],
         };
         let from = if text.is_char_boundary(from) { from } else { 0 };
@@ -1129,6 +1181,30 @@ mod tests {
     }
 
     #[test]
+    fn granite() {
+        let p = parse_granite(
+            "Let me look.\n<|tool_call|>[{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}, {\"name\": \"search\", \"arguments\": {}}]",
+            NAMES,
+        )
+        .unwrap();
+        assert_eq!(p.content.as_deref(), Some("Let me look."));
+        assert_eq!(
+            p.calls,
+            vec![call("get_weather", r#"{"city": "Paris"}"#), call("search", "{}")]
+        );
+        for t in [
+            "<|tool_call|>[]",
+            "<|tool_call|>[{\"name\": \"search\", \"arguments\": {}}] trailing",
+            "<|tool_call|>[{\"name\": \"unknown\", \"arguments\": {}}]",
+            "<|tool_call|>{\"name\": \"search\", \"arguments\": {}}",
+            "<tool_call>[{\"name\": \"search\", \"arguments\": {}}]",
+            "no calls",
+        ] {
+            assert_eq!(parse_granite(t, NAMES), None, "{t}");
+        }
+    }
+
+    #[test]
     fn harmony() {
         let out = "<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{\"city\":\"Paris\"}<|call|>";
         let p = parse_harmony(out, NAMES).unwrap();
@@ -1168,6 +1244,7 @@ mod tests {
             (ToolFormat::Llama3, "{\"name\": \"search\", \"parameters\": {\"q\": \"x y\"}}"),
             (ToolFormat::Mistral, "[TOOL_CALLS] [{\"name\": \"search\", \"arguments\": {\"q\": \"]\"}}, {\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}]"),
             (ToolFormat::Harmony, "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{\"city\": \"Lima\"}"),
+            (ToolFormat::Granite, "<|tool_call|>[{\"name\": \"search\", \"arguments\": {\"q\": \"]}\"}}, {\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}]"),
         ];
         for (f, out) in outs {
             let whole = f.parse(out, NAMES).unwrap_or_else(|| panic!("{out}")).calls;
@@ -1225,6 +1302,14 @@ mod tests {
         assert_eq!(
             ToolTemplate::detect(&fixture("gpt_oss.jinja")),
             t(ToolFormat::Harmony, true)
+        );
+        assert_eq!(
+            ToolTemplate::detect(&fixture("granite3.3.jinja")),
+            t(ToolFormat::Granite, true)
+        );
+        assert_eq!(
+            ToolTemplate::detect(&fixture("granite4.0.jinja")),
+            t(ToolFormat::Hermes, true)
         );
         assert_eq!(
             ToolTemplate::detect(&fixture("smollm2.jinja")),

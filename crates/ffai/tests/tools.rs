@@ -65,14 +65,17 @@ fn forced_calls_in_every_format_parse_and_validate() {
         ToolFormat::Llama3,
         ToolFormat::Mistral,
         ToolFormat::Harmony,
+        ToolFormat::Granite,
     ];
     for format in formats {
         for choice in [ToolChoice::Named("search".into()), ToolChoice::Required] {
             // Greedy with parallel calls allowed, sampled with one call.
             for (temperature, seed, parallel) in [(0.0, 1, true), (0.9, 7, false)] {
                 let g = tools::grammar(format, &tools, &choice, parallel, &m.tokenizer).unwrap();
+                // Room for MAX_FORCED_CALLS calls: greedy SmolLM2 repeats a call in the
+                // Granite list until the grammar's cap ends it.
                 let params = GenerationParameters {
-                    max_tokens: 160,
+                    max_tokens: 640,
                     temperature,
                     seed: Some(seed),
                     response_format: Some(ResponseFormat::Lark(g)),
@@ -242,6 +245,28 @@ fn tool_turns_render_through_native_templates_and_parse_back() {
     let turn = text.split("[/INST]").nth(1).unwrap().split("</s>").next().unwrap();
     // Rendered history carries the id; the parser reads the call from it.
     same(tools::parse_mistral(turn, &names).unwrap().calls);
+
+    // Granite 3.3's template renders the tools and the tool's answer but not an
+    // assistant's `tool_calls`: ffai writes them into the turn's content.
+    let (text, tpl) = render_native("granite3.3.jinja", "", "<|end_of_text|>");
+    assert_eq!(tpl.format, ToolFormat::Granite);
+    assert!(
+        text.contains("<|start_of_role|>available_tools<|end_of_role|>["),
+        "{text}"
+    );
+    assert!(
+        text.contains("<|start_of_role|>tool<|end_of_role|>{\"temperature\": 21}<|end_of_text|>"),
+        "{text}"
+    );
+    let turn = text
+        .split("<|start_of_role|>assistant<|end_of_role|>")
+        .nth(1)
+        .unwrap()
+        .split("<|end_of_text|>")
+        .next()
+        .unwrap();
+    assert!(turn.starts_with("<|tool_call|>["), "{turn}");
+    same(tools::parse_granite(turn, &names).unwrap().calls);
 
     let (text, tpl) = render_native("gpt_oss.jinja", "", "<|return|>");
     assert_eq!(tpl.format, ToolFormat::Harmony);
