@@ -59,8 +59,10 @@ pub struct BatchArgs {
     model: ModelArgs,
     /// JSONL input: one {"prompt": ...} or {"messages": [...]} object per line, optionally
     /// with max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop,
-    /// response_format (as in the OpenAI API; also {"type": "regex"|"grammar", ...}).
-    /// Blank lines are skipped; output "index" counts the requests from 0.
+    /// response_format (as in the OpenAI API; also {"type": "regex"|"grammar", ...}), and
+    /// for chat lines tools, tool_choice, parallel_tool_calls (calls parsed into the
+    /// output's "tool_calls"). Blank lines are skipped; output "index" counts the requests
+    /// from 0.
     #[arg(long)]
     input: PathBuf,
     /// Where to write the results (JSONL, input order); default: stdout.
@@ -91,12 +93,17 @@ const KEYS: &[&str] = &[
     "seed",
     "stop",
     "response_format",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
 ];
 
 /// One input line, checked and tokenized.
 struct Job {
     prompt: Vec<u32>,
     params: GenerationParameters,
+    /// Offered tools: the format to read calls in and the offered names.
+    tools: Option<(ffai::tools::ToolFormat, Vec<String>)>,
 }
 
 /// Parses and checks one line (1-based `n` for messages); errors name the line.
@@ -175,13 +182,22 @@ fn parse_line(model: &Model, line: &str, n: usize, chat: bool, defaults: &Genera
         ffai::constrain::Constraint::new(&model.tokenizer, f).map_err(|e| err(e.message().to_string()))?;
     }
     p.validate().map_err(|e| err(e.message().to_string()))?;
-    let text = match (o.get("prompt"), o.get("messages")) {
+    let tools = parse_tools(&o).map_err(err)?;
+    let msgs: Vec<ffai::chat::Message> = match (o.get("prompt"), o.get("messages")) {
         (Some(_), Some(_)) => return Err(err("give \"prompt\" or \"messages\", not both".into())),
         (None, None) => return Err(err("no \"prompt\" or \"messages\"".into())),
-        (Some(Value::String(s)), None) if chat => model
-            .render_chat(&[ffai::chat::Message::user(s.clone())], true)
-            .map_err(|e| err(e.message().to_string()))?,
-        (Some(Value::String(s)), None) => s.clone(),
+        (Some(Value::String(s)), None) if chat => vec![ffai::chat::Message::user(s.clone())],
+        (Some(Value::String(s)), None) => {
+            if tools.is_some() {
+                return Err(err("tools need a chat request (\"messages\", or --chat)".into()));
+            }
+            let prompt = model.encode(s).map_err(|e| err(e.message().to_string()))?;
+            return Ok(Job {
+                prompt,
+                params: p,
+                tools: None,
+            });
+        }
         (Some(other), None) => return Err(err(format!("\"prompt\" must be a string, not {}", kind(other)))),
         (None, Some(m)) => {
             let msgs: Vec<ffai::chat::Message> = serde_json::from_value(m.clone())
@@ -189,13 +205,70 @@ fn parse_line(model: &Model, line: &str, n: usize, chat: bool, defaults: &Genera
             if msgs.is_empty() {
                 return Err(err("\"messages\" is empty".into()));
             }
+            msgs
+        }
+    };
+    let (text, offered) = match tools {
+        None => (
             model
                 .render_chat(&msgs, true)
-                .map_err(|e| err(e.message().to_string()))?
+                .map_err(|e| err(e.message().to_string()))?,
+            None,
+        ),
+        Some((specs, choice, parallel)) => {
+            // As the server does: schemas compiled, tools offered unless the choice is
+            // "none", a forced call's grammar in place of the response format.
+            ffai::tools::check_schemas(&specs, &model.tokenizer).map_err(|e| err(e.message().to_string()))?;
+            let offer = choice != ffai::tools::ToolChoice::None;
+            let (text, tpl) = model
+                .render_chat_tools(&msgs, &specs, offer)
+                .map_err(|e| err(e.message().to_string()))?;
+            if let Some(g) = ffai::tools::grammar(tpl.format, &specs, &choice, parallel, &model.tokenizer) {
+                if p.response_format.is_some() {
+                    return Err(err(
+                        "a forced tool call (\"tool_choice\" \"required\" or a function) cannot be combined with a response format".into(),
+                    ));
+                }
+                p.response_format = Some(ffai::constrain::ResponseFormat::Lark(g));
+            }
+            let names: Vec<String> = specs.iter().map(|t| t.name.clone()).collect();
+            (text, (offer && !names.is_empty()).then_some((tpl.format, names)))
         }
     };
     let prompt = model.encode(&text).map_err(|e| err(e.message().to_string()))?;
-    Ok(Job { prompt, params: p })
+    Ok(Job {
+        prompt,
+        params: p,
+        tools: offered,
+    })
+}
+
+type LineTools = (Vec<ffai::tools::ToolSpec>, ffai::tools::ToolChoice, bool);
+
+/// A line's `tools`, `tool_choice` and `parallel_tool_calls`; None when it has no tools
+/// key (a choice or flag without tools is an error).
+fn parse_tools(o: &Map<String, Value>) -> std::result::Result<Option<LineTools>, String> {
+    let present = |k: &str| o.get(k).is_some_and(|v| !v.is_null());
+    if !present("tools") {
+        if present("tool_choice") || present("parallel_tool_calls") {
+            return Err("\"tool_choice\" and \"parallel_tool_calls\" need \"tools\"".into());
+        }
+        return Ok(None);
+    }
+    let specs = ffai::tools::parse_tools(&o["tools"]).map_err(|e| e.message().to_string())?;
+    let choice = ffai::tools::parse_tool_choice(o.get("tool_choice").filter(|v| !v.is_null()), &specs)
+        .map_err(|e| e.message().to_string())?;
+    let parallel = match o.get("parallel_tool_calls") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => {
+            return Err(format!(
+                "\"parallel_tool_calls\" must be a boolean, not {}",
+                kind(other)
+            ))
+        }
+    };
+    Ok(Some((specs, choice, parallel)))
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -267,6 +340,7 @@ pub fn cmd_batch(a: BatchArgs) -> Result<()> {
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} sequences, {msg} [{elapsed_precise}]")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
+    let offered: Vec<_> = jobs.iter_mut().map(|j| j.tools.take()).collect();
     let t0 = Instant::now();
     let results = run_all(&mut sched, jobs, |done, generated| {
         bar.set_position(done as u64);
@@ -282,7 +356,7 @@ pub fn cmd_batch(a: BatchArgs) -> Result<()> {
         prompt_tokens += c.prompt_tokens;
         gen_tokens += c.token_ids.len();
         cached += c.cached_tokens;
-        let line = json!({
+        let mut line = json!({
             "index": i,
             "text": c.text,
             "token_ids": c.token_ids,
@@ -290,6 +364,31 @@ pub fn cmd_batch(a: BatchArgs) -> Result<()> {
             "prompt_tokens": c.prompt_tokens,
             "completion_tokens": c.token_ids.len(),
         });
+        if let Some((format, names)) = &offered[i] {
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            // Calls as the OpenAI API gives them (ids numbered by line and call, so a
+            // rerun gives the same file); "content" is the text before them.
+            match format.parse(&c.text, &names).filter(|p| !p.calls.is_empty()) {
+                Some(p) => {
+                    let calls: Vec<Value> = p
+                        .calls
+                        .iter()
+                        .enumerate()
+                        .map(|(k, call)| {
+                            json!({"id": format!("call_{i}_{k}"), "type": "function",
+                                "function": {"name": call.name, "arguments": call.arguments}})
+                        })
+                        .collect();
+                    line["content"] = json!(p.content);
+                    line["tool_calls"] = Value::Array(calls);
+                    line["finish_reason"] = json!("tool_calls");
+                }
+                None => {
+                    line["content"] = json!(c.text);
+                    line["tool_calls"] = json!([]);
+                }
+            }
+        }
         writeln!(out, "{line}").map_err(|e| Error::new(format!("writing the output: {e}")))?;
     }
     out.flush()

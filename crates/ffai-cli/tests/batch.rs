@@ -112,6 +112,26 @@ fn bad_lines_are_reported_by_number_before_any_work() {
             "line 3: \"prompt\" must be a string",
         ),
         ("\n\n", "no requests"),
+        (
+            "{\"prompt\": \"ok\", \"tools\": []}\n",
+            "line 1: tools need a chat request",
+        ),
+        (
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"tool_choice\": \"required\"}\n",
+            "line 1: \"tool_choice\" and \"parallel_tool_calls\" need \"tools\"",
+        ),
+        (
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"tools\": [{\"type\": \"function\", \"function\": {\"name\": \"f\"}}], \"tool_choice\": {\"type\": \"function\", \"function\": {\"name\": \"g\"}}}\n",
+            "line 1: ",
+        ),
+        (
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"tools\": [{\"type\": \"function\", \"function\": {\"name\": \"f\", \"parameters\": {\"type\": \"no-such-type\"}}}]}\n",
+            "line 1: tools[0] (\"f\")",
+        ),
+        (
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"tools\": [{\"type\": \"function\", \"function\": {\"name\": \"f\"}}], \"tool_choice\": \"required\", \"response_format\": {\"type\": \"json_object\"}}\n",
+            "line 1: a forced tool call",
+        ),
     ];
     for (i, (text, needle)) in cases.iter().enumerate() {
         let input = write(&dir, &format!("in{i}.jsonl"), text);
@@ -134,6 +154,61 @@ fn bad_lines_are_reported_by_number_before_any_work() {
     assert_clean_failure(&out, "--max-sequences");
     let out = ffai(&["batch", "-m", &smollm2(), "--input", "/nonexistent.jsonl"]);
     assert_clean_failure(&out, "/nonexistent.jsonl");
+}
+
+/// Tool lines: a forced call comes back parsed into "tool_calls" (arguments valid for the
+/// schema); "none" offers no tools, so it is the plain chat request.
+#[test]
+fn batch_lines_with_tools_return_parsed_calls() {
+    let dir = temp_dir("batch-tools");
+    let tools = r#"[{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"]}}}]"#
+        .replace('\n', " ");
+    let ask = r#"[{"role": "user", "content": "What is the weather in Paris?"}]"#;
+    let input = write(
+        &dir,
+        "in.jsonl",
+        &format!(
+            concat!(
+                "{{\"messages\": {ask}, \"tools\": {tools}, \"tool_choice\": {{\"type\": \"function\", \"function\": {{\"name\": \"get_weather\"}}}}, \"max_tokens\": 80, \"temperature\": 0}}\n",
+                "{{\"messages\": {ask}, \"tools\": {tools}, \"tool_choice\": \"none\", \"max_tokens\": 8, \"temperature\": 0}}\n",
+                "{{\"messages\": {ask}, \"max_tokens\": 8, \"temperature\": 0}}\n",
+            ),
+            ask = ask,
+            tools = tools
+        ),
+    );
+    let output = dir.join("out.jsonl");
+    let out = batch(&input, &output, &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    let forced = &lines[0];
+    assert_eq!(forced["finish_reason"], "tool_calls", "{forced}");
+    let calls = forced["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 1, "{forced}");
+    assert_eq!(calls[0]["id"], "call_0_0");
+    assert_eq!(calls[0]["type"], "function");
+    assert_eq!(calls[0]["function"]["name"], "get_weather");
+    let args: serde_json::Value = serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(args["city"].is_string(), "{args}");
+    assert!(
+        ["celsius", "fahrenheit"].contains(&args["unit"].as_str().unwrap()),
+        "{args}"
+    );
+    assert_eq!(args.as_object().unwrap().len(), 2, "{args}");
+    assert!(forced["content"].is_null(), "{forced}");
+    // "none": offered nothing, so the prompt is the plain chat prompt (the third line's)
+    // and nothing is read as a call.
+    assert!(lines[1].get("tool_calls").is_none(), "{}", lines[1]);
+    assert_eq!(lines[1]["prompt_tokens"], lines[2]["prompt_tokens"]);
+    assert_eq!(lines[1]["token_ids"], lines[2]["token_ids"]);
+    assert!(lines[2].get("tool_calls").is_none(), "{}", lines[2]);
 }
 
 #[test]
