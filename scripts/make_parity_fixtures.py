@@ -633,7 +633,7 @@ FAMILY_ORDER = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3"
                 "llama_bf16", "qwen3_moe", "mixtral", "olmoe", "gpt_oss", "gpt_oss_mxfp4", "deepseek_v2", "deepseek_v3",
                 "gemma4", "gemma4_dense", "lfm2", "mamba2", "nemotron_h", "granite4", "qwen3_next",
                 "qwen3_next_moe", "lfm2_moe", "nemotron_h_moe", "granite4_moe", "qwen3_5",
-                "qwen3_5_moe", "falcon_h1", "jamba"]
+                "qwen3_5_moe", "falcon_h1", "jamba", "nemotron_h_moe_latent"]
 FAMILY_SEED = {f: 1000 + i for i, f in enumerate(FAMILY_ORDER)}
 # The hybrid fixtures' seeds, fixed: families added to FAMILY_ORDER before them (in a
 # merge) must not change them, so a rerun reproduces the committed files.
@@ -641,6 +641,7 @@ FAMILY_SEED.update({"lfm2": 1016, "mamba2": 1017, "nemotron_h": 1018, "granite4"
 FAMILY_SEED.update({"qwen3_next_moe": 1030, "lfm2_moe": 1031, "nemotron_h_moe": 1032, "granite4_moe": 1033})
 # (Seeds are per family: the same number for two families is fine.)
 FAMILY_SEED.update({"qwen3_5": 1030, "qwen3_5_moe": 1031, "falcon_h1": 1032, "jamba": 1033})
+FAMILY_SEED.update({"nemotron_h_moe_latent": 1034})
 
 
 def reinit_(model, model_type, overrides):
@@ -1490,7 +1491,7 @@ def f16_keeps_routing(model, ids):
 
 
 # The MoE variants of the hybrid families: the dense fixtures' shapes with sparse MLPs.
-HYBRID_MOE = ("qwen3_next_moe", "lfm2_moe", "nemotron_h_moe", "granite4_moe") + HYBRID_MOE_F16
+HYBRID_MOE = ("qwen3_next_moe", "lfm2_moe", "nemotron_h_moe", "granite4_moe", "nemotron_h_moe_latent") + HYBRID_MOE_F16
 HYBRID["qwen3_next_moe"] = (
     "Qwen3NextConfig",
     dict(HYBRID["qwen3_next"][1], num_hidden_layers=3, layer_types=["linear_attention", "full_attention",
@@ -1561,6 +1562,16 @@ HYBRID["nemotron_h_moe"] = (
         "weights = their s renormalised (norm_topk_prob), times routed_scaling_factor 2.5; experts are NON-gated "
         "relu2 MLPs: down(relu(up(x))^2), up_proj [8, 16, 64], down_proj [8, 64, 16]; shared_experts: the relu2 MLP "
         "of 24; no latent projection (moe_latent_size None)",
+    ],
+)
+HYBRID["nemotron_h_moe_latent"] = (
+    "NemotronHConfig",
+    dict(HYBRID["nemotron_h_moe"][1], moe_latent_size=32),
+    HYBRID["nemotron_h_moe"][2][:-1] + [
+        HYBRID["nemotron_h_moe"][2][-1].replace("no latent projection (moe_latent_size None)", "")
+        + "WITH the latent projection of Nemotron 3 Super (moe_latent_size 32): the routed experts read "
+        "fc1_latent_proj(x) [32, 64] (no bias) and their weighted sum goes back through fc2_latent_proj [64, 32]; "
+        "up_proj [8, 16, 32], down_proj [8, 32, 16]; the router and the shared experts read x",
     ],
 )
 HYBRID["granite4_moe"] = (

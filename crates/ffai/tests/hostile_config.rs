@@ -210,6 +210,7 @@ fn every_config_json_number_and_flag_at_hostile_values() {
         "qwen3_5_moe",
         "falcon_h1",
         "jamba",
+        "nemotron_h_moe_latent",
     ] {
         let dir = fixture(family);
         let original: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
@@ -412,7 +413,9 @@ fn named_config_errors() {
             // The dense fixture has no experts for the moe block.
             "ffn_gate_inp",
         ),
-        ("nemotron_h_moe", "moe_latent_size", json!(8), "moe_latent_size"),
+        ("nemotron_h_moe", "moe_latent_size", json!(0), "moe_latent_size = 0"),
+        // A latent size without the latent projections' tensors.
+        ("nemotron_h_moe", "moe_latent_size", json!(8), "latent"),
         ("nemotron_h_moe", "n_group", json!(3), "groups"),
         ("nemotron_h_moe", "topk_group", json!(0), "groups"),
         (

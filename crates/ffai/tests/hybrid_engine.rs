@@ -203,7 +203,13 @@ fn qwen3_next_sequences_match_alone_and_batched() {
 fn hybrid_moe_sequences_match_alone_and_batched() {
     // The MoE variants: routing and the expert products are per row, so batching keeps
     // each sequence's bits.
-    for name in ["qwen3_next_moe", "lfm2_moe", "nemotron_h_moe", "granite4_moe"] {
+    for name in [
+        "qwen3_next_moe",
+        "lfm2_moe",
+        "nemotron_h_moe",
+        "granite4_moe",
+        "nemotron_h_moe_latent",
+    ] {
         batched_equals_alone(name);
     }
 }

@@ -294,6 +294,13 @@ fn nemotron_h_moe_grouped_sigmoid_router_relu2_experts_shared() {
 }
 
 #[test]
+fn nemotron_h_moe_latent_experts_in_a_smaller_space() {
+    // As nemotron_h_moe, with moe_latent_size 32 (Nemotron 3 Super): the routed experts
+    // read fc1_latent_proj(x) and their weighted sum goes back up by fc2_latent_proj.
+    check("nemotron_h_moe_latent", 1e-3);
+}
+
+#[test]
 fn granite4_moe_topk_softmax_experts_plus_shared_mlp() {
     // Released layout (block_sparse_moe.input_linear / output_linear / router.layer); the
     // shared_mlp is the MoE block's shared expert; Granite's multipliers.
@@ -593,6 +600,7 @@ fn hybrid_fixtures_on_cuda() {
         "qwen3_5_moe",
         "falcon_h1",
         "jamba",
+        "nemotron_h_moe_latent",
     ]);
 }
 

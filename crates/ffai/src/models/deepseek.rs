@@ -187,6 +187,7 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
         shared_ffn,
         sparse,
         act: MoeAct::SwiGlu,
+        latent: 0,
     }
     .checked(cfg)?;
 

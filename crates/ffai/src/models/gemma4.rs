@@ -385,6 +385,7 @@ fn plan(cfg: &ModelConfig) -> Result<Plan> {
                 shared_ffn: 0,
                 sparse: vec![true; n],
                 act: MoeAct::GeGlu,
+                latent: 0,
             }
             .checked(cfg)?,
         )

@@ -98,6 +98,7 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
             alpha: GptOss::SWIGLU_ALPHA,
             limit: limit as f32,
         },
+        latent: 0,
     }
     .checked(cfg)?;
     let window = cfg.sliding_window.unwrap_or(0);

@@ -95,6 +95,7 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
             shared_ffn: shared,
             sparse: vec![true; cfg.num_layers],
             act: MoeAct::SwiGlu,
+            latent: 0,
         }
         .checked(&cfg)?;
         // The shared MLP becomes the MoE block's shared expert.

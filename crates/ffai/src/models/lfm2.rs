@@ -155,6 +155,7 @@ fn moe_spec(cfg: &ModelConfig, w: &Weights) -> Result<MoeSpec> {
         shared_ffn: 0,
         sparse: (0..cfg.num_layers).map(|i| i >= dense).collect(),
         act: MoeAct::SwiGlu,
+        latent: 0,
     }
     .checked(cfg)?;
     let bias = cfg.extra_bool("use_expert_bias", "")?.unwrap_or(true);

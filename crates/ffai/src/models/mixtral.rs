@@ -62,6 +62,7 @@ pub fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Lang
         shared_ffn: 0,
         sparse,
         act: MoeAct::SwiGlu,
+        latent: 0,
     }
     .checked(cfg)?;
     let spec = DecoderSpec {

@@ -66,6 +66,11 @@ pub struct MoeSpec {
     pub sparse: Vec<bool>,
     /// The experts' gated activation.
     pub act: MoeAct,
+    /// The routed experts' width when they work in a latent space (NemotronH's
+    /// `moe_latent_size`): `x` goes down to it (`ffn_latent_down`, `[latent, hidden]`)
+    /// before the experts and their weighted sum back up (`ffn_latent_up`) after; the
+    /// router and the shared expert read `x` itself. 0 = the experts read `x`.
+    pub latent: usize,
 }
 
 /// How an expert combines its gate and up projections.
@@ -83,6 +88,15 @@ pub enum MoeAct {
 }
 
 impl MoeSpec {
+    /// The width the routed experts read and write: the latent size, else `hidden`.
+    pub fn expert_width(&self, hidden: usize) -> usize {
+        if self.latent > 0 {
+            self.latent
+        } else {
+            hidden
+        }
+    }
+
     /// Checks the counts against the kernels' limits (config values are untrusted).
     pub fn checked(self, cfg: &ModelConfig) -> Result<MoeSpec> {
         let src = &cfg.source;
@@ -104,6 +118,11 @@ impl MoeSpec {
             "{src}: shared experts of {} exceed the limit",
             self.shared_ffn
         );
+        ensure!(
+            self.latent <= crate::config::MAX_DIM,
+            "{src}: an expert latent size of {} exceeds the limit",
+            self.latent
+        );
         if let Err(e) = self.routing.check(self.n_experts, self.k) {
             bail!("{src}: expert routing: {e}");
         }
@@ -123,7 +142,9 @@ impl MoeSpec {
         self.n_experts
             .checked_add(2 * k)?
             .checked_add(k.checked_mul(self.ffn)?.checked_mul(2)?)?
-            .checked_add(k.checked_mul(hidden)?)?
+            .checked_add(k.checked_mul(self.expert_width(hidden))?)?
+            // The latent input and the latent weighted sum.
+            .checked_add(self.latent.checked_mul(2)?)?
             .checked_add(self.shared_ffn.checked_mul(2)?)?
             // The shared output, its gated copy, and the gate's logit, weight and one.
             .checked_add(if self.shared_ffn > 0 {
@@ -156,6 +177,9 @@ pub struct MoeLayer<B: Backend> {
     /// Multiplies each chosen expert's routing weight (Gemma 4's `per_expert_scale`,
     /// `ffn_down_exps.scale`), `[n_experts]`.
     expert_scale: Option<B::Buf>,
+    /// The latent projections (down `[latent, hidden]`, up `[hidden, latent]`) when the
+    /// experts work in a latent space ([`MoeSpec::latent`]).
+    latent: Option<(B::Mat, B::Mat)>,
 }
 
 /// The shared experts' projections: gate (none with [`MoeAct::Relu2`]), up, down.
@@ -179,6 +203,9 @@ pub struct MoeScratch<B: Backend> {
     sh_w: B::Buf,
     ones: B::Buf,
     sh_out: B::Buf,
+    /// The experts' latent input and their weighted sum (empty without a latent space).
+    lat_x: B::Buf,
+    lat_y: B::Buf,
 }
 
 impl<B: Backend> MoeScratch<B> {
@@ -191,7 +218,7 @@ impl<B: Backend> MoeScratch<B> {
             weights: b.alloc(slots),
             gate: b.alloc(slots * spec.ffn),
             up: b.alloc(slots * spec.ffn),
-            y: b.alloc(slots * hidden),
+            y: b.alloc(slots * spec.expert_width(hidden)),
             sh_gate: b.alloc(rows * sh),
             sh_up: b.alloc(rows * sh),
             sh_y: b.alloc(if sh > 0 { rows * hidden } else { 0 }),
@@ -199,6 +226,8 @@ impl<B: Backend> MoeScratch<B> {
             sh_w: b.alloc(if sh > 0 { rows } else { 0 }),
             ones: b.upload(&vec![1.0; if sh > 0 { rows } else { 0 }]),
             sh_out: b.alloc(if sh > 0 { rows * hidden } else { 0 }),
+            lat_x: b.alloc(rows * spec.latent),
+            lat_y: b.alloc(rows * spec.latent),
         }
     }
 }
@@ -227,8 +256,28 @@ impl<B: Backend> MoeLayer<B> {
     pub fn load(w: &Weights, b: &B, i: usize, spec: &MoeSpec, hidden: usize) -> Result<Self> {
         let (ne, f, h) = (spec.n_experts, spec.ffn, hidden);
         let p = |s: &str| format!("blk.{i}.{s}");
-        let re = w.matrix(&p("ffn_gate_inp.weight"), ne, h)?;
-        let router = b.matrix(re.ty, ne, h, re.bytes.clone());
+        let latent = match spec.latent {
+            0 => {
+                ensure!(
+                    !w.has(&p("ffn_latent_down.weight")),
+                    "{}: layer {i} has expert latent projections but the config gives no latent size",
+                    w.source
+                );
+                None
+            }
+            l => {
+                let down = w.matrix(&p("ffn_latent_down.weight"), l, h)?;
+                let up = w.matrix(&p("ffn_latent_up.weight"), h, l)?;
+                Some((
+                    b.matrix(down.ty, l, h, down.bytes.clone()),
+                    b.matrix(up.ty, h, l, up.bytes.clone()),
+                ))
+            }
+        };
+        // From here `h` is what the routed experts read and write.
+        let (hidden, h) = (h, spec.expert_width(h));
+        let re = w.matrix(&p("ffn_gate_inp.weight"), ne, hidden)?;
+        let router = b.matrix(re.ty, ne, hidden, re.bytes.clone());
         let router_bias = match w.has(&p("ffn_gate_inp.bias")) {
             true => Some(b.upload(&w.f32_vec(&p("ffn_gate_inp.bias"), ne)?)),
             false => None,
@@ -244,6 +293,7 @@ impl<B: Backend> MoeLayer<B> {
         let shared = match spec.shared_ffn {
             0 => None,
             sf => {
+                let h = hidden;
                 let m = |name: &str, rows: usize, cols: usize| -> Result<B::Mat> {
                     let e = w.matrix(&p(name), rows, cols)?;
                     Ok(b.matrix(e.ty, rows, cols, e.bytes.clone()))
@@ -269,8 +319,8 @@ impl<B: Backend> MoeLayer<B> {
         };
         let shared_gate = match (&shared, w.has(&p("ffn_gate_inp_shexp.weight"))) {
             (Some(_), true) => {
-                let e = w.matrix(&p("ffn_gate_inp_shexp.weight"), 1, h)?;
-                Some(b.matrix(e.ty, 1, h, e.bytes.clone()))
+                let e = w.matrix(&p("ffn_gate_inp_shexp.weight"), 1, hidden)?;
+                Some(b.matrix(e.ty, 1, hidden, e.bytes.clone()))
             }
             (None, true) => bail!(
                 "{}: layer {i} has a shared expert gate (ffn_gate_inp_shexp) but no shared expert",
@@ -291,6 +341,7 @@ impl<B: Backend> MoeLayer<B> {
                 shared,
                 shared_gate,
                 expert_scale,
+                latent,
             });
         }
         // One projection: stacked, or one matrix per expert.
@@ -352,6 +403,7 @@ impl<B: Backend> MoeLayer<B> {
             shared,
             shared_gate,
             expert_scale,
+            latent,
         })
     }
 
@@ -455,7 +507,9 @@ impl<B: Backend> MoeLayer<B> {
         out: &mut B::Buf,
     ) {
         let (k, f) = (spec.k, spec.ffn);
-        let h = b.mat_shape(&self.down[0]).0;
+        // The experts' width (the latent size or the hidden size) and the hidden size.
+        let he = b.mat_shape(&self.down[0]).0;
+        let h = self.latent.as_ref().map_or(he, |(_, up)| b.mat_shape(up).0);
         b.matmul(&self.router, router_x, n, &mut s.logits);
         if let Some(rb) = &self.router_bias {
             b.add_bias(&mut s.logits, rb, n);
@@ -471,12 +525,19 @@ impl<B: Backend> MoeLayer<B> {
             &mut s.ids,
             &mut s.weights,
         );
+        let xe = match &self.latent {
+            Some((down, _)) => {
+                b.matmul(down, x, n, &mut s.lat_x);
+                &s.lat_x
+            }
+            None => x,
+        };
         if spec.act == MoeAct::Relu2 {
-            b.moe_matmuls(&[&self.up], x, false, &s.ids, n, k, &mut [&mut s.gate]);
+            b.moe_matmuls(&[&self.up], xe, false, &s.ids, n, k, &mut [&mut s.gate]);
         } else {
             b.moe_matmuls(
                 &[&self.gate, &self.up],
-                x,
+                xe,
                 false,
                 &s.ids,
                 n,
@@ -496,9 +557,15 @@ impl<B: Backend> MoeLayer<B> {
         }
         b.moe_matmuls(&[&self.down], &s.gate, true, &s.ids, n, k, &mut [&mut s.y]);
         if let Some([_, _, bd]) = &self.biases {
-            b.moe_add_bias(&mut s.y, bd, &s.ids, n * k, h);
+            b.moe_add_bias(&mut s.y, bd, &s.ids, n * k, he);
         }
-        b.moe_combine(&s.y, &s.weights, n, k, h, out);
+        match &self.latent {
+            Some((_, up)) => {
+                b.moe_combine(&s.y, &s.weights, n, k, he, &mut s.lat_y);
+                b.matmul(up, &s.lat_y, n, out);
+            }
+            None => b.moe_combine(&s.y, &s.weights, n, k, he, out),
+        }
         if let Some((g, u, d)) = &self.shared {
             match g {
                 Some(g) => {

@@ -12,8 +12,10 @@
 //! `num_experts_per_tok`; weights their unbiased scores, renormalised when
 //! `norm_topk_prob`, times `routed_scaling_factor` (DeepSeek-V3's router); non-gated
 //! `relu2` experts of `moe_intermediate_size` (`moe::MoeAct::Relu2`), plus the shared
-//! `relu2` MLP of `moe_shared_expert_intermediate_size`. The latent projection
-//! (`moe_latent_size`) is not supported yet.
+//! `relu2` MLP of `moe_shared_expert_intermediate_size`. With `moe_latent_size`
+//! (Nemotron 3 Super) the routed experts work in that smaller space: `x` goes down by
+//! `fc1_latent_proj` before them and their weighted sum back up by `fc2_latent_proj`
+//! (`moe::MoeSpec::latent`); the router and the shared MLP read `x`.
 
 use super::decoder::{self, DecoderSpec, Identity, Mlp};
 use super::mamba2::{mixer_spec, MixerKeys};
@@ -119,10 +121,12 @@ fn blocks(cfg: &ModelConfig) -> Result<Vec<Block>> {
 /// The MoE blocks' routing and experts (see the module docs).
 fn moe_spec(cfg: &ModelConfig, blocks: &[Block]) -> Result<MoeSpec> {
     let src = &cfg.source;
+    let latent = cfg.extra_usize("moe_latent_size", "moe_latent_size")?;
     ensure!(
-        cfg.extra("moe_latent_size", "").is_none_or(|v| v.is_null()),
-        "{src}: NemotronH's MoE latent projection (moe_latent_size) is not supported yet"
+        latent != Some(0),
+        "{src}: moe_latent_size = 0 (give a positive size, or null for none)"
     );
+    let latent = latent.unwrap_or(0);
     let count = |k: &str| cfg.extra_usize(k, "");
     let scale = cfg.extra_f64("routed_scaling_factor", "")?.unwrap_or(1.0);
     ensure!(
@@ -148,6 +152,7 @@ fn moe_spec(cfg: &ModelConfig, blocks: &[Block]) -> Result<MoeSpec> {
         )?,
         sparse: blocks.iter().map(|&b| b == Block::Moe).collect(),
         act: MoeAct::Relu2,
+        latent,
     }
     .checked(cfg)
 }

@@ -49,6 +49,7 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
         shared_ffn: 0,
         sparse,
         act: MoeAct::SwiGlu,
+        latent: 0,
     }
     .checked(cfg)?;
     // GGUF: `attention.clamp_kqv` (llama.cpp's key for OLMo's clip_qkv). llama.cpp's

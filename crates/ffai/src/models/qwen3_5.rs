@@ -88,6 +88,7 @@ fn load_moe(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Lang
         shared_ffn: moe::required_count(cfg, &["shared_expert_intermediate_size"], "")?,
         sparse: vec![true; cfg.num_layers],
         act: MoeAct::SwiGlu,
+        latent: 0,
     }
     .checked(cfg)?;
     moe::require_shared_gate(w, &moe)?;

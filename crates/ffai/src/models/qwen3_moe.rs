@@ -55,6 +55,7 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
         shared_ffn: 0,
         sparse,
         act: MoeAct::SwiGlu,
+        latent: 0,
     }
     .checked(&cfg)?;
     let spec = DecoderSpec {

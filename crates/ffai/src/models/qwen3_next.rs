@@ -94,6 +94,7 @@ fn moe_spec(cfg: &ModelConfig, w: &Weights) -> Result<Option<MoeSpec>> {
         shared_ffn: u("shared_expert_intermediate_size", 512)?,
         sparse,
         act: MoeAct::SwiGlu,
+        latent: 0,
     }
     .checked(cfg)?;
     moe::require_shared_gate(w, &spec)?;

@@ -512,6 +512,9 @@ pub fn hf_name(name: &str, model_type: &str) -> Option<String> {
                 "mixer.gate.e_score_correction_bias" => "exp_probs_b.bias",
                 "mixer.shared_experts.up_proj.weight" => "ffn_up_shexp.weight",
                 "mixer.shared_experts.down_proj.weight" => "ffn_down_shexp.weight",
+                // Nemotron 3 Super's latent space for the routed experts (llama.cpp's names).
+                "mixer.fc1_latent_proj.weight" => "ffn_latent_down.weight",
+                "mixer.fc2_latent_proj.weight" => "ffn_latent_up.weight",
                 "norm.weight" => "attn_norm.weight",
                 "mixer.in_proj.weight" => "ssm_in.weight",
                 "mixer.in_proj.bias" => "ssm_in.bias",
