@@ -20,6 +20,14 @@ fn every_kernel_compiles_for_sm90() {
                 "{name}: no kernel {k} in the PTX"
             );
         }
+        // And the list is complete: a kernel the source defines but does not list is
+        // never loaded, and a launch of it fails only on a GPU ("no CUDA kernel named").
+        for line in ptx.lines() {
+            if let Some(rest) = line.trim_start().strip_prefix(".visible .entry ") {
+                let k = rest.split('(').next().unwrap_or(rest).trim();
+                assert!(kernels.iter().any(|x| x == k), "{name}: kernel {k} is not listed");
+            }
+        }
     }
 }
 

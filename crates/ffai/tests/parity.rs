@@ -60,6 +60,19 @@ fn argmax(x: &[f32]) -> usize {
     ffai_kernels::ops::argmax(x).0
 }
 
+/// The same greedy token as the reference row `want`, unless the reference itself cannot
+/// tell the two apart within `tol`: a different choice is accepted only when its reference
+/// logit is within `2 · tol` of the reference's best (two logits each off by at most `tol`
+/// can swap). The max difference is asserted separately, so nothing else may move.
+fn assert_same_choice(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    let (a, b) = (argmax(got), argmax(want));
+    assert!(
+        a == b || want[b] - want[a] <= 2.0 * tol,
+        "{what}: argmax {a} instead of {b} (reference margin {})",
+        want[b] - want[a]
+    );
+}
+
 /// Returns (prefill max abs diff, decode max abs diff).
 fn check(name: &str, tol: f32) -> (f32, f32) {
     check_model(name, tol, load(&fixture_dir(name)))
@@ -81,7 +94,7 @@ fn check_model(name: &str, tol: f32, m: Box<dyn LanguageModel>) -> (f32, f32) {
         );
         let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
         prefill = prefill.max(d);
-        assert_eq!(argmax(a), argmax(b), "{name}: prefill argmax differs at position {t}");
+        assert_same_choice(a, b, tol, &format!("{name}: prefill position {t}"));
     }
     // Prefill in chunks of 5: sliding-window layers then keep a ring buffer of
     // window + 5 rows, which wraps several times over 64 tokens.
@@ -102,11 +115,7 @@ fn check_model(name: &str, tol: f32, m: Box<dyn LanguageModel>) -> (f32, f32) {
         m.forward(&[id], &mut st, false, &mut step).unwrap();
         let b = &r.logits[t * r.vocab..(t + 1) * r.vocab];
         decode = decode.max(step.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max));
-        assert_eq!(
-            argmax(&step),
-            argmax(b),
-            "{name}: decode argmax differs at position {t}"
-        );
+        assert_same_choice(&step, b, tol, &format!("{name}: decode position {t}"));
     }
     println!("{name}: max abs diff prefill {prefill:.2e}, decode {decode:.2e}");
     assert!(prefill <= tol, "{name}: prefill max abs diff {prefill} > {tol}");

@@ -79,6 +79,8 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "conv_step",
             "ssm_scan",
             "rms_norm_gated",
+            "sigmoid_mul",
+            "gdn_step",
             "copy_floats",
         ],
     ),
