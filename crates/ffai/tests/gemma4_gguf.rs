@@ -354,9 +354,9 @@ fn every_gemma4_gguf_key_at_hostile_values() {
         let file = GgufFile::from_bytes(&base).unwrap();
         let keys: Vec<String> = file
             .metadata
-            .iter()
-            .map(|(k, _)| k.clone())
+            .keys()
             .filter(|k| k.starts_with("gemma4."))
+            .cloned()
             .collect();
         let values = |n: usize| -> Vec<MetaValue> {
             vec![
