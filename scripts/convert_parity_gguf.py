@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Convert parity fixtures (tests/fixtures/parity/<family>) to GGUF with llama.cpp's own
-convert_hf_to_gguf.py, for `cargo test -p ffai --test moe_gguf -- --ignored`
-(FFAI_LLAMA_CPP_GGUF=<out dir>).
+convert_hf_to_gguf.py, for `cargo test -p ffai --test moe_gguf -- --ignored` (and
+`--test gemma4_gguf` for gemma4, gemma4_dense) with FFAI_LLAMA_CPP_GGUF=<out dir>.
 
 The fixtures have no tokenizer, so the converter's set_vocab is replaced by one that writes
 `vocab_size` dummy tokens (ffai's check loads only the config and the weights).
@@ -31,6 +31,11 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 RELEASED_KEYS = {
     "deepseek_v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "mscale_equal": True},
 }
+
+# Families whose converter reads tokenizer.json outside set_vocab (Gemma 3/4 cut the
+# embedding rows to the tokenizer's size): their copy in OUT/<family>.hf gets a stub
+# tokenizer.json of `vocab_size` tokens, so no row is cut.
+STUB_TOKENIZER_JSON = {"gemma4", "gemma4_dense"}
 
 
 def main():
@@ -73,7 +78,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     for fam in args.families:
         src = os.path.join(ROOT, "tests", "fixtures", "parity", fam)
-        if fam in RELEASED_KEYS:
+        if fam in RELEASED_KEYS or fam in STUB_TOKENIZER_JSON:
             # transformers 5 writes no such key, so the converter would write a GGUF that
             # llama.cpp (and ffai) read as a softmax router: convert a copy carrying the
             # keys as the released config.json has them.
@@ -84,13 +89,17 @@ def main():
                 shutil.copy(os.path.join(src, f), tmp)
             with open(os.path.join(tmp, "config.json")) as fh:
                 cfg = json.load(fh)
-            keys = dict(RELEASED_KEYS[fam])
+            keys = dict(RELEASED_KEYS.get(fam, {}))
             if keys.pop("mscale_equal", False):
                 rp = cfg["rope_parameters"]
                 rp["mscale"] = rp["mscale_all_dim"]
             cfg.update(keys)
             with open(os.path.join(tmp, "config.json"), "w") as fh:
                 json.dump(cfg, fh, indent=2)
+            if fam in STUB_TOKENIZER_JSON:
+                vocab = {f"<t{i}>": i for i in range(cfg["vocab_size"])}
+                with open(os.path.join(tmp, "tokenizer.json"), "w") as fh:
+                    json.dump({"model": {"vocab": vocab}, "added_tokens": []}, fh)
             src = tmp
         sys.argv = ["convert_hf_to_gguf.py", src, "--outtype", "f32", "--outfile", os.path.join(args.out, fam + ".gguf")]
         conv.main()

@@ -602,8 +602,9 @@ impl ModelConfig {
                     .collect::<Option<Vec<usize>>>()
                     .ok_or_else(|| Error::new(format!("{source}: GGUF {kv_key} holds a non-integer")))?;
                 let attn: Vec<usize> = counts.into_iter().filter(|&c| c > 0).collect();
+                // Gemma 4's full and sliding layers differ: its family reads the array.
                 ensure!(
-                    attn.windows(2).all(|w| w[0] == w[1]),
+                    arch == "gemma4" || attn.windows(2).all(|w| w[0] == w[1]),
                     "{source}: GGUF {kv_key} differs between attention layers"
                 );
                 Some(attn.first().copied().unwrap_or(num_heads))
@@ -666,7 +667,18 @@ impl ModelConfig {
             hidden_size,
             intermediate_size: match attention_free {
                 true => opt("feed_forward_length")?.filter(|&x| x > 0).unwrap_or(hidden_size),
-                false => req("feed_forward_length")?,
+                // Gemma 4 may give one width per layer (its double-wide MLP): the first
+                // here, its family reads the array.
+                false => match f.get(&key("feed_forward_length")).and_then(|v| v.as_array()) {
+                    Some(a) if arch == "gemma4" => a
+                        .first()
+                        .and_then(|v| v.as_u64())
+                        .and_then(|v| usize::try_from(v).ok())
+                        .ok_or_else(|| {
+                            Error::new(format!("{source}: GGUF {arch}.feed_forward_length holds a non-integer"))
+                        })?,
+                    _ => req("feed_forward_length")?,
+                },
             },
             num_layers: req("block_count")?,
             num_heads,

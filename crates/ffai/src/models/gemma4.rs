@@ -23,7 +23,8 @@
 //!   soft-cap.
 //!
 //! The math follows transformers 5.17's `modeling_gemma4.py`; the fixtures `gemma4` (MoE,
-//! k = v) and `gemma4_dense` (double-wide MLP) check it. GGUF files are not read yet.
+//! k = v) and `gemma4_dense` (double-wide MLP) check it. GGUF files (architecture
+//! `gemma4`, as llama.cpp's converter writes them) are read by `plan_gguf`.
 
 use std::sync::Arc;
 
@@ -46,7 +47,7 @@ pub const FAMILY: Family = Family {
     variants: &["gemma4 (text)"],
     hf_architectures: &["Gemma4ForCausalLM", "Gemma4ForConditionalGeneration"],
     model_types: &["gemma4", "gemma4_text"],
-    gguf_architectures: &[],
+    gguf_architectures: &["gemma4"],
     load,
 };
 
@@ -174,10 +175,12 @@ fn rope_table(cfg: &ModelConfig, kind: &str, params: &Value, head_dim: usize) ->
     Ok(table)
 }
 
-fn plan(cfg: &ModelConfig) -> Result<Plan> {
+fn plan(cfg: &ModelConfig, w: &Weights) -> Result<Plan> {
+    if cfg.is_gguf() {
+        return plan_gguf(cfg, w);
+    }
     let src = &cfg.source;
     let n = cfg.num_layers;
-    ensure!(!cfg.is_gguf(), "{src}: Gemma 4 GGUF files are not supported yet");
     // Unsupported switches are refused rather than silently ignored.
     if let Some(v) = hf_field(cfg, "use_bidirectional_attention") {
         ensure!(
@@ -261,23 +264,7 @@ fn plan(cfg: &ModelConfig) -> Result<Plan> {
         }
         Some(v) => bail!("{src}: per_layer_config = {v} is not an object"),
     }
-    for (i, &(hd, kvh)) in shapes.iter().enumerate() {
-        ensure!(
-            hd.is_multiple_of(2),
-            "{src}: layer {i}'s head_dim {hd} must be even for RoPE"
-        );
-        ensure!(
-            cfg.num_heads.is_multiple_of(kvh) && cfg.num_heads / kvh <= MAX_GQA_GROUP,
-            "{src}: layer {i}: {} query heads over {kvh} KV heads (a whole number of at most {MAX_GQA_GROUP} per KV head)",
-            cfg.num_heads
-        );
-        cfg.num_heads.checked_mul(hd).filter(|&d| d <= MAX_DIM).ok_or_else(|| {
-            Error::new(format!(
-                "{src}: layer {i}: {} heads of {hd} exceed the limit of {MAX_DIM}",
-                cfg.num_heads
-            ))
-        })?;
-    }
+    check_shapes(cfg, &shapes)?;
     // KV sharing: the last `num_kv_shared_layers` layers read the cache of the last earlier
     // layer of their kind.
     let shared = cfg.extra_usize("num_kv_shared_layers", "")?.unwrap_or(0);
@@ -407,8 +394,302 @@ fn plan(cfg: &ModelConfig) -> Result<Plan> {
     })
 }
 
+/// Each layer's (head size, KV heads): even heads, whole GQA groups, widths in limits.
+fn check_shapes(cfg: &ModelConfig, shapes: &[(usize, usize)]) -> Result<()> {
+    let src = &cfg.source;
+    for (i, &(hd, kvh)) in shapes.iter().enumerate() {
+        ensure!(
+            hd.is_multiple_of(2),
+            "{src}: layer {i}'s head_dim {hd} must be even for RoPE"
+        );
+        ensure!(
+            kvh > 0 && cfg.num_heads.is_multiple_of(kvh) && cfg.num_heads / kvh <= MAX_GQA_GROUP,
+            "{src}: layer {i}: {} query heads over {kvh} KV heads (a whole number of at most {MAX_GQA_GROUP} per KV head)",
+            cfg.num_heads
+        );
+        cfg.num_heads.checked_mul(hd).filter(|&d| d <= MAX_DIM).ok_or_else(|| {
+            Error::new(format!(
+                "{src}: layer {i}: {} heads of {hd} exceed the limit of {MAX_DIM}",
+                cfg.num_heads
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+/// A GGUF per-layer count `{arch}.{key}`: one integer for every layer, or an array of
+/// one per layer; each in `lo..=MAX_DIM`. `None` when absent.
+fn gguf_per_layer(cfg: &ModelConfig, key: &str, lo: usize) -> Result<Option<Vec<usize>>> {
+    let (src, n) = (&cfg.source, cfg.num_layers);
+    let name = format!("{}.{key}", cfg.architecture);
+    let one = |v: &Value| -> Result<usize> {
+        match v.as_u64().and_then(|x| usize::try_from(x).ok()) {
+            Some(x) if (lo..=MAX_DIM).contains(&x) => Ok(x),
+            _ => bail!("{src}: GGUF {name} holds {v}, not an integer in {lo}..={MAX_DIM}"),
+        }
+    };
+    match cfg.extra("", key) {
+        None => Ok(None),
+        Some(Value::Array(a)) => {
+            ensure!(
+                a.len() == n,
+                "{src}: GGUF {name} has {} entries for {n} layers",
+                a.len()
+            );
+            a.iter().map(one).collect::<Result<Vec<_>>>().map(Some)
+        }
+        Some(v) => Ok(Some(vec![one(&v)?; n])),
+    }
+}
+
+/// The plan from a `gemma4` GGUF file, as llama.cpp's converter writes it and its loader
+/// reads it:
+/// - layer kinds: `attention.sliding_window_pattern` (one bool per layer, taken as
+///   written); head sizes `attention.key_length` (full layers) and `key_length_swa`
+///   (value lengths must equal them); KV heads `attention.head_count_kv` (one, or one
+///   per layer); the MLP width `feed_forward_length` (one, or one per layer: the
+///   double-wide MLP of the KV-shared layers is written out there);
+/// - RoPE: `rope.freq_base` (full layers) and `rope.freq_base_swa`; every pair rotates
+///   (`rope.dimension_count{,_swa}` must be the head sizes); full layers divide each
+///   pair's frequency by `rope_freqs.weight` (the converter writes 1 for the rotated pairs
+///   of the "proportional" RoPE and 1e30 for the rest, which then turn by less than
+///   1e-30 rad per position);
+/// - KV sharing: the last `attention.shared_kv_layers` layers read the cache of layer
+///   `first_shared - 2` (sliding) or `first_shared - 1` (full), llama.cpp's rule;
+/// - k = v: a layer with K/V but no `attn_v` tensor uses the raw k projection as v;
+/// - per-layer embeddings `embedding_length_per_layer_input` (0: none), the table with
+///   `vocab_size` rows; experts (`expert_count`, `expert_used_count`,
+///   `expert_feed_forward_length`) on the layers with an `ffn_gate_inp` tensor, the
+///   router's scale `ffn_gate_inp.scale` and the per-expert scale `ffn_down_exps.scale`
+///   as transformers names them; `final_logit_softcapping`.
+///
+/// Norms are stored as used (`x · w`: the converter adds nothing for Gemma 4), and no
+/// tensor is permuted.
+fn plan_gguf(cfg: &ModelConfig, w: &Weights) -> Result<Plan> {
+    let (src, n) = (&cfg.source, cfg.num_layers);
+    let key = |k: &str| format!("{}.{k}", cfg.architecture);
+    ensure!(
+        cfg.rope_scaling.is_none(),
+        "{src}: RoPE scaling is not supported for Gemma 4 GGUF files"
+    );
+    let sliding: Vec<bool> = match cfg.extra("", "attention.sliding_window_pattern") {
+        None => bail!("{src}: GGUF has no {}", key("attention.sliding_window_pattern")),
+        Some(Value::Array(a)) => {
+            ensure!(
+                a.len() == n,
+                "{src}: GGUF {} has {} entries for {n} layers",
+                key("attention.sliding_window_pattern"),
+                a.len()
+            );
+            a.iter()
+                .map(|v| {
+                    v.as_bool().ok_or_else(|| {
+                        Error::new(format!(
+                            "{src}: GGUF {} holds {v}, not a bool",
+                            key("attention.sliding_window_pattern")
+                        ))
+                    })
+                })
+                .collect::<Result<_>>()?
+        }
+        Some(_) => bail!(
+            "{src}: GGUF {} is not an array of bools",
+            key("attention.sliding_window_pattern")
+        ),
+    };
+    let hd_full = cfg.head_dim;
+    let hd_swa = cfg
+        .extra_usize("", "attention.key_length_swa")?
+        .ok_or_else(|| Error::new(format!("{src}: GGUF has no {}", key("attention.key_length_swa"))))?;
+    ensure!(
+        hd_swa > 0,
+        "{src}: GGUF {} must be positive",
+        key("attention.key_length_swa")
+    );
+    for (k, want) in [
+        ("attention.value_length", hd_full),
+        ("attention.value_length_swa", hd_swa),
+    ] {
+        if let Some(v) = cfg.extra_usize("", k)? {
+            ensure!(
+                v == want,
+                "{src}: GGUF {} = {v} differs from the key length {want} (Gemma 4 has K and V heads of one size)",
+                key(k)
+            );
+        }
+    }
+    let kv_heads = gguf_per_layer(cfg, "attention.head_count_kv", 1)?.unwrap_or_else(|| vec![cfg.num_kv_heads; n]);
+    let ffn = gguf_per_layer(cfg, "feed_forward_length", 1)?
+        .ok_or_else(|| Error::new(format!("{src}: GGUF has no {}", key("feed_forward_length"))))?;
+    let shapes: Vec<(usize, usize)> = sliding
+        .iter()
+        .zip(&kv_heads)
+        .map(|(&sl, &kvh)| (if sl { hd_swa } else { hd_full }, kvh))
+        .collect();
+    check_shapes(cfg, &shapes)?;
+    // RoPE: every pair of both kinds; the full layers' frequency factors.
+    let rot_full = cfg.extra_usize("", "rope.dimension_count")?.unwrap_or(hd_full);
+    let rot_swa = cfg.extra_usize("", "rope.dimension_count_swa")?.unwrap_or(rot_full);
+    for (what, rot, hd) in [
+        ("rope.dimension_count", rot_full, hd_full),
+        ("rope.dimension_count_swa", rot_swa, hd_swa),
+    ] {
+        ensure!(
+            rot == hd,
+            "{src}: GGUF {} = {rot} rotates part of the {hd}-wide heads: not supported (Gemma 4 files rotate whole heads, with rope_freqs)",
+            key(what)
+        );
+    }
+    let base_full = cfg.rope_theta;
+    let base_swa = cfg.extra_f64("", "rope.freq_base_swa")?.unwrap_or(base_full);
+    ensure!(
+        base_swa > 0.0,
+        "{src}: GGUF {} = {base_swa} must be positive",
+        key("rope.freq_base_swa")
+    );
+    let factors = match w.has("rope_freqs.weight") {
+        true => {
+            let f = w.f32_vec("rope_freqs.weight", hd_full / 2)?;
+            ensure!(
+                f.iter().all(|x| x.is_finite() && *x > 0.0),
+                "{src}: rope_freqs.weight holds a factor that is not a positive finite number"
+            );
+            Some(f)
+        }
+        false => None,
+    };
+    let table = |base: f64, hd: usize, ff: Option<&[f32]>| -> Result<Vec<f32>> {
+        let t: Vec<f32> = (0..hd / 2)
+            .map(|i| {
+                let f = ff.map_or(1.0, |f| f[i] as f64);
+                (1.0 / (base.powf(2.0 * i as f64 / hd as f64) * f)) as f32
+            })
+            .collect();
+        ensure!(
+            t.iter().all(|f| f.is_finite()),
+            "{src}: the RoPE base and factors give non-finite frequencies"
+        );
+        Ok(t)
+    };
+    let rope_full = table(base_full, hd_full, factors.as_deref())?;
+    let rope_swa = table(base_swa, hd_swa, None)?;
+    // KV sharing, by llama.cpp's rule.
+    let shared = cfg.extra_usize("", "attention.shared_kv_layers")?.unwrap_or(0);
+    ensure!(
+        shared <= n,
+        "{src}: GGUF {} = {shared} exceeds the {n} layers",
+        key("attention.shared_kv_layers")
+    );
+    let first_shared = n - shared;
+    let mut layers = Vec::with_capacity(n);
+    for i in 0..n {
+        let kv_source = if i >= first_shared {
+            let back = if sliding[i] { 2 } else { 1 };
+            let s = first_shared.checked_sub(back).ok_or_else(|| {
+                Error::new(format!(
+                    "{src}: GGUF {} = {shared} leaves layer {i} no earlier layer to share K/V with",
+                    key("attention.shared_kv_layers")
+                ))
+            })?;
+            ensure!(
+                sliding[s] == sliding[i] && shapes[s] == shapes[i],
+                "{src}: layer {i} would share the K/V of layer {s}, a layer of another kind or head shape"
+            );
+            s
+        } else {
+            i
+        };
+        layers.push(LayerPlan {
+            sliding: sliding[i],
+            head_dim: shapes[i].0,
+            kv_heads: shapes[i].1,
+            kv_source,
+            k_eq_v: kv_source == i && !w.has(&format!("blk.{i}.attn_v.weight")),
+            ffn: ffn[i],
+            rope: if sliding[i] {
+                rope_swa.clone()
+            } else {
+                rope_full.clone()
+            },
+        });
+    }
+    let window = cfg.sliding_window.unwrap_or(0);
+    ensure!(
+        window > 0 || !sliding.contains(&true),
+        "{src}: GGUF has sliding layers but no positive {}",
+        key("attention.sliding_window")
+    );
+    let ple = cfg
+        .extra_usize("", "embedding_length_per_layer_input")?
+        .ok_or_else(|| {
+            Error::new(format!(
+                "{src}: GGUF has no {}",
+                key("embedding_length_per_layer_input")
+            ))
+        })?;
+    if ple > 0 {
+        ple.checked_mul(n).filter(|&d| d <= MAX_DIM).ok_or_else(|| {
+            Error::new(format!(
+                "{src}: {} {ple} x {n} layers exceeds the limit of {MAX_DIM}",
+                key("embedding_length_per_layer_input")
+            ))
+        })?;
+    }
+    let sparse: Vec<bool> = (0..n).map(|i| w.has(&format!("blk.{i}.ffn_gate_inp.weight"))).collect();
+    let moe = match cfg.extra_usize("", "expert_count")?.unwrap_or(0) {
+        0 => {
+            ensure!(
+                !sparse.contains(&true),
+                "{src}: GGUF has expert router tensors but no {}",
+                key("expert_count")
+            );
+            None
+        }
+        n_experts => {
+            let k = cfg
+                .extra_usize("", "expert_used_count")?
+                .ok_or_else(|| Error::new(format!("{src}: GGUF has no {}", key("expert_used_count"))))?;
+            let ffs = gguf_per_layer(cfg, "expert_feed_forward_length", 1)?
+                .ok_or_else(|| Error::new(format!("{src}: GGUF has no {}", key("expert_feed_forward_length"))))?;
+            ensure!(
+                ffs.windows(2).all(|p| p[0] == p[1]),
+                "{src}: GGUF {} differs between layers (not supported)",
+                key("expert_feed_forward_length")
+            );
+            Some(
+                MoeSpec {
+                    n_experts,
+                    k,
+                    routing: MoeRouting::softmax(true),
+                    ffn: ffs[0],
+                    shared_ffn: 0,
+                    sparse,
+                    act: MoeAct::GeGlu,
+                }
+                .checked(cfg)?,
+            )
+        }
+    };
+    let final_softcap = match cfg.extra_f64("", "final_logit_softcapping")? {
+        None => 0.0,
+        Some(c) if c > 0.0 && (c as f32).is_finite() => c as f32,
+        Some(c) => bail!(
+            "{src}: GGUF {} = {c} must be a positive f32",
+            key("final_logit_softcapping")
+        ),
+    };
+    Ok(Plan {
+        layers,
+        window,
+        ple,
+        ple_vocab: cfg.vocab_size,
+        moe,
+        final_softcap,
+    })
+}
+
 fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn LanguageModel>> {
-    let p = plan(cfg)?;
+    let p = plan(cfg, w)?;
     match dev {
         Device::Cpu(b) => Ok(Box::new(Gemma4::<CpuBackend>::load(cfg, w, b.clone(), p)?)),
         Device::Cuda(b) => Ok(Box::new(Gemma4::<CudaBackend>::load(cfg, w, b.clone(), p)?)),
@@ -550,7 +831,7 @@ impl<B: Backend> Gemma4<B> {
                 None
             };
             let moe = match &plan.moe {
-                Some(ms) => {
+                Some(ms) if ms.sparse[i] => {
                     let mut scale = w.f32_vec(&p("ffn_gate_inp.scale"), h)?;
                     let root = (h as f32).powf(-0.5);
                     scale.iter_mut().for_each(|x| *x *= root);
@@ -562,7 +843,7 @@ impl<B: Backend> Gemma4<B> {
                         post_norm_experts: vec(&p("post_ffw_norm_2.weight"), h)?,
                     })
                 }
-                None => None,
+                _ => None,
             };
             let ple_layer = match plan.ple {
                 0 => None,
