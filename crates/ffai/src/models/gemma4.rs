@@ -665,6 +665,7 @@ fn plan_gguf(cfg: &ModelConfig, w: &Weights) -> Result<Plan> {
                     shared_ffn: 0,
                     sparse,
                     act: MoeAct::GeGlu,
+                    latent: 0,
                 }
                 .checked(cfg)?,
             )
