@@ -30,6 +30,21 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 # with.
 RELEASED_KEYS = {
     "deepseek_v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "mscale_equal": True},
+    # Granite 4 as released: layer types spelled "mamba" / "attention" (the converter
+    # finds the attention layers by that name; transformers 5 writes "full_attention") and
+    # no positional embeddings (the converter writes RoPE off for every hybrid).
+    "granite4": {"released_layer_types": True, "position_embedding_type": "nope"},
+    "granite4_moe": {"released_layer_types": True, "position_embedding_type": "nope"},
+}
+
+# Converter flags per family. The Qwen3-Next / Qwen3.5 converters count multi-token
+# prediction layers from `mtp.*` tensors and refuse a checkpoint with none unless told
+# there are none to export.
+EXTRA_ARGS = {
+    "qwen3_next": ["--no-mtp"],
+    "qwen3_next_moe": ["--no-mtp"],
+    "qwen3_5": ["--no-mtp"],
+    "qwen3_5_moe": ["--no-mtp"],
 }
 
 
@@ -70,6 +85,15 @@ def main():
             if isinstance(cls, type) and "set_vocab" in vars(cls):
                 cls.set_vocab = dummy_vocab
 
+    # llama.cpp's qwen3next has experts in every layer; both Qwen3-Next fixtures have dense
+    # MLP layers (`mlp_only_layers`), which its tensor map lacks. Let the map name them as
+    # every other architecture does (`ffn_{gate,up,down}`): the converter's own transforms
+    # of everything else stay as they are (llama.cpp itself would not load such a file).
+    qn = gguf.MODEL_TENSORS[gguf.MODEL_ARCH.QWEN3NEXT]
+    for t in (gguf.MODEL_TENSOR.FFN_GATE, gguf.MODEL_TENSOR.FFN_UP, gguf.MODEL_TENSOR.FFN_DOWN):
+        if t not in qn:
+            qn.append(t)
+
     os.makedirs(args.out, exist_ok=True)
     for fam in args.families:
         src = os.path.join(ROOT, "tests", "fixtures", "parity", fam)
@@ -85,6 +109,9 @@ def main():
             with open(os.path.join(tmp, "config.json")) as fh:
                 cfg = json.load(fh)
             keys = dict(RELEASED_KEYS[fam])
+            if keys.pop("released_layer_types", False):
+                spell = {"full_attention": "attention", "linear_attention": "mamba"}
+                cfg["layer_types"] = [spell.get(t, t) for t in cfg["layer_types"]]
             if keys.pop("mscale_equal", False):
                 rp = cfg["rope_parameters"]
                 rp["mscale"] = rp["mscale_all_dim"]
@@ -92,7 +119,8 @@ def main():
             with open(os.path.join(tmp, "config.json"), "w") as fh:
                 json.dump(cfg, fh, indent=2)
             src = tmp
-        sys.argv = ["convert_hf_to_gguf.py", src, "--outtype", "f32", "--outfile", os.path.join(args.out, fam + ".gguf")]
+        out = os.path.join(args.out, fam + ".gguf")
+        sys.argv = ["convert_hf_to_gguf.py", src, "--outtype", "f32", "--outfile", out] + EXTRA_ARGS.get(fam, [])
         conv.main()
 
 
