@@ -321,6 +321,26 @@ fn llama_cpp_converter_output_hybrids() {
         if released || grouped || matches!(family, "falcon_h1" | "lfm2_moe") {
             assert!(dt > 1e-3, "{family}: the runtimes' difference made none ({dt})");
         }
+        // `ffai quantize --type Q8_0` of the converter's file loads and runs; the conv
+        // weights and ssm_a stay f32, as llama-quantize keeps them.
+        let q8 = out.join(format!("{family}.q8_0.gguf"));
+        ffai::requant::requantize_gguf(&path, &q8, WeightType::Q8_0, true).unwrap();
+        let qbytes = std::fs::read(&q8).unwrap();
+        let qf = GgufFile::from_bytes(&qbytes).unwrap();
+        for t in &qf.tensors {
+            if t.name.contains("conv1d") || t.name.contains("shortconv.conv") || t.name.ends_with("ssm_a") {
+                assert_eq!(t.ty, WeightType::F32, "{family}: {}", t.name);
+            }
+        }
+        assert!(
+            qf.tensors.iter().any(|t| t.ty == WeightType::Q8_0),
+            "{family}: nothing quantized"
+        );
+        let dev = Device::cpu_configured(2, false, true, true);
+        let q = logits(&*load_gguf_on(&qbytes, &dev).unwrap(), &ids);
+        let dq = max_diff(&q, &got);
+        println!("{family}: its Q8_0 requantization vs the f32 file max abs diff {dq:.2e}");
+        assert!(q.iter().all(|x| x.is_finite()) && dq > 0.0, "{family}: {dq}");
     }
 }
 
@@ -797,6 +817,13 @@ fn requantized_hybrids_keep_the_recurrent_tensors_and_run() {
                 "blk.0.attn_gate.weight",
                 "blk.0.ssm_out.weight",
             ][..],
+        ),
+        (
+            // Value heads of 16, narrower than Q8_0's blocks: ssm_out's tiled columns are
+            // put back as f32 values at load.
+            "qwen3_5",
+            &["blk.0.ssm_conv1d.weight", "blk.0.ssm_a", "blk.0.ssm_norm.weight"][..],
+            &["blk.0.attn_qkv.weight", "blk.0.ssm_out.weight"][..],
         ),
         (
             "lfm2_moe",

@@ -582,13 +582,20 @@ fn untile_value_heads(w: &mut Weights, i: usize, kh: usize, vh: usize, dk: usize
         e.shape,
         vh * dv
     );
-    ensure!(
-        dv.is_multiple_of(e.ty.block_len()),
-        "{}: tensor \"{name}\": value heads of {dv} do not fit {}'s blocks of {}",
-        w.source,
-        e.ty.name(),
-        e.ty.block_len()
-    );
+    let rows = e.shape[0];
+    if !dv.is_multiple_of(e.ty.block_len()) {
+        // Heads narrower than the type's blocks: the columns move as f32 values.
+        let v = w.f32_vec(&name, rows * vh * dv)?;
+        let mut out = Vec::with_capacity(v.len());
+        for row in v.chunks_exact(vh * dv) {
+            for h in 0..vh {
+                let t = tiled_pos(h, kh, r);
+                out.extend_from_slice(&row[t * dv..(t + 1) * dv]);
+            }
+        }
+        w.insert(&name, f32_entry(e.shape.clone(), &out));
+        return Ok(());
+    }
     let (rb, hb) = (e.ty.row_bytes(vh * dv).unwrap_or(0), e.ty.row_bytes(dv).unwrap_or(0));
     let src = e.bytes.as_slice();
     let mut out = Vec::with_capacity(src.len());
