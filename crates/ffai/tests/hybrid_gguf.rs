@@ -385,7 +385,10 @@ fn tile_heads(t: &Tensor, lead: usize, kh: usize, vh: usize, size: usize) -> Ten
 
 /// The fixture in llama.cpp's GGUF layout for its architecture, as llama.cpp's converter
 /// writes it (see `models::hybrid_gguf` for the list); `edit` changes the metadata.
-fn llama_cpp_layout(family: &str, edit: &dyn Fn(&mut Vec<(String, MetaValue)>)) -> Vec<u8> {
+/// GGUF metadata as written, in order.
+type MetaList = Vec<(String, MetaValue)>;
+
+fn llama_cpp_layout(family: &str, edit: &dyn Fn(&mut MetaList)) -> Vec<u8> {
     let dir = fixture_dir(family);
     let j: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
@@ -928,6 +931,25 @@ fn hostile_hybrid_gguf_is_an_error() {
             "qwen3_5",
             set("qwen35.rope.dimension_count", MetaValue::U32(7)),
             "rope.dimension_count",
+        ),
+        // A million value heads the tensors do not have: refused before a list per head.
+        (
+            "qwen3_5",
+            Box::new(|m: &mut Vec<(String, MetaValue)>| {
+                m.retain(|(k, _)| k != "qwen35.ssm.time_step_rank" && k != "qwen35.ssm.inner_size");
+                m.push(("qwen35.ssm.time_step_rank".into(), MetaValue::U32(1 << 20)));
+                m.push(("qwen35.ssm.inner_size".into(), MetaValue::U32(1 << 24)));
+            }),
+            "attn_qkv",
+        ),
+        (
+            "qwen3_next",
+            Box::new(|m: &mut Vec<(String, MetaValue)>| {
+                m.retain(|(k, _)| k != "qwen3next.ssm.time_step_rank" && k != "qwen3next.ssm.inner_size");
+                m.push(("qwen3next.ssm.time_step_rank".into(), MetaValue::U32(1 << 20)));
+                m.push(("qwen3next.ssm.inner_size".into(), MetaValue::U32(1 << 24)));
+            }),
+            "ssm_ba",
         ),
         (
             "qwen3_5_moe",

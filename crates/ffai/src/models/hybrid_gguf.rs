@@ -223,12 +223,12 @@ pub fn hf_view(cfg: &ModelConfig, w: &Weights) -> Result<(ModelConfig, Weights)>
                 set("num_experts", 0.into());
             }
             set("model_type", model_type.into());
-            for i in 0..n {
+            for (i, &rec) in recurrent.iter().enumerate() {
                 w.rename(
                     &format!("blk.{i}.post_attention_norm.weight"),
                     &format!("blk.{i}.ffn_norm.weight"),
                 );
-                if !recurrent[i] {
+                if !rec {
                     continue;
                 }
                 let p = |s: &str| format!("blk.{i}.{s}");
@@ -236,6 +236,14 @@ pub fn hf_view(cfg: &ModelConfig, w: &Weights) -> Result<(ModelConfig, Weights)>
                     // in_proj_ba rows per key head: [b (r) | a (r)].
                     let r = vh / kh;
                     let ba = w.get(&p("ssm_ba.weight"))?.clone();
+                    ensure!(
+                        ba.shape.len() == 2 && ba.shape[0] == 2 * vh,
+                        "{}: tensor \"{}\" has shape {:?}, expected {} rows",
+                        cfg.source,
+                        p("ssm_ba.weight"),
+                        ba.shape,
+                        2 * vh
+                    );
                     let b: Vec<(usize, usize)> = (0..kh).map(|k| (k * 2 * r, r)).collect();
                     let a: Vec<(usize, usize)> = (0..kh).map(|k| (k * 2 * r + r, r)).collect();
                     let (eb, ea) = (
@@ -485,11 +493,11 @@ fn period(cfg: &ModelConfig, what: &str, flags: &[bool]) -> Result<(usize, usize
     if !flags.iter().any(|&f| f) {
         return Ok((n + 1, n));
     }
-    for p in 1..=n {
-        for o in 0..p {
-            if (0..n).all(|i| flags[i] == (i % p == o)) {
-                return Ok((p, o));
-            }
+    // The offset is the first flagged layer.
+    let o = flags.iter().position(|&f| f).unwrap_or(0);
+    for p in o + 1..=n {
+        if (0..n).all(|i| flags[i] == (i % p == o)) {
+            return Ok((p, o));
         }
     }
     bail!(
@@ -553,13 +561,14 @@ fn untile_value_heads(w: &mut Weights, i: usize, kh: usize, vh: usize, dk: usize
     ] {
         let name = p(name);
         let e = w.get(&name)?.clone();
+        let total = lead + vh * size;
+        // Checked before the row list (one entry per value head) is built.
         ensure!(
-            e.shape.len() == 2,
-            "{}: tensor \"{name}\" has shape {:?}, expected 2 dimensions",
+            e.shape.len() == 2 && e.shape[0] == total,
+            "{}: tensor \"{name}\" has shape {:?}, expected {total} rows",
             w.source,
             e.shape
         );
-        let total = lead + vh * size;
         let mut ranges = vec![(0, lead)];
         ranges.extend(rows(lead, size));
         let g = gather(w, &name, &e, total, &ranges)?;
