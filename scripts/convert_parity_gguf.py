@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Convert parity fixtures (tests/fixtures/parity/<family>) to GGUF with llama.cpp's own
-convert_hf_to_gguf.py, for `cargo test -p ffai --test moe_gguf -- --ignored`
-(FFAI_LLAMA_CPP_GGUF=<out dir>).
+convert_hf_to_gguf.py, for `cargo test -p ffai --test moe_gguf -- --ignored` and
+`cargo test -p ffai --test hybrid_gguf -- --ignored` (FFAI_LLAMA_CPP_GGUF=<out dir>).
 
 The fixtures have no tokenizer, so the converter's set_vocab is replaced by one that writes
 `vocab_size` dummy tokens (ffai's check loads only the config and the weights).
@@ -10,6 +10,8 @@ Usage (needs torch, transformers and a llama.cpp checkout, e.g. the one vendored
 llama-cpp-python source package from PyPI):
 
   python3 scripts/convert_parity_gguf.py --llama-cpp DIR --out OUT mixtral olmoe
+  python3 scripts/convert_parity_gguf.py --llama-cpp DIR --out OUT qwen3_next qwen3_next_moe \
+      qwen3_5 qwen3_5_moe nemotron_h nemotron_h_moe granite4 granite4_moe lfm2_moe falcon_h1 jamba
 """
 
 import argparse
