@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Convert parity fixtures (tests/fixtures/parity/<family>) to GGUF with llama.cpp's own
-convert_hf_to_gguf.py, for `cargo test -p ffai --test moe_gguf -- --ignored` (and
-`--test gemma4_gguf` for gemma4, gemma4_dense) with FFAI_LLAMA_CPP_GGUF=<out dir>.
+convert_hf_to_gguf.py, for `cargo test -p ffai --test moe_gguf -- --ignored`,
+`cargo test -p ffai --test hybrid_gguf -- --ignored` and `--test gemma4_gguf` (gemma4,
+gemma4_dense), with FFAI_LLAMA_CPP_GGUF=<out dir>.
 
 The fixtures have no tokenizer, so the converter's set_vocab is replaced by one that writes
 `vocab_size` dummy tokens (ffai's check loads only the config and the weights).
@@ -10,6 +11,8 @@ Usage (needs torch, transformers and a llama.cpp checkout, e.g. the one vendored
 llama-cpp-python source package from PyPI):
 
   python3 scripts/convert_parity_gguf.py --llama-cpp DIR --out OUT mixtral olmoe
+  python3 scripts/convert_parity_gguf.py --llama-cpp DIR --out OUT qwen3_next qwen3_next_moe \
+      qwen3_5 qwen3_5_moe nemotron_h nemotron_h_moe granite4 granite4_moe lfm2_moe falcon_h1 jamba
 """
 
 import argparse
@@ -30,6 +33,21 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 # with.
 RELEASED_KEYS = {
     "deepseek_v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "mscale_equal": True},
+    # Granite 4 as released: layer types spelled "mamba" / "attention" (the converter
+    # finds the attention layers by that name; transformers 5 writes "full_attention") and
+    # no positional embeddings (the converter writes RoPE off for every hybrid).
+    "granite4": {"released_layer_types": True, "position_embedding_type": "nope"},
+    "granite4_moe": {"released_layer_types": True, "position_embedding_type": "nope"},
+}
+
+# Converter flags per family. The Qwen3-Next / Qwen3.5 converters count multi-token
+# prediction layers from `mtp.*` tensors and refuse a checkpoint with none unless told
+# there are none to export.
+EXTRA_ARGS = {
+    "qwen3_next": ["--no-mtp"],
+    "qwen3_next_moe": ["--no-mtp"],
+    "qwen3_5": ["--no-mtp"],
+    "qwen3_5_moe": ["--no-mtp"],
 }
 
 # Families whose converter reads tokenizer.json outside set_vocab (Gemma 3/4 cut the
@@ -75,6 +93,15 @@ def main():
             if isinstance(cls, type) and "set_vocab" in vars(cls):
                 cls.set_vocab = dummy_vocab
 
+    # llama.cpp's qwen3next has experts in every layer; both Qwen3-Next fixtures have dense
+    # MLP layers (`mlp_only_layers`), which its tensor map lacks. Let the map name them as
+    # every other architecture does (`ffn_{gate,up,down}`): the converter's own transforms
+    # of everything else stay as they are (llama.cpp itself would not load such a file).
+    qn = gguf.MODEL_TENSORS[gguf.MODEL_ARCH.QWEN3NEXT]
+    for t in (gguf.MODEL_TENSOR.FFN_GATE, gguf.MODEL_TENSOR.FFN_UP, gguf.MODEL_TENSOR.FFN_DOWN):
+        if t not in qn:
+            qn.append(t)
+
     os.makedirs(args.out, exist_ok=True)
     for fam in args.families:
         src = os.path.join(ROOT, "tests", "fixtures", "parity", fam)
@@ -90,6 +117,9 @@ def main():
             with open(os.path.join(tmp, "config.json")) as fh:
                 cfg = json.load(fh)
             keys = dict(RELEASED_KEYS.get(fam, {}))
+            if keys.pop("released_layer_types", False):
+                spell = {"full_attention": "attention", "linear_attention": "mamba"}
+                cfg["layer_types"] = [spell.get(t, t) for t in cfg["layer_types"]]
             if keys.pop("mscale_equal", False):
                 rp = cfg["rope_parameters"]
                 rp["mscale"] = rp["mscale_all_dim"]
@@ -101,7 +131,8 @@ def main():
                 with open(os.path.join(tmp, "tokenizer.json"), "w") as fh:
                     json.dump({"model": {"vocab": vocab}, "added_tokens": []}, fh)
             src = tmp
-        sys.argv = ["convert_hf_to_gguf.py", src, "--outtype", "f32", "--outfile", os.path.join(args.out, fam + ".gguf")]
+        out = os.path.join(args.out, fam + ".gguf")
+        sys.argv = ["convert_hf_to_gguf.py", src, "--outtype", "f32", "--outfile", out] + EXTRA_ARGS.get(fam, [])
         conv.main()
 
 

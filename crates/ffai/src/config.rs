@@ -82,6 +82,11 @@ pub struct ModelConfig {
     pub name: String,
     /// Where the values came from, for error messages.
     pub source: String,
+    /// The weights follow llama.cpp's conventions and the model runs as llama.cpp runs it:
+    /// set for GGUF files, also when a family reads one through a config.json view
+    /// (`models::hybrid_gguf`). Where llama.cpp and transformers differ (the Mamba 2 gated
+    /// norm per group; `(1 + w)` norms stored with the 1 added), the family follows this.
+    pub llama_cpp: bool,
     /// The original fields, for the quirks a family reads itself (`extra_*`).
     pub raw: RawConfig,
 }
@@ -539,6 +544,7 @@ impl ModelConfig {
                 .unwrap_or("")
                 .to_string(),
             source: source.to_string(),
+            llama_cpp: false,
             raw: RawConfig::Hf(v.clone()),
         }
         .validate()
@@ -629,6 +635,16 @@ impl ModelConfig {
                     ))
                 })?,
         };
+        let ff_key = key("feed_forward_length");
+        let per_layer_ff = match f.get(&ff_key).and_then(|v| v.as_array()) {
+            None => None,
+            Some(a) => Some(
+                a.iter()
+                    .map(|v| v.as_u64().and_then(|x| usize::try_from(x).ok()))
+                    .collect::<Option<Vec<usize>>>()
+                    .ok_or_else(|| Error::new(format!("{source}: GGUF {ff_key} holds a non-integer")))?,
+            ),
+        };
         let rope_scaling = match f.get_str(&key("rope.scaling.type")) {
             None | Some("none") => None,
             Some("linear") => {
@@ -665,19 +681,20 @@ impl ModelConfig {
             model_type: arch.clone(),
             architecture: arch.clone(),
             hidden_size,
-            intermediate_size: match attention_free {
-                true => opt("feed_forward_length")?.filter(|&x| x > 0).unwrap_or(hidden_size),
+            intermediate_size: match (attention_free, per_layer_ff) {
+                (true, _) => opt("feed_forward_length")?.filter(|&x| x > 0).unwrap_or(hidden_size),
                 // Gemma 4 may give one width per layer (its double-wide MLP): the first
                 // here, its family reads the array.
-                false => match f.get(&key("feed_forward_length")).and_then(|v| v.as_array()) {
-                    Some(a) if arch == "gemma4" => a
-                        .first()
-                        .and_then(|v| v.as_u64())
-                        .and_then(|v| usize::try_from(v).ok())
-                        .ok_or_else(|| {
-                            Error::new(format!("{source}: GGUF {arch}.feed_forward_length holds a non-integer"))
-                        })?,
-                    _ => req("feed_forward_length")?,
+                (false, Some(ff)) if arch == "gemma4" => *ff
+                    .first()
+                    .ok_or_else(|| Error::new(format!("{source}: GGUF {ff_key} holds a non-integer")))?,
+                // Hybrids (NemotronH) give it per layer, 0 for blocks without an MLP: the
+                // largest (the family reads its widths from the tensors).
+                (false, Some(ff)) => ff.into_iter().max().filter(|&x| x > 0).unwrap_or(hidden_size),
+                // MoE models without a dense MLP (Qwen3.5-MoE) give only the experts' width.
+                (false, None) => match opt("feed_forward_length")? {
+                    Some(ff) => ff,
+                    None => opt("expert_feed_forward_length")?.map_or_else(|| req("feed_forward_length"), Ok)?,
                 },
             },
             num_layers: req("block_count")?,
@@ -699,6 +716,7 @@ impl ModelConfig {
                 .unwrap_or("")
                 .to_string(),
             source: source.to_string(),
+            llama_cpp: true,
             raw: RawConfig::Gguf(
                 f.metadata
                     .iter()

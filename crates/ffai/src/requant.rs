@@ -55,8 +55,16 @@ fn fallback(target: WeightType, cols: usize) -> WeightType {
 /// True for the tensors that get the target type. Mixture-of-experts routers
 /// (`ffn_gate_inp`) keep their type, as llama.cpp's quantizer keeps them: a routing
 /// decision is discrete, so a small error in its logits can change which experts run.
+/// So do the recurrent mixers' small depthwise conv weights (`ssm_conv1d`, LFM2's
+/// `shortconv.conv`), as llama.cpp keeps them; `ssm_a` / `ssm_d` have no `.weight` suffix
+/// and are copied as all 1-D tensors are.
 fn is_weight_matrix(name: &str, shape: &[usize]) -> bool {
-    shape.len() >= 2 && name.ends_with(".weight") && !name.contains("norm") && !name.contains("ffn_gate_inp")
+    shape.len() >= 2
+        && name.ends_with(".weight")
+        && !name.contains("norm")
+        && !name.contains("ffn_gate_inp")
+        && !name.contains("ssm_conv1d")
+        && !name.contains("shortconv.conv.weight")
 }
 
 /// Writes `dst`: `src` with every weight matrix encoded as `target` (see the module

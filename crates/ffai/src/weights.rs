@@ -56,6 +56,16 @@ impl Weights {
         }
     }
 
+    /// Files `e` under `name`, replacing what was there (a family rewriting a converter's
+    /// layout into the one it reads, `models::hybrid_gguf`).
+    pub(crate) fn insert(&mut self, name: &str, e: WeightEntry) {
+        self.map.insert(name.to_string(), e);
+    }
+
+    pub(crate) fn remove(&mut self, name: &str) -> Option<WeightEntry> {
+        self.map.remove(name)
+    }
+
     pub fn has(&self, name: &str) -> bool {
         self.map.contains_key(name)
     }

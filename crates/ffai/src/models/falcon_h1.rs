@@ -35,7 +35,7 @@ pub const FAMILY: Family = Family {
     variants: &["falcon_h1"],
     hf_architectures: &["FalconH1ForCausalLM"],
     model_types: &["falcon_h1"],
-    gguf_architectures: &[],
+    gguf_architectures: &["falcon-h1"],
     load,
 };
 
@@ -96,6 +96,11 @@ fn scaled(w: &Weights, name: &str, rows: usize, cols: usize, row_scale: &RowScal
 }
 
 fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn LanguageModel>> {
+    if cfg.is_gguf() {
+        // llama.cpp's layout, read as the Hugging Face one (`hybrid_gguf`).
+        let (cfg, w) = super::hybrid_gguf::hf_view(cfg, w)?;
+        return load(&cfg, &w, dev);
+    }
     let flag = |k: &str| -> Result<bool> { Ok(cfg.extra_bool(k, "")?.unwrap_or(false)) };
     for k in ["attention_bias", "mlp_bias", "projectors_bias", "mamba_proj_bias"] {
         ensure!(

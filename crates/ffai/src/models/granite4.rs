@@ -28,7 +28,7 @@ pub const FAMILY: Family = Family {
     variants: &["granite4-hybrid", "granite4-hybrid-moe"],
     hf_architectures: &["GraniteMoeHybridForCausalLM"],
     model_types: &["granitemoehybrid"],
-    gguf_architectures: &[],
+    gguf_architectures: &["granitehybrid"],
     load,
 };
 
@@ -60,6 +60,11 @@ const KEYS: MixerKeys = MixerKeys {
 };
 
 fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn LanguageModel>> {
+    if cfg.is_gguf() {
+        // llama.cpp's layout, read as the Hugging Face one (`hybrid_gguf`).
+        let (cfg, w) = super::hybrid_gguf::hf_view(cfg, w)?;
+        return load(&cfg, &w, dev);
+    }
     let experts = cfg.extra_usize("num_local_experts", "")?.unwrap_or(8);
     ensure!(
         cfg.extra_bool("mamba_proj_bias", "")? != Some(true) && !cfg.attention_bias,
@@ -98,9 +103,13 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
             latent: 0,
         }
         .checked(&cfg)?;
-        // The shared MLP becomes the MoE block's shared expert.
+        // The shared MLP becomes the MoE block's shared expert (llama.cpp's files already
+        // name it so, split into gate and up).
         let mut w = w.clone();
-        for i in 0..cfg.num_layers {
+        let fused: Vec<usize> = (0..cfg.num_layers)
+            .filter(|i| !w.has(&format!("blk.{i}.ffn_up_shexp.weight")))
+            .collect();
+        for i in fused {
             for (from, to) in [("ffn_up", "ffn_gate_up_shexp"), ("ffn_down", "ffn_down_shexp")] {
                 let (from, to) = (format!("blk.{i}.{from}.weight"), format!("blk.{i}.{to}.weight"));
                 ensure!(

@@ -21,7 +21,7 @@ pub const FAMILY: Family = Family {
     variants: &["jamba"],
     hf_architectures: &["JambaForCausalLM"],
     model_types: &["jamba"],
-    gguf_architectures: &[],
+    gguf_architectures: &["jamba"],
     load,
 };
 
@@ -41,6 +41,11 @@ impl Jamba {
 const SCAN_CHUNK: usize = 1;
 
 fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn LanguageModel>> {
+    if cfg.is_gguf() {
+        // llama.cpp's layout, read as the Hugging Face one (`hybrid_gguf`).
+        let (cfg, w) = super::hybrid_gguf::hf_view(cfg, w)?;
+        return load(&cfg, &w, dev);
+    }
     let u =
         |k: &str, d: usize| -> Result<usize> { recurrent::sized(cfg, k, cfg.extra_usize(k, "")?, Some(d), MAX_DIM) };
     ensure!(

@@ -29,7 +29,7 @@ pub const FAMILY: Family = Family {
     variants: &["lfm2", "lfm2_moe"],
     hf_architectures: &["Lfm2ForCausalLM", "Lfm2MoeForCausalLM"],
     model_types: &["lfm2", "lfm2_moe"],
-    gguf_architectures: &["lfm2"],
+    gguf_architectures: &["lfm2", "lfm2moe"],
     load,
 };
 
@@ -171,12 +171,12 @@ fn moe_spec(cfg: &ModelConfig, w: &Weights) -> Result<MoeSpec> {
 }
 
 fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn LanguageModel>> {
+    if cfg.is_gguf() && cfg.architecture == "lfm2moe" {
+        // llama.cpp's layout, read as the Hugging Face one (`hybrid_gguf`).
+        let (cfg, w) = super::hybrid_gguf::hf_view(cfg, w)?;
+        return load(&cfg, &w, dev);
+    }
     let moe_model = is_moe(cfg);
-    ensure!(
-        !(moe_model && cfg.is_gguf()),
-        "{}: LFM2-MoE GGUF files are not supported yet",
-        cfg.source
-    );
     let mut cfg = cfg.clone();
     let layers = conv_layers(&cfg)?;
     let kernel = recurrent::conv_kernel(

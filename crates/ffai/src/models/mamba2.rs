@@ -139,7 +139,7 @@ pub fn mixer_spec(cfg: &ModelConfig, keys: &MixerKeys) -> Result<Mamba2Spec> {
             dt_max: dt_max as f32,
         },
         conv_kernel,
-        norm_group: if cfg.is_gguf() || keys.grouped_norm {
+        norm_group: if cfg.llama_cpp || keys.grouped_norm {
             d_inner / groups.max(1)
         } else {
             d_inner

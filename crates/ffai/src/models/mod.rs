@@ -25,6 +25,7 @@ pub mod gemma4;
 pub mod gpt_oss;
 pub mod granite;
 pub mod granite4;
+pub mod hybrid_gguf;
 pub mod jamba;
 pub mod lfm2;
 pub mod llama;

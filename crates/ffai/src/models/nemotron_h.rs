@@ -33,7 +33,7 @@ pub const FAMILY: Family = Family {
     variants: &["nemotron_h"],
     hf_architectures: &["NemotronHForCausalLM"],
     model_types: &["nemotron_h"],
-    gguf_architectures: &[],
+    gguf_architectures: &["nemotron_h", "nemotron_h_moe"],
     load,
 };
 
@@ -158,6 +158,11 @@ fn moe_spec(cfg: &ModelConfig, blocks: &[Block]) -> Result<MoeSpec> {
 }
 
 fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn LanguageModel>> {
+    if cfg.is_gguf() {
+        // llama.cpp's layout, read as the Hugging Face one (`hybrid_gguf`).
+        let (cfg, w) = super::hybrid_gguf::hf_view(cfg, w)?;
+        return load(&cfg, &w, dev);
+    }
     let blocks = blocks(cfg)?;
     let moe = match blocks.contains(&Block::Moe) {
         true => Some(moe_spec(cfg, &blocks)?),

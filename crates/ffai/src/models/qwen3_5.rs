@@ -29,7 +29,7 @@ pub const FAMILY: Family = Family {
     variants: &["qwen3_5"],
     hf_architectures: &["Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration"],
     model_types: &["qwen3_5_text", "qwen3_5"],
-    gguf_architectures: &[],
+    gguf_architectures: &["qwen35"],
     load: load_dense,
 };
 
@@ -38,7 +38,7 @@ pub const FAMILY_MOE: Family = Family {
     variants: &["qwen3_5_moe"],
     hf_architectures: &["Qwen3_5MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration"],
     model_types: &["qwen3_5_moe_text", "qwen3_5_moe"],
-    gguf_architectures: &[],
+    gguf_architectures: &["qwen35moe"],
     load: load_moe,
 };
 
@@ -70,6 +70,11 @@ fn spec(cfg: &ModelConfig) -> Result<DecoderSpec> {
 }
 
 fn load_dense(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn LanguageModel>> {
+    if cfg.is_gguf() {
+        // llama.cpp's layout, read as the Hugging Face one (`hybrid_gguf`).
+        let (cfg, w) = super::hybrid_gguf::hf_view(cfg, w)?;
+        return load_dense(&cfg, &w, dev);
+    }
     let spec = spec(cfg)?;
     let id = Identity {
         family: FAMILY.name,
@@ -80,6 +85,11 @@ fn load_dense(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn La
 }
 
 fn load_moe(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn LanguageModel>> {
+    if cfg.is_gguf() {
+        // llama.cpp's layout, read as the Hugging Face one (`hybrid_gguf`).
+        let (cfg, w) = super::hybrid_gguf::hf_view(cfg, w)?;
+        return load_moe(&cfg, &w, dev);
+    }
     let moe = MoeSpec {
         n_experts: moe::required_count(cfg, &["num_experts"], "")?,
         k: moe::required_count(cfg, &["num_experts_per_tok"], "")?,

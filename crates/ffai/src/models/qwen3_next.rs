@@ -24,7 +24,7 @@ pub const FAMILY: Family = Family {
     variants: &["qwen3_next"],
     hf_architectures: &["Qwen3NextForCausalLM"],
     model_types: &["qwen3_next"],
-    gguf_architectures: &[],
+    gguf_architectures: &["qwen3next"],
     load,
 };
 
@@ -144,7 +144,12 @@ pub(crate) fn gdn_decoder_spec(cfg: &ModelConfig) -> Result<DecoderSpec> {
         .map(|i| (1.0 / cfg.rope_theta.powf((2 * i) as f64 / rot as f64)) as f32)
         .collect();
     Ok(DecoderSpec {
-        norm: NormKind::RmsPlusOne,
+        // llama.cpp's converter stores these norms with the 1 added (the same f32 sum).
+        norm: if cfg.llama_cpp {
+            NormKind::Rms
+        } else {
+            NormKind::RmsPlusOne
+        },
         qk_norm: QkNorm::PerHead,
         attn_gate: true,
         ropes: vec![inv_freq],
@@ -163,6 +168,11 @@ pub(crate) fn gdn_decoder_spec(cfg: &ModelConfig) -> Result<DecoderSpec> {
 }
 
 fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn LanguageModel>> {
+    if cfg.is_gguf() {
+        // llama.cpp's layout, read as the Hugging Face one (`hybrid_gguf`).
+        let (cfg, w) = super::hybrid_gguf::hf_view(cfg, w)?;
+        return load(&cfg, &w, dev);
+    }
     let moe = moe_spec(cfg, w)?;
     let spec = DecoderSpec {
         moe,

@@ -820,7 +820,11 @@ impl<B: Backend> RecLayer<B> {
                 }
                 let [x, z] = split_rows(b, w, &p("ssm_in.weight"), [di, di], hidden)?;
                 let x_proj = split_rows(b, w, &p("ssm_x.weight"), [r, ns, ns], di)?;
-                let al = w.f32_vec(&p("ssm_a_log"), di * ns)?;
+                // `[d_inner, state]`: llama.cpp's `ssm_a = -exp(A_log)`, or Hugging Face's A_log.
+                let a_neg = match w.has(&p("ssm_a")) {
+                    true => w.f32_vec(&p("ssm_a"), di * ns)?,
+                    false => w.f32_vec(&p("ssm_a_log"), di * ns)?.iter().map(|&x| -x.exp()).collect(),
+                };
                 let dv = w.f32_vec(&p("ssm_d"), di)?;
                 let bias = w.f32_vec(&p("ssm_dt.bias"), di)?;
                 // Head j * di + c: channel c, state element j.
@@ -841,7 +845,7 @@ impl<B: Backend> RecLayer<B> {
                         vec(&p("ssm_c_norm.weight"), ns)?,
                     ],
                     dt_proj: mat(&p("ssm_dt.weight"), di, r)?,
-                    a: b.upload(&per_head(&|j, c| -al[c * ns + j].exp())),
+                    a: b.upload(&per_head(&|j, c| a_neg[c * ns + j])),
                     d: b.upload(&per_head(&|j, c| if j == 0 { dv[c] } else { 0.0 })),
                     dt_bias: b.upload(&per_head(&|_, c| bias[c])),
                     out: mat(&p("ssm_out.weight"), hidden, di)?,
@@ -874,7 +878,11 @@ impl<B: Backend> RecLayer<B> {
                     "{}: DeltaNet conv biases are not supported",
                     p("ssm_conv1d")
                 );
-                let al = w.f32_vec(&p("ssm_a_log"), vh)?;
+                // llama.cpp stores `ssm_a = -exp(A_log)`; Hugging Face `A_log`.
+                let a_neg = match w.has(&p("ssm_a")) {
+                    true => w.f32_vec(&p("ssm_a"), vh)?,
+                    false => w.f32_vec(&p("ssm_a_log"), vh)?.iter().map(|&x| -x.exp()).collect(),
+                };
                 let norm = w.f32_vec(&p("ssm_norm.weight"), dv)?;
                 let tiled: Vec<f32> = (0..vh).flat_map(|_| norm.iter().copied()).collect();
                 let common = |qkv, z, wb, wa| -> Result<Self> {
@@ -884,7 +892,7 @@ impl<B: Backend> RecLayer<B> {
                         b: wb,
                         a: wa,
                         conv_w: b.upload(&conv_weight(w, &p("ssm_conv1d.weight"), s.row_width(), g.conv_kernel)?),
-                        a_neg: b.upload(&al.iter().map(|&x| -x.exp()).collect::<Vec<f32>>()),
+                        a_neg: b.upload(&a_neg),
                         dt_bias: vec(&p("ssm_dt.bias"), vh)?,
                         norm: b.upload(&tiled),
                         out: mat(&p("ssm_out.weight"), hidden, vh * dv)?,
