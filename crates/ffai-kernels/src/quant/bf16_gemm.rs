@@ -215,9 +215,9 @@ mod x86 {
         // `__m512i` and `__m512bh` are both 64 plain bytes.
         unsafe {
             if TAIL {
-                std::mem::transmute(_mm512_maskz_loadu_epi16(m, p.cast()))
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(m, p.cast()))
             } else {
-                std::mem::transmute(_mm512_loadu_si512(p.cast()))
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p.cast()))
             }
         }
     }
