@@ -3,7 +3,7 @@
 peak RSS for each test model at each thread count. The two engines alternate, one
 repetition at a time, for ROUNDS rounds; the table reports medians and the ratio.
 
-usage: scripts/bench.py [--rounds 3] [--threads 1,2] [--models smollm2,gemma3]
+usage: scripts/bench.py [--rounds 3] [--threads 1,2] [--models smollm2,gemma3] [--ffai-args '...']
        scripts/bench.py --models smollm2-bf16,smollm2-mlx4,smollm2-mlx8   (other formats:
        ffai runs the HF directory `ffai convert` writes from the GGUF, llama.cpp the GGUF
        `ffai quantize` writes in the nearest GGUF type; made once under target/bench-formats)
@@ -64,9 +64,12 @@ def llama_once(model, threads):
     return pp, tg
 
 
+FFAI_ARGS = []  # extra `ffai bench` arguments (--ffai-args)
+
+
 def ffai_once(model, threads):
     out = run([FFAI, "bench", "-m", model, "--threads", str(threads), "--prompt-tokens", "512",
-               "--gen-tokens", "128", "--repetitions", "1", "--json"])
+               "--gen-tokens", "128", "--repetitions", "1", "--json"] + FFAI_ARGS)
     j = json.loads(out)
     return j["prefill_tokens_per_s"], j["decode_tokens_per_s"], j["peak_rss_bytes"], j["load_seconds"]
 
@@ -76,7 +79,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--models", default="smollm2,gemma3")
+    ap.add_argument("--ffai-args", default="", help="extra `ffai bench` arguments, e.g. '--activations bf16'")
     a = ap.parse_args()
+    FFAI_ARGS.extend(a.ffai_args.split())
     if not os.path.exists(LLAMA_BENCH):
         subprocess.check_call(["bash", os.path.join(ROOT, "../shared/tools/llamacpp-baseline.sh")],
                               env={**os.environ, "WORK": LLAMA_WORK})

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use ffai_kernels::ops;
 use ffai_kernels::quant::q8::{dot_rows_q8_multi, dot_rows_q8_tile, force_q8_level, Q8Level, TokenTile};
 use ffai_kernels::quant::{
-    dequantize_row, dot_row, dot_row_q8, dot_row_q8_multi, dot_rows_multi, dot_rows_q8, force_portable,
-    q8_backend_name, quantize_row, QuantizedActs, WeightType,
+    bf16_dot_available, dequantize_row, dot_row, dot_row_q8, dot_row_q8_multi, dot_rows_bf16, dot_rows_multi,
+    dot_rows_q8, force_portable, q8_backend_name, quantize_row, round_to_bf16, QuantizedActs, WeightType,
 };
 
 struct Rng(u64);
@@ -416,6 +416,26 @@ fn bench_float_gemm(ty: WeightType, rows: usize, cols: usize, n: usize) {
         out_row.iter().zip(&out_new).all(|(a, b)| a.to_bits() == b.to_bits()),
         "dot_rows_multi differs from dot_row"
     );
+    // The kernel without the once-per-call widening of 16-bit rows (what ran before it):
+    // `dot_rows_multi` on 4 tokens at a time, which it does not widen for.
+    let mut tmp4 = vec![0.0f32; BLOCK * 4];
+    let unwidened = time(b, || {
+        for r0 in (0..rows).step_by(BLOCK) {
+            let nr = BLOCK.min(rows - r0);
+            for t0 in (0..n).step_by(4) {
+                let nt = 4.min(n - t0);
+                let o = &mut tmp4[..nr * nt];
+                dot_rows_multi(
+                    ty,
+                    black_box(&w[r0 * rb..(r0 + nr) * rb]),
+                    &x[t0 * cols..(t0 + nt) * cols],
+                    cols,
+                    o,
+                );
+            }
+        }
+        black_box(&tmp4);
+    });
     // One token (decode): `dot_row` row by row vs `dot_rows_multi` over all rows.
     let mut one_a = vec![0.0f32; rows];
     let mv_row = time(b, || {
@@ -441,14 +461,41 @@ fn bench_float_gemm(ty: WeightType, rows: usize, cols: usize, n: usize) {
         flops / mv_multi / 1e9,
         mv_row / mv_multi,
     );
+    if ty == WeightType::BF16 && bf16_dot_available() {
+        // bf16 activations (`vdpbf16ps`): the tokens rounded once, then the same blocks.
+        let mut xb = vec![0u16; n * cols];
+        let mut out_bf = vec![0.0f32; rows * n];
+        let bf = time(b, || {
+            round_to_bf16(&x, &mut xb);
+            for (r0, o) in out_bf.chunks_mut(BLOCK * n).enumerate() {
+                let nr = o.len() / n;
+                dot_rows_bf16(black_box(&w[r0 * BLOCK * rb..(r0 * BLOCK + nr) * rb]), &xb, cols, o);
+            }
+            black_box(&out_bf);
+        });
+        let mut one_bf = vec![0.0f32; rows];
+        let mv_bf = time(b, || {
+            round_to_bf16(&x[..cols], &mut xb[..cols]);
+            dot_rows_bf16(black_box(&w), &xb[..cols], cols, &mut one_bf);
+            black_box(&one_bf);
+        });
+        println!(
+            " bf16 acts {rows:>5}x{cols:<5} | n={n}: dot_rows_bf16 {:6.1} GFLOP/s (x{:4.2} vs dot_rows_multi) | n=1: {:6.1} GFLOP/s (x{:4.2})",
+            2.0 * (rows * cols * n) as f64 / bf / 1e9,
+            gemm / bf,
+            2.0 * (rows * cols) as f64 / mv_bf / 1e9,
+            mv_multi / mv_bf,
+        );
+    }
     let flops = 2.0 * (rows * cols * n) as f64;
     println!(
-        "{:>5} {rows:>5}x{cols:<5} n={n:<3} | before (dequant + dot_f32) {:6.1} GFLOP/s | dot_row {:6.1} GFLOP/s | dot_rows_multi {:6.1} GFLOP/s | x{:4.2} vs before",
+        "{:>5} {rows:>5}x{cols:<5} n={n:<3} | before (dequant + dot_f32) {:6.1} GFLOP/s | dot_row {:6.1} GFLOP/s | dot_rows_multi {:6.1} GFLOP/s | x{:4.2} vs before | 4-token calls (no widening) {:6.1} GFLOP/s",
         ty.name(),
         flops / old / 1e9,
         flops / per_dot / 1e9,
         flops / gemm / 1e9,
         old / gemm,
+        flops / unwidened / 1e9,
     );
 }
 

@@ -45,8 +45,13 @@ pub struct LoadOptions {
     /// Dot quantized weights with f32 activations instead of 8-bit ones (slower; what a
     /// weight format alone costs, without the activations' rounding).
     pub f32_activations: bool,
-    /// Run on CUDA GPU N instead of the CPU (`threads`, `profile`, `kv_f32` and
-    /// `f32_activations` are CPU options; the GPU keeps an f16 KV cache and f32
+    /// Round the activations of BF16-weight matmuls to bf16 and dot them with AVX-512
+    /// BF16 (`vdpbf16ps`) where the CPU has it: faster prefill, activations rounded as
+    /// llama.cpp's BF16 path rounds them (`CpuBackend::with_bf16_activations`; ignored
+    /// with `f32_activations` or without AVX-512 BF16).
+    pub bf16_activations: bool,
+    /// Run on CUDA GPU N instead of the CPU (`threads`, `profile`, `kv_f32`,
+    /// `f32_activations` and `bf16_activations` are CPU options; the GPU keeps an f16 KV cache and f32
     /// activations).
     pub cuda: Option<usize>,
 }
@@ -81,7 +86,11 @@ impl Model {
             "{threads} threads exceed the limit of {MAX_THREADS}"
         );
         let device = match opts.cuda {
-            None => Device::cpu_configured(threads, opts.profile, opts.kv_f32, opts.f32_activations),
+            None => Device::Cpu(std::sync::Arc::new(
+                ffai_kernels::cpu::CpuBackend::with_options(threads, opts.profile, opts.kv_f32)
+                    .with_f32_activations(opts.f32_activations)
+                    .with_bf16_activations(opts.bf16_activations),
+            )),
             Some(n) => {
                 ensure!(
                     !opts.kv_f32,

@@ -135,6 +135,79 @@ fn llama_bf16_weights() {
     check("llama_bf16", 1e-3);
 }
 
+/// The same fixture with bf16 activations (`CpuBackend::with_bf16_activations`): one
+/// prefill, prefill in chunks of 5 and decoding token by token give the same logits bit
+/// for bit (both round their activations alike), and where AVX-512 BF16 runs them they
+/// differ from the f32-activation logits (the path is taken). Against transformers' f32
+/// they are not held to 1e-3 (the rounding moves this random model's logits past it and
+/// flips near-tie argmaxes, which is why the option is off by default); the distance is
+/// printed.
+#[test]
+fn llama_bf16_weights_bf16_activations_prefill_equals_decode() {
+    use ffai_kernels::cpu::CpuBackend;
+    let dir = fixture_dir("llama_bf16");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let cfg = ModelConfig::from_hf_json(&json, &dir.display().to_string()).unwrap();
+    let weights = Weights::from_safetensors_dir_for(&dir, &cfg.model_type).unwrap();
+    let family = family_for(&cfg, false).unwrap();
+    let dev = Device::Cpu(std::sync::Arc::new(
+        CpuBackend::with_options(2, false, true).with_bf16_activations(true),
+    ));
+    let m = (family.load)(&cfg, &weights, &dev).unwrap();
+    let r = reference(&dir);
+    let n = r.ids.len();
+    let run = |chunk: usize| {
+        let mut st = m.new_state(n, chunk).unwrap();
+        let mut got = Vec::new();
+        if chunk == 1 {
+            let mut step = Vec::new();
+            for &id in &r.ids {
+                m.forward(&[id], &mut st, false, &mut step).unwrap();
+                got.extend_from_slice(&step);
+            }
+        } else {
+            m.forward(&r.ids, &mut st, true, &mut got).unwrap();
+        }
+        got
+    };
+    let (prefill, chunked, decode) = (run(512), run(5), run(1));
+    assert_eq!(prefill.len(), n * r.vocab);
+    for (what, other) in [("chunked", &chunked), ("decode", &decode)] {
+        for (i, (a, b)) in prefill.iter().zip(other.iter()).enumerate() {
+            assert_eq!(
+                a.to_bits(),
+                b.to_bits(),
+                "{what} differs from one prefill at position {} logit {}: {a} vs {b}",
+                i / r.vocab,
+                i % r.vocab
+            );
+        }
+    }
+    let f32_logits = {
+        let m = load(&dir);
+        let mut st = m.new_state(n, 512).unwrap();
+        let mut got = Vec::new();
+        m.forward(&r.ids, &mut st, true, &mut got).unwrap();
+        got
+    };
+    if ffai_kernels::quant::bf16_dot_available() {
+        assert_ne!(prefill, f32_logits, "bf16 activations were not used");
+    }
+    let d = prefill
+        .iter()
+        .zip(&r.logits)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    let flips = (0..n)
+        .filter(|&t| {
+            let s = t * r.vocab..(t + 1) * r.vocab;
+            argmax(&prefill[s.clone()]) != argmax(&r.logits[s])
+        })
+        .count();
+    println!("llama_bf16 with bf16 activations: max abs diff {d:.2e} vs transformers f32, {flips}/{n} argmax flips");
+}
+
 #[test]
 fn qwen2_qkv_bias() {
     check("qwen2", 1e-3);

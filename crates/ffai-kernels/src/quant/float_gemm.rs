@@ -14,12 +14,30 @@
 //! outputs instead of one. On AVX-512 the in-order lane sums of a tile's 16 outputs
 //! run side by side after a register transpose (`lane_sums16`).
 //!
+//! F16 / BF16 rows against more tokens than one register tile are first widened to `f32`
+//! (`dequantize_row`, exact, per call into a thread-local buffer) and run through the F32
+//! kernel: the conversion is paid once per call (a block of rows × up to 48 tokens in
+//! the CPU backend) instead of once per 4 (AVX-512) or 3 (AVX2) tokens. Same bits.
+//!
+//! BF16 weights can instead take bf16-rounded activations (`bf16_gemm.rs`, AVX-512 BF16,
+//! an option of the CPU backend); that changes the arithmetic, this module does not.
+//!
 //! Levels follow the `q8` switch: AVX-512 F when [`avx512_allowed`](super::q8::avx512_allowed),
 //! AVX2 (+F16C) when [`avx2_allowed`](super::q8::avx2_allowed), else `dot_row` per
 //! output. All three give the same bits (the widening is exact; only a NaN weight's
 //! payload could differ between F16C and `half`'s conversion).
 
 use super::{dot_row, WeightType};
+
+/// The in-order lane sums of 16 accumulators at once (shared with `bf16_gemm`).
+#[cfg(target_arch = "x86_64")]
+pub(super) use x86::lane_sums16;
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// Each thread's 16-bit weight rows widened to f32 (see `dot_rows_multi`).
+    static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// `out[r · n + j] = dot_row(ty, row r, x[j · cols ..][.. cols])` for the `rows.len() /
 /// rb` rows of `rb` bytes in `rows` and the `n = x.len() / cols` tokens of `x`. The
@@ -31,7 +49,35 @@ pub(super) fn dot_rows_multi(ty: WeightType, rows: &[u8], rb: usize, x: &[f32], 
     debug_assert_eq!(out.len(), rows.len() / rb * n);
     #[cfg(target_arch = "x86_64")]
     {
-        if super::q8::avx512_allowed() {
+        let avx512 = super::q8::avx512_allowed();
+        let tile_tokens = if avx512 { x86::T512 } else { x86::T256 };
+        if ty != WeightType::F32 && n > tile_tokens && (avx512 || super::q8::avx2_allowed()) {
+            // 16-bit weights against more than one register tile of tokens: widen the
+            // rows to f32 once here instead of once per token tile inside the kernel,
+            // then run the F32 kernel. Same bits: the widening is `dot_row`'s own
+            // (`dequantize_row`, exact), and the F32 kernel's arithmetic is the same.
+            WIDE.with(|wide| {
+                let mut wide = wide.borrow_mut();
+                let nrows = rows.len() / rb;
+                wide.resize(nrows * cols, 0.0);
+                for (src, dst) in rows.chunks_exact(rb).zip(wide.chunks_exact_mut(cols)) {
+                    super::dequantize_row(ty, src, dst);
+                }
+                // SAFETY: a `u8` view of initialised `f32`s (any bytes are valid `u8`s,
+                // alignment 1), read only while `wide` is borrowed here.
+                let bytes = unsafe { std::slice::from_raw_parts(wide.as_ptr().cast::<u8>(), nrows * cols * 4) };
+                if avx512 {
+                    // SAFETY: AVX-512 F (and AVX2/FMA/F16C) detected; `bytes` holds
+                    // `nrows` F32 rows of `cols`, the shapes checked by the caller.
+                    unsafe { x86::gemm512(WeightType::F32, bytes, cols * 4, x, cols, out) };
+                } else {
+                    // SAFETY: AVX2, FMA and F16C detected; shapes as above.
+                    unsafe { x86::gemm256(WeightType::F32, bytes, cols * 4, x, cols, out) };
+                }
+            });
+            return;
+        }
+        if avx512 {
             // SAFETY: AVX-512 F (and AVX2/FMA/F16C, implied by the level) was detected at
             // run time; the shapes were checked by the caller as documented above.
             unsafe { x86::gemm512(ty, rows, rb, x, cols, out) };
@@ -66,10 +112,10 @@ mod x86 {
     /// registers. (Measured on Zen 4: 4 × 4 beat 4 × 6 and 2 × 8 by 10-15 % on
     /// 576-column rows, where the lane sums weigh most.)
     const R512: usize = 4;
-    const T512: usize = 4;
+    pub(super) const T512: usize = 4;
     /// The AVX2 tile: 2 rows × 3 tokens, each output two 8-lane halves (12 of 16 registers).
     const R256: usize = 2;
-    const T256: usize = 3;
+    pub(super) const T256: usize = 3;
 
     /// Elements of a row that `dot_row` puts through its 16 lanes (whole 64-chunks).
     #[inline(always)]
@@ -213,7 +259,7 @@ mod x86 {
     /// additions in the same order as `sum_lanes`' fold, 16 outputs per instruction.
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    fn lane_sums16(v: [__m512; 16]) -> __m512 {
+    pub(in crate::quant) fn lane_sums16(v: [__m512; 16]) -> __m512 {
         // 32-bit interleave: t[2i] lane L = [v2i[4L], v2i+1[4L], v2i[4L+1], v2i+1[4L+1]].
         let mut t = [_mm512_setzero_ps(); 16];
         for i in 0..8 {

@@ -41,6 +41,7 @@
 use std::fmt;
 
 pub mod affine;
+mod bf16_gemm;
 mod float;
 mod float_gemm;
 mod iq4;
@@ -50,6 +51,7 @@ mod legacy;
 mod mxfp4;
 pub mod q8;
 
+pub use bf16_gemm::{bf16_bits, bf16_dot_available, dot_rows_bf16, force_bf16_dot, round_to_bf16};
 pub use q8::{
     dot_row_q8, dot_row_q8_multi, dot_rows_q8, force_portable, has_q8_path, q8_backend_name, ActFormat, ActsWriter,
     QuantizedActs,
