@@ -4,7 +4,7 @@
 # is limited to 64 MiB). Usage: bash scripts/gpu-run.sh STAGE...
 #   unpack   decompress .gpu/bin/*.xz
 #   kernels  the CUDA kernel and backend tests (FFAI_REQUIRE_GPU=1), plain and with
-#            FFAI_CUDA_UNVERIFIED=1 (the kernels not yet run on a GPU)
+#            FFAI_CUDA_OLDER_KERNELS=1 (the first-generation kernels, kept for A/B timing)
 #   parity   every parity fixture on the GPU, both ways
 #   models   the real-model GPU tests (FFAI_MODELS_DIR must hold the checkpoints)
 #   lcbuild  llama.cpp with CUDA (.gpulc, from ../shared/tools/gpu-llamacpp.sh prepare), in
@@ -25,15 +25,15 @@ for stage in "$@"; do
     for f in $B/*.xz; do xz -d -f -k "$f"; chmod +x "${f%.xz}"; done
     nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv ;;
   kernels)
-    # Twice: the verified kernels, then with FFAI_CUDA_UNVERIFIED=1 those not yet run.
+    # Twice: the default kernels, then the older ones (FFAI_CUDA_OLDER_KERNELS=1).
     for u in 0 1; do for t in ${KERNEL_TESTS:-cuda_nvrtc cuda_ops cuda_quant cuda_backend}; do
-      echo "== $t (FFAI_CUDA_UNVERIFIED=$u)"
-      FFAI_CUDA_UNVERIFIED=$u $B/$t --test-threads=1 2>&1 | tee -a "$out/kernels.log" | grep -E "^test |panicked|error|FAILED|test result|relative" | head -40
+      echo "== $t (FFAI_CUDA_OLDER_KERNELS=$u)"
+      FFAI_CUDA_OLDER_KERNELS=$u $B/$t --test-threads=1 2>&1 | tee -a "$out/kernels.log" | grep -E "^test |panicked|error|FAILED|test result|relative" | head -40
     done; done ;;
   parity)
     for u in 0 1; do
-      echo "== parity on cuda (FFAI_CUDA_UNVERIFIED=$u)"
-      FFAI_CUDA_UNVERIFIED=$u $B/parity on_cuda --nocapture 2>&1 | tee -a "$out/parity.log" | tail -30
+      echo "== parity on cuda (FFAI_CUDA_OLDER_KERNELS=$u)"
+      FFAI_CUDA_OLDER_KERNELS=$u $B/parity on_cuda --nocapture 2>&1 | tee -a "$out/parity.log" | tail -30
     done ;;
   models)
     echo "== cuda_models"; $B/cuda_models --test-threads=1 --nocapture 2>&1 | tee -a "$out/models.log" | tail -60 ;;
@@ -59,7 +59,7 @@ for stage in "$@"; do
       timeout 120 /tmp/lc/llama.cpp/build/bin/llama-bench -m /tmp/synth/$t.gguf -ngl 99 -fa 1 -p 512 -n 128 -r 2 -o md 2>/dev/null | grep -E '^\| llama' | tee -a "$out/llamacpp-bench.md"
     done ;;
   profile)
-    echo "== ffai Q4_0 per-kernel profile"; FFAI_CUDA_UNVERIFIED=${FFAI_CUDA_UNVERIFIED:-0} $B/ffai bench -m /tmp/synth/Q4_0.gguf --device cuda --prompt-tokens 512 --gen-tokens 32 --repetitions 1 --profile 2>&1 | tail -45 | tee -a "$out/ffai-profile.txt"
+    echo "== ffai Q4_0 per-kernel profile"; FFAI_CUDA_OLDER_KERNELS=${FFAI_CUDA_OLDER_KERNELS:-0} $B/ffai bench -m /tmp/synth/Q4_0.gguf --device cuda --prompt-tokens 512 --gen-tokens 32 --repetitions 1 --profile 2>&1 | tail -45 | tee -a "$out/ffai-profile.txt"
     for g in 0 1; do echo "== graphs $g"; FFAI_CUDA_GRAPHS=$g $B/ffai bench -m /tmp/synth/Q4_0.gguf --device cuda --prompt-tokens 16 --gen-tokens 64 --repetitions 2 2>&1 | tail -3; done ;;
   synth)
     # The F16 file and our own Q4_0 of it, without building llama.cpp (its gguf-py only).

@@ -138,8 +138,8 @@ fn elementwise_ops_and_norms_match_the_cpu() {
                     return (cout, down(g, &gout, len));
                 }
                 "add_rms_norm" => {
-                    // The fused residual add and norm (its own kernel with
-                    // FFAI_CUDA_UNVERIFIED=1): both results equal the CPU's, and the GPU's
+                    // The fused residual add and norm (its own kernel unless
+                    // FFAI_CUDA_OLDER_KERNELS=1): both results equal the CPU's, and the GPU's
                     // equal its own add then rms_norm bit for bit.
                     let mut gx2 = g.upload(&down(g, &gx, len));
                     let mut gout2 = g.alloc(len);
@@ -250,12 +250,12 @@ fn types() -> Vec<WeightType> {
     v
 }
 
-/// The types whose decode products quantize the activations (q8x.cu): Q4_0, and with
-/// `FFAI_CUDA_UNVERIFIED=1` the kernels not yet checked on a GPU (`Fast::for_matrix`).
+/// The types whose decode products quantize the activations (q8x.cu): Q4_0, and unless
+/// `FFAI_CUDA_OLDER_KERNELS=1` the others that have such a kernel (`Fast::for_matrix`).
 fn gpu_q8(ty: WeightType) -> bool {
-    let unverified = std::env::var_os("FFAI_CUDA_UNVERIFIED").is_some_and(|v| v == "1");
+    let older = std::env::var_os("FFAI_CUDA_OLDER_KERNELS").is_some_and(|v| v == "1");
     ty == WeightType::Q4_0
-        || unverified
+        || !older
             && matches!(
                 ty,
                 WeightType::Q4_1
@@ -548,8 +548,8 @@ fn paged_step_ops_match_the_cpu_and_are_batch_invariant() {
         c.attention_step(&cq, &ck, &cv, total, &cs, 0, &shape, None, &mut cout);
         g.attention_step(&gq, &gk, &gv, total, &gs, 0, &shape, None, &mut gout);
         let batched = down(g, &gout, total * nh * hd);
-        // The fused RoPE + K/V write (its own kernel with FFAI_CUDA_UNVERIFIED=1, which
-        // scripts/gpu-run.sh also runs): the same q and k bits, and pools the attention
+        // The fused RoPE + K/V write (its own kernel unless FFAI_CUDA_OLDER_KERNELS=1,
+        // which scripts/gpu-run.sh also runs): the same q and k bits, and pools the attention
         // reads to the same bits.
         {
             let (mut fq, mut fk, fv) = (g.upload(&q), g.upload(&k), g.upload(&v));

@@ -344,7 +344,8 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_spans(ATTN_PARAM
 
 // Parts of 64 positions, four lanes a position: four times the blocks of a decode step at
 // short context (80 instead of 24 for an 8-KV-head model at 600 positions, for 132 SMs).
-// Taken with FFAI_CUDA_UNVERIFIED=1 until it has run on a GPU.
+// The default since it passed on the H100 (session 10); FFAI_CUDA_OLDER_KERNELS=1 takes
+// attn_spans instead.
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_spans64(ATTN_PARAMS) {
     attn_part<64, 4>(ATTN_ARGS);
 }

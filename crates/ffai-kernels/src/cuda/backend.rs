@@ -121,10 +121,10 @@ impl Fast {
     }
 
     /// The decode kernel for `ty`. Q4_0 and F16/BF16 were checked on an H100 against the
-    /// CPU; the other types' kernels are taken only with `unverified` (the environment
-    /// variable `FFAI_CUDA_UNVERIFIED=1`) until they have been: the first GPU run of Q4_1 did
-    /// not match the CPU's q8 dot (0.3 % off), so they stay on `quant.cu`'s kernels.
-    fn for_matrix(ty: WeightType, cols: usize, unverified: bool) -> Option<Fast> {
+    /// CPU in session 7, the other types in session 10 (every product test passed); with
+    /// `older` (`FFAI_CUDA_OLDER_KERNELS=1`, for A/B timing) only the first three take them
+    /// and the others `quant.cu`'s f32-activation kernels.
+    fn for_matrix(ty: WeightType, cols: usize, older: bool) -> Option<Fast> {
         let q8 = |kernel, k: bool| {
             let (quantizer, block) = if k {
                 ("quantize_q8x256", 256)
@@ -139,7 +139,7 @@ impl Fast {
         };
         match ty {
             WeightType::Q4_0 => q8("mv_q8x_q4_0", false),
-            _ if !unverified && !matches!(ty, WeightType::F16 | WeightType::BF16) => None,
+            _ if older && !matches!(ty, WeightType::F16 | WeightType::BF16) => None,
             WeightType::Q4_1 => q8("mv_q8x_q4_1", false),
             WeightType::Q5_0 => q8("mv_q8x_q5_0", false),
             WeightType::Q5_1 => q8("mv_q8x_q5_1", false),
@@ -291,12 +291,14 @@ pub struct CudaBackend {
     /// Per-launch timing (`--profile`): (kernel, start, end) events, read by
     /// [`CudaBackend::take_profile`]. Steps then run eagerly (no graphs).
     profile: Option<Mutex<Vec<(String, CudaEvent, CudaEvent)>>>,
-    /// Use q8x.cu's decode kernels for the types not yet checked on a GPU
-    /// (`FFAI_CUDA_UNVERIFIED=1`): also take the kernels and paths not yet run on a GPU
-    /// — the q8 decode kernels of the types other than Q4_0 (`Fast::for_matrix`), the
-    /// 64-position attention parts, the fused `rope_kv_write_step` / `add_rms_norm`, F16
-    /// GEMMs on f16 tensor cores. Off, those ops run the verified kernels.
-    unverified: bool,
+    /// Run the first-generation kernels (`FFAI_CUDA_OLDER_KERNELS=1`, kept for A/B timing):
+    /// `quant.cu`'s f32-activation decode kernels for the types other than Q4_0 / F16 /
+    /// BF16 (`Fast::for_matrix`), 256-position attention parts, separate RoPE / K/V-write
+    /// and add / RMSNorm launches, F16 GEMMs widened to bf16. Off (the default since every
+    /// newer kernel passed its GPU test and the parity fixtures on an H100 in session 10),
+    /// the q8 decode kernels of every type, 64-position parts, the fused
+    /// `rope_kv_write_step` / `add_rms_norm` and F16 GEMMs on f16 tensor cores.
+    older: bool,
 }
 
 fn grid1(n: usize, block: usize) -> (u32, u32, u32) {
@@ -378,7 +380,7 @@ impl CudaBackend {
             capture_broken: AtomicBool::new(false),
             graphs: AtomicBool::new(std::env::var_os("FFAI_CUDA_GRAPHS").is_none_or(|v| v != "0")),
             profile: profile.then(|| Mutex::new(Vec::new())),
-            unverified: std::env::var_os("FFAI_CUDA_UNVERIFIED").is_some_and(|v| v == "1"),
+            older: std::env::var_os("FFAI_CUDA_OLDER_KERNELS").is_some_and(|v| v == "1"),
         })
     }
 
@@ -710,7 +712,7 @@ impl CudaBackend {
             // f16 weights as they are, against the activations rounded to f16 (10 mantissa
             // bits, as TF32 keeps; values past f16's range saturate): f16 tensor cores at
             // twice TF32's rate, and no widened copy of the weights.
-            WeightType::F16 if self.unverified => {
+            WeightType::F16 if !self.older => {
                 self.grow(&mut sc.acts, n * cols);
                 if self.failed() {
                     return;
@@ -727,7 +729,7 @@ impl CudaBackend {
                     compute_f32,
                 )
             }
-            // bf16 (and, without `unverified`, f16) weights: widened to f32 (exactly, by the
+            // bf16 (and, with `older`, f16) weights: widened to f32 (exactly, by the
             // embedding kernel over row ids 0..rows), multiplied with TF32 tensor cores:
             // both fit TF32's 10 mantissa bits, and the activations keep 10 bits instead of
             // bf16's 7.
@@ -826,7 +828,7 @@ impl CudaBackend {
         }
         let name = match w.ty {
             WeightType::F32 => "gemm_f32",
-            WeightType::F16 if self.unverified => "gemm_f16",
+            WeightType::F16 if !self.older => "gemm_f16",
             WeightType::F16 | WeightType::BF16 => "gemm_tf32",
             _ => "gemm_bf16",
         };
@@ -903,7 +905,7 @@ impl Backend for CudaBackend {
             cols,
             row_bytes,
             kernels: MatKernels::new(ty),
-            fast: Fast::for_matrix(ty, cols, self.unverified),
+            fast: Fast::for_matrix(ty, cols, self.older),
         }
     }
 
@@ -1072,7 +1074,7 @@ impl Backend for CudaBackend {
 
     fn add_rms_norm(&self, x: &mut CudaBuf, y: &CudaBuf, w: &CudaBuf, eps: f32, n: usize, out: &mut CudaBuf) {
         let width = w.len;
-        if !self.unverified {
+        if self.older {
             self.add(x, y, n * width);
             self.rms_norm(x, w, eps, n, out);
             return;
@@ -1554,7 +1556,7 @@ impl Backend for CudaBackend {
             self.write(&src.block_tables, &mut dst.tables);
             let w = src.window as usize;
             // Positions per attention part (`SPAN` of the kernel `attention_step` takes).
-            let span = if self.unverified { 64 } else { 256 };
+            let span = if self.older { 256 } else { 64 };
             dst.max_spans = layout
                 .positions
                 .iter()
@@ -1771,7 +1773,7 @@ impl Backend for CudaBackend {
             "rope_kv_write_step over {n} rows of a {}-row step",
             step.n_rows
         );
-        if !self.unverified {
+        if self.older {
             self.rope_step(q, n, shape.n_heads, shape.head_dim, step, rope);
             self.rope_step(k, n, shape.n_kv_heads, shape.head_dim, step, rope);
             self.kv_write_step(k_cache, k, n, step, group, shape);
@@ -1867,7 +1869,7 @@ impl Backend for CudaBackend {
             let m = rows_per_pass.min(n - row0);
             let chunks = (nh / kvh).div_ceil(ATTN_GROUP);
             self.launch(
-                if self.unverified { "attn_spans64" } else { "attn_spans" },
+                if self.older { "attn_spans" } else { "attn_spans64" },
                 (m as u32, (kvh * chunks) as u32, spans as u32),
                 ATTN_THREADS as u32,
                 &[
