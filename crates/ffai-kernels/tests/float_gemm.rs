@@ -13,7 +13,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use ffai_kernels::backend::{Backend, HostBytes};
 use ffai_kernels::cpu::CpuBackend;
-use ffai_kernels::quant::q8::{env_level, force_q8_level, Q8Level};
+use ffai_kernels::quant::q8::{force_q8_level, Q8Level};
 use ffai_kernels::quant::{
     bf16_bits, bf16_dot_available, dequantize_row, dot_row, dot_rows_bf16, dot_rows_multi, force_bf16_dot,
     q8_backend_name, quantize_row, round_to_bf16, WeightType,
@@ -263,7 +263,7 @@ fn every_bf16_level(mut f: impl FnMut(&str)) {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512bf16")
         && is_x86_feature_detected!("avx512bw")
-        && env_level() == Ok(Q8Level::Best)
+        && ffai_kernels::quant::q8::env_level() == Ok(Q8Level::Best)
     {
         assert!(seen.iter().any(|s| s.ends_with("+bf16")), "levels run: {seen:?}");
     }
