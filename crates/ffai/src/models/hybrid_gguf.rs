@@ -325,17 +325,7 @@ pub fn hf_view(cfg: &ModelConfig, w: &Weights) -> Result<(ModelConfig, Weights)>
             set("model_type", "granitemoehybrid".into());
             set("layer_types", json!(kinds));
             set("position_embedding_type", "nope".into());
-            mamba2_keys(
-                &g,
-                &mut set,
-                [
-                    "mamba_n_heads",
-                    "mamba_d_head",
-                    "mamba_d_state",
-                    "mamba_n_groups",
-                    "mamba_d_conv",
-                ],
-            )?;
+            mamba2_keys(&g, &mut set, MAMBA_KEYS_MAMBA_PREFIXED)?;
             let inner = g.req("ssm.inner_size")?;
             set(
                 "mamba_expand",
@@ -401,17 +391,7 @@ pub fn hf_view(cfg: &ModelConfig, w: &Weights) -> Result<(ModelConfig, Weights)>
         }
         "falcon-h1" => {
             set("model_type", "falcon_h1".into());
-            mamba2_keys(
-                &g,
-                &mut set,
-                [
-                    "mamba_n_heads",
-                    "mamba_d_head",
-                    "mamba_d_state",
-                    "mamba_n_groups",
-                    "mamba_d_conv",
-                ],
-            )?;
+            mamba2_keys(&g, &mut set, MAMBA_KEYS_MAMBA_PREFIXED)?;
             set("mamba_d_ssm", g.req("ssm.inner_size")?.into());
             let norm = layer_has(&w, n, "ssm_norm.weight").iter().any(|&x| x);
             set("mamba_rms_norm", norm.into());
@@ -457,6 +437,15 @@ pub fn hf_view(cfg: &ModelConfig, w: &Weights) -> Result<(ModelConfig, Weights)>
 
 /// The Mamba 2 mixer's config.json numbers (heads, head size, state, groups, conv kernel
 /// under the family's `keys`) from `ssm.*`.
+/// Granite 4's and Falcon-H1's config names for the Mamba 2 shape (`mamba_` prefixed).
+const MAMBA_KEYS_MAMBA_PREFIXED: [&str; 5] = [
+    "mamba_n_heads",
+    "mamba_d_head",
+    "mamba_d_state",
+    "mamba_n_groups",
+    "mamba_d_conv",
+];
+
 fn mamba2_keys(g: &Meta<'_>, set: &mut impl FnMut(&str, Value), keys: [&str; 5]) -> Result<()> {
     let heads = g.req("ssm.time_step_rank")?;
     let inner = g.req("ssm.inner_size")?;
