@@ -12,6 +12,8 @@ for l in sys.stdin:
     if m.get('executable') and m.get('target',{}).get('name')=='$2': print(m['executable'])"; }
 for t in cuda_backend cuda_nvrtc cuda_ops cuda_quant; do cp "$(exe ffai-kernels $t)" .gpu/bin/$t; done
 for t in parity cuda_models; do cp "$(exe ffai $t)" .gpu/bin/$t; done
+cargo build --release -q -p ffai-kernels --example cuda_mv_bench
+cp target/release/examples/cuda_mv_bench .gpu/bin/cuda_mv_bench
 cp target/release/ffai .gpu/bin/ffai
 strip .gpu/bin/*
 xz -T2 -6 -f .gpu/bin/*

@@ -12,6 +12,8 @@
 #   lcwait   wait for that build, then quantize the F16 file to Q4_K_M, Q4_0, Q8_0
 #   bench    ffai and llama.cpp on the same files: pp512/tg128 per type, batched decode
 #   quick    the same pp512/tg128 with two repetitions, no batched decode
+#   mvbench  candidate decode products against q8x.cu's (examples/cuda_mv_bench.rs)
+#   ab       ffai's decode (tg128 after 512) with the default and the older kernels
 set -uo pipefail
 cd "$(dirname "$0")/.."
 NV=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))" 2>/dev/null)
@@ -71,6 +73,12 @@ for stage in "$@"; do
     for t in Q4_0 f16; do
       echo "== ffai $t"; $B/ffai bench -m /tmp/synth/$t.gguf --device cuda --prompt-tokens 512 --gen-tokens 128 --repetitions 2 2>&1 | tail -4 | tee -a "$out/ffai-bench.txt"
     done ;;
+  mvbench)
+    echo "== decode product candidates"; $B/cuda_mv_bench 2>&1 | tee -a "$out/mvbench.md" | tail -80 ;;
+  ab)
+    for t in Q4_0 f16; do for u in 0 1; do
+      echo "== ffai $t FFAI_CUDA_OLDER_KERNELS=$u"; FFAI_CUDA_OLDER_KERNELS=$u timeout 120 $B/ffai bench -m /tmp/synth/$t.gguf --device cuda --prompt-tokens 512 --gen-tokens 128 --repetitions 2 2>&1 | tail -3 | tee -a "$out/ffai-ab.txt"
+    done; done ;;
   bseq)
     for t in Q4_K_M f16; do for s in 1 8 32 64; do
       echo "== ffai $t sequences $s"; $B/ffai bench -m /tmp/synth/$t.gguf --device cuda --sequences $s --prompt-tokens 128 --gen-tokens 128 --repetitions 1 2>&1 | tail -2 | tee -a "$out/ffai-batched.txt"

@@ -630,3 +630,80 @@ fn a_failed_allocation_is_an_error_not_a_panic() {
     g.scale(&mut x, 2.0, 0);
     assert!(g.check().is_err());
 }
+
+/// The norms and gated activations write their output's 8-bit forms beside it (q8x.cu's
+/// `norm_q8` / `glu_q8`) and the next decode product uses them instead of quantizing
+/// again: its result must be the bits of the same product on an uploaded copy of the
+/// output (which quantizes separately), for 32- and 256-element blocks (Q4_0, Q4_K), for
+/// every op that writes them and a few batch sizes; and an op in between (here a scale)
+/// must make the product quantize afresh.
+#[test]
+fn products_after_fused_quantization_equal_separate_quantization() {
+    let Some(g) = gpu() else { return };
+    if std::env::var_os("FFAI_CUDA_OLDER_KERNELS").is_some_and(|v| v == "1") {
+        println!("skipped: the older kernels do not fuse the quantization");
+        return;
+    }
+    let mut rng = Rng(0x51_1CE);
+    let (rows, cols) = (72usize, 768usize);
+    for ty in [WeightType::Q4_0, WeightType::Q4K, WeightType::Q8_0, WeightType::Q6K] {
+        let m = g.matrix(
+            ty,
+            rows,
+            cols,
+            HostBytes::from_vec(random_matrix(ty, rows, cols, &mut rng).unwrap()),
+        );
+        for n in [1usize, 3, 8] {
+            let len = n * cols;
+            let w = g.upload(&rng.vec(cols, 1.0));
+            for op in [
+                "rms_norm",
+                "add_rms_norm",
+                "silu_mul",
+                "gelu_mul",
+                "rms_norm then scale",
+            ] {
+                let mut x = g.upload(&rng.vec(len, 2.0));
+                let y = g.upload(&rng.vec(len, 2.0));
+                let mut out = g.alloc(len);
+                let input = match op {
+                    "rms_norm" | "rms_norm then scale" => {
+                        g.rms_norm(&x, &w, 1e-6, n, &mut out);
+                        if op == "rms_norm then scale" {
+                            g.scale(&mut out, 0.5, len);
+                        }
+                        &out
+                    }
+                    "add_rms_norm" => {
+                        g.add_rms_norm(&mut x, &y, &w, 1e-6, n, &mut out);
+                        &out
+                    }
+                    "silu_mul" => {
+                        g.silu_mul(&mut x, &y, len);
+                        &x
+                    }
+                    _ => {
+                        g.gelu_mul(&mut x, &y, len);
+                        &x
+                    }
+                };
+                let mut fused = g.alloc(n * rows);
+                g.matmul(&m, input, n, &mut fused);
+                let copy = g.upload(&down(g, input, len));
+                let mut apart = g.alloc(n * rows);
+                g.matmul(&m, &copy, n, &mut apart);
+                let (a, b) = (down(g, &fused, n * rows), down(g, &apart, n * rows));
+                assert!(
+                    a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
+                    "{} n={n} after {op}: the product on the fused quantization differs",
+                    ty.name()
+                );
+                assert!(
+                    a.iter().all(|v| v.is_finite()),
+                    "{} n={n} after {op}: non-finite",
+                    ty.name()
+                );
+            }
+        }
+    }
+}

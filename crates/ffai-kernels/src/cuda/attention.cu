@@ -57,23 +57,28 @@ extern "C" __global__ void kv_write_step(unsigned short* pages, const float* src
 }
 
 // RoPE on a row's q and k, then its k and v to its slot: rope_step twice and
-// kv_write_step twice in one launch, the same arithmetic. grid.x = rows; q is
-// [n, n_heads * head_dim], k and v [n, kv_heads * head_dim].
+// kv_write_step twice in one launch, the same arithmetic (each angle's sine and cosine
+// computed once per row, into shared memory, instead of once per head). grid.x = rows;
+// q is [n, n_heads * head_dim], k and v [n, kv_heads * head_dim]; half <= 128.
 extern "C" __global__ void rope_kv_write_step(float* q, float* k, const float* v, unsigned short* k_pages,
                                               unsigned short* v_pages, const unsigned int* positions,
                                               const unsigned int* slots, const float* inv_freq, unsigned int half,
                                               unsigned int n_heads, unsigned int kv_heads, unsigned int head_dim,
                                               unsigned int block_size, int neox) {
+    __shared__ float sin_t[128], cos_t[128];
     const unsigned int row = blockIdx.x;
     const float pos = (float)positions[row];
+    for (unsigned int i = threadIdx.x; i < half; i += blockDim.x) {
+        sincosf(pos * inv_freq[i], &sin_t[i], &cos_t[i]);
+    }
+    __syncthreads();
     const unsigned int qpairs = n_heads * half, pairs = (n_heads + kv_heads) * half;
     for (unsigned int idx = threadIdx.x; idx < pairs; idx += blockDim.x) {
         const bool is_q = idx < qpairs;
         const unsigned int j = is_q ? idx : idx - qpairs;
         const unsigned int h = j / half, i = j % half;
         float* head = is_q ? q + ((size_t)row * n_heads + h) * head_dim : k + ((size_t)row * kv_heads + h) * head_dim;
-        float s, c;
-        sincosf(pos * inv_freq[i], &s, &c);
+        const float s = sin_t[i], c = cos_t[i];
         const unsigned int a = neox ? i : 2 * i;
         const unsigned int b = neox ? i + half : 2 * i + 1;
         const float x0 = head[a], x1 = head[b];
@@ -104,6 +109,77 @@ struct SeqRows {
 // The positions a row at `p` sees: [lo, p].
 __device__ __forceinline__ unsigned int first_visible(unsigned int p, unsigned int window) {
     return (window == 0 || p + 1 < window) ? 0u : p + 1 - window;
+}
+
+// Called by every block of attn_spans64 after writing its part: the block that finishes
+// the last of the max_spans parts of its (row, KV head and chunk) folds them, exactly as
+// attn_combine does (parts in order, so the same bits whichever block it is), writes the
+// chunk's heads of `out` and resets the counter for the next launch (or graph replay).
+// The parts' writes are made visible by a fence before the count; the folding block
+// reads them through L2 (__ldcg), never from a stale L1 line.
+__device__ __forceinline__ void combine_if_last(unsigned int n_heads, unsigned int head_dim, unsigned int max_spans,
+                                                unsigned int h0, unsigned int gn, const float* part_o,
+                                                const float* part_ml, unsigned int* __restrict__ done,
+                                                const float* __restrict__ sinks, unsigned int has_sinks,
+                                                float* __restrict__ out) {
+    __shared__ unsigned int last;
+    __shared__ float fold_mx[8], fold_inv[8];
+    const unsigned int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    unsigned int* counter = done + (size_t)blockIdx.x * gridDim.y + blockIdx.y;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        last = atomicAdd(counter, 1u) == max_spans - 1;
+    }
+    __syncthreads();
+    if (!last) {
+        return;
+    }
+    __threadfence();
+    const size_t base0 = (size_t)blockIdx.x * n_heads * max_spans;
+    // Warp h: head h0 + h's maximum and normaliser (lane 0 in span order, as attn_combine).
+    if (warp < gn && lane == 0) {
+        const unsigned int head = h0 + warp;
+        const size_t base = base0 + (size_t)head * max_spans;
+        float mx = -__int_as_float(0x7f800000);
+        for (unsigned int j = 0; j < max_spans; j++) {
+            if (__ldcg(part_ml + (base + j) * 2 + 1) > 0.0f) {
+                mx = fmaxf(mx, __ldcg(part_ml + (base + j) * 2));
+            }
+        }
+        float sink = 0.0f;
+        if (has_sinks) {
+            sink = sinks[head];
+            mx = fmaxf(mx, sink);
+        }
+        float lt = has_sinks ? expf(sink - mx) : 0.0f;
+        for (unsigned int j = 0; j < max_spans; j++) {
+            const float lj = __ldcg(part_ml + (base + j) * 2 + 1);
+            if (lj > 0.0f) {
+                lt += lj * expf(__ldcg(part_ml + (base + j) * 2) - mx);
+            }
+        }
+        fold_mx[warp] = mx;
+        fold_inv[warp] = lt > 0.0f ? 1.0f / lt : 0.0f;
+    }
+    __syncthreads();
+    const unsigned int row = blockIdx.x;  // the pass's row; `out` is offset to the pass
+    for (unsigned int i = tid; i < gn * head_dim; i += blockDim.x) {
+        const unsigned int h = i / head_dim, d = i % head_dim, head = h0 + h;
+        const size_t base = base0 + (size_t)head * max_spans;
+        const float mx = fold_mx[h];
+        float v = 0.0f;
+        for (unsigned int j = 0; j < max_spans; j++) {
+            const float lj = __ldcg(part_ml + (base + j) * 2 + 1);
+            if (lj > 0.0f) {
+                v += __ldcg(part_o + (base + j) * head_dim + d) * expf(__ldcg(part_ml + (base + j) * 2) - mx);
+            }
+        }
+        out[((size_t)row * n_heads + head) * head_dim + d] = v * fold_inv[h];
+    }
+    if (tid == 0) {
+        *counter = 0;
+    }
 }
 
 // Query heads of one KV head that one attention block holds (a larger GQA group is
@@ -140,14 +216,14 @@ __device__ __forceinline__ unsigned int first_visible(unsigned int p, unsigned i
 #define ATTN_ARGS                                                                                               \
     q, k_pages, v_pages, positions, row_seq, seqs, tables, row0, n_heads, kv_heads, head_dim, block_size, window, \
         scale, softcap, max_spans, part_o, part_ml
-template <unsigned int SPAN, unsigned int ATTN_LANES>
-__device__ __forceinline__ void attn_part(const float* __restrict__ q, const unsigned short* __restrict__ k_pages,
-               const unsigned short* __restrict__ v_pages, const unsigned int* __restrict__ positions,
-               const unsigned int* __restrict__ row_seq, const SeqRows* __restrict__ seqs,
-               const unsigned int* __restrict__ tables, unsigned int row0, unsigned int n_heads,
-               unsigned int kv_heads, unsigned int head_dim, unsigned int block_size, unsigned int window,
-               float scale, float softcap, unsigned int max_spans, float* __restrict__ part_o,
-               float* __restrict__ part_ml) {
+// The fused combine's extra parameters (attn_spans64): per (row of the pass, KV head and
+// chunk) a counter of finished parts (zero between launches: the last part's block
+// resets it), the sinks and the output.
+#define COMBINE_PARAMS \
+    unsigned int *__restrict__ done, const float *__restrict__ sinks, unsigned int has_sinks, float *__restrict__ out
+#define COMBINE_ARGS done, sinks, has_sinks, out
+template <unsigned int SPAN, unsigned int ATTN_LANES, bool COMBINE>
+__device__ __forceinline__ void attn_part(ATTN_PARAMS, COMBINE_PARAMS) {
     __shared__ float qs[ATTN_GROUP][MAX_HD_PER_LANE * 32];
     __shared__ float sc[ATTN_GROUP][SPAN];
     __shared__ unsigned int rows_at[SPAN];
@@ -179,6 +255,9 @@ __device__ __forceinline__ void attn_part(const float* __restrict__ q, const uns
             part_ml[(part0 + (size_t)tid * max_spans) * 2] = -__int_as_float(0x7f800000);
             part_ml[(part0 + (size_t)tid * max_spans) * 2 + 1] = 0.0f;
         }
+        if (COMBINE) {
+            combine_if_last(n_heads, head_dim, max_spans, h0, gn, part_o, part_ml, COMBINE_ARGS);
+        }
         return;
     }
     for (unsigned int i = tid; i < gn * head_dim; i += blockDim.x) {
@@ -204,7 +283,14 @@ __device__ __forceinline__ void attn_part(const float* __restrict__ q, const uns
         if (live) {
             const unsigned short* kr = k_pages + (size_t)rows_at[t] * head_dim;
             if ((head_dim & 7) == 0) {
-                for (unsigned int d0 = c * 8; d0 < head_dim; d0 += 8 * ATTN_LANES) {
+                // At most 256 / (8 * ATTN_LANES) pieces a lane: unrolled, so the loads of
+                // the K row go out together.
+#pragma unroll
+                for (unsigned int piece = 0; piece < 256 / (8 * ATTN_LANES); piece++) {
+                    const unsigned int d0 = c * 8 + piece * 8 * ATTN_LANES;
+                    if (d0 >= head_dim) {
+                        break;
+                    }
                     const uint4 raw = *(const uint4*)(kr + d0);
 #pragma unroll
                     for (int e = 0; e < 8; e++) {
@@ -300,7 +386,7 @@ __device__ __forceinline__ void attn_part(const float* __restrict__ q, const uns
             for (int e = 0; e < 8; e++) {
                 o[e] = 0.0f;
             }
-#pragma unroll 4
+#pragma unroll 8
             for (unsigned int t = g; t < n; t += groups) {
                 const uint4 raw = *(const uint4*)(v_pages + (size_t)rows_at[t] * head_dim + d0);
                 const float p = sc[h][t];
@@ -324,6 +410,9 @@ __device__ __forceinline__ void attn_part(const float* __restrict__ q, const uns
             }
             part_o[(part0 + (size_t)h * max_spans) * head_dim + d] = o;
         }
+        if (COMBINE) {
+            combine_if_last(n_heads, head_dim, max_spans, h0, gn, part_o, part_ml, COMBINE_ARGS);
+        }
         return;
     }
     for (unsigned int i = tid; i < gn * head_dim; i += blockDim.x) {
@@ -335,19 +424,22 @@ __device__ __forceinline__ void attn_part(const float* __restrict__ q, const uns
         }
         part_o[(part0 + (size_t)h * max_spans) * head_dim + d] = o;
     }
+    if (COMBINE) {
+        combine_if_last(n_heads, head_dim, max_spans, h0, gn, part_o, part_ml, COMBINE_ARGS);
+    }
 }
 
 // Parts of 256 positions, one thread a position (the cut verified on the H100).
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_spans(ATTN_PARAMS) {
-    attn_part<256, 1>(ATTN_ARGS);
+    attn_part<256, 1, false>(ATTN_ARGS, nullptr, nullptr, 0, nullptr);
 }
 
 // Parts of 64 positions, four lanes a position: four times the blocks of a decode step at
-// short context (80 instead of 24 for an 8-KV-head model at 600 positions, for 132 SMs).
-// The default since it passed on the H100 (session 10); FFAI_CUDA_OLDER_KERNELS=1 takes
-// attn_spans instead.
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_spans64(ATTN_PARAMS) {
-    attn_part<64, 4>(ATTN_ARGS);
+// short context (80 instead of 24 for an 8-KV-head model at 600 positions, for 132 SMs),
+// and the parts folded by the block that finishes a row's last one (no attn_combine
+// launch). FFAI_CUDA_OLDER_KERNELS=1 takes attn_spans and attn_combine instead.
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_spans64(ATTN_PARAMS, COMBINE_PARAMS) {
+    attn_part<64, 4, true>(ATTN_ARGS, COMBINE_ARGS);
 }
 
 // One block per (row, head): folds the row's span parts in order and normalises; rows of

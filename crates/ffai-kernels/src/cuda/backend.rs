@@ -260,13 +260,35 @@ struct Scratch {
     /// Attention parts and their (max, sum) pairs.
     part_o: DevMem<f32>,
     part_ml: DevMem<f32>,
+    /// Per (row of a pass, KV head and chunk) the parts finished so far (attn_spans64's
+    /// fused combine; zero between launches).
+    attn_done: DevMem<u32>,
     /// Row argmax results.
     argmax: DevMem<u32>,
-    /// Activations quantized to 8 bits (q8x.cu): levels, per-block scales and sums.
+    /// Activations quantized to 8 bits (q8x.cu): levels, per-block scales and sums, in
+    /// blocks of 32 (`xq` ...) and of 256 (`xq256` ...).
     xq: DevMem<u8>,
     xd: DevMem<f32>,
     xs: DevMem<u32>,
+    xq256: DevMem<u8>,
+    xd256: DevMem<f32>,
+    xs256: DevMem<u32>,
 }
+
+/// The scratch's 8-bit sets hold the quantization of the `len` floats at `ptr` (written
+/// by the op that produced them, q8x.cu's `norm_q8` / `glu_q8`): in blocks of 32, and
+/// of 256 too when `q256`. Forgotten at the next launch of anything but a decode
+/// product, and at every copy into device memory or cuBLAS call.
+#[derive(Clone, Copy)]
+struct PreQuant {
+    ptr: u64,
+    len: usize,
+    q256: bool,
+}
+
+/// The most floats an op quantizes beside its output (decode batches; prefill products
+/// take the GEMM path and need no 8-bit activations).
+const PREQUANT_MAX: usize = 1 << 20;
 
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
@@ -299,6 +321,8 @@ pub struct CudaBackend {
     /// the q8 decode kernels of every type, 64-position parts, the fused
     /// `rope_kv_write_step` / `add_rms_norm` and F16 GEMMs on f16 tensor cores.
     older: bool,
+    /// What the 8-bit activation scratch holds, when an op wrote it beside its output.
+    prequant: Mutex<Option<PreQuant>>,
 }
 
 fn grid1(n: usize, block: usize) -> (u32, u32, u32) {
@@ -369,11 +393,16 @@ impl CudaBackend {
                 ids: DevMem::empty(),
                 part_o: DevMem::empty(),
                 part_ml: DevMem::empty(),
+                attn_done: DevMem::empty(),
                 argmax: DevMem::empty(),
                 xq: DevMem::empty(),
                 xd: DevMem::empty(),
                 xs: DevMem::empty(),
+                xq256: DevMem::empty(),
+                xd256: DevMem::empty(),
+                xs256: DevMem::empty(),
             }),
+            prequant: Mutex::new(None),
             max_mat_elems: Mutex::new(0),
             generation: AtomicU64::new(0),
             capturing: AtomicBool::new(false),
@@ -409,7 +438,93 @@ impl CudaBackend {
         }
     }
 
+    /// The 8-bit activation scratch no longer matches any buffer (see [`PreQuant`]).
+    fn forget_prequant(&self) {
+        if let Ok(mut p) = self.prequant.lock() {
+            *p = None;
+        }
+    }
+
+    /// Runs `norm_q8` / `glu_q8` (`kernel`, with `args` before the 8-bit sets) writing
+    /// `len` floats at `out`, and with them their 8-bit sets when `len` is a decode
+    /// batch's and a multiple of 32; remembers that the scratch holds them.
+    fn launch_q8_producer(&self, kernel: &str, grid: (u32, u32, u32), block: u32, args: &[Arg], out: u64, len: usize) {
+        let quant = len <= PREQUANT_MAX && len.is_multiple_of(32);
+        let q256 = quant && len.is_multiple_of(256);
+        let mut all = args.to_vec();
+        let Ok(mut sc) = self.scratch.lock() else { return };
+        if quant {
+            self.grow(&mut sc.xq, len);
+            self.grow(&mut sc.xd, len / 32);
+            self.grow(&mut sc.xs, len / 32);
+            if q256 {
+                self.grow(&mut sc.xq256, len);
+                self.grow(&mut sc.xd256, len / 256);
+                self.grow(&mut sc.xs256, len / 32);
+            }
+        }
+        let ok = quant
+            && sc.xq.len >= len
+            && sc.xd.len >= len / 32
+            && sc.xs.len >= len / 32
+            && (!q256 || (sc.xq256.len >= len && sc.xd256.len >= len / 256 && sc.xs256.len >= len / 32));
+        all.push(Arg::U(ok as u32));
+        for p in [sc.xq.ptr, sc.xd.ptr, sc.xs.ptr] {
+            all.push(Arg::P(if ok { p } else { 0 }));
+        }
+        for p in [sc.xq256.ptr, sc.xd256.ptr, sc.xs256.ptr] {
+            all.push(Arg::P(if ok && q256 { p } else { 0 }));
+        }
+        self.launch(kernel, grid, block, &all);
+        drop(sc);
+        if ok && !self.failed() {
+            if let Ok(mut p) = self.prequant.lock() {
+                *p = Some(PreQuant { ptr: out, len, q256 });
+            }
+        }
+    }
+
+    /// `out = rmsnorm(x (+ y when y != 0, stored back into x)) * w` over `n` rows (q8x.cu's
+    /// `norm_q8`), with the 8-bit forms of `out` for the decode products.
+    fn norm_q8(&self, x: u64, y: u64, w: &CudaBuf, eps: f32, n: usize, out: &mut CudaBuf) {
+        let width = w.len;
+        self.launch_q8_producer(
+            "norm_q8",
+            (n as u32, 1, 1),
+            norm_threads(width),
+            &[
+                Arg::P(x),
+                Arg::P(y),
+                Arg::P(w.ptr),
+                Arg::F(eps),
+                Arg::U(width as u32),
+                Arg::U((y != 0) as u32),
+                Arg::P(out.ptr),
+            ],
+            out.ptr,
+            n * width,
+        );
+    }
+
+    /// `gate = act(gate) * up` (act 0: SiLU, 1: tanh GELU; q8x.cu's `glu_q8`), with the
+    /// result's 8-bit forms for the decode products.
+    fn glu_q8(&self, gate: &mut CudaBuf, up: &CudaBuf, len: usize, act: u32) {
+        assert!(len <= gate.len && len <= up.len && len <= u32::MAX as usize);
+        if len == 0 {
+            return;
+        }
+        self.launch_q8_producer(
+            "glu_q8",
+            grid1(len, 256),
+            256,
+            &[Arg::P(gate.ptr), Arg::P(up.ptr), Arg::U(len as u32), Arg::U(act)],
+            gate.ptr,
+            len,
+        );
+    }
+
     fn dev_alloc<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> DevMem<T> {
+        self.forget_prequant();
         if self.failed() {
             return DevMem::empty();
         }
@@ -455,6 +570,7 @@ impl CudaBackend {
 
     /// `dst[..src.len()] = src` (dst allocated for at least that many).
     fn write<T: DeviceRepr>(&self, src: &[T], dst: &mut DevMem<T>) {
+        self.forget_prequant();
         if self.failed() || src.is_empty() {
             return;
         }
@@ -476,6 +592,9 @@ impl CudaBackend {
             self.fail(format!("no CUDA kernel named {name}"));
             return;
         };
+        if !name.starts_with("mv_q8x_") {
+            self.forget_prequant();
+        }
         let mut b = self.stream.launch_builder(f);
         for a in args {
             match a {
@@ -631,25 +750,44 @@ impl CudaBackend {
             Fast::Q8x { quantizer, block, .. } => {
                 let (nb, nd) = (cols / 32, cols / block);
                 let Ok(mut sc) = self.scratch.lock() else { return true };
-                self.grow(&mut sc.xq, n * cols);
-                self.grow(&mut sc.xd, n * nd);
-                self.grow(&mut sc.xs, n * nb);
-                if self.failed() || sc.xq.len < n * cols || sc.xd.len < n * nd || sc.xs.len < n * nb {
+                // The op that wrote x may have written its 8-bit forms too.
+                let pre = self.prequant.lock().ok().and_then(|p| *p);
+                let ready = pre.is_some_and(|p| p.ptr == x && p.len == n * cols && (block == 32 || p.q256));
+                let big = block == 256;
+                if !ready {
+                    if big {
+                        self.grow(&mut sc.xq256, n * cols);
+                        self.grow(&mut sc.xd256, n * nd);
+                        self.grow(&mut sc.xs256, n * nb);
+                    } else {
+                        self.grow(&mut sc.xq, n * cols);
+                        self.grow(&mut sc.xd, n * nd);
+                        self.grow(&mut sc.xs, n * nb);
+                    }
+                }
+                let (xq, xd, xs) = if big {
+                    (&sc.xq256, &sc.xd256, &sc.xs256)
+                } else {
+                    (&sc.xq, &sc.xd, &sc.xs)
+                };
+                if self.failed() || xq.len < n * cols || xd.len < n * nd || xs.len < n * nb {
                     return true;
                 }
-                self.launch(
-                    quantizer,
-                    (cols.div_ceil(256) as u32, n as u32, 1),
-                    256,
-                    &[
-                        Arg::P(x),
-                        Arg::P(sc.xq.ptr),
-                        Arg::P(sc.xd.ptr),
-                        Arg::P(sc.xs.ptr),
-                        Arg::U(cols as u32),
-                    ],
-                );
-                let a = Some((sc.xq.ptr, sc.xd.ptr, sc.xs.ptr, nd, nb));
+                let a = Some((xq.ptr, xd.ptr, xs.ptr, nd, nb));
+                if !ready {
+                    self.launch(
+                        quantizer,
+                        (cols.div_ceil(256) as u32, n as u32, 1),
+                        256,
+                        &[
+                            Arg::P(x),
+                            Arg::P(xq.ptr),
+                            Arg::P(xd.ptr),
+                            Arg::P(xs.ptr),
+                            Arg::U(cols as u32),
+                        ],
+                    );
+                }
                 sc_guard = Some(sc);
                 a
             }
@@ -698,6 +836,7 @@ impl CudaBackend {
     }
 
     fn gemm(&self, w: &CudaMat, x: u64, n: usize, out: u64) {
+        self.forget_prequant();
         if self.failed() {
             return;
         }
@@ -948,6 +1087,7 @@ impl Backend for CudaBackend {
             src_off + len <= src.len && dst_off + len <= dst.len,
             "copy out of range"
         );
+        self.forget_prequant();
         if self.failed() || len == 0 {
             return;
         }
@@ -1058,6 +1198,10 @@ impl Backend for CudaBackend {
         if n == 0 {
             return;
         }
+        if !self.older {
+            self.norm_q8(x.ptr, 0, w, eps, n, out);
+            return;
+        }
         self.launch(
             "rms_norm",
             (n as u32, 1, 1),
@@ -1086,19 +1230,7 @@ impl Backend for CudaBackend {
         if n == 0 {
             return;
         }
-        self.launch(
-            "add_rms_norm",
-            (n as u32, 1, 1),
-            norm_threads(width),
-            &[
-                Arg::P(x.ptr),
-                Arg::P(y.ptr),
-                Arg::P(w.ptr),
-                Arg::F(eps),
-                Arg::U(width as u32),
-                Arg::P(out.ptr),
-            ],
-        );
+        self.norm_q8(x.ptr, y.ptr, w, eps, n, out);
     }
 
     fn layer_norm(&self, x: &CudaBuf, w: &CudaBuf, b: &CudaBuf, eps: f32, n: usize, out: &mut CudaBuf) {
@@ -1151,6 +1283,10 @@ impl Backend for CudaBackend {
 
     fn silu_mul(&self, gate: &mut CudaBuf, up: &CudaBuf, len: usize) {
         assert!(len <= gate.len && len <= up.len);
+        if !self.older {
+            self.glu_q8(gate, up, len, 0);
+            return;
+        }
         self.elementwise("silu_mul", len, &[Arg::P(gate.ptr), Arg::P(up.ptr), Arg::U(len as u32)]);
     }
 
@@ -1171,6 +1307,10 @@ impl Backend for CudaBackend {
 
     fn gelu_mul(&self, gate: &mut CudaBuf, up: &CudaBuf, len: usize) {
         assert!(len <= gate.len && len <= up.len);
+        if !self.older {
+            self.glu_q8(gate, up, len, 1);
+            return;
+        }
         self.elementwise("gelu_mul", len, &[Arg::P(gate.ptr), Arg::P(up.ptr), Arg::U(len as u32)]);
     }
 
@@ -1865,34 +2005,53 @@ impl Backend for CudaBackend {
         let Ok(mut sc) = self.scratch.lock() else { return };
         self.grow(&mut sc.part_o, rows_per_pass * nh * spans * hd);
         self.grow(&mut sc.part_ml, rows_per_pass * nh * spans * 2);
+        let chunks = (nh / kvh).div_ceil(ATTN_GROUP);
+        if !self.older {
+            self.grow(&mut sc.attn_done, rows_per_pass * kvh * chunks);
+        }
+        if self.failed()
+            || sc.part_o.len < rows_per_pass * nh * spans * hd
+            || sc.part_ml.len < rows_per_pass * nh * spans * 2
+            || (!self.older && sc.attn_done.len < rows_per_pass * kvh * chunks)
+        {
+            return;
+        }
         for row0 in (0..n).step_by(rows_per_pass) {
             let m = rows_per_pass.min(n - row0);
-            let chunks = (nh / kvh).div_ceil(ATTN_GROUP);
-            self.launch(
-                if self.older { "attn_spans" } else { "attn_spans64" },
-                (m as u32, (kvh * chunks) as u32, spans as u32),
-                ATTN_THREADS as u32,
-                &[
-                    Arg::P(q.ptr),
-                    Arg::P(k.data.ptr),
-                    Arg::P(v.data.ptr),
-                    Arg::P(step.positions.ptr),
-                    Arg::P(step.row_seq.ptr),
-                    Arg::P(g.seqs.ptr),
-                    Arg::P(g.tables.ptr),
-                    Arg::U(row0 as u32),
-                    Arg::U(nh as u32),
-                    Arg::U(kvh as u32),
-                    Arg::U(hd as u32),
-                    Arg::U(bs as u32),
-                    Arg::U(g.window),
-                    Arg::F(shape.scale),
-                    Arg::F(shape.softcap),
-                    Arg::U(spans as u32),
-                    Arg::P(sc.part_o.ptr),
-                    Arg::P(sc.part_ml.ptr),
-                ],
-            );
+            let mut args = vec![
+                Arg::P(q.ptr),
+                Arg::P(k.data.ptr),
+                Arg::P(v.data.ptr),
+                Arg::P(step.positions.ptr),
+                Arg::P(step.row_seq.ptr),
+                Arg::P(g.seqs.ptr),
+                Arg::P(g.tables.ptr),
+                Arg::U(row0 as u32),
+                Arg::U(nh as u32),
+                Arg::U(kvh as u32),
+                Arg::U(hd as u32),
+                Arg::U(g.block_size),
+                Arg::U(g.window),
+                Arg::F(shape.scale),
+                Arg::F(shape.softcap),
+                Arg::U(spans as u32),
+                Arg::P(sc.part_o.ptr),
+                Arg::P(sc.part_ml.ptr),
+            ];
+            let grid = (m as u32, (kvh * chunks) as u32, spans as u32);
+            let out_rows = out.ptr + (row0 * nh * hd * 4) as u64;
+            if !self.older {
+                // The parts and their fold in one launch (the last part's block folds).
+                args.extend([
+                    Arg::P(sc.attn_done.ptr),
+                    Arg::P(sinks.map_or(0, |x| x.ptr)),
+                    Arg::U(sinks.is_some() as u32),
+                    Arg::P(out_rows),
+                ]);
+                self.launch("attn_spans64", grid, ATTN_THREADS as u32, &args);
+                continue;
+            }
+            self.launch("attn_spans", grid, ATTN_THREADS as u32, &args);
             self.launch(
                 "attn_combine",
                 (m as u32, nh as u32, 1),

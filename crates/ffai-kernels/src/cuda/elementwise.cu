@@ -140,27 +140,6 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float eps, u
     }
 }
 
-// One block per row of `width`: x += y, then out = x / rms(x) * w (the residual add and
-// the next norm of a decoder in one pass; the same sums in the same order as add_inplace
-// followed by rms_norm, so the same bits).
-extern "C" __global__ void add_rms_norm(float* x, const float* y, const float* w, float eps, unsigned int width,
-                                        float* out) {
-    __shared__ float partial[1024];
-    float* row = x + (size_t)blockIdx.x * width;
-    const float* add = y + (size_t)blockIdx.x * width;
-    float* dst = out + (size_t)blockIdx.x * width;
-    float s = 0.0f;
-    for (unsigned int c = threadIdx.x; c < width; c += blockDim.x) {
-        const float v = row[c] + add[c];
-        row[c] = v;
-        s += v * v;
-    }
-    float inv = 1.0f / sqrtf(block_sum(s, partial) / (float)width + eps);
-    for (unsigned int c = threadIdx.x; c < width; c += blockDim.x) {
-        dst[c] = row[c] * inv * w[c];
-    }
-}
-
 // One block per row: out = (x - mean) / sqrt(var + eps) * w + b.
 extern "C" __global__ void layer_norm(const float* x, const float* w, const float* b, float eps, unsigned int width,
                                       float* out) {

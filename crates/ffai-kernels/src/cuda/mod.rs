@@ -27,7 +27,6 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "gelu_mul",
             "gelu",
             "add_inplace",
-            "add_rms_norm",
             "add_scaled",
             "add_bias",
             "scale",
@@ -46,6 +45,8 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
         &[
             "quantize_q8x32",
             "quantize_q8x256",
+            "norm_q8",
+            "glu_q8",
             "mv_q8x_q4_0",
             "mv_q8x_q4_1",
             "mv_q8x_q5_0",

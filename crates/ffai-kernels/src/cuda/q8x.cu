@@ -104,34 +104,11 @@ __device__ __forceinline__ bool pick(PARTS, Row& o) {
 // overflows, m1 = 2^100, m2 = 127 / (amax * 2^100)). Writes xq [n][cols] (int8),
 // xd [n][cols / QB] and xs [n][cols / 32] (the level sums of each 32 elements).
 // grid = (ceil(cols / 256), n), block = 256; cols % QB == 0.
-template <int QB>
-__device__ __forceinline__ void quantize(const float* __restrict__ x, signed char* __restrict__ xq,
-                                         float* __restrict__ xd, int* __restrict__ xs, u32 cols) {
-    __shared__ u32 warp_max[8];
-    const u32 t = blockIdx.y;
-    const u32 c = blockIdx.x * 256 + threadIdx.x;
-    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (QB == 32 && c >= cols) {
-        return;  // whole warps (cols % 32 == 0)
-    }
-    const float v = x[(u64)t * cols + c];
-    u32 m = __float_as_uint(v) & 0x7FFFFFFFu;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-        m = max(m, __shfl_xor_sync(FULL, m, off));
-    }
-    if (QB == 256) {
-        if (lane == 0) {
-            warp_max[warp] = m;
-        }
-        __syncthreads();
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            m = max(m, warp_max[i]);
-        }
-    }
+// The level of v in a block whose largest magnitude has the bits `m` (the rules above);
+// its scale d goes to `d`.
+__device__ __forceinline__ int q8_level(float v, u32 m, float& d) {
     const float amax = __uint_as_float(m);
-    float d, m1, m2;
+    float m1, m2;
     if (m >= 0x7F800000u) {
         d = __uint_as_float(0x7FC00000u);
         m1 = 0.0f;
@@ -150,19 +127,67 @@ __device__ __forceinline__ void quantize(const float* __restrict__ x, signed cha
             m2 = __fdiv_rn(127.0f, __fmul_rn(amax, up));
         }
     }
-    const int q = __float2int_rn(__fmul_rn(__fmul_rn(v, m1), m2));
-    xq[(u64)t * cols + c] = (signed char)q;
-    int s = q;
+    return __float2int_rn(__fmul_rn(__fmul_rn(v, m1), m2));
+}
+
+__device__ __forceinline__ u32 warp_max_bits(u32 m) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        m = max(m, __shfl_xor_sync(FULL, m, off));
+    }
+    return m;
+}
+
+__device__ __forceinline__ int warp_isum(int s) {
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {
         s += __shfl_xor_sync(FULL, s, off);
     }
-    if (lane == 0) {
-        xs[(u64)t * (cols / 32) + c / 32] = s;
-        if (QB == 32 || warp == 0) {
-            xd[(u64)t * (cols / QB) + c / QB] = d;
+    return s;
+}
+
+// Element `e` (flat index over [n][cols]; lanes of a warp hold 32 consecutive elements
+// of one 32-block) of value v into the set (xq, xd, xs) of block length QB; `m` is the
+// block's largest magnitude (bits). Every lane of the warp calls it.
+template <int QB>
+__device__ __forceinline__ void q8_store(float v, u32 m, u64 e, signed char* __restrict__ xq,
+                                         float* __restrict__ xd, int* __restrict__ xs) {
+    float d;
+    const int q = q8_level(v, m, d);
+    xq[e] = (signed char)q;
+    const int s = warp_isum(q);
+    if ((threadIdx.x & 31) == 0) {
+        xs[e / 32] = s;
+        if (QB == 32 || e % QB == 0) {
+            xd[e / QB] = d;
         }
     }
+}
+
+template <int QB>
+__device__ __forceinline__ void quantize(const float* __restrict__ x, signed char* __restrict__ xq,
+                                         float* __restrict__ xd, int* __restrict__ xs, u32 cols) {
+    __shared__ u32 warp_max[8];
+    const u32 t = blockIdx.y;
+    const u32 c = blockIdx.x * 256 + threadIdx.x;
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (QB == 32 && c >= cols) {
+        return;  // whole warps (cols % 32 == 0)
+    }
+    const u64 e = (u64)t * cols + c;
+    const float v = x[e];
+    u32 m = warp_max_bits(__float_as_uint(v) & 0x7FFFFFFFu);
+    if (QB == 256) {
+        if (lane == 0) {
+            warp_max[warp] = m;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            m = max(m, warp_max[i]);
+        }
+    }
+    q8_store<QB>(v, m, e, xq, xd, xs);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
@@ -173,6 +198,115 @@ extern "C" __global__ void __launch_bounds__(256)
 extern "C" __global__ void __launch_bounds__(256)
     quantize_q8x256(const float* x, signed char* xq, float* xd, int* xs, u32 cols) {
     quantize<256>(x, xq, xd, xs, cols);
+}
+
+// ------------------------------------------ producers that also write the 8-bit forms
+//
+// The ops whose output feeds the decode products (the norms before q/k/v and gate/up,
+// the gated activation before down) write that output in f32 as before and, with
+// `quant`, also its quantizations for both block lengths: 32 (always; whole warps) and
+// 256 (when the flat length is a multiple of 256). The backend then skips the separate
+// quantize launch. Both sets are the bits quantize_q8x32 / quantize_q8x256 give on the
+// f32 output.
+#define Q8_SETS                                                                                    \
+    u32 quant, signed char *__restrict__ xq32, float *__restrict__ xd32, int *__restrict__ xs32, \
+        signed char *__restrict__ xq256, float *__restrict__ xd256, int *__restrict__ xs256
+
+// Value v of flat element e; consecutive threads hold consecutive elements, whole warps
+// live or not. Every thread of the block calls it (it synchronizes for the 256-sets; the
+// block's threads are a multiple of 256 then, and live 256-blocks are whole).
+__device__ __forceinline__ void q8_both(float v, bool live, u64 e, bool q256, u32* smax, Q8_SETS) {
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const u32 m = warp_max_bits(live ? __float_as_uint(v) & 0x7FFFFFFFu : 0u);
+    if (live) {
+        q8_store<32>(v, m, e, xq32, xd32, xs32);
+    }
+    if (q256) {
+        __syncthreads();  // the previous round's maxima are read
+        if (lane == 0) {
+            smax[warp] = m;
+        }
+        __syncthreads();
+        u32 m8 = 0;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            m8 = max(m8, smax[(warp & ~7u) + i]);
+        }
+        if (live) {
+            q8_store<256>(v, m8, e, xq256, xd256, xs256);
+        }
+    }
+}
+
+// One block per row (blockDim.x a power of two, 32..1024): with `add`, x += y (stored);
+// out = x / rms(x) * w; with `quant` (width % 32 == 0), out's 8-bit sets. The sum of
+// squares: per thread in element order, warps by butterfly, then the warps in order.
+extern "C" __global__ void __launch_bounds__(1024)
+    norm_q8(float* __restrict__ x, const float* __restrict__ y, const float* __restrict__ w, float eps, u32 width,
+            u32 add, float* __restrict__ out, Q8_SETS) {
+    __shared__ float red[32];
+    __shared__ u32 smax[32];
+    const u32 t = blockIdx.x, tid = threadIdx.x, nt = blockDim.x;
+    float* row = x + (u64)t * width;
+    const float* yr = y + (u64)t * width;
+    float* dst = out + (u64)t * width;
+    float s = 0.0f;
+    for (u32 c = tid; c < width; c += nt) {
+        float v = row[c];
+        if (add) {
+            v += yr[c];
+            row[c] = v;
+        }
+        s += v * v;
+    }
+    s = warp_sum(s);
+    if ((tid & 31) == 0) {
+        red[tid >> 5] = s;
+    }
+    __syncthreads();
+    float total = 0.0f;
+    for (u32 i = 0; i < nt / 32; ++i) {
+        total += red[i];
+    }
+    const float inv = 1.0f / sqrtf(total / (float)width + eps);
+    const bool q256 = quant && width % 256 == 0;
+    for (u32 c0 = 0; c0 < width; c0 += nt) {
+        const u32 c = c0 + tid;
+        const bool live = c < width;
+        float v = 0.0f;
+        if (live) {
+            v = row[c] * inv * w[c];
+            dst[c] = v;
+        }
+        if (quant) {
+            q8_both(v, live, (u64)t * width + c, q256, smax, quant, xq32, xd32, xs32, xq256, xd256, xs256);
+        }
+    }
+}
+
+__device__ __forceinline__ float gelu_tanh_q8(float x) {
+    const float k = 0.7978845608f;
+    return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
+}
+
+// gate = act(gate) * up over `len` elements (act 0: SiLU as elementwise.cu's silu_mul,
+// 1: tanh GELU as its gelu_mul); with `quant` (len % 32 == 0), the 8-bit sets of the
+// result, blocks taken over the flat length (a row of a multiple of 32 / 256 columns
+// starts a block). grid = ceil(len / 256), block = 256.
+extern "C" __global__ void __launch_bounds__(256)
+    glu_q8(float* __restrict__ gate, const float* __restrict__ up, u32 len, u32 act, Q8_SETS) {
+    __shared__ u32 smax[8];
+    const u32 i = blockIdx.x * 256 + threadIdx.x;
+    const bool live = i < len;
+    float v = 0.0f;
+    if (live) {
+        const float g = gate[i];
+        v = act == 0 ? g / (1.0f + expf(-g)) * up[i] : gelu_tanh_q8(g) * up[i];
+        gate[i] = v;
+    }
+    if (quant) {
+        q8_both(v, live, i, len % 256 == 0, smax, quant, xq32, xd32, xs32, xq256, xd256, xs256);
+    }
 }
 
 // ------------------------------------------------------------------- the products
@@ -333,7 +467,7 @@ __device__ __forceinline__ int byte8(u32 lo, u32 hi, int j) {
 // element 128h + l + 32k takes ql[64h + l (+32 for k odd)]'s low (k < 2) or high nibble and
 // qh[32h + l]'s bits 2k..2k+1 as its top two bits; value d * sc[(128h + 32k + l) / 16] * (q - 32).
 // Lane c = 2h + lh takes l in [16 lh, 16 lh + 16) of half h.
-template <bool Q6>
+template <bool Q6, int UNR>
 __device__ __forceinline__ void mv_kquant(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq,
                                           const float* __restrict__ xd, const int* __restrict__ xs,
                                           float* __restrict__ y, u32 rows, u32 r, u32 cols, u32 n) {
@@ -346,6 +480,7 @@ __device__ __forceinline__ void mv_kquant(const u8* __restrict__ w, u64 row_byte
     for (int t = 0; t < Q8X_MAX_N; ++t) {
         acc[t] = 0.0f;
     }
+#pragma unroll UNR
     for (u32 sb0 = 0; sb0 < nsb; sb0 += 8) {
         const u32 sb = sb0 + (lane >> 2);
         const bool ok = sb < nsb;
@@ -460,9 +595,10 @@ __device__ __forceinline__ void mv_kquant(const u8* __restrict__ w, u64 row_byte
     }
 }
 
-Q8X_KERNEL(mv_q8x_q4_k, mv_kquant, false)
+#define KQ(Q6, UNR) Q6, UNR
+Q8X_KERNEL(mv_q8x_q4_k, mv_kquant, KQ(false, 1))
 
-Q8X_KERNEL(mv_q8x_q6_k, mv_kquant, true)
+Q8X_KERNEL(mv_q8x_q6_k, mv_kquant, KQ(true, 1))
 
 // ------------------------------------------------------------------- f16 / bf16
 //
