@@ -143,11 +143,11 @@ impl Ctx {
         }
         let mut runs = Vec::new();
         for _ in 0..5 {
-            let a = self.stream.record_event(None).expect("event");
+            let a = self.stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).expect("event");
             for i in 0..ITERS {
                 go(i % copies);
             }
-            let b = self.stream.record_event(None).expect("event");
+            let b = self.stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).expect("event");
             b.synchronize().expect("sync");
             runs.push(a.elapsed_ms(&b).expect("elapsed") as f64 * 1e3 / ITERS as f64);
         }
