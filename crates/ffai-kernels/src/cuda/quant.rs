@@ -91,6 +91,7 @@ pub fn kernel_names() -> Vec<String> {
             [
                 format!("matvec_{tag}"),
                 format!("matvec4_{tag}"),
+                format!("moe_matvec_{tag}"),
                 format!("dequant_bf16_{tag}"),
                 format!("embed_{tag}"),
             ]
