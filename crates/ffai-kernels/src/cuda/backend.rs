@@ -1360,10 +1360,7 @@ impl Backend for CudaBackend {
         }
     }
 
-    // Clamp and the mixture-of-experts ops compose existing ops, with the routing read
-    // back to the host (`backend::host_moe`): correct, not fast, and a step using them is
-    // not recorded as a graph (the decoder asks for none when a model has experts).
-    // Untested on a GPU so far.
+    // The recurrent mixers' ops (ssm.cu).
     fn mul(&self, x: &mut CudaBuf, y: &CudaBuf, len: usize) {
         assert!(len <= x.len && len <= y.len, "mul out of range");
         self.elementwise("mul_inplace", len, &[Arg::P(x.ptr), Arg::P(y.ptr), Arg::U(len as u32)]);
@@ -1609,6 +1606,10 @@ impl Backend for CudaBackend {
         );
     }
 
+    // Clamp and the mixture-of-experts ops: kernels of moe.cu (routing, biases, combine)
+    // and the gathered decode products of q8x.cu / quant.cu; only prefill-sized
+    // `moe_matmuls` reads the ids back (`backend::host_moe`). Written without a GPU at
+    // hand: the `moe_*` tests of tests/cuda_backend.rs hold them to the CPU.
     fn clamp(&self, x: &mut CudaBuf, lo: f32, hi: f32, len: usize) {
         assert!(len <= x.len, "clamp out of range");
         assert!(len <= u32::MAX as usize, "clamp: too many elements");

@@ -7,7 +7,8 @@
 //     CPU differ only in the order of the f32 sums;
 //   * F16 / BF16 with 128-bit weight loads against f32 activations.
 // A row's arithmetic does not depend on how many activation rows share the launch
-// (n <= 8), so a sequence's result does not depend on its batch.
+// (n <= 8), so a sequence's result does not depend on its batch. The `moe_*` kernels at
+// the end run the same row bodies gathered over a mixture of experts' selected matrices.
 // Header-free like the other sources.
 
 typedef unsigned char u8;
