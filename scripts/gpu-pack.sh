@@ -11,7 +11,7 @@ for l in sys.stdin:
     m=json.loads(l)
     if m.get('executable') and m.get('target',{}).get('name')=='$2': print(m['executable'])"; }
 for t in cuda_backend cuda_nvrtc cuda_ops cuda_quant; do cp "$(exe ffai-kernels $t)" .gpu/bin/$t; done
-for t in parity cuda_models; do cp "$(exe ffai $t)" .gpu/bin/$t; done
+for t in parity cuda_models cuda_moe_graphs; do cp "$(exe ffai $t)" .gpu/bin/$t; done
 cargo build --release -q -p ffai-kernels --example cuda_mv_bench
 cp target/release/examples/cuda_mv_bench .gpu/bin/cuda_mv_bench
 cp target/release/ffai .gpu/bin/ffai

@@ -697,9 +697,10 @@ pub trait Backend: Send + Sync + 'static {
 }
 
 /// The mixture-of-experts ops composed from other ops of a backend, with the routing
-/// done on the host: a backend without kernels of its own for them (CUDA today) calls
-/// these. They read ids, weights and logits back to the host inside the forward and
-/// allocate per call, so a step that uses them cannot be recorded as a graph.
+/// done on the host: a backend without kernels of its own for them calls these (CUDA
+/// only for prefill-sized `moe_matmuls`, and experts of mixed shapes). They read ids,
+/// weights and logits back to the host inside the forward and allocate per call, so a
+/// step that uses them cannot be recorded as a graph.
 pub mod host_moe {
     use super::Backend;
     use crate::ops;

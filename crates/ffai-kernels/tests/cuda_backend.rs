@@ -706,4 +706,333 @@ fn products_after_fused_quantization_equal_separate_quantization() {
             }
         }
     }
+
+// ------------------------------------------------------------------ mixture of experts
+
+/// Router logits for `n` rows: random, or (with `ties`) on a coarse grid so many experts
+/// share a logit exactly (the CPU and the GPU must break those ties alike: the lower index
+/// first), with a row of all-equal logits.
+fn router_logits(rng: &mut Rng, n: usize, ne: usize, ties: bool) -> Vec<f32> {
+    let mut l = rng.vec(n * ne, 4.0);
+    if ties {
+        l.iter_mut().for_each(|v| *v = (*v * 2.0).round() / 2.0);
+        if n > 1 {
+            l[ne..2 * ne].fill(0.25);
+        }
+    }
+    l
+}
+
+#[test]
+fn moe_route_matches_the_cpu_for_every_rule() {
+    let Some(g) = gpu() else { return };
+    use ffai_kernels::ops::{moe_route_with, GroupScore, MoeRouting, MoeScoring};
+    let mut rng = Rng(0x0005_EED0_FE0E);
+    let mut cases = 0;
+    for &(ne, k) in &[
+        (8usize, 2usize),
+        (60, 4),
+        (128, 8),
+        (256, 8),
+        (1024, 64),
+        (4, 4),
+        (64, 1),
+    ] {
+        for scoring in [MoeScoring::Softmax, MoeScoring::Sigmoid] {
+            for renormalize in [false, true] {
+                for &(n_groups, topk_groups) in &[(1usize, 1usize), (4, 2), (8, 3), (ne, ne.min(8).max(k))] {
+                    for group_score in [GroupScore::Max, GroupScore::TopTwoSum] {
+                        for (with_bias, with_scale, scale) in [
+                            (false, false, 1.0f32),
+                            (true, false, 2.5),
+                            (false, true, 1.0),
+                            (true, true, 0.75),
+                        ] {
+                            let r = MoeRouting {
+                                scoring,
+                                renormalize,
+                                scale,
+                                n_groups,
+                                topk_groups,
+                                group_score,
+                            };
+                            if r.check(ne, k).is_err() || (n_groups == 1 && group_score == GroupScore::TopTwoSum) {
+                                continue;
+                            }
+                            for ties in [false, true] {
+                                let n = 5;
+                                let logits = router_logits(&mut rng, n, ne, ties);
+                                let bias: Vec<f32> = if ties {
+                                    (0..ne).map(|e| (e % 3) as f32 * 0.125).collect()
+                                } else {
+                                    rng.vec(ne, 0.5)
+                                };
+                                let es: Vec<f32> = (0..ne).map(|_| 0.5 + rng.f().abs()).collect();
+                                let (gb, gs) = (g.upload(&bias), g.upload(&es));
+                                let gl = g.upload(&logits);
+                                let mut gi = g.upload(&vec![f32::NAN; n * k]);
+                                let mut gw = g.upload(&vec![f32::NAN; n * k]);
+                                g.moe_route(
+                                    &gl,
+                                    n,
+                                    ne,
+                                    k,
+                                    &r,
+                                    with_bias.then_some(&gb),
+                                    with_scale.then_some(&gs),
+                                    &mut gi,
+                                    &mut gw,
+                                );
+                                let (ids, w) = (down(g, &gi, n * k), down(g, &gw, n * k));
+                                for t in 0..n {
+                                    let (mut wi, mut ww) = (vec![0f32; k], vec![0f32; k]);
+                                    moe_route_with(
+                                        &logits[t * ne..(t + 1) * ne],
+                                        with_bias.then_some(&bias[..]),
+                                        with_scale.then_some(&es[..]),
+                                        &r,
+                                        &mut wi,
+                                        &mut ww,
+                                    );
+                                    let what = format!("{r:?} {ne} experts top {k} bias {with_bias} scale {with_scale} ties {ties} row {t}");
+                                    assert_eq!(&ids[t * k..(t + 1) * k], &wi[..], "ids: {what}");
+                                    for (a, b) in w[t * k..(t + 1) * k].iter().zip(&ww) {
+                                        assert!(
+                                            (a - b).abs() <= 1e-6 * b.abs().max(1e-30),
+                                            "weights {a} vs {b}: {what}"
+                                        );
+                                    }
+                                }
+                                cases += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    println!("{cases} routing cases");
+    assert!(cases > 100);
+    // A NaN logit: the CPU's loops keep the first candidate (nothing beats NaN).
+    let r = MoeRouting::softmax(true);
+    let mut l = rng.vec(16, 1.0);
+    l[3] = f32::NAN;
+    let gl = g.upload(&l);
+    let (mut gi, mut gw) = (g.alloc(4), g.alloc(4));
+    g.moe_route(&gl, 1, 16, 4, &r, None, None, &mut gi, &mut gw);
+    let (mut wi, mut ww) = (vec![0f32; 4], vec![0f32; 4]);
+    moe_route_with(&l, None, None, &r, &mut wi, &mut ww);
+    assert_eq!(down(g, &gi, 4), wi, "ids with a NaN logit");
+    let r = MoeRouting {
+        scoring: MoeScoring::Sigmoid,
+        ..MoeRouting::softmax(false)
+    };
+    g.moe_route(&gl, 1, 16, 4, &r, None, None, &mut gi, &mut gw);
+    moe_route_with(&l, None, None, &r, &mut wi, &mut ww);
+    assert_eq!(down(g, &gi, 4), wi, "sigmoid ids with a NaN logit");
+}
+
+/// The weight types with a gathered q8x.cu / half kernel, and two that take quant.cu's.
+fn moe_types() -> Vec<WeightType> {
+    let mut v = vec![
+        WeightType::Q4_0,
+        WeightType::Q4_1,
+        WeightType::Q5_0,
+        WeightType::Q5_1,
+        WeightType::Q8_0,
+        WeightType::Q4K,
+        WeightType::Q6K,
+        WeightType::F16,
+        WeightType::BF16,
+    ];
+    v.extend(
+        WeightType::ALL
+            .iter()
+            .copied()
+            .filter(|t| matches!(t.name(), "MXFP4" | "Q3_K" | "F32")),
+    );
+    v
+}
+
+#[test]
+fn moe_matmuls_match_the_dense_products() {
+    use ffai_kernels::cuda::backend::MOE_GATHER_MAX_ROWS;
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng(0x0E0E_0E77);
+    let (ne, cols) = (8usize, 512usize);
+    let (rows_a, rows_b) = (40usize, 24usize);
+    let mut tested = Vec::new();
+    let mut failed = Vec::new();
+    for ty in moe_types() {
+        let Some(_) = random_matrix(ty, 1, cols, &mut rng) else {
+            continue;
+        };
+        tested.push(ty.name().to_string());
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // Two matrices per expert (gate, up: one launch) of different heights.
+            let bytes: Vec<[Vec<u8>; 2]> = (0..ne)
+                .map(|_| {
+                    [
+                        random_matrix(ty, rows_a, cols, &mut rng).unwrap(),
+                        random_matrix(ty, rows_b, cols, &mut rng).unwrap(),
+                    ]
+                })
+                .collect();
+            let ga: Vec<_> = bytes
+                .iter()
+                .map(|b| g.matrix(ty, rows_a, cols, HostBytes::from_vec(b[0].clone())))
+                .collect();
+            let gb: Vec<_> = bytes
+                .iter()
+                .map(|b| g.matrix(ty, rows_b, cols, HostBytes::from_vec(b[1].clone())))
+                .collect();
+            let rb = ty.row_bytes(cols).unwrap();
+            for &n in &[1usize, 2, 5, MOE_GATHER_MAX_ROWS + 3] {
+                for &k in &[1usize, 2, 8] {
+                    for per_slot in [false, true] {
+                        let slots = n * k;
+                        let x_rows = if per_slot { slots } else { n };
+                        let x = activations(&mut rng, x_rows, cols);
+                        // Each token's k distinct experts, as a router picks them.
+                        let mut ids = Vec::with_capacity(slots);
+                        for _ in 0..n {
+                            let mut pick: Vec<usize> = (0..ne).collect();
+                            for j in 0..k {
+                                let i = j + (rng.next() as usize) % (ne - j);
+                                pick.swap(j, i);
+                                ids.push(pick[j] as f32);
+                            }
+                        }
+                        let (gx, gi) = (g.upload(&x), g.upload(&ids));
+                        let mut ya = g.upload(&vec![f32::NAN; slots * rows_a]);
+                        let mut yb = g.upload(&vec![f32::NAN; slots * rows_b]);
+                        g.moe_matmuls(&[&ga, &gb], &gx, per_slot, &gi, n, k, &mut [&mut ya, &mut yb]);
+                        let mut yd = g.upload(&vec![f32::NAN; slots * rows_b]);
+                        g.moe_matmuls(&[&gb], &gx, per_slot, &gi, n, k, &mut [&mut yd]);
+                        let (got_a, got_b, got_d) = (
+                            down(g, &ya, slots * rows_a),
+                            down(g, &yb, slots * rows_b),
+                            down(g, &yd, slots * rows_b),
+                        );
+                        let what = format!("{} n={n} k={k} per_slot={per_slot}", ty.name());
+                        assert!(
+                            got_b.iter().zip(&got_d).all(|(p, q)| p.to_bits() == q.to_bits()),
+                            "{what}: one part alone differs from two in a launch"
+                        );
+                        let q8 = gpu_q8(ty);
+                        for (m, (got, rows)) in [(&got_a, rows_a), (&got_b, rows_b)].into_iter().enumerate() {
+                            let mut want = vec![0f32; slots * rows];
+                            for s in 0..slots {
+                                let e = ids[s] as usize;
+                                let xr = if per_slot { s } else { s / k };
+                                let xrow = &x[xr * cols..(xr + 1) * cols];
+                                let wb = &bytes[e][m];
+                                if q8 {
+                                    let mut acts = QuantizedActs::new();
+                                    acts.quantize(ty, xrow, 1, cols);
+                                    for r in 0..rows {
+                                        want[s * rows + r] = dot_row_q8(ty, &wb[r * rb..(r + 1) * rb], &acts, 0);
+                                    }
+                                } else {
+                                    let mut wf = vec![0f32; cols];
+                                    for r in 0..rows {
+                                        dequantize_row(ty, &wb[r * rb..(r + 1) * rb], &mut wf);
+                                        want[s * rows + r] =
+                                            wf.iter().zip(xrow).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32;
+                                    }
+                                }
+                            }
+                            // Prefill-sized steps take the host grouping, whose experts with
+                            // GEMM_MIN_ROWS rows or more multiply on cuBLAS (bf16 operands).
+                            let tol = if n > MOE_GATHER_MAX_ROWS && slots / ne >= GEMM_MIN_ROWS / 2 {
+                                1e-2
+                            } else {
+                                1e-5
+                            };
+                            let e = rel_err(got, &want);
+                            assert!(e < tol, "{what} part {m}: relative error {e} (tolerance {tol})");
+                        }
+                        if n <= MOE_GATHER_MAX_ROWS {
+                            // The bits of the dense product of each slot's expert (decode path).
+                            for s in [0, slots - 1] {
+                                let e = ids[s] as usize;
+                                let xr = if per_slot { s } else { s / k };
+                                let gx1 = g.upload(&x[xr * cols..(xr + 1) * cols]);
+                                let mut y1 = g.alloc(rows_a);
+                                g.matmul(&ga[e], &gx1, 1, &mut y1);
+                                let alone = down(g, &y1, rows_a);
+                                assert!(
+                                    alone
+                                        .iter()
+                                        .zip(&got_a[s * rows_a..(s + 1) * rows_a])
+                                        .all(|(p, q)| p.to_bits() == q.to_bits()),
+                                    "{what}: slot {s} differs from its expert's dense product"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }));
+        if r.is_err() {
+            failed.push(ty.name().to_string());
+        }
+    }
+    println!("tested: {}", tested.join(" "));
+    assert!(
+        failed.is_empty(),
+        "gathered products differ for {failed:?} (messages above)"
+    );
+    assert!(tested.len() >= 9, "too few types: {tested:?}");
+}
+
+#[test]
+fn moe_combine_add_bias_and_clamp_match_the_cpu() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng(0x0C04_B14E);
+    for &(n, k, d, ne) in &[(1usize, 1usize, 64usize, 4usize), (3, 2, 96, 8), (5, 8, 257, 16)] {
+        let slots = n * k;
+        let ys = rng.vec(slots * d, 2.0);
+        let w = rng.vec(slots, 1.0);
+        let (gy, gw) = (g.upload(&ys), g.upload(&w));
+        let mut go = g.upload(&vec![f32::NAN; n * d]);
+        g.moe_combine(&gy, &gw, n, k, d, &mut go);
+        let got = down(g, &go, n * d);
+        let mut want = vec![0f32; n * d];
+        for t in 0..n {
+            ffai_kernels::ops::moe_combine(
+                &ys[t * k * d..(t + 1) * k * d],
+                &w[t * k..(t + 1) * k],
+                &mut want[t * d..(t + 1) * d],
+            );
+        }
+        assert!(
+            got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "moe_combine n={n} k={k} d={d}: not the CPU's bits"
+        );
+
+        let biases = rng.vec(ne * d, 1.0);
+        let ids: Vec<f32> = (0..slots).map(|_| (rng.next() as usize % ne) as f32).collect();
+        let (gb, gi) = (g.upload(&biases), g.upload(&ids));
+        let mut gx = g.upload(&ys);
+        g.moe_add_bias(&mut gx, &gb, &gi, slots, d);
+        let got = down(g, &gx, slots * d);
+        let mut want = ys.clone();
+        ffai_kernels::ops::moe_add_bias(&mut want, &biases, &ids, d);
+        assert!(
+            got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "moe_add_bias slots={slots} d={d}: not the CPU's bits"
+        );
+    }
+    let mut x = rng.vec(1000, 3.0);
+    x[7] = f32::NAN;
+    x[8] = f32::INFINITY;
+    x[9] = f32::NEG_INFINITY;
+    let mut gx = g.upload(&x);
+    g.clamp(&mut gx, -1.5, 2.0, 999);
+    let got = down(g, &gx, 1000);
+    for (i, (a, b)) in got.iter().zip(&x).enumerate() {
+        let want = if i < 999 { b.clamp(-1.5, 2.0) } else { *b };
+        assert!(a.to_bits() == want.to_bits(), "clamp element {i}: {a} vs {want}");
+    }
 }

@@ -39,6 +39,14 @@ use crate::quant::WeightType;
 /// decode batch of up to this many sequences gives each the bits it gets alone).
 pub const GEMM_MIN_ROWS: usize = 33;
 
+/// Most token rows whose mixture-of-experts products run as gathered decode products
+/// (`moe_q8x_*`, `moe_half_*`, `moe_matvec_<tag>`: one warp per (slot, output row), the
+/// expert read from the device `ids`, so the step needs no host round trip and can be
+/// recorded; the decoder records steps of up to 64 rows). More rows (prefill) take the
+/// host grouping (`backend::host_moe`), where each expert's rows share one product
+/// (a GEMM once an expert has [`GEMM_MIN_ROWS`] of them).
+pub const MOE_GATHER_MAX_ROWS: usize = 64;
+
 /// Threads of an attention block (`ATTN_THREADS` in attention.cu).
 const ATTN_THREADS: usize = 256;
 /// Query heads of one KV head an attention block takes (`ATTN_GROUP` in attention.cu).
@@ -111,6 +119,13 @@ impl Fast {
         }
     }
 
+    /// The gathered (mixture-of-experts) kernel over the same row body: `mv_q8x_<t>` →
+    /// `moe_q8x_<t>`, `mv_half_<t>` → `moe_half_<t>` (q8x.cu).
+    fn moe_kernel(&self) -> String {
+        let k = self.kernel();
+        format!("moe_{}", k.strip_prefix("mv_").unwrap_or(k))
+    }
+
     /// Whether the two kernels read the same input (one quantization serves both).
     fn same_input(&self, other: &Fast) -> bool {
         match (self, other) {
@@ -157,6 +172,7 @@ impl Fast {
 struct MatKernels {
     matvec4: String,
     matvec: String,
+    moe_matvec: String,
     dequant_bf16: String,
     embed: String,
 }
@@ -167,6 +183,7 @@ impl MatKernels {
         MatKernels {
             matvec4: format!("matvec4_{tag}"),
             matvec: format!("matvec_{tag}"),
+            moe_matvec: format!("moe_matvec_{tag}"),
             dequant_bf16: format!("dequant_bf16_{tag}"),
             embed: format!("embed_{tag}"),
         }
@@ -236,6 +253,21 @@ pub struct CudaStep {
     n_state_slots: usize,
 }
 
+/// The experts' matrix addresses a device table holds, and the table.
+type ExpertTable = (Vec<u64>, DevMem<u64>);
+
+/// A gathered MoE product's inputs besides the matrices (see `Backend::moe_matmuls`).
+struct Gather {
+    ids: u64,
+    n_experts: usize,
+    k: usize,
+    per_slot: bool,
+    slots: usize,
+    x: u64,
+    /// Activation rows: `slots` when per slot, else the tokens.
+    x_rows: usize,
+}
+
 #[derive(Clone, Copy)]
 enum Arg {
     U(u32),
@@ -299,6 +331,10 @@ pub struct CudaBackend {
     ordinal: usize,
     error: Mutex<Option<String>>,
     scratch: Mutex<Scratch>,
+    /// Device tables of expert matrices' addresses for the gathered MoE products, keyed
+    /// by the first expert's address: the addresses they hold (checked at every use) and
+    /// the table. Built on an eager run, never during a capture.
+    moe_tables: Mutex<HashMap<u64, ExpertTable>>,
     /// Largest weight matrix loaded (elements): the size of the dequantization scratch.
     max_mat_elems: Mutex<usize>,
     /// Bumped whenever a scratch buffer is reallocated: recordings that point into the
@@ -403,6 +439,7 @@ impl CudaBackend {
                 xs256: DevMem::empty(),
             }),
             prequant: Mutex::new(None),
+            moe_tables: Mutex::new(HashMap::new()),
             max_mat_elems: Mutex::new(0),
             generation: AtomicU64::new(0),
             capturing: AtomicBool::new(false),
@@ -829,6 +866,130 @@ impl CudaBackend {
                 args.push(Arg::U(m as u32));
                 self.launch(kernel, grid1(total, 4), 128, &args);
             }
+            i = j;
+        }
+        drop(sc_guard);
+        true
+    }
+
+    /// During a capture, marks it broken (the step then reruns eagerly) and returns false:
+    /// for the paths that read back to the host or upload. True otherwise.
+    fn can_sync(&self) -> bool {
+        if self.capturing.load(Ordering::Relaxed) {
+            self.capture_broken.store(true, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// The device table of `mats`' addresses (see `moe_tables`), uploaded on first use
+    /// (and again if the matrices under that key changed). None after a failure, or during
+    /// a capture that would need a new table (the capture is then marked broken).
+    fn expert_table(&self, mats: &[CudaMat]) -> Option<u64> {
+        let key = mats.first()?.data.ptr;
+        let mut tables = self.moe_tables.lock().ok()?;
+        if let Some((ptrs, dev)) = tables.get(&key) {
+            if ptrs.len() == mats.len() && ptrs.iter().copied().eq(mats.iter().map(|m| m.data.ptr)) {
+                return (!dev.is_empty()).then_some(dev.ptr);
+            }
+        }
+        if !self.can_sync() {
+            return None;
+        }
+        let ptrs: Vec<u64> = mats.iter().map(|m| m.data.ptr).collect();
+        let dev = self.dev_upload(&ptrs);
+        if self.failed() || dev.is_empty() {
+            return None;
+        }
+        let ptr = dev.ptr;
+        if tables.insert(key, (ptrs, dev)).is_some() {
+            // The table it replaces may be read by a recording: retire those.
+            self.generation.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(ptr)
+    }
+
+    /// The gathered MoE products of `parts` (each: its first expert's matrix, standing for
+    /// the type and shape of all, its expert table, its output) with q8x.cu's kernels:
+    /// the activation rows quantized once, then consecutive parts of one kernel share a
+    /// launch (up to three). False (nothing done) when a part has no such kernel or they
+    /// take different inputs.
+    fn moe_fast(&self, parts: &[(&CudaMat, u64, u64)], g: &Gather) -> bool {
+        let Some(&(first, _, _)) = parts.first() else {
+            return true;
+        };
+        let (Some(f0), cols) = (first.fast, first.cols) else {
+            return false;
+        };
+        if parts
+            .iter()
+            .any(|(w, _, _)| w.cols != cols || !w.fast.is_some_and(|f| f.same_input(&f0)))
+        {
+            return false;
+        }
+        let rows = g.x_rows;
+        let mut sc_guard = None;
+        let acts = match f0 {
+            Fast::Q8x { quantizer, block, .. } => {
+                let (nb, nd) = (cols / 32, cols / block);
+                let Ok(mut sc) = self.scratch.lock() else { return true };
+                self.grow(&mut sc.xq, rows * cols);
+                self.grow(&mut sc.xd, rows * nd);
+                self.grow(&mut sc.xs, rows * nb);
+                if self.failed() || sc.xq.len < rows * cols || sc.xd.len < rows * nd || sc.xs.len < rows * nb {
+                    return true;
+                }
+                self.launch(
+                    quantizer,
+                    (cols.div_ceil(256) as u32, rows as u32, 1),
+                    256,
+                    &[
+                        Arg::P(g.x),
+                        Arg::P(sc.xq.ptr),
+                        Arg::P(sc.xd.ptr),
+                        Arg::P(sc.xs.ptr),
+                        Arg::U(cols as u32),
+                    ],
+                );
+                let a = Some((sc.xq.ptr, sc.xd.ptr, sc.xs.ptr));
+                sc_guard = Some(sc);
+                a
+            }
+            Fast::Half(_) => None,
+        };
+        let mut i = 0;
+        while i < parts.len() {
+            let kernel = parts[i].0.fast.map_or("", |f| f.kernel());
+            let mut j = i + 1;
+            while j < parts.len() && j - i < 3 && parts[j].0.fast.is_some_and(|f| f.kernel() == kernel) {
+                j += 1;
+            }
+            let group = &parts[i..j];
+            let total: usize = group.iter().map(|(w, _, _)| w.rows).sum();
+            let mut args = Vec::with_capacity(20);
+            for p in 0..3 {
+                args.push(Arg::P(group.get(p).map_or(0, |&(_, tab, _)| tab)));
+            }
+            for p in 0..3 {
+                args.push(Arg::P(group.get(p).map_or(0, |&(_, _, out)| out)));
+            }
+            for p in 0..3 {
+                args.push(Arg::U(group.get(p).map_or(0, |(w, _, _)| w.rows as u32)));
+            }
+            args.extend([
+                Arg::P(g.ids),
+                Arg::U(g.n_experts as u32),
+                Arg::U(g.k as u32),
+                Arg::U(g.per_slot as u32),
+                Arg::P(group[0].0.row_bytes as u64),
+            ]);
+            match acts {
+                Some((xq, xd, xs)) => args.extend([Arg::P(xq), Arg::P(xd), Arg::P(xs)]),
+                None => args.push(Arg::P(g.x)),
+            }
+            args.push(Arg::U(cols as u32));
+            let name = group[0].0.fast.map_or_else(String::new, |f| f.moe_kernel());
+            self.launch(&name, (total.div_ceil(4) as u32, g.slots as u32, 1), 128, &args);
             i = j;
         }
         drop(sc_guard);
@@ -1339,10 +1500,7 @@ impl Backend for CudaBackend {
         }
     }
 
-    // Clamp and the mixture-of-experts ops compose existing ops, with the routing read
-    // back to the host (`backend::host_moe`): correct, not fast, and a step using them is
-    // not recorded as a graph (the decoder asks for none when a model has experts).
-    // Untested on a GPU so far.
+    // The recurrent mixers' ops (ssm.cu).
     fn mul(&self, x: &mut CudaBuf, y: &CudaBuf, len: usize) {
         assert!(len <= x.len && len <= y.len, "mul out of range");
         self.elementwise("mul_inplace", len, &[Arg::P(x.ptr), Arg::P(y.ptr), Arg::U(len as u32)]);
@@ -1588,8 +1746,18 @@ impl Backend for CudaBackend {
         );
     }
 
+    // Clamp and the mixture-of-experts ops: kernels of moe.cu (routing, biases, combine)
+    // and the gathered decode products of q8x.cu / quant.cu; only prefill-sized
+    // `moe_matmuls` reads the ids back (`backend::host_moe`). Written without a GPU at
+    // hand: the `moe_*` tests of tests/cuda_backend.rs hold them to the CPU.
     fn clamp(&self, x: &mut CudaBuf, lo: f32, hi: f32, len: usize) {
-        crate::backend::host_moe::clamp(self, x, lo, hi, len);
+        assert!(len <= x.len, "clamp out of range");
+        assert!(len <= u32::MAX as usize, "clamp: too many elements");
+        self.elementwise(
+            "clamp_inplace",
+            len,
+            &[Arg::P(x.ptr), Arg::F(lo), Arg::F(hi), Arg::U(len as u32)],
+        );
     }
 
     fn moe_route(
@@ -1607,7 +1775,45 @@ impl Backend for CudaBackend {
         if let Err(e) = routing.check(n_experts, k) {
             panic!("moe_route: {e}");
         }
-        crate::backend::host_moe::moe_route(self, logits, n, n_experts, k, routing, bias, expert_scale, ids, weights);
+        if n == 0 {
+            return;
+        }
+        assert!(
+            n * n_experts <= logits.len && n * k <= ids.len && n * k <= weights.len,
+            "moe_route: buffers too small"
+        );
+        assert!(
+            bias.is_none_or(|b| b.len >= n_experts) && expert_scale.is_none_or(|s| s.len >= n_experts),
+            "moe_route: bias or expert scale shorter than the experts"
+        );
+        assert!(n < (1 << 31), "moe_route: too many rows");
+        use crate::ops::{GroupScore, MoeScoring};
+        self.launch(
+            "moe_route",
+            (n as u32, 1, 1),
+            32,
+            &[
+                Arg::P(logits.ptr),
+                Arg::U(n_experts as u32),
+                Arg::U(k as u32),
+                Arg::U(match routing.scoring {
+                    MoeScoring::Softmax => 0,
+                    MoeScoring::Sigmoid => 1,
+                }),
+                Arg::U(routing.renormalize as u32),
+                Arg::F(routing.scale),
+                Arg::U(routing.n_groups as u32),
+                Arg::U(routing.topk_groups as u32),
+                Arg::U(match routing.group_score {
+                    GroupScore::Max => 0,
+                    GroupScore::TopTwoSum => 1,
+                }),
+                Arg::P(bias.map_or(0, |b| b.ptr)),
+                Arg::P(expert_scale.map_or(0, |s| s.ptr)),
+                Arg::P(ids.ptr),
+                Arg::P(weights.ptr),
+            ],
+        );
     }
 
     fn moe_matmuls(
@@ -1620,15 +1826,122 @@ impl Backend for CudaBackend {
         k: usize,
         outs: &mut [&mut CudaBuf],
     ) {
-        crate::backend::host_moe::moe_matmuls(self, experts, x, x_per_slot, ids, n, k, outs);
+        assert_eq!(experts.len(), outs.len(), "moe_matmuls: one output per matrix");
+        let slots = n * k;
+        if slots == 0 || experts.is_empty() || self.failed() {
+            return;
+        }
+        let n_experts = experts[0].len();
+        assert!(
+            n_experts > 0 && experts.iter().all(|m| m.len() == n_experts),
+            "moe_matmuls: every matrix needs one per expert"
+        );
+        let cols = experts[0][0].cols;
+        let x_rows = if x_per_slot { slots } else { n };
+        assert!(
+            slots <= ids.len && x_rows * cols <= x.len,
+            "moe_matmuls: ids or input too small"
+        );
+        for (m, out) in experts.iter().zip(outs.iter()) {
+            assert!(slots * m[0].rows <= out.len, "moe_matmuls: output too small");
+        }
+        let uniform = experts.iter().all(|m| {
+            m.iter()
+                .all(|e| e.ty == m[0].ty && e.rows == m[0].rows && e.cols == cols)
+        });
+        if n > MOE_GATHER_MAX_ROWS || slots > 65_535 || !uniform {
+            // Prefill-sized steps (or experts of different shapes): the host grouping, one
+            // product per used expert over its rows (a GEMM once it has GEMM_MIN_ROWS),
+            // which reads the ids back: such a step is never recorded.
+            if self.can_sync() {
+                crate::backend::host_moe::moe_matmuls(self, experts, x, x_per_slot, ids, n, k, outs);
+            }
+            return;
+        }
+        let mut parts = Vec::with_capacity(experts.len());
+        for (m, out) in experts.iter().zip(outs.iter()) {
+            let Some(tab) = self.expert_table(m) else { return };
+            parts.push((&m[0], tab, out.ptr));
+        }
+        let g = Gather {
+            ids: ids.ptr,
+            n_experts,
+            k,
+            per_slot: x_per_slot,
+            slots,
+            x: x.ptr,
+            x_rows,
+        };
+        if self.moe_fast(&parts, &g) {
+            return;
+        }
+        for part in &parts {
+            if self.moe_fast(std::slice::from_ref(part), &g) {
+                continue;
+            }
+            // The types without a q8x.cu kernel: quant.cu's f32-activation row body.
+            let &(w, tab, out) = part;
+            self.launch(
+                &w.kernels.moe_matvec,
+                ((w.rows as u32).div_ceil(quant::MATVEC_ROWS_PER_BLOCK), slots as u32, 1),
+                quant::MATVEC_BLOCK,
+                &[
+                    Arg::P(tab),
+                    Arg::P(ids.ptr),
+                    Arg::U(n_experts as u32),
+                    Arg::U(k as u32),
+                    Arg::U(x_per_slot as u32),
+                    Arg::P(w.row_bytes as u64),
+                    Arg::P(x.ptr),
+                    Arg::P(out),
+                    Arg::U(w.rows as u32),
+                    Arg::U(cols as u32),
+                ],
+            );
+        }
     }
 
     fn moe_combine(&self, ys: &CudaBuf, weights: &CudaBuf, n: usize, k: usize, d: usize, out: &mut CudaBuf) {
-        crate::backend::host_moe::moe_combine(self, ys, weights, n, k, d, out);
+        assert!(
+            n * k * d <= ys.len && n * k <= weights.len && n * d <= out.len,
+            "moe_combine: buffers too small"
+        );
+        assert!(n * k * d <= u32::MAX as usize, "moe_combine: too many elements");
+        self.elementwise(
+            "moe_combine",
+            n * d,
+            &[
+                Arg::P(ys.ptr),
+                Arg::P(weights.ptr),
+                Arg::P(out.ptr),
+                Arg::U(n as u32),
+                Arg::U(k as u32),
+                Arg::U(d as u32),
+            ],
+        );
     }
 
     fn moe_add_bias(&self, x: &mut CudaBuf, biases: &CudaBuf, ids: &CudaBuf, slots: usize, d: usize) {
-        crate::backend::host_moe::moe_add_bias(self, x, biases, ids, slots, d);
+        if slots == 0 || d == 0 {
+            return;
+        }
+        assert!(
+            slots * d <= x.len && slots <= ids.len && d <= biases.len,
+            "moe_add_bias: buffers too small"
+        );
+        assert!(slots * d <= u32::MAX as usize, "moe_add_bias: too many elements");
+        self.elementwise(
+            "moe_add_bias",
+            slots * d,
+            &[
+                Arg::P(x.ptr),
+                Arg::P(biases.ptr),
+                Arg::P(ids.ptr),
+                Arg::U(slots as u32),
+                Arg::U(d as u32),
+                Arg::U((biases.len / d) as u32),
+            ],
+        );
     }
 
     fn argmax(&self, buf: &CudaBuf, range: Range<usize>) -> u32 {

@@ -7,7 +7,8 @@
 //     CPU differ only in the order of the f32 sums;
 //   * F16 / BF16 with 128-bit weight loads against f32 activations.
 // A row's arithmetic does not depend on how many activation rows share the launch
-// (n <= 8), so a sequence's result does not depend on its batch.
+// (n <= 8), so a sequence's result does not depend on its batch. The `moe_*` kernels at
+// the end run the same row bodies gathered over a mixture of experts' selected matrices.
 // Header-free like the other sources.
 
 typedef unsigned char u8;
@@ -664,5 +665,99 @@ extern "C" __global__ void __launch_bounds__(128)
     Row o;
     if (pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o)) {
         mv_half<true>(o.w, row_bytes, x, o.y, o.rows, o.r, cols, n);
+    }
+}
+
+// ------------------------------------------------------------------- gathered (MoE)
+//
+// The selected experts' products of a mixture of experts, decode-sized: one warp per
+// (slot, output row), running the dense kernels' row bodies above with one activation
+// row, so a slot's result is the bits the dense product of its expert gives for that row.
+// Up to three parts (gate, up) share a launch as in `pick`, each with a device table of its
+// experts' matrix addresses (`tab_p[e]`) instead of one matrix; slot s = blockIdx.y reads
+// its expert id from `ids[s]` (f32, as moe_route writes it) and activation row
+// xr = s when per_slot (the down projection), else s / k (the token's row), and part p
+// writes y_p[s * rows_p + r]. An id outside 0..n_experts (moe_route never writes one)
+// makes the output NaN. Launch: grid (ceil((rows0 + rows1 + rows2) / 4), slots), block 128;
+// xq / xd / xs quantized (quantize_q8x32 or quantize_q8x256) over the activation rows.
+#define GPARTS                                                                                             \
+    const u64 *tab0, const u64 *tab1, const u64 *tab2, float *y0, float *y1, float *y2, u32 rows0, u32 rows1, \
+        u32 rows2, const float *ids, u32 n_experts, u32 k, u32 per_slot
+struct GRow {
+    const u8* w;
+    float* y;
+    u32 rows, r, xr;
+};
+// False when the warp has no row; true with o.w == 0 when the slot's id is bad (the row
+// was written NaN).
+__device__ __forceinline__ bool gpick(GPARTS, GRow& o) {
+    const u32 s = blockIdx.y;
+    u32 r = blockIdx.x * 4 + (threadIdx.x >> 5);
+    const u64* tab;
+    if (r < rows0) {
+        tab = tab0;
+        o.y = y0;
+        o.rows = rows0;
+    } else if ((r -= rows0) < rows1) {
+        tab = tab1;
+        o.y = y1;
+        o.rows = rows1;
+    } else if ((r -= rows1) < rows2) {
+        tab = tab2;
+        o.y = y2;
+        o.rows = rows2;
+    } else {
+        return false;
+    }
+    o.r = r;
+    o.y += (u64)s * o.rows;
+    o.xr = per_slot ? s : s / k;
+    const float f = __ldg(ids + s);
+    if (!(f >= 0.0f && f < (float)n_experts)) {
+        if ((threadIdx.x & 31) == 0) {
+            o.y[r] = __uint_as_float(0x7FC00000u);
+        }
+        o.w = 0;
+        return true;
+    }
+    o.w = (const u8*)__ldg(tab + (u32)f);
+    return true;
+}
+
+#define MOE_Q8X_KERNEL(NAME, BODY, ARG, QB)                                                                      \
+    extern "C" __global__ void __launch_bounds__(128)                                                           \
+        NAME(GPARTS, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, u32 cols) {          \
+        GRow o;                                                                                                   \
+        if (gpick(tab0, tab1, tab2, y0, y1, y2, rows0, rows1, rows2, ids, n_experts, k, per_slot, o) && o.w) {  \
+            BODY<ARG>(o.w, row_bytes, xq + (u64)o.xr * cols, xd + (u64)o.xr * (cols / QB),                       \
+                      xs + (u64)o.xr * (cols / 32), o.y, o.rows, o.r, cols, 1);                                  \
+        }                                                                                                         \
+    }
+
+MOE_Q8X_KERNEL(moe_q8x_q4_0, mv_legacy, K_Q4_0, 32)
+
+MOE_Q8X_KERNEL(moe_q8x_q4_1, mv_legacy, K_Q4_1, 32)
+
+MOE_Q8X_KERNEL(moe_q8x_q5_0, mv_legacy, K_Q5_0, 32)
+
+MOE_Q8X_KERNEL(moe_q8x_q5_1, mv_legacy, K_Q5_1, 32)
+
+MOE_Q8X_KERNEL(moe_q8x_q8_0, mv_legacy, K_Q8_0, 32)
+
+MOE_Q8X_KERNEL(moe_q8x_q4_k, mv_kquant, false, 256)
+
+MOE_Q8X_KERNEL(moe_q8x_q6_k, mv_kquant, true, 256)
+
+extern "C" __global__ void __launch_bounds__(128) moe_half_f16(GPARTS, u64 row_bytes, const float* x, u32 cols) {
+    GRow o;
+    if (gpick(tab0, tab1, tab2, y0, y1, y2, rows0, rows1, rows2, ids, n_experts, k, per_slot, o) && o.w) {
+        mv_half<false>(o.w, row_bytes, x + (u64)o.xr * cols, o.y, o.rows, o.r, cols, 1);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128) moe_half_bf16(GPARTS, u64 row_bytes, const float* x, u32 cols) {
+    GRow o;
+    if (gpick(tab0, tab1, tab2, y0, y1, y2, rows0, rows1, rows2, ids, n_experts, k, per_slot, o) && o.w) {
+        mv_half<true>(o.w, row_bytes, x + (u64)o.xr * cols, o.y, o.rows, o.r, cols, 1);
     }
 }

@@ -599,14 +599,11 @@ __device__ __forceinline__ void load_x_run(const float* __restrict__ xt, u32 lim
 // and dotted with all n activation rows. Per activation row the arithmetic is the same
 // whatever n is (two partial sums per lane over even and odd elements, combined, then the
 // same butterfly), so a row's result does not depend on how many rows share the launch.
+// `matvec_row` is one warp's row r (r < rows); `matvec` picks it from the block.
 template <class D>
-__device__ __forceinline__ void matvec(const u8* __restrict__ w, u64 row_bytes, const float* __restrict__ x,
-                                       float* __restrict__ y, u32 rows, u32 cols, u32 n) {
+__device__ __forceinline__ void matvec_row(const u8* __restrict__ w, u64 row_bytes, const float* __restrict__ x,
+                                           float* __restrict__ y, u32 rows, u32 r, u32 cols, u32 n) {
     const u32 lane = threadIdx.x & 31;
-    const u32 r = blockIdx.x * MATVEC_WARPS + (threadIdx.x >> 5);
-    if (r >= rows) {
-        return;  // the whole warp leaves together: the shuffles below see full warps
-    }
     const u8* row = w + (u64)r * row_bytes;
     const u32 nruns = (cols + 31) / 32;
     float acc0[MATVEC_MAX_N], acc1[MATVEC_MAX_N];
@@ -647,6 +644,44 @@ __device__ __forceinline__ void matvec(const u8* __restrict__ w, u64 row_bytes, 
             }
         }
     }
+}
+
+template <class D>
+__device__ __forceinline__ void matvec(const u8* __restrict__ w, u64 row_bytes, const float* __restrict__ x,
+                                       float* __restrict__ y, u32 rows, u32 cols, u32 n) {
+    const u32 r = blockIdx.x * MATVEC_WARPS + (threadIdx.x >> 5);
+    if (r >= rows) {
+        return;  // the whole warp leaves together: the shuffles below see full warps
+    }
+    matvec_row<D>(w, row_bytes, x, y, rows, r, cols, n);
+}
+
+// The gathered product of a mixture of experts (one matrix of every expert, e.g. all the
+// gate projections): for slot s = blockIdx.y, y[s * rows + r] = W_e[r] . x[xr] with
+// e = ids[s] (f32), W_e at table[e], xr = s when per_slot, else s / k. Each (slot, row)
+// is `matvec_row` with one activation row, so it gives the bits the dense product of that
+// expert gives for that row. An id outside 0..n_experts (moe_route never writes one)
+// makes the output NaN. Launch: MATVEC_THREADS threads, grid (ceil(rows / 4), slots).
+template <class D>
+__device__ __forceinline__ void moe_matvec(const u64* __restrict__ table, const float* __restrict__ ids,
+                                           u32 n_experts, u32 k, u32 per_slot, u64 row_bytes,
+                                           const float* __restrict__ x, float* __restrict__ y, u32 rows, u32 cols) {
+    const u32 r = blockIdx.x * MATVEC_WARPS + (threadIdx.x >> 5);
+    if (r >= rows) {
+        return;
+    }
+    const u32 s = blockIdx.y;
+    float* ys = y + (u64)s * rows;
+    const float f = __ldg(ids + s);
+    if (!(f >= 0.0f && f < (float)n_experts)) {
+        if ((threadIdx.x & 31) == 0) {
+            ys[r] = __int_as_float(0x7FC00000);
+        }
+        return;
+    }
+    const u8* w = (const u8*)__ldg(table + (u32)f);
+    const u32 xr = per_slot ? s : s / k;
+    matvec_row<D>(w, row_bytes, x + (u64)xr * cols, ys, rows, r, cols, 1);
 }
 
 // The one-token product (n = 1), four output rows per warp: each run of x is loaded once
@@ -776,7 +811,7 @@ __device__ __forceinline__ void embed(const u8* __restrict__ w, u64 row_bytes, c
 
 // ------------------------------------------------------------------ entry points
 //
-// One set of three kernels per type tag (quant.rs `kernel_tag`), with C names so the
+// One set of kernels per type tag (quant.rs `kernel_tag`), with C names so the
 // host loads them by string.
 
 #define QUANT_KERNELS(TAG, DEC)                                                                                   \
@@ -789,6 +824,12 @@ __device__ __forceinline__ void embed(const u8* __restrict__ w, u64 row_bytes, c
         matvec4_##TAG(const u8* __restrict__ w, u64 row_bytes, const float* __restrict__ x, float* __restrict__ y, \
                       u32 rows, u32 cols) {                                                                       \
         matvec4<DEC>(w, row_bytes, x, y, rows, cols);                                                             \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(MATVEC_THREADS)                                                  \
+        moe_matvec_##TAG(const u64* __restrict__ table, const float* __restrict__ ids, u32 n_experts, u32 k,       \
+                         u32 per_slot, u64 row_bytes, const float* __restrict__ x, float* __restrict__ y, u32 rows, \
+                         u32 cols) {                                                                              \
+        moe_matvec<DEC>(table, ids, n_experts, k, per_slot, row_bytes, x, y, rows, cols);                         \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(256)                                                             \
         dequant_bf16_##TAG(const u8* __restrict__ w, u64 row_bytes, u16* __restrict__ out, u32 rows, u32 cols) {  \

@@ -1,9 +1,10 @@
 //! Quantized-weight kernels (`quant.cu`): for every [`WeightType`] a matrix-vector product
-//! (decode), a dequantization to bf16 (prefill GEMMs) and an embedding lookup.
+//! (decode), its gathered form for mixtures of experts, a dequantization to bf16 (prefill
+//! GEMMs) and an embedding lookup.
 //!
-//! Kernel names are `matvec_<tag>`, `dequant_bf16_<tag>` and `embed_<tag>`, with the tag
-//! from [`kernel_tag`] (`"q4_k"`, `"affine_b4_g64"`, ...). Signatures (C types) and launch
-//! contracts:
+//! Kernel names are `matvec_<tag>`, `matvec4_<tag>`, `moe_matvec_<tag>`,
+//! `dequant_bf16_<tag>` and `embed_<tag>`, with the tag from [`kernel_tag`] (`"q4_k"`,
+//! `"affine_b4_g64"`, ...). Signatures (C types) and launch contracts:
 //!
 //! * `matvec_<tag>(const unsigned char* w, unsigned long long row_bytes, const float* x,
 //!   float* y, unsigned int rows, unsigned int cols, unsigned int n)`:
@@ -13,6 +14,14 @@
 //!   whatever `n` is (the per-row arithmetic does not depend on it), so batching decode
 //!   tokens never changes a token's output. Accumulation is `f32` (FMA), so the result
 //!   differs from an exact dot product by ordinary rounding only.
+//! * `moe_matvec_<tag>(const unsigned long long* table, const float* ids,
+//!   unsigned int n_experts, unsigned int k, unsigned int per_slot,
+//!   unsigned long long row_bytes, const float* x, float* y, unsigned int rows,
+//!   unsigned int cols)`: the gathered product of a mixture of experts, for slot
+//!   `s = blockIdx.y`: `y[s * rows + r] = W_e[r] · x[xr]` with `e = ids[s]` (f32), `W_e` at
+//!   `table[e]`, `xr = s` when `per_slot`, else `s / k`; each (slot, row) is `matvec`'s row
+//!   body with one activation row (the same bits). Grid `(ceil(rows / 4), slots)`,
+//!   [`MATVEC_BLOCK`] threads. An id outside `0..n_experts` writes NaN.
 //! * `dequant_bf16_<tag>(const unsigned char* w, unsigned long long row_bytes,
 //!   unsigned short* out, unsigned int rows, unsigned int cols)`:
 //!   `out[r * cols + c] = bf16(W[r, c])`, rounded to nearest even (NaN stays NaN). Launch
@@ -91,6 +100,7 @@ pub fn kernel_names() -> Vec<String> {
             [
                 format!("matvec_{tag}"),
                 format!("matvec4_{tag}"),
+                format!("moe_matvec_{tag}"),
                 format!("dequant_bf16_{tag}"),
                 format!("embed_{tag}"),
             ]

@@ -1237,10 +1237,11 @@ impl<B: Backend> LanguageModel for Decoder<B> {
         // The layers as one recorded graph on a GPU, keyed by what their launches depend
         // on (the rows; the step's metadata is read from its buffers); never while taps
         // read activations.
-        // MoE layers route on the host on backends without MoE kernels (CUDA today):
-        // such a step cannot be recorded.
-        // Recurrent layers' grids depend on the number of sequences: not recorded either.
-        let key = (!tap.is_active() && n <= GRAPH_MAX_ROWS && sp.moe.is_none() && sp.recurrent.is_none())
+        // MoE layers route and gather on the device (CUDA: up to 64 rows, the most a
+        // recording takes; a backend op that must read back instead breaks the capture
+        // and the step runs eagerly).
+        // Recurrent layers' grids depend on the number of sequences: not recorded.
+        let key = (!tap.is_active() && n <= GRAPH_MAX_ROWS && sp.recurrent.is_none())
             .then_some((n as u64) << 1 | s.long_rope as u64);
         let mode = b.begin_graph(&mut s.step, key);
         if mode != GraphMode::Replay {

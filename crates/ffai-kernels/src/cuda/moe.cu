@@ -1,0 +1,258 @@
+// Mixture-of-experts kernels of the CUDA backend (and `clamp`): routing, per-expert
+// biases and the weighted combine, all on the device so an MoE step needs no host round
+// trip and can be recorded as a graph. The gathered expert products live beside the
+// dense ones they share their row bodies with (q8x.cu `moe_q8x_*` / `moe_half_*`, quant.cu
+// `moe_matvec_<tag>`). Header-free like the other sources.
+//
+// Each kernel mirrors its CPU op in ops.rs (`moe_route_with`, `moe_add_bias`,
+// `moe_combine`, f32::clamp) branch by branch; sums run in the CPU's order and every
+// multiply and add is spelled __fmul_rn / __fadd_rn so the compiler cannot fuse them into
+// an FMA the CPU does not do. Expert ids travel as f32 (exact below 2^24), as on the CPU.
+
+typedef unsigned char u8;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define FULL 0xFFFFFFFFu
+// ops::MAX_EXPERTS, ops::MAX_EXPERTS_PER_TOKEN.
+#define MOE_MAX_EXPERTS 1024
+#define MOE_MAX_K 64
+#define NONE 0xFFFFFFFFu
+
+// x = clamp(x, lo, hi) as f32::clamp: NaN stays NaN (fminf/fmaxf would replace it).
+extern "C" __global__ void clamp_inplace(float* x, float lo, float hi, u32 len) {
+    const u32 i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < len) {
+        float v = x[i];
+        if (v < lo) {
+            v = lo;
+        }
+        if (v > hi) {
+            v = hi;
+        }
+        x[i] = v;
+    }
+}
+
+// exp in f32 through the double-precision exp, rounded once: within half an ulp or so of
+// the exact value, as the host's libm expf is (the f32 expf of CUDA may be 2 ulp off), so
+// routing scores, and so the choices between close experts, agree with the CPU's.
+__device__ __forceinline__ float exp_f32(float x) { return (float)exp((double)x); }
+
+// The index the CPU's selection loop picks among the candidates (cand[i] != 0) of
+// v[0..m): it starts at the first candidate and moves to a later one only when that is
+// strictly greater. So: the first candidate if its value is NaN (nothing is greater than
+// NaN), else the lowest index of the largest non-NaN value. Whole warp; every lane
+// returns the same index (NONE when there is no candidate).
+__device__ u32 warp_select(const float* v, const u8* cand, u32 m) {
+    const u32 lane = threadIdx.x & 31;
+    u32 first = NONE, bi = NONE;
+    float bc = 0.0f;
+    for (u32 i = lane; i < m; i += 32) {
+        if (!cand[i]) {
+            continue;
+        }
+        if (first == NONE) {
+            first = i;
+        }
+        const float c = v[i];
+        if (c == c && (bi == NONE || c > bc)) {
+            bi = i;
+            bc = c;
+        }
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        first = min(first, __shfl_xor_sync(FULL, first, off));
+        const u32 oi = __shfl_xor_sync(FULL, bi, off);
+        const float oc = __shfl_xor_sync(FULL, bc, off);
+        if (oi != NONE && (bi == NONE || oc > bc || (oc == bc && oi < bi))) {
+            bi = oi;
+            bc = oc;
+        }
+    }
+    if (first == NONE) {
+        return NONE;
+    }
+    const float f = v[first];
+    return f != f ? first : bi;
+}
+
+// One token row per block of one warp (grid = n, block = 32): ops::moe_route_with.
+// scoring: 0 softmax over all experts, 1 sigmoid; group_score: 0 max, 1 sum of the two
+// largest; bias / expert_scale: 0 when absent. Writes ids[t * k + j] (as f32) and
+// weights[t * k + j], best first. The caller has checked MoeRouting::check.
+extern "C" __global__ void __launch_bounds__(32)
+    moe_route(const float* __restrict__ logits, u32 ne, u32 k, u32 scoring, u32 renormalize, float scale,
+              u32 n_groups, u32 topk_groups, u32 group_score, const float* __restrict__ bias,
+              const float* __restrict__ expert_scale, float* __restrict__ ids, float* __restrict__ weights) {
+    __shared__ float score[MOE_MAX_EXPERTS];
+    __shared__ float choice[MOE_MAX_EXPERTS];
+    __shared__ float gscore[MOE_MAX_EXPERTS];
+    __shared__ u8 cand[MOE_MAX_EXPERTS];
+    __shared__ u8 gcand[MOE_MAX_EXPERTS];
+    __shared__ u32 taken[MOE_MAX_K];
+    __shared__ float wts[MOE_MAX_K];
+    const u32 t = blockIdx.x;
+    const u32 lane = threadIdx.x;
+    const float* l = logits + (u64)t * ne;
+
+    if (scoring == 0) {
+        // max: f32::max ignores NaN, as fmaxf does (and the order does not matter).
+        float mx = -__int_as_float(0x7F800000);
+        for (u32 e = lane; e < ne; e += 32) {
+            mx = fmaxf(mx, l[e]);
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) {
+            mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, off));
+        }
+        for (u32 e = lane; e < ne; e += 32) {
+            score[e] = exp_f32(__fsub_rn(l[e], mx));
+        }
+        __syncwarp();
+        // The sum in index order, as the CPU adds it.
+        float inv = 0.0f;
+        if (lane == 0) {
+            float sum = 0.0f;
+            for (u32 e = 0; e < ne; ++e) {
+                sum = __fadd_rn(sum, score[e]);
+            }
+            inv = __fdiv_rn(1.0f, sum);
+        }
+        inv = __shfl_sync(FULL, inv, 0);
+        __syncwarp();
+        for (u32 e = lane; e < ne; e += 32) {
+            score[e] = __fmul_rn(score[e], inv);
+        }
+    } else {
+        for (u32 e = lane; e < ne; e += 32) {
+            score[e] = __fdiv_rn(1.0f, __fadd_rn(1.0f, exp_f32(-l[e])));
+        }
+    }
+    for (u32 e = lane; e < ne; e += 32) {
+        choice[e] = __fadd_rn(score[e], bias ? bias[e] : 0.0f);
+        cand[e] = 1;
+    }
+    __syncwarp();
+
+    if (n_groups > 1) {
+        const u32 gs = ne / n_groups;
+        for (u32 g = lane; g < n_groups; g += 32) {
+            const float* c = choice + g * gs;
+            float s;
+            if (group_score == 0) {
+                s = -__int_as_float(0x7F800000);
+                for (u32 i = 0; i < gs; ++i) {
+                    s = fmaxf(s, c[i]);
+                }
+            } else {
+                float a = -__int_as_float(0x7F800000), b = a;
+                for (u32 i = 0; i < gs; ++i) {
+                    const float x = c[i];
+                    if (x > a) {
+                        b = a;
+                        a = x;
+                    } else if (x > b) {
+                        b = x;
+                    }
+                }
+                // A group of one expert counts it once.
+                s = gs == 1 ? a : __fadd_rn(a, b);
+            }
+            gscore[g] = s;
+            gcand[g] = 1;
+        }
+        __syncwarp();
+        for (u32 i = 0; i < topk_groups; ++i) {
+            const u32 g = warp_select(gscore, gcand, n_groups);
+            __syncwarp();
+            if (lane == 0 && g != NONE) {
+                gcand[g] = 0;  // kept: no longer a candidate for the next pick
+            }
+            __syncwarp();
+        }
+        // Kept groups have gcand == 0; the others' experts are not allowed.
+        for (u32 e = lane; e < ne; e += 32) {
+            cand[e] = gcand[e / gs] ? 0 : 1;
+        }
+        __syncwarp();
+    }
+
+    for (u32 j = 0; j < k; ++j) {
+        const u32 best = warp_select(choice, cand, ne);
+        __syncwarp();
+        if (lane == 0) {
+            taken[j] = best;
+            wts[j] = best == NONE ? __int_as_float(0x7FC00000) : score[best];
+            if (best != NONE) {
+                cand[best] = 0;
+            }
+        }
+        __syncwarp();
+    }
+
+    if (lane == 0) {
+        if (renormalize) {
+            float s = -0.0f;
+            for (u32 j = 0; j < k; ++j) {
+                s = __fadd_rn(s, wts[j]);
+            }
+            const float inv = __fdiv_rn(1.0f, s);
+            for (u32 j = 0; j < k; ++j) {
+                wts[j] = __fmul_rn(wts[j], inv);
+            }
+        }
+        if (scale != 1.0f) {
+            for (u32 j = 0; j < k; ++j) {
+                wts[j] = __fmul_rn(wts[j], scale);
+            }
+        }
+        if (expert_scale) {
+            for (u32 j = 0; j < k; ++j) {
+                if (taken[j] != NONE) {
+                    wts[j] = __fmul_rn(wts[j], expert_scale[taken[j]]);
+                }
+            }
+        }
+    }
+    __syncwarp();
+    for (u32 j = lane; j < k; j += 32) {
+        ids[(u64)t * k + j] = taken[j] == NONE ? __int_as_float(0x7FC00000) : (float)taken[j];
+        weights[(u64)t * k + j] = wts[j];
+    }
+}
+
+// x[s * d + i] += biases[ids[s] * d + i] for `slots` slots (ops::moe_add_bias). An id
+// outside 0..n_experts (never written by moe_route) makes the slot's row NaN.
+extern "C" __global__ void moe_add_bias(float* x, const float* __restrict__ biases, const float* __restrict__ ids,
+                                        u32 slots, u32 d, u32 n_experts) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)slots * d) {
+        return;
+    }
+    const u32 s = (u32)(i / d), c = (u32)(i % d);
+    const float f = ids[s];
+    if (!(f >= 0.0f && f < (float)n_experts)) {
+        x[i] = __int_as_float(0x7FC00000);
+        return;
+    }
+    x[i] = __fadd_rn(x[i], biases[(u64)(u32)f * d + c]);
+}
+
+// out[t * d + i] = sum_j weights[t * k + j] * ys[(t * k + j) * d + i], j in slot order from
+// 0 (ops::moe_combine), each product and sum rounded as the CPU rounds them.
+extern "C" __global__ void moe_combine(const float* __restrict__ ys, const float* __restrict__ weights,
+                                       float* __restrict__ out, u32 n, u32 k, u32 d) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)n * d) {
+        return;
+    }
+    const u32 t = (u32)(i / d), c = (u32)(i % d);
+    float o = 0.0f;
+    for (u32 j = 0; j < k; ++j) {
+        const u64 s = (u64)t * k + j;
+        o = __fadd_rn(o, __fmul_rn(weights[s], ys[s * d + c]));
+    }
+    out[i] = o;
+}
