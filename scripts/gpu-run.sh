@@ -14,6 +14,8 @@
 #   quick    the same pp512/tg128 with two repetitions, no batched decode
 #   mvbench  candidate decode products against q8x.cu's (examples/cuda_mv_bench.rs)
 #   ab       ffai's decode (tg128 after 512) with the default and the older kernels
+#   parity0  every parity fixture on the GPU with the default kernels only
+#   moe      recorded MoE decode steps against eager ones (cuda_moe_graphs)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 NV=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))" 2>/dev/null)
@@ -73,10 +75,14 @@ for stage in "$@"; do
     for t in Q4_0 f16; do
       echo "== ffai $t"; $B/ffai bench -m /tmp/synth/$t.gguf --device cuda --prompt-tokens 512 --gen-tokens 128 --repetitions 2 2>&1 | tail -4 | tee -a "$out/ffai-bench.txt"
     done ;;
+  parity0)
+    echo "== parity on cuda (default kernels)"; $B/parity on_cuda --nocapture 2>&1 | tee -a "$out/parity.log" | grep -E "^test |panicked|test result|max" | tail -30 ;;
+  moe)
+    echo "== cuda_moe_graphs"; $B/cuda_moe_graphs --test-threads=1 2>&1 | tee -a "$out/moe.log" | grep -E "^test |panicked|test result" | tail -20 ;;
   mvbench)
     echo "== decode product candidates"; $B/cuda_mv_bench 2>&1 | tee -a "$out/mvbench.md" | tail -80 ;;
   ab)
-    for t in Q4_0 f16; do for u in 0 1; do
+    for t in ${AB_TYPES:-Q4_0 f16}; do for u in 0 1; do
       echo "== ffai $t FFAI_CUDA_OLDER_KERNELS=$u"; FFAI_CUDA_OLDER_KERNELS=$u timeout 120 $B/ffai bench -m /tmp/synth/$t.gguf --device cuda --prompt-tokens 512 --gen-tokens 128 --repetitions 2 2>&1 | tail -3 | tee -a "$out/ffai-ab.txt"
     done; done ;;
   bseq)

@@ -706,6 +706,7 @@ fn products_after_fused_quantization_equal_separate_quantization() {
             }
         }
     }
+}
 
 // ------------------------------------------------------------------ mixture of experts
 
