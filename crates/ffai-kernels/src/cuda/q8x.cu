@@ -744,9 +744,9 @@ MOE_Q8X_KERNEL(moe_q8x_q5_1, mv_legacy, K_Q5_1, 32)
 
 MOE_Q8X_KERNEL(moe_q8x_q8_0, mv_legacy, K_Q8_0, 32)
 
-MOE_Q8X_KERNEL(moe_q8x_q4_k, mv_kquant, false, 256)
+MOE_Q8X_KERNEL(moe_q8x_q4_k, mv_kquant, KQ(false, 1), 256)
 
-MOE_Q8X_KERNEL(moe_q8x_q6_k, mv_kquant, true, 256)
+MOE_Q8X_KERNEL(moe_q8x_q6_k, mv_kquant, KQ(true, 1), 256)
 
 extern "C" __global__ void __launch_bounds__(128) moe_half_f16(GPARTS, u64 row_bytes, const float* x, u32 cols) {
     GRow o;
