@@ -238,7 +238,10 @@ fn parse_line(model: &Model, line: &str, n: usize, chat: bool, defaults: &Genera
                 p.response_format = Some(ffai::constrain::ResponseFormat::Lark(g));
             }
             let names: Vec<String> = specs.iter().map(|t| t.name.clone()).collect();
-            (text, (offer && !names.is_empty()).then_some((tpl.format, reasoning, names)))
+            (
+                text,
+                (offer && !names.is_empty()).then_some((tpl.format, reasoning, names)),
+            )
         }
     };
     let prompt = model.encode(&text).map_err(|e| err(e.message().to_string()))?;

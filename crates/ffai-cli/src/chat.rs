@@ -60,8 +60,8 @@ impl ChatTools {
     fn load(path: &std::path::Path, choice: Option<&str>, tok: &ffai::tokenizer::Tokenizer) -> Result<ChatTools> {
         let shown = path.display();
         let text = std::fs::read_to_string(path).map_err(|e| Error::new(format!("--tools {shown}: {e}")))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::new(format!("--tools {shown}: invalid JSON: {e}")))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::new(format!("--tools {shown}: invalid JSON: {e}")))?;
         let bad = |e: Error| Error::new(format!("--tools {shown}: {}", e.message().replace('\n', " ")));
         let specs = tools::parse_tools(&v).map_err(bad)?;
         if specs.is_empty() {
@@ -285,7 +285,6 @@ pub fn cmd_chat(a: ChatArgs) -> Result<()> {
     Ok(())
 }
 
-
 /// What one reply of the model came to.
 enum Reply {
     Answered,
@@ -384,7 +383,12 @@ impl Turn<'_> {
             conv.push(Message::assistant(out.text));
             return Ok(Reply::Answered);
         };
-        let names: Vec<&str> = self.tools.into_iter().flat_map(|t| &t.specs).map(|t| t.name.as_str()).collect();
+        let names: Vec<&str> = self
+            .tools
+            .into_iter()
+            .flat_map(|t| &t.specs)
+            .map(|t| t.name.as_str())
+            .collect();
         // A forced call's reasoning block comes first; the calls are read from the rest.
         let head = reasoning.extent(&out.text).unwrap_or(out.text.len());
         let parsed = format.parse(&out.text[head..], &names).filter(|p| !p.calls.is_empty());
@@ -397,7 +401,10 @@ impl Turn<'_> {
             return Ok(Reply::Answered);
         };
         // The text before the calls that did not go out yet, then each call.
-        let content = format.parse(&answer, &names).and_then(|p| p.content).unwrap_or_default();
+        let content = format
+            .parse(&answer, &names)
+            .and_then(|p| p.content)
+            .unwrap_or_default();
         let rest = content.get(shown..).unwrap_or("");
         if shown > 0 || !rest.is_empty() {
             let _ = writeln!(stdout, "{rest}");

@@ -271,7 +271,10 @@ fn shown_calls(stdout: &str) -> Vec<(String, serde_json::Value)> {
         .filter_map(|l| l.strip_prefix("[tool call] "))
         .map(|l| {
             let (name, args) = l.split_once(' ').unwrap();
-            (name.to_string(), serde_json::from_str(args).unwrap_or_else(|e| panic!("{l}: {e}")))
+            (
+                name.to_string(),
+                serde_json::from_str(args).unwrap_or_else(|e| panic!("{l}: {e}")),
+            )
         })
         .collect()
 }
@@ -303,8 +306,15 @@ fn chat_with_tools_shows_forced_calls_and_reads_their_results() {
         // reply reusing the first prompt's cache.
         let asked = err.lines().filter(|l| l.starts_with("(the result of ")).count();
         assert!(asked >= calls.len().min(results), "{err}");
-        assert!(err.contains(&format!("(the result of {called}: one line of text or JSON)")), "{err}");
-        let stats: Vec<Stats> = err.lines().filter(|l| l.starts_with("[prompt")).map(parse_stats).collect();
+        assert!(
+            err.contains(&format!("(the result of {called}: one line of text or JSON)")),
+            "{err}"
+        );
+        let stats: Vec<Stats> = err
+            .lines()
+            .filter(|l| l.starts_with("[prompt"))
+            .map(parse_stats)
+            .collect();
         assert!(stats.len() >= 2, "{choice}: {err}");
         assert!(stats[1].prompt > stats[0].prompt, "{err}");
         assert!(stats[1].reused >= stats[0].prompt, "{err}");
@@ -334,14 +344,25 @@ fn chat_with_bad_tools_is_a_one_line_error() {
             &[][..],
             "tools[0] (\"f\")",
         ),
-        (WEATHER_TOOLS, &["--tool-choice", "nope"][..], "\"nope\", which is not in \"tools\""),
-        (WEATHER_TOOLS, &["--tool-choice", "required", "--json-object"][..], "cannot be combined"),
+        (
+            WEATHER_TOOLS,
+            &["--tool-choice", "nope"][..],
+            "\"nope\", which is not in \"tools\"",
+        ),
+        (
+            WEATHER_TOOLS,
+            &["--tool-choice", "required", "--json-object"][..],
+            "cannot be combined",
+        ),
     ] {
         let (ok, out, err) = chat_with_tools(tools, extra, "hello\n");
         assert!(!ok, "{tools} {extra:?}: {out}");
         let lines: Vec<&str> = err.lines().collect();
         assert_eq!(lines.len(), 1, "{tools} {extra:?}: {err}");
-        assert!(lines[0].starts_with("error: ") && lines[0].contains(want), "{tools} {extra:?}: {err}");
+        assert!(
+            lines[0].starts_with("error: ") && lines[0].contains(want),
+            "{tools} {extra:?}: {err}"
+        );
     }
     // A missing file, and a choice without tools.
     for args in [

@@ -229,7 +229,11 @@ pub async fn chat_completions(State(st): St, body: Body) -> Result<Response, Api
             format: tpl.format,
             names: tools.tools.iter().map(|t| t.name.clone()).collect(),
             forced,
-            reasoning: if forced { tpl.reasoning } else { ffai::tools::Reasoning::None },
+            reasoning: if forced {
+                tpl.reasoning
+            } else {
+                ffai::tools::Reasoning::None
+            },
         });
         Ok::<_, ApiError>((ids, ctx.filter(|c| !c.names.is_empty()), grammar))
     })

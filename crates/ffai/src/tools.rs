@@ -172,9 +172,7 @@ impl Reasoning {
         if !text.starts_with(open) {
             return if open.starts_with(text) { None } else { Some(0) };
         }
-        text[open.len()..]
-            .find(close)
-            .map(|at| open.len() + at + close.len())
+        text[open.len()..].find(close).map(|at| open.len() + at + close.len())
     }
 
     /// A whole output split into its reasoning (the block's text without its tags, `None`

@@ -101,8 +101,24 @@ fn forced_calls_in_every_format_parse_and_validate() {
         }
     }
     // No grammar for the choices that force nothing.
-    assert!(tools::grammar(ToolFormat::Hermes, Reasoning::None, &tools, &ToolChoice::Auto, true, &m.tokenizer).is_none());
-    assert!(tools::grammar(ToolFormat::Hermes, Reasoning::None, &tools, &ToolChoice::None, true, &m.tokenizer).is_none());
+    assert!(tools::grammar(
+        ToolFormat::Hermes,
+        Reasoning::None,
+        &tools,
+        &ToolChoice::Auto,
+        true,
+        &m.tokenizer
+    )
+    .is_none());
+    assert!(tools::grammar(
+        ToolFormat::Hermes,
+        Reasoning::None,
+        &tools,
+        &ToolChoice::None,
+        true,
+        &m.tokenizer
+    )
+    .is_none());
 }
 
 #[test]
@@ -298,7 +314,15 @@ fn measure_forced_call_cost_per_token() {
         .render_chat_tools(&[Message::user("Write a long note about the sea.")], &tools, true)
         .unwrap();
     let ids = m.encode(&prompt).unwrap();
-    let g = tools::grammar(ToolFormat::Hermes, Reasoning::None, &tools, &ToolChoice::Required, false, &m.tokenizer).unwrap();
+    let g = tools::grammar(
+        ToolFormat::Hermes,
+        Reasoning::None,
+        &tools,
+        &ToolChoice::Required,
+        false,
+        &m.tokenizer,
+    )
+    .unwrap();
     let per_token = |o: &ffai::GenerationOutput| o.decode_seconds * 1e3 / o.decode_steps.max(1) as f64;
     // End to end, the best of five alternating rounds each (the machine is shared).
     let (mut best_forced, mut best_free, mut tokens) = (f64::MAX, f64::MAX, Vec::new());
@@ -368,7 +392,15 @@ fn measure_compile_time_of_many_tools() {
     tools::check_schemas(&tools, &m.tokenizer).unwrap();
     println!("check_schemas: {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
     let t = std::time::Instant::now();
-    let g = tools::grammar(ToolFormat::Hermes, Reasoning::None, &tools, &ToolChoice::Required, true, &m.tokenizer).unwrap();
+    let g = tools::grammar(
+        ToolFormat::Hermes,
+        Reasoning::None,
+        &tools,
+        &ToolChoice::Required,
+        true,
+        &m.tokenizer,
+    )
+    .unwrap();
     let mut c = ffai::constrain::Constraint::new(&m.tokenizer, &ResponseFormat::Lark(g)).unwrap();
     let mut logits = vec![0f32; m.tokenizer.vocab_size()];
     c.mask(&mut logits).unwrap();
@@ -416,7 +448,7 @@ fn allowed(c: &mut ffai::constrain::Constraint, n: usize) -> Vec<u32> {
 
 /// Feeds `pieces` (a marker's text as its single token when `m` is set, else text as
 /// byte tokens) through the grammar, each token checked against the mask; returns the
-/// ids and whether the grammar is complete after them.
+/// ids and whether the output may end after them.
 fn drive(tok: &ffai::Tokenizer, g: &str, pieces: &[(bool, &str)]) -> (Vec<u32>, bool) {
     let mut c = ffai::constrain::Constraint::new(tok, &ResponseFormat::Lark(g.to_string())).unwrap();
     let mut ids = Vec::new();
@@ -429,12 +461,21 @@ fn drive(tok: &ffai::Tokenizer, g: &str, pieces: &[(bool, &str)]) -> (Vec<u32>, 
         };
         for id in piece_ids {
             let ok = allowed(&mut c, tok.vocab_size());
-            assert!(ok.contains(&id), "{text:?}: {id} not allowed after {:?}", tok.decode(&ids));
+            assert!(
+                ok.contains(&id),
+                "{text:?}: {id} not allowed after {:?}",
+                tok.decode(&ids)
+            );
             c.advance(id).unwrap();
             ids.push(id);
         }
     }
-    (ids, c.is_complete())
+    // Complete: the grammar stopped, or the end of generation may come now.
+    let end = c.is_complete() || {
+        let next = allowed(&mut c, tok.vocab_size());
+        next.iter().any(|id| tok.eog_ids().contains(id))
+    };
+    (ids, end)
 }
 
 #[test]
@@ -451,7 +492,13 @@ fn forced_calls_emit_special_markers_as_single_tokens_and_parse_back() {
             (
                 ToolFormat::Hermes,
                 Reasoning::None,
-                vec![(true, "<tool_call>"), (false, head), (false, args), (false, "}\n"), (true, "</tool_call>")],
+                vec![
+                    (true, "<tool_call>"),
+                    (false, head),
+                    (false, args),
+                    (false, "}\n"),
+                    (true, "</tool_call>"),
+                ],
                 None,
             ),
             (
@@ -488,13 +535,23 @@ fn forced_calls_emit_special_markers_as_single_tokens_and_parse_back() {
             (
                 ToolFormat::Mistral,
                 Reasoning::None,
-                vec![(true, "[TOOL_CALLS]"), (false, " [{\"name\": \"get_weather\", \"arguments\": "), (false, args), (false, "}]")],
+                vec![
+                    (true, "[TOOL_CALLS]"),
+                    (false, " [{\"name\": \"get_weather\", \"arguments\": "),
+                    (false, args),
+                    (false, "}]"),
+                ],
                 None,
             ),
             (
                 ToolFormat::Granite,
                 Reasoning::None,
-                vec![(true, "<|tool_call|>"), (false, "[{\"name\": \"get_weather\", \"arguments\": "), (false, args), (false, "}]")],
+                vec![
+                    (true, "<|tool_call|>"),
+                    (false, "[{\"name\": \"get_weather\", \"arguments\": "),
+                    (false, args),
+                    (false, "}]"),
+                ],
                 None,
             ),
             (
@@ -526,10 +583,16 @@ fn forced_calls_emit_special_markers_as_single_tokens_and_parse_back() {
             let text = tok.decode(&ids);
             let (r, answer) = reasoning.split(&text);
             assert_eq!(r, thought, "{what}: {text:?}");
-            let p = format.parse(answer, &names).unwrap_or_else(|| panic!("{what}: {text:?}"));
+            let p = format
+                .parse(answer, &names)
+                .unwrap_or_else(|| panic!("{what}: {text:?}"));
             assert_eq!(p.content, None, "{what}");
             assert_eq!(p.calls.len(), 1, "{what}");
-            assert_eq!((p.calls[0].name.as_str(), p.calls[0].arguments.as_str()), ("get_weather", args), "{what}");
+            assert_eq!(
+                (p.calls[0].name.as_str(), p.calls[0].arguments.as_str()),
+                ("get_weather", args),
+                "{what}"
+            );
             check_call(&p.calls[0], &tools);
         }
         // Where a special marker must come next it is the only choice: the grammar never
@@ -540,9 +603,20 @@ fn forced_calls_emit_special_markers_as_single_tokens_and_parse_back() {
             let mut c = ffai::constrain::Constraint::new(&tok, &ResponseFormat::Lark(g)).unwrap();
             allowed(&mut c, tok.vocab_size())
         };
-        assert_eq!(first(ToolFormat::Mistral, Reasoning::None), vec![marker_id(&tok, "[TOOL_CALLS]")]);
-        assert_eq!(first(ToolFormat::Granite, Reasoning::None), vec![marker_id(&tok, "<|tool_call|>")]);
-        assert_eq!(first(ToolFormat::Harmony, Reasoning::Analysis), vec![marker_id(&tok, "<|channel|>")]);
+        assert_eq!(
+            first(ToolFormat::Mistral, Reasoning::None),
+            vec![marker_id(&tok, "[TOOL_CALLS]")]
+        );
+        assert_eq!(
+            first(ToolFormat::Granite, Reasoning::None),
+            vec![marker_id(&tok, "<|tool_call|>")]
+        );
+        // Harmony's `<|channel|>` is rendered as text, as llama.cpp does (ffai's tokenizer
+        // demotes it from special): the added token or its spelling. Its `<|end|>`, which
+        // closes the analysis message, stays special and was forced as one token above.
+        let harmony = first(ToolFormat::Harmony, Reasoning::Analysis);
+        assert!(harmony.contains(&marker_id(&tok, "<|channel|>")), "{harmony:?}");
+        assert!(tok.is_special(marker_id(&tok, "<|end|>")));
         let hermes = first(ToolFormat::Hermes, Reasoning::None);
         let think = first(ToolFormat::Hermes, Reasoning::Think);
         let (call, open) = (marker_id(&tok, "<tool_call>"), marker_id(&tok, "<think>"));
@@ -572,7 +646,15 @@ fn forced_calls_may_reason_first_on_smollm2() {
         (Reasoning::Think, out),
         (Reasoning::ThinkOpen, out.strip_prefix("<think>").unwrap()),
     ] {
-        let g = tools::grammar(ToolFormat::Hermes, reasoning, &tools, &ToolChoice::Required, true, &m.tokenizer).unwrap();
+        let g = tools::grammar(
+            ToolFormat::Hermes,
+            reasoning,
+            &tools,
+            &ToolChoice::Required,
+            true,
+            &m.tokenizer,
+        )
+        .unwrap();
         let mut c = ffai::constrain::Constraint::new(&m.tokenizer, &ResponseFormat::Lark(g)).unwrap();
         let ids = m.tokenizer.encode(text, false).unwrap();
         for &id in &ids {
@@ -581,7 +663,10 @@ fn forced_calls_may_reason_first_on_smollm2() {
         }
         // Complete: only the end (or another call) may follow.
         let next = allowed(&mut c, m.tokenizer.vocab_size());
-        assert!(next.iter().any(|id| m.tokenizer.eog_ids().contains(id)), "{reasoning:?}");
+        assert!(
+            next.iter().any(|id| m.tokenizer.eog_ids().contains(id)),
+            "{reasoning:?}"
+        );
         let (r, answer) = reasoning.split(text);
         assert_eq!(r, Some("\nThe user wants the weather; I call get_weather.\n"));
         let p = ToolFormat::Hermes.parse(answer, &names).unwrap();
@@ -589,7 +674,15 @@ fn forced_calls_may_reason_first_on_smollm2() {
         check_call(&p.calls[0], &tools);
     }
     // Without a reasoning block allowed (thinking switched off), `<think>` is refused.
-    let g = tools::grammar(ToolFormat::Hermes, Reasoning::None, &tools, &ToolChoice::Required, true, &m.tokenizer).unwrap();
+    let g = tools::grammar(
+        ToolFormat::Hermes,
+        Reasoning::None,
+        &tools,
+        &ToolChoice::Required,
+        true,
+        &m.tokenizer,
+    )
+    .unwrap();
     let mut c = ffai::constrain::Constraint::new(&m.tokenizer, &ResponseFormat::Lark(g)).unwrap();
     let ids = m.tokenizer.encode("<think>", false).unwrap();
     let mut refused = false;
@@ -607,7 +700,15 @@ fn forced_calls_may_reason_first_on_smollm2() {
         .render_chat_tools(&[Message::user("What is the weather in Paris?")], &tools, true)
         .unwrap();
     let ids = m.encode(&prompt).unwrap();
-    let g = tools::grammar(ToolFormat::Hermes, Reasoning::Think, &tools, &ToolChoice::Required, false, &m.tokenizer).unwrap();
+    let g = tools::grammar(
+        ToolFormat::Hermes,
+        Reasoning::Think,
+        &tools,
+        &ToolChoice::Required,
+        false,
+        &m.tokenizer,
+    )
+    .unwrap();
     let params = GenerationParameters {
         max_tokens: 200,
         temperature: 0.0,
