@@ -478,6 +478,9 @@ fn drive(tok: &ffai::Tokenizer, g: &str, pieces: &[(bool, &str)]) -> (Vec<u32>, 
     (ids, end)
 }
 
+/// An output as (marker, text) pieces (see [`drive`]).
+type Pieces<'a> = Vec<(bool, &'a str)>;
+
 #[test]
 fn forced_calls_emit_special_markers_as_single_tokens_and_parse_back() {
     let tools = tool_list();
@@ -488,7 +491,7 @@ fn forced_calls_emit_special_markers_as_single_tokens_and_parse_back() {
         let tok = marker_tokenizer(special);
         let choice = ToolChoice::Named("get_weather".into());
         // Each format (and reasoning block) with its markers as single tokens.
-        let cases: Vec<(ToolFormat, Reasoning, Vec<(bool, &str)>, Option<&str>)> = vec![
+        let cases: Vec<(ToolFormat, Reasoning, Pieces, Option<&str>)> = vec![
             (
                 ToolFormat::Hermes,
                 Reasoning::None,
