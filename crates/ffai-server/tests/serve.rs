@@ -1298,7 +1298,10 @@ fn thinking_model() -> PathBuf {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/chat/qwen3.jinja"),
     )
     .unwrap();
-    let opened = qwen3.replace("'<|im_start|>assistant\\n' }}", "'<|im_start|>assistant\\n<think>\\n' }}");
+    let opened = qwen3.replace(
+        "'<|im_start|>assistant\\n' }}",
+        "'<|im_start|>assistant\\n<think>\\n' }}",
+    );
     assert_ne!(opened, qwen3);
     std::fs::write(dir.join("chat_template.jinja"), opened).unwrap();
     dir
