@@ -102,8 +102,9 @@ const KEYS: &[&str] = &[
 struct Job {
     prompt: Vec<u32>,
     params: GenerationParameters,
-    /// Offered tools: the format to read calls in and the offered names.
-    tools: Option<(ffai::tools::ToolFormat, Vec<String>)>,
+    /// Offered tools: the format to read calls in, the reasoning block a forced call may
+    /// start with (left out of "content"), and the offered names.
+    tools: Option<(ffai::tools::ToolFormat, ffai::tools::Reasoning, Vec<String>)>,
 }
 
 /// Parses and checks one line (1-based `n` for messages); errors name the line.
@@ -223,7 +224,12 @@ fn parse_line(model: &Model, line: &str, n: usize, chat: bool, defaults: &Genera
             let (text, tpl) = model
                 .render_chat_tools(&msgs, &specs, offer)
                 .map_err(|e| err(e.message().to_string()))?;
-            if let Some(g) = ffai::tools::grammar(tpl.format, &specs, &choice, parallel, &model.tokenizer) {
+            let forced = ffai::tools::grammar(tpl.format, tpl.reasoning, &specs, &choice, parallel, &model.tokenizer);
+            let reasoning = match forced {
+                Some(_) => tpl.reasoning,
+                None => ffai::tools::Reasoning::None,
+            };
+            if let Some(g) = forced {
                 if p.response_format.is_some() {
                     return Err(err(
                         "a forced tool call (\"tool_choice\" \"required\" or a function) cannot be combined with a response format".into(),
@@ -232,7 +238,10 @@ fn parse_line(model: &Model, line: &str, n: usize, chat: bool, defaults: &Genera
                 p.response_format = Some(ffai::constrain::ResponseFormat::Lark(g));
             }
             let names: Vec<String> = specs.iter().map(|t| t.name.clone()).collect();
-            (text, (offer && !names.is_empty()).then_some((tpl.format, names)))
+            (
+                text,
+                (offer && !names.is_empty()).then_some((tpl.format, reasoning, names)),
+            )
         }
     };
     let prompt = model.encode(&text).map_err(|e| err(e.message().to_string()))?;
@@ -364,11 +373,13 @@ pub fn cmd_batch(a: BatchArgs) -> Result<()> {
             "prompt_tokens": c.prompt_tokens,
             "completion_tokens": c.token_ids.len(),
         });
-        if let Some((format, names)) = &offered[i] {
+        if let Some((format, reasoning, names)) = &offered[i] {
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
             // Calls as the OpenAI API gives them (ids numbered by line and call, so a
-            // rerun gives the same file); "content" is the text before them.
-            match format.parse(&c.text, &names).filter(|p| !p.calls.is_empty()) {
+            // rerun gives the same file); "content" is the text before them, a forced
+            // call's reasoning block left out ("text" has it).
+            let answer = reasoning.split(&c.text).1;
+            match format.parse(answer, &names).filter(|p| !p.calls.is_empty()) {
                 Some(p) => {
                     let calls: Vec<Value> = p
                         .calls
@@ -384,7 +395,7 @@ pub fn cmd_batch(a: BatchArgs) -> Result<()> {
                     line["finish_reason"] = json!("tool_calls");
                 }
                 None => {
-                    line["content"] = json!(c.text);
+                    line["content"] = json!(answer);
                     line["tool_calls"] = json!([]);
                 }
             }

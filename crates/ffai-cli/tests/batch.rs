@@ -279,3 +279,112 @@ fn batch_lines_take_their_own_response_format() {
         "line 2: invalid response format",
     );
 }
+
+/// SmolLM2 as HF directories (8-bit) that speak through Qwen3's chat template (same
+/// `<|im_start|>` turn tokens), so that its forced calls may think first: Qwen3's own
+/// (the block optional) and a thinking-only variant whose generation prompt opens the
+/// block, as Qwen3's "Thinking-2507" templates do (the block required).
+fn smollm2_with_qwen3_templates(dir: &std::path::Path) -> [String; 2] {
+    let out = dir.join("smollm2-qwen3");
+    let r = ffai(&[
+        "convert",
+        &smollm2(),
+        "--bits",
+        "8",
+        "--quantizer",
+        "minmax",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let qwen3 = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/chat/qwen3.jinja"),
+    )
+    .unwrap();
+    std::fs::write(out.join("chat_template.jinja"), &qwen3).unwrap();
+    let thinking = dir.join("smollm2-qwen3-thinking");
+    std::fs::create_dir_all(&thinking).unwrap();
+    for f in std::fs::read_dir(&out).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::hard_link(&f, thinking.join(f.file_name().unwrap())).unwrap();
+    }
+    let opened = qwen3.replace(
+        "'<|im_start|>assistant\\n' }}",
+        "'<|im_start|>assistant\\n<think>\\n' }}",
+    );
+    assert_ne!(opened, qwen3);
+    std::fs::remove_file(thinking.join("chat_template.jinja")).unwrap();
+    std::fs::write(thinking.join("chat_template.jinja"), opened).unwrap();
+    [out.display().to_string(), thinking.display().to_string()]
+}
+
+/// A forced call under a template that thinks first: the think block may (or must) come
+/// before the call, greedy or sampled; it is in "text" but never in "content" or the
+/// calls, and a block cut off by max_tokens leaves an empty content.
+#[test]
+fn batch_forced_calls_keep_reasoning_out_of_content() {
+    let dir = temp_dir("batch-think");
+    let tools = r#"[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}}}]"#
+        .replace('\n', " ");
+    let ask = r#"[{"role": "user", "content": "What is the weather in Paris? Think first."}]"#;
+    let mut input = String::new();
+    for seed in 0..6 {
+        input += &format!(
+            "{{\"messages\": {ask}, \"tools\": {tools}, \"tool_choice\": \"required\", \"parallel_tool_calls\": false, \"max_tokens\": 120, \"temperature\": {}, \"seed\": {seed}}}\n",
+            if seed == 0 { 0.0 } else { 1.0 }
+        );
+    }
+    let input = write(&dir, "in.jsonl", &input);
+    let mut called = 0;
+    for (k, model) in smollm2_with_qwen3_templates(&dir).iter().enumerate() {
+        let opened = k == 1;
+        let output = dir.join(format!("out{k}.jsonl"));
+        let out = ffai(&[
+            "batch",
+            "-m",
+            model,
+            "--input",
+            &input,
+            "--output",
+            output.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&output)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 6);
+        for l in &lines {
+            let text = l["text"].as_str().unwrap();
+            let content = l["content"].as_str().unwrap_or("");
+            assert!(!content.contains("think>"), "{l}");
+            if l["finish_reason"] == "tool_calls" {
+                called += 1;
+                assert!(l["content"].is_null(), "{l}");
+                let call = &l["tool_calls"][0]["function"];
+                assert_eq!(call["name"], "get_weather", "{l}");
+                let args: serde_json::Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+                assert!(args["city"].is_string(), "{l}");
+                // Whatever came before the call is the reasoning block.
+                let head = &text[..text.find("<tool_call>").unwrap()];
+                if opened {
+                    assert!(head.ends_with("</think>\n\n") && !head.contains("<think>"), "{l}");
+                } else {
+                    assert!(
+                        head.is_empty() || (head.starts_with("<think>") && head.ends_with("</think>\n\n")),
+                        "{l}"
+                    );
+                }
+            } else {
+                // Cut off by max_tokens inside the block: all of it is reasoning.
+                assert_eq!(l["finish_reason"], "length", "{l}");
+                assert!(!text.contains("</think>"), "{l}");
+                assert!(opened || text.starts_with("<think>"), "{l}");
+                assert_eq!(content, "", "{l}");
+            }
+        }
+    }
+    assert!(called > 0);
+}

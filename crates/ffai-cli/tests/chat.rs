@@ -225,3 +225,159 @@ fn generate_json_reports_reasoning_and_answer_apart() {
     assert_eq!(j["reasoning_tokens"], 0);
     assert_eq!(j["answer_tokens"], j["generated_ids"].as_array().unwrap().len());
 }
+
+const WEATHER_TOOLS: &str = r#"[{"type": "function", "function": {"name": "get_weather",
+  "description": "The current weather in a city.",
+  "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+    "required": ["city"]}}},
+ {"type": "function", "function": {"name": "search", "description": "Search the web.",
+  "parameters": {"type": "object", "properties": {"query": {"type": "string", "maxLength": 30}},
+    "required": ["query"]}}}]"#;
+
+/// `ffai chat --tools` with stdin piped: (exit success, stdout, stderr).
+fn chat_with_tools(tools: &str, extra: &[&str], input: &str) -> (bool, String, String) {
+    use std::io::Write;
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("ffai-chat-tools-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tools.json");
+    std::fs::write(&file, tools).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ffai"))
+        .args(["chat", "-m", &smollm2(), "--temperature", "0", "--max-tokens", "60"])
+        .arg("--tools")
+        .arg(&file)
+        .args(extra)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The program may exit (a bad flag) before reading anything.
+    let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
+    let out = child.wait_with_output().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The calls shown on stdout: (name, arguments as JSON).
+fn shown_calls(stdout: &str) -> Vec<(String, serde_json::Value)> {
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("[tool call] "))
+        .map(|l| {
+            let (name, args) = l.split_once(' ').unwrap();
+            (
+                name.to_string(),
+                serde_json::from_str(args).unwrap_or_else(|e| panic!("{l}: {e}")),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn chat_with_tools_shows_forced_calls_and_reads_their_results() {
+    // A named function is called once; "required" may make parallel calls (greedy
+    // SmolLM2 makes two), each result its own line.
+    let result = "{\"temp_c\": 21, \"sky\": \"clear\"}\n";
+    for (choice, name, results) in [("get_weather", "get_weather", 1), ("required", "", 2)] {
+        let input = format!("What is the weather in Paris?\n{}", result.repeat(results));
+        let (ok, out, err) = chat_with_tools(WEATHER_TOOLS, &["--tool-choice", choice], &input);
+        assert!(ok, "{choice}: {err}");
+        let calls = shown_calls(&out);
+        // The forced first reply is a call (the named one), with arguments valid for
+        // its schema.
+        assert!(!calls.is_empty(), "{choice}: {out}");
+        let (called, args) = &calls[0];
+        if !name.is_empty() {
+            assert_eq!(called, name, "{out}");
+        }
+        match called.as_str() {
+            "get_weather" => assert!(args["city"].is_string(), "{out}"),
+            "search" => assert!(args["query"].is_string(), "{out}"),
+            other => panic!("{choice}: called {other}: {out}"),
+        }
+        assert_eq!(args.as_object().unwrap().len(), 1, "{out}");
+        // Its result was asked for and read, and the model went on from it: a second
+        // reply reusing the first prompt's cache.
+        let asked = err.lines().filter(|l| l.starts_with("(the result of ")).count();
+        assert!(asked >= calls.len().min(results), "{err}");
+        assert!(
+            err.contains(&format!("(the result of {called}: one line of text or JSON)")),
+            "{err}"
+        );
+        let stats: Vec<Stats> = err
+            .lines()
+            .filter(|l| l.starts_with("[prompt"))
+            .map(parse_stats)
+            .collect();
+        assert!(stats.len() >= 2, "{choice}: {err}");
+        assert!(stats[1].prompt > stats[0].prompt, "{err}");
+        assert!(stats[1].reused >= stats[0].prompt, "{err}");
+        // No raw call syntax on the screen.
+        assert!(!out.contains("<tool_call>"), "{out}");
+    }
+    // "none": no tools offered, a plain answer.
+    let (ok, out, err) = chat_with_tools(WEATHER_TOOLS, &["--tool-choice", "none"], "Name a color.\n");
+    assert!(ok, "{err}");
+    assert!(shown_calls(&out).is_empty(), "{out}");
+    assert_eq!(err.lines().filter(|l| l.starts_with("[prompt")).count(), 1, "{err}");
+}
+
+#[test]
+fn chat_with_bad_tools_is_a_one_line_error() {
+    for (tools, extra, want) in [
+        ("[{\"type\": \"function\"", &[][..], "invalid JSON"),
+        ("{\"tools\": []}", &[][..], "\"tools\" must be a list"),
+        ("[]", &[][..], "the list is empty"),
+        (
+            "[{\"type\": \"function\", \"function\": {\"name\": \"a b\"}}]",
+            &[][..],
+            "tools[0].function.name",
+        ),
+        (
+            "[{\"type\": \"function\", \"function\": {\"name\": \"f\", \"parameters\": {\"type\": \"no-such-type\"}}}]",
+            &[][..],
+            "tools[0] (\"f\")",
+        ),
+        (
+            WEATHER_TOOLS,
+            &["--tool-choice", "nope"][..],
+            "\"nope\", which is not in \"tools\"",
+        ),
+        (
+            WEATHER_TOOLS,
+            &["--tool-choice", "required", "--json-object"][..],
+            "cannot be combined",
+        ),
+    ] {
+        let (ok, out, err) = chat_with_tools(tools, extra, "hello\n");
+        assert!(!ok, "{tools} {extra:?}: {out}");
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 1, "{tools} {extra:?}: {err}");
+        assert!(
+            lines[0].starts_with("error: ") && lines[0].contains(want),
+            "{tools} {extra:?}: {err}"
+        );
+    }
+    // A missing file, and a choice without tools.
+    for args in [
+        &["--tools", "/nonexistent/tools.json"][..],
+        &["--tool-choice", "required"][..],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ffai"))
+            .args(["chat", "-m", &smollm2()])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("error: "), "{args:?}: {err}");
+    }
+}

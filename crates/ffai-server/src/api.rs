@@ -150,13 +150,27 @@ pub(crate) struct ToolCtx {
     /// The call is forced by a grammar (`tool_choice` "required" or a named function):
     /// its text is known to parse, so a stream sends its arguments as they are written.
     forced: bool,
+    /// The reasoning block a forced call's grammar lets the model write first (None
+    /// unless forced). It is neither content nor calls: the API has no field for it, so
+    /// it is left out of the message.
+    reasoning: ffai::tools::Reasoning,
 }
 
 impl ToolCtx {
-    /// The calls in a whole output, or None (then it is all content).
+    /// A whole output less its reasoning block.
+    fn answer<'a>(&self, text: &'a str) -> &'a str {
+        self.reasoning.split(text).1
+    }
+
+    /// The calls in a whole output, or None (then its answer is all content).
     fn parse(&self, text: &str) -> Option<ffai::tools::Parsed> {
+        self.parse_answer(self.answer(text))
+    }
+
+    /// The calls in an output's answer (what follows its reasoning block).
+    fn parse_answer(&self, answer: &str) -> Option<ffai::tools::Parsed> {
         let names: Vec<&str> = self.names.iter().map(String::as_str).collect();
-        self.format.parse(text, &names).filter(|p| !p.calls.is_empty())
+        self.format.parse(answer, &names).filter(|p| !p.calls.is_empty())
     }
 }
 
@@ -202,11 +216,24 @@ pub async fn chat_completions(State(st): St, body: Body) -> Result<Response, Api
         let ids = model
             .encode(&text)
             .map_err(|e| ApiError::bad_field("messages", e.message().to_string()))?;
-        let grammar = ffai::tools::grammar(tpl.format, &tools.tools, &tools.choice, tools.parallel, tok);
+        let grammar = ffai::tools::grammar(
+            tpl.format,
+            tpl.reasoning,
+            &tools.tools,
+            &tools.choice,
+            tools.parallel,
+            tok,
+        );
+        let forced = grammar.is_some();
         let ctx = offer.then(|| ToolCtx {
             format: tpl.format,
             names: tools.tools.iter().map(|t| t.name.clone()).collect(),
-            forced: grammar.is_some(),
+            forced,
+            reasoning: if forced {
+                tpl.reasoning
+            } else {
+                ffai::tools::Reasoning::None
+            },
         });
         Ok::<_, ApiError>((ids, ctx.filter(|c| !c.names.is_empty()), grammar))
     })
@@ -489,7 +516,7 @@ async fn whole(
                         )
                     }
                     None => (
-                        json!({"role": "assistant", "content": c.text}),
+                        json!({"role": "assistant", "content": reply.tools.as_ref().map_or(c.text.as_str(), |t| t.answer(&c.text))}),
                         finish_reason(&c.finish_reason),
                     ),
                 };
@@ -568,6 +595,9 @@ struct Streaming {
     /// Forced calls: per choice, the calls that went out so far and how many bytes of
     /// each one's arguments.
     calls_sent: Vec<Vec<usize>>,
+    /// Per choice: its reasoning block (a forced call's, see `ToolCtx::reasoning`) is
+    /// over and was dropped from `outputs`, which from then on holds only the answer.
+    reasoned: Vec<bool>,
 }
 
 impl Streaming {
@@ -704,6 +734,17 @@ impl Streaming {
                 None => self.push_text(index, &t),
                 Some(tools) => {
                     self.outputs[index].push_str(&t);
+                    if !self.reasoned[index] {
+                        // Nothing goes out while the output is (or may begin) a
+                        // reasoning block; once it ends, it is dropped.
+                        match tools.reasoning.extent(&self.outputs[index]) {
+                            None => return,
+                            Some(n) => {
+                                self.outputs[index].drain(..n);
+                                self.reasoned[index] = true;
+                            }
+                        }
+                    }
                     if !self.begun[index] {
                         let out = std::mem::take(&mut self.outputs[index]);
                         let sent = self.sent[index];
@@ -725,10 +766,14 @@ impl Streaming {
                 self.cached = self.cached.max(c.cached_tokens);
                 let mut finish = finish_reason(&c.finish_reason);
                 if let Some(tools) = self.reply.tools.clone() {
-                    let out = std::mem::take(&mut self.outputs[index]);
+                    let mut out = std::mem::take(&mut self.outputs[index]);
+                    if !self.reasoned[index] {
+                        // Ended inside its reasoning block: no answer.
+                        out.clear();
+                    }
                     let sent = self.sent[index];
                     let streamed = std::mem::take(&mut self.calls_sent[index]);
-                    match tools.parse(&out) {
+                    match tools.parse_answer(&out) {
                         Some(p) => {
                             let content = p.content.unwrap_or_default();
                             self.push_text(index, content.get(sent..).unwrap_or(""));
@@ -816,6 +861,7 @@ fn stream(
         sent: vec![0; n],
         begun: vec![false; n],
         calls_sent: vec![Vec::new(); n],
+        reasoned: vec![false; n],
         log: StreamLog {
             st,
             started,

@@ -29,6 +29,8 @@ fn model_path() -> PathBuf {
 }
 
 struct Setup {
+    /// The model to serve (default: SmolLM2's GGUF file).
+    model: Option<PathBuf>,
     max_seqs: usize,
     max_queue: usize,
     api_key: Option<&'static str>,
@@ -39,6 +41,7 @@ struct Setup {
 impl Default for Setup {
     fn default() -> Self {
         Setup {
+            model: None,
             max_seqs: 4,
             max_queue: 16,
             api_key: None,
@@ -59,7 +62,7 @@ struct Server {
 /// side on small machines), and serves it from a thread with its own runtime.
 fn start(s: Setup) -> Server {
     let model = Model::load(
-        &model_path().display().to_string(),
+        &s.model.clone().unwrap_or_else(model_path).display().to_string(),
         &LoadOptions {
             threads: 1,
             ..Default::default()
@@ -1277,4 +1280,74 @@ fn forced_calls_keep_to_the_declared_parameters() {
         let args: Value = serde_json::from_str(&args).unwrap();
         assert!(args.as_object().unwrap().keys().all(|k| k == "city"), "{args}");
     }
+}
+
+/// SmolLM2 as an 8-bit HF directory speaking through a Qwen3 "thinking" template (Qwen3's,
+/// with the generation prompt opening `<think>` as the Thinking-2507 templates do; the
+/// `<|im_start|>` turn tokens are SmolLM2's too): a forced call must reason first.
+fn thinking_model() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ffai-serve-thinking-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let opts = ffai::convert::ConvertOptions {
+        target: ffai::convert::Target::Affine(8),
+        quantizer: ffai::convert::Quantizer::MinMax,
+        ..Default::default()
+    };
+    ffai::convert::convert(&model_path(), &dir, &opts, &mut |_, _, _| {}).unwrap();
+    let qwen3 = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/chat/qwen3.jinja"),
+    )
+    .unwrap();
+    let opened = qwen3.replace(
+        "'<|im_start|>assistant\\n' }}",
+        "'<|im_start|>assistant\\n<think>\\n' }}",
+    );
+    assert_ne!(opened, qwen3);
+    std::fs::write(dir.join("chat_template.jinja"), opened).unwrap();
+    dir
+}
+
+#[test]
+fn forced_calls_after_reasoning_leave_it_out_whole_and_streamed() {
+    let model = thinking_model();
+    let mut server = start(Setup {
+        model: Some(model.clone()),
+        ..Default::default()
+    });
+    let a = server.addr;
+    let tools = weather_tools();
+    let ask = json!([{"role": "user", "content": "What is the weather in Paris? Think first."}]);
+    let mut called = 0;
+    for seed in 0..6 {
+        let body = chat_body(json!({"messages": ask, "tools": tools, "tool_choice": "required",
+            "parallel_tool_calls": false, "max_tokens": 120, "temperature": if seed == 0 { 0.0 } else { 1.0 },
+            "seed": seed}));
+        let r = post(a, "/v1/chat/completions", &body);
+        assert_eq!(r.status, 200, "{}", r.body);
+        let j = r.json();
+        let c = &j["choices"][0];
+        let mut sb = body.clone();
+        sb["stream"] = json!(true);
+        let (text, streamed, finish) = stream_tool_calls(&post(a, "/v1/chat/completions", &sb));
+        // The reasoning is in neither the content nor the calls, whole or streamed.
+        assert_eq!(text, "", "{}", r.body);
+        assert_eq!(finish, c["finish_reason"].as_str().unwrap(), "{}", r.body);
+        if c["finish_reason"] == "tool_calls" {
+            called += 1;
+            assert_eq!(c["message"]["content"], Value::Null, "{}", r.body);
+            let calls = checked_calls(&c["message"], &tools);
+            assert_eq!(calls.len(), 1, "{}", r.body);
+            assert_eq!(streamed, calls);
+        } else {
+            // Cut off inside the block: nothing of it is the answer.
+            assert_eq!(c["finish_reason"], "length", "{}", r.body);
+            assert_eq!(c["message"]["content"], "", "{}", r.body);
+            assert!(streamed.is_empty());
+        }
+    }
+    assert!(called > 0, "no request closed its reasoning and called");
+    if let Some(stop) = server.stop.take() {
+        let _ = stop.send(());
+    }
+    let _ = std::fs::remove_dir_all(model);
 }

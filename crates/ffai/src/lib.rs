@@ -203,7 +203,7 @@ impl Model {
 
     /// Renders a conversation that may carry tool turns, offering `tools` when `offer`
     /// (see `tools::prepare_messages`), and says which tool-call format the template
-    /// teaches.
+    /// teaches and what reasoning block the rendered prompt leaves the model room for.
     pub fn render_chat_tools(
         &self,
         messages: &[chat::Message],
@@ -214,6 +214,8 @@ impl Model {
         let tpl = tools::ToolTemplate::detect(template.source());
         let (messages, tools) = tools::prepare_messages(tpl, messages, tools, offer);
         let text = template.render(&messages, &self.render_options(true, tools))?;
+        // Whether the rendered generation prompt leaves room for a reasoning block.
+        let tpl = tpl.for_prompt(&text);
         Ok((text, tpl))
     }
 

@@ -114,12 +114,80 @@ pub enum ToolFormat {
     Granite,
 }
 
-/// A template's tool format, and whether the template renders tools itself.
+/// A template's tool format, whether the template renders tools itself, and the
+/// reasoning block its model may write before a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ToolTemplate {
     pub format: ToolFormat,
     /// The template reads `tools` and tool turns; when false ffai writes its own prompt.
     pub native: bool,
+    /// What the model may write before its calls ([`ToolTemplate::detect`] judges it from
+    /// the template alone; [`ToolTemplate::for_prompt`] from the rendered prompt too).
+    pub reasoning: Reasoning,
+}
+
+/// A reasoning block a model writes before its answer, as its template teaches it. A
+/// forced call's grammar lets the model write it first ([`grammar`]); it is not part of
+/// the calls nor of their message's content ([`Reasoning::split`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reasoning {
+    /// None: the template teaches none, or the prompt already holds the answer's block
+    /// (an empty `<think>\n\n</think>`: thinking switched off).
+    None,
+    /// `<think>` … `</think>` may open the answer (Qwen3 and templates like it).
+    Think,
+    /// The prompt ends with an opened `<think>`: the answer starts inside the block, and
+    /// closes it with `</think>`.
+    ThinkOpen,
+    /// Harmony (gpt-oss): an analysis-channel message, `<|channel|>analysis<|message|>` …
+    /// `<|end|>`, may come first; the call follows as a new `<|start|>assistant` message.
+    Analysis,
+}
+
+const THINK_OPEN: &str = "<think>";
+const THINK_CLOSE: &str = "</think>";
+const ANALYSIS_OPEN: &str = "<|channel|>analysis<|message|>";
+const ANALYSIS_CLOSE: &str = "<|end|>";
+
+impl Reasoning {
+    /// The block's opening and closing text; the opening is empty for [`Reasoning::ThinkOpen`] (the
+    /// prompt holds it).
+    fn tags(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Reasoning::None => None,
+            Reasoning::Think => Some((THINK_OPEN, THINK_CLOSE)),
+            Reasoning::ThinkOpen => Some(("", THINK_CLOSE)),
+            Reasoning::Analysis => Some((ANALYSIS_OPEN, ANALYSIS_CLOSE)),
+        }
+    }
+
+    /// How far the reasoning block at the start of `text` (an output, or a prefix of one
+    /// being streamed) goes: `Some(n)` when it ends at byte `n` (its closing tag
+    /// included; 0 when the output does not start with one), `None` while `text` is inside
+    /// one or may still begin one.
+    pub fn extent(self, text: &str) -> Option<usize> {
+        let Some((open, close)) = self.tags() else {
+            return Some(0);
+        };
+        if !text.starts_with(open) {
+            return if open.starts_with(text) { None } else { Some(0) };
+        }
+        text[open.len()..].find(close).map(|at| open.len() + at + close.len())
+    }
+
+    /// A whole output split into its reasoning (the block's text without its tags, `None`
+    /// when there is none) and the rest. A block the output never closed (cut off by the
+    /// token limit) is all reasoning.
+    pub fn split(self, text: &str) -> (Option<&str>, &str) {
+        let Some((open, close)) = self.tags() else {
+            return (None, text);
+        };
+        match self.extent(text) {
+            Some(0) => (None, text),
+            Some(n) => (Some(&text[open.len()..n - close.len()]), &text[n..]),
+            None => (Some(text.get(open.len()..).unwrap_or("")), ""),
+        }
+    }
 }
 
 impl ToolTemplate {
@@ -143,7 +211,36 @@ impl ToolTemplate {
             ToolFormat::Hermes => has("<tool_call>") && has("tools"),
             _ => has("tools"),
         };
-        ToolTemplate { format, native }
+        // Qwen3's template (and others that think) write `<think>` blocks; Granite 3.3's
+        // mentions them only for a thinking switch ffai does not pass.
+        let reasoning = match format {
+            ToolFormat::Harmony => Reasoning::Analysis,
+            ToolFormat::Hermes if has(THINK_OPEN) && has(THINK_CLOSE) => Reasoning::Think,
+            _ => Reasoning::None,
+        };
+        ToolTemplate {
+            format,
+            native,
+            reasoning,
+        }
+    }
+
+    /// The template as rendered into `prompt` (the conversation with its generation
+    /// prompt): a prompt that ends with an empty think block (thinking switched off)
+    /// leaves no reasoning, and one that ends with an opened `<think>` starts the answer
+    /// inside one.
+    pub fn for_prompt(mut self, prompt: &str) -> ToolTemplate {
+        if matches!(self.reasoning, Reasoning::Think | Reasoning::ThinkOpen) {
+            let p = prompt.trim_end();
+            self.reasoning = if p.ends_with(THINK_CLOSE) {
+                Reasoning::None
+            } else if p.ends_with(THINK_OPEN) {
+                Reasoning::ThinkOpen
+            } else {
+                Reasoning::Think
+            };
+        }
+        self
     }
 }
 
@@ -615,8 +712,15 @@ fn args_schema(p: &Value) -> Value {
 /// "required" with `parallel`, one to [`MAX_FORCED_CALLS`]) in `format` to the tools
 /// `choice` allows, each call's arguments following its function's schema. `None` for
 /// choices that force nothing.
+///
+/// With `reasoning`, the model may first write its reasoning block as it would unforced
+/// (free text up to the closing tag, bounded only by the request's token limit):
+/// `<think>` … `</think>` and a blank line for Qwen3-style templates (required when the
+/// prompt opened the block), an analysis message for harmony. Each marker that is a
+/// special token of the vocabulary is that token.
 pub fn grammar(
     format: ToolFormat,
+    reasoning: Reasoning,
     tools: &[ToolSpec],
     choice: &ToolChoice,
     parallel: bool,
@@ -668,21 +772,51 @@ pub fn grammar(
         alts.push(format!("call_{i}"));
     }
     g.push_str(&format!("call: {}\n", alts.join(" | ")));
-    let start = match (format, parallel) {
-        (ToolFormat::Hermes, true) => format!("start: call (\"\\n\" call){{0,{}}}\n", MAX_FORCED_CALLS - 1),
+    let calls = match (format, parallel) {
+        (ToolFormat::Hermes, true) => format!("calls: call (\"\\n\" call){{0,{}}}\n", MAX_FORCED_CALLS - 1),
         (ToolFormat::Mistral, true) => format!(
-            "start: {open} \" [\" call (\", \" call){{0,{}}} \"]\"\n",
+            "calls: {open} \" [\" call (\", \" call){{0,{}}} \"]\"\n",
             MAX_FORCED_CALLS - 1
         ),
-        (ToolFormat::Mistral, false) => format!("start: {open} \" [\" call \"]\"\n"),
+        (ToolFormat::Mistral, false) => format!("calls: {open} \" [\" call \"]\"\n"),
         (ToolFormat::Granite, true) => format!(
-            "start: {open} \"[\" call (\", \" call){{0,{}}} \"]\"\n",
+            "calls: {open} \"[\" call (\", \" call){{0,{}}} \"]\"\n",
             MAX_FORCED_CALLS - 1
         ),
-        (ToolFormat::Granite, false) => format!("start: {open} \"[\" call \"]\"\n"),
-        _ => "start: call\n".to_string(),
+        (ToolFormat::Granite, false) => format!("calls: {open} \"[\" call \"]\"\n"),
+        _ => "calls: call\n".to_string(),
     };
-    Some(format!("{start}{g}"))
+    // The reasoning block: free text up to the first closing tag, as the family writes
+    // it before an answer. A closing tag spelled in text ends a lazy lexeme (`suffix=`);
+    // one that is a special token (which no text can spell, and which a lexeme cannot end
+    // in) simply follows the text.
+    let text_rule = |close: &str| {
+        if close.starts_with("<[") {
+            format!("reasoning_text: REASONING {close}\nREASONING: /(?s:.*)/\n")
+        } else {
+            format!("reasoning_text[suffix={close}]: /(?s:.*)/\n")
+        }
+    };
+    let start = match reasoning {
+        Reasoning::None => "start: calls\n".to_string(),
+        Reasoning::Think => format!(
+            "start: reasoning? calls\nreasoning: {} reasoning_text \"\\n\\n\"\n{}",
+            marker(tok, THINK_OPEN),
+            text_rule(&marker(tok, THINK_CLOSE))
+        ),
+        Reasoning::ThinkOpen => format!(
+            "start: reasoning_text \"\\n\\n\" calls\n{}",
+            text_rule(&marker(tok, THINK_CLOSE))
+        ),
+        Reasoning::Analysis => format!(
+            "start: reasoning? calls\nreasoning: {} \"analysis\" {} reasoning_text {} \"assistant\"\n{}",
+            marker(tok, "<|channel|>"),
+            marker(tok, "<|message|>"),
+            marker(tok, "<|start|>"),
+            text_rule(&marker(tok, ANALYSIS_CLOSE))
+        ),
+    };
+    Some(format!("{start}{calls}{g}"))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1273,6 +1407,77 @@ mod tests {
     }
 
     #[test]
+    fn forced_calls_after_reasoning_stream_as_prefixes_of_the_parse() {
+        // A forced call's grammar may let the model reason first; the block (whatever it
+        // says, call syntax included) is neither content nor calls, and a stream sends
+        // nothing until it ends, then the calls as without it.
+        let outs = [
+            (
+                Reasoning::Think,
+                ToolFormat::Hermes,
+                "<think>\nThe user wants <tool_call>{\"name\": \"search\", \"arguments\": {}}</tool_call>? No.\n</think>\n\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"</think>\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"search\", \"arguments\": {}}\n</tool_call>",
+                "\nThe user wants <tool_call>{\"name\": \"search\", \"arguments\": {}}</tool_call>? No.\n",
+            ),
+            (
+                Reasoning::ThinkOpen,
+                ToolFormat::Hermes,
+                "Paris, so {\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}.\n</think>\n\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>",
+                "Paris, so {\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}.\n",
+            ),
+            (
+                Reasoning::Analysis,
+                ToolFormat::Harmony,
+                "<|channel|>analysis<|message|>Call to=functions.search maybe.<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{\"city\": \"Lima\"}",
+                "Call to=functions.search maybe.",
+            ),
+        ];
+        for (r, f, out, thought) in outs {
+            let (reasoning, answer) = r.split(out);
+            assert_eq!(reasoning, Some(thought), "{r:?}");
+            let whole = f.parse(answer, NAMES).unwrap_or_else(|| panic!("{out}"));
+            assert_eq!(whole.content, None, "{r:?}");
+            let whole = whole.calls;
+            let ends = out.len() - answer.len();
+            let mut seen = 0;
+            for end in (0..=out.len()).filter(|&e| out.is_char_boundary(e)) {
+                let Some(n) = r.extent(&out[..end]) else {
+                    // Inside the block (or possibly at its start): nothing goes out.
+                    assert!(end < ends, "{r:?} at {end}");
+                    continue;
+                };
+                assert_eq!(n, ends, "{r:?} at {end}");
+                let rest = &out[n..end];
+                // No content: what precedes the calls is whitespace at most.
+                assert_eq!(f.safe_prefix(rest, 0).0, 0, "{r:?} at {end}");
+                let part = f.partial_calls(rest, NAMES);
+                assert!(part.len() <= whole.len() && part.len() >= seen, "{r:?} at {end}");
+                seen = part.len();
+                for (i, p) in part.iter().enumerate() {
+                    assert_eq!(p.name, whole[i].name, "{r:?} at {end}");
+                    assert!(whole[i].arguments.starts_with(p.arguments), "{r:?} at {end}: {p:?}");
+                    assert_eq!(p.complete, p.arguments == whole[i].arguments, "{r:?} at {end}");
+                }
+            }
+            assert_eq!(seen, whole.len(), "{r:?}");
+        }
+        // No block: everything is the answer, as before.
+        let plain = "<tool_call>\n{\"name\": \"search\", \"arguments\": {}}\n</tool_call>";
+        for r in [Reasoning::None, Reasoning::Think, Reasoning::Analysis] {
+            assert_eq!(r.split(plain), (None, plain), "{r:?}");
+            assert_eq!(r.extent(plain), Some(0), "{r:?}");
+        }
+        // A prefix that may still open a block is held; a block cut off by the token
+        // limit is all reasoning.
+        assert_eq!(Reasoning::Think.extent("<th"), None);
+        assert_eq!(Reasoning::Think.extent("<to"), Some(0));
+        assert_eq!(Reasoning::Analysis.extent("<|channel|>"), None);
+        assert_eq!(Reasoning::Analysis.extent("<|channel|>comm"), Some(0));
+        assert_eq!(Reasoning::Think.split("<think>\nstill"), (Some("\nstill"), ""));
+        assert_eq!(Reasoning::ThinkOpen.split("still"), (Some("still"), ""));
+        assert_eq!(Reasoning::None.split("<think>x</think>"), (None, "<think>x</think>"));
+    }
+
+    #[test]
     fn detect_formats_from_real_templates() {
         let fixture = |f: &str| {
             std::fs::read_to_string(
@@ -1282,13 +1487,33 @@ mod tests {
             )
             .unwrap()
         };
-        let t = |format, native| ToolTemplate { format, native };
+        let t = |format, native| ToolTemplate {
+            format,
+            native,
+            reasoning: match format {
+                ToolFormat::Harmony => Reasoning::Analysis,
+                _ => Reasoning::None,
+            },
+        };
         assert_eq!(
             ToolTemplate::detect(&fixture("qwen2.5.jinja")),
             t(ToolFormat::Hermes, true)
         );
+        // Qwen3 thinks first (unless its prompt switched thinking off).
+        let qwen3 = ToolTemplate::detect(&fixture("qwen3.jinja"));
         assert_eq!(
-            ToolTemplate::detect(&fixture("qwen3.jinja")),
+            qwen3,
+            ToolTemplate {
+                reasoning: Reasoning::Think,
+                ..t(ToolFormat::Hermes, true)
+            }
+        );
+        let after = |p: &str| qwen3.for_prompt(p).reasoning;
+        assert_eq!(after("<|im_start|>assistant\n"), Reasoning::Think);
+        assert_eq!(after("<|im_start|>assistant\n<think>\n\n</think>\n\n"), Reasoning::None);
+        assert_eq!(after("<|im_start|>assistant\n<think>\n"), Reasoning::ThinkOpen);
+        assert_eq!(
+            ToolTemplate::detect(&fixture("qwen2.5.jinja")).for_prompt("<think>\n"),
             t(ToolFormat::Hermes, true)
         );
         assert_eq!(
@@ -1439,6 +1664,7 @@ mod tests {
         let tpl = ToolTemplate {
             format: ToolFormat::Hermes,
             native: false,
+            reasoning: Reasoning::None,
         };
         let (out, t) = prepare_messages(tpl, &msgs, &tools, true);
         assert_eq!(t, None);
@@ -1461,6 +1687,7 @@ mod tests {
         let tpl = ToolTemplate {
             format: ToolFormat::Mistral,
             native: true,
+            reasoning: Reasoning::None,
         };
         let (out, t) = prepare_messages(tpl, &msgs, &tools, true);
         let id = out[1].tool_calls.as_ref().unwrap()[0]["id"]

@@ -14,7 +14,7 @@ use common::{real_model, SMOLLM2};
 use ffai::chat::{ChatTemplate, Message, RenderOptions, TemplateSource};
 use ffai::constrain::ResponseFormat;
 use ffai::generate::{generate, GenerationParameters, StopReason};
-use ffai::tools::{self, ToolCall, ToolChoice, ToolFormat, ToolSpec, ToolTemplate};
+use ffai::tools::{self, Reasoning, ToolCall, ToolChoice, ToolFormat, ToolSpec, ToolTemplate};
 use ffai::{LoadOptions, Model};
 use serde_json::{json, Value};
 
@@ -71,7 +71,7 @@ fn forced_calls_in_every_format_parse_and_validate() {
         for choice in [ToolChoice::Named("search".into()), ToolChoice::Required] {
             // Greedy with parallel calls allowed, sampled with one call.
             for (temperature, seed, parallel) in [(0.0, 1, true), (0.9, 7, false)] {
-                let g = tools::grammar(format, &tools, &choice, parallel, &m.tokenizer).unwrap();
+                let g = tools::grammar(format, Reasoning::None, &tools, &choice, parallel, &m.tokenizer).unwrap();
                 // Room for MAX_FORCED_CALLS calls: greedy SmolLM2 repeats a call in the
                 // Granite list until the grammar's cap ends it.
                 let params = GenerationParameters {
@@ -101,8 +101,24 @@ fn forced_calls_in_every_format_parse_and_validate() {
         }
     }
     // No grammar for the choices that force nothing.
-    assert!(tools::grammar(ToolFormat::Hermes, &tools, &ToolChoice::Auto, true, &m.tokenizer).is_none());
-    assert!(tools::grammar(ToolFormat::Hermes, &tools, &ToolChoice::None, true, &m.tokenizer).is_none());
+    assert!(tools::grammar(
+        ToolFormat::Hermes,
+        Reasoning::None,
+        &tools,
+        &ToolChoice::Auto,
+        true,
+        &m.tokenizer
+    )
+    .is_none());
+    assert!(tools::grammar(
+        ToolFormat::Hermes,
+        Reasoning::None,
+        &tools,
+        &ToolChoice::None,
+        true,
+        &m.tokenizer
+    )
+    .is_none());
 }
 
 #[test]
@@ -298,7 +314,15 @@ fn measure_forced_call_cost_per_token() {
         .render_chat_tools(&[Message::user("Write a long note about the sea.")], &tools, true)
         .unwrap();
     let ids = m.encode(&prompt).unwrap();
-    let g = tools::grammar(ToolFormat::Hermes, &tools, &ToolChoice::Required, false, &m.tokenizer).unwrap();
+    let g = tools::grammar(
+        ToolFormat::Hermes,
+        Reasoning::None,
+        &tools,
+        &ToolChoice::Required,
+        false,
+        &m.tokenizer,
+    )
+    .unwrap();
     let per_token = |o: &ffai::GenerationOutput| o.decode_seconds * 1e3 / o.decode_steps.max(1) as f64;
     // End to end, the best of five alternating rounds each (the machine is shared).
     let (mut best_forced, mut best_free, mut tokens) = (f64::MAX, f64::MAX, Vec::new());
@@ -368,7 +392,15 @@ fn measure_compile_time_of_many_tools() {
     tools::check_schemas(&tools, &m.tokenizer).unwrap();
     println!("check_schemas: {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
     let t = std::time::Instant::now();
-    let g = tools::grammar(ToolFormat::Hermes, &tools, &ToolChoice::Required, true, &m.tokenizer).unwrap();
+    let g = tools::grammar(
+        ToolFormat::Hermes,
+        Reasoning::None,
+        &tools,
+        &ToolChoice::Required,
+        true,
+        &m.tokenizer,
+    )
+    .unwrap();
     let mut c = ffai::constrain::Constraint::new(&m.tokenizer, &ResponseFormat::Lark(g)).unwrap();
     let mut logits = vec![0f32; m.tokenizer.vocab_size()];
     c.mask(&mut logits).unwrap();
@@ -376,4 +408,326 @@ fn measure_compile_time_of_many_tools() {
         "required-call grammar, built and first mask: {:.1} ms",
         t.elapsed().as_secs_f64() * 1e3
     );
+}
+
+/// The tool-call markers as added special tokens (tests/fixtures/tool_tokenizer, made by
+/// scripts/make_tool_tokenizer.py; no real vocabulary in the test models has them). With
+/// `special` false, the Hermes and think markers are added tokens that are not special,
+/// as Qwen2.5's and Qwen3's tokenizer.json have them.
+fn marker_tokenizer(special: bool) -> ffai::Tokenizer {
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tool_tokenizer");
+    if special {
+        return ffai::Tokenizer::from_hf_dir(&fixture).unwrap();
+    }
+    let mut j: Value = serde_json::from_str(&std::fs::read_to_string(fixture.join("tokenizer.json")).unwrap()).unwrap();
+    for t in j["added_tokens"].as_array_mut().unwrap() {
+        if ["<tool_call>", "</tool_call>", "<think>", "</think>"].contains(&t["content"].as_str().unwrap()) {
+            t["special"] = false.into();
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("ffai-test-tool-tokenizer-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), j.to_string()).unwrap();
+    let tok = ffai::Tokenizer::from_hf_dir(&dir).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    tok
+}
+
+fn marker_id(tok: &ffai::Tokenizer, text: &str) -> u32 {
+    (0..tok.vocab_size() as u32)
+        .find(|&id| tok.token_text(id) == Some(text))
+        .unwrap()
+}
+
+/// Ids the constraint allows next.
+fn allowed(c: &mut ffai::constrain::Constraint, n: usize) -> Vec<u32> {
+    let mut logits = vec![0f32; n];
+    c.mask(&mut logits).unwrap();
+    (0..n as u32).filter(|&i| logits[i as usize].is_finite()).collect()
+}
+
+/// Feeds `pieces` (a marker's text as its single token when `m` is set, else text as
+/// byte tokens) through the grammar, each token checked against the mask; returns the
+/// ids and whether the output may end after them.
+fn drive(tok: &ffai::Tokenizer, g: &str, pieces: &[(bool, &str)]) -> (Vec<u32>, bool) {
+    let mut c = ffai::constrain::Constraint::new(tok, &ResponseFormat::Lark(g.to_string())).unwrap();
+    let mut ids = Vec::new();
+    for &(m, text) in pieces {
+        let piece_ids = if m {
+            vec![marker_id(tok, text)]
+        } else {
+            // The fixture's byte tokens: id b is byte b.
+            text.bytes().map(u32::from).collect()
+        };
+        for id in piece_ids {
+            let ok = allowed(&mut c, tok.vocab_size());
+            assert!(
+                ok.contains(&id),
+                "{text:?}: {id} not allowed after {:?}",
+                tok.decode(&ids)
+            );
+            c.advance(id).unwrap();
+            ids.push(id);
+        }
+    }
+    // Complete: the grammar stopped, or the end of generation may come now.
+    let end = c.is_complete() || {
+        let next = allowed(&mut c, tok.vocab_size());
+        next.iter().any(|id| tok.eog_ids().contains(id))
+    };
+    (ids, end)
+}
+
+/// An output as (marker, text) pieces (see [`drive`]).
+type Pieces<'a> = Vec<(bool, &'a str)>;
+
+#[test]
+fn forced_calls_emit_special_markers_as_single_tokens_and_parse_back() {
+    let tools = tool_list();
+    let names: Vec<&str> = tools.iter().map(|t| t.name.as_str()).collect();
+    let args = "{\"city\": \"Paris\", \"unit\": \"celsius\"}";
+    let head = "\n{\"name\": \"get_weather\", \"arguments\": ";
+    for special in [true, false] {
+        let tok = marker_tokenizer(special);
+        let choice = ToolChoice::Named("get_weather".into());
+        // Each format (and reasoning block) with its markers as single tokens.
+        let cases: Vec<(ToolFormat, Reasoning, Pieces, Option<&str>)> = vec![
+            (
+                ToolFormat::Hermes,
+                Reasoning::None,
+                vec![
+                    (true, "<tool_call>"),
+                    (false, head),
+                    (false, args),
+                    (false, "}\n"),
+                    (true, "</tool_call>"),
+                ],
+                None,
+            ),
+            (
+                ToolFormat::Hermes,
+                Reasoning::Think,
+                vec![
+                    (true, "<think>"),
+                    (false, "\nParis: call get_weather, not <tool_call>.\n"),
+                    (true, "</think>"),
+                    (false, "\n\n"),
+                    (true, "<tool_call>"),
+                    (false, head),
+                    (false, args),
+                    (false, "}\n"),
+                    (true, "</tool_call>"),
+                ],
+                Some("\nParis: call get_weather, not <tool_call>.\n"),
+            ),
+            (
+                ToolFormat::Hermes,
+                Reasoning::ThinkOpen,
+                vec![
+                    (false, "Weather, so a call."),
+                    (true, "</think>"),
+                    (false, "\n\n"),
+                    (true, "<tool_call>"),
+                    (false, head),
+                    (false, args),
+                    (false, "}\n"),
+                    (true, "</tool_call>"),
+                ],
+                Some("Weather, so a call."),
+            ),
+            (
+                ToolFormat::Mistral,
+                Reasoning::None,
+                vec![
+                    (true, "[TOOL_CALLS]"),
+                    (false, " [{\"name\": \"get_weather\", \"arguments\": "),
+                    (false, args),
+                    (false, "}]"),
+                ],
+                None,
+            ),
+            (
+                ToolFormat::Granite,
+                Reasoning::None,
+                vec![
+                    (true, "<|tool_call|>"),
+                    (false, "[{\"name\": \"get_weather\", \"arguments\": "),
+                    (false, args),
+                    (false, "}]"),
+                ],
+                None,
+            ),
+            (
+                ToolFormat::Harmony,
+                Reasoning::Analysis,
+                vec![
+                    (true, "<|channel|>"),
+                    (false, "analysis"),
+                    (true, "<|message|>"),
+                    (false, "The user asks about Paris."),
+                    (true, "<|end|>"),
+                    (true, "<|start|>"),
+                    (false, "assistant"),
+                    (true, "<|channel|>"),
+                    (false, "commentary to=functions.get_weather "),
+                    (true, "<|constrain|>"),
+                    (false, "json"),
+                    (true, "<|message|>"),
+                    (false, args),
+                ],
+                Some("The user asks about Paris."),
+            ),
+        ];
+        for (format, reasoning, pieces, thought) in cases {
+            let what = format!("special={special} {format:?} {reasoning:?}");
+            let g = tools::grammar(format, reasoning, &tools, &choice, false, &tok).unwrap();
+            let (ids, complete) = drive(&tok, &g, &pieces);
+            assert!(complete, "{what}");
+            let text = tok.decode(&ids);
+            let (r, answer) = reasoning.split(&text);
+            assert_eq!(r, thought, "{what}: {text:?}");
+            let p = format
+                .parse(answer, &names)
+                .unwrap_or_else(|| panic!("{what}: {text:?}"));
+            assert_eq!(p.content, None, "{what}");
+            assert_eq!(p.calls.len(), 1, "{what}");
+            assert_eq!(
+                (p.calls[0].name.as_str(), p.calls[0].arguments.as_str()),
+                ("get_weather", args),
+                "{what}"
+            );
+            check_call(&p.calls[0], &tools);
+        }
+        // Where a special marker must come next it is the only choice: the grammar never
+        // spells it out in text (the parser would not see a marker the model's own
+        // tokenizer never makes).
+        let first = |format, reasoning| {
+            let g = tools::grammar(format, reasoning, &tools, &choice, false, &tok).unwrap();
+            let mut c = ffai::constrain::Constraint::new(&tok, &ResponseFormat::Lark(g)).unwrap();
+            allowed(&mut c, tok.vocab_size())
+        };
+        assert_eq!(
+            first(ToolFormat::Mistral, Reasoning::None),
+            vec![marker_id(&tok, "[TOOL_CALLS]")]
+        );
+        assert_eq!(
+            first(ToolFormat::Granite, Reasoning::None),
+            vec![marker_id(&tok, "<|tool_call|>")]
+        );
+        // Harmony's `<|channel|>` is rendered as text, as llama.cpp does (ffai's tokenizer
+        // demotes it from special): the added token or its spelling. Its `<|end|>`, which
+        // closes the analysis message, stays special and was forced as one token above.
+        let harmony = first(ToolFormat::Harmony, Reasoning::Analysis);
+        assert!(harmony.contains(&marker_id(&tok, "<|channel|>")), "{harmony:?}");
+        assert!(tok.is_special(marker_id(&tok, "<|end|>")));
+        let hermes = first(ToolFormat::Hermes, Reasoning::None);
+        let think = first(ToolFormat::Hermes, Reasoning::Think);
+        let (call, open) = (marker_id(&tok, "<tool_call>"), marker_id(&tok, "<think>"));
+        if special {
+            assert_eq!(hermes, vec![call]);
+            assert_eq!(think, vec![call, open]);
+        } else {
+            // Not special (Qwen's vocabularies): the added token or its spelling.
+            assert!(hermes.contains(&call) && hermes.contains(&(b'<' as u32)), "{hermes:?}");
+            assert!(think.contains(&call) && think.contains(&open), "{think:?}");
+        }
+        // Thinking switched off by the prompt: no block may open the answer.
+        assert!(!first(ToolFormat::Hermes, Reasoning::None).contains(&open));
+    }
+}
+
+#[test]
+fn forced_calls_may_reason_first_on_smollm2() {
+    // SmolLM2's vocabulary spells every marker out: a Qwen3-style output (reasoning,
+    // then the call) goes through the forced grammar token by token as the model's own
+    // tokenizer writes it, and reads back without the reasoning.
+    let m = model();
+    let tools = tool_list();
+    let names: Vec<&str> = tools.iter().map(|t| t.name.as_str()).collect();
+    let out = "<think>\nThe user wants the weather; I call get_weather.\n</think>\n\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"unit\": \"celsius\"}}\n</tool_call>";
+    for (reasoning, text) in [
+        (Reasoning::Think, out),
+        (Reasoning::ThinkOpen, out.strip_prefix("<think>").unwrap()),
+    ] {
+        let g = tools::grammar(
+            ToolFormat::Hermes,
+            reasoning,
+            &tools,
+            &ToolChoice::Required,
+            true,
+            &m.tokenizer,
+        )
+        .unwrap();
+        let mut c = ffai::constrain::Constraint::new(&m.tokenizer, &ResponseFormat::Lark(g)).unwrap();
+        let ids = m.tokenizer.encode(text, false).unwrap();
+        for &id in &ids {
+            assert!(allowed(&mut c, m.tokenizer.vocab_size()).contains(&id), "{reasoning:?}");
+            c.advance(id).unwrap();
+        }
+        // Complete: only the end (or another call) may follow.
+        let next = allowed(&mut c, m.tokenizer.vocab_size());
+        assert!(
+            next.iter().any(|id| m.tokenizer.eog_ids().contains(id)),
+            "{reasoning:?}"
+        );
+        let (r, answer) = reasoning.split(text);
+        assert_eq!(r, Some("\nThe user wants the weather; I call get_weather.\n"));
+        let p = ToolFormat::Hermes.parse(answer, &names).unwrap();
+        assert_eq!((p.content, p.calls.len()), (None, 1));
+        check_call(&p.calls[0], &tools);
+    }
+    // Without a reasoning block allowed (thinking switched off), `<think>` is refused.
+    let g = tools::grammar(
+        ToolFormat::Hermes,
+        Reasoning::None,
+        &tools,
+        &ToolChoice::Required,
+        true,
+        &m.tokenizer,
+    )
+    .unwrap();
+    let mut c = ffai::constrain::Constraint::new(&m.tokenizer, &ResponseFormat::Lark(g)).unwrap();
+    let ids = m.tokenizer.encode("<think>", false).unwrap();
+    let mut refused = false;
+    for &id in &ids {
+        if !allowed(&mut c, m.tokenizer.vocab_size()).contains(&id) {
+            refused = true;
+            break;
+        }
+        c.advance(id).unwrap();
+    }
+    assert!(refused);
+    // A real generation with the block allowed still ends in a call or in reasoning cut
+    // off by the token limit, never in anything else.
+    let (prompt, _) = m
+        .render_chat_tools(&[Message::user("What is the weather in Paris?")], &tools, true)
+        .unwrap();
+    let ids = m.encode(&prompt).unwrap();
+    let g = tools::grammar(
+        ToolFormat::Hermes,
+        Reasoning::Think,
+        &tools,
+        &ToolChoice::Required,
+        false,
+        &m.tokenizer,
+    )
+    .unwrap();
+    let params = GenerationParameters {
+        max_tokens: 200,
+        temperature: 0.0,
+        response_format: Some(ResponseFormat::Lark(g)),
+        ..m.default_parameters()
+    };
+    let out = generate(&*m.lm, &m.tokenizer, &ids, &params, |_| true).unwrap();
+    let (_, answer) = Reasoning::Think.split(&out.text);
+    match ToolFormat::Hermes.parse(answer, &names) {
+        Some(p) => {
+            assert_eq!(p.calls.len(), 1, "{:?}", out.text);
+            check_call(&p.calls[0], &tools);
+        }
+        None => {
+            assert_eq!(out.stop_reason, StopReason::MaxTokens, "{:?}", out.text);
+            assert!(out.text.starts_with("<think>") && answer.is_empty(), "{:?}", out.text);
+        }
+    }
 }
