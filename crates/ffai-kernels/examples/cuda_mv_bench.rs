@@ -143,11 +143,17 @@ impl Ctx {
         }
         let mut runs = Vec::new();
         for _ in 0..5 {
-            let a = self.stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).expect("event");
+            let a = self
+                .stream
+                .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .expect("event");
             for i in 0..ITERS {
                 go(i % copies);
             }
-            let b = self.stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).expect("event");
+            let b = self
+                .stream
+                .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .expect("event");
             b.synchronize().expect("sync");
             runs.push(a.elapsed_ms(&b).expect("elapsed") as f64 * 1e3 / ITERS as f64);
         }
@@ -234,7 +240,8 @@ fn main() {
                 Ty::F16 => "mv_half_f16",
             };
             // (kernel, rows per block, threads, parts-style signature)
-            let mut cands: Vec<(&str, usize, u32, bool)> = vec![(base, 4, 128, true)];
+            let base1 = format!("{base}_n1");
+            let mut cands: Vec<(&str, usize, u32, bool)> = vec![(base, 4, 128, true), (&base1, 4, 128, true)];
             match ty {
                 Ty::Q4_0 => cands.extend([
                     ("vq4_0_w2", 4, 128, false),
@@ -246,8 +253,8 @@ fn main() {
                     ("vq4_0_s2", 4, 128, false),
                     ("vq4_0_s4", 4, 128, false),
                 ]),
-                Ty::Q4K => cands.push(("mv_q8x_q4_k_u2", 4, 128, true)),
-                Ty::Q6K => cands.push(("mv_q8x_q6_k_u2", 4, 128, true)),
+                Ty::Q4K => cands.push(("mv_q8x_q4_k_u1_n1", 4, 128, true)),
+                Ty::Q6K => cands.push(("mv_q8x_q6_k_u2_n1", 4, 128, true)),
                 Ty::F16 => cands.extend([("vf16_w8", 4, 128, false), ("vf16_cta", 1, 128, false)]),
             }
             let mut reference: Option<Vec<f32>> = None;

@@ -336,6 +336,6 @@ extern "C" __global__ void read_ceiling(const uint4* p, u64 n16, u32* sink) {
     }
 }
 
-// ---- K-quants: q8x.cu's body with its super-block loop unrolled ----
-Q8X_KERNEL(mv_q8x_q4_k_u2, mv_kquant, KQ(false, 2))
+// ---- K-quants: q8x.cu's body with the super-block loop unrolled otherwise than there ----
+Q8X_KERNEL(mv_q8x_q4_k_u1, mv_kquant, KQ(false, 1))
 Q8X_KERNEL(mv_q8x_q6_k_u2, mv_kquant, KQ(true, 2))

@@ -57,27 +57,29 @@ extern "C" __global__ void kv_write_step(unsigned short* pages, const float* src
 }
 
 // RoPE on a row's q and k, then its k and v to its slot: rope_step twice and
-// kv_write_step twice in one launch, the same arithmetic (each angle's sine and cosine
-// computed once per row, into shared memory, instead of once per head). grid.x = rows;
-// q is [n, n_heads * head_dim], k and v [n, kv_heads * head_dim]; half <= 128.
-extern "C" __global__ void rope_kv_write_step(float* q, float* k, const float* v, unsigned short* k_pages,
-                                              unsigned short* v_pages, const unsigned int* positions,
-                                              const unsigned int* slots, const float* inv_freq, unsigned int half,
-                                              unsigned int n_heads, unsigned int kv_heads, unsigned int head_dim,
-                                              unsigned int block_size, int neox) {
+// kv_write_step twice in one launch, the same arithmetic. One block per (row, head):
+// blocks y < n_heads rotate query head y; the others rotate KV head y - n_heads and write
+// it and its V head to the pools. Each block takes the angles' sines and cosines once
+// (a thread per frequency) into shared memory. grid = (rows, n_heads + kv_heads),
+// block = ROPE_THREADS; q is [n, n_heads * head_dim], k and v [n, kv_heads * head_dim];
+// half <= 128.
+#define ROPE_THREADS 128
+extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
+    rope_kv_write_step(float* q, float* k, const float* v, unsigned short* k_pages, unsigned short* v_pages,
+                       const unsigned int* positions, const unsigned int* slots, const float* inv_freq,
+                       unsigned int half, unsigned int n_heads, unsigned int kv_heads, unsigned int head_dim,
+                       unsigned int block_size, int neox) {
     __shared__ float sin_t[128], cos_t[128];
-    const unsigned int row = blockIdx.x;
+    const unsigned int row = blockIdx.x, y = blockIdx.y, tid = threadIdx.x;
     const float pos = (float)positions[row];
-    for (unsigned int i = threadIdx.x; i < half; i += blockDim.x) {
+    for (unsigned int i = tid; i < half; i += ROPE_THREADS) {
         sincosf(pos * inv_freq[i], &sin_t[i], &cos_t[i]);
     }
     __syncthreads();
-    const unsigned int qpairs = n_heads * half, pairs = (n_heads + kv_heads) * half;
-    for (unsigned int idx = threadIdx.x; idx < pairs; idx += blockDim.x) {
-        const bool is_q = idx < qpairs;
-        const unsigned int j = is_q ? idx : idx - qpairs;
-        const unsigned int h = j / half, i = j % half;
-        float* head = is_q ? q + ((size_t)row * n_heads + h) * head_dim : k + ((size_t)row * kv_heads + h) * head_dim;
+    const bool is_q = y < n_heads;
+    const unsigned int h = is_q ? y : y - n_heads;
+    float* head = is_q ? q + ((size_t)row * n_heads + h) * head_dim : k + ((size_t)row * kv_heads + h) * head_dim;
+    for (unsigned int i = tid; i < half; i += ROPE_THREADS) {
         const float s = sin_t[i], c = cos_t[i];
         const unsigned int a = neox ? i : 2 * i;
         const unsigned int b = neox ? i + half : 2 * i + 1;
@@ -85,20 +87,20 @@ extern "C" __global__ void rope_kv_write_step(float* q, float* k, const float* v
         head[a] = x0 * c - x1 * s;
         head[b] = x0 * s + x1 * c;
     }
+    if (is_q) {
+        return;
+    }
     const unsigned int slot = slots[row];
     if (slot == NO_SLOT) {
         return;
     }
     __syncthreads();
     const unsigned int blk = slot / block_size, off = slot % block_size;
-    const unsigned int width = kv_heads * head_dim;
-    for (unsigned int idx = threadIdx.x; idx < 2 * width; idx += blockDim.x) {
-        const bool is_k = idx < width;
-        const unsigned int e = is_k ? idx : idx - width;
-        const unsigned int h = e / head_dim, d = e % head_dim;
-        const size_t dst = (((size_t)blk * kv_heads + h) * block_size + off) * head_dim + d;
-        const float val = is_k ? k[(size_t)row * width + e] : v[(size_t)row * width + e];
-        (is_k ? k_pages : v_pages)[dst] = float_to_half(val);
+    const size_t dst = (((size_t)blk * kv_heads + h) * block_size + off) * head_dim;
+    const float* vh = v + ((size_t)row * kv_heads + h) * head_dim;
+    for (unsigned int d = tid; d < head_dim; d += ROPE_THREADS) {
+        k_pages[dst + d] = float_to_half(head[d]);
+        v_pages[dst + d] = float_to_half(vh[d]);
     }
 }
 
@@ -111,9 +113,13 @@ __device__ __forceinline__ unsigned int first_visible(unsigned int p, unsigned i
     return (window == 0 || p + 1 < window) ? 0u : p + 1 - window;
 }
 
+// Parts whose fold weights the folding block keeps in shared memory (more are recomputed).
+#define FOLD_SPANS 128
+
 // Called by every block of attn_spans64 after writing its part: the block that finishes
-// the last of the max_spans parts of its (row, KV head and chunk) folds them, exactly as
-// attn_combine does (parts in order, so the same bits whichever block it is), writes the
+// the last of the max_spans parts of its (row, KV head and chunk) folds them as
+// attn_combine does, with the maximum and the normaliser taken by a warp's lanes over the
+// parts (every sum in a fixed order, so the same bits whichever block folds), writes the
 // chunk's heads of `out` and resets the counter for the next launch (or graph replay).
 // The parts' writes are made visible by a fence before the count; the folding block
 // reads them through L2 (__ldcg), never from a stale L1 line.
@@ -123,7 +129,7 @@ __device__ __forceinline__ void combine_if_last(unsigned int n_heads, unsigned i
                                                 const float* __restrict__ sinks, unsigned int has_sinks,
                                                 float* __restrict__ out) {
     __shared__ unsigned int last;
-    __shared__ float fold_mx[8], fold_inv[8];
+    __shared__ float fold_mx[8], fold_inv[8], fold_w[8][FOLD_SPANS];
     const unsigned int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     unsigned int* counter = done + (size_t)blockIdx.x * gridDim.y + blockIdx.y;
     __threadfence();
@@ -137,42 +143,65 @@ __device__ __forceinline__ void combine_if_last(unsigned int n_heads, unsigned i
     }
     __threadfence();
     const size_t base0 = (size_t)blockIdx.x * n_heads * max_spans;
-    // Warp h: head h0 + h's maximum and normaliser (lane 0 in span order, as attn_combine).
-    if (warp < gn && lane == 0) {
+    // Warp h, head h0 + h: the parts' maximum and normaliser, the lanes taking parts
+    // j = lane, lane + 32, ... (independent loads), then butterflies (a fixed order); the
+    // first FOLD_SPANS parts' weights exp(m_j - max) kept for the outputs.
+    if (warp < gn) {
         const unsigned int head = h0 + warp;
         const size_t base = base0 + (size_t)head * max_spans;
         float mx = -__int_as_float(0x7f800000);
-        for (unsigned int j = 0; j < max_spans; j++) {
+        for (unsigned int j = lane; j < max_spans; j += 32) {
             if (__ldcg(part_ml + (base + j) * 2 + 1) > 0.0f) {
                 mx = fmaxf(mx, __ldcg(part_ml + (base + j) * 2));
             }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
         }
         float sink = 0.0f;
         if (has_sinks) {
             sink = sinks[head];
             mx = fmaxf(mx, sink);
         }
-        float lt = has_sinks ? expf(sink - mx) : 0.0f;
-        for (unsigned int j = 0; j < max_spans; j++) {
+        float lt = 0.0f;
+        for (unsigned int j = lane; j < max_spans; j += 32) {
             const float lj = __ldcg(part_ml + (base + j) * 2 + 1);
-            if (lj > 0.0f) {
-                lt += lj * expf(__ldcg(part_ml + (base + j) * 2) - mx);
+            const float wj = lj > 0.0f ? expf(__ldcg(part_ml + (base + j) * 2) - mx) : 0.0f;
+            lt += lj > 0.0f ? lj * wj : 0.0f;
+            if (j < FOLD_SPANS) {
+                fold_w[warp][j] = wj;
             }
         }
-        fold_mx[warp] = mx;
-        fold_inv[warp] = lt > 0.0f ? 1.0f / lt : 0.0f;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            lt += __shfl_xor_sync(0xffffffffu, lt, o);
+        }
+        if (lane == 0) {
+            if (has_sinks) {
+                lt += expf(sink - mx);
+            }
+            fold_mx[warp] = mx;
+            fold_inv[warp] = lt > 0.0f ? 1.0f / lt : 0.0f;
+        }
     }
     __syncthreads();
     const unsigned int row = blockIdx.x;  // the pass's row; `out` is offset to the pass
     for (unsigned int i = tid; i < gn * head_dim; i += blockDim.x) {
         const unsigned int h = i / head_dim, d = i % head_dim, head = h0 + h;
         const size_t base = base0 + (size_t)head * max_spans;
-        const float mx = fold_mx[h];
         float v = 0.0f;
+#pragma unroll 8
         for (unsigned int j = 0; j < max_spans; j++) {
-            const float lj = __ldcg(part_ml + (base + j) * 2 + 1);
-            if (lj > 0.0f) {
-                v += __ldcg(part_o + (base + j) * head_dim + d) * expf(__ldcg(part_ml + (base + j) * 2) - mx);
+            float wj;
+            if (j < FOLD_SPANS) {
+                wj = fold_w[h][j];
+            } else {
+                const float lj = __ldcg(part_ml + (base + j) * 2 + 1);
+                wj = lj > 0.0f ? expf(__ldcg(part_ml + (base + j) * 2) - fold_mx[h]) : 0.0f;
+            }
+            if (wj != 0.0f) {
+                v += __ldcg(part_o + (base + j) * head_dim + d) * wj;
             }
         }
         out[((size_t)row * n_heads + head) * head_dim + d] = v * fold_inv[h];

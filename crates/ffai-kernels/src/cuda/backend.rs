@@ -49,6 +49,8 @@ pub const MOE_GATHER_MAX_ROWS: usize = 64;
 
 /// Threads of an attention block (`ATTN_THREADS` in attention.cu).
 const ATTN_THREADS: usize = 256;
+/// Threads of a `rope_kv_write_step` block (`ROPE_THREADS` in attention.cu).
+const ROPE_THREADS: u32 = 128;
 /// Query heads of one KV head an attention block takes (`ATTN_GROUP` in attention.cu).
 const ATTN_GROUP: usize = 8;
 /// Activation rows one q8x.cu product launch takes (`Q8X_MAX_N`).
@@ -105,17 +107,27 @@ enum Fast {
     /// Activations quantized by `quantizer` in blocks of `block`, then `kernel`.
     Q8x {
         kernel: &'static str,
+        /// The same product for one activation row (fewer registers: more warps).
+        kernel1: &'static str,
         quantizer: &'static str,
         block: usize,
     },
-    /// 16-bit floats read 128 bits at a time.
-    Half(&'static str),
+    /// 16-bit floats read 128 bits at a time (any rows, one row).
+    Half(&'static str, &'static str),
 }
 
 impl Fast {
     fn kernel(&self) -> &'static str {
         match *self {
-            Fast::Q8x { kernel, .. } | Fast::Half(kernel) => kernel,
+            Fast::Q8x { kernel, .. } | Fast::Half(kernel, _) => kernel,
+        }
+    }
+
+    /// The kernel for a launch of `rows` activation rows.
+    fn kernel_for(&self, rows: usize) -> &'static str {
+        match *self {
+            Fast::Q8x { kernel1, .. } | Fast::Half(_, kernel1) if rows == 1 => kernel1,
+            _ => self.kernel(),
         }
     }
 
@@ -130,7 +142,7 @@ impl Fast {
     fn same_input(&self, other: &Fast) -> bool {
         match (self, other) {
             (Fast::Q8x { quantizer: a, .. }, Fast::Q8x { quantizer: b, .. }) => a == b,
-            (Fast::Half(_), Fast::Half(_)) => true,
+            (Fast::Half(..), Fast::Half(..)) => true,
             _ => false,
         }
     }
@@ -140,7 +152,7 @@ impl Fast {
     /// `older` (`FFAI_CUDA_OLDER_KERNELS=1`, for A/B timing) only the first three take them
     /// and the others `quant.cu`'s f32-activation kernels.
     fn for_matrix(ty: WeightType, cols: usize, older: bool) -> Option<Fast> {
-        let q8 = |kernel, k: bool| {
+        let q8 = |kernel, kernel1, k: bool| {
             let (quantizer, block) = if k {
                 ("quantize_q8x256", 256)
             } else {
@@ -148,21 +160,22 @@ impl Fast {
             };
             cols.is_multiple_of(block).then_some(Fast::Q8x {
                 kernel,
+                kernel1,
                 quantizer,
                 block,
             })
         };
         match ty {
-            WeightType::Q4_0 => q8("mv_q8x_q4_0", false),
+            WeightType::Q4_0 => q8("mv_q8x_q4_0", "mv_q8x_q4_0_n1", false),
             _ if older && !matches!(ty, WeightType::F16 | WeightType::BF16) => None,
-            WeightType::Q4_1 => q8("mv_q8x_q4_1", false),
-            WeightType::Q5_0 => q8("mv_q8x_q5_0", false),
-            WeightType::Q5_1 => q8("mv_q8x_q5_1", false),
-            WeightType::Q8_0 => q8("mv_q8x_q8_0", false),
-            WeightType::Q4K => q8("mv_q8x_q4_k", true),
-            WeightType::Q6K => q8("mv_q8x_q6_k", true),
-            WeightType::F16 if cols.is_multiple_of(8) => Some(Fast::Half("mv_half_f16")),
-            WeightType::BF16 if cols.is_multiple_of(8) => Some(Fast::Half("mv_half_bf16")),
+            WeightType::Q4_1 => q8("mv_q8x_q4_1", "mv_q8x_q4_1_n1", false),
+            WeightType::Q5_0 => q8("mv_q8x_q5_0", "mv_q8x_q5_0_n1", false),
+            WeightType::Q5_1 => q8("mv_q8x_q5_1", "mv_q8x_q5_1_n1", false),
+            WeightType::Q8_0 => q8("mv_q8x_q8_0", "mv_q8x_q8_0_n1", false),
+            WeightType::Q4K => q8("mv_q8x_q4_k", "mv_q8x_q4_k_n1", true),
+            WeightType::Q6K => q8("mv_q8x_q6_k", "mv_q8x_q6_k_n1", true),
+            WeightType::F16 if cols.is_multiple_of(8) => Some(Fast::Half("mv_half_f16", "mv_half_f16_n1")),
+            WeightType::BF16 if cols.is_multiple_of(8) => Some(Fast::Half("mv_half_bf16", "mv_half_bf16_n1")),
             _ => None,
         }
     }
@@ -321,6 +334,10 @@ struct PreQuant {
 /// The most floats an op quantizes beside its output (decode batches; prefill products
 /// take the GEMM path and need no 8-bit activations).
 const PREQUANT_MAX: usize = 1 << 20;
+
+/// The widest row `norm_q8` takes (`NORM_PER` elements for each of 1024 threads); wider
+/// rows take `rms_norm`.
+const NORM_Q8_MAX_WIDTH: usize = 8 * 1024;
 
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
@@ -485,9 +502,21 @@ impl CudaBackend {
     /// Runs `norm_q8` / `glu_q8` (`kernel`, with `args` before the 8-bit sets) writing
     /// `len` floats at `out`, and with them their 8-bit sets when `len` is a decode
     /// batch's and a multiple of 32; remembers that the scratch holds them.
-    fn launch_q8_producer(&self, kernel: &str, grid: (u32, u32, u32), block: u32, args: &[Arg], out: u64, len: usize) {
-        let quant = len <= PREQUANT_MAX && len.is_multiple_of(32);
-        let q256 = quant && len.is_multiple_of(256);
+    /// `row` is the width the kernel quantizes within (a norm's row; the whole length for
+    /// the element-wise `glu_q8`): 32-blocks need it a multiple of 32, 256-blocks of 256.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_q8_producer(
+        &self,
+        kernel: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        args: &[Arg],
+        out: u64,
+        len: usize,
+        row: usize,
+    ) {
+        let quant = len <= PREQUANT_MAX && row.is_multiple_of(32);
+        let q256 = quant && row.is_multiple_of(256);
         let mut all = args.to_vec();
         let Ok(mut sc) = self.scratch.lock() else { return };
         if quant {
@@ -540,6 +569,7 @@ impl CudaBackend {
             ],
             out.ptr,
             n * width,
+            width,
         );
     }
 
@@ -556,6 +586,7 @@ impl CudaBackend {
             256,
             &[Arg::P(gate.ptr), Arg::P(up.ptr), Arg::U(len as u32), Arg::U(act)],
             gate.ptr,
+            len,
             len,
         );
     }
@@ -828,7 +859,7 @@ impl CudaBackend {
                 sc_guard = Some(sc);
                 a
             }
-            Fast::Half(_) => None,
+            Fast::Half(..) => None,
         };
         let mut i = 0;
         while i < parts.len() {
@@ -864,7 +895,8 @@ impl CudaBackend {
                 }
                 args.push(Arg::U(cols as u32));
                 args.push(Arg::U(m as u32));
-                self.launch(kernel, grid1(total, 4), 128, &args);
+                let name = parts[i].0.fast.map_or(kernel, |f| f.kernel_for(m));
+                self.launch(name, grid1(total, 4), 128, &args);
             }
             i = j;
         }
@@ -955,7 +987,7 @@ impl CudaBackend {
                 sc_guard = Some(sc);
                 a
             }
-            Fast::Half(_) => None,
+            Fast::Half(..) => None,
         };
         let mut i = 0;
         while i < parts.len() {
@@ -1359,7 +1391,7 @@ impl Backend for CudaBackend {
         if n == 0 {
             return;
         }
-        if !self.older {
+        if !self.older && width <= NORM_Q8_MAX_WIDTH {
             self.norm_q8(x.ptr, 0, w, eps, n, out);
             return;
         }
@@ -1379,7 +1411,7 @@ impl Backend for CudaBackend {
 
     fn add_rms_norm(&self, x: &mut CudaBuf, y: &CudaBuf, w: &CudaBuf, eps: f32, n: usize, out: &mut CudaBuf) {
         let width = w.len;
-        if self.older {
+        if self.older || width > NORM_Q8_MAX_WIDTH {
             self.add(x, y, n * width);
             self.rms_norm(x, w, eps, n, out);
             return;
@@ -2251,8 +2283,8 @@ impl Backend for CudaBackend {
         }
         self.launch(
             "rope_kv_write_step",
-            (n as u32, 1, 1),
-            256,
+            (n as u32, (nh + kvh) as u32, 1),
+            ROPE_THREADS,
             &[
                 Arg::P(q.ptr),
                 Arg::P(k.ptr),

@@ -239,30 +239,51 @@ __device__ __forceinline__ void q8_both(float v, bool live, u64 e, bool q256, u3
     }
 }
 
-// One block per row (blockDim.x a power of two, 32..1024): with `add`, x += y (stored);
-// out = x / rms(x) * w; with `quant` (width % 32 == 0), out's 8-bit sets. The sum of
-// squares: per thread in element order, warps by butterfly, then the warps in order.
+// Elements a norm_q8 thread holds in registers (widths up to 8192 with 1024 threads).
+#define NORM_PER 8
+
+// One block per row (blockDim.x a power of two, 32..1024, and width <= NORM_PER *
+// blockDim.x): with `add`, x += y (stored); out = x / rms(x) * w; with `quant` (width %
+// 32 == 0), out's 8-bit sets. Thread tid holds elements tid + i * blockDim.x (so a warp
+// holds 32 consecutive ones), all loaded at once. The sum of squares: per thread in
+// element order, warps by butterfly, then the warps in order.
 extern "C" __global__ void __launch_bounds__(1024)
     norm_q8(float* __restrict__ x, const float* __restrict__ y, const float* __restrict__ w, float eps, u32 width,
             u32 add, float* __restrict__ out, Q8_SETS) {
     __shared__ float red[32];
-    __shared__ u32 smax[32];
-    const u32 t = blockIdx.x, tid = threadIdx.x, nt = blockDim.x;
+    __shared__ u32 smax[NORM_PER][32];
+    const u32 t = blockIdx.x, tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
     float* row = x + (u64)t * width;
     const float* yr = y + (u64)t * width;
     float* dst = out + (u64)t * width;
-    float s = 0.0f;
-    for (u32 c = tid; c < width; c += nt) {
-        float v = row[c];
-        if (add) {
-            v += yr[c];
-            row[c] = v;
+    float v[NORM_PER], wv[NORM_PER];
+#pragma unroll
+    for (int i = 0; i < NORM_PER; ++i) {
+        const u32 c = tid + i * nt;
+        v[i] = 0.0f;
+        wv[i] = 0.0f;
+        if (c < width) {
+            v[i] = row[c];
+            wv[i] = w[c];
+            if (add) {
+                v[i] += yr[c];
+            }
         }
-        s += v * v;
+    }
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < NORM_PER; ++i) {
+        const u32 c = tid + i * nt;
+        if (c < width) {
+            if (add) {
+                row[c] = v[i];
+            }
+            s += v[i] * v[i];
+        }
     }
     s = warp_sum(s);
-    if ((tid & 31) == 0) {
-        red[tid >> 5] = s;
+    if (lane == 0) {
+        red[warp] = s;
     }
     __syncthreads();
     float total = 0.0f;
@@ -270,17 +291,47 @@ extern "C" __global__ void __launch_bounds__(1024)
         total += red[i];
     }
     const float inv = 1.0f / sqrtf(total / (float)width + eps);
-    const bool q256 = quant && width % 256 == 0;
-    for (u32 c0 = 0; c0 < width; c0 += nt) {
-        const u32 c = c0 + tid;
-        const bool live = c < width;
-        float v = 0.0f;
-        if (live) {
-            v = row[c] * inv * w[c];
-            dst[c] = v;
+    u32 m[NORM_PER];
+#pragma unroll
+    for (int i = 0; i < NORM_PER; ++i) {
+        const u32 c = tid + i * nt;
+        v[i] = v[i] * inv * wv[i];
+        if (c < width) {
+            dst[c] = v[i];
         }
-        if (quant) {
-            q8_both(v, live, (u64)t * width + c, q256, smax, quant, xq32, xd32, xs32, xq256, xd256, xs256);
+        m[i] = warp_max_bits(c < width ? __float_as_uint(v[i]) & 0x7FFFFFFFu : 0u);
+    }
+    if (!quant) {
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < NORM_PER; ++i) {
+        const u32 c = tid + i * nt;
+        if (c < width) {
+            q8_store<32>(v[i], m[i], (u64)t * width + c, xq32, xd32, xs32);
+        }
+    }
+    if (width % 256 != 0) {
+        return;
+    }
+    // 256-element blocks: warps 8g .. 8g + 7 of a round hold one (nt is a multiple of 256).
+    if (lane == 0) {
+#pragma unroll
+        for (int i = 0; i < NORM_PER; ++i) {
+            smax[i][warp] = m[i];
+        }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < NORM_PER; ++i) {
+        const u32 c = tid + i * nt;
+        if (c < width) {
+            u32 m8 = 0;
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+                m8 = max(m8, smax[i][(warp & ~7u) + k]);
+            }
+            q8_store<256>(v[i], m8, (u64)t * width + c, xq256, xd256, xs256);
         }
     }
 }
@@ -343,7 +394,75 @@ __device__ __forceinline__ u32 fifth_bits(u32 qh, int i) {
     return ((hb & 1u) << 4) | ((hb & 2u) << 11) | ((hb & 4u) << 18) | ((hb & 8u) << 25);
 }
 
+// A legacy block's bytes as loaded (aligned words; decoded by `legacy_decode`): the
+// words holding d (and m), the fifth bits, the levels.
+struct LegacyRaw {
+    u32 dw, mw, qh;
+    u32 qw[8];
+};
+
 template <int K>
+__device__ __forceinline__ void legacy_load(const u8* blk, LegacyRaw& raw) {
+    constexpr bool MIN = K == K_Q4_1 || K == K_Q5_1;
+    raw.dw = __ldg((const u32*)((u64)blk & ~3ull));
+    raw.mw = MIN ? __ldg((const u32*)((u64)(blk + 2) & ~3ull)) : 0u;
+    raw.qh = 0;
+    if (K == K_Q8_0) {
+        words<8>(blk + 2, raw.qw);
+    } else {
+        constexpr int QS = K == K_Q4_0 ? 2 : K == K_Q4_1 ? 4 : K == K_Q5_0 ? 6 : 8;
+        u32 qw[4];
+        words<4>(blk + QS, qw);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            raw.qw[i] = qw[i];
+        }
+        if (K == K_Q5_0 || K == K_Q5_1) {
+            u32 h1[1];
+            words<1>(blk + QS - 4, h1);
+            raw.qh = h1[0];
+        }
+    }
+}
+
+// The block's scale(s) and its 32 levels as signed bytes (4 a word; minus the zero point
+// for the types without a min).
+template <int K>
+__device__ __forceinline__ void legacy_decode(const u8* blk, const LegacyRaw& raw, float& dw, float& mw, int (&q)[8]) {
+    constexpr bool MIN = K == K_Q4_1 || K == K_Q5_1;
+    dw = f16_bits(((u64)blk & 2) ? (raw.dw >> 16) : raw.dw);
+    mw = MIN ? f16_bits(((u64)(blk + 2) & 2) ? (raw.mw >> 16) : raw.mw) : 0.0f;
+    if (K == K_Q8_0) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            q[i] = (int)raw.qw[i];
+        }
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        u32 lo = raw.qw[i] & 0x0F0F0F0Fu, hi = (raw.qw[i] >> 4) & 0x0F0F0F0Fu;
+        if (K == K_Q5_0 || K == K_Q5_1) {
+            lo |= fifth_bits(raw.qh, i);
+            hi |= fifth_bits(raw.qh >> 16, i);
+        }
+        if (K == K_Q4_0) {
+            q[i] = minus8(lo);
+            q[4 + i] = minus8(hi);
+        } else if (K == K_Q5_0) {
+            q[i] = (int)((lo + 0x70707070u) ^ 0x80808080u);  // q - 16
+            q[4 + i] = (int)((hi + 0x70707070u) ^ 0x80808080u);
+        } else {
+            q[i] = (int)lo;
+            q[4 + i] = (int)hi;
+        }
+    }
+}
+
+// Lane L takes blocks L, L + 32, ... in order, two at a time with both blocks' loads
+// issued before either is used (MAXN: the most activation rows, 1 for a decode step of
+// one sequence: the same per-row arithmetic as 8, fewer registers).
+template <int K, int MAXN>
 __device__ __forceinline__ void mv_legacy(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq,
                                           const float* __restrict__ xd, const int* __restrict__ xs,
                                           float* __restrict__ y, u32 rows, u32 r, u32 cols, u32 n) {
@@ -352,74 +471,51 @@ __device__ __forceinline__ void mv_legacy(const u8* __restrict__ w, u64 row_byte
     const u32 lane = threadIdx.x & 31;
     const u32 nb = cols / 32;
     const u8* row = w + (u64)r * row_bytes;
-    float acc[Q8X_MAX_N], sm[Q8X_MAX_N];
+    float acc[MAXN], sm[MAXN];
 #pragma unroll
-    for (int t = 0; t < Q8X_MAX_N; ++t) {
+    for (int t = 0; t < MAXN; ++t) {
         acc[t] = 0.0f;
         sm[t] = 0.0f;
     }
-#pragma unroll 2
-    for (u32 b = lane; b < nb; b += 32) {
-        const u8* blk = row + (u64)b * BYTES;
-        const float dw = f16_at(blk);
-        const float mw = MIN ? f16_at(blk + 2) : 0.0f;
-        int q[8];
-        if (K == K_Q8_0) {
-            u32 qw[8];
-            words<8>(blk + 2, qw);
+    for (u32 b0 = lane; b0 < nb; b0 += 64) {
+        LegacyRaw raw[2];
 #pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                q[i] = (int)qw[i];
-            }
-        } else {
-            constexpr int QS = K == K_Q4_0 ? 2 : K == K_Q4_1 ? 4 : K == K_Q5_0 ? 6 : 8;
-            u32 qw[4];
-            words<4>(blk + QS, qw);
-            u32 qh = 0;
-            if (K == K_Q5_0 || K == K_Q5_1) {
-                u32 h1[1];
-                words<1>(blk + QS - 4, h1);
-                qh = h1[0];
-            }
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                u32 lo = qw[i] & 0x0F0F0F0Fu, hi = (qw[i] >> 4) & 0x0F0F0F0Fu;
-                if (K == K_Q5_0 || K == K_Q5_1) {
-                    lo |= fifth_bits(qh, i);
-                    hi |= fifth_bits(qh >> 16, i);
-                }
-                if (K == K_Q4_0) {
-                    q[i] = minus8(lo);
-                    q[4 + i] = minus8(hi);
-                } else if (K == K_Q5_0) {
-                    q[i] = (int)((lo + 0x70707070u) ^ 0x80808080u);  // q - 16
-                    q[4 + i] = (int)((hi + 0x70707070u) ^ 0x80808080u);
-                } else {
-                    q[i] = (int)lo;
-                    q[4 + i] = (int)hi;
-                }
+        for (int u = 0; u < 2; ++u) {
+            const u32 b = b0 + 32 * u;
+            if (b < nb) {
+                legacy_load<K>(row + (u64)b * BYTES, raw[u]);
             }
         }
 #pragma unroll
-        for (int t = 0; t < Q8X_MAX_N; ++t) {
-            if ((u32)t < n) {
-                int a[8];
-                act32(xq, cols, t, b, a);
-                int s = 0;
+        for (int u = 0; u < 2; ++u) {
+            const u32 b = b0 + 32 * u;
+            if (b >= nb) {
+                break;
+            }
+            float dw, mw;
+            int q[8];
+            legacy_decode<K>(row + (u64)b * BYTES, raw[u], dw, mw, q);
 #pragma unroll
-                for (int i = 0; i < 8; ++i) {
-                    s = dp4a(q[i], a[i], s);
-                }
-                const float dx = __ldg(xd + (u64)t * nb + b);
-                acc[t] += (dw * dx) * (float)s;
-                if (MIN) {
-                    sm[t] += mw * (dx * (float)__ldg(xs + (u64)t * nb + b));
+            for (int t = 0; t < MAXN; ++t) {
+                if ((u32)t < n) {
+                    int a[8];
+                    act32(xq, cols, t, b, a);
+                    int s = 0;
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) {
+                        s = dp4a(q[i], a[i], s);
+                    }
+                    const float dx = __ldg(xd + (u64)t * nb + b);
+                    acc[t] += (dw * dx) * (float)s;
+                    if (MIN) {
+                        sm[t] += mw * (dx * (float)__ldg(xs + (u64)t * nb + b));
+                    }
                 }
             }
         }
     }
 #pragma unroll
-    for (int t = 0; t < Q8X_MAX_N; ++t) {
+    for (int t = 0; t < MAXN; ++t) {
         if ((u32)t < n) {
             const float s = warp_sum(MIN ? acc[t] + sm[t] : acc[t]);
             if (lane == 0) {
@@ -436,10 +532,20 @@ __device__ __forceinline__ void mv_legacy(const u8* __restrict__ w, u64 row_byte
         NAME(PARTS, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, u32 cols, u32 n) { \
         Row o;                                                                                              \
         if (pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o)) {                                         \
-            BODY<ARG>(o.w, row_bytes, xq, xd, xs, o.y, o.rows, o.r, cols, n);                               \
+            BODY<ARG, Q8X_MAX_N>(o.w, row_bytes, xq, xd, xs, o.y, o.rows, o.r, cols, n);                    \
+        }                                                                                                   \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(128)                                                     \
+        NAME##_n1(PARTS, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, u32 cols, u32 n) { \
+        Row o;                                                                                              \
+        if (pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o)) {                                         \
+            BODY<ARG, 1>(o.w, row_bytes, xq, xd, xs, o.y, o.rows, o.r, cols, 1);                            \
         }                                                                                                   \
     }
 
+// Each product comes twice: NAME for up to Q8X_MAX_N activation rows and NAME_n1 for one
+// (the same arithmetic per row, so the same bits, with the registers of one row: more
+// warps in flight). The backend takes NAME_n1 when a launch has one row.
 Q8X_KERNEL(mv_q8x_q4_0, mv_legacy, K_Q4_0)
 
 Q8X_KERNEL(mv_q8x_q4_1, mv_legacy, K_Q4_1)
@@ -468,7 +574,7 @@ __device__ __forceinline__ int byte8(u32 lo, u32 hi, int j) {
 // element 128h + l + 32k takes ql[64h + l (+32 for k odd)]'s low (k < 2) or high nibble and
 // qh[32h + l]'s bits 2k..2k+1 as its top two bits; value d * sc[(128h + 32k + l) / 16] * (q - 32).
 // Lane c = 2h + lh takes l in [16 lh, 16 lh + 16) of half h.
-template <bool Q6, int UNR>
+template <bool Q6, int UNR, int MAXN>
 __device__ __forceinline__ void mv_kquant(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq,
                                           const float* __restrict__ xd, const int* __restrict__ xs,
                                           float* __restrict__ y, u32 rows, u32 r, u32 cols, u32 n) {
@@ -476,9 +582,9 @@ __device__ __forceinline__ void mv_kquant(const u8* __restrict__ w, u64 row_byte
     const u32 nsb = cols / 256;
     const u32 c = lane & 3;
     const u8* row = w + (u64)r * row_bytes;
-    float acc[Q8X_MAX_N];
+    float acc[MAXN];
 #pragma unroll
-    for (int t = 0; t < Q8X_MAX_N; ++t) {
+    for (int t = 0; t < MAXN; ++t) {
         acc[t] = 0.0f;
     }
 #pragma unroll UNR
@@ -533,7 +639,7 @@ __device__ __forceinline__ void mv_kquant(const u8* __restrict__ w, u64 row_byte
             }
         }
 #pragma unroll
-        for (int t = 0; t < Q8X_MAX_N; ++t) {
+        for (int t = 0; t < MAXN; ++t) {
             if ((u32)t < n) {
                 const signed char* xt = xq + (u64)t * cols + (u64)(ok ? sb : 0) * 256;
                 int sumi = 0, msum = 0;
@@ -586,7 +692,7 @@ __device__ __forceinline__ void mv_kquant(const u8* __restrict__ w, u64 row_byte
         }
     }
 #pragma unroll
-    for (int t = 0; t < Q8X_MAX_N; ++t) {
+    for (int t = 0; t < MAXN; ++t) {
         if ((u32)t < n) {
             const float s = warp_sum(acc[t]);
             if (lane == 0) {
@@ -597,7 +703,9 @@ __device__ __forceinline__ void mv_kquant(const u8* __restrict__ w, u64 row_byte
 }
 
 #define KQ(Q6, UNR) Q6, UNR
-Q8X_KERNEL(mv_q8x_q4_k, mv_kquant, KQ(false, 1))
+// Q4_K's super-block loop unrolled by two: 1.2-1.35x on the 8B shapes' o and down
+// products on the H100 (examples/cuda_mv_bench.rs, session 11), the same bits.
+Q8X_KERNEL(mv_q8x_q4_k, mv_kquant, KQ(false, 2))
 
 Q8X_KERNEL(mv_q8x_q6_k, mv_kquant, KQ(true, 1))
 
@@ -611,24 +719,24 @@ __device__ __forceinline__ float widen(u32 h) {
     return BF ? __uint_as_float((h & 0xFFFFu) << 16) : f16_bits(h);
 }
 
-template <bool BF>
+template <bool BF, int MAXN>
 __device__ __forceinline__ void mv_half(const u8* __restrict__ w, u64 row_bytes, const float* __restrict__ x,
                                         float* __restrict__ y, u32 rows, u32 r, u32 cols, u32 n) {
     const u32 lane = threadIdx.x & 31;
     const uint4* row = (const uint4*)(w + (u64)r * row_bytes);
-    float acc0[Q8X_MAX_N], acc1[Q8X_MAX_N];
+    float acc0[MAXN], acc1[MAXN];
 #pragma unroll
-    for (int t = 0; t < Q8X_MAX_N; ++t) {
+    for (int t = 0; t < MAXN; ++t) {
         acc0[t] = 0.0f;
         acc1[t] = 0.0f;
     }
     const u32 nv = cols / 8;
-#pragma unroll 4
+#pragma unroll 8
     for (u32 i = lane; i < nv; i += 32) {
         const uint4 v = __ldg(row + i);
         const u32 hw[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-        for (int t = 0; t < Q8X_MAX_N; ++t) {
+        for (int t = 0; t < MAXN; ++t) {
             if ((u32)t < n) {
                 const float4* xp = (const float4*)(x + (u64)t * cols + (u64)i * 8);
                 const float4 a = __ldg(xp), b = __ldg(xp + 1);
@@ -642,7 +750,7 @@ __device__ __forceinline__ void mv_half(const u8* __restrict__ w, u64 row_bytes,
         }
     }
 #pragma unroll
-    for (int t = 0; t < Q8X_MAX_N; ++t) {
+    for (int t = 0; t < MAXN; ++t) {
         if ((u32)t < n) {
             const float s = warp_sum(__fadd_rn(acc0[t], acc1[t]));
             if (lane == 0) {
@@ -652,21 +760,19 @@ __device__ __forceinline__ void mv_half(const u8* __restrict__ w, u64 row_bytes,
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128)
-    mv_half_f16(PARTS, u64 row_bytes, const float* x, u32 cols, u32 n) {
-    Row o;
-    if (pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o)) {
-        mv_half<false>(o.w, row_bytes, x, o.y, o.rows, o.r, cols, n);
+#define HALF_KERNEL(NAME, BF, MAXN)                                                        \
+    extern "C" __global__ void __launch_bounds__(128)                                    \
+        NAME(PARTS, u64 row_bytes, const float* x, u32 cols, u32 n) {                    \
+        Row o;                                                                             \
+        if (pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o)) {                        \
+            mv_half<BF, MAXN>(o.w, row_bytes, x, o.y, o.rows, o.r, cols, MAXN == 1 ? 1 : n); \
+        }                                                                                  \
     }
-}
 
-extern "C" __global__ void __launch_bounds__(128)
-    mv_half_bf16(PARTS, u64 row_bytes, const float* x, u32 cols, u32 n) {
-    Row o;
-    if (pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o)) {
-        mv_half<true>(o.w, row_bytes, x, o.y, o.rows, o.r, cols, n);
-    }
-}
+HALF_KERNEL(mv_half_f16, false, Q8X_MAX_N)
+HALF_KERNEL(mv_half_f16_n1, false, 1)
+HALF_KERNEL(mv_half_bf16, true, Q8X_MAX_N)
+HALF_KERNEL(mv_half_bf16_n1, true, 1)
 
 // ------------------------------------------------------------------- gathered (MoE)
 //
@@ -729,7 +835,7 @@ __device__ __forceinline__ bool gpick(GPARTS, GRow& o) {
         NAME(GPARTS, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, u32 cols) {          \
         GRow o;                                                                                                   \
         if (gpick(tab0, tab1, tab2, y0, y1, y2, rows0, rows1, rows2, ids, n_experts, k, per_slot, o) && o.w) {  \
-            BODY<ARG>(o.w, row_bytes, xq + (u64)o.xr * cols, xd + (u64)o.xr * (cols / QB),                       \
+            BODY<ARG, 1>(o.w, row_bytes, xq + (u64)o.xr * cols, xd + (u64)o.xr * (cols / QB),                       \
                       xs + (u64)o.xr * (cols / 32), o.y, o.rows, o.r, cols, 1);                                  \
         }                                                                                                         \
     }
@@ -744,20 +850,20 @@ MOE_Q8X_KERNEL(moe_q8x_q5_1, mv_legacy, K_Q5_1, 32)
 
 MOE_Q8X_KERNEL(moe_q8x_q8_0, mv_legacy, K_Q8_0, 32)
 
-MOE_Q8X_KERNEL(moe_q8x_q4_k, mv_kquant, KQ(false, 1), 256)
+MOE_Q8X_KERNEL(moe_q8x_q4_k, mv_kquant, KQ(false, 2), 256)
 
 MOE_Q8X_KERNEL(moe_q8x_q6_k, mv_kquant, KQ(true, 1), 256)
 
 extern "C" __global__ void __launch_bounds__(128) moe_half_f16(GPARTS, u64 row_bytes, const float* x, u32 cols) {
     GRow o;
     if (gpick(tab0, tab1, tab2, y0, y1, y2, rows0, rows1, rows2, ids, n_experts, k, per_slot, o) && o.w) {
-        mv_half<false>(o.w, row_bytes, x + (u64)o.xr * cols, o.y, o.rows, o.r, cols, 1);
+        mv_half<false, 1>(o.w, row_bytes, x + (u64)o.xr * cols, o.y, o.rows, o.r, cols, 1);
     }
 }
 
 extern "C" __global__ void __launch_bounds__(128) moe_half_bf16(GPARTS, u64 row_bytes, const float* x, u32 cols) {
     GRow o;
     if (gpick(tab0, tab1, tab2, y0, y1, y2, rows0, rows1, rows2, ids, n_experts, k, per_slot, o) && o.w) {
-        mv_half<true>(o.w, row_bytes, x + (u64)o.xr * cols, o.y, o.rows, o.r, cols, 1);
+        mv_half<true, 1>(o.w, row_bytes, x + (u64)o.xr * cols, o.y, o.rows, o.r, cols, 1);
     }
 }
