@@ -72,7 +72,7 @@ for stage in "$@"; do
     [ -s /tmp/synth/Q4_0.gguf ] || $B/ffai quantize --type Q4_0 /tmp/synth/f16.gguf /tmp/synth/Q4_0.gguf
     ls -la /tmp/synth ;;
   ffbench)
-    for t in Q4_0 f16; do
+    for t in ${FFB_TYPES:-Q4_0 f16}; do
       echo "== ffai $t"; $B/ffai bench -m /tmp/synth/$t.gguf --device cuda --prompt-tokens 512 --gen-tokens 128 --repetitions 2 2>&1 | tail -4 | tee -a "$out/ffai-bench.txt"
     done ;;
   parity0)
