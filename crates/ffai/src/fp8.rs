@@ -75,7 +75,8 @@ pub struct Fp8Matrix<'a> {
     pub block: [usize; 2],
 }
 
-/// The shape of the `weight_scale_inv` a `[rows, cols]` weight needs at `block`.
+/// The shape of the `weight_scale_inv` a `[rows, cols]` weight needs at `block` (both
+/// sides non-zero).
 pub fn scale_shape(rows: usize, cols: usize, block: [usize; 2]) -> [usize; 2] {
     [rows.div_ceil(block[0]), cols.div_ceil(block[1])]
 }
@@ -83,6 +84,10 @@ pub fn scale_shape(rows: usize, cols: usize, block: [usize; 2]) -> [usize; 2] {
 /// Checks the shapes of an FP8 weight and its scales; returns `[rows, cols]`.
 /// `what` names the weight in errors.
 pub fn check_shapes(what: &str, shape: &[usize], scale_shape_got: &[usize], block: [usize; 2]) -> Result<[usize; 2]> {
+    ensure!(
+        block[0] > 0 && block[1] > 0,
+        "FP8 tensor \"{what}\": empty scale block {block:?}"
+    );
     let [rows, cols] = shape[..] else {
         bail!("FP8 tensor \"{what}\" has shape {shape:?}, expected 2 dimensions [out, in]");
     };
@@ -142,21 +147,51 @@ pub fn convert(what: &str, m: &Fp8Matrix) -> Result<(WeightType, Vec<u8>)> {
         .checked_mul(rb)
         .ok_or_else(|| Error::new(format!("FP8 tensor \"{what}\" is too large")))?;
     let mut out = vec![0u8; total];
-    let mut row = vec![0f32; cols];
-    for (r, dst) in out.chunks_exact_mut(rb).enumerate() {
-        let src = &m.codes[r * cols..(r + 1) * cols];
-        let srow = &m.scales[(r / m.block[0]) * sc..(r / m.block[0] + 1) * sc];
-        for (c, (x, &code)) in row.iter_mut().zip(src).enumerate() {
-            *x = e4m3_to_f32(code) * srow[c / m.block[1]];
+    // Rows are independent: large matrices are converted on several threads (a
+    // DeepSeek-V3 expert or attention matrix is millions of values), each with one f32
+    // row of its own.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // At least 64 Ki values a thread: small matrices stay on this one.
+    let per = rows.div_ceil(threads).max((1 << 16) / cols).max(1);
+    let convert_rows = |first: usize, dst: &mut [u8]| -> Result<()> {
+        let mut row = vec![0f32; cols];
+        for (i, dst) in dst.chunks_exact_mut(rb).enumerate() {
+            let r = first + i;
+            let src = &m.codes[r * cols..(r + 1) * cols];
+            let srow = &m.scales[(r / m.block[0]) * sc..(r / m.block[0] + 1) * sc];
+            for (c, (x, &code)) in row.iter_mut().zip(src).enumerate() {
+                *x = e4m3_to_f32(code) * srow[c / m.block[1]];
+            }
+            if let Some(c) = row.iter().position(|x| !x.is_finite()) {
+                bail!(
+                    "FP8 tensor \"{what}\": element [{r}, {c}] is not finite (code 0x{:02X}, scale {})",
+                    src[c],
+                    srow[c / m.block[1]]
+                );
+            }
+            quantize_row(ty, &row, dst).map_err(|e| Error::new(format!("FP8 tensor \"{what}\": {e}")))?;
         }
-        if let Some(c) = row.iter().position(|x| !x.is_finite()) {
-            bail!(
-                "FP8 tensor \"{what}\": element [{r}, {c}] is not finite (code 0x{:02X}, scale {})",
-                src[c],
-                srow[c / m.block[1]]
-            );
-        }
-        quantize_row(ty, &row, dst).map_err(|e| Error::new(format!("FP8 tensor \"{what}\": {e}")))?;
+        Ok(())
+    };
+    if per >= rows {
+        convert_rows(0, &mut out)?;
+    } else {
+        let results: Vec<Result<()>> = std::thread::scope(|s| {
+            let handles: Vec<_> = out
+                .chunks_mut(per * rb)
+                .enumerate()
+                .map(|(k, dst)| {
+                    let f = &convert_rows;
+                    s.spawn(move || f(k * per, dst))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        // The first error in row order.
+        results.into_iter().collect::<Result<Vec<()>>>()?;
     }
     Ok((ty, out))
 }
@@ -200,6 +235,41 @@ mod tests {
         assert_eq!(e4m3_to_f32(0x38), 1.0);
         assert!(e4m3_to_f32(0x7F).is_nan() && e4m3_to_f32(0xFF).is_nan());
         assert!((0..=255u8).all(|c| e4m3_to_f32(c).is_finite() || c & 0x7F == 0x7F));
+    }
+
+    /// A matrix large enough to be split over threads gives the bytes of one row at a
+    /// time.
+    #[test]
+    fn convert_on_threads_equals_row_by_row() {
+        let (rows, cols) = (1000, 256);
+        let codes: Vec<u8> = (0..rows * cols)
+            .map(|i| ((i * 2654435761usize) >> 7) as u8 & 0x7E)
+            .collect();
+        let block = [128, 128];
+        let [sr, sc] = scale_shape(rows, cols, block);
+        let scales: Vec<f32> = (0..sr * sc).map(|i| 0.001 * (i + 1) as f32).collect();
+        let m = Fp8Matrix {
+            codes: &codes,
+            shape: &[rows, cols],
+            scales: &scales,
+            scale_shape: &[sr, sc],
+            block,
+        };
+        let (ty, got) = convert("w", &m).unwrap();
+        let rb = ty.row_bytes(cols).unwrap();
+        for r in 0..rows {
+            let row: Vec<f32> = (0..cols)
+                .map(|c| e4m3_to_f32(codes[r * cols + c]) * scales[(r / 128) * sc + c / 128])
+                .collect();
+            let mut want = vec![0u8; rb];
+            quantize_row(ty, &row, &mut want).unwrap();
+            assert_eq!(&got[r * rb..(r + 1) * rb], &want[..], "row {r}");
+        }
+        // A NaN code in a later chunk is still reported.
+        let mut bad = codes.clone();
+        bad[999 * cols + 3] = 0xFF;
+        let e = convert("w", &Fp8Matrix { codes: &bad, ..m }).unwrap_err().to_string();
+        assert!(e.contains("[999, 3]"), "{e}");
     }
 
     #[test]
