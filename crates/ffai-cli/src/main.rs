@@ -620,6 +620,7 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
         "sliding_window": cfg.sliding_window,
         "weight_bytes": model.weight_bytes,
         "weight_types": model.weight_types.iter().map(|(t, n)| json!({"type": t, "tensors": n})).collect::<Vec<_>>(),
+        "source_quantization": model.source_quantization,
         "kv_cache_full_context": kv_kinds(cfg.max_position_embeddings),
         "kv_cache_bytes_full_context": kv_total(cfg.max_position_embeddings),
         "device": model.lm.device_name(),

@@ -931,3 +931,172 @@ pub enum ModuleQuant {
     /// No parameters anywhere.
     Unknown,
 }
+
+/// Largest FP8 scale block side accepted from `weight_block_size`.
+pub const MAX_FP8_BLOCK: usize = 1 << 16;
+
+/// A fine-grained FP8 `quantization_config` (DeepSeek-V3/R1, Qwen3-*-FP8, ...):
+/// `quant_method: "fp8"`, E4M3 weights with one scale per `weight_block_size` block
+/// (`X.weight_scale_inv`, `[ceil(out/bo), ceil(in/bi)]`), activations quantized
+/// dynamically (ffai keeps them in its own format, so nothing to read for those).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fp8QuantConfig {
+    /// Scale block: `[rows, cols]` of the weight each scale covers.
+    pub block: [usize; 2],
+    /// Modules left in higher precision (`modules_to_not_convert`).
+    pub not_converted: Vec<String>,
+}
+
+impl Fp8QuantConfig {
+    /// Reads `quantization_config` from a config.json value: `None` when it is absent or
+    /// names another method; an error (one line, naming what) for the FP8 variants ffai
+    /// does not load: per-tensor scales (no `weight_block_size`), formats other than
+    /// E4M3, static activation scales.
+    pub fn from_hf_json(v: &Value, source: &str) -> Result<Option<Fp8QuantConfig>> {
+        let Some(q) = v.get("quantization_config") else {
+            return Ok(None);
+        };
+        if q.get("quant_method").and_then(|m| m.as_str()) != Some("fp8") {
+            return Ok(None);
+        }
+        if let Some(f) = q.get("fmt").filter(|f| !f.is_null()) {
+            ensure!(
+                f.as_str() == Some("e4m3"),
+                "{source}: FP8 format {f} is not supported (only \"e4m3\")"
+            );
+        }
+        if let Some(a) = q.get("activation_scheme").filter(|a| !a.is_null()) {
+            ensure!(
+                a.as_str() == Some("dynamic"),
+                "{source}: FP8 activation_scheme {a} is not supported (only \"dynamic\")"
+            );
+        }
+        let block = match q.get("weight_block_size") {
+            None | Some(Value::Null) => bail!(
+                "{source}: FP8 with per-tensor scales (no weight_block_size) is not supported (only block-wise scales)"
+            ),
+            Some(b) => {
+                let dims: Option<Vec<usize>> = b.as_array().map(|a| {
+                    a.iter()
+                        .map(|d| {
+                            d.as_u64()
+                                .and_then(|d| usize::try_from(d).ok())
+                                .filter(|d| (1..=MAX_FP8_BLOCK).contains(d))
+                        })
+                        .collect::<Option<Vec<usize>>>()
+                        .unwrap_or_default()
+                });
+                match dims.as_deref() {
+                    Some(&[r, c]) => [r, c],
+                    _ => bail!("{source}: FP8 weight_block_size {b} is not two block sides from 1 to {MAX_FP8_BLOCK}"),
+                }
+            }
+        };
+        let not_converted = match q.get("modules_to_not_convert") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|m| {
+                    m.as_str().map(str::to_string).ok_or_else(|| {
+                        Error::new(format!("{source}: modules_to_not_convert entry {m} is not a string"))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
+            Some(other) => bail!("{source}: modules_to_not_convert is {other}, not a list of names"),
+        };
+        Ok(Some(Fp8QuantConfig { block, not_converted }))
+    }
+
+    /// Whether module `path` (a tensor name without `.weight`) is listed in
+    /// `modules_to_not_convert` (an entry names a module or any module under it, or a
+    /// trailing part of its path, as `lm_head` or `mlp.gate`).
+    pub fn is_not_converted(&self, path: &str) -> bool {
+        self.not_converted.iter().any(|m| {
+            !m.is_empty()
+                && (path == m
+                    || path.ends_with(&format!(".{m}"))
+                    || path.starts_with(&format!("{m}."))
+                    || path.contains(&format!(".{m}.")))
+        })
+    }
+
+    /// How `ffai inspect` names it.
+    pub fn describe(&self) -> String {
+        format!("FP8 e4m3 block {}×{} → Q8_0", self.block[0], self.block[1])
+    }
+}
+
+#[cfg(test)]
+mod fp8_tests {
+    use super::*;
+
+    fn parse(q: Value) -> Result<Option<Fp8QuantConfig>> {
+        Fp8QuantConfig::from_hf_json(&serde_json::json!({ "quantization_config": q }), "config.json")
+    }
+
+    #[test]
+    fn fp8_block_config_is_read() {
+        let c = parse(serde_json::json!({
+            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+            "weight_block_size": [128, 128], "modules_to_not_convert": ["lm_head", "mlp.gate"]
+        }))
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.block, [128, 128]);
+        assert!(c.is_not_converted("lm_head"));
+        assert!(c.is_not_converted("model.layers.3.mlp.gate"));
+        assert!(!c.is_not_converted("model.layers.3.mlp.gate_proj"));
+        assert_eq!(c.describe(), "FP8 e4m3 block 128×128 → Q8_0");
+        // Other methods and no section are not FP8.
+        assert_eq!(
+            parse(serde_json::json!({"quant_method": "gptq", "bits": 4})).unwrap(),
+            None
+        );
+        assert_eq!(
+            Fp8QuantConfig::from_hf_json(&serde_json::json!({}), "config.json").unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn fp8_unsupported_variants_are_one_line_errors() {
+        let cases = [
+            (
+                serde_json::json!({"quant_method": "fp8", "activation_scheme": "dynamic"}),
+                "per-tensor scales",
+            ),
+            (
+                serde_json::json!({"quant_method": "fp8", "weight_block_size": null}),
+                "per-tensor scales",
+            ),
+            (
+                serde_json::json!({"quant_method": "fp8", "fmt": "e5m2", "weight_block_size": [128, 128]}),
+                "e5m2",
+            ),
+            (
+                serde_json::json!({"quant_method": "fp8", "activation_scheme": "static", "weight_block_size": [128, 128]}),
+                "static",
+            ),
+            (
+                serde_json::json!({"quant_method": "fp8", "weight_block_size": [128]}),
+                "weight_block_size",
+            ),
+            (
+                serde_json::json!({"quant_method": "fp8", "weight_block_size": [0, 128]}),
+                "weight_block_size",
+            ),
+            (
+                serde_json::json!({"quant_method": "fp8", "weight_block_size": [128, 1e30]}),
+                "weight_block_size",
+            ),
+            (
+                serde_json::json!({"quant_method": "fp8", "weight_block_size": [128, 128], "modules_to_not_convert": [1]}),
+                "modules_to_not_convert",
+            ),
+        ];
+        for (q, want) in cases {
+            let e = parse(q.clone()).unwrap_err().to_string();
+            assert!(e.contains(want) && !e.contains('\n'), "{q}: {e}");
+        }
+    }
+}

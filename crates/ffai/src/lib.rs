@@ -8,6 +8,7 @@ pub mod constrain;
 pub mod convert;
 pub mod engine;
 pub mod error;
+pub mod fp8;
 pub mod generate;
 pub mod gguf;
 pub mod importance;
@@ -66,6 +67,9 @@ pub struct Model {
     pub weight_bytes: usize,
     /// Weight types present, with tensor counts, e.g. [("Q4_1", 210), ("F32", 61)].
     pub weight_types: Vec<(String, usize)>,
+    /// The checkpoint's own quantization where it was converted at load
+    /// (`FP8 e4m3 block 128×128 → Q8_0`); `None` when the weights run as stored.
+    pub source_quantization: Option<String>,
 }
 
 impl Model {
@@ -150,6 +154,7 @@ impl Model {
             location,
             weight_bytes: weights.total_bytes(),
             weight_types: types.into_iter().collect(),
+            source_quantization: weights.source_quantization.clone(),
         })
     }
 

@@ -10,7 +10,7 @@ use ffai_kernels::backend::HostBytes;
 use ffai_kernels::quant::affine::{repack_mlx, MlxTriple, ScaleType};
 use ffai_kernels::quant::WeightType;
 
-use crate::config::{AffineParams, AffineQuantConfig, ModuleQuant};
+use crate::config::{AffineParams, AffineQuantConfig, Fp8QuantConfig, ModuleQuant};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::{bail, ensure};
@@ -30,6 +30,9 @@ pub struct Weights {
     model_type: String,
     /// Path or description of the checkpoint, for errors.
     pub source: String,
+    /// How the checkpoint's weights were quantized where ffai converted them at load
+    /// (`FP8 e4m3 block 128×128 → Q8_0`); `None` when they run as stored.
+    pub source_quantization: Option<String>,
 }
 
 impl Weights {
@@ -134,6 +137,7 @@ impl Weights {
             map,
             model_type: self.model_type.clone(),
             source: self.source.clone(),
+            source_quantization: self.source_quantization.clone(),
         })
     }
 
@@ -168,6 +172,7 @@ impl Weights {
             map,
             model_type: String::new(),
             source: source.to_string(),
+            source_quantization: None,
         }
     }
 
@@ -199,18 +204,61 @@ impl Weights {
             );
             vec![single]
         };
+        let (quant, fp8) = read_quant_configs(dir)?;
         let mut weights = Weights {
             map: HashMap::new(),
             model_type: model_type.to_string(),
             source: dir.display().to_string(),
+            source_quantization: None,
         };
-        let quant = read_quant_config(dir)?;
         let mut raw = HashMap::new();
         for path in files {
             read_safetensors_file(&path, &mut raw)?;
         }
+        weights.add_fp8(&mut raw, fp8.as_ref())?;
         weights.add_raw(raw, quant.as_ref())?;
         Ok(weights)
+    }
+
+    /// Joins each FP8 E4M3 weight (`X.weight`) with its block scales
+    /// (`X.weight_scale_inv`) and files it converted (see `crate::fp8`); the rest of
+    /// `raw` is left for `add_raw`.
+    fn add_fp8(&mut self, raw: &mut HashMap<String, RawTensor>, fp8: Option<&Fp8QuantConfig>) -> Result<()> {
+        let mut scales: Vec<String> = raw
+            .keys()
+            .filter(|n| n.ends_with(".weight_scale_inv"))
+            .cloned()
+            .collect();
+        scales.sort();
+        let mut converted = 0usize;
+        for sname in scales {
+            let base = sname.strip_suffix(".weight_scale_inv").unwrap_or(&sname).to_string();
+            let wname = format!("{base}.weight");
+            let sc = raw.remove(&sname).expect("listed above");
+            let file = sc.file.display();
+            let Some(cfg) = fp8 else {
+                bail!(
+                    "{file}: tensor \"{sname}\" is an FP8 block scale, but config.json has no quantization_config with quant_method \"fp8\" and weight_block_size"
+                );
+            };
+            ensure!(
+                !cfg.is_not_converted(&base),
+                "{file}: config.json lists \"{base}\" in modules_to_not_convert, but it has \"{sname}\""
+            );
+            let Some(w) = raw.remove(&wname) else {
+                bail!("{file}: tensor \"{sname}\" has no matching \"{wname}\"");
+            };
+            let entry = fp8_entry(&wname, &w, &sc, cfg)?;
+            // The converted copy is all that is read from now on.
+            w.release_pages();
+            sc.release_pages();
+            self.map.insert(hf_to_gguf_name_for(&wname, &self.model_type), entry);
+            converted += 1;
+        }
+        if let (Some(cfg), true) = (fp8, converted > 0) {
+            self.source_quantization = Some(cfg.describe());
+        }
+        Ok(())
     }
 
     /// Files the raw safetensors tensors under GGUF names. MLX affine triples
@@ -265,6 +313,14 @@ impl Weights {
                 safetensors::Dtype::F32 => WeightType::F32,
                 safetensors::Dtype::F16 => WeightType::F16,
                 safetensors::Dtype::BF16 => WeightType::BF16,
+                safetensors::Dtype::F8_E4M3 => bail!(
+                    "{}: tensor \"{name}\" is FP8 E4M3 but has no \"{name}_scale_inv\" block scales (per-tensor FP8 scales are not supported)",
+                    t.file.display()
+                ),
+                safetensors::Dtype::F8_E5M2 => bail!(
+                    "{}: tensor \"{name}\" is FP8 E5M2, which is not supported (only E4M3 with block scales)",
+                    t.file.display()
+                ),
                 safetensors::Dtype::U32 if name.ends_with(".weight") => {
                     let base = name.strip_suffix(".weight").unwrap_or(&name);
                     bail!(
@@ -378,15 +434,58 @@ fn truncated_tensor(file: &[u8]) -> Option<String> {
     ))
 }
 
-/// The MLX `quantization` section of `dir/config.json`, if any.
-fn read_quant_config(dir: &Path) -> Result<Option<AffineQuantConfig>> {
+/// The MLX `quantization` section and the fine-grained FP8 `quantization_config` of
+/// `dir/config.json`, where present.
+fn read_quant_configs(dir: &Path) -> Result<(Option<AffineQuantConfig>, Option<Fp8QuantConfig>)> {
     let path = dir.join("config.json");
     let Ok(text) = std::fs::read_to_string(&path) else {
-        return Ok(None);
+        return Ok((None, None));
     };
     let v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::new(format!("{}: invalid JSON: {e}", path.display())))?;
-    AffineQuantConfig::from_hf_json(&v, &path.display().to_string())
+    let source = path.display().to_string();
+    Ok((
+        AffineQuantConfig::from_hf_json(&v, &source)?,
+        Fp8QuantConfig::from_hf_json(&v, &source)?,
+    ))
+}
+
+/// One FP8 weight with its block scales, converted (`crate::fp8::convert`). Dtypes and
+/// shapes are checked before anything is allocated.
+fn fp8_entry(wname: &str, w: &RawTensor, sc: &RawTensor, cfg: &Fp8QuantConfig) -> Result<WeightEntry> {
+    let file = w.file.display();
+    match w.dtype {
+        safetensors::Dtype::F8_E4M3 => {}
+        safetensors::Dtype::F8_E5M2 => {
+            bail!("{file}: tensor \"{wname}\" is FP8 E5M2, which is not supported (only E4M3 with block scales)")
+        }
+        other => bail!("{file}: tensor \"{wname}\" has block scales but dtype {other:?} (expected F8_E4M3)"),
+    }
+    let sty = match sc.dtype {
+        safetensors::Dtype::F32 => WeightType::F32,
+        safetensors::Dtype::BF16 => WeightType::BF16,
+        safetensors::Dtype::F16 => WeightType::F16,
+        other => bail!("{file}: tensor \"{wname}_scale_inv\" has dtype {other:?}, expected F32, BF16 or F16"),
+    };
+    crate::fp8::check_shapes(wname, &w.shape, &sc.shape, cfg.block).map_err(|e| e.context(&file))?;
+    // The safetensors crate checked the byte length against the shape, and the shape
+    // against the weight's just above: the scale vector is bounded by the file.
+    let n: usize = sc.shape.iter().product();
+    let mut scales = vec![0f32; n];
+    ffai_kernels::quant::dequantize_row(sty, sc.bytes.as_slice(), &mut scales);
+    let m = crate::fp8::Fp8Matrix {
+        codes: w.bytes.as_slice(),
+        shape: &w.shape,
+        scales: &scales,
+        scale_shape: &sc.shape,
+        block: cfg.block,
+    };
+    let (ty, bytes) = crate::fp8::convert(wname, &m).map_err(|e| e.context(&file))?;
+    Ok(WeightEntry {
+        ty,
+        shape: w.shape.clone(),
+        bytes: HostBytes::from_vec(bytes),
+    })
 }
 
 /// Joins an MLX triple into one `Affine` matrix: checks dtypes and shapes, takes
