@@ -151,8 +151,8 @@ pub(crate) struct ToolCtx {
     /// its text is known to parse, so a stream sends its arguments as they are written.
     forced: bool,
     /// The reasoning block a forced call's grammar lets the model write first (None
-    /// unless forced). It is neither content nor calls: the API has no field for it, so
-    /// it is left out of the message.
+    /// unless forced). It is neither content nor calls: it goes out as the message's
+    /// `reasoning_content` (the field reasoning models' OpenAI-compatible servers use).
     reasoning: ffai::tools::Reasoning,
 }
 
@@ -160,6 +160,15 @@ impl ToolCtx {
     /// A whole output less its reasoning block.
     fn answer<'a>(&self, text: &'a str) -> &'a str {
         self.reasoning.split(text).1
+    }
+
+    /// `message` with the output's reasoning block, if it has one, as
+    /// `reasoning_content`.
+    fn with_reasoning(&self, mut message: Value, text: &str) -> Value {
+        if let Some(r) = self.reasoning.split(text).0 {
+            message["reasoning_content"] = r.into();
+        }
+        message
     }
 
     /// The calls in a whole output, or None (then its answer is all content).
@@ -520,6 +529,10 @@ async fn whole(
                         finish_reason(&c.finish_reason),
                     ),
                 };
+                let message = match reply.tools.as_ref() {
+                    Some(t) => t.with_reasoning(message, &c.text),
+                    None => message,
+                };
                 json!({
                     "index": i,
                     "message": message,
@@ -661,12 +674,26 @@ impl Streaming {
 
     /// A chat chunk whose delta carries `tool_calls`.
     fn tool_chunk(&self, index: usize, calls: Value) -> String {
+        self.delta_chunk(index, json!({ "tool_calls": calls }))
+    }
+
+    /// A chat chunk with the choice's reasoning block (`reasoning_content`), sent once the
+    /// block is over (or the output ended inside it).
+    fn push_reasoning(&mut self, index: usize, text: &str) {
+        if !text.is_empty() {
+            let c = self.delta_chunk(index, json!({ "reasoning_content": text }));
+            self.queue.push_back(c);
+        }
+    }
+
+    /// A chat chunk whose choice has `delta` and no finish reason.
+    fn delta_chunk(&self, index: usize, delta: Value) -> String {
         let mut v = json!({
             "id": self.reply.id,
             "object": "chat.completion.chunk",
             "created": self.reply.created,
             "model": self.reply.model,
-            "choices": [{"index": index, "delta": {"tool_calls": calls}, "logprobs": null, "finish_reason": null}],
+            "choices": [{"index": index, "delta": delta, "logprobs": null, "finish_reason": null}],
         });
         if self.include_usage {
             v["usage"] = Value::Null;
@@ -740,7 +767,9 @@ impl Streaming {
                         match tools.reasoning.extent(&self.outputs[index]) {
                             None => return,
                             Some(n) => {
-                                self.outputs[index].drain(..n);
+                                let block: String = self.outputs[index].drain(..n).collect();
+                                let reasoning = tools.reasoning.split(&block).0.unwrap_or("").to_string();
+                                self.push_reasoning(index, &reasoning);
                                 self.reasoned[index] = true;
                             }
                         }
@@ -768,7 +797,9 @@ impl Streaming {
                 if let Some(tools) = self.reply.tools.clone() {
                     let mut out = std::mem::take(&mut self.outputs[index]);
                     if !self.reasoned[index] {
-                        // Ended inside its reasoning block: no answer.
+                        // Ended inside its reasoning block: no answer, all reasoning.
+                        let reasoning = tools.reasoning.split(&out).0.unwrap_or("").to_string();
+                        self.push_reasoning(index, &reasoning);
                         out.clear();
                     }
                     let sent = self.sent[index];

@@ -1328,10 +1328,27 @@ fn forced_calls_after_reasoning_leave_it_out_whole_and_streamed() {
         let c = &j["choices"][0];
         let mut sb = body.clone();
         sb["stream"] = json!(true);
-        let (text, streamed, finish) = stream_tool_calls(&post(a, "/v1/chat/completions", &sb));
-        // The reasoning is in neither the content nor the calls, whole or streamed.
+        let sr = post(a, "/v1/chat/completions", &sb);
+        let (text, streamed, finish) = stream_tool_calls(&sr);
+        // The reasoning is in neither the content nor the calls, whole or streamed: it is
+        // the message's `reasoning_content`, and streamed as that delta, the same text.
         assert_eq!(text, "", "{}", r.body);
         assert_eq!(finish, c["finish_reason"].as_str().unwrap(), "{}", r.body);
+        let (_, chunks) = chat_stream_text(&sr);
+        let streamed_reasoning: String = chunks
+            .iter()
+            .filter_map(|ch| ch["choices"][0]["delta"]["reasoning_content"].as_str())
+            .collect();
+        let reasoning = c["message"]["reasoning_content"].as_str().unwrap_or("");
+        assert_eq!(streamed_reasoning, reasoning, "{}", r.body);
+        // The prompt opened the block, so every answer has one (the model closes it or
+        // is cut off inside it) and it is never the call's text.
+        assert!(
+            c["message"].get("reasoning_content").is_some(),
+            "no reasoning_content: {}",
+            r.body
+        );
+        assert!(!reasoning.contains("</think>"), "{}", r.body);
         if c["finish_reason"] == "tool_calls" {
             called += 1;
             assert_eq!(c["message"]["content"], Value::Null, "{}", r.body);
