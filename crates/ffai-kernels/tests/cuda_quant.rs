@@ -28,7 +28,7 @@ fn quant_kernels_compile_for_sm90() {
     let ptx = cuda::compile("quant.cu", cq::QUANT_SOURCE, "sm_90").unwrap_or_else(|e| panic!("{e}"));
     assert!(ptx.contains(".target sm_90"), "{}", &ptx[..ptx.len().min(400)]);
     let names = cq::kernel_names();
-    assert_eq!(names.len(), 4 * (17 + 18), "four kernels per type");
+    assert_eq!(names.len(), 5 * (17 + 18), "five kernels per type");
     for k in &names {
         assert!(ptx.contains(&format!(".entry {k}(")), "no kernel {k} in the PTX");
     }
@@ -47,7 +47,7 @@ fn kernel_tags_and_launch_shapes() {
     assert_eq!(cq::kernel_tag(WeightType::affine(4, 64).unwrap()), "affine_b4_g64");
     let names = cq::kernel_names();
     for tag in ["f32", "q8_0", "mxfp4", "affine_b3_g128", "affine_b8_g32"] {
-        for kind in ["matvec", "dequant_bf16", "embed"] {
+        for kind in ["matvec", "matvec4", "moe_matvec", "dequant_bf16", "embed"] {
             assert!(names.contains(&format!("{kind}_{tag}")), "{kind}_{tag}");
         }
     }
