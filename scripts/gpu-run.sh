@@ -9,6 +9,7 @@
 #   models   the real-model GPU tests (FFAI_MODELS_DIR must hold the checkpoints)
 #   lcbuild  llama.cpp with CUDA (.gpulc, from ../shared/tools/gpu-llamacpp.sh prepare), in
 #            the background, and the random-weight Llama-3-8B-shaped F16 GGUF in /tmp/synth
+#   lcstart  the llama.cpp build alone, in the background
 #   lcwait   wait for that build, then quantize the F16 file to Q4_K_M, Q4_0, Q8_0
 #   bench    ffai and llama.cpp on the same files: pp512/tg128 per type, batched decode
 #   quick    the same pp512/tg128 with two repetitions, no batched decode
@@ -16,6 +17,9 @@
 #   ab       ffai's decode (tg128 after 512) with the default and the older kernels
 #   parity0  every parity fixture on the GPU with the default kernels only
 #   moe      recorded MoE decode steps against eager ones (cuda_moe_graphs)
+#   ncu      per-kernel durations (Nsight Compute) of ffai's and llama.cpp's decode on a
+#            4-layer Llama-3-8B-shaped Q4_0 file (same per-layer shapes, small to make);
+#            needs lcbuild started earlier for llama.cpp's half
 set -uo pipefail
 cd "$(dirname "$0")/.."
 NV=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))" 2>/dev/null)
@@ -46,6 +50,10 @@ for stage in "$@"; do
     (bash .gpulc/gpu-llamacpp.sh build > /tmp/lc-build.log 2>&1; echo done >> /tmp/lc-build.log) &
     [ -s /tmp/synth/f16.gguf ] || python3 .gpulc/synth_gguf.py /tmp/lc/llama.cpp/gguf-py /tmp/synth/f16.gguf
     ls -la /tmp/synth ;;
+  lcstart)
+    # llama.cpp's CUDA build only, in the background (lcwait or ncu waits for it).
+    mkdir -p /tmp/lc; [ -d /tmp/lc/llama.cpp ] || tar xJf .gpulc/llamacpp-src.tar.xz -C /tmp/lc
+    (bash .gpulc/gpu-llamacpp.sh build > /tmp/lc-build.log 2>&1; echo done >> /tmp/lc-build.log) & ;;
   lcwait)
     while ! grep -q '^done' /tmp/lc-build.log 2>/dev/null; do sleep 2; done; tail -3 /tmp/lc-build.log
     for t in Q4_K_M Q8_0 Q4_0; do
@@ -89,6 +97,17 @@ for stage in "$@"; do
     for t in Q4_K_M f16; do for s in 1 8 32 64; do
       echo "== ffai $t sequences $s"; $B/ffai bench -m /tmp/synth/$t.gguf --device cuda --sequences $s --prompt-tokens 128 --gen-tokens 128 --repetitions 1 2>&1 | tail -2 | tee -a "$out/ffai-batched.txt"
     done; done ;;
+  ncu)
+    mkdir -p /tmp/lc /tmp/synth; [ -d /tmp/lc/llama.cpp/gguf-py ] || tar xJf .gpulc/llamacpp-src.tar.xz -C /tmp/lc llama.cpp/gguf-py
+    [ -s /tmp/synth/l4.gguf ] || python3 .gpulc/synth_gguf.py /tmp/lc/llama.cpp/gguf-py /tmp/synth/l4.gguf --layers 4
+    [ -s /tmp/synth/l4_q4_0.gguf ] || $B/ffai quantize --type Q4_0 /tmp/synth/l4.gguf /tmp/synth/l4_q4_0.gguf >/dev/null
+    N="ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base"
+    echo "== ncu ffai"; timeout 300 $N $B/ffai bench -m /tmp/synth/l4_q4_0.gguf --device cuda --prompt-tokens 512 --gen-tokens 6 --repetitions 1 > "$out/ncu-ffai.csv" 2>"$out/ncu-ffai.err"; tail -3 "$out/ncu-ffai.err"
+    echo "== ncu ffai attention/norm sections"
+    timeout 200 ncu --clock-control none --section SpeedOfLight --section WarpStateStats --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis -k regex:"attn_spans64|norm_q8|rope_kv|glu_q8|quantize_q8x32" --launch-skip 40 --launch-count 10 $B/ffai bench -m /tmp/synth/l4_q4_0.gguf --device cuda --prompt-tokens 512 --gen-tokens 6 --repetitions 1 > "$out/ncu-ffai-sections.txt" 2>&1; tail -2 "$out/ncu-ffai-sections.txt"
+    while ! grep -q '^done' /tmp/lc-build.log 2>/dev/null; do sleep 2; done; tail -2 /tmp/lc-build.log
+    [ -s /tmp/synth/l4_lc_q4_0.gguf ] || /tmp/lc/llama.cpp/build/bin/llama-quantize /tmp/synth/l4.gguf /tmp/synth/l4_lc_q4_0.gguf Q4_0 >/dev/null 2>&1
+    echo "== ncu llama.cpp"; timeout 300 $N /tmp/lc/llama.cpp/build/bin/llama-bench -m /tmp/synth/l4_lc_q4_0.gguf -ngl 99 -fa 1 -p 512 -n 6 -r 1 > "$out/ncu-llamacpp.csv" 2>"$out/ncu-llamacpp.err"; tail -3 "$out/ncu-llamacpp.err" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done
