@@ -20,6 +20,18 @@ fn every_kernel_compiles_for_sm90() {
                 "{name}: no kernel {k} in the PTX"
             );
         }
+        // Every kernel waits for its predecessor at entry (prelude.cuh's PDL_ENTRY): the
+        // backend launches them all with programmatic dependent launch, so one without
+        // the wait could read a buffer the kernel before it is still writing.
+        let entries: Vec<&str> = ptx.split(".visible .entry ").skip(1).collect();
+        assert_eq!(entries.len(), kernels.len(), "{name}: entries in the PTX");
+        for body in entries {
+            let k = body.split('(').next().unwrap_or(body);
+            assert!(
+                body.contains("griddepcontrol.wait"),
+                "{name}: kernel {k} does not start with PDL_ENTRY()"
+            );
+        }
         // And the list is complete: a kernel the source defines but does not list is
         // never loaded, and a launch of it fails only on a GPU ("no CUDA kernel named").
         for line in ptx.lines() {

@@ -23,6 +23,7 @@ __device__ __forceinline__ unsigned short float_to_half(float f) {
 // grid.x = rows; x is [n, n_heads * head_dim]; `half` pairs rotated per head.
 extern "C" __global__ void rope_step(float* x, const unsigned int* positions, const float* inv_freq,
                                      unsigned int half, unsigned int n_heads, unsigned int head_dim, int neox) {
+    PDL_ENTRY();
     unsigned int row = blockIdx.x;
     float pos = (float)positions[row];
     float* xr = x + (size_t)row * n_heads * head_dim;
@@ -42,6 +43,7 @@ extern "C" __global__ void rope_step(float* x, const unsigned int* positions, co
 // grid.x = rows: row t's K (or V), [kv_heads * head_dim] f32, to its slot (none: padding).
 extern "C" __global__ void kv_write_step(unsigned short* pages, const float* src, const unsigned int* slots,
                                          unsigned int kv_heads, unsigned int head_dim, unsigned int block_size) {
+    PDL_ENTRY();
     unsigned int row = blockIdx.x;
     unsigned int slot = slots[row];
     if (slot == NO_SLOT) {
@@ -69,6 +71,7 @@ extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
                        const unsigned int* positions, const unsigned int* slots, const float* inv_freq,
                        unsigned int half, unsigned int n_heads, unsigned int kv_heads, unsigned int head_dim,
                        unsigned int block_size, int neox) {
+    PDL_ENTRY();
     __shared__ float sin_t[128], cos_t[128];
     const unsigned int row = blockIdx.x, y = blockIdx.y, tid = threadIdx.x;
     const float pos = (float)positions[row];
@@ -460,6 +463,7 @@ __device__ __forceinline__ void attn_part(ATTN_PARAMS, COMBINE_PARAMS) {
 
 // Parts of 256 positions, one thread a position (the cut verified on the H100).
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_spans(ATTN_PARAMS) {
+    PDL_ENTRY();
     attn_part<256, 1, false>(ATTN_ARGS, nullptr, nullptr, 0, nullptr);
 }
 
@@ -468,6 +472,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_spans(ATTN_PARAM
 // and the parts folded by the block that finishes a row's last one (no attn_combine
 // launch). FFAI_CUDA_OLDER_KERNELS=1 takes attn_spans and attn_combine instead.
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_spans64(ATTN_PARAMS, COMBINE_PARAMS) {
+    PDL_ENTRY();
     attn_part<64, 4, true>(ATTN_ARGS, COMBINE_ARGS);
 }
 
@@ -479,6 +484,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_spans64(ATTN_PAR
 extern "C" __global__ void attn_combine(const float* part_o, const float* part_ml, unsigned int row0,
                                         unsigned int n_heads, unsigned int head_dim, unsigned int max_spans,
                                         const float* sinks, unsigned int has_sinks, float* out) {
+    PDL_ENTRY();
     unsigned int row = row0 + blockIdx.x, head = blockIdx.y;
     size_t base = ((size_t)blockIdx.x * n_heads + head) * max_spans;
     float mx = -__int_as_float(0x7f800000);
@@ -532,6 +538,7 @@ extern "C" __global__ void __launch_bounds__(MLA_THREADS)
              const SeqRows* __restrict__ seqs, const unsigned int* __restrict__ tables, unsigned int n_heads,
              unsigned int head_dim, unsigned int v_dim, unsigned int block_size, unsigned int window, float scale,
              float softcap, float* __restrict__ out) {
+    PDL_ENTRY();
     __shared__ float warp_sum[MLA_THREADS / 32];
     const unsigned int row = blockIdx.x, head = blockIdx.y, tid = threadIdx.x;
     const unsigned int warp = tid / 32, lane = tid % 32;

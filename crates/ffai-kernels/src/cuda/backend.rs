@@ -376,6 +376,9 @@ pub struct CudaBackend {
     older: bool,
     /// What the 8-bit activation scratch holds, when an op wrote it beside its output.
     prequant: Mutex<Option<PreQuant>>,
+    /// Launch kernels with programmatic dependent launch (compute capability 9.0 and up;
+    /// `FFAI_CUDA_PDL=0` turns it off): see `launch_pdl` and prelude.cuh.
+    pdl: bool,
 }
 
 fn grid1(n: usize, block: usize) -> (u32, u32, u32) {
@@ -464,6 +467,7 @@ impl CudaBackend {
             graphs: AtomicBool::new(std::env::var_os("FFAI_CUDA_GRAPHS").is_none_or(|v| v != "0")),
             profile: profile.then(|| Mutex::new(Vec::new())),
             older: std::env::var_os("FFAI_CUDA_OLDER_KERNELS").is_some_and(|v| v == "1"),
+            pdl: major >= 9 && std::env::var_os("FFAI_CUDA_PDL").is_none_or(|v| v != "0"),
         })
     }
 
@@ -663,6 +667,12 @@ impl CudaBackend {
         if !name.starts_with("mv_q8x_") {
             self.forget_prequant();
         }
+        let start = self.profile_event();
+        if self.pdl {
+            self.launch_pdl(name, f, grid, block, args);
+            self.profile_record(name, start);
+            return;
+        }
         let mut b = self.stream.launch_builder(f);
         for a in args {
             match a {
@@ -677,7 +687,6 @@ impl CudaBackend {
             block_dim: (block, 1, 1),
             shared_mem_bytes: 0,
         };
-        let start = self.profile_event();
         // SAFETY: every kernel's arguments are listed at its call site in the order and
         // types of its signature in the .cu source (u32 = unsigned int, u64 = a device
         // address or unsigned long long, f32 = float, i32 = int), and every address is of
@@ -687,6 +696,50 @@ impl CudaBackend {
             self.fail(format!("CUDA kernel {name} failed to launch: {e}"));
         }
         self.profile_record(name, start);
+    }
+
+    /// `launch` with programmatic dependent launch allowed (prelude.cuh: every kernel
+    /// waits for its predecessor at entry, so only launching and start-up overlap).
+    /// cudarc's launch builder has no launch attributes, hence the driver call.
+    fn launch_pdl(&self, name: &str, f: &CudaFunction, grid: (u32, u32, u32), block: u32, args: &[Arg]) {
+        use cudarc::driver::sys;
+        if let Err(e) = self.stream.context().bind_to_thread() {
+            self.fail(format!("CUDA kernel {name}: cannot bind the context: {e}"));
+            return;
+        }
+        let mut params: Vec<*mut std::ffi::c_void> = args
+            .iter()
+            .map(|a| match a {
+                Arg::U(v) => v as *const u32 as *mut std::ffi::c_void,
+                Arg::P(v) => v as *const u64 as *mut std::ffi::c_void,
+                Arg::F(v) => v as *const f32 as *mut std::ffi::c_void,
+                Arg::I(v) => v as *const i32 as *mut std::ffi::c_void,
+            })
+            .collect();
+        // SAFETY: the attribute union is plain data; zeroed then the one field set.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let cfg = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: 0,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        // SAFETY: as in `launch` for the arguments (each `params` entry points at an
+        // argument value in `args`, alive for the call, of the type the kernel's
+        // signature has at that position); `cfg` and `attr` live on this frame, the
+        // function belongs to this context and the stream to this backend.
+        let r = unsafe { sys::cuLaunchKernelEx(&cfg, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            self.fail(format!("CUDA kernel {name} failed to launch: {r:?}"));
+        }
     }
 
     /// With profiling on, an event recorded now (the start of a timed op).

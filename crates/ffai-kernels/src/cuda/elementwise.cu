@@ -4,6 +4,7 @@
 // and an add where the CPU rounds twice, so results agree to rounding, not bits).
 
 extern "C" __global__ void silu_mul(float* gate, const float* up, unsigned int len) {
+    PDL_ENTRY();
     unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < len) {
         float g = gate[i];
@@ -15,6 +16,7 @@ extern "C" __global__ void silu_mul(float* gate, const float* up, unsigned int l
 // gate = (u + 1) * g * sigmoid(alpha * g).
 extern "C" __global__ void swiglu_clamped(float* gate, const float* up, float alpha, float limit,
                                           unsigned int len) {
+    PDL_ENTRY();
     unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < len) {
         float g = fminf(gate[i], limit);
@@ -29,6 +31,7 @@ __device__ __forceinline__ float gelu_tanh(float x) {
 }
 
 extern "C" __global__ void gelu_mul(float* gate, const float* up, unsigned int len) {
+    PDL_ENTRY();
     unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < len) {
         gate[i] = gelu_tanh(gate[i]) * up[i];
@@ -36,6 +39,7 @@ extern "C" __global__ void gelu_mul(float* gate, const float* up, unsigned int l
 }
 
 extern "C" __global__ void gelu(float* x, unsigned int len) {
+    PDL_ENTRY();
     unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < len) {
         x[i] = gelu_tanh(x[i]);
@@ -43,6 +47,7 @@ extern "C" __global__ void gelu(float* x, unsigned int len) {
 }
 
 extern "C" __global__ void add_inplace(float* x, const float* y, unsigned int len) {
+    PDL_ENTRY();
     unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < len) {
         x[i] += y[i];
@@ -50,6 +55,7 @@ extern "C" __global__ void add_inplace(float* x, const float* y, unsigned int le
 }
 
 extern "C" __global__ void add_scaled(float* x, const float* y, float alpha, unsigned int len) {
+    PDL_ENTRY();
     unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < len) {
         x[i] += alpha * y[i];
@@ -58,6 +64,7 @@ extern "C" __global__ void add_scaled(float* x, const float* y, float alpha, uns
 
 // x[t * width + c] += bias[c] for every row t; `len` = rows * width.
 extern "C" __global__ void add_bias(float* x, const float* bias, unsigned int width, unsigned int len) {
+    PDL_ENTRY();
     unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < len) {
         x[i] += bias[i % width];
@@ -65,6 +72,7 @@ extern "C" __global__ void add_bias(float* x, const float* bias, unsigned int wi
 }
 
 extern "C" __global__ void scale(float* x, float s, unsigned int len) {
+    PDL_ENTRY();
     unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < len) {
         x[i] *= s;
@@ -72,6 +80,7 @@ extern "C" __global__ void scale(float* x, float s, unsigned int len) {
 }
 
 extern "C" __global__ void softcap(float* x, float cap, unsigned int len) {
+    PDL_ENTRY();
     unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < len) {
         x[i] = cap * tanhf(x[i] * (1.0f / cap));
@@ -80,6 +89,7 @@ extern "C" __global__ void softcap(float* x, float cap, unsigned int len) {
 
 // f32 -> bf16 (round to nearest even; NaN stays NaN): the activations of a tensor-core GEMM.
 extern "C" __global__ void to_bf16(const float* x, unsigned short* out, unsigned long long len) {
+    PDL_ENTRY();
     unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < len) {
         unsigned int b = __float_as_uint(x[i]);
@@ -97,6 +107,7 @@ extern "C" __global__ void to_bf16(const float* x, unsigned short* out, unsigned
 // saturate to +-65504 instead of becoming infinities): the activations of an f16 GEMM
 // against f16 weights.
 extern "C" __global__ void to_f16(const float* x, unsigned short* out, unsigned long long len) {
+    PDL_ENTRY();
     unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < len) {
         float v = x[i];
@@ -127,6 +138,7 @@ __device__ float block_sum(float v, float* partial) {
 
 // One block per row of `width`: out = x / rms(x) * w.
 extern "C" __global__ void rms_norm(const float* x, const float* w, float eps, unsigned int width, float* out) {
+    PDL_ENTRY();
     __shared__ float partial[1024];
     const float* row = x + (size_t)blockIdx.x * width;
     float* dst = out + (size_t)blockIdx.x * width;
@@ -143,6 +155,7 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float eps, u
 // One block per row: out = (x - mean) / sqrt(var + eps) * w + b.
 extern "C" __global__ void layer_norm(const float* x, const float* w, const float* b, float eps, unsigned int width,
                                       float* out) {
+    PDL_ENTRY();
     __shared__ float partial[1024];
     const float* row = x + (size_t)blockIdx.x * width;
     float* dst = out + (size_t)blockIdx.x * width;
@@ -165,6 +178,7 @@ extern "C" __global__ void layer_norm(const float* x, const float* w, const floa
 // One block per row of `width` (blockDim.x = 1024): the index of the row's largest
 // value into out[row]; ties go to the lowest index and NaN never wins (as ops::argmax).
 extern "C" __global__ void argmax_rows(const float* x, unsigned int width, unsigned int* out) {
+    PDL_ENTRY();
     __shared__ float best_v[1024];
     __shared__ unsigned int best_i[1024];
     const float* row = x + (size_t)blockIdx.x * width;
@@ -204,6 +218,7 @@ extern "C" __global__ void argmax_rows(const float* x, unsigned int width, unsig
 extern "C" __global__ void copy_rows(const float* src, unsigned int src_stride, unsigned int src_off, float* dst,
                                      unsigned int dst_stride, unsigned int dst_off, unsigned int width,
                                      unsigned int rows) {
+    PDL_ENTRY();
     unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < rows * width) {
         unsigned int r = i / width, c = i % width;

@@ -110,6 +110,10 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
     ),
 ];
 
+/// Prepended to every kernel source when it is compiled (the programmatic-dependent-launch
+/// entry every kernel starts with; see the file).
+pub const PRELUDE: &str = include_str!("prelude.cuh");
+
 /// Every kernel source with the kernels it defines.
 pub fn all_sources() -> Vec<(String, String, Vec<String>)> {
     let mut v: Vec<(String, String, Vec<String>)> = SOURCES
@@ -171,7 +175,7 @@ pub fn load_ptx(name: &str, src: &str, major: i32, minor: i32) -> Result<String,
         d.join(format!(
             "{}-{:016x}-{arch}-nvrtc{version}.ptx",
             name.trim_end_matches(".cu"),
-            fnv1a(src.as_bytes())
+            fnv1a(PRELUDE.as_bytes()) ^ fnv1a(src.as_bytes()).rotate_left(1)
         ))
     });
     if let Some(f) = &file {
@@ -208,9 +212,11 @@ pub fn driver_present() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
-/// Compiles one kernel source to PTX for `arch` (e.g. `"sm_90"`). Errors: NVRTC missing,
-/// or the compiler's log.
+/// Compiles one kernel source (after [`PRELUDE`]) to PTX for `arch` (e.g. `"sm_90"`).
+/// Errors: NVRTC missing, or the compiler's log.
 pub fn compile(name: &str, src: &str, arch: &'static str) -> Result<String, String> {
+    // `#line` keeps the compiler's messages at the source file's own line numbers.
+    let src = format!("{PRELUDE}\n#line 1 \"{name}\"\n{src}");
     if !nvrtc_present() {
         return Err("NVRTC (libnvrtc.so.13) was not found: install the CUDA toolkit or the nvidia-cuda-nvrtc wheel and put its library folder on LD_LIBRARY_PATH".into());
     }
@@ -220,7 +226,7 @@ pub fn compile(name: &str, src: &str, arch: &'static str) -> Result<String, Stri
         ..Default::default()
     };
     // cudarc panics on some failures (a library it cannot resolve a symbol in): contain it.
-    match catch_unwind(AssertUnwindSafe(|| cudarc::nvrtc::compile_ptx_with_opts(src, opts))) {
+    match catch_unwind(AssertUnwindSafe(|| cudarc::nvrtc::compile_ptx_with_opts(&src, opts))) {
         Ok(Ok(ptx)) => Ok(ptx.to_src()),
         Ok(Err(e)) => Err(format!("{name}: {e}")),
         Err(_) => Err(format!("{name}: NVRTC failed (panic in the binding)")),

@@ -21,6 +21,7 @@ typedef unsigned long long u64;
 
 // x = clamp(x, lo, hi) as f32::clamp: NaN stays NaN (fminf/fmaxf would replace it).
 extern "C" __global__ void clamp_inplace(float* x, float lo, float hi, u32 len) {
+    PDL_ENTRY();
     const u32 i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < len) {
         float v = x[i];
@@ -86,6 +87,7 @@ extern "C" __global__ void __launch_bounds__(32)
     moe_route(const float* __restrict__ logits, u32 ne, u32 k, u32 scoring, u32 renormalize, float scale,
               u32 n_groups, u32 topk_groups, u32 group_score, const float* __restrict__ bias,
               const float* __restrict__ expert_scale, float* __restrict__ ids, float* __restrict__ weights) {
+    PDL_ENTRY();
     __shared__ float score[MOE_MAX_EXPERTS];
     __shared__ float choice[MOE_MAX_EXPERTS];
     __shared__ float gscore[MOE_MAX_EXPERTS];
@@ -227,6 +229,7 @@ extern "C" __global__ void __launch_bounds__(32)
 // outside 0..n_experts (never written by moe_route) makes the slot's row NaN.
 extern "C" __global__ void moe_add_bias(float* x, const float* __restrict__ biases, const float* __restrict__ ids,
                                         u32 slots, u32 d, u32 n_experts) {
+    PDL_ENTRY();
     const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (u64)slots * d) {
         return;
@@ -244,6 +247,7 @@ extern "C" __global__ void moe_add_bias(float* x, const float* __restrict__ bias
 // 0 (ops::moe_combine), each product and sum rounded as the CPU rounds them.
 extern "C" __global__ void moe_combine(const float* __restrict__ ys, const float* __restrict__ weights,
                                        float* __restrict__ out, u32 n, u32 k, u32 d) {
+    PDL_ENTRY();
     const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (u64)n * d) {
         return;

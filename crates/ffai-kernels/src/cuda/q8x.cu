@@ -193,11 +193,13 @@ __device__ __forceinline__ void quantize(const float* __restrict__ x, signed cha
 
 extern "C" __global__ void __launch_bounds__(256)
     quantize_q8x32(const float* x, signed char* xq, float* xd, int* xs, u32 cols) {
+    PDL_ENTRY();
     quantize<32>(x, xq, xd, xs, cols);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
     quantize_q8x256(const float* x, signed char* xq, float* xd, int* xs, u32 cols) {
+    PDL_ENTRY();
     quantize<256>(x, xq, xd, xs, cols);
 }
 
@@ -250,6 +252,7 @@ __device__ __forceinline__ void q8_both(float v, bool live, u64 e, bool q256, u3
 extern "C" __global__ void __launch_bounds__(1024)
     norm_q8(float* __restrict__ x, const float* __restrict__ y, const float* __restrict__ w, float eps, u32 width,
             u32 add, float* __restrict__ out, Q8_SETS) {
+    PDL_ENTRY();
     __shared__ float red[32];
     __shared__ u32 smax[NORM_PER][32];
     const u32 t = blockIdx.x, tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
@@ -347,6 +350,7 @@ __device__ __forceinline__ float gelu_tanh_q8(float x) {
 // starts a block). grid = ceil(len / 256), block = 256.
 extern "C" __global__ void __launch_bounds__(256)
     glu_q8(float* __restrict__ gate, const float* __restrict__ up, u32 len, u32 act, Q8_SETS) {
+    PDL_ENTRY();
     __shared__ u32 smax[8];
     const u32 i = blockIdx.x * 256 + threadIdx.x;
     const bool live = i < len;
@@ -529,14 +533,14 @@ __device__ __forceinline__ void mv_legacy(const u8* __restrict__ w, u64 row_byte
 // past the last part's rows has nothing to do).
 #define Q8X_KERNEL(NAME, BODY, ARG)                                                                         \
     extern "C" __global__ void __launch_bounds__(128)                                                     \
-        NAME(PARTS, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, u32 cols, u32 n) { \
+        NAME(PARTS, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, u32 cols, u32 n) { PDL_ENTRY(); \
         Row o;                                                                                              \
         if (pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o)) {                                         \
             BODY<ARG, Q8X_MAX_N>(o.w, row_bytes, xq, xd, xs, o.y, o.rows, o.r, cols, n);                    \
         }                                                                                                   \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(128)                                                     \
-        NAME##_n1(PARTS, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, u32 cols, u32 n) { \
+        NAME##_n1(PARTS, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, u32 cols, u32 n) { PDL_ENTRY(); \
         Row o;                                                                                              \
         if (pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o)) {                                         \
             BODY<ARG, 1>(o.w, row_bytes, xq, xd, xs, o.y, o.rows, o.r, cols, 1);                            \
@@ -762,7 +766,7 @@ __device__ __forceinline__ void mv_half(const u8* __restrict__ w, u64 row_bytes,
 
 #define HALF_KERNEL(NAME, BF, MAXN)                                                        \
     extern "C" __global__ void __launch_bounds__(128)                                    \
-        NAME(PARTS, u64 row_bytes, const float* x, u32 cols, u32 n) {                    \
+        NAME(PARTS, u64 row_bytes, const float* x, u32 cols, u32 n) { PDL_ENTRY();                    \
         Row o;                                                                             \
         if (pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o)) {                        \
             mv_half<BF, MAXN>(o.w, row_bytes, x, o.y, o.rows, o.r, cols, MAXN == 1 ? 1 : n); \
@@ -832,7 +836,7 @@ __device__ __forceinline__ bool gpick(GPARTS, GRow& o) {
 
 #define MOE_Q8X_KERNEL(NAME, BODY, ARG, QB)                                                                      \
     extern "C" __global__ void __launch_bounds__(128)                                                           \
-        NAME(GPARTS, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, u32 cols) {          \
+        NAME(GPARTS, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, u32 cols) { PDL_ENTRY();          \
         GRow o;                                                                                                   \
         if (gpick(tab0, tab1, tab2, y0, y1, y2, rows0, rows1, rows2, ids, n_experts, k, per_slot, o) && o.w) {  \
             BODY<ARG, 1>(o.w, row_bytes, xq + (u64)o.xr * cols, xd + (u64)o.xr * (cols / QB),                       \
@@ -855,6 +859,7 @@ MOE_Q8X_KERNEL(moe_q8x_q4_k, mv_kquant, KQ(false, 2), 256)
 MOE_Q8X_KERNEL(moe_q8x_q6_k, mv_kquant, KQ(true, 1), 256)
 
 extern "C" __global__ void __launch_bounds__(128) moe_half_f16(GPARTS, u64 row_bytes, const float* x, u32 cols) {
+    PDL_ENTRY();
     GRow o;
     if (gpick(tab0, tab1, tab2, y0, y1, y2, rows0, rows1, rows2, ids, n_experts, k, per_slot, o) && o.w) {
         mv_half<false, 1>(o.w, row_bytes, x + (u64)o.xr * cols, o.y, o.rows, o.r, cols, 1);
@@ -862,6 +867,7 @@ extern "C" __global__ void __launch_bounds__(128) moe_half_f16(GPARTS, u64 row_b
 }
 
 extern "C" __global__ void __launch_bounds__(128) moe_half_bf16(GPARTS, u64 row_bytes, const float* x, u32 cols) {
+    PDL_ENTRY();
     GRow o;
     if (gpick(tab0, tab1, tab2, y0, y1, y2, rows0, rows1, rows2, ids, n_experts, k, per_slot, o) && o.w) {
         mv_half<true, 1>(o.w, row_bytes, x + (u64)o.xr * cols, o.y, o.rows, o.r, cols, 1);

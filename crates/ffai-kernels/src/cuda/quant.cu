@@ -817,27 +817,27 @@ __device__ __forceinline__ void embed(const u8* __restrict__ w, u64 row_bytes, c
 #define QUANT_KERNELS(TAG, DEC)                                                                                   \
     extern "C" __global__ void __launch_bounds__(MATVEC_THREADS)                                                  \
         matvec_##TAG(const u8* __restrict__ w, u64 row_bytes, const float* __restrict__ x, float* __restrict__ y, \
-                     u32 rows, u32 cols, u32 n) {                                                                 \
+                     u32 rows, u32 cols, u32 n) { PDL_ENTRY();                                                                 \
         matvec<DEC>(w, row_bytes, x, y, rows, cols, n);                                                           \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(MATVEC_THREADS)                                                  \
         matvec4_##TAG(const u8* __restrict__ w, u64 row_bytes, const float* __restrict__ x, float* __restrict__ y, \
-                      u32 rows, u32 cols) {                                                                       \
+                      u32 rows, u32 cols) { PDL_ENTRY();                                                                       \
         matvec4<DEC>(w, row_bytes, x, y, rows, cols);                                                             \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(MATVEC_THREADS)                                                  \
         moe_matvec_##TAG(const u64* __restrict__ table, const float* __restrict__ ids, u32 n_experts, u32 k,       \
                          u32 per_slot, u64 row_bytes, const float* __restrict__ x, float* __restrict__ y, u32 rows, \
-                         u32 cols) {                                                                              \
+                         u32 cols) { PDL_ENTRY();                                                                              \
         moe_matvec<DEC>(table, ids, n_experts, k, per_slot, row_bytes, x, y, rows, cols);                         \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(256)                                                             \
-        dequant_bf16_##TAG(const u8* __restrict__ w, u64 row_bytes, u16* __restrict__ out, u32 rows, u32 cols) {  \
+        dequant_bf16_##TAG(const u8* __restrict__ w, u64 row_bytes, u16* __restrict__ out, u32 rows, u32 cols) { PDL_ENTRY();  \
         dequant_bf16<DEC>(w, row_bytes, out, rows, cols);                                                         \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(EMBED_THREADS)                                                   \
         embed_##TAG(const u8* __restrict__ w, u64 row_bytes, const u32* __restrict__ ids, float* __restrict__ out, \
-                    u32 n, u32 cols) {                                                                            \
+                    u32 n, u32 cols) { PDL_ENTRY();                                                                            \
         embed<DEC>(w, row_bytes, ids, out, n, cols);                                                              \
     }
 

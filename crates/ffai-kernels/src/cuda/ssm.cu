@@ -11,6 +11,7 @@
 #define MAX_CONV_KERNEL 8
 
 extern "C" __global__ void mul_inplace(float* x, const float* y, unsigned int len) {
+    PDL_ENTRY();
     unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < len) {
         x[i] *= y[i];
@@ -19,6 +20,7 @@ extern "C" __global__ void mul_inplace(float* x, const float* y, unsigned int le
 
 // x = max(x, 0)^2 (NemotronH's relu2 MLP).
 extern "C" __global__ void relu_sq(float* x, unsigned int len) {
+    PDL_ENTRY();
     unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < len) {
         float r = fmaxf(x[i], 0.0f);
@@ -32,6 +34,7 @@ extern "C" __global__ void conv_step(const float* x, unsigned int channels, unsi
                                      const float* bias, unsigned int has_bias, unsigned int silu, float* state,
                                      const unsigned int* positions, const unsigned int* seqs,
                                      const unsigned int* slots, float* out) {
+    PDL_ENTRY();
     unsigned int c = blockIdx.x * blockDim.x + threadIdx.x;
     unsigned int si = blockIdx.y;
     if (c >= channels || kernel == 0 || kernel > MAX_CONV_KERNEL) {
@@ -81,6 +84,7 @@ extern "C" __global__ void ssm_scan(const float* xbc, const float* dt, const flo
                                     unsigned int ns, float dt_min, float dt_max, float* state,
                                     const unsigned int* positions, const unsigned int* seqs,
                                     const unsigned int* slots, float* out) {
+    PDL_ENTRY();
     unsigned int h = blockIdx.x, si = blockIdx.y;
     unsigned int r0 = seqs[4 * si], nr = seqs[4 * si + 1];
     unsigned int p0 = positions[r0];
@@ -116,6 +120,7 @@ extern "C" __global__ void ssm_scan(const float* xbc, const float* dt, const flo
 // or with norm_first x = w * rmsnorm_group(x) * silu(z).
 extern "C" __global__ void rms_norm_gated(float* x, const float* z, const float* w, float eps, unsigned int width,
                                           unsigned int group, unsigned int norm_first) {
+    PDL_ENTRY();
     __shared__ float partial[1024];
     size_t base = (size_t)blockIdx.x * width + (size_t)blockIdx.y * group;
     float* row = x + base;
@@ -151,6 +156,7 @@ extern "C" __global__ void rms_norm_gated(float* x, const float* z, const float*
 }
 
 extern "C" __global__ void sigmoid_mul(float* x, const float* g, unsigned int len) {
+    PDL_ENTRY();
     unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < len) {
         x[i] *= 1.0f / (1.0f + expf(-g[i]));
@@ -166,6 +172,7 @@ extern "C" __global__ void gdn_step(const float* qkv, const float* b, const floa
                                     const float* dt_bias, unsigned int kh_n, unsigned int vh, unsigned int dk,
                                     unsigned int dv, float* state, const unsigned int* positions,
                                     const unsigned int* seqs, const unsigned int* slots, float* out) {
+    PDL_ENTRY();
     __shared__ float qs[MAX_GDN_KEY_DIM];
     __shared__ float ks[MAX_GDN_KEY_DIM];
     __shared__ float norms[2];
@@ -229,6 +236,7 @@ extern "C" __global__ void gdn_step(const float* qkv, const float* b, const floa
 
 // dst[i] = src[i] for i < len (two non-overlapping slots of one state array).
 extern "C" __global__ void copy_floats(const float* src, float* dst, unsigned int len) {
+    PDL_ENTRY();
     unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < len) {
         dst[i] = src[i];
