@@ -17,6 +17,7 @@
 #   ab       ffai's decode (tg128 after 512) with the default and the older kernels
 #   parity0  every parity fixture on the GPU with the default kernels only
 #   moe      recorded MoE decode steps against eager ones (cuda_moe_graphs)
+#   pdl      decode with programmatic dependent launch off and on (FFAI_CUDA_PDL)
 #   ncu      per-kernel durations (Nsight Compute) of ffai's and llama.cpp's decode on a
 #            4-layer Llama-3-8B-shaped Q4_0 file (same per-layer shapes, small to make);
 #            needs lcbuild started earlier for llama.cpp's half
@@ -108,6 +109,13 @@ for stage in "$@"; do
     while ! grep -q '^done' /tmp/lc-build.log 2>/dev/null; do sleep 2; done; tail -2 /tmp/lc-build.log
     [ -s /tmp/synth/l4_lc_q4_0.gguf ] || /tmp/lc/llama.cpp/build/bin/llama-quantize /tmp/synth/l4.gguf /tmp/synth/l4_lc_q4_0.gguf Q4_0 >/dev/null 2>&1
     echo "== ncu llama.cpp"; timeout 300 $N /tmp/lc/llama.cpp/build/bin/llama-bench -m /tmp/synth/l4_lc_q4_0.gguf -ngl 99 -fa 1 -p 512 -n 6 -r 1 > "$out/ncu-llamacpp.csv" 2>"$out/ncu-llamacpp.err"; tail -3 "$out/ncu-llamacpp.err" ;;
+  pdl)
+    # Programmatic dependent launch off / on: decode after 512 positions (PDL_FILE, default
+    # the ncu stage's 4-layer file; the 8B Q4_0 with PDL_FILE=/tmp/synth/Q4_0.gguf).
+    for p in 0 1 0 1; do
+      echo "== ffai FFAI_CUDA_PDL=$p ${PDL_FILE:-/tmp/synth/l4_q4_0.gguf}"
+      FFAI_CUDA_PDL=$p timeout 120 $B/ffai bench -m ${PDL_FILE:-/tmp/synth/l4_q4_0.gguf} --device cuda --prompt-tokens 512 --gen-tokens 128 --repetitions 2 2>&1 | tail -2 | tee -a "$out/ffai-pdl.txt"
+    done ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done
