@@ -529,20 +529,40 @@ __device__ __forceinline__ void mv_legacy(const u8* __restrict__ w, u64 row_byte
     }
 }
 
+// A decode product's entry: the warp's weight row (its first 4 KB: a line a lane) is
+// asked into L2 *before* the kernel waits for its predecessor (PDL_ENTRY). Weights never
+// change during a step, so reading them early is safe, and the predecessors of the
+// products (a norm, the attention, an activation) leave the memory bus idle: the first
+// wave's rows arrive while they run. Nothing else is read or written before the wait.
+__device__ __forceinline__ void entry_prefetching_row(bool live, const u8* w, u32 r, u64 row_bytes) {
+    if (live) {
+        const u64 start = (u64)w + (u64)r * row_bytes, end = start + row_bytes;
+        const u64 line = (start & ~127ull) + (u64)(threadIdx.x & 31) * 128;
+        if (line < end) {
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
+        }
+    }
+    PDL_ENTRY();
+}
+
 // The extern kernels over the parts: `NAME` runs `BODY<ARG>` on the warp's row (a warp
 // past the last part's rows has nothing to do).
 #define Q8X_KERNEL(NAME, BODY, ARG)                                                                         \
     extern "C" __global__ void __launch_bounds__(128)                                                     \
-        NAME(PARTS, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, u32 cols, u32 n) { PDL_ENTRY(); \
-        Row o;                                                                                              \
-        if (pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o)) {                                         \
+        NAME(PARTS, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, u32 cols, u32 n) { \
+        Row o{};                                                                                            \
+        const bool live = pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o);                             \
+        entry_prefetching_row(live, o.w, o.r, row_bytes);                                                   \
+        if (live) {                                                                                         \
             BODY<ARG, Q8X_MAX_N>(o.w, row_bytes, xq, xd, xs, o.y, o.rows, o.r, cols, n);                    \
         }                                                                                                   \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(128)                                                     \
-        NAME##_n1(PARTS, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, u32 cols, u32 n) { PDL_ENTRY(); \
-        Row o;                                                                                              \
-        if (pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o)) {                                         \
+        NAME##_n1(PARTS, u64 row_bytes, const signed char* xq, const float* xd, const int* xs, u32 cols, u32 n) { \
+        Row o{};                                                                                            \
+        const bool live = pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o);                             \
+        entry_prefetching_row(live, o.w, o.r, row_bytes);                                                   \
+        if (live) {                                                                                         \
             BODY<ARG, 1>(o.w, row_bytes, xq, xd, xs, o.y, o.rows, o.r, cols, 1);                            \
         }                                                                                                   \
     }
@@ -766,9 +786,11 @@ __device__ __forceinline__ void mv_half(const u8* __restrict__ w, u64 row_bytes,
 
 #define HALF_KERNEL(NAME, BF, MAXN)                                                        \
     extern "C" __global__ void __launch_bounds__(128)                                    \
-        NAME(PARTS, u64 row_bytes, const float* x, u32 cols, u32 n) { PDL_ENTRY();                    \
-        Row o;                                                                             \
-        if (pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o)) {                        \
+        NAME(PARTS, u64 row_bytes, const float* x, u32 cols, u32 n) {                    \
+        Row o{};                                                                           \
+        const bool live = pick(w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, o);            \
+        entry_prefetching_row(live, o.w, o.r, row_bytes);                                  \
+        if (live) {                                                                        \
             mv_half<BF, MAXN>(o.w, row_bytes, x, o.y, o.rows, o.r, cols, MAXN == 1 ? 1 : n); \
         }                                                                                  \
     }
