@@ -278,6 +278,23 @@ __device__ __forceinline__ void attn_part(ATTN_PARAMS, COMBINE_PARAMS) {
         hi = min(p + 1, (k + 1) * SPAN);
     }
     const size_t part0 = ((size_t)blockIdx.x * n_heads + h0) * max_spans + j;
+    // Each position's K/V row (in units of head_dim) within the pools, and those rows
+    // asked into L2, before waiting for the kernel before this one: the step's metadata
+    // (positions, sequences, block tables) was written before the step's first kernel,
+    // and that kernel (RoPE and the K/V write) writes no row these positions read but
+    // the newest, whose lines L2 holds coherently. No other read or any write before
+    // the wait.
+    if (tid < SPAN && lo + tid < hi) {
+        const unsigned int pos = lo + tid;
+        unsigned int blk = tables[s.table_start + pos / block_size];
+        const unsigned int at = (blk * kv_heads + kvh) * block_size + pos % block_size;
+        rows_at[tid] = at;
+        for (unsigned int off = 0; off < head_dim * 2; off += 128) {
+            asm volatile("prefetch.global.L2 [%0];" ::"l"((const char*)(k_pages + (size_t)at * head_dim) + off));
+            asm volatile("prefetch.global.L2 [%0];" ::"l"((const char*)(v_pages + (size_t)at * head_dim) + off));
+        }
+    }
+    PDL_ENTRY();
     if (lo >= hi) {
         for (unsigned int i = tid; i < gn * head_dim; i += blockDim.x) {
             unsigned int h = i / head_dim;
@@ -295,12 +312,6 @@ __device__ __forceinline__ void attn_part(ATTN_PARAMS, COMBINE_PARAMS) {
     for (unsigned int i = tid; i < gn * head_dim; i += blockDim.x) {
         unsigned int h = i / head_dim, d = i % head_dim;
         qs[h][d] = q[((size_t)row * n_heads + h0 + h) * head_dim + d];
-    }
-    // Each position's K/V row (in units of head_dim) within the pools.
-    if (tid < SPAN && lo + tid < hi) {
-        const unsigned int pos = lo + tid;
-        unsigned int blk = tables[s.table_start + pos / block_size];
-        rows_at[tid] = (blk * kv_heads + kvh) * block_size + pos % block_size;
     }
     __syncthreads();
     // Scores: position t = tid / ATTN_LANES, piece c = tid % ATTN_LANES.
@@ -463,7 +474,7 @@ __device__ __forceinline__ void attn_part(ATTN_PARAMS, COMBINE_PARAMS) {
 
 // Parts of 256 positions, one thread a position (the cut verified on the H100).
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_spans(ATTN_PARAMS) {
-    PDL_ENTRY();
+    // PDL_ENTRY() in attn_part, after its metadata reads.
     attn_part<256, 1, false>(ATTN_ARGS, nullptr, nullptr, 0, nullptr);
 }
 
@@ -472,7 +483,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_spans(ATTN_PARAM
 // and the parts folded by the block that finishes a row's last one (no attn_combine
 // launch). FFAI_CUDA_OLDER_KERNELS=1 takes attn_spans and attn_combine instead.
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_spans64(ATTN_PARAMS, COMBINE_PARAMS) {
-    PDL_ENTRY();
+    // PDL_ENTRY() in attn_part, after its metadata reads.
     attn_part<64, 4, true>(ATTN_ARGS, COMBINE_ARGS);
 }
 

@@ -248,11 +248,10 @@ __device__ __forceinline__ void q8_both(float v, bool live, u64 e, bool q256, u3
 // blockDim.x): with `add`, x += y (stored); out = x / rms(x) * w; with `quant` (width %
 // 32 == 0), out's 8-bit sets. Thread tid holds elements tid + i * blockDim.x (so a warp
 // holds 32 consecutive ones), all loaded at once. The sum of squares: per thread in
-// element order, warps by butterfly, then the warps in order.
+// element order, warps by butterfly, then the warps' sums by one more butterfly.
 extern "C" __global__ void __launch_bounds__(1024)
     norm_q8(float* __restrict__ x, const float* __restrict__ y, const float* __restrict__ w, float eps, u32 width,
             u32 add, float* __restrict__ out, Q8_SETS) {
-    PDL_ENTRY();
     __shared__ float red[32];
     __shared__ u32 smax[NORM_PER][32];
     const u32 t = blockIdx.x, tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
@@ -260,14 +259,20 @@ extern "C" __global__ void __launch_bounds__(1024)
     const float* yr = y + (u64)t * width;
     float* dst = out + (u64)t * width;
     float v[NORM_PER], wv[NORM_PER];
+    // The weights (never written during a step) are read before waiting for the
+    // predecessor; the row only after.
+#pragma unroll
+    for (int i = 0; i < NORM_PER; ++i) {
+        const u32 c = tid + i * nt;
+        wv[i] = c < width ? w[c] : 0.0f;
+    }
+    PDL_ENTRY();
 #pragma unroll
     for (int i = 0; i < NORM_PER; ++i) {
         const u32 c = tid + i * nt;
         v[i] = 0.0f;
-        wv[i] = 0.0f;
         if (c < width) {
             v[i] = row[c];
-            wv[i] = w[c];
             if (add) {
                 v[i] += yr[c];
             }
@@ -289,10 +294,8 @@ extern "C" __global__ void __launch_bounds__(1024)
         red[warp] = s;
     }
     __syncthreads();
-    float total = 0.0f;
-    for (u32 i = 0; i < nt / 32; ++i) {
-        total += red[i];
-    }
+    // The warps' sums added by one butterfly (a fixed order), not one after another.
+    const float total = warp_sum(lane < nt / 32 ? red[lane] : 0.0f);
     const float inv = 1.0f / sqrtf(total / (float)width + eps);
     u32 m[NORM_PER];
 #pragma unroll
@@ -302,7 +305,8 @@ extern "C" __global__ void __launch_bounds__(1024)
         if (c < width) {
             dst[c] = v[i];
         }
-        m[i] = warp_max_bits(c < width ? __float_as_uint(v[i]) & 0x7FFFFFFFu : 0u);
+        // (i * nt < width is the same for the whole block: rounds past the row skipped.)
+        m[i] = i * nt < width ? warp_max_bits(c < width ? __float_as_uint(v[i]) & 0x7FFFFFFFu : 0u) : 0u;
     }
     if (!quant) {
         return;
