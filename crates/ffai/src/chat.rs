@@ -180,18 +180,17 @@ pub fn request_variables(
         Some(v) => template_kwargs(v)?,
         None => Vec::new(),
     };
-    match reasoning_effort.filter(|v| !v.is_null()) {
-        None => {}
-        Some(serde_json::Value::String(e)) => {
-            if !vars.iter().any(|(k, _)| k == "reasoning_effort") {
-                vars.push(("reasoning_effort".into(), e.as_str().into()));
-            }
-        }
+    let effort = match reasoning_effort.filter(|v| !v.is_null()) {
+        None => None,
+        Some(serde_json::Value::String(e)) => Some(e),
         Some(_) => {
             return Err(Error::new(
                 "reasoning_effort must be a string (\"low\", \"medium\", \"high\")",
             ))
         }
+    };
+    if let Some(e) = effort.filter(|_| !vars.iter().any(|(k, _)| k == "reasoning_effort")) {
+        vars.push(("reasoning_effort".into(), e.as_str().into()));
     }
     Ok(vars)
 }
