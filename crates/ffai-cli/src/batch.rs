@@ -61,7 +61,8 @@ pub struct BatchArgs {
     /// with max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop,
     /// response_format (as in the OpenAI API; also {"type": "regex"|"grammar", ...}), and
     /// for chat lines tools, tool_choice, parallel_tool_calls (calls parsed into the
-    /// output's "tool_calls"). Blank lines are skipped; output "index" counts the requests
+    /// output's "tool_calls"), chat_template_kwargs (an object of extra chat-template
+    /// variables, e.g. {"enable_thinking": false}) and reasoning_effort. Blank lines are skipped; output "index" counts the requests
     /// from 0.
     #[arg(long)]
     input: PathBuf,
@@ -96,6 +97,8 @@ const KEYS: &[&str] = &[
     "tools",
     "tool_choice",
     "parallel_tool_calls",
+    "chat_template_kwargs",
+    "reasoning_effort",
 ];
 
 /// One input line, checked and tokenized.
@@ -184,6 +187,9 @@ fn parse_line(model: &Model, line: &str, n: usize, chat: bool, defaults: &Genera
     }
     p.validate().map_err(|e| err(e.message().to_string()))?;
     let tools = parse_tools(&o).map_err(err)?;
+    // Extra chat-template variables, as `ffai serve` takes them.
+    let vars = ffai::chat::request_variables(o.get("chat_template_kwargs"), o.get("reasoning_effort"))
+        .map_err(|e| err(e.message().to_string()))?;
     let msgs: Vec<ffai::chat::Message> = match (o.get("prompt"), o.get("messages")) {
         (Some(_), Some(_)) => return Err(err("give \"prompt\" or \"messages\", not both".into())),
         (None, None) => return Err(err("no \"prompt\" or \"messages\"".into())),
@@ -191,6 +197,12 @@ fn parse_line(model: &Model, line: &str, n: usize, chat: bool, defaults: &Genera
         (Some(Value::String(s)), None) => {
             if tools.is_some() {
                 return Err(err("tools need a chat request (\"messages\", or --chat)".into()));
+            }
+            if !vars.is_empty() {
+                return Err(err(
+                    "\"chat_template_kwargs\" and \"reasoning_effort\" need a chat request (\"messages\", or --chat)"
+                        .into(),
+                ));
             }
             let prompt = model.encode(s).map_err(|e| err(e.message().to_string()))?;
             return Ok(Job {
@@ -210,10 +222,17 @@ fn parse_line(model: &Model, line: &str, n: usize, chat: bool, defaults: &Genera
         }
     };
     let (text, offered) = match tools {
-        None => (
+        None if vars.is_empty() => (
             model
                 .render_chat(&msgs, true)
                 .map_err(|e| err(e.message().to_string()))?,
+            None,
+        ),
+        None => (
+            model
+                .render_chat_vars(&msgs, &[], false, vars)
+                .map_err(|e| err(e.message().to_string()))?
+                .0,
             None,
         ),
         Some((specs, choice, parallel)) => {
@@ -222,7 +241,7 @@ fn parse_line(model: &Model, line: &str, n: usize, chat: bool, defaults: &Genera
             ffai::tools::check_schemas(&specs, &model.tokenizer).map_err(|e| err(e.message().to_string()))?;
             let offer = choice != ffai::tools::ToolChoice::None;
             let (text, tpl) = model
-                .render_chat_tools(&msgs, &specs, offer)
+                .render_chat_vars(&msgs, &specs, offer, vars)
                 .map_err(|e| err(e.message().to_string()))?;
             let forced = ffai::tools::grammar(tpl.format, tpl.reasoning, &specs, &choice, parallel, &model.tokenizer);
             let reasoning = match forced {
