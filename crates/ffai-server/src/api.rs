@@ -152,9 +152,10 @@ pub(crate) struct ToolCtx {
     /// The call is forced by a grammar (`tool_choice` "required" or a named function):
     /// its text is known to parse, so a stream sends its arguments as they are written.
     forced: bool,
-    /// The reasoning block a forced call's grammar lets the model write first (None
-    /// unless forced). It is neither content nor calls: it goes out as the message's
-    /// `reasoning_content` (the field reasoning models' OpenAI-compatible servers use).
+    /// The reasoning block a forced call's grammar lets the model write first, or an
+    /// unforced answer's with `--reasoning-parser auto` (else None). It is neither
+    /// content nor calls: it goes out as the message's `reasoning_content` (the field
+    /// reasoning models' OpenAI-compatible servers use).
     reasoning: ffai::tools::Reasoning,
 }
 
@@ -245,10 +246,12 @@ pub async fn chat_completions(State(st): St, body: Body) -> Result<Response, Api
             format: tpl.format,
             names: tools.tools.iter().map(|t| t.name.clone()).collect(),
             forced,
-            reasoning: if forced {
+            // Unforced, the model may think before its calls or answer too: split off
+            // unless the server was told not to.
+            reasoning: if forced || parser == ReasoningParser::Auto {
                 tpl.reasoning
             } else {
-                ffai::tools::Reasoning::None
+                Reasoning::None
             },
         });
         let ctx = ctx.filter(|c| !c.names.is_empty());

@@ -1451,6 +1451,16 @@ fn reasoning_parser_and_chat_template_kwargs() {
     let (content, _) = chat_stream_text(&post(auto.addr, "/v1/chat/completions", &sb));
     assert_eq!(content, m["content"].as_str().unwrap());
 
+    // Tools offered, not forced: the block is split off before calls are read (kept as
+    // written, as a forced call's is); without the parser it is the content.
+    let with_tools = chat_body(json!({"messages": ask, "max_tokens": 10, "tools": weather_tools()}));
+    let raw = post(none.addr, "/v1/chat/completions", &with_tools).json();
+    let raw_text = raw["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(!raw_text.contains("</think>"), "{raw}");
+    let j = post(auto.addr, "/v1/chat/completions", &with_tools).json();
+    assert_eq!(j["choices"][0]["message"]["reasoning_content"], raw_text, "{j}");
+    assert_eq!(j["choices"][0]["message"]["content"], "", "{j}");
+
     // Bad extra variables: one-line 400s naming the field; then the server still answers.
     for (extra, needle) in [
         (json!({"chat_template_kwargs": [1]}), "must be an object"),
