@@ -411,7 +411,7 @@ fn batch_forced_calls_keep_reasoning_out_of_content() {
 #[test]
 fn batch_chat_template_kwargs_reach_the_template() {
     let dir = temp_dir("batch-kwargs");
-    let [qwen3, _] = smollm2_with_qwen3_templates(&dir);
+    let [qwen3, thinking] = smollm2_with_qwen3_templates(&dir);
     let ask = r#"[{"role": "user", "content": "Name a color."}]"#;
     let mut input = String::new();
     for kwargs in ["null", r#"{"enable_thinking": false}"#, r#"{"enable_thinking": true}"#] {
@@ -443,4 +443,37 @@ fn batch_chat_template_kwargs_reach_the_template() {
     assert_eq!(tokens.len(), 3);
     assert!(tokens[1] > tokens[0], "{tokens:?}");
     assert_eq!(tokens[2], tokens[0], "{tokens:?}");
+
+    // The thinking template opens the block in the prompt and SmolLM2 never closes it:
+    // the answer is all reasoning (no content), unless the kwargs switch thinking off;
+    // "text" keeps the output whole either way.
+    let mut input = String::new();
+    for kwargs in ["null", r#"{"enable_thinking": false}"#] {
+        input += &format!(
+            "{{\"messages\": {ask}, \"max_tokens\": 8, \"temperature\": 0, \"chat_template_kwargs\": {kwargs}}}\n"
+        );
+    }
+    let input = write(&dir, "think.jsonl", &input);
+    let output = dir.join("think.out.jsonl");
+    let out = ffai(&[
+        "batch",
+        "-m",
+        &thinking,
+        "--input",
+        &input,
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let text = lines[0]["text"].as_str().unwrap();
+    assert!(!text.contains("</think>") && !text.trim().is_empty(), "{}", lines[0]);
+    assert_eq!(lines[0]["reasoning_content"], text.trim_matches('\n'), "{}", lines[0]);
+    assert!(lines[0]["content"].is_null(), "{}", lines[0]);
+    assert!(lines[1].get("reasoning_content").is_none(), "{}", lines[1]);
+    assert_eq!(lines[1]["content"], lines[1]["text"], "{}", lines[1]);
 }
