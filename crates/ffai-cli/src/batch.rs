@@ -61,7 +61,10 @@ pub struct BatchArgs {
     /// with max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop,
     /// response_format (as in the OpenAI API; also {"type": "regex"|"grammar", ...}), and
     /// for chat lines tools, tool_choice, parallel_tool_calls (calls parsed into the
-    /// output's "tool_calls"). Blank lines are skipped; output "index" counts the requests
+    /// output's "tool_calls"), chat_template_kwargs (an object of extra chat-template
+    /// variables, e.g. {"enable_thinking": false}) and reasoning_effort. Chat lines of a
+    /// thinking model (no tools) also get the output split as `ffai serve` does:
+    /// "reasoning_content" and "content" ("text" stays whole). Blank lines are skipped; output "index" counts the requests
     /// from 0.
     #[arg(long)]
     input: PathBuf,
@@ -96,6 +99,8 @@ const KEYS: &[&str] = &[
     "tools",
     "tool_choice",
     "parallel_tool_calls",
+    "chat_template_kwargs",
+    "reasoning_effort",
 ];
 
 /// One input line, checked and tokenized.
@@ -105,10 +110,23 @@ struct Job {
     /// Offered tools: the format to read calls in, the reasoning block a forced call may
     /// start with (left out of "content"), and the offered names.
     tools: Option<(ffai::tools::ToolFormat, ffai::tools::Reasoning, Vec<String>)>,
+    /// Chat lines without tools of a thinking model (one whose template teaches a
+    /// reasoning block): the block its answer may open with, split off into
+    /// "reasoning_content" and "content" (`Reasoning::None` where the prompt switched
+    /// thinking off: all content).
+    reasoning: Option<ffai::tools::Reasoning>,
 }
 
 /// Parses and checks one line (1-based `n` for messages); errors name the line.
-fn parse_line(model: &Model, line: &str, n: usize, chat: bool, defaults: &GenerationParameters) -> Result<Job> {
+/// `template`: what the model's chat template teaches (read once for the whole file).
+fn parse_line(
+    model: &Model,
+    template: Option<ffai::tools::ToolTemplate>,
+    line: &str,
+    n: usize,
+    chat: bool,
+    defaults: &GenerationParameters,
+) -> Result<Job> {
     let err = |m: String| Error::new(format!("line {n}: {m}"));
     let v: Value = serde_json::from_str(line).map_err(|e| err(format!("not valid JSON: {e}")))?;
     let Value::Object(o) = v else {
@@ -184,6 +202,9 @@ fn parse_line(model: &Model, line: &str, n: usize, chat: bool, defaults: &Genera
     }
     p.validate().map_err(|e| err(e.message().to_string()))?;
     let tools = parse_tools(&o).map_err(err)?;
+    // Extra chat-template variables, as `ffai serve` takes them.
+    let vars = ffai::chat::request_variables(o.get("chat_template_kwargs"), o.get("reasoning_effort"))
+        .map_err(|e| err(e.message().to_string()))?;
     let msgs: Vec<ffai::chat::Message> = match (o.get("prompt"), o.get("messages")) {
         (Some(_), Some(_)) => return Err(err("give \"prompt\" or \"messages\", not both".into())),
         (None, None) => return Err(err("no \"prompt\" or \"messages\"".into())),
@@ -192,11 +213,18 @@ fn parse_line(model: &Model, line: &str, n: usize, chat: bool, defaults: &Genera
             if tools.is_some() {
                 return Err(err("tools need a chat request (\"messages\", or --chat)".into()));
             }
+            if !vars.is_empty() {
+                return Err(err(
+                    "\"chat_template_kwargs\" and \"reasoning_effort\" need a chat request (\"messages\", or --chat)"
+                        .into(),
+                ));
+            }
             let prompt = model.encode(s).map_err(|e| err(e.message().to_string()))?;
             return Ok(Job {
                 prompt,
                 params: p,
                 tools: None,
+                reasoning: None,
             });
         }
         (Some(other), None) => return Err(err(format!("\"prompt\" must be a string, not {}", kind(other)))),
@@ -209,20 +237,28 @@ fn parse_line(model: &Model, line: &str, n: usize, chat: bool, defaults: &Genera
             msgs
         }
     };
-    let (text, offered) = match tools {
-        None => (
-            model
+    let none = ffai::tools::Reasoning::None;
+    let (text, offered, reasoning) = match tools {
+        None if vars.is_empty() => {
+            let text = model
                 .render_chat(&msgs, true)
-                .map_err(|e| err(e.message().to_string()))?,
-            None,
-        ),
+                .map_err(|e| err(e.message().to_string()))?;
+            let reasoning = template.map_or(none, |t| t.for_prompt(&text).reasoning);
+            (text, None, reasoning)
+        }
+        None => {
+            let (text, tpl) = model
+                .render_chat_vars(&msgs, &[], false, vars)
+                .map_err(|e| err(e.message().to_string()))?;
+            (text, None, tpl.reasoning)
+        }
         Some((specs, choice, parallel)) => {
             // As the server does: schemas compiled, tools offered unless the choice is
             // "none", a forced call's grammar in place of the response format.
             ffai::tools::check_schemas(&specs, &model.tokenizer).map_err(|e| err(e.message().to_string()))?;
             let offer = choice != ffai::tools::ToolChoice::None;
             let (text, tpl) = model
-                .render_chat_tools(&msgs, &specs, offer)
+                .render_chat_vars(&msgs, &specs, offer, vars)
                 .map_err(|e| err(e.message().to_string()))?;
             let forced = ffai::tools::grammar(tpl.format, tpl.reasoning, &specs, &choice, parallel, &model.tokenizer);
             let reasoning = match forced {
@@ -241,14 +277,22 @@ fn parse_line(model: &Model, line: &str, n: usize, chat: bool, defaults: &Genera
             (
                 text,
                 (offer && !names.is_empty()).then_some((tpl.format, reasoning, names)),
+                tpl.reasoning,
             )
         }
     };
     let prompt = model.encode(&text).map_err(|e| err(e.message().to_string()))?;
+    // A thinking model's chat answer gets "reasoning_content" and "content"; one read for
+    // calls keeps its own split (a forced call's reasoning, above).
+    let reasoning = template
+        .is_some_and(|t| t.reasoning != none)
+        .then_some(reasoning)
+        .filter(|_| offered.is_none());
     Ok(Job {
         prompt,
         params: p,
         tools: offered,
+        reasoning,
     })
 }
 
@@ -297,6 +341,14 @@ pub fn cmd_batch(a: BatchArgs) -> Result<()> {
     let file = std::fs::File::open(&a.input).map_err(|e| Error::new(format!("{}: {e}", a.input.display())))?;
     let mut defaults = a.sampling.apply(model.default_parameters());
     defaults.response_format = a.sampling.response_format()?;
+    // Whether chat answers may open with a reasoning block (Qwen3, DeepSeek-R1, gpt-oss
+    // templates): the template read once. A template that does not load fails the chat
+    // lines that need it, not this.
+    let template = model
+        .chat_template()
+        .ok()
+        .flatten()
+        .map(|t| ffai::tools::ToolTemplate::detect(t.source()));
     // Every line is read, parsed, rendered, tokenized and checked before any work starts.
     let mut jobs = Vec::new();
     let mut line_numbers = Vec::new();
@@ -322,7 +374,7 @@ pub fn cmd_batch(a: BatchArgs) -> Result<()> {
         if line.trim().is_empty() {
             continue; // blank lines (a trailing newline or two) are no requests
         }
-        let job = parse_line(&model, line, n, a.chat, &defaults)?;
+        let job = parse_line(&model, template, line, n, a.chat, &defaults)?;
         jobs.push(job);
         line_numbers.push(n);
     }
@@ -350,6 +402,7 @@ pub fn cmd_batch(a: BatchArgs) -> Result<()> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let offered: Vec<_> = jobs.iter_mut().map(|j| j.tools.take()).collect();
+    let reasoning: Vec<_> = jobs.iter().map(|j| j.reasoning).collect();
     let t0 = Instant::now();
     let results = run_all(&mut sched, jobs, |done, generated| {
         bar.set_position(done as u64);
@@ -373,6 +426,15 @@ pub fn cmd_batch(a: BatchArgs) -> Result<()> {
             "prompt_tokens": c.prompt_tokens,
             "completion_tokens": c.token_ids.len(),
         });
+        if let Some(r) = reasoning[i] {
+            // A thinking model's chat answer, as `ffai serve` splits it ("text" keeps it
+            // whole): "content" is null when the output ended inside the block.
+            let (r, content) = ffai::reasoning::split(r, &c.text);
+            if let Some(r) = r {
+                line["reasoning_content"] = json!(r);
+            }
+            line["content"] = json!(content);
+        }
         if let Some((format, reasoning, names)) = &offered[i] {
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
             // Calls as the OpenAI API gives them (ids numbered by line and call, so a

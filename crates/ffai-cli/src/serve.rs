@@ -41,6 +41,12 @@ pub struct ServeArgs {
     /// for any. Repeatable.
     #[arg(long)]
     cors_origin: Vec<String>,
+    /// What to do with a thinking model's reasoning before its chat answer: `auto` sends
+    /// it as the message's `reasoning_content` where the chat template teaches one
+    /// (Qwen3, DeepSeek-R1 `<think>` blocks; gpt-oss analysis); `none` leaves it in the
+    /// content.
+    #[arg(long, default_value = "auto", value_parser = ["none", "auto"])]
+    reasoning_parser: String,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -62,6 +68,7 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
         max_queue: a.max_queue,
         shutdown_grace: Duration::from_secs(a.shutdown_grace),
         cors_origins: a.cors_origin.clone(),
+        reasoning_parser: a.reasoning_parser.parse().map_err(Error::new)?,
     };
     let capacity = a.engine.max_sequences.saturating_add(a.max_queue);
     let (host, port) = (a.host.clone(), a.port);

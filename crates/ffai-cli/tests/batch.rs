@@ -132,6 +132,22 @@ fn bad_lines_are_reported_by_number_before_any_work() {
             "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"tools\": [{\"type\": \"function\", \"function\": {\"name\": \"f\"}}], \"tool_choice\": \"required\", \"response_format\": {\"type\": \"json_object\"}}\n",
             "line 1: a forced tool call",
         ),
+        (
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}\n{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"chat_template_kwargs\": [true]}\n",
+            "line 2: chat_template_kwargs must be an object, not a list",
+        ),
+        (
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"chat_template_kwargs\": {\"enable_thinking\": false, \"add_generation_prompt\": false}}\n",
+            "line 1: chat_template_kwargs may not set \"add_generation_prompt\"",
+        ),
+        (
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"reasoning_effort\": 2}\n",
+            "line 1: reasoning_effort must be a string",
+        ),
+        (
+            "{\"prompt\": \"x\", \"chat_template_kwargs\": {\"enable_thinking\": false}}\n",
+            "line 1: \"chat_template_kwargs\" and \"reasoning_effort\" need a chat request",
+        ),
     ];
     for (i, (text, needle)) in cases.iter().enumerate() {
         let input = write(&dir, &format!("in{i}.jsonl"), text);
@@ -387,4 +403,77 @@ fn batch_forced_calls_keep_reasoning_out_of_content() {
         }
     }
     assert!(called > 0);
+}
+
+/// A chat line's `chat_template_kwargs` reach the template: Qwen3's `enable_thinking`
+/// false writes an empty think block into the generation prompt (more prompt tokens, and
+/// greedy text that may differ), true or absent writes none.
+#[test]
+fn batch_chat_template_kwargs_reach_the_template() {
+    let dir = temp_dir("batch-kwargs");
+    let [qwen3, thinking] = smollm2_with_qwen3_templates(&dir);
+    let ask = r#"[{"role": "user", "content": "Name a color."}]"#;
+    let mut input = String::new();
+    for kwargs in ["null", r#"{"enable_thinking": false}"#, r#"{"enable_thinking": true}"#] {
+        input += &format!(
+            "{{\"messages\": {ask}, \"max_tokens\": 1, \"temperature\": 0, \"chat_template_kwargs\": {kwargs}}}\n"
+        );
+    }
+    let input = write(&dir, "in.jsonl", &input);
+    let output = dir.join("out.jsonl");
+    let out = ffai(&[
+        "batch",
+        "-m",
+        &qwen3,
+        "--input",
+        &input,
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tokens: Vec<u64> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["prompt_tokens"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(tokens.len(), 3);
+    assert!(tokens[1] > tokens[0], "{tokens:?}");
+    assert_eq!(tokens[2], tokens[0], "{tokens:?}");
+
+    // The thinking template opens the block in the prompt and SmolLM2 never closes it:
+    // the answer is all reasoning (no content), unless the kwargs switch thinking off;
+    // "text" keeps the output whole either way.
+    let mut input = String::new();
+    for kwargs in ["null", r#"{"enable_thinking": false}"#] {
+        input += &format!(
+            "{{\"messages\": {ask}, \"max_tokens\": 8, \"temperature\": 0, \"chat_template_kwargs\": {kwargs}}}\n"
+        );
+    }
+    let input = write(&dir, "think.jsonl", &input);
+    let output = dir.join("think.out.jsonl");
+    let out = ffai(&[
+        "batch",
+        "-m",
+        &thinking,
+        "--input",
+        &input,
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let text = lines[0]["text"].as_str().unwrap();
+    assert!(!text.contains("</think>") && !text.trim().is_empty(), "{}", lines[0]);
+    assert_eq!(lines[0]["reasoning_content"], text.trim_matches('\n'), "{}", lines[0]);
+    assert!(lines[0]["content"].is_null(), "{}", lines[0]);
+    assert!(lines[1].get("reasoning_content").is_none(), "{}", lines[1]);
+    assert_eq!(lines[1]["content"], lines[1]["text"], "{}", lines[1]);
 }

@@ -20,11 +20,13 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use ffai::engine::{Completion, Event, FinishReason, RequestHandle, SeqRequest};
 use ffai::generate::TokenLogprobs;
+use ffai::reasoning::ReasoningStream;
+use ffai::tools::Reasoning;
 use ffai::Tokenizer;
 
 use crate::error::ApiError;
 use crate::request::{self, Common, Limits, Prompt};
-use crate::{unix_now, AppState, LoggedLater, Tokens};
+use crate::{unix_now, AppState, LoggedLater, ReasoningParser, Tokens};
 
 /// How often a forwarder waiting on the engine checks whether its client is still there.
 const POLL: Duration = Duration::from_millis(50);
@@ -150,9 +152,10 @@ pub(crate) struct ToolCtx {
     /// The call is forced by a grammar (`tool_choice` "required" or a named function):
     /// its text is known to parse, so a stream sends its arguments as they are written.
     forced: bool,
-    /// The reasoning block a forced call's grammar lets the model write first (None
-    /// unless forced). It is neither content nor calls: it goes out as the message's
-    /// `reasoning_content` (the field reasoning models' OpenAI-compatible servers use).
+    /// The reasoning block a forced call's grammar lets the model write first, or an
+    /// unforced answer's with `--reasoning-parser auto` (else None). It is neither
+    /// content nor calls: it goes out as the message's `reasoning_content` (the field
+    /// reasoning models' OpenAI-compatible servers use).
     reasoning: ffai::tools::Reasoning,
 }
 
@@ -201,7 +204,7 @@ pub async fn completions(State(st): St, body: Body) -> Result<Response, ApiError
                 .map_err(|e| ApiError::bad_field("prompt", e.message().to_string()))?
         }
     };
-    generate(st, Kind::Completion, ids, common, None).await
+    generate(st, Kind::Completion, ids, common, None, Reasoning::None).await
 }
 
 pub async fn chat_completions(State(st): St, body: Body) -> Result<Response, ApiError> {
@@ -210,17 +213,22 @@ pub async fn chat_completions(State(st): St, body: Body) -> Result<Response, Api
     let mut common = request::parse_common(&o, &st.defaults, limits(&st), true)?;
     let tools = request::parse_tools(&o)?;
     let messages = request::parse_messages(&o)?;
+    // Extra template variables: `chat_template_kwargs`, and `reasoning_effort` (gpt-oss).
+    request::string(&o, "reasoning_effort")?;
+    let vars = ffai::chat::request_variables(o.get("chat_template_kwargs"), o.get("reasoning_effort"))
+        .map_err(|e| ApiError::bad_field("chat_template_kwargs", e.message().to_string()))?;
+    let parser = st.opts.reasoning_parser;
     let model = st.engine.model().clone();
     // Schemas compiled, the conversation rendered (tools offered unless the choice is
     // "none") and tokenized as `ffai generate --chat` does, and a forced call's grammar
     // built, on the blocking pool.
-    let (ids, format, grammar) = blocking(move || {
+    let (ids, format, grammar, reasoning) = blocking(move || {
         let tok = &model.tokenizer;
         ffai::tools::check_schemas(&tools.tools, tok)
             .map_err(|e| ApiError::bad_field("tools", e.message().to_string()))?;
         let offer = tools.choice != ffai::tools::ToolChoice::None;
         let (text, tpl) = model
-            .render_chat_tools(&messages, &tools.tools, offer)
+            .render_chat_vars(&messages, &tools.tools, offer, vars)
             .map_err(|e| ApiError::bad_field("messages", e.message().to_string()))?;
         let ids = model
             .encode(&text)
@@ -238,19 +246,28 @@ pub async fn chat_completions(State(st): St, body: Body) -> Result<Response, Api
             format: tpl.format,
             names: tools.tools.iter().map(|t| t.name.clone()).collect(),
             forced,
-            reasoning: if forced {
+            // Unforced, the model may think before its calls or answer too: split off
+            // unless the server was told not to.
+            reasoning: if forced || parser == ReasoningParser::Auto {
                 tpl.reasoning
             } else {
-                ffai::tools::Reasoning::None
+                Reasoning::None
             },
         });
-        Ok::<_, ApiError>((ids, ctx.filter(|c| !c.names.is_empty()), grammar))
+        let ctx = ctx.filter(|c| !c.names.is_empty());
+        // An ordinary answer (no tools to read calls from): its reasoning block, where the
+        // template teaches one and the prompt leaves room for it, is split off.
+        let reasoning = match (&ctx, parser) {
+            (None, ReasoningParser::Auto) => tpl.reasoning,
+            _ => Reasoning::None,
+        };
+        Ok::<_, ApiError>((ids, ctx, grammar, reasoning))
     })
     .await??;
     if let Some(g) = grammar {
         common.params.response_format = Some(ffai::constrain::ResponseFormat::Lark(g));
     }
-    generate(st, Kind::Chat, ids, common, format.map(Arc::new)).await
+    generate(st, Kind::Chat, ids, common, format.map(Arc::new), reasoning).await
 }
 
 /// What a forwarder passes from the engine to the async side.
@@ -280,6 +297,7 @@ async fn generate(
     prompt: Vec<u32>,
     c: Common,
     tools: Option<Arc<ToolCtx>>,
+    reasoning: Reasoning,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let cfg = st.engine.config();
@@ -342,6 +360,7 @@ async fn generate(
         created: unix_now(),
         model: st.opts.served_model_name.clone(),
         tools,
+        reasoning,
     };
     if c.stream {
         Ok(stream(st, reply, rx, c.n, n_prompt, c.include_usage, started))
@@ -413,6 +432,9 @@ struct Reply {
     model: String,
     /// Chat with tools offered: calls are parsed from each choice's output.
     tools: Option<Arc<ToolCtx>>,
+    /// Chat without tools: the reasoning block split off each choice's output
+    /// (`ffai::reasoning`; None: the output is all content).
+    reasoning: Reasoning,
 }
 
 fn finish_reason(r: &FinishReason) -> &'static str {
@@ -524,10 +546,22 @@ async fn whole(
                             "tool_calls",
                         )
                     }
-                    None => (
-                        json!({"role": "assistant", "content": reply.tools.as_ref().map_or(c.text.as_str(), |t| t.answer(&c.text))}),
-                        finish_reason(&c.finish_reason),
-                    ),
+                    None => match reply.tools.as_ref() {
+                        Some(t) => (
+                            json!({"role": "assistant", "content": t.answer(&c.text)}),
+                            finish_reason(&c.finish_reason),
+                        ),
+                        None => {
+                            // An output that ended inside its reasoning block has no
+                            // content: null, as vLLM answers.
+                            let (reasoning, content) = ffai::reasoning::split(reply.reasoning, &c.text);
+                            let mut m = json!({"role": "assistant", "content": content});
+                            if let Some(r) = reasoning {
+                                m["reasoning_content"] = r.into();
+                            }
+                            (m, finish_reason(&c.finish_reason))
+                        }
+                    },
                 };
                 let message = match reply.tools.as_ref() {
                     Some(t) => t.with_reasoning(message, &c.text),
@@ -611,6 +645,9 @@ struct Streaming {
     /// Per choice: its reasoning block (a forced call's, see `ToolCtx::reasoning`) is
     /// over and was dropped from `outputs`, which from then on holds only the answer.
     reasoned: Vec<bool>,
+    /// Chat without tools: per choice, its output split into reasoning and content as it
+    /// comes (see `Reply::reasoning`).
+    splits: Vec<ReasoningStream>,
 }
 
 impl Streaming {
@@ -677,8 +714,9 @@ impl Streaming {
         self.delta_chunk(index, json!({ "tool_calls": calls }))
     }
 
-    /// A chat chunk with the choice's reasoning block (`reasoning_content`), sent once the
-    /// block is over (or the output ended inside it).
+    /// A chat chunk with (part of) the choice's reasoning block (`reasoning_content`): a
+    /// forced call's all at once when the block is over (or the output ended inside it),
+    /// an ordinary answer's as it is written (nothing when empty).
     fn push_reasoning(&mut self, index: usize, text: &str) {
         if !text.is_empty() {
             let c = self.delta_chunk(index, json!({ "reasoning_content": text }));
@@ -758,7 +796,11 @@ impl Streaming {
         match msg {
             SeqMsg::Logprob(id, lp) => self.pending[index].push((id, lp)),
             SeqMsg::Text(t) => match self.reply.tools.clone() {
-                None => self.push_text(index, &t),
+                None => {
+                    let d = self.splits[index].push(&t);
+                    self.push_reasoning(index, &d.reasoning);
+                    self.push_text(index, &d.content);
+                }
                 Some(tools) => {
                     self.outputs[index].push_str(&t);
                     if !self.reasoned[index] {
@@ -794,6 +836,11 @@ impl Streaming {
                 self.log.tokens.completion += c.token_ids.len();
                 self.cached = self.cached.max(c.cached_tokens);
                 let mut finish = finish_reason(&c.finish_reason);
+                if self.reply.kind == Kind::Chat && self.reply.tools.is_none() {
+                    let d = self.splits[index].finish();
+                    self.push_reasoning(index, &d.reasoning);
+                    self.push_text(index, &d.content);
+                }
                 if let Some(tools) = self.reply.tools.clone() {
                     let mut out = std::mem::take(&mut self.outputs[index]);
                     if !self.reasoned[index] {
@@ -878,6 +925,7 @@ fn stream(
         Kind::Chat => "/v1/chat/completions",
         Kind::Completion => "/v1/completions",
     };
+    let splits = vec![ReasoningStream::new(reply.reasoning); n];
     let mut s = Streaming {
         reply,
         rx,
@@ -893,6 +941,7 @@ fn stream(
         begun: vec![false; n],
         calls_sent: vec![Vec::new(); n],
         reasoned: vec![false; n],
+        splits,
         log: StreamLog {
             st,
             started,

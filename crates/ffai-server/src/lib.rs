@@ -58,6 +58,33 @@ pub struct ServerOptions {
     pub shutdown_grace: Duration,
     /// Browser origins allowed to call the API (CORS); empty: no CORS headers.
     pub cors_origins: Vec<String>,
+    /// Whether chat answers of thinking models have their reasoning block split off
+    /// (`--reasoning-parser`).
+    pub reasoning_parser: ReasoningParser,
+}
+
+/// What the server does with the reasoning block a thinking model writes before an
+/// ordinary chat answer (a forced tool call's is always split off).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReasoningParser {
+    /// Leave it in the content.
+    None,
+    /// Where the chat template teaches one (Qwen3 and DeepSeek-R1's `<think>` blocks,
+    /// gpt-oss's analysis message) and the rendered prompt leaves room for it: the
+    /// message's `reasoning_content`, and the rest its `content` (see `ffai::reasoning`).
+    #[default]
+    Auto,
+}
+
+impl std::str::FromStr for ReasoningParser {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(ReasoningParser::None),
+            "auto" => Ok(ReasoningParser::Auto),
+            other => Err(format!("unknown reasoning parser \"{other}\" (known: none, auto)")),
+        }
+    }
 }
 
 /// What every handler shares.

@@ -299,7 +299,7 @@ pub fn parse_common(
         }
     }
     if !chat {
-        for k in ["tools", "tool_choice"] {
+        for k in ["tools", "tool_choice", "chat_template_kwargs", "reasoning_effort"] {
             if field(o, k).is_some() {
                 return Err(ApiError::bad_field(k, format!("\"{k}\" is for /v1/chat/completions")));
             }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use ffai::engine::{Engine, EngineConfig};
 use ffai::{LoadOptions, Model};
-use ffai_server::ServerOptions;
+use ffai_server::{ReasoningParser, ServerOptions};
 use serde_json::{json, Value};
 
 const NAME: &str = "smollm2-test";
@@ -36,6 +36,7 @@ struct Setup {
     api_key: Option<&'static str>,
     grace: Duration,
     cors: Vec<String>,
+    reasoning_parser: ReasoningParser,
 }
 
 impl Default for Setup {
@@ -47,6 +48,7 @@ impl Default for Setup {
             api_key: None,
             grace: Duration::from_secs(10),
             cors: Vec::new(),
+            reasoning_parser: ReasoningParser::Auto,
         }
     }
 }
@@ -77,6 +79,7 @@ fn start(s: Setup) -> Server {
         max_queue: s.max_queue,
         shutdown_grace: s.grace,
         cors_origins: s.cors,
+        reasoning_parser: s.reasoning_parser,
     };
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (end_tx, ended) = std::sync::mpsc::channel();
@@ -876,6 +879,7 @@ fn loading_answers_503_and_a_failed_load_ends_the_server() {
         max_queue: 1,
         shutdown_grace: Duration::from_secs(1),
         cors_origins: Vec::new(),
+        reasoning_parser: ReasoningParser::Auto,
     };
     let server = std::thread::spawn(move || {
         ffai_server::run_loading(
@@ -1286,7 +1290,12 @@ fn forced_calls_keep_to_the_declared_parameters() {
 /// with the generation prompt opening `<think>` as the Thinking-2507 templates do; the
 /// `<|im_start|>` turn tokens are SmolLM2's too): a forced call must reason first.
 fn thinking_model() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ffai-serve-thinking-{}", std::process::id()));
+    thinking_model_in("thinking")
+}
+
+/// [`thinking_model`] in a directory of its own, named by `tag`.
+fn thinking_model_in(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ffai-serve-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let opts = ffai::convert::ConvertOptions {
         target: ffai::convert::Target::Affine(8),
@@ -1365,6 +1374,129 @@ fn forced_calls_after_reasoning_leave_it_out_whole_and_streamed() {
     assert!(called > 0, "no request closed its reasoning and called");
     if let Some(stop) = server.stop.take() {
         let _ = stop.send(());
+    }
+    let _ = std::fs::remove_dir_all(model);
+}
+
+/// The thinking template's reasoning parsed off ordinary answers, whole and streamed, and
+/// `chat_template_kwargs` reaching the template: `{"enable_thinking": false}` closes the
+/// opened block in the prompt (more prompt tokens), so the answer is all content. The
+/// prompt opens the block and SmolLM2 never closes it, so without the switch a short
+/// answer is all reasoning. The same requests to a server with `--reasoning-parser none`
+/// give the raw text as content. Bad `chat_template_kwargs` are 400s, and the server
+/// goes on serving.
+#[test]
+fn reasoning_parser_and_chat_template_kwargs() {
+    let model = thinking_model_in("reasoning");
+    let mut auto = start(Setup {
+        model: Some(model.clone()),
+        ..Default::default()
+    });
+    let mut none = start(Setup {
+        model: Some(model.clone()),
+        reasoning_parser: ReasoningParser::None,
+        ..Default::default()
+    });
+    let ask = json!([{"role": "user", "content": "Tell me a story about the sea."}]);
+    let plain = chat_body(json!({"messages": ask, "max_tokens": 10}));
+    let off = chat_body(json!({"messages": ask, "max_tokens": 10,
+        "chat_template_kwargs": {"enable_thinking": false}}));
+
+    // The raw answers, as a server without the parser gives them.
+    let raw = post(none.addr, "/v1/chat/completions", &plain);
+    assert_eq!(raw.status, 200, "{}", raw.body);
+    let raw = raw.json();
+    let raw_text = raw["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    assert!(raw["choices"][0]["message"].get("reasoning_content").is_none(), "{raw}");
+    assert!(!raw_text.contains("</think>"), "{raw}");
+    let raw_off = post(none.addr, "/v1/chat/completions", &off).json();
+
+    // Thinking on: the output never left the opened block, so it is all reasoning and
+    // the content is null.
+    let r = post(auto.addr, "/v1/chat/completions", &plain);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let j = r.json();
+    let m = &j["choices"][0]["message"];
+    assert_eq!(m["reasoning_content"], raw_text.trim_matches('\n'), "{j}");
+    assert_eq!(m["content"], Value::Null, "{j}");
+    let on_prompt = j["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(on_prompt, raw["usage"]["prompt_tokens"].as_u64().unwrap());
+
+    // Streamed: the same reasoning as `delta.reasoning_content` fragments (more than one:
+    // it goes out as it is written), no content.
+    let mut sb = plain.clone();
+    sb["stream"] = json!(true);
+    let sr = post(auto.addr, "/v1/chat/completions", &sb);
+    let (content, chunks) = chat_stream_text(&sr);
+    assert_eq!(content, "", "{}", sr.body);
+    let fragments: Vec<&str> = chunks
+        .iter()
+        .filter_map(|c| c["choices"].get(0)?["delta"]["reasoning_content"].as_str())
+        .collect();
+    assert_eq!(fragments.concat(), raw_text.trim_matches('\n'), "{}", sr.body);
+    assert!(fragments.len() > 1, "{}", sr.body);
+
+    // Thinking off through chat_template_kwargs: the prompt holds the closed, empty block
+    // (more tokens), and the answer is all content, as the raw server gives it.
+    let r = post(auto.addr, "/v1/chat/completions", &off);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let j = r.json();
+    let m = &j["choices"][0]["message"];
+    assert!(m.get("reasoning_content").is_none(), "{j}");
+    assert_eq!(m["content"], raw_off["choices"][0]["message"]["content"], "{j}");
+    let off_prompt = j["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(off_prompt > on_prompt, "{off_prompt} <= {on_prompt}");
+    let mut sb = off.clone();
+    sb["stream"] = json!(true);
+    let (content, _) = chat_stream_text(&post(auto.addr, "/v1/chat/completions", &sb));
+    assert_eq!(content, m["content"].as_str().unwrap());
+
+    // Tools offered, not forced: the block is split off before calls are read (kept as
+    // written, as a forced call's is); without the parser it is the content.
+    let with_tools = chat_body(json!({"messages": ask, "max_tokens": 10, "tools": weather_tools()}));
+    let raw = post(none.addr, "/v1/chat/completions", &with_tools).json();
+    let raw_text = raw["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(!raw_text.contains("</think>"), "{raw}");
+    let j = post(auto.addr, "/v1/chat/completions", &with_tools).json();
+    assert_eq!(j["choices"][0]["message"]["reasoning_content"], raw_text, "{j}");
+    assert_eq!(j["choices"][0]["message"]["content"], "", "{j}");
+
+    // Bad extra variables: one-line 400s naming the field; then the server still answers.
+    for (extra, needle) in [
+        (json!({"chat_template_kwargs": [1]}), "must be an object"),
+        (json!({"chat_template_kwargs": "enable_thinking"}), "must be an object"),
+        (
+            json!({"chat_template_kwargs": {"messages": []}}),
+            "may not set \"messages\"",
+        ),
+        (
+            json!({"chat_template_kwargs": {"eos_token": "x"}}),
+            "may not set \"eos_token\"",
+        ),
+        (json!({"reasoning_effort": 3}), "reasoning_effort"),
+    ] {
+        let mut b = plain.clone();
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        let r = post(auto.addr, "/v1/chat/completions", &b);
+        r.assert_error(400);
+        let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(msg.contains(needle) && !msg.contains('\n'), "{extra}: {msg}");
+    }
+    let r = post(
+        auto.addr,
+        "/v1/completions",
+        &json!({"model": NAME, "prompt": "Hi", "max_tokens": 2, "chat_template_kwargs": {}}),
+    );
+    r.assert_error(400);
+    let r = post(auto.addr, "/v1/chat/completions", &off);
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    for s in [&mut auto, &mut none] {
+        if let Some(stop) = s.stop.take() {
+            let _ = stop.send(());
+        }
     }
     let _ = std::fs::remove_dir_all(model);
 }

@@ -9,7 +9,9 @@
 //! the `tojson` filter as `json.dumps(x, ensure_ascii=False, indent=None, separators=None,
 //! sort_keys=False)`. The context holds `messages`, `add_generation_prompt`, `bos_token`,
 //! `eos_token`, `tools` (none unless given), `documents` (none), and `enable_thinking`
-//! only when set, as transformers passes it only when the caller does.
+//! only when set, as transformers passes it only when the caller does, then any extra
+//! variables the caller gives (a request's `chat_template_kwargs`, checked by
+//! [`template_kwargs`]).
 //!
 //! Templates and messages are untrusted: a template is compiled through minijinja's
 //! machinery (`compile`), which checks its syntax tree and constant folding and rewrites
@@ -124,6 +126,73 @@ pub struct RenderOptions {
     pub tools: Option<serde_json::Value>,
     /// Passed to the template only when set (Qwen3's thinking switch).
     pub enable_thinking: Option<bool>,
+    /// More variables for the template (vLLM's `chat_template_kwargs`, gpt-oss's
+    /// `reasoning_effort`), set after the ones above: one named `enable_thinking` replaces
+    /// that switch. Names of the template's own variables are refused by
+    /// [`template_kwargs`].
+    pub extra: Vec<(String, serde_json::Value)>,
+}
+
+/// Variables a render sets itself; extra variables may not take their names.
+pub const RESERVED_VARIABLES: &[&str] = &[
+    "messages",
+    "tools",
+    "add_generation_prompt",
+    "bos_token",
+    "eos_token",
+    "documents",
+];
+
+/// Extra template variables from a JSON object (a request's `chat_template_kwargs`): an
+/// `Err` with a one-line message when it is not an object or names one of the
+/// template's own variables ([`RESERVED_VARIABLES`]).
+pub fn template_kwargs(v: &serde_json::Value) -> Result<Vec<(String, serde_json::Value)>> {
+    let serde_json::Value::Object(o) = v else {
+        return Err(Error::new(format!(
+            "chat_template_kwargs must be an object, not {}",
+            match v {
+                serde_json::Value::Null => "null",
+                serde_json::Value::Bool(_) => "a boolean",
+                serde_json::Value::Number(_) => "a number",
+                serde_json::Value::String(_) => "a string",
+                serde_json::Value::Array(_) => "a list",
+                serde_json::Value::Object(_) => "an object",
+            }
+        )));
+    };
+    if let Some(k) = o.keys().find(|k| RESERVED_VARIABLES.contains(&k.as_str())) {
+        return Err(Error::new(format!(
+            "chat_template_kwargs may not set \"{k}\": the render sets it itself"
+        )));
+    }
+    Ok(o.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
+/// A chat request's extra template variables: its `chat_template_kwargs` (checked by
+/// [`template_kwargs`]) and its `reasoning_effort` (a string, passed as the variable of
+/// that name that gpt-oss templates read; one in `chat_template_kwargs` wins). Either
+/// may be absent or null.
+pub fn request_variables(
+    kwargs: Option<&serde_json::Value>,
+    reasoning_effort: Option<&serde_json::Value>,
+) -> Result<Vec<(String, serde_json::Value)>> {
+    let mut vars = match kwargs.filter(|v| !v.is_null()) {
+        Some(v) => template_kwargs(v)?,
+        None => Vec::new(),
+    };
+    let effort = match reasoning_effort.filter(|v| !v.is_null()) {
+        None => None,
+        Some(serde_json::Value::String(e)) => Some(e),
+        Some(_) => {
+            return Err(Error::new(
+                "reasoning_effort must be a string (\"low\", \"medium\", \"high\")",
+            ))
+        }
+    };
+    if let Some(e) = effort.filter(|_| !vars.iter().any(|(k, _)| k == "reasoning_effort")) {
+        vars.push(("reasoning_effort".into(), e.as_str().into()));
+    }
+    Ok(vars)
 }
 
 /// A chat template, checked and ready to render.
@@ -292,6 +361,10 @@ fn input_bytes(messages: &[Message], opts: &RenderOptions) -> usize {
     if let Some(tools) = &opts.tools {
         let _ = serde_json::to_writer(&mut n, tools);
     }
+    for (k, v) in &opts.extra {
+        n.0 += k.len();
+        let _ = serde_json::to_writer(&mut n, v);
+    }
     n.0
 }
 
@@ -310,6 +383,11 @@ fn render_context(messages: &[Message], opts: &RenderOptions) -> Value {
     ];
     if let Some(t) = opts.enable_thinking {
         ctx.push(("enable_thinking", Value::from(t)));
+    }
+    for (k, v) in &opts.extra {
+        // A name given twice (or `enable_thinking` here and above): the last one counts.
+        ctx.retain(|(name, _)| name != k);
+        ctx.push((k.as_str(), Value::from_serialize(v)));
     }
     ctx.into_iter().collect()
 }
@@ -819,6 +897,7 @@ mod tests {
                     eos_token: c["eos_token"].as_str().unwrap_or_default().to_owned(),
                     tools: c.get("tools").filter(|t| !t.is_null()).cloned(),
                     enable_thinking: c["enable_thinking"].as_bool(),
+                    extra: Vec::new(),
                 };
                 (serde_json::from_value(c["messages"].clone()).unwrap(), opts)
             })
@@ -963,6 +1042,76 @@ mod tests {
             (1e15, "1000000000000000.0"),
         ] {
             assert_eq!(python_float_repr(f), s, "{f}");
+        }
+    }
+
+    #[test]
+    fn extra_variables_reach_the_template_and_reserved_names_are_refused() {
+        let t = ChatTemplate::new(
+            "{{ messages[0].content }}|{{ enable_thinking is defined and enable_thinking }}|{{ reasoning_effort | default('unset') }}|{{ extra.n if extra is defined else '' }}",
+            TemplateSource::Gguf,
+        )
+        .unwrap();
+        let msgs = [Message::user("hi")];
+        let vars = request_variables(
+            Some(&serde_json::json!({"enable_thinking": false, "extra": {"n": 3}})),
+            Some(&serde_json::json!("low")),
+        )
+        .unwrap();
+        let opts = RenderOptions {
+            enable_thinking: Some(true),
+            extra: vars,
+            ..RenderOptions::default()
+        };
+        // The kwargs' `enable_thinking` replaces the switch; `reasoning_effort` is passed.
+        assert_eq!(t.render(&msgs, &opts).unwrap(), "hi|False|low|3");
+        let opts = RenderOptions {
+            enable_thinking: Some(true),
+            ..RenderOptions::default()
+        };
+        assert_eq!(t.render(&msgs, &opts).unwrap(), "hi|True|unset|");
+        // One in the kwargs wins over the top-level field.
+        let vars = request_variables(
+            Some(&serde_json::json!({"reasoning_effort": "high"})),
+            Some(&serde_json::json!("low")),
+        )
+        .unwrap();
+        assert_eq!(vars, vec![("reasoning_effort".to_string(), serde_json::json!("high"))]);
+        assert_eq!(request_variables(None, Some(&serde_json::Value::Null)).unwrap(), vec![]);
+
+        for (kwargs, effort, want) in [
+            (
+                serde_json::json!([1]),
+                serde_json::Value::Null,
+                "must be an object, not a list",
+            ),
+            (
+                serde_json::json!("x"),
+                serde_json::Value::Null,
+                "must be an object, not a string",
+            ),
+            (
+                serde_json::json!({"messages": []}),
+                serde_json::Value::Null,
+                "may not set \"messages\"",
+            ),
+            (
+                serde_json::json!({"a": 1, "bos_token": "x"}),
+                serde_json::Value::Null,
+                "\"bos_token\"",
+            ),
+            (
+                serde_json::json!({}),
+                serde_json::json!(3),
+                "reasoning_effort must be a string",
+            ),
+        ] {
+            let e = request_variables(Some(&kwargs), Some(&effort)).unwrap_err();
+            let m = e.message().to_string();
+            assert!(m.contains(want) && !m.contains('\n'), "{kwargs}: {m}");
+        }
+        for name in RESERVED_VARIABLES {
+            assert!(template_kwargs(&serde_json::json!({ *name: true })).is_err(), "{name}");
         }
     }
 }

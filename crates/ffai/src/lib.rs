@@ -15,6 +15,7 @@ pub mod importance;
 pub mod inspect;
 pub mod models;
 pub mod quality;
+pub mod reasoning;
 pub mod requant;
 pub mod resolve;
 pub mod tokenizer;
@@ -215,10 +216,24 @@ impl Model {
         tools: &[tools::ToolSpec],
         offer: bool,
     ) -> Result<(String, tools::ToolTemplate)> {
+        self.render_chat_vars(messages, tools, offer, Vec::new())
+    }
+
+    /// [`Model::render_chat_tools`] with extra template variables (a request's
+    /// `chat_template_kwargs`, checked by [`chat::template_kwargs`]).
+    pub fn render_chat_vars(
+        &self,
+        messages: &[chat::Message],
+        tools: &[tools::ToolSpec],
+        offer: bool,
+        extra: Vec<(String, serde_json::Value)>,
+    ) -> Result<(String, tools::ToolTemplate)> {
         let template = self.require_chat_template()?;
         let tpl = tools::ToolTemplate::detect(template.source());
         let (messages, tools) = tools::prepare_messages(tpl, messages, tools, offer);
-        let text = template.render(&messages, &self.render_options(true, tools))?;
+        let mut opts = self.render_options(true, tools);
+        opts.extra = extra;
+        let text = template.render(&messages, &opts)?;
         // Whether the rendered generation prompt leaves room for a reasoning block.
         let tpl = tpl.for_prompt(&text);
         Ok((text, tpl))

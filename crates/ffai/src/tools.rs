@@ -152,7 +152,7 @@ const ANALYSIS_CLOSE: &str = "<|end|>";
 impl Reasoning {
     /// The block's opening and closing text; the opening is empty for [`Reasoning::ThinkOpen`] (the
     /// prompt holds it).
-    fn tags(self) -> Option<(&'static str, &'static str)> {
+    pub(crate) fn tags(self) -> Option<(&'static str, &'static str)> {
         match self {
             Reasoning::None => None,
             Reasoning::Think => Some((THINK_OPEN, THINK_CLOSE)),

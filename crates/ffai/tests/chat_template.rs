@@ -36,6 +36,7 @@ fn fixtures_render_like_transformers() {
             eos_token: c.eos_token.clone(),
             tools: c.tools.clone(),
             enable_thinking: c.enable_thinking,
+            extra: Vec::new(),
         };
         let got = tmpl.render(&c.messages, &opts);
         let id = format!("{}/{}", c.template, c.case);
@@ -251,6 +252,7 @@ fn gpt_oss_harmony_template_renders_like_transformers() {
             eos_token: c.eos_token.clone(),
             tools: c.tools.clone(),
             enable_thinking: c.enable_thinking,
+            extra: Vec::new(),
         };
         let got = tmpl.render(&c.messages, &opts).unwrap();
         let want = c.expected.as_ref().unwrap().replace("@TODAY@", &today("%Y-%m-%d"));

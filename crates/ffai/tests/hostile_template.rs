@@ -751,6 +751,7 @@ fn real_templates_render_as_before_and_at_length() {
             eos_token: c.eos_token.clone(),
             tools: c.tools.clone(),
             enable_thinking: c.enable_thinking,
+            extra: Vec::new(),
         };
         let got = tmpl.render(&c.messages, &opts).unwrap();
         assert_eq!(&got, want, "{}/{}", c.template, c.case);

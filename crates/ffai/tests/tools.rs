@@ -192,6 +192,7 @@ fn render_native(name: &str, bos: &str, eos: &str) -> (String, ToolTemplate) {
         eos_token: eos.into(),
         tools,
         enable_thinking: None,
+        extra: Vec::new(),
     };
     (t.render(&messages, &opts).unwrap(), tpl)
 }
