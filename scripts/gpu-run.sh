@@ -17,6 +17,9 @@
 #   ab       ffai's decode (tg128 after 512) with the default and the older kernels
 #   parity0  every parity fixture on the GPU with the default kernels only
 #   moe      recorded MoE decode steps against eager ones (cuda_moe_graphs)
+#   kernels0 the kernel tests with the default kernels only
+#   synthq   the 8B F16 file and ffai's re-encodings of it (SYNTH_TYPES), no llama.cpp build
+#   envab    ffai bench on AB_FILE under each environment setting in AB_ENVS
 #   pdl      decode with programmatic dependent launch off and on (FFAI_CUDA_PDL)
 #   ncu      per-kernel durations (Nsight Compute) of ffai's and llama.cpp's decode on a
 #            4-layer Llama-3-8B-shaped Q4_0 file (same per-layer shapes, small to make);
@@ -115,6 +118,23 @@ for stage in "$@"; do
     for p in 0 1 0 1; do
       echo "== ffai FFAI_CUDA_PDL=$p ${PDL_FILE:-/tmp/synth/l4_q4_0.gguf}"
       FFAI_CUDA_PDL=$p timeout 120 $B/ffai bench -m ${PDL_FILE:-/tmp/synth/l4_q4_0.gguf} --device cuda --prompt-tokens 512 --gen-tokens 128 --repetitions 2 2>&1 | tail -2 | tee -a "$out/ffai-pdl.txt"
+    done ;;
+  kernels0)
+    for t in ${KERNEL_TESTS:-cuda_nvrtc cuda_ops cuda_quant cuda_backend}; do
+      echo "== $t"; $B/$t --test-threads=1 2>&1 | tee -a "$out/kernels.log" | grep -E "panicked|error|FAILED|test result|relative" | head -20
+    done ;;
+  synthq)
+    # The 8B F16 file and ffai's own re-encodings of it (SYNTH_TYPES, default Q4_0 Q4_K).
+    mkdir -p /tmp/lc /tmp/synth; [ -d /tmp/lc/llama.cpp/gguf-py ] || tar xJf .gpulc/llamacpp-src.tar.xz -C /tmp/lc llama.cpp/gguf-py
+    [ -s /tmp/synth/f16.gguf ] || python3 .gpulc/synth_gguf.py /tmp/lc/llama.cpp/gguf-py /tmp/synth/f16.gguf
+    for t in ${SYNTH_TYPES:-Q4_0 Q4_K}; do
+      [ -s /tmp/synth/ff_$t.gguf ] || $B/ffai quantize --type $t /tmp/synth/f16.gguf /tmp/synth/ff_$t.gguf > /dev/null &
+    done; wait; ls -la /tmp/synth ;;
+  envab)
+    # ffai bench on AB_FILE under each setting of AB_ENVS (e.g. "FFAI_CUDA_PDL=0 FFAI_CUDA_PDL=1"), AB_ARGS.
+    for e in ${AB_ENVS:-X=1}; do
+      echo "== $e ${AB_FILE:-/tmp/synth/ff_Q4_0.gguf} ${AB_ARGS:-}"
+      env $e timeout 150 $B/ffai bench -m ${AB_FILE:-/tmp/synth/ff_Q4_0.gguf} --device cuda ${AB_ARGS:---prompt-tokens 512 --gen-tokens 128 --repetitions 2} 2>&1 | tail -2 | tee -a "$out/ffai-envab.txt"
     done ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac

@@ -267,6 +267,24 @@ fn gpu_q8(ty: WeightType) -> bool {
             )
 }
 
+/// Whether products of GEMM_MIN_ROWS or more rows of `ty` run on the int8 tensor cores
+/// against 8-bit activations (q8x.cu `mmq_*`; off with FFAI_CUDA_MMQ=0 or the older
+/// kernels), so the reference is the CPU's q8 dot as for the decode kernels.
+fn gpu_mmq(ty: WeightType) -> bool {
+    let off = |v: &str, on: &str| std::env::var_os(v).is_some_and(|x| x == on);
+    !off("FFAI_CUDA_OLDER_KERNELS", "1")
+        && !off("FFAI_CUDA_MMQ", "0")
+        && matches!(
+            ty,
+            WeightType::Q4_0
+                | WeightType::Q4_1
+                | WeightType::Q5_0
+                | WeightType::Q5_1
+                | WeightType::Q8_0
+                | WeightType::Q4K
+        )
+}
+
 /// Random activations with the quantizer's edge cases in row 1: an all-zero block and a
 /// block of subnormals (127 / amax overflows there).
 fn activations(rng: &mut Rng, n: usize, cols: usize) -> Vec<f32> {
@@ -322,7 +340,8 @@ fn check_products(g: &CudaBackend, ty: WeightType, rows: usize, cols: usize, byt
         dequantize_row(ty, &bytes[r * rb..(r + 1) * rb], &mut wf[r * cols..(r + 1) * cols]);
     }
     let gm = g.matrix(ty, rows, cols, HostBytes::from_vec(bytes.clone()));
-    for &n in &[1usize, 5, 8, 13, GEMM_MIN_ROWS + 7] {
+    // 40 and 77 rows: the tensor-core products (one and two 64-token tiles, partial).
+    for &n in &[1usize, 5, 8, 13, GEMM_MIN_ROWS + 7, 77] {
         let x = activations(rng, n, cols);
         let exact: Vec<f32> = (0..n * rows)
             .map(|i| {
@@ -332,7 +351,7 @@ fn check_products(g: &CudaBackend, ty: WeightType, rows: usize, cols: usize, byt
                     .sum::<f64>() as f32
             })
             .collect();
-        let q8 = n < GEMM_MIN_ROWS && gpu_q8(ty);
+        let q8 = if n < GEMM_MIN_ROWS { gpu_q8(ty) } else { gpu_mmq(ty) };
         let want = if q8 {
             let mut acts = QuantizedActs::new();
             acts.quantize(ty, &x, n, cols);
@@ -350,7 +369,7 @@ fn check_products(g: &CudaBackend, ty: WeightType, rows: usize, cols: usize, byt
         g.matmul(&gm, &gx, n, &mut gy);
         let got = down(g, &gy, n * rows);
         let e = rel_err(&got, &want);
-        let tol = if n < GEMM_MIN_ROWS || ty == WeightType::F32 {
+        let tol = if q8 || n < GEMM_MIN_ROWS || ty == WeightType::F32 {
             1e-5
         } else {
             1e-2

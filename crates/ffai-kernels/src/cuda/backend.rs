@@ -53,6 +53,25 @@ const ATTN_THREADS: usize = 256;
 const ROPE_THREADS: u32 = 128;
 /// Query heads of one KV head an attention block takes (`ATTN_GROUP` in attention.cu).
 const ATTN_GROUP: usize = 8;
+/// q8x.cu's tensor-core products: tokens and weight rows a block covers, its threads.
+const MMQ_TOK: usize = 64;
+const MMQ_ROWS: usize = 32;
+const MMQ_THREADS: u32 = 256;
+
+/// A weight type's tensor-core product (q8x.cu `mmq_*`) and the block length its
+/// activations are quantized in (`quantize_q8x32` / `quantize_q8x256`).
+fn mmq_kernel(ty: WeightType) -> Option<(&'static str, usize)> {
+    Some(match ty {
+        WeightType::Q4_0 => ("mmq_q4_0", 32),
+        WeightType::Q4_1 => ("mmq_q4_1", 32),
+        WeightType::Q5_0 => ("mmq_q5_0", 32),
+        WeightType::Q5_1 => ("mmq_q5_1", 32),
+        WeightType::Q8_0 => ("mmq_q8_0", 32),
+        WeightType::Q4K => ("mmq_q4_k", 256),
+        _ => return None,
+    })
+}
+
 /// Activation rows one q8x.cu product launch takes (`Q8X_MAX_N`).
 const Q8X_MAX_N: usize = 8;
 /// Largest head dimension the attention kernel holds (8 floats a lane).
@@ -376,6 +395,10 @@ pub struct CudaBackend {
     older: bool,
     /// What the 8-bit activation scratch holds, when an op wrote it beside its output.
     prequant: Mutex<Option<PreQuant>>,
+    /// The most activation rows a product runs on the int8 tensor cores (q8x.cu's `mmq_*`,
+    /// from [`GEMM_MIN_ROWS`]); above it, or with `FFAI_CUDA_MMQ=0`, cuBLAS on a bf16
+    /// copy of the weights. `FFAI_CUDA_MMQ_MAX` sets it.
+    mmq_max: usize,
     /// Launch kernels with programmatic dependent launch (compute capability 9.0 and up;
     /// `FFAI_CUDA_PDL=0` turns it off): see `launch_pdl` and prelude.cuh.
     pdl: bool,
@@ -467,6 +490,17 @@ impl CudaBackend {
             graphs: AtomicBool::new(std::env::var_os("FFAI_CUDA_GRAPHS").is_none_or(|v| v != "0")),
             profile: profile.then(|| Mutex::new(Vec::new())),
             older: std::env::var_os("FFAI_CUDA_OLDER_KERNELS").is_some_and(|v| v == "1"),
+            mmq_max: if std::env::var_os("FFAI_CUDA_MMQ").is_some_and(|v| v == "0")
+                || std::env::var_os("FFAI_CUDA_OLDER_KERNELS").is_some_and(|v| v == "1")
+                || major < 8
+            {
+                0
+            } else {
+                std::env::var("FFAI_CUDA_MMQ_MAX")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(usize::MAX)
+            },
             pdl: major >= 9 && std::env::var_os("FFAI_CUDA_PDL").is_none_or(|v| v != "0"),
         })
     }
@@ -664,7 +698,7 @@ impl CudaBackend {
             self.fail(format!("no CUDA kernel named {name}"));
             return;
         };
-        if !name.starts_with("mv_q8x_") {
+        if !name.starts_with("mv_q8x_") && !name.starts_with("mmq_") {
             self.forget_prequant();
         }
         let start = self.profile_event();
@@ -845,7 +879,104 @@ impl CudaBackend {
             }
             return;
         }
+        if self.mmq_products(&[(w, out)], x, n).is_empty() {
+            return;
+        }
         self.gemm(w, x, n, out);
+    }
+
+    /// Products of [`GEMM_MIN_ROWS`] to `mmq_max` activation rows on the int8 tensor
+    /// cores (q8x.cu's `mmq_*`: the stored blocks' levels against x quantized once per
+    /// block length, as the decode kernels quantize it); returns the parts it could not
+    /// take (types without such a kernel, or other row counts), untouched.
+    fn mmq_products<'a>(&self, parts: &[(&'a CudaMat, u64)], x: u64, n: usize) -> Vec<(&'a CudaMat, u64)> {
+        if n < GEMM_MIN_ROWS || n > self.mmq_max || n > u32::MAX as usize {
+            return parts.to_vec();
+        }
+        let (mine, rest): (Vec<_>, Vec<_>) = parts.iter().partition(|(w, _)| {
+            mmq_kernel(w.ty).is_some_and(|(_, block)| w.cols.is_multiple_of(block) && w.cols == parts[0].0.cols)
+        });
+        if mine.is_empty() {
+            return rest;
+        }
+        let cols = mine[0].0.cols;
+        let Ok(mut sc) = self.scratch.lock() else {
+            return Vec::new();
+        };
+        // Quantize x once per block length the parts need (unless the op that wrote x
+        // wrote its 8-bit sets too), then launch every part.
+        for block in [32usize, 256] {
+            if !mine
+                .iter()
+                .any(|(w, _)| mmq_kernel(w.ty).is_some_and(|(_, b)| b == block))
+            {
+                continue;
+            }
+            let (nb, nd) = (cols / 32, cols / block);
+            let pre = self.prequant.lock().ok().and_then(|p| *p);
+            let ready = pre.is_some_and(|p| p.ptr == x && p.len == n * cols && (block == 32 || p.q256));
+            if !ready {
+                if block == 256 {
+                    self.grow(&mut sc.xq256, n * cols);
+                    self.grow(&mut sc.xd256, n * nd);
+                    self.grow(&mut sc.xs256, n * nb);
+                } else {
+                    self.grow(&mut sc.xq, n * cols);
+                    self.grow(&mut sc.xd, n * nd);
+                    self.grow(&mut sc.xs, n * nb);
+                }
+            }
+            let (xq, xd, xs) = if block == 256 {
+                (&sc.xq256, &sc.xd256, &sc.xs256)
+            } else {
+                (&sc.xq, &sc.xd, &sc.xs)
+            };
+            if self.failed() || xq.len < n * cols || xd.len < n * nd || xs.len < n * nb {
+                return Vec::new();
+            }
+            if !ready {
+                let quantizer = if block == 256 {
+                    "quantize_q8x256"
+                } else {
+                    "quantize_q8x32"
+                };
+                self.launch(
+                    quantizer,
+                    (cols.div_ceil(256) as u32, n as u32, 1),
+                    256,
+                    &[
+                        Arg::P(x),
+                        Arg::P(xq.ptr),
+                        Arg::P(xd.ptr),
+                        Arg::P(xs.ptr),
+                        Arg::U(cols as u32),
+                    ],
+                );
+            }
+            for (w, out) in &mine {
+                let Some((kernel, b)) = mmq_kernel(w.ty) else { continue };
+                if b != block {
+                    continue;
+                }
+                self.launch(
+                    kernel,
+                    (n.div_ceil(MMQ_TOK) as u32, w.rows.div_ceil(MMQ_ROWS) as u32, 1),
+                    MMQ_THREADS,
+                    &[
+                        Arg::P(w.data.ptr),
+                        Arg::P(w.row_bytes as u64),
+                        Arg::P(xq.ptr),
+                        Arg::P(xd.ptr),
+                        Arg::P(xs.ptr),
+                        Arg::P(*out),
+                        Arg::U(w.rows as u32),
+                        Arg::U(cols as u32),
+                        Arg::U(n as u32),
+                    ],
+                );
+            }
+        }
+        rest
     }
 
     /// The decode products (n < [`GEMM_MIN_ROWS`]) of matrices over the same x with
@@ -1418,7 +1549,7 @@ impl Backend for CudaBackend {
         if self.fast_products(&parts, x.ptr, n) {
             return;
         }
-        for (w, out) in parts {
+        for (w, out) in self.mmq_products(&parts, x.ptr, n) {
             self.product(w, x.ptr, n, out);
         }
     }

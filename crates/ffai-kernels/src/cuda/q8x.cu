@@ -804,6 +804,290 @@ HALF_KERNEL(mv_half_f16_n1, false, 1)
 HALF_KERNEL(mv_half_bf16, true, Q8X_MAX_N)
 HALF_KERNEL(mv_half_bf16_n1, true, 1)
 
+// ------------------------------------------------------- tensor-core products (mmq)
+//
+// From GEMM_MIN_ROWS activation rows (batched decode, prefill): the stored blocks' integer
+// levels times the 8-bit activations on the int8 tensor cores (mma.m16n8k32), each block's
+// integer products scaled as the decode kernels scale them — no bf16 copy of the weights.
+// A block of 8 warps covers MMQ_ROWS weight rows x MMQ_TOK tokens: warp w takes the 16
+// rows of group w % 2 and every MMQ_KSPLIT-th unit of k (a 32-element block, a K-quant
+// super-block) from w / 2, so a 4096-row matrix spreads over ~1500 warps; the k-split
+// warps' sums are then added in a fixed order through shared memory. Grid: (ceil(n /
+// MMQ_TOK), ceil(rows / MMQ_ROWS)): neighbouring blocks share weight rows (read once from
+// memory, then from L2). y is [n][rows]; the activations are quantize_q8x32's (legacy
+// types) or quantize_q8x256's (Q4_K) sets.
+//
+// mma.m16n8k32 fragments (g = lane / 4, c = lane % 4): A (weights, 16 rows x 32) a0 = row
+// g, k 4c..4c+3; a1 = row g + 8, same k; a2 = row g, k 16+4c..; a3 = row g + 8, k 16+4c..;
+// B (activations, 32 x 8 tokens) b0 = token g, k 4c..4c+3; b1 = token g, k 16+4c..;
+// C (16 x 8, s32) c0, c1 = row g, tokens 2c, 2c+1; c2, c3 = row g + 8, same tokens.
+#define MMQ_TOK 64
+#define MMQ_ROWS 32
+#define MMQ_KSPLIT 4
+#define MMQ_THREADS 256
+
+__device__ __forceinline__ void mma_s8(int (&c)[4], int a0, int a1, int a2, int a3, int b0, int b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// A legacy block's levels 4c..4c+3 (lo) and 16+4c..16+4c+3 (hi) as signed bytes (as
+// legacy_decode's q[c] and q[4 + c]), its scale d and min m.
+template <int K>
+__device__ __forceinline__ void legacy_frag(const u8* blk, u32 c, int& lo, int& hi, float& d, float& m) {
+    constexpr int QS = K == K_Q4_0 ? 2 : K == K_Q4_1 ? 4 : K == K_Q5_0 ? 6 : 8;
+    d = f16_at(blk);
+    m = (K == K_Q4_1 || K == K_Q5_1) ? f16_at(blk + 2) : 0.0f;
+    if (K == K_Q8_0) {
+        u32 a[1], b[1];
+        words<1>(blk + 2 + 4 * c, a);
+        words<1>(blk + 18 + 4 * c, b);
+        lo = (int)a[0];
+        hi = (int)b[0];
+        return;
+    }
+    u32 q[1];
+    words<1>(blk + QS + 4 * c, q);
+    u32 l = q[0] & 0x0F0F0F0Fu, h = (q[0] >> 4) & 0x0F0F0F0Fu;
+    if (K == K_Q5_0 || K == K_Q5_1) {
+        u32 qh[1];
+        words<1>(blk + QS - 4, qh);
+        l |= fifth_bits(qh[0], c);
+        h |= fifth_bits(qh[0] >> 16, c);
+    }
+    if (K == K_Q4_0) {
+        lo = minus8(l);
+        hi = minus8(h);
+    } else if (K == K_Q5_0) {
+        lo = (int)((l + 0x70707070u) ^ 0x80808080u);  // q - 16
+        hi = (int)((h + 0x70707070u) ^ 0x80808080u);
+    } else {
+        lo = (int)l;
+        hi = (int)h;
+    }
+}
+
+// The B fragment of token t at k offset k0 (zeros past the last token).
+__device__ __forceinline__ void mmq_b(const signed char* __restrict__ xq, u32 cols, u32 n, u32 t, u32 k0, u32 c,
+                                      int& b0, int& b1) {
+    b0 = 0;
+    b1 = 0;
+    if (t < n) {
+        const int* p = (const int*)(xq + (u64)t * cols + k0 + 4 * c);
+        b0 = __ldg(p);
+        b1 = __ldg(p + 4);
+    }
+}
+
+// The k-split warps' sums added in order (warp group 0 keeps them) and stored.
+__device__ __forceinline__ void mmq_store(float (&acc)[8][4], float* __restrict__ y, u32 rows, u32 n, u32 t0,
+                                          u32 r0) {
+    __shared__ float red[MMQ_KSPLIT - 1][2][32][32];
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, rg = warp & 1, ks = warp >> 1;
+    const u32 c = lane & 3;
+    if (ks > 0) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                red[ks - 1][rg][j * 4 + e][lane] = acc[j][e];
+            }
+        }
+    }
+    __syncthreads();
+    if (ks != 0) {
+        return;
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            float v = acc[j][e];
+#pragma unroll
+            for (int q = 0; q < MMQ_KSPLIT - 1; ++q) {
+                v += red[q][rg][j * 4 + e][lane];
+            }
+            const u32 row = r0 + (e < 2 ? 0 : 8), t = t0 + 8 * j + 2 * c + (e & 1);
+            if (row < rows && t < n) {
+                y[(u64)t * rows + row] = v;
+            }
+        }
+    }
+}
+
+template <int K>
+__device__ __forceinline__ void mmq_legacy(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq,
+                                           const float* __restrict__ xd, const int* __restrict__ xs,
+                                           float* __restrict__ y, u32 rows, u32 cols, u32 n) {
+    constexpr bool MIN = K == K_Q4_1 || K == K_Q5_1;
+    constexpr int BYTES = K == K_Q4_0 ? 18 : K == K_Q4_1 ? 20 : K == K_Q5_0 ? 22 : K == K_Q5_1 ? 24 : 34;
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, rg = warp & 1, ks = warp >> 1;
+    const u32 g = lane >> 2, c = lane & 3;
+    const u32 t0 = blockIdx.x * MMQ_TOK, r0 = blockIdx.y * MMQ_ROWS + rg * 16 + g;
+    const u32 nb = cols / 32;
+    // Rows past the matrix read its last row and store nothing.
+    const u8* w0 = w + (u64)min(r0, rows - 1) * row_bytes;
+    const u8* w1 = w + (u64)min(r0 + 8, rows - 1) * row_bytes;
+    float acc[8][4];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            acc[j][e] = 0.0f;
+        }
+    }
+    PDL_ENTRY();
+    for (u32 b = ks; b < nb; b += MMQ_KSPLIT) {
+        int a0, a1, a2, a3;
+        float d0, m0, d1, m1;
+        legacy_frag<K>(w0 + (u64)b * BYTES, c, a0, a2, d0, m0);
+        legacy_frag<K>(w1 + (u64)b * BYTES, c, a1, a3, d1, m1);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            int b0, b1;
+            mmq_b(xq, cols, n, t0 + 8 * j + g, b * 32, c, b0, b1);
+            int p[4] = {0, 0, 0, 0};
+            mma_s8(p, a0, a1, a2, a3, b0, b1);
+            const u32 t = t0 + 8 * j + 2 * c;  // C's tokens t, t + 1
+            const float dx0 = t < n ? __ldg(xd + (u64)t * nb + b) : 0.0f;
+            const float dx1 = t + 1 < n ? __ldg(xd + (u64)(t + 1) * nb + b) : 0.0f;
+            acc[j][0] += (d0 * dx0) * (float)p[0];
+            acc[j][1] += (d0 * dx1) * (float)p[1];
+            acc[j][2] += (d1 * dx0) * (float)p[2];
+            acc[j][3] += (d1 * dx1) * (float)p[3];
+            if (MIN) {
+                const float s0 = t < n ? dx0 * (float)__ldg(xs + (u64)t * nb + b) : 0.0f;
+                const float s1 = t + 1 < n ? dx1 * (float)__ldg(xs + (u64)(t + 1) * nb + b) : 0.0f;
+                acc[j][0] += m0 * s0;
+                acc[j][1] += m0 * s1;
+                acc[j][2] += m1 * s0;
+                acc[j][3] += m1 * s1;
+            }
+        }
+    }
+    mmq_store(acc, y, rows, n, t0, blockIdx.y * MMQ_ROWS + rg * 16 + g);
+}
+
+// Q4_K: per super-block, each sub-block's integer products times its 6-bit scale summed
+// in integers, the mins' term from the activations' per-32 sums, then (d * dx) * isum -
+// (dmin * dx) * msum as mv_kquant does.
+struct Q4kHead {
+    float d, dmin;
+    u32 sc_lo, sc_hi, mn_lo, mn_hi;
+};
+
+__device__ __forceinline__ Q4kHead q4k_head(const u8* blk) {
+    const uint4 hd = __ldg((const uint4*)blk);
+    Q4kHead h;
+    h.d = f16_bits(hd.x);
+    h.dmin = f16_bits(hd.x >> 16);
+    h.sc_lo = hd.y & 0x3F3F3F3Fu;
+    h.mn_lo = hd.z & 0x3F3F3F3Fu;
+    h.sc_hi = (hd.w & 0x0F0F0F0Fu) | (((hd.y >> 6) & 0x03030303u) << 4);
+    h.mn_hi = ((hd.w >> 4) & 0x0F0F0F0Fu) | (((hd.z >> 6) & 0x03030303u) << 4);
+    return h;
+}
+
+__device__ __forceinline__ void mmq_q4k(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq,
+                                        const float* __restrict__ xd, const int* __restrict__ xs,
+                                        float* __restrict__ y, u32 rows, u32 cols, u32 n) {
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, rg = warp & 1, ks = warp >> 1;
+    const u32 g = lane >> 2, c = lane & 3;
+    const u32 t0 = blockIdx.x * MMQ_TOK, r0 = blockIdx.y * MMQ_ROWS + rg * 16 + g;
+    const u32 nsb = cols / 256, nb = cols / 32;
+    const u8* w0 = w + (u64)min(r0, rows - 1) * row_bytes;
+    const u8* w1 = w + (u64)min(r0 + 8, rows - 1) * row_bytes;
+    float acc[8][4];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            acc[j][e] = 0.0f;
+        }
+    }
+    PDL_ENTRY();
+    for (u32 sb = ks; sb < nsb; sb += MMQ_KSPLIT) {
+        const u8* b0p = w0 + (u64)sb * 144;
+        const u8* b1p = w1 + (u64)sb * 144;
+        const Q4kHead h0 = q4k_head(b0p), h1 = q4k_head(b1p);
+        int isum[8][4];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                isum[j][e] = 0;
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            // Bytes 32q + 4c.. and 32q + 16 + 4c..: sub-block 2q in their low nibbles,
+            // 2q + 1 in their high nibbles.
+            const u32 x0 = __ldg((const u32*)(b0p + 16 + 32 * q + 4 * c));
+            const u32 y0 = __ldg((const u32*)(b0p + 32 + 32 * q + 4 * c));
+            const u32 x1 = __ldg((const u32*)(b1p + 16 + 32 * q + 4 * c));
+            const u32 y1 = __ldg((const u32*)(b1p + 32 + 32 * q + 4 * c));
+#pragma unroll
+            for (int hb = 0; hb < 2; ++hb) {
+                const int sub = 2 * q + hb, sh = 4 * hb;
+                const int a0 = (int)((x0 >> sh) & 0x0F0F0F0Fu), a2 = (int)((y0 >> sh) & 0x0F0F0F0Fu);
+                const int a1 = (int)((x1 >> sh) & 0x0F0F0F0Fu), a3 = (int)((y1 >> sh) & 0x0F0F0F0Fu);
+                const int s0 = byte8(h0.sc_lo, h0.sc_hi, sub), s1 = byte8(h1.sc_lo, h1.sc_hi, sub);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    int b0, b1;
+                    mmq_b(xq, cols, n, t0 + 8 * j + g, sb * 256 + 32 * sub, c, b0, b1);
+                    int p[4] = {0, 0, 0, 0};
+                    mma_s8(p, a0, a1, a2, a3, b0, b1);
+                    isum[j][0] += s0 * p[0];
+                    isum[j][1] += s0 * p[1];
+                    isum[j][2] += s1 * p[2];
+                    isum[j][3] += s1 * p[3];
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+                const u32 t = t0 + 8 * j + 2 * c + u;
+                if (t >= n) {
+                    continue;
+                }
+                const float dx = __ldg(xd + (u64)t * nsb + sb);
+                const uint4* sp = (const uint4*)(xs + (u64)t * nb + (u64)sb * 8);
+                const uint4 sa = __ldg(sp), sbv = __ldg(sp + 1);
+                const int sums[8] = {(int)sa.x, (int)sa.y, (int)sa.z, (int)sa.w,
+                                     (int)sbv.x, (int)sbv.y, (int)sbv.z, (int)sbv.w};
+                int m0 = 0, m1 = 0;
+#pragma unroll
+                for (int sub = 0; sub < 8; ++sub) {
+                    m0 += byte8(h0.mn_lo, h0.mn_hi, sub) * sums[sub];
+                    m1 += byte8(h1.mn_lo, h1.mn_hi, sub) * sums[sub];
+                }
+                acc[j][u] += (h0.d * dx) * (float)isum[j][u];
+                acc[j][u] -= (h0.dmin * dx) * (float)m0;
+                acc[j][2 + u] += (h1.d * dx) * (float)isum[j][2 + u];
+                acc[j][2 + u] -= (h1.dmin * dx) * (float)m1;
+            }
+        }
+    }
+    mmq_store(acc, y, rows, n, t0, blockIdx.y * MMQ_ROWS + rg * 16 + g);
+}
+
+#define MMQ_PARAMS                                                                                                 \
+    const u8 *__restrict__ w, u64 row_bytes, const signed char *__restrict__ xq, const float *__restrict__ xd, \
+        const int *__restrict__ xs, float *__restrict__ y, u32 rows, u32 cols, u32 n
+#define MMQ_ARGS w, row_bytes, xq, xd, xs, y, rows, cols, n
+// (PDL_ENTRY inside the bodies, after the row addresses.)
+extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q4_0(MMQ_PARAMS) { mmq_legacy<K_Q4_0>(MMQ_ARGS); }
+extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q4_1(MMQ_PARAMS) { mmq_legacy<K_Q4_1>(MMQ_ARGS); }
+extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q5_0(MMQ_PARAMS) { mmq_legacy<K_Q5_0>(MMQ_ARGS); }
+extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q5_1(MMQ_PARAMS) { mmq_legacy<K_Q5_1>(MMQ_ARGS); }
+extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q8_0(MMQ_PARAMS) { mmq_legacy<K_Q8_0>(MMQ_ARGS); }
+extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q4_k(MMQ_PARAMS) { mmq_q4k(MMQ_ARGS); }
+
 // ------------------------------------------------------------------- gathered (MoE)
 //
 // The selected experts' products of a mixture of experts, decode-sized: one warp per
