@@ -491,6 +491,9 @@ fn paged_step_ops_match_the_cpu_and_are_batch_invariant() {
         (4, 1, 256, 0, 0.0),
         (6, 3, 128, 100, 0.0),
         (9, 3, 64, 0, 30.0),
+        // GQA groups of eight and of ten (the eight-head kernel, then two chunks).
+        (16, 2, 64, 0, 0.0),
+        (20, 2, 128, 0, 0.0),
     ] {
         let bs = 32;
         let n_blocks = 64;

@@ -127,6 +127,7 @@ __device__ __forceinline__ unsigned int first_visible(unsigned int p, unsigned i
 // The parts' writes are made visible by a fence before the count; the folding block
 // reads them through L2 (__ldcg), never from a stale L1 line.
 __device__ __forceinline__ void combine_if_last(unsigned int n_heads, unsigned int head_dim, unsigned int max_spans,
+                                                unsigned int live_spans,
                                                 unsigned int h0, unsigned int gn, const float* part_o,
                                                 const float* part_ml, unsigned int* __restrict__ done,
                                                 const float* __restrict__ sinks, unsigned int has_sinks,
@@ -153,7 +154,7 @@ __device__ __forceinline__ void combine_if_last(unsigned int n_heads, unsigned i
         const unsigned int head = h0 + warp;
         const size_t base = base0 + (size_t)head * max_spans;
         float mx = -__int_as_float(0x7f800000);
-        for (unsigned int j = lane; j < max_spans; j += 32) {
+        for (unsigned int j = lane; j < live_spans; j += 32) {
             if (__ldcg(part_ml + (base + j) * 2 + 1) > 0.0f) {
                 mx = fmaxf(mx, __ldcg(part_ml + (base + j) * 2));
             }
@@ -168,7 +169,7 @@ __device__ __forceinline__ void combine_if_last(unsigned int n_heads, unsigned i
             mx = fmaxf(mx, sink);
         }
         float lt = 0.0f;
-        for (unsigned int j = lane; j < max_spans; j += 32) {
+        for (unsigned int j = lane; j < live_spans; j += 32) {
             const float lj = __ldcg(part_ml + (base + j) * 2 + 1);
             const float wj = lj > 0.0f ? expf(__ldcg(part_ml + (base + j) * 2) - mx) : 0.0f;
             lt += lj > 0.0f ? lj * wj : 0.0f;
@@ -195,7 +196,7 @@ __device__ __forceinline__ void combine_if_last(unsigned int n_heads, unsigned i
         const size_t base = base0 + (size_t)head * max_spans;
         float v = 0.0f;
 #pragma unroll 8
-        for (unsigned int j = 0; j < max_spans; j++) {
+        for (unsigned int j = 0; j < live_spans; j++) {
             float wj;
             if (j < FOLD_SPANS) {
                 wj = fold_w[h][j];
@@ -254,25 +255,27 @@ __device__ __forceinline__ void combine_if_last(unsigned int n_heads, unsigned i
 #define COMBINE_PARAMS \
     unsigned int *__restrict__ done, const float *__restrict__ sinks, unsigned int has_sinks, float *__restrict__ out
 #define COMBINE_ARGS done, sinks, has_sinks, out
-template <unsigned int SPAN, unsigned int ATTN_LANES, bool COMBINE>
+template <unsigned int SPAN, unsigned int ATTN_LANES, bool COMBINE, int G = ATTN_GROUP>
 __device__ __forceinline__ void attn_part(ATTN_PARAMS, COMBINE_PARAMS) {
-    __shared__ float qs[ATTN_GROUP][MAX_HD_PER_LANE * 32];
-    __shared__ float sc[ATTN_GROUP][SPAN];
+    __shared__ float qs[G][MAX_HD_PER_LANE * 32];
+    __shared__ float sc[G][SPAN];
     __shared__ unsigned int rows_at[SPAN];
     const unsigned int row = row0 + blockIdx.x, j = blockIdx.z;
     const unsigned int group = n_heads / kv_heads;
-    const unsigned int chunks = (group + ATTN_GROUP - 1) / ATTN_GROUP;
+    const unsigned int chunks = (group + G - 1) / G;
     const unsigned int kvh = blockIdx.y / chunks;
-    const unsigned int h0 = kvh * group + (blockIdx.y % chunks) * ATTN_GROUP;
-    const unsigned int gn = min((unsigned int)ATTN_GROUP, kvh * group + group - h0);
+    const unsigned int h0 = kvh * group + (blockIdx.y % chunks) * G;
+    const unsigned int gn = min((unsigned int)G, kvh * group + group - h0);
     const unsigned int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const unsigned int seq = row_seq[row];
     unsigned int lo = 0, hi = 0;  // positions [lo, hi) of this span
+    unsigned int live = 0;        // the row's non-empty parts (the first `live` of max_spans)
     SeqRows s;
     if (seq != NO_SLOT) {
         s = seqs[seq];
         unsigned int p = positions[row];
         unsigned int first = first_visible(p, window);
+        live = min(max_spans, p / SPAN - first / SPAN + 1);
         unsigned int k = first / SPAN + j;
         lo = max(first, k * SPAN);
         hi = min(p + 1, (k + 1) * SPAN);
@@ -305,7 +308,7 @@ __device__ __forceinline__ void attn_part(ATTN_PARAMS, COMBINE_PARAMS) {
             part_ml[(part0 + (size_t)tid * max_spans) * 2 + 1] = 0.0f;
         }
         if (COMBINE) {
-            combine_if_last(n_heads, head_dim, max_spans, h0, gn, part_o, part_ml, COMBINE_ARGS);
+            combine_if_last(n_heads, head_dim, max_spans, live, h0, gn, part_o, part_ml, COMBINE_ARGS);
         }
         return;
     }
@@ -318,9 +321,9 @@ __device__ __forceinline__ void attn_part(ATTN_PARAMS, COMBINE_PARAMS) {
     {
         const unsigned int t = tid / ATTN_LANES, c = tid % ATTN_LANES;
         const bool live = lo + t < hi;
-        float acc[ATTN_GROUP];
+        float acc[G];
 #pragma unroll
-        for (int h = 0; h < ATTN_GROUP; h++) {
+        for (int h = 0; h < G; h++) {
             acc[h] = 0.0f;
         }
         if (live) {
@@ -340,7 +343,7 @@ __device__ __forceinline__ void attn_part(ATTN_PARAMS, COMBINE_PARAMS) {
                         const unsigned int word = e < 2 ? raw.x : e < 4 ? raw.y : e < 6 ? raw.z : raw.w;
                         const float kv = half_to_float((unsigned short)(word >> (16 * (e % 2))));
 #pragma unroll
-                        for (int h = 0; h < ATTN_GROUP; h++) {
+                        for (int h = 0; h < G; h++) {
                             if ((unsigned int)h < gn) {
                                 acc[h] += qs[h][d0 + e] * kv;
                             }
@@ -351,7 +354,7 @@ __device__ __forceinline__ void attn_part(ATTN_PARAMS, COMBINE_PARAMS) {
                 for (unsigned int d = c; d < head_dim; d += ATTN_LANES) {
                     const float kv = half_to_float(kr[d]);
 #pragma unroll
-                    for (int h = 0; h < ATTN_GROUP; h++) {
+                    for (int h = 0; h < G; h++) {
                         if ((unsigned int)h < gn) {
                             acc[h] += qs[h][d] * kv;
                         }
@@ -362,7 +365,7 @@ __device__ __forceinline__ void attn_part(ATTN_PARAMS, COMBINE_PARAMS) {
         // The position's lanes are adjacent within one warp: fold their sums (every lane
         // ends with the same total, added in the same order).
 #pragma unroll
-        for (int h = 0; h < ATTN_GROUP; h++) {
+        for (int h = 0; h < G; h++) {
 #pragma unroll
             for (int o = 1; o < ATTN_LANES; o <<= 1) {
                 acc[h] += __shfl_xor_sync(0xffffffffu, acc[h], o);
@@ -370,7 +373,7 @@ __device__ __forceinline__ void attn_part(ATTN_PARAMS, COMBINE_PARAMS) {
         }
         if (c == 0) {
 #pragma unroll
-            for (int h = 0; h < ATTN_GROUP; h++) {
+            for (int h = 0; h < G; h++) {
                 if ((unsigned int)h < gn) {
                     float v = -__int_as_float(0x7f800000);
                     if (live) {
@@ -454,7 +457,7 @@ __device__ __forceinline__ void attn_part(ATTN_PARAMS, COMBINE_PARAMS) {
             part_o[(part0 + (size_t)h * max_spans) * head_dim + d] = o;
         }
         if (COMBINE) {
-            combine_if_last(n_heads, head_dim, max_spans, h0, gn, part_o, part_ml, COMBINE_ARGS);
+            combine_if_last(n_heads, head_dim, max_spans, live, h0, gn, part_o, part_ml, COMBINE_ARGS);
         }
         return;
     }
@@ -468,7 +471,7 @@ __device__ __forceinline__ void attn_part(ATTN_PARAMS, COMBINE_PARAMS) {
         part_o[(part0 + (size_t)h * max_spans) * head_dim + d] = o;
     }
     if (COMBINE) {
-        combine_if_last(n_heads, head_dim, max_spans, h0, gn, part_o, part_ml, COMBINE_ARGS);
+        combine_if_last(n_heads, head_dim, max_spans, live, h0, gn, part_o, part_ml, COMBINE_ARGS);
     }
 }
 
@@ -485,6 +488,20 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_spans(ATTN_PARAM
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_spans64(ATTN_PARAMS, COMBINE_PARAMS) {
     // PDL_ENTRY() in attn_part, after its metadata reads.
     attn_part<64, 4, true>(ATTN_ARGS, COMBINE_ARGS);
+}
+
+// Parts of 32 positions, eight lanes a position (each lane two 16-byte pieces of a K row):
+// twice attn_spans64's blocks and half the work in each block's chain of phases, and the
+// fold over the row's live parts only. `_g4`: chunks of up to four query heads (GQA
+// groups of four, Llama 3's 32/8), so no loop runs over eight heads with half of them
+// idle.
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_spans32(ATTN_PARAMS, COMBINE_PARAMS) {
+    // PDL_ENTRY() in attn_part, after its metadata reads.
+    attn_part<32, 8, true>(ATTN_ARGS, COMBINE_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_spans32_g4(ATTN_PARAMS, COMBINE_PARAMS) {
+    // PDL_ENTRY() in attn_part, after its metadata reads.
+    attn_part<32, 8, true, 4>(ATTN_ARGS, COMBINE_ARGS);
 }
 
 // One block per (row, head): folds the row's span parts in order and normalises; rows of

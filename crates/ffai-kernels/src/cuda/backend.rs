@@ -51,6 +51,9 @@ pub const MOE_GATHER_MAX_ROWS: usize = 64;
 const ATTN_THREADS: usize = 256;
 /// Threads of a `rope_kv_write_step` block (`ROPE_THREADS` in attention.cu).
 const ROPE_THREADS: u32 = 128;
+/// Positions per attention part of the default kernels (`attn_spans32*`).
+const ATTN_SPAN: usize = 32;
+
 /// Query heads of one KV head an attention block takes (`ATTN_GROUP` in attention.cu).
 const ATTN_GROUP: usize = 8;
 /// q8x.cu's tensor-core products: tokens and weight rows a block covers, its threads.
@@ -2225,7 +2228,7 @@ impl Backend for CudaBackend {
             self.write(&src.block_tables, &mut dst.tables);
             let w = src.window as usize;
             // Positions per attention part (`SPAN` of the kernel `attention_step` takes).
-            let span = if self.older { 256 } else { 64 };
+            let span = if self.older { 256 } else { ATTN_SPAN };
             dst.max_spans = layout
                 .positions
                 .iter()
@@ -2534,7 +2537,13 @@ impl Backend for CudaBackend {
         let Ok(mut sc) = self.scratch.lock() else { return };
         self.grow(&mut sc.part_o, rows_per_pass * nh * spans * hd);
         self.grow(&mut sc.part_ml, rows_per_pass * nh * spans * 2);
-        let chunks = (nh / kvh).div_ceil(ATTN_GROUP);
+        // attn_spans32_g4 for GQA groups of up to four heads, else chunks of eight.
+        let (kernel, group) = if nh / kvh <= 4 {
+            ("attn_spans32_g4", 4)
+        } else {
+            ("attn_spans32", ATTN_GROUP)
+        };
+        let chunks = (nh / kvh).div_ceil(if self.older { ATTN_GROUP } else { group });
         if !self.older {
             self.grow(&mut sc.attn_done, rows_per_pass * kvh * chunks);
         }
@@ -2577,7 +2586,7 @@ impl Backend for CudaBackend {
                     Arg::U(sinks.is_some() as u32),
                     Arg::P(out_rows),
                 ]);
-                self.launch("attn_spans64", grid, ATTN_THREADS as u32, &args);
+                self.launch(kernel, grid, ATTN_THREADS as u32, &args);
                 continue;
             }
             self.launch("attn_spans", grid, ATTN_THREADS as u32, &args);

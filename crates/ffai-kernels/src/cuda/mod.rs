@@ -96,6 +96,8 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "rope_kv_write_step",
             "attn_spans",
             "attn_spans64",
+            "attn_spans32",
+            "attn_spans32_g4",
             "attn_combine",
             "attn_mla",
         ],
