@@ -60,7 +60,7 @@ for stage in "$@"; do
     (bash .gpulc/gpu-llamacpp.sh build > /tmp/lc-build.log 2>&1; echo done >> /tmp/lc-build.log) & ;;
   lcwait)
     while ! grep -q '^done' /tmp/lc-build.log 2>/dev/null; do sleep 2; done; tail -3 /tmp/lc-build.log
-    for t in Q4_K_M Q8_0 Q4_0; do
+    for t in ${LCQ_TYPES:-Q4_K_M Q8_0 Q4_0}; do
       [ -s /tmp/synth/$t.gguf ] || /tmp/lc/llama.cpp/build/bin/llama-quantize /tmp/synth/f16.gguf /tmp/synth/$t.gguf $t $(nproc) >/dev/null 2>&1 &
     done; wait; ls -la /tmp/synth ;;
   bench)
@@ -70,7 +70,7 @@ for stage in "$@"; do
     bash .gpulc/gpu-llamacpp.sh bench 2>&1 | grep -E '^\|' ;;
   quick)
     # ffai and llama-bench (pp512, tg128) on the four files, two repetitions each.
-    for t in Q4_K_M Q4_0 Q8_0 f16; do
+    for t in ${QUICK_TYPES:-Q4_K_M Q4_0 Q8_0 f16}; do
       echo "== ffai $t"; timeout 120 $B/ffai bench -m /tmp/synth/$t.gguf --device cuda --prompt-tokens 512 --gen-tokens 128 --repetitions 2 2>&1 | tail -3 | tee -a "$out/ffai-bench.txt"
       timeout 120 /tmp/lc/llama.cpp/build/bin/llama-bench -m /tmp/synth/$t.gguf -ngl 99 -fa 1 -p 512 -n 128 -r 2 -o md 2>/dev/null | grep -E '^\| llama' | tee -a "$out/llamacpp-bench.md"
     done ;;
@@ -134,7 +134,7 @@ for stage in "$@"; do
     # ffai bench on AB_FILE under each setting of AB_ENVS (e.g. "FFAI_CUDA_PDL=0 FFAI_CUDA_PDL=1"), AB_ARGS.
     for e in ${AB_ENVS:-X=1}; do
       echo "== $e ${AB_FILE:-/tmp/synth/ff_Q4_0.gguf} ${AB_ARGS:-}"
-      env $e timeout 150 $B/ffai bench -m ${AB_FILE:-/tmp/synth/ff_Q4_0.gguf} --device cuda ${AB_ARGS:---prompt-tokens 512 --gen-tokens 128 --repetitions 2} 2>&1 | tail -2 | tee -a "$out/ffai-envab.txt"
+      env $e timeout 150 $B/ffai bench -m ${AB_FILE:-/tmp/synth/ff_Q4_0.gguf} --device cuda ${AB_ARGS:---prompt-tokens 512 --gen-tokens 128 --repetitions 2} 2>&1 | tail -3 | grep -v RSS | tee -a "$out/ffai-envab.txt"
     done ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
