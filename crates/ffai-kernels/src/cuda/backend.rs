@@ -51,7 +51,7 @@ pub const MOE_GATHER_MAX_ROWS: usize = 64;
 const ATTN_THREADS: usize = 256;
 /// Threads of a `rope_kv_write_step` block (`ROPE_THREADS` in attention.cu).
 const ROPE_THREADS: u32 = 128;
-/// Positions per attention part of the default kernels (`attn_spans32*`).
+/// Positions per attention part of the `attn_spans32*` kernels (`FFAI_CUDA_ATTN32=1`).
 const ATTN_SPAN: usize = 32;
 
 /// Query heads of one KV head an attention block takes (`ATTN_GROUP` in attention.cu).
@@ -398,6 +398,9 @@ pub struct CudaBackend {
     older: bool,
     /// What the 8-bit activation scratch holds, when an op wrote it beside its output.
     prequant: Mutex<Option<PreQuant>>,
+    /// Attention in 32-position parts (`attn_spans32*`, `FFAI_CUDA_ATTN32=1`): compiled
+    /// and checked by NVRTC, not yet run on a GPU, so off by default.
+    attn32: bool,
     /// The most activation rows a product runs on the int8 tensor cores (q8x.cu's `mmq_*`,
     /// from [`GEMM_MIN_ROWS`]); above it, or with `FFAI_CUDA_MMQ=0`, cuBLAS on a bf16
     /// copy of the weights. `FFAI_CUDA_MMQ_MAX` sets it.
@@ -493,6 +496,7 @@ impl CudaBackend {
             graphs: AtomicBool::new(std::env::var_os("FFAI_CUDA_GRAPHS").is_none_or(|v| v != "0")),
             profile: profile.then(|| Mutex::new(Vec::new())),
             older: std::env::var_os("FFAI_CUDA_OLDER_KERNELS").is_some_and(|v| v == "1"),
+            attn32: std::env::var_os("FFAI_CUDA_ATTN32").is_some_and(|v| v == "1"),
             mmq_max: if std::env::var_os("FFAI_CUDA_MMQ").is_some_and(|v| v == "0")
                 || std::env::var_os("FFAI_CUDA_OLDER_KERNELS").is_some_and(|v| v == "1")
                 || major < 8
@@ -2228,7 +2232,13 @@ impl Backend for CudaBackend {
             self.write(&src.block_tables, &mut dst.tables);
             let w = src.window as usize;
             // Positions per attention part (`SPAN` of the kernel `attention_step` takes).
-            let span = if self.older { 256 } else { ATTN_SPAN };
+            let span = if self.older {
+                256
+            } else if self.attn32 {
+                ATTN_SPAN
+            } else {
+                64
+            };
             dst.max_spans = layout
                 .positions
                 .iter()
@@ -2537,8 +2547,11 @@ impl Backend for CudaBackend {
         let Ok(mut sc) = self.scratch.lock() else { return };
         self.grow(&mut sc.part_o, rows_per_pass * nh * spans * hd);
         self.grow(&mut sc.part_ml, rows_per_pass * nh * spans * 2);
+        // attn_spans64 (as run on the H100); with FFAI_CUDA_ATTN32=1 the 32-position parts,
         // attn_spans32_g4 for GQA groups of up to four heads, else chunks of eight.
-        let (kernel, group) = if nh / kvh <= 4 {
+        let (kernel, group) = if !self.attn32 {
+            ("attn_spans64", ATTN_GROUP)
+        } else if nh / kvh <= 4 {
             ("attn_spans32_g4", 4)
         } else {
             ("attn_spans32", ATTN_GROUP)
