@@ -786,6 +786,104 @@ fn hybrid_llama_cpp_layouts_match_the_hf_directories() {
     }
 }
 
+/// `bytes` (a GGUF file of f32 tensors) with every `attn_q` / `attn_k` weight's rows
+/// permuted as llama.cpp's converter permutes `llama`-style q/k projections for RoPE on
+/// adjacent pairs (`LlamaModel.permute`: each head's rows reshaped `[2, d/2]` and
+/// transposed), heads of `head_dim` rows (so `attn_k` over the KV heads).
+fn permute_qk_for_adjacent_pairs(bytes: &[u8], head_dim: usize) -> Vec<u8> {
+    let f = GgufFile::from_bytes(bytes).unwrap();
+    let mut permuted = 0;
+    let tensors = f
+        .tensors
+        .iter()
+        .map(|t| {
+            let mut data = f.tensor_bytes(t).as_slice().to_vec();
+            if t.name.ends_with("attn_q.weight") || t.name.ends_with("attn_k.weight") {
+                assert_eq!(t.ty, WeightType::F32, "{}", t.name);
+                let (rows, cols) = (t.shape[0], t.shape[1]);
+                assert_eq!(rows % head_dim, 0, "{}", t.name);
+                let row = cols * 4;
+                let half = head_dim / 2;
+                let mut out = vec![0u8; data.len()];
+                for h in 0..rows / head_dim {
+                    for j in 0..2 {
+                        for i in 0..half {
+                            // Stored row 2i + j of the head is its row j·d/2 + i.
+                            let (to, from) = (h * head_dim + 2 * i + j, h * head_dim + j * half + i);
+                            out[to * row..(to + 1) * row].copy_from_slice(&data[from * row..(from + 1) * row]);
+                        }
+                    }
+                }
+                data = out;
+                permuted += 1;
+            }
+            (t.name.clone(), t.ty, t.shape.clone(), data)
+        })
+        .collect();
+    assert!(permuted >= 2, "no attn_q / attn_k to permute");
+    GgufWriter {
+        metadata: f.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        tensors,
+    }
+    .to_bytes()
+}
+
+/// Granite 4 with RoPE (the fixtures' `position_embedding_type: "rope"`, theta 1e4) from a
+/// `granitehybrid` GGUF as llama.cpp's converter writes Bamba's: `rope.scaling.finetuned`
+/// true, `rope.freq_base`, `rope.dimension_count`, and the attention layers' q/k rows
+/// permuted for adjacent pairs. It must give what the Hugging Face directory of the same
+/// weights gives with the same RoPE (run with llama.cpp's grouped norm, as every GGUF
+/// view is; the directory's own parity with transformers is checked elsewhere: the
+/// fixtures hold no transformers logits with the grouped norm), and the same file with
+/// q/k left as transformers has them must not (the permutation is undone, not ignored).
+/// Partial RoPE (`rope.dimension_count` 8 of 16, Bamba's `attn_rotary_emb`) must give
+/// the directory with `partial_rotary_factor` 0.5, which differs from full RoPE.
+#[test]
+fn granitehybrid_rope_gguf_undoes_the_qk_permutation() {
+    for family in ["granite4", "granite4_moe"] {
+        let dir = fixture_dir(family);
+        let j: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        assert_eq!(j["position_embedding_type"], "rope", "{family}");
+        let head_dim = (j["hidden_size"].as_u64().unwrap() / j["num_attention_heads"].as_u64().unwrap()) as usize;
+        let (ids, _) = reference(&dir, "logits");
+        for rot in [head_dim, head_dim / 2] {
+            let rope = move |m: &mut MetaList| {
+                m.retain(|(k, _)| !k.starts_with("granitehybrid.rope."));
+                m.push(("granitehybrid.rope.scaling.finetuned".into(), MetaValue::Bool(true)));
+                m.push(("granitehybrid.rope.freq_base".into(), MetaValue::F32(10000.0)));
+                m.push(("granitehybrid.rope.dimension_count".into(), MetaValue::U32(rot as u32)));
+            };
+            let as_transformers = llama_cpp_layout(family, &rope);
+            let converted = permute_qk_for_adjacent_pairs(&as_transformers, head_dim);
+            let got = logits(
+                &*load_gguf(&converted).unwrap_or_else(|e| panic!("{family}: {e}")),
+                &ids,
+            );
+            let factor = rot as f64 / head_dim as f64;
+            let want = hf_logits(&dir, &ids, true, |j| {
+                if factor < 1.0 {
+                    j["partial_rotary_factor"] = factor.into();
+                }
+            });
+            let d = max_diff(&got, &want);
+            let unpermuted = logits(&*load_gguf(&as_transformers).unwrap(), &ids);
+            let du = max_diff(&unpermuted, &want);
+            println!("{family} RoPE over {rot} of {head_dim} dims: permuted GGUF vs HF directory max abs diff {d:.2e}, q/k not permuted {du:.2e}");
+            assert!(d < 1e-5, "{family} ({rot}): {d}");
+            assert!(
+                du > 1e-3,
+                "{family} ({rot}): unpermuted q/k gave the same logits ({du})"
+            );
+            if factor < 1.0 {
+                let full = hf_logits(&dir, &ids, true, |_| {});
+                let df = max_diff(&got, &full);
+                assert!(df > 1e-3, "{family}: partial RoPE gave full RoPE's logits ({df})");
+            }
+        }
+    }
+}
+
 /// `ffai quantize --type Q8_0` over hybrid files in llama.cpp's layout: the projections
 /// become Q8_0 (rows Q8_0's blocks do not divide fall back to F16), and what llama.cpp's
 /// quantizer keeps stays as it was (the conv weights, `ssm_a`, `ssm_d`, the norms, the
@@ -981,8 +1079,21 @@ fn hostile_hybrid_gguf_is_an_error() {
         ),
         (
             "granite4",
-            set("granitehybrid.rope.scaling.finetuned", MetaValue::Bool(true)),
-            "rope.scaling.finetuned",
+            Box::new(|m: &mut Vec<(String, MetaValue)>| {
+                m.retain(|(k, _)| !k.starts_with("granitehybrid.rope."));
+                m.push(("granitehybrid.rope.scaling.finetuned".into(), MetaValue::Bool(true)));
+                m.push(("granitehybrid.rope.dimension_count".into(), MetaValue::U32(7)));
+            }),
+            "rope.dimension_count",
+        ),
+        (
+            "granite4",
+            // RoPE (finetuned absent: on, as llama.cpp reads it) over more dims than a head.
+            Box::new(|m: &mut Vec<(String, MetaValue)>| {
+                m.retain(|(k, _)| !k.starts_with("granitehybrid.rope."));
+                m.push(("granitehybrid.rope.dimension_count".into(), MetaValue::U32(64)));
+            }),
+            "rope.dimension_count",
         ),
         (
             "granite4",

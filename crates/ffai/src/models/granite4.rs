@@ -3,7 +3,8 @@
 //! `logits_scaling`) with Mamba 2 mixers in place of attention on the layers
 //! `layer_types` names `mamba` / `linear_attention`, and a SwiGLU `shared_mlp` (fused
 //! `input_linear`: gate rows, then up rows) of `shared_intermediate_size` in every block.
-//! Attention uses RoPE only with `position_embedding_type: "rope"`. The dense hybrids
+//! Attention uses RoPE only with `position_embedding_type: "rope"` (partial with
+//! `partial_rotary_factor`, as Bamba's GGUF files give it). The dense hybrids
 //! (`num_local_experts: 0`, Granite-4.0-H-Micro) run the shared MLP alone; the
 //! mixture-of-experts ones (Granite-4.0-H-Tiny/Small) add to it, on the same normed input,
 //! a `block_sparse_moe` of `num_local_experts` SwiGLU experts of `intermediate_size`: the
@@ -142,7 +143,10 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
         logits_scale: (1.0 / logits) as f32,
         // Without RoPE: zero frequencies, an exact identity rotation.
         ropes: if rope {
-            base.ropes.clone()
+            match partial_rope(&cfg)? {
+                Some(inv_freq) => vec![inv_freq],
+                None => base.ropes.clone(),
+            }
         } else {
             vec![vec![0f32; cfg.head_dim / 2]]
         },
@@ -165,4 +169,41 @@ fn load(cfg: &ModelConfig, w: &Weights, dev: &Device) -> Result<Box<dyn Language
         defaults: Granite4Hybrid::default_parameters(),
     };
     decoder::build(&cfg, w, dev, spec, id)
+}
+
+/// Partial RoPE (`partial_rotary_factor` below 1, in `rope_parameters` or at the top
+/// level, as Bamba's converted files give it): the inverse frequencies of the first
+/// `factor · head_dim` dims, exponents over those dims (transformers' default RoPE); `None`
+/// where every dim rotates.
+fn partial_rope(cfg: &ModelConfig) -> Result<Option<Vec<f32>>> {
+    let factor = match cfg
+        .extra("rope_parameters", "")
+        .and_then(|r| r.get("partial_rotary_factor").cloned())
+        .or_else(|| cfg.extra("partial_rotary_factor", ""))
+    {
+        None => return Ok(None),
+        Some(v) => match v.as_f64() {
+            Some(f) if f > 0.0 && f <= 1.0 => f,
+            _ => bail!("{}: partial_rotary_factor must be a number in (0, 1]", cfg.source),
+        },
+    };
+    let rot = ((cfg.head_dim as f64 * factor) as usize) & !1;
+    if rot == cfg.head_dim {
+        return Ok(None);
+    }
+    ensure!(
+        rot >= 2,
+        "{}: partial_rotary_factor rotates no dimension pair",
+        cfg.source
+    );
+    ensure!(
+        cfg.rope_scaling.is_none(),
+        "{}: partial_rotary_factor with rope scaling is not supported",
+        cfg.source
+    );
+    Ok(Some(
+        (0..rot / 2)
+            .map(|i| (1.0 / cfg.rope_theta.powf((2 * i) as f64 / rot as f64)) as f32)
+            .collect(),
+    ))
 }

@@ -26,8 +26,14 @@
 //!   conv's v channels and `ssm_out`'s columns: put back here.
 //! - `granitehybrid`: the shared MLP split into `ffn_gate` / `ffn_up` (dense) or
 //!   `ffn_{gate,up,down}_shexp` (MoE); the multipliers as `attention.scale`,
-//!   `embedding_scale`, `residual_scale`, `logit_scale`; RoPE only with
-//!   `rope.scaling.finetuned` (then q/k are permuted for adjacent pairs: refused).
+//!   `embedding_scale`, `residual_scale`, `logit_scale`; the attention layers' q/k
+//!   rows permuted for RoPE on adjacent pairs as for `llama` (`attn_k` over the KV
+//!   heads), RoPE switched by `rope.scaling.finetuned` (true for Bamba, false for the
+//!   NoPE Granite 4 hybrids; absent means RoPE, as llama.cpp reads it), `rope.freq_base`,
+//!   `rope.dimension_count` (Bamba's `attn_rotary_emb`). With RoPE the permutation is
+//!   undone here (rows back to transformers' halves, partial RoPE over the first
+//!   `rope.dimension_count` dims as transformers rotates them); without RoPE it is left
+//!   alone (q and k rows permuted alike leave every score as it was).
 //! - `falcon-h1`: every µP multiplier folded into the weights (so none is applied here),
 //!   the MLP norm named `blk.N.ffn_norm` without `.weight`; llama.cpp's Mamba 2 layer gates
 //!   before its grouped norm.
@@ -315,16 +321,44 @@ pub fn hf_view(cfg: &ModelConfig, w: &Weights) -> Result<(ModelConfig, Weights)>
             }
         }
         "granitehybrid" => {
-            ensure!(
-                g.bool("rope.scaling.finetuned")? == Some(false),
-                "{}: GGUF granitehybrid with RoPE (rope.scaling.finetuned not false: Bamba's q/k permuted for adjacent pairs) is not supported",
-                cfg.source
-            );
+            // RoPE unless `rope.scaling.finetuned` is false (llama.cpp's default is true).
+            let rope = g.bool("rope.scaling.finetuned")? != Some(false);
             let mamba = layer_has(&w, n, "ssm_in.weight");
             let kinds: Vec<&str> = mamba.iter().map(|&m| if m { "mamba" } else { "attention" }).collect();
             set("model_type", "granitemoehybrid".into());
             set("layer_types", json!(kinds));
-            set("position_embedding_type", "nope".into());
+            if rope {
+                // `rope_theta` (from `rope.freq_base`) is in the common keys.
+                set("position_embedding_type", "rope".into());
+                let rot = g.opt("rope.dimension_count")?.unwrap_or(cfg.head_dim);
+                ensure!(
+                    rot >= 2 && rot <= cfg.head_dim && rot.is_multiple_of(2) && cfg.head_dim.is_multiple_of(2),
+                    "{}: GGUF granitehybrid.rope.dimension_count = {rot} must be even, at least 2 and at most the (even) head size {}",
+                    cfg.source,
+                    cfg.head_dim
+                );
+                if rot < cfg.head_dim {
+                    let factor = rot as f64 / cfg.head_dim as f64;
+                    ensure!(
+                        ((cfg.head_dim as f64 * factor) as usize & !1) == rot,
+                        "{}: GGUF granitehybrid.rope.dimension_count = {rot} is not a fraction of the head size {} ffai can express",
+                        cfg.source,
+                        cfg.head_dim
+                    );
+                    set("partial_rotary_factor", factor.into());
+                }
+                // The attention layers' q/k rows as transformers has them.
+                for i in (0..n).filter(|&i| !mamba[i]) {
+                    for t in ["attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias"] {
+                        let name = format!("blk.{i}.{t}");
+                        if w.has(&name) {
+                            unpermute_rope_rows(&mut w, &name, cfg.head_dim)?;
+                        }
+                    }
+                }
+            } else {
+                set("position_embedding_type", "nope".into());
+            }
             mamba2_keys(&g, &mut set, MAMBA_KEYS_MAMBA_PREFIXED)?;
             let inner = g.req("ssm.inner_size")?;
             set(
@@ -472,6 +506,55 @@ fn set_kv_heads(cfg: &ModelConfig, w: &Weights, set: &mut impl FnMut(&str, Value
         );
         set("num_key_value_heads", (rows / cfg.head_dim).into());
     }
+    Ok(())
+}
+
+/// Undoes the permutation llama.cpp's converter gives `llama`-style q/k projections (and
+/// their biases) for RoPE on adjacent pairs: within each head of `head_dim` rows, the
+/// Hugging Face row `j · head_dim/2 + i` (half `j`, pair `i`) was stored at row `2i + j`.
+/// The head count is the rows over `head_dim` (the KV heads for `attn_k`).
+fn unpermute_rope_rows(w: &mut Weights, name: &str, head_dim: usize) -> Result<()> {
+    let e = w.get(name)?.clone();
+    let rows = e.shape.first().copied().unwrap_or(0);
+    ensure!(
+        matches!(e.shape.len(), 1 | 2)
+            && rows > 0
+            && head_dim >= 2
+            && head_dim.is_multiple_of(2)
+            && rows.is_multiple_of(head_dim),
+        "{}: tensor \"{name}\" has shape {:?}, expected whole heads of {head_dim} rows",
+        w.source,
+        e.shape
+    );
+    let cols = e.shape.get(1).copied().unwrap_or(1);
+    let rb =
+        e.ty.row_bytes(cols)
+            .filter(|&rb| rb > 0 && rows.checked_mul(rb) == Some(e.bytes.len()))
+            .ok_or_else(|| {
+                Error::new(format!(
+                    "{}: tensor \"{name}\" holds {} bytes, not {rows} rows of {cols} {}",
+                    w.source,
+                    e.bytes.len(),
+                    e.ty.name()
+                ))
+            })?;
+    let half = head_dim / 2;
+    let src = e.bytes.as_slice();
+    let mut out = Vec::with_capacity(src.len());
+    for r in 0..rows {
+        let (head, within) = (r / head_dim, r % head_dim);
+        let (j, i) = (within / half, within % half);
+        let from = head * head_dim + 2 * i + j;
+        out.extend_from_slice(&src[from * rb..(from + 1) * rb]);
+    }
+    w.insert(
+        name,
+        WeightEntry {
+            ty: e.ty,
+            shape: e.shape.clone(),
+            bytes: HostBytes::from_vec(out),
+        },
+    );
     Ok(())
 }
 
