@@ -18,7 +18,7 @@ use std::sync::OnceLock;
 
 use ffai_kernels::backend::{AttnShape, Backend, GroupLayout, HostBytes, RopeParams, SeqRows, StepLayout};
 use ffai_kernels::cpu::CpuBackend;
-use ffai_kernels::cuda::backend::{CudaBackend, GEMM_MIN_ROWS};
+use ffai_kernels::cuda::backend::{CudaBackend, GEMM_MIN_ROWS, MMQ_DEFAULT_MAX_ROWS};
 use ffai_kernels::cuda::device_count;
 use ffai_kernels::quant::{dequantize_row, dot_row_q8, quantize_row, QuantizedActs, WeightType};
 
@@ -267,12 +267,18 @@ fn gpu_q8(ty: WeightType) -> bool {
             )
 }
 
-/// Whether products of GEMM_MIN_ROWS or more rows of `ty` run on the int8 tensor cores
-/// against 8-bit activations (q8x.cu `mmq_*`; off with FFAI_CUDA_MMQ=0 or the older
-/// kernels), so the reference is the CPU's q8 dot as for the decode kernels.
-fn gpu_mmq(ty: WeightType) -> bool {
+/// Whether a product of `n` (GEMM_MIN_ROWS or more) rows of `ty` runs on the int8 tensor
+/// cores against 8-bit activations (q8x.cu `mmq_*`: up to MMQ_DEFAULT_MAX_ROWS rows or
+/// FFAI_CUDA_MMQ_MAX; off with FFAI_CUDA_MMQ=0 or the older kernels), so the reference is
+/// the CPU's q8 dot as for the decode kernels.
+fn gpu_mmq(ty: WeightType, n: usize) -> bool {
     let off = |v: &str, on: &str| std::env::var_os(v).is_some_and(|x| x == on);
-    !off("FFAI_CUDA_OLDER_KERNELS", "1")
+    let max = std::env::var("FFAI_CUDA_MMQ_MAX")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(MMQ_DEFAULT_MAX_ROWS);
+    n <= max
+        && !off("FFAI_CUDA_OLDER_KERNELS", "1")
         && !off("FFAI_CUDA_MMQ", "0")
         && matches!(
             ty,
@@ -340,7 +346,8 @@ fn check_products(g: &CudaBackend, ty: WeightType, rows: usize, cols: usize, byt
         dequantize_row(ty, &bytes[r * rb..(r + 1) * rb], &mut wf[r * cols..(r + 1) * cols]);
     }
     let gm = g.matrix(ty, rows, cols, HostBytes::from_vec(bytes.clone()));
-    // 40 and 77 rows: the tensor-core products (one and two 64-token tiles, partial).
+    // 40 rows: the tensor-core products (a partial 64-token tile); 77: cuBLAS by default,
+    // two tiles of the tensor-core products with FFAI_CUDA_MMQ_MAX=100 or more.
     for &n in &[1usize, 5, 8, 13, GEMM_MIN_ROWS + 7, 77] {
         let x = activations(rng, n, cols);
         let exact: Vec<f32> = (0..n * rows)
@@ -351,7 +358,7 @@ fn check_products(g: &CudaBackend, ty: WeightType, rows: usize, cols: usize, byt
                     .sum::<f64>() as f32
             })
             .collect();
-        let q8 = if n < GEMM_MIN_ROWS { gpu_q8(ty) } else { gpu_mmq(ty) };
+        let q8 = if n < GEMM_MIN_ROWS { gpu_q8(ty) } else { gpu_mmq(ty, n) };
         let want = if q8 {
             let mut acts = QuantizedActs::new();
             acts.quantize(ty, &x, n, cols);
