@@ -900,6 +900,53 @@ impl CudaBackend {
         self.gemm(w, x, n, out);
     }
 
+    /// x (`[n][cols]`) quantized to 8 bits in blocks of `block` (32 or 256: q8x.cu's
+    /// `quantize_q8x32` / `quantize_q8x256`) in the scratch's set of that length, launched
+    /// now unless the op that wrote x wrote that set already (`PreQuant`). The set's
+    /// (levels, scales, sums) addresses; None when the scratch could not grow (the error
+    /// is kept).
+    fn quantize_acts(&self, sc: &mut Scratch, x: u64, n: usize, cols: usize, block: usize) -> Option<(u64, u64, u64)> {
+        let (nb, nd) = (cols / 32, cols / block);
+        let pre = self.prequant.lock().ok().and_then(|p| *p);
+        let ready = pre.is_some_and(|p| p.ptr == x && p.len == n * cols && (block == 32 || p.q256));
+        let big = block == 256;
+        if !ready {
+            if big {
+                self.grow(&mut sc.xq256, n * cols);
+                self.grow(&mut sc.xd256, n * nd);
+                self.grow(&mut sc.xs256, n * nb);
+            } else {
+                self.grow(&mut sc.xq, n * cols);
+                self.grow(&mut sc.xd, n * nd);
+                self.grow(&mut sc.xs, n * nb);
+            }
+        }
+        let (xq, xd, xs) = if big {
+            (&sc.xq256, &sc.xd256, &sc.xs256)
+        } else {
+            (&sc.xq, &sc.xd, &sc.xs)
+        };
+        if self.failed() || xq.len < n * cols || xd.len < n * nd || xs.len < n * nb {
+            return None;
+        }
+        let ptrs = (xq.ptr, xd.ptr, xs.ptr);
+        if !ready {
+            self.launch(
+                if big { "quantize_q8x256" } else { "quantize_q8x32" },
+                (cols.div_ceil(256) as u32, n as u32, 1),
+                256,
+                &[
+                    Arg::P(x),
+                    Arg::P(ptrs.0),
+                    Arg::P(ptrs.1),
+                    Arg::P(ptrs.2),
+                    Arg::U(cols as u32),
+                ],
+            );
+        }
+        Some(ptrs)
+    }
+
     /// Products of [`GEMM_MIN_ROWS`] to `mmq_max` activation rows on the int8 tensor
     /// cores (q8x.cu's `mmq_*`: the stored blocks' levels against x quantized once per
     /// block length, as the decode kernels quantize it); returns the parts it could not
@@ -927,47 +974,9 @@ impl CudaBackend {
             {
                 continue;
             }
-            let (nb, nd) = (cols / 32, cols / block);
-            let pre = self.prequant.lock().ok().and_then(|p| *p);
-            let ready = pre.is_some_and(|p| p.ptr == x && p.len == n * cols && (block == 32 || p.q256));
-            if !ready {
-                if block == 256 {
-                    self.grow(&mut sc.xq256, n * cols);
-                    self.grow(&mut sc.xd256, n * nd);
-                    self.grow(&mut sc.xs256, n * nb);
-                } else {
-                    self.grow(&mut sc.xq, n * cols);
-                    self.grow(&mut sc.xd, n * nd);
-                    self.grow(&mut sc.xs, n * nb);
-                }
-            }
-            let (xq, xd, xs) = if block == 256 {
-                (&sc.xq256, &sc.xd256, &sc.xs256)
-            } else {
-                (&sc.xq, &sc.xd, &sc.xs)
-            };
-            if self.failed() || xq.len < n * cols || xd.len < n * nd || xs.len < n * nb {
+            let Some((xq, xd, xs)) = self.quantize_acts(&mut sc, x, n, cols, block) else {
                 return Vec::new();
-            }
-            if !ready {
-                let quantizer = if block == 256 {
-                    "quantize_q8x256"
-                } else {
-                    "quantize_q8x32"
-                };
-                self.launch(
-                    quantizer,
-                    (cols.div_ceil(256) as u32, n as u32, 1),
-                    256,
-                    &[
-                        Arg::P(x),
-                        Arg::P(xq.ptr),
-                        Arg::P(xd.ptr),
-                        Arg::P(xs.ptr),
-                        Arg::U(cols as u32),
-                    ],
-                );
-            }
+            };
             for (w, out) in &mine {
                 let Some((kernel, b)) = mmq_kernel(w.ty) else { continue };
                 if b != block {
@@ -980,9 +989,9 @@ impl CudaBackend {
                     &[
                         Arg::P(w.data.ptr),
                         Arg::P(w.row_bytes as u64),
-                        Arg::P(xq.ptr),
-                        Arg::P(xd.ptr),
-                        Arg::P(xs.ptr),
+                        Arg::P(xq),
+                        Arg::P(xd),
+                        Arg::P(xs),
                         Arg::P(*out),
                         Arg::U(w.rows as u32),
                         Arg::U(cols as u32),
@@ -1014,49 +1023,13 @@ impl CudaBackend {
         }
         let mut sc_guard = None;
         let acts = match f0 {
-            Fast::Q8x { quantizer, block, .. } => {
-                let (nb, nd) = (cols / 32, cols / block);
+            Fast::Q8x { block, .. } => {
                 let Ok(mut sc) = self.scratch.lock() else { return true };
-                // The op that wrote x may have written its 8-bit forms too.
-                let pre = self.prequant.lock().ok().and_then(|p| *p);
-                let ready = pre.is_some_and(|p| p.ptr == x && p.len == n * cols && (block == 32 || p.q256));
-                let big = block == 256;
-                if !ready {
-                    if big {
-                        self.grow(&mut sc.xq256, n * cols);
-                        self.grow(&mut sc.xd256, n * nd);
-                        self.grow(&mut sc.xs256, n * nb);
-                    } else {
-                        self.grow(&mut sc.xq, n * cols);
-                        self.grow(&mut sc.xd, n * nd);
-                        self.grow(&mut sc.xs, n * nb);
-                    }
-                }
-                let (xq, xd, xs) = if big {
-                    (&sc.xq256, &sc.xd256, &sc.xs256)
-                } else {
-                    (&sc.xq, &sc.xd, &sc.xs)
-                };
-                if self.failed() || xq.len < n * cols || xd.len < n * nd || xs.len < n * nb {
+                let Some((xq, xd, xs)) = self.quantize_acts(&mut sc, x, n, cols, block) else {
                     return true;
-                }
-                let a = Some((xq.ptr, xd.ptr, xs.ptr, nd, nb));
-                if !ready {
-                    self.launch(
-                        quantizer,
-                        (cols.div_ceil(256) as u32, n as u32, 1),
-                        256,
-                        &[
-                            Arg::P(x),
-                            Arg::P(xq.ptr),
-                            Arg::P(xd.ptr),
-                            Arg::P(xs.ptr),
-                            Arg::U(cols as u32),
-                        ],
-                    );
-                }
+                };
                 sc_guard = Some(sc);
-                a
+                Some((xq, xd, xs, cols / block, cols / 32))
             }
             Fast::Half(..) => None,
         };
