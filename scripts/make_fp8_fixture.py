@@ -22,6 +22,20 @@ Standard library only (no numpy / torch): the files are small.
 
 The second uses small, uneven blocks (several per matrix, partial ones at the edges)
 and quantizes lm_head too, so block indexing is exercised on a 64-wide model.
+
+--fuse-experts first stores a MoE model's per-expert matrices the way transformers 5
+does, as fused 3-D parameters: `mlp.experts.gate_up_proj` [experts, 2*ffn, hidden]
+(each expert's gate rows, then its up rows) and `mlp.experts.down_proj` [experts,
+hidden, ffn]. Each expert's slice is quantized as a 2-D weight is, and the scales are
+`X_scale_inv` [experts, ceil(rows/bo), ceil(cols/bi)] (transformers' FP8 experts):
+
+  python3 scripts/make_fp8_fixture.py --src tests/fixtures/parity/qwen3_moe --out tests/fixtures/fp8 \
+      --name qwen3_moe_b16 --block 16,16
+  python3 scripts/make_fp8_fixture.py --src tests/fixtures/parity/qwen3_moe --out tests/fixtures/fp8 \
+      --name qwen3_moe_fused_b16 --block 16,16 --fuse-experts
+
+With 16-row blocks (ffn = 16) no block spans a gate and an up row, so the fused
+checkpoint holds exactly the codes and scales of the per-expert one.
 """
 
 import argparse
@@ -141,6 +155,28 @@ def quantize(shape, raw):
 
 
 LINEAR = re.compile(r"(_proj|\.w[123]|lm_head)\.weight$")
+FUSED = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
+PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+def fuse_experts(tensors):
+    """Replaces per-expert `P.E.{gate,up,down}_proj.weight` by transformers 5's fused
+    `P.gate_up_proj` [E, 2*ffn, hidden] (gate rows first) and `P.down_proj` [E, hidden, ffn]."""
+    groups = {}
+    for tname in list(tensors):
+        m = PER_EXPERT.match(tname)
+        if m:
+            groups.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = tensors.pop(tname)
+    for prefix, parts in groups.items():
+        n = 1 + max(e for e, _ in parts)
+        gate_up, down = b"", b""
+        for e in range(n):
+            (dg, sg, rg), (du, su, ru), (dd, sd, rd) = (parts[(e, k)] for k in ("gate", "up", "down"))
+            assert dg == du == dd == "F32" and sg == su, (prefix, e)
+            gate_up += rg + ru
+            down += rd
+        tensors[prefix + ".gate_up_proj"] = ("F32", [n, 2 * sg[0], sg[1]], gate_up)
+        tensors[prefix + ".down_proj"] = ("F32", [n] + sd, down)
 
 
 def main():
@@ -150,16 +186,34 @@ def main():
     ap.add_argument("--keep", default="lm_head", help="comma-separated modules left unquantized")
     ap.add_argument("--block", default="128,128", help="scale block: rows,cols")
     ap.add_argument("--name", help="output name (default: the source directory's)")
+    ap.add_argument("--fuse-experts", action="store_true", help="store experts as fused 3-D parameters")
     args = ap.parse_args()
     BLOCK[:] = [int(b) for b in args.block.split(",")]
     name = args.name or os.path.basename(os.path.normpath(args.src))
     keep = [k for k in args.keep.split(",") if k]
     tensors, meta = read_safetensors(os.path.join(args.src, "model.safetensors"))
+    if args.fuse_experts:
+        fuse_experts(tensors)
     fp8, ref = {}, {}
     quantized = []
     for tname, (dtype, shape, raw) in tensors.items():
         base = tname[: -len(".weight")] if tname.endswith(".weight") else tname
-        if LINEAR.search(tname) and len(shape) == 2 and not any(base == k or base.endswith("." + k) for k in keep):
+        if FUSED.search(tname) and len(shape) == 3 and not any(base.endswith("." + k) for k in keep):
+            # One 2-D quantization per expert, stacked.
+            assert dtype == "F32", f"{tname}: {dtype}"
+            n, rows, cols = shape
+            per = 4 * rows * cols
+            codes, scales, deq = b"", array("f"), array("f")
+            for e in range(n):
+                c, sshape, s, d = quantize([rows, cols], raw[e * per : (e + 1) * per])
+                codes += c
+                scales += s
+                deq += d
+            fp8[tname] = ("F8_E4M3", shape, codes)
+            fp8[tname + "_scale_inv"] = ("F32", [n] + sshape, scales.tobytes())
+            ref[tname] = ("F32", shape, deq.tobytes())
+            quantized.append(tname)
+        elif LINEAR.search(tname) and len(shape) == 2 and not any(base == k or base.endswith("." + k) for k in keep):
             assert dtype == "F32", f"{tname}: {dtype}"
             codes, sshape, scales, deq = quantize(shape, raw)
             fp8[tname] = ("F8_E4M3", shape, codes)
