@@ -105,6 +105,104 @@ pub fn check_shapes(what: &str, shape: &[usize], scale_shape_got: &[usize], bloc
     Ok([rows, cols])
 }
 
+/// Checks the shapes of a stacked FP8 expert tensor (transformers 5's fused
+/// `mlp.experts.gate_up_proj` / `down_proj`, `[experts, rows, cols]`) and its scales,
+/// which must hold one 2-D block grid per expert (`[experts, ceil(rows/bo),
+/// ceil(cols/bi)]`); returns `[experts, rows, cols]`. `what` names the weight in errors.
+pub fn check_stacked_shapes(
+    what: &str,
+    shape: &[usize],
+    scale_shape_got: &[usize],
+    block: [usize; 2],
+) -> Result<[usize; 3]> {
+    ensure!(
+        block[0] > 0 && block[1] > 0,
+        "FP8 tensor \"{what}\": empty scale block {block:?}"
+    );
+    let [experts, rows, cols] = shape[..] else {
+        bail!("FP8 tensor \"{what}\" has shape {shape:?}, expected 3 dimensions [experts, out, in]");
+    };
+    ensure!(
+        experts > 0 && rows > 0 && cols > 0,
+        "FP8 tensor \"{what}\" has an empty shape {shape:?}"
+    );
+    let [sr, sc] = scale_shape(rows, cols, block);
+    let want = [experts, sr, sc];
+    // The usual mistakes, named: one grid shared by all experts, or a grid per expert
+    // but not for each of them.
+    ensure!(
+        scale_shape_got.len() == 3,
+        "FP8 tensor \"{what}\" of shape {shape:?} needs block scales of shape {want:?} (one {}×{} grid per expert), found {}-dimensional scales {scale_shape_got:?}",
+        block[0],
+        block[1],
+        scale_shape_got.len()
+    );
+    ensure!(
+        scale_shape_got[0] == experts,
+        "FP8 tensor \"{what}\" of shape {shape:?} holds {experts} experts, but its block scales {scale_shape_got:?} hold {}",
+        scale_shape_got[0]
+    );
+    ensure!(
+        scale_shape_got == want,
+        "FP8 tensor \"{what}\" of shape {shape:?} needs block scales of shape {want:?} (blocks of {}×{} per expert), found {scale_shape_got:?}",
+        block[0],
+        block[1]
+    );
+    Ok([experts, rows, cols])
+}
+
+/// Converts a stacked `[experts, rows, cols]` FP8 tensor with `[experts, sr, sc]` scales:
+/// each expert's `[rows, cols]` slice and its own `[sr, sc]` scales go through
+/// [`convert`] exactly as a 2-D FP8 matrix does, and the results are stacked in expert
+/// order, so expert `e`'s rows are the bytes `[e · rows · row_bytes, (e + 1) · rows ·
+/// row_bytes)`, the layout the MoE loader slices stacked experts by. Lengths are checked
+/// against the shapes before anything is allocated; the output is bounded by the input
+/// (at most 2 bytes per FP8 code).
+pub fn convert_stacked(what: &str, m: &Fp8Matrix) -> Result<(WeightType, Vec<u8>)> {
+    let [experts, rows, cols] = check_stacked_shapes(what, m.shape, m.scale_shape, m.block)?;
+    let too_large = || Error::new(format!("FP8 tensor \"{what}\" is too large"));
+    let per_expert = rows.checked_mul(cols).ok_or_else(too_large)?;
+    let n = experts.checked_mul(per_expert).ok_or_else(too_large)?;
+    ensure!(
+        m.codes.len() == n,
+        "FP8 tensor \"{what}\" holds {} bytes, its shape {:?} needs {n}",
+        m.codes.len(),
+        m.shape
+    );
+    let [sr, sc] = scale_shape(rows, cols, m.block);
+    let scales_per_expert = sr * sc;
+    ensure!(
+        m.scales.len() == experts * scales_per_expert,
+        "FP8 tensor \"{what}\": {} scales, expected {}",
+        m.scales.len(),
+        experts * scales_per_expert
+    );
+    let ty = target_type(cols);
+    let mut out = Vec::new();
+    for (e, (codes, scales)) in m
+        .codes
+        .chunks_exact(per_expert)
+        .zip(m.scales.chunks_exact(scales_per_expert))
+        .enumerate()
+    {
+        let slice = Fp8Matrix {
+            codes,
+            shape: &[rows, cols],
+            scales,
+            scale_shape: &[sr, sc],
+            block: m.block,
+        };
+        let (slice_ty, bytes) = convert(&format!("{what}[{e}]"), &slice)?;
+        debug_assert_eq!(slice_ty, ty);
+        if out.is_empty() {
+            // Every slice encodes to the same length: reserve the whole tensor once.
+            out.reserve_exact(bytes.len() * experts);
+        }
+        out.extend_from_slice(&bytes);
+    }
+    Ok((ty, out))
+}
+
 /// The engine type an FP8 matrix with rows of `cols` becomes.
 pub fn target_type(cols: usize) -> WeightType {
     if WeightType::Q8_0.row_bytes(cols).is_some() {
@@ -270,6 +368,137 @@ mod tests {
         bad[999 * cols + 3] = 0xFF;
         let e = convert("w", &Fp8Matrix { codes: &bad, ..m }).unwrap_err().to_string();
         assert!(e.contains("[999, 3]"), "{e}");
+    }
+
+    /// Codes and scales for a stacked `[experts, rows, cols]` tensor at `block`: every
+    /// expert's values and scales differ, so a slice converted with another expert's
+    /// codes or scales gives other bytes.
+    fn stacked(experts: usize, rows: usize, cols: usize, block: [usize; 2]) -> (Vec<u8>, Vec<f32>, [usize; 3]) {
+        let codes: Vec<u8> = (0..experts * rows * cols)
+            .map(|i| ((i * 2654435761usize) >> 9) as u8 & 0x7E)
+            .collect();
+        let [sr, sc] = scale_shape(rows, cols, block);
+        let scales: Vec<f32> = (0..experts * sr * sc).map(|i| 0.0005 * (i + 3) as f32).collect();
+        (codes, scales, [experts, sr, sc])
+    }
+
+    /// A stacked tensor converts to each expert's slice converted on its own, in order:
+    /// uneven blocks (partial at the edges) and Q8_0 rows; BF16 rows.
+    #[test]
+    fn convert_stacked_equals_each_expert_converted() {
+        for (experts, rows, cols, block, want_ty) in [
+            (5, 40, 96, [16, 48], WeightType::Q8_0),
+            (3, 64, 16, [128, 128], WeightType::BF16),
+            (1, 33, 64, [32, 32], WeightType::Q8_0),
+        ] {
+            let (codes, scales, sshape) = stacked(experts, rows, cols, block);
+            let m = Fp8Matrix {
+                codes: &codes,
+                shape: &[experts, rows, cols],
+                scales: &scales,
+                scale_shape: &sshape,
+                block,
+            };
+            let (ty, got) = convert_stacked("w", &m).unwrap();
+            assert_eq!(ty, want_ty);
+            let per = ty.row_bytes(cols).unwrap() * rows;
+            assert_eq!(got.len(), experts * per);
+            let (nc, ns) = (rows * cols, sshape[1] * sshape[2]);
+            for e in 0..experts {
+                let slice = Fp8Matrix {
+                    codes: &codes[e * nc..(e + 1) * nc],
+                    shape: &[rows, cols],
+                    scales: &scales[e * ns..(e + 1) * ns],
+                    scale_shape: &sshape[1..],
+                    block,
+                };
+                let (ty2, want) = convert("w", &slice).unwrap();
+                assert_eq!(ty2, ty);
+                assert_eq!(&got[e * per..(e + 1) * per], &want[..], "expert {e} of {experts}");
+            }
+        }
+    }
+
+    #[test]
+    fn convert_stacked_checks_shapes_and_values() {
+        let block = [16, 48];
+        let (codes, scales, sshape) = stacked(4, 40, 96, block);
+        assert_eq!(sshape, [4, 3, 2]);
+        let ok = Fp8Matrix {
+            codes: &codes,
+            shape: &[4, 40, 96],
+            scales: &scales,
+            scale_shape: &sshape,
+            block,
+        };
+        let err = |m: &Fp8Matrix| {
+            let e = convert_stacked("experts.gate_up_proj", m).unwrap_err().to_string();
+            assert!(!e.contains('\n'), "{e}");
+            e
+        };
+        let has = |e: &str, parts: &[&str]| {
+            for p in parts {
+                assert!(e.contains(p), "{e:?} lacks {p:?}");
+            }
+        };
+        // Scales for a different number of experts.
+        let e = err(&Fp8Matrix {
+            scale_shape: &[3, 3, 2],
+            scales: &scales[..18],
+            ..ok
+        });
+        has(&e, &["experts.gate_up_proj", "4 experts", "[3, 3, 2]"]);
+        // The wrong block grid per expert (the total is right).
+        let e = err(&Fp8Matrix {
+            scale_shape: &[4, 2, 3],
+            ..ok
+        });
+        has(&e, &["[4, 3, 2]", "[4, 2, 3]", "16×48"]);
+        // One 2-D grid for all experts.
+        let e = err(&Fp8Matrix {
+            scale_shape: &[3, 2],
+            scales: &scales[..6],
+            ..ok
+        });
+        has(&e, &["[4, 3, 2]", "2-dimensional", "[3, 2]"]);
+        // A weight that is not 3-D, empty, or whose bytes or scales do not fit the shape.
+        let e = err(&Fp8Matrix {
+            shape: &[160, 96],
+            ..ok
+        });
+        has(&e, &["[160, 96]", "3 dimensions"]);
+        let e = err(&Fp8Matrix {
+            shape: &[0, 40, 96],
+            scale_shape: &[0, 3, 2],
+            ..ok
+        });
+        has(&e, &["empty shape"]);
+        let e = err(&Fp8Matrix {
+            codes: &codes[..codes.len() - 1],
+            ..ok
+        });
+        has(&e, &["holds 15359 bytes", "needs 15360"]);
+        let e = err(&Fp8Matrix {
+            scales: &scales[..23],
+            ..ok
+        });
+        has(&e, &["23 scales, expected 24"]);
+        // Shapes whose product overflows are refused before anything is allocated.
+        let e = err(&Fp8Matrix {
+            shape: &[usize::MAX / 2, 40, 96],
+            scale_shape: &[usize::MAX / 2, 3, 2],
+            ..ok
+        });
+        has(&e, &["too large"]);
+        // A bad value names its expert, and its row and column within that expert.
+        let mut bad = codes.clone();
+        bad[2 * 40 * 96 + 5 * 96 + 7] = 0x7F;
+        let e = err(&Fp8Matrix { codes: &bad, ..ok });
+        has(&e, &["experts.gate_up_proj[2]", "[5, 7]", "not finite"]);
+        let mut inf = scales.clone();
+        inf[3 * 6 + 1] = f32::INFINITY;
+        let e = err(&Fp8Matrix { scales: &inf, ..ok });
+        has(&e, &["experts.gate_up_proj[3]", "scale 1 is not finite"]);
     }
 
     #[test]

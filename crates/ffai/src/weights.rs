@@ -222,18 +222,21 @@ impl Weights {
 
     /// Joins each FP8 E4M3 weight (`X.weight`) with its block scales
     /// (`X.weight_scale_inv`) and files it converted (see `crate::fp8`); the rest of
-    /// `raw` is left for `add_raw`.
+    /// `raw` is left for `add_raw`. transformers 5's fused experts are parameters without
+    /// `.weight` (`mlp.experts.gate_up_proj` `[experts, 2·ffn, hidden]`, `down_proj`):
+    /// their scales are `X_scale_inv`, one block grid per expert.
     fn add_fp8(&mut self, raw: &mut HashMap<String, RawTensor>, fp8: Option<&Fp8QuantConfig>) -> Result<()> {
-        let mut scales: Vec<String> = raw
-            .keys()
-            .filter(|n| n.ends_with(".weight_scale_inv"))
-            .cloned()
-            .collect();
+        let mut scales: Vec<String> = raw.keys().filter(|n| n.ends_with("_scale_inv")).cloned().collect();
         scales.sort();
         let mut converted = 0usize;
         for sname in scales {
-            let base = sname.strip_suffix(".weight_scale_inv").unwrap_or(&sname).to_string();
-            let wname = format!("{base}.weight");
+            let (base, wname) = match sname.strip_suffix(".weight_scale_inv") {
+                Some(base) => (base.to_string(), format!("{base}.weight")),
+                None => {
+                    let wname = sname.strip_suffix("_scale_inv").unwrap_or(&sname).to_string();
+                    (wname.clone(), wname)
+                }
+            };
             let sc = raw.remove(&sname).expect("listed above");
             let file = sc.file.display();
             let Some(cfg) = fp8 else {
@@ -467,7 +470,15 @@ fn fp8_entry(wname: &str, w: &RawTensor, sc: &RawTensor, cfg: &Fp8QuantConfig) -
         safetensors::Dtype::F16 => WeightType::F16,
         other => bail!("{file}: tensor \"{wname}_scale_inv\" has dtype {other:?}, expected F32, BF16 or F16"),
     };
-    crate::fp8::check_shapes(wname, &w.shape, &sc.shape, cfg.block).map_err(|e| e.context(&file))?;
+    // A stacked `[experts, rows, cols]` weight (fused experts) has a block grid per
+    // expert; anything else is checked as one matrix (and a weight that is neither 2-D
+    // nor 3-D is refused there).
+    let stacked = w.shape.len() == 3;
+    if stacked {
+        crate::fp8::check_stacked_shapes(wname, &w.shape, &sc.shape, cfg.block).map_err(|e| e.context(&file))?;
+    } else {
+        crate::fp8::check_shapes(wname, &w.shape, &sc.shape, cfg.block).map_err(|e| e.context(&file))?;
+    }
     // The safetensors crate checked the byte length against the shape, and the shape
     // against the weight's just above: the scale vector is bounded by the file.
     let n: usize = sc.shape.iter().product();
@@ -480,7 +491,11 @@ fn fp8_entry(wname: &str, w: &RawTensor, sc: &RawTensor, cfg: &Fp8QuantConfig) -
         scale_shape: &sc.shape,
         block: cfg.block,
     };
-    let (ty, bytes) = crate::fp8::convert(wname, &m).map_err(|e| e.context(&file))?;
+    let (ty, bytes) = match stacked {
+        true => crate::fp8::convert_stacked(wname, &m),
+        false => crate::fp8::convert(wname, &m),
+    }
+    .map_err(|e| e.context(&file))?;
     Ok(WeightEntry {
         ty,
         shape: w.shape.clone(),

@@ -82,7 +82,56 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 /// Returns the number converted and ρ = RMS(Q8_0 − reference) / RMS(reference −
 /// original f32 weights): Q8_0's error relative to the FP8 rounding the checkpoint holds.
 fn check_weights(name: &str) -> (usize, f64) {
-    let orig = Weights::from_safetensors_dir(&fixture("parity/qwen3")).unwrap();
+    check_weights_of(name, "qwen3")
+}
+
+/// Tensor `n` of the parity model `orig` as f32 (`len` values); fused experts
+/// (`blk.L.ffn_{gate_up,down}_exps.weight`, stacked `[experts, rows, cols]`) are
+/// gathered from the original's per-expert matrices (`blk.L.ffn_{gate,up,down}_exps.E`),
+/// gate rows before up rows.
+fn original_f32(orig: &Weights, n: &str, len: usize) -> Vec<f32> {
+    if !orig.has(n) {
+        if let Some(layer) = n.strip_suffix(".ffn_gate_up_exps.weight") {
+            let per = len / 2;
+            let experts = per
+                / orig
+                    .get(&format!("{layer}.ffn_gate_exps.0.weight"))
+                    .unwrap()
+                    .shape
+                    .iter()
+                    .product::<usize>();
+            let mut v = Vec::with_capacity(len);
+            for e in 0..experts {
+                for part in ["gate", "up"] {
+                    let t = format!("{layer}.ffn_{part}_exps.{e}.weight");
+                    v.extend(orig.f32_vec(&t, per / experts).unwrap());
+                }
+            }
+            return v;
+        }
+        if let Some(layer) = n.strip_suffix(".ffn_down_exps.weight") {
+            let one = orig
+                .get(&format!("{layer}.ffn_down_exps.0.weight"))
+                .unwrap()
+                .shape
+                .iter()
+                .product::<usize>();
+            return (0..len / one)
+                .flat_map(|e| orig.f32_vec(&format!("{layer}.ffn_down_exps.{e}.weight"), one).unwrap())
+                .collect();
+        }
+    }
+    orig.f32_vec(n, len).unwrap()
+}
+
+/// As `check_weights`, for the FP8 fixture `name` made from tests/fixtures/parity/`src`;
+/// stacked `[experts, rows, cols]` tensors are checked row by row as matrices are.
+fn check_weights_of(name: &str, src: &str) -> (usize, f64) {
+    let orig = Weights::from_safetensors_dir_for(
+        &fixture(&format!("parity/{src}")),
+        &config(&fixture(&format!("parity/{src}"))).model_type,
+    )
+    .unwrap();
     let (mut q8_sq, mut fp8_sq) = (0f64, 0f64);
     let (fp8, refd) = (
         fixture(&format!("fp8/{name}_fp8")),
@@ -103,12 +152,23 @@ fn check_weights(name: &str) -> (usize, f64) {
             );
             continue;
         }
-        assert_eq!(a.ty, WeightType::Q8_0, "{n}");
         converted += 1;
-        let cols = a.shape[1];
+        let cols = *a.shape.last().unwrap();
+        let rows: usize = a.shape[..a.shape.len() - 1].iter().product();
+        if a.ty == WeightType::BF16 {
+            // Rows that are not whole Q8_0 blocks (a 16-wide expert down_proj) become
+            // BF16: each value is the reference's rounded to 8 significant bits.
+            assert_ne!(cols % 32, 0, "{n}");
+            let (got, want) = (w.f32_vec(n, rows * cols).unwrap(), r.f32_vec(n, rows * cols).unwrap());
+            for (i, (x, y)) in got.iter().zip(&want).enumerate() {
+                assert!((x - y).abs() <= y.abs() / 256.0, "{n} element {i}: {x} against {y}");
+            }
+            continue;
+        }
+        assert_eq!(a.ty, WeightType::Q8_0, "{n}");
         let (rb, mut row) = (a.ty.row_bytes(cols).unwrap(), vec![0f32; cols]);
-        let want = r.f32_vec(n, a.shape[0] * cols).unwrap();
-        let o = orig.f32_vec(n, a.shape[0] * cols).unwrap();
+        let want = r.f32_vec(n, rows * cols).unwrap();
+        let o = original_f32(&orig, n, rows * cols);
         fp8_sq += want.iter().zip(&o).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>();
         for (i, chunk) in a.bytes.as_slice().chunks_exact(rb).enumerate() {
             dequantize_row(a.ty, chunk, &mut row);
@@ -177,14 +237,22 @@ fn greedy_pair(
 }
 
 fn check_logits(name: &str) {
+    check_logits_of(name, "qwen3", 0);
+}
+
+/// As `check_logits`, for the FP8 fixture `name` made from tests/fixtures/parity/`src`.
+/// Up to `jumps` of the prompt's positions may exceed the tolerance (a MoE router
+/// whose top-k choice flips: see the fused experts' test), as long as no logit moves
+/// more than the FP8 rounding itself moved one.
+fn check_logits_of(name: &str, src: &str, jumps: usize) {
     let ids = prompt();
-    let (_, rho) = check_weights(name);
+    let (_, rho) = check_weights_of(name, src);
     let (fp8, refd) = (
         fixture(&format!("fp8/{name}_fp8")),
         fixture(&format!("fp8/{name}_fp8_ref")),
     );
     for f32_act in [true, false] {
-        let orig = prefill(&*load(&fixture("parity/qwen3"), f32_act), &ids);
+        let orig = prefill(&*load(&fixture(&format!("parity/{src}")), f32_act), &ids);
         let (a, b) = (load(&fp8, f32_act), load(&refd, f32_act));
         let (la, lb) = (prefill(&*a, &ids), prefill(&*b, &ids));
         let d = max_diff(&la, &lb);
@@ -202,7 +270,18 @@ fn check_logits(name: &str) {
         println!(
             "{name} (f32 activations {f32_act}): max |logit(FP8→Q8_0) − logit(ref)| = {d:.3e}, tolerance 2ρ·shift = {tol:.3e} (ρ {rho:.3}, FP8 rounding moved the logits by {fp8_shift:.3e})"
         );
-        assert!(d <= tol, "{name}: max logit difference {d} > {tol}");
+        let over: Vec<(usize, f32)> = (0..ids.len())
+            .map(|t| (t, max_diff(&la[t * 256..(t + 1) * 256], &lb[t * 256..(t + 1) * 256])))
+            .filter(|&(_, dt)| dt > tol)
+            .collect();
+        println!("  positions over the tolerance: {over:?}");
+        assert!(
+            over.len() <= jumps,
+            "{name}: {} positions over {tol} (at most {jumps}): {over:?}",
+            over.len()
+        );
+        let bound = if jumps > 0 { fp8_shift } else { tol };
+        assert!(d <= bound, "{name}: max logit difference {d} > {bound}");
         for t in 0..ids.len() {
             let (ra, rb) = (&la[t * 256..(t + 1) * 256], &lb[t * 256..(t + 1) * 256]);
             let ca = ffai_kernels::ops::argmax(ra).0;
@@ -229,9 +308,15 @@ fn check_logits(name: &str) {
             }
         }
         let clear = steps.iter().zip(&gb).filter(|((ta, _), tb)| ta == *tb).count();
-        println!("  greedy: {clear}/32 steps agree on the reference's path, free-running equal for {first_tie}");
-        assert!(clear >= 30, "{name}: only {clear}/32 greedy steps agree");
-        assert!(first_tie >= 3);
+        println!("  greedy: {clear}/32 steps agree on the reference's path, free-running equal for {first_tie}; disagreements (step, FP8 token, reference margin): {:?}", steps.iter().enumerate().filter(|(k, s)| s.0 != gb[*k]).map(|(k, s)| (k, s.0, s.1)).collect::<Vec<_>>());
+        // This random model has near-ties; the MoE one more of them (see
+        // `fp8_fused_experts_logits_match_per_expert_and_dequantized_reference`).
+        let min_clear = if jumps > 0 { 28 } else { 30 };
+        assert!(clear >= min_clear, "{name}: only {clear}/32 greedy steps agree");
+        // The qwen3 fixtures' first near-tie comes at step 3 or later; the MoE one's at
+        // step 0 (reference margin 0.15, at a position whose logits moved 0.45, near a
+        // router flip), so there only the teacher-forced steps above are checked.
+        assert!(first_tie >= 3 || jumps > 0);
         assert_eq!(
             ga[..first_tie],
             gb[..first_tie],
@@ -270,7 +355,17 @@ fn malformed(
     edit: impl Fn(&str, safetensors::Dtype, &[usize], &[u8]) -> Option<(safetensors::Dtype, Vec<usize>, Vec<u8>)>,
     config: impl Fn(&mut serde_json::Value),
 ) -> PathBuf {
-    let src = fixture("fp8/qwen3_fp8");
+    malformed_from("qwen3_fp8", tag, edit, config)
+}
+
+/// As `malformed`, from the FP8 fixture `name`.
+fn malformed_from(
+    name: &str,
+    tag: &str,
+    edit: impl Fn(&str, safetensors::Dtype, &[usize], &[u8]) -> Option<(safetensors::Dtype, Vec<usize>, Vec<u8>)>,
+    config: impl Fn(&mut serde_json::Value),
+) -> PathBuf {
+    let src = fixture(&format!("fp8/{name}"));
     let dir = common::temp_dir(tag);
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
@@ -418,6 +513,200 @@ fn fp8_malformed_checkpoints_are_one_line_errors() {
                 |_| {},
             ),
             &["E5M2", "not supported"],
+        ),
+    ];
+    for (dir, want) in cases {
+        let e = load_err(&dir);
+        println!("{e}");
+        assert!(!e.contains('\n'), "{}: not one line: {e}", dir.display());
+        for w in want {
+            assert!(e.contains(w), "{}: {e:?} lacks {w:?}", dir.display());
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+// Fused 3-D experts (transformers 5's `mlp.experts.gate_up_proj` `[experts, 2·ffn,
+// hidden]` and `down_proj` `[experts, hidden, ffn]`, scales `X_scale_inv` `[experts,
+// ceil(rows/16), ceil(cols/16)]`): fp8/qwen3_moe_fused_b16_fp8 holds the qwen3_moe
+// parity model so, and fp8/qwen3_moe_b16_fp8 the same codes and scales as per-expert
+// 2-D matrices (16-row blocks never span a gate and an up row: ffn = 16).
+
+/// The MoE layers of the qwen3_moe parity model (layer 1 is dense).
+const MOE_LAYERS: [usize; 3] = [0, 2, 3];
+
+#[test]
+fn fp8_fused_experts_equal_per_expert_conversion() {
+    let mt = config(&fixture("fp8/qwen3_moe_fused_b16_fp8")).model_type;
+    let fused = Weights::from_safetensors_dir_for(&fixture("fp8/qwen3_moe_fused_b16_fp8"), &mt).unwrap();
+    let split = Weights::from_safetensors_dir_for(&fixture("fp8/qwen3_moe_b16_fp8"), &mt).unwrap();
+    assert_eq!(
+        fused.source_quantization.as_deref(),
+        Some("FP8 e4m3 block 16×16 → Q8_0")
+    );
+    for l in MOE_LAYERS {
+        // gate_up: expert e's gate rows, then its up rows, each converted as the
+        // per-expert checkpoint's 2-D matrices are.
+        let gu = fused.get(&format!("blk.{l}.ffn_gate_up_exps.weight")).unwrap();
+        assert_eq!((gu.ty, &gu.shape[..]), (WeightType::Q8_0, &[8, 32, 64][..]));
+        let mut want = Vec::new();
+        for e in 0..8 {
+            for part in ["gate", "up"] {
+                let t = split.get(&format!("blk.{l}.ffn_{part}_exps.{e}.weight")).unwrap();
+                assert_eq!((t.ty, &t.shape[..]), (WeightType::Q8_0, &[16, 64][..]));
+                want.extend_from_slice(t.bytes.as_slice());
+            }
+        }
+        assert_eq!(gu.bytes.as_slice(), &want[..], "layer {l} gate_up");
+        // down: 16-wide rows become BF16.
+        let down = fused.get(&format!("blk.{l}.ffn_down_exps.weight")).unwrap();
+        assert_eq!((down.ty, &down.shape[..]), (WeightType::BF16, &[8, 64, 16][..]));
+        let want: Vec<u8> = (0..8)
+            .flat_map(|e| {
+                let t = split.get(&format!("blk.{l}.ffn_down_exps.{e}.weight")).unwrap();
+                assert_eq!((t.ty, &t.shape[..]), (WeightType::BF16, &[64, 16][..]));
+                t.bytes.as_slice().to_vec()
+            })
+            .collect();
+        assert_eq!(down.bytes.as_slice(), &want[..], "layer {l} down");
+    }
+    // Everything else is the same tensor in both.
+    for n in split.names().filter(|n| !n.contains("_exps.")) {
+        let (a, b) = (fused.get(n).unwrap(), split.get(n).unwrap());
+        assert_eq!(
+            (a.ty, &a.shape, a.bytes.as_slice()),
+            (b.ty, &b.shape, b.bytes.as_slice()),
+            "{n}"
+        );
+    }
+}
+
+/// The fused FP8 model gives bit for bit the logits of the per-expert FP8 model (the
+/// same converted bytes, viewed per expert by the MoE loader), and the logits of the
+/// fused model with its FP8 weights dequantized to f32 within the tolerance of the
+/// dense FP8 test (2ρ · the logit shift the FP8 rounding itself causes; see
+/// `check_logits`), with the same greedy tokens, except at a few positions.
+///
+/// Why a few: the router picks 2 of 8 experts by the hidden state, and a hidden state
+/// moved by Q8_0's rounding can flip that choice, a jump rather than the linear change
+/// the tolerance is derived for. The reference shows such jumps against the original
+/// model too (one position moves 1.24 where the others move 0.2 to 0.7). Measured
+/// (max |Δlogit| per position, tolerance 0.51): with f32 activations one position over
+/// (0.91), the others 0.03 to 0.45; with q8 activations two (0.60, 0.61), the others at
+/// most 0.51. So at most 6 of the 64 positions may exceed it, and none may move more
+/// than the FP8 rounding itself moved a logit (1.24). A wrong expert slice, scale or
+/// stacking order moves every position by the size of the logits. Greedy on the
+/// reference's path: 30 (f32 activations) and 29 (q8) of 32 steps agree, the others are
+/// near-ties (reference margins 0.02 to 0.26, each checked to be within 2 · the max
+/// difference); at least 28 must agree.
+#[test]
+fn fp8_fused_experts_logits_match_per_expert_and_dequantized_reference() {
+    let ids = prompt();
+    for f32_act in [true, false] {
+        let a = prefill(&*load(&fixture("fp8/qwen3_moe_fused_b16_fp8"), f32_act), &ids);
+        let b = prefill(&*load(&fixture("fp8/qwen3_moe_b16_fp8"), f32_act), &ids);
+        assert_eq!(a.len(), ids.len() * 256);
+        assert!(a == b, "f32 activations {f32_act}: max difference {}", max_diff(&a, &b));
+    }
+    // Every stacked expert tensor and the attention matrices are converted.
+    let (n, rho) = check_weights_of("qwen3_moe_fused_b16", "qwen3_moe");
+    assert_eq!(n, 3 * 2 + 4 * 4 + 3);
+    check_logits_of("qwen3_moe_fused_b16", "qwen3_moe", 6);
+    println!("fused experts: ρ = {rho:.3}");
+}
+
+#[test]
+fn fp8_fused_experts_malformed_are_one_line_errors() {
+    use safetensors::Dtype;
+    const W: &str = "model.layers.0.mlp.experts.gate_up_proj";
+    const SCALE: &str = "model.layers.0.mlp.experts.gate_up_proj_scale_inv";
+    // [8, 2, 4] f32 scales: 32 bytes an expert.
+    let with_scale = |tag: &str, dtype: Dtype, shape: Vec<usize>, cut: fn(&[u8]) -> Vec<u8>| {
+        malformed_from(
+            "qwen3_moe_fused_b16_fp8",
+            tag,
+            move |n, d, s, b| match n == SCALE {
+                true => Some((dtype, shape.clone(), cut(b))),
+                false => keep(n, d, s, b),
+            },
+            |_| {},
+        )
+    };
+    let cases: Vec<(PathBuf, &[&str])> = vec![
+        // Scales for 7 experts.
+        (
+            with_scale("fp8x-experts", Dtype::F32, vec![7, 2, 4], |b| b[..7 * 32].to_vec()),
+            &[W, "holds 8 experts", "[7, 2, 4]"],
+        ),
+        // The wrong block grid per expert.
+        (
+            with_scale("fp8x-grid", Dtype::F32, vec![8, 4, 2], |b| b.to_vec()),
+            &[W, "[8, 2, 4]", "[8, 4, 2]", "16×16"],
+        ),
+        // One 2-D grid (the first expert's) for all experts.
+        (
+            with_scale("fp8x-2d", Dtype::F32, vec![2, 4], |b| b[..32].to_vec()),
+            &[W, "[8, 2, 4]", "2-dimensional", "[2, 4]"],
+        ),
+        // A non-finite scale in expert 5.
+        (
+            with_scale("fp8x-nan", Dtype::F32, vec![8, 2, 4], |b| {
+                let mut b = b.to_vec();
+                b[5 * 32 + 4..5 * 32 + 8].copy_from_slice(&f32::NAN.to_le_bytes());
+                b
+            }),
+            &["model.layers.0.mlp.experts.gate_up_proj[5]", "scale 1 is not finite"],
+        ),
+        // Scales of an integer dtype.
+        (
+            with_scale("fp8x-dtype", Dtype::I32, vec![8, 2, 4], |b| b.to_vec()),
+            &[SCALE, "I32"],
+        ),
+        // The scales missing: the FP8 experts alone.
+        (
+            malformed_from(
+                "qwen3_moe_fused_b16_fp8",
+                "fp8x-missing",
+                |n, d, s, b| (n != SCALE).then(|| keep(n, d, s, b)).flatten(),
+                |_| {},
+            ),
+            &[W, "FP8 E4M3", "no", SCALE],
+        ),
+        // The experts missing: scales alone.
+        (
+            malformed_from(
+                "qwen3_moe_fused_b16_fp8",
+                "fp8x-no-weight",
+                |n, d, s, b| (n != W).then(|| keep(n, d, s, b)).flatten(),
+                |_| {},
+            ),
+            &[SCALE, "no matching", W],
+        ),
+        // 3-D scales for a 2-D weight.
+        (
+            malformed_from(
+                "qwen3_moe_fused_b16_fp8",
+                "fp8x-3d-scale",
+                |n, d, s, b| match n == "model.layers.0.self_attn.k_proj.weight_scale_inv" {
+                    true => Some((Dtype::F32, vec![1, 2, 4], b.to_vec())),
+                    false => keep(n, d, s, b),
+                },
+                |_| {},
+            ),
+            &["k_proj.weight", "[2, 4]", "[1, 2, 4]"],
+        ),
+        // A 4-D FP8 weight.
+        (
+            malformed_from(
+                "qwen3_moe_fused_b16_fp8",
+                "fp8x-4d",
+                |n, d, s, b| match n == W {
+                    true => Some((d, vec![2, 4, 32, 64], b.to_vec())),
+                    false => keep(n, d, s, b),
+                },
+                |_| {},
+            ),
+            &[W, "[2, 4, 32, 64]", "2 dimensions"],
         ),
     ];
     for (dir, want) in cases {
