@@ -237,14 +237,11 @@ fn greedy_pair(
 }
 
 fn check_logits(name: &str) {
-    check_logits_of(name, "qwen3", 0);
+    check_logits_of(name, "qwen3");
 }
 
 /// As `check_logits`, for the FP8 fixture `name` made from tests/fixtures/parity/`src`.
-/// Up to `jumps` of the prompt's positions may exceed the tolerance (a MoE router
-/// whose top-k choice flips: see the fused experts' test), as long as no logit moves
-/// more than the FP8 rounding itself moved one.
-fn check_logits_of(name: &str, src: &str, jumps: usize) {
+fn check_logits_of(name: &str, src: &str) {
     let ids = prompt();
     let (_, rho) = check_weights_of(name, src);
     let (fp8, refd) = (
@@ -270,18 +267,7 @@ fn check_logits_of(name: &str, src: &str, jumps: usize) {
         println!(
             "{name} (f32 activations {f32_act}): max |logit(FP8→Q8_0) − logit(ref)| = {d:.3e}, tolerance 2ρ·shift = {tol:.3e} (ρ {rho:.3}, FP8 rounding moved the logits by {fp8_shift:.3e})"
         );
-        let over: Vec<(usize, f32)> = (0..ids.len())
-            .map(|t| (t, max_diff(&la[t * 256..(t + 1) * 256], &lb[t * 256..(t + 1) * 256])))
-            .filter(|&(_, dt)| dt > tol)
-            .collect();
-        println!("  positions over the tolerance: {over:?}");
-        assert!(
-            over.len() <= jumps,
-            "{name}: {} positions over {tol} (at most {jumps}): {over:?}",
-            over.len()
-        );
-        let bound = if jumps > 0 { fp8_shift } else { tol };
-        assert!(d <= bound, "{name}: max logit difference {d} > {bound}");
+        assert!(d <= tol, "{name}: max logit difference {d} > {tol}");
         for t in 0..ids.len() {
             let (ra, rb) = (&la[t * 256..(t + 1) * 256], &lb[t * 256..(t + 1) * 256]);
             let ca = ffai_kernels::ops::argmax(ra).0;
@@ -309,14 +295,8 @@ fn check_logits_of(name: &str, src: &str, jumps: usize) {
         }
         let clear = steps.iter().zip(&gb).filter(|((ta, _), tb)| ta == *tb).count();
         println!("  greedy: {clear}/32 steps agree on the reference's path, free-running equal for {first_tie}; disagreements (step, FP8 token, reference margin): {:?}", steps.iter().enumerate().filter(|(k, s)| s.0 != gb[*k]).map(|(k, s)| (k, s.0, s.1)).collect::<Vec<_>>());
-        // This random model has near-ties; the MoE one more of them (see
-        // `fp8_fused_experts_logits_match_per_expert_and_dequantized_reference`).
-        let min_clear = if jumps > 0 { 28 } else { 30 };
-        assert!(clear >= min_clear, "{name}: only {clear}/32 greedy steps agree");
-        // The qwen3 fixtures' first near-tie comes at step 3 or later; the MoE one's at
-        // step 0 (reference margin 0.15, at a position whose logits moved 0.45, near a
-        // router flip), so there only the teacher-forced steps above are checked.
-        assert!(first_tie >= 3 || jumps > 0);
+        assert!(clear >= 30, "{name}: only {clear}/32 greedy steps agree");
+        assert!(first_tie >= 3);
         assert_eq!(
             ga[..first_tie],
             gb[..first_tie],
@@ -582,25 +562,14 @@ fn fp8_fused_experts_equal_per_expert_conversion() {
 }
 
 /// The fused FP8 model gives bit for bit the logits of the per-expert FP8 model (the
-/// same converted bytes, viewed per expert by the MoE loader), and the logits of the
-/// fused model with its FP8 weights dequantized to f32 within the tolerance of the
-/// dense FP8 test (2ρ · the logit shift the FP8 rounding itself causes; see
-/// `check_logits`), with the same greedy tokens, except at a few positions.
-///
-/// Why a few: the router picks 2 of 8 experts by the hidden state, and a hidden state
-/// moved by Q8_0's rounding can flip that choice, a jump rather than the linear change
-/// the tolerance is derived for. The reference shows such jumps against the original
-/// model too (one position moves 1.24 where the others move 0.2 to 0.7). Measured
-/// (max |Δlogit| per position, tolerance 0.51): with f32 activations one position over
-/// (0.91), the others 0.03 to 0.45; with q8 activations two (0.60, 0.61), the others at
-/// most 0.51. So at most 6 of the 64 positions may exceed it, and none may move more
-/// than the FP8 rounding itself moved a logit (1.24). A wrong expert slice, scale or
-/// stacking order moves every position by the size of the logits. Greedy on the
-/// reference's path: 30 (f32 activations) and 29 (q8) of 32 steps agree, the others are
-/// near-ties (reference margins 0.02 to 0.26, each checked to be within 2 · the max
-/// difference); at least 28 must agree.
+/// same converted bytes, viewed per expert by the MoE loader), and every converted
+/// weight within the FP8 rounding of the original (`check_weights_of`). The logits are
+/// not held to the dense test's 2ρ·shift bound against the dequantized twin: the router
+/// picks 2 of 8 experts by the hidden state, and Q8_0's rounding flips that choice at a
+/// few positions (measured: one to three of 64 over the bound), a jump that bound is not
+/// derived for; a looser bound would prove little that the bit-equality above does not.
 #[test]
-fn fp8_fused_experts_logits_match_per_expert_and_dequantized_reference() {
+fn fp8_fused_experts_logits_match_per_expert_conversion() {
     let ids = prompt();
     for f32_act in [true, false] {
         let a = prefill(&*load(&fixture("fp8/qwen3_moe_fused_b16_fp8"), f32_act), &ids);
@@ -611,7 +580,6 @@ fn fp8_fused_experts_logits_match_per_expert_and_dequantized_reference() {
     // Every stacked expert tensor and the attention matrices are converted.
     let (n, rho) = check_weights_of("qwen3_moe_fused_b16", "qwen3_moe");
     assert_eq!(n, 3 * 2 + 4 * 4 + 3);
-    check_logits_of("qwen3_moe_fused_b16", "qwen3_moe", 6);
     println!("fused experts: ρ = {rho:.3}");
 }
 
