@@ -917,20 +917,28 @@ __device__ __forceinline__ void mmq_store(float (&acc)[8][4], float* __restrict_
     }
 }
 
-template <int K>
-__device__ __forceinline__ void mmq_legacy(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq,
-                                           const float* __restrict__ xd, const int* __restrict__ xs,
-                                           float* __restrict__ y, u32 rows, u32 cols, u32 n) {
-    constexpr bool MIN = K == K_Q4_1 || K == K_Q5_1;
-    constexpr int BYTES = K == K_Q4_0 ? 18 : K == K_Q4_1 ? 20 : K == K_Q5_0 ? 22 : K == K_Q5_1 ? 24 : 34;
-    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, rg = warp & 1, ks = warp >> 1;
-    const u32 g = lane >> 2, c = lane & 3;
-    const u32 t0 = blockIdx.x * MMQ_TOK, r0 = blockIdx.y * MMQ_ROWS + rg * 16 + g;
-    const u32 nb = cols / 32;
-    // Rows past the matrix read its last row and store nothing.
-    const u8* w0 = w + (u64)min(r0, rows - 1) * row_bytes;
-    const u8* w1 = w + (u64)min(r0 + 8, rows - 1) * row_bytes;
-    float acc[8][4];
+// A warp's place in an mmq block: lane group g and index c (the fragments' layout), its
+// k split, first token, first row (r0; the lane's rows are r0 and r0 + 8) and those two
+// rows' addresses (rows past the matrix read its last row and store nothing).
+struct MmqWarp {
+    u32 g, c, ks, t0, r0;
+    const u8 *w0, *w1;
+};
+
+__device__ __forceinline__ MmqWarp mmq_warp(const u8* w, u64 row_bytes, u32 rows) {
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, rg = warp & 1;
+    MmqWarp m;
+    m.g = lane >> 2;
+    m.c = lane & 3;
+    m.ks = warp >> 1;
+    m.t0 = blockIdx.x * MMQ_TOK;
+    m.r0 = blockIdx.y * MMQ_ROWS + rg * 16 + m.g;
+    m.w0 = w + (u64)min(m.r0, rows - 1) * row_bytes;
+    m.w1 = w + (u64)min(m.r0 + 8, rows - 1) * row_bytes;
+    return m;
+}
+
+__device__ __forceinline__ void mmq_zero(float (&acc)[8][4]) {
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
 #pragma unroll
@@ -938,6 +946,20 @@ __device__ __forceinline__ void mmq_legacy(const u8* __restrict__ w, u64 row_byt
             acc[j][e] = 0.0f;
         }
     }
+}
+
+template <int K>
+__device__ __forceinline__ void mmq_legacy(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq,
+                                           const float* __restrict__ xd, const int* __restrict__ xs,
+                                           float* __restrict__ y, u32 rows, u32 cols, u32 n) {
+    constexpr bool MIN = K == K_Q4_1 || K == K_Q5_1;
+    constexpr int BYTES = K == K_Q4_0 ? 18 : K == K_Q4_1 ? 20 : K == K_Q5_0 ? 22 : K == K_Q5_1 ? 24 : 34;
+    const MmqWarp m = mmq_warp(w, row_bytes, rows);
+    const u32 g = m.g, c = m.c, ks = m.ks, t0 = m.t0;
+    const u8 *w0 = m.w0, *w1 = m.w1;
+    const u32 nb = cols / 32;
+    float acc[8][4];
+    mmq_zero(acc);
     PDL_ENTRY();
     for (u32 b = ks; b < nb; b += MMQ_KSPLIT) {
         int a0, a1, a2, a3;
@@ -967,7 +989,7 @@ __device__ __forceinline__ void mmq_legacy(const u8* __restrict__ w, u64 row_byt
             }
         }
     }
-    mmq_store(acc, y, rows, n, t0, blockIdx.y * MMQ_ROWS + rg * 16 + g);
+    mmq_store(acc, y, rows, n, t0, m.r0);
 }
 
 // Q4_K: per super-block, each sub-block's integer products times its 6-bit scale summed
@@ -993,20 +1015,12 @@ __device__ __forceinline__ Q4kHead q4k_head(const u8* blk) {
 __device__ __forceinline__ void mmq_q4k(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq,
                                         const float* __restrict__ xd, const int* __restrict__ xs,
                                         float* __restrict__ y, u32 rows, u32 cols, u32 n) {
-    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, rg = warp & 1, ks = warp >> 1;
-    const u32 g = lane >> 2, c = lane & 3;
-    const u32 t0 = blockIdx.x * MMQ_TOK, r0 = blockIdx.y * MMQ_ROWS + rg * 16 + g;
+    const MmqWarp m = mmq_warp(w, row_bytes, rows);
+    const u32 g = m.g, c = m.c, ks = m.ks, t0 = m.t0;
+    const u8 *w0 = m.w0, *w1 = m.w1;
     const u32 nsb = cols / 256, nb = cols / 32;
-    const u8* w0 = w + (u64)min(r0, rows - 1) * row_bytes;
-    const u8* w1 = w + (u64)min(r0 + 8, rows - 1) * row_bytes;
     float acc[8][4];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            acc[j][e] = 0.0f;
-        }
-    }
+    mmq_zero(acc);
     PDL_ENTRY();
     for (u32 sb = ks; sb < nsb; sb += MMQ_KSPLIT) {
         const u8* b0p = w0 + (u64)sb * 144;
@@ -1073,7 +1087,7 @@ __device__ __forceinline__ void mmq_q4k(const u8* __restrict__ w, u64 row_bytes,
             }
         }
     }
-    mmq_store(acc, y, rows, n, t0, blockIdx.y * MMQ_ROWS + rg * 16 + g);
+    mmq_store(acc, y, rows, n, t0, m.r0);
 }
 
 #define MMQ_PARAMS                                                                                                 \
