@@ -31,6 +31,13 @@ export LD_LIBRARY_PATH="$NV:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 export FFAI_REQUIRE_GPU=1 FFAI_CUDA_CACHE=/tmp/ffai-cuda-cache
 B=.gpu/bin
 out=${OUT:-/tmp}
+# Waits (at most 10 minutes) for the background llama.cpp build that lcbuild/lcstart
+# began; fails at once when none was started.
+lc_wait() {
+  [ -f /tmp/lc-build.log ] || { echo "no llama.cpp build started (run lcstart first)" >&2; return 1; }
+  for _ in $(seq 300); do grep -q '^done' /tmp/lc-build.log && return 0; sleep 2; done
+  echo "llama.cpp build not done after 10 minutes" >&2; return 1
+}
 for stage in "$@"; do
   case $stage in
   unpack)
@@ -59,7 +66,7 @@ for stage in "$@"; do
     mkdir -p /tmp/lc; [ -d /tmp/lc/llama.cpp ] || tar xJf .gpulc/llamacpp-src.tar.xz -C /tmp/lc
     (bash .gpulc/gpu-llamacpp.sh build > /tmp/lc-build.log 2>&1; echo done >> /tmp/lc-build.log) & ;;
   lcwait)
-    while ! grep -q '^done' /tmp/lc-build.log 2>/dev/null; do sleep 2; done; tail -3 /tmp/lc-build.log
+    lc_wait || exit 1; tail -3 /tmp/lc-build.log
     for t in ${LCQ_TYPES:-Q4_K_M Q8_0 Q4_0}; do
       [ -s /tmp/synth/$t.gguf ] || /tmp/lc/llama.cpp/build/bin/llama-quantize /tmp/synth/f16.gguf /tmp/synth/$t.gguf $t $(nproc) >/dev/null 2>&1 &
     done; wait; ls -la /tmp/synth ;;
@@ -109,7 +116,7 @@ for stage in "$@"; do
     echo "== ncu ffai"; timeout 300 $N $B/ffai bench -m /tmp/synth/l4_q4_0.gguf --device cuda --prompt-tokens 512 --gen-tokens 6 --repetitions 1 > "$out/ncu-ffai.csv" 2>"$out/ncu-ffai.err"; tail -3 "$out/ncu-ffai.err"
     echo "== ncu ffai attention/norm sections"
     timeout 200 ncu --clock-control none --section SpeedOfLight --section WarpStateStats --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis -k regex:"attn_spans64|norm_q8|rope_kv|glu_q8|quantize_q8x32" --launch-skip 40 --launch-count 10 $B/ffai bench -m /tmp/synth/l4_q4_0.gguf --device cuda --prompt-tokens 512 --gen-tokens 6 --repetitions 1 > "$out/ncu-ffai-sections.txt" 2>&1; tail -2 "$out/ncu-ffai-sections.txt"
-    while ! grep -q '^done' /tmp/lc-build.log 2>/dev/null; do sleep 2; done; tail -2 /tmp/lc-build.log
+    lc_wait || exit 1; tail -2 /tmp/lc-build.log
     [ -s /tmp/synth/l4_lc_q4_0.gguf ] || /tmp/lc/llama.cpp/build/bin/llama-quantize /tmp/synth/l4.gguf /tmp/synth/l4_lc_q4_0.gguf Q4_0 >/dev/null 2>&1
     echo "== ncu llama.cpp"; timeout 300 $N /tmp/lc/llama.cpp/build/bin/llama-bench -m /tmp/synth/l4_lc_q4_0.gguf -ngl 99 -fa 1 -p 512 -n 6 -r 1 > "$out/ncu-llamacpp.csv" 2>"$out/ncu-llamacpp.err"; tail -3 "$out/ncu-llamacpp.err" ;;
   pdl)
