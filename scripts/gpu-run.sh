@@ -21,6 +21,9 @@
 #   synthq   the 8B F16 file and ffai's re-encodings of it (SYNTH_TYPES), no llama.cpp build
 #   envab    ffai bench on AB_FILE under each environment setting in AB_ENVS
 #   pdl      decode with programmatic dependent launch off and on (FFAI_CUDA_PDL)
+#   skipab   decode on the 8B Q4_0 with each of SKIP_SETS' kernels not launched
+#            (FFAI_CUDA_SKIP_KERNELS): what each costs inside the replayed graph
+#   lcbb     llama-batched-bench on /tmp/synth/$LCBB_TYPE (default Q4_0), 1 and 64 sequences
 #   ncu      per-kernel durations (Nsight Compute) of ffai's and llama.cpp's decode on a
 #            4-layer Llama-3-8B-shaped Q4_0 file (same per-layer shapes, small to make);
 #            needs lcbuild started earlier for llama.cpp's half
@@ -143,6 +146,15 @@ for stage in "$@"; do
       echo "== $e ${AB_FILE:-/tmp/synth/ff_Q4_0.gguf} ${AB_ARGS:-}"
       env $e timeout 150 $B/ffai bench -m ${AB_FILE:-/tmp/synth/ff_Q4_0.gguf} --device cuda ${AB_ARGS:---prompt-tokens 512 --gen-tokens 128 --repetitions 2} 2>&1 | tail -3 | grep -v RSS | tee -a "$out/ffai-envab.txt"
     done ;;
+  skipab)
+    for k in X ${SKIP_SETS:-attn_spans64 norm_q8 rope_kv_write_step glu_q8 quantize_q8x32 mv_q8x_q4_0_n1}; do
+      echo "== skip $k"
+      FFAI_CUDA_SKIP_KERNELS=$k timeout 120 $B/ffai bench -m ${AB_FILE:-/tmp/synth/Q4_0.gguf} --device cuda --prompt-tokens 512 --gen-tokens 128 --repetitions 2 2>&1 | grep -E "tg|decode" | tail -2 | tee -a "$out/ffai-skip.txt"
+    done ;;
+  lcbb)
+    lc_wait || exit 1
+    timeout 200 /tmp/lc/llama.cpp/build/bin/llama-batched-bench -m /tmp/synth/${LCBB_TYPE:-Q4_0}.gguf -ngl 99 -fa on -c 40960 -npp 128 -ntg 128 \
+      -npl 1,64 2>&1 | grep -E '^\|' | tee -a "$out/llamacpp-batched.md" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done

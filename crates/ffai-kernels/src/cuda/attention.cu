@@ -508,6 +508,342 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_spans32_g4(ATTN_
     attn_part<32, 8, true, 4, true>(ATTN_ARGS, COMBINE_ARGS);
 }
 
+// ------------------------------------------------ decode-shaped attention (attn_dec_*)
+//
+// A warp per 32-position part, four parts (four warps, 128 positions) a block, chunks of
+// up to four query heads of one KV head (DEC_G; a larger GQA group is several chunks).
+// Against attn_part's chain of block-wide phases this one keeps each part's work inside
+// its warp: lane t holds the K row of the part's position t in registers (head_dim / 8
+// 16-byte loads, all in flight) and dots it with the chunk's query heads (shared memory,
+// read as broadcasts), so a score needs no cross-lane sum; the part's softmax is two
+// butterflies per head; lane l then owns dimensions [l * HD / 32, (l + 1) * HD / 32) of
+// the output and adds the 32 positions' V pieces (loaded before the scores, in flight
+// together) weighted by the scores it takes from their lanes by shuffles. The block's four
+// parts are folded in shared memory after the one barrier past the query load; a row
+// with one live block (up to 128 positions) writes its output there, otherwise the block
+// that finishes the row's last live block folds the blocks' results (read through L2).
+// Blocks past a row's live ones exit at once; nothing is written for them.
+//
+// The cut (part k of a row is positions [32k, 32k + 32) for k from first / 32, where first
+// is the row's first visible position) and every sum's order depend on the row's own
+// position only, so a row gives the same bits in any batch.
+//
+// grid = (rows, kv_heads * ceil(group / DEC_G), max_spans), block = DEC_WARPS * 32;
+// max_spans (the stride of part_o / part_ml) >= any row's live blocks; HD is 64 or 128.
+#define DEC_WARPS 4
+#define DEC_G 4
+// A lane's V piece of one position: DPL halves (no <type_traits> without headers).
+template <unsigned int DPL>
+struct DecPiece {
+    typedef unsigned int type;
+};
+template <>
+struct DecPiece<4> {
+    typedef uint2 type;
+};
+template <unsigned int HD>
+__device__ __forceinline__ void attn_dec(ATTN_PARAMS, COMBINE_PARAMS) {
+    constexpr unsigned int DPL = HD / 32;  // output dimensions per lane
+    constexpr unsigned int KP = HD / 8;    // 16-byte pieces of a K row
+    static_assert(DPL == 2 || DPL == 4, "attn_dec takes head_dim 64 or 128");
+    __shared__ __align__(16) float qs[DEC_G][HD];
+    __shared__ __align__(16) float wo[DEC_WARPS][DEC_G][HD];
+    __shared__ float wm[DEC_WARPS][DEC_G], wl[DEC_WARPS][DEC_G];
+    __shared__ unsigned int last;
+    const unsigned int prow = blockIdx.x, row = row0 + prow, b = blockIdx.z;
+    const unsigned int group = n_heads / kv_heads;
+    const unsigned int chunks = (group + DEC_G - 1) / DEC_G;
+    const unsigned int kvh = blockIdx.y / chunks;
+    const unsigned int h0 = kvh * group + (blockIdx.y % chunks) * DEC_G;
+    const unsigned int gn = min((unsigned int)DEC_G, kvh * group + group - h0);
+    const unsigned int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const float NEG_INF = -__int_as_float(0x7f800000);
+    const unsigned int seq = row_seq[row];
+    if (seq == NO_SLOT) {
+        // Padding: zeros (block 0 of the row writes them).
+        PDL_ENTRY();
+        if (b == 0) {
+            for (unsigned int i = tid; i < gn * HD; i += blockDim.x) {
+                out[((size_t)prow * n_heads + h0) * HD + i] = 0.0f;
+            }
+        }
+        return;
+    }
+    const SeqRows s = seqs[seq];
+    const unsigned int p = positions[row];
+    const unsigned int first = first_visible(p, window);
+    const unsigned int nb = (p / 32 - first / 32) / DEC_WARPS + 1;  // the row's live blocks
+    if (b >= nb) {
+        return;
+    }
+    const unsigned int base_pos = (first / 32 + b * DEC_WARPS + warp) * 32;  // part's position 0
+    const unsigned int pos = base_pos + lane;
+    const bool live = pos >= first && pos <= p;
+    const bool warp_live = base_pos <= p;  // (base_pos + 31 >= first always)
+    // Each live lane's K/V row (in units of head_dim) and its lines asked into L2 before
+    // the wait, as attn_part does (metadata was written before the step's first kernel).
+    unsigned int at = 0;
+    if (live) {
+        at = (tables[s.table_start + pos / block_size] * kv_heads + kvh) * block_size + pos % block_size;
+#pragma unroll
+        for (unsigned int off = 0; off < HD * 2; off += 128) {
+            asm volatile("prefetch.global.L2 [%0];" ::"l"((const char*)(k_pages + (size_t)at * HD) + off));
+            asm volatile("prefetch.global.L2 [%0];" ::"l"((const char*)(v_pages + (size_t)at * HD) + off));
+        }
+    }
+    PDL_ENTRY();
+    // The chunk's query heads (consecutive in q) into shared memory.
+    {
+        const float4* q4 = (const float4*)(q + ((size_t)row * n_heads + h0) * HD);
+        float4* qs4 = (float4*)&qs[0][0];
+        for (unsigned int i = tid; i < gn * HD / 4; i += blockDim.x) {
+            qs4[i] = q4[i];
+        }
+    }
+    // K row of this lane's position, and this lane's V pieces of the part's positions.
+    uint4 kr[KP];
+    typedef typename DecPiece<DPL>::type vpiece;
+    vpiece vv[32];
+#pragma unroll
+    for (unsigned int i = 0; i < KP; i++) {
+        kr[i] = live ? ((const uint4*)(k_pages + (size_t)at * HD))[i] : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (unsigned int t = 0; t < 32; t++) {
+        const unsigned int at_t = __shfl_sync(0xffffffffu, at, t);
+        const unsigned int pt = base_pos + t;
+        if (pt >= first && pt <= p) {
+            vv[t] = ((const vpiece*)(v_pages + (size_t)at_t * HD))[lane];
+        } else {
+            vv[t] = vpiece();
+        }
+    }
+    __syncthreads();
+    float m[DEC_G], pr[DEC_G], l[DEC_G];
+    {
+        float acc[DEC_G];
+#pragma unroll
+        for (int h = 0; h < DEC_G; h++) {
+            acc[h] = 0.0f;
+        }
+#pragma unroll
+        for (unsigned int i = 0; i < KP; i++) {
+            const unsigned int wv[4] = {kr[i].x, kr[i].y, kr[i].z, kr[i].w};
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                const float kf = half_to_float((unsigned short)(wv[e / 2] >> (16 * (e % 2))));
+#pragma unroll
+                for (int h = 0; h < DEC_G; h++) {
+                    if ((unsigned int)h < gn) {
+                        acc[h] += qs[h][i * 8 + e] * kf;
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int h = 0; h < DEC_G; h++) {
+            float v = NEG_INF;
+            if (live) {
+                v = acc[h] * scale;
+                if (softcap > 0.0f) {
+                    v = softcap * tanhf(v / softcap);
+                }
+            }
+            float mx = v;
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+            }
+            m[h] = mx;
+            pr[h] = live ? expf(v - mx) : 0.0f;
+            float sum = pr[h];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            }
+            l[h] = sum;
+        }
+    }
+    // Values: lane's dimensions, positions in order.
+    float o[DEC_G][DPL];
+#pragma unroll
+    for (int h = 0; h < DEC_G; h++) {
+#pragma unroll
+        for (unsigned int e = 0; e < DPL; e++) {
+            o[h][e] = 0.0f;
+        }
+    }
+    if (warp_live) {
+#pragma unroll
+        for (unsigned int t = 0; t < 32; t++) {
+            float vf[DPL];
+            if constexpr (DPL == 4) {
+                const uint2 w = *(const uint2*)&vv[t];
+                vf[0] = half_to_float((unsigned short)w.x);
+                vf[1] = half_to_float((unsigned short)(w.x >> 16));
+                vf[2] = half_to_float((unsigned short)w.y);
+                vf[3] = half_to_float((unsigned short)(w.y >> 16));
+            } else {
+                const unsigned int w = *(const unsigned int*)&vv[t];
+                vf[0] = half_to_float((unsigned short)w);
+                vf[1] = half_to_float((unsigned short)(w >> 16));
+            }
+#pragma unroll
+            for (int h = 0; h < DEC_G; h++) {
+                const float pt = __shfl_sync(0xffffffffu, pr[h], t);
+#pragma unroll
+                for (unsigned int e = 0; e < DPL; e++) {
+                    o[h][e] += pt * vf[e];
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < DEC_G; h++) {
+        if ((unsigned int)h < gn) {
+#pragma unroll
+            for (unsigned int e = 0; e < DPL; e++) {
+                wo[warp][h][lane * DPL + e] = o[h][e];
+            }
+            if (lane == 0) {
+                wm[warp][h] = m[h];
+                wl[warp][h] = l[h];
+            }
+        }
+    }
+    __syncthreads();
+    // The block's four parts: warp h folds head h (warps in order).
+    const bool multi = nb > 1;
+    if (warp < gn) {
+        const unsigned int h = warp;
+        float mx = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < DEC_WARPS; w++) {
+            if (wl[w][h] > 0.0f) {
+                mx = fmaxf(mx, wm[w][h]);
+            }
+        }
+        float lt = 0.0f, ov[DPL];
+#pragma unroll
+        for (unsigned int e = 0; e < DPL; e++) {
+            ov[e] = 0.0f;
+        }
+#pragma unroll
+        for (int w = 0; w < DEC_WARPS; w++) {
+            if (wl[w][h] > 0.0f) {
+                const float f = expf(wm[w][h] - mx);
+                lt += wl[w][h] * f;
+#pragma unroll
+                for (unsigned int e = 0; e < DPL; e++) {
+                    ov[e] += wo[w][h][lane * DPL + e] * f;
+                }
+            }
+        }
+        const unsigned int head = h0 + h;
+        if (multi) {
+            const size_t part = ((size_t)prow * n_heads + head) * max_spans + b;
+#pragma unroll
+            for (unsigned int e = 0; e < DPL; e++) {
+                part_o[part * HD + lane * DPL + e] = ov[e];
+            }
+            if (lane == 0) {
+                part_ml[part * 2] = mx;
+                part_ml[part * 2 + 1] = lt;
+            }
+        } else {
+            float r = 1.0f;
+            if (has_sinks) {
+                const float sink = sinks[head];
+                const float m2 = fmaxf(mx, sink);
+                r = lt > 0.0f ? expf(mx - m2) : 0.0f;
+                lt = lt * r + expf(sink - m2);
+            }
+            const float inv = lt > 0.0f ? r / lt : 0.0f;
+#pragma unroll
+            for (unsigned int e = 0; e < DPL; e++) {
+                out[((size_t)prow * n_heads + head) * HD + lane * DPL + e] = ov[e] * inv;
+            }
+        }
+    }
+    if (!multi) {
+        return;
+    }
+    // The row's blocks: the one that finishes last folds them (blocks in order).
+    unsigned int* counter = done + (size_t)prow * gridDim.y + blockIdx.y;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        last = atomicAdd(counter, 1u) == nb - 1;
+    }
+    __syncthreads();
+    if (!last) {
+        return;
+    }
+    __threadfence();
+    if (warp < gn) {
+        const unsigned int head = h0 + warp;
+        const size_t base = ((size_t)prow * n_heads + head) * max_spans;
+        float mx = NEG_INF;
+        for (unsigned int j = lane; j < nb; j += 32) {
+            if (__ldcg(part_ml + (base + j) * 2 + 1) > 0.0f) {
+                mx = fmaxf(mx, __ldcg(part_ml + (base + j) * 2));
+            }
+        }
+#pragma unroll
+        for (int o2 = 16; o2 > 0; o2 >>= 1) {
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o2));
+        }
+        float sink = 0.0f;
+        if (has_sinks) {
+            sink = sinks[head];
+            mx = fmaxf(mx, sink);
+        }
+        float lt = 0.0f, ov[DPL];
+#pragma unroll
+        for (unsigned int e = 0; e < DPL; e++) {
+            ov[e] = 0.0f;
+        }
+#pragma unroll 4
+        for (unsigned int j = 0; j < nb; j++) {
+            const float lj = __ldcg(part_ml + (base + j) * 2 + 1);
+            const float mj = __ldcg(part_ml + (base + j) * 2);
+            float pv[DPL];
+#pragma unroll
+            for (unsigned int e = 0; e < DPL; e++) {
+                pv[e] = __ldcg(part_o + (base + j) * HD + lane * DPL + e);
+            }
+            if (lj > 0.0f) {
+                const float f = expf(mj - mx);
+                lt += lj * f;
+#pragma unroll
+                for (unsigned int e = 0; e < DPL; e++) {
+                    ov[e] += pv[e] * f;
+                }
+            }
+        }
+        if (has_sinks) {
+            lt += expf(sink - mx);
+        }
+        const float inv = lt > 0.0f ? 1.0f / lt : 0.0f;
+#pragma unroll
+        for (unsigned int e = 0; e < DPL; e++) {
+            out[((size_t)prow * n_heads + head) * HD + lane * DPL + e] = ov[e] * inv;
+        }
+    }
+    if (tid == 0) {
+        *counter = 0;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) attn_dec_h128(ATTN_PARAMS, COMBINE_PARAMS) {
+    // PDL_ENTRY() in attn_dec, after its metadata reads.
+    attn_dec<128>(ATTN_ARGS, COMBINE_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) attn_dec_h64(ATTN_PARAMS, COMBINE_PARAMS) {
+    // PDL_ENTRY() in attn_dec, after its metadata reads.
+    attn_dec<64>(ATTN_ARGS, COMBINE_ARGS);
+}
+
 // One block per (row, head): folds the row's span parts in order and normalises; rows of
 // no sequence get zeros. out is [n, n_heads * head_dim].
 // `sinks` (when `has_sinks`): one learned logit per query head (GPT-OSS), an extra term in

@@ -51,8 +51,24 @@ pub const MOE_GATHER_MAX_ROWS: usize = 64;
 const ATTN_THREADS: usize = 256;
 /// Threads of a `rope_kv_write_step` block (`ROPE_THREADS` in attention.cu).
 const ROPE_THREADS: u32 = 128;
-/// Positions per attention part of the `attn_spans32*` kernels (`FFAI_CUDA_ATTN32=1`).
+/// Positions per attention part of the `attn_spans32*` and `attn_dec_*` kernels.
 const ATTN_SPAN: usize = 32;
+/// Parts (warps) of an `attn_dec_*` block (`DEC_WARPS` in attention.cu).
+const DEC_WARPS: usize = 4;
+/// Query heads of one KV head an `attn_dec_*` block takes (`DEC_G` in attention.cu).
+const DEC_G: usize = 4;
+
+/// The decode attention kernel (`FFAI_CUDA_ATTN`: `64`, `32` or `dec`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum AttnKernel {
+    /// `attn_spans64`: 64-position parts, a block each (the default, as verified).
+    Spans64,
+    /// `attn_spans32*`: 32-position parts, a block each, the fold over live parts.
+    Spans32,
+    /// `attn_dec_h64/h128`: a warp a 32-position part, four a block (head_dim 64 and 128;
+    /// other head sizes take `attn_spans64`).
+    Dec,
+}
 
 /// Query heads of one KV head an attention block takes (`ATTN_GROUP` in attention.cu).
 const ATTN_GROUP: usize = 8;
@@ -245,8 +261,11 @@ struct DevGroup {
     slots: DevMem<u32>,
     seqs: DevMem<u32>,
     tables: DevMem<u32>,
-    /// Most attention parts any row of the step has in this group.
+    /// Most attention parts any row of the step has in this group (parts of the
+    /// configured kernel's span; a power of two).
     max_spans: usize,
+    /// The same for 32-position parts (`attn_dec_*`).
+    max_parts32: usize,
 }
 
 /// A recorded step and the scratch generation it was recorded against.
@@ -406,9 +425,15 @@ pub struct CudaBackend {
     older: bool,
     /// What the 8-bit activation scratch holds, when an op wrote it beside its output.
     prequant: Mutex<Option<PreQuant>>,
-    /// Attention in 32-position parts (`attn_spans32*`, `FFAI_CUDA_ATTN32=1`): compiled
-    /// and checked by NVRTC, not yet run on a GPU, so off by default.
-    attn32: bool,
+    /// The attention kernel of non-`older` steps (`FFAI_CUDA_ATTN`); only `attn_spans64`
+    /// has passed the GPU tests, so it stays the default.
+    attn: AttnKernel,
+    /// Kernels not launched at all (`FFAI_CUDA_SKIP_KERNELS`, comma-separated names): a
+    /// measuring tool. A step's time without a kernel, against its time with it, is what
+    /// that kernel costs inside a replayed graph (with the overlap programmatic launch
+    /// gives), which per-kernel events and Nsight Compute's serialized runs do not show.
+    /// The outputs are wrong then; never set outside such a measurement.
+    skip: Vec<String>,
     /// The most activation rows a product runs on the int8 tensor cores (q8x.cu's `mmq_*`,
     /// from [`GEMM_MIN_ROWS`]; [`MMQ_DEFAULT_MAX_ROWS`] unless `FFAI_CUDA_MMQ_MAX` sets it);
     /// above it, or with `FFAI_CUDA_MMQ=0`, cuBLAS on a bf16 copy of the weights.
@@ -504,7 +529,14 @@ impl CudaBackend {
             graphs: AtomicBool::new(std::env::var_os("FFAI_CUDA_GRAPHS").is_none_or(|v| v != "0")),
             profile: profile.then(|| Mutex::new(Vec::new())),
             older: std::env::var_os("FFAI_CUDA_OLDER_KERNELS").is_some_and(|v| v == "1"),
-            attn32: std::env::var_os("FFAI_CUDA_ATTN32").is_some_and(|v| v == "1"),
+            attn: match std::env::var("FFAI_CUDA_ATTN").as_deref() {
+                Ok("32") => AttnKernel::Spans32,
+                Ok("dec") => AttnKernel::Dec,
+                _ => AttnKernel::Spans64,
+            },
+            skip: std::env::var("FFAI_CUDA_SKIP_KERNELS")
+                .map(|v| v.split(',').filter(|s| !s.is_empty()).map(String::from).collect())
+                .unwrap_or_default(),
             mmq_max: if std::env::var_os("FFAI_CUDA_MMQ").is_some_and(|v| v == "0")
                 || std::env::var_os("FFAI_CUDA_OLDER_KERNELS").is_some_and(|v| v == "1")
                 || major < 8
@@ -715,6 +747,9 @@ impl CudaBackend {
         };
         if !name.starts_with("mv_q8x_") && !name.starts_with("mmq_") {
             self.forget_prequant();
+        }
+        if self.skip.iter().any(|s| s == name) {
+            return;
         }
         let start = self.profile_event();
         if self.pdl {
@@ -2182,6 +2217,7 @@ impl Backend for CudaBackend {
                     seqs: self.dev_alloc(4 * max_seqs),
                     tables: self.dev_alloc(max_table),
                     max_spans: 0,
+                    max_parts32: 0,
                 })
                 .collect(),
             host_row_seq: Vec::with_capacity(max_rows),
@@ -2215,26 +2251,35 @@ impl Backend for CudaBackend {
             // Positions per attention part (`SPAN` of the kernel `attention_step` takes).
             let span = if self.older {
                 256
-            } else if self.attn32 {
+            } else if self.attn == AttnKernel::Spans32 {
                 ATTN_SPAN
             } else {
                 64
             };
-            dst.max_spans = layout
-                .positions
-                .iter()
-                .zip(&step.host_row_seq)
-                .filter(|(_, &s)| s != u32::MAX)
-                .map(|(&p, _)| {
-                    let p = p as usize;
-                    let first = if w == 0 { 0 } else { (p + 1).saturating_sub(w) };
-                    p / span - first / span + 1
-                })
-                .max()
-                .unwrap_or(1)
-                // A power of two: decode steps share a recording over many positions
-                // (parts past a row's last one are empty and cost one early exit).
-                .next_power_of_two();
+            // The most parts of `span` positions any row has: a power of two, so decode
+            // steps share a recording over many positions (parts past a row's last one
+            // are empty and cost one early exit).
+            let most_parts = |span: usize| {
+                layout
+                    .positions
+                    .iter()
+                    .zip(&step.host_row_seq)
+                    .filter(|(_, &s)| s != u32::MAX)
+                    .map(|(&p, _)| {
+                        let p = p as usize;
+                        let first = if w == 0 { 0 } else { (p + 1).saturating_sub(w) };
+                        p / span - first / span + 1
+                    })
+                    .max()
+                    .unwrap_or(1)
+                    .next_power_of_two()
+            };
+            dst.max_spans = most_parts(span);
+            dst.max_parts32 = if self.attn == AttnKernel::Dec {
+                most_parts(ATTN_SPAN)
+            } else {
+                0
+            };
         }
         step.n_seqs = layout.groups.first().map_or(0, |g| g.seqs.len());
         step.has_state_slots = !layout.state_slots.is_empty();
@@ -2268,7 +2313,10 @@ impl Backend for CudaBackend {
         let key = step
             .groups
             .iter()
-            .fold(key, |k, g| k.wrapping_mul(0x100_0000_01b3) ^ g.max_spans as u64);
+            .fold(key, |k, g| {
+                (k.wrapping_mul(0x100_0000_01b3) ^ g.max_spans as u64).wrapping_mul(0x100_0000_01b3)
+                    ^ g.max_parts32 as u64
+            });
         let generation = self.generation.load(Ordering::Relaxed);
         let g = &mut step.graphs;
         match g.recorded.get(&key) {
@@ -2522,21 +2570,26 @@ impl Backend for CudaBackend {
             g.n_blocks as usize * bs * kvh * hd <= k.data.len && k.data.len == v.data.len,
             "KV pools smaller than the step's group"
         );
-        let spans = g.max_spans.max(1);
+        // attn_spans64 (as run on the H100); FFAI_CUDA_ATTN=32 the 32-position parts,
+        // attn_spans32_g4 for GQA groups of up to four heads, else chunks of eight;
+        // FFAI_CUDA_ATTN=dec a warp a part (head_dim 64 / 128), the grid's z its blocks.
+        let dec = self.attn == AttnKernel::Dec && !self.older && (hd == 64 || hd == 128);
+        let (kernel, group) = match self.attn {
+            _ if dec => (if hd == 64 { "attn_dec_h64" } else { "attn_dec_h128" }, DEC_G),
+            AttnKernel::Spans32 if nh / kvh <= 4 => ("attn_spans32_g4", 4),
+            AttnKernel::Spans32 => ("attn_spans32", ATTN_GROUP),
+            _ => ("attn_spans64", ATTN_GROUP),
+        };
+        let spans = if dec {
+            g.max_parts32.max(1).div_ceil(DEC_WARPS)
+        } else {
+            g.max_spans.max(1)
+        };
         let per_row = nh * spans * (hd + 2) * 4;
         let rows_per_pass = (ATTN_PART_BYTES / per_row).clamp(1, n);
         let Ok(mut sc) = self.scratch.lock() else { return };
         self.grow(&mut sc.part_o, rows_per_pass * nh * spans * hd);
         self.grow(&mut sc.part_ml, rows_per_pass * nh * spans * 2);
-        // attn_spans64 (as run on the H100); with FFAI_CUDA_ATTN32=1 the 32-position parts,
-        // attn_spans32_g4 for GQA groups of up to four heads, else chunks of eight.
-        let (kernel, group) = if !self.attn32 {
-            ("attn_spans64", ATTN_GROUP)
-        } else if nh / kvh <= 4 {
-            ("attn_spans32_g4", 4)
-        } else {
-            ("attn_spans32", ATTN_GROUP)
-        };
         let chunks = (nh / kvh).div_ceil(if self.older { ATTN_GROUP } else { group });
         if !self.older {
             self.grow(&mut sc.attn_done, rows_per_pass * kvh * chunks);
@@ -2580,7 +2633,8 @@ impl Backend for CudaBackend {
                     Arg::U(sinks.is_some() as u32),
                     Arg::P(out_rows),
                 ]);
-                self.launch(kernel, grid, ATTN_THREADS as u32, &args);
+                let threads = if dec { DEC_WARPS * 32 } else { ATTN_THREADS };
+                self.launch(kernel, grid, threads as u32, &args);
                 continue;
             }
             self.launch("attn_spans", grid, ATTN_THREADS as u32, &args);

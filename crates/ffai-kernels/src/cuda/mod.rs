@@ -98,6 +98,8 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "attn_spans64",
             "attn_spans32",
             "attn_spans32_g4",
+            "attn_dec_h128",
+            "attn_dec_h64",
             "attn_combine",
             "attn_mla",
         ],
