@@ -298,7 +298,26 @@ struct Paged<B: Backend> {
 /// overhead matters in small decode steps; bigger steps are dominated by their products.
 const GRAPH_MAX_ROWS: usize = 64;
 
-/// Splits `rows` rows off the start of a contiguous matrix (fused projections).
+/// The LM head's input rows of one pass: `rows` of the step's final hidden states `xn`
+/// (`h` wide). When they are the step's first rows in order (a decode step wanting every
+/// row) the head reads `xn` itself and this returns false; otherwise runs of consecutive
+/// rows are copied into `last` (one copy a run) and it returns true.
+pub(crate) fn gather_logit_rows<B: Backend>(b: &B, xn: &B::Buf, last: &mut B::Buf, rows: &[u32], h: usize) -> bool {
+    if rows.iter().enumerate().all(|(i, &r)| r as usize == i) {
+        return false;
+    }
+    let mut i = 0;
+    while i < rows.len() {
+        let mut j = i + 1;
+        while j < rows.len() && rows[j] == rows[j - 1] + 1 {
+            j += 1;
+        }
+        b.copy(xn, rows[i] as usize * h, last, i * h, (j - i) * h);
+        i = j;
+    }
+    true
+}
+
 /// The checks every paged model makes of a step before running it: rows, token ids
 /// inside the vocabulary, the layout's KV groups against the model's windows and the
 /// batch's pools, the logit rows, and an output sized for them. Shared by the decoder
@@ -1254,10 +1273,12 @@ impl<B: Backend> LanguageModel for Decoder<B> {
         // logits are the same whichever rows share its pass).
         for (pi, rows) in logit_rows.chunks(per_pass).enumerate() {
             let m = rows.len();
-            for (i, &r) in rows.iter().enumerate() {
-                b.copy(&s.xn, r as usize * h, &mut s.last, i * h, h);
-            }
-            b.matmul(head, &s.last, m, &mut s.logits);
+            let src = if gather_logit_rows(b, &s.xn, &mut s.last, rows, h) {
+                &s.last
+            } else {
+                &s.xn
+            };
+            b.matmul(head, src, m, &mut s.logits);
             if sp.logits_scale != 1.0 {
                 b.scale(&mut s.logits, sp.logits_scale, m * vocab);
             }

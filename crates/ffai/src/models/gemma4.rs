@@ -1258,10 +1258,12 @@ impl<B: Backend> LanguageModel for Gemma4<B> {
         }
         for (pi, rows) in logit_rows.chunks(per_pass).enumerate() {
             let m = rows.len();
-            for (i, &r) in rows.iter().enumerate() {
-                b.copy(&s.xn, r as usize * h, &mut s.last, i * h, h);
-            }
-            b.matmul(head, &s.last, m, &mut s.logits);
+            let src = if super::decoder::gather_logit_rows(b, &s.xn, &mut s.last, rows, h) {
+                &s.last
+            } else {
+                &s.xn
+            };
+            b.matmul(head, src, m, &mut s.logits);
             if self.plan.final_softcap > 0.0 {
                 b.softcap(&mut s.logits, self.plan.final_softcap, m * vocab);
             }
