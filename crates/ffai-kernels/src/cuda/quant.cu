@@ -744,9 +744,52 @@ __device__ __forceinline__ void matvec4(const u8* __restrict__ w, u64 row_bytes,
 // out[r * cols + c] = bf16(W[r, c]) (round to nearest even). Launch: one thread per
 // 32-element run (the last run of a float row may be partial), 256 threads per block,
 // 1-D grid of ceil(rows * ceil(cols / 32) / 256) blocks; 64-bit indices throughout.
+//
+// The quantized types (whole 32-element runs: cols % 32 == 0, so run `idx` of the matrix
+// is out[32 * idx ..], and a block's 256 runs are one contiguous 16 KB of output) go
+// through shared memory: each thread decodes its run there, then the block writes the
+// 16 KB out with consecutive threads on consecutive 16-byte pieces. A thread writing its
+// own 64 bytes straight out made every store instruction of a warp touch 32 lines a
+// quarter each. Same values, same addresses.
+#define DEQUANT_THREADS 256
+template <class D>
+__device__ __forceinline__ void dequant_bf16_staged(const u8* __restrict__ w, u64 row_bytes, u16* __restrict__ out,
+                                                    u32 rows, u32 cols) {
+    __shared__ uint4 stage[DEQUANT_THREADS * 4];
+    const u32 nruns = cols / 32;
+    const u64 total = (u64)rows * nruns;
+    const u64 first = (u64)blockIdx.x * DEQUANT_THREADS;
+    const u64 idx = first + threadIdx.x;
+    if (idx < total) {
+        const u32 r = (u32)(idx / nruns);
+        const u32 run = (u32)(idx % nruns);
+        float v[32];
+        D::decode(w + (u64)r * row_bytes, run, cols, v);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            u32 p[4];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                p[k] = (u32)f32_to_bf16(v[8 * i + 2 * k]) | ((u32)f32_to_bf16(v[8 * i + 2 * k + 1]) << 16);
+            }
+            stage[threadIdx.x * 4 + i] = make_uint4(p[0], p[1], p[2], p[3]);
+        }
+    }
+    __syncthreads();
+    const u32 pieces = (u32)(min((u64)DEQUANT_THREADS, total - first) * 4);
+    uint4* dst = (uint4*)(out + first * 32);
+    for (u32 c = threadIdx.x; c < pieces; c += DEQUANT_THREADS) {
+        dst[c] = stage[c];
+    }
+}
+
 template <class D>
 __device__ __forceinline__ void dequant_bf16(const u8* __restrict__ w, u64 row_bytes, u16* __restrict__ out,
                                              u32 rows, u32 cols) {
+    if (!D::FLOAT && cols % 32 == 0 && blockDim.x == DEQUANT_THREADS && ((u64)out & 15) == 0) {
+        dequant_bf16_staged<D>(w, row_bytes, out, rows, cols);
+        return;
+    }
     const u64 idx = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     const u32 nruns = (cols + 31) / 32;
     if (idx >= (u64)rows * nruns) {
