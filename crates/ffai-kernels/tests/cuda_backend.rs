@@ -81,7 +81,8 @@ fn elementwise_ops_and_norms_match_the_cpu() {
     let Some(g) = gpu() else { return };
     let c = cpu();
     let mut rng = Rng(0x1234_5678_9abc_def1);
-    for &(rows, width) in &[(1usize, 7usize), (3, 576), (5, 2049)] {
+    // 4096: a width the norms' cluster form takes (FFAI_CUDA_NORM=cl: four slices).
+    for &(rows, width) in &[(1usize, 7usize), (3, 576), (5, 2049), (2, 4096)] {
         let len = rows * width;
         let (x, y) = (rng.vec(len, 4.0), rng.vec(len, 2.0));
         let w = rng.vec(width, 1.5);
@@ -674,8 +675,12 @@ fn products_after_fused_quantization_equal_separate_quantization() {
         return;
     }
     let mut rng = Rng(0x51_1CE);
-    let (rows, cols) = (72usize, 768usize);
-    for ty in [WeightType::Q4_0, WeightType::Q4K, WeightType::Q8_0, WeightType::Q6K] {
+    // 1024 columns: a width the norms' cluster form takes (FFAI_CUDA_NORM=cl: two slices).
+    let rows = 72usize;
+    for (cols, ty) in [768usize, 1024]
+        .into_iter()
+        .flat_map(|c| [WeightType::Q4_0, WeightType::Q4K, WeightType::Q8_0, WeightType::Q6K].map(|t| (c, t)))
+    {
         let m = g.matrix(
             ty,
             rows,

@@ -387,6 +387,8 @@ const PREQUANT_MAX: usize = 1 << 20;
 /// The widest row `norm_q8` takes (`NORM_PER` elements for each of 1024 threads); wider
 /// rows take `rms_norm`.
 const NORM_Q8_MAX_WIDTH: usize = 8 * 1024;
+/// Threads of a `norm_q8_cl` block (`NORM_CL_THREADS` in q8x.cu).
+const NORM_CL_THREADS: usize = 128;
 
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
@@ -434,6 +436,10 @@ pub struct CudaBackend {
     /// gives), which per-kernel events and Nsight Compute's serialized runs do not show.
     /// The outputs are wrong then; never set outside such a measurement.
     skip: Vec<String>,
+    /// Norms over a cluster of blocks a row (`norm_q8_cl`, `FFAI_CUDA_NORM=cl`) where the
+    /// width splits into 2, 4 or 8 slices of whole 256-element blocks of at most 1024;
+    /// off by default until it has passed the GPU tests.
+    norm_cl: bool,
     /// The most activation rows a product runs on the int8 tensor cores (q8x.cu's `mmq_*`,
     /// from [`GEMM_MIN_ROWS`]; [`MMQ_DEFAULT_MAX_ROWS`] unless `FFAI_CUDA_MMQ_MAX` sets it);
     /// above it, or with `FFAI_CUDA_MMQ=0`, cuBLAS on a bf16 copy of the weights.
@@ -534,6 +540,7 @@ impl CudaBackend {
                 Ok("dec") => AttnKernel::Dec,
                 _ => AttnKernel::Spans64,
             },
+            norm_cl: std::env::var_os("FFAI_CUDA_NORM").is_some_and(|v| v == "cl") && major >= 9,
             skip: std::env::var("FFAI_CUDA_SKIP_KERNELS")
                 .map(|v| v.split(',').filter(|s| !s.is_empty()).map(String::from).collect())
                 .unwrap_or_default(),
@@ -600,6 +607,22 @@ impl CudaBackend {
         len: usize,
         row: usize,
     ) {
+        self.launch_q8_producer_cluster(kernel, grid, block, 1, args, out, len, row);
+    }
+
+    /// [`Self::launch_q8_producer`] in clusters of `cluster` blocks along x.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_q8_producer_cluster(
+        &self,
+        kernel: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        cluster: u32,
+        args: &[Arg],
+        out: u64,
+        len: usize,
+        row: usize,
+    ) {
         let quant = len <= PREQUANT_MAX && row.is_multiple_of(32);
         let q256 = quant && row.is_multiple_of(256);
         let mut all = args.to_vec();
@@ -626,7 +649,7 @@ impl CudaBackend {
         for p in [sc.xq256.ptr, sc.xd256.ptr, sc.xs256.ptr] {
             all.push(Arg::P(if ok && q256 { p } else { 0 }));
         }
-        self.launch(kernel, grid, block, &all);
+        self.launch_cluster(kernel, grid, block, cluster, &all);
         drop(sc);
         if ok && !self.failed() {
             if let Ok(mut p) = self.prequant.lock() {
@@ -639,6 +662,33 @@ impl CudaBackend {
     /// `norm_q8`), with the 8-bit forms of `out` for the decode products.
     fn norm_q8(&self, x: u64, y: u64, w: &CudaBuf, eps: f32, n: usize, out: &mut CudaBuf) {
         let width = w.len;
+        // The cluster form: the fewest blocks a row whose slices are whole 256-element
+        // blocks of at most NORM_CL_THREADS * 8 elements.
+        let cluster = [2usize, 4, 8]
+            .into_iter()
+            .find(|&cl| width.is_multiple_of(cl * 256) && width / cl <= NORM_CL_THREADS * 8)
+            .filter(|_| self.norm_cl && n <= u16::MAX as usize);
+        if let Some(cl) = cluster {
+            self.launch_q8_producer_cluster(
+                "norm_q8_cl",
+                (cl as u32, n as u32, 1),
+                NORM_CL_THREADS as u32,
+                cl as u32,
+                &[
+                    Arg::P(x),
+                    Arg::P(y),
+                    Arg::P(w.ptr),
+                    Arg::F(eps),
+                    Arg::U(width as u32),
+                    Arg::U((y != 0) as u32),
+                    Arg::P(out.ptr),
+                ],
+                out.ptr,
+                n * width,
+                width,
+            );
+            return;
+        }
         self.launch_q8_producer(
             "norm_q8",
             (n as u32, 1, 1),
@@ -738,6 +788,12 @@ impl CudaBackend {
     }
 
     fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, args: &[Arg]) {
+        self.launch_cluster(name, grid, block, 1, args);
+    }
+
+    /// [`Self::launch`] with clusters of `cluster` blocks along x (1: none; more needs
+    /// compute capability 9.0, and goes through `cuLaunchKernelEx` even without PDL).
+    fn launch_cluster(&self, name: &str, grid: (u32, u32, u32), block: u32, cluster: u32, args: &[Arg]) {
         if self.failed() {
             return;
         }
@@ -752,8 +808,8 @@ impl CudaBackend {
             return;
         }
         let start = self.profile_event();
-        if self.pdl {
-            self.launch_pdl(name, f, grid, block, args);
+        if self.pdl || cluster > 1 {
+            self.launch_pdl(name, f, grid, block, cluster, args);
             self.profile_record(name, start);
             return;
         }
@@ -785,7 +841,7 @@ impl CudaBackend {
     /// `launch` with programmatic dependent launch allowed (prelude.cuh: every kernel
     /// waits for its predecessor at entry, so only launching and start-up overlap).
     /// cudarc's launch builder has no launch attributes, hence the driver call.
-    fn launch_pdl(&self, name: &str, f: &CudaFunction, grid: (u32, u32, u32), block: u32, args: &[Arg]) {
+    fn launch_pdl(&self, name: &str, f: &CudaFunction, grid: (u32, u32, u32), block: u32, cluster: u32, args: &[Arg]) {
         use cudarc::driver::sys;
         if let Err(e) = self.stream.context().bind_to_thread() {
             self.fail(format!("CUDA kernel {name}: cannot bind the context: {e}"));
@@ -800,10 +856,21 @@ impl CudaBackend {
                 Arg::I(v) => v as *const i32 as *mut std::ffi::c_void,
             })
             .collect();
-        // SAFETY: the attribute union is plain data; zeroed then the one field set.
-        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
+        // SAFETY: the attribute unions are plain data; zeroed then their fields set.
+        let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
+        let mut n_attrs = 0;
+        if self.pdl {
+            attrs[n_attrs].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attrs[n_attrs].value.programmaticStreamSerializationAllowed = 1;
+            n_attrs += 1;
+        }
+        if cluster > 1 {
+            attrs[n_attrs].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+            attrs[n_attrs].value.clusterDim.x = cluster;
+            attrs[n_attrs].value.clusterDim.y = 1;
+            attrs[n_attrs].value.clusterDim.z = 1;
+            n_attrs += 1;
+        }
         let cfg = sys::CUlaunchConfig {
             gridDimX: grid.0,
             gridDimY: grid.1,
@@ -813,12 +880,12 @@ impl CudaBackend {
             blockDimZ: 1,
             sharedMemBytes: 0,
             hStream: self.stream.cu_stream(),
-            attrs: &mut attr,
-            numAttrs: 1,
+            attrs: attrs.as_mut_ptr(),
+            numAttrs: n_attrs as u32,
         };
         // SAFETY: as in `launch` for the arguments (each `params` entry points at an
         // argument value in `args`, alive for the call, of the type the kernel's
-        // signature has at that position); `cfg` and `attr` live on this frame, the
+        // signature has at that position); `cfg` and `attrs` live on this frame, the
         // function belongs to this context and the stream to this backend.
         let r = unsafe { sys::cuLaunchKernelEx(&cfg, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) };
         if r != sys::CUresult::CUDA_SUCCESS {
@@ -2310,13 +2377,9 @@ impl Backend for CudaBackend {
             return GraphMode::Eager;
         }
         // The attention's grid depends on the parts per row of each group.
-        let key = step
-            .groups
-            .iter()
-            .fold(key, |k, g| {
-                (k.wrapping_mul(0x100_0000_01b3) ^ g.max_spans as u64).wrapping_mul(0x100_0000_01b3)
-                    ^ g.max_parts32 as u64
-            });
+        let key = step.groups.iter().fold(key, |k, g| {
+            (k.wrapping_mul(0x100_0000_01b3) ^ g.max_spans as u64).wrapping_mul(0x100_0000_01b3) ^ g.max_parts32 as u64
+        });
         let generation = self.generation.load(Ordering::Relaxed);
         let g = &mut step.graphs;
         match g.recorded.get(&key) {

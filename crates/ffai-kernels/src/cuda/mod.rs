@@ -46,6 +46,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "quantize_q8x32",
             "quantize_q8x256",
             "norm_q8",
+            "norm_q8_cl",
             "glu_q8",
             "mv_q8x_q4_0",
             "mv_q8x_q4_0_n1",

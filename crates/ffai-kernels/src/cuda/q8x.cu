@@ -343,6 +343,129 @@ extern "C" __global__ void __launch_bounds__(1024)
     }
 }
 
+// norm_q8 with a row spread over a cluster of CL = gridDim.x blocks (2, 4 or 8; the
+// backend launches it with that cluster size, FFAI_CUDA_NORM=cl): block `rank` of the
+// cluster holds the row's slice [rank * width / CL, (rank + 1) * width / CL), a multiple
+// of 256 elements, per = slice / 128 <= NORM_PER elements a thread (thread tid holds
+// slice elements tid + 128 i, so a warp holds 32 consecutive ones and 256-element
+// blocks are rounds 2k and 2k + 1). One block doing a whole row's loads, sums and
+// quantization made the norm a chain of dependent phases on one SM; here each SM does a
+// slice. The sum of squares: per thread in element order, warps by butterfly, the
+// block's four warps in order, then every block adds the cluster's block sums in rank
+// order, read from their shared memory (DSMEM) after a cluster barrier, so every block
+// has the same total. A second barrier keeps each block's shared memory alive until all
+// have read it. grid = (CL, rows), block = NORM_CL_THREADS; same outputs as norm_q8
+// (the total's summation order differs).
+#define NORM_CL_THREADS 128
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+// The float at shared address `p` of this block, in the cluster's block `rank`.
+__device__ __forceinline__ float cluster_load(const float* p, u32 rank) {
+    u32 local, remote;
+    asm("{\n\t.reg .u64 t;\n\tcvta.to.shared.u64 t, %1;\n\tcvt.u32.u64 %0, t;\n\t}" : "=r"(local) : "l"(p));
+    asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+    float v;
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+    return v;
+}
+extern "C" __global__ void __launch_bounds__(NORM_CL_THREADS)
+    norm_q8_cl(float* __restrict__ x, const float* __restrict__ y, const float* __restrict__ w, float eps, u32 width,
+               u32 add, float* __restrict__ out, Q8_SETS) {
+    constexpr u32 WARPS = NORM_CL_THREADS / 32;
+    __shared__ float red[WARPS];
+    __shared__ float block_sum;
+    __shared__ u32 smax[NORM_PER][WARPS];
+    u32 rank;
+    asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+    const u32 t = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const u32 slice = width / gridDim.x, per = slice / NORM_CL_THREADS;
+    const u32 c0 = rank * slice + tid;  // column of the thread's first element
+    const u64 e0 = (u64)t * width + c0;
+    float v[NORM_PER], wv[NORM_PER];
+    // The weights before the wait (never written during a step), as norm_q8.
+#pragma unroll
+    for (int i = 0; i < NORM_PER; ++i) {
+        wv[i] = (u32)i < per ? w[c0 + i * NORM_CL_THREADS] : 0.0f;
+    }
+    PDL_ENTRY();
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < NORM_PER; ++i) {
+        v[i] = 0.0f;
+        if ((u32)i < per) {
+            const u64 e = e0 + i * NORM_CL_THREADS;
+            v[i] = x[e];
+            if (add) {
+                v[i] += y[e];
+                x[e] = v[i];
+            }
+            s += v[i] * v[i];
+        }
+    }
+    s = warp_sum(s);
+    if (lane == 0) {
+        red[warp] = s;
+    }
+    __syncthreads();
+    if (tid == 0) {
+        float b = 0.0f;
+#pragma unroll
+        for (u32 k = 0; k < WARPS; ++k) {
+            b += red[k];
+        }
+        block_sum = b;
+    }
+    cluster_sync();
+    float total = 0.0f;
+    for (u32 r = 0; r < gridDim.x; ++r) {
+        total += cluster_load(&block_sum, r);
+    }
+    cluster_sync();
+    const float inv = 1.0f / sqrtf(total / (float)width + eps);
+    u32 m[NORM_PER];
+#pragma unroll
+    for (int i = 0; i < NORM_PER; ++i) {
+        m[i] = 0;
+        if ((u32)i < per) {
+            v[i] = v[i] * inv * wv[i];
+            out[e0 + i * NORM_CL_THREADS] = v[i];
+            m[i] = warp_max_bits(__float_as_uint(v[i]) & 0x7FFFFFFFu);
+        }
+    }
+    if (!quant) {
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < NORM_PER; ++i) {
+        if ((u32)i < per) {
+            q8_store<32>(v[i], m[i], e0 + i * NORM_CL_THREADS, xq32, xd32, xs32);
+        }
+    }
+    if (width % 256 != 0) {
+        return;
+    }
+    if (lane == 0) {
+#pragma unroll
+        for (int i = 0; i < NORM_PER; ++i) {
+            smax[i][warp] = m[i];
+        }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < NORM_PER; ++i) {
+        if ((u32)i < per) {
+            const int k = i & ~1;  // rounds k, k + 1: one 256-element block
+            u32 m8 = 0;
+#pragma unroll
+            for (u32 j = 0; j < WARPS; ++j) {
+                m8 = max(m8, max(smax[k][j], smax[k + 1][j]));
+            }
+            q8_store<256>(v[i], m8, e0 + i * NORM_CL_THREADS, xq256, xd256, xs256);
+        }
+    }
+}
+
 __device__ __forceinline__ float gelu_tanh_q8(float x) {
     const float k = 0.7978845608f;
     return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
