@@ -141,10 +141,11 @@ for stage in "$@"; do
       [ -s /tmp/synth/ff_$t.gguf ] || $B/ffai quantize --type $t /tmp/synth/f16.gguf /tmp/synth/ff_$t.gguf > /dev/null &
     done; wait; ls -la /tmp/synth ;;
   envab)
-    # ffai bench on AB_FILE under each setting of AB_ENVS (e.g. "FFAI_CUDA_PDL=0 FFAI_CUDA_PDL=1"), AB_ARGS.
+    # ffai bench on AB_FILE under each setting of AB_ENVS (e.g. "FFAI_CUDA_PDL=0 FFAI_CUDA_PDL=1";
+    # A=1+B=2 sets both), AB_ARGS.
     for e in ${AB_ENVS:-X=1}; do
       echo "== $e ${AB_FILE:-/tmp/synth/ff_Q4_0.gguf} ${AB_ARGS:-}"
-      env $e timeout 150 $B/ffai bench -m ${AB_FILE:-/tmp/synth/ff_Q4_0.gguf} --device cuda ${AB_ARGS:---prompt-tokens 512 --gen-tokens 128 --repetitions 2} 2>&1 | tail -3 | grep -v RSS | tee -a "$out/ffai-envab.txt"
+      env ${e//+/ } timeout 150 $B/ffai bench -m ${AB_FILE:-/tmp/synth/ff_Q4_0.gguf} --device cuda ${AB_ARGS:---prompt-tokens 512 --gen-tokens 128 --repetitions 2} 2>&1 | tail -3 | grep -v RSS | tee -a "$out/ffai-envab.txt"
     done ;;
   skipab)
     for k in X ${SKIP_SETS:-attn_spans64 norm_q8 rope_kv_write_step glu_q8 quantize_q8x32 mv_q8x_q4_0_n1}; do
