@@ -81,7 +81,7 @@ fn elementwise_ops_and_norms_match_the_cpu() {
     let Some(g) = gpu() else { return };
     let c = cpu();
     let mut rng = Rng(0x1234_5678_9abc_def1);
-    // 4096: a width the norms' cluster form takes (FFAI_CUDA_NORM=cl: four slices).
+    // 4096: a width the norms' cluster form takes (four slices; FFAI_CUDA_NORM=block: one block a row).
     for &(rows, width) in &[(1usize, 7usize), (3, 576), (5, 2049), (2, 4096)] {
         let len = rows * width;
         let (x, y) = (rng.vec(len, 4.0), rng.vec(len, 2.0));
@@ -675,7 +675,7 @@ fn products_after_fused_quantization_equal_separate_quantization() {
         return;
     }
     let mut rng = Rng(0x51_1CE);
-    // 1024 columns: a width the norms' cluster form takes (FFAI_CUDA_NORM=cl: two slices).
+    // 1024 columns: a width the norms' cluster form takes (two slices).
     let rows = 72usize;
     for (cols, ty) in [768usize, 1024]
         .into_iter()

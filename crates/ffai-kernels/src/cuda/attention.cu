@@ -510,6 +510,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_spans32_g4(ATTN_
 
 // ------------------------------------------------ decode-shaped attention (attn_dec_*)
 //
+// The backend's default for head sizes 64 and 128 (FFAI_CUDA_ATTN=64 takes attn_spans64).
 // A warp per 32-position part, four parts (four warps, 128 positions) a block, chunks of
 // up to four query heads of one KV head (DEC_G; a larger GQA group is several chunks).
 // Against attn_part's chain of block-wide phases this one keeps each part's work inside

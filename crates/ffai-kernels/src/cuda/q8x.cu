@@ -344,7 +344,8 @@ extern "C" __global__ void __launch_bounds__(1024)
 }
 
 // norm_q8 with a row spread over a cluster of CL = gridDim.x blocks (2, 4 or 8; the
-// backend launches it with that cluster size, FFAI_CUDA_NORM=cl): block `rank` of the
+// backend launches it with that cluster size where the width allows; FFAI_CUDA_NORM=block
+// keeps norm_q8): block `rank` of the
 // cluster holds the row's slice [rank * width / CL, (rank + 1) * width / CL), a multiple
 // of 256 elements, per = slice / 128 <= NORM_PER elements a thread (thread tid holds
 // slice elements tid + 128 i, so a warp holds 32 consecutive ones and 256-element
