@@ -572,6 +572,11 @@ impl CandidatePlan {
             // The whole-row path's top-k keeps exactly these, in this order.
             cand.truncate(self.top_k);
             complete = true;
+        } else if self.top_k > 0 && !complete {
+            // The tail counts every value past the list, the whole-row path only those
+            // up to its top-k: the total is unknown. (A step asks for k >= every row's
+            // top-k, so this is only a caller's smaller k.)
+            return None;
         }
         let tail = if complete { 0.0 } else { tail };
         cut(self.top_p, self.min_p, cand, tail, complete).then_some(None)
@@ -1304,6 +1309,194 @@ mod tests {
                 ..p.clone()
             })
         );
+    }
+
+    /// A row of `vocab` logits in one of several shapes: spread out, few distinct values
+    /// (ties everywhere), NaN / ±inf / ±0 sprinkled in, nearly flat (top-p needs many
+    /// tokens), all NaN, all -inf.
+    fn random_row(g: &mut Rng, vocab: usize, shape: usize) -> Vec<f32> {
+        let u = |g: &mut Rng| g.next_f64() as f32 * 2.0 - 1.0;
+        let scale = [1.0f32, 5.0, 30.0][g.next_u64() as usize % 3];
+        let mut row: Vec<f32> = (0..vocab)
+            .map(|_| match shape {
+                1 => (u(g) * 3.0).round(),
+                3 => 0.5 + u(g) * 1e-3,
+                4 => f32::NAN,
+                5 => f32::NEG_INFINITY,
+                _ => u(g) * scale,
+            })
+            .collect();
+        if shape == 2 {
+            for v in row.iter_mut() {
+                *v = match g.next_u64() % 20 {
+                    0 | 1 => f32::NAN,
+                    2 => f32::NEG_INFINITY,
+                    3 => 0.0,
+                    4 => -0.0,
+                    _ => *v,
+                };
+            }
+            if g.next_u64().is_multiple_of(4) {
+                let i = g.next_u64() as usize % vocab;
+                row[i] = f32::INFINITY;
+            }
+        }
+        row
+    }
+
+    /// Whether the whole-row path's cumulative top-p probability comes within a hair of
+    /// `top_p` (where a total summed in another order may move the cut by one token).
+    fn near_top_p_boundary(row: &[f32], p: &GenerationParameters) -> bool {
+        if p.top_p >= 1.0 || p.temperature == 0.0 {
+            return false;
+        }
+        let inv_t = 1.0 / p.temperature;
+        let mut v: Vec<(u32, f32)> = row
+            .iter()
+            .enumerate()
+            .filter(|c| !c.1.is_nan())
+            .map(|(i, &l)| (i as u32, l * inv_t))
+            .collect();
+        if v.is_empty() {
+            return false;
+        }
+        v.sort_unstable_by(by_logit);
+        let max = v[0].1;
+        let w: Vec<f64> = v.iter().map(|c| (c.1 - max).exp() as f64).collect();
+        let total: f64 = w.iter().sum();
+        let mut acc = 0.0f64;
+        w.iter().any(|&x| {
+            acc += x / total;
+            (acc - p.top_p as f64).abs() <= 1e-12
+        })
+    }
+
+    /// The candidates' token equals the whole row's, bit for bit, over random rows and
+    /// parameters (greedy, temperature, top-k, top-p, min-p, many seeds, k from 1 to the
+    /// maximum), several draws each so the generators stay in step. Where the candidates
+    /// do not decide, `sample_candidates` returns None, `decides` agrees, and the whole
+    /// row gives the token. Top-p without a top-k within k adds the tail mass (summed in
+    /// id order here, in sorted order by the whole-row path): rows where the cumulative
+    /// probability lands within 1e-12 of top_p are counted, not compared.
+    #[test]
+    fn candidates_pick_the_token_the_whole_row_picks() {
+        let mut g = Rng::new(2024);
+        let (mut exact, mut with_tail, mut fell_back, mut near) = (0usize, 0usize, 0usize, 0usize);
+        let mut sa = SampleScratch::default();
+        let mut sb = SampleScratch::default();
+        let mut scan = Vec::new();
+        let pick = |g: &mut Rng, n: usize| g.next_u64() as usize % n;
+        for case in 0..4000u64 {
+            let vocab = [1usize, 3, 17, 200, 1500, 5000][pick(&mut g, 6)];
+            let shape = if case.is_multiple_of(97) {
+                4 + pick(&mut g, 2)
+            } else {
+                pick(&mut g, 4)
+            };
+            let row = random_row(&mut g, vocab, shape);
+            let params = GenerationParameters {
+                temperature: [0.0f32, 0.25, 0.7, 1.0, 1.6][pick(&mut g, 5)],
+                top_k: [0usize, 0, 1, 2, 5, 40, 300, 1024][pick(&mut g, 8)],
+                top_p: [1.0f32, 0.95, 0.6, 0.3][pick(&mut g, 4)],
+                min_p: [0.0f32, 0.0, 0.05, 0.4][pick(&mut g, 4)],
+                seed: Some(case),
+                ..Default::default()
+            };
+            let k = [1usize, 2, 8, 64, ffai_kernels::ops::MAX_CANDIDATES][pick(&mut g, 5)];
+            let mut full = Sampler::new(&params);
+            let mut cands = Sampler::new(&params);
+            let Some(plan) = cands.candidate_plan() else {
+                // Only plain temperature sampling has no plan among these parameters.
+                assert!(params.temperature > 0.0 && params.top_k == 0 && params.top_p == 1.0 && params.min_p == 0.0);
+                continue;
+            };
+            let (mut ids, mut vals) = (vec![0u32; k], vec![0.0f32; k]);
+            let tail = ffai_kernels::ops::top_candidates(&row, plan.inv_t, k, &mut ids, &mut vals);
+            let nonnan = row.iter().filter(|l| !l.is_nan()).count();
+            // Always decided: the list holds every value the whole-row path keeps.
+            let is_exact = nonnan < k || (!plan.greedy && plan.top_k > 0 && plan.top_k <= k);
+            let boundary = !is_exact && near_top_p_boundary(&row, &params);
+            for draw in 0..3 {
+                let want = full.sample_with(&mut row.clone(), &[], &mut sa);
+                let decides = plan.decides(k, &ids, &vals, tail, &mut scan);
+                let what = format!("case {case} draw {draw}: {params:?}, k {k}, shape {shape}, vocab {vocab}");
+                match cands.sample_candidates(k, &ids, &vals, tail, &mut sb) {
+                    Some(t) => {
+                        assert!(decides, "{what}");
+                        if boundary {
+                            near += 1;
+                            // Keep the generators in step whatever the token.
+                            continue;
+                        }
+                        assert_eq!(t, want, "{what}");
+                        if is_exact || plan.greedy {
+                            exact += 1;
+                        } else {
+                            with_tail += 1;
+                        }
+                    }
+                    None => {
+                        assert!(!decides && !is_exact, "{what}");
+                        if plan.greedy {
+                            // Only when the largest value's ties fill the list.
+                            assert!(vals.iter().all(|&v| v == vals[0]), "{what}");
+                        }
+                        assert_eq!(cands.sample_with(&mut row.clone(), &[], &mut sb), want, "{what}");
+                        fell_back += 1;
+                    }
+                }
+            }
+        }
+        // Every branch ran often enough to mean something.
+        assert!(
+            exact > 3000 && with_tail > 300 && fell_back > 100,
+            "{exact} {with_tail} {fell_back} {near}"
+        );
+        assert!(near < 50, "{near} draws near the top-p boundary");
+    }
+
+    #[test]
+    fn no_candidate_plan_where_the_whole_row_matters() {
+        let base = GenerationParameters {
+            temperature: 0.7,
+            top_k: 40,
+            ..Default::default()
+        };
+        assert!(Sampler::new(&base).candidate_plan().is_some());
+        for p in [
+            GenerationParameters {
+                repetition_penalty: 1.1,
+                ..base.clone()
+            },
+            GenerationParameters {
+                presence_penalty: 0.5,
+                ..base.clone()
+            },
+            GenerationParameters {
+                frequency_penalty: 0.5,
+                ..base.clone()
+            },
+            GenerationParameters {
+                logprobs: Some(0),
+                ..base.clone()
+            },
+            GenerationParameters {
+                top_k: ffai_kernels::ops::MAX_CANDIDATES + 1,
+                ..base.clone()
+            },
+            // Plain temperature sampling: the draw may land anywhere in the row.
+            GenerationParameters {
+                top_k: 0,
+                ..base.clone()
+            },
+            // 1/T overflows to infinity.
+            GenerationParameters {
+                temperature: 1e-39,
+                ..base.clone()
+            },
+        ] {
+            assert!(Sampler::new(&p).candidate_plan().is_none(), "{p:?}");
+        }
     }
 
     #[test]

@@ -2380,13 +2380,9 @@ impl Backend for CudaBackend {
             return GraphMode::Eager;
         }
         // The attention's grid depends on the parts per row of each group.
-        let key = step
-            .groups
-            .iter()
-            .fold(key, |k, g| {
-                (k.wrapping_mul(0x100_0000_01b3) ^ g.max_spans as u64).wrapping_mul(0x100_0000_01b3)
-                    ^ g.max_parts32 as u64
-            });
+        let key = step.groups.iter().fold(key, |k, g| {
+            (k.wrapping_mul(0x100_0000_01b3) ^ g.max_spans as u64).wrapping_mul(0x100_0000_01b3) ^ g.max_parts32 as u64
+        });
         let generation = self.generation.load(Ordering::Relaxed);
         let g = &mut step.graphs;
         match g.recorded.get(&key) {

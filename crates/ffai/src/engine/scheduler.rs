@@ -41,8 +41,8 @@ use crate::error::{Error, Result};
 use crate::generate::{CandidatePlan, GenerationParameters, SampleScratch, Sampler, StopScanner};
 use crate::inspect::Tap;
 use crate::models::one_seq::{ring_blocks, DEFAULT_BLOCK_SIZE};
-use crate::models::{CandidateOut, StepOut};
 use crate::models::{BatchShape, BatchState, LanguageModel};
+use crate::models::{CandidateOut, StepOut};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use crate::{bail, ensure};
 
@@ -633,7 +633,12 @@ impl<'m> Scheduler<'m> {
                     Picked::Id(self.argmax_ids[li])
                 } else if use_cands && !c.full[li] {
                     let k = c.k;
-                    Picked::Candidates(k, &c.ids[li * k..(li + 1) * k], &c.vals[li * k..(li + 1) * k], c.tail[li])
+                    Picked::Candidates(
+                        k,
+                        &c.ids[li * k..(li + 1) * k],
+                        &c.vals[li * k..(li + 1) * k],
+                        c.tail[li],
+                    )
                 } else {
                     Picked::Row(&mut self.logits[li * vocab..(li + 1) * vocab])
                 };
@@ -661,7 +666,10 @@ impl<'m> Scheduler<'m> {
                 // The step wrote the whole row wherever `CandidatePlan::decides` said the
                 // candidates do not decide, and that is the test this makes.
                 let t = s.sampler.sample_candidates(k, ids, vals, tail, scratch);
-                (t.expect("the step kept the whole row of a sequence its candidates do not decide"), None)
+                (
+                    t.expect("the step kept the whole row of a sequence its candidates do not decide"),
+                    None,
+                )
             }
         };
         if let Some(e) = s.sampler.constraint_error() {

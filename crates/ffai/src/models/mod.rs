@@ -232,7 +232,11 @@ impl CandidateOut<'_> {
             self.full[r] = !self.plans[r].decides(k, ids, vals, self.tail[r], &mut scratch);
             if self.full[r] {
                 let j = r - r0;
-                b.download(logits, j * vocab..(j + 1) * vocab, &mut self.rows[r * vocab..(r + 1) * vocab]);
+                b.download(
+                    logits,
+                    j * vocab..(j + 1) * vocab,
+                    &mut self.rows[r * vocab..(r + 1) * vocab],
+                );
             }
         }
     }
