@@ -411,6 +411,38 @@ pub trait Backend: Send + Sync + 'static {
             *o = self.argmax(buf, r * width..(r + 1) * width);
         }
     }
+    /// The sampler's candidates of each of `n` rows of `buf` (rows of `width`):
+    /// [`crate::ops::top_candidates`] of row `r` scaled by `inv_t[r]`, its `k` ids and
+    /// values into `ids[r * k..]` / `vals[r * k..]` and its tail mass into `tail[r]`. On a
+    /// GPU one launch, and `k * 8 + 8` bytes a row come back instead of the row.
+    /// `k` is at most [`crate::ops::MAX_CANDIDATES`].
+    #[allow(clippy::too_many_arguments)]
+    fn top_candidates_rows(
+        &self,
+        buf: &Self::Buf,
+        n: usize,
+        width: usize,
+        k: usize,
+        inv_t: &[f32],
+        ids: &mut [u32],
+        vals: &mut [f32],
+        tail: &mut [f64],
+    ) {
+        assert!(
+            (1..=crate::ops::MAX_CANDIDATES).contains(&k)
+                && inv_t.len() >= n
+                && ids.len() >= n * k
+                && vals.len() >= n * k
+                && tail.len() >= n,
+            "top_candidates_rows: bad k or outputs"
+        );
+        let mut row = vec![0.0f32; width];
+        for r in 0..n {
+            self.download(buf, r * width..(r + 1) * width, &mut row);
+            let (i, v) = (&mut ids[r * k..(r + 1) * k], &mut vals[r * k..(r + 1) * k]);
+            tail[r] = crate::ops::top_candidates(&row, inv_t[r], k, i, v);
+        }
+    }
     /// GPT-OSS's clamped SwiGLU over the first `len` elements
     /// ([`crate::ops::swiglu_clamped`]): `gate = (clamp(up, ±limit) + 1) · g · σ(alpha · g)`
     /// with `g = min(gate, limit)`.

@@ -1067,6 +1067,35 @@ impl Backend for CpuBackend {
         ops::argmax(&buf[range]).0 as u32
     }
 
+    fn top_candidates_rows(
+        &self,
+        buf: &Vec<f32>,
+        n: usize,
+        width: usize,
+        k: usize,
+        inv_t: &[f32],
+        ids: &mut [u32],
+        vals: &mut [f32],
+        tail: &mut [f64],
+    ) {
+        let _p = self.prof(|| "top_candidates_rows".into());
+        assert!(
+            (1..=ops::MAX_CANDIDATES).contains(&k)
+                && n * width <= buf.len()
+                && inv_t.len() >= n
+                && ids.len() >= n * k
+                && vals.len() >= n * k
+                && tail.len() >= n,
+            "top_candidates_rows: bad k or buffers"
+        );
+        // The rows in place (the trait's default copies each row out first).
+        for r in 0..n {
+            let row = &buf[r * width..(r + 1) * width];
+            let (i, v) = (&mut ids[r * k..(r + 1) * k], &mut vals[r * k..(r + 1) * k]);
+            tail[r] = ops::top_candidates(row, inv_t[r], k, i, v);
+        }
+    }
+
     fn swiglu_clamped(&self, gate: &mut Vec<f32>, up: &Vec<f32>, alpha: f32, limit: f32, len: usize) {
         let _p = self.prof(|| "swiglu_clamped".into());
         let gp = SharedMut(gate.as_mut_ptr());

@@ -233,6 +233,50 @@ pub fn softmax(x: &mut [f32]) {
     }
 }
 
+/// Most candidates [`top_candidates`] (and `Backend::top_candidates_rows`) keep a row:
+/// bounds the device's per-row sort and the bytes that come back.
+pub const MAX_CANDIDATES: usize = 1024;
+
+/// The sampler's candidates of one row of logits, so a GPU can send back these instead of
+/// the row. Scales the row by `inv_t` (`s = l * inv_t`, one f32 multiply as the sampler
+/// does it) and writes the `k` largest non-NaN `s` with their ids into `ids` / `vals`
+/// (`k` each), highest first and ties by lowest id (the sampler's `by_logit`: f32
+/// `total_cmp`, so -0.0 ranks below +0.0 and infinities rank as numbers); when the row
+/// has fewer than `k` non-NaN values the rest are `u32::MAX` / NaN. Returns the tail mass
+/// top-p needs: the f64 sum over the row's other non-NaN values of `exp(s - m)` (the exp
+/// in f32), `m` the largest `s` (0 when nothing is left over).
+///
+/// This is the oracle of the device kernels: a selection, then a sort of the `k` kept.
+pub fn top_candidates(row: &[f32], inv_t: f32, k: usize, ids: &mut [u32], vals: &mut [f32]) -> f64 {
+    assert!(
+        (1..=MAX_CANDIDATES).contains(&k) && ids.len() >= k && vals.len() >= k,
+        "top_candidates: bad k or output"
+    );
+    let by = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let mut cand: Vec<(u32, f32)> = row
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, l * inv_t))
+        .filter(|c| !c.1.is_nan())
+        .collect();
+    if cand.len() > k {
+        cand.select_nth_unstable_by(k - 1, by);
+    }
+    let kept = cand.len().min(k);
+    let (top, rest) = cand.split_at_mut(kept);
+    top.sort_unstable_by(by);
+    for (i, (id, v)) in ids[..k].iter_mut().zip(&mut vals[..k]).enumerate() {
+        (*id, *v) = top.get(i).copied().unwrap_or((u32::MAX, f32::NAN));
+    }
+    if rest.is_empty() {
+        return 0.0;
+    }
+    // In id order, so the sum does not depend on how the selection left the rest.
+    rest.sort_unstable_by_key(|c| c.0);
+    let m = top[0].1;
+    rest.iter().map(|c| (c.1 - m).exp() as f64).sum()
+}
+
 /// Index and value of the largest element; ties go to the lowest index, NaN never wins.
 ///
 /// Two passes a vectorizer can widen: the largest value, kept per lane of 16 (a compare

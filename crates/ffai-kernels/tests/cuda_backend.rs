@@ -230,6 +230,89 @@ fn argmax_matches_the_cpu_with_ties_and_nan() {
     g.check().unwrap();
 }
 
+/// `top_candidates_rows` of `x` (`n` rows of `width`) uploaded to `b`: ids, values, tails.
+fn candidates<B: Backend>(
+    b: &B,
+    x: &[f32],
+    n: usize,
+    width: usize,
+    k: usize,
+    inv_t: &[f32],
+) -> (Vec<u32>, Vec<f32>, Vec<f64>) {
+    let buf = b.upload(x);
+    let (mut ids, mut vals, mut tail) = (vec![0u32; n * k], vec![0.0f32; n * k], vec![0.0f64; n]);
+    b.top_candidates_rows(&buf, n, width, k, inv_t, &mut ids, &mut vals, &mut tail);
+    (ids, vals, tail)
+}
+
+/// The sampler's candidates (`top_candidates_rows`) against the CPU's: ids and values bit
+/// for bit (the same scaled f32 values, the same total order), the tail mass (an f64 sum
+/// of f32 exps: the GPU's `expf` may differ from the host's by an ulp or two and adds in
+/// another order) within 1e-6 relative. Rows with ties across the radix digits, NaN,
+/// ±inf and ±0, rows with fewer non-NaN values than k, k from 1 to the maximum, and a
+/// Llama-3-sized vocabulary.
+#[test]
+fn top_candidates_match_the_cpu() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let mut rng = Rng(91);
+    let max_k = ffai_kernels::ops::MAX_CANDIDATES;
+    for &(n, width, k) in &[
+        (3usize, 1usize, 1usize),
+        (4, 7, 16),
+        (5, 3001, 1),
+        (5, 3001, 2),
+        (7, 3001, 40),
+        (3, 5000, max_k),
+        (2, 128_256, 50),
+        (2, 128_256, max_k),
+    ] {
+        let mut x = rng.vec(n * width, 8.0);
+        for r in 0..n {
+            let row = &mut x[r * width..(r + 1) * width];
+            match r % 5 {
+                // Few distinct values: long runs of ties at the k-th place.
+                1 => row.iter_mut().for_each(|v| *v = (*v * 2.0).round()),
+                // NaN, infinities and both zeros.
+                2 => {
+                    for (i, v) in row.iter_mut().enumerate() {
+                        *v = match i % 7 {
+                            0 => f32::NAN,
+                            1 => f32::NEG_INFINITY,
+                            2 => 0.0,
+                            3 => -0.0,
+                            _ => *v,
+                        };
+                    }
+                    if width > 20 {
+                        row[width / 2] = f32::INFINITY;
+                    }
+                }
+                // Mostly NaN: fewer non-NaN values than k.
+                3 => row.iter_mut().skip(3).for_each(|v| *v = f32::NAN),
+                _ => {}
+            }
+        }
+        // A scale per row, one large (T = 3.3e-5: values near the top spread far apart).
+        let inv_t: Vec<f32> = (0..n).map(|r| [1.0f32, 1.0 / 0.7, 1.0 / 1.3, 3.0e4][r % 4]).collect();
+        let want = candidates(&c, &x, n, width, k, &inv_t);
+        let got = candidates(g, &x, n, width, k, &inv_t);
+        g.check().unwrap();
+        let what = format!("{n} rows of {width}, k {k}");
+        assert_eq!(got.0, want.0, "ids, {what}");
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got.1), bits(&want.1), "values, {what}");
+        for r in 0..n {
+            let (a, b) = (got.2[r], want.2[r]);
+            // A sum of positive terms each within CUDA's 2-ulp expf (2.4e-7) of the host's
+            // exp; 1e-6 still catches one term missed or counted twice in a 128k row
+            // (about 1/128k = 7.8e-6 of an average row's tail).
+            let ok = (a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= 1e-6 * b.abs();
+            assert!(ok, "tail of row {r}, {what}: GPU {a}, CPU {b}");
+        }
+    }
+}
+
 /// A random matrix of `ty`, as stored bytes, from random f32 rows.
 fn random_matrix(ty: WeightType, rows: usize, cols: usize, rng: &mut Rng) -> Option<Vec<u8>> {
     let rb = ty.row_bytes(cols)?;

@@ -723,3 +723,68 @@ fn attention_kernels_agree_across_levels() {
     }
     eprintln!("attend_group: worst relative error against the oracle {worst:.2e}; 512-bit vs 256-bit compared bit for bit in {compared_512} cases");
 }
+
+/// `ops::top_candidates` against a full sort of the scaled row: the first k (value
+/// descending by `total_cmp`, ties lowest id first; NaN left out; unused slots u32::MAX /
+/// NaN) and the tail mass summed in id order over the rest — the same arithmetic, so
+/// exactly equal. Rows with ties, NaN, ±inf, ±0; k below, at and above the non-NaN count.
+#[test]
+fn top_candidates_are_the_first_k_of_the_sorted_row() {
+    let mut seed = 0x9e37_79b9u64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for case in 0..300usize {
+        let width = 1 + (next() % 700) as usize;
+        let row: Vec<f32> = (0..width)
+            .map(|_| match next() % 16 {
+                0 => f32::NAN,
+                1 => f32::NEG_INFINITY,
+                2 => 0.0,
+                3 => -0.0,
+                4 if case.is_multiple_of(3) => f32::INFINITY,
+                // Few distinct values: ties.
+                _ => ((next() % 41) as f32 - 20.0) * 0.25,
+            })
+            .collect();
+        let inv_t = [1.0f32, 1.0 / 0.7, 2.5][case % 3];
+        let k = [
+            1usize,
+            2,
+            7,
+            width / 2 + 1,
+            width,
+            width + 5,
+            ffai_kernels::ops::MAX_CANDIDATES,
+        ][case % 7]
+            .clamp(1, ffai_kernels::ops::MAX_CANDIDATES);
+        let mut want: Vec<(u32, f32)> = row
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l * inv_t))
+            .filter(|c| !c.1.is_nan())
+            .collect();
+        want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut rest: Vec<(u32, f32)> = want.split_off(want.len().min(k));
+        rest.sort_by_key(|c| c.0);
+        // Nothing left over: +0.0 (std's empty f64 sum is -0.0).
+        let want_tail: f64 = match want.first() {
+            Some(&(_, m)) if !rest.is_empty() => rest.iter().map(|c| (c.1 - m).exp() as f64).sum(),
+            _ => 0.0,
+        };
+        let (mut ids, mut vals) = (vec![0u32; k], vec![0.0f32; k]);
+        let tail = ffai_kernels::ops::top_candidates(&row, inv_t, k, &mut ids, &mut vals);
+        for i in 0..k {
+            let (wi, wv) = want.get(i).copied().unwrap_or((u32::MAX, f32::NAN));
+            assert_eq!(ids[i], wi, "case {case}, slot {i}");
+            assert_eq!(vals[i].to_bits(), wv.to_bits(), "case {case}, slot {i}");
+        }
+        assert!(
+            tail.to_bits() == want_tail.to_bits() || (tail.is_nan() && want_tail.is_nan()),
+            "case {case}: tail {tail} vs {want_tail}"
+        );
+    }
+}

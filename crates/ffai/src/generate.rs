@@ -361,46 +361,225 @@ impl Sampler {
             return ffai_kernels::ops::argmax(logits).0 as u32;
         }
         // Highest logit first; ties by lowest id so the order is deterministic.
-        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 && p.top_k < cand.len() {
             cand.select_nth_unstable_by(p.top_k - 1, by_logit);
             cand.truncate(p.top_k);
         }
         cand.sort_unstable_by(by_logit);
-        let max = cand[0].1;
-        // Convert to unnormalised probabilities.
-        let mut total = 0.0f64;
-        for c in cand.iter_mut() {
-            c.1 = (c.1 - max).exp();
-            total += c.1 as f64;
+        // The whole row is here, so the cut always decides.
+        cut(p.top_p, p.min_p, cand, 0.0, true);
+        draw(&mut self.rng, cand)
+    }
+
+    /// How this sampler's token can be decided from a row's top candidates
+    /// ([`ffai_kernels::ops::top_candidates`]) instead of the whole row, or None when it
+    /// cannot: penalties (they change logits anywhere in the row), a grammar (it masks
+    /// anywhere), log-probabilities (they need the whole row's normaliser), a
+    /// temperature whose inverse is not finite, a top-k above
+    /// [`ffai_kernels::ops::MAX_CANDIDATES`], and plain temperature sampling (no top-k,
+    /// top-p or min-p: the draw may land anywhere in the row).
+    pub fn candidate_plan(&self) -> Option<CandidatePlan> {
+        let p = &self.params;
+        if self.constraint.is_some()
+            || p.logprobs.is_some()
+            || p.repetition_penalty != 1.0
+            || p.presence_penalty != 0.0
+            || p.frequency_penalty != 0.0
+        {
+            return None;
         }
-        if p.top_p < 1.0 {
-            let mut acc = 0.0f64;
-            let mut keep = cand.len();
-            for (i, c) in cand.iter().enumerate() {
-                acc += c.1 as f64 / total;
-                if acc >= p.top_p as f64 {
-                    keep = i + 1;
-                    break;
-                }
+        if p.temperature == 0.0 {
+            return Some(CandidatePlan {
+                inv_t: 1.0,
+                greedy: true,
+                top_k: 0,
+                top_p: 1.0,
+                min_p: 0.0,
+            });
+        }
+        // The same f32 division `pick` makes, so the candidates are scaled as it scales.
+        let inv_t = 1.0 / p.temperature;
+        let cuts = p.top_k > 0 || p.top_p < 1.0 || p.min_p > 0.0;
+        if !inv_t.is_finite() || p.top_k > ffai_kernels::ops::MAX_CANDIDATES || !cuts {
+            return None;
+        }
+        Some(CandidatePlan {
+            inv_t,
+            greedy: false,
+            top_k: p.top_k,
+            top_p: p.top_p,
+            min_p: p.min_p,
+        })
+    }
+
+    /// The token from a row's top candidates (`k` ids and values scaled by the plan's
+    /// `inv_t`, as [`ffai_kernels::ops::top_candidates`] gives them, and the tail mass),
+    /// or None when they cannot decide it (see [`CandidatePlan::decides`]; the generator
+    /// is then untouched, and the whole row must go to [`sample_with`](Self::sample_with)).
+    /// Only for a sampler with a [`candidate_plan`](Self::candidate_plan).
+    ///
+    /// The same token as on the whole row whenever the row has fewer than `k` non-NaN
+    /// values, the sampler is greedy, or its top-k is at most `k`: the candidates are then
+    /// exactly the values the whole-row path keeps, in the same order, and the rest runs
+    /// the same f32/f64 arithmetic. Otherwise top-p's total adds the tail mass, summed in
+    /// another order (on a GPU with its own `exp`); a token can differ only where that
+    /// rounding moves the cumulative probability across `top_p` at the boundary.
+    pub fn sample_candidates(
+        &mut self,
+        k: usize,
+        ids: &[u32],
+        vals: &[f32],
+        tail: f64,
+        scratch: &mut SampleScratch,
+    ) -> Option<u32> {
+        let plan = self.candidate_plan()?;
+        match plan.decide(k, ids, vals, tail, &mut scratch.cand)? {
+            Some(t) => Some(t),
+            None => Some(draw(&mut self.rng, &scratch.cand)),
+        }
+    }
+}
+
+/// Cuts `cand` (sorted by [`by_logit`], values scaled by 1/T, not empty) to what top-p
+/// and min-p keep, its values turned into weights `exp(v - max)`. `complete`: `cand` holds
+/// every value the draw could see; otherwise `tail` is the weight of the rest, counted in
+/// top-p's total. Returns whether the cut is decided by what `cand` holds: false when
+/// neither top-p nor min-p stopped inside an incomplete `cand`.
+fn cut(top_p: f32, min_p: f32, cand: &mut Vec<(u32, f32)>, tail: f64, complete: bool) -> bool {
+    let max = cand[0].1;
+    // Convert to unnormalised probabilities.
+    let mut total = 0.0f64;
+    for c in cand.iter_mut() {
+        c.1 = (c.1 - max).exp();
+        total += c.1 as f64;
+    }
+    if !complete {
+        total += tail;
+    }
+    let mut decided = complete;
+    if top_p < 1.0 {
+        let mut acc = 0.0f64;
+        let mut keep = cand.len();
+        for (i, c) in cand.iter().enumerate() {
+            acc += c.1 as f64 / total;
+            if acc >= top_p as f64 {
+                keep = i + 1;
+                decided = true;
+                break;
             }
-            cand.truncate(keep);
         }
-        if p.min_p > 0.0 {
-            // The top candidate has probability weight 1 after the max subtraction.
-            let floor = p.min_p;
-            let keep = cand.iter().take_while(|c| c.1 >= floor).count().max(1);
-            cand.truncate(keep);
+        cand.truncate(keep);
+    }
+    if min_p > 0.0 {
+        // The top candidate has probability weight 1 after the max subtraction; the
+        // weights fall along `cand`, so a value below the floor inside it ends the cut
+        // there whatever follows.
+        let keep = cand.iter().take_while(|c| c.1 >= min_p).count();
+        decided |= keep < cand.len();
+        cand.truncate(keep.max(1));
+    }
+    decided
+}
+
+/// Draws one of the weighted candidates.
+fn draw(rng: &mut Rng, cand: &[(u32, f32)]) -> u32 {
+    let total: f64 = cand.iter().map(|c| c.1 as f64).sum();
+    let mut r = rng.next_f64() * total;
+    for c in cand.iter() {
+        r -= c.1 as f64;
+        if r < 0.0 {
+            return c.0;
         }
-        let total: f64 = cand.iter().map(|c| c.1 as f64).sum();
-        let mut r = self.rng.next_f64() * total;
-        for c in cand.iter() {
-            r -= c.1 as f64;
-            if r < 0.0 {
-                return c.0;
+    }
+    cand.last().map(|c| c.0).unwrap_or(0)
+}
+
+/// Highest logit first; ties by lowest id so the order is deterministic.
+fn by_logit(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// What a sampler needs of a row's top candidates ([`Sampler::candidate_plan`]): the
+/// inverse temperature to scale them by and the cuts that decide from them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CandidatePlan {
+    /// What the candidates are scaled by (1 for greedy).
+    pub inv_t: f32,
+    greedy: bool,
+    top_k: usize,
+    top_p: f32,
+    min_p: f32,
+}
+
+impl CandidatePlan {
+    /// The candidates a row wants: greedy 2 (the best and one after it to see that no tie
+    /// continues), top-k its k, top-p / min-p the most there are (fewer rows fall back).
+    pub fn k(&self) -> usize {
+        if self.greedy {
+            2
+        } else if self.top_k > 0 {
+            self.top_k
+        } else {
+            ffai_kernels::ops::MAX_CANDIDATES
+        }
+    }
+
+    /// Whether a row's `k` candidates decide the token, or its whole row is needed: a
+    /// greedy row whose top value's ties may continue past the list; a top-p / min-p row
+    /// (without a top-k within `k`) whose cuts do not stop inside the list. `scratch` is
+    /// working space.
+    pub fn decides(&self, k: usize, ids: &[u32], vals: &[f32], tail: f64, scratch: &mut Vec<(u32, f32)>) -> bool {
+        self.decide(k, ids, vals, tail, scratch).is_some()
+    }
+
+    /// None: the whole row is needed. Some(Some(token)): decided. Some(None): `cand`
+    /// holds the kept candidates with their weights, to draw from.
+    fn decide(
+        &self,
+        k: usize,
+        ids: &[u32],
+        vals: &[f32],
+        tail: f64,
+        cand: &mut Vec<(u32, f32)>,
+    ) -> Option<Option<u32>> {
+        let (ids, vals) = (&ids[..k.min(ids.len())], &vals[..k.min(vals.len())]);
+        // Unused slots (u32::MAX) follow the row's last non-NaN value.
+        let cnt = ids.iter().take_while(|&&i| i != u32::MAX).count().min(vals.len());
+        // Fewer than k: every non-NaN value of the row is here.
+        let complete = cnt < k;
+        if cnt == 0 {
+            // A row of NaN only: the whole-row path falls back to argmax, which gives 0.
+            return complete.then_some(Some(0));
+        }
+        if self.greedy {
+            // ops::argmax: the first index holding the largest value (`==`, so a zero of
+            // either sign), 0 when nothing is above -inf. The values equal to the largest
+            // are adjacent in the list (total order puts -0.0 right below +0.0).
+            let max = vals[0];
+            if max == f32::NEG_INFINITY {
+                return Some(Some(0));
             }
+            let run = vals[..cnt].iter().take_while(|&&v| v == max).count();
+            if run == cnt && !complete {
+                return None;
+            }
+            return Some(ids[..run].iter().copied().min());
         }
-        cand.last().map(|c| c.0).unwrap_or(0)
+        cand.clear();
+        cand.extend(ids[..cnt].iter().copied().zip(vals[..cnt].iter().copied()));
+        let mut complete = complete;
+        if self.top_k > 0 && self.top_k <= k {
+            // The whole-row path's top-k keeps exactly these, in this order.
+            cand.truncate(self.top_k);
+            complete = true;
+        } else if self.top_k > 0 && !complete {
+            // The tail counts every value past the list, the whole-row path only those
+            // up to its top-k: the total is unknown. (A step asks for k >= every row's
+            // top-k, so this is only a caller's smaller k.)
+            return None;
+        }
+        let tail = if complete { 0.0 } else { tail };
+        cut(self.top_p, self.min_p, cand, tail, complete).then_some(None)
     }
 }
 
@@ -424,6 +603,23 @@ impl Session {
     /// tokens were computed (the rest were reused). When a sliding-window layer's ring no
     /// longer holds what the shared prefix needs, the prompt is recomputed from scratch.
     pub fn prefill(&mut self, model: &dyn LanguageModel, prompt: &[u32], logits: &mut Vec<f32>) -> Result<usize> {
+        let keep = self.reuse_prefix(model, prompt)?;
+        model.forward(&prompt[keep..], &mut self.state, false, logits)?;
+        self.tokens.extend_from_slice(&prompt[keep..]);
+        Ok(prompt.len() - keep)
+    }
+
+    /// [`prefill`](Self::prefill), handing the last row back as `row` wants it.
+    fn prefill_row(&mut self, model: &dyn LanguageModel, prompt: &[u32], row: &mut LastRow) -> Result<usize> {
+        let keep = self.reuse_prefix(model, prompt)?;
+        row.forward(model, &prompt[keep..], &mut self.state)?;
+        self.tokens.extend_from_slice(&prompt[keep..]);
+        Ok(prompt.len() - keep)
+    }
+
+    /// Cuts the cache back to the longest prefix of `prompt` it holds and can continue
+    /// from (less the last token, so there are logits to return); returns its length.
+    fn reuse_prefix(&mut self, model: &dyn LanguageModel, prompt: &[u32]) -> Result<usize> {
         if prompt.is_empty() {
             return Err(Error::new("the prompt is empty (no tokens to condition on)"));
         }
@@ -435,9 +631,7 @@ impl Session {
         }
         self.state.pos = keep;
         self.tokens.truncate(keep);
-        model.forward(&prompt[keep..], &mut self.state, false, logits)?;
-        self.tokens.extend_from_slice(&prompt[keep..]);
-        Ok(prompt.len() - keep)
+        Ok(keep)
     }
 
     /// Feeds one generated token.
@@ -445,6 +639,59 @@ impl Session {
         model.forward(&[token], &mut self.state, false, logits)?;
         self.tokens.push(token);
         Ok(())
+    }
+}
+
+/// The last row of a one-sequence step as its sampler wants it: the top candidates when
+/// the sampler can decide from them (`Sampler::candidate_plan`: on a GPU k ids and values
+/// come back, not the vocabulary-wide row), else the logits.
+struct LastRow {
+    plan: Option<CandidatePlan>,
+    /// The logits (with a plan: written only when the candidates do not decide).
+    logits: Vec<f32>,
+    ids: Vec<u32>,
+    vals: Vec<f32>,
+    tail: [f64; 1],
+    full: [bool; 1],
+}
+
+impl LastRow {
+    fn new(plan: Option<CandidatePlan>, vocab: usize) -> LastRow {
+        let k = plan.map_or(0, |p| p.k());
+        LastRow {
+            plan,
+            logits: if plan.is_some() { vec![0.0; vocab] } else { Vec::new() },
+            ids: vec![0; k],
+            vals: vec![0.0; k],
+            tail: [0.0],
+            full: [false],
+        }
+    }
+
+    fn forward(&mut self, model: &dyn LanguageModel, tokens: &[u32], state: &mut InferenceState) -> Result<()> {
+        let Some(plan) = &self.plan else {
+            return model.forward(tokens, state, false, &mut self.logits);
+        };
+        let out = crate::models::CandidateOut {
+            k: self.ids.len(),
+            plans: std::slice::from_ref(plan),
+            ids: &mut self.ids,
+            vals: &mut self.vals,
+            tail: &mut self.tail,
+            full: &mut self.full,
+            rows: &mut self.logits,
+        };
+        model.forward_last(tokens, state, crate::models::StepOut::Candidates(out))
+    }
+
+    fn sample(&mut self, sampler: &mut Sampler, history: &[u32], scratch: &mut SampleScratch) -> u32 {
+        if self.plan.is_some() && !self.full[0] {
+            // The step kept the whole row wherever `CandidatePlan::decides` said the
+            // candidates do not decide, and that is the test this makes.
+            let t = sampler.sample_candidates(self.ids.len(), &self.ids, &self.vals, self.tail[0], scratch);
+            return t.expect("the step kept the whole row its candidates do not decide");
+        }
+        sampler.sample_with(&mut self.logits, history, scratch)
     }
 }
 
@@ -734,13 +981,14 @@ impl Session {
                 self.state.max_seq
             )));
         }
-        let mut logits = Vec::new();
-        let t0 = Instant::now();
-        let prefill_computed = self.prefill(model, prompt_ids, &mut logits)?;
-        let prefill_seconds = t0.elapsed().as_secs_f64();
-
         let mut sampler = Sampler::new(params);
         sampler.constrain(tokenizer)?;
+        let mut row = LastRow::new(sampler.candidate_plan(), model.config().vocab_size);
+        let mut scratch = SampleScratch::default();
+        let t0 = Instant::now();
+        let prefill_computed = self.prefill_row(model, prompt_ids, &mut row)?;
+        let prefill_seconds = t0.elapsed().as_secs_f64();
+
         let mut history: Vec<u32> = prompt_ids.to_vec();
         let mut generated = Vec::with_capacity(params.max_tokens.min(self.state.max_seq));
         let mut decoder = StreamDecoder::new(tokenizer);
@@ -768,7 +1016,7 @@ impl Session {
         let mut decode_steps = 0;
         let t1 = Instant::now();
         while generated.len() < params.max_tokens {
-            let next = sampler.sample(&mut logits, &history);
+            let next = row.sample(&mut sampler, &history, &mut scratch);
             if let Some(e) = sampler.constraint_error() {
                 return Err(Error::new(format!("constrained output ended: {e}")));
             }
@@ -811,7 +1059,8 @@ impl Session {
                 stop_reason = StopReason::ContextFull;
                 break;
             }
-            self.push(model, next, &mut logits)?;
+            row.forward(model, &[next], &mut self.state)?;
+            self.tokens.push(next);
             decode_steps += 1;
         }
         let decode_seconds = t1.elapsed().as_secs_f64();
@@ -1060,6 +1309,194 @@ mod tests {
                 ..p.clone()
             })
         );
+    }
+
+    /// A row of `vocab` logits in one of several shapes: spread out, few distinct values
+    /// (ties everywhere), NaN / ±inf / ±0 sprinkled in, nearly flat (top-p needs many
+    /// tokens), all NaN, all -inf.
+    fn random_row(g: &mut Rng, vocab: usize, shape: usize) -> Vec<f32> {
+        let u = |g: &mut Rng| g.next_f64() as f32 * 2.0 - 1.0;
+        let scale = [1.0f32, 5.0, 30.0][g.next_u64() as usize % 3];
+        let mut row: Vec<f32> = (0..vocab)
+            .map(|_| match shape {
+                1 => (u(g) * 3.0).round(),
+                3 => 0.5 + u(g) * 1e-3,
+                4 => f32::NAN,
+                5 => f32::NEG_INFINITY,
+                _ => u(g) * scale,
+            })
+            .collect();
+        if shape == 2 {
+            for v in row.iter_mut() {
+                *v = match g.next_u64() % 20 {
+                    0 | 1 => f32::NAN,
+                    2 => f32::NEG_INFINITY,
+                    3 => 0.0,
+                    4 => -0.0,
+                    _ => *v,
+                };
+            }
+            if g.next_u64().is_multiple_of(4) {
+                let i = g.next_u64() as usize % vocab;
+                row[i] = f32::INFINITY;
+            }
+        }
+        row
+    }
+
+    /// Whether the whole-row path's cumulative top-p probability comes within a hair of
+    /// `top_p` (where a total summed in another order may move the cut by one token).
+    fn near_top_p_boundary(row: &[f32], p: &GenerationParameters) -> bool {
+        if p.top_p >= 1.0 || p.temperature == 0.0 {
+            return false;
+        }
+        let inv_t = 1.0 / p.temperature;
+        let mut v: Vec<(u32, f32)> = row
+            .iter()
+            .enumerate()
+            .filter(|c| !c.1.is_nan())
+            .map(|(i, &l)| (i as u32, l * inv_t))
+            .collect();
+        if v.is_empty() {
+            return false;
+        }
+        v.sort_unstable_by(by_logit);
+        let max = v[0].1;
+        let w: Vec<f64> = v.iter().map(|c| (c.1 - max).exp() as f64).collect();
+        let total: f64 = w.iter().sum();
+        let mut acc = 0.0f64;
+        w.iter().any(|&x| {
+            acc += x / total;
+            (acc - p.top_p as f64).abs() <= 1e-12
+        })
+    }
+
+    /// The candidates' token equals the whole row's, bit for bit, over random rows and
+    /// parameters (greedy, temperature, top-k, top-p, min-p, many seeds, k from 1 to the
+    /// maximum), several draws each so the generators stay in step. Where the candidates
+    /// do not decide, `sample_candidates` returns None, `decides` agrees, and the whole
+    /// row gives the token. Top-p without a top-k within k adds the tail mass (summed in
+    /// id order here, in sorted order by the whole-row path): rows where the cumulative
+    /// probability lands within 1e-12 of top_p are counted, not compared.
+    #[test]
+    fn candidates_pick_the_token_the_whole_row_picks() {
+        let mut g = Rng::new(2024);
+        let (mut exact, mut with_tail, mut fell_back, mut near) = (0usize, 0usize, 0usize, 0usize);
+        let mut sa = SampleScratch::default();
+        let mut sb = SampleScratch::default();
+        let mut scan = Vec::new();
+        let pick = |g: &mut Rng, n: usize| g.next_u64() as usize % n;
+        for case in 0..4000u64 {
+            let vocab = [1usize, 3, 17, 200, 1500, 5000][pick(&mut g, 6)];
+            let shape = if case.is_multiple_of(97) {
+                4 + pick(&mut g, 2)
+            } else {
+                pick(&mut g, 4)
+            };
+            let row = random_row(&mut g, vocab, shape);
+            let params = GenerationParameters {
+                temperature: [0.0f32, 0.25, 0.7, 1.0, 1.6][pick(&mut g, 5)],
+                top_k: [0usize, 0, 1, 2, 5, 40, 300, 1024][pick(&mut g, 8)],
+                top_p: [1.0f32, 0.95, 0.6, 0.3][pick(&mut g, 4)],
+                min_p: [0.0f32, 0.0, 0.05, 0.4][pick(&mut g, 4)],
+                seed: Some(case),
+                ..Default::default()
+            };
+            let k = [1usize, 2, 8, 64, ffai_kernels::ops::MAX_CANDIDATES][pick(&mut g, 5)];
+            let mut full = Sampler::new(&params);
+            let mut cands = Sampler::new(&params);
+            let Some(plan) = cands.candidate_plan() else {
+                // Only plain temperature sampling has no plan among these parameters.
+                assert!(params.temperature > 0.0 && params.top_k == 0 && params.top_p == 1.0 && params.min_p == 0.0);
+                continue;
+            };
+            let (mut ids, mut vals) = (vec![0u32; k], vec![0.0f32; k]);
+            let tail = ffai_kernels::ops::top_candidates(&row, plan.inv_t, k, &mut ids, &mut vals);
+            let nonnan = row.iter().filter(|l| !l.is_nan()).count();
+            // Always decided: the list holds every value the whole-row path keeps.
+            let is_exact = nonnan < k || (!plan.greedy && plan.top_k > 0 && plan.top_k <= k);
+            let boundary = !is_exact && near_top_p_boundary(&row, &params);
+            for draw in 0..3 {
+                let want = full.sample_with(&mut row.clone(), &[], &mut sa);
+                let decides = plan.decides(k, &ids, &vals, tail, &mut scan);
+                let what = format!("case {case} draw {draw}: {params:?}, k {k}, shape {shape}, vocab {vocab}");
+                match cands.sample_candidates(k, &ids, &vals, tail, &mut sb) {
+                    Some(t) => {
+                        assert!(decides, "{what}");
+                        if boundary {
+                            near += 1;
+                            // Keep the generators in step whatever the token.
+                            continue;
+                        }
+                        assert_eq!(t, want, "{what}");
+                        if is_exact || plan.greedy {
+                            exact += 1;
+                        } else {
+                            with_tail += 1;
+                        }
+                    }
+                    None => {
+                        assert!(!decides && !is_exact, "{what}");
+                        if plan.greedy {
+                            // Only when the largest value's ties fill the list.
+                            assert!(vals.iter().all(|&v| v == vals[0]), "{what}");
+                        }
+                        assert_eq!(cands.sample_with(&mut row.clone(), &[], &mut sb), want, "{what}");
+                        fell_back += 1;
+                    }
+                }
+            }
+        }
+        // Every branch ran often enough to mean something.
+        assert!(
+            exact > 3000 && with_tail > 300 && fell_back > 100,
+            "{exact} {with_tail} {fell_back} {near}"
+        );
+        assert!(near < 50, "{near} draws near the top-p boundary");
+    }
+
+    #[test]
+    fn no_candidate_plan_where_the_whole_row_matters() {
+        let base = GenerationParameters {
+            temperature: 0.7,
+            top_k: 40,
+            ..Default::default()
+        };
+        assert!(Sampler::new(&base).candidate_plan().is_some());
+        for p in [
+            GenerationParameters {
+                repetition_penalty: 1.1,
+                ..base.clone()
+            },
+            GenerationParameters {
+                presence_penalty: 0.5,
+                ..base.clone()
+            },
+            GenerationParameters {
+                frequency_penalty: 0.5,
+                ..base.clone()
+            },
+            GenerationParameters {
+                logprobs: Some(0),
+                ..base.clone()
+            },
+            GenerationParameters {
+                top_k: ffai_kernels::ops::MAX_CANDIDATES + 1,
+                ..base.clone()
+            },
+            // Plain temperature sampling: the draw may land anywhere in the row.
+            GenerationParameters {
+                top_k: 0,
+                ..base.clone()
+            },
+            // 1/T overflows to infinity.
+            GenerationParameters {
+                temperature: 1e-39,
+                ..base.clone()
+            },
+        ] {
+            assert!(Sampler::new(&p).candidate_plan().is_none(), "{p:?}");
+        }
     }
 
     #[test]

@@ -73,6 +73,60 @@ fn assert_same_tokens(got: &[Completion], want: &[Completion], what: &str) {
     }
 }
 
+/// Steps whose samplers decide from the rows' top candidates (`StepOut::Candidates`) pick
+/// the tokens the whole rows pick: the same requests with `logprobs` (which never changes
+/// a token but needs whole rows, so those steps download them) give the same tokens, in
+/// the engine (mixed with greedy rows) and in the one-sequence `generate` path. Top-k,
+/// top-p (its total adds the tail mass), min-p, and top-p with a top-k.
+#[test]
+fn candidate_steps_pick_what_whole_rows_pick() {
+    let m = smollm2();
+    let ps = prompts(m, 8);
+    let sampled = |i: usize| {
+        let mut p = params(16, [0.0, 0.8, 0.7, 1.0][i % 4], 100 + i as u64);
+        match i % 4 {
+            1 => (p.top_k, p.top_p) = (40, 1.0),
+            2 => p.top_p = 0.9,
+            3 => (p.top_p, p.min_p) = (1.0, 0.1),
+            _ => {}
+        }
+        if i >= 4 {
+            p.top_k = 20;
+        }
+        p
+    };
+    let reqs: Vec<SeqRequest> = ps
+        .iter()
+        .enumerate()
+        .map(|(i, p)| SeqRequest {
+            prompt: p.clone(),
+            params: sampled(i),
+        })
+        .collect();
+    let whole: Vec<SeqRequest> = reqs
+        .iter()
+        .map(|r| SeqRequest {
+            prompt: r.prompt.clone(),
+            params: GenerationParameters {
+                logprobs: Some(0),
+                ..r.params.clone()
+            },
+        })
+        .collect();
+    let (got, _) = run(m, config(m, 8, 256, None), &reqs);
+    let (want, _) = run(m, config(m, 8, 256, None), &whole);
+    assert_same_tokens(&got, &want, "candidates vs whole rows");
+    for (i, (r, w)) in reqs.iter().zip(&whole).enumerate() {
+        let a = ffai::generate(&*m.lm, &m.tokenizer, &r.prompt, &r.params, |_| true).unwrap();
+        let b = ffai::generate(&*m.lm, &m.tokenizer, &w.prompt, &w.params, |_| true).unwrap();
+        assert_eq!(
+            a.generated_ids, b.generated_ids,
+            "generate, candidates vs whole rows, sequence {i}"
+        );
+        assert_eq!(a.generated_ids, got[i].token_ids, "generate vs engine, sequence {i}");
+    }
+}
+
 #[test]
 fn sixty_four_sequences_match_each_alone_greedy_and_sampled() {
     let m = smollm2();

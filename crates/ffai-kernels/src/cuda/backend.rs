@@ -361,6 +361,10 @@ struct Scratch {
     attn_done: DevMem<u32>,
     /// Row argmax results.
     argmax: DevMem<u32>,
+    /// The sampler's candidates (ids, value bits, f64 tails as u32 pairs) and the rows'
+    /// inverse temperatures (`top_candidates_rows`).
+    cands: DevMem<u32>,
+    cand_inv_t: DevMem<f32>,
     /// Activations quantized to 8 bits (q8x.cu): levels, per-block scales and sums, in
     /// blocks of 32 (`xq` ...) and of 256 (`xq256` ...).
     xq: DevMem<u8>,
@@ -521,6 +525,8 @@ impl CudaBackend {
                 part_ml: DevMem::empty(),
                 attn_done: DevMem::empty(),
                 argmax: DevMem::empty(),
+                cands: DevMem::empty(),
+                cand_inv_t: DevMem::empty(),
                 xq: DevMem::empty(),
                 xd: DevMem::empty(),
                 xs: DevMem::empty(),
@@ -1805,6 +1811,70 @@ impl Backend for CudaBackend {
             if let Err(e) = self.stream.memcpy_dtoh(&mem.slice(..n), &mut out[..n]) {
                 self.fail(format!("copy from the GPU failed: {e}"));
             }
+        }
+    }
+
+    fn top_candidates_rows(
+        &self,
+        buf: &CudaBuf,
+        n: usize,
+        width: usize,
+        k: usize,
+        inv_t: &[f32],
+        ids: &mut [u32],
+        vals: &mut [f32],
+        tail: &mut [f64],
+    ) {
+        assert!(
+            (1..=crate::ops::MAX_CANDIDATES).contains(&k)
+                && n * width <= buf.len
+                && inv_t.len() >= n
+                && ids.len() >= n * k
+                && vals.len() >= n * k
+                && tail.len() >= n,
+            "top_candidates_rows: bad k or buffers"
+        );
+        if n == 0 {
+            return;
+        }
+        // ids, value bits, then one f64 (two u32) a row: at most 2050 words a row, for
+        // rows of a buffer that exists.
+        let words = n * (2 * k + 2);
+        let Ok(mut sc) = self.scratch.lock() else { return };
+        self.grow(&mut sc.cands, words);
+        self.grow(&mut sc.cand_inv_t, n);
+        self.write(&inv_t[..n], &mut sc.cand_inv_t);
+        // One block of TOPC_MAX (1024) threads a row: the kernel's sort holds a slot per thread.
+        self.launch(
+            "top_candidates_rows",
+            (n as u32, 1, 1),
+            crate::ops::MAX_CANDIDATES as u32,
+            &[
+                Arg::P(buf.ptr),
+                Arg::U(width as u32),
+                Arg::U(k as u32),
+                Arg::P(sc.cand_inv_t.ptr),
+                Arg::P(sc.cands.ptr),
+            ],
+        );
+        if self.failed() {
+            return;
+        }
+        let Some(mem) = sc.cands.mem.as_ref() else { return };
+        let mut host = vec![0u32; words];
+        if let Err(e) = self.stream.memcpy_dtoh(&mem.slice(..words), &mut host) {
+            self.fail(format!("copy from the GPU failed: {e}"));
+            return;
+        }
+        let (id_part, rest) = host.split_at(n * k);
+        let (val_part, tail_part) = rest.split_at(n * k);
+        ids[..n * k].copy_from_slice(id_part);
+        for (v, &b) in vals[..n * k].iter_mut().zip(val_part) {
+            *v = f32::from_bits(b);
+        }
+        // Each tail was stored as a little-endian f64 (low word first), as the GPU lays it out.
+        for (t, w) in tail[..n].iter_mut().zip(tail_part.chunks_exact(2)) {
+            *t = f64::from_bits(w[0] as u64 | (w[1] as u64) << 32);
         }
     }
 

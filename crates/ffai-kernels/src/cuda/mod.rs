@@ -83,6 +83,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "moe_half_bf16",
         ],
     ),
+    ("sample.cu", include_str!("sample.cu"), &["top_candidates_rows"]),
     (
         "moe.cu",
         include_str!("moe.cu"),

@@ -38,11 +38,11 @@ use ffai_kernels::backend::{GroupLayout, SeqRows, StepLayout};
 
 use super::kv_pool::{GroupSpec, KvPool, KvPoolConfig, SeqId};
 use crate::error::{Error, Result};
-use crate::generate::{GenerationParameters, SampleScratch, Sampler, StopScanner};
+use crate::generate::{CandidatePlan, GenerationParameters, SampleScratch, Sampler, StopScanner};
 use crate::inspect::Tap;
 use crate::models::one_seq::{ring_blocks, DEFAULT_BLOCK_SIZE};
-use crate::models::StepOut;
 use crate::models::{BatchShape, BatchState, LanguageModel};
+use crate::models::{CandidateOut, StepOut};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use crate::{bail, ensure};
 
@@ -296,6 +296,9 @@ pub struct Scheduler<'m> {
     logits: Vec<f32>,
     /// The rows' argmax ids, for steps whose every sampled sequence is plain greedy.
     argmax_ids: Vec<u32>,
+    /// Steps whose every sampled sequence can decide from candidates
+    /// (`Sampler::candidate_plan`): the rows' plans and what the step writes back.
+    cands: Candidates,
     /// The samplers' shared working buffers (they run one after another).
     sample_scratch: SampleScratch,
     next_id: u64,
@@ -307,6 +310,20 @@ pub struct Scheduler<'m> {
 enum Picked<'a> {
     Row(&'a mut [f32]),
     Id(u32),
+    /// The row's `k` candidates and its tail mass.
+    Candidates(usize, &'a [u32], &'a [f32], f64),
+}
+
+/// The buffers of a candidates step (sized by its rows and `k`, at most
+/// `max_seqs × MAX_CANDIDATES`).
+#[derive(Default)]
+struct Candidates {
+    k: usize,
+    plans: Vec<CandidatePlan>,
+    ids: Vec<u32>,
+    vals: Vec<f32>,
+    tail: Vec<f64>,
+    full: Vec<bool>,
 }
 
 impl<'m> Scheduler<'m> {
@@ -402,6 +419,7 @@ impl<'m> Scheduler<'m> {
             logit_rows: Vec::with_capacity(cfg.max_seqs),
             logits: vec![0.0; logits_len],
             argmax_ids: Vec::with_capacity(cfg.max_seqs),
+            cands: Candidates::default(),
             sample_scratch: SampleScratch::with_vocab(vocab),
             next_id: 0,
             stats: SchedulerStats::default(),
@@ -531,8 +549,48 @@ impl<'m> Scheduler<'m> {
         });
         self.argmax_ids.clear();
         self.argmax_ids.resize(self.logit_rows.len(), 0);
+        // Otherwise, steps whose sampled sequences all decide from candidates ask for those
+        // (and get whole rows back only where the candidates do not decide).
+        let c = &mut self.cands;
+        c.plans.clear();
+        if !greedy {
+            for &(ri, n) in &self.plan {
+                let s = &self.running[ri];
+                let from = s.pool_seq.map_or(0, |q| self.pool.computed(q));
+                if from + n < s.tokens.len() {
+                    continue;
+                }
+                match s.sampler.candidate_plan() {
+                    Some(p) => c.plans.push(p),
+                    None => {
+                        c.plans.clear();
+                        break;
+                    }
+                }
+            }
+        }
+        let use_cands = !c.plans.is_empty() && c.plans.len() == self.logit_rows.len();
+        if use_cands {
+            let rows = c.plans.len();
+            c.k = c.plans.iter().map(|p| p.k()).max().unwrap_or(1);
+            c.ids.resize(rows * c.k, 0);
+            c.vals.resize(rows * c.k, 0.0);
+            c.tail.resize(rows, 0.0);
+            c.full.resize(rows, false);
+        }
         let out = if greedy {
             StepOut::Argmax(&mut self.argmax_ids)
+        } else if use_cands {
+            let rows = c.plans.len();
+            StepOut::Candidates(CandidateOut {
+                k: c.k,
+                plans: &c.plans,
+                ids: &mut c.ids[..rows * c.k],
+                vals: &mut c.vals[..rows * c.k],
+                tail: &mut c.tail[..rows],
+                full: &mut c.full[..rows],
+                rows: &mut self.logits[..rows * vocab],
+            })
         } else {
             StepOut::Logits(&mut self.logits[..self.logit_rows.len() * vocab])
         };
@@ -570,8 +628,17 @@ impl<'m> Scheduler<'m> {
                 self.lm.copy_state_slot(&mut self.batch, src as usize, dst as usize)?;
             }
             if from + n == s.tokens.len() {
+                let c = &self.cands;
                 let picked = if greedy {
                     Picked::Id(self.argmax_ids[li])
+                } else if use_cands && !c.full[li] {
+                    let k = c.k;
+                    Picked::Candidates(
+                        k,
+                        &c.ids[li * k..(li + 1) * k],
+                        &c.vals[li * k..(li + 1) * k],
+                        c.tail[li],
+                    )
                 } else {
                     Picked::Row(&mut self.logits[li * vocab..(li + 1) * vocab])
                 };
@@ -595,6 +662,15 @@ impl<'m> Scheduler<'m> {
         let (next, logprob) = match picked {
             Picked::Row(row) => s.sampler.sample_with_logprobs(row, &s.tokens, scratch),
             Picked::Id(id) => (id, None),
+            Picked::Candidates(k, ids, vals, tail) => {
+                // The step wrote the whole row wherever `CandidatePlan::decides` said the
+                // candidates do not decide, and that is the test this makes.
+                let t = s.sampler.sample_candidates(k, ids, vals, tail, scratch);
+                (
+                    t.expect("the step kept the whole row of a sequence its candidates do not decide"),
+                    None,
+                )
+            }
         };
         if let Some(e) = s.sampler.constraint_error() {
             s.finished = Some(FinishReason::Error(e.to_string()));

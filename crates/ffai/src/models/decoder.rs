@@ -367,6 +367,25 @@ pub(crate) fn check_step(
     let (want, per_row) = match out {
         StepOut::Logits(l) => (l.len(), vocab),
         StepOut::Argmax(ids) => (ids.len(), 1),
+        StepOut::Candidates(c) => {
+            let rows = logit_rows.len();
+            ensure!(
+                (1..=ffai_kernels::ops::MAX_CANDIDATES).contains(&c.k),
+                "{} candidates a row (1 to {})",
+                c.k,
+                ffai_kernels::ops::MAX_CANDIDATES
+            );
+            let k = c.k;
+            ensure!(
+                c.plans.len() == rows
+                    && c.ids.len() == rows * k
+                    && c.vals.len() == rows * k
+                    && c.tail.len() == rows
+                    && c.full.len() == rows,
+                "candidate outputs not sized for {rows} rows of {k}"
+            );
+            (c.rows.len(), vocab)
+        }
     };
     ensure!(
         want == logit_rows.len() * per_row,
@@ -1293,6 +1312,7 @@ impl<B: Backend> LanguageModel for Decoder<B> {
                 StepOut::Argmax(ids) => {
                     b.argmax_rows(&s.logits, m, vocab, &mut ids[pi * per_pass..pi * per_pass + m]);
                 }
+                StepOut::Candidates(c) => c.write_pass(b, &s.logits, pi * per_pass, m, vocab),
             }
         }
         if !logit_rows.is_empty() {

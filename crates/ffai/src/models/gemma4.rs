@@ -1275,6 +1275,7 @@ impl<B: Backend> LanguageModel for Gemma4<B> {
                 StepOut::Argmax(ids) => {
                     b.argmax_rows(&s.logits, m, vocab, &mut ids[pi * per_pass..pi * per_pass + m]);
                 }
+                StepOut::Candidates(c) => c.write_pass(b, &s.logits, pi * per_pass, m, vocab),
             }
         }
         if !logit_rows.is_empty() {

@@ -180,6 +180,66 @@ pub enum StepOut<'a> {
     /// Each row's argmax (lowest id on ties), for rows sampled greedily with nothing
     /// that changes the logits first: on a GPU 4 bytes a row come back, not the rows.
     Argmax(&'a mut [u32]),
+    /// Each row's top candidates, for rows whose samplers can decide from them
+    /// ([`crate::generate::Sampler::candidate_plan`]): on a GPU `k * 8 + 8` bytes a row
+    /// come back, and the whole row only where the candidates do not decide.
+    Candidates(CandidateOut<'a>),
+}
+
+/// [`StepOut::Candidates`]: per logit row `r` its plan, and what the step writes back.
+pub struct CandidateOut<'a> {
+    /// Candidates a row (1 ..= `ffai_kernels::ops::MAX_CANDIDATES`).
+    pub k: usize,
+    /// Each row's sampler's plan (its `inv_t` scales the row).
+    pub plans: &'a [crate::generate::CandidatePlan],
+    /// `ids[r * k..]`, `vals[r * k..]`, `tail[r]`: `Backend::top_candidates_rows`.
+    pub ids: &'a mut [u32],
+    pub vals: &'a mut [f32],
+    pub tail: &'a mut [f64],
+    /// `full[r]`: the candidates did not decide row `r` (`CandidatePlan::decides`), so its
+    /// logits were written to `rows[r * vocab..]`; other rows of `rows` are left as they were.
+    pub full: &'a mut [bool],
+    pub rows: &'a mut [f32],
+}
+
+impl CandidateOut<'_> {
+    /// Writes the candidates of the `m` rows from logit row `first` on, whose logits are
+    /// the first `m` rows of `logits`, and the whole rows the candidates do not decide.
+    pub(crate) fn write_pass<B: ffai_kernels::backend::Backend>(
+        &mut self,
+        b: &B,
+        logits: &B::Buf,
+        first: usize,
+        m: usize,
+        vocab: usize,
+    ) {
+        let k = self.k;
+        let (r0, r1) = (first, first + m);
+        let inv_t: Vec<f32> = self.plans[r0..r1].iter().map(|p| p.inv_t).collect();
+        b.top_candidates_rows(
+            logits,
+            m,
+            vocab,
+            k,
+            &inv_t,
+            &mut self.ids[r0 * k..r1 * k],
+            &mut self.vals[r0 * k..r1 * k],
+            &mut self.tail[r0..r1],
+        );
+        let mut scratch = Vec::new();
+        for r in r0..r1 {
+            let (ids, vals) = (&self.ids[r * k..(r + 1) * k], &self.vals[r * k..(r + 1) * k]);
+            self.full[r] = !self.plans[r].decides(k, ids, vals, self.tail[r], &mut scratch);
+            if self.full[r] {
+                let j = r - r0;
+                b.download(
+                    logits,
+                    j * vocab..(j + 1) * vocab,
+                    &mut self.rows[r * vocab..(r + 1) * vocab],
+                );
+            }
+        }
+    }
 }
 
 pub trait LanguageModel: Send + Sync {
@@ -248,6 +308,12 @@ pub trait LanguageModel: Send + Sync {
         logits: &mut Vec<f32>,
     ) -> Result<()> {
         one_seq::forward(self, tokens, state, all_logits, logits)
+    }
+    /// [`forward`](Self::forward) for the last token's row only, handed back as `out`
+    /// asks (its slices sized for one row): a sampler that can decide from candidates
+    /// needs no whole row from a GPU.
+    fn forward_last(&self, tokens: &[u32], state: &mut InferenceState, out: StepOut<'_>) -> Result<()> {
+        one_seq::forward_last(self, tokens, state, out)
     }
     /// Whether the cache can be cut back to its first `len` positions and continued from
     /// there: always for global layers; a sliding-window layer's ring must still hold the

@@ -176,6 +176,9 @@ pub(crate) fn forward<M: LanguageModel + ?Sized>(
     };
     logits.clear();
     logits.resize(n_logits, 0.0);
+    if !all_logits {
+        return forward_last(m, tokens, state, StepOut::Logits(logits));
+    }
     let chunk = state.chunk;
     let mut pos = state.pos;
     let mut tap = std::mem::take(&mut state.tap);
@@ -184,26 +187,64 @@ pub(crate) fn forward<M: LanguageModel + ?Sized>(
     for (ci, ids) in tokens.chunks(chunk).enumerate() {
         let n = ids.len();
         s.lay_out(pos, n);
-        let is_last = ci * chunk + n == tokens.len();
-        // The LM head runs only where logits are wanted: every row, or the final row.
-        let (rows, dst) = if all_logits {
-            (0..n, ci * chunk * vocab)
-        } else if is_last {
-            (n - 1..n, 0)
-        } else {
-            (0..0, 0)
-        };
+        // The LM head over every row.
         s.logit_rows.clear();
-        s.logit_rows.extend(rows.clone().map(|r| r as u32));
-        let out = &mut logits[dst..dst + rows.len() * vocab];
+        s.logit_rows.extend(0..n as u32);
+        let dst = ci * chunk * vocab;
         result = m.forward_batch(
             ids,
             &s.layout,
             &s.logit_rows,
             &mut s.batch,
             &mut tap,
-            StepOut::Logits(out),
+            StepOut::Logits(&mut logits[dst..dst + n * vocab]),
         );
+        if result.is_err() {
+            break;
+        }
+        pos += n;
+    }
+    state.tap = tap;
+    result?;
+    state.pos = pos;
+    Ok(())
+}
+
+/// Runs `tokens` as [`forward`] does and hands back the last token's row as `out` asks
+/// (the LM head runs on that row only).
+pub(crate) fn forward_last<M: LanguageModel + ?Sized>(
+    m: &M,
+    tokens: &[u32],
+    state: &mut InferenceState,
+    out: StepOut<'_>,
+) -> Result<()> {
+    if tokens.is_empty() {
+        return Err(Error::new("forward called with no tokens"));
+    }
+    check_tokens(tokens, state, m.config().vocab_size)?;
+    let chunk = state.chunk;
+    let mut pos = state.pos;
+    let mut tap = std::mem::take(&mut state.tap);
+    let s = inner(state)?;
+    let mut result = Ok(());
+    let mut out = Some(out);
+    let n_chunks = tokens.len().div_ceil(chunk);
+    for (ci, ids) in tokens.chunks(chunk).enumerate() {
+        let n = ids.len();
+        s.lay_out(pos, n);
+        s.logit_rows.clear();
+        // The LM head runs only for the final row; earlier chunks hand back nothing.
+        let step_out = match out.take() {
+            Some(o) if ci + 1 == n_chunks => {
+                s.logit_rows.push(n as u32 - 1);
+                o
+            }
+            o => {
+                out = o;
+                StepOut::Logits(&mut [])
+            }
+        };
+        result = m.forward_batch(ids, &s.layout, &s.logit_rows, &mut s.batch, &mut tap, step_out);
         if result.is_err() {
             break;
         }
