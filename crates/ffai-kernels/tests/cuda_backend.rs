@@ -726,6 +726,29 @@ fn paged_step_ops_match_the_cpu_and_are_batch_invariant() {
                 .all(|(a, b)| a.to_bits() == b.to_bits()),
             "attention of rows alone differs from the same rows in a batch"
         );
+        // A decode product right after the attention (the o projection): where the
+        // attention wrote its output's 8-bit sets (attn_dec, FFAI_CUDA_ATTN_Q8=1) the
+        // product reads them; the same product over an uploaded copy quantizes afresh.
+        // Both must give the same bits.
+        let om = g.matrix(
+            WeightType::Q4_0,
+            64,
+            w,
+            HostBytes::from_vec(random_matrix(WeightType::Q4_0, 64, w, &mut rng).unwrap()),
+        );
+        // (Allocations and uploads forget the sets: all made before the attention.)
+        let (mut gout2, mut after, mut fresh) = (g.alloc(3 * w), g.alloc(3 * 64), g.alloc(3 * 64));
+        g.attention_step(&gq1, &gk, &gv, 3, &gs1, 0, &shape, None, &mut gout2);
+        g.matmul(&om, &gout2, 3, &mut after);
+        let copy = g.upload(&down(g, &gout2, 3 * w));
+        g.matmul(&om, &copy, 3, &mut fresh);
+        assert!(
+            down(g, &after, 3 * 64)
+                .iter()
+                .zip(&down(g, &fresh, 3 * 64))
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{nh}/{kvh}x{hd}: the product after attention differs from the product on a copy"
+        );
     }
 }
 

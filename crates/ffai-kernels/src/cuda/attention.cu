@@ -542,8 +542,62 @@ template <>
 struct DecPiece<4> {
     typedef uint2 type;
 };
+// attn_dec's 8-bit sets of its output for the o projection's decode product (the sets
+// quantize_q8x32 would write over `out`: 32-element blocks; with `quant` 0 none): the
+// 32 / DPL lanes holding a block take its largest magnitude and level sum by shuffles.
+#define DEC_Q8_PARAMS unsigned int quant, signed char *__restrict__ xq, float *__restrict__ xd, int *__restrict__ xs
+#define DEC_Q8_ARGS quant, xq, xd, xs
+
+// Lane `lane` of a warp holding a head's output writes its DPL values v at flat element
+// e0 + lane * DPL (e0: the head's first element in the pass) to `out` and, with quant,
+// their 8-bit sets. Every lane of the warp calls it.
+template <unsigned int DPL>
+__device__ __forceinline__ void dec_store(const float (&v)[DPL], float* __restrict__ out, size_t e0,
+                                          unsigned int lane, DEC_Q8_PARAMS) {
+    const size_t e = e0 + lane * DPL;
+#pragma unroll
+    for (unsigned int i = 0; i < DPL; i++) {
+        out[e + i] = v[i];
+    }
+    if (!quant) {
+        return;
+    }
+    constexpr unsigned int LANES = 32 / DPL;  // lanes a 32-element block
+    unsigned int m = 0;
+#pragma unroll
+    for (unsigned int i = 0; i < DPL; i++) {
+        m = max(m, __float_as_uint(v[i]) & 0x7FFFFFFFu);
+    }
+#pragma unroll
+    for (unsigned int o = 1; o < LANES; o <<= 1) {
+        m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
+    }
+    float d = 0.0f;
+    int sum = 0;
+    unsigned int packed = 0;
+#pragma unroll
+    for (unsigned int i = 0; i < DPL; i++) {
+        const int q = q8_level(v[i], m, d);
+        sum += q;
+        packed |= ((unsigned int)q & 0xFFu) << (8 * i);
+    }
+#pragma unroll
+    for (unsigned int o = 1; o < LANES; o <<= 1) {
+        sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    }
+    if (DPL == 4) {
+        *(unsigned int*)(xq + e) = packed;
+    } else {
+        *(unsigned short*)(xq + e) = (unsigned short)packed;
+    }
+    if (lane % LANES == 0) {
+        xs[e / 32] = sum;
+        xd[e / 32] = d;
+    }
+}
+
 template <unsigned int HD>
-__device__ __forceinline__ void attn_dec(ATTN_PARAMS, COMBINE_PARAMS) {
+__device__ __forceinline__ void attn_dec(ATTN_PARAMS, COMBINE_PARAMS, DEC_Q8_PARAMS) {
     constexpr unsigned int DPL = HD / 32;  // output dimensions per lane
     constexpr unsigned int KP = HD / 8;    // 16-byte pieces of a K row
     static_assert(DPL == 2 || DPL == 4, "attn_dec takes head_dim 64 or 128");
@@ -564,8 +618,16 @@ __device__ __forceinline__ void attn_dec(ATTN_PARAMS, COMBINE_PARAMS) {
         // Padding: zeros (block 0 of the row writes them).
         PDL_ENTRY();
         if (b == 0) {
+            const size_t e0 = ((size_t)prow * n_heads + h0) * HD;
             for (unsigned int i = tid; i < gn * HD; i += blockDim.x) {
-                out[((size_t)prow * n_heads + h0) * HD + i] = 0.0f;
+                out[e0 + i] = 0.0f;
+                if (quant) {
+                    xq[e0 + i] = 0;  // a block of zeros: d 0, levels 0
+                    if ((e0 + i) % 32 == 0) {
+                        xs[(e0 + i) / 32] = 0;
+                        xd[(e0 + i) / 32] = 0.0f;
+                    }
+                }
             }
         }
         return;
@@ -760,10 +822,12 @@ __device__ __forceinline__ void attn_dec(ATTN_PARAMS, COMBINE_PARAMS) {
                 lt = lt * r + expf(sink - m2);
             }
             const float inv = lt > 0.0f ? r / lt : 0.0f;
+            float fin[DPL];
 #pragma unroll
             for (unsigned int e = 0; e < DPL; e++) {
-                out[((size_t)prow * n_heads + head) * HD + lane * DPL + e] = ov[e] * inv;
+                fin[e] = ov[e] * inv;
             }
+            dec_store<DPL>(fin, out, ((size_t)prow * n_heads + head) * HD, lane, DEC_Q8_ARGS);
         }
     }
     if (!multi) {
@@ -826,23 +890,29 @@ __device__ __forceinline__ void attn_dec(ATTN_PARAMS, COMBINE_PARAMS) {
             lt += expf(sink - mx);
         }
         const float inv = lt > 0.0f ? 1.0f / lt : 0.0f;
+        float fin[DPL];
 #pragma unroll
         for (unsigned int e = 0; e < DPL; e++) {
-            out[((size_t)prow * n_heads + head) * HD + lane * DPL + e] = ov[e] * inv;
+            fin[e] = ov[e] * inv;
         }
+        dec_store<DPL>(fin, out, ((size_t)prow * n_heads + head) * HD, lane, DEC_Q8_ARGS);
     }
     if (tid == 0) {
         *counter = 0;
     }
 }
 
-extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) attn_dec_h128(ATTN_PARAMS, COMBINE_PARAMS) {
+// The trailing parameters are the Q8_SETS of q8x.cu's producers (the 256-element sets
+// unused: the backend records that only the 32-element ones were written).
+extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32)
+    attn_dec_h128(ATTN_PARAMS, COMBINE_PARAMS, DEC_Q8_PARAMS, const void*, const void*, const void*) {
     // PDL_ENTRY() in attn_dec, after its metadata reads.
-    attn_dec<128>(ATTN_ARGS, COMBINE_ARGS);
+    attn_dec<128>(ATTN_ARGS, COMBINE_ARGS, DEC_Q8_ARGS);
 }
-extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) attn_dec_h64(ATTN_PARAMS, COMBINE_PARAMS) {
+extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32)
+    attn_dec_h64(ATTN_PARAMS, COMBINE_PARAMS, DEC_Q8_PARAMS, const void*, const void*, const void*) {
     // PDL_ENTRY() in attn_dec, after its metadata reads.
-    attn_dec<64>(ATTN_ARGS, COMBINE_ARGS);
+    attn_dec<64>(ATTN_ARGS, COMBINE_ARGS, DEC_Q8_ARGS);
 }
 
 // One block per (row, head): folds the row's span parts in order and normalises; rows of

@@ -446,6 +446,9 @@ pub struct CudaBackend {
     /// `FFAI_CUDA_NORM=block` keeps `norm_q8`'s block a row). Passed the norm tests on an
     /// H100 (session 13); decode 283 -> 295 tok/s on the 8B Q4_0 alone.
     norm_cl: bool,
+    /// `attn_dec` writes its output's 8-bit sets for the next decode product (one pass
+    /// over the step's rows; `FFAI_CUDA_ATTN_Q8=0` leaves it to a quantize launch).
+    attn_q8: bool,
     /// The most activation rows a product runs on the int8 tensor cores (q8x.cu's `mmq_*`,
     /// from [`GEMM_MIN_ROWS`]; [`MMQ_DEFAULT_MAX_ROWS`] unless `FFAI_CUDA_MMQ_MAX` sets it);
     /// above it, or with `FFAI_CUDA_MMQ=0`, cuBLAS on a bf16 copy of the weights.
@@ -549,6 +552,7 @@ impl CudaBackend {
                 _ => AttnKernel::Dec,
             },
             norm_cl: std::env::var_os("FFAI_CUDA_NORM").is_none_or(|v| v != "block") && major >= 9,
+            attn_q8: std::env::var_os("FFAI_CUDA_ATTN_Q8").is_some_and(|v| v == "1"),
             skip: std::env::var("FFAI_CUDA_SKIP_KERNELS")
                 .map(|v| v.split(',').filter(|s| !s.is_empty()).map(String::from).collect())
                 .unwrap_or_default(),
@@ -615,10 +619,11 @@ impl CudaBackend {
         len: usize,
         row: usize,
     ) {
-        self.launch_q8_producer_cluster(kernel, grid, block, 1, args, out, len, row);
+        self.launch_q8_producer_cluster(kernel, grid, block, 1, args, out, len, row, false);
     }
 
-    /// [`Self::launch_q8_producer`] in clusters of `cluster` blocks along x.
+    /// [`Self::launch_q8_producer`] in clusters of `cluster` blocks along x; `only32`: the
+    /// kernel writes the 32-element sets only (never the 256-element ones).
     #[allow(clippy::too_many_arguments)]
     fn launch_q8_producer_cluster(
         &self,
@@ -630,9 +635,10 @@ impl CudaBackend {
         out: u64,
         len: usize,
         row: usize,
+        only32: bool,
     ) {
         let quant = len <= PREQUANT_MAX && row.is_multiple_of(32);
-        let q256 = quant && row.is_multiple_of(256);
+        let q256 = quant && !only32 && row.is_multiple_of(256);
         let mut all = args.to_vec();
         let Ok(mut sc) = self.scratch.lock() else { return };
         if quant {
@@ -694,6 +700,7 @@ impl CudaBackend {
                 out.ptr,
                 n * width,
                 width,
+                false,
             );
             return;
         }
@@ -2769,6 +2776,27 @@ impl Backend for CudaBackend {
                     Arg::P(out_rows),
                 ]);
                 let threads = if dec { DEC_WARPS * 32 } else { ATTN_THREADS };
+                if dec && m == n && self.attn_q8 {
+                    // One pass: the kernel also writes its output's 8-bit sets (32-element
+                    // blocks) for the o projection's decode product.
+                    drop(sc);
+                    self.launch_q8_producer_cluster(
+                        kernel,
+                        grid,
+                        threads as u32,
+                        1,
+                        &args,
+                        out.ptr,
+                        n * nh * hd,
+                        nh * hd,
+                        true,
+                    );
+                    return;
+                }
+                if dec {
+                    args.push(Arg::U(0));
+                    args.extend([Arg::P(0); 6]);
+                }
                 self.launch(kernel, grid, threads as u32, &args);
                 continue;
             }

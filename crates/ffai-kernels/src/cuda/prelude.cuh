@@ -21,3 +21,32 @@
     do {            \
     } while (0)
 #endif
+
+// The 8-bit activation scheme shared by the producers of the decode products' inputs
+// (q8x.cu's quantizers and fused producers, attention.cu's attn_dec; the scheme is
+// described above q8x.cu's quantizers): the level of v in a block whose largest
+// magnitude has the bits `m`; its scale d goes to `d`.
+__device__ __forceinline__ int q8_level(float v, unsigned int m, float& d) {
+    const float amax = __uint_as_float(m);
+    float m1, m2;
+    if (m >= 0x7F800000u) {
+        d = __uint_as_float(0x7FC00000u);
+        m1 = 0.0f;
+        m2 = 0.0f;
+    } else if (m == 0) {
+        d = 0.0f;
+        m1 = 0.0f;
+        m2 = 0.0f;
+    } else {
+        d = __fdiv_rn(amax, 127.0f);
+        m1 = __fdiv_rn(127.0f, amax);
+        m2 = 1.0f;
+        if (__float_as_uint(m1) >= 0x7F800000u) {
+            const float up = 1267650600228229401496703205376.0f;  // 2^100
+            m1 = up;
+            m2 = __fdiv_rn(127.0f, __fmul_rn(amax, up));
+        }
+    }
+    return __float2int_rn(__fmul_rn(__fmul_rn(v, m1), m2));
+}
+

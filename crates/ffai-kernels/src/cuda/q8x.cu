@@ -105,31 +105,8 @@ __device__ __forceinline__ bool pick(PARTS, Row& o) {
 // overflows, m1 = 2^100, m2 = 127 / (amax * 2^100)). Writes xq [n][cols] (int8),
 // xd [n][cols / QB] and xs [n][cols / 32] (the level sums of each 32 elements).
 // grid = (ceil(cols / 256), n), block = 256; cols % QB == 0.
-// The level of v in a block whose largest magnitude has the bits `m` (the rules above);
-// its scale d goes to `d`.
-__device__ __forceinline__ int q8_level(float v, u32 m, float& d) {
-    const float amax = __uint_as_float(m);
-    float m1, m2;
-    if (m >= 0x7F800000u) {
-        d = __uint_as_float(0x7FC00000u);
-        m1 = 0.0f;
-        m2 = 0.0f;
-    } else if (m == 0) {
-        d = 0.0f;
-        m1 = 0.0f;
-        m2 = 0.0f;
-    } else {
-        d = __fdiv_rn(amax, 127.0f);
-        m1 = __fdiv_rn(127.0f, amax);
-        m2 = 1.0f;
-        if (__float_as_uint(m1) >= 0x7F800000u) {
-            const float up = 1267650600228229401496703205376.0f;  // 2^100
-            m1 = up;
-            m2 = __fdiv_rn(127.0f, __fmul_rn(amax, up));
-        }
-    }
-    return __float2int_rn(__fmul_rn(__fmul_rn(v, m1), m2));
-}
+// The level of v and its block's scale: q8_level in prelude.cuh (attention.cu writes the
+// same sets).
 
 __device__ __forceinline__ u32 warp_max_bits(u32 m) {
 #pragma unroll
