@@ -447,7 +447,10 @@ pub struct CudaBackend {
     /// H100 (session 13); decode 283 -> 295 tok/s on the 8B Q4_0 alone.
     norm_cl: bool,
     /// `attn_dec` writes its output's 8-bit sets for the next decode product (one pass
-    /// over the step's rows; `FFAI_CUDA_ATTN_Q8=0` leaves it to a quantize launch).
+    /// over the step's rows; `FFAI_CUDA_ATTN_Q8=1`). Correct on an H100 (the product
+    /// after it equals the product on a copy, bit for bit; session 13) but no faster
+    /// there (4-layer 8B-shaped Q4_0: 1535 / 1535 tok/s off, 1545 / 1533 on): the
+    /// quantization it saves moves onto the attention's own chain. Off by default.
     attn_q8: bool,
     /// The most activation rows a product runs on the int8 tensor cores (q8x.cu's `mmq_*`,
     /// from [`GEMM_MIN_ROWS`]; [`MMQ_DEFAULT_MAX_ROWS`] unless `FFAI_CUDA_MMQ_MAX` sets it);
