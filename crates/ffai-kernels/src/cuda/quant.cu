@@ -752,6 +752,15 @@ __device__ __forceinline__ void matvec4(const u8* __restrict__ w, u64 row_bytes,
 // own 64 bytes straight out made every store instruction of a warp touch 32 lines a
 // quarter each. Same values, same addresses.
 #define DEQUANT_THREADS 256
+// Elements 8i .. 8i + 7 of a decoded run as bf16, packed for one 16-byte store.
+__device__ __forceinline__ uint4 bf16x8(const float (&v)[32], int i) {
+    u32 p[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        p[k] = (u32)f32_to_bf16(v[8 * i + 2 * k]) | ((u32)f32_to_bf16(v[8 * i + 2 * k + 1]) << 16);
+    }
+    return make_uint4(p[0], p[1], p[2], p[3]);
+}
 template <class D>
 __device__ __forceinline__ void dequant_bf16_staged(const u8* __restrict__ w, u64 row_bytes, u16* __restrict__ out,
                                                     u32 rows, u32 cols) {
@@ -767,12 +776,7 @@ __device__ __forceinline__ void dequant_bf16_staged(const u8* __restrict__ w, u6
         D::decode(w + (u64)r * row_bytes, run, cols, v);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            u32 p[4];
-#pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                p[k] = (u32)f32_to_bf16(v[8 * i + 2 * k]) | ((u32)f32_to_bf16(v[8 * i + 2 * k + 1]) << 16);
-            }
-            stage[threadIdx.x * 4 + i] = make_uint4(p[0], p[1], p[2], p[3]);
+            stage[threadIdx.x * 4 + i] = bf16x8(v, i);
         }
     }
     __syncthreads();
@@ -804,12 +808,7 @@ __device__ __forceinline__ void dequant_bf16(const u8* __restrict__ w, u64 row_b
     if (lim == 32 && ((u64)o & 15) == 0) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            u32 p[4];
-#pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                p[k] = (u32)f32_to_bf16(v[8 * i + 2 * k]) | ((u32)f32_to_bf16(v[8 * i + 2 * k + 1]) << 16);
-            }
-            ((uint4*)o)[i] = make_uint4(p[0], p[1], p[2], p[3]);
+            ((uint4*)o)[i] = bf16x8(v, i);
         }
     } else {
 #pragma unroll
