@@ -132,7 +132,10 @@ for stage in "$@"; do
   kernels0)
     for t in ${KERNEL_TESTS:-cuda_nvrtc cuda_ops cuda_quant cuda_backend}; do
       echo "== $t"; $B/$t --test-threads=1 2>&1 | tee -a "$out/kernels.log" | grep -E "panicked|error|FAILED|test result|relative" | head -20
-    done ;;
+    done
+    # The attention's fused 8-bit output (off by default) is checked only when it is on.
+    echo "== cuda_backend (FFAI_CUDA_ATTN_Q8=1)"
+    FFAI_CUDA_ATTN_Q8=1 $B/cuda_backend --test-threads=1 paged_step_ops 2>&1 | tee -a "$out/kernels.log" | grep -E "panicked|FAILED|test result" | head -5 ;;
   synthq)
     # The 8B F16 file and ffai's own re-encodings of it (SYNTH_TYPES, default Q4_0 Q4_K).
     mkdir -p /tmp/lc /tmp/synth; [ -d /tmp/lc/llama.cpp/gguf-py ] || tar xJf .gpulc/llamacpp-src.tar.xz -C /tmp/lc llama.cpp/gguf-py

@@ -727,9 +727,10 @@ fn paged_step_ops_match_the_cpu_and_are_batch_invariant() {
             "attention of rows alone differs from the same rows in a batch"
         );
         // A decode product right after the attention (the o projection): where the
-        // attention wrote its output's 8-bit sets (attn_dec, FFAI_CUDA_ATTN_Q8=1) the
-        // product reads them; the same product over an uploaded copy quantizes afresh.
-        // Both must give the same bits.
+        // attention wrote its output's 8-bit sets (attn_dec, FFAI_CUDA_ATTN_Q8=1, which
+        // scripts/gpu-run.sh's kernel stages also run) the product reads them; the same
+        // product over an uploaded copy quantizes afresh. Both must give the same bits.
+        // (Without the switch both quantize afresh: then this checks nothing new.)
         let om = g.matrix(
             WeightType::Q4_0,
             64,

@@ -127,7 +127,6 @@ __device__ __forceinline__ unsigned int first_visible(unsigned int p, unsigned i
 // The parts' writes are made visible by a fence before the count; the folding block
 // reads them through L2 (__ldcg), never from a stale L1 line.
 __device__ __forceinline__ void combine_if_last(unsigned int n_heads, unsigned int head_dim, unsigned int max_spans,
-                                                unsigned int live_spans,
                                                 unsigned int h0, unsigned int gn, const float* part_o,
                                                 const float* part_ml, unsigned int* __restrict__ done,
                                                 const float* __restrict__ sinks, unsigned int has_sinks,
@@ -154,7 +153,7 @@ __device__ __forceinline__ void combine_if_last(unsigned int n_heads, unsigned i
         const unsigned int head = h0 + warp;
         const size_t base = base0 + (size_t)head * max_spans;
         float mx = -__int_as_float(0x7f800000);
-        for (unsigned int j = lane; j < live_spans; j += 32) {
+        for (unsigned int j = lane; j < max_spans; j += 32) {
             if (__ldcg(part_ml + (base + j) * 2 + 1) > 0.0f) {
                 mx = fmaxf(mx, __ldcg(part_ml + (base + j) * 2));
             }
@@ -169,7 +168,7 @@ __device__ __forceinline__ void combine_if_last(unsigned int n_heads, unsigned i
             mx = fmaxf(mx, sink);
         }
         float lt = 0.0f;
-        for (unsigned int j = lane; j < live_spans; j += 32) {
+        for (unsigned int j = lane; j < max_spans; j += 32) {
             const float lj = __ldcg(part_ml + (base + j) * 2 + 1);
             const float wj = lj > 0.0f ? expf(__ldcg(part_ml + (base + j) * 2) - mx) : 0.0f;
             lt += lj > 0.0f ? lj * wj : 0.0f;
@@ -196,7 +195,7 @@ __device__ __forceinline__ void combine_if_last(unsigned int n_heads, unsigned i
         const size_t base = base0 + (size_t)head * max_spans;
         float v = 0.0f;
 #pragma unroll 8
-        for (unsigned int j = 0; j < live_spans; j++) {
+        for (unsigned int j = 0; j < max_spans; j++) {
             float wj;
             if (j < FOLD_SPANS) {
                 wj = fold_w[h][j];
@@ -255,9 +254,7 @@ __device__ __forceinline__ void combine_if_last(unsigned int n_heads, unsigned i
 #define COMBINE_PARAMS \
     unsigned int *__restrict__ done, const float *__restrict__ sinks, unsigned int has_sinks, float *__restrict__ out
 #define COMBINE_ARGS done, sinks, has_sinks, out
-// LIVE: the fold reads the row's non-empty parts only (the same sums: empty parts add
-// nothing); off, all max_spans of them (attn_spans64 as run on the H100).
-template <unsigned int SPAN, unsigned int ATTN_LANES, bool COMBINE, int G = ATTN_GROUP, bool LIVE = false>
+template <unsigned int SPAN, unsigned int ATTN_LANES, bool COMBINE, int G = ATTN_GROUP>
 __device__ __forceinline__ void attn_part(ATTN_PARAMS, COMBINE_PARAMS) {
     __shared__ float qs[G][MAX_HD_PER_LANE * 32];
     __shared__ float sc[G][SPAN];
@@ -271,13 +268,11 @@ __device__ __forceinline__ void attn_part(ATTN_PARAMS, COMBINE_PARAMS) {
     const unsigned int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const unsigned int seq = row_seq[row];
     unsigned int lo = 0, hi = 0;  // positions [lo, hi) of this span
-    unsigned int live = LIVE ? 0 : max_spans;  // the parts the fold reads (see LIVE)
     SeqRows s;
     if (seq != NO_SLOT) {
         s = seqs[seq];
         unsigned int p = positions[row];
         unsigned int first = first_visible(p, window);
-        live = LIVE ? min(max_spans, p / SPAN - first / SPAN + 1) : max_spans;
         unsigned int k = first / SPAN + j;
         lo = max(first, k * SPAN);
         hi = min(p + 1, (k + 1) * SPAN);
@@ -310,7 +305,7 @@ __device__ __forceinline__ void attn_part(ATTN_PARAMS, COMBINE_PARAMS) {
             part_ml[(part0 + (size_t)tid * max_spans) * 2 + 1] = 0.0f;
         }
         if (COMBINE) {
-            combine_if_last(n_heads, head_dim, max_spans, live, h0, gn, part_o, part_ml, COMBINE_ARGS);
+            combine_if_last(n_heads, head_dim, max_spans, h0, gn, part_o, part_ml, COMBINE_ARGS);
         }
         return;
     }
@@ -459,7 +454,7 @@ __device__ __forceinline__ void attn_part(ATTN_PARAMS, COMBINE_PARAMS) {
             part_o[(part0 + (size_t)h * max_spans) * head_dim + d] = o;
         }
         if (COMBINE) {
-            combine_if_last(n_heads, head_dim, max_spans, live, h0, gn, part_o, part_ml, COMBINE_ARGS);
+            combine_if_last(n_heads, head_dim, max_spans, h0, gn, part_o, part_ml, COMBINE_ARGS);
         }
         return;
     }
@@ -473,7 +468,7 @@ __device__ __forceinline__ void attn_part(ATTN_PARAMS, COMBINE_PARAMS) {
         part_o[(part0 + (size_t)h * max_spans) * head_dim + d] = o;
     }
     if (COMBINE) {
-        combine_if_last(n_heads, head_dim, max_spans, live, h0, gn, part_o, part_ml, COMBINE_ARGS);
+        combine_if_last(n_heads, head_dim, max_spans, h0, gn, part_o, part_ml, COMBINE_ARGS);
     }
 }
 
@@ -492,21 +487,6 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_spans64(ATTN_PAR
     attn_part<64, 4, true>(ATTN_ARGS, COMBINE_ARGS);
 }
 
-// Not yet run on a GPU (session 12 ran out of device time): the backend takes these only
-// with FFAI_CUDA_ATTN32=1 until the attention tests and parity fixtures pass with them.
-// Parts of 32 positions, eight lanes a position (each lane two 16-byte pieces of a K row):
-// twice attn_spans64's blocks and half the work in each block's chain of phases, and the
-// fold over the row's live parts only. `_g4`: chunks of up to four query heads (GQA
-// groups of four, Llama 3's 32/8), so no loop runs over eight heads with half of them
-// idle.
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_spans32(ATTN_PARAMS, COMBINE_PARAMS) {
-    // PDL_ENTRY() in attn_part, after its metadata reads.
-    attn_part<32, 8, true, ATTN_GROUP, true>(ATTN_ARGS, COMBINE_ARGS);
-}
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_spans32_g4(ATTN_PARAMS, COMBINE_PARAMS) {
-    // PDL_ENTRY() in attn_part, after its metadata reads.
-    attn_part<32, 8, true, 4, true>(ATTN_ARGS, COMBINE_ARGS);
-}
 
 // ------------------------------------------------ decode-shaped attention (attn_dec_*)
 //

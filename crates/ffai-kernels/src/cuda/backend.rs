@@ -51,22 +51,19 @@ pub const MOE_GATHER_MAX_ROWS: usize = 64;
 const ATTN_THREADS: usize = 256;
 /// Threads of a `rope_kv_write_step` block (`ROPE_THREADS` in attention.cu).
 const ROPE_THREADS: u32 = 128;
-/// Positions per attention part of the `attn_spans32*` and `attn_dec_*` kernels.
+/// Positions per attention part (a warp's) of the `attn_dec_*` kernels.
 const ATTN_SPAN: usize = 32;
 /// Parts (warps) of an `attn_dec_*` block (`DEC_WARPS` in attention.cu).
 const DEC_WARPS: usize = 4;
 /// Query heads of one KV head an `attn_dec_*` block takes (`DEC_G` in attention.cu).
 const DEC_G: usize = 4;
 
-/// The attention kernel (`FFAI_CUDA_ATTN`: `dec`, the default, `64` or `32`).
+/// The attention kernel (`FFAI_CUDA_ATTN`: `dec`, the default, or `64`).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum AttnKernel {
     /// `attn_spans64`: 64-position parts, a block each (head sizes other than 64 / 128
     /// take it under `Dec` too).
     Spans64,
-    /// `attn_spans32*`: 32-position parts, a block each, the fold over live parts (never
-    /// run on a GPU: kept for A/B).
-    Spans32,
     /// `attn_dec_h64/h128`: a warp a 32-position part, four a block. Passed the attention
     /// test on an H100 (session 13) and took the 8B Q4_0 decode from 283 to 320 tok/s.
     Dec,
@@ -433,6 +430,8 @@ pub struct CudaBackend {
     older: bool,
     /// What the 8-bit activation scratch holds, when an op wrote it beside its output.
     prequant: Mutex<Option<PreQuant>>,
+    /// The host side of `top_candidates_rows`' copy back, kept between steps.
+    cand_host: Mutex<Vec<u32>>,
     /// The attention kernel of non-`older` steps (`FFAI_CUDA_ATTN`).
     attn: AttnKernel,
     /// Kernels not launched at all (`FFAI_CUDA_SKIP_KERNELS`, comma-separated names): a
@@ -541,6 +540,7 @@ impl CudaBackend {
                 xs256: DevMem::empty(),
             }),
             prequant: Mutex::new(None),
+            cand_host: Mutex::new(Vec::new()),
             moe_tables: Mutex::new(HashMap::new()),
             max_mat_elems: Mutex::new(0),
             generation: AtomicU64::new(0),
@@ -550,7 +550,6 @@ impl CudaBackend {
             profile: profile.then(|| Mutex::new(Vec::new())),
             older: std::env::var_os("FFAI_CUDA_OLDER_KERNELS").is_some_and(|v| v == "1"),
             attn: match std::env::var("FFAI_CUDA_ATTN").as_deref() {
-                Ok("32") => AttnKernel::Spans32,
                 Ok("64") => AttnKernel::Spans64,
                 _ => AttnKernel::Dec,
             },
@@ -685,32 +684,21 @@ impl CudaBackend {
             .into_iter()
             .find(|&cl| width.is_multiple_of(cl * 256) && width / cl <= NORM_CL_THREADS * 8)
             .filter(|_| self.norm_cl && n <= u16::MAX as usize);
-        if let Some(cl) = cluster {
-            self.launch_q8_producer_cluster(
+        // Both kernels take the same arguments.
+        let (kernel, grid, threads, cl) = match cluster {
+            Some(cl) => (
                 "norm_q8_cl",
                 (cl as u32, n as u32, 1),
                 NORM_CL_THREADS as u32,
                 cl as u32,
-                &[
-                    Arg::P(x),
-                    Arg::P(y),
-                    Arg::P(w.ptr),
-                    Arg::F(eps),
-                    Arg::U(width as u32),
-                    Arg::U((y != 0) as u32),
-                    Arg::P(out.ptr),
-                ],
-                out.ptr,
-                n * width,
-                width,
-                false,
-            );
-            return;
-        }
-        self.launch_q8_producer(
-            "norm_q8",
-            (n as u32, 1, 1),
-            norm_threads(width),
+            ),
+            None => ("norm_q8", (n as u32, 1, 1), norm_threads(width), 1),
+        };
+        self.launch_q8_producer_cluster(
+            kernel,
+            grid,
+            threads,
+            cl,
             &[
                 Arg::P(x),
                 Arg::P(y),
@@ -723,6 +711,7 @@ impl CudaBackend {
             out.ptr,
             n * width,
             width,
+            false,
         );
     }
 
@@ -1871,8 +1860,9 @@ impl Backend for CudaBackend {
             return;
         }
         let Some(mem) = sc.cands.mem.as_ref() else { return };
-        let mut host = vec![0u32; words];
-        if let Err(e) = self.stream.memcpy_dtoh(&mem.slice(..words), &mut host) {
+        let Ok(mut host) = self.cand_host.lock() else { return };
+        host.resize(words, 0);
+        if let Err(e) = self.stream.memcpy_dtoh(&mem.slice(..words), &mut host[..]) {
             self.fail(format!("copy from the GPU failed: {e}"));
             return;
         }
@@ -2398,13 +2388,7 @@ impl Backend for CudaBackend {
             self.write(&src.block_tables, &mut dst.tables);
             let w = src.window as usize;
             // Positions per attention part (`SPAN` of the kernel `attention_step` takes).
-            let span = if self.older {
-                256
-            } else if self.attn == AttnKernel::Spans32 {
-                ATTN_SPAN
-            } else {
-                64
-            };
+            let span = if self.older { 256 } else { 64 };
             // The most parts of `span` positions any row has: a power of two, so decode
             // steps share a recording over many positions (parts past a row's last one
             // are empty and cost one early exit).
@@ -2715,14 +2699,12 @@ impl Backend for CudaBackend {
             g.n_blocks as usize * bs * kvh * hd <= k.data.len && k.data.len == v.data.len,
             "KV pools smaller than the step's group"
         );
-        // attn_spans64 (as run on the H100); FFAI_CUDA_ATTN=32 the 32-position parts,
-        // attn_spans32_g4 for GQA groups of up to four heads, else chunks of eight;
-        // by default a warp a part (attn_dec_*, head_dim 64 / 128), the grid's z its blocks.
+        // By default a warp a part (attn_dec_*, head_dim 64 / 128), the grid's z its
+        // blocks; otherwise attn_spans64 (chunks of up to eight query heads).
         let dec = self.attn == AttnKernel::Dec && !self.older && (hd == 64 || hd == 128);
-        let (kernel, group) = match self.attn {
-            _ if dec => (if hd == 64 { "attn_dec_h64" } else { "attn_dec_h128" }, DEC_G),
-            AttnKernel::Spans32 if nh / kvh <= 4 => ("attn_spans32_g4", 4),
-            AttnKernel::Spans32 => ("attn_spans32", ATTN_GROUP),
+        let (kernel, group) = match (dec, hd) {
+            (true, 64) => ("attn_dec_h64", DEC_G),
+            (true, _) => ("attn_dec_h128", DEC_G),
             _ => ("attn_spans64", ATTN_GROUP),
         };
         let spans = if dec {

@@ -98,8 +98,6 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "rope_kv_write_step",
             "attn_spans",
             "attn_spans64",
-            "attn_spans32",
-            "attn_spans32_g4",
             "attn_dec_h128",
             "attn_dec_h64",
             "attn_combine",

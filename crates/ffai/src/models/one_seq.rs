@@ -179,35 +179,7 @@ pub(crate) fn forward<M: LanguageModel + ?Sized>(
     if !all_logits {
         return forward_last(m, tokens, state, StepOut::Logits(logits));
     }
-    let chunk = state.chunk;
-    let mut pos = state.pos;
-    let mut tap = std::mem::take(&mut state.tap);
-    let s = inner(state)?;
-    let mut result = Ok(());
-    for (ci, ids) in tokens.chunks(chunk).enumerate() {
-        let n = ids.len();
-        s.lay_out(pos, n);
-        // The LM head over every row.
-        s.logit_rows.clear();
-        s.logit_rows.extend(0..n as u32);
-        let dst = ci * chunk * vocab;
-        result = m.forward_batch(
-            ids,
-            &s.layout,
-            &s.logit_rows,
-            &mut s.batch,
-            &mut tap,
-            StepOut::Logits(&mut logits[dst..dst + n * vocab]),
-        );
-        if result.is_err() {
-            break;
-        }
-        pos += n;
-    }
-    state.tap = tap;
-    result?;
-    state.pos = pos;
-    Ok(())
+    run_chunks(m, tokens, state, Wanted::Every(logits))
 }
 
 /// Runs `tokens` as [`forward`] does and hands back the last token's row as `out` asks
@@ -222,27 +194,48 @@ pub(crate) fn forward_last<M: LanguageModel + ?Sized>(
         return Err(Error::new("forward called with no tokens"));
     }
     check_tokens(tokens, state, m.config().vocab_size)?;
+    run_chunks(m, tokens, state, Wanted::Last(Some(out)))
+}
+
+/// The rows whose logits a [`run_chunks`] wants.
+enum Wanted<'a> {
+    /// Every row's, into `[tokens][vocab]`.
+    Every(&'a mut [f32]),
+    /// The final row's only, as the `StepOut` asks (taken by the last chunk).
+    Last(Option<StepOut<'a>>),
+}
+
+/// The prompt in steps of `state.chunk` rows from `state.pos` (checked tokens), the LM head
+/// over the rows `want` names; `state.pos` advances only when every step succeeded.
+fn run_chunks<M: LanguageModel + ?Sized>(
+    m: &M,
+    tokens: &[u32],
+    state: &mut InferenceState,
+    mut want: Wanted<'_>,
+) -> Result<()> {
+    let vocab = m.config().vocab_size;
     let chunk = state.chunk;
     let mut pos = state.pos;
     let mut tap = std::mem::take(&mut state.tap);
     let s = inner(state)?;
     let mut result = Ok(());
-    let mut out = Some(out);
     let n_chunks = tokens.len().div_ceil(chunk);
     for (ci, ids) in tokens.chunks(chunk).enumerate() {
         let n = ids.len();
         s.lay_out(pos, n);
         s.logit_rows.clear();
-        // The LM head runs only for the final row; earlier chunks hand back nothing.
-        let step_out = match out.take() {
-            Some(o) if ci + 1 == n_chunks => {
+        let step_out = match &mut want {
+            Wanted::Every(logits) => {
+                s.logit_rows.extend(0..n as u32);
+                let dst = ci * chunk * vocab;
+                StepOut::Logits(&mut logits[dst..dst + n * vocab])
+            }
+            Wanted::Last(out) if ci + 1 == n_chunks => {
                 s.logit_rows.push(n as u32 - 1);
-                o
+                out.take().unwrap_or(StepOut::Logits(&mut []))
             }
-            o => {
-                out = o;
-                StepOut::Logits(&mut [])
-            }
+            // Earlier chunks hand back nothing.
+            Wanted::Last(_) => StepOut::Logits(&mut []),
         };
         result = m.forward_batch(ids, &s.layout, &s.logit_rows, &mut s.batch, &mut tap, step_out);
         if result.is_err() {
