@@ -36,9 +36,15 @@ B=.gpu/bin
 out=${OUT:-/tmp}
 # Waits (at most 10 minutes) for the background llama.cpp build that lcbuild/lcstart
 # began; fails at once when none was started.
+# A build left by an earlier call is dead (the machine ends a call's background jobs):
+# the build's pid file tells, and then it fails at once rather than wait out the limit.
 lc_wait() {
   [ -f /tmp/lc-build.log ] || { echo "no llama.cpp build started (run lcstart first)" >&2; return 1; }
-  for _ in $(seq 300); do grep -q '^done' /tmp/lc-build.log && return 0; sleep 2; done
+  for _ in $(seq 300); do
+    grep -q '^done' /tmp/lc-build.log && return 0
+    kill -0 "$(cat /tmp/lc-build.pid 2>/dev/null)" 2>/dev/null || { grep -q '^done' /tmp/lc-build.log && return 0; echo "the llama.cpp build is not running (started by an earlier call?): run lcstart in this call" >&2; return 1; }
+    sleep 2
+  done
   echo "llama.cpp build not done after 10 minutes" >&2; return 1
 }
 for stage in "$@"; do
@@ -62,12 +68,14 @@ for stage in "$@"; do
   lcbuild)
     mkdir -p /tmp/lc /tmp/synth; [ -d /tmp/lc/llama.cpp ] || tar xJf .gpulc/llamacpp-src.tar.xz -C /tmp/lc
     (bash .gpulc/gpu-llamacpp.sh build > /tmp/lc-build.log 2>&1; echo done >> /tmp/lc-build.log) &
+    echo $! > /tmp/lc-build.pid
     [ -s /tmp/synth/f16.gguf ] || python3 .gpulc/synth_gguf.py /tmp/lc/llama.cpp/gguf-py /tmp/synth/f16.gguf
     ls -la /tmp/synth ;;
   lcstart)
     # llama.cpp's CUDA build only, in the background (lcwait or ncu waits for it).
     mkdir -p /tmp/lc; [ -d /tmp/lc/llama.cpp ] || tar xJf .gpulc/llamacpp-src.tar.xz -C /tmp/lc
-    (bash .gpulc/gpu-llamacpp.sh build > /tmp/lc-build.log 2>&1; echo done >> /tmp/lc-build.log) & ;;
+    (bash .gpulc/gpu-llamacpp.sh build > /tmp/lc-build.log 2>&1; echo done >> /tmp/lc-build.log) &
+    echo $! > /tmp/lc-build.pid ;;
   lcwait)
     lc_wait || exit 1; tail -3 /tmp/lc-build.log
     for t in ${LCQ_TYPES:-Q4_K_M Q8_0 Q4_0}; do

@@ -531,7 +531,8 @@ fn run_all(
 
 /// `ffai bench --sequences N`: N sequences of `prompt_tokens` (distinct random tokens, so
 /// no prefix is shared), prefilled and then decoded `gen_tokens` each, all at once.
-/// Returns (prefill tok/s, aggregate decode tok/s, decode steps) of one run; with
+/// Returns (prefill tok/s, aggregate decode tok/s, decode steps, seconds of the decode
+/// phase in the model's forward calls, the decode phase's seconds) of one run; with
 /// `--profile`, the device's op profile then covers the decode phase only.
 pub fn bench_sequences(
     model: &Model,
@@ -540,7 +541,7 @@ pub fn bench_sequences(
     prompt_tokens: usize,
     gen_tokens: usize,
     seed: u64,
-) -> Result<(f64, f64, u64)> {
+) -> Result<(f64, f64, u64, f64, f64)> {
     let bs = ffai::models::one_seq::DEFAULT_BLOCK_SIZE;
     let len = prompt_tokens + gen_tokens + 1;
     let mut args = engine.clone();
@@ -583,6 +584,7 @@ pub fn bench_sequences(
     let mut t_prefill = 0.0;
     let mut decoded_after = 0usize;
     let mut steps_at_prefill = 0;
+    let mut forward_at_prefill = 0.0;
     while n_done < n {
         if sched.step()? == 0 && sched.is_idle() {
             break;
@@ -605,11 +607,18 @@ pub fn bench_sequences(
         if !decoding && n_first == n {
             t_prefill = t0.elapsed().as_secs_f64();
             steps_at_prefill = sched.stats.steps;
+            forward_at_prefill = sched.stats.forward_secs;
             let _ = model.device.take_profile();
         }
     }
     let total = t0.elapsed().as_secs_f64();
     let pp = (n * prompt_tokens) as f64 / t_prefill.max(1e-9);
     let tg = decoded_after as f64 / (total - t_prefill).max(1e-9);
-    Ok((pp, tg, sched.stats.steps - steps_at_prefill))
+    Ok((
+        pp,
+        tg,
+        sched.stats.steps - steps_at_prefill,
+        sched.stats.forward_secs - forward_at_prefill,
+        total - t_prefill,
+    ))
 }

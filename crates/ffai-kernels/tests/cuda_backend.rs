@@ -396,9 +396,15 @@ fn products_match_the_cpu_for_every_weight_type() {
     let mut failed = Vec::new();
     for ty in types() {
         // Every type at one shape; the decode kernels of q8x.cu also at a wider one whose
-        // rows span several passes of a warp (11 K-quant super-blocks, 88 legacy blocks).
+        // rows span several passes of a warp (11 K-quant super-blocks, 88 legacy blocks),
+        // and at 480 columns (15 legacy blocks): Q4_0 / Q8_0 rows of whole 256-element
+        // runs are uploaded in the split row layout, these stay as stored.
         let fast = gpu_q8(ty) || matches!(ty, WeightType::F16 | WeightType::BF16);
-        let shapes: &[(usize, usize)] = if fast { &[(96, 512), (40, 2816)] } else { &[(96, 512)] };
+        let shapes: &[(usize, usize)] = if fast {
+            &[(96, 512), (40, 2816), (24, 480)]
+        } else {
+            &[(96, 512)]
+        };
         for &(rows, cols) in shapes {
             let Some(bytes) = random_matrix(ty, rows, cols, &mut rng) else {
                 continue;

@@ -28,7 +28,11 @@ fn quant_kernels_compile_for_sm90() {
     let ptx = cuda::compile("quant.cu", cq::QUANT_SOURCE, "sm_90").unwrap_or_else(|e| panic!("{e}"));
     assert!(ptx.contains(".target sm_90"), "{}", &ptx[..ptx.len().min(400)]);
     let names = cq::kernel_names();
-    assert_eq!(names.len(), 5 * (17 + 18), "five kernels per type");
+    assert_eq!(
+        names.len(),
+        5 * (17 + 18 + cq::SPLIT_TYPES.len()),
+        "five kernels per type and per split layout"
+    );
     for k in &names {
         assert!(ptx.contains(&format!(".entry {k}(")), "no kernel {k} in the PTX");
     }
@@ -183,6 +187,50 @@ fn dequantize(ty: WeightType, w: &[u8], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
+/// The split row layout: each row's levels in block order, then its scales in block
+/// order, the same bytes rearranged; the threaded split equals the one-thread split; no
+/// split for other types or widths that are not whole 256-element runs.
+#[test]
+fn split_rows_rearranges_each_row() {
+    let mut rng = Rng(0x5B11_7000);
+    for ty in cq::SPLIT_TYPES {
+        let levels = cq::split_levels(ty, 512).expect("512 columns split");
+        let block = ty.row_bytes(32).unwrap();
+        assert_eq!(block, levels + 2);
+        for (rows, cols) in [(1, 256), (3, 512), (2500, 1280)] {
+            let w = random_matrix(&mut rng, ty, rows, cols);
+            let out = cq::split_rows(ty, cols, &w, 1).unwrap();
+            assert_eq!(out.len(), w.len());
+            let (rb, nb) = (ty.row_bytes(cols).unwrap(), cols / 32);
+            assert_eq!(rb % 16, 0, "{ty} {cols}: rows stay 16-byte multiples");
+            for r in 0..rows {
+                let (src, dst) = (&w[r * rb..(r + 1) * rb], &out[r * rb..(r + 1) * rb]);
+                for b in 0..nb {
+                    let blk = &src[b * block..(b + 1) * block];
+                    assert_eq!(
+                        &dst[b * levels..(b + 1) * levels],
+                        &blk[2..],
+                        "{ty} row {r} block {b} levels"
+                    );
+                    assert_eq!(
+                        &dst[nb * levels + 2 * b..nb * levels + 2 * b + 2],
+                        &blk[..2],
+                        "{ty} row {r} block {b} scale"
+                    );
+                }
+            }
+            assert_eq!(
+                cq::split_rows(ty, cols, &w, 7).unwrap(),
+                out,
+                "{ty} {rows}x{cols}: threads"
+            );
+        }
+        assert!(cq::split_levels(ty, 96).is_none() && cq::split_levels(ty, 0).is_none());
+        assert!(cq::split_rows(ty, 96, &random_matrix(&mut rng, ty, 2, 96), 1).is_none());
+    }
+    assert!(cq::split_levels(WeightType::Q4K, 256).is_none() && cq::split_levels(WeightType::Q4_1, 256).is_none());
+}
+
 // ------------------------------------------------------------------ GPU
 
 /// A context on GPU 0, or None (printed) when there is none and none is required.
@@ -273,19 +321,30 @@ fn quant_kernels_match_the_cpu_reference() {
     let s = ctx.default_stream();
     let mut rng = Rng(0x5EED_CAFE);
     let nmax = cq::MATVEC_MAX_N;
-    for ty in cq::kernel_types() {
-        let tag = cq::kernel_tag(ty);
+    // Every type as stored, then the split row layouts of the device copies (the same
+    // values expected, from the stored rows).
+    let variants = cq::kernel_types()
+        .into_iter()
+        .map(|ty| (ty, false))
+        .chain(cq::SPLIT_TYPES.iter().map(|&ty| (ty, true)));
+    for (ty, split) in variants {
+        let tag = if split { cq::split_tag(ty) } else { cq::kernel_tag(ty) };
         let f_mv = function(&m, &format!("matvec_{tag}"));
         let f_dq = function(&m, &format!("dequant_bf16_{tag}"));
         let f_em = function(&m, &format!("embed_{tag}"));
         for (si, (rows, cols)) in shapes(ty).into_iter().enumerate() {
-            let ctxs = format!("{ty} {rows}x{cols}");
+            let ctxs = format!("{tag} {rows}x{cols}");
             let rb = ty.row_bytes(cols).unwrap();
             let w = random_matrix(&mut rng, ty, rows, cols);
             let want = dequantize(ty, &w, rows, cols);
-            let off = weight_offset(si);
+            // The split layout's rows are 16-byte aligned (its 16-byte loads need it).
+            let off = if split { 0 } else { weight_offset(si) };
             let mut padded = vec![0xA5u8; off];
-            padded.extend_from_slice(&w);
+            if split {
+                padded.extend(cq::split_rows(ty, cols, &w, 2).expect("a split layout for this width"));
+            } else {
+                padded.extend_from_slice(&w);
+            }
             let dw_buf = s.clone_htod(&padded).expect("upload");
             let dw = dw_buf.slice(off..);
             let (r32, c32, rb64) = (rows as u32, cols as u32, rb as u64);

@@ -82,18 +82,28 @@ pub const MMQ_DEFAULT_MAX_ROWS: usize = 64;
 /// q8x.cu's tensor-core products: tokens and weight rows a block covers, its threads.
 const MMQ_TOK: usize = 64;
 const MMQ_ROWS: usize = 32;
+/// Weight rows of a staged tensor-core product's block (q8x.cu `MMQS_ROWS`; its tokens
+/// are [`MMQ_TOK`] too).
+const MMQS_ROWS: usize = 64;
 const MMQ_THREADS: u32 = 256;
 
 /// A weight type's tensor-core product (q8x.cu `mmq_*`) and the block length its
 /// activations are quantized in (`quantize_q8x32` / `quantize_q8x256`).
-fn mmq_kernel(ty: WeightType) -> Option<(&'static str, usize)> {
+/// and the weight rows one of its blocks takes. `split`: the matrix's device copy has the
+/// split row layout (`quant::split_rows`), whose products stage both operands through
+/// shared memory (`mmqs_*`) unless `staged` is off (`FFAI_CUDA_MMQ_STAGED=0`).
+fn mmq_kernel(ty: WeightType, split: bool, staged: bool) -> Option<(&'static str, usize, usize)> {
     Some(match ty {
-        WeightType::Q4_0 => ("mmq_q4_0", 32),
-        WeightType::Q4_1 => ("mmq_q4_1", 32),
-        WeightType::Q5_0 => ("mmq_q5_0", 32),
-        WeightType::Q5_1 => ("mmq_q5_1", 32),
-        WeightType::Q8_0 => ("mmq_q8_0", 32),
-        WeightType::Q4K => ("mmq_q4_k", 256),
+        WeightType::Q4_0 if split && staged => ("mmqs_q4_0s", 32, MMQS_ROWS),
+        WeightType::Q8_0 if split && staged => ("mmqs_q8_0s", 32, MMQS_ROWS),
+        WeightType::Q4_0 if split => ("mmq_q4_0s", 32, MMQ_ROWS),
+        WeightType::Q8_0 if split => ("mmq_q8_0s", 32, MMQ_ROWS),
+        WeightType::Q4_0 => ("mmq_q4_0", 32, MMQ_ROWS),
+        WeightType::Q4_1 => ("mmq_q4_1", 32, MMQ_ROWS),
+        WeightType::Q5_0 => ("mmq_q5_0", 32, MMQ_ROWS),
+        WeightType::Q5_1 => ("mmq_q5_1", 32, MMQ_ROWS),
+        WeightType::Q8_0 => ("mmq_q8_0", 32, MMQ_ROWS),
+        WeightType::Q4K => ("mmq_q4_k", 256, MMQ_ROWS),
         _ => return None,
     })
 }
@@ -144,6 +154,9 @@ pub struct CudaMat {
     kernels: MatKernels,
     /// The decode product kernel of q8x.cu, where the type has one.
     fast: Option<Fast>,
+    /// The device copy holds each row's levels and then its scales
+    /// (`quant::split_rows`): Q4_0 / Q8_0 rows of whole 256-element runs.
+    split: bool,
 }
 
 /// The q8x.cu decode kernels a matrix uses for fewer than [`GEMM_MIN_ROWS`] rows.
@@ -196,7 +209,7 @@ impl Fast {
     /// CPU in session 7, the other types in session 10 (every product test passed); with
     /// `older` (`FFAI_CUDA_OLDER_KERNELS=1`, for A/B timing) only the first three take them
     /// and the others `quant.cu`'s f32-activation kernels.
-    fn for_matrix(ty: WeightType, cols: usize, older: bool) -> Option<Fast> {
+    fn for_matrix(ty: WeightType, cols: usize, older: bool, split: bool) -> Option<Fast> {
         let q8 = |kernel, kernel1, k: bool| {
             let (quantizer, block) = if k {
                 ("quantize_q8x256", 256)
@@ -211,6 +224,8 @@ impl Fast {
             })
         };
         match ty {
+            WeightType::Q4_0 if split => q8("mv_q8x_q4_0s", "mv_q8x_q4_0s_n1", false),
+            WeightType::Q8_0 if split => q8("mv_q8x_q8_0s", "mv_q8x_q8_0s_n1", false),
             WeightType::Q4_0 => q8("mv_q8x_q4_0", "mv_q8x_q4_0_n1", false),
             _ if older && !matches!(ty, WeightType::F16 | WeightType::BF16) => None,
             WeightType::Q4_1 => q8("mv_q8x_q4_1", "mv_q8x_q4_1_n1", false),
@@ -236,8 +251,12 @@ struct MatKernels {
 }
 
 impl MatKernels {
-    fn new(ty: WeightType) -> MatKernels {
-        let tag = quant::kernel_tag(ty);
+    fn new(ty: WeightType, split: bool) -> MatKernels {
+        let tag = if split {
+            quant::split_tag(ty)
+        } else {
+            quant::kernel_tag(ty)
+        };
         MatKernels {
             matvec4: format!("matvec4_{tag}"),
             matvec: format!("matvec_{tag}"),
@@ -458,6 +477,15 @@ pub struct CudaBackend {
     /// Launch kernels with programmatic dependent launch (compute capability 9.0 and up;
     /// `FFAI_CUDA_PDL=0` turns it off): see `launch_pdl` and prelude.cuh.
     pdl: bool,
+    /// Q4_0 / Q8_0 matrices whose rows are whole 256-element runs are uploaded in the split
+    /// row layout (`quant::split_rows`: a row's levels, then its scales), which the decode
+    /// products read with aligned 16-byte loads; every kernel that reads such a matrix
+    /// has a split variant (`*_q4_0s`, `*_q8_0s`) giving the same bits.
+    /// `FFAI_CUDA_SPLIT=0` (or the older kernels) keeps the stored layout.
+    split: bool,
+    /// The split layouts' tensor-core products stage both operands through shared memory
+    /// (`mmqs_*`; `FFAI_CUDA_MMQ_STAGED=0` takes the unstaged `mmq_*s`).
+    mmq_staged: bool,
 }
 
 fn grid1(n: usize, block: usize) -> (u32, u32, u32) {
@@ -570,6 +598,9 @@ impl CudaBackend {
                     .unwrap_or(MMQ_DEFAULT_MAX_ROWS)
             },
             pdl: major >= 9 && std::env::var_os("FFAI_CUDA_PDL").is_none_or(|v| v != "0"),
+            split: std::env::var_os("FFAI_CUDA_SPLIT").is_none_or(|v| v != "0")
+                && std::env::var_os("FFAI_CUDA_OLDER_KERNELS").is_none_or(|v| v != "1"),
+            mmq_staged: std::env::var_os("FFAI_CUDA_MMQ_STAGED").is_none_or(|v| v != "0"),
         })
     }
 
@@ -1065,7 +1096,8 @@ impl CudaBackend {
             return parts.to_vec();
         }
         let (mine, rest): (Vec<_>, Vec<_>) = parts.iter().partition(|(w, _)| {
-            mmq_kernel(w.ty).is_some_and(|(_, block)| w.cols.is_multiple_of(block) && w.cols == parts[0].0.cols)
+            mmq_kernel(w.ty, w.split, self.mmq_staged)
+                .is_some_and(|(_, block, _)| w.cols.is_multiple_of(block) && w.cols == parts[0].0.cols)
         });
         if mine.is_empty() {
             return rest;
@@ -1079,7 +1111,7 @@ impl CudaBackend {
         for block in [32usize, 256] {
             if !mine
                 .iter()
-                .any(|(w, _)| mmq_kernel(w.ty).is_some_and(|(_, b)| b == block))
+                .any(|(w, _)| mmq_kernel(w.ty, w.split, self.mmq_staged).is_some_and(|(_, b, _)| b == block))
             {
                 continue;
             }
@@ -1087,13 +1119,15 @@ impl CudaBackend {
                 return Vec::new();
             };
             for (w, out) in &mine {
-                let Some((kernel, b)) = mmq_kernel(w.ty) else { continue };
+                let Some((kernel, b, rows_per_block)) = mmq_kernel(w.ty, w.split, self.mmq_staged) else {
+                    continue;
+                };
                 if b != block {
                     continue;
                 }
                 self.launch(
                     kernel,
-                    (n.div_ceil(MMQ_TOK) as u32, w.rows.div_ceil(MMQ_ROWS) as u32, 1),
+                    (n.div_ceil(MMQ_TOK) as u32, w.rows.div_ceil(rows_per_block) as u32, 1),
                     MMQ_THREADS,
                     &[
                         Arg::P(w.data.ptr),
@@ -1511,14 +1545,21 @@ impl Backend for CudaBackend {
         if let Ok(mut m) = self.max_mat_elems.lock() {
             *m = (*m).max(rows * cols);
         }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let split = if self.split {
+            quant::split_rows(ty, cols, data.as_slice(), threads)
+        } else {
+            None
+        };
         CudaMat {
-            data: self.dev_upload(data.as_slice()),
+            data: self.dev_upload(split.as_deref().unwrap_or(data.as_slice())),
             ty,
             rows,
             cols,
             row_bytes,
-            kernels: MatKernels::new(ty),
-            fast: Fast::for_matrix(ty, cols, self.older),
+            kernels: MatKernels::new(ty, split.is_some()),
+            fast: Fast::for_matrix(ty, cols, self.older, split.is_some()),
+            split: split.is_some(),
         }
     }
 

@@ -634,6 +634,108 @@ __device__ __forceinline__ void mv_legacy(const u8* __restrict__ w, u64 row_byte
     }
 }
 
+// The split row layout (`quant::split_rows`, the device copy of Q4_0 and Q8_0 matrices
+// whose rows are whole multiples of 256 elements): a row of nb blocks holds the blocks'
+// levels first (16 bytes a Q4_0 block, 32 a Q8_0 block, in the stored order) and then the
+// nb f16 scales, so the row keeps its length and alignment (nb % 8 == 0 makes it a
+// multiple of 16 bytes) and a warp's levels for 32 consecutive blocks are one contiguous
+// 512 (1024) bytes read as 16-byte loads, its scales 64 contiguous bytes. Decoded into
+// exactly the values of `legacy_decode` (same levels, same scale), so the products give the
+// stored layout's bits.
+template <int K>
+struct Split {
+    static constexpr int QB = K == K_Q4_0 ? 16 : 32;
+    static constexpr int NV = QB / 16;
+};
+
+template <int K>
+__device__ __forceinline__ void split_load(const u8* row, u32 nb, u32 b, uint4 (&lv)[Split<K>::NV], u32& dbits) {
+    const uint4* p = (const uint4*)(row + (u64)b * Split<K>::QB);
+#pragma unroll
+    for (int i = 0; i < Split<K>::NV; ++i) {
+        lv[i] = __ldg(p + i);
+    }
+    dbits = (u32)__ldg((const unsigned short*)(row + (u64)nb * Split<K>::QB) + b);
+}
+
+template <int K>
+__device__ __forceinline__ void split_decode(const uint4 (&lv)[Split<K>::NV], int (&q)[8]) {
+    if (K == K_Q8_0) {
+        q[0] = (int)lv[0].x; q[1] = (int)lv[0].y; q[2] = (int)lv[0].z; q[3] = (int)lv[0].w;
+        q[4] = (int)lv[Split<K>::NV - 1].x; q[5] = (int)lv[Split<K>::NV - 1].y;
+        q[6] = (int)lv[Split<K>::NV - 1].z; q[7] = (int)lv[Split<K>::NV - 1].w;
+        return;
+    }
+    const u32 w[4] = {lv[0].x, lv[0].y, lv[0].z, lv[0].w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        q[i] = minus8(w[i] & 0x0F0F0F0Fu);
+        q[4 + i] = minus8((w[i] >> 4) & 0x0F0F0F0Fu);
+    }
+}
+
+// mv_legacy's arithmetic on the split layout: lane L takes blocks L, L + 32, ... in order
+// (four loaded before any is used), per block (d_w * d_x) * isum, so the bits are
+// mv_legacy<K>'s.
+template <int K, int MAXN>
+__device__ __forceinline__ void mv_split(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq,
+                                         const float* __restrict__ xd, const int* __restrict__,
+                                         float* __restrict__ y, u32 rows, u32 r, u32 cols, u32 n) {
+    constexpr int U = 4;
+    const u32 lane = threadIdx.x & 31;
+    const u32 nb = cols / 32;
+    const u8* row = w + (u64)r * row_bytes;
+    float acc[MAXN];
+#pragma unroll
+    for (int t = 0; t < MAXN; ++t) {
+        acc[t] = 0.0f;
+    }
+    for (u32 b0 = lane; b0 < nb; b0 += 32 * U) {
+        uint4 lv[U][Split<K>::NV];
+        u32 db[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const u32 b = b0 + 32 * u;
+            if (b < nb) {
+                split_load<K>(row, nb, b, lv[u], db[u]);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const u32 b = b0 + 32 * u;
+            if (b >= nb) {
+                break;
+            }
+            int q[8];
+            split_decode<K>(lv[u], q);
+            const float dw = f16_bits(db[u]);
+#pragma unroll
+            for (int t = 0; t < MAXN; ++t) {
+                if ((u32)t < n) {
+                    int a[8];
+                    act32(xq, cols, t, b, a);
+                    int s = 0;
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) {
+                        s = dp4a(q[i], a[i], s);
+                    }
+                    const float dx = __ldg(xd + (u64)t * nb + b);
+                    acc[t] += (dw * dx) * (float)s;
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < MAXN; ++t) {
+        if ((u32)t < n) {
+            const float s = warp_sum(acc[t]);
+            if (lane == 0) {
+                y[(u64)t * rows + r] = s;
+            }
+        }
+    }
+}
+
 // A decode product's entry: the warp's weight row (its first 4 KB: a line a lane) is
 // asked into L2 *before* the kernel waits for its predecessor (PDL_ENTRY). Weights never
 // change during a step, so reading them early is safe, and the predecessors of the
@@ -684,6 +786,10 @@ Q8X_KERNEL(mv_q8x_q5_0, mv_legacy, K_Q5_0)
 Q8X_KERNEL(mv_q8x_q5_1, mv_legacy, K_Q5_1)
 
 Q8X_KERNEL(mv_q8x_q8_0, mv_legacy, K_Q8_0)
+
+Q8X_KERNEL(mv_q8x_q4_0s, mv_split, K_Q4_0)
+
+Q8X_KERNEL(mv_q8x_q8_0s, mv_split, K_Q8_0)
 
 
 // Byte j (0..7) of the pair (lo, hi).
@@ -1049,7 +1155,22 @@ __device__ __forceinline__ void mmq_zero(float (&acc)[8][4]) {
     }
 }
 
+// legacy_frag on the split layout (see `Split`): the same levels and scale.
 template <int K>
+__device__ __forceinline__ void split_frag(const u8* row, u32 nb, u32 b, u32 c, int& lo, int& hi, float& d) {
+    const u8* lv = row + (u64)b * Split<K>::QB;
+    d = f16_bits((u32)__ldg((const unsigned short*)(row + (u64)nb * Split<K>::QB) + b));
+    const u32 q = __ldg((const u32*)(lv + 4 * c));
+    if (K == K_Q8_0) {
+        lo = (int)q;
+        hi = (int)__ldg((const u32*)(lv + 16 + 4 * c));
+        return;
+    }
+    lo = minus8(q & 0x0F0F0F0Fu);
+    hi = minus8((q >> 4) & 0x0F0F0F0Fu);
+}
+
+template <int K, bool SPLIT = false>
 __device__ __forceinline__ void mmq_legacy(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq,
                                            const float* __restrict__ xd, const int* __restrict__ xs,
                                            float* __restrict__ y, u32 rows, u32 cols, u32 n) {
@@ -1065,8 +1186,14 @@ __device__ __forceinline__ void mmq_legacy(const u8* __restrict__ w, u64 row_byt
     for (u32 b = ks; b < nb; b += MMQ_KSPLIT) {
         int a0, a1, a2, a3;
         float d0, m0, d1, m1;
-        legacy_frag<K>(w0 + (u64)b * BYTES, c, a0, a2, d0, m0);
-        legacy_frag<K>(w1 + (u64)b * BYTES, c, a1, a3, d1, m1);
+        if (SPLIT) {
+            split_frag<K>(w0, nb, b, c, a0, a2, d0);
+            split_frag<K>(w1, nb, b, c, a1, a3, d1);
+            m0 = m1 = 0.0f;
+        } else {
+            legacy_frag<K>(w0 + (u64)b * BYTES, c, a0, a2, d0, m0);
+            legacy_frag<K>(w1 + (u64)b * BYTES, c, a1, a3, d1, m1);
+        }
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             int b0, b1;
@@ -1191,6 +1318,162 @@ __device__ __forceinline__ void mmq_q4k(const u8* __restrict__ w, u64 row_bytes,
     mmq_store(acc, y, rows, n, t0, m.r0);
 }
 
+// ------------------------------------------------- staged tensor-core products (split)
+//
+// The int8 tensor-core product for the split layouts (Q4_0 / Q8_0 rows of whole 256-element
+// runs, see `Split`), with both operands staged through shared memory: a block of 8 warps
+// takes 64 weight rows by 64 tokens, and steps through k 128 elements (four 32-element
+// blocks) at a time. Each step's weight levels (Q4_0 nibbles widened to signed bytes, less
+// the zero point 8) and scales, and the activations' levels and scales, are loaded once
+// into shared memory by the whole block (16-byte loads; the next step's are in flight
+// while the current one is multiplied), so a weight byte is read from memory once per 64
+// tokens and an activation once per 64 rows. Warp w takes rows 16 (w % 4) .. + 16 and
+// tokens 32 (w / 4) .. + 32: four m16n8k32 products a 32-element block. Per (row, token)
+// the blocks' (d_w * d_x) * isum are added in block order, as the CPU's q8 dot adds them.
+// Launch: grid (ceil(n / 64), ceil(rows / 64)), 256 threads; cols % 128 == 0.
+#define MMQS_ROWS 64
+#define MMQS_TOK 64
+#define MMQS_KB 4
+// Shared rows of 128 levels padded to 144 bytes: the fragments' 4-byte reads of 8 rows x 4
+// lanes then fall in 32 different banks.
+#define MMQS_STRIDE 144
+
+template <int K>
+__device__ __forceinline__ void mmq_staged(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq,
+                                           const float* __restrict__ xd, float* __restrict__ y, u32 rows, u32 cols,
+                                           u32 n) {
+    constexpr int QB = Split<K>::QB;
+    // Weight 16-byte pieces a step: 64 rows x 4 blocks x QB / 16.
+    constexpr int AP = MMQS_ROWS * MMQS_KB * QB / 16;
+    constexpr int AT = AP / 256;
+    __shared__ __align__(16) signed char sa[MMQS_ROWS * MMQS_STRIDE];
+    __shared__ __align__(16) signed char sb[MMQS_TOK * MMQS_STRIDE];
+    __shared__ float sda[MMQS_ROWS * MMQS_KB];
+    __shared__ float sdb[MMQS_TOK * MMQS_KB];
+    const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const u32 g = lane >> 2, c = lane & 3;
+    const u32 r0 = blockIdx.y * MMQS_ROWS, t0 = blockIdx.x * MMQS_TOK;
+    const u32 nb = cols / 32, steps = cols / (32 * MMQS_KB);
+    // This thread's loads: weight pieces (row, block, half), the scales of row tid / 4's
+    // block tid % 4, activation pieces (token, piece) and the scale of token tid / 4's
+    // block tid % 4.
+    const u8* arow[AT];
+    u32 aoff[AT];
+#pragma unroll
+    for (int i = 0; i < AT; ++i) {
+        const u32 idx = tid + 256 * i;
+        const u32 per_row = MMQS_KB * QB / 16;
+        const u32 row = idx / per_row, piece = idx % per_row;
+        arow[i] = w + (u64)min(r0 + row, rows - 1) * row_bytes;
+        aoff[i] = piece * 16;  // within the step's QB * MMQS_KB bytes of the row
+    }
+    const u32 srow = tid / MMQS_KB, sblk = tid % MMQS_KB;
+    const unsigned short* ascale = (const unsigned short*)(w + (u64)min(r0 + srow, rows - 1) * row_bytes + (u64)nb * QB);
+    const u32 btok = tid / 8, bpiece = tid % 8;  // and btok + 32
+    const bool blive0 = t0 + btok < n, blive1 = t0 + btok + 32 < n;
+    const signed char* bsrc0 = xq + (u64)(t0 + btok) * cols + bpiece * 16;
+    const signed char* bsrc1 = xq + (u64)(t0 + btok + 32) * cols + bpiece * 16;
+    const bool slive = t0 + srow < n;
+    const float* dsrc = xd + (u64)(t0 + srow) * nb + sblk;
+
+    uint4 ra[AT], rb0, rb1;
+    u32 rsa;
+    float rsb;
+    PDL_ENTRY();
+    auto load = [&](u32 st) {
+#pragma unroll
+        for (int i = 0; i < AT; ++i) {
+            ra[i] = __ldg((const uint4*)(arow[i] + (u64)st * MMQS_KB * QB + aoff[i]));
+        }
+        rsa = (u32)__ldg(ascale + st * MMQS_KB + sblk);
+        const uint4 z = make_uint4(0, 0, 0, 0);
+        rb0 = blive0 ? __ldg((const uint4*)(bsrc0 + (u64)st * 32 * MMQS_KB)) : z;
+        rb1 = blive1 ? __ldg((const uint4*)(bsrc1 + (u64)st * 32 * MMQS_KB)) : z;
+        rsb = slive ? __ldg(dsrc + st * MMQS_KB) : 0.0f;
+    };
+    float acc[4][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            acc[j][e] = 0.0f;
+        }
+    }
+    const u32 wr = (warp & 3) * 16 + g, wt = (warp >> 2) * 32;
+    load(0);
+    for (u32 st = 0; st < steps; ++st) {
+        __syncthreads();  // the previous step's reads of shared memory are done
+#pragma unroll
+        for (int i = 0; i < AT; ++i) {
+            const u32 idx = tid + 256 * i;
+            const u32 per_row = MMQS_KB * QB / 16;
+            const u32 row = idx / per_row, piece = idx % per_row;
+            if (K == K_Q8_0) {
+                *(uint4*)(sa + row * MMQS_STRIDE + piece * 16) = ra[i];
+            } else {
+                // A Q4_0 block's 16 level bytes: elements j (low nibbles) and 16 + j.
+                const uint4 v = ra[i];
+                const uint4 lo = make_uint4(minus8(v.x & 0x0F0F0F0Fu), minus8(v.y & 0x0F0F0F0Fu),
+                                            minus8(v.z & 0x0F0F0F0Fu), minus8(v.w & 0x0F0F0F0Fu));
+                const uint4 hi = make_uint4(minus8((v.x >> 4) & 0x0F0F0F0Fu), minus8((v.y >> 4) & 0x0F0F0F0Fu),
+                                            minus8((v.z >> 4) & 0x0F0F0F0Fu), minus8((v.w >> 4) & 0x0F0F0F0Fu));
+                signed char* d = sa + row * MMQS_STRIDE + piece * 32;
+                *(uint4*)d = lo;
+                *(uint4*)(d + 16) = hi;
+            }
+        }
+        sda[tid] = f16_bits(rsa);
+        *(uint4*)(sb + btok * MMQS_STRIDE + bpiece * 16) = rb0;
+        *(uint4*)(sb + (btok + 32) * MMQS_STRIDE + bpiece * 16) = rb1;
+        sdb[tid] = rsb;
+        __syncthreads();
+        if (st + 1 < steps) {
+            load(st + 1);
+        }
+#pragma unroll
+        for (int kb = 0; kb < MMQS_KB; ++kb) {
+            const signed char* ar = sa + wr * MMQS_STRIDE + kb * 32 + 4 * c;
+            const int a0 = *(const int*)ar, a1 = *(const int*)(ar + 8 * MMQS_STRIDE);
+            const int a2 = *(const int*)(ar + 16), a3 = *(const int*)(ar + 8 * MMQS_STRIDE + 16);
+            const float dw0 = sda[wr * MMQS_KB + kb], dw1 = sda[(wr + 8) * MMQS_KB + kb];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const signed char* br = sb + (wt + 8 * j + g) * MMQS_STRIDE + kb * 32 + 4 * c;
+                const int b0 = *(const int*)br, b1 = *(const int*)(br + 16);
+                int p[4] = {0, 0, 0, 0};
+                mma_s8(p, a0, a1, a2, a3, b0, b1);
+                const u32 tt = wt + 8 * j + 2 * c;
+                const float dx0 = sdb[tt * MMQS_KB + kb], dx1 = sdb[(tt + 1) * MMQS_KB + kb];
+                acc[j][0] += (dw0 * dx0) * (float)p[0];
+                acc[j][1] += (dw0 * dx1) * (float)p[1];
+                acc[j][2] += (dw1 * dx0) * (float)p[2];
+                acc[j][3] += (dw1 * dx1) * (float)p[3];
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const u32 row = r0 + wr + (e < 2 ? 0 : 8), t = t0 + wt + 8 * j + 2 * c + (e & 1);
+            if (row < rows && t < n) {
+                y[(u64)t * rows + row] = acc[j][e];
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    mmqs_q4_0s(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq, const float* __restrict__ xd,
+               const int* __restrict__, float* __restrict__ y, u32 rows, u32 cols, u32 n) {
+    mmq_staged<K_Q4_0>(w, row_bytes, xq, xd, y, rows, cols, n);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    mmqs_q8_0s(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq, const float* __restrict__ xd,
+               const int* __restrict__, float* __restrict__ y, u32 rows, u32 cols, u32 n) {
+    mmq_staged<K_Q8_0>(w, row_bytes, xq, xd, y, rows, cols, n);
+}
+
 #define MMQ_PARAMS                                                                                                 \
     const u8 *__restrict__ w, u64 row_bytes, const signed char *__restrict__ xq, const float *__restrict__ xd, \
         const int *__restrict__ xs, float *__restrict__ y, u32 rows, u32 cols, u32 n
@@ -1202,6 +1485,8 @@ extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q5_0(MMQ_PARAMS) {
 extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q5_1(MMQ_PARAMS) { mmq_legacy<K_Q5_1>(MMQ_ARGS); }
 extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q8_0(MMQ_PARAMS) { mmq_legacy<K_Q8_0>(MMQ_ARGS); }
 extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q4_k(MMQ_PARAMS) { mmq_q4k(MMQ_ARGS); }
+extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q4_0s(MMQ_PARAMS) { mmq_legacy<K_Q4_0, true>(MMQ_ARGS); }
+extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q8_0s(MMQ_PARAMS) { mmq_legacy<K_Q8_0, true>(MMQ_ARGS); }
 
 // ------------------------------------------------------------------- gathered (MoE)
 //
@@ -1278,6 +1563,10 @@ MOE_Q8X_KERNEL(moe_q8x_q5_0, mv_legacy, K_Q5_0, 32)
 MOE_Q8X_KERNEL(moe_q8x_q5_1, mv_legacy, K_Q5_1, 32)
 
 MOE_Q8X_KERNEL(moe_q8x_q8_0, mv_legacy, K_Q8_0, 32)
+
+MOE_Q8X_KERNEL(moe_q8x_q4_0s, mv_split, K_Q4_0, 32)
+
+MOE_Q8X_KERNEL(moe_q8x_q8_0s, mv_split, K_Q8_0, 32)
 
 MOE_Q8X_KERNEL(moe_q8x_q4_k, mv_kquant, KQ(false, 2), 256)
 

@@ -274,6 +274,38 @@ struct DecQ8_0 {
     }
 };
 
+// Q4_0 and Q8_0 in the split row layout of the device copy (`quant::split_rows`; q8x.cu's
+// `Split`): the row's levels (16 / 32 bytes a block, 16-byte aligned) and then its f16
+// scales. The same values as DecQ4_0 / DecQ8_0 give for the stored layout.
+struct DecQ4_0S {
+    static constexpr bool FLOAT = false;
+    __device__ __forceinline__ static void decode(const u8* row, u32 run, u32 cols, float (&v)[32]) {
+        const float d = f16_to_f32(load_u16(row + (u64)(cols / 32) * 16 + (u64)run * 2));
+        const uint4 l = __ldg((const uint4*)(row + (u64)run * 16));
+        const u32 q[4] = {l.x, l.y, l.z, l.w};
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            const u32 x = byte_at(q, j);
+            v[j] = __fmul_rn((float)((int)(x & 15) - 8), d);
+            v[j + 16] = __fmul_rn((float)((int)(x >> 4) - 8), d);
+        }
+    }
+};
+
+struct DecQ8_0S {
+    static constexpr bool FLOAT = false;
+    __device__ __forceinline__ static void decode(const u8* row, u32 run, u32 cols, float (&v)[32]) {
+        const float d = f16_to_f32(load_u16(row + (u64)(cols / 32) * 32 + (u64)run * 2));
+        const uint4* p = (const uint4*)(row + (u64)run * 32);
+        const uint4 a = __ldg(p), b = __ldg(p + 1);
+        const u32 q[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int i = 0; i < 32; ++i) {
+            v[i] = __fmul_rn((float)(signed char)byte_at(q, i), d);
+        }
+    }
+};
+
 // IQ4_NL (18 bytes): d @0, code nibbles @2 (Q4_0 order). d * KVALUES[k].
 struct DecIQ4NL {
     static constexpr bool FLOAT = false;
@@ -891,6 +923,8 @@ QUANT_KERNELS(q4_1, DecQ4_1)
 QUANT_KERNELS(q5_0, DecQ5_0)
 QUANT_KERNELS(q5_1, DecQ5_1)
 QUANT_KERNELS(q8_0, DecQ8_0)
+QUANT_KERNELS(q4_0s, DecQ4_0S)
+QUANT_KERNELS(q8_0s, DecQ8_0S)
 QUANT_KERNELS(q2_k, DecQ2K)
 QUANT_KERNELS(q3_k, DecQ3K)
 QUANT_KERNELS(q4_k, DecQ4K)

@@ -91,12 +91,77 @@ pub fn kernel_types() -> Vec<WeightType> {
     types
 }
 
+/// The types whose device copy may take the split row layout ([`split_rows`]).
+pub const SPLIT_TYPES: [WeightType; 2] = [WeightType::Q4_0, WeightType::Q8_0];
+
+/// The levels' bytes of one block of `ty` in the split row layout, when a row of `cols`
+/// elements of that type takes it: Q4_0 (16) and Q8_0 (32) with `cols` a multiple of 256,
+/// so a row of `nb` blocks (`nb % 8 == 0`) stays a multiple of 16 bytes long.
+pub fn split_levels(ty: WeightType, cols: usize) -> Option<usize> {
+    let levels = match ty {
+        WeightType::Q4_0 => 16,
+        WeightType::Q8_0 => 32,
+        _ => return None,
+    };
+    (cols > 0 && cols.is_multiple_of(256)).then_some(levels)
+}
+
+/// The tag of `ty`'s kernels for its split row layout (`"q4_0s"`, `"q8_0s"`).
+pub fn split_tag(ty: WeightType) -> String {
+    format!("{}s", kernel_tag(ty))
+}
+
+/// `data` (whole rows of `cols` elements of `ty`, as stored: blocks of an f16 scale and
+/// then the levels) in the split row layout the device copy uses: each row's levels in
+/// block order, then the row's scales in block order. The row length is unchanged; the
+/// levels of a warp's 32 consecutive blocks become one contiguous run that 16-byte loads
+/// read whole (a stored 18-byte Q4_0 block leaves every field unaligned). None when the
+/// type or width has no split layout ([`split_levels`]). Rows are spread over up to
+/// `threads` threads.
+pub fn split_rows(ty: WeightType, cols: usize, data: &[u8], threads: usize) -> Option<Vec<u8>> {
+    let levels = split_levels(ty, cols)?;
+    let block = levels + 2;
+    let nb = cols / 32;
+    let row_bytes = nb * block;
+    if !data.len().is_multiple_of(row_bytes) {
+        return None;
+    }
+    let mut out = vec![0u8; data.len()];
+    let split = |src: &[u8], dst: &mut [u8]| {
+        for (s, d) in src.chunks_exact(row_bytes).zip(dst.chunks_exact_mut(row_bytes)) {
+            let (lv, sc) = d.split_at_mut(nb * levels);
+            for ((b, l), c) in s
+                .chunks_exact(block)
+                .zip(lv.chunks_exact_mut(levels))
+                .zip(sc.chunks_exact_mut(2))
+            {
+                c.copy_from_slice(&b[..2]);
+                l.copy_from_slice(&b[2..]);
+            }
+        }
+    };
+    let rows = data.len() / row_bytes;
+    let per = rows.div_ceil(threads.clamp(1, 64)).max(1024);
+    if rows <= per {
+        split(data, &mut out);
+    } else {
+        std::thread::scope(|scope| {
+            for (s, d) in data.chunks(per * row_bytes).zip(out.chunks_mut(per * row_bytes)) {
+                scope.spawn(move || split(s, d));
+            }
+        });
+    }
+    Some(out)
+}
+
 /// Every `extern "C"` kernel defined in [`QUANT_SOURCE`].
 pub fn kernel_names() -> Vec<String> {
+    let split = SPLIT_TYPES.iter().map(|&ty| split_tag(ty));
     kernel_types()
         .into_iter()
-        .flat_map(|ty| {
-            let tag = kernel_tag(ty);
+        .map(kernel_tag)
+        .chain(split)
+        .flat_map(|tag| {
             [
                 format!("matvec_{tag}"),
                 format!("matvec4_{tag}"),

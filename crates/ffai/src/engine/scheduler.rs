@@ -252,6 +252,9 @@ pub struct SchedulerStats {
     pub prefix_hit_tokens: u64,
     pub preemptions: u64,
     pub finished: u64,
+    /// Seconds spent in the model's forward calls (on a GPU: enqueueing the step and
+    /// waiting for its outputs); the rest of a step's wall time is the scheduler's own.
+    pub forward_secs: f64,
 }
 
 struct Seq<'m> {
@@ -595,6 +598,7 @@ impl<'m> Scheduler<'m> {
             StepOut::Logits(&mut self.logits[..self.logit_rows.len() * vocab])
         };
         let mut tap = Tap::default();
+        let t_forward = std::time::Instant::now();
         let run = self.lm.forward_batch(
             &self.step_tokens,
             &self.layout,
@@ -614,6 +618,7 @@ impl<'m> Scheduler<'m> {
             self.retire();
             return Err(e);
         }
+        self.stats.forward_secs += t_forward.elapsed().as_secs_f64();
         self.stats.steps += 1;
         self.stats.rows += n_rows as u64;
         // Commit and sample, in plan order (the logit rows are in that order too).
