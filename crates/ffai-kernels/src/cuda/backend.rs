@@ -91,11 +91,14 @@ const MMQ_THREADS: u32 = 256;
 /// activations are quantized in (`quantize_q8x32` / `quantize_q8x256`).
 /// and the weight rows one of its blocks takes. `split`: the matrix's device copy has the
 /// split row layout (`quant::split_rows`), whose products stage both operands through
-/// shared memory (`mmqs_*`) unless `staged` is off (`FFAI_CUDA_MMQ_STAGED=0`).
-fn mmq_kernel(ty: WeightType, split: bool, staged: bool) -> Option<(&'static str, usize, usize)> {
+/// shared memory, `staged` 32-element blocks a step (`mmqs8_*`: 8, `mmqs_*`: 4), unless
+/// `staged` is 0 (`FFAI_CUDA_MMQ_STAGED`).
+fn mmq_kernel(ty: WeightType, split: bool, staged: u8) -> Option<(&'static str, usize, usize)> {
     Some(match ty {
-        WeightType::Q4_0 if split && staged => ("mmqs_q4_0s", 32, MMQS_ROWS),
-        WeightType::Q8_0 if split && staged => ("mmqs_q8_0s", 32, MMQS_ROWS),
+        WeightType::Q4_0 if split && staged == 8 => ("mmqs8_q4_0s", 32, MMQS_ROWS),
+        WeightType::Q8_0 if split && staged == 8 => ("mmqs8_q8_0s", 32, MMQS_ROWS),
+        WeightType::Q4_0 if split && staged == 4 => ("mmqs_q4_0s", 32, MMQS_ROWS),
+        WeightType::Q8_0 if split && staged == 4 => ("mmqs_q8_0s", 32, MMQS_ROWS),
         WeightType::Q4_0 if split => ("mmq_q4_0s", 32, MMQ_ROWS),
         WeightType::Q8_0 if split => ("mmq_q8_0s", 32, MMQ_ROWS),
         WeightType::Q4_0 => ("mmq_q4_0", 32, MMQ_ROWS),
@@ -483,9 +486,10 @@ pub struct CudaBackend {
     /// has a split variant (`*_q4_0s`, `*_q8_0s`) giving the same bits.
     /// `FFAI_CUDA_SPLIT=0` (or the older kernels) keeps the stored layout.
     split: bool,
-    /// The split layouts' tensor-core products stage both operands through shared memory
-    /// (`mmqs_*`; `FFAI_CUDA_MMQ_STAGED=0` takes the unstaged `mmq_*s`).
-    mmq_staged: bool,
+    /// The split layouts' tensor-core products stage both operands through shared memory,
+    /// this many 32-element blocks a step (`FFAI_CUDA_MMQ_STAGED=4|8`; 0 takes the
+    /// unstaged `mmq_*s`).
+    mmq_staged: u8,
 }
 
 fn grid1(n: usize, block: usize) -> (u32, u32, u32) {
@@ -600,7 +604,11 @@ impl CudaBackend {
             pdl: major >= 9 && std::env::var_os("FFAI_CUDA_PDL").is_none_or(|v| v != "0"),
             split: std::env::var_os("FFAI_CUDA_SPLIT").is_none_or(|v| v != "0")
                 && std::env::var_os("FFAI_CUDA_OLDER_KERNELS").is_none_or(|v| v != "1"),
-            mmq_staged: std::env::var_os("FFAI_CUDA_MMQ_STAGED").is_none_or(|v| v != "0"),
+            mmq_staged: match std::env::var("FFAI_CUDA_MMQ_STAGED").as_deref() {
+                Ok("0") => 0,
+                Ok("4") => 4,
+                _ => 8,
+            },
         })
     }
 

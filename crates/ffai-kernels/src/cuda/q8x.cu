@@ -1333,63 +1333,54 @@ __device__ __forceinline__ void mmq_q4k(const u8* __restrict__ w, u64 row_bytes,
 // Launch: grid (ceil(n / 64), ceil(rows / 64)), 256 threads; cols % 128 == 0.
 #define MMQS_ROWS 64
 #define MMQS_TOK 64
-#define MMQS_KB 4
-// Shared rows of 128 levels padded to 144 bytes: the fragments' 4-byte reads of 8 rows x 4
-// lanes then fall in 32 different banks.
-#define MMQS_STRIDE 144
 
-template <int K>
+// KB: 32-element blocks a step (4 or 8). Shared rows of 32 KB levels are padded by 16
+// bytes: the fragments' 4-byte reads of 8 rows x 4 lanes then fall in 32 different banks.
+template <int K, int KB>
 __device__ __forceinline__ void mmq_staged(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq,
                                            const float* __restrict__ xd, float* __restrict__ y, u32 rows, u32 cols,
                                            u32 n) {
     constexpr int QB = Split<K>::QB;
-    // Weight 16-byte pieces a step: 64 rows x 4 blocks x QB / 16.
-    constexpr int AP = MMQS_ROWS * MMQS_KB * QB / 16;
-    constexpr int AT = AP / 256;
-    __shared__ __align__(16) signed char sa[MMQS_ROWS * MMQS_STRIDE];
-    __shared__ __align__(16) signed char sb[MMQS_TOK * MMQS_STRIDE];
-    __shared__ float sda[MMQS_ROWS * MMQS_KB];
-    __shared__ float sdb[MMQS_TOK * MMQS_KB];
+    constexpr int STRIDE = 32 * KB + 16;
+    // 16-byte pieces a step and per thread: weights 64 rows x KB blocks x QB / 16,
+    // activations 64 tokens x KB blocks x 2; scales 64 x KB of each.
+    constexpr int A_ROW = KB * QB / 16, AT = MMQS_ROWS * A_ROW / 256;
+    constexpr int B_ROW = KB * 2, BT = MMQS_TOK * B_ROW / 256;
+    constexpr int ST = MMQS_ROWS * KB / 256;
+    __shared__ __align__(16) signed char sa[MMQS_ROWS * STRIDE];
+    __shared__ __align__(16) signed char sb[MMQS_TOK * STRIDE];
+    __shared__ float sda[MMQS_ROWS * KB];
+    __shared__ float sdb[MMQS_TOK * KB];
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const u32 g = lane >> 2, c = lane & 3;
     const u32 r0 = blockIdx.y * MMQS_ROWS, t0 = blockIdx.x * MMQS_TOK;
-    const u32 nb = cols / 32, steps = cols / (32 * MMQS_KB);
-    // This thread's loads: weight pieces (row, block, half), the scales of row tid / 4's
-    // block tid % 4, activation pieces (token, piece) and the scale of token tid / 4's
-    // block tid % 4.
-    const u8* arow[AT];
-    u32 aoff[AT];
-#pragma unroll
-    for (int i = 0; i < AT; ++i) {
-        const u32 idx = tid + 256 * i;
-        const u32 per_row = MMQS_KB * QB / 16;
-        const u32 row = idx / per_row, piece = idx % per_row;
-        arow[i] = w + (u64)min(r0 + row, rows - 1) * row_bytes;
-        aoff[i] = piece * 16;  // within the step's QB * MMQS_KB bytes of the row
-    }
-    const u32 srow = tid / MMQS_KB, sblk = tid % MMQS_KB;
-    const unsigned short* ascale = (const unsigned short*)(w + (u64)min(r0 + srow, rows - 1) * row_bytes + (u64)nb * QB);
-    const u32 btok = tid / 8, bpiece = tid % 8;  // and btok + 32
-    const bool blive0 = t0 + btok < n, blive1 = t0 + btok + 32 < n;
-    const signed char* bsrc0 = xq + (u64)(t0 + btok) * cols + bpiece * 16;
-    const signed char* bsrc1 = xq + (u64)(t0 + btok + 32) * cols + bpiece * 16;
-    const bool slive = t0 + srow < n;
-    const float* dsrc = xd + (u64)(t0 + srow) * nb + sblk;
-
-    uint4 ra[AT], rb0, rb1;
-    u32 rsa;
-    float rsb;
+    const u32 nb = cols / 32, steps = cols / (32 * KB);
+    const uint4 z = make_uint4(0, 0, 0, 0);
+    uint4 ra[AT], rb[BT];
+    u32 rsa[ST];
+    float rsb[ST];
     PDL_ENTRY();
+    // Piece i of this thread: index tid + 256 i of the step's pieces, row-major.
     auto load = [&](u32 st) {
 #pragma unroll
         for (int i = 0; i < AT; ++i) {
-            ra[i] = __ldg((const uint4*)(arow[i] + (u64)st * MMQS_KB * QB + aoff[i]));
+            const u32 idx = tid + 256 * i, row = idx / A_ROW, piece = idx % A_ROW;
+            const u8* src = w + (u64)min(r0 + row, rows - 1) * row_bytes + (u64)st * KB * QB + piece * 16;
+            ra[i] = __ldg((const uint4*)src);
         }
-        rsa = (u32)__ldg(ascale + st * MMQS_KB + sblk);
-        const uint4 z = make_uint4(0, 0, 0, 0);
-        rb0 = blive0 ? __ldg((const uint4*)(bsrc0 + (u64)st * 32 * MMQS_KB)) : z;
-        rb1 = blive1 ? __ldg((const uint4*)(bsrc1 + (u64)st * 32 * MMQS_KB)) : z;
-        rsb = slive ? __ldg(dsrc + st * MMQS_KB) : 0.0f;
+#pragma unroll
+        for (int i = 0; i < BT; ++i) {
+            const u32 idx = tid + 256 * i, tok = idx / B_ROW, piece = idx % B_ROW;
+            rb[i] = t0 + tok < n ? __ldg((const uint4*)(xq + (u64)(t0 + tok) * cols + (u64)st * 32 * KB + piece * 16)) : z;
+        }
+#pragma unroll
+        for (int i = 0; i < ST; ++i) {
+            const u32 idx = tid + 256 * i, row = idx / KB, blk = st * KB + idx % KB;
+            const unsigned short* sc =
+                (const unsigned short*)(w + (u64)min(r0 + row, rows - 1) * row_bytes + (u64)nb * QB);
+            rsa[i] = (u32)__ldg(sc + blk);
+            rsb[i] = t0 + row < n ? __ldg(xd + (u64)(t0 + row) * nb + blk) : 0.0f;
+        }
     };
     float acc[4][4];
 #pragma unroll
@@ -1405,11 +1396,9 @@ __device__ __forceinline__ void mmq_staged(const u8* __restrict__ w, u64 row_byt
         __syncthreads();  // the previous step's reads of shared memory are done
 #pragma unroll
         for (int i = 0; i < AT; ++i) {
-            const u32 idx = tid + 256 * i;
-            const u32 per_row = MMQS_KB * QB / 16;
-            const u32 row = idx / per_row, piece = idx % per_row;
+            const u32 idx = tid + 256 * i, row = idx / A_ROW, piece = idx % A_ROW;
             if (K == K_Q8_0) {
-                *(uint4*)(sa + row * MMQS_STRIDE + piece * 16) = ra[i];
+                *(uint4*)(sa + row * STRIDE + piece * 16) = ra[i];
             } else {
                 // A Q4_0 block's 16 level bytes: elements j (low nibbles) and 16 + j.
                 const uint4 v = ra[i];
@@ -1417,33 +1406,39 @@ __device__ __forceinline__ void mmq_staged(const u8* __restrict__ w, u64 row_byt
                                             minus8(v.z & 0x0F0F0F0Fu), minus8(v.w & 0x0F0F0F0Fu));
                 const uint4 hi = make_uint4(minus8((v.x >> 4) & 0x0F0F0F0Fu), minus8((v.y >> 4) & 0x0F0F0F0Fu),
                                             minus8((v.z >> 4) & 0x0F0F0F0Fu), minus8((v.w >> 4) & 0x0F0F0F0Fu));
-                signed char* d = sa + row * MMQS_STRIDE + piece * 32;
+                signed char* d = sa + row * STRIDE + piece * 32;
                 *(uint4*)d = lo;
                 *(uint4*)(d + 16) = hi;
             }
         }
-        sda[tid] = f16_bits(rsa);
-        *(uint4*)(sb + btok * MMQS_STRIDE + bpiece * 16) = rb0;
-        *(uint4*)(sb + (btok + 32) * MMQS_STRIDE + bpiece * 16) = rb1;
-        sdb[tid] = rsb;
-        __syncthreads();
-        if (st + 1 < steps) {
-            load(st + 1);
+#pragma unroll
+        for (int i = 0; i < BT; ++i) {
+            const u32 idx = tid + 256 * i, tok = idx / B_ROW, piece = idx % B_ROW;
+            *(uint4*)(sb + tok * STRIDE + piece * 16) = rb[i];
         }
 #pragma unroll
-        for (int kb = 0; kb < MMQS_KB; ++kb) {
-            const signed char* ar = sa + wr * MMQS_STRIDE + kb * 32 + 4 * c;
-            const int a0 = *(const int*)ar, a1 = *(const int*)(ar + 8 * MMQS_STRIDE);
-            const int a2 = *(const int*)(ar + 16), a3 = *(const int*)(ar + 8 * MMQS_STRIDE + 16);
-            const float dw0 = sda[wr * MMQS_KB + kb], dw1 = sda[(wr + 8) * MMQS_KB + kb];
+        for (int i = 0; i < ST; ++i) {
+            sda[tid + 256 * i] = f16_bits(rsa[i]);
+            sdb[tid + 256 * i] = rsb[i];
+        }
+        __syncthreads();
+        if (st + 1 < steps) {
+            load(st + 1);  // in flight while this step multiplies
+        }
+#pragma unroll
+        for (int kb = 0; kb < KB; ++kb) {
+            const signed char* ar = sa + wr * STRIDE + kb * 32 + 4 * c;
+            const int a0 = *(const int*)ar, a1 = *(const int*)(ar + 8 * STRIDE);
+            const int a2 = *(const int*)(ar + 16), a3 = *(const int*)(ar + 8 * STRIDE + 16);
+            const float dw0 = sda[wr * KB + kb], dw1 = sda[(wr + 8) * KB + kb];
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                const signed char* br = sb + (wt + 8 * j + g) * MMQS_STRIDE + kb * 32 + 4 * c;
+                const signed char* br = sb + (wt + 8 * j + g) * STRIDE + kb * 32 + 4 * c;
                 const int b0 = *(const int*)br, b1 = *(const int*)(br + 16);
                 int p[4] = {0, 0, 0, 0};
                 mma_s8(p, a0, a1, a2, a3, b0, b1);
                 const u32 tt = wt + 8 * j + 2 * c;
-                const float dx0 = sdb[tt * MMQS_KB + kb], dx1 = sdb[(tt + 1) * MMQS_KB + kb];
+                const float dx0 = sdb[tt * KB + kb], dx1 = sdb[(tt + 1) * KB + kb];
                 acc[j][0] += (dw0 * dx0) * (float)p[0];
                 acc[j][1] += (dw0 * dx1) * (float)p[1];
                 acc[j][2] += (dw1 * dx0) * (float)p[2];
@@ -1463,16 +1458,19 @@ __device__ __forceinline__ void mmq_staged(const u8* __restrict__ w, u64 row_byt
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256)
-    mmqs_q4_0s(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq, const float* __restrict__ xd,
-               const int* __restrict__, float* __restrict__ y, u32 rows, u32 cols, u32 n) {
-    mmq_staged<K_Q4_0>(w, row_bytes, xq, xd, y, rows, cols, n);
-}
-extern "C" __global__ void __launch_bounds__(256)
-    mmqs_q8_0s(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq, const float* __restrict__ xd,
-               const int* __restrict__, float* __restrict__ y, u32 rows, u32 cols, u32 n) {
-    mmq_staged<K_Q8_0>(w, row_bytes, xq, xd, y, rows, cols, n);
-}
+#define MMQS_KERNEL(NAME, K, KB)                                                                              \
+    extern "C" __global__ void __launch_bounds__(256)                                                         \
+        NAME(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq,                     \
+             const float* __restrict__ xd, const int* __restrict__, float* __restrict__ y, u32 rows, u32 cols, \
+             u32 n) {                                                                                         \
+        mmq_staged<K, KB>(w, row_bytes, xq, xd, y, rows, cols, n);                                            \
+    }
+// Steps of 128 elements (any cols % 128 == 0) and of 256 (cols % 256 == 0, which every
+// split row is): twice the loads in flight a step, half the barriers.
+MMQS_KERNEL(mmqs_q4_0s, K_Q4_0, 4)
+MMQS_KERNEL(mmqs_q8_0s, K_Q8_0, 4)
+MMQS_KERNEL(mmqs8_q4_0s, K_Q4_0, 8)
+MMQS_KERNEL(mmqs8_q8_0s, K_Q8_0, 8)
 
 #define MMQ_PARAMS                                                                                                 \
     const u8 *__restrict__ w, u64 row_bytes, const signed char *__restrict__ xq, const float *__restrict__ xd, \
