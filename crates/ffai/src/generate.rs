@@ -408,7 +408,10 @@ impl Sampler {
         // The same f32 division `pick` makes, so the candidates are scaled as it scales.
         let inv_t = 1.0 / p.temperature;
         let cuts = p.top_k > 0 || p.top_p < 1.0 || p.min_p > 0.0;
-        if !inv_t.is_finite() || p.top_k > ffai_kernels::ops::MAX_CANDIDATES || !cuts {
+        // Plain temperature sampling draws anywhere in the row: candidates decide it only
+        // when they hold every value the draw sees, which a grammar allowing fewer than k
+        // tokens gives (a row whose grammar allows more falls back to its whole row).
+        if !inv_t.is_finite() || p.top_k > ffai_kernels::ops::MAX_CANDIDATES || !(cuts || masked) {
             return None;
         }
         Some(CandidatePlan {
@@ -450,6 +453,8 @@ impl Sampler {
     /// Only for a sampler with a [`candidate_plan`](Self::candidate_plan); with a grammar,
     /// the candidates are the masked ones ([`candidate_mask`](Self::candidate_mask)), and
     /// the token advances the grammar as [`sample_with`](Self::sample_with)'s does.
+    /// Plain temperature sampling under a grammar is decided only when the grammar allows
+    /// fewer than `k` tokens (the list is then the whole draw).
     ///
     /// The same token as on the whole row whenever the row has fewer than `k` non-NaN
     /// values, the sampler is greedy, or its top-k is at most `k`: the candidates are then
@@ -466,6 +471,19 @@ impl Sampler {
         scratch: &mut SampleScratch,
     ) -> Option<u32> {
         let plan = self.candidate_plan()?;
+        self.sample_plan(plan, k, ids, vals, tail, scratch)
+    }
+
+    /// [`sample_candidates`](Self::sample_candidates) under `plan`.
+    fn sample_plan(
+        &mut self,
+        plan: CandidatePlan,
+        k: usize,
+        ids: &[u32],
+        vals: &[f32],
+        tail: f64,
+        scratch: &mut SampleScratch,
+    ) -> Option<u32> {
         let t = match plan.decide(k, ids, vals, tail, &mut scratch.cand)? {
             Some(t) => t,
             None => draw(&mut self.rng, &scratch.cand),
@@ -551,7 +569,8 @@ pub struct CandidatePlan {
 
 impl CandidatePlan {
     /// The candidates a row wants: greedy 2 (the best and one after it to see that no tie
-    /// continues), top-k its k, top-p / min-p the most there are (fewer rows fall back).
+    /// continues), top-k its k, top-p / min-p (or a grammar's plain temperature sampling)
+    /// the most there are (fewer rows fall back).
     pub fn k(&self) -> usize {
         if self.greedy {
             2
@@ -1535,7 +1554,7 @@ mod tests {
     #[test]
     fn masked_candidates_pick_the_token_the_masked_row_picks() {
         let mut g = Rng::new(77);
-        let (mut decided, mut fell_back, mut few) = (0usize, 0usize, 0usize);
+        let (mut decided, mut fell_back, mut few, mut plain) = (0usize, 0usize, 0usize, 0usize);
         let mut sa = SampleScratch::default();
         let mut sb = SampleScratch::default();
         let pick = |g: &mut Rng, n: usize| g.next_u64() as usize % n;
@@ -1581,9 +1600,17 @@ mod tests {
                 .collect();
             let mut full = Sampler::new(&params);
             let mut cands = Sampler::new(&params);
-            let Some(plan) = cands.candidate_plan() else {
-                continue;
-            };
+            // The plan a grammar's sampler gets (plain temperature sampling included: a
+            // sampler without a grammar has none for it).
+            let plan = cands.candidate_plan().unwrap_or(CandidatePlan {
+                inv_t: 1.0 / params.temperature,
+                masked: true,
+                greedy: false,
+                top_k: 0,
+                top_p: 1.0,
+                min_p: 0.0,
+            });
+            plain += (!greedy && params.top_k == 0 && params.top_p == 1.0 && params.min_p == 0.0) as usize;
             let k = [plan.k(), 2, 64][pick(&mut g, 3)].max(plan.k().min(2));
             let (mut ids, mut vals) = (vec![0u32; k], vec![0.0f32; k]);
             let tail = ffai_kernels::ops::top_candidates_masked(&row, Some(&mask), plan.inv_t, k, &mut ids, &mut vals);
@@ -1593,7 +1620,7 @@ mod tests {
             for draw in 0..3 {
                 let want = full.sample_with(&mut masked_row.clone(), &[], &mut sa);
                 let what = format!("case {case} draw {draw}: {params:?}, k {k}, vocab {vocab}, allowed {n_allowed}");
-                match cands.sample_candidates(k, &ids, &vals, tail, &mut sb) {
+                match cands.sample_plan(plan, k, &ids, &vals, tail, &mut sb) {
                     Some(t) => {
                         if boundary && !greedy {
                             continue;
@@ -1613,8 +1640,8 @@ mod tests {
             }
         }
         assert!(
-            decided > 3000 && fell_back > 50 && few > 500,
-            "{decided} {fell_back} {few}"
+            decided > 3000 && fell_back > 50 && few > 500 && plain > 100,
+            "{decided} {fell_back} {few} {plain}"
         );
     }
 

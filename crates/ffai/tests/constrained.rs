@@ -236,7 +236,7 @@ fn invalid_formats_are_one_line_errors() {
 /// same requests with `logprobs` (which never changes a token but needs whole rows, so
 /// those steps download them and mask on the host) give the same tokens and finish, in
 /// the engine (batched: JSON schemas, a regex and a Lark grammar, greedy and sampled with
-/// top-k, top-p, min-p, beside an unconstrained sequence) and in the one-sequence
+/// top-k, top-p, min-p or none of them, beside an unconstrained sequence) and in the one-sequence
 /// `generate`. The candidate path is taken: most tokens came from the candidates alone.
 #[test]
 fn constrained_candidates_pick_what_whole_rows_pick() {
@@ -256,16 +256,18 @@ fn constrained_candidates_pick_what_whole_rows_pick() {
             ),
         ])
         .collect();
-    let sampling = |i: usize, p: &mut GenerationParameters| match i % 5 {
+    // Plain temperature sampling too: decided where the grammar allows fewer than k tokens.
+    let sampling = |i: usize, p: &mut GenerationParameters| match i % 6 {
         0 => p.temperature = 0.0,
         1 => (p.temperature, p.top_k) = (0.8, 40),
         2 => (p.temperature, p.top_p) = (0.9, 0.9),
         3 => (p.temperature, p.min_p) = (1.0, 0.1),
-        _ => (p.temperature, p.top_p, p.top_k) = (0.7, 0.95, 20),
+        4 => (p.temperature, p.top_p, p.top_k) = (0.7, 0.95, 20),
+        _ => p.temperature = 1.0,
     };
     let mut reqs = Vec::new();
-    for i in 0..10 {
-        let mut p = params(0.0, 300 + i as u64, formats[i % formats.len()].clone());
+    for i in 0..12 {
+        let mut p = params(0.0, 300 + i as u64, formats[(i / 2) % formats.len()].clone());
         p.max_tokens = 60;
         sampling(i, &mut p);
         reqs.push(SeqRequest {
@@ -293,7 +295,7 @@ fn constrained_candidates_pick_what_whole_rows_pick() {
             },
         })
         .collect();
-    let cfg = || EngineConfig::for_model(&*m.lm, 512, 11, 256, Some(KvCacheSize::Tokens(4096))).unwrap();
+    let cfg = || EngineConfig::for_model(&*m.lm, 512, 13, 256, Some(KvCacheSize::Tokens(6144))).unwrap();
     let (got, st) = run_scheduler(m, cfg(), &reqs);
     let (want, st_whole) = run_scheduler(m, cfg(), &whole);
     let generated: usize = got.iter().map(|c| c.token_ids.len()).sum();
