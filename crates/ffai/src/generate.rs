@@ -381,10 +381,11 @@ impl Sampler {
     /// cannot: penalties (they change logits anywhere in the row), log-probabilities (they
     /// need the whole row's normaliser), a temperature whose inverse is not finite, a
     /// top-k above [`ffai_kernels::ops::MAX_CANDIDATES`], and plain temperature sampling
-    /// (no top-k, top-p or min-p: the draw may land anywhere in the row). A grammar makes
-    /// the plan `masked`: the candidates are taken among the tokens its mask allows
-    /// ([`candidate_mask`](Self::candidate_mask), `ops::top_candidates_masked`), which is
-    /// what the whole-row path's −∞ leaves to pick from.
+    /// without a grammar (no top-k, top-p or min-p: the draw may land anywhere in the
+    /// row). A grammar makes the plan `masked`: the candidates are taken among the tokens
+    /// its mask allows ([`candidate_mask`](Self::candidate_mask),
+    /// `ops::top_candidates_masked`), which is what the whole-row path's −∞ leaves to pick
+    /// from.
     pub fn candidate_plan(&self) -> Option<CandidatePlan> {
         let p = &self.params;
         if p.logprobs.is_some()
