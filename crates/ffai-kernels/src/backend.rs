@@ -412,10 +412,13 @@ pub trait Backend: Send + Sync + 'static {
         }
     }
     /// The sampler's candidates of each of `n` rows of `buf` (rows of `width`):
-    /// [`crate::ops::top_candidates`] of row `r` scaled by `inv_t[r]`, its `k` ids and
-    /// values into `ids[r * k..]` / `vals[r * k..]` and its tail mass into `tail[r]`. On a
-    /// GPU one launch, and `k * 8 + 8` bytes a row come back instead of the row.
-    /// `k` is at most [`crate::ops::MAX_CANDIDATES`].
+    /// [`crate::ops::top_candidates_masked`] of row `r` scaled by `inv_t[r]`, its `k` ids
+    /// and values into `ids[r * k..]` / `vals[r * k..]` and its tail mass into `tail[r]`.
+    /// `mask` (a grammar's allowed tokens): `width.div_ceil(32)` words a row, bit `t % 32`
+    /// of word `t / 32` of row `r`'s words set when token `t` is allowed; a disallowed
+    /// token is neither a candidate nor in the tail. None: every token (and the result is
+    /// the bits it always was). On a GPU one launch, and `k * 8 + 8` bytes a row come back
+    /// instead of the row. `k` is at most [`crate::ops::MAX_CANDIDATES`].
     #[allow(clippy::too_many_arguments)]
     fn top_candidates_rows(
         &self,
@@ -424,23 +427,27 @@ pub trait Backend: Send + Sync + 'static {
         width: usize,
         k: usize,
         inv_t: &[f32],
+        mask: Option<&[u32]>,
         ids: &mut [u32],
         vals: &mut [f32],
         tail: &mut [f64],
     ) {
+        let wpr = width.div_ceil(32);
         assert!(
             (1..=crate::ops::MAX_CANDIDATES).contains(&k)
                 && inv_t.len() >= n
+                && mask.is_none_or(|m| m.len() >= n * wpr)
                 && ids.len() >= n * k
                 && vals.len() >= n * k
                 && tail.len() >= n,
-            "top_candidates_rows: bad k or outputs"
+            "top_candidates_rows: bad k, mask or outputs"
         );
         let mut row = vec![0.0f32; width];
         for r in 0..n {
             self.download(buf, r * width..(r + 1) * width, &mut row);
             let (i, v) = (&mut ids[r * k..(r + 1) * k], &mut vals[r * k..(r + 1) * k]);
-            tail[r] = crate::ops::top_candidates(&row, inv_t[r], k, i, v);
+            let m = mask.map(|m| &m[r * wpr..(r + 1) * wpr]);
+            tail[r] = crate::ops::top_candidates_masked(&row, m, inv_t[r], k, i, v);
         }
     }
     /// GPT-OSS's clamped SwiGLU over the first `len` elements

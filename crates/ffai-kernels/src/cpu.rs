@@ -1074,25 +1074,29 @@ impl Backend for CpuBackend {
         width: usize,
         k: usize,
         inv_t: &[f32],
+        mask: Option<&[u32]>,
         ids: &mut [u32],
         vals: &mut [f32],
         tail: &mut [f64],
     ) {
         let _p = self.prof(|| "top_candidates_rows".into());
+        let wpr = width.div_ceil(32);
         assert!(
             (1..=ops::MAX_CANDIDATES).contains(&k)
                 && n * width <= buf.len()
                 && inv_t.len() >= n
+                && mask.is_none_or(|m| m.len() >= n * wpr)
                 && ids.len() >= n * k
                 && vals.len() >= n * k
                 && tail.len() >= n,
-            "top_candidates_rows: bad k or buffers"
+            "top_candidates_rows: bad k, mask or buffers"
         );
         // The rows in place (the trait's default copies each row out first).
         for r in 0..n {
             let row = &buf[r * width..(r + 1) * width];
             let (i, v) = (&mut ids[r * k..(r + 1) * k], &mut vals[r * k..(r + 1) * k]);
-            tail[r] = ops::top_candidates(row, inv_t[r], k, i, v);
+            let m = mask.map(|m| &m[r * wpr..(r + 1) * wpr]);
+            tail[r] = ops::top_candidates_masked(row, m, inv_t[r], k, i, v);
         }
     }
 

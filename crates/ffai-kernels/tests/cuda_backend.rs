@@ -239,10 +239,35 @@ fn candidates<B: Backend>(
     k: usize,
     inv_t: &[f32],
 ) -> (Vec<u32>, Vec<f32>, Vec<f64>) {
+    masked_candidates(b, x, n, width, k, inv_t, None)
+}
+
+/// [`candidates`] with the rows' allowed-token masks (`width.div_ceil(32)` words a row).
+fn masked_candidates<B: Backend>(
+    b: &B,
+    x: &[f32],
+    n: usize,
+    width: usize,
+    k: usize,
+    inv_t: &[f32],
+    mask: Option<&[u32]>,
+) -> (Vec<u32>, Vec<f32>, Vec<f64>) {
     let buf = b.upload(x);
     let (mut ids, mut vals, mut tail) = (vec![0u32; n * k], vec![0.0f32; n * k], vec![0.0f64; n]);
-    b.top_candidates_rows(&buf, n, width, k, inv_t, &mut ids, &mut vals, &mut tail);
+    b.top_candidates_rows(&buf, n, width, k, inv_t, mask, &mut ids, &mut vals, &mut tail);
     (ids, vals, tail)
+}
+
+/// Ids and value bits equal, tails within the GPU's `expf` (see
+/// `top_candidates_match_the_cpu`).
+fn assert_same_candidates(got: &(Vec<u32>, Vec<f32>, Vec<f64>), want: &(Vec<u32>, Vec<f32>, Vec<f64>), what: &str) {
+    assert_eq!(got.0, want.0, "ids, {what}");
+    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&got.1), bits(&want.1), "values, {what}");
+    for (r, (&a, &b)) in got.2.iter().zip(&want.2).enumerate() {
+        let ok = (a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= 1e-6 * b.abs();
+        assert!(ok, "tail of row {r}, {what}: GPU {a}, CPU {b}");
+    }
 }
 
 /// The sampler's candidates (`top_candidates_rows`) against the CPU's: ids and values bit
@@ -310,6 +335,85 @@ fn top_candidates_match_the_cpu() {
             let ok = (a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= 1e-6 * b.abs();
             assert!(ok, "tail of row {r}, {what}: GPU {a}, CPU {b}");
         }
+    }
+}
+
+/// `top_candidates_rows` with allowed-token masks (a grammar's) against the CPU's: the
+/// same bits and tails as `top_candidates_match_the_cpu` asks. Masks: every token, none,
+/// exactly one (k above the allowed count), sparse (1 in 50), half, whole words on and
+/// off, and the last word's bits past the row set (they must be ignored); rows with NaN
+/// and ties as there; widths that are and are not multiples of 32, up to Llama 3's
+/// vocabulary. The same rows with every token allowed equal the unmasked call.
+#[test]
+fn masked_top_candidates_match_the_cpu() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let mut rng = Rng(93);
+    let max_k = ffai_kernels::ops::MAX_CANDIDATES;
+    for &(n, width, k) in &[
+        (7usize, 45usize, 3usize),
+        (7, 3001, 1),
+        (7, 3001, 2),
+        (7, 4096, 40),
+        (7, 5000, max_k),
+        (7, 128_256, 2),
+        (7, 128_256, max_k),
+    ] {
+        let wpr = width.div_ceil(32);
+        let mut x = rng.vec(n * width, 8.0);
+        let mut mask = vec![0u32; n * wpr];
+        for r in 0..n {
+            let row = &mut x[r * width..(r + 1) * width];
+            if r % 3 == 1 {
+                row.iter_mut().for_each(|v| *v = (*v * 2.0).round());
+            }
+            if r % 3 == 2 {
+                row.iter_mut().step_by(5).for_each(|v| *v = f32::NAN);
+            }
+            let m = &mut mask[r * wpr..(r + 1) * wpr];
+            match r {
+                0 => m.fill(u32::MAX),
+                1 => {}
+                2 => {
+                    let t = (rng.next() as usize) % width;
+                    m[t / 32] |= 1 << (t % 32);
+                }
+                3 => {
+                    for t in 0..width {
+                        if rng.next().is_multiple_of(50) {
+                            m[t / 32] |= 1 << (t % 32);
+                        }
+                    }
+                }
+                4 => m.iter_mut().for_each(|w| *w = rng.next() as u32),
+                _ => m.iter_mut().enumerate().for_each(|(i, w)| {
+                    *w = if i.is_multiple_of(3) { u32::MAX } else { 0 };
+                }),
+            }
+            if !width.is_multiple_of(32) {
+                m[wpr - 1] |= !0u32 << (width % 32);
+            }
+        }
+        let inv_t: Vec<f32> = (0..n).map(|r| [1.0f32, 1.0 / 0.7, 1.0 / 1.3, 3.0e4][r % 4]).collect();
+        let what = format!("{n} rows of {width}, k {k}, masked");
+        let want = masked_candidates(&c, &x, n, width, k, &inv_t, Some(&mask));
+        let got = masked_candidates(g, &x, n, width, k, &inv_t, Some(&mask));
+        g.check().unwrap();
+        assert_same_candidates(&got, &want, &what);
+        // Every token allowed: the unmasked result, bit for bit on the GPU itself.
+        let all = vec![u32::MAX; n * wpr];
+        let a = masked_candidates(g, &x, n, width, k, &inv_t, Some(&all));
+        let b = candidates(g, &x, n, width, k, &inv_t);
+        g.check().unwrap();
+        assert_eq!(a.0, b.0, "ids, {what}, all allowed vs no mask");
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a.1), bits(&b.1), "values, {what}, all allowed vs no mask");
+        assert!(
+            a.2.iter().zip(&b.2).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "tails, {what}, all allowed vs no mask"
+        );
+        // A row that allows nothing has no candidates and no tail.
+        assert!(want.0[k..2 * k].iter().all(|&i| i == u32::MAX) && want.2[1] == 0.0);
     }
 }
 

@@ -788,3 +788,146 @@ fn top_candidates_are_the_first_k_of_the_sorted_row() {
         );
     }
 }
+
+/// `CpuBackend::top_candidates_rows` with allowed-token masks (a grammar's) against the
+/// oracle on the unmasked op: a disallowed token is left out exactly as a NaN is, so the
+/// masked call equals `ops::top_candidates` of the row with the disallowed entries set to
+/// NaN, bit for bit. Against the row with the disallowed entries at −∞ (what the
+/// sampler's whole-row path does): the same candidates wherever that oracle's value is
+/// above −∞ (after them it lists disallowed ids at −∞, weight 0, where the masked call
+/// lists allowed −∞ values or leaves the slots unused), and the same tail mass when some
+/// allowed value is above −∞ (the disallowed add exp(−∞) = 0). Random rows (ties, NaN,
+/// ±inf, ±0) and masks: every token, none, exactly one (so k above the allowed count),
+/// sparse, dense, whole words on and off, and bits set past the row (ignored); several
+/// rows a call with a mask each; every token allowed gives the unmasked call's bits.
+#[test]
+fn masked_top_candidates_are_the_oracle_on_the_masked_row() {
+    let _g = lock();
+    let b = CpuBackend::new(2);
+    let mut seed = 0x51ed_2701u64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let (mut above_k, mut one, mut none) = (0usize, 0usize, 0usize);
+    for case in 0..400usize {
+        let n = 1 + (next() % 4) as usize;
+        let width = 1 + (next() % 900) as usize;
+        let wpr = width.div_ceil(32);
+        let k =
+            [1usize, 2, 5, 40, width / 3 + 1, width + 3, ops::MAX_CANDIDATES][case % 7].clamp(1, ops::MAX_CANDIDATES);
+        let x: Vec<f32> = (0..n * width)
+            .map(|_| match next() % 16 {
+                0 if case.is_multiple_of(4) => f32::NAN,
+                1 if case % 4 == 1 => f32::NEG_INFINITY,
+                2 => 0.0,
+                3 => -0.0,
+                4 if case.is_multiple_of(9) => f32::INFINITY,
+                5..=8 => ((next() % 41) as f32 - 20.0) * 0.25,
+                _ => ((next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 20.0,
+            })
+            .collect();
+        let mut mask = vec![0u32; n * wpr];
+        for r in 0..n {
+            let m = &mut mask[r * wpr..(r + 1) * wpr];
+            match (case + r) % 7 {
+                0 => m.fill(u32::MAX),
+                1 => {}
+                2 => {
+                    let t = (next() as usize) % width;
+                    m[t / 32] |= 1 << (t % 32);
+                }
+                3 => (0..width)
+                    .filter(|_| next().is_multiple_of(20))
+                    .for_each(|t| m[t / 32] |= 1 << (t % 32)),
+                4 => m.iter_mut().for_each(|w| *w = next() as u32),
+                5 => m
+                    .iter_mut()
+                    .for_each(|w| *w = if next().is_multiple_of(2) { u32::MAX } else { 0 }),
+                _ => m
+                    .iter_mut()
+                    .for_each(|w| *w = !(next() as u32 & next() as u32 & next() as u32)),
+            }
+            // Bits past the row mean nothing.
+            if !width.is_multiple_of(32) && next().is_multiple_of(2) {
+                m[wpr - 1] |= !0u32 << (width % 32);
+            }
+        }
+        let inv_t: Vec<f32> = (0..n).map(|r| [1.0f32, 1.0 / 0.7, 2.5][(case + r) % 3]).collect();
+        let buf = b.upload(&x);
+        let (mut ids, mut vals, mut tail) = (vec![0u32; n * k], vec![0.0f32; n * k], vec![0.0f64; n]);
+        b.top_candidates_rows(&buf, n, width, k, &inv_t, Some(&mask), &mut ids, &mut vals, &mut tail);
+        for r in 0..n {
+            let what = format!("case {case} row {r}: width {width}, k {k}");
+            let row = &x[r * width..(r + 1) * width];
+            let m = &mask[r * wpr..(r + 1) * wpr];
+            let allowed = |t: usize| m[t / 32] >> (t % 32) & 1 != 0;
+            let (gi, gv, gt) = (&ids[r * k..(r + 1) * k], &vals[r * k..(r + 1) * k], tail[r]);
+            let with = |fill: f32| -> (Vec<u32>, Vec<f32>, f64) {
+                let masked: Vec<f32> = row
+                    .iter()
+                    .enumerate()
+                    .map(|(t, &l)| if allowed(t) { l } else { fill })
+                    .collect();
+                let (mut i, mut v) = (vec![0u32; k], vec![0.0f32; k]);
+                let t = ops::top_candidates(&masked, inv_t[r], k, &mut i, &mut v);
+                (i, v, t)
+            };
+            // Exactly the NaN-masked row.
+            let (ni, nv, nt) = with(f32::NAN);
+            assert_eq!(gi, &ni[..], "{what}: ids vs the NaN-masked row");
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(gv), bits(&nv), "{what}: values vs the NaN-masked row");
+            assert!(
+                gt.to_bits() == nt.to_bits() || (gt.is_nan() && nt.is_nan()),
+                "{what}: tail {gt} vs {nt}"
+            );
+            // Against the −∞-masked row.
+            let (wi, wv, wt) = with(f32::NEG_INFINITY);
+            let live = wv.iter().take_while(|&&v| v > f32::NEG_INFINITY).count();
+            assert_eq!(&gi[..live], &wi[..live], "{what}: ids vs the -inf-masked row");
+            assert_eq!(
+                bits(&gv[..live]),
+                bits(&wv[..live]),
+                "{what}: values vs the -inf-masked row"
+            );
+            for (&i, &v) in gi[live..].iter().zip(&gv[live..]) {
+                assert!(
+                    (i == u32::MAX && v.is_nan()) || (allowed(i as usize) && v == f32::NEG_INFINITY),
+                    "{what}: slot past the live ones: {i} {v}"
+                );
+            }
+            for &i in gi.iter().filter(|&&i| i != u32::MAX) {
+                assert!(allowed(i as usize), "{what}: disallowed id {i} among the candidates");
+            }
+            if live > 0 {
+                assert!(gt == wt || (gt.is_nan() && wt.is_nan()), "{what}: tail {gt} vs {wt}");
+            }
+            let n_allowed = (0..width).filter(|&t| allowed(t) && !row[t].is_nan()).count();
+            above_k += (n_allowed < k && n_allowed > 0) as usize;
+            one += (n_allowed == 1) as usize;
+            if n_allowed == 0 {
+                none += 1;
+                assert!(
+                    gi.iter().all(|&i| i == u32::MAX) && gt == 0.0,
+                    "{what}: nothing allowed"
+                );
+            }
+        }
+        // Every token allowed: the unmasked call's bits.
+        let all = vec![u32::MAX; n * wpr];
+        let (mut ai, mut av, mut at) = (vec![0u32; n * k], vec![0.0f32; n * k], vec![0.0f64; n]);
+        b.top_candidates_rows(&buf, n, width, k, &inv_t, Some(&all), &mut ai, &mut av, &mut at);
+        let (mut ui, mut uv, mut ut) = (vec![0u32; n * k], vec![0.0f32; n * k], vec![0.0f64; n]);
+        b.top_candidates_rows(&buf, n, width, k, &inv_t, None, &mut ui, &mut uv, &mut ut);
+        assert_eq!(ai, ui, "case {case}: all allowed vs no mask");
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&av), bits(&uv), "case {case}: all allowed vs no mask");
+        let tbits = |v: &[f64]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(tbits(&at), tbits(&ut), "case {case}: all allowed vs no mask");
+    }
+    // The edge cases came up often enough to mean something.
+    assert!(above_k > 50 && one > 30 && none > 30, "{above_k} {one} {none}");
+}

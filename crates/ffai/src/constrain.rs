@@ -197,16 +197,10 @@ impl Constraint {
         .map_err(|e| Error::new(format!("grammar: {e}")))?;
         // Word by word: whole words allowed (free text) or refused (most of a vocabulary
         // under a strict grammar) cost one compare for 32 logits.
-        let words = mask.as_slice();
+        let width = logits.len();
         let mut any = false;
         for (w, chunk) in logits.chunks_mut(32).enumerate() {
-            // Only the bits of ids that are both in the mask and in this chunk count.
-            let valid = mask.len().saturating_sub(w * 32).min(chunk.len());
-            let bits = match valid {
-                0 => 0,
-                32 => words.get(w).copied().unwrap_or(0),
-                v => words.get(w).copied().unwrap_or(0) & ((1u32 << v) - 1),
-            };
+            let bits = allowed_word(&mask, w, width);
             any |= bits != 0;
             match bits {
                 u32::MAX => {}
@@ -219,6 +213,34 @@ impl Constraint {
                     }
                 }
             }
+        }
+        if !any {
+            return Err(Error::new("the grammar allows no token here"));
+        }
+        Ok(())
+    }
+
+    /// The allowed tokens next, as the bitmask of a row of `width` logits that
+    /// `Backend::top_candidates_rows` takes: `out` (`width.div_ceil(32)` words) gets bit
+    /// `t % 32` of word `t / 32` set when token `t` is allowed — the tokens
+    /// [`mask`](Self::mask) leaves alone (ids past the tokenizer's vocabulary refused).
+    /// The mask stays pending, so a [`mask`](Self::mask) of the same step (the whole row,
+    /// when the candidates did not decide) uses it rather than computing it again. Err
+    /// (with `out` all zero) when nothing is allowed or the grammar engine failed.
+    pub fn mask_words(&mut self, width: usize, out: &mut [u32]) -> Result<()> {
+        assert!(
+            out.len() >= width.div_ceil(32),
+            "mask_words: {} words for {width} ids",
+            out.len()
+        );
+        out.fill(0);
+        let (m, pending) = self.here()?;
+        let mask = pending.get_or_insert_with(|| compute_mask(m));
+        let mask = mask.as_ref().map_err(|e| Error::new(format!("grammar: {e}")))?;
+        let mut any = false;
+        for (w, o) in out[..width.div_ceil(32)].iter_mut().enumerate() {
+            *o = allowed_word(mask, w, width);
+            any |= *o != 0;
         }
         if !any {
             return Err(Error::new("the grammar allows no token here"));
@@ -245,6 +267,18 @@ impl Constraint {
     /// The output is complete: only end of generation may follow.
     pub fn is_complete(&self) -> bool {
         self.stopped
+    }
+}
+
+/// Word `w` of `mask` for a row of `width` ids: only the bits of ids that are both in the
+/// mask and in the row count.
+fn allowed_word(mask: &SimpleVob, w: usize, width: usize) -> u32 {
+    let valid = mask.len().min(width).saturating_sub(w * 32).min(32);
+    let word = mask.as_slice().get(w).copied().unwrap_or(0);
+    match valid {
+        0 => 0,
+        32 => word,
+        v => word & ((1u32 << v) - 1),
     }
 }
 

@@ -301,6 +301,12 @@ impl Sampler {
     /// [`sample`](Self::sample) with the working buffers given (the result is the same).
     pub fn sample_with(&mut self, logits: &mut [f32], history: &[u32], scratch: &mut SampleScratch) -> u32 {
         let t = self.pick(logits, history, scratch);
+        self.picked(t);
+        t
+    }
+
+    /// After `t` was picked: the penalties' counts, and the grammar advances past it.
+    fn picked(&mut self, t: u32) {
         if self.params.presence_penalty != 0.0 || self.params.frequency_penalty != 0.0 {
             *self.counts.entry(t).or_insert(0) += 1;
         }
@@ -311,7 +317,6 @@ impl Sampler {
                 }
             }
         }
-        t
     }
 
     fn pick(&mut self, logits: &mut [f32], history: &[u32], scratch: &mut SampleScratch) -> u32 {
@@ -373,24 +378,28 @@ impl Sampler {
 
     /// How this sampler's token can be decided from a row's top candidates
     /// ([`ffai_kernels::ops::top_candidates`]) instead of the whole row, or None when it
-    /// cannot: penalties (they change logits anywhere in the row), a grammar (it masks
-    /// anywhere), log-probabilities (they need the whole row's normaliser), a
-    /// temperature whose inverse is not finite, a top-k above
-    /// [`ffai_kernels::ops::MAX_CANDIDATES`], and plain temperature sampling (no top-k,
-    /// top-p or min-p: the draw may land anywhere in the row).
+    /// cannot: penalties (they change logits anywhere in the row), log-probabilities (they
+    /// need the whole row's normaliser), a temperature whose inverse is not finite, a
+    /// top-k above [`ffai_kernels::ops::MAX_CANDIDATES`], and plain temperature sampling
+    /// without a grammar (no top-k, top-p or min-p: the draw may land anywhere in the
+    /// row). A grammar makes the plan `masked`: the candidates are taken among the tokens
+    /// its mask allows ([`candidate_mask`](Self::candidate_mask),
+    /// `ops::top_candidates_masked`), which is what the whole-row path's −∞ leaves to pick
+    /// from.
     pub fn candidate_plan(&self) -> Option<CandidatePlan> {
         let p = &self.params;
-        if self.constraint.is_some()
-            || p.logprobs.is_some()
+        if p.logprobs.is_some()
             || p.repetition_penalty != 1.0
             || p.presence_penalty != 0.0
             || p.frequency_penalty != 0.0
         {
             return None;
         }
+        let masked = self.constraint.is_some();
         if p.temperature == 0.0 {
             return Some(CandidatePlan {
                 inv_t: 1.0,
+                masked,
                 greedy: true,
                 top_k: 0,
                 top_p: 1.0,
@@ -400,11 +409,15 @@ impl Sampler {
         // The same f32 division `pick` makes, so the candidates are scaled as it scales.
         let inv_t = 1.0 / p.temperature;
         let cuts = p.top_k > 0 || p.top_p < 1.0 || p.min_p > 0.0;
-        if !inv_t.is_finite() || p.top_k > ffai_kernels::ops::MAX_CANDIDATES || !cuts {
+        // Plain temperature sampling draws anywhere in the row: candidates decide it only
+        // when they hold every value the draw sees, which a grammar allowing fewer than k
+        // tokens gives (a row whose grammar allows more falls back to its whole row).
+        if !inv_t.is_finite() || p.top_k > ffai_kernels::ops::MAX_CANDIDATES || !(cuts || masked) {
             return None;
         }
         Some(CandidatePlan {
             inv_t,
+            masked,
             greedy: false,
             top_k: p.top_k,
             top_p: p.top_p,
@@ -412,11 +425,37 @@ impl Sampler {
         })
     }
 
+    /// The grammar's allowed tokens for this step as a row's bitmask (a `masked`
+    /// [`CandidatePlan`]'s mask: `words` holds `width.div_ceil(32)` words, bit `t % 32` of
+    /// word `t / 32` set when token `t` is allowed; `Constraint::mask_words`). Waits for
+    /// the mask computed beside the forward. When the grammar allows nothing (or failed)
+    /// the words are all zero and the sampler keeps the error
+    /// ([`constraint_error`](Self::constraint_error)), as the whole-row path does; the
+    /// row's candidates are then empty and the sequence ends with the error. Without a
+    /// grammar every token is allowed.
+    pub fn candidate_mask(&mut self, width: usize, words: &mut [u32]) {
+        let Some(c) = &mut self.constraint else {
+            words.fill(u32::MAX);
+            return;
+        };
+        if self.constraint_error.is_some() {
+            words.fill(0);
+            return;
+        }
+        if let Err(e) = c.mask_words(width, words) {
+            self.constraint_error = Some(e.to_string());
+        }
+    }
+
     /// The token from a row's top candidates (`k` ids and values scaled by the plan's
     /// `inv_t`, as [`ffai_kernels::ops::top_candidates`] gives them, and the tail mass),
     /// or None when they cannot decide it (see [`CandidatePlan::decides`]; the generator
     /// is then untouched, and the whole row must go to [`sample_with`](Self::sample_with)).
-    /// Only for a sampler with a [`candidate_plan`](Self::candidate_plan).
+    /// Only for a sampler with a [`candidate_plan`](Self::candidate_plan); with a grammar,
+    /// the candidates are the masked ones ([`candidate_mask`](Self::candidate_mask)), and
+    /// the token advances the grammar as [`sample_with`](Self::sample_with)'s does.
+    /// Plain temperature sampling under a grammar is decided only when the grammar allows
+    /// fewer than `k` tokens (the list is then the whole draw).
     ///
     /// The same token as on the whole row whenever the row has fewer than `k` non-NaN
     /// values, the sampler is greedy, or its top-k is at most `k`: the candidates are then
@@ -433,10 +472,25 @@ impl Sampler {
         scratch: &mut SampleScratch,
     ) -> Option<u32> {
         let plan = self.candidate_plan()?;
-        match plan.decide(k, ids, vals, tail, &mut scratch.cand)? {
-            Some(t) => Some(t),
-            None => Some(draw(&mut self.rng, &scratch.cand)),
-        }
+        self.sample_plan(plan, k, ids, vals, tail, scratch)
+    }
+
+    /// [`sample_candidates`](Self::sample_candidates) under `plan`.
+    fn sample_plan(
+        &mut self,
+        plan: CandidatePlan,
+        k: usize,
+        ids: &[u32],
+        vals: &[f32],
+        tail: f64,
+        scratch: &mut SampleScratch,
+    ) -> Option<u32> {
+        let t = match plan.decide(k, ids, vals, tail, &mut scratch.cand)? {
+            Some(t) => t,
+            None => draw(&mut self.rng, &scratch.cand),
+        };
+        self.picked(t);
+        Some(t)
     }
 }
 
@@ -505,6 +559,9 @@ fn by_logit(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
 pub struct CandidatePlan {
     /// What the candidates are scaled by (1 for greedy).
     pub inv_t: f32,
+    /// The sampler has a grammar: the row's candidates are taken among the tokens its
+    /// mask allows ([`Sampler::candidate_mask`]).
+    pub masked: bool,
     greedy: bool,
     top_k: usize,
     top_p: f32,
@@ -513,7 +570,8 @@ pub struct CandidatePlan {
 
 impl CandidatePlan {
     /// The candidates a row wants: greedy 2 (the best and one after it to see that no tie
-    /// continues), top-k its k, top-p / min-p the most there are (fewer rows fall back).
+    /// continues), top-k its k, top-p / min-p (or a grammar's plain temperature sampling)
+    /// the most there are (fewer rows fall back).
     pub fn k(&self) -> usize {
         if self.greedy {
             2
@@ -609,10 +667,17 @@ impl Session {
         Ok(prompt.len() - keep)
     }
 
-    /// [`prefill`](Self::prefill), handing the last row back as `row` wants it.
-    fn prefill_row(&mut self, model: &dyn LanguageModel, prompt: &[u32], row: &mut LastRow) -> Result<usize> {
+    /// [`prefill`](Self::prefill), handing the last row back as `row` wants it (with
+    /// `sampler`'s grammar mask, when it has one).
+    fn prefill_row(
+        &mut self,
+        model: &dyn LanguageModel,
+        prompt: &[u32],
+        row: &mut LastRow,
+        sampler: &mut Sampler,
+    ) -> Result<usize> {
         let keep = self.reuse_prefix(model, prompt)?;
-        row.forward(model, &prompt[keep..], &mut self.state)?;
+        row.forward(model, &prompt[keep..], &mut self.state, sampler)?;
         self.tokens.extend_from_slice(&prompt[keep..]);
         Ok(prompt.len() - keep)
     }
@@ -653,6 +718,10 @@ struct LastRow {
     vals: Vec<f32>,
     tail: [f64; 1],
     full: [bool; 1],
+    /// The grammar's mask words (a masked plan's), kept between steps.
+    mask: Vec<u32>,
+    /// Tokens [`sample`](Self::sample) took from the candidates alone.
+    from_candidates: usize,
 }
 
 impl LastRow {
@@ -665,13 +734,25 @@ impl LastRow {
             vals: vec![0.0; k],
             tail: [0.0],
             full: [false],
+            mask: Vec::new(),
+            from_candidates: 0,
         }
     }
 
-    fn forward(&mut self, model: &dyn LanguageModel, tokens: &[u32], state: &mut InferenceState) -> Result<()> {
+    /// The step over `tokens`; a masked plan's row takes `sampler`'s grammar mask, asked
+    /// for at the LM head (so it is computed beside the forward).
+    fn forward(
+        &mut self,
+        model: &dyn LanguageModel,
+        tokens: &[u32],
+        state: &mut InferenceState,
+        sampler: &mut Sampler,
+    ) -> Result<()> {
         let Some(plan) = &self.plan else {
             return model.forward(tokens, state, false, &mut self.logits);
         };
+        let vocab = self.logits.len();
+        let mut fill = |_: usize, words: &mut [u32]| sampler.candidate_mask(vocab, words);
         let out = crate::models::CandidateOut {
             k: self.ids.len(),
             plans: std::slice::from_ref(plan),
@@ -680,6 +761,10 @@ impl LastRow {
             tail: &mut self.tail,
             full: &mut self.full,
             rows: &mut self.logits,
+            masks: plan.masked.then_some(crate::models::RowMasks {
+                fill: &mut fill,
+                words: &mut self.mask,
+            }),
         };
         model.forward_last(tokens, state, crate::models::StepOut::Candidates(out))
     }
@@ -689,6 +774,7 @@ impl LastRow {
             // The step kept the whole row wherever `CandidatePlan::decides` said the
             // candidates do not decide, and that is the test this makes.
             let t = sampler.sample_candidates(self.ids.len(), &self.ids, &self.vals, self.tail[0], scratch);
+            self.from_candidates += 1;
             return t.expect("the step kept the whole row its candidates do not decide");
         }
         sampler.sample_with(&mut self.logits, history, scratch)
@@ -726,6 +812,9 @@ pub struct GenerationOutput {
     pub decode_seconds: f64,
     /// Forward passes made during decode (tokens fed back).
     pub decode_steps: usize,
+    /// Tokens decided from their step's top candidates alone (`StepOut::Candidates`: the
+    /// whole logits row never came back), grammar-constrained ones included.
+    pub candidate_tokens: usize,
 }
 
 impl GenerationOutput {
@@ -986,7 +1075,7 @@ impl Session {
         let mut row = LastRow::new(sampler.candidate_plan(), model.config().vocab_size);
         let mut scratch = SampleScratch::default();
         let t0 = Instant::now();
-        let prefill_computed = self.prefill_row(model, prompt_ids, &mut row)?;
+        let prefill_computed = self.prefill_row(model, prompt_ids, &mut row, &mut sampler)?;
         let prefill_seconds = t0.elapsed().as_secs_f64();
 
         let mut history: Vec<u32> = prompt_ids.to_vec();
@@ -1059,7 +1148,7 @@ impl Session {
                 stop_reason = StopReason::ContextFull;
                 break;
             }
-            row.forward(model, &[next], &mut self.state)?;
+            row.forward(model, &[next], &mut self.state, &mut sampler)?;
             self.tokens.push(next);
             decode_steps += 1;
         }
@@ -1084,6 +1173,7 @@ impl Session {
             prefill_seconds,
             decode_seconds,
             decode_steps,
+            candidate_tokens: row.from_candidates,
         })
     }
 }
@@ -1453,6 +1543,107 @@ mod tests {
             "{exact} {with_tail} {fell_back} {near}"
         );
         assert!(near < 50, "{near} draws near the top-p boundary");
+    }
+
+    /// A grammar's mask on the candidates path (`ops::top_candidates_masked`: disallowed
+    /// tokens left out) picks the token the whole-row path picks from the row with the
+    /// disallowed logits at −∞ (what `Constraint::mask` does): greedy and sampled, masks
+    /// from one allowed token to all, k below and above the allowed count, several draws
+    /// each. Rows where nothing allowed is finite are degenerate (the whole-row draw's
+    /// weights are NaN and it may return a disallowed id) and are left out of sampled
+    /// cases, as +inf is (its weight is NaN too); greedy takes every row.
+    #[test]
+    fn masked_candidates_pick_the_token_the_masked_row_picks() {
+        let mut g = Rng::new(77);
+        let (mut decided, mut fell_back, mut few, mut plain) = (0usize, 0usize, 0usize, 0usize);
+        let mut sa = SampleScratch::default();
+        let mut sb = SampleScratch::default();
+        let pick = |g: &mut Rng, n: usize| g.next_u64() as usize % n;
+        for case in 0..3000u64 {
+            let vocab = [3usize, 17, 200, 1500, 5000][pick(&mut g, 5)];
+            let params = GenerationParameters {
+                temperature: [0.0f32, 0.0, 0.7, 1.0, 1.6][pick(&mut g, 5)],
+                top_k: [0usize, 0, 1, 5, 40, 1024][pick(&mut g, 6)],
+                top_p: [1.0f32, 0.95, 0.6][pick(&mut g, 3)],
+                min_p: [0.0f32, 0.0, 0.05][pick(&mut g, 3)],
+                seed: Some(case),
+                ..Default::default()
+            };
+            let greedy = params.temperature == 0.0;
+            let shape = pick(&mut g, 4);
+            let mut row = random_row(&mut g, vocab, shape);
+            let wpr = vocab.div_ceil(32);
+            let mut mask = vec![0u32; wpr];
+            match pick(&mut g, 4) {
+                0 => {
+                    let t = pick(&mut g, vocab);
+                    mask[t / 32] |= 1 << (t % 32);
+                }
+                1 => (0..vocab)
+                    .filter(|_| pick(&mut g, 50) == 0)
+                    .for_each(|t| mask[t / 32] |= 1 << (t % 32)),
+                2 => mask.iter_mut().for_each(|w| *w = g.next_u64() as u32),
+                _ => mask.fill(u32::MAX),
+            }
+            let allowed = |t: usize| mask[t / 32] >> (t % 32) & 1 != 0;
+            if !greedy {
+                row.iter_mut().filter(|v| **v == f32::INFINITY).for_each(|v| *v = 30.0);
+                if !(0..vocab).any(|t| allowed(t) && row[t].is_finite()) {
+                    continue;
+                }
+            } else if !(0..vocab).any(allowed) {
+                continue;
+            }
+            let masked_row: Vec<f32> = row
+                .iter()
+                .enumerate()
+                .map(|(t, &l)| if allowed(t) { l } else { f32::NEG_INFINITY })
+                .collect();
+            let mut full = Sampler::new(&params);
+            let mut cands = Sampler::new(&params);
+            // The plan a grammar's sampler gets (plain temperature sampling included: a
+            // sampler without a grammar has none for it).
+            let plan = cands.candidate_plan().unwrap_or(CandidatePlan {
+                inv_t: 1.0 / params.temperature,
+                masked: true,
+                greedy: false,
+                top_k: 0,
+                top_p: 1.0,
+                min_p: 0.0,
+            });
+            plain += (!greedy && params.top_k == 0 && params.top_p == 1.0 && params.min_p == 0.0) as usize;
+            let k = [plan.k(), 2, 64][pick(&mut g, 3)].max(plan.k().min(2));
+            let (mut ids, mut vals) = (vec![0u32; k], vec![0.0f32; k]);
+            let tail = ffai_kernels::ops::top_candidates_masked(&row, Some(&mask), plan.inv_t, k, &mut ids, &mut vals);
+            let n_allowed = (0..vocab).filter(|&t| allowed(t) && !row[t].is_nan()).count();
+            few += (n_allowed < k) as usize;
+            let boundary = near_top_p_boundary(&masked_row, &params);
+            for draw in 0..3 {
+                let want = full.sample_with(&mut masked_row.clone(), &[], &mut sa);
+                let what = format!("case {case} draw {draw}: {params:?}, k {k}, vocab {vocab}, allowed {n_allowed}");
+                match cands.sample_plan(plan, k, &ids, &vals, tail, &mut sb) {
+                    Some(t) => {
+                        if boundary && !greedy {
+                            continue;
+                        }
+                        assert_eq!(t, want, "{what}");
+                        if n_allowed > 0 && !greedy {
+                            assert!(allowed(t as usize), "{what}: disallowed {t}");
+                        }
+                        decided += 1;
+                    }
+                    None => {
+                        assert!(n_allowed >= k, "{what}: fewer allowed than k must decide");
+                        assert_eq!(cands.sample_with(&mut masked_row.clone(), &[], &mut sb), want, "{what}");
+                        fell_back += 1;
+                    }
+                }
+            }
+        }
+        assert!(
+            decided > 3000 && fell_back > 50 && few > 500 && plain > 100,
+            "{decided} {fell_back} {few} {plain}"
+        );
     }
 
     #[test]

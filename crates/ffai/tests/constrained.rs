@@ -229,3 +229,152 @@ fn invalid_formats_are_one_line_errors() {
         assert!(ResponseFormat::from_openai(&v).is_err(), "{v}");
     }
 }
+
+/// Constrained rows decide from their top candidates with the grammar's mask applied to
+/// the selection (`StepOut::Candidates` with masks; on a GPU the mask goes up and k
+/// candidates come back instead of the row) and pick the tokens the whole rows pick: the
+/// same requests with `logprobs` (which never changes a token but needs whole rows, so
+/// those steps download them and mask on the host) give the same tokens and finish, in
+/// the engine (batched: JSON schemas, a regex and a Lark grammar, greedy and sampled with
+/// top-k, top-p, min-p or none of them, beside an unconstrained sequence) and in the one-sequence
+/// `generate`. The candidate path is taken: most tokens came from the candidates alone.
+#[test]
+fn constrained_candidates_pick_what_whole_rows_pick() {
+    let m = model(SMOLLM2);
+    let prompt = m
+        .tokenizer
+        .encode("Reply with one JSON record about a book or a person:", false)
+        .unwrap();
+    let formats: Vec<ResponseFormat> = schemas()
+        .into_iter()
+        .map(|(_, s)| ResponseFormat::JsonSchema(s))
+        .chain([
+            ResponseFormat::JsonObject,
+            ResponseFormat::Regex("(yes|no), [0-9]{2,3} (cats|dogs)".into()),
+            ResponseFormat::Lark(
+                "start: \"color: \" COLOR (\", \" COLOR)?\nCOLOR: \"red\" | \"green\" | \"blue\"\n".into(),
+            ),
+        ])
+        .collect();
+    // Plain temperature sampling too: decided where the grammar allows fewer than k tokens.
+    let sampling = |i: usize, p: &mut GenerationParameters| match i % 6 {
+        0 => p.temperature = 0.0,
+        1 => (p.temperature, p.top_k) = (0.8, 40),
+        2 => (p.temperature, p.top_p) = (0.9, 0.9),
+        3 => (p.temperature, p.min_p) = (1.0, 0.1),
+        4 => (p.temperature, p.top_p, p.top_k) = (0.7, 0.95, 20),
+        _ => p.temperature = 1.0,
+    };
+    let mut reqs = Vec::new();
+    for i in 0..12 {
+        let mut p = params(0.0, 300 + i as u64, formats[(i / 2) % formats.len()].clone());
+        p.max_tokens = 60;
+        sampling(i, &mut p);
+        reqs.push(SeqRequest {
+            prompt: prompt.clone(),
+            params: p,
+        });
+    }
+    reqs.push(SeqRequest {
+        prompt: prompt.clone(),
+        params: GenerationParameters {
+            temperature: 0.8,
+            top_k: 30,
+            seed: Some(9),
+            max_tokens: 20,
+            ..Default::default()
+        },
+    });
+    let whole: Vec<SeqRequest> = reqs
+        .iter()
+        .map(|r| SeqRequest {
+            prompt: r.prompt.clone(),
+            params: GenerationParameters {
+                logprobs: Some(0),
+                ..r.params.clone()
+            },
+        })
+        .collect();
+    let cfg = || EngineConfig::for_model(&*m.lm, 512, 13, 256, Some(KvCacheSize::Tokens(6144))).unwrap();
+    let (got, st) = run_scheduler(m, cfg(), &reqs);
+    let (want, st_whole) = run_scheduler(m, cfg(), &whole);
+    let generated: usize = got.iter().map(|c| c.token_ids.len()).sum();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(
+            g.token_ids, w.token_ids,
+            "engine, sequence {i}: candidates vs whole rows"
+        );
+        assert_eq!(g.finish_reason, w.finish_reason, "engine, sequence {i}");
+    }
+    // Every step had whole rows with `logprobs`; without, rows decide from candidates
+    // (a row whose candidates do not decide falls back to its whole row).
+    assert_eq!(st_whole.candidate_rows, 0);
+    assert!(
+        st.candidate_rows as usize > generated / 2,
+        "{} of {generated} tokens from candidates",
+        st.candidate_rows
+    );
+    let mut from_candidates = 0;
+    for (i, (r, w)) in reqs.iter().zip(&whole).enumerate() {
+        let a = generate(&*m.lm, &m.tokenizer, &r.prompt, &r.params, |_| true).unwrap();
+        let b = generate(&*m.lm, &m.tokenizer, &w.prompt, &w.params, |_| true).unwrap();
+        assert_eq!(
+            a.generated_ids, b.generated_ids,
+            "generate, sequence {i}: candidates vs whole rows"
+        );
+        assert_eq!(a.generated_ids, got[i].token_ids, "generate vs engine, sequence {i}");
+        assert_eq!(b.candidate_tokens, 0);
+        from_candidates += a.candidate_tokens;
+    }
+    assert!(
+        from_candidates > generated / 2,
+        "generate: {from_candidates} of {generated} from candidates"
+    );
+}
+
+/// A grammar that comes to allow no token (here: after "zq", which the model would not
+/// write unmasked, a character class that matches nothing) ends the sequence with an
+/// error, never a hang, on the candidates path (its mask allows nothing: the row has no
+/// candidates) and on whole rows alike: greedy and sampled in the engine, and an error
+/// from `generate`. The text up to there is what the grammar forced.
+#[test]
+fn a_grammar_that_allows_nothing_ends_with_an_error_on_both_paths() {
+    let m = model(SMOLLM2);
+    let prompt = m.tokenizer.encode("Answer:", false).unwrap();
+    let dead_end = ResponseFormat::Lark("start: \"zq\" /[^\\s\\S]/\n".into());
+    let mut reqs = Vec::new();
+    for (t, logprobs) in [(0.0, None), (0.9, None), (0.0, Some(0)), (0.9, Some(0))] {
+        let mut p = params(t, 4, dead_end.clone());
+        p.top_k = 10;
+        p.logprobs = logprobs;
+        reqs.push(SeqRequest {
+            prompt: prompt.clone(),
+            params: p,
+        });
+    }
+    // Candidates and whole rows in engines of their own (one whole-row sequence makes
+    // the whole step download rows).
+    for (path, reqs) in [("candidates", &reqs[..2]), ("whole rows", &reqs[2..])] {
+        let cfg = EngineConfig::for_model(&*m.lm, 512, 2, 256, Some(KvCacheSize::Tokens(2048))).unwrap();
+        let (done, st) = run_scheduler(m, cfg, reqs);
+        assert_eq!(st.candidate_rows > 0, path == "candidates", "{path}: {st:?}");
+        for (i, c) in done.iter().enumerate() {
+            assert!(
+                matches!(&c.finish_reason, FinishReason::Error(e) if e.contains("grammar")),
+                "{path}, sequence {i}: {:?}",
+                c.finish_reason
+            );
+            assert_eq!(c.text, "zq", "{path}, sequence {i}: {:?}", c.token_ids);
+        }
+    }
+    for (i, r) in reqs.iter().enumerate() {
+        let mut text = String::new();
+        let e = generate(&*m.lm, &m.tokenizer, &r.prompt, &r.params, |t| {
+            text.push_str(t);
+            true
+        })
+        .expect_err("generate must fail");
+        assert!(e.message().contains("constrained output ended"), "{}", e.message());
+        assert_eq!(text, "zq", "generate, sequence {i}");
+    }
+}

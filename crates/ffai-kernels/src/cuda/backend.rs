@@ -384,6 +384,9 @@ struct Scratch {
     /// inverse temperatures (`top_candidates_rows`).
     cands: DevMem<u32>,
     cand_inv_t: DevMem<f32>,
+    /// The rows' allowed-token bitmasks (a grammar's), when a step has them: grown to the
+    /// largest seen and kept, so a constrained step allocates nothing once sized.
+    cand_mask: DevMem<u32>,
     /// Activations quantized to 8 bits (q8x.cu): levels, per-block scales and sums, in
     /// blocks of 32 (`xq` ...) and of 256 (`xq256` ...).
     xq: DevMem<u8>,
@@ -564,6 +567,7 @@ impl CudaBackend {
                 argmax: DevMem::empty(),
                 cands: DevMem::empty(),
                 cand_inv_t: DevMem::empty(),
+                cand_mask: DevMem::empty(),
                 xq: DevMem::empty(),
                 xd: DevMem::empty(),
                 xs: DevMem::empty(),
@@ -1869,18 +1873,21 @@ impl Backend for CudaBackend {
         width: usize,
         k: usize,
         inv_t: &[f32],
+        mask: Option<&[u32]>,
         ids: &mut [u32],
         vals: &mut [f32],
         tail: &mut [f64],
     ) {
+        let wpr = width.div_ceil(32);
         assert!(
             (1..=crate::ops::MAX_CANDIDATES).contains(&k)
                 && n * width <= buf.len
                 && inv_t.len() >= n
+                && mask.is_none_or(|m| m.len() >= n * wpr)
                 && ids.len() >= n * k
                 && vals.len() >= n * k
                 && tail.len() >= n,
-            "top_candidates_rows: bad k or buffers"
+            "top_candidates_rows: bad k, mask or buffers"
         );
         if n == 0 {
             return;
@@ -1892,6 +1899,20 @@ impl Backend for CudaBackend {
         self.grow(&mut sc.cands, words);
         self.grow(&mut sc.cand_inv_t, n);
         self.write(&inv_t[..n], &mut sc.cand_inv_t);
+        // The masks (if any) into their kept device buffer; a null pointer is no mask.
+        let mask_ptr = match mask {
+            Some(m) => {
+                self.grow(&mut sc.cand_mask, n * wpr);
+                if sc.cand_mask.len < n * wpr {
+                    // Not grown (a capture under way, which then reruns eagerly): the
+                    // kernel must not read past the buffer.
+                    return;
+                }
+                self.write(&m[..n * wpr], &mut sc.cand_mask);
+                sc.cand_mask.ptr
+            }
+            None => 0,
+        };
         // One block of TOPC_MAX (1024) threads a row: the kernel's sort holds a slot per thread.
         self.launch(
             "top_candidates_rows",
@@ -1902,6 +1923,7 @@ impl Backend for CudaBackend {
                 Arg::U(width as u32),
                 Arg::U(k as u32),
                 Arg::P(sc.cand_inv_t.ptr),
+                Arg::P(mask_ptr),
                 Arg::P(sc.cands.ptr),
             ],
         );

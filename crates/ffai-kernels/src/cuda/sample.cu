@@ -15,10 +15,18 @@ __device__ __forceinline__ float topc_value(unsigned int key) {
     return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
 
+// Whether entry c of a row is taken: its scaled value s is not NaN and, with a mask (the
+// row's allowed-token bits, bit c % 32 of word c / 32; null: every token), c is allowed.
+// A disallowed entry is skipped exactly as a NaN is (ops::top_candidates_masked).
+__device__ __forceinline__ bool topc_ok(float s, const unsigned int* mrow, unsigned int c) {
+    return s == s && (mrow == nullptr || ((mrow[c >> 5] >> (c & 31u)) & 1u));
+}
+
 // One block of 1024 threads per row of `width`; `k` <= TOPC_MAX (checked by the caller).
 // Scales the row by inv_t[row] (one rounded multiply, never fused, as the host does it),
-// skips NaN, and finds the k largest by (value desc, id asc):
-//   1. the count of non-NaN values and the largest key;
+// skips NaN and (with `allowed`: ceil(width / 32) mask words a row, or null) disallowed tokens,
+// and finds the k largest by (value desc, id asc):
+//   1. the count of values taken (non-NaN and allowed) and the largest key;
 //   2. a radix select, 8 bits a pass from the top: the key T of the k-th largest and how
 //      many values equal to T are taken (the lowest ids of them);
 //   3. one pass in id order: values above T and the first `need` equal to T go to shared
@@ -26,9 +34,10 @@ __device__ __forceinline__ float topc_value(unsigned int key) {
 //      every other value adds exp(s - m) to this thread's f64 tail sum;
 //   4. a bitonic sort of the 1024 slots on (key << 32 | ~id), descending.
 // out: ids [n][k], then the values' bits [n][k], then the tails as f64 [n] (n = gridDim.x).
-// Unused slots (a row with fewer than k non-NaN values): id 0xffffffff, value NaN.
+// Unused slots (a row with fewer than k values taken): id 0xffffffff, value NaN.
 extern "C" __global__ void top_candidates_rows(const float* x, unsigned int width, unsigned int k,
-                                               const float* inv_t, unsigned int* out) {
+                                               const float* inv_t, const unsigned int* allowed,
+                                               unsigned int* out) {
     PDL_ENTRY();
     __shared__ unsigned int hist[256];
     __shared__ unsigned long long cand[TOPC_MAX];
@@ -39,12 +48,13 @@ extern "C" __global__ void top_candidates_rows(const float* x, unsigned int widt
     const unsigned int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
     const float* row = x + (size_t)blockIdx.x * width;
     const float it = inv_t[blockIdx.x];
+    const unsigned int* mrow = allowed ? allowed + (size_t)blockIdx.x * ((width + 31u) >> 5) : nullptr;
 
-    // 1. Non-NaN count and largest key.
+    // 1. Count of values taken and largest key.
     unsigned int nv = 0, mk = 0;
     for (unsigned int c = tid; c < width; c += blockDim.x) {
         float s = __fmul_rn(row[c], it);
-        if (s == s) {
+        if (topc_ok(s, mrow, c)) {
             nv++;
             mk = max(mk, topc_key(s));
         }
@@ -75,7 +85,7 @@ extern "C" __global__ void top_candidates_rows(const float* x, unsigned int widt
             __syncthreads();
             for (unsigned int c = tid; c < width; c += blockDim.x) {
                 float s = __fmul_rn(row[c], it);
-                if (s == s) {
+                if (topc_ok(s, mrow, c)) {
                     unsigned int key = topc_key(s);
                     if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
                 }
@@ -113,7 +123,7 @@ extern "C" __global__ void top_candidates_rows(const float* x, unsigned int widt
         bool ok = false;
         if (c < width) {
             s = __fmul_rn(row[c], it);
-            ok = s == s;
+            ok = topc_ok(s, mrow, c);
         }
         const unsigned int key = ok ? topc_key(s) : 0u;
         const bool gt = ok && kk > 0 && key > T;

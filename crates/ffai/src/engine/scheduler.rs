@@ -42,7 +42,7 @@ use crate::generate::{CandidatePlan, GenerationParameters, SampleScratch, Sample
 use crate::inspect::Tap;
 use crate::models::one_seq::{ring_blocks, DEFAULT_BLOCK_SIZE};
 use crate::models::{BatchShape, BatchState, LanguageModel};
-use crate::models::{CandidateOut, StepOut};
+use crate::models::{CandidateOut, RowMasks, StepOut};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use crate::{bail, ensure};
 
@@ -255,6 +255,9 @@ pub struct SchedulerStats {
     /// Seconds spent in the model's forward calls (on a GPU: enqueueing the step and
     /// waiting for its outputs); the rest of a step's wall time is the scheduler's own.
     pub forward_secs: f64,
+    /// Sampled tokens decided from their rows' top candidates alone (`StepOut::Candidates`:
+    /// the whole row never came back), grammar-constrained ones included.
+    pub candidate_rows: u64,
 }
 
 struct Seq<'m> {
@@ -323,10 +326,14 @@ enum Picked<'a> {
 struct Candidates {
     k: usize,
     plans: Vec<CandidatePlan>,
+    /// Each logit row's sequence (index into `running`): where a masked row's grammar is.
+    seqs: Vec<usize>,
     ids: Vec<u32>,
     vals: Vec<f32>,
     tail: Vec<f64>,
     full: Vec<bool>,
+    /// A pass's grammar masks (`RowMasks::words`).
+    mask_words: Vec<u32>,
 }
 
 impl<'m> Scheduler<'m> {
@@ -556,6 +563,7 @@ impl<'m> Scheduler<'m> {
         // (and get whole rows back only where the candidates do not decide).
         let c = &mut self.cands;
         c.plans.clear();
+        c.seqs.clear();
         if !greedy {
             for &(ri, n) in &self.plan {
                 let s = &self.running[ri];
@@ -564,7 +572,10 @@ impl<'m> Scheduler<'m> {
                     continue;
                 }
                 match s.sampler.candidate_plan() {
-                    Some(p) => c.plans.push(p),
+                    Some(p) => {
+                        c.plans.push(p);
+                        c.seqs.push(ri);
+                    }
                     None => {
                         c.plans.clear();
                         break;
@@ -581,10 +592,16 @@ impl<'m> Scheduler<'m> {
             c.tail.resize(rows, 0.0);
             c.full.resize(rows, false);
         }
+        // A masked (constrained) row's grammar mask is asked for at the LM head, from its
+        // sequence's sampler, so it is computed beside the forward.
+        let running = &mut self.running;
+        let seqs = &c.seqs;
+        let mut fill = |r: usize, words: &mut [u32]| running[seqs[r]].sampler.candidate_mask(vocab, words);
         let out = if greedy {
             StepOut::Argmax(&mut self.argmax_ids)
         } else if use_cands {
             let rows = c.plans.len();
+            let masked = c.plans.iter().any(|p| p.masked);
             StepOut::Candidates(CandidateOut {
                 k: c.k,
                 plans: &c.plans,
@@ -593,6 +610,10 @@ impl<'m> Scheduler<'m> {
                 tail: &mut c.tail[..rows],
                 full: &mut c.full[..rows],
                 rows: &mut self.logits[..rows * vocab],
+                masks: masked.then_some(RowMasks {
+                    fill: &mut fill,
+                    words: &mut c.mask_words,
+                }),
             })
         } else {
             StepOut::Logits(&mut self.logits[..self.logit_rows.len() * vocab])
@@ -637,6 +658,7 @@ impl<'m> Scheduler<'m> {
                 let picked = if greedy {
                     Picked::Id(self.argmax_ids[li])
                 } else if use_cands && !c.full[li] {
+                    self.stats.candidate_rows += 1;
                     let k = c.k;
                     Picked::Candidates(
                         k,

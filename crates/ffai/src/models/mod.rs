@@ -200,6 +200,22 @@ pub struct CandidateOut<'a> {
     /// logits were written to `rows[r * vocab..]`; other rows of `rows` are left as they were.
     pub full: &'a mut [bool],
     pub rows: &'a mut [f32],
+    /// The allowed-token masks of the rows whose plan is `masked` (a grammar), asked for
+    /// when their LM-head pass is about to select the candidates (so a mask computed
+    /// beside the forward is waited for only then). None: a masked row gets its whole
+    /// row back (`full`), to be masked on the host.
+    pub masks: Option<RowMasks<'a>>,
+}
+
+/// [`CandidateOut::masks`]: where the masked rows' allowed tokens come from.
+pub struct RowMasks<'a> {
+    /// Writes logit row `r`'s mask into `words` (`vocab.div_ceil(32)` of them, zero when
+    /// called): bit `t % 32` of word `t / 32` set when token `t` is allowed
+    /// (`Backend::top_candidates_rows`). All zero: nothing is allowed (the row's
+    /// candidates are then empty, and the sampler knows why).
+    pub fill: &'a mut dyn FnMut(usize, &mut [u32]),
+    /// Working space for a pass's masks, kept by the caller between steps.
+    pub words: &'a mut Vec<u32>,
 }
 
 impl CandidateOut<'_> {
@@ -216,20 +232,42 @@ impl CandidateOut<'_> {
         let k = self.k;
         let (r0, r1) = (first, first + m);
         let inv_t: Vec<f32> = self.plans[r0..r1].iter().map(|p| p.inv_t).collect();
+        // The pass's masks when any of its rows has one (the others allow every token).
+        let wpr = vocab.div_ceil(32);
+        let any_masked = self.plans[r0..r1].iter().any(|p| p.masked);
+        let mask = match &mut self.masks {
+            Some(rm) if any_masked => {
+                rm.words.clear();
+                rm.words.resize(m * wpr, u32::MAX);
+                for r in r0..r1 {
+                    if self.plans[r].masked {
+                        let w = &mut rm.words[(r - r0) * wpr..(r - r0 + 1) * wpr];
+                        w.fill(0);
+                        (rm.fill)(r, w);
+                    }
+                }
+                Some(&rm.words[..m * wpr])
+            }
+            _ => None,
+        };
         b.top_candidates_rows(
             logits,
             m,
             vocab,
             k,
             &inv_t,
+            mask,
             &mut self.ids[r0 * k..r1 * k],
             &mut self.vals[r0 * k..r1 * k],
             &mut self.tail[r0..r1],
         );
+        let unmasked = mask.is_none();
         let mut scratch = Vec::new();
         for r in r0..r1 {
             let (ids, vals) = (&self.ids[r * k..(r + 1) * k], &self.vals[r * k..(r + 1) * k]);
-            self.full[r] = !self.plans[r].decides(k, ids, vals, self.tail[r], &mut scratch);
+            // A masked row whose mask never came is decided on the host, from its whole row.
+            self.full[r] =
+                (self.plans[r].masked && unmasked) || !self.plans[r].decides(k, ids, vals, self.tail[r], &mut scratch);
             if self.full[r] {
                 let j = r - r0;
                 b.download(

@@ -220,28 +220,43 @@ fn run_chunks<M: LanguageModel + ?Sized>(
     let s = inner(state)?;
     let mut result = Ok(());
     let n_chunks = tokens.len().div_ceil(chunk);
-    for (ci, ids) in tokens.chunks(chunk).enumerate() {
-        let n = ids.len();
-        s.lay_out(pos, n);
-        s.logit_rows.clear();
-        let step_out = match &mut want {
-            Wanted::Every(logits) => {
+    // Two loops, so a `StepOut` handed in whole (its lifetime fixed: a `CandidateOut`
+    // with masks is invariant in it) never meets the per-chunk borrows of `Every`'s logits.
+    match &mut want {
+        Wanted::Every(logits) => {
+            for (ci, ids) in tokens.chunks(chunk).enumerate() {
+                let n = ids.len();
+                s.lay_out(pos, n);
+                s.logit_rows.clear();
                 s.logit_rows.extend(0..n as u32);
                 let dst = ci * chunk * vocab;
-                StepOut::Logits(&mut logits[dst..dst + n * vocab])
+                let step_out = StepOut::Logits(&mut logits[dst..dst + n * vocab]);
+                result = m.forward_batch(ids, &s.layout, &s.logit_rows, &mut s.batch, &mut tap, step_out);
+                if result.is_err() {
+                    break;
+                }
+                pos += n;
             }
-            Wanted::Last(out) if ci + 1 == n_chunks => {
-                s.logit_rows.push(n as u32 - 1);
-                out.take().unwrap_or(StepOut::Logits(&mut []))
-            }
-            // Earlier chunks hand back nothing.
-            Wanted::Last(_) => StepOut::Logits(&mut []),
-        };
-        result = m.forward_batch(ids, &s.layout, &s.logit_rows, &mut s.batch, &mut tap, step_out);
-        if result.is_err() {
-            break;
         }
-        pos += n;
+        Wanted::Last(out) => {
+            for (ci, ids) in tokens.chunks(chunk).enumerate() {
+                let n = ids.len();
+                s.lay_out(pos, n);
+                s.logit_rows.clear();
+                // Earlier chunks hand back nothing.
+                let step_out = if ci + 1 == n_chunks {
+                    s.logit_rows.push(n as u32 - 1);
+                    out.take().unwrap_or(StepOut::Logits(&mut []))
+                } else {
+                    StepOut::Logits(&mut [])
+                };
+                result = m.forward_batch(ids, &s.layout, &s.logit_rows, &mut s.batch, &mut tap, step_out);
+                if result.is_err() {
+                    break;
+                }
+                pos += n;
+            }
+        }
     }
     state.tap = tap;
     result?;
