@@ -491,7 +491,8 @@ pub struct CudaBackend {
     split: bool,
     /// The split layouts' tensor-core products stage both operands through shared memory,
     /// this many 32-element blocks a step (`FFAI_CUDA_MMQ_STAGED=4|8`; 0 takes the
-    /// unstaged `mmq_*s`).
+    /// unstaged `mmq_*s`). 4 by default: on an H100, 64 sequences of the 8B Q4_0 decode at
+    /// 4068 tok/s with 4, 3872 with 8, 2313 unstaged (session 14).
     mmq_staged: u8,
 }
 
@@ -610,8 +611,8 @@ impl CudaBackend {
                 && std::env::var_os("FFAI_CUDA_OLDER_KERNELS").is_none_or(|v| v != "1"),
             mmq_staged: match std::env::var("FFAI_CUDA_MMQ_STAGED").as_deref() {
                 Ok("0") => 0,
-                Ok("4") => 4,
-                _ => 8,
+                Ok("8") => 8,
+                _ => 4,
             },
         })
     }

@@ -1322,15 +1322,17 @@ __device__ __forceinline__ void mmq_q4k(const u8* __restrict__ w, u64 row_bytes,
 //
 // The int8 tensor-core product for the split layouts (Q4_0 / Q8_0 rows of whole 256-element
 // runs, see `Split`), with both operands staged through shared memory: a block of 8 warps
-// takes 64 weight rows by 64 tokens, and steps through k 128 elements (four 32-element
-// blocks) at a time. Each step's weight levels (Q4_0 nibbles widened to signed bytes, less
+// takes 64 weight rows by 64 tokens, and steps through k KB 32-element blocks at a time. Each step's weight levels (Q4_0 nibbles widened to signed bytes, less
 // the zero point 8) and scales, and the activations' levels and scales, are loaded once
 // into shared memory by the whole block (16-byte loads; the next step's are in flight
 // while the current one is multiplied), so a weight byte is read from memory once per 64
 // tokens and an activation once per 64 rows. Warp w takes rows 16 (w % 4) .. + 16 and
 // tokens 32 (w / 4) .. + 32: four m16n8k32 products a 32-element block. Per (row, token)
 // the blocks' (d_w * d_x) * isum are added in block order, as the CPU's q8 dot adds them.
-// Launch: grid (ceil(n / 64), ceil(rows / 64)), 256 threads; cols % 128 == 0.
+// Launch: grid (ceil(n / 64), ceil(rows / 64)), 256 threads; cols % (32 KB) == 0.
+// On an H100 (session 14, 64 sequences of the 8B Q4_0) they took a decode step from 25.7
+// to 14.6 ms (KB = 4; 15.4 with KB = 8); in a 512-token prefill they lose to dequantize +
+// cuBLAS (8360 against 14213 tok/s), so steps of up to 64 rows take them.
 #define MMQS_ROWS 64
 #define MMQS_TOK 64
 
@@ -1465,8 +1467,8 @@ __device__ __forceinline__ void mmq_staged(const u8* __restrict__ w, u64 row_byt
              u32 n) {                                                                                         \
         mmq_staged<K, KB>(w, row_bytes, xq, xd, y, rows, cols, n);                                            \
     }
-// Steps of 128 elements (any cols % 128 == 0) and of 256 (cols % 256 == 0, which every
-// split row is): twice the loads in flight a step, half the barriers.
+// Steps of 128 elements (the default) and of 256 (`FFAI_CUDA_MMQ_STAGED=8`: twice the loads
+// in flight a step, half the barriers, but slower on an H100).
 MMQS_KERNEL(mmqs_q4_0s, K_Q4_0, 4)
 MMQS_KERNEL(mmqs_q8_0s, K_Q8_0, 4)
 MMQS_KERNEL(mmqs8_q4_0s, K_Q4_0, 8)
