@@ -568,6 +568,32 @@ __device__ __forceinline__ void legacy_decode(const u8* blk, const LegacyRaw& ra
     }
 }
 
+// One 32-element block's terms for each activation row t < n: (d_w * d_x) * isum into
+// acc[t] and, for the types with a min, m * (d_x * Σq_x) into sm[t] (apart, as the CPU
+// adds them).
+template <int MAXN, bool MIN>
+__device__ __forceinline__ void block_dots(const int (&q)[8], float dw, float mw, const signed char* __restrict__ xq,
+                                           const float* __restrict__ xd, const int* __restrict__ xs, u32 cols, u32 nb,
+                                           u32 b, u32 n, float (&acc)[MAXN], float (&sm)[MAXN]) {
+#pragma unroll
+    for (int t = 0; t < MAXN; ++t) {
+        if ((u32)t < n) {
+            int a[8];
+            act32(xq, cols, t, b, a);
+            int s = 0;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                s = dp4a(q[i], a[i], s);
+            }
+            const float dx = __ldg(xd + (u64)t * nb + b);
+            acc[t] += (dw * dx) * (float)s;
+            if (MIN) {
+                sm[t] += mw * (dx * (float)__ldg(xs + (u64)t * nb + b));
+            }
+        }
+    }
+}
+
 // Lane L takes blocks L, L + 32, ... in order, two at a time with both blocks' loads
 // issued before either is used (MAXN: the most activation rows, 1 for a decode step of
 // one sequence: the same per-row arithmetic as 8, fewer registers).
@@ -604,23 +630,7 @@ __device__ __forceinline__ void mv_legacy(const u8* __restrict__ w, u64 row_byte
             float dw, mw;
             int q[8];
             legacy_decode<K>(row + (u64)b * BYTES, raw[u], dw, mw, q);
-#pragma unroll
-            for (int t = 0; t < MAXN; ++t) {
-                if ((u32)t < n) {
-                    int a[8];
-                    act32(xq, cols, t, b, a);
-                    int s = 0;
-#pragma unroll
-                    for (int i = 0; i < 8; ++i) {
-                        s = dp4a(q[i], a[i], s);
-                    }
-                    const float dx = __ldg(xd + (u64)t * nb + b);
-                    acc[t] += (dw * dx) * (float)s;
-                    if (MIN) {
-                        sm[t] += mw * (dx * (float)__ldg(xs + (u64)t * nb + b));
-                    }
-                }
-            }
+            block_dots<MAXN, MIN>(q, dw, mw, xq, xd, xs, cols, nb, b, n, acc, sm);
         }
     }
 #pragma unroll
@@ -708,21 +718,7 @@ __device__ __forceinline__ void mv_split(const u8* __restrict__ w, u64 row_bytes
             }
             int q[8];
             split_decode<K>(lv[u], q);
-            const float dw = f16_bits(db[u]);
-#pragma unroll
-            for (int t = 0; t < MAXN; ++t) {
-                if ((u32)t < n) {
-                    int a[8];
-                    act32(xq, cols, t, b, a);
-                    int s = 0;
-#pragma unroll
-                    for (int i = 0; i < 8; ++i) {
-                        s = dp4a(q[i], a[i], s);
-                    }
-                    const float dx = __ldg(xd + (u64)t * nb + b);
-                    acc[t] += (dw * dx) * (float)s;
-                }
-            }
+            block_dots<MAXN, false>(q, f16_bits(db[u]), 0.0f, xq, xd, nullptr, cols, nb, b, n, acc, acc);
         }
     }
 #pragma unroll
