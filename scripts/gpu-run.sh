@@ -24,6 +24,9 @@
 #   skipab   decode on the 8B Q4_0 with each of SKIP_SETS' kernels not launched
 #            (FFAI_CUDA_SKIP_KERNELS): what each costs inside the replayed graph
 #   lcbb     llama-batched-bench on /tmp/synth/$LCBB_TYPE (default Q4_0), 1 and 64 sequences
+#   stagedk  the opt-in staged Q4_K tensor-core product (FFAI_CUDA_MMQ_STAGED_K=1): the
+#            product tests with it, then 64 sequences on /tmp/synth/Q4_K_M.gguf without and
+#            with it (needs lcwait's Q4_K_M file)
 #   ncu      per-kernel durations (Nsight Compute) of ffai's and llama.cpp's decode on a
 #            4-layer Llama-3-8B-shaped Q4_0 file (same per-layer shapes, small to make);
 #            needs lcbuild started earlier for llama.cpp's half
@@ -167,6 +170,13 @@ for stage in "$@"; do
     lc_wait || exit 1
     timeout 200 /tmp/lc/llama.cpp/build/bin/llama-batched-bench -m /tmp/synth/${LCBB_TYPE:-Q4_0}.gguf -ngl 99 -fa on -c 40960 -npp 128 -ntg 128 \
       -npl 1,64 2>&1 | grep -E '^\|' | tee -a "$out/llamacpp-batched.md" ;;
+  stagedk)
+    echo "== products with FFAI_CUDA_MMQ_STAGED_K=1 (and FFAI_CUDA_MMQ_MAX=100)"
+    FFAI_CUDA_MMQ_STAGED_K=1 FFAI_CUDA_MMQ_MAX=100 $B/cuda_backend --test-threads=1 products 2>&1 | tee -a "$out/kernels.log" | grep -E "panicked|FAILED|test result|relative" | head -10
+    for k in 0 1; do
+      echo "== FFAI_CUDA_MMQ_STAGED_K=$k, 64 sequences, Q4_K_M"
+      FFAI_CUDA_MMQ_STAGED_K=$k timeout 150 $B/ffai bench -m /tmp/synth/Q4_K_M.gguf --device cuda --sequences 64 --prompt-tokens 128 --gen-tokens 128 --repetitions 1 2>&1 | grep -E "decode|prefill" | tee -a "$out/ffai-stagedk.txt"
+    done ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done

@@ -92,9 +92,11 @@ const MMQ_THREADS: u32 = 256;
 /// and the weight rows one of its blocks takes. `split`: the matrix's device copy has the
 /// split row layout (`quant::split_rows`), whose products stage both operands through
 /// shared memory, `staged` 32-element blocks a step (`mmqs8_*`: 8, `mmqs_*`: 4), unless
-/// `staged` is 0 (`FFAI_CUDA_MMQ_STAGED`).
-fn mmq_kernel(ty: WeightType, split: bool, staged: u8) -> Option<(&'static str, usize, usize)> {
+/// `staged` is 0 (`FFAI_CUDA_MMQ_STAGED`); Q4_K's staged product (`mmqs_q4_k`) where
+/// `staged_k` (`FFAI_CUDA_MMQ_STAGED_K=1`, off until it has run on a GPU).
+fn mmq_kernel(ty: WeightType, split: bool, staged: u8, staged_k: bool) -> Option<(&'static str, usize, usize)> {
     Some(match ty {
+        WeightType::Q4K if staged_k => ("mmqs_q4_k", 256, MMQS_ROWS),
         WeightType::Q4_0 if split && staged == 8 => ("mmqs8_q4_0s", 32, MMQS_ROWS),
         WeightType::Q8_0 if split && staged == 8 => ("mmqs8_q8_0s", 32, MMQS_ROWS),
         WeightType::Q4_0 if split && staged == 4 => ("mmqs_q4_0s", 32, MMQS_ROWS),
@@ -494,6 +496,10 @@ pub struct CudaBackend {
     /// unstaged `mmq_*s`). 4 by default: on an H100, 64 sequences of the 8B Q4_0 decode at
     /// 4068 tok/s with 4, 3872 with 8, 2313 unstaged (session 14).
     mmq_staged: u8,
+    /// Q4_K's tensor-core products staged the same way (`mmqs_q4_k`), only with
+    /// `FFAI_CUDA_MMQ_STAGED_K=1`: written in session 14 after its device time ran out,
+    /// compiled by NVRTC but not yet run on a GPU.
+    mmq_staged_k: bool,
 }
 
 fn grid1(n: usize, block: usize) -> (u32, u32, u32) {
@@ -614,6 +620,7 @@ impl CudaBackend {
                 Ok("8") => 8,
                 _ => 4,
             },
+            mmq_staged_k: std::env::var_os("FFAI_CUDA_MMQ_STAGED_K").is_some_and(|v| v == "1"),
         })
     }
 
@@ -1109,7 +1116,7 @@ impl CudaBackend {
             return parts.to_vec();
         }
         let (mine, rest): (Vec<_>, Vec<_>) = parts.iter().partition(|(w, _)| {
-            mmq_kernel(w.ty, w.split, self.mmq_staged)
+            mmq_kernel(w.ty, w.split, self.mmq_staged, self.mmq_staged_k)
                 .is_some_and(|(_, block, _)| w.cols.is_multiple_of(block) && w.cols == parts[0].0.cols)
         });
         if mine.is_empty() {
@@ -1122,17 +1129,17 @@ impl CudaBackend {
         // Quantize x once per block length the parts need (unless the op that wrote x
         // wrote its 8-bit sets too), then launch every part.
         for block in [32usize, 256] {
-            if !mine
-                .iter()
-                .any(|(w, _)| mmq_kernel(w.ty, w.split, self.mmq_staged).is_some_and(|(_, b, _)| b == block))
-            {
+            if !mine.iter().any(|(w, _)| {
+                mmq_kernel(w.ty, w.split, self.mmq_staged, self.mmq_staged_k).is_some_and(|(_, b, _)| b == block)
+            }) {
                 continue;
             }
             let Some((xq, xd, xs)) = self.quantize_acts(&mut sc, x, n, cols, block) else {
                 return Vec::new();
             };
             for (w, out) in &mine {
-                let Some((kernel, b, rows_per_block)) = mmq_kernel(w.ty, w.split, self.mmq_staged) else {
+                let Some((kernel, b, rows_per_block)) = mmq_kernel(w.ty, w.split, self.mmq_staged, self.mmq_staged_k)
+                else {
                     continue;
                 };
                 if b != block {

@@ -1224,8 +1224,7 @@ struct Q4kHead {
     u32 sc_lo, sc_hi, mn_lo, mn_hi;
 };
 
-__device__ __forceinline__ Q4kHead q4k_head(const u8* blk) {
-    const uint4 hd = __ldg((const uint4*)blk);
+__device__ __forceinline__ Q4kHead q4k_head_of(uint4 hd) {
     Q4kHead h;
     h.d = f16_bits(hd.x);
     h.dmin = f16_bits(hd.x >> 16);
@@ -1235,6 +1234,8 @@ __device__ __forceinline__ Q4kHead q4k_head(const u8* blk) {
     h.mn_hi = ((hd.w >> 4) & 0x0F0F0F0Fu) | (((hd.z >> 6) & 0x03030303u) << 4);
     return h;
 }
+
+__device__ __forceinline__ Q4kHead q4k_head(const u8* blk) { return q4k_head_of(__ldg((const uint4*)blk)); }
 
 __device__ __forceinline__ void mmq_q4k(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq,
                                         const float* __restrict__ xd, const int* __restrict__ xs,
@@ -1469,6 +1470,160 @@ MMQS_KERNEL(mmqs_q4_0s, K_Q4_0, 4)
 MMQS_KERNEL(mmqs_q8_0s, K_Q8_0, 4)
 MMQS_KERNEL(mmqs8_q4_0s, K_Q4_0, 8)
 MMQS_KERNEL(mmqs8_q8_0s, K_Q8_0, 8)
+
+// The staged product for Q4_K (stored layout: 144-byte super-blocks keep a row's every
+// 16 bytes aligned), as `mmq_staged` with a step of one super-block (256 elements): a
+// block of 8 warps takes 64 rows x 64 tokens; each step's levels (nibbles widened to
+// bytes), the rows' d, dmin and eight 6-bit scales and mins, and the activations' levels,
+// scale and per-32 sums go to shared memory once. Per (row, token) and super-block, the
+// sub-blocks' integer products times their scales are summed in integers, then
+// (d * dx) * isum - (dmin * dx) * Σ min * xsum, as `mmq_q4k` and the CPU do.
+// Launch: grid (ceil(n / 64), ceil(rows / 64)), 256 threads; activations from
+// quantize_q8x256. Opt-in (`FFAI_CUDA_MMQ_STAGED_K=1`) until run on a GPU.
+#define MMQSK_STRIDE (256 + 16)
+extern "C" __global__ void __launch_bounds__(256)
+    mmqs_q4_k(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq, const float* __restrict__ xd,
+              const int* __restrict__ xs, float* __restrict__ y, u32 rows, u32 cols, u32 n) {
+    __shared__ __align__(16) signed char sa[MMQS_ROWS * MMQSK_STRIDE];
+    __shared__ __align__(16) signed char sb[MMQS_TOK * MMQSK_STRIDE];
+    __shared__ float sd[MMQS_ROWS], sdm[MMQS_ROWS], sdx[MMQS_TOK];
+    __shared__ int ssc[MMQS_ROWS][8], smn[MMQS_ROWS][8], sxs[MMQS_TOK][8];
+    const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const u32 g = lane >> 2, c = lane & 3;
+    const u32 r0 = blockIdx.y * MMQS_ROWS, t0 = blockIdx.x * MMQS_TOK;
+    const u32 nsb = cols / 256, nb = cols / 32;
+    const uint4 z = make_uint4(0, 0, 0, 0);
+    // Per thread a step: two 16-byte pieces of levels (row idx / 8, piece idx % 8 of the
+    // 128 level bytes), the header of row tid (tid < 64), four activation pieces (token
+    // idx / 16, piece idx % 16), the scale of token tid (tid < 64) and two per-32 sums.
+    uint4 ra[2], rh, rb[4];
+    float rdx;
+    int rxs[2];
+    PDL_ENTRY();
+    auto load = [&](u32 sbk) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const u32 idx = tid + 256 * i, row = idx / 8, piece = idx % 8;
+            const u8* blk = w + (u64)min(r0 + row, rows - 1) * row_bytes + (u64)sbk * 144;
+            ra[i] = __ldg((const uint4*)(blk + 16 + 16 * piece));
+        }
+        if (tid < MMQS_ROWS) {
+            rh = __ldg((const uint4*)(w + (u64)min(r0 + tid, rows - 1) * row_bytes + (u64)sbk * 144));
+            rdx = t0 + tid < n ? __ldg(xd + (u64)(t0 + tid) * nsb + sbk) : 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const u32 idx = tid + 256 * i, tok = idx / 16, piece = idx % 16;
+            rb[i] = t0 + tok < n ? __ldg((const uint4*)(xq + (u64)(t0 + tok) * cols + (u64)sbk * 256 + piece * 16)) : z;
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const u32 idx = tid + 256 * i, tok = idx / 8, sub = idx % 8;
+            rxs[i] = t0 + tok < n ? __ldg(xs + (u64)(t0 + tok) * nb + (u64)sbk * 8 + sub) : 0;
+        }
+    };
+    float acc[4][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            acc[j][e] = 0.0f;
+        }
+    }
+    const u32 wr = (warp & 3) * 16 + g, wt = (warp >> 2) * 32;
+    load(0);
+    for (u32 sbk = 0; sbk < nsb; ++sbk) {
+        __syncthreads();  // the previous step's reads of shared memory are done
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            // Level bytes 16 piece ..: byte 32 q + j holds element 64 q + j (low nibble)
+            // and 64 q + 32 + j (high nibble).
+            const u32 idx = tid + 256 * i, row = idx / 8, piece = idx % 8;
+            const u32 q = piece / 2, k0 = 64 * q + 16 * (piece % 2);
+            const uint4 v = ra[i];
+            signed char* d = sa + row * MMQSK_STRIDE;
+            *(uint4*)(d + k0) = make_uint4(v.x & 0x0F0F0F0Fu, v.y & 0x0F0F0F0Fu, v.z & 0x0F0F0F0Fu, v.w & 0x0F0F0F0Fu);
+            *(uint4*)(d + k0 + 32) = make_uint4((v.x >> 4) & 0x0F0F0F0Fu, (v.y >> 4) & 0x0F0F0F0Fu,
+                                                (v.z >> 4) & 0x0F0F0F0Fu, (v.w >> 4) & 0x0F0F0F0Fu);
+        }
+        if (tid < MMQS_ROWS) {
+            const Q4kHead h = q4k_head_of(rh);
+            sd[tid] = h.d;
+            sdm[tid] = h.dmin;
+#pragma unroll
+            for (int sub = 0; sub < 8; ++sub) {
+                ssc[tid][sub] = byte8(h.sc_lo, h.sc_hi, sub);
+                smn[tid][sub] = byte8(h.mn_lo, h.mn_hi, sub);
+            }
+            sdx[tid] = rdx;
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const u32 idx = tid + 256 * i, tok = idx / 16, piece = idx % 16;
+            *(uint4*)(sb + tok * MMQSK_STRIDE + piece * 16) = rb[i];
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const u32 idx = tid + 256 * i;
+            sxs[idx / 8][idx % 8] = rxs[i];
+        }
+        __syncthreads();
+        if (sbk + 1 < nsb) {
+            load(sbk + 1);  // in flight while this step multiplies
+        }
+        int isum[4][4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                isum[j][e] = 0;
+            }
+        }
+#pragma unroll
+        for (int sub = 0; sub < 8; ++sub) {
+            const signed char* ar = sa + wr * MMQSK_STRIDE + sub * 32 + 4 * c;
+            const int a0 = *(const int*)ar, a1 = *(const int*)(ar + 8 * MMQSK_STRIDE);
+            const int a2 = *(const int*)(ar + 16), a3 = *(const int*)(ar + 8 * MMQSK_STRIDE + 16);
+            const int s0 = ssc[wr][sub], s1 = ssc[wr + 8][sub];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const signed char* br = sb + (wt + 8 * j + g) * MMQSK_STRIDE + sub * 32 + 4 * c;
+                const int b0 = *(const int*)br, b1 = *(const int*)(br + 16);
+                int p[4] = {0, 0, 0, 0};
+                mma_s8(p, a0, a1, a2, a3, b0, b1);
+                isum[j][0] += s0 * p[0];
+                isum[j][1] += s0 * p[1];
+                isum[j][2] += s1 * p[2];
+                isum[j][3] += s1 * p[3];
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const u32 row = wr + (e < 2 ? 0 : 8), tok = wt + 8 * j + 2 * c + (e & 1);
+                int m = 0;
+#pragma unroll
+                for (int sub = 0; sub < 8; ++sub) {
+                    m += smn[row][sub] * sxs[tok][sub];
+                }
+                const float dx = sdx[tok];
+                acc[j][e] += (sd[row] * dx) * (float)isum[j][e];
+                acc[j][e] -= (sdm[row] * dx) * (float)m;
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const u32 row = r0 + wr + (e < 2 ? 0 : 8), t = t0 + wt + 8 * j + 2 * c + (e & 1);
+            if (row < rows && t < n) {
+                y[(u64)t * rows + row] = acc[j][e];
+            }
+        }
+    }
+}
 
 #define MMQ_PARAMS                                                                                                 \
     const u8 *__restrict__ w, u64 row_bytes, const signed char *__restrict__ xq, const float *__restrict__ xd, \
