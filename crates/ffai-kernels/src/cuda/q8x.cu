@@ -1333,6 +1333,32 @@ __device__ __forceinline__ void mmq_q4k(const u8* __restrict__ w, u64 row_bytes,
 #define MMQS_ROWS 64
 #define MMQS_TOK 64
 
+// A staged block's warp accumulators: rows row0 (e < 2) and row0 + 8, tokens
+// tok0 + 8 j + (e & 1) (the m16n8 C fragments of its four token groups).
+__device__ __forceinline__ void mmqs_zero(float (&acc)[4][4]) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            acc[j][e] = 0.0f;
+        }
+    }
+}
+
+__device__ __forceinline__ void mmqs_store(const float (&acc)[4][4], float* __restrict__ y, u32 rows, u32 n, u32 row0,
+                                           u32 tok0) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const u32 row = row0 + (e < 2 ? 0 : 8), t = tok0 + 8 * j + (e & 1);
+            if (row < rows && t < n) {
+                y[(u64)t * rows + row] = acc[j][e];
+            }
+        }
+    }
+}
+
 // KB: 32-element blocks a step (4 or 8). Shared rows of 32 KB levels are padded by 16
 // bytes: the fragments' 4-byte reads of 8 rows x 4 lanes then fall in 32 different banks.
 template <int K, int KB>
@@ -1382,13 +1408,7 @@ __device__ __forceinline__ void mmq_staged(const u8* __restrict__ w, u64 row_byt
         }
     };
     float acc[4][4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            acc[j][e] = 0.0f;
-        }
-    }
+    mmqs_zero(acc);
     const u32 wr = (warp & 3) * 16 + g, wt = (warp >> 2) * 32;
     load(0);
     for (u32 st = 0; st < steps; ++st) {
@@ -1445,16 +1465,7 @@ __device__ __forceinline__ void mmq_staged(const u8* __restrict__ w, u64 row_byt
             }
         }
     }
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const u32 row = r0 + wr + (e < 2 ? 0 : 8), t = t0 + wt + 8 * j + 2 * c + (e & 1);
-            if (row < rows && t < n) {
-                y[(u64)t * rows + row] = acc[j][e];
-            }
-        }
-    }
+    mmqs_store(acc, y, rows, n, r0 + wr, t0 + wt + 2 * c);
 }
 
 #define MMQS_KERNEL(NAME, K, KB)                                                                              \
@@ -1523,13 +1534,7 @@ extern "C" __global__ void __launch_bounds__(256)
         }
     };
     float acc[4][4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            acc[j][e] = 0.0f;
-        }
-    }
+    mmqs_zero(acc);
     const u32 wr = (warp & 3) * 16 + g, wt = (warp >> 2) * 32;
     load(0);
     for (u32 sbk = 0; sbk < nsb; ++sbk) {
@@ -1613,16 +1618,7 @@ extern "C" __global__ void __launch_bounds__(256)
             }
         }
     }
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const u32 row = r0 + wr + (e < 2 ? 0 : 8), t = t0 + wt + 8 * j + 2 * c + (e & 1);
-            if (row < rows && t < n) {
-                y[(u64)t * rows + row] = acc[j][e];
-            }
-        }
-    }
+    mmqs_store(acc, y, rows, n, r0 + wr, t0 + wt + 2 * c);
 }
 
 #define MMQ_PARAMS                                                                                                 \
