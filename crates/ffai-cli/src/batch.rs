@@ -529,10 +529,22 @@ fn run_all(
     Ok(done.into_iter().map(|c| c.expect("every request finished")).collect())
 }
 
+/// One run of [`bench_sequences`].
+pub struct SequencesRun {
+    /// Prefill tok/s (every sequence's prompt).
+    pub prefill: f64,
+    /// Aggregate decode tok/s.
+    pub decode: f64,
+    /// Decode steps.
+    pub steps: u64,
+    /// Seconds of the decode phase spent in the model's forward calls.
+    pub forward_secs: f64,
+    /// The decode phase's seconds.
+    pub decode_secs: f64,
+}
+
 /// `ffai bench --sequences N`: N sequences of `prompt_tokens` (distinct random tokens, so
-/// no prefix is shared), prefilled and then decoded `gen_tokens` each, all at once.
-/// Returns (prefill tok/s, aggregate decode tok/s, decode steps, seconds of the decode
-/// phase in the model's forward calls, the decode phase's seconds) of one run; with
+/// no prefix is shared), prefilled and then decoded `gen_tokens` each, all at once; with
 /// `--profile`, the device's op profile then covers the decode phase only.
 pub fn bench_sequences(
     model: &Model,
@@ -541,7 +553,7 @@ pub fn bench_sequences(
     prompt_tokens: usize,
     gen_tokens: usize,
     seed: u64,
-) -> Result<(f64, f64, u64, f64, f64)> {
+) -> Result<SequencesRun> {
     let bs = ffai::models::one_seq::DEFAULT_BLOCK_SIZE;
     let len = prompt_tokens + gen_tokens + 1;
     let mut args = engine.clone();
@@ -614,11 +626,11 @@ pub fn bench_sequences(
     let total = t0.elapsed().as_secs_f64();
     let pp = (n * prompt_tokens) as f64 / t_prefill.max(1e-9);
     let tg = decoded_after as f64 / (total - t_prefill).max(1e-9);
-    Ok((
-        pp,
-        tg,
-        sched.stats.steps - steps_at_prefill,
-        sched.stats.forward_secs - forward_at_prefill,
-        total - t_prefill,
-    ))
+    Ok(SequencesRun {
+        prefill: pp,
+        decode: tg,
+        steps: sched.stats.steps - steps_at_prefill,
+        forward_secs: sched.stats.forward_secs - forward_at_prefill,
+        decode_secs: total - t_prefill,
+    })
 }

@@ -735,24 +735,23 @@ fn bench_sequences(a: &BenchArgs, model: &Model, n: usize, load_s: f64) -> Resul
         context: None,
     };
     batch::bench_sequences(model, &engine, n, a.prompt_tokens, a.gen_tokens.min(8), 1)?;
-    let (mut pp, mut tg, mut steps, mut split) = (Vec::new(), Vec::new(), 0, (0.0, 0.0));
+    let (mut pp, mut tg, mut last) = (Vec::new(), Vec::new(), None);
     for r in 0..a.repetitions {
-        let (p, t, s, fwd, wall) =
-            batch::bench_sequences(model, &engine, n, a.prompt_tokens, a.gen_tokens, 1234 + r as u64)?;
-        pp.push(p);
-        tg.push(t);
-        steps = s;
-        split = (fwd, wall);
+        let run = batch::bench_sequences(model, &engine, n, a.prompt_tokens, a.gen_tokens, 1234 + r as u64)?;
+        pp.push(run.prefill);
+        tg.push(run.decode);
+        last = Some(run);
     }
-    if steps > 0 {
+    let steps = last.as_ref().map_or(0, |r| r.steps);
+    if let Some(run) = last.as_ref().filter(|r| r.steps > 0) {
         // Where a decode step's time goes: the model's forward (device work and waiting
         // for it) against the scheduler's own work around it.
-        let per = |secs: f64| secs * 1e3 / steps as f64;
+        let per = |secs: f64| secs * 1e3 / run.steps as f64;
         eprintln!(
             "decode step (last run): {:.3} ms, of which the forward {:.3} ms and the rest (scheduler, this loop) {:.3} ms",
-            per(split.1),
-            per(split.0),
-            per(split.1 - split.0)
+            per(run.decode_secs),
+            per(run.forward_secs),
+            per(run.decode_secs - run.forward_secs)
         );
     }
     let profile = model.device.take_profile();

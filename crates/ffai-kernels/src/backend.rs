@@ -433,15 +433,7 @@ pub trait Backend: Send + Sync + 'static {
         tail: &mut [f64],
     ) {
         let wpr = width.div_ceil(32);
-        assert!(
-            (1..=crate::ops::MAX_CANDIDATES).contains(&k)
-                && inv_t.len() >= n
-                && mask.is_none_or(|m| m.len() >= n * wpr)
-                && ids.len() >= n * k
-                && vals.len() >= n * k
-                && tail.len() >= n,
-            "top_candidates_rows: bad k, mask or outputs"
-        );
+        check_candidate_args(self.buf_len(buf), n, width, k, inv_t, mask, ids, vals, tail);
         let mut row = vec![0.0f32; width];
         for r in 0..n {
             self.download(buf, r * width..(r + 1) * width, &mut row);
@@ -872,4 +864,31 @@ pub mod host_moe {
         }
         write(b, &ho, out);
     }
+}
+
+/// The bounds every [`Backend::top_candidates_rows`] asserts: `k` in
+/// `1..=MAX_CANDIDATES`, `n` rows of `width` in a buffer of `buf_len`, a scale, a mask of
+/// `width.div_ceil(32)` words (when given) and room for `k` candidates and a tail a row.
+#[allow(clippy::too_many_arguments)]
+pub fn check_candidate_args(
+    buf_len: usize,
+    n: usize,
+    width: usize,
+    k: usize,
+    inv_t: &[f32],
+    mask: Option<&[u32]>,
+    ids: &[u32],
+    vals: &[f32],
+    tail: &[f64],
+) {
+    assert!(
+        (1..=crate::ops::MAX_CANDIDATES).contains(&k)
+            && n * width <= buf_len
+            && inv_t.len() >= n
+            && mask.is_none_or(|m| m.len() >= n * width.div_ceil(32))
+            && ids.len() >= n * k
+            && vals.len() >= n * k
+            && tail.len() >= n,
+        "top_candidates_rows: bad k, mask or buffers"
+    );
 }

@@ -1081,16 +1081,7 @@ impl Backend for CpuBackend {
     ) {
         let _p = self.prof(|| "top_candidates_rows".into());
         let wpr = width.div_ceil(32);
-        assert!(
-            (1..=ops::MAX_CANDIDATES).contains(&k)
-                && n * width <= buf.len()
-                && inv_t.len() >= n
-                && mask.is_none_or(|m| m.len() >= n * wpr)
-                && ids.len() >= n * k
-                && vals.len() >= n * k
-                && tail.len() >= n,
-            "top_candidates_rows: bad k, mask or buffers"
-        );
+        crate::backend::check_candidate_args(buf.len(), n, width, k, inv_t, mask, ids, vals, tail);
         // The rows in place (the trait's default copies each row out first).
         for r in 0..n {
             let row = &buf[r * width..(r + 1) * width];

@@ -258,12 +258,15 @@ fn masked_candidates<B: Backend>(
     (ids, vals, tail)
 }
 
-/// Ids and value bits equal, tails within the GPU's `expf` (see
-/// `top_candidates_match_the_cpu`).
+/// Ids and value bits equal, tails within the GPU's `expf`: a tail is a sum of positive
+/// terms each within CUDA's 2-ulp expf (2.4e-7) of the host's exp, and 1e-6 relative still
+/// catches one term missed or counted twice in a 128k row (about 1/128k = 7.8e-6 of an
+/// average row's tail).
 fn assert_same_candidates(got: &(Vec<u32>, Vec<f32>, Vec<f64>), want: &(Vec<u32>, Vec<f32>, Vec<f64>), what: &str) {
     assert_eq!(got.0, want.0, "ids, {what}");
     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&got.1), bits(&want.1), "values, {what}");
+    assert_eq!(got.2.len(), want.2.len(), "tails, {what}");
     for (r, (&a, &b)) in got.2.iter().zip(&want.2).enumerate() {
         let ok = (a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= 1e-6 * b.abs();
         assert!(ok, "tail of row {r}, {what}: GPU {a}, CPU {b}");
@@ -323,18 +326,7 @@ fn top_candidates_match_the_cpu() {
         let want = candidates(&c, &x, n, width, k, &inv_t);
         let got = candidates(g, &x, n, width, k, &inv_t);
         g.check().unwrap();
-        let what = format!("{n} rows of {width}, k {k}");
-        assert_eq!(got.0, want.0, "ids, {what}");
-        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&got.1), bits(&want.1), "values, {what}");
-        for r in 0..n {
-            let (a, b) = (got.2[r], want.2[r]);
-            // A sum of positive terms each within CUDA's 2-ulp expf (2.4e-7) of the host's
-            // exp; 1e-6 still catches one term missed or counted twice in a 128k row
-            // (about 1/128k = 7.8e-6 of an average row's tail).
-            let ok = (a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= 1e-6 * b.abs();
-            assert!(ok, "tail of row {r}, {what}: GPU {a}, CPU {b}");
-        }
+        assert_same_candidates(&got, &want, &format!("{n} rows of {width}, k {k}"));
     }
 }
 

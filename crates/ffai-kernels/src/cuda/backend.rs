@@ -91,16 +91,14 @@ const MMQ_THREADS: u32 = 256;
 /// activations are quantized in (`quantize_q8x32` / `quantize_q8x256`).
 /// and the weight rows one of its blocks takes. `split`: the matrix's device copy has the
 /// split row layout (`quant::split_rows`), whose products stage both operands through
-/// shared memory, `staged` 32-element blocks a step (`mmqs8_*`: 8, `mmqs_*`: 4), unless
-/// `staged` is 0 (`FFAI_CUDA_MMQ_STAGED`); Q4_K's staged product (`mmqs_q4_k`) where
-/// `staged_k` (`FFAI_CUDA_MMQ_STAGED_K=1`, off until it has run on a GPU).
-fn mmq_kernel(ty: WeightType, split: bool, staged: u8, staged_k: bool) -> Option<(&'static str, usize, usize)> {
+/// shared memory (`mmqs_*`) unless `staged` is off (`FFAI_CUDA_MMQ_STAGED=0`); Q4_K's
+/// staged product (`mmqs_q4_k`) where `staged_k` (`FFAI_CUDA_MMQ_STAGED_K=1`, off until
+/// it has run on a GPU).
+fn mmq_kernel(ty: WeightType, split: bool, staged: bool, staged_k: bool) -> Option<(&'static str, usize, usize)> {
     Some(match ty {
         WeightType::Q4K if staged_k => ("mmqs_q4_k", 256, MMQS_ROWS),
-        WeightType::Q4_0 if split && staged == 8 => ("mmqs8_q4_0s", 32, MMQS_ROWS),
-        WeightType::Q8_0 if split && staged == 8 => ("mmqs8_q8_0s", 32, MMQS_ROWS),
-        WeightType::Q4_0 if split && staged == 4 => ("mmqs_q4_0s", 32, MMQS_ROWS),
-        WeightType::Q8_0 if split && staged == 4 => ("mmqs_q8_0s", 32, MMQS_ROWS),
+        WeightType::Q4_0 if split && staged => ("mmqs_q4_0s", 32, MMQS_ROWS),
+        WeightType::Q8_0 if split && staged => ("mmqs_q8_0s", 32, MMQS_ROWS),
         WeightType::Q4_0 if split => ("mmq_q4_0s", 32, MMQ_ROWS),
         WeightType::Q8_0 if split => ("mmq_q8_0s", 32, MMQ_ROWS),
         WeightType::Q4_0 => ("mmq_q4_0", 32, MMQ_ROWS),
@@ -491,11 +489,10 @@ pub struct CudaBackend {
     /// has a split variant (`*_q4_0s`, `*_q8_0s`) giving the same bits.
     /// `FFAI_CUDA_SPLIT=0` (or the older kernels) keeps the stored layout.
     split: bool,
-    /// The split layouts' tensor-core products stage both operands through shared memory,
-    /// this many 32-element blocks a step (`FFAI_CUDA_MMQ_STAGED=4|8`; 0 takes the
-    /// unstaged `mmq_*s`). 4 by default: on an H100, 64 sequences of the 8B Q4_0 decode at
-    /// 4068 tok/s with 4, 3872 with 8, 2313 unstaged (session 14).
-    mmq_staged: u8,
+    /// The split layouts' tensor-core products stage both operands through shared memory
+    /// (`mmqs_*`; `FFAI_CUDA_MMQ_STAGED=0` takes the unstaged `mmq_*s`): on an H100, 64
+    /// sequences of the 8B Q4_0 decode at 4068 tok/s staged, 2313 unstaged (session 14).
+    mmq_staged: bool,
     /// Q4_K's tensor-core products staged the same way (`mmqs_q4_k`), only with
     /// `FFAI_CUDA_MMQ_STAGED_K=1`: written in session 14 after its device time ran out,
     /// compiled by NVRTC but not yet run on a GPU.
@@ -615,11 +612,7 @@ impl CudaBackend {
             pdl: major >= 9 && std::env::var_os("FFAI_CUDA_PDL").is_none_or(|v| v != "0"),
             split: std::env::var_os("FFAI_CUDA_SPLIT").is_none_or(|v| v != "0")
                 && std::env::var_os("FFAI_CUDA_OLDER_KERNELS").is_none_or(|v| v != "1"),
-            mmq_staged: match std::env::var("FFAI_CUDA_MMQ_STAGED").as_deref() {
-                Ok("0") => 0,
-                Ok("8") => 8,
-                _ => 4,
-            },
+            mmq_staged: std::env::var_os("FFAI_CUDA_MMQ_STAGED").is_none_or(|v| v != "0"),
             mmq_staged_k: std::env::var_os("FFAI_CUDA_MMQ_STAGED_K").is_some_and(|v| v == "1"),
         })
     }
@@ -1887,16 +1880,7 @@ impl Backend for CudaBackend {
         tail: &mut [f64],
     ) {
         let wpr = width.div_ceil(32);
-        assert!(
-            (1..=crate::ops::MAX_CANDIDATES).contains(&k)
-                && n * width <= buf.len
-                && inv_t.len() >= n
-                && mask.is_none_or(|m| m.len() >= n * wpr)
-                && ids.len() >= n * k
-                && vals.len() >= n * k
-                && tail.len() >= n,
-            "top_candidates_rows: bad k, mask or buffers"
-        );
+        crate::backend::check_candidate_args(buf.len, n, width, k, inv_t, mask, ids, vals, tail);
         if n == 0 {
             return;
         }

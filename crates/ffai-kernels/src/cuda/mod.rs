@@ -80,8 +80,6 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "mmq_q8_0s",
             "mmqs_q4_0s",
             "mmqs_q8_0s",
-            "mmqs8_q4_0s",
-            "mmqs8_q8_0s",
             "mmqs_q4_k",
             "moe_q8x_q4_0",
             "moe_q8x_q4_1",

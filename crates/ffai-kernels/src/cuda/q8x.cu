@@ -1036,6 +1036,18 @@ __device__ __forceinline__ void mma_s8(int (&c)[4], int a0, int a1, int a2, int 
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// A K-quant sub-block's product added to the integer sums: isum += (s0, s0, s1, s1) times
+// the m16n8k32 product's C fragment (rows g and g + 8 scaled by their sub-block scales).
+__device__ __forceinline__ void mma_s8_scaled(int (&isum)[4], int s0, int s1, int a0, int a1, int a2, int a3, int b0,
+                                              int b1) {
+    int p[4] = {0, 0, 0, 0};
+    mma_s8(p, a0, a1, a2, a3, b0, b1);
+    isum[0] += s0 * p[0];
+    isum[1] += s0 * p[1];
+    isum[2] += s1 * p[2];
+    isum[3] += s1 * p[3];
+}
+
 // A legacy block's levels 4c..4c+3 (lo) and 16+4c..16+4c+3 (hi) as signed bytes (as
 // legacy_decode's q[c] and q[4 + c]), its scale d and min m.
 template <int K>
@@ -1277,12 +1289,7 @@ __device__ __forceinline__ void mmq_q4k(const u8* __restrict__ w, u64 row_bytes,
                 for (int j = 0; j < 8; ++j) {
                     int b0, b1;
                     mmq_b(xq, cols, n, t0 + 8 * j + g, sb * 256 + 32 * sub, c, b0, b1);
-                    int p[4] = {0, 0, 0, 0};
-                    mma_s8(p, a0, a1, a2, a3, b0, b1);
-                    isum[j][0] += s0 * p[0];
-                    isum[j][1] += s0 * p[1];
-                    isum[j][2] += s1 * p[2];
-                    isum[j][3] += s1 * p[3];
+                    mma_s8_scaled(isum[j], s0, s1, a0, a1, a2, a3, b0, b1);
                 }
             }
         }
@@ -1475,12 +1482,11 @@ __device__ __forceinline__ void mmq_staged(const u8* __restrict__ w, u64 row_byt
              u32 n) {                                                                                         \
         mmq_staged<K, KB>(w, row_bytes, xq, xd, y, rows, cols, n);                                            \
     }
-// Steps of 128 elements (the default) and of 256 (`FFAI_CUDA_MMQ_STAGED=8`: twice the loads
-// in flight a step, half the barriers, but slower on an H100).
+// Steps of 128 elements. Steps of 256 (twice the loads in flight a step, half the
+// barriers) were slower on an H100 (15.4 against 14.6 ms a 64-row step), so only KB = 4
+// is built.
 MMQS_KERNEL(mmqs_q4_0s, K_Q4_0, 4)
 MMQS_KERNEL(mmqs_q8_0s, K_Q8_0, 4)
-MMQS_KERNEL(mmqs8_q4_0s, K_Q4_0, 8)
-MMQS_KERNEL(mmqs8_q8_0s, K_Q8_0, 8)
 
 // The staged product for Q4_K (stored layout: 144-byte super-blocks keep a row's every
 // 16 bytes aligned), as `mmq_staged` with a step of one super-block (256 elements): a
@@ -1594,12 +1600,7 @@ extern "C" __global__ void __launch_bounds__(256)
             for (int j = 0; j < 4; ++j) {
                 const signed char* br = sb + (wt + 8 * j + g) * MMQSK_STRIDE + sub * 32 + 4 * c;
                 const int b0 = *(const int*)br, b1 = *(const int*)(br + 16);
-                int p[4] = {0, 0, 0, 0};
-                mma_s8(p, a0, a1, a2, a3, b0, b1);
-                isum[j][0] += s0 * p[0];
-                isum[j][1] += s0 * p[1];
-                isum[j][2] += s1 * p[2];
-                isum[j][3] += s1 * p[3];
+                mma_s8_scaled(isum[j], s0, s1, a0, a1, a2, a3, b0, b1);
             }
         }
 #pragma unroll
