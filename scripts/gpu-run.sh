@@ -27,6 +27,12 @@
 #   stagedk  the opt-in staged Q4_K tensor-core product (FFAI_CUDA_MMQ_STAGED_K=1): the
 #            product tests with it, then 64 sequences on /tmp/synth/Q4_K_M.gguf without and
 #            with it (needs lcwait's Q4_K_M file)
+#   moesynth random-weight MoE GGUFs of real shapes, all layers, written directly quantized
+#            (scripts/synth_moe_gguf.py): Qwen3-30B-A3B in Q4_K, gpt-oss-20b with MXFP4 experts
+#   moeff    ffai on them (MOE_FILES): pp512/tg128, then 32 sequences x (128+128)
+#   moelc    llama.cpp on them: llama-bench pp512/tg128, llama-batched-bench at 1 and 32
+#   cstr     constrained decoding's cost on the 8B Q4_0: generate 128 tokens greedy, free,
+#            under a regex and under a JSON object (decode tok/s of each)
 #   ncu      per-kernel durations (Nsight Compute) of ffai's and llama.cpp's decode on a
 #            4-layer Llama-3-8B-shaped Q4_0 file (same per-layer shapes, small to make);
 #            needs lcbuild started earlier for llama.cpp's half
@@ -176,6 +182,27 @@ for stage in "$@"; do
     for k in 0 1; do
       echo "== FFAI_CUDA_MMQ_STAGED_K=$k, 64 sequences, Q4_K_M"
       FFAI_CUDA_MMQ_STAGED_K=$k timeout 150 $B/ffai bench -m /tmp/synth/Q4_K_M.gguf --device cuda --sequences 64 --prompt-tokens 128 --gen-tokens 128 --repetitions 1 2>&1 | grep -E "decode|prefill" | tee -a "$out/ffai-stagedk.txt"
+    done ;;
+  moesynth)
+    mkdir -p /tmp/lc /tmp/synth; [ -d /tmp/lc/llama.cpp/gguf-py ] || tar xJf .gpulc/llamacpp-src.tar.xz -C /tmp/lc llama.cpp/gguf-py
+    [ -s /tmp/synth/qwen3moe_Q4_K.gguf ] || python3 scripts/synth_moe_gguf.py /tmp/lc/llama.cpp/gguf-py /tmp/synth/qwen3moe_Q4_K.gguf --shape qwen3-30b-a3b --type Q4_K &
+    [ -s /tmp/synth/gptoss_MXFP4.gguf ] || python3 scripts/synth_moe_gguf.py /tmp/lc/llama.cpp/gguf-py /tmp/synth/gptoss_MXFP4.gguf --shape gpt-oss-20b --type MXFP4 &
+    wait; ls -la /tmp/synth ;;
+  moeff)
+    for f in ${MOE_FILES:-qwen3moe_Q4_K gptoss_MXFP4}; do
+      echo "== ffai $f"; timeout 200 $B/ffai bench -m /tmp/synth/$f.gguf --device cuda --prompt-tokens 512 --gen-tokens 128 --repetitions 2 2>&1 | tail -4 | tee -a "$out/ffai-moe.txt"
+      echo "== ffai $f, 32 sequences"; timeout 200 $B/ffai bench -m /tmp/synth/$f.gguf --device cuda --sequences 32 --prompt-tokens 128 --gen-tokens 128 --repetitions 1 2>&1 | grep -E "decode|prefill" | tee -a "$out/ffai-moe.txt"
+    done ;;
+  moelc)
+    lc_wait || exit 1
+    for f in ${MOE_FILES:-qwen3moe_Q4_K gptoss_MXFP4}; do
+      echo "== llama.cpp $f"; timeout 200 /tmp/lc/llama.cpp/build/bin/llama-bench -m /tmp/synth/$f.gguf -ngl 99 -fa 1 -p 512 -n 128 -r 2 -o md 2>/dev/null | grep -E '^\| ' | tee -a "$out/llamacpp-moe.md"
+      timeout 200 /tmp/lc/llama.cpp/build/bin/llama-batched-bench -m /tmp/synth/$f.gguf -ngl 99 -fa on -c 20480 -npp 128 -ntg 128 -npl 1,32 2>&1 | grep -E '^\|' | tee -a "$out/llamacpp-moe.md"
+    done ;;
+  cstr)
+    for c in "" "--regex=[a-z0-9,]{1,4000}" "--json-object"; do
+      echo "== generate 128 tokens, constraint: ${c:-none}"
+      timeout 120 $B/ffai generate -m ${CSTR_FILE:-/tmp/synth/Q4_0.gguf} --device cuda -p "The list:" --max-tokens 128 --temperature 0 --json $c 2>&1 | grep -o '"decode_tokens_per_s":[0-9.]*\|"stop_reason":"[A-Za-z]*"' | tr '\n' ' ' | tee -a "$out/ffai-cstr.txt"; echo
     done ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
