@@ -81,6 +81,14 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "mmqs_q4_0s",
             "mmqs_q8_0s",
             "mmqs_q4_k",
+            "mmq_moe_q4_0",
+            "mmq_moe_q4_1",
+            "mmq_moe_q5_0",
+            "mmq_moe_q5_1",
+            "mmq_moe_q8_0",
+            "mmq_moe_q4_k",
+            "mmq_moe_q4_0s",
+            "mmq_moe_q8_0s",
             "moe_q8x_q4_0",
             "moe_q8x_q4_1",
             "moe_q8x_q5_0",
@@ -98,7 +106,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
     (
         "moe.cu",
         include_str!("moe.cu"),
-        &["clamp_inplace", "moe_route", "moe_add_bias", "moe_combine"],
+        &["clamp_inplace", "moe_route", "moe_add_bias", "moe_combine", "moe_group"],
     ),
     (
         "attention.cu",
