@@ -1186,9 +1186,12 @@ fn moe_matmuls_match_the_dense_products() {
                                     }
                                 }
                             }
-                            // Prefill-sized steps take the host grouping, whose experts with
-                            // GEMM_MIN_ROWS rows or more multiply on cuBLAS (bf16 operands).
-                            let tol = if n > MOE_GATHER_MAX_ROWS && slots / ne >= GEMM_MIN_ROWS / 2 {
+                            // Prefill-sized steps of the types with a grouped tensor-core
+                            // product take it (the CPU's q8 scheme); the others the host
+                            // grouping, whose experts with GEMM_MIN_ROWS rows or more
+                            // multiply on cuBLAS (bf16 operands).
+                            let grouped = moe_grouped_on() && gpu_mmq(ty, GEMM_MIN_ROWS);
+                            let tol = if n > MOE_GATHER_MAX_ROWS && !grouped && slots / ne >= GEMM_MIN_ROWS / 2 {
                                 1e-2
                             } else {
                                 1e-5
