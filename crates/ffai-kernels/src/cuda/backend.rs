@@ -113,19 +113,23 @@ fn mmq_kernel(ty: WeightType, split: bool, staged: bool, staged_k: bool) -> Opti
     })
 }
 
-/// A weight type's grouped mixture-of-experts product (q8x.cu `mmq_moe_*`: the `mmq_*`
-/// bodies over a tile of one expert's slots) and the block length its activations are
-/// quantized in. The split layouts take the unstaged bodies (`mmq_legacy<K, true>`).
-fn mmq_moe_kernel(ty: WeightType, split: bool) -> Option<(&'static str, usize)> {
+/// A weight type's grouped mixture-of-experts product (q8x.cu `mmq_moe_*` / `mmqs_moe_*`:
+/// the dense `mmq_*` / `mmqs_*` bodies over a tile of one expert's slots), the block
+/// length its activations are quantized in and the weight rows one of its blocks takes.
+/// The split layouts take the staged bodies as the dense products do (`staged`: unless
+/// `FFAI_CUDA_MMQ_STAGED=0`); Q4_K the unstaged one (its staged product is still opt-in).
+fn mmq_moe_kernel(ty: WeightType, split: bool, staged: bool) -> Option<(&'static str, usize, usize)> {
     Some(match ty {
-        WeightType::Q4_0 if split => ("mmq_moe_q4_0s", 32),
-        WeightType::Q8_0 if split => ("mmq_moe_q8_0s", 32),
-        WeightType::Q4_0 => ("mmq_moe_q4_0", 32),
-        WeightType::Q4_1 => ("mmq_moe_q4_1", 32),
-        WeightType::Q5_0 => ("mmq_moe_q5_0", 32),
-        WeightType::Q5_1 => ("mmq_moe_q5_1", 32),
-        WeightType::Q8_0 => ("mmq_moe_q8_0", 32),
-        WeightType::Q4K => ("mmq_moe_q4_k", 256),
+        WeightType::Q4_0 if split && staged => ("mmqs_moe_q4_0s", 32, MMQS_ROWS),
+        WeightType::Q8_0 if split && staged => ("mmqs_moe_q8_0s", 32, MMQS_ROWS),
+        WeightType::Q4_0 if split => ("mmq_moe_q4_0s", 32, MMQ_ROWS),
+        WeightType::Q8_0 if split => ("mmq_moe_q8_0s", 32, MMQ_ROWS),
+        WeightType::Q4_0 => ("mmq_moe_q4_0", 32, MMQ_ROWS),
+        WeightType::Q4_1 => ("mmq_moe_q4_1", 32, MMQ_ROWS),
+        WeightType::Q5_0 => ("mmq_moe_q5_0", 32, MMQ_ROWS),
+        WeightType::Q5_1 => ("mmq_moe_q5_1", 32, MMQ_ROWS),
+        WeightType::Q8_0 => ("mmq_moe_q8_0", 32, MMQ_ROWS),
+        WeightType::Q4K => ("mmq_moe_q4_k", 256, MMQ_ROWS),
         _ => return None,
     })
 }
@@ -1438,19 +1442,22 @@ impl CudaBackend {
     /// matrix, standing for the type and shape of all, its expert table, its output): the
     /// activation rows quantized once per block length, the slots grouped by expert on the
     /// device (moe.cu `moe_group`), then one launch a part of q8x.cu's `mmq_moe_*`, a block
-    /// a (tile of at most 64 of one expert's slots, 32 weight rows). Nothing is read back,
+    /// a (tile of at most 64 of one expert's slots, 32 or 64 weight rows). Nothing is read back,
     /// so such a step can be recorded. The caller has checked `moe_grouped_takes`.
     fn moe_grouped(&self, parts: &[(&CudaMat, u64, u64)], g: &Gather) {
         let Some(&(first, _, _)) = parts.first() else { return };
         let cols = first.cols;
-        let kernel = |w: &CudaMat| mmq_moe_kernel(w.ty, w.split);
+        let kernel = |w: &CudaMat| mmq_moe_kernel(w.ty, w.split, self.mmq_staged);
         let layout = MoeGroupLayout::new(g.slots, g.n_experts);
         let Ok(mut sc) = self.scratch.lock() else { return };
         // The 8-bit activations first: the op that wrote x may have written them already
         // (`PreQuant`), which the grouping launch keeps.
         let mut acts = [None, None];
         for (i, block) in [32usize, 256].into_iter().enumerate() {
-            if parts.iter().any(|(w, _, _)| kernel(w).is_some_and(|(_, b)| b == block)) {
+            if parts
+                .iter()
+                .any(|(w, _, _)| kernel(w).is_some_and(|(_, b, _)| b == block))
+            {
                 let Some(a) = self.quantize_acts(&mut sc, g.x, g.x_rows, cols, block) else {
                     return;
                 };
@@ -1485,13 +1492,15 @@ impl CudaBackend {
             ],
         );
         for &(w, tab, out) in parts {
-            let Some((name, block)) = kernel(w) else { continue };
+            let Some((name, block, rows_per_block)) = kernel(w) else {
+                continue;
+            };
             let Some((xq, xd, xs)) = acts[(block == 256) as usize] else {
                 continue;
             };
             self.launch(
                 name,
-                (layout.max_tiles as u32, w.rows.div_ceil(MMQ_ROWS) as u32, 1),
+                (layout.max_tiles as u32, w.rows.div_ceil(rows_per_block) as u32, 1),
                 MMQ_THREADS,
                 &[
                     Arg::P(tab),
@@ -1529,7 +1538,7 @@ impl CudaBackend {
             && slots <= u32::MAX as usize / 4
             && mats.all(|w| {
                 *cols.get_or_insert(w.cols) == w.cols
-                    && mmq_moe_kernel(w.ty, w.split).is_some_and(|(_, b)| w.cols.is_multiple_of(b))
+                    && mmq_moe_kernel(w.ty, w.split, self.mmq_staged).is_some_and(|(_, b, _)| w.cols.is_multiple_of(b))
             })
     }
 

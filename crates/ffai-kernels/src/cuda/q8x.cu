@@ -1365,15 +1365,17 @@ __device__ __forceinline__ void mmqs_zero(float (&acc)[4][4]) {
     }
 }
 
-__device__ __forceinline__ void mmqs_store(const float (&acc)[4][4], float* __restrict__ y, u32 rows, u32 n, u32 row0,
-                                           u32 tok0) {
+// (tok0: the first of the warp's tokens within the block; tk: the block's tokens.)
+template <class Toks>
+__device__ __forceinline__ void mmqs_store(const float (&acc)[4][4], float* __restrict__ y, u32 rows, const Toks& tk,
+                                           u32 row0, u32 tok0) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-            const u32 row = row0 + (e < 2 ? 0 : 8), t = tok0 + 8 * j + (e & 1);
-            if (row < rows && t < n) {
-                y[(u64)t * rows + row] = acc[j][e];
+            const u32 row = row0 + (e < 2 ? 0 : 8), i = tok0 + 8 * j + (e & 1);
+            if (row < rows && tk.live(i)) {
+                y[tk.y(i) * rows + row] = acc[j][e];
             }
         }
     }
@@ -1381,10 +1383,10 @@ __device__ __forceinline__ void mmqs_store(const float (&acc)[4][4], float* __re
 
 // KB: 32-element blocks a step (4 or 8). Shared rows of 32 KB levels are padded by 16
 // bytes: the fragments' 4-byte reads of 8 rows x 4 lanes then fall in 32 different banks.
-template <int K, int KB>
+template <int K, int KB, class Toks>
 __device__ __forceinline__ void mmq_staged(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq,
                                            const float* __restrict__ xd, float* __restrict__ y, u32 rows, u32 cols,
-                                           u32 n) {
+                                           const Toks& tk) {
     constexpr int QB = Split<K>::QB;
     constexpr int STRIDE = 32 * KB + 16;
     // 16-byte pieces a step and per thread: weights 64 rows x KB blocks x QB / 16,
@@ -1398,7 +1400,7 @@ __device__ __forceinline__ void mmq_staged(const u8* __restrict__ w, u64 row_byt
     __shared__ float sdb[MMQS_TOK * KB];
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const u32 g = lane >> 2, c = lane & 3;
-    const u32 r0 = blockIdx.y * MMQS_ROWS, t0 = blockIdx.x * MMQS_TOK;
+    const u32 r0 = blockIdx.y * MMQS_ROWS;
     const u32 nb = cols / 32, steps = cols / (32 * KB);
     const uint4 z = make_uint4(0, 0, 0, 0);
     uint4 ra[AT], rb[BT];
@@ -1416,7 +1418,7 @@ __device__ __forceinline__ void mmq_staged(const u8* __restrict__ w, u64 row_byt
 #pragma unroll
         for (int i = 0; i < BT; ++i) {
             const u32 idx = tid + 256 * i, tok = idx / B_ROW, piece = idx % B_ROW;
-            rb[i] = t0 + tok < n ? __ldg((const uint4*)(xq + (u64)(t0 + tok) * cols + (u64)st * 32 * KB + piece * 16)) : z;
+            rb[i] = tk.live(tok) ? __ldg((const uint4*)(xq + tk.x(tok) * cols + (u64)st * 32 * KB + piece * 16)) : z;
         }
 #pragma unroll
         for (int i = 0; i < ST; ++i) {
@@ -1424,7 +1426,7 @@ __device__ __forceinline__ void mmq_staged(const u8* __restrict__ w, u64 row_byt
             const unsigned short* sc =
                 (const unsigned short*)(w + (u64)min(r0 + row, rows - 1) * row_bytes + (u64)nb * QB);
             rsa[i] = (u32)__ldg(sc + blk);
-            rsb[i] = t0 + row < n ? __ldg(xd + (u64)(t0 + row) * nb + blk) : 0.0f;
+            rsb[i] = tk.live(row) ? __ldg(xd + tk.x(row) * nb + blk) : 0.0f;  // row: a token here
         }
     };
     float acc[4][4];
@@ -1485,7 +1487,7 @@ __device__ __forceinline__ void mmq_staged(const u8* __restrict__ w, u64 row_byt
             }
         }
     }
-    mmqs_store(acc, y, rows, n, r0 + wr, t0 + wt + 2 * c);
+    mmqs_store(acc, y, rows, tk, r0 + wr, wt + 2 * c);
 }
 
 #define MMQS_KERNEL(NAME, K, KB)                                                                              \
@@ -1493,7 +1495,7 @@ __device__ __forceinline__ void mmq_staged(const u8* __restrict__ w, u64 row_byt
         NAME(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq,                     \
              const float* __restrict__ xd, const int* __restrict__, float* __restrict__ y, u32 rows, u32 cols, \
              u32 n) {                                                                                         \
-        mmq_staged<K, KB>(w, row_bytes, xq, xd, y, rows, cols, n);                                            \
+        mmq_staged<K, KB>(w, row_bytes, xq, xd, y, rows, cols, DenseToks{blockIdx.x * MMQS_TOK, n});          \
     }
 // Steps of 128 elements. Steps of 256 (twice the loads in flight a step, half the
 // barriers) were slower on an H100 (15.4 against 14.6 ms a 64-row step), so only KB = 4
@@ -1632,7 +1634,7 @@ extern "C" __global__ void __launch_bounds__(256)
             }
         }
     }
-    mmqs_store(acc, y, rows, n, r0 + wr, t0 + wt + 2 * c);
+    mmqs_store(acc, y, rows, DenseToks{t0, n}, r0 + wr, wt + 2 * c);
 }
 
 #define MMQ_PARAMS                                                                                                 \
@@ -1665,7 +1667,7 @@ extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q8_0s(MMQ_PARAMS) 
 // tile a slot lands in nor its place there changes a bit. A slot whose id is outside
 // 0..n_experts gets NaN rows, as the gathered kernels give it.
 // Launch: grid (the host's bound on the tiles, ceil(slots / MMQ_TOK) + n_experts + 1;
-// ceil(rows / MMQ_ROWS)), MMQ_THREADS threads; blocks past the tile count moe_group wrote
+// ceil(rows / MMQ_ROWS), or MMQS_ROWS for the staged `mmqs_moe_*`), MMQ_THREADS threads; blocks past the tile count moe_group wrote
 // exit at once. xq / xd / xs: the activation rows quantized as for the dense product.
 struct MoeTile {
     u32 expert, first, count;
@@ -1689,8 +1691,10 @@ struct MoeToks {
 
 // The block's tile (after PDL_ENTRY: moe_group wrote it): its slots' rows staged in shared
 // memory (tk), its expert's matrix (w). False when the block has no work: past the tile
-// count, or a tile of bad ids (whose rows in this block's range it has written NaN).
+// count, or a tile of bad ids (whose rows in this block's range, ROWS from blockIdx.y *
+// ROWS, it has written NaN).
 // Every branch depends only on the tile, so a block's threads all take it.
+template <u32 ROWS>
 __device__ __forceinline__ bool moe_tile(const u64* __restrict__ tab, float* __restrict__ y, u32 rows,
                                          const u32* __restrict__ n_tiles, const MoeTile* __restrict__ tiles,
                                          const u32* __restrict__ sorted, u32 n_experts, u32 k, u32 per_slot,
@@ -1707,11 +1711,11 @@ __device__ __forceinline__ bool moe_tile(const u64* __restrict__ tab, float* __r
     }
     __syncthreads();
     if (t.expert >= n_experts) {
-        const u32 r0 = blockIdx.y * MMQ_ROWS;
-        for (u32 i = threadIdx.x; i < t.count * MMQ_ROWS; i += blockDim.x) {
-            const u32 r = r0 + i % MMQ_ROWS;
+        const u32 r0 = blockIdx.y * ROWS;
+        for (u32 i = threadIdx.x; i < t.count * ROWS; i += blockDim.x) {
+            const u32 r = r0 + i % ROWS;
             if (r < rows) {
-                y[(u64)ys[i / MMQ_ROWS] * rows + r] = __uint_as_float(0x7FC00000u);
+                y[(u64)ys[i / ROWS] * rows + r] = __uint_as_float(0x7FC00000u);
             }
         }
         return false;
@@ -1729,8 +1733,19 @@ __device__ __forceinline__ bool moe_tile(const u64* __restrict__ tab, float* __r
         PDL_ENTRY();                                                                                  \
         MoeToks tk;                                                                                   \
         const u8* w;                                                                                  \
-        if (moe_tile(tab, y, rows, n_tiles, tiles, sorted, n_experts, k, per_slot, tk, w)) {          \
+        if (moe_tile<MMQ_ROWS>(tab, y, rows, n_tiles, tiles, sorted, n_experts, k, per_slot, tk, w)) { \
             __VA_ARGS__(w, row_bytes, xq, xd, xs, y, rows, cols, tk);                                 \
+        }                                                                                             \
+    }
+// The staged products of the split layouts (`mmq_staged`: 64 rows a block, so the grid's
+// y is ceil(rows / MMQS_ROWS); the dense products take them by default, as these).
+#define MMQS_MOE_KERNEL(NAME, K, KB)                                                                   \
+    extern "C" __global__ void __launch_bounds__(256) NAME(MMQ_MOE_PARAMS) {                          \
+        PDL_ENTRY();                                                                                  \
+        MoeToks tk;                                                                                   \
+        const u8* w;                                                                                  \
+        if (moe_tile<MMQS_ROWS>(tab, y, rows, n_tiles, tiles, sorted, n_experts, k, per_slot, tk, w)) { \
+            mmq_staged<K, KB>(w, row_bytes, xq, xd, y, rows, cols, tk);                               \
         }                                                                                             \
     }
 
@@ -1742,6 +1757,8 @@ MMQ_MOE_KERNEL(mmq_moe_q8_0, mmq_legacy<K_Q8_0, false>)
 MMQ_MOE_KERNEL(mmq_moe_q4_k, mmq_q4k)
 MMQ_MOE_KERNEL(mmq_moe_q4_0s, mmq_legacy<K_Q4_0, true>)
 MMQ_MOE_KERNEL(mmq_moe_q8_0s, mmq_legacy<K_Q8_0, true>)
+MMQS_MOE_KERNEL(mmqs_moe_q4_0s, K_Q4_0, 4)
+MMQS_MOE_KERNEL(mmqs_moe_q8_0s, K_Q8_0, 4)
 
 // ------------------------------------------------------------------- gathered (MoE)
 //
