@@ -1522,20 +1522,24 @@ impl CudaBackend {
         }
     }
 
-    /// Whether a step of `slots` slots over `n_experts` experts whose matrices are like
-    /// `mats` (one a part, of the same width) takes the grouped products: the switch on,
-    /// the tensor-core products running, and every part of a type that has one.
+    /// Whether a step of `slots` slots and `x_rows` activation rows over `n_experts`
+    /// experts whose matrices are like `mats` (one a part, of the same width) takes the
+    /// grouped products: the switch on, the tensor-core products running, every part of a
+    /// type that has one, and the activations within one quantizer launch (a block row a
+    /// row: at most 65535; larger steps take the host grouping).
     fn moe_grouped_takes<'a>(
         &self,
         mut mats: impl Iterator<Item = &'a CudaMat>,
         n_experts: usize,
         slots: usize,
+        x_rows: usize,
     ) -> bool {
         let mut cols = None;
         self.moe_grouped.load(Ordering::Relaxed)
             && self.mmq_max > 0
             && n_experts <= crate::ops::MAX_EXPERTS
             && slots <= u32::MAX as usize / 4
+            && x_rows <= 65_535
             && mats.all(|w| {
                 *cols.get_or_insert(w.cols) == w.cols
                     && mmq_moe_kernel(w.ty, w.split, self.mmq_staged).is_some_and(|(_, b, _)| w.cols.is_multiple_of(b))
@@ -2374,9 +2378,10 @@ impl Backend for CudaBackend {
     }
 
     // Clamp and the mixture-of-experts ops: kernels of moe.cu (routing, biases, combine)
-    // and the gathered decode products of q8x.cu / quant.cu; only prefill-sized
-    // `moe_matmuls` reads the ids back (`backend::host_moe`). Written without a GPU at
-    // hand: the `moe_*` tests of tests/cuda_backend.rs hold them to the CPU.
+    // and the gathered decode products of q8x.cu / quant.cu; prefill-sized `moe_matmuls`
+    // groups on the device (`moe_grouped`) or, for the types without a grouped product,
+    // reads the ids back (`backend::host_moe`). Written without a GPU at hand: the
+    // `moe_*` and `grouped_moe_*` tests of tests/cuda_backend.rs hold them to the CPU.
     fn clamp(&self, x: &mut CudaBuf, lo: f32, hi: f32, len: usize) {
         assert!(len <= x.len, "clamp out of range");
         assert!(len <= u32::MAX as usize, "clamp: too many elements");
@@ -2486,7 +2491,8 @@ impl Backend for CudaBackend {
             x_rows,
         };
         let gathered = n <= MOE_GATHER_MAX_ROWS && slots <= 65_535;
-        let grouped = !gathered && uniform && self.moe_grouped_takes(experts.iter().map(|m| &m[0]), n_experts, slots);
+        let grouped =
+            !gathered && uniform && self.moe_grouped_takes(experts.iter().map(|m| &m[0]), n_experts, slots, x_rows);
         if !gathered && !grouped || !uniform {
             // Prefill-sized steps of the other types (or experts of different shapes): the
             // host grouping, one product per used expert over its rows (a GEMM once it has
