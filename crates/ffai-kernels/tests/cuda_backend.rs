@@ -1298,9 +1298,10 @@ fn grouped_moe_products_match_the_cpu_and_the_host_grouping() {
         return;
     }
     let mut rng = Rng(0x6B0F_ED11);
-    // Three matrices per expert (one launch each) of heights that leave the last 32-row
-    // block partial. 512 columns: Q4_0 / Q8_0 go up in the split layout (`mmq_moe_*s`);
-    // 480 (15 legacy blocks: the k-split warps take unequal shares) keeps them stored.
+    // Three matrices per expert (one launch each) of heights that leave the last 32- or
+    // 64-row block partial. 512 columns: Q4_0 / Q8_0 go up in the split layout (the staged
+    // `mmqs_moe_*s`; `mmq_moe_*s` with FFAI_CUDA_MMQ_STAGED=0); 480 (15 legacy blocks: the
+    // k-split warps take unequal shares) keeps them stored.
     let heights = [40usize, 24, 72];
     let cases = [
         (WeightType::Q4_0, 512),
