@@ -27,6 +27,11 @@
 #   stagedk  the opt-in staged Q4_K tensor-core product (FFAI_CUDA_MMQ_STAGED_K=1): the
 #            product tests with it, then 64 sequences on /tmp/synth/Q4_K_M.gguf without and
 #            with it (needs lcwait's Q4_K_M file)
+#   grouped  the grouped MoE products (moe_group + mmq_moe_*): their tests and the MoE
+#            product tests with the defaults, FFAI_CUDA_MMQ_STAGED=0 (the unstaged split
+#            kernels) and FFAI_CUDA_MOE_GROUPED=0 (the host grouping); then, when MOE_FILE
+#            names a MoE GGUF of a grouped type (e.g. synth_moe_gguf.py's, quantized to
+#            Q4_0 or Q4_K_M), pp512 with FFAI_CUDA_MOE_GROUPED=0 and 1
 #   ncu      per-kernel durations (Nsight Compute) of ffai's and llama.cpp's decode on a
 #            4-layer Llama-3-8B-shaped Q4_0 file (same per-layer shapes, small to make);
 #            needs lcbuild started earlier for llama.cpp's half
@@ -177,6 +182,17 @@ for stage in "$@"; do
       echo "== FFAI_CUDA_MMQ_STAGED_K=$k, 64 sequences, Q4_K_M"
       FFAI_CUDA_MMQ_STAGED_K=$k timeout 150 $B/ffai bench -m /tmp/synth/Q4_K_M.gguf --device cuda --sequences 64 --prompt-tokens 128 --gen-tokens 128 --repetitions 1 2>&1 | grep -E "decode|prefill" | tee -a "$out/ffai-stagedk.txt"
     done ;;
+  grouped)
+    for e in X=1 FFAI_CUDA_MMQ_STAGED=0 FFAI_CUDA_MOE_GROUPED=0; do
+      echo "== cuda_backend moe tests, $e"
+      env $e $B/cuda_backend --test-threads=1 moe 2>&1 | tee -a "$out/kernels.log" | grep -E "^test |panicked|skipped|test result" | head -20
+    done
+    if [ -n "${MOE_FILE:-}" ]; then
+      for v in 0 1; do
+        echo "== FFAI_CUDA_MOE_GROUPED=$v $MOE_FILE"
+        FFAI_CUDA_MOE_GROUPED=$v timeout 150 $B/ffai bench -m "$MOE_FILE" --device cuda --prompt-tokens 512 --gen-tokens 32 --repetitions 2 2>&1 | grep -E "pp|prefill|tg|decode" | tail -4 | tee -a "$out/ffai-grouped.txt"
+      done
+    fi ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done
