@@ -33,6 +33,11 @@
 #   moelc    llama.cpp on them: llama-bench pp512/tg128, llama-batched-bench at 1 and 32
 #   cstr     constrained decoding's cost on the 8B Q4_0: generate 128 tokens greedy, free,
 #            under a regex and under a JSON object (decode tok/s of each)
+#   grouped  the grouped MoE products (moe_group + mmq_moe_*): their tests and the MoE
+#            product tests with the defaults, FFAI_CUDA_MMQ_STAGED=0 (the unstaged split
+#            kernels) and FFAI_CUDA_MOE_GROUPED=0 (the host grouping); then, when MOE_FILE
+#            names a MoE GGUF of a grouped type (e.g. synth_moe_gguf.py's, quantized to
+#            Q4_0 or Q4_K_M), pp512 with FFAI_CUDA_MOE_GROUPED=0 and 1
 #   ncu      per-kernel durations (Nsight Compute) of ffai's and llama.cpp's decode on a
 #            4-layer Llama-3-8B-shaped Q4_0 file (same per-layer shapes, small to make);
 #            needs lcbuild started earlier for llama.cpp's half
@@ -204,6 +209,17 @@ for stage in "$@"; do
       echo "== generate 128 tokens, constraint: ${c:-none}"
       timeout 120 $B/ffai generate -m ${CSTR_FILE:-/tmp/synth/Q4_0.gguf} --device cuda -p "The list:" --max-tokens 128 --temperature 0 --json $c 2>&1 | grep -o '"decode_tokens_per_s":[0-9.]*\|"stop_reason":"[A-Za-z]*"' | tr '\n' ' ' | tee -a "$out/ffai-cstr.txt"; echo
     done ;;
+  grouped)
+    for e in X=1 FFAI_CUDA_MMQ_STAGED=0 FFAI_CUDA_MOE_GROUPED=0; do
+      echo "== cuda_backend moe tests, $e"
+      env $e $B/cuda_backend --test-threads=1 moe 2>&1 | tee -a "$out/kernels.log" | grep -E "^test |panicked|skipped|test result" | head -20
+    done
+    if [ -n "${MOE_FILE:-}" ]; then
+      for v in 0 1; do
+        echo "== FFAI_CUDA_MOE_GROUPED=$v $MOE_FILE"
+        FFAI_CUDA_MOE_GROUPED=$v timeout 150 $B/ffai bench -m "$MOE_FILE" --device cuda --prompt-tokens 512 --gen-tokens 32 --repetitions 2 2>&1 | grep -E "pp|prefill|tg|decode" | tail -4 | tee -a "$out/ffai-grouped.txt"
+      done
+    fi ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done

@@ -1186,9 +1186,12 @@ fn moe_matmuls_match_the_dense_products() {
                                     }
                                 }
                             }
-                            // Prefill-sized steps take the host grouping, whose experts with
-                            // GEMM_MIN_ROWS rows or more multiply on cuBLAS (bf16 operands).
-                            let tol = if n > MOE_GATHER_MAX_ROWS && slots / ne >= GEMM_MIN_ROWS / 2 {
+                            // Prefill-sized steps of the types with a grouped tensor-core
+                            // product take it (the CPU's q8 scheme); the others the host
+                            // grouping, whose experts with GEMM_MIN_ROWS rows or more
+                            // multiply on cuBLAS (bf16 operands).
+                            let grouped = moe_grouped_on() && gpu_mmq(ty, GEMM_MIN_ROWS);
+                            let tol = if n > MOE_GATHER_MAX_ROWS && !grouped && slots / ne >= GEMM_MIN_ROWS / 2 {
                                 1e-2
                             } else {
                                 1e-5
@@ -1228,6 +1231,238 @@ fn moe_matmuls_match_the_dense_products() {
         "gathered products differ for {failed:?} (messages above)"
     );
     assert!(tested.len() >= 9, "too few types: {tested:?}");
+}
+
+/// Whether prefill-sized MoE steps of the types with a grouped tensor-core product
+/// (q8x.cu `mmq_moe_*`) take it: unless `FFAI_CUDA_MOE_GROUPED=0`, and the tensor-core
+/// products are on (not `FFAI_CUDA_MMQ=0`, `FFAI_CUDA_MMQ_MAX=0` or the older kernels).
+fn moe_grouped_on() -> bool {
+    let is = |v: &str, on: &str| std::env::var_os(v).is_some_and(|x| x == on);
+    !is("FFAI_CUDA_MOE_GROUPED", "0")
+        && !is("FFAI_CUDA_MMQ", "0")
+        && !is("FFAI_CUDA_MMQ_MAX", "0")
+        && !is("FFAI_CUDA_OLDER_KERNELS", "1")
+}
+
+/// Expert ids of a prefill-sized step: every token's first slot names expert 0 (so it
+/// gets n > 64 slots: several tiles, the last partial), the others a random expert of
+/// 0..ne - 1 (repeats allowed: the kernels do not care), so expert ne - 1 gets none.
+fn skewed_ids(rng: &mut Rng, n: usize, k: usize, ne: usize) -> Vec<f32> {
+    (0..n * k)
+        .map(|s| {
+            if s % k == 0 {
+                0.0
+            } else {
+                (rng.next() as usize % (ne - 1)) as f32
+            }
+        })
+        .collect()
+}
+
+/// The CPU's q8 product of each slot's activation row and its expert's rows (`bytes[e]`:
+/// `want[s * rows + r]`; NaN for a slot whose id is not an expert).
+fn moe_q8_reference(
+    ty: WeightType,
+    bytes: &[Vec<u8>],
+    cols: usize,
+    x: &[f32],
+    x_per_slot: bool,
+    ids: &[f32],
+    k: usize,
+) -> Vec<f32> {
+    let rb = ty.row_bytes(cols).unwrap();
+    let rows = bytes[0].len() / rb;
+    let x_rows = x.len() / cols;
+    let mut acts = QuantizedActs::new();
+    acts.quantize(ty, x, x_rows, cols);
+    let mut want = vec![f32::NAN; ids.len() * rows];
+    for (s, &id) in ids.iter().enumerate() {
+        if !(id >= 0.0 && id < bytes.len() as f32) {
+            continue;
+        }
+        let wb = &bytes[id as usize];
+        let xr = if x_per_slot { s } else { s / k };
+        for r in 0..rows {
+            want[s * rows + r] = dot_row_q8(ty, &wb[r * rb..(r + 1) * rb], &acts, xr);
+        }
+    }
+    want
+}
+
+#[test]
+fn grouped_moe_products_match_the_cpu_and_the_host_grouping() {
+    use ffai_kernels::backend::host_moe;
+    let Some(g) = gpu() else { return };
+    if !moe_grouped_on() {
+        println!("skipped: the grouped MoE products are switched off");
+        return;
+    }
+    let mut rng = Rng(0x6B0F_ED11);
+    // Three matrices per expert (one launch each) of heights that leave the last 32- or
+    // 64-row block partial. 512 columns: Q4_0 / Q8_0 go up in the split layout (the staged
+    // `mmqs_moe_*s`; `mmq_moe_*s` with FFAI_CUDA_MMQ_STAGED=0); 480 (15 legacy blocks: the
+    // k-split warps take unequal shares) keeps them stored.
+    let heights = [40usize, 24, 72];
+    let cases = [
+        (WeightType::Q4_0, 512),
+        (WeightType::Q4_0, 480),
+        (WeightType::Q8_0, 512),
+        (WeightType::Q8_0, 480),
+        (WeightType::Q4_1, 512),
+        (WeightType::Q5_0, 480),
+        (WeightType::Q5_1, 512),
+        (WeightType::Q4K, 512),
+    ];
+    let mut failed = Vec::new();
+    for &(ty, cols) in &cases {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            for ne in [4usize, 16] {
+                // bytes[part][expert]
+                let bytes: Vec<Vec<Vec<u8>>> = heights
+                    .iter()
+                    .map(|&rows| {
+                        (0..ne)
+                            .map(|_| random_matrix(ty, rows, cols, &mut rng).unwrap())
+                            .collect()
+                    })
+                    .collect();
+                let mats: Vec<Vec<_>> = bytes
+                    .iter()
+                    .zip(heights)
+                    .map(|(b, rows)| {
+                        b.iter()
+                            .map(|e| g.matrix(ty, rows, cols, HostBytes::from_vec(e.clone())))
+                            .collect()
+                    })
+                    .collect();
+                let experts: Vec<&[_]> = mats.iter().map(|m| m.as_slice()).collect();
+                for n in [65usize, 130, 300] {
+                    for k in [2usize, 8] {
+                        for per_slot in [false, true] {
+                            let what =
+                                format!("{} cols={cols} experts={ne} n={n} k={k} per_slot={per_slot}", ty.name());
+                            let slots = n * k;
+                            let x_rows = if per_slot { slots } else { n };
+                            let x = activations(&mut rng, x_rows, cols);
+                            let ids = skewed_ids(&mut rng, n, k, ne);
+                            let (gx, gi) = (g.upload(&x), g.upload(&ids));
+                            let run = |host: bool| -> Vec<Vec<f32>> {
+                                let mut ys: Vec<_> =
+                                    heights.iter().map(|&r| g.upload(&vec![f32::NAN; slots * r])).collect();
+                                let mut outs: Vec<&mut _> = ys.iter_mut().collect();
+                                if host {
+                                    host_moe::moe_matmuls(g, &experts, &gx, per_slot, &gi, n, k, &mut outs);
+                                } else {
+                                    g.moe_matmuls(&experts, &gx, per_slot, &gi, n, k, &mut outs);
+                                }
+                                ys.iter().zip(heights).map(|(y, r)| down(g, y, slots * r)).collect()
+                            };
+                            let grouped = run(false);
+                            let host = run(true);
+                            let again = run(false);
+                            let mut count = vec![0usize; ne];
+                            ids.iter().for_each(|&e| count[e as usize] += 1);
+                            assert!(count[0] > 64 && count[ne - 1] == 0, "{what}: ids {count:?}");
+                            for (m, &rows) in heights.iter().enumerate() {
+                                let want = moe_q8_reference(ty, &bytes[m], cols, &x, per_slot, &ids, k);
+                                let got = &grouped[m];
+                                // The tensor-core products' tolerance (`check_products`).
+                                let e = rel_err(got, &want);
+                                assert!(
+                                    e < 1e-5,
+                                    "{what} part {m}: relative error {e} against the CPU (tolerance 1e-5)"
+                                );
+                                // The same bits however the slots were placed in their tiles.
+                                assert!(
+                                    got.iter().zip(&again[m]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                                    "{what} part {m}: a second run differs"
+                                );
+                                // The host grouping, expert by expert: its decode and
+                                // tensor-core products take the CPU's q8 scheme too, its
+                                // cuBLAS GEMMs (an expert of more than FFAI_CUDA_MMQ_MAX slots)
+                                // bf16 operands.
+                                for (ex, &c) in count.iter().enumerate().filter(|(_, &c)| c > 0) {
+                                    let sel: Vec<usize> = (0..slots).filter(|&s| ids[s] as usize == ex).collect();
+                                    let pick = |v: &[f32]| -> Vec<f32> {
+                                        sel.iter().flat_map(|&s| v[s * rows..(s + 1) * rows].to_vec()).collect()
+                                    };
+                                    let tol = if c < GEMM_MIN_ROWS || gpu_mmq(ty, c) {
+                                        1e-5
+                                    } else {
+                                        1e-2
+                                    };
+                                    let e = rel_err(&pick(got), &pick(&host[m]));
+                                    assert!(
+                                        e < tol,
+                                        "{what} part {m} expert {ex} ({c} slots): relative error {e} against the host grouping (tolerance {tol})"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }));
+        if r.is_err() {
+            failed.push(format!("{}@{cols}", ty.name()));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "grouped MoE products differ for {failed:?} (messages above)"
+    );
+}
+
+#[test]
+fn grouped_moe_products_give_bad_ids_nan_rows() {
+    let Some(g) = gpu() else { return };
+    if !moe_grouped_on() {
+        println!("skipped: the grouped MoE products are switched off");
+        return;
+    }
+    let mut rng = Rng(0xBAD1_D5E5);
+    let (ty, ne, cols, rows, n, k) = (WeightType::Q4_0, 4usize, 512usize, 40usize, 70usize, 2usize);
+    let bytes: Vec<Vec<u8>> = (0..ne)
+        .map(|_| random_matrix(ty, rows, cols, &mut rng).unwrap())
+        .collect();
+    let mats: Vec<_> = bytes
+        .iter()
+        .map(|b| g.matrix(ty, rows, cols, HostBytes::from_vec(b.clone())))
+        .collect();
+    let slots = n * k;
+    let mut ids = skewed_ids(&mut rng, n, k, ne);
+    // Ids moe_route never writes: below 0, the expert count, past it, NaN; and 2.5, which
+    // the gathered kernels read as expert 2.
+    let bad = [(3usize, -1.0f32), (10, ne as f32), (11, 1e9), (57, f32::NAN)];
+    for &(s, v) in &bad {
+        ids[s] = v;
+    }
+    ids[20] = 2.5;
+    let x = activations(&mut rng, n, cols);
+    let (gx, gi) = (g.upload(&x), g.upload(&ids));
+    let mut y = g.upload(&vec![0.0f32; slots * rows]);
+    g.moe_matmuls(&[&mats], &gx, false, &gi, n, k, &mut [&mut y]);
+    let got = down(g, &y, slots * rows);
+    for &(s, v) in &bad {
+        assert!(
+            got[s * rows..(s + 1) * rows].iter().all(|o| o.is_nan()),
+            "slot {s} (id {v}): its row is not NaN"
+        );
+    }
+    let mut ids_ref = ids.clone();
+    ids_ref[20] = 2.0;
+    let want = moe_q8_reference(ty, &bytes, cols, &x, false, &ids_ref, k);
+    let good: Vec<usize> = (0..slots).filter(|s| !bad.iter().any(|b| b.0 == *s)).collect();
+    let pick = |v: &[f32]| -> Vec<f32> {
+        good.iter()
+            .flat_map(|&s| v[s * rows..(s + 1) * rows].to_vec())
+            .collect()
+    };
+    let e = rel_err(&pick(&got), &pick(&want));
+    assert!(
+        e < 1e-5,
+        "the other slots: relative error {e} against the CPU (tolerance 1e-5)"
+    );
 }
 
 #[test]

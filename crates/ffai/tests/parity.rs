@@ -658,7 +658,9 @@ fn moe_fixtures_on_cuda() {
     // Apart from every_fixture_on_cuda so a failure is clearly the MoE path's: on CUDA the
     // routing, the gathered expert products, the combine and the expert biases are
     // device kernels (moe.cu, q8x.cu, quant.cu) for steps of up to 64 rows, and longer
-    // steps group the tokens per expert on the host (`backend::host_moe`); gpt_oss's
+    // steps group the tokens per expert on the device where the experts' type has an
+    // int8 tensor-core product (moe.cu `moe_group`, q8x.cu `mmq_moe_*`), else on the host
+    // (`backend::host_moe`); gpt_oss's
     // attention sinks join the fold of the attention parts. All seven passed on an H100
     // in session 11 with the device kernels.
     check_on_cuda(&MOE_FIXTURES);

@@ -42,9 +42,11 @@ pub const GEMM_MIN_ROWS: usize = 33;
 /// Most token rows whose mixture-of-experts products run as gathered decode products
 /// (`moe_q8x_*`, `moe_half_*`, `moe_matvec_<tag>`: one warp per (slot, output row), the
 /// expert read from the device `ids`, so the step needs no host round trip and can be
-/// recorded; the decoder records steps of up to 64 rows). More rows (prefill) take the
-/// host grouping (`backend::host_moe`), where each expert's rows share one product
-/// (a GEMM once an expert has [`GEMM_MIN_ROWS`] of them).
+/// recorded; the decoder records steps of up to 64 rows). More rows (prefill) are grouped
+/// by expert on the device and multiplied on the int8 tensor cores (`moe.cu`'s
+/// `moe_group`, then q8x.cu's `mmq_moe_*`: no host round trip) where the experts' type
+/// has such a product; other types take the host grouping (`backend::host_moe`), where
+/// each expert's rows share one product (a GEMM once an expert has [`GEMM_MIN_ROWS`]).
 pub const MOE_GATHER_MAX_ROWS: usize = 64;
 
 /// Threads of an attention block (`ATTN_THREADS` in attention.cu).
@@ -110,6 +112,32 @@ fn mmq_kernel(ty: WeightType, split: bool, staged: bool, staged_k: bool) -> Opti
         _ => return None,
     })
 }
+
+/// A weight type's grouped mixture-of-experts product (q8x.cu `mmq_moe_*` / `mmqs_moe_*`:
+/// the dense `mmq_*` / `mmqs_*` bodies over a tile of one expert's slots), the block
+/// length its activations are quantized in and the weight rows one of its blocks takes.
+/// The split layouts take the staged bodies as the dense products do (`staged`: unless
+/// `FFAI_CUDA_MMQ_STAGED=0`); Q4_K the unstaged one (its staged product is still opt-in).
+fn mmq_moe_kernel(ty: WeightType, split: bool, staged: bool) -> Option<(&'static str, usize, usize)> {
+    Some(match ty {
+        WeightType::Q4_0 if split && staged => ("mmqs_moe_q4_0s", 32, MMQS_ROWS),
+        WeightType::Q8_0 if split && staged => ("mmqs_moe_q8_0s", 32, MMQS_ROWS),
+        WeightType::Q4_0 if split => ("mmq_moe_q4_0s", 32, MMQ_ROWS),
+        WeightType::Q8_0 if split => ("mmq_moe_q8_0s", 32, MMQ_ROWS),
+        WeightType::Q4_0 => ("mmq_moe_q4_0", 32, MMQ_ROWS),
+        WeightType::Q4_1 => ("mmq_moe_q4_1", 32, MMQ_ROWS),
+        WeightType::Q5_0 => ("mmq_moe_q5_0", 32, MMQ_ROWS),
+        WeightType::Q5_1 => ("mmq_moe_q5_1", 32, MMQ_ROWS),
+        WeightType::Q8_0 => ("mmq_moe_q8_0", 32, MMQ_ROWS),
+        WeightType::Q4K => ("mmq_moe_q4_k", 256, MMQ_ROWS),
+        _ => return None,
+    })
+}
+
+/// Slots one block of the grouped MoE products takes (moe.cu `MOE_TILE`, q8x.cu
+/// `MMQ_TOK`) and the threads of the grouping kernel (`MOE_GROUP_THREADS`).
+const MOE_TILE: usize = MMQ_TOK;
+const MOE_GROUP_THREADS: u32 = 1024;
 
 /// Activation rows one q8x.cu product launch takes (`Q8X_MAX_N`).
 const Q8X_MAX_N: usize = 8;
@@ -339,6 +367,41 @@ pub struct CudaStep {
 /// The experts' matrix addresses a device table holds, and the table.
 type ExpertTable = (Vec<u64>, DevMem<u64>);
 
+/// Where `moe_group` (moe.cu) writes in the scratch's `moe_group` (u32 indices): the
+/// tile count, per group (the experts, then the bad ids) its slots and its first sorted
+/// index, the sorted slots, and the tile table (three u32 a tile).
+struct MoeGroupLayout {
+    n_tiles: usize,
+    counts: usize,
+    offsets: usize,
+    sorted: usize,
+    tiles: usize,
+    /// The most tiles a step can have: each group's run of slots in tiles of
+    /// [`MOE_TILE`], the last one of each possibly partial.
+    max_tiles: usize,
+    len: usize,
+}
+
+impl MoeGroupLayout {
+    fn new(slots: usize, n_experts: usize) -> MoeGroupLayout {
+        let groups = n_experts + 1;
+        let max_tiles = slots.div_ceil(MOE_TILE) + groups;
+        let (n_tiles, counts) = (0, 4);
+        let offsets = counts + groups;
+        let sorted = offsets + groups;
+        let tiles = sorted + slots;
+        MoeGroupLayout {
+            n_tiles,
+            counts,
+            offsets,
+            sorted,
+            tiles,
+            max_tiles,
+            len: tiles + 3 * max_tiles,
+        }
+    }
+}
+
 /// A gathered MoE product's inputs besides the matrices (see `Backend::moe_matmuls`).
 struct Gather {
     ids: u64,
@@ -395,6 +458,8 @@ struct Scratch {
     xq256: DevMem<u8>,
     xd256: DevMem<f32>,
     xs256: DevMem<u32>,
+    /// A step's slots grouped by expert (moe.cu `moe_group`, see `MoeGroupLayout`).
+    moe_group: DevMem<u32>,
 }
 
 /// The scratch's 8-bit sets hold the quantization of the `len` floats at `ptr` (written
@@ -497,6 +562,12 @@ pub struct CudaBackend {
     /// `FFAI_CUDA_MMQ_STAGED_K=1`: written in session 14 after its device time ran out,
     /// compiled by NVRTC but not yet run on a GPU.
     mmq_staged_k: bool,
+    /// Prefill-sized MoE steps of the types with an int8 tensor-core product are grouped
+    /// by expert on the device (`moe_grouped`); `FFAI_CUDA_MOE_GROUPED=0` (or
+    /// [`CudaBackend::set_moe_grouped`]) keeps the host grouping, for A/B timing. Needs
+    /// the tensor-core products (`mmq_max` > 0: compute capability 8.0, not the older
+    /// kernels, `FFAI_CUDA_MMQ` not 0).
+    moe_grouped: AtomicBool,
 }
 
 fn grid1(n: usize, block: usize) -> (u32, u32, u32) {
@@ -578,6 +649,7 @@ impl CudaBackend {
                 xq256: DevMem::empty(),
                 xd256: DevMem::empty(),
                 xs256: DevMem::empty(),
+                moe_group: DevMem::empty(),
             }),
             prequant: Mutex::new(None),
             cand_host: Mutex::new(Vec::new()),
@@ -614,6 +686,7 @@ impl CudaBackend {
                 && std::env::var_os("FFAI_CUDA_OLDER_KERNELS").is_none_or(|v| v != "1"),
             mmq_staged: std::env::var_os("FFAI_CUDA_MMQ_STAGED").is_none_or(|v| v != "0"),
             mmq_staged_k: std::env::var_os("FFAI_CUDA_MMQ_STAGED_K").is_some_and(|v| v == "1"),
+            moe_grouped: AtomicBool::new(std::env::var_os("FFAI_CUDA_MOE_GROUPED").is_none_or(|v| v != "0")),
         })
     }
 
@@ -621,6 +694,13 @@ impl CudaBackend {
     /// op (the reference a recording must reproduce bit for bit).
     pub fn set_graphs(&self, on: bool) {
         self.graphs.store(on, Ordering::Relaxed);
+    }
+
+    /// Turns the device grouping of prefill-sized MoE steps on or off (the initial state is
+    /// `FFAI_CUDA_MOE_GROUPED`'s); off, they take the host grouping (`backend::host_moe`).
+    /// On takes effect only where the int8 tensor-core products run (see `moe_grouped`).
+    pub fn set_moe_grouped(&self, on: bool) {
+        self.moe_grouped.store(on, Ordering::Relaxed);
     }
 
     /// (free, total) bytes of device memory now.
@@ -852,7 +932,9 @@ impl CudaBackend {
             self.fail(format!("no CUDA kernel named {name}"));
             return;
         };
-        if !name.starts_with("mv_q8x_") && !name.starts_with("mmq_") {
+        // (`moe_group` writes only its own scratch: a grouped product after it may still
+        // read the 8-bit sets of its input.)
+        if !name.starts_with("mv_q8x_") && !name.starts_with("mmq_") && name != "moe_group" {
             self.forget_prequant();
         }
         if self.skip.iter().any(|s| s == name) {
@@ -1354,6 +1436,114 @@ impl CudaBackend {
         }
         drop(sc_guard);
         true
+    }
+
+    /// The grouped MoE products (prefill-sized steps) of `parts` (each: its first expert's
+    /// matrix, standing for the type and shape of all, its expert table, its output): the
+    /// activation rows quantized once per block length, the slots grouped by expert on the
+    /// device (moe.cu `moe_group`), then one launch a part of q8x.cu's `mmq_moe_*`, a block
+    /// a (tile of at most 64 of one expert's slots, 32 or 64 weight rows). Nothing is read back,
+    /// so such a step can be recorded. The caller has checked `moe_grouped_takes`.
+    fn moe_grouped(&self, parts: &[(&CudaMat, u64, u64)], g: &Gather) {
+        let Some(&(first, _, _)) = parts.first() else { return };
+        let cols = first.cols;
+        let kernel = |w: &CudaMat| mmq_moe_kernel(w.ty, w.split, self.mmq_staged);
+        let layout = MoeGroupLayout::new(g.slots, g.n_experts);
+        let Ok(mut sc) = self.scratch.lock() else { return };
+        // The 8-bit activations first: the op that wrote x may have written them already
+        // (`PreQuant`), which the grouping launch keeps.
+        let mut acts = [None, None];
+        for (i, block) in [32usize, 256].into_iter().enumerate() {
+            if parts
+                .iter()
+                .any(|(w, _, _)| kernel(w).is_some_and(|(_, b, _)| b == block))
+            {
+                let Some(a) = self.quantize_acts(&mut sc, g.x, g.x_rows, cols, block) else {
+                    return;
+                };
+                acts[i] = Some(a);
+            }
+        }
+        self.grow(&mut sc.moe_group, layout.len);
+        if self.failed() || sc.moe_group.len < layout.len {
+            return;
+        }
+        let at = |i: usize| sc.moe_group.ptr + 4 * i as u64;
+        let (n_tiles, counts, offsets, sorted, tiles) = (
+            at(layout.n_tiles),
+            at(layout.counts),
+            at(layout.offsets),
+            at(layout.sorted),
+            at(layout.tiles),
+        );
+        self.launch(
+            "moe_group",
+            (1, 1, 1),
+            MOE_GROUP_THREADS,
+            &[
+                Arg::P(g.ids),
+                Arg::U(g.slots as u32),
+                Arg::U(g.n_experts as u32),
+                Arg::P(counts),
+                Arg::P(offsets),
+                Arg::P(sorted),
+                Arg::P(tiles),
+                Arg::P(n_tiles),
+            ],
+        );
+        for &(w, tab, out) in parts {
+            let Some((name, block, rows_per_block)) = kernel(w) else {
+                continue;
+            };
+            let Some((xq, xd, xs)) = acts[(block == 256) as usize] else {
+                continue;
+            };
+            self.launch(
+                name,
+                (layout.max_tiles as u32, w.rows.div_ceil(rows_per_block) as u32, 1),
+                MMQ_THREADS,
+                &[
+                    Arg::P(tab),
+                    Arg::P(w.row_bytes as u64),
+                    Arg::P(xq),
+                    Arg::P(xd),
+                    Arg::P(xs),
+                    Arg::P(out),
+                    Arg::U(w.rows as u32),
+                    Arg::U(cols as u32),
+                    Arg::P(n_tiles),
+                    Arg::P(tiles),
+                    Arg::P(sorted),
+                    Arg::U(g.n_experts as u32),
+                    Arg::U(g.k as u32),
+                    Arg::U(g.per_slot as u32),
+                ],
+            );
+        }
+    }
+
+    /// Whether a step of `slots` slots and `x_rows` activation rows over `n_experts`
+    /// experts whose matrices are like `mats` (one a part, of the same width) takes the
+    /// grouped products: the switch on, the tensor-core products running, every part of a
+    /// type that has one, and the activations within one quantizer launch (a block row a
+    /// row: at most 65535; larger steps take the host grouping).
+    fn moe_grouped_takes<'a>(
+        &self,
+        mut mats: impl Iterator<Item = &'a CudaMat>,
+        n_experts: usize,
+        slots: usize,
+        x_rows: usize,
+    ) -> bool {
+        let mut cols = None;
+        self.moe_grouped.load(Ordering::Relaxed)
+            && self.mmq_max > 0
+            && n_experts <= crate::ops::MAX_EXPERTS
+            && slots <= u32::MAX as usize / 4
+            && x_rows <= 65_535
+            && mats.all(|w| {
+                *cols.get_or_insert(w.cols) == w.cols
+                    && mmq_moe_kernel(w.ty, w.split, self.mmq_staged).is_some_and(|(_, b, _)| w.cols.is_multiple_of(b))
+            })
     }
 
     fn gemm(&self, w: &CudaMat, x: u64, n: usize, out: u64) {
@@ -2188,9 +2378,10 @@ impl Backend for CudaBackend {
     }
 
     // Clamp and the mixture-of-experts ops: kernels of moe.cu (routing, biases, combine)
-    // and the gathered decode products of q8x.cu / quant.cu; only prefill-sized
-    // `moe_matmuls` reads the ids back (`backend::host_moe`). Written without a GPU at
-    // hand: the `moe_*` tests of tests/cuda_backend.rs hold them to the CPU.
+    // and the gathered decode products of q8x.cu / quant.cu; prefill-sized `moe_matmuls`
+    // groups on the device (`moe_grouped`) or, for the types without a grouped product,
+    // reads the ids back (`backend::host_moe`). Written without a GPU at hand: the
+    // `moe_*` and `grouped_moe_*` tests of tests/cuda_backend.rs hold them to the CPU.
     fn clamp(&self, x: &mut CudaBuf, lo: f32, hi: f32, len: usize) {
         assert!(len <= x.len, "clamp out of range");
         assert!(len <= u32::MAX as usize, "clamp: too many elements");
@@ -2290,10 +2481,22 @@ impl Backend for CudaBackend {
             m.iter()
                 .all(|e| e.ty == m[0].ty && e.rows == m[0].rows && e.cols == cols)
         });
-        if n > MOE_GATHER_MAX_ROWS || slots > 65_535 || !uniform {
-            // Prefill-sized steps (or experts of different shapes): the host grouping, one
-            // product per used expert over its rows (a GEMM once it has GEMM_MIN_ROWS),
-            // which reads the ids back: such a step is never recorded.
+        let g = Gather {
+            ids: ids.ptr,
+            n_experts,
+            k,
+            per_slot: x_per_slot,
+            slots,
+            x: x.ptr,
+            x_rows,
+        };
+        let gathered = n <= MOE_GATHER_MAX_ROWS && slots <= 65_535;
+        let grouped =
+            !gathered && uniform && self.moe_grouped_takes(experts.iter().map(|m| &m[0]), n_experts, slots, x_rows);
+        if !gathered && !grouped || !uniform {
+            // Prefill-sized steps of the other types (or experts of different shapes): the
+            // host grouping, one product per used expert over its rows (a GEMM once it has
+            // GEMM_MIN_ROWS), which reads the ids back: such a step is never recorded.
             if self.can_sync() {
                 crate::backend::host_moe::moe_matmuls(self, experts, x, x_per_slot, ids, n, k, outs);
             }
@@ -2304,15 +2507,10 @@ impl Backend for CudaBackend {
             let Some(tab) = self.expert_table(m) else { return };
             parts.push((&m[0], tab, out.ptr));
         }
-        let g = Gather {
-            ids: ids.ptr,
-            n_experts,
-            k,
-            per_slot: x_per_slot,
-            slots,
-            x: x.ptr,
-            x_rows,
-        };
+        if grouped {
+            self.moe_grouped(&parts, &g);
+            return;
+        }
         if self.moe_fast(&parts, &g) {
             return;
         }

@@ -260,3 +260,122 @@ extern "C" __global__ void moe_combine(const float* __restrict__ ys, const float
     }
     out[i] = o;
 }
+
+// ------------------------------------------------------ grouping a step's slots by expert
+//
+// For the grouped products (q8x.cu `mmq_moe_*`) of a step too large for the gathered
+// ones: one block of MOE_GROUP_THREADS sorts the step's slots (slot = token * k + j) by
+// the expert ids[slot] names, on the device, so the step needs no host round trip.
+// Group e < n_experts holds expert e's slots; group n_experts the slots whose id is not
+// an expert (outside 0..n_experts or NaN: moe_route never writes one), so that no bad id
+// indexes anything and their rows can be written NaN, as the gathered kernels write them.
+// Writes, for the n_experts + 1 groups: counts[e] (its slots), offsets[e] (its first
+// index in `sorted`: groups in expert order, bad ids last), sorted[] (the slots, grouped;
+// within a group in the order the atomics hand out places, which changes no value: each
+// output is one slot's row times one expert row), and the tile table: each group's run
+// of `sorted` cut into tiles of at most MOE_TILE slots, tiles[3 t ..] = (group, first
+// index in sorted, count), groups in order, and *n_tiles. Tiles: at most
+// ceil(slots / MOE_TILE) + n_experts + 1 (each group's last tile may be partial).
+// Launch: grid 1, block MOE_GROUP_THREADS; n_experts <= MOE_MAX_EXPERTS.
+#define MOE_TILE 64  // q8x.cu's MMQ_TOK: the slots one block of the grouped products takes
+#define MOE_GROUP_THREADS 1024
+
+// The group of a slot's id: the expert, or n_experts for a bad id (the test gpick and
+// moe_add_bias make; an id of 2.5 is expert 2 there as here).
+__device__ __forceinline__ u32 moe_group_of(float f, u32 n_experts) {
+    return f >= 0.0f && f < (float)n_experts ? (u32)f : n_experts;
+}
+
+// Exclusive prefix sums of (a, b) over the block's threads in thread order; the totals to
+// (ta, tb) in every thread. Warp-shuffle scans, then one over the warps' totals.
+__device__ __forceinline__ void block_scan2(u32& a, u32& b, u32& ta, u32& tb) {
+    __shared__ u32 wa[32], wb[32];
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    u32 ia = a, ib = b;  // inclusive within the warp
+#pragma unroll
+    for (u32 d = 1; d < 32; d <<= 1) {
+        const u32 va = __shfl_up_sync(FULL, ia, d), vb = __shfl_up_sync(FULL, ib, d);
+        if (lane >= d) {
+            ia += va;
+            ib += vb;
+        }
+    }
+    if (lane == 31) {
+        wa[warp] = ia;
+        wb[warp] = ib;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        u32 xa = lane < warps ? wa[lane] : 0, xb = lane < warps ? wb[lane] : 0;
+#pragma unroll
+        for (u32 d = 1; d < 32; d <<= 1) {
+            const u32 va = __shfl_up_sync(FULL, xa, d), vb = __shfl_up_sync(FULL, xb, d);
+            if (lane >= d) {
+                xa += va;
+                xb += vb;
+            }
+        }
+        if (lane < warps) {
+            wa[lane] = xa;  // now inclusive over the warps
+            wb[lane] = xb;
+        }
+    }
+    __syncthreads();
+    const u32 pa = warp > 0 ? wa[warp - 1] : 0, pb = warp > 0 ? wb[warp - 1] : 0;
+    a = pa + ia - a;
+    b = pb + ib - b;
+    ta = wa[warps - 1];
+    tb = wb[warps - 1];
+}
+
+extern "C" __global__ void __launch_bounds__(MOE_GROUP_THREADS)
+    moe_group(const float* __restrict__ ids, u32 slots, u32 n_experts, u32* __restrict__ counts,
+              u32* __restrict__ offsets, u32* __restrict__ sorted, u32* __restrict__ tiles,
+              u32* __restrict__ n_tiles) {
+    PDL_ENTRY();
+    __shared__ u32 cnt[MOE_MAX_EXPERTS + 1];   // per group: its slots
+    __shared__ u32 next[MOE_MAX_EXPERTS + 1];  // per group: its next free place in `sorted`
+    const u32 tid = threadIdx.x, groups = n_experts + 1;
+    for (u32 e = tid; e < groups; e += blockDim.x) {
+        cnt[e] = 0;
+    }
+    __syncthreads();
+    // 1. Count each group's slots.
+    for (u32 s = tid; s < slots; s += blockDim.x) {
+        atomicAdd(&cnt[moe_group_of(ids[s], n_experts)], 1u);
+    }
+    __syncthreads();
+    // 2. Offsets and tiles: thread tid takes the consecutive groups g0 .. g1 (one, or two
+    // when there are more groups than threads); the block's prefix sums of its slots and
+    // tiles place its groups' runs and tiles after those of the groups before.
+    const u32 per = (groups + blockDim.x - 1) / blockDim.x;
+    const u32 g0 = min(tid * per, groups), g1 = min(g0 + per, groups);
+    u32 at = 0, tile = 0;
+    for (u32 e = g0; e < g1; ++e) {
+        at += cnt[e];
+        tile += (cnt[e] + MOE_TILE - 1) / MOE_TILE;
+    }
+    u32 total_slots, total_tiles;
+    block_scan2(at, tile, total_slots, total_tiles);
+    for (u32 e = g0; e < g1; ++e) {
+        const u32 c = cnt[e];
+        counts[e] = c;
+        offsets[e] = at;
+        next[e] = at;
+        for (u32 i = 0; i < c; i += MOE_TILE, ++tile) {
+            tiles[3 * tile] = e;
+            tiles[3 * tile + 1] = at + i;
+            tiles[3 * tile + 2] = min(c - i, (u32)MOE_TILE);
+        }
+        at += c;
+    }
+    (void)total_slots;  // == slots: every slot is in one group
+    if (tid == 0) {
+        *n_tiles = total_tiles;
+    }
+    __syncthreads();
+    // 3. Place each slot in its group's run.
+    for (u32 s = tid; s < slots; s += blockDim.x) {
+        sorted[atomicAdd(&next[moe_group_of(ids[s], n_experts)], 1u)] = s;
+    }
+}

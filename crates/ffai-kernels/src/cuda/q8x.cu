@@ -1084,20 +1084,33 @@ __device__ __forceinline__ void legacy_frag(const u8* blk, u32 c, int& lo, int& 
     }
 }
 
-// The B fragment of token t at k offset k0 (zeros past the last token).
-__device__ __forceinline__ void mmq_b(const signed char* __restrict__ xq, u32 cols, u32 n, u32 t, u32 k0, u32 c,
-                                      int& b0, int& b1) {
+// A block's MMQ_TOK tokens: which are live, which activation row token i (0..MMQ_TOK) of
+// the block reads (`x`) and which output row it writes (`y`). A dense product's block
+// takes tokens t0 .. t0 + MMQ_TOK of its n rows (both rows are the token); a grouped MoE
+// product's block takes one tile of an expert's slots (`MoeToks`, below).
+struct DenseToks {
+    u32 t0, n;
+    __device__ __forceinline__ bool live(u32 i) const { return t0 + i < n; }
+    __device__ __forceinline__ u64 x(u32 i) const { return t0 + i; }
+    __device__ __forceinline__ u64 y(u32 i) const { return t0 + i; }
+};
+
+// The B fragment of the block's token i at k offset k0 (zeros for a token that is not live).
+template <class Toks>
+__device__ __forceinline__ void mmq_b(const signed char* __restrict__ xq, u32 cols, const Toks& tk, u32 i, u32 k0,
+                                      u32 c, int& b0, int& b1) {
     b0 = 0;
     b1 = 0;
-    if (t < n) {
-        const int* p = (const int*)(xq + (u64)t * cols + k0 + 4 * c);
+    if (tk.live(i)) {
+        const int* p = (const int*)(xq + tk.x(i) * cols + k0 + 4 * c);
         b0 = __ldg(p);
         b1 = __ldg(p + 4);
     }
 }
 
 // The k-split warps' sums added in order (warp group 0 keeps them) and stored.
-__device__ __forceinline__ void mmq_store(float (&acc)[8][4], float* __restrict__ y, u32 rows, u32 n, u32 t0,
+template <class Toks>
+__device__ __forceinline__ void mmq_store(float (&acc)[8][4], float* __restrict__ y, u32 rows, const Toks& tk,
                                           u32 r0) {
     __shared__ float red[MMQ_KSPLIT - 1][2][32][32];
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, rg = warp & 1, ks = warp >> 1;
@@ -1124,19 +1137,19 @@ __device__ __forceinline__ void mmq_store(float (&acc)[8][4], float* __restrict_
             for (int q = 0; q < MMQ_KSPLIT - 1; ++q) {
                 v += red[q][rg][j * 4 + e][lane];
             }
-            const u32 row = r0 + (e < 2 ? 0 : 8), t = t0 + 8 * j + 2 * c + (e & 1);
-            if (row < rows && t < n) {
-                y[(u64)t * rows + row] = v;
+            const u32 row = r0 + (e < 2 ? 0 : 8), i = 8 * j + 2 * c + (e & 1);
+            if (row < rows && tk.live(i)) {
+                y[tk.y(i) * rows + row] = v;
             }
         }
     }
 }
 
 // A warp's place in an mmq block: lane group g and index c (the fragments' layout), its
-// k split, first token, first row (r0; the lane's rows are r0 and r0 + 8) and those two
-// rows' addresses (rows past the matrix read its last row and store nothing).
+// k split, first row (r0; the lane's rows are r0 and r0 + 8) and those two rows'
+// addresses (rows past the matrix read its last row and store nothing).
 struct MmqWarp {
-    u32 g, c, ks, t0, r0;
+    u32 g, c, ks, r0;
     const u8 *w0, *w1;
 };
 
@@ -1146,7 +1159,6 @@ __device__ __forceinline__ MmqWarp mmq_warp(const u8* w, u64 row_bytes, u32 rows
     m.g = lane >> 2;
     m.c = lane & 3;
     m.ks = warp >> 1;
-    m.t0 = blockIdx.x * MMQ_TOK;
     m.r0 = blockIdx.y * MMQ_ROWS + rg * 16 + m.g;
     m.w0 = w + (u64)min(m.r0, rows - 1) * row_bytes;
     m.w1 = w + (u64)min(m.r0 + 8, rows - 1) * row_bytes;
@@ -1178,14 +1190,14 @@ __device__ __forceinline__ void split_frag(const u8* row, u32 nb, u32 b, u32 c, 
     hi = minus8((q >> 4) & 0x0F0F0F0Fu);
 }
 
-template <int K, bool SPLIT = false>
+template <int K, bool SPLIT, class Toks>
 __device__ __forceinline__ void mmq_legacy(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq,
                                            const float* __restrict__ xd, const int* __restrict__ xs,
-                                           float* __restrict__ y, u32 rows, u32 cols, u32 n) {
+                                           float* __restrict__ y, u32 rows, u32 cols, const Toks& tk) {
     constexpr bool MIN = K == K_Q4_1 || K == K_Q5_1;
     constexpr int BYTES = K == K_Q4_0 ? 18 : K == K_Q4_1 ? 20 : K == K_Q5_0 ? 22 : K == K_Q5_1 ? 24 : 34;
     const MmqWarp m = mmq_warp(w, row_bytes, rows);
-    const u32 g = m.g, c = m.c, ks = m.ks, t0 = m.t0;
+    const u32 g = m.g, c = m.c, ks = m.ks;
     const u8 *w0 = m.w0, *w1 = m.w1;
     const u32 nb = cols / 32;
     float acc[8][4];
@@ -1205,19 +1217,19 @@ __device__ __forceinline__ void mmq_legacy(const u8* __restrict__ w, u64 row_byt
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             int b0, b1;
-            mmq_b(xq, cols, n, t0 + 8 * j + g, b * 32, c, b0, b1);
+            mmq_b(xq, cols, tk, 8 * j + g, b * 32, c, b0, b1);
             int p[4] = {0, 0, 0, 0};
             mma_s8(p, a0, a1, a2, a3, b0, b1);
-            const u32 t = t0 + 8 * j + 2 * c;  // C's tokens t, t + 1
-            const float dx0 = t < n ? __ldg(xd + (u64)t * nb + b) : 0.0f;
-            const float dx1 = t + 1 < n ? __ldg(xd + (u64)(t + 1) * nb + b) : 0.0f;
+            const u32 t = 8 * j + 2 * c;  // C's tokens t, t + 1 of the block
+            const float dx0 = tk.live(t) ? __ldg(xd + tk.x(t) * nb + b) : 0.0f;
+            const float dx1 = tk.live(t + 1) ? __ldg(xd + tk.x(t + 1) * nb + b) : 0.0f;
             acc[j][0] += (d0 * dx0) * (float)p[0];
             acc[j][1] += (d0 * dx1) * (float)p[1];
             acc[j][2] += (d1 * dx0) * (float)p[2];
             acc[j][3] += (d1 * dx1) * (float)p[3];
             if (MIN) {
-                const float s0 = t < n ? dx0 * (float)__ldg(xs + (u64)t * nb + b) : 0.0f;
-                const float s1 = t + 1 < n ? dx1 * (float)__ldg(xs + (u64)(t + 1) * nb + b) : 0.0f;
+                const float s0 = tk.live(t) ? dx0 * (float)__ldg(xs + tk.x(t) * nb + b) : 0.0f;
+                const float s1 = tk.live(t + 1) ? dx1 * (float)__ldg(xs + tk.x(t + 1) * nb + b) : 0.0f;
                 acc[j][0] += m0 * s0;
                 acc[j][1] += m0 * s1;
                 acc[j][2] += m1 * s0;
@@ -1225,7 +1237,7 @@ __device__ __forceinline__ void mmq_legacy(const u8* __restrict__ w, u64 row_byt
             }
         }
     }
-    mmq_store(acc, y, rows, n, t0, m.r0);
+    mmq_store(acc, y, rows, tk, m.r0);
 }
 
 // Q4_K: per super-block, each sub-block's integer products times its 6-bit scale summed
@@ -1249,11 +1261,12 @@ __device__ __forceinline__ Q4kHead q4k_head_of(uint4 hd) {
 
 __device__ __forceinline__ Q4kHead q4k_head(const u8* blk) { return q4k_head_of(__ldg((const uint4*)blk)); }
 
+template <class Toks>
 __device__ __forceinline__ void mmq_q4k(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq,
                                         const float* __restrict__ xd, const int* __restrict__ xs,
-                                        float* __restrict__ y, u32 rows, u32 cols, u32 n) {
+                                        float* __restrict__ y, u32 rows, u32 cols, const Toks& tk) {
     const MmqWarp m = mmq_warp(w, row_bytes, rows);
-    const u32 g = m.g, c = m.c, ks = m.ks, t0 = m.t0;
+    const u32 g = m.g, c = m.c, ks = m.ks;
     const u8 *w0 = m.w0, *w1 = m.w1;
     const u32 nsb = cols / 256, nb = cols / 32;
     float acc[8][4];
@@ -1288,7 +1301,7 @@ __device__ __forceinline__ void mmq_q4k(const u8* __restrict__ w, u64 row_bytes,
 #pragma unroll
                 for (int j = 0; j < 8; ++j) {
                     int b0, b1;
-                    mmq_b(xq, cols, n, t0 + 8 * j + g, sb * 256 + 32 * sub, c, b0, b1);
+                    mmq_b(xq, cols, tk, 8 * j + g, sb * 256 + 32 * sub, c, b0, b1);
                     mma_s8_scaled(isum[j], s0, s1, a0, a1, a2, a3, b0, b1);
                 }
             }
@@ -1297,12 +1310,12 @@ __device__ __forceinline__ void mmq_q4k(const u8* __restrict__ w, u64 row_bytes,
         for (int j = 0; j < 8; ++j) {
 #pragma unroll
             for (int u = 0; u < 2; ++u) {
-                const u32 t = t0 + 8 * j + 2 * c + u;
-                if (t >= n) {
+                const u32 t = 8 * j + 2 * c + u;
+                if (!tk.live(t)) {
                     continue;
                 }
-                const float dx = __ldg(xd + (u64)t * nsb + sb);
-                const uint4* sp = (const uint4*)(xs + (u64)t * nb + (u64)sb * 8);
+                const float dx = __ldg(xd + tk.x(t) * nsb + sb);
+                const uint4* sp = (const uint4*)(xs + tk.x(t) * nb + (u64)sb * 8);
                 const uint4 sa = __ldg(sp), sbv = __ldg(sp + 1);
                 const int sums[8] = {(int)sa.x, (int)sa.y, (int)sa.z, (int)sa.w,
                                      (int)sbv.x, (int)sbv.y, (int)sbv.z, (int)sbv.w};
@@ -1319,7 +1332,7 @@ __device__ __forceinline__ void mmq_q4k(const u8* __restrict__ w, u64 row_bytes,
             }
         }
     }
-    mmq_store(acc, y, rows, n, t0, m.r0);
+    mmq_store(acc, y, rows, tk, m.r0);
 }
 
 // ------------------------------------------------- staged tensor-core products (split)
@@ -1352,15 +1365,17 @@ __device__ __forceinline__ void mmqs_zero(float (&acc)[4][4]) {
     }
 }
 
-__device__ __forceinline__ void mmqs_store(const float (&acc)[4][4], float* __restrict__ y, u32 rows, u32 n, u32 row0,
-                                           u32 tok0) {
+// (tok0: the first of the warp's tokens within the block; tk: the block's tokens.)
+template <class Toks>
+__device__ __forceinline__ void mmqs_store(const float (&acc)[4][4], float* __restrict__ y, u32 rows, const Toks& tk,
+                                           u32 row0, u32 tok0) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-            const u32 row = row0 + (e < 2 ? 0 : 8), t = tok0 + 8 * j + (e & 1);
-            if (row < rows && t < n) {
-                y[(u64)t * rows + row] = acc[j][e];
+            const u32 row = row0 + (e < 2 ? 0 : 8), i = tok0 + 8 * j + (e & 1);
+            if (row < rows && tk.live(i)) {
+                y[tk.y(i) * rows + row] = acc[j][e];
             }
         }
     }
@@ -1368,10 +1383,10 @@ __device__ __forceinline__ void mmqs_store(const float (&acc)[4][4], float* __re
 
 // KB: 32-element blocks a step (4 or 8). Shared rows of 32 KB levels are padded by 16
 // bytes: the fragments' 4-byte reads of 8 rows x 4 lanes then fall in 32 different banks.
-template <int K, int KB>
+template <int K, int KB, class Toks>
 __device__ __forceinline__ void mmq_staged(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq,
                                            const float* __restrict__ xd, float* __restrict__ y, u32 rows, u32 cols,
-                                           u32 n) {
+                                           const Toks& tk) {
     constexpr int QB = Split<K>::QB;
     constexpr int STRIDE = 32 * KB + 16;
     // 16-byte pieces a step and per thread: weights 64 rows x KB blocks x QB / 16,
@@ -1385,7 +1400,7 @@ __device__ __forceinline__ void mmq_staged(const u8* __restrict__ w, u64 row_byt
     __shared__ float sdb[MMQS_TOK * KB];
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const u32 g = lane >> 2, c = lane & 3;
-    const u32 r0 = blockIdx.y * MMQS_ROWS, t0 = blockIdx.x * MMQS_TOK;
+    const u32 r0 = blockIdx.y * MMQS_ROWS;
     const u32 nb = cols / 32, steps = cols / (32 * KB);
     const uint4 z = make_uint4(0, 0, 0, 0);
     uint4 ra[AT], rb[BT];
@@ -1403,7 +1418,7 @@ __device__ __forceinline__ void mmq_staged(const u8* __restrict__ w, u64 row_byt
 #pragma unroll
         for (int i = 0; i < BT; ++i) {
             const u32 idx = tid + 256 * i, tok = idx / B_ROW, piece = idx % B_ROW;
-            rb[i] = t0 + tok < n ? __ldg((const uint4*)(xq + (u64)(t0 + tok) * cols + (u64)st * 32 * KB + piece * 16)) : z;
+            rb[i] = tk.live(tok) ? __ldg((const uint4*)(xq + tk.x(tok) * cols + (u64)st * 32 * KB + piece * 16)) : z;
         }
 #pragma unroll
         for (int i = 0; i < ST; ++i) {
@@ -1411,7 +1426,7 @@ __device__ __forceinline__ void mmq_staged(const u8* __restrict__ w, u64 row_byt
             const unsigned short* sc =
                 (const unsigned short*)(w + (u64)min(r0 + row, rows - 1) * row_bytes + (u64)nb * QB);
             rsa[i] = (u32)__ldg(sc + blk);
-            rsb[i] = t0 + row < n ? __ldg(xd + (u64)(t0 + row) * nb + blk) : 0.0f;
+            rsb[i] = tk.live(row) ? __ldg(xd + tk.x(row) * nb + blk) : 0.0f;  // row: a token here
         }
     };
     float acc[4][4];
@@ -1472,7 +1487,7 @@ __device__ __forceinline__ void mmq_staged(const u8* __restrict__ w, u64 row_byt
             }
         }
     }
-    mmqs_store(acc, y, rows, n, r0 + wr, t0 + wt + 2 * c);
+    mmqs_store(acc, y, rows, tk, r0 + wr, wt + 2 * c);
 }
 
 #define MMQS_KERNEL(NAME, K, KB)                                                                              \
@@ -1480,7 +1495,7 @@ __device__ __forceinline__ void mmq_staged(const u8* __restrict__ w, u64 row_byt
         NAME(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq,                     \
              const float* __restrict__ xd, const int* __restrict__, float* __restrict__ y, u32 rows, u32 cols, \
              u32 n) {                                                                                         \
-        mmq_staged<K, KB>(w, row_bytes, xq, xd, y, rows, cols, n);                                            \
+        mmq_staged<K, KB>(w, row_bytes, xq, xd, y, rows, cols, DenseToks{blockIdx.x * MMQS_TOK, n});          \
     }
 // Steps of 128 elements. Steps of 256 (twice the loads in flight a step, half the
 // barriers) were slower on an H100 (15.4 against 14.6 ms a 64-row step), so only KB = 4
@@ -1619,22 +1634,131 @@ extern "C" __global__ void __launch_bounds__(256)
             }
         }
     }
-    mmqs_store(acc, y, rows, n, r0 + wr, t0 + wt + 2 * c);
+    mmqs_store(acc, y, rows, DenseToks{t0, n}, r0 + wr, wt + 2 * c);
 }
 
 #define MMQ_PARAMS                                                                                                 \
     const u8 *__restrict__ w, u64 row_bytes, const signed char *__restrict__ xq, const float *__restrict__ xd, \
         const int *__restrict__ xs, float *__restrict__ y, u32 rows, u32 cols, u32 n
-#define MMQ_ARGS w, row_bytes, xq, xd, xs, y, rows, cols, n
+#define MMQ_ARGS w, row_bytes, xq, xd, xs, y, rows, cols, DenseToks{blockIdx.x * MMQ_TOK, n}
 // (PDL_ENTRY inside the bodies, after the row addresses.)
-extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q4_0(MMQ_PARAMS) { mmq_legacy<K_Q4_0>(MMQ_ARGS); }
-extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q4_1(MMQ_PARAMS) { mmq_legacy<K_Q4_1>(MMQ_ARGS); }
-extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q5_0(MMQ_PARAMS) { mmq_legacy<K_Q5_0>(MMQ_ARGS); }
-extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q5_1(MMQ_PARAMS) { mmq_legacy<K_Q5_1>(MMQ_ARGS); }
-extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q8_0(MMQ_PARAMS) { mmq_legacy<K_Q8_0>(MMQ_ARGS); }
+extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q4_0(MMQ_PARAMS) { mmq_legacy<K_Q4_0, false>(MMQ_ARGS); }
+extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q4_1(MMQ_PARAMS) { mmq_legacy<K_Q4_1, false>(MMQ_ARGS); }
+extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q5_0(MMQ_PARAMS) { mmq_legacy<K_Q5_0, false>(MMQ_ARGS); }
+extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q5_1(MMQ_PARAMS) { mmq_legacy<K_Q5_1, false>(MMQ_ARGS); }
+extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q8_0(MMQ_PARAMS) { mmq_legacy<K_Q8_0, false>(MMQ_ARGS); }
 extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q4_k(MMQ_PARAMS) { mmq_q4k(MMQ_ARGS); }
 extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q4_0s(MMQ_PARAMS) { mmq_legacy<K_Q4_0, true>(MMQ_ARGS); }
 extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q8_0s(MMQ_PARAMS) { mmq_legacy<K_Q8_0, true>(MMQ_ARGS); }
+
+// ------------------------------------------- grouped tensor-core products (MoE prefill)
+//
+// A mixture of experts' products for steps of more rows than the gathered kernels below
+// take: moe.cu's `moe_group` has sorted the step's slots by expert and cut each expert's
+// run of sorted slots into tiles of at most MMQ_TOK (`MoeTile`: the expert, the tile's
+// first index into the sorted slots and its count; the tiles of slots whose id is bad
+// come last, with expert = n_experts). Block (x, y) takes tile x and weight rows
+// y * MMQ_ROWS ..: the dense products' bodies above, with the expert's matrix from the
+// part's device table (`tab[e]`) and the tile's slots as its tokens (`MoeToks`): token i
+// is slot s = sorted[first + i], which reads activation row s (per_slot: the down
+// projection) or s / k (its token's row) and writes y[s * rows + r]. An output is one
+// slot's row times one expert row, computed as the dense product computes it (the same
+// blocks in the same order, the k-split sums added in the same order), so neither the
+// tile a slot lands in nor its place there changes a bit. A slot whose id is outside
+// 0..n_experts gets NaN rows, as the gathered kernels give it.
+// Launch: grid (the host's bound on the tiles, ceil(slots / MMQ_TOK) + n_experts + 1;
+// ceil(rows / MMQ_ROWS), or MMQS_ROWS for the staged `mmqs_moe_*`), MMQ_THREADS threads; blocks past the tile count moe_group wrote
+// exit at once. xq / xd / xs: the activation rows quantized as for the dense product.
+struct MoeTile {
+    u32 expert, first, count;
+};
+
+// A grouped block's tokens: `count` slots whose activation rows (xr) and output rows (ys)
+// moe_tile staged in shared memory.
+struct MoeToks {
+    const u32* xr;
+    const u32* ys;
+    u32 count;
+    __device__ __forceinline__ bool live(u32 i) const { return i < count; }
+    __device__ __forceinline__ u64 x(u32 i) const { return xr[i]; }
+    __device__ __forceinline__ u64 y(u32 i) const { return ys[i]; }
+};
+
+#define MMQ_MOE_PARAMS                                                                                           \
+    const u64 *__restrict__ tab, u64 row_bytes, const signed char *__restrict__ xq, const float *__restrict__ xd, \
+        const int *__restrict__ xs, float *__restrict__ y, u32 rows, u32 cols, const u32 *__restrict__ n_tiles,  \
+        const MoeTile *__restrict__ tiles, const u32 *__restrict__ sorted, u32 n_experts, u32 k, u32 per_slot
+
+// The block's tile (after PDL_ENTRY: moe_group wrote it): its slots' rows staged in shared
+// memory (tk), its expert's matrix (w). False when the block has no work: past the tile
+// count, or a tile of bad ids (whose rows in this block's range, ROWS from blockIdx.y *
+// ROWS, it has written NaN).
+// Every branch depends only on the tile, so a block's threads all take it.
+template <u32 ROWS>
+__device__ __forceinline__ bool moe_tile(const u64* __restrict__ tab, float* __restrict__ y, u32 rows,
+                                         const u32* __restrict__ n_tiles, const MoeTile* __restrict__ tiles,
+                                         const u32* __restrict__ sorted, u32 n_experts, u32 k, u32 per_slot,
+                                         MoeToks& tk, const u8*& w) {
+    __shared__ u32 xr[MMQ_TOK], ys[MMQ_TOK];
+    if (blockIdx.x >= *n_tiles) {
+        return false;
+    }
+    const MoeTile t = tiles[blockIdx.x];
+    if (threadIdx.x < t.count) {
+        const u32 s = sorted[t.first + threadIdx.x];
+        xr[threadIdx.x] = per_slot ? s : s / k;
+        ys[threadIdx.x] = s;
+    }
+    __syncthreads();
+    if (t.expert >= n_experts) {
+        const u32 r0 = blockIdx.y * ROWS;
+        for (u32 i = threadIdx.x; i < t.count * ROWS; i += blockDim.x) {
+            const u32 r = r0 + i % ROWS;
+            if (r < rows) {
+                y[(u64)ys[i / ROWS] * rows + r] = __uint_as_float(0x7FC00000u);
+            }
+        }
+        return false;
+    }
+    tk.xr = xr;
+    tk.ys = ys;
+    tk.count = t.count;
+    w = (const u8*)tab[t.expert];
+    return true;
+}
+
+// BODY...: the dense body (a template instance, hence variadic: its arguments hold commas).
+#define MMQ_MOE_KERNEL(NAME, ...)                                                                     \
+    extern "C" __global__ void __launch_bounds__(MMQ_THREADS) NAME(MMQ_MOE_PARAMS) {                  \
+        PDL_ENTRY();                                                                                  \
+        MoeToks tk;                                                                                   \
+        const u8* w;                                                                                  \
+        if (moe_tile<MMQ_ROWS>(tab, y, rows, n_tiles, tiles, sorted, n_experts, k, per_slot, tk, w)) { \
+            __VA_ARGS__(w, row_bytes, xq, xd, xs, y, rows, cols, tk);                                 \
+        }                                                                                             \
+    }
+// The staged products of the split layouts (`mmq_staged`: 64 rows a block, so the grid's
+// y is ceil(rows / MMQS_ROWS); the dense products take them by default, as these).
+#define MMQS_MOE_KERNEL(NAME, K, KB)                                                                   \
+    extern "C" __global__ void __launch_bounds__(256) NAME(MMQ_MOE_PARAMS) {                          \
+        PDL_ENTRY();                                                                                  \
+        MoeToks tk;                                                                                   \
+        const u8* w;                                                                                  \
+        if (moe_tile<MMQS_ROWS>(tab, y, rows, n_tiles, tiles, sorted, n_experts, k, per_slot, tk, w)) { \
+            mmq_staged<K, KB>(w, row_bytes, xq, xd, y, rows, cols, tk);                               \
+        }                                                                                             \
+    }
+
+MMQ_MOE_KERNEL(mmq_moe_q4_0, mmq_legacy<K_Q4_0, false>)
+MMQ_MOE_KERNEL(mmq_moe_q4_1, mmq_legacy<K_Q4_1, false>)
+MMQ_MOE_KERNEL(mmq_moe_q5_0, mmq_legacy<K_Q5_0, false>)
+MMQ_MOE_KERNEL(mmq_moe_q5_1, mmq_legacy<K_Q5_1, false>)
+MMQ_MOE_KERNEL(mmq_moe_q8_0, mmq_legacy<K_Q8_0, false>)
+MMQ_MOE_KERNEL(mmq_moe_q4_k, mmq_q4k)
+MMQ_MOE_KERNEL(mmq_moe_q4_0s, mmq_legacy<K_Q4_0, true>)
+MMQ_MOE_KERNEL(mmq_moe_q8_0s, mmq_legacy<K_Q8_0, true>)
+MMQS_MOE_KERNEL(mmqs_moe_q4_0s, K_Q4_0, 4)
+MMQS_MOE_KERNEL(mmqs_moe_q8_0s, K_Q8_0, 4)
 
 // ------------------------------------------------------------------- gathered (MoE)
 //
