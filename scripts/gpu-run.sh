@@ -24,7 +24,7 @@
 #   skipab   decode on the 8B Q4_0 with each of SKIP_SETS' kernels not launched
 #            (FFAI_CUDA_SKIP_KERNELS): what each costs inside the replayed graph
 #   lcbb     llama-batched-bench on /tmp/synth/$LCBB_TYPE (default Q4_0), 1 and 64 sequences
-#   stagedk  the opt-in staged Q4_K tensor-core product (FFAI_CUDA_MMQ_STAGED_K=1): the
+#   stagedk  the staged Q4_K tensor-core product (FFAI_CUDA_MMQ_STAGED_K=1, the default): the
 #            product tests with it, then 64 sequences on /tmp/synth/Q4_K_M.gguf without and
 #            with it (needs lcwait's Q4_K_M file)
 #   moesynth random-weight MoE GGUFs of real shapes, all layers, written directly quantized

@@ -49,6 +49,11 @@ pub const GEMM_MIN_ROWS: usize = 33;
 /// each expert's rows share one product (a GEMM once an expert has [`GEMM_MIN_ROWS`]).
 pub const MOE_GATHER_MAX_ROWS: usize = 64;
 
+/// Token rows from which a decode-sized MoE step is grouped by expert on the device (as a
+/// prefill step is) rather than gathered: with k experts a token, 16 rows are 16·k slots,
+/// enough that experts repeat and reading each once a tile wins (see `moe_matmuls`).
+pub const MOE_GROUP_MIN_ROWS: usize = 16;
+
 /// Threads of an attention block (`ATTN_THREADS` in attention.cu).
 const ATTN_THREADS: usize = 256;
 /// Threads of a `rope_kv_write_step` block (`ROPE_THREADS` in attention.cu).
@@ -94,8 +99,7 @@ const MMQ_THREADS: u32 = 256;
 /// and the weight rows one of its blocks takes. `split`: the matrix's device copy has the
 /// split row layout (`quant::split_rows`), whose products stage both operands through
 /// shared memory (`mmqs_*`) unless `staged` is off (`FFAI_CUDA_MMQ_STAGED=0`); Q4_K's
-/// staged product (`mmqs_q4_k`) where `staged_k` (`FFAI_CUDA_MMQ_STAGED_K=1`, off until
-/// it has run on a GPU).
+/// staged product (`mmqs_q4_k`) where `staged_k` (unless `FFAI_CUDA_MMQ_STAGED_K=0`).
 fn mmq_kernel(ty: WeightType, split: bool, staged: bool, staged_k: bool) -> Option<(&'static str, usize, usize)> {
     Some(match ty {
         WeightType::Q4K if staged_k => ("mmqs_q4_k", 256, MMQS_ROWS),
@@ -117,9 +121,10 @@ fn mmq_kernel(ty: WeightType, split: bool, staged: bool, staged_k: bool) -> Opti
 /// the dense `mmq_*` / `mmqs_*` bodies over a tile of one expert's slots), the block
 /// length its activations are quantized in and the weight rows one of its blocks takes.
 /// The split layouts take the staged bodies as the dense products do (`staged`: unless
-/// `FFAI_CUDA_MMQ_STAGED=0`); Q4_K the unstaged one (its staged product is still opt-in).
-fn mmq_moe_kernel(ty: WeightType, split: bool, staged: bool) -> Option<(&'static str, usize, usize)> {
+/// `FFAI_CUDA_MMQ_STAGED=0`); Q4_K's as its dense product (`staged_k`).
+fn mmq_moe_kernel(ty: WeightType, split: bool, staged: bool, staged_k: bool) -> Option<(&'static str, usize, usize)> {
     Some(match ty {
+        WeightType::Q4K if staged_k => ("mmqs_moe_q4_k", 256, MMQS_ROWS),
         WeightType::Q4_0 if split && staged => ("mmqs_moe_q4_0s", 32, MMQS_ROWS),
         WeightType::Q8_0 if split && staged => ("mmqs_moe_q8_0s", 32, MMQS_ROWS),
         WeightType::Q4_0 if split => ("mmq_moe_q4_0s", 32, MMQ_ROWS),
@@ -558,9 +563,9 @@ pub struct CudaBackend {
     /// (`mmqs_*`; `FFAI_CUDA_MMQ_STAGED=0` takes the unstaged `mmq_*s`): on an H100, 64
     /// sequences of the 8B Q4_0 decode at 4068 tok/s staged, 2313 unstaged (session 14).
     mmq_staged: bool,
-    /// Q4_K's tensor-core products staged the same way (`mmqs_q4_k`), only with
-    /// `FFAI_CUDA_MMQ_STAGED_K=1`: written in session 14 after its device time ran out,
-    /// compiled by NVRTC but not yet run on a GPU.
+    /// Q4_K's tensor-core products staged the same way (`mmqs_q4_k`) unless
+    /// `FFAI_CUDA_MMQ_STAGED_K=0`: on an H100, 64 sequences of the 8B Q4_K_M decode at
+    /// 3331 tok/s staged, 2337 unstaged (session 15).
     mmq_staged_k: bool,
     /// Prefill-sized MoE steps of the types with an int8 tensor-core product are grouped
     /// by expert on the device (`moe_grouped`); `FFAI_CUDA_MOE_GROUPED=0` (or
@@ -568,6 +573,10 @@ pub struct CudaBackend {
     /// the tensor-core products (`mmq_max` > 0: compute capability 8.0, not the older
     /// kernels, `FFAI_CUDA_MMQ` not 0).
     moe_grouped: AtomicBool,
+    /// Fewest token rows of a step whose MoE products are grouped rather than gathered
+    /// (`FFAI_CUDA_MOE_GROUP_MIN`, default [`MOE_GROUP_MIN_ROWS`]; steps past
+    /// [`MOE_GATHER_MAX_ROWS`] are grouped whatever it says).
+    moe_group_min_rows: usize,
 }
 
 fn grid1(n: usize, block: usize) -> (u32, u32, u32) {
@@ -685,8 +694,12 @@ impl CudaBackend {
             split: std::env::var_os("FFAI_CUDA_SPLIT").is_none_or(|v| v != "0")
                 && std::env::var_os("FFAI_CUDA_OLDER_KERNELS").is_none_or(|v| v != "1"),
             mmq_staged: std::env::var_os("FFAI_CUDA_MMQ_STAGED").is_none_or(|v| v != "0"),
-            mmq_staged_k: std::env::var_os("FFAI_CUDA_MMQ_STAGED_K").is_some_and(|v| v == "1"),
+            mmq_staged_k: std::env::var_os("FFAI_CUDA_MMQ_STAGED_K").is_none_or(|v| v != "0"),
             moe_grouped: AtomicBool::new(std::env::var_os("FFAI_CUDA_MOE_GROUPED").is_none_or(|v| v != "0")),
+            moe_group_min_rows: std::env::var("FFAI_CUDA_MOE_GROUP_MIN")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(MOE_GROUP_MIN_ROWS),
         })
     }
 
@@ -1447,7 +1460,7 @@ impl CudaBackend {
     fn moe_grouped(&self, parts: &[(&CudaMat, u64, u64)], g: &Gather) {
         let Some(&(first, _, _)) = parts.first() else { return };
         let cols = first.cols;
-        let kernel = |w: &CudaMat| mmq_moe_kernel(w.ty, w.split, self.mmq_staged);
+        let kernel = |w: &CudaMat| mmq_moe_kernel(w.ty, w.split, self.mmq_staged, self.mmq_staged_k);
         let layout = MoeGroupLayout::new(g.slots, g.n_experts);
         let Ok(mut sc) = self.scratch.lock() else { return };
         // The 8-bit activations first: the op that wrote x may have written them already
@@ -1542,7 +1555,8 @@ impl CudaBackend {
             && x_rows <= 65_535
             && mats.all(|w| {
                 *cols.get_or_insert(w.cols) == w.cols
-                    && mmq_moe_kernel(w.ty, w.split, self.mmq_staged).is_some_and(|(_, b, _)| w.cols.is_multiple_of(b))
+                    && mmq_moe_kernel(w.ty, w.split, self.mmq_staged, self.mmq_staged_k)
+                        .is_some_and(|(_, b, _)| w.cols.is_multiple_of(b))
             })
     }
 
@@ -2490,9 +2504,14 @@ impl Backend for CudaBackend {
             x: x.ptr,
             x_rows,
         };
-        let gathered = n <= MOE_GATHER_MAX_ROWS && slots <= 65_535;
-        let grouped =
-            !gathered && uniform && self.moe_grouped_takes(experts.iter().map(|m| &m[0]), n_experts, slots, x_rows);
+        // Decode-sized steps take the gathered products (a warp per slot and output row) up
+        // to `moe_group_min_rows` rows: past that, slots share experts and the grouped
+        // products read each used expert's rows once a tile instead of once a slot.
+        let small = n <= MOE_GATHER_MAX_ROWS && slots <= 65_535;
+        let grouped = uniform
+            && (n >= self.moe_group_min_rows || !small)
+            && self.moe_grouped_takes(experts.iter().map(|m| &m[0]), n_experts, slots, x_rows);
+        let gathered = small && !grouped;
         if !gathered && !grouped || !uniform {
             // Prefill-sized steps of the other types (or experts of different shapes): the
             // host grouping, one product per used expert over its rows (a GEMM once it has

@@ -91,6 +91,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "mmq_moe_q8_0s",
             "mmqs_moe_q4_0s",
             "mmqs_moe_q8_0s",
+            "mmqs_moe_q4_k",
             "moe_q8x_q4_0",
             "moe_q8x_q4_1",
             "moe_q8x_q5_0",

@@ -1511,18 +1511,21 @@ MMQS_KERNEL(mmqs_q8_0s, K_Q8_0, 4)
 // sub-blocks' integer products times their scales are summed in integers, then
 // (d * dx) * isum - (dmin * dx) * Σ min * xsum, as `mmq_q4k` and the CPU do.
 // Launch: grid (ceil(n / 64), ceil(rows / 64)), 256 threads; activations from
-// quantize_q8x256. Opt-in (`FFAI_CUDA_MMQ_STAGED_K=1`) until run on a GPU.
+// quantize_q8x256. The body takes its tokens from a map (`DenseToks`, or a grouped
+// tile's slots: `mmqs_moe_q4_k`), as `mmq_staged` does. Default since session 15 (the
+// product tests passed on an H100; `FFAI_CUDA_MMQ_STAGED_K=0` takes `mmq_q4_k`).
 #define MMQSK_STRIDE (256 + 16)
-extern "C" __global__ void __launch_bounds__(256)
-    mmqs_q4_k(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq, const float* __restrict__ xd,
-              const int* __restrict__ xs, float* __restrict__ y, u32 rows, u32 cols, u32 n) {
+template <class Toks>
+__device__ __forceinline__ void mmqs_q4k(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq,
+                                         const float* __restrict__ xd, const int* __restrict__ xs,
+                                         float* __restrict__ y, u32 rows, u32 cols, const Toks& tk) {
     __shared__ __align__(16) signed char sa[MMQS_ROWS * MMQSK_STRIDE];
     __shared__ __align__(16) signed char sb[MMQS_TOK * MMQSK_STRIDE];
     __shared__ float sd[MMQS_ROWS], sdm[MMQS_ROWS], sdx[MMQS_TOK];
     __shared__ int ssc[MMQS_ROWS][8], smn[MMQS_ROWS][8], sxs[MMQS_TOK][8];
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const u32 g = lane >> 2, c = lane & 3;
-    const u32 r0 = blockIdx.y * MMQS_ROWS, t0 = blockIdx.x * MMQS_TOK;
+    const u32 r0 = blockIdx.y * MMQS_ROWS;
     const u32 nsb = cols / 256, nb = cols / 32;
     const uint4 z = make_uint4(0, 0, 0, 0);
     // Per thread a step: two 16-byte pieces of levels (row idx / 8, piece idx % 8 of the
@@ -1531,7 +1534,6 @@ extern "C" __global__ void __launch_bounds__(256)
     uint4 ra[2], rh, rb[4];
     float rdx;
     int rxs[2];
-    PDL_ENTRY();
     auto load = [&](u32 sbk) {
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
@@ -1541,17 +1543,17 @@ extern "C" __global__ void __launch_bounds__(256)
         }
         if (tid < MMQS_ROWS) {
             rh = __ldg((const uint4*)(w + (u64)min(r0 + tid, rows - 1) * row_bytes + (u64)sbk * 144));
-            rdx = t0 + tid < n ? __ldg(xd + (u64)(t0 + tid) * nsb + sbk) : 0.0f;
+            rdx = tk.live(tid) ? __ldg(xd + tk.x(tid) * nsb + sbk) : 0.0f;
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const u32 idx = tid + 256 * i, tok = idx / 16, piece = idx % 16;
-            rb[i] = t0 + tok < n ? __ldg((const uint4*)(xq + (u64)(t0 + tok) * cols + (u64)sbk * 256 + piece * 16)) : z;
+            rb[i] = tk.live(tok) ? __ldg((const uint4*)(xq + tk.x(tok) * cols + (u64)sbk * 256 + piece * 16)) : z;
         }
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
             const u32 idx = tid + 256 * i, tok = idx / 8, sub = idx % 8;
-            rxs[i] = t0 + tok < n ? __ldg(xs + (u64)(t0 + tok) * nb + (u64)sbk * 8 + sub) : 0;
+            rxs[i] = tk.live(tok) ? __ldg(xs + tk.x(tok) * nb + (u64)sbk * 8 + sub) : 0;
         }
     };
     float acc[4][4];
@@ -1634,7 +1636,13 @@ extern "C" __global__ void __launch_bounds__(256)
             }
         }
     }
-    mmqs_store(acc, y, rows, DenseToks{t0, n}, r0 + wr, wt + 2 * c);
+    mmqs_store(acc, y, rows, tk, r0 + wr, wt + 2 * c);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    mmqs_q4_k(const u8* __restrict__ w, u64 row_bytes, const signed char* __restrict__ xq, const float* __restrict__ xd,
+              const int* __restrict__ xs, float* __restrict__ y, u32 rows, u32 cols, u32 n) {
+    PDL_ENTRY();
+    mmqs_q4k(w, row_bytes, xq, xd, xs, y, rows, cols, DenseToks{blockIdx.x * MMQS_TOK, n});
 }
 
 #define MMQ_PARAMS                                                                                                 \
@@ -1759,6 +1767,14 @@ MMQ_MOE_KERNEL(mmq_moe_q4_0s, mmq_legacy<K_Q4_0, true>)
 MMQ_MOE_KERNEL(mmq_moe_q8_0s, mmq_legacy<K_Q8_0, true>)
 MMQS_MOE_KERNEL(mmqs_moe_q4_0s, K_Q4_0, 4)
 MMQS_MOE_KERNEL(mmqs_moe_q8_0s, K_Q8_0, 4)
+extern "C" __global__ void __launch_bounds__(256) mmqs_moe_q4_k(MMQ_MOE_PARAMS) {
+    PDL_ENTRY();
+    MoeToks tk;
+    const u8* w;
+    if (moe_tile<MMQS_ROWS>(tab, y, rows, n_tiles, tiles, sorted, n_experts, k, per_slot, tk, w)) {
+        mmqs_q4k(w, row_bytes, xq, xd, xs, y, rows, cols, tk);
+    }
+}
 
 // ------------------------------------------------------------------- gathered (MoE)
 //
