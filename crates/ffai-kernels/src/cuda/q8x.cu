@@ -2,10 +2,9 @@
 // once at full bandwidth: one warp per output row, so even a 4096-row matrix spreads
 // over every SM with enough loads in flight, and
 //   * Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, MXFP4, Q4_K, Q6_K against activations quantized once
-//     to 8 bits, multiplied in
-//     integers (dp4a) — the CPU's q8 scheme (quant/q8.rs) with the same activation bytes
-//     and the same integer dot per block (super-block for the K-quants), so the GPU and
-//     CPU differ only in the order of the f32 sums;
+//     to 8 bits, multiplied in integers (dp4a) — the CPU's q8 scheme (quant/q8.rs) with
+//     the same activation bytes and the same integer dot per block (super-block for the
+//     K-quants), so the GPU and CPU differ only in the order of the f32 sums;
 //   * F16 / BF16 with 128-bit weight loads against f32 activations.
 // A row's arithmetic does not depend on how many activation rows share the launch
 // (n <= 8), so a sequence's result does not depend on its batch. The `moe_*` kernels at
@@ -576,7 +575,7 @@ __device__ __forceinline__ void legacy_load(const u8* blk, LegacyRaw& raw) {
 }
 
 // The block's scale(s) and its 32 levels as signed bytes (4 a word; minus the zero point
-// for the types without a min).
+// for the types without a min; MXFP4's the doubled E2M1 values).
 template <int K>
 __device__ __forceinline__ void legacy_decode(const u8* blk, const LegacyRaw& raw, float& dw, float& mw, int (&q)[8]) {
     constexpr bool MIN = K == K_Q4_1 || K == K_Q5_1;
