@@ -6,7 +6,7 @@
 //! matrix-vector path. Without a GPU each test says why and passes; with
 //! `FFAI_REQUIRE_GPU=1` (the GPU machine) a missing GPU is a failure.
 //!
-//! Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q6_K decode products (q8x.cu) quantize the activations to 8 bits
+//! Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, MXFP4, Q4_K and Q6_K decode products (q8x.cu) quantize the activations to 8 bits
 //! as the CPU's q8 path does, so their oracle is the CPU's `dot_row_q8` (same activation
 //! bytes, same integer dots; only the f32 sums' order differs).
 //!
@@ -442,6 +442,7 @@ fn gpu_q8(ty: WeightType) -> bool {
                     | WeightType::Q5_0
                     | WeightType::Q5_1
                     | WeightType::Q8_0
+                    | WeightType::MXFP4
                     | WeightType::Q4K
                     | WeightType::Q6K
             )
@@ -467,6 +468,7 @@ fn gpu_mmq(ty: WeightType, n: usize) -> bool {
                 | WeightType::Q5_0
                 | WeightType::Q5_1
                 | WeightType::Q8_0
+                | WeightType::MXFP4
                 | WeightType::Q4K
         )
 }
@@ -1084,6 +1086,7 @@ fn moe_types() -> Vec<WeightType> {
         WeightType::Q5_0,
         WeightType::Q5_1,
         WeightType::Q8_0,
+        WeightType::MXFP4,
         WeightType::Q4K,
         WeightType::Q6K,
         WeightType::F16,
@@ -1093,7 +1096,7 @@ fn moe_types() -> Vec<WeightType> {
         WeightType::ALL
             .iter()
             .copied()
-            .filter(|t| matches!(t.name(), "MXFP4" | "Q3_K" | "F32")),
+            .filter(|t| matches!(t.name(), "Q3_K" | "F32")),
     );
     v
 }
@@ -1312,6 +1315,9 @@ fn grouped_moe_products_match_the_cpu_and_the_host_grouping() {
         (WeightType::Q5_0, 480),
         (WeightType::Q5_1, 512),
         (WeightType::Q4K, 512),
+        // 17-byte blocks: rows and blocks at every byte alignment.
+        (WeightType::MXFP4, 512),
+        (WeightType::MXFP4, 480),
     ];
     let mut failed = Vec::new();
     for &(ty, cols) in &cases {

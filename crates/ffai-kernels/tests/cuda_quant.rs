@@ -3,6 +3,8 @@
 //! * `quant_kernels_compile_for_sm90` compiles the source with NVRTC (no GPU needed, but a
 //!   missing NVRTC fails it, as in `cuda_nvrtc.rs`) and checks that the PTX defines every
 //!   kernel of `kernel_names()` and no other.
+//! * `mxfp4_code_lookup_of_the_q8x_products_matches_the_cpu` checks q8x.cu's E2M1 code
+//!   lookup (emulated on the host) against the CPU's MXFP4 decoding.
 //! * The GPU tests run every kernel of every weight type (the 17 GGUF types and all 18
 //!   affine formats) on random rows against the CPU reference `quant::dequantize_row`:
 //!   matvec within an f32-accumulation tolerance and bit-identical whatever the batch size
@@ -229,6 +231,64 @@ fn split_rows_rearranges_each_row() {
         assert!(cq::split_rows(ty, 96, &random_matrix(&mut rng, ty, 2, 96), 1).is_none());
     }
     assert!(cq::split_levels(WeightType::Q4K, 256).is_none() && cq::split_levels(WeightType::Q4_1, 256).is_none());
+}
+
+/// q8x.cu's `e2m1x4` (the MXFP4 decode products' code lookup: four E2M1 codes to four
+/// signed bytes, twice their values) emulated on the host, byte permutes included
+/// (`__byte_perm(x, y, s)`: byte n of the result is byte `(s >> 4n) & 7` of y:x), for
+/// every four codes against the CPU's decoding of a block whose scale is 1 (e = 128).
+/// The source is checked to hold the emulated steps, so the two cannot drift apart.
+#[test]
+fn mxfp4_code_lookup_of_the_q8x_products_matches_the_cpu() {
+    let src = cuda::SOURCES.iter().find(|(n, _, _)| *n == "q8x.cu").expect("q8x.cu").1;
+    for step in [
+        "const u32 pairs = c | (c >> 4);",
+        "const u32 sel = __byte_perm(pairs, 0u, 0x0020u) & 0x7777u;",
+        "const u32 pos = __byte_perm(0x03020100u, 0x0C080604u, sel);",
+        "const u32 neg = __byte_perm(0xFDFEFF00u, 0xF4F8FAFCu, sel);",
+        "const u32 sign = ((c >> 3) & 0x01010101u) * 0xFFu;",
+        "return (int)((pos & ~sign) | (neg & sign));",
+    ] {
+        assert!(src.contains(step), "q8x.cu's e2m1x4 no longer has `{step}`");
+    }
+    let perm = |x: u32, y: u32, s: u32| -> u32 {
+        let bytes = ((y as u64) << 32) | x as u64;
+        (0..4).fold(0u32, |r, n| {
+            let i = (s >> (4 * n)) & 7;
+            r | ((((bytes >> (8 * i)) & 0xFF) as u32) << (8 * n))
+        })
+    };
+    let e2m1x4 = |c: u32| -> u32 {
+        let pairs = c | (c >> 4);
+        let sel = perm(pairs, 0, 0x0020) & 0x7777;
+        let pos = perm(0x0302_0100, 0x0C08_0604, sel);
+        let neg = perm(0xFDFE_FF00, 0xF4F8_FAFC, sel);
+        let sign = ((c >> 3) & 0x0101_0101).wrapping_mul(0xFF);
+        (pos & !sign) | (neg & sign)
+    };
+    let mut block = [0u8; 17];
+    block[0] = 128;
+    let mut vals = [0f32; 32];
+    for codes in 0..1u32 << 16 {
+        // Codes of elements 0..3 (low nibbles of bytes 0..3) and, reversed, 16..19.
+        let (lo, hi) = (codes & 0xFFFF, codes.reverse_bits() >> 16);
+        for j in 0..4 {
+            block[1 + j] = (((lo >> (4 * j)) & 15) | (((hi >> (4 * j)) & 15) << 4)) as u8;
+        }
+        dequantize_row(WeightType::MXFP4, &block, &mut vals);
+        // As the kernels split a loaded word of code bytes.
+        let word = u32::from_le_bytes(block[1..5].try_into().unwrap());
+        let (wl, wh) = (word & 0x0F0F_0F0F, (word >> 4) & 0x0F0F_0F0F);
+        for (j, (l, h)) in e2m1x4(wl)
+            .to_le_bytes()
+            .into_iter()
+            .zip(e2m1x4(wh).to_le_bytes())
+            .enumerate()
+        {
+            assert_eq!(l as i8 as f32, vals[j], "codes {codes:04x}: element {j}");
+            assert_eq!(h as i8 as f32, vals[16 + j], "codes {codes:04x}: element {}", 16 + j);
+        }
+    }
 }
 
 // ------------------------------------------------------------------ GPU

@@ -112,6 +112,7 @@ fn mmq_kernel(ty: WeightType, split: bool, staged: bool, staged_k: bool) -> Opti
         WeightType::Q5_0 => ("mmq_q5_0", 32, MMQ_ROWS),
         WeightType::Q5_1 => ("mmq_q5_1", 32, MMQ_ROWS),
         WeightType::Q8_0 => ("mmq_q8_0", 32, MMQ_ROWS),
+        WeightType::MXFP4 => ("mmq_mxfp4", 32, MMQ_ROWS),
         WeightType::Q4K => ("mmq_q4_k", 256, MMQ_ROWS),
         _ => return None,
     })
@@ -134,6 +135,7 @@ fn mmq_moe_kernel(ty: WeightType, split: bool, staged: bool, staged_k: bool) -> 
         WeightType::Q5_0 => ("mmq_moe_q5_0", 32, MMQ_ROWS),
         WeightType::Q5_1 => ("mmq_moe_q5_1", 32, MMQ_ROWS),
         WeightType::Q8_0 => ("mmq_moe_q8_0", 32, MMQ_ROWS),
+        WeightType::MXFP4 => ("mmq_moe_mxfp4", 32, MMQ_ROWS),
         WeightType::Q4K => ("mmq_moe_q4_k", 256, MMQ_ROWS),
         _ => return None,
     })
@@ -242,7 +244,8 @@ impl Fast {
     }
 
     /// The decode kernel for `ty`. Q4_0 and F16/BF16 were checked on an H100 against the
-    /// CPU in session 7, the other types in session 10 (every product test passed); with
+    /// CPU in session 7, the other types in session 10 (every product test passed; MXFP4,
+    /// added later without a GPU, is held to the CPU by the same tests); with
     /// `older` (`FFAI_CUDA_OLDER_KERNELS=1`, for A/B timing) only the first three take them
     /// and the others `quant.cu`'s f32-activation kernels.
     fn for_matrix(ty: WeightType, cols: usize, older: bool, split: bool) -> Option<Fast> {
@@ -268,6 +271,7 @@ impl Fast {
             WeightType::Q5_0 => q8("mv_q8x_q5_0", "mv_q8x_q5_0_n1", false),
             WeightType::Q5_1 => q8("mv_q8x_q5_1", "mv_q8x_q5_1_n1", false),
             WeightType::Q8_0 => q8("mv_q8x_q8_0", "mv_q8x_q8_0_n1", false),
+            WeightType::MXFP4 => q8("mv_q8x_mxfp4", "mv_q8x_mxfp4_n1", false),
             WeightType::Q4K => q8("mv_q8x_q4_k", "mv_q8x_q4_k_n1", true),
             WeightType::Q6K => q8("mv_q8x_q6_k", "mv_q8x_q6_k_n1", true),
             WeightType::F16 if cols.is_multiple_of(8) => Some(Fast::Half("mv_half_f16", "mv_half_f16_n1")),
@@ -1255,7 +1259,7 @@ impl CudaBackend {
     }
 
     /// The decode products (n < [`GEMM_MIN_ROWS`]) of matrices over the same x with
-    /// q8x.cu's kernels: Q4_0 / Q8_0 / Q4_K / Q6_K against activations quantized once
+    /// q8x.cu's kernels: the legacy types, MXFP4, Q4_K / Q6_K against activations quantized once
     /// to 8 bits (the CPU's q8 scheme, per activation row, so a row's result does not
     /// depend on n), F16 / BF16 with 128-bit loads; consecutive matrices of one type
     /// share a launch (up to three). False (nothing done) when the matrices have no such

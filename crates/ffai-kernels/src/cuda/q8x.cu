@@ -1,10 +1,10 @@
 // Decode products (fewer than GEMM_MIN_ROWS activation rows) that read each weight byte
 // once at full bandwidth: one warp per output row, so even a 4096-row matrix spreads
 // over every SM with enough loads in flight, and
-//   * Q4_0, Q8_0, Q4_K, Q6_K against activations quantized once to 8 bits, multiplied in
-//     integers (dp4a) — the CPU's q8 scheme (quant/q8.rs) with the same activation bytes
-//     and the same integer dot per block (super-block for the K-quants), so the GPU and
-//     CPU differ only in the order of the f32 sums;
+//   * Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, MXFP4, Q4_K, Q6_K against activations quantized once
+//     to 8 bits, multiplied in integers (dp4a) — the CPU's q8 scheme (quant/q8.rs) with
+//     the same activation bytes and the same integer dot per block (super-block for the
+//     K-quants), so the GPU and CPU differ only in the order of the f32 sums;
 //   * F16 / BF16 with 128-bit weight loads against f32 activations.
 // A row's arithmetic does not depend on how many activation rows share the launch
 // (n <= 8), so a sequence's result does not depend on its batch. The `moe_*` kernels at
@@ -488,14 +488,53 @@ __device__ __forceinline__ void act32(const signed char* xq, u32 cols, u32 t, u3
 // nibbles; element j is byte j's low nibble, element j + 16 its high nibble; value
 // d * (q - 8)), Q4_1 (20: f16 d, f16 m, nibbles; d * q + m), Q5_0 (22: f16 d, u32 of
 // fifth bits (bit j for element j), nibbles; d * (q - 16)), Q5_1 (24: d, m, fifth bits,
-// nibbles; d * q + m), Q8_0 (34: f16 d, 32 int8; d * q). Lane L takes blocks L, L + 32,
-// ...; per block (d_w * d_x) * isum (+ m * (d_x * Σq_x) for the types with a min, summed
-// apart and added at the end), as on the CPU.
+// nibbles; d * q + m), Q8_0 (34: f16 d, 32 int8; d * q), MXFP4 (17: an E8M0 exponent
+// byte e, then E2M1 codes in Q4_0's nibble order; 2^(e - 128) * KV[code], KV the E2M1
+// values doubled so they are integers: mxfp4.rs). Lane L takes blocks L, L + 32, ...;
+// per block (d_w * d_x) * isum (+ m * (d_x * Σq_x) for the types with a min, summed
+// apart and added at the end), as on the CPU (MXFP4's d_w: 2^(e - 128), as q8/lowbit.rs).
 #define K_Q4_0 0
 #define K_Q4_1 1
 #define K_Q5_0 2
 #define K_Q5_1 3
 #define K_Q8_0 4
+#define K_MXFP4 5
+
+// Bytes of a legacy block, and the offset of its levels.
+__host__ __device__ constexpr int legacy_bytes(int k) {
+    return k == K_Q4_0 ? 18 : k == K_Q4_1 ? 20 : k == K_Q5_0 ? 22 : k == K_Q5_1 ? 24 : k == K_MXFP4 ? 17 : 34;
+}
+__host__ __device__ constexpr int legacy_qs(int k) {
+    return k == K_Q4_0 ? 2 : k == K_Q4_1 ? 4 : k == K_Q5_0 ? 6 : k == K_Q5_1 ? 8 : k == K_MXFP4 ? 1 : 2;
+}
+
+// MXFP4's block scale for the doubled E2M1 values, 2^(e - 128) (mxfp4::half_scale; a
+// subnormal for e < 2, built from its bits, so every e is exact).
+__device__ __forceinline__ float mxfp4_half_scale(u32 e) {
+    return e < 2 ? __uint_as_float(0x00200000u << e) : __uint_as_float((e - 1) << 23);
+}
+
+// The byte at `p` (any alignment), from the aligned word holding it: MXFP4's exponent,
+// which starts a 17-byte block at any offset.
+__device__ __forceinline__ u32 u8_at(const u8* p) {
+    return (__ldg((const u32*)((u64)p & ~3ull)) >> (8 * ((u64)p & 3))) & 0xFFu;
+}
+
+// Four E2M1 codes (one in the low nibble of each byte of `c`, the high nibbles zero) as
+// four signed bytes, twice their values (KV: 0, ±1, ±2, ±3, ±4, ±6, ±8, ±12; code 8 is
+// +0), ready for dp4a / mma. The codes' magnitude bits index two 8-byte register tables
+// (the positive values, the negated ones) with one byte permute each, and the sign bit
+// (bit 3) picks a byte from the negated table: no memory lookups.
+__device__ __forceinline__ int e2m1x4(u32 c) {
+    // The permute reads its four indices from the low 3 bits of the selector's four
+    // nibbles: byte 0 of `pairs` holds codes 0 and 1, byte 2 codes 2 and 3.
+    const u32 pairs = c | (c >> 4);
+    const u32 sel = __byte_perm(pairs, 0u, 0x0020u) & 0x7777u;
+    const u32 pos = __byte_perm(0x03020100u, 0x0C080604u, sel);
+    const u32 neg = __byte_perm(0xFDFEFF00u, 0xF4F8FAFCu, sel);
+    const u32 sign = ((c >> 3) & 0x01010101u) * 0xFFu;
+    return (int)((pos & ~sign) | (neg & sign));
+}
 
 // Bits 4i .. 4i + 3 of `qh` moved to bit 4 of bytes 0..3.
 __device__ __forceinline__ u32 fifth_bits(u32 qh, int i) {
@@ -519,7 +558,8 @@ __device__ __forceinline__ void legacy_load(const u8* blk, LegacyRaw& raw) {
     if (K == K_Q8_0) {
         words<8>(blk + 2, raw.qw);
     } else {
-        constexpr int QS = K == K_Q4_0 ? 2 : K == K_Q4_1 ? 4 : K == K_Q5_0 ? 6 : 8;
+        // (MXFP4: dw is the aligned word holding the exponent byte.)
+        constexpr int QS = legacy_qs(K);
         u32 qw[4];
         words<4>(blk + QS, qw);
 #pragma unroll
@@ -535,10 +575,20 @@ __device__ __forceinline__ void legacy_load(const u8* blk, LegacyRaw& raw) {
 }
 
 // The block's scale(s) and its 32 levels as signed bytes (4 a word; minus the zero point
-// for the types without a min).
+// for the types without a min; MXFP4's the doubled E2M1 values).
 template <int K>
 __device__ __forceinline__ void legacy_decode(const u8* blk, const LegacyRaw& raw, float& dw, float& mw, int (&q)[8]) {
     constexpr bool MIN = K == K_Q4_1 || K == K_Q5_1;
+    if (K == K_MXFP4) {
+        dw = mxfp4_half_scale((raw.dw >> (8 * ((u64)blk & 3))) & 0xFFu);
+        mw = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            q[i] = e2m1x4(raw.qw[i] & 0x0F0F0F0Fu);
+            q[4 + i] = e2m1x4((raw.qw[i] >> 4) & 0x0F0F0F0Fu);
+        }
+        return;
+    }
     dw = f16_bits(((u64)blk & 2) ? (raw.dw >> 16) : raw.dw);
     mw = MIN ? f16_bits(((u64)(blk + 2) & 2) ? (raw.mw >> 16) : raw.mw) : 0.0f;
     if (K == K_Q8_0) {
@@ -602,7 +652,7 @@ __device__ __forceinline__ void mv_legacy(const u8* __restrict__ w, u64 row_byte
                                           const float* __restrict__ xd, const int* __restrict__ xs,
                                           float* __restrict__ y, u32 rows, u32 r, u32 cols, u32 n) {
     constexpr bool MIN = K == K_Q4_1 || K == K_Q5_1;
-    constexpr int BYTES = K == K_Q4_0 ? 18 : K == K_Q4_1 ? 20 : K == K_Q5_0 ? 22 : K == K_Q5_1 ? 24 : 34;
+    constexpr int BYTES = legacy_bytes(K);
     const u32 lane = threadIdx.x & 31;
     const u32 nb = cols / 32;
     const u8* row = w + (u64)r * row_bytes;
@@ -782,6 +832,8 @@ Q8X_KERNEL(mv_q8x_q5_0, mv_legacy, K_Q5_0)
 Q8X_KERNEL(mv_q8x_q5_1, mv_legacy, K_Q5_1)
 
 Q8X_KERNEL(mv_q8x_q8_0, mv_legacy, K_Q8_0)
+
+Q8X_KERNEL(mv_q8x_mxfp4, mv_legacy, K_MXFP4)
 
 Q8X_KERNEL(mv_q8x_q4_0s, mv_split, K_Q4_0)
 
@@ -1052,7 +1104,16 @@ __device__ __forceinline__ void mma_s8_scaled(int (&isum)[4], int s0, int s1, in
 // legacy_decode's q[c] and q[4 + c]), its scale d and min m.
 template <int K>
 __device__ __forceinline__ void legacy_frag(const u8* blk, u32 c, int& lo, int& hi, float& d, float& m) {
-    constexpr int QS = K == K_Q4_0 ? 2 : K == K_Q4_1 ? 4 : K == K_Q5_0 ? 6 : 8;
+    constexpr int QS = legacy_qs(K);
+    if (K == K_MXFP4) {
+        d = mxfp4_half_scale(u8_at(blk));
+        m = 0.0f;
+        u32 q[1];
+        words<1>(blk + QS + 4 * c, q);
+        lo = e2m1x4(q[0] & 0x0F0F0F0Fu);
+        hi = e2m1x4((q[0] >> 4) & 0x0F0F0F0Fu);
+        return;
+    }
     d = f16_at(blk);
     m = (K == K_Q4_1 || K == K_Q5_1) ? f16_at(blk + 2) : 0.0f;
     if (K == K_Q8_0) {
@@ -1195,7 +1256,7 @@ __device__ __forceinline__ void mmq_legacy(const u8* __restrict__ w, u64 row_byt
                                            const float* __restrict__ xd, const int* __restrict__ xs,
                                            float* __restrict__ y, u32 rows, u32 cols, const Toks& tk) {
     constexpr bool MIN = K == K_Q4_1 || K == K_Q5_1;
-    constexpr int BYTES = K == K_Q4_0 ? 18 : K == K_Q4_1 ? 20 : K == K_Q5_0 ? 22 : K == K_Q5_1 ? 24 : 34;
+    constexpr int BYTES = legacy_bytes(K);
     const MmqWarp m = mmq_warp(w, row_bytes, rows);
     const u32 g = m.g, c = m.c, ks = m.ks;
     const u8 *w0 = m.w0, *w1 = m.w1;
@@ -1655,6 +1716,7 @@ extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q4_1(MMQ_PARAMS) {
 extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q5_0(MMQ_PARAMS) { mmq_legacy<K_Q5_0, false>(MMQ_ARGS); }
 extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q5_1(MMQ_PARAMS) { mmq_legacy<K_Q5_1, false>(MMQ_ARGS); }
 extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q8_0(MMQ_PARAMS) { mmq_legacy<K_Q8_0, false>(MMQ_ARGS); }
+extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_mxfp4(MMQ_PARAMS) { mmq_legacy<K_MXFP4, false>(MMQ_ARGS); }
 extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q4_k(MMQ_PARAMS) { mmq_q4k(MMQ_ARGS); }
 extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q4_0s(MMQ_PARAMS) { mmq_legacy<K_Q4_0, true>(MMQ_ARGS); }
 extern "C" __global__ void __launch_bounds__(MMQ_THREADS) mmq_q8_0s(MMQ_PARAMS) { mmq_legacy<K_Q8_0, true>(MMQ_ARGS); }
@@ -1762,6 +1824,7 @@ MMQ_MOE_KERNEL(mmq_moe_q4_1, mmq_legacy<K_Q4_1, false>)
 MMQ_MOE_KERNEL(mmq_moe_q5_0, mmq_legacy<K_Q5_0, false>)
 MMQ_MOE_KERNEL(mmq_moe_q5_1, mmq_legacy<K_Q5_1, false>)
 MMQ_MOE_KERNEL(mmq_moe_q8_0, mmq_legacy<K_Q8_0, false>)
+MMQ_MOE_KERNEL(mmq_moe_mxfp4, mmq_legacy<K_MXFP4, false>)
 MMQ_MOE_KERNEL(mmq_moe_q4_k, mmq_q4k)
 MMQ_MOE_KERNEL(mmq_moe_q4_0s, mmq_legacy<K_Q4_0, true>)
 MMQ_MOE_KERNEL(mmq_moe_q8_0s, mmq_legacy<K_Q8_0, true>)
@@ -1851,6 +1914,8 @@ MOE_Q8X_KERNEL(moe_q8x_q5_0, mv_legacy, K_Q5_0, 32)
 MOE_Q8X_KERNEL(moe_q8x_q5_1, mv_legacy, K_Q5_1, 32)
 
 MOE_Q8X_KERNEL(moe_q8x_q8_0, mv_legacy, K_Q8_0, 32)
+
+MOE_Q8X_KERNEL(moe_q8x_mxfp4, mv_legacy, K_MXFP4, 32)
 
 MOE_Q8X_KERNEL(moe_q8x_q4_0s, mv_split, K_Q4_0, 32)
 
