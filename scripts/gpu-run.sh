@@ -31,6 +31,10 @@
 #            (scripts/synth_moe_gguf.py): Qwen3-30B-A3B in Q4_K, gpt-oss-20b with MXFP4 experts
 #   moeff    ffai on them (MOE_FILES): pp512/tg128, then 32 sequences x (128+128)
 #   moelc    llama.cpp on them: llama-bench pp512/tg128, llama-batched-bench at 1 and 32
+#   moetests the product and MoE kernel tests with the tensor-core products up to 100 rows
+#            (FFAI_CUDA_MMQ_MAX=100), then recorded MoE steps against eager ones
+#   moegroup 32 sequences on each MoE file with MoE steps of 16+ rows grouped (the default)
+#            and gathered up to 64 rows (FFAI_CUDA_MOE_GROUP_MIN=65)
 #   cstr     constrained decoding's cost on the 8B Q4_0: generate 128 tokens greedy, free,
 #            under a regex and under a JSON object (decode tok/s of each)
 #   grouped  the grouped MoE products (moe_group + mmq_moe_*): their tests and the MoE
@@ -204,6 +208,14 @@ for stage in "$@"; do
       echo "== llama.cpp $f"; timeout 200 /tmp/lc/llama.cpp/build/bin/llama-bench -m /tmp/synth/$f.gguf -ngl 99 -fa 1 -p 512 -n 128 -r 2 -o md 2>/dev/null | grep -E '^\| ' | tee -a "$out/llamacpp-moe.md"
       timeout 200 /tmp/lc/llama.cpp/build/bin/llama-batched-bench -m /tmp/synth/$f.gguf -ngl 99 -fa on -c 20480 -npp 128 -ntg 128 -npl 1,32 2>&1 | grep -E '^\|' | tee -a "$out/llamacpp-moe.md"
     done ;;
+  moetests)
+    FFAI_CUDA_MMQ_MAX=100 timeout 200 $B/cuda_backend --test-threads=1 products moe 2>&1 | tee -a "$out/kernels.log" | grep -E "^test |panicked|test result" | head -20
+    timeout 60 $B/cuda_moe_graphs --test-threads=1 2>&1 | grep -E "^test |panicked|test result" | tail -5 ;;
+  moegroup)
+    for f in ${MOE_FILES:-qwen3moe_Q4_K gptoss_MXFP4}; do for g in 16 65; do
+      echo "== $f, 32 sequences, FFAI_CUDA_MOE_GROUP_MIN=$g"
+      FFAI_CUDA_MOE_GROUP_MIN=$g timeout 100 $B/ffai bench -m /tmp/synth/$f.gguf --device cuda --sequences 32 --prompt-tokens 128 --gen-tokens 128 --repetitions 1 2>&1 | grep -E "decode" | tee -a "$out/ffai-moegroup.txt"
+    done; done ;;
   cstr)
     for c in "" "--regex=[a-z0-9,]{1,4000}" "--json-object"; do
       echo "== generate 128 tokens, constraint: ${c:-none}"
