@@ -31,6 +31,9 @@
 #            (scripts/synth_moe_gguf.py): Qwen3-30B-A3B in Q4_K, gpt-oss-20b with MXFP4 experts
 #   moeff    ffai on them (MOE_FILES): pp512/tg128, then 32 sequences x (128+128)
 #   moelc    llama.cpp on them: llama-bench pp512/tg128, llama-batched-bench at 1 and 32
+#   cstrb    constrained decoding's cost for batched sequences each with its own grammar:
+#            `ffai batch` of 32 lines (128 tokens, greedy) on the 8B Q4_0, free and with
+#            json_object / regex / json_schema lines in turn, two rounds
 #   moetests the product and MoE kernel tests with the tensor-core products up to 100 rows
 #            (FFAI_CUDA_MMQ_MAX=100), then recorded MoE steps against eager ones
 #   moegroup 32 sequences on each MoE file with MoE steps of 16+ rows grouped (the default)
@@ -216,6 +219,23 @@ for stage in "$@"; do
       echo "== $f, 32 sequences, FFAI_CUDA_MOE_GROUP_MIN=$g"
       FFAI_CUDA_MOE_GROUP_MIN=$g timeout 100 $B/ffai bench -m /tmp/synth/$f.gguf --device cuda --sequences 32 --prompt-tokens 128 --gen-tokens 128 --repetitions 1 2>&1 | grep -E "decode" | tee -a "$out/ffai-moegroup.txt"
     done; done ;;
+  cstrb)
+    python3 - <<'PY'
+import json
+base = {"prompt": "The list:", "max_tokens": 128, "temperature": 0}
+fmts = [{"type": "json_object"}, {"type": "regex", "regex": "[a-z0-9,]{1,4000}"},
+        {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object",
+         "properties": {"a": {"type": "string"}, "b": {"type": "array", "items": {"type": "integer"}}}}}}]
+with open("/tmp/free.jsonl", "w") as f, open("/tmp/cstr.jsonl", "w") as g:
+    for i in range(32):
+        f.write(json.dumps(base) + "\n")
+        g.write(json.dumps(dict(base, response_format=fmts[i % 3])) + "\n")
+PY
+    for r in 1 2; do for f in free cstr; do
+      echo "== $f, round $r"
+      timeout 90 $B/ffai batch -m ${CSTR_FILE:-/tmp/synth/Q4_0.gguf} --device ${CSTR_DEVICE:-cuda} --input /tmp/$f.jsonl --max-sequences 32 --output /tmp/$f.out 2>&1 | tail -1 | tee -a "$out/ffai-cstrb.txt"
+    done; done
+    python3 -c "import json; print('finish reasons:', sorted({json.loads(l).get('finish_reason', '?') for l in open('/tmp/cstr.out')}))" ;;
   cstr)
     for c in "" "--regex=[a-z0-9,]{1,4000}" "--json-object"; do
       echo "== generate 128 tokens, constraint: ${c:-none}"
