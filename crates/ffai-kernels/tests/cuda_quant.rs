@@ -237,19 +237,29 @@ fn split_rows_rearranges_each_row() {
 /// signed bytes, twice their values) emulated on the host, byte permutes included
 /// (`__byte_perm(x, y, s)`: byte n of the result is byte `(s >> 4n) & 7` of y:x), for
 /// every four codes against the CPU's decoding of a block whose scale is 1 (e = 128).
-/// The source is checked to hold the emulated steps, so the two cannot drift apart.
+/// The sources are checked to hold the emulated steps and tables, so the two cannot
+/// drift apart.
 #[test]
 fn mxfp4_code_lookup_of_the_q8x_products_matches_the_cpu() {
     let src = cuda::SOURCES.iter().find(|(n, _, _)| *n == "q8x.cu").expect("q8x.cu").1;
     for step in [
         "const u32 pairs = c | (c >> 4);",
         "const u32 sel = __byte_perm(pairs, 0u, 0x0020u) & 0x7777u;",
-        "const u32 pos = __byte_perm(0x03020100u, 0x0C080604u, sel);",
-        "const u32 neg = __byte_perm(0xFDFEFF00u, 0xF4F8FAFCu, sel);",
+        "const u32 pos = __byte_perm(E2M1X2_POS_LO, E2M1X2_POS_HI, sel);",
+        "const u32 neg = __byte_perm(E2M1X2_NEG_LO, E2M1X2_NEG_HI, sel);",
         "const u32 sign = ((c >> 3) & 0x01010101u) * 0xFFu;",
         "return (int)((pos & ~sign) | (neg & sign));",
     ] {
         assert!(src.contains(step), "q8x.cu's e2m1x4 no longer has `{step}`");
+    }
+    // The tables (prelude.cuh, shared with quant.cu's `mxfp4_value`) as emulated below.
+    for def in [
+        "#define E2M1X2_POS_LO 0x03020100u",
+        "#define E2M1X2_POS_HI 0x0C080604u",
+        "#define E2M1X2_NEG_LO 0xFDFEFF00u",
+        "#define E2M1X2_NEG_HI 0xF4F8FAFCu",
+    ] {
+        assert!(cuda::PRELUDE.contains(def), "prelude.cuh no longer has `{def}`");
     }
     let perm = |x: u32, y: u32, s: u32| -> u32 {
         let bytes = ((y as u64) << 32) | x as u64;

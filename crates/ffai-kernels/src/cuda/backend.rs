@@ -571,8 +571,9 @@ pub struct CudaBackend {
     /// `FFAI_CUDA_MMQ_STAGED_K=0`: on an H100, 64 sequences of the 8B Q4_K_M decode at
     /// 3331 tok/s staged, 2337 unstaged (session 15).
     mmq_staged_k: bool,
-    /// Prefill-sized MoE steps of the types with an int8 tensor-core product are grouped
-    /// by expert on the device (`moe_grouped`); `FFAI_CUDA_MOE_GROUPED=0` (or
+    /// MoE steps of `moe_group_min_rows` rows or more (and every prefill-sized one) of the
+    /// types with an int8 tensor-core product are grouped by expert on the device
+    /// (`moe_grouped`); `FFAI_CUDA_MOE_GROUPED=0` (or
     /// [`CudaBackend::set_moe_grouped`]) keeps the host grouping, for A/B timing. Needs
     /// the tensor-core products (`mmq_max` > 0: compute capability 8.0, not the older
     /// kernels, `FFAI_CUDA_MMQ` not 0).
@@ -713,8 +714,9 @@ impl CudaBackend {
         self.graphs.store(on, Ordering::Relaxed);
     }
 
-    /// Turns the device grouping of prefill-sized MoE steps on or off (the initial state is
-    /// `FFAI_CUDA_MOE_GROUPED`'s); off, they take the host grouping (`backend::host_moe`).
+    /// Turns the device grouping of MoE steps on or off (the initial state is
+    /// `FFAI_CUDA_MOE_GROUPED`'s); off, decode-sized steps are gathered and prefill-sized
+    /// ones take the host grouping (`backend::host_moe`).
     /// On takes effect only where the int8 tensor-core products run (see `moe_grouped`).
     pub fn set_moe_grouped(&self, on: bool) {
         self.moe_grouped.store(on, Ordering::Relaxed);
@@ -1455,7 +1457,7 @@ impl CudaBackend {
         true
     }
 
-    /// The grouped MoE products (prefill-sized steps) of `parts` (each: its first expert's
+    /// The grouped MoE products (steps of `moe_group_min_rows` rows or more) of `parts` (each: its first expert's
     /// matrix, standing for the type and shape of all, its expert table, its output): the
     /// activation rows quantized once per block length, the slots grouped by expert on the
     /// device (moe.cu `moe_group`), then one launch a part of q8x.cu's `mmq_moe_*`, a block
@@ -2396,10 +2398,11 @@ impl Backend for CudaBackend {
     }
 
     // Clamp and the mixture-of-experts ops: kernels of moe.cu (routing, biases, combine)
-    // and the gathered decode products of q8x.cu / quant.cu; prefill-sized `moe_matmuls`
-    // groups on the device (`moe_grouped`) or, for the types without a grouped product,
-    // reads the ids back (`backend::host_moe`). Written without a GPU at hand: the
-    // `moe_*` and `grouped_moe_*` tests of tests/cuda_backend.rs hold them to the CPU.
+    // and the gathered decode products of q8x.cu / quant.cu; `moe_matmuls` of 16+ rows
+    // groups on the device (`moe_grouped`) or, prefill-sized for the types without a
+    // grouped product, reads the ids back (`backend::host_moe`). The `moe_*` and
+    // `grouped_moe_*` tests of tests/cuda_backend.rs hold them to the CPU (passed on an
+    // H100 in session 15).
     fn clamp(&self, x: &mut CudaBuf, lo: f32, hi: f32, len: usize) {
         assert!(len <= x.len, "clamp out of range");
         assert!(len <= u32::MAX as usize, "clamp: too many elements");

@@ -50,3 +50,14 @@ __device__ __forceinline__ int q8_level(float v, unsigned int m, float& d) {
     return __float2int_rn(__fmul_rn(__fmul_rn(v, m1), m2));
 }
 
+// MXFP4 (quant/mxfp4.rs), for quant.cu's f32 kernels and q8x.cu's 8-bit ones alike: half
+// the E8M0 block scale, 2^(e - 128), built from its bits (a subnormal for e < 2, so every
+// e is exact), and the E2M1 values doubled (integers: `mxfp4::KVALUES`, code 8 is +0) as
+// two 8-byte register tables for byte permutes: codes 0..7 (positive) and 8..15 (negated).
+__device__ __forceinline__ float mxfp4_half_scale(unsigned int e) {
+    return e < 2 ? __uint_as_float(0x00200000u << e) : __uint_as_float((e - 1) << 23);
+}
+#define E2M1X2_POS_LO 0x03020100u
+#define E2M1X2_POS_HI 0x0C080604u
+#define E2M1X2_NEG_LO 0xFDFEFF00u
+#define E2M1X2_NEG_HI 0xF4F8FAFCu

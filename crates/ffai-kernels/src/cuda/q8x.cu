@@ -508,12 +508,6 @@ __host__ __device__ constexpr int legacy_qs(int k) {
     return k == K_Q4_0 ? 2 : k == K_Q4_1 ? 4 : k == K_Q5_0 ? 6 : k == K_Q5_1 ? 8 : k == K_MXFP4 ? 1 : 2;
 }
 
-// MXFP4's block scale for the doubled E2M1 values, 2^(e - 128) (mxfp4::half_scale; a
-// subnormal for e < 2, built from its bits, so every e is exact).
-__device__ __forceinline__ float mxfp4_half_scale(u32 e) {
-    return e < 2 ? __uint_as_float(0x00200000u << e) : __uint_as_float((e - 1) << 23);
-}
-
 // The byte at `p` (any alignment), from the aligned word holding it: MXFP4's exponent,
 // which starts a 17-byte block at any offset.
 __device__ __forceinline__ u32 u8_at(const u8* p) {
@@ -530,8 +524,8 @@ __device__ __forceinline__ int e2m1x4(u32 c) {
     // nibbles: byte 0 of `pairs` holds codes 0 and 1, byte 2 codes 2 and 3.
     const u32 pairs = c | (c >> 4);
     const u32 sel = __byte_perm(pairs, 0u, 0x0020u) & 0x7777u;
-    const u32 pos = __byte_perm(0x03020100u, 0x0C080604u, sel);
-    const u32 neg = __byte_perm(0xFDFEFF00u, 0xF4F8FAFCu, sel);
+    const u32 pos = __byte_perm(E2M1X2_POS_LO, E2M1X2_POS_HI, sel);
+    const u32 neg = __byte_perm(E2M1X2_NEG_LO, E2M1X2_NEG_HI, sel);
     const u32 sign = ((c >> 3) & 0x01010101u) * 0xFFu;
     return (int)((pos & ~sign) | (neg & sign));
 }

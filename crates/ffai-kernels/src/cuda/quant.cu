@@ -92,11 +92,6 @@ __device__ __forceinline__ u16 f32_to_bf16(float f) {
     return (u16)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
-// Half the E8M0 block scale, 2^(e - 128), built from its bits (subnormal for e < 2).
-__device__ __forceinline__ float mxfp4_half_scale(u32 e) {
-    return e < 2 ? __uint_as_float(0x00200000u << e) : __uint_as_float((e - 1) << 23);
-}
-
 // Signed byte `k & 7` of the 8-byte table (hi:lo), as an int.
 __device__ __forceinline__ int table8(u32 lo, u32 hi, u32 k) {
     return (int)(signed char)(__byte_perm(lo, hi, k & 7) & 0xFF);
@@ -108,9 +103,9 @@ __device__ __forceinline__ int iq4_value(u32 k) {
     return (k & 8) ? table8(0x26190D01u, 0x71594535u, k) : table8(0xBFAD9881u, 0xF6EADDCFu, k);
 }
 
-// E2M1 values times two (`mxfp4::KVALUES`; code 8 is +0 like on the CPU).
+// E2M1 values times two (prelude.cuh's tables; code 8 is +0 like on the CPU).
 __device__ __forceinline__ int mxfp4_value(u32 k) {
-    return (k & 8) ? table8(0xFDFEFF00u, 0xF4F8FAFCu, k) : table8(0x03020100u, 0x0C080604u, k);
+    return (k & 8) ? table8(E2M1X2_NEG_LO, E2M1X2_NEG_HI, k) : table8(E2M1X2_POS_LO, E2M1X2_POS_HI, k);
 }
 
 // Byte `i` of a little-endian word array.
