@@ -27,8 +27,9 @@
 #   stagedk  the staged Q4_K tensor-core product (FFAI_CUDA_MMQ_STAGED_K=1, the default): the
 #            product tests with it, then 64 sequences on /tmp/synth/Q4_K_M.gguf without and
 #            with it (needs lcwait's Q4_K_M file)
-#   moesynth random-weight MoE GGUFs of real shapes, all layers, written directly quantized
-#            (scripts/synth_moe_gguf.py): Qwen3-30B-A3B in Q4_K, gpt-oss-20b with MXFP4 experts
+#   moesynth random-weight MoE GGUFs of real shapes, all layers (or MOE_LAYERS_Q3 /
+#            MOE_LAYERS_OSS of them), written directly quantized (scripts/synth_moe_gguf.py):
+#            Qwen3-30B-A3B in Q4_K, gpt-oss-20b with MXFP4 experts
 #   moeff    ffai on them (MOE_FILES): pp512/tg128, then 32 sequences x (128+128)
 #   moelc    llama.cpp on them: llama-bench pp512/tg128, llama-batched-bench at 1 and 32
 #   cstrb    constrained decoding's cost for batched sequences each with its own grammar:
@@ -197,8 +198,8 @@ for stage in "$@"; do
     done ;;
   moesynth)
     mkdir -p /tmp/lc /tmp/synth; [ -d /tmp/lc/llama.cpp/gguf-py ] || tar xJf .gpulc/llamacpp-src.tar.xz -C /tmp/lc llama.cpp/gguf-py
-    [ -s /tmp/synth/qwen3moe_Q4_K.gguf ] || python3 scripts/synth_moe_gguf.py /tmp/lc/llama.cpp/gguf-py /tmp/synth/qwen3moe_Q4_K.gguf --shape qwen3-30b-a3b --type Q4_K &
-    [ -s /tmp/synth/gptoss_MXFP4.gguf ] || python3 scripts/synth_moe_gguf.py /tmp/lc/llama.cpp/gguf-py /tmp/synth/gptoss_MXFP4.gguf --shape gpt-oss-20b --type MXFP4 &
+    [ -s /tmp/synth/qwen3moe_Q4_K.gguf ] || python3 scripts/synth_moe_gguf.py /tmp/lc/llama.cpp/gguf-py /tmp/synth/qwen3moe_Q4_K.gguf --shape qwen3-30b-a3b --type Q4_K ${MOE_LAYERS_Q3:+--layers $MOE_LAYERS_Q3} &
+    [ -s /tmp/synth/gptoss_MXFP4.gguf ] || python3 scripts/synth_moe_gguf.py /tmp/lc/llama.cpp/gguf-py /tmp/synth/gptoss_MXFP4.gguf --shape gpt-oss-20b --type MXFP4 ${MOE_LAYERS_OSS:+--layers $MOE_LAYERS_OSS} &
     wait; ls -la /tmp/synth ;;
   moeff)
     for f in ${MOE_FILES:-qwen3moe_Q4_K gptoss_MXFP4}; do

@@ -681,6 +681,9 @@ fn paged_step_ops_match_the_cpu_and_are_batch_invariant() {
     let Some(g) = gpu() else { return };
     let c = cpu();
     let mut rng = Rng(0xC0FFEE);
+    // The checks below up to the tensor-core part are of attn_dec (every step of it):
+    // the prompts' tensor-core attention is turned on for its own checks at the end.
+    g.set_attn_tc(false);
     for &(nh, kvh, hd, window, softcap) in &[
         (8usize, 2usize, 64usize, 0usize, 0f32),
         (4, 1, 256, 0, 0.0),
@@ -854,7 +857,67 @@ fn paged_step_ops_match_the_cpu_and_are_batch_invariant() {
                 .all(|(a, b)| a.to_bits() == b.to_bits()),
             "{nh}/{kvh}x{hd}: the product after attention differs from the product on a copy"
         );
+        // The prompts' tensor-core attention (attn_prefill_*, head sizes 64 and 128),
+        // which this step of 945 rows in sequences of 300, 45 and 600 takes when on:
+        // against the CPU within the same bound as attn_dec (q and the probabilities
+        // enter the f16 products as two f16 parts each, about 22 bits), with and without
+        // sinks; and a row's bits do not depend on the rows beside it: the last sequence
+        // alone in one step, and cut into steps of 200 and 400 rows (a cut inside a
+        // block of 64), gives the batch's bits.
+        if hd == 64 || hd == 128 {
+            g.set_attn_tc(true);
+            let mut tout = g.alloc(total * nh * hd);
+            g.attention_step(&gq, &gk, &gv, total, &gs, 0, &shape, None, &mut tout);
+            let tc = down(g, &tout, total * nh * hd);
+            assert!(
+                tc.iter().zip(&batched).any(|(a, b)| a.to_bits() != b.to_bits()),
+                "{nh}/{kvh}x{hd}: the tensor-core attention gave attn_dec's bits exactly (did it run?)"
+            );
+            let e = rel_err(&tc, &cout);
+            assert!(
+                e < 1e-4,
+                "tensor-core attention {nh}/{kvh}x{hd} window {window} softcap {softcap}: relative error {e}"
+            );
+            let mut tsout = g.alloc(total * nh * hd);
+            g.attention_step(&gq, &gk, &gv, total, &gs, 0, &shape, Some(&gsinks), &mut tsout);
+            let e = rel_err(&down(g, &tsout, total * nh * hd), &csout);
+            assert!(
+                e < 1e-4,
+                "tensor-core attention with sinks {nh}/{kvh}x{hd} window {window}: relative error {e}"
+            );
+            let s = &seqs[2];
+            let first = total - s.n;
+            let all_q = down(g, &gq, total * w);
+            for cut in [vec![s.n], vec![200, s.n - 200]] {
+                let mut p0 = 0;
+                for len in cut {
+                    let part = Seq {
+                        p0,
+                        n: len,
+                        table: s.table.clone(),
+                    };
+                    let lp = layout(&[&part], bs, n_blocks, window);
+                    let mut sp = g.new_step(len, 1, 64, 1);
+                    g.write_step(&lp, &mut sp).unwrap();
+                    let r0 = first + p0;
+                    let qp = g.upload(&all_q[r0 * w..(r0 + len) * w]);
+                    let mut op = g.alloc(len * w);
+                    g.attention_step(&qp, &gk, &gv, len, &sp, 0, &shape, None, &mut op);
+                    assert!(
+                        down(g, &op, len * w)
+                            .iter()
+                            .zip(&tc[r0 * w..])
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{nh}/{kvh}x{hd} window {window}: tensor-core attention of rows {p0}..{} of a prompt in a step of their own differs from the batch's",
+                        p0 + len
+                    );
+                    p0 += len;
+                }
+            }
+            g.set_attn_tc(false);
+        }
     }
+    g.set_attn_tc(true);
 }
 
 #[test]

@@ -1024,3 +1024,315 @@ extern "C" __global__ void __launch_bounds__(MLA_THREADS)
         }
     }
 }
+
+// ---- Prefill attention on tensor cores (attn_prefill_h64 / attn_prefill_h128) ----
+//
+// For steps whose sequences bring many rows each (prompts): a block takes up to 64
+// consecutive rows of one sequence (16 a warp) and one query head, and walks the
+// sequence's positions in tiles of 64, staged into shared memory with cp.async (K and V
+// as they sit in the pools, f16, rows padded by 16 bytes so that the fragment loads hit
+// 32 different banks). Scores and the value sums are mma.sync m16n8k16 products (f16
+// inputs, f32 accumulation) with an online softmax per row.
+//
+// Precision: q (f32) and the probabilities (f32) are each split into two f16 parts,
+// hi = f16(x) and lo = f16(x - hi), and both parts are multiplied (twice the products).
+// That carries about 22 bits of them, against 11 for a plain f16 product, so the result
+// agrees with attn_dec's f32 arithmetic to rounding; K and V are f16 in the pools, so
+// they enter exactly. (A q element beyond f16's range, 65504, would not survive: none
+// of the supported models comes near it after its norms.)
+//
+// A row's result depends only on its own q, position and sequence: tiles of positions
+// start at multiples of 64 whatever rows share the block, masks are per row, and a tile
+// that a row cannot see changes nothing of its state (its probabilities are exactly 0
+// and its correction factor exactly 1). So a prompt gives the same bits in one step or
+// cut into chunks, alone or beside other prompts.
+//
+// tiles: three u32 a block (sequence, first row, rows <= 64), written by the host for
+// steps where it takes this kernel. grid = (tiles, n_heads), block = PF_THREADS.
+#define PF_ROWS 64
+#define PF_KEYS 64
+#define PF_THREADS 128
+
+__device__ __forceinline__ unsigned int pf_smem(const void* p) {
+    unsigned int a;
+    asm("{\n\t.reg .u64 t;\n\tcvta.to.shared.u64 t, %1;\n\tcvt.u32.u64 %0, t;\n\t}" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// 16 bytes global -> shared, asynchronously; `bytes` 0 writes zeros instead.
+__device__ __forceinline__ void pf_copy16(void* dst, const void* src, unsigned int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(pf_smem(dst)), "l"(src), "r"(bytes) : "memory");
+}
+
+// Two f32 as their f16 high parts (packed, the first in the low half) and low parts.
+__device__ __forceinline__ void pf_split2(float a, float b, unsigned int& hi, unsigned int& lo) {
+    const unsigned short ah = float_to_half(a), bh = float_to_half(b);
+    hi = (unsigned int)ah | ((unsigned int)bh << 16);
+    const unsigned short al = float_to_half(a - half_to_float(ah)), bl = float_to_half(b - half_to_float(bh));
+    lo = (unsigned int)al | ((unsigned int)bl << 16);
+}
+
+// c += a · b, one m16n8k16 tile (row-major a, column-major b, f16 in, f32 accumulate).
+__device__ __forceinline__ void pf_mma(float (&c)[4], const unsigned int (&a)[4], unsigned int b0, unsigned int b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+#define PF_PARAMS                                                                                                  \
+    const float *__restrict__ q, const unsigned short *__restrict__ k_pages,                                      \
+        const unsigned short *__restrict__ v_pages, const unsigned int *__restrict__ positions,                   \
+        const SeqRows *__restrict__ seqs, const unsigned int *__restrict__ tables,                                \
+        const unsigned int *__restrict__ tiles, unsigned int n_heads, unsigned int kv_heads,                      \
+        unsigned int block_size, unsigned int window, float scale, float softcap, const float *__restrict__ sinks, \
+        unsigned int has_sinks, float *__restrict__ out
+#define PF_ARGS \
+    q, k_pages, v_pages, positions, seqs, tables, tiles, n_heads, kv_heads, block_size, window, scale, softcap, sinks, \
+        has_sinks, out
+
+template <unsigned int HD>
+__device__ __forceinline__ void attn_prefill(PF_PARAMS) {
+    constexpr unsigned int ST = HD + 8;  // halves a staged row (16 bytes of padding)
+    constexpr unsigned int KC = HD / 16; // 16-dimension chunks (the scores' k)
+    constexpr unsigned int DB = HD / 8;  // 8-dimension blocks of the output (the values' n)
+    constexpr unsigned int PIECES = HD / 8;
+    static_assert(HD == 64 || HD == 128, "attn_prefill takes head_dim 64 or 128");
+    __shared__ __align__(16) unsigned short ks[PF_KEYS * ST];
+    __shared__ __align__(16) unsigned short vs[PF_KEYS * ST];
+    __shared__ unsigned int pos_s[PF_ROWS];
+    __shared__ unsigned int span_s[2];
+    const float NEG_INF = -__int_as_float(0x7f800000);
+    const unsigned int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+    const unsigned int head = blockIdx.y, kvh = head / (n_heads / kv_heads);
+    const unsigned int seq = tiles[blockIdx.x * 3], row0 = tiles[blockIdx.x * 3 + 1];
+    const unsigned int nrows = tiles[blockIdx.x * 3 + 2];
+    const SeqRows s = seqs[seq];
+    if (tid < PF_ROWS) {
+        pos_s[tid] = tid < nrows ? positions[row0 + tid] : 0u;
+    }
+    PDL_ENTRY();
+    __syncthreads();
+    // The block's positions: from the first any row sees to the last row's.
+    if (warp == 0) {
+        unsigned int lo = 0xffffffffu, hi = 0;
+        for (unsigned int i = lane; i < nrows; i += 32) {
+            lo = min(lo, first_visible(pos_s[i], window));
+            hi = max(hi, pos_s[i]);
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+            hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+        }
+        if (lane == 0) {
+            span_s[0] = lo;
+            span_s[1] = hi;
+        }
+    }
+    __syncthreads();
+    const unsigned int lo = span_s[0], hi = span_s[1];
+    // This lane's two rows (g and g + 8 of the warp's 16) and what they see.
+    const unsigned int ra = warp * 16 + g, rb = ra + 8;
+    const bool va = ra < nrows, vb = rb < nrows;
+    const unsigned int pa = pos_s[ra], pb = pos_s[rb];
+    const unsigned int fa = first_visible(pa, window), fb = first_visible(pb, window);
+    // The warp's positions (none when it has no rows).
+    unsigned int wlo = 0xffffffffu, whi = 0;
+    if (va) {
+        wlo = fa;
+        whi = pa;
+    }
+    if (vb) {
+        wlo = min(wlo, fb);
+        whi = max(whi, pb);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        wlo = min(wlo, __shfl_xor_sync(0xffffffffu, wlo, o));
+        whi = max(whi, __shfl_xor_sync(0xffffffffu, whi, o));
+    }
+    // q's fragments (rows ra / rb, dimensions 16c + 2t, +1, +8, +9), split hi + lo.
+    unsigned int qh[KC][4], ql[KC][4];
+    {
+        const float* qa = q + ((size_t)(row0 + ra) * n_heads + head) * HD;
+        const float* qb = q + ((size_t)(row0 + rb) * n_heads + head) * HD;
+        const float2 z = make_float2(0.0f, 0.0f);
+#pragma unroll
+        for (unsigned int c = 0; c < KC; c++) {
+            const float2 x0 = va ? *(const float2*)(qa + 16 * c + 2 * t) : z;
+            const float2 x1 = vb ? *(const float2*)(qb + 16 * c + 2 * t) : z;
+            const float2 x2 = va ? *(const float2*)(qa + 16 * c + 2 * t + 8) : z;
+            const float2 x3 = vb ? *(const float2*)(qb + 16 * c + 2 * t + 8) : z;
+            pf_split2(x0.x, x0.y, qh[c][0], ql[c][0]);
+            pf_split2(x1.x, x1.y, qh[c][1], ql[c][1]);
+            pf_split2(x2.x, x2.y, qh[c][2], ql[c][2]);
+            pf_split2(x3.x, x3.y, qh[c][3], ql[c][3]);
+        }
+    }
+    float o[DB][4];
+#pragma unroll
+    for (unsigned int d = 0; d < DB; d++) {
+        o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.0f;
+    }
+    float ma = NEG_INF, mb = NEG_INF, la = 0.0f, lb = 0.0f;  // la / lb: this lane's part of the sums
+
+    for (unsigned int kt = lo / PF_KEYS; kt <= hi / PF_KEYS; kt++) {
+        const unsigned int kbase = kt * PF_KEYS;
+        // Stage the tile's K, then its V (positions outside [lo, hi] as zeros: they may
+        // be unwritten, and even a masked NaN would poison the value products).
+#pragma unroll
+        for (unsigned int pass = 0; pass < 2; pass++) {
+            const unsigned short* pages = pass == 0 ? k_pages : v_pages;
+            unsigned short* dst = pass == 0 ? ks : vs;
+            for (unsigned int c = tid; c < PF_KEYS * PIECES; c += PF_THREADS) {
+                const unsigned int r = c / PIECES, piece = c % PIECES, kp = kbase + r;
+                const bool ok = kp >= lo && kp <= hi && kp / block_size < s.table_len;
+                size_t at = 0;
+                if (ok) {
+                    at = (((size_t)tables[s.table_start + kp / block_size] * kv_heads + kvh) * block_size +
+                          kp % block_size) *
+                             HD +
+                         piece * 8;
+                }
+                pf_copy16(dst + r * ST + piece * 8, pages + at, ok ? 16u : 0u);
+            }
+            asm volatile("cp.async.commit_group;" ::: "memory");
+        }
+        const bool live = kbase <= whi && kbase + PF_KEYS > wlo;
+        asm volatile("cp.async.wait_group 1;" ::: "memory");  // K is in
+        __syncthreads();
+        float sc[PF_KEYS / 8][4];
+        if (live) {
+#pragma unroll
+            for (unsigned int nb = 0; nb < PF_KEYS / 8; nb++) {
+                sc[nb][0] = sc[nb][1] = sc[nb][2] = sc[nb][3] = 0.0f;
+                const unsigned short* kr = ks + (nb * 8 + g) * ST + 2 * t;
+#pragma unroll
+                for (unsigned int c = 0; c < KC; c++) {
+                    const unsigned int b0 = *(const unsigned int*)(kr + 16 * c);
+                    const unsigned int b1 = *(const unsigned int*)(kr + 16 * c + 8);
+                    pf_mma(sc[nb], qh[c], b0, b1);
+                    pf_mma(sc[nb], ql[c], b0, b1);
+                }
+            }
+            // Scale, soft-cap and mask as attn_dec does; the rows' new maxima.
+            float xa = NEG_INF, xb = NEG_INF;
+#pragma unroll
+            for (unsigned int nb = 0; nb < PF_KEYS / 8; nb++) {
+#pragma unroll
+                for (unsigned int e = 0; e < 2; e++) {
+                    const unsigned int kp = kbase + nb * 8 + 2 * t + e;
+                    float v0 = sc[nb][e] * scale, v1 = sc[nb][2 + e] * scale;
+                    if (softcap > 0.0f) {
+                        v0 = softcap * tanhf(v0 / softcap);
+                        v1 = softcap * tanhf(v1 / softcap);
+                    }
+                    sc[nb][e] = (va && kp >= fa && kp <= pa) ? v0 : NEG_INF;
+                    sc[nb][2 + e] = (vb && kp >= fb && kp <= pb) ? v1 : NEG_INF;
+                    xa = fmaxf(xa, sc[nb][e]);
+                    xb = fmaxf(xb, sc[nb][2 + e]);
+                }
+            }
+#pragma unroll
+            for (int off = 1; off < 4; off <<= 1) {
+                xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, off));
+                xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, off));
+            }
+            const float na = fmaxf(ma, xa), nbm = fmaxf(mb, xb);
+            // A row that has seen nothing yet keeps its zeros (exp(-inf) = 0 below).
+            const float ua = na == NEG_INF ? 0.0f : na, ub = nbm == NEG_INF ? 0.0f : nbm;
+            const float ca = expf(ma - ua), cb = expf(mb - ub);
+            ma = na;
+            mb = nbm;
+#pragma unroll
+            for (unsigned int nb = 0; nb < PF_KEYS / 8; nb++) {
+                sc[nb][0] = expf(sc[nb][0] - ua);
+                sc[nb][1] = expf(sc[nb][1] - ua);
+                sc[nb][2] = expf(sc[nb][2] - ub);
+                sc[nb][3] = expf(sc[nb][3] - ub);
+                la = la * (nb == 0 ? ca : 1.0f) + sc[nb][0] + sc[nb][1];
+                lb = lb * (nb == 0 ? cb : 1.0f) + sc[nb][2] + sc[nb][3];
+            }
+#pragma unroll
+            for (unsigned int d = 0; d < DB; d++) {
+                o[d][0] *= ca;
+                o[d][1] *= ca;
+                o[d][2] *= cb;
+                o[d][3] *= cb;
+            }
+        }
+        asm volatile("cp.async.wait_group 0;" ::: "memory");  // V is in
+        __syncthreads();
+        if (live) {
+#pragma unroll
+            for (unsigned int kc = 0; kc < PF_KEYS / 16; kc++) {
+                unsigned int ph[4], pl[4];
+                pf_split2(sc[2 * kc][0], sc[2 * kc][1], ph[0], pl[0]);
+                pf_split2(sc[2 * kc][2], sc[2 * kc][3], ph[1], pl[1]);
+                pf_split2(sc[2 * kc + 1][0], sc[2 * kc + 1][1], ph[2], pl[2]);
+                pf_split2(sc[2 * kc + 1][2], sc[2 * kc + 1][3], ph[3], pl[3]);
+                // Lane l addresses row l % 8 of matrix l / 8: keys 16kc + 8 (bit 0 of the
+                // matrix) + l % 8, dimensions 8 (d + bit 1 of the matrix); transposed, the
+                // four matrices are the b fragments of dimension blocks d and d + 1.
+                const unsigned int mi = lane / 8;
+                const unsigned short* vr = vs + (16 * kc + (mi & 1) * 8 + lane % 8) * ST + (mi >> 1) * 8;
+#pragma unroll
+                for (unsigned int d = 0; d < DB; d += 2) {
+                    unsigned int b0, b1, b2, b3;
+                    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                                 : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3)
+                                 : "r"(pf_smem(vr + d * 8)));
+                    pf_mma(o[d], ph, b0, b1);
+                    pf_mma(o[d], pl, b0, b1);
+                    pf_mma(o[d + 1], ph, b2, b3);
+                    pf_mma(o[d + 1], pl, b2, b3);
+                }
+            }
+        }
+        __syncthreads();  // the next tile's loads overwrite ks / vs
+    }
+    // The rows' sums (four lanes a row), the sinks, the output.
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+        la += __shfl_xor_sync(0xffffffffu, la, off);
+        lb += __shfl_xor_sync(0xffffffffu, lb, off);
+    }
+    float ia = 0.0f, ib = 0.0f;
+    {
+        float r = 1.0f, lt = la;
+        if (has_sinks) {
+            const float sink = sinks[head], m2 = fmaxf(ma, sink);
+            r = lt > 0.0f ? expf(ma - m2) : 0.0f;
+            lt = lt * r + expf(sink - m2);
+        }
+        ia = lt > 0.0f ? r / lt : 0.0f;
+        r = 1.0f;
+        lt = lb;
+        if (has_sinks) {
+            const float sink = sinks[head], m2 = fmaxf(mb, sink);
+            r = lt > 0.0f ? expf(mb - m2) : 0.0f;
+            lt = lt * r + expf(sink - m2);
+        }
+        ib = lt > 0.0f ? r / lt : 0.0f;
+    }
+    float* oa = out + ((size_t)(row0 + ra) * n_heads + head) * HD + 2 * t;
+    float* ob = out + ((size_t)(row0 + rb) * n_heads + head) * HD + 2 * t;
+#pragma unroll
+    for (unsigned int d = 0; d < DB; d++) {
+        if (va) {
+            *(float2*)(oa + 8 * d) = make_float2(o[d][0] * ia, o[d][1] * ia);
+        }
+        if (vb) {
+            *(float2*)(ob + 8 * d) = make_float2(o[d][2] * ib, o[d][3] * ib);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(PF_THREADS) attn_prefill_h128(PF_PARAMS) {
+    attn_prefill<128>(PF_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(PF_THREADS) attn_prefill_h64(PF_PARAMS) {
+    attn_prefill<64>(PF_ARGS);
+}

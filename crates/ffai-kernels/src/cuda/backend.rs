@@ -65,6 +65,38 @@ const DEC_WARPS: usize = 4;
 /// Query heads of one KV head an `attn_dec_*` block takes (`DEC_G` in attention.cu).
 const DEC_G: usize = 4;
 
+/// F32 matrices with fewer rows take one row a warp (`matvec_f32`) rather than four
+/// (`matvec4_f32`) for a one-row product: below this, four rows a warp leave most SMs idle.
+const MATVEC4_MIN_F32_ROWS: usize = 4096;
+
+/// Rows of one sequence an `attn_prefill_*` block takes (`PF_ROWS` in attention.cu).
+const PF_ROWS: usize = 64;
+/// Threads of an `attn_prefill_*` block (`PF_THREADS` in attention.cu).
+const PF_THREADS: u32 = 128;
+/// Fewest rows a sequence brings to a step for the step's attention to run on the tensor
+/// cores (`attn_prefill_*`): every sequence must have this many, so decode rows (one a
+/// sequence) and mixed steps keep `attn_dec`, which splits a row over its positions.
+const PF_MIN_SEQ_ROWS: usize = 16;
+
+/// The prefill attention's blocks for a step of `n` rows: up to [`PF_ROWS`] consecutive
+/// rows of one sequence each, as (sequence, first row, rows) in `tiles`. False (and
+/// `tiles` empty) when the step does not take that kernel: fewer than [`GEMM_MIN_ROWS`]
+/// rows (so steps that small keep bit-for-bit batch invariance with decode steps, as
+/// the products do), a sequence with fewer than [`PF_MIN_SEQ_ROWS`], or padding rows.
+fn prefill_tiles(seqs: &[crate::backend::SeqRows], n: usize, tiles: &mut Vec<u32>) -> bool {
+    tiles.clear();
+    let rows: usize = seqs.iter().map(|s| s.n_rows as usize).sum();
+    if n < GEMM_MIN_ROWS || rows != n || seqs.iter().any(|s| (s.n_rows as usize) < PF_MIN_SEQ_ROWS) {
+        return false;
+    }
+    for (i, s) in seqs.iter().enumerate() {
+        for r in (0..s.n_rows).step_by(PF_ROWS) {
+            tiles.extend_from_slice(&[i as u32, s.first_row + r, (s.n_rows - r).min(PF_ROWS as u32)]);
+        }
+    }
+    true
+}
+
 /// The attention kernel (`FFAI_CUDA_ATTN`: `dec`, the default, or `64`).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum AttnKernel {
@@ -371,6 +403,12 @@ pub struct CudaStep {
     n_seqs: usize,
     has_state_slots: bool,
     n_state_slots: usize,
+    /// The prefill attention's blocks (`attn_prefill_*`: sequence, first row, rows; at
+    /// most [`PF_ROWS`] rows of one sequence each) when the step takes it, and how many;
+    /// 0 when it does not (see [`prefill_tiles`]).
+    pf_tiles: DevMem<u32>,
+    pf_n_tiles: usize,
+    host_tiles: Vec<u32>,
 }
 
 /// The experts' matrix addresses a device table holds, and the table.
@@ -550,6 +588,10 @@ pub struct CudaBackend {
     /// there (4-layer 8B-shaped Q4_0: 1535 / 1535 tok/s off, 1545 / 1533 on): the
     /// quantization it saves moves onto the attention's own chain. Off by default.
     attn_q8: bool,
+    /// Steps of prompts (see [`prefill_tiles`]) run their attention on the tensor cores
+    /// (`attn_prefill_h64/h128`) unless `FFAI_CUDA_ATTN_TC=0` or
+    /// [`CudaBackend::set_attn_tc`] turns it off.
+    attn_tc: AtomicBool,
     /// The most activation rows a product runs on the int8 tensor cores (q8x.cu's `mmq_*`,
     /// from [`GEMM_MIN_ROWS`]; [`MMQ_DEFAULT_MAX_ROWS`] unless `FFAI_CUDA_MMQ_MAX` sets it);
     /// above it, or with `FFAI_CUDA_MMQ=0`, cuBLAS on a bf16 copy of the weights.
@@ -681,6 +723,7 @@ impl CudaBackend {
             },
             norm_cl: std::env::var_os("FFAI_CUDA_NORM").is_none_or(|v| v != "block") && major >= 9,
             attn_q8: std::env::var_os("FFAI_CUDA_ATTN_Q8").is_some_and(|v| v == "1"),
+            attn_tc: AtomicBool::new(std::env::var_os("FFAI_CUDA_ATTN_TC").is_none_or(|v| v != "0")),
             skip: std::env::var("FFAI_CUDA_SKIP_KERNELS")
                 .map(|v| v.split(',').filter(|s| !s.is_empty()).map(String::from).collect())
                 .unwrap_or_default(),
@@ -720,6 +763,12 @@ impl CudaBackend {
     /// On takes effect only where the int8 tensor-core products run (see `moe_grouped`).
     pub fn set_moe_grouped(&self, on: bool) {
         self.moe_grouped.store(on, Ordering::Relaxed);
+    }
+
+    /// Turns the prompts' tensor-core attention (`attn_prefill_*`) on or off (the default
+    /// is on unless `FFAI_CUDA_ATTN_TC=0`); off, every step takes `attn_dec`.
+    pub fn set_attn_tc(&self, on: bool) {
+        self.attn_tc.store(on, Ordering::Relaxed);
     }
 
     /// (free, total) bytes of device memory now.
@@ -1109,7 +1158,9 @@ impl CudaBackend {
         if self.fast_products(&[(w, out)], x, n) {
             return;
         }
-        if n == 1 {
+        // A small f32 matrix (a MoE router: 128 x 2048 is 8 blocks of matvec4) takes a
+        // row a warp instead, four times the warps in flight (the same bits per row).
+        if n == 1 && !(w.ty == WeightType::F32 && w.rows < MATVEC4_MIN_F32_ROWS) {
             // Four rows per warp: x read once for four rows (same bits per row).
             let (rows, cols) = (w.rows, w.cols);
             self.launch(
@@ -2653,6 +2704,9 @@ impl Backend for CudaBackend {
             n_seqs: 0,
             has_state_slots: false,
             n_state_slots: 0,
+            pf_tiles: self.dev_alloc(3 * (max_rows / PF_ROWS + max_seqs + 1)),
+            pf_n_tiles: 0,
+            host_tiles: Vec::with_capacity(3 * (max_rows / PF_ROWS + max_seqs + 1)),
         }
     }
 
@@ -2702,6 +2756,13 @@ impl Backend for CudaBackend {
             };
         }
         step.n_seqs = layout.groups.first().map_or(0, |g| g.seqs.len());
+        step.pf_n_tiles = 0;
+        if let Some(g) = layout.groups.first() {
+            if prefill_tiles(&g.seqs, layout.positions.len(), &mut step.host_tiles) {
+                self.write(&step.host_tiles, &mut step.pf_tiles);
+                step.pf_n_tiles = step.host_tiles.len() / 3;
+            }
+        }
         step.has_state_slots = !layout.state_slots.is_empty();
         step.n_state_slots = layout.n_state_slots as usize;
         self.write(&layout.state_slots, &mut step.state_slots);
@@ -2733,6 +2794,8 @@ impl Backend for CudaBackend {
         let key = step.groups.iter().fold(key, |k, g| {
             (k.wrapping_mul(0x100_0000_01b3) ^ g.max_spans as u64).wrapping_mul(0x100_0000_01b3) ^ g.max_parts32 as u64
         });
+        // And the prefill attention's grid on its tiles.
+        let key = key.wrapping_mul(0x100_0000_01b3) ^ step.pf_n_tiles as u64;
         let generation = self.generation.load(Ordering::Relaxed);
         let g = &mut step.graphs;
         match g.recorded.get(&key) {
@@ -2989,6 +3052,37 @@ impl Backend for CudaBackend {
         // By default a warp a part (attn_dec_*, head_dim 64 / 128), the grid's z its
         // blocks; otherwise attn_spans64 (chunks of up to eight query heads).
         let dec = self.attn == AttnKernel::Dec && !self.older && (hd == 64 || hd == 128);
+        // Prompts: 64 rows of a sequence a block on the tensor cores.
+        if dec && step.pf_n_tiles > 0 && self.attn_tc.load(Ordering::Relaxed) {
+            self.launch(
+                if hd == 64 {
+                    "attn_prefill_h64"
+                } else {
+                    "attn_prefill_h128"
+                },
+                (step.pf_n_tiles as u32, nh as u32, 1),
+                PF_THREADS,
+                &[
+                    Arg::P(q.ptr),
+                    Arg::P(k.data.ptr),
+                    Arg::P(v.data.ptr),
+                    Arg::P(step.positions.ptr),
+                    Arg::P(g.seqs.ptr),
+                    Arg::P(g.tables.ptr),
+                    Arg::P(step.pf_tiles.ptr),
+                    Arg::U(nh as u32),
+                    Arg::U(kvh as u32),
+                    Arg::U(g.block_size),
+                    Arg::U(g.window),
+                    Arg::F(shape.scale),
+                    Arg::F(shape.softcap),
+                    Arg::P(sinks.map_or(0, |x| x.ptr)),
+                    Arg::U(sinks.is_some() as u32),
+                    Arg::P(out.ptr),
+                ],
+            );
+            return;
+        }
         let (kernel, group) = match (dec, hd) {
             (true, 64) => ("attn_dec_h64", DEC_G),
             (true, _) => ("attn_dec_h128", DEC_G),

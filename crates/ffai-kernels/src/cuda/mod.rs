@@ -127,6 +127,8 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "attn_spans64",
             "attn_dec_h128",
             "attn_dec_h64",
+            "attn_prefill_h128",
+            "attn_prefill_h64",
             "attn_combine",
             "attn_mla",
         ],
