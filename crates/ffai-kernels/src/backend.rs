@@ -70,6 +70,14 @@ pub struct RopeParams<'a, B: Backend + ?Sized> {
     pub neox: bool,
 }
 
+/// Per-head RMSNorm weights of q and k (`[head_dim]` each; Qwen3's `q_norm` / `k_norm`)
+/// for [`Backend::qk_norm_rope_kv_write_step`].
+pub struct HeadNorms<'a, B: Backend + ?Sized> {
+    pub q: &'a B::Buf,
+    pub k: &'a B::Buf,
+    pub eps: f32,
+}
+
 /// Shape of one attention call.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnShape {
@@ -591,6 +599,33 @@ pub trait Backend: Send + Sync + 'static {
         self.rope_step(k, n, shape.n_kv_heads, shape.head_dim, step, rope);
         self.kv_write_step(k_cache, k, n, step, group, shape);
         self.kv_write_step(v_cache, v, n, step, group, shape);
+    }
+    /// [`Backend::rms_norm`] of every q head and every k head (`norms`), then
+    /// [`Backend::rope_kv_write_step`]: what this does (the norms into `scratch`, which
+    /// then trades places with `q` and `k`) unless a backend fuses it (the CUDA backend:
+    /// the norms inside the RoPE launch, the same arithmetic). Either way `q` and `k` hold
+    /// the normalized, rotated rows afterwards.
+    #[allow(clippy::too_many_arguments)]
+    fn qk_norm_rope_kv_write_step(
+        &self,
+        q: &mut Self::Buf,
+        k: &mut Self::Buf,
+        v: &Self::Buf,
+        norms: &HeadNorms<'_, Self>,
+        scratch: (&mut Self::Buf, &mut Self::Buf),
+        n: usize,
+        step: &Self::Step,
+        rope: &RopeParams<'_, Self>,
+        k_cache: &mut Self::Kv,
+        v_cache: &mut Self::Kv,
+        group: usize,
+        shape: &AttnShape,
+    ) {
+        self.rms_norm(q, norms.q, norms.eps, n * shape.n_heads, scratch.0);
+        self.rms_norm(k, norms.k, norms.eps, n * shape.n_kv_heads, scratch.1);
+        std::mem::swap(q, scratch.0);
+        std::mem::swap(k, scratch.1);
+        self.rope_kv_write_step(q, k, v, n, step, rope, k_cache, v_cache, group, shape);
     }
     /// Writes `n` rows of K (or V), `[n, kv_heads * head_dim]`, into a paged pool of KV
     /// group `group`: row t goes to the group's slot of row t (padding rows nowhere).

@@ -16,7 +16,7 @@
 
 use std::sync::OnceLock;
 
-use ffai_kernels::backend::{AttnShape, Backend, GroupLayout, HostBytes, RopeParams, SeqRows, StepLayout};
+use ffai_kernels::backend::{AttnShape, Backend, GroupLayout, HeadNorms, HostBytes, RopeParams, SeqRows, StepLayout};
 use ffai_kernels::cpu::CpuBackend;
 use ffai_kernels::cuda::backend::{CudaBackend, GEMM_MIN_ROWS, MMQ_DEFAULT_MAX_ROWS};
 use ffai_kernels::cuda::device_count;
@@ -789,6 +789,59 @@ fn paged_step_ops_match_the_cpu_and_are_batch_invariant() {
             assert!(
                 same(&down(g, &fout, total * nh * hd), &batched),
                 "attention over rope_kv_write_step's pools differs"
+            );
+            // With per-head q/k norms first (Qwen3; fused into the same launch for heads up
+            // to 128 wide): against rms_norm per head and then rope_kv_write_step, the
+            // same bits in q, k and the pools (through the attention over them).
+            let (qw, kw) = (rng.vec(hd, 1.0), rng.vec(hd, 1.0));
+            let (gqw, gkw) = (g.upload(&qw), g.upload(&kw));
+            let norms = HeadNorms {
+                q: &gqw,
+                k: &gkw,
+                eps: 1e-6,
+            };
+            let (mut nq, mut nk) = (g.upload(&q), g.upload(&k));
+            let (mut sq, mut sk) = (g.alloc(total * nh * hd), g.alloc(total * kvh * hd));
+            let (mut nkp, mut nvp) = (
+                g.alloc_kv_pages(n_blocks, bs, kvh, hd),
+                g.alloc_kv_pages(n_blocks, bs, kvh, hd),
+            );
+            g.qk_norm_rope_kv_write_step(
+                &mut nq,
+                &mut nk,
+                &fv,
+                &norms,
+                (&mut sq, &mut sk),
+                total,
+                &gs,
+                &grope,
+                &mut nkp,
+                &mut nvp,
+                0,
+                &shape,
+            );
+            let (rq, rk) = (g.upload(&q), g.upload(&k));
+            let (mut rqn, mut rkn) = (g.alloc(total * nh * hd), g.alloc(total * kvh * hd));
+            g.rms_norm(&rq, &gqw, 1e-6, total * nh, &mut rqn);
+            g.rms_norm(&rk, &gkw, 1e-6, total * kvh, &mut rkn);
+            let (mut rkp, mut rvp) = (
+                g.alloc_kv_pages(n_blocks, bs, kvh, hd),
+                g.alloc_kv_pages(n_blocks, bs, kvh, hd),
+            );
+            g.rope_kv_write_step(
+                &mut rqn, &mut rkn, &fv, total, &gs, &grope, &mut rkp, &mut rvp, 0, &shape,
+            );
+            assert!(
+                same(&down(g, &nq, total * nh * hd), &down(g, &rqn, total * nh * hd))
+                    && same(&down(g, &nk, total * kvh * hd), &down(g, &rkn, total * kvh * hd)),
+                "{nh}/{kvh}x{hd}: the fused per-head norms + RoPE differ from the separate ops"
+            );
+            let (mut na, mut ra) = (g.alloc(total * nh * hd), g.alloc(total * nh * hd));
+            g.attention_step(&nq, &nkp, &nvp, total, &gs, 0, &shape, None, &mut na);
+            g.attention_step(&rqn, &rkp, &rvp, total, &gs, 0, &shape, None, &mut ra);
+            assert!(
+                same(&down(g, &na, total * nh * hd), &down(g, &ra, total * nh * hd)),
+                "{nh}/{kvh}x{hd}: attention over the fused norms' pools differs"
             );
         }
         let e = rel_err(&batched, &cout);

@@ -65,23 +65,61 @@ extern "C" __global__ void kv_write_step(unsigned short* pages, const float* src
 // (a thread per frequency) into shared memory. grid = (rows, n_heads + kv_heads),
 // block = ROPE_THREADS; q is [n, n_heads * head_dim], k and v [n, kv_heads * head_dim];
 // half <= 128.
+//
+// With `qn` (and `kn`) not null, each head is first RMS-normalized with those weights
+// ([head_dim], head_dim <= ROPE_THREADS): the per-head q/k norm of Qwen3 and others,
+// with rms_norm's arithmetic on CUDA (q8x.cu's norm_q8 at this width: thread i holds
+// element i, a butterfly a warp, the warps' sums by one more butterfly over the
+// norm_q8 block's warps), so the result is the same bits as the two separate launches.
 #define ROPE_THREADS 128
+__device__ __forceinline__ float rope_warp_sum(float s) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        s += __shfl_xor_sync(0xffffffffu, s, off);
+    }
+    return s;
+}
 extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
     rope_kv_write_step(float* q, float* k, const float* v, unsigned short* k_pages, unsigned short* v_pages,
                        const unsigned int* positions, const unsigned int* slots, const float* inv_freq,
                        unsigned int half, unsigned int n_heads, unsigned int kv_heads, unsigned int head_dim,
-                       unsigned int block_size, int neox) {
+                       unsigned int block_size, int neox, const float* qn, const float* kn, float eps) {
     PDL_ENTRY();
     __shared__ float sin_t[128], cos_t[128];
+    __shared__ float red[ROPE_THREADS / 32];
     const unsigned int row = blockIdx.x, y = blockIdx.y, tid = threadIdx.x;
     const float pos = (float)positions[row];
     for (unsigned int i = tid; i < half; i += ROPE_THREADS) {
         sincosf(pos * inv_freq[i], &sin_t[i], &cos_t[i]);
     }
-    __syncthreads();
     const bool is_q = y < n_heads;
     const unsigned int h = is_q ? y : y - n_heads;
     float* head = is_q ? q + ((size_t)row * n_heads + h) * head_dim : k + ((size_t)row * kv_heads + h) * head_dim;
+    if (qn) {
+        const float* w = is_q ? qn : kn;
+        const float x = tid < head_dim ? head[tid] : 0.0f;
+        float s = 0.0f;
+        if (tid < head_dim) {
+            s += x * x;
+        }
+        s = rope_warp_sum(s);
+        if (tid % 32 == 0) {
+            red[tid / 32] = s;
+        }
+        __syncthreads();
+        // norm_q8's block for this width: the next power of two of threads, 32 at least.
+        unsigned int nt = 32;
+        while (nt < head_dim) {
+            nt *= 2;
+        }
+        const unsigned int lane = tid % 32;
+        const float total = rope_warp_sum(lane < nt / 32 ? red[lane] : 0.0f);
+        const float inv = 1.0f / sqrtf(total / (float)head_dim + eps);
+        if (tid < head_dim) {
+            head[tid] = x * inv * w[tid];
+        }
+    }
+    __syncthreads();
     for (unsigned int i = tid; i < half; i += ROPE_THREADS) {
         const float s = sin_t[i], c = cos_t[i];
         const unsigned int a = neox ? i : 2 * i;

@@ -31,7 +31,7 @@ use cudarc::driver::{
 use cudarc::driver::{PushKernelArg, ValidAsZeroBits};
 
 use super::quant;
-use crate::backend::{AttnShape, Backend, GraphMode, HostBytes, RopeParams, StepCaps, StepLayout};
+use crate::backend::{AttnShape, Backend, GraphMode, HeadNorms, HostBytes, RopeParams, StepCaps, StepLayout};
 use crate::quant::WeightType;
 
 /// From this many rows a product goes to cuBLAS; below it, passes of the matrix-vector
@@ -2958,55 +2958,36 @@ impl Backend for CudaBackend {
         group: usize,
         shape: &AttnShape,
     ) {
-        assert_eq!(
-            n, step.n_rows,
-            "rope_kv_write_step over {n} rows of a {}-row step",
-            step.n_rows
-        );
-        if self.older {
-            self.rope_step(q, n, shape.n_heads, shape.head_dim, step, rope);
-            self.rope_step(k, n, shape.n_kv_heads, shape.head_dim, step, rope);
-            self.kv_write_step(k_cache, k, n, step, group, shape);
-            self.kv_write_step(v_cache, v, n, step, group, shape);
+        self.rope_kv_launch(q, k, v, None, n, step, rope, k_cache, v_cache, group, shape);
+    }
+
+    fn qk_norm_rope_kv_write_step(
+        &self,
+        q: &mut CudaBuf,
+        k: &mut CudaBuf,
+        v: &CudaBuf,
+        norms: &HeadNorms<'_, Self>,
+        scratch: (&mut CudaBuf, &mut CudaBuf),
+        n: usize,
+        step: &CudaStep,
+        rope: &RopeParams<'_, Self>,
+        k_cache: &mut CudaKv,
+        v_cache: &mut CudaKv,
+        group: usize,
+        shape: &AttnShape,
+    ) {
+        let hd = shape.head_dim;
+        // The fused norm mirrors norm_q8 (rms_norm's kernel at widths up to
+        // NORM_Q8_MAX_WIDTH) with a thread an element: heads up to ROPE_THREADS wide.
+        if self.older || hd > ROPE_THREADS as usize || norms.q.len != hd || norms.k.len != hd {
+            self.rms_norm(q, norms.q, norms.eps, n * shape.n_heads, scratch.0);
+            self.rms_norm(k, norms.k, norms.eps, n * shape.n_kv_heads, scratch.1);
+            std::mem::swap(q, scratch.0);
+            std::mem::swap(k, scratch.1);
+            self.rope_kv_write_step(q, k, v, n, step, rope, k_cache, v_cache, group, shape);
             return;
         }
-        let g = &step.groups[group];
-        let (nh, kvh, hd, bs) = (shape.n_heads, shape.n_kv_heads, shape.head_dim, g.block_size as usize);
-        let half = rope.inv_freq.len;
-        assert!(2 * half <= hd, "RoPE table wider than the head");
-        assert!(
-            n * nh * hd <= q.len && n * kvh * hd <= k.len && n * kvh * hd <= v.len,
-            "rope_kv_write_step inputs too small"
-        );
-        assert!(
-            g.n_blocks as usize * bs * kvh * hd <= k_cache.data.len
-                && g.n_blocks as usize * bs * kvh * hd <= v_cache.data.len,
-            "KV pools smaller than the step's group"
-        );
-        if n == 0 {
-            return;
-        }
-        self.launch(
-            "rope_kv_write_step",
-            (n as u32, (nh + kvh) as u32, 1),
-            ROPE_THREADS,
-            &[
-                Arg::P(q.ptr),
-                Arg::P(k.ptr),
-                Arg::P(v.ptr),
-                Arg::P(k_cache.data.ptr),
-                Arg::P(v_cache.data.ptr),
-                Arg::P(step.positions.ptr),
-                Arg::P(g.slots.ptr),
-                Arg::P(rope.inv_freq.ptr),
-                Arg::U(half as u32),
-                Arg::U(nh as u32),
-                Arg::U(kvh as u32),
-                Arg::U(hd as u32),
-                Arg::U(bs as u32),
-                Arg::I(rope.neox as i32),
-            ],
-        );
+        self.rope_kv_launch(q, k, v, Some(norms), n, step, rope, k_cache, v_cache, group, shape);
     }
 
     fn attention_step(
@@ -3255,4 +3236,77 @@ const MLA_PER_THREAD: usize = 8;
 /// Threads of a row-norm block: a power of two, enough for the row, at most 1024.
 fn norm_threads(width: usize) -> u32 {
     width.next_power_of_two().clamp(32, 1024) as u32
+}
+
+impl CudaBackend {
+    /// `rope_kv_write_step` (attention.cu), with the per-head q/k norms first when
+    /// `norms` is given (heads up to `ROPE_THREADS` wide).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_kv_launch(
+        &self,
+        q: &mut CudaBuf,
+        k: &mut CudaBuf,
+        v: &CudaBuf,
+        norms: Option<&HeadNorms<'_, Self>>,
+        n: usize,
+        step: &CudaStep,
+        rope: &RopeParams<'_, Self>,
+        k_cache: &mut CudaKv,
+        v_cache: &mut CudaKv,
+        group: usize,
+        shape: &AttnShape,
+    ) {
+        assert_eq!(
+            n, step.n_rows,
+            "rope_kv_write_step over {n} rows of a {}-row step",
+            step.n_rows
+        );
+        if self.older {
+            self.rope_step(q, n, shape.n_heads, shape.head_dim, step, rope);
+            self.rope_step(k, n, shape.n_kv_heads, shape.head_dim, step, rope);
+            self.kv_write_step(k_cache, k, n, step, group, shape);
+            self.kv_write_step(v_cache, v, n, step, group, shape);
+            return;
+        }
+        let g = &step.groups[group];
+        let (nh, kvh, hd, bs) = (shape.n_heads, shape.n_kv_heads, shape.head_dim, g.block_size as usize);
+        let half = rope.inv_freq.len;
+        assert!(2 * half <= hd, "RoPE table wider than the head");
+        assert!(
+            n * nh * hd <= q.len && n * kvh * hd <= k.len && n * kvh * hd <= v.len,
+            "rope_kv_write_step inputs too small"
+        );
+        assert!(
+            g.n_blocks as usize * bs * kvh * hd <= k_cache.data.len
+                && g.n_blocks as usize * bs * kvh * hd <= v_cache.data.len,
+            "KV pools smaller than the step's group"
+        );
+        if n == 0 {
+            return;
+        }
+        self.launch(
+            "rope_kv_write_step",
+            (n as u32, (nh + kvh) as u32, 1),
+            ROPE_THREADS,
+            &[
+                Arg::P(q.ptr),
+                Arg::P(k.ptr),
+                Arg::P(v.ptr),
+                Arg::P(k_cache.data.ptr),
+                Arg::P(v_cache.data.ptr),
+                Arg::P(step.positions.ptr),
+                Arg::P(g.slots.ptr),
+                Arg::P(rope.inv_freq.ptr),
+                Arg::U(half as u32),
+                Arg::U(nh as u32),
+                Arg::U(kvh as u32),
+                Arg::U(hd as u32),
+                Arg::U(bs as u32),
+                Arg::I(rope.neox as i32),
+                Arg::P(norms.map_or(0, |x| x.q.ptr)),
+                Arg::P(norms.map_or(0, |x| x.k.ptr)),
+                Arg::F(norms.map_or(0.0, |x| x.eps)),
+            ],
+        );
+    }
 }

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use ffai_kernels::backend::{AttnShape, Backend, GraphMode, HostBytes, RopeParams, StepLayout};
+use ffai_kernels::backend::{AttnShape, Backend, GraphMode, HeadNorms, HostBytes, RopeParams, StepLayout};
 
 use ffai_kernels::cpu::CpuBackend;
 use ffai_kernels::cuda::backend::CudaBackend;
@@ -762,7 +762,15 @@ impl<B: Backend> Decoder<B> {
                                 b.add_bias(&mut s.k, bk, n);
                                 b.add_bias(&mut s.v, bv, n);
                             }
-                            if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
+                            // Per-head q/k norms straight before RoPE go with it (one
+                            // launch on CUDA).
+                            let head_norms = match (&a.q_norm, &a.k_norm) {
+                                (Some(q), Some(k)) if sp.qk_norm == QkNorm::PerHead && sp.clip_qkv <= 0.0 => {
+                                    Some(HeadNorms { q, k, eps: sp.eps })
+                                }
+                                _ => None,
+                            };
+                            if let (Some(qn), Some(kn), None) = (&a.q_norm, &a.k_norm, &head_norms) {
                                 let (qrows, krows) = match sp.qk_norm {
                                     QkNorm::PerHead => (n * c.num_heads, n * c.num_kv_heads),
                                     _ => (n, n),
@@ -778,18 +786,34 @@ impl<B: Backend> Decoder<B> {
                                 b.clamp(&mut s.k, -c, c, n * kvd);
                                 b.clamp(&mut s.v, -c, c, n * kvd);
                             }
-                            b.rope_kv_write_step(
-                                &mut s.q,
-                                &mut s.k,
-                                &s.v,
-                                n,
-                                &s.step,
-                                &rope,
-                                &mut s.k_pages[i],
-                                &mut s.v_pages[i],
-                                g,
-                                &shape,
-                            );
+                            match &head_norms {
+                                Some(norms) => b.qk_norm_rope_kv_write_step(
+                                    &mut s.q,
+                                    &mut s.k,
+                                    &s.v,
+                                    norms,
+                                    (&mut s.qn, &mut s.kn),
+                                    n,
+                                    &s.step,
+                                    &rope,
+                                    &mut s.k_pages[i],
+                                    &mut s.v_pages[i],
+                                    g,
+                                    &shape,
+                                ),
+                                None => b.rope_kv_write_step(
+                                    &mut s.q,
+                                    &mut s.k,
+                                    &s.v,
+                                    n,
+                                    &s.step,
+                                    &rope,
+                                    &mut s.k_pages[i],
+                                    &mut s.v_pages[i],
+                                    g,
+                                    &shape,
+                                ),
+                            }
                             b.attention_step(
                                 &s.q,
                                 &s.k_pages[i],
