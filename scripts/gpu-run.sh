@@ -163,6 +163,9 @@ for stage in "$@"; do
     for t in ${KERNEL_TESTS:-cuda_nvrtc cuda_ops cuda_quant cuda_backend}; do
       echo "== $t"; $B/$t --test-threads=1 2>&1 | tee -a "$out/kernels.log" | grep -E "panicked|error|FAILED|test result|relative" | head -20
     done
+    # The norms' cluster form (off by default) is checked only when it is on.
+    echo "== cuda_backend (FFAI_CUDA_NORM=cl)"
+    FFAI_CUDA_NORM=cl $B/cuda_backend --test-threads=1 elementwise 2>&1 | tee -a "$out/kernels.log" | grep -E "panicked|FAILED|test result" | head -5
     # The attention's fused 8-bit output (off by default) is checked only when it is on.
     echo "== cuda_backend (FFAI_CUDA_ATTN_Q8=1)"
     FFAI_CUDA_ATTN_Q8=1 $B/cuda_backend --test-threads=1 paged_step_ops 2>&1 | tee -a "$out/kernels.log" | grep -E "panicked|FAILED|test result" | head -5 ;;

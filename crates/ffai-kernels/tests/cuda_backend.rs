@@ -81,7 +81,8 @@ fn elementwise_ops_and_norms_match_the_cpu() {
     let Some(g) = gpu() else { return };
     let c = cpu();
     let mut rng = Rng(0x1234_5678_9abc_def1);
-    // 4096: a width the norms' cluster form takes (four slices; FFAI_CUDA_NORM=block: one block a row).
+    // 4096: a width the norms' cluster form takes with FFAI_CUDA_NORM=cl (four slices;
+    // scripts/gpu-run.sh's kernel stages run it so too), else one block a row.
     for &(rows, width) in &[(1usize, 7usize), (3, 576), (5, 2049), (2, 4096)] {
         let len = rows * width;
         let (x, y) = (rng.vec(len, 4.0), rng.vec(len, 2.0));
@@ -1635,5 +1636,83 @@ fn moe_combine_add_bias_and_clamp_match_the_cpu() {
     for (i, (a, b)) in got.iter().zip(&x).enumerate() {
         let want = if i < 999 { b.clamp(-1.5, 2.0) } else { *b };
         assert!(a.to_bits() == want.to_bits(), "clamp element {i}: {a} vs {want}");
+    }
+}
+
+/// The 8-bit sets a norm writes beside its output outlive the MoE router between the
+/// norm and the experts (the router's f32 product, its bias and the routing write only
+/// their own outputs, so the experts read the norm's sets instead of quantizing again):
+/// the experts then give the bits they give over a copy of the norm's output. And where
+/// a router product or a bias is written over the norm's output itself, the sets must be
+/// dropped: the experts over that buffer again equal the experts over a copy of it.
+#[test]
+fn moe_experts_after_the_router_read_the_right_sets() {
+    use ffai_kernels::ops::MoeRouting;
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng(0x5E75_0F0E);
+    let (ne, k, cols, rows, n) = (16usize, 4usize, 512usize, 256usize, 2usize);
+    let router = g.matrix(
+        WeightType::F32,
+        ne,
+        cols,
+        HostBytes::from_vec(random_matrix(WeightType::F32, ne, cols, &mut rng).unwrap()),
+    );
+    let rbias = g.upload(&rng.vec(ne, 0.5));
+    let wide_bias = g.upload(&rng.vec(cols, 0.5));
+    let (y, w) = (g.upload(&rng.vec(n * cols, 1.0)), g.upload(&rng.vec(cols, 1.5)));
+    for ty in [WeightType::Q4K, WeightType::Q4_0, WeightType::Q8_0] {
+        let experts: Vec<_> = (0..ne)
+            .map(|_| {
+                g.matrix(
+                    ty,
+                    rows,
+                    cols,
+                    HostBytes::from_vec(random_matrix(ty, rows, cols, &mut rng).unwrap()),
+                )
+            })
+            .collect();
+        let experts_over = |x: &<CudaBackend as Backend>::Buf, ids: &<CudaBackend as Backend>::Buf| {
+            let mut out = g.alloc(n * k * rows);
+            g.moe_matmuls(&[&experts], x, false, ids, n, k, &mut [&mut out]);
+            down(g, &out, n * k * rows)
+        };
+        let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        // 0: the router between the norm and the experts; 1: a router product over the
+        // norm's output; 2: a bias added to the norm's output.
+        for case in 0..3 {
+            let mut xs = g.upload(&rng.vec(n * cols, 2.0));
+            let mut xn = g.alloc(n * cols);
+            g.add_rms_norm(&mut xs, &y, &w, 1e-6, n, &mut xn);
+            let mut logits = g.alloc(n * ne);
+            g.matmul(&router, &xn, n, &mut logits);
+            g.add_bias(&mut logits, &rbias, n);
+            let (mut ids, mut wts) = (g.alloc(n * k), g.alloc(n * k));
+            g.moe_route(
+                &logits,
+                n,
+                ne,
+                k,
+                &MoeRouting::softmax(true),
+                None,
+                None,
+                &mut ids,
+                &mut wts,
+            );
+            match case {
+                1 => {
+                    let copy = g.upload(&down(g, &xs, n * cols));
+                    g.matmul(&router, &copy, n, &mut xn);
+                }
+                2 => g.add_bias(&mut xn, &wide_bias, n),
+                _ => {}
+            }
+            let got = experts_over(&xn, &ids);
+            let fresh = experts_over(&g.upload(&down(g, &xn, n * cols)), &ids);
+            assert!(
+                same(&got, &fresh),
+                "{}: case {case}: the experts after the router differ from the experts over a copy",
+                ty.name()
+            );
+        }
     }
 }

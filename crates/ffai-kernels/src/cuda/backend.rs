@@ -520,6 +520,12 @@ struct PreQuant {
     q256: bool,
 }
 
+/// Kernels that leave the 8-bit sets of the last producer standing (see `PreQuant`)
+/// because they write only what their caller checks with `forget_prequant_if_written`:
+/// a MoE router's product (f32, one row), its bias and the routing between a norm and the
+/// experts that read the norm's 8-bit sets (a separate quantization a layer otherwise).
+const KEEPS_PREQUANT: &[&str] = &["matvec_f32", "matvec4_f32", "moe_route", "add_bias"];
+
 /// The most floats an op quantizes beside its output (decode batches; prefill products
 /// take the GEMM path and need no 8-bit activations).
 const PREQUANT_MAX: usize = 1 << 20;
@@ -578,9 +584,13 @@ pub struct CudaBackend {
     /// The outputs are wrong then; never set outside such a measurement.
     skip: Vec<String>,
     /// Norms over a cluster of blocks a row (`norm_q8_cl`) where the width splits into 2,
-    /// 4 or 8 slices of whole 256-element blocks of at most 1024 (compute capability 9.0;
-    /// `FFAI_CUDA_NORM=block` keeps `norm_q8`'s block a row). Passed the norm tests on an
-    /// H100 (session 13); decode 283 -> 295 tok/s on the 8B Q4_0 alone.
+    /// 4 or 8 slices of whole 256-element blocks of at most 1024 (compute capability 9.0,
+    /// `FFAI_CUDA_NORM=cl`); otherwise `norm_q8`'s block a row. Passed the norm tests on
+    /// an H100 (session 13), where it took the 8B Q4_0's decode from 283 to 295 tok/s;
+    /// with session 16's kernels around it the block a row is faster on an H100: decode
+    /// after 64 positions 347.0 -> 355.3 tok/s (8B Q4_0), 647.3 -> 685.1 (Qwen3-30B-A3B
+    /// shape, 16 layers, Q4_K), 594.4 -> 600.8 (gpt-oss-20b shape, 12 layers), so the
+    /// cluster form is opt-in.
     norm_cl: bool,
     /// `attn_dec` writes its output's 8-bit sets for the next decode product (one pass
     /// over the step's rows; `FFAI_CUDA_ATTN_Q8=1`). Correct on an H100 (the product
@@ -721,7 +731,7 @@ impl CudaBackend {
                 Ok("64") => AttnKernel::Spans64,
                 _ => AttnKernel::Dec,
             },
-            norm_cl: std::env::var_os("FFAI_CUDA_NORM").is_none_or(|v| v != "block") && major >= 9,
+            norm_cl: std::env::var_os("FFAI_CUDA_NORM").is_some_and(|v| v == "cl") && major >= 9,
             attn_q8: std::env::var_os("FFAI_CUDA_ATTN_Q8").is_some_and(|v| v == "1"),
             attn_tc: AtomicBool::new(std::env::var_os("FFAI_CUDA_ATTN_TC").is_none_or(|v| v != "0")),
             skip: std::env::var("FFAI_CUDA_SKIP_KERNELS")
@@ -794,6 +804,16 @@ impl CudaBackend {
     fn forget_prequant(&self) {
         if let Ok(mut p) = self.prequant.lock() {
             *p = None;
+        }
+    }
+
+    /// Forgets the 8-bit sets when `bytes` at `ptr` overlap the buffer they were made
+    /// from: what the callers of the [`KEEPS_PREQUANT`] kernels do for what they write.
+    fn forget_prequant_if_written(&self, ptr: u64, bytes: usize) {
+        if let Ok(mut p) = self.prequant.lock() {
+            if p.is_some_and(|q| ptr < q.ptr + 4 * q.len as u64 && q.ptr < ptr + bytes as u64) {
+                *p = None;
+            }
         }
     }
 
@@ -1002,7 +1022,11 @@ impl CudaBackend {
         };
         // (`moe_group` writes only its own scratch: a grouped product after it may still
         // read the 8-bit sets of its input.)
-        if !name.starts_with("mv_q8x_") && !name.starts_with("mmq_") && name != "moe_group" {
+        if !name.starts_with("mv_q8x_")
+            && !name.starts_with("mmq_")
+            && name != "moe_group"
+            && !KEEPS_PREQUANT.contains(&name)
+        {
             self.forget_prequant();
         }
         if self.skip.iter().any(|s| s == name) {
@@ -1155,6 +1179,7 @@ impl CudaBackend {
 
     /// `out[n, rows] = x[n, cols] · Wᵀ` (the buffers checked by the caller).
     fn product(&self, w: &CudaMat, x: u64, n: usize, out: u64) {
+        self.forget_prequant_if_written(out, 4 * n * w.rows);
         if self.fast_products(&[(w, out)], x, n) {
             return;
         }
@@ -1969,6 +1994,7 @@ impl Backend for CudaBackend {
     fn add_bias(&self, x: &mut CudaBuf, bias: &CudaBuf, n: usize) {
         let w = bias.len;
         assert!(n * w <= x.len, "add_bias out of range");
+        self.forget_prequant_if_written(x.ptr, 4 * n * w);
         self.elementwise(
             "add_bias",
             n * w,
@@ -2491,6 +2517,8 @@ impl Backend for CudaBackend {
             "moe_route: bias or expert scale shorter than the experts"
         );
         assert!(n < (1 << 31), "moe_route: too many rows");
+        self.forget_prequant_if_written(ids.ptr, 4 * n * k);
+        self.forget_prequant_if_written(weights.ptr, 4 * n * k);
         use crate::ops::{GroupScore, MoeScoring};
         self.launch(
             "moe_route",

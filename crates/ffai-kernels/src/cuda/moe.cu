@@ -18,6 +18,8 @@ typedef unsigned long long u64;
 #define MOE_MAX_EXPERTS 1024
 #define MOE_MAX_K 64
 #define NONE 0xFFFFFFFFu
+// Experts a lane holds in registers for moe_route's picks (up to 512 experts).
+#define ROUTE_PER_LANE 16
 
 // x = clamp(x, lo, hi) as f32::clamp: NaN stays NaN (fminf/fmaxf would replace it).
 extern "C" __global__ void clamp_inplace(float* x, float lo, float hi, u32 len) {
@@ -117,6 +119,7 @@ extern "C" __global__ void __launch_bounds__(32)
         float inv = 0.0f;
         if (lane == 0) {
             float sum = 0.0f;
+#pragma unroll 8
             for (u32 e = 0; e < ne; ++e) {
                 sum = __fadd_rn(sum, score[e]);
             }
@@ -181,17 +184,67 @@ extern "C" __global__ void __launch_bounds__(32)
         __syncwarp();
     }
 
-    for (u32 j = 0; j < k; ++j) {
-        const u32 best = warp_select(choice, cand, ne);
-        __syncwarp();
-        if (lane == 0) {
-            taken[j] = best;
-            wts[j] = best == NONE ? __int_as_float(0x7FC00000) : score[best];
-            if (best != NONE) {
-                cand[best] = 0;
+    // The picks. Without NaN among the candidates (checked once) and with at most
+    // ROUTE_PER_LANE experts a lane, each lane keeps its experts' choices and whether they
+    // are still candidates in registers, and a pick is one butterfly over 64-bit keys
+    // (the value's order in the high word, the complemented index in the low one: the
+    // largest value, then the lowest index, as warp_select picks when no candidate is
+    // NaN; -0 counts as +0, which compare equal). Otherwise warp_select, a pass over
+    // shared memory a pick.
+    bool nan = false;
+    for (u32 e = lane; e < ne; e += 32) {
+        nan |= cand[e] && choice[e] != choice[e];
+    }
+    if (ne <= 32 * ROUTE_PER_LANE && !__any_sync(FULL, nan)) {
+        // ord[i]: the order of expert lane + 32 i's choice; bit i of `alive`: still a
+        // candidate.
+        u32 ord[ROUTE_PER_LANE], alive = 0;
+#pragma unroll
+        for (u32 i = 0; i < ROUTE_PER_LANE; ++i) {
+            const u32 e = lane + 32 * i;
+            ord[i] = 0;
+            if (e < ne && cand[e]) {
+                const float c = choice[e] == 0.0f ? 0.0f : choice[e];
+                const u32 b = __float_as_uint(c);
+                ord[i] = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+                alive |= 1u << i;
+            }
+        }
+        for (u32 j = 0; j < k; ++j) {
+            u64 best = 0;
+#pragma unroll
+            for (u32 i = 0; i < ROUTE_PER_LANE; ++i) {
+                const u64 key = ((u64)ord[i] << 32) | (u64)(0xFFFFFFFFu - (lane + 32 * i));
+                best = ((alive >> i) & 1u) && key > best ? key : best;
+            }
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) {
+                const u64 o = __shfl_xor_sync(FULL, best, off);
+                best = o > best ? o : best;
+            }
+            const u32 e = best == 0 ? NONE : 0xFFFFFFFFu - (u32)best;
+            if (e != NONE && e % 32 == lane) {
+                alive &= ~(1u << (e / 32));
+            }
+            if (lane == 0) {
+                taken[j] = e;
+                wts[j] = e == NONE ? __int_as_float(0x7FC00000) : score[e];
             }
         }
         __syncwarp();
+    } else {
+        for (u32 j = 0; j < k; ++j) {
+            const u32 best = warp_select(choice, cand, ne);
+            __syncwarp();
+            if (lane == 0) {
+                taken[j] = best;
+                wts[j] = best == NONE ? __int_as_float(0x7FC00000) : score[best];
+                if (best != NONE) {
+                    cand[best] = 0;
+                }
+            }
+            __syncwarp();
+        }
     }
 
     if (lane == 0) {
