@@ -92,6 +92,13 @@ const Q4_1: u8 = 1;
 const Q5_0: u8 = 2;
 const Q5_1: u8 = 3;
 const Q8_0: u8 = 4;
+/// IQ4_NL, run by the x86 legacy kernels as a kind of its own: an `f16` scale and 32
+/// 4-bit indices into the IQ4_NL codebook (signed levels, like Q8_0's).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const NL4: u8 = 5;
+/// MXFP4, likewise: an E8M0 scale byte and 32 4-bit E2M1 codes (signed levels).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const FP4: u8 = 6;
 
 /// Bytes per block of legacy kind `k`.
 const fn legacy_bytes(k: u8) -> usize {
@@ -100,8 +107,16 @@ const fn legacy_bytes(k: u8) -> usize {
         Q4_1 => 20,
         Q5_0 => 22,
         Q5_1 => 24,
+        NL4 => 18,
+        FP4 => 17,
         _ => 34,
     }
+}
+
+/// True for the legacy kinds whose levels are signed (Q8_0 and the codebook kinds).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const fn signed_levels(k: u8) -> bool {
+    matches!(k, Q8_0 | NL4 | FP4)
 }
 
 mod affine;
@@ -290,19 +305,21 @@ fn detect(cap: u8) -> u8 {
 }
 
 /// The implementation that dots weights of type `ty`: the active one, except for the
-/// low-bit types (Q2_K, Q3_K, Q8_K, IQ4_NL, IQ4_XS, MXFP4), which have portable
+/// low-bit types with Q8_K activations (Q2_K, Q3_K, Q8_K, IQ4_XS), which have portable
 /// kernels (`lowbit.rs`) and AVX2 ones (`avx2/lowbit.rs`) that the VNNI levels share.
+/// (IQ4_NL and MXFP4 have portable kernels in `lowbit.rs` and run every x86 level's
+/// legacy kernels, as kinds `NL4` and `FP4`.)
 #[inline]
 fn level_for(ty: WeightType) -> u8 {
     let a = active();
-    if !lowbit::handles(ty) {
+    if !lowbit::handles(ty) || a == PORTABLE {
         return a;
     }
     #[cfg(target_arch = "x86_64")]
-    if a >= AVX2 && avx2::lowbit::handles(ty) {
+    if avx2::lowbit::handles(ty) {
         return AVX2;
     }
-    PORTABLE
+    a
 }
 
 /// The implementation to use now (one relaxed load once known).

@@ -110,7 +110,9 @@ macro_rules! kernels {
         }
 
 
-        use crate::quant::q8::{legacy_bytes, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+        use crate::quant::q8::{legacy_bytes, signed_levels, FP4, NL4, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+        use crate::quant::iq4::KVALUES as IQ4_VALUES;
+        use crate::quant::mxfp4::KVALUES as E2M1_VALUES;
 
         const fn has_min(k: u8) -> bool {
             k == Q4_1 || k == Q5_1
@@ -133,6 +135,8 @@ macro_rules! kernels {
                     WeightType::Q5_0 => tiles!(dot_legacy[Q5_0], row, v, t0, out),
                     WeightType::Q5_1 => tiles!(dot_legacy[Q5_1], row, v, t0, out),
                     WeightType::Q8_0 => tiles!(dot_legacy[Q8_0], row, v, t0, out),
+                    WeightType::IQ4NL => tiles!(dot_legacy[NL4], row, v, t0, out),
+                    WeightType::MXFP4 => tiles!(dot_legacy[FP4], row, v, t0, out),
                     WeightType::Q4K => tiles!(dot_q45k[false], row, v, t0, out),
                     WeightType::Q5K => tiles!(dot_q45k[true], row, v, t0, out),
                     WeightType::Q6K => tiles!(dot_q6k[], row, v, t0, out),
@@ -159,6 +163,8 @@ macro_rules! kernels {
                     WeightType::Q5_0 => each_row!(out, rows, rb, v, t, dot_legacy[Q5_0]),
                     WeightType::Q5_1 => each_row!(out, rows, rb, v, t, dot_legacy[Q5_1]),
                     WeightType::Q8_0 => each_row!(out, rows, rb, v, t, dot_legacy[Q8_0]),
+                    WeightType::IQ4NL => each_row!(out, rows, rb, v, t, dot_legacy[NL4]),
+                    WeightType::MXFP4 => each_row!(out, rows, rb, v, t, dot_legacy[FP4]),
                     WeightType::Q4K => each_row!(out, rows, rb, v, t, dot_q45k[false]),
                     WeightType::Q5K => each_row!(out, rows, rb, v, t, dot_q45k[true]),
                     WeightType::Q6K => each_row!(out, rows, rb, v, t, dot_q6k[]),
@@ -204,17 +210,33 @@ macro_rules! kernels {
             _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit)
         }
 
+        /// A codebook offset by 128 (`v ^ 0x80`, so unsigned) as a `vpshufb` table (the
+        /// same 16 bytes in both 128-bit halves).
+        #[inline]
+        #[target_feature(enable = $feat)]
+        fn codebook_u(values: &[i8; 16]) -> __m256i {
+            // SAFETY: 16 readable bytes.
+            let t = _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(values.as_ptr().cast()) });
+            _mm256_xor_si256(t, _mm256_set1_epi8(0x80u8 as i8))
+        }
+
         /// A legacy block's 32 stored levels, *before* any zero point: unsigned `0..=15` /
-        /// `0..=31` for the 4- and 5-bit kinds, signed for Q8_0. Scales are read separately.
+        /// `0..=31` for the 4- and 5-bit kinds, signed for Q8_0; for the codebook kinds
+        /// (IQ4_NL's values, MXFP4's doubled E2M1 values) the signed values offset by 128
+        /// (`v ^ 0x80`), which [`legacy_chunk`] gives Q8_0's levels too. Scales are read
+        /// separately.
         ///
         /// # Safety
         /// One whole block of kind `K` must be readable at `p`.
         #[inline]
         #[target_feature(enable = $feat)]
         unsafe fn levels<const K: u8>(p: *const u8) -> __m256i {
-            // SAFETY (all reads): the offsets are inside the block (layouts in `legacy.rs`).
+            // SAFETY (all reads): the offsets are inside the block (layouts in `legacy.rs`,
+            // `iq4.rs`, `mxfp4.rs`).
             unsafe {
                 match K {
+                    NL4 => _mm256_shuffle_epi8(codebook_u(&IQ4_VALUES), nibbles(p.add(2))),
+                    FP4 => _mm256_shuffle_epi8(codebook_u(&E2M1_VALUES), nibbles(p.add(1))),
                     Q4_0 => nibbles(p.add(2)),
                     Q4_1 => nibbles(p.add(4)),
                     Q5_0 => _mm256_or_si256(
@@ -246,6 +268,27 @@ macro_rules! kernels {
                 h[k / 4] |= u64::from(v) << (16 * (k % 4));
             }
             _mm256_cvtph_ps(_mm_set_epi64x(h[1] as i64, h[0] as i64))
+        }
+
+        /// MXFP4's scale `2^(e - 128)` (`mxfp4::half_scale`, exactly) for the E8M0 byte at
+        /// `p + k · stride` of each of `N ≤ 8` blocks (lanes past `N` are 0); see the AVX2
+        /// kernel's.
+        ///
+        /// # Safety
+        /// The `N` blocks must be readable.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn gather_e8m0<const N: usize>(p: *const u8, stride: usize) -> __m256 {
+            let mut h = 0u64;
+            for k in 0..N {
+                // SAFETY: block `k < N` is readable (caller).
+                h |= u64::from(unsafe { *p.add(k * stride) }) << (8 * k);
+            }
+            let e = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(h as i64));
+            let normal = _mm256_slli_epi32::<23>(_mm256_sub_epi32(e, _mm256_set1_epi32(1)));
+            let tiny = _mm256_sllv_epi32(_mm256_set1_epi32(0x0020_0000), e);
+            let bits = _mm256_blendv_epi8(normal, tiny, _mm256_cmpgt_epi32(_mm256_set1_epi32(2), e));
+            _mm256_and_ps(_mm256_castsi256_ps(bits), _mm256_castsi256_ps(first_lanes::<N>()))
         }
 
         /// The adjacent `f16` pair `(d, m)` at `p + k · stride` for each of `N ≤ 8` blocks,
@@ -350,15 +393,17 @@ macro_rules! kernels {
             let bytes = legacy_bytes(K);
             // SAFETY: blocks `c..c + N` lie inside `row` (caller).
             let p = unsafe { row.as_ptr().add(c * bytes) };
-            // SAFETY: as above; `d` is at offset 0 of every block, `m` at 2.
+            // SAFETY: as above; the scale is at offset 0 of every block (`m` at 2).
             let (dw, mw) = unsafe {
                 if has_min(K) {
                     gather_f16_pairs::<N>(p, bytes)
+                } else if K == FP4 {
+                    (gather_e8m0::<N>(p, bytes), _mm256_setzero_ps())
                 } else {
                     (gather_f16::<N>(p, bytes), _mm256_setzero_ps())
                 }
             };
-            // Decode the chunk once for all tokens.
+            // Decode the chunk once for all tokens (the codebook kinds come offset already).
             let mut wq = [_mm256_setzero_si256(); 8];
             for (k, wk) in wq.iter_mut().enumerate().take(N) {
                 // SAFETY: block `k < N` of the chunk is readable.
@@ -379,7 +424,7 @@ macro_rules! kernels {
                 }
                 let mut isum = sum_lanes8(&s);
                 let i = t * v.nblk + c;
-                if K == Q4_0 || K == Q5_0 || K == Q8_0 {
+                if K == Q4_0 || K == Q5_0 || signed_levels(K) {
                     // Σ (q - z) x = Σ q x - z Σ x with z = 8, 16 or 128.
                     // SAFETY: token `t`'s blocks `c..c + N` exist (caller).
                     let qsum = unsafe { load_i32s::<N>(v.qsum, i) };
