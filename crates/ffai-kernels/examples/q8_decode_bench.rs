@@ -69,6 +69,8 @@ fn main() {
         (WeightType::MXFP4, 2880, 2880),
         (WeightType::IQ4NL, 2048, 2048),
         (WeightType::IQ4XS, 2048, 2048),
+        (WeightType::Q8_0, 2880, 2880),
+        (WeightType::Q4_0, 2048, 2048),
     ];
     {
         // Plain streaming read of 64 MB, for scale.
