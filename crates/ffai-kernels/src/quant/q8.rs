@@ -364,6 +364,17 @@ pub fn avx512_allowed() -> bool {
     }
 }
 
+/// Allows (`true`, the default) or forbids the AVX-512 level's GFNI build of its kernels
+/// (bit-identical to the plain build, which runs when the CPU lacks GFNI). Global; for
+/// tests that compare the two builds on a CPU with GFNI.
+#[doc(hidden)]
+pub fn allow_gfni(on: bool) {
+    #[cfg(target_arch = "x86_64")]
+    vnni::avx512::gfni::allow(on);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = on;
+}
+
 /// The implementation calls run on now: `"avx512vnni"`, `"avxvnni"`, `"avx2"` or
 /// `"portable"`.
 pub fn q8_backend_name() -> &'static str {
@@ -978,7 +989,13 @@ pub fn dot_row_q8_multi(ty: WeightType, row: &[u8], acts: &QuantizedActs, tokens
         // `check` verified the row length against `acts.cols`, the format, and that
         // `tokens` lie inside the buffers `view` covers, which is what the kernels index.
         #[cfg(target_arch = "x86_64")]
-        AVX512VNNI => unsafe { vnni::avx512::dot_multi(ty, row, view, t0, out) },
+        AVX512VNNI => unsafe {
+            if vnni::avx512::gfni::enabled() {
+                vnni::avx512::gfni::dot_multi(ty, row, view, t0, out)
+            } else {
+                vnni::avx512::dot_multi(ty, row, view, t0, out)
+            }
+        },
         #[cfg(target_arch = "x86_64")]
         AVXVNNI => unsafe { vnni::avx::dot_multi(ty, row, view, t0, out) },
         #[cfg(target_arch = "x86_64")]
@@ -1029,7 +1046,13 @@ fn dot_rows_dispatch(ty: WeightType, rows: &[u8], rb: usize, view: View<'_>, t: 
         // row has the length `check` verified for the first, the format matches and
         // token `t` exists.
         #[cfg(target_arch = "x86_64")]
-        AVX512VNNI => unsafe { vnni::avx512::dot_rows(ty, rows, rb, view, t, out) },
+        AVX512VNNI => unsafe {
+            if vnni::avx512::gfni::enabled() {
+                vnni::avx512::gfni::dot_rows(ty, rows, rb, view, t, out)
+            } else {
+                vnni::avx512::dot_rows(ty, rows, rb, view, t, out)
+            }
+        },
         #[cfg(target_arch = "x86_64")]
         AVXVNNI => unsafe { vnni::avx::dot_rows(ty, rows, rb, view, t, out) },
         #[cfg(target_arch = "x86_64")]
@@ -1091,7 +1114,13 @@ pub fn dot_rows_q8_multi(ty: WeightType, rows: &[u8], acts: &QuantizedActs, toke
         // row has the length `check` verified for the first, the format matches, the
         // tokens lie inside the buffers `view` covers, and `out` is rows × tokens long.
         #[cfg(target_arch = "x86_64")]
-        AVX512VNNI => unsafe { vnni::avx512::dot_rows_multi(ty, rows, rb, view, t0, out) },
+        AVX512VNNI => unsafe {
+            if vnni::avx512::gfni::enabled() {
+                vnni::avx512::gfni::dot_rows_multi(ty, rows, rb, view, t0, out)
+            } else {
+                vnni::avx512::dot_rows_multi(ty, rows, rb, view, t0, out)
+            }
+        },
         #[cfg(target_arch = "x86_64")]
         AVXVNNI => unsafe { vnni::avx::dot_rows_multi(ty, rows, rb, view, t0, out) },
         #[cfg(target_arch = "x86_64")]

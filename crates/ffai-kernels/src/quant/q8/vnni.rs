@@ -50,9 +50,13 @@ macro_rules! each_row {
 }
 
 /// The kernels, compiled for the target features `$feat` with the byte-dot
-/// intrinsic `$dpbusd` and the word-dot intrinsic `$dpwssd`.
+/// intrinsic `$dpbusd` and the word-dot intrinsic `$dpwssd`. `$split` and `$hi` split
+/// packed 4-bit levels: `$split(x)` keeps the low nibbles of the low 128 bits of `x` and
+/// moves the high nibbles of its high 128 bits down; `$hi(x)` moves every byte's high
+/// nibble down. [`split_plain`] / [`hi_plain`] do it with a shift and a mask, the
+/// GFNI build (`avx512::gfni`) with one `vgf2p8affineqb`.
 macro_rules! kernels {
-    ($feat:literal, $dpbusd:ident, $dpwssd:ident) => {
+    ($feat:literal, $dpbusd:ident, $dpwssd:ident, $split:ident, $hi:ident) => {
         use std::arch::x86_64::*;
 
         use crate::quant::q8::{k_scales, View, KSUMS};
@@ -187,9 +191,25 @@ macro_rules! kernels {
         unsafe fn nibbles(p: *const u8) -> __m256i {
             // SAFETY: 16 readable bytes (caller); no alignment requirement.
             let x = _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(p.cast()) });
-            // Shift the upper copy right by 4 (32-bit lanes; the mask drops what crosses bytes).
+            $split(x)
+        }
+
+        /// `$split` without GFNI: the upper copy shifted right by 4 (32-bit lanes; the
+        /// mask drops what crosses bytes), then both masked to 4 bits.
+        #[allow(dead_code)]
+        #[inline]
+        #[target_feature(enable = $feat)]
+        fn split_plain(x: __m256i) -> __m256i {
             let x = _mm256_srlv_epi32(x, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
             _mm256_and_si256(x, _mm256_set1_epi8(0x0F))
+        }
+
+        /// `$hi` without GFNI: every byte's high nibble, shifted down.
+        #[allow(dead_code)]
+        #[inline]
+        #[target_feature(enable = $feat)]
+        fn hi_plain(x: __m256i) -> __m256i {
+            _mm256_and_si256(_mm256_srli_epi16::<4>(x), _mm256_set1_epi8(0x0F))
         }
 
         /// Byte `i` = 0xFF when bit `i` of the little-endian `u32` at `p` is set, else 0.
@@ -503,7 +523,7 @@ macro_rules! kernels {
             // SAFETY: nibble group `g` is inside the super-block (caller).
             let raw = unsafe { load32(p.add(if Q5 { 48 } else { 16 } + 32 * g)) };
             let mut lo = _mm256_and_si256(raw, m4);
-            let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), m4);
+            let mut hi = $hi(raw);
             if Q5 {
                 lo = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(_mm256_and_si256(*qh, one)));
                 *qh = _mm256_srli_epi16::<1>(*qh);
@@ -537,12 +557,9 @@ macro_rules! kernels {
             [
                 _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16::<4>(_mm256_and_si256(h, _mm256_set1_epi8(0x03)))),
                 _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16::<2>(_mm256_and_si256(h, _mm256_set1_epi8(0x0C)))),
+                _mm256_or_si256($hi(l0), _mm256_and_si256(h, _mm256_set1_epi8(0x30))),
                 _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(l0), m4),
-                    _mm256_and_si256(h, _mm256_set1_epi8(0x30)),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4),
+                    $hi(l1),
                     _mm256_srli_epi16::<2>(_mm256_and_si256(h, _mm256_set1_epi8(0xC0u8 as i8))),
                 ),
             ]
@@ -911,8 +928,61 @@ pub(super) mod avx512 {
     kernels!(
         "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
         _mm256_dpbusd_epi32,
-        _mm256_dpwssd_epi32
+        _mm256_dpwssd_epi32,
+        split_plain,
+        hi_plain
     );
+
+    /// The same kernels built with GFNI as well (Ice Lake, Zen 4 and later), which splits
+    /// packed nibbles in one `vgf2p8affineqb` instead of a shift and a mask. The levels
+    /// that come out are the same bytes, so the results are bit-identical to the plain
+    /// build's. `q8` runs these when [`enabled`](gfni::enabled).
+    pub(in crate::quant::q8) mod gfni {
+        use std::sync::atomic::{AtomicBool, Ordering};
+
+        /// Cleared by `q8::allow_gfni(false)`, for tests of the plain build.
+        static ALLOWED: AtomicBool = AtomicBool::new(true);
+
+        /// Allows (the default) or forbids the GFNI build.
+        pub(in crate::quant::q8) fn allow(on: bool) {
+            ALLOWED.store(on, Ordering::SeqCst);
+        }
+
+        /// True when the GFNI build may run: the CPU has GFNI besides the AVX-512
+        /// level's features, and it is allowed.
+        #[inline]
+        pub(in crate::quant::q8) fn enabled() -> bool {
+            ALLOWED.load(Ordering::Relaxed) && is_x86_feature_detected!("gfni") && super::detected()
+        }
+
+        /// The affine transform (one 8×8 bit matrix per 64-bit lane) that keeps a
+        /// byte's low nibble: result bit `i` is source bit `i` for `i < 4`, else 0.
+        const LOW: i64 = 0x0102_0408_0000_0000;
+        /// The one that moves the high nibble down: result bit `i` is source bit `i + 4`.
+        const HIGH: i64 = 0x1020_4080_0000_0000;
+
+        /// [`split_plain`](super::split_plain) in one affine transform.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,gfni")]
+        fn split_gfni(x: __m256i) -> __m256i {
+            _mm256_gf2p8affine_epi64_epi8::<0>(x, _mm256_setr_epi64x(LOW, LOW, HIGH, HIGH))
+        }
+
+        /// [`hi_plain`](super::hi_plain) in one affine transform.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,gfni")]
+        fn hi_gfni(x: __m256i) -> __m256i {
+            _mm256_gf2p8affine_epi64_epi8::<0>(x, _mm256_set1_epi64x(HIGH))
+        }
+
+        kernels!(
+            "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,gfni",
+            _mm256_dpbusd_epi32,
+            _mm256_dpwssd_epi32,
+            split_gfni,
+            hi_gfni
+        );
+    }
 
     /// The prefill kernels on 512-bit vectors (two tokens per vector).
     pub(in crate::quant::q8) mod wide;
@@ -929,6 +999,8 @@ pub(super) mod avx {
     kernels!(
         "avx2,fma,f16c,avxvnni",
         _mm256_dpbusd_avx_epi32,
-        _mm256_dpwssd_avx_epi32
+        _mm256_dpwssd_avx_epi32,
+        split_plain,
+        hi_plain
     );
 }
