@@ -54,9 +54,13 @@ macro_rules! each_row {
 /// packed 4-bit levels: `$split(x)` keeps the low nibbles of the low 128 bits of `x` and
 /// moves the high nibbles of its high 128 bits down; `$hi(x)` moves every byte's high
 /// nibble down. [`split_plain`] / [`hi_plain`] do it with a shift and a mask, the
-/// GFNI build (`avx512::gfni`) with one `vgf2p8affineqb`.
+/// GFNI build (`avx512::gfni`) with one `vgf2p8affineqb`. `$e8m0` turns MXFP4's
+/// exponent bytes into an operand and `$e8m0_scale(operand, d_x)` gives
+/// `half_scale(e) · d_x`, exactly: [`e8m0_pow`] / [`e8m0_mul`] build the power of two and
+/// multiply, as the AVX2 kernel does; the AVX-512 builds use `vscalefps`, which rounds
+/// the same exact product once, as the multiply does.
 macro_rules! kernels {
-    ($feat:literal, $dpbusd:ident, $dpwssd:ident, $split:ident, $hi:ident) => {
+    ($feat:literal, $dpbusd:ident, $dpwssd:ident, $split:ident, $hi:ident, $e8m0:ident, $e8m0_scale:ident) => {
         use std::arch::x86_64::*;
 
         use crate::quant::q8::{k_scales, View, KSUMS};
@@ -290,25 +294,42 @@ macro_rules! kernels {
             _mm256_cvtph_ps(_mm_set_epi64x(h[1] as i64, h[0] as i64))
         }
 
-        /// MXFP4's scale `2^(e - 128)` (`mxfp4::half_scale`, exactly) for the E8M0 byte at
-        /// `p + k · stride` of each of `N ≤ 8` blocks (lanes past `N` are 0); see the AVX2
-        /// kernel's.
+        /// The E8M0 bytes at `p + k · stride` of each of `N ≤ 8` MXFP4 blocks as `i32`
+        /// lanes (lanes past `N` are 0), gathered on the scalar units; `$e8m0` makes them
+        /// the operand of `$e8m0_scale`.
         ///
         /// # Safety
         /// The `N` blocks must be readable.
         #[inline]
         #[target_feature(enable = $feat)]
-        unsafe fn gather_e8m0<const N: usize>(p: *const u8, stride: usize) -> __m256 {
+        unsafe fn gather_e8m0<const N: usize>(p: *const u8, stride: usize) -> __m256i {
             let mut h = 0u64;
             for k in 0..N {
                 // SAFETY: block `k < N` is readable (caller).
                 h |= u64::from(unsafe { *p.add(k * stride) }) << (8 * k);
             }
-            let e = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(h as i64));
+            _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(h as i64))
+        }
+
+        /// `$e8m0` without AVX-512: MXFP4's scale `2^(e - 128)` (`mxfp4::half_scale`,
+        /// exactly; 0 where `e` is the 0 of a lane past the chunk, given `N`) as the AVX2
+        /// kernel builds it.
+        #[allow(dead_code)]
+        #[inline]
+        #[target_feature(enable = $feat)]
+        fn e8m0_pow<const N: usize>(e: __m256i) -> __m256 {
             let normal = _mm256_slli_epi32::<23>(_mm256_sub_epi32(e, _mm256_set1_epi32(1)));
             let tiny = _mm256_sllv_epi32(_mm256_set1_epi32(0x0020_0000), e);
             let bits = _mm256_blendv_epi8(normal, tiny, _mm256_cmpgt_epi32(_mm256_set1_epi32(2), e));
             _mm256_and_ps(_mm256_castsi256_ps(bits), _mm256_castsi256_ps(first_lanes::<N>()))
+        }
+
+        /// `$e8m0_scale` without AVX-512: `d_w · d_x` with `d_w` from [`e8m0_pow`].
+        #[allow(dead_code)]
+        #[inline]
+        #[target_feature(enable = $feat)]
+        fn e8m0_mul(dw: __m256, dx: __m256) -> __m256 {
+            _mm256_mul_ps(dw, dx)
         }
 
         /// The adjacent `f16` pair `(d, m)` at `p + k · stride` for each of `N ≤ 8` blocks,
@@ -380,9 +401,13 @@ macro_rules! kernels {
         #[inline]
         #[target_feature(enable = $feat)]
         fn sum_lanes8(s: &[__m256i; 8]) -> __m256i {
-            // Per 128-bit half: [s0 01, s0 23, s1 01, s1 23], then [s0 0123, s1 .., s2 .., s3 ..].
-            let a = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
-            let b = _mm256_hadd_epi32(_mm256_hadd_epi32(s[4], s[5]), _mm256_hadd_epi32(s[6], s[7]));
+            // Per 128-bit half: [s0 02, s1 02, s0 13, s1 13], then [s0 0123, s1 .., s2 .., s3 ..].
+            // Unpacks and adds, not `vphaddd` (slower on Zen 4: the one-token Q8_0
+            // kernel ran 20 % faster this way); the same exact `i32` sums.
+            let h = |x: __m256i, y: __m256i| _mm256_add_epi32(_mm256_unpacklo_epi32(x, y), _mm256_unpackhi_epi32(x, y));
+            let q = |x: __m256i, y: __m256i| _mm256_add_epi32(_mm256_unpacklo_epi64(x, y), _mm256_unpackhi_epi64(x, y));
+            let a = q(h(s[0], s[1]), h(s[2], s[3]));
+            let b = q(h(s[4], s[5]), h(s[6], s[7]));
             // Low halves hold lanes 0–3 of each input, high halves lanes 4–7.
             _mm256_add_epi32(
                 _mm256_permute2x128_si256::<0x20>(a, b),
@@ -418,7 +443,7 @@ macro_rules! kernels {
                 if has_min(K) {
                     gather_f16_pairs::<N>(p, bytes)
                 } else if K == FP4 {
-                    (gather_e8m0::<N>(p, bytes), _mm256_setzero_ps())
+                    ($e8m0::<N>(gather_e8m0::<N>(p, bytes)), _mm256_setzero_ps())
                 } else {
                     (gather_f16::<N>(p, bytes), _mm256_setzero_ps())
                 }
@@ -456,7 +481,9 @@ macro_rules! kernels {
                     isum = _mm256_sub_epi32(isum, z);
                 }
                 // SAFETY: as above.
-                let scale = _mm256_mul_ps(dw, unsafe { load_f32s::<N>(v.d, i) });
+                // SAFETY: as above.
+                let dx = unsafe { load_f32s::<N>(v.d, i) };
+                let scale = if K == FP4 { $e8m0_scale(dw, dx) } else { _mm256_mul_ps(dw, dx) };
                 *a = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum), *a);
                 if has_min(K) {
                     // SAFETY: as above (Q8_1 activations carry `s`).
@@ -930,8 +957,28 @@ pub(super) mod avx512 {
         _mm256_dpbusd_epi32,
         _mm256_dpwssd_epi32,
         split_plain,
-        hi_plain
+        hi_plain,
+        e8m0_exp,
+        e8m0_scalef
     );
+
+    /// `$e8m0` on AVX-512: the exponents `e - 128` as `f32` (lanes past `N`, `e = 0`,
+    /// give -128: their `d_x` is 0, and `0 · 2^-128 = 0`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn e8m0_exp<const N: usize>(e: __m256i) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_sub_epi32(e, _mm256_set1_epi32(128)))
+    }
+
+    /// `$e8m0_scale` on AVX-512: `d_x · 2^(e - 128)` in one `vscalefps`. The product of
+    /// `d_x` and a power of two is rounded once (subnormal results included, no DAZ or
+    /// FTZ in Rust code), exactly as `_mm256_mul_ps(half_scale(e), d_x)` rounds it, and a
+    /// NaN `d_x` comes back as itself (quieted) either way, so the bits are the same.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn e8m0_scalef(exp: __m256, dx: __m256) -> __m256 {
+        _mm256_scalef_ps(dx, exp)
+    }
 
     /// The same kernels built with GFNI as well (Ice Lake, Zen 4 and later), which splits
     /// packed nibbles in one `vgf2p8affineqb` instead of a shift and a mask. The levels
@@ -980,8 +1027,12 @@ pub(super) mod avx512 {
             _mm256_dpbusd_epi32,
             _mm256_dpwssd_epi32,
             split_gfni,
-            hi_gfni
+            hi_gfni,
+            e8m0_exp,
+            e8m0_scalef
         );
+
+        use super::{e8m0_exp, e8m0_scalef};
     }
 
     /// The prefill kernels on 512-bit vectors (two tokens per vector).
@@ -1001,6 +1052,8 @@ pub(super) mod avx {
         _mm256_dpbusd_avx_epi32,
         _mm256_dpwssd_avx_epi32,
         split_plain,
-        hi_plain
+        hi_plain,
+        e8m0_pow,
+        e8m0_mul
     );
 }
