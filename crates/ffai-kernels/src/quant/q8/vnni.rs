@@ -58,9 +58,11 @@ macro_rules! each_row {
 /// exponent bytes into an operand and `$e8m0_scale(operand, d_x)` gives
 /// `half_scale(e) · d_x`, exactly: [`e8m0_pow`] / [`e8m0_mul`] build the power of two and
 /// multiply, as the AVX2 kernel does; the AVX-512 builds use `vscalefps`, which rounds
-/// the same exact product once, as the multiply does.
+/// the same exact product once, as the multiply does. `$pack(da, db)` puts the low
+/// `i16` of `da`'s and `db`'s lanes side by side ([`pack_plain`]: a shift and a blend;
+/// the AVX-512 builds: one merge-masked `vpshufb`).
 macro_rules! kernels {
-    ($feat:literal, $dpbusd:ident, $dpwssd:ident, $split:ident, $hi:ident, $e8m0:ident, $e8m0_scale:ident) => {
+    ($feat:literal, $dpbusd:ident, $dpwssd:ident, $split:ident, $hi:ident, $e8m0:ident, $e8m0_scale:ident, $pack:ident) => {
         use std::arch::x86_64::*;
 
         use crate::quant::q8::{k_scales, View, KSUMS};
@@ -84,16 +86,20 @@ macro_rules! kernels {
         }
 
 
-        /// The `f16` at `p` (little-endian), widened exactly.
+        /// The two `f16` at `p` and `p + 2`, widened exactly (lanes 0 and 1). One 4-byte load,
+        /// which LLVM keeps as a zero-extending `vmovd`: a lone 2-byte `f16` became a
+        /// `vpinsrw` into whatever register was free, often the accumulator, which chained
+        /// every super-block's scales to the previous one's FMAs (one-token Q4_K ran 1.4x
+        /// slower for it).
         ///
         /// # Safety
-        /// `p..p + 2` must be readable.
+        /// `p..p + 4` must be readable.
         #[inline]
         #[target_feature(enable = $feat)]
-        unsafe fn f16_at(p: *const u8) -> f32 {
-            // SAFETY: the caller guarantees two readable bytes; the read is unaligned-safe.
-            let bits = unsafe { p.cast::<u16>().read_unaligned() };
-            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+        unsafe fn f16_pair(p: *const u8) -> (f32, f32) {
+            // SAFETY: 4 readable bytes (caller); no alignment requirement.
+            let v = _mm_cvtph_ps(unsafe { _mm_loadu_si32(p.cast()) });
+            (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
         }
 
         /// 32 bytes at `p`.
@@ -533,8 +539,16 @@ macro_rules! kernels {
         #[inline]
         #[target_feature(enable = $feat)]
         fn scale2(si: __m256i, da: __m256i, db: __m256i, sab: __m256i) -> __m256i {
-            let packed = _mm256_blend_epi16::<0b1010_1010>(da, _mm256_slli_epi32::<16>(db));
-            $dpwssd(si, packed, sab)
+            $dpwssd(si, $pack(da, db), sab)
+        }
+
+        /// `$pack` without AVX-512: `da`'s low `i16` in the low half of each lane, `db`'s
+        /// in the high half, by a shift and a blend.
+        #[allow(dead_code)]
+        #[inline]
+        #[target_feature(enable = $feat)]
+        fn pack_plain(da: __m256i, db: __m256i) -> __m256i {
+            _mm256_blend_epi16::<0b1010_1010>(da, _mm256_slli_epi32::<16>(db))
         }
 
         /// Levels of 64-element group `g` of the Q4_K (`Q5 = false`) or Q5_K super-block at
@@ -620,7 +634,7 @@ macro_rules! kernels {
                 // SAFETY: super-block `sb` lies inside `row` (caller).
                 let p = unsafe { row.as_ptr().add(sb * bytes) };
                 // SAFETY: `d`, `dmin` and the 12 scale bytes are inside the super-block.
-                let (d, dmin, (sc, mn)) = unsafe { (f16_at(p), f16_at(p.add(2)), k_scales(&*p.add(4).cast::<[u8; 12]>())) };
+                let ((d, dmin), (sc, mn)) = unsafe { (f16_pair(p), k_scales(&*p.add(4).cast::<[u8; 12]>())) };
                 // Scales as i16: sc0, sc1, ..., sc7, broadcast to both 128-bit halves.
                 let scv = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
                 let mnb = _mm_cvtsi64_si128(mn as i64);
@@ -675,7 +689,7 @@ macro_rules! kernels {
                 // SAFETY: super-block `sb` lies inside `row` (caller).
                 let p = unsafe { row.as_ptr().add(sb * 210) };
                 // SAFETY: `d` at 208 and the 16 scale bytes at 192 are inside the super-block.
-                let (d, sc8) = unsafe { (f16_at(p.add(208)), _mm_loadu_si128(p.add(192).cast())) };
+                let (d, sc8) = unsafe { (f16_pair(p.add(206)).1, _mm_loadu_si128(p.add(192).cast())) };
                 let sc16 = _mm256_cvtepi8_epi16(sc8);
                 let mut sumi = [_mm256_setzero_si256(); T];
                 for n in 0..2 {
@@ -959,8 +973,20 @@ pub(super) mod avx512 {
         split_plain,
         hi_plain,
         e8m0_exp,
-        e8m0_scalef
+        e8m0_scalef,
+        pack_mask
     );
+
+    /// `$pack` on AVX-512: `da` with bytes 2 and 3 of every lane replaced by `db`'s bytes
+    /// 0 and 1 (a merge-masked `vpshufb`): the same vector as the shift and blend.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn pack_mask(da: __m256i, db: __m256i) -> __m256i {
+        let idx = _mm256_setr_epi8(
+            0, 1, 0, 1, 4, 5, 4, 5, 8, 9, 8, 9, 12, 13, 12, 13, 0, 1, 0, 1, 4, 5, 4, 5, 8, 9, 8, 9, 12, 13, 12, 13,
+        );
+        _mm256_mask_shuffle_epi8(da, 0xCCCC_CCCC, db, idx)
+    }
 
     /// `$e8m0` on AVX-512: the exponents `e - 128` as `f32` (lanes past `N`, `e = 0`,
     /// give -128: their `d_x` is 0, and `0 · 2^-128 = 0`).
@@ -1029,10 +1055,11 @@ pub(super) mod avx512 {
             split_gfni,
             hi_gfni,
             e8m0_exp,
-            e8m0_scalef
+            e8m0_scalef,
+            pack_mask
         );
 
-        use super::{e8m0_exp, e8m0_scalef};
+        use super::{e8m0_exp, e8m0_scalef, pack_mask};
     }
 
     /// The prefill kernels on 512-bit vectors (two tokens per vector).
@@ -1054,6 +1081,7 @@ pub(super) mod avx {
         split_plain,
         hi_plain,
         e8m0_pow,
-        e8m0_mul
+        e8m0_mul,
+        pack_plain
     );
 }

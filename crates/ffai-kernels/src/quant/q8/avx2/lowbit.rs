@@ -71,10 +71,11 @@ pub(in crate::quant::q8) unsafe fn dot_multi(ty: WeightType, row: &[u8], v: &Vie
     }
 }
 
-/// The `f16` at `p` as `f32`, converted in scalar code. The F16C form (`super::f16_at`)
-/// made these kernels up to 3x slower at one token (IQ4_NL, Q3_K: measured), a
-/// scheduling effect we did not pin down; the scalar conversion is off the
-/// critical path.
+/// The `f16` at `p` as `f32`, converted in scalar code. A lone 2-byte F16C conversion
+/// made these kernels up to 3x slower at one token (IQ4_NL, Q3_K: measured): LLVM
+/// loads the `f16` with a `vpinsrw` into whatever vector register is free, often the
+/// accumulator, which chains each block's scale to the previous block's FMAs (see
+/// `super::f16_pair`). The scalar conversion is off the critical path.
 ///
 /// # Safety
 /// `p..p + 2` must be readable.
