@@ -14,7 +14,7 @@
 //! | Q4_1, Q5_1, Affine (MLX) | [`ActFormat::Q8_1`]: as Q8_0 plus `s = d · Σq` (`f32`), for the weights' min / bias term |
 //! | Q4_K, Q5_K, Q6_K | [`ActFormat::Q8K`]: 256 × `i8` + `d: f32` + 16 × `i16` sums of 16 consecutive `q` |
 //! | Q2_K, Q3_K, Q8_K, IQ4_XS | [`ActFormat::Q8K`] (kernels in `q8/lowbit.rs`, `q8/avx2/lowbit.rs`) |
-//! | IQ4_NL, MXFP4 | [`ActFormat::Q8_0`] (kernels in `q8/lowbit.rs`, `q8/avx2/lowbit.rs`) |
+//! | IQ4_NL, MXFP4 | [`ActFormat::Q8_0`] (portable kernels in `q8/lowbit.rs`; on x86 the legacy kernels, as codebook kinds) |
 //! | F32, F16, BF16 | [`ActFormat::F32`]: a plain `f32` copy; [`dot_row_q8`] then just calls [`dot_row`](super::dot_row) |
 //!
 //! Every block of `x` is quantized symmetrically: `amax = max |x|`, `d = amax / 127`,
@@ -44,7 +44,9 @@
 //! [`force_q8_level`] and by the environment variable [`CPU_LEVEL_ENV`],
 //! `FFAI_CPU_LEVEL`; [`q8_backend_name`] says which runs):
 //! * `"avx512vnni"`: x86-64 with AVX-512 F/BW/VL/VNNI (plus AVX2, FMA, F16C): the
-//!   AVX2 kernels with `vpdpbusd` / `vpdpwssd` (EVEX, 256-bit vectors);
+//!   AVX2 kernels with `vpdpbusd` / `vpdpwssd` (EVEX, 256-bit vectors), built twice: with
+//!   GFNI where the CPU has it (packed nibbles split by one `vgf2p8affineqb`) and without,
+//!   bit-identical (`allow_gfni` lets tests run the plain build on a CPU with GFNI);
 //! * `"avxvnni"`: the same kernels in the VEX AVX-VNNI encoding;
 //! * `"avx2"`: x86-64 with AVX2, FMA and F16C (`vpmaddubsw` / `vpmaddwd`);
 //! * `"portable"`: plain Rust, used elsewhere or when [`force_portable`]`(true)`.
@@ -61,8 +63,9 @@
 //! sums and share their `f32` code, so their results are bit-identical to AVX2. The
 //! x86 paths and the portable one differ only in how the per-block `f32` terms are combined. The
 //! portable path adds `(d_w · d_x) · isum` block by block, sequentially. The AVX2 path
-//! keeps 8 lanes per token: for the 32-element formats lane `k` accumulates blocks
-//! `k, k + 8, …` (one FMA per 8 blocks), for the K-quants each lane holds a partial
+//! keeps 8 lanes per token: for the 32-element formats (the legacy ones, IQ4_NL and
+//! MXFP4) lane `k` accumulates blocks `k, k + 8, …` (one FMA per 8 blocks), for the
+//! K-quants and the Q8_K low-bit types each lane holds a partial
 //! integer sum of every super-block; the lanes are added at the end. The difference
 //! is ordinary `f32` rounding, a few ulps of `Σ_blocks |term|` (the tests allow
 //! `1e-5 · Σ|w·x|`, with min terms counted separately).

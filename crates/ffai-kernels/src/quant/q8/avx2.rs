@@ -9,7 +9,9 @@
 //! * unsigned weight levels (the 4/5-bit legacy levels before their zero point, ≤ 31;
 //!   K-quant levels ≤ 63) go in as is: a pair is at most `2 · 63 · 127 = 16002`; the
 //!   Q4_0 / Q5_0 zero points (8, 16) are then removed exactly as `z · Σx`;
-//! * Q8_0's signed levels use `|w| · (sign(w) · x)`: at most `2 · 128 · 127 = 32512`.
+//! * Q8_0's signed levels use `|w| · (sign(w) · x)`: at most `2 · 128 · 127 = 32512`;
+//!   so do the codebook kinds IQ4_NL (`±127`) and MXFP4 (doubled E2M1, `±12`), which run
+//!   the legacy kernels with their levels looked up by `vpshufb`.
 //!
 //! No saturation can happen, so each block's integer dot is exact and equal to the
 //! portable one.

@@ -7,7 +7,15 @@
 //!   the 32 vector registers of AVX-512;
 //! * [`avx`]: the VEX forms of AVX-VNNI (`avxvnni`), for CPUs without AVX-512.
 //!
-//! Both also need AVX2, FMA and F16C; activations are quantized by the AVX2 code.
+//! Both also need AVX2, FMA and F16C; activations are quantized by the AVX2 code. The
+//! AVX-512 build exists twice: `avx512::gfni` (with GFNI: packed nibbles split by one
+//! `vgf2p8affineqb`) runs where the CPU has GFNI, `avx512` elsewhere; they produce the
+//! same bytes, hence the same results. The AVX-512 builds also pack `i16` pairs by one
+//! merge-masked `vpshufb` and scale MXFP4 blocks by `vscalefps` (see [`kernels`]).
+//!
+//! The codebook kinds (IQ4_NL, MXFP4) run the legacy kernels with their signed values
+//! offset by 128 in the lookup table (so unsigned for `vpdpbusd`); the offset comes out
+//! exactly as `128 · Σq`, as for Q8_0.
 //!
 //! Every per-lane `i32` sum equals the AVX2 kernel's (the same products grouped into
 //! the same lanes), and the `f32` code after it is the AVX2 kernel's, so the results
