@@ -19,7 +19,7 @@
 use std::sync::{Mutex, MutexGuard};
 
 use ffai_kernels::quant::q8::{
-    avx2_allowed, dot_rows_q8_multi, dot_rows_q8_tile, env_level, force_q8_level, Q8Level, TokenTile,
+    allow_gfni, avx2_allowed, dot_rows_q8_multi, dot_rows_q8_tile, env_level, force_q8_level, Q8Level, TokenTile,
 };
 use ffai_kernels::quant::{
     dequantize_row, dot_row, dot_row_q8, dot_row_q8_multi, dot_rows_q8, force_portable, has_q8_path, q8_backend_name,
@@ -996,4 +996,115 @@ fn quantization_rounds_half_to_even() {
             assert!(acts.token_quants(0)[want.len()..].iter().all(|&q| q == 0));
         }
     });
+}
+
+/// Every dot form of every quantized type, as bit patterns: single dots, multi-token
+/// dots, `dot_rows_q8` and `dot_rows_q8_multi`, all `[row][token]`.
+fn all_forms(ty: WeightType, flat: &[u8], rb: usize, acts: &QuantizedActs) -> Vec<u32> {
+    let (nrows, n) = (flat.len() / rb, acts.tokens());
+    let mut v = Vec::new();
+    for row in flat.chunks_exact(rb) {
+        v.extend((0..n).map(|t| dot_row_q8(ty, row, acts, t).to_bits()));
+        let mut o = vec![0.0f32; n];
+        dot_row_q8_multi(ty, row, acts, 0..n, &mut o);
+        v.extend(o.iter().map(|f| f.to_bits()));
+    }
+    for t in 0..n {
+        let mut o = vec![0.0f32; nrows];
+        dot_rows_q8(ty, flat, acts, t, &mut o);
+        v.extend(o.iter().map(|f| f.to_bits()));
+    }
+    let mut o = vec![0.0f32; nrows * n];
+    dot_rows_q8_multi(ty, flat, acts, 0..n, &mut o);
+    v.extend(o.iter().map(|f| f.to_bits()));
+    v
+}
+
+/// The AVX-512 level's GFNI build (nibbles split by `vgf2p8affineqb`) and its plain
+/// build give the same bits for every type and dot form (where the CPU has both).
+#[test]
+fn gfni_and_plain_builds_agree() {
+    let _g = lock();
+    if expected_name(Q8Level::Avx512Vnni) != "avx512vnni" {
+        println!("no AVX-512 VNNI level here: nothing to compare");
+        return;
+    }
+    force_q8_level(Q8Level::Avx512Vnni);
+    let mut rng = Rng(41);
+    for ty in QUANTIZED {
+        for &nb in blocks_for(ty) {
+            let cols = nb * ty.block_len();
+            let rb = ty.row_bytes(cols).unwrap();
+            let flat: Vec<u8> = (0..5).flat_map(|_| random_row(&mut rng, ty, cols)).collect();
+            let n = 11;
+            let x = random_acts(&mut rng, n * cols);
+            let mut acts = QuantizedActs::new();
+            acts.quantize(ty, &x, n, cols);
+            allow_gfni(false);
+            let plain = all_forms(ty, &flat, rb, &acts);
+            allow_gfni(true);
+            let gfni = all_forms(ty, &flat, rb, &acts);
+            assert_eq!(plain, gfni, "{ty} cols={cols}: GFNI build differs from the plain one");
+        }
+    }
+    force_portable(false);
+}
+
+/// MXFP4 blocks with every E8M0 exponent, the subnormal scales 2^-128 and 2^-127 and the
+/// largest included: the x86 levels agree bit for bit (their scales are built as bit
+/// patterns in SIMD) and with the portable level within its tolerance where finite.
+#[test]
+fn mxfp4_every_exponent() {
+    let _g = lock();
+    let ty = WeightType::MXFP4;
+    let paths = paths_here();
+    let mut rng = Rng(43);
+    // 9 blocks per row: a whole chunk of 8 and a remainder of 1.
+    let cols = 9 * 32;
+    let rb = ty.row_bytes(cols).unwrap();
+    for e0 in (0..=255u8).step_by(9) {
+        let mut flat = Vec::new();
+        for r in 0..4 {
+            let mut row = random_row(&mut rng, ty, cols);
+            for (b, block) in row.chunks_exact_mut(ty.block_bytes()).enumerate() {
+                block[0] = e0.wrapping_add((b + r) as u8);
+            }
+            flat.extend(row);
+        }
+        let n = 3;
+        // Small activations keep the largest scales finite.
+        let x: Vec<f32> = random_acts(&mut rng, n * cols).iter().map(|v| v * 1e-30).collect();
+        let mut res: Vec<(&str, Vec<u32>)> = Vec::new();
+        for &(level, name) in &paths {
+            force_q8_level(level);
+            let mut acts = QuantizedActs::new();
+            acts.quantize(ty, &x, n, cols);
+            res.push((name, all_forms(ty, &flat, rb, &acts)));
+        }
+        force_portable(false);
+        let x86: Vec<_> = res.iter().filter(|(name, _)| *name != "portable").collect();
+        for w in x86.windows(2) {
+            assert_eq!(w[0].1, w[1].1, "exponents from {e0}: {} vs {}", w[0].0, w[1].0);
+        }
+        let mut acts = QuantizedActs::new();
+        acts.quantize(ty, &x, n, cols);
+        let (_, p) = &res[0];
+        for (name, d) in &x86 {
+            for (r, row) in flat.chunks_exact(rb).enumerate() {
+                let mut w = vec![0.0f32; cols];
+                dequantize_row(ty, row, &mut w);
+                for t in 0..n {
+                    let mag = magnitude(ty, row, &w, &dequant_acts(&acts, t));
+                    let (a, b) = (f32::from_bits(d[r * 2 * n + t]), f32::from_bits(p[r * 2 * n + t]));
+                    if !mag.is_finite() || !b.is_finite() {
+                        continue;
+                    }
+                    assert!(
+                        ((a as f64) - (b as f64)).abs() <= 1e-5 * mag + 1e-30,
+                        "exponents from {e0} row {r} t {t}: {name} {a:e} vs portable {b:e} (mag {mag:e})"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -14,7 +14,7 @@
 //! | Q4_1, Q5_1, Affine (MLX) | [`ActFormat::Q8_1`]: as Q8_0 plus `s = d · Σq` (`f32`), for the weights' min / bias term |
 //! | Q4_K, Q5_K, Q6_K | [`ActFormat::Q8K`]: 256 × `i8` + `d: f32` + 16 × `i16` sums of 16 consecutive `q` |
 //! | Q2_K, Q3_K, Q8_K, IQ4_XS | [`ActFormat::Q8K`] (kernels in `q8/lowbit.rs`, `q8/avx2/lowbit.rs`) |
-//! | IQ4_NL, MXFP4 | [`ActFormat::Q8_0`] (kernels in `q8/lowbit.rs`, `q8/avx2/lowbit.rs`) |
+//! | IQ4_NL, MXFP4 | [`ActFormat::Q8_0`] (portable kernels in `q8/lowbit.rs`; on x86 the legacy kernels, as codebook kinds) |
 //! | F32, F16, BF16 | [`ActFormat::F32`]: a plain `f32` copy; [`dot_row_q8`] then just calls [`dot_row`](super::dot_row) |
 //!
 //! Every block of `x` is quantized symmetrically: `amax = max |x|`, `d = amax / 127`,
@@ -44,7 +44,9 @@
 //! [`force_q8_level`] and by the environment variable [`CPU_LEVEL_ENV`],
 //! `FFAI_CPU_LEVEL`; [`q8_backend_name`] says which runs):
 //! * `"avx512vnni"`: x86-64 with AVX-512 F/BW/VL/VNNI (plus AVX2, FMA, F16C): the
-//!   AVX2 kernels with `vpdpbusd` / `vpdpwssd` (EVEX, 256-bit vectors);
+//!   AVX2 kernels with `vpdpbusd` / `vpdpwssd` (EVEX, 256-bit vectors), built twice: with
+//!   GFNI where the CPU has it (packed nibbles split by one `vgf2p8affineqb`) and without,
+//!   bit-identical (`allow_gfni` lets tests run the plain build on a CPU with GFNI);
 //! * `"avxvnni"`: the same kernels in the VEX AVX-VNNI encoding;
 //! * `"avx2"`: x86-64 with AVX2, FMA and F16C (`vpmaddubsw` / `vpmaddwd`);
 //! * `"portable"`: plain Rust, used elsewhere or when [`force_portable`]`(true)`.
@@ -61,8 +63,9 @@
 //! sums and share their `f32` code, so their results are bit-identical to AVX2. The
 //! x86 paths and the portable one differ only in how the per-block `f32` terms are combined. The
 //! portable path adds `(d_w · d_x) · isum` block by block, sequentially. The AVX2 path
-//! keeps 8 lanes per token: for the 32-element formats lane `k` accumulates blocks
-//! `k, k + 8, …` (one FMA per 8 blocks), for the K-quants each lane holds a partial
+//! keeps 8 lanes per token: for the 32-element formats (the legacy ones, IQ4_NL and
+//! MXFP4) lane `k` accumulates blocks `k, k + 8, …` (one FMA per 8 blocks), for the
+//! K-quants and the Q8_K low-bit types each lane holds a partial
 //! integer sum of every super-block; the lanes are added at the end. The difference
 //! is ordinary `f32` rounding, a few ulps of `Σ_blocks |term|` (the tests allow
 //! `1e-5 · Σ|w·x|`, with min terms counted separately).
@@ -92,6 +95,13 @@ const Q4_1: u8 = 1;
 const Q5_0: u8 = 2;
 const Q5_1: u8 = 3;
 const Q8_0: u8 = 4;
+/// IQ4_NL, run by the x86 legacy kernels as a kind of its own: an `f16` scale and 32
+/// 4-bit indices into the IQ4_NL codebook (signed levels, like Q8_0's).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const NL4: u8 = 5;
+/// MXFP4, likewise: an E8M0 scale byte and 32 4-bit E2M1 codes (signed levels).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const FP4: u8 = 6;
 
 /// Bytes per block of legacy kind `k`.
 const fn legacy_bytes(k: u8) -> usize {
@@ -100,8 +110,16 @@ const fn legacy_bytes(k: u8) -> usize {
         Q4_1 => 20,
         Q5_0 => 22,
         Q5_1 => 24,
+        NL4 => 18,
+        FP4 => 17,
         _ => 34,
     }
+}
+
+/// True for the legacy kinds whose levels are signed (Q8_0 and the codebook kinds).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const fn signed_levels(k: u8) -> bool {
+    matches!(k, Q8_0 | NL4 | FP4)
 }
 
 mod affine;
@@ -290,19 +308,21 @@ fn detect(cap: u8) -> u8 {
 }
 
 /// The implementation that dots weights of type `ty`: the active one, except for the
-/// low-bit types (Q2_K, Q3_K, Q8_K, IQ4_NL, IQ4_XS, MXFP4), which have portable
+/// low-bit types with Q8_K activations (Q2_K, Q3_K, Q8_K, IQ4_XS), which have portable
 /// kernels (`lowbit.rs`) and AVX2 ones (`avx2/lowbit.rs`) that the VNNI levels share.
+/// (IQ4_NL and MXFP4 have portable kernels in `lowbit.rs` and run every x86 level's
+/// legacy kernels, as kinds `NL4` and `FP4`.)
 #[inline]
 fn level_for(ty: WeightType) -> u8 {
     let a = active();
-    if !lowbit::handles(ty) {
+    if !lowbit::handles(ty) || a == PORTABLE {
         return a;
     }
     #[cfg(target_arch = "x86_64")]
-    if a >= AVX2 && avx2::lowbit::handles(ty) {
+    if avx2::lowbit::handles(ty) {
         return AVX2;
     }
-    PORTABLE
+    a
 }
 
 /// The implementation to use now (one relaxed load once known).
@@ -345,6 +365,17 @@ pub fn avx512_allowed() -> bool {
     {
         false
     }
+}
+
+/// Allows (`true`, the default) or forbids the AVX-512 level's GFNI build of its kernels
+/// (bit-identical to the plain build, which runs when the CPU lacks GFNI). Global; for
+/// tests that compare the two builds on a CPU with GFNI.
+#[doc(hidden)]
+pub fn allow_gfni(on: bool) {
+    #[cfg(target_arch = "x86_64")]
+    vnni::avx512::gfni::allow(on);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = on;
 }
 
 /// The implementation calls run on now: `"avx512vnni"`, `"avxvnni"`, `"avx2"` or
@@ -961,7 +992,13 @@ pub fn dot_row_q8_multi(ty: WeightType, row: &[u8], acts: &QuantizedActs, tokens
         // `check` verified the row length against `acts.cols`, the format, and that
         // `tokens` lie inside the buffers `view` covers, which is what the kernels index.
         #[cfg(target_arch = "x86_64")]
-        AVX512VNNI => unsafe { vnni::avx512::dot_multi(ty, row, view, t0, out) },
+        AVX512VNNI => unsafe {
+            if vnni::avx512::gfni::enabled() {
+                vnni::avx512::gfni::dot_multi(ty, row, view, t0, out)
+            } else {
+                vnni::avx512::dot_multi(ty, row, view, t0, out)
+            }
+        },
         #[cfg(target_arch = "x86_64")]
         AVXVNNI => unsafe { vnni::avx::dot_multi(ty, row, view, t0, out) },
         #[cfg(target_arch = "x86_64")]
@@ -1012,7 +1049,13 @@ fn dot_rows_dispatch(ty: WeightType, rows: &[u8], rb: usize, view: View<'_>, t: 
         // row has the length `check` verified for the first, the format matches and
         // token `t` exists.
         #[cfg(target_arch = "x86_64")]
-        AVX512VNNI => unsafe { vnni::avx512::dot_rows(ty, rows, rb, view, t, out) },
+        AVX512VNNI => unsafe {
+            if vnni::avx512::gfni::enabled() {
+                vnni::avx512::gfni::dot_rows(ty, rows, rb, view, t, out)
+            } else {
+                vnni::avx512::dot_rows(ty, rows, rb, view, t, out)
+            }
+        },
         #[cfg(target_arch = "x86_64")]
         AVXVNNI => unsafe { vnni::avx::dot_rows(ty, rows, rb, view, t, out) },
         #[cfg(target_arch = "x86_64")]
@@ -1074,7 +1117,13 @@ pub fn dot_rows_q8_multi(ty: WeightType, rows: &[u8], acts: &QuantizedActs, toke
         // row has the length `check` verified for the first, the format matches, the
         // tokens lie inside the buffers `view` covers, and `out` is rows × tokens long.
         #[cfg(target_arch = "x86_64")]
-        AVX512VNNI => unsafe { vnni::avx512::dot_rows_multi(ty, rows, rb, view, t0, out) },
+        AVX512VNNI => unsafe {
+            if vnni::avx512::gfni::enabled() {
+                vnni::avx512::gfni::dot_rows_multi(ty, rows, rb, view, t0, out)
+            } else {
+                vnni::avx512::dot_rows_multi(ty, rows, rb, view, t0, out)
+            }
+        },
         #[cfg(target_arch = "x86_64")]
         AVXVNNI => unsafe { vnni::avx::dot_rows_multi(ty, rows, rb, view, t0, out) },
         #[cfg(target_arch = "x86_64")]

@@ -9,7 +9,9 @@
 //! * unsigned weight levels (the 4/5-bit legacy levels before their zero point, ≤ 31;
 //!   K-quant levels ≤ 63) go in as is: a pair is at most `2 · 63 · 127 = 16002`; the
 //!   Q4_0 / Q5_0 zero points (8, 16) are then removed exactly as `z · Σx`;
-//! * Q8_0's signed levels use `|w| · (sign(w) · x)`: at most `2 · 128 · 127 = 32512`.
+//! * Q8_0's signed levels use `|w| · (sign(w) · x)`: at most `2 · 128 · 127 = 32512`;
+//!   so do the codebook kinds IQ4_NL (`±127`) and MXFP4 (doubled E2M1, `±12`), which run
+//!   the legacy kernels with their levels looked up by `vpshufb`.
 //!
 //! No saturation can happen, so each block's integer dot is exact and equal to the
 //! portable one.
@@ -50,16 +52,20 @@ pub(super) fn detected() -> bool {
 
 // ------------------------------------------------------------------ helpers
 
-/// The `f16` at `p` (little-endian), widened exactly.
+/// The two `f16` at `p` and `p + 2`, widened exactly (lanes 0 and 1). One 4-byte load,
+/// which LLVM keeps as a zero-extending `vmovd`: a lone 2-byte `f16` became a
+/// `vpinsrw` into whatever register was free, often the accumulator, which chained
+/// every super-block's scales to the previous one's FMAs (one-token Q4_K ran 1.4x
+/// slower for it).
 ///
 /// # Safety
-/// `p..p + 2` must be readable.
+/// `p..p + 4` must be readable.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn f16_at(p: *const u8) -> f32 {
-    // SAFETY: the caller guarantees two readable bytes; the read is unaligned-safe.
-    let bits = unsafe { p.cast::<u16>().read_unaligned() };
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+unsafe fn f16_pair(p: *const u8) -> (f32, f32) {
+    // SAFETY: 4 readable bytes (caller); no alignment requirement.
+    let v = _mm_cvtph_ps(unsafe { _mm_loadu_si32(p.cast()) });
+    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
 }
 
 /// 32 bytes at `p`.
@@ -228,7 +234,9 @@ pub(super) unsafe fn quantize_q8k_row(x: &[f32], q: &mut [i8], d: &mut [f32], bs
 
 // --------------------------------------------------------------------- dots
 
-use super::{legacy_bytes, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+use super::{legacy_bytes, signed_levels, FP4, NL4, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+use crate::quant::iq4::KVALUES as IQ4_VALUES;
+use crate::quant::mxfp4::KVALUES as E2M1_VALUES;
 
 const fn has_min(k: u8) -> bool {
     k == Q4_1 || k == Q5_1
@@ -275,6 +283,8 @@ pub(super) unsafe fn dot_multi(ty: WeightType, row: &[u8], v: View<'_>, t0: usiz
             WeightType::Q5_0 => tiles!(dot_legacy[Q5_0], row, v, t0, out),
             WeightType::Q5_1 => tiles!(dot_legacy[Q5_1], row, v, t0, out),
             WeightType::Q8_0 => tiles!(dot_legacy[Q8_0], row, v, t0, out),
+            WeightType::IQ4NL => tiles!(dot_legacy[NL4], row, v, t0, out),
+            WeightType::MXFP4 => tiles!(dot_legacy[FP4], row, v, t0, out),
             WeightType::Q4K => tiles!(dot_q45k[false], row, v, t0, out),
             WeightType::Q5K => tiles!(dot_q45k[true], row, v, t0, out),
             WeightType::Q6K => tiles!(dot_q6k[], row, v, t0, out),
@@ -307,6 +317,8 @@ pub(super) unsafe fn dot_rows(ty: WeightType, rows: &[u8], rb: usize, v: View<'_
             WeightType::Q5_0 => each_row!(dot_legacy[Q5_0]),
             WeightType::Q5_1 => each_row!(dot_legacy[Q5_1]),
             WeightType::Q8_0 => each_row!(dot_legacy[Q8_0]),
+            WeightType::IQ4NL => each_row!(dot_legacy[NL4]),
+            WeightType::MXFP4 => each_row!(dot_legacy[FP4]),
             WeightType::Q4K => each_row!(dot_q45k[false]),
             WeightType::Q5K => each_row!(dot_q45k[true]),
             WeightType::Q6K => each_row!(dot_q6k[]),
@@ -354,17 +366,29 @@ unsafe fn bit_bytes(p: *const u8) -> __m256i {
     _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit)
 }
 
+/// A codebook as a `vpshufb` table (the same 16 bytes in both 128-bit halves).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn codebook(values: &[i8; 16]) -> __m256i {
+    // SAFETY: 16 readable bytes.
+    _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(values.as_ptr().cast()) })
+}
+
 /// A legacy block's 32 stored levels, *before* any zero point: unsigned `0..=15` /
-/// `0..=31` for the 4- and 5-bit kinds, signed for Q8_0. Scales are read separately.
+/// `0..=31` for the 4- and 5-bit kinds, signed for Q8_0 and for the codebook kinds
+/// (IQ4_NL's values, MXFP4's doubled E2M1 values). Scales are read separately.
 ///
 /// # Safety
 /// One whole block of kind `K` must be readable at `p`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn levels<const K: u8>(p: *const u8) -> __m256i {
-    // SAFETY (all reads): the offsets are inside the block (layouts in `legacy.rs`).
+    // SAFETY (all reads): the offsets are inside the block (layouts in `legacy.rs`,
+    // `iq4.rs`, `mxfp4.rs`).
     unsafe {
         match K {
+            NL4 => _mm256_shuffle_epi8(codebook(&IQ4_VALUES), nibbles(p.add(2))),
+            FP4 => _mm256_shuffle_epi8(codebook(&E2M1_VALUES), nibbles(p.add(1))),
             Q4_0 => nibbles(p.add(2)),
             Q4_1 => nibbles(p.add(4)),
             Q5_0 => _mm256_or_si256(
@@ -396,6 +420,29 @@ unsafe fn gather_f16<const N: usize>(p: *const u8, stride: usize) -> __m256 {
         h[k / 4] |= u64::from(v) << (16 * (k % 4));
     }
     _mm256_cvtph_ps(_mm_set_epi64x(h[1] as i64, h[0] as i64))
+}
+
+/// MXFP4's scale `2^(e - 128)` (`mxfp4::half_scale`, exactly) for the E8M0 byte at
+/// `p + k · stride` of each of `N ≤ 8` blocks (lanes past `N` are 0). The bytes are
+/// gathered on the scalar units; the powers of two are built as bit patterns.
+///
+/// # Safety
+/// The `N` blocks must be readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gather_e8m0<const N: usize>(p: *const u8, stride: usize) -> __m256 {
+    let mut h = 0u64;
+    for k in 0..N {
+        // SAFETY: block `k < N` is readable (caller).
+        h |= u64::from(unsafe { *p.add(k * stride) }) << (8 * k);
+    }
+    let e = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(h as i64));
+    // e ≥ 2: the normal 2^(e - 128), exponent field e - 1; e < 2: the subnormals 2^-128
+    // and 2^-127, mantissa bit 21 + e. Lanes past `N` (e = 0) are masked to 0.
+    let normal = _mm256_slli_epi32::<23>(_mm256_sub_epi32(e, _mm256_set1_epi32(1)));
+    let tiny = _mm256_sllv_epi32(_mm256_set1_epi32(0x0020_0000), e);
+    let bits = _mm256_blendv_epi8(normal, tiny, _mm256_cmpgt_epi32(_mm256_set1_epi32(2), e));
+    _mm256_and_ps(_mm256_castsi256_ps(bits), _mm256_castsi256_ps(first_lanes::<N>()))
 }
 
 /// The adjacent `f16` pair `(d, m)` at `p + k · stride` for each of `N ≤ 8` blocks,
@@ -467,9 +514,12 @@ fn first_lanes<const N: usize>() -> __m256i {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn sum_lanes8(s: &[__m256i; 8]) -> __m256i {
-    // Per 128-bit half: [s0 01, s0 23, s1 01, s1 23], then [s0 0123, s1 .., s2 .., s3 ..].
-    let a = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
-    let b = _mm256_hadd_epi32(_mm256_hadd_epi32(s[4], s[5]), _mm256_hadd_epi32(s[6], s[7]));
+    // Per 128-bit half: [s0 02, s1 02, s0 13, s1 13], then [s0 0123, s1 .., s2 .., s3 ..].
+    // Unpacks and adds, not `vphaddd` (slower on Zen 4); the same exact `i32` sums.
+    let h = |x: __m256i, y: __m256i| _mm256_add_epi32(_mm256_unpacklo_epi32(x, y), _mm256_unpackhi_epi32(x, y));
+    let q = |x: __m256i, y: __m256i| _mm256_add_epi32(_mm256_unpacklo_epi64(x, y), _mm256_unpackhi_epi64(x, y));
+    let a = q(h(s[0], s[1]), h(s[2], s[3]));
+    let b = q(h(s[4], s[5]), h(s[6], s[7]));
     // Low halves hold lanes 0–3 of each input, high halves lanes 4–7.
     _mm256_add_epi32(
         _mm256_permute2x128_si256::<0x20>(a, b),
@@ -498,21 +548,24 @@ unsafe fn legacy_chunk<const K: u8, const T: usize, const N: usize>(
     let bytes = legacy_bytes(K);
     // SAFETY: blocks `c..c + N` lie inside `row` (caller).
     let p = unsafe { row.as_ptr().add(c * bytes) };
-    // SAFETY: as above; `d` is at offset 0 of every block, `m` at 2.
+    // SAFETY: as above; the scale is at offset 0 of every block (`m` at 2).
     let (dw, mw) = unsafe {
         if has_min(K) {
             gather_f16_pairs::<N>(p, bytes)
+        } else if K == FP4 {
+            (gather_e8m0::<N>(p, bytes), _mm256_setzero_ps())
         } else {
             (gather_f16::<N>(p, bytes), _mm256_setzero_ps())
         }
     };
-    // Decode the chunk once for all tokens. Q8_0 is signed: |w| and the signs.
+    // Decode the chunk once for all tokens. Q8_0 and the codebook kinds are signed: |w|
+    // and the signs.
     let mut wq = [_mm256_setzero_si256(); 8];
     let mut ws = [_mm256_setzero_si256(); 8];
     for k in 0..N {
         // SAFETY: block `k < N` of the chunk is readable.
         let w = unsafe { levels::<K>(p.add(k * bytes)) };
-        if K == Q8_0 {
+        if signed_levels(K) {
             wq[k] = _mm256_abs_epi8(w);
             ws[k] = w;
         } else {
@@ -526,7 +579,7 @@ unsafe fn legacy_chunk<const K: u8, const T: usize, const N: usize>(
         for k in 0..N {
             // SAFETY: token `t`, block `c + k` are inside the activation quants (caller).
             let x = unsafe { load32(v.qs.as_ptr().add(t * v.cols + (c + k) * QK)) };
-            let prod = if K == Q8_0 {
+            let prod = if signed_levels(K) {
                 _mm256_maddubs_epi16(wq[k], _mm256_sign_epi8(x, ws[k]))
             } else {
                 _mm256_maddubs_epi16(wq[k], x)
@@ -611,7 +664,7 @@ unsafe fn dot_q45k<const Q5: bool, const T: usize>(row: &[u8], v: &View<'_>, t0:
         // SAFETY: super-block `sb` lies inside `row` (caller).
         let p = unsafe { row.as_ptr().add(sb * bytes) };
         // SAFETY: `d`, `dmin` and the 12 scale bytes are inside the super-block.
-        let (d, dmin, (sc, mn)) = unsafe { (f16_at(p), f16_at(p.add(2)), k_scales(&*p.add(4).cast::<[u8; 12]>())) };
+        let ((d, dmin), (sc, mn)) = unsafe { (f16_pair(p), k_scales(&*p.add(4).cast::<[u8; 12]>())) };
         let scv = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
         let mnb = _mm_cvtsi64_si128(mn as i64);
         // mn0, mn0, mn1, mn1, ...: pairs with the 16 sums of 16.
@@ -681,7 +734,7 @@ unsafe fn dot_q6k<const T: usize>(row: &[u8], v: &View<'_>, t0: usize, out: &mut
         // SAFETY: super-block `sb` lies inside `row` (caller).
         let p = unsafe { row.as_ptr().add(sb * 210) };
         // SAFETY: `d` at 208 and the 16 scale bytes at 192 are inside the super-block.
-        let (d, sc8) = unsafe { (f16_at(p.add(208)), _mm_loadu_si128(p.add(192).cast())) };
+        let (d, sc8) = unsafe { (f16_pair(p.add(206)).1, _mm_loadu_si128(p.add(192).cast())) };
         let sc16 = _mm256_cvtepi8_epi16(sc8);
         let mut sumi = [_mm256_setzero_si256(); T];
         for n in 0..2 {

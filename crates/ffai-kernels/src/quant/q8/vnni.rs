@@ -7,7 +7,15 @@
 //!   the 32 vector registers of AVX-512;
 //! * [`avx`]: the VEX forms of AVX-VNNI (`avxvnni`), for CPUs without AVX-512.
 //!
-//! Both also need AVX2, FMA and F16C; activations are quantized by the AVX2 code.
+//! Both also need AVX2, FMA and F16C; activations are quantized by the AVX2 code. The
+//! AVX-512 build exists twice: `avx512::gfni` (with GFNI: packed nibbles split by one
+//! `vgf2p8affineqb`) runs where the CPU has GFNI, `avx512` elsewhere; they produce the
+//! same bytes, hence the same results. The AVX-512 builds also pack `i16` pairs by one
+//! merge-masked `vpshufb` and scale MXFP4 blocks by `vscalefps` (see [`kernels`]).
+//!
+//! The codebook kinds (IQ4_NL, MXFP4) run the legacy kernels with their signed values
+//! offset by 128 in the lookup table (so unsigned for `vpdpbusd`); the offset comes out
+//! exactly as `128 · Σq`, as for Q8_0.
 //!
 //! Every per-lane `i32` sum equals the AVX2 kernel's (the same products grouped into
 //! the same lanes), and the `f32` code after it is the AVX2 kernel's, so the results
@@ -50,9 +58,19 @@ macro_rules! each_row {
 }
 
 /// The kernels, compiled for the target features `$feat` with the byte-dot
-/// intrinsic `$dpbusd` and the word-dot intrinsic `$dpwssd`.
+/// intrinsic `$dpbusd` and the word-dot intrinsic `$dpwssd`. `$split` and `$hi` split
+/// packed 4-bit levels: `$split(x)` keeps the low nibbles of the low 128 bits of `x` and
+/// moves the high nibbles of its high 128 bits down; `$hi(x)` moves every byte's high
+/// nibble down. [`split_plain`] / [`hi_plain`] do it with a shift and a mask, the
+/// GFNI build (`avx512::gfni`) with one `vgf2p8affineqb`. `$e8m0` turns MXFP4's
+/// exponent bytes into an operand and `$e8m0_scale(operand, d_x)` gives
+/// `half_scale(e) · d_x`, exactly: [`e8m0_pow`] / [`e8m0_mul`] build the power of two and
+/// multiply, as the AVX2 kernel does; the AVX-512 builds use `vscalefps`, which rounds
+/// the same exact product once, as the multiply does. `$pack(da, db)` puts the low
+/// `i16` of `da`'s and `db`'s lanes side by side ([`pack_plain`]: a shift and a blend;
+/// the AVX-512 builds: one merge-masked `vpshufb`).
 macro_rules! kernels {
-    ($feat:literal, $dpbusd:ident, $dpwssd:ident) => {
+    ($feat:literal, $dpbusd:ident, $dpwssd:ident, $split:ident, $hi:ident, $e8m0:ident, $e8m0_scale:ident, $pack:ident) => {
         use std::arch::x86_64::*;
 
         use crate::quant::q8::{k_scales, View, KSUMS};
@@ -76,16 +94,20 @@ macro_rules! kernels {
         }
 
 
-        /// The `f16` at `p` (little-endian), widened exactly.
+        /// The two `f16` at `p` and `p + 2`, widened exactly (lanes 0 and 1). One 4-byte load,
+        /// which LLVM keeps as a zero-extending `vmovd`: a lone 2-byte `f16` became a
+        /// `vpinsrw` into whatever register was free, often the accumulator, which chained
+        /// every super-block's scales to the previous one's FMAs (one-token Q4_K ran 1.4x
+        /// slower for it).
         ///
         /// # Safety
-        /// `p..p + 2` must be readable.
+        /// `p..p + 4` must be readable.
         #[inline]
         #[target_feature(enable = $feat)]
-        unsafe fn f16_at(p: *const u8) -> f32 {
-            // SAFETY: the caller guarantees two readable bytes; the read is unaligned-safe.
-            let bits = unsafe { p.cast::<u16>().read_unaligned() };
-            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+        unsafe fn f16_pair(p: *const u8) -> (f32, f32) {
+            // SAFETY: 4 readable bytes (caller); no alignment requirement.
+            let v = _mm_cvtph_ps(unsafe { _mm_loadu_si32(p.cast()) });
+            (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
         }
 
         /// 32 bytes at `p`.
@@ -110,7 +132,9 @@ macro_rules! kernels {
         }
 
 
-        use crate::quant::q8::{legacy_bytes, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+        use crate::quant::q8::{legacy_bytes, signed_levels, FP4, NL4, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+        use crate::quant::iq4::KVALUES as IQ4_VALUES;
+        use crate::quant::mxfp4::KVALUES as E2M1_VALUES;
 
         const fn has_min(k: u8) -> bool {
             k == Q4_1 || k == Q5_1
@@ -133,6 +157,8 @@ macro_rules! kernels {
                     WeightType::Q5_0 => tiles!(dot_legacy[Q5_0], row, v, t0, out),
                     WeightType::Q5_1 => tiles!(dot_legacy[Q5_1], row, v, t0, out),
                     WeightType::Q8_0 => tiles!(dot_legacy[Q8_0], row, v, t0, out),
+                    WeightType::IQ4NL => tiles!(dot_legacy[NL4], row, v, t0, out),
+                    WeightType::MXFP4 => tiles!(dot_legacy[FP4], row, v, t0, out),
                     WeightType::Q4K => tiles!(dot_q45k[false], row, v, t0, out),
                     WeightType::Q5K => tiles!(dot_q45k[true], row, v, t0, out),
                     WeightType::Q6K => tiles!(dot_q6k[], row, v, t0, out),
@@ -159,6 +185,8 @@ macro_rules! kernels {
                     WeightType::Q5_0 => each_row!(out, rows, rb, v, t, dot_legacy[Q5_0]),
                     WeightType::Q5_1 => each_row!(out, rows, rb, v, t, dot_legacy[Q5_1]),
                     WeightType::Q8_0 => each_row!(out, rows, rb, v, t, dot_legacy[Q8_0]),
+                    WeightType::IQ4NL => each_row!(out, rows, rb, v, t, dot_legacy[NL4]),
+                    WeightType::MXFP4 => each_row!(out, rows, rb, v, t, dot_legacy[FP4]),
                     WeightType::Q4K => each_row!(out, rows, rb, v, t, dot_q45k[false]),
                     WeightType::Q5K => each_row!(out, rows, rb, v, t, dot_q45k[true]),
                     WeightType::Q6K => each_row!(out, rows, rb, v, t, dot_q6k[]),
@@ -181,9 +209,25 @@ macro_rules! kernels {
         unsafe fn nibbles(p: *const u8) -> __m256i {
             // SAFETY: 16 readable bytes (caller); no alignment requirement.
             let x = _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(p.cast()) });
-            // Shift the upper copy right by 4 (32-bit lanes; the mask drops what crosses bytes).
+            $split(x)
+        }
+
+        /// `$split` without GFNI: the upper copy shifted right by 4 (32-bit lanes; the
+        /// mask drops what crosses bytes), then both masked to 4 bits.
+        #[allow(dead_code)]
+        #[inline]
+        #[target_feature(enable = $feat)]
+        fn split_plain(x: __m256i) -> __m256i {
             let x = _mm256_srlv_epi32(x, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
             _mm256_and_si256(x, _mm256_set1_epi8(0x0F))
+        }
+
+        /// `$hi` without GFNI: every byte's high nibble, shifted down.
+        #[allow(dead_code)]
+        #[inline]
+        #[target_feature(enable = $feat)]
+        fn hi_plain(x: __m256i) -> __m256i {
+            _mm256_and_si256(_mm256_srli_epi16::<4>(x), _mm256_set1_epi8(0x0F))
         }
 
         /// Byte `i` = 0xFF when bit `i` of the little-endian `u32` at `p` is set, else 0.
@@ -204,17 +248,33 @@ macro_rules! kernels {
             _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit)
         }
 
+        /// A codebook offset by 128 (`v ^ 0x80`, so unsigned) as a `vpshufb` table (the
+        /// same 16 bytes in both 128-bit halves).
+        #[inline]
+        #[target_feature(enable = $feat)]
+        fn codebook_u(values: &[i8; 16]) -> __m256i {
+            // SAFETY: 16 readable bytes.
+            let t = _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(values.as_ptr().cast()) });
+            _mm256_xor_si256(t, _mm256_set1_epi8(0x80u8 as i8))
+        }
+
         /// A legacy block's 32 stored levels, *before* any zero point: unsigned `0..=15` /
-        /// `0..=31` for the 4- and 5-bit kinds, signed for Q8_0. Scales are read separately.
+        /// `0..=31` for the 4- and 5-bit kinds, signed for Q8_0; for the codebook kinds
+        /// (IQ4_NL's values, MXFP4's doubled E2M1 values) the signed values offset by 128
+        /// (`v ^ 0x80`), which [`legacy_chunk`] gives Q8_0's levels too. Scales are read
+        /// separately.
         ///
         /// # Safety
         /// One whole block of kind `K` must be readable at `p`.
         #[inline]
         #[target_feature(enable = $feat)]
         unsafe fn levels<const K: u8>(p: *const u8) -> __m256i {
-            // SAFETY (all reads): the offsets are inside the block (layouts in `legacy.rs`).
+            // SAFETY (all reads): the offsets are inside the block (layouts in `legacy.rs`,
+            // `iq4.rs`, `mxfp4.rs`).
             unsafe {
                 match K {
+                    NL4 => _mm256_shuffle_epi8(codebook_u(&IQ4_VALUES), nibbles(p.add(2))),
+                    FP4 => _mm256_shuffle_epi8(codebook_u(&E2M1_VALUES), nibbles(p.add(1))),
                     Q4_0 => nibbles(p.add(2)),
                     Q4_1 => nibbles(p.add(4)),
                     Q5_0 => _mm256_or_si256(
@@ -246,6 +306,44 @@ macro_rules! kernels {
                 h[k / 4] |= u64::from(v) << (16 * (k % 4));
             }
             _mm256_cvtph_ps(_mm_set_epi64x(h[1] as i64, h[0] as i64))
+        }
+
+        /// The E8M0 bytes at `p + k · stride` of each of `N ≤ 8` MXFP4 blocks as `i32`
+        /// lanes (lanes past `N` are 0), gathered on the scalar units; `$e8m0` makes them
+        /// the operand of `$e8m0_scale`.
+        ///
+        /// # Safety
+        /// The `N` blocks must be readable.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn gather_e8m0<const N: usize>(p: *const u8, stride: usize) -> __m256i {
+            let mut h = 0u64;
+            for k in 0..N {
+                // SAFETY: block `k < N` is readable (caller).
+                h |= u64::from(unsafe { *p.add(k * stride) }) << (8 * k);
+            }
+            _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(h as i64))
+        }
+
+        /// `$e8m0` without AVX-512: MXFP4's scale `2^(e - 128)` (`mxfp4::half_scale`,
+        /// exactly; 0 where `e` is the 0 of a lane past the chunk, given `N`) as the AVX2
+        /// kernel builds it.
+        #[allow(dead_code)]
+        #[inline]
+        #[target_feature(enable = $feat)]
+        fn e8m0_pow<const N: usize>(e: __m256i) -> __m256 {
+            let normal = _mm256_slli_epi32::<23>(_mm256_sub_epi32(e, _mm256_set1_epi32(1)));
+            let tiny = _mm256_sllv_epi32(_mm256_set1_epi32(0x0020_0000), e);
+            let bits = _mm256_blendv_epi8(normal, tiny, _mm256_cmpgt_epi32(_mm256_set1_epi32(2), e));
+            _mm256_and_ps(_mm256_castsi256_ps(bits), _mm256_castsi256_ps(first_lanes::<N>()))
+        }
+
+        /// `$e8m0_scale` without AVX-512: `d_w · d_x` with `d_w` from [`e8m0_pow`].
+        #[allow(dead_code)]
+        #[inline]
+        #[target_feature(enable = $feat)]
+        fn e8m0_mul(dw: __m256, dx: __m256) -> __m256 {
+            _mm256_mul_ps(dw, dx)
         }
 
         /// The adjacent `f16` pair `(d, m)` at `p + k · stride` for each of `N ≤ 8` blocks,
@@ -317,9 +415,13 @@ macro_rules! kernels {
         #[inline]
         #[target_feature(enable = $feat)]
         fn sum_lanes8(s: &[__m256i; 8]) -> __m256i {
-            // Per 128-bit half: [s0 01, s0 23, s1 01, s1 23], then [s0 0123, s1 .., s2 .., s3 ..].
-            let a = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
-            let b = _mm256_hadd_epi32(_mm256_hadd_epi32(s[4], s[5]), _mm256_hadd_epi32(s[6], s[7]));
+            // Per 128-bit half: [s0 02, s1 02, s0 13, s1 13], then [s0 0123, s1 .., s2 .., s3 ..].
+            // Unpacks and adds, not `vphaddd` (slower on Zen 4: the one-token Q8_0
+            // kernel ran 20 % faster this way); the same exact `i32` sums.
+            let h = |x: __m256i, y: __m256i| _mm256_add_epi32(_mm256_unpacklo_epi32(x, y), _mm256_unpackhi_epi32(x, y));
+            let q = |x: __m256i, y: __m256i| _mm256_add_epi32(_mm256_unpacklo_epi64(x, y), _mm256_unpackhi_epi64(x, y));
+            let a = q(h(s[0], s[1]), h(s[2], s[3]));
+            let b = q(h(s[4], s[5]), h(s[6], s[7]));
             // Low halves hold lanes 0–3 of each input, high halves lanes 4–7.
             _mm256_add_epi32(
                 _mm256_permute2x128_si256::<0x20>(a, b),
@@ -350,15 +452,17 @@ macro_rules! kernels {
             let bytes = legacy_bytes(K);
             // SAFETY: blocks `c..c + N` lie inside `row` (caller).
             let p = unsafe { row.as_ptr().add(c * bytes) };
-            // SAFETY: as above; `d` is at offset 0 of every block, `m` at 2.
+            // SAFETY: as above; the scale is at offset 0 of every block (`m` at 2).
             let (dw, mw) = unsafe {
                 if has_min(K) {
                     gather_f16_pairs::<N>(p, bytes)
+                } else if K == FP4 {
+                    ($e8m0::<N>(gather_e8m0::<N>(p, bytes)), _mm256_setzero_ps())
                 } else {
                     (gather_f16::<N>(p, bytes), _mm256_setzero_ps())
                 }
             };
-            // Decode the chunk once for all tokens.
+            // Decode the chunk once for all tokens (the codebook kinds come offset already).
             let mut wq = [_mm256_setzero_si256(); 8];
             for (k, wk) in wq.iter_mut().enumerate().take(N) {
                 // SAFETY: block `k < N` of the chunk is readable.
@@ -379,7 +483,7 @@ macro_rules! kernels {
                 }
                 let mut isum = sum_lanes8(&s);
                 let i = t * v.nblk + c;
-                if K == Q4_0 || K == Q5_0 || K == Q8_0 {
+                if K == Q4_0 || K == Q5_0 || signed_levels(K) {
                     // Σ (q - z) x = Σ q x - z Σ x with z = 8, 16 or 128.
                     // SAFETY: token `t`'s blocks `c..c + N` exist (caller).
                     let qsum = unsafe { load_i32s::<N>(v.qsum, i) };
@@ -391,7 +495,9 @@ macro_rules! kernels {
                     isum = _mm256_sub_epi32(isum, z);
                 }
                 // SAFETY: as above.
-                let scale = _mm256_mul_ps(dw, unsafe { load_f32s::<N>(v.d, i) });
+                // SAFETY: as above.
+                let dx = unsafe { load_f32s::<N>(v.d, i) };
+                let scale = if K == FP4 { $e8m0_scale(dw, dx) } else { _mm256_mul_ps(dw, dx) };
                 *a = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum), *a);
                 if has_min(K) {
                     // SAFETY: as above (Q8_1 activations carry `s`).
@@ -441,8 +547,16 @@ macro_rules! kernels {
         #[inline]
         #[target_feature(enable = $feat)]
         fn scale2(si: __m256i, da: __m256i, db: __m256i, sab: __m256i) -> __m256i {
-            let packed = _mm256_blend_epi16::<0b1010_1010>(da, _mm256_slli_epi32::<16>(db));
-            $dpwssd(si, packed, sab)
+            $dpwssd(si, $pack(da, db), sab)
+        }
+
+        /// `$pack` without AVX-512: `da`'s low `i16` in the low half of each lane, `db`'s
+        /// in the high half, by a shift and a blend.
+        #[allow(dead_code)]
+        #[inline]
+        #[target_feature(enable = $feat)]
+        fn pack_plain(da: __m256i, db: __m256i) -> __m256i {
+            _mm256_blend_epi16::<0b1010_1010>(da, _mm256_slli_epi32::<16>(db))
         }
 
         /// Levels of 64-element group `g` of the Q4_K (`Q5 = false`) or Q5_K super-block at
@@ -458,7 +572,7 @@ macro_rules! kernels {
             // SAFETY: nibble group `g` is inside the super-block (caller).
             let raw = unsafe { load32(p.add(if Q5 { 48 } else { 16 } + 32 * g)) };
             let mut lo = _mm256_and_si256(raw, m4);
-            let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), m4);
+            let mut hi = $hi(raw);
             if Q5 {
                 lo = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(_mm256_and_si256(*qh, one)));
                 *qh = _mm256_srli_epi16::<1>(*qh);
@@ -492,12 +606,9 @@ macro_rules! kernels {
             [
                 _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16::<4>(_mm256_and_si256(h, _mm256_set1_epi8(0x03)))),
                 _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16::<2>(_mm256_and_si256(h, _mm256_set1_epi8(0x0C)))),
+                _mm256_or_si256($hi(l0), _mm256_and_si256(h, _mm256_set1_epi8(0x30))),
                 _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(l0), m4),
-                    _mm256_and_si256(h, _mm256_set1_epi8(0x30)),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4),
+                    $hi(l1),
                     _mm256_srli_epi16::<2>(_mm256_and_si256(h, _mm256_set1_epi8(0xC0u8 as i8))),
                 ),
             ]
@@ -531,7 +642,7 @@ macro_rules! kernels {
                 // SAFETY: super-block `sb` lies inside `row` (caller).
                 let p = unsafe { row.as_ptr().add(sb * bytes) };
                 // SAFETY: `d`, `dmin` and the 12 scale bytes are inside the super-block.
-                let (d, dmin, (sc, mn)) = unsafe { (f16_at(p), f16_at(p.add(2)), k_scales(&*p.add(4).cast::<[u8; 12]>())) };
+                let ((d, dmin), (sc, mn)) = unsafe { (f16_pair(p), k_scales(&*p.add(4).cast::<[u8; 12]>())) };
                 // Scales as i16: sc0, sc1, ..., sc7, broadcast to both 128-bit halves.
                 let scv = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
                 let mnb = _mm_cvtsi64_si128(mn as i64);
@@ -586,7 +697,7 @@ macro_rules! kernels {
                 // SAFETY: super-block `sb` lies inside `row` (caller).
                 let p = unsafe { row.as_ptr().add(sb * 210) };
                 // SAFETY: `d` at 208 and the 16 scale bytes at 192 are inside the super-block.
-                let (d, sc8) = unsafe { (f16_at(p.add(208)), _mm_loadu_si128(p.add(192).cast())) };
+                let (d, sc8) = unsafe { (f16_pair(p.add(206)).1, _mm_loadu_si128(p.add(192).cast())) };
                 let sc16 = _mm256_cvtepi8_epi16(sc8);
                 let mut sumi = [_mm256_setzero_si256(); T];
                 for n in 0..2 {
@@ -866,8 +977,98 @@ pub(super) mod avx512 {
     kernels!(
         "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
         _mm256_dpbusd_epi32,
-        _mm256_dpwssd_epi32
+        _mm256_dpwssd_epi32,
+        split_plain,
+        hi_plain,
+        e8m0_exp,
+        e8m0_scalef,
+        pack_mask
     );
+
+    /// `$pack` on AVX-512: `da` with bytes 2 and 3 of every lane replaced by `db`'s bytes
+    /// 0 and 1 (a merge-masked `vpshufb`): the same vector as the shift and blend.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn pack_mask(da: __m256i, db: __m256i) -> __m256i {
+        let idx = _mm256_setr_epi8(
+            0, 1, 0, 1, 4, 5, 4, 5, 8, 9, 8, 9, 12, 13, 12, 13, 0, 1, 0, 1, 4, 5, 4, 5, 8, 9, 8, 9, 12, 13, 12, 13,
+        );
+        _mm256_mask_shuffle_epi8(da, 0xCCCC_CCCC, db, idx)
+    }
+
+    /// `$e8m0` on AVX-512: the exponents `e - 128` as `f32` (lanes past `N`, `e = 0`,
+    /// give -128: their `d_x` is 0, and `0 · 2^-128 = 0`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn e8m0_exp<const N: usize>(e: __m256i) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_sub_epi32(e, _mm256_set1_epi32(128)))
+    }
+
+    /// `$e8m0_scale` on AVX-512: `d_x · 2^(e - 128)` in one `vscalefps`. The product of
+    /// `d_x` and a power of two is rounded once (subnormal results included, no DAZ or
+    /// FTZ in Rust code), exactly as `_mm256_mul_ps(half_scale(e), d_x)` rounds it, and a
+    /// NaN `d_x` comes back as itself (quieted) either way, so the bits are the same.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn e8m0_scalef(exp: __m256, dx: __m256) -> __m256 {
+        _mm256_scalef_ps(dx, exp)
+    }
+
+    /// The same kernels built with GFNI as well (Ice Lake, Zen 4 and later), which splits
+    /// packed nibbles in one `vgf2p8affineqb` instead of a shift and a mask. The levels
+    /// that come out are the same bytes, so the results are bit-identical to the plain
+    /// build's. `q8` runs these when [`enabled`](gfni::enabled).
+    pub(in crate::quant::q8) mod gfni {
+        use std::sync::atomic::{AtomicBool, Ordering};
+
+        /// Cleared by `q8::allow_gfni(false)`, for tests of the plain build.
+        static ALLOWED: AtomicBool = AtomicBool::new(true);
+
+        /// Allows (the default) or forbids the GFNI build.
+        pub(in crate::quant::q8) fn allow(on: bool) {
+            ALLOWED.store(on, Ordering::SeqCst);
+        }
+
+        /// True when the GFNI build may run: the CPU has GFNI besides the AVX-512
+        /// level's features, and it is allowed.
+        #[inline]
+        pub(in crate::quant::q8) fn enabled() -> bool {
+            ALLOWED.load(Ordering::Relaxed) && is_x86_feature_detected!("gfni") && super::detected()
+        }
+
+        /// The affine transform (one 8×8 bit matrix per 64-bit lane) that keeps a
+        /// byte's low nibble: result bit `i` is source bit `i` for `i < 4`, else 0.
+        const LOW: i64 = 0x0102_0408_0000_0000;
+        /// The one that moves the high nibble down: result bit `i` is source bit `i + 4`.
+        const HIGH: i64 = 0x1020_4080_0000_0000;
+
+        /// [`split_plain`](super::split_plain) in one affine transform.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,gfni")]
+        fn split_gfni(x: __m256i) -> __m256i {
+            _mm256_gf2p8affine_epi64_epi8::<0>(x, _mm256_setr_epi64x(LOW, LOW, HIGH, HIGH))
+        }
+
+        /// [`hi_plain`](super::hi_plain) in one affine transform.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,gfni")]
+        fn hi_gfni(x: __m256i) -> __m256i {
+            _mm256_gf2p8affine_epi64_epi8::<0>(x, _mm256_set1_epi64x(HIGH))
+        }
+
+        kernels!(
+            "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,gfni",
+            _mm256_dpbusd_epi32,
+            _mm256_dpwssd_epi32,
+            split_gfni,
+            hi_gfni,
+            e8m0_exp,
+            e8m0_scalef,
+            pack_mask
+        );
+
+        use super::{e8m0_exp, e8m0_scalef, pack_mask};
+    }
 
     /// The prefill kernels on 512-bit vectors (two tokens per vector).
     pub(in crate::quant::q8) mod wide;
@@ -884,6 +1085,11 @@ pub(super) mod avx {
     kernels!(
         "avx2,fma,f16c,avxvnni",
         _mm256_dpbusd_avx_epi32,
-        _mm256_dpwssd_avx_epi32
+        _mm256_dpwssd_avx_epi32,
+        split_plain,
+        hi_plain,
+        e8m0_pow,
+        e8m0_mul,
+        pack_plain
     );
 }

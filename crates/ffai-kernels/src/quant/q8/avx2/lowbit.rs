@@ -1,12 +1,13 @@
-//! AVX2 integer dots for the low-bit types: Q2_K, Q3_K, Q8_K, IQ4_XS (Q8_K
-//! activations) and IQ4_NL, MXFP4 (Q8_0 activations). The VNNI levels run these
-//! too (`q8::level_for`), so every x86 level gives the same bits.
+//! AVX2 integer dots for the low-bit types with Q8_K activations: Q2_K, Q3_K, Q8_K,
+//! IQ4_XS. The VNNI levels run these too (`q8::level_for`), so every x86 level gives
+//! the same bits. (IQ4_NL and MXFP4, with Q8_0 activations, run the legacy kernels of
+//! every level, as kinds of their own: `q8::NL4`, `q8::FP4`.)
 //!
 //! Per (sub-)block the integer dot is exact and equal to the portable one:
 //! * unsigned levels (Q2_K 0..=3, Q3_K shifted to 0..=7) go into `vpmaddubsw` as is
 //!   (a pair is at most `2 · 7 · 127`); Q3_K's `-4` is taken out exactly afterwards as
 //!   `4 · Σ_s scale[s] · (sum of sub-block s's quants)`;
-//! * signed codebook values (IQ4 ±127, MXFP4 ±12, Q8_K's bytes, -128 included) use
+//! * signed codebook values (IQ4 ±127, Q8_K's bytes, -128 included) use
 //!   `|w| · (sign(w) · x)`: at most `2 · 128 · 127 = 32512`, no saturation.
 //!
 //! The `f32` side keeps 8 lanes per token: each lane holds a partial integer sum of
@@ -19,15 +20,14 @@ use std::arch::x86_64::*;
 
 use super::{align_frame, hsum_ps, load32, nibbles, TILE};
 use crate::quant::iq4::KVALUES as IQ4;
-use crate::quant::mxfp4::{half_scale, KVALUES as E2M1};
 use crate::quant::q8::{View, KSUMS};
-use crate::quant::{WeightType, QK, QK_K};
+use crate::quant::{WeightType, QK_K};
 
 /// True for the types with a kernel here.
 pub(in crate::quant::q8) const fn handles(ty: WeightType) -> bool {
     matches!(
         ty,
-        WeightType::Q2K | WeightType::Q3K | WeightType::Q8K | WeightType::IQ4NL | WeightType::IQ4XS | WeightType::MXFP4
+        WeightType::Q2K | WeightType::Q3K | WeightType::Q8K | WeightType::IQ4XS
     )
 }
 
@@ -66,17 +66,16 @@ pub(in crate::quant::q8) unsafe fn dot_multi(ty: WeightType, row: &[u8], v: &Vie
             WeightType::Q3K => run!(dot_q3k[]),
             WeightType::Q8K => run!(dot_q8k[]),
             WeightType::IQ4XS => run!(dot_iq4xs[]),
-            WeightType::IQ4NL => run!(dot_32[false]),
-            WeightType::MXFP4 => run!(dot_32[true]),
             _ => unreachable!("{ty} has no kernel here"),
         }
     }
 }
 
-/// The `f16` at `p` as `f32`, converted in scalar code. The F16C form (`super::f16_at`)
-/// made these kernels up to 3x slower at one token (IQ4_NL, Q3_K: measured), a
-/// scheduling effect we did not pin down; the scalar conversion is off the
-/// critical path.
+/// The `f16` at `p` as `f32`, converted in scalar code. A lone 2-byte F16C conversion
+/// made these kernels up to 3x slower at one token (IQ4_NL, Q3_K: measured): LLVM
+/// loads the `f16` with a `vpinsrw` into whatever vector register is free, often the
+/// accumulator, which chains each block's scale to the previous block's FMAs (see
+/// `super::f16_pair`). The scalar conversion is off the critical path.
 ///
 /// # Safety
 /// `p..p + 2` must be readable.
@@ -315,39 +314,6 @@ unsafe fn dot_iq4xs<const T: usize>(row: &[u8], v: &View<'_>, t0: usize, out: &m
             // SAFETY: token `t0 + k`, super-block `sb` exist.
             let dx = unsafe { *v.d.get_unchecked((t0 + k) * v.nblk + sb) };
             *a = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(si), *a);
-        }
-    }
-    for (o, a) in out[..T].iter_mut().zip(acc) {
-        *o = hsum_ps(a);
-    }
-}
-
-/// `T` tokens against one IQ4_NL (`FP4 = false`) or MXFP4 row: 32-element blocks of
-/// codebook indices, one scale per block, Q8_0 activations.
-///
-/// # Safety
-/// As for [`dot_multi`], for IQ4_NL / MXFP4 rows; `out.len() >= T`.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_32<const FP4: bool, const T: usize>(row: &[u8], v: &View<'_>, t0: usize, out: &mut [f32]) {
-    align_frame();
-    let (bytes, at) = if FP4 { (17, 1) } else { (18, 2) };
-    let tab = table(if FP4 { &E2M1 } else { &IQ4 });
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); T];
-    for b in 0..v.nblk {
-        // SAFETY: block `b` lies inside `row` (caller).
-        let p = unsafe { row.as_ptr().add(b * bytes) };
-        // SAFETY: the scale byte / f16 at 0 and the 16 index bytes at `at`.
-        let (dw, w) = unsafe {
-            let dw = if FP4 { half_scale(*p) } else { f16_scalar(p) };
-            (dw, _mm256_shuffle_epi8(tab, nibbles(p.add(at))))
-        };
-        for (k, a) in acc.iter_mut().enumerate() {
-            let t = t0 + k;
-            // SAFETY: token `t`, block `b` exist in the Q8_0 buffers (caller).
-            let (x, dx) = unsafe { (acts32(v, t, b * QK), *v.d.get_unchecked(t * v.nblk + b)) };
-            let isum = signed_dot(w, x, ones);
-            *a = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx), _mm256_cvtepi32_ps(isum), *a);
         }
     }
     for (o, a) in out[..T].iter_mut().zip(acc) {

@@ -12,7 +12,7 @@ use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
 use super::{
-    f16_at, gather_f16, gather_f16_pairs, has_min, hsum_ps, k_scales, legacy_bytes, levels, load32, q45k_levels,
+    f16_pair, gather_f16, gather_f16_pairs, has_min, hsum_ps, k_scales, legacy_bytes, levels, load32, q45k_levels,
     q45k_pair_scales, q6k_levels, q6k_pair_scales, transpose8, View, KSUMS, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, QK, QK_K,
 };
 use crate::quant::affine::{assert_valid, chunk_bytes};
@@ -412,7 +412,7 @@ unsafe fn dot_q45k_tile<const Q5: bool, const P: usize>(
         // SAFETY: super-block `sb` lies inside `row` (caller).
         let p = unsafe { row.as_ptr().add(sb * bytes) };
         // SAFETY: `d`, `dmin` and the 12 scale bytes are inside the super-block.
-        let (d, dmin, (sc, mn)) = unsafe { (f16_at(p), f16_at(p.add(2)), k_scales(&*p.add(4).cast::<[u8; 12]>())) };
+        let ((d, dmin), (sc, mn)) = unsafe { (f16_pair(p), k_scales(&*p.add(4).cast::<[u8; 12]>())) };
         let scv = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
         let mnb = _mm_cvtsi64_si128(mn as i64);
         let mins = dup_si(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mnb, mnb)));
@@ -474,7 +474,7 @@ unsafe fn dot_q6k_tile<const P: usize>(row: &[u8], nblk: usize, recs: &[u8], kst
         // SAFETY: super-block `sb` lies inside `row` (caller).
         let p = unsafe { row.as_ptr().add(sb * 210) };
         // SAFETY: `d` at 208 and the 16 scale bytes at 192 are inside the super-block.
-        let (d, sc8) = unsafe { (f16_at(p.add(208)), _mm_loadu_si128(p.add(192).cast())) };
+        let (d, sc8) = unsafe { (f16_pair(p.add(206)).1, _mm_loadu_si128(p.add(192).cast())) };
         let sc16 = _mm256_cvtepi8_epi16(sc8);
         let mut sumi = [_mm512_setzero_si512(); P];
         for n in 0..2 {
