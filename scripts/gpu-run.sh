@@ -41,6 +41,8 @@
 #            and gathered up to 64 rows (FFAI_CUDA_MOE_GROUP_MIN=65)
 #   cstr     constrained decoding's cost on the 8B Q4_0: generate 128 tokens greedy, free,
 #            under a regex and under a JSON object (decode tok/s of each)
+#   regs     session 16's opt-in MoE decode changes (FFAI_CUDA_ROUTE_REGS=1,
+#            FFAI_CUDA_KEEP_SETS=1): their tests, then decode on the MoE files off / on
 #   grouped  the grouped MoE products (moe_group + mmq_moe_*): their tests and the MoE
 #            product tests with the defaults, FFAI_CUDA_MMQ_STAGED=0 (the unstaged split
 #            kernels) and FFAI_CUDA_MOE_GROUPED=0 (the host grouping); then, when MOE_FILE
@@ -245,6 +247,16 @@ PY
       echo "== generate 128 tokens, constraint: ${c:-none}"
       timeout 120 $B/ffai generate -m ${CSTR_FILE:-/tmp/synth/Q4_0.gguf} --device cuda -p "The list:" --max-tokens 128 --temperature 0 --json $c 2>&1 | grep -o '"decode_tokens_per_s":[0-9.]*\|"stop_reason":"[A-Za-z]*"' | tr '\n' ' ' | tee -a "$out/ffai-cstr.txt"; echo
     done ;;
+  regs)
+    # Session 16's opt-in MoE decode changes (FFAI_CUDA_ROUTE_REGS=1: moe_route's picks in
+    # registers; FFAI_CUDA_KEEP_SETS=1: the norm's 8-bit sets survive the router): the
+    # routing, MoE and set tests with both on, then decode on MOE_FILES off and on.
+    FFAI_CUDA_ROUTE_REGS=1 FFAI_CUDA_KEEP_SETS=1 timeout 200 $B/cuda_backend --test-threads=1 moe experts_after 2>&1 | tee -a "$out/kernels.log" | grep -E "^test |panicked|test result" | head -20
+    FFAI_CUDA_ROUTE_REGS=1 FFAI_CUDA_KEEP_SETS=1 timeout 60 $B/cuda_moe_graphs --test-threads=1 2>&1 | grep -E "test result|panicked" | tail -3
+    for f in ${MOE_FILES:-qwen3moe_Q4_K gptoss_MXFP4}; do for v in 0 1; do
+      echo "== $f ROUTE_REGS=KEEP_SETS=$v"
+      FFAI_CUDA_ROUTE_REGS=$v FFAI_CUDA_KEEP_SETS=$v timeout 100 $B/ffai bench -m /tmp/synth/$f.gguf --device cuda --prompt-tokens 64 --gen-tokens 128 --repetitions 2 2>&1 | grep -E "decode" | tee -a "$out/ffai-regs.txt"
+    done; done ;;
   grouped)
     for e in X=1 FFAI_CUDA_MMQ_STAGED=0 FFAI_CUDA_MOE_GROUPED=0; do
       echo "== cuda_backend moe tests, $e"

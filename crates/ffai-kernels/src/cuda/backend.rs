@@ -520,7 +520,8 @@ struct PreQuant {
     q256: bool,
 }
 
-/// Kernels that leave the 8-bit sets of the last producer standing (see `PreQuant`)
+/// Kernels that leave the 8-bit sets of the last producer standing (see `PreQuant`;
+/// only with `FFAI_CUDA_KEEP_SETS=1` for now)
 /// because they write only what their caller checks with `forget_prequant_if_written`:
 /// a MoE router's product (f32, one row), its bias and the routing between a norm and the
 /// experts that read the norm's 8-bit sets (a separate quantization a layer otherwise).
@@ -598,6 +599,16 @@ pub struct CudaBackend {
     /// there (4-layer 8B-shaped Q4_0: 1535 / 1535 tok/s off, 1545 / 1533 on): the
     /// quantization it saves moves onto the attention's own chain. Off by default.
     attn_q8: bool,
+    /// `moe_route` picks experts from keys in registers, one butterfly a pick
+    /// (`FFAI_CUDA_ROUTE_REGS=1`; otherwise a pass over shared memory a pick). Written in
+    /// session 16 after the device time ran out: compiled, not yet run on a GPU, so
+    /// opt-in until `cuda_backend`'s routing test passes with it.
+    route_regs: bool,
+    /// The [`KEEPS_PREQUANT`] kernels leave the 8-bit sets standing
+    /// (`FFAI_CUDA_KEEP_SETS=1`), so a MoE layer's experts read its norm's sets instead of
+    /// quantizing again. Session 16, not yet run on a GPU (`cuda_backend`'s
+    /// `moe_experts_after_the_router_read_the_right_sets` checks it): opt-in.
+    keep_sets: bool,
     /// Steps of prompts (see [`prefill_tiles`]) run their attention on the tensor cores
     /// (`attn_prefill_h64/h128`) unless `FFAI_CUDA_ATTN_TC=0` or
     /// [`CudaBackend::set_attn_tc`] turns it off.
@@ -733,6 +744,8 @@ impl CudaBackend {
             },
             norm_cl: std::env::var_os("FFAI_CUDA_NORM").is_some_and(|v| v == "cl") && major >= 9,
             attn_q8: std::env::var_os("FFAI_CUDA_ATTN_Q8").is_some_and(|v| v == "1"),
+            route_regs: std::env::var_os("FFAI_CUDA_ROUTE_REGS").is_some_and(|v| v == "1"),
+            keep_sets: std::env::var_os("FFAI_CUDA_KEEP_SETS").is_some_and(|v| v == "1"),
             attn_tc: AtomicBool::new(std::env::var_os("FFAI_CUDA_ATTN_TC").is_none_or(|v| v != "0")),
             skip: std::env::var("FFAI_CUDA_SKIP_KERNELS")
                 .map(|v| v.split(',').filter(|s| !s.is_empty()).map(String::from).collect())
@@ -1025,7 +1038,7 @@ impl CudaBackend {
         if !name.starts_with("mv_q8x_")
             && !name.starts_with("mmq_")
             && name != "moe_group"
-            && !KEEPS_PREQUANT.contains(&name)
+            && !(self.keep_sets && KEEPS_PREQUANT.contains(&name))
         {
             self.forget_prequant();
         }
@@ -2544,6 +2557,7 @@ impl Backend for CudaBackend {
                 Arg::P(expert_scale.map_or(0, |s| s.ptr)),
                 Arg::P(ids.ptr),
                 Arg::P(weights.ptr),
+                Arg::U(self.route_regs as u32),
             ],
         );
     }

@@ -88,7 +88,8 @@ __device__ u32 warp_select(const float* v, const u8* cand, u32 m) {
 extern "C" __global__ void __launch_bounds__(32)
     moe_route(const float* __restrict__ logits, u32 ne, u32 k, u32 scoring, u32 renormalize, float scale,
               u32 n_groups, u32 topk_groups, u32 group_score, const float* __restrict__ bias,
-              const float* __restrict__ expert_scale, float* __restrict__ ids, float* __restrict__ weights) {
+              const float* __restrict__ expert_scale, float* __restrict__ ids, float* __restrict__ weights,
+              u32 regs) {
     PDL_ENTRY();
     __shared__ float score[MOE_MAX_EXPERTS];
     __shared__ float choice[MOE_MAX_EXPERTS];
@@ -184,8 +185,8 @@ extern "C" __global__ void __launch_bounds__(32)
         __syncwarp();
     }
 
-    // The picks. Without NaN among the candidates (checked once) and with at most
-    // ROUTE_PER_LANE experts a lane, each lane keeps its experts' choices and whether they
+    // The picks. With `regs`, without NaN among the candidates (checked once) and with at
+    // most ROUTE_PER_LANE experts a lane, each lane keeps its experts' choices and whether they
     // are still candidates in registers, and a pick is one butterfly over 64-bit keys
     // (the value's order in the high word, the complemented index in the low one: the
     // largest value, then the lowest index, as warp_select picks when no candidate is
@@ -195,7 +196,7 @@ extern "C" __global__ void __launch_bounds__(32)
     for (u32 e = lane; e < ne; e += 32) {
         nan |= cand[e] && choice[e] != choice[e];
     }
-    if (ne <= 32 * ROUTE_PER_LANE && !__any_sync(FULL, nan)) {
+    if (regs && ne <= 32 * ROUTE_PER_LANE && !__any_sync(FULL, nan)) {
         // ord[i]: the order of expert lane + 32 i's choice; bit i of `alive`: still a
         // candidate.
         u32 ord[ROUTE_PER_LANE], alive = 0;
