@@ -6,50 +6,14 @@
 //! 64 MB set of matrices (what memory allows on top). The load average is printed first.
 
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ffai_kernels::quant::q8::{force_q8_level, Q8Level};
-use ffai_kernels::quant::{dot_rows_q8, q8_backend_name, quantize_row, QuantizedActs, WeightType};
+use ffai_kernels::quant::{dot_rows_q8, q8_backend_name, QuantizedActs, WeightType};
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0
-    }
-}
-
-fn matrix(ty: WeightType, rows: usize, cols: usize, rng: &mut Rng) -> Vec<u8> {
-    let rb = ty.row_bytes(cols).unwrap();
-    let mut w = vec![0u8; rows * rb];
-    let mut src = vec![0.0f32; cols];
-    for r in w.chunks_exact_mut(rb) {
-        src.iter_mut().for_each(|v| *v = rng.next() * 0.1);
-        quantize_row(ty, &src, r).unwrap();
-    }
-    w
-}
-
-/// Best seconds per call of `f` over 8 runs within `budget`.
-fn time(budget: Duration, mut f: impl FnMut()) -> f64 {
-    f();
-    let t = Instant::now();
-    f();
-    let once = t.elapsed().as_secs_f64().max(1e-7);
-    let per_run = ((budget.as_secs_f64() / 8.0 / once).ceil() as usize).max(1);
-    let mut best = f64::MAX;
-    for _ in 0..8 {
-        let t = Instant::now();
-        for _ in 0..per_run {
-            f();
-        }
-        best = best.min(t.elapsed().as_secs_f64() / per_run as f64);
-    }
-    best
-}
+#[path = "../tests/bench_util/mod.rs"]
+mod bench_util;
+use bench_util::{matrix, time, Rng};
 
 fn main() {
     println!(

@@ -1035,11 +1035,11 @@ impl CudaBackend {
         };
         // (`moe_group` writes only its own scratch: a grouped product after it may still
         // read the 8-bit sets of its input.)
-        if !name.starts_with("mv_q8x_")
-            && !name.starts_with("mmq_")
-            && name != "moe_group"
-            && !(self.keep_sets && KEEPS_PREQUANT.contains(&name))
-        {
+        let keeps = name.starts_with("mv_q8x_")
+            || name.starts_with("mmq_")
+            || name == "moe_group"
+            || (self.keep_sets && KEEPS_PREQUANT.contains(&name));
+        if !keeps {
             self.forget_prequant();
         }
         if self.skip.iter().any(|s| s == name) {
