@@ -1,9 +1,10 @@
 //! `CudaBackend` against `CpuBackend`, op by op, on random inputs (fresh per check): the
 //! element-wise ops and norms, products for every weight type on both paths (the
 //! matrix-vector kernel and the cuBLAS GEMM), embedding lookups, argmax, and the paged
-//! step ops (RoPE, K/V writes, attention over several sequences with GQA, windows and
-//! soft-capping), plus batch invariance of the attention and of the product's
-//! matrix-vector path. Without a GPU each test says why and passes; with
+//! step ops (RoPE, K/V writes, the per-head q/k norms fused into the RoPE launch,
+//! attention over several sequences with GQA, windows and soft-capping: `attn_dec` and
+//! the prompts' tensor-core kernel), plus batch invariance of the attention and of the
+//! product's matrix-vector path, and the 8-bit sets a MoE layer's experts read. Without a GPU each test says why and passes; with
 //! `FFAI_REQUIRE_GPU=1` (the GPU machine) a missing GPU is a failure.
 //!
 //! Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, MXFP4, Q4_K and Q6_K decode products (q8x.cu) quantize the activations to 8 bits
@@ -11,7 +12,8 @@
 //! bytes, same integer dots; only the f32 sums' order differs).
 //!
 //! Tolerances (relative L2 error against the CPU): f32 arithmetic in another order 1e-5;
-//! attention over the same f16 K/V 1e-4; a GEMM with bf16 operands (each rounded to 8
+//! attention over the same f16 K/V 1e-4 (the tensor-core kernel too: q and the
+//! probabilities enter its f16 products as two f16 parts each); a GEMM with bf16 operands (each rounded to 8
 //! significant bits) 1e-2.
 
 use std::sync::OnceLock;
