@@ -78,6 +78,32 @@ pub struct HeadNorms<'a, B: Backend + ?Sized> {
     pub eps: f32,
 }
 
+/// [`Backend::qk_norm_rope_kv_write_step`] as separate ops: the norms into `scratch`,
+/// which then trades places with `q` and `k`, then [`Backend::rope_kv_write_step`] (the
+/// trait's default, and a fusing backend's fallback).
+#[allow(clippy::too_many_arguments)]
+pub fn qk_norm_then_rope<B: Backend + ?Sized>(
+    b: &B,
+    q: &mut B::Buf,
+    k: &mut B::Buf,
+    v: &B::Buf,
+    norms: &HeadNorms<'_, B>,
+    scratch: (&mut B::Buf, &mut B::Buf),
+    n: usize,
+    step: &B::Step,
+    rope: &RopeParams<'_, B>,
+    k_cache: &mut B::Kv,
+    v_cache: &mut B::Kv,
+    group: usize,
+    shape: &AttnShape,
+) {
+    b.rms_norm(q, norms.q, norms.eps, n * shape.n_heads, scratch.0);
+    b.rms_norm(k, norms.k, norms.eps, n * shape.n_kv_heads, scratch.1);
+    std::mem::swap(q, scratch.0);
+    std::mem::swap(k, scratch.1);
+    b.rope_kv_write_step(q, k, v, n, step, rope, k_cache, v_cache, group, shape);
+}
+
 /// Shape of one attention call.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnShape {
@@ -621,11 +647,9 @@ pub trait Backend: Send + Sync + 'static {
         group: usize,
         shape: &AttnShape,
     ) {
-        self.rms_norm(q, norms.q, norms.eps, n * shape.n_heads, scratch.0);
-        self.rms_norm(k, norms.k, norms.eps, n * shape.n_kv_heads, scratch.1);
-        std::mem::swap(q, scratch.0);
-        std::mem::swap(k, scratch.1);
-        self.rope_kv_write_step(q, k, v, n, step, rope, k_cache, v_cache, group, shape);
+        qk_norm_then_rope(
+            self, q, k, v, norms, scratch, n, step, rope, k_cache, v_cache, group, shape,
+        );
     }
     /// Writes `n` rows of K (or V), `[n, kv_heads * head_dim]`, into a paged pool of KV
     /// group `group`: row t goes to the group's slot of row t (padding rows nowhere).

@@ -823,6 +823,9 @@ impl CudaBackend {
     /// Forgets the 8-bit sets when `bytes` at `ptr` overlap the buffer they were made
     /// from: what the callers of the [`KEEPS_PREQUANT`] kernels do for what they write.
     fn forget_prequant_if_written(&self, ptr: u64, bytes: usize) {
+        if !self.keep_sets {
+            return; // those kernels' launches forget the sets anyway
+        }
         if let Ok(mut p) = self.prequant.lock() {
             if p.is_some_and(|q| ptr < q.ptr + 4 * q.len as u64 && q.ptr < ptr + bytes as u64) {
                 *p = None;
@@ -3022,11 +3025,9 @@ impl Backend for CudaBackend {
         // The fused norm mirrors norm_q8 (rms_norm's kernel at widths up to
         // NORM_Q8_MAX_WIDTH) with a thread an element: heads up to ROPE_THREADS wide.
         if self.older || hd > ROPE_THREADS as usize || norms.q.len != hd || norms.k.len != hd {
-            self.rms_norm(q, norms.q, norms.eps, n * shape.n_heads, scratch.0);
-            self.rms_norm(k, norms.k, norms.eps, n * shape.n_kv_heads, scratch.1);
-            std::mem::swap(q, scratch.0);
-            std::mem::swap(k, scratch.1);
-            self.rope_kv_write_step(q, k, v, n, step, rope, k_cache, v_cache, group, shape);
+            crate::backend::qk_norm_then_rope(
+                self, q, k, v, norms, scratch, n, step, rope, k_cache, v_cache, group, shape,
+            );
             return;
         }
         self.rope_kv_launch(q, k, v, Some(norms), n, step, rope, k_cache, v_cache, group, shape);

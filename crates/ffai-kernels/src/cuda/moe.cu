@@ -193,7 +193,7 @@ extern "C" __global__ void __launch_bounds__(32)
     // NaN; -0 counts as +0, which compare equal). Otherwise warp_select, a pass over
     // shared memory a pick.
     bool nan = false;
-    for (u32 e = lane; e < ne; e += 32) {
+    for (u32 e = lane; regs && e < ne; e += 32) {
         nan |= cand[e] && choice[e] != choice[e];
     }
     if (regs && ne <= 32 * ROUTE_PER_LANE && !__any_sync(FULL, nan)) {
